@@ -1,0 +1,69 @@
+"""phalanx: a Ray-free actor and task runtime on multiprocessing and ZeroMQ.
+
+Runs in the user's (driver) process; importing it starts nothing. The public
+API is exactly :data:`__all__`; everything else is private and may change.
+
+::
+
+    import phalanx
+
+    @phalanx.operation
+    def square(x: int) -> int:
+        return x * x
+
+    with phalanx.Runtime(workers=2) as rt:
+        assert rt.submit(square, 7).result(timeout=10) == 49
+"""
+
+from .config import Config
+from .driver import RuntimeStats, WorkerStats
+from .errors import (
+    ActorDiedError,
+    DecodeError,
+    EncodeError,
+    PhalanxError,
+    ProtocolError,
+    RemoteError,
+    RemoteTraceback,
+    RuntimeBrokenError,
+    RuntimeClosedError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    UnknownOperationError,
+    UnsupportedActorError,
+    ValidationError,
+    WorkerCrashedError,
+    WorkerStartError,
+)
+from .jobs import Future, MapIterator
+from .registry import operation
+from .runtime import Runtime
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActorDiedError",
+    "Config",
+    "DecodeError",
+    "EncodeError",
+    "Future",
+    "MapIterator",
+    "PhalanxError",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteTraceback",
+    "Runtime",
+    "RuntimeBrokenError",
+    "RuntimeClosedError",
+    "RuntimeStats",
+    "TaskCancelledError",
+    "TaskTimeoutError",
+    "UnknownOperationError",
+    "UnsupportedActorError",
+    "ValidationError",
+    "WorkerCrashedError",
+    "WorkerStartError",
+    "WorkerStats",
+    "__version__",
+    "operation",
+]

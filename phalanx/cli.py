@@ -1,0 +1,214 @@
+"""The ``phalanx`` command line.
+
+Which process runs it
+---------------------
+:func:`main` runs in the process the user starts (``phalanx ...`` or
+``python -m phalanx ...``).  For ``phalanx demo`` that process becomes the
+*driver*: it creates a :class:`phalanx.Runtime`, which spawns the worker
+processes.  Subcommands planned for later (``worker``, ``top``, ``keygen``)
+plug into the same dispatch table; ``phalanx worker`` will be the one that
+runs inside a worker process.
+
+Structure
+---------
+Every subcommand is one entry of :data:`COMMANDS`: a function that adds its
+sub-parser (arguments, help text) and a handler ``(Namespace) -> int`` that
+returns the exit status.  Handlers import their implementation lazily, so
+``phalanx --help`` stays fast and works even if an optional dependency of
+one subcommand is missing.
+
+Exit status
+-----------
+0 success; 1 a check or the command failed; 2 usage error (including no
+subcommand); 130 interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+__all__ = ["COMMANDS", "Command", "build_parser", "main", "usable_cpus"]
+
+PROG = "phalanx"
+
+#: Exit status used when the user interrupts a command with Ctrl-C.
+EXIT_INTERRUPTED = 130
+#: Exit status for usage errors (argparse's convention).
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class Command(NamedTuple):
+    """One subcommand: one-line summary, long description, parser setup, handler."""
+
+    summary: str
+    description: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    handler: Handler
+
+
+def usable_cpus() -> int:
+    """Number of CPUs this process may run on (affinity-aware), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not available on macOS / Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (underscores allowed, e.g. 2_000_000)."""
+    try:
+        value = int(text.replace("_", ""), 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- demo
+
+DEMO_SAMPLES = 2_000_000
+DEMO_WORDS = 200_000
+
+_DEMO_DESCRIPTION = """\
+Run a short self-checking demonstration of the runtime on this machine.
+
+It starts a Runtime with N worker processes and runs two jobs:
+
+  1. Monte Carlo estimate of pi: the samples are split into batches, one task
+     per batch (Runtime.map, streamed in order), and the hit counts summed.
+  2. Word count: deterministic pseudo-random documents are counted on the
+     workers (Runtime.map), then the per-document counts are merged with an
+     associative combine (Runtime.fold, exactly n-1 combines).
+
+It prints the results, checks them against values computed in this process,
+and ends with a summary: wall time and tasks/s per part, and tasks, busy
+seconds and utilisation per worker. Exit status is 0 when every check passes,
+1 otherwise. With the defaults it takes a few seconds on 2 cores.
+"""
+
+
+def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    cpus = usable_cpus()
+    parser.add_argument(
+        "--workers",
+        "-w",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"number of worker processes (default: usable CPUs, here {cpus})",
+    )
+    parser.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=DEMO_SAMPLES,
+        metavar="N",
+        help=f"Monte Carlo samples for the pi estimate (default: {DEMO_SAMPLES:_})",
+    )
+    parser.add_argument(
+        "--words",
+        type=_positive_int,
+        default=DEMO_WORDS,
+        metavar="N",
+        help=f"words of generated text for the word count (default: {DEMO_WORDS:_})",
+    )
+    parser.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="do not show progress bars or progress lines (default: show a tqdm bar "
+        "when stdout is a terminal and tqdm is installed, else a plain line per part)",
+    )
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from phalanx import demo  # lazy: imports the runtime only when needed
+
+    return demo.run(
+        workers=args.workers,
+        samples=args.samples,
+        words=args.words,
+        progress=args.progress,
+    )
+
+
+#: The dispatch table: subcommand name -> Command.  Add new subcommands here.
+COMMANDS: dict[str, Command] = {
+    "demo": Command(
+        summary="run a short self-checking demo (Monte Carlo pi, word-count fold)",
+        description=_DEMO_DESCRIPTION,
+        configure=_configure_demo,
+        handler=_run_demo,
+    ),
+}
+
+
+# --------------------------------------------------------------------------- parser
+
+_DESCRIPTION = """\
+phalanx: an actor and task runtime for Python on multiprocessing and ZeroMQ.
+
+A driver process runs your program and sends tasks (registered operations)
+to worker processes on this machine or, over TCP, on other hosts.
+"""
+
+_EPILOG = """\
+examples:
+  phalanx demo                  run the demo with one worker per usable CPU
+  phalanx demo --workers 2      run it with 2 worker processes
+  phalanx COMMAND --help        show the options of COMMAND
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with one sub-parser per entry of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(
+        title="commands",
+        dest="command",
+        metavar="COMMAND",
+    )
+    for name, command in COMMANDS.items():
+        sub = subparsers.add_parser(
+            name,
+            help=command.summary,
+            description=command.description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.configure(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return its exit status.
+
+    Never raises :class:`SystemExit` itself: ``--help`` returns 0 and a usage
+    error returns 2, so tests can call ``main([...])`` directly.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as exc:  # --help, or a usage error already reported by argparse
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else EXIT_USAGE)
+
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+
+    try:
+        return COMMANDS[args.command].handler(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,91 @@
+"""Runtime configuration from arguments and ``PHALANX_*`` environment variables.
+
+Runs in the driver. An explicit argument wins over the environment, which
+wins over the default. Every option is listed in :data:`OPTIONS` (the README
+table is generated from the same names).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+__all__ = ["Config", "OPTIONS", "usable_cpus"]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (affinity-aware), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    """Every knob of a :class:`phalanx.Runtime`."""
+
+    #: worker processes to start (default: usable CPUs)
+    workers: int = 0
+    #: multiprocessing start method for workers: spawn, forkserver or fork
+    start_method: str = "spawn"
+    #: ``tcp://HOST:PORT`` to listen on instead of private ipc endpoints
+    listen: str | None = None
+    #: tasks a worker may hold at once (prefetch depth)
+    credits: int = 16
+    #: seconds to wait for all workers to connect
+    start_timeout: float = 60.0
+    #: seconds a worker gets to exit after Stop before it is terminated
+    shutdown_timeout: float = 5.0
+    #: times a task is redelivered after the worker running it died
+    max_attempts: int = 3
+    #: worker deaths tolerated within ``restart_window`` before the runtime breaks
+    restart_limit: int = 50
+    #: seconds over which ``restart_limit`` is counted
+    restart_window: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.start_method not in ("spawn", "forkserver", "fork"):
+            raise ValueError(f"start_method must be spawn, forkserver or fork, got {self.start_method!r}")
+        if self.credits < 1:
+            raise ValueError(f"credits must be >= 1, got {self.credits}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Config:
+        """Defaults, then ``PHALANX_<NAME>`` variables, then non-None ``overrides``."""
+        values: dict[str, Any] = {}
+        for name, parse in OPTIONS.items():
+            raw = os.environ.get(f"PHALANX_{name.upper()}")
+            if raw is not None and raw != "":
+                try:
+                    values[name] = parse(raw)
+                except ValueError as exc:
+                    raise ValueError(f"PHALANX_{name.upper()}={raw!r}: {exc}") from None
+        for name, value in overrides.items():
+            if name not in OPTIONS:
+                raise TypeError(f"unknown option {name!r}")
+            if value is not None:
+                values[name] = value
+        config = cls(**values)
+        if config.workers == 0 and "workers" not in values:
+            config = msgspec.structs.replace(config, workers=usable_cpus())
+        return config
+
+
+OPTIONS: dict[str, Callable[[str], Any]] = {
+    "workers": int,
+    "start_method": str,
+    "listen": str,
+    "credits": int,
+    "start_timeout": float,
+    "shutdown_timeout": float,
+    "max_attempts": int,
+    "restart_limit": int,
+    "restart_window": float,
+}

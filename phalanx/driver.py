@@ -1,0 +1,666 @@
+"""The driver core: worker table, credit-based dispatch, the result pump.
+
+Runs in the driver process. Threads and what they own::
+
+    user threads ──submit──▶ [lock] pending deque ──▶ tasks ROUTER ──▶ worker inbox
+                                  ▲          (send under the lock, never polled)
+    pump thread  ◀── results ROUTER ◀── worker outbox   (only the pump reads it)
+        │  decode, dedupe, return credits, dispatch more   [lock]
+        └─▶ deliver outcomes to jobs (futures, lease queues)   [no lock held]
+    supervisor thread ──on_exit──▶ [lock] redeliver the dead worker's tasks
+
+Dispatch is credit-based (the zguide's load-balancing pattern) rather than
+PUSH/PULL: a worker announces how many tasks it may hold, and each task goes
+to the live worker with the most free credits. So the driver always knows
+which worker holds which task, which is what redelivery after a crash, poison
+task attribution, removal of queued tasks on cancel, and routing need; PUSH
+would drop whatever sat in a dead peer's pipe without saying what.
+
+Invariants kept:
+
+1. **Exactly-once delivery.** A task's outcome is delivered only if its
+   ``(job, seq)`` is still outstanding; the entry is removed as it is
+   delivered, so a duplicate (from a redelivered task) is dropped and counted.
+   Execution is at-least-once.
+2. **Lease isolation.** Each job is its own channel: outcomes are routed by
+   job id, and an outcome for a job that is gone is dropped and counted. A
+   worker may only answer for tasks the driver sent to *it*.
+3. **No hang.** Breaking or closing the runtime fails every open job at once.
+6. **Bad input never kills.** Undecodable frames, frames from unknown
+   identities and outcomes for unknown tasks are counted and dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import zmq
+
+from .config import Config
+from .errors import (
+    ProtocolError,
+    RuntimeBrokenError,
+    RuntimeClosedError,
+    WorkerCrashedError,
+    WorkerStartError,
+)
+from .supervisor import Supervisor
+from .transport import sockets
+from .transport.codec import decode_driver, encode
+from .transport.endpoints import Endpoints, local_endpoints, tcp_endpoints
+from .transport.messages import (
+    Call,
+    Chunk,
+    Err,
+    Hello,
+    Ok,
+    Ready,
+    Results,
+    Shutdown,
+    Stop,
+    Sync,
+    Terminate,
+    Welcome,
+)
+from .worker import WorkerSpec
+
+__all__ = ["Driver", "Job", "Task", "WorkerStats", "RuntimeStats"]
+
+Delivery = Ok | Err | BaseException
+
+#: seconds a dead worker's record is kept to validate its late results
+DEAD_WORKER_TTL = 60.0
+
+
+class WorkerStats(msgspec.Struct, frozen=True):
+    """One worker as the driver sees it."""
+
+    id: str
+    pid: int
+    alive: bool
+    ready: bool
+    inflight: int
+    tasks: int
+    items: int
+    busy: float
+
+
+class RuntimeStats(msgspec.Struct, frozen=True):
+    """Counters of a runtime; see :meth:`phalanx.Runtime.stats`."""
+
+    workers: list[WorkerStats]
+    tasks_submitted: int
+    tasks_completed: int
+    tasks_failed: int
+    items_completed: int
+    redelivered: int
+    duplicates_dropped: int
+    late_results_dropped: int
+    frames_dropped: int
+    worker_deaths: int
+    worker_restarts: int
+    jobs_open: int
+
+
+class Task:
+    """One message of work: its encoded frame plus what redelivery needs."""
+
+    __slots__ = ("job", "seq", "attempt", "crashes", "msg", "frame", "items")
+
+    def __init__(self, msg: Call | Chunk, frame: bytes, items: int = 1) -> None:
+        self.job = msg.job
+        self.seq = msg.seq
+        self.attempt = msg.attempt
+        self.crashes = 0
+        self.msg = msg
+        self.frame = frame
+        self.items = items
+
+    def retry(self) -> Task:
+        msg = msgspec.structs.replace(self.msg, attempt=self.attempt + 1)
+        task = Task(msg, encode(msg), self.items)
+        task.crashes = self.crashes
+        return task
+
+
+class Job:
+    """A leased result channel: outstanding tasks and where outcomes go.
+
+    ``deliver(seq, outcome)`` runs on the pump thread with no lock held;
+    ``fail(exc)`` is called once if the job is ended from outside (runtime
+    closed or broken). ``on_dispatch`` may veto a first dispatch (a cancelled
+    future).
+    """
+
+    __slots__ = ("id", "op", "outstanding", "deliver", "fail", "on_dispatch", "autoclose", "seqs")
+
+    def __init__(
+        self,
+        job_id: int,
+        op: str,
+        deliver: Callable[[int, Delivery], None],
+        fail: Callable[[BaseException], None],
+        on_dispatch: Callable[[], bool] | None = None,
+        autoclose: bool = False,
+    ) -> None:
+        self.id = job_id
+        self.op = op
+        self.outstanding: dict[int, Task] = {}
+        self.deliver = deliver
+        self.fail = fail
+        self.on_dispatch = on_dispatch
+        self.autoclose = autoclose
+        self.seqs = itertools.count()
+
+
+class _Worker:
+    __slots__ = (
+        "id", "ident", "pid", "hello", "welcomed", "ready", "alive", "free", "inflight",
+        "tasks", "items", "busy", "died_at",
+    )
+
+    def __init__(self, worker_id: str) -> None:
+        self.id = worker_id
+        self.ident = worker_id.encode()
+        self.pid = 0
+        self.hello = False
+        self.welcomed = False
+        self.ready = False
+        self.alive = True
+        self.free = 0
+        self.inflight: dict[tuple[int, int], Task] = {}
+        self.tasks = 0
+        self.items = 0
+        self.busy = 0.0
+        self.died_at = 0.0
+
+
+class Driver:
+    """Sockets, workers and jobs of one runtime (see the module docstring)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.endpoints: Endpoints = (
+            tcp_endpoints(config.listen) if config.listen else local_endpoints()
+        )
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._jobs: dict[int, Job] = {}
+        self._job_ids = itertools.count(1)
+        self._pending: deque[Task] = deque()
+        self._workers: dict[bytes, _Worker] = {}
+        self._live: list[_Worker] = []
+        self._worker_ids = itertools.count(1)
+        self._restarts: deque[float] = deque()
+        self._start_failures: list[str] = []
+        self._closed = False
+        self._broken: BaseException | None = None
+        self._sync_nonce = itertools.count()
+        # counters
+        self.tasks_submitted = 0
+        self.tasks_completed = 0
+        self.tasks_failed = 0
+        self.items_completed = 0
+        self.redelivered = 0
+        self.duplicates_dropped = 0
+        self.late_results_dropped = 0
+        self.frames_dropped = 0
+        self.worker_deaths = 0
+        self.worker_restarts = 0
+
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        try:
+            self._tasks = sockets.router(self._ctx, self.endpoints.tasks)
+            self._results = sockets.router(self._ctx, self.endpoints.results)
+            self._control = sockets.publisher(self._ctx, self.endpoints.control)
+        except zmq.ZMQError:
+            self._ctx.destroy(linger=0)
+            self.endpoints.remove()
+            raise
+        self._wake_r, self._wake_w = os.pipe()
+        self._supervisor = Supervisor(config.start_method, self._on_exit)
+        self._pump_thread = threading.Thread(target=self._pump, name="phalanx-pump", daemon=True)
+        self._pump_thread.start()
+
+    # ---- workers -------------------------------------------------------------
+
+    def start_workers(self, n: int, timeout: float) -> None:
+        """Spawn ``n`` workers and wait until each is connected and ready."""
+        ids = [self._spawn() for _ in range(n)]
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                if self._start_failures:
+                    raise WorkerStartError(
+                        "worker failed to start: " + "; ".join(self._start_failures)
+                        + " (does the main module start a Runtime outside "
+                        "`if __name__ == \"__main__\":`?)"
+                    )
+                ready = sum(1 for i in ids if self._workers[i.encode()].ready)
+                if ready == n:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WorkerStartError(
+                        f"only {ready} of {n} workers connected within {timeout:.1f} s"
+                    )
+                self._changed.wait(min(remaining, 0.1))
+
+    def _spawn(self) -> str:
+        wid = f"w{next(self._worker_ids)}"
+        worker = _Worker(wid)
+        with self._lock:
+            self._workers[worker.ident] = worker
+        spec = WorkerSpec(
+            worker_id=wid,
+            endpoints=self.endpoints,
+            credits=self.config.credits,
+            parent_pid=os.getpid(),
+        )
+        worker.pid = self._supervisor.spawn(spec)
+        return wid
+
+    def _on_exit(self, worker_id: str, exitcode: int | None) -> None:
+        """A worker process exited (supervisor thread)."""
+        failed: list[tuple[Job, int, BaseException]] = []
+        respawn = False
+        with self._lock:
+            worker = self._workers.get(worker_id.encode())
+            if worker is None or not worker.alive:
+                return
+            worker.alive = False
+            worker.died_at = time.monotonic()
+            if worker in self._live:
+                self._live.remove(worker)
+            self.worker_deaths += 1
+            if self._closed:
+                return
+            if not worker.ready and self.worker_restarts == 0 and self.worker_deaths == 1 and not self._live:
+                self._start_failures.append(f"{worker_id} exited with code {exitcode}")
+                self._changed.notify_all()
+            # Redeliver everything it held; charge the crash to the task it was running.
+            requeue: list[Task] = []
+            first = True
+            for task in worker.inflight.values():
+                job = self._jobs.get(task.job)
+                if job is None or task.seq not in job.outstanding:
+                    continue
+                retry = task.retry()
+                if first:
+                    retry.crashes += 1
+                    first = False
+                if retry.crashes >= self.config.max_attempts:
+                    job.outstanding.pop(task.seq, None)
+                    if job.autoclose and not job.outstanding:
+                        self._jobs.pop(job.id, None)
+                    failed.append((job, task.seq, WorkerCrashedError(
+                        f"worker {worker_id} died {retry.crashes} times running task "
+                        f"{task.seq} of job {task.job} ({job.op}); last exit code {exitcode}",
+                        exitcode,
+                    )))
+                    continue
+                job.outstanding[task.seq] = retry
+                requeue.append(retry)
+            self.redelivered += len(requeue)
+            self._pending.extendleft(reversed(requeue))
+            now = time.monotonic()
+            self._restarts.append(now)
+            while self._restarts and now - self._restarts[0] > self.config.restart_window:
+                self._restarts.popleft()
+            if len(self._restarts) > self.config.restart_limit:
+                broken = RuntimeBrokenError(
+                    f"{len(self._restarts)} worker deaths within "
+                    f"{self.config.restart_window:.0f} s (restart_limit={self.config.restart_limit}); "
+                    f"last: {worker_id} exit code {exitcode}"
+                )
+            else:
+                broken = None
+                respawn = not self._start_failures
+            self._dispatch_locked()
+        for job, seq, exc in failed:
+            job.deliver(seq, exc)
+        if broken is not None:
+            self.break_runtime(broken)
+        elif respawn:
+            with self._lock:
+                self.worker_restarts += 1
+            try:
+                self._spawn()
+            except Exception as exc:  # cannot start processes any more
+                self.break_runtime(RuntimeBrokenError(f"cannot respawn a worker: {exc}"))
+
+    def kill_worker(self, worker_id: str) -> None:
+        """SIGKILL one worker (tests and fault injection); it is replaced."""
+        self._supervisor.kill(worker_id)
+
+    def worker_pids(self) -> dict[str, int]:
+        """Live worker ids and pids."""
+        with self._lock:
+            return {w.id: w.pid for w in self._workers.values() if w.alive and w.pid}
+
+    # ---- jobs ----------------------------------------------------------------
+
+    def check_open(self) -> None:
+        if self._broken is not None:
+            raise RuntimeBrokenError(str(self._broken)) from self._broken
+        if self._closed:
+            raise RuntimeClosedError("the runtime is shut down")
+
+    def open_job(
+        self,
+        op: str,
+        deliver: Callable[[int, Delivery], None],
+        fail: Callable[[BaseException], None],
+        on_dispatch: Callable[[], bool] | None = None,
+        autoclose: bool = False,
+    ) -> Job:
+        """Lease a new result channel."""
+        self.check_open()
+        job = Job(next(self._job_ids), op, deliver, fail, on_dispatch, autoclose)
+        with self._lock:
+            self._jobs[job.id] = job
+        return job
+
+    def submit(self, job: Job, tasks: list[Task]) -> None:
+        """Queue tasks of ``job`` and dispatch what credits allow."""
+        with self._lock:
+            if self._broken is not None or self._closed:
+                self._jobs.pop(job.id, None)
+                raise RuntimeBrokenError(str(self._broken)) if self._broken else RuntimeClosedError(
+                    "the runtime is shut down"
+                )
+            outstanding = job.outstanding
+            for task in tasks:
+                outstanding[task.seq] = task
+            self._pending.extend(tasks)
+            self.tasks_submitted += len(tasks)
+            self._dispatch_locked()
+
+    def close_job(self, job: Job, terminate: bool = False) -> None:
+        """Release ``job``'s channel; later outcomes for it are dropped.
+
+        With ``terminate``, workers drop its queued tasks (PUB broadcast).
+        """
+        with self._lock:
+            self._jobs.pop(job.id, None)
+            had_work = bool(job.outstanding)
+            job.outstanding.clear()
+            if terminate and had_work and not self._control.closed:
+                self._control.send(encode(Terminate(job.id)))
+
+    def _dispatch_locked(self) -> None:
+        pending = self._pending
+        live = self._live
+        while pending:
+            best: _Worker | None = None
+            most = 0
+            for w in live:
+                if w.free > most:
+                    best, most = w, w.free
+            if best is None:
+                return
+            task = pending.popleft()
+            job = self._jobs.get(task.job)
+            if job is None or job.outstanding.get(task.seq) is not task:
+                continue
+            if job.on_dispatch is not None and task.attempt == 0 and not job.on_dispatch():
+                del job.outstanding[task.seq]
+                if job.autoclose and not job.outstanding:
+                    del self._jobs[job.id]
+                continue
+            try:
+                self._tasks.send(best.ident, zmq.SNDMORE | zmq.NOBLOCK)
+                self._tasks.send(task.frame, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                # Unroutable (EHOSTUNREACH) or full: the worker is going away.
+                pending.appendleft(task)
+                best.free = 0
+                if best in live:
+                    live.remove(best)
+                continue
+            best.free -= 1
+            best.inflight[(task.job, task.seq)] = task
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no task is pending or in flight."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while self._pending or any(w.inflight for w in self._workers.values() if w.alive):
+                if self._broken is not None:
+                    return True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._changed.wait(0.05 if remaining is None else min(remaining, 0.05))
+        return True
+
+    # ---- the pump --------------------------------------------------------------
+
+    def _pump(self) -> None:
+        poller = zmq.Poller()
+        results = self._results
+        poller.register(results, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        last_sync = 0.0
+        while True:
+            handshaking = self._handshaking()
+            events = dict(poller.poll(5 if handshaking else 100))
+            if self._wake_r in events:
+                return
+            if results in events:
+                for _ in range(4096):
+                    try:
+                        parts = results.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    except zmq.ZMQError:
+                        return
+                    self._handle(parts)
+            if handshaking:
+                now = time.monotonic()
+                if now - last_sync > 0.005:
+                    last_sync = now
+                    self._greet()
+            self._reap_dead()
+
+    def _handshaking(self) -> bool:
+        return any(w.alive and not w.ready for w in list(self._workers.values()))
+
+    def _greet(self) -> None:
+        """Welcome workers that said Hello; publish Sync until they are Ready."""
+        with self._lock:
+            if self._control.closed:
+                return
+            self._control.send(encode(Sync(next(self._sync_nonce))))
+            for w in self._workers.values():
+                if w.alive and w.hello and not w.welcomed:
+                    self._welcome_locked(w)
+
+    def _welcome_locked(self, w: _Worker) -> None:
+        try:
+            self._tasks.send(w.ident, zmq.SNDMORE | zmq.NOBLOCK)
+            self._tasks.send(encode(Welcome(w.id)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return  # the inbox is not connected yet: _greet retries
+        w.welcomed = True
+
+    def _reap_dead(self) -> None:
+        now = time.monotonic()
+        dead = [k for k, w in self._workers.items() if not w.alive and now - w.died_at > DEAD_WORKER_TTL]
+        if dead:
+            with self._lock:
+                for k in dead:
+                    self._workers.pop(k, None)
+
+    def _handle(self, parts: list[bytes]) -> None:
+        if len(parts) != 2:
+            self.frames_dropped += 1
+            return
+        ident, frame = parts
+        try:
+            msg = decode_driver(frame)
+        except ProtocolError:
+            self.frames_dropped += 1
+            return
+        if isinstance(msg, Results):
+            self._on_results(ident, msg)
+        elif isinstance(msg, Hello):
+            self._on_hello(ident, msg)
+        elif isinstance(msg, Ready):
+            self._on_ready(ident, msg)
+
+    def _on_hello(self, ident: bytes, msg: Hello) -> None:
+        with self._lock:
+            w = self._workers.get(ident)
+            if w is None or msg.worker != w.id or not w.alive or w.hello:
+                self.frames_dropped += 1
+                return
+            w.pid = msg.pid
+            w.hello = True
+            self._welcome_locked(w)
+
+    def _on_ready(self, ident: bytes, msg: Ready) -> None:
+        with self._lock:
+            w = self._workers.get(ident)
+            if w is None or msg.worker != w.id or not w.alive or not w.welcomed or w.ready:
+                self.frames_dropped += 1
+                return
+            w.ready = True
+            w.free = max(1, msg.credits)
+            self._live.append(w)
+            self._dispatch_locked()
+            self._changed.notify_all()
+
+    def _on_results(self, ident: bytes, msg: Results) -> None:
+        deliveries: list[tuple[Job, int, Ok | Err]] = []
+        with self._lock:
+            w = self._workers.get(ident)
+            if w is None or msg.worker != w.id:
+                self.frames_dropped += 1
+                return
+            jobs = self._jobs
+            inflight = w.inflight
+            w.busy += msg.busy
+            for outcome in msg.outcomes:
+                task = inflight.pop((outcome.job, outcome.seq), None)
+                if task is None:
+                    self.frames_dropped += 1  # not a task this worker holds
+                    continue
+                if w.alive:
+                    w.free += 1
+                w.tasks += 1
+                w.items += task.items
+                job = jobs.get(outcome.job)
+                if job is None:
+                    self.late_results_dropped += 1
+                    continue
+                if job.outstanding.pop(outcome.seq, None) is None:
+                    self.duplicates_dropped += 1
+                    continue
+                if isinstance(outcome, Ok):
+                    self.tasks_completed += 1
+                    self.items_completed += task.items
+                else:
+                    self.tasks_failed += 1
+                if job.autoclose and not job.outstanding:
+                    del jobs[job.id]
+                deliveries.append((job, outcome.seq, outcome))
+            if self._pending:
+                self._dispatch_locked()
+            if not self._pending:
+                self._changed.notify_all()
+        for job, seq, outcome in deliveries:
+            try:
+                job.deliver(seq, outcome)
+            except Exception:  # a user callback must not stop the pump
+                pass
+
+    # ---- ending ----------------------------------------------------------------
+
+    def break_runtime(self, exc: BaseException) -> None:
+        """Fail every open job with ``exc``; the runtime accepts no more work."""
+        with self._lock:
+            if self._broken is not None:
+                return
+            self._broken = exc
+            jobs = list(self._jobs.values())
+            self._jobs.clear()
+            self._pending.clear()
+            self._changed.notify_all()
+        for job in jobs:
+            job.fail(exc)
+
+    def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting work, optionally wait for it, stop workers, free everything."""
+        with self._lock:
+            if self._closed:
+                return
+        if wait and self._broken is None:
+            self.wait_idle(timeout)
+        with self._lock:
+            self._closed = True
+            jobs = list(self._jobs.values())
+            self._jobs.clear()
+            self._pending.clear()
+            for w in self._workers.values():
+                if w.alive:
+                    try:
+                        self._tasks.send(w.ident, zmq.SNDMORE | zmq.NOBLOCK)
+                        self._tasks.send(encode(Stop()), zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+            try:
+                self._control.send(encode(Shutdown()), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            self._changed.notify_all()
+        closed = RuntimeClosedError("the runtime was shut down before this job finished")
+        for job in jobs:
+            job.fail(closed)
+        self._supervisor.stop(self.config.shutdown_timeout)
+        os.write(self._wake_w, b"x")
+        self._pump_thread.join(5.0)
+        with self._lock:
+            sockets.close(self._tasks, self._results, self._control)
+        self._ctx.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.endpoints.remove()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def broken(self) -> BaseException | None:
+        return self._broken
+
+    def stats(self) -> RuntimeStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            workers = [
+                WorkerStats(w.id, w.pid, w.alive, w.ready, len(w.inflight), w.tasks, w.items, w.busy)
+                for w in self._workers.values()
+            ]
+            return RuntimeStats(
+                workers=workers,
+                tasks_submitted=self.tasks_submitted,
+                tasks_completed=self.tasks_completed,
+                tasks_failed=self.tasks_failed,
+                items_completed=self.items_completed,
+                redelivered=self.redelivered,
+                duplicates_dropped=self.duplicates_dropped,
+                late_results_dropped=self.late_results_dropped,
+                frames_dropped=self.frames_dropped,
+                worker_deaths=self.worker_deaths,
+                worker_restarts=self.worker_restarts,
+                jobs_open=len(self._jobs),
+            )
+

@@ -1,0 +1,141 @@
+"""One exception hierarchy for phalanx.
+
+Runs in every process: the driver raises these to callers, workers build the
+wire form (:class:`phalanx.transport.messages.ErrorInfo`) of whatever a task
+raised, and the driver rebuilds it here.
+
+Invariant kept: every error phalanx raises is a :class:`PhalanxError` *and*,
+where one exists, the stdlib error a user would already catch
+(``TypeError``, ``LookupError``, ``TimeoutError``,
+``concurrent.futures.BrokenExecutor``). A failure that happened in a worker
+carries the remote traceback text as its ``__cause__``
+(:class:`RemoteTraceback`), the way ``concurrent.futures`` does.
+"""
+
+from __future__ import annotations
+
+import builtins
+import concurrent.futures
+
+__all__ = [
+    "PhalanxError",
+    "RemoteError",
+    "RemoteTraceback",
+    "UnknownOperationError",
+    "EncodeError",
+    "DecodeError",
+    "ValidationError",
+    "ProtocolError",
+    "TaskTimeoutError",
+    "TaskCancelledError",
+    "WorkerCrashedError",
+    "WorkerStartError",
+    "RuntimeBrokenError",
+    "RuntimeClosedError",
+    "UnsupportedActorError",
+    "ActorDiedError",
+]
+
+
+class PhalanxError(Exception):
+    """Base class of every error phalanx raises."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback text of an exception raised in a worker.
+
+    Attached as ``__cause__`` of the rebuilt exception so that the standard
+    traceback printer shows the remote frames.
+    """
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class RemoteError(PhalanxError):
+    """An exception raised by an operation that could not be rebuilt locally.
+
+    ``type_name`` is the remote exception's ``module:qualname``; ``message``
+    its ``str()``; ``remote_traceback`` the formatted remote traceback.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+
+class UnknownOperationError(PhalanxError, LookupError):
+    """The worker has no operation of that name, or its module failed to import."""
+
+    def __init__(self, name: str, reason: str = "") -> None:
+        text = f"unknown operation {name!r}"
+        if reason:
+            text += f": {reason}"
+        super().__init__(text)
+        self.name = name
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[UnknownOperationError], tuple[str, str]]:
+        return (type(self), (self.name, self.reason))
+
+
+class EncodeError(PhalanxError, TypeError):
+    """A value cannot be encoded for the wire (raised before anything is sent)."""
+
+
+class DecodeError(PhalanxError, ValueError):
+    """A payload could not be decoded into the type it was declared as."""
+
+
+class ValidationError(PhalanxError, TypeError):
+    """A decoded argument or result does not match the operation's declared type."""
+
+
+class ProtocolError(PhalanxError, ValueError):
+    """A frame is not a valid phalanx message."""
+
+
+class TaskTimeoutError(PhalanxError, builtins.TimeoutError):
+    """A task or a wait on its result exceeded its timeout."""
+
+
+class TaskCancelledError(PhalanxError, concurrent.futures.CancelledError):
+    """The task's job was cancelled or terminated before it produced a result."""
+
+
+class WorkerCrashedError(PhalanxError, ChildProcessError):
+    """A worker process died while it held the task, too many times.
+
+    ``exitcode`` is the process exit code; a negative value ``-N`` means it
+    was killed by signal ``N``.
+    """
+
+    def __init__(self, message: str, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+
+
+class WorkerStartError(PhalanxError, RuntimeError):
+    """Worker processes did not start or connect within the start timeout."""
+
+
+class RuntimeBrokenError(PhalanxError, concurrent.futures.BrokenExecutor):
+    """The runtime can no longer run tasks (for example workers keep dying)."""
+
+
+class RuntimeClosedError(PhalanxError, RuntimeError):
+    """The runtime was shut down; no new work is accepted."""
+
+
+class UnsupportedActorError(PhalanxError, LookupError):
+    """No actor type of that name exists on the worker ("unsupported worker")."""
+
+
+class ActorDiedError(PhalanxError):
+    """The actor's process died while a call to it was in flight."""

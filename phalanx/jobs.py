@@ -1,0 +1,417 @@
+"""Job kinds on top of the driver: a future per call, streaming map, tree fold.
+
+Runs in the driver: ``submit`` and the iterator/fold loops run in the user's
+thread; the ``deliver`` callbacks run on the pump thread.
+
+Invariants kept:
+
+* **Bounded memory.** ``map`` and ``fold`` read their input lazily and keep at
+  most ``window`` chunks in flight; ordered ``map`` buffers at most those.
+* **Exactly n-1 combines.** ``fold`` reduces chunks on workers with
+  ``len(chunk) - 1`` calls each, then combines adjacent partial results in
+  order, each combine removing one partial: ``n - 1`` calls overall, and
+  ``combine(lower, upper)`` is always called with ``lower`` before ``upper``.
+* **Lease isolation.** Each call to ``submit``/``map``/``fold`` leases its own
+  job; ending or abandoning it releases the lease and terminates its tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import math
+import queue
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import Any, Generic, TypeVar
+
+from .driver import Delivery, Driver, Job, Task
+from .errors import TaskTimeoutError
+from .registry.operations import Operation, driver_operation, name_of
+from .transport.codec import encode, rebuild_error
+from .transport.messages import Call, Chunk, Ok
+
+__all__ = ["Future", "MapIterator", "submit", "fold", "MISSING"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: largest automatic chunk
+MAX_AUTO_CHUNK = 50_000
+#: a streaming chunk keeps doubling while its round trip is faster than this
+RAMP_TARGET = 0.02
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+class Future(concurrent.futures.Future[T]):
+    """A :class:`concurrent.futures.Future` that is also awaitable.
+
+    ``cancel()`` succeeds while the task is still queued in the driver and
+    removes it; once a worker holds the task it returns ``False``, as the
+    standard library's futures do.
+    """
+
+    _phalanx_cancel: Callable[[], None] | None = None
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        hook = self._phalanx_cancel
+        if hook is not None:
+            hook()
+        return True
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return asyncio.wrap_future(self).__await__()
+
+
+def _outcome_error(outcome: Delivery) -> BaseException:
+    if isinstance(outcome, BaseException):
+        return outcome
+    return rebuild_error(outcome.error)  # type: ignore[union-attr]
+
+
+class _FutureSink:
+    __slots__ = ("future", "op")
+
+    def __init__(self, future: Future[Any], op: Operation | None) -> None:
+        self.future = future
+        self.op = op
+
+    def deliver(self, seq: int, outcome: Delivery) -> None:
+        fut = self.future
+        if fut.done():
+            return
+        try:
+            if isinstance(outcome, Ok):
+                value = outcome.value if self.op is None else self.op.convert_result(outcome.value)
+                fut.set_result(value)
+            else:
+                fut.set_exception(_outcome_error(outcome))
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled meanwhile
+        except Exception as exc:  # the result did not convert to its declared type
+            try:
+                fut.set_exception(exc)
+            except concurrent.futures.InvalidStateError:
+                pass
+
+    def fail(self, exc: BaseException) -> None:
+        try:
+            if not self.future.done():
+                self.future.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+
+def submit(driver: Driver, fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
+    """Run ``fn(*args, **kwargs)`` once on some worker."""
+    op_name = name_of(fn)
+    fut: Future[Any] = Future()
+    sink = _FutureSink(fut, driver_operation(fn))
+    job = driver.open_job(op_name, sink.deliver, sink.fail, fut.set_running_or_notify_cancel, autoclose=True)
+    msg = Call(job.id, 0, 0, op_name, list(args), kwargs or None)
+    try:
+        frame = encode(msg, f"the arguments of {op_name}")
+    except BaseException:
+        driver.close_job(job)
+        raise
+    fut._phalanx_cancel = lambda: driver.close_job(job)
+    driver.submit(job, [Task(msg, frame)])
+    return fut
+
+
+class _ChunkSizer:
+    """Chunk sizes: fixed, or from the input length, or ramping up while quick."""
+
+    def __init__(self, chunksize: int | None, length: int | None, workers: int) -> None:
+        if chunksize is not None:
+            if chunksize < 1:
+                raise ValueError(f"chunksize must be >= 1, got {chunksize}")
+            self.size, self.ramp = chunksize, False
+        elif length is not None:
+            self.size = min(MAX_AUTO_CHUNK, max(1, math.ceil(length / (4 * max(1, workers)))))
+            self.ramp = False
+        else:
+            self.size, self.ramp = 1, True
+
+    def observe(self, round_trip: float) -> None:
+        if self.ramp and round_trip < RAMP_TARGET and self.size < 4096:
+            self.size *= 2
+
+
+def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    try:
+        return min(len(it) for it in iterables)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+class _Lease:
+    """A job whose outcomes go to a queue read by one consumer thread."""
+
+    def __init__(self, driver: Driver, op_name: str) -> None:
+        self.queue: queue.SimpleQueue[tuple[int, Delivery]] = queue.SimpleQueue()
+        self.job: Job = driver.open_job(op_name, self._deliver, self._fail)
+        self.driver = driver
+
+    def _deliver(self, seq: int, outcome: Delivery) -> None:
+        self.queue.put((seq, outcome))
+
+    def _fail(self, exc: BaseException) -> None:
+        self.queue.put((-1, exc))
+
+    def get(self, deadline: float | None) -> tuple[int, Delivery]:
+        if deadline is None:
+            return self.queue.get()
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                return self.queue.get_nowait()
+            return self.queue.get(timeout=remaining)
+        except queue.Empty:
+            raise TaskTimeoutError("timed out waiting for results") from None
+
+
+class MapIterator(Iterator[R], Generic[R]):
+    """Results of :meth:`phalanx.Runtime.map`, streamed as they arrive.
+
+    The input is read lazily, ``window`` chunks at a time. ``close()`` (or
+    dropping the iterator) ends the job and cancels its queued tasks.
+    """
+
+    def __init__(
+        self,
+        driver: Driver,
+        fn: Callable[..., R] | str,
+        iterables: tuple[Iterable[Any], ...],
+        chunksize: int | None,
+        ordered: bool,
+        timeout: float | None,
+        workers: int,
+    ) -> None:
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        self._op_name = name_of(fn)
+        self._op = driver_operation(fn)
+        self._star = len(iterables) > 1
+        self._input: Iterator[Any] = zip(*iterables) if self._star else iter(iterables[0])
+        self._sizer = _ChunkSizer(chunksize, _length(iterables), workers)
+        self._ordered = ordered
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._window = 4 * max(1, workers) + 2
+        self._lease = _Lease(driver, self._op_name)
+        self._driver = driver
+        self._seqs = itertools.count()
+        self._sent_at: dict[int, float] = {}
+        self._next = 0
+        self._buffer: dict[int, tuple[list[Any], BaseException | None]] = {}
+        self._ready: deque[Any] = deque()
+        self._pending_error: BaseException | None = None
+        self._exhausted = False
+        self._done = False
+        try:
+            self._fill()
+        except BaseException:
+            self.close()
+            raise
+
+    def _fill(self) -> None:
+        tasks: list[Task] = []
+        job = self._lease.job
+        while not self._exhausted and len(self._sent_at) + len(tasks) < self._window:
+            items = list(itertools.islice(self._input, self._sizer.size))
+            if not items:
+                self._exhausted = True
+                break
+            if self._star:
+                items = [list(item) for item in items]
+            seq = next(self._seqs)
+            msg = Chunk(job.id, seq, 0, self._op_name, items, self._star)
+            tasks.append(Task(msg, encode(msg, f"the arguments of {self._op_name}"), len(items)))
+        if tasks:
+            now = time.monotonic()
+            for task in tasks:
+                self._sent_at[task.seq] = now
+            self._driver.submit(job, tasks)
+
+    def _convert(self, values: list[Any]) -> list[Any]:
+        op = self._op
+        if op is None:
+            return values
+        return [op.convert_result(v) for v in values]
+
+    def __iter__(self) -> MapIterator[R]:
+        return self
+
+    def __next__(self) -> R:
+        while True:
+            if self._ready:
+                return self._ready.popleft()  # type: ignore[no-any-return]
+            if self._pending_error is not None:
+                failure, self._pending_error = self._pending_error, None
+                self.close()
+                raise failure
+            if self._done:
+                raise StopIteration
+            if self._ordered and self._next in self._buffer:
+                buffered, self._pending_error = self._buffer.pop(self._next)
+                self._next += 1
+                self._ready.extend(buffered)
+                continue
+            if self._exhausted and not self._sent_at and not self._buffer:
+                self._finish()
+                continue
+            try:
+                seq, outcome = self._lease.get(self._deadline)
+            except BaseException:
+                self.close()
+                raise
+            if seq < 0:
+                self._done = True
+                raise _outcome_error(outcome)
+            sent = self._sent_at.pop(seq, None)
+            if sent is not None:
+                self._sizer.observe(time.monotonic() - sent)
+            exc: BaseException | None
+            if isinstance(outcome, Ok):
+                values, exc = self._convert(outcome.value), None
+            elif isinstance(outcome, BaseException):
+                values, exc = [], outcome
+            else:
+                values, exc = self._convert(outcome.partial or []), _outcome_error(outcome)
+            if exc is not None:
+                # Nothing after the failure will be yielded: stop the job's other tasks now.
+                self._exhausted = True
+                self._driver.close_job(self._lease.job, terminate=True)
+                self._sent_at.clear()
+            if self._ordered:
+                self._buffer[seq] = (values, exc)
+                if exc is not None:
+                    for later in [s for s in self._buffer if s > seq]:
+                        del self._buffer[later]
+            else:
+                self._ready.extend(values)
+                self._pending_error = exc
+            if not self._exhausted:
+                self._fill()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._driver.close_job(self._lease.job)
+
+    def close(self) -> None:
+        """Stop the job: queued tasks are dropped, running ones told to abort."""
+        if not self._done:
+            self._done = True
+            self._exhausted = True
+            self._ready.clear()
+            self._buffer.clear()
+            self._driver.close_job(self._lease.job, terminate=True)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def fold(
+    driver: Driver,
+    fn: Callable[..., Any] | str,
+    iterable: Iterable[Any],
+    initial: Any,
+    chunksize: int | None,
+    timeout: float | None,
+    workers: int,
+) -> Any:
+    """Reduce ``iterable`` with the associative ``fn`` in exactly n-1 calls."""
+    op_name = name_of(fn)
+    op = driver_operation(fn)
+    sizer = _ChunkSizer(chunksize, _length((iterable,)), workers)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    window = 4 * max(1, workers) + 2
+    lease = _Lease(driver, op_name)
+    job = lease.job
+    it = iter(iterable)
+    ready_lo: dict[int, tuple[int, Any, bool]] = {}  # lo -> (hi, value, decoded from a worker)
+    lo_of_hi: dict[int, int] = {}
+    inflight: dict[int, tuple[int, int]] = {}
+    pos = 0
+    exhausted = False
+
+    def combine(lo: int, hi: int, lower: Any, upper: Any) -> None:
+        seq = next(job.seqs)
+        msg = Call(job.id, seq, 0, op_name, [lower, upper])
+        inflight[seq] = (lo, hi)
+        driver.submit(job, [Task(msg, encode(msg, f"the partial results of {op_name}"))])
+
+    def add_ready(lo: int, hi: int, value: Any, remote: bool) -> None:
+        left = lo_of_hi.pop(lo, None)
+        if left is not None:
+            _, lower, _ = ready_lo.pop(left)
+            combine(left, hi, lower, value)
+            return
+        right = ready_lo.pop(hi, None)
+        if right is not None:
+            rhi, upper, _ = right
+            del lo_of_hi[rhi]
+            combine(lo, rhi, value, upper)
+            return
+        ready_lo[lo] = (hi, value, remote)
+        lo_of_hi[hi] = lo
+
+    try:
+        while True:
+            tasks: list[Task] = []
+            while not exhausted and len(inflight) + len(tasks) < window:
+                items = list(itertools.islice(it, sizer.size))
+                if not items:
+                    exhausted = True
+                    break
+                lo, pos = pos, pos + len(items)
+                if len(items) == 1:
+                    add_ready(lo, pos, items[0], False)
+                    continue
+                seq = next(job.seqs)
+                msg = Chunk(job.id, seq, 0, op_name, items, False, True)
+                inflight[seq] = (lo, pos)
+                tasks.append(Task(msg, encode(msg, f"the items of {op_name}"), len(items)))
+            if tasks:
+                driver.submit(job, tasks)
+            if exhausted and not inflight:
+                break
+            seq, outcome = lease.get(deadline)
+            if seq < 0:
+                raise _outcome_error(outcome)
+            span = inflight.pop(seq, None)
+            if span is None:
+                continue
+            if not isinstance(outcome, Ok):
+                raise _outcome_error(outcome)
+            add_ready(span[0], span[1], outcome.value, True)
+        if pos == 0:
+            if initial is MISSING:
+                raise TypeError("fold() of an empty iterable with no initial value")
+            return initial
+        ((_, value, remote),) = ready_lo.values()
+        if initial is not MISSING:
+            combine(-1, pos, initial, value)
+            seq, outcome = lease.get(deadline)
+            if not isinstance(outcome, Ok):
+                raise _outcome_error(outcome)
+            value, remote = outcome.value, True
+        if remote and op is not None:
+            value = op.convert_result(value)
+        return value
+    finally:
+        driver.close_job(job, terminate=True)

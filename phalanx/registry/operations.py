@@ -1,0 +1,239 @@
+"""Operations: functions workers run, registered by a stable name.
+
+Runs in the driver (``@operation`` at import time, ``name_of`` when a job is
+submitted) and in workers (``resolve`` when a task names an operation).
+
+Invariant kept: a worker only runs what was registered with
+``@phalanx.operation`` in a module it imported itself. A name that is unknown,
+whose module fails to import, or that names something that is not an
+operation resolves to :class:`~phalanx.errors.UnknownOperationError`, which
+the worker reports to the caller and then keeps serving.
+
+Names are ``module:qualname``. A function defined in the user's ``__main__``
+script is named ``__main__:func`` in the driver; the worker process imports
+the same script (as multiprocessing's spawn does) and resolves it there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+import msgspec
+
+from ..errors import UnknownOperationError, ValidationError
+from ..transport.codec import convert
+
+__all__ = ["operation", "Operation", "name_of", "resolve", "registered"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_REGISTRY: dict[str, Callable[..., Any]] = {}
+_RESOLVED: dict[str, Operation | UnknownOperationError] = {}
+
+
+def _module_name(module: str) -> str:
+    return "__main__" if module == "__mp_main__" else module
+
+
+def _default_name(fn: Callable[..., Any]) -> str:
+    return f"{_module_name(fn.__module__)}:{fn.__qualname__}"
+
+
+@overload
+def operation(fn: F, /) -> F: ...
+@overload
+def operation(*, name: str | None = None) -> Callable[[F], F]: ...
+
+
+def operation(fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+    """Register a module-level function as a phalanx operation.
+
+    The function is returned unchanged, so it stays callable locally. Its
+    name on the wire is ``module:qualname`` unless ``name=`` is given. ::
+
+        @phalanx.operation
+        def square(x: int) -> int:
+            return x * x
+
+    Arguments and results travel as msgpack and are converted to the
+    function's annotations on arrival (a mismatch is a
+    :class:`~phalanx.errors.ValidationError`).
+    """
+
+    def register(f: F) -> F:
+        if not callable(f):
+            raise TypeError(f"@phalanx.operation needs a function, got {f!r}")
+        if "<locals>" in f.__qualname__ and name is None:
+            raise TypeError(
+                f"@phalanx.operation: {f.__qualname__} is defined inside a function; "
+                "workers can only find module-level functions (or pass name=...)"
+            )
+        op_name = name or _default_name(f)
+        _REGISTRY[op_name] = f
+        _RESOLVED.pop(op_name, None)
+        try:
+            setattr(f, "__phalanx_operation__", op_name)
+        except (AttributeError, TypeError):
+            pass
+        return f
+
+    if fn is not None:
+        return register(fn)
+    return register
+
+
+def registered() -> dict[str, Callable[..., Any]]:
+    """A copy of the operations registered in this process, by name."""
+    return dict(_REGISTRY)
+
+
+def name_of(fn: Callable[..., Any] | str) -> str:
+    """The wire name of an operation given as a function or a name."""
+    if isinstance(fn, str):
+        if ":" not in fn:
+            raise UnknownOperationError(fn, "operation names look like 'module:qualname'")
+        return fn
+    op_name = getattr(fn, "__phalanx_operation__", None)
+    if isinstance(op_name, str):
+        return op_name
+    raise TypeError(
+        f"{getattr(fn, '__qualname__', fn)!r} is not a phalanx operation: "
+        "decorate it with @phalanx.operation"
+    )
+
+
+class Operation:
+    """A resolved operation: the function plus converters for its annotations."""
+
+    __slots__ = ("name", "fn", "_pos", "_var", "_kw", "_varkw", "_typed", "returns")
+
+    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
+        self.name = name
+        self.fn = fn
+        self._pos: list[tuple[str, Any]] = []
+        self._var: Any = Any
+        self._kw: dict[str, Any] = {}
+        self._varkw: Any = Any
+        self.returns: Any = Any
+        try:
+            hints = typing.get_type_hints(fn)
+            sig = inspect.signature(fn)
+        except Exception:
+            hints, sig = {}, None
+        if sig is not None:
+            for p in sig.parameters.values():
+                typ = hints.get(p.name, Any)
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                    self._pos.append((p.name, typ))
+                    self._kw[p.name] = typ
+                elif p.kind is p.VAR_POSITIONAL:
+                    self._var = typ
+                elif p.kind is p.KEYWORD_ONLY:
+                    self._kw[p.name] = typ
+                elif p.kind is p.VAR_KEYWORD:
+                    self._varkw = typ
+        self.returns = hints.get("return", Any)
+        if self.returns is None:
+            self.returns = type(None)
+        loose = (Any, object)
+        self._typed = (
+            any(t not in loose for _, t in self._pos)
+            or self._var not in loose
+            or any(t not in loose for t in self._kw.values())
+            or self._varkw not in loose
+        )
+
+    def convert_args(self, args: list[Any], kwargs: dict[str, Any] | None) -> tuple[list[Any], dict[str, Any]]:
+        """Convert decoded arguments to the annotated types."""
+        kw = kwargs or {}
+        if not self._typed:
+            return args, kw
+        out = list(args)
+        npos = len(self._pos)
+        for i, value in enumerate(args):
+            pname, typ = self._pos[i] if i < npos else (f"*args[{i - npos}]", self._var)
+            out[i] = self._convert(value, typ, f"argument {pname!r}")
+        outkw = {k: self._convert(v, self._kw.get(k, self._varkw), f"argument {k!r}") for k, v in kw.items()}
+        return out, outkw
+
+    def convert_result(self, value: Any) -> Any:
+        """Convert a decoded result to the annotated return type."""
+        if self.returns in (Any, object):
+            return value
+        return self._convert(value, self.returns, "result")
+
+    def _convert(self, value: Any, typ: Any, what: str) -> Any:
+        try:
+            return convert(value, typ)
+        except msgspec.ValidationError as exc:
+            raise ValidationError(f"{what} of {self.name}: {exc}") from None
+        except TypeError:
+            return value  # an annotation msgspec cannot check: pass the value through
+
+
+def _import_target(name: str) -> Any:
+    module_name, _, qualname = name.partition(":")
+    if not module_name or not qualname:
+        raise UnknownOperationError(name, "operation names look like 'module:qualname'")
+    module = sys.modules.get(module_name)
+    if module is None:
+        try:
+            module = importlib.import_module(module_name)
+        except BaseException as exc:  # a failing import must never kill the worker
+            if isinstance(exc, (KeyboardInterrupt,)):
+                raise
+            raise UnknownOperationError(
+                name, f"module {module_name!r} failed to import: {type(exc).__name__}: {exc}"
+            ) from None
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def resolve(name: str) -> Operation:
+    """Find the operation ``name`` in this process (importing its module).
+
+    Raises :class:`UnknownOperationError` for anything that is not a
+    registered operation; the outcome is cached either way.
+    """
+    cached = _RESOLVED.get(name)
+    if cached is not None:
+        if isinstance(cached, UnknownOperationError):
+            raise cached
+        return cached
+    try:
+        fn = _REGISTRY.get(name)
+        if fn is None:
+            target = _import_target(name)
+            fn = _REGISTRY.get(name)
+            if fn is None:
+                if target is None:
+                    raise UnknownOperationError(name, "no such function")
+                raise UnknownOperationError(name, "not registered with @phalanx.operation")
+        op = Operation(name, fn)
+    except UnknownOperationError as exc:
+        _RESOLVED[name] = exc
+        raise
+    _RESOLVED[name] = op
+    return op
+
+
+def driver_operation(fn: Callable[..., Any] | str) -> Operation | None:
+    """The driver's view of an operation, for converting its results (None for names)."""
+    if isinstance(fn, str):
+        return None
+    name = name_of(fn)
+    cached = _RESOLVED.get(name)
+    if isinstance(cached, Operation):
+        return cached
+    op = Operation(name, fn)
+    _RESOLVED[name] = op
+    return op

@@ -1,0 +1,192 @@
+"""The driver's public API: :class:`Runtime`.
+
+Runs in the user's (driver) process. A ``Runtime`` owns a
+:class:`~phalanx.driver.Driver` (sockets, pump thread, dispatch) and its
+:class:`~phalanx.supervisor.Supervisor` (worker processes). It is safe to use
+from many threads at once; each call leases its own result channel.
+
+Invariant kept: **no orphans, no hang at exit.** ``shutdown()`` (also run by
+``with``, by garbage collection of the runtime, and at interpreter exit)
+stops every worker in layers and removes the private ipc directory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import weakref
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
+
+from .config import Config
+from .driver import Driver, RuntimeStats
+from .jobs import MISSING, Future, MapIterator, fold, submit
+
+__all__ = ["Runtime"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+
+def _shutdown_at_exit(ref: weakref.ReferenceType[Runtime]) -> None:
+    rt = ref()
+    if rt is not None:
+        rt.shutdown(wait=False)
+
+
+class Runtime:
+    """A pool of worker processes running phalanx operations.
+
+    ::
+
+        with phalanx.Runtime(workers=2) as rt:
+            rt.submit(square, 7).result(timeout=10)      # 49
+            list(rt.map(square, range(10)))              # ordered, streaming
+            rt.fold(add, range(1, 101))                  # 5050
+
+    Every option can also be set with a ``PHALANX_<OPTION>`` environment
+    variable (see :class:`phalanx.Config`); an argument given here wins.
+    The constructor returns once every worker is connected and ready, or
+    raises :class:`~phalanx.WorkerStartError`.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        listen: str | None = None,
+        start_method: str | None = None,
+        credits: int | None = None,
+        start_timeout: float | None = None,
+        shutdown_timeout: float | None = None,
+        max_attempts: int | None = None,
+        restart_limit: int | None = None,
+        restart_window: float | None = None,
+    ) -> None:
+        self.config = Config.load(
+            workers=workers,
+            listen=listen,
+            start_method=start_method,
+            credits=credits,
+            start_timeout=start_timeout,
+            shutdown_timeout=shutdown_timeout,
+            max_attempts=max_attempts,
+            restart_limit=restart_limit,
+            restart_window=restart_window,
+        )
+        self._driver = Driver(self.config)
+        try:
+            self._driver.start_workers(self.config.workers, self.config.start_timeout)
+        except BaseException:
+            self._driver.shutdown(wait=False)
+            raise
+        self._atexit = lambda ref=weakref.ref(self): _shutdown_at_exit(ref)
+        atexit.register(self._atexit)
+
+    # ---- work ------------------------------------------------------------------
+
+    def submit(self, fn: Callable[P, R] | str, /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        """Run ``fn(*args, **kwargs)`` on a worker; return a future of its result.
+
+        ``fn`` is an ``@phalanx.operation`` function or its ``module:qualname``.
+        Arguments that cannot be encoded raise :class:`~phalanx.EncodeError`
+        here, before anything is sent.
+        """
+        return submit(self._driver, fn, args, kwargs)
+
+    def map(
+        self,
+        fn: Callable[..., R] | str,
+        /,
+        *iterables: Iterable[Any],
+        chunksize: int | None = None,
+        ordered: bool = True,
+        timeout: float | None = None,
+    ) -> MapIterator[R]:
+        """Apply ``fn`` to every item, streaming results as they come.
+
+        Like the builtin ``map``: several iterables are zipped and their items
+        passed as positional arguments. The input is read lazily, a bounded
+        number of chunks at a time. ``chunksize=None`` picks chunks from the
+        input length (or grows them while they are quick, for iterators).
+        ``ordered=False`` yields results as they finish. ``timeout`` bounds
+        the whole iteration in seconds. The first failure is raised at its
+        position; the rest of the job is cancelled.
+        """
+        return MapIterator(
+            self._driver, fn, iterables, chunksize, ordered, timeout, self.config.workers or 1
+        )
+
+    def fold(
+        self,
+        fn: Callable[[T, T], T] | str,
+        iterable: Iterable[T],
+        /,
+        *,
+        initial: T = MISSING,
+        chunksize: int | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """Combine all items with the associative ``fn(lower, upper)``.
+
+        Equal to ``functools.reduce(fn, iterable[, initial])`` for an
+        associative ``fn``, computed as a tree on the workers with exactly
+        ``n - 1`` calls (``n`` with ``initial``). Order is kept: ``fn`` need
+        not be commutative. An empty input returns ``initial`` or raises
+        ``TypeError``.
+        """
+        return fold(  # type: ignore[no-any-return]
+            self._driver, fn, iterable, initial, chunksize, timeout, self.config.workers or 1
+        )
+
+    # ---- state -------------------------------------------------------------------
+
+    @property
+    def n_workers(self) -> int:
+        """Number of live workers."""
+        return len(self._driver.worker_pids())
+
+    def worker_pids(self) -> dict[str, int]:
+        """Live worker ids and their process ids."""
+        return self._driver.worker_pids()
+
+    def stats(self) -> RuntimeStats:
+        """Counters: tasks, redeliveries, dropped frames and results, per-worker use."""
+        return self._driver.stats()
+
+    @property
+    def endpoints(self) -> tuple[str, str, str]:
+        """The (tasks, results, control) addresses workers connect to."""
+        e = self._driver.endpoints
+        return (e.tasks, e.results, e.control)
+
+    # ---- ending --------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, timeout: float | None = None) -> None:
+        """Stop the runtime: optionally wait for queued work, then stop workers.
+
+        Jobs still open afterwards fail with :class:`~phalanx.RuntimeClosedError`.
+        Idempotent.
+        """
+        atexit.unregister(self._atexit)
+        self._driver.shutdown(wait=wait, timeout=timeout)
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown(wait=exc_type is None)
+
+    def __del__(self) -> None:
+        driver = getattr(self, "_driver", None)
+        if driver is not None and not driver.closed:
+            try:
+                driver.shutdown(wait=False)
+            except Exception:
+                pass

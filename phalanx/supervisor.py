@@ -1,0 +1,159 @@
+"""Spawning, watching and killing worker processes.
+
+Runs in the driver (one :class:`Supervisor` per :class:`phalanx.Runtime`) and,
+for remote hosts, under ``phalanx worker --connect``. It knows processes, not
+tasks: it starts workers with a multiprocessing context, tells its owner when
+one exits (``on_exit(worker_id, exitcode)``) from a watcher thread, and stops
+them in layers::
+
+    Stop message (sent by the owner) -> join(timeout) -> SIGTERM -> SIGKILL of the tree
+
+Invariant kept: **no orphans**. Every process it started is gone when
+:meth:`Supervisor.stop` returns, including anything those processes spawned;
+workers also kill themselves when their parent dies (see
+:mod:`phalanx.worker`), which covers a SIGKILLed driver.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import psutil
+
+from .worker import WorkerSpec, run_worker
+
+__all__ = ["Supervisor", "kill_process_tree"]
+
+
+def kill_process_tree(pid: int, include_parent: bool = True) -> None:
+    """SIGKILL ``pid`` and all its descendants (children first are collected)."""
+    try:
+        parent = psutil.Process(pid)
+        procs = parent.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    if include_parent:
+        procs.append(parent)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=2.0)
+
+
+class Supervisor:
+    """Starts worker processes and reports their exits."""
+
+    def __init__(
+        self,
+        start_method: str,
+        on_exit: Callable[[str, int | None], None],
+    ) -> None:
+        self._ctx: Any = multiprocessing.get_context(start_method)
+        self._on_exit = on_exit
+        self._procs: dict[str, BaseProcess] = {}
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+        self._closing = False
+        self._watcher = threading.Thread(target=self._watch, name="phalanx-supervisor", daemon=True)
+        self._watcher.start()
+
+    def spawn(self, spec: WorkerSpec) -> int:
+        """Start one worker process for ``spec``; return its pid."""
+        proc: BaseProcess = self._ctx.Process(
+            target=run_worker, args=(spec,), name=f"phalanx-{spec.worker_id}", daemon=False
+        )
+        proc.start()
+        with self._lock:
+            self._procs[spec.worker_id] = proc
+        self._wake()
+        assert proc.pid is not None
+        return proc.pid
+
+    def pids(self) -> dict[str, int]:
+        """Live worker ids and their pids."""
+        with self._lock:
+            return {wid: p.pid for wid, p in self._procs.items() if p.pid is not None}
+
+    def kill(self, worker_id: str) -> None:
+        """SIGKILL one worker and its descendants (its exit is reported as usual)."""
+        with self._lock:
+            proc = self._procs.get(worker_id)
+        if proc is not None and proc.pid is not None:
+            kill_process_tree(proc.pid)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send_bytes(b"x")
+        except OSError:
+            pass
+
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                if self._closing:
+                    return
+                sentinels: dict[Any, str] = {p.sentinel: wid for wid, p in self._procs.items()}
+            ready = multiprocessing.connection.wait([*sentinels, self._wake_r], timeout=1.0)
+            for obj in ready:
+                if obj is self._wake_r:
+                    try:
+                        while self._wake_r.poll():
+                            self._wake_r.recv_bytes()
+                    except (EOFError, OSError):
+                        return
+                    continue
+                wid = sentinels.get(obj)
+                if wid is None:
+                    continue
+                with self._lock:
+                    proc = self._procs.pop(wid, None)
+                    closing = self._closing
+                if proc is None:
+                    continue
+                proc.join(0.5)
+                exitcode = proc.exitcode
+                proc.close()
+                if not closing:
+                    self._on_exit(wid, exitcode)
+
+    def stop(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for workers told to stop, then terminate, then kill."""
+        with self._lock:
+            self._closing = True
+            procs = list(self._procs.values())
+            self._procs.clear()
+        self._wake()
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        alive = [p for p in procs if p.is_alive()]
+        for proc in alive:
+            proc.terminate()  # the worker's SIGTERM handler kills its process group
+        for proc in alive:
+            proc.join(1.0)
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                kill_process_tree(proc.pid)
+                proc.join(1.0)
+        for proc in procs:
+            try:
+                proc.close()
+            except ValueError:
+                pass
+        self._watcher.join(2.0)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    @property
+    def my_pid(self) -> int:
+        """The pid workers are told is their parent."""
+        return os.getpid()

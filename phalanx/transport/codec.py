@@ -1,0 +1,148 @@
+"""Encoding and decoding of wire messages and user payloads.
+
+Runs in the driver and in every worker. One encoder, one decoder per socket
+role; decoders only accept the messages that socket may carry, so a frame of
+the wrong kind is a :class:`~phalanx.errors.ProtocolError`, never a crash.
+
+Invariant kept: a value msgspec cannot encode raises
+:class:`~phalanx.errors.EncodeError` (a ``TypeError``) *before* anything is
+sent, and nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback as _tb
+from typing import Any, TypeVar
+
+import msgspec
+
+from ..errors import (
+    EncodeError,
+    ProtocolError,
+    RemoteError,
+    RemoteTraceback,
+)
+from .messages import ControlMessage, DriverMessage, ErrorInfo, InboxMessage
+
+__all__ = [
+    "encode",
+    "decode_inbox",
+    "decode_control",
+    "decode_driver",
+    "convert",
+    "error_info",
+    "rebuild_error",
+    "type_path",
+]
+
+T = TypeVar("T")
+
+_encoder = msgspec.msgpack.Encoder()
+_inbox = msgspec.msgpack.Decoder(InboxMessage)
+_control = msgspec.msgpack.Decoder(ControlMessage)
+_driver = msgspec.msgpack.Decoder(DriverMessage)
+
+
+def encode(msg: Any, what: str = "message") -> bytes:
+    """Encode ``msg`` to msgpack, or raise :class:`EncodeError` naming ``what``."""
+    try:
+        return _encoder.encode(msg)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"cannot encode {what}: {exc}") from exc
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[Any], frame: bytes | memoryview) -> Any:
+    try:
+        return decoder.decode(frame)
+    except (msgspec.DecodeError, TypeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"malformed frame ({len(frame)} bytes): {exc}") from None
+
+
+def decode_inbox(frame: bytes | memoryview) -> InboxMessage:
+    """Decode a frame received on a worker's inbox."""
+    return _decode(_inbox, frame)  # type: ignore[no-any-return]
+
+
+def decode_control(frame: bytes | memoryview) -> ControlMessage:
+    """Decode a frame received on a worker's control SUB socket."""
+    return _decode(_control, frame)  # type: ignore[no-any-return]
+
+
+def decode_driver(frame: bytes | memoryview) -> DriverMessage:
+    """Decode a frame received on the driver's results ROUTER."""
+    return _decode(_driver, frame)  # type: ignore[no-any-return]
+
+
+def convert(value: Any, typ: Any) -> Any:
+    """Convert plain decoded data to ``typ`` (``Any`` and ``object`` pass)."""
+    if typ is Any or typ is object:
+        return value
+    return msgspec.convert(value, typ)
+
+
+def type_path(cls: type) -> str:
+    """``module:qualname`` of a class, with the spawned ``__mp_main__`` as ``__main__``."""
+    module = cls.__module__
+    if module == "__mp_main__":
+        module = "__main__"
+    return f"{module}:{cls.__qualname__}"
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    """The wire form of ``exc``: type path, message, args if encodable, traceback."""
+    args: list[Any] | None = list(exc.args)
+    try:
+        _encoder.encode(args)
+    except Exception:
+        args = None
+    text = "".join(_tb.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        message = str(exc)
+    except Exception:
+        message = f"<unprintable {type(exc).__name__}>"
+    return ErrorInfo(type=type_path(type(exc)), message=message, args=args, traceback=text)
+
+
+def _resolve_type(path: str) -> type[BaseException] | None:
+    module_name, _, qualname = path.partition(":")
+    module = sys.modules.get(module_name)
+    if module is None:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:
+            return None
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    if isinstance(obj, type) and issubclass(obj, BaseException):
+        return obj
+    return None
+
+
+def rebuild_error(info: ErrorInfo) -> BaseException:
+    """Rebuild a remote exception as its own type when possible.
+
+    The result carries the remote traceback as ``__cause__``. When the type
+    cannot be imported or constructed from its args, a
+    :class:`~phalanx.errors.RemoteError` stands in for it.
+    """
+    exc: BaseException | None = None
+    cls = _resolve_type(info.type)
+    if cls is not None:
+        try:
+            if info.args is not None:
+                exc = cls(*info.args)
+            else:
+                exc = cls(info.message)
+        except Exception:
+            exc = None
+        if exc is not None and not isinstance(exc, Exception):
+            exc = None  # never re-raise KeyboardInterrupt/SystemExit from a worker
+    if exc is None:
+        exc = RemoteError(info.type, info.message, info.traceback)
+    exc.__cause__ = RemoteTraceback(info.traceback)
+    return exc

@@ -1,0 +1,75 @@
+"""Where the driver binds and workers connect.
+
+Runs in the driver (``bind``) and in workers (``connect`` strings they are
+given). By default the three driver sockets live as ``ipc://`` files in a
+private temporary directory that only this user can enter and that is removed
+on shutdown; ``tcp://HOST:PORT`` binds three consecutive ports starting at
+``PORT`` (``PORT`` 0 picks free ones).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+
+import msgspec
+
+__all__ = ["Endpoints", "local_endpoints", "tcp_endpoints", "parse_listen"]
+
+
+class Endpoints(msgspec.Struct, frozen=True):
+    """The three addresses of one runtime, plus the private dir for ipc."""
+
+    tasks: str
+    results: str
+    control: str
+    ipc_dir: str | None = None
+
+    def remove(self) -> None:
+        """Delete the ipc directory, if any."""
+        if self.ipc_dir is not None:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+
+def local_endpoints() -> Endpoints:
+    """Fresh ipc endpoints in a private (mode 0700) temporary directory."""
+    base = "/tmp" if os.path.isdir("/tmp") else None  # short paths: unix sockets cap at ~107 bytes
+    d = tempfile.mkdtemp(prefix="phalanx-", dir=base)
+    return Endpoints(
+        tasks=f"ipc://{d}/tasks",
+        results=f"ipc://{d}/results",
+        control=f"ipc://{d}/control",
+        ipc_dir=d,
+    )
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split ``tcp://HOST:PORT`` into ``(HOST, PORT)``; raise ValueError otherwise."""
+    if not listen.startswith("tcp://"):
+        raise ValueError(f"listen address must look like tcp://HOST:PORT, got {listen!r}")
+    host, sep, port = listen[len("tcp://"):].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"listen address must look like tcp://HOST:PORT, got {listen!r}")
+    return host, int(port)
+
+
+def tcp_endpoints(listen: str) -> Endpoints:
+    """TCP endpoints on ``PORT``, ``PORT+1``, ``PORT+2`` (free ports if ``PORT`` is 0)."""
+    host, port = parse_listen(listen)
+    if port == 0:
+        ports = [_free_port(host) for _ in range(3)]
+    else:
+        ports = [port, port + 1, port + 2]
+    return Endpoints(
+        tasks=f"tcp://{host}:{ports[0]}",
+        results=f"tcp://{host}:{ports[1]}",
+        control=f"tcp://{host}:{ports[2]}",
+    )

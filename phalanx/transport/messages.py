@@ -1,0 +1,192 @@
+"""Every message phalanx puts on the wire, in one place.
+
+Runs in the driver and in every worker. Each message is a frozen, tagged
+``msgspec.Struct`` encoded as a msgpack array (``array_like``: the tag first,
+then the fields in order), so a frame is small and decodes in one pass.
+
+Invariant kept: **no pickle on the wire**. User values inside messages
+(``args``, ``value``, ...) are plain msgpack data; they are converted to the
+operation's declared types with ``msgspec.convert`` on the receiving side.
+
+Sockets and the messages each one carries::
+
+    driver                                   worker
+    ROUTER "tasks"   --- Welcome, Call, Chunk, Stop --->  DEALER inbox
+    ROUTER "results" <-- Hello, Ready, Results ---------  DEALER outbox
+    PUB "control"    --- Sync, Terminate, Shutdown ---->  SUB
+
+Tasks are addressed to one worker (credit-based dispatch, see
+``phalanx.runtime``); each carries ``(job, seq, attempt)`` so the driver can
+redeliver and deduplicate. Every ``Call`` or ``Chunk`` is answered by exactly
+one ``Ok`` or ``Err`` inside a ``Results`` batch, which also returns the
+credit the task used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ErrorInfo",
+    "Welcome",
+    "Call",
+    "Chunk",
+    "Stop",
+    "Sync",
+    "Terminate",
+    "Shutdown",
+    "Hello",
+    "Ready",
+    "Ok",
+    "Err",
+    "Results",
+    "InboxMessage",
+    "ControlMessage",
+    "DriverMessage",
+    "Outcome",
+]
+
+PROTOCOL_VERSION = 1
+
+
+class _Msg(msgspec.Struct, frozen=True, array_like=True, tag=True):
+    """Base of every wire message: frozen, tagged by class name, array-encoded."""
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
+    """An exception raised in a worker, in a form that survives the wire.
+
+    ``type`` is ``module:qualname`` of the exception class, ``args`` its
+    ``args`` when msgpack can carry them (else ``None``), ``traceback`` the
+    formatted remote traceback.
+    """
+
+    type: str
+    message: str
+    args: list[Any] | None
+    traceback: str
+
+
+# ---- driver -> one worker (tasks ROUTER -> inbox DEALER) -------------------
+
+
+class Welcome(_Msg, frozen=True):
+    """First message on a worker's inbox: the driver can route to it."""
+
+    worker: str
+
+
+class Call(_Msg, frozen=True):
+    """Run ``op(*args, **kwargs)`` once."""
+
+    job: int
+    seq: int
+    attempt: int
+    op: str
+    args: list[Any]
+    kwargs: dict[str, Any] | None = None
+
+
+class Chunk(_Msg, frozen=True):
+    """Run ``op`` over several items of one job in one message.
+
+    ``fold=False``: map, the outcome value is the list of ``op(item)``
+    (``op(*item)`` when ``star``). ``fold=True``: reduce the items in order
+    with ``op(lower, upper)``, exactly ``len(items) - 1`` calls.
+    """
+
+    job: int
+    seq: int
+    attempt: int
+    op: str
+    items: list[Any]
+    star: bool = False
+    fold: bool = False
+
+
+class Stop(_Msg, frozen=True):
+    """Finish the current task, send what is pending and exit."""
+
+
+# ---- driver -> every worker (control PUB -> SUB) ---------------------------
+
+
+class Sync(_Msg, frozen=True):
+    """Published until every new worker has seen one: its SUB is live."""
+
+    nonce: int
+
+
+class Terminate(_Msg, frozen=True):
+    """Job ``job`` is over: drop its queued tasks, abort its running one."""
+
+    job: int
+
+
+class Shutdown(_Msg, frozen=True):
+    """The runtime is shutting down: every worker exits."""
+
+
+# ---- worker -> driver (outbox DEALER -> results ROUTER) --------------------
+
+
+class Hello(_Msg, frozen=True):
+    """A worker connected; ``worker`` is also its routing identity."""
+
+    worker: str
+    pid: int
+    host: str
+    version: int = PROTOCOL_VERSION
+
+
+class Ready(_Msg, frozen=True):
+    """The worker saw Welcome and a Sync: it takes ``credits`` tasks at once."""
+
+    worker: str
+    credits: int
+
+
+class Ok(msgspec.Struct, frozen=True, array_like=True, tag=True):
+    """Task ``(job, seq, attempt)`` succeeded with ``value``."""
+
+    job: int
+    seq: int
+    attempt: int
+    value: Any
+
+
+class Err(msgspec.Struct, frozen=True, array_like=True, tag=True):
+    """Task ``(job, seq, attempt)`` failed.
+
+    For a map chunk, ``index`` is the failing item and ``partial`` the values
+    of the items before it.
+    """
+
+    job: int
+    seq: int
+    attempt: int
+    error: ErrorInfo
+    index: int = 0
+    partial: list[Any] | None = None
+
+
+Outcome = Union[Ok, Err]
+
+
+class Results(_Msg, frozen=True):
+    """Outcomes of finished tasks; each returns one credit to the worker.
+
+    ``busy`` is the time in seconds the worker spent running these tasks.
+    """
+
+    worker: str
+    outcomes: list[Outcome]
+    busy: float = 0.0
+
+
+InboxMessage = Union[Welcome, Call, Chunk, Stop]
+ControlMessage = Union[Sync, Terminate, Shutdown]
+DriverMessage = Union[Hello, Ready, Results]

@@ -1,0 +1,193 @@
+"""Shared pytest fixtures for the phalanx test suite.
+
+Runs in the test (driver) process only.
+
+* Hypothesis profiles: ``ci`` (derandomized, no example database) and ``dev``.
+  ``PHALANX_HYPOTHESIS_PROFILE`` picks one; otherwise ``ci`` when ``CI`` is set,
+  else ``dev``.
+* ``no_leaked_processes`` (autouse): every test must leave no child process
+  behind. New children get a short grace period to exit; any still alive after
+  it are killed and the test fails with their pids and command lines.
+* ``zmq_ctx``, ``ipc_dir``, ``runtime``: resources that are always closed,
+  removed or shut down on teardown.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import pytest
+import zmq
+from hypothesis import HealthCheck, settings
+
+if TYPE_CHECKING:
+    import phalanx
+
+# --------------------------------------------------------------------------- #
+# Hypothesis profiles
+# --------------------------------------------------------------------------- #
+
+_SUPPRESSED = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    max_examples=30,
+    suppress_health_check=_SUPPRESSED,
+)
+settings.register_profile(
+    "dev",
+    deadline=None,
+    max_examples=30,
+    suppress_health_check=_SUPPRESSED,
+)
+
+
+def _hypothesis_profile() -> str:
+    explicit = os.environ.get("PHALANX_HYPOTHESIS_PROFILE")
+    if explicit:
+        return explicit
+    return "ci" if os.environ.get("CI") else "dev"
+
+
+settings.load_profile(_hypothesis_profile())
+
+# --------------------------------------------------------------------------- #
+# Process-leak check
+# --------------------------------------------------------------------------- #
+
+#: Per-interpreter multiprocessing helpers: started once and kept for the
+#: whole session, so they are not leaks of the test that happened to start them.
+_HELPER_MARKERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+#: How long new children get to exit after a test before they count as leaked.
+_LEAK_GRACE_S = 3.0
+
+_ProcKey = tuple[int, float]  # (pid, create_time): robust against pid reuse
+
+
+def _key(proc: psutil.Process) -> _ProcKey | None:
+    try:
+        return (proc.pid, proc.create_time())
+    except psutil.Error:
+        return None
+
+
+def _snapshot() -> set[_ProcKey]:
+    keys = (_key(p) for p in psutil.Process().children(recursive=True))
+    return {k for k in keys if k is not None}
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline()) or proc.name()
+    except psutil.Error:
+        return "?"
+
+
+def _is_helper(proc: psutil.Process) -> bool:
+    cmd = _cmdline(proc)
+    return any(marker in cmd for marker in _HELPER_MARKERS)
+
+
+def _is_alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _new_live_children(before: set[_ProcKey]) -> list[psutil.Process]:
+    # Let multiprocessing reap the children it knows about (its own waitpid
+    # bookkeeping), then reap remaining zombie direct children ourselves --
+    # never one multiprocessing still tracks, or its Process.join() would hang.
+    mp_owned = {p.pid for p in multiprocessing.active_children()}
+    new: list[psutil.Process] = []
+    zombies: list[psutil.Process] = []
+    me = os.getpid()
+    for proc in psutil.Process().children(recursive=True):
+        key = _key(proc)
+        if key is None or key in before or _is_helper(proc):
+            continue
+        if _is_alive(proc):
+            new.append(proc)
+        else:
+            try:
+                if proc.ppid() == me and proc.pid not in mp_owned:
+                    zombies.append(proc)
+            except psutil.Error:
+                pass
+    if zombies:
+        psutil.wait_procs(zombies, timeout=0)
+    return new
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes() -> Iterator[None]:
+    """Fail the test if it leaves a live child process behind."""
+    before = _snapshot()
+    yield
+    deadline = time.monotonic() + _LEAK_GRACE_S
+    leaked = _new_live_children(before)
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.05)
+        leaked = _new_live_children(before)
+    if not leaked:
+        return
+    report = [f"pid {p.pid}: {_cmdline(p)}" for p in leaked]
+    for proc in leaked:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(leaked, timeout=_LEAK_GRACE_S)
+    multiprocessing.active_children()
+    pytest.fail(
+        f"test leaked {len(leaked)} child process(es) (killed):\n  " + "\n  ".join(report),
+        pytrace=False,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Resources
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture
+def zmq_ctx() -> Iterator[zmq.Context[Any]]:
+    """A private ZeroMQ context, destroyed with linger 0 (closes every socket)."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        yield ctx
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def ipc_dir() -> Iterator[Path]:
+    """A private temp dir under /tmp, short enough for unix socket paths."""
+    path = tempfile.mkdtemp(prefix="phx-", dir="/tmp")
+    try:
+        yield Path(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def runtime() -> Iterator[phalanx.Runtime]:
+    """A running ``phalanx.Runtime(workers=2)``, shut down on teardown."""
+    import phalanx
+
+    with phalanx.Runtime(workers=2) as rt:
+        yield rt
