@@ -302,26 +302,34 @@ def _print_summary(
     rt: phalanx.Runtime, parts: Sequence[_Part], wall: float, out: TextIO
 ) -> None:
     print("\nsummary", file=out)
-    print(f"  {'part':<14}{'tasks':>8}{'wall s':>9}{'tasks/s':>10}", file=out)
+    print(f"  {'part':<14}{'tasks':>8}{'wall s':>9}{'tasks/s':>10}   (task = one operation call)", file=out)
     for part in parts:
         rate = part.tasks / part.wall if part.wall > 0 else float("inf")
         print(f"  {part.name:<14}{part.tasks:>8}{part.wall:>9.2f}{rate:>10,.0f}", file=out)
     total_tasks = sum(part.tasks for part in parts)
     print(f"  {'total':<14}{total_tasks:>8}{wall:>9.2f}{total_tasks / wall:>10,.0f}", file=out)
 
+    # The runtime batches items into chunks: a worker's ``tasks`` counts chunks
+    # (messages), its ``items`` the inputs they carried (a fold chunk of k items
+    # makes k-1 combines, so items can exceed the number of calls).
     stats = rt.stats()
     print(
-        f"\n  {'worker':<12}{'pid':>8}{'tasks':>8}{'busy s':>9}{'util':>7}"
+        f"\n  {'worker':<10}{'pid':>8}{'chunks':>8}{'items':>8}{'busy s':>9}{'util':>7}"
         f"   (util = busy / {wall:.2f} s wall)",
         file=out,
     )
     for worker in sorted(stats.workers, key=lambda w: w.id):
         util = worker.busy / wall if wall > 0 else 0.0
         print(
-            f"  {worker.id:<12}{worker.pid:>8}{worker.tasks:>8}{worker.busy:>9.2f}{util:>7.0%}",
+            f"  {worker.id:<10}{worker.pid:>8}{worker.tasks:>8}{worker.items:>8}"
+            f"{worker.busy:>9.2f}{util:>7.0%}",
             file=out,
         )
-    print(f"  tasks completed (runtime stats): {stats.tasks_completed}", file=out)
+    print(
+        f"  runtime stats: {stats.tasks_completed} chunks completed, "
+        f"{stats.items_completed} items, {stats.redelivered} redelivered",
+        file=out,
+    )
 
 
 def run(

@@ -67,6 +67,8 @@ __all__ = ["WorkerSpec", "run_worker"]
 BATCH_MAX = 256
 #: a task quicker than this lets the next outcome share a message
 QUICK_TASK = 0.0002
+#: seconds an idle worker polls before it blocks (PHALANX_SPIN, 0 disables)
+SPIN = float(os.environ.get("PHALANX_SPIN", "0"))
 #: seconds between watchdog checks of the parent
 WATCHDOG_PERIOD = 0.1
 
@@ -278,6 +280,12 @@ class _Loop:
             if not self.todo:
                 self.flush()
                 timeout = None if self.ready_sent else 10
+                if self.ready_sent and SPIN > 0:
+                    # Spin briefly before blocking: waking a blocked process costs far
+                    # more than a short spin, and the next task of a round trip is near.
+                    deadline = time.perf_counter() + SPIN
+                    while not inbox.poll(0) and time.perf_counter() < deadline:
+                        pass
                 events = dict(poller.poll(timeout))
                 if control in events:
                     self.drain_control()
