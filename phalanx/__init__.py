@@ -30,34 +30,55 @@ from .errors import (
     TaskCancelledError,
     TaskTimeoutError,
     UnknownOperationError,
+    Transient,
     UnsupportedActorError,
     ValidationError,
     WorkerCrashedError,
     WorkerStartError,
 )
 from .jobs import Future, MapIterator
+from .policy import (
+    After,
+    Exponential,
+    FatalStrategy,
+    Ignore,
+    Immediate,
+    RetryStrategy,
+    Terminate,
+)
 from .registry import operation
-from .runtime import Runtime
+from .runtime import JobOptions, Runtime
+from .worker import TaskContext, current_task
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActorDiedError",
+    "After",
     "Config",
     "DecodeError",
     "EncodeError",
+    "Exponential",
+    "FatalStrategy",
     "Future",
+    "Ignore",
+    "Immediate",
+    "JobOptions",
     "MapIterator",
     "PhalanxError",
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",
+    "RetryStrategy",
     "Runtime",
     "RuntimeBrokenError",
     "RuntimeClosedError",
     "RuntimeStats",
     "TaskCancelledError",
+    "TaskContext",
     "TaskTimeoutError",
+    "Terminate",
+    "Transient",
     "UnknownOperationError",
     "UnsupportedActorError",
     "ValidationError",
@@ -65,5 +86,6 @@ __all__ = [
     "WorkerStartError",
     "WorkerStats",
     "__version__",
+    "current_task",
     "operation",
 ]

@@ -45,6 +45,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     restart_limit: int = 50
     #: seconds over which ``restart_limit`` is counted
     restart_window: float = 10.0
+    #: seconds an aborted or timed-out task may keep running before its worker is killed
+    abort_grace: float = 2.0
+    #: tasks after which a worker is replaced (0: never)
+    max_tasks_per_worker: int = 0
+    #: worker RSS in bytes above which it is replaced between tasks (0: never)
+    max_memory_per_worker: int = 0
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -55,6 +61,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"credits must be >= 1, got {self.credits}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        for name in ("max_tasks_per_worker", "max_memory_per_worker", "restart_limit"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.abort_grace < 0:
+            raise ValueError(f"abort_grace must be >= 0, got {self.abort_grace}")
 
     @classmethod
     def load(cls, **overrides: Any) -> Config:
@@ -88,4 +99,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "max_attempts": int,
     "restart_limit": int,
     "restart_window": float,
+    "abort_grace": float,
+    "max_tasks_per_worker": int,
+    "max_memory_per_worker": int,
 }

@@ -32,6 +32,7 @@ Invariants kept:
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import os
 import threading
@@ -44,6 +45,7 @@ import msgspec
 import zmq
 
 from .config import Config
+from .policy import FatalStrategy, RetryStrategy, TaskOptions
 from .errors import (
     ProtocolError,
     RuntimeBrokenError,
@@ -63,6 +65,7 @@ from .transport.messages import (
     Ok,
     Ready,
     Results,
+    Retire,
     Shutdown,
     Stop,
     Sync,
@@ -71,12 +74,21 @@ from .transport.messages import (
 )
 from .worker import WorkerSpec
 
-__all__ = ["Driver", "Job", "Task", "WorkerStats", "RuntimeStats"]
+__all__ = ["Driver", "Job", "Task", "WorkerStats", "RuntimeStats", "SKIPPED"]
 
 Delivery = Ok | Err | BaseException
 
 #: seconds a dead worker's record is kept to validate its late results
 DEAD_WORKER_TTL = 60.0
+
+
+class _Skipped:
+    def __repr__(self) -> str:
+        return "SKIPPED"
+
+
+#: stands in a map chunk's values for an item dropped under FatalStrategy.IGNORE
+SKIPPED: Any = _Skipped()
 
 
 class WorkerStats(msgspec.Struct, frozen=True):
@@ -100,33 +112,55 @@ class RuntimeStats(msgspec.Struct, frozen=True):
     tasks_completed: int
     tasks_failed: int
     items_completed: int
+    retried: int
+    skipped: int
     redelivered: int
     duplicates_dropped: int
     late_results_dropped: int
     frames_dropped: int
     worker_deaths: int
     worker_restarts: int
+    workers_recycled: int
     jobs_open: int
 
 
 class Task:
-    """One message of work: its encoded frame plus what redelivery needs."""
+    """One message of work: its encoded frame plus what redelivery needs.
 
-    __slots__ = ("job", "seq", "attempt", "crashes", "msg", "frame", "items")
+    ``crashes`` counts worker deaths charged to it, ``retries`` transient
+    retries; ``prefix`` holds values of a map chunk's items already done
+    before a retry or a skip, so the chunk resumes where it failed.
+    """
+
+    __slots__ = ("job", "seq", "attempt", "crashes", "retries", "prefix", "msg", "frame", "items")
 
     def __init__(self, msg: Call | Chunk, frame: bytes, items: int = 1) -> None:
         self.job = msg.job
         self.seq = msg.seq
         self.attempt = msg.attempt
         self.crashes = 0
+        self.retries = 0
+        self.prefix: list[Any] | None = None
         self.msg = msg
         self.frame = frame
         self.items = items
 
+    def _copy(self, msg: Call | Chunk, items: int) -> Task:
+        task = Task(msg, encode(msg), items)
+        task.crashes, task.retries, task.prefix = self.crashes, self.retries, self.prefix
+        return task
+
     def retry(self) -> Task:
-        msg = msgspec.structs.replace(self.msg, attempt=self.attempt + 1)
-        task = Task(msg, encode(msg), self.items)
-        task.crashes = self.crashes
+        """The same work again, as the next attempt."""
+        return self._copy(msgspec.structs.replace(self.msg, attempt=self.attempt + 1), self.items)
+
+    def resume(self, start: int, done: list[Any]) -> Task:
+        """A map chunk continuing at item ``start``, with ``done`` values before it."""
+        msg = self.msg
+        assert isinstance(msg, Chunk)
+        rest = msg.items[start:]
+        task = self._copy(msgspec.structs.replace(msg, attempt=self.attempt + 1, items=rest), len(rest))
+        task.prefix = (self.prefix or []) + done
         return task
 
 
@@ -139,7 +173,10 @@ class Job:
     future).
     """
 
-    __slots__ = ("id", "op", "outstanding", "deliver", "fail", "on_dispatch", "autoclose", "seqs")
+    __slots__ = (
+        "id", "op", "outstanding", "deliver", "fail", "on_dispatch", "autoclose", "seqs",
+        "retry", "on_fatal", "timeout", "skipped",
+    )
 
     def __init__(
         self,
@@ -149,9 +186,16 @@ class Job:
         fail: Callable[[BaseException], None],
         on_dispatch: Callable[[], bool] | None = None,
         autoclose: bool = False,
+        options: TaskOptions | None = None,
     ) -> None:
         self.id = job_id
         self.op = op
+        options = options or TaskOptions()
+        self.retry: RetryStrategy | None = options.retry
+        self.on_fatal: FatalStrategy = options.on_fatal or FatalStrategy.TERMINATE
+        self.timeout: float = options.timeout or 0.0
+        #: (seq, index in chunk, error) of items dropped under IGNORE
+        self.skipped: list[tuple[int, int, Any]] = []
         self.outstanding: dict[int, Task] = {}
         self.deliver = deliver
         self.fail = fail
@@ -163,7 +207,7 @@ class Job:
 class _Worker:
     __slots__ = (
         "id", "ident", "pid", "hello", "welcomed", "ready", "alive", "free", "inflight",
-        "tasks", "items", "busy", "died_at",
+        "tasks", "items", "busy", "died_at", "retiring", "expect_kill", "dispatched",
     )
 
     def __init__(self, worker_id: str) -> None:
@@ -180,6 +224,9 @@ class _Worker:
         self.items = 0
         self.busy = 0.0
         self.died_at = 0.0
+        self.retiring = False
+        self.expect_kill = False
+        self.dispatched = 0
 
 
 class Driver:
@@ -214,10 +261,16 @@ class Driver:
         self.frames_dropped = 0
         self.worker_deaths = 0
         self.worker_restarts = 0
+        self.workers_recycled = 0
+        self.retried = 0
+        self.skipped = 0
+        self._timers: list[tuple[float, int, Task]] = []
+        self._timer_ids = itertools.count()
+        self._spawn_owed = 0
 
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         try:
-            self._tasks = sockets.router(self._ctx, self.endpoints.tasks)
+            self._tasks = sockets.router(self._ctx, self.endpoints.tasks, send_only=True)
             self._results = sockets.router(self._ctx, self.endpoints.results)
             self._control = sockets.publisher(self._ctx, self.endpoints.control)
         except zmq.ZMQError:
@@ -263,13 +316,16 @@ class Driver:
             endpoints=self.endpoints,
             credits=self.config.credits,
             parent_pid=os.getpid(),
+            abort_grace=self.config.abort_grace,
+            max_memory=self.config.max_memory_per_worker,
         )
         worker.pid = self._supervisor.spawn(spec)
         return wid
 
     def _on_exit(self, worker_id: str, exitcode: int | None) -> None:
-        """A worker process exited (supervisor thread)."""
+        """A worker process exited (supervisor thread): redeliver, replace, or break."""
         failed: list[tuple[Job, int, BaseException]] = []
+        broken: BaseException | None = None
         respawn = False
         with self._lock:
             worker = self._workers.get(worker_id.encode())
@@ -279,30 +335,33 @@ class Driver:
             worker.died_at = time.monotonic()
             if worker in self._live:
                 self._live.remove(worker)
-            self.worker_deaths += 1
             if self._closed:
                 return
-            if not worker.ready and self.worker_restarts == 0 and self.worker_deaths == 1 and not self._live:
+            planned = worker.retiring or worker.expect_kill
+            if not planned:
+                self.worker_deaths += 1
+            if not worker.ready and not planned and self.worker_deaths == 1 and not self._live:
                 self._start_failures.append(f"{worker_id} exited with code {exitcode}")
                 self._changed.notify_all()
-            # Redeliver everything it held; charge the crash to the task it was running.
+            # Redeliver everything it held. A crash is charged only to the task it
+            # was running: the first one it held (workers run tasks in order).
+            head = next(iter(worker.inflight.values()), None)
             requeue: list[Task] = []
-            first = True
             for task in worker.inflight.values():
                 job = self._jobs.get(task.job)
-                if job is None or task.seq not in job.outstanding:
+                if job is None or job.outstanding.get(task.seq) is not task:
                     continue
                 retry = task.retry()
-                if first:
+                if task is head and not planned:
                     retry.crashes += 1
-                    first = False
                 if retry.crashes >= self.config.max_attempts:
-                    job.outstanding.pop(task.seq, None)
+                    del job.outstanding[task.seq]
                     if job.autoclose and not job.outstanding:
                         self._jobs.pop(job.id, None)
                     failed.append((job, task.seq, WorkerCrashedError(
-                        f"worker {worker_id} died {retry.crashes} times running task "
-                        f"{task.seq} of job {task.job} ({job.op}); last exit code {exitcode}",
+                        f"the worker running task {task.seq} of job {task.job} ({job.op}) died "
+                        f"{retry.crashes} times; last exit code {exitcode}"
+                        + (f" (signal {-exitcode})" if exitcode is not None and exitcode < 0 else ""),
                         exitcode,
                     )))
                     continue
@@ -310,20 +369,20 @@ class Driver:
                 requeue.append(retry)
             self.redelivered += len(requeue)
             self._pending.extendleft(reversed(requeue))
-            now = time.monotonic()
-            self._restarts.append(now)
-            while self._restarts and now - self._restarts[0] > self.config.restart_window:
-                self._restarts.popleft()
-            if len(self._restarts) > self.config.restart_limit:
-                broken = RuntimeBrokenError(
-                    f"{len(self._restarts)} worker deaths within "
-                    f"{self.config.restart_window:.0f} s (restart_limit={self.config.restart_limit}); "
-                    f"last: {worker_id} exit code {exitcode}"
-                )
-            else:
-                broken = None
-                respawn = not self._start_failures
+            if not planned:
+                now = time.monotonic()
+                self._restarts.append(now)
+                while self._restarts and now - self._restarts[0] > self.config.restart_window:
+                    self._restarts.popleft()
+                if len(self._restarts) > self.config.restart_limit:
+                    broken = RuntimeBrokenError(
+                        f"{len(self._restarts)} worker deaths within "
+                        f"{self.config.restart_window:g} s (restart_limit={self.config.restart_limit}); "
+                        f"last: {worker_id} exit code {exitcode}"
+                    )
+            respawn = broken is None and not worker.retiring and not self._start_failures
             self._dispatch_locked()
+            self._changed.notify_all()
         for job, seq, exc in failed:
             job.deliver(seq, exc)
         if broken is not None:
@@ -335,6 +394,27 @@ class Driver:
                 self._spawn()
             except Exception as exc:  # cannot start processes any more
                 self.break_runtime(RuntimeBrokenError(f"cannot respawn a worker: {exc}"))
+
+    def _retire_locked(self, w: _Worker) -> None:
+        """Send ``w`` nothing more, start its replacement, Stop it once idle."""
+        if w.retiring or not w.alive:
+            return
+        w.retiring = True
+        w.free = 0
+        if w in self._live:
+            self._live.remove(w)
+        self.workers_recycled += 1
+        self._spawn_owed += 1
+        if not w.inflight:
+            self._stop_locked(w)
+        os.write(self._wake_w, b"s")
+
+    def _stop_locked(self, w: _Worker) -> None:
+        try:
+            self._tasks.send(w.ident, zmq.SNDMORE | zmq.NOBLOCK)
+            self._tasks.send(encode(Stop()), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     def kill_worker(self, worker_id: str) -> None:
         """SIGKILL one worker (tests and fault injection); it is replaced."""
@@ -360,10 +440,11 @@ class Driver:
         fail: Callable[[BaseException], None],
         on_dispatch: Callable[[], bool] | None = None,
         autoclose: bool = False,
+        options: TaskOptions | None = None,
     ) -> Job:
         """Lease a new result channel."""
         self.check_open()
-        job = Job(next(self._job_ids), op, deliver, fail, on_dispatch, autoclose)
+        job = Job(next(self._job_ids), op, deliver, fail, on_dispatch, autoclose, options)
         with self._lock:
             self._jobs[job.id] = job
         return job
@@ -427,6 +508,9 @@ class Driver:
                 continue
             best.free -= 1
             best.inflight[(task.job, task.seq)] = task
+            best.dispatched += 1
+            if self.config.max_tasks_per_worker and best.dispatched >= self.config.max_tasks_per_worker:
+                self._retire_locked(best)
 
     def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no task is pending or in flight."""
@@ -451,9 +535,13 @@ class Driver:
         last_sync = 0.0
         while True:
             handshaking = self._handshaking()
-            events = dict(poller.poll(5 if handshaking else 100))
+            wait = 5.0 if handshaking else 100.0
+            if self._timers:
+                wait = min(wait, max(0.0, (self._timers[0][0] - time.monotonic()) * 1000))
+            events = dict(poller.poll(int(wait) + (1 if wait else 0)))
             if self._wake_r in events:
-                return
+                if b"x" in os.read(self._wake_r, 4096):
+                    return
             if results in events:
                 for _ in range(4096):
                     try:
@@ -463,12 +551,34 @@ class Driver:
                     except zmq.ZMQError:
                         return
                     self._handle(parts)
+            if self._timers:
+                self._fire_timers()
+            while self._spawn_owed:
+                with self._lock:
+                    if self._closed or self._broken is not None:
+                        break
+                    self._spawn_owed -= 1
+                try:
+                    self._spawn()
+                except Exception as exc:
+                    self.break_runtime(RuntimeBrokenError(f"cannot start a worker: {exc}"))
             if handshaking:
                 now = time.monotonic()
                 if now - last_sync > 0.005:
                     last_sync = now
                     self._greet()
             self._reap_dead()
+
+    def _fire_timers(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            timers = self._timers
+            while timers and timers[0][0] <= now:
+                _, _, task = heapq.heappop(timers)
+                job = self._jobs.get(task.job)
+                if job is not None and job.outstanding.get(task.seq) is task:
+                    self._pending.append(task)
+            self._dispatch_locked()
 
     def _handshaking(self) -> bool:
         return any(w.alive and not w.ready for w in list(self._workers.values()))
@@ -509,8 +619,22 @@ class Driver:
         except ProtocolError:
             self.frames_dropped += 1
             return
+        if ident.endswith(b"!"):
+            # A worker's control thread: it only reports timed-out tasks.
+            if isinstance(msg, Results):
+                self._on_results(ident[:-1], msg, side=True)
+            else:
+                self.frames_dropped += 1
+            return
         if isinstance(msg, Results):
             self._on_results(ident, msg)
+        elif isinstance(msg, Retire):
+            with self._lock:
+                w = self._workers.get(ident)
+                if w is None or msg.worker != w.id:
+                    self.frames_dropped += 1
+                    return
+                self._retire_locked(w)
         elif isinstance(msg, Hello):
             self._on_hello(ident, msg)
         elif isinstance(msg, Ready):
@@ -538,7 +662,7 @@ class Driver:
             self._dispatch_locked()
             self._changed.notify_all()
 
-    def _on_results(self, ident: bytes, msg: Results) -> None:
+    def _on_results(self, ident: bytes, msg: Results, side: bool = False) -> None:
         deliveries: list[tuple[Job, int, Ok | Err]] = []
         with self._lock:
             w = self._workers.get(ident)
@@ -553,7 +677,9 @@ class Driver:
                 if task is None:
                     self.frames_dropped += 1  # not a task this worker holds
                     continue
-                if w.alive:
+                if side:
+                    w.expect_kill = True  # it may be killed for ignoring the timeout
+                if w.alive and not w.retiring:
                     w.free += 1
                 w.tasks += 1
                 w.items += task.items
@@ -561,26 +687,73 @@ class Driver:
                 if job is None:
                     self.late_results_dropped += 1
                     continue
-                if job.outstanding.pop(outcome.seq, None) is None:
+                if outcome.seq not in job.outstanding:
                     self.duplicates_dropped += 1
                     continue
-                if isinstance(outcome, Ok):
-                    self.tasks_completed += 1
-                    self.items_completed += task.items
-                else:
-                    self.tasks_failed += 1
-                if job.autoclose and not job.outstanding:
-                    del jobs[job.id]
-                deliveries.append((job, outcome.seq, outcome))
+                final = self._resolve_locked(job, task, outcome)
+                if final is not None:
+                    deliveries.append((job, outcome.seq, final))
+            if w.retiring and not w.inflight and w.alive:
+                self._stop_locked(w)
             if self._pending:
                 self._dispatch_locked()
             if not self._pending:
                 self._changed.notify_all()
-        for job, seq, outcome in deliveries:
+        for job, seq, final in deliveries:
             try:
-                job.deliver(seq, outcome)
+                job.deliver(seq, final)
             except Exception:  # a user callback must not stop the pump
                 pass
+
+    def _resolve_locked(self, job: Job, task: Task, outcome: Ok | Err) -> Ok | Err | None:
+        """Decide what an outcome means for its job: deliver, retry or skip."""
+        seq = outcome.seq
+        prefix = task.prefix
+        if isinstance(outcome, Ok):
+            del job.outstanding[seq]
+            if job.autoclose and not job.outstanding:
+                del self._jobs[job.id]
+            self.tasks_completed += 1
+            self.items_completed += task.items
+            if prefix:
+                return Ok(outcome.job, seq, outcome.attempt, prefix + outcome.value)
+            return outcome
+        msg = task.msg
+        is_map = isinstance(msg, Chunk) and not msg.fold
+        if outcome.transient and job.retry is not None:
+            delay = job.retry.delay(task.retries + 1)
+            if delay is not None:
+                retry = task.resume(outcome.index, outcome.partial or []) if is_map else task.retry()
+                retry.retries = task.retries + 1
+                job.outstanding[seq] = retry
+                self.retried += 1
+                if delay <= 0:
+                    self._pending.appendleft(retry)
+                else:
+                    heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_ids), retry))
+                return None
+        if is_map and job.on_fatal is FatalStrategy.IGNORE:
+            assert isinstance(msg, Chunk)
+            done = (outcome.partial or []) + [SKIPPED]
+            job.skipped.append((seq, len(prefix or []) + outcome.index, outcome.error))
+            self.skipped += 1
+            if outcome.index + 1 >= len(msg.items):
+                del job.outstanding[seq]
+                self.tasks_completed += 1
+                return Ok(outcome.job, seq, outcome.attempt, (prefix or []) + done)
+            rest = task.resume(outcome.index + 1, done)
+            rest.retries = 0
+            job.outstanding[seq] = rest
+            self._pending.appendleft(rest)
+            return None
+        del job.outstanding[seq]
+        if job.autoclose and not job.outstanding:
+            del self._jobs[job.id]
+        self.tasks_failed += 1
+        if prefix:
+            return Err(outcome.job, seq, outcome.attempt, outcome.error,
+                       len(prefix) + outcome.index, prefix + (outcome.partial or []), outcome.transient)
+        return outcome
 
     # ---- ending ----------------------------------------------------------------
 
@@ -655,12 +828,15 @@ class Driver:
                 tasks_completed=self.tasks_completed,
                 tasks_failed=self.tasks_failed,
                 items_completed=self.items_completed,
+                retried=self.retried,
+                skipped=self.skipped,
                 redelivered=self.redelivered,
                 duplicates_dropped=self.duplicates_dropped,
                 late_results_dropped=self.late_results_dropped,
                 frames_dropped=self.frames_dropped,
                 worker_deaths=self.worker_deaths,
                 worker_restarts=self.worker_restarts,
+                workers_recycled=self.workers_recycled,
                 jobs_open=len(self._jobs),
             )
 

@@ -34,6 +34,7 @@ __all__ = [
     "RuntimeClosedError",
     "UnsupportedActorError",
     "ActorDiedError",
+    "Transient",
 ]
 
 
@@ -139,3 +140,12 @@ class UnsupportedActorError(PhalanxError, LookupError):
 
 class ActorDiedError(PhalanxError):
     """The actor's process died while a call to it was in flight."""
+
+
+class Transient(PhalanxError):
+    """Raise this from an operation to say "try again later".
+
+    The task is retried under the operation's (or job's)
+    :class:`~phalanx.RetryStrategy`; when retries run out the error is treated
+    as fatal. ``raise phalanx.Transient("db busy") from exc`` keeps the cause.
+    """

@@ -27,8 +27,9 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
-from .driver import Delivery, Driver, Job, Task
+from .driver import SKIPPED, Delivery, Driver, Job, Task
 from .errors import TaskTimeoutError
+from .policy import FatalStrategy, TaskOptions
 from .registry.operations import Operation, driver_operation, name_of
 from .transport.codec import encode, rebuild_error
 from .transport.messages import Call, Chunk, Ok
@@ -113,13 +114,30 @@ class _FutureSink:
             pass
 
 
-def submit(driver: Driver, fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
+def options_for(op: Operation | None, over: TaskOptions | None) -> TaskOptions | None:
+    """The operation's own options with the job's overrides applied."""
+    if op is None:
+        return over
+    return op.options.merged(over)
+
+
+def submit(
+    driver: Driver,
+    fn: Callable[..., Any] | str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: TaskOptions | None = None,
+) -> Future[Any]:
     """Run ``fn(*args, **kwargs)`` once on some worker."""
     op_name = name_of(fn)
+    op = driver_operation(fn)
     fut: Future[Any] = Future()
-    sink = _FutureSink(fut, driver_operation(fn))
-    job = driver.open_job(op_name, sink.deliver, sink.fail, fut.set_running_or_notify_cancel, autoclose=True)
-    msg = Call(job.id, 0, 0, op_name, list(args), kwargs or None)
+    sink = _FutureSink(fut, op)
+    job = driver.open_job(
+        op_name, sink.deliver, sink.fail, fut.set_running_or_notify_cancel, autoclose=True,
+        options=options_for(op, options),
+    )
+    msg = Call(job.id, 0, 0, op_name, list(args), kwargs or None, job.timeout)
     try:
         frame = encode(msg, f"the arguments of {op_name}")
     except BaseException:
@@ -159,9 +177,9 @@ def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
 class _Lease:
     """A job whose outcomes go to a queue read by one consumer thread."""
 
-    def __init__(self, driver: Driver, op_name: str) -> None:
+    def __init__(self, driver: Driver, op_name: str, options: TaskOptions | None) -> None:
         self.queue: queue.SimpleQueue[tuple[int, Delivery]] = queue.SimpleQueue()
-        self.job: Job = driver.open_job(op_name, self._deliver, self._fail)
+        self.job: Job = driver.open_job(op_name, self._deliver, self._fail, options=options)
         self.driver = driver
 
     def _deliver(self, seq: int, outcome: Delivery) -> None:
@@ -186,7 +204,9 @@ class MapIterator(Iterator[R], Generic[R]):
     """Results of :meth:`phalanx.Runtime.map`, streamed as they arrive.
 
     The input is read lazily, ``window`` chunks at a time. ``close()`` (or
-    dropping the iterator) ends the job and cancels its queued tasks.
+    dropping the iterator) ends the job and cancels its queued tasks; running
+    ones see their abort flag. Under ``on_fatal=Ignore`` failed items are left
+    out and listed in :attr:`skipped`.
     """
 
     def __init__(
@@ -198,20 +218,24 @@ class MapIterator(Iterator[R], Generic[R]):
         ordered: bool,
         timeout: float | None,
         workers: int,
+        options: TaskOptions | None = None,
     ) -> None:
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         self._op_name = name_of(fn)
         self._op = driver_operation(fn)
+        self._done = True  # until the job exists, close() has nothing to do
         self._star = len(iterables) > 1
         self._input: Iterator[Any] = zip(*iterables) if self._star else iter(iterables[0])
         self._sizer = _ChunkSizer(chunksize, _length(iterables), workers)
         self._ordered = ordered
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._window = 4 * max(1, workers) + 2
-        self._lease = _Lease(driver, self._op_name)
+        self._lease = _Lease(driver, self._op_name, options_for(self._op, options))
         self._driver = driver
         self._seqs = itertools.count()
+        self._starts: dict[int, int] = {}
+        self._read = 0
         self._sent_at: dict[int, float] = {}
         self._next = 0
         self._buffer: dict[int, tuple[list[Any], BaseException | None]] = {}
@@ -236,7 +260,9 @@ class MapIterator(Iterator[R], Generic[R]):
             if self._star:
                 items = [list(item) for item in items]
             seq = next(self._seqs)
-            msg = Chunk(job.id, seq, 0, self._op_name, items, self._star)
+            self._starts[seq] = self._read
+            self._read += len(items)
+            msg = Chunk(job.id, seq, 0, self._op_name, items, self._star, False, job.timeout)
             tasks.append(Task(msg, encode(msg, f"the arguments of {self._op_name}"), len(items)))
         if tasks:
             now = time.monotonic()
@@ -246,9 +272,19 @@ class MapIterator(Iterator[R], Generic[R]):
 
     def _convert(self, values: list[Any]) -> list[Any]:
         op = self._op
+        if self._lease.job.skipped:
+            values = [v for v in values if v is not SKIPPED]
         if op is None:
             return values
         return [op.convert_result(v) for v in values]
+
+    @property
+    def skipped(self) -> list[tuple[int, BaseException]]:
+        """``(input index, error)`` of every item dropped under ``on_fatal=Ignore``."""
+        return sorted(
+            ((self._starts.get(seq, 0) + index, rebuild_error(info)) for seq, index, info in self._lease.job.skipped),
+            key=lambda pair: pair[0],
+        )
 
     def __iter__(self) -> MapIterator[R]:
         return self
@@ -333,14 +369,18 @@ def fold(
     chunksize: int | None,
     timeout: float | None,
     workers: int,
+    options: TaskOptions | None = None,
 ) -> Any:
     """Reduce ``iterable`` with the associative ``fn`` in exactly n-1 calls."""
     op_name = name_of(fn)
     op = driver_operation(fn)
+    resolved = options_for(op, options)
+    if resolved is not None and resolved.on_fatal is FatalStrategy.IGNORE:
+        raise ValueError("fold needs every item: on_fatal=Ignore is for map")
     sizer = _ChunkSizer(chunksize, _length((iterable,)), workers)
     deadline = None if timeout is None else time.monotonic() + timeout
     window = 4 * max(1, workers) + 2
-    lease = _Lease(driver, op_name)
+    lease = _Lease(driver, op_name, resolved)
     job = lease.job
     it = iter(iterable)
     ready_lo: dict[int, tuple[int, Any, bool]] = {}  # lo -> (hi, value, decoded from a worker)
@@ -351,7 +391,7 @@ def fold(
 
     def combine(lo: int, hi: int, lower: Any, upper: Any) -> None:
         seq = next(job.seqs)
-        msg = Call(job.id, seq, 0, op_name, [lower, upper])
+        msg = Call(job.id, seq, 0, op_name, [lower, upper], None, job.timeout)
         inflight[seq] = (lo, hi)
         driver.submit(job, [Task(msg, encode(msg, f"the partial results of {op_name}"))])
 
@@ -383,7 +423,7 @@ def fold(
                     add_ready(lo, pos, items[0], False)
                     continue
                 seq = next(job.seqs)
-                msg = Chunk(job.id, seq, 0, op_name, items, False, True)
+                msg = Chunk(job.id, seq, 0, op_name, items, False, True, job.timeout)
                 inflight[seq] = (lo, pos)
                 tasks.append(Task(msg, encode(msg, f"the items of {op_name}"), len(items)))
             if tasks:

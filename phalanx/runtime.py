@@ -21,8 +21,9 @@ from typing import Any, ParamSpec, TypeVar
 from .config import Config
 from .driver import Driver, RuntimeStats
 from .jobs import MISSING, Future, MapIterator, fold, submit
+from .policy import FatalStrategy, RetryStrategy, TaskOptions
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "JobOptions"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -63,6 +64,9 @@ class Runtime:
         max_attempts: int | None = None,
         restart_limit: int | None = None,
         restart_window: float | None = None,
+        abort_grace: float | None = None,
+        max_tasks_per_worker: int | None = None,
+        max_memory_per_worker: int | None = None,
     ) -> None:
         self.config = Config.load(
             workers=workers,
@@ -74,6 +78,9 @@ class Runtime:
             max_attempts=max_attempts,
             restart_limit=restart_limit,
             restart_window=restart_window,
+            abort_grace=abort_grace,
+            max_tasks_per_worker=max_tasks_per_worker,
+            max_memory_per_worker=max_memory_per_worker,
         )
         self._driver = Driver(self.config)
         try:
@@ -86,6 +93,24 @@ class Runtime:
 
     # ---- work ------------------------------------------------------------------
 
+    def options(
+        self,
+        *,
+        retry: RetryStrategy | None = None,
+        on_fatal: FatalStrategy | None = None,
+        timeout: float | None = None,
+    ) -> JobOptions:
+        """The same runtime with per-job options overriding the operation's.
+
+        ``rt.options(timeout=5, retry=phalanx.Exponential()).submit(fn, x)``.
+        ``timeout`` is per call, in seconds: past it the call's abort flag is
+        set, it fails with :class:`~phalanx.TaskTimeoutError`, and if it does
+        not return within ``abort_grace`` its worker is killed and replaced.
+        """
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be > 0, got {timeout}")
+        return JobOptions(self, TaskOptions(retry=retry, on_fatal=on_fatal, timeout=timeout))
+
     def submit(self, fn: Callable[P, R] | str, /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """Run ``fn(*args, **kwargs)`` on a worker; return a future of its result.
 
@@ -94,6 +119,10 @@ class Runtime:
         here, before anything is sent.
         """
         return submit(self._driver, fn, args, kwargs)
+
+    def _submit(self, fn: Callable[..., R] | str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                options: TaskOptions | None) -> Future[R]:
+        return submit(self._driver, fn, args, kwargs, options)
 
     def map(
         self,
@@ -118,6 +147,12 @@ class Runtime:
             self._driver, fn, iterables, chunksize, ordered, timeout, self.config.workers or 1
         )
 
+    def _map(self, fn: Callable[..., R] | str, iterables: tuple[Iterable[Any], ...], chunksize: int | None,
+             ordered: bool, timeout: float | None, options: TaskOptions | None) -> MapIterator[R]:
+        return MapIterator(
+            self._driver, fn, iterables, chunksize, ordered, timeout, self.config.workers or 1, options
+        )
+
     def fold(
         self,
         fn: Callable[[T, T], T] | str,
@@ -139,6 +174,10 @@ class Runtime:
         return fold(  # type: ignore[no-any-return]
             self._driver, fn, iterable, initial, chunksize, timeout, self.config.workers or 1
         )
+
+    def _fold(self, fn: Callable[..., Any] | str, iterable: Iterable[Any], initial: Any, chunksize: int | None,
+              timeout: float | None, options: TaskOptions | None) -> Any:
+        return fold(self._driver, fn, iterable, initial, chunksize, timeout, self.config.workers or 1, options)
 
     # ---- state -------------------------------------------------------------------
 
@@ -190,3 +229,42 @@ class Runtime:
                 driver.shutdown(wait=False)
             except Exception:
                 pass
+
+
+class JobOptions:
+    """A :class:`Runtime` seen through per-job options; see :meth:`Runtime.options`."""
+
+    __slots__ = ("_rt", "_options")
+
+    def __init__(self, rt: Runtime, options: TaskOptions) -> None:
+        self._rt = rt
+        self._options = options
+
+    def submit(self, fn: Callable[P, R] | str, /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        """:meth:`Runtime.submit` with these options."""
+        return self._rt._submit(fn, args, kwargs, self._options)
+
+    def map(
+        self,
+        fn: Callable[..., R] | str,
+        /,
+        *iterables: Iterable[Any],
+        chunksize: int | None = None,
+        ordered: bool = True,
+        timeout: float | None = None,
+    ) -> MapIterator[R]:
+        """:meth:`Runtime.map` with these options."""
+        return self._rt._map(fn, iterables, chunksize, ordered, timeout, self._options)
+
+    def fold(
+        self,
+        fn: Callable[[T, T], T] | str,
+        iterable: Iterable[T],
+        /,
+        *,
+        initial: T = MISSING,
+        chunksize: int | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """:meth:`Runtime.fold` with these options."""
+        return self._rt._fold(fn, iterable, initial, chunksize, timeout, self._options)  # type: ignore[no-any-return]

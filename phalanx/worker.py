@@ -2,9 +2,14 @@
 
 Runs in every worker process (started by :mod:`phalanx.supervisor`)::
 
-    driver ROUTER "tasks" ──▶ inbox DEALER ─┐
-    driver PUB "control"  ──▶ SUB ──────────┼─▶ poll ─▶ run task ─▶ outcome
-    driver ROUTER "results" ◀── outbox DEALER ◀─ Results batch ◀────┘
+    driver ROUTER "tasks"  ──▶ inbox DEALER ──▶ main thread: run task ─▶ outbox DEALER ──▶ driver ROUTER "results"
+    driver PUB "control"   ──▶ SUB ──▶ control thread: Sync, Terminate, Shutdown,
+                                       task timeouts ─▶ side DEALER ("<id>!") ──▶ driver ROUTER "results"
+
+The main thread owns the inbox and outbox and runs user code; the control
+thread owns the SUB and side sockets, so a task that never returns still sees
+its abort flag set, still has its timeout reported, and is still killed after
+the grace period.
 
 Invariants kept:
 
@@ -13,7 +18,8 @@ Invariants kept:
   ``SystemExit``) in user code, or a result that cannot be encoded becomes an
   ``Err`` outcome for that task, and the loop goes on.
 * **One outcome per task.** Every ``Call``/``Chunk`` received gets exactly one
-  ``Ok`` or ``Err``, which returns its credit to the driver.
+  ``Ok`` or ``Err`` (from the main thread, or from the control thread when it
+  timed out), which returns its credit to the driver.
 * **No orphans.** The worker asks the kernel for SIGTERM when its parent dies
   (Linux ``PR_SET_PDEATHSIG``), runs in its own process group, and a watchdog
   thread also checks the parent every 100 ms; either way it kills its whole
@@ -39,8 +45,8 @@ from typing import Any
 import msgspec
 import zmq
 
-from .errors import EncodeError, ProtocolError
-from .registry.operations import resolve
+from .errors import EncodeError, ProtocolError, TaskCancelledError, TaskTimeoutError, Transient
+from .registry.operations import Operation, resolve
 from .transport import sockets
 from .transport.codec import decode_control, decode_inbox, encode, error_info
 from .transport.endpoints import Endpoints
@@ -54,6 +60,7 @@ from .transport.messages import (
     Outcome,
     Ready,
     Results,
+    Retire,
     Shutdown,
     Stop,
     Sync,
@@ -61,7 +68,7 @@ from .transport.messages import (
     Welcome,
 )
 
-__all__ = ["WorkerSpec", "run_worker"]
+__all__ = ["WorkerSpec", "TaskContext", "current_task", "run_worker"]
 
 #: outcomes sent in one Results message at most
 BATCH_MAX = 256
@@ -71,6 +78,8 @@ QUICK_TASK = 0.0002
 SPIN = float(os.environ.get("PHALANX_SPIN", "0"))
 #: seconds between watchdog checks of the parent
 WATCHDOG_PERIOD = 0.1
+#: seconds a terminated job id is remembered
+TERMINATED_TTL = 60.0
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -81,6 +90,50 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     credits: int
     parent_pid: int
     imports: list[str] = []
+    #: seconds an aborted or timed-out task may keep running before the worker is killed
+    abort_grace: float = 2.0
+    #: RSS in bytes above which the worker retires between tasks (0: no limit)
+    max_memory: int = 0
+
+
+class TaskContext:
+    """The task an operation is running in; see :func:`current_task`.
+
+    ``aborted`` becomes true when the task's job is cancelled or terminated,
+    or its timeout passes. A cooperative operation checks it (or calls
+    :meth:`check`) and returns early; one that ignores it is killed with its
+    worker after the abort grace period.
+    """
+
+    __slots__ = ("job", "seq", "attempt", "timeout", "started", "aborted", "timed_out", "values")
+
+    def __init__(self, job: int, seq: int, attempt: int, timeout: float) -> None:
+        self.job = job
+        self.seq = seq
+        self.attempt = attempt
+        self.timeout = timeout
+        self.started = time.monotonic()
+        self.aborted = False
+        self.timed_out = False
+        self.values: list[Any] = []
+
+    def check(self) -> None:
+        """Raise :class:`~phalanx.TaskCancelledError` if the task was aborted."""
+        if self.aborted:
+            raise TaskCancelledError(f"task {self.seq} of job {self.job} was aborted")
+
+
+_LOCAL = TaskContext(0, 0, 0, 0.0)
+_current: TaskContext | None = None
+
+
+def current_task() -> TaskContext:
+    """The context of the task running in this worker.
+
+    Outside a worker (an operation called locally) it returns a context that
+    is never aborted.
+    """
+    return _current if _current is not None else _LOCAL
 
 
 def _kill_own_group() -> None:
@@ -109,7 +162,6 @@ def _guard_against_orphaning(parent_pid: int) -> None:
             libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
-
     # Under forkserver the parent is the fork server, not the driver: watch both.
     initial_ppid = os.getppid()
 
@@ -136,6 +188,91 @@ def _guard_against_orphaning(parent_pid: int) -> None:
     threading.Thread(target=watchdog, name="phalanx-watchdog", daemon=True).start()
 
 
+def _special_error(job: int, exc: BaseException) -> ErrorInfo:
+    info = error_info(exc)
+    return ErrorInfo(type=info.type, message=info.message, args=info.args, traceback="")
+
+
+class _Control(threading.Thread):
+    """Owns the SUB and side sockets: control broadcasts, aborts, timeouts."""
+
+    def __init__(self, loop: _Loop) -> None:
+        super().__init__(name="phalanx-control", daemon=True)
+        self.loop = loop
+        self.kill_at = 0.0
+
+    def run(self) -> None:
+        loop = self.loop
+        sub = sockets.subscriber(loop.ctx, loop.spec.endpoints.control)
+        side = sockets.dealer(loop.ctx, loop.spec.endpoints.results, loop.ident + b"!")
+        try:
+            while not loop.stopping:
+                if sub.poll(self._next_wait()):
+                    self._drain(sub)
+                self._check_timers(side)
+        finally:
+            sockets.close(sub, side)
+
+    def _next_wait(self) -> int:
+        ctx = self.loop.current
+        waits = [50.0]
+        now = time.monotonic()
+        if ctx is not None and ctx.timeout > 0 and not ctx.timed_out:
+            waits.append((ctx.started + ctx.timeout - now) * 1000)
+        if self.kill_at:
+            waits.append((self.kill_at - now) * 1000)
+        return max(1, int(min(waits)) + 1)
+
+    def _drain(self, sub: zmq.Socket[bytes]) -> None:
+        loop = self.loop
+        while True:
+            try:
+                frame = sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = decode_control(frame)
+            except ProtocolError:
+                loop.frames_dropped += 1
+                continue
+            if isinstance(msg, Sync):
+                loop.synced = True
+            elif isinstance(msg, Terminate):
+                loop.terminate(msg.job)
+                ctx = loop.current
+                if ctx is not None and ctx.job == msg.job and not ctx.aborted:
+                    ctx.aborted = True
+                    self._arm_kill()
+            elif isinstance(msg, Shutdown):
+                loop.stopping = True
+
+    def _arm_kill(self) -> None:
+        deadline = time.monotonic() + self.loop.spec.abort_grace
+        if not self.kill_at or deadline < self.kill_at:
+            self.kill_at = deadline
+
+    def _check_timers(self, side: zmq.Socket[bytes]) -> None:
+        loop = self.loop
+        now = time.monotonic()
+        with loop.state_lock:
+            ctx = loop.current
+            if ctx is None:
+                self.kill_at = 0.0
+                return
+            if ctx.timeout > 0 and not ctx.timed_out and now - ctx.started > ctx.timeout:
+                ctx.timed_out = True
+                ctx.aborted = True
+                err = TaskTimeoutError(
+                    f"task {ctx.seq} of job {ctx.job} ran longer than its timeout of {ctx.timeout:g} s"
+                )
+                outcome = Err(ctx.job, ctx.seq, ctx.attempt, _special_error(ctx.job, err),
+                              len(ctx.values), list(ctx.values))
+                side.send(encode(Results(loop.spec.worker_id, [outcome])))
+                self._arm_kill()
+        if self.kill_at and now >= self.kill_at and loop.current is ctx:
+            _kill_own_group()  # the task ignored its abort flag
+
+
 class _Loop:
     """The worker's state: sockets, queued tasks, outcomes not yet sent."""
 
@@ -145,39 +282,24 @@ class _Loop:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.inbox = sockets.dealer(self.ctx, spec.endpoints.tasks, self.ident)
         self.outbox = sockets.dealer(self.ctx, spec.endpoints.results, self.ident)
-        self.control = sockets.subscriber(self.ctx, spec.endpoints.control)
         self.todo: deque[Call | Chunk] = deque()
         self.out: list[Outcome] = []
         self.out_ops: list[str] = []
         self.busy = 0.0
-        self.terminated: set[int] = set()
-        self.terminated_order: deque[int] = deque()
+        self.terminated: dict[int, float] = {}
+        self.state_lock = threading.Lock()
+        self.current: TaskContext | None = None
         self.welcomed = False
         self.synced = False
         self.ready_sent = False
         self.stopping = False
+        self.retiring = False
         self.frames_dropped = 0
+        self.memory_checked = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.control = _Control(self)
 
     # ---- receiving ---------------------------------------------------------
-
-    def drain_control(self) -> None:
-        while True:
-            try:
-                frame = self.control.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = decode_control(frame)
-            except ProtocolError:
-                self.frames_dropped += 1
-                continue
-            if isinstance(msg, Sync):
-                self.synced = True
-            elif isinstance(msg, Terminate):
-                self.terminate(msg.job)
-            elif isinstance(msg, Shutdown):
-                self.stopping = True
 
     def drain_inbox(self) -> None:
         while True:
@@ -198,17 +320,15 @@ class _Loop:
                 self.stopping = True
 
     def terminate(self, job: int) -> None:
-        if job in self.terminated:
-            return
-        self.terminated.add(job)
-        self.terminated_order.append(job)
-        if len(self.terminated_order) > 10_000:
-            self.terminated.discard(self.terminated_order.popleft())
+        now = time.monotonic()
+        self.terminated[job] = now
+        if len(self.terminated) > 10_000:
+            cutoff = now - TERMINATED_TTL
+            self.terminated = {j: t for j, t in self.terminated.items() if t > cutoff}
 
     # ---- running -----------------------------------------------------------
 
-    def call(self, op_name: str, args: list[Any], kwargs: dict[str, Any] | None) -> Any:
-        op = resolve(op_name)
+    def call(self, op: Operation, args: list[Any], kwargs: dict[str, Any] | None) -> Any:
         a, kw = op.convert_args(args, kwargs)
         value = op.fn(*a, **kw)
         if inspect.isawaitable(value):
@@ -217,40 +337,73 @@ class _Loop:
             value = self.loop.run_until_complete(value)
         return value
 
-    def run(self, task: Call | Chunk) -> Outcome:
+    def run(self, task: Call | Chunk) -> Outcome | None:
+        """Run one task; None when its outcome was already sent (timed out)."""
+        global _current
         if task.job in self.terminated:
-            return Err(task.job, task.seq, task.attempt, _terminated(task.job))
-        if isinstance(task, Call):
-            try:
-                value = self.call(task.op, task.args, task.kwargs)
-            except BaseException as exc:  # user code may raise anything; the loop survives
-                return Err(task.job, task.seq, task.attempt, error_info(exc))
-            return Ok(task.job, task.seq, task.attempt, value)
-        return self.run_chunk(task)
-
-    def run_chunk(self, task: Chunk) -> Outcome:
-        values: list[Any] = []
-        items = task.items
-        if task.fold:
-            try:
-                if not items:
-                    raise ValueError("empty fold chunk")
-                acc = items[0]
-                for index in range(1, len(items)):
-                    acc = self.call(task.op, [acc, items[index]], None)
-            except BaseException as exc:
-                return Err(task.job, task.seq, task.attempt, error_info(exc))
-            return Ok(task.job, task.seq, task.attempt, acc)
-        index = 0
+            return Err(task.job, task.seq, task.attempt,
+                       _special_error(task.job, TaskCancelledError(f"job {task.job} was terminated")))
+        op: Operation | None = None
+        ctx = TaskContext(task.job, task.seq, task.attempt, task.timeout)
+        with self.state_lock:
+            self.current = ctx
+        _current = ctx
         try:
-            for index, item in enumerate(items):
-                if task.star:
-                    values.append(self.call(task.op, item, None))
-                else:
-                    values.append(self.call(task.op, [item], None))
-        except BaseException as exc:
-            return Err(task.job, task.seq, task.attempt, error_info(exc), index, values)
-        return Ok(task.job, task.seq, task.attempt, values)
+            op = resolve(task.op)
+            if isinstance(task, Call):
+                value = self.call(op, task.args, task.kwargs)
+            elif task.fold:
+                value = self.fold(op, task.items, ctx)
+            else:
+                value = self.map(op, task, ctx)
+            outcome: Outcome = Ok(task.job, task.seq, task.attempt, value)
+        except BaseException as exc:  # user code may raise anything; the loop survives
+            transient = isinstance(exc, Transient) or (op is not None and isinstance(exc, op.transient))
+            if isinstance(task, Chunk) and not task.fold:
+                outcome = Err(task.job, task.seq, task.attempt, error_info(exc),
+                              len(ctx.values), ctx.values, transient)
+            else:
+                outcome = Err(task.job, task.seq, task.attempt, error_info(exc), transient=transient)
+        finally:
+            _current = None
+            with self.state_lock:
+                self.current = None
+                timed_out = ctx.timed_out
+        return None if timed_out else outcome
+
+    def fold(self, op: Operation, items: list[Any], ctx: TaskContext) -> Any:
+        if not items:
+            raise ValueError("empty fold chunk")
+        acc = items[0]
+        for index in range(1, len(items)):
+            ctx.check()
+            ctx.started = time.monotonic()
+            acc = self.call(op, [acc, items[index]], None)
+        return acc
+
+    def map(self, op: Operation, task: Chunk, ctx: TaskContext) -> list[Any]:
+        values = ctx.values
+        star = task.star
+        for item in task.items:
+            ctx.check()
+            ctx.started = time.monotonic()
+            values.append(self.call(op, item if star else [item], None))
+        return values
+
+    def check_memory(self) -> None:
+        now = time.monotonic()
+        if self.retiring or now - self.memory_checked < 0.1:
+            return
+        self.memory_checked = now
+        try:
+            import psutil
+
+            rss = psutil.Process().memory_info().rss
+        except Exception:
+            return
+        if rss > self.spec.max_memory:
+            self.retiring = True
+            self.send(Retire(self.spec.worker_id, f"rss {rss} > max_memory {self.spec.max_memory}"))
 
     # ---- sending -----------------------------------------------------------
 
@@ -271,25 +424,19 @@ class _Loop:
     # ---- main loop -----------------------------------------------------------
 
     def serve(self) -> None:
+        self.control.start()
         self.send(Hello(self.spec.worker_id, os.getpid(), _socket.gethostname()))
-        poller = zmq.Poller()
-        poller.register(self.inbox, zmq.POLLIN)
-        poller.register(self.control, zmq.POLLIN)
-        inbox, control = self.inbox, self.control
+        inbox = self.inbox
         while not self.stopping:
             if not self.todo:
                 self.flush()
-                timeout = None if self.ready_sent else 10
                 if self.ready_sent and SPIN > 0:
                     # Spin briefly before blocking: waking a blocked process costs far
                     # more than a short spin, and the next task of a round trip is near.
                     deadline = time.perf_counter() + SPIN
                     while not inbox.poll(0) and time.perf_counter() < deadline:
                         pass
-                events = dict(poller.poll(timeout))
-                if control in events:
-                    self.drain_control()
-                if inbox in events:
+                if inbox.poll(200 if self.ready_sent else 5):
                     self.drain_inbox()
                 if not self.ready_sent and self.welcomed and self.synced:
                     self.send(Ready(self.spec.worker_id, self.spec.credits))
@@ -300,29 +447,23 @@ class _Loop:
             outcome = self.run(task)
             elapsed = time.perf_counter() - started
             self.busy += elapsed
-            self.out.append(outcome)
-            self.out_ops.append(task.op)
+            if outcome is not None:
+                self.out.append(outcome)
+                self.out_ops.append(task.op)
             # Batch only under load: more work waiting and this task was quick.
-            if control.poll(0):
-                self.drain_control()
             if inbox.poll(0):
                 self.drain_inbox()
             if not self.todo or elapsed >= QUICK_TASK or len(self.out) >= BATCH_MAX:
                 self.flush()
+            if self.spec.max_memory:
+                self.check_memory()
         self.flush()
 
     def close(self) -> None:
-        sockets.close(self.inbox, self.outbox, self.control)
-        self.ctx.term()
-
-
-def _terminated(job: int) -> ErrorInfo:
-    return ErrorInfo(
-        type="phalanx.errors:TaskCancelledError",
-        message=f"job {job} was terminated",
-        args=None,
-        traceback="",
-    )
+        self.stopping = True
+        self.control.join(1.0)
+        sockets.close(self.inbox, self.outbox)
+        self.ctx.destroy(linger=0)
 
 
 def _encodable(outcomes: list[Outcome], ops: list[str]) -> list[Outcome]:

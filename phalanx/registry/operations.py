@@ -26,6 +26,7 @@ from typing import Any, TypeVar, overload
 import msgspec
 
 from ..errors import UnknownOperationError, ValidationError
+from ..policy import FatalStrategy, RetryStrategy, TaskOptions
 from ..transport.codec import convert
 
 __all__ = ["operation", "Operation", "name_of", "resolve", "registered"]
@@ -33,6 +34,7 @@ __all__ = ["operation", "Operation", "name_of", "resolve", "registered"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
+_OPTIONS: dict[str, tuple[TaskOptions, tuple[type[BaseException], ...]]] = {}
 _RESOLVED: dict[str, Operation | UnknownOperationError] = {}
 
 
@@ -47,10 +49,26 @@ def _default_name(fn: Callable[..., Any]) -> str:
 @overload
 def operation(fn: F, /) -> F: ...
 @overload
-def operation(*, name: str | None = None) -> Callable[[F], F]: ...
+def operation(
+    *,
+    name: str | None = None,
+    retry: RetryStrategy | None = None,
+    transient: tuple[type[BaseException], ...] = (),
+    on_fatal: FatalStrategy | None = None,
+    timeout: float | None = None,
+) -> Callable[[F], F]: ...
 
 
-def operation(fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+def operation(
+    fn: F | None = None,
+    /,
+    *,
+    name: str | None = None,
+    retry: RetryStrategy | None = None,
+    transient: tuple[type[BaseException], ...] = (),
+    on_fatal: FatalStrategy | None = None,
+    timeout: float | None = None,
+) -> F | Callable[[F], F]:
     """Register a module-level function as a phalanx operation.
 
     The function is returned unchanged, so it stays callable locally. Its
@@ -63,7 +81,20 @@ def operation(fn: F | None = None, /, *, name: str | None = None) -> F | Callabl
     Arguments and results travel as msgpack and are converted to the
     function's annotations on arrival (a mismatch is a
     :class:`~phalanx.errors.ValidationError`).
+
+    Options (each can be overridden per job with ``rt.options(...)``):
+    ``retry`` is the :class:`~phalanx.RetryStrategy` for transient failures,
+    ``transient`` the exception types treated like ``phalanx.Transient``,
+    ``on_fatal`` the :class:`~phalanx.FatalStrategy`, ``timeout`` the seconds
+    one call may run before it is aborted.
     """
+    if not isinstance(transient, tuple) or not all(
+        isinstance(t, type) and issubclass(t, BaseException) for t in transient
+    ):
+        raise TypeError("transient= must be a tuple of exception types")
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"timeout must be > 0, got {timeout}")
+    options = TaskOptions(retry=retry, on_fatal=on_fatal, timeout=timeout)
 
     def register(f: F) -> F:
         if not callable(f):
@@ -75,6 +106,7 @@ def operation(fn: F | None = None, /, *, name: str | None = None) -> F | Callabl
             )
         op_name = name or _default_name(f)
         _REGISTRY[op_name] = f
+        _OPTIONS[op_name] = (options, transient)
         _RESOLVED.pop(op_name, None)
         try:
             setattr(f, "__phalanx_operation__", op_name)
@@ -110,11 +142,12 @@ def name_of(fn: Callable[..., Any] | str) -> str:
 class Operation:
     """A resolved operation: the function plus converters for its annotations."""
 
-    __slots__ = ("name", "fn", "_pos", "_var", "_kw", "_varkw", "_typed", "returns")
+    __slots__ = ("name", "fn", "_pos", "_var", "_kw", "_varkw", "_typed", "returns", "options", "transient")
 
     def __init__(self, name: str, fn: Callable[..., Any]) -> None:
         self.name = name
         self.fn = fn
+        self.options, self.transient = _OPTIONS.get(name, (TaskOptions(), ()))
         self._pos: list[tuple[str, Any]] = []
         self._var: Any = Any
         self._kw: dict[str, Any] = {}

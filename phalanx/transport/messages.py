@@ -12,7 +12,8 @@ Sockets and the messages each one carries::
 
     driver                                   worker
     ROUTER "tasks"   --- Welcome, Call, Chunk, Stop --->  DEALER inbox
-    ROUTER "results" <-- Hello, Ready, Results ---------  DEALER outbox
+    ROUTER "results" <-- Hello, Ready, Results, Retire -  DEALER outbox
+    ROUTER "results" <-- Results (timeouts) ------------  DEALER side (control thread)
     PUB "control"    --- Sync, Terminate, Shutdown ---->  SUB
 
 Tasks are addressed to one worker (credit-based dispatch, see
@@ -43,6 +44,7 @@ __all__ = [
     "Ok",
     "Err",
     "Results",
+    "Retire",
     "InboxMessage",
     "ControlMessage",
     "DriverMessage",
@@ -88,6 +90,8 @@ class Call(_Msg, frozen=True):
     op: str
     args: list[Any]
     kwargs: dict[str, Any] | None = None
+    #: seconds the call may run before it is aborted (0: no limit)
+    timeout: float = 0.0
 
 
 class Chunk(_Msg, frozen=True):
@@ -105,6 +109,8 @@ class Chunk(_Msg, frozen=True):
     items: list[Any]
     star: bool = False
     fold: bool = False
+    #: seconds each call may run before it is aborted (0: no limit)
+    timeout: float = 0.0
 
 
 class Stop(_Msg, frozen=True):
@@ -171,6 +177,8 @@ class Err(msgspec.Struct, frozen=True, array_like=True, tag=True):
     error: ErrorInfo
     index: int = 0
     partial: list[Any] | None = None
+    #: the operation raised ``phalanx.Transient`` or one of its transient types
+    transient: bool = False
 
 
 Outcome = Union[Ok, Err]
@@ -187,6 +195,13 @@ class Results(_Msg, frozen=True):
     busy: float = 0.0
 
 
+class Retire(_Msg, frozen=True):
+    """The worker passed a recycling limit: send it nothing more, then Stop it."""
+
+    worker: str
+    reason: str
+
+
 InboxMessage = Union[Welcome, Call, Chunk, Stop]
 ControlMessage = Union[Sync, Terminate, Shutdown]
-DriverMessage = Union[Hello, Ready, Results]
+DriverMessage = Union[Hello, Ready, Results, Retire]

@@ -28,7 +28,7 @@ class SocketOptions:
     #: frames queued per peer before sends fail with EAGAIN (never reached with credits)
     hwm: int = int(os.environ.get("PHALANX_HWM", "100000"))
     #: largest frame a socket accepts from a peer, in bytes
-    max_frame: int = int(os.environ.get("PHALANX_MAX_FRAME", str(512 * 1024 * 1024)))
+    max_frame: int = int(os.environ.get("PHALANX_MAX_FRAME", str(256 * 1024 * 1024)))
 
 
 def _common(sock: zmq.Socket[bytes]) -> None:
@@ -38,11 +38,18 @@ def _common(sock: zmq.Socket[bytes]) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, SocketOptions.max_frame)
 
 
-def router(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[bytes]:
-    """A bound ROUTER that refuses to drop unroutable messages."""
+def router(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, send_only: bool = False) -> zmq.Socket[bytes]:
+    """A bound ROUTER that refuses to drop unroutable messages.
+
+    ``send_only``: nobody reads it, so it accepts one tiny frame per peer at
+    most (a peer that writes to it is stalled by ZeroMQ, not buffered).
+    """
     sock = ctx.socket(zmq.ROUTER)
     _common(sock)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if send_only:
+        sock.setsockopt(zmq.RCVHWM, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, 64)
     sock.bind(endpoint)
     return sock
 
@@ -57,9 +64,10 @@ def dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: bytes) 
 
 
 def publisher(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[bytes]:
-    """A bound PUB for control broadcasts."""
+    """A bound PUB for control broadcasts (peers may only send subscriptions)."""
     sock = ctx.socket(zmq.PUB)
     _common(sock)
+    sock.setsockopt(zmq.MAXMSGSIZE, 1024)
     sock.bind(endpoint)
     return sock
 
