@@ -32,21 +32,28 @@ from .worker import WorkerSpec, run_worker
 __all__ = ["Supervisor", "kill_process_tree"]
 
 
-def kill_process_tree(pid: int, include_parent: bool = True) -> None:
-    """SIGKILL ``pid`` and all its descendants (children first are collected)."""
+def kill_process_tree(pid: int, include_parent: bool = True, timeout: float = 2.0) -> None:
+    """SIGKILL ``pid`` and all its descendants.
+
+    Waits up to ``timeout`` for the descendants to vanish, but never reaps
+    ``pid`` itself: its parent (multiprocessing, for a worker) must be the one
+    to ``waitpid`` it, or the parent would lose its exit code.
+    """
     try:
         parent = psutil.Process(pid)
-        procs = parent.children(recursive=True)
+        descendants = parent.children(recursive=True)
     except psutil.NoSuchProcess:
         return
-    if include_parent:
-        procs.append(parent)
-    for proc in procs:
+    victims = [*descendants, parent] if include_parent else descendants
+    for proc in victims:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=2.0)
+    mine = {p.pid for p in psutil.Process().children()}
+    others = [p for p in descendants if p.pid not in mine]
+    if others:
+        psutil.wait_procs(others, timeout=timeout)
 
 
 class Supervisor:
@@ -98,32 +105,44 @@ class Supervisor:
 
     def _watch(self) -> None:
         while True:
-            with self._lock:
-                if self._closing:
+            try:
+                if not self._watch_once():
                     return
-                sentinels: dict[Any, str] = {p.sentinel: wid for wid, p in self._procs.items()}
-            ready = multiprocessing.connection.wait([*sentinels, self._wake_r], timeout=1.0)
-            for obj in ready:
-                if obj is self._wake_r:
-                    try:
-                        while self._wake_r.poll():
-                            self._wake_r.recv_bytes()
-                    except (EOFError, OSError):
-                        return
-                    continue
-                wid = sentinels.get(obj)
-                if wid is None:
-                    continue
-                with self._lock:
-                    proc = self._procs.pop(wid, None)
-                    closing = self._closing
-                if proc is None:
-                    continue
-                proc.join(0.5)
-                exitcode = proc.exitcode
+            except Exception:  # the watcher must outlive any surprise
+                time.sleep(0.01)
+
+    def _watch_once(self) -> bool:
+        """Wait for exits once; False when the supervisor is closing."""
+        with self._lock:
+            if self._closing:
+                return False
+            sentinels: dict[Any, str] = {p.sentinel: wid for wid, p in self._procs.items()}
+        ready = multiprocessing.connection.wait([*sentinels, self._wake_r], timeout=1.0)
+        for obj in ready:
+            if obj is self._wake_r:
+                try:
+                    while self._wake_r.poll():
+                        self._wake_r.recv_bytes()
+                except (EOFError, OSError):
+                    return False
+                continue
+            wid = sentinels.get(obj)
+            if wid is None:
+                continue
+            with self._lock:
+                proc = self._procs.pop(wid, None)
+                closing = self._closing
+            if proc is None:
+                continue
+            proc.join(0.5)
+            exitcode = proc.exitcode
+            try:
                 proc.close()
-                if not closing:
-                    self._on_exit(wid, exitcode)
+            except ValueError:
+                pass
+            if not closing:
+                self._on_exit(wid, exitcode)
+        return True
 
     def stop(self, timeout: float) -> None:
         """Wait up to ``timeout`` for workers told to stop, then terminate, then kill."""

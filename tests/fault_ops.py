@@ -1,0 +1,120 @@
+"""Operations the fault-tolerance tests run in worker processes."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+
+import phalanx
+
+
+@phalanx.operation
+def inc(x: int) -> int:
+    return x + 1
+
+
+@phalanx.operation
+def pid(_: int = 0) -> int:
+    return os.getpid()
+
+
+@phalanx.operation
+def sleep_then(seconds: float, value: int) -> int:
+    time.sleep(seconds)
+    return value
+
+
+@phalanx.operation
+def exit_with(code: int) -> int:
+    os._exit(code)
+
+
+@phalanx.operation
+def sigkill_self() -> int:
+    os.kill(os.getpid(), signal.SIGKILL)
+    return 0
+
+
+@phalanx.operation
+def segfault() -> int:
+    ctypes.memset(0, 0, 1)  # writes to address 0: SIGSEGV
+    return 0
+
+
+def _count(path: str) -> int:
+    """Increment a counter file and return its previous value."""
+    n = int(open(path).read()) if os.path.exists(path) else 0
+    with open(path, "w") as f:
+        f.write(str(n + 1))
+    return n
+
+
+@phalanx.operation
+def flaky(path: str, failures: int) -> int:
+    n = _count(path)
+    if n < failures:
+        raise phalanx.Transient(f"attempt {n} failed")
+    return n
+
+
+@phalanx.operation(transient=(ConnectionError,), retry=phalanx.Immediate(5))
+def flaky_connection(path: str, failures: int) -> int:
+    n = _count(path)
+    if n < failures:
+        raise ConnectionError(f"attempt {n} refused")
+    return n
+
+
+@phalanx.operation
+def fail_odd(x: int) -> int:
+    if x % 2:
+        raise ValueError(f"odd {x}")
+    return x
+
+
+@phalanx.operation
+def record(path: str, x: int) -> int:
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    time.sleep(0.02)
+    return x
+
+
+@phalanx.operation
+def fail_first_then_record(path: str, x: int) -> int:
+    if x == 0:
+        raise RuntimeError("first item fails")
+    return record(path, x)
+
+
+@phalanx.operation
+def cooperative(path: str, seconds: float) -> str:
+    """Runs until aborted (writes 'aborted' to path) or ``seconds`` pass."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        if phalanx.current_task().aborted:
+            with open(path, "w") as f:
+                f.write("aborted")
+            return "aborted"
+        time.sleep(0.005)
+    return "done"
+
+
+@phalanx.operation
+def stubborn(seconds: float) -> str:
+    """Ignores its abort flag (busy loop)."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        pass
+    return "done"
+
+
+_HOARD: list[bytes] = []
+
+
+@phalanx.operation
+def hoard(megabytes: int) -> int:
+    _HOARD.append(b"x" * (megabytes * 1024 * 1024))
+    return os.getpid()
