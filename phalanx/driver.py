@@ -72,6 +72,7 @@ from .transport.messages import (
     Terminate,
     Welcome,
 )
+from .transport.messages import Heartbeat
 from .worker import WorkerSpec
 
 __all__ = ["Driver", "Job", "Task", "WorkerStats", "RuntimeStats", "SKIPPED"]
@@ -175,7 +176,7 @@ class Job:
 
     __slots__ = (
         "id", "op", "outstanding", "deliver", "fail", "on_dispatch", "autoclose", "seqs",
-        "retry", "on_fatal", "timeout", "skipped",
+        "retry", "on_fatal", "timeout", "skipped", "dropped",
     )
 
     def __init__(
@@ -196,6 +197,8 @@ class Job:
         self.timeout: float = options.timeout or 0.0
         #: (seq, index in chunk, error) of items dropped under IGNORE
         self.skipped: list[tuple[int, int, Any]] = []
+        #: tasks were forgotten while workers may still hold them
+        self.dropped = False
         self.outstanding: dict[int, Task] = {}
         self.deliver = deliver
         self.fail = fail
@@ -280,13 +283,18 @@ class Driver:
         self._wake_r, self._wake_w = os.pipe()
         self._supervisor = Supervisor(config.start_method, self._on_exit)
         self._pump_thread = threading.Thread(target=self._pump, name="phalanx-pump", daemon=True)
-        self._pump_thread.start()
 
     # ---- workers -------------------------------------------------------------
 
     def start_workers(self, n: int, timeout: float) -> None:
-        """Spawn ``n`` workers and wait until each is connected and ready."""
+        """Spawn ``n`` workers and wait until each is connected and ready.
+
+        The first workers are started before any phalanx thread exists, so
+        that forking them is safe; the watcher and the pump start after.
+        """
         ids = [self._spawn() for _ in range(n)]
+        self._supervisor.start()
+        self._pump_thread.start()
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
@@ -318,6 +326,8 @@ class Driver:
             parent_pid=os.getpid(),
             abort_grace=self.config.abort_grace,
             max_memory=self.config.max_memory_per_worker,
+            heartbeat_timeout=self.config.worker_heartbeat_timeout(),
+            reconnect=self.config.reconnect,
         )
         worker.pid = self._supervisor.spawn(spec)
         return wid
@@ -471,10 +481,17 @@ class Driver:
         """
         with self._lock:
             self._jobs.pop(job.id, None)
-            had_work = bool(job.outstanding)
+            had_work = bool(job.outstanding) or job.dropped
             job.outstanding.clear()
             if terminate and had_work and not self._control.closed:
                 self._control.send(encode(Terminate(job.id)))
+
+    def drop_after(self, job: Job, seq: int) -> None:
+        """Forget ``job``'s tasks numbered above ``seq`` (their outcomes are dropped)."""
+        with self._lock:
+            for later in [s for s in job.outstanding if s > seq]:
+                del job.outstanding[later]
+                job.dropped = True
 
     def _dispatch_locked(self) -> None:
         pending = self._pending
@@ -533,9 +550,12 @@ class Driver:
         poller.register(results, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         last_sync = 0.0
+        last_beat = 0.0
+        beats = itertools.count()
+        interval = self.config.heartbeat_interval
         while True:
             handshaking = self._handshaking()
-            wait = 5.0 if handshaking else 100.0
+            wait = 5.0 if handshaking else min(100.0, interval * 1000)
             if self._timers:
                 wait = min(wait, max(0.0, (self._timers[0][0] - time.monotonic()) * 1000))
             events = dict(poller.poll(int(wait) + (1 if wait else 0)))
@@ -562,8 +582,13 @@ class Driver:
                     self._spawn()
                 except Exception as exc:
                     self.break_runtime(RuntimeBrokenError(f"cannot start a worker: {exc}"))
+            now = time.monotonic()
+            if now - last_beat >= interval:
+                last_beat = now
+                with self._lock:
+                    if not self._control.closed:
+                        self._control.send(encode(Heartbeat(next(beats))), zmq.NOBLOCK)
             if handshaking:
-                now = time.monotonic()
                 if now - last_sync > 0.005:
                     last_sync = now
                     self._greet()
@@ -798,8 +823,13 @@ class Driver:
         for job in jobs:
             job.fail(closed)
         self._supervisor.stop(self.config.shutdown_timeout)
+        with self._lock:
+            for w in self._workers.values():
+                w.alive = False
+            self._live.clear()
         os.write(self._wake_w, b"x")
-        self._pump_thread.join(5.0)
+        if self._pump_thread.is_alive():
+            self._pump_thread.join(5.0)
         with self._lock:
             sockets.close(self._tasks, self._results, self._control)
         self._ctx.term()

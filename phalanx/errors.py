@@ -70,6 +70,9 @@ class RemoteError(PhalanxError):
         self.message = message
         self.remote_traceback = remote_traceback
 
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str]]:
+        return (type(self), (self.type_name, self.message, self.remote_traceback))
+
 
 class UnknownOperationError(PhalanxError, LookupError):
     """The worker has no operation of that name, or its module failed to import."""
@@ -120,6 +123,9 @@ class WorkerCrashedError(PhalanxError, ChildProcessError):
     def __init__(self, message: str, exitcode: int | None = None) -> None:
         super().__init__(message)
         self.exitcode = exitcode
+
+    def __reduce__(self) -> tuple[type[WorkerCrashedError], tuple[str, int | None]]:
+        return (type(self), (str(self), self.exitcode))
 
 
 class WorkerStartError(PhalanxError, RuntimeError):

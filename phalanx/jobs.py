@@ -274,7 +274,7 @@ class MapIterator(Iterator[R], Generic[R]):
         op = self._op
         if self._lease.job.skipped:
             values = [v for v in values if v is not SKIPPED]
-        if op is None:
+        if op is None or op.returns is Any or op.returns is object:
             return values
         return [op.convert_result(v) for v in values]
 
@@ -325,19 +325,24 @@ class MapIterator(Iterator[R], Generic[R]):
                 values, exc = [], outcome
             else:
                 values, exc = self._convert(outcome.partial or []), _outcome_error(outcome)
-            if exc is not None:
-                # Nothing after the failure will be yielded: stop the job's other tasks now.
-                self._exhausted = True
-                self._driver.close_job(self._lease.job, terminate=True)
-                self._sent_at.clear()
             if self._ordered:
-                self._buffer[seq] = (values, exc)
                 if exc is not None:
+                    # Nothing after the failure will be yielded: stop feeding, forget
+                    # later chunks, but still wait for the earlier ones.
+                    self._exhausted = True
+                    self._driver.drop_after(self._lease.job, seq)
+                    for later in [s for s in self._sent_at if s > seq]:
+                        del self._sent_at[later]
                     for later in [s for s in self._buffer if s > seq]:
                         del self._buffer[later]
+                if seq >= self._next:
+                    self._buffer[seq] = (values, exc)
             else:
                 self._ready.extend(values)
                 self._pending_error = exc
+                if exc is not None:
+                    self._exhausted = True
+                    self._sent_at.clear()
             if not self._exhausted:
                 self._fill()
 

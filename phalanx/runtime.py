@@ -67,6 +67,9 @@ class Runtime:
         abort_grace: float | None = None,
         max_tasks_per_worker: int | None = None,
         max_memory_per_worker: int | None = None,
+        heartbeat_interval: float | None = None,
+        heartbeat_timeout: float | None = None,
+        reconnect: bool | None = None,
     ) -> None:
         self.config = Config.load(
             workers=workers,
@@ -81,6 +84,9 @@ class Runtime:
             abort_grace=abort_grace,
             max_tasks_per_worker=max_tasks_per_worker,
             max_memory_per_worker=max_memory_per_worker,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            reconnect=reconnect,
         )
         self._driver = Driver(self.config)
         try:

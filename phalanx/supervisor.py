@@ -71,7 +71,11 @@ class Supervisor:
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self._closing = False
         self._watcher = threading.Thread(target=self._watch, name="phalanx-supervisor", daemon=True)
-        self._watcher.start()
+
+    def start(self) -> None:
+        """Start watching (after the first spawns: forking before threads exist is safe)."""
+        if not self._watcher.is_alive():
+            self._watcher.start()
 
     def spawn(self, spec: WorkerSpec) -> int:
         """Start one worker process for ``spec``; return its pid."""
@@ -168,7 +172,8 @@ class Supervisor:
                 proc.close()
             except ValueError:
                 pass
-        self._watcher.join(2.0)
+        if self._watcher.is_alive():
+            self._watcher.join(2.0)
         self._wake_r.close()
         self._wake_w.close()
 

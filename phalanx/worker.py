@@ -67,6 +67,7 @@ from .transport.messages import (
     Terminate,
     Welcome,
 )
+from .transport.messages import Heartbeat as _Heartbeat
 
 __all__ = ["WorkerSpec", "TaskContext", "current_task", "run_worker"]
 
@@ -94,6 +95,10 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     abort_grace: float = 2.0
     #: RSS in bytes above which the worker retires between tasks (0: no limit)
     max_memory: int = 0
+    #: seconds without a driver heartbeat before the worker gives up (0: never)
+    heartbeat_timeout: float = 0.0
+    #: on a lost driver, keep waiting for it instead of exiting
+    reconnect: bool = False
 
 
 class TaskContext:
@@ -200,6 +205,8 @@ class _Control(threading.Thread):
         super().__init__(name="phalanx-control", daemon=True)
         self.loop = loop
         self.kill_at = 0.0
+        self.heard = time.monotonic()
+        self.lost = False
 
     def run(self) -> None:
         loop = self.loop
@@ -210,6 +217,7 @@ class _Control(threading.Thread):
                 if sub.poll(self._next_wait()):
                     self._drain(sub)
                 self._check_timers(side)
+                self._check_driver()
         finally:
             sockets.close(sub, side)
 
@@ -235,6 +243,12 @@ class _Control(threading.Thread):
             except ProtocolError:
                 loop.frames_dropped += 1
                 continue
+            self.heard = time.monotonic()
+            if self.lost:
+                self.lost = False
+                print(f"phalanx worker {loop.spec.worker_id}: driver is back", file=sys.stderr)
+            if isinstance(msg, _Heartbeat):
+                continue
             if isinstance(msg, Sync):
                 loop.synced = True
             elif isinstance(msg, Terminate):
@@ -245,6 +259,20 @@ class _Control(threading.Thread):
                     self._arm_kill()
             elif isinstance(msg, Shutdown):
                 loop.stopping = True
+
+    def _check_driver(self) -> None:
+        timeout = self.loop.spec.heartbeat_timeout
+        if timeout <= 0 or self.lost or time.monotonic() - self.heard < timeout:
+            return
+        wid = self.loop.spec.worker_id
+        if self.loop.spec.reconnect:
+            self.lost = True
+            print(f"phalanx worker {wid}: no heartbeat for {timeout:g} s; waiting for the driver",
+                  file=sys.stderr)
+            return
+        print(f"phalanx worker {wid}: no heartbeat for {timeout:g} s; driver lost, exiting",
+              file=sys.stderr)
+        _kill_own_group()
 
     def _arm_kill(self) -> None:
         deadline = time.monotonic() + self.loop.spec.abort_grace
@@ -331,7 +359,7 @@ class _Loop:
     def call(self, op: Operation, args: list[Any], kwargs: dict[str, Any] | None) -> Any:
         a, kw = op.convert_args(args, kwargs)
         value = op.fn(*a, **kw)
-        if inspect.isawaitable(value):
+        if hasattr(value, "__await__") and inspect.isawaitable(value):
             if self.loop is None:
                 self.loop = asyncio.new_event_loop()
             value = self.loop.run_until_complete(value)

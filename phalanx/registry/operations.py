@@ -187,12 +187,28 @@ class Operation:
         if not self._typed:
             return args, kw
         out = list(args)
+        pos = self._pos
+        npos = len(pos)
+        try:
+            for i, value in enumerate(args):
+                typ = pos[i][1] if i < npos else self._var
+                if typ is not Any:
+                    out[i] = convert(value, typ)
+            outkw = {k: convert(v, self._kw.get(k, self._varkw)) for k, v in kw.items()}
+        except msgspec.ValidationError:
+            self._explain(args, kw)  # raises a ValidationError naming the argument
+            raise
+        except TypeError:
+            return args, kw  # an annotation msgspec cannot check: pass values through
+        return out, outkw
+
+    def _explain(self, args: list[Any], kw: dict[str, Any]) -> None:
         npos = len(self._pos)
         for i, value in enumerate(args):
             pname, typ = self._pos[i] if i < npos else (f"*args[{i - npos}]", self._var)
-            out[i] = self._convert(value, typ, f"argument {pname!r}")
-        outkw = {k: self._convert(v, self._kw.get(k, self._varkw), f"argument {k!r}") for k, v in kw.items()}
-        return out, outkw
+            self._convert(value, typ, f"argument {pname!r}")
+        for k, v in kw.items():
+            self._convert(v, self._kw.get(k, self._varkw), f"argument {k!r}")
 
     def convert_result(self, value: Any) -> Any:
         """Convert a decoded result to the annotated return type."""

@@ -93,16 +93,30 @@ def type_path(cls: type) -> str:
 def error_info(exc: BaseException) -> ErrorInfo:
     """The wire form of ``exc``: type path, message, args if encodable, traceback."""
     args: list[Any] | None = list(exc.args)
+    state: dict[str, Any] | None = None
+    try:
+        reduced = exc.__reduce__()
+        if isinstance(reduced, tuple) and len(reduced) >= 2 and reduced[0] is type(exc):
+            args = list(reduced[1])
+            if len(reduced) >= 3 and isinstance(reduced[2], dict) and reduced[2]:
+                state = dict(reduced[2])
+    except Exception:
+        pass
     try:
         _encoder.encode(args)
     except Exception:
         args = None
+    if state is not None:
+        try:
+            _encoder.encode(state)
+        except Exception:
+            state = None
     text = "".join(_tb.format_exception(type(exc), exc, exc.__traceback__))
     try:
         message = str(exc)
     except Exception:
         message = f"<unprintable {type(exc).__name__}>"
-    return ErrorInfo(type=type_path(type(exc)), message=message, args=args, traceback=text)
+    return ErrorInfo(type=type_path(type(exc)), message=message, args=args, traceback=text, state=state)
 
 
 def _resolve_type(path: str) -> type[BaseException] | None:
@@ -142,6 +156,11 @@ def rebuild_error(info: ErrorInfo) -> BaseException:
             exc = None
         if exc is not None and not isinstance(exc, Exception):
             exc = None  # never re-raise KeyboardInterrupt/SystemExit from a worker
+        if exc is not None and info.state:
+            try:
+                exc.__dict__.update(info.state)
+            except Exception:
+                pass
     if exc is None:
         exc = RemoteError(info.type, info.message, info.traceback)
     exc.__cause__ = RemoteTraceback(info.traceback)

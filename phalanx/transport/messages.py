@@ -14,7 +14,8 @@ Sockets and the messages each one carries::
     ROUTER "tasks"   --- Welcome, Call, Chunk, Stop --->  DEALER inbox
     ROUTER "results" <-- Hello, Ready, Results, Retire -  DEALER outbox
     ROUTER "results" <-- Results (timeouts) ------------  DEALER side (control thread)
-    PUB "control"    --- Sync, Terminate, Shutdown ---->  SUB
+    PUB "control"    --- Sync, Terminate, Shutdown, --->  SUB
+                         Heartbeat
 
 Tasks are addressed to one worker (credit-based dispatch, see
 ``phalanx.runtime``); each carries ``(job, seq, attempt)`` so the driver can
@@ -39,6 +40,7 @@ __all__ = [
     "Sync",
     "Terminate",
     "Shutdown",
+    "Heartbeat",
     "Hello",
     "Ready",
     "Ok",
@@ -61,8 +63,9 @@ class _Msg(msgspec.Struct, frozen=True, array_like=True, tag=True):
 class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
     """An exception raised in a worker, in a form that survives the wire.
 
-    ``type`` is ``module:qualname`` of the exception class, ``args`` its
-    ``args`` when msgpack can carry them (else ``None``), ``traceback`` the
+    ``type`` is ``module:qualname`` of the exception class, ``args`` the
+    constructor arguments from its ``__reduce__`` (which is ``args`` for most
+    exceptions) when msgpack can carry them (else ``None``), ``traceback`` the
     formatted remote traceback.
     """
 
@@ -70,6 +73,8 @@ class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
     message: str
     args: list[Any] | None
     traceback: str
+    #: the exception's instance attributes, when msgpack can carry them
+    state: dict[str, Any] | None = None
 
 
 # ---- driver -> one worker (tasks ROUTER -> inbox DEALER) -------------------
@@ -134,6 +139,12 @@ class Terminate(_Msg, frozen=True):
 
 class Shutdown(_Msg, frozen=True):
     """The runtime is shutting down: every worker exits."""
+
+
+class Heartbeat(_Msg, frozen=True):
+    """The driver is alive (published every ``heartbeat_interval``)."""
+
+    seq: int
 
 
 # ---- worker -> driver (outbox DEALER -> results ROUTER) --------------------
@@ -203,5 +214,5 @@ class Retire(_Msg, frozen=True):
 
 
 InboxMessage = Union[Welcome, Call, Chunk, Stop]
-ControlMessage = Union[Sync, Terminate, Shutdown]
+ControlMessage = Union[Sync, Terminate, Shutdown, Heartbeat]
 DriverMessage = Union[Hello, Ready, Results, Retire]
