@@ -36,6 +36,9 @@ from .errors import (
     WorkerCrashedError,
     WorkerStartError,
 )
+from .actors import Failed, RestartFailed, Started, Stopped
+from .actors.ref import ActorRef
+from .actors.system import ActorNode, RuntimeTree, WorkerNode
 from .jobs import Future, MapIterator
 from .policy import (
     After,
@@ -46,7 +49,7 @@ from .policy import (
     RetryStrategy,
     Terminate,
 )
-from .registry import operation
+from .registry import actor, operation
 from .runtime import JobOptions, Runtime
 from .worker import TaskContext, current_task
 
@@ -54,11 +57,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActorDiedError",
+    "ActorNode",
+    "ActorRef",
     "After",
     "Config",
     "DecodeError",
     "EncodeError",
     "Exponential",
+    "Failed",
     "FatalStrategy",
     "Future",
     "Ignore",
@@ -69,11 +75,15 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",
+    "RestartFailed",
     "RetryStrategy",
     "Runtime",
     "RuntimeBrokenError",
     "RuntimeClosedError",
     "RuntimeStats",
+    "RuntimeTree",
+    "Started",
+    "Stopped",
     "TaskCancelledError",
     "TaskContext",
     "TaskTimeoutError",
@@ -83,9 +93,11 @@ __all__ = [
     "UnsupportedActorError",
     "ValidationError",
     "WorkerCrashedError",
+    "WorkerNode",
     "WorkerStartError",
     "WorkerStats",
     "__version__",
+    "actor",
     "current_task",
     "operation",
 ]

@@ -47,6 +47,7 @@ import zmq
 from .config import Config
 from .policy import FatalStrategy, RetryStrategy, TaskOptions
 from .errors import (
+    ActorDiedError,
     ProtocolError,
     RuntimeBrokenError,
     RuntimeClosedError,
@@ -72,7 +73,14 @@ from .transport.messages import (
     Terminate,
     Welcome,
 )
-from .transport.messages import Heartbeat
+from .transport.messages import (
+    ActorCall,
+    ActorEvent,
+    ActorState,
+    Heartbeat,
+    InspectReply,
+    InspectRequest,
+)
 from .worker import WorkerSpec
 
 __all__ = ["Driver", "Job", "Task", "WorkerStats", "RuntimeStats", "SKIPPED"]
@@ -133,9 +141,9 @@ class Task:
     before a retry or a skip, so the chunk resumes where it failed.
     """
 
-    __slots__ = ("job", "seq", "attempt", "crashes", "retries", "prefix", "msg", "frame", "items")
+    __slots__ = ("job", "seq", "attempt", "crashes", "retries", "prefix", "msg", "frame", "items", "directed")
 
-    def __init__(self, msg: Call | Chunk, frame: bytes, items: int = 1) -> None:
+    def __init__(self, msg: Call | Chunk | ActorCall, frame: bytes, items: int = 1) -> None:
         self.job = msg.job
         self.seq = msg.seq
         self.attempt = msg.attempt
@@ -145,8 +153,10 @@ class Task:
         self.msg = msg
         self.frame = frame
         self.items = items
+        #: sent to one worker outside the credit scheme (actor calls): never redelivered
+        self.directed = isinstance(msg, ActorCall)
 
-    def _copy(self, msg: Call | Chunk, items: int) -> Task:
+    def _copy(self, msg: Call | Chunk | ActorCall, items: int) -> Task:
         task = Task(msg, encode(msg), items)
         task.crashes, task.retries, task.prefix = self.crashes, self.retries, self.prefix
         return task
@@ -270,6 +280,14 @@ class Driver:
         self._timers: list[tuple[float, int, Task]] = []
         self._timer_ids = itertools.count()
         self._spawn_owed = 0
+        #: pump thread: ActorEvent / ActorState from a worker
+        self.actor_listener: Callable[[bytes, ActorEvent | ActorState], None] | None = None
+        #: supervisor thread, after redelivery: (worker id, exit code)
+        self.exit_listeners: list[Callable[[str, int | None], None]] = []
+        #: pump thread: a worker became ready
+        self.ready_listeners: list[Callable[[str], None]] = []
+        self._inspect_nonces = itertools.count(1)
+        self._inspect_replies: dict[int, dict[str, InspectReply]] = {}
 
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         try:
@@ -361,6 +379,13 @@ class Driver:
                 job = self._jobs.get(task.job)
                 if job is None or job.outstanding.get(task.seq) is not task:
                     continue
+                if task.directed:
+                    # An actor call is not idempotent: report it, never run it twice.
+                    del job.outstanding[task.seq]
+                    failed.append((job, task.seq, ActorDiedError(
+                        f"the worker {worker_id} running this call died (exit code {exitcode})"
+                    )))
+                    continue
                 retry = task.retry()
                 if task is head and not planned:
                     retry.crashes += 1
@@ -395,6 +420,11 @@ class Driver:
             self._changed.notify_all()
         for job, seq, exc in failed:
             job.deliver(seq, exc)
+        for listener in self.exit_listeners:
+            try:
+                listener(worker_id, exitcode)
+            except Exception:
+                pass
         if broken is not None:
             self.break_runtime(broken)
         elif respawn:
@@ -485,6 +515,65 @@ class Driver:
             job.outstanding.clear()
             if terminate and had_work and not self._control.closed:
                 self._control.send(encode(Terminate(job.id)))
+
+    # ---- directed messages (actors) ---------------------------------------------
+
+    def live_workers(self) -> dict[bytes, int]:
+        """Ready workers that take new work, with the number of tasks each holds."""
+        with self._lock:
+            return {w.ident: len(w.inflight) for w in self._live}
+
+    def is_live(self, ident: bytes) -> bool:
+        w = self._workers.get(ident)
+        return w is not None and w.alive and w.ready
+
+    def send_to(self, ident: bytes, frame: bytes) -> bool:
+        """Send one message to one worker's inbox; False if it is gone."""
+        with self._lock:
+            w = self._workers.get(ident)
+            if w is None or not w.alive or self._closed or self._tasks.closed:
+                return False
+            try:
+                self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
+                self._tasks.send(frame, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return False
+            return True
+
+    def submit_directed(self, job: Job, msg: ActorCall, frame: bytes, ident: bytes) -> bool:
+        """Send a call to one worker outside the credit scheme; False if it is gone."""
+        task = Task(msg, frame)
+        with self._lock:
+            w = self._workers.get(ident)
+            if w is None or not w.alive or self._closed or self._broken is not None:
+                return False
+            try:
+                self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
+                self._tasks.send(frame, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return False
+            job.outstanding[task.seq] = task
+            w.inflight[(task.job, task.seq)] = task
+            self.tasks_submitted += 1
+            return True
+
+    def inspect(self, timeout: float) -> tuple[dict[str, InspectReply], list[tuple[str, int, int]]]:
+        """Ask every worker for its state; (replies by worker, [(id, pid, in flight)] of live workers)."""
+        nonce = next(self._inspect_nonces)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            replies: dict[str, InspectReply] = {}
+            self._inspect_replies[nonce] = replies
+            live = [(w.id, w.pid, len(w.inflight)) for w in self._workers.values() if w.alive and w.ready]
+            if not self._control.closed:
+                self._control.send(encode(InspectRequest(nonce)), zmq.NOBLOCK)
+            while len(replies) < len(live):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(remaining)
+            del self._inspect_replies[nonce]
+        return dict(replies), live
 
     def drop_after(self, job: Job, seq: int) -> None:
         """Forget ``job``'s tasks numbered above ``seq`` (their outcomes are dropped)."""
@@ -645,11 +734,24 @@ class Driver:
             self.frames_dropped += 1
             return
         if ident.endswith(b"!"):
-            # A worker's control thread: it only reports timed-out tasks.
+            # A worker's control thread: timed-out tasks and inspect replies.
             if isinstance(msg, Results):
                 self._on_results(ident[:-1], msg, side=True)
+            elif isinstance(msg, InspectReply) and msg.worker.encode() == ident[:-1]:
+                with self._changed:
+                    replies = self._inspect_replies.get(msg.nonce)
+                    if replies is not None:
+                        replies[msg.worker] = msg
+                        self._changed.notify_all()
             else:
                 self.frames_dropped += 1
+            return
+        if isinstance(msg, (ActorEvent, ActorState)):
+            w = self._workers.get(ident)
+            if w is None or msg.worker != w.id or self.actor_listener is None:
+                self.frames_dropped += 1
+                return
+            self.actor_listener(ident, msg)
             return
         if isinstance(msg, Results):
             self._on_results(ident, msg)
@@ -686,6 +788,11 @@ class Driver:
             self._live.append(w)
             self._dispatch_locked()
             self._changed.notify_all()
+        for listener in self.ready_listeners:
+            try:
+                listener(w.id)
+            except Exception:
+                pass
 
     def _on_results(self, ident: bytes, msg: Results, side: bool = False) -> None:
         deliveries: list[tuple[Job, int, Ok | Err]] = []
@@ -704,7 +811,7 @@ class Driver:
                     continue
                 if side:
                     w.expect_kill = True  # it may be killed for ignoring the timeout
-                if w.alive and not w.retiring:
+                if w.alive and not w.retiring and not task.directed:
                     w.free += 1
                 w.tasks += 1
                 w.items += task.items

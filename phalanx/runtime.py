@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
+from .actors.ref import ActorRef
+from .actors.system import ActorNode, ActorSystem, RuntimeTree, WorkerNode
 from .config import Config
 from .driver import Driver, RuntimeStats
 from .jobs import MISSING, Future, MapIterator, fold, submit
@@ -25,6 +27,7 @@ from .policy import FatalStrategy, RetryStrategy, TaskOptions
 
 __all__ = ["Runtime", "JobOptions"]
 
+A = TypeVar("A")
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
@@ -94,6 +97,7 @@ class Runtime:
         except BaseException:
             self._driver.shutdown(wait=False)
             raise
+        self._actors = ActorSystem(self._driver)
         self._atexit = lambda ref=weakref.ref(self): _shutdown_at_exit(ref)
         atexit.register(self._atexit)
 
@@ -184,6 +188,67 @@ class Runtime:
     def _fold(self, fn: Callable[..., Any] | str, iterable: Iterable[Any], initial: Any, chunksize: int | None,
               timeout: float | None, options: TaskOptions | None) -> Any:
         return fold(self._driver, fn, iterable, initial, chunksize, timeout, self.config.workers or 1, options)
+
+    # ---- actors ------------------------------------------------------------------
+
+    def spawn(
+        self,
+        cls: type[A] | str,
+        /,
+        *args: Any,
+        on: str | None = None,
+        name: str | None = None,
+        detached: bool = False,
+        restart_policy: str = "never",
+        checkpoint_every: int = 0,
+        checkpoint_interval: float = 0.0,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> ActorRef[A]:
+        """Start an actor and return a ref once it has started.
+
+        ``cls`` is an ``@phalanx.actor`` class or its ``module:qualname``;
+        ``args``/``kwargs`` go to its ``__init__``. ``on`` picks the worker
+        (default: the one hosting the fewest actors). ``restart_policy=
+        "on-failure"`` restarts the actor on a live worker when its process
+        dies, from its last checkpoint (``save()`` every ``checkpoint_every``
+        calls or ``checkpoint_interval`` seconds) or afresh. A ``detached``
+        actor, which needs a ``name``, outlives its refs; ``get_actor(name)``
+        finds it. An unknown type raises :class:`~phalanx.UnsupportedActorError`.
+        """
+        actor = self._actors.spawn(
+            cls, args, kwargs, on=on, name=name, detached=detached, restart_policy=restart_policy,
+            checkpoint_every=checkpoint_every, checkpoint_interval=checkpoint_interval, timeout=timeout,
+        )
+        return ActorRef(self._actors, actor, self.inspect)
+
+    def get_actor(self, name: str) -> ActorRef[Any]:
+        """A new ref on the running actor spawned with ``name=``."""
+        return ActorRef(self._actors, self._actors.get(name), self.inspect)
+
+    def inspect(self, timeout: float = 1.0) -> RuntimeTree:
+        """A tree of workers and their actors, with pids, mailboxes, cpu and rss.
+
+        A worker that does not answer within ``timeout`` shows as unresolved;
+        it never blocks the rest of the tree.
+        """
+        replies, live = self._driver.inspect(timeout)
+        hosted = self._actors.nodes()
+        workers: list[WorkerNode] = []
+        for wid, pid, inflight in live:
+            reply = replies.get(wid)
+            seen = {a.instance: a for a in reply.actors} if reply else {}
+            actors = []
+            for actor, instance in hosted.get(wid.encode(), []):
+                info = seen.get(instance)
+                actors.append(ActorNode(actor.id, actor.name, actor.cls_name, actor.state, instance,
+                                        info.mailbox if info else 0, info.calls if info else actor.calls))
+            if reply is None:
+                workers.append(WorkerNode(wid, pid, "", False, 0.0, 0, 0, 0, inflight, actors))
+            else:
+                workers.append(WorkerNode(wid, reply.pid, reply.host, True, reply.cpu_percent, reply.rss,
+                                          reply.queued, reply.tasks_done, inflight, actors))
+        return RuntimeTree(workers)
 
     # ---- state -------------------------------------------------------------------
 

@@ -45,24 +45,32 @@ from typing import Any
 import msgspec
 import zmq
 
+from .actors.host import ActorHost
 from .errors import EncodeError, ProtocolError, TaskCancelledError, TaskTimeoutError, Transient
 from .registry.operations import Operation, resolve
 from .transport import sockets
 from .transport.codec import decode_control, decode_inbox, encode, error_info
 from .transport.endpoints import Endpoints
 from .transport.messages import (
+    ActorCall,
+    ActorState,
     Call,
     Chunk,
     Err,
     ErrorInfo,
     Hello,
+    InspectReply,
+    InspectRequest,
     Ok,
     Outcome,
     Ready,
     Results,
     Retire,
+    SaveActor,
     Shutdown,
+    SpawnActor,
     Stop,
+    StopActor,
     Sync,
     Terminate,
     Welcome,
@@ -207,11 +215,12 @@ class _Control(threading.Thread):
         self.kill_at = 0.0
         self.heard = time.monotonic()
         self.lost = False
+        self.side: zmq.Socket[bytes] | None = None
 
     def run(self) -> None:
         loop = self.loop
         sub = sockets.subscriber(loop.ctx, loop.spec.endpoints.control)
-        side = sockets.dealer(loop.ctx, loop.spec.endpoints.results, loop.ident + b"!")
+        side = self.side = sockets.dealer(loop.ctx, loop.spec.endpoints.results, loop.ident + b"!")
         try:
             while not loop.stopping:
                 if sub.poll(self._next_wait()):
@@ -249,6 +258,9 @@ class _Control(threading.Thread):
                 print(f"phalanx worker {loop.spec.worker_id}: driver is back", file=sys.stderr)
             if isinstance(msg, _Heartbeat):
                 continue
+            if isinstance(msg, InspectRequest):
+                self._inspect(msg.nonce)
+                continue
             if isinstance(msg, Sync):
                 loop.synced = True
             elif isinstance(msg, Terminate):
@@ -259,6 +271,23 @@ class _Control(threading.Thread):
                     self._arm_kill()
             elif isinstance(msg, Shutdown):
                 loop.stopping = True
+
+    def _inspect(self, nonce: int) -> None:
+        loop = self.loop
+        try:
+            import psutil
+
+            me = psutil.Process()
+            cpu, rss = me.cpu_percent(None), me.memory_info().rss
+        except Exception:
+            cpu, rss = 0.0, 0
+        queued = list(loop.todo)
+        reply = InspectReply(
+            loop.spec.worker_id, nonce, os.getpid(), _socket.gethostname(), cpu, rss,
+            len(queued), loop.tasks_done, loop.actors.info(queued),
+        )
+        assert self.side is not None
+        self.side.send(encode(reply))
 
     def _check_driver(self) -> None:
         timeout = self.loop.spec.heartbeat_timeout
@@ -310,7 +339,9 @@ class _Loop:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.inbox = sockets.dealer(self.ctx, spec.endpoints.tasks, self.ident)
         self.outbox = sockets.dealer(self.ctx, spec.endpoints.results, self.ident)
-        self.todo: deque[Call | Chunk] = deque()
+        self.todo: deque[Any] = deque()
+        self.tasks_done = 0
+        self.actors = ActorHost(spec.worker_id, self.send_after_outcomes, self.call)
         self.out: list[Outcome] = []
         self.out_ops: list[str] = []
         self.busy = 0.0
@@ -340,7 +371,7 @@ class _Loop:
             except ProtocolError:
                 self.frames_dropped += 1
                 continue
-            if isinstance(msg, (Call, Chunk)):
+            if isinstance(msg, (Call, Chunk, ActorCall, SpawnActor, StopActor, SaveActor)):
                 self.todo.append(msg)
             elif isinstance(msg, Welcome):
                 self.welcomed = True
@@ -449,6 +480,18 @@ class _Loop:
     def send(self, msg: Any) -> None:
         self.outbox.send(encode(msg))
 
+    def send_after_outcomes(self, msg: Any) -> None:
+        """Send ``msg`` after the outcomes already batched (keeps their order)."""
+        self.flush()
+        try:
+            self.outbox.send(encode(msg))
+        except EncodeError as exc:  # e.g. a save() state msgpack cannot carry
+            if isinstance(msg, ActorState):
+                err = EncodeError(f"the state of actor instance {msg.instance} cannot be sent: {exc}")
+                self.outbox.send(encode(ActorState(msg.worker, msg.instance, msg.nonce, None, error_info(err))))
+            else:
+                raise
+
     # ---- main loop -----------------------------------------------------------
 
     def serve(self) -> None:
@@ -472,12 +515,22 @@ class _Loop:
                 continue
             task = self.todo.popleft()
             started = time.perf_counter()
-            outcome = self.run(task)
+            if isinstance(task, ActorCall):
+                outcome: Outcome | None = self.actors.call(task)
+                op_name = task.method
+            elif isinstance(task, (Call, Chunk)):
+                outcome, op_name = self.run(task), task.op
+            else:
+                self.actors.handle(task)
+                continue
             elapsed = time.perf_counter() - started
             self.busy += elapsed
+            self.tasks_done += 1
             if outcome is not None:
                 self.out.append(outcome)
-                self.out_ops.append(task.op)
+                self.out_ops.append(op_name)
+            if isinstance(task, ActorCall) and self.actors.checkpoint_due(task.instance):
+                self.actors.save(task.instance, 0)
             # Batch only under load: more work waiting and this task was quick.
             if inbox.poll(0):
                 self.drain_inbox()

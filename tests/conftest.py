@@ -4,12 +4,15 @@ Runs in the test (driver) process only.
 
 * Hypothesis profiles: ``ci`` (derandomized, no example database) and ``dev``.
   ``PHALANX_HYPOTHESIS_PROFILE`` picks one; otherwise ``ci`` when ``CI`` is set,
-  else ``dev``.
+  else ``dev``. A failing Hypothesis test is reported normally under ``-W error``
+  (see ``pytest_runtest_makereport``).
 * ``no_leaked_processes`` (autouse): every test must leave no child process
   behind. New children get a short grace period to exit; any still alive after
   it are killed and the test fails with their pids and command lines.
 * ``zmq_ctx``, ``ipc_dir``, ``runtime``: resources that are always closed,
   removed or shut down on teardown.
+* ``module_runtime``: one ``Runtime(workers=2)`` per test module, for tests
+  that leave it usable; its teardown checks that no child process is left.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +67,25 @@ def _hypothesis_profile() -> str:
 
 
 settings.load_profile(_hypothesis_profile())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Let a failing Hypothesis test be reported under ``-W error``.
+
+    On failure Hypothesis' pytest plugin imports ``hypothesis.extra._patching``
+    (libcst), whose import emits a DeprecationWarning from mypy_extensions;
+    with warnings as errors that turns a test failure into an INTERNALERROR
+    that stops the whole run. Import it first, with warnings silenced.
+    """
+    if call.excinfo is not None and "hypothesis.extra._patching" not in sys.modules:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                import hypothesis.extra._patching  # noqa: F401
+            except ImportError:
+                pass
+    return (yield)
 
 # --------------------------------------------------------------------------- #
 # Process-leak check
@@ -138,6 +162,11 @@ def no_leaked_processes() -> Iterator[None]:
     """Fail the test if it leaves a live child process behind."""
     before = _snapshot()
     yield
+    _fail_on_new_children(before, "test")
+
+
+def _fail_on_new_children(before: set[_ProcKey], what: str) -> None:
+    """Fail (after a grace period, killing them) if children not in ``before`` live."""
     deadline = time.monotonic() + _LEAK_GRACE_S
     leaked = _new_live_children(before)
     while leaked and time.monotonic() < deadline:
@@ -154,7 +183,7 @@ def no_leaked_processes() -> Iterator[None]:
     psutil.wait_procs(leaked, timeout=_LEAK_GRACE_S)
     multiprocessing.active_children()
     pytest.fail(
-        f"test leaked {len(leaked)} child process(es) (killed):\n  " + "\n  ".join(report),
+        f"{what} leaked {len(leaked)} child process(es) (killed):\n  " + "\n  ".join(report),
         pytrace=False,
     )
 
@@ -191,3 +220,22 @@ def runtime() -> Iterator[phalanx.Runtime]:
 
     with phalanx.Runtime(workers=2) as rt:
         yield rt
+
+
+@pytest.fixture(scope="module")
+def module_runtime() -> Iterator[phalanx.Runtime]:
+    """One ``phalanx.Runtime(workers=2)`` shared by the tests of a module.
+
+    For tests that leave the runtime usable. The function-scoped leak check
+    sees its workers as pre-existing; this fixture's own teardown checks that
+    after ``shutdown()`` no child process it started is left.
+    """
+    import phalanx
+
+    before = _snapshot()
+    rt = phalanx.Runtime(workers=2)
+    try:
+        yield rt
+    finally:
+        rt.shutdown()
+    _fail_on_new_children(before, "module runtime")

@@ -154,7 +154,8 @@ class Operation:
         self._varkw: Any = Any
         self.returns: Any = Any
         try:
-            hints = typing.get_type_hints(fn)
+            # For a class, the parameters are those of __init__ (signature() drops self).
+            hints = typing.get_type_hints(getattr(fn, "__init__") if isinstance(fn, type) else fn)
             sig = inspect.signature(fn)
         except Exception:
             hints, sig = {}, None

@@ -11,11 +11,15 @@ operation's declared types with ``msgspec.convert`` on the receiving side.
 Sockets and the messages each one carries::
 
     driver                                   worker
-    ROUTER "tasks"   --- Welcome, Call, Chunk, Stop --->  DEALER inbox
-    ROUTER "results" <-- Hello, Ready, Results, Retire -  DEALER outbox
-    ROUTER "results" <-- Results (timeouts) ------------  DEALER side (control thread)
+    ROUTER "tasks"   --- Welcome, Call, Chunk, Stop, --->  DEALER inbox
+                         SpawnActor, ActorCall,
+                         StopActor, SaveActor
+    ROUTER "results" <-- Hello, Ready, Results, Retire,   DEALER outbox
+                         ActorEvent, ActorState
+    ROUTER "results" <-- Results (timeouts), ----------  DEALER side (control thread)
+                         InspectReply
     PUB "control"    --- Sync, Terminate, Shutdown, --->  SUB
-                         Heartbeat
+                         Heartbeat, InspectRequest
 
 Tasks are addressed to one worker (credit-based dispatch, see
 ``phalanx.runtime``); each carries ``(job, seq, attempt)`` so the driver can
@@ -47,6 +51,15 @@ __all__ = [
     "Err",
     "Results",
     "Retire",
+    "SpawnActor",
+    "ActorCall",
+    "StopActor",
+    "SaveActor",
+    "ActorEvent",
+    "ActorState",
+    "InspectRequest",
+    "InspectReply",
+    "ActorInfo",
     "InboxMessage",
     "ControlMessage",
     "DriverMessage",
@@ -213,6 +226,106 @@ class Retire(_Msg, frozen=True):
     reason: str
 
 
-InboxMessage = Union[Welcome, Call, Chunk, Stop]
-ControlMessage = Union[Sync, Terminate, Shutdown, Heartbeat]
-DriverMessage = Union[Hello, Ready, Results, Retire]
+# ---- actors ---------------------------------------------------------------
+
+
+class SpawnActor(_Msg, frozen=True):
+    """Create actor instance ``instance`` of class ``cls`` on this worker.
+
+    From ``args``/``kwargs`` through ``__init__``, or, when ``state`` is not
+    None, through ``cls.restore(state)`` (hot restart, supervision).
+    Answered by an ``ActorEvent`` (``started`` or ``failed``).
+    """
+
+    instance: int
+    cls: str
+    args: list[Any]
+    kwargs: dict[str, Any] | None
+    state: Any = None
+    restored: bool = False
+    #: save() after this many calls (0: never)
+    checkpoint_every: int = 0
+    #: save() when this many seconds passed since the last save (0: never)
+    checkpoint_interval: float = 0.0
+
+
+class ActorCall(_Msg, frozen=True):
+    """Call ``method`` on actor ``instance``; answered as task ``(job, seq)``."""
+
+    job: int
+    seq: int
+    attempt: int
+    instance: int
+    method: str
+    args: list[Any]
+    kwargs: dict[str, Any] | None = None
+
+
+class StopActor(_Msg, frozen=True):
+    """Drop instance ``instance`` after the calls queued before this message.
+
+    ``quiet``: an internal stop (the old instance of a hot restart): no event.
+    """
+
+    instance: int
+    quiet: bool = False
+
+
+class SaveActor(_Msg, frozen=True):
+    """Call ``save()`` on ``instance`` (after the calls queued before this); answered by ActorState."""
+
+    instance: int
+    nonce: int
+
+
+class ActorEvent(_Msg, frozen=True):
+    """An instance ``started``, ``stopped`` or ``failed`` (with ``error``)."""
+
+    worker: str
+    instance: int
+    kind: str
+    error: ErrorInfo | None = None
+
+
+class ActorState(_Msg, frozen=True):
+    """The result of ``save()``: ``state``, or ``error``; ``nonce`` 0 is a checkpoint."""
+
+    worker: str
+    instance: int
+    nonce: int
+    state: Any = None
+    error: ErrorInfo | None = None
+
+
+class InspectRequest(_Msg, frozen=True):
+    """Every worker answers with an InspectReply carrying ``nonce``."""
+
+    nonce: int
+
+
+class ActorInfo(msgspec.Struct, frozen=True, array_like=True):
+    """One actor instance as its worker sees it."""
+
+    instance: int
+    cls: str
+    mailbox: int
+    calls: int
+
+
+class InspectReply(_Msg, frozen=True):
+    """A worker's view of itself, sent by its control thread."""
+
+    worker: str
+    nonce: int
+    pid: int
+    host: str
+    cpu_percent: float
+    rss: int
+    queued: int
+    tasks_done: int
+    actors: list[ActorInfo]
+
+
+InboxMessage = Union[Welcome, Call, Chunk, Stop, SpawnActor, ActorCall, StopActor, SaveActor]
+ControlMessage = Union[Sync, Terminate, Shutdown, Heartbeat, InspectRequest]
+DriverMessage = Union[Hello, Ready, Results, Retire, ActorEvent, ActorState, InspectReply]

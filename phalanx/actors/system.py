@@ -1,0 +1,557 @@
+"""The driver side of actors: placement, calls, hot restart, supervision, inspect.
+
+Runs in the driver. User threads call :meth:`ActorSystem.spawn`,
+:meth:`ActorSystem.call`, :meth:`ActorSystem.restart`...; the pump thread
+delivers call outcomes and actor events; the supervisor thread reports dead
+workers. Lock order: an actor's lock, then the driver's lock.
+
+Each actor is a leased job: every method call is a task ``(job, seq)``
+addressed to the worker that hosts the current instance, so results reach
+the caller exactly once and in-flight calls are known when a worker dies.
+
+Invariants kept:
+
+* **Per-caller order.** Calls are sent in the order they are made, to one
+  inbox; calls made while an instance is (re)starting are held and sent, in
+  order, to the instance that results: none is lost or reordered.
+* **Hot restart reverts.** The old instance is only told to stop once the new
+  one has started; if ``save()`` or the new instance fails, ``RestartFailed``
+  is emitted and the old instance keeps serving the held calls.
+* **No hang.** Calls in flight when an actor's process dies fail with
+  :class:`~phalanx.ActorDiedError`; every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import threading
+import time
+import typing
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+
+from ..errors import ActorDiedError, TaskTimeoutError
+from ..jobs import Future
+from ..registry.actors import actor_name_of
+from ..transport.codec import convert, encode, rebuild_error
+from ..transport.messages import ActorCall, ActorEvent, ActorState, Err, Ok, SaveActor, SpawnActor, StopActor
+from .events import ActorEvent as Event
+from .events import Failed, RestartFailed, Started, Stopped
+
+if typing.TYPE_CHECKING:
+    from ..driver import Delivery, Driver, Job
+
+__all__ = ["ActorSystem", "ActorNode", "WorkerNode", "RuntimeTree"]
+
+
+class ActorNode(msgspec.Struct, frozen=True):
+    """One actor in an inspect tree."""
+
+    id: int
+    name: str | None
+    cls: str
+    state: str
+    instance: int
+    mailbox: int
+    calls: int
+
+
+class WorkerNode(msgspec.Struct, frozen=True):
+    """One worker in an inspect tree; ``resolved`` is false if it did not answer in time."""
+
+    id: str
+    pid: int
+    host: str
+    resolved: bool
+    cpu_percent: float
+    rss: int
+    queued: int
+    tasks_done: int
+    inflight: int
+    actors: list[ActorNode]
+
+
+class RuntimeTree(msgspec.Struct, frozen=True):
+    """What ``rt.inspect()`` returns; ``str()`` renders it as a tree."""
+
+    workers: list[WorkerNode]
+
+    def __str__(self) -> str:
+        lines = ["runtime"]
+        for i, w in enumerate(self.workers):
+            last = i == len(self.workers) - 1
+            head = "└── " if last else "├── "
+            pad = "    " if last else "│   "
+            if w.resolved:
+                lines.append(
+                    f"{head}worker {w.id} pid {w.pid} on {w.host}: cpu {w.cpu_percent:.0f}% "
+                    f"rss {w.rss / 2**20:.1f} MiB, queued {w.queued}, in flight {w.inflight}, "
+                    f"done {w.tasks_done}"
+                )
+            else:
+                lines.append(f"{head}worker {w.id} pid {w.pid}: unresolved (no answer in time)")
+            for j, a in enumerate(w.actors):
+                branch = "└── " if j == len(w.actors) - 1 else "├── "
+                label = f"{a.name} " if a.name else ""
+                lines.append(
+                    f"{pad}{branch}actor {a.id} {label}({a.cls}) {a.state}: "
+                    f"mailbox {a.mailbox}, calls {a.calls}"
+                )
+        return "\n".join(lines)
+
+
+_TERMINAL = ("stopped", "failed")
+
+
+class _StateWait(concurrent.futures.Future[Any]):
+    """A wait for a saved state (answered with ``(state, error)``)."""
+
+
+class _Actor:
+    """Driver-side record of one actor (guarded by ``lock``)."""
+
+    def __init__(self, actor_id: int, cls_name: str, cls: type | None, args: list[Any],
+                 kwargs: dict[str, Any] | None, name: str | None, detached: bool,
+                 policy: str, every: int, interval: float) -> None:
+        self.id = actor_id
+        self.cls_name = cls_name
+        self.cls = cls
+        self.args = args
+        self.kwargs = kwargs
+        self.name = name
+        self.detached = detached
+        self.policy = policy
+        self.every = every
+        self.interval = interval
+        self.lock = threading.Condition(threading.RLock())
+        self.state = "starting"
+        self.instance = 0
+        self.worker = b""
+        self.job: Job | None = None
+        self.seqs = itertools.count()
+        self.futures: dict[int, tuple[Future[Any], str]] = {}
+        self.held: deque[tuple[int, str, list[Any], dict[str, Any] | None]] = deque()
+        self.events: list[Event] = []
+        self.checkpoint: Any = None
+        self.has_checkpoint = False
+        self.restarts: deque[float] = deque()
+        self.refs = 0
+        self.calls = 0
+
+    def emit(self, event: Event) -> None:
+        with self.lock:
+            self.events.append(event)
+            self.lock.notify_all()
+
+
+class ActorSystem:
+    """All actors of one runtime."""
+
+    def __init__(self, driver: Driver, call_timeout: float = 60.0,
+                 max_restarts: int = 3, restart_window: float = 60.0) -> None:
+        self.driver = driver
+        self.timeout = call_timeout
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self._lock = threading.Lock()
+        self._actors: dict[int, _Actor] = {}
+        self._by_instance: dict[int, _Actor] = {}
+        self._names: dict[str, _Actor] = {}
+        self._ids = itertools.count(1)
+        self._instances = itertools.count(1)
+        self._nonces = itertools.count(1)
+        self._waiting: dict[tuple[str, int], concurrent.futures.Future[Any]] = {}
+        self._waiting_on: dict[tuple[str, int], bytes] = {}
+        self._homeless: deque[_Actor] = deque()
+        driver.actor_listener = self._on_message
+        driver.exit_listeners.append(self._on_worker_exit)
+        driver.ready_listeners.append(self._on_worker_ready)
+
+    # ---- spawning -------------------------------------------------------------
+
+    def spawn(self, cls: type | str, args: tuple[Any, ...], kwargs: dict[str, Any], *, on: str | None,
+              name: str | None, detached: bool, restart_policy: str, checkpoint_every: int,
+              checkpoint_interval: float, timeout: float | None) -> _Actor:
+        if restart_policy not in ("never", "on-failure"):
+            raise ValueError(f"restart_policy must be 'never' or 'on-failure', got {restart_policy!r}")
+        if detached and not name:
+            raise ValueError("a detached actor needs a name= to be found again")
+        cls_name = actor_name_of(cls)
+        encode([list(args), kwargs], f"the arguments of {cls_name}")
+        actor = _Actor(next(self._ids), cls_name, cls if isinstance(cls, type) else None, list(args),
+                       kwargs or None, name, detached, restart_policy, checkpoint_every, checkpoint_interval)
+        with self._lock:
+            if name is not None:
+                if name in self._names and self._names[name].state not in _TERMINAL:
+                    raise ValueError(f"an actor named {name!r} already exists")
+                self._names[name] = actor
+            self._actors[actor.id] = actor
+        actor.job = self.driver.open_job(f"{cls_name} (actor {actor.id})", self._deliver_for(actor),
+                                         self._fail_for(actor))
+        worker = self._place(on, exclude=None)
+        error = self._start(actor, worker, restored=False, state=None, timeout=timeout)
+        if error is not None:
+            self._end(actor, "failed", error)
+            raise error
+        with actor.lock:
+            actor.emit(Started(worker.decode()))
+            self._flush_locked(actor)
+        return actor
+
+    def _place(self, on: str | None, exclude: bytes | None) -> bytes:
+        live = self.driver.live_workers()
+        if on is not None:
+            if on.encode() not in live:
+                raise LookupError(f"no live worker {on!r}; live: {sorted(w.decode() for w in live)}")
+            return on.encode()
+        if not live:
+            raise ActorDiedError("no live worker to place the actor on")
+        counts = {w: 0 for w in live}
+        with self._lock:
+            for a in self._actors.values():
+                if a.worker in counts and a.state not in _TERMINAL:
+                    counts[a.worker] += 1
+        candidates = [w for w in live if w != exclude] or live
+        return min(candidates, key=lambda w: (counts[w], live[w]))
+
+    def _request(self, key: tuple[str, int], worker: bytes) -> concurrent.futures.Future[Any]:
+        fut: concurrent.futures.Future[Any] = _StateWait() if key[0] == "state" else concurrent.futures.Future()
+        with self._lock:
+            self._waiting[key] = fut
+            self._waiting_on[key] = worker
+        return fut
+
+    def _wait(self, key: tuple[str, int], fut: concurrent.futures.Future[Any], timeout: float | None,
+              what: str) -> Any:
+        try:
+            return fut.result(timeout=self.timeout if timeout is None else timeout)
+        except concurrent.futures.TimeoutError:
+            raise TaskTimeoutError(f"timed out waiting for {what}") from None
+        finally:
+            with self._lock:
+                self._waiting.pop(key, None)
+                self._waiting_on.pop(key, None)
+
+    def _start(self, actor: _Actor, worker: bytes, restored: bool, state: Any,
+               timeout: float | None) -> BaseException | None:
+        """Create a new instance on ``worker``; None on success, else the error."""
+        instance = next(self._instances)
+        fut = self._request(("event", instance), worker)
+        with self._lock:
+            self._by_instance[instance] = actor
+        msg = SpawnActor(instance, actor.cls_name, actor.args, actor.kwargs, state, restored,
+                         actor.every, actor.interval)
+        if not self.driver.send_to(worker, encode(msg, f"the state of actor {actor.id}")):
+            return ActorDiedError(f"worker {worker.decode()} is gone")
+        try:
+            kind, error = self._wait(("event", instance), fut, timeout, f"actor {actor.id} to start")
+        except BaseException as exc:
+            return exc
+        if kind != "started":
+            return error if error is not None else ActorDiedError("the actor failed to start")
+        with actor.lock:
+            old_worker, old_instance = actor.worker, actor.instance
+            actor.worker, actor.instance = worker, instance
+            if actor.state in ("starting", "restarting"):
+                actor.state = "running"
+        if old_instance and old_worker:
+            self.driver.send_to(old_worker, encode(StopActor(old_instance, quiet=True)))
+        return None
+
+    # ---- calls ------------------------------------------------------------------
+
+    def _deliver_for(self, actor: _Actor) -> Callable[[int, Delivery], None]:
+        def deliver(seq: int, outcome: Delivery) -> None:
+            with actor.lock:
+                entry = actor.futures.pop(seq, None)
+                actor.calls += 1
+            if entry is None or entry[0].done():
+                return
+            fut, method = entry
+            try:
+                if isinstance(outcome, Ok):
+                    fut.set_result(self.convert_result(actor, method, outcome.value))
+                elif isinstance(outcome, Err):
+                    fut.set_exception(rebuild_error(outcome.error))
+                else:
+                    fut.set_exception(outcome)
+            except concurrent.futures.InvalidStateError:
+                pass
+
+        return deliver
+
+    def _fail_for(self, actor: _Actor) -> Callable[[BaseException], None]:
+        def fail(exc: BaseException) -> None:
+            self._end(actor, "failed", exc, emit=False)
+
+        return fail
+
+    def call(self, actor: _Actor, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
+        if method.startswith("_"):
+            raise AttributeError(f"actor methods starting with '_' cannot be called remotely: {method!r}")
+        fut: Future[Any] = Future()
+        fut.set_running_or_notify_cancel()  # an actor call cannot be withdrawn once made
+        a, kw = list(args), kwargs or None
+        encode([a, kw], f"the arguments of {actor.cls_name}.{method}")
+        with actor.lock:
+            if actor.state in _TERMINAL:
+                fut.set_exception(ActorDiedError(f"actor {actor.id} ({actor.cls_name}) is {actor.state}"))
+                return fut
+            seq = next(actor.seqs)
+            actor.futures[seq] = (fut, method)
+            actor.held.append((seq, method, a, kw))
+            if actor.state == "running":
+                self._flush_locked(actor)
+        return fut
+
+    def _flush_locked(self, actor: _Actor) -> None:
+        """Send held calls to the current instance (actor lock held)."""
+        job = actor.job
+        assert job is not None
+        while actor.held and actor.state in ("running", "stopping"):
+            seq, method, a, kw = actor.held.popleft()
+            msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
+            if not self.driver.submit_directed(job, msg, encode(msg), actor.worker):
+                entry = actor.futures.pop(seq, None)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_exception(ActorDiedError(f"the worker of actor {actor.id} is gone"))
+
+    # ---- restart ------------------------------------------------------------------
+
+    def restart(self, actor: _Actor, on: str | None, timeout: float | None) -> bool:
+        """Hot restart; True if a new instance took over, False if it reverted."""
+        with actor.lock:
+            if actor.state != "running":
+                raise ActorDiedError(f"actor {actor.id} is {actor.state}; only a running actor restarts")
+            actor.state = "restarting"  # new calls are held from here on
+            old_worker, old_instance = actor.worker, actor.instance
+        nonce = next(self._nonces)
+        fut = self._request(("state", nonce), old_worker)
+        error: BaseException | None = None
+        state: Any = None
+        if not self.driver.send_to(old_worker, encode(SaveActor(old_instance, nonce))):
+            error = ActorDiedError(f"worker {old_worker.decode()} is gone")
+        else:
+            try:
+                state, error = self._wait(("state", nonce), fut, timeout, f"actor {actor.id} to save")
+            except BaseException as exc:
+                error = exc
+        if error is None:
+            try:
+                target = self._place(on, exclude=old_worker)
+            except BaseException as exc:
+                error = exc
+            else:
+                error = self._start(actor, target, restored=True, state=state, timeout=timeout)
+                if error is None:
+                    with actor.lock:
+                        actor.checkpoint, actor.has_checkpoint = state, True
+                        actor.emit(Started(target.decode(), restored=True))
+                        self._flush_locked(actor)
+                    return True
+        with actor.lock:
+            if actor.state == "restarting" and self.driver.is_live(old_worker):
+                actor.state = "running"  # revert: the old instance was never stopped
+                actor.emit(RestartFailed(error))
+                self._flush_locked(actor)
+                return False
+        self._end(actor, "failed", error)
+        return False
+
+    # ---- ending ----------------------------------------------------------------------
+
+    def stop(self, actor: _Actor) -> None:
+        with actor.lock:
+            if actor.state in _TERMINAL or actor.state == "stopping":
+                return
+            if actor.state != "running":
+                actor.lock.wait_for(lambda: actor.state not in ("starting", "restarting"), timeout=self.timeout)
+            if actor.state != "running":
+                return
+            self._flush_locked(actor)
+            actor.state = "stopping"
+            instance, worker = actor.instance, actor.worker
+        if not self.driver.send_to(worker, encode(StopActor(instance))):
+            self._end(actor, "stopped", None)
+
+    def join(self, actor: _Actor, timeout: float | None) -> None:
+        with actor.lock:
+            if not actor.lock.wait_for(lambda: actor.state in _TERMINAL, timeout=timeout):
+                raise TaskTimeoutError(f"actor {actor.id} is still {actor.state}")
+
+    def _end(self, actor: _Actor, state: str, error: BaseException | None, emit: bool = True) -> None:
+        with actor.lock:
+            if actor.state in _TERMINAL:
+                return
+            actor.state = state
+            futures = [fut for fut, _ in actor.futures.values()]
+            actor.futures.clear()
+            actor.held.clear()
+            if emit:
+                actor.emit(Stopped() if state == "stopped" else Failed(error or ActorDiedError("failed")))
+            actor.lock.notify_all()
+        died = ActorDiedError(f"actor {actor.id} ({actor.cls_name}) {state}")
+        for fut in futures:
+            if not fut.done():
+                try:
+                    fut.set_exception(died)
+                except concurrent.futures.InvalidStateError:
+                    pass
+        if actor.job is not None:
+            self.driver.close_job(actor.job)
+
+    def events(self, actor: _Actor, timeout: float | None) -> Iterator[Event]:
+        index = 0
+        while True:
+            with actor.lock:
+                ok = actor.lock.wait_for(lambda: len(actor.events) > index or actor.state in _TERMINAL,
+                                         timeout=timeout)
+                if not ok:
+                    raise TaskTimeoutError(f"no event from actor {actor.id} within {timeout} s")
+                batch = actor.events[index:]
+                done = actor.state in _TERMINAL
+            for event in batch:
+                yield event
+            index += len(batch)
+            if done and index >= len(actor.events):
+                return
+
+    def retain(self, actor: _Actor) -> None:
+        with actor.lock:
+            actor.refs += 1
+
+    def release(self, actor: _Actor) -> None:
+        with actor.lock:
+            actor.refs -= 1
+            drop = actor.refs <= 0 and not actor.detached
+        if drop and not self.driver.closed:
+            try:
+                self.stop(actor)
+            except Exception:
+                pass
+
+    def get(self, name: str) -> _Actor:
+        with self._lock:
+            actor = self._names.get(name)
+        if actor is None or actor.state in _TERMINAL:
+            raise LookupError(f"no actor named {name!r}")
+        return actor
+
+    # ---- events from workers ------------------------------------------------------------
+
+    def _on_message(self, worker: bytes, msg: ActorEvent | ActorState) -> None:
+        """Pump thread: an actor event or a saved state arrived."""
+        if isinstance(msg, ActorState):
+            if msg.nonce == 0:
+                with self._lock:
+                    actor = self._by_instance.get(msg.instance)
+                if actor is not None and msg.error is None:
+                    with actor.lock:
+                        if actor.instance == msg.instance:
+                            actor.checkpoint, actor.has_checkpoint = msg.state, True
+                return
+            key: tuple[str, int] = ("state", msg.nonce)
+            value: Any = (msg.state, rebuild_error(msg.error) if msg.error else None)
+        else:
+            error = rebuild_error(msg.error) if msg.error is not None else None
+            if msg.kind == "stopped":
+                with self._lock:
+                    actor = self._by_instance.get(msg.instance)
+                if actor is not None:
+                    self._end(actor, "stopped", None)
+                return
+            key, value = ("event", msg.instance), (msg.kind, error)
+        with self._lock:
+            fut = self._waiting.get(key)
+        if fut is not None and not fut.done():
+            fut.set_result(value)
+
+    def _on_worker_exit(self, worker_id: str, exitcode: int | None) -> None:
+        """Supervisor thread: the worker hosting some actors died."""
+        ident = worker_id.encode()
+        gone = ActorDiedError(f"worker {worker_id} died (exit code {exitcode})")
+        with self._lock:
+            stranded = [f for key, f in self._waiting.items() if self._waiting_on.get(key) == ident]
+        for fut in stranded:
+            if not fut.done():
+                fut.set_result(("failed", gone) if not isinstance(fut, _StateWait) else (None, gone))
+        with self._lock:
+            hosted = [a for a in self._actors.values() if a.worker == ident and a.state not in _TERMINAL]
+        for actor in hosted:
+            died = ActorDiedError(
+                f"the process of actor {actor.id} ({actor.cls_name}) on worker {worker_id} died "
+                f"(exit code {exitcode})"
+            )
+            if actor.policy != "on-failure" or not self._may_restart(actor):
+                self._end(actor, "failed", died)
+                continue
+            with actor.lock:
+                actor.state = "restarting"
+                actor.emit(Failed(died, final=False))
+            with self._lock:
+                self._homeless.append(actor)
+        self._rehome()
+
+    def _may_restart(self, actor: _Actor) -> bool:
+        now = time.monotonic()
+        while actor.restarts and now - actor.restarts[0] > self.restart_window:
+            actor.restarts.popleft()
+        if len(actor.restarts) >= self.max_restarts:
+            return False
+        actor.restarts.append(now)
+        return True
+
+    def _on_worker_ready(self, worker_id: str) -> None:
+        self._rehome()
+
+    def _rehome(self) -> None:
+        """Restart supervised actors whose worker died, on live workers (no waiting here)."""
+        while True:
+            with self._lock:
+                if not self._homeless or not self.driver.live_workers():
+                    return
+                actor = self._homeless.popleft()
+            threading.Thread(target=self._restart_supervised, args=(actor,), daemon=True,
+                             name=f"phalanx-actor-{actor.id}-restart").start()
+
+    def _restart_supervised(self, actor: _Actor) -> None:
+        try:
+            worker = self._place(None, exclude=None)
+        except BaseException as exc:
+            self._end(actor, "failed", exc)
+            return
+        error = self._start(actor, worker, restored=actor.has_checkpoint, state=actor.checkpoint, timeout=None)
+        if error is not None:
+            self._end(actor, "failed", error)
+            return
+        with actor.lock:
+            actor.emit(Started(worker.decode(), restored=actor.has_checkpoint))
+            self._flush_locked(actor)
+
+    # ---- inspect ----------------------------------------------------------------------------
+
+    def nodes(self) -> dict[bytes, list[tuple[_Actor, int]]]:
+        with self._lock:
+            actors = [a for a in self._actors.values() if a.state not in _TERMINAL]
+        out: dict[bytes, list[tuple[_Actor, int]]] = {}
+        for a in actors:
+            out.setdefault(a.worker, []).append((a, a.instance))
+        return out
+
+    def convert_result(self, actor: _Actor, method: str, value: Any) -> Any:
+        if actor.cls is None:
+            return value
+        fn = getattr(actor.cls, method, None)
+        try:
+            typ = typing.get_type_hints(fn).get("return", Any) if fn is not None else Any
+        except Exception:
+            return value
+        try:
+            return convert(value, typ)
+        except Exception:
+            return value
+

@@ -1,0 +1,217 @@
+"""Operations the test suite runs on workers.
+
+Imported by the test (driver) process and, by name, by every worker process
+(``tests/`` is on ``sys.path`` in both), so everything here is module-level
+and importing it has no side effects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+import phalanx
+
+# --------------------------------------------------------------------------- #
+# Values
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+    label: str = ""
+
+
+class Box(msgspec.Struct, frozen=True):
+    name: str
+    items: list[int]
+    when: datetime.datetime | None = None
+
+
+class CustomError(Exception):
+    """An exception class workers raise and the driver can rebuild by name."""
+
+
+class TwoArgError(Exception):
+    """An exception whose ``args`` do not fit its constructor."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+# --------------------------------------------------------------------------- #
+# Plain operations
+# --------------------------------------------------------------------------- #
+
+
+@phalanx.operation
+def square(x: int) -> int:
+    return x * x
+
+
+@phalanx.operation
+def inc(x: Any) -> Any:
+    return x + 1
+
+
+@phalanx.operation
+def add(a: Any, b: Any) -> Any:
+    return a + b
+
+
+@phalanx.operation
+def add3(a: Any, b: Any, c: Any) -> Any:
+    return a + b + c
+
+
+@phalanx.operation
+def identity(x: Any) -> Any:
+    return x
+
+
+@phalanx.operation
+def scaled(x: Any, *, factor: Any = 1, offset: Any = 0) -> Any:
+    return x * factor + offset
+
+
+@phalanx.operation
+def tag(thread: Any, i: Any) -> Any:
+    """Return a value that says which caller and item it answers."""
+    return [thread, i, thread * 1_000_000 + i]
+
+
+@phalanx.operation
+def counted_add(a: Any, b: Any) -> Any:
+    """Fold pairs ``[value, combines]``: counts the combines that happened."""
+    return [a[0] + b[0], a[1] + b[1] + 1]
+
+
+@phalanx.operation
+def concat(a: Any, b: Any) -> Any:
+    """Associative, not commutative."""
+    return a + b
+
+
+@phalanx.operation
+def pid(x: Any = None) -> int:
+    return os.getpid()
+
+
+# --------------------------------------------------------------------------- #
+# Typed operations
+# --------------------------------------------------------------------------- #
+
+
+@phalanx.operation
+def next_day(d: datetime.datetime) -> datetime.datetime:
+    assert isinstance(d, datetime.datetime), type(d)
+    return d + datetime.timedelta(days=1)
+
+
+@phalanx.operation
+def uuid_version(u: uuid.UUID) -> uuid.UUID:
+    assert isinstance(u, uuid.UUID), type(u)
+    return uuid.UUID(int=u.int ^ 1)
+
+
+@phalanx.operation
+def bytes_reverse(b: bytes) -> bytes:
+    assert isinstance(b, bytes), type(b)
+    return b[::-1]
+
+
+@phalanx.operation
+def move(p: Point, dx: int) -> Point:
+    assert isinstance(p, Point), type(p)
+    return Point(p.x + dx, p.y, p.label + "!")
+
+
+@phalanx.operation
+def grow(box: Box, extra: int) -> Box:
+    assert isinstance(box, Box), type(box)
+    return Box(box.name.upper(), [*box.items, extra], box.when)
+
+
+@phalanx.operation
+def typed_int(x: int) -> int:
+    return x
+
+
+# --------------------------------------------------------------------------- #
+# Failing operations
+# --------------------------------------------------------------------------- #
+
+
+@phalanx.operation
+def boom_value_error(*args: Any) -> Any:
+    raise ValueError("boom")
+
+
+@phalanx.operation
+def raise_custom(msg: str) -> Any:
+    raise CustomError(msg)
+
+
+@phalanx.operation
+def raise_two_arg(x: Any = None) -> Any:
+    raise TwoArgError("left", "right")
+
+
+@phalanx.operation
+def return_unencodable(x: Any = None) -> Any:
+    return object()
+
+
+@phalanx.operation
+def call_sys_exit(code: int) -> Any:
+    sys.exit(code)
+
+
+@phalanx.operation
+def fail_at(x: Any, k: Any) -> Any:
+    if x == k:
+        raise ValueError(f"fail at {x}")
+    return x * 10
+
+
+@phalanx.operation
+def slow_fail_at(x: Any, k: Any, slow: Any) -> Any:
+    """Item ``k`` fails at once; items before it take ``slow`` seconds."""
+    if x == k:
+        raise ValueError(f"fail at {x}")
+    if x < k:
+        time.sleep(slow)
+    return x * 10
+
+
+@phalanx.operation
+def record_then_fail(x: Any, k: Any, directory: Any, delay: Any) -> Any:
+    """Leave a file per executed item. Items before ``k`` return at once;
+    item ``k`` and later ones take ``delay`` seconds, and ``k`` then fails."""
+    Path(directory, str(x)).touch()
+    if x < k:
+        return x
+    time.sleep(delay)
+    if x == k:
+        raise ValueError(f"fail at {x}")
+    return x
+
+
+def not_an_operation(x: Any) -> Any:
+    return x
+
+
+@phalanx.operation
+def sleep_then(x: Any, seconds: Any) -> Any:
+    time.sleep(seconds)
+    return x
