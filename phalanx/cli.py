@@ -139,12 +139,45 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 #: The dispatch table: subcommand name -> Command.  Add new subcommands here.
+# --------------------------------------------------------------------------- top
+
+_TOP_DESCRIPTION = """\
+Show the workers and actors of a running phalanx runtime, refreshed live:
+per worker its pid, host, cpu, rss, queued and in-flight tasks; per actor its
+state, mailbox length and calls served. A worker that does not answer within
+the refresh interval shows as unresolved.
+
+Without --connect, finds the runtimes of this user on this machine (each
+writes runtime.json into its private ipc directory)."""
+
+
+def _configure_top(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pid", type=_positive_int, default=None,
+                        help="the driver pid, when several runtimes are running")
+    parser.add_argument("--connect", metavar="ENDPOINT", default=None,
+                        help="the runtime's results endpoint (e.g. tcp://host:5556)")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default: 1.0)")
+    parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
+
+
+def _run_top(args: argparse.Namespace) -> int:
+    from .top import run_top
+
+    return run_top(args.connect, args.pid, args.interval, args.once)
+
+
 COMMANDS: dict[str, Command] = {
     "demo": Command(
         summary="run a short self-checking demo (Monte Carlo pi, word-count fold)",
         description=_DEMO_DESCRIPTION,
         configure=_configure_demo,
         handler=_run_demo,
+    ),
+    "top": Command(
+        summary="watch the workers and actors of a running runtime",
+        description=_TOP_DESCRIPTION,
+        configure=_configure_top,
+        handler=_run_top,
     ),
 }
 

@@ -78,6 +78,8 @@ from .transport.messages import (
     ActorEvent,
     ActorState,
     Heartbeat,
+    InspectAnswer,
+    InspectQuery,
     InspectReply,
     InspectRequest,
 )
@@ -201,10 +203,14 @@ class Job:
     ) -> None:
         self.id = job_id
         self.op = op
-        options = options or TaskOptions()
-        self.retry: RetryStrategy | None = options.retry
-        self.on_fatal: FatalStrategy = options.on_fatal or FatalStrategy.TERMINATE
-        self.timeout: float = options.timeout or 0.0
+        if options is None:
+            self.retry: RetryStrategy | None = None
+            self.on_fatal: FatalStrategy = FatalStrategy.TERMINATE
+            self.timeout: float = 0.0
+        else:
+            self.retry = options.retry
+            self.on_fatal = options.on_fatal or FatalStrategy.TERMINATE
+            self.timeout = options.timeout or 0.0
         #: (seq, index in chunk, error) of items dropped under IGNORE
         self.skipped: list[tuple[int, int, Any]] = []
         #: tasks were forgotten while workers may still hold them
@@ -287,6 +293,9 @@ class Driver:
         #: pump thread: a worker became ready
         self.ready_listeners: list[Callable[[str], None]] = []
         self._inspect_nonces = itertools.count(1)
+        #: builds the inspect tree for clients such as ``phalanx top`` (set by the Runtime)
+        self.inspect_provider: Callable[[float], Any] | None = None
+        self._outgoing: deque[tuple[bytes, bytes]] = deque()
         self._inspect_replies: dict[int, dict[str, InspectReply]] = {}
 
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -484,19 +493,34 @@ class Driver:
     ) -> Job:
         """Lease a new result channel."""
         self.check_open()
-        job = Job(next(self._job_ids), op, deliver, fail, on_dispatch, autoclose, options)
+        job = self.new_job(op, deliver, fail, on_dispatch, autoclose, options)
         with self._lock:
             self._jobs[job.id] = job
         return job
 
-    def submit(self, job: Job, tasks: list[Task]) -> None:
-        """Queue tasks of ``job`` and dispatch what credits allow."""
+    def new_job(
+        self,
+        op: str,
+        deliver: Callable[[int, Delivery], None],
+        fail: Callable[[BaseException], None],
+        on_dispatch: Callable[[], bool] | None = None,
+        autoclose: bool = False,
+        options: TaskOptions | None = None,
+    ) -> Job:
+        """A job not yet registered: :meth:`submit` with ``register=True`` does it."""
+        self.check_open()
+        return Job(next(self._job_ids), op, deliver, fail, on_dispatch, autoclose, options)
+
+    def submit(self, job: Job, tasks: list[Task], register: bool = False) -> None:
+        """Queue tasks of ``job`` (registering it first) and dispatch what credits allow."""
         with self._lock:
             if self._broken is not None or self._closed:
                 self._jobs.pop(job.id, None)
                 raise RuntimeBrokenError(str(self._broken)) if self._broken else RuntimeClosedError(
                     "the runtime is shut down"
                 )
+            if register:
+                self._jobs[job.id] = job
             outstanding = job.outstanding
             for task in tasks:
                 outstanding[task.seq] = task
@@ -662,6 +686,8 @@ class Driver:
                     self._handle(parts)
             if self._timers:
                 self._fire_timers()
+            if self._outgoing:
+                self._send_outgoing()
             while self._spawn_owed:
                 with self._lock:
                     if self._closed or self._broken is not None:
@@ -693,6 +719,28 @@ class Driver:
                 if job is not None and job.outstanding.get(task.seq) is task:
                     self._pending.append(task)
             self._dispatch_locked()
+
+    def _answer_query(self, ident: bytes, query: InspectQuery) -> None:
+        """A helper thread: build the tree (it waits on workers), let the pump send it."""
+        assert self.inspect_provider is not None
+        try:
+            tree = self.inspect_provider(max(0.05, min(query.timeout, 10.0)))
+            frame = encode(InspectAnswer(query.nonce, tree))
+        except Exception:
+            return
+        self._outgoing.append((ident, frame))
+        try:
+            os.write(self._wake_w, b"o")
+        except OSError:
+            pass
+
+    def _send_outgoing(self) -> None:
+        while self._outgoing:
+            ident, frame = self._outgoing.popleft()
+            try:
+                self._results.send_multipart([ident, frame], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the client went away
 
     def _handshaking(self) -> bool:
         return any(w.alive and not w.ready for w in list(self._workers.values()))
@@ -745,6 +793,13 @@ class Driver:
                         self._changed.notify_all()
             else:
                 self.frames_dropped += 1
+            return
+        if isinstance(msg, InspectQuery):
+            if self.inspect_provider is None or ident in self._workers:
+                self.frames_dropped += 1
+                return
+            threading.Thread(target=self._answer_query, args=(ident, msg), daemon=True,
+                             name="phalanx-inspect").start()
             return
         if isinstance(msg, (ActorEvent, ActorState)):
             w = self._workers.get(ident)

@@ -82,11 +82,17 @@ def _outcome_error(outcome: Delivery) -> BaseException:
 
 
 class _FutureSink:
-    __slots__ = ("future", "op")
+    __slots__ = ("future", "op", "job", "driver")
 
     def __init__(self, future: Future[Any], op: Operation | None) -> None:
         self.future = future
         self.op = op
+        self.job: Job | None = None
+        self.driver: Driver | None = None
+
+    def cancel(self) -> None:
+        if self.job is not None and self.driver is not None:
+            self.driver.close_job(self.job)
 
     def deliver(self, seq: int, outcome: Delivery) -> None:
         fut = self.future
@@ -133,18 +139,15 @@ def submit(
     op = driver_operation(fn)
     fut: Future[Any] = Future()
     sink = _FutureSink(fut, op)
-    job = driver.open_job(
+    job = driver.new_job(
         op_name, sink.deliver, sink.fail, fut.set_running_or_notify_cancel, autoclose=True,
         options=options_for(op, options),
     )
     msg = Call(job.id, 0, 0, op_name, list(args), kwargs or None, job.timeout)
-    try:
-        frame = encode(msg, f"the arguments of {op_name}")
-    except BaseException:
-        driver.close_job(job)
-        raise
-    fut._phalanx_cancel = lambda: driver.close_job(job)
-    driver.submit(job, [Task(msg, frame)])
+    frame = encode(msg, "the arguments of {}", op_name)
+    sink.job, sink.driver = job, driver
+    fut._phalanx_cancel = sink.cancel
+    driver.submit(job, [Task(msg, frame)], register=True)
     return fut
 
 
@@ -263,7 +266,7 @@ class MapIterator(Iterator[R], Generic[R]):
             self._starts[seq] = self._read
             self._read += len(items)
             msg = Chunk(job.id, seq, 0, self._op_name, items, self._star, False, job.timeout)
-            tasks.append(Task(msg, encode(msg, f"the arguments of {self._op_name}"), len(items)))
+            tasks.append(Task(msg, encode(msg, "the arguments of {}", self._op_name), len(items)))
         if tasks:
             now = time.monotonic()
             for task in tasks:
@@ -398,7 +401,7 @@ def fold(
         seq = next(job.seqs)
         msg = Call(job.id, seq, 0, op_name, [lower, upper], None, job.timeout)
         inflight[seq] = (lo, hi)
-        driver.submit(job, [Task(msg, encode(msg, f"the partial results of {op_name}"))])
+        driver.submit(job, [Task(msg, encode(msg, "the partial results of {}", op_name))])
 
     def add_ready(lo: int, hi: int, value: Any, remote: bool) -> None:
         left = lo_of_hi.pop(lo, None)
@@ -430,7 +433,7 @@ def fold(
                 seq = next(job.seqs)
                 msg = Chunk(job.id, seq, 0, op_name, items, False, True, job.timeout)
                 inflight[seq] = (lo, pos)
-                tasks.append(Task(msg, encode(msg, f"the items of {op_name}"), len(items)))
+                tasks.append(Task(msg, encode(msg, "the items of {}", op_name), len(items)))
             if tasks:
                 driver.submit(job, tasks)
             if exhausted and not inflight:

@@ -13,10 +13,15 @@ stops every worker in layers and removes the private ipc directory.
 from __future__ import annotations
 
 import atexit
+import os
+import sys
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
+
+import msgspec
 
 from .actors.ref import ActorRef
 from .actors.system import ActorNode, ActorSystem, RuntimeTree, WorkerNode
@@ -31,6 +36,20 @@ A = TypeVar("A")
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+
+
+def _advertise(rt: Runtime) -> None:
+    """Write ``runtime.json`` into the private ipc directory so ``phalanx top`` finds us."""
+    ipc_dir = rt._driver.endpoints.ipc_dir
+    if ipc_dir is None:
+        return
+    info = {"pid": os.getpid(), "results": rt._driver.endpoints.results, "workers": rt.config.workers,
+            "started": time.time(), "argv": sys.argv}
+    try:
+        with open(os.path.join(ipc_dir, "runtime.json"), "wb") as f:
+            f.write(msgspec.json.encode(info))
+    except OSError:
+        pass
 
 
 def _shutdown_at_exit(ref: weakref.ReferenceType[Runtime]) -> None:
@@ -98,6 +117,8 @@ class Runtime:
             self._driver.shutdown(wait=False)
             raise
         self._actors = ActorSystem(self._driver)
+        self._driver.inspect_provider = self.inspect
+        _advertise(self)
         self._atexit = lambda ref=weakref.ref(self): _shutdown_at_exit(ref)
         atexit.register(self._atexit)
 

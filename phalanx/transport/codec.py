@@ -24,13 +24,14 @@ from ..errors import (
     RemoteError,
     RemoteTraceback,
 )
-from .messages import ControlMessage, DriverMessage, ErrorInfo, InboxMessage
+from .messages import ClientMessage, ControlMessage, DriverMessage, ErrorInfo, InboxMessage
 
 __all__ = [
     "encode",
     "decode_inbox",
     "decode_control",
     "decode_driver",
+    "decode_client",
     "convert",
     "error_info",
     "rebuild_error",
@@ -43,14 +44,19 @@ _encoder = msgspec.msgpack.Encoder()
 _inbox = msgspec.msgpack.Decoder(InboxMessage)
 _control = msgspec.msgpack.Decoder(ControlMessage)
 _driver = msgspec.msgpack.Decoder(DriverMessage)
+_client = msgspec.msgpack.Decoder(ClientMessage)
 
 
-def encode(msg: Any, what: str = "message") -> bytes:
-    """Encode ``msg`` to msgpack, or raise :class:`EncodeError` naming ``what``."""
+def encode(msg: Any, what: str = "message", name: str = "") -> bytes:
+    """Encode ``msg`` to msgpack, or raise :class:`EncodeError` naming ``what``.
+
+    ``what`` may contain ``{}``, filled with ``name`` only on failure (so the
+    hot path builds no message).
+    """
     try:
         return _encoder.encode(msg)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise EncodeError(f"cannot encode {what}: {exc}") from exc
+        raise EncodeError(f"cannot encode {what.format(name) if name else what}: {exc}") from exc
 
 
 def _decode(decoder: msgspec.msgpack.Decoder[Any], frame: bytes | memoryview) -> Any:
@@ -73,6 +79,11 @@ def decode_control(frame: bytes | memoryview) -> ControlMessage:
 def decode_driver(frame: bytes | memoryview) -> DriverMessage:
     """Decode a frame received on the driver's results ROUTER."""
     return _decode(_driver, frame)  # type: ignore[no-any-return]
+
+
+def decode_client(frame: bytes | memoryview) -> ClientMessage:
+    """Decode a frame a client (``phalanx top``) received from the driver."""
+    return _decode(_client, frame)  # type: ignore[no-any-return]
 
 
 def convert(value: Any, typ: Any) -> Any:

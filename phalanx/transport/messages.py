@@ -60,6 +60,8 @@ __all__ = [
     "InspectRequest",
     "InspectReply",
     "ActorInfo",
+    "InspectQuery",
+    "InspectAnswer",
     "InboxMessage",
     "ControlMessage",
     "DriverMessage",
@@ -326,6 +328,21 @@ class InspectReply(_Msg, frozen=True):
     actors: list[ActorInfo]
 
 
+class InspectQuery(_Msg, frozen=True):
+    """From a client such as ``phalanx top``: send me the runtime's inspect tree."""
+
+    nonce: int
+    timeout: float = 1.0
+
+
+class InspectAnswer(_Msg, frozen=True):
+    """The driver's answer to an InspectQuery: ``tree`` is a RuntimeTree as plain data."""
+
+    nonce: int
+    tree: Any
+
+
 InboxMessage = Union[Welcome, Call, Chunk, Stop, SpawnActor, ActorCall, StopActor, SaveActor]
 ControlMessage = Union[Sync, Terminate, Shutdown, Heartbeat, InspectRequest]
-DriverMessage = Union[Hello, Ready, Results, Retire, ActorEvent, ActorState, InspectReply]
+DriverMessage = Union[Hello, Ready, Results, Retire, ActorEvent, ActorState, InspectReply, InspectQuery]
+ClientMessage = Union[InspectAnswer]
