@@ -32,6 +32,7 @@ FAMILIES: dict[str, tuple[tuple[type[msgspec.Struct], ...], Decoder]] = {
     "inbox": (typing.get_args(messages.InboxMessage), codec.decode_inbox),
     "control": (typing.get_args(messages.ControlMessage), codec.decode_control),
     "driver": (typing.get_args(messages.DriverMessage), codec.decode_driver),
+    "client": ((messages.InspectAnswer,), codec.decode_client),
 }
 
 ALL_MESSAGES: list[tuple[str, type[msgspec.Struct]]] = [
