@@ -51,6 +51,9 @@ from .policy import (
 )
 from .registry import actor, operation
 from .runtime import JobOptions, Runtime
+from .aio import AsyncJobOptions, AsyncRuntime
+from .executor import Executor
+from . import logs as _logs  # noqa: F401  (NullHandler on the phalanx logger)
 from .worker import TaskContext, current_task
 
 __version__ = "0.1.0"
@@ -60,9 +63,12 @@ __all__ = [
     "ActorNode",
     "ActorRef",
     "After",
+    "AsyncJobOptions",
+    "AsyncRuntime",
     "Config",
     "DecodeError",
     "EncodeError",
+    "Executor",
     "Exponential",
     "Failed",
     "FatalStrategy",

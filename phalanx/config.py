@@ -64,6 +64,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_timeout: float = -1.0
     #: a worker that lost its driver waits for it to come back instead of exiting
     reconnect: bool = False
+    #: the driver's CURVE ``.key_secret`` file (tcp)
+    server_key: str | None = None
+    #: directory of the ``.key`` files of workers allowed to connect (tcp)
+    authorized_keys: str | None = None
+    #: allow plaintext, unauthenticated tcp (prints a warning)
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -79,6 +85,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.heartbeat_interval <= 0:
             raise ValueError(f"heartbeat_interval must be > 0, got {self.heartbeat_interval}")
+        if self.listen is not None and not self.insecure and not (self.server_key and self.authorized_keys):
+            raise ValueError(
+                "tcp needs server_key= (a .key_secret file) and authorized_keys= (a directory of "
+                "worker .key files): run `phalanx keygen`; or pass insecure=True for plaintext"
+            )
         if self.abort_grace < 0:
             raise ValueError(f"abort_grace must be >= 0, got {self.abort_grace}")
 
@@ -126,4 +137,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "heartbeat_interval": float,
     "heartbeat_timeout": float,
     "reconnect": lambda raw: raw.strip().lower() in ("1", "true", "yes", "on"),
+    "server_key": str,
+    "authorized_keys": str,
+    "insecure": lambda raw: raw.strip().lower() in ("1", "true", "yes", "on"),
 }

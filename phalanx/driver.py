@@ -143,7 +143,9 @@ class Task:
     before a retry or a skip, so the chunk resumes where it failed.
     """
 
-    __slots__ = ("job", "seq", "attempt", "crashes", "retries", "prefix", "msg", "frame", "items", "directed")
+    __slots__ = (
+        "job", "seq", "attempt", "crashes", "retries", "prefix", "msg", "frame", "items", "directed", "claimed",
+    )
 
     def __init__(self, msg: Call | Chunk | ActorCall, frame: bytes, items: int = 1) -> None:
         self.job = msg.job
@@ -157,6 +159,8 @@ class Task:
         self.items = items
         #: sent to one worker outside the credit scheme (actor calls): never redelivered
         self.directed = isinstance(msg, ActorCall)
+        #: the job's on_dispatch accepted it (a Future is running): never ask twice
+        self.claimed = False
 
     def _copy(self, msg: Call | Chunk | ActorCall, items: int) -> Task:
         task = Task(msg, encode(msg), items)
@@ -441,6 +445,8 @@ class Driver:
                 self.worker_restarts += 1
             try:
                 self._spawn()
+            except RuntimeClosedError:
+                pass  # shutdown() won the race: it stops everything spawn() started
             except Exception as exc:  # cannot start processes any more
                 self.break_runtime(RuntimeBrokenError(f"cannot respawn a worker: {exc}"))
 
@@ -621,11 +627,13 @@ class Driver:
             job = self._jobs.get(task.job)
             if job is None or job.outstanding.get(task.seq) is not task:
                 continue
-            if job.on_dispatch is not None and task.attempt == 0 and not job.on_dispatch():
-                del job.outstanding[task.seq]
-                if job.autoclose and not job.outstanding:
-                    del self._jobs[job.id]
-                continue
+            if job.on_dispatch is not None and task.attempt == 0 and not task.claimed:
+                if not job.on_dispatch():
+                    del job.outstanding[task.seq]
+                    if job.autoclose and not job.outstanding:
+                        del self._jobs[job.id]
+                    continue
+                task.claimed = True
             try:
                 self._tasks.send(best.ident, zmq.SNDMORE | zmq.NOBLOCK)
                 self._tasks.send(task.frame, zmq.NOBLOCK)

@@ -22,14 +22,16 @@ import concurrent.futures
 import itertools
 import math
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from .driver import SKIPPED, Delivery, Driver, Job, Task
-from .errors import TaskTimeoutError
+from .errors import TaskCancelledError, TaskTimeoutError
 from .policy import FatalStrategy, TaskOptions
+from .progress import ProgressBar, progress_bar
 from .registry.operations import Operation, driver_operation, name_of
 from .transport.codec import encode, rebuild_error
 from .transport.messages import Call, Chunk, Ok
@@ -38,6 +40,9 @@ __all__ = ["Future", "MapIterator", "submit", "fold", "MISSING"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+#: guards the hand-over between ``MapIterator.__anext__`` and its thread
+_ASYNC_LOCK = threading.Lock()
 
 #: largest automatic chunk
 MAX_AUTO_CHUNK = 50_000
@@ -222,6 +227,7 @@ class MapIterator(Iterator[R], Generic[R]):
         timeout: float | None,
         workers: int,
         options: TaskOptions | None = None,
+        progress: bool = False,
     ) -> None:
         if not iterables:
             raise TypeError("map() needs at least one iterable")
@@ -245,6 +251,9 @@ class MapIterator(Iterator[R], Generic[R]):
         self._ready: deque[Any] = deque()
         self._pending_error: BaseException | None = None
         self._exhausted = False
+        self._progress: ProgressBar | None = (
+            progress_bar(_length(iterables), self._op_name) if progress else None
+        )
         self._done = False
         try:
             self._fill()
@@ -292,6 +301,59 @@ class MapIterator(Iterator[R], Generic[R]):
     def __iter__(self) -> MapIterator[R]:
         return self
 
+    # ---- asyncio: ``async for x in rt.map(...)`` ----------------------------------
+
+    _async_running = False
+    _async_cancelled = False
+
+    def __aiter__(self) -> MapIterator[R]:
+        return self
+
+    async def __anext__(self) -> R:
+        """The next result, without blocking the event loop.
+
+        Results already received are returned at once; otherwise the wait
+        runs in the loop's default executor. Cancelling the awaiting task
+        ends the map (its tasks are terminated) and frees that thread.
+        """
+        if self._ready:
+            return self._ready.popleft()  # type: ignore[no-any-return]
+        if self._done and self._pending_error is None:
+            raise StopAsyncIteration
+        with _ASYNC_LOCK:
+            self._async_running = True
+        pending = asyncio.get_running_loop().run_in_executor(None, self._next_in_thread)
+        try:
+            more, value = await pending
+        except asyncio.CancelledError:
+            with _ASYNC_LOCK:
+                running = self._async_running
+                self._async_cancelled = True
+            if running:  # wake the thread; it ends the job when it returns
+                self._lease.queue.put((-1, TaskCancelledError("the map's consumer was cancelled")))
+            else:
+                self._cancel_from_async()
+            raise
+        if not more:
+            raise StopAsyncIteration
+        return value  # type: ignore[no-any-return]
+
+    def _next_in_thread(self) -> tuple[bool, Any]:
+        try:
+            return True, next(self)
+        except StopIteration:
+            return False, None
+        finally:
+            with _ASYNC_LOCK:
+                self._async_running = False
+                cancelled = self._async_cancelled
+            if cancelled:
+                self._cancel_from_async()
+
+    def _cancel_from_async(self) -> None:
+        self.close()
+        self._driver.close_job(self._lease.job, terminate=True)
+
     def __next__(self) -> R:
         while True:
             if self._ready:
@@ -328,6 +390,8 @@ class MapIterator(Iterator[R], Generic[R]):
                 values, exc = [], outcome
             else:
                 values, exc = self._convert(outcome.partial or []), _outcome_error(outcome)
+            if self._progress is not None:
+                self._progress.update(len(values))
             if self._ordered:
                 if exc is not None:
                     # Nothing after the failure will be yielded: stop feeding, forget
@@ -352,6 +416,13 @@ class MapIterator(Iterator[R], Generic[R]):
     def _finish(self) -> None:
         self._done = True
         self._driver.close_job(self._lease.job)
+        self._end_progress()
+
+    def _end_progress(self) -> None:
+        bar = getattr(self, "_progress", None)
+        if bar is not None:
+            self._progress = None
+            bar.close()
 
     def close(self) -> None:
         """Stop the job: queued tasks are dropped, running ones told to abort."""
@@ -361,6 +432,7 @@ class MapIterator(Iterator[R], Generic[R]):
             self._ready.clear()
             self._buffer.clear()
             self._driver.close_job(self._lease.job, terminate=True)
+        self._end_progress()
 
     def __del__(self) -> None:
         try:

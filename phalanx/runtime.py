@@ -163,6 +163,7 @@ class Runtime:
         chunksize: int | None = None,
         ordered: bool = True,
         timeout: float | None = None,
+        progress: bool = False,
     ) -> MapIterator[R]:
         """Apply ``fn`` to every item, streaming results as they come.
 
@@ -172,10 +173,12 @@ class Runtime:
         input length (or grows them while they are quick, for iterators).
         ``ordered=False`` yields results as they finish. ``timeout`` bounds
         the whole iteration in seconds. The first failure is raised at its
-        position; the rest of the job is cancelled.
+        position; the rest of the job is cancelled. ``progress=True`` draws a
+        progress bar (tqdm, the ``progress`` extra) on a terminal's stderr.
         """
         return MapIterator(
-            self._driver, fn, iterables, chunksize, ordered, timeout, self.config.workers or 1
+            self._driver, fn, iterables, chunksize, ordered, timeout, self.config.workers or 1,
+            progress=progress,
         )
 
     def _map(self, fn: Callable[..., R] | str, iterables: tuple[Iterable[Any], ...], chunksize: int | None,

@@ -27,6 +27,7 @@ from typing import Any
 
 import psutil
 
+from .errors import RuntimeClosedError
 from .worker import WorkerSpec, run_worker
 
 __all__ = ["Supervisor", "kill_process_tree"]
@@ -68,6 +69,8 @@ class Supervisor:
         self._on_exit = on_exit
         self._procs: dict[str, BaseProcess] = {}
         self._lock = threading.Lock()
+        #: held while a process starts, so stop() sees every process spawn() started
+        self._spawn_lock = threading.Lock()
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self._closing = False
         self._watcher = threading.Thread(target=self._watch, name="phalanx-supervisor", daemon=True)
@@ -82,9 +85,12 @@ class Supervisor:
         proc: BaseProcess = self._ctx.Process(
             target=run_worker, args=(spec,), name=f"phalanx-{spec.worker_id}", daemon=False
         )
-        proc.start()
-        with self._lock:
-            self._procs[spec.worker_id] = proc
+        with self._spawn_lock:
+            if self._closing:
+                raise RuntimeClosedError("the supervisor is stopping: no new workers")
+            proc.start()
+            with self._lock:
+                self._procs[spec.worker_id] = proc
         self._wake()
         assert proc.pid is not None
         return proc.pid
@@ -150,7 +156,7 @@ class Supervisor:
 
     def stop(self, timeout: float) -> None:
         """Wait up to ``timeout`` for workers told to stop, then terminate, then kill."""
-        with self._lock:
+        with self._spawn_lock, self._lock:
             self._closing = True
             procs = list(self._procs.values())
             self._procs.clear()

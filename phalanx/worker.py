@@ -160,6 +160,34 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     _kill_own_group()
 
 
+def _end_own_group() -> None:
+    """SIGKILL every other process in this worker's group (what its tasks spawned).
+
+    Runs when the worker exits on its own (Stop, Shutdown, retirement): a
+    process a task started must not outlive the worker, even daemonised.
+    """
+    me = os.getpid()
+    try:
+        if os.getpgrp() != me:
+            return  # not our own group (setpgid failed): not ours to clean
+    except OSError:
+        return
+    import psutil  # imported late: worker start-up does not pay for it
+
+    victims = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != me and os.getpgid(proc.pid) == me:
+                victims.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    for proc in victims:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
 def _guard_against_orphaning(parent_pid: int) -> None:
     """Die, with everything this worker spawned, when the parent dies."""
     try:
@@ -570,3 +598,4 @@ def run_worker(spec: WorkerSpec) -> None:
         loop.serve()
     finally:
         loop.close()
+        _end_own_group()

@@ -12,14 +12,29 @@ the worker reports to the caller and then keeps serving.
 Names are ``module:qualname``. A function defined in the user's ``__main__``
 script is named ``__main__:func`` in the driver; the worker process imports
 the same script (as multiprocessing's spawn does) and resolves it there.
+
+**Implicit operations** (for :class:`phalanx.Executor` and the joblib
+backend): a worker whose environment has ``PHALANX_IMPLICIT_OPERATIONS=1``
+also resolves a name to a plain module-level Python function
+(``types.FunctionType``, defined in that module under that qualname) that
+was never registered; builtins, classes, methods, lambdas and nested
+functions never resolve. The variable is read in the worker's own
+environment, which it inherits from whoever started it: the Executor sets it
+in the driver process while it is open, so only local workers started by a
+trusted program get it; a worker started by ``phalanx worker --connect`` on
+another host allows implicit names only if its operator exported it.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
+import threading
+import types
 import typing
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
@@ -29,7 +44,18 @@ from ..errors import UnknownOperationError, ValidationError
 from ..policy import FatalStrategy, RetryStrategy, TaskOptions
 from ..transport.codec import convert
 
-__all__ = ["operation", "Operation", "name_of", "resolve", "registered"]
+__all__ = [
+    "operation",
+    "Operation",
+    "OperationRef",
+    "name_of",
+    "resolve",
+    "registered",
+    "implicit",
+    "implicit_allowed",
+    "allow_implicit",
+    "IMPLICIT_ENV",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -267,7 +293,9 @@ def resolve(name: str) -> Operation:
             if fn is None:
                 if target is None:
                     raise UnknownOperationError(name, "no such function")
-                raise UnknownOperationError(name, "not registered with @phalanx.operation")
+                if not (implicit_allowed() and _is_plain_function(target, name)):
+                    raise UnknownOperationError(name, "not registered with @phalanx.operation")
+                fn = target
         op = Operation(name, fn)
     except UnknownOperationError as exc:
         _RESOLVED[name] = exc
@@ -280,6 +308,8 @@ def driver_operation(fn: Callable[..., Any] | str) -> Operation | None:
     """The driver's view of an operation, for converting its results (None for names)."""
     if isinstance(fn, str):
         return None
+    if isinstance(fn, OperationRef):
+        return fn.op
     name = name_of(fn)
     cached = _RESOLVED.get(name)
     if isinstance(cached, Operation):
@@ -287,3 +317,133 @@ def driver_operation(fn: Callable[..., Any] | str) -> Operation | None:
     op = Operation(name, fn)
     _RESOLVED[name] = op
     return op
+
+
+# --------------------------------------------------------------------------- #
+# Implicit operations (phalanx.Executor, the joblib backend)
+# --------------------------------------------------------------------------- #
+
+#: environment variable that lets a worker resolve plain module-level functions
+IMPLICIT_ENV = "PHALANX_IMPLICIT_OPERATIONS"
+
+
+def implicit_allowed() -> bool:
+    """Whether this process (a worker) resolves unregistered plain functions."""
+    return os.environ.get(IMPLICIT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _is_plain_function(obj: Any, name: str) -> bool:
+    """A Python function defined at module level under exactly ``name``."""
+    return (
+        isinstance(obj, types.FunctionType)
+        and "<" not in obj.__qualname__  # <lambda>, <locals>
+        and _default_name(obj) == name
+    )
+
+
+class OperationRef:
+    """A callable naming an operation on the wire without registering it.
+
+    Driver side only. :func:`name_of` reads its ``__phalanx_operation__``;
+    :func:`driver_operation` returns its ``op`` (used to convert results and
+    find options; ``None`` leaves results as decoded). Calling it calls
+    ``fn`` locally.
+    """
+
+    __slots__ = ("__phalanx_operation__", "op", "fn")
+
+    def __init__(self, name: str, op: Operation | None, fn: Callable[..., Any] | None = None) -> None:
+        self.__phalanx_operation__ = name
+        self.op = op
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fn is None:
+            raise TypeError(f"{self.__phalanx_operation__} has no local function")
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"OperationRef({self.__phalanx_operation__!r})"
+
+
+_IMPLICIT_REFS: weakref.WeakKeyDictionary[Callable[..., Any], OperationRef] = weakref.WeakKeyDictionary()
+
+
+def implicit(fn: Callable[..., Any] | str) -> Callable[..., Any] | str:
+    """What to submit for ``fn`` when plain functions are allowed.
+
+    A name or an ``@operation`` function is returned as is. A plain
+    module-level Python function becomes an :class:`OperationRef` named
+    ``module:qualname`` (cached per function). Anything else (a builtin, a
+    lambda, a nested function, a method, a ``functools.partial``, a callable
+    object) raises ``TypeError``: workers could not find it by name.
+    """
+    if isinstance(fn, (str, OperationRef)):
+        return fn
+    if isinstance(getattr(fn, "__phalanx_operation__", None), str):
+        return fn
+    ref = _IMPLICIT_REFS.get(fn) if isinstance(fn, types.FunctionType) else None
+    if ref is not None:
+        return ref
+    what = getattr(fn, "__qualname__", None) or repr(fn)
+    if not isinstance(fn, types.FunctionType):
+        raise TypeError(
+            f"{what!r} is not a plain Python function defined at module level "
+            f"({type(fn).__name__}); workers find functions by module and name: "
+            "wrap it in a module-level function or decorate one with @phalanx.operation"
+        )
+    if "<" in fn.__qualname__:
+        raise TypeError(
+            f"{what!r} is a lambda or is defined inside a function; workers find "
+            "functions by module and name: define it at module level"
+        )
+    name = _default_name(fn)
+    module = sys.modules.get(fn.__module__)
+    target: Any = module
+    for part in fn.__qualname__.split("."):
+        target = getattr(target, part, None)
+    if target is not fn:
+        raise TypeError(
+            f"{name} does not name {what!r} (was it replaced or deleted at module level?); "
+            "workers find functions by module and name"
+        )
+    ref = OperationRef(name, Operation(name, fn), fn)
+    _IMPLICIT_REFS[fn] = ref
+    return ref
+
+
+_allow_lock = threading.Lock()
+_allow_count = 0
+_allow_saved: str | None = None
+
+
+def allow_implicit() -> Callable[[], None]:
+    """Set ``PHALANX_IMPLICIT_OPERATIONS=1`` here, for workers started from now on.
+
+    Returns the function that undoes it; the variable is restored to its
+    previous value once every caller has undone its own. A variable the
+    user set explicitly (to anything) is left alone.
+    """
+    global _allow_count, _allow_saved
+    with _allow_lock:
+        if _allow_count == 0:
+            _allow_saved = os.environ.get(IMPLICIT_ENV)
+            if _allow_saved is None:
+                os.environ[IMPLICIT_ENV] = "1"
+        _allow_count += 1
+    done = False
+
+    def release() -> None:
+        global _allow_count, _allow_saved
+        nonlocal done
+        with _allow_lock:
+            if done:
+                return
+            done = True
+            _allow_count -= 1
+            if _allow_count == 0:
+                if _allow_saved is None:
+                    os.environ.pop(IMPLICIT_ENV, None)
+                _allow_saved = None
+
+    return release

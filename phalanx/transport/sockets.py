@@ -11,6 +11,8 @@ how the transport keeps its promises:
   below them, so a send never blocks the driver.
 * ``MAXMSGSIZE`` on sockets that accept frames from peers: a huge frame drops
   the peer's connection instead of exhausting memory (invariant 6).
+* Over TCP: ZMTP heartbeats and keepalive, and CURVE (server on the driver's
+  bound sockets, client on the workers') when keys are given.
 """
 
 from __future__ import annotations
@@ -19,7 +21,42 @@ import os
 
 import zmq
 
-__all__ = ["SocketOptions", "router", "dealer", "publisher", "subscriber", "close"]
+__all__ = [
+    "SocketOptions",
+    "Curve",
+    "router",
+    "dealer",
+    "publisher",
+    "subscriber",
+    "close",
+    "curve_server",
+    "curve_client",
+]
+
+
+class Curve:
+    """CURVE keys of one side: ``server_public`` is set on clients only."""
+
+    def __init__(self, public: bytes, secret: bytes, server_public: bytes | None = None) -> None:
+        self.public = public
+        self.secret = secret
+        self.server_public = server_public
+
+
+def curve_server(sock: zmq.Socket[bytes], keys: Curve) -> None:
+    """Make a socket (before bind) a CURVE server; ZAP decides who may connect."""
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 0)
+
+
+def curve_client(sock: zmq.Socket[bytes], keys: Curve) -> None:
+    """Make a socket (before connect) a CURVE client of ``keys.server_public``."""
+    assert keys.server_public is not None
+    sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server_public)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
 
 
 class SocketOptions:
@@ -31,21 +68,35 @@ class SocketOptions:
     max_frame: int = int(os.environ.get("PHALANX_MAX_FRAME", str(256 * 1024 * 1024)))
 
 
-def _common(sock: zmq.Socket[bytes]) -> None:
+def _common(sock: zmq.Socket[bytes], endpoint: str = "", curve: Curve | None = None, server: bool = False) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, SocketOptions.hwm)
     sock.setsockopt(zmq.RCVHWM, SocketOptions.hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, SocketOptions.max_frame)
+    if endpoint.startswith("tcp://"):
+        # ZMTP heartbeats: a vanished TCP peer is disconnected instead of lingering.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, 10000)
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, 10000)
+    if curve is not None:
+        if server:
+            curve_server(sock, curve)
+        else:
+            curve_client(sock, curve)
 
 
-def router(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, send_only: bool = False) -> zmq.Socket[bytes]:
+def router(
+    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, send_only: bool = False, curve: Curve | None = None
+) -> zmq.Socket[bytes]:
     """A bound ROUTER that refuses to drop unroutable messages.
 
     ``send_only``: nobody reads it, so it accepts one tiny frame per peer at
     most (a peer that writes to it is stalled by ZeroMQ, not buffered).
     """
     sock = ctx.socket(zmq.ROUTER)
-    _common(sock)
+    _common(sock, endpoint, curve, server=True)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     if send_only:
         sock.setsockopt(zmq.RCVHWM, 1)
@@ -54,28 +105,30 @@ def router(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, send_only: bool =
     return sock
 
 
-def dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: bytes) -> zmq.Socket[bytes]:
+def dealer(
+    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: bytes, curve: Curve | None = None
+) -> zmq.Socket[bytes]:
     """A DEALER connected to ``endpoint`` whose routing identity is ``identity``."""
     sock = ctx.socket(zmq.DEALER)
-    _common(sock)
+    _common(sock, endpoint, curve)
     sock.setsockopt(zmq.ROUTING_ID, identity)
     sock.connect(endpoint)
     return sock
 
 
-def publisher(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[bytes]:
+def publisher(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, curve: Curve | None = None) -> zmq.Socket[bytes]:
     """A bound PUB for control broadcasts (peers may only send subscriptions)."""
     sock = ctx.socket(zmq.PUB)
-    _common(sock)
+    _common(sock, endpoint, curve, server=True)
     sock.setsockopt(zmq.MAXMSGSIZE, 1024)
     sock.bind(endpoint)
     return sock
 
 
-def subscriber(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[bytes]:
+def subscriber(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, curve: Curve | None = None) -> zmq.Socket[bytes]:
     """A SUB connected to ``endpoint`` and subscribed to everything."""
     sock = ctx.socket(zmq.SUB)
-    _common(sock)
+    _common(sock, endpoint, curve)
     sock.setsockopt(zmq.SUBSCRIBE, b"")
     sock.connect(endpoint)
     return sock

@@ -1,0 +1,30 @@
+"""phalanx's benchmark suite: phalanx against multiprocessing, concurrent.futures, loky (and Ray).
+
+Run it with ``python -m benchmarks`` (see ``python -m benchmarks --help``).
+
+Processes::
+
+    python -m benchmarks  (orchestrator, benchmarks/__main__.py)
+        │  for each workload, for each repeat, for each runner (order rotated):
+        └─▶ python -m benchmarks.run_one --runner R --workload W [--size N]   (fresh child)
+                │  starts the runner's pool (phalanx.Runtime, multiprocessing.Pool, ...)
+                │  with 2 workers, warms it up, times the workload, checks every result,
+                └─▶ prints one ``BENCH-RESULT {json}`` line, shuts the pool down, exits
+
+Modules:
+
+* ``__main__``   the orchestrator: runs children, aggregates, prints tables, writes JSON
+* ``run_one``    the child entry point (one measurement of one runner on one workload)
+* ``workloads``  W1..W7: what is measured, metric metadata, correctness checks (child side)
+* ``runners``    one adapter per executor behind a common interface (child side)
+* ``ops``        the module-level operations the workers run (imported by workers too)
+* ``ops_numpy``  operations on numpy arrays (kept apart so ``ops`` stays cheap to import)
+* ``report``     number formatting and the result tables (orchestrator side)
+
+Importing this package starts nothing and imports nothing heavy: workers spawned
+with ``-m benchmarks.run_one`` as their main module re-import it.
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -1,0 +1,73 @@
+"""Operations the benchmark workers run: tiny tasks, a no-op, a CPU spin, a counter.
+
+Imported by the child measuring process (driver side) and by every worker
+process of every runner: phalanx workers resolve ``benchmarks.ops:inc`` by
+importing this module; multiprocessing / loky workers unpickle the functions
+by reference. ``@phalanx.operation`` returns each function unchanged, so the
+very same functions run on every runner.
+
+Keep this module cheap to import (no numpy): its import time is part of the
+W6 start-up figure for runners whose workers import it lazily.
+"""
+
+from __future__ import annotations
+
+import time
+
+import phalanx
+
+__all__ = ["inc", "noop", "spin", "spin_checksum", "Counter"]
+
+#: modulus of the spin loop's checksum (keeps the integers small)
+_MOD = 1_000_003
+
+
+@phalanx.operation
+def inc(x: int) -> int:
+    """The tiny task of W1 and W7: ``x + 1``."""
+    return x + 1
+
+
+@phalanx.operation
+def noop() -> None:
+    """The round trip of W2: does nothing."""
+    return None
+
+
+def spin_checksum(n: int) -> int:
+    """A pure-Python loop of ``n`` iterations; returns a checksum of its work."""
+    acc = 0
+    for i in range(n):
+        acc = (acc + i * i) % _MOD
+    return acc
+
+
+@phalanx.operation
+def spin(n: int) -> tuple[int, float]:
+    """The CPU-bound task of W4: ``(checksum, CPU seconds this task used)``.
+
+    CPU time is measured inside the worker with :func:`time.process_time`, so
+    the driver can compare the CPU the tasks got with the wall time it waited.
+    """
+    start = time.process_time()
+    checksum = spin_checksum(n)
+    return checksum, time.process_time() - start
+
+
+@phalanx.actor
+class Counter:
+    """The actor of W3: a counter incremented one call at a time.
+
+    Used through a :mod:`multiprocessing.managers` proxy, a Ray actor, and a
+    phalanx actor (``@phalanx.actor`` returns the class unchanged).
+    """
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def incr(self) -> int:
+        self.value += 1
+        return self.value
+
+    def get(self) -> int:
+        return self.value

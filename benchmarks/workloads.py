@@ -1,0 +1,585 @@
+"""The workloads W1..W7: what each one measures, and how, on one runner.
+
+The metadata (:data:`WORKLOADS`: titles, metrics, units, which direction is
+better, which runners take part, sizes) is read by the orchestrator
+(``benchmarks/__main__.py``). The ``_run_*`` functions run in the child
+measuring process (``benchmarks/run_one.py``): each starts one runner's pool,
+warms it up, times the workload with start-up excluded (except W6), checks
+every result, and returns its numbers.
+
+Every run checks its results: a wrong result raises :class:`BenchmarkError`,
+the child exits non-zero and the whole suite fails loudly.
+
+=====  ================================================================================
+W1     tiny tasks: 20,000 x inc(x)=x+1; (a) submit all, then gather; (b) map [tasks/s]
+W2     round trip: 2,000 sequential submit(noop).result() [median, p99 us]
+W3     actor calls: 10,000 counter.incr(), sequential and pipelined [calls/s]
+W4     CPU-bound: 32 x ~50 ms pure-Python loops [task-CPU-s per wall-s; ideal 2.0]
+W5     payload: 8 MB float64 numpy array, one way and both ways [MB/s]
+W6     start-up: pool constructor to first result [ms]; idle PSS per worker [MB]
+W7     scale: 10^3..10^6 tiny tasks through a streaming map [tasks/s, driver RSS growth]
+=====  ================================================================================
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+from . import ops
+from .runners import (
+    TASK_RUNNERS,
+    WORKERS,
+    NotApplicable,
+    Runner,
+    make_runner,
+    pool_chunksize,
+)
+
+__all__ = [
+    "BenchmarkError",
+    "NotAvailable",
+    "Metric",
+    "Workload",
+    "Outcome",
+    "WORKLOADS",
+    "get",
+]
+
+MB = 1024 * 1024
+
+
+class BenchmarkError(AssertionError):
+    """A runner returned a wrong result: the benchmark is invalid."""
+
+
+class NotAvailable(Exception):
+    """The runner cannot run this workload at all (yet); the reason is shown as n/a."""
+
+
+class Outcome(TypedDict):
+    """What one child measurement returns."""
+
+    metrics: dict[str, float]
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One number a workload reports, and how to read it."""
+
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+
+    @property
+    def better(self) -> str:
+        return "higher" if self.higher_is_better else "lower"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A workload: metadata for the orchestrator, ``run`` for the child."""
+
+    id: str
+    title: str
+    runners: tuple[str, ...]
+    metrics: Callable[[bool], list[Metric]]
+    run: Callable[[str, int | None, bool], Outcome]
+    #: sizes run as separate children (``None``: one child with the default size)
+    sizes: Callable[[bool], list[int | None]] = lambda quick: [None]
+    note: str = ""
+    #: the title under ``--quick`` (smaller sizes), if it differs
+    quick_title: str = ""
+
+    def heading(self, quick: bool) -> str:
+        return (self.quick_title or self.title) if quick else self.title
+
+
+# ---- helpers ------------------------------------------------------------------------
+
+
+def check_equal(got: Sequence[Any], expected: Sequence[Any], what: str) -> None:
+    """Raise :class:`BenchmarkError` unless ``got == expected`` (names the first mismatch)."""
+    got = list(got)
+    if got == list(expected):
+        return
+    if len(got) != len(expected):
+        raise BenchmarkError(f"{what}: {len(got)} results, expected {len(expected)}")
+    index = next(i for i, (g, e) in enumerate(zip(got, expected)) if g != e)
+    raise BenchmarkError(f"{what}: result {index} is {got[index]!r}, expected {expected[index]!r}")
+
+
+def _started(runner_name: str) -> Runner:
+    runner = make_runner(runner_name)
+    runner.start()
+    return runner
+
+
+def _warm_up(runner: Runner) -> None:
+    """Every worker up, the op module imported, the pool's threads running."""
+    check_equal(runner.submit_gather(ops.inc, [(i,) for i in range(200)]), range(1, 201), "warm-up")
+
+
+def _rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else math.inf
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    index = max(0, math.ceil(q * len(sorted_values)) - 1)
+    return sorted_values[index]
+
+
+class _RssSampler(threading.Thread):
+    """Samples this process's RSS every ``period`` seconds; keeps the peak."""
+
+    def __init__(self, period: float = 0.01) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        import psutil
+
+        self._proc = psutil.Process()
+        self._period = period
+        self._stop_event = threading.Event()
+        self.baseline = self._proc.memory_info().rss
+        self.peak = self.baseline
+        self.samples = 0
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            rss = self._proc.memory_info().rss
+            self.samples += 1
+            if rss > self.peak:
+                self.peak = rss
+            self._stop_event.wait(self._period)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+# ---- W1 tiny tasks ------------------------------------------------------------------
+
+
+def _w1_metrics(quick: bool) -> list[Metric]:
+    return [
+        Metric("submit_tps", "(a) submit all, then gather", "tasks/s", True),
+        Metric("map_default_tps", "(b1) map, runner's default chunking", "tasks/s", True),
+        Metric("map_poolchunk_tps", "(b2) map, chunksize=Pool's rule", "tasks/s", True),
+    ]
+
+
+def _run_w1(runner_name: str, size: int | None, quick: bool) -> Outcome:
+    n = size or (2_000 if quick else 20_000)
+    items = list(range(n))
+    args = [(x,) for x in items]
+    expected = [x + 1 for x in items]
+    runner = _started(runner_name)
+    metrics: dict[str, float] = {}
+    info: dict[str, Any] = {"n": n, "default_map": runner.default_map, "pool_chunksize": pool_chunksize(n)}
+    try:
+        _warm_up(runner)
+        t0 = time.perf_counter()
+        got = runner.submit_gather(ops.inc, args)
+        metrics["submit_tps"] = _rate(n, time.perf_counter() - t0)
+        check_equal(got, expected, "W1 submit")
+        for key, chunksize in (("map_default_tps", None), ("map_poolchunk_tps", pool_chunksize(n))):
+            try:
+                runner.map(ops.inc, items[:100], chunksize)  # warm the map path
+                t0 = time.perf_counter()
+                got = runner.map(ops.inc, items, chunksize)
+                metrics[key] = _rate(n, time.perf_counter() - t0)
+            except NotApplicable as exc:
+                info.setdefault("na", {})[key] = str(exc)
+                continue
+            check_equal(got, expected, f"W1 {key}")
+    finally:
+        runner.close()
+    return {"metrics": metrics, "info": info}
+
+
+# ---- W2 round trip ------------------------------------------------------------------
+
+
+def _w2_metrics(quick: bool) -> list[Metric]:
+    return [
+        Metric("median_us", "submit(noop).result(), median", "us", False),
+        Metric("p99_us", "submit(noop).result(), p99", "us", False),
+    ]
+
+
+def _run_w2(runner_name: str, size: int | None, quick: bool) -> Outcome:
+    n = size or (200 if quick else 2_000)
+    runner = _started(runner_name)
+    try:
+        _warm_up(runner)
+        for _ in range(50):
+            runner.call(ops.noop)
+        latencies: list[float] = []
+        clock = time.perf_counter_ns
+        for _ in range(n):
+            t0 = clock()
+            value = runner.call(ops.noop)
+            latencies.append((clock() - t0) / 1000.0)
+            if value is not None:
+                raise BenchmarkError(f"W2: noop returned {value!r}")
+    finally:
+        runner.close()
+    latencies.sort()
+    return {
+        "metrics": {"median_us": statistics.median(latencies), "p99_us": _percentile(latencies, 0.99)},
+        "info": {"n": n, "mean_us": statistics.fmean(latencies), "max_us": latencies[-1]},
+    }
+
+
+# ---- W3 actor calls -----------------------------------------------------------------
+
+
+def _w3_metrics(quick: bool) -> list[Metric]:
+    return [
+        Metric("seq_cps", "counter.incr(), sequential", "calls/s", True),
+        Metric("pipe_cps", "counter.incr(), pipelined", "calls/s", True),
+    ]
+
+
+def _resolve(value: Any) -> Any:
+    """A call's value, waiting for it if the call returned a future."""
+    result = getattr(value, "result", None)
+    return result(timeout=300) if callable(result) else value
+
+
+def _actor_phalanx(n: int) -> tuple[float, float]:
+    """Sequential and pipelined calls/s on a phalanx actor (``ref.incr()`` is a Future)."""
+    import phalanx
+
+    rt: Any = phalanx.Runtime(workers=WORKERS)
+    try:
+        ref = rt.spawn(ops.Counter)
+        for _ in range(100):
+            _resolve(ref.incr())
+        t0 = time.perf_counter()
+        for _ in range(n):
+            last = _resolve(ref.incr())
+        seq = _rate(n, time.perf_counter() - t0)
+        if last != 100 + n:
+            raise BenchmarkError(f"W3 phalanx sequential: counter is {last}, expected {100 + n}")
+        t0 = time.perf_counter()
+        pending = [ref.incr() for _ in range(n)]
+        values = [_resolve(p) for p in pending]
+        pipe = _rate(n, time.perf_counter() - t0)
+        check_equal(values, range(101 + n, 101 + 2 * n), "W3 phalanx pipelined")
+        return seq, pipe
+    finally:
+        rt.shutdown()
+
+
+def _actor_manager(n: int) -> float:
+    """Sequential calls/s through a ``multiprocessing.managers`` proxy."""
+    import multiprocessing
+    from multiprocessing.managers import BaseManager
+
+    class CounterManager(BaseManager):
+        pass
+
+    CounterManager.register("Counter", ops.Counter)
+    manager = CounterManager(ctx=multiprocessing.get_context("fork"))
+    manager.start()
+    try:
+        counter: Any = manager.Counter()  # type: ignore[attr-defined]
+        for _ in range(100):
+            counter.incr()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            last = counter.incr()
+        seq = _rate(n, time.perf_counter() - t0)
+        if last != 100 + n or counter.get() != 100 + n:
+            raise BenchmarkError(f"W3 manager: counter is {last}, expected {100 + n}")
+        return seq
+    finally:
+        manager.shutdown()
+
+
+def _actor_ray(n: int) -> tuple[float, float]:
+    import ray  # type: ignore[import-not-found,unused-ignore]
+
+    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
+    try:
+        actor: Any = ray.remote(ops.Counter).remote()
+        ray.get([actor.incr.remote() for _ in range(100)])
+        t0 = time.perf_counter()
+        for _ in range(n):
+            last = ray.get(actor.incr.remote())
+        seq = _rate(n, time.perf_counter() - t0)
+        if last != 100 + n:
+            raise BenchmarkError(f"W3 ray sequential: counter is {last}, expected {100 + n}")
+        t0 = time.perf_counter()
+        values = ray.get([actor.incr.remote() for _ in range(n)])
+        pipe = _rate(n, time.perf_counter() - t0)
+        check_equal(values, range(101 + n, 101 + 2 * n), "W3 ray pipelined")
+        return seq, pipe
+    finally:
+        ray.shutdown()
+
+
+def _run_w3(runner_name: str, size: int | None, quick: bool) -> Outcome:
+    n = size or (500 if quick else 10_000)
+    info: dict[str, Any] = {"n": n}
+    if runner_name == "phalanx":
+        import phalanx
+
+        if not hasattr(phalanx.Runtime, "spawn"):
+            raise NotAvailable("not implemented")
+        seq, pipe = _actor_phalanx(n)
+        return {"metrics": {"seq_cps": seq, "pipe_cps": pipe}, "info": info}
+    if runner_name == "manager":
+        info["na"] = {"pipe_cps": "manager proxies are synchronous"}
+        return {"metrics": {"seq_cps": _actor_manager(n)}, "info": info}
+    if runner_name == "ray":
+        seq, pipe = _actor_ray(n)
+        return {"metrics": {"seq_cps": seq, "pipe_cps": pipe}, "info": info}
+    raise ValueError(f"W3 has no runner {runner_name!r}")
+
+
+# ---- W4 CPU-bound -------------------------------------------------------------------
+
+
+def _w4_metrics(quick: bool) -> list[Metric]:
+    return [
+        Metric("cpu_per_wall", "task-CPU-s per wall-s (ideal 2.0)", "ratio", True),
+        Metric("wall_s", "wall time of the batch", "s", False),
+    ]
+
+
+def _calibrate(target_s: float) -> int:
+    """Iterations of :func:`ops.spin_checksum` that take about ``target_s`` CPU seconds."""
+    probe = 100_000
+    best = math.inf
+    for _ in range(3):
+        t0 = time.process_time()
+        ops.spin_checksum(probe)
+        best = min(best, time.process_time() - t0)
+    return max(1000, int(probe * target_s / max(best, 1e-6)))
+
+
+def _run_w4(runner_name: str, size: int | None, quick: bool) -> Outcome:
+    tasks = size or (8 if quick else 32)
+    target = 0.02 if quick else 0.05
+    iterations = _calibrate(target)
+    t0 = time.process_time()
+    expected = ops.spin_checksum(iterations)
+    local = time.process_time() - t0
+    runner = _started(runner_name)
+    try:
+        _warm_up(runner)
+        runner.submit_gather(ops.spin, [(1000,)] * WORKERS)
+        t0 = time.perf_counter()
+        got = runner.submit_gather(ops.spin, [(iterations,)] * tasks)
+        wall = time.perf_counter() - t0
+    finally:
+        runner.close()
+    check_equal([int(g[0]) for g in got], [expected] * tasks, "W4 checksums")
+    cpu = sum(float(g[1]) for g in got)
+    return {
+        "metrics": {"cpu_per_wall": cpu / wall, "wall_s": wall},
+        "info": {
+            "tasks": tasks,
+            "iterations": iterations,
+            "local_task_ms": local * 1000,
+            "task_cpu_mean_ms": cpu / tasks * 1000,
+            "ideal_wall_s": tasks * local / WORKERS,
+        },
+    }
+
+
+# ---- W5 numpy payload ---------------------------------------------------------------
+
+
+def _w5_metrics(quick: bool) -> list[Metric]:
+    mb = 1 if quick else 8
+    return [
+        Metric("one_way_mbps", f"{mb} MB array in, sum out", "MB/s", True),
+        Metric("both_ways_mbps", f"{mb} MB array in, array out", "MB/s", True),
+    ]
+
+
+def _run_w5(runner_name: str, size: int | None, quick: bool) -> Outcome:
+    import numpy as np
+
+    from . import ops_numpy
+
+    mb = size or (1 if quick else 8)
+    reps = 3 if quick else 20
+    array = np.random.default_rng(0).random(mb * MB // 8)
+    expected_sum = float(array.sum())
+    runner = _started(runner_name)
+    try:
+        if runner_name == "phalanx":
+            try:
+                runner.call(ops_numpy.np_sum, np.zeros(4))
+            except TypeError as exc:  # phalanx.EncodeError is a TypeError
+                raise NotAvailable(f"not implemented (numpy payload: {exc})") from None
+        for _ in range(2):
+            runner.call(ops_numpy.np_sum, array)
+            runner.call(ops_numpy.np_echo, array)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            total = runner.call(ops_numpy.np_sum, array)
+            if total != expected_sum:
+                raise BenchmarkError(f"W5 one way: sum {total!r}, expected {expected_sum!r}")
+        one_way = _rate(reps * mb, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            back = runner.call(ops_numpy.np_echo, array)
+            if not isinstance(back, np.ndarray) or not np.array_equal(back, array):
+                raise BenchmarkError(f"W5 both ways: got {type(back).__name__}, not the same array")
+        both = _rate(reps * mb, time.perf_counter() - t0)
+    finally:
+        runner.close()
+    return {"metrics": {"one_way_mbps": one_way, "both_ways_mbps": both}, "info": {"mb": mb, "reps": reps}}
+
+
+# ---- W6 start-up --------------------------------------------------------------------
+
+
+def _w6_metrics(quick: bool) -> list[Metric]:
+    return [
+        Metric("startup_ms", "constructor -> first result", "ms", False),
+        Metric("pss_mb", "idle PSS per worker", "MB", False),
+    ]
+
+
+def _run_w6(runner_name: str, size: int | None, quick: bool) -> Outcome:
+    import psutil
+
+    runner = make_runner(runner_name)  # imports the runner's modules: not timed
+    gc.collect()
+    try:
+        t0 = time.perf_counter()
+        runner.start()
+        value = runner.call(ops.inc, 1)
+        startup = time.perf_counter() - t0
+        if value != 2:
+            raise BenchmarkError(f"W6: inc(1) returned {value!r}")
+        time.sleep(0.5 if quick else 1.0)  # let the workers go idle
+        metrics: dict[str, float] = {"startup_ms": startup * 1000}
+        info: dict[str, Any] = {}
+        try:
+            pids = runner.worker_pids()
+        except NotApplicable as exc:
+            info["na"] = {"pss_mb": str(exc)}
+        else:
+            pss = [psutil.Process(pid).memory_full_info().pss for pid in pids]
+            if not pss:
+                raise BenchmarkError("W6: the runner reports no worker processes")
+            metrics["pss_mb"] = statistics.fmean(pss) / MB
+            info["workers"] = len(pss)
+            info["pss_mb_each"] = [p / MB for p in pss]
+    finally:
+        runner.close()
+    return {"metrics": metrics, "info": info}
+
+
+# ---- W7 scale -----------------------------------------------------------------------
+
+
+def _w7_sizes(quick: bool) -> list[int | None]:
+    return [10**3, 10**4] if quick else [10**3, 10**4, 10**5, 10**6]
+
+
+def _w7_metrics(quick: bool) -> list[Metric]:
+    out: list[Metric] = []
+    for n in _w7_sizes(quick):
+        assert n is not None
+        exp = round(math.log10(n))
+        out.append(Metric(f"tps_{n}", f"10^{exp} items, throughput", "tasks/s", True))
+        out.append(Metric(f"rss_{n}", f"10^{exp} items, driver peak RSS growth", "MB", False))
+    return out
+
+
+def _run_w7(runner_name: str, size: int | None, quick: bool) -> Outcome:
+    n = size or 10**4
+    # phalanx: rt.map's own automatic chunking; peers: the chunksize Pool.map would choose.
+    chunksize = None if runner_name == "phalanx" else pool_chunksize(n)
+    runner = _started(runner_name)
+    try:
+        _warm_up(runner)
+        try:
+            warm_chunksize = None if chunksize is None else pool_chunksize(1000)
+            for i, y in enumerate(runner.stream(ops.inc, range(1000), warm_chunksize)):
+                if y != i + 1:
+                    raise BenchmarkError(f"W7 warm-up: result {i} is {y!r}")
+        except NotApplicable as exc:
+            raise NotAvailable(str(exc)) from None
+        gc.collect()
+        sampler = _RssSampler()
+        sampler.start()
+        count = 0
+        t0 = time.perf_counter()
+        try:
+            for i, y in enumerate(runner.stream(ops.inc, range(n), chunksize)):
+                if y != i + 1:
+                    raise BenchmarkError(f"W7 {n}: result {i} is {y!r}, expected {i + 1}")
+                count += 1
+            elapsed = time.perf_counter() - t0
+        finally:
+            sampler.stop()
+        if count != n:
+            raise BenchmarkError(f"W7 {n}: {count} results, expected {n}")
+    finally:
+        runner.close()
+    return {
+        "metrics": {f"tps_{n}": _rate(n, elapsed), f"rss_{n}": (sampler.peak - sampler.baseline) / MB},
+        "info": {
+            "n": n,
+            "chunksize": chunksize if chunksize is not None else "auto",
+            "baseline_rss_mb": sampler.baseline / MB,
+            "rss_samples": sampler.samples,
+            "seconds": elapsed,
+        },
+    }
+
+
+# ---- the table ----------------------------------------------------------------------
+
+WORKLOADS: dict[str, Workload] = {
+    w.id: w
+    for w in (
+        Workload("W1", "tiny tasks: 20,000 x inc(x)=x+1", TASK_RUNNERS, _w1_metrics, _run_w1,
+                 quick_title="tiny tasks: 2,000 x inc(x)=x+1 (quick)",
+                 note="(a) one task per message (Pool: apply_async); (b1) default map: "
+                 "phalanx auto chunks, Pool n/8, PPE and loky chunksize=1; (b2) every runner "
+                 "gets Pool's chunksize rule ceil(n/8)"),
+        Workload("W2", "round trip: 2,000 sequential submit(noop).result()", TASK_RUNNERS,
+                 _w2_metrics, _run_w2, quick_title="round trip: 200 sequential submit(noop).result() (quick)"),
+        Workload("W3", "actor calls: 10,000 x counter.incr()", ("phalanx", "manager", "ray"),
+                 _w3_metrics, _run_w3, quick_title="actor calls: 500 x counter.incr() (quick)",
+                 note="peer: multiprocessing.managers.BaseManager proxy (fork); Ray actor if installed"),
+        Workload("W4", "CPU-bound: 32 x ~50 ms pure-Python loop", TASK_RUNNERS, _w4_metrics, _run_w4,
+                 quick_title="CPU-bound: 8 x ~20 ms pure-Python loop (quick)",
+                 note="CPU time measured inside each task (time.process_time)"),
+        Workload("W5", "payload: 8 MB float64 numpy array, 20 calls each way", TASK_RUNNERS,
+                 _w5_metrics, _run_w5, quick_title="payload: 1 MB float64 numpy array, 3 calls each way (quick)",
+                 note="sequential submit(op, array).result(); MB/s counts the array once per call"),
+        Workload("W6", "start-up and idle memory", TASK_RUNNERS, _w6_metrics, _run_w6,
+                 note="start-up includes worker start; PSS of forked workers shares the parent's pages"),
+        Workload("W7", "scale: streaming map of tiny tasks", tuple(r for r in TASK_RUNNERS if r != "ray"),
+                 _w7_metrics, _run_w7, sizes=_w7_sizes,
+                 note="phalanx rt.map (auto chunks); Pool.imap, PPE.map, loky map with chunksize "
+                 "ceil(n/8); results consumed as a stream; RSS sampled every 10 ms"),
+    )
+}
+
+
+def get(workload_id: str) -> Workload:
+    """The workload ``W1``..``W7`` (case-insensitive)."""
+    try:
+        return WORKLOADS[workload_id.upper()]
+    except KeyError:
+        raise ValueError(f"unknown workload {workload_id!r}; known: {', '.join(WORKLOADS)}") from None

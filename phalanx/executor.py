@@ -1,0 +1,420 @@
+"""``phalanx.Executor``: a ``concurrent.futures.Executor`` on a phalanx runtime.
+
+Runs in the driver (the :class:`Executor` object, in user threads and, for
+its done callbacks, on the runtime's pump thread) and in the workers (the
+two wrapper operations at the bottom, which run an initializer once per
+worker process and a ``map`` chunk as one task)::
+
+    user thread ── submit(fn, *a) ──▶ Runtime.submit(fn)             ─▶ worker: fn(*a)
+                └─ map(fn, xs, chunksize=k) ─▶ one task per k items ─▶ worker: _run_chunk
+    pump thread ── done callbacks: forget the future; an initializer
+                   failure breaks the executor (RuntimeBrokenError)
+    "phalanx-executor-shutdown" thread ── Runtime.shutdown (shutdown(wait=False))
+
+It behaves like :class:`concurrent.futures.ProcessPoolExecutor` (same
+signature, same future states, ``map`` collects its input at once and
+returns a generator, ``shutdown(wait=False)`` lets queued work finish,
+``cancel_futures`` cancels what has not started) except that a worker that
+dies does not break it: the tasks it held are redelivered and only a task
+that keeps killing its worker fails, with :class:`~phalanx.WorkerCrashedError`.
+
+Plain module-level functions work without ``@phalanx.operation``: they are
+named implicitly by ``module:qualname`` (see
+:func:`phalanx.registry.operations.implicit`) and, while an Executor is open,
+``PHALANX_IMPLICIT_OPERATIONS=1`` is set in this process so the workers it
+starts resolve such names. That is meant for trusted local use: an executor
+always runs local workers (``listen=`` is refused).
+
+Invariants kept: every future handed out is resolved (result, exception or
+cancelled) once ``shutdown(wait=True)`` returns; a submit after ``shutdown``
+raises ``RuntimeError`` and a submit after an initializer failure raises
+:class:`~phalanx.RuntimeBrokenError` (a ``BrokenExecutor``), as the standard
+library's executors do; no worker process outlives ``shutdown``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import Any, ParamSpec, TypeVar
+
+import msgspec
+
+from .config import Config, usable_cpus
+from .errors import EncodeError, RuntimeBrokenError
+from .jobs import Future
+from .policy import TaskOptions
+from .registry.operations import (
+    Operation,
+    OperationRef,
+    allow_implicit,
+    driver_operation,
+    implicit,
+    name_of,
+    operation,
+    resolve,
+)
+from .runtime import JobOptions, Runtime
+from .worker import current_task
+
+__all__ = ["Executor"]
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_RUN_CALL = "phalanx.executor:_run_call"
+_RUN_CHUNK = "phalanx.executor:_run_chunk"
+
+
+class _InitializerFailed(RuntimeBrokenError):
+    """A worker's initializer raised: the executor is broken (worker side)."""
+
+
+class Executor(concurrent.futures.Executor):
+    """A ``ProcessPoolExecutor`` that survives its workers dying.
+
+    ::
+
+        def square(x):                    # a plain module-level function
+            return x * x
+
+        with phalanx.Executor(max_workers=2) as ex:
+            assert ex.submit(square, 7).result() == 49
+            assert list(ex.map(square, range(5), chunksize=2)) == [0, 1, 4, 9, 16]
+
+    Parameters are those of :class:`concurrent.futures.ProcessPoolExecutor`:
+    ``max_workers`` (default: usable CPUs), ``mp_context`` (only its start
+    method is used), ``initializer(*initargs)`` (run once in each worker
+    process, before its first task; if it raises, the executor is broken and
+    every pending and later call raises :class:`~phalanx.RuntimeBrokenError`),
+    ``max_tasks_per_child`` (a worker is replaced after that many tasks).
+    Any other keyword is a :class:`phalanx.Runtime` option (``credits``
+    defaults to 2 here, so that tasks wait in the driver, where they can be
+    cancelled, rather than in a worker's prefetch queue).
+
+    ``fn`` may be an ``@phalanx.operation`` function, its name, or a plain
+    Python function defined at module level (named implicitly; for trusted
+    local use). Lambdas, nested functions, builtins, methods and partials
+    raise ``TypeError`` at ``submit``, as do arguments msgspec cannot encode
+    (:class:`~phalanx.EncodeError`), where ``ProcessPoolExecutor`` fails
+    later, at ``result()``. Arguments and results travel as msgpack: a
+    result comes back as the function's return annotation says, else as
+    plain data (a tuple as a list).
+
+    A worker that dies mid-task is replaced and its tasks are redelivered
+    (so execution is at-least-once); a task that kills its worker
+    ``max_attempts`` times fails alone with :class:`~phalanx.WorkerCrashedError`.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context: Any = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        max_tasks_per_child: int | None = None,
+        **options: Any,
+    ) -> None:
+        if max_workers is None:
+            max_workers = usable_cpus()
+        elif max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if mp_context is not None:
+            options["start_method"] = mp_context.get_start_method()
+        if Config.load(listen=options.get("listen")).listen:
+            raise ValueError("phalanx.Executor runs local workers only: unset listen / PHALANX_LISTEN")
+        options.setdefault("credits", 2)
+        self._max_workers = max_workers
+        self._init: list[Any] | None = None
+        if initializer is not None:
+            init_target = implicit(initializer)
+            self._init = [uuid.uuid4().hex, name_of(init_target), list(initargs)]
+            try:
+                msgspec.msgpack.encode(self._init)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise EncodeError(f"cannot encode the initargs: {exc}") from exc
+        self._lock = threading.Lock()
+        self._shutdown = False
+        self._broken: RuntimeBrokenError | None = None
+        self._failed_pending = False
+        self._pending: set[Future[Any]] = set()
+        self._closer: threading.Thread | None = None
+        release = allow_implicit()
+        self._release = weakref.finalize(self, release)
+        try:
+            self._rt = Runtime(
+                max_workers, max_tasks_per_worker=max_tasks_per_child or None, **options
+            )
+        except BaseException:
+            self._release()
+            raise
+        logger.debug("executor started with %d workers", max_workers)
+
+    # ---- submitting -------------------------------------------------------------
+
+    @property
+    def runtime(self) -> Runtime:
+        """The :class:`phalanx.Runtime` underneath (stats, worker pids, ...)."""
+        return self._rt
+
+    def _check_open_locked(self) -> None:
+        if self._broken is not None:
+            raise RuntimeBrokenError(str(self._broken)) from self._broken
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def _track_locked(self, fut: Future[Any]) -> None:
+        self._pending.add(fut)
+        if self._init is not None:
+            # Mark the executor broken *before* the future that saw the
+            # initializer fail is resolved, so that a caller woken by it
+            # already finds the executor broken (as ProcessPoolExecutor does).
+            set_exception = fut.set_exception
+
+            def set_exception_first_break(exc: BaseException | None) -> None:
+                if isinstance(exc, _InitializerFailed):
+                    self._mark_broken(exc)
+                set_exception(exc)
+
+            setattr(fut, "set_exception", set_exception_first_break)
+
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        """Run ``fn(*args, **kwargs)`` in a worker; return its future.
+
+        Raises ``RuntimeError`` after :meth:`shutdown`,
+        :class:`~phalanx.RuntimeBrokenError` once broken, ``TypeError`` for a
+        function workers cannot find by name or arguments that cannot be
+        encoded.
+        """
+        target = implicit(fn)
+        with self._lock:
+            self._check_open_locked()
+            if self._init is None:
+                fut: Future[Any] = self._rt.submit(target, *args, **kwargs)
+            else:
+                ref = OperationRef(_RUN_CALL, driver_operation(target))
+                fut = self._rt.submit(ref, self._init, name_of(target), list(args), kwargs or None)
+            self._track_locked(fut)
+        fut.add_done_callback(self._on_done)
+        return fut
+
+    def map(
+        self,
+        fn: Callable[..., R],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[R]:
+        """``map(fn, *iterables)`` on the workers, like ``ProcessPoolExecutor.map``.
+
+        The iterables are read at once and sent as tasks of ``chunksize``
+        items; results are yielded in order. ``timeout`` (seconds from this
+        call) bounds the wait for each result (``TimeoutError``). An
+        exception is raised when its item is reached; the rest is cancelled.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end = None if timeout is None else timeout + time.monotonic()
+        target = implicit(fn)
+        op = driver_operation(target)
+        name = name_of(target)
+        submitter: Runtime | JobOptions = self._rt
+        if op is not None and op.options != TaskOptions():
+            submitter = self._rt.options(retry=op.options.retry, timeout=op.options.timeout)
+        chunk_ref = OperationRef(_RUN_CHUNK, None)
+        futures: list[Future[Any]] = []
+        items = zip(*iterables)
+        while True:
+            chunk = [list(args) for args in itertools.islice(items, chunksize)]
+            if not chunk:
+                break
+            with self._lock:
+                self._check_open_locked()
+                fut: Future[Any] = submitter.submit(chunk_ref, self._init, name, chunk)
+                self._track_locked(fut)
+            fut.add_done_callback(self._on_done)
+            futures.append(fut)
+        return self._results(futures, op, end)
+
+    @staticmethod
+    def _results(futures: list[Future[Any]], op: Operation | None, end: float | None) -> Generator[Any, None, None]:
+        convert = op is not None and op.returns not in (Any, object)
+        futures.reverse()
+        try:
+            while futures:
+                fut = futures[-1]
+                values = fut.result() if end is None else fut.result(end - time.monotonic())
+                futures.pop()
+                for value in values:
+                    yield op.convert_result(value) if convert else value  # type: ignore[union-attr]
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+    def _on_done(self, fut: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._pending.discard(fut)
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if isinstance(exc, _InitializerFailed):
+            self._mark_broken(exc)
+            self._fail_pending()
+
+    def _mark_broken(self, cause: BaseException) -> None:
+        with self._lock:
+            if self._broken is not None:
+                return
+            broken = RuntimeBrokenError(
+                f"a worker failed to run the initializer; the executor is not usable anymore ({cause})"
+            )
+            broken.__cause__ = cause
+            self._broken = broken
+            self._shutdown = True
+        logger.error("executor broken: %s", cause)
+
+    def _fail_pending(self) -> None:
+        """Fail every pending future with the broken error; stop the workers."""
+        with self._lock:
+            broken = self._broken
+            if broken is None or self._failed_pending:
+                return
+            self._failed_pending = True
+            pending = list(self._pending)
+            self._pending.clear()
+        for fut in pending:
+            hook = fut._phalanx_cancel  # drop the task first: it must not be dispatched once failed
+            if hook is not None:
+                hook()
+            try:
+                fut.set_exception(broken)
+            except concurrent.futures.InvalidStateError:
+                pass
+        self._start_closer(wait=False)
+
+    # ---- ending -------------------------------------------------------------------
+
+    def _start_closer(self, wait: bool) -> threading.Thread:
+        with self._lock:
+            closer = self._closer
+            if closer is not None:
+                return closer
+            closer = self._closer = threading.Thread(
+                target=self._close, args=(wait,), name="phalanx-executor-shutdown", daemon=False
+            )
+            closer.start()  # under the lock: nobody may join it before it started
+        return closer
+
+    def _close(self, wait: bool) -> None:
+        try:
+            self._rt.shutdown(wait=wait)
+        except Exception:
+            logger.exception("executor shutdown failed")
+        finally:
+            self._release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Accept no more work; let queued work finish (or cancel it); stop the workers.
+
+        ``wait=False`` returns at once while queued work still runs and the
+        workers stop afterwards, in a background thread. ``cancel_futures``
+        cancels every future that has not started. Idempotent.
+        """
+        with self._lock:
+            self._shutdown = True
+            cancel = list(self._pending) if cancel_futures else []
+        for fut in cancel:
+            fut.cancel()
+        closer = self._start_closer(wait=True)
+        if wait and threading.current_thread().name != "phalanx-pump":
+            closer.join()
+
+
+# --------------------------------------------------------------------------- #
+# Worker side
+# --------------------------------------------------------------------------- #
+
+#: executor token -> (pid that ran its initializer, the error it raised)
+_INITIALIZED: dict[str, tuple[int, BaseException | None]] = {}
+
+
+def _ensure_initialized(init: list[Any]) -> None:
+    """Run the executor's initializer once in this worker process."""
+    token, init_name, initargs = init
+    pid = os.getpid()
+    state = _INITIALIZED.get(token)
+    if state is not None and state[0] == pid:
+        if state[1] is None:
+            return
+        failure: BaseException = state[1]
+    else:
+        try:
+            op = resolve(init_name)
+            args, _ = op.convert_args(list(initargs), None)
+            op.fn(*args)
+        except BaseException as exc:  # the initializer's failure breaks the executor
+            _INITIALIZED[token] = (pid, exc)
+            failure = exc
+        else:
+            _INITIALIZED[token] = (pid, None)
+            return
+    raise _InitializerFailed(
+        f"the initializer {init_name} failed in worker pid {pid}: {type(failure).__name__}: {failure}"
+    ) from failure
+
+
+@operation
+def _run_call(init: list[Any], fn_name: str, args: list[Any], kwargs: dict[str, Any] | None) -> Any:
+    """Run one call after the executor's initializer (worker side)."""
+    _ensure_initialized(init)
+    op = resolve(fn_name)
+    a, kw = op.convert_args(args, kwargs)
+    return op.fn(*a, **kw)
+
+
+@operation
+def _run_chunk(init: list[Any] | None, fn_name: str, items: list[list[Any]]) -> list[Any]:
+    """Run ``fn(*args)`` for each item of one ``map`` chunk (worker side)."""
+    if init is not None:
+        _ensure_initialized(init)
+    op = resolve(fn_name)
+    ctx = current_task()
+    out: list[Any] = []
+    for args in items:
+        ctx.check()
+        a, _ = op.convert_args(args, None)
+        out.append(op.fn(*a))
+    return out
+
+
+@operation
+def _run_calls(calls: list[list[Any]]) -> list[Any]:
+    """Run ``[fn_name, args, kwargs]`` calls in order; their results (worker side).
+
+    What the joblib backend sends for one batch.
+    """
+    ctx = current_task()
+    out: list[Any] = []
+    for fn_name, args, kwargs in calls:
+        ctx.check()
+        op = resolve(fn_name)
+        a, kw = op.convert_args(args, kwargs)
+        out.append(op.fn(*a, **kw))
+    return out

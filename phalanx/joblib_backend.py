@@ -1,0 +1,146 @@
+"""A joblib parallel backend named ``"phalanx"``.
+
+Runs in the driver. ``import phalanx.joblib_backend`` registers it (joblib
+must be installed); then::
+
+    import joblib
+    with joblib.parallel_backend("phalanx", n_jobs=2):
+        results = joblib.Parallel()(joblib.delayed(f)(i) for i in range(100))
+
+runs every batch joblib forms as one task on a :class:`phalanx.Executor`
+(started when a ``Parallel`` call begins, shut down when it ends)::
+
+    Parallel ── BatchedCalls [(f, args, kwargs), ...] ──▶ PhalanxBackend.submit
+             ──▶ Executor.submit(_run_calls, [[name, args, kwargs], ...]) ──▶ worker
+    pump thread ── done callback ──▶ joblib's BatchCompletionCallBack (next batch)
+
+Invariant kept: nothing is pickled. Each delayed function is sent by name,
+so it must be an ``@phalanx.operation`` or a plain module-level function
+(named implicitly, as :class:`phalanx.Executor` does); a lambda, a nested
+function or a ``functools.partial`` raises ``TypeError`` when the batch is
+dispatched. Arguments and results are msgpack: results come back as the
+function's return annotation says, else as plain data (a tuple as a list).
+No worker outlives the ``Parallel`` call that started it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .config import usable_cpus
+from .executor import Executor, _run_calls
+from .registry.operations import Operation, driver_operation, implicit, name_of
+
+__all__ = ["PhalanxBackend", "register"]
+
+logger = logging.getLogger(__name__)
+
+_joblib: Any = importlib.import_module("joblib")
+_parallel: Any = importlib.import_module("joblib.parallel")
+
+
+class PhalanxBackend(_parallel.AutoBatchingMixin, _parallel.ParallelBackendBase):  # type: ignore[misc]
+    """joblib backend running batches on phalanx worker processes.
+
+    Keyword arguments given to ``joblib.parallel_backend("phalanx", ...)``
+    (other than ``n_jobs``) are :class:`phalanx.Executor` /
+    :class:`phalanx.Runtime` options, e.g. ``max_tasks_per_child=100``.
+    ``n_jobs=1`` runs sequentially in the calling process, as with loky.
+    """
+
+    supports_retrieve_callback = True
+    supports_timeout = True
+    supports_sharedmem = False
+    uses_threads = False
+
+    def __init__(self, nesting_level: int | None = None, inner_max_num_threads: int | None = None,
+                 **backend_kwargs: Any) -> None:
+        super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads,
+                         **backend_kwargs)
+        self._executor: Executor | None = None
+        self._n_jobs = 0
+        self.parallel: Any = None
+
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
+        """Workers a ``Parallel`` call with ``n_jobs`` gets (-1: all usable CPUs)."""
+        if n_jobs == 0:
+            raise ValueError("n_jobs == 0 in Parallel has no meaning")
+        if n_jobs is None:
+            return 1
+        if n_jobs < 0:
+            return max(usable_cpus() + 1 + n_jobs, 1)
+        return int(n_jobs)
+
+    def configure(self, n_jobs: int | None = 1, parallel: Any = None, prefer: str | None = None,
+                  require: str | None = None, **backend_kwargs: Any) -> int:
+        """Start (or reuse) the executor for one ``Parallel`` call."""
+        n = self.effective_n_jobs(n_jobs)
+        if n == 1:
+            raise _parallel.FallbackToBackend(_parallel.SequentialBackend(nesting_level=self.nesting_level))
+        if self._executor is not None and self._n_jobs != n:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if self._executor is None:
+            options = {**self.backend_kwargs, **backend_kwargs}
+            self._executor = Executor(max_workers=n, **options)
+            self._n_jobs = n
+            logger.debug("joblib backend started %d workers", n)
+        self.parallel = parallel
+        return n
+
+    def submit(self, func: Any, callback: Callable[[Any], None] | None = None) -> Any:
+        """Send one joblib batch as one task; ``callback(future)`` when it is done."""
+        executor = self._executor
+        if executor is None:
+            raise RuntimeError("the phalanx joblib backend is not configured")
+        items = getattr(func, "items", None)
+        if not isinstance(items, list):
+            raise TypeError(f"the phalanx joblib backend runs joblib batches, got {func!r}")
+        calls: list[list[Any]] = []
+        ops: list[Operation | None] = []
+        for fn, args, kwargs in items:
+            target = implicit(fn)
+            calls.append([name_of(target), list(args), dict(kwargs) or None])
+            ops.append(driver_operation(target))
+        future = executor.submit(_run_calls, calls)
+        future._phalanx_joblib_ops = ops  # type: ignore[attr-defined]
+        if callback is not None:
+            future.add_done_callback(callback)
+        return future
+
+    def retrieve_result_callback(self, future: Any) -> list[Any]:
+        """The batch's results, converted to each function's return annotation."""
+        values: list[Any] = future.result()
+        ops: list[Operation | None] = getattr(future, "_phalanx_joblib_ops", [])
+        out = []
+        for value, op in zip(values, ops):
+            if op is not None and op.returns not in (Any, object):
+                value = op.convert_result(value)
+            out.append(value)
+        return out
+
+    def terminate(self) -> None:
+        """End of a ``Parallel`` call: stop the workers."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+        self.reset_batch_stats()
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        """A task failed: cancel what has not started, stop the workers."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        if ensure_ready and self.parallel is not None:
+            self.configure(n_jobs=self.parallel.n_jobs, parallel=self.parallel)
+
+
+def register() -> None:
+    """Register the backend as ``"phalanx"`` (done on import; idempotent)."""
+    _joblib.register_parallel_backend("phalanx", PhalanxBackend)
+
+
+register()
