@@ -3,7 +3,7 @@
 Runs in the user's process. The same workload runs on each executor in turn,
 each with 2 worker processes::
 
-    submit N tiny tasks (x -> 3x+1, 0.2 ms each)        main thread
+    submit N tiny tasks (x -> 3x+1, 0.6 ms each)        main thread
     SIGKILL a random worker every 100-300 ms            killer thread (random.Random(seed))
     collect: a result that makes no progress for
     HANG_AFTER seconds means the executor hung          main thread
@@ -44,7 +44,7 @@ import phalanx
 HANG_AFTER = 20.0
 #: seconds after which the whole run kills everything and exits
 HARD_LIMIT = 150.0
-TASK_SLEEP = 0.0002
+TASK_SLEEP = 0.0006
 
 
 @phalanx.operation
@@ -202,8 +202,16 @@ def run_pool(n: int, seed: int) -> Outcome:
         if out.hung:
             out.note = "a killed worker's task is never answered; get() waits forever without a timeout"
     finally:
-        pool.terminate()
-        pool.join()
+        # Pool.terminate() itself can wait forever on a pool whose workers were
+        # SIGKILLed: kill them by pid, then give terminate() a bounded time.
+        for proc in list(pool._pool):  # type: ignore[attr-defined]
+            if proc.pid is not None and _is_live_child(proc.pid):
+                os.kill(proc.pid, signal.SIGKILL)
+        closer = threading.Thread(target=pool.terminate, name="pool-terminate", daemon=True)
+        closer.start()
+        closer.join(10.0)
+        if closer.is_alive():
+            out.note += "; Pool.terminate() did not return within 10 s"
     return out
 
 
@@ -279,7 +287,7 @@ def _hard_stop() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", default="phalanx,pool,ppe", help="comma-separated: phalanx,pool,ppe")
     args = parser.parse_args(argv)

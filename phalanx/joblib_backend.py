@@ -1,13 +1,21 @@
 """A joblib parallel backend named ``"phalanx"``.
 
-Runs in the driver. ``import phalanx.joblib_backend`` registers it (joblib
-must be installed); then::
+Runs in the driver. Registering it is one import (joblib must be installed:
+``pip install 'phalanx[joblib]'``); ``import phalanx`` alone does not import
+joblib. :func:`register` registers it again under another name::
 
     import joblib
-    with joblib.parallel_backend("phalanx", n_jobs=2):
+    import phalanx.joblib_backend  # registers the "phalanx" backend
+
+    with joblib.parallel_backend("phalanx", n_jobs=2):  # or joblib.parallel_config(backend="phalanx")
         results = joblib.Parallel()(joblib.delayed(f)(i) for i in range(100))
 
-runs every batch joblib forms as one task on a :class:`phalanx.Executor`
+Keyword arguments of ``parallel_backend("phalanx", ...)`` are
+:class:`phalanx.Executor` options (``max_tasks_per_child=``, ``credits=``...);
+joblib's own ``Parallel`` settings that concern its memmapping pools
+(``max_nbytes``, ``temp_folder``, ``mmap_mode``) do not apply and are ignored.
+
+The backend runs every batch joblib forms as one task on a :class:`phalanx.Executor`
 (started when a ``Parallel`` call begins, shut down when it ends)::
 
     Parallel ── BatchedCalls [(f, args, kwargs), ...] ──▶ PhalanxBackend.submit
@@ -26,6 +34,7 @@ No worker outlives the ``Parallel`` call that started it.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -33,13 +42,22 @@ from typing import Any
 from .config import usable_cpus
 from .executor import Executor, _run_calls
 from .registry.operations import Operation, driver_operation, implicit, name_of
+from .runtime import Runtime
 
 __all__ = ["PhalanxBackend", "register"]
 
 logger = logging.getLogger(__name__)
 
-_joblib: Any = importlib.import_module("joblib")
-_parallel: Any = importlib.import_module("joblib.parallel")
+try:
+    _joblib: Any = importlib.import_module("joblib")
+    _parallel: Any = importlib.import_module("joblib.parallel")
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("phalanx.joblib_backend needs joblib: pip install 'phalanx[joblib]'") from exc
+
+#: keyword arguments of ``Parallel(...)`` forwarded to the executor (the rest are joblib's own)
+_EXECUTOR_OPTIONS = frozenset(
+    name for name, p in inspect.signature(Runtime.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY
+) | {"max_tasks_per_child", "initializer", "initargs"}
 
 
 class PhalanxBackend(_parallel.AutoBatchingMixin, _parallel.ParallelBackendBase):  # type: ignore[misc]
@@ -84,7 +102,11 @@ class PhalanxBackend(_parallel.AutoBatchingMixin, _parallel.ParallelBackendBase)
             self._executor.shutdown(wait=True)
             self._executor = None
         if self._executor is None:
-            options = {**self.backend_kwargs, **backend_kwargs}
+            # ``Parallel`` passes its own settings (max_nbytes, temp_folder,
+            # mmap_mode, verbose, its multiprocessing context...) to every
+            # backend: keep only what an Executor takes.
+            given = {k: v for k, v in backend_kwargs.items() if k in _EXECUTOR_OPTIONS}
+            options = {**self.backend_kwargs, **given}
             self._executor = Executor(max_workers=n, **options)
             self._n_jobs = n
             logger.debug("joblib backend started %d workers", n)
@@ -138,9 +160,9 @@ class PhalanxBackend(_parallel.AutoBatchingMixin, _parallel.ParallelBackendBase)
             self.configure(n_jobs=self.parallel.n_jobs, parallel=self.parallel)
 
 
-def register() -> None:
-    """Register the backend as ``"phalanx"`` (done on import; idempotent)."""
-    _joblib.register_parallel_backend("phalanx", PhalanxBackend)
+def register(name: str = "phalanx") -> None:
+    """Register the backend with joblib as ``name`` (``"phalanx"`` is done on import; idempotent)."""
+    _joblib.register_parallel_backend(name, PhalanxBackend)
 
 
 register()
