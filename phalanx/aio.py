@@ -12,9 +12,12 @@ and queues (as :meth:`phalanx.Runtime.submit` does) and returns an awaitable
                ── await start / fold / spawn / shutdown ──▶ default executor
 
 Invariant kept: cancelling an awaiting task never leaves work or a thread
-behind for long: a cancelled ``await fut`` cancels the task if it is still
-queued, a cancelled ``async for`` ends its map job and wakes its thread, and
-a cancelled ``start()`` shuts the runtime down once it is up.
+behind for long: a cancelled ``await fut`` removes the call if it is still
+queued and aborts it on its worker if it runs, a cancelled ``async for`` ends
+its map job (its running tasks see their abort flag) and wakes its thread,
+and a cancelled ``start()`` shuts the runtime down once it is up. A
+cancelled ``await rt.fold(...)`` stops waiting but the fold runs on (up to
+its ``timeout``).
 """
 
 from __future__ import annotations
@@ -105,7 +108,9 @@ class AsyncRuntime:
     def submit(self, fn: Callable[P, R] | str, /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """Queue ``fn(*args, **kwargs)``; ``await`` the returned future for its result.
 
-        Cancelling the awaiting task cancels the call if it has not started.
+        Cancelling the awaiting task cancels the call: removed if it has not
+        started, else aborted on its worker (the future then fails with
+        :class:`~phalanx.TaskCancelledError`).
         """
         return self.runtime.submit(fn, *args, **kwargs)
 

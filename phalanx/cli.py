@@ -5,9 +5,9 @@ Which process runs it
 :func:`main` runs in the process the user starts (``phalanx ...`` or
 ``python -m phalanx ...``).  For ``phalanx demo`` that process becomes the
 *driver*: it creates a :class:`phalanx.Runtime`, which spawns the worker
-processes.  Subcommands planned for later (``worker``, ``top``, ``keygen``)
-plug into the same dispatch table; ``phalanx worker`` will be the one that
-runs inside a worker process.
+processes.  ``phalanx worker`` runs on another host and supervises the worker
+processes that join a driver over tcp (:mod:`phalanx.remote`); ``phalanx
+keygen`` writes CURVE key pairs; ``phalanx top`` watches a running runtime.
 
 Structure
 ---------
@@ -166,6 +166,98 @@ def _run_top(args: argparse.Namespace) -> int:
     return run_top(args.connect, args.pid, args.interval, args.once)
 
 
+# --------------------------------------------------------------------------- worker
+
+_WORKER_DESCRIPTION = """\
+Start worker processes on this host that join a runtime listening on tcp
+(phalanx.Runtime(listen="tcp://0.0.0.0:5555", ...)). Operations and actors are
+found by module name: pass --import for each module that defines them (it must
+be importable here, e.g. from the current directory).
+
+The connection is encrypted and authenticated with CURVE: --key is this host's
+.key_secret file and --server-key the driver's .key file (both written by
+`phalanx keygen`); the driver must list this host's public key in its
+authorized_keys directory. --insecure talks plaintext to an insecure runtime.
+
+Workers that die are replaced. When the driver shuts down this command exits 0;
+when the driver vanishes (no heartbeat for --heartbeat-timeout seconds) the
+workers stop and it exits 4, or with --reconnect waits for the driver to come
+back. A refused key exits 3."""
+
+
+def _configure_worker(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--connect", required=True, metavar="tcp://HOST:PORT",
+                        help="the driver's listen address (its first port)")
+    parser.add_argument("--workers", "-w", type=_positive_int, default=None, metavar="N",
+                        help=f"worker processes to start (default: usable CPUs, here {usable_cpus()})")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="module defining operations or actors (repeatable)")
+    parser.add_argument("--key", metavar="FILE", default=os.environ.get("PHALANX_KEY"),
+                        help="this host's .key_secret file (env PHALANX_KEY)")
+    parser.add_argument("--server-key", metavar="FILE", default=os.environ.get("PHALANX_SERVER_KEY"),
+                        help="the driver's public .key file (env PHALANX_SERVER_KEY)")
+    parser.add_argument("--insecure", action="store_true", help="no CURVE: plaintext, unauthenticated")
+    parser.add_argument("--credits", type=_positive_int, default=16, help="tasks a worker holds at once")
+    parser.add_argument("--heartbeat-timeout", type=float, default=10.0, metavar="S",
+                        help="seconds without the driver before giving up (default: 10)")
+    parser.add_argument("--heartbeat-interval", type=float, default=0.5, metavar="S",
+                        help="seconds between this host's heartbeats to the driver (default: 0.5)")
+    parser.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
+                        help="seconds to wait for the driver at start (default: 30)")
+    parser.add_argument("--reconnect", action="store_true",
+                        help="when the driver is lost, wait for it to come back instead of exiting")
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from .remote import RemoteOptions, main as remote_main
+
+    return remote_main(RemoteOptions(
+        connect=args.connect,
+        workers=args.workers or usable_cpus(),
+        imports=args.imports,
+        credits=args.credits,
+        key=args.key,
+        server_key=args.server_key,
+        insecure=args.insecure,
+        heartbeat_timeout=args.heartbeat_timeout,
+        heartbeat_interval=args.heartbeat_interval,
+        connect_timeout=args.connect_timeout,
+        reconnect=args.reconnect,
+    ))
+
+
+# --------------------------------------------------------------------------- keygen
+
+_KEYGEN_DESCRIPTION = """\
+Write a CURVE key pair: NAME.key (the public key, safe to copy to the other
+side) and NAME.key_secret (public and secret key, readable by you only).
+
+  phalanx keygen driver           on the driver's host
+  phalanx keygen worker-host1     on each worker host; copy worker-host1.key into
+                                  the driver's authorized_keys directory, and
+                                  driver.key to the worker host"""
+
+
+def _configure_keygen(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="file name prefix, e.g. driver or keys/host1")
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    from .transport import keys
+
+    directory, name = os.path.split(args.name)
+    directory = directory or "."
+    for suffix in (".key", ".key_secret"):
+        path = os.path.join(directory, name + suffix)
+        if os.path.exists(path) and not args.force:
+            print(f"{PROG} keygen: {path} exists (use --force to overwrite)", file=sys.stderr)
+            return 1
+    public, secret = keys.generate(directory, name)
+    print(f"public key: {public}\nsecret key: {secret}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "demo": Command(
         summary="run a short self-checking demo (Monte Carlo pi, word-count fold)",
@@ -178,6 +270,18 @@ COMMANDS: dict[str, Command] = {
         description=_TOP_DESCRIPTION,
         configure=_configure_top,
         handler=_run_top,
+    ),
+    "worker": Command(
+        summary="start workers on this host that join a runtime over tcp",
+        description=_WORKER_DESCRIPTION,
+        configure=_configure_worker,
+        handler=_run_worker,
+    ),
+    "keygen": Command(
+        summary="write a CURVE key pair (NAME.key, NAME.key_secret)",
+        description=_KEYGEN_DESCRIPTION,
+        configure=_configure_keygen,
+        handler=_run_keygen,
     ),
 }
 
@@ -195,6 +299,10 @@ _EPILOG = """\
 examples:
   phalanx demo                  run the demo with one worker per usable CPU
   phalanx demo --workers 2      run it with 2 worker processes
+  phalanx keygen driver         write driver.key and driver.key_secret
+  phalanx worker --connect tcp://driver-host:5555 --import mymodule \\
+      --key host1.key_secret --server-key driver.key
+                                join a runtime from another host
   phalanx COMMAND --help        show the options of COMMAND
 """
 

@@ -9,6 +9,13 @@ Runs in the driver process. Threads and what they own::
         └─▶ deliver outcomes to jobs (futures, lease queues)   [no lock held]
     supervisor thread ──on_exit──▶ [lock] redeliver the dead worker's tasks
 
+Remote workers (``listen="tcp://..."``) say Hello on the tcp endpoints, which
+demand CURVE keys from ``authorized_keys`` (ZAP, in the authenticator
+thread); local workers keep using the private ipc endpoints of the same
+sockets. A remote worker sends Alive heartbeats; when they stop for
+``heartbeat_timeout`` the pump declares it lost and its tasks are redelivered
+exactly as for a local crash.
+
 Dispatch is credit-based (the zguide's load-balancing pattern) rather than
 PUSH/PULL: a worker announces how many tasks it may hold, and each task goes
 to the live worker with the most free credits. So the driver always knows
@@ -34,7 +41,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -58,6 +67,7 @@ from .supervisor import Supervisor
 from .transport import sockets
 from .transport.codec import decode_driver, encode
 from .transport.endpoints import Endpoints, local_endpoints, tcp_endpoints
+from .transport.messages import PROTOCOL_VERSION, Alive
 from .transport.messages import (
     Call,
     Chunk,
@@ -92,6 +102,12 @@ Delivery = Ok | Err | BaseException
 #: seconds a dead worker's record is kept to validate its late results
 DEAD_WORKER_TTL = 60.0
 
+log = logging.getLogger("phalanx.driver")
+auth_log = logging.getLogger("phalanx.auth")
+
+#: seconds without a remote worker's Alive before it is declared lost (default)
+REMOTE_HEARTBEAT_TIMEOUT = 10.0
+
 
 class _Skipped:
     def __repr__(self) -> str:
@@ -113,6 +129,9 @@ class WorkerStats(msgspec.Struct, frozen=True):
     tasks: int
     items: int
     busy: float
+    #: the host it runs on ("" for local workers)
+    host: str = ""
+    remote: bool = False
 
 
 class RuntimeStats(msgspec.Struct, frozen=True):
@@ -133,6 +152,11 @@ class RuntimeStats(msgspec.Struct, frozen=True):
     worker_restarts: int
     workers_recycled: int
     jobs_open: int
+    #: remote workers that joined over tcp, and those declared lost (no heartbeat)
+    workers_joined: int = 0
+    workers_lost: int = 0
+    #: tcp peers refused during the security handshake
+    peers_refused: int = 0
 
 
 class Task:
@@ -231,6 +255,7 @@ class _Worker:
     __slots__ = (
         "id", "ident", "pid", "hello", "welcomed", "ready", "alive", "free", "inflight",
         "tasks", "items", "busy", "died_at", "retiring", "expect_kill", "dispatched",
+        "remote", "host", "seen", "stop_sent",
     )
 
     def __init__(self, worker_id: str) -> None:
@@ -250,6 +275,12 @@ class _Worker:
         self.retiring = False
         self.expect_kill = False
         self.dispatched = 0
+        #: joined over tcp (not ours to spawn, watch or replace)
+        self.remote = False
+        self.host = ""
+        #: last time anything arrived from it (remote workers' liveness)
+        self.seen = 0.0
+        self.stop_sent = 0.0
 
 
 class Driver:
@@ -257,9 +288,10 @@ class Driver:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.endpoints: Endpoints = (
-            tcp_endpoints(config.listen) if config.listen else local_endpoints()
-        )
+        #: private ipc endpoints (local workers)
+        self.endpoints: Endpoints = local_endpoints()
+        #: tcp endpoints remote workers connect to, when listening
+        self.address: Endpoints | None = tcp_endpoints(config.listen) if config.listen else None
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._jobs: dict[int, Job] = {}
@@ -287,6 +319,9 @@ class Driver:
         self.workers_recycled = 0
         self.retried = 0
         self.skipped = 0
+        self.workers_joined = 0
+        self.workers_lost = 0
+        self.peers_refused = 0
         self._timers: list[tuple[float, int, Task]] = []
         self._timer_ids = itertools.count()
         self._spawn_owed = 0
@@ -303,17 +338,57 @@ class Driver:
         self._inspect_replies: dict[int, dict[str, InspectReply]] = {}
 
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._auth: Any = None
+        self._monitors: dict[zmq.Socket[bytes], str] = {}
+        self.remote_timeout = config.heartbeat_timeout if config.heartbeat_timeout > 0 else REMOTE_HEARTBEAT_TIMEOUT
         try:
-            self._tasks = sockets.router(self._ctx, self.endpoints.tasks, send_only=True)
-            self._results = sockets.router(self._ctx, self.endpoints.results)
-            self._control = sockets.publisher(self._ctx, self.endpoints.control)
-        except zmq.ZMQError:
+            curve = self._secure_tcp()
+            tcp = self.address
+            self._tasks = sockets.router(self._ctx, self.endpoints.tasks, send_only=True,
+                                         tcp=tcp.tasks if tcp else None, curve=curve)
+            self._results = sockets.router(self._ctx, self.endpoints.results,
+                                           tcp=tcp.results if tcp else None, curve=curve)
+            self._control = sockets.publisher(self._ctx, self.endpoints.control,
+                                              tcp=tcp.control if tcp else None, curve=curve)
+            if tcp is not None:
+                for sock, ep in ((self._tasks, tcp.tasks), (self._results, tcp.results), (self._control, tcp.control)):
+                    self._monitors[sockets.monitor(sock, sockets.HANDSHAKE_FAILURES)] = ep
+        except BaseException:
+            self._close_security()
             self._ctx.destroy(linger=0)
             self.endpoints.remove()
             raise
         self._wake_r, self._wake_w = os.pipe()
         self._supervisor = Supervisor(config.start_method, self._on_exit)
         self._pump_thread = threading.Thread(target=self._pump, name="phalanx-pump", daemon=True)
+
+    def _close_security(self) -> None:
+        """Close the handshake monitors and stop the authenticator (before the context ends)."""
+        for mon in self._monitors:
+            mon.close(linger=0)
+        self._monitors.clear()
+        auth, self._auth = self._auth, None
+        if auth is not None:
+            auth.stop()
+
+    def _secure_tcp(self) -> sockets.Curve | None:
+        """Start the authenticator and load the server key (None: ipc only, or insecure)."""
+        config = self.config
+        if self.address is None:
+            return None
+        if config.insecure:
+            message = (f"phalanx: WARNING: listening on {config.listen} WITHOUT CURVE (insecure=True): "
+                       "anyone who can reach it can run registered operations and read results")
+            log.warning(message)
+            print(message, file=sys.stderr, flush=True)
+            return None
+        from .transport import keys
+
+        assert config.server_key is not None and config.authorized_keys is not None
+        public, secret = keys.load_secret(config.server_key)
+        self._auth = keys.Authenticator(self._ctx, config.authorized_keys)
+        self._auth.start()
+        return sockets.Curve(public, secret)
 
     # ---- workers -------------------------------------------------------------
 
@@ -357,14 +432,21 @@ class Driver:
             parent_pid=os.getpid(),
             abort_grace=self.config.abort_grace,
             max_memory=self.config.max_memory_per_worker,
-            heartbeat_timeout=self.config.worker_heartbeat_timeout(),
+            heartbeat_timeout=max(0.0, self.config.heartbeat_timeout),
+            heartbeat_interval=self.config.heartbeat_interval,
             reconnect=self.config.reconnect,
         )
         worker.pid = self._supervisor.spawn(spec)
         return wid
 
-    def _on_exit(self, worker_id: str, exitcode: int | None) -> None:
-        """A worker process exited (supervisor thread): redeliver, replace, or break."""
+    def _on_exit(self, worker_id: str, exitcode: int | None, lost: bool = False) -> None:
+        """A worker process exited (supervisor thread): redeliver, replace, or break.
+
+        ``lost``: a remote worker whose heartbeats stopped (pump, via a helper
+        thread). Its tasks are redelivered without charging them a crash, it
+        does not count towards the restart intensity, and it is not replaced
+        here (its own host's ``phalanx worker`` does that).
+        """
         failed: list[tuple[Job, int, BaseException]] = []
         broken: BaseException | None = None
         respawn = False
@@ -378,8 +460,10 @@ class Driver:
                 self._live.remove(worker)
             if self._closed:
                 return
-            planned = worker.retiring or worker.expect_kill
-            if not planned:
+            planned = worker.retiring or worker.expect_kill or lost
+            if lost:
+                self.workers_lost += 1
+            elif not planned:
                 self.worker_deaths += 1
             if not worker.ready and not planned and self.worker_deaths == 1 and not self._live:
                 self._start_failures.append(f"{worker_id} exited with code {exitcode}")
@@ -428,7 +512,7 @@ class Driver:
                         f"{self.config.restart_window:g} s (restart_limit={self.config.restart_limit}); "
                         f"last: {worker_id} exit code {exitcode}"
                     )
-            respawn = broken is None and not worker.retiring and not self._start_failures
+            respawn = broken is None and not worker.retiring and not self._start_failures and not worker.remote
             self._dispatch_locked()
             self._changed.notify_all()
         for job, seq, exc in failed:
@@ -459,17 +543,23 @@ class Driver:
         if w in self._live:
             self._live.remove(w)
         self.workers_recycled += 1
-        self._spawn_owed += 1
+        if not w.remote:
+            self._spawn_owed += 1  # a remote worker's own host starts its replacement
         if not w.inflight:
             self._stop_locked(w)
         os.write(self._wake_w, b"s")
 
     def _stop_locked(self, w: _Worker) -> None:
+        w.stop_sent = time.monotonic()
         try:
             self._tasks.send(w.ident, zmq.SNDMORE | zmq.NOBLOCK)
             self._tasks.send(encode(Stop()), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
+        if w.remote and w.retiring and not w.inflight and w.alive:
+            # Nobody watches a remote process: it is gone once told to stop idle.
+            w.alive = False
+            w.died_at = time.monotonic()
 
     def kill_worker(self, worker_id: str) -> None:
         """SIGKILL one worker (tests and fault injection); it is replaced."""
@@ -547,6 +637,17 @@ class Driver:
                 self._control.send(encode(Terminate(job.id)))
 
     # ---- directed messages (actors) ---------------------------------------------
+
+    def wait_workers(self, n: int, timeout: float | None) -> int:
+        """Wait until at least ``n`` workers are ready; return how many are."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while len(self._live) < n and not self._closed and self._broken is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._changed.wait(0.1 if remaining is None else min(remaining, 0.1))
+            return len(self._live)
 
     def live_workers(self) -> dict[bytes, int]:
         """Ready workers that take new work, with the number of tasks each holds."""
@@ -670,6 +771,8 @@ class Driver:
         results = self._results
         poller.register(results, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        for mon in self._monitors:
+            poller.register(mon, zmq.POLLIN)
         last_sync = 0.0
         last_beat = 0.0
         beats = itertools.count()
@@ -692,6 +795,10 @@ class Driver:
                     except zmq.ZMQError:
                         return
                     self._handle(parts)
+            if self._monitors:
+                for mon in self._monitors:
+                    if mon in events:
+                        self._on_monitor(mon)
             if self._timers:
                 self._fire_timers()
             if self._outgoing:
@@ -711,11 +818,48 @@ class Driver:
                 with self._lock:
                     if not self._control.closed:
                         self._control.send(encode(Heartbeat(next(beats))), zmq.NOBLOCK)
+                if self.address is not None:
+                    self._check_remote(now)
             if handshaking:
                 if now - last_sync > 0.005:
                     last_sync = now
                     self._greet()
             self._reap_dead()
+
+    def _on_monitor(self, mon: zmq.Socket[bytes]) -> None:
+        """Log peers refused during the handshake on a tcp endpoint (wrong, no or plaintext key)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(mon, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            self.peers_refused += 1
+            code = int(event["event"])
+            if code == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                kind = "its CURVE key is not authorized"
+            elif code == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                kind = "protocol error (a plaintext or mismatched peer?)"
+            else:
+                kind = "the security handshake failed (a peer without the right keys?)"
+            auth_log.warning("refused a peer on %s: %s", self._monitors[mon], kind)
+
+    def _check_remote(self, now: float) -> None:
+        """Declare remote workers lost whose heartbeats stopped (pump thread)."""
+        lost = []
+        with self._lock:
+            for w in self._workers.values():
+                if w.remote and w.alive and now - w.seen > self.remote_timeout:
+                    lost.append(w.id)
+        for wid in lost:
+            log.warning("remote worker %s lost: no heartbeat for %.1f s; redelivering its tasks",
+                        wid, self.remote_timeout)
+            # A helper thread: exit listeners (actor supervision) may wait on the pump.
+            threading.Thread(target=self._on_exit, args=(wid, None, True), daemon=True,
+                             name="phalanx-lost").start()
 
     def _fire_timers(self) -> None:
         now = time.monotonic()
@@ -790,8 +934,10 @@ class Driver:
             self.frames_dropped += 1
             return
         if ident.endswith(b"!"):
-            # A worker's control thread: timed-out tasks and inspect replies.
-            if isinstance(msg, Results):
+            # A worker's control thread: timed-out tasks, inspect replies, heartbeats.
+            if isinstance(msg, Alive):
+                self._on_alive(ident[:-1], msg)
+            elif isinstance(msg, Results):
                 self._on_results(ident[:-1], msg, side=True)
             elif isinstance(msg, InspectReply) and msg.worker.encode() == ident[:-1]:
                 with self._changed:
@@ -830,9 +976,43 @@ class Driver:
         elif isinstance(msg, Ready):
             self._on_ready(ident, msg)
 
+    def _on_alive(self, ident: bytes, msg: Alive) -> None:
+        with self._lock:
+            w = self._workers.get(ident)
+            if w is None or msg.worker != w.id:
+                self.frames_dropped += 1
+                return
+            now = time.monotonic()
+            w.seen = now
+            if not w.alive and w.remote and now - w.stop_sent > 1.0:
+                # Declared lost, but back (a healed partition): its tasks went
+                # elsewhere; tell it to stop, its host starts a fresh worker.
+                self._stop_locked(w)
+
+    def _join_locked(self, ident: bytes, msg: Hello) -> _Worker | None:
+        """A remote worker's first Hello: add it (listening runtimes only)."""
+        if (
+            self.address is None
+            or self._closed
+            or msg.worker.encode() != ident
+            or not msg.worker
+            or msg.version != PROTOCOL_VERSION
+        ):
+            return None
+        w = _Worker(msg.worker)
+        w.remote = True
+        w.host = msg.host
+        w.seen = time.monotonic()
+        self._workers[ident] = w
+        self.workers_joined += 1
+        log.info("remote worker %s joined from %s (pid %d)", msg.worker, msg.host, msg.pid)
+        return w
+
     def _on_hello(self, ident: bytes, msg: Hello) -> None:
         with self._lock:
             w = self._workers.get(ident)
+            if w is None:
+                w = self._join_locked(ident, msg)
             if w is None or msg.worker != w.id or not w.alive or w.hello:
                 self.frames_dropped += 1
                 return
@@ -864,6 +1044,8 @@ class Driver:
             if w is None or msg.worker != w.id:
                 self.frames_dropped += 1
                 return
+            if w.remote:
+                w.seen = time.monotonic()
             jobs = self._jobs
             inflight = w.inflight
             w.busy += msg.busy
@@ -1002,6 +1184,7 @@ class Driver:
             self._pump_thread.join(5.0)
         with self._lock:
             sockets.close(self._tasks, self._results, self._control)
+        self._close_security()
         self._ctx.term()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -1019,7 +1202,8 @@ class Driver:
         """A snapshot of the counters."""
         with self._lock:
             workers = [
-                WorkerStats(w.id, w.pid, w.alive, w.ready, len(w.inflight), w.tasks, w.items, w.busy)
+                WorkerStats(w.id, w.pid, w.alive, w.ready, len(w.inflight), w.tasks, w.items, w.busy,
+                            w.host, w.remote)
                 for w in self._workers.values()
             ]
             return RuntimeStats(
@@ -1038,5 +1222,8 @@ class Driver:
                 worker_restarts=self.worker_restarts,
                 workers_recycled=self.workers_recycled,
                 jobs_open=len(self._jobs),
+                workers_joined=self.workers_joined,
+                workers_lost=self.workers_lost,
+                peers_refused=self.peers_refused,
             )
 

@@ -64,9 +64,18 @@ class Future(concurrent.futures.Future[T]):
     ``cancel()`` succeeds while the task is still queued in the driver and
     removes it; once a worker holds the task it returns ``False``, as the
     standard library's futures do.
+
+    ``await future`` waits without blocking the event loop. Cancelling the
+    awaiting asyncio task cancels the call: a queued one is removed (the
+    future is cancelled); a running one of :meth:`phalanx.Runtime.submit` is
+    aborted on its worker (``current_task().aborted``, then the worker is
+    replaced after ``abort_grace`` if the call ignores it) and the future
+    fails with :class:`~phalanx.TaskCancelledError`.
     """
 
     _phalanx_cancel: Callable[[], None] | None = None
+    #: ends the call even while it runs (set by ``submit``); see ``__await__``
+    _phalanx_abort: Callable[[], None] | None = None
 
     def cancel(self) -> bool:
         if not super().cancel():
@@ -77,7 +86,19 @@ class Future(concurrent.futures.Future[T]):
         return True
 
     def __await__(self) -> Generator[Any, None, T]:
-        return asyncio.wrap_future(self).__await__()
+        return self._wait_async().__await__()
+
+    async def _wait_async(self) -> T:
+        try:
+            return await asyncio.wrap_future(self)
+        except asyncio.CancelledError:
+            # The awaiting task was cancelled (or this future was): a queued
+            # call is removed, a running one is aborted on its worker.
+            if not self.cancel():
+                abort = self._phalanx_abort
+                if abort is not None:
+                    abort()
+            raise
 
 
 def _outcome_error(outcome: Delivery) -> BaseException:
@@ -98,6 +119,13 @@ class _FutureSink:
     def cancel(self) -> None:
         if self.job is not None and self.driver is not None:
             self.driver.close_job(self.job)
+
+    def abort(self) -> None:
+        """End a running call: its worker sees the abort flag; the future fails."""
+        if self.future.done() or self.job is None or self.driver is None:
+            return
+        self.driver.close_job(self.job, terminate=True)
+        self.fail(TaskCancelledError("the call was aborted: the task awaiting it was cancelled"))
 
     def deliver(self, seq: int, outcome: Delivery) -> None:
         fut = self.future
@@ -152,6 +180,7 @@ def submit(
     frame = encode(msg, "the arguments of {}", op_name)
     sink.job, sink.driver = job, driver
     fut._phalanx_cancel = sink.cancel
+    fut._phalanx_abort = sink.abort
     driver.submit(job, [Task(msg, frame)], register=True)
     return fut
 

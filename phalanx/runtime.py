@@ -92,6 +92,9 @@ class Runtime:
         heartbeat_interval: float | None = None,
         heartbeat_timeout: float | None = None,
         reconnect: bool | None = None,
+        server_key: str | None = None,
+        authorized_keys: str | None = None,
+        insecure: bool | None = None,
     ) -> None:
         self.config = Config.load(
             workers=workers,
@@ -109,6 +112,9 @@ class Runtime:
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
             reconnect=reconnect,
+            server_key=server_key,
+            authorized_keys=authorized_keys,
+            insecure=insecure,
         )
         self._driver = Driver(self.config)
         try:
@@ -291,9 +297,26 @@ class Runtime:
 
     @property
     def endpoints(self) -> tuple[str, str, str]:
-        """The (tasks, results, control) addresses workers connect to."""
+        """The (tasks, results, control) ipc addresses local workers connect to."""
         e = self._driver.endpoints
         return (e.tasks, e.results, e.control)
+
+    @property
+    def address(self) -> str | None:
+        """``tcp://HOST:PORT`` for ``phalanx worker --connect`` (None unless ``listen`` was given).
+
+        The runtime listens on ``PORT``, ``PORT+1`` and ``PORT+2``; with
+        ``listen="tcp://HOST:0"`` it picked three free consecutive ports.
+        """
+        a = self._driver.address
+        return None if a is None else a.tasks
+
+    def wait_for_workers(self, n: int, timeout: float | None = None) -> int:
+        """Block until at least ``n`` workers (local or remote) are ready; return how many are.
+
+        Returns early, with fewer, when ``timeout`` passes or the runtime closes.
+        """
+        return self._driver.wait_workers(n, timeout)
 
     # ---- ending --------------------------------------------------------------------
 

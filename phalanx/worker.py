@@ -54,6 +54,7 @@ from .transport.endpoints import Endpoints
 from .transport.messages import (
     ActorCall,
     ActorState,
+    Alive,
     Call,
     Chunk,
     Err,
@@ -107,6 +108,11 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     heartbeat_timeout: float = 0.0
     #: on a lost driver, keep waiting for it instead of exiting
     reconnect: bool = False
+    #: seconds between this worker's Alive heartbeats to the driver (sent when
+    #: ``heartbeat_timeout`` is set, i.e. over tcp)
+    heartbeat_interval: float = 0.5
+    #: CURVE client keys for tcp endpoints (None: plaintext or ipc)
+    curve: sockets.Curve | None = None
 
 
 class TaskContext:
@@ -247,20 +253,32 @@ class _Control(threading.Thread):
 
     def run(self) -> None:
         loop = self.loop
-        sub = sockets.subscriber(loop.ctx, loop.spec.endpoints.control)
-        side = self.side = sockets.dealer(loop.ctx, loop.spec.endpoints.results, loop.ident + b"!")
+        spec = loop.spec
+        sub = sockets.subscriber(loop.ctx, spec.endpoints.control, spec.curve)
+        side = self.side = sockets.dealer(loop.ctx, spec.endpoints.results, loop.ident + b"!", spec.curve)
+        beats = 0
+        next_beat = 0.0
         try:
             while not loop.stopping:
                 if sub.poll(self._next_wait()):
                     self._drain(sub)
                 self._check_timers(side)
                 self._check_driver()
+                if spec.heartbeat_timeout > 0 and time.monotonic() >= next_beat:
+                    # Over tcp the driver cannot see this process die: tell it we live.
+                    next_beat = time.monotonic() + spec.heartbeat_interval
+                    beats += 1
+                    try:
+                        side.send(encode(Alive(spec.worker_id, beats)), zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
         finally:
             sockets.close(sub, side)
 
     def _next_wait(self) -> int:
         ctx = self.loop.current
-        waits = [50.0]
+        spec = self.loop.spec
+        waits = [50.0 if spec.heartbeat_timeout <= 0 else min(50.0, spec.heartbeat_interval * 1000)]
         now = time.monotonic()
         if ctx is not None and ctx.timeout > 0 and not ctx.timed_out:
             waits.append((ctx.started + ctx.timeout - now) * 1000)
@@ -365,8 +383,8 @@ class _Loop:
         self.spec = spec
         self.ident = spec.worker_id.encode()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.inbox = sockets.dealer(self.ctx, spec.endpoints.tasks, self.ident)
-        self.outbox = sockets.dealer(self.ctx, spec.endpoints.results, self.ident)
+        self.inbox = sockets.dealer(self.ctx, spec.endpoints.tasks, self.ident, spec.curve)
+        self.outbox = sockets.dealer(self.ctx, spec.endpoints.results, self.ident, spec.curve)
         self.todo: deque[Any] = deque()
         self.tasks_done = 0
         self.actors = ActorHost(spec.worker_id, self.send_after_outcomes, self.call)

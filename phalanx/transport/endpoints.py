@@ -16,7 +16,7 @@ import tempfile
 
 import msgspec
 
-__all__ = ["Endpoints", "local_endpoints", "tcp_endpoints", "parse_listen"]
+__all__ = ["Endpoints", "local_endpoints", "tcp_endpoints", "connect_endpoints", "parse_listen"]
 
 
 class Endpoints(msgspec.Struct, frozen=True):
@@ -51,6 +51,14 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def connect_endpoints(address: str) -> Endpoints:
+    """What a remote worker connects to, given the driver's ``tcp://HOST:PORT``."""
+    host, port = parse_listen(address)
+    return Endpoints(
+        tasks=f"tcp://{host}:{port}", results=f"tcp://{host}:{port + 1}", control=f"tcp://{host}:{port + 2}"
+    )
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     """Split ``tcp://HOST:PORT`` into ``(HOST, PORT)``; raise ValueError otherwise."""
     if not listen.startswith("tcp://"):
@@ -61,13 +69,37 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _free_ports(host: str, tries: int = 50) -> int:
+    """A port P such that P, P+1 and P+2 are free on ``host`` now."""
+    for _ in range(tries):
+        base = _free_port(host)
+        if base + 2 > 65535:
+            continue
+        socks = []
+        try:
+            for port in (base + 1, base + 2):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise OSError(f"found no three consecutive free ports on {host}")
+
+
 def tcp_endpoints(listen: str) -> Endpoints:
-    """TCP endpoints on ``PORT``, ``PORT+1``, ``PORT+2`` (free ports if ``PORT`` is 0)."""
+    """TCP endpoints on ``PORT``, ``PORT+1``, ``PORT+2``.
+
+    ``PORT`` 0 picks three consecutive free ports, so that a remote worker
+    needs only the first: ``phalanx worker --connect tcp://HOST:PORT``.
+    """
     host, port = parse_listen(listen)
     if port == 0:
-        ports = [_free_port(host) for _ in range(3)]
-    else:
-        ports = [port, port + 1, port + 2]
+        port = _free_ports(host)
+    ports = [port, port + 1, port + 2]
     return Endpoints(
         tasks=f"tcp://{host}:{ports[0]}",
         results=f"tcp://{host}:{ports[1]}",

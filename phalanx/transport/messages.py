@@ -17,7 +17,7 @@ Sockets and the messages each one carries::
     ROUTER "results" <-- Hello, Ready, Results, Retire,   DEALER outbox
                          ActorEvent, ActorState
     ROUTER "results" <-- Results (timeouts), ----------  DEALER side (control thread)
-                         InspectReply
+                         InspectReply, Alive
     PUB "control"    --- Sync, Terminate, Shutdown, --->  SUB
                          Heartbeat, InspectRequest
 
@@ -47,6 +47,7 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Ready",
+    "Alive",
     "Ok",
     "Err",
     "Results",
@@ -179,6 +180,13 @@ class Ready(_Msg, frozen=True):
 
     worker: str
     credits: int
+
+
+class Alive(_Msg, frozen=True):
+    """A worker's heartbeat (over tcp): the driver declares it lost when they stop."""
+
+    worker: str
+    seq: int
 
 
 class Ok(msgspec.Struct, frozen=True, array_like=True, tag=True):
@@ -344,5 +352,7 @@ class InspectAnswer(_Msg, frozen=True):
 
 InboxMessage = Union[Welcome, Call, Chunk, Stop, SpawnActor, ActorCall, StopActor, SaveActor]
 ControlMessage = Union[Sync, Terminate, Shutdown, Heartbeat, InspectRequest]
-DriverMessage = Union[Hello, Ready, Results, Retire, ActorEvent, ActorState, InspectReply, InspectQuery]
+DriverMessage = Union[
+    Hello, Ready, Results, Retire, ActorEvent, ActorState, InspectReply, InspectQuery, Alive
+]
 ClientMessage = Union[InspectAnswer]

@@ -11,14 +11,16 @@ how the transport keeps its promises:
   below them, so a send never blocks the driver.
 * ``MAXMSGSIZE`` on sockets that accept frames from peers: a huge frame drops
   the peer's connection instead of exhausting memory (invariant 6).
-* Over TCP: ZMTP heartbeats and keepalive, and CURVE (server on the driver's
-  bound sockets, client on the workers') when keys are given.
+* Over TCP: ZMTP heartbeats and keepalive, ``ROUTER_HANDOVER`` (a worker
+  reconnecting keeps its identity), and CURVE (server on the driver's tcp
+  endpoints, client on remote workers') unless the runtime is insecure.
 """
 
 from __future__ import annotations
 
 import os
 
+import msgspec
 import zmq
 
 __all__ = [
@@ -31,16 +33,32 @@ __all__ = [
     "close",
     "curve_server",
     "curve_client",
+    "monitor",
+    "HANDSHAKE_FAILURES",
 ]
 
 
-class Curve:
-    """CURVE keys of one side: ``server_public`` is set on clients only."""
+class Curve(msgspec.Struct, frozen=True):
+    """CURVE keys (z85) of one side: ``server_public`` is set on clients only."""
 
-    def __init__(self, public: bytes, secret: bytes, server_public: bytes | None = None) -> None:
-        self.public = public
-        self.secret = secret
-        self.server_public = server_public
+    public: bytes
+    secret: bytes
+    server_public: bytes | None = None
+
+
+#: monitor events that mean a peer was refused during the ZMTP handshake
+HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+def monitor(sock: zmq.Socket[bytes], events: int) -> zmq.Socket[bytes]:
+    """A PAIR socket receiving ``sock``'s monitor ``events`` (read with zmq.utils.monitor)."""
+    mon: zmq.Socket[bytes] = sock.get_monitor_socket(events)
+    mon.setsockopt(zmq.LINGER, 0)
+    return mon
 
 
 def curve_server(sock: zmq.Socket[bytes], keys: Curve) -> None:
@@ -68,40 +86,67 @@ class SocketOptions:
     max_frame: int = int(os.environ.get("PHALANX_MAX_FRAME", str(256 * 1024 * 1024)))
 
 
-def _common(sock: zmq.Socket[bytes], endpoint: str = "", curve: Curve | None = None, server: bool = False) -> None:
+def _tcp_options(sock: zmq.Socket[bytes]) -> None:
+    # ZMTP heartbeats: a vanished TCP peer is disconnected instead of lingering.
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, 10000)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, 10000)
+
+
+def _common(sock: zmq.Socket[bytes], endpoint: str = "", curve: Curve | None = None) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, SocketOptions.hwm)
     sock.setsockopt(zmq.RCVHWM, SocketOptions.hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, SocketOptions.max_frame)
     if endpoint.startswith("tcp://"):
-        # ZMTP heartbeats: a vanished TCP peer is disconnected instead of lingering.
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-        sock.setsockopt(zmq.HEARTBEAT_TTL, 10000)
-        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-        sock.setsockopt(zmq.HANDSHAKE_IVL, 10000)
+        _tcp_options(sock)
     if curve is not None:
-        if server:
+        curve_client(sock, curve)
+
+
+def _bind(sock: zmq.Socket[bytes], endpoint: str, tcp: str | None, curve: Curve | None) -> None:
+    """Bind ``endpoint`` (plaintext), then ``tcp`` with tcp options and CURVE.
+
+    ZeroMQ copies a socket's options when an endpoint is bound, so the
+    private ipc endpoint of local workers stays plaintext while the tcp one
+    of remote workers demands CURVE.
+    """
+    sock.bind(endpoint)
+    if tcp is not None:
+        _tcp_options(sock)
+        # The CURVE handshake's own commands (~250 bytes) count against MAXMSGSIZE.
+        sock.setsockopt(zmq.MAXMSGSIZE, max(4096, sock.getsockopt(zmq.MAXMSGSIZE)))
+        if curve is not None:
             curve_server(sock, curve)
-        else:
-            curve_client(sock, curve)
+        sock.bind(tcp)
 
 
 def router(
-    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, send_only: bool = False, curve: Curve | None = None
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    send_only: bool = False,
+    tcp: str | None = None,
+    curve: Curve | None = None,
 ) -> zmq.Socket[bytes]:
     """A bound ROUTER that refuses to drop unroutable messages.
 
     ``send_only``: nobody reads it, so it accepts one tiny frame per peer at
     most (a peer that writes to it is stalled by ZeroMQ, not buffered).
+    ``tcp``: also bind this address (with ``curve`` when given).
     """
     sock = ctx.socket(zmq.ROUTER)
-    _common(sock, endpoint, curve, server=True)
+    _common(sock, endpoint)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if endpoint.startswith("tcp://") or tcp is not None:
+        # A worker whose TCP connection broke reconnects under the same identity:
+        # the new connection takes it over instead of being refused.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     if send_only:
         sock.setsockopt(zmq.RCVHWM, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, 64)
-    sock.bind(endpoint)
+    _bind(sock, endpoint, tcp, curve)
     return sock
 
 
@@ -116,12 +161,14 @@ def dealer(
     return sock
 
 
-def publisher(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, curve: Curve | None = None) -> zmq.Socket[bytes]:
+def publisher(
+    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, tcp: str | None = None, curve: Curve | None = None
+) -> zmq.Socket[bytes]:
     """A bound PUB for control broadcasts (peers may only send subscriptions)."""
     sock = ctx.socket(zmq.PUB)
-    _common(sock, endpoint, curve, server=True)
+    _common(sock, endpoint)
     sock.setsockopt(zmq.MAXMSGSIZE, 1024)
-    sock.bind(endpoint)
+    _bind(sock, endpoint, tcp, curve)
     return sock
 
 

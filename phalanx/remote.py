@@ -1,0 +1,288 @@
+"""``phalanx worker --connect tcp://HOST:PORT``: a worker supervisor on another host.
+
+Runs in the process a user starts on a remote host (by ssh, Slurm ``srun``,
+a Kubernetes pod ...). It checks that the driver is reachable and accepts
+this host's CURVE key, then starts N local worker processes that connect to
+the driver's tcp endpoints (``PORT``: tasks, ``PORT+1``: results, ``PORT+2``:
+control) and join the runtime, and watches them:
+
+* a worker that dies while the driver lives is replaced by a new one (a new
+  id; the driver redelivers the dead one's tasks once its heartbeats stop);
+* the driver shutting down (Shutdown broadcast) stops the workers and ends
+  this process with status 0;
+* the driver vanishing (no heartbeat for ``heartbeat_timeout``) stops the
+  workers; then this process exits with status 4, or with ``--reconnect``
+  waits for the driver to come back and starts fresh workers.
+
+Invariant kept: **no orphans on remote hosts either.** Workers carry the
+parent-death signal and a watchdog tied to this process, and each one exits
+on its own after ``heartbeat_timeout`` without the driver; this process
+stops them all before it exits, on any path.
+
+Exit status: 0 driver shut down, 2 usage, 3 refused by the driver (wrong,
+missing or unauthorised key), 4 driver lost, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import msgspec
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from .errors import ProtocolError
+from .supervisor import Supervisor
+from .transport import sockets
+from .transport.codec import decode_control
+from .transport.endpoints import Endpoints, connect_endpoints
+from .transport.messages import Heartbeat, Shutdown
+from .worker import WorkerSpec
+
+__all__ = ["RemoteOptions", "RemoteSupervisor", "EXIT_REFUSED", "EXIT_LOST"]
+
+log = logging.getLogger("phalanx.remote")
+
+EXIT_SHUTDOWN = 0
+EXIT_REFUSED = 3
+EXIT_LOST = 4
+#: worker deaths within RESTART_WINDOW seconds after which this host gives up
+RESTART_LIMIT = 20
+RESTART_WINDOW = 10.0
+
+
+class RemoteOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``phalanx worker`` was asked to do."""
+
+    connect: str
+    workers: int
+    imports: list[str] = []
+    credits: int = 16
+    key: str | None = None
+    server_key: str | None = None
+    insecure: bool = False
+    heartbeat_timeout: float = 10.0
+    heartbeat_interval: float = 0.5
+    connect_timeout: float = 30.0
+    reconnect: bool = False
+    start_method: str = "fork"
+
+
+class Refused(Exception):
+    """The driver refused this host during the security handshake."""
+
+
+def _say(message: str) -> None:
+    log.warning(message)
+    print(f"phalanx worker: {message}", file=sys.stderr, flush=True)
+
+
+class RemoteSupervisor:
+    """Starts, watches and stops the workers of this host (see the module docstring)."""
+
+    def __init__(self, options: RemoteOptions) -> None:
+        self.options = options
+        self.endpoints: Endpoints = connect_endpoints(options.connect)
+        self.curve = self._load_keys()
+        self.host = socket.gethostname()
+        self._ids = itertools.count(1)
+        self._exits: deque[tuple[str, int | None]] = deque()
+        self._stopping = threading.Event()
+        self._deaths: deque[float] = deque()
+
+    def _load_keys(self) -> sockets.Curve | None:
+        o = self.options
+        if o.insecure:
+            if o.key or o.server_key:
+                raise ValueError("--insecure and --key/--server-key exclude each other")
+            _say(f"WARNING: connecting to {o.connect} WITHOUT CURVE (--insecure): traffic is plaintext")
+            return None
+        if not (o.key and o.server_key):
+            raise ValueError(
+                "over tcp a worker needs --key (its .key_secret file) and --server-key (the driver's "
+                ".key file), made by `phalanx keygen`; or --insecure against an insecure runtime"
+            )
+        from .transport import keys
+
+        public, secret = keys.load_secret(o.key)
+        return sockets.Curve(public, secret, keys.load_public(o.server_key))
+
+    # ---- the driver's heartbeats ---------------------------------------------------
+
+    def _subscribe(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+        sub = sockets.subscriber(ctx, self.endpoints.control, self.curve)
+        events = sockets.HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED
+        return sub, sockets.monitor(sub, events)
+
+    def _wait_for_driver(self, sub: zmq.Socket[bytes], mon: zmq.Socket[bytes], timeout: float | None) -> bool:
+        """Block until a driver heartbeat arrives; False on timeout; raise Refused."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = zmq.Poller()
+        poller.register(sub, zmq.POLLIN)
+        poller.register(mon, zmq.POLLIN)
+        while not self._stopping.is_set():
+            wait = 200 if deadline is None else int(max(0.0, min(0.2, deadline - time.monotonic())) * 1000)
+            events = dict(poller.poll(wait))
+            if mon in events:
+                self._check_monitor(mon)
+            if sub in events and self._drain(sub) is not None:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+        return False
+
+    def _check_monitor(self, mon: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(mon, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+            if int(event["event"]) & sockets.HANDSHAKE_FAILURES:
+                raise Refused(
+                    f"refused by the driver at {self.options.connect}: the security handshake failed "
+                    "(is this host's public key in the driver's authorized_keys, and --server-key the "
+                    "driver's key? is the runtime insecure while this worker uses keys, or the reverse?)"
+                )
+
+    def _drain(self, sub: zmq.Socket[bytes]) -> str | None:
+        """Read what the driver published: "beat", "shutdown" or None (nothing useful)."""
+        seen: str | None = None
+        while True:
+            try:
+                frame = sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return seen
+            try:
+                msg = decode_control(frame)
+            except ProtocolError:
+                continue
+            if isinstance(msg, Shutdown):
+                return "shutdown"
+            seen = "beat" if isinstance(msg, Heartbeat) or seen is None else seen
+
+    # ---- workers -----------------------------------------------------------------
+
+    def _spec(self) -> WorkerSpec:
+        o = self.options
+        return WorkerSpec(
+            worker_id=f"{self.host}-{os.getpid()}-{next(self._ids)}",
+            endpoints=self.endpoints,
+            credits=o.credits,
+            parent_pid=os.getpid(),
+            imports=list(o.imports),
+            heartbeat_timeout=o.heartbeat_timeout,
+            heartbeat_interval=o.heartbeat_interval,
+            curve=self.curve,
+        )
+
+    def _on_exit(self, worker_id: str, exitcode: int | None) -> None:
+        self._exits.append((worker_id, exitcode))
+
+    def _serve(self, sub: zmq.Socket[bytes], mon: zmq.Socket[bytes]) -> int:
+        """Run workers until the driver shuts down or is lost."""
+        o = self.options
+        supervisor = Supervisor(o.start_method, self._on_exit)
+        try:
+            for _ in range(o.workers):
+                supervisor.spawn(self._spec())
+            supervisor.start()
+            print(f"phalanx worker: {o.workers} workers of {self.host} joined {o.connect}",
+                  file=sys.stderr, flush=True)
+            heard = time.monotonic()
+            while not self._stopping.is_set():
+                if sub.poll(100):
+                    what = self._drain(sub)
+                    if what == "shutdown":
+                        print("phalanx worker: the driver shut down", file=sys.stderr, flush=True)
+                        return EXIT_SHUTDOWN
+                    if what is not None:
+                        heard = time.monotonic()
+                if mon.poll(0):
+                    try:
+                        self._check_monitor(mon)
+                    except Refused:
+                        pass  # a reconnect refused: the heartbeat timeout decides
+                if time.monotonic() - heard > o.heartbeat_timeout:
+                    _say(f"no heartbeat from the driver for {o.heartbeat_timeout:g} s: driver lost")
+                    return EXIT_LOST
+                self._replace_exited(supervisor)
+            return EXIT_SHUTDOWN
+        finally:
+            supervisor.stop(timeout=2.0)
+
+    def _replace_exited(self, supervisor: Supervisor) -> None:
+        while self._exits:
+            wid, code = self._exits.popleft()
+            now = time.monotonic()
+            self._deaths.append(now)
+            while self._deaths and now - self._deaths[0] > RESTART_WINDOW:
+                self._deaths.popleft()
+            if len(self._deaths) > RESTART_LIMIT:
+                _say(f"{len(self._deaths)} worker exits within {RESTART_WINDOW:g} s: not replacing {wid}")
+                continue
+            print(f"phalanx worker: {wid} exited (code {code}); starting a replacement",
+                  file=sys.stderr, flush=True)
+            try:
+                supervisor.spawn(self._spec())
+            except Exception as exc:  # the supervisor is stopping, or the host is out of processes
+                _say(f"cannot start a replacement worker: {exc}")
+
+    def run(self) -> int:
+        """Serve the driver; return the exit status (see the module docstring)."""
+        o = self.options
+        for module in o.imports:
+            __import__(module)  # fail here, clearly, rather than in every worker
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        try:
+            while True:
+                sub, mon = self._subscribe(ctx)
+                try:
+                    timeout = None if o.reconnect else o.connect_timeout
+                    try:
+                        if not self._wait_for_driver(sub, mon, timeout):
+                            if self._stopping.is_set():
+                                return EXIT_SHUTDOWN
+                            _say(f"no driver answered at {o.connect} within {o.connect_timeout:g} s")
+                            return EXIT_LOST
+                    except Refused as exc:
+                        _say(str(exc))
+                        return EXIT_REFUSED
+                    status = self._serve(sub, mon)
+                finally:
+                    sockets.close(sub, mon)
+                if not o.reconnect or self._stopping.is_set():
+                    return status
+                print(f"phalanx worker: waiting for a driver at {o.connect}", file=sys.stderr, flush=True)
+        finally:
+            ctx.destroy(linger=0)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to stop the workers and return (any thread, or a signal handler)."""
+        self._stopping.set()
+
+
+def main(options: RemoteOptions) -> int:
+    """Entry point of ``phalanx worker``: SIGTERM and SIGINT stop it cleanly."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # --import finds modules next to the user, like python -m
+    try:
+        sup = RemoteSupervisor(options)
+    except (ValueError, OSError) as exc:
+        print(f"phalanx worker: {exc}", file=sys.stderr)
+        return 2
+
+    def on_signal(signum: int, frame: Any) -> None:
+        sup.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return sup.run()
