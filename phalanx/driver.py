@@ -751,11 +751,24 @@ class Driver:
             if self.config.max_tasks_per_worker and best.dispatched >= self.config.max_tasks_per_worker:
                 self._retire_locked(best)
 
+    def _prune_pending_locked(self) -> None:
+        """Drop queued tasks whose job is gone or no longer wants them (one pass)."""
+        keep: deque[Task] = deque()
+        for task in self._pending:
+            job = self._jobs.get(task.job)
+            if job is not None and job.outstanding.get(task.seq) is task:
+                keep.append(task)
+        self._pending = keep
+
     def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no task is pending or in flight."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while self._pending or any(w.inflight for w in self._workers.values() if w.alive):
+                if self._pending and not self._live:
+                    self._prune_pending_locked()  # cancelled work waits for no worker
+                    if not self._pending and not any(w.inflight for w in self._workers.values() if w.alive):
+                        break
                 if self._broken is not None:
                     return True
                 remaining = None if deadline is None else deadline - time.monotonic()

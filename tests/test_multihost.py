@@ -1,0 +1,199 @@
+"""Multi-host over loopback tcp: remote workers join with CURVE, run jobs, leave.
+
+Runs in the test (driver) process; every "host" is a ``phalanx worker
+--connect`` subprocess (``remote_host.RemoteHost``) whose workers report the
+host name they stand for (``PHX_HOST``). Checks: keys and the CLI, a CURVE
+join running map / fold / actors, refusal of a wrong key, of a plaintext
+client and of a wrong server key (nothing executed, logged on both sides),
+the insecure mode's warning, a host joining mid-job, a host vanishing mid-job
+(every result exactly once, its tasks redelivered), and the remote side
+exiting when the driver shuts down or vanishes (no orphan).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+import phalanx
+from phalanx.cli import main as cli_main
+
+import multihost_ops as ops
+from remote_host import TESTS, Keys, RemoteHost
+
+pytestmark = pytest.mark.timeout(120)
+
+LISTEN = "tcp://127.0.0.1:0"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return Keys(tmp_path / "keys")
+
+
+def test_keygen_writes_a_private_pair(tmp_path: Path) -> None:
+    prefix = tmp_path / "k" / "driver"
+    prefix.parent.mkdir()
+    assert cli_main(["keygen", str(prefix)]) == 0
+    public, secret = Path(f"{prefix}.key"), Path(f"{prefix}.key_secret")
+    assert public.exists() and secret.exists()
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert "secret-key" in secret.read_text() and "secret-key" not in public.read_text()
+    assert cli_main(["keygen", str(prefix)]) == 1  # never overwrites silently
+    assert cli_main(["keygen", "--force", str(prefix)]) == 0
+
+
+def test_tcp_needs_keys_or_insecure() -> None:
+    with pytest.raises(ValueError, match="keygen"):
+        phalanx.Runtime(workers=0, listen=LISTEN)
+    with pytest.raises(ValueError, match="tcp://HOST:PORT"):
+        phalanx.Runtime(workers=0, listen="udp://x", insecure=True)
+
+
+def test_worker_needs_keys_or_insecure(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "phalanx", "worker", "--connect", "tcp://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ, PHALANX_KEY=""))
+    assert proc.returncode == 2
+    assert "--key" in proc.stderr and "--insecure" in proc.stderr
+
+
+def test_curve_join_runs_map_fold_and_actors(keys: Keys) -> None:
+    with phalanx.Runtime(workers=0, listen=LISTEN, **keys.runtime_kwargs()) as rt:
+        assert rt.address is not None and rt.address.startswith("tcp://127.0.0.1:")
+        with RemoteHost(rt.address, "host1", keys.worker_args()) as host:
+            assert rt.wait_for_workers(2, timeout=30) == 2, host.err
+            assert list(rt.map(ops.where, range(2000))) == [(2 * x, "host1") for x in range(2000)]
+            assert rt.fold(ops.add, range(1, 1001)) == 500500
+            assert rt.submit(ops.where, 21).result(timeout=10) == (42, "host1")
+            ref = rt.spawn(ops.Tally, 5)
+            assert ref.incr(2).result(timeout=10) == 7
+            assert ref.where().result(timeout=10) == "host1"
+            ref.restart()  # hot restart between the two remote workers
+            assert ref.incr().result(timeout=10) == 8
+            ref.stop()
+            stats = rt.stats()
+            assert stats.workers_joined == 2 and stats.peers_refused == 0
+            assert {w.remote for w in stats.workers} == {True}
+            tree = rt.inspect(timeout=5)
+            assert str(os.uname().nodename) in str(tree)
+        assert host.proc.returncode == 0, host.err  # the driver's shutdown ended it
+    assert "joined" in host.err
+
+
+@pytest.mark.parametrize("how", ["stranger key", "plaintext client", "wrong server key"])
+def test_refused_peers_run_nothing(keys: Keys, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    args = {
+        "stranger key": ["--key", keys.stranger_secret, "--server-key", keys.driver_public],
+        "plaintext client": ["--insecure"],
+        "wrong server key": ["--key", keys.host_secret, "--server-key", str(keys.root / "stranger.key")],
+    }[how]
+    caplog.set_level(logging.WARNING, logger="phalanx.auth")
+    with phalanx.Runtime(workers=0, listen=LISTEN, **keys.runtime_kwargs()) as rt:
+        assert rt.address is not None
+        fut = rt.submit(ops.where, 1)  # queued: no worker may take it
+        with RemoteHost(rt.address, "intruder", args) as host:
+            assert host.wait(timeout=60) == 3
+        assert "refused by the driver" in host.err
+        stats = rt.stats()
+        assert stats.workers_joined == 0 and stats.workers == []
+        assert stats.peers_refused >= 1
+        assert not fut.done()
+        fut.cancel()
+    assert any("refused a peer" in r.getMessage() for r in caplog.records)
+
+
+def test_insecure_runtime_warns_and_serves(capfd: pytest.CaptureFixture[str]) -> None:
+    with phalanx.Runtime(workers=0, listen=LISTEN, insecure=True) as rt:
+        assert rt.address is not None
+        with RemoteHost(rt.address, "plain", ["--insecure"], workers=1) as host:
+            assert rt.wait_for_workers(1, timeout=30) == 1, host.err
+            assert rt.submit(ops.where, 2).result(timeout=10) == (4, "plain")
+    err = capfd.readouterr().err
+    assert "WITHOUT CURVE" in err
+
+
+def test_host_joins_mid_job_and_gets_work_at_once(keys: Keys) -> None:
+    with phalanx.Runtime(workers=1, listen=LISTEN, **keys.runtime_kwargs()) as rt:
+        assert rt.address is not None
+        it = rt.map(ops.slow_where, range(400), [0.01] * 400, chunksize=1)
+        first = [next(it) for _ in range(5)]
+        with RemoteHost(rt.address, "late", keys.worker_args()) as host:
+            rest = list(it)
+            assert host.proc.poll() is None, host.err
+        results = first + rest
+        assert [v for v, _ in results] == [2 * x for x in range(400)]
+        where = Counter(h for _, h in results)
+        assert where["late"] > 0, where  # the joining host took part in the running job
+
+
+def test_host_vanishing_mid_job_loses_nothing(keys: Keys) -> None:
+    n = 300
+    with phalanx.Runtime(workers=1, listen=LISTEN, heartbeat_timeout=1.0, **keys.runtime_kwargs()) as rt:
+        assert rt.address is not None
+        with RemoteHost(rt.address, "doomed", keys.worker_args(), heartbeat_timeout=30) as host:
+            assert rt.wait_for_workers(3, timeout=30) == 3, host.err
+            it = rt.map(ops.slow_where, range(n), [0.01] * n, chunksize=1)
+            got = [next(it) for _ in range(30)]
+            killed_at = time.monotonic()
+            host.kill()  # the whole host at once: no goodbye, only silence
+            got += list(it)
+            wall = time.monotonic() - killed_at
+        stats = rt.stats()
+    assert [v for v, _ in got] == [2 * x for x in range(n)]
+    assert stats.workers_lost == 2
+    assert stats.redelivered > 0
+    print(f"host SIGKILLed mid-job: {stats.redelivered} tasks redelivered, "
+          f"job done {wall:.2f} s later (heartbeat_timeout 1 s)")
+
+
+DRIVER = textwrap.dedent("""
+    import sys, time
+    import phalanx
+    import multihost_ops as ops
+    rt = phalanx.Runtime(workers=0, listen="tcp://127.0.0.1:0", server_key=sys.argv[1],
+                         authorized_keys=sys.argv[2])
+    print(rt.address, flush=True)
+    assert rt.wait_for_workers(2, timeout=30) == 2
+    assert rt.submit(ops.where, 1).result(timeout=10)[0] == 2
+    print("served", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_remote_side_exits_when_the_driver_vanishes(keys: Keys, tmp_path: Path) -> None:
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
+    driver = subprocess.Popen([sys.executable, str(script), keys.driver_secret, str(keys.authorized)],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert driver.stdout is not None
+        address = driver.stdout.readline().strip()
+        with RemoteHost(address, "orphan", keys.worker_args(), heartbeat_timeout=1.5) as host:
+            assert driver.stdout.readline().strip() == "served"
+            workers = [p.pid for p in psutil.Process(host.proc.pid).children(recursive=True)]
+            assert len(workers) == 2
+            os.kill(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=10)
+            assert host.wait(timeout=30) == 4  # driver lost
+            assert "driver lost" in host.err
+            alive = [pid for pid in workers if psutil.pid_exists(pid)
+                     and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+            assert not alive, f"remote workers outlived their supervisor: {alive}"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        driver.wait(timeout=10)
+        if driver.stdout is not None:
+            driver.stdout.close()
