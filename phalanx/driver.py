@@ -43,6 +43,7 @@ import heapq
 import itertools
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -688,14 +689,16 @@ class Driver:
             self.tasks_submitted += 1
             return True
 
-    def inspect(self, timeout: float) -> tuple[dict[str, InspectReply], list[tuple[str, int, int]]]:
-        """Ask every worker for its state; (replies by worker, [(id, pid, in flight)] of live workers)."""
+    def inspect(self, timeout: float) -> tuple[dict[str, InspectReply], list[tuple[str, int, int, str]]]:
+        """Ask every worker for its state; (replies by worker, [(id, pid, in flight, host)] of live workers)."""
         nonce = next(self._inspect_nonces)
         deadline = time.monotonic() + timeout
         with self._changed:
             replies: dict[str, InspectReply] = {}
             self._inspect_replies[nonce] = replies
-            live = [(w.id, w.pid, len(w.inflight)) for w in self._workers.values() if w.alive and w.ready]
+            here = socket.gethostname()
+            live = [(w.id, w.pid, len(w.inflight), w.host or here)
+                    for w in self._workers.values() if w.alive and w.ready]
             if not self._control.closed:
                 self._control.send(encode(InspectRequest(nonce)), zmq.NOBLOCK)
             while len(replies) < len(live):

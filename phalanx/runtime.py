@@ -265,7 +265,7 @@ class Runtime:
         replies, live = self._driver.inspect(timeout)
         hosted = self._actors.nodes()
         workers: list[WorkerNode] = []
-        for wid, pid, inflight in live:
+        for wid, pid, inflight, host in live:
             reply = replies.get(wid)
             seen = {a.instance: a for a in reply.actors} if reply else {}
             actors = []
@@ -274,7 +274,7 @@ class Runtime:
                 actors.append(ActorNode(actor.id, actor.name, actor.cls_name, actor.state, instance,
                                         info.mailbox if info else 0, info.calls if info else actor.calls))
             if reply is None:
-                workers.append(WorkerNode(wid, pid, "", False, 0.0, 0, 0, 0, inflight, actors))
+                workers.append(WorkerNode(wid, pid, host, False, 0.0, 0, 0, 0, inflight, actors))
             else:
                 workers.append(WorkerNode(wid, reply.pid, reply.host, True, reply.cpu_percent, reply.rss,
                                           reply.queued, reply.tasks_done, inflight, actors))

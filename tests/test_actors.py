@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from multiprocessing.managers import BaseManager
 from typing import Any
 
+import psutil
 import pytest
 
 import phalanx
@@ -644,6 +645,11 @@ def test_inspect_frozen_worker_is_unresolved(runtime: phalanx.Runtime) -> None:
     pid = rt.worker_pids()[frozen]
     kill(pid, signal.SIGSTOP)
     try:
+        # The stop takes effect asynchronously: wait until every thread is stopped.
+        deadline = time.monotonic() + T
+        while psutil.Process(pid).status() != psutil.STATUS_STOPPED:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
         start = time.monotonic()
         tree = rt.inspect(timeout=0.5)
         elapsed = time.monotonic() - start

@@ -80,27 +80,39 @@ class RuntimeTree(msgspec.Struct, frozen=True):
 
     workers: list[WorkerNode]
 
+    def hosts(self) -> dict[str, list[WorkerNode]]:
+        """The workers grouped by host, hosts in order of first appearance."""
+        grouped: dict[str, list[WorkerNode]] = {}
+        for w in self.workers:
+            grouped.setdefault(w.host or "?", []).append(w)
+        return grouped
+
     def __str__(self) -> str:
         lines = ["runtime"]
-        for i, w in enumerate(self.workers):
-            last = i == len(self.workers) - 1
-            head = "└── " if last else "├── "
-            pad = "    " if last else "│   "
-            if w.resolved:
-                lines.append(
-                    f"{head}worker {w.id} pid {w.pid} on {w.host}: cpu {w.cpu_percent:.0f}% "
-                    f"rss {w.rss / 2**20:.1f} MiB, queued {w.queued}, in flight {w.inflight}, "
-                    f"done {w.tasks_done}"
-                )
-            else:
-                lines.append(f"{head}worker {w.id} pid {w.pid}: unresolved (no answer in time)")
-            for j, a in enumerate(w.actors):
-                branch = "└── " if j == len(w.actors) - 1 else "├── "
-                label = f"{a.name} " if a.name else ""
-                lines.append(
-                    f"{pad}{branch}actor {a.id} {label}({a.cls}) {a.state}: "
-                    f"mailbox {a.mailbox}, calls {a.calls}"
-                )
+        hosts = self.hosts()
+        for h, (host, workers) in enumerate(hosts.items()):
+            last_host = h == len(hosts) - 1
+            lines.append(f"{'└── ' if last_host else '├── '}host {host}: {len(workers)} workers")
+            indent = "    " if last_host else "│   "
+            for i, w in enumerate(workers):
+                last = i == len(workers) - 1
+                head = indent + ("└── " if last else "├── ")
+                pad = indent + ("    " if last else "│   ")
+                if w.resolved:
+                    lines.append(
+                        f"{head}worker {w.id} pid {w.pid}: cpu {w.cpu_percent:.0f}% "
+                        f"rss {w.rss / 2**20:.1f} MiB, queued {w.queued}, in flight {w.inflight}, "
+                        f"done {w.tasks_done}"
+                    )
+                else:
+                    lines.append(f"{head}worker {w.id} pid {w.pid}: unresolved (no answer in time)")
+                for j, a in enumerate(w.actors):
+                    branch = "└── " if j == len(w.actors) - 1 else "├── "
+                    label = f"{a.name} " if a.name else ""
+                    lines.append(
+                        f"{pad}{branch}actor {a.id} {label}({a.cls}) {a.state}: "
+                        f"mailbox {a.mailbox}, calls {a.calls}"
+                    )
         return "\n".join(lines)
 
 
