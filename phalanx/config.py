@@ -59,10 +59,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     max_memory_per_worker: int = 0
     #: seconds between driver heartbeats on the control socket
     heartbeat_interval: float = 0.5
-    #: seconds without a heartbeat after which a worker gives its driver up
-    #: (-1: 10 s over tcp, never over ipc, where the parent-death signal covers it)
+    #: seconds without a remote worker's heartbeat before it is declared lost (-1: 10 s);
+    #: local workers apply it to the driver only when set (the parent-death signal covers them)
     heartbeat_timeout: float = -1.0
-    #: a worker that lost its driver waits for it to come back instead of exiting
+    #: a local worker that lost its driver's heartbeats waits for them instead of exiting
     reconnect: bool = False
     #: the driver's CURVE ``.key_secret`` file (tcp)
     server_key: str | None = None
@@ -92,12 +92,6 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             )
         if self.abort_grace < 0:
             raise ValueError(f"abort_grace must be >= 0, got {self.abort_grace}")
-
-    def worker_heartbeat_timeout(self) -> float:
-        """The heartbeat timeout workers apply (0: disabled)."""
-        if self.heartbeat_timeout >= 0:
-            return self.heartbeat_timeout
-        return 10.0 if self.listen else 0.0
 
     @classmethod
     def load(cls, **overrides: Any) -> Config:
