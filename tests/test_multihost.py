@@ -197,3 +197,25 @@ def test_remote_side_exits_when_the_driver_vanishes(keys: Keys, tmp_path: Path) 
         driver.wait(timeout=10)
         if driver.stdout is not None:
             driver.stdout.close()
+
+
+def test_actor_on_a_lost_host_restarts_elsewhere(keys: Keys) -> None:
+    with phalanx.Runtime(workers=1, listen=LISTEN, heartbeat_timeout=1.0, **keys.runtime_kwargs()) as rt:
+        assert rt.address is not None
+        with RemoteHost(rt.address, "doomed", keys.worker_args(), workers=1, heartbeat_timeout=30) as host:
+            assert rt.wait_for_workers(2, timeout=30) == 2, host.err
+            remote = next(w.id for w in rt.stats().workers if w.remote)
+            ref = rt.spawn(ops.Tally, 1, on=remote, restart_policy="on-failure")
+            assert ref.where().result(timeout=10) == "doomed"
+            host.kill()
+            deadline = time.monotonic() + 30
+            while True:  # calls in flight may fail with ActorDiedError; later ones reach the new instance
+                try:
+                    where = ref.where().result(timeout=10)
+                    break
+                except phalanx.ActorDiedError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            assert where == "local"
+            assert ref.incr().result(timeout=10) == 2  # restarted afresh (Tally keeps no checkpoint)
+            ref.stop()
