@@ -141,6 +141,28 @@ def _collect(
         time.sleep(0.02)
 
 
+def _submit_and_collect(submit: Callable[..., Any], n: int, out: Outcome) -> None:
+    """Submit ``chaos_task(x)`` for x < n (a refused submit counts as that task's error), collect."""
+    futures: list[concurrent.futures.Future[int] | BaseException] = []
+    for x in range(n):
+        try:
+            futures.append(submit(chaos_task, x))
+        except Exception as exc:  # e.g. BrokenProcessPool once a worker died
+            futures.append(exc)
+
+    def done(i: int) -> bool:
+        f = futures[i]
+        return isinstance(f, BaseException) or f.done()
+
+    def value(i: int) -> Any:
+        f = futures[i]
+        if isinstance(f, BaseException):
+            raise f
+        return f.result(timeout=0)
+
+    _collect(n, done, value, out)
+
+
 def run_phalanx(n: int, seed: int) -> Outcome:
     out = Outcome("phalanx", n)
     died: list[str] = []
@@ -158,24 +180,7 @@ def run_phalanx(n: int, seed: int) -> Outcome:
         killer = Killer(lambda: list(rt.worker_pids().values()), seed)
         start = time.monotonic()
         killer.start()
-        futures: list[concurrent.futures.Future[int] | BaseException] = []
-        for x in range(n):
-            try:
-                futures.append(rt.submit(chaos_task, x))
-            except Exception as exc:
-                futures.append(exc)
-
-        def done(i: int) -> bool:
-            f = futures[i]
-            return isinstance(f, BaseException) or f.done()
-
-        def value(i: int) -> Any:
-            f = futures[i]
-            if isinstance(f, BaseException):
-                raise f
-            return f.result(timeout=0)
-
-        _collect(n, done, value, out)
+        _submit_and_collect(rt.submit, n, out)
         out.wall = time.monotonic() - start
         killer.stop()
         out.kills = killer.kills
@@ -223,24 +228,7 @@ def run_ppe(n: int, seed: int) -> Outcome:
         killer = Killer(lambda: list(ex._processes or {}), seed)  # type: ignore[attr-defined]
         start = time.monotonic()
         killer.start()
-        futures: list[concurrent.futures.Future[int] | BaseException] = []
-        for x in range(n):
-            try:
-                futures.append(ex.submit(chaos_task, x))
-            except Exception as exc:  # BrokenProcessPool once a worker died
-                futures.append(exc)
-
-        def done(i: int) -> bool:
-            f = futures[i]
-            return isinstance(f, BaseException) or f.done()
-
-        def value(i: int) -> Any:
-            f = futures[i]
-            if isinstance(f, BaseException):
-                raise f
-            return f.result(timeout=0)
-
-        _collect(n, done, value, out)
+        _submit_and_collect(ex.submit, n, out)
         out.wall = time.monotonic() - start
         killer.stop()
         out.kills = killer.kills

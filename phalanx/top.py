@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import math
 import os
 import sys
 import time
@@ -62,6 +63,9 @@ def query(endpoint: str, timeout: float = 2.0) -> RuntimeTree | None:
 
 def run_top(connect: str | None, pid: int | None, interval: float, once: bool) -> int:
     """The ``phalanx top`` loop; returns the exit status."""
+    if not (math.isfinite(interval) and interval > 0):
+        print(f"phalanx top: --interval must be a positive number of seconds, got {interval}", file=sys.stderr)
+        return 2
     if connect is None:
         runtimes = find_runtimes()
         if pid is not None:

@@ -222,21 +222,7 @@ class PlainCounter:
 
 
 def wait_settled(rt: phalanx.Runtime, workers: int = 2, deaths: int = 0, timeout: float = 20.0) -> None:
-    """Wait until ``deaths`` worker deaths were seen and ``workers`` workers are alive and ready.
+    """Wait until ``deaths`` worker deaths were seen and ``workers`` workers are alive and ready."""
+    from chaos_ops import wait_settled as settle  # test process only: workers never call it
 
-    Tests that kill worker processes call this before shutting down or
-    killing again, so shutdown never races a replacement still being started.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = rt.stats()
-        alive = [w for w in stats.workers if w.alive]
-        if (stats.worker_deaths >= deaths and len(alive) == workers
-                and all(w.ready and w.pid for w in alive)):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"runtime did not settle within {timeout} s: deaths {stats.worker_deaths}/{deaths}, "
-                f"workers {[(w.id, w.alive, w.ready) for w in stats.workers]}"
-            )
-        time.sleep(0.005)
+    settle(rt, workers=workers, deaths=deaths, timeout=timeout)

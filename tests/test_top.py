@@ -1,0 +1,262 @@
+"""``phalanx top``: finding a running runtime and printing its workers and actors.
+
+Runs in the test (driver) process, which holds the ``phalanx.Runtime`` being
+watched; ``python -m phalanx top`` runs in a subprocess, as a user would run
+it, and finds the runtime through the ``runtime.json`` the runtime writes into
+its private ipc directory. Other runtimes of this user may be running on the
+machine at the same time, so the tests pick theirs with ``--pid`` (or
+``--connect``) wherever the answer must be this process's runtime.
+
+Checked: ``--once`` prints one snapshot listing every worker with its pid and
+the actors it hosts, and exits 0; ``--connect`` reaches a runtime by its
+results endpoint; without ``--once`` the snapshot is refreshed until the
+command is stopped; with no runtime found, or one that does not answer, a
+clear message and a non-zero exit; several runtimes without ``--pid`` are
+listed, not guessed between; ``--help`` documents the options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+import msgspec
+import pytest
+
+import phalanx
+from actor_ops import Counter
+
+pytestmark = pytest.mark.timeout(120)
+
+T = 60.0  # seconds: generous bound on any subprocess or wait (never an assertion on speed)
+
+
+def top(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m phalanx top ARGS`` to completion."""
+    return subprocess.run([sys.executable, "-m", "phalanx", "top", *args],
+                          capture_output=True, text=True, timeout=T)
+
+
+def snapshot(pid: int) -> subprocess.CompletedProcess[str]:
+    """One ``--once`` snapshot of the runtime of driver ``pid``.
+
+    The refresh interval is also the bound on the wait for the answer; a long
+    one keeps a busy machine from turning a slow answer into "no answer".
+    """
+    return top("--once", "--pid", str(pid), "--interval", "10")
+
+
+def ipc_dir_of(rt: phalanx.Runtime) -> Path:
+    results = rt.endpoints[1]
+    assert results.startswith("ipc://"), results
+    return Path(results[len("ipc://"):]).parent
+
+
+def worker_lines(out: str) -> dict[str, tuple[int, list[str]]]:
+    """Worker id -> (pid, the lines of its actors), parsed from the printed tree."""
+    workers: dict[str, tuple[int, list[str]]] = {}
+    current: list[str] | None = None
+    for line in out.splitlines():
+        m = re.search(r"worker (\S+) pid (\d+)", line)
+        if m:
+            current = []
+            workers[m.group(1)] = (int(m.group(2)), current)
+        elif "actor " in line and current is not None:
+            current.append(line)
+    return workers
+
+
+# --------------------------------------------------------------------------- #
+# The command line
+# --------------------------------------------------------------------------- #
+
+
+def test_top_help() -> None:
+    result = top("--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: phalanx top")
+    for option in ("--once", "--pid", "--connect", "--interval"):
+        assert option in result.stdout
+    assert "runtime.json" in result.stdout  # how runtimes are found
+    listing = subprocess.run([sys.executable, "-m", "phalanx", "--help"], capture_output=True, text=True,
+                             timeout=T)
+    assert listing.returncode == 0
+    assert re.search(r"^\s+top\s+\S", listing.stdout, re.MULTILINE), listing.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["--pid", "not-a-pid"],
+    ["--interval", "-1"],
+    ["--interval", "0"],
+    ["--interval", "nan"],
+    ["--interval", "inf", "--once"],
+])
+def test_top_bad_usage(args: list[str]) -> None:
+    """A usage error is exit status 2 with a message naming the option, never a traceback."""
+    result = top(*args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert args[0] in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- #
+# A running runtime
+# --------------------------------------------------------------------------- #
+
+
+def test_runtime_advertises_itself(runtime: phalanx.Runtime) -> None:
+    info = msgspec.json.decode((ipc_dir_of(runtime) / "runtime.json").read_bytes())
+    assert info["pid"] == os.getpid()
+    assert info["results"] == runtime.endpoints[1]
+    assert info["workers"] == 2
+
+
+def test_once_lists_workers_pids_and_actor(runtime: phalanx.Runtime) -> None:
+    rt = runtime
+    ref = rt.spawn(Counter, 0, name="top-probe")
+    for _ in range(3):
+        ref.incr().result(timeout=T)
+    result = snapshot(os.getpid())
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "\033[" not in out  # one plain snapshot: no screen control codes
+    assert re.match(rf"\d\d:\d\d:\d\d runtime {os.getpid()}\n", out), out
+    workers = worker_lines(out)
+    assert {wid: pid for wid, (pid, _) in workers.items()} == rt.worker_pids()
+    # the actor is listed under the worker hosting it, and only there
+    for wid, (_, actors) in workers.items():
+        mine = [line for line in actors if f"actor {ref.id} " in line]
+        if wid == ref.worker:
+            assert len(mine) == 1, out
+            assert f"actor {ref.id} top-probe (actor_ops:Counter) running" in mine[0]
+            assert "calls 3" in mine[0]
+        else:
+            assert not mine, out
+    ref.stop()
+    ref.join(T)
+    # a stopped actor is no longer listed
+    after = snapshot(os.getpid())
+    assert after.returncode == 0, after.stderr
+    assert "top-probe" not in after.stdout
+    assert {wid: pid for wid, (pid, _) in worker_lines(after.stdout).items()} == rt.worker_pids()
+
+
+def test_connect_to_results_endpoint(runtime: phalanx.Runtime) -> None:
+    result = top("--once", "--connect", runtime.endpoints[1], "--interval", "10")
+    assert result.returncode == 0, result.stderr
+    workers = worker_lines(result.stdout)
+    assert {wid: pid for wid, (pid, _) in workers.items()} == runtime.worker_pids()
+
+
+def _lines(stream: IO[str], into: queue.Queue[str | None]) -> None:
+    for line in stream:
+        into.put(line)
+    into.put(None)
+
+
+def test_live_mode_refreshes_until_stopped(runtime: phalanx.Runtime) -> None:
+    me = os.getpid()
+    # The interval also bounds each wait for an answer; in live mode a runtime that
+    # stops answering ends the command, so it is not made short on a busy machine.
+    proc = subprocess.Popen([sys.executable, "-m", "phalanx", "top", "--pid", str(me), "--interval", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+    assert proc.stdout is not None
+    reader = threading.Thread(target=_lines, args=(proc.stdout, lines), daemon=True)
+    reader.start()
+    try:
+        headers = 0
+        seen: list[str] = []
+        while headers < 2:
+            line = lines.get(timeout=T)
+            assert line is not None, f"phalanx top exited ({proc.wait(T)}): {''.join(seen)}"
+            seen.append(line)
+            headers += bool(re.match(rf"\d\d:\d\d:\d\d runtime {me}$", line.rstrip("\n")))
+        assert "no answer" not in "".join(seen)
+        assert proc.poll() is None  # still refreshing
+    finally:
+        proc.terminate()
+        proc.wait(T)
+        reader.join(T)
+        proc.stdout.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert all(str(pid) in "".join(seen) for pid in runtime.worker_pids().values())
+
+
+# --------------------------------------------------------------------------- #
+# No runtime, no answer, several runtimes
+# --------------------------------------------------------------------------- #
+
+
+def test_no_runtime_then_runtime_then_shut_down() -> None:
+    me = os.getpid()
+    absent = snapshot(me)
+    assert absent.returncode == 1
+    assert "no running runtime found" in absent.stderr
+    assert absent.stdout == ""
+    rt = phalanx.Runtime(workers=1)
+    try:
+        ipc_dir = ipc_dir_of(rt)
+        present = snapshot(me)
+        assert present.returncode == 0, present.stderr
+        assert list(worker_lines(present.stdout)) == list(rt.worker_pids())
+    finally:
+        rt.shutdown()
+    assert not (ipc_dir / "runtime.json").exists()
+    gone = snapshot(me)
+    assert gone.returncode == 1
+    assert "no running runtime found" in gone.stderr
+
+
+def test_connect_to_silent_endpoint(ipc_dir: Path) -> None:
+    result = top("--once", "--connect", f"ipc://{ipc_dir}/nobody", "--interval", "0.5")
+    assert result.returncode == 1
+    assert "no answer" in result.stdout
+
+
+_CHILD_RUNTIME = """\
+import json, sys
+import phalanx
+with phalanx.Runtime(workers=1) as rt:
+    print(json.dumps(rt.worker_pids()), flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_several_runtimes_need_a_pid(runtime: phalanx.Runtime) -> None:
+    child = subprocess.Popen([sys.executable, "-c", _CHILD_RUNTIME], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        child_workers: dict[str, Any] = json.loads(child.stdout.readline())
+        assert len(child_workers) == 1
+        # without --pid, phalanx top lists the candidates instead of picking one
+        several = top("--once", "--interval", "10")
+        assert several.returncode == 2
+        assert "several runtimes" in several.stderr
+        assert f"pid {os.getpid()}:" in several.stderr
+        assert f"pid {child.pid}:" in several.stderr
+        # --pid picks the child's runtime: its worker, not ours
+        theirs = snapshot(child.pid)
+        assert theirs.returncode == 0, theirs.stderr
+        assert f"runtime {child.pid}" in theirs.stdout
+        workers = worker_lines(theirs.stdout)
+        assert {wid: pid for wid, (pid, _) in workers.items()} == child_workers
+        assert not set(child_workers.values()) & set(runtime.worker_pids().values())
+        child.stdin.close()
+        assert child.wait(T) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(T)
+        for stream in (child.stdin, child.stdout):
+            if stream is not None and not stream.closed:
+                stream.close()
