@@ -461,9 +461,11 @@ class ActorSystem:
             if msg.nonce == 0:
                 with self._lock:
                     actor = self._by_instance.get(msg.instance)
-                if actor is not None and msg.error is None:
+                # A checkpoint still in flight from a worker already declared dead
+                # is older news than the restart under way: ignore it.
+                if actor is not None and msg.error is None and self.driver.is_live(worker):
                     with actor.lock:
-                        if actor.instance == msg.instance:
+                        if actor.instance == msg.instance and actor.worker == worker:
                             actor.checkpoint, actor.has_checkpoint = msg.state, True
                 return
             key: tuple[str, int] = ("state", msg.nonce)
