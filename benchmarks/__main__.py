@@ -19,8 +19,9 @@ It also reports how much CPU processes outside the benchmark used meanwhile
 
 At the end it prints, per workload, the median (min-max) of every metric for
 every runner and the ratios phalanx/peer (saying whether higher or lower is
-better), the foundation figures, and the total wall time; ``--json`` writes
-every raw number. The exit code is 1 if any measurement failed (a wrong
+better), the foundation figures, the overhead of ``phalanx.Executor`` over
+the plain runtime (W1, W2), and the total wall time; ``--json`` writes every
+raw number. The exit code is 1 if any measurement failed (a wrong
 result, a crash, a timeout), else 0.
 """
 
@@ -42,7 +43,14 @@ from typing import Any
 
 import psutil
 
-from .report import aggregate, format_foundation, format_workload, foundation
+from .report import (
+    adapter_overhead,
+    aggregate,
+    format_adapter_overhead,
+    format_foundation,
+    format_workload,
+    foundation,
+)
 from .run_one import MARKER
 from .runners import RUNNERS, WORKERS, available_runners, ray_available
 from .workloads import WORKLOADS, Workload
@@ -61,7 +69,8 @@ LOAD_WARNING = 0.5
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="phalanx against multiprocessing.Pool, ProcessPoolExecutor, loky (and Ray), "
+        description="phalanx (and its phalanx.Executor adapter) against multiprocessing.Pool, "
+        "ProcessPoolExecutor, loky (and Ray), "
         f"{WORKERS} workers each, every measurement in a fresh child process.",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
@@ -243,8 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - wall0
     meta["loadavg_end"] = list(os.getloadavg())
     print()
+    adapter = adapter_overhead(summaries)
     if "W1" in summaries or "W2" in summaries:
         print(format_foundation(found))
+        if any(row["executor"] is not None for row in adapter):
+            print()
+            print(format_adapter_overhead(adapter))
     failures = [r for r in records if r["status"] == "error"]
     leftovers = [r for r in records if r.get("leftovers")]
     if failures:
@@ -267,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_seconds": wall,
             "workloads": summaries,
             "foundation": found,
+            "executor_overhead": adapter,
             "runs": records,
             "failed": len(failures),
         }

@@ -3,7 +3,8 @@
 Runs in the orchestrator process only (``python -m benchmarks``). Turns the
 raw child records into per workload x metric x runner statistics (median,
 min, max over repeats), formats them as text tables with the ratios
-phalanx/peer, and prints the three foundation figures.
+phalanx/peer, and prints the three foundation figures and the overhead of
+the ``phalanx.Executor`` adapter over the plain runtime.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from typing import Any
 
 from .workloads import Workload
 
-__all__ = ["aggregate", "format_value", "format_workload", "foundation", "format_foundation"]
+__all__ = [
+    "aggregate",
+    "format_value",
+    "format_workload",
+    "foundation",
+    "format_foundation",
+    "adapter_overhead",
+    "format_adapter_overhead",
+]
 
 #: width of one "median (min-max)" cell
 CELL = 24
@@ -186,4 +195,54 @@ def format_foundation(rows: list[dict[str, Any]]) -> str:
         ratio = "n/a" if row["ratio"] is None else _ratio_text(row["ratio"], row["better"] == "higher")
         label = f"{row['figure']} [{row['unit']}]"
         lines.append(f"  {label:<{width}} {mine:>10} {ppe:>10}  {ratio}")
+    return "\n".join(lines)
+
+
+def adapter_overhead(summaries: dict[str, Any]) -> list[dict[str, Any]]:
+    """``phalanx.Executor`` next to the ``phalanx.Runtime`` it wraps (W1, W2), with the cost per task.
+
+    ``extra_us`` is what the adapter adds per task: the difference of the
+    time per task (1/rate) for throughputs, of the latencies for round trips.
+    """
+    rows = [
+        ("submit in a loop, then gather (W1a)", "W1", "submit_tps", "submit_tps", "tasks/s", True),
+        ("map, same chunksize ceil(n/8) (W1b2)", "W1", "map_poolchunk_tps", "map_poolchunk_tps", "tasks/s", True),
+        ("map, each one's default (W1b1: chunksize=1 vs auto)", "W1", "map_default_tps", "map_default_tps",
+         "tasks/s", True),
+        ("round trip submit().result(), median (W2)", "W2", "median_us", "median_us", "us", False),
+        ("round trip submit().result(), p99 (W2)", "W2", "p99_us", "p99_us", "us", False),
+    ]
+    out = []
+    for label, wid, executor_key, runtime_key, unit, higher in rows:
+        executor = _median(summaries, wid, executor_key, "executor")
+        runtime = _median(summaries, wid, runtime_key, "phalanx")
+        extra: float | None = None
+        if executor and runtime:
+            extra = (1e6 / executor - 1e6 / runtime) if higher else executor - runtime
+        out.append({
+            "figure": label,
+            "unit": unit,
+            "better": "higher" if higher else "lower",
+            "executor": executor,
+            "runtime": runtime,
+            "ratio": None if executor is None or not runtime else executor / runtime,
+            "extra_us": extra,
+        })
+    return out
+
+
+def format_adapter_overhead(rows: list[dict[str, Any]]) -> str:
+    """The adapter figures as a small table."""
+    width = 60
+    lines = [
+        "phalanx.Executor adapter vs phalanx.Runtime (medians, same run; ratio = Executor/Runtime)",
+        f"  {'figure':<{width}} {'Executor':>10} {'Runtime':>10}  {'ratio':<16} extra per task",
+    ]
+    for row in rows:
+        executor = "n/a" if row["executor"] is None else format_value(row["executor"], row["unit"])
+        runtime = "n/a" if row["runtime"] is None else format_value(row["runtime"], row["unit"])
+        ratio = "n/a" if row["ratio"] is None else _ratio_text(row["ratio"], row["better"] == "higher")
+        extra = "n/a" if row["extra_us"] is None else f"{row['extra_us']:+.1f} us"
+        label = f"{row['figure']} [{row['unit']}]"
+        lines.append(f"  {label:<{width}} {executor:>10} {runtime:>10}  {ratio:<16} {extra}")
     return "\n".join(lines)

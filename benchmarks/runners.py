@@ -5,6 +5,8 @@ orchestrator. Each runner owns a pool of :data:`WORKERS` worker processes:
 
 =========  ==================================================================
 phalanx    ``phalanx.Runtime(workers=2)`` (its default start method)
+executor   ``phalanx.Executor(2)``: the ``concurrent.futures`` adapter on the same
+           runtime (W1 and W2 only, to show the adapter's overhead)
 pool       ``multiprocessing.get_context("fork").Pool(2)``
 ppe        ``concurrent.futures.ProcessPoolExecutor(2)`` (default context: fork)
 loky       ``loky.get_reusable_executor(max_workers=2)``
@@ -29,6 +31,7 @@ __all__ = [
     "Runner",
     "RUNNERS",
     "TASK_RUNNERS",
+    "ADAPTER_RUNNERS",
     "available_runners",
     "make_runner",
     "pool_chunksize",
@@ -194,6 +197,30 @@ class _ExecutorRunner(Runner):
         return sorted(self.ex._processes)
 
 
+class PhalanxExecutorRunner(_ExecutorRunner):
+    """``phalanx.Executor``: what the ``concurrent.futures`` adapter costs over ``phalanx.Runtime``."""
+
+    name = "executor"
+    default_map = "Executor.map chunksize=1"
+
+    def __init__(self) -> None:
+        super().__init__()
+        import phalanx
+
+        self._cls = phalanx.Executor
+
+    def start(self) -> None:
+        self.ex = self._cls(WORKERS)
+
+    def worker_pids(self) -> list[int]:
+        return sorted(self.ex.runtime.worker_pids().values())
+
+    def close(self) -> None:
+        if self.ex is not None:
+            self.ex.shutdown(wait=True)
+            self.ex = None
+
+
 class PPERunner(_ExecutorRunner):
     name = "ppe"
     default_map = "PPE.map chunksize=1"
@@ -275,16 +302,20 @@ class RayRunner(Runner):
 
 _CLASSES: dict[str, Callable[[], Runner]] = {
     "phalanx": PhalanxRunner,
+    "executor": PhalanxExecutorRunner,
     "pool": PoolRunner,
     "ppe": PPERunner,
     "loky": LokyRunner,
     "ray": RayRunner,
 }
 
-#: every runner name, in table order ("manager" only runs the actor workload W3)
-RUNNERS: tuple[str, ...] = ("phalanx", "pool", "ppe", "loky", "manager", "ray")
+#: every runner name, in table order ("manager" only runs the actor workload W3,
+#: "executor" only W1 and W2)
+RUNNERS: tuple[str, ...] = ("phalanx", "executor", "pool", "ppe", "loky", "manager", "ray")
 #: runners of the task workloads
 TASK_RUNNERS: tuple[str, ...] = ("phalanx", "pool", "ppe", "loky", "ray")
+#: runners of W1 and W2: the task runners and phalanx.Executor
+ADAPTER_RUNNERS: tuple[str, ...] = ("phalanx", "executor", "pool", "ppe", "loky", "ray")
 
 
 def available_runners(names: Iterable[str]) -> list[str]:

@@ -12,7 +12,8 @@ the child exits non-zero and the whole suite fails loudly.
 
 =====  ================================================================================
 W1     tiny tasks: 20,000 x inc(x)=x+1; (a) submit all, then gather; (b) map [tasks/s]
-W2     round trip: 2,000 sequential submit(noop).result() [median, p99 us]
+       (also on phalanx.Executor, to show the adapter's overhead)
+W2     round trip: 2,000 sequential submit(noop).result() [median, p99 us] (also on phalanx.Executor)
 W3     actor calls: 10,000 counter.incr(), sequential and pipelined [calls/s]
 W4     CPU-bound: 32 x ~50 ms pure-Python loops [task-CPU-s per wall-s; ideal 2.0]
 W5     payload: 8 MB float64 numpy array, one way and both ways [MB/s]
@@ -34,6 +35,7 @@ from typing import Any, TypedDict
 
 from . import ops
 from .runners import (
+    ADAPTER_RUNNERS,
     TASK_RUNNERS,
     WORKERS,
     NotApplicable,
@@ -551,12 +553,12 @@ def _run_w7(runner_name: str, size: int | None, quick: bool) -> Outcome:
 WORKLOADS: dict[str, Workload] = {
     w.id: w
     for w in (
-        Workload("W1", "tiny tasks: 20,000 x inc(x)=x+1", TASK_RUNNERS, _w1_metrics, _run_w1,
+        Workload("W1", "tiny tasks: 20,000 x inc(x)=x+1", ADAPTER_RUNNERS, _w1_metrics, _run_w1,
                  quick_title="tiny tasks: 2,000 x inc(x)=x+1 (quick)",
                  note="(a) one task per message (Pool: apply_async); (b1) default map: "
-                 "phalanx auto chunks, Pool n/8, PPE and loky chunksize=1; (b2) every runner "
-                 "gets Pool's chunksize rule ceil(n/8)"),
-        Workload("W2", "round trip: 2,000 sequential submit(noop).result()", TASK_RUNNERS,
+                 "phalanx auto chunks, Pool n/8, PPE, loky and phalanx.Executor chunksize=1; (b2) every "
+                 "runner gets Pool's chunksize rule ceil(n/8)"),
+        Workload("W2", "round trip: 2,000 sequential submit(noop).result()", ADAPTER_RUNNERS,
                  _w2_metrics, _run_w2, quick_title="round trip: 200 sequential submit(noop).result() (quick)"),
         Workload("W3", "actor calls: 10,000 x counter.incr()", ("phalanx", "manager", "ray"),
                  _w3_metrics, _run_w3, quick_title="actor calls: 500 x counter.incr() (quick)",

@@ -122,9 +122,12 @@ class AsyncRuntime:
         chunksize: int | None = None,
         ordered: bool = True,
         timeout: float | None = None,
+        progress: bool = False,
     ) -> MapIterator[R]:
         """:meth:`phalanx.Runtime.map`, to be read with ``async for``."""
-        return self.runtime.map(fn, *iterables, chunksize=chunksize, ordered=ordered, timeout=timeout)
+        return self.runtime.map(
+            fn, *iterables, chunksize=chunksize, ordered=ordered, timeout=timeout, progress=progress
+        )
 
     async def fold(
         self,
@@ -195,9 +198,12 @@ class AsyncJobOptions:
         chunksize: int | None = None,
         ordered: bool = True,
         timeout: float | None = None,
+        progress: bool = False,
     ) -> MapIterator[R]:
         """:meth:`AsyncRuntime.map` with these options."""
-        return self._options.map(fn, *iterables, chunksize=chunksize, ordered=ordered, timeout=timeout)
+        return self._options.map(
+            fn, *iterables, chunksize=chunksize, ordered=ordered, timeout=timeout, progress=progress
+        )
 
     async def fold(
         self,

@@ -924,6 +924,11 @@ class Driver:
                     self._welcome_locked(w)
 
     def _welcome_locked(self, w: _Worker) -> None:
+        if self._closed:
+            # A replacement that connected after shutdown sent Stop and Shutdown:
+            # answer its Hello with Stop, so it exits now rather than at the timeout.
+            self._stop_locked(w)
+            return
         try:
             self._tasks.send(w.ident, zmq.SNDMORE | zmq.NOBLOCK)
             self._tasks.send(encode(Welcome(w.id)), zmq.NOBLOCK)

@@ -1,19 +1,45 @@
-"""Logging: the ``phalanx.*`` loggers and worker output prefixed with the worker id.
+"""Logging: the ``phalanx.*`` loggers, and worker output prefixed with the worker id.
 
 Runs in the driver (importing :mod:`phalanx` attaches a ``NullHandler`` to
 the ``phalanx`` logger, as a library should: the application decides where
-records go) and in every worker (:func:`install_worker_output`, called once
-at worker start, before any task runs).
+records go; :func:`configure` is there for applications and the CLI) and in
+every worker (:func:`install_worker_output`, called once by
+:func:`phalanx.worker.run_worker` before it imports anything of the user's).
 
-Every module logs to ``logging.getLogger(__name__)``, so
+Every phalanx module logs to a logger under ``phalanx`` (its module name), so
 ``logging.getLogger("phalanx").setLevel(logging.DEBUG)`` (or
 ``PHALANX_LOG_LEVEL=DEBUG`` with :func:`configure`) shows them all.
 
-Invariant kept: in a worker, every line written to ``sys.stdout`` or
-``sys.stderr`` (``print``, ``logging``'s stream handlers, tracebacks) reaches
-the terminal the driver writes to, with ``[<worker id>] `` at the start of
-each line, and a line is never split by the prefix. Output written straight
-to file descriptors 1 and 2 (C extensions, subprocesses) is not prefixed.
+What a worker sets up costs no thread, no socket and no message: a worker
+started on this machine (fork or spawn) inherits the driver's file
+descriptors 1 and 2, so its lines go straight to wherever the driver's
+output goes (its terminal, a pipe, a file)::
+
+    worker w3:  print(...), tracebacks, logging StreamHandlers
+                  └─▶ sys.stdout / sys.stderr = PrefixedStream("[w3] ")
+                        └─▶ the process's original stream ──▶ fd 1 / fd 2 (shared with the driver)
+                logging records made in w3 carry ``record.phalanx_worker == "w3"``
+                a record no handler takes (WARNING and above) ──▶ "[w3] WARNING name: message" on stderr
+
+Under fork a worker inherits the driver's logging configuration (handlers,
+levels, formats), whose stream handlers are pointed at the prefixed
+streams; under spawn it starts unconfigured, and warnings and errors still
+show, through the worker's last-resort handler. ``PHALANX_LOG_LEVEL`` set
+in the environment configures the ``phalanx`` loggers of spawned workers
+too. A driver-side format may name the worker with
+``logging.Formatter(fmt, defaults={"phalanx_worker": "driver"})``.
+
+``PHALANX_PREFIX_OUTPUT=0`` (or the worker spec's ``prefix_output``) leaves
+the streams alone; the last-resort handler then names the worker itself.
+
+Invariant kept: with the prefix on, every line a worker writes through
+``sys.stdout`` or ``sys.stderr`` starts with ``[<worker id>] `` and is
+written whole, in one write, when it ends, so lines of different workers
+never interleave mid-line (for lines up to the pipe's atomic write size, 4
+KiB on Linux). An unfinished line waits for its end or a ``flush()`` (the
+worker flushes at exit; a worker killed outright loses it). Output written
+straight to file descriptors 1 and 2 (C extensions, subprocesses,
+``sys.stdout.buffer``) is not prefixed.
 """
 
 from __future__ import annotations
@@ -25,10 +51,24 @@ import sys
 import threading
 from typing import Any, TextIO
 
-__all__ = ["PrefixedStream", "install_worker_output", "configure", "LOG_LEVEL_ENV"]
+__all__ = [
+    "PrefixedStream",
+    "install_worker_output",
+    "prefix_output_enabled",
+    "configure",
+    "LOG_LEVEL_ENV",
+    "PREFIX_ENV",
+    "WORKER_ATTR",
+]
 
 #: environment variable read by :func:`configure`
 LOG_LEVEL_ENV = "PHALANX_LOG_LEVEL"
+#: environment variable that turns the worker prefix off (``0``, ``false``, ``no``, ``off``)
+PREFIX_ENV = "PHALANX_PREFIX_OUTPUT"
+#: the attribute every ``LogRecord`` made in a worker carries: the worker id
+WORKER_ATTR = "phalanx_worker"
+
+_FALSE = ("0", "false", "no", "off")
 
 logging.getLogger("phalanx").addHandler(logging.NullHandler())
 
@@ -36,17 +76,26 @@ logging.getLogger("phalanx").addHandler(logging.NullHandler())
 class PrefixedStream(io.TextIOBase):
     """A text stream that writes ``prefix`` at the start of every line to ``target``.
 
-    Partial lines are written through at once (so a progress line or a
-    prompt still shows) and the prefix is only written before the first
-    character of each line. Thread-safe. Anything else (``encoding``,
-    ``fileno()``, ``buffer``...) is the target's.
+    Line-buffered, whatever the target's buffering (``PYTHONUNBUFFERED``
+    makes every ``write`` a system call): a line is held until it ends and
+    then written and flushed whole, in one write, so lines of processes
+    sharing the target's file never interleave mid-line. A ``\r`` ends a
+    line too (a redrawn progress line keeps its prefix); ``flush()`` writes
+    a partial line out (``input()`` prompts do that), as does a partial line
+    longer than :attr:`MAX_PARTIAL` characters. Thread-safe. Anything else
+    (``encoding``, ``fileno()``, ``buffer``...) is the target's.
     """
+
+    #: characters of an unfinished line held before they are written anyway
+    MAX_PARTIAL = 65536
 
     def __init__(self, target: TextIO, prefix: str) -> None:
         super().__init__()
         self._target = target
         self._prefix = prefix
         self._at_line_start = True
+        self._partial: list[str] = []
+        self._partial_len = 0
         self._lock = threading.Lock()
 
     @property
@@ -58,20 +107,45 @@ class PrefixedStream(io.TextIOBase):
         if not s:
             return 0
         with self._lock:
-            out: list[str] = []
-            for line in s.splitlines(keepends=True):
+            partial = self._partial
+            done: list[str] = []
+            for piece in s.splitlines(keepends=True):
                 if self._at_line_start:
-                    out.append(self._prefix)
-                out.append(line)
-                self._at_line_start = line.endswith(("\n", "\r"))
-            self._target.write("".join(out))
+                    partial.append(self._prefix)
+                    self._partial_len += len(self._prefix)
+                partial.append(piece)
+                self._partial_len += len(piece)
+                self._at_line_start = piece.endswith(("\n", "\r"))
+                if self._at_line_start:
+                    done.extend(partial)
+                    partial.clear()
+                    self._partial_len = 0
+            if self._partial_len > self.MAX_PARTIAL:
+                done.extend(partial)
+                partial.clear()
+                self._partial_len = 0
+            if done:
+                self._target.write("".join(done))
+                self._flush_target()
         return len(s)
 
-    def flush(self) -> None:
+    def _flush_target(self) -> None:
         try:
             self._target.flush()
         except (OSError, ValueError):
             pass
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._partial:
+                text = "".join(self._partial)
+                self._partial.clear()
+                self._partial_len = 0
+                try:
+                    self._target.write(text)
+                except (OSError, ValueError):
+                    return
+            self._flush_target()
 
     def writable(self) -> bool:
         return True
@@ -90,17 +164,76 @@ class PrefixedStream(io.TextIOBase):
         return getattr(self._target, name)
 
 
-def install_worker_output(worker_id: str) -> None:
-    """Prefix this worker's stdout and stderr lines with ``[worker_id] ``.
+class _LastResort(logging.Handler):
+    """A worker's ``logging.lastResort``: records no handler took, at WARNING and above.
 
-    Call once in the worker process, before user code runs. Logging stream
-    handlers inherited from the driver (a forked worker) that wrote to the
-    old streams are pointed at the new ones. Idempotent. Does nothing when
-    ``PHALANX_WORKER_PREFIX=0``.
+    Writes to the current ``sys.stderr`` (the prefixed stream), naming the
+    level and the logger, where the standard one writes the bare message.
     """
-    if os.environ.get("PHALANX_WORKER_PREFIX", "1").strip().lower() in ("0", "false", "no", "off"):
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter(fmt))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stderr
+            if stream is None:
+                return
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+def prefix_output_enabled(value: bool | None = None) -> bool:
+    """``value`` when given (a worker spec's setting), else ``PHALANX_PREFIX_OUTPUT`` (default on)."""
+    if value is not None:
+        return bool(value)
+    return os.environ.get(PREFIX_ENV, "").strip().lower() not in _FALSE
+
+
+_installed: str | None = None
+
+
+def install_worker_output(worker_id: str, prefix: bool | None = None) -> None:
+    """Set up a worker process's output: see the module docstring.
+
+    ``prefix`` (None: from ``PHALANX_PREFIX_OUTPUT``) says whether to prefix
+    ``sys.stdout`` and ``sys.stderr`` lines with ``[worker_id] ``. Call once
+    in the worker, before user code runs; later calls do nothing.
+    """
+    global _installed
+    if _installed is not None:
         return
-    prefix = f"[{worker_id}] "
+    _installed = worker_id
+
+    make_record = logging.getLogRecordFactory()
+
+    def worker_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        setattr(record, WORKER_ATTR, worker_id)
+        return record
+
+    logging.setLogRecordFactory(worker_record)
+
+    enabled = prefix_output_enabled(prefix)
+    if enabled:
+        _prefix_streams(f"[{worker_id}] ")
+        logging.lastResort = _LastResort("%(levelname)s %(name)s: %(message)s")
+    else:
+        logging.lastResort = _LastResort(f"[%({WORKER_ATTR})s] %(levelname)s %(name)s: %(message)s")
+
+    phalanx_logger = logging.getLogger("phalanx")
+    if os.environ.get(LOG_LEVEL_ENV) and not any(
+        not isinstance(h, logging.NullHandler) for h in phalanx_logger.handlers
+    ):
+        configure()  # a spawned worker: the driver's handler was not inherited
+
+
+def _prefix_streams(prefix: str) -> None:
     swaps: dict[int, PrefixedStream] = {}
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
@@ -111,6 +244,7 @@ def install_worker_output(worker_id: str) -> None:
         setattr(sys, name, wrapped)
     if not swaps:
         return
+    # Handlers inherited from the driver (fork) that wrote to the old streams.
     loggers: list[Any] = [logging.getLogger()]
     loggers += [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
     for lg in loggers:

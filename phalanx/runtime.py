@@ -188,9 +188,11 @@ class Runtime:
         )
 
     def _map(self, fn: Callable[..., R] | str, iterables: tuple[Iterable[Any], ...], chunksize: int | None,
-             ordered: bool, timeout: float | None, options: TaskOptions | None) -> MapIterator[R]:
+             ordered: bool, timeout: float | None, options: TaskOptions | None,
+             progress: bool = False) -> MapIterator[R]:
         return MapIterator(
-            self._driver, fn, iterables, chunksize, ordered, timeout, self.config.workers or 1, options
+            self._driver, fn, iterables, chunksize, ordered, timeout, self.config.workers or 1, options,
+            progress=progress,
         )
 
     def fold(
@@ -370,9 +372,10 @@ class JobOptions:
         chunksize: int | None = None,
         ordered: bool = True,
         timeout: float | None = None,
+        progress: bool = False,
     ) -> MapIterator[R]:
         """:meth:`Runtime.map` with these options."""
-        return self._rt._map(fn, iterables, chunksize, ordered, timeout, self._options)
+        return self._rt._map(fn, iterables, chunksize, ordered, timeout, self._options, progress)
 
     def fold(
         self,

@@ -609,6 +609,10 @@ def _encodable(outcomes: list[Outcome], ops: list[str]) -> list[Outcome]:
 def run_worker(spec: WorkerSpec) -> None:
     """Entry point of a worker process (the target given to multiprocessing)."""
     _guard_against_orphaning(spec.parent_pid)
+    from .logs import install_worker_output
+
+    # Before any user module runs: its prints and logs are prefixed "[<worker id>] ".
+    install_worker_output(spec.worker_id, getattr(spec, "prefix_output", None))
     for module in spec.imports:
         __import__(module)
     loop = _Loop(spec)

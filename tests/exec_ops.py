@@ -110,3 +110,16 @@ def init_fail() -> None:
 def poly_score(alpha: float, degree: int, xs: list[float], ys: list[float]) -> float:
     """Negative squared error of ``alpha * x ** degree`` on (xs, ys): a toy model score."""
     return -sum((y - alpha * x**degree) ** 2 for x, y in zip(xs, ys))
+
+
+def fit_and_score(params: dict[str, Any], train: list[list[float]], test: list[list[float]]) -> float:
+    """Fit ``y = a * x ** degree`` on ``train`` (ridge penalty ``lam``), score on ``test``.
+
+    A scikit-learn-free stand-in for one (parameters, fold) cell of a grid
+    search: returns the negative mean squared error on the held-out fold.
+    """
+    degree, lam = int(params["degree"]), float(params["lam"])
+    num = sum(y * x**degree for x, y in train)
+    den = sum((x**degree) ** 2 for x, _ in train) + lam
+    a = num / den
+    return -sum((y - a * x**degree) ** 2 for x, y in test) / len(test)
