@@ -70,6 +70,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     authorized_keys: str | None = None
     #: allow plaintext, unauthenticated tcp (prints a warning)
     insecure: bool = False
+    #: prefix every line a worker prints or logs with "[<worker id>] "
+    prefix_output: bool = True
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -134,4 +136,5 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "server_key": str,
     "authorized_keys": str,
     "insecure": lambda raw: raw.strip().lower() in ("1", "true", "yes", "on"),
+    "prefix_output": lambda raw: raw.strip().lower() not in ("0", "false", "no", "off"),
 }

@@ -436,6 +436,7 @@ class Driver:
             heartbeat_timeout=max(0.0, self.config.heartbeat_timeout),
             heartbeat_interval=self.config.heartbeat_interval,
             reconnect=self.config.reconnect,
+            prefix_output=self.config.prefix_output,
         )
         worker.pid = self._supervisor.spawn(spec)
         return wid

@@ -95,6 +95,7 @@ class Runtime:
         server_key: str | None = None,
         authorized_keys: str | None = None,
         insecure: bool | None = None,
+        prefix_output: bool | None = None,
     ) -> None:
         self.config = Config.load(
             workers=workers,
@@ -115,6 +116,7 @@ class Runtime:
             server_key=server_key,
             authorized_keys=authorized_keys,
             insecure=insecure,
+            prefix_output=prefix_output,
         )
         self._driver = Driver(self.config)
         try:

@@ -113,6 +113,8 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     heartbeat_interval: float = 0.5
     #: CURVE client keys for tcp endpoints (None: plaintext or ipc)
     curve: sockets.Curve | None = None
+    #: prefix this worker's output lines with "[<worker id>] " (None: PHALANX_PREFIX_OUTPUT)
+    prefix_output: bool | None = None
 
 
 class TaskContext:
@@ -612,7 +614,7 @@ def run_worker(spec: WorkerSpec) -> None:
     from .logs import install_worker_output
 
     # Before any user module runs: its prints and logs are prefixed "[<worker id>] ".
-    install_worker_output(spec.worker_id, getattr(spec, "prefix_output", None))
+    install_worker_output(spec.worker_id, spec.prefix_output)
     for module in spec.imports:
         __import__(module)
     loop = _Loop(spec)
