@@ -2,6 +2,8 @@
 
 Runs in the user's (driver) process; importing it starts nothing. The public
 API is exactly :data:`__all__`; everything else is private and may change.
+(PYTEST_DONT_REWRITE: phalanx ships a pytest plugin, which makes pytest
+rewrite the package's asserts; this module keeps only its own names.)
 
 ::
 
@@ -55,6 +57,20 @@ from .aio import AsyncJobOptions, AsyncRuntime
 from .executor import Executor
 from . import logs as _logs  # noqa: F401  (NullHandler on the phalanx logger)
 from .worker import TaskContext, current_task
+
+import typing as _typing
+
+if _typing.TYPE_CHECKING:
+    from . import testing as testing
+else:
+
+    def __getattr__(name: str) -> object:
+        # ``phalanx.testing`` (the test harness) is imported on first use only.
+        if name == "testing":
+            import importlib
+
+            return importlib.import_module(".testing", __name__)
+        raise AttributeError(f"module 'phalanx' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 

@@ -45,7 +45,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     start_timeout: float = 60.0
     #: seconds a worker gets to exit after Stop before it is terminated
     shutdown_timeout: float = 5.0
-    #: times a task is redelivered after the worker running it died
+    #: runs of a task that may end in its worker's death before it fails with WorkerCrashedError
     max_attempts: int = 3
     #: worker deaths tolerated within ``restart_window`` before the runtime breaks
     restart_limit: int = 50

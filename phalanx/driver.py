@@ -100,6 +100,9 @@ __all__ = ["Driver", "Job", "Task", "WorkerStats", "RuntimeStats", "SKIPPED"]
 
 Delivery = Ok | Err | BaseException
 
+#: ``(direction "in" | "out", worker identity, frame) -> frames`` (see ``Driver.frame_filter``)
+FrameFilter = Callable[[str, bytes, bytes], list[bytes]]
+
 #: seconds a dead worker's record is kept to validate its late results
 DEAD_WORKER_TTL = 60.0
 
@@ -337,6 +340,12 @@ class Driver:
         self.inspect_provider: Callable[[float], Any] | None = None
         self._outgoing: deque[tuple[bytes, bytes]] = deque()
         self._inspect_replies: dict[int, dict[str, InspectReply]] = {}
+        #: fault injection (phalanx.testing), None otherwise: ``frame_filter("in", ident, frame)``
+        #: for each frame the pump receives, ``("out", ident, frame)`` for each frame sent to a
+        #: worker's inbox; it returns the frames to handle or send instead ([]: drop, two: repeat).
+        #: Unset it costs one ``is None`` test per frame. Held frames come back through ``inject``.
+        self.frame_filter: FrameFilter | None = None
+        self._injected: deque[tuple[bytes, bytes]] = deque()
 
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._auth: Any = None
@@ -651,6 +660,10 @@ class Driver:
                 self._changed.wait(0.1 if remaining is None else min(remaining, 0.1))
             return len(self._live)
 
+    def worker_count(self) -> int:
+        """Workers to size map/fold windows and chunks for: the live ones (remote too), at least 1."""
+        return max(1, len(self._live) or self.config.workers)
+
     def live_workers(self) -> dict[bytes, int]:
         """Ready workers that take new work, with the number of tasks each holds."""
         with self._lock:
@@ -667,11 +680,42 @@ class Driver:
             if w is None or not w.alive or self._closed or self._tasks.closed:
                 return False
             try:
+                if self.frame_filter is None:
+                    self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
+                    self._tasks.send(frame, zmq.NOBLOCK)
+                else:
+                    self._send_filtered(ident, frame)
+            except zmq.ZMQError:
+                return False
+            return True
+
+    def send_unfiltered(self, ident: bytes, frame: bytes) -> bool:
+        """:meth:`send_to` past ``frame_filter`` (fault injection: a held frame released)."""
+        with self._lock:
+            w = self._workers.get(ident)
+            if w is None or not w.alive or self._closed or self._tasks.closed:
+                return False
+            try:
                 self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
                 self._tasks.send(frame, zmq.NOBLOCK)
             except zmq.ZMQError:
                 return False
             return True
+
+    def _send_filtered(self, ident: bytes, frame: bytes) -> None:
+        """Send to ``ident`` what ``frame_filter`` makes of ``frame`` (lock held)."""
+        assert self.frame_filter is not None
+        for out in self.frame_filter("out", ident, frame):
+            self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
+            self._tasks.send(out, zmq.NOBLOCK)
+
+    def inject(self, ident: bytes, frame: bytes) -> None:
+        """Have the pump handle ``frame`` as if ``ident`` had just sent it, past ``frame_filter``."""
+        self._injected.append((ident, frame))
+        try:
+            os.write(self._wake_w, b"i")
+        except OSError:
+            pass  # shut down
 
     def submit_directed(self, job: Job, msg: ActorCall, frame: bytes, ident: bytes) -> bool:
         """Send a call to one worker outside the credit scheme; False if it is gone."""
@@ -681,8 +725,11 @@ class Driver:
             if w is None or not w.alive or self._closed or self._broken is not None:
                 return False
             try:
-                self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
-                self._tasks.send(frame, zmq.NOBLOCK)
+                if self.frame_filter is None:
+                    self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
+                    self._tasks.send(frame, zmq.NOBLOCK)
+                else:
+                    self._send_filtered(ident, frame)
             except zmq.ZMQError:
                 return False
             job.outstanding[task.seq] = task
@@ -740,8 +787,11 @@ class Driver:
                     continue
                 task.claimed = True
             try:
-                self._tasks.send(best.ident, zmq.SNDMORE | zmq.NOBLOCK)
-                self._tasks.send(task.frame, zmq.NOBLOCK)
+                if self.frame_filter is None:
+                    self._tasks.send(best.ident, zmq.SNDMORE | zmq.NOBLOCK)
+                    self._tasks.send(task.frame, zmq.NOBLOCK)
+                else:
+                    self._send_filtered(best.ident, task.frame)
             except zmq.ZMQError:
                 # Unroutable (EHOSTUNREACH) or full: the worker is going away.
                 pending.appendleft(task)
@@ -820,6 +870,9 @@ class Driver:
                 self._fire_timers()
             if self._outgoing:
                 self._send_outgoing()
+            while self._injected:
+                ident, frame = self._injected.popleft()
+                self._handle([ident, frame], True)
             while self._spawn_owed:
                 with self._lock:
                     if self._closed or self._broken is not None:
@@ -945,7 +998,11 @@ class Driver:
                 for k in dead:
                     self._workers.pop(k, None)
 
-    def _handle(self, parts: list[bytes]) -> None:
+    def _handle(self, parts: list[bytes], filtered: bool = False) -> None:
+        if self.frame_filter is not None and not filtered and len(parts) == 2:
+            for frame in self.frame_filter("in", parts[0], parts[1]):
+                self._handle([parts[0], frame], True)
+            return
         if len(parts) != 2:
             self.frames_dropped += 1
             return

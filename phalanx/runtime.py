@@ -72,6 +72,8 @@ class Runtime:
     variable (see :class:`phalanx.Config`); an argument given here wins.
     The constructor returns once every worker is connected and ready, or
     raises :class:`~phalanx.WorkerStartError`.
+    ``faults=`` (tests only) applies a :mod:`phalanx.testing` fault plan to
+    the runtime's frames and worker processes.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class Runtime:
         authorized_keys: str | None = None,
         insecure: bool | None = None,
         prefix_output: bool | None = None,
+        faults: Any = None,
     ) -> None:
         self.config = Config.load(
             workers=workers,
@@ -126,6 +129,12 @@ class Runtime:
             raise
         self._actors = ActorSystem(self._driver)
         self._driver.inspect_provider = self.inspect
+        #: ``faults=``: a fault plan applied to this runtime's frames (``phalanx.testing``)
+        self.faults: Any = None
+        if faults is not None:
+            from .testing.inject import inject_faults
+
+            self.faults = inject_faults(self, faults)
         _advertise(self)
         self._atexit = lambda ref=weakref.ref(self): _shutdown_at_exit(ref)
         atexit.register(self._atexit)
@@ -185,7 +194,7 @@ class Runtime:
         progress bar (tqdm, the ``progress`` extra) on a terminal's stderr.
         """
         return MapIterator(
-            self._driver, fn, iterables, chunksize, ordered, timeout, self.config.workers or 1,
+            self._driver, fn, iterables, chunksize, ordered, timeout, self._driver.worker_count(),
             progress=progress,
         )
 
@@ -193,7 +202,7 @@ class Runtime:
              ordered: bool, timeout: float | None, options: TaskOptions | None,
              progress: bool = False) -> MapIterator[R]:
         return MapIterator(
-            self._driver, fn, iterables, chunksize, ordered, timeout, self.config.workers or 1, options,
+            self._driver, fn, iterables, chunksize, ordered, timeout, self._driver.worker_count(), options,
             progress=progress,
         )
 
@@ -216,12 +225,12 @@ class Runtime:
         ``TypeError``.
         """
         return fold(  # type: ignore[no-any-return]
-            self._driver, fn, iterable, initial, chunksize, timeout, self.config.workers or 1
+            self._driver, fn, iterable, initial, chunksize, timeout, self._driver.worker_count()
         )
 
     def _fold(self, fn: Callable[..., Any] | str, iterable: Iterable[Any], initial: Any, chunksize: int | None,
               timeout: float | None, options: TaskOptions | None) -> Any:
-        return fold(self._driver, fn, iterable, initial, chunksize, timeout, self.config.workers or 1, options)
+        return fold(self._driver, fn, iterable, initial, chunksize, timeout, self._driver.worker_count(), options)
 
     # ---- actors ------------------------------------------------------------------
 
@@ -332,6 +341,8 @@ class Runtime:
         """
         atexit.unregister(self._atexit)
         self._driver.shutdown(wait=wait, timeout=timeout)
+        if self.faults is not None:
+            self.faults.close()
 
     def __enter__(self) -> Runtime:
         return self

@@ -574,11 +574,13 @@ class _Loop:
             elapsed = time.perf_counter() - started
             self.busy += elapsed
             self.tasks_done += 1
+            if isinstance(task, ActorCall) and self.actors.checkpoint_due(task.instance):
+                # Checkpoint before the reply: a caller told "done" must never see the
+                # effect lost to a restart from an older checkpoint.
+                self.actors.save(task.instance, 0)
             if outcome is not None:
                 self.out.append(outcome)
                 self.out_ops.append(op_name)
-            if isinstance(task, ActorCall) and self.actors.checkpoint_due(task.instance):
-                self.actors.save(task.instance, 0)
             # Batch only under load: more work waiting and this task was quick.
             if inbox.poll(0):
                 self.drain_inbox()

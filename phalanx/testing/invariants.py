@@ -1,0 +1,240 @@
+"""Invariant checkers users can reuse, on a SimRuntime or a real Runtime.
+
+Runs in the test (driver) process. Each checker raises ``AssertionError``
+with a message that says what broke:
+
+* :class:`DeliveryLog` / :func:`check_exactly_once` -- **exactly-once
+  delivery**: every outcome the driver hands to a job is handed over once,
+  and every expected value arrives exactly once.
+* :func:`check_per_caller_order` -- **per-caller ordering**: what one caller
+  sent, in order, was observed in that order.
+* :class:`ProcessLeakCheck` -- **no leaked process**: no child process of the
+  test outlives it (stragglers are killed and reported).
+* :func:`check_bounded_mailbox` -- **bounded mailbox**: no actor has more
+  than ``limit`` calls waiting.
+
+Invariant kept: checkers only observe. :class:`DeliveryLog` wraps the
+delivery callback of the driver *instance* it watches and changes nothing
+else; nothing here sends a message or alters a result.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Hashable, Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+import psutil
+
+__all__ = [
+    "DeliveryLog",
+    "check_exactly_once",
+    "check_per_caller_order",
+    "ProcessLeakCheck",
+    "check_bounded_mailbox",
+]
+
+
+class DeliveryLog:
+    """Counts every outcome a runtime's driver delivers, per ``(job, seq)``.
+
+    On a :class:`~phalanx.testing.SimRuntime` it reads the simulation's own
+    ledger; on a :class:`phalanx.Runtime` it wraps ``new_job`` of
+    that runtime's driver (create the log before submitting the work to watch).
+    """
+
+    def __init__(self, rt: Any) -> None:
+        from .sim import SimRuntime
+
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[int, int]] = Counter()
+        self._sim: SimRuntime | None = rt if isinstance(rt, SimRuntime) else None
+        if self._sim is not None:
+            return
+        driver = rt._driver
+        # open_job goes through new_job too: wrapping new_job sees every job once.
+        driver.new_job = self._wrap(driver.new_job)
+
+    def _wrap(self, original: Any) -> Any:
+        def wrapped(op: str, deliver: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+            job_id: list[int] = []
+
+            def counted(seq: int, outcome: Any) -> None:
+                with self._lock:
+                    self._counts[(job_id[0], seq)] += 1
+                deliver(seq, outcome)
+
+            job = original(op, counted, fail, *args, **kwargs)
+            job_id.append(job.id)
+            return job
+
+        return wrapped
+
+    def counts(self) -> dict[tuple[int, int], int]:
+        """Deliveries so far per ``(job, seq)``."""
+        if self._sim is not None:
+            return dict(self._sim.deliveries)
+        with self._lock:
+            return dict(self._counts)
+
+    def repeated(self) -> dict[tuple[int, int], int]:
+        """``(job, seq)`` delivered more than once."""
+        return {k: n for k, n in self.counts().items() if n > 1}
+
+    def check(self) -> None:
+        """Raise AssertionError if anything was delivered twice."""
+        repeated = self.repeated()
+        assert not repeated, f"exactly-once delivery broken: delivered more than once: {repeated}"
+
+
+def check_exactly_once(got: Iterable[Hashable], expected: Iterable[Hashable]) -> None:
+    """Every expected value arrived exactly once, and nothing else arrived.
+
+    Compares multisets: order does not matter (use :func:`check_per_caller_order`
+    for order). The message lists what is missing and what is extra or repeated.
+    """
+    have, want = Counter(got), Counter(expected)
+    if have == want:
+        return
+    missing = dict(want - have)
+    extra = dict(have - want)
+    raise AssertionError(f"exactly-once broken: missing {missing or '{}'}, extra or repeated {extra or '{}'}")
+
+
+def check_per_caller_order(observed: Iterable[tuple[Hashable, int]],
+                           sent: dict[Hashable, Sequence[int]] | None = None) -> None:
+    """Each caller's messages were observed in the order that caller sent them.
+
+    ``observed`` is the sequence of ``(caller, number)`` in the order the
+    receiver (an actor, say) saw them, where each caller numbers its own
+    messages increasingly. With ``sent``, also check that each caller's
+    observed messages are exactly those it sent (none lost, none repeated).
+    """
+    seen: dict[Hashable, list[int]] = {}
+    for caller, number in observed:
+        seen.setdefault(caller, []).append(number)
+    for caller, numbers in seen.items():
+        for before, after in zip(numbers, numbers[1:]):
+            assert before < after, (
+                f"per-caller order broken for {caller!r}: {after} observed after {before} "
+                f"(observed sequence {numbers})"
+            )
+    if sent is not None:
+        for caller, sent_numbers in sent.items():
+            assert seen.get(caller, []) == list(sent_numbers), (
+                f"caller {caller!r} sent {list(sent_numbers)} but the receiver saw {seen.get(caller, [])}"
+            )
+
+
+def check_bounded_mailbox(rt: Any, limit: int) -> None:
+    """No actor of ``rt`` has more than ``limit`` calls waiting (from ``rt.inspect()``).
+
+    On a :class:`~phalanx.testing.SimRuntime` the high-water mark since it
+    started (``rt.max_mailbox``) is checked too, not only the present.
+    """
+    peak = getattr(rt, "max_mailbox", None)
+    if isinstance(peak, int):
+        assert peak <= limit, f"bounded mailbox broken: an actor's mailbox reached {peak} > {limit}"
+    for worker in rt.inspect().workers:
+        for actor in worker.actors:
+            assert actor.mailbox <= limit, (
+                f"bounded mailbox broken: actor {actor.id} ({actor.cls}) on {worker.id} has "
+                f"{actor.mailbox} calls waiting > {limit}"
+            )
+
+
+# --------------------------------------------------------------------------- #
+# Process leaks
+# --------------------------------------------------------------------------- #
+
+#: per-interpreter multiprocessing helpers kept for the whole session (not leaks)
+_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+_Key = tuple[int, float]
+
+
+def _key(proc: psutil.Process) -> _Key | None:
+    try:
+        return (proc.pid, proc.create_time())
+    except psutil.Error:
+        return None
+
+
+def _children() -> set[_Key]:
+    return {k for k in (_key(p) for p in psutil.Process().children(recursive=True)) if k is not None}
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline()) or proc.name()
+    except psutil.Error:
+        return "?"
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class ProcessLeakCheck:
+    """No child process started inside the block survives it (after ``grace`` seconds).
+
+    ::
+
+        with ProcessLeakCheck():
+            with phalanx.Runtime(workers=2) as rt:
+                ...
+
+    Stragglers are SIGKILLed, reaped, and reported in the AssertionError
+    with their pids and command lines. ``check()`` does the same without
+    raising and returns the report lines.
+    """
+
+    def __init__(self, grace: float = 3.0) -> None:
+        self.grace = grace
+        self.before: set[_Key] = set()
+
+    def __enter__(self) -> ProcessLeakCheck:
+        self.before = _children()
+        return self
+
+    def _new_live(self) -> list[psutil.Process]:
+        out = []
+        for proc in psutil.Process().children(recursive=True):
+            key = _key(proc)
+            if key is None or key in self.before or any(h in _cmdline(proc) for h in _HELPERS):
+                continue
+            if _alive(proc):
+                out.append(proc)
+        return out
+
+    def check(self) -> list[str]:
+        """Wait up to ``grace`` for new children to exit; kill and report the rest."""
+        deadline = time.monotonic() + self.grace
+        leaked = self._new_live()
+        while leaked and time.monotonic() < deadline:
+            time.sleep(0.05)
+            leaked = self._new_live()
+        report = [f"pid {p.pid}: {_cmdline(p)}" for p in leaked]
+        for proc in leaked:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        if leaked:
+            psutil.wait_procs(leaked, timeout=self.grace)
+        return report
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        report = self.check()
+        if report and exc_type is None:
+            raise AssertionError(
+                f"leaked {len(report)} child process(es) of pid {os.getpid()} (killed):\n  " + "\n  ".join(report)
+            )

@@ -1,0 +1,124 @@
+"""Operations and actors the phalanx.testing tests run, on SimRuntime and on real workers.
+
+Imported by the test (driver) process and, by name, by every worker process
+(``tests/`` is on ``sys.path`` in both), so everything here is module-level
+and importing it has no side effects beyond registering operations.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+import phalanx
+from phalanx.testing import sleep
+
+
+class HarnessError(Exception):
+    """Raised by operations on request; rebuilt by name in the driver."""
+
+
+@phalanx.operation
+def square(x: int) -> int:
+    return x * x
+
+
+@phalanx.operation
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+@phalanx.operation
+def concat(a: str, b: str) -> str:
+    """Associative but not commutative: a fold that reorders shows."""
+    return a + b
+
+
+@phalanx.operation
+def tagged(tag: str, x: int) -> list[object]:
+    """``[tag, x]``: which job a result belongs to travels with it."""
+    return [tag, x]
+
+
+@phalanx.operation
+def fail_on(x: int, bad: int) -> int:
+    if x == bad:
+        raise HarnessError(f"bad item {x}")
+    return x
+
+
+@phalanx.operation
+def nap(seconds: float) -> float:
+    """Sleeps (virtual time on a SimRuntime)."""
+    sleep(seconds)
+    return seconds
+
+
+_attempts: dict[str, int] = {}
+
+
+@phalanx.operation(retry=phalanx.Exponential(0.5, 2.0, 10.0, 5))
+def flaky(key: str, failures: int) -> int:
+    """Fails transiently ``failures`` times per key in this process, then succeeds."""
+    n = _attempts.get(key, 0)
+    _attempts[key] = n + 1
+    if n < failures:
+        raise phalanx.Transient(f"{key}: attempt {n} fails")
+    return n
+
+
+class Point(msgspec.Struct, frozen=True):
+    x: int
+    y: int
+
+
+@phalanx.operation
+def flip(p: Point) -> Point:
+    return Point(p.y, p.x)
+
+
+class LogState(msgspec.Struct, frozen=True):
+    entries: list[tuple[str, int]]
+
+
+@phalanx.actor
+class Log:
+    """Appends what callers send; the order it saw them in is what it returns."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, int]] = []
+
+    def append(self, caller: str, n: int) -> int:
+        self.entries.append((caller, n))
+        return len(self.entries)
+
+    def read(self) -> list[tuple[str, int]]:
+        return list(self.entries)
+
+    def save(self) -> LogState:
+        return LogState(list(self.entries))
+
+    @classmethod
+    def restore(cls, state: LogState) -> Log:
+        log = cls()
+        log.entries = [tuple(e) for e in state.entries]  # type: ignore[misc]
+        return log
+
+
+@phalanx.actor
+class Counter:
+    def __init__(self, start: int = 0) -> None:
+        self.n = start
+
+    def incr(self, k: int = 1) -> int:
+        self.n += k
+        return self.n
+
+    def boom(self) -> None:
+        raise HarnessError("boom")
+
+    def save(self) -> int:
+        return self.n
+
+    @classmethod
+    def restore(cls, n: int) -> Counter:
+        return cls(n)
