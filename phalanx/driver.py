@@ -563,8 +563,7 @@ class Driver:
     def _stop_locked(self, w: _Worker) -> None:
         w.stop_sent = time.monotonic()
         try:
-            self._tasks.send(w.ident, zmq.SNDMORE | zmq.NOBLOCK)
-            self._tasks.send(encode(Stop()), zmq.NOBLOCK)
+            self._send_raw_locked(w.ident, encode(Stop()))
         except zmq.ZMQError:
             pass
         if w.remote and w.retiring and not w.inflight and w.alive:
@@ -680,11 +679,7 @@ class Driver:
             if w is None or not w.alive or self._closed or self._tasks.closed:
                 return False
             try:
-                if self.frame_filter is None:
-                    self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
-                    self._tasks.send(frame, zmq.NOBLOCK)
-                else:
-                    self._send_filtered(ident, frame)
+                self._send_task_locked(ident, frame)
             except zmq.ZMQError:
                 return False
             return True
@@ -696,18 +691,23 @@ class Driver:
             if w is None or not w.alive or self._closed or self._tasks.closed:
                 return False
             try:
-                self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
-                self._tasks.send(frame, zmq.NOBLOCK)
+                self._send_raw_locked(ident, frame)
             except zmq.ZMQError:
                 return False
             return True
 
-    def _send_filtered(self, ident: bytes, frame: bytes) -> None:
-        """Send to ``ident`` what ``frame_filter`` makes of ``frame`` (lock held)."""
-        assert self.frame_filter is not None
-        for out in self.frame_filter("out", ident, frame):
-            self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
-            self._tasks.send(out, zmq.NOBLOCK)
+    def _send_raw_locked(self, ident: bytes, frame: bytes) -> None:
+        """Send ``frame`` to worker ``ident``'s inbox (lock held); raises zmq.ZMQError."""
+        self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
+        self._tasks.send(frame, zmq.NOBLOCK)
+
+    def _send_task_locked(self, ident: bytes, frame: bytes) -> None:
+        """Send work to ``ident``, through ``frame_filter`` when one is set (lock held)."""
+        if self.frame_filter is None:
+            self._send_raw_locked(ident, frame)
+        else:
+            for out in self.frame_filter("out", ident, frame):
+                self._send_raw_locked(ident, out)
 
     def inject(self, ident: bytes, frame: bytes) -> None:
         """Have the pump handle ``frame`` as if ``ident`` had just sent it, past ``frame_filter``."""
@@ -725,11 +725,7 @@ class Driver:
             if w is None or not w.alive or self._closed or self._broken is not None:
                 return False
             try:
-                if self.frame_filter is None:
-                    self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
-                    self._tasks.send(frame, zmq.NOBLOCK)
-                else:
-                    self._send_filtered(ident, frame)
+                self._send_task_locked(ident, frame)
             except zmq.ZMQError:
                 return False
             job.outstanding[task.seq] = task
@@ -787,11 +783,7 @@ class Driver:
                     continue
                 task.claimed = True
             try:
-                if self.frame_filter is None:
-                    self._tasks.send(best.ident, zmq.SNDMORE | zmq.NOBLOCK)
-                    self._tasks.send(task.frame, zmq.NOBLOCK)
-                else:
-                    self._send_filtered(best.ident, task.frame)
+                self._send_task_locked(best.ident, task.frame)
             except zmq.ZMQError:
                 # Unroutable (EHOSTUNREACH) or full: the worker is going away.
                 pending.appendleft(task)
@@ -898,17 +890,8 @@ class Driver:
 
     def _on_monitor(self, mon: zmq.Socket[bytes]) -> None:
         """Log peers refused during the handshake on a tcp endpoint (wrong, no or plaintext key)."""
-        from zmq.utils.monitor import recv_monitor_message
-
-        while True:
-            try:
-                event = recv_monitor_message(mon, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:
-                return
+        for code in sockets.handshake_failures(mon):
             self.peers_refused += 1
-            code = int(event["event"])
             if code == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 kind = "its CURVE key is not authorized"
             elif code == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
@@ -984,8 +967,7 @@ class Driver:
             self._stop_locked(w)
             return
         try:
-            self._tasks.send(w.ident, zmq.SNDMORE | zmq.NOBLOCK)
-            self._tasks.send(encode(Welcome(w.id)), zmq.NOBLOCK)
+            self._send_raw_locked(w.ident, encode(Welcome(w.id)))
         except zmq.ZMQError:
             return  # the inbox is not connected yet: _greet retries
         w.welcomed = True
@@ -1240,11 +1222,7 @@ class Driver:
             self._pending.clear()
             for w in self._workers.values():
                 if w.alive:
-                    try:
-                        self._tasks.send(w.ident, zmq.SNDMORE | zmq.NOBLOCK)
-                        self._tasks.send(encode(Stop()), zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
+                    self._stop_locked(w)
             try:
                 self._control.send(encode(Shutdown()), zmq.NOBLOCK)
             except zmq.ZMQError:

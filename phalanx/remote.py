@@ -38,7 +38,6 @@ from typing import Any
 
 import msgspec
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from .errors import ProtocolError
 from .supervisor import Supervisor
@@ -141,17 +140,12 @@ class RemoteSupervisor:
         return False
 
     def _check_monitor(self, mon: zmq.Socket[bytes]) -> None:
-        while True:
-            try:
-                event = recv_monitor_message(mon, zmq.NOBLOCK)
-            except zmq.ZMQError:
-                return
-            if int(event["event"]) & sockets.HANDSHAKE_FAILURES:
-                raise Refused(
-                    f"refused by the driver at {self.options.connect}: the security handshake failed "
-                    "(is this host's public key in the driver's authorized_keys, and --server-key the "
-                    "driver's key? is the runtime insecure while this worker uses keys, or the reverse?)"
-                )
+        if sockets.handshake_failures(mon):
+            raise Refused(
+                f"refused by the driver at {self.options.connect}: the security handshake failed "
+                "(is this host's public key in the driver's authorized_keys, and --server-key the "
+                "driver's key? is the runtime insecure while this worker uses keys, or the reverse?)"
+            )
 
     def _drain(self, sub: zmq.Socket[bytes]) -> str | None:
         """Read what the driver published: "beat", "shutdown" or None (nothing useful)."""

@@ -34,6 +34,7 @@ __all__ = [
     "curve_server",
     "curve_client",
     "monitor",
+    "handshake_failures",
     "HANDSHAKE_FAILURES",
 ]
 
@@ -52,6 +53,21 @@ HANDSHAKE_FAILURES = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 )
+
+
+def handshake_failures(mon: zmq.Socket[bytes]) -> list[int]:
+    """Drain a :func:`monitor` socket; the codes of the handshake failures it reported."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    failed: list[int] = []
+    while True:
+        try:
+            event = recv_monitor_message(mon, zmq.NOBLOCK)
+        except zmq.ZMQError:  # nothing more (EAGAIN), or the socket is closing
+            return failed
+        code = int(event["event"])
+        if code & HANDSHAKE_FAILURES:
+            failed.append(code)
 
 
 def monitor(sock: zmq.Socket[bytes], events: int) -> zmq.Socket[bytes]:
