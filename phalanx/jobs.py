@@ -24,6 +24,7 @@ import math
 import queue
 import threading
 import time
+import typing
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, Generic, TypeVar
@@ -36,7 +37,7 @@ from .registry.operations import Operation, driver_operation, name_of
 from .transport.codec import encode, rebuild_error
 from .transport.messages import Call, Chunk, Ok
 
-__all__ = ["Future", "MapIterator", "submit", "fold", "MISSING"]
+__all__ = ["Future", "MapIterator", "submit", "fold", "fold_on", "FoldLease", "MISSING"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -481,15 +482,48 @@ def fold(
     options: TaskOptions | None = None,
 ) -> Any:
     """Reduce ``iterable`` with the associative ``fn`` in exactly n-1 calls."""
+    return fold_on(
+        lambda op_name, resolved: _Lease(driver, op_name, resolved), driver.submit, driver.close_job,
+        time.monotonic, fn, iterable, initial, chunksize, timeout, workers, options,
+    )
+
+
+class FoldLease(typing.Protocol):
+    """What :func:`fold_on` reads outcomes from (``_Lease`` here, the simulation's own there)."""
+
+    job: Any
+
+    def get(self, deadline: float | None) -> tuple[int, Delivery]: ...
+
+
+def fold_on(
+    open_lease: Callable[[str, TaskOptions | None], FoldLease],
+    submit_tasks: Callable[[Any, list[Task]], None],
+    close_job: Callable[..., None],
+    clock: Callable[[], float],
+    fn: Callable[..., Any] | str,
+    iterable: Iterable[Any],
+    initial: Any,
+    chunksize: int | None,
+    timeout: float | None,
+    workers: int,
+    options: TaskOptions | None = None,
+) -> Any:
+    """The fold tree, for any runtime that submits tasks and leases their outcomes.
+
+    Chunks are folded on the workers; adjacent partial results are combined
+    as soon as both are known, so the whole fold makes exactly n-1 calls.
+    ``clock`` measures ``timeout`` (the real or a virtual clock).
+    """
     op_name = name_of(fn)
     op = driver_operation(fn)
     resolved = options_for(op, options)
     if resolved is not None and resolved.on_fatal is FatalStrategy.IGNORE:
         raise ValueError("fold needs every item: on_fatal=Ignore is for map")
     sizer = _ChunkSizer(chunksize, _length((iterable,)), workers)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = None if timeout is None else clock() + timeout
     window = 4 * max(1, workers) + 2
-    lease = _Lease(driver, op_name, resolved)
+    lease = open_lease(op_name, resolved)
     job = lease.job
     it = iter(iterable)
     ready_lo: dict[int, tuple[int, Any, bool]] = {}  # lo -> (hi, value, decoded from a worker)
@@ -502,7 +536,7 @@ def fold(
         seq = next(job.seqs)
         msg = Call(job.id, seq, 0, op_name, [lower, upper], None, job.timeout)
         inflight[seq] = (lo, hi)
-        driver.submit(job, [Task(msg, encode(msg, "the partial results of {}", op_name))])
+        submit_tasks(job, [Task(msg, encode(msg, "the partial results of {}", op_name))])
 
     def add_ready(lo: int, hi: int, value: Any, remote: bool) -> None:
         left = lo_of_hi.pop(lo, None)
@@ -536,7 +570,7 @@ def fold(
                 inflight[seq] = (lo, pos)
                 tasks.append(Task(msg, encode(msg, "the items of {}", op_name), len(items)))
             if tasks:
-                driver.submit(job, tasks)
+                submit_tasks(job, tasks)
             if exhausted and not inflight:
                 break
             seq, outcome = lease.get(deadline)
@@ -563,4 +597,4 @@ def fold(
             value = op.convert_result(value)
         return value
     finally:
-        driver.close_job(job, terminate=True)
+        close_job(job, terminate=True)

@@ -50,15 +50,13 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, TypeVar, cast
 
-import msgspec
-
 from .. import worker as _worker_module
 from ..actors.events import ActorEvent as Event
 from ..actors.events import Failed, RestartFailed, Started, Stopped
 from ..actors.ref import ActorRef
 from ..actors.system import ActorNode, RuntimeTree, WorkerNode
 from ..config import Config
-from ..driver import SKIPPED, RuntimeStats, WorkerStats
+from ..driver import SKIPPED, RuntimeStats, Task, WorkerStats
 from ..errors import (
     ActorDiedError,
     EncodeError,
@@ -70,7 +68,7 @@ from ..errors import (
     Transient,
     WorkerCrashedError,
 )
-from ..jobs import MISSING, Future, _ChunkSizer, _length
+from ..jobs import MISSING, Future, _ChunkSizer, _length, fold_on, options_for
 from ..policy import FatalStrategy, RetryStrategy, TaskOptions
 from ..registry.actors import actor_name_of, actor_type_hint, resolve_actor
 from ..registry.operations import Operation, driver_operation, name_of, resolve
@@ -140,38 +138,6 @@ def sleep(seconds: float) -> None:
 # --------------------------------------------------------------------------- #
 
 
-class _Task:
-    __slots__ = ("job", "seq", "attempt", "crashes", "retries", "prefix", "msg", "frame", "items", "directed",
-                 "claimed")
-
-    def __init__(self, msg: Call | Chunk | ActorCall, frame: bytes, items: int = 1) -> None:
-        self.job, self.seq, self.attempt = msg.job, msg.seq, msg.attempt
-        self.crashes = 0
-        self.retries = 0
-        self.prefix: list[Any] | None = None
-        self.msg = msg
-        self.frame = frame
-        self.items = items
-        self.directed = isinstance(msg, ActorCall)
-        self.claimed = False
-
-    def _copy(self, msg: Call | Chunk | ActorCall, items: int) -> _Task:
-        task = _Task(msg, encode(msg), items)
-        task.crashes, task.retries, task.prefix = self.crashes, self.retries, self.prefix
-        return task
-
-    def retry(self) -> _Task:
-        return self._copy(msgspec.structs.replace(self.msg, attempt=self.attempt + 1), self.items)
-
-    def resume(self, start: int, done: list[Any]) -> _Task:
-        msg = self.msg
-        assert isinstance(msg, Chunk)
-        rest = msg.items[start:]
-        task = self._copy(msgspec.structs.replace(msg, attempt=self.attempt + 1, items=rest), len(rest))
-        task.prefix = (self.prefix or []) + done
-        return task
-
-
 class _Job:
     __slots__ = ("id", "op", "outstanding", "deliver", "fail", "on_dispatch", "autoclose", "seqs", "retry",
                  "on_fatal", "timeout", "skipped", "dropped")
@@ -186,7 +152,7 @@ class _Job:
         self.timeout: float = (options.timeout if options else None) or 0.0
         self.skipped: list[tuple[int, int, Any]] = []
         self.dropped = False
-        self.outstanding: dict[int, _Task] = {}
+        self.outstanding: dict[int, Task] = {}
         self.deliver = deliver
         self.fail = fail
         self.on_dispatch = on_dispatch
@@ -224,7 +190,7 @@ class _Worker:
         self.alive = True
         self.ready = False
         self.free = 0
-        self.inflight: dict[tuple[int, int], _Task] = {}
+        self.inflight: dict[tuple[int, int], Task] = {}
         self.inbox: deque[bytes] = deque()
         #: frames on their way to the driver: (available at, identity, frame)
         self.outbox: deque[tuple[float, bytes, bytes]] = deque()
@@ -337,10 +303,6 @@ class _Lease:
         return self.queue.popleft()
 
 
-def _options_for(op: Operation | None, over: TaskOptions | None) -> TaskOptions | None:
-    return over if op is None else op.options.merged(over)
-
-
 class SimMapIterator(Iterator[R], Generic[R]):
     """Results of :meth:`SimRuntime.map` (the same contract as :class:`phalanx.MapIterator`)."""
 
@@ -359,7 +321,7 @@ class SimMapIterator(Iterator[R], Generic[R]):
         self._sim = sim
         self._deadline = None if timeout is None else sim.now + timeout
         self._window = 4 * max(1, workers) + 2
-        self._lease = _Lease(sim, self._op_name, _options_for(self._op, options))
+        self._lease = _Lease(sim, self._op_name, options_for(self._op, options))
         self._seqs = itertools.count()
         self._starts: dict[int, int] = {}
         self._read = 0
@@ -377,7 +339,7 @@ class SimMapIterator(Iterator[R], Generic[R]):
             raise
 
     def _fill(self) -> None:
-        tasks: list[_Task] = []
+        tasks: list[Task] = []
         job = self._lease.job
         while not self._exhausted and len(self._sent_at) + len(tasks) < self._window:
             items = list(itertools.islice(self._input, self._sizer.size))
@@ -390,7 +352,7 @@ class SimMapIterator(Iterator[R], Generic[R]):
             self._starts[seq] = self._read
             self._read += len(items)
             msg = Chunk(job.id, seq, 0, self._op_name, items, self._star, False, job.timeout)
-            tasks.append(_Task(msg, encode(msg, "the arguments of {}", self._op_name), len(items)))
+            tasks.append(Task(msg, encode(msg, "the arguments of {}", self._op_name), len(items)))
         if tasks:
             for task in tasks:
                 self._sent_at[task.seq] = self._sim.now
@@ -978,7 +940,7 @@ class SimRuntime:
         self._broken: BaseException | None = None
         self._jobs: dict[int, _Job] = {}
         self._job_ids = itertools.count(1)
-        self._pending: deque[_Task] = deque()
+        self._pending: deque[Task] = deque()
         self._workers: dict[bytes, _Worker] = {}
         self._live: list[_Worker] = []
         self._worker_ids = itertools.count(1)
@@ -1216,7 +1178,7 @@ class SimRuntime:
         elif not planned:
             self._counters["worker_deaths"] += 1
         head = next(iter(w.inflight.values()), None)
-        requeue: list[_Task] = []
+        requeue: list[Task] = []
         for task in w.inflight.values():
             job = self._jobs.get(task.job)
             if job is None or job.outstanding.get(task.seq) is not task:
@@ -1291,7 +1253,7 @@ class SimRuntime:
             self._jobs[job.id] = job
         return job
 
-    def _submit_tasks(self, job: _Job, tasks: list[_Task], register: bool = False) -> None:
+    def _submit_tasks(self, job: _Job, tasks: list[Task], register: bool = False) -> None:
         if self._broken is not None or self._closed:
             self._jobs.pop(job.id, None)
             raise RuntimeBrokenError(str(self._broken)) if self._broken else RuntimeClosedError(
@@ -1364,7 +1326,7 @@ class SimRuntime:
         return True
 
     def _submit_directed(self, job: _Job, msg: ActorCall, frame: bytes, ident: bytes) -> bool:
-        task = _Task(msg, frame)
+        task = Task(msg, frame)
         w = self._workers.get(ident)
         if w is None or not w.alive or self._closed or self._broken is not None:
             return False
@@ -1471,7 +1433,7 @@ class SimRuntime:
         except Exception:
             pass
 
-    def _resolve(self, job: _Job, task: _Task, outcome: Ok | Err) -> Ok | Err | None:
+    def _resolve(self, job: _Job, task: Task, outcome: Ok | Err) -> Ok | Err | None:
         """What an outcome means for its job (mirrors Driver._resolve_locked)."""
         seq = outcome.seq
         prefix = task.prefix
@@ -1496,7 +1458,7 @@ class SimRuntime:
                 if delay <= 0:
                     self._pending.appendleft(retry)
                 else:
-                    def fire(retry: _Task = retry, job: _Job = job) -> None:
+                    def fire(retry: Task = retry, job: _Job = job) -> None:
                         if self._jobs.get(retry.job) is job and job.outstanding.get(retry.seq) is retry:
                             self._pending.append(retry)
                             self._dispatch()
@@ -1771,12 +1733,12 @@ class SimRuntime:
         fut: SimFuture[Any] = self._future()
         sink = _FutureSink(fut, op, self)
         job = self._open_job(op_name, sink.deliver, sink.fail, fut.set_running_or_notify_cancel, autoclose=True,
-                             options=_options_for(op, options), register=False)
+                             options=options_for(op, options), register=False)
         msg = Call(job.id, 0, 0, op_name, list(args), kwargs or None, job.timeout)
         frame = encode(msg, "the arguments of {}", op_name)
         sink.job = job
         fut._phalanx_cancel = sink.cancel
-        self._submit_tasks(job, [_Task(msg, frame)], register=True)
+        self._submit_tasks(job, [Task(msg, frame)], register=True)
         return fut
 
     def map(self, fn: Callable[..., R] | str, /, *iterables: Iterable[Any], chunksize: int | None = None,
@@ -1795,90 +1757,10 @@ class SimRuntime:
 
     def _fold(self, fn: Callable[..., Any] | str, iterable: Iterable[Any], initial: Any, chunksize: int | None,
               timeout: float | None, options: TaskOptions | None) -> Any:
-        op_name = name_of(fn)
-        op = driver_operation(fn)
-        resolved = _options_for(op, options)
-        if resolved is not None and resolved.on_fatal is FatalStrategy.IGNORE:
-            raise ValueError("fold needs every item: on_fatal=Ignore is for map")
-        workers = self.config.workers
-        sizer = _ChunkSizer(chunksize, _length((iterable,)), workers)
-        deadline = None if timeout is None else self.now + timeout
-        window = 4 * max(1, workers) + 2
-        lease = _Lease(self, op_name, resolved)
-        job = lease.job
-        it = iter(iterable)
-        ready_lo: dict[int, tuple[int, Any, bool]] = {}
-        lo_of_hi: dict[int, int] = {}
-        inflight: dict[int, tuple[int, int]] = {}
-        pos = 0
-        exhausted = False
-
-        def combine(lo: int, hi: int, lower: Any, upper: Any) -> None:
-            seq = next(job.seqs)
-            msg = Call(job.id, seq, 0, op_name, [lower, upper], None, job.timeout)
-            inflight[seq] = (lo, hi)
-            self._submit_tasks(job, [_Task(msg, encode(msg, "the partial results of {}", op_name))])
-
-        def add_ready(lo: int, hi: int, value: Any, remote: bool) -> None:
-            left = lo_of_hi.pop(lo, None)
-            if left is not None:
-                _, lower, _ = ready_lo.pop(left)
-                combine(left, hi, lower, value)
-                return
-            right = ready_lo.pop(hi, None)
-            if right is not None:
-                rhi, upper, _ = right
-                del lo_of_hi[rhi]
-                combine(lo, rhi, value, upper)
-                return
-            ready_lo[lo] = (hi, value, remote)
-            lo_of_hi[hi] = lo
-
-        try:
-            while True:
-                tasks: list[_Task] = []
-                while not exhausted and len(inflight) + len(tasks) < window:
-                    items = list(itertools.islice(it, sizer.size))
-                    if not items:
-                        exhausted = True
-                        break
-                    lo, pos = pos, pos + len(items)
-                    if len(items) == 1:
-                        add_ready(lo, pos, items[0], False)
-                        continue
-                    seq = next(job.seqs)
-                    msg = Chunk(job.id, seq, 0, op_name, items, False, True, job.timeout)
-                    inflight[seq] = (lo, pos)
-                    tasks.append(_Task(msg, encode(msg, "the items of {}", op_name), len(items)))
-                if tasks:
-                    self._submit_tasks(job, tasks)
-                if exhausted and not inflight:
-                    break
-                seq, outcome = lease.get(deadline)
-                if seq < 0:
-                    raise _outcome_error(outcome)
-                span = inflight.pop(seq, None)
-                if span is None:
-                    continue
-                if not isinstance(outcome, Ok):
-                    raise _outcome_error(outcome)
-                add_ready(span[0], span[1], outcome.value, True)
-            if pos == 0:
-                if initial is MISSING:
-                    raise TypeError("fold() of an empty iterable with no initial value")
-                return initial
-            ((_, value, remote),) = ready_lo.values()
-            if initial is not MISSING:
-                combine(-1, pos, initial, value)
-                seq, outcome = lease.get(deadline)
-                if not isinstance(outcome, Ok):
-                    raise _outcome_error(outcome)
-                value, remote = outcome.value, True
-            if remote and op is not None:
-                value = op.convert_result(value)
-            return value
-        finally:
-            self._close_job(job, terminate=True)
+        return fold_on(
+            lambda op_name, resolved: _Lease(self, op_name, resolved), self._submit_tasks, self._close_job,
+            lambda: self.now, fn, iterable, initial, chunksize, timeout, self.config.workers, options,
+        )
 
     # ---- public API: actors -------------------------------------------------------------------
 
