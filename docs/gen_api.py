@@ -47,6 +47,7 @@ OUTPUT = DOCS / "api.md"
 sys.path.insert(0, str(ROOT))
 
 import phalanx  # noqa: E402  (the checkout's phalanx, not another installed one)
+import phalanx.errors  # noqa: E402
 
 #: (title, intro, names) in page order
 GROUPS: list[tuple[str, str, list[str]]] = [
@@ -94,25 +95,9 @@ GROUPS: list[tuple[str, str, list[str]]] = [
         "Errors",
         "Every error phalanx raises is a `PhalanxError` and, where one exists, the standard "
         "library error a caller would already catch.",
-        [
-            "PhalanxError",
-            "Transient",
-            "RemoteError",
-            "RemoteTraceback",
-            "UnknownOperationError",
-            "EncodeError",
-            "DecodeError",
-            "ValidationError",
-            "ProtocolError",
-            "TaskTimeoutError",
-            "TaskCancelledError",
-            "WorkerCrashedError",
-            "WorkerStartError",
-            "RuntimeBrokenError",
-            "RuntimeClosedError",
-            "UnsupportedActorError",
-            "ActorDiedError",
-        ],
+        # the base and the marker first, then every error in phalanx.errors' own order
+        ["PhalanxError", "Transient",
+         *(n for n in phalanx.errors.__all__ if n not in ("PhalanxError", "Transient"))],
     ),
     (
         "Package",
@@ -361,23 +346,34 @@ def _doc_of(value: Any) -> str | None:
     return getattr(value, "__doc__", None)
 
 
+def _private_bases(cls: type) -> list[type]:
+    """phalanx's private base classes of ``cls`` (``_AsyncWork``): their members are documented as its own."""
+    return [b for b in cls.__mro__[1:] if b.__module__.startswith("phalanx") and b.__name__.startswith("_")]
+
+
 def own_members(cls: type) -> Iterator[tuple[str, Any]]:
-    """Public methods and properties the class defines itself, in source order.
+    """Public methods and properties the class defines itself (or gets from a private base), in source order.
 
     An undocumented override of a base class's member is left out: the base
     documents it.
     """
-    for name, value in vars(cls).items():
-        if name.startswith("_") and name not in DUNDERS:
-            continue
-        if not _doc_of(value) and any(name in vars(base) for base in cls.__mro__[1:]):
-            continue
-        if isinstance(value, (staticmethod, classmethod)):
-            yield name, value
-        elif isinstance(value, property):
-            yield name, value
-        elif isinstance(value, types.FunctionType):
-            yield name, value
+    seen: set[str] = set()
+    for owner in (cls, *_private_bases(cls)):
+        for name, value in vars(owner).items():
+            if name in seen:
+                continue
+            seen.add(name)
+            yield from _documented(cls, owner, name, value)
+
+
+def _documented(cls: type, owner: type, name: str, value: Any) -> Iterator[tuple[str, Any]]:
+    """``(name, value)`` if ``owner``'s member ``name`` belongs in ``cls``'s reference."""
+    if name.startswith("_") and name not in DUNDERS:
+        return
+    if not _doc_of(value) and any(name in vars(base) for base in owner.__mro__[1:]):
+        return
+    if isinstance(value, (staticmethod, classmethod, property, types.FunctionType)):
+        yield name, value
 
 
 def is_struct(cls: type) -> bool:
@@ -387,7 +383,7 @@ def is_struct(cls: type) -> bool:
 def bases_text(cls: type) -> str:
     names = []
     for base in cls.__bases__:
-        if base is object:
+        if base is object or base in _private_bases(cls):
             continue
         if base.__module__.startswith("phalanx"):
             names.append(base.__name__)

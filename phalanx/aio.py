@@ -45,7 +45,58 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 
-class AsyncRuntime:
+class _AsyncWork:
+    """``submit``, ``map`` and ``fold`` for asyncio, over a runtime or a runtime with job options."""
+
+    __slots__ = ()
+
+    def _work(self) -> Runtime | JobOptions:
+        raise NotImplementedError
+
+    def submit(self, fn: Callable[P, R] | str, /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        """Queue ``fn(*args, **kwargs)``; ``await`` the returned future for its result.
+
+        Cancelling the awaiting task cancels the call: removed if it has not
+        started, else aborted on its worker (the future then fails with
+        :class:`~phalanx.TaskCancelledError`).
+        """
+        return self._work().submit(fn, *args, **kwargs)
+
+    def map(
+        self,
+        fn: Callable[..., R] | str,
+        /,
+        *iterables: Iterable[Any],
+        chunksize: int | None = None,
+        ordered: bool = True,
+        timeout: float | None = None,
+        progress: bool = False,
+    ) -> MapIterator[R]:
+        """:meth:`phalanx.Runtime.map`, to be read with ``async for``."""
+        return self._work().map(
+            fn, *iterables, chunksize=chunksize, ordered=ordered, timeout=timeout, progress=progress
+        )
+
+    async def fold(
+        self,
+        fn: Callable[[T, T], T] | str,
+        iterable: Iterable[T],
+        /,
+        *,
+        initial: T = MISSING,
+        chunksize: int | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """:meth:`phalanx.Runtime.fold`, waited for in a thread.
+
+        A cancelled ``await`` stops waiting at once, but the fold itself runs
+        on until it completes or its ``timeout`` passes.
+        """
+        work = self._work()
+        return await asyncio.to_thread(work.fold, fn, iterable, initial=initial, chunksize=chunksize, timeout=timeout)
+
+
+class AsyncRuntime(_AsyncWork):
     """A :class:`phalanx.Runtime` whose calls never block the event loop.
 
     ::
@@ -105,47 +156,8 @@ class AsyncRuntime:
 
     # ---- work ----------------------------------------------------------------------
 
-    def submit(self, fn: Callable[P, R] | str, /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
-        """Queue ``fn(*args, **kwargs)``; ``await`` the returned future for its result.
-
-        Cancelling the awaiting task cancels the call: removed if it has not
-        started, else aborted on its worker (the future then fails with
-        :class:`~phalanx.TaskCancelledError`).
-        """
-        return self.runtime.submit(fn, *args, **kwargs)
-
-    def map(
-        self,
-        fn: Callable[..., R] | str,
-        /,
-        *iterables: Iterable[Any],
-        chunksize: int | None = None,
-        ordered: bool = True,
-        timeout: float | None = None,
-        progress: bool = False,
-    ) -> MapIterator[R]:
-        """:meth:`phalanx.Runtime.map`, to be read with ``async for``."""
-        return self.runtime.map(
-            fn, *iterables, chunksize=chunksize, ordered=ordered, timeout=timeout, progress=progress
-        )
-
-    async def fold(
-        self,
-        fn: Callable[[T, T], T] | str,
-        iterable: Iterable[T],
-        /,
-        *,
-        initial: T = MISSING,
-        chunksize: int | None = None,
-        timeout: float | None = None,
-    ) -> T:
-        """:meth:`phalanx.Runtime.fold`, waited for in a thread.
-
-        A cancelled ``await`` stops waiting at once, but the fold itself runs
-        on until it completes or its ``timeout`` passes.
-        """
-        rt = self.runtime
-        return await asyncio.to_thread(rt.fold, fn, iterable, initial=initial, chunksize=chunksize, timeout=timeout)
+    def _work(self) -> Runtime:
+        return self.runtime
 
     def options(
         self,
@@ -178,7 +190,7 @@ class AsyncRuntime:
         return self.runtime.stats()
 
 
-class AsyncJobOptions:
+class AsyncJobOptions(_AsyncWork):
     """An :class:`AsyncRuntime` seen through per-job options."""
 
     __slots__ = ("_options",)
@@ -186,38 +198,8 @@ class AsyncJobOptions:
     def __init__(self, options: JobOptions) -> None:
         self._options = options
 
-    def submit(self, fn: Callable[P, R] | str, /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
-        """:meth:`AsyncRuntime.submit` with these options."""
-        return self._options.submit(fn, *args, **kwargs)
-
-    def map(
-        self,
-        fn: Callable[..., R] | str,
-        /,
-        *iterables: Iterable[Any],
-        chunksize: int | None = None,
-        ordered: bool = True,
-        timeout: float | None = None,
-        progress: bool = False,
-    ) -> MapIterator[R]:
-        """:meth:`AsyncRuntime.map` with these options."""
-        return self._options.map(
-            fn, *iterables, chunksize=chunksize, ordered=ordered, timeout=timeout, progress=progress
-        )
-
-    async def fold(
-        self,
-        fn: Callable[[T, T], T] | str,
-        iterable: Iterable[T],
-        /,
-        *,
-        initial: T = MISSING,
-        chunksize: int | None = None,
-        timeout: float | None = None,
-    ) -> T:
-        """:meth:`AsyncRuntime.fold` with these options."""
-        opts = self._options
-        return await asyncio.to_thread(opts.fold, fn, iterable, initial=initial, chunksize=chunksize, timeout=timeout)
+    def _work(self) -> JobOptions:
+        return self._options
 
 
 def _shut_down_when_started(starting: asyncio.Future[Runtime]) -> None:
