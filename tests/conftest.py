@@ -17,21 +17,21 @@ Runs in the test (driver) process only.
 
 from __future__ import annotations
 
-import multiprocessing
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
 import pytest
 import zmq
 from hypothesis import HealthCheck, settings
+
+from phalanx.testing.invariants import ProcessLeakCheck
 
 if TYPE_CHECKING:
     import phalanx
@@ -91,101 +91,31 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 # Process-leak check
 # --------------------------------------------------------------------------- #
 
-#: Per-interpreter multiprocessing helpers: started once and kept for the
-#: whole session, so they are not leaks of the test that happened to start them.
-_HELPER_MARKERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
-
 #: How long new children get to exit after a test before they count as leaked.
 _LEAK_GRACE_S = 3.0
-
-_ProcKey = tuple[int, float]  # (pid, create_time): robust against pid reuse
-
-
-def _key(proc: psutil.Process) -> _ProcKey | None:
-    try:
-        return (proc.pid, proc.create_time())
-    except psutil.Error:
-        return None
-
-
-def _snapshot() -> set[_ProcKey]:
-    keys = (_key(p) for p in psutil.Process().children(recursive=True))
-    return {k for k in keys if k is not None}
-
-
-def _cmdline(proc: psutil.Process) -> str:
-    try:
-        return " ".join(proc.cmdline()) or proc.name()
-    except psutil.Error:
-        return "?"
-
-
-def _is_helper(proc: psutil.Process) -> bool:
-    cmd = _cmdline(proc)
-    return any(marker in cmd for marker in _HELPER_MARKERS)
-
-
-def _is_alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _new_live_children(before: set[_ProcKey]) -> list[psutil.Process]:
-    # Let multiprocessing reap the children it knows about (its own waitpid
-    # bookkeeping), then reap remaining zombie direct children ourselves --
-    # never one multiprocessing still tracks, or its Process.join() would hang.
-    mp_owned = {p.pid for p in multiprocessing.active_children()}
-    new: list[psutil.Process] = []
-    zombies: list[psutil.Process] = []
-    me = os.getpid()
-    for proc in psutil.Process().children(recursive=True):
-        key = _key(proc)
-        if key is None or key in before or _is_helper(proc):
-            continue
-        if _is_alive(proc):
-            new.append(proc)
-        else:
-            try:
-                if proc.ppid() == me and proc.pid not in mp_owned:
-                    zombies.append(proc)
-            except psutil.Error:
-                pass
-    if zombies:
-        psutil.wait_procs(zombies, timeout=0)
-    return new
 
 
 @pytest.fixture(autouse=True)
 def no_leaked_processes() -> Iterator[None]:
     """Fail the test if it leaves a live child process behind."""
-    before = _snapshot()
+    with _no_new_children("test"):
+        yield
+
+
+@contextlib.contextmanager
+def _no_new_children(what: str) -> Iterator[None]:
+    """Fail (after a grace period, killing them) if children started inside still live.
+
+    The check is phalanx.testing's :class:`ProcessLeakCheck`, which users get too.
+    """
+    check = ProcessLeakCheck(grace=_LEAK_GRACE_S).__enter__()
     yield
-    _fail_on_new_children(before, "test")
-
-
-def _fail_on_new_children(before: set[_ProcKey], what: str) -> None:
-    """Fail (after a grace period, killing them) if children not in ``before`` live."""
-    deadline = time.monotonic() + _LEAK_GRACE_S
-    leaked = _new_live_children(before)
-    while leaked and time.monotonic() < deadline:
-        time.sleep(0.05)
-        leaked = _new_live_children(before)
-    if not leaked:
-        return
-    report = [f"pid {p.pid}: {_cmdline(p)}" for p in leaked]
-    for proc in leaked:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(leaked, timeout=_LEAK_GRACE_S)
-    multiprocessing.active_children()
-    pytest.fail(
-        f"{what} leaked {len(leaked)} child process(es) (killed):\n  " + "\n  ".join(report),
-        pytrace=False,
-    )
+    report = check.check()
+    if report:
+        pytest.fail(
+            f"{what} leaked {len(report)} child process(es) (killed):\n  " + "\n  ".join(report),
+            pytrace=False,
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -232,10 +162,9 @@ def module_runtime() -> Iterator[phalanx.Runtime]:
     """
     import phalanx
 
-    before = _snapshot()
-    rt = phalanx.Runtime(workers=2)
-    try:
-        yield rt
-    finally:
-        rt.shutdown()
-    _fail_on_new_children(before, "module runtime")
+    with _no_new_children("module runtime"):
+        rt = phalanx.Runtime(workers=2)
+        try:
+            yield rt
+        finally:
+            rt.shutdown()

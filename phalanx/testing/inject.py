@@ -33,10 +33,10 @@ from .faults import Fault, FaultEngine, resolve_plan
 if TYPE_CHECKING:
     from ..runtime import Runtime
 
-__all__ = ["FaultInjector", "inject_faults", "kill_worker"]
+__all__ = ["FaultInjector", "inject_faults", "kill_worker", "kill_child"]
 
 
-def _kill_pid(pid: int) -> bool:
+def kill_child(pid: int) -> bool:
     """SIGKILL ``pid`` if it is a live child of this process; True if signalled."""
     try:
         proc = psutil.Process(pid)
@@ -63,7 +63,7 @@ def kill_worker(rt: Any, index: int = 0) -> str | None:
     if isinstance(rt, SimRuntime):
         rt.kill_worker(wid)
         return wid
-    return wid if _kill_pid(pids[wid]) else None
+    return wid if kill_child(pids[wid]) else None
 
 
 class FaultInjector:
@@ -93,7 +93,7 @@ class FaultInjector:
 
     def _kill(self, ident: bytes) -> None:
         pid = self._pid(ident)
-        if pid and _kill_pid(pid):
+        if pid and kill_child(pid):
             self.kills.append((ident.decode(), pid))
 
     def _filter(self, direction: str, ident: bytes, frame: bytes) -> list[bytes]:

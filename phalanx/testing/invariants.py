@@ -20,6 +20,7 @@ else; nothing here sends a message or alters a result.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import time
@@ -205,13 +206,27 @@ class ProcessLeakCheck:
         return self
 
     def _new_live(self) -> list[psutil.Process]:
-        out = []
+        # Let multiprocessing reap the children it knows about (its own waitpid
+        # bookkeeping), then reap remaining zombie direct children ourselves --
+        # never one multiprocessing still tracks, or its Process.join() would hang.
+        mp_owned = {p.pid for p in multiprocessing.active_children()}
+        out: list[psutil.Process] = []
+        zombies: list[psutil.Process] = []
+        me = os.getpid()
         for proc in psutil.Process().children(recursive=True):
             key = _key(proc)
             if key is None or key in self.before or any(h in _cmdline(proc) for h in _HELPERS):
                 continue
             if _alive(proc):
                 out.append(proc)
+                continue
+            try:
+                if proc.ppid() == me and proc.pid not in mp_owned:
+                    zombies.append(proc)
+            except psutil.Error:
+                pass
+        if zombies:
+            psutil.wait_procs(zombies, timeout=0)
         return out
 
     def check(self) -> list[str]:
@@ -229,6 +244,7 @@ class ProcessLeakCheck:
                 pass
         if leaked:
             psutil.wait_procs(leaked, timeout=self.grace)
+            multiprocessing.active_children()  # reap what multiprocessing owns
         return report
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
