@@ -95,8 +95,10 @@ def cooperative(path: str, seconds: float) -> str:
     start = time.monotonic()
     while time.monotonic() - start < seconds:
         if phalanx.current_task().aborted:
-            with open(path, "w") as f:
+            # Write then rename: the test polls for the file and must never see it empty.
+            with open(path + ".tmp", "w") as f:
                 f.write("aborted")
+            os.replace(path + ".tmp", path)
             return "aborted"
         time.sleep(0.005)
     return "done"
