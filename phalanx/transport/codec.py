@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import sys
 import traceback as _tb
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -36,15 +37,61 @@ __all__ = [
     "error_info",
     "rebuild_error",
     "type_path",
+    "register_ext",
 ]
 
 T = TypeVar("T")
 
-_encoder = msgspec.msgpack.Encoder()
-_inbox = msgspec.msgpack.Decoder(InboxMessage)
-_control = msgspec.msgpack.Decoder(ControlMessage)
-_driver = msgspec.msgpack.Decoder(DriverMessage)
-_client = msgspec.msgpack.Decoder(ClientMessage)
+# Extension types: values msgpack has no type for (channel ends, arrays) travel as
+# msgpack ``Ext`` records, so they arrive as themselves whatever the receiving
+# side's annotation (an ``Any`` argument too). The hooks run only for such
+# values: plain data never pays for them.
+_EXT_ENCODE: dict[type, tuple[int, Callable[[Any], bytes]]] = {}
+_EXT_DECODE: dict[int, Callable[[memoryview], Any]] = {}
+
+
+def register_ext(code: int, cls: type, to_bytes: Callable[[Any], bytes], from_bytes: Callable[[memoryview], Any]) -> None:
+    """Carry instances of ``cls`` as msgpack extension ``code`` (0-127, unique).
+
+    ``to_bytes`` must be safe to call on any instance and ``from_bytes`` on
+    any bytes from the wire: it raises ``ValueError`` for a malformed payload,
+    which becomes a :class:`~phalanx.errors.ProtocolError`. Never pickle.
+    """
+    if not 0 <= code <= 127:
+        raise ValueError(f"extension codes are 0-127, got {code}")
+    known = _EXT_DECODE.get(code)
+    if known is not None and known is not from_bytes:
+        raise ValueError(f"extension code {code} is already registered")
+    _EXT_ENCODE[cls] = (code, to_bytes)
+    _EXT_DECODE[code] = from_bytes
+
+
+def _enc_hook(value: Any) -> Any:
+    for cls in type(value).__mro__:
+        entry = _EXT_ENCODE.get(cls)
+        if entry is not None:
+            code, to_bytes = entry
+            return msgspec.msgpack.Ext(code, to_bytes(value))
+    raise TypeError(f"Encoding objects of type {type(value).__name__} is unsupported")
+
+
+def _ext_hook(code: int, data: memoryview) -> Any:
+    from_bytes = _EXT_DECODE.get(code)
+    if from_bytes is None:
+        raise ValueError(f"unknown extension type {code}")
+    try:
+        return from_bytes(data)
+    except ValueError:
+        raise
+    except Exception as exc:  # a malformed payload must never escape as anything else
+        raise ValueError(f"malformed extension {code}: {exc}") from None
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_inbox = msgspec.msgpack.Decoder(InboxMessage, ext_hook=_ext_hook)
+_control = msgspec.msgpack.Decoder(ControlMessage, ext_hook=_ext_hook)
+_driver = msgspec.msgpack.Decoder(DriverMessage, ext_hook=_ext_hook)
+_client = msgspec.msgpack.Decoder(ClientMessage, ext_hook=_ext_hook)
 
 
 def encode(msg: Any, what: str = "message", name: str = "") -> bytes:
