@@ -1000,10 +1000,12 @@ class Driver:
                 self._on_alive(ident[:-1], msg)
             elif isinstance(msg, Results):
                 self._on_results(ident[:-1], msg, side=True)
-            elif isinstance(msg, InspectReply) and msg.worker.encode() == ident[:-1]:
+            elif isinstance(msg, InspectReply) and msg.worker.encode() == ident[:-1] and ident[:-1] in self._workers:
                 with self._changed:
                     replies = self._inspect_replies.get(msg.nonce)
-                    if replies is not None:
+                    if replies is None:
+                        self.frames_dropped += 1  # a late or unasked reply
+                    else:
                         replies[msg.worker] = msg
                         self._changed.notify_all()
             else:
@@ -1036,6 +1038,8 @@ class Driver:
             self._on_hello(ident, msg)
         elif isinstance(msg, Ready):
             self._on_ready(ident, msg)
+        else:  # e.g. Alive or InspectReply not from a worker's side channel
+            self.frames_dropped += 1
 
     def _on_alive(self, ident: bytes, msg: Alive) -> None:
         with self._lock:

@@ -202,14 +202,14 @@ def fuzz_ctx() -> Iterator[zmq.Context[Any]]:
 
 
 def _is_request(parts: list[bytes]) -> bool:
-    """A well-formed inspect message (``phalanx top``): the driver answers those."""
+    """A well-formed inspect query (``phalanx top``): the driver answers those."""
     if len(parts) != 1:
         return False
     try:
         msg = decode_driver(parts[0])
     except phalanx.ProtocolError:
         return False
-    return type(msg).__name__ in ("InspectQuery", "InspectReply")
+    return type(msg).__name__ == "InspectQuery"
 
 
 def _identity(rt: phalanx.Runtime, who: str, raw: bytes) -> bytes:
