@@ -16,7 +16,7 @@ import time
 
 import phalanx
 
-__all__ = ["inc", "noop", "spin", "spin_checksum", "Counter"]
+__all__ = ["inc", "noop", "spin", "spin_checksum", "Counter", "square", "add", "digit_counts", "merge_counts"]
 
 #: modulus of the spin loop's checksum (keeps the integers small)
 _MOD = 1_000_003
@@ -26,6 +26,36 @@ _MOD = 1_000_003
 def inc(x: int) -> int:
     """The tiny task of W1 and W7: ``x + 1``."""
     return x + 1
+
+
+@phalanx.operation
+def square(x: int) -> int:
+    """The map stage of D1 (``benchmarks.directives``): ``x * x``."""
+    return x * x
+
+
+@phalanx.operation(empty=0)
+def add(lower: int, upper: int) -> int:
+    """The monoid of D1: integer addition, whose empty is 0."""
+    return lower + upper
+
+
+@phalanx.operation
+def digit_counts(x: int) -> dict[str, int]:
+    """A map stage of D1 (a word count over the digits of ``x``): ``{digit: occurrences}``."""
+    counts: dict[str, int] = {}
+    for digit in str(x):
+        counts[digit] = counts.get(digit, 0) + 1
+    return counts
+
+
+@phalanx.operation(empty=dict)
+def merge_counts(lower: dict[str, int], upper: dict[str, int]) -> dict[str, int]:
+    """The monoid of D1's word count: add up two histograms (a new dict; neither is changed)."""
+    out = dict(lower)
+    for key, n in upper.items():
+        out[key] = out.get(key, 0) + n
+    return out
 
 
 @phalanx.operation

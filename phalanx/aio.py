@@ -27,12 +27,14 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, overload
 
 from .actors.ref import ActorRef
+from .channels import ChannelKind, ExactlyOnce, Lease
 from .driver import RuntimeStats
 from .jobs import MISSING, Future, MapIterator
 from .policy import FatalStrategy, RetryStrategy
+from .directives import Chain, Directive, Fold, IndexedChain, JobHandle
 from .runtime import JobOptions, Runtime
 
 __all__ = ["AsyncRuntime", "AsyncJobOptions"]
@@ -58,7 +60,8 @@ class _AsyncWork:
 
         Cancelling the awaiting task cancels the call: removed if it has not
         started, else aborted on its worker (the future then fails with
-        :class:`~phalanx.TaskCancelledError`).
+        :class:`~phalanx.TaskCancelledError`). Keyword arguments all go to
+        ``fn``: route with ``rt.options(on="io").submit(...)``.
         """
         return self._work().submit(fn, *args, **kwargs)
 
@@ -71,10 +74,11 @@ class _AsyncWork:
         ordered: bool = True,
         timeout: float | None = None,
         progress: bool = False,
+        on: str | None = None,
     ) -> MapIterator[R]:
         """:meth:`phalanx.Runtime.map`, to be read with ``async for``."""
         return self._work().map(
-            fn, *iterables, chunksize=chunksize, ordered=ordered, timeout=timeout, progress=progress
+            fn, *iterables, chunksize=chunksize, ordered=ordered, timeout=timeout, progress=progress, on=on
         )
 
     async def fold(
@@ -86,6 +90,7 @@ class _AsyncWork:
         initial: T = MISSING,
         chunksize: int | None = None,
         timeout: float | None = None,
+        on: str | None = None,
     ) -> T:
         """:meth:`phalanx.Runtime.fold`, waited for in a thread.
 
@@ -93,7 +98,32 @@ class _AsyncWork:
         on until it completes or its ``timeout`` passes.
         """
         work = self._work()
-        return await asyncio.to_thread(work.fold, fn, iterable, initial=initial, chunksize=chunksize, timeout=timeout)
+        return await asyncio.to_thread(
+            work.fold, fn, iterable, initial=initial, chunksize=chunksize, timeout=timeout, on=on
+        )
+
+    @overload
+    def run(self, directive: Fold[T], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> JobHandle[T, T]: ...
+    @overload
+    def run(self, directive: IndexedChain[T], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> JobHandle[tuple[int, T], list[T]]: ...
+    @overload
+    def run(self, directive: Chain[T], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> JobHandle[T, list[T]]: ...
+
+    def run(self, directive: Directive[Any], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> JobHandle[Any, Any]:
+        """:meth:`phalanx.Runtime.run`: ``await`` the handle, or read it with ``async for``.
+
+        Starting the job only queues its first chunks (as ``submit`` does);
+        waiting on the handle runs off the event loop, and a cancelled wait
+        cancels the job (its running operations see their abort flag).
+        """
+        work = self._work()
+        if isinstance(work, JobOptions):
+            return work._rt._run(directive, chunksize, timeout, work._options)
+        return work._run(directive, chunksize, timeout, None)
 
 
 class AsyncRuntime(_AsyncWork):
@@ -111,7 +141,7 @@ class AsyncRuntime(_AsyncWork):
     ``async with`` (or ``await rt.start()``), not in the constructor.
     """
 
-    def __init__(self, workers: int | None = None, **options: Any) -> None:
+    def __init__(self, workers: int | dict[str, int] | None = None, **options: Any) -> None:
         self._workers = workers
         self._options = options
         self._rt: Runtime | None = None
@@ -165,14 +195,21 @@ class AsyncRuntime(_AsyncWork):
         retry: RetryStrategy | None = None,
         on_fatal: FatalStrategy | None = None,
         timeout: float | None = None,
+        on: str | None = None,
     ) -> AsyncJobOptions:
-        """Per-job options, as :meth:`phalanx.Runtime.options`."""
-        return AsyncJobOptions(self.runtime.options(retry=retry, on_fatal=on_fatal, timeout=timeout))
+        """Per-job options, as :meth:`phalanx.Runtime.options` (``on``: the worker tag to run on)."""
+        return AsyncJobOptions(self.runtime.options(retry=retry, on_fatal=on_fatal, timeout=timeout, on=on))
 
     async def spawn(self, cls: type[A] | str, /, *args: Any, **kwargs: Any) -> ActorRef[A]:
         """:meth:`phalanx.Runtime.spawn` in a thread; ``await ref.method(...)`` calls it."""
         rt = self.runtime
         return await asyncio.to_thread(rt.spawn, cls, *args, **kwargs)
+
+    def lease(
+        self, kind: ChannelKind = ExactlyOnce, *, capacity: int = 10_000, prefetch: int = 8
+    ) -> Lease[Any]:
+        """:meth:`phalanx.Runtime.lease` (never blocks): read with ``async for``, send with ``await tx.asend(x)``."""
+        return self.runtime.lease(kind, capacity=capacity, prefetch=prefetch)
 
     # ---- state (never blocks) --------------------------------------------------------
 
@@ -184,6 +221,10 @@ class AsyncRuntime(_AsyncWork):
     def worker_pids(self) -> dict[str, int]:
         """Live worker ids and their process ids."""
         return self.runtime.worker_pids()
+
+    def worker_tags(self) -> dict[str, tuple[str, ...]]:
+        """Live worker ids and the tags each one serves."""
+        return self.runtime.worker_tags()
 
     def stats(self) -> RuntimeStats:
         """Counters; see :meth:`phalanx.Runtime.stats`."""

@@ -179,6 +179,10 @@ The connection is encrypted and authenticated with CURVE: --key is this host's
 `phalanx keygen`); the driver must list this host's public key in its
 authorized_keys directory. --insecure talks plaintext to an insecure runtime.
 
+--tag TAG (repeatable) makes these workers serve only work routed to TAG
+(rt.options(on=TAG).submit(...), rt.map(..., on=TAG), rt.spawn(..., on=TAG));
+without it they serve "default", the work routed nowhere in particular.
+
 Workers that die are replaced. When the driver shuts down this command exits 0;
 when the driver vanishes (no heartbeat for --heartbeat-timeout seconds) the
 workers stop and it exits 4, or with --reconnect waits for the driver to come
@@ -198,6 +202,9 @@ def _configure_worker(parser: argparse.ArgumentParser) -> None:
                         help="the driver's public .key file (env PHALANX_SERVER_KEY)")
     parser.add_argument("--insecure", action="store_true", help="no CURVE: plaintext, unauthenticated")
     parser.add_argument("--credits", type=_positive_int, default=16, help="tasks a worker holds at once")
+    parser.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG",
+                        help="worker tag these workers serve: they get only work routed to it, "
+                             "rt.options(on=TAG) (repeatable; default: \"default\")")
     parser.add_argument("--heartbeat-timeout", type=float, default=10.0, metavar="S",
                         help="seconds without the driver before giving up (default: 10)")
     parser.add_argument("--heartbeat-interval", type=float, default=0.5, metavar="S",
@@ -223,6 +230,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         connect_timeout=args.connect_timeout,
         reconnect=args.reconnect,
+        tags=args.tags,
     ))
 
 

@@ -2,7 +2,9 @@
 
 Runs in the driver. An explicit argument wins over the environment, which
 wins over the default. Every option is listed in :data:`OPTIONS` (the README
-table is generated from the same names).
+table is generated from the same names). ``workers`` also takes a dict of
+worker tag -> count (``PHALANX_WORKERS=default=2,io=4``); :meth:`Config.load`
+turns it into ``workers`` (the total) and ``tags`` (the counts per tag).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+
+from .policy import DEFAULT_TAG, check_tag
 
 __all__ = ["Config", "OPTIONS", "usable_cpus", "DEFAULT_START_METHOD"]
 
@@ -34,6 +38,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 
     #: worker processes to start (default: usable CPUs)
     workers: int = 0
+    #: local workers to start per worker tag ({}: all ``workers`` are "default");
+    #: set by passing ``workers`` a dict, not an option of its own
+    tags: dict[str, int] = {}
+    #: seconds work routed to a tag waits for a live worker holding it before NoWorkerError
+    route_timeout: float = 30.0
     #: multiprocessing start method for workers: fork, forkserver or spawn
     #: (default: fork on Linux with Python < 3.12, like multiprocessing; else spawn)
     start_method: str = DEFAULT_START_METHOD
@@ -94,6 +103,18 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             )
         if self.abort_grace < 0:
             raise ValueError(f"abort_grace must be >= 0, got {self.abort_grace}")
+        if self.route_timeout < 0:
+            raise ValueError(f"route_timeout must be >= 0, got {self.route_timeout}")
+        for tag, count in self.tags.items():
+            check_tag(tag)
+            if not isinstance(count, int) or count < 0:
+                raise ValueError(f"the worker count of tag {tag!r} must be an int >= 0, got {count!r}")
+        if self.tags and sum(self.tags.values()) != self.workers:
+            raise ValueError(f"workers={self.workers} is not the sum of the per-tag counts {self.tags}")
+
+    def worker_groups(self) -> dict[str, int]:
+        """Local workers to start, per tag."""
+        return dict(self.tags) if self.tags else {DEFAULT_TAG: self.workers}
 
     @classmethod
     def load(cls, **overrides: Any) -> Config:
@@ -111,14 +132,31 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
                 raise TypeError(f"unknown option {name!r}")
             if value is not None:
                 values[name] = value
+        groups = values.get("workers")
+        if isinstance(groups, dict):
+            values["tags"] = dict(groups)
+            values["workers"] = sum(c for c in groups.values() if isinstance(c, int))
         config = cls(**values)
         if config.workers == 0 and "workers" not in values:
             config = msgspec.structs.replace(config, workers=usable_cpus())
         return config
 
 
+def _parse_workers(raw: str) -> int | dict[str, int]:
+    """``4``, or ``default=2,io=4`` (worker tag -> count)."""
+    if "=" not in raw:
+        return int(raw)
+    groups: dict[str, int] = {}
+    for part in raw.split(","):
+        tag, sep, count = part.partition("=")
+        if not sep:
+            raise ValueError(f"expected TAG=COUNT, got {part!r}")
+        groups[check_tag(tag.strip())] = int(count)
+    return groups
+
+
 OPTIONS: dict[str, Callable[[str], Any]] = {
-    "workers": int,
+    "workers": _parse_workers,
     "start_method": str,
     "listen": str,
     "credits": int,
@@ -137,4 +175,5 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "authorized_keys": str,
     "insecure": lambda raw: raw.strip().lower() in ("1", "true", "yes", "on"),
     "prefix_output": lambda raw: raw.strip().lower() not in ("0", "false", "no", "off"),
+    "route_timeout": float,
 }

@@ -18,10 +18,18 @@ exactly as for a local crash.
 
 Dispatch is credit-based (the zguide's load-balancing pattern) rather than
 PUSH/PULL: a worker announces how many tasks it may hold, and each task goes
-to the live worker with the most free credits. So the driver always knows
+to the live worker with the most free credits among those holding the tag its
+job is routed to (``on=``; "default" otherwise). So the driver always knows
 which worker holds which task, which is what redelivery after a crash, poison
 task attribution, removal of queued tasks on cancel, and routing need; PUSH
 would drop whatever sat in a dead peer's pipe without saying what.
+
+Routing: pending tasks wait in one queue per worker tag, so work for a tag
+with no live worker never holds up other tags' work. Such work waits (a
+worker may join or be replaced) and fails with
+:class:`~phalanx.NoWorkerError` once it has waited ``route_timeout`` seconds
+with no eligible worker; the pump checks these deadlines. A replacement for
+a dead local worker gets the dead worker's tags.
 
 Invariants kept:
 
@@ -49,15 +57,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import zmq
 
 from .config import Config
-from .policy import FatalStrategy, RetryStrategy, TaskOptions
+from .policy import DEFAULT_TAG, FatalStrategy, RetryStrategy, TaskOptions, check_tag
 from .errors import (
     ActorDiedError,
+    NoWorkerError,
     ProtocolError,
     RuntimeBrokenError,
     RuntimeClosedError,
@@ -96,6 +105,9 @@ from .transport.messages import (
 )
 from .worker import WorkerSpec
 
+if TYPE_CHECKING:
+    from .broker import Broker
+
 __all__ = ["Driver", "Job", "Task", "WorkerStats", "RuntimeStats", "SKIPPED"]
 
 Delivery = Ok | Err | BaseException
@@ -111,6 +123,8 @@ auth_log = logging.getLogger("phalanx.auth")
 
 #: seconds without a remote worker's Alive before it is declared lost (default)
 REMOTE_HEARTBEAT_TIMEOUT = 10.0
+#: most tags a remote worker may announce
+MAX_TAGS = 64
 
 
 class _Skipped:
@@ -136,6 +150,8 @@ class WorkerStats(msgspec.Struct, frozen=True):
     #: the host it runs on ("" for local workers)
     host: str = ""
     remote: bool = False
+    #: the worker tags it serves
+    tags: tuple[str, ...] = ()
 
 
 class RuntimeStats(msgspec.Struct, frozen=True):
@@ -161,6 +177,10 @@ class RuntimeStats(msgspec.Struct, frozen=True):
     workers_lost: int = 0
     #: tcp peers refused during the security handshake
     peers_refused: int = 0
+    #: channel messages dropped: sent to a closed or released lease, or queued when it was released
+    channel_messages_dropped: int = 0
+    #: channel messages put back for redelivery (nacked, or held by a receiver closed or dead)
+    channel_redelivered: int = 0
 
 
 class Task:
@@ -173,6 +193,7 @@ class Task:
 
     __slots__ = (
         "job", "seq", "attempt", "crashes", "retries", "prefix", "msg", "frame", "items", "directed", "claimed",
+        "unrouted",
     )
 
     def __init__(self, msg: Call | Chunk | ActorCall, frame: bytes, items: int = 1) -> None:
@@ -189,6 +210,8 @@ class Task:
         self.directed = isinstance(msg, ActorCall)
         #: the job's on_dispatch accepted it (a Future is running): never ask twice
         self.claimed = False
+        #: when it started waiting, pending, with no live worker of its tag (0: it is not)
+        self.unrouted = 0.0
 
     def _copy(self, msg: Call | Chunk | ActorCall, items: int) -> Task:
         task = Task(msg, encode(msg), items)
@@ -215,12 +238,12 @@ class Job:
     ``deliver(seq, outcome)`` runs on the pump thread with no lock held;
     ``fail(exc)`` is called once if the job is ended from outside (runtime
     closed or broken). ``on_dispatch`` may veto a first dispatch (a cancelled
-    future).
+    future). ``tag`` is the worker tag its tasks are routed to (``options.on``).
     """
 
     __slots__ = (
         "id", "op", "outstanding", "deliver", "fail", "on_dispatch", "autoclose", "seqs",
-        "retry", "on_fatal", "timeout", "skipped", "dropped",
+        "retry", "on_fatal", "timeout", "skipped", "dropped", "tag",
     )
 
     def __init__(
@@ -239,10 +262,12 @@ class Job:
             self.retry: RetryStrategy | None = None
             self.on_fatal: FatalStrategy = FatalStrategy.TERMINATE
             self.timeout: float = 0.0
+            self.tag: str = DEFAULT_TAG
         else:
             self.retry = options.retry
             self.on_fatal = options.on_fatal or FatalStrategy.TERMINATE
             self.timeout = options.timeout or 0.0
+            self.tag = options.tag
         #: (seq, index in chunk, error) of items dropped under IGNORE
         self.skipped: list[tuple[int, int, Any]] = []
         #: tasks were forgotten while workers may still hold them
@@ -259,11 +284,13 @@ class _Worker:
     __slots__ = (
         "id", "ident", "pid", "hello", "welcomed", "ready", "alive", "free", "inflight",
         "tasks", "items", "busy", "died_at", "retiring", "expect_kill", "dispatched",
-        "remote", "host", "seen", "stop_sent",
+        "remote", "host", "seen", "stop_sent", "tags",
     )
 
-    def __init__(self, worker_id: str) -> None:
+    def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
         self.id = worker_id
+        #: work routed to one of these tags may go to it
+        self.tags = tags
         self.ident = worker_id.encode()
         self.pid = 0
         self.hello = False
@@ -300,9 +327,14 @@ class Driver:
         self._changed = threading.Condition(self._lock)
         self._jobs: dict[int, Job] = {}
         self._job_ids = itertools.count(1)
-        self._pending: deque[Task] = deque()
+        #: tasks waiting for a credit, one queue per worker tag (no empty queue is kept)
+        self._pending: dict[str, deque[Task]] = {}
         self._workers: dict[bytes, _Worker] = {}
         self._live: list[_Worker] = []
+        #: live workers per tag (changed only by _add_live_locked / _remove_live_locked)
+        self._live_tags: dict[str, int] = {}
+        #: tags with pending tasks and no live worker -> the oldest such task's ``unrouted``
+        self._unrouted: dict[str, float] = {}
         self._worker_ids = itertools.count(1)
         self._restarts: deque[float] = deque()
         self._start_failures: list[str] = []
@@ -326,9 +358,15 @@ class Driver:
         self.workers_joined = 0
         self.workers_lost = 0
         self.peers_refused = 0
+        self.channel_messages_dropped = 0
+        self.channel_redelivered = 0
+        #: the channel broker (set by the first ``rt.lease``): the pump hands it every frame
+        #: from an identity with "~" (a channel end) and lets it send once per round
+        self.channels: Broker | None = None
         self._timers: list[tuple[float, int, Task]] = []
         self._timer_ids = itertools.count()
-        self._spawn_owed = 0
+        #: tags of retired workers whose replacements the pump still has to start
+        self._spawn_owed: deque[tuple[str, ...]] = deque()
         #: pump thread: ActorEvent / ActorState from a worker
         self.actor_listener: Callable[[bytes, ActorEvent | ActorState], None] | None = None
         #: supervisor thread, after redelivery: (worker id, exit code)
@@ -402,13 +440,15 @@ class Driver:
 
     # ---- workers -------------------------------------------------------------
 
-    def start_workers(self, n: int, timeout: float) -> None:
-        """Spawn ``n`` workers and wait until each is connected and ready.
+    def start_workers(self, n: int | dict[str, int], timeout: float) -> None:
+        """Spawn ``n`` workers (or so many per tag) and wait until each is connected and ready.
 
         The first workers are started before any phalanx thread exists, so
         that forking them is safe; the watcher and the pump start after.
         """
-        ids = [self._spawn() for _ in range(n)]
+        groups = {DEFAULT_TAG: n} if isinstance(n, int) else n
+        ids = [self._spawn((tag,)) for tag, count in groups.items() for _ in range(count)]
+        n = len(ids)
         self._supervisor.start()
         self._pump_thread.start()
         deadline = time.monotonic() + timeout
@@ -430,9 +470,9 @@ class Driver:
                     )
                 self._changed.wait(min(remaining, 0.1))
 
-    def _spawn(self) -> str:
+    def _spawn(self, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> str:
         wid = f"w{next(self._worker_ids)}"
-        worker = _Worker(wid)
+        worker = _Worker(wid, tags)
         with self._lock:
             self._workers[worker.ident] = worker
         spec = WorkerSpec(
@@ -446,6 +486,7 @@ class Driver:
             heartbeat_interval=self.config.heartbeat_interval,
             reconnect=self.config.reconnect,
             prefix_output=self.config.prefix_output,
+            tags=tags,
         )
         worker.pid = self._supervisor.spawn(spec)
         return wid
@@ -467,8 +508,7 @@ class Driver:
                 return
             worker.alive = False
             worker.died_at = time.monotonic()
-            if worker in self._live:
-                self._live.remove(worker)
+            self._remove_live_locked(worker)
             if self._closed:
                 return
             planned = worker.retiring or worker.expect_kill or lost
@@ -482,7 +522,7 @@ class Driver:
             # Redeliver everything it held. A crash is charged only to the task it
             # was running: the first one it held (workers run tasks in order).
             head = next(iter(worker.inflight.values()), None)
-            requeue: list[Task] = []
+            requeue: list[tuple[str, Task]] = []
             for task in worker.inflight.values():
                 job = self._jobs.get(task.job)
                 if job is None or job.outstanding.get(task.seq) is not task:
@@ -509,9 +549,11 @@ class Driver:
                     )))
                     continue
                 job.outstanding[task.seq] = retry
-                requeue.append(retry)
+                requeue.append((job.tag, retry))
             self.redelivered += len(requeue)
-            self._pending.extendleft(reversed(requeue))
+            # Back to the front of its tag's queue, in the order the worker held them.
+            for tag in dict.fromkeys(tag for tag, _ in requeue):
+                self._enqueue_locked(tag, [t for g, t in requeue if g == tag], front=True)
             if not planned:
                 now = time.monotonic()
                 self._restarts.append(now)
@@ -539,7 +581,7 @@ class Driver:
             with self._lock:
                 self.worker_restarts += 1
             try:
-                self._spawn()
+                self._spawn(worker.tags)  # the replacement serves the same tags
             except RuntimeClosedError:
                 pass  # shutdown() won the race: it stops everything spawn() started
             except Exception as exc:  # cannot start processes any more
@@ -551,11 +593,10 @@ class Driver:
             return
         w.retiring = True
         w.free = 0
-        if w in self._live:
-            self._live.remove(w)
+        self._remove_live_locked(w)
         self.workers_recycled += 1
         if not w.remote:
-            self._spawn_owed += 1  # a remote worker's own host starts its replacement
+            self._spawn_owed.append(w.tags)  # a remote worker's own host starts its replacement
         if not w.inflight:
             self._stop_locked(w)
         os.write(self._wake_w, b"s")
@@ -579,6 +620,119 @@ class Driver:
         """Live worker ids and pids."""
         with self._lock:
             return {w.id: w.pid for w in self._workers.values() if w.alive and w.pid}
+
+    def worker_tags(self) -> dict[str, tuple[str, ...]]:
+        """Live worker ids and the tags each serves."""
+        with self._lock:
+            return {w.id: w.tags for w in self._workers.values() if w.alive and w.pid}
+
+    # ---- routing ---------------------------------------------------------------
+
+    def _add_live_locked(self, w: _Worker) -> None:
+        """``w`` takes new work: its tags' waiting tasks have a route again."""
+        self._live.append(w)
+        for tag in w.tags:
+            self._live_tags[tag] = self._live_tags.get(tag, 0) + 1
+            if self._unrouted.pop(tag, None) is not None:
+                for task in self._pending.get(tag, ()):
+                    task.unrouted = 0.0
+
+    def _remove_live_locked(self, w: _Worker) -> None:
+        """``w`` takes no new work: tags it was the last live worker of start their route wait."""
+        if w not in self._live:
+            return
+        self._live.remove(w)
+        now = time.monotonic()
+        for tag in w.tags:
+            left = self._live_tags.get(tag, 0) - 1
+            if left > 0:
+                self._live_tags[tag] = left
+                continue
+            self._live_tags.pop(tag, None)
+            queue = self._pending.get(tag)
+            if queue:
+                for task in queue:
+                    task.unrouted = task.unrouted or now
+                self._unrouted.setdefault(tag, now)
+
+    def _enqueue_locked(self, tag: str, tasks: list[Task], front: bool = False) -> None:
+        """Queue ``tasks`` for workers of ``tag`` (at the ``front``: redeliveries, retries)."""
+        if not tasks:
+            return
+        queue = self._pending.get(tag)
+        if queue is None:
+            queue = self._pending[tag] = deque()
+        if front:
+            queue.extendleft(reversed(tasks))
+        else:
+            queue.extend(tasks)
+        if tag not in self._live_tags:
+            now = time.monotonic()
+            for task in tasks:
+                task.unrouted = task.unrouted or now
+            self._unrouted.setdefault(tag, now)
+
+    def no_worker_error(self, tag: str, waited: float) -> NoWorkerError:
+        """The error for work on ``tag`` that found no live worker within ``waited`` seconds."""
+        with self._lock:
+            return self._no_worker_error_locked(tag, waited)
+
+    def _no_worker_error_locked(self, tag: str, waited: float) -> NoWorkerError:
+        available = tuple(sorted(self._live_tags))
+        return NoWorkerError(
+            f"no live worker has the tag {tag!r} (waited {waited:g} s); "
+            f"tags with live workers: {', '.join(available) if available else 'none'}",
+            tag, available,
+        )
+
+    def wait_route(self, tag: str, timeout: float) -> bool:
+        """Wait until a live worker holds ``tag``; False on timeout or when the runtime ends."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while tag not in self._live_tags:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed or self._broken is not None:
+                    return False
+                self._changed.wait(min(remaining, 0.1))
+            return True
+
+    def _expire_routes(self, now: float) -> None:
+        """Fail pending tasks that waited ``route_timeout`` for a worker of their tag (pump)."""
+        timeout = self.config.route_timeout
+        failed: list[tuple[Job, int, NoWorkerError]] = []
+        with self._lock:
+            for tag, since in list(self._unrouted.items()):
+                if now - since < timeout:
+                    continue
+                keep: deque[Task] = deque()
+                oldest = now
+                for task in self._pending.get(tag, ()):
+                    job = self._jobs.get(task.job)
+                    if job is None or job.outstanding.get(task.seq) is not task:
+                        continue  # cancelled meanwhile
+                    if now - (task.unrouted or now) < timeout:
+                        keep.append(task)
+                        oldest = min(oldest, task.unrouted or now)
+                        continue
+                    del job.outstanding[task.seq]
+                    if job.autoclose and not job.outstanding:
+                        self._jobs.pop(job.id, None)
+                    self.tasks_failed += 1
+                    # One error each: the futures raise it in different threads.
+                    failed.append((job, task.seq, self._no_worker_error_locked(tag, timeout)))
+                if keep:
+                    self._pending[tag] = keep
+                    self._unrouted[tag] = oldest
+                else:
+                    self._pending.pop(tag, None)
+                    self._unrouted.pop(tag, None)
+            if failed:
+                self._changed.notify_all()
+        for job, seq, exc in failed:
+            try:
+                job.deliver(seq, exc)
+            except Exception:  # a user callback must not stop the pump
+                pass
 
     # ---- jobs ----------------------------------------------------------------
 
@@ -630,7 +784,7 @@ class Driver:
             outstanding = job.outstanding
             for task in tasks:
                 outstanding[task.seq] = task
-            self._pending.extend(tasks)
+            self._enqueue_locked(job.tag, tasks)
             self.tasks_submitted += len(tasks)
             self._dispatch_locked()
 
@@ -659,14 +813,14 @@ class Driver:
                 self._changed.wait(0.1 if remaining is None else min(remaining, 0.1))
             return len(self._live)
 
-    def worker_count(self) -> int:
-        """Workers to size map/fold windows and chunks for: the live ones (remote too), at least 1."""
-        return max(1, len(self._live) or self.config.workers)
+    def worker_count(self, tag: str = DEFAULT_TAG) -> int:
+        """Workers of ``tag`` to size map/fold windows and chunks for: the live ones (remote too), at least 1."""
+        return max(1, self._live_tags.get(tag, 0) or self.config.worker_groups().get(tag, 0))
 
-    def live_workers(self) -> dict[bytes, int]:
-        """Ready workers that take new work, with the number of tasks each holds."""
+    def live_workers(self, tag: str | None = None) -> dict[bytes, int]:
+        """Ready workers that take new work (of ``tag``, if given), with the number of tasks each holds."""
         with self._lock:
-            return {w.ident: len(w.inflight) for w in self._live}
+            return {w.ident: len(w.inflight) for w in self._live if tag is None or tag in w.tags}
 
     def is_live(self, ident: bytes) -> bool:
         w = self._workers.get(ident)
@@ -699,7 +853,8 @@ class Driver:
     def _send_raw_locked(self, ident: bytes, frame: bytes) -> None:
         """Send ``frame`` to worker ``ident``'s inbox (lock held); raises zmq.ZMQError."""
         self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
-        self._tasks.send(frame, zmq.NOBLOCK)
+        # A large frame (an array) is handed to ZeroMQ without a copy; bytes are immutable.
+        self._tasks.send(frame, zmq.NOBLOCK, copy=len(frame) < sockets.ZERO_COPY_MIN)
 
     def _send_task_locked(self, ident: bytes, frame: bytes) -> None:
         """Send work to ``ident``, through ``frame_filter`` when one is set (lock held)."""
@@ -733,15 +888,17 @@ class Driver:
             self.tasks_submitted += 1
             return True
 
-    def inspect(self, timeout: float) -> tuple[dict[str, InspectReply], list[tuple[str, int, int, str]]]:
-        """Ask every worker for its state; (replies by worker, [(id, pid, in flight, host)] of live workers)."""
+    def inspect(
+        self, timeout: float,
+    ) -> tuple[dict[str, InspectReply], list[tuple[str, int, int, str, tuple[str, ...]]]]:
+        """Ask every worker for its state; (replies by worker, [(id, pid, in flight, host, tags)] of live workers)."""
         nonce = next(self._inspect_nonces)
         deadline = time.monotonic() + timeout
         with self._changed:
             replies: dict[str, InspectReply] = {}
             self._inspect_replies[nonce] = replies
             here = socket.gethostname()
-            live = [(w.id, w.pid, len(w.inflight), w.host or here)
+            live = [(w.id, w.pid, len(w.inflight), w.host or here, w.tags)
                     for w in self._workers.values() if w.alive and w.ready]
             if not self._control.closed:
                 self._control.send(encode(InspectRequest(nonce)), zmq.NOBLOCK)
@@ -761,12 +918,23 @@ class Driver:
                 job.dropped = True
 
     def _dispatch_locked(self) -> None:
-        pending = self._pending
+        if not self._pending:
+            return
+        for tag, pending in list(self._pending.items()):
+            if tag in self._live_tags:
+                self._dispatch_tag_locked(tag, pending)
+                if not pending:
+                    del self._pending[tag]
+
+    def _dispatch_tag_locked(self, tag: str, pending: deque[Task]) -> None:
+        """Send ``pending`` (one tag's queue) to that tag's live workers while credits allow."""
         live = self._live
+        # One tag among the live workers: all of them hold it (every worker has a tag).
+        workers = live if len(self._live_tags) == 1 else [w for w in live if tag in w.tags]
         while pending:
             best: _Worker | None = None
             most = 0
-            for w in live:
+            for w in workers:
                 if w.free > most:
                     best, most = w, w.free
             if best is None:
@@ -788,8 +956,9 @@ class Driver:
                 # Unroutable (EHOSTUNREACH) or full: the worker is going away.
                 pending.appendleft(task)
                 best.free = 0
-                if best in live:
-                    live.remove(best)
+                self._remove_live_locked(best)
+                if workers is not live and best in workers:
+                    workers.remove(best)
                 continue
             best.free -= 1
             best.inflight[(task.job, task.seq)] = task
@@ -799,20 +968,26 @@ class Driver:
 
     def _prune_pending_locked(self) -> None:
         """Drop queued tasks whose job is gone or no longer wants them (one pass)."""
-        keep: deque[Task] = deque()
-        for task in self._pending:
-            job = self._jobs.get(task.job)
-            if job is not None and job.outstanding.get(task.seq) is task:
-                keep.append(task)
-        self._pending = keep
+        for tag, queue in list(self._pending.items()):
+            keep: deque[Task] = deque()
+            for task in queue:
+                job = self._jobs.get(task.job)
+                if job is not None and job.outstanding.get(task.seq) is task:
+                    keep.append(task)
+            if keep:
+                self._pending[tag] = keep
+            else:
+                del self._pending[tag]
+                self._unrouted.pop(tag, None)
 
     def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no task is pending or in flight."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while self._pending or any(w.inflight for w in self._workers.values() if w.alive):
-                if self._pending and not self._live:
-                    self._prune_pending_locked()  # cancelled work waits for no worker
+                if any(tag not in self._live_tags for tag in self._pending):
+                    # Cancelled work waits for no worker; the rest fails at its route timeout.
+                    self._prune_pending_locked()
                     if not self._pending and not any(w.inflight for w in self._workers.values() if w.alive):
                         break
                 if self._broken is not None:
@@ -841,6 +1016,10 @@ class Driver:
             wait = 5.0 if handshaking else min(100.0, interval * 1000)
             if self._timers:
                 wait = min(wait, max(0.0, (self._timers[0][0] - time.monotonic()) * 1000))
+            if self._unrouted:
+                with self._lock:  # user threads change it
+                    due = min(self._unrouted.values(), default=0.0) + self.config.route_timeout
+                wait = min(wait, max(0.0, (due - time.monotonic()) * 1000))
             events = dict(poller.poll(int(wait) + (1 if wait else 0)))
             if self._wake_r in events:
                 if b"x" in os.read(self._wake_r, 4096):
@@ -860,8 +1039,12 @@ class Driver:
                         self._on_monitor(mon)
             if self._timers:
                 self._fire_timers()
+            if self._unrouted:
+                self._expire_routes(time.monotonic())
             if self._outgoing:
                 self._send_outgoing()
+            if self.channels is not None:
+                self.channels.flush()
             while self._injected:
                 ident, frame = self._injected.popleft()
                 self._handle([ident, frame], True)
@@ -869,9 +1052,9 @@ class Driver:
                 with self._lock:
                     if self._closed or self._broken is not None:
                         break
-                    self._spawn_owed -= 1
+                    tags = self._spawn_owed.popleft()
                 try:
-                    self._spawn()
+                    self._spawn(tags)
                 except Exception as exc:
                     self.break_runtime(RuntimeBrokenError(f"cannot start a worker: {exc}"))
             now = time.monotonic()
@@ -922,7 +1105,7 @@ class Driver:
                 _, _, task = heapq.heappop(timers)
                 job = self._jobs.get(task.job)
                 if job is not None and job.outstanding.get(task.seq) is task:
-                    self._pending.append(task)
+                    self._enqueue_locked(job.tag, [task])
             self._dispatch_locked()
 
     def _answer_query(self, ident: bytes, query: InspectQuery) -> None:
@@ -938,6 +1121,22 @@ class Driver:
             os.write(self._wake_w, b"o")
         except OSError:
             pass
+
+    def send_from_pump(self, ident: bytes, frame: bytes) -> bool:
+        """Send ``frame`` to ``ident`` on the results ROUTER (pump thread only); False if unreachable."""
+        try:
+            self._results.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
+            self._results.send(frame, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
+
+    def wake(self) -> None:
+        """Make the pump run a round now (another thread queued something for it to send)."""
+        try:
+            os.write(self._wake_w, b"c")
+        except OSError:
+            pass  # shut down
 
     def _send_outgoing(self) -> None:
         while self._outgoing:
@@ -992,6 +1191,9 @@ class Driver:
         try:
             msg = decode_driver(frame)
         except ProtocolError:
+            if self.channels is not None and b"~" in ident:
+                self.channels.handle(ident, frame)  # a channel end (phalanx.channels)
+                return
             self.frames_dropped += 1
             return
         if ident.endswith(b"!"):
@@ -1062,15 +1264,21 @@ class Driver:
             or msg.worker.encode() != ident
             or not msg.worker
             or msg.version != PROTOCOL_VERSION
+            or len(msg.tags) > MAX_TAGS
         ):
             return None
-        w = _Worker(msg.worker)
+        try:
+            tags = tuple(dict.fromkeys(check_tag(t) for t in msg.tags)) or (DEFAULT_TAG,)
+        except ValueError:
+            return None  # a malformed tag: refuse the worker rather than guess
+        w = _Worker(msg.worker, tags)
         w.remote = True
         w.host = msg.host
         w.seen = time.monotonic()
         self._workers[ident] = w
         self.workers_joined += 1
-        log.info("remote worker %s joined from %s (pid %d)", msg.worker, msg.host, msg.pid)
+        log.info("remote worker %s joined from %s (pid %d, tags %s)", msg.worker, msg.host, msg.pid,
+                 ",".join(tags))
         return w
 
     def _on_hello(self, ident: bytes, msg: Hello) -> None:
@@ -1093,7 +1301,7 @@ class Driver:
                 return
             w.ready = True
             w.free = max(1, msg.credits)
-            self._live.append(w)
+            self._add_live_locked(w)
             self._dispatch_locked()
             self._changed.notify_all()
         for listener in self.ready_listeners:
@@ -1170,7 +1378,7 @@ class Driver:
                 job.outstanding[seq] = retry
                 self.retried += 1
                 if delay <= 0:
-                    self._pending.appendleft(retry)
+                    self._enqueue_locked(job.tag, [retry], front=True)
                 else:
                     heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_ids), retry))
                 return None
@@ -1186,7 +1394,7 @@ class Driver:
             rest = task.resume(outcome.index + 1, done)
             rest.retries = 0
             job.outstanding[seq] = rest
-            self._pending.appendleft(rest)
+            self._enqueue_locked(job.tag, [rest], front=True)
             return None
         del job.outstanding[seq]
         if job.autoclose and not job.outstanding:
@@ -1208,6 +1416,7 @@ class Driver:
             jobs = list(self._jobs.values())
             self._jobs.clear()
             self._pending.clear()
+            self._unrouted.clear()
             self._changed.notify_all()
         for job in jobs:
             job.fail(exc)
@@ -1224,6 +1433,7 @@ class Driver:
             jobs = list(self._jobs.values())
             self._jobs.clear()
             self._pending.clear()
+            self._unrouted.clear()
             for w in self._workers.values():
                 if w.alive:
                     self._stop_locked(w)
@@ -1240,6 +1450,7 @@ class Driver:
             for w in self._workers.values():
                 w.alive = False
             self._live.clear()
+            self._live_tags.clear()
         os.write(self._wake_w, b"x")
         if self._pump_thread.is_alive():
             self._pump_thread.join(5.0)
@@ -1264,7 +1475,7 @@ class Driver:
         with self._lock:
             workers = [
                 WorkerStats(w.id, w.pid, w.alive, w.ready, len(w.inflight), w.tasks, w.items, w.busy,
-                            w.host, w.remote)
+                            w.host, w.remote, w.tags)
                 for w in self._workers.values()
             ]
             return RuntimeStats(
@@ -1286,5 +1497,7 @@ class Driver:
                 workers_joined=self.workers_joined,
                 workers_lost=self.workers_lost,
                 peers_refused=self.peers_refused,
+                channel_messages_dropped=self.channel_messages_dropped,
+                channel_redelivered=self.channel_redelivered,
             )
 

@@ -28,6 +28,7 @@ __all__ = [
     "ProtocolError",
     "TaskTimeoutError",
     "TaskCancelledError",
+    "NoWorkerError",
     "WorkerCrashedError",
     "WorkerStartError",
     "RuntimeBrokenError",
@@ -35,6 +36,8 @@ __all__ = [
     "UnsupportedActorError",
     "ActorDiedError",
     "Transient",
+    "ChannelClosedError",
+    "ChannelTimeoutError",
 ]
 
 
@@ -113,6 +116,23 @@ class TaskCancelledError(PhalanxError, concurrent.futures.CancelledError):
     """The task's job was cancelled or terminated before it produced a result."""
 
 
+class NoWorkerError(PhalanxError, builtins.TimeoutError):
+    """Work routed to a tag (``on="gpu"``) found no live worker holding it in time.
+
+    Work for a tag waits ``route_timeout`` seconds for such a worker (one may
+    join or restart) before it fails with this error. ``tag`` is the tag
+    asked for; ``available`` the tags that did have live workers then.
+    """
+
+    def __init__(self, message: str, tag: str = "", available: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.tag = tag
+        self.available = available
+
+    def __reduce__(self) -> tuple[type[NoWorkerError], tuple[str, str, tuple[str, ...]]]:
+        return (type(self), (str(self), self.tag, self.available))
+
+
 class WorkerCrashedError(PhalanxError, ChildProcessError):
     """A worker process died while it held the task, too many times.
 
@@ -155,3 +175,25 @@ class Transient(PhalanxError):
     :class:`~phalanx.RetryStrategy`; when retries run out the error is treated
     as fatal. ``raise phalanx.Transient("db busy") from exc`` keeps the cause.
     """
+
+
+class ChannelClosedError(PhalanxError):
+    """A channel end was used after its channel closed (after trio's ``ClosedResourceError``).
+
+    Raised by ``send`` once the lease's sending side was closed (by any copy
+    of the sender) or the lease was released, by ``recv`` once the channel
+    ended, and by any use of an end you closed yourself. ``reason`` is one of
+    ``"closed"``, ``"released"``, ``"unsubscribed"``, ``"unknown"`` (not a lease
+    of this runtime) or ``"end closed"``.
+    """
+
+    def __init__(self, message: str, reason: str = "closed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[ChannelClosedError], tuple[str, str]]:
+        return (type(self), (str(self), self.reason))
+
+
+class ChannelTimeoutError(PhalanxError, builtins.TimeoutError):
+    """A channel ``send`` (the lease is full) or ``recv`` (nothing arrived) passed its timeout."""

@@ -13,6 +13,11 @@ Invariants kept:
   ``combine(lower, upper)`` is always called with ``lower`` before ``upper``.
 * **Lease isolation.** Each call to ``submit``/``map``/``fold`` leases its own
   job; ending or abandoning it releases the lease and terminates its tasks.
+
+Directive chains (:mod:`phalanx.directives`) run on the same two loops:
+``MapIterator`` and ``fold_on`` take ``stages``, operations every item goes
+through on its worker (``Chunk.stages``) before the map or the fold's
+reduction; a fold of an empty input returns the monoid's ``empty()``.
 """
 
 from __future__ import annotations
@@ -26,18 +31,18 @@ import threading
 import time
 import typing
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 from .driver import SKIPPED, Delivery, Driver, Job, Task
 from .errors import TaskCancelledError, TaskTimeoutError
 from .policy import FatalStrategy, TaskOptions
 from .progress import ProgressBar, progress_bar
-from .registry.operations import Operation, driver_operation, name_of
+from .registry.operations import Operation, driver_operation, monoid_empty, name_of
 from .transport.codec import encode, rebuild_error
 from .transport.messages import Call, Chunk, Ok
 
-__all__ = ["Future", "MapIterator", "submit", "fold", "fold_on", "FoldLease", "MISSING"]
+__all__ = ["Future", "MapIterator", "submit", "fold", "fold_on", "FoldLease", "MISSING", "chain_options"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -161,6 +166,19 @@ def options_for(op: Operation | None, over: TaskOptions | None) -> TaskOptions |
     return op.options.merged(over)
 
 
+def chain_options(ops: Sequence[Operation | None], over: TaskOptions | None) -> TaskOptions | None:
+    """The options of a chain of operations (a directive's stages, then its map or fold).
+
+    Each operation's own options apply, a later operation's overriding an
+    earlier one's, and the job's (``over``) override them all. One operation
+    gives what :func:`options_for` gives.
+    """
+    resolved = over
+    for op in reversed(ops):
+        resolved = options_for(op, resolved)
+    return resolved
+
+
 def submit(
     driver: Driver,
     fn: Callable[..., Any] | str,
@@ -244,7 +262,13 @@ class MapIterator(Iterator[R], Generic[R]):
     The input is read lazily, ``window`` chunks at a time. ``close()`` (or
     dropping the iterator) ends the job and cancels its queued tasks; running
     ones see their abort flag. Under ``on_fatal=Ignore`` failed items are left
-    out and listed in :attr:`skipped`.
+    out and listed in :attr:`skipped`. A result that does not convert to the
+    operation's declared return type fails the map with
+    :class:`~phalanx.ValidationError` at its position.
+
+    Directive chains (:mod:`phalanx.directives`) reuse it: ``stages`` are
+    operations each item goes through on the worker before ``fn``, and
+    ``indexed`` yields ``(input index, result)`` pairs.
     """
 
     def __init__(
@@ -258,11 +282,15 @@ class MapIterator(Iterator[R], Generic[R]):
         workers: int,
         options: TaskOptions | None = None,
         progress: bool = False,
+        stages: Sequence[Callable[..., Any] | str] = (),
+        indexed: bool = False,
     ) -> None:
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         self._op_name = name_of(fn)
         self._op = driver_operation(fn)
+        self._stages = [name_of(stage) for stage in stages]
+        self._indexed = indexed
         self._done = True  # until the job exists, close() has nothing to do
         self._star = len(iterables) > 1
         self._input: Iterator[Any] = zip(*iterables) if self._star else iter(iterables[0])
@@ -270,7 +298,8 @@ class MapIterator(Iterator[R], Generic[R]):
         self._ordered = ordered
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._window = 4 * max(1, workers) + 2
-        self._lease = _Lease(driver, self._op_name, options_for(self._op, options))
+        resolved = chain_options([*(driver_operation(stage) for stage in stages), self._op], options)
+        self._lease = _Lease(driver, self._op_name, resolved)
         self._driver = driver
         self._seqs = itertools.count()
         self._starts: dict[int, int] = {}
@@ -304,7 +333,7 @@ class MapIterator(Iterator[R], Generic[R]):
             seq = next(self._seqs)
             self._starts[seq] = self._read
             self._read += len(items)
-            msg = Chunk(job.id, seq, 0, self._op_name, items, self._star, False, job.timeout)
+            msg = Chunk(job.id, seq, 0, self._op_name, items, self._star, False, job.timeout, self._stages)
             tasks.append(Task(msg, encode(msg, "the arguments of {}", self._op_name), len(items)))
         if tasks:
             now = time.monotonic()
@@ -312,13 +341,37 @@ class MapIterator(Iterator[R], Generic[R]):
                 self._sent_at[task.seq] = now
             self._driver.submit(job, tasks)
 
-    def _convert(self, values: list[Any]) -> list[Any]:
+    def _convert(self, values: list[Any], seq: int) -> tuple[list[Any], BaseException | None]:
+        """The chunk's results as yielded, and the error of the first one that does not convert."""
         op = self._op
-        if self._lease.job.skipped:
-            values = [v for v in values if v is not SKIPPED]
-        if op is None or op.returns is Any or op.returns is object:
-            return values
-        return [op.convert_result(v) for v in values]
+        convert = None if op is None or op.returns is Any or op.returns is object else op.convert_result
+        skipped = bool(self._lease.job.skipped)
+        if not self._indexed:
+            if skipped:
+                values = [v for v in values if v is not SKIPPED]
+            if convert is None:
+                return values, None
+            assert op is not None
+            bulk = op.convert_results(values)
+            if bulk is not None:
+                return bulk, None
+            out: list[Any] = []
+            try:
+                for v in values:
+                    out.append(convert(v))
+            except Exception as exc:  # ValidationError: the result is not of the declared type
+                return out, exc
+            return out, None
+        start = self._starts.get(seq, 0)
+        pairs: list[Any] = []
+        try:
+            for i, v in enumerate(values):
+                if skipped and v is SKIPPED:
+                    continue
+                pairs.append((start + i, v if convert is None else convert(v)))
+        except Exception as exc:
+            return pairs, exc
+        return pairs, None
 
     @property
     def skipped(self) -> list[tuple[int, BaseException]]:
@@ -384,6 +437,25 @@ class MapIterator(Iterator[R], Generic[R]):
         self.close()
         self._driver.close_job(self._lease.job, terminate=True)
 
+    @property
+    def items_read(self) -> int:
+        """Items read from the input so far (all of them once the map has ended)."""
+        return self._read
+
+    def take_ready(self) -> list[R]:
+        """The results already received and due next, without waiting (after a ``next()``)."""
+        ready = list(self._ready)
+        self._ready.clear()
+        return ready
+
+    def abort(self, exc: BaseException) -> None:
+        """End the job from any thread: the consumer's next wait raises ``exc``.
+
+        Queued tasks are dropped and running ones see their abort flag.
+        """
+        self._lease.queue.put((-1, exc))
+        self._driver.close_job(self._lease.job, terminate=True)
+
     def __next__(self) -> R:
         while True:
             if self._ready:
@@ -415,11 +487,12 @@ class MapIterator(Iterator[R], Generic[R]):
                 self._sizer.observe(time.monotonic() - sent)
             exc: BaseException | None
             if isinstance(outcome, Ok):
-                values, exc = self._convert(outcome.value), None
+                values, exc = self._convert(outcome.value, seq)
             elif isinstance(outcome, BaseException):
                 values, exc = [], outcome
             else:
-                values, exc = self._convert(outcome.partial or []), _outcome_error(outcome)
+                values, exc = self._convert(outcome.partial or [], seq)
+                exc = exc or _outcome_error(outcome)
             if self._progress is not None:
                 self._progress.update(len(values))
             if self._ordered:
@@ -508,16 +581,27 @@ def fold_on(
     timeout: float | None,
     workers: int,
     options: TaskOptions | None = None,
+    *,
+    stages: Sequence[Callable[..., Any] | str] = (),
+    on_items: Callable[[int], None] | None = None,
 ) -> Any:
     """The fold tree, for any runtime that submits tasks and leases their outcomes.
 
     Chunks are folded on the workers; adjacent partial results are combined
     as soon as both are known, so the whole fold makes exactly n-1 calls.
     ``clock`` measures ``timeout`` (the real or a virtual clock).
+
+    ``stages`` (a directive's maps) are applied to every item on the
+    workers, in the chunk that folds it, before it is combined; so even a
+    one-item chunk goes to a worker then. ``on_items(k)`` is told each time
+    ``k`` more items are folded into a partial result. An empty input gives
+    ``initial``, else the monoid's ``empty()`` (``@operation(empty=...)``),
+    else ``TypeError``.
     """
     op_name = name_of(fn)
     op = driver_operation(fn)
-    resolved = options_for(op, options)
+    stage_names = [name_of(stage) for stage in stages]
+    resolved = chain_options([*(driver_operation(stage) for stage in stages), op], options)
     if resolved is not None and resolved.on_fatal is FatalStrategy.IGNORE:
         raise ValueError("fold needs every item: on_fatal=Ignore is for map")
     sizer = _ChunkSizer(chunksize, _length((iterable,)), workers)
@@ -528,14 +612,14 @@ def fold_on(
     it = iter(iterable)
     ready_lo: dict[int, tuple[int, Any, bool]] = {}  # lo -> (hi, value, decoded from a worker)
     lo_of_hi: dict[int, int] = {}
-    inflight: dict[int, tuple[int, int]] = {}
+    inflight: dict[int, tuple[int, int, bool]] = {}  # seq -> (lo, hi, a chunk of items)
     pos = 0
     exhausted = False
 
     def combine(lo: int, hi: int, lower: Any, upper: Any) -> None:
         seq = next(job.seqs)
         msg = Call(job.id, seq, 0, op_name, [lower, upper], None, job.timeout)
-        inflight[seq] = (lo, hi)
+        inflight[seq] = (lo, hi, False)
         submit_tasks(job, [Task(msg, encode(msg, "the partial results of {}", op_name))])
 
     def add_ready(lo: int, hi: int, value: Any, remote: bool) -> None:
@@ -562,12 +646,14 @@ def fold_on(
                     exhausted = True
                     break
                 lo, pos = pos, pos + len(items)
-                if len(items) == 1:
+                if len(items) == 1 and not stage_names:
                     add_ready(lo, pos, items[0], False)
+                    if on_items is not None:
+                        on_items(1)
                     continue
                 seq = next(job.seqs)
-                msg = Chunk(job.id, seq, 0, op_name, items, False, True, job.timeout)
-                inflight[seq] = (lo, pos)
+                msg = Chunk(job.id, seq, 0, op_name, items, False, True, job.timeout, stage_names)
+                inflight[seq] = (lo, pos, True)
                 tasks.append(Task(msg, encode(msg, "the items of {}", op_name), len(items)))
             if tasks:
                 submit_tasks(job, tasks)
@@ -581,10 +667,17 @@ def fold_on(
                 continue
             if not isinstance(outcome, Ok):
                 raise _outcome_error(outcome)
-            add_ready(span[0], span[1], outcome.value, True)
+            lo, hi, leaf = span
+            if leaf and on_items is not None:
+                on_items(hi - lo)
+            add_ready(lo, hi, outcome.value, True)
         if pos == 0:
             if initial is MISSING:
-                raise TypeError("fold() of an empty iterable with no initial value")
+                make_empty = monoid_empty(fn)
+                if make_empty is None:
+                    raise TypeError("fold() of an empty iterable with no initial value "
+                                    "(give initial=, or declare the operation a monoid with empty=)")
+                return make_empty()
             return initial
         ((_, value, remote),) = ready_lo.values()
         if initial is not MISSING:

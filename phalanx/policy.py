@@ -11,6 +11,10 @@ operation's ``transient=`` exception types).
   ``Terminate`` (default) fails the job with the remote error and cancels its
   other tasks on every worker; ``Ignore`` drops the failed item, and the job
   still completes, reporting what it skipped.
+
+:class:`TaskOptions` also carries ``on``, the worker tag a job is routed to
+(see :meth:`phalanx.Runtime.options`): the driver dispatches its tasks only
+to live workers holding that tag.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ __all__ = [
     "Terminate",
     "Ignore",
     "TaskOptions",
+    "DEFAULT_TAG",
+    "check_tag",
 ]
 
 
@@ -88,12 +94,25 @@ Terminate = FatalStrategy.TERMINATE
 Ignore = FatalStrategy.IGNORE
 
 
+#: the tag of workers started without one, and of work routed nowhere in particular
+DEFAULT_TAG = "default"
+
+
 class TaskOptions(msgspec.Struct, frozen=True):
-    """Per-operation or per-job execution options (None: inherit)."""
+    """Per-operation or per-job execution options (None: inherit).
+
+    ``on`` is the worker tag the job's tasks are routed to (None: ``"default"``).
+    """
 
     retry: RetryStrategy | None = None
     on_fatal: FatalStrategy | None = None
     timeout: float | None = None
+    on: str | None = None
+
+    @property
+    def tag(self) -> str:
+        """The worker tag these options route to."""
+        return self.on or DEFAULT_TAG
 
     def merged(self, over: TaskOptions | None) -> TaskOptions:
         """These options with every non-None field of ``over`` applied."""
@@ -103,4 +122,16 @@ class TaskOptions(msgspec.Struct, frozen=True):
             retry=over.retry if over.retry is not None else self.retry,
             on_fatal=over.on_fatal if over.on_fatal is not None else self.on_fatal,
             timeout=over.timeout if over.timeout is not None else self.timeout,
+            on=over.on if over.on is not None else self.on,
         )
+
+
+def check_tag(tag: object) -> str:
+    """``tag`` if it is a valid worker tag, else ValueError.
+
+    A tag is a non-empty string without whitespace, ``,`` or ``=`` (so that
+    ``PHALANX_WORKERS=default=2,io=4`` can list them).
+    """
+    if not isinstance(tag, str) or not tag or any(c.isspace() or c in ",=" for c in tag):
+        raise ValueError(f"a worker tag is a non-empty string without spaces, ',' or '=': got {tag!r}")
+    return tag

@@ -4,10 +4,12 @@ Runs in the process a user starts on a remote host (by ssh, Slurm ``srun``,
 a Kubernetes pod ...). It checks that the driver is reachable and accepts
 this host's CURVE key, then starts N local worker processes that connect to
 the driver's tcp endpoints (``PORT``: tasks, ``PORT+1``: results, ``PORT+2``:
-control) and join the runtime, and watches them:
+control) and join the runtime, serving the worker tags given with ``--tag``
+("default" when none is), and watches them:
 
 * a worker that dies while the driver lives is replaced by a new one (a new
-  id; the driver redelivers the dead one's tasks once its heartbeats stop);
+  id, the same tags; the driver redelivers the dead one's tasks once its
+  heartbeats stop);
 * the driver shutting down (Shutdown broadcast) stops the workers and ends
   this process with status 0;
 * the driver vanishing (no heartbeat for ``heartbeat_timeout``) stops the
@@ -40,6 +42,7 @@ import msgspec
 import zmq
 
 from .errors import ProtocolError
+from .policy import DEFAULT_TAG, check_tag
 from .supervisor import Supervisor
 from .transport import sockets
 from .transport.codec import decode_control
@@ -74,6 +77,8 @@ class RemoteOptions(msgspec.Struct, frozen=True, kw_only=True):
     connect_timeout: float = 30.0
     reconnect: bool = False
     start_method: str = "fork"
+    #: worker tags every worker of this host serves (empty: "default")
+    tags: list[str] = []
 
 
 class Refused(Exception):
@@ -90,6 +95,8 @@ class RemoteSupervisor:
 
     def __init__(self, options: RemoteOptions) -> None:
         self.options = options
+        #: the tags every worker of this host serves
+        self.tags: tuple[str, ...] = tuple(dict.fromkeys(check_tag(t) for t in options.tags)) or (DEFAULT_TAG,)
         self.endpoints: Endpoints = connect_endpoints(options.connect)
         self.curve = self._load_keys()
         self.host = socket.gethostname()
@@ -176,6 +183,7 @@ class RemoteSupervisor:
             heartbeat_timeout=o.heartbeat_timeout,
             heartbeat_interval=o.heartbeat_interval,
             curve=self.curve,
+            tags=self.tags,
         )
 
     def _on_exit(self, worker_id: str, exitcode: int | None) -> None:
@@ -189,7 +197,8 @@ class RemoteSupervisor:
             for _ in range(o.workers):
                 supervisor.spawn(self._spec())
             supervisor.start()
-            print(f"phalanx worker: {o.workers} workers of {self.host} joined {o.connect}",
+            print(f"phalanx worker: {o.workers} workers of {self.host} joined {o.connect}"
+                  f" (tags: {','.join(self.tags)})",
                   file=sys.stderr, flush=True)
             heard = time.monotonic()
             while not self._stopping.is_set():

@@ -19,16 +19,18 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, overload
 
 import msgspec
 
 from .actors.ref import ActorRef
 from .actors.system import ActorNode, ActorSystem, RuntimeTree, WorkerNode
+from .channels import ChannelKind, ExactlyOnce, Lease
 from .config import Config
 from .driver import Driver, RuntimeStats
+from .directives import Chain, Directive, Fold, IndexedChain, JobHandle, start_job
 from .jobs import MISSING, Future, MapIterator, fold, submit
-from .policy import FatalStrategy, RetryStrategy, TaskOptions
+from .policy import DEFAULT_TAG, FatalStrategy, RetryStrategy, TaskOptions, check_tag
 
 __all__ = ["Runtime", "JobOptions"]
 
@@ -68,6 +70,13 @@ class Runtime:
             list(rt.map(square, range(10)))              # ordered, streaming
             rt.fold(add, range(1, 101))                  # 5050
 
+    ``workers`` is a number of workers, or a dict of worker tag -> number
+    (``{"default": 2, "io": 4}``): work routed ``on="io"`` (see
+    :meth:`options`) runs only on the "io" workers, other work only on the
+    "default" ones. Work for a tag with no live worker waits up to
+    ``route_timeout`` seconds for one, then fails with
+    :class:`~phalanx.NoWorkerError`.
+
     Every option can also be set with a ``PHALANX_<OPTION>`` environment
     variable (see :class:`phalanx.Config`); an argument given here wins.
     The constructor returns once every worker is connected and ready, or
@@ -78,7 +87,7 @@ class Runtime:
 
     def __init__(
         self,
-        workers: int | None = None,
+        workers: int | dict[str, int] | None = None,
         *,
         listen: str | None = None,
         start_method: str | None = None,
@@ -98,6 +107,7 @@ class Runtime:
         authorized_keys: str | None = None,
         insecure: bool | None = None,
         prefix_output: bool | None = None,
+        route_timeout: float | None = None,
         faults: Any = None,
     ) -> None:
         self.config = Config.load(
@@ -120,10 +130,11 @@ class Runtime:
             authorized_keys=authorized_keys,
             insecure=insecure,
             prefix_output=prefix_output,
+            route_timeout=route_timeout,
         )
         self._driver = Driver(self.config)
         try:
-            self._driver.start_workers(self.config.workers, self.config.start_timeout)
+            self._driver.start_workers(self.config.worker_groups(), self.config.start_timeout)
         except BaseException:
             self._driver.shutdown(wait=False)
             raise
@@ -147,6 +158,7 @@ class Runtime:
         retry: RetryStrategy | None = None,
         on_fatal: FatalStrategy | None = None,
         timeout: float | None = None,
+        on: str | None = None,
     ) -> JobOptions:
         """The same runtime with per-job options overriding the operation's.
 
@@ -154,17 +166,23 @@ class Runtime:
         ``timeout`` is per call, in seconds: past it the call's abort flag is
         set, it fails with :class:`~phalanx.TaskTimeoutError`, and if it does
         not return within ``abort_grace`` its worker is killed and replaced.
+        ``on`` routes the job to the workers holding that tag
+        (``rt.options(on="io").submit(fetch, url)``; default "default").
         """
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
-        return JobOptions(self, TaskOptions(retry=retry, on_fatal=on_fatal, timeout=timeout))
+        if on is not None:
+            check_tag(on)
+        return JobOptions(self, TaskOptions(retry=retry, on_fatal=on_fatal, timeout=timeout, on=on))
 
     def submit(self, fn: Callable[P, R] | str, /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """Run ``fn(*args, **kwargs)`` on a worker; return a future of its result.
 
         ``fn`` is an ``@phalanx.operation`` function or its ``module:qualname``.
         Arguments that cannot be encoded raise :class:`~phalanx.EncodeError`
-        here, before anything is sent.
+        here, before anything is sent. Keyword arguments all go to ``fn``, so
+        routing a call to tagged workers goes through :meth:`options`:
+        ``rt.options(on="io").submit(fn, x)``.
         """
         return submit(self._driver, fn, args, kwargs)
 
@@ -181,6 +199,7 @@ class Runtime:
         ordered: bool = True,
         timeout: float | None = None,
         progress: bool = False,
+        on: str | None = None,
     ) -> MapIterator[R]:
         """Apply ``fn`` to every item, streaming results as they come.
 
@@ -192,19 +211,21 @@ class Runtime:
         the whole iteration in seconds. The first failure is raised at its
         position; the rest of the job is cancelled. ``progress=True`` draws a
         progress bar (tqdm, the ``progress`` extra) on a terminal's stderr.
+        ``on`` runs it only on the workers holding that tag.
         """
-        return MapIterator(
-            self._driver, fn, iterables, chunksize, ordered, timeout, self._driver.worker_count(),
-            progress=progress,
-        )
+        return self._map(fn, iterables, chunksize, ordered, timeout, _routed(None, on), progress)
 
     def _map(self, fn: Callable[..., R] | str, iterables: tuple[Iterable[Any], ...], chunksize: int | None,
              ordered: bool, timeout: float | None, options: TaskOptions | None,
              progress: bool = False) -> MapIterator[R]:
         return MapIterator(
-            self._driver, fn, iterables, chunksize, ordered, timeout, self._driver.worker_count(), options,
+            self._driver, fn, iterables, chunksize, ordered, timeout, self._workers_for(options), options,
             progress=progress,
         )
+
+    def _workers_for(self, options: TaskOptions | None) -> int:
+        """Live workers of the tag ``options`` route to (map/fold windows and chunk sizes)."""
+        return self._driver.worker_count(options.tag if options is not None else DEFAULT_TAG)
 
     def fold(
         self,
@@ -215,22 +236,50 @@ class Runtime:
         initial: T = MISSING,
         chunksize: int | None = None,
         timeout: float | None = None,
+        on: str | None = None,
     ) -> T:
         """Combine all items with the associative ``fn(lower, upper)``.
 
         Equal to ``functools.reduce(fn, iterable[, initial])`` for an
         associative ``fn``, computed as a tree on the workers with exactly
         ``n - 1`` calls (``n`` with ``initial``). Order is kept: ``fn`` need
-        not be commutative. An empty input returns ``initial`` or raises
-        ``TypeError``.
+        not be commutative. An empty input returns ``initial``, else the
+        monoid's ``empty()`` (``@phalanx.operation(empty=...)``), else raises
+        ``TypeError``. ``on`` runs it only on the workers holding that tag.
         """
-        return fold(  # type: ignore[no-any-return]
-            self._driver, fn, iterable, initial, chunksize, timeout, self._driver.worker_count()
-        )
+        return self._fold(fn, iterable, initial, chunksize, timeout, _routed(None, on))  # type: ignore[no-any-return]
 
     def _fold(self, fn: Callable[..., Any] | str, iterable: Iterable[Any], initial: Any, chunksize: int | None,
               timeout: float | None, options: TaskOptions | None) -> Any:
-        return fold(self._driver, fn, iterable, initial, chunksize, timeout, self._driver.worker_count(), options)
+        return fold(self._driver, fn, iterable, initial, chunksize, timeout, self._workers_for(options), options)
+
+    @overload
+    def run(self, directive: Fold[T], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> JobHandle[T, T]: ...
+    @overload
+    def run(self, directive: IndexedChain[T], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> JobHandle[tuple[int, T], list[T]]: ...
+    @overload
+    def run(self, directive: Chain[T], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> JobHandle[T, list[T]]: ...
+
+    def run(self, directive: Directive[Any], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> JobHandle[Any, Any]:
+        """Start a directive chain as one job; return its :class:`~phalanx.JobHandle` at once.
+
+        ``rt.run(Literal(lines).map(parse).fold(merge_counts)).result()``.
+        Every map stage of an item runs on one worker in one task, and a
+        fold's chunks are reduced where they were mapped: only results (or
+        partial results) come back. ``chunksize`` and ``timeout`` (the whole
+        job, in seconds) are those of :meth:`map`; the operations' options
+        apply (a later stage's overriding an earlier one's), and
+        ``rt.options(...).run(...)`` overrides them. See ``docs/directives.md``.
+        """
+        return self._run(directive, chunksize, timeout, None)
+
+    def _run(self, directive: Directive[Any], chunksize: int | None, timeout: float | None,
+             options: TaskOptions | None) -> JobHandle[Any, Any]:
+        return start_job(self._driver, directive, chunksize, timeout, options, self._workers_for(options))
 
     # ---- actors ------------------------------------------------------------------
 
@@ -251,8 +300,11 @@ class Runtime:
         """Start an actor and return a ref once it has started.
 
         ``cls`` is an ``@phalanx.actor`` class or its ``module:qualname``;
-        ``args``/``kwargs`` go to its ``__init__``. ``on`` picks the worker
-        (default: the one hosting the fewest actors). ``restart_policy=
+        ``args``/``kwargs`` go to its ``__init__``. ``on`` is a live worker's
+        id (placed there) or a worker tag: the actor then runs, and restarts,
+        only on workers holding it (default: "default"), on the one hosting
+        the fewest actors; a tag with no live worker is waited for up to
+        ``route_timeout`` (or ``timeout``) before :class:`~phalanx.NoWorkerError`. ``restart_policy=
         "on-failure"`` restarts the actor on a live worker when its process
         dies, from its last checkpoint (``save()`` every ``checkpoint_every``
         calls or ``checkpoint_interval`` seconds) or afresh. A ``detached``
@@ -278,7 +330,7 @@ class Runtime:
         replies, live = self._driver.inspect(timeout)
         hosted = self._actors.nodes()
         workers: list[WorkerNode] = []
-        for wid, pid, inflight, host in live:
+        for wid, pid, inflight, host, tags in live:
             reply = replies.get(wid)
             seen = {a.instance: a for a in reply.actors} if reply else {}
             actors = []
@@ -287,11 +339,33 @@ class Runtime:
                 actors.append(ActorNode(actor.id, actor.name, actor.cls_name, actor.state, instance,
                                         info.mailbox if info else 0, info.calls if info else actor.calls))
             if reply is None:
-                workers.append(WorkerNode(wid, pid, host, False, 0.0, 0, 0, 0, inflight, actors))
+                workers.append(WorkerNode(wid, pid, host, False, 0.0, 0, 0, 0, inflight, actors, tags))
             else:
                 workers.append(WorkerNode(wid, reply.pid, reply.host, True, reply.cpu_percent, reply.rss,
-                                          reply.queued, reply.tasks_done, inflight, actors))
+                                          reply.queued, reply.tasks_done, inflight, actors, tags))
         return RuntimeTree(workers)
+
+    # ---- channels ----------------------------------------------------------------
+
+    def lease(
+        self, kind: ChannelKind = ExactlyOnce, *, capacity: int = 10_000, prefetch: int = 8
+    ) -> Lease[Any]:
+        """A new channel: a ``(Sender, Receiver)`` pair whose ends may be passed to
+        operations and actors as arguments (see ``docs/channels.md``).
+
+        ``kind=phalanx.ExactlyOnce`` delivers each message to one receiver
+        (receivers share the messages and acknowledge them; a nacked message,
+        or one held by a receiver that is closed or whose worker dies, is
+        redelivered); ``phalanx.Broadcast`` delivers each to every
+        subscription (``rx.subscribe()``), in send order. ``send`` waits while
+        the lease holds more than ``capacity`` unconsumed messages; a receiver
+        holds at most ``prefetch`` unacknowledged ones. ``tx.close()`` ends the
+        receivers once everything is delivered; ``lease.release()`` (or
+        leaving ``with rt.lease() as (tx, rx):``) drops the lease at once.
+        """
+        from .broker import lease
+
+        return lease(self._driver, kind, capacity, prefetch)
 
     # ---- state -------------------------------------------------------------------
 
@@ -303,6 +377,10 @@ class Runtime:
     def worker_pids(self) -> dict[str, int]:
         """Live worker ids and their process ids."""
         return self._driver.worker_pids()
+
+    def worker_tags(self) -> dict[str, tuple[str, ...]]:
+        """Live worker ids and the tags each one serves."""
+        return self._driver.worker_tags()
 
     def stats(self) -> RuntimeStats:
         """Counters: tasks, redeliveries, dropped frames and results, per-worker use."""
@@ -373,6 +451,21 @@ class JobOptions:
         self._rt = rt
         self._options = options
 
+    @overload
+    def run(self, directive: Fold[T], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> JobHandle[T, T]: ...
+    @overload
+    def run(self, directive: IndexedChain[T], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> JobHandle[tuple[int, T], list[T]]: ...
+    @overload
+    def run(self, directive: Chain[T], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> JobHandle[T, list[T]]: ...
+
+    def run(self, directive: Directive[Any], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> JobHandle[Any, Any]:
+        """:meth:`Runtime.run` with these options."""
+        return self._rt._run(directive, chunksize, timeout, self._options)
+
     def submit(self, fn: Callable[P, R] | str, /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """:meth:`Runtime.submit` with these options."""
         return self._rt._submit(fn, args, kwargs, self._options)
@@ -386,9 +479,10 @@ class JobOptions:
         ordered: bool = True,
         timeout: float | None = None,
         progress: bool = False,
+        on: str | None = None,
     ) -> MapIterator[R]:
-        """:meth:`Runtime.map` with these options."""
-        return self._rt._map(fn, iterables, chunksize, ordered, timeout, self._options, progress)
+        """:meth:`Runtime.map` with these options (``on`` overrides theirs)."""
+        return self._rt._map(fn, iterables, chunksize, ordered, timeout, _routed(self._options, on), progress)
 
     def fold(
         self,
@@ -399,6 +493,17 @@ class JobOptions:
         initial: T = MISSING,
         chunksize: int | None = None,
         timeout: float | None = None,
+        on: str | None = None,
     ) -> T:
-        """:meth:`Runtime.fold` with these options."""
-        return self._rt._fold(fn, iterable, initial, chunksize, timeout, self._options)  # type: ignore[no-any-return]
+        """:meth:`Runtime.fold` with these options (``on`` overrides theirs)."""
+        return self._rt._fold(  # type: ignore[no-any-return]
+            fn, iterable, initial, chunksize, timeout, _routed(self._options, on)
+        )
+
+
+def _routed(options: TaskOptions | None, on: str | None) -> TaskOptions | None:
+    """``options`` routed ``on`` a tag (unchanged when ``on`` is None)."""
+    if on is None:
+        return options
+    check_tag(on)
+    return TaskOptions(on=on) if options is None else msgspec.structs.replace(options, on=on)

@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -115,6 +116,8 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     curve: sockets.Curve | None = None
     #: prefix this worker's output lines with "[<worker id>] " (None: PHALANX_PREFIX_OUTPUT)
     prefix_output: bool | None = None
+    #: the worker tags it serves: only work routed to one of them is sent to it
+    tags: tuple[str, ...] = ("default",)
 
 
 class TaskContext:
@@ -240,6 +243,10 @@ def _guard_against_orphaning(parent_pid: int) -> None:
 def _special_error(job: int, exc: BaseException) -> ErrorInfo:
     info = error_info(exc)
     return ErrorInfo(type=info.type, message=info.message, args=info.args, traceback="")
+
+
+#: one step of a directive chain on the worker: (operation, its function, its argument converter)
+_Step = tuple[Operation, Callable[..., Any], Callable[[Any, bool], Any] | None]
 
 
 class _Control(threading.Thread):
@@ -404,6 +411,8 @@ class _Loop:
         self.frames_dropped = 0
         self.memory_checked = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: the operation of a directive chain running now (decides what is transient)
+        self.staged_op: Operation | None = None
         self.control = _Control(self)
 
     # ---- receiving ---------------------------------------------------------
@@ -435,8 +444,8 @@ class _Loop:
 
     # ---- running -----------------------------------------------------------
 
-    def call(self, op: Operation, args: list[Any], kwargs: dict[str, Any] | None) -> Any:
-        a, kw = op.convert_args(args, kwargs)
+    def call(self, op: Operation, args: list[Any], kwargs: dict[str, Any] | None, trusted: int = 0) -> Any:
+        a, kw = op.convert_args(args, kwargs, trusted)
         value = op.fn(*a, **kw)
         if hasattr(value, "__await__") and inspect.isawaitable(value):
             if self.loop is None:
@@ -459,12 +468,18 @@ class _Loop:
             op = resolve(task.op)
             if isinstance(task, Call):
                 value = self.call(op, task.args, task.kwargs)
+            elif task.stages:
+                self.staged_op = None
+                stages = [resolve(name) for name in task.stages]
+                value = self.fold_staged(op, stages, task, ctx) if task.fold else self.map_staged(op, stages, task, ctx)
             elif task.fold:
                 value = self.fold(op, task.items, ctx)
             else:
                 value = self.map(op, task, ctx)
             outcome: Outcome = Ok(task.job, task.seq, task.attempt, value)
         except BaseException as exc:  # user code may raise anything; the loop survives
+            if isinstance(task, Chunk) and task.stages:
+                op = self.staged_op  # the stage that raised decides what is transient
             transient = isinstance(exc, Transient) or (op is not None and isinstance(exc, op.transient))
             if isinstance(task, Chunk) and not task.fold:
                 outcome = Err(task.job, task.seq, task.attempt, error_info(exc),
@@ -485,17 +500,102 @@ class _Loop:
         for index in range(1, len(items)):
             ctx.check()
             ctx.started = time.monotonic()
-            acc = self.call(op, [acc, items[index]], None)
+            # From the second combine on, acc is op's own result: not validated again.
+            acc = self.call(op, [acc, items[index]], None, 0 if index == 1 else 1)
         return acc
 
     def map(self, op: Operation, task: Chunk, ctx: TaskContext) -> list[Any]:
         values = ctx.values
         star = task.star
+        if not star and task.timeout <= 0:
+            items = op.convert_items(task.items)
+            if items is not None:
+                # The tight loop: arguments converted in one pass, no per-call timeout
+                # to time; only the abort flag is read between calls.
+                fn = op.fn
+                append = values.append
+                for item in items:
+                    if ctx.aborted:
+                        ctx.check()
+                    value = fn(item)
+                    if hasattr(value, "__await__") and inspect.isawaitable(value):
+                        value = self._settle(value)
+                    append(value)
+                return values
         for item in task.items:
             ctx.check()
             ctx.started = time.monotonic()
             values.append(self.call(op, item if star else [item], None))
         return values
+
+    # Directive chains: ``stages`` run per item before ``op``, in this task, with no
+    # round trip through the driver. Only chunks that carry stages come here, so
+    # plain map and fold keep their loops above. Each operation is called with its
+    # one argument converted as ``call`` would (``Operation.converter``), without
+    # building argument lists per item.
+
+    def _settle(self, value: Any) -> Any:
+        """The result of an awaitable an operation returned."""
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+        return self.loop.run_until_complete(value)
+
+    def _through(self, plan: list[_Step], item: Any, star: bool) -> Any:
+        """One item through every step of ``plan`` (the first gets ``*item`` when ``star``).
+
+        The item, decoded from the wire, is validated in full; what a step
+        returns is passed on as is when already of the next parameter's class.
+        """
+        trusted = False
+        if star:
+            first = plan[0][0]
+            self.staged_op = first
+            item = self.call(first, item, None)
+            plan, trusted = plan[1:], True
+        for op, fn, conv in plan:
+            self.staged_op = op
+            item = fn(item if conv is None else conv(item, trusted))
+            if hasattr(item, "__await__") and inspect.isawaitable(item):
+                item = self._settle(item)
+            trusted = True
+        return item
+
+    def map_staged(self, op: Operation, stages: list[Operation], task: Chunk, ctx: TaskContext) -> list[Any]:
+        plan = [(stage, stage.fn, stage.converter(0)) for stage in (*stages, op)]
+        values = ctx.values
+        star = task.star
+        through, now = self._through, time.monotonic
+        for item in task.items:
+            if ctx.aborted:
+                ctx.check()
+            ctx.started = now()
+            values.append(through(plan, item, star))
+        return values
+
+    def fold_staged(self, op: Operation, stages: list[Operation], task: Chunk, ctx: TaskContext) -> Any:
+        """Map every item through the stages, then reduce: ``len(items) - 1`` combines."""
+        items = task.items
+        if not items:
+            raise ValueError("empty fold chunk")
+        plan = [(stage, stage.fn, stage.converter(0)) for stage in stages]
+        combine, lower, upper = op.fn, op.converter(0), op.converter(1)
+        star = task.star
+        through, now = self._through, time.monotonic
+        ctx.check()
+        ctx.started = now()
+        acc = through(plan, items[0], star)
+        for index in range(1, len(items)):
+            if ctx.aborted:
+                ctx.check()
+            ctx.started = now()
+            value = through(plan, items[index], star)
+            self.staged_op = op
+            # Neither was decoded (a stage's result, or op's own): passed as is when of the right class.
+            acc = combine(acc if lower is None else lower(acc, True),
+                          value if upper is None else upper(value, True))
+            if hasattr(acc, "__await__") and inspect.isawaitable(acc):
+                acc = self._settle(acc)
+        return acc
 
     def check_memory(self) -> None:
         now = time.monotonic()
@@ -523,7 +623,7 @@ class _Loop:
             frame = encode(Results(self.spec.worker_id, outcomes, busy))
         except EncodeError:
             frame = encode(Results(self.spec.worker_id, _encodable(outcomes, ops), busy))
-        self.outbox.send(frame)
+        self.outbox.send(frame, 0, copy=len(frame) < sockets.ZERO_COPY_MIN)
 
     def send(self, msg: Any) -> None:
         self.outbox.send(encode(msg))
@@ -544,7 +644,7 @@ class _Loop:
 
     def serve(self) -> None:
         self.control.start()
-        self.send(Hello(self.spec.worker_id, os.getpid(), _socket.gethostname()))
+        self.send(Hello(self.spec.worker_id, os.getpid(), _socket.gethostname(), tags=list(self.spec.tags)))
         inbox = self.inbox
         while not self.stopping:
             if not self.todo:
@@ -581,6 +681,9 @@ class _Loop:
             if outcome is not None:
                 self.out.append(outcome)
                 self.out_ops.append(op_name)
+            # Drop the task now, not when the next one comes: channel ends among its
+            # arguments are collected, and what they held goes back to their lease.
+            del task, outcome
             # Batch only under load: more work waiting and this task was quick.
             if inbox.poll(0):
                 self.drain_inbox()
@@ -620,8 +723,14 @@ def run_worker(spec: WorkerSpec) -> None:
     for module in spec.imports:
         __import__(module)
     loop = _Loop(spec)
+    from . import channels
+
+    # Channel ends used here reach the driver's broker as "<worker id>~<n>"; they stop
+    # waiting once the worker is told to shut down.
+    channels.set_worker_location(spec.endpoints.results, spec.curve, spec.worker_id, lambda: not loop.stopping)
     try:
         loop.serve()
     finally:
+        channels.close_all()
         loop.close()
         _end_own_group()

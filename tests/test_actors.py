@@ -121,8 +121,11 @@ def test_spawn_by_name_on_each_worker(module_runtime: phalanx.Runtime) -> None:
 
 
 def test_spawn_on_unknown_worker(module_runtime: phalanx.Runtime) -> None:
+    # not a live worker's id, so a worker tag: waited for (here briefly), then NoWorkerError
+    with pytest.raises(phalanx.NoWorkerError, match="no-such-worker"):
+        module_runtime.spawn(Counter, on="no-such-worker", timeout=0.5)
     with pytest.raises(LookupError):
-        module_runtime.spawn(Counter, on="no-such-worker")
+        module_runtime.spawn(Counter, on="no such worker")  # not even a possible tag
 
 
 def test_async_method_and_awaitable_future(module_runtime: phalanx.Runtime) -> None:

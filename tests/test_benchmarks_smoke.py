@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark suite: ``python -m benchmarks --quick`` runs and reports.
+"""Smoke test of the benchmark suite: ``python -m benchmarks --quick`` (and ``python -m
+benchmarks.directives`` at a tiny size) runs and reports.
 
 Runs in the test process, which only starts the suite in a subprocess (with a
 timeout) and reads the JSON it writes; the suite starts its own children and
@@ -64,3 +65,25 @@ def test_quick_benchmark_run_reports_every_workload(tmp_path: Path) -> None:
     figures = data["foundation"]
     assert len(figures) >= 3
     assert all(f["phalanx"] and f["ppe"] for f in figures)
+
+
+@pytest.mark.timeout(180)
+def test_directives_benchmark_compares_one_job_with_pool_map_and_reduce(tmp_path: Path) -> None:
+    """D1 at a tiny size: both runners in one invocation, equal results, both timings and their ratio."""
+    out = tmp_path / "d1.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.directives", "--n", "3000", "--repeats", "1", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert "ratio pool/phalanx" in proc.stdout
+    data: dict[str, Any] = json.loads(out.read_text())
+    assert data["workload"] == "D1" and data["status"] == "ok" and data["n"] == 3000
+    assert set(data["computations"]) == {"squares", "digits"}
+    for name, entry in data["computations"].items():
+        assert entry["results_equal"] is True, name
+        assert entry["pool_median"] > 0 and entry["phalanx_median"] > 0, (name, entry)
+        assert entry["ratio_pool_over_phalanx"] > 0, (name, entry)

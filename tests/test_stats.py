@@ -51,6 +51,9 @@ COUNTERS = (
     "workers_joined",
     "workers_lost",
     "peers_refused",
+    # channels: they stay 0 here (tests/test_channels.py makes them move)
+    "channel_messages_dropped",
+    "channel_redelivered",
 )
 
 
@@ -118,7 +121,7 @@ def test_the_documented_counters() -> None:
     fields = [f.name for f in msgspec.structs.fields(phalanx.RuntimeStats)]
     assert fields == ["workers", *COUNTERS]
     assert [f.name for f in msgspec.structs.fields(phalanx.WorkerStats)] == [
-        "id", "pid", "alive", "ready", "inflight", "tasks", "items", "busy", "host", "remote",
+        "id", "pid", "alive", "ready", "inflight", "tasks", "items", "busy", "host", "remote", "tags",
     ]
 
 

@@ -33,6 +33,8 @@ FAMILIES: dict[str, tuple[tuple[type[msgspec.Struct], ...], Decoder]] = {
     "control": (typing.get_args(messages.ControlMessage), codec.decode_control),
     "driver": (typing.get_args(messages.DriverMessage), codec.decode_driver),
     "client": ((messages.InspectAnswer,), codec.decode_client),
+    "broker": (typing.get_args(messages.ChannelRequest), codec.decode_broker),
+    "channel": (typing.get_args(messages.ChannelReply), codec.decode_channel),
 }
 
 ALL_MESSAGES: list[tuple[str, type[msgspec.Struct]]] = [

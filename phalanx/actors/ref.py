@@ -79,10 +79,12 @@ class ActorRef(Generic[A]):
     def restart(self, on: str | None = None, timeout: float | None = None) -> bool:
         """Hot restart: hand ``save()``'s state to ``restore()`` in a new instance.
 
-        The new instance runs on worker ``on``, or on another worker when one
-        exists. Calls made meanwhile reach the new instance, in order. If the
-        new instance fails to start, ``RestartFailed`` is emitted, the old
-        instance keeps serving, and this returns False.
+        The new instance runs on worker ``on`` (a live worker's id, or a
+        worker tag the actor moves to), or on another live worker of the
+        actor's tag when one exists. Calls made meanwhile reach the new
+        instance, in order. If the new instance fails to start, or no live
+        worker matches ``on`` (nothing waits for one), ``RestartFailed`` is
+        emitted, the old instance keeps serving, and this returns False.
         """
         return self._system.restart(self._actor, on, timeout)
 

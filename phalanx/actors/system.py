@@ -9,6 +9,12 @@ Each actor is a leased job: every method call is a task ``(job, seq)``
 addressed to the worker that hosts the current instance, so results reach
 the caller exactly once and in-flight calls are known when a worker dies.
 
+An actor keeps to a worker tag (``spawn(on="gpu")``; "default" otherwise):
+hot restarts without ``on`` and supervised restarts place it only on live
+workers of that tag. Spawning and supervised restarts wait up to
+``route_timeout`` for one to appear (then NoWorkerError); a hot restart does
+not wait (LookupError, and the old instance keeps serving).
+
 Invariants kept:
 
 * **Per-caller order.** Calls are sent in the order they are made, to one
@@ -36,6 +42,7 @@ import msgspec
 
 from ..errors import ActorDiedError, TaskTimeoutError
 from ..jobs import Future
+from ..policy import DEFAULT_TAG, check_tag
 from ..registry.actors import actor_name_of
 from ..transport.codec import convert, encode, rebuild_error
 from ..transport.messages import ActorCall, ActorEvent, ActorState, Err, Ok, SaveActor, SpawnActor, StopActor
@@ -73,6 +80,8 @@ class WorkerNode(msgspec.Struct, frozen=True):
     tasks_done: int
     inflight: int
     actors: list[ActorNode]
+    #: the worker tags it serves
+    tags: tuple[str, ...] = ()
 
 
 class RuntimeTree(msgspec.Struct, frozen=True):
@@ -98,14 +107,15 @@ class RuntimeTree(msgspec.Struct, frozen=True):
                 last = i == len(workers) - 1
                 head = indent + ("└── " if last else "├── ")
                 pad = indent + ("    " if last else "│   ")
+                tags = f" [{','.join(w.tags)}]" if w.tags and w.tags != (DEFAULT_TAG,) else ""
                 if w.resolved:
                     lines.append(
-                        f"{head}worker {w.id} pid {w.pid}: cpu {w.cpu_percent:.0f}% "
+                        f"{head}worker {w.id}{tags} pid {w.pid}: cpu {w.cpu_percent:.0f}% "
                         f"rss {w.rss / 2**20:.1f} MiB, queued {w.queued}, in flight {w.inflight}, "
                         f"done {w.tasks_done}"
                     )
                 else:
-                    lines.append(f"{head}worker {w.id} pid {w.pid}: unresolved (no answer in time)")
+                    lines.append(f"{head}worker {w.id}{tags} pid {w.pid}: unresolved (no answer in time)")
                 for j, a in enumerate(w.actors):
                     branch = "└── " if j == len(w.actors) - 1 else "├── "
                     label = f"{a.name} " if a.name else ""
@@ -137,6 +147,8 @@ class _Actor:
         self.name = name
         self.detached = detached
         self.policy = policy
+        #: the worker tag it keeps to across restarts
+        self.tag = DEFAULT_TAG
         self.every = every
         self.interval = interval
         self.lock = threading.Condition(threading.RLock())
@@ -204,7 +216,11 @@ class ActorSystem:
             self._actors[actor.id] = actor
         actor.job = self.driver.open_job(f"{cls_name} (actor {actor.id})", self._deliver_for(actor),
                                          self._fail_for(actor))
-        worker = self._place(on, exclude=None)
+        try:
+            worker, actor.tag = self._place(on, None, DEFAULT_TAG, timeout)
+        except BaseException as exc:
+            self._end(actor, "failed", exc)
+            raise
         error = self._start(actor, worker, restored=False, state=None, timeout=timeout)
         if error is not None:
             self._end(actor, "failed", error)
@@ -214,21 +230,44 @@ class ActorSystem:
             self._flush_locked(actor)
         return actor
 
-    def _place(self, on: str | None, exclude: bytes | None) -> bytes:
-        live = self.driver.live_workers()
+    def _place(self, on: str | None, exclude: bytes | None, tag: str,
+               timeout: float | None, wait: bool = True) -> tuple[bytes, str]:
+        """A live worker for an instance and the tag the actor keeps to from then on.
+
+        ``on`` names a live worker (placed there), else a tag; without it the
+        actor stays in ``tag``. A tag with no live worker is waited for, up to
+        ``route_timeout`` (or ``timeout``, if shorter), then NoWorkerError;
+        without ``wait`` (a hot restart: calls are held meanwhile, and the old
+        instance can go on serving) it is a LookupError at once.
+        """
         if on is not None:
-            if on.encode() not in live:
-                raise LookupError(f"no live worker {on!r}; live: {sorted(w.decode() for w in live)}")
-            return on.encode()
+            if on.encode() in self.driver.live_workers():
+                held = self.driver.worker_tags().get(on, ())
+                keep = tag if tag in held else DEFAULT_TAG if DEFAULT_TAG in held or not held else held[0]
+                return on.encode(), keep
+            try:
+                tag = check_tag(on)
+            except ValueError:
+                raise LookupError(f"no live worker or tag {on!r}; live: "
+                                  f"{sorted(self.driver.worker_tags())}") from None
+        live = self.driver.live_workers(tag)
         if not live:
-            raise ActorDiedError("no live worker to place the actor on")
+            if not wait:
+                raise LookupError(f"no live worker or worker of tag {tag!r}; live: "
+                                  f"{sorted(self.driver.worker_tags().items())}")
+            patience = min(self.driver.config.route_timeout, self.timeout if timeout is None else timeout)
+            if not self.driver.wait_route(tag, patience):
+                raise self.driver.no_worker_error(tag, patience)
+            live = self.driver.live_workers(tag)
+            if not live:  # it left again meanwhile
+                raise self.driver.no_worker_error(tag, patience)
         counts = {w: 0 for w in live}
         with self._lock:
             for a in self._actors.values():
                 if a.worker in counts and a.state not in _TERMINAL:
                     counts[a.worker] += 1
         candidates = [w for w in live if w != exclude] or live
-        return min(candidates, key=lambda w: (counts[w], live[w]))
+        return min(candidates, key=lambda w: (counts[w], live[w])), tag
 
     def _request(self, key: tuple[str, int], worker: bytes) -> concurrent.futures.Future[Any]:
         fut: concurrent.futures.Future[Any] = _StateWait() if key[0] == "state" else concurrent.futures.Future()
@@ -354,13 +393,14 @@ class ActorSystem:
                 error = exc
         if error is None:
             try:
-                target = self._place(on, exclude=old_worker)
+                target, tag = self._place(on, old_worker, actor.tag, timeout, wait=False)
             except BaseException as exc:
                 error = exc
             else:
                 error = self._start(actor, target, restored=True, state=state, timeout=timeout)
                 if error is None:
                     with actor.lock:
+                        actor.tag = tag
                         actor.checkpoint, actor.has_checkpoint = state, True
                         actor.emit(Started(target.decode(), restored=True))
                         self._flush_locked(actor)
@@ -523,10 +563,10 @@ class ActorSystem:
         self._rehome()
 
     def _rehome(self) -> None:
-        """Restart supervised actors whose worker died, on live workers (no waiting here)."""
+        """Restart supervised actors whose worker died, each in a thread that waits for its tag."""
         while True:
             with self._lock:
-                if not self._homeless or not self.driver.live_workers():
+                if not self._homeless:
                     return
                 actor = self._homeless.popleft()
             threading.Thread(target=self._restart_supervised, args=(actor,), daemon=True,
@@ -534,7 +574,7 @@ class ActorSystem:
 
     def _restart_supervised(self, actor: _Actor) -> None:
         try:
-            worker = self._place(None, exclude=None)
+            worker, _ = self._place(None, None, actor.tag, None)
         except BaseException as exc:
             self._end(actor, "failed", exc)
             return

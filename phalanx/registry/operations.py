@@ -55,12 +55,25 @@ __all__ = [
     "implicit_allowed",
     "allow_implicit",
     "IMPLICIT_ENV",
+    "NO_EMPTY",
+    "monoid_empty",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 _OPTIONS: dict[str, tuple[TaskOptions, tuple[type[BaseException], ...]]] = {}
+_EMPTY: dict[str, Callable[[], Any]] = {}
+
+
+class _NoEmpty:
+    def __repr__(self) -> str:
+        return "NO_EMPTY"
+
+
+#: ``@operation(empty=...)`` left out: the operation is not a monoid
+NO_EMPTY: Any = _NoEmpty()
+
 _RESOLVED: dict[str, Operation | UnknownOperationError] = {}
 
 
@@ -82,6 +95,7 @@ def operation(
     transient: tuple[type[BaseException], ...] = (),
     on_fatal: FatalStrategy | None = None,
     timeout: float | None = None,
+    empty: Any = NO_EMPTY,
 ) -> Callable[[F], F]: ...
 
 
@@ -94,6 +108,7 @@ def operation(
     transient: tuple[type[BaseException], ...] = (),
     on_fatal: FatalStrategy | None = None,
     timeout: float | None = None,
+    empty: Any = NO_EMPTY,
 ) -> F | Callable[[F], F]:
     """Register a module-level function as a phalanx operation.
 
@@ -113,6 +128,17 @@ def operation(
     ``transient`` the exception types treated like ``phalanx.Transient``,
     ``on_fatal`` the :class:`~phalanx.FatalStrategy`, ``timeout`` the seconds
     one call may run before it is aborted.
+
+    ``empty`` makes a two-argument associative ``combine(lower, upper)`` a
+    **monoid**: its identity, given as a zero-argument callable (``list``,
+    ``dict``, ``lambda: ""``) or as a value of an immutable type (``0``,
+    ``""``, ``()``). A fold of an empty input then returns ``empty()``
+    (evaluated in the driver) instead of raising ``TypeError``; the workers
+    never call it (a fold of n items still makes exactly n-1 combines). ::
+
+        @phalanx.operation(empty=str)
+        def concat(lower: str, upper: str) -> str:
+            return lower + upper
     """
     if not isinstance(transient, tuple) or not all(
         isinstance(t, type) and issubclass(t, BaseException) for t in transient
@@ -121,10 +147,13 @@ def operation(
     if timeout is not None and timeout <= 0:
         raise ValueError(f"timeout must be > 0, got {timeout}")
     options = TaskOptions(retry=retry, on_fatal=on_fatal, timeout=timeout)
+    make_empty = _empty_factory(empty)
 
     def register(f: F) -> F:
         if not callable(f):
             raise TypeError(f"@phalanx.operation needs a function, got {f!r}")
+        if make_empty is not None:
+            _check_combine(f)
         if "<locals>" in f.__qualname__ and name is None:
             raise TypeError(
                 f"@phalanx.operation: {f.__qualname__} is defined inside a function; "
@@ -133,6 +162,10 @@ def operation(
         op_name = name or _default_name(f)
         _REGISTRY[op_name] = f
         _OPTIONS[op_name] = (options, transient)
+        if make_empty is None:
+            _EMPTY.pop(op_name, None)
+        else:
+            _EMPTY[op_name] = make_empty
         _RESOLVED.pop(op_name, None)
         try:
             setattr(f, "__phalanx_operation__", op_name)
@@ -143,6 +176,47 @@ def operation(
     if fn is not None:
         return register(fn)
     return register
+
+
+#: types whose values may be given as ``empty=`` directly (shared by every fold)
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset, range)
+
+
+def _empty_factory(empty: Any) -> Callable[[], Any] | None:
+    """``empty=`` as a zero-argument callable (None: not a monoid)."""
+    if empty is NO_EMPTY:
+        return None
+    if callable(empty):
+        return empty  # type: ignore[no-any-return]
+    frozen_struct = isinstance(empty, msgspec.Struct) and getattr(type(empty), "__struct_config__").frozen
+    if isinstance(empty, _IMMUTABLE) or frozen_struct:
+        return lambda: empty
+    raise TypeError(
+        f"empty= must be a zero-argument callable or a value of an immutable type, got "
+        f"{type(empty).__name__} {empty!r}: a mutable value would be shared by every fold "
+        f"(pass its type or a factory instead, e.g. empty={type(empty).__name__})"
+    )
+
+
+def _check_combine(f: Callable[..., Any]) -> None:
+    """A monoid's ``combine`` must take (lower, upper)."""
+    try:
+        inspect.signature(f).bind(None, None)
+    except TypeError:
+        raise TypeError(
+            f"@phalanx.operation(empty=...): {getattr(f, '__qualname__', f)!r} must take two "
+            "positional arguments, combine(lower, upper)"
+        ) from None
+    except ValueError:
+        pass  # no signature (a builtin): trust it
+
+
+def monoid_empty(fn: Callable[..., Any] | str) -> Callable[[], Any] | None:
+    """The ``empty`` factory of the operation ``fn`` registered in this process (None: not a monoid)."""
+    op = driver_operation(fn)
+    if op is not None:
+        return op.empty
+    return _EMPTY.get(name_of(fn))
 
 
 def registered() -> dict[str, Callable[..., Any]]:
@@ -168,12 +242,17 @@ def name_of(fn: Callable[..., Any] | str) -> str:
 class Operation:
     """A resolved operation: the function plus converters for its annotations."""
 
-    __slots__ = ("name", "fn", "_pos", "_var", "_kw", "_varkw", "_typed", "returns", "options", "transient")
+    __slots__ = (
+        "name", "fn", "_pos", "_pos_types", "_pos_classes", "_var", "_kw", "_varkw", "_typed", "returns",
+        "options", "transient", "empty",
+    )
 
     def __init__(self, name: str, fn: Callable[..., Any]) -> None:
         self.name = name
         self.fn = fn
         self.options, self.transient = _OPTIONS.get(name, (TaskOptions(), ()))
+        #: the monoid's identity factory (``@operation(empty=...)``), None otherwise
+        self.empty: Callable[[], Any] | None = _EMPTY.get(name)
         self._pos: list[tuple[str, Any]] = []
         self._var: Any = Any
         self._kw: dict[str, Any] = {}
@@ -200,6 +279,9 @@ class Operation:
         self.returns = hints.get("return", Any)
         if self.returns is None:
             self.returns = type(None)
+        self._pos_types = [typ for _, typ in self._pos]
+        #: the class behind each annotation (``dict`` for ``dict[str, int]``)
+        self._pos_classes = [typing.get_origin(typ) or typ for typ in self._pos_types]
         loose = (Any, object)
         self._typed = (
             any(t not in loose for _, t in self._pos)
@@ -208,26 +290,72 @@ class Operation:
             or self._varkw not in loose
         )
 
-    def convert_args(self, args: list[Any], kwargs: dict[str, Any] | None) -> tuple[list[Any], dict[str, Any]]:
-        """Convert decoded arguments to the annotated types."""
+    def parameter(self, index: int) -> tuple[str, Any]:
+        """Name and annotation of positional parameter ``index`` (``Any`` when not annotated)."""
+        if index < len(self._pos):
+            return self._pos[index]
+        return f"*args[{index - len(self._pos)}]", self._var
+
+    def convert_args(
+        self, args: list[Any], kwargs: dict[str, Any] | None, trusted: int = 0
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Convert decoded arguments to the annotated types.
+
+        The first ``trusted`` arguments are values this process made (a
+        fold's accumulator, this operation's own result): one already of the
+        annotation's class (``dict`` for ``dict[str, int]``) is passed as is,
+        not validated again item by item.
+        """
         kw = kwargs or {}
         if not self._typed:
             return args, kw
         out = list(args)
-        pos = self._pos
-        npos = len(pos)
+        types = self._pos_types
+        ntypes = len(types)
         try:
             for i, value in enumerate(args):
-                typ = pos[i][1] if i < npos else self._var
-                if typ is not Any:
-                    out[i] = convert(value, typ)
-            outkw = {k: convert(v, self._kw.get(k, self._varkw)) for k, v in kw.items()}
+                typ = types[i] if i < ntypes else self._var
+                # A value already of exactly the annotated class (an int for ``int``, a
+                # Struct for its class) converts to itself: skip msgspec for it.
+                if typ is Any or type(value) is typ:
+                    continue
+                if i < trusted and i < ntypes and type(value) is self._pos_classes[i]:
+                    continue
+                out[i] = convert(value, typ)
+            outkw = {k: convert(v, self._kw.get(k, self._varkw)) for k, v in kw.items()} if kw else kw
         except msgspec.ValidationError:
             self._explain(args, kw)  # raises a ValidationError naming the argument
             raise
         except TypeError:
             return args, kw  # an annotation msgspec cannot check: pass values through
         return out, outkw
+
+    def convert_items(self, items: list[Any]) -> list[Any] | None:
+        """Map items (one argument each) converted in one pass; None if some item does not fit.
+
+        One ``msgspec.convert`` of the whole list costs about what one item
+        costs alone; on a mismatch the caller converts item by item, so the
+        error names the failing item and the items before it still run.
+        """
+        if not self._typed:
+            return items
+        typ = self._pos[0][1] if self._pos else self._var  # a map call passes one positional
+        if typ is Any or typ is object:
+            return items
+        try:
+            return msgspec.convert(items, list[typ])  # type: ignore[valid-type]
+        except (msgspec.ValidationError, TypeError):
+            return None
+
+    def convert_results(self, values: list[Any]) -> list[Any] | None:
+        """Decoded map results converted to the return annotation in one pass; None if one does not fit."""
+        returns = self.returns
+        if returns is Any or returns is object:
+            return values
+        try:
+            return msgspec.convert(values, list[returns])  # type: ignore[valid-type]
+        except (msgspec.ValidationError, TypeError):
+            return None  # the caller converts one by one, to name the value that does not fit
 
     def _explain(self, args: list[Any], kw: dict[str, Any]) -> None:
         npos = len(self._pos)
@@ -239,9 +367,32 @@ class Operation:
 
     def convert_result(self, value: Any) -> Any:
         """Convert a decoded result to the annotated return type."""
-        if self.returns in (Any, object):
-            return value
-        return self._convert(value, self.returns, "result")
+        returns = self.returns
+        if returns is Any or returns is object or type(value) is returns:
+            return value  # nothing to check, or already of exactly that class
+        return self._convert(value, returns, "result")
+
+    def converter(self, index: int) -> Callable[[Any, bool], Any] | None:
+        """What :meth:`convert_args` does to positional argument ``index``, as one function.
+
+        ``conv(value, trusted)`` returns the converted value or raises
+        :class:`~phalanx.errors.ValidationError` naming the argument; None
+        when that parameter is not annotated (nothing to convert). The
+        worker runs it once per item of a directive chain.
+        """
+        pname, typ = self.parameter(index)
+        if typ is Any or typ is object:
+            return None
+        cls = typing.get_origin(typ) or typ
+        what = f"argument {pname!r}"
+        check = self._convert
+
+        def conv(value: Any, trusted: bool) -> Any:
+            if type(value) is typ or (trusted and type(value) is cls):
+                return value
+            return check(value, typ, what)
+
+        return conv
 
     def _convert(self, value: Any, typ: Any, what: str) -> Any:
         try:

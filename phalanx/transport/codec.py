@@ -20,12 +20,21 @@ from typing import Any, TypeVar
 import msgspec
 
 from ..errors import (
+    DecodeError,
     EncodeError,
     ProtocolError,
     RemoteError,
     RemoteTraceback,
 )
-from .messages import ClientMessage, ControlMessage, DriverMessage, ErrorInfo, InboxMessage
+from .messages import (
+    ChannelReply,
+    ChannelRequest,
+    ClientMessage,
+    ControlMessage,
+    DriverMessage,
+    ErrorInfo,
+    InboxMessage,
+)
 
 __all__ = [
     "encode",
@@ -38,6 +47,9 @@ __all__ = [
     "rebuild_error",
     "type_path",
     "register_ext",
+    "decode_broker",
+    "decode_channel",
+    "decode_value",
 ]
 
 T = TypeVar("T")
@@ -66,12 +78,31 @@ def register_ext(code: int, cls: type, to_bytes: Callable[[Any], bytes], from_by
     _EXT_DECODE[code] = from_bytes
 
 
+#: extension code of numpy arrays (phalanx.transport.buffers, imported on first use)
+NDARRAY_EXT = 16
+
+
+def _ndarray_from_bytes(data: memoryview) -> Any:
+    from .buffers import ndarray_from_bytes
+
+    return ndarray_from_bytes(data)
+
+
 def _enc_hook(value: Any) -> Any:
     for cls in type(value).__mro__:
         entry = _EXT_ENCODE.get(cls)
         if entry is not None:
             code, to_bytes = entry
             return msgspec.msgpack.Ext(code, to_bytes(value))
+    if type(value).__module__ == "numpy":
+        import numpy
+
+        from .buffers import ndarray_to_bytes
+
+        if isinstance(value, numpy.ndarray):
+            return msgspec.msgpack.Ext(NDARRAY_EXT, ndarray_to_bytes(value))
+        if isinstance(value, numpy.generic):  # a numpy scalar: its Python value
+            return value.item()
     raise TypeError(f"Encoding objects of type {type(value).__name__} is unsupported")
 
 
@@ -87,11 +118,16 @@ def _ext_hook(code: int, data: memoryview) -> Any:
         raise ValueError(f"malformed extension {code}: {exc}") from None
 
 
+_EXT_DECODE[NDARRAY_EXT] = _ndarray_from_bytes
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 _inbox = msgspec.msgpack.Decoder(InboxMessage, ext_hook=_ext_hook)
 _control = msgspec.msgpack.Decoder(ControlMessage, ext_hook=_ext_hook)
 _driver = msgspec.msgpack.Decoder(DriverMessage, ext_hook=_ext_hook)
 _client = msgspec.msgpack.Decoder(ClientMessage, ext_hook=_ext_hook)
+# Channel frames carry user values as opaque bytes: neither decoder runs extension hooks.
+_broker = msgspec.msgpack.Decoder(ChannelRequest)
+_channel = msgspec.msgpack.Decoder(ChannelReply)
+_value = msgspec.msgpack.Decoder(ext_hook=_ext_hook)
 
 
 def encode(msg: Any, what: str = "message", name: str = "") -> bytes:
@@ -131,6 +167,24 @@ def decode_driver(frame: bytes | memoryview) -> DriverMessage:
 def decode_client(frame: bytes | memoryview) -> ClientMessage:
     """Decode a frame a client (``phalanx top``) received from the driver."""
     return _decode(_client, frame)  # type: ignore[no-any-return]
+
+
+def decode_broker(frame: bytes | memoryview) -> ChannelRequest:
+    """Decode a frame a channel end sent to the driver's broker."""
+    return _decode(_broker, frame)  # type: ignore[no-any-return]
+
+
+def decode_channel(frame: bytes | memoryview) -> ChannelReply:
+    """Decode a frame a channel end received from the broker."""
+    return _decode(_channel, frame)  # type: ignore[no-any-return]
+
+
+def decode_value(data: bytes | memoryview) -> Any:
+    """Decode one user value made by :func:`encode` (a channel message), or raise DecodeError."""
+    try:
+        return _value.decode(data)
+    except (msgspec.DecodeError, TypeError, ValueError, RecursionError) as exc:
+        raise DecodeError(f"undecodable channel message ({len(data)} bytes): {exc}") from None
 
 
 def convert(value: Any, typ: Any) -> Any:

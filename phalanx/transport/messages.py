@@ -21,6 +21,12 @@ Sockets and the messages each one carries::
     PUB "control"    --- Sync, Terminate, Shutdown, --->  SUB
                          Heartbeat, InspectRequest
 
+    any process holding a channel end (phalanx.channels)    driver
+    DEALER "<id>~<n>" -- ChanSend, ChanClose, ChanPull, -->  ROUTER "results" (broker)
+                         ChanSubscribe, ChanDetach
+                     <-- ChanAck, ChanDeliver, ChanEnd, --
+                         ChanReply, ChanPing
+
 Tasks are addressed to one worker (credit-based dispatch, see
 ``phalanx.runtime``); each carries ``(job, seq, attempt)`` so the driver can
 redeliver and deduplicate. Every ``Call`` or ``Chunk`` is answered by exactly
@@ -63,6 +69,23 @@ __all__ = [
     "ActorInfo",
     "InspectQuery",
     "InspectAnswer",
+    "ChanSend",
+    "ChanClose",
+    "ChanPull",
+    "ChanSubscribe",
+    "ChanDetach",
+    "ChanAck",
+    "ChanDeliver",
+    "ChanEnd",
+    "ChanReply",
+    "ChanPing",
+    "CHAN_OK",
+    "CHAN_CLOSED",
+    "CHAN_RELEASED",
+    "CHAN_UNKNOWN",
+    "CHAN_UNSUBSCRIBED",
+    "ChannelRequest",
+    "ChannelReply",
     "InboxMessage",
     "ControlMessage",
     "DriverMessage",
@@ -121,6 +144,12 @@ class Chunk(_Msg, frozen=True):
     ``fold=False``: map, the outcome value is the list of ``op(item)``
     (``op(*item)`` when ``star``). ``fold=True``: reduce the items in order
     with ``op(lower, upper)``, exactly ``len(items) - 1`` calls.
+
+    ``stages`` (a directive chain) are operations applied to each item, in
+    order, before ``op``: a map chunk's values are ``op(sN(...s1(item)))``; a
+    fold chunk maps every item so, then reduces the mapped values with
+    ``op``. Empty (the default, and what older senders mean) for plain
+    ``map``/``fold``.
     """
 
     job: int
@@ -132,6 +161,8 @@ class Chunk(_Msg, frozen=True):
     fold: bool = False
     #: seconds each call may run before it is aborted (0: no limit)
     timeout: float = 0.0
+    #: operations applied to each item before ``op`` (directive chains)
+    stages: list[str] = []
 
 
 class Stop(_Msg, frozen=True):
@@ -173,6 +204,8 @@ class Hello(_Msg, frozen=True):
     pid: int
     host: str
     version: int = PROTOCOL_VERSION
+    #: the worker tags it serves (empty from an older worker: "default")
+    tags: list[str] = []
 
 
 class Ready(_Msg, frozen=True):
@@ -349,6 +382,111 @@ class InspectAnswer(_Msg, frozen=True):
     nonce: int
     tree: Any
 
+
+# ---- channels (a channel end's DEALER <-> the broker on the results ROUTER) ----
+#
+# User values travel as ``data``: the msgpack of the value, made by the sending
+# end with the usual encoder. The broker never decodes it (a value it cannot
+# read cannot hurt it); the receiving end does.
+
+#: status of a ChanAck / ChanReply, reason of a ChanEnd
+CHAN_OK = 0
+#: the lease's sending side was closed (and, for ChanEnd, everything was delivered and acked)
+CHAN_CLOSED = 1
+#: the lease was released: nothing more is delivered
+CHAN_RELEASED = 2
+#: no such lease in this runtime
+CHAN_UNKNOWN = 3
+#: the Broadcast subscription was closed
+CHAN_UNSUBSCRIBED = 4
+
+
+class ChanSend(_Msg, frozen=True):
+    """A sender's message for lease ``lease``; answered by a ChanAck covering ``seq``."""
+
+    lease: int
+    seq: int
+    data: bytes
+
+
+class ChanClose(_Msg, frozen=True):
+    """Close the sending side of ``lease``; answered by ChanReply ``nonce``."""
+
+    lease: int
+    nonce: int
+
+
+class ChanPull(_Msg, frozen=True):
+    """A receiver of subscription ``sub``: ack ``acks``, return ``nacks`` for redelivery,
+    and hold at most ``window`` unacked messages (0: send me nothing more)."""
+
+    lease: int
+    sub: int
+    window: int
+    acks: list[int] = []
+    nacks: list[int] = []
+
+
+class ChanSubscribe(_Msg, frozen=True):
+    """Add Broadcast subscription ``sub`` to ``lease``; answered by ChanReply ``nonce``."""
+
+    lease: int
+    sub: int
+    nonce: int
+
+
+class ChanDetach(_Msg, frozen=True):
+    """A receiver is done: ack ``acks``, redeliver what else it holds, and with
+    ``unsubscribe`` end its Broadcast subscription; answered by ChanReply ``nonce`` (0: no answer)."""
+
+    lease: int
+    sub: int
+    nonce: int
+    acks: list[int] = []
+    unsubscribe: bool = False
+
+
+class ChanAck(_Msg, frozen=True):
+    """Sends up to ``seq`` were queued (``status`` CHAN_OK), or refused from ``seq`` on."""
+
+    lease: int
+    seq: int
+    status: int = CHAN_OK
+
+
+class ChanDeliver(_Msg, frozen=True):
+    """Messages ``ids[i]`` with values ``data[i]`` for a receiver of (``lease``, ``sub``)."""
+
+    lease: int
+    sub: int
+    ids: list[int]
+    data: list[bytes]
+
+
+class ChanEnd(_Msg, frozen=True):
+    """Subscription ``sub`` of ``lease`` ended for ``reason`` (a CHAN_* status)."""
+
+    lease: int
+    sub: int
+    reason: int
+
+
+class ChanReply(_Msg, frozen=True):
+    """The answer to the request ``nonce`` (ChanClose, ChanSubscribe, ChanDetach)."""
+
+    lease: int
+    nonce: int
+    status: int = CHAN_OK
+
+
+class ChanPing(_Msg, frozen=True):
+    """Is this receiver still there? (a send to a closed end fails at the broker)."""
+
+    lease: int
+
+
+ChannelRequest = Union[ChanSend, ChanClose, ChanPull, ChanSubscribe, ChanDetach]
+ChannelReply = Union[ChanAck, ChanDeliver, ChanEnd, ChanReply, ChanPing]
 
 InboxMessage = Union[Welcome, Call, Chunk, Stop, SpawnActor, ActorCall, StopActor, SaveActor]
 ControlMessage = Union[Sync, Terminate, Shutdown, Heartbeat, InspectRequest]

@@ -24,6 +24,7 @@ import msgspec
 import zmq
 
 __all__ = [
+    "ZERO_COPY_MIN",
     "SocketOptions",
     "Curve",
     "router",
@@ -91,6 +92,11 @@ def curve_client(sock: zmq.Socket[bytes], keys: Curve) -> None:
     sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server_public)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
     sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+
+
+#: frames at least this long are sent without a copy (smaller ones copy faster than
+#: ZeroMQ can track a zero-copy buffer; pyzmq's own threshold is the same)
+ZERO_COPY_MIN = 65536
 
 
 class SocketOptions:

@@ -1,0 +1,495 @@
+"""The channel broker: the driver's side of ``rt.lease(kind)`` channels.
+
+Runs in the driver process. It owns the state of every lease; the ends
+(:mod:`phalanx.channels`) are handles that talk to it over the results
+ROUTER, from any process of the runtime. Threads and what they do::
+
+    pump thread ──── a frame from an identity with "~" ──▶ Broker.handle: decode, update,
+                                                            queue the answers          [broker lock]
+                └─── every pump round ─────────────────▶ Broker.flush: send them on the results
+                                                            ROUTER; a receiver found gone gives
+                                                            back what it held          [broker lock]
+    user threads ─── rt.lease / Lease.release ──────────▶ Broker.open / release       [broker lock]
+    supervisor thread ─ a worker exited ───────────────▶ Broker.worker_exited: its receivers'
+                                                            messages go back to the queue
+                                                                                       [broker lock]
+
+Only the pump sends on the ROUTER; other threads queue their frames and wake
+it. Per lease: its kind, capacity, whether its sending side is closed, and
+its subscriptions (one, id 0, for ExactlyOnce; one per subscriber for
+Broadcast). Per subscription: a queue of ``(message id, data)``, its
+receivers in round-robin order, and how many messages they hold. Per
+receiver (routing identity): its window (most unacked messages it takes)
+and the messages it holds unacked.
+
+Invariants kept:
+
+1. **Exactly-once (ExactlyOnce).** A message is in exactly one place until
+   its first ack removes it: the queue, or one receiver's unacked set. A
+   receiver that nacks it, closes, is collected, cannot be reached, or whose
+   worker dies puts it back at the front of the queue. An ack from a
+   receiver that no longer holds the message is ignored. So each message is
+   acknowledged exactly once; user code sees it again only if its holder
+   did not ack it (execution is at-least-once, as for tasks).
+2. **Lease isolation.** A message is only ever queued on its own lease's
+   subscriptions; lease ids are unique per runtime (a random base). After
+   ``release`` nothing of the lease is delivered: its receivers are told to
+   end and drop what they buffered, later sends are dropped and counted
+   (``channel_messages_dropped``) and refused.
+3. **Order per subscription (Broadcast).** Each subscription gets every
+   message sent after it subscribed, appended in the order sends reach the
+   broker (one sender: its send order); a nack breaks the order for that
+   message only.
+4. **No hang.** Receivers end once the lease is closed, the subscription's
+   queue is empty and nothing is held unacked; a receiver holding messages
+   that has gone quiet is probed, and one found gone gives them back.
+6. **Bad input never kills.** An undecodable frame, a frame for a lease this
+   runtime never issued, or a request that contradicts what the identity
+   is (a receiver of another lease, an impossible window) is counted in
+   ``frames_dropped`` and dropped; the sender of the frame is told when
+   that helps a stale end end.
+7. **Bounded memory.** A send is acknowledged only while the lease holds at
+   most ``capacity`` unconsumed messages (queued or unacked, the longest
+   subscription for Broadcast); a sender has at most ``SEND_WINDOW`` sends
+   unacknowledged, so a lease holds ``capacity + SEND_WINDOW`` per sender
+   at most.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from .channels import (
+    LEASE_SHIFT,
+    MAX_PREFETCH,
+    SEND_WINDOW,
+    Broadcast,
+    ChannelKind,
+    ExactlyOnce,
+    Lease,
+    Receiver,
+    Sender,
+    register_driver,
+)
+from .errors import ProtocolError, RuntimeClosedError
+from .transport.codec import decode_broker, encode
+from .transport.messages import (
+    CHAN_CLOSED,
+    CHAN_OK,
+    CHAN_RELEASED,
+    CHAN_UNKNOWN,
+    CHAN_UNSUBSCRIBED,
+    ChanAck,
+    ChanClose,
+    ChanDeliver,
+    ChanDetach,
+    ChanEnd,
+    ChanPing,
+    ChanPull,
+    ChanReply,
+    ChanSend,
+    ChanSubscribe,
+)
+
+if TYPE_CHECKING:
+    from .driver import Driver
+
+__all__ = ["Broker", "broker_of", "lease", "DEFAULT_CAPACITY", "PROBE_EVERY"]
+
+#: unconsumed messages a lease holds before sends wait (default of ``rt.lease``)
+DEFAULT_CAPACITY = 10_000
+#: seconds a receiver holding messages may stay quiet before the broker checks it is there
+PROBE_EVERY = 1.0
+#: subscriptions one Broadcast lease may have
+MAX_SUBSCRIPTIONS = 10_000
+#: dead workers remembered (their late frames are ignored)
+MAX_DEAD = 10_000
+
+
+class _Sub:
+    __slots__ = ("id", "queue", "order", "held")
+
+    def __init__(self, sub_id: int) -> None:
+        self.id = sub_id
+        self.queue: deque[tuple[int, bytes]] = deque()
+        #: identities of its receivers, in round-robin order
+        self.order: deque[bytes] = deque()
+        #: messages its receivers hold unacked
+        self.held = 0
+
+
+class _End:
+    """A receiver end, by routing identity."""
+
+    __slots__ = ("ident", "lease", "sub", "window", "unacked", "seen")
+
+    def __init__(self, ident: bytes, lease: int, sub: int) -> None:
+        self.ident = ident
+        self.lease = lease
+        self.sub = sub
+        self.window = 0
+        self.unacked: dict[int, bytes] = {}
+        self.seen = time.monotonic()
+
+
+class _Lease:
+    __slots__ = ("id", "kind", "capacity", "closed", "subs", "next_id", "deferred")
+
+    def __init__(self, lease_id: int, kind: ChannelKind, capacity: int) -> None:
+        self.id = lease_id
+        self.kind = kind
+        self.capacity = capacity
+        self.closed = False
+        self.subs: dict[int, _Sub] = {}
+        self.next_id = 1
+        #: (sender identity, seq) of sends queued while the lease was over capacity: acked later
+        self.deferred: deque[tuple[bytes, int]] = deque()
+
+    def backlog(self) -> int:
+        subs = self.subs
+        if not subs:
+            return 0
+        return max(len(s.queue) + s.held for s in subs.values())
+
+
+class Broker:
+    """Every lease of one driver (see the module docstring)."""
+
+    def __init__(self, driver: Driver) -> None:
+        self._driver = driver
+        self._lock = threading.Lock()
+        self._base = secrets.randbits(30) + 1
+        self._issued = 0
+        self._leases: dict[int, _Lease] = {}
+        self._ends: dict[bytes, _End] = {}
+        #: identity prefixes (worker ids) of dead workers -> when they died
+        self._dead: dict[bytes, float] = {}
+        self._out: list[tuple[bytes, Any]] = []
+        #: coalesced send acks, one per sender identity: (lease, seq)
+        self._acks: dict[bytes, tuple[int, int]] = {}
+        self._probed = 0.0
+        register_driver(self._base, driver.endpoints.results, lambda: not driver.closed, self.release,
+                        self._released)
+        driver.exit_listeners.append(self.worker_exited)
+
+    # ---- user threads -------------------------------------------------------------
+
+    def open(self, kind: ChannelKind, capacity: int) -> tuple[int, int]:
+        """A new lease: (its id, the id of its first subscription)."""
+        with self._lock:
+            self._driver.check_open()
+            self._issued += 1
+            lease_id = (self._base << LEASE_SHIFT) + self._issued
+            lease = self._leases[lease_id] = _Lease(lease_id, kind, capacity)
+            sub = 0 if kind is ExactlyOnce else 1
+            lease.subs[sub] = _Sub(sub)
+            return lease_id, sub
+
+    def release(self, lease_id: int) -> None:
+        """Drop the lease: its receivers end at once, what it queued is dropped and counted."""
+        with self._lock:
+            lease = self._leases.pop(lease_id, None)
+            if lease is None:
+                return
+            queued = {mid for sub in lease.subs.values() for mid, _ in sub.queue}
+            self._driver.channel_messages_dropped += len(queued)
+            for sub in lease.subs.values():
+                for ident in sub.order:
+                    self._ends.pop(ident, None)
+                    self._emit(ident, ChanEnd(lease_id, sub.id, CHAN_RELEASED))
+                sub.order.clear()
+                sub.queue.clear()
+            for ident, seq in lease.deferred:
+                self._emit(ident, ChanAck(lease_id, seq, CHAN_RELEASED))
+            lease.deferred.clear()
+        self._driver.wake()
+
+    # ---- supervisor thread -----------------------------------------------------------
+
+    def worker_exited(self, worker_id: str, exitcode: int | None) -> None:
+        """A worker died: what its receivers held goes back to the front of their queues."""
+        prefix = worker_id.encode()
+        with self._lock:
+            if len(self._dead) >= MAX_DEAD:
+                for old in sorted(self._dead, key=self._dead.__getitem__)[: MAX_DEAD // 2]:
+                    del self._dead[old]
+            self._dead[prefix] = time.monotonic()
+            gone = [e for ident, e in self._ends.items() if ident.rpartition(b"~")[0] == prefix]
+            for end in gone:
+                self._drop_end(end)
+        if gone:
+            self._driver.wake()
+
+    # ---- pump thread ---------------------------------------------------------------------
+
+    def handle(self, ident: bytes, frame: bytes) -> None:
+        """A frame from a channel end (an identity containing "~")."""
+        try:
+            msg = decode_broker(frame)
+        except ProtocolError:
+            self._driver.frames_dropped += 1
+            return
+        with self._lock:
+            lease = self._leases.get(msg.lease)
+            if lease is None:
+                self._no_lease(ident, msg)
+            elif isinstance(msg, ChanSend):
+                self._on_send(lease, ident, msg)
+            elif isinstance(msg, ChanPull):
+                self._on_pull(lease, ident, msg)
+            elif isinstance(msg, ChanDetach):
+                self._on_detach(lease, ident, msg)
+            elif isinstance(msg, ChanSubscribe):
+                self._on_subscribe(lease, ident, msg)
+            else:
+                self._on_close(lease, ident, msg)
+
+    def flush(self) -> None:
+        """Send what is queued (pump thread, every round); probe quiet receivers that hold messages."""
+        now = time.monotonic()
+        if not self._out and not self._acks and (not self._ends or now - self._probed < PROBE_EVERY):
+            return
+        send = self._driver.send_from_pump
+        for _ in range(16):  # a receiver found gone may redeliver to another: more to send
+            with self._lock:
+                if now - self._probed >= PROBE_EVERY:
+                    self._probed = now
+                    self._probe(now)
+                out = self._out
+                self._out = []
+                out.extend((ident, ChanAck(lease, seq)) for ident, (lease, seq) in self._acks.items())
+                self._acks.clear()
+            gone = [ident for ident, msg in out if not send(ident, encode(msg))]
+            if not gone:
+                return
+            with self._lock:
+                for ident in gone:
+                    end = self._ends.get(ident)
+                    if end is not None:
+                        self._drop_end(end)
+                if not self._out:
+                    return
+
+    # ---- requests (broker lock held) --------------------------------------------------------
+
+    def _released(self, lease_id: int) -> bool:
+        """Was ``lease_id`` released (any thread: a dict lookup, no lock)?"""
+        return lease_id not in self._leases and self._issued_here(lease_id)
+
+    def _issued_here(self, lease_id: int) -> bool:
+        return lease_id >> LEASE_SHIFT == self._base and 0 < lease_id - (self._base << LEASE_SHIFT) <= self._issued
+
+    def _no_lease(self, ident: bytes, msg: Any) -> None:
+        """A frame for a lease that is not open: released (late), or never ours (dropped)."""
+        released = self._issued_here(msg.lease)
+        status = CHAN_RELEASED if released else CHAN_UNKNOWN
+        if not released:
+            self._driver.frames_dropped += 1
+        end = self._ends.pop(ident, None)
+        if end is not None:
+            self._drop_end(end)
+        if isinstance(msg, ChanSend):
+            if released:
+                self._driver.channel_messages_dropped += 1
+            self._emit(ident, ChanAck(msg.lease, msg.seq, status))
+        elif isinstance(msg, ChanPull):
+            self._emit(ident, ChanEnd(msg.lease, msg.sub, status))
+        elif msg.nonce:  # ChanClose, ChanSubscribe, ChanDetach
+            self._emit(ident, ChanReply(msg.lease, msg.nonce, status))
+
+    def _on_send(self, lease: _Lease, ident: bytes, msg: ChanSend) -> None:
+        if lease.closed:
+            self._driver.channel_messages_dropped += 1
+            self._emit(ident, ChanAck(lease.id, msg.seq, CHAN_CLOSED))
+            return
+        item = (lease.next_id, msg.data)
+        lease.next_id += 1
+        subs = lease.subs.values()
+        for sub in subs:
+            sub.queue.append(item)
+        if lease.deferred or lease.backlog() > lease.capacity:
+            lease.deferred.append((ident, msg.seq))  # backpressure: the sender's window fills
+        else:
+            self._acks[ident] = (lease.id, msg.seq)
+        for sub in subs:
+            self._deliver(lease, sub)
+
+    def _on_pull(self, lease: _Lease, ident: bytes, msg: ChanPull) -> None:
+        if self._dead and ident.rpartition(b"~")[0] in self._dead:
+            self._driver.frames_dropped += 1  # late, from a dead worker: what it held is redelivered
+            return
+        end = self._ends.get(ident)
+        if (end is not None and (end.lease != lease.id or end.sub != msg.sub)) or not 0 <= msg.window <= MAX_PREFETCH:
+            self._driver.frames_dropped += 1
+            return
+        sub = lease.subs.get(msg.sub)
+        if sub is None:
+            self._emit(ident, ChanEnd(lease.id, msg.sub, CHAN_UNSUBSCRIBED))
+            return
+        if end is None:
+            end = self._ends[ident] = _End(ident, lease.id, sub.id)
+            sub.order.append(ident)
+        end.seen = time.monotonic()
+        acked = self._ack(end, sub, msg.acks)
+        if msg.nacks:
+            back = [(mid, data) for mid in msg.nacks if (data := end.unacked.pop(mid, None)) is not None]
+            if back:
+                sub.held -= len(back)
+                sub.queue.extendleft(reversed(sorted(back)))
+                self._driver.channel_redelivered += len(back)
+        end.window = msg.window
+        if acked:
+            self._release_deferred(lease)
+        self._deliver(lease, sub)
+        self._check_end(lease, sub)
+
+    def _on_detach(self, lease: _Lease, ident: bytes, msg: ChanDetach) -> None:
+        end = self._ends.get(ident)
+        sub = lease.subs.get(msg.sub)
+        if end is not None and end.lease == lease.id and end.sub == msg.sub and sub is not None:
+            if self._ack(end, sub, msg.acks):
+                self._release_deferred(lease)
+            self._drop_end(end)
+        if msg.unsubscribe and lease.kind is Broadcast and sub is not None:
+            self._unsubscribe(lease, sub)
+        if msg.nonce:
+            self._emit(ident, ChanReply(lease.id, msg.nonce, CHAN_OK))
+
+    def _on_subscribe(self, lease: _Lease, ident: bytes, msg: ChanSubscribe) -> None:
+        if lease.kind is not Broadcast or msg.sub <= 1 or msg.sub in lease.subs or len(lease.subs) >= MAX_SUBSCRIPTIONS:
+            self._driver.frames_dropped += 1
+            self._emit(ident, ChanReply(lease.id, msg.nonce, CHAN_UNKNOWN))
+            return
+        lease.subs[msg.sub] = _Sub(msg.sub)
+        self._emit(ident, ChanReply(lease.id, msg.nonce, CHAN_OK))
+
+    def _on_close(self, lease: _Lease, ident: bytes, msg: ChanClose) -> None:
+        lease.closed = True
+        self._emit(ident, ChanReply(lease.id, msg.nonce, CHAN_OK))
+        for sub in lease.subs.values():
+            self._check_end(lease, sub)
+
+    # ---- state (broker lock held) ------------------------------------------------------------
+
+    def _emit(self, ident: bytes, msg: Any) -> None:
+        ack = self._acks.pop(ident, None)
+        if ack is not None:  # the sender's earlier acks go first
+            self._out.append((ident, ChanAck(ack[0], ack[1])))
+        self._out.append((ident, msg))
+
+    def _ack(self, end: _End, sub: _Sub, ids: list[int]) -> int:
+        unacked = end.unacked
+        acked = 0
+        for mid in ids:
+            if unacked.pop(mid, None) is not None:
+                acked += 1
+        sub.held -= acked
+        return acked
+
+    def _release_deferred(self, lease: _Lease) -> None:
+        if lease.deferred and lease.backlog() <= lease.capacity:
+            acks = self._acks
+            for ident, seq in lease.deferred:
+                acks[ident] = (lease.id, seq)
+            lease.deferred.clear()
+
+    def _deliver(self, lease: _Lease, sub: _Sub) -> None:
+        """Hand queued messages to receivers with room in their window, round robin."""
+        queue, order, ends = sub.queue, sub.order, self._ends
+        while queue and order:
+            for _ in range(len(order)):
+                ident = order[0]
+                order.rotate(-1)
+                end = ends[ident]
+                room = end.window - len(end.unacked)
+                if room > 0:
+                    break
+            else:
+                return
+            ids: list[int] = []
+            data: list[bytes] = []
+            unacked = end.unacked
+            while room and queue:
+                mid, value = queue.popleft()
+                unacked[mid] = value
+                ids.append(mid)
+                data.append(value)
+                room -= 1
+            sub.held += len(ids)
+            self._emit(ident, ChanDeliver(lease.id, sub.id, ids, data))
+
+    def _check_end(self, lease: _Lease, sub: _Sub) -> None:
+        """Closed and drained: every receiver of the subscription ends."""
+        if lease.closed and not sub.queue and sub.held == 0 and sub.order:
+            for ident in sub.order:
+                self._ends.pop(ident, None)
+                self._emit(ident, ChanEnd(lease.id, sub.id, CHAN_CLOSED))
+            sub.order.clear()
+
+    def _drop_end(self, end: _End) -> None:
+        """Forget a receiver; what it held goes back to the front of its queue, for the others."""
+        self._ends.pop(end.ident, None)
+        lease = self._leases.get(end.lease)
+        sub = lease.subs.get(end.sub) if lease is not None else None
+        if lease is None or sub is None:
+            return
+        try:
+            sub.order.remove(end.ident)
+        except ValueError:
+            pass
+        if end.unacked:
+            back = sorted(end.unacked.items())
+            end.unacked.clear()
+            sub.held -= len(back)
+            sub.queue.extendleft(reversed(back))
+            self._driver.channel_redelivered += len(back)
+        self._deliver(lease, sub)
+        self._check_end(lease, sub)
+
+    def _unsubscribe(self, lease: _Lease, sub: _Sub) -> None:
+        del lease.subs[sub.id]
+        for ident in sub.order:
+            self._ends.pop(ident, None)
+            self._emit(ident, ChanEnd(lease.id, sub.id, CHAN_UNSUBSCRIBED))
+        sub.order.clear()
+        sub.queue.clear()
+        sub.held = 0
+        self._release_deferred(lease)
+
+    def _probe(self, now: float) -> None:
+        for end in self._ends.values():
+            if end.unacked and now - end.seen >= PROBE_EVERY:
+                self._out.append((end.ident, ChanPing(end.lease)))
+
+
+_brokers_lock = threading.Lock()
+
+
+def broker_of(driver: Driver) -> Broker:
+    """The driver's broker, created (and handed the channel frames) at the first call."""
+    with _brokers_lock:
+        broker = driver.channels
+        if broker is None:
+            driver.check_open()
+            broker = Broker(driver)
+            driver.channels = broker
+        return broker
+
+
+def lease(driver: Driver, kind: ChannelKind, capacity: int, prefetch: int) -> Lease[Any]:
+    """:meth:`phalanx.Runtime.lease`."""
+    if not isinstance(kind, ChannelKind):
+        raise TypeError(f"kind must be phalanx.ExactlyOnce or phalanx.Broadcast, got {kind!r}")
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_PREFETCH:
+        raise ValueError(f"prefetch must be an int in 1..{MAX_PREFETCH}, got {prefetch!r}")
+    if driver.closed:
+        raise RuntimeClosedError("the runtime is shut down")
+    lease_id, sub = broker_of(driver).open(kind, capacity)
+    return Lease(Sender(lease_id, kind, min(SEND_WINDOW, capacity)), Receiver(lease_id, kind, sub, prefetch))

@@ -1,0 +1,1028 @@
+"""Channels in user code: ``rt.lease(kind)`` returns a ``(Sender, Receiver)`` pair.
+
+Runs in every process that holds a channel end: the driver (user threads)
+and the workers (an operation or actor method that got an end as an
+argument; ends travel as msgpack extension types, so they arrive as
+themselves). The channel's state lives in the driver, in the broker
+(:mod:`phalanx.broker`); an end is a handle that talks to it over the
+driver's results ROUTER, each end with its own DEALER socket, opened when the
+end is first used in a process, whose routing identity is
+``<worker id>~<n>`` (``d<pid>~<n>`` in the driver)::
+
+    any process, the thread using the end              driver process
+    ┌──────────────────────────────────────┐           ┌──────────────────────────────────────┐
+    │ Sender.send ─ ChanSend ─▶ DEALER "w3~7" ──ipc/tcp──▶ results ROUTER ─▶ pump thread:     │
+    │             ◀ ChanAck ──                │  (CURVE) │  "~" in the identity ─▶ Broker       │
+    │ Receiver ─── ChanPull (acks, window) ─▶ DEALER ───▶   leases, queues, unacked per end,  │
+    │  iter/recv ◀ ChanDeliver, ChanEnd ──── "w3~8" ◀───   deferred send acks (backpressure)  │
+    └──────────────────────────────────────┘           │ supervisor thread: a worker died ─▶  │
+                                                       │  Broker redelivers what it held      │
+                                                       └──────────────────────────────────────┘
+
+A worker learns where its driver is from :func:`set_worker_location`
+(``run_worker``); the driver process from :func:`register_driver` (the
+broker, at the first ``rt.lease``). Anywhere else an end raises
+:class:`~phalanx.RuntimeClosedError`.
+
+Invariants kept (the broker keeps the rest, see :mod:`phalanx.broker`):
+
+* **Lease isolation.** An end only speaks of its own lease and subscription
+  and drops whatever arrives for another; a receiver of a released lease
+  drops what it buffered and ends at once: it never yields anything late.
+* **Exactly-once (ExactlyOnce).** A receiver acknowledges a message once:
+  iteration acks it when the next one is asked for or the loop ends,
+  ``recv`` at once, a :class:`Message` when told. What it holds unacked
+  when it is closed, collected or its process dies is redelivered.
+* **No hang.** Every wait has a timeout path and wakes every
+  ``_SLICE`` seconds to check the runtime: once it is shut down (in the
+  driver) or shutting the worker down, the wait raises
+  :class:`~phalanx.RuntimeClosedError` instead of waiting forever.
+* **No pickle on the wire.** Values are encoded with the usual codec before
+  anything is sent (:class:`~phalanx.EncodeError` otherwise); the broker
+  never decodes them.
+
+One end is used from one thread at a time, like a socket (an ``async for``
+or ``asend`` waits in the loop's default executor, still one call at a
+time); copies of an end (each operation that got it) are independent ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import enum
+import functools
+import itertools
+import os
+import secrets
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from types import TracebackType
+from typing import Any, Generic, NamedTuple, TypeVar
+
+import msgspec
+import zmq
+
+from .errors import ChannelClosedError, ChannelTimeoutError, PhalanxError, ProtocolError, RuntimeClosedError
+from .transport import sockets
+from .transport.codec import decode_channel, decode_value, encode, register_ext
+from .transport.messages import (
+    CHAN_CLOSED,
+    CHAN_OK,
+    CHAN_RELEASED,
+    CHAN_UNKNOWN,
+    CHAN_UNSUBSCRIBED,
+    ChanAck,
+    ChanClose,
+    ChanDeliver,
+    ChanDetach,
+    ChanEnd,
+    ChannelReply,
+    ChanPull,
+    ChanReply,
+    ChanSend,
+    ChanSubscribe,
+)
+
+__all__ = [
+    "ChannelKind",
+    "ExactlyOnce",
+    "Broadcast",
+    "Sender",
+    "Receiver",
+    "Message",
+    "Lease",
+    "LEASE_SHIFT",
+    "SEND_WINDOW",
+    "MAX_PREFETCH",
+    "set_worker_location",
+    "register_driver",
+    "close_all",
+]
+
+T = TypeVar("T")
+
+
+class ChannelKind(enum.Enum):
+    """How a lease delivers its messages (see :meth:`phalanx.Runtime.lease`)."""
+
+    #: each message goes to exactly one receiver: receivers share the work
+    EXACTLY_ONCE = "exactly_once"
+    #: each message goes to every subscription, in send order
+    BROADCAST = "broadcast"
+
+
+ExactlyOnce = ChannelKind.EXACTLY_ONCE
+Broadcast = ChannelKind.BROADCAST
+
+_KINDS = (ExactlyOnce, Broadcast)
+_KIND_CODE = {ExactlyOnce: 0, Broadcast: 1}
+
+#: a lease id is ``base + n``; ``id >> LEASE_SHIFT`` names its runtime within the driver process
+LEASE_SHIFT = 32
+#: sends a sender has in flight before ``send`` waits for the broker's acks
+SEND_WINDOW = 64
+#: most unacked messages one receiver may hold
+MAX_PREFETCH = 10_000
+#: seconds between checks of the deadline and of the runtime while an end waits
+_SLICE = 0.1
+#: milliseconds the socket of an end dropped without close() keeps its last frames (a
+#: receiver's goodbye, a sender's last sends) for ZeroMQ to deliver; closing never blocks
+_GOODBYE_LINGER = 1000
+#: seconds a receiver's close() waits for the broker to confirm (it closes anyway after)
+CLOSE_TIMEOUT = 5.0
+
+_REASONS = {
+    CHAN_CLOSED: "closed",
+    CHAN_RELEASED: "released",
+    CHAN_UNKNOWN: "unknown",
+    CHAN_UNSUBSCRIBED: "unsubscribed",
+}
+_TEXT = {
+    CHAN_CLOSED: "the lease's sending side was closed",
+    CHAN_RELEASED: "the lease was released",
+    CHAN_UNKNOWN: "the lease is unknown to this runtime (an end of another runtime?)",
+    CHAN_UNSUBSCRIBED: "the subscription was closed",
+}
+#: reasons that end an iteration quietly (StopIteration); any other is raised
+_ENDINGS = ("closed", "released", "unsubscribed")
+
+
+def _closed_error(status: int, lease: int) -> ChannelClosedError:
+    reason = _REASONS.get(status, "unknown")
+    return ChannelClosedError(f"channel (lease {lease:#x}): {_TEXT.get(status, _TEXT[CHAN_UNKNOWN])}", reason)
+
+
+# --------------------------------------------------------------------------- #
+# Where the driver is, per process
+# --------------------------------------------------------------------------- #
+
+
+class _Location:
+    """How ends in this process reach one driver's broker."""
+
+    __slots__ = ("endpoint", "curve", "prefix", "alive", "release", "released", "pid")
+
+    def __init__(
+        self,
+        endpoint: str,
+        curve: sockets.Curve | None,
+        prefix: bytes,
+        alive: Callable[[], bool],
+        release: Callable[[int], None] | None = None,
+        released: Callable[[int], bool] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.curve = curve
+        self.prefix = prefix
+        self.alive = alive
+        #: in the driver: release a lease, and tell whether one was released (no round trip)
+        self.release = release
+        self.released = released
+        self.pid = os.getpid()
+
+
+_lock = threading.Lock()
+_worker_at: _Location | None = None
+_drivers: dict[int, _Location] = {}
+_ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+_ctx_pid = 0
+_conns: set[_Conn] = set()
+_ids = itertools.count(1)
+_nonces = itertools.count(1)
+
+
+def _after_fork() -> None:
+    # A forked child owns nothing of its parent's: not its lock state, context or sockets.
+    global _lock, _ctx, _conns
+    _lock = threading.Lock()
+    _ctx = None
+    _conns = set()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def set_worker_location(
+    endpoint: str, curve: sockets.Curve | None, worker_id: str, alive: Callable[[], bool]
+) -> None:
+    """In a worker (``run_worker``): ends here reach the driver at ``endpoint`` as ``<worker id>~<n>``.
+
+    ``alive()`` turns false when the worker is shutting down; waiting ends then raise.
+    """
+    global _worker_at
+    _worker_at = _Location(endpoint, curve, worker_id.encode(), alive)
+
+
+def register_driver(
+    key: int,
+    endpoint: str,
+    alive: Callable[[], bool],
+    release: Callable[[int], None],
+    released: Callable[[int], bool],
+) -> None:
+    """In the driver (the broker): ends of leases ``key << LEASE_SHIFT + n`` reach it at ``endpoint``."""
+    _drivers[key] = _Location(endpoint, None, b"d%d" % os.getpid(), alive, release, released)
+
+
+def _locate(lease: int) -> _Location:
+    pid = os.getpid()
+    where = _worker_at
+    if where is not None and where.pid == pid:
+        return where
+    where = _drivers.get(lease >> LEASE_SHIFT)
+    if where is not None and where.pid == pid:
+        return where
+    raise RuntimeClosedError(
+        f"a channel end of lease {lease:#x} was used outside its runtime: ends work in the "
+        "driver process that leased them and in that runtime's workers"
+    )
+
+
+def _context() -> zmq.Context[zmq.Socket[bytes]]:
+    global _ctx, _ctx_pid, _conns
+    with _lock:
+        if _ctx is None or _ctx_pid != os.getpid():
+            _ctx = zmq.Context()
+            _ctx_pid = os.getpid()
+            _conns = set()
+        return _ctx
+
+
+def close_all() -> None:
+    """Close every end's socket in this process at once (linger 0): at exit."""
+    with _lock:
+        conns = list(_conns)
+        _conns.clear()
+    for conn in conns:
+        if conn.pid == os.getpid() and not conn.sock.closed:
+            conn.sock.close(linger=0)
+
+
+atexit.register(close_all)
+
+
+class _Conn:
+    """One end's DEALER socket in this process, connected to its driver's results ROUTER."""
+
+    __slots__ = ("sock", "ident", "pid", "where", "__weakref__")
+
+    def __init__(self, where: _Location) -> None:
+        ctx = _context()
+        self.where = where
+        self.pid = os.getpid()
+        self.ident = where.prefix + b"~%d" % next(_ids)
+        self.sock = sockets.dealer(ctx, where.endpoint, self.ident, where.curve)
+        with _lock:
+            _conns.add(self)
+
+    def send(self, msg: Any) -> None:
+        if self.pid != os.getpid():  # an end inherited through fork: the socket is the parent's
+            raise ChannelClosedError("a channel end cannot be used across fork", "end closed")
+        try:
+            self.sock.send(encode(msg), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # closed, or (never with windows) a full pipe
+            raise ChannelClosedError(f"the channel end's socket cannot send: {exc}", "end closed") from None
+
+    def replies(self, timeout_ms: int) -> list[ChannelReply]:
+        """What the broker sent, waiting up to ``timeout_ms`` for the first frame."""
+        sock = self.sock
+        out: list[ChannelReply] = []
+        if self.pid != os.getpid():
+            raise ChannelClosedError("a channel end cannot be used across fork", "end closed")
+        if timeout_ms > 0 and not sock.poll(timeout_ms):
+            return out
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return out
+            try:
+                out.append(decode_channel(frame))
+            except ProtocolError:
+                continue  # bad input never kills: the frame is dropped
+
+    def close(self, goodbye: Any = None, linger: int = 0) -> None:
+        """Close the socket (never blocks); ``goodbye`` is sent first, ``linger`` ms to deliver it."""
+        if self.pid != os.getpid():
+            return  # a forked child: the socket is its parent's
+        with _lock:
+            _conns.discard(self)
+        sock = self.sock
+        if sock.closed:
+            return
+        if goodbye is not None:
+            try:
+                sock.send(encode(goodbye), zmq.NOBLOCK)
+                linger = max(linger, _GOODBYE_LINGER)
+            except zmq.ZMQError:
+                pass
+        sock.close(linger=linger)
+
+
+def _deadline(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError(f"timeout must be >= 0, got {timeout}")
+    return time.monotonic() + timeout
+
+
+class _Cancelled(Exception):
+    """An ``async`` wait's task was cancelled: its thread gives up."""
+
+
+def _wait_slice(where: _Location, deadline: float | None, what: str, cancel: threading.Event | None) -> int:
+    """Milliseconds to poll for next; raises if the wait must end (timeout, runtime gone, cancelled)."""
+    if cancel is not None and cancel.is_set():
+        raise _Cancelled
+    if not where.alive():
+        raise RuntimeClosedError(f"the runtime shut down while a channel end waited to {what}")
+    if deadline is None:
+        return int(_SLICE * 1000)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise ChannelTimeoutError(f"channel {what} timed out")
+    return max(1, int(min(remaining, _SLICE) * 1000))
+
+
+# --------------------------------------------------------------------------- #
+# Sender
+# --------------------------------------------------------------------------- #
+
+
+class Sender(Generic[T]):
+    """The sending end of a lease, made by :meth:`phalanx.Runtime.lease`.
+
+    ``send(value)`` queues a value on the lease. Pass the sender to
+    operations and actor methods as an argument; each copy is an independent
+    end of the same lease, and any copy may ``close()`` the lease's sending
+    side. Dropping a copy does not close anything.
+
+    ``send`` returns once the value is on its way: up to ``SEND_WINDOW`` sends
+    may be in flight, and it waits (up to ``timeout``) while the lease holds
+    more than its capacity of unconsumed messages. ``flush()`` waits until
+    the broker has everything sent so far; ``close()`` flushes, then closes.
+    A sender dropped without either still delivers what it sent unless its
+    process exits at once.
+    """
+
+    __slots__ = ("_lease", "_kind", "_window", "_conn", "_seq", "_acked", "_status", "_closed",
+                 "_answers", "_finalizer", "__weakref__")
+
+    def __init__(self, lease: int, kind: ChannelKind, window: int = SEND_WINDOW) -> None:
+        self._lease = lease
+        self._kind = kind
+        self._window = max(1, min(window, SEND_WINDOW))
+        self._conn: _Conn | None = None
+        self._seq = 0
+        self._acked = 0
+        self._status = CHAN_OK
+        self._closed = False
+        self._answers: dict[int, int] = {}
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+
+    @property
+    def lease_id(self) -> int:
+        """The id of the lease this end sends on."""
+        return self._lease
+
+    @property
+    def kind(self) -> ChannelKind:
+        """ExactlyOnce or Broadcast."""
+        return self._kind
+
+    @property
+    def closed(self) -> bool:
+        """True once this end was closed, or learnt that the lease's sending side was."""
+        return self._closed or self._status != CHAN_OK
+
+    def __repr__(self) -> str:
+        return f"Sender(lease={self._lease:#x}, kind={self._kind.name})"
+
+    def _connect(self) -> _Conn:
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = _Conn(_locate(self._lease))
+            # Dropped without close(): let ZeroMQ deliver the last sends, never block.
+            self._finalizer = weakref.finalize(self, conn.close, None, _GOODBYE_LINGER)
+            self._finalizer.atexit = False
+        return conn
+
+    def _read(self, conn: _Conn, timeout_ms: int) -> None:
+        for msg in conn.replies(timeout_ms):
+            if isinstance(msg, ChanAck) and msg.lease == self._lease:
+                if msg.status == CHAN_OK:
+                    self._acked = max(self._acked, min(msg.seq + 1, self._seq))
+                else:  # refused from here on: nothing in flight will be queued
+                    self._status = msg.status
+                    self._acked = self._seq
+            elif isinstance(msg, ChanReply) and msg.lease == self._lease:
+                self._answers[msg.nonce] = msg.status
+
+    def _wait(self, conn: _Conn, done: Callable[[], bool], deadline: float | None, what: str,
+              cancel: threading.Event | None = None) -> None:
+        self._read(conn, 0)
+        while not done() and self._status == CHAN_OK:
+            self._read(conn, _wait_slice(conn.where, deadline, what, cancel))
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ChannelClosedError("this sender was closed", "end closed")
+        if self._status != CHAN_OK:
+            raise _closed_error(self._status, self._lease)
+
+    def send(self, value: T, timeout: float | None = None) -> None:
+        """Queue ``value`` on the lease.
+
+        Raises :class:`~phalanx.EncodeError` (before sending) for a value
+        msgpack cannot carry, :class:`~phalanx.ChannelClosedError` once the
+        lease is closed or released (a send already in flight then is
+        dropped and counted), :class:`~phalanx.ChannelTimeoutError` if the
+        lease stays full for ``timeout`` seconds (the value is not sent).
+        """
+        self._send(value, timeout, None)
+
+    def _send(self, value: Any, timeout: float | None, cancel: threading.Event | None) -> None:
+        self._check()
+        data = encode(value, "a channel message")
+        conn = self._connect()
+        deadline = _deadline(timeout)
+        self._wait(conn, lambda: self._seq - self._acked < self._window, deadline, "send", cancel)
+        self._check()
+        conn.send(ChanSend(self._lease, self._seq, data))
+        self._seq += 1
+
+    async def asend(self, value: T, timeout: float | None = None) -> None:
+        """:meth:`send` without blocking the event loop (a full lease is waited for in a thread).
+
+        A cancelled ``asend`` that had to wait sends nothing, unless room
+        came at the very moment it was cancelled.
+        """
+        self._check()
+        if self._conn is not None and self._seq - self._acked < self._window:
+            self._send(value, timeout, None)  # room in the window: never waits
+            return
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, functools.partial(self._send, value, timeout, cancel))
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until the broker has queued everything this end sent.
+
+        Raises :class:`~phalanx.ChannelClosedError` if some of it was refused
+        (the lease was closed or released meanwhile).
+        """
+        if self._closed:
+            return
+        conn = self._conn
+        if conn is None:
+            return
+        self._wait(conn, lambda: self._acked >= self._seq, _deadline(timeout), "flush")
+        if self._status != CHAN_OK:
+            raise _closed_error(self._status, self._lease)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush, then close the lease's sending side; idempotent.
+
+        Receivers end once everything sent before is delivered and
+        acknowledged. Later sends from any copy raise
+        :class:`~phalanx.ChannelClosedError`. Closing a released lease does
+        nothing.
+        """
+        if self._closed:
+            return
+        if self._status != CHAN_OK:
+            self._close_socket()
+            return
+        deadline = _deadline(timeout)
+        try:
+            conn = self._connect()
+            self._wait(conn, lambda: self._acked >= self._seq, deadline, "close")
+            if self._status == CHAN_OK:
+                nonce = next(_nonces)
+                conn.send(ChanClose(self._lease, nonce))
+                self._wait(conn, lambda: nonce in self._answers, deadline, "close")
+        except RuntimeClosedError:
+            pass  # the runtime, and its leases, are gone: nothing left to close
+        self._close_socket()  # not on a timeout: the lease is still open, close() may be retried
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """:meth:`close` without blocking the event loop."""
+        await asyncio.get_running_loop().run_in_executor(None, self.close, timeout)
+
+    def _close_socket(self) -> None:
+        self._closed = True
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        if self._conn is not None:
+            self._conn.close()
+
+    def __enter__(self) -> Sender[T]:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- #
+# Receiver
+# --------------------------------------------------------------------------- #
+
+
+class Message(Generic[T]):
+    """A received message waiting for :meth:`ack` or :meth:`nack` (see :meth:`Receiver.recv_message`)."""
+
+    __slots__ = ("value", "id", "_rx", "_settled")
+
+    def __init__(self, rx: Receiver[T], msg_id: int, value: T) -> None:
+        #: the value sent
+        self.value = value
+        #: the message's id within its lease
+        self.id = msg_id
+        self._rx = rx
+        self._settled = False
+
+    def ack(self) -> None:
+        """Done with it: it will not be delivered again. A second ack or nack does nothing."""
+        if not self._settled:
+            self._settled = True
+            self._rx._settle(self.id, True)
+
+    def nack(self) -> None:
+        """Not done: put it back at the front of the queue, for any receiver (maybe this one)."""
+        if not self._settled:
+            self._settled = True
+            self._rx._settle(self.id, False)
+
+    def __repr__(self) -> str:
+        return f"Message(id={self.id}, value={self.value!r})"
+
+
+def _drop_receiver(conn: _Conn, lease: int, sub: int, acks: list[int]) -> None:
+    """A receiver was collected: ack what it consumed; the broker redelivers what else it held."""
+    conn.close(ChanDetach(lease, sub, 0, list(acks)))
+
+
+class Receiver(Generic[T]):
+    """The receiving end of a lease, made by :meth:`phalanx.Runtime.lease`.
+
+    Iterate it (``for x in rx`` or ``async for x in rx``) until the channel
+    ends: after the sender closed and everything was delivered and
+    acknowledged, or at once when the lease is released. Iteration
+    acknowledges each message when it asks for the next one (or the loop
+    ends); :meth:`recv` acknowledges at once; :meth:`recv_message` and
+    :meth:`messages` leave it to you (:class:`Message` ``.ack()`` /
+    ``.nack()``).
+
+    For an ExactlyOnce lease every receiver (each copy passed to an
+    operation) takes messages from the lease's one queue. A Broadcast
+    receiver *is* a subscription: its copies share it; :meth:`subscribe`
+    makes a new one. A receiver holds at most ``prefetch`` unacknowledged
+    messages; dropping or closing it gives them back to the queue.
+    """
+
+    __slots__ = ("_lease", "_kind", "_sub", "_prefetch", "_conn", "_buffer", "_acks", "_ended", "_closed",
+                 "_streaming", "_holding", "_waiting", "_sent", "_answers", "_busy", "_finalizer", "__weakref__")
+
+    def __init__(self, lease: int, kind: ChannelKind, sub: int = 0, prefetch: int = 8) -> None:
+        self._lease = lease
+        self._kind = kind
+        self._sub = sub
+        self._prefetch = max(1, min(prefetch, MAX_PREFETCH))
+        self._conn: _Conn | None = None
+        self._buffer: deque[tuple[int, bytes]] = deque()
+        #: consumed, acked with the next request (mutated in place: the finalizer holds it)
+        self._acks: list[int] = []
+        self._ended = CHAN_OK
+        self._closed = False
+        #: an iteration runs: keep ``prefetch`` messages coming (else ask one at a time)
+        self._streaming = False
+        #: messages handed out by recv_message and not yet acked or nacked
+        self._holding = 0
+        #: a recv waits for one message
+        self._waiting = 0
+        #: the window last told to the broker
+        self._sent = 0
+        self._answers: dict[int, int] = {}
+        self._busy = threading.Lock()
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+
+    @property
+    def lease_id(self) -> int:
+        """The id of the lease this end receives from."""
+        return self._lease
+
+    @property
+    def kind(self) -> ChannelKind:
+        """ExactlyOnce or Broadcast."""
+        return self._kind
+
+    @property
+    def prefetch(self) -> int:
+        """Most unacknowledged messages this receiver holds (the rest wait for other receivers)."""
+        return self._prefetch
+
+    @prefetch.setter
+    def prefetch(self, n: int) -> None:
+        if not 1 <= n <= MAX_PREFETCH:
+            raise ValueError(f"prefetch must be 1..{MAX_PREFETCH}, got {n}")
+        self._prefetch = n
+
+    def __repr__(self) -> str:
+        sub = f", subscription={self._sub:#x}" if self._kind is Broadcast else ""
+        return f"Receiver(lease={self._lease:#x}, kind={self._kind.name}{sub})"
+
+    # ---- talking to the broker ----------------------------------------------------
+
+    def _connect(self) -> _Conn:
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = _Conn(_locate(self._lease))
+            self._finalizer = weakref.finalize(self, _drop_receiver, conn, self._lease, self._sub, self._acks)
+            self._finalizer.atexit = False
+        return conn
+
+    def _read(self, conn: _Conn, timeout_ms: int) -> None:
+        lease, sub = self._lease, self._sub
+        for msg in conn.replies(timeout_ms):
+            if isinstance(msg, ChanDeliver):
+                if msg.lease == lease and msg.sub == sub and self._ended == CHAN_OK:
+                    self._buffer.extend(zip(msg.ids, msg.data))
+            elif isinstance(msg, ChanEnd):
+                if msg.lease == lease and msg.sub == sub:
+                    self._ended = msg.reason if msg.reason != CHAN_OK else CHAN_UNKNOWN
+                    if self._ended != CHAN_CLOSED:
+                        self._buffer.clear()  # released: nothing late
+            elif isinstance(msg, ChanReply) and msg.lease == lease:
+                self._answers[msg.nonce] = msg.status
+
+    def _window(self) -> int:
+        """How many unacked messages this end wants to hold at the broker now.
+
+        While iterating, ``prefetch`` beyond those it holds; otherwise only
+        what it holds, plus one while a ``recv`` waits: an idle receiver
+        takes nothing other receivers could have.
+        """
+        held = self._holding + (self._prefetch if self._streaming else len(self._buffer) + self._waiting)
+        return min(held, MAX_PREFETCH)
+
+    def _pull(self, conn: _Conn, nacks: list[int] | None = None) -> None:
+        acks = self._acks
+        window = self._sent = self._window()
+        conn.send(ChanPull(self._lease, self._sub, window, list(acks), nacks or []))
+        acks.clear()
+
+    def _take(self, deadline: float | None, stream: bool,
+              cancel: threading.Event | None = None) -> tuple[int, bytes]:
+        """The next message (id, data), acking what was consumed; raises ChannelClosedError at the end."""
+        with self._busy:
+            if self._closed:
+                raise ChannelClosedError("this receiver was closed", "end closed")
+            conn = self._connect()
+            buffer = self._buffer
+            released = conn.where.released
+            if released is not None and self._ended == CHAN_OK and released(self._lease):
+                # In the driver: after release() returns, nothing more is yielded.
+                self._ended = CHAN_RELEASED
+                buffer.clear()
+            if self._ended == CHAN_OK:
+                self._read(conn, 0)  # an End that already arrived wins over what is buffered
+                self._streaming = stream
+                if self._acks or self._window() != self._sent:
+                    self._pull(conn)
+                if not buffer and not stream:
+                    self._waiting = 1
+                    self._pull(conn)
+            try:
+                while not buffer:
+                    if self._ended != CHAN_OK:
+                        raise _closed_error(self._ended, self._lease)
+                    self._read(conn, _wait_slice(conn.where, deadline, "receive", cancel))
+            except (ChannelTimeoutError, _Cancelled):
+                if self._waiting and self._ended == CHAN_OK:
+                    self._waiting = 0
+                    self._pull(conn)  # gave up: withdraw the request (one already sent waits in the buffer)
+                raise
+            finally:
+                self._waiting = 0
+            return buffer.popleft()
+
+    def _took(self, msg_id: int, ack: bool) -> None:
+        """After a recv: ack at once (``ack``) or count it as held; ask for nothing more."""
+        conn = self._conn
+        if ack:
+            self._acks.append(msg_id)
+        else:
+            self._holding += 1
+        if ack and conn is not None and self._ended == CHAN_OK:
+            self._pull(conn)
+
+    def _settle(self, msg_id: int, ack: bool) -> None:
+        conn = self._conn
+        self._holding = max(0, self._holding - 1)
+        if self._closed or conn is None or self._ended != CHAN_OK:
+            return  # nothing to settle: the broker forgot what this end held
+        if ack:
+            self._acks.append(msg_id)
+            self._pull(conn)
+        else:
+            self._pull(conn, [msg_id])
+
+    def _pause(self) -> None:
+        """A loop ended early: ack what it consumed, give back what it had not reached."""
+        conn = self._conn
+        self._streaming = False
+        if conn is None or self._closed or self._ended != CHAN_OK:
+            return
+        try:
+            back = [mid for mid, _ in self._buffer]
+            self._buffer.clear()
+            self._pull(conn, back)
+        except PhalanxError:
+            pass
+
+    # ---- receiving --------------------------------------------------------------------
+
+    def recv(self, timeout: float | None = None) -> T:
+        """The next value, acknowledged at once.
+
+        Raises :class:`~phalanx.ChannelClosedError` once the channel has
+        ended (``reason`` says why), :class:`~phalanx.ChannelTimeoutError`
+        after ``timeout`` seconds without one, :class:`~phalanx.DecodeError`
+        for a message that cannot be decoded (it is acknowledged).
+        """
+        msg_id, data = self._take(_deadline(timeout), False)
+        self._took(msg_id, True)
+        return decode_value(data)  # type: ignore[no-any-return]
+
+    def recv_message(self, timeout: float | None = None) -> Message[T]:
+        """The next message, unacknowledged: call its ``ack()`` or ``nack()``.
+
+        Until then it counts against ``prefetch``; if this receiver is
+        closed, collected or its process dies first, it is redelivered.
+        """
+        return self._message(*self._take(_deadline(timeout), False))
+
+    def _message(self, msg_id: int, data: bytes) -> Message[T]:
+        try:
+            value = decode_value(data)
+        except PhalanxError:
+            self._took(msg_id, True)
+            raise
+        self._took(msg_id, False)
+        return Message(self, msg_id, value)
+
+    def __iter__(self) -> Iterator[T]:
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[T]:
+        finished = False
+        try:
+            while True:
+                try:
+                    msg_id, data = self._take(None, True)
+                except ChannelClosedError as exc:
+                    if exc.reason in _ENDINGS:
+                        finished = True
+                        return
+                    raise
+                self._acks.append(msg_id)  # acked when the next is asked for, or the loop ends
+                yield decode_value(data)
+        finally:
+            if not finished:
+                self._pause()
+
+    def messages(self) -> Iterator[Message[T]]:
+        """Iterate :class:`Message` objects, to ack or nack each yourself."""
+        finished = False
+        try:
+            while True:
+                try:
+                    msg_id, data = self._take(None, True)
+                except ChannelClosedError as exc:
+                    if exc.reason in _ENDINGS:
+                        finished = True
+                        return
+                    raise
+                yield self._message(msg_id, data)
+        finally:
+            if not finished:
+                self._pause()
+
+    # ---- asyncio --------------------------------------------------------------------
+
+    async def _atake(self, deadline: float | None, stream: bool) -> tuple[int, bytes]:
+        if self._buffer and self._conn is not None and not self._closed:
+            return self._take(deadline, stream)  # buffered: never waits
+        cancel = threading.Event()
+        handover = threading.Lock()
+        box: list[tuple[int, bytes]] = []
+
+        def wait() -> tuple[int, bytes]:
+            item = self._take(deadline, stream, cancel)
+            with handover:
+                if cancel.is_set():  # nobody will read it: back to the buffer
+                    with self._busy:
+                        self._buffer.appendleft(item)
+                    raise _Cancelled
+                box.append(item)
+            return item
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, wait)
+        except asyncio.CancelledError:
+            with handover:
+                cancel.set()  # a waiting thread gives up within _SLICE
+                if box:  # it finished, but its result is lost with the cancelled future
+                    self._buffer.appendleft(box.pop())
+            raise
+
+    async def arecv(self, timeout: float | None = None) -> T:
+        """:meth:`recv` without blocking the event loop."""
+        msg_id, data = await self._atake(_deadline(timeout), False)
+        self._took(msg_id, True)
+        return decode_value(data)  # type: ignore[no-any-return]
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self._aiterate()
+
+    async def _aiterate(self) -> AsyncIterator[T]:
+        finished = False
+        try:
+            while True:
+                try:
+                    msg_id, data = await self._atake(None, True)
+                except ChannelClosedError as exc:
+                    if exc.reason in _ENDINGS:
+                        finished = True
+                        return
+                    raise
+                self._acks.append(msg_id)
+                yield decode_value(data)
+        finally:
+            if not finished:
+                self._pause()
+
+    # ---- subscriptions and closing -----------------------------------------------------------
+
+    def subscribe(self, timeout: float | None = None) -> Receiver[T]:
+        """A new receiver of the same lease.
+
+        Broadcast: a new, independent subscription, registered at the
+        broker before this returns: it gets every message sent after that.
+        ExactlyOnce: another receiver of the lease's one queue.
+        """
+        if self._kind is ExactlyOnce:
+            return Receiver(self._lease, self._kind, 0, self._prefetch)
+        if self._closed:
+            raise ChannelClosedError("this receiver was closed", "end closed")
+        with self._busy:
+            conn = self._connect()
+            sub = secrets.randbits(62) + 2  # 1 is the lease's first subscription
+            nonce = next(_nonces)
+            conn.send(ChanSubscribe(self._lease, sub, nonce))
+            deadline = _deadline(timeout)
+            self._read(conn, 0)
+            while nonce not in self._answers:
+                self._read(conn, _wait_slice(conn.where, deadline, "subscribe", None))
+            status = self._answers.pop(nonce)
+        if status != CHAN_OK:
+            raise _closed_error(status, self._lease)
+        return Receiver(self._lease, self._kind, sub, self._prefetch)
+
+    @property
+    def closed(self) -> bool:
+        """True once this end was closed."""
+        return self._closed
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop receiving; idempotent.
+
+        What this end consumed is acknowledged; what it held besides goes
+        back to the queue for other receivers. Closing a Broadcast receiver
+        ends its subscription, for every copy of it.
+        """
+        if self._closed:
+            return
+        unsubscribe = self._kind is Broadcast
+        conn = self._conn
+        try:
+            if conn is None and unsubscribe:
+                conn = self._connect()
+            if conn is not None and conn.where.alive() and self._ended == CHAN_OK:
+                with self._busy:
+                    nonce = next(_nonces)
+                    conn.send(ChanDetach(self._lease, self._sub, nonce, list(self._acks), unsubscribe))
+                    self._acks.clear()
+                    self._buffer.clear()
+                    deadline = _deadline(CLOSE_TIMEOUT if timeout is None else timeout)
+                    self._read(conn, 0)
+                    while nonce not in self._answers:
+                        self._read(conn, _wait_slice(conn.where, deadline, "close", None))
+        except (RuntimeClosedError, ChannelTimeoutError, ChannelClosedError):
+            pass  # the broker redelivers what this end held when it finds it gone
+        finally:
+            self._closed = True
+            self._buffer.clear()
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            if conn is not None:
+                conn.close()
+
+    def __enter__(self) -> Receiver[T]:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- #
+# The pair
+# --------------------------------------------------------------------------- #
+
+
+class Lease(NamedTuple, Generic[T]):
+    """``(sender, receiver)`` of one lease, from :meth:`phalanx.Runtime.lease`.
+
+    Unpack it (``tx, rx = rt.lease()``) or use it as a context manager
+    (``with rt.lease() as (tx, rx):``), which releases the lease on exit.
+    """
+
+    sender: Sender[T]
+    receiver: Receiver[T]
+
+    @property
+    def id(self) -> int:
+        """The lease id."""
+        return self.sender.lease_id
+
+    def release(self) -> None:
+        """Drop the lease in the driver; idempotent.
+
+        Receivers end at once (nothing queued or buffered is delivered
+        after), later sends are dropped and counted
+        (``RuntimeStats.channel_messages_dropped``) and the senders then
+        raise :class:`~phalanx.ChannelClosedError`.
+        """
+        where = _drivers.get(self.id >> LEASE_SHIFT)
+        if where is not None and where.release is not None and where.pid == os.getpid():
+            where.release(self.id)
+
+    def __enter__(self) -> Lease[T]:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+
+# --------------------------------------------------------------------------- #
+# Ends on the wire: msgpack extension types 1 and 2
+# --------------------------------------------------------------------------- #
+
+SENDER_EXT = 1
+RECEIVER_EXT = 2
+_SENDER_FORM = msgspec.msgpack.Decoder(tuple[int, int, int])
+_RECEIVER_FORM = msgspec.msgpack.Decoder(tuple[int, int, int, int])
+
+
+def _sender_to_bytes(tx: Sender[Any]) -> bytes:
+    return msgspec.msgpack.encode((tx._lease, _KIND_CODE[tx._kind], tx._window))
+
+
+def _sender_from_bytes(data: memoryview) -> Sender[Any]:
+    lease, kind, window = _SENDER_FORM.decode(data)
+    if lease <= 0 or not 0 <= kind < len(_KINDS) or not 1 <= window <= SEND_WINDOW:
+        raise ValueError("malformed channel sender")
+    return Sender(lease, _KINDS[kind], window)
+
+
+def _receiver_to_bytes(rx: Receiver[Any]) -> bytes:
+    return msgspec.msgpack.encode((rx._lease, _KIND_CODE[rx._kind], rx._sub, rx._prefetch))
+
+
+def _receiver_from_bytes(data: memoryview) -> Receiver[Any]:
+    lease, kind, sub, prefetch = _RECEIVER_FORM.decode(data)
+    if (
+        lease <= 0
+        or not 0 <= kind < len(_KINDS)
+        or sub < 0
+        or (kind == 0 and sub != 0)
+        or not 1 <= prefetch <= MAX_PREFETCH
+    ):
+        raise ValueError("malformed channel receiver")
+    return Receiver(lease, _KINDS[kind], sub, prefetch)
+
+
+register_ext(SENDER_EXT, Sender, _sender_to_bytes, _sender_from_bytes)
+register_ext(RECEIVER_EXT, Receiver, _receiver_to_bytes, _receiver_from_bytes)
