@@ -75,6 +75,7 @@ from .channels import (
     Receiver,
     Sender,
     register_driver,
+    unregister_driver,
 )
 from .errors import ProtocolError, RuntimeClosedError
 from .transport.codec import decode_broker, encode
@@ -176,6 +177,10 @@ class Broker:
         register_driver(self._base, driver.endpoints.results, lambda: not driver.closed, self.release,
                         self._released)
         driver.exit_listeners.append(self.worker_exited)
+
+    def close(self) -> None:
+        """The runtime shut down: forget where its ends connect (nothing here outlives it)."""
+        unregister_driver(self._base)
 
     # ---- user threads -------------------------------------------------------------
 

@@ -228,6 +228,11 @@ def register_driver(
     _drivers[key] = _Location(endpoint, None, b"d%d" % os.getpid(), alive, release, released)
 
 
+def unregister_driver(key: int) -> None:
+    """The runtime of ``key`` shut down: its ends fail with RuntimeClosedError from now on."""
+    _drivers.pop(key, None)
+
+
 def _locate(lease: int) -> _Location:
     pid = os.getpid()
     where = _worker_at

@@ -9,6 +9,7 @@ turns it into ``workers`` (the total) and ``tags`` (the counts per tag).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -103,8 +104,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             )
         if self.abort_grace < 0:
             raise ValueError(f"abort_grace must be >= 0, got {self.abort_grace}")
-        if self.route_timeout < 0:
-            raise ValueError(f"route_timeout must be >= 0, got {self.route_timeout}")
+        if not (math.isfinite(self.route_timeout) and self.route_timeout >= 0):
+            raise ValueError(f"route_timeout must be a finite number >= 0, got {self.route_timeout}")
         for tag, count in self.tags.items():
             check_tag(tag)
             if not isinstance(count, int) or count < 0:

@@ -104,6 +104,8 @@ def _compatible(produced: Any, wanted: Any) -> bool:
     """False only when ``produced`` certainly cannot become ``wanted`` (plain classes only)."""
     if produced not in _PLAIN or wanted not in _PLAIN:
         return True  # Any, object, generics, unions, Structs, dataclasses...: not judged here
+    if produced is bool and wanted is not bool:
+        return False  # msgspec refuses a bool where an int or float is declared
     if issubclass(produced, wanted) or (produced, wanted) in _CONVERTS:
         return True
     return produced in _SEQUENCES and wanted in _SEQUENCES
@@ -368,6 +370,8 @@ class _JobState:
         self.lock = threading.Lock()
         self.cancelled = threading.Event()
         self.finished = threading.Event()
+        #: every result is computed and queued (maybe not yet read): cancel() has nothing to end
+        self.completed = threading.Event()
         self.items_done = 0
         self.items_total = total
         self._abort: Callable[[BaseException], None] | None = None
@@ -385,7 +389,7 @@ class _JobState:
 
     def cancel(self) -> bool:
         with self.lock:
-            if self.finished.is_set() or self.cancelled.is_set():
+            if self.finished.is_set() or self.completed.is_set() or self.cancelled.is_set():
                 return False
             self.cancelled.set()
             abort, self._abort = self._abort, None
@@ -399,6 +403,8 @@ class _JobState:
 
     def put(self, kind: int, value: Any) -> bool:
         """Hand a batch to the consumer (the job thread; bounded); False once cancelled."""
+        if kind == _END:
+            self.completed.set()
         while not self.cancelled.is_set():
             try:
                 self.queue.put((kind, value), timeout=0.05)
@@ -507,12 +513,12 @@ class JobHandle(Generic[Y, R]):
     def progress(self) -> JobProgress:
         """Items done, items in total (None while unknown), and whether the job has ended."""
         state = self._state
-        finished = state.finished.is_set()
+        finished = state.finished.is_set() or state.completed.is_set()
         return JobProgress(state.items_done, state.items_total, finished)
 
     def done(self) -> bool:
         """True once the job has ended: every result received (maybe not yet consumed), or failed, or cancelled."""
-        return self._state.finished.is_set()
+        return self._state.finished.is_set() or self._state.completed.is_set()
 
     def cancelled(self) -> bool:
         """True if :meth:`cancel` ended the job."""
@@ -683,8 +689,9 @@ class JobHandle(Generic[Y, R]):
 
     def __del__(self) -> None:
         try:
-            if not self._state.finished.is_set():
-                self._state.cancel()
+            state = self._state
+            if not state.finished.is_set() and not state.cancel():
+                state.cancelled.set()  # completed but unread: let the job thread stop waiting
         except Exception:
             pass  # half-built, or the interpreter is shutting down
 

@@ -1032,7 +1032,11 @@ class Driver:
                         break
                     except zmq.ZMQError:
                         return
-                    self._handle(parts)
+                    try:
+                        self._handle(parts)
+                    except Exception:  # a frame that is well-formed but nonsensical: never stop the pump
+                        log.exception("dropped a frame that could not be handled")
+                        self.frames_dropped += 1
             if self._monitors:
                 for mon in self._monitors:
                     if mon in events:
@@ -1173,11 +1177,10 @@ class Driver:
 
     def _reap_dead(self) -> None:
         now = time.monotonic()
-        dead = [k for k, w in self._workers.items() if not w.alive and now - w.died_at > DEAD_WORKER_TTL]
-        if dead:
-            with self._lock:
-                for k in dead:
-                    self._workers.pop(k, None)
+        with self._lock:  # the supervisor thread adds replacements meanwhile
+            dead = [k for k, w in self._workers.items() if not w.alive and now - w.died_at > DEAD_WORKER_TTL]
+            for k in dead:
+                self._workers.pop(k, None)
 
     def _handle(self, parts: list[bytes], filtered: bool = False) -> None:
         if self.frame_filter is not None and not filtered and len(parts) == 2:
@@ -1461,6 +1464,8 @@ class Driver:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self.endpoints.remove()
+        if self.channels is not None:
+            self.channels.close()
 
     @property
     def closed(self) -> bool:

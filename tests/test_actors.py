@@ -126,6 +126,8 @@ def test_spawn_on_unknown_worker(module_runtime: phalanx.Runtime) -> None:
         module_runtime.spawn(Counter, on="no-such-worker", timeout=0.5)
     with pytest.raises(LookupError):
         module_runtime.spawn(Counter, on="no such worker")  # not even a possible tag
+    with pytest.raises(LookupError, match="not live"):
+        module_runtime.spawn(Counter, on="w999")  # a worker id, not a tag: no wait
 
 
 def test_async_method_and_awaitable_future(module_runtime: phalanx.Runtime) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import re
 import threading
 import time
 import typing
@@ -51,6 +52,9 @@ from .events import Failed, RestartFailed, Started, Stopped
 
 if typing.TYPE_CHECKING:
     from ..driver import Delivery, Driver, Job
+
+#: the ids of workers a runtime starts itself ("w1", "w2", ...): never tag names
+_LOCAL_WORKER_ID = re.compile(r"^w[0-9]+$")
 
 __all__ = ["ActorSystem", "ActorNode", "WorkerNode", "RuntimeTree"]
 
@@ -245,6 +249,9 @@ class ActorSystem:
                 held = self.driver.worker_tags().get(on, ())
                 keep = tag if tag in held else DEFAULT_TAG if DEFAULT_TAG in held or not held else held[0]
                 return on.encode(), keep
+            if on.encode() in self.driver._workers or _LOCAL_WORKER_ID.match(on):
+                # A worker that died (or never was): not a tag to wait for.
+                raise LookupError(f"worker {on!r} is not live; live: {sorted(self.driver.worker_tags())}")
             try:
                 tag = check_tag(on)
             except ValueError:

@@ -344,7 +344,7 @@ class Operation:
             return items
         try:
             return msgspec.convert(items, list[typ])  # type: ignore[valid-type]
-        except (msgspec.ValidationError, TypeError):
+        except Exception:  # e.g. a Struct's __post_init__: converting one by one reports it in place
             return None
 
     def convert_results(self, values: list[Any]) -> list[Any] | None:
@@ -354,7 +354,7 @@ class Operation:
             return values
         try:
             return msgspec.convert(values, list[returns])  # type: ignore[valid-type]
-        except (msgspec.ValidationError, TypeError):
+        except Exception:  # e.g. a Struct's __post_init__: converting one by one reports it in place
             return None  # the caller converts one by one, to name the value that does not fit
 
     def _explain(self, args: list[Any], kw: dict[str, Any]) -> None:

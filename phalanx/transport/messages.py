@@ -92,7 +92,7 @@ __all__ = [
     "Outcome",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Chunk.stages, Hello.tags (a version-1 worker would ignore them)
 
 
 class _Msg(msgspec.Struct, frozen=True, array_like=True, tag=True):
