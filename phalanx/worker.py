@@ -580,6 +580,12 @@ class _Loop:
         plan = [(stage, stage.fn, stage.converter(0)) for stage in stages]
         combine, lower, upper = op.fn, op.converter(0), op.converter(1)
         star = task.star
+        if not star and len(stages) == 1 and task.timeout <= 0 and not (
+            inspect.iscoroutinefunction(stages[0].fn) or inspect.iscoroutinefunction(combine)
+        ):
+            converted = stages[0].convert_items(items)
+            if converted is not None:
+                return self._fold_one_stage(stages[0], op, converted, ctx)
         through, now = self._through, time.monotonic
         ctx.check()
         ctx.started = now()
@@ -595,6 +601,22 @@ class _Loop:
                           value if upper is None else upper(value, True))
             if hasattr(acc, "__await__") and inspect.isawaitable(acc):
                 acc = self._settle(acc)
+        return acc
+
+    def _fold_one_stage(self, stage: Operation, op: Operation, items: list[Any], ctx: TaskContext) -> Any:
+        """``fold_staged``'s tight loop: one synchronous stage, arguments converted in one pass, no timeout."""
+        fn, combine, lower, upper = stage.fn, op.fn, op.converter(0), op.converter(1)
+        ctx.check()
+        self.staged_op = stage
+        acc = fn(items[0])
+        for index in range(1, len(items)):
+            if ctx.aborted:
+                ctx.check()
+            self.staged_op = stage
+            value = fn(items[index])
+            self.staged_op = op
+            acc = combine(acc if lower is None else lower(acc, True),
+                          value if upper is None else upper(value, True))
         return acc
 
     def check_memory(self) -> None:
