@@ -1013,7 +1013,7 @@ class Driver:
         interval = self.config.heartbeat_interval
         while True:
             handshaking = self._handshaking()
-            wait = 5.0 if handshaking else min(100.0, interval * 1000)
+            wait = 1.0 if handshaking else min(100.0, interval * 1000)
             if self._timers:
                 wait = min(wait, max(0.0, (self._timers[0][0] - time.monotonic()) * 1000))
             if self._unrouted:
@@ -1070,7 +1070,7 @@ class Driver:
                 if self.address is not None:
                     self._check_remote(now)
             if handshaking:
-                if now - last_sync > 0.005:
+                if now - last_sync > 0.001:
                     last_sync = now
                     self._greet()
             self._reap_dead()

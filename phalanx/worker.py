@@ -677,7 +677,7 @@ class _Loop:
                     deadline = time.perf_counter() + SPIN
                     while not inbox.poll(0) and time.perf_counter() < deadline:
                         pass
-                if inbox.poll(200 if self.ready_sent else 5):
+                if inbox.poll(200 if self.ready_sent else 1):
                     self.drain_inbox()
                 if not self.ready_sent and self.welcomed and self.synced:
                     self.send(Ready(self.spec.worker_id, self.spec.credits))
