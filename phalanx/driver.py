@@ -828,24 +828,19 @@ class Driver:
 
     def send_to(self, ident: bytes, frame: bytes) -> bool:
         """Send one message to one worker's inbox; False if it is gone."""
-        with self._lock:
-            w = self._workers.get(ident)
-            if w is None or not w.alive or self._closed or self._tasks.closed:
-                return False
-            try:
-                self._send_task_locked(ident, frame)
-            except zmq.ZMQError:
-                return False
-            return True
+        return self._send_if_alive(ident, frame, self._send_task_locked)
 
     def send_unfiltered(self, ident: bytes, frame: bytes) -> bool:
         """:meth:`send_to` past ``frame_filter`` (fault injection: a held frame released)."""
+        return self._send_if_alive(ident, frame, self._send_raw_locked)
+
+    def _send_if_alive(self, ident: bytes, frame: bytes, send: Callable[[bytes, bytes], None]) -> bool:
         with self._lock:
             w = self._workers.get(ident)
             if w is None or not w.alive or self._closed or self._tasks.closed:
                 return False
             try:
-                self._send_raw_locked(ident, frame)
+                send(ident, frame)
             except zmq.ZMQError:
                 return False
             return True
