@@ -27,15 +27,14 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar
 
 from .actors.ref import ActorRef
 from .channels import ChannelKind, ExactlyOnce, Lease
 from .driver import RuntimeStats
 from .jobs import MISSING, Future, MapIterator
-from .policy import FatalStrategy, RetryStrategy
-from .directives import Chain, Directive, Fold, IndexedChain, JobHandle
-from .runtime import JobOptions, Runtime
+from .policy import FatalStrategy, RetryStrategy, TaskOptions
+from .runtime import JobOptions, Runtime, _RunsDirectives
 
 __all__ = ["AsyncRuntime", "AsyncJobOptions"]
 
@@ -47,8 +46,8 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 
-class _AsyncWork:
-    """``submit``, ``map`` and ``fold`` for asyncio, over a runtime or a runtime with job options."""
+class _AsyncWork(_RunsDirectives):
+    """``submit``, ``map``, ``fold`` and ``run`` for asyncio, over a runtime or a runtime with job options."""
 
     __slots__ = ()
 
@@ -102,28 +101,8 @@ class _AsyncWork:
             work.fold, fn, iterable, initial=initial, chunksize=chunksize, timeout=timeout, on=on
         )
 
-    @overload
-    def run(self, directive: Fold[T], /, *, chunksize: int | None = None,
-            timeout: float | None = None) -> JobHandle[T, T]: ...
-    @overload
-    def run(self, directive: IndexedChain[T], /, *, chunksize: int | None = None,
-            timeout: float | None = None) -> JobHandle[tuple[int, T], list[T]]: ...
-    @overload
-    def run(self, directive: Chain[T], /, *, chunksize: int | None = None,
-            timeout: float | None = None) -> JobHandle[T, list[T]]: ...
-
-    def run(self, directive: Directive[Any], /, *, chunksize: int | None = None,
-            timeout: float | None = None) -> JobHandle[Any, Any]:
-        """:meth:`phalanx.Runtime.run`: ``await`` the handle, or read it with ``async for``.
-
-        Starting the job only queues its first chunks (as ``submit`` does);
-        waiting on the handle runs off the event loop, and a cancelled wait
-        cancels the job (its running operations see their abort flag).
-        """
-        work = self._work()
-        if isinstance(work, JobOptions):
-            return work._rt._run(directive, chunksize, timeout, work._options)
-        return work._run(directive, chunksize, timeout, None)
+    def _runtime_and_options(self) -> tuple[Runtime, TaskOptions | None]:
+        return self._work()._runtime_and_options()
 
 
 class AsyncRuntime(_AsyncWork):

@@ -359,7 +359,32 @@ def _wait_slice(where: _Location, deadline: float | None, what: str, cancel: thr
 # --------------------------------------------------------------------------- #
 
 
-class Sender(Generic[T]):
+class _End:
+    """What a sender and a receiver share: their lease, its kind, and a socket opened on first use."""
+
+    __slots__ = ("_lease", "_kind", "_conn", "_closed", "_answers", "_finalizer", "__weakref__")
+
+    def __init__(self, lease: int, kind: ChannelKind) -> None:
+        self._lease = lease
+        self._kind = kind
+        self._conn: _Conn | None = None
+        self._closed = False
+        #: answers of the broker to this end's requests, by nonce
+        self._answers: dict[int, int] = {}
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+
+    @property
+    def lease_id(self) -> int:
+        """The id of the lease this end belongs to."""
+        return self._lease
+
+    @property
+    def kind(self) -> ChannelKind:
+        """ExactlyOnce or Broadcast."""
+        return self._kind
+
+
+class Sender(_End, Generic[T]):
     """The sending end of a lease, made by :meth:`phalanx.Runtime.lease`.
 
     ``send(value)`` queues a value on the lease. Pass the sender to
@@ -375,30 +400,14 @@ class Sender(Generic[T]):
     process exits at once.
     """
 
-    __slots__ = ("_lease", "_kind", "_window", "_conn", "_seq", "_acked", "_status", "_closed",
-                 "_answers", "_finalizer", "__weakref__")
+    __slots__ = ("_window", "_seq", "_acked", "_status")
 
     def __init__(self, lease: int, kind: ChannelKind, window: int = SEND_WINDOW) -> None:
-        self._lease = lease
-        self._kind = kind
+        super().__init__(lease, kind)
         self._window = max(1, min(window, SEND_WINDOW))
-        self._conn: _Conn | None = None
         self._seq = 0
         self._acked = 0
         self._status = CHAN_OK
-        self._closed = False
-        self._answers: dict[int, int] = {}
-        self._finalizer: weakref.finalize[Any, Any] | None = None
-
-    @property
-    def lease_id(self) -> int:
-        """The id of the lease this end sends on."""
-        return self._lease
-
-    @property
-    def kind(self) -> ChannelKind:
-        """ExactlyOnce or Broadcast."""
-        return self._kind
 
     @property
     def closed(self) -> bool:
@@ -577,7 +586,7 @@ def _drop_receiver(conn: _Conn, lease: int, sub: int, acks: list[int]) -> None:
     conn.close(ChanDetach(lease, sub, 0, list(acks)))
 
 
-class Receiver(Generic[T]):
+class Receiver(_End, Generic[T]):
     """The receiving end of a lease, made by :meth:`phalanx.Runtime.lease`.
 
     Iterate it (``for x in rx`` or ``async for x in rx``) until the channel
@@ -595,20 +604,17 @@ class Receiver(Generic[T]):
     messages; dropping or closing it gives them back to the queue.
     """
 
-    __slots__ = ("_lease", "_kind", "_sub", "_prefetch", "_conn", "_buffer", "_acks", "_ended", "_closed",
-                 "_streaming", "_holding", "_waiting", "_sent", "_answers", "_busy", "_finalizer", "__weakref__")
+    __slots__ = ("_sub", "_prefetch", "_buffer", "_acks", "_ended", "_streaming", "_holding", "_waiting", "_sent",
+                 "_busy")
 
     def __init__(self, lease: int, kind: ChannelKind, sub: int = 0, prefetch: int = 8) -> None:
-        self._lease = lease
-        self._kind = kind
+        super().__init__(lease, kind)
         self._sub = sub
         self._prefetch = max(1, min(prefetch, MAX_PREFETCH))
-        self._conn: _Conn | None = None
         self._buffer: deque[tuple[int, bytes]] = deque()
         #: consumed, acked with the next request (mutated in place: the finalizer holds it)
         self._acks: list[int] = []
         self._ended = CHAN_OK
-        self._closed = False
         #: an iteration runs: keep ``prefetch`` messages coming (else ask one at a time)
         self._streaming = False
         #: messages handed out by recv_message and not yet acked or nacked
@@ -617,19 +623,7 @@ class Receiver(Generic[T]):
         self._waiting = 0
         #: the window last told to the broker
         self._sent = 0
-        self._answers: dict[int, int] = {}
         self._busy = threading.Lock()
-        self._finalizer: weakref.finalize[Any, Any] | None = None
-
-    @property
-    def lease_id(self) -> int:
-        """The id of the lease this end receives from."""
-        return self._lease
-
-    @property
-    def kind(self) -> ChannelKind:
-        """ExactlyOnce or Broadcast."""
-        return self._kind
 
     @property
     def prefetch(self) -> int:

@@ -60,7 +60,44 @@ def _shutdown_at_exit(ref: weakref.ReferenceType[Runtime]) -> None:
         rt.shutdown(wait=False)
 
 
-class Runtime:
+class _RunsDirectives:
+    """``run`` for :class:`Runtime`, :class:`JobOptions` and their asyncio twins: one set of typed overloads."""
+
+    __slots__ = ()
+
+    def _runtime_and_options(self) -> tuple[Runtime, TaskOptions | None]:
+        raise NotImplementedError
+
+    @overload
+    def run(self, directive: Fold[T], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> JobHandle[T, T]: ...
+    @overload
+    def run(self, directive: IndexedChain[T], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> JobHandle[tuple[int, T], list[T]]: ...
+    @overload
+    def run(self, directive: Chain[T], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> JobHandle[T, list[T]]: ...
+
+    def run(self, directive: Directive[Any], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> JobHandle[Any, Any]:
+        """Start a directive chain as one job; return its :class:`~phalanx.JobHandle` at once.
+
+        ``rt.run(Literal(lines).map(parse).fold(merge_counts)).result()``.
+        Every map stage of an item runs on one worker in one task, and a
+        fold's chunks are reduced where they were mapped: only results (or
+        partial results) come back. ``chunksize`` and ``timeout`` (the whole
+        job, in seconds) are those of :meth:`Runtime.map`; the operations'
+        options apply (a later stage's overriding an earlier one's), and
+        ``rt.options(...).run(...)`` overrides them. On an
+        :class:`~phalanx.AsyncRuntime`, ``await`` the handle or read it with
+        ``async for``: waiting runs off the event loop, and a cancelled wait
+        cancels the job. See ``docs/directives.md``.
+        """
+        rt, options = self._runtime_and_options()
+        return rt._run(directive, chunksize, timeout, options)
+
+
+class Runtime(_RunsDirectives):
     """A pool of worker processes running phalanx operations.
 
     ::
@@ -253,29 +290,8 @@ class Runtime:
               timeout: float | None, options: TaskOptions | None) -> Any:
         return fold(self._driver, fn, iterable, initial, chunksize, timeout, self._workers_for(options), options)
 
-    @overload
-    def run(self, directive: Fold[T], /, *, chunksize: int | None = None,
-            timeout: float | None = None) -> JobHandle[T, T]: ...
-    @overload
-    def run(self, directive: IndexedChain[T], /, *, chunksize: int | None = None,
-            timeout: float | None = None) -> JobHandle[tuple[int, T], list[T]]: ...
-    @overload
-    def run(self, directive: Chain[T], /, *, chunksize: int | None = None,
-            timeout: float | None = None) -> JobHandle[T, list[T]]: ...
-
-    def run(self, directive: Directive[Any], /, *, chunksize: int | None = None,
-            timeout: float | None = None) -> JobHandle[Any, Any]:
-        """Start a directive chain as one job; return its :class:`~phalanx.JobHandle` at once.
-
-        ``rt.run(Literal(lines).map(parse).fold(merge_counts)).result()``.
-        Every map stage of an item runs on one worker in one task, and a
-        fold's chunks are reduced where they were mapped: only results (or
-        partial results) come back. ``chunksize`` and ``timeout`` (the whole
-        job, in seconds) are those of :meth:`map`; the operations' options
-        apply (a later stage's overriding an earlier one's), and
-        ``rt.options(...).run(...)`` overrides them. See ``docs/directives.md``.
-        """
-        return self._run(directive, chunksize, timeout, None)
+    def _runtime_and_options(self) -> tuple[Runtime, TaskOptions | None]:
+        return self, None
 
     def _run(self, directive: Directive[Any], chunksize: int | None, timeout: float | None,
              options: TaskOptions | None) -> JobHandle[Any, Any]:
@@ -442,7 +458,7 @@ class Runtime:
                 pass
 
 
-class JobOptions:
+class JobOptions(_RunsDirectives):
     """A :class:`Runtime` seen through per-job options; see :meth:`Runtime.options`."""
 
     __slots__ = ("_rt", "_options")
@@ -451,20 +467,8 @@ class JobOptions:
         self._rt = rt
         self._options = options
 
-    @overload
-    def run(self, directive: Fold[T], /, *, chunksize: int | None = None,
-            timeout: float | None = None) -> JobHandle[T, T]: ...
-    @overload
-    def run(self, directive: IndexedChain[T], /, *, chunksize: int | None = None,
-            timeout: float | None = None) -> JobHandle[tuple[int, T], list[T]]: ...
-    @overload
-    def run(self, directive: Chain[T], /, *, chunksize: int | None = None,
-            timeout: float | None = None) -> JobHandle[T, list[T]]: ...
-
-    def run(self, directive: Directive[Any], /, *, chunksize: int | None = None,
-            timeout: float | None = None) -> JobHandle[Any, Any]:
-        """:meth:`Runtime.run` with these options."""
-        return self._rt._run(directive, chunksize, timeout, self._options)
+    def _runtime_and_options(self) -> tuple[Runtime, TaskOptions | None]:
+        return self._rt, self._options
 
     def submit(self, fn: Callable[P, R] | str, /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """:meth:`Runtime.submit` with these options."""
