@@ -48,6 +48,18 @@ class BigState(msgspec.Struct, frozen=True):
     tag: int
 
 
+class RecorderState(msgspec.Struct, frozen=True):
+    entries: list[tuple[int, int]]
+    #: restore() from this state raises (a deterministic failing hot restart)
+    fail_restore: bool = False
+
+
+class HandoverState(msgspec.Struct, frozen=True):
+    n: int
+    flags: str
+    fail_restore: bool
+
+
 # --------------------------------------------------------------------------- #
 # Actors
 # --------------------------------------------------------------------------- #
@@ -143,6 +155,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.entries: list[tuple[int, int]] = []
+        self.fail_restore = False
 
     def append(self, caller: int, i: int) -> int:
         self.entries.append((caller, i))
@@ -154,13 +167,19 @@ class Recorder:
     def pid(self) -> int:
         return os.getpid()
 
-    def save(self) -> list[list[int]]:
-        return [list(e) for e in self.entries]
+    def set_fail_restore(self, flag: bool) -> bool:
+        self.fail_restore = flag
+        return flag
+
+    def save(self) -> RecorderState:
+        return RecorderState(self.entries, self.fail_restore)
 
     @classmethod
-    def restore(cls, state: list[list[int]]) -> Recorder:
+    def restore(cls, state: RecorderState) -> Recorder:
+        if state.fail_restore:
+            raise ActorOpsError("restore failed on purpose")
         obj = cls()
-        obj.entries = [(a, b) for a, b in state]
+        obj.entries = list(state.entries)
         return obj
 
 
@@ -194,6 +213,61 @@ class Big:
         obj = cls.__new__(cls)
         obj.data = state.data
         obj.tag = state.tag + 1
+        return obj
+
+
+def _await_flag(path: str, timeout: float = 30.0) -> None:
+    """Wait (in a worker, polling) until the test creates ``path``; bounded, so never a hang."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def _mark(path: str, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+@phalanx.actor
+class Handover:
+    """Hot restarts paused at a chosen point until the test says go (flag files in ``flags``).
+
+    ``hold="save"``: ``save()`` creates ``flags/saving`` and waits for
+    ``flags/go`` (the state never leaves); ``hold="restore"``: ``restore()``
+    creates ``flags/restoring`` (the state was taken and handed over), waits
+    for ``flags/go``, then raises if ``fail_restore``. Every instance that
+    starts appends its pid to ``flags/instances``.
+    """
+
+    def __init__(self, flags: str, hold: str, fail_restore: bool = False) -> None:
+        self.n = 0
+        self.flags = flags
+        self.hold = hold
+        self.fail_restore = fail_restore
+        _mark(os.path.join(flags, "instances"), f"init {os.getpid()}")
+
+    def incr(self) -> int:
+        self.n += 1
+        return self.n
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def save(self) -> HandoverState:
+        if self.hold == "save":
+            _mark(os.path.join(self.flags, "saving"), str(os.getpid()))
+            _await_flag(os.path.join(self.flags, "go"))
+        return HandoverState(self.n, self.flags, self.fail_restore)
+
+    @classmethod
+    def restore(cls, state: HandoverState) -> Handover:
+        _mark(os.path.join(state.flags, "restoring"), str(os.getpid()))
+        _await_flag(os.path.join(state.flags, "go"))
+        if state.fail_restore:
+            raise ActorOpsError("restore failed on purpose")
+        obj = cls.__new__(cls)
+        obj.n, obj.flags, obj.hold, obj.fail_restore = state.n, state.flags, "restore", False
+        _mark(os.path.join(state.flags, "instances"), f"restore {os.getpid()}")
         return obj
 
 

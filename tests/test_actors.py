@@ -20,8 +20,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.managers import BaseManager
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -34,6 +35,7 @@ from actor_ops import (
     Big,
     Counter,
     Geometry,
+    Handover,
     PlainCounter,
     Recorder,
     Shape,
@@ -546,6 +548,97 @@ def test_calls_during_failing_hot_restart_delivered_to_old_instance(module_runti
     assert shape(all_events(ref)) == [("Started", False)] + [("RestartFailed",)] * 5
     ref.stop()
     ref.join(T)
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = T) -> None:
+    """Poll ``predicate`` until it holds; fail after ``timeout`` (a bound, never a timing claim)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def live_instances(rt: phalanx.Runtime, cls: str) -> int:
+    """Instances of actor type ``cls`` that the live workers themselves hold (not the driver's view)."""
+    replies, live = rt._driver.inspect(T)
+    assert len(replies) == len(live), "a worker did not answer"
+    return sum(1 for reply in replies.values() for a in reply.actors if a.cls == cls)
+
+
+#: case -> (where the restart is paused when the old process is killed, restore() fails,
+#:          restart_policy, events, results of the calls held meanwhile (None: ActorDiedError),
+#:          instances ever started)
+OLD_PROCESS_DIES: dict[str, tuple[str, bool, str, list[tuple[Any, ...]], list[int] | None, int]] = {
+    # the state never left the old process: as any death of it
+    "in-save": ("save", False, "never", [("Started", False), ("Failed", True)], None, 1),
+    "in-save-supervised": ("save", False, "on-failure",
+                           [("Started", False), ("Failed", False), ("Started", False)], [1, 2, 3, 4, 5], 2),
+    # the state was handed over: the new instance takes over if it starts...
+    "after-handover": ("restore", False, "never", [("Started", False), ("Started", True)], [4, 5, 6, 7, 8], 2),
+    # ...else nothing is left to revert to: Failed (final, or supervised)
+    "after-handover-restore-fails": ("restore", True, "never", [("Started", False), ("Failed", True)], None, 1),
+    "after-handover-restore-fails-supervised": ("restore", True, "on-failure",
+                                                [("Started", False), ("Failed", False), ("Started", False)],
+                                                [1, 2, 3, 4, 5], 2),
+}
+
+
+@pytest.mark.parametrize("case", list(OLD_PROCESS_DIES))
+def test_old_process_dies_during_hot_restart(runtime: phalanx.Runtime, tmp_path: Path, case: str) -> None:
+    """The old instance's process is SIGKILLed while a hot restart is paused (in save(), or in
+    restore() on the new worker once the state was taken): one owner settles it, with one
+    outcome and one set of events; no call hangs; never two live instances."""
+    rt = runtime
+    hold, fail_restore, policy, expected, held_results, started = OLD_PROCESS_DIES[case]
+    flags = str(tmp_path)
+    ref = rt.spawn(Handover, flags, hold, fail_restore, restart_policy=policy)
+    assert [ref.incr().result(timeout=T) for _ in range(3)] == [1, 2, 3]
+    pid = ref.pid().result(timeout=T)
+    outcome: list[bool | BaseException] = []
+
+    def restart() -> None:
+        try:
+            outcome.append(ref.restart(timeout=T))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    th = threading.Thread(target=restart)
+    th.start()
+    try:
+        paused = tmp_path / ("saving" if hold == "save" else "restoring")
+        wait_until(paused.exists, f"the hot restart to reach {paused.name}")
+        assert ref.state == "restarting"
+        held = [ref.incr() for _ in range(5)]  # held until an instance takes over
+        kill(pid)
+        wait_until(lambda: rt.stats().worker_deaths >= 1, "the runtime to notice the death")
+    finally:
+        (tmp_path / "go").touch()  # restore() (if paused there) goes on
+        th.join(T)
+    assert not th.is_alive()
+    assert outcome == [case == "after-handover"]
+    events = take_events(ref, len(expected))
+    assert shape(events) == expected
+    failed = [e for e in events if isinstance(e, phalanx.Failed)]
+    assert all(isinstance(e.error, phalanx.ActorDiedError) for e in failed)
+    if fail_restore:
+        assert "during a hot restart" in str(failed[0].error)
+        assert isinstance(failed[0].error.__cause__, ActorOpsError)
+    if held_results is None:
+        for fut in held:
+            with pytest.raises(phalanx.ActorDiedError):
+                fut.result(timeout=T)
+        ref.join(T)
+        assert ref.state == "failed"
+    else:
+        assert [f.result(timeout=T) for f in held] == held_results
+        assert ref.state == "running" and ref.pid().result(timeout=T) != pid
+    wait_settled(rt, workers=2, deaths=1)
+    assert shape(all_events(ref)) == expected, "a second owner acted on the death"
+    assert len((tmp_path / "instances").read_text().split("\n")[:-1]) == started
+    assert live_instances(rt, "actor_ops:Handover") == (0 if held_results is None else 1)
+    if held_results is not None:
+        ref.stop()
+        ref.join(T)
 
 
 def wait_gone(rt: phalanx.Runtime, name: str, timeout: float = T) -> None:

@@ -85,6 +85,10 @@ class ActorRef(Generic[A]):
         instance, in order. If the new instance fails to start, or no live
         worker matches ``on`` (nothing waits for one), ``RestartFailed`` is
         emitted, the old instance keeps serving, and this returns False.
+        If the old instance's process dies meanwhile, the restart still
+        completes when the new instance starts; otherwise there is nothing
+        to revert to: this returns False and the death is handled as any
+        other (``Failed``, and a supervised restart under ``on-failure``).
         """
         return self._system.restart(self._actor, on, timeout)
 

@@ -23,6 +23,11 @@ Invariants kept:
 * **Hot restart reverts.** The old instance is only told to stop once the new
   one has started; if ``save()`` or the new instance fails, ``RestartFailed``
   is emitted and the old instance keeps serving the held calls.
+* **One owner, one instance.** While a hot restart is under way its thread
+  owns the actor: the worker-exit listener only notes a death of the old
+  instance's process (``lost``), and the restart either completes the move or,
+  when nothing is left to revert to, supervises that death itself; so a death
+  never starts a second instance beside the one the restart starts.
 * **No hang.** Calls in flight when an actor's process dies fail with
   :class:`~phalanx.ActorDiedError`; every wait has a timeout.
 """
@@ -167,8 +172,17 @@ class _Actor:
         self.checkpoint: Any = None
         self.has_checkpoint = False
         self.restarts: deque[float] = deque()
+        #: a hot restart is under way: its thread, not the worker-exit listener, settles a death
+        self.hot = False
+        #: the death of the old instance's process, seen by the listener during a hot restart
+        self.lost: ActorDiedError | None = None
         self.refs = 0
         self.calls = 0
+
+    def take_lost(self) -> ActorDiedError | None:
+        """The death of the old instance's process noted during a hot restart (then cleared)."""
+        lost, self.lost = self.lost, None
+        return lost
 
     def emit(self, event: Event) -> None:
         with self.lock:
@@ -386,6 +400,7 @@ class ActorSystem:
             if actor.state != "running":
                 raise ActorDiedError(f"actor {actor.id} is {actor.state}; only a running actor restarts")
             actor.state = "restarting"  # new calls are held from here on
+            actor.hot, actor.lost = True, None
             old_worker, old_instance = actor.worker, actor.instance
         nonce = next(self._nonces)
         fut = self._request(("state", nonce), old_worker)
@@ -407,18 +422,32 @@ class ActorSystem:
                 error = self._start(actor, target, restored=True, state=state, timeout=timeout)
                 if error is None:
                     with actor.lock:
+                        # The new instance took over: a death of the old one's process
+                        # meanwhile cost only the calls it held (failed by the driver).
+                        actor.hot, actor.lost = False, None
                         actor.tag = tag
                         actor.checkpoint, actor.has_checkpoint = state, True
                         actor.emit(Started(target.decode(), restored=True))
                         self._flush_locked(actor)
                     return True
         with actor.lock:
-            if actor.state == "restarting" and self.driver.is_live(old_worker):
-                actor.state = "running"  # revert: the old instance was never stopped
-                actor.emit(RestartFailed(error))
-                self._flush_locked(actor)
+            actor.hot = False
+            died = actor.take_lost()
+            if died is None:
+                if actor.state == "restarting" and self.driver.is_live(old_worker):
+                    actor.state = "running"  # revert: the old instance was never stopped
+                    actor.emit(RestartFailed(error))
+                    self._flush_locked(actor)
+                # Otherwise the actor ended meanwhile, or its old worker died and that
+                # worker's exit listener, still to run, finds it (restarting, on the dead
+                # worker) and supervises it as any other death.
                 return False
-        self._end(actor, "failed", error)
+        # The old instance's process died while this restart owned the actor, and the
+        # new instance did not take over: nothing to revert to. Supervise that death.
+        lost = ActorDiedError(f"{died}, during a hot restart that could not take over: {error}")
+        lost.__cause__ = error
+        self._instance_died(actor, lost)
+        self._rehome()
         return False
 
     # ---- ending ----------------------------------------------------------------------
@@ -547,15 +576,32 @@ class ActorSystem:
                 f"the process of actor {actor.id} ({actor.cls_name}) on worker {worker_id} died "
                 f"(exit code {exitcode})"
             )
-            if actor.policy != "on-failure" or not self._may_restart(actor):
-                self._end(actor, "failed", died)
-                continue
             with actor.lock:
+                if actor.worker != ident or actor.state in _TERMINAL:
+                    continue  # a hot restart moved it meanwhile, or it ended
+                if actor.hot:
+                    # Its hot restart owns it: that thread either finishes the move (the
+                    # old instance is moot) or supervises this death; never both of us.
+                    actor.lost = died
+                    continue
+            self._instance_died(actor, died)
+        self._rehome()
+
+    def _instance_died(self, actor: _Actor, died: ActorDiedError) -> None:
+        """The process hosting ``actor`` died: queue a supervised restart, or end it as failed.
+
+        The caller then runs :meth:`_rehome`.
+        """
+        with actor.lock:
+            again = actor.policy == "on-failure" and self._may_restart(actor)
+            if again:
                 actor.state = "restarting"
                 actor.emit(Failed(died, final=False))
-            with self._lock:
-                self._homeless.append(actor)
-        self._rehome()
+        if not again:
+            self._end(actor, "failed", died)
+            return
+        with self._lock:
+            self._homeless.append(actor)
 
     def _may_restart(self, actor: _Actor) -> bool:
         now = time.monotonic()

@@ -483,9 +483,16 @@ class _SimActor:
         self.checkpoint: Any = None
         self.has_checkpoint = False
         self.restarts: deque[float] = deque()
+        #: the death of the old instance's process, seen during a hot restart
+        self.lost: ActorDiedError | None = None
         self.refs = 0
         self.calls = 0
         self.stop_when_running = False
+
+    def take_lost(self) -> ActorDiedError | None:
+        """The death of the old instance's process noted during a hot restart (then cleared)."""
+        lost, self.lost = self.lost, None
+        return lost
 
 
 class _Actors:
@@ -667,6 +674,7 @@ class _Actors:
         if actor.state != "running":
             raise ActorDiedError(f"actor {actor.id} is {actor.state}; only a running actor restarts")
         actor.state = "restarting"
+        actor.lost = None
         old_worker, old_instance = actor.worker, actor.instance
         nonce = next(self.nonces)
         saved: list[tuple[Any, BaseException | None]] = []
@@ -690,16 +698,25 @@ class _Actors:
                 self._wait(box, timeout, f"actor {actor.id} to start")
                 error = box[0]
                 if error is None:
+                    actor.lost = None  # the new instance took over: the old one is moot
                     actor.checkpoint, actor.has_checkpoint = state, True
                     self._emit(actor, Started(target.decode(), restored=True))
                     self._flush(actor)
                     return True
-        if actor.state == "restarting" and self.sim._is_live(old_worker):
-            actor.state = "running"
-            self._emit(actor, RestartFailed(error))
-            self._flush(actor)
+        died = actor.take_lost()
+        if died is None:
+            if actor.state == "restarting" and self.sim._is_live(old_worker):
+                actor.state = "running"
+                self._emit(actor, RestartFailed(error))
+                self._flush(actor)
+                return False
+            self._end(actor, "failed", error)
             return False
-        self._end(actor, "failed", error)
+        # The old instance's process died meanwhile: nothing to revert to; supervise that death.
+        lost = ActorDiedError(f"{died}, during a hot restart that could not take over: {error}")
+        lost.__cause__ = error
+        self._instance_died(actor, lost)
+        self.rehome()
         return False
 
     # ---- ending -------------------------------------------------------------------
@@ -821,14 +838,19 @@ class _Actors:
                 f"(exit code {exitcode})"
             )
             if actor.state == "restarting":
-                continue  # a hot restart in progress handles the loss itself
-            if actor.policy != "on-failure" or not self._may_restart(actor):
-                self._end(actor, "failed", died)
+                actor.lost = died  # a hot restart in progress settles the loss itself
                 continue
-            actor.state = "restarting"
-            self._emit(actor, Failed(died, final=False))
-            self.homeless.append(actor)
+            self._instance_died(actor, died)
         self.rehome()
+
+    def _instance_died(self, actor: _SimActor, died: ActorDiedError) -> None:
+        """Queue a supervised restart of ``actor``, or end it as failed (then call :meth:`rehome`)."""
+        if actor.policy != "on-failure" or not self._may_restart(actor):
+            self._end(actor, "failed", died)
+            return
+        actor.state = "restarting"
+        self._emit(actor, Failed(died, final=False))
+        self.homeless.append(actor)
 
     def _may_restart(self, actor: _SimActor) -> bool:
         now = self.sim.now
