@@ -234,8 +234,15 @@ def test_detached_needs_name(module_runtime: phalanx.Runtime) -> None:
 # --------------------------------------------------------------------------- #
 
 
-def test_ten_thousand_calls_from_four_threads_in_order(module_runtime: phalanx.Runtime) -> None:
-    ref = module_runtime.spawn(Recorder)
+@pytest.mark.parametrize("refs", [1, 4], ids=["one-ref", "four-refs"])
+def test_ten_thousand_calls_from_four_threads_in_order(module_runtime: phalanx.Runtime, refs: int) -> None:
+    """10,000 calls from 4 threads, through one shared ref or through 4 refs (``get_actor``),
+    each thread alternating between two of them, each ref used by two threads."""
+    rt = module_runtime
+    name = f"recorder-{refs}-refs"
+    ref = rt.spawn(Recorder, name=name)
+    handles = [ref] + [rt.get_actor(name) for _ in range(refs - 1)]
+    assert len({id(h) for h in handles}) == refs and all(h.id == ref.id for h in handles)
     per_thread, threads = 2_500, 4
     results: dict[int, list[int]] = {}
     errors: list[BaseException] = []
@@ -243,8 +250,9 @@ def test_ten_thousand_calls_from_four_threads_in_order(module_runtime: phalanx.R
 
     def caller(tid: int) -> None:
         try:
+            mine = [handles[tid % refs], handles[(tid + 1) % refs]]
             barrier.wait()
-            futures = [ref.append(tid, i) for i in range(per_thread)]
+            futures = [mine[i % 2].append(tid, i) for i in range(per_thread)]
             results[tid] = [f.result(timeout=60) for f in futures]
         except BaseException as exc:
             errors.append(exc)
@@ -270,7 +278,7 @@ def test_ten_thousand_calls_from_four_threads_in_order(module_runtime: phalanx.R
             assert log[count - 1] == (tid, i)
     counts = sorted(c for r in results.values() for c in r)
     assert counts == list(range(1, per_thread * threads + 1))
-    print(f"\n10,000 calls from 4 threads: {elapsed:.2f} s ({10_000 / elapsed:,.0f} calls/s)")
+    print(f"\n10,000 calls from 4 threads, {refs} ref(s): {elapsed:.2f} s ({10_000 / elapsed:,.0f} calls/s)")
     ref.stop()
     ref.join(T)
 
@@ -425,6 +433,35 @@ def test_supervised_restart_resumes_last_checkpoint_not_last_value(runtime: phal
     ref.join(T)
 
 
+def test_supervised_restart_from_time_based_checkpoint(runtime: phalanx.Runtime) -> None:
+    """checkpoint_interval: a call made T seconds after the last save is followed by a save."""
+    rt = runtime
+    interval = 0.2
+    where = next(iter(rt.worker_pids()))  # both on one worker: one kill takes both
+    timed = rt.spawn(Counter, 0, on=where, restart_policy="on-failure", checkpoint_every=10_000,
+                     checkpoint_interval=interval)
+    untimed = rt.spawn(Counter, 0, on=where, restart_policy="on-failure", checkpoint_every=10_000)
+    pid = timed.pid().result(timeout=T)
+    assert untimed.pid().result(timeout=T) == pid
+    for ref in (timed, untimed):
+        assert [ref.incr(2).result(timeout=T) for _ in range(3)] == [2, 4, 6]
+    # Any save so far happened before a reply that has arrived: T from now, the interval
+    # has passed for the worker too (one monotonic clock per machine).
+    since = time.monotonic()
+    wait_until(lambda: time.monotonic() >= since + interval, "the checkpoint interval to pass")
+    assert timed.incr(1).result(timeout=T) == 7  # a checkpoint (n == 7) goes out before this reply
+    assert untimed.incr(1).result(timeout=T) == 7  # 4 calls of 10,000: no checkpoint
+    kill(pid)
+    assert shape(take_events(timed, 3)) == [("Started", False), ("Failed", False), ("Started", True)]
+    assert shape(take_events(untimed, 3)) == [("Started", False), ("Failed", False), ("Started", False)]
+    assert timed.get().result(timeout=T) == 7  # resumed from the time-based checkpoint
+    assert untimed.get().result(timeout=T) == 0  # started afresh
+    wait_settled(rt, workers=2, deaths=1)
+    for ref in (timed, untimed):
+        ref.stop()
+        ref.join(T)
+
+
 def test_supervised_restart_in_flight_calls_fail_later_calls_succeed(runtime: phalanx.Runtime) -> None:
     rt = runtime
     ref = rt.spawn(Counter, 0, restart_policy="on-failure", checkpoint_every=1)
@@ -466,9 +503,14 @@ def test_supervision_intensity_limit(runtime: phalanx.Runtime) -> None:
         ref.get().result(timeout=T)
 
 
-@pytest.mark.parametrize("fail_restore", [False, True])
-def test_calls_during_hot_restart_none_lost(module_runtime: phalanx.Runtime, fail_restore: bool) -> None:
-    ref = module_runtime.spawn(Recorder)
+def restart_while_calling(ref: phalanx.ActorRef[Any], restart: Callable[[], bool],
+                          times: int) -> tuple[list[bool], list[str]]:
+    """Restart ``ref`` (a Recorder) ``times`` times while a thread keeps calling it.
+
+    Checks that no call was lost or reordered: every result is the call's
+    position, and the log holds every call once, in order. Returns the
+    outcomes of the restarts and the worker after each (the first: before).
+    """
     stop = threading.Event()
     futures: list[phalanx.Future[int]] = []
     errors: list[BaseException] = []
@@ -484,21 +526,14 @@ def test_calls_during_hot_restart_none_lost(module_runtime: phalanx.Runtime, fai
         except BaseException as exc:
             errors.append(exc)
 
-    if fail_restore:
-        # Recorder's restore cannot fail on request; restart onto a worker that does not exist
-        # is refused before anything happens, so use a Counter-style failure instead: none here.
-        pass
     th = threading.Thread(target=caller)
     th.start()
     outcomes = []
     workers = [ref.worker]
     try:
-        for _ in range(6):
+        for _ in range(times):
             time.sleep(0.03)
-            if fail_restore:
-                outcomes.append(ref.restart(on="no-such-worker"))
-            else:
-                outcomes.append(ref.restart())
+            outcomes.append(restart())
             workers.append(ref.worker)
     finally:
         stop.set()
@@ -507,15 +542,42 @@ def test_calls_during_hot_restart_none_lost(module_runtime: phalanx.Runtime, fai
     results = [f.result(timeout=T) for f in futures]
     assert results == list(range(1, len(futures) + 1)), "a call was lost or reordered"
     assert ref.log().result(timeout=T) == [(0, i) for i in range(len(futures))]
+    assert len(futures) > 100
+    return outcomes, workers
+
+
+@pytest.mark.parametrize("fail_restore", [False, True])
+def test_calls_during_hot_restart_none_lost(module_runtime: phalanx.Runtime, fail_restore: bool) -> None:
+    """Calls made during hot restarts reach the new instance, or, when restore() raises on the
+    new instance (RestartFailed, revert), the old one: in order, none lost."""
+    ref = module_runtime.spawn(Recorder)
+    pid = ref.pid().result(timeout=T)
+    assert ref.set_fail_restore(fail_restore).result(timeout=T) is fail_restore
+    outcomes, workers = restart_while_calling(ref, ref.restart, 6)
+    events = all_events(ref)
     if fail_restore:
         assert outcomes == [False] * 6
-        assert len(set(workers)) == 1
-        assert shape(all_events(ref)) == [("Started", False)] + [("RestartFailed",)] * 6
+        assert len(set(workers)) == 1 and ref.pid().result(timeout=T) == pid  # the old instance served
+        assert shape(events) == [("Started", False)] + [("RestartFailed",)] * 6
+        assert all(isinstance(e.error, ActorOpsError) and "restore failed" in str(e.error) for e in events[1:])
     else:
         assert outcomes == [True] * 6
         assert all(a != b for a, b in zip(workers, workers[1:]))
-        assert shape(all_events(ref)) == [("Started", False)] + [("Started", True)] * 6
-    assert len(futures) > 100
+        assert shape(events) == [("Started", False)] + [("Started", True)] * 6
+    ref.stop()
+    ref.join(T)
+
+
+def test_calls_during_hot_restart_to_no_live_worker_none_lost(module_runtime: phalanx.Runtime) -> None:
+    """A hot restart whose placement fails (no live worker of the tag; nothing waits for one)
+    after the state was taken: RestartFailed, and the calls held meanwhile reach the old instance."""
+    ref = module_runtime.spawn(Recorder)
+    outcomes, workers = restart_while_calling(ref, lambda: ref.restart(on="no-such-worker"), 3)
+    assert outcomes == [False] * 3
+    assert len(set(workers)) == 1
+    events = all_events(ref)
+    assert shape(events) == [("Started", False)] + [("RestartFailed",)] * 3
+    assert all(isinstance(e.error, LookupError) for e in events[1:])
     ref.stop()
     ref.join(T)
 
