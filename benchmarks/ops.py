@@ -1,4 +1,4 @@
-"""Operations the benchmark workers run: tiny tasks, a no-op, a CPU spin, a counter.
+"""Operations the benchmark workers run: tiny tasks, a no-op, a CPU spin, a counter, a state holder.
 
 Imported by the child measuring process (driver side) and by every worker
 process of every runner: phalanx workers resolve ``benchmarks.ops:inc`` by
@@ -12,11 +12,16 @@ W6 start-up figure for runners whose workers import it lazily.
 
 from __future__ import annotations
 
+import os
 import time
+import zlib
+
+import msgspec
 
 import phalanx
 
-__all__ = ["inc", "noop", "spin", "spin_checksum", "Counter", "square", "add", "digit_counts", "merge_counts"]
+__all__ = ["inc", "noop", "spin", "spin_checksum", "Counter", "Holder", "HolderState", "square", "add",
+           "digit_counts", "merge_counts"]
 
 #: modulus of the spin loop's checksum (keeps the integers small)
 _MOD = 1_000_003
@@ -101,3 +106,30 @@ class Counter:
 
     def get(self) -> int:
         return self.value
+
+
+class HolderState(msgspec.Struct, frozen=True):
+    data: bytes
+    moves: int
+
+
+@phalanx.actor
+class Holder:
+    """The actor of ``benchmarks.restart``: ``size`` random bytes carried across hot restarts."""
+
+    def __init__(self, size: int) -> None:
+        self.data = os.urandom(size)
+        self.moves = 0
+
+    def digest(self) -> tuple[int, int, int]:
+        """(size, crc32, hot restarts so far): what must survive each move."""
+        return len(self.data), zlib.crc32(self.data), self.moves
+
+    def save(self) -> HolderState:
+        return HolderState(self.data, self.moves)
+
+    @classmethod
+    def restore(cls, state: HolderState) -> Holder:
+        obj = cls.__new__(cls)
+        obj.data, obj.moves = state.data, state.moves + 1
+        return obj

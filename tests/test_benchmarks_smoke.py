@@ -1,5 +1,5 @@
 """Smoke test of the benchmark suite: ``python -m benchmarks --quick`` (and ``python -m
-benchmarks.directives`` at a tiny size) runs and reports.
+benchmarks.directives``, ``benchmarks.raw`` and ``benchmarks.restart`` at tiny sizes) runs and reports.
 
 Runs in the test process, which only starts the suite in a subprocess (with a
 timeout) and reads the JSON it writes; the suite starts its own children and
@@ -101,3 +101,17 @@ def test_raw_transport_ceilings_run() -> None:
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     assert "multiprocessing.Pipe median" in proc.stdout and "MB/s" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_hot_restart_benchmark_runs() -> None:
+    """``benchmarks.restart`` at a tiny state: every move keeps the bytes, one figure is printed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.restart", "--mb", "0.25", "--repeats", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert "hot restart of an actor holding 0.25 MiB" in proc.stdout and "median" in proc.stdout
