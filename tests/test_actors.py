@@ -703,6 +703,53 @@ def test_old_process_dies_during_hot_restart(runtime: phalanx.Runtime, tmp_path:
         ref.join(T)
 
 
+def test_new_process_dies_as_hot_restart_starts(runtime: phalanx.Runtime, tmp_path: Path) -> None:
+    """The new instance's process dies right after restore() returned, before the driver
+    records the move: the restart reverts (the old instance serves the held calls) instead of
+    leaving the actor "running" on a dead worker.
+
+    To make the interleaving certain, the test holds the actor's driver-side lock (the one
+    the move is recorded under) from before restore() returns until the death is seen."""
+    rt = runtime
+    flags = str(tmp_path)
+    ref = rt.spawn(Handover, flags, "restore")
+    assert [ref.incr().result(timeout=T) for _ in range(3)] == [1, 2, 3]
+    pid = ref.pid().result(timeout=T)
+    outcome: list[bool | BaseException] = []
+
+    def restart() -> None:
+        try:
+            outcome.append(ref.restart(timeout=T))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    th = threading.Thread(target=restart)
+    th.start()
+    try:
+        wait_until((tmp_path / "restoring").exists, "restore() to begin")
+        target = int((tmp_path / "restoring").read_text().split()[0])
+        assert target != pid
+        held = [ref.incr() for _ in range(5)]
+        with ref._actor.lock:
+            (tmp_path / "go").touch()
+            wait_until(lambda: f"restore {target}" in (tmp_path / "instances").read_text(),
+                       "restore() to return")
+            kill(target)
+            wait_until(lambda: rt.stats().worker_deaths >= 1, "the runtime to notice the death")
+    finally:
+        (tmp_path / "go").touch()
+        th.join(T)
+    assert outcome == [False]
+    assert shape(take_events(ref, 2)) == [("Started", False), ("RestartFailed",)]
+    assert [f.result(timeout=T) for f in held] == [4, 5, 6, 7, 8]
+    assert ref.state == "running" and ref.pid().result(timeout=T) == pid
+    wait_settled(rt, workers=2, deaths=1)
+    assert shape(all_events(ref)) == [("Started", False), ("RestartFailed",)]
+    assert live_instances(rt, "actor_ops:Handover") == 1
+    ref.stop()
+    ref.join(T)
+
+
 def wait_gone(rt: phalanx.Runtime, name: str, timeout: float = T) -> None:
     deadline = time.monotonic() + timeout
     while True:

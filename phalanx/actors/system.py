@@ -27,7 +27,10 @@ Invariants kept:
   owns the actor: the worker-exit listener only notes a death of the old
   instance's process (``lost``), and the restart either completes the move or,
   when nothing is left to revert to, supervises that death itself; so a death
-  never starts a second instance beside the one the restart starts.
+  never starts a second instance beside the one the restart starts. A started
+  instance is recorded as the actor's only if its worker is still live, under
+  the actor's lock, under which the exit listener also looks for the actors a
+  dead worker hosted: a death is never missed between "started" and the record.
 * **No hang.** Calls in flight when an actor's process dies fail with
   :class:`~phalanx.ActorDiedError`; every wait has a timeout.
 """
@@ -174,13 +177,13 @@ class _Actor:
         self.restarts: deque[float] = deque()
         #: a hot restart is under way: its thread, not the worker-exit listener, settles a death
         self.hot = False
-        #: the death of the old instance's process, seen by the listener during a hot restart
-        self.lost: ActorDiedError | None = None
+        #: (worker, error): a death the exit listener left to the hot restart under way
+        self.lost: tuple[bytes, ActorDiedError] | None = None
         self.refs = 0
         self.calls = 0
 
-    def take_lost(self) -> ActorDiedError | None:
-        """The death of the old instance's process noted during a hot restart (then cleared)."""
+    def take_lost(self) -> tuple[bytes, ActorDiedError] | None:
+        """The death noted during a hot restart, as (worker, error) (then cleared)."""
         lost, self.lost = self.lost, None
         return lost
 
@@ -326,6 +329,10 @@ class ActorSystem:
         if kind != "started":
             return error if error is not None else ActorDiedError("the actor failed to start")
         with actor.lock:
+            # Checked under the actor's lock, as the exit listener checks which actors a
+            # dead worker hosted: either it finds the actor there, or this sees the death.
+            if not self.driver.is_live(worker):
+                return ActorDiedError(f"worker {worker.decode()} died as actor {actor.id} started there")
             old_worker, old_instance = actor.worker, actor.instance
             actor.worker, actor.instance = worker, instance
             if actor.state in ("starting", "restarting"):
@@ -422,18 +429,27 @@ class ActorSystem:
                 error = self._start(actor, target, restored=True, state=state, timeout=timeout)
                 if error is None:
                     with actor.lock:
-                        # The new instance took over: a death of the old one's process
-                        # meanwhile cost only the calls it held (failed by the driver).
-                        actor.hot, actor.lost = False, None
+                        actor.hot = False
+                        # A death of the old instance's process meanwhile cost only the
+                        # calls it held (failed by the driver); one of the new instance's
+                        # (it started, then died before this) is supervised as any other.
+                        lost = actor.take_lost()
+                        died_here = lost[1] if lost is not None and lost[0] == actor.worker else None
                         actor.tag = tag
                         actor.checkpoint, actor.has_checkpoint = state, True
                         actor.emit(Started(target.decode(), restored=True))
-                        self._flush_locked(actor)
+                        if died_here is None:
+                            self._flush_locked(actor)
+                        else:
+                            actor.state = "restarting"  # hold calls for what follows the death
+                    if died_here is not None:
+                        self._instance_died(actor, died_here)
+                        self._rehome()
                     return True
         with actor.lock:
             actor.hot = False
-            died = actor.take_lost()
-            if died is None:
+            lost = actor.take_lost()  # (the old worker: the actor never left it)
+            if lost is None:
                 if actor.state == "restarting" and self.driver.is_live(old_worker):
                     actor.state = "running"  # revert: the old instance was never stopped
                     actor.emit(RestartFailed(error))
@@ -444,9 +460,9 @@ class ActorSystem:
                 return False
         # The old instance's process died while this restart owned the actor, and the
         # new instance did not take over: nothing to revert to. Supervise that death.
-        lost = ActorDiedError(f"{died}, during a hot restart that could not take over: {error}")
-        lost.__cause__ = error
-        self._instance_died(actor, lost)
+        died = ActorDiedError(f"{lost[1]}, during a hot restart that could not take over: {error}")
+        died.__cause__ = error
+        self._instance_died(actor, died)
         self._rehome()
         return False
 
@@ -570,19 +586,19 @@ class ActorSystem:
             if not fut.done():
                 fut.set_result(("failed", gone) if not isinstance(fut, _StateWait) else (None, gone))
         with self._lock:
-            hosted = [a for a in self._actors.values() if a.worker == ident and a.state not in _TERMINAL]
-        for actor in hosted:
+            actors = [a for a in self._actors.values() if a.state not in _TERMINAL]
+        for actor in actors:
             died = ActorDiedError(
                 f"the process of actor {actor.id} ({actor.cls_name}) on worker {worker_id} died "
                 f"(exit code {exitcode})"
             )
-            with actor.lock:
+            with actor.lock:  # (where it lives changes only under this lock: see _start)
                 if actor.worker != ident or actor.state in _TERMINAL:
-                    continue  # a hot restart moved it meanwhile, or it ended
+                    continue
                 if actor.hot:
                     # Its hot restart owns it: that thread either finishes the move (the
                     # old instance is moot) or supervises this death; never both of us.
-                    actor.lost = died
+                    actor.lost = (ident, died)
                     continue
             self._instance_died(actor, died)
         self._rehome()
