@@ -684,6 +684,11 @@ class _Loop:
                     self.ready_sent = True
                 continue
             task = self.todo.popleft()
+            if self.out and isinstance(task, (Call, Chunk)) and task.attempt:
+                # A redelivered task may be the one that killed its last worker: send what
+                # is batched first, so if it kills this one too the driver charges the
+                # crash to it, not to a finished task whose outcome died unsent.
+                self.flush()
             started = time.perf_counter()
             if isinstance(task, ActorCall):
                 outcome: Outcome | None = self.actors.call(task)

@@ -75,6 +75,22 @@ def test_poison_task_fails_after_max_attempts(op: object, args: tuple[int, ...],
         still_works(rt)
 
 
+def test_poison_task_charges_only_itself() -> None:
+    # One worker holds a quick task and the poison task behind it: the quick one's
+    # outcome is batched when the poison kills the worker. Its redelivery must not
+    # charge it again, or it fails with the poison's error (max_attempts rounds).
+    with phalanx.Runtime(workers=1) as rt:
+        for _ in range(3):
+            before = [rt.submit(inc, i) for i in range(4)]
+            poison = rt.submit(exit_with, 3)
+            after = [rt.submit(inc, i) for i in range(4, 8)]
+            assert [f.result(timeout=60) for f in before + after] == list(range(1, 9))
+            with pytest.raises(phalanx.WorkerCrashedError) as info:
+                poison.result(timeout=60)
+            assert info.value.exitcode == 3
+        still_works(rt)
+
+
 def test_restart_intensity_breaks_runtime_for_every_caller() -> None:
     with phalanx.Runtime(workers=2, restart_limit=2, restart_window=60, max_attempts=100) as rt:
         poison = [rt.submit(exit_with, 3) for _ in range(3)]
