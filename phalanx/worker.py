@@ -85,6 +85,8 @@ __all__ = ["WorkerSpec", "TaskContext", "current_task", "run_worker"]
 BATCH_MAX = 256
 #: a task quicker than this lets the next outcome share a message
 QUICK_TASK = 0.0002
+#: seconds to wait for batched outcomes to leave before running a redelivered task
+SENT_WAIT = 1.0
 #: seconds an idle worker polls before it blocks (PHALANX_SPIN, 0 disables)
 SPIN = float(os.environ.get("PHALANX_SPIN", "0"))
 #: seconds between watchdog checks of the parent
@@ -636,7 +638,8 @@ class _Loop:
 
     # ---- sending -----------------------------------------------------------
 
-    def flush(self) -> None:
+    def flush(self, sent: bool = False) -> None:
+        """Send the batched outcomes; ``sent``: return only once they left this process."""
         if not self.out:
             return
         outcomes, ops, busy = self.out, self.out_ops, self.busy
@@ -645,7 +648,19 @@ class _Loop:
             frame = encode(Results(self.spec.worker_id, outcomes, busy))
         except EncodeError:
             frame = encode(Results(self.spec.worker_id, _encodable(outcomes, ops), busy))
-        self.outbox.send(frame, 0, copy=len(frame) < sockets.ZERO_COPY_MIN)
+        if not sent:
+            self.outbox.send(frame, 0, copy=len(frame) < sockets.ZERO_COPY_MIN)
+            return
+        # ZeroMQ sends from its I/O thread: a process that dies right after send()
+        # may take the frame with it. The tracker fires once ZeroMQ let go of the
+        # frame (an explicit Frame, as pyzmq copies small bytes and tracks nothing).
+        data = zmq.Frame(frame, copy=False, track=True)
+        tracker = self.outbox.send(data, 0, copy=False, track=True)
+        del data  # our reference would keep the frame "in use"
+        try:
+            tracker.wait(SENT_WAIT)
+        except zmq.NotDone:
+            pass
 
     def send(self, msg: Any) -> None:
         self.outbox.send(encode(msg))
@@ -685,10 +700,10 @@ class _Loop:
                 continue
             task = self.todo.popleft()
             if self.out and isinstance(task, (Call, Chunk)) and task.attempt:
-                # A redelivered task may be the one that killed its last worker: send what
-                # is batched first, so if it kills this one too the driver charges the
-                # crash to it, not to a finished task whose outcome died unsent.
-                self.flush()
+                # A redelivered task may be the one that killed its last worker: get what
+                # is batched out first, so if it kills this one too the driver charges
+                # the crash to it, not to a finished task whose outcome died unsent.
+                self.flush(sent=True)
             started = time.perf_counter()
             if isinstance(task, ActorCall):
                 outcome: Outcome | None = self.actors.call(task)
