@@ -32,8 +32,9 @@ The convention, which every page under ``docs/`` and ``README.md`` follows
   an environment marker, however deep in its process tree) must be gone
   shortly after it exits.
 
-``docs/api.md`` must equal what ``docs/gen_api.py`` generates, and every
-relative link (and ``#anchor``) in the pages must resolve.
+``docs/api.md`` and ``docs/configuration.md`` must equal what
+``docs/gen_api.py`` generates, no other page may repeat the configuration
+table, and every relative link (and ``#anchor``) in the pages must resolve.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -287,15 +289,35 @@ def test_links_resolve(page: Path) -> None:
     assert not broken, f"{rel(page)}: broken links: " + ", ".join(broken)
 
 
-def test_api_reference_is_up_to_date() -> None:
+def _gen_api() -> Any:
     spec = importlib.util.spec_from_file_location("phalanx_docs_gen_api", DOCS / "gen_api.py")
     assert spec is not None and spec.loader is not None
     gen_api = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen_api)
-    current = (DOCS / "api.md").read_text(encoding="utf-8") if (DOCS / "api.md").exists() else ""
-    expected = gen_api.render()
+    return gen_api
+
+
+@pytest.mark.parametrize(("page", "render"), [("api.md", "render"), ("configuration.md", "render_configuration")])
+def test_generated_page_is_up_to_date(page: str, render: str) -> None:
+    """docs/api.md (from the docstrings) and docs/configuration.md (from phalanx.config.OPTIONS)."""
+    current = (DOCS / page).read_text(encoding="utf-8") if (DOCS / page).exists() else ""
+    expected = getattr(_gen_api(), render)()
     if current != expected:
-        diff = difflib.unified_diff(current.splitlines(), expected.splitlines(), "docs/api.md", "generated",
+        diff = difflib.unified_diff(current.splitlines(), expected.splitlines(), f"docs/{page}", "generated",
                                     lineterm="", n=1)
         shown = "\n".join(itertools.islice(diff, 40))
-        pytest.fail(f"docs/api.md is out of date: run `python docs/gen_api.py`\n{shown}", pytrace=False)
+        pytest.fail(f"docs/{page} is out of date: run `python docs/gen_api.py`\n{shown}", pytrace=False)
+
+
+def test_one_configuration_table() -> None:
+    """Every option is listed in configuration.md, and no other page has a table of PHALANX_* variables."""
+    from phalanx.config import OPTIONS
+
+    table = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    for option in OPTIONS.values():
+        assert f"| `{option.env}` |" in table, option.env
+    for page in pages():
+        if page.name in ("configuration.md", "api.md"):
+            continue
+        rows = [line for line in _prose(page) if line.startswith("|") and re.search(r"`PHALANX_[A-Z_]+`", line)]
+        assert not rows, f"{rel(page)} repeats configuration rows; link to configuration.md instead: {rows[:3]}"
