@@ -81,7 +81,7 @@ GROUPS: list[tuple[str, str, list[str]]] = [
     (
         "asyncio",
         "A runtime whose calls never block the event loop.",
-        ["AsyncRuntime", "AsyncJobOptions"],
+        ["AsyncRuntime", "AsyncJobOptions", "AsyncActorRef"],
     ),
     (
         "concurrent.futures",
@@ -110,7 +110,7 @@ GROUPS: list[tuple[str, str, list[str]]] = [
 
 #: classes users receive rather than construct: no constructor signature is shown
 NOT_CONSTRUCTED = {
-    "ActorRef", "AsyncJobOptions", "Future", "JobOptions", "MapIterator", "TaskContext",
+    "ActorRef", "AsyncActorRef", "AsyncJobOptions", "Future", "JobOptions", "MapIterator", "TaskContext",
     "RuntimeStats", "WorkerStats", "RuntimeTree", "WorkerNode", "ActorNode",
 }
 

@@ -171,3 +171,10 @@ class Gatekeeper:
 
     def boom(self, text: str) -> int:
         raise GateError(text)
+
+    def save(self) -> int:
+        return self.n
+
+    @classmethod
+    def restore(cls, n: int) -> Gatekeeper:
+        return cls(n)
