@@ -23,8 +23,17 @@ The convention, which every page under ``docs/`` and ``README.md`` follows
 * ``<!-- skip: REASON -->`` on the line before a ``python`` block leaves it
   out. Only for blocks that cannot run here (a fragment, a second machine);
   the reason is required, next to the block.
-* Shell sessions are ``console`` (or ``sh``) blocks and are not run; output
-  is ``text``. On hand-written pages a Python block must be tagged
+* Shell sessions are ``console`` blocks (commands after ``$ ``, the other
+  lines are their output) or ``sh`` blocks (every line a command); output
+  is ``text``. They run too: the commands of a block, in order, with
+  ``bash -e`` in a fresh temporary directory, where ``phalanx`` (and the
+  ``.venv/bin/phalanx`` of the install the quick start describes) runs this
+  checkout's ``python -m phalanx``. Each must exit with status 0 within
+  :data:`LIMIT` seconds. ``<!-- not run: REASON -->`` on the line before a
+  shell block leaves it out, for what cannot run here (installing packages,
+  a second host, a runtime in another terminal, the benchmark suite); every
+  shell block is either run or so marked.
+* On hand-written pages a Python block must be tagged
   ``python``: other spellings (``py``, ``python3``...) are refused, so no
   example escapes the test by its tag. Only the generated ``api.md`` uses
   ``py`` fences, for the fragments quoted from docstrings.
@@ -65,8 +74,10 @@ GRACE = 3.0
 MARKER_ENV = "PHALANX_DOCS_EXAMPLE"
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[^\s`]*)[^`]*$")
-_DIRECTIVE = re.compile(r"^\s*<!--\s*(?P<kind>skip|file)\s*:\s*(?P<arg>.*?)\s*-->\s*$")
+_DIRECTIVE = re.compile(r"^\s*<!--\s*(?P<kind>skip|file|not run)\s*:\s*(?P<arg>.*?)\s*-->\s*$")
 _PY_ALIASES = {"py", "py3", "python3", "pycon", "ipython", "python2"}
+#: tags of shell blocks: console (``$ `` prompts and output) and plain scripts
+_SHELL = {"console", "sh", "shell", "bash"}
 
 
 def pages() -> list[Path]:
@@ -162,17 +173,11 @@ def _environment(marker: str) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("block", examples(), ids=lambda b: b.id)
-def test_example_runs(block: Block, tmp_path: Path) -> None:
-    for name, code in module_files(block.page).items():
-        (tmp_path / name).write_text(code, encoding="utf-8")
-    script = tmp_path / "example.py"
-    script.write_text(block.code, encoding="utf-8")
-    marker = uuid.uuid4().hex
+def _run(block: Block, cmd: list[str], cwd: Path, env: dict[str, str], marker: str) -> tuple[str, str]:
+    """Run ``cmd`` for ``block``: status 0 within LIMIT, and no process left behind."""
     proc = subprocess.Popen(
-        [sys.executable, "-W", "error", str(script)], cwd=tmp_path, env=_environment(marker),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=LIMIT)
@@ -198,6 +203,77 @@ def test_example_runs(block: Block, tmp_path: Path) -> None:
     assert not left, f"{block.id}: the example left processes behind: " + ", ".join(
         f"pid {p.pid}" for p in left
     )
+    return out, err
+
+
+@pytest.mark.parametrize("block", examples(), ids=lambda b: b.id)
+def test_example_runs(block: Block, tmp_path: Path) -> None:
+    for name, code in module_files(block.page).items():
+        (tmp_path / name).write_text(code, encoding="utf-8")
+    script = tmp_path / "example.py"
+    script.write_text(block.code, encoding="utf-8")
+    marker = uuid.uuid4().hex
+    _run(block, [sys.executable, "-W", "error", str(script)], tmp_path, _environment(marker), marker)
+
+
+# --------------------------------------------------------------------------- #
+# Running the shell sessions
+# --------------------------------------------------------------------------- #
+
+
+def shell_blocks() -> list[Block]:
+    return [b for page in pages() for b in blocks(page) if b.lang in _SHELL]
+
+
+def commands(block: Block) -> list[str]:
+    """The commands of a shell block: ``$ `` lines of a console block, every line of a script.
+
+    A line ending in a backslash continues on the next one.
+    """
+    out: list[str] = []
+    lines = iter(block.code.splitlines())
+    for line in lines:
+        if block.lang == "console":
+            if not line.startswith("$ "):
+                continue  # output shown after a command
+            line = line[2:]
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        while line.endswith("\\"):
+            line = line[:-1] + " " + next(lines, "").strip()
+        out.append(line)
+    return out
+
+
+def _phalanx_wrappers(tmp_path: Path) -> Path:
+    """``bin/phalanx`` and ``.venv/bin/phalanx`` under ``tmp_path``, running this checkout; the bin dir."""
+    wrapper = f'#!/bin/sh\nexec "{sys.executable}" -m phalanx "$@"\n'
+    for where in (tmp_path / "bin", tmp_path / "work" / ".venv" / "bin"):
+        where.mkdir(parents=True)
+        (where / "phalanx").write_text(wrapper, encoding="utf-8")
+        (where / "phalanx").chmod(0o755)
+    return tmp_path / "bin"
+
+
+@pytest.mark.parametrize("block", [b for b in shell_blocks() if b.directive != "not run"], ids=lambda b: b.id)
+def test_shell_session_runs(block: Block, tmp_path: Path) -> None:
+    script = commands(block)
+    assert script, f"{block.id}: a shell block with no command: run it or mark it <!-- not run: why -->"
+    bin_dir = _phalanx_wrappers(tmp_path)
+    work = tmp_path / "work"
+    marker = uuid.uuid4().hex
+    env = _environment(marker)
+    env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
+    (tmp_path / "session.sh").write_text("set -eu\n" + "\n".join(script) + "\n", encoding="utf-8")
+    _run(block, ["bash", str(tmp_path / "session.sh")], work, env, marker)
+
+
+def test_every_shell_block_is_run_or_marked() -> None:
+    for block in shell_blocks():
+        assert block.directive in (None, "not run"), f"{block.id}: <!-- {block.directive}: --> is for python blocks"
+        if block.directive == "not run":
+            assert len(block.arg) >= 10, f"{block.id}: <!-- not run: ... --> needs a reason the reader can understand"
+    assert [b for b in shell_blocks() if b.directive is None], "no shell session is run"
 
 
 # --------------------------------------------------------------------------- #
@@ -214,6 +290,7 @@ def test_there_are_examples() -> None:
 
 @pytest.mark.parametrize("block", [b for b in python_blocks() if b.directive], ids=lambda b: b.id)
 def test_directives_are_well_formed(block: Block) -> None:
+    assert block.directive != "not run", f"{block.id}: <!-- not run: --> is for shell blocks; use skip"
     if block.directive == "skip":
         assert len(block.arg) >= 10, f"{block.id}: <!-- skip: ... --> needs a reason the reader can understand"
     else:
