@@ -65,12 +65,10 @@ __all__ = [
 
 #: environment variable read by :func:`configure` (and the ``log_level`` option)
 LOG_LEVEL_ENV = "PHALANX_LOG_LEVEL"
-#: environment variable that turns the worker prefix off (``0``, ``false``, ``no``, ``off``)
+#: environment variable of the ``prefix_output`` option (``0``, ``false``, ``no``, ``off``: no prefix)
 PREFIX_ENV = "PHALANX_PREFIX_OUTPUT"
 #: the attribute every ``LogRecord`` made in a worker carries: the worker id
 WORKER_ATTR = "phalanx_worker"
-
-_FALSE = ("0", "false", "no", "off")
 
 logging.getLogger("phalanx").addHandler(logging.NullHandler())
 
@@ -191,10 +189,17 @@ class _LastResort(logging.Handler):
 
 
 def prefix_output_enabled(value: bool | None = None) -> bool:
-    """``value`` when given (a worker spec's setting), else ``PHALANX_PREFIX_OUTPUT`` (default on)."""
+    """``value`` when given (a worker spec's setting), else ``PHALANX_PREFIX_OUTPUT`` (default on).
+
+    The variable reads as the ``prefix_output`` option does: a word that is
+    not a boolean raises ``ValueError``.
+    """
     if value is not None:
         return bool(value)
-    return os.environ.get(PREFIX_ENV, "").strip().lower() not in _FALSE
+    from .config import parse_bool
+
+    raw = os.environ.get(PREFIX_ENV, "")
+    return parse_bool(raw) if raw.strip() else True
 
 
 _installed: str | None = None

@@ -266,9 +266,11 @@ def phalanx_logger() -> Iterator[logging.Logger]:
         logger.handlers[:] = handlers
 
 
-def test_options_reach_the_driver_and_the_workers(monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])  # spawn: nothing inherited, all from the spec
+def test_options_reach_the_driver_and_the_workers(start_method: str, monkeypatch: pytest.MonkeyPatch,
                                                   phalanx_logger: logging.Logger) -> None:
     # Half by argument, half by variable: both paths end in the same places.
+    monkeypatch.setenv("PHALANX_START_METHOD", start_method)
     monkeypatch.setenv("PHALANX_SPIN", "0.001")
     monkeypatch.setenv("PHALANX_HWM", "5000")
     monkeypatch.setenv("PHALANX_ACTOR_TIMEOUT", "7")
