@@ -58,7 +58,7 @@ from .policy import (
 )
 from .registry import actor, operation
 from .runtime import JobOptions, Runtime
-from .aio import AsyncJobOptions, AsyncRuntime
+from .aio import AsyncActorRef, AsyncJobOptions, AsyncRuntime
 from .executor import Executor
 from . import logs as _logs  # noqa: F401  (NullHandler on the phalanx logger)
 from .worker import TaskContext, current_task
@@ -84,6 +84,7 @@ __all__ = [
     "ActorNode",
     "ActorRef",
     "After",
+    "AsyncActorRef",
     "AsyncJobOptions",
     "AsyncRuntime",
     "Broadcast",

@@ -1,15 +1,18 @@
-"""``phalanx.AsyncRuntime``: a :class:`phalanx.Runtime` for asyncio code.
+"""``phalanx.AsyncRuntime`` and ``phalanx.AsyncActorRef``: a runtime and actor refs for asyncio code.
 
 Runs in the driver, on the event loop's thread. Nothing here blocks the
 loop: calls that wait (starting the workers, ``fold``, ``spawn``,
-``shutdown``) run in the loop's default executor; ``submit`` only encodes
-and queues (as :meth:`phalanx.Runtime.submit` does) and returns an awaitable
+``inspect``, ``shutdown``; an actor's ``restart``, ``stop``, ``join``,
+``events`` and ``inspect``) run in the loop's default executor; ``submit``
+and actor method calls only encode and queue (as their
+:class:`phalanx.Runtime` counterparts do) and return an awaitable
 :class:`phalanx.Future`; ``map`` returns the usual
 :class:`phalanx.MapIterator`, whose ``__anext__`` waits off the loop::
 
-    event loop ── submit ──▶ Future ◀── pump thread sets it ──▶ loop wakes (wrap_future)
-               ── async for ──▶ MapIterator.__anext__ ──▶ default executor: next()
-               ── await start / fold / spawn / shutdown ──▶ default executor
+    event loop ── submit, ref.method() ──▶ Future ◀── pump thread sets it ──▶ loop wakes (wrap_future)
+               ── async for ──▶ MapIterator.__anext__, ref.events() ──▶ default executor: next()
+               ── await start / fold / spawn / inspect / shutdown ──▶ default executor
+               ── await ref.restart / stop / join / inspect ──▶ default executor
 
 Invariant kept: cancelling an awaiting task never leaves work or a thread
 behind for long: a cancelled ``await fut`` removes the call if it is still
@@ -25,18 +28,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
+from .actors.events import ActorEvent
 from .actors.ref import ActorRef
+from .actors.system import RuntimeTree
 from .channels import ChannelKind, ExactlyOnce, Lease
 from .driver import RuntimeStats
 from .jobs import MISSING, Future, MapIterator
 from .policy import FatalStrategy, RetryStrategy, TaskOptions
 from .runtime import JobOptions, Runtime, _RunsDirectives
 
-__all__ = ["AsyncRuntime", "AsyncJobOptions"]
+__all__ = ["AsyncRuntime", "AsyncJobOptions", "AsyncActorRef"]
 
 logger = logging.getLogger(__name__)
 
@@ -179,10 +184,19 @@ class AsyncRuntime(_AsyncWork):
         """Per-job options, as :meth:`phalanx.Runtime.options` (``on``: the worker tag to run on)."""
         return AsyncJobOptions(self.runtime.options(retry=retry, on_fatal=on_fatal, timeout=timeout, on=on))
 
-    async def spawn(self, cls: type[A] | str, /, *args: Any, **kwargs: Any) -> ActorRef[A]:
-        """:meth:`phalanx.Runtime.spawn` in a thread; ``await ref.method(...)`` calls it."""
+    async def spawn(self, cls: type[A] | str, /, *args: Any, **kwargs: Any) -> AsyncActorRef[A]:
+        """:meth:`phalanx.Runtime.spawn` in a thread; ``await ref.method(...)`` calls the actor."""
         rt = self.runtime
-        return await asyncio.to_thread(rt.spawn, cls, *args, **kwargs)
+        return AsyncActorRef(await asyncio.to_thread(rt.spawn, cls, *args, **kwargs))
+
+    def get_actor(self, name: str) -> AsyncActorRef[Any]:
+        """A new ref on the running actor spawned with ``name=`` (never blocks)."""
+        return AsyncActorRef(self.runtime.get_actor(name))
+
+    async def inspect(self, timeout: float = 1.0) -> RuntimeTree:
+        """:meth:`phalanx.Runtime.inspect` in a thread."""
+        rt = self.runtime
+        return await asyncio.to_thread(rt.inspect, timeout)
 
     def lease(
         self, kind: ChannelKind = ExactlyOnce, *, capacity: int = 10_000, prefetch: int = 8
@@ -208,6 +222,90 @@ class AsyncRuntime(_AsyncWork):
     def stats(self) -> RuntimeStats:
         """Counters; see :meth:`phalanx.Runtime.stats`."""
         return self.runtime.stats()
+
+
+class AsyncActorRef(Generic[A]):
+    """An :class:`phalanx.ActorRef` for asyncio: nothing it does blocks the event loop.
+
+    ``await ref.method(...)`` (or ``await ref.call("method", ...)``) calls
+    the actor: the call is queued at once and the returned
+    :class:`phalanx.Future` is awaited. ``restart``, ``stop``, ``join`` and
+    ``inspect`` are coroutines that wait in a thread; ``events`` is an async
+    iterator. :attr:`sync` is the blocking ref, for use from threads. As with
+    an ``ActorRef``, dropping the last ref of an actor that is not
+    ``detached`` stops it.
+    """
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, ref: ActorRef[A]) -> None:
+        self._ref = ref
+
+    @property
+    def sync(self) -> ActorRef[A]:
+        """The blocking :class:`phalanx.ActorRef` this wraps."""
+        return self._ref
+
+    @property
+    def id(self) -> int:
+        """The actor's id (stable across restarts)."""
+        return self._ref.id
+
+    @property
+    def name(self) -> str | None:
+        """The name it was spawned with, if any."""
+        return self._ref.name
+
+    @property
+    def worker(self) -> str:
+        """The worker currently hosting the actor."""
+        return self._ref.worker
+
+    @property
+    def state(self) -> str:
+        """starting, running, restarting, stopping, stopped or failed."""
+        return self._ref.state
+
+    def __getattr__(self, method: str) -> Callable[..., Future[Any]]:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return self._ref.__getattr__(method)  # the method proxy, whatever the name
+
+    def call(self, method: str, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Call ``method`` by name (for methods whose names clash with ref attributes)."""
+        return self._ref.call(method, *args, **kwargs)
+
+    async def restart(self, on: str | None = None, timeout: float | None = None) -> bool:
+        """:meth:`phalanx.ActorRef.restart` (a hot restart), waited for in a thread."""
+        return await asyncio.to_thread(self._ref.restart, on, timeout)
+
+    async def stop(self) -> None:
+        """:meth:`phalanx.ActorRef.stop` in a thread (it waits while the actor is starting)."""
+        await asyncio.to_thread(self._ref.stop)
+
+    async def join(self, timeout: float | None = None) -> None:
+        """Wait, in a thread, until the actor has stopped or failed (without stopping it)."""
+        await asyncio.to_thread(self._ref.join, timeout)
+
+    async def events(self, timeout: float | None = None) -> AsyncIterator[ActorEvent]:
+        """Started / Stopped / Failed / RestartFailed, in order, until the actor ends (``async for``).
+
+        Each event is waited for in a thread; ``timeout`` is that of
+        :meth:`phalanx.ActorRef.events`.
+        """
+        events = self._ref.events(timeout)
+        while True:
+            event = await asyncio.to_thread(next, events, None)
+            if event is None:
+                return
+            yield event
+
+    async def inspect(self, timeout: float = 1.0) -> RuntimeTree:
+        """:meth:`phalanx.ActorRef.inspect` in a thread."""
+        return await asyncio.to_thread(self._ref.inspect, timeout)
+
+    def __repr__(self) -> str:
+        return f"<AsyncActorRef {self._ref!r}>"
 
 
 class AsyncJobOptions(_AsyncWork):

@@ -175,7 +175,7 @@ class Broker:
         self._acks: dict[bytes, tuple[int, int]] = {}
         self._probed = 0.0
         register_driver(self._base, driver.endpoints.results, lambda: not driver.closed, self.release,
-                        self._released)
+                        self._released, driver.limits)
         driver.exit_listeners.append(self.worker_exited)
 
     def close(self) -> None:

@@ -164,7 +164,7 @@ def _closed_error(status: int, lease: int) -> ChannelClosedError:
 class _Location:
     """How ends in this process reach one driver's broker."""
 
-    __slots__ = ("endpoint", "curve", "prefix", "alive", "release", "released", "pid")
+    __slots__ = ("endpoint", "curve", "prefix", "alive", "release", "released", "limits", "pid")
 
     def __init__(
         self,
@@ -174,6 +174,7 @@ class _Location:
         alive: Callable[[], bool],
         release: Callable[[int], None] | None = None,
         released: Callable[[int], bool] | None = None,
+        limits: sockets.Limits | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.curve = curve
@@ -182,6 +183,8 @@ class _Location:
         #: in the driver: release a lease, and tell whether one was released (no round trip)
         self.release = release
         self.released = released
+        #: the sockets' limits (None: the process default, which a worker sets from its spec)
+        self.limits = limits
         self.pid = os.getpid()
 
 
@@ -223,9 +226,10 @@ def register_driver(
     alive: Callable[[], bool],
     release: Callable[[int], None],
     released: Callable[[int], bool],
+    limits: sockets.Limits | None = None,
 ) -> None:
     """In the driver (the broker): ends of leases ``key << LEASE_SHIFT + n`` reach it at ``endpoint``."""
-    _drivers[key] = _Location(endpoint, None, b"d%d" % os.getpid(), alive, release, released)
+    _drivers[key] = _Location(endpoint, None, b"d%d" % os.getpid(), alive, release, released, limits)
 
 
 def unregister_driver(key: int) -> None:
@@ -280,7 +284,7 @@ class _Conn:
         self.where = where
         self.pid = os.getpid()
         self.ident = where.prefix + b"~%d" % next(_ids)
-        self.sock = sockets.dealer(ctx, where.endpoint, self.ident, where.curve)
+        self.sock = sockets.dealer(ctx, where.endpoint, self.ident, where.curve, where.limits)
         with _lock:
             _conns.add(self)
 

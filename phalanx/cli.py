@@ -29,9 +29,14 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-__all__ = ["COMMANDS", "Command", "build_parser", "main", "usable_cpus"]
+from .config import parse_bool
+
+if TYPE_CHECKING:
+    from .remote import RemoteOptions
+
+__all__ = ["COMMANDS", "Command", "build_parser", "main", "remote_options", "usable_cpus"]
 
 PROG = "phalanx"
 
@@ -190,48 +195,82 @@ back. A refused key exits 3."""
 
 
 def _configure_worker(parser: argparse.ArgumentParser) -> None:
+    from .config import OPTIONS
+
     parser.add_argument("--connect", required=True, metavar="tcp://HOST:PORT",
                         help="the driver's listen address (its first port)")
     parser.add_argument("--workers", "-w", type=_positive_int, default=None, metavar="N",
                         help=f"worker processes to start (default: usable CPUs, here {usable_cpus()})")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="module defining operations or actors (repeatable)")
-    parser.add_argument("--key", metavar="FILE", default=os.environ.get("PHALANX_KEY"),
-                        help="this host's .key_secret file (env PHALANX_KEY)")
-    parser.add_argument("--server-key", metavar="FILE", default=os.environ.get("PHALANX_SERVER_KEY"),
-                        help="the driver's public .key file (env PHALANX_SERVER_KEY)")
-    parser.add_argument("--insecure", action="store_true", help="no CURVE: plaintext, unauthenticated")
-    parser.add_argument("--credits", type=_positive_int, default=16, help="tasks a worker holds at once")
     parser.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG",
                         help="worker tag these workers serve: they get only work routed to it, "
                              "rt.options(on=TAG) (repeatable; default: \"default\")")
-    parser.add_argument("--heartbeat-timeout", type=float, default=10.0, metavar="S",
-                        help="seconds without the driver before giving up (default: 10)")
-    parser.add_argument("--heartbeat-interval", type=float, default=0.5, metavar="S",
-                        help="seconds between this host's heartbeats to the driver (default: 0.5)")
     parser.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
                         help="seconds to wait for the driver at start (default: 30)")
-    parser.add_argument("--reconnect", action="store_true",
-                        help="when the driver is lost, wait for it to come back instead of exiting")
+    # The options of phalanx.Config that apply to this host's workers (docs/configuration.md):
+    # unset flags fall back to their PHALANX_* variable, then to the default.
+    for option in OPTIONS.values():
+        if option.worker_flag is None:
+            continue
+        text = option.doc.replace("`", "") + f" (env {option.env})"
+        if option.parse is parse_bool:
+            parser.add_argument(option.worker_flag, dest=option.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=text)
+        else:
+            parser.add_argument(option.worker_flag, dest=option.name, type=option.parse, default=None,
+                                metavar=option.name.upper(), help=text)
 
 
-def _run_worker(args: argparse.Namespace) -> int:
-    from .remote import RemoteOptions, main as remote_main
+def remote_options(args: argparse.Namespace) -> RemoteOptions:
+    """What ``phalanx worker`` was asked to do: its flags, else their ``PHALANX_*`` variables, else defaults.
 
-    return remote_main(RemoteOptions(
+    Raises ``ValueError`` (naming the flag's option or variable) for a value that is not valid.
+    """
+    from .config import OPTIONS, Config
+    from .remote import RemoteOptions
+
+    given = {o.name: getattr(args, o.name) for o in OPTIONS.values() if o.worker_flag and o.runtime}
+    config = Config.load(workers=1, **given)  # checks the values; workers: --workers, below
+    key = args.key if args.key is not None else (os.environ.get(OPTIONS["key"].env, "").strip() or None)
+    return RemoteOptions(
         connect=args.connect,
         workers=args.workers or usable_cpus(),
         imports=args.imports,
-        credits=args.credits,
-        key=args.key,
-        server_key=args.server_key,
-        insecure=args.insecure,
-        heartbeat_timeout=args.heartbeat_timeout,
-        heartbeat_interval=args.heartbeat_interval,
+        credits=config.credits,
+        key=key,
+        server_key=config.server_key,
+        insecure=config.insecure,
+        heartbeat_timeout=config.heartbeat_timeout if config.heartbeat_timeout > 0 else 10.0,
+        heartbeat_interval=config.heartbeat_interval,
         connect_timeout=args.connect_timeout,
-        reconnect=args.reconnect,
+        reconnect=config.reconnect,
+        start_method=config.start_method,
         tags=args.tags,
-    ))
+        abort_grace=config.abort_grace,
+        max_memory_per_worker=config.max_memory_per_worker,
+        hwm=config.hwm,
+        max_frame=config.max_frame,
+        spin=config.spin,
+        log_level=config.log_level,
+        prefix_output=config.prefix_output,
+        implicit_operations=config.implicit_operations,
+    )
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from .remote import main as remote_main
+
+    try:
+        options = remote_options(args)
+    except ValueError as exc:
+        print(f"{PROG} worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if options.log_level:
+        from .logs import ensure_configured
+
+        ensure_configured(options.log_level)
+    return remote_main(options)
 
 
 # --------------------------------------------------------------------------- keygen

@@ -1,29 +1,44 @@
-"""Runtime configuration from arguments and ``PHALANX_*`` environment variables.
+"""Configuration: every option, from arguments and ``PHALANX_*`` environment variables.
 
-Runs in the driver. An explicit argument wins over the environment, which
-wins over the default. Every option is listed in :data:`OPTIONS` (the README
-table is generated from the same names). ``workers`` also takes a dict of
-worker tag -> count (``PHALANX_WORKERS=default=2,io=4``); :meth:`Config.load`
-turns it into ``workers`` (the total) and ``tags`` (the counts per tag).
+Runs in the driver (:meth:`Config.load`, called by :class:`phalanx.Runtime`)
+and in ``phalanx worker`` (which loads the options its workers use from its
+flags). :data:`OPTIONS` declares every option once: its argument name, its
+environment variable, how that variable is read, and a one-line meaning;
+:class:`Config` holds their types and defaults. ``docs/gen_api.py``
+generates the one configuration table (``docs/configuration.md``) from both,
+and ``tests/test_config.py`` checks that each option is settable both ways.
+
+Invariant kept: an explicit argument wins over the environment, which wins
+over the default, and a value that is not valid raises ``ValueError`` naming
+the argument or the variable, never silently falling back to a default.
+
+``workers`` also takes a dict of worker tag -> count
+(``PHALANX_WORKERS=default=2,io=4``); :meth:`Config.load` turns it into
+``workers`` (the total) and ``tags`` (the counts per tag).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
 from .policy import DEFAULT_TAG, check_tag
+from .transport.endpoints import parse_listen
 
-__all__ = ["Config", "OPTIONS", "usable_cpus", "DEFAULT_START_METHOD"]
+__all__ = ["Config", "Option", "OPTIONS", "usable_cpus", "parse_bool", "DEFAULT_START_METHOD"]
 
 #: fork is fastest (a worker starts in milliseconds) and is what multiprocessing
 #: uses on Linux before 3.12; from 3.12 on, forking a threaded process warns, so spawn.
 DEFAULT_START_METHOD = "fork" if sys.platform.startswith("linux") and sys.version_info < (3, 12) else "spawn"
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def usable_cpus() -> int:
@@ -34,84 +49,95 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class Config(msgspec.Struct, frozen=True, kw_only=True):
-    """Every knob of a :class:`phalanx.Runtime`."""
+def parse_bool(raw: str) -> bool:
+    """``1/0``, ``true/false``, ``yes/no``, ``on/off`` (any case); ``ValueError`` otherwise."""
+    text = raw.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {raw!r}")
 
-    #: worker processes to start (default: usable CPUs)
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    """The options of a :class:`phalanx.Runtime` (``rt.config``), with their types and defaults."""
+
     workers: int = 0
     #: local workers to start per worker tag ({}: all ``workers`` are "default");
     #: set by passing ``workers`` a dict, not an option of its own
     tags: dict[str, int] = {}
-    #: seconds work routed to a tag waits for a live worker holding it before NoWorkerError
     route_timeout: float = 30.0
-    #: multiprocessing start method for workers: fork, forkserver or spawn
-    #: (default: fork on Linux with Python < 3.12, like multiprocessing; else spawn)
     start_method: str = DEFAULT_START_METHOD
-    #: ``tcp://HOST:PORT`` to listen on instead of private ipc endpoints
     listen: str | None = None
-    #: tasks a worker may hold at once (prefetch depth)
     credits: int = 16
-    #: seconds to wait for all workers to connect
     start_timeout: float = 60.0
-    #: seconds a worker gets to exit after Stop before it is terminated
     shutdown_timeout: float = 5.0
-    #: runs of a task that may end in its worker's death before it fails with WorkerCrashedError
     max_attempts: int = 3
-    #: worker deaths tolerated within ``restart_window`` before the runtime breaks
     restart_limit: int = 50
-    #: seconds over which ``restart_limit`` is counted
     restart_window: float = 10.0
-    #: seconds an aborted or timed-out task may keep running before its worker is killed
     abort_grace: float = 2.0
-    #: tasks after which a worker is replaced (0: never)
     max_tasks_per_worker: int = 0
-    #: worker RSS in bytes above which it is replaced between tasks (0: never)
     max_memory_per_worker: int = 0
-    #: seconds between driver heartbeats on the control socket
     heartbeat_interval: float = 0.5
-    #: seconds without a remote worker's heartbeat before it is declared lost (-1: 10 s);
-    #: local workers apply it to the driver only when set (the parent-death signal covers them)
     heartbeat_timeout: float = -1.0
-    #: a local worker that lost its driver's heartbeats waits for them instead of exiting
     reconnect: bool = False
-    #: the driver's CURVE ``.key_secret`` file (tcp)
     server_key: str | None = None
-    #: directory of the ``.key`` files of workers allowed to connect (tcp)
     authorized_keys: str | None = None
-    #: allow plaintext, unauthenticated tcp (prints a warning)
     insecure: bool = False
-    #: prefix every line a worker prints or logs with "[<worker id>] "
     prefix_output: bool = True
+    actor_restart_limit: int = 3
+    actor_restart_window: float = 60.0
+    actor_timeout: float = 60.0
+    hwm: int = 100_000
+    max_frame: int = 256 * 1024 * 1024
+    spin: float = 0.0
+    log_level: str | None = None
+    implicit_operations: bool = False
 
     def __post_init__(self) -> None:
+        # Each message starts with the option's name: Config.load names its variable instead.
+        for tag, count in self.tags.items():
+            try:
+                check_tag(tag)
+            except ValueError as exc:
+                raise ValueError(f"workers: {exc}") from None
+            if not isinstance(count, int) or count < 0:
+                raise ValueError(f"workers: the count of tag {tag!r} must be an int >= 0, got {count!r}")
+        if self.tags and sum(self.tags.values()) != self.workers:
+            raise ValueError(f"workers={self.workers} is not the sum of the per-tag counts {self.tags}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.start_method not in ("spawn", "forkserver", "fork"):
             raise ValueError(f"start_method must be spawn, forkserver or fork, got {self.start_method!r}")
-        if self.credits < 1:
-            raise ValueError(f"credits must be >= 1, got {self.credits}")
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        for name in ("max_tasks_per_worker", "max_memory_per_worker", "restart_limit"):
+        if self.listen is not None:
+            parse_listen(self.listen)
+        for name in ("credits", "max_attempts", "hwm"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_tasks_per_worker", "max_memory_per_worker", "restart_limit", "actor_restart_limit"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.heartbeat_interval <= 0:
-            raise ValueError(f"heartbeat_interval must be > 0, got {self.heartbeat_interval}")
+        for name in ("start_timeout", "restart_window", "heartbeat_interval", "actor_restart_window",
+                     "actor_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        for name in ("shutdown_timeout", "abort_grace", "route_timeout", "spin"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if math.isnan(self.heartbeat_timeout):
+            raise ValueError("heartbeat_timeout must be a number (<= 0: the default), got nan")
+        if self.max_frame < 4096:
+            # the CURVE handshake's own commands and the larger control messages must fit
+            raise ValueError(f"max_frame must be >= 4096 bytes, got {self.max_frame}")
+        if self.log_level is not None and not isinstance(logging.getLevelName(self.log_level.upper()), int):
+            raise ValueError(f"log_level must be a logging level name (DEBUG, INFO, ...), got {self.log_level!r}")
         if self.listen is not None and not self.insecure and not (self.server_key and self.authorized_keys):
             raise ValueError(
                 "tcp needs server_key= (a .key_secret file) and authorized_keys= (a directory of "
                 "worker .key files): run `phalanx keygen`; or pass insecure=True for plaintext"
             )
-        if self.abort_grace < 0:
-            raise ValueError(f"abort_grace must be >= 0, got {self.abort_grace}")
-        if not (math.isfinite(self.route_timeout) and self.route_timeout >= 0):
-            raise ValueError(f"route_timeout must be a finite number >= 0, got {self.route_timeout}")
-        for tag, count in self.tags.items():
-            check_tag(tag)
-            if not isinstance(count, int) or count < 0:
-                raise ValueError(f"the worker count of tag {tag!r} must be an int >= 0, got {count!r}")
-        if self.tags and sum(self.tags.values()) != self.workers:
-            raise ValueError(f"workers={self.workers} is not the sum of the per-tag counts {self.tags}")
 
     def worker_groups(self) -> dict[str, int]:
         """Local workers to start, per tag."""
@@ -119,28 +145,56 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def load(cls, **overrides: Any) -> Config:
-        """Defaults, then ``PHALANX_<NAME>`` variables, then non-None ``overrides``."""
+        """Defaults, then ``PHALANX_<NAME>`` variables, then non-None ``overrides``.
+
+        Raises ``TypeError`` for an unknown option and ``ValueError``, naming
+        the argument or the variable, for a value that is not valid.
+        """
         values: dict[str, Any] = {}
-        for name, parse in OPTIONS.items():
-            raw = os.environ.get(f"PHALANX_{name.upper()}")
-            if raw is not None and raw != "":
+        from_env: dict[str, str] = {}
+        for option in OPTIONS.values():
+            if not option.runtime:
+                continue
+            raw = os.environ.get(option.env)
+            if raw is not None and raw.strip() != "":
                 try:
-                    values[name] = parse(raw)
+                    values[option.name] = option.parse(raw)
                 except ValueError as exc:
-                    raise ValueError(f"PHALANX_{name.upper()}={raw!r}: {exc}") from None
+                    raise ValueError(f"{option.env}={raw!r}: {exc}") from None
+                from_env[option.name] = f"{option.env}={raw!r}"
         for name, value in overrides.items():
-            if name not in OPTIONS:
+            if name not in OPTIONS or not OPTIONS[name].runtime:
                 raise TypeError(f"unknown option {name!r}")
             if value is not None:
                 values[name] = value
+                from_env.pop(name, None)
         groups = values.get("workers")
         if isinstance(groups, dict):
             values["tags"] = dict(groups)
             values["workers"] = sum(c for c in groups.values() if isinstance(c, int))
-        config = cls(**values)
+        try:
+            config = msgspec.convert(values, cls)
+        except msgspec.ValidationError as exc:
+            raise ValueError(_explain(exc, from_env)) from None
         if config.workers == 0 and "workers" not in values:
             config = msgspec.structs.replace(config, workers=usable_cpus())
         return config
+
+
+def _explain(exc: msgspec.ValidationError, from_env: dict[str, str]) -> str:
+    """msgspec's "Expected `int`, got `str` - at `$.credits`" as "credits: expected `int`, got `str`".
+
+    An option that came from the environment is named by its variable.
+    """
+    text = str(exc)
+    message, sep, where = text.rpartition(" - at `$.")
+    if sep:  # a value of the wrong type
+        name = where.rstrip("`").split(".")[0].split("[")[0]
+        name = "workers" if name == "tags" else name
+        return f"{from_env.get(name, name)}: {message[:1].lower()}{message[1:]}"
+    # a check of __post_init__, whose message starts with the option's name
+    name = text.split(" ")[0].split("=")[0].rstrip(":")
+    return f"{from_env[name]}: {text}" if name in from_env else text
 
 
 def _parse_workers(raw: str) -> int | dict[str, int]:
@@ -156,25 +210,91 @@ def _parse_workers(raw: str) -> int | dict[str, int]:
     return groups
 
 
-OPTIONS: dict[str, Callable[[str], Any]] = {
-    "workers": _parse_workers,
-    "start_method": str,
-    "listen": str,
-    "credits": int,
-    "start_timeout": float,
-    "shutdown_timeout": float,
-    "max_attempts": int,
-    "restart_limit": int,
-    "restart_window": float,
-    "abort_grace": float,
-    "max_tasks_per_worker": int,
-    "max_memory_per_worker": int,
-    "heartbeat_interval": float,
-    "heartbeat_timeout": float,
-    "reconnect": lambda raw: raw.strip().lower() in ("1", "true", "yes", "on"),
-    "server_key": str,
-    "authorized_keys": str,
-    "insecure": lambda raw: raw.strip().lower() in ("1", "true", "yes", "on"),
-    "prefix_output": lambda raw: raw.strip().lower() not in ("0", "false", "no", "off"),
-    "route_timeout": float,
-}
+def _parse_optional_str(raw: str) -> str:
+    return raw.strip()
+
+
+class Option(NamedTuple):
+    """One option: how to set it, and what it means (a row of the configuration table)."""
+
+    #: the argument name: ``Runtime(name=...)`` and the :class:`Config` field
+    name: str
+    #: reads the environment variable's text (raises ValueError when it is not valid)
+    parse: Callable[[str], Any]
+    #: what it does, in one line (Markdown)
+    doc: str
+    #: the default as the table shows it, when it is not simply the Config field's default
+    default: str | None = None
+    #: an argument of ``Runtime(...)`` (False: a ``phalanx worker`` option only)
+    runtime: bool = True
+    #: the ``phalanx worker`` flag that sets it for the workers of that host, if any
+    worker_flag: str | None = None
+
+    @property
+    def env(self) -> str:
+        """The environment variable: ``PHALANX_<NAME>``."""
+        return f"PHALANX_{self.name.upper()}"
+
+
+def _options(*options: Option) -> dict[str, Option]:
+    return {o.name: o for o in options}
+
+
+#: every option, in the order of the configuration table
+OPTIONS: dict[str, Option] = _options(
+    Option("workers", _parse_workers,
+           "worker processes to start; a dict `{\"default\": 2, \"io\": 4}` (env `default=2,io=4`) starts "
+           "that many per worker tag", default="usable CPUs"),
+    Option("start_method", str, "multiprocessing start method for workers: fork, forkserver or spawn",
+           default="fork on Linux (Python < 3.12), else spawn", worker_flag="--start-method"),
+    Option("listen", str, "`tcp://HOST:PORT`: also listen on `PORT`..`PORT+2` for remote workers "
+           "(`PORT` 0 picks free ones; see `rt.address`)"),
+    Option("credits", int, "tasks a worker may hold at once (prefetch depth)", worker_flag="--credits"),
+    Option("start_timeout", float, "seconds to wait for all workers to connect"),
+    Option("shutdown_timeout", float, "seconds a worker gets to exit after Stop before it is terminated"),
+    Option("max_attempts", int, "runs of a task that may end in its worker's death before it fails with "
+           "`WorkerCrashedError`"),
+    Option("restart_limit", int, "worker deaths tolerated within `restart_window` before the runtime breaks"),
+    Option("restart_window", float, "seconds over which `restart_limit` is counted"),
+    Option("abort_grace", float, "seconds an aborted or timed-out task may keep running before its worker "
+           "is killed", worker_flag="--abort-grace"),
+    Option("max_tasks_per_worker", int, "tasks after which a worker is replaced (0: never)"),
+    Option("max_memory_per_worker", int, "worker RSS in bytes above which it is replaced between tasks "
+           "(0: never)", worker_flag="--max-memory-per-worker"),
+    Option("heartbeat_interval", float, "seconds between heartbeats: the driver's on its control socket, a "
+           "remote worker's to the driver", worker_flag="--heartbeat-interval"),
+    Option("heartbeat_timeout", float, "seconds without a remote worker's heartbeat before it is declared "
+           "lost and its tasks redelivered, and without the driver's before a remote worker gives up (-1: "
+           "10 s); a local worker applies it to the driver only when set (the parent-death signal covers it)",
+           worker_flag="--heartbeat-timeout"),
+    Option("reconnect", parse_bool, "a worker that lost its driver's heartbeats waits for them instead of "
+           "exiting", worker_flag="--reconnect"),
+    Option("server_key", str, "the driver's CURVE key (`phalanx keygen`): for `Runtime(listen=...)` its "
+           "`.key_secret` file, for `phalanx worker` its public `.key` file", worker_flag="--server-key"),
+    Option("authorized_keys", str, "directory of the `.key` files of hosts allowed to join, needed with "
+           "`listen`"),
+    Option("key", str, "this host's `.key_secret` file, with which `phalanx worker` joins the driver",
+           default="None", runtime=False, worker_flag="--key"),
+    Option("insecure", parse_bool, "tcp in plaintext without authentication (prints a warning)",
+           worker_flag="--insecure"),
+    Option("prefix_output", parse_bool, "prefix every line a worker prints or logs with `[<worker id>] `",
+           worker_flag="--prefix-output"),
+    Option("route_timeout", float, "seconds work routed to a worker tag (`on=\"io\"`) waits for a live "
+           "worker holding it before it fails with `NoWorkerError`"),
+    Option("actor_restart_limit", int, "supervised restarts (`restart_policy=\"on-failure\"`) of one actor "
+           "within `actor_restart_window`; the next death is final"),
+    Option("actor_restart_window", float, "seconds over which `actor_restart_limit` is counted"),
+    Option("actor_timeout", float, "seconds an actor's spawn, restart or stop waits for its worker when no "
+           "`timeout=` is given"),
+    Option("hwm", int, "ZeroMQ high-water mark: frames queued per peer and socket before a send fails "
+           "(credits keep far below it)", worker_flag="--hwm"),
+    Option("max_frame", int, "largest frame, in bytes, a socket accepts from a peer (a larger one "
+           "disconnects the peer)", default="268435456 (256 MiB)", worker_flag="--max-frame"),
+    Option("spin", float, "seconds an idle worker polls for its next task before it blocks (0: blocks at "
+           "once; trades CPU for latency)", worker_flag="--spin"),
+    Option("log_level", _parse_optional_str, "level of a stderr handler on the `phalanx` loggers, in the "
+           "driver and its workers (None: phalanx adds no handler)", worker_flag="--log-level"),
+    Option("implicit_operations", parse_bool, "workers also run unregistered module-level functions, by "
+           "`module:qualname` (`phalanx.Executor` sets it; for trusted code only)",
+           worker_flag="--implicit-operations"),
+)

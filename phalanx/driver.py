@@ -389,15 +389,18 @@ class Driver:
         self._auth: Any = None
         self._monitors: dict[zmq.Socket[bytes], str] = {}
         self.remote_timeout = config.heartbeat_timeout if config.heartbeat_timeout > 0 else REMOTE_HEARTBEAT_TIMEOUT
+        #: the sockets' high-water mark and largest frame (the hwm and max_frame options)
+        self.limits = sockets.Limits(config.hwm, config.max_frame)
         try:
             curve = self._secure_tcp()
             tcp = self.address
+            limits = self.limits
             self._tasks = sockets.router(self._ctx, self.endpoints.tasks, send_only=True,
-                                         tcp=tcp.tasks if tcp else None, curve=curve)
+                                         tcp=tcp.tasks if tcp else None, curve=curve, limits=limits)
             self._results = sockets.router(self._ctx, self.endpoints.results,
-                                           tcp=tcp.results if tcp else None, curve=curve)
+                                           tcp=tcp.results if tcp else None, curve=curve, limits=limits)
             self._control = sockets.publisher(self._ctx, self.endpoints.control,
-                                              tcp=tcp.control if tcp else None, curve=curve)
+                                              tcp=tcp.control if tcp else None, curve=curve, limits=limits)
             if tcp is not None:
                 for sock, ep in ((self._tasks, tcp.tasks), (self._results, tcp.results), (self._control, tcp.control)):
                     self._monitors[sockets.monitor(sock, sockets.HANDSHAKE_FAILURES)] = ep
@@ -487,6 +490,10 @@ class Driver:
             reconnect=self.config.reconnect,
             prefix_output=self.config.prefix_output,
             tags=tags,
+            limits=self.limits,
+            spin=self.config.spin,
+            log_level=self.config.log_level,
+            implicit_operations=self.config.implicit_operations,
         )
         worker.pid = self._supervisor.spawn(spec)
         return wid

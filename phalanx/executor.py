@@ -20,10 +20,10 @@ that keeps killing its worker fails, with :class:`~phalanx.WorkerCrashedError`.
 
 Plain module-level functions work without ``@phalanx.operation``: they are
 named implicitly by ``module:qualname`` (see
-:func:`phalanx.registry.operations.implicit`) and, while an Executor is open,
-``PHALANX_IMPLICIT_OPERATIONS=1`` is set in this process so the workers it
-starts resolve such names. That is meant for trusted local use: an executor
-always runs local workers (``listen=`` is refused).
+:func:`phalanx.registry.operations.implicit`), and the executor's runtime
+starts its workers with the ``implicit_operations`` option, so they resolve
+such names. That is meant for trusted local use: an executor always runs
+local workers (``listen=`` is refused).
 
 Invariants kept: every future handed out is resolved (result, exception or
 cancelled) once ``shutdown(wait=True)`` returns; a submit after ``shutdown``
@@ -41,20 +41,18 @@ import os
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 import msgspec
 
-from .config import Config, usable_cpus
+from .config import OPTIONS, usable_cpus
 from .errors import EncodeError, RuntimeBrokenError
 from .jobs import Future
 from .policy import TaskOptions
 from .registry.operations import (
     Operation,
     OperationRef,
-    allow_implicit,
     driver_operation,
     implicit,
     name_of,
@@ -99,7 +97,9 @@ class Executor(concurrent.futures.Executor):
     ``max_tasks_per_child`` (a worker is replaced after that many tasks).
     Any other keyword is a :class:`phalanx.Runtime` option (``credits``
     defaults to 2 here, so that tasks wait in the driver, where they can be
-    cancelled, rather than in a worker's prefetch queue).
+    cancelled, rather than in a worker's prefetch queue; ``listen`` is
+    refused: an executor runs local workers only; ``implicit_operations`` is
+    always on).
 
     ``fn`` may be an ``@phalanx.operation`` function, its name, or a plain
     Python function defined at module level (named implicitly; for trusted
@@ -138,9 +138,10 @@ class Executor(concurrent.futures.Executor):
             raise TypeError("initializer must be a callable")
         if mp_context is not None:
             options["start_method"] = mp_context.get_start_method()
-        if Config.load(listen=options.get("listen")).listen:
+        if options.get("listen") is not None or os.environ.get(OPTIONS["listen"].env, "").strip():
             raise ValueError("phalanx.Executor runs local workers only: unset listen / PHALANX_LISTEN")
         options.setdefault("credits", 2)
+        options["implicit_operations"] = True  # plain functions, by module:qualname
         self._max_workers = max_workers
         self._init: list[Any] | None = None
         if initializer is not None:
@@ -156,15 +157,7 @@ class Executor(concurrent.futures.Executor):
         self._failed_pending = False
         self._pending: set[Future[Any]] = set()
         self._closer: threading.Thread | None = None
-        release = allow_implicit()
-        self._release = weakref.finalize(self, release)
-        try:
-            self._rt = Runtime(
-                max_workers, max_tasks_per_worker=max_tasks_per_child or None, **options
-            )
-        except BaseException:
-            self._release()
-            raise
+        self._rt = Runtime(max_workers, max_tasks_per_worker=max_tasks_per_child or None, **options)
         logger.debug("executor started with %d workers", max_workers)
 
     # ---- submitting -------------------------------------------------------------
@@ -327,8 +320,6 @@ class Executor(concurrent.futures.Executor):
             self._rt.shutdown(wait=wait)
         except Exception:
             logger.exception("executor shutdown failed")
-        finally:
-            self._release()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Accept no more work; let queued work finish (or cancel it); stop the workers.

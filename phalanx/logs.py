@@ -7,8 +7,10 @@ every worker (:func:`install_worker_output`, called once by
 :func:`phalanx.worker.run_worker` before it imports anything of the user's).
 
 Every phalanx module logs to a logger under ``phalanx`` (its module name), so
-``logging.getLogger("phalanx").setLevel(logging.DEBUG)`` (or
-``PHALANX_LOG_LEVEL=DEBUG`` with :func:`configure`) shows them all.
+``logging.getLogger("phalanx").setLevel(logging.DEBUG)`` shows them all. The
+``log_level`` option (``Runtime(log_level="DEBUG")`` or
+``PHALANX_LOG_LEVEL=DEBUG``) adds a stderr handler at that level with
+:func:`configure`, in the driver and in its workers.
 
 What a worker sets up costs no thread, no socket and no message: a worker
 started on this machine (fork or spawn) inherits the driver's file
@@ -24,12 +26,11 @@ output goes (its terminal, a pipe, a file)::
 Under fork a worker inherits the driver's logging configuration (handlers,
 levels, formats), whose stream handlers are pointed at the prefixed
 streams; under spawn it starts unconfigured, and warnings and errors still
-show, through the worker's last-resort handler. ``PHALANX_LOG_LEVEL`` set
-in the environment configures the ``phalanx`` loggers of spawned workers
-too. A driver-side format may name the worker with
+show, through the worker's last-resort handler. The ``log_level`` option
+configures the ``phalanx`` loggers of spawned workers too. A driver-side format may name the worker with
 ``logging.Formatter(fmt, defaults={"phalanx_worker": "driver"})``.
 
-``PHALANX_PREFIX_OUTPUT=0`` (or the worker spec's ``prefix_output``) leaves
+``prefix_output=False`` (``PHALANX_PREFIX_OUTPUT=0``, the worker spec's ``prefix_output``) leaves
 the streams alone; the last-resort handler then names the worker itself.
 
 Invariant kept: with the prefix on, every line a worker writes through
@@ -56,19 +57,18 @@ __all__ = [
     "install_worker_output",
     "prefix_output_enabled",
     "configure",
+    "ensure_configured",
     "LOG_LEVEL_ENV",
     "PREFIX_ENV",
     "WORKER_ATTR",
 ]
 
-#: environment variable read by :func:`configure`
+#: environment variable read by :func:`configure` (and the ``log_level`` option)
 LOG_LEVEL_ENV = "PHALANX_LOG_LEVEL"
-#: environment variable that turns the worker prefix off (``0``, ``false``, ``no``, ``off``)
+#: environment variable of the ``prefix_output`` option (``0``, ``false``, ``no``, ``off``: no prefix)
 PREFIX_ENV = "PHALANX_PREFIX_OUTPUT"
 #: the attribute every ``LogRecord`` made in a worker carries: the worker id
 WORKER_ATTR = "phalanx_worker"
-
-_FALSE = ("0", "false", "no", "off")
 
 logging.getLogger("phalanx").addHandler(logging.NullHandler())
 
@@ -189,21 +189,30 @@ class _LastResort(logging.Handler):
 
 
 def prefix_output_enabled(value: bool | None = None) -> bool:
-    """``value`` when given (a worker spec's setting), else ``PHALANX_PREFIX_OUTPUT`` (default on)."""
+    """``value`` when given (a worker spec's setting), else ``PHALANX_PREFIX_OUTPUT`` (default on).
+
+    The variable reads as the ``prefix_output`` option does: a word that is
+    not a boolean raises ``ValueError``.
+    """
     if value is not None:
         return bool(value)
-    return os.environ.get(PREFIX_ENV, "").strip().lower() not in _FALSE
+    from .config import parse_bool
+
+    raw = os.environ.get(PREFIX_ENV, "")
+    return parse_bool(raw) if raw.strip() else True
 
 
 _installed: str | None = None
 
 
-def install_worker_output(worker_id: str, prefix: bool | None = None) -> None:
+def install_worker_output(worker_id: str, prefix: bool | None = None, log_level: str | None = None) -> None:
     """Set up a worker process's output: see the module docstring.
 
     ``prefix`` (None: from ``PHALANX_PREFIX_OUTPUT``) says whether to prefix
-    ``sys.stdout`` and ``sys.stderr`` lines with ``[worker_id] ``. Call once
-    in the worker, before user code runs; later calls do nothing.
+    ``sys.stdout`` and ``sys.stderr`` lines with ``[worker_id] ``;
+    ``log_level`` (the option) adds a stderr handler unless one was
+    inherited. Call once in the worker, before user code runs; later calls
+    do nothing.
     """
     global _installed
     if _installed is not None:
@@ -226,11 +235,8 @@ def install_worker_output(worker_id: str, prefix: bool | None = None) -> None:
     else:
         logging.lastResort = _LastResort(f"[%({WORKER_ATTR})s] %(levelname)s %(name)s: %(message)s")
 
-    phalanx_logger = logging.getLogger("phalanx")
-    if os.environ.get(LOG_LEVEL_ENV) and not any(
-        not isinstance(h, logging.NullHandler) for h in phalanx_logger.handlers
-    ):
-        configure()  # a spawned worker: the driver's handler was not inherited
+    if log_level:
+        ensure_configured(log_level)  # a spawned worker: the driver's handler was not inherited
 
 
 def _prefix_streams(prefix: str) -> None:
@@ -272,3 +278,17 @@ def configure(level: int | str | None = None, *, stream: TextIO | None = None) -
     root.setLevel(level)
     root.addHandler(handler)
     return handler
+
+
+def ensure_configured(level: str) -> None:
+    """The ``log_level`` option: :func:`configure` at ``level`` unless the ``phalanx`` logger has a handler.
+
+    A handler already there (the application's, or one inherited through
+    fork) is kept, and only the level is set: a second runtime, or a forked
+    worker, does not print every record twice.
+    """
+    logger = logging.getLogger("phalanx")
+    if any(not isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.setLevel(level.strip().upper())
+    else:
+        configure(level)

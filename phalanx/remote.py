@@ -79,6 +79,15 @@ class RemoteOptions(msgspec.Struct, frozen=True, kw_only=True):
     start_method: str = "fork"
     #: worker tags every worker of this host serves (empty: "default")
     tags: list[str] = []
+    # The options below are those of phalanx.Config, for this host's workers.
+    abort_grace: float = 2.0
+    max_memory_per_worker: int = 0
+    hwm: int = 100_000
+    max_frame: int = 256 * 1024 * 1024
+    spin: float = 0.0
+    log_level: str | None = None
+    prefix_output: bool = True
+    implicit_operations: bool = False
 
 
 class Refused(Exception):
@@ -98,6 +107,7 @@ class RemoteSupervisor:
         #: the tags every worker of this host serves
         self.tags: tuple[str, ...] = tuple(dict.fromkeys(check_tag(t) for t in options.tags)) or (DEFAULT_TAG,)
         self.endpoints: Endpoints = connect_endpoints(options.connect)
+        self.limits = sockets.Limits(options.hwm, options.max_frame)
         self.curve = self._load_keys()
         self.host = socket.gethostname()
         self._ids = itertools.count(1)
@@ -125,7 +135,7 @@ class RemoteSupervisor:
     # ---- the driver's heartbeats ---------------------------------------------------
 
     def _subscribe(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
-        sub = sockets.subscriber(ctx, self.endpoints.control, self.curve)
+        sub = sockets.subscriber(ctx, self.endpoints.control, self.curve, self.limits)
         events = sockets.HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED
         return sub, sockets.monitor(sub, events)
 
@@ -184,6 +194,13 @@ class RemoteSupervisor:
             heartbeat_interval=o.heartbeat_interval,
             curve=self.curve,
             tags=self.tags,
+            abort_grace=o.abort_grace,
+            max_memory=o.max_memory_per_worker,
+            limits=self.limits,
+            spin=o.spin,
+            log_level=o.log_level,
+            prefix_output=o.prefix_output,
+            implicit_operations=o.implicit_operations,
         )
 
     def _on_exit(self, worker_id: str, exitcode: int | None) -> None:

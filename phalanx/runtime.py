@@ -115,7 +115,8 @@ class Runtime(_RunsDirectives):
     :class:`~phalanx.NoWorkerError`.
 
     Every option can also be set with a ``PHALANX_<OPTION>`` environment
-    variable (see :class:`phalanx.Config`); an argument given here wins.
+    variable; an argument given here wins. What each one does, and its
+    default, is in the configuration table, ``docs/configuration.md``.
     The constructor returns once every worker is connected and ready, or
     raises :class:`~phalanx.WorkerStartError`.
     ``faults=`` (tests only) applies a :mod:`phalanx.testing` fault plan to
@@ -145,6 +146,14 @@ class Runtime(_RunsDirectives):
         insecure: bool | None = None,
         prefix_output: bool | None = None,
         route_timeout: float | None = None,
+        actor_restart_limit: int | None = None,
+        actor_restart_window: float | None = None,
+        actor_timeout: float | None = None,
+        hwm: int | None = None,
+        max_frame: int | None = None,
+        spin: float | None = None,
+        log_level: str | None = None,
+        implicit_operations: bool | None = None,
         faults: Any = None,
     ) -> None:
         self.config = Config.load(
@@ -168,14 +177,29 @@ class Runtime(_RunsDirectives):
             insecure=insecure,
             prefix_output=prefix_output,
             route_timeout=route_timeout,
+            actor_restart_limit=actor_restart_limit,
+            actor_restart_window=actor_restart_window,
+            actor_timeout=actor_timeout,
+            hwm=hwm,
+            max_frame=max_frame,
+            spin=spin,
+            log_level=log_level,
+            implicit_operations=implicit_operations,
         )
+        if self.config.log_level:
+            from .logs import ensure_configured
+
+            ensure_configured(self.config.log_level)
         self._driver = Driver(self.config)
         try:
             self._driver.start_workers(self.config.worker_groups(), self.config.start_timeout)
         except BaseException:
             self._driver.shutdown(wait=False)
             raise
-        self._actors = ActorSystem(self._driver)
+        self._actors = ActorSystem(
+            self._driver, call_timeout=self.config.actor_timeout,
+            max_restarts=self.config.actor_restart_limit, restart_window=self.config.actor_restart_window,
+        )
         self._driver.inspect_provider = self.inspect
         #: ``faults=``: a fault plan applied to this runtime's frames (``phalanx.testing``)
         self.faults: Any = None

@@ -79,7 +79,7 @@ from .transport.messages import (
 )
 from .transport.messages import Heartbeat as _Heartbeat
 
-__all__ = ["WorkerSpec", "TaskContext", "current_task", "run_worker"]
+__all__ = ["WorkerSpec", "TaskContext", "current_task", "run_worker", "worker_spec"]
 
 #: outcomes sent in one Results message at most
 BATCH_MAX = 256
@@ -87,8 +87,6 @@ BATCH_MAX = 256
 QUICK_TASK = 0.0002
 #: seconds to wait for batched outcomes to leave before running a redelivered task
 SENT_WAIT = 1.0
-#: seconds an idle worker polls before it blocks (PHALANX_SPIN, 0 disables)
-SPIN = float(os.environ.get("PHALANX_SPIN", "0"))
 #: seconds between watchdog checks of the parent
 WATCHDOG_PERIOD = 0.1
 #: seconds a terminated job id is remembered
@@ -116,10 +114,18 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     heartbeat_interval: float = 0.5
     #: CURVE client keys for tcp endpoints (None: plaintext or ipc)
     curve: sockets.Curve | None = None
-    #: prefix this worker's output lines with "[<worker id>] " (None: PHALANX_PREFIX_OUTPUT)
-    prefix_output: bool | None = None
+    #: prefix this worker's output lines with "[<worker id>] "
+    prefix_output: bool = True
     #: the worker tags it serves: only work routed to one of them is sent to it
     tags: tuple[str, ...] = ("default",)
+    #: its sockets' high-water mark and largest accepted frame
+    limits: sockets.Limits = sockets.Limits()
+    #: seconds it polls for its next task before blocking (0: blocks at once)
+    spin: float = 0.0
+    #: level of a stderr handler on its ``phalanx`` loggers (None: none added)
+    log_level: str | None = None
+    #: it also runs unregistered module-level functions named ``module:qualname``
+    implicit_operations: bool = False
 
 
 class TaskContext:
@@ -686,10 +692,10 @@ class _Loop:
         while not self.stopping:
             if not self.todo:
                 self.flush()
-                if self.ready_sent and SPIN > 0:
+                if self.ready_sent and self.spec.spin > 0:
                     # Spin briefly before blocking: waking a blocked process costs far
                     # more than a short spin, and the next task of a round trip is near.
-                    deadline = time.perf_counter() + SPIN
+                    deadline = time.perf_counter() + self.spec.spin
                     while not inbox.poll(0) and time.perf_counter() < deadline:
                         pass
                 if inbox.poll(200 if self.ready_sent else 1):
@@ -755,13 +761,27 @@ def _encodable(outcomes: list[Outcome], ops: list[str]) -> list[Outcome]:
     return fixed
 
 
+_spec: WorkerSpec | None = None
+
+
+def worker_spec() -> WorkerSpec | None:
+    """The spec this worker process runs under (None outside a worker)."""
+    return _spec
+
+
 def run_worker(spec: WorkerSpec) -> None:
     """Entry point of a worker process (the target given to multiprocessing)."""
+    global _spec
+    _spec = spec
     _guard_against_orphaning(spec.parent_pid)
     from .logs import install_worker_output
+    from .registry import operations
 
+    # This process serves one runtime: its options are the process's defaults.
+    sockets.set_default_limits(spec.limits)
+    operations.set_implicit(spec.implicit_operations)
     # Before any user module runs: its prints and logs are prefixed "[<worker id>] ".
-    install_worker_output(spec.worker_id, spec.prefix_output)
+    install_worker_output(spec.worker_id, spec.prefix_output, spec.log_level)
     for module in spec.imports:
         __import__(module)
     loop = _Loop(spec)

@@ -130,6 +130,28 @@ def say(text: str) -> int:
     return os.getpid()
 
 
+@phalanx.operation
+def worker_options() -> dict[str, Any]:
+    """The options this worker runs under, as the worker's own code sees them (configuration tests)."""
+    from phalanx.registry.operations import implicit_allowed
+    from phalanx.transport.sockets import default_limits
+    from phalanx.worker import worker_spec
+
+    spec = worker_spec()
+    assert spec is not None
+    limits = default_limits()
+    return {
+        "spin": spec.spin,
+        "hwm": limits.hwm,
+        "max_frame": limits.max_frame,
+        "implicit_operations": implicit_allowed(),
+        "log_level": logging.getLevelName(logging.getLogger("phalanx").getEffectiveLevel()),
+        "prefix_output": spec.prefix_output,
+        "abort_grace": spec.abort_grace,
+        "credits": spec.credits,
+    }
+
+
 @phalanx.actor
 class Gatekeeper:
     """An actor whose calls can wait for a file, and fail on purpose."""
@@ -149,3 +171,10 @@ class Gatekeeper:
 
     def boom(self, text: str) -> int:
         raise GateError(text)
+
+    def save(self) -> int:
+        return self.n
+
+    @classmethod
+    def restore(cls, n: int) -> Gatekeeper:
+        return cls(n)

@@ -63,6 +63,38 @@ def die(code: int = 7) -> None:
     os._exit(code)
 
 
+class Scaler:
+    """Its bound method is picklable (ProcessPoolExecutor runs it) but has no module-level name."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def scale(self, x: int) -> int:
+        return self.k * x
+
+
+def make_nested() -> Any:
+    def nested(x: int) -> int:
+        return x + 1
+
+    return nested
+
+
+def die_first_time(log: str, code: int = 9) -> list[int]:
+    """Append this process's pid to ``log``; die on the first run, else return every pid logged."""
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    pids = [int(line) for line in Path(log).read_text().split()]
+    if len(pids) == 1:
+        os._exit(code)
+    return pids
+
+
+def parent_value() -> Any:
+    """``STATE["value"]`` as this process sees it: set in the parent, it survives fork, not spawn."""
+    return STATE.get("value")
+
+
 def wait_for(release: str, started: str | None = None, value: Any = None) -> Any:
     """Block until the file ``release`` exists (touch ``started`` first)."""
     if started is not None:

@@ -225,6 +225,47 @@ async def test_calls_never_block_the_event_loop(tmp_path: Path) -> None:
         await art.shutdown()
 
 
+@pytest.mark.asyncio
+async def test_actor_refs_never_block_the_event_loop(art: phalanx.AsyncRuntime, tmp_path: Path) -> None:
+    """restart, join and events wait behind a running call: they finish only if the loop kept running."""
+    restart, join, events = Gate(tmp_path, "restart"), Gate(tmp_path, "join"), Gate(tmp_path, "events")
+    try:
+        a = await art.spawn(Gatekeeper, 1, name="keeper")
+        assert isinstance(a, phalanx.AsyncActorRef) and (a.name, a.state) == ("keeper", "running")
+        first = a.worker
+        running = a.wait(restart.release)  # the hot restart's save() queues behind it
+        assert await while_ticking(lambda: a.restart(), restart) is True
+        assert await running == 1
+        assert a.worker != first and await a.incr(1) == 2  # the state moved to the new instance
+        same = art.get_actor("keeper")
+        assert same.id == a.id and await same.call("incr", 0) == 2
+
+        b = await art.spawn(Gatekeeper, 2)
+        running = b.wait(join.release)
+        await b.stop()  # after the calls already made
+        await while_ticking(lambda: b.join(T), join)
+        assert b.state == "stopped" and await running == 2
+
+        c = await art.spawn(Gatekeeper, 3)
+        running = c.wait(events.release)
+        await c.stop()
+
+        async def collect() -> list[str]:
+            return [type(e).__name__ async for e in c.events(timeout=T)]
+
+        assert await while_ticking(collect, events) == ["Started", "Stopped"]
+
+        tree = await a.inspect(timeout=T)
+        assert [actor.id for w in tree.workers for actor in w.actors] == [a.id]
+        everything = await art.inspect(timeout=T)
+        assert a.id in {actor.id for w in everything.workers for actor in w.actors}
+        await a.stop()
+        await a.join(T)
+    finally:
+        for g in (restart, join, events):
+            g.open()
+
+
 # --------------------------------------------------------------------------- #
 # Cancellation reaches the work
 # --------------------------------------------------------------------------- #

@@ -1,5 +1,6 @@
 """Smoke test of the benchmark suite: ``python -m benchmarks --quick`` (and ``python -m
-benchmarks.directives``, ``benchmarks.raw`` and ``benchmarks.restart`` at tiny sizes) runs and reports.
+benchmarks.directives``, ``benchmarks.raw`` and ``benchmarks.restart`` at tiny sizes) runs and reports every
+workload, the foundation figures and the Executor adapter's overhead.
 
 Runs in the test process, which only starts the suite in a subprocess (with a
 timeout) and reads the JSON it writes; the suite starts its own children and
@@ -19,10 +20,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: workloads whose phalanx side is implemented now: phalanx and every peer must give numbers
-IMPLEMENTED = ("W1", "W2", "W4", "W5", "W6", "W7")
-#: workloads that need phalanx features still to come: peers run, phalanx may be n/a
-#: compared with peers of their own (a BaseManager proxy), not Pool/PPE/loky
+#: workloads run by phalanx and by Pool, PPE and loky: each must give numbers
+TASK_WORKLOADS = ("W1", "W2", "W4", "W5", "W6", "W7")
+#: the actor workload, compared with peers of its own (a BaseManager proxy, Ray), not Pool/PPE/loky
 OWN_PEERS = ("W3",)
 PEERS = ("pool", "ppe", "loky")
 
@@ -44,7 +44,7 @@ def test_quick_benchmark_run_reports_every_workload(tmp_path: Path) -> None:
     assert data["failed"] == 0
     assert data["meta"]["quick"] is True
     workloads = data["workloads"]
-    for wid in IMPLEMENTED:
+    for wid in TASK_WORKLOADS:
         assert wid in workloads, f"no entry for {wid}"
         entry = workloads[wid]
         assert entry["status"]["phalanx"] == "ok", (wid, entry["status"], entry["reasons"])
@@ -66,6 +66,15 @@ def test_quick_benchmark_run_reports_every_workload(tmp_path: Path) -> None:
     figures = data["foundation"]
     assert len(figures) >= 3
     assert all(f["phalanx"] and f["ppe"] for f in figures)
+    # The Executor adapter next to the Runtime it wraps (W1, W2), with its cost per task.
+    for wid in ("W1", "W2"):
+        assert workloads[wid]["status"]["executor"] == "ok", (wid, workloads[wid]["reasons"])
+    assert "phalanx.Executor adapter vs phalanx.Runtime" in proc.stdout
+    overhead = data["executor_overhead"]
+    assert {row["figure"].rsplit("(", 1)[-1].rstrip(")") for row in overhead} >= {"W1a", "W1b2", "W2"}
+    for row in overhead:
+        assert row["executor"] and row["runtime"], row
+        assert row["ratio"] > 0 and row["extra_us"] is not None, row
 
 
 @pytest.mark.timeout(180)

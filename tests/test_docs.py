@@ -23,8 +23,17 @@ The convention, which every page under ``docs/`` and ``README.md`` follows
 * ``<!-- skip: REASON -->`` on the line before a ``python`` block leaves it
   out. Only for blocks that cannot run here (a fragment, a second machine);
   the reason is required, next to the block.
-* Shell sessions are ``console`` (or ``sh``) blocks and are not run; output
-  is ``text``. On hand-written pages a Python block must be tagged
+* Shell sessions are ``console`` blocks (commands after ``$ ``, the other
+  lines are their output) or ``sh`` blocks (every line a command); output
+  is ``text``. They run too: the commands of a block, in order, with
+  ``bash -e`` in a fresh temporary directory, where ``phalanx`` (and the
+  ``.venv/bin/phalanx`` of the install the quick start describes) runs this
+  checkout's ``python -m phalanx``. Each must exit with status 0 within
+  :data:`LIMIT` seconds. ``<!-- not run: REASON -->`` on the line before a
+  shell block leaves it out, for what cannot run here (installing packages,
+  a second host, a runtime in another terminal, the benchmark suite); every
+  shell block is either run or so marked.
+* On hand-written pages a Python block must be tagged
   ``python``: other spellings (``py``, ``python3``...) are refused, so no
   example escapes the test by its tag. Only the generated ``api.md`` uses
   ``py`` fences, for the fragments quoted from docstrings.
@@ -32,8 +41,9 @@ The convention, which every page under ``docs/`` and ``README.md`` follows
   an environment marker, however deep in its process tree) must be gone
   shortly after it exits.
 
-``docs/api.md`` must equal what ``docs/gen_api.py`` generates, and every
-relative link (and ``#anchor``) in the pages must resolve.
+``docs/api.md`` and ``docs/configuration.md`` must equal what
+``docs/gen_api.py`` generates, no other page may repeat the configuration
+table, and every relative link (and ``#anchor``) in the pages must resolve.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -63,8 +74,10 @@ GRACE = 3.0
 MARKER_ENV = "PHALANX_DOCS_EXAMPLE"
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[^\s`]*)[^`]*$")
-_DIRECTIVE = re.compile(r"^\s*<!--\s*(?P<kind>skip|file)\s*:\s*(?P<arg>.*?)\s*-->\s*$")
+_DIRECTIVE = re.compile(r"^\s*<!--\s*(?P<kind>skip|file|not run)\s*:\s*(?P<arg>.*?)\s*-->\s*$")
 _PY_ALIASES = {"py", "py3", "python3", "pycon", "ipython", "python2"}
+#: tags of shell blocks: console (``$ `` prompts and output) and plain scripts
+_SHELL = {"console", "sh", "shell", "bash"}
 
 
 def pages() -> list[Path]:
@@ -160,17 +173,11 @@ def _environment(marker: str) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("block", examples(), ids=lambda b: b.id)
-def test_example_runs(block: Block, tmp_path: Path) -> None:
-    for name, code in module_files(block.page).items():
-        (tmp_path / name).write_text(code, encoding="utf-8")
-    script = tmp_path / "example.py"
-    script.write_text(block.code, encoding="utf-8")
-    marker = uuid.uuid4().hex
+def _run(block: Block, cmd: list[str], cwd: Path, env: dict[str, str], marker: str) -> tuple[str, str]:
+    """Run ``cmd`` for ``block``: status 0 within LIMIT, and no process left behind."""
     proc = subprocess.Popen(
-        [sys.executable, "-W", "error", str(script)], cwd=tmp_path, env=_environment(marker),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=LIMIT)
@@ -196,6 +203,77 @@ def test_example_runs(block: Block, tmp_path: Path) -> None:
     assert not left, f"{block.id}: the example left processes behind: " + ", ".join(
         f"pid {p.pid}" for p in left
     )
+    return out, err
+
+
+@pytest.mark.parametrize("block", examples(), ids=lambda b: b.id)
+def test_example_runs(block: Block, tmp_path: Path) -> None:
+    for name, code in module_files(block.page).items():
+        (tmp_path / name).write_text(code, encoding="utf-8")
+    script = tmp_path / "example.py"
+    script.write_text(block.code, encoding="utf-8")
+    marker = uuid.uuid4().hex
+    _run(block, [sys.executable, "-W", "error", str(script)], tmp_path, _environment(marker), marker)
+
+
+# --------------------------------------------------------------------------- #
+# Running the shell sessions
+# --------------------------------------------------------------------------- #
+
+
+def shell_blocks() -> list[Block]:
+    return [b for page in pages() for b in blocks(page) if b.lang in _SHELL]
+
+
+def commands(block: Block) -> list[str]:
+    """The commands of a shell block: ``$ `` lines of a console block, every line of a script.
+
+    A line ending in a backslash continues on the next one.
+    """
+    out: list[str] = []
+    lines = iter(block.code.splitlines())
+    for line in lines:
+        if block.lang == "console":
+            if not line.startswith("$ "):
+                continue  # output shown after a command
+            line = line[2:]
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        while line.endswith("\\"):
+            line = line[:-1] + " " + next(lines, "").strip()
+        out.append(line)
+    return out
+
+
+def _phalanx_wrappers(tmp_path: Path) -> Path:
+    """``bin/phalanx`` and ``.venv/bin/phalanx`` under ``tmp_path``, running this checkout; the bin dir."""
+    wrapper = f'#!/bin/sh\nexec "{sys.executable}" -m phalanx "$@"\n'
+    for where in (tmp_path / "bin", tmp_path / "work" / ".venv" / "bin"):
+        where.mkdir(parents=True)
+        (where / "phalanx").write_text(wrapper, encoding="utf-8")
+        (where / "phalanx").chmod(0o755)
+    return tmp_path / "bin"
+
+
+@pytest.mark.parametrize("block", [b for b in shell_blocks() if b.directive != "not run"], ids=lambda b: b.id)
+def test_shell_session_runs(block: Block, tmp_path: Path) -> None:
+    script = commands(block)
+    assert script, f"{block.id}: a shell block with no command: run it or mark it <!-- not run: why -->"
+    bin_dir = _phalanx_wrappers(tmp_path)
+    work = tmp_path / "work"
+    marker = uuid.uuid4().hex
+    env = _environment(marker)
+    env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
+    (tmp_path / "session.sh").write_text("set -eu\n" + "\n".join(script) + "\n", encoding="utf-8")
+    _run(block, ["bash", str(tmp_path / "session.sh")], work, env, marker)
+
+
+def test_every_shell_block_is_run_or_marked() -> None:
+    for block in shell_blocks():
+        assert block.directive in (None, "not run"), f"{block.id}: <!-- {block.directive}: --> is for python blocks"
+        if block.directive == "not run":
+            assert len(block.arg) >= 10, f"{block.id}: <!-- not run: ... --> needs a reason the reader can understand"
+    assert [b for b in shell_blocks() if b.directive is None], "no shell session is run"
 
 
 # --------------------------------------------------------------------------- #
@@ -212,6 +290,7 @@ def test_there_are_examples() -> None:
 
 @pytest.mark.parametrize("block", [b for b in python_blocks() if b.directive], ids=lambda b: b.id)
 def test_directives_are_well_formed(block: Block) -> None:
+    assert block.directive != "not run", f"{block.id}: <!-- not run: --> is for shell blocks; use skip"
     if block.directive == "skip":
         assert len(block.arg) >= 10, f"{block.id}: <!-- skip: ... --> needs a reason the reader can understand"
     else:
@@ -287,15 +366,35 @@ def test_links_resolve(page: Path) -> None:
     assert not broken, f"{rel(page)}: broken links: " + ", ".join(broken)
 
 
-def test_api_reference_is_up_to_date() -> None:
+def _gen_api() -> Any:
     spec = importlib.util.spec_from_file_location("phalanx_docs_gen_api", DOCS / "gen_api.py")
     assert spec is not None and spec.loader is not None
     gen_api = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen_api)
-    current = (DOCS / "api.md").read_text(encoding="utf-8") if (DOCS / "api.md").exists() else ""
-    expected = gen_api.render()
+    return gen_api
+
+
+@pytest.mark.parametrize(("page", "render"), [("api.md", "render"), ("configuration.md", "render_configuration")])
+def test_generated_page_is_up_to_date(page: str, render: str) -> None:
+    """docs/api.md (from the docstrings) and docs/configuration.md (from phalanx.config.OPTIONS)."""
+    current = (DOCS / page).read_text(encoding="utf-8") if (DOCS / page).exists() else ""
+    expected = getattr(_gen_api(), render)()
     if current != expected:
-        diff = difflib.unified_diff(current.splitlines(), expected.splitlines(), "docs/api.md", "generated",
+        diff = difflib.unified_diff(current.splitlines(), expected.splitlines(), f"docs/{page}", "generated",
                                     lineterm="", n=1)
         shown = "\n".join(itertools.islice(diff, 40))
-        pytest.fail(f"docs/api.md is out of date: run `python docs/gen_api.py`\n{shown}", pytrace=False)
+        pytest.fail(f"docs/{page} is out of date: run `python docs/gen_api.py`\n{shown}", pytrace=False)
+
+
+def test_one_configuration_table() -> None:
+    """Every option is listed in configuration.md, and no other page has a table of PHALANX_* variables."""
+    from phalanx.config import OPTIONS
+
+    table = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    for option in OPTIONS.values():
+        assert f"| `{option.env}` |" in table, option.env
+    for page in pages():
+        if page.name in ("configuration.md", "api.md"):
+            continue
+        rows = [line for line in _prose(page) if line.startswith("|") and re.search(r"`PHALANX_[A-Z_]+`", line)]
+        assert not rows, f"{rel(page)} repeats configuration rows; link to configuration.md instead: {rows[:3]}"

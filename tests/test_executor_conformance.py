@@ -14,20 +14,28 @@ documented behaviour:
 behaviour                                 ProcessPoolExecutor                    phalanx.Executor
 ========================================  =====================================  ==================================
 argument that cannot be sent              error at ``result()`` (pickling)       ``TypeError`` (EncodeError) at submit
-lambda / nested function / builtin        lambda fails at ``result()``,          ``TypeError`` at submit
-                                          builtins work
+lambda / nested function                  fails at ``result()``                  ``TypeError`` at submit
+builtin / bound method / partial          runs (picklable)                       ``TypeError`` at submit
 unannotated tuple result                  a tuple                                a list (msgpack); annotate ``-> tuple``
 worker dies in a task (``os._exit``)      BrokenProcessPool for every pending    WorkerCrashedError for that task only
                                           future; the pool is unusable           (after ``max_attempts`` runs); the
                                                                                  executor keeps working
+execution after a crash                   (the pool is broken)                   at-least-once: the task runs again
+                                                                                 in the replacement worker
 ``max_tasks_per_child`` with fork         ValueError                             allowed
 initializer                               runs when a worker starts              runs before a worker's first task
+``mp_context``                            the context is used                    only its start method is used
+other keywords                            ``TypeError``                          Runtime options; ``credits``
+                                                                                 defaults to 2, ``listen`` refused
 ========================================  =====================================  ==================================
+
+The last rows are phalanx-only tests at the end of the file.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import multiprocessing
 import threading
 import time
@@ -40,15 +48,20 @@ from typing import Any
 import pytest
 
 import phalanx
+import exec_ops
 from exec_ops import (
+    Scaler,
     add,
     die,
+    die_first_time,
     fail,
     fail_on,
     identity,
     init_fail,
     init_state,
+    make_nested,
     pair,
+    parent_value,
     pid,
     power,
     read_inits,
@@ -481,6 +494,23 @@ def test_builtin(make: Make, kind: str) -> None:
             ex.submit(abs, -3)
 
 
+def test_nested_function_method_and_partial(make: Make, kind: str) -> None:
+    ex = make()
+    nested, method, partial = make_nested(), Scaler(3).scale, functools.partial(power, exp=3)
+    if kind == "process":
+        with pytest.raises(Exception, match="pickle"):
+            ex.submit(nested, 1).result(T)
+        assert ex.submit(method, 2).result(T) == 6  # picklable: they run
+        assert ex.submit(partial, 2).result(T) == 8
+    else:
+        with pytest.raises(TypeError, match="inside a function"):
+            ex.submit(nested, 1)
+        for fn in (method, partial):
+            with pytest.raises(TypeError, match="not a plain Python function"):
+                ex.submit(fn, 2)
+    assert ex.submit(square, 5).result(T) == 25
+
+
 # --------------------------------------------------------------------------- #
 # map
 # --------------------------------------------------------------------------- #
@@ -599,3 +629,56 @@ def test_worker_dying_in_a_task(make: Make, kind: str) -> None:
         assert info.value.exitcode == 7
         assert ex.submit(square, 12).result(T) == 144  # still usable
         assert list(ex.map(square, range(5))) == [0, 1, 4, 9, 16]
+
+
+# --------------------------------------------------------------------------- #
+# The phalanx-specific rows of docs/ecosystem.md's table of differences
+# --------------------------------------------------------------------------- #
+
+
+def test_execution_after_a_crash_is_at_least_once(tmp_path: Path) -> None:
+    """A task whose worker died runs again, in another process (ProcessPoolExecutor breaks instead)."""
+    log = str(tmp_path / "runs")
+    with phalanx.Executor(max_workers=1) as ex:
+        pids = ex.submit(die_first_time, log).result(T)
+    assert len(pids) == 2 and pids[0] != pids[1]  # the second run, in the replacement worker, returned
+
+
+class OnlyStartMethod:
+    """A stand-in for a multiprocessing context: phalanx asks it for its start method, nothing else."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+    def get_start_method(self) -> str:
+        return self.method
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_mp_context_only_its_start_method_is_used(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(exec_ops.STATE, "value", "set in the parent")
+    with phalanx.Executor(max_workers=1, mp_context=OnlyStartMethod(method)) as ex:
+        assert ex.runtime.config.start_method == method
+        inherited = ex.submit(parent_value).result(T)
+    assert inherited == ("set in the parent" if method == "fork" else None)
+
+
+def test_other_keywords_are_runtime_options(make: Make, kind: str) -> None:
+    if kind == "process":
+        with pytest.raises(TypeError):
+            make(1, credits=4)
+        return
+    ex = make(1, credits=4, max_attempts=2)
+    assert (ex.runtime.config.credits, ex.runtime.config.max_attempts) == (4, 2)  # type: ignore[attr-defined]
+    assert ex.submit(square, 3).result(T) == 9
+
+
+def test_credits_default_to_two_and_listen_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PHALANX_CREDITS", raising=False)
+    with phalanx.Executor(max_workers=1) as ex:
+        assert ex.runtime.config.credits == 2
+    with pytest.raises(ValueError, match="local workers only"):
+        phalanx.Executor(max_workers=1, listen="tcp://127.0.0.1:0", insecure=True)
+    monkeypatch.setenv("PHALANX_LISTEN", "tcp://127.0.0.1:0")
+    with pytest.raises(ValueError, match="local workers only"):
+        phalanx.Executor(max_workers=1)

@@ -14,24 +14,22 @@ script is named ``__main__:func`` in the driver; the worker process imports
 the same script (as multiprocessing's spawn does) and resolves it there.
 
 **Implicit operations** (for :class:`phalanx.Executor` and the joblib
-backend): a worker whose environment has ``PHALANX_IMPLICIT_OPERATIONS=1``
-also resolves a name to a plain module-level Python function
-(``types.FunctionType``, defined in that module under that qualname) that
-was never registered; builtins, classes, methods, lambdas and nested
-functions never resolve. The variable is read in the worker's own
-environment, which it inherits from whoever started it: the Executor sets it
-in the driver process while it is open, so only local workers started by a
-trusted program get it; a worker started by ``phalanx worker --connect`` on
-another host allows implicit names only if its operator exported it.
+backend): a worker started with the ``implicit_operations`` option (its
+spec says so; :func:`set_implicit` applies it) also resolves a name to a
+plain module-level Python function (``types.FunctionType``, defined in that
+module under that qualname) that was never registered; builtins, classes,
+methods, lambdas and nested functions never resolve. The Executor turns the
+option on for the local workers of its own runtime only; a worker started
+by ``phalanx worker --connect`` on another host allows implicit names only
+if its operator asked for it (``--implicit-operations`` or
+``PHALANX_IMPLICIT_OPERATIONS=1``).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-import os
 import sys
-import threading
 import types
 import typing
 import weakref
@@ -53,8 +51,7 @@ __all__ = [
     "registered",
     "implicit",
     "implicit_allowed",
-    "allow_implicit",
-    "IMPLICIT_ENV",
+    "set_implicit",
     "NO_EMPTY",
     "monoid_empty",
 ]
@@ -474,13 +471,18 @@ def driver_operation(fn: Callable[..., Any] | str) -> Operation | None:
 # Implicit operations (phalanx.Executor, the joblib backend)
 # --------------------------------------------------------------------------- #
 
-#: environment variable that lets a worker resolve plain module-level functions
-IMPLICIT_ENV = "PHALANX_IMPLICIT_OPERATIONS"
+_implicit = False
+
+
+def set_implicit(allowed: bool) -> None:
+    """In a worker (``run_worker``): whether it resolves unregistered plain functions (the option)."""
+    global _implicit
+    _implicit = allowed
 
 
 def implicit_allowed() -> bool:
     """Whether this process (a worker) resolves unregistered plain functions."""
-    return os.environ.get(IMPLICIT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return _implicit
 
 
 def _is_plain_function(obj: Any, name: str) -> bool:
@@ -561,40 +563,3 @@ def implicit(fn: Callable[..., Any] | str) -> Callable[..., Any] | str:
     ref = OperationRef(name, Operation(name, fn), fn)
     _IMPLICIT_REFS[fn] = ref
     return ref
-
-
-_allow_lock = threading.Lock()
-_allow_count = 0
-_allow_saved: str | None = None
-
-
-def allow_implicit() -> Callable[[], None]:
-    """Set ``PHALANX_IMPLICIT_OPERATIONS=1`` here, for workers started from now on.
-
-    Returns the function that undoes it; the variable is restored to its
-    previous value once every caller has undone its own. A variable the
-    user set explicitly (to anything) is left alone.
-    """
-    global _allow_count, _allow_saved
-    with _allow_lock:
-        if _allow_count == 0:
-            _allow_saved = os.environ.get(IMPLICIT_ENV)
-            if _allow_saved is None:
-                os.environ[IMPLICIT_ENV] = "1"
-        _allow_count += 1
-    done = False
-
-    def release() -> None:
-        global _allow_count, _allow_saved
-        nonlocal done
-        with _allow_lock:
-            if done:
-                return
-            done = True
-            _allow_count -= 1
-            if _allow_count == 0:
-                if _allow_saved is None:
-                    os.environ.pop(IMPLICIT_ENV, None)
-                _allow_saved = None
-
-    return release

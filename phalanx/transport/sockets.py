@@ -11,6 +11,10 @@ how the transport keeps its promises:
   below them, so a send never blocks the driver.
 * ``MAXMSGSIZE`` on sockets that accept frames from peers: a huge frame drops
   the peer's connection instead of exhausting memory (invariant 6).
+* The two limits (the ``hwm`` and ``max_frame`` options) are :class:`Limits`:
+  the driver passes its runtime's to the sockets it binds; a worker process
+  serves one runtime, so :func:`run_worker <phalanx.worker.run_worker>` makes
+  its spec's limits the process default with :func:`set_default_limits`.
 * Over TCP: ZMTP heartbeats and keepalive, ``ROUTER_HANDOVER`` (a worker
   reconnecting keeps its identity), and CURVE (server on the driver's tcp
   endpoints, client on remote workers') unless the runtime is insecure.
@@ -18,14 +22,14 @@ how the transport keeps its promises:
 
 from __future__ import annotations
 
-import os
-
 import msgspec
 import zmq
 
 __all__ = [
     "ZERO_COPY_MIN",
-    "SocketOptions",
+    "Limits",
+    "set_default_limits",
+    "default_limits",
     "Curve",
     "router",
     "dealer",
@@ -99,13 +103,27 @@ def curve_client(sock: zmq.Socket[bytes], keys: Curve) -> None:
 ZERO_COPY_MIN = 65536
 
 
-class SocketOptions:
-    """High-water marks and size limit shared by all phalanx sockets."""
+class Limits(msgspec.Struct, frozen=True):
+    """High-water mark and largest accepted frame of a socket (the ``hwm`` and ``max_frame`` options)."""
 
     #: frames queued per peer before sends fail with EAGAIN (never reached with credits)
-    hwm: int = int(os.environ.get("PHALANX_HWM", "100000"))
+    hwm: int = 100_000
     #: largest frame a socket accepts from a peer, in bytes
-    max_frame: int = int(os.environ.get("PHALANX_MAX_FRAME", str(256 * 1024 * 1024)))
+    max_frame: int = 256 * 1024 * 1024
+
+
+_default_limits = Limits()
+
+
+def set_default_limits(limits: Limits) -> None:
+    """The limits of sockets made without explicit ones in this process (a worker's, from its spec)."""
+    global _default_limits
+    _default_limits = limits
+
+
+def default_limits() -> Limits:
+    """The limits of sockets made without explicit ones in this process."""
+    return _default_limits
 
 
 def _tcp_options(sock: zmq.Socket[bytes]) -> None:
@@ -117,11 +135,14 @@ def _tcp_options(sock: zmq.Socket[bytes]) -> None:
     sock.setsockopt(zmq.HANDSHAKE_IVL, 10000)
 
 
-def _common(sock: zmq.Socket[bytes], endpoint: str = "", curve: Curve | None = None) -> None:
+def _common(sock: zmq.Socket[bytes], endpoint: str = "", curve: Curve | None = None,
+            limits: Limits | None = None) -> None:
+    if limits is None:
+        limits = _default_limits
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, SocketOptions.hwm)
-    sock.setsockopt(zmq.RCVHWM, SocketOptions.hwm)
-    sock.setsockopt(zmq.MAXMSGSIZE, SocketOptions.max_frame)
+    sock.setsockopt(zmq.SNDHWM, limits.hwm)
+    sock.setsockopt(zmq.RCVHWM, limits.hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, limits.max_frame)
     if endpoint.startswith("tcp://"):
         _tcp_options(sock)
     if curve is not None:
@@ -151,6 +172,7 @@ def router(
     send_only: bool = False,
     tcp: str | None = None,
     curve: Curve | None = None,
+    limits: Limits | None = None,
 ) -> zmq.Socket[bytes]:
     """A bound ROUTER that refuses to drop unroutable messages.
 
@@ -159,7 +181,7 @@ def router(
     ``tcp``: also bind this address (with ``curve`` when given).
     """
     sock = ctx.socket(zmq.ROUTER)
-    _common(sock, endpoint)
+    _common(sock, endpoint, limits=limits)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     if endpoint.startswith("tcp://") or tcp is not None:
         # A worker whose TCP connection broke reconnects under the same identity:
@@ -173,31 +195,34 @@ def router(
 
 
 def dealer(
-    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: bytes, curve: Curve | None = None
+    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: bytes, curve: Curve | None = None,
+    limits: Limits | None = None,
 ) -> zmq.Socket[bytes]:
     """A DEALER connected to ``endpoint`` whose routing identity is ``identity``."""
     sock = ctx.socket(zmq.DEALER)
-    _common(sock, endpoint, curve)
+    _common(sock, endpoint, curve, limits)
     sock.setsockopt(zmq.ROUTING_ID, identity)
     sock.connect(endpoint)
     return sock
 
 
 def publisher(
-    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, tcp: str | None = None, curve: Curve | None = None
+    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, tcp: str | None = None, curve: Curve | None = None,
+    limits: Limits | None = None,
 ) -> zmq.Socket[bytes]:
     """A bound PUB for control broadcasts (peers may only send subscriptions)."""
     sock = ctx.socket(zmq.PUB)
-    _common(sock, endpoint)
+    _common(sock, endpoint, limits=limits)
     sock.setsockopt(zmq.MAXMSGSIZE, 1024)
     _bind(sock, endpoint, tcp, curve)
     return sock
 
 
-def subscriber(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, curve: Curve | None = None) -> zmq.Socket[bytes]:
+def subscriber(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, curve: Curve | None = None,
+               limits: Limits | None = None) -> zmq.Socket[bytes]:
     """A SUB connected to ``endpoint`` and subscribed to everything."""
     sock = ctx.socket(zmq.SUB)
-    _common(sock, endpoint, curve)
+    _common(sock, endpoint, curve, limits)
     sock.setsockopt(zmq.SUBSCRIBE, b"")
     sock.connect(endpoint)
     return sock
