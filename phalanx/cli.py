@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -183,6 +184,10 @@ authorized_keys directory. --insecure talks plaintext to an insecure runtime.
 (rt.options(on=TAG).submit(...), rt.map(..., on=TAG), rt.spawn(..., on=TAG));
 without it they serve "default", the work routed nowhere in particular.
 
+--host-name NAME is how the driver groups these workers in rt.inspect() and
+phalanx top (default: the hostname). Hosts that share a hostname, such as
+network namespaces or containers of one machine, need distinct names.
+
 Workers that die are replaced. When the driver shuts down this command exits 0;
 when the driver vanishes (no heartbeat for --heartbeat-timeout seconds) the
 workers stop and it exits 4, or with --reconnect waits for the driver to come
@@ -213,6 +218,10 @@ def _configure_worker(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for the driver at start (default: 30)")
     parser.add_argument("--reconnect", action="store_true",
                         help="when the driver is lost, wait for it to come back instead of exiting")
+    parser.add_argument("--host-name", metavar="NAME", default=os.environ.get("PHALANX_HOST_NAME") or None,
+                        help="this host's name in rt.inspect() and phalanx top, and the prefix of its "
+                             "worker ids (env PHALANX_HOST_NAME; default: the hostname, here "
+                             f"{socket.gethostname()})")
 
 
 def _run_worker(args: argparse.Namespace) -> int:
@@ -231,6 +240,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout,
         reconnect=args.reconnect,
         tags=args.tags,
+        host_name=args.host_name,
     ))
 
 

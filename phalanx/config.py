@@ -19,11 +19,21 @@ import msgspec
 
 from .policy import DEFAULT_TAG, check_tag
 
-__all__ = ["Config", "OPTIONS", "usable_cpus", "DEFAULT_START_METHOD"]
+__all__ = ["Config", "OPTIONS", "usable_cpus", "DEFAULT_START_METHOD", "check_host_name"]
 
 #: fork is fastest (a worker starts in milliseconds) and is what multiprocessing
 #: uses on Linux before 3.12; from 3.12 on, forking a threaded process warns, so spawn.
 DEFAULT_START_METHOD = "fork" if sys.platform.startswith("linux") and sys.version_info < (3, 12) else "spawn"
+
+
+def check_host_name(name: object) -> str:
+    """``name`` if it can name a host (``host_name``, ``phalanx worker --host-name``), else ValueError.
+
+    A host name is 1 to 255 printable characters without whitespace.
+    """
+    if not isinstance(name, str) or not 0 < len(name) <= 255 or any(c.isspace() or not c.isprintable() for c in name):
+        raise ValueError(f"a host name is 1 to 255 printable characters without spaces: got {name!r}")
+    return name
 
 
 def usable_cpus() -> int:
@@ -82,6 +92,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     insecure: bool = False
     #: prefix every line a worker prints or logs with "[<worker id>] "
     prefix_output: bool = True
+    #: the name of this host in ``rt.inspect()`` and ``phalanx top`` (None: its hostname)
+    host_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -110,6 +122,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             check_tag(tag)
             if not isinstance(count, int) or count < 0:
                 raise ValueError(f"the worker count of tag {tag!r} must be an int >= 0, got {count!r}")
+        if self.host_name is not None:
+            check_host_name(self.host_name)
         if self.tags and sum(self.tags.values()) != self.workers:
             raise ValueError(f"workers={self.workers} is not the sum of the per-tag counts {self.tags}")
 
@@ -177,4 +191,5 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "insecure": lambda raw: raw.strip().lower() in ("1", "true", "yes", "on"),
     "prefix_output": lambda raw: raw.strip().lower() not in ("0", "false", "no", "off"),
     "route_timeout": float,
+    "host_name": str,
 }

@@ -486,6 +486,7 @@ class Driver:
             heartbeat_interval=self.config.heartbeat_interval,
             reconnect=self.config.reconnect,
             prefix_output=self.config.prefix_output,
+            host=self.config.host_name or "",
             tags=tags,
         )
         worker.pid = self._supervisor.spawn(spec)
@@ -892,7 +893,7 @@ class Driver:
         with self._changed:
             replies: dict[str, InspectReply] = {}
             self._inspect_replies[nonce] = replies
-            here = socket.gethostname()
+            here = self.config.host_name or socket.gethostname()
             live = [(w.id, w.pid, len(w.inflight), w.host or here, w.tags)
                     for w in self._workers.values() if w.alive and w.ready]
             if not self._control.closed:

@@ -41,6 +41,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from .config import check_host_name
 from .errors import ProtocolError
 from .policy import DEFAULT_TAG, check_tag
 from .supervisor import Supervisor
@@ -79,6 +80,8 @@ class RemoteOptions(msgspec.Struct, frozen=True, kw_only=True):
     start_method: str = "fork"
     #: worker tags every worker of this host serves (empty: "default")
     tags: list[str] = []
+    #: this host's name in the driver's inspect tree and worker ids (None: its hostname)
+    host_name: str | None = None
 
 
 class Refused(Exception):
@@ -99,7 +102,7 @@ class RemoteSupervisor:
         self.tags: tuple[str, ...] = tuple(dict.fromkeys(check_tag(t) for t in options.tags)) or (DEFAULT_TAG,)
         self.endpoints: Endpoints = connect_endpoints(options.connect)
         self.curve = self._load_keys()
-        self.host = socket.gethostname()
+        self.host = check_host_name(options.host_name) if options.host_name is not None else socket.gethostname()
         self._ids = itertools.count(1)
         self._exits: deque[tuple[str, int | None]] = deque()
         self._stopping = threading.Event()
@@ -184,6 +187,7 @@ class RemoteSupervisor:
             heartbeat_interval=o.heartbeat_interval,
             curve=self.curve,
             tags=self.tags,
+            host=self.host,
         )
 
     def _on_exit(self, worker_id: str, exitcode: int | None) -> None:

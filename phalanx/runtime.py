@@ -145,6 +145,7 @@ class Runtime(_RunsDirectives):
         insecure: bool | None = None,
         prefix_output: bool | None = None,
         route_timeout: float | None = None,
+        host_name: str | None = None,
         faults: Any = None,
     ) -> None:
         self.config = Config.load(
@@ -168,6 +169,7 @@ class Runtime(_RunsDirectives):
             insecure=insecure,
             prefix_output=prefix_output,
             route_timeout=route_timeout,
+            host_name=host_name,
         )
         self._driver = Driver(self.config)
         try:

@@ -118,6 +118,8 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     prefix_output: bool | None = None
     #: the worker tags it serves: only work routed to one of them is sent to it
     tags: tuple[str, ...] = ("default",)
+    #: the host name it reports in Hello and inspect replies ("": ``socket.gethostname()``)
+    host: str = ""
 
 
 class TaskContext:
@@ -338,7 +340,7 @@ class _Control(threading.Thread):
             cpu, rss = 0.0, 0
         queued = list(loop.todo)
         reply = InspectReply(
-            loop.spec.worker_id, nonce, os.getpid(), _socket.gethostname(), cpu, rss,
+            loop.spec.worker_id, nonce, os.getpid(), loop.host, cpu, rss,
             len(queued), loop.tasks_done, loop.actors.info(queued),
         )
         assert self.side is not None
@@ -391,6 +393,7 @@ class _Loop:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.ident = spec.worker_id.encode()
+        self.host = spec.host or _socket.gethostname()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.inbox = sockets.dealer(self.ctx, spec.endpoints.tasks, self.ident, spec.curve)
         self.outbox = sockets.dealer(self.ctx, spec.endpoints.results, self.ident, spec.curve)
@@ -666,7 +669,7 @@ class _Loop:
 
     def serve(self) -> None:
         self.control.start()
-        self.send(Hello(self.spec.worker_id, os.getpid(), _socket.gethostname(), tags=list(self.spec.tags)))
+        self.send(Hello(self.spec.worker_id, os.getpid(), self.host, tags=list(self.spec.tags)))
         inbox = self.inbox
         while not self.stopping:
             if not self.todo:

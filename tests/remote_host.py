@@ -53,11 +53,14 @@ class RemoteHost:
         netns: str | None = None,
         heartbeat_timeout: float = 10.0,
         extra: list[str] | None = None,
+        host_name: str | None = None,
     ) -> None:
         env = dict(os.environ, PHX_HOST=name, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
         cmd = [sys.executable, "-m", "phalanx", "worker", "--connect", address, "--workers", str(workers),
                "--import", "multihost_ops", "--heartbeat-timeout", str(heartbeat_timeout),
                "--heartbeat-interval", "0.2", "--connect-timeout", "20", *args, *(extra or [])]
+        if host_name is not None:
+            cmd += ["--host-name", host_name]
         if netns is not None:
             cmd = ["ip", "netns", "exec", netns, *cmd]
         self.name = name

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -121,6 +122,39 @@ def test_insecure_runtime_warns_and_serves(capfd: pytest.CaptureFixture[str]) ->
             assert rt.submit(ops.where, 2).result(timeout=10) == (4, "plain")
     err = capfd.readouterr().err
     assert "WITHOUT CURVE" in err
+
+
+def test_hosts_named_apart_are_grouped_in_inspect_and_top(keys: Keys) -> None:
+    with pytest.raises(ValueError, match="host name"):
+        phalanx.Runtime(workers=0, host_name="")
+    with phalanx.Runtime(workers=1, listen=LISTEN, host_name="driver-box", **keys.runtime_kwargs()) as rt:
+        assert rt.address is not None
+        # Both "hosts" run on this machine, with its hostname: only --host-name tells them apart.
+        with RemoteHost(rt.address, "a", keys.worker_args(), workers=2, host_name="host-a") as a, \
+             RemoteHost(rt.address, "b", keys.worker_args(), workers=1, host_name="host-b") as b:
+            assert rt.wait_for_workers(4, timeout=30) == 4, a.err + b.err
+            tree = rt.inspect(timeout=10)
+            grouped = {host: sorted(w.id for w in workers) for host, workers in tree.hosts().items()}
+            assert sorted(grouped) == ["driver-box", "host-a", "host-b"], grouped
+            assert grouped["driver-box"] == ["w1"]
+            assert len(grouped["host-a"]) == 2 and all(i.startswith("host-a-") for i in grouped["host-a"])
+            assert len(grouped["host-b"]) == 1 and grouped["host-b"][0].startswith("host-b-")
+            assert all(w.resolved for w in tree.workers), str(tree)
+            assert {w.host for w in rt.stats().workers if w.remote} == {"host-a", "host-b"}
+
+            shown = subprocess.run([sys.executable, "-m", "phalanx", "top", "--once", "--pid", str(os.getpid()),
+                                    "--interval", "10"], capture_output=True, text=True, timeout=60)
+            assert shown.returncode == 0, shown.stderr
+            under: dict[str, list[str]] = {}
+            current = None
+            for line in shown.stdout.splitlines():
+                if m := re.search(r"host (\S+): (\d+) workers", line):
+                    current = m.group(1)
+                    under[current] = []
+                elif m := re.search(r"worker (\S+) .*pid \d+", line):
+                    assert current is not None, shown.stdout
+                    under[current].append(m.group(1))
+            assert {h: sorted(ids) for h, ids in under.items()} == grouped, shown.stdout
 
 
 def test_host_joins_mid_job_and_gets_work_at_once(keys: Keys) -> None:
