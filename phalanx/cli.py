@@ -191,7 +191,8 @@ network namespaces or containers of one machine, need distinct names.
 Workers that die are replaced. When the driver shuts down this command exits 0;
 when the driver vanishes (no heartbeat for --heartbeat-timeout seconds) the
 workers stop and it exits 4, or with --reconnect waits for the driver to come
-back. A refused key exits 3."""
+back. A refused key exits 3; a usage error, or a --import module that cannot
+be imported, exits 2."""
 
 
 def _configure_worker(parser: argparse.ArgumentParser) -> None:

@@ -21,12 +21,14 @@ parent-death signal and a watchdog tied to this process, and each one exits
 on its own after ``heartbeat_timeout`` without the driver; this process
 stops them all before it exits, on any path.
 
-Exit status: 0 driver shut down, 2 usage, 3 refused by the driver (wrong,
-missing or unauthorised key), 4 driver lost, 130 interrupted.
+Exit status: 0 driver shut down, 2 usage (bad options, or a ``--import``
+module that cannot be imported), 3 refused by the driver (wrong, missing or
+unauthorised key), 4 driver lost, 130 interrupted.
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import logging
 import os
@@ -56,6 +58,7 @@ __all__ = ["RemoteOptions", "RemoteSupervisor", "EXIT_REFUSED", "EXIT_LOST"]
 log = logging.getLogger("phalanx.remote")
 
 EXIT_SHUTDOWN = 0
+EXIT_USAGE = 2
 EXIT_REFUSED = 3
 EXIT_LOST = 4
 #: worker deaths within RESTART_WINDOW seconds after which this host gives up
@@ -246,8 +249,6 @@ class RemoteSupervisor:
     def run(self) -> int:
         """Serve the driver; return the exit status (see the module docstring)."""
         o = self.options
-        for module in o.imports:
-            __import__(module)  # fail here, clearly, rather than in every worker
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         try:
             while True:
@@ -277,6 +278,25 @@ class RemoteSupervisor:
         self._stopping.set()
 
 
+def _import_all(modules: list[str]) -> str | None:
+    """Import every ``--import`` module; what went wrong with the first that fails, or None.
+
+    Done here, once, so a missing module is one clear line and exit status 2
+    rather than a traceback in every worker.
+    """
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except BaseException as exc:  # whatever the module raises, SystemExit included
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            if isinstance(exc, ModuleNotFoundError) and exc.name == module:
+                return (f"--import {module}: no module named {module!r} here "
+                        f"(is it installed, or in the directory where phalanx worker runs?)")
+            return f"--import {module}: importing it failed: {type(exc).__name__}: {exc}"
+    return None
+
+
 def main(options: RemoteOptions) -> int:
     """Entry point of ``phalanx worker``: SIGTERM and SIGINT stop it cleanly."""
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -285,7 +305,11 @@ def main(options: RemoteOptions) -> int:
         sup = RemoteSupervisor(options)
     except (ValueError, OSError) as exc:
         print(f"phalanx worker: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    problem = _import_all(options.imports)
+    if problem is not None:
+        print(f"phalanx worker: {problem}", file=sys.stderr)
+        return EXIT_USAGE
 
     def on_signal(signum: int, frame: Any) -> None:
         sup.stop()

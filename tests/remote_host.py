@@ -54,8 +54,13 @@ class RemoteHost:
         heartbeat_timeout: float = 10.0,
         extra: list[str] | None = None,
         host_name: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
-        env = dict(os.environ, PHX_HOST=name, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
+        """``env``: the environment of ``phalanx worker`` (default: this one, PYTHONPATH
+        the tests and this ``sys.path``); ``PHX_HOST`` is set to ``name`` either way."""
+        if env is None:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
+        env = dict(env, PHX_HOST=name)
         cmd = [sys.executable, "-m", "phalanx", "worker", "--connect", address, "--workers", str(workers),
                "--import", "multihost_ops", "--heartbeat-timeout", str(heartbeat_timeout),
                "--heartbeat-interval", "0.2", "--connect-timeout", "20", *args, *(extra or [])]

@@ -12,6 +12,7 @@ exiting when the driver shuts down or vanishes (no orphan).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -122,6 +123,53 @@ def test_insecure_runtime_warns_and_serves(capfd: pytest.CaptureFixture[str]) ->
             assert rt.submit(ops.where, 2).result(timeout=10) == (4, "plain")
     err = capfd.readouterr().err
     assert "WITHOUT CURVE" in err
+
+
+def _env_without(path: Path) -> dict[str, str]:
+    """This environment, PYTHONPATH the tests and ``sys.path`` minus ``path``."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *(p for p in sys.path if p != str(path))]))
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--import", "no_such_mod"], "--import no_such_mod: no module named 'no_such_mod'"),
+    (["--import", "broken_mod"], "--import broken_mod: importing it failed: RuntimeError: broken_mod fails"),
+    (["--host-name", "two words"], "a host name is 1 to 255 printable characters"),
+])
+def test_worker_with_bad_input_says_so_in_one_line(args: list[str], says: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "phalanx", "worker", "--connect", "tcp://127.0.0.1:9",
+                           "--insecure", *args],
+                          capture_output=True, text=True, timeout=60, env=_env_without(Path("/nonexistent")))
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "WITHOUT CURVE" not in line]
+    assert lines == [f"phalanx worker: {lines[0][len('phalanx worker: '):]}"] and says in lines[0], proc.stderr
+
+
+def test_an_operation_the_host_lacks_is_unknown_to_the_caller(
+    keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "driver_only_ops.py").write_text(textwrap.dedent("""
+        import phalanx
+
+        @phalanx.operation
+        def only_here(x: int) -> int:
+            return x + 1
+    """))
+    env = _env_without(tmp_path)  # the host cannot import driver_only_ops
+    monkeypatch.syspath_prepend(str(tmp_path))
+    driver_only_ops = importlib.import_module("driver_only_ops")
+    monkeypatch.delitem(sys.modules, "driver_only_ops")
+    with phalanx.Runtime(workers=0, listen=LISTEN, **keys.runtime_kwargs()) as rt:
+        assert rt.address is not None
+        with RemoteHost(rt.address, "lacking", keys.worker_args(), workers=1, env=env) as host:
+            assert rt.wait_for_workers(1, timeout=30) == 1, host.err
+            with pytest.raises(phalanx.UnknownOperationError, match="driver_only_ops:only_here") as info:
+                rt.submit(driver_only_ops.only_here, 1).result(timeout=30)
+            assert info.value.name == "driver_only_ops:only_here"
+            # The worker and the runtime go on.
+            assert rt.submit(ops.where, 3).result(timeout=10) == (6, "lacking")
+            assert list(rt.map(ops.where, range(50))) == [(2 * x, "lacking") for x in range(50)]
+            assert host.proc.poll() is None
+            assert rt.stats().worker_deaths == 0
 
 
 def test_hosts_named_apart_are_grouped_in_inspect_and_top(keys: Keys) -> None:
