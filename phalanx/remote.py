@@ -14,7 +14,8 @@ control) and join the runtime, serving the worker tags given with ``--tag``
   this process with status 0;
 * the driver vanishing (no heartbeat for ``heartbeat_timeout``) stops the
   workers; then this process exits with status 4, or with ``--reconnect``
-  waits for the driver to come back and starts fresh workers.
+  waits for the driver to come back (at the same address) and starts fresh
+  workers.
 
 Invariant kept: **no orphans on remote hosts either.** Workers carry the
 parent-death signal and a watchdog tied to this process, and each one exits
@@ -267,8 +268,8 @@ class RemoteSupervisor:
                     status = self._serve(sub, mon)
                 finally:
                     sockets.close(sub, mon)
-                if not o.reconnect or self._stopping.is_set():
-                    return status
+                if status != EXIT_LOST or not o.reconnect or self._stopping.is_set():
+                    return status  # only a lost driver is waited for again
                 print(f"phalanx worker: waiting for a driver at {o.connect}", file=sys.stderr, flush=True)
         finally:
             ctx.destroy(linger=0)

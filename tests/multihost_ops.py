@@ -49,3 +49,8 @@ class Tally:
 
     def where(self) -> str:
         return host()
+
+
+@phalanx.operation
+def pid() -> int:
+    return os.getpid()

@@ -13,6 +13,7 @@ exiting when the driver shuts down or vanishes (no orphan).
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import re
@@ -32,7 +33,7 @@ import phalanx
 from phalanx.cli import main as cli_main
 
 import multihost_ops as ops
-from remote_host import TESTS, Keys, RemoteHost
+from remote_host import TESTS, Keys, Lines, RemoteHost
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -301,3 +302,88 @@ def test_actor_on_a_lost_host_restarts_elsewhere(keys: Keys) -> None:
             assert where == "local"
             assert ref.incr().result(timeout=10) == 2  # restarted afresh (Tally keeps no checkpoint)
             ref.stop()
+
+
+def test_a_reconnecting_host_joins_the_driver_that_comes_back(keys: Keys, tmp_path: Path) -> None:
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
+    driver = subprocess.Popen([sys.executable, str(script), keys.driver_secret, str(keys.authorized)],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    assert driver.stdout is not None
+    out = Lines(driver.stdout)
+    try:
+        address = out.readline(timeout=60).strip()
+        with RemoteHost(address, "phoenix", keys.worker_args(), heartbeat_timeout=1.5,
+                        extra=["--reconnect"]) as host:
+            assert out.readline(timeout=60).strip() == "served", host.err
+            first = host.worker_pids()
+            assert len(first) == 2
+            os.kill(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=10)
+            host.stderr.wait_for("waiting for a driver", timeout=30)
+            assert host.proc.poll() is None  # still there, waiting
+            assert psutil.wait_procs([psutil.Process(p) for p in first if psutil.pid_exists(p)], timeout=10)[1] == []
+            # A new driver at the same address: the host starts fresh workers for it.
+            with phalanx.Runtime(workers=0, listen=address, **keys.runtime_kwargs()) as rt:
+                assert rt.wait_for_workers(2, timeout=30) == 2, host.err
+                assert rt.submit(ops.where, 5).result(timeout=10) == (10, "phoenix")
+                assert not set(host.worker_pids()) & set(first)
+            # That driver shut down (it did not vanish): the host ends, --reconnect or not.
+            assert host.wait(timeout=30) == 0, host.err
+        assert host.err.count("joined") == 2
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        driver.wait(timeout=10)
+        out.join()
+
+
+LOCAL_DRIVER = textwrap.dedent("""
+    import json, sys
+    import phalanx
+    import multihost_ops as ops
+    with phalanx.Runtime(workers=1, heartbeat_timeout=1.0, reconnect=sys.argv[1] == "1") as rt:
+        print(json.dumps(list(rt.worker_pids().values())), flush=True)
+        sys.stdin.readline()  # the test stops and resumes this process meanwhile
+        ran_on = rt.submit(ops.pid).result(timeout=30)
+        print(json.dumps([ran_on, rt.stats().worker_deaths]), flush=True)
+""")
+
+
+@pytest.mark.parametrize("reconnect", [True, False])
+def test_local_workers_wait_for_a_silent_driver_only_with_reconnect(tmp_path: Path, reconnect: bool) -> None:
+    script = tmp_path / "driver.py"
+    script.write_text(LOCAL_DRIVER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
+    driver = subprocess.Popen([sys.executable, str(script), "1" if reconnect else "0"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert driver.stdin is not None and driver.stdout is not None and driver.stderr is not None
+    out, err = Lines(driver.stdout), Lines(driver.stderr)
+    try:
+        (worker,) = json.loads(out.readline(timeout=60))
+        os.kill(driver.pid, signal.SIGSTOP)  # the driver falls silent; its worker notices
+        try:
+            if reconnect:
+                err.wait_for("waiting for the driver", timeout=30)
+            else:
+                err.wait_for("driver lost, exiting", timeout=30)
+        finally:
+            os.kill(driver.pid, signal.SIGCONT)
+        driver.stdin.write("go\n")
+        driver.stdin.flush()
+        ran_on, deaths = json.loads(out.readline(timeout=60))
+        assert driver.wait(timeout=30) == 0, err.text()
+        if reconnect:
+            assert (ran_on, deaths) == (worker, 0)  # the same worker served on
+            err.wait_for("driver is back", timeout=10)
+        else:
+            assert ran_on != worker and deaths == 1  # it exited; the driver started a replacement
+    finally:
+        if driver.poll() is None:
+            os.kill(driver.pid, signal.SIGCONT)
+            driver.kill()
+        driver.wait(timeout=10)
+        driver.stdin.close()
+        out.join()
+        err.join()
