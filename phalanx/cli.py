@@ -192,7 +192,9 @@ Workers that die are replaced. When the driver shuts down this command exits 0;
 when the driver vanishes (no heartbeat for --heartbeat-timeout seconds) the
 workers stop and it exits 4, or with --reconnect waits for the driver to come
 back. A refused key exits 3; a usage error, or a --import module that cannot
-be imported, exits 2."""
+be imported, exits 2. SIGTERM or Ctrl-C makes the workers leave at once: the
+driver is told, and redelivers the tasks they held without waiting for
+their heartbeats to stop."""
 
 
 def _configure_worker(parser: argparse.ArgumentParser) -> None:

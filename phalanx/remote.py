@@ -15,16 +15,19 @@ control) and join the runtime, serving the worker tags given with ``--tag``
 * the driver vanishing (no heartbeat for ``heartbeat_timeout``) stops the
   workers; then this process exits with status 4, or with ``--reconnect``
   waits for the driver to come back (at the same address) and starts fresh
-  workers.
+  workers;
+* SIGTERM or SIGINT stops the workers with SIGTERM at once: each tells the
+  driver it leaves (Goodbye), so the driver redelivers their tasks without
+  waiting for its heartbeat timeout.
 
 Invariant kept: **no orphans on remote hosts either.** Workers carry the
 parent-death signal and a watchdog tied to this process, and each one exits
 on its own after ``heartbeat_timeout`` without the driver; this process
 stops them all before it exits, on any path.
 
-Exit status: 0 driver shut down, 2 usage (bad options, or a ``--import``
-module that cannot be imported), 3 refused by the driver (wrong, missing or
-unauthorised key), 4 driver lost, 130 interrupted.
+Exit status: 0 driver shut down (or SIGTERM), 2 usage (bad options, or a
+``--import`` module that cannot be imported), 3 refused by the driver (wrong,
+missing or unauthorised key), 4 driver lost, 130 interrupted (SIGINT).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ EXIT_SHUTDOWN = 0
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
 EXIT_LOST = 4
+EXIT_INTERRUPTED = 130
 #: worker deaths within RESTART_WINDOW seconds after which this host gives up
 RESTART_LIMIT = 20
 RESTART_WINDOW = 10.0
@@ -192,6 +196,7 @@ class RemoteSupervisor:
             curve=self.curve,
             tags=self.tags,
             host=self.host,
+            goodbye=True,
         )
 
     def _on_exit(self, worker_id: str, exitcode: int | None) -> None:
@@ -228,7 +233,9 @@ class RemoteSupervisor:
                 self._replace_exited(supervisor)
             return EXIT_SHUTDOWN
         finally:
-            supervisor.stop(timeout=2.0)
+            # Told to stop (SIGTERM, Ctrl-C): the workers say Goodbye, so the driver
+            # redelivers their tasks now rather than after its heartbeat timeout.
+            supervisor.stop(timeout=2.0, terminate_first=self._stopping.is_set())
 
     def _replace_exited(self, supervisor: Supervisor) -> None:
         while self._exits:
@@ -312,9 +319,13 @@ def main(options: RemoteOptions) -> int:
         print(f"phalanx worker: {problem}", file=sys.stderr)
         return EXIT_USAGE
 
+    stopped_by: list[int] = []
+
     def on_signal(signum: int, frame: Any) -> None:
+        stopped_by.append(signum)
         sup.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return sup.run()
+    status = sup.run()
+    return EXIT_INTERRUPTED if stopped_by[:1] == [signal.SIGINT] else status

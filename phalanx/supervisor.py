@@ -154,13 +154,21 @@ class Supervisor:
                 self._on_exit(wid, exitcode)
         return True
 
-    def stop(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for workers told to stop, then terminate, then kill."""
+    def stop(self, timeout: float, terminate_first: bool = False) -> None:
+        """Wait up to ``timeout`` for workers told to stop, then terminate, then kill.
+
+        ``terminate_first``: SIGTERM them at once instead (``phalanx worker``
+        leaving: its workers say Goodbye to the driver on SIGTERM, then exit).
+        """
         with self._spawn_lock, self._lock:
             self._closing = True
             procs = list(self._procs.values())
             self._procs.clear()
         self._wake()
+        if terminate_first:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
         deadline = time.monotonic() + timeout
         for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))

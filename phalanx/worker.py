@@ -24,6 +24,12 @@ Invariants kept:
   (Linux ``PR_SET_PDEATHSIG``), runs in its own process group, and a watchdog
   thread also checks the parent every 100 ms; either way it kills its whole
   process group, so anything user code spawned goes with it.
+* **A remote worker told to leave says so.** SIGTERM from its live parent
+  (``phalanx worker`` stopping) makes a worker spawned with ``goodbye`` send
+  Goodbye and wait up to :data:`GOODBYE_WAIT` for the driver's Stop before it
+  kills its group, so the driver redelivers its tasks at once instead of
+  after ``heartbeat_timeout``. A parent that died (the host going down hard)
+  gets no goodbye: silence, and the heartbeat timeout, as for a lost host.
 * **Lone calls are not delayed.** Outcomes are batched only while more tasks
   are already waiting and the previous one was quick.
 """
@@ -60,6 +66,7 @@ from .transport.messages import (
     Chunk,
     Err,
     ErrorInfo,
+    Goodbye,
     Hello,
     InspectReply,
     InspectRequest,
@@ -91,6 +98,8 @@ SPIN = float(os.environ.get("PHALANX_SPIN", "0"))
 WATCHDOG_PERIOD = 0.1
 #: seconds a terminated job id is remembered
 TERMINATED_TTL = 60.0
+#: seconds a leaving worker waits for the driver to acknowledge its Goodbye
+GOODBYE_WAIT = 1.0
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -120,6 +129,8 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     tags: tuple[str, ...] = ("default",)
     #: the host name it reports in Hello and inspect replies ("": ``socket.gethostname()``)
     host: str = ""
+    #: on SIGTERM from its parent, tell the driver it leaves (Goodbye) before exiting
+    goodbye: bool = False
 
 
 class TaskContext:
@@ -169,7 +180,23 @@ def _kill_own_group() -> None:
         os._exit(1)
 
 
+#: the worker's parent at start; set by _guard_against_orphaning
+_parent_at_start = 0
+#: says Goodbye to the driver (main thread); set when the spec asks for it
+_goodbye: Callable[[], None] | None = None
+_leaving = False
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
+    global _leaving
+    hook = _goodbye
+    # Only a live parent's SIGTERM is a request to leave; a second SIGTERM ends the wait.
+    if hook is not None and not _leaving and os.getppid() == _parent_at_start:
+        _leaving = True
+        try:
+            hook()
+        except BaseException:
+            pass
     _kill_own_group()
 
 
@@ -217,7 +244,8 @@ def _guard_against_orphaning(parent_pid: int) -> None:
         except (OSError, AttributeError):
             pass
     # Under forkserver the parent is the fork server, not the driver: watch both.
-    initial_ppid = os.getppid()
+    global _parent_at_start
+    initial_ppid = _parent_at_start = os.getppid()
 
     def driver_alive() -> bool:
         if os.getppid() != initial_ppid:
@@ -653,6 +681,29 @@ class _Loop:
     def send(self, msg: Any) -> None:
         self.outbox.send(encode(msg))
 
+    def goodbye(self) -> None:
+        """Tell the driver this worker leaves; wait up to GOODBYE_WAIT for its Stop.
+
+        Runs in the SIGTERM handler, on the main thread, which owns the inbox
+        and outbox; the process is killed right after.
+        """
+        if not self.welcomed:
+            return  # the driver has given it nothing
+        try:
+            self.outbox.send(encode(Goodbye(self.spec.worker_id)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return
+        deadline = time.monotonic() + GOODBYE_WAIT
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.inbox.poll(int(left * 1000) + 1):
+                return
+            try:
+                msg = decode_inbox(self.inbox.recv(zmq.NOBLOCK))
+            except (zmq.Again, ProtocolError):
+                continue
+            if isinstance(msg, Stop):
+                return
+
     def send_after_outcomes(self, msg: Any) -> None:
         """Send ``msg`` after the outcomes already batched (keeps their order)."""
         self.flush()
@@ -748,6 +799,9 @@ def run_worker(spec: WorkerSpec) -> None:
     for module in spec.imports:
         __import__(module)
     loop = _Loop(spec)
+    if spec.goodbye:
+        global _goodbye
+        _goodbye = loop.goodbye
     from . import channels
 
     # Channel ends used here reach the driver's broker as "<worker id>~<n>"; they stop

@@ -167,16 +167,21 @@ class RemoteHost:
             return []
 
     def kill(self) -> None:
-        """SIGKILL the host's whole process tree at once (a host that vanished)."""
+        """SIGKILL the host's whole process tree at once (a host that vanished: no goodbye).
+
+        Everything is stopped (SIGSTOP) before anything is killed, so no worker
+        sees its supervisor die first and acts on it.
+        """
         try:
             procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
         except psutil.Error:
             procs = []
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        for how in (signal.SIGSTOP, signal.SIGKILL):
+            for p in procs:
+                try:
+                    p.send_signal(how)
+                except psutil.Error:
+                    pass
         psutil.wait_procs(procs, timeout=5)
 
     def close(self) -> None:

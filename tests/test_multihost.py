@@ -22,6 +22,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -238,6 +239,35 @@ def test_host_vanishing_mid_job_loses_nothing(keys: Keys) -> None:
     assert stats.redelivered > 0
     print(f"host SIGKILLed mid-job: {stats.redelivered} tasks redelivered, "
           f"job done {wall:.2f} s later (heartbeat_timeout 1 s)")
+
+
+@pytest.mark.timeout(45, method="signal")  # far below the 60 s heartbeat timeout: waiting for it fails
+def test_a_host_told_to_stop_mid_job_hands_its_tasks_back_at_once(keys: Keys) -> None:
+    n = 300
+    got: list[tuple[int, str]] = []
+    with phalanx.Runtime(workers=2, listen=LISTEN, heartbeat_timeout=60.0, **keys.runtime_kwargs()) as rt:
+        assert rt.address is not None
+        # Tasks the leaving host takes never finish there: only their redelivery completes the job.
+        it = rt.map(ops.stuck_on, range(n), ["leaving"] * n, [0.01] * n, chunksize=1)
+        consumer = threading.Thread(target=lambda: got.extend(it), daemon=True)
+        consumer.start()
+        with RemoteHost(rt.address, "leaving", keys.worker_args(), heartbeat_timeout=60) as host:
+            deadline = time.monotonic() + 30
+            while True:  # the host joined mid-job, and each of its workers holds a task
+                remote = [w for w in rt.stats().workers if w.remote]
+                if len(remote) == 2 and all(w.inflight for w in remote):
+                    break
+                assert time.monotonic() < deadline and host.proc.poll() is None, host.err
+                time.sleep(0.01)
+            host.proc.send_signal(signal.SIGTERM)
+            assert host.wait(timeout=20) == 0, host.err
+        consumer.join(30)
+        assert not consumer.is_alive(), "the job did not complete"
+        stats = rt.stats()
+    assert got == [(2 * x, "local") for x in range(n)]  # every result, exactly once
+    assert stats.workers_left == 2 and stats.workers_lost == 0
+    assert stats.redelivered >= 2
+    assert stats.worker_deaths == 0
 
 
 DRIVER = textwrap.dedent("""
