@@ -52,6 +52,14 @@ class Tally:
 
 
 @phalanx.operation
+def touch(path: str) -> str:
+    """Write the host name into ``path`` (a marker: proof the operation ran)."""
+    with open(path, "w") as f:
+        f.write(host())
+    return host()
+
+
+@phalanx.operation
 def pid() -> int:
     return os.getpid()
 

@@ -4,10 +4,18 @@ Runs in the test (driver) process; every "host" is a ``phalanx worker
 --connect`` subprocess (``remote_host.RemoteHost``) whose workers report the
 host name they stand for (``PHX_HOST``). Checks: keys and the CLI, a CURVE
 join running map / fold / actors, refusal of a wrong key, of a plaintext
-client and of a wrong server key (nothing executed, logged on both sides),
-the insecure mode's warning, a host joining mid-job, a host vanishing mid-job
-(every result exactly once, its tasks redelivered), and the remote side
-exiting when the driver shuts down or vanishes (no orphan).
+client and of a wrong server key (an operation that would leave a marker
+file never runs, and both sides log the refusal), the insecure mode's
+warning, ``--import`` of a module the host cannot import (one line, status
+2), an operation whose module the host lacks (UnknownOperationError to the
+caller, the runtime goes on), workers grouped by ``--host-name`` in
+``rt.inspect()`` and ``phalanx top``, a host joining mid-job, a host
+vanishing mid-job (every result exactly once, its tasks redelivered), a host
+told to stop mid-job (its workers say Goodbye: redelivery at once, not after
+the heartbeat timeout), the remote side exiting when the driver shuts down
+or vanishes (no orphan) or, with ``--reconnect``, joining the driver that
+comes back at the same address, and local workers with ``reconnect=True``
+outliving a driver that stopped answering for a while.
 """
 
 from __future__ import annotations
@@ -96,25 +104,31 @@ def test_curve_join_runs_map_fold_and_actors(keys: Keys) -> None:
 
 
 @pytest.mark.parametrize("how", ["stranger key", "plaintext client", "wrong server key"])
-def test_refused_peers_run_nothing(keys: Keys, how: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_refused_peers_run_nothing(keys: Keys, how: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     args = {
         "stranger key": ["--key", keys.stranger_secret, "--server-key", keys.driver_public],
-        "plaintext client": ["--insecure"],
+        "plaintext client": ["--insecure"],  # no key at all
         "wrong server key": ["--key", keys.host_secret, "--server-key", str(keys.root / "stranger.key")],
     }[how]
+    marker = tmp_path / "ran"
     caplog.set_level(logging.WARNING, logger="phalanx.auth")
     with phalanx.Runtime(workers=0, listen=LISTEN, **keys.runtime_kwargs()) as rt:
         assert rt.address is not None
-        fut = rt.submit(ops.where, 1)  # queued: no worker may take it
+        fut = rt.submit(ops.touch, str(marker))  # queued: whoever runs it leaves the marker
         with RemoteHost(rt.address, "intruder", args) as host:
             assert host.wait(timeout=60) == 3
-        assert "refused by the driver" in host.err
+        assert "refused by the driver" in host.err  # logged on the refused side
         stats = rt.stats()
         assert stats.workers_joined == 0 and stats.workers == []
         assert stats.peers_refused >= 1
         assert not fut.done()
-        fut.cancel()
-    assert any("refused a peer" in r.getMessage() for r in caplog.records)
+        assert not marker.exists()
+        # The same queued task does run, and leaves its marker, once an authorized host joins.
+        with RemoteHost(rt.address, "trusted", keys.worker_args(), workers=1):
+            assert fut.result(timeout=30) == "trusted"
+        assert marker.read_text() == "trusted"
+    refusals = [r.getMessage() for r in caplog.records if r.name == "phalanx.auth"]
+    assert any("refused a peer" in m for m in refusals), refusals  # logged on the driver's side
 
 
 def test_insecure_runtime_warns_and_serves(capfd: pytest.CaptureFixture[str]) -> None:
