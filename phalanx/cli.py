@@ -188,10 +188,17 @@ authorized_keys directory. --insecure talks plaintext to an insecure runtime.
 (rt.options(on=TAG).submit(...), rt.map(..., on=TAG), rt.spawn(..., on=TAG));
 without it they serve "default", the work routed nowhere in particular.
 
+--host-name NAME is how the driver groups these workers in rt.inspect() and
+phalanx top (default: the hostname). Hosts that share a hostname, such as
+network namespaces or containers of one machine, need distinct names.
+
 Workers that die are replaced. When the driver shuts down this command exits 0;
 when the driver vanishes (no heartbeat for --heartbeat-timeout seconds) the
 workers stop and it exits 4, or with --reconnect waits for the driver to come
-back. A refused key exits 3."""
+back. A refused key exits 3; a usage error, or a --import module that cannot
+be imported, exits 2. SIGTERM or Ctrl-C makes the workers leave at once: the
+driver is told, and redelivers the tasks they held without waiting for
+their heartbeats to stop."""
 
 
 def _configure_worker(parser: argparse.ArgumentParser) -> None:
@@ -255,6 +262,7 @@ def remote_options(args: argparse.Namespace) -> RemoteOptions:
         log_level=config.log_level,
         prefix_output=config.prefix_output,
         implicit_operations=config.implicit_operations,
+        host_name=config.host_name,
     )
 
 

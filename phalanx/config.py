@@ -31,7 +31,7 @@ import msgspec
 from .policy import DEFAULT_TAG, check_tag
 from .transport.endpoints import parse_listen
 
-__all__ = ["Config", "Option", "OPTIONS", "usable_cpus", "parse_bool", "DEFAULT_START_METHOD"]
+__all__ = ["Config", "Option", "OPTIONS", "usable_cpus", "parse_bool", "DEFAULT_START_METHOD", "check_host_name"]
 
 #: fork is fastest (a worker starts in milliseconds) and is what multiprocessing
 #: uses on Linux before 3.12; from 3.12 on, forking a threaded process warns, so spawn.
@@ -39,6 +39,16 @@ DEFAULT_START_METHOD = "fork" if sys.platform.startswith("linux") and sys.versio
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
+
+
+def check_host_name(name: object) -> str:
+    """``name`` if it can name a host (``host_name``, ``phalanx worker --host-name``), else ValueError.
+
+    A host name is 1 to 255 printable characters without whitespace.
+    """
+    if not isinstance(name, str) or not 0 < len(name) <= 255 or any(c.isspace() or not c.isprintable() for c in name):
+        raise ValueError(f"a host name is 1 to 255 printable characters without spaces: got {name!r}")
+    return name
 
 
 def usable_cpus() -> int:
@@ -93,6 +103,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     spin: float = 0.0
     log_level: str | None = None
     implicit_operations: bool = False
+    host_name: str | None = None
 
     def __post_init__(self) -> None:
         # Each message starts with the option's name: Config.load names its variable instead.
@@ -138,6 +149,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
                 "tcp needs server_key= (a .key_secret file) and authorized_keys= (a directory of "
                 "worker .key files): run `phalanx keygen`; or pass insecure=True for plaintext"
             )
+        if self.host_name is not None:
+            try:
+                check_host_name(self.host_name)
+            except ValueError as exc:
+                raise ValueError(f"host_name: {exc}") from None
 
     def worker_groups(self) -> dict[str, int]:
         """Local workers to start, per tag."""
@@ -297,4 +313,6 @@ OPTIONS: dict[str, Option] = _options(
     Option("implicit_operations", parse_bool, "workers also run unregistered module-level functions, by "
            "`module:qualname` (`phalanx.Executor` sets it; for trusted code only)",
            worker_flag="--implicit-operations"),
+    Option("host_name", str, "the name of this host in `rt.inspect()` and `phalanx top`; remote "
+           "worker ids start with it", default="its hostname", worker_flag="--host-name"),
 )

@@ -14,7 +14,9 @@ demand CURVE keys from ``authorized_keys`` (ZAP, in the authenticator
 thread); local workers keep using the private ipc endpoints of the same
 sockets. A remote worker sends Alive heartbeats; when they stop for
 ``heartbeat_timeout`` the pump declares it lost and its tasks are redelivered
-exactly as for a local crash.
+exactly as for a local crash. A remote worker whose host is told to stop
+says Goodbye first: the same redelivery happens at once, and the driver
+acknowledges with Stop.
 
 Dispatch is credit-based (the zguide's load-balancing pattern) rather than
 PUSH/PULL: a worker announces how many tasks it may hold, and each task goes
@@ -82,6 +84,7 @@ from .transport.messages import (
     Call,
     Chunk,
     Err,
+    Goodbye,
     Hello,
     Ok,
     Ready,
@@ -175,6 +178,8 @@ class RuntimeStats(msgspec.Struct, frozen=True):
     #: remote workers that joined over tcp, and those declared lost (no heartbeat)
     workers_joined: int = 0
     workers_lost: int = 0
+    #: remote workers that left saying Goodbye (their host was told to stop)
+    workers_left: int = 0
     #: tcp peers refused during the security handshake
     peers_refused: int = 0
     #: channel messages dropped: sent to a closed or released lease, or queued when it was released
@@ -357,6 +362,7 @@ class Driver:
         self.skipped = 0
         self.workers_joined = 0
         self.workers_lost = 0
+        self.workers_left = 0
         self.peers_refused = 0
         self.channel_messages_dropped = 0
         self.channel_redelivered = 0
@@ -489,6 +495,7 @@ class Driver:
             heartbeat_interval=self.config.heartbeat_interval,
             reconnect=self.config.reconnect,
             prefix_output=self.config.prefix_output,
+            host=self.config.host_name or "",
             tags=tags,
             limits=self.limits,
             spin=self.config.spin,
@@ -498,13 +505,14 @@ class Driver:
         worker.pid = self._supervisor.spawn(spec)
         return wid
 
-    def _on_exit(self, worker_id: str, exitcode: int | None, lost: bool = False) -> None:
+    def _on_exit(self, worker_id: str, exitcode: int | None, lost: bool = False, left: bool = False) -> None:
         """A worker process exited (supervisor thread): redeliver, replace, or break.
 
         ``lost``: a remote worker whose heartbeats stopped (pump, via a helper
         thread). Its tasks are redelivered without charging them a crash, it
         does not count towards the restart intensity, and it is not replaced
-        here (its own host's ``phalanx worker`` does that).
+        here (its own host's ``phalanx worker`` does that). ``left``: the same
+        for a remote worker that said Goodbye.
         """
         failed: list[tuple[Job, int, BaseException]] = []
         broken: BaseException | None = None
@@ -518,9 +526,11 @@ class Driver:
             self._remove_live_locked(worker)
             if self._closed:
                 return
-            planned = worker.retiring or worker.expect_kill or lost
+            planned = worker.retiring or worker.expect_kill or lost or left
             if lost:
                 self.workers_lost += 1
+            elif left:
+                self.workers_left += 1
             elif not planned:
                 self.worker_deaths += 1
             if not worker.ready and not planned and self.worker_deaths == 1 and not self._live:
@@ -899,7 +909,7 @@ class Driver:
         with self._changed:
             replies: dict[str, InspectReply] = {}
             self._inspect_replies[nonce] = replies
-            here = socket.gethostname()
+            here = self.config.host_name or socket.gethostname()
             live = [(w.id, w.pid, len(w.inflight), w.host or here, w.tags)
                     for w in self._workers.values() if w.alive and w.ready]
             if not self._control.closed:
@@ -1241,6 +1251,8 @@ class Driver:
                     self.frames_dropped += 1
                     return
                 self._retire_locked(w)
+        elif isinstance(msg, Goodbye):
+            self._on_goodbye(ident, msg)
         elif isinstance(msg, Hello):
             self._on_hello(ident, msg)
         elif isinstance(msg, Ready):
@@ -1260,6 +1272,24 @@ class Driver:
                 # Declared lost, but back (a healed partition): its tasks went
                 # elsewhere; tell it to stop, its host starts a fresh worker.
                 self._stop_locked(w)
+
+    def _on_goodbye(self, ident: bytes, msg: Goodbye) -> None:
+        """A remote worker leaves: send it nothing more, acknowledge, redeliver what it held now."""
+        with self._lock:
+            w = self._workers.get(ident)
+            if w is None or msg.worker != w.id or not w.remote:
+                self.frames_dropped += 1
+                return
+            self._stop_locked(w)  # the acknowledgement the worker waits for before it exits
+            if not w.alive:
+                return
+            w.free = 0
+            self._remove_live_locked(w)
+            held = len(w.inflight)
+        log.info("remote worker %s left; redelivering the %d tasks it held", w.id, held)
+        # A helper thread, as for a lost worker: exit listeners may wait on the pump.
+        threading.Thread(target=self._on_exit, args=(w.id, None), kwargs={"left": True}, daemon=True,
+                         name="phalanx-left").start()
 
     def _join_locked(self, ident: bytes, msg: Hello) -> _Worker | None:
         """A remote worker's first Hello: add it (listening runtimes only)."""
@@ -1503,6 +1533,7 @@ class Driver:
                 jobs_open=len(self._jobs),
                 workers_joined=self.workers_joined,
                 workers_lost=self.workers_lost,
+                workers_left=self.workers_left,
                 peers_refused=self.peers_refused,
                 channel_messages_dropped=self.channel_messages_dropped,
                 channel_redelivered=self.channel_redelivered,

@@ -14,19 +14,25 @@ control) and join the runtime, serving the worker tags given with ``--tag``
   this process with status 0;
 * the driver vanishing (no heartbeat for ``heartbeat_timeout``) stops the
   workers; then this process exits with status 4, or with ``--reconnect``
-  waits for the driver to come back and starts fresh workers.
+  waits for the driver to come back (at the same address) and starts fresh
+  workers;
+* SIGTERM or SIGINT stops the workers with a leave signal at once: each tells the
+  driver it leaves (Goodbye), so the driver redelivers their tasks without
+  waiting for its heartbeat timeout.
 
 Invariant kept: **no orphans on remote hosts either.** Workers carry the
 parent-death signal and a watchdog tied to this process, and each one exits
 on its own after ``heartbeat_timeout`` without the driver; this process
 stops them all before it exits, on any path.
 
-Exit status: 0 driver shut down, 2 usage, 3 refused by the driver (wrong,
-missing or unauthorised key), 4 driver lost, 130 interrupted.
+Exit status: 0 driver shut down (or SIGTERM), 2 usage (bad options, or a
+``--import`` module that cannot be imported), 3 refused by the driver (wrong,
+missing or unauthorised key), 4 driver lost, 130 interrupted (SIGINT).
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import logging
 import os
@@ -41,6 +47,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from .config import check_host_name
 from .errors import ProtocolError
 from .policy import DEFAULT_TAG, check_tag
 from .supervisor import Supervisor
@@ -48,15 +55,17 @@ from .transport import sockets
 from .transport.codec import decode_control
 from .transport.endpoints import Endpoints, connect_endpoints
 from .transport.messages import Heartbeat, Shutdown
-from .worker import WorkerSpec
+from .worker import LEAVE_SIGNAL, WorkerSpec
 
 __all__ = ["RemoteOptions", "RemoteSupervisor", "EXIT_REFUSED", "EXIT_LOST"]
 
 log = logging.getLogger("phalanx.remote")
 
 EXIT_SHUTDOWN = 0
+EXIT_USAGE = 2
 EXIT_REFUSED = 3
 EXIT_LOST = 4
+EXIT_INTERRUPTED = 130
 #: worker deaths within RESTART_WINDOW seconds after which this host gives up
 RESTART_LIMIT = 20
 RESTART_WINDOW = 10.0
@@ -88,6 +97,8 @@ class RemoteOptions(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str | None = None
     prefix_output: bool = True
     implicit_operations: bool = False
+    #: this host's name in the driver's inspect tree and worker ids (None: its hostname)
+    host_name: str | None = None
 
 
 class Refused(Exception):
@@ -109,7 +120,7 @@ class RemoteSupervisor:
         self.endpoints: Endpoints = connect_endpoints(options.connect)
         self.limits = sockets.Limits(options.hwm, options.max_frame)
         self.curve = self._load_keys()
-        self.host = socket.gethostname()
+        self.host = check_host_name(options.host_name) if options.host_name is not None else socket.gethostname()
         self._ids = itertools.count(1)
         self._exits: deque[tuple[str, int | None]] = deque()
         self._stopping = threading.Event()
@@ -201,6 +212,8 @@ class RemoteSupervisor:
             log_level=o.log_level,
             prefix_output=o.prefix_output,
             implicit_operations=o.implicit_operations,
+            host=self.host,
+            goodbye=True,
         )
 
     def _on_exit(self, worker_id: str, exitcode: int | None) -> None:
@@ -237,7 +250,9 @@ class RemoteSupervisor:
                 self._replace_exited(supervisor)
             return EXIT_SHUTDOWN
         finally:
-            supervisor.stop(timeout=2.0)
+            # Told to stop (SIGTERM, Ctrl-C): the workers say Goodbye, so the driver
+            # redelivers their tasks now rather than after its heartbeat timeout.
+            supervisor.stop(timeout=2.0, leave_signal=LEAVE_SIGNAL if self._stopping.is_set() else None)
 
     def _replace_exited(self, supervisor: Supervisor) -> None:
         while self._exits:
@@ -259,8 +274,6 @@ class RemoteSupervisor:
     def run(self) -> int:
         """Serve the driver; return the exit status (see the module docstring)."""
         o = self.options
-        for module in o.imports:
-            __import__(module)  # fail here, clearly, rather than in every worker
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         try:
             while True:
@@ -279,8 +292,8 @@ class RemoteSupervisor:
                     status = self._serve(sub, mon)
                 finally:
                     sockets.close(sub, mon)
-                if not o.reconnect or self._stopping.is_set():
-                    return status
+                if status != EXIT_LOST or not o.reconnect or self._stopping.is_set():
+                    return status  # only a lost driver is waited for again
                 print(f"phalanx worker: waiting for a driver at {o.connect}", file=sys.stderr, flush=True)
         finally:
             ctx.destroy(linger=0)
@@ -288,6 +301,25 @@ class RemoteSupervisor:
     def stop(self) -> None:
         """Ask :meth:`run` to stop the workers and return (any thread, or a signal handler)."""
         self._stopping.set()
+
+
+def _import_all(modules: list[str]) -> str | None:
+    """Import every ``--import`` module; what went wrong with the first that fails, or None.
+
+    Done here, once, so a missing module is one clear line and exit status 2
+    rather than a traceback in every worker.
+    """
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except BaseException as exc:  # whatever the module raises, SystemExit included
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            if isinstance(exc, ModuleNotFoundError) and exc.name == module:
+                return (f"--import {module}: no module named {module!r} here "
+                        f"(is it installed, or in the directory where phalanx worker runs?)")
+            return f"--import {module}: importing it failed: {type(exc).__name__}: {exc}"
+    return None
 
 
 def main(options: RemoteOptions) -> int:
@@ -298,11 +330,19 @@ def main(options: RemoteOptions) -> int:
         sup = RemoteSupervisor(options)
     except (ValueError, OSError) as exc:
         print(f"phalanx worker: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    problem = _import_all(options.imports)
+    if problem is not None:
+        print(f"phalanx worker: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+
+    stopped_by: list[int] = []
 
     def on_signal(signum: int, frame: Any) -> None:
+        stopped_by.append(signum)
         sup.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return sup.run()
+    status = sup.run()
+    return EXIT_INTERRUPTED if stopped_by[:1] == [signal.SIGINT] else status

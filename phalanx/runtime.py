@@ -154,6 +154,7 @@ class Runtime(_RunsDirectives):
         spin: float | None = None,
         log_level: str | None = None,
         implicit_operations: bool | None = None,
+        host_name: str | None = None,
         faults: Any = None,
     ) -> None:
         self.config = Config.load(
@@ -185,6 +186,7 @@ class Runtime(_RunsDirectives):
             spin=spin,
             log_level=log_level,
             implicit_operations=implicit_operations,
+            host_name=host_name,
         )
         if self.config.log_level:
             from .logs import ensure_configured

@@ -154,13 +154,24 @@ class Supervisor:
                 self._on_exit(wid, exitcode)
         return True
 
-    def stop(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for workers told to stop, then terminate, then kill."""
+    def stop(self, timeout: float, leave_signal: int | None = None) -> None:
+        """Wait up to ``timeout`` for workers told to stop, then terminate, then kill.
+
+        ``leave_signal``: send them this signal at once instead (``phalanx
+        worker`` leaving: its workers say Goodbye to the driver, then exit).
+        """
         with self._spawn_lock, self._lock:
             self._closing = True
             procs = list(self._procs.values())
             self._procs.clear()
         self._wake()
+        if leave_signal is not None:
+            for proc in procs:
+                if proc.pid is not None and proc.is_alive():
+                    try:
+                        os.kill(proc.pid, leave_signal)
+                    except ProcessLookupError:
+                        pass
         deadline = time.monotonic() + timeout
         for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))

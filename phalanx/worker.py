@@ -24,6 +24,15 @@ Invariants kept:
   (Linux ``PR_SET_PDEATHSIG``), runs in its own process group, and a watchdog
   thread also checks the parent every 100 ms; either way it kills its whole
   process group, so anything user code spawned goes with it.
+* **A remote worker told to leave says so.** :data:`LEAVE_SIGNAL` (SIGUSR1)
+  from ``phalanx worker`` stopping makes a worker spawned with ``goodbye`` send
+  Goodbye and wait up to :data:`GOODBYE_WAIT` for the driver's Stop before it
+  kills its group, so the driver redelivers its tasks at once instead of
+  after ``heartbeat_timeout``. SIGTERM (the parent-death signal, the host
+  going down hard) never says goodbye: silence, and the heartbeat timeout, as
+  for a lost host. A signal of its own, because the parent-death SIGTERM can
+  arrive while ``getppid()`` still names the dying parent (the kernel first
+  re-parents a child to another thread of the same process).
 * **Lone calls are not delayed.** Outcomes are batched only while more tasks
   are already waiting and the previous one was quick.
 """
@@ -60,6 +69,7 @@ from .transport.messages import (
     Chunk,
     Err,
     ErrorInfo,
+    Goodbye,
     Hello,
     InspectReply,
     InspectRequest,
@@ -91,6 +101,8 @@ SENT_WAIT = 1.0
 WATCHDOG_PERIOD = 0.1
 #: seconds a terminated job id is remembered
 TERMINATED_TTL = 60.0
+#: seconds a leaving worker waits for the driver to acknowledge its Goodbye
+GOODBYE_WAIT = 1.0
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -126,6 +138,10 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     log_level: str | None = None
     #: it also runs unregistered module-level functions named ``module:qualname``
     implicit_operations: bool = False
+    #: the host name it reports in Hello and inspect replies ("": ``socket.gethostname()``)
+    host: str = ""
+    #: on LEAVE_SIGNAL from its parent, tell the driver it leaves (Goodbye) before exiting
+    goodbye: bool = False
 
 
 class TaskContext:
@@ -175,7 +191,26 @@ def _kill_own_group() -> None:
         os._exit(1)
 
 
+#: the signal ``phalanx worker`` sends its workers when it leaves (SIGTERM: die silently)
+LEAVE_SIGNAL = signal.SIGUSR1
+#: says Goodbye to the driver (main thread); set when the spec asks for it
+_goodbye: Callable[[], None] | None = None
+_leaving = False
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
+    _kill_own_group()
+
+
+def _on_leave(signum: int, frame: Any) -> None:
+    global _leaving
+    hook = _goodbye
+    if hook is not None and not _leaving:  # a second request, or a SIGTERM, ends the wait
+        _leaving = True
+        try:
+            hook()
+        except BaseException:
+            pass
     _kill_own_group()
 
 
@@ -216,6 +251,7 @@ def _guard_against_orphaning(parent_pid: int) -> None:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(LEAVE_SIGNAL, _on_leave)
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
@@ -346,7 +382,7 @@ class _Control(threading.Thread):
             cpu, rss = 0.0, 0
         queued = list(loop.todo)
         reply = InspectReply(
-            loop.spec.worker_id, nonce, os.getpid(), _socket.gethostname(), cpu, rss,
+            loop.spec.worker_id, nonce, os.getpid(), loop.host, cpu, rss,
             len(queued), loop.tasks_done, loop.actors.info(queued),
         )
         assert self.side is not None
@@ -399,6 +435,7 @@ class _Loop:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.ident = spec.worker_id.encode()
+        self.host = spec.host or _socket.gethostname()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.inbox = sockets.dealer(self.ctx, spec.endpoints.tasks, self.ident, spec.curve)
         self.outbox = sockets.dealer(self.ctx, spec.endpoints.results, self.ident, spec.curve)
@@ -671,6 +708,29 @@ class _Loop:
     def send(self, msg: Any) -> None:
         self.outbox.send(encode(msg))
 
+    def goodbye(self) -> None:
+        """Tell the driver this worker leaves; wait up to GOODBYE_WAIT for its Stop.
+
+        Runs in the SIGTERM handler, on the main thread, which owns the inbox
+        and outbox; the process is killed right after.
+        """
+        if not self.welcomed:
+            return  # the driver has given it nothing
+        try:
+            self.outbox.send(encode(Goodbye(self.spec.worker_id)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return
+        deadline = time.monotonic() + GOODBYE_WAIT
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.inbox.poll(int(left * 1000) + 1):
+                return
+            try:
+                msg = decode_inbox(self.inbox.recv(zmq.NOBLOCK))
+            except (zmq.Again, ProtocolError):
+                continue
+            if isinstance(msg, Stop):
+                return
+
     def send_after_outcomes(self, msg: Any) -> None:
         """Send ``msg`` after the outcomes already batched (keeps their order)."""
         self.flush()
@@ -687,7 +747,7 @@ class _Loop:
 
     def serve(self) -> None:
         self.control.start()
-        self.send(Hello(self.spec.worker_id, os.getpid(), _socket.gethostname(), tags=list(self.spec.tags)))
+        self.send(Hello(self.spec.worker_id, os.getpid(), self.host, tags=list(self.spec.tags)))
         inbox = self.inbox
         while not self.stopping:
             if not self.todo:
@@ -785,6 +845,9 @@ def run_worker(spec: WorkerSpec) -> None:
     for module in spec.imports:
         __import__(module)
     loop = _Loop(spec)
+    if spec.goodbye:
+        global _goodbye
+        _goodbye = loop.goodbye
     from . import channels
 
     # Channel ends used here reach the driver's broker as "<worker id>~<n>"; they stop

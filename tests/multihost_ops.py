@@ -49,3 +49,23 @@ class Tally:
 
     def where(self) -> str:
         return host()
+
+
+@phalanx.operation
+def touch(path: str) -> str:
+    """Write the host name into ``path`` (a marker: proof the operation ran)."""
+    with open(path, "w") as f:
+        f.write(host())
+    return host()
+
+
+@phalanx.operation
+def pid() -> int:
+    return os.getpid()
+
+
+@phalanx.operation
+def stuck_on(x: int, stuck_host: str, delay: float) -> tuple[int, str]:
+    """``slow_where``, except that on host ``stuck_host`` it never returns (its worker must be stopped)."""
+    time.sleep(3600 if host() == stuck_host else delay)
+    return x * 2, host()

@@ -4,10 +4,11 @@ Runs as ``ip netns exec DRIVER_NS python netns_driver.py MODE ...``, started
 by tests/test_netns.py or benchmarks/multihost.py; prints its address first,
 then one JSON line with what it measured.
 
-``link-down``: wait for the remote workers, run a map of slow tasks, take the
-link to one host down (``ip link set IFACE down``, inside this namespace) a
-fifth of the way in, and check that every result arrives exactly once;
-reports when the lost host's tasks were redelivered.
+``link-down``: wait for the remote workers, report how ``rt.inspect()``
+groups them by host, run a map of slow tasks, take the link to one host down
+(``ip link set IFACE down``, inside this namespace) a fifth of the way in,
+and check that every result arrives exactly once; reports when the lost
+host's tasks were redelivered.
 
 ``bench``: tasks/s of tiny tasks through ``map`` and the median round trip of
 ``submit(noop).result()`` against the remote workers.
@@ -29,6 +30,8 @@ import multihost_ops as ops
 
 
 def link_down(rt: phalanx.Runtime, iface: str, n: int, delay: float) -> dict[str, object]:
+    tree = rt.inspect(timeout=10)
+    grouped = {host: sorted(w.id for w in workers) for host, workers in tree.hosts().items()}
     it = rt.map(ops.slow_where, range(n), [delay] * n, chunksize=1)
     got = [next(it) for _ in range(n // 5)]
     before = rt.stats()
@@ -58,6 +61,8 @@ def link_down(rt: phalanx.Runtime, iface: str, n: int, delay: float) -> dict[str
         "late_results_dropped": after.late_results_dropped,
         "down_to_redelivered_s": round(lost_at[0] - down_at, 3) if lost_at else None,
         "down_to_done_s": round(wall, 3),
+        "inspect_hosts": grouped,
+        "inspect_resolved": all(w.resolved for w in tree.workers),
     }
 
 

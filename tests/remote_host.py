@@ -1,9 +1,11 @@
-"""Test helpers: key files and ``phalanx worker`` processes standing for remote hosts.
+"""Test helpers: key files, ``phalanx worker`` processes standing for remote hosts, line readers.
 
 Runs in the test (driver) process. :class:`RemoteHost` starts ``phalanx
 worker --connect ...`` as a subprocess (optionally inside a network
 namespace, through ``ip netns exec``) and, when closed, stops it with SIGTERM
-and then kills whatever is left of its process tree, by pid.
+and then kills whatever is left of its process tree, by pid. :class:`Lines`
+reads a child's pipe on a thread, so a test waits for a line with a deadline
+instead of blocking in ``readline()``.
 """
 
 from __future__ import annotations
@@ -12,12 +14,78 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
 
 TESTS = Path(__file__).resolve().parent
+
+
+class Lines:
+    """The lines a child process writes to one text pipe, read by a daemon thread.
+
+    The thread closes the pipe at end of file (when every process holding its
+    write end is gone); until then nothing here blocks longer than asked.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._lines: list[str] = []
+        self._next = 0
+        self._eof = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, name="test-lines", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for line in self._stream:
+                with self._cond:
+                    self._lines.append(line)
+                    self._cond.notify_all()
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._stream.close()
+            with self._cond:
+                self._eof = True
+                self._cond.notify_all()
+
+    def readline(self, timeout: float) -> str:
+        """The next line not returned yet ("" at end of file); TimeoutError after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._next >= len(self._lines) and not self._eof:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no line within {timeout:g} s; read so far: {self.text()!r}")
+                self._cond.wait(left)
+            if self._next < len(self._lines):
+                self._next += 1
+                return self._lines[self._next - 1]
+            return ""
+
+    def wait_for(self, text: str, timeout: float, count: int = 1) -> None:
+        """Wait until ``count`` lines (read so far, from the start) contain ``text``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while sum(text in line for line in self._lines) < count:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._eof:
+                    raise TimeoutError(f"{count} x {text!r} not seen within {timeout:g} s: {self.text()!r}")
+                self._cond.wait(left)
+
+    def text(self) -> str:
+        """Everything read so far."""
+        with self._cond:
+            return "".join(self._lines)
+
+    def join(self, timeout: float = 5.0) -> None:
+        """Wait for end of file (the pipe is then closed)."""
+        self._thread.join(timeout)
 
 
 class Keys:
@@ -53,17 +121,34 @@ class RemoteHost:
         netns: str | None = None,
         heartbeat_timeout: float = 10.0,
         extra: list[str] | None = None,
+        host_name: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
-        env = dict(os.environ, PHX_HOST=name, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
+        """``env``: the environment of ``phalanx worker`` (default: this one, PYTHONPATH
+        the tests and this ``sys.path``); ``PHX_HOST`` is set to ``name`` either way."""
+        if env is None:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
+        env = dict(env, PHX_HOST=name)
         cmd = [sys.executable, "-m", "phalanx", "worker", "--connect", address, "--workers", str(workers),
                "--import", "multihost_ops", "--heartbeat-timeout", str(heartbeat_timeout),
                "--heartbeat-interval", "0.2", "--connect-timeout", "20", *args, *(extra or [])]
+        if host_name is not None:
+            cmd += ["--host-name", host_name]
         if netns is not None:
             cmd = ["ip", "netns", "exec", netns, *cmd]
         self.name = name
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.out = ""
-        self.err = ""
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.stdout = Lines(self.proc.stdout)
+        self.stderr = Lines(self.proc.stderr)
+
+    @property
+    def out(self) -> str:
+        return self.stdout.text()
+
+    @property
+    def err(self) -> str:
+        return self.stderr.text()
 
     def wait(self, timeout: float) -> int:
         code = self.proc.wait(timeout=timeout)
@@ -71,24 +156,32 @@ class RemoteHost:
         return code
 
     def _collect(self) -> None:
-        if self.proc.stdout is not None and not self.proc.stdout.closed:
-            self.out += self.proc.stdout.read()
-            self.proc.stdout.close()
-        if self.proc.stderr is not None and not self.proc.stderr.closed:
-            self.err += self.proc.stderr.read()
-            self.proc.stderr.close()
+        self.stdout.join()
+        self.stderr.join()
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the host's worker processes (its children)."""
+        try:
+            return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.Error:
+            return []
 
     def kill(self) -> None:
-        """SIGKILL the host's whole process tree at once (a host that vanished)."""
+        """SIGKILL the host's whole process tree at once (a host that vanished: no goodbye).
+
+        Everything is stopped (SIGSTOP) before anything is killed, so no worker
+        sees its supervisor die first and acts on it.
+        """
         try:
             procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
         except psutil.Error:
             procs = []
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        for how in (signal.SIGSTOP, signal.SIGKILL):
+            for p in procs:
+                try:
+                    p.send_signal(how)
+                except psutil.Error:
+                    pass
         psutil.wait_procs(procs, timeout=5)
 
     def close(self) -> None:

@@ -4,21 +4,33 @@ Runs in the test (driver) process; every "host" is a ``phalanx worker
 --connect`` subprocess (``remote_host.RemoteHost``) whose workers report the
 host name they stand for (``PHX_HOST``). Checks: keys and the CLI, a CURVE
 join running map / fold / actors, refusal of a wrong key, of a plaintext
-client and of a wrong server key (nothing executed, logged on both sides),
-the insecure mode's warning, a host joining mid-job, a host vanishing mid-job
-(every result exactly once, its tasks redelivered), and the remote side
-exiting when the driver shuts down or vanishes (no orphan).
+client and of a wrong server key (an operation that would leave a marker
+file never runs, and both sides log the refusal), the insecure mode's
+warning, ``--import`` of a module the host cannot import (one line, status
+2), an operation whose module the host lacks (UnknownOperationError to the
+caller, the runtime goes on), workers grouped by ``--host-name`` in
+``rt.inspect()`` and ``phalanx top``, a host joining mid-job, a host
+vanishing mid-job (every result exactly once, its tasks redelivered), a host
+told to stop mid-job (its workers say Goodbye: redelivery at once, not after
+the heartbeat timeout), the remote side exiting when the driver shuts down
+or vanishes (no orphan) or, with ``--reconnect``, joining the driver that
+comes back at the same address, and local workers with ``reconnect=True``
+outliving a driver that stopped answering for a while.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,7 +42,7 @@ import phalanx
 from phalanx.cli import main as cli_main
 
 import multihost_ops as ops
-from remote_host import TESTS, Keys, RemoteHost
+from remote_host import TESTS, Keys, Lines, RemoteHost
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -92,25 +104,31 @@ def test_curve_join_runs_map_fold_and_actors(keys: Keys) -> None:
 
 
 @pytest.mark.parametrize("how", ["stranger key", "plaintext client", "wrong server key"])
-def test_refused_peers_run_nothing(keys: Keys, how: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_refused_peers_run_nothing(keys: Keys, how: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     args = {
         "stranger key": ["--key", keys.stranger_secret, "--server-key", keys.driver_public],
-        "plaintext client": ["--insecure"],
+        "plaintext client": ["--insecure"],  # no key at all
         "wrong server key": ["--key", keys.host_secret, "--server-key", str(keys.root / "stranger.key")],
     }[how]
+    marker = tmp_path / "ran"
     caplog.set_level(logging.WARNING, logger="phalanx.auth")
     with phalanx.Runtime(workers=0, listen=LISTEN, **keys.runtime_kwargs()) as rt:
         assert rt.address is not None
-        fut = rt.submit(ops.where, 1)  # queued: no worker may take it
+        fut = rt.submit(ops.touch, str(marker))  # queued: whoever runs it leaves the marker
         with RemoteHost(rt.address, "intruder", args) as host:
             assert host.wait(timeout=60) == 3
-        assert "refused by the driver" in host.err
+        assert "refused by the driver" in host.err  # logged on the refused side
         stats = rt.stats()
         assert stats.workers_joined == 0 and stats.workers == []
         assert stats.peers_refused >= 1
         assert not fut.done()
-        fut.cancel()
-    assert any("refused a peer" in r.getMessage() for r in caplog.records)
+        assert not marker.exists()
+        # The same queued task does run, and leaves its marker, once an authorized host joins.
+        with RemoteHost(rt.address, "trusted", keys.worker_args(), workers=1):
+            assert fut.result(timeout=30) == "trusted"
+        assert marker.read_text() == "trusted"
+    refusals = [r.getMessage() for r in caplog.records if r.name == "phalanx.auth"]
+    assert any("refused a peer" in m for m in refusals), refusals  # logged on the driver's side
 
 
 def test_insecure_runtime_warns_and_serves(capfd: pytest.CaptureFixture[str]) -> None:
@@ -121,6 +139,86 @@ def test_insecure_runtime_warns_and_serves(capfd: pytest.CaptureFixture[str]) ->
             assert rt.submit(ops.where, 2).result(timeout=10) == (4, "plain")
     err = capfd.readouterr().err
     assert "WITHOUT CURVE" in err
+
+
+def _env_without(path: Path) -> dict[str, str]:
+    """This environment, PYTHONPATH the tests and ``sys.path`` minus ``path``."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *(p for p in sys.path if p != str(path))]))
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--import", "no_such_mod"], "--import no_such_mod: no module named 'no_such_mod'"),
+    (["--import", "broken_mod"], "--import broken_mod: importing it failed: RuntimeError: broken_mod fails"),
+    (["--host-name", "two words"], "a host name is 1 to 255 printable characters"),
+])
+def test_worker_with_bad_input_says_so_in_one_line(args: list[str], says: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "phalanx", "worker", "--connect", "tcp://127.0.0.1:9",
+                           "--insecure", *args],
+                          capture_output=True, text=True, timeout=60, env=_env_without(Path("/nonexistent")))
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "WITHOUT CURVE" not in line]
+    assert lines == [f"phalanx worker: {lines[0][len('phalanx worker: '):]}"] and says in lines[0], proc.stderr
+
+
+def test_an_operation_the_host_lacks_is_unknown_to_the_caller(
+    keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "driver_only_ops.py").write_text(textwrap.dedent("""
+        import phalanx
+
+        @phalanx.operation
+        def only_here(x: int) -> int:
+            return x + 1
+    """))
+    env = _env_without(tmp_path)  # the host cannot import driver_only_ops
+    monkeypatch.syspath_prepend(str(tmp_path))
+    driver_only_ops = importlib.import_module("driver_only_ops")
+    monkeypatch.delitem(sys.modules, "driver_only_ops")
+    with phalanx.Runtime(workers=0, listen=LISTEN, **keys.runtime_kwargs()) as rt:
+        assert rt.address is not None
+        with RemoteHost(rt.address, "lacking", keys.worker_args(), workers=1, env=env) as host:
+            assert rt.wait_for_workers(1, timeout=30) == 1, host.err
+            with pytest.raises(phalanx.UnknownOperationError, match="driver_only_ops:only_here") as info:
+                rt.submit(driver_only_ops.only_here, 1).result(timeout=30)
+            assert info.value.name == "driver_only_ops:only_here"
+            # The worker and the runtime go on.
+            assert rt.submit(ops.where, 3).result(timeout=10) == (6, "lacking")
+            assert list(rt.map(ops.where, range(50))) == [(2 * x, "lacking") for x in range(50)]
+            assert host.proc.poll() is None
+            assert rt.stats().worker_deaths == 0
+
+
+def test_hosts_named_apart_are_grouped_in_inspect_and_top(keys: Keys) -> None:
+    with pytest.raises(ValueError, match="host name"):
+        phalanx.Runtime(workers=0, host_name="")
+    with phalanx.Runtime(workers=1, listen=LISTEN, host_name="driver-box", **keys.runtime_kwargs()) as rt:
+        assert rt.address is not None
+        # Both "hosts" run on this machine, with its hostname: only --host-name tells them apart.
+        with RemoteHost(rt.address, "a", keys.worker_args(), workers=2, host_name="host-a") as a, \
+             RemoteHost(rt.address, "b", keys.worker_args(), workers=1, host_name="host-b") as b:
+            assert rt.wait_for_workers(4, timeout=30) == 4, a.err + b.err
+            tree = rt.inspect(timeout=10)
+            grouped = {host: sorted(w.id for w in workers) for host, workers in tree.hosts().items()}
+            assert sorted(grouped) == ["driver-box", "host-a", "host-b"], grouped
+            assert grouped["driver-box"] == ["w1"]
+            assert len(grouped["host-a"]) == 2 and all(i.startswith("host-a-") for i in grouped["host-a"])
+            assert len(grouped["host-b"]) == 1 and grouped["host-b"][0].startswith("host-b-")
+            assert all(w.resolved for w in tree.workers), str(tree)
+            assert {w.host for w in rt.stats().workers if w.remote} == {"host-a", "host-b"}
+
+            shown = subprocess.run([sys.executable, "-m", "phalanx", "top", "--once", "--pid", str(os.getpid()),
+                                    "--interval", "10"], capture_output=True, text=True, timeout=60)
+            assert shown.returncode == 0, shown.stderr
+            under: dict[str, list[str]] = {}
+            current = None
+            for line in shown.stdout.splitlines():
+                if m := re.search(r"host (\S+): (\d+) workers", line):
+                    current = m.group(1)
+                    under[current] = []
+                elif m := re.search(r"worker (\S+) .*pid \d+", line):
+                    assert current is not None, shown.stdout
+                    under[current].append(m.group(1))
+            assert {h: sorted(ids) for h, ids in under.items()} == grouped, shown.stdout
 
 
 def test_host_joins_mid_job_and_gets_work_at_once(keys: Keys) -> None:
@@ -155,6 +253,35 @@ def test_host_vanishing_mid_job_loses_nothing(keys: Keys) -> None:
     assert stats.redelivered > 0
     print(f"host SIGKILLed mid-job: {stats.redelivered} tasks redelivered, "
           f"job done {wall:.2f} s later (heartbeat_timeout 1 s)")
+
+
+@pytest.mark.timeout(45, method="signal")  # far below the 60 s heartbeat timeout: waiting for it fails
+def test_a_host_told_to_stop_mid_job_hands_its_tasks_back_at_once(keys: Keys) -> None:
+    n = 300
+    got: list[tuple[int, str]] = []
+    with phalanx.Runtime(workers=2, listen=LISTEN, heartbeat_timeout=60.0, **keys.runtime_kwargs()) as rt:
+        assert rt.address is not None
+        # Tasks the leaving host takes never finish there: only their redelivery completes the job.
+        it = rt.map(ops.stuck_on, range(n), ["leaving"] * n, [0.01] * n, chunksize=1)
+        consumer = threading.Thread(target=lambda: got.extend(it), daemon=True)
+        consumer.start()
+        with RemoteHost(rt.address, "leaving", keys.worker_args(), heartbeat_timeout=60) as host:
+            deadline = time.monotonic() + 30
+            while True:  # the host joined mid-job, and each of its workers holds a task
+                remote = [w for w in rt.stats().workers if w.remote]
+                if len(remote) == 2 and all(w.inflight for w in remote):
+                    break
+                assert time.monotonic() < deadline and host.proc.poll() is None, host.err
+                time.sleep(0.01)
+            host.proc.send_signal(signal.SIGTERM)
+            assert host.wait(timeout=20) == 0, host.err
+        consumer.join(30)
+        assert not consumer.is_alive(), "the job did not complete"
+        stats = rt.stats()
+    assert got == [(2 * x, "local") for x in range(n)]  # every result, exactly once
+    assert stats.workers_left == 2 and stats.workers_lost == 0
+    assert stats.redelivered >= 2
+    assert stats.worker_deaths == 0
 
 
 DRIVER = textwrap.dedent("""
@@ -219,3 +346,88 @@ def test_actor_on_a_lost_host_restarts_elsewhere(keys: Keys) -> None:
             assert where == "local"
             assert ref.incr().result(timeout=10) == 2  # restarted afresh (Tally keeps no checkpoint)
             ref.stop()
+
+
+def test_a_reconnecting_host_joins_the_driver_that_comes_back(keys: Keys, tmp_path: Path) -> None:
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
+    driver = subprocess.Popen([sys.executable, str(script), keys.driver_secret, str(keys.authorized)],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    assert driver.stdout is not None
+    out = Lines(driver.stdout)
+    try:
+        address = out.readline(timeout=60).strip()
+        with RemoteHost(address, "phoenix", keys.worker_args(), heartbeat_timeout=1.5,
+                        extra=["--reconnect"]) as host:
+            assert out.readline(timeout=60).strip() == "served", host.err
+            first = host.worker_pids()
+            assert len(first) == 2
+            os.kill(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=10)
+            host.stderr.wait_for("waiting for a driver", timeout=30)
+            assert host.proc.poll() is None  # still there, waiting
+            assert psutil.wait_procs([psutil.Process(p) for p in first if psutil.pid_exists(p)], timeout=10)[1] == []
+            # A new driver at the same address: the host starts fresh workers for it.
+            with phalanx.Runtime(workers=0, listen=address, **keys.runtime_kwargs()) as rt:
+                assert rt.wait_for_workers(2, timeout=30) == 2, host.err
+                assert rt.submit(ops.where, 5).result(timeout=10) == (10, "phoenix")
+                assert not set(host.worker_pids()) & set(first)
+            # That driver shut down (it did not vanish): the host ends, --reconnect or not.
+            assert host.wait(timeout=30) == 0, host.err
+        assert host.err.count("joined") == 2
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        driver.wait(timeout=10)
+        out.join()
+
+
+LOCAL_DRIVER = textwrap.dedent("""
+    import json, sys
+    import phalanx
+    import multihost_ops as ops
+    with phalanx.Runtime(workers=1, heartbeat_timeout=1.0, reconnect=sys.argv[1] == "1") as rt:
+        print(json.dumps(list(rt.worker_pids().values())), flush=True)
+        sys.stdin.readline()  # the test stops and resumes this process meanwhile
+        ran_on = rt.submit(ops.pid).result(timeout=30)
+        print(json.dumps([ran_on, rt.stats().worker_deaths]), flush=True)
+""")
+
+
+@pytest.mark.parametrize("reconnect", [True, False])
+def test_local_workers_wait_for_a_silent_driver_only_with_reconnect(tmp_path: Path, reconnect: bool) -> None:
+    script = tmp_path / "driver.py"
+    script.write_text(LOCAL_DRIVER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
+    driver = subprocess.Popen([sys.executable, str(script), "1" if reconnect else "0"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert driver.stdin is not None and driver.stdout is not None and driver.stderr is not None
+    out, err = Lines(driver.stdout), Lines(driver.stderr)
+    try:
+        (worker,) = json.loads(out.readline(timeout=60))
+        os.kill(driver.pid, signal.SIGSTOP)  # the driver falls silent; its worker notices
+        try:
+            if reconnect:
+                err.wait_for("waiting for the driver", timeout=30)
+            else:
+                err.wait_for("driver lost, exiting", timeout=30)
+        finally:
+            os.kill(driver.pid, signal.SIGCONT)
+        driver.stdin.write("go\n")
+        driver.stdin.flush()
+        ran_on, deaths = json.loads(out.readline(timeout=60))
+        assert driver.wait(timeout=30) == 0, err.text()
+        if reconnect:
+            assert (ran_on, deaths) == (worker, 0)  # the same worker served on
+            err.wait_for("driver is back", timeout=10)
+        else:
+            assert ran_on != worker and deaths == 1  # it exited; the driver started a replacement
+    finally:
+        if driver.poll() is None:
+            os.kill(driver.pid, signal.SIGCONT)
+            driver.kill()
+        driver.wait(timeout=10)
+        driver.stdin.close()
+        out.join()
+        err.join()

@@ -50,6 +50,7 @@ COUNTERS = (
     # multi-host: they stay 0 here (tests/test_multihost.py makes them move)
     "workers_joined",
     "workers_lost",
+    "workers_left",
     "peers_refused",
     # channels: they stay 0 here (tests/test_channels.py makes them move)
     "channel_messages_dropped",

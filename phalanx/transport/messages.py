@@ -15,7 +15,7 @@ Sockets and the messages each one carries::
                          SpawnActor, ActorCall,
                          StopActor, SaveActor
     ROUTER "results" <-- Hello, Ready, Results, Retire,   DEALER outbox
-                         ActorEvent, ActorState
+                         Goodbye, ActorEvent, ActorState
     ROUTER "results" <-- Results (timeouts), ----------  DEALER side (control thread)
                          InspectReply, Alive
     PUB "control"    --- Sync, Terminate, Shutdown, --->  SUB
@@ -58,6 +58,7 @@ __all__ = [
     "Err",
     "Results",
     "Retire",
+    "Goodbye",
     "SpawnActor",
     "ActorCall",
     "StopActor",
@@ -267,6 +268,16 @@ class Retire(_Msg, frozen=True):
 
     worker: str
     reason: str
+
+
+class Goodbye(_Msg, frozen=True):
+    """A remote worker leaves now (its host was told to stop): redeliver what it holds.
+
+    The driver acknowledges with Stop on the worker's inbox; the worker waits
+    for it briefly, so the Goodbye is on the wire before the process ends.
+    """
+
+    worker: str
 
 
 # ---- actors ---------------------------------------------------------------
@@ -491,6 +502,6 @@ ChannelReply = Union[ChanAck, ChanDeliver, ChanEnd, ChanReply, ChanPing]
 InboxMessage = Union[Welcome, Call, Chunk, Stop, SpawnActor, ActorCall, StopActor, SaveActor]
 ControlMessage = Union[Sync, Terminate, Shutdown, Heartbeat, InspectRequest]
 DriverMessage = Union[
-    Hello, Ready, Results, Retire, ActorEvent, ActorState, InspectReply, InspectQuery, Alive
+    Hello, Ready, Results, Retire, Goodbye, ActorEvent, ActorState, InspectReply, InspectQuery, Alive
 ]
 ClientMessage = Union[InspectAnswer]
