@@ -259,9 +259,9 @@ class _Lease:
 class MapIterator(Iterator[R], Generic[R]):
     """Results of :meth:`phalanx.Runtime.map`, streamed as they arrive.
 
-    The input is read lazily, ``window`` chunks at a time. ``close()`` (or
-    dropping the iterator) ends the job and cancels its queued tasks; running
-    ones see their abort flag. Under ``on_fatal=Ignore`` failed items are left
+    The input is read lazily, ``window`` chunks at a time. ``close()`` or
+    ``cancel()`` (or dropping the iterator) ends the job and cancels its
+    queued tasks; running ones see their abort flag. Under ``on_fatal=Ignore`` failed items are left
     out and listed in :attr:`skipped`. A result that does not convert to the
     operation's declared return type fails the map with
     :class:`~phalanx.ValidationError` at its position.
@@ -536,6 +536,16 @@ class MapIterator(Iterator[R], Generic[R]):
             self._buffer.clear()
             self._driver.close_job(self._lease.job, terminate=True)
         self._end_progress()
+
+    def cancel(self) -> bool:
+        """:meth:`close`, named like ``Future.cancel()`` and ``JobHandle.cancel()``.
+
+        Returns True if the map was still running (it is ended now), False
+        if it had already ended. Iterating afterwards yields nothing more.
+        """
+        running = not self._done
+        self.close()
+        return running
 
     def __del__(self) -> None:
         try:
