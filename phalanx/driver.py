@@ -152,6 +152,8 @@ class WorkerStats(msgspec.Struct, frozen=True):
     remote: bool = False
     #: the worker tags it serves
     tags: tuple[str, ...] = ()
+    #: malformed frames the worker itself dropped (as of its last Results or inspect reply)
+    frames_dropped: int = 0
 
 
 class RuntimeStats(msgspec.Struct, frozen=True):
@@ -284,7 +286,7 @@ class _Worker:
     __slots__ = (
         "id", "ident", "pid", "hello", "welcomed", "ready", "alive", "free", "inflight",
         "tasks", "items", "busy", "died_at", "retiring", "expect_kill", "dispatched",
-        "remote", "host", "seen", "stop_sent", "tags",
+        "remote", "host", "seen", "stop_sent", "tags", "frames_dropped",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -312,6 +314,8 @@ class _Worker:
         #: last time anything arrived from it (remote workers' liveness)
         self.seen = 0.0
         self.stop_sent = 0.0
+        #: malformed frames the worker reports it dropped (a running total)
+        self.frames_dropped = 0
 
 
 class Driver:
@@ -1202,6 +1206,9 @@ class Driver:
                 self._on_results(ident[:-1], msg, side=True)
             elif isinstance(msg, InspectReply) and msg.worker.encode() == ident[:-1] and ident[:-1] in self._workers:
                 with self._changed:
+                    w = self._workers.get(ident[:-1])
+                    if w is not None:
+                        w.frames_dropped = max(w.frames_dropped, msg.frames_dropped)
                     replies = self._inspect_replies.get(msg.nonce)
                     if replies is None:
                         self.frames_dropped += 1  # a late or unasked reply
@@ -1317,6 +1324,8 @@ class Driver:
                 return
             if w.remote:
                 w.seen = time.monotonic()
+            if msg.dropped > w.frames_dropped:
+                w.frames_dropped = msg.dropped
             jobs = self._jobs
             inflight = w.inflight
             w.busy += msg.busy
@@ -1475,7 +1484,7 @@ class Driver:
         with self._lock:
             workers = [
                 WorkerStats(w.id, w.pid, w.alive, w.ready, len(w.inflight), w.tasks, w.items, w.busy,
-                            w.host, w.remote, w.tags)
+                            w.host, w.remote, w.tags, w.frames_dropped)
                 for w in self._workers.values()
             ]
             return RuntimeStats(

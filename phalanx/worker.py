@@ -13,7 +13,9 @@ the grace period.
 
 Invariants kept:
 
-* **Bad input never kills.** A malformed frame is counted and dropped; an
+* **Bad input never kills.** A malformed frame is counted and dropped (the
+  running count rides on every ``Results`` and ``InspectReply``: the driver
+  shows it as ``WorkerStats.frames_dropped``); an
   unknown operation, an argument that does not convert, an exception (even
   ``SystemExit``) in user code, or a result that cannot be encoded becomes an
   ``Err`` outcome for that task, and the loop goes on.
@@ -259,6 +261,8 @@ class _Control(threading.Thread):
         self.heard = time.monotonic()
         self.lost = False
         self.side: zmq.Socket[bytes] | None = None
+        #: malformed control frames dropped (this thread's own count: no shared +=)
+        self.frames_dropped = 0
 
     def run(self) -> None:
         loop = self.loop
@@ -305,7 +309,7 @@ class _Control(threading.Thread):
             try:
                 msg = decode_control(frame)
             except ProtocolError:
-                loop.frames_dropped += 1
+                self.frames_dropped += 1
                 continue
             self.heard = time.monotonic()
             if self.lost:
@@ -339,7 +343,7 @@ class _Control(threading.Thread):
         queued = list(loop.todo)
         reply = InspectReply(
             loop.spec.worker_id, nonce, os.getpid(), _socket.gethostname(), cpu, rss,
-            len(queued), loop.tasks_done, loop.actors.info(queued),
+            len(queued), loop.tasks_done, loop.actors.info(queued), loop.dropped(),
         )
         assert self.side is not None
         self.side.send(encode(reply))
@@ -379,7 +383,7 @@ class _Control(threading.Thread):
                 )
                 outcome = Err(ctx.job, ctx.seq, ctx.attempt, _special_error(ctx.job, err),
                               len(ctx.values), list(ctx.values))
-                side.send(encode(Results(loop.spec.worker_id, [outcome])))
+                side.send(encode(Results(loop.spec.worker_id, [outcome], 0.0, loop.dropped())))
                 self._arm_kill()
         if self.kill_at and now >= self.kill_at and loop.current is ctx:
             _kill_own_group()  # the task ignored its abort flag
@@ -408,12 +412,17 @@ class _Loop:
         self.ready_sent = False
         self.stopping = False
         self.retiring = False
+        #: malformed inbox frames dropped (main thread; the control thread counts its own)
         self.frames_dropped = 0
         self.memory_checked = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         #: the operation of a directive chain running now (decides what is transient)
         self.staged_op: Operation | None = None
         self.control = _Control(self)
+
+    def dropped(self) -> int:
+        """Malformed frames dropped so far, on the inbox and the control SUB (reported to the driver)."""
+        return self.frames_dropped + self.control.frames_dropped
 
     # ---- receiving ---------------------------------------------------------
 
@@ -641,10 +650,11 @@ class _Loop:
             return
         outcomes, ops, busy = self.out, self.out_ops, self.busy
         self.out, self.out_ops, self.busy = [], [], 0.0
+        dropped = self.dropped()
         try:
-            frame = encode(Results(self.spec.worker_id, outcomes, busy))
+            frame = encode(Results(self.spec.worker_id, outcomes, busy, dropped))
         except EncodeError:
-            frame = encode(Results(self.spec.worker_id, _encodable(outcomes, ops), busy))
+            frame = encode(Results(self.spec.worker_id, _encodable(outcomes, ops), busy, dropped))
         self.outbox.send(frame, 0, copy=len(frame) < sockets.ZERO_COPY_MIN)
 
     def send(self, msg: Any) -> None:
