@@ -38,8 +38,12 @@ Invariants kept:
    delivered, so a duplicate (from a redelivered task) is dropped and counted.
    Execution is at-least-once.
 2. **Lease isolation.** Each job is its own channel: outcomes are routed by
-   job id, and an outcome for a job that is gone is dropped and counted. A
-   worker may only answer for tasks the driver sent to *it*.
+   job id, and an outcome for a job that is gone is dropped and counted
+   (``late_results_dropped``). A closed or terminated job is forgotten at
+   once (job ids are never reused, so no record of it is needed); what a dead
+   worker held is kept ``dead_worker_ttl`` seconds to validate its late
+   results, then reaped. A worker may only answer for tasks the driver sent
+   to *it*.
 3. **No hang.** Breaking or closing the runtime fails every open job at once.
 6. **Bad input never kills.** Undecodable frames, frames from unknown
    identities and outcomes for unknown tasks are counted and dropped.
@@ -345,6 +349,8 @@ class Driver:
         self._closed = False
         self._broken: BaseException | None = None
         self._sync_nonce = itertools.count()
+        #: seconds a dead worker's record (and what it held) is kept; lowered by tests
+        self.dead_worker_ttl = DEAD_WORKER_TTL
         # counters
         self.tasks_submitted = 0
         self.tasks_completed = 0
@@ -1177,7 +1183,8 @@ class Driver:
     def _reap_dead(self) -> None:
         now = time.monotonic()
         with self._lock:  # the supervisor thread adds replacements meanwhile
-            dead = [k for k, w in self._workers.items() if not w.alive and now - w.died_at > DEAD_WORKER_TTL]
+            ttl = self.dead_worker_ttl
+            dead = [k for k, w in self._workers.items() if not w.alive and now - w.died_at > ttl]
             for k in dead:
                 self._workers.pop(k, None)
 

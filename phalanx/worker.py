@@ -91,7 +91,7 @@ QUICK_TASK = 0.0002
 SPIN = float(os.environ.get("PHALANX_SPIN", "0"))
 #: seconds between watchdog checks of the parent
 WATCHDOG_PERIOD = 0.1
-#: seconds a terminated job id is remembered
+#: seconds a terminated job id is remembered (paladin keeps its map as long)
 TERMINATED_TTL = 60.0
 
 
@@ -247,6 +247,48 @@ def _special_error(job: int, exc: BaseException) -> ErrorInfo:
     return ErrorInfo(type=info.type, message=info.message, args=info.args, traceback="")
 
 
+class _Terminated:
+    """Ids of terminated jobs, each forgotten ``ttl`` seconds after its Terminate.
+
+    A task of such a job still queued here (or arriving after the broadcast)
+    is answered with ``TaskCancelledError`` instead of being run. Entries
+    are kept in the order they were added, so reaping by age only looks at
+    the oldest. ``add`` and ``reap`` run on the control thread; the main
+    thread only tests membership.
+    """
+
+    __slots__ = ("ttl", "clock", "_since")
+
+    def __init__(self, ttl: float = TERMINATED_TTL, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._since: dict[int, float] = {}
+
+    def add(self, job: int) -> None:
+        now = self.clock()
+        self._since.pop(job, None)  # re-added: moves to the young end
+        self._since[job] = now
+        self.reap(now)
+
+    def reap(self, now: float | None = None) -> None:
+        """Forget every job terminated more than ``ttl`` seconds ago."""
+        since = self._since
+        if not since:
+            return
+        cutoff = (self.clock() if now is None else now) - self.ttl
+        while since:
+            oldest = next(iter(since))
+            if since[oldest] > cutoff:
+                return
+            del since[oldest]
+
+    def __contains__(self, job: object) -> bool:
+        return job in self._since
+
+    def __len__(self) -> int:
+        return len(self._since)
+
+
 #: one step of a directive chain on the worker: (operation, its function, its argument converter)
 _Step = tuple[Operation, Callable[..., Any], Callable[[Any, bool], Any] | None]
 
@@ -277,6 +319,7 @@ class _Control(threading.Thread):
                     self._drain(sub)
                 self._check_timers(side)
                 self._check_driver()
+                loop.terminated.reap()
                 if spec.heartbeat_timeout > 0 and time.monotonic() >= next_beat:
                     # Over tcp the driver cannot see this process die: tell it we live.
                     next_beat = time.monotonic() + spec.heartbeat_interval
@@ -404,7 +447,7 @@ class _Loop:
         self.out: list[Outcome] = []
         self.out_ops: list[str] = []
         self.busy = 0.0
-        self.terminated: dict[int, float] = {}
+        self.terminated = _Terminated()
         self.state_lock = threading.Lock()
         self.current: TaskContext | None = None
         self.welcomed = False
@@ -445,11 +488,7 @@ class _Loop:
                 self.stopping = True
 
     def terminate(self, job: int) -> None:
-        now = time.monotonic()
-        self.terminated[job] = now
-        if len(self.terminated) > 10_000:
-            cutoff = now - TERMINATED_TTL
-            self.terminated = {j: t for j, t in self.terminated.items() if t > cutoff}
+        self.terminated.add(job)
 
     # ---- running -----------------------------------------------------------
 
