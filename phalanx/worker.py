@@ -21,7 +21,8 @@ Invariants kept:
   ``Err`` outcome for that task, and the loop goes on.
 * **One outcome per task.** Every ``Call``/``Chunk`` received gets exactly one
   ``Ok`` or ``Err`` (from the main thread, or from the control thread when it
-  timed out), which returns its credit to the driver.
+  timed out or its job was terminated while it ran), which returns its
+  credit to the driver; a kill after the abort grace is then expected there.
 * **No orphans.** The worker asks the kernel for SIGTERM when its parent dies
   (Linux ``PR_SET_PDEATHSIG``), runs in its own process group, and a watchdog
   thread also checks the parent every 100 ms; either way it kills its whole
@@ -131,7 +132,7 @@ class TaskContext:
     worker after the abort grace period.
     """
 
-    __slots__ = ("job", "seq", "attempt", "timeout", "started", "aborted", "timed_out", "values")
+    __slots__ = ("job", "seq", "attempt", "timeout", "started", "aborted", "timed_out", "answered", "values")
 
     def __init__(self, job: int, seq: int, attempt: int, timeout: float) -> None:
         self.job = job
@@ -141,6 +142,8 @@ class TaskContext:
         self.started = time.monotonic()
         self.aborted = False
         self.timed_out = False
+        #: the control thread already sent this task's outcome (timed out, or its job terminated)
+        self.answered = False
         self.values: list[Any] = []
 
     def check(self) -> None:
@@ -336,7 +339,7 @@ class _Control(threading.Thread):
         spec = self.loop.spec
         waits = [50.0 if spec.heartbeat_timeout <= 0 else min(50.0, spec.heartbeat_interval * 1000)]
         now = time.monotonic()
-        if ctx is not None and ctx.timeout > 0 and not ctx.timed_out:
+        if ctx is not None and ctx.timeout > 0 and not ctx.answered:
             waits.append((ctx.started + ctx.timeout - now) * 1000)
         if self.kill_at:
             waits.append((self.kill_at - now) * 1000)
@@ -367,12 +370,31 @@ class _Control(threading.Thread):
                 loop.synced = True
             elif isinstance(msg, Terminate):
                 loop.terminate(msg.job)
-                ctx = loop.current
-                if ctx is not None and ctx.job == msg.job and not ctx.aborted:
-                    ctx.aborted = True
-                    self._arm_kill()
+                self._abort(msg.job)
             elif isinstance(msg, Shutdown):
                 loop.stopping = True
+
+    def _abort(self, job: int) -> None:
+        """The running task's job was terminated: set its abort flag, answer for it now.
+
+        The driver forgot the job before broadcasting Terminate, so the
+        outcome is only dropped there; sent now (as for a timeout) it tells
+        the driver that killing this worker after the grace is planned, not
+        a crash. Whatever the task returns later is not sent.
+        """
+        loop = self.loop
+        with loop.state_lock:
+            ctx = loop.current
+            if ctx is None or ctx.job != job or ctx.aborted:
+                return
+            ctx.aborted = True
+            if not ctx.answered:
+                ctx.answered = True
+                err = TaskCancelledError(f"task {ctx.seq} of job {job} was aborted: its job was terminated")
+                outcome = Err(ctx.job, ctx.seq, ctx.attempt, _special_error(job, err))
+                assert self.side is not None
+                self.side.send(encode(Results(loop.spec.worker_id, [outcome], 0.0, loop.dropped())))
+            self._arm_kill()
 
     def _inspect(self, nonce: int) -> None:
         loop = self.loop
@@ -418,8 +440,9 @@ class _Control(threading.Thread):
             if ctx is None:
                 self.kill_at = 0.0
                 return
-            if ctx.timeout > 0 and not ctx.timed_out and now - ctx.started > ctx.timeout:
+            if ctx.timeout > 0 and not ctx.timed_out and not ctx.answered and now - ctx.started > ctx.timeout:
                 ctx.timed_out = True
+                ctx.answered = True
                 ctx.aborted = True
                 err = TaskTimeoutError(
                     f"task {ctx.seq} of job {ctx.job} ran longer than its timeout of {ctx.timeout:g} s"
@@ -502,7 +525,7 @@ class _Loop:
         return value
 
     def run(self, task: Call | Chunk) -> Outcome | None:
-        """Run one task; None when its outcome was already sent (timed out)."""
+        """Run one task; None when its outcome was already sent (timed out, or its job terminated)."""
         global _current
         if task.job in self.terminated:
             return Err(task.job, task.seq, task.attempt,
@@ -538,8 +561,8 @@ class _Loop:
             _current = None
             with self.state_lock:
                 self.current = None
-                timed_out = ctx.timed_out
-        return None if timed_out else outcome
+                answered = ctx.answered
+        return None if answered else outcome
 
     def fold(self, op: Operation, items: list[Any], ctx: TaskContext) -> Any:
         if not items:
