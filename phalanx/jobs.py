@@ -323,7 +323,10 @@ class MapIterator(Iterator[R], Generic[R]):
     def _fill(self) -> None:
         tasks: list[Task] = []
         job = self._lease.job
-        while not self._exhausted and len(self._sent_at) + len(tasks) < self._window:
+        # Chunks received but held for an earlier, slower one count too: an ordered
+        # map waiting on a straggler reads no further than the window.
+        held = len(self._sent_at) + len(self._buffer)
+        while not self._exhausted and held + len(tasks) < self._window:
             items = list(itertools.islice(self._input, self._sizer.size))
             if not items:
                 self._exhausted = True
@@ -470,6 +473,8 @@ class MapIterator(Iterator[R], Generic[R]):
                 buffered, self._pending_error = self._buffer.pop(self._next)
                 self._next += 1
                 self._ready.extend(buffered)
+                if not self._exhausted:
+                    self._fill()  # the window has room again
                 continue
             if self._exhausted and not self._sent_at and not self._buffer:
                 self._finish()
