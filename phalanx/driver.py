@@ -107,7 +107,7 @@ from .transport.messages import (
     InspectReply,
     InspectRequest,
 )
-from .worker import WorkerSpec
+from .worker import ABORT_EXIT, WorkerSpec
 
 if TYPE_CHECKING:
     from .broker import Broker
@@ -289,7 +289,7 @@ class Job:
 class _Worker:
     __slots__ = (
         "id", "ident", "pid", "hello", "welcomed", "ready", "alive", "free", "inflight",
-        "tasks", "items", "busy", "died_at", "retiring", "expect_kill", "dispatched",
+        "tasks", "items", "busy", "died_at", "retiring", "dispatched",
         "remote", "host", "seen", "stop_sent", "tags", "frames_dropped",
     )
 
@@ -310,7 +310,6 @@ class _Worker:
         self.busy = 0.0
         self.died_at = 0.0
         self.retiring = False
-        self.expect_kill = False
         self.dispatched = 0
         #: joined over tcp (not ours to spawn, watch or replace)
         self.remote = False
@@ -521,7 +520,8 @@ class Driver:
             self._remove_live_locked(worker)
             if self._closed:
                 return
-            planned = worker.retiring or worker.expect_kill or lost
+            # ABORT_EXIT: it ended itself, its task having ignored the abort flag for abort_grace.
+            planned = worker.retiring or lost or exitcode == ABORT_EXIT
             if lost:
                 self.workers_lost += 1
             elif not planned:
@@ -1210,7 +1210,7 @@ class Driver:
             if isinstance(msg, Alive):
                 self._on_alive(ident[:-1], msg)
             elif isinstance(msg, Results):
-                self._on_results(ident[:-1], msg, side=True)
+                self._on_results(ident[:-1], msg)
             elif isinstance(msg, InspectReply) and msg.worker.encode() == ident[:-1] and ident[:-1] in self._workers:
                 with self._changed:
                     w = self._workers.get(ident[:-1])
@@ -1322,7 +1322,7 @@ class Driver:
             except Exception:
                 pass
 
-    def _on_results(self, ident: bytes, msg: Results, side: bool = False) -> None:
+    def _on_results(self, ident: bytes, msg: Results) -> None:
         deliveries: list[tuple[Job, int, Ok | Err]] = []
         with self._lock:
             w = self._workers.get(ident)
@@ -1341,8 +1341,6 @@ class Driver:
                 if task is None:
                     self.frames_dropped += 1  # not a task this worker holds
                     continue
-                if side:
-                    w.expect_kill = True  # it may be killed for ignoring the timeout
                 if w.alive and not w.retiring and not task.directed:
                     w.free += 1
                 w.tasks += 1

@@ -22,7 +22,9 @@ Invariants kept:
 * **One outcome per task.** Every ``Call``/``Chunk`` received gets exactly one
   ``Ok`` or ``Err`` (from the main thread, or from the control thread when it
   timed out or its job was terminated while it ran), which returns its
-  credit to the driver; a kill after the abort grace is then expected there.
+  credit to the driver. A task that ignores its abort flag for
+  ``abort_grace`` seconds ends the worker with exit status ``ABORT_EXIT``,
+  which the driver counts as a planned replacement, not a crash.
 * **No orphans.** The worker asks the kernel for SIGTERM when its parent dies
   (Linux ``PR_SET_PDEATHSIG``), runs in its own process group, and a watchdog
   thread also checks the parent every 100 ms; either way it kills its whole
@@ -94,6 +96,9 @@ SPIN = float(os.environ.get("PHALANX_SPIN", "0"))
 WATCHDOG_PERIOD = 0.1
 #: seconds a terminated job id is remembered (paladin keeps its map as long)
 TERMINATED_TTL = 60.0
+#: exit status of a worker that ended itself because its task ignored the abort flag
+#: for ``abort_grace`` seconds: the driver replaces it without counting a crash
+ABORT_EXIT = 111
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -170,6 +175,18 @@ def _kill_own_group() -> None:
         os.killpg(os.getpgrp(), signal.SIGKILL)
     finally:
         os._exit(1)
+
+
+def _abandon_task() -> None:
+    """End this worker (and what its tasks spawned) because a task ignored its abort flag.
+
+    Exits with :data:`ABORT_EXIT`, not a signal, so that the driver can tell
+    this planned end from a crash (any other exit, a SIGKILL included).
+    """
+    try:
+        _end_own_group()
+    finally:
+        os._exit(ABORT_EXIT)
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -452,7 +469,7 @@ class _Control(threading.Thread):
                 side.send(encode(Results(loop.spec.worker_id, [outcome], 0.0, loop.dropped())))
                 self._arm_kill()
         if self.kill_at and now >= self.kill_at and loop.current is ctx:
-            _kill_own_group()  # the task ignored its abort flag
+            _abandon_task()  # the task ignored its abort flag
 
 
 class _Loop:

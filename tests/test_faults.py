@@ -477,3 +477,21 @@ def test_dead_worker_record_is_reaped_after_the_ttl() -> None:
         wait_until(lambda: all(w.id != victim for w in rt.stats().workers), "the record reaped")
         still_works(rt)
         assert [w.alive for w in rt.stats().workers] == [True]
+
+
+def test_a_crash_after_an_abort_is_still_a_crash(tmp_path: Path) -> None:
+    """Only a worker that ends itself for ignoring its abort flag (``ABORT_EXIT``) is a planned replacement.
+
+    Its cooperative task aborted and answered, the worker lives on; a SIGKILL
+    later is a crash like any other, and counts towards ``restart_limit``.
+    """
+    started, aborted = str(tmp_path / "started"), str(tmp_path / "aborted")
+    with phalanx.Runtime(workers=1, abort_grace=10) as rt:
+        it = rt.map(fail_or_wait, ["wait"], [started], [""], [aborted], chunksize=1)
+        wait_until(lambda: os.path.exists(started), "the task runs")
+        assert it.cancel() is True
+        wait_until(lambda: os.path.exists(aborted), "the task saw its abort flag")
+        rt._driver.kill_worker(next(iter(rt.worker_pids())))
+        wait_until(lambda: rt.stats().worker_deaths == 1, "the kill counted as a crash")
+        still_works(rt)
+        assert rt.stats().worker_restarts == 1
