@@ -329,7 +329,10 @@ def test_results_router_survives_fuzz(target: Target, fuzz_ctx: zmq.Context[Any]
     print(f"results ROUTER ({results_ep}): sent {peers.sent} ({peers.requests} inspect requests), "
           f"frames_dropped +{dropped - before}")
     assert expected_drops > 0
-    assert dropped - before == expected_drops
+    # An inspect request is answered after asking every worker; a worker's reply that
+    # comes after the request's own timeout (as short as 50 ms) is dropped and counted too.
+    late_replies = peers.requests * len(pids)
+    assert expected_drops <= dropped - before <= expected_drops + late_replies
 
 
 @pytest.mark.timeout(180)
