@@ -40,8 +40,12 @@ Invariants kept:
    delivered, so a duplicate (from a redelivered task) is dropped and counted.
    Execution is at-least-once.
 2. **Lease isolation.** Each job is its own channel: outcomes are routed by
-   job id, and an outcome for a job that is gone is dropped and counted. A
-   worker may only answer for tasks the driver sent to *it*.
+   job id, and an outcome for a job that is gone is dropped and counted
+   (``late_results_dropped``). A closed or terminated job is forgotten at
+   once (job ids are never reused, so no record of it is needed); what a dead
+   worker held is kept ``dead_worker_ttl`` seconds to validate its late
+   results, then reaped. A worker may only answer for tasks the driver sent
+   to *it*.
 3. **No hang.** Breaking or closing the runtime fails every open job at once.
 6. **Bad input never kills.** Undecodable frames, frames from unknown
    identities and outcomes for unknown tasks are counted and dropped.
@@ -106,7 +110,7 @@ from .transport.messages import (
     InspectReply,
     InspectRequest,
 )
-from .worker import WorkerSpec
+from .worker import ABORT_EXIT, WorkerSpec
 
 if TYPE_CHECKING:
     from .broker import Broker
@@ -155,6 +159,8 @@ class WorkerStats(msgspec.Struct, frozen=True):
     remote: bool = False
     #: the worker tags it serves
     tags: tuple[str, ...] = ()
+    #: malformed frames the worker itself dropped (as of its last Results or inspect reply)
+    frames_dropped: int = 0
 
 
 class RuntimeStats(msgspec.Struct, frozen=True):
@@ -288,8 +294,8 @@ class Job:
 class _Worker:
     __slots__ = (
         "id", "ident", "pid", "hello", "welcomed", "ready", "alive", "free", "inflight",
-        "tasks", "items", "busy", "died_at", "retiring", "expect_kill", "dispatched",
-        "remote", "host", "seen", "stop_sent", "tags",
+        "tasks", "items", "busy", "died_at", "retiring", "dispatched",
+        "remote", "host", "seen", "stop_sent", "tags", "frames_dropped",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -309,7 +315,6 @@ class _Worker:
         self.busy = 0.0
         self.died_at = 0.0
         self.retiring = False
-        self.expect_kill = False
         self.dispatched = 0
         #: joined over tcp (not ours to spawn, watch or replace)
         self.remote = False
@@ -317,6 +322,8 @@ class _Worker:
         #: last time anything arrived from it (remote workers' liveness)
         self.seen = 0.0
         self.stop_sent = 0.0
+        #: malformed frames the worker reports it dropped (a running total)
+        self.frames_dropped = 0
 
 
 class Driver:
@@ -346,6 +353,8 @@ class Driver:
         self._closed = False
         self._broken: BaseException | None = None
         self._sync_nonce = itertools.count()
+        #: seconds a dead worker's record (and what it held) is kept; lowered by tests
+        self.dead_worker_ttl = DEAD_WORKER_TTL
         # counters
         self.tasks_submitted = 0
         self.tasks_completed = 0
@@ -526,7 +535,8 @@ class Driver:
             self._remove_live_locked(worker)
             if self._closed:
                 return
-            planned = worker.retiring or worker.expect_kill or lost or left
+            # ABORT_EXIT: it ended itself, its task having ignored the abort flag for abort_grace.
+            planned = worker.retiring or lost or left or exitcode == ABORT_EXIT
             if lost:
                 self.workers_lost += 1
             elif left:
@@ -1190,7 +1200,8 @@ class Driver:
     def _reap_dead(self) -> None:
         now = time.monotonic()
         with self._lock:  # the supervisor thread adds replacements meanwhile
-            dead = [k for k, w in self._workers.items() if not w.alive and now - w.died_at > DEAD_WORKER_TTL]
+            ttl = self.dead_worker_ttl
+            dead = [k for k, w in self._workers.items() if not w.alive and now - w.died_at > ttl]
             for k in dead:
                 self._workers.pop(k, None)
 
@@ -1216,9 +1227,12 @@ class Driver:
             if isinstance(msg, Alive):
                 self._on_alive(ident[:-1], msg)
             elif isinstance(msg, Results):
-                self._on_results(ident[:-1], msg, side=True)
+                self._on_results(ident[:-1], msg)
             elif isinstance(msg, InspectReply) and msg.worker.encode() == ident[:-1] and ident[:-1] in self._workers:
                 with self._changed:
+                    w = self._workers.get(ident[:-1])
+                    if w is not None:
+                        w.frames_dropped = max(w.frames_dropped, msg.frames_dropped)
                     replies = self._inspect_replies.get(msg.nonce)
                     if replies is None:
                         self.frames_dropped += 1  # a late or unasked reply
@@ -1345,7 +1359,7 @@ class Driver:
             except Exception:
                 pass
 
-    def _on_results(self, ident: bytes, msg: Results, side: bool = False) -> None:
+    def _on_results(self, ident: bytes, msg: Results) -> None:
         deliveries: list[tuple[Job, int, Ok | Err]] = []
         with self._lock:
             w = self._workers.get(ident)
@@ -1354,6 +1368,8 @@ class Driver:
                 return
             if w.remote:
                 w.seen = time.monotonic()
+            if msg.dropped > w.frames_dropped:
+                w.frames_dropped = msg.dropped
             jobs = self._jobs
             inflight = w.inflight
             w.busy += msg.busy
@@ -1362,8 +1378,6 @@ class Driver:
                 if task is None:
                     self.frames_dropped += 1  # not a task this worker holds
                     continue
-                if side:
-                    w.expect_kill = True  # it may be killed for ignoring the timeout
                 if w.alive and not w.retiring and not task.directed:
                     w.free += 1
                 w.tasks += 1
@@ -1512,7 +1526,7 @@ class Driver:
         with self._lock:
             workers = [
                 WorkerStats(w.id, w.pid, w.alive, w.ready, len(w.inflight), w.tasks, w.items, w.busy,
-                            w.host, w.remote, w.tags)
+                            w.host, w.remote, w.tags, w.frames_dropped)
                 for w in self._workers.values()
             ]
             return RuntimeStats(

@@ -259,9 +259,9 @@ class _Lease:
 class MapIterator(Iterator[R], Generic[R]):
     """Results of :meth:`phalanx.Runtime.map`, streamed as they arrive.
 
-    The input is read lazily, ``window`` chunks at a time. ``close()`` (or
-    dropping the iterator) ends the job and cancels its queued tasks; running
-    ones see their abort flag. Under ``on_fatal=Ignore`` failed items are left
+    The input is read lazily, ``window`` chunks at a time. ``close()`` or
+    ``cancel()`` (or dropping the iterator) ends the job and cancels its
+    queued tasks; running ones see their abort flag. Under ``on_fatal=Ignore`` failed items are left
     out and listed in :attr:`skipped`. A result that does not convert to the
     operation's declared return type fails the map with
     :class:`~phalanx.ValidationError` at its position.
@@ -323,7 +323,10 @@ class MapIterator(Iterator[R], Generic[R]):
     def _fill(self) -> None:
         tasks: list[Task] = []
         job = self._lease.job
-        while not self._exhausted and len(self._sent_at) + len(tasks) < self._window:
+        # Chunks received but held for an earlier, slower one count too: an ordered
+        # map waiting on a straggler reads no further than the window.
+        held = len(self._sent_at) + len(self._buffer)
+        while not self._exhausted and held + len(tasks) < self._window:
             items = list(itertools.islice(self._input, self._sizer.size))
             if not items:
                 self._exhausted = True
@@ -470,6 +473,8 @@ class MapIterator(Iterator[R], Generic[R]):
                 buffered, self._pending_error = self._buffer.pop(self._next)
                 self._next += 1
                 self._ready.extend(buffered)
+                if not self._exhausted:
+                    self._fill()  # the window has room again
                 continue
             if self._exhausted and not self._sent_at and not self._buffer:
                 self._finish()
@@ -536,6 +541,16 @@ class MapIterator(Iterator[R], Generic[R]):
             self._buffer.clear()
             self._driver.close_job(self._lease.job, terminate=True)
         self._end_progress()
+
+    def cancel(self) -> bool:
+        """:meth:`close`, named like ``Future.cancel()`` and ``JobHandle.cancel()``.
+
+        Returns True if the map was still running (it is ended now), False
+        if it had already ended. Iterating afterwards yields nothing more.
+        """
+        running = not self._done
+        self.close()
+        return running
 
     def __del__(self) -> None:
         try:

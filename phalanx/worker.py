@@ -13,13 +13,18 @@ the grace period.
 
 Invariants kept:
 
-* **Bad input never kills.** A malformed frame is counted and dropped; an
+* **Bad input never kills.** A malformed frame is counted and dropped (the
+  running count rides on every ``Results`` and ``InspectReply``: the driver
+  shows it as ``WorkerStats.frames_dropped``); an
   unknown operation, an argument that does not convert, an exception (even
   ``SystemExit``) in user code, or a result that cannot be encoded becomes an
   ``Err`` outcome for that task, and the loop goes on.
 * **One outcome per task.** Every ``Call``/``Chunk`` received gets exactly one
   ``Ok`` or ``Err`` (from the main thread, or from the control thread when it
-  timed out), which returns its credit to the driver.
+  timed out or its job was terminated while it ran), which returns its
+  credit to the driver. A task that ignores its abort flag for
+  ``abort_grace`` seconds ends the worker with exit status ``ABORT_EXIT``,
+  which the driver counts as a planned replacement, not a crash.
 * **No orphans.** The worker asks the kernel for SIGTERM when its parent dies
   (Linux ``PR_SET_PDEATHSIG``), runs in its own process group, and a watchdog
   thread also checks the parent every 100 ms; either way it kills its whole
@@ -99,10 +104,13 @@ QUICK_TASK = 0.0002
 SENT_WAIT = 1.0
 #: seconds between watchdog checks of the parent
 WATCHDOG_PERIOD = 0.1
-#: seconds a terminated job id is remembered
+#: seconds a terminated job id is remembered (paladin keeps its map as long)
 TERMINATED_TTL = 60.0
 #: seconds a leaving worker waits for the driver to acknowledge its Goodbye
 GOODBYE_WAIT = 1.0
+#: exit status of a worker that ended itself because its task ignored the abort flag
+#: for ``abort_grace`` seconds: the driver replaces it without counting a crash
+ABORT_EXIT = 111
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -153,7 +161,7 @@ class TaskContext:
     worker after the abort grace period.
     """
 
-    __slots__ = ("job", "seq", "attempt", "timeout", "started", "aborted", "timed_out", "values")
+    __slots__ = ("job", "seq", "attempt", "timeout", "started", "aborted", "timed_out", "answered", "values")
 
     def __init__(self, job: int, seq: int, attempt: int, timeout: float) -> None:
         self.job = job
@@ -163,6 +171,8 @@ class TaskContext:
         self.started = time.monotonic()
         self.aborted = False
         self.timed_out = False
+        #: the control thread already sent this task's outcome (timed out, or its job terminated)
+        self.answered = False
         self.values: list[Any] = []
 
     def check(self) -> None:
@@ -189,6 +199,18 @@ def _kill_own_group() -> None:
         os.killpg(os.getpgrp(), signal.SIGKILL)
     finally:
         os._exit(1)
+
+
+def _abandon_task() -> None:
+    """End this worker (and what its tasks spawned) because a task ignored its abort flag.
+
+    Exits with :data:`ABORT_EXIT`, not a signal, so that the driver can tell
+    this planned end from a crash (any other exit, a SIGKILL included).
+    """
+    try:
+        _end_own_group()
+    finally:
+        os._exit(ABORT_EXIT)
 
 
 #: the signal ``phalanx worker`` sends its workers when it leaves (SIGTERM: die silently)
@@ -289,6 +311,48 @@ def _special_error(job: int, exc: BaseException) -> ErrorInfo:
     return ErrorInfo(type=info.type, message=info.message, args=info.args, traceback="")
 
 
+class _Terminated:
+    """Ids of terminated jobs, each forgotten ``ttl`` seconds after its Terminate.
+
+    A task of such a job still queued here (or arriving after the broadcast)
+    is answered with ``TaskCancelledError`` instead of being run. Entries
+    are kept in the order they were added, so reaping by age only looks at
+    the oldest. ``add`` and ``reap`` run on the control thread; the main
+    thread only tests membership.
+    """
+
+    __slots__ = ("ttl", "clock", "_since")
+
+    def __init__(self, ttl: float = TERMINATED_TTL, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._since: dict[int, float] = {}
+
+    def add(self, job: int) -> None:
+        now = self.clock()
+        self._since.pop(job, None)  # re-added: moves to the young end
+        self._since[job] = now
+        self.reap(now)
+
+    def reap(self, now: float | None = None) -> None:
+        """Forget every job terminated more than ``ttl`` seconds ago."""
+        since = self._since
+        if not since:
+            return
+        cutoff = (self.clock() if now is None else now) - self.ttl
+        while since:
+            oldest = next(iter(since))
+            if since[oldest] > cutoff:
+                return
+            del since[oldest]
+
+    def __contains__(self, job: object) -> bool:
+        return job in self._since
+
+    def __len__(self) -> int:
+        return len(self._since)
+
+
 #: one step of a directive chain on the worker: (operation, its function, its argument converter)
 _Step = tuple[Operation, Callable[..., Any], Callable[[Any, bool], Any] | None]
 
@@ -303,6 +367,8 @@ class _Control(threading.Thread):
         self.heard = time.monotonic()
         self.lost = False
         self.side: zmq.Socket[bytes] | None = None
+        #: malformed control frames dropped (this thread's own count: no shared +=)
+        self.frames_dropped = 0
 
     def run(self) -> None:
         loop = self.loop
@@ -317,6 +383,7 @@ class _Control(threading.Thread):
                     self._drain(sub)
                 self._check_timers(side)
                 self._check_driver()
+                loop.terminated.reap()
                 if spec.heartbeat_timeout > 0 and time.monotonic() >= next_beat:
                     # Over tcp the driver cannot see this process die: tell it we live.
                     next_beat = time.monotonic() + spec.heartbeat_interval
@@ -333,7 +400,7 @@ class _Control(threading.Thread):
         spec = self.loop.spec
         waits = [50.0 if spec.heartbeat_timeout <= 0 else min(50.0, spec.heartbeat_interval * 1000)]
         now = time.monotonic()
-        if ctx is not None and ctx.timeout > 0 and not ctx.timed_out:
+        if ctx is not None and ctx.timeout > 0 and not ctx.answered:
             waits.append((ctx.started + ctx.timeout - now) * 1000)
         if self.kill_at:
             waits.append((self.kill_at - now) * 1000)
@@ -349,7 +416,7 @@ class _Control(threading.Thread):
             try:
                 msg = decode_control(frame)
             except ProtocolError:
-                loop.frames_dropped += 1
+                self.frames_dropped += 1
                 continue
             self.heard = time.monotonic()
             if self.lost:
@@ -364,12 +431,31 @@ class _Control(threading.Thread):
                 loop.synced = True
             elif isinstance(msg, Terminate):
                 loop.terminate(msg.job)
-                ctx = loop.current
-                if ctx is not None and ctx.job == msg.job and not ctx.aborted:
-                    ctx.aborted = True
-                    self._arm_kill()
+                self._abort(msg.job)
             elif isinstance(msg, Shutdown):
                 loop.stopping = True
+
+    def _abort(self, job: int) -> None:
+        """The running task's job was terminated: set its abort flag, answer for it now.
+
+        The driver forgot the job before broadcasting Terminate, so the
+        outcome is only dropped there; sent now (as for a timeout) it tells
+        the driver that killing this worker after the grace is planned, not
+        a crash. Whatever the task returns later is not sent.
+        """
+        loop = self.loop
+        with loop.state_lock:
+            ctx = loop.current
+            if ctx is None or ctx.job != job or ctx.aborted:
+                return
+            ctx.aborted = True
+            if not ctx.answered:
+                ctx.answered = True
+                err = TaskCancelledError(f"task {ctx.seq} of job {job} was aborted: its job was terminated")
+                outcome = Err(ctx.job, ctx.seq, ctx.attempt, _special_error(job, err))
+                assert self.side is not None
+                self.side.send(encode(Results(loop.spec.worker_id, [outcome], 0.0, loop.dropped())))
+            self._arm_kill()
 
     def _inspect(self, nonce: int) -> None:
         loop = self.loop
@@ -383,7 +469,7 @@ class _Control(threading.Thread):
         queued = list(loop.todo)
         reply = InspectReply(
             loop.spec.worker_id, nonce, os.getpid(), loop.host, cpu, rss,
-            len(queued), loop.tasks_done, loop.actors.info(queued),
+            len(queued), loop.tasks_done, loop.actors.info(queued), loop.dropped(),
         )
         assert self.side is not None
         self.side.send(encode(reply))
@@ -415,18 +501,19 @@ class _Control(threading.Thread):
             if ctx is None:
                 self.kill_at = 0.0
                 return
-            if ctx.timeout > 0 and not ctx.timed_out and now - ctx.started > ctx.timeout:
+            if ctx.timeout > 0 and not ctx.timed_out and not ctx.answered and now - ctx.started > ctx.timeout:
                 ctx.timed_out = True
+                ctx.answered = True
                 ctx.aborted = True
                 err = TaskTimeoutError(
                     f"task {ctx.seq} of job {ctx.job} ran longer than its timeout of {ctx.timeout:g} s"
                 )
                 outcome = Err(ctx.job, ctx.seq, ctx.attempt, _special_error(ctx.job, err),
                               len(ctx.values), list(ctx.values))
-                side.send(encode(Results(loop.spec.worker_id, [outcome])))
+                side.send(encode(Results(loop.spec.worker_id, [outcome], 0.0, loop.dropped())))
                 self._arm_kill()
         if self.kill_at and now >= self.kill_at and loop.current is ctx:
-            _kill_own_group()  # the task ignored its abort flag
+            _abandon_task()  # the task ignored its abort flag
 
 
 class _Loop:
@@ -445,7 +532,7 @@ class _Loop:
         self.out: list[Outcome] = []
         self.out_ops: list[str] = []
         self.busy = 0.0
-        self.terminated: dict[int, float] = {}
+        self.terminated = _Terminated()
         self.state_lock = threading.Lock()
         self.current: TaskContext | None = None
         self.welcomed = False
@@ -453,12 +540,17 @@ class _Loop:
         self.ready_sent = False
         self.stopping = False
         self.retiring = False
+        #: malformed inbox frames dropped (main thread; the control thread counts its own)
         self.frames_dropped = 0
         self.memory_checked = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         #: the operation of a directive chain running now (decides what is transient)
         self.staged_op: Operation | None = None
         self.control = _Control(self)
+
+    def dropped(self) -> int:
+        """Malformed frames dropped so far, on the inbox and the control SUB (reported to the driver)."""
+        return self.frames_dropped + self.control.frames_dropped
 
     # ---- receiving ---------------------------------------------------------
 
@@ -481,11 +573,7 @@ class _Loop:
                 self.stopping = True
 
     def terminate(self, job: int) -> None:
-        now = time.monotonic()
-        self.terminated[job] = now
-        if len(self.terminated) > 10_000:
-            cutoff = now - TERMINATED_TTL
-            self.terminated = {j: t for j, t in self.terminated.items() if t > cutoff}
+        self.terminated.add(job)
 
     # ---- running -----------------------------------------------------------
 
@@ -499,7 +587,7 @@ class _Loop:
         return value
 
     def run(self, task: Call | Chunk) -> Outcome | None:
-        """Run one task; None when its outcome was already sent (timed out)."""
+        """Run one task; None when its outcome was already sent (timed out, or its job terminated)."""
         global _current
         if task.job in self.terminated:
             return Err(task.job, task.seq, task.attempt,
@@ -535,8 +623,8 @@ class _Loop:
             _current = None
             with self.state_lock:
                 self.current = None
-                timed_out = ctx.timed_out
-        return None if timed_out else outcome
+                answered = ctx.answered
+        return None if answered else outcome
 
     def fold(self, op: Operation, items: list[Any], ctx: TaskContext) -> Any:
         if not items:
@@ -687,10 +775,11 @@ class _Loop:
             return
         outcomes, ops, busy = self.out, self.out_ops, self.busy
         self.out, self.out_ops, self.busy = [], [], 0.0
+        dropped = self.dropped()
         try:
-            frame = encode(Results(self.spec.worker_id, outcomes, busy))
+            frame = encode(Results(self.spec.worker_id, outcomes, busy, dropped))
         except EncodeError:
-            frame = encode(Results(self.spec.worker_id, _encodable(outcomes, ops), busy))
+            frame = encode(Results(self.spec.worker_id, _encodable(outcomes, ops), busy, dropped))
         if not sent:
             self.outbox.send(frame, 0, copy=len(frame) < sockets.ZERO_COPY_MIN)
             return

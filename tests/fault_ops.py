@@ -120,3 +120,69 @@ _HOARD: list[bytes] = []
 def hoard(megabytes: int) -> int:
     _HOARD.append(b"x" * (megabytes * 1024 * 1024))
     return os.getpid()
+
+
+@phalanx.operation
+def flaky_stamped(path: str, failures: int) -> int:
+    """Append this attempt's ``time.monotonic()`` to ``path``; fail transiently the first ``failures`` times.
+
+    The monotonic clock is the system's (CLOCK_MONOTONIC): stamps written by
+    different worker processes compare.
+    """
+    with open(path, "a") as f:
+        f.write(f"{time.monotonic()!r}\n")
+    with open(path) as f:
+        n = len(f.read().split())
+    if n <= failures:
+        raise phalanx.Transient(f"attempt {n - 1} failed")
+    return n - 1
+
+
+def _mark(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (the test polls for the file)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+@phalanx.operation
+def fail_or_wait(role: str, started: str, other: str, aborted: str) -> str:
+    """Two items of one map on two workers.
+
+    ``role="wait"``: mark ``started`` (with this pid), then run until the task
+    is aborted and mark ``aborted``. ``role="fail"``: mark ``started``, wait
+    until the other item marked ``other``, then fail fatally.
+    """
+    _mark(started, str(os.getpid()))
+    task = phalanx.current_task()
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        if role == "fail" and os.path.exists(other):
+            raise RuntimeError("fatal: the first item fails")
+        if role == "wait" and task.aborted:
+            _mark(aborted, "aborted")
+            return "aborted"
+        time.sleep(0.005)
+    return "timed out"
+
+
+@phalanx.operation
+def stubborn_marked(started: str, seconds: float) -> str:
+    """Mark ``started``, then ignore the abort flag (busy loop) for ``seconds``."""
+    _mark(started, str(os.getpid()))
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        pass
+    return "done"
+
+
+@phalanx.operation
+def gated_record(log: str, release: str, x: int) -> int:
+    """Append ``x`` to ``log``, then wait for ``release`` (or the abort flag); return ``x``."""
+    with open(log, "a") as f:
+        f.write(f"{x}\n")
+    task = phalanx.current_task()
+    deadline = time.monotonic() + 30.0
+    while not os.path.exists(release) and not task.aborted and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return x

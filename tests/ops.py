@@ -60,6 +60,15 @@ def square(x: int) -> int:
 
 
 @phalanx.operation
+def square_after(x: int, release: str) -> int:
+    """``x * x``; item 0 is a straggler: it first waits (30 s at most) until the file ``release`` exists."""
+    deadline = time.monotonic() + 30.0
+    while x == 0 and not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return x * x
+
+
+@phalanx.operation
 def inc(x: Any) -> Any:
     return x + 1
 

@@ -9,10 +9,18 @@ it down in teardown. The model records what every future must resolve to:
 * a worker SIGKILLed between steps changes nothing a caller can see
   (invariant 1: redelivered, exactly once);
 * a short ``map`` returns exactly the builtin ``map``; a map iterator closed
-  after ``k`` items yielded exactly the first ``k`` results.
+  after ``k`` items yielded exactly the first ``k`` results;
+* a task failing fatally (``fault_ops.fail_odd`` on an odd item, under the
+  default ``Terminate``): a ``submit`` fails with the remote ``ValueError``; a
+  ``map`` yields the results before the first odd item, then raises its
+  ``ValueError`` (the rest of the job is cancelled); other jobs are
+  unaffected (their futures still resolve to the model).
 
 Invariants after every step: nothing was delivered twice (counted where the
-driver delivers, see ``chaos_ops.DeliveryLog``) and the runtime is not broken.
+driver delivers, see ``chaos_ops.DeliveryLog``), the runtime is not broken,
+a duplicate result needs a redelivered task (or a map that failed and
+forgot its later tasks), and a late result needs a cause (a kill, a map
+ended early, a fatal failure).
 Teardown: every future resolves to its model value within a timeout
 (invariant 3).
 """
@@ -38,6 +46,7 @@ from hypothesis.stateful import (
 import phalanx
 
 import chaos_ops
+import fault_ops
 from chaos_ops import (
     DeliveryLog,
     ThreadWatch,
@@ -60,9 +69,13 @@ class RuntimeMachine(RuleBasedStateMachine):
         self.watch = ThreadWatch().__enter__()
         self.rt = phalanx.Runtime(workers=2, restart_limit=1000, max_attempts=20)
         self.log = DeliveryLog(self.rt)
-        #: (future, x, model) with model[0]: None (result expected) or "cancelled"
+        #: (future, x, model) with model[0]: None (result expected), "cancelled" or "fails" (ValueError)
         self.futures: list[tuple[concurrent.futures.Future[int], int, list[str | None]]] = []
         self.kills = 0
+        #: maps that failed fatally (each may drop up to a window of tasks it forgot)
+        self.failed_maps = 0
+        #: steps after which a late result may legitimately be dropped
+        self.late_causes = 0
 
     def _step(self, action: Callable[[], None]) -> None:
         """Run one step, failing fast if a driver thread died meanwhile."""
@@ -110,6 +123,7 @@ class RuntimeMachine(RuleBasedStateMachine):
             wid = sorted(pids)[index % len(pids)]
             if kill_child(pids[wid]):
                 self.kills += 1
+                self.late_causes += 1
                 DONE["kills"] += 1
                 # Let the driver notice the death before the next step.
                 deadline = time.monotonic() + 10.0
@@ -144,6 +158,7 @@ class RuntimeMachine(RuleBasedStateMachine):
     def map_closed_early(self, n: int, k: int, chunksize: int) -> None:
         def action() -> None:
             m = min(k, n)
+            self.late_causes += 1
             it = self.rt.map(chaos_ops.slow_triple_plus_one, range(n), [0.002] * n,
                              chunksize=chunksize, timeout=RESOLVE_TIMEOUT)
             try:
@@ -155,6 +170,33 @@ class RuntimeMachine(RuleBasedStateMachine):
             DONE["maps closed early"] += 1
         self._step(action)
 
+    @rule(x=st.integers(-1000, 1000).map(lambda v: 2 * v + 1))
+    def fatal_submit(self, x: int) -> None:
+        def action() -> None:
+            fut = self.rt.submit(fault_ops.fail_odd, x)
+            self.futures.append((fut, x, ["fails"]))
+        self._step(action)
+
+    @rule(xs=st.lists(st.integers(0, 99), min_size=1, max_size=30), chunksize=st.sampled_from([1, 4]))
+    def fatal_map(self, xs: list[int], chunksize: int) -> None:
+        def action() -> None:
+            first_odd = next((i for i, x in enumerate(xs) if x % 2), None)
+            it = self.rt.map(fault_ops.fail_odd, xs, chunksize=chunksize, timeout=RESOLVE_TIMEOUT)
+            got: list[int] = []
+            if first_odd is None:
+                got.extend(it)
+                assert got == xs
+                return
+            self.failed_maps += 1
+            self.late_causes += 1
+            with pytest.raises(ValueError, match=f"^odd {xs[first_odd]}$") as info:
+                got.extend(it)
+            assert isinstance(info.value.__cause__, phalanx.RemoteTraceback)
+            assert got == xs[:first_odd]  # the results before it, then the error at its position
+            assert list(it) == []
+            DONE["maps failed fatally"] += 1
+        self._step(action)
+
     # ---- invariants -------------------------------------------------------------
 
     @invariant()
@@ -162,8 +204,11 @@ class RuntimeMachine(RuleBasedStateMachine):
         def action() -> None:
             assert not self.log.repeated()
             stats = self.rt.stats()
-            assert stats.duplicates_dropped >= 0
-            assert stats.late_results_dropped >= 0
+            # Each redelivery runs a task once more (one more result at most); a failed
+            # map forgets at most a window (4 * 2 + 2) of tasks that may still answer.
+            assert stats.duplicates_dropped <= stats.redelivered + 10 * self.failed_maps
+            if not self.late_causes:
+                assert stats.late_results_dropped == 0
             assert self.rt._driver.broken is None
         self._step(action)
 
@@ -175,6 +220,12 @@ class RuntimeMachine(RuleBasedStateMachine):
                     assert fut.cancelled()
                     with pytest.raises(concurrent.futures.CancelledError):
                         fut.result(timeout=0)
+                    continue
+                if model[0] == "fails":
+                    with pytest.raises(ValueError, match=f"^odd {x}$") as info:
+                        fut.result(timeout=max(0.0, deadline - time.monotonic()))
+                    assert isinstance(info.value.__cause__, phalanx.RemoteTraceback)
+                    DONE["futures failed fatally"] += 1
                     continue
                 while not fut.done():
                     self.watch.check()  # fail fast if the pump died

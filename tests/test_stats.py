@@ -123,6 +123,7 @@ def test_the_documented_counters() -> None:
     assert fields == ["workers", *COUNTERS]
     assert [f.name for f in msgspec.structs.fields(phalanx.WorkerStats)] == [
         "id", "pid", "alive", "ready", "inflight", "tasks", "items", "busy", "host", "remote", "tags",
+        "frames_dropped",
     ]
 
 
@@ -219,6 +220,48 @@ def test_frames_dropped(rt: phalanx.Runtime, zmq_ctx: zmq.Context[Any]) -> None:
     settle(rt, before, frames_dropped=3)
     sock.close()
     assert rt.submit(square, 9).result(T) == 81  # and it keeps serving
+
+
+def test_worker_frames_dropped(rt: phalanx.Runtime) -> None:
+    """A malformed frame on a worker's inbox or control SUB is counted by that worker and dropped.
+
+    The driver hears each worker's running count with its next results and
+    its inspect replies (``WorkerStats.frames_dropped``); its own
+    ``frames_dropped`` does not move: it received nothing malformed.
+    """
+    driver = rt._driver
+    pids = rt.worker_pids()
+    ids = sorted(pids)
+    before = counters(rt)
+
+    def reported(expected: int) -> bool:
+        return {w.id: w.frames_dropped for w in rt.stats().workers if w.alive} == dict.fromkeys(ids, expected)
+
+    # The driver's own send paths, with frames no worker can decode.
+    for wid in ids:
+        assert driver.send_unfiltered(wid.encode(), b"\x00junk that is no message")  # the inbox
+    with driver._lock:
+        driver._control.send(b"\xc1 is never msgpack")  # the control PUB: every worker's SUB
+    # An inspect reply carries the count (from the control thread, so poll until the
+    # main thread has read its inbox too).
+    wait_until(lambda: bool(rt.inspect(timeout=T)) and reported(2), "both workers report 2 dropped frames")
+
+    # A second bad inbox frame: the count rides on the worker's next results. The
+    # inbox is in order, so a worker that answers a task had dropped the frame first.
+    for wid in ids:
+        assert driver.send_unfiltered(wid.encode(), b"\x93\x01")  # truncated msgpack
+    submitted = 0
+
+    def both_answered() -> bool:
+        nonlocal submitted
+        assert list(rt.map(square, range(20), chunksize=1)) == [i * i for i in range(20)]
+        submitted += 20
+        return reported(3)
+
+    wait_until(both_answered, "both workers report 3 dropped frames in their results")
+    assert rt.submit(square, 12).result(T) == 144
+    settle(rt, before, tasks_submitted=submitted + 1, tasks_completed=submitted + 1, items_completed=submitted + 1)
+    assert rt.worker_pids() == pids  # nobody died of it
 
 
 def test_late_results_dropped(rt: phalanx.Runtime, tmp_path: Path) -> None:

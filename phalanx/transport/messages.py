@@ -255,12 +255,15 @@ Outcome = Union[Ok, Err]
 class Results(_Msg, frozen=True):
     """Outcomes of finished tasks; each returns one credit to the worker.
 
-    ``busy`` is the time in seconds the worker spent running these tasks.
+    ``busy`` is the time in seconds the worker spent running these tasks;
+    ``dropped`` how many malformed frames the worker has dropped since it
+    started (a running total).
     """
 
     worker: str
     outcomes: list[Outcome]
     busy: float = 0.0
+    dropped: int = 0
 
 
 class Retire(_Msg, frozen=True):
@@ -378,6 +381,8 @@ class InspectReply(_Msg, frozen=True):
     queued: int
     tasks_done: int
     actors: list[ActorInfo]
+    #: malformed frames the worker has dropped since it started
+    frames_dropped: int = 0
 
 
 class InspectQuery(_Msg, frozen=True):
