@@ -34,6 +34,9 @@ atomically and takes ``task_time`` virtual seconds plus whatever it passes to
 :func:`phalanx.testing.sleep`; frames a worker sent before it died still
 reach the driver, before its death is noticed; local workers are never
 declared lost by heartbeats (set ``heartbeat_timeout`` to model remote ones).
+Not modelled: channels (``lease``), worker tags other than "default", remote
+workers (``address``, ``wait_for_workers``); asking for them raises an error
+that says so.
 """
 
 from __future__ import annotations
