@@ -145,9 +145,10 @@ def test_a_strategy_as_faults_on_a_real_runtime() -> None:
         with phalanx.Runtime(workers=2, faults=strategy, restart_limit=1000) as rt:
             plans.append(rt.faults.plan)
             workload(rt)
-            # Every task the drawn plan names is reached by the workload: each kill fired once.
-            assert sorted({s.task for s, _ in rt.faults.fired}) == sorted({s.task for s in rt.faults.plan})
-            assert len(rt.faults.kills) == len(rt.faults.fired)
+            # The drawn plan is the one applied: its first kill always strikes a live worker (a later
+            # one may find its task on a worker an earlier kill already took).
+            assert {s for s, _ in rt.faults.fired} <= set(rt.faults.plan)
+            assert bool(rt.faults.kills) == bool(rt.faults.plan)
 
     prop()
     assert len(plans) == 3 and all(len(p) <= 2 for p in plans) and any(plans)
