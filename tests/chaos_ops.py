@@ -57,49 +57,6 @@ def whoami(x: int) -> int:
 # --------------------------------------------------------------------------- #
 
 
-class DeliveryLog:
-    """Counts every outcome the driver hands to a job, per ``(job, seq)``.
-
-    The driver drops a duplicate result before it reaches a job, and a
-    future ignores a second ``set_result``; so "delivered once" can only be
-    checked where the driver delivers. This wraps ``Driver.new_job`` on one
-    driver *instance* (test instrumentation, phalanx itself is unchanged).
-    """
-
-    def __init__(self, rt: phalanx.Runtime) -> None:
-        import threading
-        from collections import Counter
-
-        self._lock = threading.Lock()
-        self.counts: Counter[tuple[int, int]] = Counter()
-        self.kinds: Counter[str] = Counter()
-        driver = rt._driver
-        original = driver.new_job
-
-        def new_job(op: str, deliver: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
-            job_id: list[int] = []
-
-            def counted(seq: int, outcome: Any) -> None:
-                with self._lock:
-                    self.counts[(job_id[0], seq)] += 1
-                    self.kinds[type(outcome).__name__] += 1
-                deliver(seq, outcome)
-
-            job = original(op, counted, fail, *args, **kwargs)
-            job_id.append(job.id)
-            return job
-
-        driver.new_job = new_job  # type: ignore[method-assign]
-
-    def snapshot(self) -> dict[tuple[int, int], int]:
-        with self._lock:
-            return dict(self.counts)
-
-    def repeated(self) -> dict[tuple[int, int], int]:
-        """``(job, seq)`` delivered more than once, with their counts."""
-        return {k: n for k, n in self.snapshot().items() if n > 1}
-
-
 class Killer:
     """A background thread that SIGKILLs a random live worker every lo..hi seconds.
 

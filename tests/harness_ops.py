@@ -47,6 +47,12 @@ def fail_on(x: int, bad: int) -> int:
 
 
 @phalanx.operation
+def fail_on_3(x: int) -> int:
+    """One argument (a directive stage) that fails on 3."""
+    return fail_on(x, 3)
+
+
+@phalanx.operation
 def nap(seconds: float) -> float:
     """Sleeps (virtual time on a SimRuntime)."""
     sleep(seconds)
@@ -115,6 +121,11 @@ class Counter:
 
     def boom(self) -> None:
         raise HarnessError("boom")
+
+    def nap(self, seconds: float) -> int:
+        """Sleeps (virtual time on a SimRuntime): calls sent meanwhile wait in its mailbox."""
+        sleep(seconds)
+        return self.n
 
     def save(self) -> int:
         return self.n

@@ -14,6 +14,7 @@ outcome is delivered twice.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,6 +39,8 @@ from phalanx.testing import (
 )
 
 import harness_ops as ops
+import multihost_ops
+from remote_host import Keys, RemoteHost
 
 KINDS = ["sim", "real"]
 #: examples per property run: real ones start processes, so fewer
@@ -116,15 +119,71 @@ def test_fail_restart_reverts_on_both(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("drop", ["task", "result"])
 @pytest.mark.timeout(60)
-def test_a_dropped_task_leaves_the_caller_waiting(kind: str) -> None:
+def test_a_dropped_frame_leaves_the_caller_waiting(kind: str, drop: str) -> None:
     """phalanx has no retransmission: a lost frame is what a timeout is for (SimRuntime says 'hang')."""
-    with make(kind, [DropMessage(kind="task", index=0)]) as rt:
+    step = DropMessage(kind=drop, index=0)  # type: ignore[arg-type]
+    with make(kind, [step]) as rt:
         fut = rt.submit(ops.square, 3)
         with pytest.raises(TimeoutError):
             fut.result(timeout=0.3)
         assert rt.submit(ops.square, 4).result(timeout=30) == 16
+        fired = rt.fired if kind == "sim" else rt.faults.fired
+        assert [(s, note.split()[0]) for s, note in fired] == [(step, "dropped")]
         rt.shutdown(wait=False)
+
+
+@pytest.mark.timeout(60)
+def test_a_strategy_as_faults_on_a_real_runtime() -> None:
+    plans: list[list[Any]] = []
+
+    @settings(max_examples=3, deadline=None, database=None)
+    @given(st.data())
+    def prop(data: st.DataObject) -> None:
+        strategy = pst.fault_plans(("kill",), max_steps=2, max_task=6)
+        with phalanx.Runtime(workers=2, faults=strategy, restart_limit=1000) as rt:
+            plans.append(rt.faults.plan)
+            workload(rt)
+            # The drawn plan is the one applied: its first kill always strikes a live worker (a later
+            # one may find its task on a worker an earlier kill already took).
+            assert {s for s, _ in rt.faults.fired} <= set(rt.faults.plan)
+            assert bool(rt.faults.kills) == bool(rt.faults.plan)
+
+    prop()
+    assert len(plans) == 3 and all(len(p) <= 2 for p in plans) and any(plans)
+
+
+@pytest.mark.timeout(90)
+def test_a_partitioned_host_is_declared_lost_on_a_real_runtime(tmp_path: Path) -> None:
+    """Heartbeats are held with everything else: the driver loses the whole host and redelivers.
+
+    The "island" host's two workers join over loopback tcp and serve the tags
+    "island" and "default"; task 0 is routed to the island, so the partition
+    cuts that host off (both of its workers, by the host name they joined
+    with), while the runtime's one local worker stays reachable.
+    """
+    keys = Keys(tmp_path / "keys")
+    plan = [PartitionHost(task=0, seconds=2.5)]
+    n = 40
+    with phalanx.Runtime(workers=1, listen="tcp://127.0.0.1:0", heartbeat_timeout=1.0, faults=plan,
+                         **keys.runtime_kwargs()) as rt:
+        assert rt.address is not None
+        with RemoteHost(rt.address, "island", keys.worker_args(), workers=2, heartbeat_timeout=30,
+                        extra=["--tag", "island", "--tag", "default"]) as host:
+            assert rt.wait_for_workers(3, timeout=30) == 3, host.err
+            log = DeliveryLog(rt)
+            routed = rt.options(on="island").submit(multihost_ops.where, -1)
+            got = list(rt.map(multihost_ops.where, range(n), chunksize=1, timeout=60))
+            # After the heal the island's old workers are told to stop; its host starts new ones.
+            assert routed.result(timeout=60) == (-2, "island")
+            stats = rt.stats()
+            log.check(complete=True)
+    assert [v for v, _ in got] == [2 * x for x in range(n)]
+    assert stats.workers_lost == 2 and stats.worker_deaths == 0
+    assert stats.redelivered >= 1
+    [(step, note)] = rt.faults.fired
+    assert step == plan[0] and "every worker of it" in note
 
 
 @pytest.mark.timeout(60)

@@ -7,7 +7,8 @@ its default settings, must find a fault plan that breaks the bank's
 invariant and shrink it to at most 3 steps; the plan must replay on a
 SimRuntime and reproduce on a real Runtime (real SIGKILLs); and the fixed
 bank (a checkpoint after every call) must survive every kill plan tried.
-The shrunk output is printed (``pytest -s`` shows it).
+The shrunk output is printed (``pytest -s`` shows it) and must be the one
+docs/testing.md shows.
 """
 
 from __future__ import annotations
@@ -31,10 +32,22 @@ import bank  # noqa: E402
 pytestmark = pytest.mark.timeout(90)
 
 
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "testing.md"
+
+
+def guide_output_block() -> str:
+    """The first ``text`` block of docs/testing.md: the output the guide shows for the seeded bug."""
+    text = GUIDE.read_text()
+    start = text.index("```text\nphalanx.testing found a failing fault plan") + len("```text\n")
+    return text[start:text.index("```", start)]
+
+
 def test_the_harness_finds_and_shrinks_the_seeded_bug() -> None:
     found = find_failing_plan(bank.bank_scenario)
     assert found is not None, "the seeded bug was not found"
     print(f"\n{found}")
+    # The guide shows this very output (the search is deterministic): regenerate it there if it changes.
+    assert guide_output_block().rstrip("\n") == str(found).rstrip("\n")
     assert 1 <= len(found.plan) <= 3
     assert isinstance(found.error, AssertionError)
     assert any(isinstance(step, KillWorker) for step in found.plan)

@@ -19,16 +19,20 @@ and run under Hypothesis-drawn fault plans:
 
 from __future__ import annotations
 
+import configparser
 import importlib.metadata
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import rule, run_state_machine_as_test
 
@@ -36,6 +40,7 @@ import phalanx
 from phalanx.testing import (
     ActorSystemMachine,
     DeliveryLog,
+    DropMessage,
     KillWorker,
     ProcessLeakCheck,
     SimRuntime,
@@ -143,6 +148,50 @@ def test_checkers_catch_what_they_are_for() -> None:
         assert [f.result() for f in futures][-1] == 20
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_delivery_log_catches_duplicates_and_losses(kind: str) -> None:
+    # A duplicate: a driver whose dedupe is broken hands one outcome over twice.
+    with make(kind, []) as rt:
+        if kind == "sim":
+            deliver = rt._deliver
+
+            def twice_sim(job: Any, seq: int, outcome: Any) -> None:
+                deliver(job, seq, outcome)
+                deliver(job, seq, outcome)
+
+            rt._deliver = twice_sim
+        else:
+            new_job = rt._driver.new_job
+
+            def broken(op: str, deliver: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+                def twice(seq: int, outcome: Any) -> None:
+                    deliver(seq, outcome)
+                    deliver(seq, outcome)
+
+                return new_job(op, twice, fail, *args, **kwargs)
+
+            rt._driver.new_job = broken
+        log = DeliveryLog(rt)
+        assert rt.submit(ops.square, 5).result(timeout=30) == 25
+        assert list(log.repeated().values()) == [2]
+        with pytest.raises(AssertionError, match="delivered more than once"):
+            log.check()
+    # A loss: a result frame dropped on its way; check(complete=True) names the task.
+    with make(kind, [DropMessage(kind="result", index=0)]) as rt:
+        log = DeliveryLog(rt)
+        lost = rt.submit(ops.square, 3)
+        with pytest.raises(TimeoutError):
+            lost.result(timeout=0.5)
+        assert rt.submit(ops.square, 4).result(timeout=30) == 16
+        log.check()  # nothing twice
+        [(job, seq)] = log.missing()
+        assert seq == 0 and len(log.submitted()) == 2 and log.kinds() == {"Ok": 1}
+        with pytest.raises(AssertionError, match=rf"never delivered: \[\({job}, 0\)\]"):
+            log.check(complete=True)
+        rt.shutdown(wait=False)
+
+
 @pytest.mark.timeout(30)
 def test_process_leak_check_kills_and_reports() -> None:
     procs: list[subprocess.Popen[bytes]] = []
@@ -152,6 +201,36 @@ def test_process_leak_check_kills_and_reports() -> None:
     procs[0].wait(timeout=5)  # killed (and reaped) by the check already
     with ProcessLeakCheck(grace=0.2):
         subprocess.run(["true"], check=True)
+
+
+DOUBLE_FORK = ("import subprocess; "
+               "print(subprocess.Popen(['sleep', '31'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)")
+
+
+@pytest.mark.timeout(30)
+def test_process_leak_check_finds_an_orphan() -> None:
+    """A child starts a grandchild and exits: the grandchild, reparented away from us, is still found."""
+    orphan = 0
+    try:
+        with pytest.raises(AssertionError, match=r"sleep 31 \(an orphan") as info:
+            with ProcessLeakCheck(grace=0.2):
+                child = subprocess.run([sys.executable, "-c", DOUBLE_FORK], capture_output=True, text=True,
+                                       timeout=20, check=True)
+                orphan = int(child.stdout)
+                proc = psutil.Process(orphan)
+                assert proc.ppid() != os.getpid()
+                assert proc not in psutil.Process().children(recursive=True)
+        assert f"pid {orphan}:" in str(info.value)
+        deadline = time.monotonic() + 10  # killed by the check; reaped by whoever adopted it
+        while psutil.pid_exists(orphan) and psutil.Process(orphan).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the orphan survived the check"
+            time.sleep(0.02)
+    finally:
+        if orphan:
+            try:
+                os.kill(orphan, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 class CounterMachine(ActorSystemMachine):
@@ -205,6 +284,32 @@ def test_actor_system_machine_on_real_workers() -> None:
                                                                     deadline=None, database=None))
 
 
+class FloodedMachine(ActorSystemMachine):
+    """Ten calls pipelined to one actor: its mailbox goes past the limit of 3."""
+
+    workers = 1
+    mailbox_limit = 3
+    inspect_timeout = 5.0
+
+    def setup(self) -> None:  # the invariants are first checked right after it
+        self.ref = self.rt.spawn(ops.Counter, timeout=30)
+        calls = [self.ref.nap(0.2) for _ in range(10)]
+        calls[0].result(timeout=30)  # the worker has read the other nine from its socket by now
+
+    @rule()
+    def incr(self) -> None:
+        self.ref.incr().result(timeout=30)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_actor_system_machine_checks_the_mailbox_on_both(kind: str) -> None:
+    machine = type(f"Flooded{kind.title()}Machine", (FloodedMachine,), {"runtime_kind": kind})
+    with pytest.raises(AssertionError, match="bounded mailbox broken"):
+        run_state_machine_as_test(machine, settings=settings(
+            max_examples=1, stateful_step_count=1, phases=[Phase.generate], deadline=None, database=None))
+
+
 PLUGIN_TESTS = '''
 import sys
 sys.path.insert(0, {tests!r})
@@ -231,15 +336,24 @@ def test_real_leak_is_reported(runtime):
 '''
 
 
+def test_the_plugin_entry_point_is_declared() -> None:
+    """Installing phalanx registers the plugin: setup.cfg declares it, and the installed metadata has it."""
+    setup_cfg = configparser.ConfigParser()
+    setup_cfg.read(Path(__file__).resolve().parent.parent / "setup.cfg")
+    declared = setup_cfg["options.entry_points"]["pytest11"].split("\n")
+    assert "phalanx = phalanx.testing.plugin" in [line.strip() for line in declared]
+    dist = importlib.metadata.distribution("phalanx")
+    assert [(e.name, e.value) for e in dist.entry_points if e.group == "pytest11"] == [
+        ("phalanx", "phalanx.testing.plugin")]
+
+
 @pytest.mark.timeout(90)
 def test_pytest_plugin_fixtures(tmp_path: Path) -> None:
+    # No "-p phalanx.testing.plugin": pytest must find the plugin through the entry point alone.
     tests = str(Path(__file__).resolve().parent)
     (tmp_path / "test_plugin_use.py").write_text(textwrap.dedent(PLUGIN_TESTS.format(tests=tests)))
-    registered = any(e.name == "phalanx" for e in importlib.metadata.entry_points(group="pytest11"))
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--phalanx-seed", "3",
             "test_plugin_use.py"]
-    if not registered:
-        args[3:3] = ["-p", "phalanx.testing.plugin"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PHALANX_")}
     out = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=80, env=env)
     text = out.stdout + out.stderr

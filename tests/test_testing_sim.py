@@ -2,10 +2,12 @@
 
 Runs in the test process only: no worker process is started here. Checks
 that SimRuntime answers like a real runtime (results, conversions, exception
-types, retries, fatal strategies, timeouts, actors and their events), that
-nothing really sleeps, that the same seed gives the same trace (100 seeds,
-each run twice), and measures how many schedules per second it explores
-(printed; never asserted).
+types, retries, fatal strategies, timeouts, directive chains, actors and
+their events), that what it does not model says so, that heartbeats on the
+virtual clock declare a partitioned worker lost, that nothing really sleeps,
+that the same seed gives the same trace (100 seeds, each run twice), and
+measures how many schedules per second it explores (printed; never
+asserted).
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import time
 import pytest
 
 import phalanx
+from phalanx import IndexedStream, Literal
 from phalanx.testing import (
+    DeliveryLog,
     DropMessage,
     FailRestart,
     HangError,
     KillWorker,
+    PartitionHost,
     ReorderMessages,
     SimRuntime,
     kill_worker,
@@ -90,6 +95,85 @@ def test_kills_redeliver_exactly_once() -> None:
         assert max(rt.deliveries.values()) == 1
 
 
+def test_directive_chains_run_as_on_a_runtime() -> None:
+    chain = Literal(range(30)).map(ops.square).map(ops.square)
+    fold = Literal(range(1, 21)).map(ops.square).fold(ops.add)
+    indexed = IndexedStream(range(12)).map(ops.square)
+    with SimRuntime(workers=2, seed=8, faults=[KillWorker(task=1), KillWorker(task=6)]) as rt:
+        log = DeliveryLog(rt)
+        assert rt.run(chain, chunksize=4).result() == chain.evaluate()
+        assert rt.run(fold, chunksize=3).result() == fold.evaluate() == sum(x * x for x in range(1, 21))
+        pairs = list(rt.run(indexed, chunksize=2))
+        assert sorted(pairs) == list(enumerate(indexed.evaluate()))
+        assert rt.run(indexed, chunksize=5).result() == indexed.evaluate()
+        assert rt.run(Literal(["a", "b"])).result() == ["a", "b"]
+        assert list(rt.options(timeout=5).run(fold)) == [fold.evaluate()]
+        assert [s for s, _ in rt.fired] == [KillWorker(task=1), KillWorker(task=6)]
+        log.check(complete=True)
+        # Stages run in their chunk's task: 30 items in chunks of 4 are 8 tasks, not 16.
+        before = rt.stats().tasks_submitted
+        rt.run(chain, chunksize=4).result()
+        assert rt.stats().tasks_submitted - before == 8
+        with pytest.raises(ops.HarnessError):
+            rt.run(Literal(range(5)).map(ops.fail_on_3).fold(ops.add)).result()
+        with pytest.raises(ops.HarnessError):
+            rt.run(Literal(range(5)).map(ops.fail_on_3).map(ops.square)).result()
+        handle = rt.run(chain, chunksize=1)
+        assert next(iter(handle)) == 0 and handle.cancel() and handle.cancelled()
+        with pytest.raises(phalanx.TaskCancelledError):
+            next(handle)
+        with pytest.raises(TypeError, match="directive"):
+            rt.run([1, 2])  # type: ignore[call-overload]
+
+
+def test_what_simruntime_does_not_model_says_so() -> None:
+    with SimRuntime(workers={"default": 2}, seed=0) as rt:
+        assert rt.n_workers == 2
+        for name in ("lease", "worker_tags", "wait_for_workers", "address", "endpoints"):
+            with pytest.raises(AttributeError, match=f"SimRuntime has no '{name}': .*real phalanx.Runtime"):
+                getattr(rt, name)
+        with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+            getattr(rt, "nonsense")
+        for call in (lambda: rt.map(ops.square, [1], on="gpu"), lambda: rt.fold(ops.add, [1, 2], on="gpu"),
+                     lambda: rt.options(on="gpu")):
+            with pytest.raises(ValueError, match="routing by tag is not modelled"):
+                call()
+        assert list(rt.map(ops.square, [3], on="default")) == [9]
+        assert rt.spawn(ops.Counter, on="default").incr().result() == 1
+    with pytest.raises(TypeError, match="routing by tag"):
+        SimRuntime(workers={"default": 1, "gpu": 1})
+
+
+def _partitioned(seed: int, heartbeat_timeout: float) -> tuple[SimRuntime, list[int], float]:
+    rt = SimRuntime(workers=2, seed=seed, heartbeat_timeout=heartbeat_timeout,
+                    faults=[PartitionHost(task=1, seconds=5.0)])
+    log = DeliveryLog(rt)
+    got = list(rt.map(ops.square, range(20), chunksize=1))
+    done = rt.now
+    log.check(complete=True)
+    rt.shutdown()
+    return rt, got, done
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_heartbeats_declare_a_partitioned_worker_lost(seed: int) -> None:
+    rt, got, done = _partitioned(seed, heartbeat_timeout=1.0)
+    assert got == [x * x for x in range(20)]
+    stats = rt.stats()
+    assert stats.workers_lost == 1 and stats.worker_deaths == 0 and stats.redelivered >= 1
+    cut = next(row[0] for row in rt.trace if row[1] == "send" and row[4:6] == (1, 1))  # task 1: (job 1, seq 1)
+    lost = [row for row in rt.trace if row[1] == "exit"]
+    assert lost == [(cut + 1.0, "exit", lost[0][2], None, "lost")]  # one heartbeat_timeout after the cut
+    assert done < cut + 5.0  # the job did not wait for the partition to heal
+    assert max(rt.deliveries.values()) == 1
+    again, got_again, _ = _partitioned(seed, heartbeat_timeout=1.0)
+    assert again.trace == rt.trace and got_again == got
+    # Without heartbeats the worker is never lost: the job waits for the partition to heal.
+    rt, got, done = _partitioned(seed, heartbeat_timeout=-1.0)
+    assert got == [x * x for x in range(20)]
+    assert rt.stats().workers_lost == 0 and done >= 5.0
+
+
 def test_a_poison_task_fails_after_max_attempts() -> None:
     plan = [KillWorker(task=0), KillWorker(task=1), KillWorker(task=2)]
     with SimRuntime(seed=0, faults=plan, max_attempts=3) as rt:
@@ -105,6 +189,21 @@ def test_a_dropped_result_is_a_hang_not_a_silent_wait() -> None:
             fut.result()
         with pytest.raises(TimeoutError):
             fut.result(timeout=5)
+
+
+def test_a_reorder_with_nothing_to_swap_says_so() -> None:
+    # One result only: nothing comes after it, so it is released in order, and reported so.
+    with SimRuntime(seed=0, faults=[ReorderMessages(kind="result", index=0)]) as rt:
+        assert rt.submit(ops.square, 3).result() == 9
+        [(_, note)] = rt.fired
+        assert "released" in note and "unreordered" in note and "50 ms" in note
+    # Two results on one link: the first really goes after the second.
+    with SimRuntime(workers=1, seed=0, faults=[ReorderMessages(kind="result", index=0)]) as rt:
+        assert list(rt.map(ops.square, range(2), chunksize=1)) == [0, 1]
+        [(_, note)] = rt.fired
+        assert note.startswith("reordered result message 0") and "after result message 1" in note
+        delivered = [row[3] for row in rt.trace if row[1] == "deliver"]
+        assert delivered == [1, 0]
 
 
 def test_actors_calls_events_restart_and_supervision() -> None:

@@ -2,9 +2,10 @@
 
 Runs in the test (driver) process. What it offers:
 
-* :class:`SimRuntime` -- the :class:`phalanx.Runtime` API in one process, with
-  a seeded scheduler and a virtual clock: same seed, same run (see
-  :mod:`phalanx.testing.sim`).
+* :class:`SimRuntime` -- tasks, directives and actors of the
+  :class:`phalanx.Runtime` API in one process (not channels, worker tags or
+  remote workers), with a seeded scheduler and a virtual clock: same seed,
+  same run (see :mod:`phalanx.testing.sim`).
 * **Fault plans** -- :class:`KillWorker`, :class:`DropMessage`,
   :class:`DelayMessage`, :class:`DuplicateMessage`, :class:`ReorderMessages`,
   :class:`FailRestart`, :class:`PartitionHost` -- given as ``faults=`` to a

@@ -22,8 +22,9 @@ What is counted:
 * **messages of a kind**: ``"task"`` (those same frames, driver -> worker),
   ``"result"`` (``Results`` frames, worker -> driver), ``"control"``
   (``SpawnActor``/``StopActor``/``SaveActor``, driver -> worker) and
-  ``"event"`` (``ActorEvent``/``ActorState``, worker -> driver). Handshake
-  frames (Hello, Welcome, Ready, Stop...) are never touched.
+  ``"event"`` (``ActorEvent``/``ActorState``, worker -> driver). Other
+  frames (handshake, heartbeats, inspect replies...) are never counted nor
+  hit by message steps; a partition holds them too.
 * **restarts**: ``SpawnActor`` frames that restore a saved state (hot
   restarts and supervised restarts from a checkpoint).
 
@@ -38,7 +39,7 @@ import heapq
 import itertools
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Union
 
 import msgspec
@@ -84,7 +85,8 @@ KINDS: tuple[str, ...] = ("task", "result", "control", "event")
 #: when a KillWorker strikes, relative to its task
 WHENS: tuple[str, ...] = ("before", "during", "after")
 
-#: seconds a ReorderMessages step holds a message at most when no later one comes
+#: seconds a ReorderMessages step holds a message at most: when no later message of
+#: its kind comes on that link meanwhile, it is released in order ("released unreordered")
 REORDER_HOLD = 0.05
 
 
@@ -160,7 +162,14 @@ class DuplicateMessage(Fault, frozen=True, kw_only=True, repr_omit_defaults=True
 
 
 class ReorderMessages(Fault, frozen=True, kw_only=True, repr_omit_defaults=True):
-    """Deliver message number ``index`` of ``kind`` after the next one on the same link."""
+    """Deliver message number ``index`` of ``kind`` after the next one on the same link.
+
+    The message is held until the next message of that kind on the same
+    link (the same worker, the same direction) passes, for at most
+    ``REORDER_HOLD`` (50 ms, virtual on a SimRuntime). If none comes
+    meanwhile it is released in order, and ``fired`` says "released
+    unreordered" rather than "reordered".
+    """
 
     kind: Kind = "result"
     index: int
@@ -182,10 +191,16 @@ class FailRestart(Fault, frozen=True, kw_only=True, repr_omit_defaults=True):
 class PartitionHost(Fault, frozen=True, kw_only=True, repr_omit_defaults=True):
     """Cut the host of the worker that receives task ``task`` off for ``seconds``.
 
-    Every frame to or from that worker, from that task on, is held and
-    delivered in order when the partition heals. (A remote worker whose
-    heartbeats stop for ``heartbeat_timeout`` is declared lost meanwhile, on
-    :class:`~phalanx.testing.SimRuntime` with ``heartbeat_timeout`` set.)
+    Every frame to or from that worker -- tasks, results, events, heartbeats,
+    any kind -- from that task on, is held and delivered in order when the
+    partition heals. On a real runtime the cut covers every worker of that
+    worker's host (remote workers, grouped by the host name they joined
+    with); a local worker, or a :class:`~phalanx.testing.SimRuntime` worker,
+    is cut off alone. A worker whose heartbeats stop for
+    ``heartbeat_timeout`` is declared lost meanwhile and its tasks are
+    redelivered: remote workers of a real runtime, and every worker of a
+    ``SimRuntime`` built with ``heartbeat_timeout``. The driver's broadcasts
+    (its own heartbeats, ``Terminate``) are not held.
     """
 
     task: int
@@ -288,11 +303,16 @@ class FaultEngine:
     frame the driver receives from it; each returns the frames to pass now
     (none: dropped or held; two: duplicated) and whether to kill that
     worker. Held frames come back from ``release(now)`` once due. ``fired``
-    lists the steps that took effect, in order. Thread-safe.
+    lists the steps that took effect, in order. ``host_of(ident)``, if
+    given, names the host a worker runs on ("" for none): a
+    :class:`PartitionHost` then cuts off every worker of that host.
+    Thread-safe.
     """
 
-    def __init__(self, plan: Sequence[Fault]) -> None:
+    def __init__(self, plan: Sequence[Fault], host_of: Callable[[bytes], str] | None = None) -> None:
         self.plan: list[Fault] = list(plan)
+        #: the host a worker runs on ("": none known, it is cut off alone)
+        self._host_of = host_of
         self.fired: list[tuple[Fault, str]] = []
         self._lock = threading.Lock()
         self._tasks = 0
@@ -302,13 +322,14 @@ class FaultEngine:
         self._watched: dict[tuple[int, int, int], KillWorker] = {}
         #: workers a "during" kill struck: nothing more from them passes
         self._dead: set[bytes] = set()
-        #: worker -> time its partition heals
+        #: worker -> time its partition heals; host -> the same, for whole hosts
         self._partitions: dict[bytes, float] = {}
+        self._host_partitions: dict[str, float] = {}
         #: held frames: (release time, order, direction, worker, frame)
         self._held: list[tuple[float, int, str, bytes, bytes]] = []
         self._order = itertools.count()
-        #: a frame held by ReorderMessages: (kind, worker) -> heap entry
-        self._reorder: dict[tuple[str, bytes], tuple[float, int, str, bytes, bytes]] = {}
+        #: a frame held by ReorderMessages: (kind, worker) -> (heap entry, its step, what it is)
+        self._reorder: dict[tuple[str, bytes], tuple[tuple[float, int, str, bytes, bytes], Fault, str]] = {}
         self._by_kind: dict[str, list[Fault]] = {}
         self._kills_by_task: dict[int, KillWorker] = {}
         self._partition_by_task: dict[int, PartitionHost] = {}
@@ -332,6 +353,7 @@ class FaultEngine:
             self._watched.update(other._watched)
             self._dead |= other._dead
             self._partitions.update(other._partitions)
+            self._host_partitions.update(other._host_partitions)
             self._held = list(other._held)
             self._reorder = dict(other._reorder)
             self._order = other._order
@@ -369,28 +391,60 @@ class FaultEngine:
                     heapq.heappush(self._held, (now + step.seconds, next(self._order), direction, ident, f))
                 frames = []
             elif isinstance(step, ReorderMessages) and frames and len(frames) == 1:
-                self._fire(step, "reordered " + note + " after the next one")
+                # Fires once resolved: when the next message passes, or at the deadline.
                 entry = (now + REORDER_HOLD, next(self._order), direction, ident, frame)
                 heapq.heappush(self._held, entry)
-                self._reorder[(kind, ident)] = entry
+                self._reorder[(kind, ident)] = (entry, step, note)
                 frames = []
         if reordered is not None:
-            # The held message goes right after this one.
+            entry, step, held = reordered
             try:
-                self._held.remove(reordered)
-                heapq.heapify(self._held)
-                frames = frames + [reordered[4]]
+                self._held.remove(entry)
             except ValueError:
-                pass  # already released by its deadline
+                pass  # already released by its deadline (and reported then)
+            else:
+                heapq.heapify(self._held)
+                if frames:
+                    self._fire(step, f"reordered {held}: delivered after {kind} message {index}")
+                else:
+                    self._fire(step, f"released {held} unreordered: {kind} message {index}, "
+                                     "the next one, was itself dropped or held")
+                # The held message goes right after this one.
+                frames = frames + [entry[4]]
         return frames
+
+    def _partition_of(self, worker: bytes) -> tuple[bytes | str, float] | None:
+        """The partition ``worker`` is in: (its key, when it heals), or None."""
+        until = self._partitions.get(worker)
+        if until is not None:
+            return worker, until
+        if self._host_partitions and self._host_of is not None:
+            host = self._host_of(worker)
+            until = self._host_partitions.get(host) if host else None
+            if until is not None:
+                return host, until
+        return None
+
+    def _partition(self, ident: bytes, seconds: float, now: float) -> str:
+        """Cut off ``ident`` (and every worker of its host, if it has one); says which."""
+        host = self._host_of(ident) if self._host_of is not None else ""
+        if host:
+            self._host_partitions[host] = now + seconds
+            return f"host {host} (every worker of it, {ident.decode()} first)"
+        self._partitions[ident] = now + seconds
+        return ident.decode()
 
     def _partitioned(self, direction: str, worker: bytes, ident: bytes, frames: list[bytes],
                      now: float) -> list[bytes]:
-        until = self._partitions.get(worker)
-        if until is None:
+        cut = self._partition_of(worker)
+        if cut is None:
             return frames
+        key, until = cut
         if now >= until:
-            del self._partitions[worker]
+            if isinstance(key, bytes):
+                del self._partitions[key]
+            else:
+                del self._host_partitions[key]
             return frames
         for f in frames:
             heapq.heappush(self._held, (until, next(self._order), direction, ident, f))
@@ -404,10 +458,10 @@ class FaultEngine:
             try:
                 msg = decode_inbox(frame)
             except ProtocolError:
-                return [frame], None
+                msg = None
             kind = _out_kind(msg)
-            if kind is None:
-                return [frame], None
+            if kind is None:  # not counted, but a partition holds it too
+                return self._partitioned("out", ident, ident, [frame], now), None
             kill: str | None = None
             if kind == "task":
                 assert isinstance(msg, (Call, Chunk, ActorCall))
@@ -422,8 +476,8 @@ class FaultEngine:
                     self._watched[(msg.job, msg.seq, msg.attempt)] = step
                 part = self._partition_by_task.get(number)
                 if part is not None:
-                    self._fire(part, f"partitioned {ident.decode()} for {part.seconds:g} s from task {number}")
-                    self._partitions[ident] = now + part.seconds
+                    what = self._partition(ident, part.seconds, now)
+                    self._fire(part, f"partitioned {what} for {part.seconds:g} s from task {number}")
             elif isinstance(msg, SpawnActor) and msg.restored:
                 number = self._restarts
                 self._restarts += 1
@@ -444,10 +498,10 @@ class FaultEngine:
             try:
                 msg = decode_driver(frame)
             except ProtocolError:
-                return [frame], None
+                msg = None
             kind = _in_kind(msg)
-            if kind is None:
-                return [frame], None
+            if kind is None:  # heartbeats, inspect replies...: not counted, but a partition holds them
+                return self._partitioned("in", worker, ident, [frame], now), None
             kill: str | None = None
             if isinstance(msg, Results) and self._watched:
                 for outcome in msg.outcomes:
@@ -477,16 +531,19 @@ class FaultEngine:
         with self._lock:
             while self._held and self._held[0][0] <= now:
                 entry = heapq.heappop(self._held)
-                for key, held in list(self._reorder.items()):
+                for key, (held, step, note) in list(self._reorder.items()):
                     if held is entry:
                         del self._reorder[key]
+                        self._fire(step, f"released {note} unreordered: no later {key[0]} message on "
+                                         f"that link within {REORDER_HOLD * 1000:g} ms")
                 out.append((entry[2], entry[3], entry[4]))
         return out
 
     def partition_until(self, ident: bytes) -> float | None:
         """When worker ``ident``'s partition heals (None: it is not partitioned)."""
         with self._lock:
-            return self._partitions.get(ident)
+            cut = self._partition_of(ident)
+            return None if cut is None else cut[1]
 
     def forget_worker(self, ident: bytes) -> None:
         """Worker ``ident`` is gone: drop its partition (its held frames still release)."""

@@ -9,6 +9,8 @@ that drives :class:`~phalanx.testing.SimRuntime` sees every frame::
     pump thread ◀── frame_filter("in") ◀── results ROUTER ◀── worker
     release thread: held frames due ──▶ Driver.inject / Driver.send_unfiltered
     KillWorker: SIGKILL by pid (only a live child process of this driver)
+    PartitionHost: every frame to and from the workers of one host is held
+      (remote workers: all those that joined from that host; a local one alone)
 
 Invariant kept: the injector only ever signals processes that are live
 children of this process and that the runtime lists as its workers, and
@@ -72,9 +74,9 @@ class FaultInjector:
     def __init__(self, rt: Runtime, plan: Sequence[Fault]) -> None:
         self.rt = rt
         self.plan = list(plan)
-        self.engine = FaultEngine(self.plan)
-        self.kills: list[tuple[str, int]] = []
         self._driver = rt._driver
+        self.engine = FaultEngine(self.plan, host_of=self._host)
+        self.kills: list[tuple[str, int]] = []
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._release_loop, name="phalanx-testing-release", daemon=True)
@@ -90,6 +92,11 @@ class FaultInjector:
         # Read without the driver's lock: the "out" filter runs with it held.
         w = self._driver._workers.get(ident)
         return w.pid if w is not None else 0
+
+    def _host(self, ident: bytes) -> str:
+        # A remote worker's host, as it said when it joined; a local worker stands alone.
+        w = self._driver._workers.get(ident)
+        return w.host if w is not None and w.remote else ""
 
     def _kill(self, ident: bytes) -> None:
         pid = self._pid(ident)

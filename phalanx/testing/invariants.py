@@ -8,18 +8,22 @@ with a message that says what broke:
   and every expected value arrives exactly once.
 * :func:`check_per_caller_order` -- **per-caller ordering**: what one caller
   sent, in order, was observed in that order.
-* :class:`ProcessLeakCheck` -- **no leaked process**: no child process of the
-  test outlives it (stragglers are killed and reported).
+* :class:`ProcessLeakCheck` -- **no leaked process**: no process the test
+  started outlives it, not even an orphan reparented to init (stragglers are
+  killed and reported).
 * :func:`check_bounded_mailbox` -- **bounded mailbox**: no actor has more
   than ``limit`` calls waiting.
 
 Invariant kept: checkers only observe. :class:`DeliveryLog` wraps the
-delivery callback of the driver *instance* it watches and changes nothing
-else; nothing here sends a message or alters a result.
+delivery and submit callbacks of the driver *instance* it watches and
+changes nothing else; :class:`ProcessLeakCheck` only adds its mark to one
+environment variable while it watches; nothing here sends a message or
+alters a result.
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import threading
@@ -44,8 +48,11 @@ class DeliveryLog:
     """Counts every outcome a runtime's driver delivers, per ``(job, seq)``.
 
     On a :class:`~phalanx.testing.SimRuntime` it reads the simulation's own
-    ledger; on a :class:`phalanx.Runtime` it wraps ``new_job`` of
-    that runtime's driver (create the log before submitting the work to watch).
+    ledgers; on a :class:`phalanx.Runtime` it wraps ``new_job``, ``submit``
+    and ``submit_directed`` of that runtime's driver instance (create the
+    log before submitting the work to watch). ``check()`` fails on anything
+    delivered twice; ``check(complete=True)`` also on anything given to the
+    workers and never delivered (use it once every job has run to its end).
     """
 
     def __init__(self, rt: Any) -> None:
@@ -53,12 +60,31 @@ class DeliveryLog:
 
         self._lock = threading.Lock()
         self._counts: Counter[tuple[int, int]] = Counter()
+        self._kinds: Counter[str] = Counter()
+        self._submitted: set[tuple[int, int]] = set()
         self._sim: SimRuntime | None = rt if isinstance(rt, SimRuntime) else None
         if self._sim is not None:
+            self._sim_before = set(self._sim.submitted)
             return
         driver = rt._driver
         # open_job goes through new_job too: wrapping new_job sees every job once.
         driver.new_job = self._wrap(driver.new_job)
+        submit, directed = driver.submit, driver.submit_directed
+
+        def submitted(job: Any, tasks: list[Any], *args: Any, **kwargs: Any) -> None:
+            with self._lock:
+                self._submitted.update((job.id, task.seq) for task in tasks)
+            submit(job, tasks, *args, **kwargs)
+
+        def submitted_directed(job: Any, msg: Any, *args: Any, **kwargs: Any) -> bool:
+            sent: bool = directed(job, msg, *args, **kwargs)
+            if sent:
+                with self._lock:
+                    self._submitted.add((job.id, msg.seq))
+            return sent
+
+        driver.submit = submitted
+        driver.submit_directed = submitted_directed
 
     def _wrap(self, original: Any) -> Any:
         def wrapped(op: str, deliver: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
@@ -67,6 +93,7 @@ class DeliveryLog:
             def counted(seq: int, outcome: Any) -> None:
                 with self._lock:
                     self._counts[(job_id[0], seq)] += 1
+                    self._kinds[type(outcome).__name__] += 1
                 deliver(seq, outcome)
 
             job = original(op, counted, fail, *args, **kwargs)
@@ -82,14 +109,39 @@ class DeliveryLog:
         with self._lock:
             return dict(self._counts)
 
+    def kinds(self) -> dict[str, int]:
+        """Deliveries so far per kind of outcome (``Ok``, ``Err``, or an exception's class name)."""
+        if self._sim is not None:
+            return dict(self._sim.delivered_kinds)
+        with self._lock:
+            return dict(self._kinds)
+
+    def submitted(self) -> set[tuple[int, int]]:
+        """Every ``(job, seq)`` given to the workers since the log was created."""
+        if self._sim is not None:
+            return set(self._sim.submitted) - self._sim_before
+        with self._lock:
+            return set(self._submitted)
+
     def repeated(self) -> dict[tuple[int, int], int]:
         """``(job, seq)`` delivered more than once."""
         return {k: n for k, n in self.counts().items() if n > 1}
 
-    def check(self) -> None:
-        """Raise AssertionError if anything was delivered twice."""
+    def missing(self) -> list[tuple[int, int]]:
+        """``(job, seq)`` given to the workers and never delivered (so far), in order."""
+        counts = self.counts()
+        return sorted(k for k in self.submitted() if not counts.get(k))
+
+    def check(self, complete: bool = False) -> None:
+        """Raise AssertionError if anything was delivered twice (or, with ``complete``, never)."""
         repeated = self.repeated()
         assert not repeated, f"exactly-once delivery broken: delivered more than once: {repeated}"
+        if complete:
+            missing = self.missing()
+            assert not missing, (
+                f"exactly-once delivery broken: given to the workers, never delivered: {missing[:20]}"
+                + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+            )
 
 
 def check_exactly_once(got: Iterable[Hashable], expected: Iterable[Hashable]) -> None:
@@ -131,16 +183,19 @@ def check_per_caller_order(observed: Iterable[tuple[Hashable, int]],
             )
 
 
-def check_bounded_mailbox(rt: Any, limit: int) -> None:
-    """No actor of ``rt`` has more than ``limit`` calls waiting (from ``rt.inspect()``).
+def check_bounded_mailbox(rt: Any, limit: int, *, timeout: float = 1.0) -> None:
+    """No actor of ``rt`` has more than ``limit`` calls waiting now (from ``rt.inspect(timeout)``).
 
-    On a :class:`~phalanx.testing.SimRuntime` the high-water mark since it
-    started (``rt.max_mailbox``) is checked too, not only the present.
+    On a real :class:`phalanx.Runtime` these are the mailbox lengths the
+    workers report to ``inspect()`` (a worker that does not answer within
+    ``timeout`` is not checked). On a :class:`~phalanx.testing.SimRuntime`
+    the high-water mark since it started (``rt.max_mailbox``) is checked
+    too, not only the present.
     """
     peak = getattr(rt, "max_mailbox", None)
     if isinstance(peak, int):
         assert peak <= limit, f"bounded mailbox broken: an actor's mailbox reached {peak} > {limit}"
-    for worker in rt.inspect().workers:
+    for worker in rt.inspect(timeout).workers:
         for actor in worker.actors:
             assert actor.mailbox <= limit, (
                 f"bounded mailbox broken: actor {actor.id} ({actor.cls}) on {worker.id} has "
@@ -151,6 +206,10 @@ def check_bounded_mailbox(rt: Any, limit: int) -> None:
 # --------------------------------------------------------------------------- #
 # Process leaks
 # --------------------------------------------------------------------------- #
+
+#: the environment variable marking processes started inside a ProcessLeakCheck
+LEAK_MARK = "PHALANX_TESTING_LEAK_MARK"
+_MARKS = itertools.count(1)
 
 #: per-interpreter multiprocessing helpers kept for the whole session (not leaks)
 _HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
@@ -184,7 +243,7 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 class ProcessLeakCheck:
-    """No child process started inside the block survives it (after ``grace`` seconds).
+    """No process started inside the block survives it (after ``grace`` seconds).
 
     ::
 
@@ -192,18 +251,56 @@ class ProcessLeakCheck:
             with phalanx.Runtime(workers=2) as rt:
                 ...
 
-    Stragglers are SIGKILLed, reaped, and reported in the AssertionError
-    with their pids and command lines. ``check()`` does the same without
-    raising and returns the report lines.
+    It sees two kinds of process: descendants of this process that were not
+    there on entry, and any process carrying this check's mark in its
+    environment (``PHALANX_TESTING_LEAK_MARK``, set in ``os.environ`` on
+    entry and inherited by whatever is started meanwhile) -- so an orphan
+    that was reparented to init is still found. A process started with a
+    cleaned environment, or forked from a server started before the check
+    (multiprocessing's forkserver), is seen only while it is a descendant.
+    Stragglers are SIGKILLed, reaped when they are our children, and
+    reported in the AssertionError with their pids and command lines.
+    ``check()`` does the same without raising and returns the report lines.
     """
 
     def __init__(self, grace: float = 3.0) -> None:
         self.grace = grace
         self.before: set[_Key] = set()
+        self.mark = f"{os.getpid()}-{next(_MARKS)}-{os.urandom(4).hex()}"
+        self._since = 0.0
+        self._orphans: set[int] = set()
 
     def __enter__(self) -> ProcessLeakCheck:
         self.before = _children()
+        self._since = time.time()
+        marks = os.environ.get(LEAK_MARK)
+        os.environ[LEAK_MARK] = f"{marks}:{self.mark}" if marks else self.mark
         return self
+
+    def _unmark(self) -> None:
+        """Stop marking what is started from now on (the check is over)."""
+        marks = [m for m in os.environ.get(LEAK_MARK, "").split(":") if m and m != self.mark]
+        if marks:
+            os.environ[LEAK_MARK] = ":".join(marks)
+        else:
+            os.environ.pop(LEAK_MARK, None)
+
+    def _marked(self, seen: set[int]) -> list[psutil.Process]:
+        """Live processes carrying this check's mark that are not our descendants."""
+        out: list[psutil.Process] = []
+        me = os.getpid()
+        # Started within the block (a second of slack: create times are coarse).
+        for proc in psutil.process_iter(["create_time"]):
+            created = proc.info.get("create_time")
+            if proc.pid == me or proc.pid in seen or created is None or created < self._since - 1.0:
+                continue
+            try:
+                marks = proc.environ().get(LEAK_MARK, "")
+            except psutil.Error:
+                continue  # gone, or another user's
+            if self.mark in marks.split(":") and _alive(proc):
+                out.append(proc)
+        return out
 
     def _new_live(self) -> list[psutil.Process]:
         # Let multiprocessing reap the children it knows about (its own waitpid
@@ -213,7 +310,8 @@ class ProcessLeakCheck:
         out: list[psutil.Process] = []
         zombies: list[psutil.Process] = []
         me = os.getpid()
-        for proc in psutil.Process().children(recursive=True):
+        descendants = psutil.Process().children(recursive=True)
+        for proc in descendants:
             key = _key(proc)
             if key is None or key in self.before or any(h in _cmdline(proc) for h in _HELPERS):
                 continue
@@ -227,16 +325,20 @@ class ProcessLeakCheck:
                 pass
         if zombies:
             psutil.wait_procs(zombies, timeout=0)
-        return out
+        orphans = self._marked({p.pid for p in descendants})
+        self._orphans = {p.pid for p in orphans}
+        return out + orphans
 
     def check(self) -> list[str]:
-        """Wait up to ``grace`` for new children to exit; kill and report the rest."""
+        """Wait up to ``grace`` for new processes to exit; kill and report the rest."""
+        self._unmark()
         deadline = time.monotonic() + self.grace
         leaked = self._new_live()
         while leaked and time.monotonic() < deadline:
             time.sleep(0.05)
             leaked = self._new_live()
-        report = [f"pid {p.pid}: {_cmdline(p)}" for p in leaked]
+        report = [f"pid {p.pid}: {_cmdline(p)}" + (" (an orphan: no longer a descendant of this process)"
+                                                    if p.pid in self._orphans else "") for p in leaked]
         for proc in leaked:
             try:
                 proc.kill()
@@ -252,5 +354,5 @@ class ProcessLeakCheck:
         report = self.check()
         if report and exc_type is None:
             raise AssertionError(
-                f"leaked {len(report)} child process(es) of pid {os.getpid()} (killed):\n  " + "\n  ".join(report)
+                f"leaked {len(report)} process(es) started by pid {os.getpid()} (killed):\n  " + "\n  ".join(report)
             )

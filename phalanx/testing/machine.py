@@ -7,7 +7,9 @@ after every step:
 
 * **exactly-once delivery** -- no outcome handed to a caller twice
   (:class:`~phalanx.testing.DeliveryLog`);
-* **bounded mailbox** -- no actor with more than ``mailbox_limit`` calls waiting;
+* **bounded mailbox** -- no actor with more than ``mailbox_limit`` calls waiting
+  (on a SimRuntime, ever; on real workers, at each check, as their
+  ``inspect()`` reports it);
 * **not broken** -- the runtime still accepts work;
 * **no leaked process** -- on a real runtime, nothing it started survives
   teardown (:class:`~phalanx.testing.ProcessLeakCheck`).
@@ -55,14 +57,17 @@ class ActorSystemMachine(RuleBasedStateMachine):
 
     Class attributes to override: ``runtime_kind`` (``"sim"`` or ``"real"``),
     ``workers``, ``faults`` (a plan, or a strategy of plans drawn once per
-    example), ``mailbox_limit``, ``runtime_options`` (more keyword arguments
-    for the runtime). Put per-example setup in :meth:`setup`.
+    example), ``mailbox_limit``, ``inspect_timeout``, ``runtime_options``
+    (more keyword arguments for the runtime). Put per-example setup in
+    :meth:`setup`.
     """
 
     runtime_kind: ClassVar[str] = "sim"
     workers: ClassVar[int] = 2
     faults: ClassVar[Any] = None
     mailbox_limit: ClassVar[int] = 10_000
+    #: seconds a real worker has to report its mailboxes after each step (a silent one is not checked)
+    inspect_timeout: ClassVar[float] = 1.0
     runtime_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self) -> None:
@@ -120,8 +125,8 @@ class ActorSystemMachine(RuleBasedStateMachine):
         self.log.check()
         broken = rt.broken if isinstance(rt, SimRuntime) else rt._driver.broken
         assert broken is None, f"the runtime broke: {broken}"
-        if isinstance(rt, SimRuntime):
-            check_bounded_mailbox(rt, self.mailbox_limit)
+        # On real workers: the mailboxes they report now (one inspect round trip a step).
+        check_bounded_mailbox(rt, self.mailbox_limit, timeout=self.inspect_timeout)
 
     def teardown(self) -> None:
         try:

@@ -34,6 +34,9 @@ atomically and takes ``task_time`` virtual seconds plus whatever it passes to
 :func:`phalanx.testing.sleep`; frames a worker sent before it died still
 reach the driver, before its death is noticed; local workers are never
 declared lost by heartbeats (set ``heartbeat_timeout`` to model remote ones).
+Not modelled: channels (``lease``), worker tags other than "default", remote
+workers (``address``, ``wait_for_workers``); asking for them raises an error
+that says so.
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ import random
 import time
 import typing
 from collections import Counter, deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Generic, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar, cast, overload
 
 from .. import worker as _worker_module
 from ..actors.events import ActorEvent as Event
@@ -56,6 +59,8 @@ from ..actors.events import Failed, RestartFailed, Started, Stopped
 from ..actors.ref import ActorRef
 from ..actors.system import ActorNode, RuntimeTree, WorkerNode
 from ..config import Config
+from ..directives import Directive, Fold, IndexedChain
+from ..directives import Chain as _Chain
 from ..driver import SKIPPED, RuntimeStats, Task, WorkerStats
 from ..errors import (
     ActorDiedError,
@@ -68,8 +73,8 @@ from ..errors import (
     Transient,
     WorkerCrashedError,
 )
-from ..jobs import MISSING, Future, _ChunkSizer, _length, fold_on, options_for
-from ..policy import FatalStrategy, RetryStrategy, TaskOptions
+from ..jobs import MISSING, Future, _ChunkSizer, _length, chain_options, fold_on, options_for
+from ..policy import DEFAULT_TAG, FatalStrategy, RetryStrategy, TaskOptions
 from ..registry.actors import actor_name_of, actor_type_hint, resolve_actor
 from ..registry.operations import Operation, driver_operation, name_of, resolve
 from ..transport.codec import convert, decode_driver, decode_inbox, encode, error_info, rebuild_error
@@ -91,12 +96,13 @@ from ..transport.messages import (
 )
 from .faults import Fault, FaultEngine, resolve_plan
 
-__all__ = ["SimRuntime", "SimJobOptions", "SimMapIterator", "HangError", "sleep"]
+__all__ = ["SimRuntime", "SimJobOptions", "SimMapIterator", "SimJobHandle", "HangError", "sleep"]
 
 A = TypeVar("A")
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+Y = TypeVar("Y")
 
 Delivery = Ok | Err | BaseException
 
@@ -106,6 +112,21 @@ NOTICE_DELAY = 0.0
 START_DELAY = 0.01
 #: steps one wait may take before the simulation is declared runaway
 MAX_STEPS = 2_000_000
+
+
+#: members of phalanx.Runtime a SimRuntime does not model, and why (raised as AttributeError)
+_NOT_MODELLED = {
+    "lease": "channels (rt.lease) are not modelled",
+    "worker_tags": "every simulated worker serves the 'default' tag; routing by tag is not modelled",
+    "wait_for_workers": "simulated workers are ready at once and remote workers are not modelled",
+    "address": "a SimRuntime listens nowhere: remote workers are not modelled",
+    "endpoints": "a SimRuntime has no sockets",
+}
+
+
+def _check_on(on: str | None) -> None:
+    if on is not None and on != DEFAULT_TAG:
+        raise ValueError(f"on={on!r}: {_NOT_MODELLED['worker_tags']} (use a real phalanx.Runtime)")
 
 
 class HangError(TaskTimeoutError):
@@ -308,11 +329,14 @@ class SimMapIterator(Iterator[R], Generic[R]):
 
     def __init__(self, sim: SimRuntime, fn: Callable[..., R] | str, iterables: tuple[Iterable[Any], ...],
                  chunksize: int | None, ordered: bool, timeout: float | None, workers: int,
-                 options: TaskOptions | None = None) -> None:
+                 options: TaskOptions | None = None, stages: Sequence[Callable[..., Any] | str] = (),
+                 indexed: bool = False) -> None:
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         self._op_name = name_of(fn)
         self._op = driver_operation(fn)
+        self._stages = [name_of(stage) for stage in stages]
+        self._indexed = indexed
         self._done = True
         self._star = len(iterables) > 1
         self._input: Iterator[Any] = zip(*iterables) if self._star else iter(iterables[0])
@@ -321,7 +345,8 @@ class SimMapIterator(Iterator[R], Generic[R]):
         self._sim = sim
         self._deadline = None if timeout is None else sim.now + timeout
         self._window = 4 * max(1, workers) + 2
-        self._lease = _Lease(sim, self._op_name, options_for(self._op, options))
+        self._lease = _Lease(sim, self._op_name,
+                             chain_options([*(driver_operation(stage) for stage in stages), self._op], options))
         self._seqs = itertools.count()
         self._starts: dict[int, int] = {}
         self._read = 0
@@ -351,15 +376,23 @@ class SimMapIterator(Iterator[R], Generic[R]):
             seq = next(self._seqs)
             self._starts[seq] = self._read
             self._read += len(items)
-            msg = Chunk(job.id, seq, 0, self._op_name, items, self._star, False, job.timeout)
+            msg = Chunk(job.id, seq, 0, self._op_name, items, self._star, False, job.timeout, self._stages)
             tasks.append(Task(msg, encode(msg, "the arguments of {}", self._op_name), len(items)))
         if tasks:
             for task in tasks:
                 self._sent_at[task.seq] = self._sim.now
             self._sim._submit_tasks(job, tasks)
 
-    def _convert(self, values: list[Any]) -> list[Any]:
+    def _convert(self, values: list[Any], seq: int) -> list[Any]:
         op = self._op
+        if self._indexed:
+            start = self._starts.get(seq, 0)
+            values = [(start + i, v) for i, v in enumerate(values)]
+            if self._lease.job.skipped:
+                values = [p for p in values if p[1] is not SKIPPED]
+            if op is None or op.returns is Any or op.returns is object:
+                return values
+            return [(i, op.convert_result(v)) for i, v in values]
         if self._lease.job.skipped:
             values = [v for v in values if v is not SKIPPED]
         if op is None or op.returns is Any or op.returns is object:
@@ -409,11 +442,11 @@ class SimMapIterator(Iterator[R], Generic[R]):
                 self._sizer.observe(self._sim.now - sent)
             exc: BaseException | None
             if isinstance(outcome, Ok):
-                values, exc = self._convert(outcome.value), None
+                values, exc = self._convert(outcome.value, seq), None
             elif isinstance(outcome, BaseException):
                 values, exc = [], outcome
             else:
-                values, exc = self._convert(outcome.partial or []), _outcome_error(outcome)
+                values, exc = self._convert(outcome.partial or [], seq), _outcome_error(outcome)
             if self._ordered:
                 if exc is not None:
                     self._exhausted = True
@@ -447,6 +480,141 @@ class SimMapIterator(Iterator[R], Generic[R]):
             self.close()
         except Exception:
             pass
+
+
+class SimJobHandle(Generic[Y, R]):
+    """What :meth:`SimRuntime.run` returns: the :class:`phalanx.JobHandle` contract, simulated.
+
+    Iterate it for the results (a chain's in input order, an indexed
+    chain's ``(index, result)`` pairs as they finish, a fold's one value),
+    or call ``result()`` for all of them; not both. ``cancel()``, ``done()``,
+    ``cancelled()``, ``with`` and ``await`` work as on a real handle. As
+    everywhere on a SimRuntime, nothing runs until it is waited on, and
+    ``timeout`` is virtual; a ``result(timeout)`` that expires ends the job
+    (a real handle's job runs on).
+    """
+
+    def __init__(self, sim: SimRuntime, directive: Directive[Any], chunksize: int | None, timeout: float | None,
+                 options: TaskOptions | None) -> None:
+        if not isinstance(directive, Directive):
+            raise TypeError(f"run() needs a directive (Literal(...).map(...)...), got {type(directive).__name__}")
+        if chunksize is not None and chunksize < 1:
+            raise ValueError(f"chunksize must be >= 1, got {chunksize}")
+        sim._check_open()
+        items, stages = directive._items, directive._stages
+        self._indexed = isinstance(directive, IndexedChain)
+        self._timeout = timeout
+        self._it: Iterator[Any] | None = None
+        self._fold: Callable[[float | None], Any] | None = None
+        self._has_result = False
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._ended = False
+        self._iterated = False
+        self._fold_yielded = False
+        if isinstance(directive, Fold):
+            monoid = directive._monoid
+            resolved = chain_options([*(driver_operation(st) for st in stages), driver_operation(monoid)], options)
+            if resolved is not None and resolved.on_fatal is FatalStrategy.IGNORE:
+                raise ValueError("fold needs every item: on_fatal=Ignore is for map")
+            self._fold = lambda limit: sim._fold(monoid, items, MISSING, chunksize, limit, options, stages=stages)
+        elif stages:
+            self._it = SimMapIterator(sim, stages[-1], (items,), chunksize, not self._indexed, timeout,
+                                      sim.config.workers, options, stages=stages[:-1], indexed=self._indexed)
+        else:
+            self._it = enumerate(items) if self._indexed else iter(items)
+
+    def done(self) -> bool:
+        """True once the job has ended: every result received, or failed, or cancelled."""
+        return self._has_result or self._ended or self._cancelled or self._error is not None
+
+    def cancelled(self) -> bool:
+        """True if :meth:`cancel` ended the job."""
+        return self._cancelled
+
+    def cancel(self) -> bool:
+        """End the job (its queued tasks are dropped); False if it had already ended."""
+        if self.done():
+            return False
+        self._cancelled = True
+        if isinstance(self._it, SimMapIterator):
+            self._it.close()
+        return True
+
+    def _raise_if_over(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._cancelled:
+            raise TaskCancelledError("the job was cancelled")
+
+    def result(self, timeout: float | None = None) -> R:
+        """Run the simulation until the job is done; its result (the list, or the folded value)."""
+        if self._has_result:
+            return self._result  # type: ignore[no-any-return]
+        self._raise_if_over()
+        if self._iterated:
+            raise RuntimeError("some results were already consumed by iterating over the job: "
+                               "iterate over it to the end, or call result() without iterating")
+        try:
+            if self._fold is not None:
+                limits = [t for t in (timeout, self._timeout) if t is not None]
+                limit = min(limits) if limits else None
+                value: Any = self._fold(limit)
+            else:
+                assert self._it is not None
+                if timeout is not None and isinstance(self._it, SimMapIterator):
+                    deadline = self._it._sim.now + timeout
+                    old = self._it._deadline
+                    self._it._deadline = deadline if old is None else min(old, deadline)
+                value = list(self._it)
+                if self._indexed:
+                    value = [v for _, v in sorted(value, key=lambda pair: pair[0])]
+        except Exception as exc:
+            self._error = exc
+            raise
+        self._has_result, self._result = True, value
+        return value  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Iterator[Y]:
+        if self._has_result and self._fold is None:
+            done: Iterable[Any] = enumerate(self._result) if self._indexed else self._result
+            return iter(done)
+        return self
+
+    def __next__(self) -> Y:
+        if self._fold is not None:
+            if self._fold_yielded:
+                raise StopIteration
+            value = self.result()
+            self._fold_yielded = True
+            return value  # type: ignore[return-value]
+        if self._has_result or self._ended:
+            raise StopIteration
+        self._raise_if_over()
+        assert self._it is not None
+        try:
+            item = next(self._it)
+        except StopIteration:
+            self._ended = True
+            raise
+        except Exception as exc:
+            self._error = exc
+            raise
+        self._iterated = True
+        return item  # type: ignore[no-any-return]
+
+    def __await__(self) -> Generator[Any, None, R]:
+        yield from ()
+        return self.result()
+
+    def __enter__(self) -> SimJobHandle[Y, R]:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if not self.done():
+            self.cancel()
 
 
 # --------------------------------------------------------------------------- #
@@ -926,7 +1094,7 @@ class SimRuntime:
 
     def __init__(
         self,
-        workers: int = 2,
+        workers: int | dict[str, int] = 2,
         *,
         seed: int | random.Random = 0,
         faults: Any = None,
@@ -939,6 +1107,10 @@ class SimRuntime:
         task_time: float = 0.001,
         record: bool = True,
     ) -> None:
+        if isinstance(workers, dict):
+            if set(workers) - {DEFAULT_TAG}:
+                raise TypeError(f"SimRuntime(workers={workers!r}): {_NOT_MODELLED['worker_tags']}")
+            workers = workers.get(DEFAULT_TAG, 0)
         if workers < 1:
             raise ValueError(f"a SimRuntime needs at least one worker, got {workers}")
         self.config = Config(workers=workers, credits=credits, max_attempts=max_attempts,
@@ -954,6 +1126,10 @@ class SimRuntime:
         self._record_on = record
         #: deliveries per (job, seq): the exactly-once ledger
         self.deliveries: Counter[tuple[int, int]] = Counter()
+        #: deliveries per kind of outcome (``Ok``, ``Err``, or an exception's class name)
+        self.delivered_kinds: Counter[str] = Counter()
+        #: every (job, seq) given to the workers (what ``deliveries`` should end up holding once)
+        self.submitted: set[tuple[int, int]] = set()
         #: the highest number of calls waiting in any actor's mailbox
         self.max_mailbox = 0
         self.now = 0.0
@@ -1284,6 +1460,7 @@ class SimRuntime:
             self._jobs[job.id] = job
         for task in tasks:
             job.outstanding[task.seq] = task
+            self.submitted.add((job.id, task.seq))
         self._pending.extend(tasks)
         self._counters["tasks_submitted"] += len(tasks)
         self._dispatch()
@@ -1354,6 +1531,7 @@ class SimRuntime:
             return False
         job.outstanding[task.seq] = task
         w.inflight[(task.job, task.seq)] = task
+        self.submitted.add((job.id, task.seq))
         self._counters["tasks_submitted"] += 1
         self._record("send", w.id, "ActorCall", msg.job, msg.seq, msg.method)
         self._send(w, frame)
@@ -1449,6 +1627,7 @@ class SimRuntime:
 
     def _deliver(self, job: _Job, seq: int, outcome: Delivery) -> None:
         self.deliveries[(job.id, seq)] += 1
+        self.delivered_kinds[type(outcome).__name__] += 1
         self._record("deliver", job.id, seq, type(outcome).__name__)
         try:
             job.deliver(seq, outcome)
@@ -1632,6 +1811,33 @@ class SimRuntime:
             if isinstance(task, Call):
                 calls = 1
                 value = self._call(op, task.args, task.kwargs)
+            elif task.stages:
+                # A directive chain: every stage of an item runs here, in this task.
+                combine = op
+                stages = [resolve(name) for name in task.stages]
+                mapped: list[Any] = []
+                for item in task.items:
+                    for index, stage in enumerate(stages):
+                        calls += 1
+                        op = stage
+                        item = self._call(stage, item if task.star and index == 0 else [item], None)
+                    if not task.fold:
+                        calls += 1
+                        op = combine
+                        item = self._call(combine, [item], None)
+                        ctx.values.append(item)
+                    else:
+                        mapped.append(item)
+                op = combine
+                if not task.fold:
+                    value = ctx.values
+                else:
+                    if not mapped:
+                        raise ValueError("empty fold chunk")
+                    value = mapped[0]
+                    for index in range(1, len(mapped)):
+                        calls += 1
+                        value = self._call(combine, [value, mapped[index]], None)
             elif task.fold:
                 if not task.items:
                     raise ValueError("empty fold chunk")
@@ -1738,8 +1944,9 @@ class SimRuntime:
     # ---- public API: work ------------------------------------------------------------------
 
     def options(self, *, retry: RetryStrategy | None = None, on_fatal: FatalStrategy | None = None,
-                timeout: float | None = None) -> SimJobOptions:
-        """The same runtime with per-job options (see :meth:`phalanx.Runtime.options`)."""
+                timeout: float | None = None, on: str | None = None) -> SimJobOptions:
+        """The same runtime with per-job options (see :meth:`phalanx.Runtime.options`; ``on``: "default" only)."""
+        _check_on(on)
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
         return SimJobOptions(self, TaskOptions(retry=retry, on_fatal=on_fatal, timeout=timeout))
@@ -1764,8 +1971,10 @@ class SimRuntime:
         return fut
 
     def map(self, fn: Callable[..., R] | str, /, *iterables: Iterable[Any], chunksize: int | None = None,
-            ordered: bool = True, timeout: float | None = None, progress: bool = False) -> SimMapIterator[R]:
-        """Apply ``fn`` to every item, streaming (see :meth:`phalanx.Runtime.map`)."""
+            ordered: bool = True, timeout: float | None = None, progress: bool = False,
+            on: str | None = None) -> SimMapIterator[R]:
+        """Apply ``fn`` to every item, streaming (see :meth:`phalanx.Runtime.map`; ``on``: "default" only)."""
+        _check_on(on)
         return SimMapIterator(self, fn, iterables, chunksize, ordered, timeout, self.config.workers)
 
     def _map(self, fn: Callable[..., R] | str, iterables: tuple[Iterable[Any], ...], chunksize: int | None,
@@ -1773,15 +1982,38 @@ class SimRuntime:
         return SimMapIterator(self, fn, iterables, chunksize, ordered, timeout, self.config.workers, options)
 
     def fold(self, fn: Callable[[T, T], T] | str, iterable: Iterable[T], /, *, initial: T = MISSING,
-             chunksize: int | None = None, timeout: float | None = None) -> T:
-        """Combine all items with the associative ``fn(lower, upper)`` in exactly n-1 calls."""
+             chunksize: int | None = None, timeout: float | None = None, on: str | None = None) -> T:
+        """Combine all items with the associative ``fn(lower, upper)`` in exactly n-1 calls (``on``: "default" only)."""
+        _check_on(on)
         return self._fold(fn, iterable, initial, chunksize, timeout, None)  # type: ignore[no-any-return]
 
+    @overload
+    def run(self, directive: Fold[T], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> SimJobHandle[T, T]: ...
+    @overload
+    def run(self, directive: IndexedChain[T], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> SimJobHandle[tuple[int, T], list[T]]: ...
+    @overload
+    def run(self, directive: _Chain[T], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> SimJobHandle[T, list[T]]: ...
+
+    def run(self, directive: Directive[Any], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> SimJobHandle[Any, Any]:
+        """Run a directive chain as one job (see :meth:`phalanx.Runtime.run`): a :class:`SimJobHandle`.
+
+        Every map stage of an item runs in the task of its chunk, and a fold's
+        chunks are reduced where they were mapped, as on real workers, so a
+        fault plan counts the same tasks on both.
+        """
+        return SimJobHandle(self, directive, chunksize, timeout, None)
+
     def _fold(self, fn: Callable[..., Any] | str, iterable: Iterable[Any], initial: Any, chunksize: int | None,
-              timeout: float | None, options: TaskOptions | None) -> Any:
+              timeout: float | None, options: TaskOptions | None,
+              stages: Sequence[Callable[..., Any] | str] = ()) -> Any:
         return fold_on(
             lambda op_name, resolved: _Lease(self, op_name, resolved), self._submit_tasks, self._close_job,
             lambda: self.now, fn, iterable, initial, chunksize, timeout, self.config.workers, options,
+            stages=stages,
         )
 
     # ---- public API: actors -------------------------------------------------------------------
@@ -1791,6 +2023,8 @@ class SimRuntime:
               checkpoint_interval: float = 0.0, timeout: float | None = None, **kwargs: Any) -> ActorRef[A]:
         """Start an actor and return a :class:`phalanx.ActorRef` (see :meth:`phalanx.Runtime.spawn`)."""
         self._check_open()
+        if on == DEFAULT_TAG:
+            on = None  # every simulated worker serves the default tag
         actor = self._actors.spawn(cls, args, kwargs, on=on, name=name, detached=detached,
                                    restart_policy=restart_policy, checkpoint_every=checkpoint_every,
                                    checkpoint_interval=checkpoint_interval, timeout=timeout)
@@ -1882,6 +2116,15 @@ class SimRuntime:
     def __enter__(self) -> SimRuntime:
         return self
 
+    if not TYPE_CHECKING:  # mypy keeps checking attribute names; users get a reason at run time
+
+        def __getattr__(self, name: str) -> NoReturn:
+            reason = _NOT_MODELLED.get(name)
+            if reason is None:
+                raise AttributeError(f"'SimRuntime' object has no attribute {name!r}")
+            raise AttributeError(f"SimRuntime has no {name!r}: {reason} (docs/testing.md lists what "
+                                 "SimRuntime models; use a real phalanx.Runtime for this)")
+
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.shutdown(wait=exc_type is None)
@@ -1913,4 +2156,9 @@ class SimJobOptions:
              chunksize: int | None = None, timeout: float | None = None) -> T:
         """:meth:`SimRuntime.fold` with these options."""
         return self._rt._fold(fn, iterable, initial, chunksize, timeout, self._options)  # type: ignore[no-any-return]
+
+    def run(self, directive: Directive[Any], /, *, chunksize: int | None = None,
+            timeout: float | None = None) -> SimJobHandle[Any, Any]:
+        """:meth:`SimRuntime.run` with these options."""
+        return SimJobHandle(self._rt, directive, chunksize, timeout, self._options)
 
