@@ -17,7 +17,7 @@ it down in teardown. The model records what every future must resolve to:
   unaffected (their futures still resolve to the model).
 
 Invariants after every step: nothing was delivered twice (counted where the
-driver delivers, see ``chaos_ops.DeliveryLog``), the runtime is not broken,
+driver delivers, see ``phalanx.testing.DeliveryLog``), the runtime is not broken,
 a duplicate result needs a redelivered task (or a map that failed and
 forgot its later tasks), and a late result needs a cause (a kill, a map
 ended early, a fatal failure).
@@ -44,11 +44,11 @@ from hypothesis.stateful import (
 )
 
 import phalanx
+from phalanx.testing import DeliveryLog
 
 import chaos_ops
 import fault_ops
 from chaos_ops import (
-    DeliveryLog,
     ThreadWatch,
     expected,
     kill_child,
