@@ -47,7 +47,7 @@ def remote(keys: Keys, mode: str, extra: list[str], hosts_n: int, env: dict[str,
         assert drv.stdout is not None
         port = drv.stdout.readline().strip().rsplit(":", 1)[1]
         workers = [RemoteHost(f"tcp://{addr}:{port}", f"host-{i}", keys.worker_args(), netns=ns,
-                              heartbeat_timeout=3.0)
+                              heartbeat_timeout=3.0, host_name=f"host-{i}")
                    for i, ((_, addr), ns) in enumerate(zip(hosts.links, hosts.workers))]
         try:
             line = drv.stdout.readline()
