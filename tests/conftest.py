@@ -18,6 +18,7 @@ Runs in the test (driver) process only.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -168,3 +169,15 @@ def module_runtime() -> Iterator[phalanx.Runtime]:
             yield rt
         finally:
             rt.shutdown()
+
+
+@pytest.fixture
+def phalanx_logger() -> Iterator[logging.Logger]:
+    """The ``phalanx`` logger, with its level and handlers restored afterwards (log_level adds one)."""
+    logger = logging.getLogger("phalanx")
+    level, handlers = logger.level, list(logger.handlers)
+    try:
+        yield logger
+    finally:
+        logger.setLevel(level)
+        logger.handlers[:] = handlers

@@ -645,6 +645,21 @@ OLD_PROCESS_DIES: dict[str, tuple[str, bool, str, list[tuple[Any, ...]], list[in
 }
 
 
+def restart_in_thread(ref: phalanx.ActorRef) -> tuple[threading.Thread, list[bool | BaseException]]:
+    """Start ``ref.restart()`` in a thread; the list gets its result or exception."""
+    outcome: list[bool | BaseException] = []
+
+    def restart() -> None:
+        try:
+            outcome.append(ref.restart(timeout=T))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    th = threading.Thread(target=restart)
+    th.start()
+    return th, outcome
+
+
 @pytest.mark.parametrize("case", list(OLD_PROCESS_DIES))
 def test_old_process_dies_during_hot_restart(runtime: phalanx.Runtime, tmp_path: Path, case: str) -> None:
     """The old instance's process is SIGKILLed while a hot restart is paused (in save(), or in
@@ -656,16 +671,7 @@ def test_old_process_dies_during_hot_restart(runtime: phalanx.Runtime, tmp_path:
     ref = rt.spawn(Handover, flags, hold, fail_restore, restart_policy=policy)
     assert [ref.incr().result(timeout=T) for _ in range(3)] == [1, 2, 3]
     pid = ref.pid().result(timeout=T)
-    outcome: list[bool | BaseException] = []
-
-    def restart() -> None:
-        try:
-            outcome.append(ref.restart(timeout=T))
-        except BaseException as exc:
-            outcome.append(exc)
-
-    th = threading.Thread(target=restart)
-    th.start()
+    th, outcome = restart_in_thread(ref)
     try:
         paused = tmp_path / ("saving" if hold == "save" else "restoring")
         wait_until(paused.exists, f"the hot restart to reach {paused.name}")
@@ -715,16 +721,7 @@ def test_new_process_dies_as_hot_restart_starts(runtime: phalanx.Runtime, tmp_pa
     ref = rt.spawn(Handover, flags, "restore")
     assert [ref.incr().result(timeout=T) for _ in range(3)] == [1, 2, 3]
     pid = ref.pid().result(timeout=T)
-    outcome: list[bool | BaseException] = []
-
-    def restart() -> None:
-        try:
-            outcome.append(ref.restart(timeout=T))
-        except BaseException as exc:
-            outcome.append(exc)
-
-    th = threading.Thread(target=restart)
-    th.start()
+    th, outcome = restart_in_thread(ref)
     try:
         wait_until((tmp_path / "restoring").exists, "restore() to begin")
         target = int((tmp_path / "restoring").read_text().split()[0])

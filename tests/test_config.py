@@ -18,7 +18,6 @@ import inspect
 import logging
 import os
 import signal
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import pytest
@@ -253,18 +252,6 @@ def test_remote_workers_get_the_options(capsys: pytest.CaptureFixture[str]) -> N
 # --------------------------------------------------------------------------- #
 # The options reach the code that uses them
 # --------------------------------------------------------------------------- #
-
-
-@pytest.fixture
-def phalanx_logger() -> Iterator[logging.Logger]:
-    """The ``phalanx`` logger, with its level and handlers restored afterwards (log_level adds one)."""
-    logger = logging.getLogger("phalanx")
-    level, handlers = logger.level, list(logger.handlers)
-    try:
-        yield logger
-    finally:
-        logger.setLevel(level)
-        logger.handlers[:] = handlers
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])  # spawn: nothing inherited, all from the spec

@@ -214,25 +214,24 @@ def fuzz_ctx() -> Iterator[zmq.Context[Any]]:
         ctx.destroy(linger=0)
 
 
+def _decoded(parts: list[bytes]) -> object:
+    """The message of a one-frame send the driver can decode, else None."""
+    if len(parts) != 1:
+        return None
+    try:
+        return decode_driver(parts[0])
+    except phalanx.ProtocolError:
+        return None
+
+
 def _is_request(parts: list[bytes]) -> bool:
     """A well-formed inspect query (``phalanx top``): the driver answers those."""
-    if len(parts) != 1:
-        return False
-    try:
-        msg = decode_driver(parts[0])
-    except phalanx.ProtocolError:
-        return False
-    return type(msg).__name__ == "InspectQuery"
+    return type(_decoded(parts)).__name__ == "InspectQuery"
 
 
 def _is_join(parts: list[bytes], identity: bytes) -> bool:
     """A well-formed Hello whose worker name is the sender's identity (a remote worker joining)."""
-    if len(parts) != 1:
-        return False
-    try:
-        msg = decode_driver(parts[0])
-    except phalanx.ProtocolError:
-        return False
+    msg = _decoded(parts)
     return isinstance(msg, messages.Hello) and msg.worker.encode() == identity
 
 

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -236,18 +235,6 @@ def test_prefix_setting(monkeypatch: pytest.MonkeyPatch, raw: str | None, given:
     else:
         monkeypatch.setenv(logs.PREFIX_ENV, raw)
     assert logs.prefix_output_enabled(given) is enabled
-
-
-@pytest.fixture
-def phalanx_logger() -> Iterator[logging.Logger]:
-    """The ``phalanx`` logger, with its level and handlers restored afterwards."""
-    logger = logging.getLogger("phalanx")
-    level, handlers = logger.level, list(logger.handlers)
-    try:
-        yield logger
-    finally:
-        logger.setLevel(level)
-        logger.handlers[:] = handlers
 
 
 def test_library_logger_is_silent_by_default(phalanx_logger: logging.Logger) -> None:
