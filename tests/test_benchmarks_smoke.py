@@ -27,18 +27,18 @@ OWN_PEERS = ("W3",)
 PEERS = ("pool", "ppe", "loky")
 
 
+def run_module(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m <args>`` from the repository root; fails the test (with its output) unless it exits 0."""
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_quick_benchmark_run_reports_every_workload(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--repeats", "1", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    proc = run_module(["benchmarks", "--quick", "--repeats", "1", "--json", str(out)], timeout=240)
     assert "Foundation figures" in proc.stdout
     data: dict[str, Any] = json.loads(out.read_text())
     assert data["failed"] == 0
@@ -81,14 +81,7 @@ def test_quick_benchmark_run_reports_every_workload(tmp_path: Path) -> None:
 def test_directives_benchmark_compares_one_job_with_pool_map_and_reduce(tmp_path: Path) -> None:
     """D1 at a tiny size: both runners in one invocation, equal results, both timings and their ratio."""
     out = tmp_path / "d1.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.directives", "--n", "3000", "--repeats", "1", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=150,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    proc = run_module(["benchmarks.directives", "--n", "3000", "--repeats", "1", "--json", str(out)], timeout=150)
     assert "ratio pool/phalanx" in proc.stdout
     data: dict[str, Any] = json.loads(out.read_text())
     assert data["workload"] == "D1" and data["status"] == "ok" and data["n"] == 3000
@@ -101,26 +94,12 @@ def test_directives_benchmark_compares_one_job_with_pool_map_and_reduce(tmp_path
 
 @pytest.mark.timeout(120)
 def test_raw_transport_ceilings_run() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.raw", "--n", "50", "--reps", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    proc = run_module(["benchmarks.raw", "--n", "50", "--reps", "1"], timeout=100)
     assert "multiprocessing.Pipe median" in proc.stdout and "MB/s" in proc.stdout
 
 
 @pytest.mark.timeout(120)
 def test_hot_restart_benchmark_runs() -> None:
     """``benchmarks.restart`` at a tiny state: every move keeps the bytes, one figure is printed."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.restart", "--mb", "0.25", "--repeats", "2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    proc = run_module(["benchmarks.restart", "--mb", "0.25", "--repeats", "2"], timeout=100)
     assert "hot restart of an actor holding 0.25 MiB" in proc.stdout and "median" in proc.stdout
