@@ -5,6 +5,8 @@ Runs in the driver process. Threads and what they own::
     user threads ──submit──▶ [lock] pending deque ──▶ tasks ROUTER ──▶ worker inbox
                                   ▲          (send under the lock, never polled)
     pump thread  ◀── results ROUTER ◀── worker outbox   (only the pump reads it)
+        (local workers: one socketpair each, "the pipe", in place of both
+         ROUTERs; written under the lock, read and flushed by the pump)
         │  decode, dedupe, return credits, dispatch more   [lock]
         └─▶ deliver outcomes to jobs (futures, lease queues)   [no lock held]
     supervisor thread ──on_exit──▶ [lock] redeliver the dead worker's tasks
@@ -53,6 +55,7 @@ Invariants kept:
 
 from __future__ import annotations
 
+import errno
 import heapq
 import itertools
 import logging
@@ -83,6 +86,7 @@ from .supervisor import Supervisor
 from .transport import sockets
 from .transport.codec import decode_driver, encode
 from .transport.endpoints import Endpoints, local_endpoints, tcp_endpoints
+from .transport.pipe import FramePipe, PipeError
 from .transport.messages import PROTOCOL_VERSION, Alive
 from .transport.messages import (
     Call,
@@ -130,6 +134,10 @@ auth_log = logging.getLogger("phalanx.auth")
 
 #: seconds without a remote worker's Alive before it is declared lost (default)
 REMOTE_HEARTBEAT_TIMEOUT = 10.0
+#: seconds between the pump's sweeps of dead workers' records
+REAP_PERIOD = 0.1
+#: seconds a local worker's exit waits for the pump to read what it wrote before dying
+PIPE_DRAIN_WAIT = 1.0
 #: most tags a remote worker may announce
 MAX_TAGS = 64
 
@@ -295,7 +303,7 @@ class _Worker:
     __slots__ = (
         "id", "ident", "pid", "hello", "welcomed", "ready", "alive", "free", "inflight",
         "tasks", "items", "busy", "died_at", "retiring", "dispatched",
-        "remote", "host", "seen", "stop_sent", "tags", "frames_dropped",
+        "remote", "host", "seen", "stop_sent", "tags", "frames_dropped", "pipe", "pipe_done",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -324,6 +332,10 @@ class _Worker:
         self.stop_sent = 0.0
         #: malformed frames the worker reports it dropped (a running total)
         self.frames_dropped = 0
+        #: a local worker's socketpair (None: ZeroMQ, remote workers)
+        self.pipe: FramePipe | None = None
+        #: set by the pump once it read the pipe to its end (everything the worker wrote is handled)
+        self.pipe_done = threading.Event()
 
 
 class Driver:
@@ -399,6 +411,12 @@ class Driver:
         #: Unset it costs one ``is None`` test per frame. Held frames come back through ``inject``.
         self.frame_filter: FrameFilter | None = None
         self._injected: deque[tuple[bytes, bytes]] = deque()
+        #: outcomes resolved by the pump this round, delivered at its end (pump thread only)
+        self._deliveries: list[tuple[Job, int, Ok | Err]] = []
+        #: local workers' pipes the pump does not poll yet (it registers them)
+        self._new_pipes: deque[_Worker] = deque()
+        #: pipes holding a backlog the pump must flush when they become writable
+        self._backlogged: set[_Worker] = set()
 
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._auth: Any = None
@@ -511,7 +529,10 @@ class Driver:
             log_level=self.config.log_level,
             implicit_operations=self.config.implicit_operations,
         )
-        worker.pid = self._supervisor.spawn(spec)
+        worker.pid, end = self._supervisor.spawn_piped(spec)
+        worker.pipe = FramePipe(end, self.limits.max_frame)
+        self._new_pipes.append(worker)
+        self.wake()
         return wid
 
     def _on_exit(self, worker_id: str, exitcode: int | None, lost: bool = False, left: bool = False) -> None:
@@ -526,6 +547,11 @@ class Driver:
         failed: list[tuple[Job, int, BaseException]] = []
         broken: BaseException | None = None
         respawn = False
+        pending_worker = self._workers.get(worker_id.encode())
+        if pending_worker is not None and pending_worker.pipe is not None and self._pump_thread.is_alive():
+            # Handle what it wrote before it died first, so a finished task is never
+            # redelivered nor charged the crash (bounded: a process it forked may hold the pipe).
+            pending_worker.pipe_done.wait(PIPE_DRAIN_WAIT)
         with self._lock:
             worker = self._workers.get(worker_id.encode())
             if worker is None or not worker.alive:
@@ -874,6 +900,16 @@ class Driver:
 
     def _send_raw_locked(self, ident: bytes, frame: bytes) -> None:
         """Send ``frame`` to worker ``ident``'s inbox (lock held); raises zmq.ZMQError."""
+        w = self._workers.get(ident)
+        if w is not None and w.pipe is not None:
+            try:
+                backlog = w.pipe.send(frame)
+            except PipeError:
+                raise zmq.ZMQError(errno.EPIPE, f"worker {w.id} is gone") from None
+            if backlog and w not in self._backlogged:
+                self._backlogged.add(w)
+                self.wake()
+            return
         self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
         # A large frame (an array) is handed to ZeroMQ without a copy; bytes are immutable.
         self._tasks.send(frame, zmq.NOBLOCK, copy=len(frame) < sockets.ZERO_COPY_MIN)
@@ -1024,8 +1060,7 @@ class Driver:
 
     def _pump(self) -> None:
         poller = zmq.Poller()
-        results = self._results
-        poller.register(results, zmq.POLLIN)
+        poller.register(self._results, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         for mon in self._monitors:
             poller.register(mon, zmq.POLLIN)
@@ -1033,6 +1068,20 @@ class Driver:
         last_beat = 0.0
         beats = itertools.count()
         interval = self.config.heartbeat_interval
+        #: local workers' pipes by file descriptor
+        pipes: dict[int, _Worker] = {}
+        try:
+            self._pump_loop(poller, pipes, last_sync, last_beat, beats, interval)
+        finally:
+            self._deliver_ready()
+            with self._lock:
+                for w in [*pipes.values(), *self._new_pipes]:
+                    self._end_pipe_locked(w)
+
+    def _pump_loop(self, poller: zmq.Poller, pipes: dict[int, _Worker], last_sync: float, last_beat: float,
+                   beats: itertools.count[int], interval: float) -> None:
+        results = self._results
+        last_reap = 0.0
         while True:
             handshaking = self._handshaking()
             wait = 1.0 if handshaking else min(100.0, interval * 1000)
@@ -1042,10 +1091,20 @@ class Driver:
                 with self._lock:  # user threads change it
                     due = min(self._unrouted.values(), default=0.0) + self.config.route_timeout
                 wait = min(wait, max(0.0, (due - time.monotonic()) * 1000))
+            while self._new_pipes:
+                w = self._new_pipes.popleft()
+                if w.pipe is not None:
+                    pipes[w.pipe.fileno()] = w
+                    poller.register(w.pipe.fileno(), zmq.POLLIN)
+            if self._backlogged:
+                self._flush_pipes(poller)
             events = dict(poller.poll(int(wait) + (1 if wait else 0)))
             if self._wake_r in events:
                 if b"x" in os.read(self._wake_r, 4096):
                     return
+            for fd, w in list(pipes.items()):
+                if fd in events:
+                    self._read_pipe(poller, pipes, fd, w)
             if results in events:
                 for _ in range(4096):
                     try:
@@ -1095,7 +1154,60 @@ class Driver:
                 if now - last_sync > 0.001:
                     last_sync = now
                     self._greet()
-            self._reap_dead()
+            if now - last_reap >= REAP_PERIOD:
+                last_reap = now
+                self._reap_dead()
+            if self._deliveries:
+                self._deliver_ready()
+
+    def _read_pipe(self, poller: zmq.Poller, pipes: dict[int, _Worker], fd: int, w: _Worker) -> None:
+        """Handle what a local worker wrote; at its end, stop polling it (pump thread)."""
+        assert w.pipe is not None
+        try:
+            frames = w.pipe.recv()
+        except PipeError:
+            log.warning("worker %s sent a frame above max_frame: closing its pipe", w.id)
+            self.frames_dropped += 1
+            frames = None
+        except OSError:
+            frames = None
+        if frames is None:
+            poller.unregister(fd)
+            del pipes[fd]
+            with self._lock:
+                self._end_pipe_locked(w)
+            return
+        ident = w.ident
+        for frame in frames:
+            try:
+                self._handle([ident, frame])
+            except Exception:  # well-formed but nonsensical: never stop the pump
+                log.exception("dropped a frame that could not be handled")
+                self.frames_dropped += 1
+        if w.pipe.pending and w not in self._backlogged:
+            with self._lock:
+                self._backlogged.add(w)
+
+    def _end_pipe_locked(self, w: _Worker) -> None:
+        """Close a local worker's pipe (its reader saw the end, or the runtime is shutting down)."""
+        if w.pipe is not None:
+            w.pipe.close()
+        self._backlogged.discard(w)
+        w.pipe_done.set()
+
+    def _flush_pipes(self, poller: zmq.Poller) -> None:
+        """Write pipes' backlogs; poll those still holding some for writability (pump thread)."""
+        with self._lock:
+            for w in list(self._backlogged):
+                pipe = w.pipe
+                try:
+                    done = pipe is None or pipe.flush()
+                except PipeError:
+                    done = True  # the worker is gone: its reader sees the end
+                if done:
+                    self._backlogged.discard(w)
+                if pipe is not None and not pipe.closed:
+                    poller.modify(pipe.fileno(), zmq.POLLIN if done else zmq.POLLIN | zmq.POLLOUT)
 
     def _on_monitor(self, mon: zmq.Socket[bytes]) -> None:
         """Log peers refused during the handshake on a tcp endpoint (wrong, no or plaintext key)."""
@@ -1250,6 +1362,8 @@ class Driver:
                              name="phalanx-inspect").start()
             return
         if isinstance(msg, (ActorEvent, ActorState)):
+            if self._deliveries:
+                self._deliver_ready()  # outcomes the worker sent before this event come first
             w = self._workers.get(ident)
             if w is None or msg.worker != w.id or self.actor_listener is None:
                 self.frames_dropped += 1
@@ -1398,7 +1512,14 @@ class Driver:
                 self._dispatch_locked()
             if not self._pending:
                 self._changed.notify_all()
-        for job, seq, final in deliveries:
+        # Delivered at the end of the pump's round, just before it blocks: a woken
+        # caller then finds the interpreter free instead of waiting for the round.
+        self._deliveries.extend(deliveries)
+
+    def _deliver_ready(self) -> None:
+        """Hand the outcomes resolved this round to their jobs (pump thread, no lock held)."""
+        ready, self._deliveries = self._deliveries, []
+        for job, seq, final in ready:
             try:
                 job.deliver(seq, final)
             except Exception:  # a user callback must not stop the pump

@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from typing import Any
 import psutil
 
 from .errors import RuntimeClosedError
+from .transport import pipe
 from .worker import WorkerSpec, run_worker
 
 __all__ = ["Supervisor", "kill_process_tree"]
@@ -70,7 +72,7 @@ class Supervisor:
         self._procs: dict[str, BaseProcess] = {}
         self._lock = threading.Lock()
         #: held while a process starts, so stop() sees every process spawn() started
-        self._spawn_lock = threading.Lock()
+        self._spawn_lock = threading.RLock()  # spawn_piped holds it around _start
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self._closing = False
         self._watcher = threading.Thread(target=self._watch, name="phalanx-supervisor", daemon=True)
@@ -82,13 +84,38 @@ class Supervisor:
 
     def spawn(self, spec: WorkerSpec) -> int:
         """Start one worker process for ``spec``; return its pid."""
+        return self._start(spec, None)
+
+    def spawn_piped(self, spec: WorkerSpec) -> tuple[int, socket.socket]:
+        """Start a local worker that talks over a socketpair; (its pid, the driver's end).
+
+        The pair is made under the spawn lock, so no other worker forked
+        meanwhile inherits the worker's end: the driver's end sees EOF exactly
+        when this worker (and what it forked) is gone.
+        """
+        with self._spawn_lock:
+            ours, theirs = pipe.socketpair()
+            try:
+                pid = self._start(spec, theirs)
+            except BaseException:
+                ours.close()
+                raise
+        return pid, ours
+
+    def _start(self, spec: WorkerSpec, theirs: socket.socket | None) -> int:
         proc: BaseProcess = self._ctx.Process(
-            target=run_worker, args=(spec,), name=f"phalanx-{spec.worker_id}", daemon=False
+            target=run_worker, args=(spec, theirs), name=f"phalanx-{spec.worker_id}", daemon=False
         )
         with self._spawn_lock:
             if self._closing:
+                if theirs is not None:
+                    theirs.close()
                 raise RuntimeClosedError("the supervisor is stopping: no new workers")
-            proc.start()
+            try:
+                proc.start()
+            finally:
+                if theirs is not None:
+                    theirs.close()  # the child has its copy (inherited, or passed by multiprocessing)
             with self._lock:
                 self._procs[spec.worker_id] = proc
         self._wake()

@@ -3,10 +3,11 @@
 Runs in every worker process (started by :mod:`phalanx.supervisor`)::
 
     driver ROUTER "tasks"  ──▶ inbox DEALER ──▶ main thread: run task ─▶ outbox DEALER ──▶ driver ROUTER "results"
+      (a local worker: one socketpair, "the pipe", both ways instead; see phalanx.transport.pipe)
     driver PUB "control"   ──▶ SUB ──▶ control thread: Sync, Terminate, Shutdown,
                                        task timeouts ─▶ side DEALER ("<id>!") ──▶ driver ROUTER "results"
 
-The main thread owns the inbox and outbox and runs user code; the control
+The main thread owns the inbox and outbox (or the pipe) and runs user code; the control
 thread owns the SUB and side sockets, so a task that never returns still sees
 its abort flag set, still has its timeout reported, and is still killed after
 the grace period.
@@ -48,6 +49,7 @@ import asyncio
 import ctypes
 import inspect
 import os
+import select
 import signal
 import socket as _socket
 import sys
@@ -66,6 +68,7 @@ from .registry.operations import Operation, resolve
 from .transport import sockets
 from .transport.codec import decode_control, decode_inbox, encode, error_info
 from .transport.endpoints import Endpoints
+from .transport.pipe import FramePipe, PipeError
 from .transport.messages import (
     ActorCall,
     ActorState,
@@ -519,13 +522,22 @@ class _Control(threading.Thread):
 class _Loop:
     """The worker's state: sockets, queued tasks, outcomes not yet sent."""
 
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(self, spec: WorkerSpec, pipe: _socket.socket | None = None) -> None:
         self.spec = spec
         self.ident = spec.worker_id.encode()
         self.host = spec.host or _socket.gethostname()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.inbox = sockets.dealer(self.ctx, spec.endpoints.tasks, self.ident, spec.curve)
-        self.outbox = sockets.dealer(self.ctx, spec.endpoints.results, self.ident, spec.curve)
+        # A local worker talks to the driver over its pipe; a remote one over ZeroMQ.
+        self.pipe: FramePipe | None = None
+        self.inbox: zmq.Socket[bytes] | None = None
+        self.outbox: zmq.Socket[bytes] | None = None
+        if pipe is not None:
+            self.pipe = FramePipe(pipe, spec.limits.max_frame)
+            self._pipe_poll = select.poll()
+            self._pipe_poll.register(self.pipe.fileno(), select.POLLIN)
+        else:
+            self.inbox = sockets.dealer(self.ctx, spec.endpoints.tasks, self.ident, spec.curve)
+            self.outbox = sockets.dealer(self.ctx, spec.endpoints.results, self.ident, spec.curve)
         self.todo: deque[Any] = deque()
         self.tasks_done = 0
         self.actors = ActorHost(spec.worker_id, self.send_after_outcomes, self.call)
@@ -554,12 +566,34 @@ class _Loop:
 
     # ---- receiving ---------------------------------------------------------
 
-    def drain_inbox(self) -> None:
+    def poll(self, timeout_ms: int) -> bool:
+        """Wait up to ``timeout_ms`` for something from the driver; True if it came."""
+        if self.pipe is not None:
+            return bool(self._pipe_poll.poll(timeout_ms))
+        assert self.inbox is not None
+        return bool(self.inbox.poll(timeout_ms))
+
+    def _frames(self) -> list[bytes]:
+        """What the driver sent that arrived whole (does not wait)."""
+        if self.pipe is not None:
+            try:
+                frames = self.pipe.recv()
+            except PipeError:
+                frames = None  # the driver would never send that: treat it as gone
+            if frames is None:
+                self.stopping = True  # the driver is gone (the watchdog ends the group)
+                return []
+            return frames
+        assert self.inbox is not None
+        out = []
         while True:
             try:
-                frame = self.inbox.recv(zmq.NOBLOCK)
+                out.append(self.inbox.recv(zmq.NOBLOCK))
             except zmq.Again:
-                return
+                return out
+
+    def drain_inbox(self) -> None:
+        for frame in self._frames():
             try:
                 msg = decode_inbox(frame)
             except ProtocolError:
@@ -780,6 +814,11 @@ class _Loop:
             frame = encode(Results(self.spec.worker_id, outcomes, busy, dropped))
         except EncodeError:
             frame = encode(Results(self.spec.worker_id, _encodable(outcomes, ops), busy, dropped))
+        if self.pipe is not None:
+            # Once written, the frame is in the kernel: it reaches the driver even if this process dies.
+            self._send_frame(frame)
+            return
+        assert self.outbox is not None
         if not sent:
             self.outbox.send(frame, 0, copy=len(frame) < sockets.ZERO_COPY_MIN)
             return
@@ -794,8 +833,18 @@ class _Loop:
         except zmq.NotDone:
             pass
 
+    def _send_frame(self, frame: bytes) -> None:
+        if self.pipe is not None:
+            try:
+                self.pipe.send_blocking(frame)
+            except PipeError:
+                self.stopping = True  # the driver is gone
+            return
+        assert self.outbox is not None
+        self.outbox.send(frame, 0, copy=len(frame) < sockets.ZERO_COPY_MIN)
+
     def send(self, msg: Any) -> None:
-        self.outbox.send(encode(msg))
+        self._send_frame(encode(msg))
 
     def goodbye(self) -> None:
         """Tell the driver this worker leaves; wait up to GOODBYE_WAIT for its Stop.
@@ -803,8 +852,8 @@ class _Loop:
         Runs in the SIGTERM handler, on the main thread, which owns the inbox
         and outbox; the process is killed right after.
         """
-        if not self.welcomed:
-            return  # the driver has given it nothing
+        if not self.welcomed or self.inbox is None or self.outbox is None:
+            return  # the driver has given it nothing (or it is local: leaving is for remote workers)
         try:
             self.outbox.send(encode(Goodbye(self.spec.worker_id)), zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -824,11 +873,11 @@ class _Loop:
         """Send ``msg`` after the outcomes already batched (keeps their order)."""
         self.flush()
         try:
-            self.outbox.send(encode(msg))
+            self.send(msg)
         except EncodeError as exc:  # e.g. a save() state msgpack cannot carry
             if isinstance(msg, ActorState):
                 err = EncodeError(f"the state of actor instance {msg.instance} cannot be sent: {exc}")
-                self.outbox.send(encode(ActorState(msg.worker, msg.instance, msg.nonce, None, error_info(err))))
+                self.send(ActorState(msg.worker, msg.instance, msg.nonce, None, error_info(err)))
             else:
                 raise
 
@@ -837,7 +886,7 @@ class _Loop:
     def serve(self) -> None:
         self.control.start()
         self.send(Hello(self.spec.worker_id, os.getpid(), self.host, tags=list(self.spec.tags)))
-        inbox = self.inbox
+        poll = self.poll
         while not self.stopping:
             if not self.todo:
                 self.flush()
@@ -845,9 +894,9 @@ class _Loop:
                     # Spin briefly before blocking: waking a blocked process costs far
                     # more than a short spin, and the next task of a round trip is near.
                     deadline = time.perf_counter() + self.spec.spin
-                    while not inbox.poll(0) and time.perf_counter() < deadline:
+                    while not poll(0) and time.perf_counter() < deadline:
                         pass
-                if inbox.poll(200 if self.ready_sent else 1):
+                if poll(200 if self.ready_sent else 1):
                     self.drain_inbox()
                 if not self.ready_sent and self.welcomed and self.synced:
                     self.send(Ready(self.spec.worker_id, self.spec.credits))
@@ -882,7 +931,7 @@ class _Loop:
             # arguments are collected, and what they held goes back to their lease.
             del task, outcome
             # Batch only under load: more work waiting and this task was quick.
-            if inbox.poll(0):
+            if poll(0):
                 self.drain_inbox()
             if not self.todo or elapsed >= QUICK_TASK or len(self.out) >= BATCH_MAX:
                 self.flush()
@@ -894,6 +943,8 @@ class _Loop:
         self.stopping = True
         self.control.join(1.0)
         sockets.close(self.inbox, self.outbox)
+        if self.pipe is not None:
+            self.pipe.close()
         self.ctx.destroy(linger=0)
 
 
@@ -918,8 +969,11 @@ def worker_spec() -> WorkerSpec | None:
     return _spec
 
 
-def run_worker(spec: WorkerSpec) -> None:
-    """Entry point of a worker process (the target given to multiprocessing)."""
+def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None) -> None:
+    """Entry point of a worker process (the target given to multiprocessing).
+
+    ``pipe``: a local worker's end of its socketpair to the driver (None: ZeroMQ).
+    """
     global _spec
     _spec = spec
     _guard_against_orphaning(spec.parent_pid)
@@ -933,7 +987,7 @@ def run_worker(spec: WorkerSpec) -> None:
     install_worker_output(spec.worker_id, spec.prefix_output, spec.log_level)
     for module in spec.imports:
         __import__(module)
-    loop = _Loop(spec)
+    loop = _Loop(spec, pipe)
     if spec.goodbye:
         global _goodbye
         _goodbye = loop.goodbye

@@ -1,0 +1,224 @@
+"""Length-prefixed frames over a Unix socketpair: the fast path to local workers.
+
+Runs in the driver (one end per local worker: written under the driver's
+lock, read and flushed by the pump thread) and in each local worker (the
+other end, main thread only). Remote workers keep ZeroMQ.
+
+Why not ZeroMQ here: ZeroMQ moves every message through its I/O threads, so
+a round trip over ipc wakes six threads where a socketpair wakes two (on a
+2-core machine: 195 us against 57 us, ``python -m benchmarks.raw``). The
+kernel also batches for free: whatever the driver wrote while a worker was
+busy arrives in one read.
+
+Layout of a frame: ``u32 little-endian length``, then that many bytes.
+
+Invariants kept:
+
+* **Frames arrive whole and in order**, one writer and one reader per end.
+* **The driver never blocks on a worker.** :meth:`FramePipe.send` writes
+  what the kernel takes and keeps the rest in a backlog that the pump
+  flushes when the socket is writable, so a worker blocked writing outcomes
+  can never deadlock with a driver writing tasks. A worker's writes block
+  (its reader, the pump, never waits on it).
+* **Bad input never kills.** A length above ``max_frame`` raises
+  :class:`PipeError`; the owner closes the pipe (for a local worker, that is
+  the end of the worker).
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import struct
+from collections import deque
+
+__all__ = ["FramePipe", "PipeError", "socketpair"]
+
+_HEADER = struct.Struct("<I")
+#: bytes read per recv (a frame larger than this is read straight into its own buffer)
+_CHUNK = 256 * 1024
+#: reads per call of :meth:`FramePipe.recv`, so one busy worker cannot starve the others
+_MAX_READS = 64
+
+
+class PipeError(Exception):
+    """The peer sent a frame length above the limit (or the pipe broke)."""
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of non-blocking Unix stream sockets (driver end, worker end)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (a, b):
+        s.setblocking(False)
+    return a, b
+
+
+class FramePipe:
+    """One end of a frame pipe (see the module docstring)."""
+
+    __slots__ = ("sock", "max_frame", "_backlog", "_buf", "_start", "_chunk", "_big", "_big_got", "_fd")
+
+    def __init__(self, sock: socket.socket, max_frame: int) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.max_frame = max_frame
+        self._fd = sock.fileno()
+        #: bytes the kernel did not take yet, oldest first
+        self._backlog: deque[memoryview] = deque()
+        self._buf = bytearray()
+        self._start = 0
+        self._chunk = bytearray(_CHUNK)
+        #: a large frame being read into its own buffer, and how much of it arrived
+        self._big: bytearray | None = None
+        self._big_got = 0
+
+    def fileno(self) -> int:
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self.sock.fileno() == -1
+
+    @property
+    def pending(self) -> bool:
+        """Bytes wait in the backlog (the owner should flush when writable)."""
+        return bool(self._backlog)
+
+    # ---- writing --------------------------------------------------------------
+
+    def send(self, frame: bytes) -> bool:
+        """Write one frame without blocking; True if part of it waits in the backlog.
+
+        Raises :class:`PipeError` if the peer is gone.
+        """
+        return self.send_many((frame,))
+
+    def send_many(self, frames: tuple[bytes, ...] | list[bytes]) -> bool:
+        """Write frames in one system call where the kernel takes them; True if a backlog remains."""
+        parts: list[bytes | memoryview] = []
+        for frame in frames:
+            parts.append(_HEADER.pack(len(frame)))
+            parts.append(frame)
+        if self._backlog:
+            self._backlog.extend(memoryview(p) for p in parts)
+            return True
+        try:
+            sent = self.sock.sendmsg(parts)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise PipeError(f"the pipe is closed: {exc}") from None
+        for part in parts:
+            size = len(part)
+            if sent >= size:
+                sent -= size
+                continue
+            self._backlog.append(memoryview(part)[sent:])
+            sent = 0
+        return bool(self._backlog)
+
+    def flush(self) -> bool:
+        """Write what the backlog holds without blocking; True once it is empty."""
+        backlog = self._backlog
+        while backlog:
+            try:
+                sent = self.sock.sendmsg(list(backlog)[:64])
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                raise PipeError(f"the pipe is closed: {exc}") from None
+            while sent and backlog:
+                head = backlog[0]
+                if sent >= len(head):
+                    sent -= len(head)
+                    backlog.popleft()
+                else:
+                    backlog[0] = head[sent:]
+                    sent = 0
+        return True
+
+    def send_blocking(self, frame: bytes) -> None:
+        """Write one frame, waiting while the kernel buffer is full (workers only)."""
+        if self.send(frame):
+            poller = select.poll()
+            poller.register(self._fd, select.POLLOUT)
+            while not self.flush():
+                poller.poll()
+
+    # ---- reading --------------------------------------------------------------
+
+    def recv(self) -> list[bytes] | None:
+        """Frames that arrived whole (maybe none); None once the peer closed its end.
+
+        Raises :class:`PipeError` on a frame length above ``max_frame``.
+        """
+        frames: list[bytes] = []
+        sock = self.sock
+        chunk = self._chunk
+        for _ in range(_MAX_READS):
+            big = self._big
+            if big is not None:
+                try:
+                    n = sock.recv_into(memoryview(big)[self._big_got:])
+                except BlockingIOError:
+                    return frames
+                except OSError as exc:
+                    if exc.errno == errno.ECONNRESET:
+                        return frames or None
+                    raise
+                if n == 0:
+                    return frames or None
+                self._big_got += n
+                if self._big_got == len(big):
+                    frames.append(big)  # type: ignore[arg-type]  # bytes-like, owned by the receiver
+                    self._big = None
+                continue
+            try:
+                n = sock.recv_into(chunk)
+            except BlockingIOError:
+                return frames
+            except OSError as exc:
+                if exc.errno == errno.ECONNRESET:
+                    return frames or None
+                raise
+            if n == 0:
+                return frames or None
+            self._buf += memoryview(chunk)[:n]
+            self._parse(frames)
+            if n < _CHUNK:
+                return frames  # the socket is drained: spare a system call
+        return frames
+
+    def _parse(self, frames: list[bytes]) -> None:
+        buf = self._buf
+        start = self._start
+        end = len(buf)
+        while end - start >= 4:
+            (size,) = _HEADER.unpack_from(buf, start)
+            if size > self.max_frame:
+                raise PipeError(f"frame of {size} bytes is larger than max_frame={self.max_frame}")
+            if end - start - 4 >= size:
+                frames.append(bytes(buf[start + 4:start + 4 + size]))
+                start += 4 + size
+                continue
+            if size > _CHUNK:
+                # A large frame: read the rest straight into a buffer of its own.
+                big = bytearray(size)
+                have = end - start - 4
+                big[:have] = buf[start + 4:end]
+                self._big, self._big_got = big, have
+                start = end
+            break
+        if start == end:
+            buf.clear()
+            self._start = 0
+        else:
+            self._start = start
+            if start > _CHUNK:
+                del buf[:start]
+                self._start = 0
+
+    def close(self) -> None:
+        self._backlog.clear()
+        self.sock.close()

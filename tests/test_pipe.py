@@ -1,0 +1,154 @@
+"""The local workers' frame pipe (phalanx.transport.pipe) on real socketpairs.
+
+Frames must arrive whole and in order whatever sizes the kernel splits them
+into, the driver's writes must never block (the backlog takes what the
+kernel does not), and bad lengths or a closed peer must be reported, never
+hang or crash the reader.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import phalanx
+from phalanx.transport.pipe import FramePipe, PipeError, socketpair
+
+import ops
+
+pytestmark = pytest.mark.timeout(60)
+
+MAX = 1 << 24
+
+
+@pytest.fixture
+def pair() -> tuple[FramePipe, FramePipe]:
+    a, b = socketpair()
+    ends = FramePipe(a, MAX), FramePipe(b, MAX)
+    yield ends
+    for end in ends:
+        end.close()
+
+
+def read_until(end: FramePipe, count: int) -> list[bytes]:
+    """Read frames until ``count`` arrived (waiting on the socket, never spinning)."""
+    got: list[bytes] = []
+    poller = select.poll()
+    poller.register(end.fileno(), select.POLLIN)
+    while len(got) < count:
+        assert poller.poll(5000), f"only {len(got)} of {count} frames arrived"
+        frames = end.recv()
+        assert frames is not None, "the pipe ended early"
+        got.extend(bytes(f) for f in frames)
+    return got
+
+
+def test_frames_arrive_whole_and_in_order(pair: tuple[FramePipe, FramePipe]) -> None:
+    a, b = pair
+    frames = [b"", b"x", b"hello" * 100, bytes(range(256)) * 10]
+    assert not a.send_many(frames)
+    assert read_until(b, len(frames)) == frames
+
+
+def test_a_large_frame_goes_through_the_backlog(pair: tuple[FramePipe, FramePipe]) -> None:
+    a, b = pair
+    big = bytes(range(256)) * (8 * 1024 * 4)  # 8 MiB: far above the kernel's buffer
+    assert a.send(big), "the kernel took 8 MiB at once: the backlog was not exercised"
+    assert a.pending
+    assert a.send(b"after"), "a frame sent behind a backlog must queue behind it"
+    got: list[bytes] = []
+    poller = select.poll()
+    poller.register(b.fileno(), select.POLLIN)
+    while len(got) < 2:
+        a.flush()
+        poller.poll(100)
+        frames = b.recv()
+        assert frames is not None
+        got.extend(bytes(f) for f in frames)
+    assert got == [big, b"after"]
+    assert a.flush() and not a.pending
+
+
+def test_blocking_send_waits_for_the_reader(pair: tuple[FramePipe, FramePipe]) -> None:
+    a, b = pair
+    big = b"y" * (4 * 1024 * 1024)
+    reader = threading.Thread(target=lambda: got.extend(read_until(b, 3)))
+    got: list[bytes] = []
+    reader.start()
+    for frame in (big, b"1", big):
+        a.send_blocking(frame)
+    reader.join(10)
+    assert got == [big, b"1", big]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    frames=st.lists(st.binary(max_size=3000), max_size=30),
+    cuts=st.lists(st.integers(1, 5000), min_size=1, max_size=20),
+)
+def test_any_split_of_the_stream_gives_the_same_frames(frames: list[bytes], cuts: list[int]) -> None:
+    """The reader reassembles frames however the bytes are cut into writes."""
+    raw_a, raw_b = socket.socketpair()
+    reader = FramePipe(raw_b, MAX)
+    try:
+        stream = b"".join(struct.pack("<I", len(f)) + f for f in frames)
+        got: list[bytes] = []
+        pos, i = 0, 0
+        while pos < len(stream):
+            step = cuts[i % len(cuts)]
+            raw_a.sendall(stream[pos:pos + step])
+            pos += step
+            i += 1
+            out = reader.recv()
+            assert out is not None
+            got.extend(bytes(f) for f in out)
+        raw_a.close()
+        while (out := reader.recv()) is not None:
+            got.extend(bytes(f) for f in out)
+            select.select([raw_b], [], [], 1.0)
+        assert got == frames
+    finally:
+        raw_a.close()
+        reader.close()
+
+
+def test_a_length_above_max_frame_is_an_error(pair: tuple[FramePipe, FramePipe]) -> None:
+    a, _ = pair
+    raw, reader_sock = socket.socketpair()
+    reader = FramePipe(reader_sock, 100)
+    try:
+        raw.sendall(struct.pack("<I", 101) + b"z" * 101)
+        with pytest.raises(PipeError, match="max_frame"):
+            reader.recv()
+    finally:
+        raw.close()
+        reader.close()
+
+
+def test_the_end_of_the_peer_is_seen(pair: tuple[FramePipe, FramePipe]) -> None:
+    a, b = pair
+    a.send(b"last")
+    a.close()
+    assert read_until(b, 1) == [b"last"]
+    assert b.recv() is None
+    with pytest.raises(PipeError):
+        b.send(b"x" * 1_000_000)
+        b.flush()
+
+
+def test_local_workers_talk_over_their_pipe_and_remote_paths_still_work() -> None:
+    """A runtime's local workers each get a pipe; the answers come back on it."""
+    with phalanx.Runtime(workers=2) as rt:
+        driver = rt._driver
+        workers = [w for w in driver._workers.values() if w.alive]
+        assert workers and all(w.pipe is not None for w in workers)
+        assert [f.result(timeout=30) for f in [rt.submit(ops.inc, i) for i in range(200)]] == \
+            [i + 1 for i in range(200)]
+        assert list(rt.map(ops.inc, range(1000), timeout=30)) == [i + 1 for i in range(1000)]
+        assert rt.stats().frames_dropped == 0
