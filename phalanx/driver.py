@@ -903,16 +903,19 @@ class Driver:
         w = self._workers.get(ident)
         if w is not None and w.pipe is not None:
             try:
-                backlog = w.pipe.send(frame)
+                self._pipe_send_locked(w, w.pipe, (frame,))
             except PipeError:
                 raise zmq.ZMQError(errno.EPIPE, f"worker {w.id} is gone") from None
-            if backlog and w not in self._backlogged:
-                self._backlogged.add(w)
-                self.wake()
             return
         self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
         # A large frame (an array) is handed to ZeroMQ without a copy; bytes are immutable.
         self._tasks.send(frame, zmq.NOBLOCK, copy=len(frame) < sockets.ZERO_COPY_MIN)
+
+    def _pipe_send_locked(self, w: _Worker, pipe: FramePipe, frames: tuple[bytes, ...] | list[bytes]) -> None:
+        """Write frames to a local worker's pipe; the pump flushes what the kernel did not take."""
+        if pipe.send_many(frames) and w not in self._backlogged:
+            self._backlogged.add(w)
+            self.wake()
 
     def _send_task_locked(self, ident: bytes, frame: bytes) -> None:
         """Send work to ``ident``, through ``frame_filter`` when one is set (lock held)."""
@@ -989,6 +992,30 @@ class Driver:
         live = self._live
         # One tag among the live workers: all of them hold it (every worker has a tag).
         workers = live if len(self._live_tags) == 1 else [w for w in live if tag in w.tags]
+        # Tasks for piped workers go out in one write per worker (unless frames are filtered).
+        batch: dict[_Worker, list[Task]] | None = {} if self.frame_filter is None else None
+        try:
+            self._dispatch_to_locked(workers, pending, batch)
+        finally:
+            if batch:
+                self._send_batch_locked(batch, pending)
+
+    def _send_batch_locked(self, batch: dict[_Worker, list[Task]], pending: deque[Task]) -> None:
+        for w, tasks in batch.items():
+            assert w.pipe is not None
+            try:
+                self._pipe_send_locked(w, w.pipe, [t.frame for t in tasks])
+            except PipeError:
+                # The worker is going away: take the tasks back, unsent, in order.
+                for t in tasks:
+                    w.inflight.pop((t.job, t.seq), None)
+                w.dispatched -= len(tasks)
+                w.free = 0
+                pending.extendleft(reversed(tasks))
+                self._remove_live_locked(w)
+
+    def _dispatch_to_locked(self, workers: list[_Worker], pending: deque[Task],
+                            batch: dict[_Worker, list[Task]] | None) -> None:
         while pending:
             best: _Worker | None = None
             most = 0
@@ -1008,21 +1035,33 @@ class Driver:
                         del self._jobs[job.id]
                     continue
                 task.claimed = True
-            try:
-                self._send_task_locked(best.ident, task.frame)
-            except zmq.ZMQError:
-                # Unroutable (EHOSTUNREACH) or full: the worker is going away.
-                pending.appendleft(task)
-                best.free = 0
-                self._remove_live_locked(best)
-                if workers is not live and best in workers:
-                    workers.remove(best)
+            if batch is not None and best.pipe is not None:
+                tasks = batch.get(best)
+                if tasks is None:
+                    batch[best] = [task]
+                else:
+                    tasks.append(task)
+            elif not self._send_or_requeue_locked(best, task, pending, workers):
                 continue
             best.free -= 1
             best.inflight[(task.job, task.seq)] = task
             best.dispatched += 1
             if self.config.max_tasks_per_worker and best.dispatched >= self.config.max_tasks_per_worker:
                 self._retire_locked(best)
+
+    def _send_or_requeue_locked(self, w: _Worker, task: Task, pending: deque[Task], workers: list[_Worker]) -> bool:
+        """Send one task to ``w``; if it is unreachable, put the task back and stop using ``w``."""
+        try:
+            self._send_task_locked(w.ident, task.frame)
+        except zmq.ZMQError:
+            # Unroutable (EHOSTUNREACH), full, or its pipe closed: the worker is going away.
+            pending.appendleft(task)
+            w.free = 0
+            self._remove_live_locked(w)
+            if workers is not self._live and w in workers:
+                workers.remove(w)
+            return False
+        return True
 
     def _prune_pending_locked(self) -> None:
         """Drop queued tasks whose job is gone or no longer wants them (one pass)."""
@@ -1113,6 +1152,11 @@ class Driver:
                         break
                     except zmq.ZMQError:
                         return
+                    sender = self._workers.get(parts[0])
+                    if sender is not None and sender.pipe is not None:
+                        # A local worker speaks on its pipe only: this is someone else using its name.
+                        self.frames_dropped += 1
+                        continue
                     try:
                         self._handle(parts)
                     except Exception:  # a frame that is well-formed but nonsensical: never stop the pump
