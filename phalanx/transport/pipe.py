@@ -38,6 +38,8 @@ __all__ = ["FramePipe", "PipeError", "socketpair"]
 _HEADER = struct.Struct("<I")
 #: bytes read per recv (a frame larger than this is read straight into its own buffer)
 _CHUNK = 256 * 1024
+#: socket buffer asked for, each way (bytes)
+BUFFER = 4 * 1024 * 1024
 #: reads per call of :meth:`FramePipe.recv`, so one busy worker cannot starve the others
 _MAX_READS = 64
 
@@ -51,6 +53,9 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     for s in (a, b):
         s.setblocking(False)
+        # Large buffers: a big array then crosses in few writes (the kernel caps at wmem_max).
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
     return a, b
 
 
