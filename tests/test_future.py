@@ -1,0 +1,121 @@
+"""phalanx.Future: the standard library's Future contract, with a shared lock.
+
+The future is built lighter than concurrent.futures.Future (no Condition of
+its own), so every way a thread can wait on one is checked here: result and
+exception with and without timeouts, cancel from another thread,
+concurrent.futures.wait / as_completed, callbacks and asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import gc
+import threading
+import time
+
+import pytest
+
+from phalanx.jobs import Future
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def later(delay: float, fn: object, *args: object) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(delay), fn(*args)))  # type: ignore[operator]
+    thread.start()
+    return thread
+
+
+def test_result_waits_for_another_thread() -> None:
+    fut: Future[int] = Future()
+    t = later(0.05, fut.set_result, 7)
+    assert fut.result(timeout=10) == 7
+    assert fut.done() and not fut.cancelled()
+    t.join()
+
+
+def test_exception_is_raised_and_returned() -> None:
+    fut: Future[int] = Future()
+    t = later(0.05, fut.set_exception, KeyError("k"))
+    with pytest.raises(KeyError):
+        fut.result(timeout=10)
+    assert isinstance(fut.exception(timeout=0), KeyError)
+    t.join()
+
+
+def test_timeouts_raise_timeout_error() -> None:
+    fut: Future[int] = Future()
+    with pytest.raises(concurrent.futures.TimeoutError):
+        fut.result(timeout=0.01)
+    with pytest.raises(concurrent.futures.TimeoutError):
+        fut.exception(timeout=0)
+    assert not fut._waiters, "a timed-out waiter must be removed"
+    fut.set_result(1)
+    assert fut.result(timeout=0) == 1
+
+
+def test_cancel_wakes_a_waiting_thread() -> None:
+    fut: Future[int] = Future()
+    t = later(0.05, fut.cancel)
+    with pytest.raises(concurrent.futures.CancelledError):
+        fut.result(timeout=10)
+    t.join()
+
+
+def test_many_waiters_on_one_future_and_one_waiter_each_on_many() -> None:
+    futs: list[Future[int]] = [Future() for _ in range(50)]
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def wait_all(f: Future[int]) -> None:
+        value = f.result(timeout=10)
+        with lock:
+            got.append(value)
+
+    threads = [threading.Thread(target=wait_all, args=(f,)) for f in futs for _ in range(2)]
+    for t in threads:
+        t.start()
+    for i, f in enumerate(futs):
+        f.set_result(i)
+    for t in threads:
+        t.join(10)
+    assert sorted(got) == sorted(list(range(50)) * 2)
+
+
+def test_wait_and_as_completed_from_the_standard_library() -> None:
+    futs: list[Future[int]] = [Future() for _ in range(5)]
+    threads = [later(0.01 * (5 - i), f.set_result, i) for i, f in enumerate(futs)]
+    done, not_done = concurrent.futures.wait(futs, timeout=10, return_when=concurrent.futures.FIRST_COMPLETED)
+    assert done and len(done) + len(not_done) == 5
+    assert sorted(f.result() for f in concurrent.futures.as_completed(futs, timeout=10)) == list(range(5))
+    for t in threads:
+        t.join()
+
+
+def test_callbacks_run_once_even_when_added_late() -> None:
+    fut: Future[int] = Future()
+    seen: list[int] = []
+    fut.add_done_callback(lambda f: seen.append(f.result()))
+    fut.set_result(3)
+    fut.add_done_callback(lambda f: seen.append(f.result() * 10))
+    assert seen == [3, 30]
+
+
+def test_await_in_asyncio() -> None:
+    fut: Future[str] = Future()
+
+    async def main() -> str:
+        later(0.02, fut.set_result, "ok")
+        return await fut
+
+    assert asyncio.run(main()) == "ok"
+
+
+def test_a_future_costs_few_tracked_objects() -> None:
+    """The point of the lighter future: tens of thousands held stay cheap for the GC."""
+    gc.collect()
+    before = len(gc.get_objects())
+    held = [Future() for _ in range(1000)]
+    per_future = (len(gc.get_objects()) - before) / len(held)
+    assert per_future <= 4, per_future
