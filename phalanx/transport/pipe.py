@@ -159,41 +159,36 @@ class FramePipe:
         Raises :class:`PipeError` on a frame length above ``max_frame``.
         """
         frames: list[bytes] = []
-        sock = self.sock
         chunk = self._chunk
         for _ in range(_MAX_READS):
             big = self._big
+            n = self._read(chunk if big is None else memoryview(big)[self._big_got:])
+            if n < 0:
+                return frames
+            if n == 0:
+                return frames or None
             if big is not None:
-                try:
-                    n = sock.recv_into(memoryview(big)[self._big_got:])
-                except BlockingIOError:
-                    return frames
-                except OSError as exc:
-                    if exc.errno == errno.ECONNRESET:
-                        return frames or None
-                    raise
-                if n == 0:
-                    return frames or None
                 self._big_got += n
                 if self._big_got == len(big):
                     frames.append(big)  # type: ignore[arg-type]  # bytes-like, owned by the receiver
                     self._big = None
                 continue
-            try:
-                n = sock.recv_into(chunk)
-            except BlockingIOError:
-                return frames
-            except OSError as exc:
-                if exc.errno == errno.ECONNRESET:
-                    return frames or None
-                raise
-            if n == 0:
-                return frames or None
             self._buf += memoryview(chunk)[:n]
             self._parse(frames)
             if n < _CHUNK:
                 return frames  # the socket is drained: spare a system call
         return frames
+
+    def _read(self, into: bytearray | memoryview) -> int:
+        """Bytes read into ``into``: -1 if none are waiting, 0 once the peer is gone."""
+        try:
+            return self.sock.recv_into(into)
+        except BlockingIOError:
+            return -1
+        except OSError as exc:
+            if exc.errno == errno.ECONNRESET:
+                return 0
+            raise
 
     def _parse(self, frames: list[bytes]) -> None:
         buf = self._buf
