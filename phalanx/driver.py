@@ -1103,23 +1103,22 @@ class Driver:
         poller.register(self._wake_r, zmq.POLLIN)
         for mon in self._monitors:
             poller.register(mon, zmq.POLLIN)
-        last_sync = 0.0
-        last_beat = 0.0
-        beats = itertools.count()
-        interval = self.config.heartbeat_interval
         #: local workers' pipes by file descriptor
         pipes: dict[int, _Worker] = {}
         try:
-            self._pump_loop(poller, pipes, last_sync, last_beat, beats, interval)
+            self._pump_loop(poller, pipes)
         finally:
             self._deliver_ready()
             with self._lock:
                 for w in [*pipes.values(), *self._new_pipes]:
                     self._end_pipe_locked(w)
 
-    def _pump_loop(self, poller: zmq.Poller, pipes: dict[int, _Worker], last_sync: float, last_beat: float,
-                   beats: itertools.count[int], interval: float) -> None:
+    def _pump_loop(self, poller: zmq.Poller, pipes: dict[int, _Worker]) -> None:
         results = self._results
+        last_sync = 0.0
+        last_beat = 0.0
+        beats = itertools.count()
+        interval = self.config.heartbeat_interval
         last_reap = 0.0
         while True:
             handshaking = self._handshaking()
@@ -1228,9 +1227,6 @@ class Driver:
             except Exception:  # well-formed but nonsensical: never stop the pump
                 log.exception("dropped a frame that could not be handled")
                 self.frames_dropped += 1
-        if w.pipe.pending and w not in self._backlogged:
-            with self._lock:
-                self._backlogged.add(w)
 
     def _end_pipe_locked(self, w: _Worker) -> None:
         """Close a local worker's pipe (its reader saw the end, or the runtime is shutting down)."""

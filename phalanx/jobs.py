@@ -84,7 +84,9 @@ class _Waiter:
         try:
             self.lock.release()
         except RuntimeError:
-            pass  # released already (a cancel after a result cannot happen, but be safe)
+            # Released already: a cancelled future tells its waiters twice, from
+            # Future.cancel here and from set_running_or_notify_cancel in the base class.
+            pass
 
     add_result = add_exception = add_cancelled = _release
 

@@ -107,11 +107,9 @@ class Supervisor:
             target=run_worker, args=(spec, theirs), name=f"phalanx-{spec.worker_id}", daemon=False
         )
         with self._spawn_lock:
-            if self._closing:
-                if theirs is not None:
-                    theirs.close()
-                raise RuntimeClosedError("the supervisor is stopping: no new workers")
             try:
+                if self._closing:
+                    raise RuntimeClosedError("the supervisor is stopping: no new workers")
                 proc.start()
             finally:
                 if theirs is not None:

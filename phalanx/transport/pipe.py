@@ -28,6 +28,7 @@ Invariants kept:
 from __future__ import annotations
 
 import errno
+import itertools
 import select
 import socket
 import struct
@@ -128,7 +129,7 @@ class FramePipe:
         backlog = self._backlog
         while backlog:
             try:
-                sent = self.sock.sendmsg(list(backlog)[:64])
+                sent = self.sock.sendmsg(list(itertools.islice(backlog, 64)))
             except BlockingIOError:
                 return False
             except OSError as exc:
