@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import enum
 import functools
 import itertools
@@ -59,7 +60,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from types import TracebackType
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -788,24 +789,19 @@ class Receiver(_End, Generic[T]):
         return self._iterate()
 
     def _iterate(self) -> Iterator[T]:
-        finished = False
-        try:
-            while True:
-                try:
-                    msg_id, data = self._take(None, True)
-                except ChannelClosedError as exc:
-                    if exc.reason in _ENDINGS:
-                        finished = True
-                        return
-                    raise
+        with contextlib.closing(self._received()) as received:
+            for msg_id, data in received:
                 self._acks.append(msg_id)  # acked when the next is asked for, or the loop ends
                 yield decode_value(data)
-        finally:
-            if not finished:
-                self._pause()
 
     def messages(self) -> Iterator[Message[T]]:
         """Iterate :class:`Message` objects, to ack or nack each yourself."""
+        with contextlib.closing(self._received()) as received:
+            for msg_id, data in received:
+                yield self._message(msg_id, data)
+
+    def _received(self) -> Generator[tuple[int, bytes], None, None]:
+        """(id, encoded value) of each message until the channel ends; pauses if left early."""
         finished = False
         try:
             while True:
@@ -816,7 +812,7 @@ class Receiver(_End, Generic[T]):
                         finished = True
                         return
                     raise
-                yield self._message(msg_id, data)
+                yield msg_id, data
         finally:
             if not finished:
                 self._pause()
