@@ -298,12 +298,17 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def test_remote_side_exits_when_the_driver_vanishes(keys: Keys, tmp_path: Path) -> None:
+def start_driver_script(keys: Keys, tmp_path: Path) -> subprocess.Popen[str]:
+    """Run DRIVER in a process of its own (its stdout piped: the address, then progress lines)."""
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
-    driver = subprocess.Popen([sys.executable, str(script), keys.driver_secret, str(keys.authorized)],
-                              stdout=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen([sys.executable, str(script), keys.driver_secret, str(keys.authorized)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+
+
+def test_remote_side_exits_when_the_driver_vanishes(keys: Keys, tmp_path: Path) -> None:
+    driver = start_driver_script(keys, tmp_path)
     try:
         assert driver.stdout is not None
         address = driver.stdout.readline().strip()
@@ -349,11 +354,7 @@ def test_actor_on_a_lost_host_restarts_elsewhere(keys: Keys) -> None:
 
 
 def test_a_reconnecting_host_joins_the_driver_that_comes_back(keys: Keys, tmp_path: Path) -> None:
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
-    driver = subprocess.Popen([sys.executable, str(script), keys.driver_secret, str(keys.authorized)],
-                              stdout=subprocess.PIPE, text=True, env=env)
+    driver = start_driver_script(keys, tmp_path)
     assert driver.stdout is not None
     out = Lines(driver.stdout)
     try:

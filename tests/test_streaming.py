@@ -56,6 +56,15 @@ def open_jobs(rt: phalanx.Runtime) -> list[Any]:
         return list(rt._driver._jobs.values())
 
 
+def outstanding_sampler(rt: phalanx.Runtime, seen: list[int]) -> Callable[[], None]:
+    """A callback appending to ``seen`` the most tasks any open job has in flight now."""
+
+    def sample() -> None:
+        seen.append(max((len(j.outstanding) for j in open_jobs(rt)), default=0))
+
+    return sample
+
+
 @pytest.mark.parametrize(
     ("chunksize", "ordered"), [(1, True), (1, False), (7, True), (None, True)], ids=str
 )
@@ -132,10 +141,7 @@ def test_map_window_never_exceeded_while_streaming(module_runtime: phalanx.Runti
     """Sampled at every item pulled: the job never waits for more than a window of chunks."""
     rt = module_runtime
     seen: list[int] = []
-
-    def sample() -> None:
-        jobs = open_jobs(rt)
-        seen.append(max((len(j.outstanding) for j in jobs), default=0))
+    sample = outstanding_sampler(rt, seen)
 
     n = 3000
     source = Source(n, sample)
@@ -150,10 +156,7 @@ def test_fold_reads_lazily_with_a_bounded_window(module_runtime: phalanx.Runtime
     """A fold pulls its input as partial results come back: never more than a window of tasks in flight."""
     rt = module_runtime
     seen: list[int] = []
-
-    def sample() -> None:
-        jobs = open_jobs(rt)
-        seen.append(max((len(j.outstanding) for j in jobs), default=0))
+    sample = outstanding_sampler(rt, seen)
 
     n = 20_000
     source = Source(n, sample)
