@@ -141,6 +141,10 @@ class RuntimeTree(msgspec.Struct, frozen=True):
 _TERMINAL = ("stopped", "failed")
 
 
+#: not looked up yet (``Any`` is a valid answer)
+_UNKNOWN: Any = object()
+
+
 class _StateWait(concurrent.futures.Future[Any]):
     """A wait for a saved state (answered with ``(state, error)``)."""
 
@@ -181,6 +185,8 @@ class _Actor:
         self.lost: tuple[bytes, ActorDiedError] | None = None
         self.refs = 0
         self.calls = 0
+        #: declared return type of each method called so far (reading annotations costs ~10 us)
+        self.returns: dict[str, Any] = {}
 
     def take_lost(self) -> tuple[bytes, ActorDiedError] | None:
         """The death noted during a hot restart, as (worker, error) (then cleared)."""
@@ -666,15 +672,23 @@ class ActorSystem:
         return out
 
     def convert_result(self, actor: _Actor, method: str, value: Any) -> Any:
-        if actor.cls is None:
-            return value
-        fn = getattr(actor.cls, method, None)
-        try:
-            typ = typing.get_type_hints(fn).get("return", Any) if fn is not None else Any
-        except Exception:
+        typ = actor.returns.get(method, _UNKNOWN)
+        if typ is _UNKNOWN:
+            typ = actor.returns[method] = self._return_type(actor, method)
+        if typ is Any:
             return value
         try:
             return convert(value, typ)
         except Exception:
             return value
 
+    @staticmethod
+    def _return_type(actor: _Actor, method: str) -> Any:
+        """The return annotation of ``method`` (``Any`` when absent or unreadable)."""
+        fn = getattr(actor.cls, method, None) if actor.cls is not None else None
+        if fn is None:
+            return Any
+        try:
+            return typing.get_type_hints(fn).get("return", Any)
+        except Exception:
+            return Any
