@@ -6,7 +6,9 @@ Runs in the driver process. Threads and what they own::
                                   ▲          (send under the lock, never polled)
     pump thread  ◀── results ROUTER ◀── worker outbox   (only the pump reads it)
         (local workers: one socketpair each, "the pipe", in place of both
-         ROUTERs; written under the lock, read and flushed by the pump)
+         ROUTERs; written under the lock, flushed by the pump, read by the
+         pump or, while one waits in Future.result(), by the waiting caller:
+         see wait_direct)
         │  decode, dedupe, return credits, dispatch more   [lock]
         └─▶ deliver outcomes to jobs (futures, lease queues)   [no lock held]
     supervisor thread ──on_exit──▶ [lock] redeliver the dead worker's tasks
@@ -60,12 +62,14 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import socket
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -138,6 +142,46 @@ REMOTE_HEARTBEAT_TIMEOUT = 10.0
 REAP_PERIOD = 0.1
 #: seconds a local worker's exit waits for the pump to read what it wrote before dying
 PIPE_DRAIN_WAIT = 1.0
+#: seconds the pump leaves local pipes to callers after the last one stopped waiting (wait_direct)
+DIRECT_LINGER = 0.002
+
+#: states of a future after which nothing is left to wait for
+_SETTLED = frozenset({FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED})
+#: per thread: its wake-up for wait_direct
+_THREAD = threading.local()
+
+
+class _Wake:
+    """A thread's eventfd: written when a future it waits on in wait_direct settles elsewhere."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def __del__(self) -> None:  # the thread ended
+        os.close(self.fd)
+
+
+class _DirectWaiter:
+    """Installed in a future's waiters during wait_direct (the protocol of concurrent.futures.wait)."""
+
+    __slots__ = ("fd", "armed", "fired")
+    #: phalanx.Future.cancel tells it (the standard library tells only its own waiters)
+    wakes_on_cancel = True
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        #: off while the waiting thread delivers outcomes itself (it looks at the future next anyway)
+        self.armed = True
+        self.fired = False
+
+    def _fire(self, future: Any = None) -> None:
+        if self.armed and not self.fired:
+            self.fired = True
+            os.eventfd_write(self.fd, 1)
+
+    add_result = add_exception = add_cancelled = _fire
 #: most tags a remote worker may announce
 MAX_TAGS = 64
 
@@ -262,7 +306,7 @@ class Job:
 
     __slots__ = (
         "id", "op", "outstanding", "deliver", "fail", "on_dispatch", "autoclose", "seqs",
-        "retry", "on_fatal", "timeout", "skipped", "dropped", "tag",
+        "retry", "on_fatal", "timeout", "skipped", "dropped", "tag", "direct",
     )
 
     def __init__(
@@ -297,6 +341,8 @@ class Job:
         self.on_dispatch = on_dispatch
         self.autoclose = autoclose
         self.seqs = itertools.count()
+        #: ``deliver`` is thread-safe, so a caller reading its own reply may run it (see wait_direct)
+        self.direct = False
 
 
 class _Worker:
@@ -304,6 +350,7 @@ class _Worker:
         "id", "ident", "pid", "hello", "welcomed", "ready", "alive", "free", "inflight",
         "tasks", "items", "busy", "died_at", "retiring", "dispatched",
         "remote", "host", "seen", "stop_sent", "tags", "frames_dropped", "pipe", "pipe_done",
+        "reader", "leftover", "broken", "delivering",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -336,6 +383,14 @@ class _Worker:
         self.pipe: FramePipe | None = None
         #: set by the pump once it read the pipe to its end (everything the worker wrote is handled)
         self.pipe_done = threading.Event()
+        #: held while reading the pipe and handling what was read (the pump, or a caller in wait_direct)
+        self.reader = threading.Lock()
+        #: frames a caller read but left to the pump (anything but outcomes), handled before the next read
+        self.leftover: list[bytes] = []
+        #: a caller's read found a frame above max_frame (the pump then ends the pipe)
+        self.broken = False
+        #: callers delivering outcomes they read here: frames after them wait (see wait_direct)
+        self.delivering = 0
 
 
 class Driver:
@@ -411,12 +466,22 @@ class Driver:
         #: Unset it costs one ``is None`` test per frame. Held frames come back through ``inject``.
         self.frame_filter: FrameFilter | None = None
         self._injected: deque[tuple[bytes, bytes]] = deque()
-        #: outcomes resolved by the pump this round, delivered at its end (pump thread only)
+        #: outcomes resolved this round, delivered at its end (the pump's; wait_direct adds under the lock)
         self._deliveries: list[tuple[Job, int, Ok | Err]] = []
         #: local workers' pipes the pump does not poll yet (it registers them)
         self._new_pipes: deque[_Worker] = deque()
         #: pipes holding a backlog the pump must flush when they become writable
         self._backlogged: set[_Worker] = set()
+        #: local workers whose pipes the pump polls (replaced, never changed: callers read it unlocked)
+        self._piped: tuple[_Worker, ...] = ()
+        #: threads in wait_direct now, and when the last one left (under _direct_mutex)
+        self._direct_waiters = 0
+        self._direct_left = 0.0
+        self._direct_mutex = threading.Lock()
+        #: the pump reads pipes itself (False while callers read them: see wait_direct)
+        self._pump_reads_pipes = True
+        #: pipes a caller needs the pump to read even so (frames left to it, the end, a bad frame)
+        self._pipe_attention: deque[_Worker] = deque()
 
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._auth: Any = None
@@ -1109,8 +1174,8 @@ class Driver:
             self._pump_loop(poller, pipes)
         finally:
             self._deliver_ready()
-            with self._lock:
-                for w in [*pipes.values(), *self._new_pipes]:
+            for w in [*pipes.values(), *self._new_pipes]:
+                with w.reader, self._lock:  # not while a caller reads it (wait_direct)
                     self._end_pipe_locked(w)
 
     def _pump_loop(self, poller: zmq.Poller, pipes: dict[int, _Worker]) -> None:
@@ -1133,16 +1198,31 @@ class Driver:
                 w = self._new_pipes.popleft()
                 if w.pipe is not None:
                     pipes[w.pipe.fileno()] = w
-                    poller.register(w.pipe.fileno(), zmq.POLLIN)
+                    poller.register(w.pipe.fileno(), self._pipe_events(w))
+                    self._piped = tuple(pipes.values())
+            if self._direct_waiters or self._direct_left > time.monotonic() - DIRECT_LINGER:
+                wait = min(wait, DIRECT_LINGER * 1000)
+                reads = False
+            else:
+                reads = True
+            if reads != self._pump_reads_pipes:
+                self._pump_reads_pipes = reads
+                for w in pipes.values():
+                    poller.register(w.pipe.fileno(), self._pipe_events(w))  # type: ignore[union-attr]
             if self._backlogged:
                 self._flush_pipes(poller)
             events = dict(poller.poll(int(wait) + (1 if wait else 0)))
             if self._wake_r in events:
                 if b"x" in os.read(self._wake_r, 4096):
                     return
-            for fd, w in list(pipes.items()):
-                if fd in events:
-                    self._read_pipe(poller, pipes, fd, w)
+            if reads:
+                for fd, w in list(pipes.items()):
+                    if fd in events:
+                        self._read_pipe(poller, pipes, fd, w)
+            while self._pipe_attention:
+                w = self._pipe_attention.popleft()
+                if w.pipe is not None and pipes.get(w.pipe.fileno()) is w:
+                    self._read_pipe(poller, pipes, w.pipe.fileno(), w)
             if results in events:
                 for _ in range(4096):
                     try:
@@ -1205,21 +1285,37 @@ class Driver:
 
     def _read_pipe(self, poller: zmq.Poller, pipes: dict[int, _Worker], fd: int, w: _Worker) -> None:
         """Handle what a local worker wrote; at its end, stop polling it (pump thread)."""
-        assert w.pipe is not None
-        try:
-            frames = w.pipe.recv()
-        except PipeError:
-            log.warning("worker %s sent a frame above max_frame: closing its pipe", w.id)
-            self.frames_dropped += 1
-            frames = None
-        except OSError:
-            frames = None
-        if frames is None:
-            poller.unregister(fd)
-            del pipes[fd]
-            with self._lock:
-                self._end_pipe_locked(w)
-            return
+        with w.reader:
+            assert w.pipe is not None
+            if w.delivering:
+                # A caller is delivering outcomes it read from this pipe: what follows them
+                # waits (it asks for this pipe again when done); meanwhile do not poll it.
+                poller.register(fd, zmq.POLLOUT if w in self._backlogged else 0)
+                return
+            poller.register(fd, self._pipe_events(w))
+            frames: list[bytes] | None
+            frames, w.leftover = w.leftover, []
+            self._handle_pipe_frames(w, frames)
+            try:
+                if w.broken:
+                    raise PipeError("a caller read a frame above max_frame")
+                frames = w.pipe.recv()
+            except PipeError:
+                log.warning("worker %s sent a frame above max_frame: closing its pipe", w.id)
+                self.frames_dropped += 1
+                frames = None
+            except OSError:
+                frames = None
+            if frames is None:
+                poller.register(fd, 0)  # unregisters
+                del pipes[fd]
+                self._piped = tuple(pipes.values())
+                with self._lock:
+                    self._end_pipe_locked(w)
+                return
+            self._handle_pipe_frames(w, frames)
+
+    def _handle_pipe_frames(self, w: _Worker, frames: list[bytes]) -> None:
         ident = w.ident
         for frame in frames:
             try:
@@ -1247,7 +1343,11 @@ class Driver:
                 if done:
                     self._backlogged.discard(w)
                 if pipe is not None and not pipe.closed:
-                    poller.modify(pipe.fileno(), zmq.POLLIN if done else zmq.POLLIN | zmq.POLLOUT)
+                    poller.register(pipe.fileno(), self._pipe_events(w))
+
+    def _pipe_events(self, w: _Worker) -> int:
+        """What the pump polls a pipe for: readable unless callers read it, writable while backlogged."""
+        return (zmq.POLLIN if self._pump_reads_pipes else 0) | (zmq.POLLOUT if w in self._backlogged else 0)
 
     def _on_monitor(self, mon: zmq.Socket[bytes]) -> None:
         """Log peers refused during the handshake on a tcp endpoint (wrong, no or plaintext key)."""
@@ -1513,7 +1613,8 @@ class Driver:
             except Exception:
                 pass
 
-    def _on_results(self, ident: bytes, msg: Results) -> None:
+    def _on_results(self, ident: bytes, msg: Results, direct: list[tuple[Job, int, Ok | Err]] | None = None) -> None:
+        """Resolve a worker's outcomes; deliveries go to the pump's round, or to ``direct`` (see wait_direct)."""
         deliveries: list[tuple[Job, int, Ok | Err]] = []
         with self._lock:
             w = self._workers.get(ident)
@@ -1552,13 +1653,151 @@ class Driver:
                 self._dispatch_locked()
             if not self._pending:
                 self._changed.notify_all()
-        # Delivered at the end of the pump's round, just before it blocks: a woken
-        # caller then finds the interpreter free instead of waiting for the round.
-        self._deliveries.extend(deliveries)
+            # Delivered at the end of the pump's round, just before it blocks: a woken
+            # caller then finds the interpreter free instead of waiting for the round.
+            if direct is None:
+                self._deliveries.extend(deliveries)
+            else:
+                for entry in deliveries:
+                    (direct if entry[0].direct else self._deliveries).append(entry)
+                if self._deliveries:
+                    self.wake()
 
     def _deliver_ready(self) -> None:
         """Hand the outcomes resolved this round to their jobs (pump thread, no lock held)."""
-        ready, self._deliveries = self._deliveries, []
+        with self._lock:  # a caller in wait_direct may add some
+            ready, self._deliveries = self._deliveries, []
+        self._deliver(ready)
+
+    # ---- a caller reading its own reply ------------------------------------------------
+
+    def wait_direct(self, fut: Any, timeout: float | None) -> bool:
+        """Wait for ``fut`` on this thread, reading local workers' pipes itself; False: not here.
+
+        A lone call then costs one wake-up fewer: the worker's reply wakes the
+        waiting caller, which reads it, resolves it and returns, instead of
+        waking the pump, which wakes the caller. While a caller polls the pipes
+        (and ``DIRECT_LINGER`` after), the pump does not, so it does not wake
+        for them; a worker's ``reader`` lock makes sure frames are read once
+        and handled in order. Only outcomes of ``direct`` jobs are delivered
+        here (no lock held, as the pump would); every other frame is left to
+        the pump, which handles it only once the outcomes read before it are
+        delivered. If the future settles elsewhere (a remote worker answered,
+        the runtime broke) the thread's eventfd wakes it. Returns True once
+        ``fut`` settled or ``timeout`` passed.
+        """
+        if self.frame_filter is not None or self._closed or threading.current_thread() is self._pump_thread:
+            return False
+        wake: _Wake | None = getattr(_THREAD, "wake", None)
+        if wake is None:
+            wake = _THREAD.wake = _Wake()
+        waiter = _DirectWaiter(wake.fd)
+        with fut._condition:
+            if fut._state in _SETTLED:
+                return True
+            fut._waiters.append(waiter)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                # Not a pipe holding frames left to the pump: it would read as empty until the pump came.
+                by_fd = {w.pipe.fileno(): w for w in self._piped
+                         if w.pipe is not None and not w.pipe.closed and not w.leftover}
+                if not by_fd and not waiter.fired:
+                    return False  # no local worker: the plain wait does
+                direct: list[tuple[Job, int, Ok | Err]] = []
+                read: list[_Worker] = []
+                with self._direct_mutex:
+                    self._direct_waiters += 1
+                try:
+                    if self._pump_reads_pipes:
+                        self.wake()  # it stops polling the pipes
+                    poller = select.poll()
+                    poller.register(wake.fd, select.POLLIN)
+                    for fd in by_fd:
+                        poller.register(fd, select.POLLIN)
+                    if deadline is None:
+                        events = poller.poll()
+                    else:
+                        events = poller.poll(max(0.0, (deadline - time.monotonic()) * 1000) + 0.5)
+                    for fd, _ in events:
+                        w = by_fd.get(fd)
+                        if w is not None and self._read_direct(w, direct):
+                            read.append(w)
+                finally:
+                    with self._direct_mutex:
+                        self._direct_waiters -= 1
+                        self._direct_left = time.monotonic()
+                if read:
+                    self._deliver_direct(read, direct, waiter)
+                if fut._state in _SETTLED or (deadline is not None and time.monotonic() >= deadline):
+                    return True
+        finally:
+            with fut._condition:
+                fut._waiters.remove(waiter)
+            if waiter.fired:
+                try:
+                    os.eventfd_read(wake.fd)
+                except BlockingIOError:
+                    pass
+
+    def _read_direct(self, w: _Worker, direct: list[tuple[Job, int, Ok | Err]]) -> bool:
+        """Read a local worker's pipe on a waiting caller's thread; True: ``w.delivering`` was raised."""
+        with w.reader:  # if the pump holds it, wait for it, then take what is left
+            pipe = w.pipe
+            if pipe is None or pipe.closed or w.leftover or w.broken:
+                return False
+            try:
+                frames = pipe.recv()
+            except PipeError:
+                w.broken = True
+                frames = None
+            except OSError:
+                frames = None
+            if frames is None:  # the end (or a bad frame): the pump ends the pipe
+                self._need_pump(w)
+                return False
+            if not frames:
+                return False
+            ident = w.ident
+            for i, frame in enumerate(frames):
+                try:
+                    msg = decode_driver(frame)
+                except ProtocolError:
+                    msg = None
+                if not isinstance(msg, Results):
+                    # Left to the pump, in order, before its next read of this pipe, and
+                    # once the outcomes read before it are delivered (see _deliver_direct).
+                    w.leftover = frames[i:]
+                    break
+                try:
+                    self._on_results(ident, msg, direct)
+                except Exception:  # well-formed but nonsensical
+                    log.exception("dropped a frame that could not be handled")
+                    self.frames_dropped += 1
+            w.delivering += 1
+            return True
+
+    def _deliver_direct(self, read: list[_Worker], direct: list[tuple[Job, int, Ok | Err]],
+                        waiter: _DirectWaiter) -> None:
+        """Deliver what a caller read, then let the pump handle what came after it."""
+        waiter.armed = False  # the caller looks at its future next anyway
+        try:
+            self._deliver(direct)
+        finally:
+            waiter.armed = True
+            for w in read:
+                with w.reader:
+                    w.delivering -= 1
+                    if not w.delivering and w.leftover:
+                        self._need_pump(w)
+
+    def _need_pump(self, w: _Worker) -> None:
+        """Have the pump read ``w``'s pipe even while callers read the pipes."""
+        self._pipe_attention.append(w)
+        self.wake()
+
+    @staticmethod
+    def _deliver(ready: list[tuple[Job, int, Ok | Err]]) -> None:
         for job, seq, final in ready:
             try:
                 job.deliver(seq, final)

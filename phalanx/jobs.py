@@ -75,6 +75,8 @@ class _Waiter:
     """A thread waiting in ``Future.result()``: released when the future settles."""
 
     __slots__ = ("lock",)
+    #: Future.cancel tells it (the standard library tells only its own waiters)
+    wakes_on_cancel = True
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -109,6 +111,8 @@ class Future(concurrent.futures.Future[T]):
     _phalanx_cancel: Callable[[], None] | None = None
     #: ends the call even while it runs (set by ``submit``); see ``__await__``
     _phalanx_abort: Callable[[], None] | None = None
+    #: the driver whose local workers a waiting thread may read its reply from
+    _phalanx_direct: Driver | None = None
 
     # Lighter than the standard library's: a future costs 3 objects the garbage
     # collector tracks instead of 11 (a Condition per future is most of them), which
@@ -127,6 +131,11 @@ class Future(concurrent.futures.Future[T]):
 
     def _wait(self, timeout: float | None) -> None:
         """Wait until this future is done or cancelled, at most ``timeout`` seconds (lock not held)."""
+        if self._state in _SETTLED:
+            return
+        direct = self._phalanx_direct
+        if direct is not None and direct.wait_direct(self, timeout):
+            return
         with self._condition:
             if self._state in _SETTLED:
                 return
@@ -151,7 +160,7 @@ class Future(concurrent.futures.Future[T]):
             return False
         with self._condition:  # the base class wakes only Condition waiters on cancel
             for waiter in self._waiters:
-                if isinstance(waiter, _Waiter):
+                if getattr(waiter, "wakes_on_cancel", False):
                     waiter.add_cancelled(self)
         hook = self._phalanx_cancel
         if hook is not None:
@@ -264,7 +273,9 @@ def submit(
     )
     msg = Call(job.id, 0, 0, op_name, list(args), kwargs or None, job.timeout)
     frame = encode(msg, "the arguments of {}", op_name)
+    job.direct = True  # the sink only settles the future: any thread may
     sink.job, sink.driver = job, driver
+    fut._phalanx_direct = driver
     fut._phalanx_cancel = sink.cancel
     fut._phalanx_abort = sink.abort
     driver.submit(job, [Task(msg, frame)], register=True)

@@ -186,3 +186,12 @@ def gated_record(log: str, release: str, x: int) -> int:
     while not os.path.exists(release) and not task.aborted and time.monotonic() < deadline:
         time.sleep(0.005)
     return x
+
+
+@phalanx.operation
+def marked_sleep(started: str, seconds: float, value: int) -> int:
+    """Mark ``started`` with this pid; the first attempt then sleeps ``seconds``; return ``value``."""
+    _mark(started, str(os.getpid()))
+    if phalanx.current_task().attempt == 0:
+        time.sleep(seconds)
+    return value

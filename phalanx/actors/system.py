@@ -243,6 +243,7 @@ class ActorSystem:
             self._actors[actor.id] = actor
         actor.job = self.driver.open_job(f"{cls_name} (actor {actor.id})", self._deliver_for(actor),
                                          self._fail_for(actor))
+        actor.job.direct = True  # its deliver only settles futures: a waiting caller may run it
         try:
             worker, actor.tag = self._place(on, None, DEFAULT_TAG, timeout)
         except BaseException as exc:
@@ -380,6 +381,7 @@ class ActorSystem:
             raise AttributeError(f"actor methods starting with '_' cannot be called remotely: {method!r}")
         fut: Future[Any] = Future()
         fut.set_running_or_notify_cancel()  # an actor call cannot be withdrawn once made
+        fut._phalanx_direct = self.driver
         a, kw = list(args), kwargs or None
         encode([a, kw], f"the arguments of {actor.cls_name}.{method}")
         with actor.lock:

@@ -1,0 +1,144 @@
+"""A caller waiting in ``Future.result()`` reads its reply from the local workers' pipes itself.
+
+The waiting thread polls the pipes while the pump leaves them alone, so a
+lone call costs one wake-up fewer (``Driver.wait_direct``). What must hold
+whoever reads: every outcome delivered once, frames other than outcomes
+(a replacement worker's Hello, actor events) handled by the pump in order,
+timeouts honoured, a crash redelivered, a shutdown waking the waiter, and a
+done-callback that waits on another call not deadlocking.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import phalanx
+
+import actor_ops
+import fault_ops
+import ops
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_a_waiting_caller_reads_its_own_reply(runtime: phalanx.Runtime) -> None:
+    """Outcomes of calls waited on are delivered on the waiting thread (the callback shows where)."""
+    threads: list[threading.Thread] = []
+    for i in range(50):
+        fut = runtime.submit(ops.inc, i)
+        fut.add_done_callback(lambda _: threads.append(threading.current_thread()))
+        assert fut.result(timeout=30) == i + 1
+    assert len(threads) == 50
+    # The pump may win the first race (it still polled the pipes); after that the caller reads.
+    assert threads.count(threading.main_thread()) >= 25
+    assert runtime.stats().frames_dropped == 0
+
+
+def test_actor_calls_and_tasks_from_many_threads_beside_a_map(runtime: phalanx.Runtime) -> None:
+    """Callers reading pipes hand other jobs' outcomes to the pump: nothing lost, nothing twice."""
+    counter = runtime.spawn(actor_ops.Counter)
+    mapped: list[int] = []
+    errors: list[BaseException] = []
+
+    def mapper() -> None:
+        try:
+            mapped.extend(runtime.map(ops.inc, range(20_000), chunksize=7, timeout=60))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    def caller(k: int) -> None:
+        try:
+            for i in range(150):
+                assert runtime.submit(ops.add, k, i).result(timeout=30) == k + i
+                counter.incr().result(timeout=30)
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=mapper)] + [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(60)
+    assert not errors
+    assert mapped == [i + 1 for i in range(20_000)]
+    assert counter.get().result(timeout=30) == 4 * 150
+    stats = runtime.stats()
+    assert stats.frames_dropped == 0 and stats.duplicates_dropped == 0
+
+
+def test_a_timeout_while_reading_pipes_leaves_the_call_running(runtime: phalanx.Runtime) -> None:
+    fut = runtime.submit(ops.sleep_then, 5, 1.0)
+    with pytest.raises(TimeoutError):
+        fut.result(timeout=0.05)
+    assert fut.result(timeout=30) == 5
+
+
+def test_a_crash_under_a_waiting_caller_is_redelivered(runtime: phalanx.Runtime, tmp_path: Path) -> None:
+    """The replacement's Hello arrives while the caller reads pipes: the pump still handles it."""
+    started = tmp_path / "started"
+    fut = runtime.submit(fault_ops.marked_sleep, str(started), 30.0, 7)
+    result: list[int] = []
+    waiter = threading.Thread(target=lambda: result.append(fut.result(timeout=60)))
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(int(started.read_text()), signal.SIGKILL)
+    waiter.join(60)
+    assert result == [7]
+    # A replacement joined (its Hello and Ready went through the pump) and serves calls.
+    assert [runtime.submit(ops.inc, i).result(timeout=30) for i in range(20)] == list(range(1, 21))
+    assert runtime.stats().worker_deaths == 1
+
+
+def test_a_done_callback_may_wait_on_another_call(runtime: phalanx.Runtime) -> None:
+    """The callback runs on the thread that read the reply; its own wait must not deadlock."""
+    inner: list[int] = []
+    for i in range(20):
+        fut = runtime.submit(ops.inc, i)
+        fut.add_done_callback(lambda f: inner.append(runtime.submit(ops.inc, f.result()).result(timeout=30)))
+        fut.result(timeout=30)
+        deadline = time.monotonic() + 30
+        while len(inner) <= i and time.monotonic() < deadline:
+            time.sleep(0.001)
+    assert inner == [i + 2 for i in range(20)]
+
+
+def test_shutdown_wakes_a_caller_reading_pipes(tmp_path: Path) -> None:
+    rt = phalanx.Runtime(workers=2)
+    try:
+        fut = rt.submit(ops.sleep_then, 1, 30.0)
+        failed: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                fut.result(timeout=60)
+            except BaseException as exc:
+                failed.append(exc)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.2)  # let it start waiting (either way the outcome is the same)
+    finally:
+        rt.shutdown(wait=False)
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert len(failed) == 1 and isinstance(failed[0], phalanx.RuntimeClosedError)
+
+
+def test_actor_events_follow_the_outcomes_a_caller_read(runtime: phalanx.Runtime) -> None:
+    """Calls made before stop() get their results, then the actor is stopped (events in order)."""
+    for _ in range(10):
+        counter = runtime.spawn(actor_ops.Counter)
+        futures = [counter.incr() for _ in range(20)]
+        assert futures[-1].result(timeout=30) == 20
+        counter.stop()
+        assert [f.result(timeout=30) for f in futures] == list(range(1, 21))
+        counter.join(timeout=30)
+        assert counter.state == "stopped"
