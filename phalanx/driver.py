@@ -144,6 +144,9 @@ REAP_PERIOD = 0.1
 PIPE_DRAIN_WAIT = 1.0
 #: seconds the pump leaves local pipes to callers after the last one stopped waiting (wait_direct)
 DIRECT_LINGER = 0.002
+#: longest a lone caller in wait_direct polls without blocking (seconds): a blocked thread's
+#: wake-up (an idle CPU's, on virtual machines above all) costs more than the whole reply
+SPIN_WAIT = 200e-6
 
 #: states of a future after which nothing is left to wait for
 _SETTLED = frozenset({FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED})
@@ -350,7 +353,7 @@ class _Worker:
         "id", "ident", "pid", "hello", "welcomed", "ready", "alive", "free", "inflight",
         "tasks", "items", "busy", "died_at", "retiring", "dispatched",
         "remote", "host", "seen", "stop_sent", "tags", "frames_dropped", "pipe", "pipe_done",
-        "reader", "leftover", "broken", "delivering",
+        "reader", "leftover", "broken", "delivering", "deferred",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -391,6 +394,8 @@ class _Worker:
         self.broken = False
         #: callers delivering outcomes they read here: frames after them wait (see wait_direct)
         self.delivering = 0
+        #: the pump passed this pipe by while callers delivered: the last of them calls it back
+        self.deferred = False
 
 
 class Driver:
@@ -478,6 +483,8 @@ class Driver:
         self._direct_waiters = 0
         self._direct_left = 0.0
         self._direct_mutex = threading.Lock()
+        #: a moving average of how long a wait_direct took (seconds): spin only while short
+        self._direct_typical = 0.0
         #: the pump reads pipes itself (False while callers read them: see wait_direct)
         self._pump_reads_pipes = True
         #: pipes a caller needs the pump to read even so (frames left to it, the end, a bad frame)
@@ -1291,6 +1298,7 @@ class Driver:
                 # A caller is delivering outcomes it read from this pipe: what follows them
                 # waits (it asks for this pipe again when done); meanwhile do not poll it.
                 poller.register(fd, zmq.POLLOUT if w in self._backlogged else 0)
+                w.deferred = True
                 return
             poller.register(fd, self._pipe_events(w))
             frames: list[bytes] | None
@@ -1683,8 +1691,10 @@ class Driver:
         here (no lock held, as the pump would); every other frame is left to
         the pump, which handles it only once the outcomes read before it are
         delivered. If the future settles elsewhere (a remote worker answered,
-        the runtime broke) the thread's eventfd wakes it. Returns True once
-        ``fut`` settled or ``timeout`` passed.
+        the runtime broke) the thread's eventfd wakes it. A lone caller whose
+        waits have been short polls without blocking for up to ``SPIN_WAIT``
+        first: a reply then costs no wake-up on this side at all. Returns True
+        once ``fut`` settled or ``timeout`` passed.
         """
         if self.frame_filter is not None or self._closed or threading.current_thread() is self._pump_thread:
             return False
@@ -1697,12 +1707,21 @@ class Driver:
                 return True
             fut._waiters.append(waiter)
         deadline = None if timeout is None else time.monotonic() + timeout
+        began = time.perf_counter()
         try:
             while True:
-                # Not a pipe holding frames left to the pump: it would read as empty until the pump came.
-                by_fd = {w.pipe.fileno(): w for w in self._piped
-                         if w.pipe is not None and not w.pipe.closed and not w.leftover}
-                if not by_fd and not waiter.fired:
+                by_fd: dict[int, _Worker] = {}
+                held = False
+                for w in self._piped:
+                    if w.pipe is None or w.pipe.closed:
+                        continue
+                    if w.leftover:
+                        # Frames left to the pump: until it took them this pipe reads as empty, so
+                        # it is not polled (it may be readable), but looked at again within 1 ms.
+                        held = True
+                        continue
+                    by_fd[w.pipe.fileno()] = w
+                if not by_fd and not held and not waiter.fired:
                     return False  # no local worker: the plain wait does
                 direct: list[tuple[Job, int, Ok | Err]] = []
                 read: list[_Worker] = []
@@ -1715,21 +1734,27 @@ class Driver:
                     poller.register(wake.fd, select.POLLIN)
                     for fd in by_fd:
                         poller.register(fd, select.POLLIN)
-                    if deadline is None:
-                        events = poller.poll()
-                    else:
-                        events = poller.poll(max(0.0, (deadline - time.monotonic()) * 1000) + 0.5)
+                    # A lone caller whose replies have been quick spins briefly before blocking.
+                    spin = self._direct_waiters == 1 and self._direct_typical < SPIN_WAIT
+                    events = self._spin(poller, time.perf_counter() + SPIN_WAIT) if spin else []
+                    if not events:
+                        ms = -1.0 if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000) + 0.5
+                        events = poller.poll(1.0 if held and not 0 <= ms < 1.0 else ms)
                     for fd, _ in events:
-                        w = by_fd.get(fd)
-                        if w is not None and self._read_direct(w, direct):
-                            read.append(w)
+                        ready = by_fd.get(fd)
+                        if ready is not None and self._read_direct(ready, direct):
+                            read.append(ready)
                 finally:
                     with self._direct_mutex:
                         self._direct_waiters -= 1
                         self._direct_left = time.monotonic()
                 if read:
                     self._deliver_direct(read, direct, waiter)
-                if fut._state in _SETTLED or (deadline is not None and time.monotonic() >= deadline):
+                if fut._state in _SETTLED:
+                    # How long replies take decides whether the next wait spins first.
+                    self._direct_typical += (time.perf_counter() - began - self._direct_typical) * 0.25
+                    return True
+                if deadline is not None and time.monotonic() >= deadline:
                     return True
         finally:
             with fut._condition:
@@ -1739,6 +1764,14 @@ class Driver:
                     os.eventfd_read(wake.fd)
                 except BlockingIOError:
                     pass
+
+    @staticmethod
+    def _spin(poller: Any, until: float) -> list[tuple[int, int]]:
+        """Poll without blocking until something is readable or ``until`` (perf_counter) passed."""
+        while True:
+            events: list[tuple[int, int]] = poller.poll(0)
+            if events or time.perf_counter() >= until:
+                return events
 
     def _read_direct(self, w: _Worker, direct: list[tuple[Job, int, Ok | Err]]) -> bool:
         """Read a local worker's pipe on a waiting caller's thread; True: ``w.delivering`` was raised."""
@@ -1788,7 +1821,8 @@ class Driver:
             for w in read:
                 with w.reader:
                     w.delivering -= 1
-                    if not w.delivering and w.leftover:
+                    if not w.delivering and (w.leftover or w.deferred):
+                        w.deferred = False
                         self._need_pump(w)
 
     def _need_pump(self, w: _Worker) -> None:

@@ -1,7 +1,9 @@
 """Job kinds on top of the driver: a future per call, streaming map, tree fold.
 
 Runs in the driver: ``submit`` and the iterator/fold loops run in the user's
-thread; the ``deliver`` callbacks run on the pump thread.
+thread; the ``deliver`` callbacks run on the pump thread, except those of
+``submit`` futures (``Job.direct``), which a caller waiting in
+``Future.result()`` may run itself (``Driver.wait_direct``).
 
 Invariants kept:
 
@@ -106,6 +108,10 @@ class Future(concurrent.futures.Future[T]):
     aborted on its worker (``current_task().aborted``, then the worker is
     replaced after ``abort_grace`` if the call ignores it) and the future
     fails with :class:`~phalanx.TaskCancelledError`.
+
+    Done callbacks run on the thread that settles the future: the runtime's
+    pump thread, or a thread blocked in ``result()`` that read the reply from
+    a local worker itself. They must not block on the pump.
     """
 
     _phalanx_cancel: Callable[[], None] | None = None
