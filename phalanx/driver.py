@@ -148,6 +148,9 @@ DIRECT_LINGER = 0.002
 #: wake-up (an idle CPU's, on virtual machines above all) costs more than the whole reply
 SPIN_WAIT = 200e-6
 
+#: most tags a remote worker may announce
+MAX_TAGS = 64
+
 #: states of a future after which nothing is left to wait for
 _SETTLED = frozenset({FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED})
 #: per thread: its wake-up for wait_direct
@@ -185,8 +188,6 @@ class _DirectWaiter:
             os.eventfd_write(self.fd, 1)
 
     add_result = add_exception = add_cancelled = _fire
-#: most tags a remote worker may announce
-MAX_TAGS = 64
 
 
 class _Skipped:
