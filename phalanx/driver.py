@@ -151,8 +151,8 @@ SPIN_WAIT = 200e-6
 #: most tags a remote worker may announce
 MAX_TAGS = 64
 
-#: states of a future after which nothing is left to wait for
-_SETTLED = frozenset({FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED})
+#: states of a future after which nothing is left to wait for (phalanx.Future's too)
+SETTLED = frozenset({FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED})
 #: per thread: its wake-up for wait_direct
 _THREAD = threading.local()
 
@@ -1704,7 +1704,7 @@ class Driver:
             wake = _THREAD.wake = _Wake()
         waiter = _DirectWaiter(wake.fd)
         with fut._condition:
-            if fut._state in _SETTLED:
+            if fut._state in SETTLED:
                 return True
             fut._waiters.append(waiter)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -1751,7 +1751,7 @@ class Driver:
                         self._direct_left = time.monotonic()
                 if read:
                     self._deliver_direct(read, direct, waiter)
-                if fut._state in _SETTLED:
+                if fut._state in SETTLED:
                     # How long replies take decides whether the next wait spins first.
                     self._direct_typical += (time.perf_counter() - began - self._direct_typical) * 0.25
                     return True

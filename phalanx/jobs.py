@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
+from concurrent.futures._base import PENDING
 import math
 import queue
 import threading
@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
-from .driver import SKIPPED, Delivery, Driver, Job, Task
+from .driver import SETTLED, SKIPPED, Delivery, Driver, Job, Task
 from .errors import TaskCancelledError, TaskTimeoutError
 from .policy import FatalStrategy, TaskOptions
 from .progress import ProgressBar, progress_bar
@@ -69,8 +69,6 @@ MISSING: Any = _Missing()
 
 #: the lock (as a Condition, as the base class expects) of every phalanx Future's state
 _SHARED_CONDITION = threading.Condition()
-#: states after which a waiter has nothing more to wait for
-_SETTLED = frozenset({FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED})
 
 
 class _Waiter:
@@ -137,13 +135,13 @@ class Future(concurrent.futures.Future[T]):
 
     def _wait(self, timeout: float | None) -> None:
         """Wait until this future is done or cancelled, at most ``timeout`` seconds (lock not held)."""
-        if self._state in _SETTLED:
+        if self._state in SETTLED:
             return
         direct = self._phalanx_direct
         if direct is not None and direct.wait_direct(self, timeout):
             return
         with self._condition:
-            if self._state in _SETTLED:
+            if self._state in SETTLED:
                 return
             waiter = _Waiter()
             self._waiters.append(waiter)
