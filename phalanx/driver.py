@@ -1740,7 +1740,9 @@ class Driver:
                     events = self._spin(poller, time.perf_counter() + SPIN_WAIT) if spin else []
                     if not events:
                         ms = -1.0 if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000) + 0.5
-                        events = poller.poll(1.0 if held and not 0 <= ms < 1.0 else ms)
+                        if held and (ms < 0 or ms > 1.0):
+                            ms = 1.0  # look again soon at the pipe left out above
+                        events = poller.poll(ms)
                     for fd, _ in events:
                         ready = by_fd.get(fd)
                         if ready is not None and self._read_direct(ready, direct):
