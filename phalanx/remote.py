@@ -47,7 +47,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from .config import check_host_name
+from .config import Config, check_host_name
 from .errors import ProtocolError
 from .policy import DEFAULT_TAG, check_tag
 from .supervisor import Supervisor
@@ -71,6 +71,10 @@ RESTART_LIMIT = 20
 RESTART_WINDOW = 10.0
 
 
+#: phalanx.Config's defaults, which a remote host's workers share
+_CONFIG = Config()
+
+
 class RemoteOptions(msgspec.Struct, frozen=True, kw_only=True):
     """What ``phalanx worker`` was asked to do."""
 
@@ -88,17 +92,17 @@ class RemoteOptions(msgspec.Struct, frozen=True, kw_only=True):
     start_method: str = "fork"
     #: worker tags every worker of this host serves (empty: "default")
     tags: list[str] = []
-    # The options below are those of phalanx.Config, for this host's workers.
-    abort_grace: float = 2.0
-    max_memory_per_worker: int = 0
-    hwm: int = 100_000
-    max_frame: int = 256 * 1024 * 1024
-    spin: float = 0.0
-    log_level: str | None = None
-    prefix_output: bool = True
-    implicit_operations: bool = False
+    # The options below are those of phalanx.Config, for this host's workers (its defaults too).
+    abort_grace: float = _CONFIG.abort_grace
+    max_memory_per_worker: int = _CONFIG.max_memory_per_worker
+    hwm: int = _CONFIG.hwm
+    max_frame: int = _CONFIG.max_frame
+    spin: float = _CONFIG.spin
+    log_level: str | None = _CONFIG.log_level
+    prefix_output: bool = _CONFIG.prefix_output
+    implicit_operations: bool = _CONFIG.implicit_operations
     #: this host's name in the driver's inspect tree and worker ids (None: its hostname)
-    host_name: str | None = None
+    host_name: str | None = _CONFIG.host_name
 
 
 class Refused(Exception):
