@@ -56,6 +56,23 @@ def test_frames_arrive_whole_and_in_order(pair: tuple[FramePipe, FramePipe]) -> 
     assert read_until(b, len(frames)) == frames
 
 
+def test_thousands_of_small_frames_in_one_write(pair: tuple[FramePipe, FramePipe]) -> None:
+    """More frames than a system call takes pieces (IOV_MAX, 1024) still go, whole and in order."""
+    a, b = pair
+    frames = [i.to_bytes(4, "little") * (i % 7) for i in range(5000)]
+    a.send_many(frames)
+    got: list[bytes] = []
+    poller = select.poll()
+    poller.register(b.fileno(), select.POLLIN)
+    while len(got) < len(frames):
+        a.flush()
+        assert poller.poll(5000), f"only {len(got)} of {len(frames)} frames arrived"
+        more = b.recv()
+        assert more is not None
+        got.extend(bytes(f) for f in more)
+    assert got == frames
+
+
 def test_a_large_frame_goes_through_the_backlog(pair: tuple[FramePipe, FramePipe]) -> None:
     a, b = pair
     big = bytes(range(256)) * (8 * 1024 * 4)  # 8 MiB: far above the kernel's buffer

@@ -37,6 +37,11 @@ from collections import deque
 __all__ = ["FramePipe", "PipeError", "socketpair"]
 
 _HEADER = struct.Struct("<I")
+#: frames shorter than this are copied into one buffer per write: one iovec for many small
+#: tasks (a kernel takes at most IOV_MAX, 1024, per sendmsg), no copy of large ones
+_JOIN_BELOW = 16 * 1024
+#: iovecs passed to one sendmsg; what is beyond waits in the backlog
+_MAX_PARTS = 512
 #: bytes read per recv (a frame larger than this is read straight into its own buffer)
 _CHUNK = 256 * 1024
 #: socket buffer asked for, each way (bytes)
@@ -103,14 +108,24 @@ class FramePipe:
     def send_many(self, frames: tuple[bytes, ...] | list[bytes]) -> bool:
         """Write frames in one system call where the kernel takes them; True if a backlog remains."""
         parts: list[bytes | memoryview] = []
+        small: list[bytes] = []
         for frame in frames:
+            if len(frame) < _JOIN_BELOW:
+                small.append(_HEADER.pack(len(frame)))
+                small.append(frame)
+                continue
+            if small:
+                parts.append(b"".join(small))
+                small = []
             parts.append(_HEADER.pack(len(frame)))
-            parts.append(frame)
+            parts.append(frame)  # large frames (arrays) are written from where they are
+        if small:
+            parts.append(b"".join(small))
         if self._backlog:
             self._backlog.extend(memoryview(p) for p in parts)
             return True
         try:
-            sent = self.sock.sendmsg(parts)
+            sent = self.sock.sendmsg(parts[:_MAX_PARTS])
         except BlockingIOError:
             sent = 0
         except OSError as exc:
