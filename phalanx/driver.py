@@ -147,6 +147,9 @@ DIRECT_LINGER = 0.002
 #: longest a lone caller in wait_direct polls without blocking (seconds): a blocked thread's
 #: wake-up (an idle CPU's, on virtual machines above all) costs more than the whole reply
 SPIN_WAIT = 200e-6
+#: longest a task frame for a busy local worker waits to go out with the next ones (seconds);
+#: normally the worker's next outcome releases it much sooner (see _pipe_send_locked)
+HOLD_MAX = 0.002
 
 #: most tags a remote worker may announce
 MAX_TAGS = 64
@@ -310,7 +313,7 @@ class Job:
 
     __slots__ = (
         "id", "op", "outstanding", "deliver", "fail", "on_dispatch", "autoclose", "seqs",
-        "retry", "on_fatal", "timeout", "skipped", "dropped", "tag", "direct",
+        "retry", "on_fatal", "timeout", "skipped", "dropped", "tag", "direct", "deliver_many",
     )
 
     def __init__(
@@ -347,6 +350,8 @@ class Job:
         self.seqs = itertools.count()
         #: ``deliver`` is thread-safe, so a caller reading its own reply may run it (see wait_direct)
         self.direct = False
+        #: ``deliver`` for several outcomes at once, ``[(seq, outcome)]`` (optional: fewer lock rounds)
+        self.deliver_many: Callable[[list[tuple[int, Delivery]]], None] | None = None
 
 
 class _Worker:
@@ -354,7 +359,7 @@ class _Worker:
         "id", "ident", "pid", "hello", "welcomed", "ready", "alive", "free", "inflight",
         "tasks", "items", "busy", "died_at", "retiring", "dispatched",
         "remote", "host", "seen", "stop_sent", "tags", "frames_dropped", "pipe", "pipe_done",
-        "reader", "leftover", "broken", "delivering", "deferred",
+        "reader", "leftover", "broken", "delivering", "deferred", "held", "held_at",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -397,6 +402,9 @@ class _Worker:
         self.delivering = 0
         #: the pump passed this pipe by while callers delivered: the last of them calls it back
         self.deferred = False
+        #: task frames for this (busy) local worker not yet written, and since when (monotonic)
+        self.held: list[bytes] = []
+        self.held_at = 0.0
 
 
 class Driver:
@@ -478,6 +486,8 @@ class Driver:
         self._new_pipes: deque[_Worker] = deque()
         #: pipes holding a backlog the pump must flush when they become writable
         self._backlogged: set[_Worker] = set()
+        #: local workers with task frames held back (see _pipe_send_locked)
+        self._holding: set[_Worker] = set()
         #: local workers whose pipes the pump polls (replaced, never changed: callers read it unlocked)
         self._piped: tuple[_Worker, ...] = ()
         #: threads in wait_direct now, and when the last one left (under _direct_mutex)
@@ -984,11 +994,42 @@ class Driver:
         # A large frame (an array) is handed to ZeroMQ without a copy; bytes are immutable.
         self._tasks.send(frame, zmq.NOBLOCK, copy=len(frame) < sockets.ZERO_COPY_MIN)
 
-    def _pipe_send_locked(self, w: _Worker, pipe: FramePipe, frames: tuple[bytes, ...] | list[bytes]) -> None:
-        """Write frames to a local worker's pipe; the pump flushes what the kernel did not take."""
+    def _pipe_send_locked(self, w: _Worker, pipe: FramePipe, frames: tuple[bytes, ...] | list[bytes],
+                          hold: bool = False) -> None:
+        """Write frames to a local worker's pipe; the pump flushes what the kernel did not take.
+
+        ``hold``: these are tasks for a worker that still owes an outcome, so they wait in
+        ``w.held`` and go out in one write with the next ones when that outcome is read
+        (:meth:`_on_results`), or after :data:`HOLD_MAX` at the latest. A busy worker could
+        not start them sooner; writing each at once costs a system call and a wake-up of
+        the worker per task. A task for an idle worker is never held.
+        """
+        if hold:
+            if not w.held:
+                w.held_at = time.monotonic()
+                self._holding.add(w)
+            w.held.extend(frames)
+            return
+        if w.held:  # anything else goes out behind what is held, in order
+            frames = [*w.held, *frames]
+            w.held = []
+            self._holding.discard(w)
         if pipe.send_many(frames) and w not in self._backlogged:
             self._backlogged.add(w)
             self.wake()
+
+    def _release_locked(self, w: _Worker) -> None:
+        """Write the task frames held for ``w`` (lock held); a closed pipe's are redelivered with its tasks."""
+        if w.pipe is None:
+            w.held = []
+            self._holding.discard(w)
+            return
+        try:
+            self._pipe_send_locked(w, w.pipe, ())
+        except PipeError:
+            # The worker is going away: no new work for it; its reader sees the pipe's end
+            # and redelivers its in-flight tasks, these among them.
+            self._remove_live_locked(w)
 
     def _send_task_locked(self, ident: bytes, frame: bytes) -> None:
         """Send work to ``ident``, through ``frame_filter`` when one is set (lock held)."""
@@ -1014,8 +1055,11 @@ class Driver:
             if w is None or not w.alive or self._closed or self._broken is not None:
                 return False
             try:
-                self._send_task_locked(ident, frame)
-            except zmq.ZMQError:
+                if w.pipe is not None and self.frame_filter is None:
+                    self._pipe_send_locked(w, w.pipe, (frame,), hold=bool(w.inflight))
+                else:
+                    self._send_task_locked(ident, frame)
+            except (zmq.ZMQError, PipeError):
                 return False
             job.outstanding[task.seq] = task
             w.inflight[(task.job, task.seq)] = task
@@ -1077,7 +1121,8 @@ class Driver:
         for w, tasks in batch.items():
             assert w.pipe is not None
             try:
-                self._pipe_send_locked(w, w.pipe, [t.frame for t in tasks])
+                # Held if the worker already had tasks before these (they were added to inflight).
+                self._pipe_send_locked(w, w.pipe, [t.frame for t in tasks], hold=len(w.inflight) > len(tasks))
             except PipeError:
                 # The worker is going away: take the tasks back, unsent, in order.
                 for t in tasks:
@@ -1217,6 +1262,8 @@ class Driver:
                 self._pump_reads_pipes = reads
                 for w in pipes.values():
                     poller.register(w.pipe.fileno(), self._pipe_events(w))  # type: ignore[union-attr]
+            if self._holding:
+                wait = min(wait, self._release_stale() * 1000)
             if self._backlogged:
                 self._flush_pipes(poller)
             events = dict(poller.poll(int(wait) + (1 if wait else 0)))
@@ -1338,7 +1385,21 @@ class Driver:
         if w.pipe is not None:
             w.pipe.close()
         self._backlogged.discard(w)
+        self._holding.discard(w)
+        w.held = []
         w.pipe_done.set()
+
+    def _release_stale(self) -> float:
+        """Write frames held :data:`HOLD_MAX` or longer; seconds until the next are due (pump thread)."""
+        now = time.monotonic()
+        due = HOLD_MAX
+        with self._lock:
+            for w in list(self._holding):
+                if now - w.held_at >= HOLD_MAX:
+                    self._release_locked(w)
+                else:
+                    due = min(due, HOLD_MAX - (now - w.held_at))
+        return due
 
     def _flush_pipes(self, poller: zmq.Poller) -> None:
         """Write pipes' backlogs; poll those still holding some for writability (pump thread)."""
@@ -1660,6 +1721,8 @@ class Driver:
                 self._stop_locked(w)
             if self._pending:
                 self._dispatch_locked()
+            if w.held:  # the worker answered: what waited for it goes out now, with this round's dispatch
+                self._release_locked(w)
             if not self._pending:
                 self._changed.notify_all()
             # Delivered at the end of the pump's round, just before it blocks: a woken
@@ -1835,9 +1898,22 @@ class Driver:
 
     @staticmethod
     def _deliver(ready: list[tuple[Job, int, Ok | Err]]) -> None:
-        for job, seq, final in ready:
+        i, end = 0, len(ready)
+        while i < end:
+            job, seq, final = ready[i]
+            many = job.deliver_many
             try:
-                job.deliver(seq, final)
+                if many is None:
+                    i += 1
+                    job.deliver(seq, final)
+                    continue
+                # A run of one job's outcomes (an actor's replies) goes in one call.
+                j = i + 1
+                while j < end and ready[j][0] is job:
+                    j += 1
+                batch: list[tuple[int, Delivery]] = [(entry[1], entry[2]) for entry in ready[i:j]]
+                i = j
+                many(batch)
             except Exception:  # a user callback must not stop the pump
                 pass
 

@@ -162,3 +162,26 @@ def test_calls_to_a_checkpointing_actor(runtime: phalanx.Runtime) -> None:
         assert counter.incr().result(timeout=30) == i + 1
     counter.stop()
     counter.join(timeout=30)
+
+
+def test_a_burst_of_actor_calls_is_answered_in_order_and_before_a_stop(runtime: phalanx.Runtime) -> None:
+    """Calls issued while the actor's worker is busy wait to go out together: none lost, none reordered.
+
+    The stop is sent after them and must not overtake them.
+    """
+    counter = runtime.spawn(actor_ops.Counter)
+    start = counter.get().result(timeout=30)
+    pending = [counter.incr() for _ in range(5000)]
+    counter.stop()
+    assert [p.result(timeout=60) for p in pending] == list(range(start + 1, start + 5001))
+
+
+def test_a_task_queued_behind_one_that_times_out_still_runs() -> None:
+    """A task held for a busy worker goes out when the running one's timeout is reported instead of its outcome."""
+    with phalanx.Runtime(workers=1, abort_grace=0.5) as rt:
+        slow = rt.options(timeout=0.2).submit(fault_ops.sleep_then, 3.0, 1)
+        time.sleep(0.05)  # the slow task is running: what follows is for a busy worker
+        quick = [rt.submit(ops.inc, i) for i in range(20)]
+        with pytest.raises(phalanx.TaskTimeoutError):
+            slow.result(timeout=30)
+        assert [q.result(timeout=30) for q in quick] == list(range(1, 21))

@@ -38,6 +38,7 @@ Invariants kept:
 from __future__ import annotations
 
 import concurrent.futures
+from concurrent.futures._base import RUNNING
 import itertools
 import re
 import threading
@@ -167,7 +168,9 @@ class _Actor:
         self.tag = DEFAULT_TAG
         self.every = every
         self.interval = interval
-        self.lock = threading.Condition(threading.RLock())
+        #: guards the fields below; ``lock`` is a Condition over it (the hot path takes the bare RLock)
+        self.mutex = threading.RLock()
+        self.lock = threading.Condition(self.mutex)
         self.state = "starting"
         self.instance = 0
         self.worker = b""
@@ -241,8 +244,10 @@ class ActorSystem:
                     raise ValueError(f"an actor named {name!r} already exists")
                 self._names[name] = actor
             self._actors[actor.id] = actor
-        actor.job = self.driver.open_job(f"{cls_name} (actor {actor.id})", self._deliver_for(actor),
+        many = self._deliver_for(actor)
+        actor.job = self.driver.open_job(f"{cls_name} (actor {actor.id})", lambda seq, outcome: many([(seq, outcome)]),
                                          self._fail_for(actor))
+        actor.job.deliver_many = many
         actor.job.direct = True  # its deliver only settles futures: a waiting caller may run it
         try:
             worker, actor.tag = self._place(on, None, DEFAULT_TAG, timeout)
@@ -350,23 +355,27 @@ class ActorSystem:
 
     # ---- calls ------------------------------------------------------------------
 
-    def _deliver_for(self, actor: _Actor) -> Callable[[int, Delivery], None]:
-        def deliver(seq: int, outcome: Delivery) -> None:
-            with actor.lock:
-                entry = actor.futures.pop(seq, None)
-                actor.calls += 1
-            if entry is None or entry[0].done():
-                return
-            fut, method = entry
-            try:
-                if isinstance(outcome, Ok):
-                    fut.set_result(self.convert_result(actor, method, outcome.value))
-                elif isinstance(outcome, Err):
-                    fut.set_exception(rebuild_error(outcome.error))
-                else:
-                    fut.set_exception(outcome)
-            except concurrent.futures.InvalidStateError:
-                pass
+    def _deliver_for(self, actor: _Actor) -> Callable[[list[tuple[int, Delivery]]], None]:
+        def deliver(batch: list[tuple[int, Delivery]]) -> None:
+            # One lock round per batch: the caller thread issuing calls holds this lock
+            # often, and waiting on it per reply cost a context switch per reply.
+            with actor.mutex:
+                pop = actor.futures.pop
+                entries = [pop(seq, None) for seq, _ in batch]
+                actor.calls += len(batch)
+            for entry, (_, outcome) in zip(entries, batch):
+                if entry is None or entry[0].done():
+                    continue
+                fut, method = entry
+                try:
+                    if isinstance(outcome, Ok):
+                        fut.set_result(self.convert_result(actor, method, outcome.value))
+                    elif isinstance(outcome, Err):
+                        fut.set_exception(rebuild_error(outcome.error))
+                    else:
+                        fut.set_exception(outcome)
+                except concurrent.futures.InvalidStateError:
+                    pass
 
         return deliver
 
@@ -380,11 +389,24 @@ class ActorSystem:
         if method.startswith("_"):
             raise AttributeError(f"actor methods starting with '_' cannot be called remotely: {method!r}")
         fut: Future[Any] = Future()
-        fut.set_running_or_notify_cancel()  # an actor call cannot be withdrawn once made
+        fut._state = RUNNING  # an actor call cannot be withdrawn once made (nobody sees it yet)
         fut._phalanx_direct = self.driver
         a, kw = list(args), kwargs or None
-        encode([a, kw], f"the arguments of {actor.cls_name}.{method}")
-        with actor.lock:
+        with actor.mutex:
+            if actor.state == "running" and not actor.held:
+                # The usual case: encode the message once, here, so bad arguments fail this call.
+                job = actor.job
+                assert job is not None
+                seq = next(actor.seqs)
+                msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
+                frame = encode(msg, "the arguments of {}", f"{actor.cls_name}.{method}")
+                actor.futures[seq] = (fut, method)
+                if not self.driver.submit_directed(job, msg, frame, actor.worker):
+                    self._worker_gone(actor, seq)
+                return fut
+        # Starting, restarting or stopped: check the arguments now, send when it runs.
+        encode([a, kw], "the arguments of {}", f"{actor.cls_name}.{method}")
+        with actor.mutex:
             if actor.state in _TERMINAL:
                 fut.set_exception(ActorDiedError(f"actor {actor.id} ({actor.cls_name}) is {actor.state}"))
                 return fut
@@ -395,6 +417,12 @@ class ActorSystem:
                 self._flush_locked(actor)
         return fut
 
+    def _worker_gone(self, actor: _Actor, seq: int) -> None:
+        """Call ``seq`` could not be sent: its worker is gone (actor lock held)."""
+        entry = actor.futures.pop(seq, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_exception(ActorDiedError(f"the worker of actor {actor.id} is gone"))
+
     def _flush_locked(self, actor: _Actor) -> None:
         """Send held calls to the current instance (actor lock held)."""
         job = actor.job
@@ -403,9 +431,7 @@ class ActorSystem:
             seq, method, a, kw = actor.held.popleft()
             msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
             if not self.driver.submit_directed(job, msg, encode(msg), actor.worker):
-                entry = actor.futures.pop(seq, None)
-                if entry is not None and not entry[0].done():
-                    entry[0].set_exception(ActorDiedError(f"the worker of actor {actor.id} is gone"))
+                self._worker_gone(actor, seq)
 
     # ---- restart ------------------------------------------------------------------
 
