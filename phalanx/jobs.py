@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-from concurrent.futures._base import PENDING
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
 import math
 import queue
 import threading
@@ -67,8 +67,12 @@ class _Missing:
 MISSING: Any = _Missing()
 
 
-#: the lock (as a Condition, as the base class expects) of every phalanx Future's state
-_SHARED_CONDITION = threading.Condition()
+#: the lock of every phalanx Future's state (``_SHARED_CONDITION`` wraps it for the base class)
+_SHARED_LOCK = threading.RLock()
+#: the same lock as a Condition, as the base class expects; nobody waits on it (see Future)
+_SHARED_CONDITION = threading.Condition(_SHARED_LOCK)
+#: states a future can no longer be settled from
+_FINAL = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
 
 
 class _Waiter:
@@ -153,7 +157,34 @@ class Future(concurrent.futures.Future[T]):
 
     def result(self, timeout: float | None = None) -> T:
         self._wait(timeout)
+        if self._state == FINISHED and self._exception is None:
+            return self._result  # type: ignore[no-any-return]
         return super().result(0)
+
+    # The base class's, without notify_all(): no thread waits on the shared Condition
+    # (waiting threads install waiters, see _wait), and without building a set per call.
+    # A pump settles thousands of futures a second; these two are on its path.
+    def set_result(self, result: T) -> None:
+        with _SHARED_LOCK:
+            if self._state in _FINAL:
+                raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._state = FINISHED
+            for waiter in self._waiters:
+                waiter.add_result(self)
+        if self._done_callbacks:
+            self._invoke_callbacks()  # type: ignore[attr-defined]  # the base class's
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        with _SHARED_LOCK:
+            if self._state in _FINAL:
+                raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+            self._exception = exception
+            self._state = FINISHED
+            for waiter in self._waiters:
+                waiter.add_exception(self)
+        if self._done_callbacks:
+            self._invoke_callbacks()  # type: ignore[attr-defined]  # the base class's
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         self._wait(timeout)
@@ -213,10 +244,21 @@ class _FutureSink:
         self.driver.close_job(self.job, terminate=True)
         self.fail(TaskCancelledError("the call was aborted: the task awaiting it was cancelled"))
 
+    def _forget(self) -> None:
+        """The future is settled: drop the links that kept this sink and its job alive.
+
+        (The future held the sink, the sink its job, the job the sink: a cycle only the
+        garbage collector could free, a dozen objects per finished future held by a caller.)
+        """
+        fut = self.future
+        fut._phalanx_cancel = fut._phalanx_abort = None
+        self.job = None
+
     def deliver(self, seq: int, outcome: Delivery) -> None:
         fut = self.future
         if fut.done():
             return
+        self._forget()
         try:
             if isinstance(outcome, Ok):
                 value = outcome.value if self.op is None else self.op.convert_result(outcome.value)
@@ -234,6 +276,7 @@ class _FutureSink:
     def fail(self, exc: BaseException) -> None:
         try:
             if not self.future.done():
+                self._forget()
                 self.future.set_exception(exc)
         except concurrent.futures.InvalidStateError:
             pass

@@ -3,7 +3,8 @@
 The future is built lighter than concurrent.futures.Future (no Condition of
 its own), so every way a thread can wait on one is checked here: result and
 exception with and without timeouts, cancel from another thread,
-concurrent.futures.wait / as_completed, callbacks and asyncio.
+concurrent.futures.wait / as_completed, callbacks and asyncio; and that a
+settled call's future no longer holds its job.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import time
 
 import pytest
 
+import phalanx
 from phalanx.jobs import Future
+
+import ops
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -118,4 +122,16 @@ def test_a_future_costs_few_tracked_objects() -> None:
     before = len(gc.get_objects())
     held = [Future() for _ in range(1000)]
     per_future = (len(gc.get_objects()) - before) / len(held)
+    assert per_future <= 4, per_future
+
+
+def test_a_settled_call_keeps_nothing_else_alive(runtime: phalanx.Runtime) -> None:
+    """Finished futures a caller holds cost the GC as little as bare ones (no job, no sink)."""
+    futures = [runtime.submit(ops.inc, i) for i in range(2000)]
+    assert [f.result(timeout=30) for f in futures] == list(range(1, 2001))
+    gc.collect()
+    before = len(gc.get_objects())
+    del futures
+    gc.collect()
+    per_future = (before - len(gc.get_objects())) / 2000
     assert per_future <= 4, per_future
