@@ -51,6 +51,8 @@ Invariants kept:
    results, then reaped. A worker may only answer for tasks the driver sent
    to *it*.
 3. **No hang.** Breaking or closing the runtime fails every open job at once.
+   A task held back for a busy local worker (see ``_pipe_send_locked``) goes
+   out when that worker's next outcome is read, or after ``HOLD_MAX``.
 6. **Bad input never kills.** Undecodable frames, frames from unknown
    identities and outcomes for unknown tasks are counted and dropped.
 """
