@@ -314,7 +314,7 @@ class Job:
     """
 
     __slots__ = (
-        "id", "op", "outstanding", "deliver", "fail", "on_dispatch", "autoclose", "seqs",
+        "id", "op", "outstanding", "deliver", "fail", "on_dispatch", "autoclose",
         "retry", "on_fatal", "timeout", "skipped", "dropped", "tag", "direct", "deliver_many",
     )
 
@@ -340,8 +340,8 @@ class Job:
             self.on_fatal = options.on_fatal or FatalStrategy.TERMINATE
             self.timeout = options.timeout or 0.0
             self.tag = options.tag
-        #: (seq, index in chunk, error) of items dropped under IGNORE
-        self.skipped: list[tuple[int, int, Any]] = []
+        #: (seq, index in chunk, error) of items dropped under IGNORE (None: none so far)
+        self.skipped: list[tuple[int, int, Any]] | None = None
         #: tasks were forgotten while workers may still hold them
         self.dropped = False
         self.outstanding: dict[int, Task] = {}
@@ -349,7 +349,6 @@ class Job:
         self.fail = fail
         self.on_dispatch = on_dispatch
         self.autoclose = autoclose
-        self.seqs = itertools.count()
         #: ``deliver`` is thread-safe, so a caller reading its own reply may run it (see wait_direct)
         self.direct = False
         #: ``deliver`` for several outcomes at once, ``[(seq, outcome)]`` (optional: fewer lock rounds)
@@ -1949,6 +1948,8 @@ class Driver:
         if is_map and job.on_fatal is FatalStrategy.IGNORE:
             assert isinstance(msg, Chunk)
             done = (outcome.partial or []) + [SKIPPED]
+            if job.skipped is None:
+                job.skipped = []
             job.skipped.append((seq, len(prefix or []) + outcome.index, outcome.error))
             self.skipped += 1
             if outcome.index + 1 >= len(msg.items):

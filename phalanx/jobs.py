@@ -273,6 +273,8 @@ class _FutureSink:
             except concurrent.futures.InvalidStateError:
                 pass
 
+    __call__ = deliver  # the job's deliver is the sink itself: one object fewer per call
+
     def fail(self, exc: BaseException) -> None:
         try:
             if not self.future.done():
@@ -315,7 +317,7 @@ def submit(
     fut: Future[Any] = Future()
     sink = _FutureSink(fut, op)
     job = driver.new_job(
-        op_name, sink.deliver, sink.fail, fut.set_running_or_notify_cancel, autoclose=True,
+        op_name, sink, sink.fail, fut.set_running_or_notify_cancel, autoclose=True,
         options=options_for(op, options),
     )
     msg = Call(job.id, 0, 0, op_name, list(args), kwargs or None, job.timeout)
@@ -473,7 +475,7 @@ class MapIterator(Iterator[R], Generic[R]):
         """The chunk's results as yielded, and the error of the first one that does not convert."""
         op = self._op
         convert = None if op is None or op.returns is Any or op.returns is object else op.convert_result
-        skipped = bool(self._lease.job.skipped)
+        skipped = self._lease.job.skipped is not None
         if not self._indexed:
             if skipped:
                 values = [v for v in values if v is not SKIPPED]
@@ -505,7 +507,7 @@ class MapIterator(Iterator[R], Generic[R]):
     def skipped(self) -> list[tuple[int, BaseException]]:
         """``(input index, error)`` of every item dropped under ``on_fatal=Ignore``."""
         return sorted(
-            ((self._starts.get(seq, 0) + index, rebuild_error(info)) for seq, index, info in self._lease.job.skipped),
+            ((self._starts.get(seq, 0) + index, rebuild_error(info)) for seq, index, info in self._lease.job.skipped or ()),
             key=lambda pair: pair[0],
         )
 
@@ -749,6 +751,7 @@ def fold_on(
     window = 4 * max(1, workers) + 2
     lease = open_lease(op_name, resolved)
     job = lease.job
+    seqs = itertools.count()
     it = iter(iterable)
     ready_lo: dict[int, tuple[int, Any, bool]] = {}  # lo -> (hi, value, decoded from a worker)
     lo_of_hi: dict[int, int] = {}
@@ -757,7 +760,7 @@ def fold_on(
     exhausted = False
 
     def combine(lo: int, hi: int, lower: Any, upper: Any) -> None:
-        seq = next(job.seqs)
+        seq = next(seqs)
         msg = Call(job.id, seq, 0, op_name, [lower, upper], None, job.timeout)
         inflight[seq] = (lo, hi, False)
         submit_tasks(job, [Task(msg, encode(msg, "the partial results of {}", op_name))])
@@ -791,7 +794,7 @@ def fold_on(
                     if on_items is not None:
                         on_items(1)
                     continue
-                seq = next(job.seqs)
+                seq = next(seqs)
                 msg = Chunk(job.id, seq, 0, op_name, items, False, True, job.timeout, stage_names)
                 inflight[seq] = (lo, pos, True)
                 tasks.append(Task(msg, encode(msg, "the items of {}", op_name), len(items)))

@@ -134,4 +134,7 @@ def test_a_settled_call_keeps_nothing_else_alive(runtime: phalanx.Runtime) -> No
     del futures
     gc.collect()
     per_future = (before - len(gc.get_objects())) / 2000
-    assert per_future <= 4, per_future
+    # The future, its two lists, and its attribute dict if the interpreter made one
+    # (it does once futures got their attributes in different orders); 12 when the
+    # future still held its sink, whose job held the sink.
+    assert per_future <= 5, per_future

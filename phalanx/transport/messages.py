@@ -96,8 +96,12 @@ __all__ = [
 PROTOCOL_VERSION = 2  # 2: Chunk.stages, Hello.tags (a version-1 worker would ignore them)
 
 
-class _Msg(msgspec.Struct, frozen=True, array_like=True, tag=True):
-    """Base of every wire message: frozen, tagged by class name, array-encoded."""
+class _Msg(msgspec.Struct, frozen=True, array_like=True, tag=True, gc=False):
+    """Base of every wire message: frozen, tagged by class name, array-encoded.
+
+    Untracked by the garbage collector (``gc=False``): a message never refers back
+    to anything that holds it, and tens of thousands may be in flight at once.
+    """
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
