@@ -202,6 +202,21 @@ class _Actor:
             self.lock.notify_all()
 
 
+def settle_call(fut: Future[Any], outcome: Delivery, convert: Callable[[Any], Any]) -> None:
+    """Settle an actor call's future with its outcome (a value passes through ``convert``)."""
+    if fut.done():
+        return
+    try:
+        if isinstance(outcome, Ok):
+            fut.set_result(convert(outcome.value))
+        elif isinstance(outcome, Err):
+            fut.set_exception(rebuild_error(outcome.error))
+        else:
+            fut.set_exception(outcome)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 class ActorSystem:
     """All actors of one runtime."""
 
@@ -364,18 +379,8 @@ class ActorSystem:
                 entries = [pop(seq, None) for seq, _ in batch]
                 actor.calls += len(batch)
             for entry, (_, outcome) in zip(entries, batch):
-                if entry is None or entry[0].done():
-                    continue
-                fut, method = entry
-                try:
-                    if isinstance(outcome, Ok):
-                        fut.set_result(self.convert_result(actor, method, outcome.value))
-                    elif isinstance(outcome, Err):
-                        fut.set_exception(rebuild_error(outcome.error))
-                    else:
-                        fut.set_exception(outcome)
-                except concurrent.futures.InvalidStateError:
-                    pass
+                if entry is not None:
+                    settle_call(entry[0], outcome, lambda value: self.convert_result(actor, entry[1], value))
 
         return deliver
 

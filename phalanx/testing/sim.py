@@ -57,7 +57,7 @@ from .. import worker as _worker_module
 from ..actors.events import ActorEvent as Event
 from ..actors.events import Failed, RestartFailed, Started, Stopped
 from ..actors.ref import ActorRef
-from ..actors.system import ActorNode, RuntimeTree, WorkerNode
+from ..actors.system import ActorNode, RuntimeTree, WorkerNode, settle_call
 from ..config import Config
 from ..directives import Directive, Fold, IndexedChain
 from ..directives import Chain as _Chain
@@ -780,18 +780,9 @@ class _Actors:
         def deliver(seq: int, outcome: Delivery) -> None:
             entry = actor.futures.pop(seq, None)
             actor.calls += 1
-            if entry is None or entry[0].done():
-                return
-            fut, method = entry
-            try:
-                if isinstance(outcome, Ok):
-                    fut.set_result(self.convert_result(actor, method, outcome.value))
-                elif isinstance(outcome, Err):
-                    fut.set_exception(rebuild_error(outcome.error))
-                else:
-                    fut.set_exception(outcome)
-            except concurrent.futures.InvalidStateError:
-                pass
+            if entry is not None:
+                fut, method = entry
+                settle_call(fut, outcome, lambda value: self.convert_result(actor, method, value))
 
         return deliver
 
