@@ -8,7 +8,8 @@ ROUTER, from any process of the runtime. Threads and what they do::
                                                             queue the answers          [broker lock]
                 └─── every pump round ─────────────────▶ Broker.flush: send them on the results
                                                             ROUTER; a receiver found gone gives
-                                                            back what it held          [broker lock]
+                                                            back what it held, a round later
+                                                                                       [broker lock]
     user threads ─── rt.lease / Lease.release ──────────▶ Broker.open / release       [broker lock]
     supervisor thread ─ a worker exited ───────────────▶ Broker.worker_exited: its receivers'
                                                             messages go back to the queue
@@ -31,6 +32,11 @@ Invariants kept:
    receiver that no longer holds the message is ignored. So each message is
    acknowledged exactly once; user code sees it again only if its holder
    did not ack it (execution is at-least-once, as for tasks).
+   A receiver that cannot be reached (a send to it failed: its socket is
+   closed) may still have frames unread in the ROUTER, sent before it went:
+   acks, a goodbye. It gets nothing more, and gives back what it holds only
+   at the next pump round with no frame from it: that round's read took
+   whatever it had sent (a frame from it first makes it a receiver again).
 2. **Lease isolation.** A message is only ever queued on its own lease's
    subscriptions; lease ids are unique per runtime (a random base). After
    ``release`` nothing of the lease is delivered: its receivers are told to
@@ -42,7 +48,8 @@ Invariants kept:
    message only.
 4. **No hang.** Receivers end once the lease is closed, the subscription's
    queue is empty and nothing is held unacked; a receiver holding messages
-   that has gone quiet is probed, and one found gone gives them back.
+   that has gone quiet is probed, and one found gone gives them back (the
+   round after, see 1).
 6. **Bad input never kills.** An undecodable frame, a frame for a lease this
    runtime never issued, or a request that contradicts what the identity
    is (a receiver of another lease, an impossible window) is counted in
@@ -127,7 +134,7 @@ class _Sub:
 class _End:
     """A receiver end, by routing identity."""
 
-    __slots__ = ("ident", "lease", "sub", "window", "unacked", "seen")
+    __slots__ = ("ident", "lease", "sub", "window", "unacked", "seen", "lost")
 
     def __init__(self, ident: bytes, lease: int, sub: int) -> None:
         self.ident = ident
@@ -136,6 +143,8 @@ class _End:
         self.window = 0
         self.unacked: dict[int, bytes] = {}
         self.seen = time.monotonic()
+        #: a send to it failed: out of its subscription's order, what it holds kept until dropped
+        self.lost = False
 
 
 class _Lease:
@@ -173,6 +182,8 @@ class Broker:
         self._out: list[tuple[bytes, Any]] = []
         #: coalesced send acks, one per sender identity: (lease, seq)
         self._acks: dict[bytes, tuple[int, int]] = {}
+        #: receivers found unreachable by the last flush: dropped by the next unless heard from
+        self._lost: list[_End] = []
         self._probed = 0.0
         register_driver(self._base, driver.endpoints.results, lambda: not driver.closed, self.release,
                         self._released, driver.limits)
@@ -240,6 +251,9 @@ class Broker:
             self._driver.frames_dropped += 1
             return
         with self._lock:
+            end = self._ends.get(ident)
+            if end is not None and end.lost:
+                self._reinstate(end)  # still there, or its last frames: what they ack must count
             lease = self._leases.get(msg.lease)
             if lease is None:
                 self._no_lease(ident, msg)
@@ -255,30 +269,42 @@ class Broker:
                 self._on_close(lease, ident, msg)
 
     def flush(self) -> None:
-        """Send what is queued (pump thread, every round); probe quiet receivers that hold messages."""
+        """Send what is queued (pump thread, every round); probe quiet receivers that hold messages.
+
+        A receiver a send fails to is only marked lost: this round's read
+        may have missed frames it sent before its socket closed. The next
+        flush comes after the pump's next read, which takes all of them
+        (ZeroMQ queues a peer's frames before it reports the peer gone): a
+        receiver still lost then gives back what it holds.
+        """
         now = time.monotonic()
-        if not self._out and not self._acks and (not self._ends or now - self._probed < PROBE_EVERY):
+        if not self._out and not self._acks and not self._lost and (
+                not self._ends or now - self._probed < PROBE_EVERY):
             return
         send = self._driver.send_from_pump
-        for _ in range(16):  # a receiver found gone may redeliver to another: more to send
-            with self._lock:
-                if now - self._probed >= PROBE_EVERY:
-                    self._probed = now
-                    self._probe(now)
-                out = self._out
-                self._out = []
-                out.extend((ident, ChanAck(lease, seq)) for ident, (lease, seq) in self._acks.items())
-                self._acks.clear()
-            gone = [ident for ident, msg in out if not send(ident, encode(msg))]
-            if not gone:
+        with self._lock:
+            lost, self._lost = self._lost, []
+            for end in lost:
+                if end.lost and self._ends.get(end.ident) is end:
+                    self._drop_end(end)  # redelivers: sent below
+            if now - self._probed >= PROBE_EVERY:
+                self._probed = now
+                self._probe(now)
+            out = self._out
+            self._out = []
+            out.extend((ident, ChanAck(lease, seq)) for ident, (lease, seq) in self._acks.items())
+            self._acks.clear()
+        gone = [ident for ident, msg in out if not send(ident, encode(msg))]
+        if not gone:
+            return
+        with self._lock:
+            for ident in gone:
+                found = self._ends.get(ident)
+                if found is not None and not found.lost:
+                    self._lose(found)
+            if not self._lost:
                 return
-            with self._lock:
-                for ident in gone:
-                    end = self._ends.get(ident)
-                    if end is not None:
-                        self._drop_end(end)
-                if not self._out:
-                    return
+        self._driver.wake()  # a next round soon: it reads what they sent, then gives back the rest
 
     # ---- requests (broker lock held) --------------------------------------------------------
 
@@ -436,6 +462,28 @@ class Broker:
                 self._emit(ident, ChanEnd(lease.id, sub.id, CHAN_CLOSED))
             sub.order.clear()
 
+    def _lose(self, end: _End) -> None:
+        """A send to ``end`` failed: deliver nothing more to it; the next flush drops it unless it is heard from."""
+        end.lost = True
+        self._lost.append(end)
+        lease = self._leases.get(end.lease)
+        sub = lease.subs.get(end.sub) if lease is not None else None
+        if sub is not None:
+            try:
+                sub.order.remove(end.ident)
+            except ValueError:
+                pass
+
+    def _reinstate(self, end: _End) -> None:
+        """A frame from a lost receiver: it takes part again (a failed send marks it lost again)."""
+        end.lost = False
+        lease = self._leases.get(end.lease)
+        sub = lease.subs.get(end.sub) if lease is not None else None
+        if sub is None:
+            self._ends.pop(end.ident, None)  # released or unsubscribed meanwhile: its frame is answered as such
+        elif end.ident not in sub.order:
+            sub.order.append(end.ident)
+
     def _drop_end(self, end: _End) -> None:
         """Forget a receiver; what it held goes back to the front of its queue, for the others."""
         self._ends.pop(end.ident, None)
@@ -468,7 +516,7 @@ class Broker:
 
     def _probe(self, now: float) -> None:
         for end in self._ends.values():
-            if end.unacked and now - end.seen >= PROBE_EVERY:
+            if end.unacked and not end.lost and now - end.seen >= PROBE_EVERY:
                 self._out.append((end.ident, ChanPing(end.lease)))
 
 

@@ -8,6 +8,8 @@ Runs in the test (driver) process; the operations and the actor are in
 * ExactlyOnce: three receivers (operations) share 1000 messages, none lost or
   duplicated; still so when receivers nack, and when the worker of a
   receiver holding unacked messages is SIGKILLed (they are redelivered).
+  Acks a receiver sent before closing count even when a send to it failed
+  before the broker read them.
 * Ends cross the wire as themselves: a sender in an operation with the
   receiver in the driver, an actor method taking a receiver, an unannotated
   parameter, an end returned by an operation.
@@ -162,6 +164,68 @@ def test_a_receiver_gone_without_goodbye_is_found_and_its_messages_redelivered(r
     tx.close()
     assert sorted(rx) == [0, 1, 2]  # the broker probes the quiet holder, finds it gone, redelivers
     assert held.value in (0, 1, 2)
+
+
+@pytest.mark.timeout(60)
+def test_acks_a_receiver_sent_before_going_are_honoured_though_a_send_to_it_failed_first(
+    rt: phalanx.Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver acks, detaches and closes its socket while the pump is busy; the pump's
+    next send to it fails before it has read those frames. What it acked stays acked."""
+    tx, rx = rt.lease()
+    for i in range(3):
+        tx.send(i)  # message ids 1, 2, 3
+    tx.close()
+    lid = tx.lease_id
+    driver = rt._driver
+    broker = driver.channels
+    assert broker is not None
+    ident = b"t%d~1" % os.getpid()
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, ident)
+    sock.connect(rt.endpoints[1])
+    try:
+        sock.send(codec.encode(messages.ChanPull(lid, 0, 2, [], [])))
+        held: list[int] = []
+        while len(held) < 2:
+            assert sock.poll(int(T * 1000))
+            msg = codec.decode_channel(sock.recv())
+            if isinstance(msg, messages.ChanDeliver):
+                held.extend(msg.ids)
+        assert held == [1, 2]
+
+        # Stall the pump before it sends message 3 to this receiver, until the ROUTER has
+        # seen the receiver go (a ping to it fails): its last frames are then still unread.
+        stalled, go, unreachable = threading.Event(), threading.Event(), threading.Event()
+        flush = broker.flush
+
+        def stalling_flush() -> None:
+            if not stalled.is_set() and any(who == ident for who, _ in broker._out):
+                stalled.set()
+                go.wait(T)
+                ping = codec.encode(messages.ChanPing(lid))
+                deadline = time.monotonic() + T / 2
+                while time.monotonic() < deadline:
+                    if not driver.send_from_pump(ident, ping):
+                        unreachable.set()
+                        break
+                    time.sleep(0.005)
+            flush()
+
+        monkeypatch.setattr(broker, "flush", stalling_flush)
+        sock.send(codec.encode(messages.ChanPull(lid, 0, 2, [1], [])))  # acks 1: message 3 is due
+        assert stalled.wait(T)
+        sock.send(codec.encode(messages.ChanPull(lid, 0, 0, [2], [])))  # acks 2, wants nothing more
+        sock.send(codec.encode(messages.ChanDetach(lid, 0, 0, [], False)))
+        sock.close(linger=int(T * 1000))  # the frames go out, then the connection closes
+        go.set()
+        assert list(rx) == [2]  # message 3 only: 1 and 2 were acked
+        assert unreachable.is_set()  # the case above really happened
+    finally:
+        go.set()
+        sock.close(linger=0)
+        ctx.destroy(linger=0)
 
 
 # --------------------------------------------------------------------------- #
