@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
+from concurrent.futures._base import FINISHED, PENDING
 import math
 import queue
 import threading
@@ -71,8 +71,6 @@ MISSING: Any = _Missing()
 _SHARED_LOCK = threading.RLock()
 #: the same lock as a Condition, as the base class expects; nobody waits on it (see Future)
 _SHARED_CONDITION = threading.Condition(_SHARED_LOCK)
-#: states a future can no longer be settled from
-_FINAL = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
 
 
 class _Waiter:
@@ -166,7 +164,7 @@ class Future(concurrent.futures.Future[T]):
     # A pump settles thousands of futures a second; these two are on its path.
     def set_result(self, result: T) -> None:
         with _SHARED_LOCK:
-            if self._state in _FINAL:
+            if self._state in SETTLED:
                 raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
             self._result = result
             self._state = FINISHED
@@ -177,7 +175,7 @@ class Future(concurrent.futures.Future[T]):
 
     def set_exception(self, exception: BaseException | None) -> None:
         with _SHARED_LOCK:
-            if self._state in _FINAL:
+            if self._state in SETTLED:
                 raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
             self._exception = exception
             self._state = FINISHED
