@@ -1021,10 +1021,7 @@ class Driver:
 
     def _release_locked(self, w: _Worker) -> None:
         """Write the task frames held for ``w`` (lock held); a closed pipe's are redelivered with its tasks."""
-        if w.pipe is None:
-            w.held = []
-            self._holding.discard(w)
-            return
+        assert w.pipe is not None  # only local workers' frames are held; their pipe stays set
         try:
             self._pipe_send_locked(w, w.pipe, ())
         except PipeError:
