@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
 import msgspec
+import psutil
 
 from .actors.ref import ActorRef
 from .actors.system import ActorNode, ActorSystem, RuntimeTree, WorkerNode
@@ -45,8 +46,13 @@ def _advertise(rt: Runtime) -> None:
     ipc_dir = rt._driver.endpoints.ipc_dir
     if ipc_dir is None:
         return
-    info = {"pid": os.getpid(), "results": rt._driver.endpoints.results, "workers": rt.config.workers,
-            "started": time.time(), "argv": sys.argv}
+    info: dict[str, Any] = {"pid": os.getpid(), "results": rt._driver.endpoints.results,
+                            "workers": rt.config.workers, "started": time.time(), "argv": sys.argv}
+    try:
+        # Names this process, not just its pid: a SIGKILLed driver leaves this file behind, and its pid may be reused.
+        info["created"] = psutil.Process().create_time()
+    except psutil.Error:
+        pass
     try:
         with open(os.path.join(ipc_dir, "runtime.json"), "wb") as f:
             f.write(msgspec.json.encode(info))

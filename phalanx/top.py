@@ -22,6 +22,7 @@ import uuid
 from typing import Any
 
 import msgspec
+import psutil
 import zmq
 
 from .actors.system import RuntimeTree
@@ -32,16 +33,36 @@ from .transport.messages import InspectQuery
 __all__ = ["find_runtimes", "query", "run_top"]
 
 
+def _alive(info: dict[str, Any]) -> bool:
+    """Whether the process that wrote ``info`` still runs (not just some process with its pid)."""
+    pid = int(info["pid"])
+    created = info.get("created")
+    if created is None:
+        os.kill(pid, 0)  # written without a creation time: the pid is all there is to go on
+        return True
+    try:
+        return bool(psutil.Process(pid).create_time() == float(created))
+    except psutil.Error:
+        return False
+
+
 def find_runtimes() -> list[dict[str, Any]]:
-    """Runtimes of this user on this machine whose driver is still alive."""
+    """Runtimes of this user on this machine whose driver is still alive, oldest first.
+
+    A SIGKILLed driver cannot remove its ``runtime.json``; a later process
+    may get its pid, so the file's process creation time must match too.
+    """
     found = []
-    for path in sorted(glob.glob("/tmp/phalanx-*/runtime.json")):
+    for path in glob.glob("/tmp/phalanx-*/runtime.json"):
         try:
-            info = msgspec.json.decode(open(path, "rb").read())
-            os.kill(int(info["pid"]), 0)
-        except (OSError, ValueError, KeyError, TypeError, msgspec.DecodeError):
+            with open(path, "rb") as f:
+                info = msgspec.json.decode(f.read())
+            if not _alive(info):
+                continue
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, msgspec.DecodeError):
             continue
         found.append(info)
+    found.sort(key=lambda r: float(r.get("started", 0.0)) if isinstance(r.get("started"), (int, float)) else 0.0)
     return found
 
 
@@ -73,27 +94,32 @@ def run_top(connect: str | None, pid: int | None, interval: float, once: bool) -
         if not runtimes:
             print("phalanx top: no running runtime found (use --connect ENDPOINT)", file=sys.stderr)
             return 1
-        if len(runtimes) > 1 and pid is None:
+        if len({int(r["pid"]) for r in runtimes}) > 1:
             print("phalanx top: several runtimes; pick one with --pid:", file=sys.stderr)
             for r in runtimes:
                 print(f"  pid {r['pid']}: {' '.join(r.get('argv', []))}", file=sys.stderr)
             return 2
-        connect = str(runtimes[0]["results"])
-        pid = int(runtimes[0]["pid"])
+        # One process may run several runtimes: show each, oldest first.
+        targets = [(str(r["pid"]), str(r["results"])) for r in runtimes]
+    else:
+        targets = [(str(pid) if pid is not None else connect, connect)]
     live = sys.stdout.isatty() and not once
     for round_ in itertools.count():
-        tree = query(connect, timeout=max(1.0, interval))
+        trees = [(label, query(endpoint, timeout=max(1.0, interval))) for label, endpoint in targets]
         if live:
             sys.stdout.write("\033[H\033[J")
         stamp = time.strftime("%H:%M:%S")
-        if tree is None:
-            print(f"{stamp} runtime {pid or connect}: no answer")
-            if once or round_ > 0:
-                return 1
-        else:
-            print(f"{stamp} runtime {pid or connect}")
-            print(tree)
+        silent = False
+        for label, tree in trees:
+            if tree is None:
+                print(f"{stamp} runtime {label}: no answer")
+                silent = True
+            else:
+                print(f"{stamp} runtime {label}")
+                print(tree)
         sys.stdout.flush()
+        if silent and (once or round_ > 0):
+            return 1
         if once:
             return 0
         time.sleep(interval)

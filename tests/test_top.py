@@ -12,7 +12,9 @@ the actors it hosts, and exits 0; ``--connect`` reaches a runtime by its
 results endpoint; without ``--once`` the snapshot is refreshed until the
 command is stopped; with no runtime found, or one that does not answer, a
 clear message and a non-zero exit; several runtimes without ``--pid`` are
-listed, not guessed between; ``--help`` documents the options.
+listed, not guessed between, while several runtimes of one process are all
+shown; a file a killed driver left behind is ignored even when its pid was
+reused; ``--help`` documents the options.
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ import json
 import os
 import queue
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import IO, Any
 
 import msgspec
+import psutil
 import pytest
 
 import phalanx
@@ -214,6 +219,41 @@ def test_no_runtime_then_runtime_then_shut_down() -> None:
     gone = snapshot(me)
     assert gone.returncode == 1
     assert "no running runtime found" in gone.stderr
+
+
+def test_a_file_left_by_a_dead_runtime_whose_pid_was_reused_is_ignored() -> None:
+    """A SIGKILLed driver leaves its runtime.json behind; a later process may get its pid.
+
+    The stale file names this very process's pid and sorts before any real
+    runtime's directory; only its process creation time tells it apart.
+    """
+    me = os.getpid()
+    stale = Path(tempfile.mkdtemp(prefix="phalanx-0", dir="/tmp"))
+    try:
+        (stale / "runtime.json").write_bytes(msgspec.json.encode({
+            "pid": me, "results": f"ipc://{stale}/results", "workers": 1, "started": 0.0,
+            "created": psutil.Process().create_time() - 60.0, "argv": ["a driver that was killed"]}))
+        absent = snapshot(me)
+        assert absent.returncode == 1
+        assert "no running runtime found" in absent.stderr
+        with phalanx.Runtime(workers=1) as rt:
+            present = snapshot(me)
+            assert present.returncode == 0, (present.stdout, present.stderr)
+            assert "no answer" not in present.stdout
+            assert list(worker_lines(present.stdout)) == list(rt.worker_pids())
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def test_two_runtimes_in_one_process_are_both_shown() -> None:
+    me = os.getpid()
+    with phalanx.Runtime(workers=1) as first, phalanx.Runtime(workers=1) as second:
+        shown = snapshot(me)
+        assert shown.returncode == 0, (shown.stdout, shown.stderr)
+        headers = re.findall(rf"^\d\d:\d\d:\d\d runtime {me}$", shown.stdout, re.MULTILINE)
+        assert len(headers) == 2, shown.stdout
+        pids = {int(p) for p in re.findall(r"worker \S+ pid (\d+)", shown.stdout)}
+        assert pids == set(first.worker_pids().values()) | set(second.worker_pids().values())
 
 
 def test_connect_to_silent_endpoint(ipc_dir: Path) -> None:
