@@ -91,7 +91,7 @@ from .errors import (
 from .supervisor import Supervisor
 from .transport import sockets
 from .transport.codec import decode_driver, encode
-from .transport.endpoints import Endpoints, local_endpoints, tcp_endpoints
+from .transport.endpoints import Endpoints, local_endpoints, remove_stale_dirs, tcp_endpoints
 from .transport.pipe import FramePipe, PipeError
 from .transport.messages import PROTOCOL_VERSION, Alive
 from .transport.messages import (
@@ -2023,6 +2023,7 @@ class Driver:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self.endpoints.remove()
+        remove_stale_dirs()
         if self.channels is not None:
             self.channels.close()
 

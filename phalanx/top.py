@@ -15,35 +15,21 @@ from __future__ import annotations
 import glob
 import itertools
 import math
-import os
 import sys
 import time
 import uuid
 from typing import Any
 
 import msgspec
-import psutil
 import zmq
 
 from .actors.system import RuntimeTree
 from .transport import sockets
 from .transport.codec import decode_client, encode
+from .transport.endpoints import ADVERTS, writer_alive
 from .transport.messages import InspectQuery
 
 __all__ = ["find_runtimes", "query", "run_top"]
-
-
-def _alive(info: dict[str, Any]) -> bool:
-    """Whether the process that wrote ``info`` still runs (not just some process with its pid)."""
-    pid = int(info["pid"])
-    created = info.get("created")
-    if created is None:
-        os.kill(pid, 0)  # written without a creation time: the pid is all there is to go on
-        return True
-    try:
-        return bool(psutil.Process(pid).create_time() == float(created))
-    except psutil.Error:
-        return False
 
 
 def find_runtimes() -> list[dict[str, Any]]:
@@ -53,11 +39,11 @@ def find_runtimes() -> list[dict[str, Any]]:
     may get its pid, so the file's process creation time must match too.
     """
     found = []
-    for path in glob.glob("/tmp/phalanx-*/runtime.json"):
+    for path in glob.glob(ADVERTS):
         try:
             with open(path, "rb") as f:
                 info = msgspec.json.decode(f.read())
-            if not _alive(info):
+            if not writer_alive(info):
                 continue
         except (OSError, ValueError, KeyError, TypeError, AttributeError, msgspec.DecodeError):
             continue

@@ -241,8 +241,31 @@ def test_a_file_left_by_a_dead_runtime_whose_pid_was_reused_is_ignored() -> None
             assert present.returncode == 0, (present.stdout, present.stderr)
             assert "no answer" not in present.stdout
             assert list(worker_lines(present.stdout)) == list(rt.worker_pids())
+        # a runtime's shutdown also removes what dead drivers of this user left behind
+        assert not stale.exists()
     finally:
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def test_shutdown_removes_dirs_of_dead_drivers_only() -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, timeout=T, check=True)
+    dead_pid = int(dead.stdout)
+    dirs = {name: Path(tempfile.mkdtemp(prefix=f"phalanx-{name}-", dir="/tmp"))
+            for name in ("dead", "starting", "garbled", "alive")}
+    try:
+        # written without a creation time: a pid with no process is enough
+        (dirs["dead"] / "runtime.json").write_bytes(msgspec.json.encode({"pid": dead_pid, "results": ""}))
+        (dirs["garbled"] / "runtime.json").write_bytes(b"{not json")
+        (dirs["alive"] / "runtime.json").write_bytes(msgspec.json.encode({
+            "pid": os.getpid(), "results": "", "created": psutil.Process().create_time()}))
+        with phalanx.Runtime(workers=1):
+            assert dirs["dead"].exists()  # only a shutdown sweeps
+        assert not dirs["dead"].exists()
+        assert all(dirs[name].exists() for name in ("starting", "garbled", "alive"))
+    finally:
+        for d in dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def test_two_runtimes_in_one_process_are_both_shown() -> None:

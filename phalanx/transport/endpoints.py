@@ -3,20 +3,29 @@
 Runs in the driver (``bind``) and in workers (``connect`` strings they are
 given). By default the three driver sockets live as ``ipc://`` files in a
 private temporary directory that only this user can enter and that is removed
-on shutdown; ``tcp://HOST:PORT`` binds three consecutive ports starting at
+on shutdown (a SIGKILLed driver cannot: the next runtime of the same user to
+shut down removes the directories whose ``runtime.json`` names a process that
+is gone); ``tcp://HOST:PORT`` binds three consecutive ports starting at
 ``PORT`` (``PORT`` 0 picks free ones).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import socket
 import tempfile
+from typing import Any
 
 import msgspec
+import psutil
 
-__all__ = ["Endpoints", "local_endpoints", "tcp_endpoints", "connect_endpoints", "parse_listen"]
+__all__ = ["Endpoints", "local_endpoints", "tcp_endpoints", "connect_endpoints", "parse_listen",
+           "ADVERTS", "writer_alive", "remove_stale_dirs"]
+
+#: where runtimes advertise themselves (``runtime.json`` in each private ipc dir)
+ADVERTS = "/tmp/phalanx-*/runtime.json"
 
 
 class Endpoints(msgspec.Struct, frozen=True):
@@ -43,6 +52,53 @@ def local_endpoints() -> Endpoints:
         control=f"ipc://{d}/control",
         ipc_dir=d,
     )
+
+
+def writer_alive(info: dict[str, Any]) -> bool:
+    """Whether the process that wrote the ``runtime.json`` ``info`` still runs.
+
+    Not just some process with its pid: a SIGKILLed driver leaves the file
+    behind and a later process may get its pid, so the recorded process
+    creation time must match too.
+    """
+    pid = int(info["pid"])
+    created = info.get("created")
+    if created is None:  # written without a creation time: the pid is all there is to go on
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    try:
+        return bool(psutil.Process(pid).create_time() == float(created))
+    except psutil.Error:
+        return False
+
+
+def remove_stale_dirs() -> int:
+    """Remove the ipc directories of this user's runtimes whose driver is gone; how many.
+
+    Only a directory whose ``runtime.json`` names a dead writer is removed: one
+    without the file may belong to a runtime still starting.
+    """
+    removed = 0
+    uid = os.getuid()
+    for path in glob.glob(ADVERTS):
+        d = os.path.dirname(path)
+        try:
+            if os.stat(d).st_uid != uid:
+                continue
+            with open(path, "rb") as f:
+                info = msgspec.json.decode(f.read())
+            if writer_alive(info):
+                continue
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, msgspec.DecodeError):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 def _free_port(host: str) -> int:
