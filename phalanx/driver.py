@@ -70,7 +70,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import TYPE_CHECKING, Any
 
@@ -255,35 +255,46 @@ class RuntimeStats(msgspec.Struct, frozen=True):
     channel_redelivered: int = 0
 
 
-class Task:
+class Task(msgspec.Struct, gc=False):
     """One message of work: its encoded frame plus what redelivery needs.
 
     ``crashes`` counts worker deaths charged to it, ``retries`` transient
     retries; ``prefix`` holds values of a map chunk's items already done
     before a retry or a skip, so the chunk resumes where it failed.
+
+    Untracked by the garbage collector (``gc=False``; it refers to no object
+    that refers back to it): tens of thousands may be in flight, and each
+    tracked one would make every full collection slower, and keep the job's
+    ``outstanding`` dict tracked too.
     """
 
-    __slots__ = (
-        "job", "seq", "attempt", "crashes", "retries", "prefix", "msg", "frame", "items", "directed", "claimed",
-        "unrouted",
-    )
+    msg: Call | Chunk | ActorCall
+    frame: bytes
+    items: int = 1
+    crashes: int = 0
+    retries: int = 0
+    prefix: list[Any] | None = None
+    #: the job's on_dispatch accepted it (a Future is running): never ask twice
+    claimed: bool = False
+    #: when it started waiting, pending, with no live worker of its tag (0: it is not)
+    unrouted: float = 0.0
 
-    def __init__(self, msg: Call | Chunk | ActorCall, frame: bytes, items: int = 1) -> None:
-        self.job = msg.job
-        self.seq = msg.seq
-        self.attempt = msg.attempt
-        self.crashes = 0
-        self.retries = 0
-        self.prefix: list[Any] | None = None
-        self.msg = msg
-        self.frame = frame
-        self.items = items
-        #: sent to one worker outside the credit scheme (actor calls): never redelivered
-        self.directed = isinstance(msg, ActorCall)
-        #: the job's on_dispatch accepted it (a Future is running): never ask twice
-        self.claimed = False
-        #: when it started waiting, pending, with no live worker of its tag (0: it is not)
-        self.unrouted = 0.0
+    @property
+    def job(self) -> int:
+        return self.msg.job
+
+    @property
+    def seq(self) -> int:
+        return self.msg.seq
+
+    @property
+    def attempt(self) -> int:
+        return self.msg.attempt
+
+    @property
+    def directed(self) -> bool:
+        """Sent to one worker outside the credit scheme (actor calls): never redelivered."""
+        return isinstance(self.msg, ActorCall)
 
     def _copy(self, msg: Call | Chunk | ActorCall, items: int) -> Task:
         task = Task(msg, encode(msg), items)
@@ -328,6 +339,13 @@ class Job:
         autoclose: bool = False,
         options: TaskOptions | None = None,
     ) -> None:
+        self.setup(job_id, op, autoclose, options)
+        self.deliver = deliver
+        self.fail = fail
+        self.on_dispatch = on_dispatch
+
+    def setup(self, job_id: int, op: str, autoclose: bool, options: TaskOptions | None) -> None:
+        """Everything but the three callbacks (a subclass may define them as methods instead)."""
         self.id = job_id
         self.op = op
         if options is None:
@@ -345,9 +363,6 @@ class Job:
         #: tasks were forgotten while workers may still hold them
         self.dropped = False
         self.outstanding: dict[int, Task] = {}
-        self.deliver = deliver
-        self.fail = fail
-        self.on_dispatch = on_dispatch
         self.autoclose = autoclose
         #: ``deliver`` is thread-safe, so a caller reading its own reply may run it (see wait_direct)
         self.direct = False
@@ -705,8 +720,7 @@ class Driver:
             respawn = broken is None and not worker.retiring and not self._start_failures and not worker.remote
             self._dispatch_locked()
             self._changed.notify_all()
-        for job, seq, exc in failed:
-            job.deliver(seq, exc)
+        self._deliver(failed)
         for listener in self.exit_listeners:
             try:
                 listener(worker_id, exitcode)
@@ -865,11 +879,7 @@ class Driver:
                     self._unrouted.pop(tag, None)
             if failed:
                 self._changed.notify_all()
-        for job, seq, exc in failed:
-            try:
-                job.deliver(seq, exc)
-            except Exception:  # a user callback must not stop the pump
-                pass
+        self._deliver(failed)
 
     # ---- jobs ----------------------------------------------------------------
 
@@ -905,8 +915,12 @@ class Driver:
         options: TaskOptions | None = None,
     ) -> Job:
         """A job not yet registered: :meth:`submit` with ``register=True`` does it."""
+        return Job(self.new_job_id(), op, deliver, fail, on_dispatch, autoclose, options)
+
+    def new_job_id(self) -> int:
+        """The id for a new job (a :class:`Job` subclass builds itself around it)."""
         self.check_open()
-        return Job(next(self._job_ids), op, deliver, fail, on_dispatch, autoclose, options)
+        return next(self._job_ids)
 
     def submit(self, job: Job, tasks: list[Task], register: bool = False) -> None:
         """Queue tasks of ``job`` (registering it first) and dispatch what credits allow."""
@@ -1895,7 +1909,8 @@ class Driver:
         self.wake()
 
     @staticmethod
-    def _deliver(ready: list[tuple[Job, int, Ok | Err]]) -> None:
+    def _deliver(ready: Sequence[tuple[Job, int, Delivery]]) -> None:
+        """Hand outcomes to their jobs, in order: every delivery of the driver goes through here."""
         i, end = 0, len(ready)
         while i < end:
             job, seq, final = ready[i]

@@ -293,9 +293,9 @@ class Executor(concurrent.futures.Executor):
             pending = list(self._pending)
             self._pending.clear()
         for fut in pending:
-            hook = fut._phalanx_cancel  # drop the task first: it must not be dispatched once failed
-            if hook is not None:
-                hook()
+            call = fut._phalanx_call  # drop the task first: it must not be dispatched once failed
+            if call is not None:
+                call.cancel()
             try:
                 fut.set_exception(broken)
             except concurrent.futures.InvalidStateError:

@@ -56,7 +56,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -611,7 +611,7 @@ class _Loop:
 
     # ---- running -----------------------------------------------------------
 
-    def call(self, op: Operation, args: list[Any], kwargs: dict[str, Any] | None, trusted: int = 0) -> Any:
+    def call(self, op: Operation, args: Sequence[Any], kwargs: dict[str, Any] | None, trusted: int = 0) -> Any:
         a, kw = op.convert_args(args, kwargs, trusted)
         value = op.fn(*a, **kw)
         if hasattr(value, "__await__") and inspect.isawaitable(value):

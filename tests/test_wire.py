@@ -8,6 +8,7 @@ field type the builder does not know fails loudly).
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import types
 import typing
@@ -117,7 +118,7 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
         return st.one_of(*(strategy_for(a) for a in args))
-    if origin is list:
+    if origin is list or origin is collections.abc.Sequence:  # a Sequence field decodes as a list
         return st.lists(strategy_for(args[0]), max_size=4)
     if origin is dict:
         return st.dictionaries(strategy_for(args[0]), strategy_for(args[1]), max_size=4)

@@ -33,7 +33,7 @@ import sys
 import types
 import typing
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
 import msgspec
@@ -294,8 +294,8 @@ class Operation:
         return f"*args[{index - len(self._pos)}]", self._var
 
     def convert_args(
-        self, args: list[Any], kwargs: dict[str, Any] | None, trusted: int = 0
-    ) -> tuple[list[Any], dict[str, Any]]:
+        self, args: Sequence[Any], kwargs: dict[str, Any] | None, trusted: int = 0
+    ) -> tuple[Sequence[Any], dict[str, Any]]:
         """Convert decoded arguments to the annotated types.
 
         The first ``trusted`` arguments are values this process made (a
@@ -354,7 +354,7 @@ class Operation:
         except Exception:  # e.g. a Struct's __post_init__: converting one by one reports it in place
             return None  # the caller converts one by one, to name the value that does not fit
 
-    def _explain(self, args: list[Any], kw: dict[str, Any]) -> None:
+    def _explain(self, args: Sequence[Any], kw: dict[str, Any]) -> None:
         npos = len(self._pos)
         for i, value in enumerate(args):
             pname, typ = self._pos[i] if i < npos else (f"*args[{i - npos}]", self._var)

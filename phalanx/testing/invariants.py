@@ -48,8 +48,9 @@ class DeliveryLog:
     """Counts every outcome a runtime's driver delivers, per ``(job, seq)``.
 
     On a :class:`~phalanx.testing.SimRuntime` it reads the simulation's own
-    ledgers; on a :class:`phalanx.Runtime` it wraps ``new_job``, ``submit``
-    and ``submit_directed`` of that runtime's driver instance (create the
+    ledgers; on a :class:`phalanx.Runtime` it wraps ``_deliver`` (through
+    which the driver hands every outcome over), ``submit`` and
+    ``submit_directed`` of that runtime's driver instance (create the
     log before submitting the work to watch). ``check()`` fails on anything
     delivered twice; ``check(complete=True)`` also on anything given to the
     workers and never delivered (use it once every job has run to its end).
@@ -67,8 +68,16 @@ class DeliveryLog:
             self._sim_before = set(self._sim.submitted)
             return
         driver = rt._driver
-        # open_job goes through new_job too: wrapping new_job sees every job once.
-        driver.new_job = self._wrap(driver.new_job)
+        deliver = driver._deliver
+
+        def counted(ready: list[tuple[Any, int, Any]]) -> None:
+            with self._lock:
+                for job, seq, outcome in ready:
+                    self._counts[(job.id, seq)] += 1
+                    self._kinds[type(outcome).__name__] += 1
+            deliver(ready)
+
+        driver._deliver = counted
         submit, directed = driver.submit, driver.submit_directed
 
         def submitted(job: Any, tasks: list[Any], *args: Any, **kwargs: Any) -> None:
@@ -85,22 +94,6 @@ class DeliveryLog:
 
         driver.submit = submitted
         driver.submit_directed = submitted_directed
-
-    def _wrap(self, original: Any) -> Any:
-        def wrapped(op: str, deliver: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
-            job_id: list[int] = []
-
-            def counted(seq: int, outcome: Any) -> None:
-                with self._lock:
-                    self._counts[(job_id[0], seq)] += 1
-                    self._kinds[type(outcome).__name__] += 1
-                deliver(seq, outcome)
-
-            job = original(op, counted, fail, *args, **kwargs)
-            job_id.append(job.id)
-            return job
-
-        return wrapped
 
     def counts(self) -> dict[tuple[int, int], int]:
         """Deliveries so far per ``(job, seq)``."""

@@ -273,6 +273,9 @@ class _FutureSink:
         if self.job is not None:
             self.sim._close_job(self.job)
 
+    def abort(self) -> None:
+        """A simulated call is never aborted while it runs (no worker process to flag)."""
+
     def deliver(self, seq: int, outcome: Delivery) -> None:
         fut = self.future
         if fut.done():
@@ -1694,7 +1697,7 @@ class SimRuntime:
             w.outbox.append((at, ident, f))
         return kill
 
-    def _call(self, op: Operation, args: list[Any], kwargs: dict[str, Any] | None) -> Any:
+    def _call(self, op: Operation, args: Sequence[Any], kwargs: dict[str, Any] | None) -> Any:
         a, kw = op.convert_args(args, kwargs)
         value = op.fn(*a, **kw)
         if hasattr(value, "__await__"):
@@ -1957,7 +1960,7 @@ class SimRuntime:
         msg = Call(job.id, 0, 0, op_name, list(args), kwargs or None, job.timeout)
         frame = encode(msg, "the arguments of {}", op_name)
         sink.job = job
-        fut._phalanx_cancel = sink.cancel
+        fut._phalanx_call = sink
         self._submit_tasks(job, [Task(msg, frame)], register=True)
         return fut
 

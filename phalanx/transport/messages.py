@@ -36,6 +36,7 @@ credit the task used.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Union
 
 import msgspec
@@ -137,7 +138,8 @@ class Call(_Msg, frozen=True):
     seq: int
     attempt: int
     op: str
-    args: list[Any]
+    #: a list when decoded; the driver passes the caller's tuple as it is
+    args: Sequence[Any]
     kwargs: dict[str, Any] | None = None
     #: seconds the call may run before it is aborted (0: no limit)
     timeout: float = 0.0
