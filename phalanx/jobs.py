@@ -196,6 +196,10 @@ class Future(concurrent.futures.Future[T]):
         if self._done_callbacks:
             self._invoke_callbacks()  # type: ignore[attr-defined]  # the base class's
 
+    def done(self) -> bool:
+        # One attribute read is atomic: no need for the lock the base class takes (and a list it builds).
+        return self._state in SETTLED
+
     def exception(self, timeout: float | None = None) -> BaseException | None:
         self._wait(timeout)
         return super().exception(0)

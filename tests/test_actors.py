@@ -187,6 +187,14 @@ def test_private_and_unknown_methods(module_runtime: phalanx.Runtime) -> None:
     with pytest.raises(AttributeError):
         ref.n().result(timeout=T)  # an attribute, not a method
     assert ref.get().result(timeout=T) == 3
+    # A method's callable is made once per ref (a pipelined loop asks for it on every call).
+    assert ref.get is ref.get and ref.get.__name__ == "get"
+    other = module_runtime.spawn(Counter, 4)
+    assert other.get is not ref.get and other.get().result(timeout=T) == 4
+    other.stop()
+    other.join(T)
+    with pytest.raises(AttributeError):
+        ref._secret  # still refused after other names were cached
     ref.stop()
     ref.join(T)
 

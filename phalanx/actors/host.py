@@ -14,7 +14,7 @@ methods can be called.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..registry.actors import actor_type_hint, resolve_actor
@@ -58,7 +58,7 @@ class ActorHost:
         self,
         worker_id: str,
         send: Callable[[Any], None],
-        call: Callable[[Operation, list[Any], dict[str, Any] | None], Any],
+        call: Callable[[Operation, Sequence[Any], dict[str, Any] | None], Any],
     ) -> None:
         self.worker_id = worker_id
         self.send = send  # sends a message on the outbox, after pending outcomes

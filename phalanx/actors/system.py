@@ -45,8 +45,8 @@ import threading
 import time
 import typing
 from collections import deque
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -177,7 +177,7 @@ class _Actor:
         self.job: Job | None = None
         self.seqs = itertools.count()
         self.futures: dict[int, tuple[Future[Any], str]] = {}
-        self.held: deque[tuple[int, str, list[Any], dict[str, Any] | None]] = deque()
+        self.held: deque[tuple[int, str, Sequence[Any], dict[str, Any] | None]] = deque()
         self.events: list[Event] = []
         self.checkpoint: Any = None
         self.has_checkpoint = False
@@ -202,13 +202,17 @@ class _Actor:
             self.lock.notify_all()
 
 
-def settle_call(fut: Future[Any], outcome: Delivery, convert: Callable[[Any], Any]) -> None:
-    """Settle an actor call's future with its outcome (a value passes through ``convert``)."""
+_ActorT = TypeVar("_ActorT")
+
+
+def settle_call(fut: Future[Any], outcome: Delivery, convert: Callable[[_ActorT, str, Any], Any],
+                actor: _ActorT, method: str) -> None:
+    """Settle an actor call's future with its outcome (a value passes through ``convert(actor, method, value)``)."""
     if fut.done():
         return
     try:
         if isinstance(outcome, Ok):
-            fut.set_result(convert(outcome.value))
+            fut.set_result(convert(actor, method, outcome.value))
         elif isinstance(outcome, Err):
             fut.set_exception(rebuild_error(outcome.error))
         else:
@@ -378,9 +382,10 @@ class ActorSystem:
                 pop = actor.futures.pop
                 entries = [pop(seq, None) for seq, _ in batch]
                 actor.calls += len(batch)
+            convert = self.convert_result
             for entry, (_, outcome) in zip(entries, batch):
                 if entry is not None:
-                    settle_call(entry[0], outcome, lambda value: self.convert_result(actor, entry[1], value))
+                    settle_call(entry[0], outcome, convert, actor, entry[1])
 
         return deliver
 
@@ -396,7 +401,7 @@ class ActorSystem:
         fut: Future[Any] = Future()
         fut._state = RUNNING  # an actor call cannot be withdrawn once made (nobody sees it yet)
         fut._phalanx_direct = self.driver
-        a, kw = list(args), kwargs or None
+        a, kw = args, kwargs or None
         with actor.mutex:
             if actor.state == "running" and not actor.held:
                 # The usual case: encode the message once, here, so bad arguments fail this call.

@@ -785,7 +785,7 @@ class _Actors:
             actor.calls += 1
             if entry is not None:
                 fut, method = entry
-                settle_call(fut, outcome, lambda value: self.convert_result(actor, method, value))
+                settle_call(fut, outcome, self.convert_result, actor, method)
 
         return deliver
 

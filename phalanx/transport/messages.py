@@ -320,7 +320,8 @@ class ActorCall(_Msg, frozen=True):
     attempt: int
     instance: int
     method: str
-    args: list[Any]
+    #: a list when decoded; the caller's tuple goes in as it is
+    args: Sequence[Any]
     kwargs: dict[str, Any] | None = None
 
 
