@@ -252,12 +252,13 @@ class _SubmitJob(Job):
                  options: TaskOptions | None) -> None:
         self.setup(driver.new_job_id(), op_name, True, options)
         self.direct = True  # it only settles the future: any thread may deliver
-        self.deliver_many = None
         self.future = future
         self.result_op = op
         self.driver: Driver | None = driver
 
-    def on_dispatch(self) -> bool:  # a method where Job has an attribute: mypy accepts it
+    # deliver, fail and on_dispatch are methods here, where Job keeps callables in slots:
+    # found first on this class, they shadow those slots (which stay unset).
+    def on_dispatch(self) -> bool:
         return self.future.set_running_or_notify_cancel()
 
     def cancel(self) -> None:
