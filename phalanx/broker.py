@@ -462,12 +462,16 @@ class Broker:
                 self._emit(ident, ChanEnd(lease.id, sub.id, CHAN_CLOSED))
             sub.order.clear()
 
+    def _place_of(self, end: _End) -> tuple[_Lease | None, _Sub | None]:
+        """The lease and subscription a receiver belongs to (None where they are gone)."""
+        lease = self._leases.get(end.lease)
+        return lease, lease.subs.get(end.sub) if lease is not None else None
+
     def _lose(self, end: _End) -> None:
         """A send to ``end`` failed: deliver nothing more to it; the next flush drops it unless it is heard from."""
         end.lost = True
         self._lost.append(end)
-        lease = self._leases.get(end.lease)
-        sub = lease.subs.get(end.sub) if lease is not None else None
+        _, sub = self._place_of(end)
         if sub is not None:
             try:
                 sub.order.remove(end.ident)
@@ -477,8 +481,7 @@ class Broker:
     def _reinstate(self, end: _End) -> None:
         """A frame from a lost receiver: it takes part again (a failed send marks it lost again)."""
         end.lost = False
-        lease = self._leases.get(end.lease)
-        sub = lease.subs.get(end.sub) if lease is not None else None
+        _, sub = self._place_of(end)
         if sub is None:
             self._ends.pop(end.ident, None)  # released or unsubscribed meanwhile: its frame is answered as such
         elif end.ident not in sub.order:
@@ -487,8 +490,7 @@ class Broker:
     def _drop_end(self, end: _End) -> None:
         """Forget a receiver; what it held goes back to the front of its queue, for the others."""
         self._ends.pop(end.ident, None)
-        lease = self._leases.get(end.lease)
-        sub = lease.subs.get(end.sub) if lease is not None else None
+        lease, sub = self._place_of(end)
         if lease is None or sub is None:
             return
         try:
