@@ -814,14 +814,11 @@ class _Loop:
             frame = encode(Results(self.spec.worker_id, outcomes, busy, dropped))
         except EncodeError:
             frame = encode(Results(self.spec.worker_id, _encodable(outcomes, ops), busy, dropped))
-        if self.pipe is not None:
-            # Once written, the frame is in the kernel: it reaches the driver even if this process dies.
+        if self.pipe is not None or not sent:
+            # A pipe's frame is in the kernel once written: it reaches the driver even if this process dies.
             self._send_frame(frame)
             return
         assert self.outbox is not None
-        if not sent:
-            self.outbox.send(frame, 0, copy=len(frame) < sockets.ZERO_COPY_MIN)
-            return
         # ZeroMQ sends from its I/O thread: a process that dies right after send()
         # may take the frame with it. The tracker fires once ZeroMQ let go of the
         # frame (an explicit Frame, as pyzmq copies small bytes and tracks nothing).
