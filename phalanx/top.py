@@ -12,7 +12,6 @@ forever (each query has a timeout).
 
 from __future__ import annotations
 
-import glob
 import itertools
 import math
 import sys
@@ -26,7 +25,7 @@ import zmq
 from .actors.system import RuntimeTree
 from .transport import sockets
 from .transport.codec import decode_client, encode
-from .transport.endpoints import ADVERTS, writer_alive
+from .transport.endpoints import adverts
 from .transport.messages import InspectQuery
 
 __all__ = ["find_runtimes", "query", "run_top"]
@@ -38,16 +37,7 @@ def find_runtimes() -> list[dict[str, Any]]:
     A SIGKILLed driver cannot remove its ``runtime.json``; a later process
     may get its pid, so the file's process creation time must match too.
     """
-    found = []
-    for path in glob.glob(ADVERTS):
-        try:
-            with open(path, "rb") as f:
-                info = msgspec.json.decode(f.read())
-            if not writer_alive(info):
-                continue
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, msgspec.DecodeError):
-            continue
-        found.append(info)
+    found = [info for _, info, alive in adverts() if alive]
     found.sort(key=lambda r: float(r.get("started", 0.0)) if isinstance(r.get("started"), (int, float)) else 0.0)
     return found
 

@@ -16,13 +16,14 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 import psutil
 
 __all__ = ["Endpoints", "local_endpoints", "tcp_endpoints", "connect_endpoints", "parse_listen",
-           "ADVERTS", "writer_alive", "remove_stale_dirs"]
+           "ADVERTS", "adverts", "writer_alive", "remove_stale_dirs"]
 
 #: where runtimes advertise themselves (``runtime.json`` in each private ipc dir)
 ADVERTS = "/tmp/phalanx-*/runtime.json"
@@ -77,6 +78,18 @@ def writer_alive(info: dict[str, Any]) -> bool:
         return False
 
 
+def adverts() -> Iterator[tuple[str, dict[str, Any], bool]]:
+    """``(ipc dir, runtime.json, whether its writer still runs)`` for each readable advert on this machine."""
+    for path in glob.glob(ADVERTS):
+        try:
+            with open(path, "rb") as f:
+                info = msgspec.json.decode(f.read())
+            alive = writer_alive(info)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, msgspec.DecodeError):
+            continue
+        yield os.path.dirname(path), info, alive
+
+
 def remove_stale_dirs() -> int:
     """Remove the ipc directories of this user's runtimes whose driver is gone; how many.
 
@@ -85,16 +98,11 @@ def remove_stale_dirs() -> int:
     """
     removed = 0
     uid = os.getuid()
-    for path in glob.glob(ADVERTS):
-        d = os.path.dirname(path)
+    for d, _, alive in adverts():
         try:
-            if os.stat(d).st_uid != uid:
+            if alive or os.stat(d).st_uid != uid:
                 continue
-            with open(path, "rb") as f:
-                info = msgspec.json.decode(f.read())
-            if writer_alive(info):
-                continue
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, msgspec.DecodeError):
+        except OSError:
             continue
         shutil.rmtree(d, ignore_errors=True)
         removed += 1
