@@ -33,9 +33,12 @@ from .transport.endpoints import parse_listen
 
 __all__ = ["Config", "Option", "OPTIONS", "usable_cpus", "parse_bool", "DEFAULT_START_METHOD", "check_host_name"]
 
-#: fork is fastest (a worker starts in milliseconds) and is what multiprocessing
-#: uses on Linux before 3.12; from 3.12 on, forking a threaded process warns, so spawn.
-DEFAULT_START_METHOD = "fork" if sys.platform.startswith("linux") and sys.version_info < (3, 12) else "spawn"
+#: "phalanx": workers are forked (in milliseconds) by phalanx's own single-threaded fork
+#: server, a copy of the driver made before it starts any thread (phalanx.forkserver);
+#: it needs Linux (fork, SCM_RIGHTS, prctl). Elsewhere, multiprocessing's spawn.
+DEFAULT_START_METHOD = "phalanx" if sys.platform.startswith("linux") else "spawn"
+#: every accepted start method
+START_METHODS = ("phalanx", "spawn", "forkserver", "fork")
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -118,8 +121,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"workers={self.workers} is not the sum of the per-tag counts {self.tags}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
-        if self.start_method not in ("spawn", "forkserver", "fork"):
-            raise ValueError(f"start_method must be spawn, forkserver or fork, got {self.start_method!r}")
+        if self.start_method not in START_METHODS:
+            raise ValueError(f"start_method must be phalanx, spawn, forkserver or fork, got {self.start_method!r}")
         if self.listen is not None:
             parse_listen(self.listen)
         for name in ("credits", "max_attempts", "hwm"):
@@ -261,8 +264,9 @@ OPTIONS: dict[str, Option] = _options(
     Option("workers", _parse_workers,
            "worker processes to start; a dict `{\"default\": 2, \"io\": 4}` (env `default=2,io=4`) starts "
            "that many per worker tag", default="usable CPUs"),
-    Option("start_method", str, "multiprocessing start method for workers: fork, forkserver or spawn",
-           default="fork on Linux (Python < 3.12), else spawn", worker_flag="--start-method"),
+    Option("start_method", str, "how workers start: `phalanx` (forked by phalanx's own fork server, made "
+           "before the driver starts threads; Linux), or multiprocessing's `spawn`, `forkserver` or `fork`",
+           default="phalanx on Linux, else spawn", worker_flag="--start-method"),
     Option("listen", str, "`tcp://HOST:PORT`: also listen on `PORT`..`PORT+2` for remote workers "
            "(`PORT` 0 picks free ones; see `rt.address`)"),
     Option("credits", int, "tasks a worker may hold at once (prefetch depth)", worker_flag="--credits"),

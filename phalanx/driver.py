@@ -432,6 +432,13 @@ class Driver:
         self.endpoints: Endpoints = local_endpoints()
         #: tcp endpoints remote workers connect to, when listening
         self.address: Endpoints | None = tcp_endpoints(config.listen) if config.listen else None
+        # Before ZeroMQ's I/O threads or any of ours exist: under start method "phalanx"
+        # this forks the fork server, a copy of this process that forks the workers.
+        try:
+            self._supervisor = Supervisor(config.start_method, self._on_exit)
+        except BaseException:
+            self.endpoints.remove()
+            raise
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._jobs: dict[int, Job] = {}
@@ -539,10 +546,10 @@ class Driver:
         except BaseException:
             self._close_security()
             self._ctx.destroy(linger=0)
+            self._supervisor.stop(0.0)
             self.endpoints.remove()
             raise
         self._wake_r, self._wake_w = os.pipe()
-        self._supervisor = Supervisor(config.start_method, self._on_exit)
         self._pump_thread = threading.Thread(target=self._pump, name="phalanx-pump", daemon=True)
 
     def _close_security(self) -> None:

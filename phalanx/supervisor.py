@@ -2,9 +2,12 @@
 
 Runs in the driver (one :class:`Supervisor` per :class:`phalanx.Runtime`) and,
 for remote hosts, under ``phalanx worker --connect``. It knows processes, not
-tasks: it starts workers with a multiprocessing context, tells its owner when
-one exits (``on_exit(worker_id, exitcode)``) from a watcher thread, and stops
-them in layers::
+tasks: it starts workers through phalanx's fork server (start method
+``"phalanx"``, :mod:`phalanx.forkserver`, started when the supervisor is made)
+or a multiprocessing context (``"spawn"``, ``"forkserver"``, ``"fork"``), tells
+its owner when one exits (``on_exit(worker_id, exitcode)``) from a watcher
+thread (the fork server's reader thread under ``"phalanx"``), and stops them
+in layers::
 
     Stop message (sent by the owner) -> join(timeout) -> SIGTERM -> SIGKILL of the tree
 
@@ -28,6 +31,7 @@ from typing import Any
 
 import psutil
 
+from . import forkserver
 from .errors import RuntimeClosedError
 from .transport import pipe
 from .worker import WorkerSpec, run_worker
@@ -67,9 +71,17 @@ class Supervisor:
         start_method: str,
         on_exit: Callable[[str, int | None], None],
     ) -> None:
-        self._ctx: Any = multiprocessing.get_context(start_method)
         self._on_exit = on_exit
-        self._procs: dict[str, BaseProcess] = {}
+        #: workers' exits are reported only once start() ran (the owner is ready for them)
+        self._started = threading.Event()
+        #: the fork server (start method "phalanx"), made now: before the owner starts threads
+        self._server: forkserver.ForkServer | None = None
+        self._ctx: Any = None
+        if start_method == "phalanx":
+            self._server = forkserver.ForkServer(self._on_server_exit)
+        else:
+            self._ctx = multiprocessing.get_context(start_method)
+        self._procs: dict[str, Any] = {}  # BaseProcess, or ForkedWorker
         self._lock = threading.Lock()
         #: held while a process starts, so stop() sees every process spawn() started
         self._spawn_lock = threading.RLock()  # spawn_piped holds it around _start
@@ -78,8 +90,9 @@ class Supervisor:
         self._watcher = threading.Thread(target=self._watch, name="phalanx-supervisor", daemon=True)
 
     def start(self) -> None:
-        """Start watching (after the first spawns: forking before threads exist is safe)."""
-        if not self._watcher.is_alive():
+        """Start reporting exits (after the first spawns: forking before threads exist is safe)."""
+        self._started.set()
+        if self._server is None and not self._watcher.is_alive():
             self._watcher.start()
 
     def spawn(self, spec: WorkerSpec) -> int:
@@ -93,7 +106,7 @@ class Supervisor:
         meanwhile inherits the worker's end: the driver's end sees EOF exactly
         when this worker (and what it forked) is gone.
         """
-        with self._spawn_lock:
+        with self._spawn_lock, forkserver.fork_lock:
             ours, theirs = pipe.socketpair()
             try:
                 pid = self._start(spec, theirs)
@@ -103,6 +116,28 @@ class Supervisor:
         return pid, ours
 
     def _start(self, spec: WorkerSpec, theirs: socket.socket | None) -> int:
+        if self._server is not None:
+            with self._spawn_lock:
+                try:
+                    if self._closing:
+                        raise RuntimeClosedError("the supervisor is stopping: no new workers")
+                    with self._lock:
+                        # Registered first: its exit may be reported before spawn() returns.
+                        self._procs[spec.worker_id] = None
+                    try:
+                        handle = self._server.spawn(spec.worker_id, spec, theirs)
+                    except BaseException:
+                        with self._lock:
+                            self._procs.pop(spec.worker_id, None)
+                        raise
+                finally:
+                    if theirs is not None:
+                        theirs.close()  # the server forked the worker with its copy
+                with self._lock:
+                    if spec.worker_id in self._procs:
+                        self._procs[spec.worker_id] = handle
+            assert handle.pid is not None
+            return handle.pid
         proc: BaseProcess = self._ctx.Process(
             target=run_worker, args=(spec, theirs), name=f"phalanx-{spec.worker_id}", daemon=False
         )
@@ -120,10 +155,20 @@ class Supervisor:
         assert proc.pid is not None
         return proc.pid
 
+    def _on_server_exit(self, worker_id: str, exitcode: int | None) -> None:
+        """The fork server reported a worker's exit (its reader thread)."""
+        self._started.wait()
+        with self._lock:
+            known = worker_id in self._procs
+            self._procs.pop(worker_id, None)
+            closing = self._closing
+        if known and not closing:
+            self._on_exit(worker_id, exitcode)
+
     def pids(self) -> dict[str, int]:
         """Live worker ids and their pids."""
         with self._lock:
-            return {wid: p.pid for wid, p in self._procs.items() if p.pid is not None}
+            return {wid: p.pid for wid, p in self._procs.items() if p is not None and p.pid is not None}
 
     def kill(self, worker_id: str) -> None:
         """SIGKILL one worker and its descendants (its exit is reported as usual)."""
@@ -187,8 +232,9 @@ class Supervisor:
         """
         with self._spawn_lock, self._lock:
             self._closing = True
-            procs = list(self._procs.values())
+            procs = [p for p in self._procs.values() if p is not None]
             self._procs.clear()
+        self._started.set()
         self._wake()
         if leave_signal is not None:
             for proc in procs:
@@ -214,6 +260,8 @@ class Supervisor:
                 proc.close()
             except ValueError:
                 pass
+        if self._server is not None:
+            self._server.close()  # it kills anything still below it
         if self._watcher.is_alive():
             self._watcher.join(2.0)
         self._wake_r.close()

@@ -7,6 +7,8 @@ and importing it has no side effects.
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import time
 from typing import Any
@@ -243,3 +245,35 @@ def wait_settled(rt: phalanx.Runtime, workers: int = 2, deaths: int = 0, timeout
                 f"workers {[(w.id, w.alive, w.ready) for w in stats.workers]}"
             )
         time.sleep(0.005)
+
+
+@phalanx.operation
+def start_three_children(path: str, then_exit: int | None = None) -> dict[str, int]:
+    """Start ``sleep`` three ways (in the worker's group, in a new session, double-forked).
+
+    Their pids are written to ``path`` (JSON) and returned. ``then_exit``: the
+    worker then ends itself with this exit status instead of returning.
+    """
+    in_group = subprocess.Popen(["sleep", "1000"])
+    new_session = subprocess.Popen(["sleep", "1001"], start_new_session=True)
+    sh = subprocess.Popen(["sh", "-c", "sleep 1002 & echo $!"], stdout=subprocess.PIPE, text=True)
+    assert sh.stdout is not None
+    double_forked = int(sh.stdout.readline())
+    sh.wait()
+    pids = {"group": in_group.pid, "session": new_session.pid, "double": double_forked}
+    with open(path + ".tmp", "w") as f:
+        json.dump(pids, f)
+    os.replace(path + ".tmp", path)
+    if then_exit is not None:
+        os._exit(then_exit)
+    return pids
+
+
+@phalanx.operation
+def start_daemon() -> int:
+    """Start a double-forked ``sleep`` (re-parented away from the worker at once); its pid."""
+    sh = subprocess.Popen(["sh", "-c", "sleep 1003 & echo $!"], stdout=subprocess.PIPE, text=True)
+    assert sh.stdout is not None
+    pid = int(sh.stdout.readline())
+    sh.wait()
+    return pid

@@ -422,6 +422,12 @@ def _import_target(name: str) -> Any:
     return obj
 
 
+#: why a ``__main__`` function is missing in a worker: workers are copies of the driver
+#: as it was when the runtime started (phalanx.forkserver)
+_LATE_MAIN = ("no such function in the workers' __main__: it was defined after the runtime's workers "
+              "started: define it before `Runtime()`, or in a module")
+
+
 def resolve(name: str) -> Operation:
     """Find the operation ``name`` in this process (importing its module).
 
@@ -440,7 +446,7 @@ def resolve(name: str) -> Operation:
             fn = _REGISTRY.get(name)
             if fn is None:
                 if target is None:
-                    raise UnknownOperationError(name, "no such function")
+                    raise UnknownOperationError(name, _LATE_MAIN if name.startswith("__main__:") else "no such function")
                 if not (implicit_allowed() and _is_plain_function(target, name)):
                     raise UnknownOperationError(name, "not registered with @phalanx.operation")
                 fn = target

@@ -1,0 +1,460 @@
+"""phalanx's fork server: one single-threaded process that forks every local worker.
+
+Created by the driver's :class:`~phalanx.supervisor.Supervisor` (start method
+``"phalanx"``, the default on Linux) when a :class:`phalanx.Runtime` starts,
+before the driver opens a ZeroMQ context or starts a thread of its own; the
+server then runs this module's loop, alone in its process::
+
+    driver                                             fork server (single-threaded)
+    ┌───────────────────────────┐  ctl (seqpacket)     ┌──────────────────────────────┐
+    │ spawn(): Spawn + the      │ ───────────────────▶ │ fork() ─▶ worker: run_worker  │
+    │ worker's socketpair end   │ ◀─────────────────── │  (pid, or the error)          │
+    │ (SCM_RIGHTS), under a lock│                      │ SIGCHLD ─▶ waitpid, sweep      │
+    │ reader thread ◀── events ─│ ◀─────────────────── │  (worker id, exit code)        │
+    └───────────────────────────┘                      └──────────────────────────────┘
+
+Workers are copies of the server, which is a copy of the driver as it was when
+the runtime started: they know ``__main__``'s functions and the modules
+imported by then, on every Python version, and no fork ever happens in a
+process that runs threads (unless the user's program ran threads of its own
+when the runtime started: see docs/faults.md).
+
+Invariants kept:
+
+* **It dies with the driver and leaves nothing behind.** It asks for SIGTERM
+  when the driver dies (``PR_SET_PDEATHSIG``), also ends on EOF of its ctl
+  socket, and checks its parent twice a second; on any of them it SIGKILLs
+  every process below it (workers and what they started), reaps them and exits.
+* **Child containment.** It is the child subreaper of the workers
+  (``PR_SET_CHILD_SUBREAPER``): whatever a worker started that outlives its
+  own parent is re-parented here, not to init. When a worker exits, for any
+  cause, every such orphan that belongs to no live worker is killed with its
+  descendants (:func:`_sweep`), within a second.
+* **Exit codes reach the supervisor.** Only the server can ``waitpid`` its
+  children: it reports each worker's exit code (negative: the signal) on the
+  events socket, exactly once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import msgspec
+
+__all__ = ["ForkServer", "ForkedWorker", "WORKER_PID_VAR", "available"]
+
+#: set in each worker's environment to its own pid: processes it starts inherit it, so the
+#: fork server can tell whose orphan a process is even after it left the worker's group
+WORKER_PID_VAR = "PHALANX_WORKER_PID"
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+#: seconds between the server's checks that its driver is still there
+_PARENT_CHECK = 0.5
+#: seconds after a worker's exit at which the server sweeps for its orphans again
+#: (a process being killed may have forked meanwhile)
+_SWEEP_AGAIN = (0.2, 1.0)
+#: largest ctl message (a Spawn request)
+_MAX_REQUEST = 1 << 20
+
+#: serialises making fork servers with making/sending workers' socketpair ends, so a
+#: fork server never inherits another runtime's worker end (its EOF would come late)
+fork_lock = threading.RLock()
+#: driver-side sockets of every live fork server in this process (closed in new servers)
+_clients: weakref.WeakSet[ForkServer] = weakref.WeakSet()
+
+
+class _Spawn(msgspec.Struct, frozen=True, tag="spawn"):
+    worker_id: str
+    #: the msgpack-encoded WorkerSpec
+    spec: bytes
+
+
+class _Started(msgspec.Struct, frozen=True, tag="started"):
+    pid: int
+
+
+class _Failed(msgspec.Struct, frozen=True, tag="failed"):
+    error: str
+
+
+class _Exited(msgspec.Struct, frozen=True, tag="exited"):
+    worker_id: str
+    exitcode: int
+
+
+_Reply = _Started | _Failed
+
+
+def available() -> bool:
+    """The fork server needs ``fork`` and ``SCM_RIGHTS`` (Linux)."""
+    return sys.platform.startswith("linux") and hasattr(os, "fork") and hasattr(socket, "send_fds")
+
+
+def _prctl(option: int, arg: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(option, arg, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+class ForkedWorker:
+    """A worker process forked by the fork server (the driver's view of it).
+
+    Offers what the supervisor uses of ``multiprocessing.Process``: ``pid``,
+    ``exitcode``, ``join``, ``is_alive``, ``terminate``, ``close``.
+    """
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.pid: int | None = None
+        self.exitcode: int | None = None
+        self._done = threading.Event()
+
+    def _exited(self, exitcode: int | None) -> None:
+        self.exitcode = exitcode
+        self._done.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._done.wait(timeout)
+
+    def is_alive(self) -> bool:
+        return not self._done.is_set()
+
+    def terminate(self) -> None:
+        if self.pid is not None and not self._done.is_set():
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        pass
+
+
+class ForkServer:
+    """The driver's end of one fork server (see the module docstring).
+
+    ``on_exit(worker_id, exitcode)`` is called from the reader thread for each
+    worker that exits (``exitcode`` None for every worker still running if the
+    server itself died).
+    """
+
+    def __init__(self, on_exit: Callable[[str, int | None], None]) -> None:
+        self._on_exit = on_exit
+        self._workers: dict[str, ForkedWorker] = {}
+        self._lock = threading.Lock()
+        self._request_lock = threading.Lock()
+        self._closed = False
+        with fork_lock:
+            ctl, self._ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            events, self._events = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            driver = os.getpid()
+            with warnings.catch_warnings():
+                # Python >= 3.12 warns when forking a process that runs threads. This one fork
+                # is the documented exception (the user's program ran threads when the runtime
+                # started; docs/faults.md): the server runs no code that takes their locks.
+                warnings.filterwarnings("ignore", message=r"This process .* is multi-threaded",
+                                        category=DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:  # the fork server
+                try:
+                    self._ctl.close()
+                    self._events.close()
+                    for other in list(_clients):
+                        other._close_sockets()
+                    _serve(ctl, events, driver)
+                finally:
+                    os._exit(70)
+            ctl.close()
+            events.close()
+            self.pid = pid
+            _clients.add(self)
+        self._reader = threading.Thread(target=self._read_events, name="phalanx-forkserver", daemon=True)
+        self._reader.start()
+
+    def _close_sockets(self) -> None:
+        self._ctl.close()
+        self._events.close()
+
+    def spawn(self, worker_id: str, spec: Any, pipe: socket.socket | None) -> ForkedWorker:
+        """Fork one worker running ``run_worker(spec, pipe)``; its handle, with its pid."""
+        handle = ForkedWorker(worker_id)
+        request = msgspec.msgpack.encode(_Spawn(worker_id, msgspec.msgpack.encode(spec)))
+        with self._lock:
+            if self._closed:
+                raise OSError("the fork server is closed")
+            self._workers[worker_id] = handle
+        try:
+            with self._request_lock:
+                socket.send_fds(self._ctl, [request], [pipe.fileno()] if pipe is not None else [])
+                raw = self._ctl.recv(4096)
+            if not raw:
+                raise OSError("the fork server is gone")
+            reply = msgspec.msgpack.decode(raw, type=_Reply)
+            if isinstance(reply, _Failed):
+                raise OSError(f"the fork server could not start {worker_id}: {reply.error}")
+        except BaseException:
+            with self._lock:
+                self._workers.pop(worker_id, None)
+            raise
+        handle.pid = reply.pid
+        return handle
+
+    def _read_events(self) -> None:
+        decoder = msgspec.msgpack.Decoder(_Exited)
+        while True:
+            try:
+                raw = self._events.recv(4096)
+            except OSError:
+                raw = b""
+            if not raw:
+                break
+            try:
+                event = decoder.decode(raw)
+            except msgspec.DecodeError:
+                continue
+            with self._lock:
+                handle = self._workers.pop(event.worker_id, None)
+            if handle is not None:
+                handle._exited(event.exitcode)
+                self._on_exit(event.worker_id, event.exitcode)
+        # The server is gone: every worker it had is gone too (parent-death signal).
+        with self._lock:
+            self._closed = True
+            left, self._workers = self._workers, {}
+        for wid, handle in left.items():
+            handle._exited(None)
+            self._on_exit(wid, None)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Tell the server to end (it kills what is left below it), reap it; idempotent."""
+        with self._lock:
+            self._closed = True
+        try:
+            self._ctl.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                deadline = float("inf")
+            time.sleep(0.005)
+        if self._reader.is_alive() and self._reader is not threading.current_thread():
+            self._reader.join(timeout)
+        self._close_sockets()
+        _clients.discard(self)
+
+
+# --------------------------------------------------------------------------- #
+# The server process
+# --------------------------------------------------------------------------- #
+
+
+def _serve(ctl: socket.socket, events: socket.socket, driver: int) -> NoReturn:
+    """The fork server's loop (runs alone in its process until the driver goes)."""
+    from .worker import WorkerSpec, run_worker  # already imported by the driver: nothing runs
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    stop = False
+
+    def on_term(signum: int, frame: Any) -> None:
+        nonlocal stop
+        stop = stop or os.getppid() != driver  # a parent-death SIGTERM; any other one is ignored
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    workers: dict[int, str] = {}  # pid -> worker id
+    sweeps: list[float] = []
+    decoder = msgspec.msgpack.Decoder(_Spawn)
+    encoder = msgspec.msgpack.Encoder()
+    next_check = 0.0
+    while not stop:
+        now = time.monotonic()
+        if now >= next_check:
+            if os.getppid() != driver:
+                break
+            next_check = now + _PARENT_CHECK
+        timeout = min([next_check, *sweeps]) - now
+        try:
+            ready: list[int] = select.select([ctl.fileno(), wake_r], [], [], max(0.0, timeout))[0]
+        except InterruptedError:
+            ready = []
+        if wake_r in ready:
+            try:
+                while os.read(wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+        # Reap every child that ended (workers, and orphans re-parented here).
+        died = False
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            wid = workers.pop(pid, None)
+            if wid is not None:
+                died = True
+                try:
+                    events.send(encoder.encode(_Exited(wid, os.waitstatus_to_exitcode(status))))
+                except OSError:
+                    stop = True
+        now = time.monotonic()
+        if died:
+            sweeps = [now + d for d in _SWEEP_AGAIN]
+            _sweep(set(workers))
+        elif sweeps and now >= sweeps[0]:
+            sweeps.pop(0)
+            _sweep(set(workers))
+        if ctl.fileno() in ready:
+            try:
+                raw, fds, _, _ = socket.recv_fds(ctl, _MAX_REQUEST, 1)
+            except OSError:
+                break
+            if not raw:
+                break  # the driver closed (or died)
+            try:
+                request = decoder.decode(raw)
+                spec = msgspec.msgpack.decode(request.spec, type=WorkerSpec)
+                pid = os.fork()
+                if pid == 0:
+                    _worker(spec, fds, (ctl, events, wake_r, wake_w), run_worker)
+                workers[pid] = request.worker_id
+                reply: _Reply = _Started(pid)
+            except Exception as exc:  # a bad request or no fork: the driver reports it
+                reply = _Failed(f"{type(exc).__name__}: {exc}")
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            try:
+                ctl.send(encoder.encode(reply))
+            except OSError:
+                break
+    _end_all()
+    os._exit(0)
+
+
+def _worker(spec: Any, fds: list[int], server_fds: tuple[Any, ...], run_worker: Callable[..., None]) -> NoReturn:
+    """In a new worker: drop the server's state, run the worker, exit with its status."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        for obj in server_fds:
+            if isinstance(obj, int):
+                os.close(obj)
+            else:
+                obj.close()
+        os.environ[WORKER_PID_VAR] = str(os.getpid())
+        pipe = socket.socket(fileno=fds[0]) if fds else None
+        try:
+            run_worker(spec, pipe)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        os._exit(code)
+
+
+def _owner(proc: Any, workers: set[int]) -> int | None:
+    """The worker ``proc`` belongs to: its process group, else the variable it inherited."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except OSError:
+        return None
+    if pgid in workers:
+        return pgid
+    try:
+        marker = proc.environ().get(WORKER_PID_VAR)
+    except Exception:
+        return None
+    try:
+        return int(marker) if marker else None
+    except ValueError:
+        return None
+
+
+def _sweep(workers: set[int]) -> None:
+    """SIGKILL every orphan here (with its descendants) that belongs to no live worker."""
+    import psutil
+
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return
+    victims = []
+    for child in children:
+        if child.pid in workers:
+            continue
+        if _owner(child, workers) in workers:
+            continue  # a live worker's daemon: it goes when that worker goes
+        try:
+            victims.extend([child, *child.children(recursive=True)])
+        except psutil.Error:
+            victims.append(child)
+    for proc in victims:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+def _end_all() -> None:
+    """SIGKILL everything below the server and reap it (bounded)."""
+    import psutil
+
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            below = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            below = []
+        for proc in below:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            return
+        time.sleep(0.01)

@@ -1,0 +1,220 @@
+"""phalanx's fork server: no fork in a threaded process, it dies with the driver, child containment.
+
+Runs in the test process (a driver) and in driver scripts it starts with the
+same interpreter (``sys.executable``: run this file under 3.11 and 3.13).
+Everything is real: processes, signals, ``psutil`` scans of the process table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import phalanx
+
+from chaos_ops import start_daemon, start_three_children
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+#: the promise: what a dead worker started is gone within this many seconds
+CONTAINMENT = 3.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(pids: list[int], within: float) -> list[int]:
+    """Wait up to ``within`` seconds for ``pids`` to die; those still alive."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if _alive(p)]
+        if not alive:
+            return []
+        time.sleep(0.01)
+    return [p for p in pids if _alive(p)]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+SINGLE_THREADED = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    import psutil
+    import phalanx
+
+    @phalanx.operation
+    def parent(x: int = 0) -> int:
+        return os.getppid()
+
+    if __name__ == "__main__":
+        with phalanx.Runtime(workers=2) as rt:
+            server = rt.submit(parent).result(timeout=30)
+            assert server != os.getpid(), "workers are forked by the driver itself"
+            first = set(rt.worker_pids().values())
+            os.kill(next(iter(first)), signal.SIGKILL)   # its replacement is forked now
+            deadline = time.monotonic() + 30
+            while first & set(rt.worker_pids().values()) == first or len(rt.worker_pids()) < 2:
+                assert time.monotonic() < deadline, "no replacement"
+                time.sleep(0.01)
+            parents = {psutil.Process(p).ppid() for p in rt.worker_pids().values()}
+            assert parents == {server}, (parents, server)
+            assert psutil.Process(server).num_threads() == 1, psutil.Process(server).threads()
+            assert sorted(rt.map(parent, range(8))) == [server] * 8
+        print("OK", flush=True)
+    """
+)
+
+
+def test_workers_are_forked_by_a_single_threaded_server_without_a_warning(tmp_path: Path) -> None:
+    """First workers and replacements come from a one-thread process; -W error sees no fork warning."""
+    script = tmp_path / "driver.py"
+    script.write_text(SINGLE_THREADED)
+    proc = subprocess.run([sys.executable, "-W", "error", str(script)], env=_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr
+
+
+SLEEPING_DRIVER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import phalanx
+    import chaos_ops
+
+    if __name__ == "__main__":
+        rt = phalanx.Runtime(workers=2)
+        workers = rt.worker_pids()
+        server = rt._driver._supervisor._server.pid
+        children = rt.submit(chaos_ops.start_three_children, sys.argv[1]).result(timeout=30)
+        print(json.dumps({"server": server, "workers": list(workers.values()),
+                          "children": list(children.values())}), flush=True)
+        time.sleep(120)
+    """
+)
+
+
+@pytest.mark.chaos
+def test_the_fork_server_and_everything_below_it_die_with_a_sigkilled_driver(tmp_path: Path) -> None:
+    script = tmp_path / "driver.py"
+    script.write_text(SLEEPING_DRIVER)
+    out = tmp_path / "out"
+    with open(out, "w") as f:
+        driver = subprocess.Popen([sys.executable, str(script), str(tmp_path / "pids")], env=_env(),
+                                  cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    pids: dict[str, Any] = {}
+    watched: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not out.read_text().strip():
+            assert driver.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.01)
+        pids = json.loads(out.read_text().splitlines()[0])
+        watched = [pids["server"], *pids["workers"], *pids["children"]]
+        assert all(_alive(p) for p in watched)
+        driver.kill()
+        driver.wait(timeout=10)
+        left = _wait_gone([pids["server"], *pids["workers"]], within=1.0)
+        assert not left, f"alive 1 s after the driver was SIGKILLed: {left} of {pids}"
+        left = _wait_gone(pids["children"], within=CONTAINMENT)
+        assert not left, f"the workers' children alive {CONTAINMENT} s after: {left}"
+    finally:
+        for pid in watched:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=10)
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("death", ["sigkill", "exit", "sigterm"])
+def test_everything_a_dead_worker_started_is_gone_within_3_s(tmp_path: Path, death: str) -> None:
+    """A task starts ``sleep`` in its group, in a new session and double-forked; the worker dies."""
+    path = str(tmp_path / "pids")
+    with phalanx.Runtime(workers=1, max_attempts=1) as rt:
+        (worker,) = rt.worker_pids().values()
+        if death == "exit":
+            fut = rt.submit(start_three_children, path, 3)
+            with pytest.raises(phalanx.WorkerCrashedError):
+                fut.result(timeout=30)
+            pids = json.loads(Path(path).read_text())
+        else:
+            pids = rt.submit(start_three_children, path).result(timeout=30)
+            assert all(_alive(p) for p in pids.values())
+            os.kill(worker, signal.SIGKILL if death == "sigkill" else signal.SIGTERM)
+        left = _wait_gone(list(pids.values()), within=CONTAINMENT)
+        assert not left, f"alive {CONTAINMENT} s after the worker's death ({death}): " + ", ".join(
+            f"{k}={p}" for k, p in pids.items() if p in left)
+        # The runtime goes on with a replacement.
+        assert rt.submit(start_daemon).result(timeout=30) > 0
+
+
+@pytest.mark.chaos
+def test_a_live_workers_daemon_survives_another_workers_death(tmp_path: Path) -> None:
+    """Containment kills what the dead worker started, not what a live one did."""
+    with phalanx.Runtime(workers={"a": 1, "b": 1}) as rt:
+        daemon = rt.options(on="a").submit(start_daemon).result(timeout=30)
+        victim = rt.worker_pids()
+        b_pid = next(pid for wid, pid in victim.items() if rt._driver.worker_tags()[wid] == ("b",))
+        assert psutil.Process(daemon).ppid() != b_pid
+        os.kill(b_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while b_pid in rt.worker_pids().values() or len(rt.worker_pids()) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(1.5)  # past the fork server's sweeps after that death
+        assert _alive(daemon), "a live worker's daemon was killed when another worker died"
+        a_pid = next(pid for wid, pid in rt.worker_pids().items() if rt._driver.worker_tags()[wid] == ("a",))
+        os.kill(a_pid, signal.SIGKILL)
+        assert not _wait_gone([daemon], within=CONTAINMENT)
+
+
+INTERACTIVE = """\
+import phalanx
+
+@phalanx.operation
+def square(x):
+    return x * x
+
+with phalanx.Runtime(workers=1) as rt:
+    print(rt.submit(square, 7).result(timeout=30))
+
+    @phalanx.operation
+    def late(x):
+        return x
+
+    try:
+        rt.submit(late, 1).result(timeout=30)
+    except phalanx.UnknownOperationError as exc:
+        print(exc)
+"""
+
+LATE = ("unknown operation '__main__:late': no such function in the workers' __main__: it was defined after "
+        "the runtime's workers started: define it before `Runtime()`, or in a module")
+
+
+@pytest.mark.parametrize("how", ["-c", "stdin"])
+def test_python_c_and_a_script_on_stdin_run_operations(tmp_path: Path, how: str) -> None:
+    """``python -c`` and ``python - <<EOF``: operations run; a late one gets the clear error."""
+    args, stdin = ([sys.executable, "-c", INTERACTIVE], None) if how == "-c" else ([sys.executable, "-"], INTERACTIVE)
+    proc = subprocess.run(args, input=stdin, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["49", LATE], proc.stdout + proc.stderr
