@@ -17,8 +17,8 @@ rewrite the package's asserts; this module keeps only its own names.)
         assert rt.submit(square, 7).result(timeout=10) == 49
 """
 
-from .config import Config
-from .driver import RuntimeStats, WorkerStats
+import typing as _typing
+
 from .errors import (
     ActorDiedError,
     ChannelClosedError,
@@ -41,12 +41,6 @@ from .errors import (
     WorkerCrashedError,
     WorkerStartError,
 )
-from .actors import Failed, RestartFailed, Started, Stopped
-from .actors.ref import ActorRef
-from .actors.system import ActorNode, RuntimeTree, WorkerNode
-from .jobs import Future, MapIterator
-from .channels import Broadcast, ChannelKind, ExactlyOnce, Lease, Message, Receiver, Sender
-from .directives import Chain, Directive, Fold, IndexedChain, IndexedStream, JobHandle, JobProgress, Literal
 from .policy import (
     After,
     Exponential,
@@ -57,25 +51,57 @@ from .policy import (
     Terminate,
 )
 from .registry import actor, operation
-from .runtime import JobOptions, Runtime
-from .aio import AsyncActorRef, AsyncJobOptions, AsyncRuntime
-from .executor import Executor
 from . import logs as _logs  # noqa: F401  (NullHandler on the phalanx logger)
-from .worker import TaskContext, current_task
-
-import typing as _typing
 
 if _typing.TYPE_CHECKING:
     from . import testing as testing
+    from .config import Config
+    from .driver import RuntimeStats, WorkerStats
+    from .actors import Failed, RestartFailed, Started, Stopped
+    from .actors.ref import ActorRef
+    from .actors.system import ActorNode, RuntimeTree, WorkerNode
+    from .jobs import Future, MapIterator
+    from .channels import Broadcast, ChannelKind, ExactlyOnce, Lease, Message, Receiver, Sender
+    from .directives import Chain, Directive, Fold, IndexedChain, IndexedStream, JobHandle, JobProgress, Literal
+    from .runtime import JobOptions, Runtime
+    from .aio import AsyncActorRef, AsyncJobOptions, AsyncRuntime
+    from .executor import Executor
+    from .worker import TaskContext, current_task
 else:
+    #: names imported on first use (``import phalanx`` stays quick: the runtime's modules,
+    #: ZeroMQ and asyncio load when a program first touches what needs them)
+    _LAZY = {
+        "Config": "config",
+        "RuntimeStats": "driver", "WorkerStats": "driver",
+        "Failed": "actors", "RestartFailed": "actors", "Started": "actors", "Stopped": "actors",
+        "ActorRef": "actors.ref",
+        "ActorNode": "actors.system", "RuntimeTree": "actors.system", "WorkerNode": "actors.system",
+        "Future": "jobs", "MapIterator": "jobs",
+        "Broadcast": "channels", "ChannelKind": "channels", "ExactlyOnce": "channels", "Lease": "channels",
+        "Message": "channels", "Receiver": "channels", "Sender": "channels",
+        "Chain": "directives", "Directive": "directives", "Fold": "directives", "IndexedChain": "directives",
+        "IndexedStream": "directives", "JobHandle": "directives", "JobProgress": "directives",
+        "Literal": "directives",
+        "JobOptions": "runtime", "Runtime": "runtime",
+        "AsyncActorRef": "aio", "AsyncJobOptions": "aio", "AsyncRuntime": "aio",
+        "Executor": "executor",
+        "TaskContext": "worker", "current_task": "worker",
+    }
 
     def __getattr__(name: str) -> object:
-        # ``phalanx.testing`` (the test harness) is imported on first use only.
-        if name == "testing":
-            import importlib
+        import importlib
 
+        if name == "testing":  # the test harness
             return importlib.import_module(".testing", __name__)
-        raise AttributeError(f"module 'phalanx' has no attribute {name!r}")
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'phalanx' has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(globals()) | set(__all__))
 
 __version__ = "0.1.0"
 

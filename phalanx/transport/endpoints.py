@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import msgspec
-import psutil
 
 __all__ = ["Endpoints", "local_endpoints", "tcp_endpoints", "connect_endpoints", "parse_listen",
            "ADVERTS", "adverts", "writer_alive", "remove_stale_dirs"]
@@ -72,6 +71,8 @@ def writer_alive(info: dict[str, Any]) -> bool:
         except PermissionError:
             pass
         return True
+    import psutil  # here: ``import phalanx`` does not pay for it
+
     try:
         return bool(psutil.Process(pid).create_time() == float(created))
     except psutil.Error:
