@@ -39,10 +39,19 @@ __all__ = ["FaultInjector", "inject_faults", "kill_worker", "kill_child"]
 
 
 def kill_child(pid: int) -> bool:
-    """SIGKILL ``pid`` if it is a live child of this process; True if signalled."""
+    """SIGKILL ``pid`` if it is a live worker of this process; True if signalled.
+
+    A worker is a child of this process, or of a runtime's fork server, itself
+    a child of this process (``start_method="phalanx"``); anything else (a
+    reused pid) is left alone.
+    """
+    me = os.getpid()
     try:
         proc = psutil.Process(pid)
-        if proc.ppid() != os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+        parent = proc.ppid()
+        if parent != me and psutil.Process(parent).ppid() != me:
+            return False
+        if proc.status() == psutil.STATUS_ZOMBIE:
             return False
         os.kill(pid, signal.SIGKILL)
         return True
