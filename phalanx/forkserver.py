@@ -163,6 +163,11 @@ class ForkServer:
             ctl, self._ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             events, self._events = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             driver = os.getpid()
+            for stream in (sys.stdout, sys.stderr):  # else the copies would print it again
+                try:
+                    stream.flush()
+                except (AttributeError, OSError, ValueError):
+                    pass
             with warnings.catch_warnings():
                 # Python >= 3.12 warns when forking a process that runs threads. This one fork
                 # is the documented exception (the user's program ran threads when the runtime
@@ -182,6 +187,7 @@ class ForkServer:
             ctl.close()
             events.close()
             self.pid = pid
+            self._owner = driver
             _clients.add(self)
         self._reader = threading.Thread(target=self._read_events, name="phalanx-forkserver", daemon=True)
         self._reader.start()
@@ -244,6 +250,11 @@ class ForkServer:
         """Tell the server to end (it kills what is left below it), reap it; idempotent."""
         with self._lock:
             self._closed = True
+        if os.getpid() != self._owner:
+            # A copy of the driver (the user forked it): the server is not ours to end, and
+            # shutting the shared socket down would end it for the driver too.
+            self._close_sockets()
+            return
         try:
             self._ctl.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -160,11 +160,24 @@ class RemoteHost:
         self.stderr.join()
 
     def worker_pids(self) -> list[int]:
-        """Pids of the host's worker processes (its children)."""
+        """Pids of the host's worker processes.
+
+        Workers are the descendants that lead a process group of their own
+        (each worker calls ``setpgid(0, 0)``): not the fork server that forks
+        them, not multiprocessing's resource tracker, not what tasks started.
+        """
         try:
-            return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
+            below = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.Error:
             return []
+        pids = []
+        for proc in below:
+            try:
+                if os.getpgid(proc.pid) == proc.pid:
+                    pids.append(proc.pid)
+            except OSError:
+                pass
+        return pids
 
     def kill(self) -> None:
         """SIGKILL the host's whole process tree at once (a host that vanished: no goodbye).

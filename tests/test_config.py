@@ -254,7 +254,7 @@ def test_remote_workers_get_the_options(capsys: pytest.CaptureFixture[str]) -> N
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])  # spawn: nothing inherited, all from the spec
+@pytest.mark.parametrize("start_method", ["phalanx", "fork", "spawn"])  # spawn: nothing inherited, all from the spec
 def test_options_reach_the_driver_and_the_workers(start_method: str, monkeypatch: pytest.MonkeyPatch,
                                                   phalanx_logger: logging.Logger) -> None:
     # Half by argument, half by variable: both paths end in the same places.

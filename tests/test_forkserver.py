@@ -218,3 +218,20 @@ def test_python_c_and_a_script_on_stdin_run_operations(tmp_path: Path, how: str)
     proc = subprocess.run(args, input=stdin, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["49", LATE], proc.stdout + proc.stderr
+
+
+def test_output_the_driver_buffered_before_the_runtime_is_printed_once(tmp_path: Path) -> None:
+    """Workers are copies of the driver: what sat in its stdout buffer must not be copied out again."""
+    program = textwrap.dedent(
+        """
+        import phalanx
+        print("before the runtime")   # block-buffered: stdout is a pipe
+        with phalanx.Runtime(workers=2) as rt:
+            assert len(rt.worker_pids()) == 2
+        print("after")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", program], env=_env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["before the runtime", "after"], proc.stdout

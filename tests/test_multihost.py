@@ -314,7 +314,7 @@ def test_remote_side_exits_when_the_driver_vanishes(keys: Keys, tmp_path: Path) 
         address = driver.stdout.readline().strip()
         with RemoteHost(address, "orphan", keys.worker_args(), heartbeat_timeout=1.5) as host:
             assert driver.stdout.readline().strip() == "served"
-            workers = [p.pid for p in psutil.Process(host.proc.pid).children(recursive=True)]
+            workers = host.worker_pids()
             assert len(workers) == 2
             os.kill(driver.pid, signal.SIGKILL)
             driver.wait(timeout=10)
@@ -388,11 +388,13 @@ LOCAL_DRIVER = textwrap.dedent("""
     import json, sys
     import phalanx
     import multihost_ops as ops
-    with phalanx.Runtime(workers=1, heartbeat_timeout=1.0, reconnect=sys.argv[1] == "1") as rt:
-        print(json.dumps(list(rt.worker_pids().values())), flush=True)
-        sys.stdin.readline()  # the test stops and resumes this process meanwhile
-        ran_on = rt.submit(ops.pid).result(timeout=30)
-        print(json.dumps([ran_on, rt.stats().worker_deaths]), flush=True)
+
+    if __name__ == "__main__":
+        with phalanx.Runtime(workers=1, heartbeat_timeout=1.0, reconnect=sys.argv[1] == "1") as rt:
+            print(json.dumps(list(rt.worker_pids().values())), flush=True)
+            sys.stdin.readline()  # the test stops and resumes this process meanwhile
+            ran_on = rt.submit(ops.pid).result(timeout=30)
+            print(json.dumps([ran_on, rt.stats().worker_deaths]), flush=True)
 """)
 
 

@@ -736,7 +736,7 @@ def _assert_no_marked_processes(marker: str) -> None:
     assert not left, f"processes left behind: {[p.pid for p in left]}"
 
 
-@pytest.mark.parametrize("start_method", [None, "spawn", "forkserver", "fork"])
+@pytest.mark.parametrize("start_method", [None, "phalanx", "spawn", "forkserver", "fork"])
 def test_operation_defined_in_main_script(tmp_path: Path, start_method: str | None) -> None:
     proc, marker = _run_script(tmp_path, f"START_METHOD = {start_method!r}\n" + GUARDED)
     assert proc.returncode == 0, proc.stderr
