@@ -154,7 +154,8 @@ class ForkServer:
     """
 
     def __init__(self, on_exit: Callable[[str, int | None], None]) -> None:
-        self._on_exit = on_exit
+        #: called from the reader thread for each worker's exit (its owner may replace it)
+        self.on_exit = on_exit
         self._workers: dict[str, ForkedWorker] = {}
         self._lock = threading.Lock()
         self._request_lock = threading.Lock()
@@ -237,14 +238,14 @@ class ForkServer:
                 handle = self._workers.pop(event.worker_id, None)
             if handle is not None:
                 handle._exited(event.exitcode)
-                self._on_exit(event.worker_id, event.exitcode)
+                self.on_exit(event.worker_id, event.exitcode)
         # The server is gone: every worker it had is gone too (parent-death signal).
         with self._lock:
             self._closed = True
             left, self._workers = self._workers, {}
         for wid, handle in left.items():
             handle._exited(None)
-            self._on_exit(wid, None)
+            self.on_exit(wid, None)
 
     def close(self, timeout: float = 2.0) -> None:
         """Tell the server to end (it kills what is left below it), reap it; idempotent."""

@@ -47,7 +47,8 @@ from typing import Any
 import msgspec
 import zmq
 
-from .config import Config, check_host_name
+from .config import DEFAULT_START_METHOD, Config, check_host_name
+from .forkserver import ForkServer
 from .errors import ProtocolError
 from .policy import DEFAULT_TAG, check_tag
 from .supervisor import Supervisor
@@ -89,7 +90,7 @@ class RemoteOptions(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_interval: float = 0.5
     connect_timeout: float = 30.0
     reconnect: bool = False
-    start_method: str = "fork"
+    start_method: str = DEFAULT_START_METHOD
     #: worker tags every worker of this host serves (empty: "default")
     tags: list[str] = []
     # The options below are those of phalanx.Config, for this host's workers (its defaults too).
@@ -129,6 +130,8 @@ class RemoteSupervisor:
         self._exits: deque[tuple[str, int | None]] = deque()
         self._stopping = threading.Event()
         self._deaths: deque[float] = deque()
+        #: forks this host's workers (start method "phalanx"; made by run())
+        self._server: ForkServer | None = None
 
     def _load_keys(self) -> sockets.Curve | None:
         o = self.options
@@ -226,7 +229,7 @@ class RemoteSupervisor:
     def _serve(self, sub: zmq.Socket[bytes], mon: zmq.Socket[bytes]) -> int:
         """Run workers until the driver shuts down or is lost."""
         o = self.options
-        supervisor = Supervisor(o.start_method, self._on_exit)
+        supervisor = Supervisor(o.start_method, self._on_exit, server=self._server)
         try:
             for _ in range(o.workers):
                 supervisor.spawn(self._spec())
@@ -278,6 +281,8 @@ class RemoteSupervisor:
     def run(self) -> int:
         """Serve the driver; return the exit status (see the module docstring)."""
         o = self.options
+        # The fork server first: a copy of this process before ZeroMQ's I/O threads exist.
+        self._server = ForkServer(self._on_exit) if o.start_method == "phalanx" else None
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         try:
             while True:
@@ -301,6 +306,8 @@ class RemoteSupervisor:
                 print(f"phalanx worker: waiting for a driver at {o.connect}", file=sys.stderr, flush=True)
         finally:
             ctx.destroy(linger=0)
+            if self._server is not None:
+                self._server.close()
 
     def stop(self) -> None:
         """Ask :meth:`run` to stop the workers and return (any thread, or a signal handler)."""

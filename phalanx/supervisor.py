@@ -70,15 +70,23 @@ class Supervisor:
         self,
         start_method: str,
         on_exit: Callable[[str, int | None], None],
+        server: forkserver.ForkServer | None = None,
     ) -> None:
+        """``server``: a fork server its owner made earlier and keeps (``phalanx worker``,
+        whose supervisors come and go with drivers); else one is made now."""
         self._on_exit = on_exit
         #: workers' exits are reported only once start() ran (the owner is ready for them)
         self._started = threading.Event()
         #: the fork server (start method "phalanx"), made now: before the owner starts threads
         self._server: forkserver.ForkServer | None = None
         self._ctx: Any = None
+        self._own_server = server is None
         if start_method == "phalanx":
-            self._server = forkserver.ForkServer(self._on_server_exit)
+            if server is None:
+                self._server = forkserver.ForkServer(self._on_server_exit)
+            else:
+                self._server = server
+                server.on_exit = self._on_server_exit
         else:
             self._ctx = multiprocessing.get_context(start_method)
         self._procs: dict[str, Any] = {}  # BaseProcess, or ForkedWorker
@@ -260,7 +268,7 @@ class Supervisor:
                 proc.close()
             except ValueError:
                 pass
-        if self._server is not None:
+        if self._server is not None and self._own_server:
             self._server.close()  # it kills anything still below it
         if self._watcher.is_alive():
             self._watcher.join(2.0)
