@@ -235,3 +235,20 @@ def test_output_the_driver_buffered_before_the_runtime_is_printed_once(tmp_path:
                           text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["before the runtime", "after"], proc.stdout
+
+
+@pytest.mark.chaos
+def test_a_killed_fork_server_breaks_the_runtime_loudly_and_takes_its_workers() -> None:
+    """No new worker can start without it: the runtime breaks (no hang), and no worker survives."""
+    with phalanx.Runtime(workers=2) as rt:
+        server = rt._driver._supervisor._server
+        assert server is not None
+        workers = list(rt.worker_pids().values())
+        os.kill(server.pid, signal.SIGKILL)
+        assert not _wait_gone(workers, within=1.0), "workers outlived their fork server"
+        deadline = time.monotonic() + 30
+        while rt._driver.broken is None:
+            assert time.monotonic() < deadline, "the runtime did not notice its fork server died"
+            time.sleep(0.01)
+        with pytest.raises(phalanx.RuntimeBrokenError, match="fork server"):
+            rt.submit(start_daemon).result(timeout=30)
