@@ -123,6 +123,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.start_method not in START_METHODS:
             raise ValueError(f"start_method must be phalanx, spawn, forkserver or fork, got {self.start_method!r}")
+        if self.start_method == "phalanx" and not sys.platform.startswith("linux"):
+            raise ValueError("start_method 'phalanx' needs Linux (prctl, SCM_RIGHTS): use spawn here")
         if self.listen is not None:
             parse_listen(self.listen)
         for name in ("credits", "max_attempts", "hwm"):

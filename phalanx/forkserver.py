@@ -53,7 +53,7 @@ from typing import Any, NoReturn
 
 import msgspec
 
-__all__ = ["ForkServer", "ForkedWorker", "WORKER_PID_VAR", "available"]
+__all__ = ["ForkServer", "ForkedWorker", "WORKER_PID_VAR"]
 
 #: set in each worker's environment to its own pid: processes it starts inherit it, so the
 #: fork server can tell whose orphan a process is even after it left the worker's group
@@ -96,11 +96,6 @@ class _Exited(msgspec.Struct, frozen=True, tag="exited"):
 
 
 _Reply = _Started | _Failed
-
-
-def available() -> bool:
-    """The fork server needs ``fork`` and ``SCM_RIGHTS`` (Linux)."""
-    return sys.platform.startswith("linux") and hasattr(os, "fork") and hasattr(socket, "send_fds")
 
 
 def _prctl(option: int, arg: int) -> bool:
