@@ -261,13 +261,16 @@ def test_a_host_told_to_stop_mid_job_hands_its_tasks_back_at_once(keys: Keys) ->
     got: list[tuple[int, str]] = []
     with phalanx.Runtime(workers=2, listen=LISTEN, heartbeat_timeout=60.0, **keys.runtime_kwargs()) as rt:
         assert rt.address is not None
-        # Tasks the leaving host takes never finish there: only their redelivery completes the job.
-        it = rt.map(ops.stuck_on, range(n), ["leaving"] * n, [0.01] * n, chunksize=1)
-        consumer = threading.Thread(target=lambda: got.extend(it), daemon=True)
-        consumer.start()
         with RemoteHost(rt.address, "leaving", keys.worker_args(), heartbeat_timeout=60) as host:
+            # The job starts once the host joined: however slowly its workers start (spawn),
+            # the local workers cannot finish it alone before the host takes its share.
+            assert rt.wait_for_workers(4, timeout=30) == 4, host.err
+            # Tasks the leaving host takes never finish there: only their redelivery completes the job.
+            it = rt.map(ops.stuck_on, range(n), ["leaving"] * n, [0.01] * n, chunksize=1)
+            consumer = threading.Thread(target=lambda: got.extend(it), daemon=True)
+            consumer.start()
             deadline = time.monotonic() + 30
-            while True:  # the host joined mid-job, and each of its workers holds a task
+            while True:  # each of the host's workers holds a task
                 remote = [w for w in rt.stats().workers if w.remote]
                 if len(remote) == 2 and all(w.inflight for w in remote):
                     break
