@@ -64,6 +64,7 @@ import heapq
 import itertools
 import logging
 import os
+import re
 import select
 import socket
 import sys
@@ -134,6 +135,9 @@ FrameFilter = Callable[[str, bytes, bytes], list[bytes]]
 
 #: seconds a dead worker's record is kept to validate its late results
 DEAD_WORKER_TTL = 60.0
+
+#: the names of the driver's own (local) workers: no tcp peer may use or claim them
+_LOCAL_ID = re.compile(rb"w\d+\Z")
 
 log = logging.getLogger("phalanx.driver")
 auth_log = logging.getLogger("phalanx.auth")
@@ -375,7 +379,7 @@ class _Worker:
         "id", "ident", "pid", "hello", "welcomed", "ready", "alive", "free", "inflight",
         "tasks", "items", "busy", "died_at", "retiring", "dispatched",
         "remote", "host", "seen", "stop_sent", "tags", "frames_dropped", "pipe", "pipe_done",
-        "reader", "leftover", "broken", "delivering", "deferred", "held", "held_at",
+        "reader", "leftover", "broken", "delivering", "deferred", "held", "held_at", "key",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -399,6 +403,9 @@ class _Worker:
         #: joined over tcp (not ours to spawn, watch or replace)
         self.remote = False
         self.host = ""
+        #: a remote worker's CURVE key (z85; b"" on an insecure runtime): only frames
+        #: under its identities (plain, "!", "~...") that this key sent are its own
+        self.key: bytes | None = None
         #: last time anything arrived from it (remote workers' liveness)
         self.seen = 0.0
         self.stop_sent = 0.0
@@ -1245,6 +1252,7 @@ class Driver:
 
     def _pump_loop(self, poller: zmq.Poller, pipes: dict[int, _Worker]) -> None:
         results = self._results
+        listening = self.address is not None
         last_sync = 0.0
         last_beat = 0.0
         beats = itertools.count()
@@ -1292,8 +1300,14 @@ class Driver:
                     self._read_pipe(poller, pipes, w.pipe.fileno(), w)
             if results in events:
                 for _ in range(4096):
+                    origin = None
                     try:
-                        parts = results.recv_multipart(zmq.NOBLOCK)
+                        if listening:
+                            frames = results.recv_multipart(zmq.NOBLOCK, copy=False)
+                            origin = self._origin(frames[-1])
+                            parts = [f.bytes for f in frames]
+                        else:
+                            parts = results.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     except zmq.ZMQError:
@@ -1303,8 +1317,11 @@ class Driver:
                         # A local worker speaks on its pipe only: this is someone else using its name.
                         self.frames_dropped += 1
                         continue
+                    if origin is not None and not self._admit(parts[0], origin):
+                        self.frames_dropped += 1
+                        continue
                     try:
-                        self._handle(parts)
+                        self._handle(parts, origin=origin)
                     except Exception:  # a frame that is well-formed but nonsensical: never stop the pump
                         log.exception("dropped a frame that could not be handled")
                         self.frames_dropped += 1
@@ -1312,6 +1329,8 @@ class Driver:
                 for mon in self._monitors:
                     if mon in events:
                         self._on_monitor(mon)
+            if listening:
+                self._drain_tasks()
             if self._timers:
                 self._fire_timers()
             if self._unrouted:
@@ -1443,6 +1462,47 @@ class Driver:
                 kind = "the security handshake failed (a peer without the right keys?)"
             auth_log.warning("refused a peer on %s: %s", self._monitors[mon], kind)
 
+    def _origin(self, frame: zmq.Frame) -> bytes | None:
+        """Who sent ``frame`` to a listening runtime: None over ipc (our own processes),
+        else the CURVE key that ZAP accepted (z85), or b"" over insecure tcp."""
+        try:
+            return str(frame.get("User-Id")).encode()
+        except zmq.ZMQError:  # no ZAP: ipc, or tcp without CURVE
+            pass
+        if self._auth is None and not str(frame.get("Peer-Address")).startswith("localhost:"):
+            return b""  # tcp peers carry their address; ipc ones "localhost:uid:gid:pid"
+        return None
+
+    def _admit(self, ident: bytes, origin: bytes) -> bool:
+        """Whether a tcp peer whose key is ``origin`` may speak as ``ident`` (pump thread).
+
+        A worker's identities (``X``, its side channel ``X!``, its channel ends
+        ``X~N``) belong to the key that said Hello as ``X``; local workers' belong
+        to none. A stranger may use a plain identity outside the local workers'
+        names (to join with Hello; on an insecure runtime also to inspect).
+        """
+        base = ident.partition(b"~")[0]
+        if base.endswith(b"!"):
+            base = base[:-1]
+        w = self._workers.get(base)
+        if w is None:
+            return base == ident and _LOCAL_ID.match(ident) is None
+        return w.remote and w.key == origin
+
+    def _drain_tasks(self) -> None:
+        """Drop what peers wrote to the tasks ROUTER (workers never write there), so its
+        tcp connections' input never stops (see transport/sockets.py). Pump thread."""
+        with self._lock:
+            tasks = self._tasks
+            for _ in range(4096):
+                if tasks.closed:
+                    return
+                try:
+                    tasks.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.ZMQError:
+                    return
+                self.frames_dropped += 1
+
     def _check_remote(self, now: float) -> None:
         """Declare remote workers lost whose heartbeats stopped (pump thread)."""
         lost = []
@@ -1539,10 +1599,11 @@ class Driver:
             for k in dead:
                 self._workers.pop(k, None)
 
-    def _handle(self, parts: list[bytes], filtered: bool = False) -> None:
+    def _handle(self, parts: list[bytes], filtered: bool = False, origin: bytes | None = None) -> None:
+        """Handle a message from the results ROUTER; ``origin``: see :meth:`_origin`."""
         if self.frame_filter is not None and not filtered and len(parts) == 2:
             for frame in self.frame_filter("in", parts[0], parts[1]):
-                self._handle([parts[0], frame], True)
+                self._handle([parts[0], frame], True, origin)
             return
         if len(parts) != 2:
             self.frames_dropped += 1
@@ -1577,7 +1638,8 @@ class Driver:
                 self.frames_dropped += 1
             return
         if isinstance(msg, InspectQuery):
-            if self.inspect_provider is None or ident in self._workers:
+            # (phalanx top speaks no CURVE: a query with a key comes from a worker host)
+            if self.inspect_provider is None or ident in self._workers or origin:
                 self.frames_dropped += 1
                 return
             threading.Thread(target=self._answer_query, args=(ident, msg), daemon=True,
@@ -1604,7 +1666,7 @@ class Driver:
         elif isinstance(msg, Goodbye):
             self._on_goodbye(ident, msg)
         elif isinstance(msg, Hello):
-            self._on_hello(ident, msg)
+            self._on_hello(ident, msg, origin)
         elif isinstance(msg, Ready):
             self._on_ready(ident, msg)
         else:  # e.g. Alive or InspectReply not from a worker's side channel
@@ -1641,13 +1703,16 @@ class Driver:
         threading.Thread(target=self._on_exit, args=(w.id, None), kwargs={"left": True}, daemon=True,
                          name="phalanx-left").start()
 
-    def _join_locked(self, ident: bytes, msg: Hello) -> _Worker | None:
-        """A remote worker's first Hello: add it (listening runtimes only)."""
+    def _join_locked(self, ident: bytes, msg: Hello, origin: bytes | None) -> _Worker | None:
+        """A remote worker's first Hello: add it, owned by the key ``origin`` (listening runtimes only)."""
         if (
             self.address is None
             or self._closed
             or msg.worker.encode() != ident
             or not msg.worker
+            or b"!" in ident
+            or b"~" in ident
+            or _LOCAL_ID.match(ident) is not None
             or msg.version != PROTOCOL_VERSION
             or len(msg.tags) > MAX_TAGS
         ):
@@ -1658,6 +1723,7 @@ class Driver:
             return None  # a malformed tag: refuse the worker rather than guess
         w = _Worker(msg.worker, tags)
         w.remote = True
+        w.key = origin
         w.host = msg.host
         w.seen = time.monotonic()
         self._workers[ident] = w
@@ -1666,11 +1732,11 @@ class Driver:
                  ",".join(tags))
         return w
 
-    def _on_hello(self, ident: bytes, msg: Hello) -> None:
+    def _on_hello(self, ident: bytes, msg: Hello, origin: bytes | None = None) -> None:
         with self._lock:
             w = self._workers.get(ident)
             if w is None:
-                w = self._join_locked(ident, msg)
+                w = self._join_locked(ident, msg, origin)
             if w is None or msg.worker != w.id or not w.alive or w.hello:
                 self.frames_dropped += 1
                 return
