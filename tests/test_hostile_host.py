@@ -79,13 +79,17 @@ def hostile(ctx: zmq.Context[Any], keys: Keys, endpoint: str, identity: bytes | 
         sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity)
+    _monitors[sock] = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     sock.connect(endpoint)
     return sock
 
 
+_monitors: dict[zmq.Socket[Any], zmq.Socket[Any]] = {}
+
+
 def connected(sock: zmq.Socket[Any], timeout: float = 20.0) -> None:
     """Wait until ``sock`` finished its CURVE handshake with the driver."""
-    mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    mon = _monitors.pop(sock)
     try:
         assert mon.poll(int(timeout * 1000)), "the handshake did not complete"
     finally:
