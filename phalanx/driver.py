@@ -136,6 +136,9 @@ FrameFilter = Callable[[str, bytes, bytes], list[bytes]]
 #: seconds a dead worker's record is kept to validate its late results
 DEAD_WORKER_TTL = 60.0
 
+#: tasks-ROUTER identities whose holder the driver remembers (the oldest are forgotten)
+MAX_HOLDERS = 65536
+
 #: the names of the driver's own (local) workers: no tcp peer may use or claim them
 _LOCAL_ID = re.compile(rb"w\d+\Z")
 
@@ -527,6 +530,8 @@ class Driver:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._auth: Any = None
         self._monitors: dict[zmq.Socket[bytes], str] = {}
+        #: tcp identities on the tasks ROUTER -> the key whose Hello arrived there under it
+        self._holders: dict[bytes, bytes] = {}
         self.remote_timeout = config.heartbeat_timeout if config.heartbeat_timeout > 0 else REMOTE_HEARTBEAT_TIMEOUT
         #: the sockets' high-water mark and largest frame (the hwm and max_frame options)
         self.limits = sockets.Limits(config.hwm, config.max_frame)
@@ -1490,17 +1495,35 @@ class Driver:
         return w.remote and w.key == origin
 
     def _drain_tasks(self) -> None:
-        """Drop what peers wrote to the tasks ROUTER (workers never write there), so its
-        tcp connections' input never stops (see transport/sockets.py). Pump thread."""
+        """Read what peers wrote to the tasks ROUTER, so its tcp connections' input never
+        stops (see transport/sockets.py). Pump thread.
+
+        A remote worker writes one frame there, its Hello, when its inbox connects:
+        the key that sent it holds the identity tasks for that worker go to, and the
+        worker is welcomed (given anything) only if that is the key it joined with.
+        Everything else is dropped and counted.
+        """
         with self._lock:
             tasks = self._tasks
             for _ in range(4096):
                 if tasks.closed:
                     return
                 try:
-                    tasks.recv_multipart(zmq.NOBLOCK, copy=False)
+                    frames = tasks.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.ZMQError:
                     return
+                origin = self._origin(frames[-1])
+                if len(frames) == 2 and origin is not None:
+                    ident = frames[0].bytes
+                    try:
+                        msg = decode_driver(frames[1].bytes)
+                    except ProtocolError:
+                        msg = None
+                    if isinstance(msg, Hello) and msg.worker.encode() == ident and ident not in self._holders:
+                        self._holders[ident] = origin
+                        if len(self._holders) > MAX_HOLDERS:
+                            self._holders.pop(next(iter(self._holders)))
+                        continue
                 self.frames_dropped += 1
 
     def _check_remote(self, now: float) -> None:
@@ -1580,6 +1603,8 @@ class Driver:
                     self._welcome_locked(w)
 
     def _welcome_locked(self, w: _Worker) -> None:
+        if w.remote and self._holders.get(w.ident) != w.key:
+            return  # its tasks connection is not shown to be its own (yet): _greet retries
         if self._closed:
             # A replacement that connected after shutdown sent Stop and Shutdown:
             # answer its Hello with Stop, so it exits now rather than at the timeout.

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import psutil
 import pytest
 import zmq
 
@@ -66,9 +67,9 @@ def ports(address: str) -> tuple[str, str, str]:
 
 
 def hostile(ctx: zmq.Context[Any], keys: Keys, endpoint: str, identity: bytes | None,
-            kind: int = zmq.DEALER, heartbeat_ms: int = 0) -> zmq.Socket[Any]:
-    """A socket of an authorized host (the host1 key), connected to ``endpoint``."""
-    public, secret = curve_keys.load_secret(keys.host_secret)
+            kind: int = zmq.DEALER, heartbeat_ms: int = 0, key: str | None = None) -> zmq.Socket[Any]:
+    """A socket of an authorized host (the host1 key, or ``key``), connected to ``endpoint``."""
+    public, secret = curve_keys.load_secret(key or keys.host_secret)
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
@@ -244,3 +245,46 @@ def test_a_peer_cannot_join_as_a_local_worker(keys: Keys, hostile_ctx: zmq.Conte
         for s in socks:
             assert not s.poll(10)
             s.close(linger=0)
+
+
+def test_a_name_taken_before_its_worker_connects_gets_nothing(
+    keys: Keys, hostile_ctx: zmq.Context[Any],
+) -> None:
+    """A host that knows a worker's name in advance holds it on the tasks port first:
+    the worker is refused there, so it is never welcomed, and the squatter gets nothing."""
+    _, other = curve_keys.generate(str(keys.authorized), "host2")  # the squatter's own authorized key
+    with phalanx.Runtime(workers=1, listen=LISTEN, **keys.runtime_kwargs()) as rt:
+        assert rt.address is not None
+        tasks_ep, results_ep, _ = ports(rt.address)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]), PHX_HOST="squatted")
+        # The host stops itself before it runs: its pid, hence its first worker's name, is known first.
+        cmd = [sys.executable, "-m", "phalanx", "worker", "--connect", rt.address, "--workers", "1",
+               "--import", "multihost_ops", "--host-name", "h", "--connect-timeout", "20", *keys.worker_args()]
+        host = subprocess.Popen(["sh", "-c", 'kill -STOP $$; exec "$@"', "sh", *cmd],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while psutil.Process(host.pid).status() != psutil.STATUS_STOPPED:
+            time.sleep(0.01)
+        assert host.stderr is not None
+        err = Lines(host.stderr)
+        try:
+            name = f"h-{host.pid}-1".encode()
+            squatter = hostile(hostile_ctx, keys, tasks_ep, name, key=other)
+            connected(squatter)
+            squatter.send(msgspec.msgpack.encode(messages.Hello(name.decode(), 1, "h")))  # even claiming it
+            os.kill(host.pid, signal.SIGCONT)
+            futures = [rt.submit(ops.slow_where, x, 0.05) for x in range(40)]
+            assert [f.result(timeout=60) for f in futures] == [(2 * x, "local") for x in range(40)]
+            assert not squatter.poll(1000), f"the squatter received {squatter.recv_multipart()!r}"
+            assert not any(w.ready for w in rt.stats().workers if w.remote)
+        finally:
+            host.terminate()
+            try:
+                host.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                host.kill()
+                host.wait(timeout=10)
+            for p in psutil.Process().children(recursive=True):  # the host's worker, if it outlived it
+                if p.pid != host.pid and "worker" in " ".join(p.cmdline()):
+                    p.kill()
+            err.join()
+        squatter.close(linger=0)
