@@ -215,6 +215,10 @@ def _configure_worker(parser: argparse.ArgumentParser) -> None:
                              "rt.options(on=TAG) (repeatable; default: \"default\")")
     parser.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
                         help="seconds to wait for the driver at start (default: 30)")
+    parser.add_argument("--keys-from-stdin", action="store_true",
+                        help="read this host's key pair and the driver's public key from the first line of "
+                             "stdin, and stop when stdin closes (how Runtime(hosts=...) and slurm=True start "
+                             "this command over ssh and srun)")
     # The options of phalanx.Config that apply to this host's workers (docs/configuration.md):
     # unset flags fall back to their PHALANX_* variable, then to the default.
     for option in OPTIONS.values():
@@ -263,6 +267,7 @@ def remote_options(args: argparse.Namespace) -> RemoteOptions:
         prefix_output=config.prefix_output,
         implicit_operations=config.implicit_operations,
         host_name=config.host_name,
+        keys_from_stdin=args.keys_from_stdin,
     )
 
 
