@@ -170,26 +170,35 @@ def _expand_counts(text: str) -> list[int]:
     return counts
 
 
-def slurm_nodes(environ: dict[str, str] | None = None) -> list[tuple[str, int]]:
-    """(node, CPUs allocated on it) for every node of the current Slurm allocation.
+def slurm_nodes(environ: dict[str, str] | None = None) -> list[tuple[str, str, int]]:
+    """(node, its address, CPUs allocated on it) for every node of the current Slurm allocation.
 
-    RuntimeError outside an allocation. Node lists are expanded by ``scontrol show hostnames``.
+    RuntimeError outside an allocation. ``scontrol`` expands the node list and
+    gives each node's ``NodeAddr`` (the address Slurm itself reaches it at).
     """
     env = os.environ if environ is None else environ
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist or "SLURM_JOB_ID" not in env:
         raise RuntimeError("slurm=True needs a Slurm allocation (run under sbatch or salloc): "
                            "SLURM_JOB_ID and SLURM_JOB_NODELIST are not set")
-    done = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                          timeout=30, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        raise RuntimeError(f"scontrol show hostnames {nodelist}: {done.stderr.strip()}")
-    nodes = done.stdout.split()
+    nodes = _scontrol("show", "hostnames", nodelist).split()
+    addrs: dict[str, str] = {}
+    for line in _scontrol("--oneliner", "show", "node", nodelist).splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if "NodeName" in fields:
+            addrs[fields["NodeName"]] = fields.get("NodeAddr", fields["NodeName"])
     raw = env.get("SLURM_JOB_CPUS_PER_NODE")
     counts = _expand_counts(raw) if raw else [int(env.get("SLURM_CPUS_ON_NODE", "1"))] * len(nodes)
     if len(counts) != len(nodes):
         raise RuntimeError(f"SLURM_JOB_CPUS_PER_NODE={raw!r} does not match the {len(nodes)} nodes {nodes}")
-    return list(zip(nodes, counts))
+    return [(node, addrs.get(node, node), cpus) for node, cpus in zip(nodes, counts)]
+
+
+def _scontrol(*args: str) -> str:
+    done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise RuntimeError(f"scontrol {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
 
 
 class HostSession:
@@ -334,10 +343,12 @@ class Launch:
         #: the sessions that failed to start (one line each), in the order they failed
         self.failures: list[str] = []
         self._cpus: dict[str, int] = {}
+        #: where each host is reached (ssh: resolved by ``ssh -G`` later; Slurm: its NodeAddr)
+        self._addrs: dict[str, str] = {}
         if config.slurm:
-            for node, cpus in slurm_nodes():
+            for node, addr, cpus in slurm_nodes():
                 self.sessions.append(HostSession(node, node, None))
-                self._cpus[node] = cpus
+                self._cpus[node], self._addrs[node] = cpus, addr
         else:
             for spec in config.hosts:
                 self.sessions.append(HostSession(spec, _host_name(spec), None))
@@ -357,7 +368,7 @@ class Launch:
                 if self.engine == "ssh":
                     target, port = _ssh_target(session.spec, self.config.ssh_config)
                 else:
-                    target, port = session.spec, 22
+                    target, port = self._addrs[session.spec], 22
                 session.route = route_source(target, port)
             except (OSError, subprocess.SubprocessError, ValueError) as exc:
                 session.failure = f"host {session.spec}: cannot find a route to it ({exc}); set listen= to an " \

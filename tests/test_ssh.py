@@ -2,7 +2,7 @@
 
 Runs in the test process (as root), which builds the hosts (``netns.Hosts``),
 starts Debian's ``sshd`` in each worker namespace with a key login it
-generates (``ssh_hosts.SshHosts``), and runs ``ssh_driver.py`` in the driver
+generates (``ssh_hosts.SshHosts``), and runs ``launch_driver.py`` in the driver
 namespace: that driver starts its hosts with one ``Runtime(hosts=...)`` line
 and no key step. Checks, on the real processes:
 
@@ -21,7 +21,6 @@ Skipped, saying why, where namespaces or sshd cannot be made.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -36,7 +35,7 @@ import pytest
 
 import netns
 import ssh_hosts
-from remote_host import TESTS, Lines
+from launch_check import Driver, secrets_exposed
 
 _why = ssh_hosts.unavailable()
 
@@ -45,43 +44,6 @@ pytestmark = [
     pytest.mark.timeout(240, method="signal"),
     pytest.mark.skipif(_why is not None, reason=f"cannot make ssh hosts: {_why}"),
 ]
-
-#: where a careless launcher could leave a key file (the namespaces share this filesystem)
-SCAN = ["/tmp", "/var/tmp", "/dev/shm", "/run", os.path.expanduser("~")]
-
-
-class Driver:
-    """``ssh_driver.py MODE OPTIONS`` in the driver namespace; JSON events out, "go" in."""
-
-    def __init__(self, hosts: netns.Hosts, mode: str, options: dict[str, Any]) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
-        self.proc = subprocess.Popen(
-            [*hosts.exec_prefix(hosts.driver), sys.executable, str(TESTS / "ssh_driver.py"), mode,
-             json.dumps(options)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self.out, self.err = Lines(self.proc.stdout), Lines(self.proc.stderr)
-
-    def event(self, timeout: float = 120) -> dict[str, Any]:
-        line = self.out.readline(timeout)
-        assert line, f"the driver ended: {self.err.text()}"
-        event: dict[str, Any] = json.loads(line)
-        return event
-
-    def go(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.out.join()
-        self.err.join()
 
 
 @pytest.fixture
@@ -92,35 +54,6 @@ def three() -> Iterator[tuple[netns.Hosts, ssh_hosts.SshHosts]]:
 
 def options(sshd: ssh_hosts.SshHosts, **more: Any) -> dict[str, Any]:
     return dict(hosts=sshd.addresses, workers_per_host=2, ssh_config=sshd.ssh_config, **more)
-
-
-def secrets_exposed(secrets: list[str], since: float) -> list[str]:
-    """Where any secret shows: process command lines and environments now, files written since ``since``."""
-    found = []
-    needles = [s.encode() for s in secrets]
-    for proc in psutil.process_iter():
-        for what in ("cmdline", "environ"):
-            try:
-                data = Path(f"/proc/{proc.pid}/{what}").read_bytes()
-            except OSError:
-                continue
-            if any(n in data for n in needles):
-                found.append(f"/proc/{proc.pid}/{what}")
-    for top in SCAN:
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = [d for d in dirnames if d not in (".cache", ".pyenv", ".cargo", ".rustup", "netns")]
-            for name in filenames:
-                path = os.path.join(dirpath, name)
-                try:
-                    st = os.lstat(path)
-                    if st.st_mtime < since or st.st_size > 1 << 20 or not os.path.isfile(path):
-                        continue
-                    data = Path(path).read_bytes()
-                except OSError:
-                    continue
-                if any(n in data for n in needles):
-                    found.append(path)
-    return found
 
 
 def left_on_hosts(hosts: netns.Hosts, sshd: ssh_hosts.SshHosts, timeout: float) -> dict[str, list[str]]:
@@ -147,7 +80,7 @@ def test_a_job_across_three_ssh_hosts_survives_a_killed_host_and_leaves_nothing(
 ) -> None:
     hosts, sshd = three
     since = time.time() - 1
-    driver = Driver(hosts, "run", options(sshd, heartbeat_timeout=2.0))
+    driver = Driver(hosts.exec_prefix(hosts.driver), "run", options(sshd, heartbeat_timeout=2.0))
     try:
         ready = driver.event()
         assert ready["event"] == "ready", ready
@@ -197,7 +130,7 @@ def test_a_driver_killed_outright_leaves_nothing_on_any_host(three: tuple[netns.
     hosts, sshd = three
     since = time.time() - 1
     # Heartbeats would end the hosts only after 120 s: the sessions' end must do it.
-    driver = Driver(hosts, "hold", options(sshd, heartbeat_timeout=120.0))
+    driver = Driver(hosts.exec_prefix(hosts.driver), "hold", options(sshd, heartbeat_timeout=120.0))
     try:
         ready = driver.event()
         assert ready["workers"] == 6, ready
@@ -221,7 +154,7 @@ def test_unreachable_host_and_host_without_phalanx_say_so_in_one_line(min_hosts:
     with netns.Hosts(2) as hosts, ssh_hosts.SshHosts(hosts, lacking=(1,)) as sshd:
         good, lacking = sshd.addresses
         nobody = good.rsplit(".", 1)[0] + ".3"  # on host 0's link, where no one answers
-        driver = Driver(hosts, "start", dict(hosts=[good, nobody, lacking], workers_per_host=1,
+        driver = Driver(hosts.exec_prefix(hosts.driver), "start", dict(hosts=[good, nobody, lacking], workers_per_host=1,
                                               ssh_config=sshd.ssh_config, min_hosts=min_hosts))
         try:
             result = driver.event()

@@ -1,7 +1,8 @@
-"""A phalanx driver that starts its hosts over ssh, run inside the driver namespace of ``netns.Hosts``.
+"""A phalanx driver that starts its hosts (over ssh or srun), run inside a namespace of ``netns.Hosts``.
 
-Runs as ``ip netns exec DRIVER_NS python ssh_driver.py MODE HOSTS_JSON``,
-started by tests/test_ssh.py (and the measurement in docs); talks JSON lines:
+Runs as ``ip netns exec DRIVER_NS python launch_driver.py MODE OPTIONS_JSON``
+(under ``salloc`` for Slurm), started by tests/test_ssh.py and
+tests/test_slurm.py; OPTIONS_JSON are the Runtime's arguments. Talks JSON lines:
 events on stdout, commands ("go") on stdin, so the test can act on the hosts
 (look for secrets, kill one) at known points.
 
@@ -9,6 +10,7 @@ events on stdout, commands ("go") on stdin, so the test can act on the hosts
 (read from the runtime's private state, for the test's leak hunt only), run
 a map across the hosts, then a map of slow tasks during which the test kills
 one host; report every result, then shut down and report how long that took.
+``serve``: start, report, run a map, shut down, report.
 ``hold``: start, report, then wait to be killed. ``start``: start with the
 given options and report what started, or the error. ``time``: start and shut
 down N times, reporting each start time.
@@ -72,6 +74,12 @@ def main() -> None:
         time.sleep(600)
         return
     wait_go()
+    if mode == "serve":
+        got = list(rt.map(ops.where, range(300), chunksize=1))
+        workers = sorted(w.id for w in rt.stats().workers)
+        rt.shutdown()
+        emit(event="done", values=[v for v, _ in got], by_host=Counter(h for _, h in got), workers=workers)
+        return
     spread = Counter(h for _, h in rt.map(ops.where, range(600), chunksize=1))
     n = 300
     it = rt.map(ops.slow_where, range(n), [0.02] * n, chunksize=1)
