@@ -21,6 +21,7 @@ Skipped, saying why, where namespaces or sshd cannot be made.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -173,3 +174,25 @@ def test_unreachable_host_and_host_without_phalanx_say_so_in_one_line(min_hosts:
             assert left_on_hosts(hosts, sshd, timeout=15) == {}
         finally:
             driver.close()
+
+
+def test_phalanx_run_starts_the_hosts_of_a_script(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import json, sys\n"
+        "import phalanx\n"
+        "import multihost_ops as ops\n"
+        "if __name__ == '__main__':\n"
+        "    with phalanx.Runtime() as rt:\n"
+        "        print(json.dumps([sys.argv[1:], sorted({h for _, h in rt.map(ops.where, range(40))}),\n"
+        "                          rt.n_workers]))\n")
+    with netns.Hosts(2) as hosts, ssh_hosts.SshHosts(hosts) as sshd:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]))
+        done = subprocess.run(
+            [*hosts.exec_prefix(hosts.driver), sys.executable, "-m", "phalanx", "run", "--hosts",
+             ",".join(sshd.addresses), "--ssh-config", sshd.ssh_config, "--workers-per-host", "1",
+             str(script), "--flag", "x"],
+            capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == [["--flag", "x"], ["host0", "host1"], 2]
+        assert left_on_hosts(hosts, sshd, timeout=15) == {}
