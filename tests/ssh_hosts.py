@@ -52,9 +52,13 @@ def _keygen(path: Path) -> str:
 class SshHosts:
     """sshd in each worker namespace of ``hosts``; ``ssh_config`` logs in to them as root."""
 
-    def __init__(self, hosts: netns.Hosts, lacking: tuple[int, ...] = ()) -> None:
+    def __init__(self, hosts: netns.Hosts, lacking: tuple[int, ...] = (), pythonpath: tuple[str, ...] = ()) -> None:
         self.hosts = hosts
         self.lacking = lacking
+        #: more directories on the hosts' PYTHONPATH (a docs example's modules)
+        self.pythonpath = pythonpath
+        #: names ``ssh_config`` gives the hosts (``host1`` is the first worker namespace)
+        self.names = [f"host{i + 1}" for i in range(len(hosts.workers))]
         self.root = Path(tempfile.mkdtemp(prefix="phx-ssh-"))  # 0700
         #: the address of each worker namespace (sshd listens there, port 22)
         self.addresses = [addr.rsplit(".", 1)[0] + ".2" for _, addr in hosts.links]
@@ -82,8 +86,8 @@ class SshHosts:
         empty.mkdir()
         site = sysconfig.get_paths()["purelib"]
         # (not a directory holding phalanx itself: the hosts get it from the venv, or lack it)
-        env_path = os.pathsep.join([str(TESTS), *(p for p in sys.path if p and p != site
-                                                  and not os.path.isdir(os.path.join(p, "phalanx")))])
+        env_path = os.pathsep.join([*self.pythonpath, str(TESTS), *(
+            p for p in sys.path if p and p != site and not os.path.isdir(os.path.join(p, "phalanx")))])
         for i, (ns, addr) in enumerate(zip(self.hosts.workers, self.addresses)):
             host_key = _keygen(root / f"host{i}")
             known.append(f"{addr} {host_key}")
@@ -114,7 +118,9 @@ class SshHosts:
                 self.sshd.append(subprocess.Popen([*self.hosts.exec_prefix(ns), *sshd], stdin=subprocess.DEVNULL,
                                                   stderr=log))
         (root / "known_hosts").write_text("\n".join(known) + "\n")
+        aliases = [f"Host {name}\n  HostName {addr}" for name, addr in zip(self.names, self.addresses)]
         Path(self.ssh_config).write_text("\n".join([
+            *aliases,
             "Host *",
             "  User root",
             f"  IdentityFile {root / 'client'}",
