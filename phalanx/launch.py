@@ -173,13 +173,13 @@ def _expand_counts(text: str) -> list[int]:
 def slurm_nodes(environ: dict[str, str] | None = None) -> list[tuple[str, str, int]]:
     """(node, its address, CPUs allocated on it) for every node of the current Slurm allocation.
 
-    RuntimeError outside an allocation. ``scontrol`` expands the node list and
+    WorkerStartError outside an allocation. ``scontrol`` expands the node list and
     gives each node's ``NodeAddr`` (the address Slurm itself reaches it at).
     """
     env = os.environ if environ is None else environ
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist or "SLURM_JOB_ID" not in env:
-        raise RuntimeError("slurm=True needs a Slurm allocation (run under sbatch or salloc): "
+        raise WorkerStartError("slurm=True needs a Slurm allocation (run under sbatch or salloc): "
                            "SLURM_JOB_ID and SLURM_JOB_NODELIST are not set")
     nodes = _scontrol("show", "hostnames", nodelist).split()
     addrs: dict[str, str] = {}
@@ -190,14 +190,14 @@ def slurm_nodes(environ: dict[str, str] | None = None) -> list[tuple[str, str, i
     raw = env.get("SLURM_JOB_CPUS_PER_NODE")
     counts = _expand_counts(raw) if raw else [int(env.get("SLURM_CPUS_ON_NODE", "1"))] * len(nodes)
     if len(counts) != len(nodes):
-        raise RuntimeError(f"SLURM_JOB_CPUS_PER_NODE={raw!r} does not match the {len(nodes)} nodes {nodes}")
+        raise WorkerStartError(f"SLURM_JOB_CPUS_PER_NODE={raw!r} does not match the {len(nodes)} nodes {nodes}")
     return [(node, addrs.get(node, node), cpus) for node, cpus in zip(nodes, counts)]
 
 
 def _scontrol(*args: str) -> str:
     done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
-        raise RuntimeError(f"scontrol {' '.join(args)}: {done.stderr.strip()}")
+        raise WorkerStartError(f"scontrol {' '.join(args)}: {done.stderr.strip()}")
     return done.stdout
 
 
@@ -356,25 +356,26 @@ class Launch:
         for session in self.sessions:
             self.keys.authorized.add(session.pair[0])
 
+    def _route(self, session: HostSession) -> str | None:
+        """The local address towards ``session``'s host (None, and its failure set, when there is none)."""
+        try:
+            if self.engine == "ssh":
+                target, port = _ssh_target(session.spec, self.config.ssh_config)
+            else:
+                target, port = self._addrs[session.spec], 22
+            session.route = route_source(target, port)
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            session.failure = (f"host {session.spec}: cannot find a route to it ({exc}); set listen= to an "
+                               "address it can reach")
+        return session.route
+
     def _derive_listen(self) -> str:
         """Listen where the hosts can reach: the source address of the route to them (port 0: free ports).
 
         When the routes to the hosts leave from different addresses, listen on every
         interface and tell each host its own (CURVE still refuses every other key).
         """
-        sources: set[str] = set()
-        for session in self.sessions:
-            try:
-                if self.engine == "ssh":
-                    target, port = _ssh_target(session.spec, self.config.ssh_config)
-                else:
-                    target, port = self._addrs[session.spec], 22
-                session.route = route_source(target, port)
-            except (OSError, subprocess.SubprocessError, ValueError) as exc:
-                session.failure = f"host {session.spec}: cannot find a route to it ({exc}); set listen= to an " \
-                                  f"address it can reach"
-                continue
-            sources.add(session.route)
+        sources = {route for session in self.sessions if (route := self._route(session)) is not None}
         if len(sources) == 1:
             (only,) = sources
             return f"tcp://[{only}]:0" if ":" in only else f"tcp://{only}:0"
@@ -392,9 +393,11 @@ class Launch:
             if session.failure is not None:
                 continue
             connect = address
-            if session.route is not None and wildcard:
-                connect = f"tcp://{session.route}:{port}" if ":" not in session.route \
-                    else f"tcp://[{session.route}]:{port}"
+            if wildcard:  # every interface: the host connects to the address on its route
+                route = session.route or self._route(session)
+                if route is None:
+                    continue
+                connect = f"tcp://[{route}]:{port}" if ":" in route else f"tcp://{route}:{port}"
             workers = self.config.workers_per_host or self._cpus.get(session.spec, 0)
             remote = [self.python, *worker_args(self.config, connect, session.name, workers)]
             if self.engine == "ssh":

@@ -126,5 +126,5 @@ def test_slurm_outside_an_allocation_says_so(monkeypatch: pytest.MonkeyPatch) ->
     import phalanx
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    with pytest.raises(RuntimeError, match="needs a Slurm allocation"):
+    with pytest.raises(phalanx.WorkerStartError, match="needs a Slurm allocation"):
         phalanx.Runtime(slurm=True)

@@ -191,6 +191,7 @@ def test_phalanx_run_starts_the_hosts_of_a_script(tmp_path: Path) -> None:
         done = subprocess.run(
             [*hosts.exec_prefix(hosts.driver), sys.executable, "-m", "phalanx", "run", "--hosts",
              ",".join(sshd.addresses), "--ssh-config", sshd.ssh_config, "--workers-per-host", "1",
+             "--listen", "tcp://0.0.0.0:0",  # every interface: each host is told the address on its route
              str(script), "--flag", "x"],
             capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == 0, done.stderr
