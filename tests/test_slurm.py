@@ -14,9 +14,13 @@ variables; those run everywhere.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -81,6 +85,29 @@ def test_slurm_allocation_runs_a_job_and_leaves_nothing(how: str) -> None:
             assert secrets_exposed(ready["secrets"], since) == []
         finally:
             driver.close()
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(240, method="signal")
+@pytest.mark.skipif(_why is not None, reason=f"cannot start a Slurm cluster: {_why}")
+def test_phalanx_slurm_runs_a_script_in_the_allocation(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import json, sys\n"
+        "import phalanx\n"
+        "import multihost_ops as ops\n"
+        "if __name__ == '__main__':\n"
+        "    with phalanx.Runtime() as rt:\n"
+        "        print(json.dumps([sys.argv[1:], sorted(rt.inspect(timeout=10).hosts()), rt.n_workers,\n"
+        "                          sum(v for v, _ in rt.map(ops.where, range(100)))]))\n")
+    with netns.Hosts(1) as hosts, slurm_cluster.SlurmCluster(hosts) as slurm:
+        env = dict(slurm.env, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]))
+        done = subprocess.run([*slurm.prefix, "salloc", "--nodes=1", "--cpus-per-task=2", "--quiet",
+                               sys.executable, "-m", "phalanx", "slurm", "--workers-per-host", "1", str(script), "a"],
+                              capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr + slurm.log()
+        assert json.loads(done.stdout) == [["a"], [slurm.node], 1, 9900]
+        assert left_in(hosts, slurm, timeout=30) == []
 
 
 def test_srun_step_per_node_carries_the_keys_on_stdin_only() -> None:

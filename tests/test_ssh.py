@@ -197,3 +197,19 @@ def test_phalanx_run_starts_the_hosts_of_a_script(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout) == [["--flag", "x"], ["host0", "host1"], 2]
         assert left_on_hosts(hosts, sshd, timeout=15) == {}
+
+
+def test_a_missing_interpreter_says_so_in_one_line() -> None:
+    with netns.Hosts(1) as hosts, ssh_hosts.SshHosts(hosts) as sshd:
+        (host,) = sshd.addresses
+        driver = Driver(hosts.exec_prefix(hosts.driver), "start",
+                        dict(hosts=[host], ssh_config=sshd.ssh_config, remote_python="/nonexistent/python3"))
+        try:
+            result = driver.event()
+            assert driver.proc.wait(timeout=60) == 0, driver.err.text()
+            assert result["event"] == "error" and "0 of 1 hosts started" in result["message"], result
+            said = lines_about(driver.err.text(), host)
+            assert len(said) == 1 and "no interpreter /nonexistent/python3 there" in said[0], said
+            assert left_on_hosts(hosts, sshd, timeout=15) == {}
+        finally:
+            driver.close()
