@@ -146,7 +146,7 @@ def test_allocation_cpus_per_node(text: str, counts: list[int]) -> None:
 ])
 def test_bad_host_options_are_refused(kwargs: dict[str, object], says: str) -> None:
     with pytest.raises(ValueError, match=says):
-        Config.load(**kwargs)  # type: ignore[arg-type]
+        Config.load(**kwargs)
 
 
 def test_slurm_outside_an_allocation_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
