@@ -180,7 +180,7 @@ def slurm_nodes(environ: dict[str, str] | None = None) -> list[tuple[str, str, i
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist or "SLURM_JOB_ID" not in env:
         raise WorkerStartError("slurm=True needs a Slurm allocation (run under sbatch or salloc): "
-                           "SLURM_JOB_ID and SLURM_JOB_NODELIST are not set")
+                               "SLURM_JOB_ID and SLURM_JOB_NODELIST are not set")
     nodes = _scontrol("show", "hostnames", nodelist).split()
     addrs: dict[str, str] = {}
     for line in _scontrol("--oneliner", "show", "node", nodelist).splitlines():
@@ -253,22 +253,28 @@ class HostSession:
         for each in streams:
             sel.register(each, selectors.EVENT_READ)
         pending = {each: b"" for each in streams}
-        while streams:
-            for key, _ in sel.select():
-                stream: Any = key.fileobj
-                data = os.read(stream.fileno(), 65536)
-                if not data:
-                    sel.unregister(stream)
-                    del streams[stream]
-                    data, pending[stream] = pending[stream], b""
+        try:
+            while streams:
+                for key, _ in sel.select():
+                    stream: Any = key.fileobj
+                    data = os.read(stream.fileno(), 65536)
                     if not data:
-                        continue
-                    data += b"\n"
-                lines = (pending[stream] + data).split(b"\n")
-                pending[stream] = lines.pop()
-                for raw in lines:
-                    self._line(raw.decode("utf-8", "replace"), streams.get(stream) or sys.stderr)
-        sel.close()
+                        sel.unregister(stream)
+                        out = streams.pop(stream)
+                        data, pending[stream] = pending[stream], b""
+                        if not data:
+                            continue
+                        data += b"\n"
+                    else:
+                        out = streams[stream]
+                    lines = (pending[stream] + data).split(b"\n")
+                    pending[stream] = lines.pop()
+                    for raw in lines:
+                        self._line(raw.decode("utf-8", "replace"), out)
+        except (OSError, ValueError):
+            return  # end() closed the pipes after giving up on this thread (a process still held them)
+        finally:
+            sel.close()
         status = proc.wait()
         if self.ready and not self.closing:
             _say(f"host {self.spec}: its {self.engine} session ended (status {status}); its workers are "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -185,7 +186,8 @@ def test_phalanx_run_starts_the_hosts_of_a_script(tmp_path: Path) -> None:
         "if __name__ == '__main__':\n"
         "    with phalanx.Runtime() as rt:\n"
         "        print(json.dumps([sys.argv[1:], sorted({h for _, h in rt.map(ops.where, range(40))}),\n"
-        "                          rt.n_workers]))\n")
+        "                          rt.n_workers]))\n"
+        "        assert rt.submit(ops.say, 'hello').result(timeout=30).startswith('host')\n")
     with netns.Hosts(2) as hosts, ssh_hosts.SshHosts(hosts) as sshd:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]))
         done = subprocess.run(
@@ -195,7 +197,12 @@ def test_phalanx_run_starts_the_hosts_of_a_script(tmp_path: Path) -> None:
              str(script), "--flag", "x"],
             capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout) == [["--flag", "x"], ["host0", "host1"], 2]
+        first, *printed = done.stdout.splitlines()
+        assert json.loads(first) == [["--flag", "x"], ["host0", "host1"], 2]
+        # What a task prints on a host reaches the driver's stdout and stderr, prefixed with its worker id.
+        assert len(printed) == 1 and re.fullmatch(r"\[169\.254\.1[01]\.2-\d+-\d+\] hello on host[01]", printed[0]), \
+            done.stdout
+        assert re.search(r"\] hello on host[01] \(stderr\)", done.stderr), done.stderr
         assert left_on_hosts(hosts, sshd, timeout=15) == {}
 
 
