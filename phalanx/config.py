@@ -294,7 +294,7 @@ def _options(*options: Option) -> dict[str, Option]:
 OPTIONS: dict[str, Option] = _options(
     Option("workers", _parse_workers,
            "worker processes to start; a dict `{\"default\": 2, \"io\": 4}` (env `default=2,io=4`) starts "
-           "that many per worker tag", default="usable CPUs"),
+           "that many per worker tag", default="usable CPUs (0 with `hosts=` or `slurm=True`)"),
     Option("start_method", str, "multiprocessing start method for workers: fork, forkserver or spawn",
            default="fork on Linux (Python < 3.12), else spawn", worker_flag="--start-method"),
     Option("listen", str, "`tcp://HOST:PORT`: also listen on `PORT`..`PORT+2` for remote workers "

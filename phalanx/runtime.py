@@ -128,6 +128,12 @@ class Runtime(_RunsDirectives):
     default, is in the configuration table, ``docs/configuration.md``.
     The constructor returns once every worker is connected and ready, or
     raises :class:`~phalanx.WorkerStartError`.
+
+    ``hosts=["host1", "user@host2:22"]`` also starts ``phalanx worker`` on
+    each host over ssh, and ``slurm=True`` on each node of the Slurm
+    allocation with ``srun``, with keys made for this run; the workers of
+    at least ``min_hosts`` hosts are then ready too (see
+    ``docs/multihost.md``, "Running on several hosts").
     ``faults=`` (tests only) applies a :mod:`phalanx.testing` fault plan to
     the runtime's frames and worker processes.
     """
