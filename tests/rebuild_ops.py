@@ -80,6 +80,18 @@ def stop_at(x: int, k: int) -> int:
 
 
 @phalanx.operation
+def return_unencodable(kind: str) -> Any:
+    """A list that contains itself, or one nested 100,000 deep."""
+    value: list[Any] = []
+    if kind == "self":
+        value.append(value)
+        return value
+    for _ in range(100_000):
+        value = [value]
+    return value
+
+
+@phalanx.operation
 def echo(x: Any) -> Any:
     return x
 

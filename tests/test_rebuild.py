@@ -5,7 +5,8 @@ Runs real worker processes (the test process is the driver). What is checked:
 * Arguments that cannot be encoded (a list containing itself, a list nested
   100,000 deep) raise :class:`phalanx.EncodeError` (a ``TypeError``) naming
   what could not be encoded, at ``submit``, ``map``, actor calls and channel
-  sends, before anything is sent; the runtime keeps serving.
+  sends, before anything is sent; the runtime keeps serving. Such a value
+  as a *result* is an EncodeError too, and its worker does not die.
 * A remote exception is rebuilt as its own type only from a module the
   driver already has in ``sys.modules``: a worker raising an exception whose
   type claims to live in ``this`` or ``venv.__main__`` (importing them prints
@@ -89,6 +90,16 @@ def test_unencodable_arguments_raise_encode_error_everywhere(rt: phalanx.Runtime
             tx.send(value)
         tx.send("fine")
         assert rx.recv(timeout=T) == "fine"
+    still_serves(rt)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["self", "deep"])
+def test_unencodable_results_are_encode_errors_not_worker_deaths(rt: phalanx.Runtime, kind: str) -> None:
+    pids = rt.worker_pids()
+    with pytest.raises(phalanx.EncodeError, match="return_unencodable"):
+        rt.submit(rebuild_ops.return_unencodable, kind).result(timeout=T)
+    assert rt.worker_pids() == pids and rt.stats().worker_deaths == 0
     still_serves(rt)
 
 
