@@ -106,15 +106,16 @@ ABORT_DRIVER = textwrap.dedent("""
     import sys, time
     import phalanx
     import multihost_ops as ops
-    with phalanx.Runtime(workers=1, listen="tcp://127.0.0.1:0", server_key=sys.argv[1],
-                         authorized_keys=sys.argv[2]) as rt:
-        running = rt.submit(ops.slow_where, 1, 2.0)   # a local worker runs a task meanwhile
-        print(rt.address, flush=True)
-        sys.stdin.readline()                          # the peers sent, then hung up
-        time.sleep(2.5)                               # past the sockets' 1 s timers
-        assert running.result(timeout=30) == (2, "local")
-        assert rt.submit(ops.where, 3).result(timeout=30) == (6, "local")
-        print("served", rt.stats().frames_dropped, flush=True)
+    if __name__ == "__main__":  # (workers may be started by re-importing this script)
+        with phalanx.Runtime(workers=1, listen="tcp://127.0.0.1:0", server_key=sys.argv[1],
+                             authorized_keys=sys.argv[2]) as rt:
+            running = rt.submit(ops.slow_where, 1, 2.0)   # a local worker runs a task meanwhile
+            print(rt.address, flush=True)
+            sys.stdin.readline()                          # the peers sent, then hung up
+            time.sleep(2.5)                               # past the sockets' 1 s timers
+            assert running.result(timeout=30) == (2, "local")
+            assert rt.submit(ops.where, 3).result(timeout=30) == (6, "local")
+            print("served", rt.stats().frames_dropped, flush=True)
 """)
 
 
