@@ -50,11 +50,21 @@ Invariants kept:
    worker held is kept ``dead_worker_ttl`` seconds to validate its late
    results, then reaped. A worker may only answer for tasks the driver sent
    to *it*.
-3. **No hang.** Breaking or closing the runtime fails every open job at once.
+3. **No hang.** Breaking or closing the runtime fails every open job at once;
+   so does the pump thread's death, whatever ends it (it breaks the runtime).
    A task held back for a busy local worker (see ``_pipe_send_locked``) goes
-   out when that worker's next outcome is read, or after ``HOLD_MAX``.
+   out when that worker's next outcome is read, or after ``HOLD_MAX``. A task
+   with a timeout that runs ``timeout + abort_grace`` without an outcome (it
+   holds the GIL, its process is frozen) has its worker killed by the driver
+   (``_expire_overdue``). Shutdown waits for work, not for frozen workers.
 6. **Bad input never kills.** Undecodable frames, frames from unknown
-   identities and outcomes for unknown tasks are counted and dropped.
+   identities and outcomes for unknown tasks are counted and dropped. A
+   local worker that sends a frame above ``max_frame`` (workers never do: see
+   ``Welcome.max_frame``) is killed and replaced.
+
+A crash is charged to one task: the first one its worker held. A map chunk
+of several items is split instead (``Task.split``), down to the one item that
+crashes, so ``Ignore`` skips just that item and ``WorkerCrashedError`` names it.
 """
 
 from __future__ import annotations
@@ -1297,22 +1307,14 @@ class Driver:
 
     def _frozen_locked(self, now: float, after: float) -> bool:
         """Some local workers hold tasks, and every one that does was stopped ``after`` s ago or more."""
-        frozen = False
-        for w in self._workers.values():
-            if not w.alive or not w.inflight:
-                continue
+        holders = [w for w in self._workers.values() if w.alive and w.inflight]
+        for w in holders:  # every one looked at: each one's clock starts now
             try:
                 stopped = not w.remote and psutil.Process(w.pid).status() in _STOPPED
             except psutil.Error:
                 stopped = False
-            if not stopped:
-                w.stopped_since = 0.0
-                return False
-            w.stopped_since = w.stopped_since or now
-            if now - w.stopped_since < after:
-                return False
-            frozen = True
-        return frozen
+            w.stopped_since = (w.stopped_since or now) if stopped else 0.0
+        return bool(holders) and all(w.stopped_since and now - w.stopped_since >= after for w in holders)
 
     # ---- the pump --------------------------------------------------------------
 
@@ -1678,7 +1680,7 @@ class Driver:
             self._stop_locked(w)
             return
         try:
-            self._send_raw_locked(w.ident, encode(Welcome(w.id)))
+            self._send_raw_locked(w.ident, encode(Welcome(w.id, self.limits.max_frame)))
         except zmq.ZMQError:
             return  # the inbox is not connected yet: _greet retries
         w.welcomed = True

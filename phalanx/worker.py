@@ -18,8 +18,11 @@ Invariants kept:
   running count rides on every ``Results`` and ``InspectReply``: the driver
   shows it as ``WorkerStats.frames_dropped``); an
   unknown operation, an argument that does not convert, an exception (even
-  ``SystemExit``) in user code, or a result that cannot be encoded becomes an
-  ``Err`` outcome for that task, and the loop goes on.
+  ``SystemExit``) in user code, or a result that cannot be encoded
+  (``EncodeError``) or would make a frame above ``max_frame``
+  (``FrameTooLargeError``) becomes an ``Err`` outcome for that task, and the
+  loop goes on. A map chunk's values that fit only in part go in part (the
+  driver runs the rest again).
 * **One outcome per task.** Every ``Call``/``Chunk`` received gets exactly one
   ``Ok`` or ``Err`` (from the main thread, or from the control thread when it
   timed out or its job was terminated while it ran), which returns its
@@ -542,6 +545,8 @@ class _Loop:
         self.tasks_done = 0
         self.actors = ActorHost(spec.worker_id, self.send_after_outcomes, self.call)
         self.out: list[Outcome] = []
+        #: the largest frame it sends: its own max_frame, or the driver's if smaller (see Welcome)
+        self.max_send = spec.limits.max_frame
         #: per outcome in ``out``: its operation's name, and whether it is a map chunk's
         self.out_ops: list[tuple[str, bool]] = []
         self.busy = 0.0
@@ -604,6 +609,8 @@ class _Loop:
                 self.todo.append(msg)
             elif isinstance(msg, Welcome):
                 self.welcomed = True
+                if 0 < msg.max_frame < self.max_send:
+                    self.max_send = max(4096, msg.max_frame)
             elif isinstance(msg, Stop):
                 self.stopping = True
 
@@ -844,7 +851,7 @@ class _Loop:
         except (EncodeError, RecursionError):  # RecursionError: a self-referencing or very deep value
             pass
         else:
-            if len(frame) <= self.spec.limits.max_frame:
+            if len(frame) <= self.max_send:
                 return [frame]
         return [self._outcome_frame(outcome, op, splits, busy if i == 0 else 0.0, dropped)
                 for i, (outcome, (op, splits)) in enumerate(zip(outcomes, ops))]
@@ -856,7 +863,7 @@ class _Loop:
         runs the items after a shorter ``Ok`` again (see Driver._resolve_locked),
         and an item whose own value is too large fails alone.
         """
-        wid, limit = self.spec.worker_id, self.spec.limits.max_frame
+        wid, limit = self.spec.worker_id, self.max_send
         try:
             frame = encode(Results(wid, [outcome], busy, dropped))
         except (EncodeError, RecursionError) as exc:
@@ -876,7 +883,7 @@ class _Loop:
 
     def _split_frame(self, outcome: Outcome, op: str, busy: float, dropped: int) -> bytes:
         """A map chunk's outcome that cannot go whole: the values that fit, or the first one's error."""
-        wid, limit = self.spec.worker_id, self.spec.limits.max_frame
+        wid, limit = self.spec.worker_id, self.max_send
         values = outcome.value if isinstance(outcome, Ok) else (outcome.partial or [])
         room = limit - len(encode(Results(wid, [Ok(outcome.job, outcome.seq, outcome.attempt, [])], busy, dropped)))
         room -= 64  # headers of the list and of the error, when there is one
@@ -922,8 +929,8 @@ class _Loop:
 
     def send(self, msg: Any) -> None:
         frame = encode(msg)
-        if len(frame) > self.spec.limits.max_frame:  # the driver would take it for an attack
-            limit = self.spec.limits.max_frame
+        if len(frame) > self.max_send:  # the driver would take it for an attack
+            limit = self.max_send
             raise FrameTooLargeError(f"a {type(msg).__name__} of {len(frame)} bytes is larger than "
                                      f"max_frame={limit}", len(frame), limit)
         self._send_frame(frame)

@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -111,6 +112,22 @@ def test_oversized_frame_that_arrives_kills_and_replaces_the_worker() -> None:
         assert stats.worker_deaths == 2 and stats.frames_dropped >= 2
         assert rt.worker_pids() and not set(rt.worker_pids().values()) & set(first.values())
         still_works(rt)
+
+
+@pytest.mark.timeout(120)
+def test_remote_worker_with_a_larger_max_frame_keeps_to_the_drivers(tmp_path: Path) -> None:
+    # A host started with the default max_frame (256 MiB) joins a driver that accepts 1 MiB:
+    # it learns the driver's limit (Welcome) and sends an error, not a frame ZeroMQ would drop.
+    from remote_host import Keys, RemoteHost
+
+    keys = Keys(tmp_path / "keys")
+    with phalanx.Runtime(workers=0, listen="tcp://127.0.0.1:0", max_frame=MiB, **keys.runtime_kwargs()) as rt:
+        assert rt.address is not None
+        with RemoteHost(rt.address, "host1", keys.worker_args(), workers=1) as host:
+            assert rt.wait_for_workers(1, timeout=T) == 1, host.err
+            exc = rt.submit(blob, 2 * MiB).exception(timeout=T)
+            assert isinstance(exc, phalanx.FrameTooLargeError), exc
+            assert rt.submit(blob, 10).result(timeout=T) == b"x" * 10
 
 
 # ---- item 2: results that cannot be encoded ----------------------------------------
