@@ -928,7 +928,10 @@ class _Loop:
         self.outbox.send(frame, 0, copy=len(frame) < sockets.ZERO_COPY_MIN)
 
     def send(self, msg: Any) -> None:
-        frame = encode(msg)
+        try:
+            frame = encode(msg)
+        except RecursionError as exc:  # a value that contains itself, or nests too deep
+            raise EncodeError(f"cannot encode {type(msg).__name__}: {exc}") from exc
         if len(frame) > self.max_send:  # the driver would take it for an attack
             limit = self.max_send
             raise FrameTooLargeError(f"a {type(msg).__name__} of {len(frame)} bytes is larger than "
