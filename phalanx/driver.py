@@ -2091,9 +2091,11 @@ class Driver:
         """Decide what an outcome means for its job: deliver, retry or skip."""
         seq = outcome.seq
         prefix = task.prefix
+        msg = task.msg
         if isinstance(outcome, Ok):
             if task.rest is not None or (
-                type(task.msg) is Chunk and isinstance(outcome.value, list) and len(outcome.value) < task.items
+                type(msg) is Chunk and not msg.fold and isinstance(outcome.value, list)
+                and len(outcome.value) < task.items
             ):
                 # Part of a map chunk: split after a crash, or the values that fit in one frame.
                 # The chunk goes on after them (a fresh count of crashes and retries: new items).
@@ -2112,7 +2114,6 @@ class Driver:
             if prefix:
                 return Ok(outcome.job, seq, outcome.attempt, prefix + outcome.value)
             return outcome
-        msg = task.msg
         is_map = isinstance(msg, Chunk) and not msg.fold
         if outcome.transient and job.retry is not None:
             delay = job.retry.delay(task.retries + 1)
