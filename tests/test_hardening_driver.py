@@ -238,11 +238,14 @@ def test_random_kills_during_a_map_lose_nothing() -> None:
     import threading
 
     rng = random.Random(18)
+    kills = 8  # far below restart_limit, however slow the machine
     with phalanx.Runtime(workers=2) as rt:
         done = threading.Event()
 
         def killer() -> None:
-            while not done.wait(rng.uniform(0.15, 0.3)):
+            for _ in range(kills):
+                if done.wait(rng.uniform(0.15, 0.3)):
+                    return
                 pids = list(rt.worker_pids())
                 if pids:
                     rt._driver.kill_worker(rng.choice(pids))
@@ -255,7 +258,7 @@ def test_random_kills_during_a_map_lose_nothing() -> None:
             done.set()
             thread.join()
         assert got == list(range(3000))
-        assert rt.stats().worker_deaths >= 3
+        assert 1 <= rt.stats().worker_deaths <= kills
         still_works(rt)
 
 
