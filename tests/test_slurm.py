@@ -76,8 +76,10 @@ def test_slurm_allocation_runs_a_job_and_leaves_nothing(how: str) -> None:
                 assert driver.proc.wait(timeout=60) == 0, driver.err.text()
             else:
                 # The python under salloc, not salloc: the driver dies; its srun steps see stdin close.
-                python = [p for p in psutil.Process(driver.proc.pid).children(recursive=True)
-                          if "launch_driver.py" in " ".join(p.cmdline())]
+                # (Not its fork server: a copy of it, with its command line, below it.)
+                drivers = [p for p in psutil.Process(driver.proc.pid).children(recursive=True)
+                           if "launch_driver.py" in " ".join(p.cmdline())]
+                python = [p for p in drivers if p.ppid() not in {d.pid for d in drivers}]
                 assert len(python) == 1, python
                 os.kill(python[0].pid, signal.SIGKILL)
                 driver.proc.wait(timeout=60)
