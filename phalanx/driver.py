@@ -486,8 +486,9 @@ class Driver:
         #: pump thread: a worker became ready
         self.ready_listeners: list[Callable[[str], None]] = []
         self._inspect_nonces = itertools.count(1)
-        #: builds the inspect tree for clients such as ``phalanx top`` (set by the Runtime)
-        self.inspect_provider: Callable[[float], Any] | None = None
+        #: builds the inspect tree for clients such as ``phalanx top`` (set by the Runtime): a weak
+        #: reference (the pump holds the driver; the runtime must stay collectable), called to get it
+        self.inspect_provider: Callable[[], Callable[[float], Any] | None] | None = None
         self._outgoing: deque[tuple[bytes, bytes]] = deque()
         self._inspect_replies: dict[int, dict[str, InspectReply]] = {}
         #: fault injection (phalanx.testing), None otherwise: ``frame_filter("in", ident, frame)``
@@ -1470,9 +1471,11 @@ class Driver:
 
     def _answer_query(self, ident: bytes, query: InspectQuery) -> None:
         """A helper thread: build the tree (it waits on workers), let the pump send it."""
-        assert self.inspect_provider is not None
+        provide = self.inspect_provider() if self.inspect_provider is not None else None
+        if provide is None:
+            return  # the runtime was collected
         try:
-            tree = self.inspect_provider(max(0.05, min(query.timeout, 10.0)))
+            tree = provide(max(0.05, min(query.timeout, 10.0)))
             frame = encode(InspectAnswer(query.nonce, tree))
         except Exception:
             return

@@ -41,6 +41,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
@@ -158,6 +159,7 @@ class Executor(concurrent.futures.Executor):
         self._pending: set[Future[Any]] = set()
         self._closer: threading.Thread | None = None
         self._rt = Runtime(max_workers, max_tasks_per_worker=max_tasks_per_child or None, **options)
+        _finish_at_exit(self)
         logger.debug("executor started with %d workers", max_workers)
 
     # ---- submitting -------------------------------------------------------------
@@ -336,6 +338,39 @@ class Executor(concurrent.futures.Executor):
         closer = self._start_closer(wait=True)
         if wait and threading.current_thread().name != "phalanx-pump":
             closer.join()
+
+
+#: executors not shut down yet, finished at interpreter exit
+_LIVE: weakref.WeakSet[Executor] = weakref.WeakSet()
+_hooked = False
+_hook_lock = threading.Lock()
+
+
+def _finish_at_exit(ex: Executor) -> None:
+    """Have ``ex``'s pending work complete when the interpreter exits, as ``ProcessPoolExecutor``'s does.
+
+    ``threading._register_atexit`` (what concurrent.futures uses) runs before
+    the interpreter joins its threads and before ``atexit`` handlers, while
+    the runtime's pump thread still runs.
+    """
+    global _hooked
+    with _hook_lock:
+        _LIVE.add(ex)
+        if _hooked:
+            return
+        try:
+            threading._register_atexit(_finish_all)  # type: ignore[attr-defined]
+        except RuntimeError:  # the interpreter is already exiting: the runtime's own atexit stops it
+            return
+        _hooked = True
+
+
+def _finish_all() -> None:
+    executors = list(_LIVE)
+    for ex in executors:  # all start finishing at once, then each is waited for
+        ex.shutdown(wait=False)
+    for ex in executors:
+        ex.shutdown(wait=True)
 
 
 # --------------------------------------------------------------------------- #

@@ -155,3 +155,10 @@ def fit_and_score(params: dict[str, Any], train: list[list[float]], test: list[l
     den = sum((x**degree) ** 2 for x, _ in train) + lam
     a = num / den
     return -sum((y - a * x**degree) ** 2 for x, y in test) / len(test)
+
+
+def append_line_after(path: str, delay: float, line: str) -> None:
+    """Sleep ``delay`` seconds, then append ``line`` to ``path`` (work still running at exit)."""
+    time.sleep(delay)
+    with open(path, "a") as f:
+        f.write(line + "\n")

@@ -1,0 +1,99 @@
+"""What code written for ``ProcessPoolExecutor`` and joblib expects of phalanx's drop-ins.
+
+Runs in the test (driver) process, on real worker processes; scripts that
+must exit the interpreter run in a subprocess. Each test attacks one promise:
+
+* pending work completes at interpreter exit (every start method);
+* a runtime or executor dropped without ``shutdown()`` is collected and its
+  workers stop;
+* a short task does not wait behind a long one while another worker is idle
+  (unstarted prefetched tasks are taken back, each run exactly once);
+* the joblib backend inside a daemonic process runs sequentially, with a warning;
+* ``WorkerCrashedError`` is a ``BrokenProcessPool``; the executor does not
+  prefix worker output.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import psutil
+import pytest
+
+import phalanx
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+
+
+def _run_script(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]))
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _gone_within(pids: list[int], bound: float) -> list[int]:
+    """The pids still running after up to ``bound`` seconds."""
+    deadline = time.monotonic() + bound
+    while True:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+# ---- pending work at interpreter exit -------------------------------------------------
+
+_EXIT_SCRIPT = """
+import sys
+from multiprocessing import get_context
+import phalanx
+from exec_ops import append_line_after
+
+if __name__ == "__main__":
+    ex = phalanx.Executor(2, mp_context=get_context(sys.argv[1]))
+    for i in range(5):
+        ex.submit(append_line_after, sys.argv[2], 0.3, str(i))
+    # no shutdown: the interpreter exits with the work pending
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_pending_work_completes_at_interpreter_exit(method: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = _run_script(_EXIT_SCRIPT, method, str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists(), proc.stderr
+    assert sorted(out.read_text().split()) == ["0", "1", "2", "3", "4"]
+
+
+# ---- dropped without shutdown ---------------------------------------------------------
+
+
+def test_dropped_runtime_is_collected_and_its_workers_stop() -> None:
+    rt = phalanx.Runtime(workers=2)
+    pids = list(rt.worker_pids().values())
+    ref = weakref.ref(rt)
+    del rt
+    gc.collect()
+    assert ref() is None
+    assert _gone_within(pids, 10.0) == []
+
+
+def test_dropped_executor_is_collected_and_its_workers_stop() -> None:
+    from exec_ops import square
+
+    ex = phalanx.Executor(2)
+    assert ex.submit(square, 3).result(timeout=30) == 9
+    pids = list(ex.runtime.worker_pids().values())
+    ref = weakref.ref(ex)
+    del ex
+    gc.collect()
+    assert ref() is None
+    assert _gone_within(pids, 10.0) == []
