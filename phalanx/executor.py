@@ -98,7 +98,8 @@ class Executor(concurrent.futures.Executor):
     ``max_tasks_per_child`` (a worker is replaced after that many tasks).
     Any other keyword is a :class:`phalanx.Runtime` option (``credits``
     defaults to 2 here, so that tasks wait in the driver, where they can be
-    cancelled, rather than in a worker's prefetch queue; ``listen`` is
+    cancelled, rather than in a worker's prefetch queue; ``prefix_output``
+    defaults to False, so workers' output is not prefixed; ``listen`` is
     refused: an executor runs local workers only; ``implicit_operations`` is
     always on).
 
@@ -142,6 +143,8 @@ class Executor(concurrent.futures.Executor):
         if options.get("listen") is not None or os.environ.get(OPTIONS["listen"].env, "").strip():
             raise ValueError("phalanx.Executor runs local workers only: unset listen / PHALANX_LISTEN")
         options.setdefault("credits", 2)
+        if not os.environ.get(OPTIONS["prefix_output"].env, "").strip():
+            options.setdefault("prefix_output", False)  # worker output as ProcessPoolExecutor leaves it
         options["implicit_operations"] = True  # plain functions, by module:qualname
         self._max_workers = max_workers
         self._init: list[Any] | None = None

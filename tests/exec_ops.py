@@ -162,3 +162,22 @@ def append_line_after(path: str, delay: float, line: str) -> None:
     time.sleep(delay)
     with open(path, "a") as f:
         f.write(line + "\n")
+
+
+def say(text: str) -> None:
+    """Print ``text`` in the worker (what reaches the driver's stdout)."""
+    print(text, flush=True)
+
+
+def joblib_in_daemonic_process(n: int) -> tuple[list[Any], list[str]]:
+    """Run a phalanx-backed joblib loop here (a daemonic Pool worker); its results and warnings."""
+    import warnings
+
+    import joblib
+
+    import phalanx.joblib_backend  # noqa: F401  (registers the backend)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = joblib.Parallel(n_jobs=2, backend="phalanx")(joblib.delayed(square)(i) for i in range(n))
+    return list(out), [str(w.message) for w in caught]

@@ -97,3 +97,50 @@ def test_dropped_executor_is_collected_and_its_workers_stop() -> None:
     gc.collect()
     assert ref() is None
     assert _gone_within(pids, 10.0) == []
+
+
+# ---- joblib in a daemonic process ------------------------------------------------------
+
+
+def test_joblib_backend_in_a_daemonic_process_runs_sequentially_with_a_warning() -> None:
+    import multiprocessing
+
+    from exec_ops import joblib_in_daemonic_process
+
+    pytest.importorskip("joblib")
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        out, warned = pool.apply(joblib_in_daemonic_process, (5,))
+    assert out == [0, 1, 4, 9, 16]
+    assert any("daemonic" in w and "n_jobs=1" in w for w in warned), warned
+
+
+# ---- what code written for ProcessPoolExecutor catches and sees -----------------------
+
+
+def test_worker_crashed_error_is_a_broken_process_pool() -> None:
+    from concurrent.futures.process import BrokenProcessPool
+
+    from exec_ops import die
+
+    with phalanx.Executor(1, max_attempts=1) as ex:
+        with pytest.raises(BrokenProcessPool) as info:
+            ex.submit(die, 3).result(timeout=30)
+    assert isinstance(info.value, phalanx.WorkerCrashedError)
+
+
+_SAY_SCRIPT = """
+import phalanx
+from exec_ops import say
+
+if __name__ == "__main__":
+    with phalanx.Executor(1) as ex:
+        ex.submit(say, "plain line").result(timeout=30)
+"""
+
+
+def test_executor_does_not_prefix_worker_output() -> None:
+    env_free = {k: v for k, v in os.environ.items() if k != "PHALANX_PREFIX_OUTPUT"}
+    proc = subprocess.run([sys.executable, "-c", _SAY_SCRIPT], capture_output=True, text=True, timeout=60,
+                          env=dict(env_free, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)])))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["plain line"]
