@@ -53,6 +53,8 @@ Invariants kept:
 3. **No hang.** Breaking or closing the runtime fails every open job at once.
    A task held back for a busy local worker (see ``_pipe_send_locked``) goes
    out when that worker's next outcome is read, or after ``HOLD_MAX``.
+   Short work is not stranded behind a long task while a worker idles: the
+   tasks queued behind it are taken back, unstarted (``_reclaim_locked``).
 6. **Bad input never kills.** Undecodable frames, frames from unknown
    identities and outcomes for unknown tasks are counted and dropped.
 """
@@ -93,7 +95,7 @@ from .transport import sockets
 from .transport.codec import decode_driver, encode
 from .transport.endpoints import Endpoints, local_endpoints, remove_stale_dirs, tcp_endpoints
 from .transport.pipe import FramePipe, PipeError
-from .transport.messages import PROTOCOL_VERSION, Alive
+from .transport.messages import PROTOCOL_VERSION, Alive, Reclaim, Reclaimed
 from .transport.messages import (
     Call,
     Chunk,
@@ -152,6 +154,10 @@ SPIN_WAIT = 200e-6
 #: longest a task frame for a busy local worker waits to go out with the next ones (seconds);
 #: normally the worker's next outcome releases it much sooner (see _pipe_send_locked)
 HOLD_MAX = 0.002
+
+#: seconds between the pump's looks for tasks queued behind a long one while a worker idles;
+#: a worker's oldest task must stay the same across one look to the next to count as long
+RECLAIM_PERIOD = 0.05
 
 #: most tags a remote worker may announce
 MAX_TAGS = 64
@@ -253,6 +259,8 @@ class RuntimeStats(msgspec.Struct, frozen=True):
     channel_messages_dropped: int = 0
     #: channel messages put back for redelivery (nacked, or held by a receiver closed or dead)
     channel_redelivered: int = 0
+    #: tasks a busy worker gave back unstarted, for a worker that idled, and sent again
+    reclaimed: int = 0
 
 
 class Task(msgspec.Struct, gc=False):
@@ -375,7 +383,7 @@ class _Worker:
         "id", "ident", "pid", "hello", "welcomed", "ready", "alive", "free", "inflight",
         "tasks", "items", "busy", "died_at", "retiring", "dispatched",
         "remote", "host", "seen", "stop_sent", "tags", "frames_dropped", "pipe", "pipe_done",
-        "reader", "leftover", "broken", "delivering", "deferred", "held", "held_at",
+        "reader", "leftover", "broken", "delivering", "deferred", "held", "held_at", "oldest", "reclaiming",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -421,6 +429,9 @@ class _Worker:
         #: task frames for this (busy) local worker not yet written, and since when (monotonic)
         self.held: list[bytes] = []
         self.held_at = 0.0
+        #: its oldest task in flight at the pump's last look, and whether a Reclaim awaits its answer
+        self.oldest: tuple[int, int] | None = None
+        self.reclaiming = False
 
 
 class Driver:
@@ -458,6 +469,8 @@ class Driver:
         self.tasks_failed = 0
         self.items_completed = 0
         self.redelivered = 0
+        #: tasks taken back unstarted from a busy worker and dispatched again (see _reclaim_locked)
+        self.reclaimed = 0
         self.duplicates_dropped = 0
         self.late_results_dropped = 0
         self.frames_dropped = 0
@@ -1194,6 +1207,73 @@ class Driver:
             return False
         return True
 
+    def _reclaim_locked(self) -> None:
+        """Take back tasks a busy worker prefetched, unstarted, while a worker of their tag idles.
+
+        A worker whose oldest task is the same as at the last look is asked
+        (Reclaim, on the control PUB) for the tasks queued behind it, as many
+        as idle workers have credits for. It gives back only tasks it will
+        then never run (see the worker's ``_give_back``); its answer puts them
+        back at the front of their queue (``_on_reclaimed``), so each still
+        runs once. Pump thread, every ``RECLAIM_PERIOD``; off the hot path.
+        """
+        idle = [w for w in self._live if not w.inflight and w.free > 0]
+        room: dict[str, int] = {}
+        for w in self._live:
+            if not idle or w.reclaiming or len(w.inflight) < 2:
+                w.oldest = None
+                continue
+            oldest = next(iter(w.inflight))
+            if w.oldest != oldest:
+                w.oldest = oldest  # it may be quick: look again next period
+                continue
+            running = w.inflight[oldest]
+            if running.directed:
+                continue
+            wanted: list[list[int]] = []
+            for key, task in w.inflight.items():
+                job = self._jobs.get(task.job)
+                if key == oldest or task.directed or job is None:
+                    continue
+                free = room.get(job.tag)
+                if free is None:
+                    free = sum(i.free for i in idle if job.tag in i.tags)
+                if free > 0:
+                    wanted.append([task.job, task.seq, task.attempt])
+                room[job.tag] = free - 1 if free > 0 else 0
+            if wanted:
+                try:
+                    self._control.send(encode(Reclaim(w.id, [running.job, running.seq, running.attempt], wanted)),
+                                       zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    continue
+                w.reclaiming = True
+
+    def _on_reclaimed(self, ident: bytes, msg: Reclaimed) -> None:
+        """A worker gave back tasks it will never run: queue them again, at the front (pump thread)."""
+        with self._lock:
+            w = self._workers.get(ident)
+            if w is None or msg.worker != w.id:
+                self.frames_dropped += 1
+                return
+            w.reclaiming = False
+            w.oldest = None
+            back: dict[str, list[Task]] = {}
+            for job_id, seq, attempt in msg.tasks:
+                task = w.inflight.get((job_id, seq))
+                if task is None or task.attempt != attempt:
+                    continue  # already redelivered (its worker died)
+                del w.inflight[(job_id, seq)]
+                if w.alive and not w.retiring:
+                    w.free += 1
+                job = self._jobs.get(job_id)
+                if job is not None and job.outstanding.get(seq) is task:
+                    back.setdefault(job.tag, []).append(task)
+                    self.reclaimed += 1
+            for tag, tasks in back.items():
+                self._enqueue_locked(tag, tasks, front=True)
+            self._dispatch_locked()
+
     def _prune_pending_locked(self) -> None:
         """Drop queued tasks whose job is gone or no longer wants them (one pass)."""
         for tag, queue in list(self._pending.items()):
@@ -1251,6 +1331,7 @@ class Driver:
         beats = itertools.count()
         interval = self.config.heartbeat_interval
         last_reap = 0.0
+        last_reclaim = 0.0
         while True:
             handshaking = self._handshaking()
             wait = 1.0 if handshaking else min(100.0, interval * 1000)
@@ -1348,6 +1429,10 @@ class Driver:
             if now - last_reap >= REAP_PERIOD:
                 last_reap = now
                 self._reap_dead()
+            if now - last_reclaim >= RECLAIM_PERIOD:
+                last_reclaim = now
+                with self._lock:
+                    self._reclaim_locked()
             if self._deliveries:
                 self._deliver_ready()
 
@@ -1565,6 +1650,8 @@ class Driver:
                 self._on_alive(ident[:-1], msg)
             elif isinstance(msg, Results):
                 self._on_results(ident[:-1], msg)
+            elif isinstance(msg, Reclaimed):
+                self._on_reclaimed(ident[:-1], msg)
             elif isinstance(msg, InspectReply) and msg.worker.encode() == ident[:-1] and ident[:-1] in self._workers:
                 with self._changed:
                     w = self._workers.get(ident[:-1])
@@ -2083,5 +2170,6 @@ class Driver:
                 peers_refused=self.peers_refused,
                 channel_messages_dropped=self.channel_messages_dropped,
                 channel_redelivered=self.channel_redelivered,
+                reclaimed=self.reclaimed,
             )
 

@@ -4,7 +4,7 @@ Runs in every worker process (started by :mod:`phalanx.supervisor`)::
 
     driver ROUTER "tasks"  ──▶ inbox DEALER ──▶ main thread: run task ─▶ outbox DEALER ──▶ driver ROUTER "results"
       (a local worker: one socketpair, "the pipe", both ways instead; see phalanx.transport.pipe)
-    driver PUB "control"   ──▶ SUB ──▶ control thread: Sync, Terminate, Shutdown,
+    driver PUB "control"   ──▶ SUB ──▶ control thread: Sync, Terminate, Shutdown, Reclaim,
                                        task timeouts ─▶ side DEALER ("<id>!") ──▶ driver ROUTER "results"
 
 The main thread owns the inbox and outbox (or the pipe) and runs user code; the control
@@ -81,6 +81,8 @@ from .transport.messages import (
     Hello,
     InspectReply,
     InspectRequest,
+    Reclaim,
+    Reclaimed,
     Ok,
     Outcome,
     Ready,
@@ -437,6 +439,25 @@ class _Control(threading.Thread):
                 self._abort(msg.job)
             elif isinstance(msg, Shutdown):
                 loop.stopping = True
+            elif isinstance(msg, Reclaim) and msg.worker == loop.spec.worker_id:
+                self._give_back(msg)
+
+    def _give_back(self, msg: Reclaim) -> None:
+        """Give the driver back prefetched tasks this worker will then never run.
+
+        Granted only while the main thread runs ``msg.running``, the oldest
+        task the driver gave it: tasks run in the order sent, so every task
+        sent after it is unstarted. The main thread skips a task given back
+        when it reaches it (see ``_Loop.run``), under the same lock.
+        """
+        loop = self.loop
+        with loop.state_lock:
+            ctx = loop.current
+            granted = ctx is not None and [ctx.job, ctx.seq, ctx.attempt] == msg.running
+            if granted:
+                loop.given_back.update((job, seq, attempt) for job, seq, attempt in msg.tasks)
+        assert self.side is not None
+        self.side.send(encode(Reclaimed(loop.spec.worker_id, msg.tasks if granted else [])))
 
     def _abort(self, job: int) -> None:
         """The running task's job was terminated: set its abort flag, answer for it now.
@@ -547,6 +568,8 @@ class _Loop:
         self.terminated = _Terminated()
         self.state_lock = threading.Lock()
         self.current: TaskContext | None = None
+        #: (job, seq, attempt) of tasks given back to the driver, not run when they come (under state_lock)
+        self.given_back: set[tuple[int, int, int]] = set()
         self.welcomed = False
         self.synced = False
         self.ready_sent = False
@@ -623,6 +646,12 @@ class _Loop:
     def run(self, task: Call | Chunk) -> Outcome | None:
         """Run one task; None when its outcome was already sent (timed out, or its job terminated)."""
         global _current
+        if self.given_back:
+            with self.state_lock:
+                key = (task.job, task.seq, task.attempt)
+                if key in self.given_back:
+                    self.given_back.discard(key)
+                    return None  # another worker runs it (see _Control._give_back)
         if task.job in self.terminated:
             return Err(task.job, task.seq, task.attempt,
                        _special_error(task.job, TaskCancelledError(f"job {task.job} was terminated")))

@@ -144,3 +144,47 @@ def test_executor_does_not_prefix_worker_output() -> None:
                           env=dict(env_free, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)])))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["plain line"]
+
+
+# ---- short work behind long work -----------------------------------------------------
+
+
+def test_short_work_is_not_stranded_behind_a_long_task(tmp_path: Path) -> None:
+    """A task prefetched behind a blocked one runs on the other, idle, worker."""
+    import concurrent.futures as cf
+
+    from exec_ops import append_line_after, wait_for
+
+    release, started, log = tmp_path / "release", tmp_path / "started", tmp_path / "log"
+    with phalanx.Executor(2) as ex:
+        try:
+            slow = ex.submit(wait_for, str(release), str(started))
+            deadline = time.monotonic() + 30
+            while not started.exists():
+                assert time.monotonic() < deadline, "the long task never started"
+                time.sleep(0.005)
+            # Each worker holds two tasks (credits): one of these waits behind the long task.
+            quick = [ex.submit(append_line_after, str(log), 0.05, str(i)) for i in range(9)]
+            done, not_done = cf.wait(quick, timeout=25)  # the long task blocks until released
+            assert not not_done, "a short task waited behind the long one while a worker was idle"
+            assert not slow.done()
+        finally:
+            release.touch()
+        assert slow.result(timeout=30) is None
+        assert ex.runtime.stats().reclaimed >= 1
+    assert sorted(log.read_text().split(), key=int) == [str(i) for i in range(9)]
+
+
+def test_tasks_taken_back_run_exactly_once(tmp_path: Path) -> None:
+    """Deep prefetch, long tasks among short ones: every task runs once, every result arrives once."""
+    from exec_ops import append_line_after
+
+    log = tmp_path / "log"
+    with phalanx.Executor(2, credits=6) as ex:
+        futures = [ex.submit(append_line_after, str(log), 0.4 if i % 8 == 0 else 0.01, str(i)) for i in range(48)]
+        assert [f.result(timeout=60) for f in futures] == [None] * 48
+        stats = ex.runtime.stats()
+    lines = log.read_text().split()
+    assert sorted(lines, key=int) == [str(i) for i in range(48)]  # none twice, none lost
+    assert stats.reclaimed >= 1
+    assert stats.duplicates_dropped == 0 and stats.frames_dropped == 0
