@@ -903,7 +903,7 @@ class _Loop:
         except EncodeError as exc:  # e.g. a save() state msgpack cannot carry
             if isinstance(msg, ActorState):
                 err = EncodeError(f"the state of actor instance {msg.instance} cannot be sent: {exc}")
-                self.send(ActorState(msg.worker, msg.instance, msg.nonce, None, error_info(err)))
+                self.send(ActorState(msg.worker, msg.instance, msg.nonce, error=error_info(err)))
             else:
                 raise
 

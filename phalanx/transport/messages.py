@@ -370,12 +370,18 @@ class ActorEvent(_Msg, frozen=True):
 
 
 class ActorState(_Msg, frozen=True):
-    """The result of ``save()``: ``state``, or ``error``; ``nonce`` 0 is a checkpoint."""
+    """The result of ``save()``: ``state``, or ``error``; ``nonce`` 0 is a checkpoint.
+
+    The worker sends the state's value; the driver decodes it as
+    ``msgspec.Raw``, the encoded bytes, which it only keeps and sends back
+    (``SpawnActor.state``): a checkpoint costs the driver a reference, not
+    a decode of every object in the state.
+    """
 
     worker: str
     instance: int
     nonce: int
-    state: Any = None
+    state: msgspec.Raw = None  # type: ignore[assignment]  # the worker's side sends any value
     error: ErrorInfo | None = None
 
 
