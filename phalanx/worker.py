@@ -455,7 +455,10 @@ class _Control(threading.Thread):
             ctx = loop.current
             granted = ctx is not None and [ctx.job, ctx.seq, ctx.attempt] == msg.running
             if granted:
-                loop.given_back.update((job, seq, attempt) for job, seq, attempt in msg.tasks)
+                given = loop.given_back
+                for job, seq, attempt in msg.tasks:
+                    key = (job, seq, attempt)
+                    given[key] = given.get(key, 0) + 1  # a task sent here again, then given back again: twice
         assert self.side is not None
         self.side.send(encode(Reclaimed(loop.spec.worker_id, msg.tasks if granted else [])))
 
@@ -568,8 +571,9 @@ class _Loop:
         self.terminated = _Terminated()
         self.state_lock = threading.Lock()
         self.current: TaskContext | None = None
-        #: (job, seq, attempt) of tasks given back to the driver, not run when they come (under state_lock)
-        self.given_back: set[tuple[int, int, int]] = set()
+        #: (job, seq, attempt) of tasks given back to the driver -> how many of their frames to skip
+        #: when they come (under state_lock)
+        self.given_back: dict[tuple[int, int, int], int] = {}
         self.welcomed = False
         self.synced = False
         self.ready_sent = False
@@ -649,8 +653,10 @@ class _Loop:
         if self.given_back:
             with self.state_lock:
                 key = (task.job, task.seq, task.attempt)
-                if key in self.given_back:
-                    self.given_back.discard(key)
+                left = self.given_back.pop(key, 0)
+                if left:
+                    if left > 1:
+                        self.given_back[key] = left - 1
                     return None  # another worker runs it (see _Control._give_back)
         if task.job in self.terminated:
             return Err(task.job, task.seq, task.attempt,

@@ -181,10 +181,14 @@ def test_tasks_taken_back_run_exactly_once(tmp_path: Path) -> None:
 
     log = tmp_path / "log"
     with phalanx.Executor(2, credits=6) as ex:
-        futures = [ex.submit(append_line_after, str(log), 0.4 if i % 8 == 0 else 0.01, str(i)) for i in range(48)]
-        assert [f.result(timeout=60) for f in futures] == [None] * 48
+        futures = []
+        for wave in range(4):  # waves: workers idle between them, so tasks are taken back again and again
+            futures += [ex.submit(append_line_after, str(log), 0.4 if i % 8 == 0 else 0.01, str(wave * 24 + i))
+                        for i in range(24)]
+            time.sleep(0.2)
+        assert [f.result(timeout=60) for f in futures] == [None] * 96
         stats = ex.runtime.stats()
     lines = log.read_text().split()
-    assert sorted(lines, key=int) == [str(i) for i in range(48)]  # none twice, none lost
+    assert sorted(lines, key=int) == [str(i) for i in range(96)]  # none twice, none lost
     assert stats.reclaimed >= 1
     assert stats.duplicates_dropped == 0 and stats.frames_dropped == 0
