@@ -1253,13 +1253,17 @@ class Driver:
         """A worker gave back tasks it will never run: queue them again, at the front (pump thread)."""
         with self._lock:
             w = self._workers.get(ident)
-            if w is None or msg.worker != w.id:
-                self.frames_dropped += 1
+            if w is None or msg.worker != w.id or not w.reclaiming:
+                self.frames_dropped += 1  # unasked: never ours to act on
                 return
             w.reclaiming = False
             w.oldest = None
             back: dict[str, list[Task]] = {}
-            for job_id, seq, attempt in msg.tasks:
+            for entry in msg.tasks:
+                if len(entry) != 3:
+                    self.frames_dropped += 1
+                    continue
+                job_id, seq, attempt = entry
                 task = w.inflight.get((job_id, seq))
                 if task is None or task.attempt != attempt:
                     continue  # already redelivered (its worker died)
