@@ -14,6 +14,9 @@ ROUTER, from any process of the runtime. Threads and what they do::
     supervisor thread ─ a worker exited ───────────────▶ Broker.worker_exited: its receivers'
                                                             messages go back to the queue
                                                                                        [broker lock]
+    any thread ─ an end made, closed or collected ─────▶ Broker._count: queued, no lock (a
+                 in the driver; an end encoded            collection may run inside it); the
+                                                          next flush counts it  /  Broker._share
 
 Only the pump sends on the ROUTER; other threads queue their frames and wake
 it. Per lease: its kind, capacity, whether its sending side is closed, and
@@ -59,7 +62,11 @@ Invariants kept:
    most ``capacity`` unconsumed messages (queued or unacked, the longest
    subscription for Broadcast); a sender has at most ``SEND_WINDOW`` sends
    unacknowledged, so a lease holds ``capacity + SEND_WINDOW`` per sender
-   at most.
+   at most. A lease is freed (nothing of it kept but one bit, set if it
+   was released) once it is closed, consumed and its receivers ended, or
+   once every end of it in the driver is closed or collected and none was
+   ever encoded (passed on), or at ``release``. A late frame for a freed
+   lease is answered as for a closed (or released) one.
 """
 
 from __future__ import annotations
@@ -234,6 +241,8 @@ class Broker:
         Any thread, even a garbage collection inside the broker lock: only
         queued here, applied by the pump's next flush.
         """
+        if self._driver.closed:
+            return  # shut down: its wake pipe may be closed, and its fd reused
         self._counts.append((lease_id, change))
         if change < 0:
             self._driver.wake()

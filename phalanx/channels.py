@@ -37,6 +37,10 @@ Invariants kept (the broker keeps the rest, see :mod:`phalanx.broker`):
   ``_SLICE`` seconds to check the runtime: once it is shut down (in the
   driver) or shutting the worker down, the wait raises
   :class:`~phalanx.RuntimeClosedError` instead of waiting forever.
+* **Bounded memory.** In the driver, each end tells the broker when it is
+  made and when it is closed or collected, and when it is encoded (then
+  copies may live elsewhere): the broker frees a lease none of whose ends is
+  left (see :mod:`phalanx.broker`).
 * **No pickle on the wire.** Values are encoded with the usual codec before
   anything is sent (:class:`~phalanx.EncodeError` otherwise); the broker
   never decodes them.

@@ -126,6 +126,7 @@ from .worker import ABORT_EXIT, WorkerSpec
 
 if TYPE_CHECKING:
     from .broker import Broker
+    from .transport.keys import RunKeys
 
 __all__ = ["Driver", "Job", "Task", "WorkerStats", "RuntimeStats", "SKIPPED"]
 
@@ -437,8 +438,10 @@ class _Worker:
 class Driver:
     """Sockets, workers and jobs of one runtime (see the module docstring)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, run_keys: RunKeys | None = None) -> None:
         self.config = config
+        #: the keys of a runtime that starts its own hosts (hosts=, slurm=True), held in memory
+        self.run_keys = run_keys
         #: private ipc endpoints (local workers)
         self.endpoints: Endpoints = local_endpoints()
         #: tcp endpoints remote workers connect to, when listening
@@ -581,9 +584,14 @@ class Driver:
             return None
         from .transport import keys
 
-        assert config.server_key is not None and config.authorized_keys is not None
-        public, secret = keys.load_secret(config.server_key)
-        self._auth = keys.Authenticator(self._ctx, config.authorized_keys)
+        run = self.run_keys
+        if run is not None and config.server_key is None:
+            public, secret = run.server
+        else:
+            assert config.server_key is not None
+            public, secret = keys.load_secret(config.server_key)
+        assert config.authorized_keys is not None or run is not None
+        self._auth = keys.Authenticator(self._ctx, config.authorized_keys, run)
         self._auth.start()
         return sockets.Curve(public, secret)
 
