@@ -104,6 +104,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str | None = None
     implicit_operations: bool = False
     host_name: str | None = None
+    shm_threshold: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         # Each message starts with the option's name: Config.load names its variable instead.
@@ -125,7 +126,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         for name in ("credits", "max_attempts", "hwm"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_tasks_per_worker", "max_memory_per_worker", "restart_limit", "actor_restart_limit"):
+        for name in ("max_tasks_per_worker", "max_memory_per_worker", "restart_limit", "actor_restart_limit",
+                     "shm_threshold"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("start_timeout", "restart_window", "heartbeat_interval", "actor_restart_window",
@@ -315,4 +317,7 @@ OPTIONS: dict[str, Option] = _options(
            worker_flag="--implicit-operations"),
     Option("host_name", str, "the name of this host in `rt.inspect()` and `phalanx top`; remote "
            "worker ids start with it", default="its hostname", worker_flag="--host-name"),
+    Option("shm_threshold", int, "bytes from which a numpy array in a task or result between the driver and "
+           "a local worker travels through a shared-memory segment in `/dev/shm` (only its name is sent; "
+           "0: never). Off while the driver has a runtime with `listen`", default="1048576 (1 MiB)"),
 )

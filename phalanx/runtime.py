@@ -31,6 +31,7 @@ from .config import Config
 from .driver import Driver, RuntimeStats
 from .directives import Chain, Directive, Fold, IndexedChain, JobHandle, start_job
 from .jobs import MISSING, Future, MapIterator, fold, submit
+from .transport import shm
 from .policy import DEFAULT_TAG, FatalStrategy, RetryStrategy, TaskOptions, check_tag
 
 __all__ = ["Runtime", "JobOptions"]
@@ -161,6 +162,7 @@ class Runtime(_RunsDirectives):
         log_level: str | None = None,
         implicit_operations: bool | None = None,
         host_name: str | None = None,
+        shm_threshold: int | None = None,
         faults: Any = None,
     ) -> None:
         self.config = Config.load(
@@ -193,16 +195,24 @@ class Runtime(_RunsDirectives):
             log_level=log_level,
             implicit_operations=implicit_operations,
             host_name=host_name,
+            shm_threshold=shm_threshold,
         )
         if self.config.log_level:
             from .logs import ensure_configured
 
             ensure_configured(self.config.log_level)
-        self._driver = Driver(self.config)
+        # Before any worker starts: arrays in its tasks and results may use shared memory.
+        shm.runtime_started(self, self.config.shm_threshold, self.config.listen is not None)
+        try:
+            self._driver = Driver(self.config)
+        except BaseException:
+            shm.runtime_stopped(self)
+            raise
         try:
             self._driver.start_workers(self.config.worker_groups(), self.config.start_timeout)
         except BaseException:
             self._driver.shutdown(wait=False)
+            shm.runtime_stopped(self)
             raise
         self._actors = ActorSystem(
             self._driver, call_timeout=self.config.actor_timeout,
@@ -466,7 +476,10 @@ class Runtime(_RunsDirectives):
         Idempotent.
         """
         atexit.unregister(self._atexit)
-        self._driver.shutdown(wait=wait, timeout=timeout)
+        try:
+            self._driver.shutdown(wait=wait, timeout=timeout)
+        finally:
+            shm.runtime_stopped(self)
         if self.faults is not None:
             self.faults.close()
 

@@ -72,6 +72,7 @@ CASES: dict[str, Case] = {
     "log_level": Case("DEBUG", "warning", "warning", "LOUD", "LOUD"),
     "implicit_operations": Case(True, "1", True, "1", "2"),
     "host_name": Case("box-1", "box-2", "box-2", "has space", "has space"),
+    "shm_threshold": Case(0, "4096", 4096, -1, "x"),
 }
 
 RUNTIME = [name for name, o in OPTIONS.items() if o.runtime]
