@@ -33,7 +33,8 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
-BIG = 2 * 1024 * 1024  # bytes: above the default threshold (1 MiB)
+BIG = 2 * 1024 * 1024  # bytes of the arrays sent
+SHM = 1024 * 1024  # the runtimes' shm_threshold: below BIG (the default, 32 MiB, is above it)
 
 
 def _mine(pid: int | None = None) -> list[str]:
@@ -55,7 +56,7 @@ def _big(seed: int = 0) -> np.ndarray[Any, Any]:
 def test_large_array_round_trip_both_ways_through_a_segment() -> None:
     a = _big()
     before = a.copy()
-    with phalanx.Runtime(workers=2) as rt:
+    with phalanx.Runtime(workers=2, shm_threshold=SHM) as rt:
         info = rt.submit(array_ops.view_info, a).result(timeout=30)
         # The worker's array is a mapping of the segment, writable, and its own.
         assert info == {"mapped": True, "writeable": True, "sum": float(before.sum())}
@@ -79,13 +80,15 @@ def test_small_arrays_and_disabled_threshold_travel_inline() -> None:
         info = rt.submit(array_ops.view_info, a).result(timeout=30)
         assert info["mapped"] is False and info["sum"] == float(a.sum())
         assert not array_ops._mapped(rt.submit(array_ops.echo, a).result(timeout=30))
-    with phalanx.Runtime(workers=1) as rt:
+    with phalanx.Runtime(workers=1, shm_threshold=SHM) as rt:
         small = np.arange(10, dtype=np.float64)
         assert rt.submit(array_ops.view_info, small).result(timeout=30)["mapped"] is False
+    with phalanx.Runtime(workers=1) as rt:  # the default threshold, 32 MiB, is above BIG
+        assert rt.submit(array_ops.view_info, a).result(timeout=30)["mapped"] is False
 
 
 def test_a_value_that_fails_to_encode_leaves_no_segment() -> None:
-    with phalanx.Runtime(workers=1) as rt:
+    with phalanx.Runtime(workers=1, shm_threshold=SHM) as rt:
         with pytest.raises(phalanx.EncodeError):
             rt.submit(array_ops.add, _big(), object())
         assert _mine() == []
@@ -93,7 +96,7 @@ def test_a_value_that_fails_to_encode_leaves_no_segment() -> None:
 
 def test_worker_killed_mid_task_leaves_no_segment(tmp_path: Path) -> None:
     marker = tmp_path / "started"
-    with phalanx.Runtime(workers=1, max_attempts=1) as rt:
+    with phalanx.Runtime(workers=1, max_attempts=1, shm_threshold=SHM) as rt:
         held = rt.submit(array_ops.hold, _big(1), str(marker))
         # Queued behind it, in the driver or in the worker's pipe: segments not yet mapped.
         queued = [rt.submit(array_ops.total, _big(i)) for i in range(2, 6)]
@@ -116,7 +119,7 @@ DRIVER = textwrap.dedent(
     from tests import array_ops
 
     marker = sys.argv[1]
-    rt = phalanx.Runtime(workers=1)
+    rt = phalanx.Runtime(workers=1, shm_threshold=1024 * 1024)
     big = [np.full(256 * 1024, float(i)) for i in range(6)]
     held = rt.submit(array_ops.hold, big[0], marker)
     queued = [rt.submit(array_ops.total, a) for a in big[1:]]
@@ -173,14 +176,14 @@ def test_runtime_start_sweeps_segments_of_dead_drivers() -> None:
 
 def test_remote_runtime_keeps_the_frame_path() -> None:
     """While a runtime of this driver accepts remote workers, no segment name is ever sent."""
-    with phalanx.Runtime(workers=1, listen="tcp://127.0.0.1:0", insecure=True) as rt:
+    with phalanx.Runtime(workers=1, listen="tcp://127.0.0.1:0", insecure=True, shm_threshold=SHM) as rt:
         assert shm.threshold() == 0
         info = rt.submit(array_ops.view_info, _big()).result(timeout=30)
         assert info["mapped"] is False
         frame = encode(Call(1, 0, 0, "m:f", [_big()]))
         assert b"phalanx-" not in frame and _mine() == []
-    with phalanx.Runtime(workers=1):
-        assert shm.threshold() > 0
+    with phalanx.Runtime(workers=1, shm_threshold=SHM):
+        assert shm.threshold() == SHM
 
 
 def _record(name: str, nbytes: int = 64) -> bytes:
@@ -196,7 +199,7 @@ def _record(name: str, nbytes: int = 64) -> bytes:
 @pytest.mark.parametrize("case", ["other driver", "foreign file", "symlink", "wrong size", "missing"])
 def test_a_record_naming_anything_but_our_segment_is_a_protocol_error(case: str, tmp_path: Path) -> None:
     """A hostile or buggy peer naming a file: nothing outside our own live segments is opened."""
-    with phalanx.Runtime(workers=1):
+    with phalanx.Runtime(workers=1, shm_threshold=SHM):
         me = os.getpid()
         victim = tmp_path / "secret"
         victim.write_bytes(b"s" * 64)
@@ -234,7 +237,7 @@ def test_channel_messages_never_carry_segments() -> None:
 
 def test_inbox_frame_from_the_driver_maps_once() -> None:
     """A worker-side decode of a task frame maps the array; a second decode of the same frame fails."""
-    with phalanx.Runtime(workers=1):
+    with phalanx.Runtime(workers=1, shm_threshold=SHM):
         a = _big()
         frame = encode(Call(1, 0, 0, "m:f", [a]))
         assert len(frame) < 1024 and len(_mine()) == 1

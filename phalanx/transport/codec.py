@@ -4,6 +4,12 @@ Runs in the driver and in every worker. One encoder, one decoder per socket
 role; decoders only accept the messages that socket may carry, so a frame of
 the wrong kind is a :class:`~phalanx.errors.ProtocolError`, never a crash.
 
+Tasks (``Call``, ``Chunk``, ``ActorCall``) and ``Results`` are encoded with
+large numpy arrays in shared-memory segments while
+:func:`phalanx.transport.shm.threshold` is set (a driver with only local
+workers, a local worker); everything else, channel messages included, carries
+arrays inline.
+
 Invariant kept: a value msgspec cannot encode raises
 :class:`~phalanx.errors.EncodeError` (a ``TypeError``) *before* anything is
 sent, and nothing here ever unpickles.
