@@ -19,7 +19,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import msgspec
 import psutil
@@ -33,6 +33,9 @@ from .directives import Chain, Directive, Fold, IndexedChain, JobHandle, start_j
 from .jobs import MISSING, Future, MapIterator, fold, submit
 from .transport import shm
 from .policy import DEFAULT_TAG, FatalStrategy, RetryStrategy, TaskOptions, check_tag
+
+if TYPE_CHECKING:
+    from .launch import Launch
 
 __all__ = ["Runtime", "JobOptions"]
 
@@ -126,6 +129,12 @@ class Runtime(_RunsDirectives):
     default, is in the configuration table, ``docs/configuration.md``.
     The constructor returns once every worker is connected and ready, or
     raises :class:`~phalanx.WorkerStartError`.
+
+    ``hosts=["host1", "user@host2:22"]`` also starts ``phalanx worker`` on
+    each host over ssh, and ``slurm=True`` on each node of the Slurm
+    allocation with ``srun``, with keys made for this run; the workers of
+    at least ``min_hosts`` hosts are then ready too (see
+    ``docs/multihost.md``, "Running on several hosts").
     ``faults=`` (tests only) applies a :mod:`phalanx.testing` fault plan to
     the runtime's frames and worker processes.
     """
@@ -163,6 +172,12 @@ class Runtime(_RunsDirectives):
         implicit_operations: bool | None = None,
         host_name: str | None = None,
         shm_threshold: int | None = None,
+        hosts: list[str] | None = None,
+        workers_per_host: int | None = None,
+        min_hosts: int | None = None,
+        remote_python: str | None = None,
+        ssh_config: str | None = None,
+        slurm: bool | None = None,
         faults: Any = None,
     ) -> None:
         self.config = Config.load(
@@ -196,23 +211,42 @@ class Runtime(_RunsDirectives):
             implicit_operations=implicit_operations,
             host_name=host_name,
             shm_threshold=shm_threshold,
+            hosts=hosts,
+            workers_per_host=workers_per_host,
+            min_hosts=min_hosts,
+            remote_python=remote_python,
+            ssh_config=ssh_config,
+            slurm=slurm,
         )
         if self.config.log_level:
             from .logs import ensure_configured
 
             ensure_configured(self.config.log_level)
-        # Before any worker starts: arrays in its tasks and results may use shared memory.
+        #: the hosts this runtime started itself (hosts=, slurm=True), None otherwise
+        self._launch: Launch | None = None
+        if self.config.launches:
+            from .launch import Launch
+
+            self._launch = Launch(self.config)
+            self.config = msgspec.structs.replace(self.config, listen=self._launch.listen)
+        # Before any worker starts: arrays in its tasks and results may use shared memory
+        # (never while remote workers may join: listen, hosts=, slurm=True).
         shm.runtime_started(self, self.config.shm_threshold, self.config.listen is not None)
         try:
-            self._driver = Driver(self.config)
+            self._driver = Driver(self.config, self._launch.keys if self._launch is not None else None)
         except BaseException:
             shm.runtime_stopped(self)
             raise
         try:
             self._driver.start_workers(self.config.worker_groups(), self.config.start_timeout)
+            if self._launch is not None:
+                assert self._driver.address is not None
+                self._launch.start(self._driver.address.tasks, self._ready_on, self.config.start_timeout)
         except BaseException:
             self._driver.shutdown(wait=False)
             shm.runtime_stopped(self)
+            if self._launch is not None:
+                self._launch.close()
             raise
         self._actors = ActorSystem(
             self._driver, call_timeout=self.config.actor_timeout,
@@ -228,6 +262,10 @@ class Runtime(_RunsDirectives):
         _advertise(self)
         self._atexit = lambda ref=weakref.ref(self): _shutdown_at_exit(ref)
         atexit.register(self._atexit)
+
+    def _ready_on(self, host: str) -> int:
+        """Ready remote workers of ``host`` (the launch waits for them)."""
+        return sum(1 for w in self._driver.stats().workers if w.remote and w.host == host and w.ready and w.alive)
 
     # ---- work ------------------------------------------------------------------
 
@@ -480,6 +518,8 @@ class Runtime(_RunsDirectives):
             self._driver.shutdown(wait=wait, timeout=timeout)
         finally:
             shm.runtime_stopped(self)
+        if self._launch is not None:
+            self._launch.close()  # after the Shutdown broadcast: the hosts are ending already
         if self.faults is not None:
             self.faults.close()
 
@@ -499,6 +539,8 @@ class Runtime(_RunsDirectives):
         if driver is not None and not driver.closed:
             try:
                 driver.shutdown(wait=False)
+                if self._launch is not None:
+                    self._launch.close()
             except Exception:
                 pass
 
