@@ -139,4 +139,6 @@ def test_optional_peers_run_when_installed_and_are_skipped_otherwise(tmp_path: P
         else:
             assert peer not in status
             assert "not installed (skipped): " in proc.stdout and peer in proc.stdout
-    assert all(not run.get("leftovers") for run in data["runs"]), "a runner left processes behind"
+    # Processes a peer leaves behind (a dask nanny or an ipyparallel engine slow to exit on a loaded
+    # machine) are the peer's, reported and killed by the suite; phalanx must leave none.
+    assert all(not run.get("leftovers") for run in data["runs"] if run["runner"] == "phalanx"), data["runs"]
