@@ -246,3 +246,17 @@ def test_inbox_frame_from_the_driver_maps_once() -> None:
         assert _mine() == []
         with pytest.raises(phalanx.ProtocolError):
             decode_inbox(frame)
+
+
+def test_a_dropped_runtime_stops_using_segments() -> None:
+    """A runtime collected without shutdown(): tasks of this process stop going through segments."""
+    import gc
+
+    rt = phalanx.Runtime(workers=1, shm_threshold=SHM)
+    assert shm.threshold() == SHM
+    workers = [psutil.Process(p) for p in rt.worker_pids().values()]
+    del rt
+    gc.collect()
+    assert shm.threshold() == 0
+    psutil.wait_procs(workers, timeout=10)
+    assert _mine() == []

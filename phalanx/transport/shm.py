@@ -138,12 +138,19 @@ def runtime_started(runtime: Any, limit: int, remote: bool) -> None:
     with _lock:
         _runtimes[runtime] = (limit, remote)
         _recompute()
+    # A runtime dropped without shutdown() counts as stopped once collected.
+    weakref.finalize(runtime, _forget)
 
 
 def runtime_stopped(runtime: Any) -> None:
     """A runtime stopped: the last one removes this driver's own segments too."""
     with _lock:
         _runtimes.pop(runtime, None)
+    _forget()
+
+
+def _forget() -> None:
+    with _lock:
         _recompute()
         last = not _runtimes
     if available():
