@@ -23,8 +23,9 @@ Invariants kept:
 
 * **It dies with the driver and leaves nothing behind.** It asks for SIGTERM
   when the driver dies (``PR_SET_PDEATHSIG``), also ends on EOF of its ctl
-  socket, and checks its parent twice a second; on any of them it SIGKILLs
-  every process below it (workers and what they started), reaps them and exits.
+  socket, and checks its parent twice a second; on any of them it gives the
+  workers 0.5 s to end themselves (SIGTERM: each cleans up and kills its
+  group), then SIGKILLs every process below it, reaps them and exits.
 * **Child containment.** It is the child subreaper of the workers
   (``PR_SET_CHILD_SUBREAPER``): whatever a worker started that outlives its
   own parent is re-parented here, not to init. When a worker exits, for any
@@ -66,6 +67,8 @@ _PARENT_CHECK = 0.5
 #: seconds after a worker's exit at which the server sweeps for its orphans again
 #: (a process being killed may have forked meanwhile)
 _SWEEP_AGAIN = (0.2, 1.0)
+#: seconds the workers get to end themselves (SIGTERM) when the server ends, before SIGKILL
+_WORKER_GRACE = 0.5
 #: largest ctl message (a Spawn request)
 _MAX_REQUEST = 1 << 20
 
@@ -367,7 +370,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int) -> NoReturn:
                 ctl.send(encoder.encode(reply))
             except OSError:
                 break
-    _end_all()
+    _end_all(list(workers))
     os._exit(0)
 
 
@@ -444,10 +447,25 @@ def _sweep(workers: set[int]) -> None:
             pass
 
 
-def _end_all() -> None:
-    """SIGKILL everything below the server and reap it (bounded)."""
+def _end_all(workers: list[int]) -> None:
+    """SIGTERM the workers (each cleans up and kills its group), then SIGKILL everything below; reap (bounded)."""
     import psutil
 
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    grace = time.monotonic() + _WORKER_GRACE
+    while workers and time.monotonic() < grace:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid in workers:
+            workers.remove(pid)
+        elif not pid:
+            time.sleep(0.005)
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
         try:
