@@ -627,6 +627,7 @@ class Driver:
             spin=self.config.spin,
             log_level=self.config.log_level,
             implicit_operations=self.config.implicit_operations,
+            local_pickle=self.config.local_pickle,
         )
         worker.pid, end = self._supervisor.spawn_piped(spec)
         worker.pipe = FramePipe(end, self.limits.max_frame)
@@ -1387,7 +1388,7 @@ class Driver:
         ident = w.ident
         for frame in frames:
             try:
-                self._handle([ident, frame])
+                self._handle([ident, frame], local=True)
             except Exception:  # well-formed but nonsensical: never stop the pump
                 log.exception("dropped a frame that could not be handled")
                 self.frames_dropped += 1
@@ -1539,17 +1540,18 @@ class Driver:
             for k in dead:
                 self._workers.pop(k, None)
 
-    def _handle(self, parts: list[bytes], filtered: bool = False) -> None:
+    def _handle(self, parts: list[bytes], filtered: bool = False, local: bool = False) -> None:
+        """One frame from a peer; ``local``: from a local worker's pipe (where local_pickle applies)."""
         if self.frame_filter is not None and not filtered and len(parts) == 2:
             for frame in self.frame_filter("in", parts[0], parts[1]):
-                self._handle([parts[0], frame], True)
+                self._handle([parts[0], frame], True, local)
             return
         if len(parts) != 2:
             self.frames_dropped += 1
             return
         ident, frame = parts
         try:
-            msg = decode_driver(frame)
+            msg = decode_driver(frame, local and self.config.local_pickle)
         except ProtocolError:
             if self.channels is not None and b"~" in ident:
                 self.channels.handle(ident, frame)  # a channel end (phalanx.channels)
@@ -1872,7 +1874,7 @@ class Driver:
             ident = w.ident
             for i, frame in enumerate(frames):
                 try:
-                    msg = decode_driver(frame)
+                    msg = decode_driver(frame, self.config.local_pickle)
                 except ProtocolError:
                     msg = None
                 if not isinstance(msg, Results):

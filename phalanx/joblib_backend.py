@@ -22,12 +22,15 @@ The backend runs every batch joblib forms as one task on a :class:`phalanx.Execu
              ──▶ Executor.submit(_run_calls, [[name, args, kwargs], ...]) ──▶ worker
     pump thread ── done callback ──▶ joblib's BatchCompletionCallBack (next batch)
 
-Invariant kept: nothing is pickled. Each delayed function is sent by name,
-so it must be an ``@phalanx.operation`` or a plain module-level function
-(named implicitly, as :class:`phalanx.Executor` does); a lambda, a nested
-function or a ``functools.partial`` raises ``TypeError`` when the batch is
-dispatched. Arguments and results are msgpack: results come back as the
-function's return annotation says, else as plain data (a tuple as a list).
+Invariant kept: nothing is pickled unless ``local_pickle`` is on (local
+workers only). Each delayed function is sent by name, so it must be an
+``@phalanx.operation`` or a function defined at module level (Python,
+builtin or C, named implicitly, as :class:`phalanx.Executor` does); a
+lambda, a nested function or a ``functools.partial`` raises ``TypeError``
+when the batch is dispatched, unless ``local_pickle`` carries it pickled.
+Arguments and results are msgpack: results come back as the function's
+return annotation says, else as Python made them (tuples, sets and big ints
+included; other objects as plain data, or pickled under ``local_pickle``).
 No worker outlives the ``Parallel`` call that started it.
 """
 
@@ -41,7 +44,7 @@ from typing import Any
 
 from .config import usable_cpus
 from .executor import Executor, _run_calls
-from .registry.operations import Operation, driver_operation, implicit, name_of
+from .registry.operations import Operation, driver_operation, implicit
 from .runtime import Runtime
 
 __all__ = ["PhalanxBackend", "register"]
@@ -124,9 +127,9 @@ class PhalanxBackend(_parallel.AutoBatchingMixin, _parallel.ParallelBackendBase)
         calls: list[list[Any]] = []
         ops: list[Operation | None] = []
         for fn, args, kwargs in items:
-            target = implicit(fn)
-            calls.append([name_of(target), list(args), dict(kwargs) or None])
-            ops.append(driver_operation(target))
+            callee = executor._wire_fn(fn)  # a name, or (local_pickle) fn itself
+            calls.append([callee, list(args), dict(kwargs) or None])
+            ops.append(driver_operation(implicit(fn)) if isinstance(callee, str) else None)
         future = executor.submit(_run_calls, calls)
         future._phalanx_joblib_ops = ops  # type: ignore[attr-defined]
         if callback is not None:

@@ -41,7 +41,7 @@ from .driver import SETTLED, SKIPPED, Delivery, Driver, Job, Task
 from .errors import TaskCancelledError, TaskTimeoutError
 from .policy import FatalStrategy, TaskOptions
 from .progress import ProgressBar, progress_bar
-from .registry.operations import Operation, driver_operation, monoid_empty, name_of
+from .registry.operations import Operation, driver_operation, monoid_empty, name_of, pickled_call
 from .transport.codec import encode, rebuild_error
 from .transport.messages import Call, Chunk, Ok
 
@@ -335,12 +335,14 @@ def submit(
     options: TaskOptions | None = None,
 ) -> Future[Any]:
     """Run ``fn(*args, **kwargs)`` once on some worker."""
+    if driver.config.local_pickle:
+        fn, args = pickled_call(fn, args)
     op_name = name_of(fn)
     op = driver_operation(fn)
     fut: Future[Any] = Future()
     job = _SubmitJob(driver, op_name, op, fut, options_for(op, options))
     msg = Call(job.id, 0, 0, op_name, args, kwargs or None, job.timeout)
-    frame = encode(msg, "the arguments of {}", op_name)
+    frame = encode(msg, "the arguments of {}", op_name, driver.config.local_pickle)
     fut._phalanx_direct = driver
     fut._phalanx_call = job
     driver.submit(job, [Task(msg, frame)], register=True)
@@ -480,7 +482,8 @@ class MapIterator(Iterator[R], Generic[R]):
             self._starts[seq] = self._read
             self._read += len(items)
             msg = Chunk(job.id, seq, 0, self._op_name, items, self._star, False, job.timeout, self._stages)
-            tasks.append(Task(msg, encode(msg, "the arguments of {}", self._op_name), len(items)))
+            frame = encode(msg, "the arguments of {}", self._op_name, self._driver.config.local_pickle)
+            tasks.append(Task(msg, frame, len(items)))
         if tasks:
             now = time.monotonic()
             for task in tasks:
@@ -716,6 +719,7 @@ def fold(
     return fold_on(
         lambda op_name, resolved: _Lease(driver, op_name, resolved), driver.submit, driver.close_job,
         time.monotonic, fn, iterable, initial, chunksize, timeout, workers, options,
+        pickled=driver.config.local_pickle,
     )
 
 
@@ -742,6 +746,7 @@ def fold_on(
     *,
     stages: Sequence[Callable[..., Any] | str] = (),
     on_items: Callable[[int], None] | None = None,
+    pickled: bool = False,
 ) -> Any:
     """The fold tree, for any runtime that submits tasks and leases their outcomes.
 
@@ -779,7 +784,7 @@ def fold_on(
         seq = next(seqs)
         msg = Call(job.id, seq, 0, op_name, [lower, upper], None, job.timeout)
         inflight[seq] = (lo, hi, False)
-        submit_tasks(job, [Task(msg, encode(msg, "the partial results of {}", op_name))])
+        submit_tasks(job, [Task(msg, encode(msg, "the partial results of {}", op_name, pickled))])
 
     def add_ready(lo: int, hi: int, value: Any, remote: bool) -> None:
         left = lo_of_hi.pop(lo, None)
@@ -813,7 +818,7 @@ def fold_on(
                 seq = next(seqs)
                 msg = Chunk(job.id, seq, 0, op_name, items, False, True, job.timeout, stage_names)
                 inflight[seq] = (lo, pos, True)
-                tasks.append(Task(msg, encode(msg, "the items of {}", op_name), len(items)))
+                tasks.append(Task(msg, encode(msg, "the items of {}", op_name, pickled), len(items)))
             if tasks:
                 submit_tasks(job, tasks)
             if exhausted and not inflight:

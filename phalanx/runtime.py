@@ -160,6 +160,7 @@ class Runtime(_RunsDirectives):
         spin: float | None = None,
         log_level: str | None = None,
         implicit_operations: bool | None = None,
+        local_pickle: bool | None = None,
         host_name: str | None = None,
         faults: Any = None,
     ) -> None:
@@ -192,6 +193,7 @@ class Runtime(_RunsDirectives):
             spin=spin,
             log_level=log_level,
             implicit_operations=implicit_operations,
+            local_pickle=local_pickle,
             host_name=host_name,
         )
         if self.config.log_level:

@@ -149,6 +149,8 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     log_level: str | None = None
     #: it also runs unregistered module-level functions named ``module:qualname``
     implicit_operations: bool = False
+    #: a local worker of a ``local_pickle`` runtime: its pipe carries pickles both ways
+    local_pickle: bool = False
     #: the host name it reports in Hello and inspect replies ("": ``socket.gethostname()``)
     host: str = ""
     #: on LEAVE_SIGNAL from its parent, tell the driver it leaves (Goodbye) before exiting
@@ -531,6 +533,8 @@ class _Loop:
         self.pipe: FramePipe | None = None
         self.inbox: zmq.Socket[bytes] | None = None
         self.outbox: zmq.Socket[bytes] | None = None
+        #: pickles cross its pipe (local_pickle); never a ZeroMQ socket's, whatever the spec says
+        self.pickled = spec.local_pickle and pipe is not None
         if pipe is not None:
             self.pipe = FramePipe(pipe, spec.limits.max_frame)
             self._pipe_poll = select.poll()
@@ -595,7 +599,7 @@ class _Loop:
     def drain_inbox(self) -> None:
         for frame in self._frames():
             try:
-                msg = decode_inbox(frame)
+                msg = decode_inbox(frame, self.pickled)
             except ProtocolError:
                 self.frames_dropped += 1
                 continue
@@ -811,9 +815,10 @@ class _Loop:
         self.out, self.out_ops, self.busy = [], [], 0.0
         dropped = self.dropped()
         try:
-            frame = encode(Results(self.spec.worker_id, outcomes, busy, dropped))
+            frame = encode(Results(self.spec.worker_id, outcomes, busy, dropped), pickled=self.pickled)
         except EncodeError:
-            frame = encode(Results(self.spec.worker_id, _encodable(outcomes, ops), busy, dropped))
+            fixed = _encodable(outcomes, ops, self.pickled)
+            frame = encode(Results(self.spec.worker_id, fixed, busy, dropped), pickled=self.pickled)
         if self.pipe is not None or not sent:
             # A pipe's frame is in the kernel once written: it reaches the driver even if this process dies.
             self._send_frame(frame)
@@ -945,12 +950,12 @@ class _Loop:
         self.ctx.destroy(linger=0)
 
 
-def _encodable(outcomes: list[Outcome], ops: list[str]) -> list[Outcome]:
+def _encodable(outcomes: list[Outcome], ops: list[str], pickled: bool = False) -> list[Outcome]:
     """Replace every outcome whose value cannot be encoded by an EncodeError."""
     fixed: list[Outcome] = []
     for outcome, op in zip(outcomes, ops):
         try:
-            encode(outcome)
+            encode(Results("", [outcome]), pickled=pickled)
         except EncodeError as exc:
             err = EncodeError(f"result of {op} cannot be sent: {exc.__cause__ or exc}")
             outcome = Err(outcome.job, outcome.seq, outcome.attempt, error_info(err))

@@ -1,0 +1,39 @@
+"""Module-level functions the drop-in tests run in workers (named implicitly, or registered)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import phalanx
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+@phalanx.operation
+def echo(x: Any) -> Any:
+    return x
+
+
+@dataclasses.dataclass
+class Order:
+    qty: int
+
+
+@phalanx.operation
+def double(order: Order) -> int:
+    return order.qty * 2
+
+
+class Touch:
+    """Unpickling it creates the file ``path``: proof that a pickle was read."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
