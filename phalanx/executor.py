@@ -101,14 +101,18 @@ class Executor(concurrent.futures.Executor):
     refused: an executor runs local workers only; ``implicit_operations`` is
     always on).
 
-    ``fn`` may be an ``@phalanx.operation`` function, its name, or a plain
-    Python function defined at module level (named implicitly; for trusted
-    local use). Lambdas, nested functions, builtins, methods and partials
-    raise ``TypeError`` at ``submit``, as do arguments msgspec cannot encode
+    ``fn`` may be an ``@phalanx.operation`` function, its name, or a
+    function defined at module level, Python, builtin or C (``pow``,
+    ``time.sleep``, ``numpy.dot``; named implicitly; for trusted local use).
+    Lambdas, nested functions, methods and partials raise ``TypeError`` at
+    ``submit``, as do arguments msgspec cannot encode
     (:class:`~phalanx.EncodeError`), where ``ProcessPoolExecutor`` fails
-    later, at ``result()``. Arguments and results travel as msgpack: a
-    result comes back as the function's return annotation says, else as
-    plain data (a tuple as a list).
+    later, at ``result()``; with ``local_pickle=True`` (or
+    ``PHALANX_LOCAL_PICKLE=1``) they are pickled to the local workers and
+    run, as with ``ProcessPoolExecutor``. Arguments and results travel as
+    msgpack: a result comes back as the function's return annotation says,
+    else as Python made it (tuples, sets, big ints, numpy scalars) or as
+    plain data (a dataclass as a dict, unless ``local_pickle``).
 
     A worker that dies mid-task is replaced and its tasks are redelivered
     (so execution is at-least-once); a task that kills its worker

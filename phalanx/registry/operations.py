@@ -418,7 +418,7 @@ _MSGSPEC_MISMATCH = re.compile(r"Expected `([^`]+)`, got `([^`]+)`(?: - at `\$(.
 
 
 def _in_our_words(exc: msgspec.ValidationError, typ: Any, value: Any) -> str:
-    """msgspec's "Expected `object`, got `str`" as "expected Order, got str" (a path kept as "in [0].x")."""
+    """msgspec's "Expected `object`, got `str`" as "expected Order, got str" (a path inside it kept: "at `$.x`")."""
     text = str(exc)
     match = _MSGSPEC_MISMATCH.match(text)
     if match is None:
@@ -426,7 +426,7 @@ def _in_our_words(exc: msgspec.ValidationError, typ: Any, value: Any) -> str:
     expected, got, path = match.groups()
     if not path:  # the value itself: name the annotation and the value's own type
         return f"expected {_type_name(typ)}, got {type(value).__name__}"
-    return f"expected {expected} in {path.lstrip('.')}, got {got}"
+    return f"expected {expected} at `${path}`, got {got}"
 
 
 def _type_name(typ: Any) -> str:
