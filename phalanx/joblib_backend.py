@@ -23,7 +23,7 @@ The backend runs every batch joblib forms as one task on a :class:`phalanx.Execu
     pump thread ── done callback ──▶ joblib's BatchCompletionCallBack (next batch)
 
 Invariant kept: nothing is pickled unless ``local_pickle`` is on (local
-workers only). Each delayed function is sent by name, so it must be an
+workers only; then each batch goes pickled as a whole, as loky sends it). Each delayed function is sent by name, so it must be an
 ``@phalanx.operation`` or a function defined at module level (Python,
 builtin or C, named implicitly, as :class:`phalanx.Executor` does); a
 lambda, a nested function or a ``functools.partial`` raises ``TypeError``
@@ -124,6 +124,13 @@ class PhalanxBackend(_parallel.AutoBatchingMixin, _parallel.ParallelBackendBase)
         items = getattr(func, "items", None)
         if not isinstance(items, list):
             raise TypeError(f"the phalanx joblib backend runs joblib batches, got {func!r}")
+        if executor._pickled:
+            # The batch itself, pickled (as loky sends it): it runs under joblib's own
+            # context in the worker (nested backends, nesting level, n_jobs).
+            future = executor.submit(func)
+            if callback is not None:
+                future.add_done_callback(callback)
+            return future
         calls: list[list[Any]] = []
         ops: list[Operation | None] = []
         for fn, args, kwargs in items:
@@ -139,7 +146,9 @@ class PhalanxBackend(_parallel.AutoBatchingMixin, _parallel.ParallelBackendBase)
     def retrieve_result_callback(self, future: Any) -> list[Any]:
         """The batch's results, converted to each function's return annotation."""
         values: list[Any] = future.result()
-        ops: list[Operation | None] = getattr(future, "_phalanx_joblib_ops", [])
+        ops: list[Operation | None] | None = getattr(future, "_phalanx_joblib_ops", None)
+        if ops is None:  # a pickled batch: its values are the function's own
+            return values
         out = []
         for value, op in zip(values, ops):
             if op is not None and op.returns not in (Any, object):
