@@ -152,6 +152,25 @@ def test_local_pickle_carries_callables_and_objects(monkeypatch: pytest.MonkeyPa
         assert rt.submit(lambda: "runtime").result(T) == "runtime"
 
 
+def test_a_failing_builtin_in_map_raises_at_its_item() -> None:
+    with phalanx.Executor(2) as ex:
+        results = ex.map(divmod, [1, 1, 1, 1], [2, 2, 0, 2])
+        assert next(results) == (0, 1) and next(results) == (0, 1)
+        with pytest.raises(ZeroDivisionError):
+            next(results)
+
+
+def test_local_pickle_carries_a_manager_proxy_as_initargs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing
+
+    monkeypatch.setenv("PHALANX_LOCAL_PICKLE", "1")
+    with multiprocessing.Manager() as manager:
+        shared = manager.list()
+        with phalanx.Executor(2, initializer=ops.remember, initargs=(shared,)) as ex:
+            assert sorted(ex.map(ops.append_to_shared, range(6))) == list(range(6))
+        assert sorted(shared) == list(range(6))
+
+
 def test_local_pickle_is_refused_with_listen() -> None:
     with pytest.raises(ValueError, match="local_pickle cannot be combined with listen"):
         phalanx.Runtime(workers=0, listen="tcp://127.0.0.1:0", insecure=True, local_pickle=True)
