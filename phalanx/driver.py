@@ -90,7 +90,7 @@ from .errors import (
 )
 from .supervisor import Supervisor
 from .transport import sockets
-from .transport.codec import decode_driver, encode
+from .transport.codec import UnpickleFailed, decode_driver, encode, salvage_results
 from .transport.endpoints import Endpoints, local_endpoints, remove_stale_dirs, tcp_endpoints
 from .transport.pipe import FramePipe, PipeError
 from .transport.messages import PROTOCOL_VERSION, Alive
@@ -1552,7 +1552,11 @@ class Driver:
         ident, frame = parts
         try:
             msg = decode_driver(frame, local and self.config.local_pickle)
-        except ProtocolError:
+        except ProtocolError as exc:
+            salvaged = salvage_results(frame) if isinstance(exc.__cause__, UnpickleFailed) else None
+            if salvaged is not None:  # a result that failed to unpickle: that task's error
+                self._on_results(ident, salvaged)
+                return
             if self.channels is not None and b"~" in ident:
                 self.channels.handle(ident, frame)  # a channel end (phalanx.channels)
                 return
@@ -1875,8 +1879,9 @@ class Driver:
             for i, frame in enumerate(frames):
                 try:
                     msg = decode_driver(frame, self.config.local_pickle)
-                except ProtocolError:
-                    msg = None
+                except ProtocolError as exc:
+                    # A result that failed to unpickle (local_pickle) is that task's error.
+                    msg = salvage_results(frame) if isinstance(exc.__cause__, UnpickleFailed) else None  # type: ignore[assignment]
                 if not isinstance(msg, Results):
                     # Left to the pump, in order, before its next read of this pipe, and
                     # once the outcomes read before it are delivered (see _deliver_direct).

@@ -42,7 +42,7 @@ from .errors import TaskCancelledError, TaskTimeoutError
 from .policy import FatalStrategy, TaskOptions
 from .progress import ProgressBar, progress_bar
 from .registry.operations import Operation, driver_operation, monoid_empty, name_of, pickled_call
-from .transport.codec import encode, rebuild_error
+from .transport.codec import encode, pack_message, rebuild_error
 from .transport.messages import Call, Chunk, Ok
 
 __all__ = ["Future", "MapIterator", "submit", "fold", "fold_on", "FoldLease", "MISSING", "chain_options"]
@@ -342,7 +342,9 @@ def submit(
     fut: Future[Any] = Future()
     job = _SubmitJob(driver, op_name, op, fut, options_for(op, options))
     msg = Call(job.id, 0, 0, op_name, args, kwargs or None, job.timeout)
-    frame = encode(msg, "the arguments of {}", op_name, driver.config.local_pickle)
+    if driver.config.local_pickle:  # the task keeps its pickles: a retry re-encodes it as it is
+        msg = pack_message(msg, True)
+    frame = encode(msg, "the arguments of {}", op_name)
     fut._phalanx_direct = driver
     fut._phalanx_call = job
     driver.submit(job, [Task(msg, frame)], register=True)
@@ -482,8 +484,9 @@ class MapIterator(Iterator[R], Generic[R]):
             self._starts[seq] = self._read
             self._read += len(items)
             msg = Chunk(job.id, seq, 0, self._op_name, items, self._star, False, job.timeout, self._stages)
-            frame = encode(msg, "the arguments of {}", self._op_name, self._driver.config.local_pickle)
-            tasks.append(Task(msg, frame, len(items)))
+            if self._driver.config.local_pickle:
+                msg = pack_message(msg, True)
+            tasks.append(Task(msg, encode(msg, "the arguments of {}", self._op_name), len(items)))
         if tasks:
             now = time.monotonic()
             for task in tasks:
@@ -784,7 +787,8 @@ def fold_on(
         seq = next(seqs)
         msg = Call(job.id, seq, 0, op_name, [lower, upper], None, job.timeout)
         inflight[seq] = (lo, hi, False)
-        submit_tasks(job, [Task(msg, encode(msg, "the partial results of {}", op_name, pickled))])
+        msg = pack_message(msg, pickled) if pickled else msg
+        submit_tasks(job, [Task(msg, encode(msg, "the partial results of {}", op_name))])
 
     def add_ready(lo: int, hi: int, value: Any, remote: bool) -> None:
         left = lo_of_hi.pop(lo, None)
@@ -818,7 +822,8 @@ def fold_on(
                 seq = next(seqs)
                 msg = Chunk(job.id, seq, 0, op_name, items, False, True, job.timeout, stage_names)
                 inflight[seq] = (lo, pos, True)
-                tasks.append(Task(msg, encode(msg, "the items of {}", op_name, pickled), len(items)))
+                msg = pack_message(msg, pickled) if pickled else msg
+                tasks.append(Task(msg, encode(msg, "the items of {}", op_name), len(items)))
             if tasks:
                 submit_tasks(job, tasks)
             if exhausted and not inflight:

@@ -66,7 +66,7 @@ from .actors.host import ActorHost
 from .errors import EncodeError, ProtocolError, TaskCancelledError, TaskTimeoutError, Transient
 from .registry.operations import Operation, resolve
 from .transport import sockets
-from .transport.codec import decode_control, decode_inbox, encode, error_info
+from .transport.codec import UnpickleFailed, decode_control, decode_inbox, encode, error_info, salvage_inbox
 from .transport.endpoints import Endpoints
 from .transport.pipe import FramePipe, PipeError
 from .transport.messages import (
@@ -600,7 +600,9 @@ class _Loop:
         for frame in self._frames():
             try:
                 msg = decode_inbox(frame, self.pickled)
-            except ProtocolError:
+            except ProtocolError as exc:
+                if isinstance(exc.__cause__, UnpickleFailed) and self._unpicklable(frame, exc.__cause__):
+                    continue
                 self.frames_dropped += 1
                 continue
             if isinstance(msg, (Call, Chunk, ActorCall, SpawnActor, StopActor, SaveActor)):
@@ -609,6 +611,15 @@ class _Loop:
                 self.welcomed = True
             elif isinstance(msg, Stop):
                 self.stopping = True
+
+    def _unpicklable(self, frame: bytes, exc: UnpickleFailed) -> bool:
+        """A task whose pickle failed to load (local_pickle) fails with that error; False: not a task."""
+        task = salvage_inbox(frame)
+        if not isinstance(task, (Call, Chunk)):
+            return False
+        self.out.append(Err(task.job, task.seq, task.attempt, error_info(exc)))
+        self.out_ops.append(task.op)
+        return True
 
     def terminate(self, job: int) -> None:
         self.terminated.add(job)

@@ -51,3 +51,18 @@ def remember(shared: Any) -> None:
 def append_to_shared(x: int) -> int:
     _SHARED.append(x)
     return x
+
+
+def _refuse() -> None:
+    raise RuntimeError("this object cannot be loaded")
+
+
+class ErrorAtUnpickle:
+    """Pickles fine; loading it raises."""
+
+    def __reduce__(self) -> Any:
+        return (_refuse, ())
+
+
+def make_error_at_unpickle() -> ErrorAtUnpickle:
+    return ErrorAtUnpickle()

@@ -171,6 +171,19 @@ def test_local_pickle_carries_a_manager_proxy_as_initargs(monkeypatch: pytest.Mo
         assert sorted(shared) == list(range(6))
 
 
+def test_a_pickle_that_fails_to_load_fails_its_task_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading fails in the worker (an argument) or in the driver (a result): that call's error, no hang."""
+    monkeypatch.setenv("PHALANX_LOCAL_PICKLE", "1")
+    with phalanx.Executor(2) as ex:
+        with pytest.raises(phalanx.DecodeError, match="this object cannot be loaded") as info:
+            ex.submit(id, ops.ErrorAtUnpickle()).result(T)
+        assert isinstance(info.value, ValueError)
+        with pytest.raises(phalanx.DecodeError, match="this object cannot be loaded"):
+            ex.submit(ops.make_error_at_unpickle).result(T)
+        assert ex.submit(pow, 2, 3).result(T) == 8
+        assert ex.runtime.stats().frames_dropped == 0 and ex.runtime.stats().worker_deaths == 0
+
+
 def test_local_pickle_is_refused_with_listen() -> None:
     with pytest.raises(ValueError, match="local_pickle cannot be combined with listen"):
         phalanx.Runtime(workers=0, listen="tcp://127.0.0.1:0", insecure=True, local_pickle=True)

@@ -66,7 +66,11 @@ __all__ = [
     "decode_channel",
     "decode_value",
     "pack",
+    "pack_message",
     "PICKLE_EXT",
+    "UnpickleFailed",
+    "salvage_inbox",
+    "salvage_results",
 ]
 
 T = TypeVar("T")
@@ -140,8 +144,35 @@ def _bigint_from_bytes(data: memoryview) -> int:
     return int.from_bytes(data, "little", signed=True)
 
 
-def _make_ext_hook(unpickle: bool) -> Callable[[int, memoryview], Any]:
-    """The ext hook of a decoder; ``unpickle``: it reads pickles (a local pipe's end only)."""
+class UnpickleFailed(DecodeError):
+    """A pickle from a local pipe did not load (its error is the ``__cause__``).
+
+    The frame is well formed: the task or result it carries fails with this
+    error (see :func:`salvage_inbox`, :func:`salvage_results`), it is not bad input.
+    """
+
+
+class _Pickle:
+    """A pickle left unread (:func:`salvage_results`)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = bytes(data)
+
+
+def _unpickle(data: bytes | memoryview) -> Any:
+    import pickle
+
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
+        raise UnpickleFailed(f"a pickled value failed to load: {type(exc).__name__}: {exc}") from exc
+
+
+def _make_ext_hook(unpickle: bool | None) -> Callable[[int, memoryview], Any]:
+    """The ext hook of a decoder; ``unpickle``: it reads pickles (a local pipe's end only;
+    None: leaves them unread, as :class:`_Pickle`)."""
     inner: msgspec.msgpack.Decoder[Any]
 
     def ext_hook(code: int, data: memoryview) -> Any:
@@ -153,11 +184,11 @@ def _make_ext_hook(unpickle: bool) -> Callable[[int, memoryview], Any]:
             if code == FROZENSET_EXT:
                 return frozenset(inner.decode(data))
             if code == PICKLE_EXT:
+                if unpickle is None:
+                    return _Pickle(data)
                 if not unpickle:
                     raise ValueError("a pickled value: refused (local_pickle reads pickles from local pipes only)")
-                import pickle
-
-                return pickle.loads(data)
+                return _unpickle(data)
             from_bytes = _EXT_DECODE.get(code)
             if from_bytes is None:
                 raise ValueError(f"unknown extension type {code}")
@@ -176,6 +207,7 @@ _EXT_DECODE[NPSCALAR_EXT] = _npscalar_from_bytes
 _EXT_DECODE[BIGINT_EXT] = _bigint_from_bytes
 _ext_hook = _make_ext_hook(False)
 _ext_hook_unpickle = _make_ext_hook(True)
+_ext_hook_unread = _make_ext_hook(None)
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 _inbox = msgspec.msgpack.Decoder(InboxMessage, ext_hook=_ext_hook)
 _control = msgspec.msgpack.Decoder(ControlMessage, ext_hook=_ext_hook)
@@ -184,6 +216,8 @@ _client = msgspec.msgpack.Decoder(ClientMessage, ext_hook=_ext_hook)
 # Decoders of a local pipe's frames when its runtime has ``local_pickle``: they also unpickle.
 _inbox_unpickle = msgspec.msgpack.Decoder(InboxMessage, ext_hook=_ext_hook_unpickle)
 _driver_unpickle = msgspec.msgpack.Decoder(DriverMessage, ext_hook=_ext_hook_unpickle)
+_inbox_unread = msgspec.msgpack.Decoder(InboxMessage, ext_hook=_ext_hook_unread)
+_driver_unread = msgspec.msgpack.Decoder(DriverMessage, ext_hook=_ext_hook_unread)
 # Channel frames carry user values as opaque bytes: neither decoder runs extension hooks.
 _broker = msgspec.msgpack.Decoder(ChannelRequest)
 _channel = msgspec.msgpack.Decoder(ChannelReply)
@@ -195,7 +229,7 @@ _value = msgspec.msgpack.Decoder(ext_hook=_ext_hook)
 # --------------------------------------------------------------------------- #
 
 #: types msgpack carries exactly (a big int fails to encode and takes the slow path)
-_ATOMS = frozenset({int, str, float, bool, type(None), bytes})
+_ATOMS = frozenset({int, str, float, bool, type(None), bytes, msgspec.msgpack.Ext})
 _SEQ_EXT: dict[type, int] = {tuple: TUPLE_EXT, set: SET_EXT, frozenset: FROZENSET_EXT}
 #: what arrives as itself under local_pickle without a pickle (the rest is pickled there)
 _EXACT = _ATOMS | {list, dict, tuple, set, frozenset}
@@ -326,6 +360,13 @@ _PACKERS: dict[type, Callable[[Any, bool], Any]] = {
 }
 
 
+def pack_message(msg: Any, pickled: bool) -> Any:
+    """``msg`` with its user values packed (:func:`pack`), so that encoding it again,
+    for a retry, needs no flag and pickles nothing twice."""
+    packer = _PACKERS.get(type(msg))
+    return msg if packer is None else packer(msg, pickled)
+
+
 def encode(msg: Any, what: str = "message", name: str = "", pickled: bool = False) -> bytes:
     """Encode ``msg`` to msgpack, or raise :class:`EncodeError` naming ``what``.
 
@@ -352,7 +393,52 @@ def _decode(decoder: msgspec.msgpack.Decoder[Any], frame: bytes | memoryview) ->
     try:
         return decoder.decode(frame)
     except (msgspec.DecodeError, TypeError, ValueError, RecursionError) as exc:
-        raise ProtocolError(f"malformed frame ({len(frame)} bytes): {exc}") from None
+        cause = exc if isinstance(exc, UnpickleFailed) else None  # not bad input: see salvage_*
+        raise ProtocolError(f"malformed frame ({len(frame)} bytes): {exc}") from cause
+
+
+def salvage_inbox(frame: bytes | memoryview) -> InboxMessage | None:
+    """A local pipe's task whose pickle failed to load, read without its pickles (None: not even that).
+
+    The worker answers it with the loading error, as the task's failure.
+    """
+    try:
+        return _inbox_unread.decode(frame)
+    except Exception:
+        return None
+
+
+def salvage_results(frame: bytes | memoryview) -> Results | None:
+    """A local pipe's Results where some pickle failed to load: each such value becomes that task's error."""
+    try:
+        msg = _driver_unread.decode(frame)
+    except Exception:
+        return None
+    if not isinstance(msg, Results):
+        return None
+    outcomes: list[Outcome] = []
+    for outcome in msg.outcomes:
+        try:
+            if isinstance(outcome, Ok):
+                outcome = msgspec.structs.replace(outcome, value=_load_all(outcome.value))
+            elif outcome.partial:
+                outcome = msgspec.structs.replace(outcome, partial=_load_all(outcome.partial))
+        except UnpickleFailed as exc:
+            outcome = Err(outcome.job, outcome.seq, outcome.attempt, error_info(exc))
+        outcomes.append(outcome)
+    return msgspec.structs.replace(msg, outcomes=outcomes)
+
+
+def _load_all(value: Any) -> Any:
+    """``value`` with every unread pickle loaded (the failure path only)."""
+    t = type(value)
+    if t is _Pickle:
+        return _unpickle(value.data)
+    if t in (list, tuple, set, frozenset):
+        return t(_load_all(x) for x in value)
+    if t is dict:
+        return {_load_all(k): _load_all(x) for k, x in value.items()}
+    return value
 
 
 def decode_inbox(frame: bytes | memoryview, unpickle: bool = False) -> InboxMessage:
