@@ -19,6 +19,7 @@ scan of the types of a list's or dict's items (about 15 ns an item).
 from __future__ import annotations
 
 import importlib
+import operator
 import sys
 import traceback as _tb
 from collections.abc import Callable
@@ -329,8 +330,16 @@ def _pack_items(msg: Chunk, pickled: bool) -> Chunk:
     return msg if items is msg.items else msgspec.structs.replace(msg, items=items)
 
 
+_value_of = operator.attrgetter("value")
+
+
 def _pack_results(msg: Results, pickled: bool) -> Results:
     outcomes = msg.outcomes
+    try:
+        if _ATOMS.issuperset(map(type, map(_value_of, outcomes))):  # plain values only, in C
+            return msg
+    except AttributeError:
+        pass  # an Err among them
     changed: list[Outcome] | None = None
     for i, outcome in enumerate(outcomes):
         if type(outcome) is Ok:
