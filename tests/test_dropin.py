@@ -184,6 +184,18 @@ def test_a_pickle_that_fails_to_load_fails_its_task_only(monkeypatch: pytest.Mon
         assert ex.runtime.stats().frames_dropped == 0 and ex.runtime.stats().worker_deaths == 0
 
 
+def test_a_pickled_task_whose_worker_dies_is_redelivered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A redelivered task keeps its pickles (found by CPython's test_deadlock: it hung)."""
+    import os
+
+    monkeypatch.setenv("PHALANX_LOCAL_PICKLE", "1")
+    with phalanx.Executor(2, max_attempts=2) as ex:
+        with pytest.raises(phalanx.WorkerCrashedError, match="died 2 times"):
+            ex.submit(functools.partial(os._exit, 3)).result(T)
+        assert ex.runtime.stats().redelivered == 1
+        assert ex.submit(lambda: "still serving").result(T) == "still serving"
+
+
 def test_local_pickle_is_refused_with_listen() -> None:
     with pytest.raises(ValueError, match="local_pickle cannot be combined with listen"):
         phalanx.Runtime(workers=0, listen="tcp://127.0.0.1:0", insecure=True, local_pickle=True)

@@ -433,6 +433,7 @@ def salvage_results(frame: bytes | memoryview) -> Results | None:
             elif outcome.partial:
                 outcome = msgspec.structs.replace(outcome, partial=_load_all(outcome.partial))
         except UnpickleFailed as exc:
+            exc.__suppress_context__ = True  # the frame's first, failed, decode is no part of it
             outcome = Err(outcome.job, outcome.seq, outcome.attempt, error_info(exc))
         outcomes.append(outcome)
     return msgspec.structs.replace(msg, outcomes=outcomes)
