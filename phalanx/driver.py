@@ -50,11 +50,21 @@ Invariants kept:
    worker held is kept ``dead_worker_ttl`` seconds to validate its late
    results, then reaped. A worker may only answer for tasks the driver sent
    to *it*.
-3. **No hang.** Breaking or closing the runtime fails every open job at once.
+3. **No hang.** Breaking or closing the runtime fails every open job at once;
+   so does the pump thread's death, whatever ends it (it breaks the runtime).
    A task held back for a busy local worker (see ``_pipe_send_locked``) goes
-   out when that worker's next outcome is read, or after ``HOLD_MAX``.
+   out when that worker's next outcome is read, or after ``HOLD_MAX``. A task
+   with a timeout that runs ``timeout + abort_grace`` without an outcome (it
+   holds the GIL, its process is frozen) has its worker killed by the driver
+   (``_expire_overdue``). Shutdown waits for work, not for frozen workers.
 6. **Bad input never kills.** Undecodable frames, frames from unknown
-   identities and outcomes for unknown tasks are counted and dropped.
+   identities and outcomes for unknown tasks are counted and dropped. A
+   local worker that sends a frame above ``max_frame`` (workers never do: see
+   ``Welcome.max_frame``) is killed and replaced.
+
+A crash is charged to one task: the first one its worker held. A map chunk
+of several items is split instead (``Task.split``), down to the one item that
+crashes, so ``Ignore`` skips just that item and ``WorkerCrashedError`` names it.
 """
 
 from __future__ import annotations
@@ -75,6 +85,7 @@ from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import psutil
 import zmq
 
 from .config import Config
@@ -85,12 +96,13 @@ from .errors import (
     ProtocolError,
     RuntimeBrokenError,
     RuntimeClosedError,
+    TaskTimeoutError,
     WorkerCrashedError,
     WorkerStartError,
 )
 from .supervisor import Supervisor
 from .transport import sockets
-from .transport.codec import UnpickleFailed, decode_driver, encode, salvage_results
+from .transport.codec import UnpickleFailed, decode_driver, encode, error_info, salvage_results
 from .transport.endpoints import Endpoints, local_endpoints, remove_stale_dirs, tcp_endpoints
 from .transport.pipe import FramePipe, PipeError
 from .transport.messages import PROTOCOL_VERSION, Alive
@@ -124,6 +136,7 @@ from .worker import ABORT_EXIT, WorkerSpec
 
 if TYPE_CHECKING:
     from .broker import Broker
+    from .transport.keys import RunKeys
 
 __all__ = ["Driver", "Job", "Task", "WorkerStats", "RuntimeStats", "SKIPPED"]
 
@@ -152,6 +165,14 @@ SPIN_WAIT = 200e-6
 #: longest a task frame for a busy local worker waits to go out with the next ones (seconds);
 #: normally the worker's next outcome releases it much sooner (see _pipe_send_locked)
 HOLD_MAX = 0.002
+
+#: seconds past a task's ``timeout + abort_grace`` before the driver kills its worker: the
+#: worker's own kill at that time comes first when it can (a planned exit either way)
+EXPIRY_SLACK = 0.2
+
+#: seconds between looks at whether the workers holding tasks are stopped, while shutdown waits
+FROZEN_CHECK = 0.25
+_STOPPED = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
 
 #: most tags a remote worker may announce
 MAX_TAGS = 64
@@ -260,7 +281,9 @@ class Task(msgspec.Struct, gc=False):
 
     ``crashes`` counts worker deaths charged to it, ``retries`` transient
     retries; ``prefix`` holds values of a map chunk's items already done
-    before a retry or a skip, so the chunk resumes where it failed.
+    before a retry or a skip, so the chunk resumes where it failed; ``rest``
+    the items held back when a map chunk was split after a crash (they run
+    once ``msg.items`` is done: see :meth:`split`).
 
     Untracked by the garbage collector (``gc=False``; it refers to no object
     that refers back to it): tens of thousands may be in flight, and each
@@ -274,6 +297,7 @@ class Task(msgspec.Struct, gc=False):
     crashes: int = 0
     retries: int = 0
     prefix: list[Any] | None = None
+    rest: list[Any] | None = None
     #: the job's on_dispatch accepted it (a Future is running): never ask twice
     claimed: bool = False
     #: when it started waiting, pending, with no live worker of its tag (0: it is not)
@@ -298,7 +322,7 @@ class Task(msgspec.Struct, gc=False):
 
     def _copy(self, msg: Call | Chunk | ActorCall, items: int) -> Task:
         task = Task(msg, encode(msg), items)
-        task.crashes, task.retries, task.prefix = self.crashes, self.retries, self.prefix
+        task.crashes, task.retries, task.prefix, task.rest = self.crashes, self.retries, self.prefix, self.rest
         return task
 
     def retry(self) -> Task:
@@ -310,9 +334,32 @@ class Task(msgspec.Struct, gc=False):
         msg = self.msg
         assert isinstance(msg, Chunk)
         rest = msg.items[start:]
+        later = self.rest
+        if not rest and later:
+            rest, later = later, None  # the items held back by a split come next
         task = self._copy(msgspec.structs.replace(msg, attempt=self.attempt + 1, items=rest), len(rest))
         task.prefix = (self.prefix or []) + done
+        task.rest = later
         return task
+
+    def split(self) -> Task:
+        """A map chunk after a crash: its first half as the next attempt, the other half after it.
+
+        Bisecting down to the item charges a crash to the one item that
+        causes it; the innocent items run again uncharged.
+        """
+        msg = self.msg
+        assert isinstance(msg, Chunk)
+        half = len(msg.items) // 2
+        task = self._copy(msgspec.structs.replace(msg, attempt=self.attempt + 1, items=msg.items[:half]), half)
+        task.rest = msg.items[half:] + (self.rest or [])
+        return task
+
+    @property
+    def splits(self) -> bool:
+        """A map chunk (not a fold's) of more than one item."""
+        msg = self.msg
+        return isinstance(msg, Chunk) and not msg.fold and len(msg.items) > 1
 
 
 class Job:
@@ -376,6 +423,7 @@ class _Worker:
         "tasks", "items", "busy", "died_at", "retiring", "dispatched",
         "remote", "host", "seen", "stop_sent", "tags", "frames_dropped", "pipe", "pipe_done",
         "reader", "leftover", "broken", "delivering", "deferred", "held", "held_at",
+        "head_since", "expired", "stopped_since",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -421,13 +469,21 @@ class _Worker:
         #: task frames for this (busy) local worker not yet written, and since when (monotonic)
         self.held: list[bytes] = []
         self.held_at = 0.0
+        #: since when the first task in ``inflight`` (the one it runs: tasks run in order) is first
+        self.head_since = 0.0
+        #: (job, seq) of the task it was killed for, having overrun timeout + abort_grace
+        self.expired: tuple[int, int] | None = None
+        #: since when shutdown found its process stopped (SIGSTOP), 0.0: not stopped
+        self.stopped_since = 0.0
 
 
 class Driver:
     """Sockets, workers and jobs of one runtime (see the module docstring)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, run_keys: RunKeys | None = None) -> None:
         self.config = config
+        #: the keys of a runtime that starts its own hosts (hosts=, slurm=True), held in memory
+        self.run_keys = run_keys
         #: private ipc endpoints (local workers)
         self.endpoints: Endpoints = local_endpoints()
         #: tcp endpoints remote workers connect to, when listening
@@ -567,9 +623,14 @@ class Driver:
             return None
         from .transport import keys
 
-        assert config.server_key is not None and config.authorized_keys is not None
-        public, secret = keys.load_secret(config.server_key)
-        self._auth = keys.Authenticator(self._ctx, config.authorized_keys)
+        run = self.run_keys
+        if run is not None and config.server_key is None:
+            public, secret = run.server
+        else:
+            assert config.server_key is not None
+            public, secret = keys.load_secret(config.server_key)
+        assert config.authorized_keys is not None or run is not None
+        self._auth = keys.Authenticator(self._ctx, config.authorized_keys, run)
         self._auth.start()
         return sockets.Curve(public, secret)
 
@@ -644,7 +705,7 @@ class Driver:
         here (its own host's ``phalanx worker`` does that). ``left``: the same
         for a remote worker that said Goodbye.
         """
-        failed: list[tuple[Job, int, BaseException]] = []
+        failed: list[tuple[Job, int, Delivery]] = []
         broken: BaseException | None = None
         respawn = False
         pending_worker = self._workers.get(worker_id.encode())
@@ -661,8 +722,10 @@ class Driver:
             self._remove_live_locked(worker)
             if self._closed:
                 return
-            # ABORT_EXIT: it ended itself, its task having ignored the abort flag for abort_grace.
-            planned = worker.retiring or lost or left or exitcode == ABORT_EXIT
+            # ABORT_EXIT: it ended itself, its task having ignored the abort flag for abort_grace;
+            # expired: the driver killed it for that (a task holding the GIL, a frozen process).
+            expired = worker.expired
+            planned = worker.retiring or lost or left or exitcode == ABORT_EXIT or expired is not None
             if lost:
                 self.workers_lost += 1
             elif left:
@@ -673,7 +736,8 @@ class Driver:
                 self._start_failures.append(f"{worker_id} exited with code {exitcode}")
                 self._changed.notify_all()
             # Redeliver everything it held. A crash is charged only to the task it
-            # was running: the first one it held (workers run tasks in order).
+            # was running: the first one it held (workers run tasks in order); a map
+            # chunk of several items is split instead, until the crash is one item's.
             head = next(iter(worker.inflight.values()), None)
             requeue: list[tuple[str, Task]] = []
             for task in worker.inflight.values():
@@ -687,19 +751,30 @@ class Driver:
                         f"the worker {worker_id} running this call died (exit code {exitcode})"
                     )))
                     continue
-                retry = task.retry()
-                if task is head and not planned:
-                    retry.crashes += 1
+                overran = expired == (task.job, task.seq)
+                if task is head and (overran or not planned) and task.splits:
+                    retry = task.split()
+                elif overran:
+                    final = self._fail_locked(job, task, TaskTimeoutError(
+                        f"task {task.seq} of job {task.job} ({job.op}) ran longer than its timeout of "
+                        f"{getattr(task.msg, 'timeout', 0.0):g} s and abort_grace of {self.config.abort_grace:g} s: "
+                        f"its worker {worker_id} was killed"))
+                    if final is not None:
+                        failed.append((job, task.seq, final))
+                    continue
+                else:
+                    retry = task.retry()
+                    if task is head and not planned:
+                        retry.crashes += 1
                 if retry.crashes >= self.config.max_attempts:
-                    del job.outstanding[task.seq]
-                    if job.autoclose and not job.outstanding:
-                        self._jobs.pop(job.id, None)
-                    failed.append((job, task.seq, WorkerCrashedError(
+                    final = self._fail_locked(job, task, WorkerCrashedError(
                         f"the worker running task {task.seq} of job {task.job} ({job.op}) died "
                         f"{retry.crashes} times; last exit code {exitcode}"
                         + (f" (signal {-exitcode})" if exitcode is not None and exitcode < 0 else ""),
                         exitcode,
-                    )))
+                    ))
+                    if final is not None:
+                        failed.append((job, task.seq, final))
                     continue
                 job.outstanding[task.seq] = retry
                 requeue.append((job.tag, retry))
@@ -1075,6 +1150,8 @@ class Driver:
             except (zmq.ZMQError, PipeError):
                 return False
             job.outstanding[task.seq] = task
+            if not w.inflight:
+                w.head_since = time.monotonic()
             w.inflight[(task.job, task.seq)] = task
             self.tasks_submitted += 1
             return True
@@ -1175,6 +1252,8 @@ class Driver:
             elif not self._send_or_requeue_locked(best, task, pending, workers):
                 continue
             best.free -= 1
+            if not best.inflight:
+                best.head_since = time.monotonic()
             best.inflight[(task.job, task.seq)] = task
             best.dispatched += 1
             if self.config.max_tasks_per_worker and best.dispatched >= self.config.max_tasks_per_worker:
@@ -1208,11 +1287,20 @@ class Driver:
                 del self._pending[tag]
                 self._unrouted.pop(tag, None)
 
-    def wait_idle(self, timeout: float | None) -> bool:
-        """Wait until no task is pending or in flight."""
+    def wait_idle(self, timeout: float | None, frozen_after: float | None = None) -> bool:
+        """Wait until no task is pending or in flight.
+
+        ``frozen_after``: stop waiting (False) once every worker holding tasks
+        has been stopped (SIGSTOP) that many seconds: they make no progress.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        looked = 0.0
         with self._changed:
             while self._pending or any(w.inflight for w in self._workers.values() if w.alive):
+                if frozen_after is not None and time.monotonic() - looked >= FROZEN_CHECK:
+                    looked = time.monotonic()
+                    if self._frozen_locked(looked, frozen_after):
+                        return False
                 if any(tag not in self._live_tags for tag in self._pending):
                     # Cancelled work waits for no worker; the rest fails at its route timeout.
                     self._prune_pending_locked()
@@ -1226,6 +1314,17 @@ class Driver:
                 self._changed.wait(0.05 if remaining is None else min(remaining, 0.05))
         return True
 
+    def _frozen_locked(self, now: float, after: float) -> bool:
+        """Some local workers hold tasks, and every one that does was stopped ``after`` s ago or more."""
+        holders = [w for w in self._workers.values() if w.alive and w.inflight]
+        for w in holders:  # every one looked at: each one's clock starts now
+            try:
+                stopped = not w.remote and psutil.Process(w.pid).status() in _STOPPED
+            except psutil.Error:
+                stopped = False
+            w.stopped_since = (w.stopped_since or now) if stopped else 0.0
+        return bool(holders) and all(w.stopped_since and now - w.stopped_since >= after for w in holders)
+
     # ---- the pump --------------------------------------------------------------
 
     def _pump(self) -> None:
@@ -1238,8 +1337,19 @@ class Driver:
         pipes: dict[int, _Worker] = {}
         try:
             self._pump_loop(poller, pipes)
+        except BaseException as exc:  # never silently: every caller learns at once
+            log.critical("the pump thread died", exc_info=True)
+            broken = RuntimeBrokenError(f"the runtime's pump thread died: {exc!r}")
+            broken.__cause__ = exc
+            try:
+                self.break_runtime(broken)
+            except BaseException:
+                log.exception("failing the jobs of a broken runtime")
         finally:
-            self._deliver_ready()
+            try:
+                self._deliver_ready()
+            except BaseException:
+                log.exception("delivering the last outcomes")
             for w in [*pipes.values(), *self._new_pipes]:
                 with w.reader, self._lock:  # not while a caller reads it (wait_direct)
                     self._end_pipe_locked(w)
@@ -1251,6 +1361,7 @@ class Driver:
         beats = itertools.count()
         interval = self.config.heartbeat_interval
         last_reap = 0.0
+        timed = False
         while True:
             handshaking = self._handshaking()
             wait = 1.0 if handshaking else min(100.0, interval * 1000)
@@ -1277,6 +1388,8 @@ class Driver:
                     poller.register(w.pipe.fileno(), self._pipe_events(w))  # type: ignore[union-attr]
             if self._holding:
                 wait = min(wait, self._release_stale() * 1000)
+            if timed:
+                wait = min(wait, REAP_PERIOD * 1000)
             if self._backlogged:
                 self._flush_pipes(poller)
             events = dict(poller.poll(int(wait) + (1 if wait else 0)))
@@ -1348,6 +1461,7 @@ class Driver:
             if now - last_reap >= REAP_PERIOD:
                 last_reap = now
                 self._reap_dead()
+                timed = self._expire_overdue(now)
             if self._deliveries:
                 self._deliver_ready()
 
@@ -1370,8 +1484,12 @@ class Driver:
                     raise PipeError("a caller read a frame above max_frame")
                 frames = w.pipe.recv()
             except PipeError:
-                log.warning("worker %s sent a frame above max_frame: closing its pipe", w.id)
+                # A worker never sends one (it turns a result too large into an error): a bug or
+                # an attack. Its stream cannot be trusted past it: kill it; its tasks are settled
+                # by the crash rules, and it is replaced.
+                log.warning("worker %s sent a frame above max_frame: killing it", w.id)
                 self.frames_dropped += 1
+                self._kill_soon(w)
                 frames = None
             except OSError:
                 frames = None
@@ -1383,6 +1501,50 @@ class Driver:
                     self._end_pipe_locked(w)
                 return
             self._handle_pipe_frames(w, frames)
+
+    def _kill_soon(self, w: _Worker) -> None:
+        """SIGKILL a local worker from a helper thread (killing its tree may wait for it)."""
+        threading.Thread(target=self._supervisor.kill, args=(w.id,), daemon=True, name="phalanx-kill").start()
+
+    def _expire_overdue(self, now: float) -> bool:
+        """Kill workers whose running task overran ``timeout + abort_grace`` (pump thread).
+
+        The worker enforces a task's timeout itself, but cannot when the task
+        holds the GIL in C code or the process is frozen (SIGSTOP): then the
+        driver does. A worker runs the tasks it holds in order, so only the
+        first one runs; its clock starts when it became first (at the latest
+        when it started). Its outcome is TaskTimeoutError (see ``_on_exit``);
+        the other tasks the worker held are redelivered uncharged. True while
+        a task with a timeout is in flight (the pump then looks often).
+        """
+        grace = self.config.abort_grace
+        timed = False
+        overdue: list[_Worker] = []
+        with self._lock:
+            for w in self._workers.values():
+                if not w.alive or w.expired is not None or not w.inflight:
+                    continue
+                task = next(iter(w.inflight.values()))
+                timeout = getattr(task.msg, "timeout", 0.0)
+                if timeout <= 0:
+                    continue
+                timed = True
+                if now - w.head_since < timeout * task.items + grace + EXPIRY_SLACK:
+                    continue
+                w.expired = (task.job, task.seq)
+                w.free = 0
+                self._remove_live_locked(w)
+                if w.remote:
+                    self._stop_locked(w)
+                overdue.append(w)
+        for w in overdue:
+            log.warning("worker %s ran a task past its timeout and abort_grace: killing it", w.id)
+            if w.remote:  # not ours to kill: it is told to stop, and lost for the driver
+                threading.Thread(target=self._on_exit, args=(w.id, None, True), daemon=True,
+                                 name="phalanx-lost").start()
+            else:
+                self._kill_soon(w)
+        return timed
 
     def _handle_pipe_frames(self, w: _Worker, frames: list[bytes]) -> None:
         ident = w.ident
@@ -1527,7 +1689,7 @@ class Driver:
             self._stop_locked(w)
             return
         try:
-            self._send_raw_locked(w.ident, encode(Welcome(w.id)))
+            self._send_raw_locked(w.ident, encode(Welcome(w.id, self.limits.max_frame)))
         except zmq.ZMQError:
             return  # the inbox is not connected yet: _greet retries
         w.welcomed = True
@@ -1715,6 +1877,7 @@ class Driver:
                 w.frames_dropped = msg.dropped
             jobs = self._jobs
             inflight = w.inflight
+            head = next(iter(inflight), None)
             w.busy += msg.busy
             for outcome in msg.outcomes:
                 task = inflight.pop((outcome.job, outcome.seq), None)
@@ -1735,6 +1898,8 @@ class Driver:
                 final = self._resolve_locked(job, task, outcome)
                 if final is not None:
                     deliveries.append((job, outcome.seq, final))
+            if inflight and next(iter(inflight)) != head:
+                w.head_since = time.monotonic()  # it runs the next task it holds now
             if w.retiring and not w.inflight and w.alive:
                 self._stop_locked(w)
             if self._pending:
@@ -1941,7 +2106,21 @@ class Driver:
         """Decide what an outcome means for its job: deliver, retry or skip."""
         seq = outcome.seq
         prefix = task.prefix
+        msg = task.msg
         if isinstance(outcome, Ok):
+            if task.rest is not None or (
+                type(msg) is Chunk and not msg.fold and isinstance(outcome.value, list)
+                and len(outcome.value) < task.items
+            ):
+                # Part of a map chunk: split after a crash, or the values that fit in one frame.
+                # The chunk goes on after them (a fresh count of crashes and retries: new items).
+                done = outcome.value
+                self.items_completed += len(done)
+                more = task.resume(len(done), done)
+                more.crashes = more.retries = 0
+                job.outstanding[seq] = more
+                self._enqueue_locked(job.tag, [more], front=True)
+                return None
             del job.outstanding[seq]
             if job.autoclose and not job.outstanding:
                 del self._jobs[job.id]
@@ -1950,7 +2129,6 @@ class Driver:
             if prefix:
                 return Ok(outcome.job, seq, outcome.attempt, prefix + outcome.value)
             return outcome
-        msg = task.msg
         is_map = isinstance(msg, Chunk) and not msg.fold
         if outcome.transient and job.retry is not None:
             delay = job.retry.delay(task.retries + 1)
@@ -1971,12 +2149,12 @@ class Driver:
                 job.skipped = []
             job.skipped.append((seq, len(prefix or []) + outcome.index, outcome.error))
             self.skipped += 1
-            if outcome.index + 1 >= len(msg.items):
+            if outcome.index + 1 >= len(msg.items) and not task.rest:
                 del job.outstanding[seq]
                 self.tasks_completed += 1
                 return Ok(outcome.job, seq, outcome.attempt, (prefix or []) + done)
             rest = task.resume(outcome.index + 1, done)
-            rest.retries = 0
+            rest.retries = rest.crashes = 0
             job.outstanding[seq] = rest
             self._enqueue_locked(job.tag, [rest], front=True)
             return None
@@ -1988,6 +2166,20 @@ class Driver:
             return Err(outcome.job, seq, outcome.attempt, outcome.error,
                        len(prefix) + outcome.index, prefix + (outcome.partial or []), outcome.transient)
         return outcome
+
+    def _fail_locked(self, job: Job, task: Task, exc: BaseException) -> Delivery | None:
+        """What a task the driver fails itself delivers (its worker died too often, or overran its timeout).
+
+        A map chunk's failure goes through the map's rules, as the worker's own
+        errors do: ``Ignore`` skips the item, ``Terminate`` keeps the values before it.
+        """
+        msg = task.msg
+        if isinstance(msg, Chunk) and not msg.fold:
+            return self._resolve_locked(job, task, Err(msg.job, msg.seq, msg.attempt, error_info(exc)))
+        del job.outstanding[task.seq]
+        if job.autoclose and not job.outstanding:
+            self._jobs.pop(job.id, None)
+        return exc
 
     # ---- ending ----------------------------------------------------------------
 
@@ -2003,7 +2195,10 @@ class Driver:
             self._unrouted.clear()
             self._changed.notify_all()
         for job in jobs:
-            job.fail(exc)
+            try:
+                job.fail(exc)
+            except BaseException:  # a callback: the other jobs are still told
+                log.exception("failing a job of a broken runtime")
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
         """Stop accepting work, optionally wait for it, stop workers, free everything."""
@@ -2011,9 +2206,11 @@ class Driver:
             if self._closed:
                 return
         if wait and self._broken is None:
-            self.wait_idle(timeout)
+            # Waits for the work, but not for workers frozen (SIGSTOP) shutdown_timeout or more.
+            self.wait_idle(timeout, self.config.shutdown_timeout)
         with self._lock:
             self._closed = True
+            frozen = [w for w in self._workers.values() if w.alive and w.stopped_since]
             jobs = list(self._jobs.values())
             self._jobs.clear()
             self._pending.clear()
@@ -2029,6 +2226,8 @@ class Driver:
         closed = RuntimeClosedError("the runtime was shut down before this job finished")
         for job in jobs:
             job.fail(closed)
+        for w in frozen:  # it cannot obey Stop: not worth waiting shutdown_timeout again
+            self._supervisor.kill(w.id)
         self._supervisor.stop(self.config.shutdown_timeout)
         with self._lock:
             for w in self._workers.values():

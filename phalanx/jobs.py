@@ -38,12 +38,12 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 from .driver import SETTLED, SKIPPED, Delivery, Driver, Job, Task
-from .errors import TaskCancelledError, TaskTimeoutError
+from .errors import TaskCancelledError, TaskTimeoutError, WorkerCrashedError
 from .policy import FatalStrategy, TaskOptions
 from .progress import ProgressBar, progress_bar
 from .registry.operations import Operation, driver_operation, monoid_empty, name_of, pickled_call
 from .transport.codec import encode, pack_message, rebuild_error
-from .transport.messages import Call, Chunk, Ok
+from .transport.messages import Call, Chunk, Err, Ok
 
 __all__ = ["Future", "MapIterator", "submit", "fold", "fold_on", "FoldLease", "MISSING", "chain_options"]
 
@@ -236,6 +236,15 @@ def _outcome_error(outcome: Delivery) -> BaseException:
     if isinstance(outcome, BaseException):
         return outcome
     return rebuild_error(outcome.error)  # type: ignore[union-attr]
+
+
+def _at_index(exc: BaseException, index: int) -> BaseException:
+    """A map item's WorkerCrashedError, naming the item (the driver only knows its place in a chunk)."""
+    if isinstance(exc, WorkerCrashedError) and exc.index is None:
+        named = WorkerCrashedError(f"item {index} of the input: {exc}", exc.exitcode, index)
+        named.__cause__ = exc.__cause__
+        return named
+    return exc
 
 
 class _SubmitJob(Job):
@@ -529,9 +538,14 @@ class MapIterator(Iterator[R], Generic[R]):
     def skipped(self) -> list[tuple[int, BaseException]]:
         """``(input index, error)`` of every item dropped under ``on_fatal=Ignore``."""
         return sorted(
-            ((self._starts.get(seq, 0) + index, rebuild_error(info)) for seq, index, info in self._lease.job.skipped or ()),
+            ((self._starts.get(seq, 0) + index, _at_index(rebuild_error(info), self._starts.get(seq, 0) + index))
+             for seq, index, info in self._lease.job.skipped or ()),
             key=lambda pair: pair[0],
         )
+
+    def _item_error(self, outcome: Err, seq: int) -> BaseException:
+        """The error of a chunk's failed item, naming its input index when the driver raised it."""
+        return _at_index(rebuild_error(outcome.error), self._starts.get(seq, 0) + outcome.index)
 
     def __iter__(self) -> MapIterator[R]:
         return self
@@ -646,7 +660,7 @@ class MapIterator(Iterator[R], Generic[R]):
                 values, exc = [], outcome
             else:
                 values, exc = self._convert(outcome.partial or [], seq)
-                exc = exc or _outcome_error(outcome)
+                exc = exc or self._item_error(outcome, seq)
             if self._progress is not None:
                 self._progress.update(len(values))
             if self._ordered:
