@@ -70,6 +70,7 @@ __all__ = [
     "decode_value",
     "pack",
     "pack_message",
+    "encode_value",
     "PICKLE_EXT",
     "UnpickleFailed",
     "salvage_inbox",
@@ -418,6 +419,15 @@ def encode(msg: Any, what: str = "message", name: str = "", pickled: bool = Fals
         raise EncodeError(f"cannot encode {what.format(name) if name else what}: {exc}") from exc.__cause__
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise encode_error(exc, what.format(name) if name else what) from exc
+
+
+def encode_value(value: Any, what: str) -> bytes:
+    """Encode one user value (a channel message) as :func:`pack` makes it, or raise EncodeError."""
+    try:
+        value = pack(value)
+    except RecursionError as exc:
+        raise encode_error(exc, what) from exc
+    return encode(value, what)
 
 
 def encode_error(exc: BaseException, what: str) -> EncodeError:
