@@ -74,6 +74,7 @@ import heapq
 import itertools
 import logging
 import os
+import re
 import select
 import socket
 import sys
@@ -147,6 +148,12 @@ FrameFilter = Callable[[str, bytes, bytes], list[bytes]]
 
 #: seconds a dead worker's record is kept to validate its late results
 DEAD_WORKER_TTL = 60.0
+
+#: tasks-ROUTER identities whose holder the driver remembers (the oldest are forgotten)
+MAX_HOLDERS = 65536
+
+#: the names of the driver's own (local) workers: no tcp peer may use or claim them
+_LOCAL_ID = re.compile(rb"w\d+\Z")
 
 log = logging.getLogger("phalanx.driver")
 auth_log = logging.getLogger("phalanx.auth")
@@ -423,7 +430,7 @@ class _Worker:
         "tasks", "items", "busy", "died_at", "retiring", "dispatched",
         "remote", "host", "seen", "stop_sent", "tags", "frames_dropped", "pipe", "pipe_done",
         "reader", "leftover", "broken", "delivering", "deferred", "held", "held_at",
-        "head_since", "expired", "stopped_since",
+        "head_since", "expired", "stopped_since", "key",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -447,6 +454,9 @@ class _Worker:
         #: joined over tcp (not ours to spawn, watch or replace)
         self.remote = False
         self.host = ""
+        #: a remote worker's CURVE key (z85; b"" on an insecure runtime): only frames
+        #: under its identities (plain, "!", "~...") that this key sent are its own
+        self.key: bytes | None = None
         #: last time anything arrived from it (remote workers' liveness)
         self.seen = 0.0
         self.stop_sent = 0.0
@@ -576,6 +586,8 @@ class Driver:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._auth: Any = None
         self._monitors: dict[zmq.Socket[bytes], str] = {}
+        #: tcp identities on the tasks ROUTER -> the key whose Hello arrived there under it
+        self._holders: dict[bytes, bytes] = {}
         self.remote_timeout = config.heartbeat_timeout if config.heartbeat_timeout > 0 else REMOTE_HEARTBEAT_TIMEOUT
         #: the sockets' high-water mark and largest frame (the hwm and max_frame options)
         self.limits = sockets.Limits(config.hwm, config.max_frame)
@@ -1356,6 +1368,7 @@ class Driver:
 
     def _pump_loop(self, poller: zmq.Poller, pipes: dict[int, _Worker]) -> None:
         results = self._results
+        listening = self.address is not None
         last_sync = 0.0
         last_beat = 0.0
         beats = itertools.count()
@@ -1406,8 +1419,14 @@ class Driver:
                     self._read_pipe(poller, pipes, w.pipe.fileno(), w)
             if results in events:
                 for _ in range(4096):
+                    origin = None
                     try:
-                        parts = results.recv_multipart(zmq.NOBLOCK)
+                        if listening:
+                            frames = results.recv_multipart(zmq.NOBLOCK, copy=False)
+                            origin = self._origin(frames[-1])
+                            parts = [f.bytes for f in frames]
+                        else:
+                            parts = results.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     except zmq.ZMQError:
@@ -1417,8 +1436,11 @@ class Driver:
                         # A local worker speaks on its pipe only: this is someone else using its name.
                         self.frames_dropped += 1
                         continue
+                    if origin is not None and not self._admit(parts[0], origin):
+                        self.frames_dropped += 1
+                        continue
                     try:
-                        self._handle(parts)
+                        self._handle(parts, origin=origin)
                     except Exception:  # a frame that is well-formed but nonsensical: never stop the pump
                         log.exception("dropped a frame that could not be handled")
                         self.frames_dropped += 1
@@ -1426,6 +1448,8 @@ class Driver:
                 for mon in self._monitors:
                     if mon in events:
                         self._on_monitor(mon)
+            if listening:
+                self._drain_tasks()
             if self._timers:
                 self._fire_timers()
             if self._unrouted:
@@ -1606,6 +1630,65 @@ class Driver:
                 kind = "the security handshake failed (a peer without the right keys?)"
             auth_log.warning("refused a peer on %s: %s", self._monitors[mon], kind)
 
+    def _origin(self, frame: zmq.Frame) -> bytes | None:
+        """Who sent ``frame`` to a listening runtime: None over ipc (our own processes),
+        else the CURVE key that ZAP accepted (z85), or b"" over insecure tcp."""
+        try:
+            return str(frame.get("User-Id")).encode()
+        except zmq.ZMQError:  # no ZAP: ipc, or tcp without CURVE
+            pass
+        if self._auth is None and not str(frame.get("Peer-Address")).startswith("localhost:"):
+            return b""  # tcp peers carry their address; ipc ones "localhost:uid:gid:pid"
+        return None
+
+    def _admit(self, ident: bytes, origin: bytes) -> bool:
+        """Whether a tcp peer whose key is ``origin`` may speak as ``ident`` (pump thread).
+
+        A worker's identities (``X``, its side channel ``X!``, its channel ends
+        ``X~N``) belong to the key that said Hello as ``X``; local workers' belong
+        to none. A stranger may use a plain identity outside the local workers'
+        names (to join with Hello; on an insecure runtime also to inspect).
+        """
+        base = ident.partition(b"~")[0]
+        if base.endswith(b"!"):
+            base = base[:-1]
+        w = self._workers.get(base)
+        if w is None:
+            return base == ident and _LOCAL_ID.match(ident) is None
+        return w.remote and w.key == origin
+
+    def _drain_tasks(self) -> None:
+        """Read what peers wrote to the tasks ROUTER, so its tcp connections' input never
+        stops (see transport/sockets.py). Pump thread.
+
+        A remote worker writes one frame there, its Hello, when its inbox connects:
+        the key that sent it holds the identity tasks for that worker go to, and the
+        worker is welcomed (given anything) only if that is the key it joined with.
+        Everything else is dropped and counted.
+        """
+        with self._lock:
+            tasks = self._tasks
+            for _ in range(4096):
+                if tasks.closed:
+                    return
+                try:
+                    frames = tasks.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.ZMQError:
+                    return
+                origin = self._origin(frames[-1])
+                if len(frames) == 2 and origin is not None:
+                    ident = frames[0].bytes
+                    try:
+                        msg = decode_driver(frames[1].bytes)
+                    except ProtocolError:
+                        msg = None
+                    if isinstance(msg, Hello) and msg.worker.encode() == ident and ident not in self._holders:
+                        self._holders[ident] = origin
+                        if len(self._holders) > MAX_HOLDERS:
+                            self._holders.pop(next(iter(self._holders)))
+                        continue
+                self.frames_dropped += 1
+
     def _check_remote(self, now: float) -> None:
         """Declare remote workers lost whose heartbeats stopped (pump thread)."""
         lost = []
@@ -1683,6 +1766,8 @@ class Driver:
                     self._welcome_locked(w)
 
     def _welcome_locked(self, w: _Worker) -> None:
+        if w.remote and self._holders.get(w.ident) != w.key:
+            return  # its tasks connection is not shown to be its own (yet): _greet retries
         if self._closed:
             # A replacement that connected after shutdown sent Stop and Shutdown:
             # answer its Hello with Stop, so it exits now rather than at the timeout.
@@ -1702,11 +1787,13 @@ class Driver:
             for k in dead:
                 self._workers.pop(k, None)
 
-    def _handle(self, parts: list[bytes], filtered: bool = False, local: bool = False) -> None:
-        """One frame from a peer; ``local``: from a local worker's pipe (where local_pickle applies)."""
+    def _handle(self, parts: list[bytes], filtered: bool = False, origin: bytes | None = None,
+                local: bool = False) -> None:
+        """Handle a message from the results ROUTER; ``origin``: see :meth:`_origin`;
+        ``local``: from a local worker's pipe (where local_pickle applies)."""
         if self.frame_filter is not None and not filtered and len(parts) == 2:
             for frame in self.frame_filter("in", parts[0], parts[1]):
-                self._handle([parts[0], frame], True, local)
+                self._handle([parts[0], frame], True, origin, local)
             return
         if len(parts) != 2:
             self.frames_dropped += 1
@@ -1745,7 +1832,8 @@ class Driver:
                 self.frames_dropped += 1
             return
         if isinstance(msg, InspectQuery):
-            if self.inspect_provider is None or ident in self._workers:
+            # (phalanx top speaks no CURVE: a query with a key comes from a worker host)
+            if self.inspect_provider is None or ident in self._workers or origin:
                 self.frames_dropped += 1
                 return
             threading.Thread(target=self._answer_query, args=(ident, msg), daemon=True,
@@ -1772,7 +1860,7 @@ class Driver:
         elif isinstance(msg, Goodbye):
             self._on_goodbye(ident, msg)
         elif isinstance(msg, Hello):
-            self._on_hello(ident, msg)
+            self._on_hello(ident, msg, origin)
         elif isinstance(msg, Ready):
             self._on_ready(ident, msg)
         else:  # e.g. Alive or InspectReply not from a worker's side channel
@@ -1809,13 +1897,16 @@ class Driver:
         threading.Thread(target=self._on_exit, args=(w.id, None), kwargs={"left": True}, daemon=True,
                          name="phalanx-left").start()
 
-    def _join_locked(self, ident: bytes, msg: Hello) -> _Worker | None:
-        """A remote worker's first Hello: add it (listening runtimes only)."""
+    def _join_locked(self, ident: bytes, msg: Hello, origin: bytes | None) -> _Worker | None:
+        """A remote worker's first Hello: add it, owned by the key ``origin`` (listening runtimes only)."""
         if (
             self.address is None
             or self._closed
             or msg.worker.encode() != ident
             or not msg.worker
+            or b"!" in ident
+            or b"~" in ident
+            or _LOCAL_ID.match(ident) is not None
             or msg.version != PROTOCOL_VERSION
             or len(msg.tags) > MAX_TAGS
         ):
@@ -1826,6 +1917,7 @@ class Driver:
             return None  # a malformed tag: refuse the worker rather than guess
         w = _Worker(msg.worker, tags)
         w.remote = True
+        w.key = origin
         w.host = msg.host
         w.seen = time.monotonic()
         self._workers[ident] = w
@@ -1834,11 +1926,11 @@ class Driver:
                  ",".join(tags))
         return w
 
-    def _on_hello(self, ident: bytes, msg: Hello) -> None:
+    def _on_hello(self, ident: bytes, msg: Hello, origin: bytes | None = None) -> None:
         with self._lock:
             w = self._workers.get(ident)
             if w is None:
-                w = self._join_locked(ident, msg)
+                w = self._join_locked(ident, msg, origin)
             if w is None or msg.worker != w.id or not w.alive or w.hello:
                 self.frames_dropped += 1
                 return

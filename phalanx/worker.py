@@ -992,7 +992,12 @@ class _Loop:
 
     def serve(self) -> None:
         self.control.start()
-        self.send(Hello(self.spec.worker_id, os.getpid(), self.host, tags=list(self.spec.tags)))
+        hello = Hello(self.spec.worker_id, os.getpid(), self.host, tags=list(self.spec.tags))
+        if self.inbox is not None:
+            # Over tcp the same Hello on the inbox shows the driver that this key holds the
+            # identity tasks are sent to (see Driver._drain_tasks).
+            self.inbox.send(encode(hello), zmq.NOBLOCK)
+        self.send(hello)
         poll = self.poll
         while not self.stopping:
             if not self.todo:
