@@ -57,6 +57,8 @@ Invariants kept:
    with a timeout that runs ``timeout + abort_grace`` without an outcome (it
    holds the GIL, its process is frozen) has its worker killed by the driver
    (``_expire_overdue``). Shutdown waits for work, not for frozen workers.
+   Short work is not stranded behind a long task while a worker idles: the
+   tasks queued behind it are taken back, unstarted (``_reclaim_locked``).
 6. **Bad input never kills.** Undecodable frames, frames from unknown
    identities and outcomes for unknown tasks are counted and dropped. A
    local worker that sends a frame above ``max_frame`` (workers never do: see
@@ -106,7 +108,7 @@ from .transport import sockets
 from .transport.codec import UnpickleFailed, decode_driver, encode, error_info, salvage_results
 from .transport.endpoints import Endpoints, local_endpoints, remove_stale_dirs, tcp_endpoints
 from .transport.pipe import FramePipe, PipeError
-from .transport.messages import PROTOCOL_VERSION, Alive
+from .transport.messages import PROTOCOL_VERSION, Alive, Reclaim, Reclaimed
 from .transport.messages import (
     Call,
     Chunk,
@@ -172,6 +174,10 @@ SPIN_WAIT = 200e-6
 #: longest a task frame for a busy local worker waits to go out with the next ones (seconds);
 #: normally the worker's next outcome releases it much sooner (see _pipe_send_locked)
 HOLD_MAX = 0.002
+
+#: seconds between the pump's looks for tasks queued behind a long one while a worker idles;
+#: a worker's oldest task must stay the same across one look to the next to count as long
+RECLAIM_PERIOD = 0.05
 
 #: seconds past a task's ``timeout + abort_grace`` before the driver kills its worker: the
 #: worker's own kill at that time comes first when it can (a planned exit either way)
@@ -281,6 +287,8 @@ class RuntimeStats(msgspec.Struct, frozen=True):
     channel_messages_dropped: int = 0
     #: channel messages put back for redelivery (nacked, or held by a receiver closed or dead)
     channel_redelivered: int = 0
+    #: tasks a busy worker gave back unstarted, for a worker that idled, and sent again
+    reclaimed: int = 0
 
 
 class Task(msgspec.Struct, gc=False):
@@ -430,7 +438,7 @@ class _Worker:
         "tasks", "items", "busy", "died_at", "retiring", "dispatched",
         "remote", "host", "seen", "stop_sent", "tags", "frames_dropped", "pipe", "pipe_done",
         "reader", "leftover", "broken", "delivering", "deferred", "held", "held_at",
-        "head_since", "expired", "stopped_since", "key",
+        "head_since", "expired", "stopped_since", "key", "oldest", "reclaiming",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -485,6 +493,9 @@ class _Worker:
         self.expired: tuple[int, int] | None = None
         #: since when shutdown found its process stopped (SIGSTOP), 0.0: not stopped
         self.stopped_since = 0.0
+        #: its oldest task in flight at the pump's last look, and whether a Reclaim awaits its answer
+        self.oldest: tuple[int, int] | None = None
+        self.reclaiming = False
 
 
 class Driver:
@@ -524,6 +535,8 @@ class Driver:
         self.tasks_failed = 0
         self.items_completed = 0
         self.redelivered = 0
+        #: tasks taken back unstarted from a busy worker and dispatched again (see _reclaim_locked)
+        self.reclaimed = 0
         self.duplicates_dropped = 0
         self.late_results_dropped = 0
         self.frames_dropped = 0
@@ -552,8 +565,9 @@ class Driver:
         #: pump thread: a worker became ready
         self.ready_listeners: list[Callable[[str], None]] = []
         self._inspect_nonces = itertools.count(1)
-        #: builds the inspect tree for clients such as ``phalanx top`` (set by the Runtime)
-        self.inspect_provider: Callable[[float], Any] | None = None
+        #: builds the inspect tree for clients such as ``phalanx top`` (set by the Runtime): a weak
+        #: reference (the pump holds the driver; the runtime must stay collectable), called to get it
+        self.inspect_provider: Callable[[], Callable[[float], Any] | None] | None = None
         self._outgoing: deque[tuple[bytes, bytes]] = deque()
         self._inspect_replies: dict[int, dict[str, InspectReply]] = {}
         #: fault injection (phalanx.testing), None otherwise: ``frame_filter("in", ident, frame)``
@@ -1285,6 +1299,77 @@ class Driver:
             return False
         return True
 
+    def _reclaim_locked(self) -> None:
+        """Take back tasks a busy worker prefetched, unstarted, while a worker of their tag idles.
+
+        A worker whose oldest task is the same as at the last look is asked
+        (Reclaim, on the control PUB) for the tasks queued behind it, as many
+        as idle workers have credits for. It gives back only tasks it will
+        then never run (see the worker's ``_give_back``); its answer puts them
+        back at the front of their queue (``_on_reclaimed``), so each still
+        runs once. Pump thread, every ``RECLAIM_PERIOD``; off the hot path.
+        """
+        idle = [w for w in self._live if not w.inflight and w.free > 0]
+        room: dict[str, int] = {}
+        for w in self._live:
+            if not idle or w.reclaiming or len(w.inflight) < 2:
+                w.oldest = None
+                continue
+            oldest = next(iter(w.inflight))
+            if w.oldest != oldest:
+                w.oldest = oldest  # it may be quick: look again next period
+                continue
+            running = w.inflight[oldest]
+            if running.directed:
+                continue
+            wanted: list[list[int]] = []
+            for key, task in w.inflight.items():
+                job = self._jobs.get(task.job)
+                if key == oldest or task.directed or job is None:
+                    continue
+                free = room.get(job.tag)
+                if free is None:
+                    free = sum(i.free for i in idle if job.tag in i.tags)
+                if free > 0:
+                    wanted.append([task.job, task.seq, task.attempt])
+                room[job.tag] = free - 1 if free > 0 else 0
+            if wanted:
+                try:
+                    self._control.send(encode(Reclaim(w.id, [running.job, running.seq, running.attempt], wanted)),
+                                       zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    continue
+                w.reclaiming = True
+
+    def _on_reclaimed(self, ident: bytes, msg: Reclaimed) -> None:
+        """A worker gave back tasks it will never run: queue them again, at the front (pump thread)."""
+        with self._lock:
+            w = self._workers.get(ident)
+            if w is None or msg.worker != w.id or not w.reclaiming:
+                self.frames_dropped += 1  # unasked: never ours to act on
+                return
+            w.reclaiming = False
+            w.oldest = None
+            back: dict[str, list[Task]] = {}
+            for entry in msg.tasks:
+                if len(entry) != 3:
+                    self.frames_dropped += 1
+                    continue
+                job_id, seq, attempt = entry
+                task = w.inflight.get((job_id, seq))
+                if task is None or task.attempt != attempt:
+                    continue  # already redelivered (its worker died)
+                del w.inflight[(job_id, seq)]
+                if w.alive and not w.retiring:
+                    w.free += 1
+                job = self._jobs.get(job_id)
+                if job is not None and job.outstanding.get(seq) is task:
+                    back.setdefault(job.tag, []).append(task)
+                    self.reclaimed += 1
+            for tag, tasks in back.items():
+                self._enqueue_locked(tag, tasks, front=True)
+            self._dispatch_locked()
+
     def _prune_pending_locked(self) -> None:
         """Drop queued tasks whose job is gone or no longer wants them (one pass)."""
         for tag, queue in list(self._pending.items()):
@@ -1374,6 +1459,7 @@ class Driver:
         beats = itertools.count()
         interval = self.config.heartbeat_interval
         last_reap = 0.0
+        last_reclaim = 0.0
         timed = False
         while True:
             handshaking = self._handshaking()
@@ -1486,6 +1572,10 @@ class Driver:
                 last_reap = now
                 self._reap_dead()
                 timed = self._expire_overdue(now)
+            if now - last_reclaim >= RECLAIM_PERIOD:
+                last_reclaim = now
+                with self._lock:
+                    self._reclaim_locked()
             if self._deliveries:
                 self._deliver_ready()
 
@@ -1716,9 +1806,11 @@ class Driver:
 
     def _answer_query(self, ident: bytes, query: InspectQuery) -> None:
         """A helper thread: build the tree (it waits on workers), let the pump send it."""
-        assert self.inspect_provider is not None
+        provide = self.inspect_provider() if self.inspect_provider is not None else None
+        if provide is None:
+            return  # the runtime was collected
         try:
-            tree = self.inspect_provider(max(0.05, min(query.timeout, 10.0)))
+            tree = provide(max(0.05, min(query.timeout, 10.0)))
             frame = encode(InspectAnswer(query.nonce, tree))
         except Exception:
             return
@@ -1817,6 +1909,8 @@ class Driver:
                 self._on_alive(ident[:-1], msg)
             elif isinstance(msg, Results):
                 self._on_results(ident[:-1], msg)
+            elif isinstance(msg, Reclaimed):
+                self._on_reclaimed(ident[:-1], msg)
             elif isinstance(msg, InspectReply) and msg.worker.encode() == ident[:-1] and ident[:-1] in self._workers:
                 with self._changed:
                     w = self._workers.get(ident[:-1])
@@ -2378,5 +2472,6 @@ class Driver:
                 peers_refused=self.peers_refused,
                 channel_messages_dropped=self.channel_messages_dropped,
                 channel_redelivered=self.channel_redelivered,
+                reclaimed=self.reclaimed,
             )
 

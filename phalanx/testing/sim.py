@@ -1929,7 +1929,7 @@ class SimRuntime:
                 raise
             if isinstance(exc, EncodeError):
                 exc = EncodeError(f"the state of actor instance {instance} cannot be sent: {exc}")
-            self._worker_send(w, ActorState(w.id, instance, nonce, None, error_info(exc)), at)
+            self._worker_send(w, ActorState(w.id, instance, nonce, error=error_info(exc)), at)
             return
         inst.since_save = 0
         inst.saved_at = self.now
