@@ -73,7 +73,7 @@ import zmq
 
 from .errors import ChannelClosedError, ChannelTimeoutError, PhalanxError, ProtocolError, RuntimeClosedError
 from .transport import sockets
-from .transport.codec import decode_channel, decode_value, encode, register_ext
+from .transport.codec import decode_channel, decode_value, encode, encode_value, register_ext
 from .transport.messages import (
     CHAN_CLOSED,
     CHAN_OK,
@@ -500,7 +500,7 @@ class Sender(_End, Generic[T]):
 
     def _send(self, value: Any, timeout: float | None, cancel: threading.Event | None) -> None:
         self._check()
-        data = encode(value, "a channel message")
+        data = encode_value(value, "a channel message")  # tuples, sets, big ints arrive as themselves
         conn = self._connect()
         deadline = _deadline(timeout)
         self._wait(conn, lambda: self._seq - self._acked < self._window, deadline, "send", cancel)

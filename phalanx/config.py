@@ -106,6 +106,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     spin: float = 0.0
     log_level: str | None = None
     implicit_operations: bool = False
+    local_pickle: bool = False
     host_name: str | None = None
     hosts: list[str] = []
     workers_per_host: int = 0
@@ -163,6 +164,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(
                 "tcp needs server_key= (a .key_secret file) and authorized_keys= (a directory of "
                 "worker .key files): run `phalanx keygen`; or pass insecure=True for plaintext"
+            )
+        if self.local_pickle and self.listen is not None:
+            raise ValueError(
+                "local_pickle cannot be combined with listen: pickles go to local workers only, "
+                "never over tcp (unpickling runs code)"
             )
         if self.host_name is not None:
             try:
@@ -355,6 +361,9 @@ OPTIONS: dict[str, Option] = _options(
     Option("implicit_operations", parse_bool, "workers also run unregistered module-level functions, by "
            "`module:qualname` (`phalanx.Executor` sets it; for trusted code only)",
            worker_flag="--implicit-operations"),
+    Option("local_pickle", parse_bool, "carry what msgpack cannot (lambdas, closures, methods, partials, "
+           "classes, arbitrary objects) to and from local workers by cloudpickle (`pip install "
+           "'phalanx[pickle]'`); never over tcp, so not with `listen`; for trusted code only"),
     Option("host_name", str, "the name of this host in `rt.inspect()` and `phalanx top`; remote "
            "worker ids start with it", default="its hostname", worker_flag="--host-name"),
     Option("hosts", _parse_hosts, "`[\"host1\", \"user@host2:22\"]` (env `host1,user@host2:22`): start "

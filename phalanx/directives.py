@@ -744,6 +744,7 @@ def start_job(
             value = fold_on(
                 open_lease, driver.submit, driver.close_job, time.monotonic, monoid, items, MISSING,
                 chunksize, timeout, workers, options, stages=stages, on_items=state.add_done,
+                pickled=driver.config.local_pickle,
             )
             state.items_total = state.items_done
             if state.put(_ITEMS, [value]):

@@ -105,7 +105,7 @@ from .errors import (
 )
 from .supervisor import Supervisor
 from .transport import sockets
-from .transport.codec import decode_driver, encode, error_info
+from .transport.codec import UnpickleFailed, decode_driver, encode, error_info, salvage_results
 from .transport.endpoints import Endpoints, local_endpoints, remove_stale_dirs, tcp_endpoints
 from .transport.pipe import FramePipe, PipeError
 from .transport.messages import PROTOCOL_VERSION, Alive, Reclaim, Reclaimed
@@ -722,6 +722,7 @@ class Driver:
             log_level=self.config.log_level,
             implicit_operations=self.config.implicit_operations,
             shm_threshold=self.config.shm_threshold,
+            local_pickle=self.config.local_pickle,
         )
         worker.pid, end = self._supervisor.spawn_piped(spec)
         worker.pipe = FramePipe(end, self.limits.max_frame)
@@ -1671,7 +1672,7 @@ class Driver:
         ident = w.ident
         for frame in frames:
             try:
-                self._handle([ident, frame])
+                self._handle([ident, frame], local=True)
             except Exception:  # well-formed but nonsensical: never stop the pump
                 log.exception("dropped a frame that could not be handled")
                 self.frames_dropped += 1
@@ -1886,19 +1887,25 @@ class Driver:
             for k in dead:
                 self._workers.pop(k, None)
 
-    def _handle(self, parts: list[bytes], filtered: bool = False, origin: bytes | None = None) -> None:
-        """Handle a message from the results ROUTER; ``origin``: see :meth:`_origin`."""
+    def _handle(self, parts: list[bytes], filtered: bool = False, origin: bytes | None = None,
+                local: bool = False) -> None:
+        """Handle a message from the results ROUTER; ``origin``: see :meth:`_origin`;
+        ``local``: from a local worker's pipe (where local_pickle applies)."""
         if self.frame_filter is not None and not filtered and len(parts) == 2:
             for frame in self.frame_filter("in", parts[0], parts[1]):
-                self._handle([parts[0], frame], True, origin)
+                self._handle([parts[0], frame], True, origin, local)
             return
         if len(parts) != 2:
             self.frames_dropped += 1
             return
         ident, frame = parts
         try:
-            msg = decode_driver(frame)
-        except ProtocolError:
+            msg = decode_driver(frame, local and self.config.local_pickle)
+        except ProtocolError as exc:
+            salvaged = salvage_results(frame) if isinstance(exc.__cause__, UnpickleFailed) else None
+            if salvaged is not None:  # a result that failed to unpickle: that task's error
+                self._on_results(ident, salvaged)
+                return
             if self.channels is not None and b"~" in ident:
                 self.channels.handle(ident, frame)  # a channel end (phalanx.channels)
                 return
@@ -2230,9 +2237,10 @@ class Driver:
             ident = w.ident
             for i, frame in enumerate(frames):
                 try:
-                    msg = decode_driver(frame)
-                except ProtocolError:
-                    msg = None
+                    msg = decode_driver(frame, self.config.local_pickle)
+                except ProtocolError as exc:
+                    # A result that failed to unpickle (local_pickle) is that task's error.
+                    msg = salvage_results(frame) if isinstance(exc.__cause__, UnpickleFailed) else None  # type: ignore[assignment]
                 if not isinstance(msg, Results):
                     # Left to the pump, in order, before its next read of this pipe, and
                     # once the outcomes read before it are delivered (see _deliver_direct).

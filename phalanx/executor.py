@@ -45,8 +45,6 @@ import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
-import msgspec
-
 from .config import OPTIONS, usable_cpus
 from .errors import EncodeError, RuntimeBrokenError
 from .jobs import Future
@@ -61,6 +59,8 @@ from .registry.operations import (
     resolve,
 )
 from .runtime import JobOptions, Runtime
+from .transport.codec import encode
+from .transport.messages import Call
 from .worker import current_task
 
 __all__ = ["Executor"]
@@ -103,14 +103,18 @@ class Executor(concurrent.futures.Executor):
     refused: an executor runs local workers only; ``implicit_operations`` is
     always on).
 
-    ``fn`` may be an ``@phalanx.operation`` function, its name, or a plain
-    Python function defined at module level (named implicitly; for trusted
-    local use). Lambdas, nested functions, builtins, methods and partials
-    raise ``TypeError`` at ``submit``, as do arguments msgspec cannot encode
+    ``fn`` may be an ``@phalanx.operation`` function, its name, or a
+    function defined at module level, Python, builtin or C (``pow``,
+    ``time.sleep``, ``numpy.dot``; named implicitly; for trusted local use).
+    Lambdas, nested functions, methods and partials raise ``TypeError`` at
+    ``submit``, as do arguments msgspec cannot encode
     (:class:`~phalanx.EncodeError`), where ``ProcessPoolExecutor`` fails
-    later, at ``result()``. Arguments and results travel as msgpack: a
-    result comes back as the function's return annotation says, else as
-    plain data (a tuple as a list).
+    later, at ``result()``; with ``local_pickle=True`` (or
+    ``PHALANX_LOCAL_PICKLE=1``) they are pickled to the local workers and
+    run, as with ``ProcessPoolExecutor``. Arguments and results travel as
+    msgpack: a result comes back as the function's return annotation says,
+    else as Python made it (tuples, sets, big ints, numpy scalars) or as
+    plain data (a dataclass as a dict, unless ``local_pickle``).
 
     A worker that dies mid-task is replaced and its tasks are redelivered
     (so execution is at-least-once); a task that kills its worker
@@ -148,24 +152,34 @@ class Executor(concurrent.futures.Executor):
         options["implicit_operations"] = True  # plain functions, by module:qualname
         self._max_workers = max_workers
         self._init: list[Any] | None = None
+        self._rt = Runtime(max_workers, max_tasks_per_worker=max_tasks_per_child or None, **options)
+        self._pickled = self._rt.config.local_pickle
         if initializer is not None:
-            init_target = implicit(initializer)
-            self._init = [uuid.uuid4().hex, name_of(init_target), list(initargs)]
             try:
-                msgspec.msgpack.encode(self._init)
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise EncodeError(f"cannot encode the initargs: {exc}") from exc
+                self._init = [uuid.uuid4().hex, self._wire_fn(initializer), list(initargs)]
+                encode(Call(0, 0, 0, "", self._init), pickled=self._pickled)
+            except TypeError as exc:
+                self._rt.shutdown()
+                raise EncodeError(f"cannot send the initializer or its initargs: {exc}") from exc
         self._lock = threading.Lock()
         self._shutdown = False
         self._broken: RuntimeBrokenError | None = None
         self._failed_pending = False
         self._pending: set[Future[Any]] = set()
         self._closer: threading.Thread | None = None
-        self._rt = Runtime(max_workers, max_tasks_per_worker=max_tasks_per_child or None, **options)
         _finish_at_exit(self)
         logger.debug("executor started with %d workers", max_workers)
 
     # ---- submitting -------------------------------------------------------------
+
+    def _wire_fn(self, fn: Callable[..., Any]) -> Any:
+        """How the workers find ``fn``: its name, or (``local_pickle``) the callable itself, pickled."""
+        try:
+            return name_of(implicit(fn))
+        except TypeError:
+            if not self._pickled:
+                raise
+            return fn
 
     @property
     def runtime(self) -> Runtime:
@@ -201,14 +215,21 @@ class Executor(concurrent.futures.Executor):
         function workers cannot find by name or arguments that cannot be
         encoded.
         """
-        target = implicit(fn)
+        try:
+            target: Any = implicit(fn)
+        except TypeError:
+            if not self._pickled:
+                raise
+            target = fn  # the runtime sends it pickled
         with self._lock:
             self._check_open_locked()
             if self._init is None:
                 fut: Future[Any] = self._rt.submit(target, *args, **kwargs)
             else:
-                ref = OperationRef(_RUN_CALL, driver_operation(target))
-                fut = self._rt.submit(ref, self._init, name_of(target), list(args), kwargs or None)
+                op = driver_operation(target) if target is not fn or _named(fn) else None
+                ref = OperationRef(_RUN_CALL, op)
+                callee = name_of(target) if op is not None else fn
+                fut = self._rt.submit(ref, self._init, callee, list(args), kwargs or None)
             self._track_locked(fut)
         fut.add_done_callback(self._on_done)
         return fut
@@ -230,9 +251,9 @@ class Executor(concurrent.futures.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else timeout + time.monotonic()
-        target = implicit(fn)
-        op = driver_operation(target)
-        name = name_of(target)
+        callee = self._wire_fn(fn)
+        op = driver_operation(implicit(fn)) if isinstance(callee, str) else None
+        name = callee
         submitter: Runtime | JobOptions = self._rt
         if op is not None and op.options != TaskOptions():
             submitter = self._rt.options(retry=op.options.retry, timeout=op.options.timeout)
@@ -386,7 +407,8 @@ _INITIALIZED: dict[str, tuple[int, BaseException | None]] = {}
 
 def _ensure_initialized(init: list[Any]) -> None:
     """Run the executor's initializer once in this worker process."""
-    token, init_name, initargs = init
+    token, init_fn, initargs = init
+    init_name = init_fn if isinstance(init_fn, str) else repr(init_fn)
     pid = os.getpid()
     state = _INITIALIZED.get(token)
     if state is not None and state[0] == pid:
@@ -395,7 +417,7 @@ def _ensure_initialized(init: list[Any]) -> None:
         failure: BaseException = state[1]
     else:
         try:
-            op = resolve(init_name)
+            op = _callee(init_fn)
             args, _ = op.convert_args(list(initargs), None)
             op.fn(*args)
         except BaseException as exc:  # the initializer's failure breaks the executor
@@ -409,21 +431,34 @@ def _ensure_initialized(init: list[Any]) -> None:
     ) from failure
 
 
+def _named(fn: Any) -> bool:
+    return isinstance(fn, str) or isinstance(getattr(fn, "__phalanx_operation__", None), str)
+
+
+def _callee(fn: Any) -> Operation:
+    """The operation named ``fn``, or (``local_pickle``) the callable ``fn`` as one (worker side)."""
+    if isinstance(fn, str):
+        return resolve(fn)
+    if not callable(fn):
+        raise TypeError(f"{type(fn).__name__} is not callable")
+    return Operation(repr(fn), fn)
+
+
 @operation
-def _run_call(init: list[Any], fn_name: str, args: list[Any], kwargs: dict[str, Any] | None) -> Any:
+def _run_call(init: list[Any], fn_name: Any, args: list[Any], kwargs: dict[str, Any] | None) -> Any:
     """Run one call after the executor's initializer (worker side)."""
     _ensure_initialized(init)
-    op = resolve(fn_name)
+    op = _callee(fn_name)
     a, kw = op.convert_args(args, kwargs)
     return op.fn(*a, **kw)
 
 
 @operation
-def _run_chunk(init: list[Any] | None, fn_name: str, items: list[list[Any]]) -> list[Any]:
+def _run_chunk(init: list[Any] | None, fn_name: Any, items: list[list[Any]]) -> list[Any]:
     """Run ``fn(*args)`` for each item of one ``map`` chunk (worker side)."""
     if init is not None:
         _ensure_initialized(init)
-    op = resolve(fn_name)
+    op = _callee(fn_name)
     ctx = current_task()
     out: list[Any] = []
     for args in items:
@@ -434,7 +469,7 @@ def _run_chunk(init: list[Any] | None, fn_name: str, items: list[list[Any]]) -> 
 
 
 @operation
-def _run_calls(calls: list[list[Any]]) -> list[Any]:
+def _run_calls(calls: list[Any]) -> list[Any]:
     """Run ``[fn_name, args, kwargs]`` calls in order; their results (worker side).
 
     What the joblib backend sends for one batch.
@@ -443,7 +478,7 @@ def _run_calls(calls: list[list[Any]]) -> list[Any]:
     out: list[Any] = []
     for fn_name, args, kwargs in calls:
         ctx.check()
-        op = resolve(fn_name)
+        op = _callee(fn_name)
         a, kw = op.convert_args(args, kwargs)
         out.append(op.fn(*a, **kw))
     return out

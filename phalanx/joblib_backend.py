@@ -22,12 +22,15 @@ The backend runs every batch joblib forms as one task on a :class:`phalanx.Execu
              ──▶ Executor.submit(_run_calls, [[name, args, kwargs], ...]) ──▶ worker
     pump thread ── done callback ──▶ joblib's BatchCompletionCallBack (next batch)
 
-Invariant kept: nothing is pickled. Each delayed function is sent by name,
-so it must be an ``@phalanx.operation`` or a plain module-level function
-(named implicitly, as :class:`phalanx.Executor` does); a lambda, a nested
-function or a ``functools.partial`` raises ``TypeError`` when the batch is
-dispatched. Arguments and results are msgpack: results come back as the
-function's return annotation says, else as plain data (a tuple as a list).
+Invariant kept: nothing is pickled unless ``local_pickle`` is on (local
+workers only; then each batch goes pickled as a whole, as loky sends it). Each delayed function is sent by name, so it must be an
+``@phalanx.operation`` or a function defined at module level (Python,
+builtin or C, named implicitly, as :class:`phalanx.Executor` does); a
+lambda, a nested function or a ``functools.partial`` raises ``TypeError``
+when the batch is dispatched, unless ``local_pickle`` carries it pickled.
+Arguments and results are msgpack: results come back as the function's
+return annotation says, else as Python made them (tuples, sets and big ints
+included; other objects as plain data, or pickled under ``local_pickle``).
 No worker outlives the ``Parallel`` call that started it.
 """
 
@@ -43,7 +46,7 @@ from typing import Any
 
 from .config import usable_cpus
 from .executor import Executor, _run_calls
-from .registry.operations import Operation, driver_operation, implicit, name_of
+from .registry.operations import Operation, driver_operation, implicit
 from .runtime import Runtime
 
 __all__ = ["PhalanxBackend", "register"]
@@ -132,12 +135,19 @@ class PhalanxBackend(_parallel.AutoBatchingMixin, _parallel.ParallelBackendBase)
         items = getattr(func, "items", None)
         if not isinstance(items, list):
             raise TypeError(f"the phalanx joblib backend runs joblib batches, got {func!r}")
+        if executor._pickled:
+            # The batch itself, pickled (as loky sends it): it runs under joblib's own
+            # context in the worker (nested backends, nesting level, n_jobs).
+            future = executor.submit(func)
+            if callback is not None:
+                future.add_done_callback(callback)
+            return future
         calls: list[list[Any]] = []
         ops: list[Operation | None] = []
         for fn, args, kwargs in items:
-            target = implicit(fn)
-            calls.append([name_of(target), list(args), dict(kwargs) or None])
-            ops.append(driver_operation(target))
+            callee = executor._wire_fn(fn)  # a name, or (local_pickle) fn itself
+            calls.append([callee, list(args), dict(kwargs) or None])
+            ops.append(driver_operation(implicit(fn)) if isinstance(callee, str) else None)
         future = executor.submit(_run_calls, calls)
         future._phalanx_joblib_ops = ops  # type: ignore[attr-defined]
         if callback is not None:
@@ -147,7 +157,9 @@ class PhalanxBackend(_parallel.AutoBatchingMixin, _parallel.ParallelBackendBase)
     def retrieve_result_callback(self, future: Any) -> list[Any]:
         """The batch's results, converted to each function's return annotation."""
         values: list[Any] = future.result()
-        ops: list[Operation | None] = getattr(future, "_phalanx_joblib_ops", [])
+        ops: list[Operation | None] | None = getattr(future, "_phalanx_joblib_ops", None)
+        if ops is None:  # a pickled batch: its values are the function's own
+            return values
         out = []
         for value, op in zip(values, ops):
             if op is not None and op.returns not in (Any, object):

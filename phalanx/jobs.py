@@ -41,8 +41,8 @@ from .driver import SETTLED, SKIPPED, Delivery, Driver, Job, Task
 from .errors import TaskCancelledError, TaskTimeoutError, WorkerCrashedError
 from .policy import FatalStrategy, TaskOptions
 from .progress import ProgressBar, progress_bar
-from .registry.operations import Operation, driver_operation, monoid_empty, name_of
-from .transport.codec import encode, rebuild_error
+from .registry.operations import Operation, driver_operation, monoid_empty, name_of, pickled_call
+from .transport.codec import encode, pack_message, rebuild_error
 from .transport.messages import Call, Chunk, Err, Ok
 
 __all__ = ["Future", "MapIterator", "submit", "fold", "fold_on", "FoldLease", "MISSING", "chain_options"]
@@ -344,11 +344,15 @@ def submit(
     options: TaskOptions | None = None,
 ) -> Future[Any]:
     """Run ``fn(*args, **kwargs)`` once on some worker."""
+    if driver.config.local_pickle:
+        fn, args = pickled_call(fn, args)
     op_name = name_of(fn)
     op = driver_operation(fn)
     fut: Future[Any] = Future()
     job = _SubmitJob(driver, op_name, op, fut, options_for(op, options))
     msg = Call(job.id, 0, 0, op_name, args, kwargs or None, job.timeout)
+    if driver.config.local_pickle:  # the task keeps its pickles: a retry re-encodes it as it is
+        msg = pack_message(msg, True)
     frame = encode(msg, "the arguments of {}", op_name)
     fut._phalanx_direct = driver
     fut._phalanx_call = job
@@ -489,6 +493,8 @@ class MapIterator(Iterator[R], Generic[R]):
             self._starts[seq] = self._read
             self._read += len(items)
             msg = Chunk(job.id, seq, 0, self._op_name, items, self._star, False, job.timeout, self._stages)
+            if self._driver.config.local_pickle:
+                msg = pack_message(msg, True)
             tasks.append(Task(msg, encode(msg, "the arguments of {}", self._op_name), len(items)))
         if tasks:
             now = time.monotonic()
@@ -730,6 +736,7 @@ def fold(
     return fold_on(
         lambda op_name, resolved: _Lease(driver, op_name, resolved), driver.submit, driver.close_job,
         time.monotonic, fn, iterable, initial, chunksize, timeout, workers, options,
+        pickled=driver.config.local_pickle,
     )
 
 
@@ -756,6 +763,7 @@ def fold_on(
     *,
     stages: Sequence[Callable[..., Any] | str] = (),
     on_items: Callable[[int], None] | None = None,
+    pickled: bool = False,
 ) -> Any:
     """The fold tree, for any runtime that submits tasks and leases their outcomes.
 
@@ -793,6 +801,7 @@ def fold_on(
         seq = next(seqs)
         msg = Call(job.id, seq, 0, op_name, [lower, upper], None, job.timeout)
         inflight[seq] = (lo, hi, False)
+        msg = pack_message(msg, pickled) if pickled else msg
         submit_tasks(job, [Task(msg, encode(msg, "the partial results of {}", op_name))])
 
     def add_ready(lo: int, hi: int, value: Any, remote: bool) -> None:
@@ -827,6 +836,7 @@ def fold_on(
                 seq = next(seqs)
                 msg = Chunk(job.id, seq, 0, op_name, items, False, True, job.timeout, stage_names)
                 inflight[seq] = (lo, pos, True)
+                msg = pack_message(msg, pickled) if pickled else msg
                 tasks.append(Task(msg, encode(msg, "the items of {}", op_name), len(items)))
             if tasks:
                 submit_tasks(job, tasks)

@@ -69,7 +69,7 @@ from .actors.host import ActorHost
 from .errors import EncodeError, FrameTooLargeError, ProtocolError, TaskCancelledError, TaskTimeoutError, Transient
 from .registry.operations import Operation, resolve
 from .transport import shm, sockets
-from .transport.codec import decode_control, decode_inbox, encode, error_info
+from .transport.codec import UnpickleFailed, decode_control, decode_inbox, encode, error_info, pack, salvage_inbox
 from .transport.endpoints import Endpoints
 from .transport.pipe import FramePipe, PipeError
 from .transport.messages import (
@@ -154,6 +154,8 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     log_level: str | None = None
     #: it also runs unregistered module-level functions named ``module:qualname``
     implicit_operations: bool = False
+    #: a local worker of a ``local_pickle`` runtime: its pipe carries pickles both ways
+    local_pickle: bool = False
     #: the host name it reports in Hello and inspect replies ("": ``socket.gethostname()``)
     host: str = ""
     #: on LEAVE_SIGNAL from its parent, tell the driver it leaves (Goodbye) before exiting
@@ -564,6 +566,8 @@ class _Loop:
         self.pipe: FramePipe | None = None
         self.inbox: zmq.Socket[bytes] | None = None
         self.outbox: zmq.Socket[bytes] | None = None
+        #: pickles cross its pipe (local_pickle); never a ZeroMQ socket's, whatever the spec says
+        self.pickled = spec.local_pickle and pipe is not None
         if pipe is not None:
             self.pipe = FramePipe(pipe, spec.limits.max_frame)
             self._pipe_poll = select.poll()
@@ -634,8 +638,10 @@ class _Loop:
     def drain_inbox(self) -> None:
         for frame in self._frames():
             try:
-                msg = decode_inbox(frame)
-            except ProtocolError:
+                msg = decode_inbox(frame, self.pickled)
+            except ProtocolError as exc:
+                if isinstance(exc.__cause__, UnpickleFailed) and self._unpicklable(frame, exc.__cause__):
+                    continue
                 self.frames_dropped += 1
                 continue
             if isinstance(msg, (Call, Chunk, ActorCall, SpawnActor, StopActor, SaveActor)):
@@ -646,6 +652,15 @@ class _Loop:
                     self.max_send = max(4096, msg.max_frame)
             elif isinstance(msg, Stop):
                 self.stopping = True
+
+    def _unpicklable(self, frame: bytes, exc: UnpickleFailed) -> bool:
+        """A task whose pickle failed to load (local_pickle) fails with that error; False: not a task."""
+        task = salvage_inbox(frame)
+        if not isinstance(task, (Call, Chunk)):
+            return False
+        self.out.append(Err(task.job, task.seq, task.attempt, error_info(exc)))
+        self.out_ops.append((task.op, False))
+        return True
 
     def terminate(self, job: int) -> None:
         self.terminated.add(job)
@@ -888,7 +903,7 @@ class _Loop:
         """
         dropped = self.dropped()
         try:
-            frame = encode(Results(self.spec.worker_id, outcomes, busy, dropped))
+            frame = encode(Results(self.spec.worker_id, outcomes, busy, dropped), pickled=self.pickled)
         except (EncodeError, RecursionError):  # RecursionError: a self-referencing or very deep value
             pass
         else:
@@ -906,7 +921,7 @@ class _Loop:
         """
         wid, limit = self.spec.worker_id, self.max_send
         try:
-            frame = encode(Results(wid, [outcome], busy, dropped))
+            frame = encode(Results(wid, [outcome], busy, dropped), pickled=self.pickled)
         except (EncodeError, RecursionError) as exc:
             if splits:
                 return self._split_frame(outcome, op, busy, dropped)
@@ -932,7 +947,7 @@ class _Loop:
         for index, value in enumerate(values):
             err: Exception | None = None
             try:
-                size = len(encode(value))
+                size = len(encode(pack(value, self.pickled)))
             except (EncodeError, RecursionError) as exc:
                 err = EncodeError(f"the result of {op} for item {index} of its chunk cannot be sent: "
                                   f"{exc.__cause__ or exc}")
@@ -943,7 +958,7 @@ class _Loop:
                 if index:
                     # The values before it fit: they go, the driver runs the rest of the chunk again.
                     return encode(Results(wid, [Ok(outcome.job, outcome.seq, outcome.attempt, values[:index])],
-                                          busy, dropped))
+                                          busy, dropped), pickled=self.pickled)
                 if size > room:
                     err = FrameTooLargeError(
                         f"the result of {op} is {size} bytes encoded, larger than max_frame={limit}", size, limit)

@@ -71,6 +71,7 @@ CASES: dict[str, Case] = {
     "spin": Case(0.001, "0.002", 0.002, -1.0, "x"),
     "log_level": Case("DEBUG", "warning", "warning", "LOUD", "LOUD"),
     "implicit_operations": Case(True, "1", True, "1", "2"),
+    "local_pickle": Case(True, "on", True, "on", "sometimes"),
     "host_name": Case("box-1", "box-2", "box-2", "has space", "has space"),
     "hosts": Case(["h1", "u@h2:22"], "h1, h3", ["h1", "h3"], ["h1", "h1"], "-oProxyCommand=x"),
     "workers_per_host": Case(4, "2", 2, -1, "x"),

@@ -240,7 +240,7 @@ def test_output_type_mismatch_is_a_validation_error_naming_the_field(rt: phalanx
         assert "$.count" in str(info.value) and "bad_record" in str(info.value)
     # map: the error comes at its position; the results before it are yielded first.
     got: list[Any] = []
-    with pytest.raises(phalanx.ValidationError, match=r"result of directive_ops:bad_record.*\$\.count"):
+    with pytest.raises(phalanx.ValidationError, match=r"result of bad_record: expected .* at `\$\.count`"):
         for value in rt.map(d.bad_record, [1, 2, 3], chunksize=1):
             got.append(value)
     assert got == []

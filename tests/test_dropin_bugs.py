@@ -42,10 +42,17 @@ def _gone_within(pids: list[int], bound: float) -> list[int]:
     """The pids still running after up to ``bound`` seconds."""
     deadline = time.monotonic() + bound
     while True:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        alive = [p for p in pids if _running(p)]
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # it may end between any two looks
+        return False
 
 
 # ---- pending work at interpreter exit -------------------------------------------------

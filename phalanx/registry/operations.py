@@ -16,9 +16,12 @@ the same script (as multiprocessing's spawn does) and resolves it there.
 **Implicit operations** (for :class:`phalanx.Executor` and the joblib
 backend): a worker started with the ``implicit_operations`` option (its
 spec says so; :func:`set_implicit` applies it) also resolves a name to a
-plain module-level Python function (``types.FunctionType``, defined in that
-module under that qualname) that was never registered; builtins, classes,
-methods, lambdas and nested functions never resolve. The Executor turns the
+plain module-level function that was never registered: a Python function
+defined in that module under that qualname, or a builtin or C function found
+there by its own name (``time:sleep``, ``builtins:pow``, ``math:sqrt``,
+``numpy:dot``); classes, methods, lambdas and nested functions never
+resolve by name (with ``local_pickle``, a local worker receives them
+pickled instead). The Executor turns the
 option on for the local workers of its own runtime only; a worker started
 by ``phalanx worker --connect`` on another host allows implicit names only
 if its operator asked for it (``--implicit-operations`` or
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import sys
 import types
 import typing
@@ -54,6 +58,9 @@ __all__ = [
     "set_implicit",
     "NO_EMPTY",
     "monoid_empty",
+    "HOW_TO_FIX",
+    "CALL_PICKLED",
+    "pickled_call",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -230,9 +237,15 @@ def name_of(fn: Callable[..., Any] | str) -> str:
     op_name = getattr(fn, "__phalanx_operation__", None)
     if isinstance(op_name, str):
         return op_name
+    what = getattr(fn, "__qualname__", None) or repr(fn)
+    if isinstance(fn, types.FunctionType) and "<" in fn.__qualname__:
+        raise TypeError(
+            f"{what!r} is a lambda or is defined inside a function: workers find operations by module "
+            f"and name; {HOW_TO_FIX} (a Runtime also needs @phalanx.operation on the def)"
+        )
     raise TypeError(
-        f"{getattr(fn, '__qualname__', fn)!r} is not a phalanx operation: "
-        "decorate it with @phalanx.operation"
+        f"{what!r} is not a phalanx operation: decorate it with @phalanx.operation "
+        "(or pass local_pickle=True to send any callable pickled to local workers)"
     )
 
 
@@ -395,9 +408,31 @@ class Operation:
         try:
             return convert(value, typ)
         except msgspec.ValidationError as exc:
-            raise ValidationError(f"{what} of {self.name}: {exc}") from None
+            short = self.name.rpartition(":")[2]
+            raise ValidationError(f"{what} of {short}: {_in_our_words(exc, typ, value)}") from None
         except TypeError:
             return value  # an annotation msgspec cannot check: pass the value through
+
+
+_MSGSPEC_MISMATCH = re.compile(r"Expected `([^`]+)`, got `([^`]+)`(?: - at `\$(.*)`)?$")
+
+
+def _in_our_words(exc: msgspec.ValidationError, typ: Any, value: Any) -> str:
+    """msgspec's "Expected `object`, got `str`" as "expected Order, got str" (a path inside it kept: "at `$.x`")."""
+    text = str(exc)
+    match = _MSGSPEC_MISMATCH.match(text)
+    if match is None:
+        return text
+    expected, got, path = match.groups()
+    if not path:  # the value itself: name the annotation and the value's own type
+        return f"expected {_type_name(typ)}, got {type(value).__name__}"
+    return f"expected {expected} at `${path}`, got {got}"
+
+
+def _type_name(typ: Any) -> str:
+    if isinstance(typ, type):
+        return typ.__qualname__
+    return repr(typ).replace("typing.", "")
 
 
 def _import_target(name: str) -> Any:
@@ -492,12 +527,36 @@ def implicit_allowed() -> bool:
 
 
 def _is_plain_function(obj: Any, name: str) -> bool:
-    """A Python function defined at module level under exactly ``name``."""
-    return (
-        isinstance(obj, types.FunctionType)
-        and "<" not in obj.__qualname__  # <lambda>, <locals>
-        and _default_name(obj) == name
-    )
+    """A function defined at module level under exactly ``name`` (Python, builtin or C)."""
+    if isinstance(obj, types.FunctionType):
+        return "<" not in obj.__qualname__ and _default_name(obj) == name  # not <lambda>, <locals>
+    return _c_function_name(obj) == name
+
+
+def _c_function_name(obj: Any) -> str | None:
+    """``module:name`` of a builtin or C function reachable by it (None for anything else).
+
+    A builtin bound to an object (``[].append``) is not one; numpy's
+    functions and ufuncs are C callables of their own types, found by name.
+    """
+    if isinstance(obj, types.BuiltinFunctionType):
+        if not isinstance(obj.__self__, (types.ModuleType, type(None))):
+            return None  # a method of some object
+    elif type(obj).__module__ != "numpy" or isinstance(obj, type) or not callable(obj):
+        return None
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or "." in qualname:
+        return None
+    name = f"{_module_name(module)}:{qualname}"
+    return name if _import_target_quiet(name) is obj else None
+
+
+def _import_target_quiet(name: str) -> Any:
+    try:
+        return _import_target(name)
+    except UnknownOperationError:
+        return None
 
 
 class OperationRef:
@@ -525,6 +584,12 @@ class OperationRef:
         return f"OperationRef({self.__phalanx_operation__!r})"
 
 
+#: the end of every message refusing a callable workers cannot find by name
+HOW_TO_FIX = (
+    "define it at module level (a def, not a lambda or a method), or, for local workers, "
+    "pass local_pickle=True (PHALANX_LOCAL_PICKLE=1; needs 'phalanx[pickle]') to send it pickled"
+)
+
 _IMPLICIT_REFS: weakref.WeakKeyDictionary[Callable[..., Any], OperationRef] = weakref.WeakKeyDictionary()
 
 
@@ -541,20 +606,30 @@ def implicit(fn: Callable[..., Any] | str) -> Callable[..., Any] | str:
         return fn
     if isinstance(getattr(fn, "__phalanx_operation__", None), str):
         return fn
-    ref = _IMPLICIT_REFS.get(fn) if isinstance(fn, types.FunctionType) else None
+    try:
+        ref = _IMPLICIT_REFS.get(fn)
+    except TypeError:  # not weakly referable
+        ref = None
     if ref is not None:
         return ref
     what = getattr(fn, "__qualname__", None) or repr(fn)
     if not isinstance(fn, types.FunctionType):
-        raise TypeError(
-            f"{what!r} is not a plain Python function defined at module level "
-            f"({type(fn).__name__}); workers find functions by module and name: "
-            "wrap it in a module-level function or decorate one with @phalanx.operation"
-        )
+        c_name = _c_function_name(fn)
+        if c_name is None:
+            raise TypeError(
+                f"{what!r} is not a function defined at module level ({type(fn).__name__}); "
+                f"workers find functions by module and name: {HOW_TO_FIX}"
+            )
+        ref = OperationRef(c_name, Operation(c_name, fn), fn)
+        try:
+            _IMPLICIT_REFS[fn] = ref
+        except TypeError:
+            pass
+        return ref
     if "<" in fn.__qualname__:
         raise TypeError(
             f"{what!r} is a lambda or is defined inside a function; workers find "
-            "functions by module and name: define it at module level"
+            f"functions by module and name: {HOW_TO_FIX}"
         )
     name = _default_name(fn)
     module = sys.modules.get(fn.__module__)
@@ -564,8 +639,37 @@ def implicit(fn: Callable[..., Any] | str) -> Callable[..., Any] | str:
     if target is not fn:
         raise TypeError(
             f"{name} does not name {what!r} (was it replaced or deleted at module level?); "
-            "workers find functions by module and name"
+            f"workers find functions by module and name: {HOW_TO_FIX}"
         )
     ref = OperationRef(name, Operation(name, fn), fn)
     _IMPLICIT_REFS[fn] = ref
     return ref
+
+
+# --------------------------------------------------------------------------- #
+# local_pickle: a callable carried as a value
+# --------------------------------------------------------------------------- #
+
+
+@operation
+def _call_pickled(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn``, which arrived as a value: unpickled from a local pipe (``local_pickle``)."""
+    if not callable(fn):
+        raise TypeError(f"{type(fn).__name__} is not callable")
+    return fn(*args, **kwargs)
+
+
+#: submits ``fn(*args)`` as ``_call_pickled(fn, *args)`` (the driver's view: results as decoded)
+CALL_PICKLED = OperationRef(_default_name(_call_pickled), None, _call_pickled)
+
+
+def pickled_call(fn: Callable[..., Any] | str, args: tuple[Any, ...]) -> tuple[Callable[..., Any] | str, tuple[Any, ...]]:
+    """With ``local_pickle``: what to submit for ``fn(*args)``.
+
+    An operation (or its name) is submitted as itself; any other callable
+    goes as the first argument of ``_call_pickled`` and is pickled on its
+    way to a local worker.
+    """
+    if isinstance(fn, (str, OperationRef)) or isinstance(getattr(fn, "__phalanx_operation__", None), str):
+        return fn, args
+    return CALL_PICKLED, (fn, *args)

@@ -12,11 +12,20 @@ arrays inline.
 
 Invariant kept: a value msgspec cannot encode raises
 :class:`~phalanx.errors.EncodeError` (a ``TypeError``) *before* anything is
-sent, and nothing here ever unpickles.
+sent, and nothing here unpickles unless its caller, a local pipe's end
+(``local_pickle``), asks for it: every decoder of tcp frames refuses a pickle.
+
+User values keep their Python types without annotations (:func:`pack`):
+tuples, sets, frozensets, ints beyond 64 bits and numpy scalars travel as
+msgpack extension records. Plain data (ints, strings, lists and dicts of
+them) is left as it is and pays one type test per value, and a C-level
+scan of a list's or dict's items (see :func:`_plain_items`).
 """
 
 from __future__ import annotations
 
+import gc
+import operator
 import sys
 import traceback as _tb
 import types
@@ -36,6 +45,7 @@ from . import shm as _shm
 from .messages import (
     ActorCall,
     Call,
+    Chunk,
     ChannelReply,
     ChannelRequest,
     ClientMessage,
@@ -43,8 +53,12 @@ from .messages import (
     ControlMessage,
     DriverMessage,
     ErrorInfo,
+    Err,
     InboxMessage,
+    Ok,
+    Outcome,
     Results,
+    SpawnActor,
 )
 
 __all__ = [
@@ -62,6 +76,13 @@ __all__ = [
     "decode_broker",
     "decode_channel",
     "decode_value",
+    "pack",
+    "pack_message",
+    "encode_value",
+    "PICKLE_EXT",
+    "UnpickleFailed",
+    "salvage_inbox",
+    "salvage_results",
 ]
 
 T = TypeVar("T")
@@ -92,6 +113,15 @@ def register_ext(code: int, cls: type, to_bytes: Callable[[Any], bytes], from_by
 
 #: extension code of numpy arrays (phalanx.transport.buffers, imported on first use)
 NDARRAY_EXT = 16
+#: extension codes of Python values msgpack would turn into something else (:func:`pack`)
+TUPLE_EXT, SET_EXT, FROZENSET_EXT, BIGINT_EXT, NPSCALAR_EXT = 17, 18, 19, 20, 21
+#: a cloudpickle payload: made and accepted only on a local pipe with ``local_pickle``
+PICKLE_EXT = 22
+#: every extension code on the wire, by name (a test checks that they are distinct)
+EXT_CODES = {
+    "ndarray": NDARRAY_EXT, "tuple": TUPLE_EXT, "set": SET_EXT, "frozenset": FROZENSET_EXT,
+    "bigint": BIGINT_EXT, "numpy scalar": NPSCALAR_EXT, "pickle": PICKLE_EXT, "shared-memory array": _shm.SHM_NDARRAY,
+}
 
 
 def _ndarray_from_bytes(data: memoryview) -> Any:
@@ -126,25 +156,89 @@ def _hook(value: Any, shm: bool) -> Any:
                 if record is not None:
                     return msgspec.msgpack.Ext(_shm.SHM_NDARRAY, record)
             return msgspec.msgpack.Ext(NDARRAY_EXT, ndarray_to_bytes(value))
-        if isinstance(value, numpy.generic):  # a numpy scalar: its Python value
-            return value.item()
+        if isinstance(value, numpy.generic):  # a numpy scalar: as a 0-d array, read back as a scalar
+            return msgspec.msgpack.Ext(NPSCALAR_EXT, ndarray_to_bytes(numpy.asarray(value)))
     raise TypeError(f"Encoding objects of type {type(value).__name__} is unsupported")
 
 
-def _ext_hook(code: int, data: memoryview) -> Any:
-    from_bytes = _EXT_DECODE.get(code)
-    if from_bytes is None:
-        raise ValueError(f"unknown extension type {code}")
+def _npscalar_from_bytes(data: memoryview) -> Any:
+    from .buffers import ndarray_from_bytes
+
+    array = ndarray_from_bytes(data)
+    if array.ndim != 0:
+        raise ValueError("a numpy scalar record holds an array")
+    return array[()]
+
+
+def _bigint_from_bytes(data: memoryview) -> int:
+    return int.from_bytes(data, "little", signed=True)
+
+
+class UnpickleFailed(DecodeError):
+    """A pickle from a local pipe did not load (its error is the ``__cause__``).
+
+    The frame is well formed: the task or result it carries fails with this
+    error (see :func:`salvage_inbox`, :func:`salvage_results`), it is not bad input.
+    """
+
+
+class _Pickle:
+    """A pickle left unread (:func:`salvage_results`)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = bytes(data)
+
+
+def _unpickle(data: bytes | memoryview) -> Any:
+    import pickle
+
     try:
-        return from_bytes(data)
-    except ValueError:
-        raise
-    except Exception as exc:  # a malformed payload must never escape as anything else
-        raise ValueError(f"malformed extension {code}: {exc}") from None
+        return pickle.loads(data)
+    except Exception as exc:
+        raise UnpickleFailed(f"a pickled value failed to load: {type(exc).__name__}: {exc}") from exc
+
+
+def _make_ext_hook(unpickle: bool | None) -> Callable[[int, memoryview], Any]:
+    """The ext hook of a decoder; ``unpickle``: it reads pickles (a local pipe's end only;
+    None: leaves them unread, as :class:`_Pickle`)."""
+    inner: msgspec.msgpack.Decoder[Any]
+
+    def ext_hook(code: int, data: memoryview) -> Any:
+        try:
+            if code == TUPLE_EXT:
+                return tuple(inner.decode(data))
+            if code == SET_EXT:
+                return set(inner.decode(data))
+            if code == FROZENSET_EXT:
+                return frozenset(inner.decode(data))
+            if code == PICKLE_EXT:
+                if unpickle is None:
+                    return _Pickle(data)
+                if not unpickle:
+                    raise ValueError("a pickled value: refused (local_pickle reads pickles from local pipes only)")
+                return _unpickle(data)
+            from_bytes = _EXT_DECODE.get(code)
+            if from_bytes is None:
+                raise ValueError(f"unknown extension type {code}")
+            return from_bytes(data)
+        except ValueError:
+            raise
+        except Exception as exc:  # a malformed payload must never escape as anything else
+            raise ValueError(f"malformed extension {code}: {exc}") from None
+
+    inner = msgspec.msgpack.Decoder(ext_hook=ext_hook)
+    return ext_hook
 
 
 _EXT_DECODE[NDARRAY_EXT] = _ndarray_from_bytes
 _EXT_DECODE[_shm.SHM_NDARRAY] = _shm.read_array
+_EXT_DECODE[NPSCALAR_EXT] = _npscalar_from_bytes
+_EXT_DECODE[BIGINT_EXT] = _bigint_from_bytes
+_ext_hook = _make_ext_hook(False)
+_ext_hook_unpickle = _make_ext_hook(True)
+_ext_hook_unread = _make_ext_hook(None)
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 # Tasks and results between a driver and its local workers: large arrays through
 # shared memory (phalanx.transport.shm), only while shm.threshold() is set.
@@ -155,6 +249,11 @@ _inbox = msgspec.msgpack.Decoder(InboxMessage, ext_hook=_ext_hook)
 _control = msgspec.msgpack.Decoder(ControlMessage, ext_hook=_ext_hook)
 _driver = msgspec.msgpack.Decoder(DriverMessage, ext_hook=_ext_hook)
 _client = msgspec.msgpack.Decoder(ClientMessage, ext_hook=_ext_hook)
+# Decoders of a local pipe's frames when its runtime has ``local_pickle``: they also unpickle.
+_inbox_unpickle = msgspec.msgpack.Decoder(InboxMessage, ext_hook=_ext_hook_unpickle)
+_driver_unpickle = msgspec.msgpack.Decoder(DriverMessage, ext_hook=_ext_hook_unpickle)
+_inbox_unread = msgspec.msgpack.Decoder(InboxMessage, ext_hook=_ext_hook_unread)
+_driver_unread = msgspec.msgpack.Decoder(DriverMessage, ext_hook=_ext_hook_unread)
 # Channel frames carry user values as opaque bytes: neither decoder runs extension hooks.
 _broker = msgspec.msgpack.Decoder(ChannelRequest)
 _channel = msgspec.msgpack.Decoder(ChannelReply)
@@ -169,19 +268,210 @@ def _value_ext_hook(code: int, data: memoryview) -> Any:
 _value = msgspec.msgpack.Decoder(ext_hook=_value_ext_hook)
 
 
-def encode(msg: Any, what: str = "message", name: str = "") -> bytes:
+# --------------------------------------------------------------------------- #
+# User values as Python made them
+# --------------------------------------------------------------------------- #
+
+#: types msgpack carries exactly (a big int fails to encode and takes the slow path)
+_ATOMS = frozenset({int, str, float, bool, type(None), bytes, msgspec.msgpack.Ext})
+_SEQ_EXT: dict[type, int] = {tuple: TUPLE_EXT, set: SET_EXT, frozenset: FROZENSET_EXT}
+#: what arrives as itself under local_pickle without a pickle (the rest is pickled there)
+_EXACT = _ATOMS | {list, dict, tuple, set, frozenset}
+
+
+def pack(value: Any, pickled: bool = False) -> Any:
+    """``value`` with what msgpack would change made an extension record.
+
+    Tuples, sets and frozensets become records (their items packed too);
+    lists and dicts are copied only if they hold such values. ``pickled``
+    (``local_pickle``, a local worker only): any other object msgspec would
+    not return as itself (a function, a class, a dataclass instance...) is
+    a cloudpickle record. Returns ``value`` itself when nothing changes.
+    """
+    t = type(value)
+    if t in _ATOMS:
+        return value
+    if t is list:
+        if _plain_items(value, pickled):
+            return value
+        out = [pack(x, pickled) for x in value]
+        return value if all(map(_same, out, value)) else out
+    if t is dict:
+        if _plain_items(value, pickled):
+            return value
+        items = {k: pack(x, pickled) for k, x in value.items()}
+        return value if all(map(_same, items.values(), value.values())) else items
+    code = _SEQ_EXT.get(t)
+    if code is not None:
+        return msgspec.msgpack.Ext(code, _encode_plain([pack(x, pickled) for x in value]))
+    if pickled and t not in _EXACT and t not in _EXT_ENCODE and t.__module__ != "numpy":
+        return msgspec.msgpack.Ext(PICKLE_EXT, _pickle(value))
+    return value
+
+
+#: above this many items, a list or dict is scanned by reference, not by type (see _plain_items)
+SCAN_BY_TYPE = 64
+
+
+def _plain_items(value: list[Any] | dict[Any, Any], pickled: bool) -> bool:
+    """Whether no item of a list (no value of a dict) needs packing, checked in C.
+
+    Up to :data:`SCAN_BY_TYPE` items, by the set of their types (exact, about
+    15 ns an item). Beyond, by what the items refer to (about 2 ns an item,
+    so that large plain data costs next to nothing): an item that refers to
+    nothing is a plain value, or an *empty* tuple or set, which that scan
+    cannot tell from one (it then arrives as an empty list; the limit the
+    docs state). Under ``pickled``, always by type: any object is pickled.
+    """
+    items = value if type(value) is list else value.values()  # type: ignore[union-attr]
+    if pickled or len(value) <= SCAN_BY_TYPE:
+        return _ATOMS.issuperset(map(type, items))
+    return not gc.get_referents(*items)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b
+
+
+def _pickle(value: Any) -> bytes:
+    try:
+        import cloudpickle  # type: ignore[import-untyped]
+    except ImportError:
+        raise EncodeError("local_pickle needs cloudpickle: pip install 'phalanx[pickle]'") from None
+    try:
+        return cloudpickle.dumps(value)  # type: ignore[no-any-return,unused-ignore]
+    except Exception as exc:
+        raise EncodeError(f"cannot pickle {type(value).__name__}: {exc}") from exc
+
+
+def _encode_plain(value: Any) -> bytes:
+    try:
+        return _encoder.encode(value)
+    except OverflowError:
+        return _encoder.encode(_bigints(value))
+
+
+def _bigints(value: Any) -> Any:
+    """``value`` with every int beyond 64 bits as a record (the rare path: encoding overflowed)."""
+    t = type(value)
+    if t is int:
+        if -(2**63) <= value < 2**64:
+            return value
+        return msgspec.msgpack.Ext(BIGINT_EXT, value.to_bytes(value.bit_length() // 8 + 1, "little", signed=True))
+    if t is list:
+        return [_bigints(x) for x in value]
+    if t is tuple:  # a message's own tuples (a user's are records already)
+        return tuple(_bigints(x) for x in value)
+    if t is dict:
+        return {_bigints(k): _bigints(x) for k, x in value.items()}
+    if isinstance(value, msgspec.Struct):
+        fields = {f: _bigints(getattr(value, f)) for f in value.__struct_fields__}
+        return msgspec.structs.replace(value, **fields)
+    return value
+
+
+def _pack_args(msg: Any, pickled: bool) -> Any:
+    atoms = _ATOMS
+    args = msg.args
+    for a in args:  # a loop: calls have few arguments
+        if type(a) not in atoms:
+            args = [pack(a, pickled) for a in args]
+            break
+    kwargs = msg.kwargs
+    if kwargs:
+        for v in kwargs.values():
+            if type(v) not in atoms:
+                kwargs = {k: pack(v, pickled) for k, v in kwargs.items()}
+                break
+    if args is msg.args and kwargs is msg.kwargs:
+        return msg
+    return msgspec.structs.replace(msg, args=args, kwargs=kwargs)
+
+
+def _pack_items(msg: Chunk, pickled: bool) -> Chunk:
+    items = pack(msg.items, pickled)
+    return msg if items is msg.items else msgspec.structs.replace(msg, items=items)
+
+
+_value_of = operator.attrgetter("value")
+
+
+def _pack_results(msg: Results, pickled: bool) -> Results:
+    outcomes = msg.outcomes
+    try:
+        if _ATOMS.issuperset(map(type, map(_value_of, outcomes))):  # plain values only, in C
+            return msg
+    except AttributeError:
+        pass  # an Err among them
+    changed: list[Outcome] | None = None
+    for i, outcome in enumerate(outcomes):
+        if type(outcome) is Ok:
+            value = outcome.value
+            if type(value) in _ATOMS:
+                continue
+            packed = pack(value, pickled)
+            if packed is value:
+                continue
+            fixed: Outcome = msgspec.structs.replace(outcome, value=packed)
+        elif isinstance(outcome, Err) and outcome.partial:
+            packed = pack(outcome.partial, pickled)
+            if packed is outcome.partial:
+                continue
+            fixed = msgspec.structs.replace(outcome, partial=packed)
+        else:
+            continue
+        if changed is None:
+            changed = list(outcomes)
+        changed[i] = fixed
+    return msg if changed is None else msgspec.structs.replace(msg, outcomes=changed)
+
+
+#: messages carrying user values, and how to pack them
+_PACKERS: dict[type, Callable[[Any, bool], Any]] = {
+    Call: _pack_args, ActorCall: _pack_args, SpawnActor: _pack_args, Chunk: _pack_items, Results: _pack_results,
+}
+
+
+def pack_message(msg: Any, pickled: bool) -> Any:
+    """``msg`` with its user values packed (:func:`pack`), so that encoding it again,
+    for a retry, needs no flag and pickles nothing twice."""
+    packer = _PACKERS.get(type(msg))
+    return msg if packer is None else packer(msg, pickled)
+
+
+def encode(msg: Any, what: str = "message", name: str = "", pickled: bool = False) -> bytes:
     """Encode ``msg`` to msgpack, or raise :class:`EncodeError` naming ``what``.
 
     ``what`` may contain ``{}``, filled with ``name`` only on failure (so the
-    hot path builds no message).
+    hot path builds no message). The user values of a task, a result or an
+    actor call are packed first (:func:`pack`); ``pickled``: the frame goes
+    to a local pipe of a ``local_pickle`` runtime.
     """
     try:
+        packer = _PACKERS.get(type(msg))
+        if packer is not None:
+            msg = packer(msg, pickled)
         if type(msg) in _SHM_MESSAGES and _shm.threshold():
-            with _shm.writing():
-                return _shm_encoder.encode(msg)
-        return _encoder.encode(msg)
+            try:
+                with _shm.writing():  # a failed attempt removes the segments it wrote
+                    return _shm_encoder.encode(msg)
+            except OverflowError:
+                with _shm.writing():
+                    return _shm_encoder.encode(_bigints(msg))
+        return _encode_plain(msg)
+    except EncodeError as exc:  # from pack: a value that could not be pickled
+        raise EncodeError(f"cannot encode {what.format(name) if name else what}: {exc}") from exc.__cause__
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise encode_error(exc, what.format(name) if name else what) from exc
+
+
+def encode_value(value: Any, what: str) -> bytes:
+    """Encode one user value (a channel message) as :func:`pack` makes it, or raise EncodeError."""
+    try:
+        value = pack(value)
+    except RecursionError as exc:
+        raise encode_error(exc, what) from exc
+    return encode(value, what)
 
 
 def encode_error(exc: BaseException, what: str) -> EncodeError:
@@ -199,12 +489,58 @@ def _decode(decoder: msgspec.msgpack.Decoder[Any], frame: bytes | memoryview) ->
     try:
         return decoder.decode(frame)
     except (msgspec.DecodeError, TypeError, ValueError, RecursionError) as exc:
-        raise ProtocolError(f"malformed frame ({len(frame)} bytes): {exc}") from None
+        cause = exc if isinstance(exc, UnpickleFailed) else None  # not bad input: see salvage_*
+        raise ProtocolError(f"malformed frame ({len(frame)} bytes): {exc}") from cause
 
 
-def decode_inbox(frame: bytes | memoryview) -> InboxMessage:
-    """Decode a frame received on a worker's inbox."""
-    return _decode(_inbox, frame)  # type: ignore[no-any-return]
+def salvage_inbox(frame: bytes | memoryview) -> InboxMessage | None:
+    """A local pipe's task whose pickle failed to load, read without its pickles (None: not even that).
+
+    The worker answers it with the loading error, as the task's failure.
+    """
+    try:
+        return _inbox_unread.decode(frame)
+    except Exception:
+        return None
+
+
+def salvage_results(frame: bytes | memoryview) -> Results | None:
+    """A local pipe's Results where some pickle failed to load: each such value becomes that task's error."""
+    try:
+        msg = _driver_unread.decode(frame)
+    except Exception:
+        return None
+    if not isinstance(msg, Results):
+        return None
+    outcomes: list[Outcome] = []
+    for outcome in msg.outcomes:
+        try:
+            if isinstance(outcome, Ok):
+                outcome = msgspec.structs.replace(outcome, value=_load_all(outcome.value))
+            elif outcome.partial:
+                outcome = msgspec.structs.replace(outcome, partial=_load_all(outcome.partial))
+        except UnpickleFailed as exc:
+            exc.__suppress_context__ = True  # the frame's first, failed, decode is no part of it
+            outcome = Err(outcome.job, outcome.seq, outcome.attempt, error_info(exc))
+        outcomes.append(outcome)
+    return msgspec.structs.replace(msg, outcomes=outcomes)
+
+
+def _load_all(value: Any) -> Any:
+    """``value`` with every unread pickle loaded (the failure path only)."""
+    t = type(value)
+    if t is _Pickle:
+        return _unpickle(value.data)
+    if t in (list, tuple, set, frozenset):
+        return t(_load_all(x) for x in value)
+    if t is dict:
+        return {_load_all(k): _load_all(x) for k, x in value.items()}
+    return value
+
+
+def decode_inbox(frame: bytes | memoryview, unpickle: bool = False) -> InboxMessage:
+    """Decode a frame received on a worker's inbox (``unpickle``: a local pipe under local_pickle)."""
+    return _decode(_inbox_unpickle if unpickle else _inbox, frame)  # type: ignore[no-any-return]
 
 
 def decode_control(frame: bytes | memoryview) -> ControlMessage:
@@ -212,9 +548,9 @@ def decode_control(frame: bytes | memoryview) -> ControlMessage:
     return _decode(_control, frame)  # type: ignore[no-any-return]
 
 
-def decode_driver(frame: bytes | memoryview) -> DriverMessage:
-    """Decode a frame received on the driver's results ROUTER."""
-    return _decode(_driver, frame)  # type: ignore[no-any-return]
+def decode_driver(frame: bytes | memoryview, unpickle: bool = False) -> DriverMessage:
+    """Decode a frame received on the driver's results ROUTER (``unpickle``: a local pipe under local_pickle)."""
+    return _decode(_driver_unpickle if unpickle else _driver, frame)  # type: ignore[no-any-return]
 
 
 def decode_client(frame: bytes | memoryview) -> ClientMessage:

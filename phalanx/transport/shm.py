@@ -73,8 +73,8 @@ __all__ = [
 
 #: where POSIX shared memory lives on Linux
 SHM_DIR = "/dev/shm"
-#: the msgpack extension code of an array in a segment
-SHM_NDARRAY = 17
+#: the msgpack extension code of an array in a segment (one of codec's codes: see EXT_CODES there)
+SHM_NDARRAY = 23
 #: every segment name starts with it
 PREFIX = "phalanx-"
 _NAME = re.compile(r"phalanx-([0-9]+)-[0-9a-f]{32}\Z")
