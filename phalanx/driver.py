@@ -60,7 +60,6 @@ Invariants kept:
 from __future__ import annotations
 
 import errno
-import heapq
 import itertools
 import logging
 import os
@@ -121,13 +120,14 @@ from .transport.messages import (
     InspectRequest,
 )
 from .worker import ABORT_EXIT, WorkerSpec
+from .core.outcomes import Outcomes
+from .core.tasks import SKIPPED, Delivery, Job, Task
 
 if TYPE_CHECKING:
     from .broker import Broker
 
 __all__ = ["Driver", "Job", "Task", "WorkerStats", "RuntimeStats", "SKIPPED"]
 
-Delivery = Ok | Err | BaseException
 
 #: ``(direction "in" | "out", worker identity, frame) -> frames`` (see ``Driver.frame_filter``)
 FrameFilter = Callable[[str, bytes, bytes], list[bytes]]
@@ -195,15 +195,6 @@ class _DirectWaiter:
     add_result = add_exception = add_cancelled = _fire
 
 
-class _Skipped:
-    def __repr__(self) -> str:
-        return "SKIPPED"
-
-
-#: stands in a map chunk's values for an item dropped under FatalStrategy.IGNORE
-SKIPPED: Any = _Skipped()
-
-
 class WorkerStats(msgspec.Struct, frozen=True):
     """One worker as the driver sees it."""
 
@@ -253,121 +244,6 @@ class RuntimeStats(msgspec.Struct, frozen=True):
     channel_messages_dropped: int = 0
     #: channel messages put back for redelivery (nacked, or held by a receiver closed or dead)
     channel_redelivered: int = 0
-
-
-class Task(msgspec.Struct, gc=False):
-    """One message of work: its encoded frame plus what redelivery needs.
-
-    ``crashes`` counts worker deaths charged to it, ``retries`` transient
-    retries; ``prefix`` holds values of a map chunk's items already done
-    before a retry or a skip, so the chunk resumes where it failed.
-
-    Untracked by the garbage collector (``gc=False``; it refers to no object
-    that refers back to it): tens of thousands may be in flight, and each
-    tracked one would make every full collection slower, and keep the job's
-    ``outstanding`` dict tracked too.
-    """
-
-    msg: Call | Chunk | ActorCall
-    frame: bytes
-    items: int = 1
-    crashes: int = 0
-    retries: int = 0
-    prefix: list[Any] | None = None
-    #: the job's on_dispatch accepted it (a Future is running): never ask twice
-    claimed: bool = False
-    #: when it started waiting, pending, with no live worker of its tag (0: it is not)
-    unrouted: float = 0.0
-
-    @property
-    def job(self) -> int:
-        return self.msg.job
-
-    @property
-    def seq(self) -> int:
-        return self.msg.seq
-
-    @property
-    def attempt(self) -> int:
-        return self.msg.attempt
-
-    @property
-    def directed(self) -> bool:
-        """Sent to one worker outside the credit scheme (actor calls): never redelivered."""
-        return isinstance(self.msg, ActorCall)
-
-    def _copy(self, msg: Call | Chunk | ActorCall, items: int) -> Task:
-        task = Task(msg, encode(msg), items)
-        task.crashes, task.retries, task.prefix = self.crashes, self.retries, self.prefix
-        return task
-
-    def retry(self) -> Task:
-        """The same work again, as the next attempt."""
-        return self._copy(msgspec.structs.replace(self.msg, attempt=self.attempt + 1), self.items)
-
-    def resume(self, start: int, done: list[Any]) -> Task:
-        """A map chunk continuing at item ``start``, with ``done`` values before it."""
-        msg = self.msg
-        assert isinstance(msg, Chunk)
-        rest = msg.items[start:]
-        task = self._copy(msgspec.structs.replace(msg, attempt=self.attempt + 1, items=rest), len(rest))
-        task.prefix = (self.prefix or []) + done
-        return task
-
-
-class Job:
-    """A leased result channel: outstanding tasks and where outcomes go.
-
-    ``deliver(seq, outcome)`` runs on the pump thread with no lock held;
-    ``fail(exc)`` is called once if the job is ended from outside (runtime
-    closed or broken). ``on_dispatch`` may veto a first dispatch (a cancelled
-    future). ``tag`` is the worker tag its tasks are routed to (``options.on``).
-    """
-
-    __slots__ = (
-        "id", "op", "outstanding", "deliver", "fail", "on_dispatch", "autoclose",
-        "retry", "on_fatal", "timeout", "skipped", "dropped", "tag", "direct", "deliver_many",
-    )
-
-    def __init__(
-        self,
-        job_id: int,
-        op: str,
-        deliver: Callable[[int, Delivery], None],
-        fail: Callable[[BaseException], None],
-        on_dispatch: Callable[[], bool] | None = None,
-        autoclose: bool = False,
-        options: TaskOptions | None = None,
-    ) -> None:
-        self.setup(job_id, op, autoclose, options)
-        self.deliver = deliver
-        self.fail = fail
-        self.on_dispatch = on_dispatch
-
-    def setup(self, job_id: int, op: str, autoclose: bool, options: TaskOptions | None) -> None:
-        """Everything but the three callbacks (a subclass may define them as methods instead)."""
-        self.id = job_id
-        self.op = op
-        if options is None:
-            self.retry: RetryStrategy | None = None
-            self.on_fatal: FatalStrategy = FatalStrategy.TERMINATE
-            self.timeout: float = 0.0
-            self.tag: str = DEFAULT_TAG
-        else:
-            self.retry = options.retry
-            self.on_fatal = options.on_fatal or FatalStrategy.TERMINATE
-            self.timeout = options.timeout or 0.0
-            self.tag = options.tag
-        #: (seq, index in chunk, error) of items dropped under IGNORE (None: none so far)
-        self.skipped: list[tuple[int, int, Any]] | None = None
-        #: tasks were forgotten while workers may still hold them
-        self.dropped = False
-        self.outstanding: dict[int, Task] = {}
-        self.autoclose = autoclose
-        #: ``deliver`` is thread-safe, so a caller reading its own reply may run it (see wait_direct)
-        self.direct = False
-        #: ``deliver`` for several outcomes at once, ``[(seq, outcome)]`` (optional: fewer lock rounds)
-        self.deliver_many: Callable[[list[tuple[int, Delivery]]], None] | None = None
 
 
 class _Worker:
@@ -445,7 +321,6 @@ class Driver:
         #: tags with pending tasks and no live worker -> the oldest such task's ``unrouted``
         self._unrouted: dict[str, float] = {}
         self._worker_ids = itertools.count(1)
-        self._restarts: deque[float] = deque()
         self._start_failures: list[str] = []
         self._closed = False
         self._broken: BaseException | None = None
@@ -454,18 +329,12 @@ class Driver:
         self.dead_worker_ttl = DEAD_WORKER_TTL
         # counters
         self.tasks_submitted = 0
-        self.tasks_completed = 0
-        self.tasks_failed = 0
-        self.items_completed = 0
-        self.redelivered = 0
         self.duplicates_dropped = 0
         self.late_results_dropped = 0
         self.frames_dropped = 0
         self.worker_deaths = 0
         self.worker_restarts = 0
         self.workers_recycled = 0
-        self.retried = 0
-        self.skipped = 0
         self.workers_joined = 0
         self.workers_lost = 0
         self.workers_left = 0
@@ -475,8 +344,8 @@ class Driver:
         #: the channel broker (set by the first ``rt.lease``): the pump hands it every frame
         #: from an identity with "~" (a channel end) and lets it send once per round
         self.channels: Broker | None = None
-        self._timers: list[tuple[float, int, Task]] = []
-        self._timer_ids = itertools.count()
+        #: outcome resolution, crash attribution, restart intensity and retry timers (no I/O)
+        self.outcomes = Outcomes(self._jobs, config.max_attempts, config.restart_limit, config.restart_window)
         #: tags of retired workers whose replacements the pump still has to start
         self._spawn_owed: deque[tuple[str, ...]] = deque()
         #: pump thread: ActorEvent / ActorState from a worker
@@ -645,7 +514,6 @@ class Driver:
         """
         failed: list[tuple[Job, int, BaseException]] = []
         broken: BaseException | None = None
-        respawn = False
         pending_worker = self._workers.get(worker_id.encode())
         if pending_worker is not None and pending_worker.pipe is not None and self._pump_thread.is_alive():
             # Handle what it wrote before it died first, so a finished task is never
@@ -671,52 +539,13 @@ class Driver:
             if not worker.ready and not planned and self.worker_deaths == 1 and not self._live:
                 self._start_failures.append(f"{worker_id} exited with code {exitcode}")
                 self._changed.notify_all()
-            # Redeliver everything it held. A crash is charged only to the task it
-            # was running: the first one it held (workers run tasks in order).
-            head = next(iter(worker.inflight.values()), None)
-            requeue: list[tuple[str, Task]] = []
-            for task in worker.inflight.values():
-                job = self._jobs.get(task.job)
-                if job is None or job.outstanding.get(task.seq) is not task:
-                    continue
-                if task.directed:
-                    # An actor call is not idempotent: report it, never run it twice.
-                    del job.outstanding[task.seq]
-                    failed.append((job, task.seq, ActorDiedError(
-                        f"the worker {worker_id} running this call died (exit code {exitcode})"
-                    )))
-                    continue
-                retry = task.retry()
-                if task is head and not planned:
-                    retry.crashes += 1
-                if retry.crashes >= self.config.max_attempts:
-                    del job.outstanding[task.seq]
-                    if job.autoclose and not job.outstanding:
-                        self._jobs.pop(job.id, None)
-                    failed.append((job, task.seq, WorkerCrashedError(
-                        f"the worker running task {task.seq} of job {task.job} ({job.op}) died "
-                        f"{retry.crashes} times; last exit code {exitcode}"
-                        + (f" (signal {-exitcode})" if exitcode is not None and exitcode < 0 else ""),
-                        exitcode,
-                    )))
-                    continue
-                job.outstanding[task.seq] = retry
-                requeue.append((job.tag, retry))
-            self.redelivered += len(requeue)
+            # Redeliver everything it held; the core charges the crash and counts the deaths.
+            failed, requeue, broken = self.outcomes.worker_died(
+                worker_id, worker.inflight.values(), exitcode, planned, worker.died_at)
             # Back to the front of its tag's queue, in the order the worker held them.
-            for tag in dict.fromkeys(tag for tag, _ in requeue):
-                self._enqueue_locked(tag, [t for g, t in requeue if g == tag], front=True)
-            if not planned:
-                now = time.monotonic()
-                self._restarts.append(now)
-                while self._restarts and now - self._restarts[0] > self.config.restart_window:
-                    self._restarts.popleft()
-                if len(self._restarts) > self.config.restart_limit:
-                    broken = RuntimeBrokenError(
-                        f"{len(self._restarts)} worker deaths within "
-                        f"{self.config.restart_window:g} s (restart_limit={self.config.restart_limit}); "
-                        f"last: {worker_id} exit code {exitcode}"
-                    )
+            tags = {task.job: self._jobs[task.job].tag for task in requeue}
+            for tag in dict.fromkeys(tags.values()):
+                self._enqueue_locked(tag, [t for t in requeue if tags[t.job] == tag], front=True)
             respawn = broken is None and not worker.retiring and not self._start_failures and not worker.remote
             self._dispatch_locked()
             self._changed.notify_all()
@@ -868,7 +697,7 @@ class Driver:
                     del job.outstanding[task.seq]
                     if job.autoclose and not job.outstanding:
                         self._jobs.pop(job.id, None)
-                    self.tasks_failed += 1
+                    self.outcomes.tasks_failed += 1
                     # One error each: the futures raise it in different threads.
                     failed.append((job, task.seq, self._no_worker_error_locked(tag, timeout)))
                 if keep:
@@ -1253,8 +1082,8 @@ class Driver:
         while True:
             handshaking = self._handshaking()
             wait = 1.0 if handshaking else min(100.0, interval * 1000)
-            if self._timers:
-                wait = min(wait, max(0.0, (self._timers[0][0] - time.monotonic()) * 1000))
+            if self.outcomes.timers:
+                wait = min(wait, max(0.0, (self.outcomes.timers[0][0] - time.monotonic()) * 1000))
             if self._unrouted:
                 with self._lock:  # user threads change it
                     due = min(self._unrouted.values(), default=0.0) + self.config.route_timeout
@@ -1312,7 +1141,7 @@ class Driver:
                 for mon in self._monitors:
                     if mon in events:
                         self._on_monitor(mon)
-            if self._timers:
+            if self.outcomes.timers:
                 self._fire_timers()
             if self._unrouted:
                 self._expire_routes(time.monotonic())
@@ -1460,12 +1289,8 @@ class Driver:
     def _fire_timers(self) -> None:
         now = time.monotonic()
         with self._lock:
-            timers = self._timers
-            while timers and timers[0][0] <= now:
-                _, _, task = heapq.heappop(timers)
-                job = self._jobs.get(task.job)
-                if job is not None and job.outstanding.get(task.seq) is task:
-                    self._enqueue_locked(job.tag, [task])
+            for task in self.outcomes.due(now):
+                self._enqueue_locked(self._jobs[task.job].tag, [task])
             self._dispatch_locked()
 
     def _answer_query(self, ident: bytes, query: InspectQuery) -> None:
@@ -1709,6 +1534,7 @@ class Driver:
                 w.frames_dropped = msg.dropped
             jobs = self._jobs
             inflight = w.inflight
+            resolve = self.outcomes.resolve
             w.busy += msg.busy
             for outcome in msg.outcomes:
                 task = inflight.pop((outcome.job, outcome.seq), None)
@@ -1726,9 +1552,14 @@ class Driver:
                 if outcome.seq not in job.outstanding:
                     self.duplicates_dropped += 1
                     continue
-                final = self._resolve_locked(job, task, outcome)
+                final = resolve(job, task, outcome)
                 if final is not None:
                     deliveries.append((job, outcome.seq, final))
+            outcomes = self.outcomes
+            if outcomes.requeue:
+                self._requeue_locked()
+            if outcomes.later:
+                outcomes.arm(time.monotonic())
             if w.retiring and not w.inflight and w.alive:
                 self._stop_locked(w)
             if self._pending:
@@ -1746,6 +1577,11 @@ class Driver:
                     (direct if entry[0].direct else self._deliveries).append(entry)
                 if self._deliveries:
                     self.wake()
+
+    def _requeue_locked(self) -> None:
+        """Tasks the core sends again at once (retries, the rest of a chunk after a skip)."""
+        for task in self.outcomes.take_requeue():
+            self._enqueue_locked(self._jobs[task.job].tag, [task], front=True)
 
     def _deliver_ready(self) -> None:
         """Hand the outcomes resolved this round to their jobs (pump thread, no lock held)."""
@@ -1930,58 +1766,6 @@ class Driver:
             except Exception:  # a user callback must not stop the pump
                 pass
 
-    def _resolve_locked(self, job: Job, task: Task, outcome: Ok | Err) -> Ok | Err | None:
-        """Decide what an outcome means for its job: deliver, retry or skip."""
-        seq = outcome.seq
-        prefix = task.prefix
-        if isinstance(outcome, Ok):
-            del job.outstanding[seq]
-            if job.autoclose and not job.outstanding:
-                del self._jobs[job.id]
-            self.tasks_completed += 1
-            self.items_completed += task.items
-            if prefix:
-                return Ok(outcome.job, seq, outcome.attempt, prefix + outcome.value)
-            return outcome
-        msg = task.msg
-        is_map = isinstance(msg, Chunk) and not msg.fold
-        if outcome.transient and job.retry is not None:
-            delay = job.retry.delay(task.retries + 1)
-            if delay is not None:
-                retry = task.resume(outcome.index, outcome.partial or []) if is_map else task.retry()
-                retry.retries = task.retries + 1
-                job.outstanding[seq] = retry
-                self.retried += 1
-                if delay <= 0:
-                    self._enqueue_locked(job.tag, [retry], front=True)
-                else:
-                    heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_ids), retry))
-                return None
-        if is_map and job.on_fatal is FatalStrategy.IGNORE:
-            assert isinstance(msg, Chunk)
-            done = (outcome.partial or []) + [SKIPPED]
-            if job.skipped is None:
-                job.skipped = []
-            job.skipped.append((seq, len(prefix or []) + outcome.index, outcome.error))
-            self.skipped += 1
-            if outcome.index + 1 >= len(msg.items):
-                del job.outstanding[seq]
-                self.tasks_completed += 1
-                return Ok(outcome.job, seq, outcome.attempt, (prefix or []) + done)
-            rest = task.resume(outcome.index + 1, done)
-            rest.retries = 0
-            job.outstanding[seq] = rest
-            self._enqueue_locked(job.tag, [rest], front=True)
-            return None
-        del job.outstanding[seq]
-        if job.autoclose and not job.outstanding:
-            del self._jobs[job.id]
-        self.tasks_failed += 1
-        if prefix:
-            return Err(outcome.job, seq, outcome.attempt, outcome.error,
-                       len(prefix) + outcome.index, prefix + (outcome.partial or []), outcome.transient)
-        return outcome
-
     # ---- ending ----------------------------------------------------------------
 
     def break_runtime(self, exc: BaseException) -> None:
@@ -2061,12 +1845,12 @@ class Driver:
             return RuntimeStats(
                 workers=workers,
                 tasks_submitted=self.tasks_submitted,
-                tasks_completed=self.tasks_completed,
-                tasks_failed=self.tasks_failed,
-                items_completed=self.items_completed,
-                retried=self.retried,
-                skipped=self.skipped,
-                redelivered=self.redelivered,
+                tasks_completed=self.outcomes.tasks_completed,
+                tasks_failed=self.outcomes.tasks_failed,
+                items_completed=self.outcomes.items_completed,
+                retried=self.outcomes.retried,
+                skipped=self.outcomes.skipped,
+                redelivered=self.outcomes.redelivered,
                 duplicates_dropped=self.duplicates_dropped,
                 late_results_dropped=self.late_results_dropped,
                 frames_dropped=self.frames_dropped,

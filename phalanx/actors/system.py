@@ -60,7 +60,8 @@ from .events import ActorEvent as Event
 from .events import Failed, RestartFailed, Started, Stopped
 
 if typing.TYPE_CHECKING:
-    from ..driver import Delivery, Driver, Job
+    from ..core.tasks import Delivery, Job
+    from ..driver import Driver
 
 #: the ids of workers a runtime starts itself ("w1", "w2", ...): never tag names
 _LOCAL_WORKER_ID = re.compile(r"^w[0-9]+$")

@@ -61,7 +61,9 @@ from ..actors.system import ActorNode, RuntimeTree, WorkerNode, settle_call
 from ..config import Config
 from ..directives import Directive, Fold, IndexedChain
 from ..directives import Chain as _Chain
-from ..driver import SKIPPED, RuntimeStats, Task, WorkerStats
+from ..core.outcomes import Outcomes
+from ..core.tasks import SKIPPED, Delivery, Job, Task
+from ..driver import RuntimeStats, WorkerStats
 from ..errors import (
     ActorDiedError,
     EncodeError,
@@ -104,7 +106,6 @@ R = TypeVar("R")
 T = TypeVar("T")
 Y = TypeVar("Y")
 
-Delivery = Ok | Err | BaseException
 
 #: virtual seconds from a worker's death to the driver noticing it
 NOTICE_DELAY = 0.0
@@ -157,28 +158,6 @@ def sleep(seconds: float) -> None:
 # --------------------------------------------------------------------------- #
 # Driver-side records (mirror phalanx.driver.Task / Job)
 # --------------------------------------------------------------------------- #
-
-
-class _Job:
-    __slots__ = ("id", "op", "outstanding", "deliver", "fail", "on_dispatch", "autoclose", "seqs", "retry",
-                 "on_fatal", "timeout", "skipped", "dropped")
-
-    def __init__(self, job_id: int, op: str, deliver: Callable[[int, Delivery], None],
-                 fail: Callable[[BaseException], None], on_dispatch: Callable[[], bool] | None = None,
-                 autoclose: bool = False, options: TaskOptions | None = None) -> None:
-        self.id = job_id
-        self.op = op
-        self.retry: RetryStrategy | None = options.retry if options else None
-        self.on_fatal: FatalStrategy = (options.on_fatal if options else None) or FatalStrategy.TERMINATE
-        self.timeout: float = (options.timeout if options else None) or 0.0
-        self.skipped: list[tuple[int, int, Any]] = []
-        self.dropped = False
-        self.outstanding: dict[int, Task] = {}
-        self.deliver = deliver
-        self.fail = fail
-        self.on_dispatch = on_dispatch
-        self.autoclose = autoclose
-        self.seqs = itertools.count()
 
 
 class _Instance:
@@ -266,7 +245,7 @@ class _FutureSink:
     def __init__(self, future: SimFuture[Any], op: Operation | None, sim: SimRuntime) -> None:
         self.future = future
         self.op = op
-        self.job: _Job | None = None
+        self.job: Job | None = None
         self.sim = sim
 
     def cancel(self) -> None:
@@ -406,7 +385,7 @@ class SimMapIterator(Iterator[R], Generic[R]):
     def skipped(self) -> list[tuple[int, BaseException]]:
         """``(input index, error)`` of every item dropped under ``on_fatal=Ignore``."""
         return sorted(
-            ((self._starts.get(seq, 0) + index, rebuild_error(info)) for seq, index, info in self._lease.job.skipped),
+            ((self._starts.get(seq, 0) + index, rebuild_error(info)) for seq, index, info in self._lease.job.skipped or ()),
             key=lambda pair: pair[0],
         )
 
@@ -646,7 +625,7 @@ class _SimActor:
         self.state = "starting"
         self.instance = 0
         self.worker = b""
-        self.job: _Job | None = None
+        self.job: Job | None = None
         self.seqs = itertools.count()
         self.futures: dict[int, tuple[SimFuture[Any], str]] = {}
         self.held: deque[tuple[int, str, list[Any], dict[str, Any] | None]] = deque()
@@ -1130,7 +1109,7 @@ class SimRuntime:
         self.steps = 0
         self._closed = False
         self._broken: BaseException | None = None
-        self._jobs: dict[int, _Job] = {}
+        self._jobs: dict[int, Job] = {}
         self._job_ids = itertools.count(1)
         self._pending: deque[Task] = deque()
         self._workers: dict[bytes, _Worker] = {}
@@ -1139,8 +1118,9 @@ class SimRuntime:
         self._pids = itertools.count(100_001)
         self._timers: list[tuple[float, int, str, Callable[[], None], list[bool]]] = []
         self._timer_order = itertools.count()
-        self._restarts: deque[float] = deque()
         self._counters: Counter[str] = Counter()
+        #: the core's outcome resolution, crash attribution and restart intensity (phalanx.core)
+        self.outcomes = Outcomes(self._jobs, max_attempts, restart_limit, restart_window)
         self._actors = _Actors(self)
         for _ in range(workers):
             self._ready(self._spawn())
@@ -1362,50 +1342,13 @@ class SimRuntime:
             self._live.remove(w)
         if self._closed:
             return
-        failed: list[tuple[_Job, int, BaseException]] = []
-        broken: BaseException | None = None
         planned = w.retiring or w.expect_kill or lost
         if lost:
             self._counters["workers_lost"] += 1
         elif not planned:
             self._counters["worker_deaths"] += 1
-        head = next(iter(w.inflight.values()), None)
-        requeue: list[Task] = []
-        for task in w.inflight.values():
-            job = self._jobs.get(task.job)
-            if job is None or job.outstanding.get(task.seq) is not task:
-                continue
-            if task.directed:
-                del job.outstanding[task.seq]
-                failed.append((job, task.seq, ActorDiedError(
-                    f"the worker {w.id} running this call died (exit code {exitcode})")))
-                continue
-            retry = task.retry()
-            if task is head and not planned:
-                retry.crashes += 1
-            if retry.crashes >= self.config.max_attempts:
-                del job.outstanding[task.seq]
-                if job.autoclose and not job.outstanding:
-                    self._jobs.pop(job.id, None)
-                failed.append((job, task.seq, WorkerCrashedError(
-                    f"the worker running task {task.seq} of job {task.job} ({job.op}) died "
-                    f"{retry.crashes} times; last exit code {exitcode}"
-                    + (f" (signal {-exitcode})" if exitcode is not None and exitcode < 0 else ""),
-                    exitcode)))
-                continue
-            job.outstanding[task.seq] = retry
-            requeue.append(retry)
-        self._counters["redelivered"] += len(requeue)
+        failed, requeue, broken = self.outcomes.worker_died(w.id, w.inflight.values(), exitcode, planned, self.now)
         self._pending.extendleft(reversed(requeue))
-        if not planned:
-            now = self.now
-            self._restarts.append(now)
-            while self._restarts and now - self._restarts[0] > self.config.restart_window:
-                self._restarts.popleft()
-            if len(self._restarts) > self.config.restart_limit:
-                broken = RuntimeBrokenError(
-                    f"{len(self._restarts)} worker deaths within {self.config.restart_window:g} s "
-                    f"(restart_limit={self.config.restart_limit}); last: {w.id} exit code {exitcode}")
         self._record("exit", w.id, exitcode, "lost" if lost else ("planned" if planned else "crash"))
         self._dispatch()
         for job, seq, exc in failed:
@@ -1438,14 +1381,14 @@ class SimRuntime:
 
     def _open_job(self, op: str, deliver: Callable[[int, Delivery], None], fail: Callable[[BaseException], None],
                   on_dispatch: Callable[[], bool] | None = None, autoclose: bool = False,
-                  options: TaskOptions | None = None, register: bool = True) -> _Job:
+                  options: TaskOptions | None = None, register: bool = True) -> Job:
         self._check_open()
-        job = _Job(next(self._job_ids), op, deliver, fail, on_dispatch, autoclose, options)
+        job = Job(next(self._job_ids), op, deliver, fail, on_dispatch, autoclose, options)
         if register:
             self._jobs[job.id] = job
         return job
 
-    def _submit_tasks(self, job: _Job, tasks: list[Task], register: bool = False) -> None:
+    def _submit_tasks(self, job: Job, tasks: list[Task], register: bool = False) -> None:
         if self._broken is not None or self._closed:
             self._jobs.pop(job.id, None)
             raise RuntimeBrokenError(str(self._broken)) if self._broken else RuntimeClosedError(
@@ -1459,7 +1402,7 @@ class SimRuntime:
         self._counters["tasks_submitted"] += len(tasks)
         self._dispatch()
 
-    def _close_job(self, job: _Job, terminate: bool = False) -> None:
+    def _close_job(self, job: Job, terminate: bool = False) -> None:
         self._jobs.pop(job.id, None)
         had_work = bool(job.outstanding) or job.dropped
         job.outstanding.clear()
@@ -1468,7 +1411,7 @@ class SimRuntime:
                 if w.running:
                     w.terminated.add(job.id)
 
-    def _drop_after(self, job: _Job, seq: int) -> None:
+    def _drop_after(self, job: Job, seq: int) -> None:
         for later in [s for s in job.outstanding if s > seq]:
             del job.outstanding[later]
             job.dropped = True
@@ -1518,7 +1461,7 @@ class SimRuntime:
         self._send(w, frame)
         return True
 
-    def _submit_directed(self, job: _Job, msg: ActorCall, frame: bytes, ident: bytes) -> bool:
+    def _submit_directed(self, job: Job, msg: ActorCall, frame: bytes, ident: bytes) -> bool:
         task = Task(msg, frame)
         w = self._workers.get(ident)
         if w is None or not w.alive or self._closed or self._broken is not None:
@@ -1589,7 +1532,7 @@ class SimRuntime:
             self._counters["frames_dropped"] += 1
 
     def _on_results(self, w: _Worker, msg: Results, side: bool) -> None:
-        deliveries: list[tuple[_Job, int, Ok | Err]] = []
+        deliveries: list[tuple[Job, int, Ok | Err]] = []
         if msg.worker != w.id:
             self._counters["frames_dropped"] += 1
             return
@@ -1612,14 +1555,15 @@ class SimRuntime:
             if outcome.seq not in job.outstanding:
                 self._counters["duplicates_dropped"] += 1
                 continue
-            final = self._resolve(job, task, outcome)
+            final = self.outcomes.resolve(job, task, outcome)
             if final is not None:
                 deliveries.append((job, outcome.seq, final))
+        self._after_resolve()
         self._dispatch()
         for job, seq, final in deliveries:
             self._deliver(job, seq, final)
 
-    def _deliver(self, job: _Job, seq: int, outcome: Delivery) -> None:
+    def _deliver(self, job: Job, seq: int, outcome: Delivery) -> None:
         self.deliveries[(job.id, seq)] += 1
         self.delivered_kinds[type(outcome).__name__] += 1
         self._record("deliver", job.id, seq, type(outcome).__name__)
@@ -1628,60 +1572,21 @@ class SimRuntime:
         except Exception:
             pass
 
-    def _resolve(self, job: _Job, task: Task, outcome: Ok | Err) -> Ok | Err | None:
-        """What an outcome means for its job (mirrors Driver._resolve_locked)."""
-        seq = outcome.seq
-        prefix = task.prefix
-        if isinstance(outcome, Ok):
-            del job.outstanding[seq]
-            if job.autoclose and not job.outstanding:
-                self._jobs.pop(job.id, None)
-            self._counters["tasks_completed"] += 1
-            self._counters["items_completed"] += task.items
-            if prefix:
-                return Ok(outcome.job, seq, outcome.attempt, prefix + outcome.value)
-            return outcome
-        msg = task.msg
-        is_map = isinstance(msg, Chunk) and not msg.fold
-        if outcome.transient and job.retry is not None:
-            delay = job.retry.delay(task.retries + 1)
-            if delay is not None:
-                retry = task.resume(outcome.index, outcome.partial or []) if is_map else task.retry()
-                retry.retries = task.retries + 1
-                job.outstanding[seq] = retry
-                self._counters["retried"] += 1
-                if delay <= 0:
-                    self._pending.appendleft(retry)
-                else:
-                    def fire(retry: Task = retry, job: _Job = job) -> None:
-                        if self._jobs.get(retry.job) is job and job.outstanding.get(retry.seq) is retry:
-                            self._pending.append(retry)
-                            self._dispatch()
+    def _after_resolve(self) -> None:
+        """Send again what the core wants sent again: at once, or after a retry delay."""
+        outcomes = self.outcomes
+        if outcomes.requeue:
+            self._pending.extendleft(reversed(outcomes.take_requeue()))
+        if outcomes.later:
+            for delay, task in outcomes.later:
+                self._timer(delay, f"retry job {task.job} seq {task.seq}", self._fire_retries)
+            outcomes.arm(self.now)
 
-                    self._timer(delay, f"retry job {job.id} seq {seq}", fire)
-                return None
-        if is_map and job.on_fatal is FatalStrategy.IGNORE:
-            assert isinstance(msg, Chunk)
-            done = (outcome.partial or []) + [SKIPPED]
-            job.skipped.append((seq, len(prefix or []) + outcome.index, outcome.error))
-            self._counters["skipped"] += 1
-            if outcome.index + 1 >= len(msg.items):
-                del job.outstanding[seq]
-                self._counters["tasks_completed"] += 1
-                return Ok(outcome.job, seq, outcome.attempt, (prefix or []) + done)
-            rest = task.resume(outcome.index + 1, done)
-            rest.retries = 0
-            job.outstanding[seq] = rest
-            self._pending.appendleft(rest)
-            return None
-        del job.outstanding[seq]
-        if job.autoclose and not job.outstanding:
-            self._jobs.pop(job.id, None)
-        self._counters["tasks_failed"] += 1
-        if prefix:
-            return Err(outcome.job, seq, outcome.attempt, outcome.error,
-                       len(prefix) + outcome.index, prefix + (outcome.partial or []), outcome.transient)
-        return outcome
+    def _fire_retries(self) -> None:
+        due = self.outcomes.due(self.now)
+        if due:
+            self._pending.extend(due)
+            self._dispatch()
 
     # ---- the worker model ----------------------------------------------------------------
 
@@ -2065,12 +1970,13 @@ class SimRuntime:
     def stats(self) -> RuntimeStats:
         """The same counters as :meth:`phalanx.Runtime.stats`."""
         c = self._counters
+        o = self.outcomes
         return RuntimeStats(
             workers=[WorkerStats(w.id, w.pid, w.alive, w.ready, len(w.inflight), w.tasks, w.items, w.busy, "sim")
                      for w in self._workers.values()],
-            tasks_submitted=c["tasks_submitted"], tasks_completed=c["tasks_completed"],
-            tasks_failed=c["tasks_failed"], items_completed=c["items_completed"], retried=c["retried"],
-            skipped=c["skipped"], redelivered=c["redelivered"], duplicates_dropped=c["duplicates_dropped"],
+            tasks_submitted=c["tasks_submitted"], tasks_completed=o.tasks_completed,
+            tasks_failed=o.tasks_failed, items_completed=o.items_completed, retried=o.retried,
+            skipped=o.skipped, redelivered=o.redelivered, duplicates_dropped=c["duplicates_dropped"],
             late_results_dropped=c["late_results_dropped"], frames_dropped=c["frames_dropped"],
             worker_deaths=c["worker_deaths"], worker_restarts=c["worker_restarts"],
             workers_recycled=c["workers_recycled"], jobs_open=len(self._jobs), workers_lost=c["workers_lost"],
