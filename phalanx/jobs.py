@@ -229,9 +229,6 @@ class Future(concurrent.futures.Future[T]):
             raise
 
 
-_outcome_error = outcome_error
-
-
 class _SubmitJob(Job):
     """The job of one ``submit``, settling its future itself.
 
@@ -283,7 +280,7 @@ class _SubmitJob(Job):
                 op = self.result_op
                 fut.set_result(outcome.value if op is None else op.convert_result(outcome.value))
             else:
-                fut.set_exception(_outcome_error(outcome))
+                fut.set_exception(outcome_error(outcome))
         except concurrent.futures.InvalidStateError:
             pass  # cancelled meanwhile
         except Exception as exc:  # the result did not convert to its declared type
@@ -339,9 +336,6 @@ def submit(
     fut._phalanx_call = job
     driver.submit(job, [Task(msg, frame)], register=True)
     return fut
-
-
-_ChunkSizer = ChunkSizer
 
 
 def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
@@ -547,7 +541,7 @@ class MapIterator(Iterator[R], Generic[R]):
                 raise
             if seq < 0:
                 self._done = w.done = True
-                raise _outcome_error(outcome)
+                raise outcome_error(outcome)
             count, drop = w.received(seq, outcome, time.monotonic())
             if drop is not None:
                 self._driver.drop_after(self._lease.job, drop)
@@ -651,7 +645,7 @@ def fold_on(
     resolved = chain_options([*(driver_operation(stage) for stage in stages), op], options)
     if resolved is not None and resolved.on_fatal is FatalStrategy.IGNORE:
         raise ValueError("fold needs every item: on_fatal=Ignore is for map")
-    sizer = _ChunkSizer(chunksize, _length((iterable,)), workers)
+    sizer = ChunkSizer(chunksize, _length((iterable,)), workers)
     deadline = None if timeout is None else clock() + timeout
     window = 4 * max(1, workers) + 2
     lease = open_lease(op_name, resolved)
@@ -709,12 +703,12 @@ def fold_on(
                 break
             seq, outcome = lease.get(deadline)
             if seq < 0:
-                raise _outcome_error(outcome)
+                raise outcome_error(outcome)
             span = inflight.pop(seq, None)
             if span is None:
                 continue
             if not isinstance(outcome, Ok):
-                raise _outcome_error(outcome)
+                raise outcome_error(outcome)
             lo, hi, leaf = span
             if leaf and on_items is not None:
                 on_items(hi - lo)
@@ -732,7 +726,7 @@ def fold_on(
             combine(-1, pos, initial, value)
             seq, outcome = lease.get(deadline)
             if not isinstance(outcome, Ok):
-                raise _outcome_error(outcome)
+                raise outcome_error(outcome)
             value, remote = outcome.value, True
         if remote and op is not None:
             value = op.convert_result(value)

@@ -75,7 +75,8 @@ from ..errors import (
     Transient,
     WorkerCrashedError,
 )
-from ..jobs import MISSING, Future, _ChunkSizer, _length, chain_options, fold_on, options_for
+from ..core.window import COMPLETE, ENDED, FAILED, READY, ChunkSizer, MapWindow, outcome_error
+from ..jobs import MISSING, Future, _length, chain_options, fold_on, options_for
 from ..policy import DEFAULT_TAG, FatalStrategy, RetryStrategy, TaskOptions
 from ..registry.actors import actor_name_of, actor_type_hint, resolve_actor
 from ..registry.operations import Operation, driver_operation, name_of, resolve
@@ -232,13 +233,6 @@ class SimFuture(Future[T]):
         return self.result()
 
 
-def _outcome_error(outcome: Delivery) -> BaseException:
-    if isinstance(outcome, BaseException):
-        return outcome
-    assert isinstance(outcome, Err)
-    return rebuild_error(outcome.error)
-
-
 class _FutureSink:
     __slots__ = ("future", "op", "job", "sim")
 
@@ -263,7 +257,7 @@ class _FutureSink:
             if isinstance(outcome, Ok):
                 fut.set_result(outcome.value if self.op is None else self.op.convert_result(outcome.value))
             else:
-                fut.set_exception(_outcome_error(outcome))
+                fut.set_exception(outcome_error(outcome))
         except concurrent.futures.InvalidStateError:
             pass
         except Exception as exc:
@@ -307,7 +301,11 @@ class _Lease:
 
 
 class SimMapIterator(Iterator[R], Generic[R]):
-    """Results of :meth:`SimRuntime.map` (the same contract as :class:`phalanx.MapIterator`)."""
+    """Results of :meth:`SimRuntime.map` (the same contract as :class:`phalanx.MapIterator`).
+
+    The window, the ordered buffer and conversion are the core's
+    (:class:`phalanx.core.window.MapWindow`), the same code as a real map's.
+    """
 
     def __init__(self, sim: SimRuntime, fn: Callable[..., R] | str, iterables: tuple[Iterable[Any], ...],
                  chunksize: int | None, ordered: bool, timeout: float | None, workers: int,
@@ -316,145 +314,82 @@ class SimMapIterator(Iterator[R], Generic[R]):
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         self._op_name = name_of(fn)
-        self._op = driver_operation(fn)
-        self._stages = [name_of(stage) for stage in stages]
-        self._indexed = indexed
+        op = driver_operation(fn)
         self._done = True
-        self._star = len(iterables) > 1
-        self._input: Iterator[Any] = zip(*iterables) if self._star else iter(iterables[0])
-        self._sizer = _ChunkSizer(chunksize, _length(iterables), workers)
-        self._ordered = ordered
+        star = len(iterables) > 1
+        source: Iterator[Any] = zip(*iterables) if star else iter(iterables[0])
+        sizer = ChunkSizer(chunksize, _length(iterables), workers)
         self._sim = sim
         self._deadline = None if timeout is None else sim.now + timeout
-        self._window = 4 * max(1, workers) + 2
         self._lease = _Lease(sim, self._op_name,
-                             chain_options([*(driver_operation(stage) for stage in stages), self._op], options))
-        self._seqs = itertools.count()
-        self._starts: dict[int, int] = {}
-        self._read = 0
-        self._sent_at: dict[int, float] = {}
-        self._next = 0
-        self._buffer: dict[int, tuple[list[Any], BaseException | None]] = {}
-        self._ready: deque[Any] = deque()
-        self._pending_error: BaseException | None = None
-        self._exhausted = False
+                             chain_options([*(driver_operation(stage) for stage in stages), op], options))
+        convert = None if op is None or op.returns is Any or op.returns is object else op.convert_result
+        self._w = MapWindow(self._lease.job, self._op_name, [name_of(stage) for stage in stages], source, star,
+                            sizer, workers, ordered, indexed, convert,
+                            None if op is None or convert is None else op.convert_results)
         self._done = False
         try:
-            self._fill()
+            self._w.fill(sim.now)
+            self._send()
         except BaseException:
             self.close()
             raise
 
-    def _fill(self) -> None:
-        tasks: list[Task] = []
-        job = self._lease.job
-        while not self._exhausted and len(self._sent_at) + len(tasks) < self._window:
-            items = list(itertools.islice(self._input, self._sizer.size))
-            if not items:
-                self._exhausted = True
-                break
-            if self._star:
-                items = [list(item) for item in items]
-            seq = next(self._seqs)
-            self._starts[seq] = self._read
-            self._read += len(items)
-            msg = Chunk(job.id, seq, 0, self._op_name, items, self._star, False, job.timeout, self._stages)
-            tasks.append(Task(msg, encode(msg, "the arguments of {}", self._op_name), len(items)))
-        if tasks:
-            for task in tasks:
-                self._sent_at[task.seq] = self._sim.now
-            self._sim._submit_tasks(job, tasks)
-
-    def _convert(self, values: list[Any], seq: int) -> list[Any]:
-        op = self._op
-        if self._indexed:
-            start = self._starts.get(seq, 0)
-            values = [(start + i, v) for i, v in enumerate(values)]
-            if self._lease.job.skipped:
-                values = [p for p in values if p[1] is not SKIPPED]
-            if op is None or op.returns is Any or op.returns is object:
-                return values
-            return [(i, op.convert_result(v)) for i, v in values]
-        if self._lease.job.skipped:
-            values = [v for v in values if v is not SKIPPED]
-        if op is None or op.returns is Any or op.returns is object:
-            return values
-        return [op.convert_result(v) for v in values]
+    def _send(self) -> None:
+        if self._w.outbox:
+            self._sim._submit_tasks(self._lease.job, self._w.take())
 
     @property
     def skipped(self) -> list[tuple[int, BaseException]]:
         """``(input index, error)`` of every item dropped under ``on_fatal=Ignore``."""
-        return sorted(
-            ((self._starts.get(seq, 0) + index, rebuild_error(info)) for seq, index, info in self._lease.job.skipped or ()),
-            key=lambda pair: pair[0],
-        )
+        return self._w.skipped()
+
+    @property
+    def items_read(self) -> int:
+        """Items read from the input so far (all of them once the map has ended)."""
+        return self._w.read
 
     def __iter__(self) -> SimMapIterator[R]:
         return self
 
     def __next__(self) -> R:
+        w = self._w
         while True:
-            if self._ready:
-                return self._ready.popleft()  # type: ignore[no-any-return]
-            if self._pending_error is not None:
-                failure, self._pending_error = self._pending_error, None
+            if w.ready:
+                return w.ready.popleft()  # type: ignore[no-any-return]
+            state = w.step(self._sim.now)
+            self._send()
+            if state == READY:
+                continue
+            if state == FAILED:
+                failure = w.take_error()
                 self.close()
                 raise failure
-            if self._done:
+            if state == ENDED:
+                self._done = True
                 raise StopIteration
-            if self._ordered and self._next in self._buffer:
-                buffered, self._pending_error = self._buffer.pop(self._next)
-                self._next += 1
-                self._ready.extend(buffered)
-                continue
-            if self._exhausted and not self._sent_at and not self._buffer:
+            if state == COMPLETE:
                 self._done = True
                 self._sim._close_job(self._lease.job)
-                continue
+                raise StopIteration
             try:
                 seq, outcome = self._lease.get(self._deadline)
             except BaseException:
                 self.close()
                 raise
             if seq < 0:
-                self._done = True
-                raise _outcome_error(outcome)
-            sent = self._sent_at.pop(seq, None)
-            if sent is not None:
-                self._sizer.observe(self._sim.now - sent)
-            exc: BaseException | None
-            if isinstance(outcome, Ok):
-                values, exc = self._convert(outcome.value, seq), None
-            elif isinstance(outcome, BaseException):
-                values, exc = [], outcome
-            else:
-                values, exc = self._convert(outcome.partial or [], seq), _outcome_error(outcome)
-            if self._ordered:
-                if exc is not None:
-                    self._exhausted = True
-                    self._sim._drop_after(self._lease.job, seq)
-                    for later in [s for s in self._sent_at if s > seq]:
-                        del self._sent_at[later]
-                    for later in [s for s in self._buffer if s > seq]:
-                        del self._buffer[later]
-                if seq >= self._next:
-                    self._buffer[seq] = (values, exc)
-            else:
-                self._ready.extend(values)
-                self._pending_error = exc
-                if exc is not None:
-                    self._exhausted = True
-                    self._sent_at.clear()
-            if not self._exhausted:
-                self._fill()
+                self._done = w.done = True
+                raise outcome_error(outcome)
+            _, drop = w.received(seq, outcome, self._sim.now)
+            if drop is not None:
+                self._sim._drop_after(self._lease.job, drop)
+            self._send()
 
     def close(self) -> None:
         """Stop the job: queued tasks are dropped."""
         if not self._done:
             self._done = True
-            self._exhausted = True
-            self._ready.clear()
-            self._buffer.clear()
+            self._w.close()
             self._sim._close_job(self._lease.job, terminate=True)
 
     def __del__(self) -> None:

@@ -1,0 +1,130 @@
+"""One behaviour, two hosts: the same programs on SimRuntime and on a real Runtime.
+
+Runs in the test (driver) process; the ``real`` cases start worker processes
+(``harness_ops``), checked for leaks by the autouse fixture of
+``tests/conftest.py``, each test with a timeout. Both hosts run the same
+core (``phalanx.core``): what these tests pin down is that a simulated run
+says what a real one does, so a property checked on ``SimRuntime`` holds for
+the code that ships.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import phalanx
+from phalanx.testing import DelayMessage, KillWorker, SimRuntime
+
+import harness_ops as ops
+
+KINDS = ["sim", "real"]
+
+
+def make(kind: str, plan: list[Any] | None = None, **options: Any) -> Any:
+    if kind == "sim":
+        return SimRuntime(workers=2, seed=1, faults=plan, **options)
+    return phalanx.Runtime(workers=2, faults=plan, **options)
+
+
+class Endless:
+    """An endless input that counts the items read from it."""
+
+    def __init__(self) -> None:
+        self.pulled = 0
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            self.pulled += 1
+            yield self.pulled - 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_ordered_map_reads_at_most_its_window_behind_a_straggler(kind: str) -> None:
+    # The first result is held back; every later one comes back at once and waits in
+    # the ordered buffer. Failed before on SimRuntime: it read 30,010 items.
+    seconds = 30.0 if kind == "sim" else 2.0
+    with make(kind, [DelayMessage(kind="result", index=0, seconds=seconds)], credits=1) as rt:
+        source = Endless()
+        it = rt.map(ops.square, source, chunksize=1, timeout=60)
+        assert next(it) == 0
+        window = 4 * 2 + 2
+        assert source.pulled <= window + 1  # + the item that told the input it has more
+        it.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_result_failing_conversion_mid_chunk_ends_the_map_after_the_values_before_it(kind: str) -> None:
+    # Failed before on SimRuntime: it yielded [] and raised.
+    with make(kind) as rt:
+        got: list[int] = []
+        with pytest.raises(phalanx.ValidationError):
+            for x in rt.map(ops.int_unless_3, range(10), chunksize=10, timeout=30):
+                got.append(x)
+        assert got == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_ignore_skips_exactly_the_failing_item(kind: str) -> None:
+    with make(kind) as rt:
+        it = rt.options(on_fatal=phalanx.Ignore).map(ops.fail_on_3, range(10), chunksize=4, timeout=30)
+        assert list(it) == [x for x in range(10) if x != 3]
+        assert [(i, type(e).__name__) for i, e in it.skipped] == [(3, "HarnessError")]
+        assert rt.stats().skipped == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_terminate_fails_the_map_after_the_values_before_the_failing_item(kind: str) -> None:
+    with make(kind) as rt:
+        got: list[int] = []
+        with pytest.raises(ops.HarnessError, match="bad item 3"):
+            for x in rt.map(ops.fail_on_3, range(10), chunksize=4, timeout=30):
+                got.append(x)
+        assert got == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_transient_failure_is_retried_and_counted(kind: str) -> None:
+    with make(kind) as rt:
+        fut = rt.options(retry=phalanx.Immediate(3)).submit(ops.transient_once, f"{kind}-retry")
+        assert fut.result(timeout=30) == f"{kind}-retry"
+        assert rt.stats().retried == 1
+        assert rt.stats().tasks_completed == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_transient_failure_mid_chunk_resumes_the_chunk_where_it_failed(kind: str) -> None:
+    with make(kind) as rt:
+        keys = [f"{kind}-chunk-{i}" for i in range(6)]
+        it = rt.options(retry=phalanx.Immediate(10)).map(ops.transient_once, keys, chunksize=6, timeout=30)
+        assert list(it) == keys
+        assert rt.stats().items_completed >= 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_killed_worker_s_task_is_redelivered_and_charged_one_crash(kind: str) -> None:
+    with make(kind, [KillWorker(task=0)], restart_limit=100) as rt:
+        assert rt.submit(ops.add, 2, 3).result(timeout=30) == 5
+        stats = rt.stats()
+        assert stats.redelivered == 1
+        assert stats.worker_deaths == 1
+        assert stats.tasks_completed == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_task_that_kills_every_worker_fails_after_max_attempts(kind: str) -> None:
+    plan = [KillWorker(task=i) for i in range(3)]
+    with make(kind, plan, max_attempts=3, restart_limit=100) as rt:
+        with pytest.raises(phalanx.WorkerCrashedError, match="died 3 times"):
+            rt.submit(ops.add, 2, 3).result(timeout=30)
+        assert rt.stats().worker_deaths == 3
