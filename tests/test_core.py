@@ -1,0 +1,325 @@
+"""The core without a host: feed it events, check what comes out (h11's style).
+
+Runs in the test process only: no worker, no socket, no thread, no clock.
+Each test builds the records a host would (jobs, tasks, outcomes), calls the
+core and asserts its return values and outbox; races that need sleeps and
+real processes to reproduce on a runtime are written here as a plain
+sequence of calls.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import phalanx
+from phalanx.core import SKIPPED, Job, Outcomes, Task
+from phalanx.core.window import COMPLETE, FAILED, READY, WAIT, ChunkSizer, MapWindow
+from phalanx.errors import ActorDiedError, RuntimeBrokenError, WorkerCrashedError
+from phalanx.policy import TaskOptions
+from phalanx.transport.codec import encode, error_info
+from phalanx.transport.messages import ActorCall, Call, Chunk, Err, Ok
+
+CORE = Path(phalanx.__file__).parent / "core"
+#: modules that do I/O, wait or read the clock: none may be imported under phalanx/core/
+FORBIDDEN = {"threading", "zmq", "socket", "select", "time", "os", "asyncio", "subprocess", "multiprocessing",
+             "signal", "selectors", "queue"}
+
+
+def test_the_core_imports_no_io() -> None:
+    found = []
+    for path in sorted(CORE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            found += [(path.name, name) for name in names if name.split(".")[0] in FORBIDDEN]
+    assert len(list(CORE.glob("*.py"))) >= 4
+    assert found == []
+
+
+# ---- helpers: what a host would build ---------------------------------------------
+
+
+class Sink:
+    """A job's callbacks, recording what the host delivers."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[int, Any]] = []
+        self.failed: list[BaseException] = []
+
+    def deliver(self, seq: int, outcome: Any) -> None:
+        self.got.append((seq, outcome))
+
+    def fail(self, exc: BaseException) -> None:
+        self.failed.append(exc)
+
+
+def core(max_attempts: int = 3, restart_limit: int = 2, restart_window: float = 10.0) -> Outcomes:
+    return Outcomes({}, max_attempts, restart_limit, restart_window)
+
+
+def open_job(o: Outcomes, job_id: int = 1, autoclose: bool = False, **options: Any) -> Job:
+    sink = Sink()
+    job = Job(job_id, "op", sink.deliver, sink.fail, autoclose=autoclose,
+              options=TaskOptions(**options) if options else None)
+    o.jobs[job_id] = job
+    return job
+
+
+def call(job: Job, seq: int) -> Task:
+    msg = Call(job.id, seq, 0, "op", [seq])
+    task = Task(msg, encode(msg))
+    job.outstanding[seq] = task
+    return task
+
+
+def chunk(job: Job, seq: int, items: list[Any]) -> Task:
+    msg = Chunk(job.id, seq, 0, "op", items)
+    task = Task(msg, encode(msg), len(items))
+    job.outstanding[seq] = task
+    return task
+
+
+def actor_call(job: Job, seq: int) -> Task:
+    msg = ActorCall(job.id, seq, 0, 1, "incr", [])
+    task = Task(msg, encode(msg))
+    job.outstanding[seq] = task
+    return task
+
+
+def err(task: Task, index: int = 0, partial: list[Any] | None = None, transient: bool = False) -> Err:
+    return Err(task.job, task.seq, task.attempt, error_info(ValueError(f"item {index}")), index, partial, transient)
+
+
+# ---- outcome resolution -------------------------------------------------------------
+
+
+def test_an_ok_outcome_is_delivered_once_and_closes_an_autoclose_job() -> None:
+    o = core()
+    job = open_job(o, autoclose=True)
+    task = call(job, 0)
+    ok = Ok(1, 0, 0, 42)
+    assert o.resolve(job, task, ok) is ok
+    assert job.outstanding == {} and o.jobs == {}
+    assert (o.tasks_completed, o.items_completed, o.requeue, o.later) == (1, 1, [], [])
+
+
+def test_a_transient_error_with_a_delay_waits_for_its_timer_then_goes_again() -> None:
+    o = core()
+    job = open_job(o, retry=phalanx.After(2.0, 3))
+    task = call(job, 0)
+    assert o.resolve(job, task, err(task, transient=True)) is None
+    assert o.next_deadline() is None  # not armed yet: the host arms with its clock
+    o.arm(100.0)
+    assert o.next_deadline() == 102.0
+    assert o.due(101.9) == []
+    (again,) = o.due(102.0)
+    assert again.attempt == 1 and again.retries == 1 and job.outstanding[0] is again
+    assert o.retried == 1 and o.next_deadline() is None
+
+
+def test_a_retry_whose_job_ended_while_it_waited_is_not_sent() -> None:
+    # On a runtime: close a map while a retry sleeps, then wait past the delay.
+    o = core()
+    job = open_job(o, retry=phalanx.After(1.0, 3))
+    task = call(job, 0)
+    o.resolve(job, task, err(task, transient=True))
+    o.arm(0.0)
+    del o.jobs[job.id]
+    assert o.due(5.0) == []
+
+
+def test_a_transient_error_mid_chunk_resumes_at_the_failed_item_keeping_the_values_before_it() -> None:
+    o = core()
+    job = open_job(o, retry=phalanx.Immediate(3))
+    task = chunk(job, 0, [10, 11, 12, 13])
+    assert o.resolve(job, task, err(task, index=2, partial=["a", "b"], transient=True)) is None
+    (rest,) = o.take_requeue()
+    assert isinstance(rest.msg, Chunk) and rest.msg.items == [12, 13] and rest.prefix == ["a", "b"]
+    final = o.resolve(job, rest, Ok(1, 0, 1, ["c", "d"]))
+    assert isinstance(final, Ok) and final.value == ["a", "b", "c", "d"]
+
+
+def test_ignore_skips_the_failing_item_and_resumes_after_it() -> None:
+    o = core()
+    job = open_job(o, on_fatal=phalanx.Ignore)
+    task = chunk(job, 0, [0, 1, 2])
+    assert o.resolve(job, task, err(task, index=1, partial=["zero"])) is None
+    (rest,) = o.take_requeue()
+    assert isinstance(rest.msg, Chunk) and rest.msg.items == [2] and rest.prefix == ["zero", SKIPPED]
+    assert job.skipped is not None and [(s, i) for s, i, _ in job.skipped] == [(0, 1)]
+    final = o.resolve(job, rest, Ok(1, 0, 1, ["two"]))
+    assert isinstance(final, Ok) and final.value == ["zero", SKIPPED, "two"]
+
+
+def test_ignore_on_the_last_item_completes_the_chunk() -> None:
+    o = core()
+    job = open_job(o, on_fatal=phalanx.Ignore)
+    task = chunk(job, 0, [0, 1])
+    final = o.resolve(job, task, err(task, index=1, partial=["zero"]))
+    assert isinstance(final, Ok) and final.value == ["zero", SKIPPED]
+    assert o.requeue == [] and job.outstanding == {}
+
+
+def test_terminate_reports_the_item_s_position_in_the_whole_chunk_after_a_resume() -> None:
+    o = core()
+    job = open_job(o, retry=phalanx.Immediate(1))
+    task = chunk(job, 0, [0, 1, 2, 3])
+    o.resolve(job, task, err(task, index=1, partial=["a"], transient=True))
+    (rest,) = o.take_requeue()
+    final = o.resolve(job, rest, err(rest, index=1, partial=["b"]))  # retries used up: fatal
+    assert isinstance(final, Err) and final.index == 2 and final.partial == ["a", "b"]
+    assert o.tasks_failed == 1
+
+
+# ---- deaths ---------------------------------------------------------------------------
+
+
+def test_a_crash_is_charged_to_the_task_the_worker_ran_first_only() -> None:
+    o = core()
+    job = open_job(o)
+    running, queued = call(job, 0), call(job, 1)
+    failed, requeue, broken = o.worker_died("w1", [running, queued], -9, planned=False, now=0.0)
+    assert failed == [] and broken is None
+    assert [(t.seq, t.attempt, t.crashes) for t in requeue] == [(0, 1, 1), (1, 1, 0)]
+    assert job.outstanding[0] is requeue[0] and o.redelivered == 2
+
+
+def test_a_planned_death_charges_no_crash_and_counts_no_restart() -> None:
+    o = core(restart_limit=0)
+    job = open_job(o)
+    _, requeue, broken = o.worker_died("w1", [call(job, 0)], None, planned=True, now=0.0)
+    assert requeue[0].crashes == 0 and broken is None and not o.restarts
+
+
+def test_a_task_charged_max_attempts_crashes_fails_with_worker_crashed_error() -> None:
+    o = core(max_attempts=2, restart_limit=10)
+    job = open_job(o, autoclose=True)
+    task = call(job, 0)
+    _, (again,), _ = o.worker_died("w1", [task], -9, planned=False, now=0.0)
+    failed, requeue, _ = o.worker_died("w2", [again], -9, planned=False, now=1.0)
+    assert requeue == [] and o.jobs == {}
+    ((j, seq, exc),) = failed
+    assert j is job and seq == 0 and isinstance(exc, WorkerCrashedError)
+    assert "died 2 times" in str(exc) and "signal 9" in str(exc)
+
+
+def test_an_actor_call_on_a_dead_worker_fails_and_is_never_run_again() -> None:
+    o = core()
+    job = open_job(o)
+    failed, requeue, _ = o.worker_died("w1", [actor_call(job, 0)], -9, planned=False, now=0.0)
+    assert requeue == [] and isinstance(failed[0][2], ActorDiedError) and job.outstanding == {}
+
+
+def test_a_result_that_arrived_before_the_death_was_noticed_is_not_redelivered() -> None:
+    # On a runtime: a worker sends its result, then dies; the supervisor notices late.
+    o = core()
+    job = open_job(o)
+    task = call(job, 0)
+    o.resolve(job, task, Ok(1, 0, 0, 1))
+    failed, requeue, _ = o.worker_died("w1", [task], -9, planned=False, now=0.0)
+    assert failed == [] and requeue == []
+
+
+def test_too_many_unplanned_deaths_within_the_window_break_the_runtime() -> None:
+    o = core(restart_limit=2, restart_window=10.0)
+    assert o.worker_died("w1", [], -9, False, now=0.0)[2] is None
+    assert o.worker_died("w2", [], -9, False, now=5.0)[2] is None
+    assert o.worker_died("w3", [], -9, False, now=20.0)[2] is None  # the first one left the window
+    assert o.worker_died("w4", [], -9, False, now=21.0)[2] is None
+    broken = o.worker_died("w5", [], -9, False, now=22.0)[2]
+    assert isinstance(broken, RuntimeBrokenError) and "3 worker deaths within 10 s" in str(broken)
+
+
+# ---- the map window ------------------------------------------------------------------
+
+
+def window(source: Iterator[Any], ordered: bool = True, convert: Any = None, chunksize: int = 1,
+           workers: int = 2) -> MapWindow:
+    job = Job(1, "op", lambda s, o: None, lambda e: None)
+    return MapWindow(job, "op", [], source, False, ChunkSizer(chunksize, None, workers), workers, ordered,
+                     False, convert, None)
+
+
+def counting() -> tuple[list[int], Iterator[int]]:
+    pulled: list[int] = []
+
+    def gen() -> Iterator[int]:
+        i = 0
+        while True:
+            pulled.append(i)
+            yield i
+            i += 1
+
+    return pulled, gen()
+
+
+def test_an_ordered_window_behind_a_straggler_reads_no_further() -> None:
+    pulled, source = counting()
+    w = window(source)
+    w.fill(0.0)
+    sent = w.take()
+    assert len(sent) == w.window == 10
+    for task in sent[1:]:  # everything but the first comes back
+        w.received(task.seq, Ok(1, task.seq, 0, [task.seq]), 1.0)
+        assert w.take() == [] and w.step(1.0) == WAIT
+    assert len(pulled) == 10
+    w.received(0, Ok(1, 0, 0, [0]), 2.0)
+    got = []
+    while w.step(2.0) == READY:
+        got.append(w.ready.popleft())
+    assert got == list(range(10))
+    assert len(w.take()) == 10  # room again: the next ten go out
+
+
+def test_a_value_failing_conversion_mid_chunk_fails_after_the_values_before_it() -> None:
+    def convert(v: Any) -> int:
+        if not isinstance(v, int):
+            raise phalanx.ValidationError("not an int")
+        return v
+
+    w = window(iter(range(5)), convert=convert, chunksize=5)
+    w.fill(0.0)
+    (task,) = w.take()
+    w.received(task.seq, Ok(1, 0, 0, [0, 1, 2, "three", 4]), 1.0)
+    assert w.step(1.0) == READY and list(w.ready) == [0, 1, 2]
+    w.ready.clear()
+    assert w.step(1.0) == FAILED and isinstance(w.take_error(), phalanx.ValidationError)
+
+
+def test_an_ordered_failure_forgets_later_chunks_but_waits_for_earlier_ones() -> None:
+    w = window(iter(range(4)))
+    w.fill(0.0)
+    a, b, c, d = w.take()
+    _, drop = w.received(c.seq, Err(1, c.seq, 0, error_info(ValueError("x")), 0, [], False), 1.0)
+    assert drop == c.seq and d.seq not in w.sent_at
+    assert w.step(1.0) == WAIT  # a and b are still out
+    w.received(a.seq, Ok(1, a.seq, 0, ["a"]), 1.0)
+    w.received(b.seq, Ok(1, b.seq, 0, ["b"]), 1.0)
+    assert w.step(1.0) == READY and list(w.ready) == ["a"]
+    w.ready.clear()
+    assert w.step(1.0) == READY and list(w.ready) == ["b"]
+    w.ready.clear()
+    assert w.step(1.0) == FAILED
+
+
+def test_a_window_whose_chunks_all_came_back_completes() -> None:
+    w = window(iter(range(2)), ordered=False)
+    w.fill(0.0)
+    for task in w.take():
+        w.received(task.seq, Ok(1, task.seq, 0, [task.seq]), 1.0)
+    assert sorted(w.ready) == [0, 1]
+    w.ready.clear()
+    assert w.step(1.0) == COMPLETE
+
+
+def test_closing_a_window_twice_ends_it_once() -> None:
+    w = window(iter(range(3)))
+    assert w.close() is True and w.close() is False
