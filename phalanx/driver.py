@@ -1134,9 +1134,8 @@ class Driver:
                         continue
                     try:
                         self._handle(parts)
-                    except Exception:  # a frame that is well-formed but nonsensical: never stop the pump
-                        log.exception("dropped a frame that could not be handled")
-                        self.frames_dropped += 1
+                    except Exception as exc:  # bad input is counted where it is checked: this is a bug
+                        self.internal_error(exc, "handling a frame")
             if self._monitors:
                 for mon in self._monitors:
                     if mon in events:
@@ -1217,9 +1216,8 @@ class Driver:
         for frame in frames:
             try:
                 self._handle([ident, frame])
-            except Exception:  # well-formed but nonsensical: never stop the pump
-                log.exception("dropped a frame that could not be handled")
-                self.frames_dropped += 1
+            except Exception as exc:  # bad input is counted where it is checked: this is a bug
+                self.internal_error(exc, "handling a frame")
 
     def _end_pipe_locked(self, w: _Worker) -> None:
         """Close a local worker's pipe (its reader saw the end, or the runtime is shutting down)."""
@@ -1718,9 +1716,8 @@ class Driver:
                     break
                 try:
                     self._on_results(ident, msg, direct)
-                except Exception:  # well-formed but nonsensical
-                    log.exception("dropped a frame that could not be handled")
-                    self.frames_dropped += 1
+                except Exception as exc:  # bad input is counted where it is checked: this is a bug
+                    self.internal_error(exc, "handling a frame")
             w.delivering += 1
             return True
 
@@ -1744,10 +1741,15 @@ class Driver:
         self._pipe_attention.append(w)
         self.wake()
 
-    @staticmethod
-    def _deliver(ready: Sequence[tuple[Job, int, Delivery]]) -> None:
-        """Hand outcomes to their jobs, in order: every delivery of the driver goes through here."""
+    def _deliver(self, ready: Sequence[tuple[Job, int, Delivery]]) -> None:
+        """Hand outcomes to their jobs, in order: every delivery of the driver goes through here.
+
+        Every ``deliver`` is the runtime's own (futures, lease queues, actor
+        replies): one that raises is a bug, which breaks the runtime (see
+        ``internal_error``) once the other outcomes are delivered.
+        """
         i, end = 0, len(ready)
+        failed: list[tuple[Job, Exception]] = []
         while i < end:
             job, seq, final = ready[i]
             many = job.deliver_many
@@ -1763,10 +1765,29 @@ class Driver:
                 batch: list[tuple[int, Delivery]] = [(entry[1], entry[2]) for entry in ready[i:j]]
                 i = j
                 many(batch)
-            except Exception:  # a user callback must not stop the pump
-                pass
+            except Exception as exc:
+                failed.append((job, exc))
+        if failed:
+            broken = self.internal_error(failed[0][1], "delivering an outcome")
+            for job, _ in failed:
+                try:
+                    job.fail(broken)
+                except Exception:
+                    pass  # its caller already has the runtime's error through every other path
 
     # ---- ending ----------------------------------------------------------------
+
+    def internal_error(self, exc: BaseException, where: str) -> RuntimeBrokenError:
+        """An exception escaped the runtime's own code: a bug, never bad input (not counted as such).
+
+        The runtime breaks loudly: it is logged, and every pending caller gets
+        :class:`RuntimeBrokenError` with the internal traceback as its cause.
+        """
+        log.error("internal error while %s: the runtime is broken", where, exc_info=exc)
+        broken = RuntimeBrokenError(f"internal error while {where}: {type(exc).__name__}: {exc}")
+        broken.__cause__ = exc
+        self.break_runtime(broken)
+        return broken
 
     def break_runtime(self, exc: BaseException) -> None:
         """Fail every open job with ``exc``; the runtime accepts no more work."""

@@ -128,3 +128,37 @@ def test_a_task_that_kills_every_worker_fails_after_max_attempts(kind: str) -> N
         with pytest.raises(phalanx.WorkerCrashedError, match="died 3 times"):
             rt.submit(ops.add, 2, 3).result(timeout=30)
         assert rt.stats().worker_deaths == 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_an_exception_escaping_the_runtime_s_own_code_breaks_it_loudly(kind: str, monkeypatch: Any) -> None:
+    # A bug in delivery (here: a future's deliver that raises) is not bad input: every
+    # pending caller gets RuntimeBrokenError caused by it, nothing is counted as dropped.
+    # Failed before on both hosts: the exception was swallowed and the future never settled.
+    if kind == "sim":
+        import phalanx.testing.sim as owner
+
+        cls: Any = owner._FutureSink
+        name_of = lambda sink: sink.job.op  # noqa: E731
+    else:
+        import phalanx.jobs as owner
+
+        cls = owner._SubmitJob
+        name_of = lambda job: job.op  # noqa: E731
+    original = cls.deliver
+
+    def deliver(self: Any, seq: int, outcome: Any) -> None:
+        if name_of(self).endswith(":add"):
+            raise LookupError("a bug in delivery")
+        original(self, seq, outcome)
+
+    monkeypatch.setattr(cls, "deliver", deliver)
+    with make(kind) as rt:
+        waiting = rt.submit(ops.nap, 3.0)
+        with pytest.raises(phalanx.RuntimeBrokenError, match="internal error") as info:
+            rt.submit(ops.add, 1, 2).result(timeout=30)
+        assert isinstance(info.value.__cause__, LookupError)
+        with pytest.raises(phalanx.RuntimeBrokenError):
+            waiting.result(timeout=30)
+        assert rt.stats().frames_dropped == 0

@@ -1504,8 +1504,14 @@ class SimRuntime:
         self._record("deliver", job.id, seq, type(outcome).__name__)
         try:
             job.deliver(seq, outcome)
-        except Exception:
-            pass
+        except Exception as exc:  # every deliver is the runtime's own: a bug breaks it loudly
+            broken = RuntimeBrokenError(f"internal error while delivering an outcome: {type(exc).__name__}: {exc}")
+            broken.__cause__ = exc
+            self._break(broken)
+            try:
+                job.fail(broken)
+            except Exception:
+                pass
 
     def _after_resolve(self) -> None:
         """Send again what the core wants sent again: at once, or after a retry delay."""
