@@ -812,7 +812,10 @@ class Driver:
 
     def send_unfiltered(self, ident: bytes, frame: bytes) -> bool:
         """:meth:`send_to` past ``frame_filter`` (fault injection: a held frame released)."""
-        return self._send_if_alive(ident, frame, self._send_raw_locked)
+        return self._send_if_alive(ident, frame, self._send_unfiltered_locked)
+
+    def _send_unfiltered_locked(self, ident: bytes, frame: bytes) -> None:
+        self._send_raw_locked(ident, frame, filtered=True)
 
     def _send_if_alive(self, ident: bytes, frame: bytes, send: Callable[[bytes, bytes], None]) -> bool:
         with self._lock:
@@ -825,29 +828,38 @@ class Driver:
                 return False
             return True
 
-    def _send_raw_locked(self, ident: bytes, frame: bytes) -> None:
-        """Send ``frame`` to worker ``ident``'s inbox (lock held); raises zmq.ZMQError."""
+    def _send_raw_locked(self, ident: bytes, frame: bytes, filtered: bool = False) -> None:
+        """Send ``frame`` to worker ``ident``'s inbox (lock held); raises zmq.ZMQError.
+
+        Through ``frame_filter`` unless ``filtered``: fault injection sits on the link,
+        below batching, so a runtime with faults sends the way one without does.
+        """
         w = self._workers.get(ident)
         if w is not None and w.pipe is not None:
             try:
-                self._pipe_send_locked(w, w.pipe, (frame,))
+                self._pipe_send_locked(w, w.pipe, (frame,), filtered=filtered)
             except PipeError:
                 raise zmq.ZMQError(errno.EPIPE, f"worker {w.id} is gone") from None
             return
-        self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
-        # A large frame (an array) is handed to ZeroMQ without a copy; bytes are immutable.
-        self._tasks.send(frame, zmq.NOBLOCK, copy=len(frame) < sockets.ZERO_COPY_MIN)
+        frames = (frame,) if self.frame_filter is None or filtered else self.frame_filter("out", ident, frame)
+        for out in frames:
+            self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
+            # A large frame (an array) is handed to ZeroMQ without a copy; bytes are immutable.
+            self._tasks.send(out, zmq.NOBLOCK, copy=len(out) < sockets.ZERO_COPY_MIN)
 
     def _pipe_send_locked(self, w: _Worker, pipe: FramePipe, frames: tuple[bytes, ...] | list[bytes],
-                          hold: bool = False) -> None:
+                          hold: bool = False, filtered: bool = False) -> None:
         """Write frames to a local worker's pipe; the pump flushes what the kernel did not take.
 
         ``hold``: these are tasks for a worker that still owes an outcome, so they wait in
         ``w.held`` and go out in one write with the next ones when that outcome is read
         (:meth:`_on_results`), or after :data:`HOLD_MAX` at the latest. A busy worker could
         not start them sooner; writing each at once costs a system call and a wake-up of
-        the worker per task. A task for an idle worker is never held.
+        the worker per task. A task for an idle worker is never held. Each frame
+        passes ``frame_filter`` (fault injection) here, unless ``filtered``.
         """
+        if self.frame_filter is not None and not filtered:
+            frames = [out for frame in frames for out in self.frame_filter("out", w.ident, frame)]
         if hold:
             if not w.held:
                 w.held_at = time.monotonic()
@@ -873,12 +885,8 @@ class Driver:
             self._remove_live_locked(w)
 
     def _send_task_locked(self, ident: bytes, frame: bytes) -> None:
-        """Send work to ``ident``, through ``frame_filter`` when one is set (lock held)."""
-        if self.frame_filter is None:
-            self._send_raw_locked(ident, frame)
-        else:
-            for out in self.frame_filter("out", ident, frame):
-                self._send_raw_locked(ident, out)
+        """Send work to ``ident`` (lock held; through ``frame_filter`` when one is set)."""
+        self._send_raw_locked(ident, frame)
 
     def inject(self, ident: bytes, frame: bytes) -> None:
         """Have the pump handle ``frame`` as if ``ident`` had just sent it, past ``frame_filter``."""
@@ -896,7 +904,7 @@ class Driver:
             if w is None or not w.alive or self._closed or self._broken is not None:
                 return False
             try:
-                if w.pipe is not None and self.frame_filter is None:
+                if w.pipe is not None:
                     self._pipe_send_locked(w, w.pipe, (frame,), hold=bool(w.inflight))
                 else:
                     self._send_task_locked(ident, frame)
@@ -950,8 +958,8 @@ class Driver:
         live = self._live
         # One tag among the live workers: all of them hold it (every worker has a tag).
         workers = live if len(self._live_tags) == 1 else [w for w in live if tag in w.tags]
-        # Tasks for piped workers go out in one write per worker (unless frames are filtered).
-        batch: dict[_Worker, list[Task]] | None = {} if self.frame_filter is None else None
+        # Tasks for piped workers go out in one write per worker.
+        batch: dict[_Worker, list[Task]] | None = {}
         try:
             self._dispatch_to_locked(workers, pending, batch)
         finally:
@@ -1191,7 +1199,7 @@ class Driver:
             poller.register(fd, self._pipe_events(w))
             frames: list[bytes] | None
             frames, w.leftover = w.leftover, []
-            self._handle_pipe_frames(w, frames)
+            self._handle_pipe_frames(w, frames, filtered=True)  # a caller's read passed them through
             try:
                 if w.broken:
                     raise PipeError("a caller read a frame above max_frame")
@@ -1211,11 +1219,11 @@ class Driver:
                 return
             self._handle_pipe_frames(w, frames)
 
-    def _handle_pipe_frames(self, w: _Worker, frames: list[bytes]) -> None:
+    def _handle_pipe_frames(self, w: _Worker, frames: list[bytes], filtered: bool = False) -> None:
         ident = w.ident
         for frame in frames:
             try:
-                self._handle([ident, frame])
+                self._handle([ident, frame], filtered)
             except Exception as exc:  # bad input is counted where it is checked: this is a bug
                 self.internal_error(exc, "handling a frame")
 
@@ -1606,7 +1614,7 @@ class Driver:
         first: a reply then costs no wake-up on this side at all. Returns True
         once ``fut`` settled or ``timeout`` passed.
         """
-        if self.frame_filter is not None or self._closed or threading.current_thread() is self._pump_thread:
+        if self._closed or threading.current_thread() is self._pump_thread:
             return False
         wake: _Wake | None = getattr(_THREAD, "wake", None)
         if wake is None:
@@ -1701,9 +1709,11 @@ class Driver:
             if frames is None:  # the end (or a bad frame): the pump ends the pipe
                 self._need_pump(w)
                 return False
+            ident = w.ident
+            if self.frame_filter is not None:  # fault injection sits on the link, below this read
+                frames = [out for frame in frames for out in self.frame_filter("in", ident, frame)]
             if not frames:
                 return False
-            ident = w.ident
             for i, frame in enumerate(frames):
                 try:
                     msg = decode_driver(frame)

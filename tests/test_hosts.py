@@ -162,3 +162,30 @@ def test_an_exception_escaping_the_runtime_s_own_code_breaks_it_loudly(kind: str
         with pytest.raises(phalanx.RuntimeBrokenError):
             waiting.result(timeout=30)
         assert rt.stats().frames_dropped == 0
+
+
+@pytest.mark.timeout(60)
+def test_fault_injection_leaves_the_production_paths_on(monkeypatch: Any) -> None:
+    # Faults sit on the link, below batching: a runtime with a fault plan still writes a
+    # worker's tasks in one batch and lets a waiting caller read its own reply.
+    # Failed before: frame_filter switched both off.
+    from phalanx.driver import Driver
+
+    used: dict[str, int] = {"batch": 0, "direct": 0}
+    send_batch, read_direct = Driver._send_batch_locked, Driver._read_direct
+
+    def counting_batch(self: Any, *args: Any) -> Any:
+        used["batch"] += 1
+        return send_batch(self, *args)
+
+    def counting_direct(self: Any, *args: Any) -> Any:
+        used["direct"] += 1
+        return read_direct(self, *args)
+
+    monkeypatch.setattr(Driver, "_send_batch_locked", counting_batch)
+    monkeypatch.setattr(Driver, "_read_direct", counting_direct)
+    with phalanx.Runtime(workers=1, faults=[DelayMessage(kind="result", index=10_000)]) as rt:
+        for i in range(20):
+            assert rt.submit(ops.add, i, 1).result(timeout=30) == i + 1
+        assert list(rt.map(ops.square, range(50), chunksize=1, timeout=30)) == [x * x for x in range(50)]
+    assert used["batch"] > 0 and used["direct"] > 0
