@@ -62,6 +62,7 @@ from ..config import Config
 from ..directives import Directive, Fold, IndexedChain
 from ..directives import Chain as _Chain
 from ..core.outcomes import Outcomes
+from ..core.execute import TaskRunner
 from ..core.tasks import SKIPPED, Delivery, Job, Task
 from ..driver import RuntimeStats, WorkerStats
 from ..errors import (
@@ -1057,6 +1058,8 @@ class SimRuntime:
         #: the core's outcome resolution, crash attribution and restart intensity (phalanx.core)
         self.outcomes = Outcomes(self._jobs, max_attempts, restart_limit, restart_window)
         self._actors = _Actors(self)
+        #: what a simulated worker does with a task: the core's, as on a real worker
+        self._runner = TaskRunner(lambda: self.now, _settle, resolve)
         for _ in range(workers):
             self._ready(self._spawn())
 
@@ -1543,16 +1546,6 @@ class SimRuntime:
             w.outbox.append((at, ident, f))
         return kill
 
-    def _call(self, op: Operation, args: Sequence[Any], kwargs: dict[str, Any] | None) -> Any:
-        a, kw = op.convert_args(args, kwargs)
-        value = op.fn(*a, **kw)
-        if hasattr(value, "__await__"):
-            import asyncio
-            import inspect
-
-            if inspect.isawaitable(value):
-                value = asyncio.run(_awaited(value))
-        return value
 
     def _run(self, w: _Worker) -> None:
         """Worker ``w`` handles the next message of its inbox (mirrors the worker loop)."""
@@ -1635,75 +1628,21 @@ class SimRuntime:
         self._timer(at - self.now, f"{w.id} killed after its task", lambda: self._kill(w))
 
     def _execute(self, w: _Worker, task: Call | Chunk) -> tuple[Outcome, float]:
+        """Run ``task`` with the core's TaskRunner (the same code as a real worker's)."""
         if task.job in w.terminated:
             info = error_info(TaskCancelledError(f"job {task.job} was terminated"))
             info = ErrorInfo(type=info.type, message=info.message, args=info.args, traceback="")
             return Err(task.job, task.seq, task.attempt, info), 0.0
-        op: Operation | None = None
         ctx = _worker_module.TaskContext(task.job, task.seq, task.attempt, task.timeout)
         previous = _worker_module._current
         _worker_module._current = ctx
         _RUNNING.append(0.0)
-        calls = 0
-        outcome: Outcome
         try:
-            op = resolve(task.op)
-            if isinstance(task, Call):
-                calls = 1
-                value = self._call(op, task.args, task.kwargs)
-            elif task.stages:
-                # A directive chain: every stage of an item runs here, in this task.
-                combine = op
-                stages = [resolve(name) for name in task.stages]
-                mapped: list[Any] = []
-                for item in task.items:
-                    for index, stage in enumerate(stages):
-                        calls += 1
-                        op = stage
-                        item = self._call(stage, item if task.star and index == 0 else [item], None)
-                    if not task.fold:
-                        calls += 1
-                        op = combine
-                        item = self._call(combine, [item], None)
-                        ctx.values.append(item)
-                    else:
-                        mapped.append(item)
-                op = combine
-                if not task.fold:
-                    value = ctx.values
-                else:
-                    if not mapped:
-                        raise ValueError("empty fold chunk")
-                    value = mapped[0]
-                    for index in range(1, len(mapped)):
-                        calls += 1
-                        value = self._call(combine, [value, mapped[index]], None)
-            elif task.fold:
-                if not task.items:
-                    raise ValueError("empty fold chunk")
-                value = task.items[0]
-                for index in range(1, len(task.items)):
-                    calls += 1
-                    value = self._call(op, [value, task.items[index]], None)
-            else:
-                for item in task.items:
-                    calls += 1
-                    ctx.values.append(self._call(op, item if task.star else [item], None))
-                value = ctx.values
-            outcome = Ok(task.job, task.seq, task.attempt, value)
-        except BaseException as exc:  # user code may raise anything; the worker model survives
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            transient = isinstance(exc, Transient) or (op is not None and isinstance(exc, op.transient))
-            if isinstance(task, Chunk) and not task.fold:
-                outcome = Err(task.job, task.seq, task.attempt, error_info(exc), len(ctx.values),
-                              list(ctx.values), transient)
-            else:
-                outcome = Err(task.job, task.seq, task.attempt, error_info(exc), transient=transient)
+            outcome = self._runner.execute(task, ctx)
         finally:
             slept = _RUNNING.pop()
             _worker_module._current = previous
-        return outcome, slept + self.task_time * max(1, calls)
+        return outcome, slept + self.task_time * max(1, _calls(task, outcome))
 
     # ---- the worker model: actors --------------------------------------------------------
 
@@ -1717,7 +1656,7 @@ class SimRuntime:
                     raise TypeError(f"actor {msg.cls} has no restore() classmethod to resume from state")
                 obj = restore(convert(msg.state, actor_type_hint(cls, "restore")))
             else:
-                obj = self._call(Operation(msg.cls, cls), msg.args, msg.kwargs)
+                obj = self._runner.call(Operation(msg.cls, cls), msg.args, msg.kwargs)
         except BaseException as exc:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -1739,7 +1678,7 @@ class SimRuntime:
                 if fn is None or not callable(fn):
                     raise AttributeError(f"actor {inst.cls_name} has no public method {msg.method!r}")
                 op = inst.ops[msg.method] = Operation(f"{inst.cls_name}.{msg.method}", fn)
-            value = self._call(op, msg.args, msg.kwargs)
+            value = self._runner.call(op, msg.args, msg.kwargs)
         except BaseException as exc:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -1973,6 +1912,24 @@ class SimRuntime:
 
 async def _awaited(value: Any) -> Any:
     return await value
+
+
+def _settle(value: Any) -> Any:
+    import asyncio
+
+    return asyncio.run(_awaited(value))
+
+
+def _calls(task: Call | Chunk, outcome: Outcome) -> int:
+    """Operation calls a task made (its virtual duration is ``task_time`` each)."""
+    if isinstance(task, Call):
+        return 1
+    n = len(task.items)
+    if isinstance(outcome, Err) and not task.fold:
+        n = outcome.index + 1  # a map chunk stops at the failing item
+    if task.fold:
+        return n * len(task.stages) + max(0, n - 1)
+    return n * (len(task.stages) + 1)
 
 
 class SimJobOptions:
