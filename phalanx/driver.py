@@ -1,4 +1,9 @@
-"""The driver core: worker table, credit-based dispatch, the result pump.
+"""The threaded host of the core: worker table, credit-based dispatch, the result pump.
+
+What outcomes mean (resolution, retries, Ignore/Terminate, crash attribution,
+restart intensity, retry timers) is decided by :mod:`phalanx.core`, without
+I/O, under this module's lock; :mod:`phalanx.testing.sim` runs the same core
+on a virtual clock. This module moves the bytes and keeps the time.
 
 Runs in the driver process. Threads and what they own::
 
@@ -54,7 +59,9 @@ Invariants kept:
    A task held back for a busy local worker (see ``_pipe_send_locked``) goes
    out when that worker's next outcome is read, or after ``HOLD_MAX``.
 6. **Bad input never kills.** Undecodable frames, frames from unknown
-   identities and outcomes for unknown tasks are counted and dropped.
+   identities and outcomes for unknown tasks are counted and dropped. An
+   exception escaping the runtime's own code is not bad input: it breaks the
+   runtime (``internal_error``), never a counter.
 """
 
 from __future__ import annotations

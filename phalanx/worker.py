@@ -7,7 +7,8 @@ Runs in every worker process (started by :mod:`phalanx.supervisor`)::
     driver PUB "control"   ──▶ SUB ──▶ control thread: Sync, Terminate, Shutdown,
                                        task timeouts ─▶ side DEALER ("<id>!") ──▶ driver ROUTER "results"
 
-The main thread owns the inbox and outbox (or the pipe) and runs user code; the control
+The main thread owns the inbox and outbox (or the pipe) and runs user code through
+:class:`phalanx.core.execute.TaskRunner` (the code simulated workers run too); the control
 thread owns the SUB and side sockets, so a task that never returns still sees
 its abort flag set, still has its timeout reported, and is still killed after
 the grace period.

@@ -323,3 +323,57 @@ def test_a_window_whose_chunks_all_came_back_completes() -> None:
 def test_closing_a_window_twice_ends_it_once() -> None:
     w = window(iter(range(3)))
     assert w.close() is True and w.close() is False
+
+
+# ---- the actor lifecycle ------------------------------------------------------------------
+
+from collections import deque  # noqa: E402
+
+from phalanx.core import actors as life  # noqa: E402
+from phalanx.transport.messages import ActorEvent, ActorState  # noqa: E402
+
+
+def test_every_transition_leads_to_a_state_and_terminal_states_absorb_every_event() -> None:
+    states = {life.STARTING, life.RUNNING, life.RESTARTING, life.STOPPING, life.STOPPED, life.FAILED}
+    events = {event for _, event in life.TRANSITIONS}
+    assert {state for state, _ in life.TRANSITIONS} | set(life.TRANSITIONS.values()) <= states
+    for state in life.TERMINAL:
+        for event in events:
+            assert life.advance(state, event) == state
+
+
+def test_a_hot_restart_holds_calls_then_runs_or_reverts() -> None:
+    state = life.advance(life.advance(life.STARTING, "started"), "restart")
+    assert state == life.RESTARTING
+    assert life.advance(state, "started") == life.RUNNING
+    assert life.advance(state, "revert") == life.RUNNING
+
+
+def test_an_event_a_state_cannot_take_is_a_bug() -> None:
+    with pytest.raises(ValueError, match="starting cannot take the event 'restart'"):
+        life.advance(life.STARTING, "restart")
+    with pytest.raises(ValueError):
+        life.advance(life.STOPPING, "stop")
+
+
+def test_supervision_restarts_at_most_limit_times_within_the_window() -> None:
+    restarts: deque[float] = deque()
+    assert [life.may_restart(restarts, t, 2, 10.0) for t in (0.0, 1.0, 2.0)] == [True, True, False]
+    assert life.may_restart(restarts, 11.5, 2, 10.0)  # the first two left the window
+
+
+def test_what_workers_say_about_actors() -> None:
+    assert life.reply_of(ActorState("w1", 3, 0, {"n": 1})) == ("checkpoint", 3, {"n": 1})
+    assert life.reply_of(ActorState("w1", 3, 0, None, error_info(ValueError("x"))))[0] == "nothing"
+    assert life.reply_of(ActorState("w1", 3, 7, 5)) == ("state", 7, (5, None))
+    assert life.reply_of(ActorEvent("w1", 3, "stopped")) == ("stopped", 3, None)
+    what, number, (kind, error) = life.reply_of(ActorEvent("w1", 3, "failed", error_info(KeyError("k"))))
+    assert (what, number, kind, type(error)) == ("event", 3, "failed", KeyError)
+
+
+def test_an_instance_goes_to_the_worker_hosting_fewest_actors_then_holding_fewest_tasks() -> None:
+    live = {b"w1": 0, b"w2": 5, b"w3": 1}
+    assert life.least_loaded(live, [b"w1", b"w3"], None) == b"w2"
+    assert life.least_loaded(live, [], None) == b"w1"
+    assert life.least_loaded(live, [], b"w1") == b"w3"
+    assert life.least_loaded({b"w1": 0}, [], b"w1") == b"w1"  # alone: even the excluded one

@@ -189,3 +189,76 @@ def test_fault_injection_leaves_the_production_paths_on(monkeypatch: Any) -> Non
             assert rt.submit(ops.add, i, 1).result(timeout=30) == i + 1
         assert list(rt.map(ops.square, range(50), chunksize=1, timeout=30)) == [x * x for x in range(50)]
     assert used["batch"] > 0 and used["direct"] > 0
+
+
+def kill_host_of(rt: Any, actor: Any) -> str | None:
+    from phalanx.testing import kill_worker
+
+    return kill_worker(rt, sorted(rt.worker_pids()).index(actor.worker))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_hot_restart_moves_the_actor_with_its_state(kind: str) -> None:
+    with make(kind) as rt:
+        counter = rt.spawn(ops.Counter, 5)
+        assert counter.incr(2).result(timeout=30) == 7
+        before = counter.worker
+        assert counter.restart(timeout=30) is True
+        assert counter.worker != before
+        assert counter.incr(1).result(timeout=30) == 8
+        counter.stop()
+        counter.join(timeout=30)
+        kinds = [type(e).__name__ for e in counter.events(timeout=30)]
+        assert kinds == ["Started", "Started", "Stopped"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_supervised_actor_comes_back_from_its_checkpoint_when_its_worker_dies(kind: str) -> None:
+    with make(kind, restart_limit=100) as rt:
+        counter = rt.spawn(ops.Counter, 5, restart_policy="on-failure", checkpoint_every=1)
+        assert counter.incr(2).result(timeout=30) == 7
+        assert kill_host_of(rt, counter) is not None
+        events = counter.events(timeout=30)
+        first, failed, again = next(events), next(events), next(events)
+        assert type(first).__name__ == "Started"
+        assert type(failed).__name__ == "Failed" and not failed.final
+        assert type(again).__name__ == "Started" and again.restored
+        # The checkpoint went out before the reply that said 7: the new instance starts there.
+        assert counter.incr(1).result(timeout=30) == 8
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_an_unsupervised_actor_fails_for_good_when_its_worker_dies(kind: str) -> None:
+    with make(kind, restart_limit=100) as rt:
+        counter = rt.spawn(ops.Counter, 5)
+        assert counter.incr(2).result(timeout=30) == 7
+        assert kill_host_of(rt, counter) is not None
+        counter.join(timeout=30)
+        events = list(counter.events(timeout=30))
+        assert [type(e).__name__ for e in events] == ["Started", "Failed"] and events[-1].final
+        with pytest.raises(phalanx.ActorDiedError):
+            counter.incr(1).result(timeout=30)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_timeout_bounds_each_call_of_a_chunk_not_the_whole_chunk(kind: str) -> None:
+    # Four calls of 0.4 s under timeout=1.0: each is within it, the chunk (1.6 s) is not.
+    # Failed before on SimRuntime: it timed the whole chunk and raised TaskTimeoutError.
+    with make(kind) as rt:
+        it = rt.options(timeout=1.0).map(ops.nap, [0.4] * 4, chunksize=4, timeout=60)
+        assert list(it) == [0.4] * 4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_call_over_its_timeout_fails_the_map_after_the_values_before_it(kind: str) -> None:
+    with make(kind, abort_grace=5.0) as rt:
+        got: list[float] = []
+        with pytest.raises(phalanx.TaskTimeoutError, match="timeout of 0.5 s"):
+            for x in rt.options(timeout=0.5).map(ops.nap, [0.0, 0.0, 1.5, 0.0], chunksize=4, timeout=60):
+                got.append(x)
+        assert got == [0.0, 0.0]

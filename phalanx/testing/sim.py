@@ -1,12 +1,16 @@
 """SimRuntime: a deterministic, single-process stand-in for :class:`phalanx.Runtime`.
 
 Runs entirely in the calling (test) process, on the calling thread: there are
-no worker processes, no sockets and no threads. The driver logic (credits,
-dispatch, dedupe, redelivery, retries, fatal strategies, actor supervision and
-hot restart) and the worker logic (decode, convert, run, encode) are modelled
-on ``phalanx.driver``, ``phalanx.worker`` and ``phalanx.actors`` and exchange
-the very same msgpack frames, so operations see the same arguments and
-callers see the same results and exception types as on a real runtime.
+no worker processes, no sockets and no threads. It is the second host of
+:mod:`phalanx.core`: outcome resolution (dedupe, retries, fatal strategies,
+crash attribution, restart intensity), the map window, the actor lifecycle
+and each worker's task execution (:class:`~phalanx.core.execute.TaskRunner`,
+with :class:`~phalanx.actors.host.ActorHost` for actors) are the code a real
+runtime runs; what is left here is what only a simulation has: the seeded
+scheduler, the virtual clock, simulated processes and links (credits and
+dispatch, delivery, death notices), and the waits. Both sides exchange the
+very same msgpack frames, so operations see the same arguments and callers
+see the same results and exception types as on a real runtime.
 
 ::
 
@@ -47,7 +51,6 @@ import itertools
 import math
 import random
 import time
-import typing
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from types import TracebackType
@@ -55,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar, ca
 
 from .. import worker as _worker_module
 from ..actors.events import ActorEvent as Event
+from ..actors.host import ActorHost
 from ..actors.events import Failed, RestartFailed, Started, Stopped
 from ..actors.ref import ActorRef
 from ..actors.system import ActorNode, RuntimeTree, WorkerNode, settle_call
@@ -62,6 +66,7 @@ from ..config import Config
 from ..directives import Directive, Fold, IndexedChain
 from ..directives import Chain as _Chain
 from ..core.outcomes import Outcomes
+from ..core.actors import TERMINAL, advance, least_loaded, may_restart, reply_of, return_type
 from ..core.execute import TaskRunner
 from ..core.tasks import SKIPPED, Delivery, Job, Task
 from ..driver import RuntimeStats, WorkerStats
@@ -141,42 +146,54 @@ class HangError(TaskTimeoutError):
     """
 
 
-#: the simulation whose worker is running an operation right now (see ``sleep``)
-_RUNNING: list[float] = []
+class _Elapsed:
+    """Virtual time inside the task a simulated worker runs (``sleep`` adds to it)."""
+
+    __slots__ = ("slept", "late_at", "late_values", "overran")
+
+    def __init__(self) -> None:
+        self.slept = 0.0
+        #: when a call overran the task's timeout (seconds into the task; -1: none did)
+        self.late_at = -1.0
+        #: the values done by then (what the timeout error carries)
+        self.late_values: list[Any] = []
+        #: how long that call ran in all
+        self.overran = 0.0
+
+
+#: the tasks simulated workers run right now, innermost last (see ``sleep``)
+_RUNNING: list[_Elapsed] = []
 
 
 def sleep(seconds: float) -> None:
     """Sleep inside an operation: virtual time on a SimRuntime, real time elsewhere.
 
     Use it in operations under test instead of ``time.sleep`` so that
-    timeouts and slow tasks are simulated without waiting.
+    timeouts and slow tasks are simulated without waiting. A call that
+    sleeps past its task's per-call timeout is noticed as a real worker's
+    control thread would: the timeout is reported with the values done
+    before it, and the task is flagged to abort.
     """
-    if _RUNNING:
-        _RUNNING[-1] += max(0.0, seconds)
-    else:
+    if not _RUNNING:
         time.sleep(seconds)
+        return
+    elapsed = _RUNNING[-1]
+    elapsed.slept += max(0.0, seconds)
+    ctx = _worker_module._current
+    if ctx is None or ctx.timeout <= 0:
+        return
+    ran = elapsed.slept - ctx.started
+    if elapsed.late_at < 0 and ran > ctx.timeout:
+        elapsed.late_at = ctx.started + ctx.timeout
+        elapsed.late_values = list(ctx.values)
+        ctx.aborted = True
+    if elapsed.late_at >= 0 and ctx.started + ctx.timeout == elapsed.late_at:
+        elapsed.overran = max(elapsed.overran, ran)
 
 
 # --------------------------------------------------------------------------- #
 # Driver-side records (mirror phalanx.driver.Task / Job)
 # --------------------------------------------------------------------------- #
-
-
-class _Instance:
-    """An actor instance living in a simulated worker (mirrors phalanx.actors.host)."""
-
-    __slots__ = ("id", "cls_name", "obj", "ops", "calls", "since_save", "saved_at", "every", "interval")
-
-    def __init__(self, msg: SpawnActor, obj: Any, now: float) -> None:
-        self.id = msg.instance
-        self.cls_name = msg.cls
-        self.obj = obj
-        self.ops: dict[str, Operation] = {}
-        self.calls = 0
-        self.since_save = 0
-        self.saved_at = now
-        self.every = msg.checkpoint_every
-        self.interval = msg.checkpoint_interval
 
 
 class _Worker:
@@ -206,7 +223,10 @@ class _Worker:
         self.retiring = False
         self.lost = False
         self.terminated: set[int] = set()
-        self.instances: dict[int, _Instance] = {}
+        #: the actors it hosts (phalanx.actors.host, as on a real worker; set by SimRuntime._spawn)
+        self.host: ActorHost
+        #: when what its actor host sends now reaches the link (virtual time)
+        self.at = 0.0
 
 
 # --------------------------------------------------------------------------- #
@@ -276,7 +296,7 @@ class _FutureSink:
 
 
 class _Lease:
-    """A job whose outcomes queue up for one consumer (mirrors phalanx.jobs._Lease)."""
+    """A job whose outcomes queue up for one consumer (phalanx.jobs._Lease, waiting on the scheduler)."""
 
     def __init__(self, sim: SimRuntime, op_name: str, options: TaskOptions | None) -> None:
         self.sim = sim
@@ -536,10 +556,11 @@ class SimJobHandle(Generic[Y, R]):
 
 
 # --------------------------------------------------------------------------- #
-# Actors (driver side; mirrors phalanx.actors.system without threads)
+# Actors (driver side): phalanx.actors.system's waits, on the scheduler;
+# the lifecycle, supervision and placement are phalanx.core.actors'
 # --------------------------------------------------------------------------- #
 
-_TERMINAL = ("stopped", "failed")
+_TERMINAL = TERMINAL
 #: virtual seconds a spawn, restart or save may take before it fails
 ACTOR_TIMEOUT = 60.0
 
@@ -646,12 +667,7 @@ class _Actors:
             return on.encode()
         if not live:
             raise ActorDiedError("no live worker to place the actor on")
-        counts = {w: 0 for w in live}
-        for a in self.actors.values():
-            if a.worker in counts and a.state not in _TERMINAL:
-                counts[a.worker] += 1
-        candidates = [w for w in live if w != exclude] or list(live)
-        return min(candidates, key=lambda w: (counts[w], live[w]))
+        return least_loaded(live, [a.worker for a in self.actors.values() if a.state not in _TERMINAL], exclude)
 
     def _start(self, actor: _SimActor, worker: bytes, restored: bool, state: Any,
                done: Callable[[BaseException | None], None], timeout: float | None) -> None:
@@ -675,8 +691,7 @@ class _Actors:
                 return
             old_worker, old_instance = actor.worker, actor.instance
             actor.worker, actor.instance = worker, instance
-            if actor.state in ("starting", "restarting"):
-                actor.state = "running"
+            actor.state = advance(actor.state, "started")
             if old_instance and old_worker:
                 self.sim._send_to(old_worker, encode(StopActor(old_instance, quiet=True)))
             done(None)
@@ -750,7 +765,7 @@ class _Actors:
     def restart(self, actor: _SimActor, on: str | None, timeout: float | None) -> bool:
         if actor.state != "running":
             raise ActorDiedError(f"actor {actor.id} is {actor.state}; only a running actor restarts")
-        actor.state = "restarting"
+        actor.state = advance(actor.state, "restart")
         actor.lost = None
         old_worker, old_instance = actor.worker, actor.instance
         nonce = next(self.nonces)
@@ -783,7 +798,7 @@ class _Actors:
         died = actor.take_lost()
         if died is None:
             if actor.state == "restarting" and self.sim._is_live(old_worker):
-                actor.state = "running"
+                actor.state = advance(actor.state, "revert")
                 self._emit(actor, RestartFailed(error))
                 self._flush(actor)
                 return False
@@ -813,7 +828,7 @@ class _Actors:
 
     def _stop_now(self, actor: _SimActor) -> None:
         self._flush(actor)
-        actor.state = "stopping"
+        actor.state = advance(actor.state, "stop")
         if not self.sim._send_to(actor.worker, encode(StopActor(actor.instance))):
             self._end(actor, "stopped", None)
 
@@ -828,7 +843,7 @@ class _Actors:
     def _end(self, actor: _SimActor, state: str, error: BaseException | None, emit: bool = True) -> None:
         if actor.state in _TERMINAL:
             return
-        actor.state = state
+        actor.state = advance(actor.state, state)
         futures = [fut for fut, _ in actor.futures.values()]
         actor.futures.clear()
         actor.held.clear()
@@ -880,23 +895,18 @@ class _Actors:
     # ---- messages from workers ------------------------------------------------------
 
     def on_message(self, worker: bytes, msg: ActorEvent | ActorState) -> None:
-        if isinstance(msg, ActorState):
-            if msg.nonce == 0:
-                actor = self.by_instance.get(msg.instance)
-                if actor is not None and msg.error is None and self.sim._is_live(worker):
-                    if actor.instance == msg.instance and actor.worker == worker:
-                        actor.checkpoint, actor.has_checkpoint = msg.state, True
+        what, number, value = reply_of(msg)
+        if what in ("checkpoint", "stopped", "nothing"):
+            actor = self.by_instance.get(number)
+            if actor is None:
                 return
-            key: tuple[str, int] = ("state", msg.nonce)
-            value: Any = (msg.state, rebuild_error(msg.error) if msg.error else None)
-        else:
-            error = rebuild_error(msg.error) if msg.error is not None else None
-            if msg.kind == "stopped":
-                actor = self.by_instance.get(msg.instance)
-                if actor is not None:
-                    self._end(actor, "stopped", None)
-                return
-            key, value = ("event", msg.instance), (msg.kind, error)
+            if what == "stopped":
+                self._end(actor, "stopped", None)
+            elif what == "checkpoint" and self.sim._is_live(worker):
+                if actor.instance == number and actor.worker == worker:
+                    actor.checkpoint, actor.has_checkpoint = value, True
+            return
+        key = (what, number)
         waiting = self.waiting.pop(key, None)
         if waiting is not None:
             waiting[1](value)
@@ -922,21 +932,13 @@ class _Actors:
 
     def _instance_died(self, actor: _SimActor, died: ActorDiedError) -> None:
         """Queue a supervised restart of ``actor``, or end it as failed (then call :meth:`rehome`)."""
-        if actor.policy != "on-failure" or not self._may_restart(actor):
+        if actor.policy != "on-failure" or not may_restart(
+                actor.restarts, self.sim.now, self.max_restarts, self.restart_window):
             self._end(actor, "failed", died)
             return
-        actor.state = "restarting"
+        actor.state = advance(actor.state, "died")
         self._emit(actor, Failed(died, final=False))
         self.homeless.append(actor)
-
-    def _may_restart(self, actor: _SimActor) -> bool:
-        now = self.sim.now
-        while actor.restarts and now - actor.restarts[0] > self.restart_window:
-            actor.restarts.popleft()
-        if len(actor.restarts) >= self.max_restarts:
-            return False
-        actor.restarts.append(now)
-        return True
 
     def rehome(self) -> None:
         while self.homeless and self.sim._live_workers():
@@ -966,12 +968,8 @@ class _Actors:
         return out
 
     def convert_result(self, actor: _SimActor, method: str, value: Any) -> Any:
-        if actor.cls is None:
-            return value
-        fn = getattr(actor.cls, method, None)
-        try:
-            typ = typing.get_type_hints(fn).get("return", Any) if fn is not None else Any
-        except Exception:
+        typ = return_type(actor.cls, method)
+        if typ is Any:
             return value
         try:
             return convert(value, typ)
@@ -1059,7 +1057,7 @@ class SimRuntime:
         self.outcomes = Outcomes(self._jobs, max_attempts, restart_limit, restart_window)
         self._actors = _Actors(self)
         #: what a simulated worker does with a task: the core's, as on a real worker
-        self._runner = TaskRunner(lambda: self.now, _settle, resolve)
+        self._runner = TaskRunner(_task_clock, _settle, resolve)
         for _ in range(workers):
             self._ready(self._spawn())
 
@@ -1234,6 +1232,7 @@ class SimRuntime:
 
     def _spawn(self) -> _Worker:
         w = _Worker(f"w{next(self._worker_ids)}", next(self._pids))
+        w.host = ActorHost(w.id, lambda msg: self._host_send(w, msg), self._runner.call, lambda: self.now)
         self._workers[w.ident] = w
         self._record("spawn", w.id)
         return w
@@ -1266,13 +1265,13 @@ class SimRuntime:
         self._record("kill", w.id)
         w.running = False
         w.inbox.clear()
-        w.instances.clear()
+        w.host.instances.clear()
         if self.engine is not None:
             self.engine.forget_worker(w.ident)
         self._timer(NOTICE_DELAY, f"{w.id} exit noticed", lambda: self._on_exit(w, exitcode))
 
     def _on_exit(self, w: _Worker, exitcode: int | None, lost: bool = False) -> None:
-        """The driver notices a worker's death (mirrors Driver._on_exit)."""
+        """The driver notices a worker's death (the core charges the crash, as Driver._on_exit has it do)."""
         if not w.alive:
             return
         w.alive = False
@@ -1548,7 +1547,7 @@ class SimRuntime:
 
 
     def _run(self, w: _Worker) -> None:
-        """Worker ``w`` handles the next message of its inbox (mirrors the worker loop)."""
+        """Worker ``w`` handles the next message of its inbox (the core runs its tasks, ActorHost its actors)."""
         frame = w.inbox.popleft()
         try:
             msg = decode_inbox(frame)
@@ -1558,28 +1557,30 @@ class SimRuntime:
         start = self.now
         if isinstance(msg, (Call, Chunk)):
             self._record("run", w.id, type(msg).__name__, msg.job, msg.seq, msg.attempt)
-            outcome, duration = self._execute(w, msg)
-            self._finish(w, msg, outcome, start, duration)
+            outcome, elapsed = self._execute(w, msg)
+            duration = elapsed.slept + self.task_time * max(1, _calls(msg, outcome))
+            if elapsed.late_at >= 0:
+                self._timed_out(w, msg, elapsed, start, duration)
+            else:
+                self._finish(w, msg, outcome, start, duration)
         elif isinstance(msg, ActorCall):
             self._record("run", w.id, "ActorCall", msg.job, msg.seq, msg.method)
-            outcome, duration = self._actor_call(w, msg)
+            _RUNNING.append(_Elapsed())
+            try:
+                outcome = w.host.call(msg)
+            finally:
+                duration = _RUNNING.pop().slept + self.task_time
             # As a real worker does: the checkpoint goes out before the reply.
-            if w.running and self._checkpoint_due(w, msg.instance):
-                self._save(w, msg.instance, 0, start + duration)
+            if w.running and w.host.checkpoint_due(msg.instance):
+                w.at = start + duration
+                w.host.save(msg.instance, 0)
             kill = self._finish(w, msg, outcome, start, duration, defer_kill=True)
             if kill == "after":
                 self._doom(w, start + duration)
-        elif isinstance(msg, SpawnActor):
-            self._record("run", w.id, "SpawnActor", msg.instance)
-            self._host_spawn(w, msg)
-        elif isinstance(msg, SaveActor):
-            self._record("run", w.id, "SaveActor", msg.instance)
-            self._save(w, msg.instance, msg.nonce, self.now + self.task_time)
-        elif isinstance(msg, StopActor):
-            self._record("run", w.id, "StopActor", msg.instance)
-            w.instances.pop(msg.instance, None)
-            if not msg.quiet:
-                self._worker_send(w, ActorEvent(w.id, msg.instance, "stopped"), self.now + self.task_time)
+        elif isinstance(msg, (SpawnActor, SaveActor, StopActor)):
+            self._record("run", w.id, type(msg).__name__, msg.instance)
+            w.at = self.now + self.task_time
+            w.host.handle(msg)
         elif isinstance(msg, Stop):
             w.running = False
             self._timer(NOTICE_DELAY, f"{w.id} exit noticed", lambda: self._on_exit(w, 0))
@@ -1588,25 +1589,6 @@ class SimRuntime:
                 duration: float, defer_kill: bool = False) -> str | None:
         w.tasks_done += 1
         w.busy_until = start + duration
-        timeout = msg.timeout if isinstance(msg, (Call, Chunk)) else 0.0
-        if timeout > 0 and duration > timeout:
-            # The control thread reports the timeout; the worker dies if the task ignores it.
-            err = TaskTimeoutError(
-                f"task {msg.seq} of job {msg.job} ran longer than its timeout of {timeout:g} s")
-            info = error_info(err)
-            info = ErrorInfo(type=info.type, message=info.message, args=info.args, traceback="")
-            values = outcome.partial if isinstance(outcome, Err) else (
-                outcome.value if isinstance(msg, Chunk) and not msg.fold else None)
-            late = Err(msg.job, msg.seq, msg.attempt, info, len(values or []) if isinstance(values, list) else 0,
-                       list(values) if isinstance(values, list) else [])
-            kill = self._worker_send(w, Results(w.id, [late]), start + timeout, side=True)
-            if kill == "now":
-                self._kill(w)
-            elif duration > timeout + self.config.abort_grace:
-                w.expect_kill = True
-                self._timer(timeout + self.config.abort_grace, f"{w.id} killed (task ignored its timeout)",
-                            lambda: self._kill(w))
-            return None
         try:
             encode(outcome)
         except EncodeError as exc:
@@ -1627,98 +1609,54 @@ class SimRuntime:
         w.busy_until = math.inf
         self._timer(at - self.now, f"{w.id} killed after its task", lambda: self._kill(w))
 
-    def _execute(self, w: _Worker, task: Call | Chunk) -> tuple[Outcome, float]:
+    def _execute(self, w: _Worker, task: Call | Chunk) -> tuple[Outcome, _Elapsed]:
         """Run ``task`` with the core's TaskRunner (the same code as a real worker's)."""
+        elapsed = _Elapsed()
         if task.job in w.terminated:
             info = error_info(TaskCancelledError(f"job {task.job} was terminated"))
             info = ErrorInfo(type=info.type, message=info.message, args=info.args, traceback="")
-            return Err(task.job, task.seq, task.attempt, info), 0.0
+            return Err(task.job, task.seq, task.attempt, info), elapsed
         ctx = _worker_module.TaskContext(task.job, task.seq, task.attempt, task.timeout)
+        ctx.started = 0.0  # seconds into the task: the runner's clock (see _task_clock)
         previous = _worker_module._current
         _worker_module._current = ctx
-        _RUNNING.append(0.0)
+        _RUNNING.append(elapsed)
         try:
             outcome = self._runner.execute(task, ctx)
         finally:
-            slept = _RUNNING.pop()
+            _RUNNING.pop()
             _worker_module._current = previous
-        return outcome, slept + self.task_time * max(1, _calls(task, outcome))
+        return outcome, elapsed
+
+    def _timed_out(self, w: _Worker, msg: Call | Chunk, elapsed: _Elapsed, start: float, duration: float) -> None:
+        """A call of ``msg`` overran its timeout: the control thread's report, then the abort or the kill."""
+        w.tasks_done += 1
+        w.busy_until = start + duration
+        err = TaskTimeoutError(f"task {msg.seq} of job {msg.job} ran longer than its timeout of {msg.timeout:g} s")
+        info = error_info(err)
+        info = ErrorInfo(type=info.type, message=info.message, args=info.args, traceback="")
+        values = elapsed.late_values
+        late = Err(msg.job, msg.seq, msg.attempt, info, len(values), values)
+        kill = self._worker_send(w, Results(w.id, [late]), start + elapsed.late_at, side=True)
+        if kill == "now":
+            self._kill(w)
+        elif elapsed.overran > msg.timeout + self.config.abort_grace:
+            # The call ignored its abort flag for abort_grace: the worker ends itself.
+            w.expect_kill = True
+            self._timer(elapsed.late_at + self.config.abort_grace, f"{w.id} killed (task ignored its timeout)",
+                        lambda: self._kill(w))
 
     # ---- the worker model: actors --------------------------------------------------------
 
-    def _host_spawn(self, w: _Worker, msg: SpawnActor) -> None:
-        at = self.now + self.task_time
+    def _host_send(self, w: _Worker, msg: ActorEvent | ActorState) -> None:
+        """What a simulated worker's actor host sends (an actor event, a checkpoint)."""
         try:
-            cls = resolve_actor(msg.cls)
-            if msg.restored:
-                restore = getattr(cls, "restore", None)
-                if restore is None:
-                    raise TypeError(f"actor {msg.cls} has no restore() classmethod to resume from state")
-                obj = restore(convert(msg.state, actor_type_hint(cls, "restore")))
-            else:
-                obj = self._runner.call(Operation(msg.cls, cls), msg.args, msg.kwargs)
-        except BaseException as exc:
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            self._worker_send(w, msg, w.at)
+        except EncodeError as exc:
+            if not isinstance(msg, ActorState):
                 raise
-            self._worker_send(w, ActorEvent(w.id, msg.instance, "failed", error_info(exc)), at)
-            return
-        w.instances[msg.instance] = _Instance(msg, obj, self.now)
-        self._worker_send(w, ActorEvent(w.id, msg.instance, "started"), at)
-
-    def _actor_call(self, w: _Worker, msg: ActorCall) -> tuple[Outcome, float]:
-        inst = w.instances.get(msg.instance)
-        _RUNNING.append(0.0)
-        outcome: Outcome
-        try:
-            if inst is None:
-                raise LookupError(f"actor instance {msg.instance} is not on worker {w.id}")
-            op = inst.ops.get(msg.method)
-            if op is None:
-                fn = getattr(inst.obj, msg.method, None) if not msg.method.startswith("_") else None
-                if fn is None or not callable(fn):
-                    raise AttributeError(f"actor {inst.cls_name} has no public method {msg.method!r}")
-                op = inst.ops[msg.method] = Operation(f"{inst.cls_name}.{msg.method}", fn)
-            value = self._runner.call(op, msg.args, msg.kwargs)
-        except BaseException as exc:
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            outcome = Err(msg.job, msg.seq, msg.attempt, error_info(exc))
-        else:
-            outcome = Ok(msg.job, msg.seq, msg.attempt, value)
-        finally:
-            slept = _RUNNING.pop()
-        if inst is not None:
-            inst.calls += 1
-            inst.since_save += 1
-        return outcome, slept + self.task_time
-
-    def _checkpoint_due(self, w: _Worker, instance: int) -> bool:
-        inst = w.instances.get(instance)
-        if inst is None:
-            return False
-        return (inst.every > 0 and inst.since_save >= inst.every) or (
-            inst.interval > 0 and self.now - inst.saved_at >= inst.interval and inst.since_save > 0)
-
-    def _save(self, w: _Worker, instance: int, nonce: int, at: float) -> None:
-        inst = w.instances.get(instance)
-        try:
-            if inst is None:
-                raise LookupError(f"actor instance {instance} is not on worker {w.id}")
-            saver = getattr(inst.obj, "save", None)
-            if saver is None:
-                raise TypeError(f"actor {inst.cls_name} has no save() method to take its state")
-            state = saver()
-            encode(state)
-        except BaseException as exc:
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            if isinstance(exc, EncodeError):
-                exc = EncodeError(f"the state of actor instance {instance} cannot be sent: {exc}")
-            self._worker_send(w, ActorState(w.id, instance, nonce, None, error_info(exc)), at)
-            return
-        inst.since_save = 0
-        inst.saved_at = self.now
-        self._worker_send(w, ActorState(w.id, instance, nonce, state), at)
+            err = EncodeError(f"the state of actor instance {msg.instance} cannot be sent: {exc}")
+            self._worker_send(w, ActorState(w.id, msg.instance, msg.nonce, None, error_info(err)), w.at)
 
     # ---- public API: work ------------------------------------------------------------------
 
@@ -1830,7 +1768,7 @@ class SimRuntime:
                     if isinstance(msg, ActorCall):
                         mailbox[msg.instance] += 1
             actors = [ActorNode(a.id, a.name, a.cls_name, a.state, instance, mailbox.get(instance, 0),
-                                w.instances[instance].calls if instance in w.instances else a.calls)
+                                w.host.instances[instance].calls if instance in w.host.instances else a.calls)
                       for a, instance in hosted.get(w.ident, [])]
             workers.append(WorkerNode(w.id, w.pid, "sim", w.running, 0.0, 0, len(w.inbox) if w.running else 0,
                                       w.tasks_done, len(w.inflight), actors))
@@ -1912,6 +1850,11 @@ class SimRuntime:
 
 async def _awaited(value: Any) -> Any:
     return await value
+
+
+def _task_clock() -> float:
+    """Seconds into the task a simulated worker runs (when each call of a chunk starts)."""
+    return _RUNNING[-1].slept if _RUNNING else 0.0
 
 
 def _settle(value: Any) -> Any:
