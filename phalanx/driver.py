@@ -128,6 +128,7 @@ from .transport.messages import (
 )
 from .worker import ABORT_EXIT, WorkerSpec
 from .core.outcomes import Outcomes
+from .core.routing import Routing
 from .core.tasks import SKIPPED, Delivery, Job, Task
 
 if TYPE_CHECKING:
@@ -319,14 +320,14 @@ class Driver:
         self._changed = threading.Condition(self._lock)
         self._jobs: dict[int, Job] = {}
         self._job_ids = itertools.count(1)
-        #: tasks waiting for a credit, one queue per worker tag (no empty queue is kept)
-        self._pending: dict[str, deque[Task]] = {}
         self._workers: dict[bytes, _Worker] = {}
-        self._live: list[_Worker] = []
-        #: live workers per tag (changed only by _add_live_locked / _remove_live_locked)
-        self._live_tags: dict[str, int] = {}
-        #: tags with pending tasks and no live worker -> the oldest such task's ``unrouted``
-        self._unrouted: dict[str, float] = {}
+        #: pending tasks per tag, live workers per tag, credit dispatch (phalanx.core.routing)
+        self.routing: Routing[_Worker] = Routing(self._jobs, config.max_tasks_per_worker)
+        # The routing's own containers, under the names this module reads them by.
+        self._pending = self.routing.pending
+        self._live = self.routing.live
+        self._live_tags = self.routing.live_tags
+        self._unrouted = self.routing.unrouted
         self._worker_ids = itertools.count(1)
         self._start_failures: list[str] = []
         self._closed = False
@@ -617,60 +618,21 @@ class Driver:
 
     def _add_live_locked(self, w: _Worker) -> None:
         """``w`` takes new work: its tags' waiting tasks have a route again."""
-        self._live.append(w)
-        for tag in w.tags:
-            self._live_tags[tag] = self._live_tags.get(tag, 0) + 1
-            if self._unrouted.pop(tag, None) is not None:
-                for task in self._pending.get(tag, ()):
-                    task.unrouted = 0.0
+        self.routing.add_live(w)
 
     def _remove_live_locked(self, w: _Worker) -> None:
         """``w`` takes no new work: tags it was the last live worker of start their route wait."""
-        if w not in self._live:
-            return
-        self._live.remove(w)
-        now = time.monotonic()
-        for tag in w.tags:
-            left = self._live_tags.get(tag, 0) - 1
-            if left > 0:
-                self._live_tags[tag] = left
-                continue
-            self._live_tags.pop(tag, None)
-            queue = self._pending.get(tag)
-            if queue:
-                for task in queue:
-                    task.unrouted = task.unrouted or now
-                self._unrouted.setdefault(tag, now)
+        self.routing.remove_live(w, time.monotonic())
 
     def _enqueue_locked(self, tag: str, tasks: list[Task], front: bool = False) -> None:
         """Queue ``tasks`` for workers of ``tag`` (at the ``front``: redeliveries, retries)."""
-        if not tasks:
-            return
-        queue = self._pending.get(tag)
-        if queue is None:
-            queue = self._pending[tag] = deque()
-        if front:
-            queue.extendleft(reversed(tasks))
-        else:
-            queue.extend(tasks)
-        if tag not in self._live_tags:
-            now = time.monotonic()
-            for task in tasks:
-                task.unrouted = task.unrouted or now
-            self._unrouted.setdefault(tag, now)
+        if not self.routing.enqueue(tag, tasks, front):
+            self.routing.unroutable(tag, tasks, time.monotonic())
 
     def no_worker_error(self, tag: str, waited: float) -> NoWorkerError:
         """The error for work on ``tag`` that found no live worker within ``waited`` seconds."""
         with self._lock:
-            return self._no_worker_error_locked(tag, waited)
-
-    def _no_worker_error_locked(self, tag: str, waited: float) -> NoWorkerError:
-        available = tuple(sorted(self._live_tags))
-        return NoWorkerError(
-            f"no live worker has the tag {tag!r} (waited {waited:g} s); "
-            f"tags with live workers: {', '.join(available) if available else 'none'}",
-            tag, available,
-        )
+            return self.routing.no_worker_error(tag, waited)
 
     def wait_route(self, tag: str, timeout: float) -> bool:
         """Wait until a live worker holds ``tag``; False on timeout or when the runtime ends."""
@@ -685,35 +647,10 @@ class Driver:
 
     def _expire_routes(self, now: float) -> None:
         """Fail pending tasks that waited ``route_timeout`` for a worker of their tag (pump)."""
-        timeout = self.config.route_timeout
-        failed: list[tuple[Job, int, NoWorkerError]] = []
         with self._lock:
-            for tag, since in list(self._unrouted.items()):
-                if now - since < timeout:
-                    continue
-                keep: deque[Task] = deque()
-                oldest = now
-                for task in self._pending.get(tag, ()):
-                    job = self._jobs.get(task.job)
-                    if job is None or job.outstanding.get(task.seq) is not task:
-                        continue  # cancelled meanwhile
-                    if now - (task.unrouted or now) < timeout:
-                        keep.append(task)
-                        oldest = min(oldest, task.unrouted or now)
-                        continue
-                    del job.outstanding[task.seq]
-                    if job.autoclose and not job.outstanding:
-                        self._jobs.pop(job.id, None)
-                    self.outcomes.tasks_failed += 1
-                    # One error each: the futures raise it in different threads.
-                    failed.append((job, task.seq, self._no_worker_error_locked(tag, timeout)))
-                if keep:
-                    self._pending[tag] = keep
-                    self._unrouted[tag] = oldest
-                else:
-                    self._pending.pop(tag, None)
-                    self._unrouted.pop(tag, None)
+            failed = self.routing.expire(now, self.config.route_timeout)
             if failed:
+                self.outcomes.tasks_failed += len(failed)
                 self._changed.notify_all()
         self._deliver(failed)
 
@@ -771,7 +708,9 @@ class Driver:
             outstanding = job.outstanding
             for task in tasks:
                 outstanding[task.seq] = task
-            self._enqueue_locked(job.tag, tasks)
+            routing = self.routing
+            if not routing.enqueue(job.tag, tasks):
+                routing.unroutable(job.tag, tasks, time.monotonic())
             self.tasks_submitted += len(tasks)
             self._dispatch_locked()
 
@@ -952,104 +891,38 @@ class Driver:
                 job.dropped = True
 
     def _dispatch_locked(self) -> None:
+        """Send what the core's routing gives each worker: one pipe write per local worker."""
         if not self._pending:
             return
-        for tag, pending in list(self._pending.items()):
-            if tag in self._live_tags:
-                self._dispatch_tag_locked(tag, pending)
-                if not pending:
-                    del self._pending[tag]
+        routing = self.routing
+        batch = routing.dispatch()
+        if batch:
+            self._send_batch_locked(batch)
+        if routing.retire:
+            for w in routing.take_retire():
+                self._retire_locked(w)
 
-    def _dispatch_tag_locked(self, tag: str, pending: deque[Task]) -> None:
-        """Send ``pending`` (one tag's queue) to that tag's live workers while credits allow."""
-        live = self._live
-        # One tag among the live workers: all of them hold it (every worker has a tag).
-        workers = live if len(self._live_tags) == 1 else [w for w in live if tag in w.tags]
-        # Tasks for piped workers go out in one write per worker.
-        batch: dict[_Worker, list[Task]] | None = {}
-        try:
-            self._dispatch_to_locked(workers, pending, batch)
-        finally:
-            if batch:
-                self._send_batch_locked(batch, pending)
-
-    def _send_batch_locked(self, batch: dict[_Worker, list[Task]], pending: deque[Task]) -> None:
+    def _send_batch_locked(self, batch: dict[_Worker, list[Task]]) -> None:
         for w, tasks in batch.items():
-            assert w.pipe is not None
+            sent = 0
             try:
-                # Held if the worker already had tasks before these (they were added to inflight).
-                self._pipe_send_locked(w, w.pipe, [t.frame for t in tasks], hold=len(w.inflight) > len(tasks))
-            except PipeError:
-                # The worker is going away: take the tasks back, unsent, in order.
-                for t in tasks:
-                    w.inflight.pop((t.job, t.seq), None)
-                w.dispatched -= len(tasks)
-                w.free = 0
-                pending.extendleft(reversed(tasks))
-                self._remove_live_locked(w)
-
-    def _dispatch_to_locked(self, workers: list[_Worker], pending: deque[Task],
-                            batch: dict[_Worker, list[Task]] | None) -> None:
-        while pending:
-            best: _Worker | None = None
-            most = 0
-            for w in workers:
-                if w.free > most:
-                    best, most = w, w.free
-            if best is None:
-                return
-            task = pending.popleft()
-            job = self._jobs.get(task.job)
-            if job is None or job.outstanding.get(task.seq) is not task:
-                continue
-            if job.on_dispatch is not None and task.attempt == 0 and not task.claimed:
-                if not job.on_dispatch():
-                    del job.outstanding[task.seq]
-                    if job.autoclose and not job.outstanding:
-                        del self._jobs[job.id]
+                if w.pipe is not None:
+                    # Held if the worker already had tasks before these (they were added to inflight).
+                    self._pipe_send_locked(w, w.pipe, [t.frame for t in tasks], hold=len(w.inflight) > len(tasks))
                     continue
-                task.claimed = True
-            if batch is not None and best.pipe is not None:
-                tasks = batch.get(best)
-                if tasks is None:
-                    batch[best] = [task]
-                else:
-                    tasks.append(task)
-            elif not self._send_or_requeue_locked(best, task, pending, workers):
-                continue
-            best.free -= 1
-            best.inflight[(task.job, task.seq)] = task
-            best.dispatched += 1
-            if self.config.max_tasks_per_worker and best.dispatched >= self.config.max_tasks_per_worker:
-                self._retire_locked(best)
-
-    def _send_or_requeue_locked(self, w: _Worker, task: Task, pending: deque[Task], workers: list[_Worker]) -> bool:
-        """Send one task to ``w``; if it is unreachable, put the task back and stop using ``w``."""
-        try:
-            self._send_task_locked(w.ident, task.frame)
-        except zmq.ZMQError:
-            # Unroutable (EHOSTUNREACH), full, or its pipe closed: the worker is going away.
-            pending.appendleft(task)
-            w.free = 0
-            self._remove_live_locked(w)
-            if workers is not self._live and w in workers:
-                workers.remove(w)
-            return False
-        return True
-
-    def _prune_pending_locked(self) -> None:
-        """Drop queued tasks whose job is gone or no longer wants them (one pass)."""
-        for tag, queue in list(self._pending.items()):
-            keep: deque[Task] = deque()
-            for task in queue:
-                job = self._jobs.get(task.job)
-                if job is not None and job.outstanding.get(task.seq) is task:
-                    keep.append(task)
-            if keep:
-                self._pending[tag] = keep
-            else:
-                del self._pending[tag]
-                self._unrouted.pop(tag, None)
+                for task in tasks:
+                    self._send_task_locked(w.ident, task.frame)
+                    sent += 1
+            except (PipeError, zmq.ZMQError):
+                # Unroutable (EHOSTUNREACH), full, or its pipe closed: the worker is going
+                # away. Take back what was not sent, in order; it gets nothing more.
+                unsent = tasks[sent:]
+                for t in unsent:
+                    w.inflight.pop((t.job, t.seq), None)
+                w.dispatched -= len(unsent)
+                w.free = 0
+                self.routing.requeue(unsent, time.monotonic())
+                self._remove_live_locked(w)
 
     def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no task is pending or in flight."""
@@ -1058,7 +931,7 @@ class Driver:
             while self._pending or any(w.inflight for w in self._workers.values() if w.alive):
                 if any(tag not in self._live_tags for tag in self._pending):
                     # Cancelled work waits for no worker; the rest fails at its route timeout.
-                    self._prune_pending_locked()
+                    self.routing.prune()
                     if not self._pending and not any(w.inflight for w in self._workers.values() if w.alive):
                         break
                 if self._broken is not None:

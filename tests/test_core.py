@@ -377,3 +377,85 @@ def test_an_instance_goes_to_the_worker_hosting_fewest_actors_then_holding_fewes
     assert life.least_loaded(live, [], None) == b"w1"
     assert life.least_loaded(live, [], b"w1") == b"w3"
     assert life.least_loaded({b"w1": 0}, [], b"w1") == b"w1"  # alone: even the excluded one
+
+
+# ---- routing and credits -------------------------------------------------------------------
+
+from phalanx.core.routing import Routing  # noqa: E402
+
+
+class Worker:
+    def __init__(self, name: str, tags: tuple[str, ...], free: int) -> None:
+        self.name, self.tags, self.free, self.dispatched = name, tags, free, 0
+        self.inflight: dict[tuple[int, int], Task] = {}
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def routed(tag: str = "default") -> tuple[Routing[Worker], Job]:
+    jobs: dict[int, Job] = {}
+    r: Routing[Worker] = Routing(jobs)
+    job = Job(1, "op", lambda s, o: None, lambda e: None, options=TaskOptions(on=tag))
+    jobs[1] = job
+    return r, job
+
+
+def test_each_task_goes_to_the_live_worker_of_its_tag_with_most_free_credits() -> None:
+    r, job = routed("gpu")
+    cpu, gpu1, gpu2 = Worker("cpu", ("default",), 9), Worker("gpu1", ("gpu",), 1), Worker("gpu2", ("gpu",), 2)
+    for w in (cpu, gpu1, gpu2):
+        r.add_live(w)
+    tasks = [call(job, seq) for seq in range(4)]
+    assert r.enqueue("gpu", tasks)
+    batch = r.dispatch()
+    assert {w.name: [t.seq for t in ts] for w, ts in batch.items()} == {"gpu2": [0, 2], "gpu1": [1]}
+    assert [t.seq for t in r.pending["gpu"]] == [3]  # no credit left for it
+    assert (gpu1.free, gpu2.free, set(gpu2.inflight)) == (0, 0, {(1, 0), (1, 2)})
+
+
+def test_work_with_no_route_waits_then_fails_with_no_worker_error_while_other_work_flows() -> None:
+    r, job = routed("tpu")
+    r.add_live(Worker("cpu", ("default",), 4))
+    stranded = call(job, 0)
+    assert not r.enqueue("tpu", [stranded])
+    r.unroutable("tpu", [stranded], now=0.0)  # the virtual clock's 0 is a time like any other
+    assert r.dispatch() == {} and r.next_deadline(30.0) == 30.0
+    assert r.expire(29.9, 30.0) == []
+    ((j, seq, exc),) = r.expire(30.0, 30.0)
+    assert (j, seq) == (job, 0) and isinstance(exc, phalanx.NoWorkerError) and exc.tag == "tpu"
+    assert r.pending == {} and r.unrouted == {}
+
+
+def test_a_worker_joining_a_tag_clears_its_route_wait() -> None:
+    r, job = routed("gpu")
+    task = call(job, 0)
+    r.enqueue("gpu", [task])
+    r.unroutable("gpu", [task], now=5.0)
+    gpu = Worker("gpu", ("gpu",), 1)
+    r.add_live(gpu)
+    assert task.unrouted == -1.0 and r.unrouted == {}
+    assert r.dispatch() == {gpu: [task]}
+    r.remove_live(gpu, now=7.0)
+    r.enqueue("gpu", [call(job, 1)])
+    assert r.unrouted == {}  # nothing was pending when it left; the host marks new work unroutable
+
+
+def test_a_cancelled_future_vetoes_its_first_dispatch_and_a_worker_at_max_tasks_is_retired() -> None:
+    r, job = routed()
+    r.max_tasks = 1
+    w = Worker("w", ("default",), 5)
+    r.add_live(w)
+    vetoed = [False]
+
+    def veto() -> bool:
+        vetoed[0] = True
+        return False
+
+    job.on_dispatch = veto
+    r.enqueue("default", [call(job, 0)])
+    assert r.dispatch() == {} and vetoed[0] and job.outstanding == {}
+    job.on_dispatch = None
+    r.enqueue("default", [call(job, 1), call(job, 2)])
+    assert [t.seq for t in r.dispatch()[w]] == [1]
+    assert r.take_retire() == [w] and w.free == 0

@@ -262,3 +262,33 @@ def test_a_call_over_its_timeout_fails_the_map_after_the_values_before_it(kind: 
             for x in rt.options(timeout=0.5).map(ops.nap, [0.0, 0.0, 1.5, 0.0], chunksize=4, timeout=60):
                 got.append(x)
         assert got == [0.0, 0.0]
+
+
+def make_tagged(kind: str, **options: Any) -> Any:
+    groups = {"default": 1, "gpu": 1}
+    if kind == "sim":
+        return SimRuntime(workers=groups, seed=1, **options)
+    return phalanx.Runtime(workers=groups, **options)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_work_routed_to_a_tag_runs_only_on_workers_of_that_tag(kind: str) -> None:
+    # Failed before on SimRuntime: it refused worker tags.
+    with make_tagged(kind) as rt:
+        futures = [rt.options(on="gpu").submit(ops.add, i, 1) for i in range(10)]
+        assert [f.result(timeout=30) for f in futures] == [i + 1 for i in range(10)]
+        assert list(rt.map(ops.square, range(12), chunksize=3, on="gpu", timeout=30)) == [x * x for x in range(12)]
+        done = {tuple(w.tags): w.tasks for w in rt.stats().workers if w.alive}
+        assert done == {("default",): 0, ("gpu",): 14}
+        assert sorted(rt.worker_tags().values()) == [("default",), ("gpu",)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_work_for_a_tag_no_worker_holds_fails_after_route_timeout_and_other_work_flows(kind: str) -> None:
+    with make_tagged(kind, route_timeout=1.0) as rt:
+        stranded = rt.options(on="tpu").submit(ops.add, 1, 1)
+        assert rt.submit(ops.add, 2, 2).result(timeout=30) == 4
+        with pytest.raises(phalanx.NoWorkerError, match="'tpu'"):
+            stranded.result(timeout=30)

@@ -59,8 +59,8 @@ class Task(msgspec.Struct, gc=False):
     prefix: list[Any] | None = None
     #: the job's on_dispatch accepted it (a Future is running): never ask twice
     claimed: bool = False
-    #: when it started waiting, pending, with no live worker of its tag (0: it is not)
-    unrouted: float = 0.0
+    #: when it started waiting, pending, with no live worker of its tag (-1: it is not)
+    unrouted: float = -1.0
 
     @property
     def job(self) -> int:

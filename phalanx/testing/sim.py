@@ -38,7 +38,8 @@ atomically and takes ``task_time`` virtual seconds plus whatever it passes to
 :func:`phalanx.testing.sleep`; frames a worker sent before it died still
 reach the driver, before its death is noticed; local workers are never
 declared lost by heartbeats (set ``heartbeat_timeout`` to model remote ones).
-Not modelled: channels (``lease``), worker tags other than "default", remote
+Worker tags (``workers={"io": 2}``, ``on=``) are routed by the core's routing.
+Not modelled: channels (``lease``), remote
 workers (``address``, ``wait_for_workers``); asking for them raises an error
 that says so.
 """
@@ -66,6 +67,7 @@ from ..config import Config
 from ..directives import Directive, Fold, IndexedChain
 from ..directives import Chain as _Chain
 from ..core.outcomes import Outcomes
+from ..core.routing import Routing
 from ..core.actors import TERMINAL, advance, least_loaded, may_restart, reply_of, return_type
 from ..core.execute import TaskRunner
 from ..core.tasks import SKIPPED, Delivery, Job, Task
@@ -83,8 +85,9 @@ from ..errors import (
 )
 from ..core.window import COMPLETE, ENDED, FAILED, READY, ChunkSizer, MapWindow, outcome_error
 from ..jobs import MISSING, Future, _length, chain_options, fold_on, options_for
-from ..policy import DEFAULT_TAG, FatalStrategy, RetryStrategy, TaskOptions
+from ..policy import DEFAULT_TAG, FatalStrategy, RetryStrategy, TaskOptions, check_tag
 from ..registry.actors import actor_name_of, actor_type_hint, resolve_actor
+from ..runtime import _routed
 from ..registry.operations import Operation, driver_operation, name_of, resolve
 from ..transport.codec import convert, decode_driver, decode_inbox, encode, error_info, rebuild_error
 from ..transport.messages import (
@@ -125,16 +128,10 @@ MAX_STEPS = 2_000_000
 #: members of phalanx.Runtime a SimRuntime does not model, and why (raised as AttributeError)
 _NOT_MODELLED = {
     "lease": "channels (rt.lease) are not modelled",
-    "worker_tags": "every simulated worker serves the 'default' tag; routing by tag is not modelled",
     "wait_for_workers": "simulated workers are ready at once and remote workers are not modelled",
     "address": "a SimRuntime listens nowhere: remote workers are not modelled",
     "endpoints": "a SimRuntime has no sockets",
 }
-
-
-def _check_on(on: str | None) -> None:
-    if on is not None and on != DEFAULT_TAG:
-        raise ValueError(f"on={on!r}: {_NOT_MODELLED['worker_tags']} (use a real phalanx.Runtime)")
 
 
 class HangError(TaskTimeoutError):
@@ -223,6 +220,8 @@ class _Worker:
         self.retiring = False
         self.lost = False
         self.terminated: set[int] = set()
+        #: the worker tags it serves
+        self.tags: tuple[str, ...] = (DEFAULT_TAG,)
         #: the actors it hosts (phalanx.actors.host, as on a real worker; set by SimRuntime._spawn)
         self.host: ActorHost
         #: when what its actor host sends now reaches the link (virtual time)
@@ -580,6 +579,8 @@ class _SimActor:
         self.every = every
         self.interval = interval
         self.state = "starting"
+        #: the worker tag it keeps to across restarts
+        self.tag = DEFAULT_TAG
         self.instance = 0
         self.worker = b""
         self.job: Job | None = None
@@ -640,6 +641,8 @@ class _Actors:
         actor.job = self.sim._open_job(f"{cls_name} (actor {actor.id})", self._deliver_for(actor),
                                        self._fail_for(actor))
         worker = self._place(on, exclude=None)
+        held = self.sim._workers[worker].tags
+        actor.tag = on if on is not None and on in held else DEFAULT_TAG if DEFAULT_TAG in held else held[0]
         box: list[BaseException | None] = []
         self._start(actor, worker, False, None, box.append, timeout)
         self._wait(box, timeout, f"actor {actor.id} to start")
@@ -659,14 +662,15 @@ class _Actors:
         if not box:
             box.append(TaskTimeoutError(f"timed out waiting for {what}"))
 
-    def _place(self, on: str | None, exclude: bytes | None) -> bytes:
+    def _place(self, on: str | None, exclude: bytes | None, tag: str = DEFAULT_TAG) -> bytes:
+        """A live worker: the one named ``on``, else one of the tag ``on`` (or ``tag``), least loaded."""
         live = self.sim._live_workers()
-        if on is not None:
-            if on.encode() not in live:
-                raise LookupError(f"no live worker {on!r}; live: {sorted(w.decode() for w in live)}")
+        if on is not None and on.encode() in live:
             return on.encode()
+        tag = on if on is not None else tag
+        live = {w.ident: len(w.inflight) for w in self.sim._live if tag in w.tags}
         if not live:
-            raise ActorDiedError("no live worker to place the actor on")
+            raise LookupError(f"no live worker or worker of tag {tag!r}; live: {self.sim.worker_tags()}")
         return least_loaded(live, [a.worker for a in self.actors.values() if a.state not in _TERMINAL], exclude)
 
     def _start(self, actor: _SimActor, worker: bytes, restored: bool, state: Any,
@@ -781,7 +785,7 @@ class _Actors:
         state, error = first if isinstance(first, tuple) else (None, first)
         if error is None:
             try:
-                target = self._place(on, exclude=old_worker)
+                target = self._place(on, exclude=old_worker, tag=actor.tag)
             except BaseException as exc:
                 error = exc
             else:
@@ -944,7 +948,7 @@ class _Actors:
         while self.homeless and self.sim._live_workers():
             actor = self.homeless.popleft()
             try:
-                worker = self._place(None, exclude=None)
+                worker = self._place(None, exclude=None, tag=actor.tag)
             except BaseException as exc:
                 self._end(actor, "failed", exc)
                 continue
@@ -1013,16 +1017,18 @@ class SimRuntime:
         heartbeat_timeout: float = -1.0,
         task_time: float = 0.001,
         record: bool = True,
+        route_timeout: float = 30.0,
     ) -> None:
-        if isinstance(workers, dict):
-            if set(workers) - {DEFAULT_TAG}:
-                raise TypeError(f"SimRuntime(workers={workers!r}): {_NOT_MODELLED['worker_tags']}")
-            workers = workers.get(DEFAULT_TAG, 0)
-        if workers < 1:
-            raise ValueError(f"a SimRuntime needs at least one worker, got {workers}")
-        self.config = Config(workers=workers, credits=credits, max_attempts=max_attempts,
+        tags = {check_tag(tag): count for tag, count in workers.items()} if isinstance(workers, dict) else {}
+        total = sum(tags.values()) if isinstance(workers, dict) else workers
+        self.config = Config(workers=total, tags=tags, credits=credits,
+                             max_attempts=max_attempts,
                              restart_limit=restart_limit, restart_window=restart_window,
-                             abort_grace=abort_grace, heartbeat_timeout=heartbeat_timeout)
+                             abort_grace=abort_grace, heartbeat_timeout=heartbeat_timeout,
+                             route_timeout=route_timeout)
+        groups = self.config.worker_groups()
+        if sum(groups.values()) < 1:
+            raise ValueError(f"a SimRuntime needs at least one worker, got {workers}")
         self.seed: int | None = seed if isinstance(seed, int) else None
         self._rng = seed if isinstance(seed, random.Random) else random.Random(seed)
         self.plan: list[Fault] = resolve_plan(faults)
@@ -1045,9 +1051,12 @@ class SimRuntime:
         self._broken: BaseException | None = None
         self._jobs: dict[int, Job] = {}
         self._job_ids = itertools.count(1)
-        self._pending: deque[Task] = deque()
         self._workers: dict[bytes, _Worker] = {}
-        self._live: list[_Worker] = []
+        #: pending tasks per worker tag, live workers per tag, credits (phalanx.core.routing)
+        self.routing: Routing[_Worker] = Routing(self._jobs)
+        self._live: list[_Worker] = self.routing.live
+        #: a timer for the route timeout is set
+        self._route_timer = False
         self._worker_ids = itertools.count(1)
         self._pids = itertools.count(100_001)
         self._timers: list[tuple[float, int, str, Callable[[], None], list[bool]]] = []
@@ -1058,8 +1067,9 @@ class SimRuntime:
         self._actors = _Actors(self)
         #: what a simulated worker does with a task: the core's, as on a real worker
         self._runner = TaskRunner(_task_clock, _settle, resolve)
-        for _ in range(workers):
-            self._ready(self._spawn())
+        for tag, count in groups.items():
+            for _ in range(count):
+                self._ready(self._spawn((tag,)))
 
     # ---- recording ---------------------------------------------------------------
 
@@ -1090,7 +1100,8 @@ class SimRuntime:
         from .faults import plan_repr
 
         seed = self.seed if self.seed is not None else "<the Random drawn by hypothesis>"
-        return f"SimRuntime(workers={self.config.workers}, seed={seed}, faults={plan_repr(self.plan)})"
+        workers = self.config.tags or self.config.workers
+        return f"SimRuntime(workers={workers}, seed={seed}, faults={plan_repr(self.plan)})"
 
     def reseed(self, seed: int | random.Random) -> None:
         """Take every later scheduling decision from ``seed`` (an int or a ``random.Random``)."""
@@ -1230,8 +1241,9 @@ class SimRuntime:
 
     # ---- workers ----------------------------------------------------------------------
 
-    def _spawn(self) -> _Worker:
+    def _spawn(self, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> _Worker:
         w = _Worker(f"w{next(self._worker_ids)}", next(self._pids))
+        w.tags = tags
         w.host = ActorHost(w.id, lambda msg: self._host_send(w, msg), self._runner.call, lambda: self.now)
         self._workers[w.ident] = w
         self._record("spawn", w.id)
@@ -1242,7 +1254,7 @@ class SimRuntime:
             return
         w.ready = True
         w.free = max(1, self.config.credits)
-        self._live.append(w)
+        self.routing.add_live(w)
         self._dispatch()
         self._actors.rehome()
 
@@ -1275,8 +1287,7 @@ class SimRuntime:
         if not w.alive:
             return
         w.alive = False
-        if w in self._live:
-            self._live.remove(w)
+        self.routing.remove_live(w, self.now)
         if self._closed:
             return
         planned = w.retiring or w.expect_kill or lost
@@ -1285,7 +1296,7 @@ class SimRuntime:
         elif not planned:
             self._counters["worker_deaths"] += 1
         failed, requeue, broken = self.outcomes.worker_died(w.id, w.inflight.values(), exitcode, planned, self.now)
-        self._pending.extendleft(reversed(requeue))
+        self.routing.requeue(requeue, self.now)
         self._record("exit", w.id, exitcode, "lost" if lost else ("planned" if planned else "crash"))
         self._dispatch()
         for job, seq, exc in failed:
@@ -1295,7 +1306,7 @@ class SimRuntime:
             self._break(broken)
         elif not w.retiring:
             self._counters["worker_restarts"] += 1
-            fresh = self._spawn()
+            fresh = self._spawn(w.tags)  # the replacement serves the same tags
             self._timer(START_DELAY, f"{fresh.id} ready", lambda: self._ready(fresh))
 
     def _break(self, exc: BaseException) -> None:
@@ -1304,7 +1315,8 @@ class SimRuntime:
         self._broken = exc
         jobs = list(self._jobs.values())
         self._jobs.clear()
-        self._pending.clear()
+        self.routing.pending.clear()
+        self.routing.unrouted.clear()
         for job in jobs:
             job.fail(exc)
 
@@ -1335,7 +1347,8 @@ class SimRuntime:
         for task in tasks:
             job.outstanding[task.seq] = task
             self.submitted.add((job.id, task.seq))
-        self._pending.extend(tasks)
+        if not self.routing.enqueue(job.tag, tasks):
+            self.routing.unroutable(job.tag, tasks, self.now)
         self._counters["tasks_submitted"] += len(tasks)
         self._dispatch()
 
@@ -1354,31 +1367,27 @@ class SimRuntime:
             job.dropped = True
 
     def _dispatch(self) -> None:
-        pending = self._pending
-        while pending:
-            best: _Worker | None = None
-            most = 0
-            for w in self._live:
-                if w.free > most:
-                    best, most = w, w.free
-            if best is None:
-                return
-            task = pending.popleft()
-            job = self._jobs.get(task.job)
-            if job is None or job.outstanding.get(task.seq) is not task:
-                continue
-            if job.on_dispatch is not None and task.attempt == 0 and not task.claimed:
-                if not job.on_dispatch():
-                    del job.outstanding[task.seq]
-                    if job.autoclose and not job.outstanding:
-                        del self._jobs[job.id]
-                    continue
-                task.claimed = True
-            best.free -= 1
-            best.inflight[(task.job, task.seq)] = task
-            best.dispatched += 1
-            self._record("send", best.id, type(task.msg).__name__, task.job, task.seq, task.attempt)
-            self._send(best, task.frame)
+        """Send what the core's routing gives each worker, in the order it gave them."""
+        routing = self.routing
+        order: list[tuple[_Worker, Task]] = []
+        routing.dispatch(order)
+        for w, task in order:
+            self._record("send", w.id, type(task.msg).__name__, task.job, task.seq, task.attempt)
+            self._send(w, task.frame)
+        if routing.unrouted and not self._route_timer:
+            due = routing.next_deadline(self.config.route_timeout)
+            assert due is not None
+            self._route_timer = True
+            self._timer(due - self.now, "route timeout", self._expire_routes)
+
+    def _expire_routes(self) -> None:
+        """Fail work that waited ``route_timeout`` for a live worker of its tag."""
+        self._route_timer = False
+        failed = self.routing.expire(self.now, self.config.route_timeout)
+        self.outcomes.tasks_failed += len(failed)
+        self._dispatch()
+        for job, seq, exc in failed:
+            self._deliver(job, seq, exc)
 
     def _send(self, w: _Worker, frame: bytes) -> None:
         """The driver puts a frame on ``w``'s inbox link (through the fault engine)."""
@@ -1519,17 +1528,18 @@ class SimRuntime:
         """Send again what the core wants sent again: at once, or after a retry delay."""
         outcomes = self.outcomes
         if outcomes.requeue:
-            self._pending.extendleft(reversed(outcomes.take_requeue()))
+            self.routing.requeue(outcomes.take_requeue(), self.now)
         if outcomes.later:
             for delay, task in outcomes.later:
                 self._timer(delay, f"retry job {task.job} seq {task.seq}", self._fire_retries)
             outcomes.arm(self.now)
 
     def _fire_retries(self) -> None:
-        due = self.outcomes.due(self.now)
-        if due:
-            self._pending.extend(due)
-            self._dispatch()
+        for task in self.outcomes.due(self.now):
+            job = self._jobs[task.job]
+            if not self.routing.enqueue(job.tag, [task]):
+                self.routing.unroutable(job.tag, [task], self.now)
+        self._dispatch()
 
     # ---- the worker model ----------------------------------------------------------------
 
@@ -1662,11 +1672,12 @@ class SimRuntime:
 
     def options(self, *, retry: RetryStrategy | None = None, on_fatal: FatalStrategy | None = None,
                 timeout: float | None = None, on: str | None = None) -> SimJobOptions:
-        """The same runtime with per-job options (see :meth:`phalanx.Runtime.options`; ``on``: "default" only)."""
-        _check_on(on)
+        """The same runtime with per-job options (see :meth:`phalanx.Runtime.options`)."""
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
-        return SimJobOptions(self, TaskOptions(retry=retry, on_fatal=on_fatal, timeout=timeout))
+        if on is not None:
+            check_tag(on)
+        return SimJobOptions(self, TaskOptions(retry=retry, on_fatal=on_fatal, timeout=timeout, on=on))
 
     def submit(self, fn: Callable[P, R] | str, /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """Run ``fn(*args, **kwargs)`` on a simulated worker; a future of its result."""
@@ -1690,19 +1701,26 @@ class SimRuntime:
     def map(self, fn: Callable[..., R] | str, /, *iterables: Iterable[Any], chunksize: int | None = None,
             ordered: bool = True, timeout: float | None = None, progress: bool = False,
             on: str | None = None) -> SimMapIterator[R]:
-        """Apply ``fn`` to every item, streaming (see :meth:`phalanx.Runtime.map`; ``on``: "default" only)."""
-        _check_on(on)
-        return SimMapIterator(self, fn, iterables, chunksize, ordered, timeout, self.config.workers)
+        """Apply ``fn`` to every item, streaming (see :meth:`phalanx.Runtime.map`)."""
+        return self._map(fn, iterables, chunksize, ordered, timeout, _routed(None, on))
 
     def _map(self, fn: Callable[..., R] | str, iterables: tuple[Iterable[Any], ...], chunksize: int | None,
              ordered: bool, timeout: float | None, options: TaskOptions | None) -> SimMapIterator[R]:
-        return SimMapIterator(self, fn, iterables, chunksize, ordered, timeout, self.config.workers, options)
+        return SimMapIterator(self, fn, iterables, chunksize, ordered, timeout, self._workers_for(options), options)
+
+    def _workers_for(self, options: TaskOptions | None) -> int:
+        """Live workers of the tag ``options`` route to (map/fold windows and chunk sizes)."""
+        tag = options.tag if options is not None else DEFAULT_TAG
+        return max(1, self.routing.live_tags.get(tag, 0) or self.config.worker_groups().get(tag, 0))
+
+    def worker_tags(self) -> dict[str, tuple[str, ...]]:
+        """The tags each live worker serves."""
+        return {w.id: w.tags for w in self._workers.values() if w.alive}
 
     def fold(self, fn: Callable[[T, T], T] | str, iterable: Iterable[T], /, *, initial: T = MISSING,
              chunksize: int | None = None, timeout: float | None = None, on: str | None = None) -> T:
-        """Combine all items with the associative ``fn(lower, upper)`` in exactly n-1 calls (``on``: "default" only)."""
-        _check_on(on)
-        return self._fold(fn, iterable, initial, chunksize, timeout, None)  # type: ignore[no-any-return]
+        """Combine all items with the associative ``fn(lower, upper)`` in exactly n-1 calls."""
+        return self._fold(fn, iterable, initial, chunksize, timeout, _routed(None, on))  # type: ignore[no-any-return]
 
     @overload
     def run(self, directive: Fold[T], /, *, chunksize: int | None = None,
@@ -1729,7 +1747,7 @@ class SimRuntime:
               stages: Sequence[Callable[..., Any] | str] = ()) -> Any:
         return fold_on(
             lambda op_name, resolved: _Lease(self, op_name, resolved), self._submit_tasks, self._close_job,
-            lambda: self.now, fn, iterable, initial, chunksize, timeout, self.config.workers, options,
+            lambda: self.now, fn, iterable, initial, chunksize, timeout, self._workers_for(options), options,
             stages=stages,
         )
 
@@ -1740,8 +1758,6 @@ class SimRuntime:
               checkpoint_interval: float = 0.0, timeout: float | None = None, **kwargs: Any) -> ActorRef[A]:
         """Start an actor and return a :class:`phalanx.ActorRef` (see :meth:`phalanx.Runtime.spawn`)."""
         self._check_open()
-        if on == DEFAULT_TAG:
-            on = None  # every simulated worker serves the default tag
         actor = self._actors.spawn(cls, args, kwargs, on=on, name=name, detached=detached,
                                    restart_policy=restart_policy, checkpoint_every=checkpoint_every,
                                    checkpoint_interval=checkpoint_interval, timeout=timeout)
@@ -1790,7 +1806,8 @@ class SimRuntime:
         c = self._counters
         o = self.outcomes
         return RuntimeStats(
-            workers=[WorkerStats(w.id, w.pid, w.alive, w.ready, len(w.inflight), w.tasks, w.items, w.busy, "sim")
+            workers=[WorkerStats(w.id, w.pid, w.alive, w.ready, len(w.inflight), w.tasks, w.items, w.busy, "sim",
+                                 False, w.tags)
                      for w in self._workers.values()],
             tasks_submitted=c["tasks_submitted"], tasks_completed=o.tasks_completed,
             tasks_failed=o.tasks_failed, items_completed=o.items_completed, retried=o.retried,
@@ -1820,7 +1837,8 @@ class SimRuntime:
         self._closed = True
         jobs = list(self._jobs.values())
         self._jobs.clear()
-        self._pending.clear()
+        self.routing.pending.clear()
+        self.routing.unrouted.clear()
         closed = RuntimeClosedError("the runtime was shut down before this job finished")
         for job in jobs:
             job.fail(closed)
