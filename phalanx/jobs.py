@@ -371,7 +371,146 @@ class _Lease:
             raise TaskTimeoutError("timed out waiting for results") from None
 
 
-class MapIterator(Iterator[R], Generic[R]):
+class WindowedMap(Iterator[R], Generic[R]):
+    """A streaming map's consumer on one host: the core's window, the host's clock and lease.
+
+    :class:`MapIterator` (threads, the driver) and the simulator's
+    ``SimMapIterator`` (the scheduler, the virtual clock) share everything
+    but the five hooks: ``_now``, ``_open_lease``, ``_submit``, ``_drop_after``
+    and ``_close_job``.
+    """
+
+    _progress: ProgressBar | None = None
+    _done = True  # until the job exists, close() has nothing to do
+
+    def _start(self, fn: Callable[..., R] | str, iterables: tuple[Iterable[Any], ...], chunksize: int | None,
+               ordered: bool, timeout: float | None, workers: int, options: TaskOptions | None,
+               stages: Sequence[Callable[..., Any] | str], indexed: bool) -> None:
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        self._op_name = name_of(fn)
+        op = driver_operation(fn)
+        star = len(iterables) > 1
+        source: Iterator[Any] = zip(*iterables) if star else iter(iterables[0])
+        sizer = ChunkSizer(chunksize, _length(iterables), workers)
+        self._deadline = None if timeout is None else self._now() + timeout
+        resolved = chain_options([*(driver_operation(stage) for stage in stages), op], options)
+        self._lease = self._open_lease(self._op_name, resolved)
+        convert = None if op is None or op.returns is Any or op.returns is object else op.convert_result
+        #: the core's window: what to send, buffer and yield (phalanx.core.window)
+        self._w = MapWindow(self._lease.job, self._op_name, [name_of(stage) for stage in stages], source, star,
+                            sizer, workers, ordered, indexed, convert,
+                            None if op is None or convert is None else op.convert_results)
+        #: the window's values due now (the same deque: the per-item path reads only it)
+        self._ready = self._w.ready
+
+    def _begin(self) -> None:
+        self._done = False
+        try:
+            self._w.fill(self._now())
+            self._send()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- the host's hooks ---------------------------------------------------------------
+
+    def _now(self) -> float:
+        raise NotImplementedError
+
+    def _open_lease(self, op_name: str, options: TaskOptions | None) -> FoldLease:
+        raise NotImplementedError
+
+    def _submit(self, tasks: list[Task]) -> None:
+        raise NotImplementedError
+
+    def _drop_after(self, seq: int) -> None:
+        raise NotImplementedError
+
+    def _close_job(self, terminate: bool) -> None:
+        raise NotImplementedError
+
+    # ---- shared ------------------------------------------------------------------------
+
+    def _send(self) -> None:
+        if self._w.outbox:
+            self._submit(self._w.take())
+
+    @property
+    def skipped(self) -> list[tuple[int, BaseException]]:
+        """``(input index, error)`` of every item dropped under ``on_fatal=Ignore``."""
+        return self._w.skipped()
+
+    @property
+    def items_read(self) -> int:
+        """Items read from the input so far (all of them once the map has ended)."""
+        return self._w.read
+
+    def __iter__(self) -> WindowedMap[R]:
+        return self
+
+    def __next__(self) -> R:
+        ready = self._ready
+        w = self._w
+        while True:
+            if ready:
+                return ready.popleft()  # type: ignore[no-any-return]
+            state = w.step(self._now())
+            self._send()
+            if state == READY:
+                continue
+            if state == FAILED:
+                failure = w.take_error()
+                self.close()
+                raise failure
+            if state == ENDED:
+                self._done = True
+                raise StopIteration
+            if state == COMPLETE:
+                self._finish()
+                raise StopIteration
+            try:
+                seq, outcome = self._lease.get(self._deadline)
+            except BaseException:
+                self.close()
+                raise
+            if seq < 0:
+                self._done = w.done = True
+                raise outcome_error(outcome)
+            count, drop = w.received(seq, outcome, self._now())
+            if drop is not None:
+                self._drop_after(drop)
+            if self._progress is not None:
+                self._progress.update(count)
+            self._send()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._close_job(False)
+        self._end_progress()
+
+    def _end_progress(self) -> None:
+        bar = self._progress
+        if bar is not None:
+            self._progress = None
+            bar.close()
+
+    def close(self) -> None:
+        """Stop the job: queued tasks are dropped, running ones told to abort."""
+        if not self._done:
+            self._done = True
+            self._w.close()
+            self._close_job(True)
+        self._end_progress()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class MapIterator(WindowedMap[R]):
     """Results of :meth:`phalanx.Runtime.map`, streamed as they arrive.
 
     The input is read lazily, ``window`` chunks at a time. ``close()`` or
@@ -400,44 +539,27 @@ class MapIterator(Iterator[R], Generic[R]):
         stages: Sequence[Callable[..., Any] | str] = (),
         indexed: bool = False,
     ) -> None:
-        if not iterables:
-            raise TypeError("map() needs at least one iterable")
-        self._op_name = name_of(fn)
-        op = driver_operation(fn)
-        self._done = True  # until the job exists, close() has nothing to do
-        star = len(iterables) > 1
-        source: Iterator[Any] = zip(*iterables) if star else iter(iterables[0])
-        sizer = ChunkSizer(chunksize, _length(iterables), workers)
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        resolved = chain_options([*(driver_operation(stage) for stage in stages), op], options)
-        self._lease = _Lease(driver, self._op_name, resolved)
         self._driver = driver
-        convert = None if op is None or op.returns is Any or op.returns is object else op.convert_result
-        #: the core's window: what to send, buffer and yield (phalanx.core.window)
-        self._w = MapWindow(self._lease.job, self._op_name, [name_of(stage) for stage in stages], source, star,
-                            sizer, workers, ordered, indexed, convert,
-                            None if op is None or convert is None else op.convert_results)
-        #: the window's values due now (the same deque: the per-item path reads only it)
-        self._ready = self._w.ready
-        self._progress: ProgressBar | None = (
-            progress_bar(_length(iterables), self._op_name) if progress else None
-        )
-        self._done = False
-        try:
-            self._w.fill(time.monotonic())
-            self._send()
-        except BaseException:
-            self.close()
-            raise
+        self._start(fn, iterables, chunksize, ordered, timeout, workers, options, stages, indexed)
+        #: the lease's queue (an async consumer's cancellation wakes the waiting thread through it)
+        self._queue = typing.cast(_Lease, self._lease).queue
+        self._progress = progress_bar(_length(iterables), self._op_name) if progress else None
+        self._begin()
 
-    def _send(self) -> None:
-        if self._w.outbox:
-            self._driver.submit(self._lease.job, self._w.take())
+    def _now(self) -> float:
+        return time.monotonic()
 
-    @property
-    def skipped(self) -> list[tuple[int, BaseException]]:
-        """``(input index, error)`` of every item dropped under ``on_fatal=Ignore``."""
-        return self._w.skipped()
+    def _open_lease(self, op_name: str, options: TaskOptions | None) -> _Lease:
+        return _Lease(self._driver, op_name, options)
+
+    def _submit(self, tasks: list[Task]) -> None:
+        self._driver.submit(self._lease.job, tasks)
+
+    def _drop_after(self, seq: int) -> None:
+        self._driver.drop_after(self._lease.job, seq)
+
+    def _close_job(self, terminate: bool) -> None:
+        self._driver.close_job(self._lease.job, terminate=terminate)
 
     def __iter__(self) -> MapIterator[R]:
         return self
@@ -471,7 +593,7 @@ class MapIterator(Iterator[R], Generic[R]):
                 running = self._async_running
                 self._async_cancelled = True
             if running:  # wake the thread; it ends the job when it returns
-                self._lease.queue.put((-1, TaskCancelledError("the map's consumer was cancelled")))
+                self._queue.put((-1, TaskCancelledError("the map's consumer was cancelled")))
             else:
                 self._cancel_from_async()
             raise
@@ -495,11 +617,6 @@ class MapIterator(Iterator[R], Generic[R]):
         self.close()
         self._driver.close_job(self._lease.job, terminate=True)
 
-    @property
-    def items_read(self) -> int:
-        """Items read from the input so far (all of them once the map has ended)."""
-        return self._w.read
-
     def take_ready(self) -> list[R]:
         """The results already received and due next, without waiting (after a ``next()``)."""
         ready = list(self._ready)
@@ -511,62 +628,8 @@ class MapIterator(Iterator[R], Generic[R]):
 
         Queued tasks are dropped and running ones see their abort flag.
         """
-        self._lease.queue.put((-1, exc))
+        self._queue.put((-1, exc))
         self._driver.close_job(self._lease.job, terminate=True)
-
-    def __next__(self) -> R:
-        ready = self._ready
-        w = self._w
-        while True:
-            if ready:
-                return ready.popleft()  # type: ignore[no-any-return]
-            state = w.step(time.monotonic())
-            self._send()
-            if state == READY:
-                continue
-            if state == FAILED:
-                failure = w.take_error()
-                self.close()
-                raise failure
-            if state == ENDED:
-                self._done = True
-                raise StopIteration
-            if state == COMPLETE:
-                self._finish()
-                raise StopIteration
-            try:
-                seq, outcome = self._lease.get(self._deadline)
-            except BaseException:
-                self.close()
-                raise
-            if seq < 0:
-                self._done = w.done = True
-                raise outcome_error(outcome)
-            count, drop = w.received(seq, outcome, time.monotonic())
-            if drop is not None:
-                self._driver.drop_after(self._lease.job, drop)
-            if self._progress is not None:
-                self._progress.update(count)
-            self._send()
-
-    def _finish(self) -> None:
-        self._done = True
-        self._driver.close_job(self._lease.job)
-        self._end_progress()
-
-    def _end_progress(self) -> None:
-        bar = getattr(self, "_progress", None)
-        if bar is not None:
-            self._progress = None
-            bar.close()
-
-    def close(self) -> None:
-        """Stop the job: queued tasks are dropped, running ones told to abort."""
-        if not self._done:
-            self._done = True
-            self._w.close()
-            self._driver.close_job(self._lease.job, terminate=True)
-        self._end_progress()
 
     def cancel(self) -> bool:
         """:meth:`close`, named like ``Future.cancel()`` and ``JobHandle.cancel()``.
@@ -577,13 +640,6 @@ class MapIterator(Iterator[R], Generic[R]):
         running = not self._done
         self.close()
         return running
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
 
 def fold(
     driver: Driver,

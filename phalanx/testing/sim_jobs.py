@@ -20,13 +20,12 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from ..directives import Directive, Fold, IndexedChain
-from ..core.tasks import Delivery, Job
+from ..core.tasks import Delivery, Job, Task
 from ..errors import TaskCancelledError, TaskTimeoutError
-from ..core.window import COMPLETE, ENDED, FAILED, READY, ChunkSizer, MapWindow, outcome_error
-from ..jobs import MISSING, Future, _length, chain_options
+from ..core.window import outcome_error
+from ..jobs import MISSING, Future, WindowedMap, chain_options
 from ..policy import FatalStrategy, TaskOptions
-from ..registry.operations import Operation, driver_operation, name_of
-from ..transport.codec import convert
+from ..registry.operations import Operation, driver_operation
 from ..transport.messages import Ok
 
 if TYPE_CHECKING:
@@ -142,103 +141,38 @@ class _Lease:
         return self.queue.popleft()
 
 
-class SimMapIterator(Iterator[R], Generic[R]):
+class SimMapIterator(WindowedMap[R]):
     """Results of :meth:`SimRuntime.map` (the same contract as :class:`phalanx.MapIterator`).
 
-    The window, the ordered buffer and conversion are the core's
-    (:class:`phalanx.core.window.MapWindow`), the same code as a real map's.
+    Everything but the clock, the lease and the job table is
+    :class:`phalanx.jobs.WindowedMap`'s, on the core's window: the same code as a real map's.
     """
 
     def __init__(self, sim: SimRuntime, fn: Callable[..., R] | str, iterables: tuple[Iterable[Any], ...],
                  chunksize: int | None, ordered: bool, timeout: float | None, workers: int,
                  options: TaskOptions | None = None, stages: Sequence[Callable[..., Any] | str] = (),
                  indexed: bool = False) -> None:
-        if not iterables:
-            raise TypeError("map() needs at least one iterable")
-        self._op_name = name_of(fn)
-        op = driver_operation(fn)
-        self._done = True
-        star = len(iterables) > 1
-        source: Iterator[Any] = zip(*iterables) if star else iter(iterables[0])
-        sizer = ChunkSizer(chunksize, _length(iterables), workers)
         self._sim = sim
-        self._deadline = None if timeout is None else sim.now + timeout
-        self._lease = _Lease(sim, self._op_name,
-                             chain_options([*(driver_operation(stage) for stage in stages), op], options))
-        convert = None if op is None or op.returns is Any or op.returns is object else op.convert_result
-        self._w = MapWindow(self._lease.job, self._op_name, [name_of(stage) for stage in stages], source, star,
-                            sizer, workers, ordered, indexed, convert,
-                            None if op is None or convert is None else op.convert_results)
-        self._done = False
-        try:
-            self._w.fill(sim.now)
-            self._send()
-        except BaseException:
-            self.close()
-            raise
+        self._start(fn, iterables, chunksize, ordered, timeout, workers, options, stages, indexed)
+        self._begin()
 
-    def _send(self) -> None:
-        if self._w.outbox:
-            self._sim._submit_tasks(self._lease.job, self._w.take())
+    def _now(self) -> float:
+        return self._sim.now
 
-    @property
-    def skipped(self) -> list[tuple[int, BaseException]]:
-        """``(input index, error)`` of every item dropped under ``on_fatal=Ignore``."""
-        return self._w.skipped()
+    def _open_lease(self, op_name: str, options: TaskOptions | None) -> _Lease:
+        return _Lease(self._sim, op_name, options)
 
-    @property
-    def items_read(self) -> int:
-        """Items read from the input so far (all of them once the map has ended)."""
-        return self._w.read
+    def _submit(self, tasks: list[Task]) -> None:
+        self._sim._submit_tasks(self._lease.job, tasks)
+
+    def _drop_after(self, seq: int) -> None:
+        self._sim._drop_after(self._lease.job, seq)
+
+    def _close_job(self, terminate: bool) -> None:
+        self._sim._close_job(self._lease.job, terminate=terminate)
 
     def __iter__(self) -> SimMapIterator[R]:
         return self
-
-    def __next__(self) -> R:
-        w = self._w
-        while True:
-            if w.ready:
-                return w.ready.popleft()  # type: ignore[no-any-return]
-            state = w.step(self._sim.now)
-            self._send()
-            if state == READY:
-                continue
-            if state == FAILED:
-                failure = w.take_error()
-                self.close()
-                raise failure
-            if state == ENDED:
-                self._done = True
-                raise StopIteration
-            if state == COMPLETE:
-                self._done = True
-                self._sim._close_job(self._lease.job)
-                raise StopIteration
-            try:
-                seq, outcome = self._lease.get(self._deadline)
-            except BaseException:
-                self.close()
-                raise
-            if seq < 0:
-                self._done = w.done = True
-                raise outcome_error(outcome)
-            _, drop = w.received(seq, outcome, self._sim.now)
-            if drop is not None:
-                self._sim._drop_after(self._lease.job, drop)
-            self._send()
-
-    def close(self) -> None:
-        """Stop the job: queued tasks are dropped."""
-        if not self._done:
-            self._done = True
-            self._w.close()
-            self._sim._close_job(self._lease.job, terminate=True)
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 class SimJobHandle(Generic[Y, R]):
