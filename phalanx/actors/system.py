@@ -56,9 +56,20 @@ from ..policy import DEFAULT_TAG, check_tag
 from ..registry.actors import actor_name_of
 from ..transport.codec import convert, encode, rebuild_error
 from ..transport.messages import ActorCall, ActorEvent, ActorState, Err, Ok, SaveActor, SpawnActor, StopActor
-from ..core.actors import TERMINAL, advance, least_loaded, may_restart, reply_of, return_type
+from ..core.actors import (
+    TERMINAL,
+    advance,
+    check_spawn,
+    died_here,
+    end,
+    fail_calls,
+    least_loaded,
+    may_restart,
+    reply_of,
+    return_type,
+)
 from .events import ActorEvent as Event
-from .events import Failed, RestartFailed, Started, Stopped
+from .events import Failed, RestartFailed, Started
 
 if typing.TYPE_CHECKING:
     from ..core.tasks import Delivery, Job
@@ -251,10 +262,7 @@ class ActorSystem:
     def spawn(self, cls: type | str, args: tuple[Any, ...], kwargs: dict[str, Any], *, on: str | None,
               name: str | None, detached: bool, restart_policy: str, checkpoint_every: int,
               checkpoint_interval: float, timeout: float | None) -> _Actor:
-        if restart_policy not in ("never", "on-failure"):
-            raise ValueError(f"restart_policy must be 'never' or 'on-failure', got {restart_policy!r}")
-        if detached and not name:
-            raise ValueError("a detached actor needs a name= to be found again")
+        check_spawn(restart_policy, detached, name)
         cls_name = actor_name_of(cls)
         encode([list(args), kwargs], f"the arguments of {cls_name}")
         actor = _Actor(next(self._ids), cls_name, cls if isinstance(cls, type) else None, list(args),
@@ -532,20 +540,11 @@ class ActorSystem:
         with actor.lock:
             if actor.state in _TERMINAL:
                 return
-            actor.state = advance(actor.state, state)
-            futures = [fut for fut, _ in actor.futures.values()]
-            actor.futures.clear()
-            actor.held.clear()
+            futures, event = end(actor, state, error)
             if emit:
-                actor.emit(Stopped() if state == "stopped" else Failed(error or ActorDiedError("failed")))
+                actor.emit(event)
             actor.lock.notify_all()
-        died = ActorDiedError(f"actor {actor.id} ({actor.cls_name}) {state}")
-        for fut in futures:
-            if not fut.done():
-                try:
-                    fut.set_exception(died)
-                except concurrent.futures.InvalidStateError:
-                    pass
+        fail_calls(actor, futures, state)
         if actor.job is not None:
             self.driver.close_job(actor.job)
 
@@ -623,10 +622,7 @@ class ActorSystem:
         with self._lock:
             actors = [a for a in self._actors.values() if a.state not in _TERMINAL]
         for actor in actors:
-            died = ActorDiedError(
-                f"the process of actor {actor.id} ({actor.cls_name}) on worker {worker_id} died "
-                f"(exit code {exitcode})"
-            )
+            died = died_here(actor, worker_id, exitcode)
             with actor.lock:  # (where it lives changes only under this lock: see _start)
                 if actor.worker != ident or actor.state in _TERMINAL:
                     continue

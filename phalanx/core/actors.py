@@ -25,16 +25,21 @@ raises); supervision restarts an actor at most ``limit`` times within
 
 from __future__ import annotations
 
+import concurrent.futures
 import typing
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+from ..actors.events import ActorEvent as Event
+from ..actors.events import Failed, Stopped
+from ..errors import ActorDiedError
 from ..transport.codec import rebuild_error
 from ..transport.messages import ActorEvent, ActorState
 
 __all__ = ["STARTING", "RUNNING", "RESTARTING", "STOPPING", "STOPPED", "FAILED", "TERMINAL", "TRANSITIONS",
-           "advance", "may_restart", "reply_of", "least_loaded", "return_type"]
+           "advance", "may_restart", "reply_of", "least_loaded", "return_type", "check_spawn", "end", "fail_calls",
+           "died_here"]
 
 STARTING, RUNNING, RESTARTING, STOPPING, STOPPED, FAILED = (
     "starting", "running", "restarting", "stopping", "stopped", "failed")
@@ -117,3 +122,51 @@ def return_type(cls: type | None, method: str) -> Any:
         return typing.get_type_hints(fn).get("return", Any)
     except Exception:
         return Any
+
+
+def check_spawn(restart_policy: str, detached: bool, name: str | None) -> None:
+    """``ValueError`` for spawn options that do not go together."""
+    if restart_policy not in ("never", "on-failure"):
+        raise ValueError(f"restart_policy must be 'never' or 'on-failure', got {restart_policy!r}")
+    if detached and not name:
+        raise ValueError("a detached actor needs a name= to be found again")
+
+
+class Ending(typing.Protocol):
+    """What ``end`` changes of an actor's record."""
+
+    id: int
+    cls_name: str
+    state: str
+    futures: dict[int, tuple[Any, str]]
+    held: deque[Any]
+
+
+def end(actor: Ending, state: str, error: BaseException | None) -> tuple[list[Any], Event]:
+    """Move ``actor`` to the terminal ``state``: the futures of its calls to fail, and the event to emit.
+
+    The host emits the event (if it emits), fails the futures with
+    :func:`fail_calls` outside its locks, and closes the actor's job.
+    """
+    actor.state = advance(actor.state, state)
+    futures = [fut for fut, _ in actor.futures.values()]
+    actor.futures.clear()
+    actor.held.clear()
+    return futures, Stopped() if state == STOPPED else Failed(error or ActorDiedError("failed"))
+
+
+def fail_calls(actor: Ending, futures: Iterable[Any], state: str) -> None:
+    """Fail the calls still waiting on an actor that ended in ``state``."""
+    died = ActorDiedError(f"actor {actor.id} ({actor.cls_name}) {state}")
+    for fut in futures:
+        if not fut.done():
+            try:
+                fut.set_exception(died)
+            except concurrent.futures.InvalidStateError:
+                pass
+
+
+def died_here(actor: Ending, worker_id: str, exitcode: int | None) -> ActorDiedError:
+    """The error for an actor whose process died."""
+    return ActorDiedError(f"the process of actor {actor.id} ({actor.cls_name}) on worker {worker_id} died "
+                          f"(exit code {exitcode})")

@@ -15,16 +15,26 @@ instance fails; calls in flight when an actor's process dies fail with
 
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..actors.events import ActorEvent as Event
-from ..actors.events import Failed, RestartFailed, Started, Stopped
+from ..actors.events import Failed, RestartFailed, Started
 from ..actors.system import settle_call
-from ..core.actors import TERMINAL, advance, least_loaded, may_restart, reply_of, return_type
+from ..core.actors import (
+    TERMINAL,
+    advance,
+    check_spawn,
+    died_here,
+    end,
+    fail_calls,
+    least_loaded,
+    may_restart,
+    reply_of,
+    return_type,
+)
 from ..core.tasks import Delivery, Job
 from ..errors import ActorDiedError, TaskTimeoutError
 from ..policy import DEFAULT_TAG
@@ -110,10 +120,7 @@ class SimActors:
     def spawn(self, cls: type | str, args: tuple[Any, ...], kwargs: dict[str, Any], *, on: str | None,
               name: str | None, detached: bool, restart_policy: str, checkpoint_every: int,
               checkpoint_interval: float, timeout: float | None) -> _SimActor:
-        if restart_policy not in ("never", "on-failure"):
-            raise ValueError(f"restart_policy must be 'never' or 'on-failure', got {restart_policy!r}")
-        if detached and not name:
-            raise ValueError("a detached actor needs a name= to be found again")
+        check_spawn(restart_policy, detached, name)
         cls_name = actor_name_of(cls)
         encode([list(args), kwargs], f"the arguments of {cls_name}")
         actor = _SimActor(next(self.ids), cls_name, cls if isinstance(cls, type) else None, list(args),
@@ -332,19 +339,10 @@ class SimActors:
     def _end(self, actor: _SimActor, state: str, error: BaseException | None, emit: bool = True) -> None:
         if actor.state in _TERMINAL:
             return
-        actor.state = advance(actor.state, state)
-        futures = [fut for fut, _ in actor.futures.values()]
-        actor.futures.clear()
-        actor.held.clear()
+        futures, event = end(actor, state, error)
         if emit:
-            self._emit(actor, Stopped() if state == "stopped" else Failed(error or ActorDiedError("failed")))
-        died = ActorDiedError(f"actor {actor.id} ({actor.cls_name}) {state}")
-        for fut in futures:
-            if not fut.done():
-                try:
-                    fut.set_exception(died)
-                except concurrent.futures.InvalidStateError:
-                    pass
+            self._emit(actor, event)
+        fail_calls(actor, futures, state)
         if actor.job is not None:
             self.sim._close_job(actor.job)
 
@@ -409,10 +407,7 @@ class SimActors:
                 callback((None, gone) if key[0] == "state" else ("failed", gone))
         hosted = [a for a in self.actors.values() if a.worker == ident and a.state not in _TERMINAL]
         for actor in hosted:
-            died = ActorDiedError(
-                f"the process of actor {actor.id} ({actor.cls_name}) on worker {worker_id} died "
-                f"(exit code {exitcode})"
-            )
+            died = died_here(actor, worker_id, exitcode)
             if actor.state == "restarting":
                 actor.lost = died  # a hot restart in progress settles the loss itself
                 continue
