@@ -337,8 +337,6 @@ class Driver:
         self.dead_worker_ttl = DEAD_WORKER_TTL
         # counters
         self.tasks_submitted = 0
-        self.duplicates_dropped = 0
-        self.late_results_dropped = 0
         self.frames_dropped = 0
         self.worker_deaths = 0
         self.worker_restarts = 0
@@ -1418,30 +1416,12 @@ class Driver:
                 w.seen = time.monotonic()
             if msg.dropped > w.frames_dropped:
                 w.frames_dropped = msg.dropped
-            jobs = self._jobs
-            inflight = w.inflight
-            resolve = self.outcomes.resolve
             w.busy += msg.busy
-            for outcome in msg.outcomes:
-                task = inflight.pop((outcome.job, outcome.seq), None)
-                if task is None:
-                    self.frames_dropped += 1  # not a task this worker holds
-                    continue
-                if w.alive and not w.retiring and not task.directed:
-                    w.free += 1
-                w.tasks += 1
-                w.items += task.items
-                job = jobs.get(outcome.job)
-                if job is None:
-                    self.late_results_dropped += 1
-                    continue
-                if outcome.seq not in job.outstanding:
-                    self.duplicates_dropped += 1
-                    continue
-                final = resolve(job, task, outcome)
-                if final is not None:
-                    deliveries.append((job, outcome.seq, final))
             outcomes = self.outcomes
+            # Dedupe, late results, credits back, resolution: the core's (phalanx.core.outcomes).
+            strays = outcomes.take(w, msg.outcomes, deliveries)
+            if strays:
+                self.frames_dropped += strays  # outcomes for tasks this worker does not hold
             if outcomes.requeue:
                 self._requeue_locked()
             if outcomes.later:
@@ -1762,8 +1742,8 @@ class Driver:
                 retried=self.outcomes.retried,
                 skipped=self.outcomes.skipped,
                 redelivered=self.outcomes.redelivered,
-                duplicates_dropped=self.duplicates_dropped,
-                late_results_dropped=self.late_results_dropped,
+                duplicates_dropped=self.outcomes.duplicates_dropped,
+                late_results_dropped=self.outcomes.late_results_dropped,
                 frames_dropped=self.frames_dropped,
                 worker_deaths=self.worker_deaths,
                 worker_restarts=self.worker_restarts,

@@ -459,3 +459,41 @@ def test_a_cancelled_future_vetoes_its_first_dispatch_and_a_worker_at_max_tasks_
     r.enqueue("default", [call(job, 1), call(job, 2)])
     assert [t.seq for t in r.dispatch()[w]] == [1]
     assert r.take_retire() == [w] and w.free == 0
+
+
+# ---- taking a worker's outcomes: credits, dedupe, late results -------------------------------
+
+
+class Holder:
+    def __init__(self) -> None:
+        self.alive, self.retiring, self.free, self.tasks, self.items = True, False, 0, 0, 0
+        self.inflight: dict[tuple[int, int], Task] = {}
+
+
+def test_a_result_from_a_dead_worker_wins_and_the_redelivered_attempt_s_result_is_a_duplicate() -> None:
+    # On a runtime: SIGKILL a worker right after it wrote its result, while the
+    # supervisor notices the death first and redelivers; both results then arrive.
+    o = core()
+    job = open_job(o)
+    task = call(job, 0)
+    w1, w2 = Holder(), Holder()
+    w1.inflight[(1, 0)] = task
+    w1.alive = False
+    _, (retry,), _ = o.worker_died("w1", list(w1.inflight.values()), -9, planned=False, now=0.0)
+    w2.inflight[(1, 0)] = retry
+    out: list[tuple[Job, int, Any]] = []
+    assert o.take(w1, [Ok(1, 0, 0, "first")], out) == 0
+    assert o.take(w2, [Ok(1, 0, 1, "second")], out) == 0
+    assert [(seq, r.value) for _, seq, r in out] == [(0, "first")]
+    assert (o.duplicates_dropped, w1.free, w2.free) == (1, 0, 1)  # a dead worker gets no credit back
+
+
+def test_a_result_for_a_closed_job_is_late_and_one_for_a_task_the_worker_never_held_is_a_stray() -> None:
+    o = core()
+    job = open_job(o)
+    w = Holder()
+    w.inflight[(1, 0)] = call(job, 0)
+    del o.jobs[1]
+    out: list[tuple[Job, int, Any]] = []
+    assert o.take(w, [Ok(1, 0, 0, 1), Ok(1, 5, 0, 1), Ok(9, 0, 0, 1)], out) == 2
+    assert out == [] and o.late_results_dropped == 1 and w.free == 1

@@ -5,6 +5,8 @@ held (the threaded driver) or on the one scheduler thread (the simulator);
 it reads no clock: calls that need the time carry ``now``. What it decides
 comes out as return values and an outbox the host drains:
 
+* ``take(worker, outcomes, out)``: credits back, late results and
+  duplicates dropped (counted), the rest resolved into ``out``.
 * ``resolve(job, task, outcome)``: the final outcome to deliver, or None
   when the task goes again (``requeue``: to the front of its tag's queue at
   once; ``later``: after a retry delay, armed into timers by ``arm(now)``).
@@ -26,14 +28,26 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from ..errors import ActorDiedError, RuntimeBrokenError, WorkerCrashedError
 from ..policy import FatalStrategy
 from ..transport.messages import Chunk, Err, Ok
 from .tasks import SKIPPED, Job, Task
 
-__all__ = ["Outcomes", "Death"]
+__all__ = ["Outcomes", "Death", "Holder"]
+
+
+class Holder(Protocol):
+    """What outcome resolution reads and writes of a worker (the host's record of it)."""
+
+    alive: bool
+    retiring: bool
+    free: int
+    tasks: int
+    items: int
+    inflight: dict[tuple[int, int], Task]
 
 #: what a worker's death means: (failed (job, seq, error)), tasks to redeliver in order, the break
 Death = tuple[list[tuple[Job, int, BaseException]], list[Task], "BaseException | None"]
@@ -45,7 +59,7 @@ class Outcomes:
     __slots__ = (
         "jobs", "max_attempts", "restart_limit", "restart_window", "requeue", "later", "timers",
         "_timer_ids", "restarts", "tasks_completed", "items_completed", "tasks_failed", "retried",
-        "skipped", "redelivered",
+        "skipped", "redelivered", "late_results_dropped", "duplicates_dropped",
     )
 
     def __init__(self, jobs: dict[int, Job], max_attempts: int, restart_limit: int,
@@ -70,8 +84,43 @@ class Outcomes:
         self.retried = 0
         self.skipped = 0
         self.redelivered = 0
+        self.late_results_dropped = 0
+        self.duplicates_dropped = 0
 
     # ---- outcomes ----------------------------------------------------------------
+
+    def take(self, w: Holder, outcomes: Sequence[Ok | Err], out: list[tuple[Job, int, Ok | Err]]) -> int:
+        """Outcomes worker ``w`` sent: each one it holds frees its credit and is resolved.
+
+        What is final goes to ``out`` as ``(job, seq, outcome)``. An outcome for
+        a job that is gone is a late result, one for a seq no longer
+        outstanding a duplicate (both counted and dropped). Returns how many
+        were for tasks ``w`` does not hold: bad input, for the host to count.
+        """
+        jobs = self.jobs
+        inflight = w.inflight
+        resolve = self.resolve
+        strays = 0
+        for outcome in outcomes:
+            task = inflight.pop((outcome.job, outcome.seq), None)
+            if task is None:
+                strays += 1  # not a task this worker holds
+                continue
+            if w.alive and not w.retiring and not task.directed:
+                w.free += 1
+            w.tasks += 1
+            w.items += task.items
+            job = jobs.get(outcome.job)
+            if job is None:
+                self.late_results_dropped += 1
+                continue
+            if outcome.seq not in job.outstanding:
+                self.duplicates_dropped += 1
+                continue
+            final = resolve(job, task, outcome)
+            if final is not None:
+                out.append((job, outcome.seq, final))
+        return strays
 
     def resolve(self, job: Job, task: Task, outcome: Ok | Err) -> Ok | Err | None:
         """What ``outcome`` of ``task`` (outstanding in ``job``) means: deliver, retry or skip."""

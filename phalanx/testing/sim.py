@@ -601,27 +601,10 @@ class SimRuntime:
             self._counters["frames_dropped"] += 1
             return
         w.busy += msg.busy
-        for outcome in msg.outcomes:
-            task = w.inflight.pop((outcome.job, outcome.seq), None)
-            if task is None:
-                self._counters["frames_dropped"] += 1
-                continue
-            if side:
-                w.expect_kill = True
-            if w.alive and not w.retiring and not task.directed:
-                w.free += 1
-            w.tasks += 1
-            w.items += task.items
-            job = self._jobs.get(outcome.job)
-            if job is None:
-                self._counters["late_results_dropped"] += 1
-                continue
-            if outcome.seq not in job.outstanding:
-                self._counters["duplicates_dropped"] += 1
-                continue
-            final = self.outcomes.resolve(job, task, outcome)
-            if final is not None:
-                deliveries.append((job, outcome.seq, final))
+        strays = self.outcomes.take(w, msg.outcomes, deliveries)
+        self._counters["frames_dropped"] += strays
+        if side and strays < len(msg.outcomes):
+            w.expect_kill = True  # a timeout report: the worker may end itself next
         self._after_resolve()
         self._dispatch()
         for job, seq, final in deliveries:
@@ -802,8 +785,8 @@ class SimRuntime:
                      for w in self._workers.values()],
             tasks_submitted=c["tasks_submitted"], tasks_completed=o.tasks_completed,
             tasks_failed=o.tasks_failed, items_completed=o.items_completed, retried=o.retried,
-            skipped=o.skipped, redelivered=o.redelivered, duplicates_dropped=c["duplicates_dropped"],
-            late_results_dropped=c["late_results_dropped"], frames_dropped=c["frames_dropped"],
+            skipped=o.skipped, redelivered=o.redelivered, duplicates_dropped=o.duplicates_dropped,
+            late_results_dropped=o.late_results_dropped, frames_dropped=c["frames_dropped"],
             worker_deaths=c["worker_deaths"], worker_restarts=c["worker_restarts"],
             workers_recycled=c["workers_recycled"], jobs_open=len(self._jobs), workers_lost=c["workers_lost"],
         )
