@@ -14,6 +14,9 @@ ROUTER, from any process of the runtime. Threads and what they do::
     supervisor thread ─ a worker exited ───────────────▶ Broker.worker_exited: its receivers'
                                                             messages go back to the queue
                                                                                        [broker lock]
+    any thread ─ an end made, closed or collected ─────▶ Broker._count: queued, no lock (a
+                 in the driver; an end encoded            collection may run inside it); the
+                                                          next flush counts it  /  Broker._share
 
 Only the pump sends on the ROUTER; other threads queue their frames and wake
 it. Per lease: its kind, capacity, whether its sending side is closed, and
@@ -59,7 +62,11 @@ Invariants kept:
    most ``capacity`` unconsumed messages (queued or unacked, the longest
    subscription for Broadcast); a sender has at most ``SEND_WINDOW`` sends
    unacknowledged, so a lease holds ``capacity + SEND_WINDOW`` per sender
-   at most.
+   at most. A lease is freed (nothing of it kept but one bit, set if it
+   was released) once it is closed, consumed and its receivers ended, or
+   once every end of it in the driver is closed or collected and none was
+   ever encoded (passed on), or at ``release``. A late frame for a freed
+   lease is answered as for a closed (or released) one.
 """
 
 from __future__ import annotations
@@ -148,7 +155,7 @@ class _End:
 
 
 class _Lease:
-    __slots__ = ("id", "kind", "capacity", "closed", "subs", "next_id", "deferred")
+    __slots__ = ("id", "kind", "capacity", "closed", "subs", "next_id", "deferred", "ends", "shared")
 
     def __init__(self, lease_id: int, kind: ChannelKind, capacity: int) -> None:
         self.id = lease_id
@@ -159,6 +166,10 @@ class _Lease:
         self.next_id = 1
         #: (sender identity, seq) of sends queued while the lease was over capacity: acked later
         self.deferred: deque[tuple[bytes, int]] = deque()
+        #: its ends alive in the driver process (counted as the pump learns of them)
+        self.ends = 0
+        #: an end of it was encoded (passed to an operation or actor, sent, returned): copies may live elsewhere
+        self.shared = False
 
     def backlog(self) -> int:
         subs = self.subs
@@ -185,8 +196,12 @@ class Broker:
         #: receivers found unreachable by the last flush: dropped by the next unless heard from
         self._lost: list[_End] = []
         self._probed = 0.0
+        #: leases released by release() (bit n: the n-th issued): a late end hears "released", else "closed"
+        self._released_bits = bytearray()
+        #: (lease, +1 or -1): ends made, and closed or collected, in the driver (any thread, no lock)
+        self._counts: deque[tuple[int, int]] = deque()
         register_driver(self._base, driver.endpoints.results, lambda: not driver.closed, self.release,
-                        self._released, driver.limits)
+                        self._released, driver.limits, self._count, self._share)
         driver.exit_listeners.append(self.worker_exited)
 
     def close(self) -> None:
@@ -209,21 +224,34 @@ class Broker:
     def release(self, lease_id: int) -> None:
         """Drop the lease: its receivers end at once, what it queued is dropped and counted."""
         with self._lock:
-            lease = self._leases.pop(lease_id, None)
+            lease = self._leases.get(lease_id)
             if lease is None:
                 return
-            queued = {mid for sub in lease.subs.values() for mid, _ in sub.queue}
-            self._driver.channel_messages_dropped += len(queued)
-            for sub in lease.subs.values():
-                for ident in sub.order:
-                    self._ends.pop(ident, None)
-                    self._emit(ident, ChanEnd(lease_id, sub.id, CHAN_RELEASED))
-                sub.order.clear()
-                sub.queue.clear()
-            for ident, seq in lease.deferred:
-                self._emit(ident, ChanAck(lease_id, seq, CHAN_RELEASED))
-            lease.deferred.clear()
+            n = lease_id - (self._base << LEASE_SHIFT)
+            bits = self._released_bits
+            if len(bits) <= n >> 3:
+                bits.extend(bytes((n >> 3) + 1 - len(bits)))
+            bits[n >> 3] |= 1 << (n & 7)
+            self._free(lease, CHAN_RELEASED)
         self._driver.wake()
+
+    def _count(self, lease_id: int, change: int) -> None:
+        """An end of ``lease_id`` was made (+1) or closed or collected (-1) in the driver.
+
+        Any thread, even a garbage collection inside the broker lock: only
+        queued here, applied by the pump's next flush.
+        """
+        if self._driver.closed:
+            return  # shut down: its wake pipe may be closed, and its fd reused
+        self._counts.append((lease_id, change))
+        if change < 0:
+            self._driver.wake()
+
+    def _share(self, lease_id: int) -> None:
+        """An end of ``lease_id`` was encoded: it may live on outside the driver (any thread)."""
+        lease = self._leases.get(lease_id)
+        if lease is not None:
+            lease.shared = True
 
     # ---- supervisor thread -----------------------------------------------------------
 
@@ -278,11 +306,12 @@ class Broker:
         receiver still lost then gives back what it holds.
         """
         now = time.monotonic()
-        if not self._out and not self._acks and not self._lost and (
+        if not self._out and not self._acks and not self._lost and not self._counts and (
                 not self._ends or now - self._probed < PROBE_EVERY):
             return
         send = self._driver.send_from_pump
         with self._lock:
+            self._apply_counts()
             lost, self._lost = self._lost, []
             for end in lost:
                 if end.lost and self._ends.get(end.ident) is end:
@@ -309,29 +338,38 @@ class Broker:
     # ---- requests (broker lock held) --------------------------------------------------------
 
     def _released(self, lease_id: int) -> bool:
-        """Was ``lease_id`` released (any thread: a dict lookup, no lock)?"""
-        return lease_id not in self._leases and self._issued_here(lease_id)
+        """Was ``lease_id`` released by release() (any thread: lookups, no lock)?"""
+        if lease_id in self._leases or not self._issued_here(lease_id):
+            return False
+        n = lease_id - (self._base << LEASE_SHIFT)
+        bits = self._released_bits
+        return len(bits) > n >> 3 and bool(bits[n >> 3] & (1 << (n & 7)))
 
     def _issued_here(self, lease_id: int) -> bool:
         return lease_id >> LEASE_SHIFT == self._base and 0 < lease_id - (self._base << LEASE_SHIFT) <= self._issued
 
     def _no_lease(self, ident: bytes, msg: Any) -> None:
-        """A frame for a lease that is not open: released (late), or never ours (dropped)."""
-        released = self._issued_here(msg.lease)
-        status = CHAN_RELEASED if released else CHAN_UNKNOWN
-        if not released:
+        """A frame for a lease that is not open: released or freed (late), or never ours (dropped).
+
+        A lease freed once closed and consumed (or once no end of it was
+        left) answers as a closed one: requests that would succeed on it
+        (close, detach, subscribe) do, sends are refused, receivers end.
+        """
+        issued = self._issued_here(msg.lease)
+        status = (CHAN_RELEASED if self._released(msg.lease) else CHAN_CLOSED) if issued else CHAN_UNKNOWN
+        if not issued:
             self._driver.frames_dropped += 1
         end = self._ends.pop(ident, None)
         if end is not None:
             self._drop_end(end)
         if isinstance(msg, ChanSend):
-            if released:
+            if issued:
                 self._driver.channel_messages_dropped += 1
             self._emit(ident, ChanAck(msg.lease, msg.seq, status))
         elif isinstance(msg, ChanPull):
             self._emit(ident, ChanEnd(msg.lease, msg.sub, status))
         elif msg.nonce:  # ChanClose, ChanSubscribe, ChanDetach
-            self._emit(ident, ChanReply(msg.lease, msg.nonce, status))
+            self._emit(ident, ChanReply(msg.lease, msg.nonce, CHAN_OK if status == CHAN_CLOSED else status))
 
     def _on_send(self, lease: _Lease, ident: bytes, msg: ChanSend) -> None:
         if lease.closed:
@@ -378,6 +416,7 @@ class Broker:
             self._release_deferred(lease)
         self._deliver(lease, sub)
         self._check_end(lease, sub)
+        self._free_if_done(lease)
 
     def _on_detach(self, lease: _Lease, ident: bytes, msg: ChanDetach) -> None:
         end = self._ends.get(ident)
@@ -390,6 +429,7 @@ class Broker:
             self._unsubscribe(lease, sub)
         if msg.nonce:
             self._emit(ident, ChanReply(lease.id, msg.nonce, CHAN_OK))
+        self._free_if_done(lease)
 
     def _on_subscribe(self, lease: _Lease, ident: bytes, msg: ChanSubscribe) -> None:
         if lease.kind is not Broadcast or msg.sub <= 1 or msg.sub in lease.subs or len(lease.subs) >= MAX_SUBSCRIPTIONS:
@@ -404,6 +444,7 @@ class Broker:
         self._emit(ident, ChanReply(lease.id, msg.nonce, CHAN_OK))
         for sub in lease.subs.values():
             self._check_end(lease, sub)
+        self._free_if_done(lease)
 
     # ---- state (broker lock held) ------------------------------------------------------------
 
@@ -505,6 +546,7 @@ class Broker:
             self._driver.channel_redelivered += len(back)
         self._deliver(lease, sub)
         self._check_end(lease, sub)
+        self._free_if_done(lease)
 
     def _unsubscribe(self, lease: _Lease, sub: _Sub) -> None:
         del lease.subs[sub.id]
@@ -515,6 +557,40 @@ class Broker:
         sub.queue.clear()
         sub.held = 0
         self._release_deferred(lease)
+
+    def _free_if_done(self, lease: _Lease) -> None:
+        """Free a closed lease once every message was consumed and every receiver ended."""
+        if lease.closed and self._leases.get(lease.id) is lease and all(
+                not sub.queue and not sub.held and not sub.order for sub in lease.subs.values()):
+            self._free(lease, None)
+
+    def _apply_counts(self) -> None:
+        """Count the driver's ends made and gone; a lease none is left of, none shared, is freed."""
+        counts, leases = self._counts, self._leases
+        while counts:
+            lease_id, change = counts.popleft()
+            lease = leases.get(lease_id)
+            if lease is None:
+                continue
+            lease.ends += change
+            if lease.ends <= 0 and not lease.shared:
+                self._free(lease, None)  # nobody can send to it or receive from it any more
+
+    def _free(self, lease: _Lease, status: int | None) -> None:
+        """Forget ``lease``: queued messages are dropped and counted; receivers end with ``status``."""
+        del self._leases[lease.id]
+        queued = {mid for sub in lease.subs.values() for mid, _ in sub.queue}
+        self._driver.channel_messages_dropped += len(queued)
+        for sub in lease.subs.values():
+            for ident in sub.order:
+                self._ends.pop(ident, None)
+                if status is not None:
+                    self._emit(ident, ChanEnd(lease.id, sub.id, status))
+            sub.order.clear()
+            sub.queue.clear()
+        for ident, seq in lease.deferred:
+            self._emit(ident, ChanAck(lease.id, seq, CHAN_OK if status is None else status))
+        lease.deferred.clear()
 
     def _probe(self, now: float) -> None:
         for end in self._ends.values():

@@ -37,6 +37,10 @@ Invariants kept (the broker keeps the rest, see :mod:`phalanx.broker`):
   ``_SLICE`` seconds to check the runtime: once it is shut down (in the
   driver) or shutting the worker down, the wait raises
   :class:`~phalanx.RuntimeClosedError` instead of waiting forever.
+* **Bounded memory.** In the driver, each end tells the broker when it is
+  made and when it is closed or collected, and when it is encoded (then
+  copies may live elsewhere): the broker frees a lease none of whose ends is
+  left (see :mod:`phalanx.broker`).
 * **No pickle on the wire.** Values are encoded with the usual codec before
   anything is sent (:class:`~phalanx.EncodeError` otherwise); the broker
   never decodes them.
@@ -165,7 +169,7 @@ def _closed_error(status: int, lease: int) -> ChannelClosedError:
 class _Location:
     """How ends in this process reach one driver's broker."""
 
-    __slots__ = ("endpoint", "curve", "prefix", "alive", "release", "released", "limits", "pid")
+    __slots__ = ("endpoint", "curve", "prefix", "alive", "release", "released", "limits", "count", "share", "pid")
 
     def __init__(
         self,
@@ -176,6 +180,8 @@ class _Location:
         release: Callable[[int], None] | None = None,
         released: Callable[[int], bool] | None = None,
         limits: sockets.Limits | None = None,
+        count: Callable[[int, int], None] | None = None,
+        share: Callable[[int], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.curve = curve
@@ -186,6 +192,9 @@ class _Location:
         self.released = released
         #: the sockets' limits (None: the process default, which a worker sets from its spec)
         self.limits = limits
+        #: in the driver: an end was made (+1) or closed or collected (-1); an end was encoded
+        self.count = count
+        self.share = share
         self.pid = os.getpid()
 
 
@@ -228,9 +237,21 @@ def register_driver(
     release: Callable[[int], None],
     released: Callable[[int], bool],
     limits: sockets.Limits | None = None,
+    count: Callable[[int, int], None] | None = None,
+    share: Callable[[int], None] | None = None,
 ) -> None:
-    """In the driver (the broker): ends of leases ``key << LEASE_SHIFT + n`` reach it at ``endpoint``."""
-    _drivers[key] = _Location(endpoint, None, b"d%d" % os.getpid(), alive, release, released, limits)
+    """In the driver (the broker): ends of leases ``key << LEASE_SHIFT + n`` reach it at ``endpoint``.
+
+    ``count(lease, +1 / -1)`` hears of every end made, and closed or
+    collected, in this process; ``share(lease)`` of every end encoded here.
+    """
+    _drivers[key] = _Location(endpoint, None, b"d%d" % os.getpid(), alive, release, released, limits, count, share)
+
+
+def _in_driver(lease: int) -> _Location | None:
+    """The location of ``lease``'s broker, if it is in this process."""
+    where = _drivers.get(lease >> LEASE_SHIFT)
+    return where if where is not None and where.pid == os.getpid() else None
 
 
 def unregister_driver(key: int) -> None:
@@ -367,7 +388,7 @@ def _wait_slice(where: _Location, deadline: float | None, what: str, cancel: thr
 class _End:
     """What a sender and a receiver share: their lease, its kind, and a socket opened on first use."""
 
-    __slots__ = ("_lease", "_kind", "_conn", "_closed", "_answers", "_finalizer", "__weakref__")
+    __slots__ = ("_lease", "_kind", "_conn", "_closed", "_answers", "_finalizer", "_counted", "__weakref__")
 
     def __init__(self, lease: int, kind: ChannelKind) -> None:
         self._lease = lease
@@ -377,6 +398,18 @@ class _End:
         #: answers of the broker to this end's requests, by nonce
         self._answers: dict[int, int] = {}
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        #: in the driver: tells the broker once that this end is gone (closed or collected)
+        self._counted: weakref.finalize[Any, Any] | None = None
+        where = _in_driver(lease)
+        if where is not None and where.count is not None:
+            where.count(lease, 1)
+            self._counted = weakref.finalize(self, where.count, lease, -1)
+            self._counted.atexit = False
+
+    def _gone(self) -> None:
+        """This end is closed: the broker frees a lease none of whose ends is left."""
+        if self._counted is not None:
+            self._counted()
 
     @property
     def lease_id(self) -> int:
@@ -543,6 +576,7 @@ class Sender(_End, Generic[T]):
             self._finalizer.detach()
         if self._conn is not None:
             self._conn.close()
+        self._gone()
 
     def __enter__(self) -> Sender[T]:
         return self
@@ -936,6 +970,7 @@ class Receiver(_End, Generic[T]):
                 self._finalizer.detach()
             if conn is not None:
                 conn.close()
+            self._gone()
 
     def __enter__(self) -> Receiver[T]:
         return self
@@ -995,7 +1030,14 @@ _SENDER_FORM = msgspec.msgpack.Decoder(tuple[int, int, int])
 _RECEIVER_FORM = msgspec.msgpack.Decoder(tuple[int, int, int, int])
 
 
+def _shared(end: _End) -> None:
+    where = _in_driver(end._lease)
+    if where is not None and where.share is not None:
+        where.share(end._lease)  # a copy may live on elsewhere: only close or release frees the lease
+
+
 def _sender_to_bytes(tx: Sender[Any]) -> bytes:
+    _shared(tx)
     return msgspec.msgpack.encode((tx._lease, _KIND_CODE[tx._kind], tx._window))
 
 
@@ -1007,6 +1049,7 @@ def _sender_from_bytes(data: memoryview) -> Sender[Any]:
 
 
 def _receiver_to_bytes(rx: Receiver[Any]) -> bytes:
+    _shared(rx)
     return msgspec.msgpack.encode((rx._lease, _KIND_CODE[rx._kind], rx._sub, rx._prefetch))
 
 

@@ -63,6 +63,10 @@ class RemoteTraceback(Exception):
 class RemoteError(PhalanxError):
     """An exception raised by an operation that could not be rebuilt locally.
 
+    The driver rebuilds a remote exception as its own type only from modules
+    it already imported, never a ``BaseException`` that is not an
+    ``Exception`` (``SystemExit``...) nor a ``StopIteration``, and only when
+    its constructor takes the remote ``args``; anything else is this.
     ``type_name`` is the remote exception's ``module:qualname``; ``message``
     its ``str()``; ``remote_traceback`` the formatted remote traceback.
     """

@@ -11,9 +11,9 @@ sent, and nothing here ever unpickles.
 
 from __future__ import annotations
 
-import importlib
 import sys
 import traceback as _tb
+import types
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -38,6 +38,7 @@ from .messages import (
 
 __all__ = [
     "encode",
+    "encode_error",
     "decode_inbox",
     "decode_control",
     "decode_driver",
@@ -138,8 +139,19 @@ def encode(msg: Any, what: str = "message", name: str = "") -> bytes:
     """
     try:
         return _encoder.encode(msg)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise EncodeError(f"cannot encode {what.format(name) if name else what}: {exc}") from exc
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise encode_error(exc, what.format(name) if name else what) from exc
+
+
+def encode_error(exc: BaseException, what: str) -> EncodeError:
+    """The :class:`EncodeError` for ``exc`` raised while encoding ``what``.
+
+    A ``RecursionError`` (a value that contains itself or nests deeper than
+    the interpreter's recursion limit) is said so, not passed on.
+    """
+    if isinstance(exc, RecursionError):
+        return EncodeError(f"cannot encode {what}: the value nests too deep or contains itself ({exc})")
+    return EncodeError(f"cannot encode {what}: {exc}")
 
 
 def _decode(decoder: msgspec.msgpack.Decoder[Any], frame: bytes | memoryview) -> Any:
@@ -231,48 +243,62 @@ def error_info(exc: BaseException) -> ErrorInfo:
     return ErrorInfo(type=type_path(type(exc)), message=message, args=args, traceback=text, state=state)
 
 
+_CONTROL_FLOW = (StopIteration, StopAsyncIteration)
+
+
 def _resolve_type(path: str) -> type[BaseException] | None:
+    """The exception class ``module:qualname`` names, looked up without running any code.
+
+    Only modules the driver already imported count (``sys.modules``): a peer
+    naming a module must never make the driver import it. The walk reads the
+    module's and classes' own ``__dict__`` (no ``getattr``: no module
+    ``__getattr__``, property or descriptor runs).
+    """
     module_name, _, qualname = path.partition(":")
     module = sys.modules.get(module_name)
-    if module is None:
-        try:
-            module = importlib.import_module(module_name)
-        except Exception:
-            return None
+    if module is None or not qualname:
+        return None
     obj: Any = module
     for part in qualname.split("."):
-        obj = getattr(obj, part, None)
+        if obj is not module and not isinstance(obj, type):
+            return None
+        try:
+            namespace = object.__getattribute__(obj, "__dict__")
+        except AttributeError:
+            return None
+        obj = namespace.get(part) if isinstance(namespace, (dict, types.MappingProxyType)) else None
         if obj is None:
             return None
-    if isinstance(obj, type) and issubclass(obj, BaseException):
+    # StopIteration raised by a rebuilding iterator would end it silently, as if complete.
+    if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(obj, _CONTROL_FLOW):
         return obj
     return None
 
 
 def rebuild_error(info: ErrorInfo) -> BaseException:
-    """Rebuild a remote exception as its own type when possible.
+    """Rebuild a remote exception as its own type when the driver has that type.
 
-    The result carries the remote traceback as ``__cause__``. When the type
-    cannot be imported or constructed from its args, a
-    :class:`~phalanx.errors.RemoteError` stands in for it.
+    The type is looked up only in modules already imported here (nothing is
+    imported on a peer's word), and must be an ``Exception``: a remote
+    ``SystemExit``, ``KeyboardInterrupt`` or ``GeneratorExit`` is never
+    raised as such, nor a ``StopIteration`` (it would end a ``map``
+    iteration as if it were complete). Anything else, or a constructor that fails (with any
+    exception) or returns something that is not an instance of an
+    ``Exception`` type, gives a :class:`~phalanx.errors.RemoteError`
+    carrying the type's name and the remote traceback. The result carries the
+    remote traceback as ``__cause__``. Never raises.
     """
     exc: BaseException | None = None
     cls = _resolve_type(info.type)
     if cls is not None:
         try:
-            if info.args is not None:
-                exc = cls(*info.args)
-            else:
-                exc = cls(info.message)
-        except Exception:
-            exc = None
-        if exc is not None and not isinstance(exc, Exception):
-            exc = None  # never re-raise KeyboardInterrupt/SystemExit from a worker
-        if exc is not None and info.state:
-            try:
-                exc.__dict__.update(info.state)
-            except Exception:
-                pass
+            built = cls(*info.args) if info.args is not None else cls(info.message)
+            if issubclass(type(built), Exception):  # type(): an object cannot pretend
+                exc = built
+                if info.state:
+                    built.__dict__.update(info.state)
+        except BaseException:  # noqa: B036 - a hostile constructor may raise SystemExit too
+            pass
     if exc is None:
         exc = RemoteError(info.type, info.message, info.traceback)
     exc.__cause__ = RemoteTraceback(info.traceback)
