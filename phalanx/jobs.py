@@ -371,7 +371,7 @@ class _Lease:
             raise TaskTimeoutError("timed out waiting for results") from None
 
 
-class WindowedMap(Iterator[R], Generic[R]):
+class _WindowedMap(Iterator[R], Generic[R]):
     """A streaming map's consumer on one host: the core's window, the host's clock and lease.
 
     :class:`MapIterator` (threads, the driver) and the simulator's
@@ -446,7 +446,7 @@ class WindowedMap(Iterator[R], Generic[R]):
         """Items read from the input so far (all of them once the map has ended)."""
         return self._w.read
 
-    def __iter__(self) -> WindowedMap[R]:
+    def __iter__(self) -> _WindowedMap[R]:
         return self
 
     def __next__(self) -> R:
@@ -510,7 +510,7 @@ class WindowedMap(Iterator[R], Generic[R]):
             pass
 
 
-class MapIterator(WindowedMap[R]):
+class MapIterator(_WindowedMap[R]):
     """Results of :meth:`phalanx.Runtime.map`, streamed as they arrive.
 
     The input is read lazily, ``window`` chunks at a time. ``close()`` or

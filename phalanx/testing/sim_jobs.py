@@ -23,7 +23,7 @@ from ..directives import Directive, Fold, IndexedChain
 from ..core.tasks import Delivery, Job, Task
 from ..errors import TaskCancelledError, TaskTimeoutError
 from ..core.window import outcome_error
-from ..jobs import MISSING, Future, WindowedMap, chain_options
+from ..jobs import MISSING, Future, _WindowedMap, chain_options
 from ..policy import FatalStrategy, TaskOptions
 from ..registry.operations import Operation, driver_operation
 from ..transport.messages import Ok
@@ -141,11 +141,11 @@ class _Lease:
         return self.queue.popleft()
 
 
-class SimMapIterator(WindowedMap[R]):
+class SimMapIterator(_WindowedMap[R]):
     """Results of :meth:`SimRuntime.map` (the same contract as :class:`phalanx.MapIterator`).
 
     Everything but the clock, the lease and the job table is
-    :class:`phalanx.jobs.WindowedMap`'s, on the core's window: the same code as a real map's.
+    :class:`phalanx.jobs._WindowedMap`'s, on the core's window: the same code as a real map's.
     """
 
     def __init__(self, sim: SimRuntime, fn: Callable[..., R] | str, iterables: tuple[Iterable[Any], ...],
