@@ -7,7 +7,9 @@ Which process runs it
 *driver*: it creates a :class:`phalanx.Runtime`, which spawns the worker
 processes.  ``phalanx worker`` runs on another host and supervises the worker
 processes that join a driver over tcp (:mod:`phalanx.remote`); ``phalanx
-keygen`` writes CURVE key pairs; ``phalanx top`` watches a running runtime.
+run`` and ``phalanx slurm`` run a script whose runtime starts such hosts
+itself over ssh or srun (:mod:`phalanx.launch`); ``phalanx keygen`` writes
+CURVE key pairs; ``phalanx top`` watches a running runtime.
 
 Structure
 ---------
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
@@ -215,6 +218,10 @@ def _configure_worker(parser: argparse.ArgumentParser) -> None:
                              "rt.options(on=TAG) (repeatable; default: \"default\")")
     parser.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
                         help="seconds to wait for the driver at start (default: 30)")
+    parser.add_argument("--keys-from-stdin", action="store_true",
+                        help="read this host's key pair and the driver's public key from the first line of "
+                             "stdin, and stop when stdin closes (how Runtime(hosts=...) and slurm=True start "
+                             "this command over ssh and srun)")
     # The options of phalanx.Config that apply to this host's workers (docs/configuration.md):
     # unset flags fall back to their PHALANX_* variable, then to the default.
     for option in OPTIONS.values():
@@ -263,6 +270,7 @@ def remote_options(args: argparse.Namespace) -> RemoteOptions:
         prefix_output=config.prefix_output,
         implicit_operations=config.implicit_operations,
         host_name=config.host_name,
+        keys_from_stdin=args.keys_from_stdin,
     )
 
 
@@ -313,6 +321,58 @@ def _run_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- run, slurm
+
+_RUN_DESCRIPTION = """\
+Run a Python script whose phalanx.Runtime() starts its hosts itself: each flag
+sets the PHALANX_* variable of its option (docs/configuration.md), which the
+script's Runtime() reads unless it passes that argument, then the script runs
+in place of this command (same process, its own argv).
+
+  phalanx run --hosts host1,alice@host2:22 --workers-per-host 8 job.py ARGS
+        starts phalanx worker on host1 and host2 over ssh, fresh keys per run
+  phalanx slurm job.py ARGS      (inside sbatch or salloc)
+        starts phalanx worker on every node of the allocation with srun"""
+
+#: the options ``phalanx run`` and ``phalanx slurm`` set, as flags
+_RUN_OPTIONS = ("hosts", "workers_per_host", "min_hosts", "remote_python", "ssh_config", "listen", "workers")
+
+
+def _configure_run(parser: argparse.ArgumentParser, slurm: bool = False) -> None:
+    from .config import OPTIONS
+
+    for name in _RUN_OPTIONS:
+        if slurm and name in ("hosts", "ssh_config"):
+            continue
+        option = OPTIONS[name]
+        text = re.sub(r"\s*\(?\[([^]]*)\]\([^)]*\)\)?", "", option.doc.replace("`", ""))  # no doc links
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar=name.upper(),
+                            help=f"{text} (sets {option.env})")
+    if not slurm:
+        parser.add_argument("--slurm", action="store_true", help="start the nodes of the Slurm allocation "
+                            "with srun (sets PHALANX_SLURM)")
+    parser.add_argument("script", help="the Python script to run")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+
+
+def _run_script(args: argparse.Namespace, slurm: bool = False) -> int:
+    from .config import OPTIONS
+
+    env = dict(os.environ)
+    for name in _RUN_OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None:
+            env[OPTIONS[name].env] = value
+    if slurm or getattr(args, "slurm", False):
+        env[OPTIONS["slurm"].env] = "1"
+    if not os.path.isfile(args.script):
+        print(f"{PROG} run: no script {args.script!r}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, args.script, *args.args], env)
+
+
 COMMANDS: dict[str, Command] = {
     "demo": Command(
         summary="run a short self-checking demo (Monte Carlo pi, word-count fold)",
@@ -331,6 +391,18 @@ COMMANDS: dict[str, Command] = {
         description=_WORKER_DESCRIPTION,
         configure=_configure_worker,
         handler=_run_worker,
+    ),
+    "run": Command(
+        summary="run a script whose Runtime starts phalanx worker on other hosts (ssh, Slurm)",
+        description=_RUN_DESCRIPTION,
+        configure=_configure_run,
+        handler=_run_script,
+    ),
+    "slurm": Command(
+        summary="run a script whose Runtime starts phalanx worker on every node of this Slurm allocation",
+        description=_RUN_DESCRIPTION,
+        configure=lambda parser: _configure_run(parser, slurm=True),
+        handler=lambda args: _run_script(args, slurm=True),
     ),
     "keygen": Command(
         summary="write a CURVE key pair (NAME.key, NAME.key_secret)",
@@ -358,6 +430,9 @@ examples:
   phalanx worker --connect tcp://driver-host:5555 --import mymodule \\
       --key host1.key_secret --server-key driver.key
                                 join a runtime from another host
+  phalanx run --hosts host1,host2 job.py
+                                run job.py; its Runtime() starts workers on
+                                host1 and host2 over ssh
   phalanx COMMAND --help        show the options of COMMAND
 """
 

@@ -104,6 +104,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str | None = None
     implicit_operations: bool = False
     host_name: str | None = None
+    hosts: list[str] = []
+    workers_per_host: int = 0
+    min_hosts: int = 0
+    remote_python: str | None = None
+    ssh_config: str | None = None
+    slurm: bool = False
 
     def __post_init__(self) -> None:
         # Each message starts with the option's name: Config.load names its variable instead.
@@ -144,7 +150,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"max_frame must be >= 4096 bytes, got {self.max_frame}")
         if self.log_level is not None and not isinstance(logging.getLevelName(self.log_level.upper()), int):
             raise ValueError(f"log_level must be a logging level name (DEBUG, INFO, ...), got {self.log_level!r}")
-        if self.listen is not None and not self.insecure and not (self.server_key and self.authorized_keys):
+        self._check_launch()
+        if (self.listen is not None and not self.insecure and not (self.server_key and self.authorized_keys)
+                and not self.launches):
             raise ValueError(
                 "tcp needs server_key= (a .key_secret file) and authorized_keys= (a directory of "
                 "worker .key files): run `phalanx keygen`; or pass insecure=True for plaintext"
@@ -154,6 +162,27 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
                 check_host_name(self.host_name)
             except ValueError as exc:
                 raise ValueError(f"host_name: {exc}") from None
+
+    @property
+    def launches(self) -> bool:
+        """Whether the runtime starts hosts itself (``hosts=`` or ``slurm=True``), with keys of its own."""
+        return bool(self.hosts) or self.slurm
+
+    def _check_launch(self) -> None:
+        if self.hosts and self.slurm:
+            raise ValueError("hosts: give hosts= or slurm=True, not both")
+        for host in self.hosts:
+            if not isinstance(host, str) or not host or any(c.isspace() for c in host) or host.startswith("-"):
+                raise ValueError(f"hosts: {host!r} is not a host ([USER@]HOST[:PORT])")
+        if len(set(self.hosts)) != len(self.hosts):
+            raise ValueError(f"hosts: a host is named twice in {self.hosts} (workers_per_host= sets the count)")
+        for name in ("workers_per_host", "min_hosts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.hosts and self.min_hosts > len(self.hosts):
+            raise ValueError(f"min_hosts={self.min_hosts} is more than the {len(self.hosts)} hosts given")
+        if self.launches and self.insecure:
+            raise ValueError("hosts: a runtime that starts its hosts always uses CURVE keys; drop insecure=True")
 
     def worker_groups(self) -> dict[str, int]:
         """Local workers to start, per tag."""
@@ -192,7 +221,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             config = msgspec.convert(values, cls)
         except msgspec.ValidationError as exc:
             raise ValueError(_explain(exc, from_env)) from None
-        if config.workers == 0 and "workers" not in values:
+        if config.workers == 0 and "workers" not in values and not config.launches:
             config = msgspec.structs.replace(config, workers=usable_cpus())
         return config
 
@@ -230,6 +259,11 @@ def _parse_optional_str(raw: str) -> str:
     return raw.strip()
 
 
+def _parse_hosts(raw: str) -> list[str]:
+    """``host1,user@host2:22`` (commas or spaces between hosts)."""
+    return [h for h in raw.replace(",", " ").split() if h]
+
+
 class Option(NamedTuple):
     """One option: how to set it, and what it means (a row of the configuration table)."""
 
@@ -260,7 +294,7 @@ def _options(*options: Option) -> dict[str, Option]:
 OPTIONS: dict[str, Option] = _options(
     Option("workers", _parse_workers,
            "worker processes to start; a dict `{\"default\": 2, \"io\": 4}` (env `default=2,io=4`) starts "
-           "that many per worker tag", default="usable CPUs"),
+           "that many per worker tag", default="usable CPUs (0 with `hosts=` or `slurm=True`)"),
     Option("start_method", str, "multiprocessing start method for workers: fork, forkserver or spawn",
            default="fork on Linux (Python < 3.12), else spawn", worker_flag="--start-method"),
     Option("listen", str, "`tcp://HOST:PORT`: also listen on `PORT`..`PORT+2` for remote workers "
@@ -315,4 +349,17 @@ OPTIONS: dict[str, Option] = _options(
            worker_flag="--implicit-operations"),
     Option("host_name", str, "the name of this host in `rt.inspect()` and `phalanx top`; remote "
            "worker ids start with it", default="its hostname", worker_flag="--host-name"),
+    Option("hosts", _parse_hosts, "`[\"host1\", \"user@host2:22\"]` (env `host1,user@host2:22`): start "
+           "`phalanx worker` on each host over ssh, with fresh keys for this run ([multihost.md]"
+           "(multihost.md#over-ssh))", default="[]"),
+    Option("workers_per_host", int, "workers `hosts=` or `slurm=True` start on each host (0: the host's usable "
+           "CPUs; with Slurm, the CPUs allocated on the node)"),
+    Option("min_hosts", int, "hosts that must start for the runtime to start; the others are reported in one "
+           "line each and left out (0: every host)"),
+    Option("remote_python", str, "the interpreter that runs `phalanx worker` on the hosts of `hosts=` and "
+           "`slurm=True`", default="the driver's `sys.executable`"),
+    Option("ssh_config", str, "an ssh_config file for the ssh client that starts `hosts=` (`ssh -F`; "
+           "None: the user's `~/.ssh/config`)"),
+    Option("slurm", parse_bool, "inside a Slurm allocation, start `phalanx worker` on every allocated node with "
+           "`srun`, with fresh keys for this run ([multihost.md](multihost.md#under-slurm))"),
 )

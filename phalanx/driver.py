@@ -55,13 +55,23 @@ Invariants kept:
    worker held is kept ``dead_worker_ttl`` seconds to validate its late
    results, then reaped. A worker may only answer for tasks the driver sent
    to *it*.
-3. **No hang.** Breaking or closing the runtime fails every open job at once.
+3. **No hang.** Breaking or closing the runtime fails every open job at once;
+   so does the pump thread's death, whatever ends it (it breaks the runtime).
    A task held back for a busy local worker (see ``_pipe_send_locked``) goes
-   out when that worker's next outcome is read, or after ``HOLD_MAX``.
+   out when that worker's next outcome is read, or after ``HOLD_MAX``. A task
+   with a timeout that runs ``timeout + abort_grace`` without an outcome (it
+   holds the GIL, its process is frozen) has its worker killed by the driver
+   (``_expire_overdue``). Shutdown waits for work, not for frozen workers.
 6. **Bad input never kills.** Undecodable frames, frames from unknown
    identities and outcomes for unknown tasks are counted and dropped. An
    exception escaping the runtime's own code is not bad input: it breaks the
-   runtime (``internal_error``), never a counter.
+   runtime (``internal_error``), never a counter. A local worker that sends
+   a frame above ``max_frame`` (workers never do: see ``Welcome.max_frame``)
+   is killed and replaced.
+
+A crash is charged to one task: the first one its worker held. A map chunk
+of several items is split instead (``Task.split``), down to the one item that
+crashes, so ``Ignore`` skips just that item and ``WorkerCrashedError`` names it.
 """
 
 from __future__ import annotations
@@ -81,6 +91,7 @@ from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import psutil
 import zmq
 
 from .config import Config
@@ -91,12 +102,13 @@ from .errors import (
     ProtocolError,
     RuntimeBrokenError,
     RuntimeClosedError,
+    TaskTimeoutError,
     WorkerCrashedError,
     WorkerStartError,
 )
 from .supervisor import Supervisor
 from .transport import sockets
-from .transport.codec import decode_driver, encode
+from .transport.codec import decode_driver, encode, error_info
 from .transport.endpoints import Endpoints, local_endpoints, remove_stale_dirs, tcp_endpoints
 from .transport.pipe import FramePipe, PipeError
 from .transport.messages import PROTOCOL_VERSION, Alive
@@ -133,6 +145,7 @@ from .core.tasks import SKIPPED, Delivery, Job, Task
 
 if TYPE_CHECKING:
     from .broker import Broker
+    from .transport.keys import RunKeys
 
 __all__ = ["Driver", "Job", "Task", "WorkerStats", "RuntimeStats", "SKIPPED"]
 
@@ -160,6 +173,14 @@ SPIN_WAIT = 200e-6
 #: longest a task frame for a busy local worker waits to go out with the next ones (seconds);
 #: normally the worker's next outcome releases it much sooner (see _pipe_send_locked)
 HOLD_MAX = 0.002
+
+#: seconds past a task's ``timeout + abort_grace`` before the driver kills its worker: the
+#: worker's own kill at that time comes first when it can (a planned exit either way)
+EXPIRY_SLACK = 0.2
+
+#: seconds between looks at whether the workers holding tasks are stopped, while shutdown waits
+FROZEN_CHECK = 0.25
+_STOPPED = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
 
 #: most tags a remote worker may announce
 MAX_TAGS = 64
@@ -260,6 +281,7 @@ class _Worker:
         "tasks", "items", "busy", "died_at", "retiring", "dispatched",
         "remote", "host", "seen", "stop_sent", "tags", "frames_dropped", "pipe", "pipe_done",
         "reader", "leftover", "broken", "delivering", "deferred", "held", "held_at",
+        "head_since", "expired", "stopped_since",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -305,13 +327,21 @@ class _Worker:
         #: task frames for this (busy) local worker not yet written, and since when (monotonic)
         self.held: list[bytes] = []
         self.held_at = 0.0
+        #: since when the first task in ``inflight`` (the one it runs: tasks run in order) is first
+        self.head_since = 0.0
+        #: (job, seq) of the task it was killed for, having overrun timeout + abort_grace
+        self.expired: tuple[int, int] | None = None
+        #: since when shutdown found its process stopped (SIGSTOP), 0.0: not stopped
+        self.stopped_since = 0.0
 
 
 class Driver:
     """Sockets, workers and jobs of one runtime (see the module docstring)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, run_keys: RunKeys | None = None) -> None:
         self.config = config
+        #: the keys of a runtime that starts its own hosts (hosts=, slurm=True), held in memory
+        self.run_keys = run_keys
         #: private ipc endpoints (local workers)
         self.endpoints: Endpoints = local_endpoints()
         #: tcp endpoints remote workers connect to, when listening
@@ -351,7 +381,8 @@ class Driver:
         #: from an identity with "~" (a channel end) and lets it send once per round
         self.channels: Broker | None = None
         #: outcome resolution, crash attribution, restart intensity and retry timers (no I/O)
-        self.outcomes = Outcomes(self._jobs, config.max_attempts, config.restart_limit, config.restart_window)
+        self.outcomes = Outcomes(self._jobs, config.max_attempts, config.restart_limit, config.restart_window,
+                                 config.abort_grace)
         #: tags of retired workers whose replacements the pump still has to start
         self._spawn_owed: deque[tuple[str, ...]] = deque()
         #: pump thread: ActorEvent / ActorState from a worker
@@ -442,9 +473,14 @@ class Driver:
             return None
         from .transport import keys
 
-        assert config.server_key is not None and config.authorized_keys is not None
-        public, secret = keys.load_secret(config.server_key)
-        self._auth = keys.Authenticator(self._ctx, config.authorized_keys)
+        run = self.run_keys
+        if run is not None and config.server_key is None:
+            public, secret = run.server
+        else:
+            assert config.server_key is not None
+            public, secret = keys.load_secret(config.server_key)
+        assert config.authorized_keys is not None or run is not None
+        self._auth = keys.Authenticator(self._ctx, config.authorized_keys, run)
         self._auth.start()
         return sockets.Curve(public, secret)
 
@@ -518,7 +554,7 @@ class Driver:
         here (its own host's ``phalanx worker`` does that). ``left``: the same
         for a remote worker that said Goodbye.
         """
-        failed: list[tuple[Job, int, BaseException]] = []
+        failed: list[tuple[Job, int, Delivery]] = []
         broken: BaseException | None = None
         pending_worker = self._workers.get(worker_id.encode())
         if pending_worker is not None and pending_worker.pipe is not None and self._pump_thread.is_alive():
@@ -534,8 +570,10 @@ class Driver:
             self._remove_live_locked(worker)
             if self._closed:
                 return
-            # ABORT_EXIT: it ended itself, its task having ignored the abort flag for abort_grace.
-            planned = worker.retiring or lost or left or exitcode == ABORT_EXIT
+            # ABORT_EXIT: it ended itself, its task having ignored the abort flag for abort_grace;
+            # expired: the driver killed it for that (a task holding the GIL, a frozen process).
+            expired = worker.expired
+            planned = worker.retiring or lost or left or exitcode == ABORT_EXIT or expired is not None
             if lost:
                 self.workers_lost += 1
             elif left:
@@ -545,9 +583,12 @@ class Driver:
             if not worker.ready and not planned and self.worker_deaths == 1 and not self._live:
                 self._start_failures.append(f"{worker_id} exited with code {exitcode}")
                 self._changed.notify_all()
-            # Redeliver everything it held; the core charges the crash and counts the deaths.
+            # Redeliver everything it held; the core charges the crash (or splits the map
+            # chunk it ran, until the crash is one item's) and counts the deaths.
             failed, requeue, broken = self.outcomes.worker_died(
-                worker_id, worker.inflight.values(), exitcode, planned, worker.died_at)
+                worker_id, worker.inflight.values(), exitcode, planned, worker.died_at, expired)
+            if self.outcomes.requeue:
+                self._requeue_locked()  # a failed map chunk's rest, under Ignore
             # Back to the front of its tag's queue, in the order the worker held them.
             tags = {task.job: self._jobs[task.job].tag for task in requeue}
             for tag in dict.fromkeys(tags.values()):
@@ -855,6 +896,8 @@ class Driver:
             except (zmq.ZMQError, PipeError):
                 return False
             job.outstanding[task.seq] = task
+            if not w.inflight:
+                w.head_since = time.monotonic()
             w.inflight[(task.job, task.seq)] = task
             self.tasks_submitted += 1
             return True
@@ -901,7 +944,10 @@ class Driver:
                 self._retire_locked(w)
 
     def _send_batch_locked(self, batch: dict[_Worker, list[Task]]) -> None:
+        now = 0.0
         for w, tasks in batch.items():
+            if len(w.inflight) == len(tasks):  # it held nothing before: its first task starts now
+                w.head_since = now = now or time.monotonic()
             sent = 0
             try:
                 if w.pipe is not None:
@@ -922,11 +968,20 @@ class Driver:
                 self.routing.requeue(unsent, time.monotonic())
                 self._remove_live_locked(w)
 
-    def wait_idle(self, timeout: float | None) -> bool:
-        """Wait until no task is pending or in flight."""
+    def wait_idle(self, timeout: float | None, frozen_after: float | None = None) -> bool:
+        """Wait until no task is pending or in flight.
+
+        ``frozen_after``: stop waiting (False) once every worker holding tasks
+        has been stopped (SIGSTOP) that many seconds: they make no progress.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        looked = 0.0
         with self._changed:
             while self._pending or any(w.inflight for w in self._workers.values() if w.alive):
+                if frozen_after is not None and time.monotonic() - looked >= FROZEN_CHECK:
+                    looked = time.monotonic()
+                    if self._frozen_locked(looked, frozen_after):
+                        return False
                 if any(tag not in self._live_tags for tag in self._pending):
                     # Cancelled work waits for no worker; the rest fails at its route timeout.
                     self.routing.prune()
@@ -940,6 +995,17 @@ class Driver:
                 self._changed.wait(0.05 if remaining is None else min(remaining, 0.05))
         return True
 
+    def _frozen_locked(self, now: float, after: float) -> bool:
+        """Some local workers hold tasks, and every one that does was stopped ``after`` s ago or more."""
+        holders = [w for w in self._workers.values() if w.alive and w.inflight]
+        for w in holders:  # every one looked at: each one's clock starts now
+            try:
+                stopped = not w.remote and psutil.Process(w.pid).status() in _STOPPED
+            except psutil.Error:
+                stopped = False
+            w.stopped_since = (w.stopped_since or now) if stopped else 0.0
+        return bool(holders) and all(w.stopped_since and now - w.stopped_since >= after for w in holders)
+
     # ---- the pump --------------------------------------------------------------
 
     def _pump(self) -> None:
@@ -952,8 +1018,19 @@ class Driver:
         pipes: dict[int, _Worker] = {}
         try:
             self._pump_loop(poller, pipes)
+        except BaseException as exc:  # never silently: every caller learns at once
+            log.critical("the pump thread died", exc_info=True)
+            broken = RuntimeBrokenError(f"the runtime's pump thread died: {exc!r}")
+            broken.__cause__ = exc
+            try:
+                self.break_runtime(broken)
+            except BaseException:
+                log.exception("failing the jobs of a broken runtime")
         finally:
-            self._deliver_ready()
+            try:
+                self._deliver_ready()
+            except BaseException:
+                log.exception("delivering the last outcomes")
             for w in [*pipes.values(), *self._new_pipes]:
                 with w.reader, self._lock:  # not while a caller reads it (wait_direct)
                     self._end_pipe_locked(w)
@@ -965,6 +1042,7 @@ class Driver:
         beats = itertools.count()
         interval = self.config.heartbeat_interval
         last_reap = 0.0
+        timed = False
         while True:
             handshaking = self._handshaking()
             wait = 1.0 if handshaking else min(100.0, interval * 1000)
@@ -991,6 +1069,8 @@ class Driver:
                     poller.register(w.pipe.fileno(), self._pipe_events(w))  # type: ignore[union-attr]
             if self._holding:
                 wait = min(wait, self._release_stale() * 1000)
+            if timed:
+                wait = min(wait, REAP_PERIOD * 1000)
             if self._backlogged:
                 self._flush_pipes(poller)
             events = dict(poller.poll(int(wait) + (1 if wait else 0)))
@@ -1061,6 +1141,7 @@ class Driver:
             if now - last_reap >= REAP_PERIOD:
                 last_reap = now
                 self._reap_dead()
+                timed = self._expire_overdue(now)
             if self._deliveries:
                 self._deliver_ready()
 
@@ -1083,8 +1164,12 @@ class Driver:
                     raise PipeError("a caller read a frame above max_frame")
                 frames = w.pipe.recv()
             except PipeError:
-                log.warning("worker %s sent a frame above max_frame: closing its pipe", w.id)
+                # A worker never sends one (it turns a result too large into an error): a bug or
+                # an attack. Its stream cannot be trusted past it: kill it; its tasks are settled
+                # by the crash rules, and it is replaced.
+                log.warning("worker %s sent a frame above max_frame: killing it", w.id)
                 self.frames_dropped += 1
+                self._kill_soon(w)
                 frames = None
             except OSError:
                 frames = None
@@ -1096,6 +1181,50 @@ class Driver:
                     self._end_pipe_locked(w)
                 return
             self._handle_pipe_frames(w, frames)
+
+    def _kill_soon(self, w: _Worker) -> None:
+        """SIGKILL a local worker from a helper thread (killing its tree may wait for it)."""
+        threading.Thread(target=self._supervisor.kill, args=(w.id,), daemon=True, name="phalanx-kill").start()
+
+    def _expire_overdue(self, now: float) -> bool:
+        """Kill workers whose running task overran ``timeout + abort_grace`` (pump thread).
+
+        The worker enforces a task's timeout itself, but cannot when the task
+        holds the GIL in C code or the process is frozen (SIGSTOP): then the
+        driver does. A worker runs the tasks it holds in order, so only the
+        first one runs; its clock starts when it became first (at the latest
+        when it started). Its outcome is TaskTimeoutError (see ``_on_exit``);
+        the other tasks the worker held are redelivered uncharged. True while
+        a task with a timeout is in flight (the pump then looks often).
+        """
+        grace = self.config.abort_grace
+        timed = False
+        overdue: list[_Worker] = []
+        with self._lock:
+            for w in self._workers.values():
+                if not w.alive or w.expired is not None or not w.inflight:
+                    continue
+                task = next(iter(w.inflight.values()))
+                timeout = getattr(task.msg, "timeout", 0.0)
+                if timeout <= 0:
+                    continue
+                timed = True
+                if now - w.head_since < timeout * task.items + grace + EXPIRY_SLACK:
+                    continue
+                w.expired = (task.job, task.seq)
+                w.free = 0
+                self._remove_live_locked(w)
+                if w.remote:
+                    self._stop_locked(w)
+                overdue.append(w)
+        for w in overdue:
+            log.warning("worker %s ran a task past its timeout and abort_grace: killing it", w.id)
+            if w.remote:  # not ours to kill: it is told to stop, and lost for the driver
+                threading.Thread(target=self._on_exit, args=(w.id, None, True), daemon=True,
+                                 name="phalanx-lost").start()
+            else:
+                self._kill_soon(w)
+        return timed
 
     def _handle_pipe_frames(self, w: _Worker, frames: list[bytes], filtered: bool = False) -> None:
         ident = w.ident
@@ -1235,7 +1364,7 @@ class Driver:
             self._stop_locked(w)
             return
         try:
-            self._send_raw_locked(w.ident, encode(Welcome(w.id)))
+            self._send_raw_locked(w.ident, encode(Welcome(w.id, self.limits.max_frame)))
         except zmq.ZMQError:
             return  # the inbox is not connected yet: _greet retries
         w.welcomed = True
@@ -1416,6 +1545,7 @@ class Driver:
                 w.seen = time.monotonic()
             if msg.dropped > w.frames_dropped:
                 w.frames_dropped = msg.dropped
+            head = next(iter(w.inflight), None)
             w.busy += msg.busy
             outcomes = self.outcomes
             # Dedupe, late results, credits back, resolution: the core's (phalanx.core.outcomes).
@@ -1426,6 +1556,9 @@ class Driver:
                 self._requeue_locked()
             if outcomes.later:
                 outcomes.arm(time.monotonic())
+            inflight = w.inflight
+            if inflight and next(iter(inflight)) != head:
+                w.head_since = time.monotonic()  # it runs the next task it holds now
             if w.retiring and not w.inflight and w.alive:
                 self._stop_locked(w)
             if self._pending:
@@ -1671,7 +1804,10 @@ class Driver:
             self._unrouted.clear()
             self._changed.notify_all()
         for job in jobs:
-            job.fail(exc)
+            try:
+                job.fail(exc)
+            except BaseException:  # a callback: the other jobs are still told
+                log.exception("failing a job of a broken runtime")
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
         """Stop accepting work, optionally wait for it, stop workers, free everything."""
@@ -1679,9 +1815,11 @@ class Driver:
             if self._closed:
                 return
         if wait and self._broken is None:
-            self.wait_idle(timeout)
+            # Waits for the work, but not for workers frozen (SIGSTOP) shutdown_timeout or more.
+            self.wait_idle(timeout, self.config.shutdown_timeout)
         with self._lock:
             self._closed = True
+            frozen = [w for w in self._workers.values() if w.alive and w.stopped_since]
             jobs = list(self._jobs.values())
             self._jobs.clear()
             self._pending.clear()
@@ -1697,6 +1835,8 @@ class Driver:
         closed = RuntimeClosedError("the runtime was shut down before this job finished")
         for job in jobs:
             job.fail(closed)
+        for w in frozen:  # it cannot obey Stop: not worth waiting shutdown_timeout again
+            self._supervisor.kill(w.id)
         self._supervisor.stop(self.config.shutdown_timeout)
         with self._lock:
             for w in self._workers.values():

@@ -23,6 +23,7 @@ __all__ = [
     "RemoteTraceback",
     "UnknownOperationError",
     "EncodeError",
+    "FrameTooLargeError",
     "DecodeError",
     "ValidationError",
     "ProtocolError",
@@ -100,6 +101,23 @@ class EncodeError(PhalanxError, TypeError):
     """A value cannot be encoded for the wire (raised before anything is sent)."""
 
 
+class FrameTooLargeError(PhalanxError, ValueError):
+    """A value's encoded message is larger than ``max_frame``, the largest frame a peer accepts.
+
+    A ``ValueError``: the value is of a type that can be sent, only too big
+    (an ``OverflowError`` is about arithmetic). ``size`` is the encoded size
+    in bytes, ``limit`` the ``max_frame`` it passed.
+    """
+
+    def __init__(self, message: str, size: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[type[FrameTooLargeError], tuple[str, int, int]]:
+        return (type(self), (str(self), self.size, self.limit))
+
+
 class DecodeError(PhalanxError, ValueError):
     """A payload could not be decoded into the type it was declared as."""
 
@@ -141,15 +159,17 @@ class WorkerCrashedError(PhalanxError, ChildProcessError):
     """A worker process died while it held the task, too many times.
 
     ``exitcode`` is the process exit code; a negative value ``-N`` means it
-    was killed by signal ``N``.
+    was killed by signal ``N``. ``index`` is, for an item of a ``map``, its
+    position in the input (None otherwise).
     """
 
-    def __init__(self, message: str, exitcode: int | None = None) -> None:
+    def __init__(self, message: str, exitcode: int | None = None, index: int | None = None) -> None:
         super().__init__(message)
         self.exitcode = exitcode
+        self.index = index
 
-    def __reduce__(self) -> tuple[type[WorkerCrashedError], tuple[str, int | None]]:
-        return (type(self), (str(self), self.exitcode))
+    def __reduce__(self) -> tuple[type[WorkerCrashedError], tuple[str, int | None, int | None]]:
+        return (type(self), (str(self), self.exitcode, self.index))
 
 
 class WorkerStartError(PhalanxError, RuntimeError):

@@ -19,6 +19,11 @@ control) and join the runtime, serving the worker tags given with ``--tag``
 * SIGTERM or SIGINT stops the workers with a leave signal at once: each tells the
   driver it leaves (Goodbye), so the driver redelivers their tasks without
   waiting for its heartbeat timeout.
+* with ``--keys-from-stdin`` (how ``Runtime(hosts=...)`` and ``slurm=True``
+  start it, over ssh or srun) the keys come as the first line of stdin, never
+  from a file or the command line, and stdin closing (the driver's session
+  ended, the driver died) stops the workers the same way: a thread of this
+  process watches it.
 
 Invariant kept: **no orphans on remote hosts either.** Workers carry the
 parent-death signal and a watchdog tied to this process, and each one exits
@@ -103,6 +108,8 @@ class RemoteOptions(msgspec.Struct, frozen=True, kw_only=True):
     implicit_operations: bool = _CONFIG.implicit_operations
     #: this host's name in the driver's inspect tree and worker ids (None: its hostname)
     host_name: str | None = _CONFIG.host_name
+    #: read the keys from the first line of stdin and stop when stdin closes
+    keys_from_stdin: bool = False
 
 
 class Refused(Exception):
@@ -117,8 +124,10 @@ def _say(message: str) -> None:
 class RemoteSupervisor:
     """Starts, watches and stops the workers of this host (see the module docstring)."""
 
-    def __init__(self, options: RemoteOptions) -> None:
+    def __init__(self, options: RemoteOptions, stdin_keys: tuple[bytes, bytes, bytes] | None = None) -> None:
         self.options = options
+        #: (this host's public, its secret, the driver's public) key, z85, read from stdin
+        self._stdin_keys = stdin_keys
         #: the tags every worker of this host serves
         self.tags: tuple[str, ...] = tuple(dict.fromkeys(check_tag(t) for t in options.tags)) or (DEFAULT_TAG,)
         self.endpoints: Endpoints = connect_endpoints(options.connect)
@@ -132,6 +141,11 @@ class RemoteSupervisor:
 
     def _load_keys(self) -> sockets.Curve | None:
         o = self.options
+        if self._stdin_keys is not None:
+            if o.insecure or o.key or o.server_key:
+                raise ValueError("--keys-from-stdin excludes --insecure, --key and --server-key")
+            public, secret, server = self._stdin_keys
+            return sockets.Curve(public, secret, server)
         if o.insecure:
             if o.key or o.server_key:
                 raise ValueError("--insecure and --key/--server-key exclude each other")
@@ -326,12 +340,38 @@ def _import_all(modules: list[str]) -> str | None:
     return None
 
 
+#: the first word of the line ``--keys-from-stdin`` reads: KEYS_LINE public secret server-public
+KEYS_LINE = "phalanx-keys-1"
+
+
+def _read_stdin_keys() -> tuple[bytes, bytes, bytes]:
+    """The keys on the first line of stdin (ValueError when it is not such a line)."""
+    line = sys.stdin.buffer.readline(512)
+    words = line.split()
+    if len(words) != 4 or words[0] != KEYS_LINE.encode() or any(len(w) != 40 for w in words[1:]):
+        raise ValueError("--keys-from-stdin: the first line of stdin holds no keys"
+                         + (" (stdin closed)" if not line else ""))
+    return words[1], words[2], words[3]
+
+
+def _watch_stdin(sup: RemoteSupervisor, closed: list[bool]) -> None:
+    """Stop ``sup`` when stdin closes: the driver's ssh or srun session ended (thread)."""
+    try:
+        while os.read(sys.stdin.fileno(), 4096):
+            pass
+    except OSError:
+        pass
+    closed.append(True)
+    sup.stop()
+
+
 def main(options: RemoteOptions) -> int:
     """Entry point of ``phalanx worker``: SIGTERM and SIGINT stop it cleanly."""
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())  # --import finds modules next to the user, like python -m
     try:
-        sup = RemoteSupervisor(options)
+        stdin_keys = _read_stdin_keys() if options.keys_from_stdin else None
+        sup = RemoteSupervisor(options, stdin_keys)
     except (ValueError, OSError) as exc:
         print(f"phalanx worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -348,5 +388,11 @@ def main(options: RemoteOptions) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    closed: list[bool] = []
+    if options.keys_from_stdin:
+        threading.Thread(target=_watch_stdin, args=(sup, closed), name="phalanx-stdin", daemon=True).start()
     status = sup.run()
+    if closed and not stopped_by:
+        print("phalanx worker: stdin closed (the driver's session ended): workers stopped",
+              file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED if stopped_by[:1] == [signal.SIGINT] else status

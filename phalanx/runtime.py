@@ -19,7 +19,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import msgspec
 import psutil
@@ -32,6 +32,9 @@ from .driver import Driver, RuntimeStats
 from .directives import Chain, Directive, Fold, IndexedChain, JobHandle, start_job
 from .jobs import MISSING, Future, MapIterator, fold, submit
 from .policy import DEFAULT_TAG, FatalStrategy, RetryStrategy, TaskOptions, check_tag
+
+if TYPE_CHECKING:
+    from .launch import Launch
 
 __all__ = ["Runtime", "JobOptions"]
 
@@ -125,6 +128,12 @@ class Runtime(_RunsDirectives):
     default, is in the configuration table, ``docs/configuration.md``.
     The constructor returns once every worker is connected and ready, or
     raises :class:`~phalanx.WorkerStartError`.
+
+    ``hosts=["host1", "user@host2:22"]`` also starts ``phalanx worker`` on
+    each host over ssh, and ``slurm=True`` on each node of the Slurm
+    allocation with ``srun``, with keys made for this run; the workers of
+    at least ``min_hosts`` hosts are then ready too (see
+    ``docs/multihost.md``, "Running on several hosts").
     ``faults=`` (tests only) applies a :mod:`phalanx.testing` fault plan to
     the runtime's frames and worker processes.
     """
@@ -161,6 +170,12 @@ class Runtime(_RunsDirectives):
         log_level: str | None = None,
         implicit_operations: bool | None = None,
         host_name: str | None = None,
+        hosts: list[str] | None = None,
+        workers_per_host: int | None = None,
+        min_hosts: int | None = None,
+        remote_python: str | None = None,
+        ssh_config: str | None = None,
+        slurm: bool | None = None,
         faults: Any = None,
     ) -> None:
         self.config = Config.load(
@@ -193,16 +208,34 @@ class Runtime(_RunsDirectives):
             log_level=log_level,
             implicit_operations=implicit_operations,
             host_name=host_name,
+            hosts=hosts,
+            workers_per_host=workers_per_host,
+            min_hosts=min_hosts,
+            remote_python=remote_python,
+            ssh_config=ssh_config,
+            slurm=slurm,
         )
         if self.config.log_level:
             from .logs import ensure_configured
 
             ensure_configured(self.config.log_level)
-        self._driver = Driver(self.config)
+        #: the hosts this runtime started itself (hosts=, slurm=True), None otherwise
+        self._launch: Launch | None = None
+        if self.config.launches:
+            from .launch import Launch
+
+            self._launch = Launch(self.config)
+            self.config = msgspec.structs.replace(self.config, listen=self._launch.listen)
+        self._driver = Driver(self.config, self._launch.keys if self._launch is not None else None)
         try:
             self._driver.start_workers(self.config.worker_groups(), self.config.start_timeout)
+            if self._launch is not None:
+                assert self._driver.address is not None
+                self._launch.start(self._driver.address.tasks, self._ready_on, self.config.start_timeout)
         except BaseException:
             self._driver.shutdown(wait=False)
+            if self._launch is not None:
+                self._launch.close()
             raise
         self._actors = ActorSystem(
             self._driver, call_timeout=self.config.actor_timeout,
@@ -218,6 +251,10 @@ class Runtime(_RunsDirectives):
         _advertise(self)
         self._atexit = lambda ref=weakref.ref(self): _shutdown_at_exit(ref)
         atexit.register(self._atexit)
+
+    def _ready_on(self, host: str) -> int:
+        """Ready remote workers of ``host`` (the launch waits for them)."""
+        return sum(1 for w in self._driver.stats().workers if w.remote and w.host == host and w.ready and w.alive)
 
     # ---- work ------------------------------------------------------------------
 
@@ -467,6 +504,8 @@ class Runtime(_RunsDirectives):
         """
         atexit.unregister(self._atexit)
         self._driver.shutdown(wait=wait, timeout=timeout)
+        if self._launch is not None:
+            self._launch.close()  # after the Shutdown broadcast: the hosts are ending already
         if self.faults is not None:
             self.faults.close()
 
@@ -486,6 +525,8 @@ class Runtime(_RunsDirectives):
         if driver is not None and not driver.closed:
             try:
                 driver.shutdown(wait=False)
+                if self._launch is not None:
+                    self._launch.close()
             except Exception:
                 pass
 

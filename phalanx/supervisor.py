@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import socket
 import threading
 import time
@@ -203,6 +204,11 @@ class Supervisor:
         alive = [p for p in procs if p.is_alive()]
         for proc in alive:
             proc.terminate()  # the worker's SIGTERM handler kills its process group
+            if proc.pid is not None:
+                try:
+                    os.kill(proc.pid, signal.SIGCONT)  # a stopped (SIGSTOP) worker handles it too
+                except ProcessLookupError:
+                    pass
         for proc in alive:
             proc.join(1.0)
         for proc in procs:

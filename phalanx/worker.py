@@ -19,8 +19,11 @@ Invariants kept:
   running count rides on every ``Results`` and ``InspectReply``: the driver
   shows it as ``WorkerStats.frames_dropped``); an
   unknown operation, an argument that does not convert, an exception (even
-  ``SystemExit``) in user code, or a result that cannot be encoded becomes an
-  ``Err`` outcome for that task, and the loop goes on.
+  ``SystemExit``) in user code, or a result that cannot be encoded
+  (``EncodeError``) or would make a frame above ``max_frame``
+  (``FrameTooLargeError``) becomes an ``Err`` outcome for that task, and the
+  loop goes on. A map chunk's values that fit only in part go in part (the
+  driver runs the rest again).
 * **One outcome per task.** Every ``Call``/``Chunk`` received gets exactly one
   ``Ok`` or ``Err`` (from the main thread, or from the control thread when it
   timed out or its job was terminated while it ran), which returns its
@@ -64,7 +67,7 @@ import zmq
 
 from .actors.host import ActorHost
 from .core.execute import TaskRunner
-from .errors import EncodeError, ProtocolError, TaskCancelledError, TaskTimeoutError
+from .errors import EncodeError, FrameTooLargeError, ProtocolError, TaskCancelledError, TaskTimeoutError
 from .registry.operations import resolve
 from .transport import sockets
 from .transport.codec import decode_control, decode_inbox, encode, error_info
@@ -544,7 +547,10 @@ class _Loop:
         self.runner = TaskRunner(time.monotonic, self._settle, resolve)
         self.actors = ActorHost(spec.worker_id, self.send_after_outcomes, self.runner.call)
         self.out: list[Outcome] = []
-        self.out_ops: list[str] = []
+        #: the largest frame it sends: its own max_frame, or the driver's if smaller (see Welcome)
+        self.max_send = spec.limits.max_frame
+        #: per outcome in ``out``: its operation's name, and whether it is a map chunk's
+        self.out_ops: list[tuple[str, bool]] = []
         self.busy = 0.0
         self.terminated = _Terminated()
         self.state_lock = threading.Lock()
@@ -603,6 +609,8 @@ class _Loop:
                 self.todo.append(msg)
             elif isinstance(msg, Welcome):
                 self.welcomed = True
+                if 0 < msg.max_frame < self.max_send:
+                    self.max_send = max(4096, msg.max_frame)
             elif isinstance(msg, Stop):
                 self.stopping = True
 
@@ -659,11 +667,10 @@ class _Loop:
             return
         outcomes, ops, busy = self.out, self.out_ops, self.busy
         self.out, self.out_ops, self.busy = [], [], 0.0
-        dropped = self.dropped()
-        try:
-            frame = encode(Results(self.spec.worker_id, outcomes, busy, dropped))
-        except EncodeError:
-            frame = encode(Results(self.spec.worker_id, _encodable(outcomes, ops), busy, dropped))
+        frames = self._result_frames(outcomes, ops, busy)
+        for frame in frames[:-1]:
+            self._send_frame(frame)
+        frame = frames[-1]
         if self.pipe is not None or not sent:
             # A pipe's frame is in the kernel once written: it reaches the driver even if this process dies.
             self._send_frame(frame)
@@ -680,6 +687,86 @@ class _Loop:
         except zmq.NotDone:
             pass
 
+    def _result_frames(self, outcomes: list[Outcome], ops: list[tuple[str, bool]], busy: float) -> list[bytes]:
+        """The Results frames for ``outcomes``: one, unless it would be too large or fails to encode.
+
+        Then each outcome goes in a frame of its own, and one that cannot be
+        sent (unencodable, or above ``max_frame``) becomes an error outcome,
+        so the driver always gets exactly one outcome per task and the worker
+        lives on.
+        """
+        dropped = self.dropped()
+        try:
+            frame = encode(Results(self.spec.worker_id, outcomes, busy, dropped))
+        except (EncodeError, RecursionError):  # RecursionError: a self-referencing or very deep value
+            pass
+        else:
+            if len(frame) <= self.max_send:
+                return [frame]
+        return [self._outcome_frame(outcome, op, splits, busy if i == 0 else 0.0, dropped)
+                for i, (outcome, (op, splits)) in enumerate(zip(outcomes, ops))]
+
+    def _outcome_frame(self, outcome: Outcome, op: str, splits: bool, busy: float, dropped: int) -> bytes:
+        """One outcome's Results frame; an error outcome in its place if it cannot be sent.
+
+        ``splits``: a map chunk's, whose values may go in part: the driver
+        runs the items after a shorter ``Ok`` again (see Driver._resolve_locked),
+        and an item whose own value is too large fails alone.
+        """
+        wid, limit = self.spec.worker_id, self.max_send
+        try:
+            frame = encode(Results(wid, [outcome], busy, dropped))
+        except (EncodeError, RecursionError) as exc:
+            if splits:
+                return self._split_frame(outcome, op, busy, dropped)
+            err: Exception = EncodeError(f"the result of {op} cannot be sent: {exc.__cause__ or exc}")
+        else:
+            if len(frame) <= limit:
+                return frame
+            if splits:
+                return self._split_frame(outcome, op, busy, dropped)
+            err = FrameTooLargeError(
+                f"the result of {op} is {len(frame)} bytes encoded, larger than max_frame={limit}",
+                len(frame), limit)
+        failed = Err(outcome.job, outcome.seq, outcome.attempt, error_info(err))
+        return encode(Results(wid, [failed], busy, dropped))
+
+    def _split_frame(self, outcome: Outcome, op: str, busy: float, dropped: int) -> bytes:
+        """A map chunk's outcome that cannot go whole: the values that fit, or the first one's error."""
+        wid, limit = self.spec.worker_id, self.max_send
+        values = outcome.value if isinstance(outcome, Ok) else (outcome.partial or [])
+        room = limit - len(encode(Results(wid, [Ok(outcome.job, outcome.seq, outcome.attempt, [])], busy, dropped)))
+        room -= 64  # headers of the list and of the error, when there is one
+        used = 0
+        for index, value in enumerate(values):
+            err: Exception | None = None
+            try:
+                size = len(encode(value))
+            except (EncodeError, RecursionError) as exc:
+                err = EncodeError(f"the result of {op} for item {index} of its chunk cannot be sent: "
+                                  f"{exc.__cause__ or exc}")
+            else:
+                if used + size <= room:
+                    used += size
+                    continue
+                if index:
+                    # The values before it fit: they go, the driver runs the rest of the chunk again.
+                    return encode(Results(wid, [Ok(outcome.job, outcome.seq, outcome.attempt, values[:index])],
+                                          busy, dropped))
+                if size > room:
+                    err = FrameTooLargeError(
+                        f"the result of {op} is {size} bytes encoded, larger than max_frame={limit}", size, limit)
+            assert err is not None
+            failed = Err(outcome.job, outcome.seq, outcome.attempt, error_info(err), index, values[:index])
+            return encode(Results(wid, [failed], busy, dropped))
+        # Every value fits: the error itself was too large (its message, arguments or traceback).
+        if isinstance(outcome, Err):
+            info = outcome.error
+            short = ErrorInfo(info.type, info.message[:1000], None, info.traceback[-10000:])
+            return encode(Results(wid, [msgspec.structs.replace(outcome, error=short)], busy, dropped))
+        err = EncodeError(f"the result of {op} cannot be sent")
+        return encode(Results(wid, [Err(outcome.job, outcome.seq, outcome.attempt, error_info(err))], busy, dropped))
+
     def _send_frame(self, frame: bytes) -> None:
         if self.pipe is not None:
             try:
@@ -691,7 +778,15 @@ class _Loop:
         self.outbox.send(frame, 0, copy=len(frame) < sockets.ZERO_COPY_MIN)
 
     def send(self, msg: Any) -> None:
-        self._send_frame(encode(msg))
+        try:
+            frame = encode(msg)
+        except RecursionError as exc:  # a value that contains itself, or nests too deep
+            raise EncodeError(f"cannot encode {type(msg).__name__}: {exc}") from exc
+        if len(frame) > self.max_send:  # the driver would take it for an attack
+            limit = self.max_send
+            raise FrameTooLargeError(f"a {type(msg).__name__} of {len(frame)} bytes is larger than "
+                                     f"max_frame={limit}", len(frame), limit)
+        self._send_frame(frame)
 
     def goodbye(self) -> None:
         """Tell the driver this worker leaves; wait up to GOODBYE_WAIT for its Stop.
@@ -721,7 +816,7 @@ class _Loop:
         self.flush()
         try:
             self.send(msg)
-        except EncodeError as exc:  # e.g. a save() state msgpack cannot carry
+        except (EncodeError, FrameTooLargeError) as exc:  # e.g. a save() state msgpack cannot carry
             if isinstance(msg, ActorState):
                 err = EncodeError(f"the state of actor instance {msg.instance} cannot be sent: {exc}")
                 self.send(ActorState(msg.worker, msg.instance, msg.nonce, None, error_info(err)))
@@ -773,7 +868,7 @@ class _Loop:
                 self.actors.save(task.instance, 0)
             if outcome is not None:
                 self.out.append(outcome)
-                self.out_ops.append(op_name)
+                self.out_ops.append((op_name, isinstance(task, Chunk) and not task.fold))
             # Drop the task now, not when the next one comes: channel ends among its
             # arguments are collected, and what they held goes back to their lease.
             del task, outcome
@@ -793,19 +888,6 @@ class _Loop:
         if self.pipe is not None:
             self.pipe.close()
         self.ctx.destroy(linger=0)
-
-
-def _encodable(outcomes: list[Outcome], ops: list[str]) -> list[Outcome]:
-    """Replace every outcome whose value cannot be encoded by an EncodeError."""
-    fixed: list[Outcome] = []
-    for outcome, op in zip(outcomes, ops):
-        try:
-            encode(outcome)
-        except EncodeError as exc:
-            err = EncodeError(f"result of {op} cannot be sent: {exc.__cause__ or exc}")
-            outcome = Err(outcome.job, outcome.seq, outcome.attempt, error_info(err))
-        fixed.append(outcome)
-    return fixed
 
 
 _spec: WorkerSpec | None = None

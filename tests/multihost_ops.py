@@ -8,6 +8,7 @@ environment names the host it stands for, so results say where they ran.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import phalanx
@@ -69,3 +70,11 @@ def stuck_on(x: int, stuck_host: str, delay: float) -> tuple[int, str]:
     """``slow_where``, except that on host ``stuck_host`` it never returns (its worker must be stopped)."""
     time.sleep(3600 if host() == stuck_host else delay)
     return x * 2, host()
+
+
+@phalanx.operation
+def say(text: str) -> str:
+    """Print ``text`` on the worker's stdout and stderr (a host's output reaches the driver's)."""
+    print(f"{text} on {host()}", flush=True)
+    print(f"{text} on {host()} (stderr)", file=sys.stderr, flush=True)
+    return host()

@@ -72,6 +72,12 @@ CASES: dict[str, Case] = {
     "log_level": Case("DEBUG", "warning", "warning", "LOUD", "LOUD"),
     "implicit_operations": Case(True, "1", True, "1", "2"),
     "host_name": Case("box-1", "box-2", "box-2", "has space", "has space"),
+    "hosts": Case(["h1", "u@h2:22"], "h1, h3", ["h1", "h3"], ["h1", "h1"], "-oProxyCommand=x"),
+    "workers_per_host": Case(4, "2", 2, -1, "x"),
+    "min_hosts": Case(1, "0", 0, -1, "x"),
+    "remote_python": Case("/usr/bin/python3", "/opt/py/bin/python", "/opt/py/bin/python", 5, None),
+    "ssh_config": Case("ssh_config", "other_config", "other_config", 5, None),
+    "slurm": Case(True, "yes", True, "yes", "maybe"),
 }
 
 RUNTIME = [name for name, o in OPTIONS.items() if o.runtime]

@@ -20,6 +20,13 @@ The convention, which every page under ``docs/`` and ``README.md`` follows
   module rather than a program: it is not run, but written as ``NAME.py``
   next to every example of the same page (for examples whose workers
   import a module by name, as ``phalanx worker --import`` does).
+* ``<!-- hosts: ssh N -->`` or ``<!-- hosts: slurm -->`` on the line before
+  a ``python`` block runs it (as root, where network namespaces can be made;
+  skipped, saying why, elsewhere) in the driver namespace of N namespace
+  hosts each running a real ``sshd`` (``PHALANX_SSH_CONFIG`` names hosts
+  ``host1``..``hostN`` there, standing for the reader's ``~/.ssh/config``),
+  or under ``salloc`` in a single-node Slurm started in a namespace; no
+  process may be left on those hosts either.
 * ``<!-- skip: REASON -->`` on the line before a ``python`` block leaves it
   out. Only for blocks that cannot run here (a fragment, a second machine);
   the reason is required, next to the block.
@@ -74,7 +81,7 @@ GRACE = 3.0
 MARKER_ENV = "PHALANX_DOCS_EXAMPLE"
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[^\s`]*)[^`]*$")
-_DIRECTIVE = re.compile(r"^\s*<!--\s*(?P<kind>skip|file|not run)\s*:\s*(?P<arg>.*?)\s*-->\s*$")
+_DIRECTIVE = re.compile(r"^\s*<!--\s*(?P<kind>skip|file|not run|hosts)\s*:\s*(?P<arg>.*?)\s*-->\s*$")
 _PY_ALIASES = {"py", "py3", "python3", "pycon", "ipython", "python2"}
 #: tags of shell blocks: console (``$ `` prompts and output) and plain scripts
 _SHELL = {"console", "sh", "shell", "bash"}
@@ -216,6 +223,49 @@ def test_example_runs(block: Block, tmp_path: Path) -> None:
     _run(block, [sys.executable, "-W", "error", str(script)], tmp_path, _environment(marker), marker)
 
 
+def _left(find: Any, timeout: float = 15.0) -> list[int]:
+    """What ``find()`` still returns after up to ``timeout`` s (sessions end a moment after the driver)."""
+    deadline = time.monotonic() + timeout
+    while (left := find()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return list(left)
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(240, method="signal")
+@pytest.mark.parametrize("block", [b for b in python_blocks() if b.directive == "hosts"], ids=lambda b: b.id)
+def test_example_runs_on_hosts(block: Block, tmp_path: Path) -> None:
+    import netns
+    import slurm_cluster
+    import ssh_hosts
+
+    kind, _, count = block.arg.partition(" ")
+    why = ssh_hosts.unavailable() if kind == "ssh" else slurm_cluster.unavailable()
+    if why is not None:
+        pytest.skip(f"cannot make {kind} hosts here: {why}")
+    for name, code in module_files(block.page).items():
+        (tmp_path / name).write_text(code, encoding="utf-8")
+    script = tmp_path / "example.py"
+    script.write_text(block.code, encoding="utf-8")
+    marker = uuid.uuid4().hex
+    env = _environment(marker)
+    python = [sys.executable, "-W", "error", str(script)]
+    if kind == "ssh":
+        with netns.Hosts(int(count)) as hosts, ssh_hosts.SshHosts(hosts, pythonpath=(str(tmp_path),)) as sshd:
+            env["PHALANX_SSH_CONFIG"] = sshd.ssh_config
+            _run(block, [*hosts.exec_prefix(hosts.driver), *python], tmp_path, env, marker)
+            keep = {p.pid for p in sshd.sshd}
+            left = _left(lambda: [pid for ns in hosts.workers for pid in netns.pids_in(ns) if pid not in keep])
+    else:
+        assert kind == "slurm", f"{block.id}: <!-- hosts: ssh N --> or <!-- hosts: slurm -->, got {block.arg!r}"
+        with netns.Hosts(1) as hosts, slurm_cluster.SlurmCluster(hosts) as slurm:
+            env["SLURM_CONF"] = slurm.env["SLURM_CONF"]
+            _run(block, [*slurm.prefix, "salloc", "--nodes=1", "--cpus-per-task=2", "--quiet", *python],
+                 tmp_path, env, marker)
+            left = _left(lambda: [pid for pid in netns.pids_in(hosts.driver) if pid not in slurm.daemon_pids])
+    assert not left, f"{block.id}: processes left on the hosts: {left}"
+
+
 # --------------------------------------------------------------------------- #
 # Running the shell sessions
 # --------------------------------------------------------------------------- #
@@ -293,6 +343,8 @@ def test_directives_are_well_formed(block: Block) -> None:
     assert block.directive != "not run", f"{block.id}: <!-- not run: --> is for shell blocks; use skip"
     if block.directive == "skip":
         assert len(block.arg) >= 10, f"{block.id}: <!-- skip: ... --> needs a reason the reader can understand"
+    elif block.directive == "hosts":
+        assert re.fullmatch(r"ssh [1-9]|slurm", block.arg), f"{block.id}: <!-- hosts: ssh N | slurm -->"
     else:
         assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*\.py", block.arg), (
             f"{block.id}: <!-- file: NAME.py --> needs a module file name, got {block.arg!r}"

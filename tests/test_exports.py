@@ -119,6 +119,7 @@ def test_every_error_is_exported(cls: type[BaseException]) -> None:
         (phalanx.WorkerStartError, RuntimeError),
         (phalanx.TaskCancelledError, concurrent.futures.CancelledError),
         (phalanx.DecodeError, ValueError),
+        (phalanx.FrameTooLargeError, ValueError),
         (phalanx.ProtocolError, ValueError),
     ],
     ids=lambda v: v.__name__,

@@ -31,10 +31,11 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from ..errors import ActorDiedError, RuntimeBrokenError, WorkerCrashedError
+from ..errors import ActorDiedError, RuntimeBrokenError, TaskTimeoutError, WorkerCrashedError
 from ..policy import FatalStrategy
+from ..transport.codec import error_info
 from ..transport.messages import Chunk, Err, Ok
-from .tasks import SKIPPED, Job, Task
+from .tasks import SKIPPED, Delivery, Job, Task
 
 __all__ = ["Outcomes", "Death", "Holder"]
 
@@ -49,8 +50,8 @@ class Holder(Protocol):
     items: int
     inflight: dict[tuple[int, int], Task]
 
-#: what a worker's death means: (failed (job, seq, error)), tasks to redeliver in order, the break
-Death = tuple[list[tuple[Job, int, BaseException]], list[Task], "BaseException | None"]
+#: what a worker's death means: (failed (job, seq, what to deliver)), tasks to redeliver in order, the break
+Death = tuple[list[tuple[Job, int, Delivery]], list[Task], "BaseException | None"]
 
 
 class Outcomes:
@@ -59,16 +60,18 @@ class Outcomes:
     __slots__ = (
         "jobs", "max_attempts", "restart_limit", "restart_window", "requeue", "later", "timers",
         "_timer_ids", "restarts", "tasks_completed", "items_completed", "tasks_failed", "retried",
-        "skipped", "redelivered", "late_results_dropped", "duplicates_dropped",
+        "skipped", "redelivered", "late_results_dropped", "duplicates_dropped", "abort_grace",
     )
 
     def __init__(self, jobs: dict[int, Job], max_attempts: int, restart_limit: int,
-                 restart_window: float) -> None:
+                 restart_window: float, abort_grace: float = 0.0) -> None:
         #: the job table (shared with the host, which opens and closes jobs)
         self.jobs = jobs
         self.max_attempts = max_attempts
         self.restart_limit = restart_limit
         self.restart_window = restart_window
+        #: seconds a task may overrun its timeout before the driver kills its worker (for messages)
+        self.abort_grace = abort_grace
         #: outbox: tasks to put at the front of their job's tag queue, in this order
         self.requeue: list[Task] = []
         #: outbox: (delay, task) retries not yet armed (see ``arm``)
@@ -126,7 +129,21 @@ class Outcomes:
         """What ``outcome`` of ``task`` (outstanding in ``job``) means: deliver, retry or skip."""
         seq = outcome.seq
         prefix = task.prefix
+        msg = task.msg
         if isinstance(outcome, Ok):
+            if task.rest is not None or (
+                type(msg) is Chunk and not msg.fold and isinstance(outcome.value, list)
+                and len(outcome.value) < task.items
+            ):
+                # Part of a map chunk: split after a crash, or the values that fit in one frame.
+                # The chunk goes on after them (a fresh count of crashes and retries: new items).
+                done = outcome.value
+                self.items_completed += len(done)
+                more = task.resume(len(done), done)
+                more.crashes = more.retries = 0
+                job.outstanding[seq] = more
+                self.requeue.append(more)
+                return None
             del job.outstanding[seq]
             if job.autoclose and not job.outstanding:
                 self.jobs.pop(job.id, None)
@@ -135,7 +152,6 @@ class Outcomes:
             if prefix:
                 return Ok(outcome.job, seq, outcome.attempt, prefix + outcome.value)
             return outcome
-        msg = task.msg
         is_map = isinstance(msg, Chunk) and not msg.fold
         if outcome.transient and job.retry is not None:
             delay = job.retry.delay(task.retries + 1)
@@ -156,14 +172,14 @@ class Outcomes:
                 job.skipped = []
             job.skipped.append((seq, len(prefix or []) + outcome.index, outcome.error))
             self.skipped += 1
-            if outcome.index + 1 >= len(msg.items):
+            if outcome.index + 1 >= len(msg.items) and not task.rest:
                 del job.outstanding[seq]
                 if job.autoclose and not job.outstanding:
                     self.jobs.pop(job.id, None)
                 self.tasks_completed += 1
                 return Ok(outcome.job, seq, outcome.attempt, (prefix or []) + done)
             rest = task.resume(outcome.index + 1, done)
-            rest.retries = 0
+            rest.retries = rest.crashes = 0
             job.outstanding[seq] = rest
             self.requeue.append(rest)
             return None
@@ -206,22 +222,41 @@ class Outcomes:
 
     # ---- deaths ------------------------------------------------------------------
 
+    def fail(self, job: Job, task: Task, exc: BaseException) -> Delivery | None:
+        """What a task the driver fails itself delivers (its worker died too often, or overran its timeout).
+
+        A map chunk's failure goes through the map's rules, as the worker's own
+        errors do: ``Ignore`` skips the item, ``Terminate`` keeps the values before it.
+        """
+        msg = task.msg
+        if isinstance(msg, Chunk) and not msg.fold:
+            return self.resolve(job, task, Err(msg.job, msg.seq, msg.attempt, error_info(exc)))
+        del job.outstanding[task.seq]
+        if job.autoclose and not job.outstanding:
+            self.jobs.pop(job.id, None)
+        return exc
+
     def worker_died(self, worker_id: str, held: Iterable[Task], exitcode: int | None, planned: bool,
-                    now: float) -> Death:
+                    now: float, expired: tuple[int, int] | None = None) -> Death:
         """A worker that held ``held`` (in the order it got them) is gone.
 
         A crash is charged only to the task it was running, the first it held
         (workers run tasks in order), and only if the death was not planned
-        (retired, lost, left, ended itself). An actor call is not idempotent:
+        (retired, lost, left, ended itself); a map chunk of several items is
+        split instead, until the crash is one item's. ``expired``: the task
+        the driver killed the worker for (it overran ``timeout + abort_grace``)
+        fails with :class:`TaskTimeoutError`. An actor call is not idempotent:
         it fails with :class:`ActorDiedError`, never runs twice. A task
         charged ``max_attempts`` crashes fails with :class:`WorkerCrashedError`.
+        Failures of map chunks go through ``resolve`` (``Ignore`` skips the
+        item), which may leave tasks in ``requeue``.
         """
-        failed: list[tuple[Job, int, BaseException]] = []
+        failed: list[tuple[Job, int, Delivery]] = []
         requeue: list[Task] = []
         jobs = self.jobs
-        head = True
+        first = True
         for task in held:
-            charge, head = head and not planned, False
+            head, first = first, False
             job = jobs.get(task.job)
             if job is None or job.outstanding.get(task.seq) is not task:
                 continue
@@ -230,18 +265,29 @@ class Outcomes:
                 failed.append((job, task.seq, ActorDiedError(
                     f"the worker {worker_id} running this call died (exit code {exitcode})")))
                 continue
-            retry = task.retry()
-            if charge:
-                retry.crashes += 1
+            overran = expired == (task.job, task.seq)
+            if head and (overran or not planned) and task.splits:
+                retry = task.split()
+            elif overran:
+                final = self.fail(job, task, TaskTimeoutError(
+                    f"task {task.seq} of job {task.job} ({job.op}) ran longer than its timeout of "
+                    f"{getattr(task.msg, 'timeout', 0.0):g} s and abort_grace of {self.abort_grace:g} s: "
+                    f"its worker {worker_id} was killed"))
+                if final is not None:
+                    failed.append((job, task.seq, final))
+                continue
+            else:
+                retry = task.retry()
+                if head and not planned:
+                    retry.crashes += 1
             if retry.crashes >= self.max_attempts:
-                del job.outstanding[task.seq]
-                if job.autoclose and not job.outstanding:
-                    jobs.pop(job.id, None)
-                failed.append((job, task.seq, WorkerCrashedError(
+                final = self.fail(job, task, WorkerCrashedError(
                     f"the worker running task {task.seq} of job {task.job} ({job.op}) died "
                     f"{retry.crashes} times; last exit code {exitcode}"
                     + (f" (signal {-exitcode})" if exitcode is not None and exitcode < 0 else ""),
-                    exitcode)))
+                    exitcode))
+                if final is not None:
+                    failed.append((job, task.seq, final))
                 continue
             job.outstanding[task.seq] = retry
             requeue.append(retry)

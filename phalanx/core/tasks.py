@@ -43,7 +43,9 @@ class Task(msgspec.Struct, gc=False):
 
     ``crashes`` counts worker deaths charged to it, ``retries`` transient
     retries; ``prefix`` holds values of a map chunk's items already done
-    before a retry or a skip, so the chunk resumes where it failed.
+    before a retry or a skip, so the chunk resumes where it failed; ``rest``
+    the items held back when a map chunk was split after a crash (they run
+    once ``msg.items`` is done: see :meth:`split`).
 
     Untracked by the garbage collector (``gc=False``; it refers to no object
     that refers back to it): tens of thousands may be in flight, and each
@@ -57,6 +59,7 @@ class Task(msgspec.Struct, gc=False):
     crashes: int = 0
     retries: int = 0
     prefix: list[Any] | None = None
+    rest: list[Any] | None = None
     #: the job's on_dispatch accepted it (a Future is running): never ask twice
     claimed: bool = False
     #: when it started waiting, pending, with no live worker of its tag (-1: it is not)
@@ -81,7 +84,7 @@ class Task(msgspec.Struct, gc=False):
 
     def _copy(self, msg: Call | Chunk | ActorCall, items: int) -> Task:
         task = Task(msg, encode(msg), items)
-        task.crashes, task.retries, task.prefix = self.crashes, self.retries, self.prefix
+        task.crashes, task.retries, task.prefix, task.rest = self.crashes, self.retries, self.prefix, self.rest
         return task
 
     def retry(self) -> Task:
@@ -93,9 +96,32 @@ class Task(msgspec.Struct, gc=False):
         msg = self.msg
         assert isinstance(msg, Chunk)
         rest = msg.items[start:]
+        later = self.rest
+        if not rest and later:
+            rest, later = later, None  # the items held back by a split come next
         task = self._copy(msgspec.structs.replace(msg, attempt=self.attempt + 1, items=rest), len(rest))
         task.prefix = (self.prefix or []) + done
+        task.rest = later
         return task
+
+    def split(self) -> Task:
+        """A map chunk after a crash: its first half as the next attempt, the other half after it.
+
+        Bisecting down to the item charges a crash to the one item that
+        causes it; the innocent items run again uncharged.
+        """
+        msg = self.msg
+        assert isinstance(msg, Chunk)
+        half = len(msg.items) // 2
+        task = self._copy(msgspec.structs.replace(msg, attempt=self.attempt + 1, items=msg.items[:half]), half)
+        task.rest = msg.items[half:] + (self.rest or [])
+        return task
+
+    @property
+    def splits(self) -> bool:
+        """A map chunk (not a fold's) of more than one item."""
+        msg = self.msg
+        return isinstance(msg, Chunk) and not msg.fold and len(msg.items) > 1
 
 
 class Job:

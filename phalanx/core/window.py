@@ -26,11 +26,12 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from ..errors import WorkerCrashedError
 from ..transport.codec import encode, rebuild_error
 from ..transport.messages import Chunk, Ok
 from .tasks import SKIPPED, Delivery, Job, Task
 
-__all__ = ["MapWindow", "ChunkSizer", "outcome_error", "WAIT", "READY", "FAILED", "ENDED", "COMPLETE",
+__all__ = ["MapWindow", "ChunkSizer", "outcome_error", "at_index", "WAIT", "READY", "FAILED", "ENDED", "COMPLETE",
            "MAX_AUTO_CHUNK", "RAMP_TARGET"]
 
 #: largest automatic chunk
@@ -40,6 +41,15 @@ RAMP_TARGET = 0.02
 
 #: what ``MapWindow.step`` asks of its host
 WAIT, READY, FAILED, ENDED, COMPLETE = range(5)
+
+
+def at_index(exc: BaseException, index: int) -> BaseException:
+    """A map item's WorkerCrashedError, naming the item (the driver only knows its place in a chunk)."""
+    if isinstance(exc, WorkerCrashedError) and exc.index is None:
+        named = WorkerCrashedError(f"item {index} of the input: {exc}", exc.exitcode, index)
+        named.__cause__ = exc.__cause__
+        return named
+    return exc
 
 
 def outcome_error(outcome: Delivery) -> BaseException:
@@ -183,7 +193,8 @@ class MapWindow:
             values, exc = [], outcome
         else:
             values, exc = self.convert_chunk(outcome.partial or [], seq)
-            exc = exc or outcome_error(outcome)
+            # The failed item's error, naming its input index when the driver raised it.
+            exc = exc or at_index(rebuild_error(outcome.error), self.starts.get(seq, 0) + outcome.index)
         drop: int | None = None
         if self.ordered:
             if exc is not None:
@@ -241,7 +252,8 @@ class MapWindow:
     def skipped(self) -> list[tuple[int, BaseException]]:
         """``(input index, error)`` of every item dropped under ``on_fatal=Ignore``, in input order."""
         return sorted(
-            ((self.starts.get(seq, 0) + index, rebuild_error(info)) for seq, index, info in self.job.skipped or ()),
+            ((self.starts.get(seq, 0) + index, at_index(rebuild_error(info), self.starts.get(seq, 0) + index))
+             for seq, index, info in self.job.skipped or ()),
             key=lambda pair: pair[0],
         )
 

@@ -415,6 +415,7 @@ class SimRuntime:
             self._counters["worker_deaths"] += 1
         failed, requeue, broken = self.outcomes.worker_died(w.id, w.inflight.values(), exitcode, planned, self.now)
         self.routing.requeue(requeue, self.now)
+        self._after_resolve()  # what a failed map chunk left to do, under Ignore
         self._record("exit", w.id, exitcode, "lost" if lost else ("planned" if planned else "crash"))
         self._dispatch()
         for job, seq, exc in failed:

@@ -7,7 +7,10 @@ keys). Keys are ZeroMQ certificate files: ``NAME.key`` holds the public key,
 Invariant kept: over TCP the driver accepts only peers whose public key is in
 its ``authorized_keys`` directory; every other peer (no key, wrong key,
 plaintext) is refused during the handshake, before any frame of theirs is
-read, and the refusal is logged as a warning.
+read, and the refusal is logged as a warning. A runtime that starts its own
+hosts (``hosts=``, ``slurm=True``) also accepts the public keys it made for
+them (:class:`RunKeys`), held in memory only: no key of such a run is ever
+written to a file.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-__all__ = ["generate", "load_secret", "load_public", "Authenticator", "KeyPair"]
+__all__ = ["generate", "load_secret", "load_public", "Authenticator", "KeyPair", "RunKeys", "new_pair"]
 
 log = logging.getLogger("phalanx.auth")
 
@@ -50,22 +53,51 @@ def load_public(path: str) -> bytes:
     return public
 
 
-class Authenticator(ThreadAuthenticator):
-    """ZAP handler that accepts the CURVE keys of a directory and logs refusals."""
+def new_pair() -> KeyPair:
+    """A fresh (public, secret) CURVE key pair, z85, in memory."""
+    return zmq.curve_keypair()
 
-    def __init__(self, context: zmq.Context[Any], authorized_keys: str) -> None:
+
+class RunKeys:
+    """The keys a runtime makes for one run: its own pair and the public keys of the hosts it starts.
+
+    Never written to a file; a host gets its secret over the channel that starts it.
+    """
+
+    def __init__(self, server: KeyPair) -> None:
+        self.server = server
+        #: public keys (z85) of the hosts this run started
+        self.authorized: set[bytes] = set()
+
+    def __repr__(self) -> str:  # never the secret
+        return f"RunKeys(server={self.server[0].decode('ascii')[:8]}..., hosts={len(self.authorized)})"
+
+
+class Authenticator(ThreadAuthenticator):
+    """ZAP handler that accepts the CURVE keys of a directory (and those of a run) and logs refusals."""
+
+    def __init__(self, context: zmq.Context[Any], authorized_keys: str | None,
+                 run_keys: RunKeys | None = None) -> None:
         super().__init__(context, log=logging.getLogger("phalanx.auth.zap"))
-        if not os.path.isdir(authorized_keys):
+        if authorized_keys is not None and not os.path.isdir(authorized_keys):
             raise ValueError(f"authorized_keys must be a directory of .key files, got {authorized_keys!r}")
         self.authorized_keys = authorized_keys
+        self.run_keys = run_keys
 
     def start(self) -> None:
         super().start()
-        self.configure_curve(domain="*", location=self.authorized_keys)
+        if self.authorized_keys is not None:
+            self.configure_curve(domain="*", location=self.authorized_keys)
+        else:
+            self.certs["*"] = {}
+        if self.run_keys is not None:
+            # The run's hosts: the same table configure_curve fills, from memory (set before any host starts).
+            self.certs["*"].update(dict.fromkeys(self.run_keys.authorized, True))
 
     async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
         allowed, reason = await super()._authenticate_curve(domain, client_key)
         if not allowed:
             key = z85.encode(client_key).decode("ascii") if len(client_key) == 32 else repr(client_key)
-            log.warning("refused a peer: CURVE key %s... is not in %s", key[:12], self.authorized_keys)
+            where = self.authorized_keys if self.authorized_keys is not None else "this run's host keys"
+            log.warning("refused a peer: CURVE key %s... is not in %s", key[:12], where)
         return allowed, reason

@@ -126,9 +126,15 @@ class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
 
 
 class Welcome(_Msg, frozen=True):
-    """First message on a worker's inbox: the driver can route to it."""
+    """First message on a worker's inbox: the driver can route to it.
+
+    ``max_frame``: the largest frame the driver accepts (0: not said); a
+    worker sends none larger, whatever its own limit (a larger one would be
+    taken for an attack).
+    """
 
     worker: str
+    max_frame: int = 0
 
 
 class Call(_Msg, frozen=True):
