@@ -497,3 +497,37 @@ def test_a_result_for_a_closed_job_is_late_and_one_for_a_task_the_worker_never_h
     out: list[tuple[Job, int, Any]] = []
     assert o.take(w, [Ok(1, 0, 0, 1), Ok(1, 5, 0, 1), Ok(9, 0, 0, 1)], out) == 2
     assert out == [] and o.late_results_dropped == 1 and w.free == 1
+
+
+# ---- a crash in a map chunk is split down to its item; a task the driver timed out ----------
+
+
+def test_a_crashing_map_chunk_is_split_not_charged_until_the_crash_is_one_item_s() -> None:
+    o = core(max_attempts=1)
+    job = open_job(o)
+    task = chunk(job, 0, [0, 1, 2, 3])
+    failed, (half,), _ = o.worker_died("w1", [task], -9, planned=False, now=0.0)
+    assert failed == [] and isinstance(half.msg, Chunk)
+    assert (half.msg.items, half.rest, half.crashes) == ([0, 1], [2, 3], 0)
+    # The first half comes back whole: the rest of the chunk goes on, a fresh task.
+    assert o.resolve(job, half, Ok(1, 0, 1, ["a", "b"])) is None
+    (more,) = o.take_requeue()
+    assert isinstance(more.msg, Chunk) and more.msg.items == [2, 3] and more.prefix == ["a", "b"]
+    # It crashes again: split again; the lone item 3 crashing is charged and, at max_attempts=1, fails.
+    _, (quarter,), _ = o.worker_died("w2", [more], -9, planned=False, now=1.0)
+    assert o.resolve(job, quarter, Ok(1, 0, 3, ["c"])) is None
+    (last,) = o.take_requeue()
+    failed, requeue, _ = o.worker_died("w3", [last], -9, planned=False, now=2.0)
+    ((_, _, final),) = failed
+    assert requeue == [] and isinstance(final, Err) and final.index == 3 and final.partial == ["a", "b", "c"]
+
+
+def test_a_call_whose_worker_the_driver_killed_for_overrunning_fails_with_task_timeout_error() -> None:
+    o = core()
+    o.abort_grace = 2.0
+    job = open_job(o, autoclose=True)
+    task = call(job, 0)
+    failed, requeue, broken = o.worker_died("w1", [task], None, planned=True, now=0.0, expired=(1, 0))
+    ((_, _, exc),) = failed
+    assert requeue == [] and broken is None and o.jobs == {}
+    assert isinstance(exc, phalanx.TaskTimeoutError) and "abort_grace of 2 s" in str(exc)
