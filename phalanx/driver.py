@@ -1752,7 +1752,7 @@ class Driver:
         ``internal_error``) once the other outcomes are delivered.
         """
         i, end = 0, len(ready)
-        failed: list[tuple[Job, Exception]] = []
+        failed: list[tuple[Job, Exception]] | None = None
         while i < end:
             job, seq, final = ready[i]
             many = job.deliver_many
@@ -1769,6 +1769,8 @@ class Driver:
                 i = j
                 many(batch)
             except Exception as exc:
+                if failed is None:
+                    failed = []
                 failed.append((job, exc))
         if failed:
             broken = self.internal_error(failed[0][1], "delivering an outcome")
