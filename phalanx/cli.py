@@ -87,17 +87,22 @@ DEMO_WORDS = 200_000
 _DEMO_DESCRIPTION = """\
 Run a short self-checking demonstration of the runtime on this machine.
 
-It starts a Runtime with N worker processes and runs two jobs:
+It starts a Runtime with N worker processes and runs four parts:
 
   1. Monte Carlo estimate of pi: the samples are split into batches, one task
      per batch (Runtime.map, streamed in order), and the hit counts summed.
   2. Word count: deterministic pseudo-random documents are counted on the
      workers (Runtime.map), then the per-document counts are merged with an
      associative combine (Runtime.fold, exactly n-1 combines).
+  3. A worker SIGKILLed in the middle of a map: it is replaced, what it held
+     is sent again, and every result still arrives exactly once, in order.
+  4. Hot restart: a stateful actor moves to another worker process, its
+     state handed over by save() and restore() (needs 2 workers).
 
 It prints the results, checks them against values computed in this process,
-and ends with a summary: wall time and tasks/s per part, and tasks, busy
-seconds and utilisation per worker. Exit status is 0 when every check passes,
+and ends with a summary: wall time and tasks/s per part, and chunks (task
+messages), items (the inputs they carried), busy seconds and utilisation
+per worker. Exit status is 0 when every check passes,
 1 otherwise. With the defaults it takes a few seconds on 2 cores.
 """
 
@@ -375,7 +380,7 @@ def _run_script(args: argparse.Namespace, slurm: bool = False) -> int:
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(
-        summary="run a short self-checking demo (Monte Carlo pi, word-count fold)",
+        summary="run a short self-checking demo (pi, word-count fold, a worker killed mid-map, hot restart)",
         description=_DEMO_DESCRIPTION,
         configure=_configure_demo,
         handler=_run_demo,

@@ -8,14 +8,16 @@ Which process runs what
     ┌───────────────────────────────────────┐  tasks   ┌────────────────────────┐
     │ run(): build inputs, rt.map / rt.fold │ ───────▶ │ pi_batch([seed, n])    │
     │ consume the ordered result stream,    │          │ count_words(doc)       │
-    │ progress bar, checks, summary         │ ◀─────── │ merge_counts(a, b)     │
+    │ SIGKILL a worker mid-map, hot-restart │          │ merge_counts(a, b)     │
+    │ an actor; progress, checks, summary   │ ◀─────── │ crunch(x), Tally actor │
     └───────────────────────────────────────┘ results  └────────────────────────┘
 
-:func:`run` runs in the driver.  The three *operations* (:func:`pi_batch`,
-:func:`count_words`, :func:`merge_counts`) are module-level functions
-registered with :func:`phalanx.operation`; workers resolve them by name
-(``phalanx.demo:pi_batch`` ...) by importing this module, so they must stay at
-module level and this module must import without side effects.
+:func:`run` runs in the driver.  The *operations* (:func:`pi_batch`,
+:func:`count_words`, :func:`merge_counts`, :func:`crunch`) and the actor
+class :class:`Tally` are module-level and registered with
+:func:`phalanx.operation` / :func:`phalanx.actor`; workers resolve them by
+name (``phalanx.demo:pi_batch`` ...) by importing this module, so they must
+stay at module level and this module must import without side effects.
 
 Parts
 -----
@@ -27,12 +29,21 @@ Parts
    is cut into documents of :data:`DOC_WORDS` words; each document is counted
    on a worker, then the per-document counts are merged by the associative
    :func:`merge_counts` (exactly n-1 combines).
+3. *A worker killed mid-map* (what sets phalanx apart): while ``Runtime.map``
+   streams :func:`crunch` results, the demo SIGKILLs a worker; the runtime
+   starts a replacement and sends again what the dead worker held, and every
+   result arrives once, in order.
+4. *Hot restart* of an actor: a :class:`Tally` actor with state moves to
+   another worker process (``ActorRef.restart``); ``save()`` hands its state
+   to ``restore()`` there and the next call sees it.
 
 Checks (exit status 1 if any fails): every task returned a result; the
 first and last pi batches equal a local recomputation (so results are
 correct and in order); the estimate lies within 6 standard deviations of
 pi; the folded word counts equal a local count and their total equals the
-number of generated words.
+number of generated words; after the kill, every crunch result arrived
+exactly once and in order, and a worker was replaced; the actor runs in
+another process after its hot restart, with its state.
 
 Arguments and results are plain ints, strs, lists and dicts, so they
 travel as msgpack (no pickle).
@@ -42,7 +53,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import random
+import signal
 import sys
 import time
 from collections import Counter
@@ -50,13 +63,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO, TypeVar
 
+import msgspec
+
 import phalanx
 
 __all__ = [
     "DOC_WORDS",
     "PI_BATCHES",
     "VOCABULARY",
+    "Tally",
+    "TallyState",
     "count_words",
+    "crunch",
     "make_documents",
     "merge_counts",
     "pi_batch",
@@ -70,6 +88,8 @@ PI_BATCHES = 200
 DOC_WORDS = 1000
 #: Seed of the text generator, so every run counts the same text.
 TEXT_SEED = 0
+#: Parts of the demo, for the "[k/N]" headings.
+PARTS = 4
 #: Upper bound, in seconds, for each blocking map/fold call (no hang).
 CALL_TIMEOUT = 120.0
 
@@ -128,6 +148,47 @@ def merge_counts(lower: dict[str, int], upper: dict[str, int]) -> dict[str, int]
     for word, count in upper.items():
         merged[word] = merged.get(word, 0) + count
     return merged
+
+
+@phalanx.operation
+def crunch(x: int) -> int:
+    """A small deterministic task that takes a few milliseconds (the crash part's work)."""
+    time.sleep(0.002)
+    return x * x + 1
+
+
+class TallyState(msgspec.Struct):
+    """What a :class:`Tally` hands from one instance to the next (hot restart)."""
+
+    total: int
+    calls: int
+
+
+@phalanx.actor
+class Tally:
+    """A stateful actor: a running total, and the process it runs in."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.calls = 0
+
+    def add(self, x: int) -> int:
+        self.total += x
+        self.calls += 1
+        return self.total
+
+    def where(self) -> list[int]:
+        """``[pid, total, calls]``: which process holds which state."""
+        return [os.getpid(), self.total, self.calls]
+
+    def save(self) -> TallyState:
+        return TallyState(self.total, self.calls)
+
+    @classmethod
+    def restore(cls, state: TallyState) -> Tally:
+        obj = cls.__new__(cls)
+        obj.total, obj.calls = state.total, state.calls
+        return obj
 
 
 # --------------------------------------------------------------------------- inputs
@@ -240,7 +301,7 @@ def _run_pi(
 ) -> _Part:
     tasks = pi_tasks(samples)
     print(
-        f"\n[1/2] Monte Carlo pi: {samples:,} samples in {len(tasks)} tasks (Runtime.map)",
+        f"\n[1/{PARTS}] Monte Carlo pi: {samples:,} samples in {len(tasks)} tasks (Runtime.map)",
         file=out,
     )
     start = time.perf_counter()
@@ -270,7 +331,7 @@ def _run_words(
 ) -> list[_Part]:
     docs = make_documents(words)
     print(
-        f"\n[2/2] word count: {words:,} words in {len(docs)} documents "
+        f"\n[2/{PARTS}] word count: {words:,} words in {len(docs)} documents "
         "(Runtime.map, then Runtime.fold)",
         file=out,
     )
@@ -298,6 +359,65 @@ def _run_words(
     ]
 
 
+def _run_crash(
+    rt: phalanx.Runtime, items: int, checks: _Checks, out: TextIO
+) -> _Part:
+    print(
+        f"\n[3/{PARTS}] a worker SIGKILLed in the middle of a map: {items:,} items (Runtime.map)",
+        file=out,
+    )
+    before = rt.stats()
+    workers = rt.n_workers
+    start = time.perf_counter()
+    results: list[int] = []
+    victim = 0
+    for value in rt.map(crunch, range(items), chunksize=4, timeout=CALL_TIMEOUT):
+        results.append(value)
+        if len(results) == items // 4:
+            victim = max(rt.worker_pids().values())
+            os.kill(victim, signal.SIGKILL)
+            print(f"  killed worker process {victim} after {len(results)} of {items} results", file=out)
+    wall = time.perf_counter() - start
+    rt.wait_for_workers(workers, timeout=CALL_TIMEOUT)  # the replacement is ready
+    after = rt.stats()
+    redelivered = after.redelivered - before.redelivered
+    restarts = after.worker_restarts - before.worker_restarts
+    print(
+        f"  the runtime started a replacement ({restarts} worker restart(s)) and sent again the "
+        f"{redelivered} chunk(s) the dead worker held",
+        file=out,
+    )
+    checks.check(victim > 0, "a worker was killed mid-map")
+    checks.check(
+        results == [crunch(x) for x in range(items)],
+        f"all {items:,} results arrived exactly once, in order, despite the kill",
+    )
+    checks.check(restarts >= 1, "the killed worker was replaced")
+    return _Part("crash (map)", items, wall)
+
+
+def _run_hot_restart(rt: phalanx.Runtime, checks: _Checks, out: TextIO) -> None:
+    print(f"\n[4/{PARTS}] hot restart: an actor moves to another process with its state", file=out)
+    tally = rt.spawn(Tally)
+    try:
+        for x in range(1, 11):
+            tally.add(x).result(timeout=CALL_TIMEOUT)
+        pid, total, calls = tally.where().result(timeout=CALL_TIMEOUT)
+        print(f"  Tally on worker {tally.worker} (pid {pid}): total {total} after {calls} calls", file=out)
+        moved = tally.restart(timeout=CALL_TIMEOUT)
+        new_pid, new_total, new_calls = tally.where().result(timeout=CALL_TIMEOUT)
+        print(
+            f"  restarted on worker {tally.worker} (pid {new_pid}): total {new_total} after {new_calls} calls; "
+            f"save() handed the state to restore() there",
+            file=out,
+        )
+        after = tally.add(45).result(timeout=CALL_TIMEOUT)
+        checks.check(moved and new_pid != pid, "the actor now runs in another process")
+        checks.check((new_total, new_calls, after) == (total, calls, 100), "its state came along (55, then 55 + 45)")
+    finally:
+        tally.stop()
+
+
 def _print_summary(
     rt: phalanx.Runtime, parts: Sequence[_Part], wall: float, out: TextIO
 ) -> None:
@@ -308,6 +428,12 @@ def _print_summary(
         print(f"  {part.name:<14}{part.tasks:>8}{part.wall:>9.2f}{rate:>10,.0f}", file=out)
     total_tasks = sum(part.tasks for part in parts)
     print(f"  {'total':<14}{total_tasks:>8}{wall:>9.2f}{total_tasks / wall:>10,.0f}", file=out)
+    print(
+        "\n  A map sends its items (inputs) to the workers in chunks: one chunk is one task\n"
+        "  message carrying several items, so a worker's 'chunks' counts messages and its\n"
+        "  'items' the inputs they carried (a fold chunk of k items makes k-1 combines).",
+        file=out,
+    )
 
     # The runtime batches items into chunks: a worker's ``tasks`` counts chunks
     # (messages), its ``items`` the inputs they carried (a fold chunk of k items
@@ -327,7 +453,8 @@ def _print_summary(
         )
     print(
         f"  runtime stats: {stats.tasks_completed} chunks completed, "
-        f"{stats.items_completed} items, {stats.redelivered} redelivered",
+        f"{stats.items_completed} items, {stats.redelivered} chunks redelivered after the kill, "
+        f"{stats.worker_restarts} worker(s) replaced",
         file=out,
     )
 
@@ -336,12 +463,14 @@ def run(
     workers: int | None = None,
     samples: int = 2_000_000,
     words: int = 200_000,
+    crash_items: int = 400,
     progress: bool = True,
     out: TextIO | None = None,
 ) -> int:
     """Run the demo in this (driver) process; return 0 if every check passed, else 1.
 
-    ``workers=None`` uses one worker per usable CPU.  ``progress=False``
+    ``workers=None`` uses one worker per usable CPU.  ``crash_items`` is the
+    length of the map during which a worker is killed.  ``progress=False``
     suppresses progress bars and progress lines.  Output goes to ``out``
     (default: ``sys.stdout``).
     """
@@ -357,6 +486,11 @@ def run(
         )
         parts = [_run_pi(rt, samples, progress, checks, out)]
         parts += _run_words(rt, words, progress, checks, out)
+        parts.append(_run_crash(rt, crash_items, checks, out))
+        if rt.n_workers > 1:
+            _run_hot_restart(rt, checks, out)
+        else:
+            print(f"\n[4/{PARTS}] hot restart: skipped (it needs 2 workers to move between)", file=out)
         wall = time.perf_counter() - ready
         _print_summary(rt, parts, wall, out)
         closing = time.perf_counter()

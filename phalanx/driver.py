@@ -62,6 +62,8 @@ Invariants kept:
    with a timeout that runs ``timeout + abort_grace`` without an outcome (it
    holds the GIL, its process is frozen) has its worker killed by the driver
    (``_expire_overdue``). Shutdown waits for work, not for frozen workers.
+   Short work is not stranded behind a long task while a worker idles: the
+   tasks queued behind it are taken back, unstarted (``_reclaim_locked``).
 6. **Bad input never kills.** Undecodable frames, frames from unknown
    identities and outcomes for unknown tasks are counted and dropped. An
    exception escaping the runtime's own code is not bad input: it breaks the
@@ -80,6 +82,7 @@ import errno
 import itertools
 import logging
 import os
+import re
 import select
 import socket
 import sys
@@ -111,7 +114,7 @@ from .transport import sockets
 from .transport.codec import decode_driver, encode, error_info
 from .transport.endpoints import Endpoints, local_endpoints, remove_stale_dirs, tcp_endpoints
 from .transport.pipe import FramePipe, PipeError
-from .transport.messages import PROTOCOL_VERSION, Alive
+from .transport.messages import PROTOCOL_VERSION, Alive, Reclaim, Reclaimed
 from .transport.messages import (
     Call,
     Chunk,
@@ -156,6 +159,12 @@ FrameFilter = Callable[[str, bytes, bytes], list[bytes]]
 #: seconds a dead worker's record is kept to validate its late results
 DEAD_WORKER_TTL = 60.0
 
+#: tasks-ROUTER identities whose holder the driver remembers (the oldest are forgotten)
+MAX_HOLDERS = 65536
+
+#: the names of the driver's own (local) workers: no tcp peer may use or claim them
+_LOCAL_ID = re.compile(rb"w\d+\Z")
+
 log = logging.getLogger("phalanx.driver")
 auth_log = logging.getLogger("phalanx.auth")
 
@@ -173,6 +182,10 @@ SPIN_WAIT = 200e-6
 #: longest a task frame for a busy local worker waits to go out with the next ones (seconds);
 #: normally the worker's next outcome releases it much sooner (see _pipe_send_locked)
 HOLD_MAX = 0.002
+
+#: seconds between the pump's looks for tasks queued behind a long one while a worker idles;
+#: a worker's oldest task must stay the same across one look to the next to count as long
+RECLAIM_PERIOD = 0.05
 
 #: seconds past a task's ``timeout + abort_grace`` before the driver kills its worker: the
 #: worker's own kill at that time comes first when it can (a planned exit either way)
@@ -273,6 +286,8 @@ class RuntimeStats(msgspec.Struct, frozen=True):
     channel_messages_dropped: int = 0
     #: channel messages put back for redelivery (nacked, or held by a receiver closed or dead)
     channel_redelivered: int = 0
+    #: tasks a busy worker gave back unstarted, for a worker that idled, and sent again
+    reclaimed: int = 0
 
 
 class _Worker:
@@ -281,7 +296,7 @@ class _Worker:
         "tasks", "items", "busy", "died_at", "retiring", "dispatched",
         "remote", "host", "seen", "stop_sent", "tags", "frames_dropped", "pipe", "pipe_done",
         "reader", "leftover", "broken", "delivering", "deferred", "held", "held_at",
-        "head_since", "expired", "stopped_since",
+        "head_since", "expired", "stopped_since", "key", "oldest", "reclaiming",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -305,6 +320,9 @@ class _Worker:
         #: joined over tcp (not ours to spawn, watch or replace)
         self.remote = False
         self.host = ""
+        #: a remote worker's CURVE key (z85; b"" on an insecure runtime): only frames
+        #: under its identities (plain, "!", "~...") that this key sent are its own
+        self.key: bytes | None = None
         #: last time anything arrived from it (remote workers' liveness)
         self.seen = 0.0
         self.stop_sent = 0.0
@@ -333,6 +351,9 @@ class _Worker:
         self.expired: tuple[int, int] | None = None
         #: since when shutdown found its process stopped (SIGSTOP), 0.0: not stopped
         self.stopped_since = 0.0
+        #: its oldest task in flight at the pump's last look, and whether a Reclaim awaits its answer
+        self.oldest: tuple[int, int] | None = None
+        self.reclaiming = False
 
 
 class Driver:
@@ -367,6 +388,8 @@ class Driver:
         self.dead_worker_ttl = DEAD_WORKER_TTL
         # counters
         self.tasks_submitted = 0
+        #: tasks taken back unstarted from a busy worker and dispatched again (see _reclaim_locked)
+        self.reclaimed = 0
         self.frames_dropped = 0
         self.worker_deaths = 0
         self.worker_restarts = 0
@@ -392,8 +415,9 @@ class Driver:
         #: pump thread: a worker became ready
         self.ready_listeners: list[Callable[[str], None]] = []
         self._inspect_nonces = itertools.count(1)
-        #: builds the inspect tree for clients such as ``phalanx top`` (set by the Runtime)
-        self.inspect_provider: Callable[[float], Any] | None = None
+        #: builds the inspect tree for clients such as ``phalanx top`` (set by the Runtime): a weak
+        #: reference (the pump holds the driver; the runtime must stay collectable), called to get it
+        self.inspect_provider: Callable[[], Callable[[float], Any] | None] | None = None
         self._outgoing: deque[tuple[bytes, bytes]] = deque()
         self._inspect_replies: dict[int, dict[str, InspectReply]] = {}
         #: fault injection (phalanx.testing), None otherwise: ``frame_filter("in", ident, frame)``
@@ -426,6 +450,8 @@ class Driver:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._auth: Any = None
         self._monitors: dict[zmq.Socket[bytes], str] = {}
+        #: tcp identities on the tasks ROUTER -> the key whose Hello arrived there under it
+        self._holders: dict[bytes, bytes] = {}
         self.remote_timeout = config.heartbeat_timeout if config.heartbeat_timeout > 0 else REMOTE_HEARTBEAT_TIMEOUT
         #: the sockets' high-water mark and largest frame (the hwm and max_frame options)
         self.limits = sockets.Limits(config.hwm, config.max_frame)
@@ -968,6 +994,77 @@ class Driver:
                 self.routing.requeue(unsent, time.monotonic())
                 self._remove_live_locked(w)
 
+    def _reclaim_locked(self) -> None:
+        """Take back tasks a busy worker prefetched, unstarted, while a worker of their tag idles.
+
+        A worker whose oldest task is the same as at the last look is asked
+        (Reclaim, on the control PUB) for the tasks queued behind it, as many
+        as idle workers have credits for. It gives back only tasks it will
+        then never run (see the worker's ``_give_back``); its answer puts them
+        back at the front of their queue (``_on_reclaimed``), so each still
+        runs once. Pump thread, every ``RECLAIM_PERIOD``; off the hot path.
+        """
+        idle = [w for w in self._live if not w.inflight and w.free > 0]
+        room: dict[str, int] = {}
+        for w in self._live:
+            if not idle or w.reclaiming or len(w.inflight) < 2:
+                w.oldest = None
+                continue
+            oldest = next(iter(w.inflight))
+            if w.oldest != oldest:
+                w.oldest = oldest  # it may be quick: look again next period
+                continue
+            running = w.inflight[oldest]
+            if running.directed:
+                continue
+            wanted: list[list[int]] = []
+            for key, task in w.inflight.items():
+                job = self._jobs.get(task.job)
+                if key == oldest or task.directed or job is None:
+                    continue
+                free = room.get(job.tag)
+                if free is None:
+                    free = sum(i.free for i in idle if job.tag in i.tags)
+                if free > 0:
+                    wanted.append([task.job, task.seq, task.attempt])
+                room[job.tag] = free - 1 if free > 0 else 0
+            if wanted:
+                try:
+                    self._control.send(encode(Reclaim(w.id, [running.job, running.seq, running.attempt], wanted)),
+                                       zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    continue
+                w.reclaiming = True
+
+    def _on_reclaimed(self, ident: bytes, msg: Reclaimed) -> None:
+        """A worker gave back tasks it will never run: queue them again, at the front (pump thread)."""
+        with self._lock:
+            w = self._workers.get(ident)
+            if w is None or msg.worker != w.id or not w.reclaiming:
+                self.frames_dropped += 1  # unasked: never ours to act on
+                return
+            w.reclaiming = False
+            w.oldest = None
+            back: dict[str, list[Task]] = {}
+            for entry in msg.tasks:
+                if len(entry) != 3:
+                    self.frames_dropped += 1
+                    continue
+                job_id, seq, attempt = entry
+                task = w.inflight.get((job_id, seq))
+                if task is None or task.attempt != attempt:
+                    continue  # already redelivered (its worker died)
+                del w.inflight[(job_id, seq)]
+                if w.alive and not w.retiring:
+                    w.free += 1
+                job = self._jobs.get(job_id)
+                if job is not None and job.outstanding.get(seq) is task:
+                    back.setdefault(job.tag, []).append(task)
+                    self.reclaimed += 1
+            for tag, tasks in back.items():
+                self._enqueue_locked(tag, tasks, front=True)
+            self._dispatch_locked()
+
     def wait_idle(self, timeout: float | None, frozen_after: float | None = None) -> bool:
         """Wait until no task is pending or in flight.
 
@@ -1037,11 +1134,13 @@ class Driver:
 
     def _pump_loop(self, poller: zmq.Poller, pipes: dict[int, _Worker]) -> None:
         results = self._results
+        listening = self.address is not None
         last_sync = 0.0
         last_beat = 0.0
         beats = itertools.count()
         interval = self.config.heartbeat_interval
         last_reap = 0.0
+        last_reclaim = 0.0
         timed = False
         while True:
             handshaking = self._handshaking()
@@ -1087,8 +1186,14 @@ class Driver:
                     self._read_pipe(poller, pipes, w.pipe.fileno(), w)
             if results in events:
                 for _ in range(4096):
+                    origin = None
                     try:
-                        parts = results.recv_multipart(zmq.NOBLOCK)
+                        if listening:
+                            frames = results.recv_multipart(zmq.NOBLOCK, copy=False)
+                            origin = self._origin(frames[-1])
+                            parts = [f.bytes for f in frames]
+                        else:
+                            parts = results.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     except zmq.ZMQError:
@@ -1098,14 +1203,19 @@ class Driver:
                         # A local worker speaks on its pipe only: this is someone else using its name.
                         self.frames_dropped += 1
                         continue
+                    if origin is not None and not self._admit(parts[0], origin):
+                        self.frames_dropped += 1
+                        continue
                     try:
-                        self._handle(parts)
+                        self._handle(parts, origin=origin)
                     except Exception as exc:  # bad input is counted where it is checked: this is a bug
                         self.internal_error(exc, "handling a frame")
             if self._monitors:
                 for mon in self._monitors:
                     if mon in events:
                         self._on_monitor(mon)
+            if listening:
+                self._drain_tasks()
             if self.outcomes.timers:
                 self._fire_timers()
             if self._unrouted:
@@ -1142,6 +1252,10 @@ class Driver:
                 last_reap = now
                 self._reap_dead()
                 timed = self._expire_overdue(now)
+            if now - last_reclaim >= RECLAIM_PERIOD:
+                last_reclaim = now
+                with self._lock:
+                    self._reclaim_locked()
             if self._deliveries:
                 self._deliver_ready()
 
@@ -1285,6 +1399,65 @@ class Driver:
                 kind = "the security handshake failed (a peer without the right keys?)"
             auth_log.warning("refused a peer on %s: %s", self._monitors[mon], kind)
 
+    def _origin(self, frame: zmq.Frame) -> bytes | None:
+        """Who sent ``frame`` to a listening runtime: None over ipc (our own processes),
+        else the CURVE key that ZAP accepted (z85), or b"" over insecure tcp."""
+        try:
+            return str(frame.get("User-Id")).encode()
+        except zmq.ZMQError:  # no ZAP: ipc, or tcp without CURVE
+            pass
+        if self._auth is None and not str(frame.get("Peer-Address")).startswith("localhost:"):
+            return b""  # tcp peers carry their address; ipc ones "localhost:uid:gid:pid"
+        return None
+
+    def _admit(self, ident: bytes, origin: bytes) -> bool:
+        """Whether a tcp peer whose key is ``origin`` may speak as ``ident`` (pump thread).
+
+        A worker's identities (``X``, its side channel ``X!``, its channel ends
+        ``X~N``) belong to the key that said Hello as ``X``; local workers' belong
+        to none. A stranger may use a plain identity outside the local workers'
+        names (to join with Hello; on an insecure runtime also to inspect).
+        """
+        base = ident.partition(b"~")[0]
+        if base.endswith(b"!"):
+            base = base[:-1]
+        w = self._workers.get(base)
+        if w is None:
+            return base == ident and _LOCAL_ID.match(ident) is None
+        return w.remote and w.key == origin
+
+    def _drain_tasks(self) -> None:
+        """Read what peers wrote to the tasks ROUTER, so its tcp connections' input never
+        stops (see transport/sockets.py). Pump thread.
+
+        A remote worker writes one frame there, its Hello, when its inbox connects:
+        the key that sent it holds the identity tasks for that worker go to, and the
+        worker is welcomed (given anything) only if that is the key it joined with.
+        Everything else is dropped and counted.
+        """
+        with self._lock:
+            tasks = self._tasks
+            for _ in range(4096):
+                if tasks.closed:
+                    return
+                try:
+                    frames = tasks.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.ZMQError:
+                    return
+                origin = self._origin(frames[-1])
+                if len(frames) == 2 and origin is not None:
+                    ident = frames[0].bytes
+                    try:
+                        msg = decode_driver(frames[1].bytes)
+                    except ProtocolError:
+                        msg = None
+                    if isinstance(msg, Hello) and msg.worker.encode() == ident and ident not in self._holders:
+                        self._holders[ident] = origin
+                        if len(self._holders) > MAX_HOLDERS:
+                            self._holders.pop(next(iter(self._holders)))
+                        continue
+                self.frames_dropped += 1
+
     def _check_remote(self, now: float) -> None:
         """Declare remote workers lost whose heartbeats stopped (pump thread)."""
         lost = []
@@ -1308,9 +1481,11 @@ class Driver:
 
     def _answer_query(self, ident: bytes, query: InspectQuery) -> None:
         """A helper thread: build the tree (it waits on workers), let the pump send it."""
-        assert self.inspect_provider is not None
+        provide = self.inspect_provider() if self.inspect_provider is not None else None
+        if provide is None:
+            return  # the runtime was collected
         try:
-            tree = self.inspect_provider(max(0.05, min(query.timeout, 10.0)))
+            tree = provide(max(0.05, min(query.timeout, 10.0)))
             frame = encode(InspectAnswer(query.nonce, tree))
         except Exception:
             return
@@ -1358,6 +1533,8 @@ class Driver:
                     self._welcome_locked(w)
 
     def _welcome_locked(self, w: _Worker) -> None:
+        if w.remote and self._holders.get(w.ident) != w.key:
+            return  # its tasks connection is not shown to be its own (yet): _greet retries
         if self._closed:
             # A replacement that connected after shutdown sent Stop and Shutdown:
             # answer its Hello with Stop, so it exits now rather than at the timeout.
@@ -1377,10 +1554,11 @@ class Driver:
             for k in dead:
                 self._workers.pop(k, None)
 
-    def _handle(self, parts: list[bytes], filtered: bool = False) -> None:
+    def _handle(self, parts: list[bytes], filtered: bool = False, origin: bytes | None = None) -> None:
+        """Handle a message from the results ROUTER; ``origin``: see :meth:`_origin`."""
         if self.frame_filter is not None and not filtered and len(parts) == 2:
             for frame in self.frame_filter("in", parts[0], parts[1]):
-                self._handle([parts[0], frame], True)
+                self._handle([parts[0], frame], True, origin)
             return
         if len(parts) != 2:
             self.frames_dropped += 1
@@ -1400,6 +1578,8 @@ class Driver:
                 self._on_alive(ident[:-1], msg)
             elif isinstance(msg, Results):
                 self._on_results(ident[:-1], msg)
+            elif isinstance(msg, Reclaimed):
+                self._on_reclaimed(ident[:-1], msg)
             elif isinstance(msg, InspectReply) and msg.worker.encode() == ident[:-1] and ident[:-1] in self._workers:
                 with self._changed:
                     w = self._workers.get(ident[:-1])
@@ -1415,7 +1595,8 @@ class Driver:
                 self.frames_dropped += 1
             return
         if isinstance(msg, InspectQuery):
-            if self.inspect_provider is None or ident in self._workers:
+            # (phalanx top speaks no CURVE: a query with a key comes from a worker host)
+            if self.inspect_provider is None or ident in self._workers or origin:
                 self.frames_dropped += 1
                 return
             threading.Thread(target=self._answer_query, args=(ident, msg), daemon=True,
@@ -1442,7 +1623,7 @@ class Driver:
         elif isinstance(msg, Goodbye):
             self._on_goodbye(ident, msg)
         elif isinstance(msg, Hello):
-            self._on_hello(ident, msg)
+            self._on_hello(ident, msg, origin)
         elif isinstance(msg, Ready):
             self._on_ready(ident, msg)
         else:  # e.g. Alive or InspectReply not from a worker's side channel
@@ -1479,13 +1660,16 @@ class Driver:
         threading.Thread(target=self._on_exit, args=(w.id, None), kwargs={"left": True}, daemon=True,
                          name="phalanx-left").start()
 
-    def _join_locked(self, ident: bytes, msg: Hello) -> _Worker | None:
-        """A remote worker's first Hello: add it (listening runtimes only)."""
+    def _join_locked(self, ident: bytes, msg: Hello, origin: bytes | None) -> _Worker | None:
+        """A remote worker's first Hello: add it, owned by the key ``origin`` (listening runtimes only)."""
         if (
             self.address is None
             or self._closed
             or msg.worker.encode() != ident
             or not msg.worker
+            or b"!" in ident
+            or b"~" in ident
+            or _LOCAL_ID.match(ident) is not None
             or msg.version != PROTOCOL_VERSION
             or len(msg.tags) > MAX_TAGS
         ):
@@ -1496,6 +1680,7 @@ class Driver:
             return None  # a malformed tag: refuse the worker rather than guess
         w = _Worker(msg.worker, tags)
         w.remote = True
+        w.key = origin
         w.host = msg.host
         w.seen = time.monotonic()
         self._workers[ident] = w
@@ -1504,11 +1689,11 @@ class Driver:
                  ",".join(tags))
         return w
 
-    def _on_hello(self, ident: bytes, msg: Hello) -> None:
+    def _on_hello(self, ident: bytes, msg: Hello, origin: bytes | None = None) -> None:
         with self._lock:
             w = self._workers.get(ident)
             if w is None:
-                w = self._join_locked(ident, msg)
+                w = self._join_locked(ident, msg, origin)
             if w is None or msg.worker != w.id or not w.alive or w.hello:
                 self.frames_dropped += 1
                 return
@@ -1897,5 +2082,6 @@ class Driver:
                 peers_refused=self.peers_refused,
                 channel_messages_dropped=self.channel_messages_dropped,
                 channel_redelivered=self.channel_redelivered,
+                reclaimed=self.reclaimed,
             )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import builtins
 import concurrent.futures
+import concurrent.futures.process
 
 __all__ = [
     "PhalanxError",
@@ -155,8 +156,12 @@ class NoWorkerError(PhalanxError, builtins.TimeoutError):
         return (type(self), (str(self), self.tag, self.available))
 
 
-class WorkerCrashedError(PhalanxError, ChildProcessError):
+class WorkerCrashedError(PhalanxError, ChildProcessError, concurrent.futures.process.BrokenProcessPool):
     """A worker process died while it held the task, too many times.
+
+    Also a ``concurrent.futures.process.BrokenProcessPool`` (what
+    ``ProcessPoolExecutor`` raises when a worker dies), so code written for
+    it keeps catching the failure.
 
     ``exitcode`` is the process exit code; a negative value ``-N`` means it
     was killed by signal ``N``. ``index`` is, for an item of a ``map``, its

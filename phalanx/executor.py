@@ -41,6 +41,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
@@ -97,7 +98,8 @@ class Executor(concurrent.futures.Executor):
     ``max_tasks_per_child`` (a worker is replaced after that many tasks).
     Any other keyword is a :class:`phalanx.Runtime` option (``credits``
     defaults to 2 here, so that tasks wait in the driver, where they can be
-    cancelled, rather than in a worker's prefetch queue; ``listen`` is
+    cancelled, rather than in a worker's prefetch queue; ``prefix_output``
+    defaults to False, so workers' output is not prefixed; ``listen`` is
     refused: an executor runs local workers only; ``implicit_operations`` is
     always on).
 
@@ -141,6 +143,8 @@ class Executor(concurrent.futures.Executor):
         if options.get("listen") is not None or os.environ.get(OPTIONS["listen"].env, "").strip():
             raise ValueError("phalanx.Executor runs local workers only: unset listen / PHALANX_LISTEN")
         options.setdefault("credits", 2)
+        if not os.environ.get(OPTIONS["prefix_output"].env, "").strip():
+            options.setdefault("prefix_output", False)  # worker output as ProcessPoolExecutor leaves it
         options["implicit_operations"] = True  # plain functions, by module:qualname
         self._max_workers = max_workers
         self._init: list[Any] | None = None
@@ -158,6 +162,7 @@ class Executor(concurrent.futures.Executor):
         self._pending: set[Future[Any]] = set()
         self._closer: threading.Thread | None = None
         self._rt = Runtime(max_workers, max_tasks_per_worker=max_tasks_per_child or None, **options)
+        _finish_at_exit(self)
         logger.debug("executor started with %d workers", max_workers)
 
     # ---- submitting -------------------------------------------------------------
@@ -336,6 +341,39 @@ class Executor(concurrent.futures.Executor):
         closer = self._start_closer(wait=True)
         if wait and threading.current_thread().name != "phalanx-pump":
             closer.join()
+
+
+#: executors not shut down yet, finished at interpreter exit
+_LIVE: weakref.WeakSet[Executor] = weakref.WeakSet()
+_hooked = False
+_hook_lock = threading.Lock()
+
+
+def _finish_at_exit(ex: Executor) -> None:
+    """Have ``ex``'s pending work complete when the interpreter exits, as ``ProcessPoolExecutor``'s does.
+
+    ``threading._register_atexit`` (what concurrent.futures uses) runs before
+    the interpreter joins its threads and before ``atexit`` handlers, while
+    the runtime's pump thread still runs.
+    """
+    global _hooked
+    with _hook_lock:
+        _LIVE.add(ex)
+        if _hooked:
+            return
+        try:
+            threading._register_atexit(_finish_all)  # type: ignore[attr-defined]
+        except RuntimeError:  # the interpreter is already exiting: the runtime's own atexit stops it
+            return
+        _hooked = True
+
+
+def _finish_all() -> None:
+    executors = list(_LIVE)
+    for ex in executors:  # all start finishing at once, then each is waited for
+        ex.shutdown(wait=False)
+    for ex in executors:
+        ex.shutdown(wait=True)
 
 
 # --------------------------------------------------------------------------- #

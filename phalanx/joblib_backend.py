@@ -36,6 +36,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import multiprocessing
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -66,7 +68,9 @@ class PhalanxBackend(_parallel.AutoBatchingMixin, _parallel.ParallelBackendBase)
     Keyword arguments given to ``joblib.parallel_backend("phalanx", ...)``
     (other than ``n_jobs``) are :class:`phalanx.Executor` /
     :class:`phalanx.Runtime` options, e.g. ``max_tasks_per_child=100``.
-    ``n_jobs=1`` runs sequentially in the calling process, as with loky.
+    ``n_jobs=1`` runs sequentially in the calling process, as with loky, and
+    so does any ``n_jobs`` inside a daemonic process (a ``multiprocessing.Pool``
+    worker), with a warning.
     """
 
     supports_retrieve_callback = True
@@ -87,6 +91,13 @@ class PhalanxBackend(_parallel.AutoBatchingMixin, _parallel.ParallelBackendBase)
         if n_jobs == 0:
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
         if n_jobs is None:
+            return 1
+        if multiprocessing.current_process().daemon:
+            # A daemonic process (a multiprocessing.Pool worker) may not start children: run
+            # sequentially, as joblib's loky and multiprocessing backends do there.
+            if n_jobs != 1:
+                warnings.warn("phalanx-backed parallel loops cannot run in a daemonic process "
+                              "(e.g. a multiprocessing.Pool worker), setting n_jobs=1", stacklevel=3)
             return 1
         if n_jobs < 0:
             return max(usable_cpus() + 1 + n_jobs, 1)

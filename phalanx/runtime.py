@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -67,6 +68,15 @@ def _shutdown_at_exit(ref: weakref.ReferenceType[Runtime]) -> None:
     rt = ref()
     if rt is not None:
         rt.shutdown(wait=False)
+
+
+def _shutdown_collected(driver: Driver, launch: Launch | None) -> None:
+    try:
+        driver.shutdown(wait=False)
+        if launch is not None:
+            launch.close()
+    except Exception:
+        pass
 
 
 class _RunsDirectives:
@@ -241,7 +251,8 @@ class Runtime(_RunsDirectives):
             self._driver, call_timeout=self.config.actor_timeout,
             max_restarts=self.config.actor_restart_limit, restart_window=self.config.actor_restart_window,
         )
-        self._driver.inspect_provider = self.inspect
+        # Weakly: the pump thread holds the driver, and a runtime nobody holds must be collected.
+        self._driver.inspect_provider = weakref.WeakMethod(self.inspect)
         #: ``faults=``: a fault plan applied to this runtime's frames (``phalanx.testing``)
         self.faults: Any = None
         if faults is not None:
@@ -523,12 +534,13 @@ class Runtime(_RunsDirectives):
     def __del__(self) -> None:
         driver = getattr(self, "_driver", None)
         if driver is not None and not driver.closed:
+            # Collection may run on any thread, the pump's included, and while it holds the
+            # driver's lock: stop the driver from a thread of its own.
             try:
-                driver.shutdown(wait=False)
-                if self._launch is not None:
-                    self._launch.close()
-            except Exception:
-                pass
+                threading.Thread(target=_shutdown_collected, args=(driver, self._launch),
+                                 name="phalanx-collected").start()
+            except RuntimeError:  # interpreter shutdown: no new threads
+                _shutdown_collected(driver, self._launch)
 
 
 class JobOptions(_RunsDirectives):

@@ -4,7 +4,7 @@ Runs in every worker process (started by :mod:`phalanx.supervisor`)::
 
     driver ROUTER "tasks"  ──▶ inbox DEALER ──▶ main thread: run task ─▶ outbox DEALER ──▶ driver ROUTER "results"
       (a local worker: one socketpair, "the pipe", both ways instead; see phalanx.transport.pipe)
-    driver PUB "control"   ──▶ SUB ──▶ control thread: Sync, Terminate, Shutdown,
+    driver PUB "control"   ──▶ SUB ──▶ control thread: Sync, Terminate, Shutdown, Reclaim,
                                        task timeouts ─▶ side DEALER ("<id>!") ──▶ driver ROUTER "results"
 
 The main thread owns the inbox and outbox (or the pipe) and runs user code through
@@ -85,6 +85,8 @@ from .transport.messages import (
     Hello,
     InspectReply,
     InspectRequest,
+    Reclaim,
+    Reclaimed,
     Ok,
     Outcome,
     Ready,
@@ -440,6 +442,28 @@ class _Control(threading.Thread):
                 self._abort(msg.job)
             elif isinstance(msg, Shutdown):
                 loop.stopping = True
+            elif isinstance(msg, Reclaim) and msg.worker == loop.spec.worker_id:
+                self._give_back(msg)
+
+    def _give_back(self, msg: Reclaim) -> None:
+        """Give the driver back prefetched tasks this worker will then never run.
+
+        Granted only while the main thread runs ``msg.running``, the oldest
+        task the driver gave it: tasks run in the order sent, so every task
+        sent after it is unstarted. The main thread skips a task given back
+        when it reaches it (see ``_Loop.run``), under the same lock.
+        """
+        loop = self.loop
+        with loop.state_lock:
+            ctx = loop.current
+            granted = ctx is not None and [ctx.job, ctx.seq, ctx.attempt] == msg.running
+            if granted:
+                given = loop.given_back
+                for job, seq, attempt in msg.tasks:
+                    key = (job, seq, attempt)
+                    given[key] = given.get(key, 0) + 1  # a task sent here again, then given back again: twice
+        assert self.side is not None
+        self.side.send(encode(Reclaimed(loop.spec.worker_id, msg.tasks if granted else [])))
 
     def _abort(self, job: int) -> None:
         """The running task's job was terminated: set its abort flag, answer for it now.
@@ -555,6 +579,9 @@ class _Loop:
         self.terminated = _Terminated()
         self.state_lock = threading.Lock()
         self.current: TaskContext | None = None
+        #: (job, seq, attempt) of tasks given back to the driver -> how many of their frames to skip
+        #: when they come (under state_lock)
+        self.given_back: dict[tuple[int, int, int], int] = {}
         self.welcomed = False
         self.synced = False
         self.ready_sent = False
@@ -622,6 +649,14 @@ class _Loop:
     def run(self, task: Call | Chunk) -> Outcome | None:
         """Run one task; None when its outcome was already sent (timed out, or its job terminated)."""
         global _current
+        if self.given_back:
+            with self.state_lock:
+                key = (task.job, task.seq, task.attempt)
+                left = self.given_back.pop(key, 0)
+                if left:
+                    if left > 1:
+                        self.given_back[key] = left - 1
+                    return None  # another worker runs it (see _Control._give_back)
         if task.job in self.terminated:
             return Err(task.job, task.seq, task.attempt,
                        _special_error(task.job, TaskCancelledError(f"job {task.job} was terminated")))
@@ -819,7 +854,7 @@ class _Loop:
         except (EncodeError, FrameTooLargeError) as exc:  # e.g. a save() state msgpack cannot carry
             if isinstance(msg, ActorState):
                 err = EncodeError(f"the state of actor instance {msg.instance} cannot be sent: {exc}")
-                self.send(ActorState(msg.worker, msg.instance, msg.nonce, None, error_info(err)))
+                self.send(ActorState(msg.worker, msg.instance, msg.nonce, error=error_info(err)))
             else:
                 raise
 
@@ -827,7 +862,12 @@ class _Loop:
 
     def serve(self) -> None:
         self.control.start()
-        self.send(Hello(self.spec.worker_id, os.getpid(), self.host, tags=list(self.spec.tags)))
+        hello = Hello(self.spec.worker_id, os.getpid(), self.host, tags=list(self.spec.tags))
+        if self.inbox is not None:
+            # Over tcp the same Hello on the inbox shows the driver that this key holds the
+            # identity tasks are sent to (see Driver._drain_tasks).
+            self.inbox.send(encode(hello), zmq.NOBLOCK)
+        self.send(hello)
         poll = self.poll
         while not self.stopping:
             if not self.todo:

@@ -155,3 +155,29 @@ def fit_and_score(params: dict[str, Any], train: list[list[float]], test: list[l
     den = sum((x**degree) ** 2 for x, _ in train) + lam
     a = num / den
     return -sum((y - a * x**degree) ** 2 for x, y in test) / len(test)
+
+
+def append_line_after(path: str, delay: float, line: str) -> None:
+    """Sleep ``delay`` seconds, then append ``line`` to ``path`` (work still running at exit)."""
+    time.sleep(delay)
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def say(text: str) -> None:
+    """Print ``text`` in the worker (what reaches the driver's stdout)."""
+    print(text, flush=True)
+
+
+def joblib_in_daemonic_process(n: int) -> tuple[list[Any], list[str]]:
+    """Run a phalanx-backed joblib loop here (a daemonic Pool worker); its results and warnings."""
+    import warnings
+
+    import joblib
+
+    import phalanx.joblib_backend  # noqa: F401  (registers the backend)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = joblib.Parallel(n_jobs=2, backend="phalanx")(joblib.delayed(square)(i) for i in range(n))
+    return list(out), [str(w.message) for w in caught]

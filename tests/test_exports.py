@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import builtins
 import concurrent.futures
+import concurrent.futures.process
 import importlib
 import inspect
 import pkgutil
@@ -121,6 +122,9 @@ def test_every_error_is_exported(cls: type[BaseException]) -> None:
         (phalanx.DecodeError, ValueError),
         (phalanx.FrameTooLargeError, ValueError),
         (phalanx.ProtocolError, ValueError),
+        (phalanx.WorkerCrashedError, concurrent.futures.process.BrokenProcessPool),
+        (phalanx.WorkerCrashedError, concurrent.futures.BrokenExecutor),
+        (phalanx.WorkerCrashedError, ChildProcessError),
     ],
     ids=lambda v: v.__name__,
 )

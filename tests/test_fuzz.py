@@ -14,12 +14,18 @@ field of the wrong type, valid messages nobody asked for, frames of a few MB
   those messages never arrive, and the real worker's connection is unharmed;
 * an XSUB to the control PUB (a PUB's peers can only send upstream frames).
 
-Over tcp only random identities are used: the tcp ROUTERs set
-``ROUTER_HANDOVER`` (a remote worker reconnecting keeps its identity), so a
-peer there *may* take a worker's identity over -- which is what CURVE keys
-guard against, and what ``insecure=True`` gives up. Nor does the tcp fuzz
-send a well-formed Hello naming its own identity: over tcp that is a remote
-worker joining, not bad input.
+Over insecure tcp only random identities are used (``insecure=True`` gives
+up telling hosts apart). Nor does the tcp fuzz send a well-formed Hello
+naming its own identity: over tcp that is a remote worker joining, not bad
+input.
+
+Last, an authorized but hostile host: a runtime with CURVE, a local worker
+and an honest ``phalanx worker`` host, a job in flight, and a peer holding
+the authorized key sending the frames above on every port under every
+identity form (random, the local worker's plain / ``!`` / ``~`` names, the
+remote worker's, none, 255 bytes long). Every result must arrive once and
+be the honest one, no frame may reach the hostile peer, and no worker may
+be replaced or join.
 
 Afterwards the runtime must still serve (``submit`` and ``map`` correct, same
 workers, none died), and every message that reached the results ROUTER from
@@ -30,6 +36,7 @@ to linger 0, and then closed with linger 0.
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import Iterator
@@ -39,7 +46,7 @@ import msgspec
 import msgspec.inspect as mi
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import phalanx
@@ -388,3 +395,121 @@ def test_runtime_still_serves_after_all_fuzz(target: Target) -> None:
     futures = [rt.submit(chaos_ops.triple_plus_one, x) for x in range(500)]
     assert [f.result(timeout=30) for f in futures] == [expected(x) for x in range(500)]
     assert rt.stats().worker_deaths == 0
+
+
+# --------------------------------------------------------------------------- #
+# An authorized but hostile host (tcp + CURVE)
+# --------------------------------------------------------------------------- #
+
+#: identity forms a hostile host may try: a random one, a local worker's (plain, side
+#: channel, channel end), the honest remote worker's (the same three), none, very long
+hostile_identities = st.one_of(
+    random_identity.map(lambda b: ("random", b)),
+    st.sampled_from(["local", "local!", "local~", "remote", "remote!", "remote~", "none", "long"])
+    .map(lambda k: (k, b"")),
+)
+
+
+class Hostile(NamedTuple):
+    """A CURVE runtime with a local worker and an honest remote host, and the hostile host's keys."""
+
+    rt: phalanx.Runtime
+    endpoints: tuple[str, str, str]
+    keys: Any
+    remote: str
+
+
+@pytest.fixture(scope="module")
+def hostile_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
+    from remote_host import Keys, RemoteHost
+
+    keys = Keys(tmp_path_factory.mktemp("keys"))
+    check = ProcessLeakCheck().__enter__()
+    rt = phalanx.Runtime(workers=1, listen="tcp://127.0.0.1:0", heartbeat_timeout=30.0, **keys.runtime_kwargs())
+    try:
+        with RemoteHost(rt.address or "", "honest", keys.worker_args(), workers=1, heartbeat_timeout=60) as host:
+            assert rt.wait_for_workers(2, timeout=60) == 2, host.err
+            (remote,) = [w.id for w in rt.stats().workers if w.remote]
+            tcp = rt._driver.address
+            assert tcp is not None
+            yield Hostile(rt, (tcp.tasks, tcp.results, tcp.control), keys, remote)
+            assert host.proc.poll() is None, host.err
+    finally:
+        rt.shutdown()
+        report = check.check()
+        assert not report, f"the hostile-host runtime leaked child processes: {report}"
+
+
+@pytest.mark.timeout(300)
+def test_an_authorized_hostile_host_misleads_nothing(hostile_target: Hostile, fuzz_ctx: zmq.Context[Any]) -> None:
+    """Any frames, any port, any identity, with the host's own authorized key, while tasks run:
+    every result arrives exactly once and is the honest one, no task reaches the hostile
+    host, the honest workers serve on (none replaced, none joined besides the honest one)."""
+    import multihost_ops as ops
+    from phalanx.transport import keys as curve_keys
+
+    rt, keys, remote = hostile_target.rt, hostile_target.keys, hostile_target.remote
+    public, secret = curve_keys.load_secret(keys.host_secret)
+    server = curve_keys.load_public(keys.driver_public)
+    pids, deaths = rt.worker_pids(), rt.stats().worker_deaths
+    n = 400
+    running = rt.map(ops.slow_where, range(n), [0.03] * n, chunksize=1)  # in flight throughout
+    first = [next(running) for _ in range(3)]
+    socks: list[tuple[int, zmq.Socket[Any]]] = []
+    longs = itertools.count()
+    sent = 0
+
+    def identity(form: str, raw: bytes) -> bytes | None:
+        return {
+            "random": raw, "local": b"w1", "local!": b"w1!", "local~": b"w1~3",
+            "remote": remote.encode(), "remote!": remote.encode() + b"!", "remote~": remote.encode() + b"~1",
+            "none": None, "long": (b"%d-" % next(longs)).ljust(255, b"x"),
+        }[form]
+
+    def forged(worker: str) -> bytes:
+        """Results for whatever a young runtime may have in flight, as ``worker``."""
+        return msgspec.msgpack.encode(messages.Results(
+            worker, [messages.Ok(job, seq, 0, [-1, "forged"]) for job in range(1, 4) for seq in range(n)]))
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(port=st.sampled_from([0, 1, 2]), who=hostile_identities, messages=st.lists(multipart, min_size=1, max_size=3))
+    # the attacks of issue 18 (item 10), always tried: take over the remote worker's tasks
+    # connection, answer as the local worker's side channel or as the remote worker
+    @example(port=0, who=("remote", b""), messages=[[b"hello"]])
+    @example(port=1, who=("local!", b""), messages=[[forged("w1")]])
+    @example(port=1, who=("remote!", b""), messages=[[forged(remote)]])
+    @example(port=1, who=("random", b"x"), messages=[[forged(remote)]])
+    def fuzz(port: int, who: tuple[str, bytes], messages: list[list[bytes]]) -> None:
+        nonlocal sent
+        sock = fuzz_ctx.socket(zmq.XSUB if port == 2 else zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server, public, secret
+        ident = identity(*who)
+        if ident is not None and port != 2:
+            sock.setsockopt(zmq.ROUTING_ID, ident)
+        sock.connect(hostile_target.endpoints[port])
+        socks.append((port, sock))
+        for parts in messages:
+            if port != 2 and ident is not None and _is_join(parts, ident):
+                continue  # a host joining under a fresh name of its own is no attack
+            sock.send_multipart(parts, zmq.NOBLOCK)
+            sent += 1
+
+    try:
+        fuzz()
+        got = first + list(running)
+        assert [v for v, _ in got] == [2 * x for x in range(n)]  # exactly once, none forged
+        assert {h for _, h in got} <= {"local", "honest"}
+        assert [v for v, _ in rt.map(ops.where, range(100), chunksize=3, timeout=30)] == [2 * x for x in range(100)]
+        assert rt.submit(ops.where, 7).result(timeout=30)[0] == 14
+        leaked = [(port, s.recv_multipart()) for port, s in socks if port != 2 and s.poll(0)]
+        assert not leaked, f"the hostile host received {leaked[:3]!r}"
+        stats = rt.stats()
+        assert rt.worker_pids() == pids and stats.worker_deaths == deaths
+        assert stats.workers_joined == 1 and {w.id for w in stats.workers if w.remote} == {remote}
+        assert rt._driver.broken is None
+    finally:
+        for _, s in socks:
+            s.close(linger=0)
+    print(f"hostile host: {sent} messages on {len(socks)} connections, frames_dropped {rt.stats().frames_dropped}")

@@ -122,6 +122,8 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
         return st.lists(strategy_for(args[0]), max_size=4)
     if origin is dict:
         return st.dictionaries(strategy_for(args[0]), strategy_for(args[1]), max_size=4)
+    if tp is msgspec.Raw:  # a value kept encoded (ActorState.state on the driver's side)
+        return PLAIN.map(lambda v: msgspec.Raw(msgspec.msgpack.encode(v)))
     if inspect.isclass(tp) and issubclass(tp, msgspec.Struct):
         fields = {f.name: strategy_for(f.type) for f in msgspec.structs.fields(tp)}
         return st.builds(tp, **fields)

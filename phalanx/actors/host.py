@@ -127,7 +127,7 @@ class ActorHost:
                 raise TypeError(f"actor {inst.cls_name} has no save() method to take its state")
             state = saver()
         except BaseException as exc:
-            self.send(ActorState(self.worker_id, instance, nonce, None, error_info(exc)))
+            self.send(ActorState(self.worker_id, instance, nonce, error=error_info(exc)))
             return
         inst.since_save = 0
         inst.saved_at = self.clock()

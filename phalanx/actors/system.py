@@ -417,7 +417,7 @@ class ActorSystem:
                 frame = encode(msg, "the arguments of {}", f"{actor.cls_name}.{method}")
                 actor.futures[seq] = (fut, method)
                 if not self.driver.submit_directed(job, msg, frame, actor.worker):
-                    self._worker_gone(actor, seq)
+                    self._worker_gone(actor, seq, method, a, kw)
                 return fut
         # Starting, restarting or stopped: check the arguments now, send when it runs.
         encode([a, kw], "the arguments of {}", f"{actor.cls_name}.{method}")
@@ -432,11 +432,21 @@ class ActorSystem:
                 self._flush_locked(actor)
         return fut
 
-    def _worker_gone(self, actor: _Actor, seq: int) -> None:
-        """Call ``seq`` could not be sent: its worker is gone (actor lock held)."""
+    def _worker_gone(self, actor: _Actor, seq: int, method: str, a: Sequence[Any],
+                     kw: dict[str, Any] | None) -> bool:
+        """Call ``seq`` could not be sent: its worker is gone (actor lock held).
+
+        The call never reached the dead worker, so a supervised actor's call
+        waits (held, at the front) for the restart the worker's exit brings;
+        True then. Otherwise it fails with :class:`~phalanx.ActorDiedError`.
+        """
+        if actor.policy == "on-failure":
+            actor.held.appendleft((seq, method, a, kw))
+            return True
         entry = actor.futures.pop(seq, None)
         if entry is not None and not entry[0].done():
             entry[0].set_exception(ActorDiedError(f"the worker of actor {actor.id} is gone"))
+        return False
 
     def _flush_locked(self, actor: _Actor) -> None:
         """Send held calls to the current instance (actor lock held)."""
@@ -446,7 +456,8 @@ class ActorSystem:
             seq, method, a, kw = actor.held.popleft()
             msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
             if not self.driver.submit_directed(job, msg, encode(msg), actor.worker):
-                self._worker_gone(actor, seq)
+                if self._worker_gone(actor, seq, method, a, kw):
+                    return  # held again: sent after the restart
 
     # ---- restart ------------------------------------------------------------------
 

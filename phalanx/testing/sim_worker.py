@@ -258,7 +258,7 @@ class SimWorker:
             if not isinstance(msg, ActorState):
                 raise
             err = EncodeError(f"the state of actor instance {msg.instance} cannot be sent: {exc}")
-            self.send(ActorState(self.id, msg.instance, msg.nonce, None, error_info(err)), self.at)
+            self.send(ActorState(self.id, msg.instance, msg.nonce, error=error_info(err)), self.at)
 
 
 async def _awaited(value: Any) -> Any:

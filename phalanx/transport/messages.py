@@ -17,9 +17,9 @@ Sockets and the messages each one carries::
     ROUTER "results" <-- Hello, Ready, Results, Retire,   DEALER outbox
                          Goodbye, ActorEvent, ActorState
     ROUTER "results" <-- Results (timeouts), ----------  DEALER side (control thread)
-                         InspectReply, Alive
+                         InspectReply, Alive, Reclaimed
     PUB "control"    --- Sync, Terminate, Shutdown, --->  SUB
-                         Heartbeat, InspectRequest
+                         Heartbeat, InspectRequest, Reclaim
 
     any process holding a channel end (phalanx.channels)    driver
     DEALER "<id>~<n>" -- ChanSend, ChanClose, ChanPull, -->  ROUTER "results" (broker)
@@ -52,9 +52,11 @@ __all__ = [
     "Terminate",
     "Shutdown",
     "Heartbeat",
+    "Reclaim",
     "Hello",
     "Ready",
     "Alive",
+    "Reclaimed",
     "Ok",
     "Err",
     "Results",
@@ -207,6 +209,15 @@ class Heartbeat(_Msg, frozen=True):
     seq: int
 
 
+class Reclaim(_Msg, frozen=True):
+    """Worker ``worker``: give back ``tasks`` (``[job, seq, attempt]`` each, sent after
+    ``running``) unstarted, if ``running`` is the task it runs now (its answer: Reclaimed)."""
+
+    worker: str
+    running: list[int]
+    tasks: list[list[int]]
+
+
 # ---- worker -> driver (outbox DEALER -> results ROUTER) --------------------
 
 
@@ -233,6 +244,13 @@ class Alive(_Msg, frozen=True):
 
     worker: str
     seq: int
+
+
+class Reclaimed(_Msg, frozen=True):
+    """The tasks of a Reclaim the worker will never run (empty: it gives back none)."""
+
+    worker: str
+    tasks: list[list[int]]
 
 
 class Ok(msgspec.Struct, frozen=True, array_like=True, tag=True):
@@ -358,12 +376,18 @@ class ActorEvent(_Msg, frozen=True):
 
 
 class ActorState(_Msg, frozen=True):
-    """The result of ``save()``: ``state``, or ``error``; ``nonce`` 0 is a checkpoint."""
+    """The result of ``save()``: ``state``, or ``error``; ``nonce`` 0 is a checkpoint.
+
+    The worker sends the state's value; the driver decodes it as
+    ``msgspec.Raw``, the encoded bytes, which it only keeps and sends back
+    (``SpawnActor.state``): a checkpoint costs the driver a reference, not
+    a decode of every object in the state.
+    """
 
     worker: str
     instance: int
     nonce: int
-    state: Any = None
+    state: msgspec.Raw = None  # type: ignore[assignment]  # the worker's side sends any value
     error: ErrorInfo | None = None
 
 
@@ -518,8 +542,8 @@ ChannelRequest = Union[ChanSend, ChanClose, ChanPull, ChanSubscribe, ChanDetach]
 ChannelReply = Union[ChanAck, ChanDeliver, ChanEnd, ChanReply, ChanPing]
 
 InboxMessage = Union[Welcome, Call, Chunk, Stop, SpawnActor, ActorCall, StopActor, SaveActor]
-ControlMessage = Union[Sync, Terminate, Shutdown, Heartbeat, InspectRequest]
+ControlMessage = Union[Sync, Terminate, Shutdown, Heartbeat, InspectRequest, Reclaim]
 DriverMessage = Union[
-    Hello, Ready, Results, Retire, Goodbye, ActorEvent, ActorState, InspectReply, InspectQuery, Alive
+    Hello, Ready, Results, Retire, Goodbye, ActorEvent, ActorState, InspectReply, InspectQuery, Alive, Reclaimed
 ]
 ClientMessage = Union[InspectAnswer]

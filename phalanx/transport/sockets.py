@@ -15,9 +15,21 @@ how the transport keeps its promises:
   the driver passes its runtime's to the sockets it binds; a worker process
   serves one runtime, so :func:`run_worker <phalanx.worker.run_worker>` makes
   its spec's limits the process default with :func:`set_default_limits`.
-* Over TCP: ZMTP heartbeats and keepalive, ``ROUTER_HANDOVER`` (a worker
-  reconnecting keeps its identity), and CURVE (server on the driver's tcp
-  endpoints, client on remote workers') unless the runtime is insecure.
+* Over TCP: keepalive, and CURVE (server on the driver's tcp endpoints,
+  client on remote workers') unless the runtime is insecure. Connecting
+  sockets (remote workers) add ZMTP heartbeats.
+* The driver's tcp binds face hosts that may be hostile, so they avoid two
+  states of libzmq (4.3.5) that abort the process with ``Assertion failed:
+  !_io_error (src/stream_engine_base.cpp:310)``: a connection whose input
+  stopped on a full receive pipe and then hung up still runs its ZMTP
+  heartbeat timer, and still answers a PING left in its buffer when the
+  reader catches up; both call ``out_event`` on the dead connection (libzmq
+  issues #4364, #4841). So on those binds the receive high-water mark is 0
+  (input never stops: the driver reads every such socket and drops what it
+  does not expect) and the driver sends no ZMTP heartbeats (TCP keepalive,
+  tuned short, finds vanished peers; remote workers send Alive).
+* No ``ROUTER_HANDOVER``: a connection cannot take over an identity that
+  another one holds (a host could otherwise receive another's tasks).
 """
 
 from __future__ import annotations
@@ -126,13 +138,24 @@ def default_limits() -> Limits:
     return _default_limits
 
 
-def _tcp_options(sock: zmq.Socket[bytes]) -> None:
-    # ZMTP heartbeats: a vanished TCP peer is disconnected instead of lingering.
+def _tcp_options(sock: zmq.Socket[bytes], bound: bool = False) -> None:
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, 10000)
+    if bound:
+        # The driver's side (see the module docstring): the kernel, not ZMTP, finds a
+        # vanished peer: probes after 5 s of silence, gone after 5 unanswered, or
+        # after 15 s of unacknowledged data.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 0)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 5)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 5)
+        sock.setsockopt(zmq.TCP_MAXRT, 15000)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        return
+    # ZMTP heartbeats: a vanished driver is disconnected instead of lingering.
     sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
     sock.setsockopt(zmq.HEARTBEAT_TTL, 10000)
-    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-    sock.setsockopt(zmq.HANDSHAKE_IVL, 10000)
 
 
 def _common(sock: zmq.Socket[bytes], endpoint: str = "", curve: Curve | None = None,
@@ -158,7 +181,7 @@ def _bind(sock: zmq.Socket[bytes], endpoint: str, tcp: str | None, curve: Curve 
     """
     sock.bind(endpoint)
     if tcp is not None:
-        _tcp_options(sock)
+        _tcp_options(sock, bound=True)
         # The CURVE handshake's own commands (~250 bytes) count against MAXMSGSIZE.
         sock.setsockopt(zmq.MAXMSGSIZE, max(4096, sock.getsockopt(zmq.MAXMSGSIZE)))
         if curve is not None:
@@ -183,11 +206,8 @@ def router(
     sock = ctx.socket(zmq.ROUTER)
     _common(sock, endpoint, limits=limits)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    if endpoint.startswith("tcp://") or tcp is not None:
-        # A worker whose TCP connection broke reconnects under the same identity:
-        # the new connection takes it over instead of being refused.
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     if send_only:
+        # Read only to drop what peers send (see the module docstring about tcp).
         sock.setsockopt(zmq.RCVHWM, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, 64)
     _bind(sock, endpoint, tcp, curve)
