@@ -1,4 +1,5 @@
-"""phalanx's benchmark suite: phalanx against multiprocessing, concurrent.futures, loky (and Ray).
+"""phalanx's benchmark suite: phalanx against multiprocessing, concurrent.futures, loky (and, when
+installed with the ``bench`` extra, Dask distributed, ipyparallel, mpire; Ray if installed).
 
 Run it with ``python -m benchmarks`` (see ``python -m benchmarks --help``).
 
@@ -15,7 +16,7 @@ Modules:
 
 * ``__main__``   the orchestrator: runs children, aggregates, prints tables, writes JSON
 * ``run_one``    the child entry point (one measurement of one runner on one workload)
-* ``workloads``  W1..W7: what is measured, metric metadata, correctness checks (child side)
+* ``workloads``  W1..W8: what is measured, metric metadata, correctness checks (child side)
 * ``runners``    one adapter per executor behind a common interface (child side)
 * ``ops``        the module-level operations the workers run (imported by workers too)
 * ``ops_numpy``  operations on numpy arrays (kept apart so ``ops`` stays cheap to import)

@@ -52,7 +52,7 @@ from .report import (
     foundation,
 )
 from .run_one import MARKER
-from .runners import RUNNERS, WORKERS, available_runners, ray_available
+from .runners import OPTIONAL_PEERS, RUNNERS, WORKERS, available_runners, peer_available, peers_present, ray_available
 from .workloads import WORKLOADS, Workload
 
 #: the directory holding the ``benchmarks`` package (children run from here)
@@ -70,7 +70,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="phalanx (and its phalanx.Executor adapter) against multiprocessing.Pool, "
-        "ProcessPoolExecutor, loky (and Ray), "
+        "ProcessPoolExecutor, loky (and Ray, Dask distributed, ipyparallel, mpire when installed), "
         f"{WORKERS} workers each, every measurement in a fresh child process.",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
@@ -185,6 +185,13 @@ def _versions() -> dict[str, str | None]:
         except ImportError:
             out[name] = None
     out["ray"] = "installed" if ray_available() else None
+    for peer, module in OPTIONAL_PEERS.items():
+        if peer == "ray":
+            continue
+        try:
+            out[peer] = str(getattr(__import__(module), "__version__", "?"))
+        except ImportError:
+            out[peer] = None
     return out
 
 
@@ -209,13 +216,16 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "quick": args.quick,
         "versions": _versions(),
+        "peers_present": peers_present(),
         "phalanx_env": {k: v for k, v in os.environ.items() if k.startswith("PHALANX_")},
         "subreaper": subreaper,
         "loadavg_start": list(os.getloadavg()),
     }
+    present = meta["peers_present"]
+    peers_line = ", ".join(f"{p} {'present' if ok else 'absent (skipped)'}" for p, ok in present.items())
     print(
         f"phalanx benchmarks: {WORKERS} workers, {args.repeats} repeat(s){', quick sizes' if args.quick else ''}, "
-        f"python {meta['python']}, {meta['cpus']} cpus; ray {'present' if meta['versions']['ray'] else 'absent (skipped)'}",
+        f"python {meta['python']}, {meta['cpus']} cpus; optional peers: {peers_line}",
         flush=True,
     )
     if meta["loadavg_start"][0] > LOAD_WARNING:
@@ -246,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                         _progress(f"    WARNING: {runner} left processes behind (killed): {record['leftovers']}")
         records.extend(mine)
         summaries[workload.id] = aggregate(workload, args.quick, runners, mine)
+        summaries[workload.id]["peers_absent"] = [r for r in workload.runners if r in OPTIONAL_PEERS
+                                                  and not peer_available(r) and (not chosen or r in chosen)]
         sections.append(format_workload(workload, summaries[workload.id], args.quick, runners))
         print("\n" + sections[-1], flush=True)
     found = foundation(summaries)

@@ -64,6 +64,13 @@ def merge_counts(lower: dict[str, int], upper: dict[str, int]) -> dict[str, int]
 
 
 @phalanx.operation
+def sleep_ms(ms: float) -> float:
+    """Sleep ``ms`` milliseconds (W8: many workers, each mostly waiting); returns it."""
+    time.sleep(ms / 1000.0)
+    return ms
+
+
+@phalanx.operation
 def noop() -> None:
     """The round trip of W2: does nothing."""
     return None

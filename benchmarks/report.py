@@ -136,17 +136,23 @@ def format_workload(workload: Workload, summary: dict[str, Any], quick: bool, ru
             f"{_cell(entry.get(r), metric.unit, status.get(r, 'missing')):<{CELL}}" for r in runners
         )
         lines.append(row.rstrip())
-        mine = entry.get("phalanx", {}).get("median")
-        ratios = []
-        for peer in runners:
-            theirs = entry.get(peer, {}).get("median")
-            if peer == "phalanx" or mine is None or not theirs:
-                continue
-            ratios.append(f"vs {peer} {_ratio_text(mine / theirs, metric.higher_is_better)}")
-        if ratios:
-            lines.append(f"  {'':<{LABEL}} phalanx/peer: " + ", ".join(ratios))
+        # phalanx against every other runner; a phalanx variant (W5's inline) against the peers too
+        for own in ("phalanx", "inline"):
+            mine = entry.get(own, {}).get("median")
+            ratios = []
+            for peer in runners:
+                theirs = entry.get(peer, {}).get("median")
+                if peer in (own, "phalanx") or mine is None or not theirs:
+                    continue
+                ratios.append(f"vs {peer} {_ratio_text(mine / theirs, metric.higher_is_better)}")
+            if ratios:
+                lines.append(f"  {'':<{LABEL}} {own}/peer: " + ", ".join(ratios))
     for runner, reason in summary["reasons"].items():
         lines.append(f"    {runner}: {reason}")
+    present = [r for r in runners if r not in ("phalanx", "inline")]
+    absent = summary.get("peers_absent") or []
+    lines.append(f"    peers present: {', '.join(present) or 'none'}"
+                 + (f"; not installed (skipped): {', '.join(absent)}" if absent else ""))
     return "\n".join(lines)
 
 

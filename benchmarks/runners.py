@@ -5,13 +5,21 @@ orchestrator. Each runner owns a pool of :data:`WORKERS` worker processes:
 
 =========  ==================================================================
 phalanx    ``phalanx.Runtime(workers=2)`` (its default start method)
+inline     the same with ``shm_threshold=0``: arrays inline in frames, not in shared memory (W5 only)
 executor   ``phalanx.Executor(2)``: the ``concurrent.futures`` adapter on the same
            runtime (W1 and W2 only, to show the adapter's overhead)
 pool       ``multiprocessing.get_context("fork").Pool(2)``
 ppe        ``concurrent.futures.ProcessPoolExecutor(2)`` (default context: fork)
 loky       ``loky.get_reusable_executor(max_workers=2)``
 ray        ``ray.init(num_cpus=2)`` + remote functions (only if ``ray`` imports)
+dask       ``distributed.LocalCluster(n_workers=2, threads_per_worker=1)`` + a Client
+ipyparallel ``ipyparallel.Cluster(n=2)`` engines + a load-balanced view
+mpire      ``mpire.WorkerPool(n_jobs=2, start_method="fork", keep_alive=True)``
 =========  ==================================================================
+
+The last three (and Ray) run only when installed: ``pip install -e '.[bench]'``
+pulls in Dask distributed, ipyparallel and mpire; Ray (large) is left to the
+user. W8 builds every pool with 2, 8 and 32 workers instead of 2.
 
 Operations that a runner does not offer raise :class:`NotApplicable`; the
 workload then leaves that metric out (shown as ``n/a`` in the table).
@@ -36,6 +44,10 @@ __all__ = [
     "make_runner",
     "pool_chunksize",
     "ray_available",
+    "OPTIONAL_PEERS",
+    "PEER_RUNNERS",
+    "peer_available",
+    "peers_present",
 ]
 
 #: worker processes in every pool
@@ -67,6 +79,10 @@ class Runner(abc.ABC):
     name: str = "?"
     #: what ``map(..., chunksize=None)`` means for this runner (table legend)
     default_map: str = "?"
+
+    def __init__(self, workers: int = WORKERS) -> None:
+        #: worker processes in the pool
+        self.workers = workers
 
     @abc.abstractmethod
     def start(self) -> None:
@@ -101,14 +117,15 @@ class PhalanxRunner(Runner):
     name = "phalanx"
     default_map = "rt.map chunksize=None (auto)"
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int = WORKERS) -> None:
+        super().__init__(workers)
         import phalanx
 
         self._phalanx = phalanx
         self.rt: phalanx.Runtime | None = None
 
     def start(self) -> None:
-        self.rt = self._phalanx.Runtime(workers=WORKERS)
+        self.rt = self._phalanx.Runtime(workers=self.workers)
 
     def _rt(self) -> Any:
         assert self.rt is not None, "start() first"
@@ -137,11 +154,21 @@ class PhalanxRunner(Runner):
             self.rt = None
 
 
+class PhalanxInlineRunner(PhalanxRunner):
+    """``phalanx.Runtime(workers=2, shm_threshold=0)``: arrays inline in the frames (W5's "before")."""
+
+    name = "inline"
+
+    def start(self) -> None:
+        self.rt = self._phalanx.Runtime(workers=self.workers, shm_threshold=0)
+
+
 class PoolRunner(Runner):
     name = "pool"
     default_map = "Pool.map default chunksize (n/8)"
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int = WORKERS) -> None:
+        super().__init__(workers)
         import multiprocessing
         import multiprocessing.pool
 
@@ -149,7 +176,7 @@ class PoolRunner(Runner):
         self.pool: Any = None
 
     def start(self) -> None:
-        self.pool = self._ctx.Pool(WORKERS)
+        self.pool = self._ctx.Pool(self.workers)
 
     def submit_gather(self, fn: Callable[..., Any], args: Sequence[tuple[Any, ...]]) -> list[Any]:
         pending = [self.pool.apply_async(fn, a) for a in args]
@@ -177,7 +204,8 @@ class PoolRunner(Runner):
 class _ExecutorRunner(Runner):
     """Shared code of the ``concurrent.futures``-style executors."""
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int = WORKERS) -> None:
+        super().__init__(workers)
         self.ex: Any = None
 
     def submit_gather(self, fn: Callable[..., Any], args: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -203,14 +231,14 @@ class PhalanxExecutorRunner(_ExecutorRunner):
     name = "executor"
     default_map = "Executor.map chunksize=1"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, workers: int = WORKERS) -> None:
+        super().__init__(workers)
         import phalanx
 
         self._cls = phalanx.Executor
 
     def start(self) -> None:
-        self.ex = self._cls(WORKERS)
+        self.ex = self._cls(self.workers)
 
     def worker_pids(self) -> list[int]:
         return sorted(self.ex.runtime.worker_pids().values())
@@ -225,14 +253,14 @@ class PPERunner(_ExecutorRunner):
     name = "ppe"
     default_map = "PPE.map chunksize=1"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, workers: int = WORKERS) -> None:
+        super().__init__(workers)
         import concurrent.futures.process
 
         self._cls = concurrent.futures.process.ProcessPoolExecutor
 
     def start(self) -> None:
-        self.ex = self._cls(WORKERS)
+        self.ex = self._cls(self.workers)
 
     def close(self) -> None:
         if self.ex is not None:
@@ -244,14 +272,14 @@ class LokyRunner(_ExecutorRunner):
     name = "loky"
     default_map = "loky map chunksize=1"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, workers: int = WORKERS) -> None:
+        super().__init__(workers)
         import loky  # type: ignore[import-untyped,unused-ignore]
 
         self._get = loky.get_reusable_executor
 
     def start(self) -> None:
-        self.ex = self._get(max_workers=WORKERS)
+        self.ex = self._get(max_workers=self.workers)
 
     def close(self) -> None:
         if self.ex is not None:
@@ -265,14 +293,15 @@ class RayRunner(Runner):
     name = "ray"
     default_map = "ray: no map (n/a)"
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int = WORKERS) -> None:
+        super().__init__(workers)
         import ray  # type: ignore[import-not-found,unused-ignore]
 
         self._ray: Any = ray
         self._remote: dict[Callable[..., Any], Any] = {}
 
     def start(self) -> None:
-        self._ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
+        self._ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False)
 
     def _r(self, fn: Callable[..., Any]) -> Any:
         remote = self._remote.get(fn)
@@ -300,33 +329,197 @@ class RayRunner(Runner):
         self._ray.shutdown()
 
 
-_CLASSES: dict[str, Callable[[], Runner]] = {
+class DaskRunner(Runner):
+    """Dask distributed: a ``LocalCluster`` of worker processes, one thread each (if installed)."""
+
+    name = "dask"
+    default_map = "client.map (one task per item)"
+
+    def __init__(self, workers: int = WORKERS) -> None:
+        super().__init__(workers)
+        import distributed  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+        self._distributed: Any = distributed
+        self.cluster: Any = None
+        self.client: Any = None
+
+    def start(self) -> None:
+        import logging
+
+        d = self._distributed
+        self.cluster = d.LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                      dashboard_address=None, silence_logs=logging.ERROR)
+        self.client = d.Client(self.cluster)
+
+    def submit_gather(self, fn: Callable[..., Any], args: Sequence[tuple[Any, ...]]) -> list[Any]:
+        futures = [self.client.submit(fn, *a, pure=False) for a in args]
+        return list(self.client.gather(futures))
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], chunksize: int | None) -> list[Any]:
+        if chunksize is not None:
+            raise NotApplicable("dask's client.map has no chunksize")
+        return list(self.client.gather(self.client.map(fn, items, pure=False)))
+
+    def stream(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        raise NotApplicable("dask has no streaming map over an unbounded iterable")
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.client.submit(fn, *args, pure=False).result(timeout=RESULT_TIMEOUT)
+
+    def worker_pids(self) -> list[int]:
+        import os
+
+        return sorted(self.client.run(os.getpid).values())
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.cluster.close()
+            self.client = self.cluster = None
+
+
+class IpyparallelRunner(Runner):
+    """ipyparallel (ZeroMQ-based): a local cluster of engines and a load-balanced view (if installed)."""
+
+    name = "ipyparallel"
+    default_map = "view.map chunksize=1"
+
+    def __init__(self, workers: int = WORKERS) -> None:
+        super().__init__(workers)
+        import ipyparallel  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+        self._ipp: Any = ipyparallel
+        self.cluster: Any = None
+        self.rc: Any = None
+        self.view: Any = None
+
+    def start(self) -> None:
+        import logging
+
+        self.cluster = self._ipp.Cluster(n=self.workers, log_level=logging.ERROR)
+        self.rc = self.cluster.start_and_connect_sync()
+        self.rc.wait_for_engines(self.workers, timeout=RESULT_TIMEOUT)
+        self.view = self.rc.load_balanced_view()
+
+    def submit_gather(self, fn: Callable[..., Any], args: Sequence[tuple[Any, ...]]) -> list[Any]:
+        pending = [self.view.apply_async(fn, *a) for a in args]
+        return [p.get(timeout=RESULT_TIMEOUT) for p in pending]
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], chunksize: int | None) -> list[Any]:
+        result = self.view.map_async(fn, items, chunksize=chunksize or 1, ordered=True)
+        return list(result.get(timeout=RESULT_TIMEOUT))
+
+    def stream(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        raise NotApplicable("ipyparallel's map needs the whole sequence first")
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.view.apply_async(fn, *args).get(timeout=RESULT_TIMEOUT)
+
+    def worker_pids(self) -> list[int]:
+        import os
+
+        return sorted(self.rc[:].apply_sync(os.getpid))
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            try:
+                self.rc.close()
+            finally:
+                self.cluster.stop_cluster_sync()
+                self.cluster = self.rc = self.view = None
+
+
+class MpireRunner(Runner):
+    """mpire's ``WorkerPool`` (fork, workers kept alive between calls; if installed)."""
+
+    name = "mpire"
+    default_map = "WorkerPool.map default chunk_size"
+
+    def __init__(self, workers: int = WORKERS) -> None:
+        super().__init__(workers)
+        import mpire  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+        self._mpire: Any = mpire
+        self.pool: Any = None
+
+    def start(self) -> None:
+        self.pool = self._mpire.WorkerPool(n_jobs=self.workers, start_method="fork", keep_alive=True)
+
+    def submit_gather(self, fn: Callable[..., Any], args: Sequence[tuple[Any, ...]]) -> list[Any]:
+        pending = [self.pool.apply_async(fn, args=a) for a in args]
+        return [p.get(timeout=RESULT_TIMEOUT) for p in pending]
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], chunksize: int | None) -> list[Any]:
+        return list(self.pool.map(fn, [(x,) for x in items], chunk_size=chunksize, progress_bar=False))
+
+    def stream(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        return iter(self.pool.imap(fn, ((x,) for x in items), chunk_size=chunksize or 1, progress_bar=False))
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.apply(fn, args=args)
+
+    def worker_pids(self) -> list[int]:
+        raise NotApplicable("mpire does not expose its worker pids")
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.stop_and_join()
+            self.pool = None
+
+
+_CLASSES: dict[str, Callable[[int], Runner]] = {
     "phalanx": PhalanxRunner,
+    "inline": PhalanxInlineRunner,
     "executor": PhalanxExecutorRunner,
     "pool": PoolRunner,
     "ppe": PPERunner,
     "loky": LokyRunner,
     "ray": RayRunner,
+    "dask": DaskRunner,
+    "ipyparallel": IpyparallelRunner,
+    "mpire": MpireRunner,
 }
+
+#: the peers that run only when installed (``pip install -e '.[bench]'`` brings all but Ray),
+#: each with the module that tells whether it is
+OPTIONAL_PEERS: dict[str, str] = {
+    "ray": "ray",
+    "dask": "distributed",
+    "ipyparallel": "ipyparallel",
+    "mpire": "mpire",
+}
+#: the optional peers that run the task workloads (W1, W2, W4, W5, W6, W8)
+PEER_RUNNERS: tuple[str, ...] = ("dask", "ipyparallel", "mpire")
 
 #: every runner name, in table order ("manager" only runs the actor workload W3,
 #: "executor" only W1 and W2)
-RUNNERS: tuple[str, ...] = ("phalanx", "executor", "pool", "ppe", "loky", "manager", "ray")
+RUNNERS: tuple[str, ...] = ("phalanx", "inline", "executor", "pool", "ppe", "loky", "manager", "ray", *PEER_RUNNERS)
 #: runners of the task workloads
-TASK_RUNNERS: tuple[str, ...] = ("phalanx", "pool", "ppe", "loky", "ray")
+TASK_RUNNERS: tuple[str, ...] = ("phalanx", "pool", "ppe", "loky", "ray", *PEER_RUNNERS)
 #: runners of W1 and W2: the task runners and phalanx.Executor
-ADAPTER_RUNNERS: tuple[str, ...] = ("phalanx", "executor", "pool", "ppe", "loky", "ray")
+ADAPTER_RUNNERS: tuple[str, ...] = ("phalanx", "inline", "executor", "pool", "ppe", "loky", "ray", *PEER_RUNNERS)
+
+
+def peer_available(name: str) -> bool:
+    """True unless ``name`` is an optional peer whose package is not installed (checked without importing it)."""
+    module = OPTIONAL_PEERS.get(name)
+    return module is None or importlib.util.find_spec(module) is not None
+
+
+def peers_present() -> dict[str, bool]:
+    """Each optional peer: installed or not."""
+    return {name: peer_available(name) for name in OPTIONAL_PEERS}
 
 
 def available_runners(names: Iterable[str]) -> list[str]:
-    """``names`` without Ray when it cannot be imported."""
-    return [n for n in names if n != "ray" or ray_available()]
+    """``names`` without the optional peers that are not installed."""
+    return [n for n in names if peer_available(n)]
 
 
-def make_runner(name: str) -> Runner:
-    """A not yet started runner of the given name."""
+def make_runner(name: str, workers: int = WORKERS) -> Runner:
+    """A not yet started runner of the given name, with ``workers`` worker processes."""
     try:
         cls = _CLASSES[name]
     except KeyError:
         raise ValueError(f"unknown task runner {name!r}; known: {', '.join(_CLASSES)}") from None
-    return cls()
+    return cls(workers)

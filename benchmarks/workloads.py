@@ -16,9 +16,11 @@ W1     tiny tasks: 20,000 x inc(x)=x+1; (a) submit all, then gather; (b) map [ta
 W2     round trip: 2,000 sequential submit(noop).result() [median, p99 us] (also on phalanx.Executor)
 W3     actor calls: 10,000 counter.incr(), sequential and pipelined [calls/s]
 W4     CPU-bound: 32 x ~50 ms pure-Python loops [task-CPU-s per wall-s; ideal 2.0]
-W5     payload: 8 MB float64 numpy array, one way and both ways [MB/s]
+W5     payload: 8 MB and 64 MB float64 numpy array, one way and both ways [MB/s]
 W6     start-up: pool constructor to first result [ms]; idle PSS per worker [MB]
 W7     scale: 10^3..10^6 tiny tasks through a streaming map [tasks/s, driver RSS growth]
+W8     many workers: 1 ms sleep tasks on 2, 8 and 32 workers [tasks/s, share of the ideal
+       workers x 1000/s, driver CPU per task]
 =====  ================================================================================
 """
 
@@ -36,6 +38,7 @@ from typing import Any, TypedDict
 from . import ops
 from .runners import (
     ADAPTER_RUNNERS,
+    PEER_RUNNERS,
     TASK_RUNNERS,
     WORKERS,
     NotApplicable,
@@ -403,12 +406,26 @@ def _run_w4(runner_name: str, size: int | None, quick: bool) -> Outcome:
 # ---- W5 numpy payload ---------------------------------------------------------------
 
 
+#: W5's large size (MB): above phalanx's default shm_threshold (32 MiB)
+W5_LARGE = 64
+
+
+def _w5_sizes(quick: bool) -> list[int | None]:
+    return [None] if quick else [None, W5_LARGE]
+
+
 def _w5_metrics(quick: bool) -> list[Metric]:
     mb = 1 if quick else 8
-    return [
+    out = [
         Metric("one_way_mbps", f"{mb} MB array in, sum out", "MB/s", True),
         Metric("both_ways_mbps", f"{mb} MB array in, array out", "MB/s", True),
     ]
+    if not quick:
+        out += [
+            Metric(f"one_way_mbps_{W5_LARGE}", f"{W5_LARGE} MB array in, sum out", "MB/s", True),
+            Metric(f"both_ways_mbps_{W5_LARGE}", f"{W5_LARGE} MB array in, array out", "MB/s", True),
+        ]
+    return out
 
 
 def _run_w5(runner_name: str, size: int | None, quick: bool) -> Outcome:
@@ -417,12 +434,12 @@ def _run_w5(runner_name: str, size: int | None, quick: bool) -> Outcome:
     from . import ops_numpy
 
     mb = size or (1 if quick else 8)
-    reps = 3 if quick else 20
+    reps = 3 if quick else max(3, 160 // mb)
     array = np.random.default_rng(0).random(mb * MB // 8)
     expected_sum = float(array.sum())
     runner = _started(runner_name)
     try:
-        if runner_name == "phalanx":
+        if runner_name in ("phalanx", "inline"):
             try:
                 runner.call(ops_numpy.np_sum, np.zeros(4))
             except TypeError as exc:  # phalanx.EncodeError is a TypeError
@@ -444,7 +461,9 @@ def _run_w5(runner_name: str, size: int | None, quick: bool) -> Outcome:
         both = _rate(reps * mb, time.perf_counter() - t0)
     finally:
         runner.close()
-    return {"metrics": {"one_way_mbps": one_way, "both_ways_mbps": both}, "info": {"mb": mb, "reps": reps}}
+    suffix = f"_{size}" if size else ""
+    return {"metrics": {f"one_way_mbps{suffix}": one_way, f"both_ways_mbps{suffix}": both},
+            "info": {"mb": mb, "reps": reps}}
 
 
 # ---- W6 start-up --------------------------------------------------------------------
@@ -548,6 +567,57 @@ def _run_w7(runner_name: str, size: int | None, quick: bool) -> Outcome:
     }
 
 
+# ---- W8 many workers ----------------------------------------------------------------
+
+#: milliseconds each W8 task sleeps
+SLEEP_MS = 1.0
+
+
+def _w8_sizes(quick: bool) -> list[int | None]:
+    return [2, 4] if quick else [2, 8, 32]
+
+
+def _w8_metrics(quick: bool) -> list[Metric]:
+    out: list[Metric] = []
+    for w in _w8_sizes(quick):
+        out.append(Metric(f"tps_{w}", f"{w} workers, throughput", "tasks/s", True))
+        out.append(Metric(f"ideal_{w}", f"{w} workers, share of ideal ({w}k/s)", "ratio", True))
+        out.append(Metric(f"cpu_{w}", f"{w} workers, driver CPU per task", "us", False))
+    return out
+
+
+def _run_w8(runner_name: str, size: int | None, quick: bool) -> Outcome:
+    import os
+
+    workers = size or 2
+    n = workers * (20 if quick else 250)
+    runner = make_runner(runner_name, workers=workers)
+    runner.start()
+    try:
+        _warm_up(runner)
+        runner.submit_gather(ops.sleep_ms, [(0.0,)] * (workers * 4))
+        # The driver process's CPU (all its threads: the caller, a pump, a pool's handler threads,
+        # dask's in-process scheduler); separate daemons (ipyparallel's controller, Ray's raylet) are not in it.
+        cpu0 = time.process_time()
+        t0 = time.perf_counter()
+        got = runner.submit_gather(ops.sleep_ms, [(SLEEP_MS,)] * n)
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        try:
+            threads = len(os.listdir("/proc/self/task"))
+        except OSError:
+            threads = 0
+    finally:
+        runner.close()
+    check_equal(got, [SLEEP_MS] * n, f"W8 {workers} workers")
+    tps = _rate(n, wall)
+    return {
+        "metrics": {f"tps_{workers}": tps, f"ideal_{workers}": tps / (workers * 1000.0 / SLEEP_MS),
+                    f"cpu_{workers}": cpu / n * 1e6},
+        "info": {"workers": workers, "tasks": n, "seconds": wall, "driver_cpu_s": cpu, "driver_threads": threads},
+    }
+
+
 # ---- the table ----------------------------------------------------------------------
 
 WORKLOADS: dict[str, Workload] = {
@@ -566,15 +636,22 @@ WORKLOADS: dict[str, Workload] = {
         Workload("W4", "CPU-bound: 32 x ~50 ms pure-Python loop", TASK_RUNNERS, _w4_metrics, _run_w4,
                  quick_title="CPU-bound: 8 x ~20 ms pure-Python loop (quick)",
                  note="CPU time measured inside each task (time.process_time)"),
-        Workload("W5", "payload: 8 MB float64 numpy array, 20 calls each way", TASK_RUNNERS,
-                 _w5_metrics, _run_w5, quick_title="payload: 1 MB float64 numpy array, 3 calls each way (quick)",
-                 note="sequential submit(op, array).result(); MB/s counts the array once per call"),
+        Workload("W5", "payload: 8 MB (20 calls) and 64 MB (3 calls) float64 numpy array, each way",
+                 ("phalanx", "inline", *TASK_RUNNERS[1:]), _w5_metrics, _run_w5, sizes=_w5_sizes, quick_title="payload: 1 MB float64 numpy array, 3 calls each way (quick)",
+                 note="sequential submit(op, array).result(); MB/s counts the array once per call; "
+                 "phalanx: arrays >= 32 MiB (its default) through shared memory, inline: phalanx with shm_threshold=0"),
         Workload("W6", "start-up and idle memory", TASK_RUNNERS, _w6_metrics, _run_w6,
                  note="start-up includes worker start; PSS of forked workers shares the parent's pages"),
-        Workload("W7", "scale: streaming map of tiny tasks", tuple(r for r in TASK_RUNNERS if r != "ray"),
+        Workload("W7", "scale: streaming map of tiny tasks",
+                 tuple(r for r in TASK_RUNNERS if r not in ("ray", "dask", "ipyparallel")),
                  _w7_metrics, _run_w7, sizes=_w7_sizes,
                  note="phalanx rt.map (auto chunks); Pool.imap, PPE.map, loky map with chunksize "
                  "ceil(n/8); results consumed as a stream; RSS sampled every 10 ms"),
+        Workload("W8", "many workers: 250 x workers sleep(1 ms) tasks on 2, 8 and 32 workers",
+                 tuple(r for r in TASK_RUNNERS if r not in ("ppe",)), _w8_metrics, _run_w8, sizes=_w8_sizes,
+                 quick_title="many workers: 20 x workers sleep(1 ms) tasks on 2 and 4 workers (quick)",
+                 note="oversubscribed on purpose (2 cores); one task per message (Pool: apply_async); "
+                 "ideal = workers x 1000 tasks/s; driver CPU = process_time of the submitting process"),
     )
 }
 

@@ -110,6 +110,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     remote_python: str | None = None
     ssh_config: str | None = None
     slurm: bool = False
+    shm_threshold: int = 32 * 1024 * 1024
 
     def __post_init__(self) -> None:
         # Each message starts with the option's name: Config.load names its variable instead.
@@ -131,7 +132,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         for name in ("credits", "max_attempts", "hwm"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_tasks_per_worker", "max_memory_per_worker", "restart_limit", "actor_restart_limit"):
+        for name in ("max_tasks_per_worker", "max_memory_per_worker", "restart_limit", "actor_restart_limit",
+                     "shm_threshold"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("start_timeout", "restart_window", "heartbeat_interval", "actor_restart_window",
@@ -362,4 +364,8 @@ OPTIONS: dict[str, Option] = _options(
            "None: the user's `~/.ssh/config`)"),
     Option("slurm", parse_bool, "inside a Slurm allocation, start `phalanx worker` on every allocated node with "
            "`srun`, with fresh keys for this run ([multihost.md](multihost.md#under-slurm))"),
+    Option("shm_threshold", int, "bytes from which a numpy array in a task or result between the driver and "
+           "a local worker travels through a shared-memory segment in `/dev/shm` (only its name is sent; "
+           "0: never). Off while the driver has a runtime with `listen`. Below 32 MiB copies through the pipe "
+           "measured faster: a fresh segment's page faults cost more than the copies", default="33554432 (32 MiB)"),
 )

@@ -564,6 +564,7 @@ class Driver:
             spin=self.config.spin,
             log_level=self.config.log_level,
             implicit_operations=self.config.implicit_operations,
+            shm_threshold=self.config.shm_threshold,
         )
         worker.pid, end = self._supervisor.spawn_piped(spec)
         worker.pipe = FramePipe(end, self.limits.max_frame)

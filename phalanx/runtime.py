@@ -32,6 +32,7 @@ from .config import Config
 from .driver import Driver, RuntimeStats
 from .directives import Chain, Directive, Fold, IndexedChain, JobHandle, start_job
 from .jobs import MISSING, Future, MapIterator, fold, submit
+from .transport import shm
 from .policy import DEFAULT_TAG, FatalStrategy, RetryStrategy, TaskOptions, check_tag
 
 if TYPE_CHECKING:
@@ -180,6 +181,7 @@ class Runtime(_RunsDirectives):
         log_level: str | None = None,
         implicit_operations: bool | None = None,
         host_name: str | None = None,
+        shm_threshold: int | None = None,
         hosts: list[str] | None = None,
         workers_per_host: int | None = None,
         min_hosts: int | None = None,
@@ -218,6 +220,7 @@ class Runtime(_RunsDirectives):
             log_level=log_level,
             implicit_operations=implicit_operations,
             host_name=host_name,
+            shm_threshold=shm_threshold,
             hosts=hosts,
             workers_per_host=workers_per_host,
             min_hosts=min_hosts,
@@ -236,7 +239,14 @@ class Runtime(_RunsDirectives):
 
             self._launch = Launch(self.config)
             self.config = msgspec.structs.replace(self.config, listen=self._launch.listen)
-        self._driver = Driver(self.config, self._launch.keys if self._launch is not None else None)
+        # Before any worker starts: arrays in its tasks and results may use shared memory
+        # (never while remote workers may join: listen, hosts=, slurm=True).
+        shm.runtime_started(self, self.config.shm_threshold, self.config.listen is not None)
+        try:
+            self._driver = Driver(self.config, self._launch.keys if self._launch is not None else None)
+        except BaseException:
+            shm.runtime_stopped(self)
+            raise
         try:
             self._driver.start_workers(self.config.worker_groups(), self.config.start_timeout)
             if self._launch is not None:
@@ -244,6 +254,7 @@ class Runtime(_RunsDirectives):
                 self._launch.start(self._driver.address.tasks, self._ready_on, self.config.start_timeout)
         except BaseException:
             self._driver.shutdown(wait=False)
+            shm.runtime_stopped(self)
             if self._launch is not None:
                 self._launch.close()
             raise
@@ -514,7 +525,10 @@ class Runtime(_RunsDirectives):
         Idempotent.
         """
         atexit.unregister(self._atexit)
-        self._driver.shutdown(wait=wait, timeout=timeout)
+        try:
+            self._driver.shutdown(wait=wait, timeout=timeout)
+        finally:
+            shm.runtime_stopped(self)
         if self._launch is not None:
             self._launch.close()  # after the Shutdown broadcast: the hosts are ending already
         if self.faults is not None:

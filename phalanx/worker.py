@@ -69,7 +69,7 @@ from .actors.host import ActorHost
 from .core.execute import TaskRunner
 from .errors import EncodeError, FrameTooLargeError, ProtocolError, TaskCancelledError, TaskTimeoutError
 from .registry.operations import resolve
-from .transport import sockets
+from .transport import shm, sockets
 from .transport.codec import decode_control, decode_inbox, encode, error_info
 from .transport.endpoints import Endpoints
 from .transport.pipe import FramePipe, PipeError
@@ -159,6 +159,8 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     host: str = ""
     #: on LEAVE_SIGNAL from its parent, tell the driver it leaves (Goodbye) before exiting
     goodbye: bool = False
+    #: bytes from which a local worker sends arrays in results through shared memory (0: never)
+    shm_threshold: int = 0
 
 
 class TaskContext:
@@ -204,6 +206,10 @@ def current_task() -> TaskContext:
 
 
 def _kill_own_group() -> None:
+    try:
+        shm.release_orphaned()  # the driver died: what it never read is ours to remove
+    except Exception:
+        pass
     try:
         os.killpg(os.getpgrp(), signal.SIGKILL)
     finally:
@@ -956,6 +962,8 @@ def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None) -> None:
     install_worker_output(spec.worker_id, spec.prefix_output, spec.log_level)
     for module in spec.imports:
         __import__(module)
+    # Shared memory only with a driver on this host, over the pipe; a remote worker never.
+    shm.set_worker(spec.parent_pid if pipe is not None else None, spec.shm_threshold)
     loop = _Loop(spec, pipe)
     if spec.goodbye:
         global _goodbye

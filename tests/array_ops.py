@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import mmap
+import os
+import time
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -21,3 +26,41 @@ def double(a: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
 @phalanx.operation
 def add(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return a + b
+
+
+def _mapped(a: Any) -> bool:
+    """True if ``a`` is a view of an ``mmap`` (a shared-memory segment), not an array of its own."""
+    base = a
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return isinstance(base, mmap.mmap)
+
+
+@phalanx.operation
+def view_info(a: npt.NDArray[np.float64]) -> dict[str, Any]:
+    """How the worker got ``a``; then writes into it (the sender's array must not change)."""
+    info = {"mapped": _mapped(a), "writeable": bool(a.flags.writeable), "sum": float(a.sum())}
+    if a.size:
+        a[0] = -1.0
+    return info
+
+
+@phalanx.operation
+def echo(a: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    return a
+
+
+@phalanx.operation
+def ramp(n: int) -> npt.NDArray[np.float64]:
+    return np.arange(n, dtype=np.float64)
+
+
+@phalanx.operation
+def hold(a: npt.NDArray[np.float64], marker: str) -> float:
+    """Say it started (creates ``marker``), then sleep until killed."""
+    with open(marker, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+    return float(a.sum())

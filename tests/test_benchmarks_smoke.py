@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: workloads run by phalanx and by Pool, PPE and loky: each must give numbers
 TASK_WORKLOADS = ("W1", "W2", "W4", "W5", "W6", "W7")
+#: many workers: phalanx, Pool and loky (not PPE)
+W8_PEERS = ("pool", "loky")
+#: the optional peers (Dask, ipyparallel, mpire) are left to their own test: they take long to start
+CORE_RUNNERS = "phalanx,inline,executor,pool,ppe,loky,manager,ray"
 #: the actor workload, compared with peers of its own (a BaseManager proxy, Ray), not Pool/PPE/loky
 OWN_PEERS = ("W3",)
 PEERS = ("pool", "ppe", "loky")
@@ -38,7 +42,8 @@ def run_module(args: list[str], timeout: float) -> subprocess.CompletedProcess[s
 @pytest.mark.timeout(300)
 def test_quick_benchmark_run_reports_every_workload(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    proc = run_module(["benchmarks", "--quick", "--repeats", "1", "--json", str(out)], timeout=240)
+    proc = run_module(["benchmarks", "--quick", "--repeats", "1", "--runners", CORE_RUNNERS, "--json", str(out)],
+                      timeout=240)
     assert "Foundation figures" in proc.stdout
     data: dict[str, Any] = json.loads(out.read_text())
     assert data["failed"] == 0
@@ -58,6 +63,15 @@ def test_quick_benchmark_run_reports_every_workload(tmp_path: Path) -> None:
                 median = stats.get("median")
                 assert median is not None, (wid, key, runner, stats)
                 assert median > 0 if metric["better"] == "higher" else median >= 0, (wid, key, runner, stats)
+    # W8 at 2 and 4 workers: throughput, share of the ideal and the driver's CPU per task, for each runner.
+    w8 = workloads["W8"]
+    for runner in ("phalanx", *W8_PEERS):
+        assert w8["status"][runner] == "ok", (runner, w8["status"], w8["reasons"])
+        for workers in (2, 4):
+            for key in (f"tps_{workers}", f"ideal_{workers}", f"cpu_{workers}"):
+                assert w8["metrics"][key]["runners"][runner]["median"] > 0, (key, runner)
+    # W5 runs phalanx with and without shared memory in the same invocation.
+    assert workloads["W5"]["status"]["inline"] == "ok", workloads["W5"]["reasons"]
     for wid in OWN_PEERS:
         assert wid in workloads, f"no entry for {wid}"
         assert workloads[wid]["status"]["phalanx"] == "ok", (wid, workloads[wid]["reasons"])
@@ -103,3 +117,28 @@ def test_hot_restart_benchmark_runs() -> None:
     """``benchmarks.restart`` at a tiny state: every move keeps the bytes, one figure is printed."""
     proc = run_module(["benchmarks.restart", "--mb", "0.25", "--repeats", "2"], timeout=100)
     assert "hot restart of an actor holding 0.25 MiB" in proc.stdout and "median" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_optional_peers_run_when_installed_and_are_skipped_otherwise(tmp_path: Path) -> None:
+    """Dask, ipyparallel and mpire (the ``bench`` extra) in W2 at a tiny size; absent ones are named, not run."""
+    from benchmarks.runners import PEER_RUNNERS, peers_present
+
+    out = tmp_path / "peers.json"
+    proc = run_module(["benchmarks", "--quick", "--repeats", "1", "--only", "W2", "--json", str(out)], timeout=240)
+    data: dict[str, Any] = json.loads(out.read_text())
+    assert data["failed"] == 0
+    present = peers_present()
+    assert data["meta"]["peers_present"] == present
+    status = data["workloads"]["W2"]["status"]
+    for peer in PEER_RUNNERS:
+        if present[peer]:
+            assert status[peer] == "ok", (peer, data["workloads"]["W2"]["reasons"])
+            assert data["workloads"]["W2"]["metrics"]["median_us"]["runners"][peer]["median"] > 0
+        else:
+            assert peer not in status
+            assert "not installed (skipped): " in proc.stdout and peer in proc.stdout
+    # Processes a peer leaves behind (a dask nanny or an ipyparallel engine slow to exit on a loaded
+    # machine) are the peer's, reported and killed by the suite; phalanx must leave none.
+    assert all(not run.get("leftovers") for run in data["runs"] if run["runner"] == "phalanx"), data["runs"]

@@ -78,6 +78,7 @@ CASES: dict[str, Case] = {
     "remote_python": Case("/usr/bin/python3", "/opt/py/bin/python", "/opt/py/bin/python", 5, None),
     "ssh_config": Case("ssh_config", "other_config", "other_config", 5, None),
     "slurm": Case(True, "yes", True, "yes", "maybe"),
+    "shm_threshold": Case(0, "4096", 4096, -1, "x"),
 }
 
 RUNTIME = [name for name, o in OPTIONS.items() if o.runtime]

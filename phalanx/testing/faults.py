@@ -47,6 +47,7 @@ import msgspec
 from ..errors import PhalanxError, ProtocolError
 from ..registry.actors import actor
 from ..transport.codec import decode_driver, decode_inbox, encode
+from ..transport.shm import peeking
 from ..transport.messages import (
     ActorCall,
     ActorEvent,
@@ -456,7 +457,8 @@ class FaultEngine:
         """A frame the driver sends to worker ``ident``."""
         with self._lock:
             try:
-                msg = decode_inbox(frame)
+                with peeking():  # looked at, not received: an array's segment stays for the worker
+                    msg = decode_inbox(frame)
             except ProtocolError:
                 msg = None
             kind = _out_kind(msg)
@@ -496,7 +498,8 @@ class FaultEngine:
             if worker in self._dead:
                 return [], None
             try:
-                msg = decode_driver(frame)
+                with peeking():
+                    msg = decode_driver(frame)
             except ProtocolError:
                 msg = None
             kind = _in_kind(msg)

@@ -4,6 +4,12 @@ Runs in the driver and in every worker. One encoder, one decoder per socket
 role; decoders only accept the messages that socket may carry, so a frame of
 the wrong kind is a :class:`~phalanx.errors.ProtocolError`, never a crash.
 
+Tasks (``Call``, ``Chunk``, ``ActorCall``) and ``Results`` are encoded with
+large numpy arrays in shared-memory segments while
+:func:`phalanx.transport.shm.threshold` is set (a driver with only local
+workers, a local worker); everything else, channel messages included, carries
+arrays inline.
+
 Invariant kept: a value msgspec cannot encode raises
 :class:`~phalanx.errors.EncodeError` (a ``TypeError``) *before* anything is
 sent, and nothing here ever unpickles.
@@ -26,14 +32,19 @@ from ..errors import (
     RemoteError,
     RemoteTraceback,
 )
+from . import shm as _shm
 from .messages import (
+    ActorCall,
+    Call,
     ChannelReply,
     ChannelRequest,
     ClientMessage,
+    Chunk,
     ControlMessage,
     DriverMessage,
     ErrorInfo,
     InboxMessage,
+    Results,
 )
 
 __all__ = [
@@ -90,6 +101,14 @@ def _ndarray_from_bytes(data: memoryview) -> Any:
 
 
 def _enc_hook(value: Any) -> Any:
+    return _hook(value, False)
+
+
+def _enc_hook_shm(value: Any) -> Any:
+    return _hook(value, True)
+
+
+def _hook(value: Any, shm: bool) -> Any:
     for cls in type(value).__mro__:
         entry = _EXT_ENCODE.get(cls)
         if entry is not None:
@@ -101,6 +120,11 @@ def _enc_hook(value: Any) -> Any:
         from .buffers import ndarray_to_bytes
 
         if isinstance(value, numpy.ndarray):
+            if shm and value.nbytes >= _shm.threshold() > 0 and value.dtype.kind in _SHM_KINDS \
+                    and value.dtype.fields is None:
+                record = _shm.write_array(value)
+                if record is not None:
+                    return msgspec.msgpack.Ext(_shm.SHM_NDARRAY, record)
             return msgspec.msgpack.Ext(NDARRAY_EXT, ndarray_to_bytes(value))
         if isinstance(value, numpy.generic):  # a numpy scalar: its Python value
             return value.item()
@@ -120,7 +144,13 @@ def _ext_hook(code: int, data: memoryview) -> Any:
 
 
 _EXT_DECODE[NDARRAY_EXT] = _ndarray_from_bytes
+_EXT_DECODE[_shm.SHM_NDARRAY] = _shm.read_array
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+# Tasks and results between a driver and its local workers: large arrays through
+# shared memory (phalanx.transport.shm), only while shm.threshold() is set.
+_shm_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook_shm)
+_SHM_MESSAGES = frozenset({Call, Chunk, ActorCall, Results})
+_SHM_KINDS = frozenset("biufcmM?")
 _inbox = msgspec.msgpack.Decoder(InboxMessage, ext_hook=_ext_hook)
 _control = msgspec.msgpack.Decoder(ControlMessage, ext_hook=_ext_hook)
 _driver = msgspec.msgpack.Decoder(DriverMessage, ext_hook=_ext_hook)
@@ -128,7 +158,15 @@ _client = msgspec.msgpack.Decoder(ClientMessage, ext_hook=_ext_hook)
 # Channel frames carry user values as opaque bytes: neither decoder runs extension hooks.
 _broker = msgspec.msgpack.Decoder(ChannelRequest)
 _channel = msgspec.msgpack.Decoder(ChannelReply)
-_value = msgspec.msgpack.Decoder(ext_hook=_ext_hook)
+
+
+def _value_ext_hook(code: int, data: memoryview) -> Any:
+    if code == _shm.SHM_NDARRAY:  # channel messages never name segments
+        raise ValueError(f"unknown extension type {code}")
+    return _ext_hook(code, data)
+
+
+_value = msgspec.msgpack.Decoder(ext_hook=_value_ext_hook)
 
 
 def encode(msg: Any, what: str = "message", name: str = "") -> bytes:
@@ -138,6 +176,9 @@ def encode(msg: Any, what: str = "message", name: str = "") -> bytes:
     hot path builds no message).
     """
     try:
+        if type(msg) in _SHM_MESSAGES and _shm.threshold():
+            with _shm.writing():
+                return _shm_encoder.encode(msg)
         return _encoder.encode(msg)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise encode_error(exc, what.format(name) if name else what) from exc

@@ -1,0 +1,338 @@
+"""Large numpy arrays through shared memory between a driver and its local workers.
+
+Runs in the driver and in local workers (never in a remote worker: a segment
+name must never leave the host). An array of at least :func:`threshold` bytes
+inside a task (``Call``, ``Chunk``, ``ActorCall``) or a worker's ``Results`` is
+written once into a fresh file in ``/dev/shm`` and only its name, dtype and
+shape travel (msgpack extension :data:`SHM_NDARRAY`, see
+:mod:`phalanx.transport.codec`)::
+
+    sender                                   receiver
+    open(O_CREAT|O_EXCL), write, close  --name-->  open, mmap, unlink, close
+                                                   the array is a view of the mapping
+
+The receiver unlinks the file as soon as it has mapped it, so the memory is
+freed once the receiver's array is collected, and nothing is left behind by a
+message that was received. The receiver's array is writable and its own (no
+other process maps the segment any more); it is not a copy.
+
+Invariants kept:
+
+* **no leak**: segment names are ``phalanx-<driver pid>-<32 hex>``. What was
+  written but never received (the driver or the receiving worker was killed, a
+  queued task was cancelled) is removed by :func:`sweep`: every runtime start
+  and shutdown removes the segments of drivers that are gone (and the last
+  shutdown in a driver its own), and a local worker that ends because its
+  driver died removes its driver's (:func:`release_orphaned`).
+* **nothing but our own segments is opened**: a name must match the pattern,
+  carry the driver pid this process serves, be a regular file owned by this
+  user and hold exactly the bytes the dtype and shape need, or the record is
+  malformed (``ValueError``: the frame is dropped and counted). The 128 random
+  bits of a name are never sent over tcp, so a remote peer cannot name one.
+* **tcp keeps the frame path**: a driver uses segments only while none of its
+  runtimes accepts remote workers (``listen``); a remote worker never does.
+
+A sender that cannot create a segment (``/dev/shm`` missing or full) sends the
+array inline, as without this module.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import stat
+import struct
+import sys
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "SHM_DIR",
+    "SHM_NDARRAY",
+    "PREFIX",
+    "threshold",
+    "owner",
+    "set_worker",
+    "runtime_started",
+    "runtime_stopped",
+    "write_array",
+    "read_array",
+    "sweep",
+    "release_orphaned",
+    "ours",
+    "peeking",
+    "writing",
+    "SegmentRef",
+]
+
+#: where POSIX shared memory lives on Linux
+SHM_DIR = "/dev/shm"
+#: the msgpack extension code of an array in a segment
+SHM_NDARRAY = 17
+#: every segment name starts with it
+PREFIX = "phalanx-"
+_NAME = re.compile(r"phalanx-([0-9]+)-[0-9a-f]{32}\Z")
+_HEADER = msgspec.msgpack.Decoder(tuple[str, str, tuple[int, ...]])
+_SAFE_KINDS = frozenset("biufcmMSU?")
+_LEN = struct.Struct("<I")
+
+_lock = threading.Lock()
+#: bytes from which arrays in tasks/results go through a segment (0: never)
+_threshold = 0
+#: the pid of the driver whose segments this process writes and accepts (None: none)
+_owner: int | None = None
+#: live runtimes of this process: (shm_threshold, accepts remote workers)
+_runtimes: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDictionary()
+#: per thread: peeking (decode without mapping), segments written by the message being encoded
+_peek = threading.local()
+
+
+def available() -> bool:
+    return sys.platform.startswith("linux") and os.path.isdir(SHM_DIR)
+
+
+def threshold() -> int:
+    """Bytes from which an array in a task or a result goes through a segment (0: never)."""
+    return _threshold
+
+
+def owner() -> int | None:
+    """The driver pid whose segments this process writes and accepts."""
+    return _owner
+
+
+def set_worker(driver_pid: int | None, limit: int) -> None:
+    """A local worker of driver ``driver_pid`` sends arrays of ``limit`` bytes or more through segments.
+
+    ``driver_pid`` None: a remote worker, which neither writes nor accepts segments.
+    """
+    global _threshold, _owner
+    with _lock:
+        _runtimes.clear()  # inherited from a forking driver: not this process's
+        _owner = driver_pid
+        _threshold = limit if driver_pid is not None and available() else 0
+
+
+def _recompute() -> None:
+    global _threshold, _owner
+    entries = list(_runtimes.values())
+    if not entries:
+        _threshold = 0
+        return
+    _owner = os.getpid()
+    limits = [limit for limit, _ in entries if limit > 0]
+    remote = any(r for _, r in entries)
+    _threshold = min(limits) if limits and not remote and available() else 0
+
+
+def runtime_started(runtime: Any, limit: int, remote: bool) -> None:
+    """A runtime of this driver process starts: sweep what dead drivers left, then use segments."""
+    if available():
+        sweep()
+    with _lock:
+        _runtimes[runtime] = (limit, remote)
+        _recompute()
+    # A runtime dropped without shutdown() counts as stopped once collected.
+    weakref.finalize(runtime, _forget)
+
+
+def runtime_stopped(runtime: Any) -> None:
+    """A runtime stopped: the last one removes this driver's own segments too."""
+    with _lock:
+        _runtimes.pop(runtime, None)
+    _forget()
+
+
+def _forget() -> None:
+    with _lock:
+        _recompute()
+        last = not _runtimes
+    if available():
+        sweep(own=last)
+
+
+@contextmanager
+def peeking() -> Iterator[None]:
+    """Decode without mapping: arrays in segments come out as :class:`SegmentRef` (fault filters)."""
+    _peek.on = True
+    try:
+        yield
+    finally:
+        _peek.on = False
+
+
+class SegmentRef(msgspec.Struct, frozen=True):
+    """An array in a segment, seen without mapping it (see :func:`peeking`)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _alive(pid: int) -> bool:
+    """True unless ``pid`` is gone or a zombie (a killed driver its parent has not reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2][1:2] != b"Z"
+    except OSError:
+        return True
+
+
+def ours() -> list[str]:
+    """Names of every phalanx segment in ``/dev/shm`` (of any driver, this user's or not)."""
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if _NAME.match(n))
+    except OSError:
+        return []
+
+
+def sweep(own: bool = False) -> int:
+    """Remove this user's segments of dead drivers (and with ``own``, this process's); how many."""
+    removed = 0
+    uid = os.getuid()
+    me = os.getpid()
+    for name in ours():
+        m = _NAME.match(name)
+        assert m is not None
+        pid = int(m.group(1))
+        if pid == me:
+            if not own:
+                continue
+        elif _alive(pid):
+            continue
+        path = os.path.join(SHM_DIR, name)
+        try:
+            if os.stat(path, follow_symlinks=False).st_uid != uid:
+                continue
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def release_orphaned() -> None:
+    """In a local worker ending: if its driver is gone, remove the driver's segments."""
+    pid = _owner
+    if pid is None or pid == os.getpid() or _alive(pid) or not available():
+        return
+    prefix = f"{PREFIX}{pid}-"
+    for name in ours():
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except OSError:
+                pass
+
+
+@contextmanager
+def writing() -> Iterator[None]:
+    """Around one message's encoding: if it fails, the segments it wrote are removed."""
+    written: list[str] = []
+    _peek.written = written
+    try:
+        yield
+    except BaseException:
+        for name in written:
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except OSError:
+                pass
+        raise
+    finally:
+        _peek.written = None
+
+
+def write_array(array: Any) -> bytes | None:
+    """Write ``array`` into a new segment; the extension payload naming it, or None (send inline)."""
+    import numpy as np
+
+    pid = _owner
+    if pid is None:
+        return None
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    name = f"{PREFIX}{pid}-{secrets.token_hex(16)}"
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    try:
+        view = memoryview(array.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+    except OSError:  # /dev/shm is full: the array travels inline
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return None
+    os.close(fd)
+    written = getattr(_peek, "written", None)
+    if written is not None:
+        written.append(name)
+    header = msgspec.msgpack.encode((name, array.dtype.str, array.shape))
+    return _LEN.pack(len(header)) + header
+
+
+def read_array(data: memoryview) -> Any:
+    """The array a :data:`SHM_NDARRAY` payload names, mapped (the segment is unlinked); ValueError if bad."""
+    import mmap
+
+    import numpy as np
+
+    if len(data) < _LEN.size:
+        raise ValueError("truncated shared-memory record")
+    (size,) = _LEN.unpack_from(data, 0)
+    if _LEN.size + size != len(data):
+        raise ValueError("bad shared-memory record length")
+    try:
+        name, dtype_str, shape = _HEADER.decode(data[_LEN.size:])
+        dtype = np.dtype(dtype_str)
+    except (msgspec.DecodeError, TypeError) as exc:
+        raise ValueError(f"bad shared-memory record: {exc}") from None
+    m = _NAME.match(name)
+    if m is None or _owner is None or int(m.group(1)) != _owner:
+        raise ValueError("refused shared-memory segment name")
+    if dtype.kind not in _SAFE_KINDS or dtype.fields is not None or dtype.itemsize == 0:
+        raise ValueError(f"refused ndarray dtype {dtype_str!r}")
+    if any(n < 0 for n in shape):
+        raise ValueError(f"bad ndarray shape {shape}")
+    count = 1
+    for n in shape:
+        count *= n
+    nbytes = count * dtype.itemsize
+    if getattr(_peek, "on", False):
+        return SegmentRef(name, dtype_str, tuple(shape))
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"shared-memory segment unavailable: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size != nbytes or nbytes == 0:
+            raise ValueError(f"shared-memory segment holds {st.st_size} bytes, shape {shape} needs {nbytes}")
+        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    finally:
+        try:
+            os.unlink(path)  # mapped (or refused): its memory goes with the last mapping
+        except OSError:
+            pass
+        os.close(fd)
+    return np.frombuffer(mapping, dtype=dtype, count=count).reshape(shape)
