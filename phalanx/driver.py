@@ -1,4 +1,9 @@
-"""The driver core: worker table, credit-based dispatch, the result pump.
+"""The threaded host of the core: worker table, credit-based dispatch, the result pump.
+
+What outcomes mean (resolution, retries, Ignore/Terminate, crash attribution,
+restart intensity, retry timers) is decided by :mod:`phalanx.core`, without
+I/O, under this module's lock; :mod:`phalanx.testing.sim` runs the same core
+on a virtual clock. This module moves the bytes and keeps the time.
 
 Runs in the driver process. Threads and what they own::
 
@@ -60,9 +65,11 @@ Invariants kept:
    Short work is not stranded behind a long task while a worker idles: the
    tasks queued behind it are taken back, unstarted (``_reclaim_locked``).
 6. **Bad input never kills.** Undecodable frames, frames from unknown
-   identities and outcomes for unknown tasks are counted and dropped. A
-   local worker that sends a frame above ``max_frame`` (workers never do: see
-   ``Welcome.max_frame``) is killed and replaced.
+   identities and outcomes for unknown tasks are counted and dropped. An
+   exception escaping the runtime's own code is not bad input: it breaks the
+   runtime (``internal_error``), never a counter. A local worker that sends
+   a frame above ``max_frame`` (workers never do: see ``Welcome.max_frame``)
+   is killed and replaced.
 
 A crash is charged to one task: the first one its worker held. A map chunk
 of several items is split instead (``Task.split``), down to the one item that
@@ -72,7 +79,6 @@ crashes, so ``Ignore`` skips just that item and ``WorkerCrashedError`` names it.
 from __future__ import annotations
 
 import errno
-import heapq
 import itertools
 import logging
 import os
@@ -136,6 +142,9 @@ from .transport.messages import (
     InspectRequest,
 )
 from .worker import ABORT_EXIT, WorkerSpec
+from .core.outcomes import Outcomes
+from .core.routing import Routing
+from .core.tasks import SKIPPED, Delivery, Job, Task
 
 if TYPE_CHECKING:
     from .broker import Broker
@@ -143,7 +152,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Driver", "Job", "Task", "WorkerStats", "RuntimeStats", "SKIPPED"]
 
-Delivery = Ok | Err | BaseException
 
 #: ``(direction "in" | "out", worker identity, frame) -> frames`` (see ``Driver.frame_filter``)
 FrameFilter = Callable[[str, bytes, bytes], list[bytes]]
@@ -229,15 +237,6 @@ class _DirectWaiter:
     add_result = add_exception = add_cancelled = _fire
 
 
-class _Skipped:
-    def __repr__(self) -> str:
-        return "SKIPPED"
-
-
-#: stands in a map chunk's values for an item dropped under FatalStrategy.IGNORE
-SKIPPED: Any = _Skipped()
-
-
 class WorkerStats(msgspec.Struct, frozen=True):
     """One worker as the driver sees it."""
 
@@ -289,147 +288,6 @@ class RuntimeStats(msgspec.Struct, frozen=True):
     channel_redelivered: int = 0
     #: tasks a busy worker gave back unstarted, for a worker that idled, and sent again
     reclaimed: int = 0
-
-
-class Task(msgspec.Struct, gc=False):
-    """One message of work: its encoded frame plus what redelivery needs.
-
-    ``crashes`` counts worker deaths charged to it, ``retries`` transient
-    retries; ``prefix`` holds values of a map chunk's items already done
-    before a retry or a skip, so the chunk resumes where it failed; ``rest``
-    the items held back when a map chunk was split after a crash (they run
-    once ``msg.items`` is done: see :meth:`split`).
-
-    Untracked by the garbage collector (``gc=False``; it refers to no object
-    that refers back to it): tens of thousands may be in flight, and each
-    tracked one would make every full collection slower, and keep the job's
-    ``outstanding`` dict tracked too.
-    """
-
-    msg: Call | Chunk | ActorCall
-    frame: bytes
-    items: int = 1
-    crashes: int = 0
-    retries: int = 0
-    prefix: list[Any] | None = None
-    rest: list[Any] | None = None
-    #: the job's on_dispatch accepted it (a Future is running): never ask twice
-    claimed: bool = False
-    #: when it started waiting, pending, with no live worker of its tag (0: it is not)
-    unrouted: float = 0.0
-
-    @property
-    def job(self) -> int:
-        return self.msg.job
-
-    @property
-    def seq(self) -> int:
-        return self.msg.seq
-
-    @property
-    def attempt(self) -> int:
-        return self.msg.attempt
-
-    @property
-    def directed(self) -> bool:
-        """Sent to one worker outside the credit scheme (actor calls): never redelivered."""
-        return isinstance(self.msg, ActorCall)
-
-    def _copy(self, msg: Call | Chunk | ActorCall, items: int) -> Task:
-        task = Task(msg, encode(msg), items)
-        task.crashes, task.retries, task.prefix, task.rest = self.crashes, self.retries, self.prefix, self.rest
-        return task
-
-    def retry(self) -> Task:
-        """The same work again, as the next attempt."""
-        return self._copy(msgspec.structs.replace(self.msg, attempt=self.attempt + 1), self.items)
-
-    def resume(self, start: int, done: list[Any]) -> Task:
-        """A map chunk continuing at item ``start``, with ``done`` values before it."""
-        msg = self.msg
-        assert isinstance(msg, Chunk)
-        rest = msg.items[start:]
-        later = self.rest
-        if not rest and later:
-            rest, later = later, None  # the items held back by a split come next
-        task = self._copy(msgspec.structs.replace(msg, attempt=self.attempt + 1, items=rest), len(rest))
-        task.prefix = (self.prefix or []) + done
-        task.rest = later
-        return task
-
-    def split(self) -> Task:
-        """A map chunk after a crash: its first half as the next attempt, the other half after it.
-
-        Bisecting down to the item charges a crash to the one item that
-        causes it; the innocent items run again uncharged.
-        """
-        msg = self.msg
-        assert isinstance(msg, Chunk)
-        half = len(msg.items) // 2
-        task = self._copy(msgspec.structs.replace(msg, attempt=self.attempt + 1, items=msg.items[:half]), half)
-        task.rest = msg.items[half:] + (self.rest or [])
-        return task
-
-    @property
-    def splits(self) -> bool:
-        """A map chunk (not a fold's) of more than one item."""
-        msg = self.msg
-        return isinstance(msg, Chunk) and not msg.fold and len(msg.items) > 1
-
-
-class Job:
-    """A leased result channel: outstanding tasks and where outcomes go.
-
-    ``deliver(seq, outcome)`` runs on the pump thread with no lock held;
-    ``fail(exc)`` is called once if the job is ended from outside (runtime
-    closed or broken). ``on_dispatch`` may veto a first dispatch (a cancelled
-    future). ``tag`` is the worker tag its tasks are routed to (``options.on``).
-    """
-
-    __slots__ = (
-        "id", "op", "outstanding", "deliver", "fail", "on_dispatch", "autoclose",
-        "retry", "on_fatal", "timeout", "skipped", "dropped", "tag", "direct", "deliver_many",
-    )
-
-    def __init__(
-        self,
-        job_id: int,
-        op: str,
-        deliver: Callable[[int, Delivery], None],
-        fail: Callable[[BaseException], None],
-        on_dispatch: Callable[[], bool] | None = None,
-        autoclose: bool = False,
-        options: TaskOptions | None = None,
-    ) -> None:
-        self.setup(job_id, op, autoclose, options)
-        self.deliver = deliver
-        self.fail = fail
-        self.on_dispatch = on_dispatch
-
-    def setup(self, job_id: int, op: str, autoclose: bool, options: TaskOptions | None) -> None:
-        """Everything but the three callbacks (a subclass may define them as methods instead)."""
-        self.id = job_id
-        self.op = op
-        if options is None:
-            self.retry: RetryStrategy | None = None
-            self.on_fatal: FatalStrategy = FatalStrategy.TERMINATE
-            self.timeout: float = 0.0
-            self.tag: str = DEFAULT_TAG
-        else:
-            self.retry = options.retry
-            self.on_fatal = options.on_fatal or FatalStrategy.TERMINATE
-            self.timeout = options.timeout or 0.0
-            self.tag = options.tag
-        #: (seq, index in chunk, error) of items dropped under IGNORE (None: none so far)
-        self.skipped: list[tuple[int, int, Any]] | None = None
-        #: tasks were forgotten while workers may still hold them
-        self.dropped = False
-        self.outstanding: dict[int, Task] = {}
-        self.autoclose = autoclose
-        #: ``deliver`` is thread-safe, so a caller reading its own reply may run it (see wait_direct)
-        self.direct = False
-        #: ``deliver`` for several outcomes at once, ``[(seq, outcome)]`` (optional: fewer lock rounds)
-        self.deliver_many: Callable[[list[tuple[int, Delivery]]], None] | None = None
 
 
 class _Worker:
@@ -520,16 +378,15 @@ class Driver:
         self._changed = threading.Condition(self._lock)
         self._jobs: dict[int, Job] = {}
         self._job_ids = itertools.count(1)
-        #: tasks waiting for a credit, one queue per worker tag (no empty queue is kept)
-        self._pending: dict[str, deque[Task]] = {}
         self._workers: dict[bytes, _Worker] = {}
-        self._live: list[_Worker] = []
-        #: live workers per tag (changed only by _add_live_locked / _remove_live_locked)
-        self._live_tags: dict[str, int] = {}
-        #: tags with pending tasks and no live worker -> the oldest such task's ``unrouted``
-        self._unrouted: dict[str, float] = {}
+        #: pending tasks per tag, live workers per tag, credit dispatch (phalanx.core.routing)
+        self.routing: Routing[_Worker] = Routing(self._jobs, config.max_tasks_per_worker)
+        # The routing's own containers, under the names this module reads them by.
+        self._pending = self.routing.pending
+        self._live = self.routing.live
+        self._live_tags = self.routing.live_tags
+        self._unrouted = self.routing.unrouted
         self._worker_ids = itertools.count(1)
-        self._restarts: deque[float] = deque()
         self._start_failures: list[str] = []
         self._closed = False
         self._broken: BaseException | None = None
@@ -538,20 +395,12 @@ class Driver:
         self.dead_worker_ttl = DEAD_WORKER_TTL
         # counters
         self.tasks_submitted = 0
-        self.tasks_completed = 0
-        self.tasks_failed = 0
-        self.items_completed = 0
-        self.redelivered = 0
         #: tasks taken back unstarted from a busy worker and dispatched again (see _reclaim_locked)
         self.reclaimed = 0
-        self.duplicates_dropped = 0
-        self.late_results_dropped = 0
         self.frames_dropped = 0
         self.worker_deaths = 0
         self.worker_restarts = 0
         self.workers_recycled = 0
-        self.retried = 0
-        self.skipped = 0
         self.workers_joined = 0
         self.workers_lost = 0
         self.workers_left = 0
@@ -561,8 +410,9 @@ class Driver:
         #: the channel broker (set by the first ``rt.lease``): the pump hands it every frame
         #: from an identity with "~" (a channel end) and lets it send once per round
         self.channels: Broker | None = None
-        self._timers: list[tuple[float, int, Task]] = []
-        self._timer_ids = itertools.count()
+        #: outcome resolution, crash attribution, restart intensity and retry timers (no I/O)
+        self.outcomes = Outcomes(self._jobs, config.max_attempts, config.restart_limit, config.restart_window,
+                                 config.abort_grace)
         #: tags of retired workers whose replacements the pump still has to start
         self._spawn_owed: deque[tuple[str, ...]] = deque()
         #: pump thread: ActorEvent / ActorState from a worker
@@ -741,7 +591,6 @@ class Driver:
         """
         failed: list[tuple[Job, int, Delivery]] = []
         broken: BaseException | None = None
-        respawn = False
         pending_worker = self._workers.get(worker_id.encode())
         if pending_worker is not None and pending_worker.pipe is not None and self._pump_thread.is_alive():
             # Handle what it wrote before it died first, so a finished task is never
@@ -769,64 +618,16 @@ class Driver:
             if not worker.ready and not planned and self.worker_deaths == 1 and not self._live:
                 self._start_failures.append(f"{worker_id} exited with code {exitcode}")
                 self._changed.notify_all()
-            # Redeliver everything it held. A crash is charged only to the task it
-            # was running: the first one it held (workers run tasks in order); a map
-            # chunk of several items is split instead, until the crash is one item's.
-            head = next(iter(worker.inflight.values()), None)
-            requeue: list[tuple[str, Task]] = []
-            for task in worker.inflight.values():
-                job = self._jobs.get(task.job)
-                if job is None or job.outstanding.get(task.seq) is not task:
-                    continue
-                if task.directed:
-                    # An actor call is not idempotent: report it, never run it twice.
-                    del job.outstanding[task.seq]
-                    failed.append((job, task.seq, ActorDiedError(
-                        f"the worker {worker_id} running this call died (exit code {exitcode})"
-                    )))
-                    continue
-                overran = expired == (task.job, task.seq)
-                if task is head and (overran or not planned) and task.splits:
-                    retry = task.split()
-                elif overran:
-                    final = self._fail_locked(job, task, TaskTimeoutError(
-                        f"task {task.seq} of job {task.job} ({job.op}) ran longer than its timeout of "
-                        f"{getattr(task.msg, 'timeout', 0.0):g} s and abort_grace of {self.config.abort_grace:g} s: "
-                        f"its worker {worker_id} was killed"))
-                    if final is not None:
-                        failed.append((job, task.seq, final))
-                    continue
-                else:
-                    retry = task.retry()
-                    if task is head and not planned:
-                        retry.crashes += 1
-                if retry.crashes >= self.config.max_attempts:
-                    final = self._fail_locked(job, task, WorkerCrashedError(
-                        f"the worker running task {task.seq} of job {task.job} ({job.op}) died "
-                        f"{retry.crashes} times; last exit code {exitcode}"
-                        + (f" (signal {-exitcode})" if exitcode is not None and exitcode < 0 else ""),
-                        exitcode,
-                    ))
-                    if final is not None:
-                        failed.append((job, task.seq, final))
-                    continue
-                job.outstanding[task.seq] = retry
-                requeue.append((job.tag, retry))
-            self.redelivered += len(requeue)
+            # Redeliver everything it held; the core charges the crash (or splits the map
+            # chunk it ran, until the crash is one item's) and counts the deaths.
+            failed, requeue, broken = self.outcomes.worker_died(
+                worker_id, worker.inflight.values(), exitcode, planned, worker.died_at, expired)
+            if self.outcomes.requeue:
+                self._requeue_locked()  # a failed map chunk's rest, under Ignore
             # Back to the front of its tag's queue, in the order the worker held them.
-            for tag in dict.fromkeys(tag for tag, _ in requeue):
-                self._enqueue_locked(tag, [t for g, t in requeue if g == tag], front=True)
-            if not planned:
-                now = time.monotonic()
-                self._restarts.append(now)
-                while self._restarts and now - self._restarts[0] > self.config.restart_window:
-                    self._restarts.popleft()
-                if len(self._restarts) > self.config.restart_limit:
-                    broken = RuntimeBrokenError(
-                        f"{len(self._restarts)} worker deaths within "
-                        f"{self.config.restart_window:g} s (restart_limit={self.config.restart_limit}); "
-                        f"last: {worker_id} exit code {exitcode}"
-                    )
+            tags = {task.job: self._jobs[task.job].tag for task in requeue}
+            for tag in dict.fromkeys(tags.values()):
+                self._enqueue_locked(tag, [t for t in requeue if tags[t.job] == tag], front=True)
             respawn = broken is None and not worker.retiring and not self._start_failures and not worker.remote
             self._dispatch_locked()
             self._changed.notify_all()
@@ -891,60 +692,21 @@ class Driver:
 
     def _add_live_locked(self, w: _Worker) -> None:
         """``w`` takes new work: its tags' waiting tasks have a route again."""
-        self._live.append(w)
-        for tag in w.tags:
-            self._live_tags[tag] = self._live_tags.get(tag, 0) + 1
-            if self._unrouted.pop(tag, None) is not None:
-                for task in self._pending.get(tag, ()):
-                    task.unrouted = 0.0
+        self.routing.add_live(w)
 
     def _remove_live_locked(self, w: _Worker) -> None:
         """``w`` takes no new work: tags it was the last live worker of start their route wait."""
-        if w not in self._live:
-            return
-        self._live.remove(w)
-        now = time.monotonic()
-        for tag in w.tags:
-            left = self._live_tags.get(tag, 0) - 1
-            if left > 0:
-                self._live_tags[tag] = left
-                continue
-            self._live_tags.pop(tag, None)
-            queue = self._pending.get(tag)
-            if queue:
-                for task in queue:
-                    task.unrouted = task.unrouted or now
-                self._unrouted.setdefault(tag, now)
+        self.routing.remove_live(w, time.monotonic())
 
     def _enqueue_locked(self, tag: str, tasks: list[Task], front: bool = False) -> None:
         """Queue ``tasks`` for workers of ``tag`` (at the ``front``: redeliveries, retries)."""
-        if not tasks:
-            return
-        queue = self._pending.get(tag)
-        if queue is None:
-            queue = self._pending[tag] = deque()
-        if front:
-            queue.extendleft(reversed(tasks))
-        else:
-            queue.extend(tasks)
-        if tag not in self._live_tags:
-            now = time.monotonic()
-            for task in tasks:
-                task.unrouted = task.unrouted or now
-            self._unrouted.setdefault(tag, now)
+        if not self.routing.enqueue(tag, tasks, front):
+            self.routing.unroutable(tag, tasks, time.monotonic())
 
     def no_worker_error(self, tag: str, waited: float) -> NoWorkerError:
         """The error for work on ``tag`` that found no live worker within ``waited`` seconds."""
         with self._lock:
-            return self._no_worker_error_locked(tag, waited)
-
-    def _no_worker_error_locked(self, tag: str, waited: float) -> NoWorkerError:
-        available = tuple(sorted(self._live_tags))
-        return NoWorkerError(
-            f"no live worker has the tag {tag!r} (waited {waited:g} s); "
-            f"tags with live workers: {', '.join(available) if available else 'none'}",
-            tag, available,
-        )
+            return self.routing.no_worker_error(tag, waited)
 
     def wait_route(self, tag: str, timeout: float) -> bool:
         """Wait until a live worker holds ``tag``; False on timeout or when the runtime ends."""
@@ -959,35 +721,10 @@ class Driver:
 
     def _expire_routes(self, now: float) -> None:
         """Fail pending tasks that waited ``route_timeout`` for a worker of their tag (pump)."""
-        timeout = self.config.route_timeout
-        failed: list[tuple[Job, int, NoWorkerError]] = []
         with self._lock:
-            for tag, since in list(self._unrouted.items()):
-                if now - since < timeout:
-                    continue
-                keep: deque[Task] = deque()
-                oldest = now
-                for task in self._pending.get(tag, ()):
-                    job = self._jobs.get(task.job)
-                    if job is None or job.outstanding.get(task.seq) is not task:
-                        continue  # cancelled meanwhile
-                    if now - (task.unrouted or now) < timeout:
-                        keep.append(task)
-                        oldest = min(oldest, task.unrouted or now)
-                        continue
-                    del job.outstanding[task.seq]
-                    if job.autoclose and not job.outstanding:
-                        self._jobs.pop(job.id, None)
-                    self.tasks_failed += 1
-                    # One error each: the futures raise it in different threads.
-                    failed.append((job, task.seq, self._no_worker_error_locked(tag, timeout)))
-                if keep:
-                    self._pending[tag] = keep
-                    self._unrouted[tag] = oldest
-                else:
-                    self._pending.pop(tag, None)
-                    self._unrouted.pop(tag, None)
+            failed = self.routing.expire(now, self.config.route_timeout)
             if failed:
+                self.outcomes.tasks_failed += len(failed)
                 self._changed.notify_all()
         self._deliver(failed)
 
@@ -1045,7 +782,9 @@ class Driver:
             outstanding = job.outstanding
             for task in tasks:
                 outstanding[task.seq] = task
-            self._enqueue_locked(job.tag, tasks)
+            routing = self.routing
+            if not routing.enqueue(job.tag, tasks):
+                routing.unroutable(job.tag, tasks, time.monotonic())
             self.tasks_submitted += len(tasks)
             self._dispatch_locked()
 
@@ -1093,7 +832,10 @@ class Driver:
 
     def send_unfiltered(self, ident: bytes, frame: bytes) -> bool:
         """:meth:`send_to` past ``frame_filter`` (fault injection: a held frame released)."""
-        return self._send_if_alive(ident, frame, self._send_raw_locked)
+        return self._send_if_alive(ident, frame, self._send_unfiltered_locked)
+
+    def _send_unfiltered_locked(self, ident: bytes, frame: bytes) -> None:
+        self._send_raw_locked(ident, frame, filtered=True)
 
     def _send_if_alive(self, ident: bytes, frame: bytes, send: Callable[[bytes, bytes], None]) -> bool:
         with self._lock:
@@ -1106,29 +848,38 @@ class Driver:
                 return False
             return True
 
-    def _send_raw_locked(self, ident: bytes, frame: bytes) -> None:
-        """Send ``frame`` to worker ``ident``'s inbox (lock held); raises zmq.ZMQError."""
+    def _send_raw_locked(self, ident: bytes, frame: bytes, filtered: bool = False) -> None:
+        """Send ``frame`` to worker ``ident``'s inbox (lock held); raises zmq.ZMQError.
+
+        Through ``frame_filter`` unless ``filtered``: fault injection sits on the link,
+        below batching, so a runtime with faults sends the way one without does.
+        """
         w = self._workers.get(ident)
         if w is not None and w.pipe is not None:
             try:
-                self._pipe_send_locked(w, w.pipe, (frame,))
+                self._pipe_send_locked(w, w.pipe, (frame,), filtered=filtered)
             except PipeError:
                 raise zmq.ZMQError(errno.EPIPE, f"worker {w.id} is gone") from None
             return
-        self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
-        # A large frame (an array) is handed to ZeroMQ without a copy; bytes are immutable.
-        self._tasks.send(frame, zmq.NOBLOCK, copy=len(frame) < sockets.ZERO_COPY_MIN)
+        frames = (frame,) if self.frame_filter is None or filtered else self.frame_filter("out", ident, frame)
+        for out in frames:
+            self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
+            # A large frame (an array) is handed to ZeroMQ without a copy; bytes are immutable.
+            self._tasks.send(out, zmq.NOBLOCK, copy=len(out) < sockets.ZERO_COPY_MIN)
 
     def _pipe_send_locked(self, w: _Worker, pipe: FramePipe, frames: tuple[bytes, ...] | list[bytes],
-                          hold: bool = False) -> None:
+                          hold: bool = False, filtered: bool = False) -> None:
         """Write frames to a local worker's pipe; the pump flushes what the kernel did not take.
 
         ``hold``: these are tasks for a worker that still owes an outcome, so they wait in
         ``w.held`` and go out in one write with the next ones when that outcome is read
         (:meth:`_on_results`), or after :data:`HOLD_MAX` at the latest. A busy worker could
         not start them sooner; writing each at once costs a system call and a wake-up of
-        the worker per task. A task for an idle worker is never held.
+        the worker per task. A task for an idle worker is never held. Each frame
+        passes ``frame_filter`` (fault injection) here, unless ``filtered``.
         """
+        if self.frame_filter is not None and not filtered:
+            frames = [out for frame in frames for out in self.frame_filter("out", w.ident, frame)]
         if hold:
             if not w.held:
                 w.held_at = time.monotonic()
@@ -1154,12 +905,8 @@ class Driver:
             self._remove_live_locked(w)
 
     def _send_task_locked(self, ident: bytes, frame: bytes) -> None:
-        """Send work to ``ident``, through ``frame_filter`` when one is set (lock held)."""
-        if self.frame_filter is None:
-            self._send_raw_locked(ident, frame)
-        else:
-            for out in self.frame_filter("out", ident, frame):
-                self._send_raw_locked(ident, out)
+        """Send work to ``ident`` (lock held; through ``frame_filter`` when one is set)."""
+        self._send_raw_locked(ident, frame)
 
     def inject(self, ident: bytes, frame: bytes) -> None:
         """Have the pump handle ``frame`` as if ``ident`` had just sent it, past ``frame_filter``."""
@@ -1177,7 +924,7 @@ class Driver:
             if w is None or not w.alive or self._closed or self._broken is not None:
                 return False
             try:
-                if w.pipe is not None and self.frame_filter is None:
+                if w.pipe is not None:
                     self._pipe_send_locked(w, w.pipe, (frame,), hold=bool(w.inflight))
                 else:
                     self._send_task_locked(ident, frame)
@@ -1220,92 +967,41 @@ class Driver:
                 job.dropped = True
 
     def _dispatch_locked(self) -> None:
+        """Send what the core's routing gives each worker: one pipe write per local worker."""
         if not self._pending:
             return
-        for tag, pending in list(self._pending.items()):
-            if tag in self._live_tags:
-                self._dispatch_tag_locked(tag, pending)
-                if not pending:
-                    del self._pending[tag]
+        routing = self.routing
+        batch = routing.dispatch()
+        if batch:
+            self._send_batch_locked(batch)
+        if routing.retire:
+            for w in routing.take_retire():
+                self._retire_locked(w)
 
-    def _dispatch_tag_locked(self, tag: str, pending: deque[Task]) -> None:
-        """Send ``pending`` (one tag's queue) to that tag's live workers while credits allow."""
-        live = self._live
-        # One tag among the live workers: all of them hold it (every worker has a tag).
-        workers = live if len(self._live_tags) == 1 else [w for w in live if tag in w.tags]
-        # Tasks for piped workers go out in one write per worker (unless frames are filtered).
-        batch: dict[_Worker, list[Task]] | None = {} if self.frame_filter is None else None
-        try:
-            self._dispatch_to_locked(workers, pending, batch)
-        finally:
-            if batch:
-                self._send_batch_locked(batch, pending)
-
-    def _send_batch_locked(self, batch: dict[_Worker, list[Task]], pending: deque[Task]) -> None:
+    def _send_batch_locked(self, batch: dict[_Worker, list[Task]]) -> None:
+        now = 0.0
         for w, tasks in batch.items():
-            assert w.pipe is not None
+            if len(w.inflight) == len(tasks):  # it held nothing before: its first task starts now
+                w.head_since = now = now or time.monotonic()
+            sent = 0
             try:
-                # Held if the worker already had tasks before these (they were added to inflight).
-                self._pipe_send_locked(w, w.pipe, [t.frame for t in tasks], hold=len(w.inflight) > len(tasks))
-            except PipeError:
-                # The worker is going away: take the tasks back, unsent, in order.
-                for t in tasks:
-                    w.inflight.pop((t.job, t.seq), None)
-                w.dispatched -= len(tasks)
-                w.free = 0
-                pending.extendleft(reversed(tasks))
-                self._remove_live_locked(w)
-
-    def _dispatch_to_locked(self, workers: list[_Worker], pending: deque[Task],
-                            batch: dict[_Worker, list[Task]] | None) -> None:
-        while pending:
-            best: _Worker | None = None
-            most = 0
-            for w in workers:
-                if w.free > most:
-                    best, most = w, w.free
-            if best is None:
-                return
-            task = pending.popleft()
-            job = self._jobs.get(task.job)
-            if job is None or job.outstanding.get(task.seq) is not task:
-                continue
-            if job.on_dispatch is not None and task.attempt == 0 and not task.claimed:
-                if not job.on_dispatch():
-                    del job.outstanding[task.seq]
-                    if job.autoclose and not job.outstanding:
-                        del self._jobs[job.id]
+                if w.pipe is not None:
+                    # Held if the worker already had tasks before these (they were added to inflight).
+                    self._pipe_send_locked(w, w.pipe, [t.frame for t in tasks], hold=len(w.inflight) > len(tasks))
                     continue
-                task.claimed = True
-            if batch is not None and best.pipe is not None:
-                tasks = batch.get(best)
-                if tasks is None:
-                    batch[best] = [task]
-                else:
-                    tasks.append(task)
-            elif not self._send_or_requeue_locked(best, task, pending, workers):
-                continue
-            best.free -= 1
-            if not best.inflight:
-                best.head_since = time.monotonic()
-            best.inflight[(task.job, task.seq)] = task
-            best.dispatched += 1
-            if self.config.max_tasks_per_worker and best.dispatched >= self.config.max_tasks_per_worker:
-                self._retire_locked(best)
-
-    def _send_or_requeue_locked(self, w: _Worker, task: Task, pending: deque[Task], workers: list[_Worker]) -> bool:
-        """Send one task to ``w``; if it is unreachable, put the task back and stop using ``w``."""
-        try:
-            self._send_task_locked(w.ident, task.frame)
-        except zmq.ZMQError:
-            # Unroutable (EHOSTUNREACH), full, or its pipe closed: the worker is going away.
-            pending.appendleft(task)
-            w.free = 0
-            self._remove_live_locked(w)
-            if workers is not self._live and w in workers:
-                workers.remove(w)
-            return False
-        return True
+                for task in tasks:
+                    self._send_task_locked(w.ident, task.frame)
+                    sent += 1
+            except (PipeError, zmq.ZMQError):
+                # Unroutable (EHOSTUNREACH), full, or its pipe closed: the worker is going
+                # away. Take back what was not sent, in order; it gets nothing more.
+                unsent = tasks[sent:]
+                for t in unsent:
+                    w.inflight.pop((t.job, t.seq), None)
+                w.dispatched -= len(unsent)
+                w.free = 0
+                self.routing.requeue(unsent, time.monotonic())
+                self._remove_live_locked(w)
 
     def _reclaim_locked(self) -> None:
         """Take back tasks a busy worker prefetched, unstarted, while a worker of their tag idles.
@@ -1378,20 +1074,6 @@ class Driver:
                 self._enqueue_locked(tag, tasks, front=True)
             self._dispatch_locked()
 
-    def _prune_pending_locked(self) -> None:
-        """Drop queued tasks whose job is gone or no longer wants them (one pass)."""
-        for tag, queue in list(self._pending.items()):
-            keep: deque[Task] = deque()
-            for task in queue:
-                job = self._jobs.get(task.job)
-                if job is not None and job.outstanding.get(task.seq) is task:
-                    keep.append(task)
-            if keep:
-                self._pending[tag] = keep
-            else:
-                del self._pending[tag]
-                self._unrouted.pop(tag, None)
-
     def wait_idle(self, timeout: float | None, frozen_after: float | None = None) -> bool:
         """Wait until no task is pending or in flight.
 
@@ -1408,7 +1090,7 @@ class Driver:
                         return False
                 if any(tag not in self._live_tags for tag in self._pending):
                     # Cancelled work waits for no worker; the rest fails at its route timeout.
-                    self._prune_pending_locked()
+                    self.routing.prune()
                     if not self._pending and not any(w.inflight for w in self._workers.values() if w.alive):
                         break
                 if self._broken is not None:
@@ -1472,8 +1154,8 @@ class Driver:
         while True:
             handshaking = self._handshaking()
             wait = 1.0 if handshaking else min(100.0, interval * 1000)
-            if self._timers:
-                wait = min(wait, max(0.0, (self._timers[0][0] - time.monotonic()) * 1000))
+            if self.outcomes.timers:
+                wait = min(wait, max(0.0, (self.outcomes.timers[0][0] - time.monotonic()) * 1000))
             if self._unrouted:
                 with self._lock:  # user threads change it
                     due = min(self._unrouted.values(), default=0.0) + self.config.route_timeout
@@ -1535,16 +1217,15 @@ class Driver:
                         continue
                     try:
                         self._handle(parts, origin=origin)
-                    except Exception:  # a frame that is well-formed but nonsensical: never stop the pump
-                        log.exception("dropped a frame that could not be handled")
-                        self.frames_dropped += 1
+                    except Exception as exc:  # bad input is counted where it is checked: this is a bug
+                        self.internal_error(exc, "handling a frame")
             if self._monitors:
                 for mon in self._monitors:
                     if mon in events:
                         self._on_monitor(mon)
             if listening:
                 self._drain_tasks()
-            if self._timers:
+            if self.outcomes.timers:
                 self._fire_timers()
             if self._unrouted:
                 self._expire_routes(time.monotonic())
@@ -1600,7 +1281,7 @@ class Driver:
             poller.register(fd, self._pipe_events(w))
             frames: list[bytes] | None
             frames, w.leftover = w.leftover, []
-            self._handle_pipe_frames(w, frames)
+            self._handle_pipe_frames(w, frames, filtered=True)  # a caller's read passed them through
             try:
                 if w.broken:
                     raise PipeError("a caller read a frame above max_frame")
@@ -1668,14 +1349,13 @@ class Driver:
                 self._kill_soon(w)
         return timed
 
-    def _handle_pipe_frames(self, w: _Worker, frames: list[bytes]) -> None:
+    def _handle_pipe_frames(self, w: _Worker, frames: list[bytes], filtered: bool = False) -> None:
         ident = w.ident
         for frame in frames:
             try:
-                self._handle([ident, frame], local=True)
-            except Exception:  # well-formed but nonsensical: never stop the pump
-                log.exception("dropped a frame that could not be handled")
-                self.frames_dropped += 1
+                self._handle([ident, frame], filtered, local=True)
+            except Exception as exc:  # bad input is counted where it is checked: this is a bug
+                self.internal_error(exc, "handling a frame")
 
     def _end_pipe_locked(self, w: _Worker) -> None:
         """Close a local worker's pipe (its reader saw the end, or the runtime is shutting down)."""
@@ -1804,12 +1484,8 @@ class Driver:
     def _fire_timers(self) -> None:
         now = time.monotonic()
         with self._lock:
-            timers = self._timers
-            while timers and timers[0][0] <= now:
-                _, _, task = heapq.heappop(timers)
-                job = self._jobs.get(task.job)
-                if job is not None and job.outstanding.get(task.seq) is task:
-                    self._enqueue_locked(job.tag, [task])
+            for task in self.outcomes.due(now):
+                self._enqueue_locked(self._jobs[task.job].tag, [task])
             self._dispatch_locked()
 
     def _answer_query(self, ident: bytes, query: InspectQuery) -> None:
@@ -2069,29 +1745,18 @@ class Driver:
                 w.seen = time.monotonic()
             if msg.dropped > w.frames_dropped:
                 w.frames_dropped = msg.dropped
-            jobs = self._jobs
-            inflight = w.inflight
-            head = next(iter(inflight), None)
+            head = next(iter(w.inflight), None)
             w.busy += msg.busy
-            for outcome in msg.outcomes:
-                task = inflight.pop((outcome.job, outcome.seq), None)
-                if task is None:
-                    self.frames_dropped += 1  # not a task this worker holds
-                    continue
-                if w.alive and not w.retiring and not task.directed:
-                    w.free += 1
-                w.tasks += 1
-                w.items += task.items
-                job = jobs.get(outcome.job)
-                if job is None:
-                    self.late_results_dropped += 1
-                    continue
-                if outcome.seq not in job.outstanding:
-                    self.duplicates_dropped += 1
-                    continue
-                final = self._resolve_locked(job, task, outcome)
-                if final is not None:
-                    deliveries.append((job, outcome.seq, final))
+            outcomes = self.outcomes
+            # Dedupe, late results, credits back, resolution: the core's (phalanx.core.outcomes).
+            strays = outcomes.take(w, msg.outcomes, deliveries)
+            if strays:
+                self.frames_dropped += strays  # outcomes for tasks this worker does not hold
+            if outcomes.requeue:
+                self._requeue_locked()
+            if outcomes.later:
+                outcomes.arm(time.monotonic())
+            inflight = w.inflight
             if inflight and next(iter(inflight)) != head:
                 w.head_since = time.monotonic()  # it runs the next task it holds now
             if w.retiring and not w.inflight and w.alive:
@@ -2111,6 +1776,11 @@ class Driver:
                     (direct if entry[0].direct else self._deliveries).append(entry)
                 if self._deliveries:
                     self.wake()
+
+    def _requeue_locked(self) -> None:
+        """Tasks the core sends again at once (retries, the rest of a chunk after a skip)."""
+        for task in self.outcomes.take_requeue():
+            self._enqueue_locked(self._jobs[task.job].tag, [task], front=True)
 
     def _deliver_ready(self) -> None:
         """Hand the outcomes resolved this round to their jobs (pump thread, no lock held)."""
@@ -2137,7 +1807,7 @@ class Driver:
         first: a reply then costs no wake-up on this side at all. Returns True
         once ``fut`` settled or ``timeout`` passed.
         """
-        if self.frame_filter is not None or self._closed or threading.current_thread() is self._pump_thread:
+        if self._closed or threading.current_thread() is self._pump_thread:
             return False
         wake: _Wake | None = getattr(_THREAD, "wake", None)
         if wake is None:
@@ -2232,9 +1902,11 @@ class Driver:
             if frames is None:  # the end (or a bad frame): the pump ends the pipe
                 self._need_pump(w)
                 return False
+            ident = w.ident
+            if self.frame_filter is not None:  # fault injection sits on the link, below this read
+                frames = [out for frame in frames for out in self.frame_filter("in", ident, frame)]
             if not frames:
                 return False
-            ident = w.ident
             for i, frame in enumerate(frames):
                 try:
                     msg = decode_driver(frame, self.config.local_pickle)
@@ -2248,9 +1920,8 @@ class Driver:
                     break
                 try:
                     self._on_results(ident, msg, direct)
-                except Exception:  # well-formed but nonsensical
-                    log.exception("dropped a frame that could not be handled")
-                    self.frames_dropped += 1
+                except Exception as exc:  # bad input is counted where it is checked: this is a bug
+                    self.internal_error(exc, "handling a frame")
             w.delivering += 1
             return True
 
@@ -2274,10 +1945,15 @@ class Driver:
         self._pipe_attention.append(w)
         self.wake()
 
-    @staticmethod
-    def _deliver(ready: Sequence[tuple[Job, int, Delivery]]) -> None:
-        """Hand outcomes to their jobs, in order: every delivery of the driver goes through here."""
+    def _deliver(self, ready: Sequence[tuple[Job, int, Delivery]]) -> None:
+        """Hand outcomes to their jobs, in order: every delivery of the driver goes through here.
+
+        Every ``deliver`` is the runtime's own (futures, lease queues, actor
+        replies): one that raises is a bug, which breaks the runtime (see
+        ``internal_error``) once the other outcomes are delivered.
+        """
         i, end = 0, len(ready)
+        failed: list[tuple[Job, Exception]] | None = None
         while i < end:
             job, seq, final = ready[i]
             many = job.deliver_many
@@ -2293,89 +1969,31 @@ class Driver:
                 batch: list[tuple[int, Delivery]] = [(entry[1], entry[2]) for entry in ready[i:j]]
                 i = j
                 many(batch)
-            except Exception:  # a user callback must not stop the pump
-                pass
-
-    def _resolve_locked(self, job: Job, task: Task, outcome: Ok | Err) -> Ok | Err | None:
-        """Decide what an outcome means for its job: deliver, retry or skip."""
-        seq = outcome.seq
-        prefix = task.prefix
-        msg = task.msg
-        if isinstance(outcome, Ok):
-            if task.rest is not None or (
-                type(msg) is Chunk and not msg.fold and isinstance(outcome.value, list)
-                and len(outcome.value) < task.items
-            ):
-                # Part of a map chunk: split after a crash, or the values that fit in one frame.
-                # The chunk goes on after them (a fresh count of crashes and retries: new items).
-                done = outcome.value
-                self.items_completed += len(done)
-                more = task.resume(len(done), done)
-                more.crashes = more.retries = 0
-                job.outstanding[seq] = more
-                self._enqueue_locked(job.tag, [more], front=True)
-                return None
-            del job.outstanding[seq]
-            if job.autoclose and not job.outstanding:
-                del self._jobs[job.id]
-            self.tasks_completed += 1
-            self.items_completed += task.items
-            if prefix:
-                return Ok(outcome.job, seq, outcome.attempt, prefix + outcome.value)
-            return outcome
-        is_map = isinstance(msg, Chunk) and not msg.fold
-        if outcome.transient and job.retry is not None:
-            delay = job.retry.delay(task.retries + 1)
-            if delay is not None:
-                retry = task.resume(outcome.index, outcome.partial or []) if is_map else task.retry()
-                retry.retries = task.retries + 1
-                job.outstanding[seq] = retry
-                self.retried += 1
-                if delay <= 0:
-                    self._enqueue_locked(job.tag, [retry], front=True)
-                else:
-                    heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_ids), retry))
-                return None
-        if is_map and job.on_fatal is FatalStrategy.IGNORE:
-            assert isinstance(msg, Chunk)
-            done = (outcome.partial or []) + [SKIPPED]
-            if job.skipped is None:
-                job.skipped = []
-            job.skipped.append((seq, len(prefix or []) + outcome.index, outcome.error))
-            self.skipped += 1
-            if outcome.index + 1 >= len(msg.items) and not task.rest:
-                del job.outstanding[seq]
-                self.tasks_completed += 1
-                return Ok(outcome.job, seq, outcome.attempt, (prefix or []) + done)
-            rest = task.resume(outcome.index + 1, done)
-            rest.retries = rest.crashes = 0
-            job.outstanding[seq] = rest
-            self._enqueue_locked(job.tag, [rest], front=True)
-            return None
-        del job.outstanding[seq]
-        if job.autoclose and not job.outstanding:
-            del self._jobs[job.id]
-        self.tasks_failed += 1
-        if prefix:
-            return Err(outcome.job, seq, outcome.attempt, outcome.error,
-                       len(prefix) + outcome.index, prefix + (outcome.partial or []), outcome.transient)
-        return outcome
-
-    def _fail_locked(self, job: Job, task: Task, exc: BaseException) -> Delivery | None:
-        """What a task the driver fails itself delivers (its worker died too often, or overran its timeout).
-
-        A map chunk's failure goes through the map's rules, as the worker's own
-        errors do: ``Ignore`` skips the item, ``Terminate`` keeps the values before it.
-        """
-        msg = task.msg
-        if isinstance(msg, Chunk) and not msg.fold:
-            return self._resolve_locked(job, task, Err(msg.job, msg.seq, msg.attempt, error_info(exc)))
-        del job.outstanding[task.seq]
-        if job.autoclose and not job.outstanding:
-            self._jobs.pop(job.id, None)
-        return exc
+            except Exception as exc:
+                if failed is None:
+                    failed = []
+                failed.append((job, exc))
+        if failed:
+            broken = self.internal_error(failed[0][1], "delivering an outcome")
+            for job, _ in failed:
+                try:
+                    job.fail(broken)
+                except Exception:
+                    pass  # its caller already has the runtime's error through every other path
 
     # ---- ending ----------------------------------------------------------------
+
+    def internal_error(self, exc: BaseException, where: str) -> RuntimeBrokenError:
+        """An exception escaped the runtime's own code: a bug, never bad input (not counted as such).
+
+        The runtime breaks loudly: it is logged, and every pending caller gets
+        :class:`RuntimeBrokenError` with the internal traceback as its cause.
+        """
+        log.error("internal error while %s: the runtime is broken", where, exc_info=exc)
+        broken = RuntimeBrokenError(f"internal error while {where}: {type(exc).__name__}: {exc}")
+        broken.__cause__ = exc
+        self.break_runtime(broken)
+        return broken
 
     def break_runtime(self, exc: BaseException) -> None:
         """Fail every open job with ``exc``; the runtime accepts no more work."""
@@ -2461,14 +2079,14 @@ class Driver:
             return RuntimeStats(
                 workers=workers,
                 tasks_submitted=self.tasks_submitted,
-                tasks_completed=self.tasks_completed,
-                tasks_failed=self.tasks_failed,
-                items_completed=self.items_completed,
-                retried=self.retried,
-                skipped=self.skipped,
-                redelivered=self.redelivered,
-                duplicates_dropped=self.duplicates_dropped,
-                late_results_dropped=self.late_results_dropped,
+                tasks_completed=self.outcomes.tasks_completed,
+                tasks_failed=self.outcomes.tasks_failed,
+                items_completed=self.outcomes.items_completed,
+                retried=self.outcomes.retried,
+                skipped=self.outcomes.skipped,
+                redelivered=self.outcomes.redelivered,
+                duplicates_dropped=self.outcomes.duplicates_dropped,
+                late_results_dropped=self.outcomes.late_results_dropped,
                 frames_dropped=self.frames_dropped,
                 worker_deaths=self.worker_deaths,
                 worker_restarts=self.worker_restarts,

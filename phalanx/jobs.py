@@ -28,7 +28,6 @@ import asyncio
 import concurrent.futures
 import itertools
 from concurrent.futures._base import FINISHED, PENDING
-import math
 import queue
 import threading
 import time
@@ -37,13 +36,15 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
-from .driver import SETTLED, SKIPPED, Delivery, Driver, Job, Task
-from .errors import TaskCancelledError, TaskTimeoutError, WorkerCrashedError
+from .core.tasks import SKIPPED, Delivery, Job, Task
+from .core.window import ENDED, FAILED, COMPLETE, READY, ChunkSizer, MapWindow, outcome_error
+from .driver import SETTLED, Driver
+from .errors import TaskCancelledError, TaskTimeoutError
 from .policy import FatalStrategy, TaskOptions
 from .progress import ProgressBar, progress_bar
 from .registry.operations import Operation, driver_operation, monoid_empty, name_of, pickled_call
-from .transport.codec import encode, pack_message, rebuild_error
-from .transport.messages import Call, Chunk, Err, Ok
+from .transport.codec import encode, pack_message
+from .transport.messages import Call, Chunk, Ok
 
 __all__ = ["Future", "MapIterator", "submit", "fold", "fold_on", "FoldLease", "MISSING", "chain_options"]
 
@@ -53,10 +54,6 @@ R = TypeVar("R")
 #: guards the hand-over between ``MapIterator.__anext__`` and its thread
 _ASYNC_LOCK = threading.Lock()
 
-#: largest automatic chunk
-MAX_AUTO_CHUNK = 50_000
-#: a streaming chunk keeps doubling while its round trip is faster than this
-RAMP_TARGET = 0.02
 
 
 class _Missing:
@@ -232,21 +229,6 @@ class Future(concurrent.futures.Future[T]):
             raise
 
 
-def _outcome_error(outcome: Delivery) -> BaseException:
-    if isinstance(outcome, BaseException):
-        return outcome
-    return rebuild_error(outcome.error)  # type: ignore[union-attr]
-
-
-def _at_index(exc: BaseException, index: int) -> BaseException:
-    """A map item's WorkerCrashedError, naming the item (the driver only knows its place in a chunk)."""
-    if isinstance(exc, WorkerCrashedError) and exc.index is None:
-        named = WorkerCrashedError(f"item {index} of the input: {exc}", exc.exitcode, index)
-        named.__cause__ = exc.__cause__
-        return named
-    return exc
-
-
 class _SubmitJob(Job):
     """The job of one ``submit``, settling its future itself.
 
@@ -298,7 +280,7 @@ class _SubmitJob(Job):
                 op = self.result_op
                 fut.set_result(outcome.value if op is None else op.convert_result(outcome.value))
             else:
-                fut.set_exception(_outcome_error(outcome))
+                fut.set_exception(outcome_error(outcome))
         except concurrent.futures.InvalidStateError:
             pass  # cancelled meanwhile
         except Exception as exc:  # the result did not convert to its declared type
@@ -360,25 +342,6 @@ def submit(
     return fut
 
 
-class _ChunkSizer:
-    """Chunk sizes: fixed, or from the input length, or ramping up while quick."""
-
-    def __init__(self, chunksize: int | None, length: int | None, workers: int) -> None:
-        if chunksize is not None:
-            if chunksize < 1:
-                raise ValueError(f"chunksize must be >= 1, got {chunksize}")
-            self.size, self.ramp = chunksize, False
-        elif length is not None:
-            self.size = min(MAX_AUTO_CHUNK, max(1, math.ceil(length / (4 * max(1, workers)))))
-            self.ramp = False
-        else:
-            self.size, self.ramp = 1, True
-
-    def observe(self, round_trip: float) -> None:
-        if self.ramp and round_trip < RAMP_TARGET and self.size < 4096:
-            self.size *= 2
-
-
 def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
     try:
         return min(len(it) for it in iterables)  # type: ignore[arg-type]
@@ -412,7 +375,150 @@ class _Lease:
             raise TaskTimeoutError("timed out waiting for results") from None
 
 
-class MapIterator(Iterator[R], Generic[R]):
+class _WindowedMap(Iterator[R], Generic[R]):
+    """A streaming map's consumer on one host: the core's window, the host's clock and lease.
+
+    :class:`MapIterator` (threads, the driver) and the simulator's
+    ``SimMapIterator`` (the scheduler, the virtual clock) share everything
+    but the five hooks: ``_now``, ``_open_lease``, ``_submit``, ``_drop_after``
+    and ``_close_job``.
+    """
+
+    _progress: ProgressBar | None = None
+    _done = True  # until the job exists, close() has nothing to do
+
+    def _start(self, fn: Callable[..., R] | str, iterables: tuple[Iterable[Any], ...], chunksize: int | None,
+               ordered: bool, timeout: float | None, workers: int, options: TaskOptions | None,
+               stages: Sequence[Callable[..., Any] | str], indexed: bool) -> None:
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        self._op_name = name_of(fn)
+        op = driver_operation(fn)
+        star = len(iterables) > 1
+        source: Iterator[Any] = zip(*iterables) if star else iter(iterables[0])
+        sizer = ChunkSizer(chunksize, _length(iterables), workers)
+        self._deadline = None if timeout is None else self._now() + timeout
+        resolved = chain_options([*(driver_operation(stage) for stage in stages), op], options)
+        self._lease = self._open_lease(self._op_name, resolved)
+        convert = None if op is None or op.returns is Any or op.returns is object else op.convert_result
+        #: the core's window: what to send, buffer and yield (phalanx.core.window)
+        self._w = MapWindow(self._lease.job, self._op_name, [name_of(stage) for stage in stages], source, star,
+                            sizer, workers, ordered, indexed, convert,
+                            None if op is None or convert is None else op.convert_results, self._pickled())
+        #: the window's values due now (the same deque: the per-item path reads only it)
+        self._ready = self._w.ready
+
+    def _begin(self) -> None:
+        self._done = False
+        try:
+            self._w.fill(self._now())
+            self._send()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- the host's hooks ---------------------------------------------------------------
+
+    def _now(self) -> float:
+        raise NotImplementedError
+
+    def _pickled(self) -> bool:
+        """Whether chunks go to local workers of a ``local_pickle`` runtime."""
+        return False
+
+    def _open_lease(self, op_name: str, options: TaskOptions | None) -> FoldLease:
+        raise NotImplementedError
+
+    def _submit(self, tasks: list[Task]) -> None:
+        raise NotImplementedError
+
+    def _drop_after(self, seq: int) -> None:
+        raise NotImplementedError
+
+    def _close_job(self, terminate: bool) -> None:
+        raise NotImplementedError
+
+    # ---- shared ------------------------------------------------------------------------
+
+    def _send(self) -> None:
+        if self._w.outbox:
+            self._submit(self._w.take())
+
+    @property
+    def skipped(self) -> list[tuple[int, BaseException]]:
+        """``(input index, error)`` of every item dropped under ``on_fatal=Ignore``."""
+        return self._w.skipped()
+
+    @property
+    def items_read(self) -> int:
+        """Items read from the input so far (all of them once the map has ended)."""
+        return self._w.read
+
+    def __iter__(self) -> _WindowedMap[R]:
+        return self
+
+    def __next__(self) -> R:
+        ready = self._ready
+        w = self._w
+        while True:
+            if ready:
+                return ready.popleft()  # type: ignore[no-any-return]
+            state = w.step(self._now())
+            self._send()
+            if state == READY:
+                continue
+            if state == FAILED:
+                failure = w.take_error()
+                self.close()
+                raise failure
+            if state == ENDED:
+                self._done = True
+                raise StopIteration
+            if state == COMPLETE:
+                self._finish()
+                raise StopIteration
+            try:
+                seq, outcome = self._lease.get(self._deadline)
+            except BaseException:
+                self.close()
+                raise
+            if seq < 0:
+                self._done = w.done = True
+                raise outcome_error(outcome)
+            count, drop = w.received(seq, outcome, self._now())
+            if drop is not None:
+                self._drop_after(drop)
+            if self._progress is not None:
+                self._progress.update(count)
+            self._send()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._close_job(False)
+        self._end_progress()
+
+    def _end_progress(self) -> None:
+        bar = self._progress
+        if bar is not None:
+            self._progress = None
+            bar.close()
+
+    def close(self) -> None:
+        """Stop the job: queued tasks are dropped, running ones told to abort."""
+        if not self._done:
+            self._done = True
+            self._w.close()
+            self._close_job(True)
+        self._end_progress()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class MapIterator(_WindowedMap[R]):
     """Results of :meth:`phalanx.Runtime.map`, streamed as they arrive.
 
     The input is read lazily, ``window`` chunks at a time. ``close()`` or
@@ -441,111 +547,30 @@ class MapIterator(Iterator[R], Generic[R]):
         stages: Sequence[Callable[..., Any] | str] = (),
         indexed: bool = False,
     ) -> None:
-        if not iterables:
-            raise TypeError("map() needs at least one iterable")
-        self._op_name = name_of(fn)
-        self._op = driver_operation(fn)
-        self._stages = [name_of(stage) for stage in stages]
-        self._indexed = indexed
-        self._done = True  # until the job exists, close() has nothing to do
-        self._star = len(iterables) > 1
-        self._input: Iterator[Any] = zip(*iterables) if self._star else iter(iterables[0])
-        self._sizer = _ChunkSizer(chunksize, _length(iterables), workers)
-        self._ordered = ordered
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._window = 4 * max(1, workers) + 2
-        resolved = chain_options([*(driver_operation(stage) for stage in stages), self._op], options)
-        self._lease = _Lease(driver, self._op_name, resolved)
         self._driver = driver
-        self._seqs = itertools.count()
-        self._starts: dict[int, int] = {}
-        self._read = 0
-        self._sent_at: dict[int, float] = {}
-        self._next = 0
-        self._buffer: dict[int, tuple[list[Any], BaseException | None]] = {}
-        self._ready: deque[Any] = deque()
-        self._pending_error: BaseException | None = None
-        self._exhausted = False
-        self._progress: ProgressBar | None = (
-            progress_bar(_length(iterables), self._op_name) if progress else None
-        )
-        self._done = False
-        try:
-            self._fill()
-        except BaseException:
-            self.close()
-            raise
+        self._start(fn, iterables, chunksize, ordered, timeout, workers, options, stages, indexed)
+        #: the lease's queue (an async consumer's cancellation wakes the waiting thread through it)
+        self._queue = typing.cast(_Lease, self._lease).queue
+        self._progress = progress_bar(_length(iterables), self._op_name) if progress else None
+        self._begin()
 
-    def _fill(self) -> None:
-        tasks: list[Task] = []
-        job = self._lease.job
-        # Chunks received but held for an earlier, slower one count too: an ordered
-        # map waiting on a straggler reads no further than the window.
-        held = len(self._sent_at) + len(self._buffer)
-        while not self._exhausted and held + len(tasks) < self._window:
-            items = list(itertools.islice(self._input, self._sizer.size))
-            if not items:
-                self._exhausted = True
-                break
-            if self._star:
-                items = [list(item) for item in items]
-            seq = next(self._seqs)
-            self._starts[seq] = self._read
-            self._read += len(items)
-            msg = Chunk(job.id, seq, 0, self._op_name, items, self._star, False, job.timeout, self._stages)
-            if self._driver.config.local_pickle:
-                msg = pack_message(msg, True)
-            tasks.append(Task(msg, encode(msg, "the arguments of {}", self._op_name), len(items)))
-        if tasks:
-            now = time.monotonic()
-            for task in tasks:
-                self._sent_at[task.seq] = now
-            self._driver.submit(job, tasks)
+    def _now(self) -> float:
+        return time.monotonic()
 
-    def _convert(self, values: list[Any], seq: int) -> tuple[list[Any], BaseException | None]:
-        """The chunk's results as yielded, and the error of the first one that does not convert."""
-        op = self._op
-        convert = None if op is None or op.returns is Any or op.returns is object else op.convert_result
-        skipped = self._lease.job.skipped is not None
-        if not self._indexed:
-            if skipped:
-                values = [v for v in values if v is not SKIPPED]
-            if convert is None:
-                return values, None
-            assert op is not None
-            bulk = op.convert_results(values)
-            if bulk is not None:
-                return bulk, None
-            out: list[Any] = []
-            try:
-                for v in values:
-                    out.append(convert(v))
-            except Exception as exc:  # ValidationError: the result is not of the declared type
-                return out, exc
-            return out, None
-        start = self._starts.get(seq, 0)
-        pairs: list[Any] = []
-        try:
-            for i, v in enumerate(values):
-                if skipped and v is SKIPPED:
-                    continue
-                pairs.append((start + i, v if convert is None else convert(v)))
-        except Exception as exc:
-            return pairs, exc
-        return pairs, None
+    def _pickled(self) -> bool:
+        return self._driver.config.local_pickle
 
-    @property
-    def skipped(self) -> list[tuple[int, BaseException]]:
-        """``(input index, error)`` of every item dropped under ``on_fatal=Ignore``."""
-        return sorted(
-            ((self._starts.get(seq, 0) + index, _at_index(rebuild_error(info), self._starts.get(seq, 0) + index))
-             for seq, index, info in self._lease.job.skipped or ()),
-            key=lambda pair: pair[0],
-        )
+    def _open_lease(self, op_name: str, options: TaskOptions | None) -> _Lease:
+        return _Lease(self._driver, op_name, options)
 
-    def _item_error(self, outcome: Err, seq: int) -> BaseException:
-        """The error of a chunk's failed item, naming its input index when the driver raised it."""
-        return _at_index(rebuild_error(outcome.error), self._starts.get(seq, 0) + outcome.index)
+    def _submit(self, tasks: list[Task]) -> None:
+        self._driver.submit(self._lease.job, tasks)
+
+    def _drop_after(self, seq: int) -> None:
+        self._driver.drop_after(self._lease.job, seq)
+
+    def _close_job(self, terminate: bool) -> None:
+        self._driver.close_job(self._lease.job, terminate=terminate)
 
     def __iter__(self) -> MapIterator[R]:
         return self
@@ -567,7 +592,7 @@ class MapIterator(Iterator[R], Generic[R]):
         """
         if self._ready:
             return self._ready.popleft()  # type: ignore[no-any-return]
-        if self._done and self._pending_error is None:
+        if self._done and self._w.error is None:
             raise StopAsyncIteration
         with _ASYNC_LOCK:
             self._async_running = True
@@ -579,7 +604,7 @@ class MapIterator(Iterator[R], Generic[R]):
                 running = self._async_running
                 self._async_cancelled = True
             if running:  # wake the thread; it ends the job when it returns
-                self._lease.queue.put((-1, TaskCancelledError("the map's consumer was cancelled")))
+                self._queue.put((-1, TaskCancelledError("the map's consumer was cancelled")))
             else:
                 self._cancel_from_async()
             raise
@@ -603,11 +628,6 @@ class MapIterator(Iterator[R], Generic[R]):
         self.close()
         self._driver.close_job(self._lease.job, terminate=True)
 
-    @property
-    def items_read(self) -> int:
-        """Items read from the input so far (all of them once the map has ended)."""
-        return self._read
-
     def take_ready(self) -> list[R]:
         """The results already received and due next, without waiting (after a ``next()``)."""
         ready = list(self._ready)
@@ -619,91 +639,8 @@ class MapIterator(Iterator[R], Generic[R]):
 
         Queued tasks are dropped and running ones see their abort flag.
         """
-        self._lease.queue.put((-1, exc))
+        self._queue.put((-1, exc))
         self._driver.close_job(self._lease.job, terminate=True)
-
-    def __next__(self) -> R:
-        while True:
-            if self._ready:
-                return self._ready.popleft()  # type: ignore[no-any-return]
-            if self._pending_error is not None:
-                failure, self._pending_error = self._pending_error, None
-                self.close()
-                raise failure
-            if self._done:
-                raise StopIteration
-            if self._ordered and self._next in self._buffer:
-                buffered, self._pending_error = self._buffer.pop(self._next)
-                self._next += 1
-                self._ready.extend(buffered)
-                if not self._exhausted:
-                    self._fill()  # the window has room again
-                continue
-            if self._exhausted and not self._sent_at and not self._buffer:
-                self._finish()
-                continue
-            try:
-                seq, outcome = self._lease.get(self._deadline)
-            except BaseException:
-                self.close()
-                raise
-            if seq < 0:
-                self._done = True
-                raise _outcome_error(outcome)
-            sent = self._sent_at.pop(seq, None)
-            if sent is not None:
-                self._sizer.observe(time.monotonic() - sent)
-            exc: BaseException | None
-            if isinstance(outcome, Ok):
-                values, exc = self._convert(outcome.value, seq)
-            elif isinstance(outcome, BaseException):
-                values, exc = [], outcome
-            else:
-                values, exc = self._convert(outcome.partial or [], seq)
-                exc = exc or self._item_error(outcome, seq)
-            if self._progress is not None:
-                self._progress.update(len(values))
-            if self._ordered:
-                if exc is not None:
-                    # Nothing after the failure will be yielded: stop feeding, forget
-                    # later chunks, but still wait for the earlier ones.
-                    self._exhausted = True
-                    self._driver.drop_after(self._lease.job, seq)
-                    for later in [s for s in self._sent_at if s > seq]:
-                        del self._sent_at[later]
-                    for later in [s for s in self._buffer if s > seq]:
-                        del self._buffer[later]
-                if seq >= self._next:
-                    self._buffer[seq] = (values, exc)
-            else:
-                self._ready.extend(values)
-                self._pending_error = exc
-                if exc is not None:
-                    self._exhausted = True
-                    self._sent_at.clear()
-            if not self._exhausted:
-                self._fill()
-
-    def _finish(self) -> None:
-        self._done = True
-        self._driver.close_job(self._lease.job)
-        self._end_progress()
-
-    def _end_progress(self) -> None:
-        bar = getattr(self, "_progress", None)
-        if bar is not None:
-            self._progress = None
-            bar.close()
-
-    def close(self) -> None:
-        """Stop the job: queued tasks are dropped, running ones told to abort."""
-        if not self._done:
-            self._done = True
-            self._exhausted = True
-            self._ready.clear()
-            self._buffer.clear()
-            self._driver.close_job(self._lease.job, terminate=True)
-        self._end_progress()
 
     def cancel(self) -> bool:
         """:meth:`close`, named like ``Future.cancel()`` and ``JobHandle.cancel()``.
@@ -714,13 +651,6 @@ class MapIterator(Iterator[R], Generic[R]):
         running = not self._done
         self.close()
         return running
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
 
 def fold(
     driver: Driver,
@@ -784,7 +714,7 @@ def fold_on(
     resolved = chain_options([*(driver_operation(stage) for stage in stages), op], options)
     if resolved is not None and resolved.on_fatal is FatalStrategy.IGNORE:
         raise ValueError("fold needs every item: on_fatal=Ignore is for map")
-    sizer = _ChunkSizer(chunksize, _length((iterable,)), workers)
+    sizer = ChunkSizer(chunksize, _length((iterable,)), workers)
     deadline = None if timeout is None else clock() + timeout
     window = 4 * max(1, workers) + 2
     lease = open_lease(op_name, resolved)
@@ -844,12 +774,12 @@ def fold_on(
                 break
             seq, outcome = lease.get(deadline)
             if seq < 0:
-                raise _outcome_error(outcome)
+                raise outcome_error(outcome)
             span = inflight.pop(seq, None)
             if span is None:
                 continue
             if not isinstance(outcome, Ok):
-                raise _outcome_error(outcome)
+                raise outcome_error(outcome)
             lo, hi, leaf = span
             if leaf and on_items is not None:
                 on_items(hi - lo)
@@ -867,7 +797,7 @@ def fold_on(
             combine(-1, pos, initial, value)
             seq, outcome = lease.get(deadline)
             if not isinstance(outcome, Ok):
-                raise _outcome_error(outcome)
+                raise outcome_error(outcome)
             value, remote = outcome.value, True
         if remote and op is not None:
             value = op.convert_result(value)

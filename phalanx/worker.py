@@ -7,7 +7,8 @@ Runs in every worker process (started by :mod:`phalanx.supervisor`)::
     driver PUB "control"   ──▶ SUB ──▶ control thread: Sync, Terminate, Shutdown, Reclaim,
                                        task timeouts ─▶ side DEALER ("<id>!") ──▶ driver ROUTER "results"
 
-The main thread owns the inbox and outbox (or the pipe) and runs user code; the control
+The main thread owns the inbox and outbox (or the pipe) and runs user code through
+:class:`phalanx.core.execute.TaskRunner` (the code simulated workers run too); the control
 thread owns the SUB and side sockets, so a task that never returns still sees
 its abort flag set, still has its timeout reported, and is still killed after
 the grace period.
@@ -50,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import inspect
 import os
 import select
 import signal
@@ -59,15 +59,16 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import zmq
 
 from .actors.host import ActorHost
-from .errors import EncodeError, FrameTooLargeError, ProtocolError, TaskCancelledError, TaskTimeoutError, Transient
-from .registry.operations import Operation, resolve
+from .core.execute import TaskRunner
+from .errors import EncodeError, FrameTooLargeError, ProtocolError, TaskCancelledError, TaskTimeoutError
+from .registry.operations import resolve
 from .transport import shm, sockets
 from .transport.codec import UnpickleFailed, decode_control, decode_inbox, encode, error_info, pack, salvage_inbox
 from .transport.endpoints import Endpoints
@@ -370,7 +371,6 @@ class _Terminated:
 
 
 #: one step of a directive chain on the worker: (operation, its function, its argument converter)
-_Step = tuple[Operation, Callable[..., Any], Callable[[Any, bool], Any] | None]
 
 
 class _Control(threading.Thread):
@@ -577,7 +577,9 @@ class _Loop:
             self.outbox = sockets.dealer(self.ctx, spec.endpoints.results, self.ident, spec.curve)
         self.todo: deque[Any] = deque()
         self.tasks_done = 0
-        self.actors = ActorHost(spec.worker_id, self.send_after_outcomes, self.call)
+        #: runs the tasks (phalanx.core.execute: the same code as a simulated worker's)
+        self.runner = TaskRunner(time.monotonic, self._settle, resolve)
+        self.actors = ActorHost(spec.worker_id, self.send_after_outcomes, self.runner.call)
         self.out: list[Outcome] = []
         #: the largest frame it sends: its own max_frame, or the driver's if smaller (see Welcome)
         self.max_send = spec.limits.max_frame
@@ -599,8 +601,6 @@ class _Loop:
         self.frames_dropped = 0
         self.memory_checked = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
-        #: the operation of a directive chain running now (decides what is transient)
-        self.staged_op: Operation | None = None
         self.control = _Control(self)
 
     def dropped(self) -> int:
@@ -667,15 +667,6 @@ class _Loop:
 
     # ---- running -----------------------------------------------------------
 
-    def call(self, op: Operation, args: Sequence[Any], kwargs: dict[str, Any] | None, trusted: int = 0) -> Any:
-        a, kw = op.convert_args(args, kwargs, trusted)
-        value = op.fn(*a, **kw)
-        if hasattr(value, "__await__") and inspect.isawaitable(value):
-            if self.loop is None:
-                self.loop = asyncio.new_event_loop()
-            value = self.loop.run_until_complete(value)
-        return value
-
     def run(self, task: Call | Chunk) -> Outcome | None:
         """Run one task; None when its outcome was already sent (timed out, or its job terminated)."""
         global _current
@@ -690,33 +681,12 @@ class _Loop:
         if task.job in self.terminated:
             return Err(task.job, task.seq, task.attempt,
                        _special_error(task.job, TaskCancelledError(f"job {task.job} was terminated")))
-        op: Operation | None = None
         ctx = TaskContext(task.job, task.seq, task.attempt, task.timeout)
         with self.state_lock:
             self.current = ctx
         _current = ctx
         try:
-            op = resolve(task.op)
-            if isinstance(task, Call):
-                value = self.call(op, task.args, task.kwargs)
-            elif task.stages:
-                self.staged_op = None
-                stages = [resolve(name) for name in task.stages]
-                value = self.fold_staged(op, stages, task, ctx) if task.fold else self.map_staged(op, stages, task, ctx)
-            elif task.fold:
-                value = self.fold(op, task.items, ctx)
-            else:
-                value = self.map(op, task, ctx)
-            outcome: Outcome = Ok(task.job, task.seq, task.attempt, value)
-        except BaseException as exc:  # user code may raise anything; the loop survives
-            if isinstance(task, Chunk) and task.stages:
-                op = self.staged_op  # the stage that raised decides what is transient
-            transient = isinstance(exc, Transient) or (op is not None and isinstance(exc, op.transient))
-            if isinstance(task, Chunk) and not task.fold:
-                outcome = Err(task.job, task.seq, task.attempt, error_info(exc),
-                              len(ctx.values), ctx.values, transient)
-            else:
-                outcome = Err(task.job, task.seq, task.attempt, error_info(exc), transient=transient)
+            outcome = self.runner.execute(task, ctx)
         finally:
             _current = None
             with self.state_lock:
@@ -724,131 +694,11 @@ class _Loop:
                 answered = ctx.answered
         return None if answered else outcome
 
-    def fold(self, op: Operation, items: list[Any], ctx: TaskContext) -> Any:
-        if not items:
-            raise ValueError("empty fold chunk")
-        acc = items[0]
-        for index in range(1, len(items)):
-            ctx.check()
-            ctx.started = time.monotonic()
-            # From the second combine on, acc is op's own result: not validated again.
-            acc = self.call(op, [acc, items[index]], None, 0 if index == 1 else 1)
-        return acc
-
-    def map(self, op: Operation, task: Chunk, ctx: TaskContext) -> list[Any]:
-        values = ctx.values
-        star = task.star
-        if not star and task.timeout <= 0:
-            items = op.convert_items(task.items)
-            if items is not None:
-                # The tight loop: arguments converted in one pass, no per-call timeout
-                # to time; only the abort flag is read between calls.
-                fn = op.fn
-                append = values.append
-                for item in items:
-                    if ctx.aborted:
-                        ctx.check()
-                    value = fn(item)
-                    if hasattr(value, "__await__") and inspect.isawaitable(value):
-                        value = self._settle(value)
-                    append(value)
-                return values
-        for item in task.items:
-            ctx.check()
-            ctx.started = time.monotonic()
-            values.append(self.call(op, item if star else [item], None))
-        return values
-
-    # Directive chains: ``stages`` run per item before ``op``, in this task, with no
-    # round trip through the driver. Only chunks that carry stages come here, so
-    # plain map and fold keep their loops above. Each operation is called with its
-    # one argument converted as ``call`` would (``Operation.converter``), without
-    # building argument lists per item.
-
     def _settle(self, value: Any) -> Any:
-        """The result of an awaitable an operation returned."""
+        """The result of an awaitable an operation returned (on this worker's own event loop)."""
         if self.loop is None:
             self.loop = asyncio.new_event_loop()
         return self.loop.run_until_complete(value)
-
-    def _through(self, plan: list[_Step], item: Any, star: bool) -> Any:
-        """One item through every step of ``plan`` (the first gets ``*item`` when ``star``).
-
-        The item, decoded from the wire, is validated in full; what a step
-        returns is passed on as is when already of the next parameter's class.
-        """
-        trusted = False
-        if star:
-            first = plan[0][0]
-            self.staged_op = first
-            item = self.call(first, item, None)
-            plan, trusted = plan[1:], True
-        for op, fn, conv in plan:
-            self.staged_op = op
-            item = fn(item if conv is None else conv(item, trusted))
-            if hasattr(item, "__await__") and inspect.isawaitable(item):
-                item = self._settle(item)
-            trusted = True
-        return item
-
-    def map_staged(self, op: Operation, stages: list[Operation], task: Chunk, ctx: TaskContext) -> list[Any]:
-        plan = [(stage, stage.fn, stage.converter(0)) for stage in (*stages, op)]
-        values = ctx.values
-        star = task.star
-        through, now = self._through, time.monotonic
-        for item in task.items:
-            if ctx.aborted:
-                ctx.check()
-            ctx.started = now()
-            values.append(through(plan, item, star))
-        return values
-
-    def fold_staged(self, op: Operation, stages: list[Operation], task: Chunk, ctx: TaskContext) -> Any:
-        """Map every item through the stages, then reduce: ``len(items) - 1`` combines."""
-        items = task.items
-        if not items:
-            raise ValueError("empty fold chunk")
-        plan = [(stage, stage.fn, stage.converter(0)) for stage in stages]
-        combine, lower, upper = op.fn, op.converter(0), op.converter(1)
-        star = task.star
-        if not star and len(stages) == 1 and task.timeout <= 0 and not (
-            inspect.iscoroutinefunction(stages[0].fn) or inspect.iscoroutinefunction(combine)
-        ):
-            converted = stages[0].convert_items(items)
-            if converted is not None:
-                return self._fold_one_stage(stages[0], op, converted, ctx)
-        through, now = self._through, time.monotonic
-        ctx.check()
-        ctx.started = now()
-        acc = through(plan, items[0], star)
-        for index in range(1, len(items)):
-            if ctx.aborted:
-                ctx.check()
-            ctx.started = now()
-            value = through(plan, items[index], star)
-            self.staged_op = op
-            # Neither was decoded (a stage's result, or op's own): passed as is when of the right class.
-            acc = combine(acc if lower is None else lower(acc, True),
-                          value if upper is None else upper(value, True))
-            if hasattr(acc, "__await__") and inspect.isawaitable(acc):
-                acc = self._settle(acc)
-        return acc
-
-    def _fold_one_stage(self, stage: Operation, op: Operation, items: list[Any], ctx: TaskContext) -> Any:
-        """``fold_staged``'s tight loop: one synchronous stage, arguments converted in one pass, no timeout."""
-        fn, combine, lower, upper = stage.fn, op.fn, op.converter(0), op.converter(1)
-        ctx.check()
-        self.staged_op = stage
-        acc = fn(items[0])
-        for index in range(1, len(items)):
-            if ctx.aborted:
-                ctx.check()
-            self.staged_op = stage
-            value = fn(items[index])
-            self.staged_op = op
-            acc = combine(acc if lower is None else lower(acc, True),
-                          value if upper is None else upper(value, True))
-        return acc
 
     def check_memory(self) -> None:
         now = time.monotonic()

@@ -133,3 +133,19 @@ class Counter:
     @classmethod
     def restore(cls, n: int) -> Counter:
         return cls(n)
+
+
+@phalanx.operation
+def int_unless_3(x: int) -> int:
+    """Declared to return an int, returns a str for 3: the result fails conversion in the driver."""
+    return "three" if x == 3 else x  # type: ignore[return-value]
+
+
+@phalanx.operation
+def transient_once(key: str) -> str:
+    """Fails transiently the first time it runs for ``key`` in this process."""
+    n = _attempts.get(key, 0)
+    _attempts[key] = n + 1
+    if n == 0:
+        raise phalanx.Transient(f"{key}: first attempt fails")
+    return key

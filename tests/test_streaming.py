@@ -24,7 +24,7 @@ import phalanx
 
 #: generous bound on any single wait; tests finish far sooner
 T = 30.0
-#: the largest chunk an input of unknown length ramps up to (``phalanx.jobs._ChunkSizer``)
+#: the largest chunk an input of unknown length ramps up to (``phalanx.core.window.ChunkSizer``)
 RAMP_MAX = 4096
 
 
@@ -74,7 +74,7 @@ def test_map_reads_an_endless_input_lazily(
     rt = module_runtime
     source = Source()
     it = rt.map(ops.square, source, chunksize=chunksize, ordered=ordered, timeout=T)
-    window = it._window
+    window = it._w.window
     assert window == 4 * 2 + 2
     k = 100
     got = [next(it) for _ in range(k)]
@@ -96,7 +96,7 @@ def test_map_reads_an_endless_input_lazily(
     assert rt.stats().tasks_submitted == submitted
     assert source.pulled == pulled
     # Received but not consumed: at most a window of chunks, not all results.
-    assert it._lease.queue.qsize() + len(it._buffer) <= window
+    assert it._lease.queue.qsize() + len(it._w.buffer) <= window
 
     assert it.cancel() is True
     assert source.pulled == pulled  # ending the map reads no more input
@@ -127,7 +127,7 @@ def test_ordered_map_waiting_on_a_straggler_reads_no_further(
             return bool(holders) and behind and it._lease.queue.qsize() == 0
 
         wait_until(only_the_stragglers_worker_busy, "every task not behind the straggler came back")
-        assert source.pulled <= it._window  # not one item more while it waits
+        assert source.pulled <= it._w.window  # not one item more while it waits
     finally:
         release.touch()
         consumer.join(T)
@@ -148,7 +148,7 @@ def test_map_window_never_exceeded_while_streaming(module_runtime: phalanx.Runti
     it = rt.map(ops.square, source, chunksize=5, timeout=T)
     assert list(it) == [i * i for i in range(n)]
     assert source.pulled == n == len(seen)
-    assert max(seen) <= it._window
+    assert max(seen) <= it._w.window
     assert max(seen) > 1  # it did pipeline
 
 

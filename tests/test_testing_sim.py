@@ -129,19 +129,25 @@ def test_directive_chains_run_as_on_a_runtime() -> None:
 def test_what_simruntime_does_not_model_says_so() -> None:
     with SimRuntime(workers={"default": 2}, seed=0) as rt:
         assert rt.n_workers == 2
-        for name in ("lease", "worker_tags", "wait_for_workers", "address", "endpoints"):
+        for name in ("lease", "wait_for_workers", "address", "endpoints"):
             with pytest.raises(AttributeError, match=f"SimRuntime has no '{name}': .*real phalanx.Runtime"):
                 getattr(rt, name)
         with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
             getattr(rt, "nonsense")
-        for call in (lambda: rt.map(ops.square, [1], on="gpu"), lambda: rt.fold(ops.add, [1, 2], on="gpu"),
-                     lambda: rt.options(on="gpu")):
-            with pytest.raises(ValueError, match="routing by tag is not modelled"):
-                call()
         assert list(rt.map(ops.square, [3], on="default")) == [9]
         assert rt.spawn(ops.Counter, on="default").incr().result() == 1
-    with pytest.raises(TypeError, match="routing by tag"):
-        SimRuntime(workers={"default": 1, "gpu": 1})
+
+
+def test_simruntime_routes_worker_tags_through_the_core() -> None:
+    with SimRuntime(workers={"default": 1, "gpu": 1}, seed=0, route_timeout=5.0) as rt:
+        assert sorted(rt.worker_tags().values()) == [("default",), ("gpu",)]
+        assert list(rt.map(ops.square, [1, 2], on="gpu")) == [1, 4]
+        assert rt.fold(ops.add, [1, 2, 3], on="gpu") == 6
+        counter = rt.spawn(ops.Counter, on="gpu")
+        assert rt.worker_tags()[counter.worker] == ("gpu",)
+        with pytest.raises(phalanx.NoWorkerError):
+            rt.options(on="tpu").submit(ops.square, 2).result()
+        assert rt.now >= 5.0  # it waited route_timeout (virtual seconds) for a worker of that tag
 
 
 def _partitioned(seed: int, heartbeat_timeout: float) -> tuple[SimRuntime, list[int], float]:

@@ -1,7 +1,8 @@
 """The worker side of actors: instances, their calls, save and restore.
 
 Runs in worker processes, on the main thread (the same loop that runs
-tasks), so an actor handles one message at a time, in the order its worker's
+tasks), and in :class:`~phalanx.testing.SimRuntime`'s simulated workers (with
+the virtual clock), so an actor handles one message at a time, in the order its worker's
 inbox received them: calls, saves and stops of one actor never overtake each
 other.
 
@@ -39,14 +40,14 @@ __all__ = ["ActorHost"]
 class _Instance:
     __slots__ = ("id", "cls_name", "obj", "ops", "calls", "since_save", "saved_at", "every", "interval")
 
-    def __init__(self, msg: SpawnActor, obj: Any) -> None:
+    def __init__(self, msg: SpawnActor, obj: Any, now: float) -> None:
         self.id = msg.instance
         self.cls_name = msg.cls
         self.obj = obj
         self.ops: dict[str, Operation] = {}
         self.calls = 0
         self.since_save = 0
-        self.saved_at = time.monotonic()
+        self.saved_at = now
         self.every = msg.checkpoint_every
         self.interval = msg.checkpoint_interval
 
@@ -59,8 +60,11 @@ class ActorHost:
         worker_id: str,
         send: Callable[[Any], None],
         call: Callable[[Operation, Sequence[Any], dict[str, Any] | None], Any],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.worker_id = worker_id
+        #: when checkpoints were taken (a simulated worker passes its virtual clock)
+        self.clock = clock
         self.send = send  # sends a message on the outbox, after pending outcomes
         self.call_op = call
         self.instances: dict[int, _Instance] = {}
@@ -78,7 +82,7 @@ class ActorHost:
         except BaseException as exc:  # user code may raise anything; the worker survives
             self.send(ActorEvent(self.worker_id, msg.instance, "failed", error_info(exc)))
             return
-        self.instances[msg.instance] = _Instance(msg, obj)
+        self.instances[msg.instance] = _Instance(msg, obj, self.clock())
         self.send(ActorEvent(self.worker_id, msg.instance, "started"))
 
     def _method(self, inst: _Instance, name: str) -> Operation:
@@ -110,7 +114,7 @@ class ActorHost:
         if inst is None:
             return False
         return (inst.every > 0 and inst.since_save >= inst.every) or (
-            inst.interval > 0 and time.monotonic() - inst.saved_at >= inst.interval and inst.since_save > 0
+            inst.interval > 0 and self.clock() - inst.saved_at >= inst.interval and inst.since_save > 0
         )
 
     def save(self, instance: int, nonce: int) -> None:
@@ -126,7 +130,7 @@ class ActorHost:
             self.send(ActorState(self.worker_id, instance, nonce, error=error_info(exc)))
             return
         inst.since_save = 0
-        inst.saved_at = time.monotonic()
+        inst.saved_at = self.clock()
         self.send(ActorState(self.worker_id, instance, nonce, state))
 
     def handle(self, msg: SpawnActor | StopActor | SaveActor) -> None:

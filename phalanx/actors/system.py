@@ -56,11 +56,24 @@ from ..policy import DEFAULT_TAG, check_tag
 from ..registry.actors import actor_name_of
 from ..transport.codec import convert, encode, rebuild_error
 from ..transport.messages import ActorCall, ActorEvent, ActorState, Err, Ok, SaveActor, SpawnActor, StopActor
+from ..core.actors import (
+    TERMINAL,
+    advance,
+    check_spawn,
+    died_here,
+    end,
+    fail_calls,
+    least_loaded,
+    may_restart,
+    reply_of,
+    return_type,
+)
 from .events import ActorEvent as Event
-from .events import Failed, RestartFailed, Started, Stopped
+from .events import Failed, RestartFailed, Started
 
 if typing.TYPE_CHECKING:
-    from ..driver import Delivery, Driver, Job
+    from ..core.tasks import Delivery, Job
+    from ..driver import Driver
 
 #: the ids of workers a runtime starts itself ("w1", "w2", ...): never tag names
 _LOCAL_WORKER_ID = re.compile(r"^w[0-9]+$")
@@ -139,7 +152,7 @@ class RuntimeTree(msgspec.Struct, frozen=True):
         return "\n".join(lines)
 
 
-_TERMINAL = ("stopped", "failed")
+_TERMINAL = TERMINAL
 
 
 #: not looked up yet (``Any`` is a valid answer)
@@ -249,10 +262,7 @@ class ActorSystem:
     def spawn(self, cls: type | str, args: tuple[Any, ...], kwargs: dict[str, Any], *, on: str | None,
               name: str | None, detached: bool, restart_policy: str, checkpoint_every: int,
               checkpoint_interval: float, timeout: float | None) -> _Actor:
-        if restart_policy not in ("never", "on-failure"):
-            raise ValueError(f"restart_policy must be 'never' or 'on-failure', got {restart_policy!r}")
-        if detached and not name:
-            raise ValueError("a detached actor needs a name= to be found again")
+        check_spawn(restart_policy, detached, name)
         cls_name = actor_name_of(cls)
         encode([list(args), kwargs], f"the arguments of {cls_name}")
         actor = _Actor(next(self._ids), cls_name, cls if isinstance(cls, type) else None, list(args),
@@ -316,13 +326,9 @@ class ActorSystem:
             live = self.driver.live_workers(tag)
             if not live:  # it left again meanwhile
                 raise self.driver.no_worker_error(tag, patience)
-        counts = {w: 0 for w in live}
         with self._lock:
-            for a in self._actors.values():
-                if a.worker in counts and a.state not in _TERMINAL:
-                    counts[a.worker] += 1
-        candidates = [w for w in live if w != exclude] or live
-        return min(candidates, key=lambda w: (counts[w], live[w])), tag
+            hosting = [a.worker for a in self._actors.values() if a.state not in _TERMINAL]
+        return least_loaded(live, hosting, exclude), tag
 
     def _request(self, key: tuple[str, int], worker: bytes) -> concurrent.futures.Future[Any]:
         fut: concurrent.futures.Future[Any] = _StateWait() if key[0] == "state" else concurrent.futures.Future()
@@ -366,8 +372,7 @@ class ActorSystem:
                 return ActorDiedError(f"worker {worker.decode()} died as actor {actor.id} started there")
             old_worker, old_instance = actor.worker, actor.instance
             actor.worker, actor.instance = worker, instance
-            if actor.state in ("starting", "restarting"):
-                actor.state = "running"
+            actor.state = advance(actor.state, "started")
         if old_instance and old_worker:
             self.driver.send_to(old_worker, encode(StopActor(old_instance, quiet=True)))
         return None
@@ -461,7 +466,7 @@ class ActorSystem:
         with actor.lock:
             if actor.state != "running":
                 raise ActorDiedError(f"actor {actor.id} is {actor.state}; only a running actor restarts")
-            actor.state = "restarting"  # new calls are held from here on
+            actor.state = advance(actor.state, "restart")  # new calls are held from here on
             actor.hot, actor.lost = True, None
             old_worker, old_instance = actor.worker, actor.instance
         nonce = next(self._nonces)
@@ -496,7 +501,7 @@ class ActorSystem:
                         if died_here is None:
                             self._flush_locked(actor)
                         else:
-                            actor.state = "restarting"  # hold calls for what follows the death
+                            actor.state = advance(actor.state, "died")  # hold calls for what follows the death
                     if died_here is not None:
                         self._instance_died(actor, died_here)
                         self._rehome()
@@ -506,7 +511,7 @@ class ActorSystem:
             lost = actor.take_lost()  # (the old worker: the actor never left it)
             if lost is None:
                 if actor.state == "restarting" and self.driver.is_live(old_worker):
-                    actor.state = "running"  # revert: the old instance was never stopped
+                    actor.state = advance(actor.state, "revert")  # the old instance was never stopped
                     actor.emit(RestartFailed(error))
                     self._flush_locked(actor)
                 # Otherwise the actor ended meanwhile, or its old worker died and that
@@ -532,7 +537,7 @@ class ActorSystem:
             if actor.state != "running":
                 return
             self._flush_locked(actor)
-            actor.state = "stopping"
+            actor.state = advance(actor.state, "stop")
             instance, worker = actor.instance, actor.worker
         if not self.driver.send_to(worker, encode(StopActor(instance))):
             self._end(actor, "stopped", None)
@@ -546,20 +551,11 @@ class ActorSystem:
         with actor.lock:
             if actor.state in _TERMINAL:
                 return
-            actor.state = state
-            futures = [fut for fut, _ in actor.futures.values()]
-            actor.futures.clear()
-            actor.held.clear()
+            futures, event = end(actor, state, error)
             if emit:
-                actor.emit(Stopped() if state == "stopped" else Failed(error or ActorDiedError("failed")))
+                actor.emit(event)
             actor.lock.notify_all()
-        died = ActorDiedError(f"actor {actor.id} ({actor.cls_name}) {state}")
-        for fut in futures:
-            if not fut.done():
-                try:
-                    fut.set_exception(died)
-                except concurrent.futures.InvalidStateError:
-                    pass
+        fail_calls(actor, futures, state)
         if actor.job is not None:
             self.driver.close_job(actor.job)
 
@@ -604,28 +600,22 @@ class ActorSystem:
 
     def _on_message(self, worker: bytes, msg: ActorEvent | ActorState) -> None:
         """Pump thread: an actor event or a saved state arrived."""
-        if isinstance(msg, ActorState):
-            if msg.nonce == 0:
-                with self._lock:
-                    actor = self._by_instance.get(msg.instance)
+        what, number, value = reply_of(msg)
+        if what in ("checkpoint", "stopped", "nothing"):
+            with self._lock:
+                actor = self._by_instance.get(number)
+            if actor is None:
+                return
+            if what == "stopped":
+                self._end(actor, "stopped", None)
+            elif what == "checkpoint" and self.driver.is_live(worker):
                 # A checkpoint still in flight from a worker already declared dead
                 # is older news than the restart under way: ignore it.
-                if actor is not None and msg.error is None and self.driver.is_live(worker):
-                    with actor.lock:
-                        if actor.instance == msg.instance and actor.worker == worker:
-                            actor.checkpoint, actor.has_checkpoint = msg.state, True
-                return
-            key: tuple[str, int] = ("state", msg.nonce)
-            value: Any = (msg.state, rebuild_error(msg.error) if msg.error else None)
-        else:
-            error = rebuild_error(msg.error) if msg.error is not None else None
-            if msg.kind == "stopped":
-                with self._lock:
-                    actor = self._by_instance.get(msg.instance)
-                if actor is not None:
-                    self._end(actor, "stopped", None)
-                return
-            key, value = ("event", msg.instance), (msg.kind, error)
+                with actor.lock:
+                    if actor.instance == number and actor.worker == worker:
+                        actor.checkpoint, actor.has_checkpoint = value, True
+            return
+        key = (what, number)
         with self._lock:
             fut = self._waiting.get(key)
         if fut is not None and not fut.done():
@@ -643,10 +633,7 @@ class ActorSystem:
         with self._lock:
             actors = [a for a in self._actors.values() if a.state not in _TERMINAL]
         for actor in actors:
-            died = ActorDiedError(
-                f"the process of actor {actor.id} ({actor.cls_name}) on worker {worker_id} died "
-                f"(exit code {exitcode})"
-            )
+            died = died_here(actor, worker_id, exitcode)
             with actor.lock:  # (where it lives changes only under this lock: see _start)
                 if actor.worker != ident or actor.state in _TERMINAL:
                     continue
@@ -664,24 +651,16 @@ class ActorSystem:
         The caller then runs :meth:`_rehome`.
         """
         with actor.lock:
-            again = actor.policy == "on-failure" and self._may_restart(actor)
+            again = actor.policy == "on-failure" and may_restart(
+                actor.restarts, time.monotonic(), self.max_restarts, self.restart_window)
             if again:
-                actor.state = "restarting"
+                actor.state = advance(actor.state, "died")
                 actor.emit(Failed(died, final=False))
         if not again:
             self._end(actor, "failed", died)
             return
         with self._lock:
             self._homeless.append(actor)
-
-    def _may_restart(self, actor: _Actor) -> bool:
-        now = time.monotonic()
-        while actor.restarts and now - actor.restarts[0] > self.restart_window:
-            actor.restarts.popleft()
-        if len(actor.restarts) >= self.max_restarts:
-            return False
-        actor.restarts.append(now)
-        return True
 
     def _on_worker_ready(self, worker_id: str) -> None:
         self._rehome()
@@ -723,21 +702,10 @@ class ActorSystem:
     def convert_result(self, actor: _Actor, method: str, value: Any) -> Any:
         typ = actor.returns.get(method, _UNKNOWN)
         if typ is _UNKNOWN:
-            typ = actor.returns[method] = self._return_type(actor, method)
+            typ = actor.returns[method] = return_type(actor.cls, method)
         if typ is Any:
             return value
         try:
             return convert(value, typ)
         except Exception:
             return value
-
-    @staticmethod
-    def _return_type(actor: _Actor, method: str) -> Any:
-        """The return annotation of ``method`` (``Any`` when absent or unreadable)."""
-        fn = getattr(actor.cls, method, None) if actor.cls is not None else None
-        if fn is None:
-            return Any
-        try:
-            return typing.get_type_hints(fn).get("return", Any)
-        except Exception:
-            return Any

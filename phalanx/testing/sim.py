@@ -1,12 +1,16 @@
 """SimRuntime: a deterministic, single-process stand-in for :class:`phalanx.Runtime`.
 
 Runs entirely in the calling (test) process, on the calling thread: there are
-no worker processes, no sockets and no threads. The driver logic (credits,
-dispatch, dedupe, redelivery, retries, fatal strategies, actor supervision and
-hot restart) and the worker logic (decode, convert, run, encode) are modelled
-on ``phalanx.driver``, ``phalanx.worker`` and ``phalanx.actors`` and exchange
-the very same msgpack frames, so operations see the same arguments and
-callers see the same results and exception types as on a real runtime.
+no worker processes, no sockets and no threads. It is the second host of
+:mod:`phalanx.core`: outcome resolution (dedupe, retries, fatal strategies,
+crash attribution, restart intensity), the map window, the actor lifecycle
+and each worker's task execution (:class:`~phalanx.core.execute.TaskRunner`,
+with :class:`~phalanx.actors.host.ActorHost` for actors) are the code a real
+runtime runs; what is left here is what only a simulation has: the seeded
+scheduler, the virtual clock, simulated processes and links (credits and
+dispatch, delivery, death notices), and the waits. Both sides exchange the
+very same msgpack frames, so operations see the same arguments and callers
+see the same results and exception types as on a real runtime.
 
 ::
 
@@ -34,67 +38,45 @@ atomically and takes ``task_time`` virtual seconds plus whatever it passes to
 :func:`phalanx.testing.sleep`; frames a worker sent before it died still
 reach the driver, before its death is noticed; local workers are never
 declared lost by heartbeats (set ``heartbeat_timeout`` to model remote ones).
-Not modelled: channels (``lease``), worker tags other than "default", remote
+Worker tags (``workers={"io": 2}``, ``on=``) are routed by the core's routing.
+Not modelled: channels (``lease``), remote
 workers (``address``, ``wait_for_workers``); asking for them raises an error
 that says so.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import heapq
 import itertools
-import math
 import random
 import time
-import typing
-from collections import Counter, deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast, overload
 
-from .. import worker as _worker_module
-from ..actors.events import ActorEvent as Event
-from ..actors.events import Failed, RestartFailed, Started, Stopped
 from ..actors.ref import ActorRef
-from ..actors.system import ActorNode, RuntimeTree, WorkerNode, settle_call
+from ..actors.system import ActorNode, RuntimeTree, WorkerNode
 from ..config import Config
 from ..directives import Directive, Fold, IndexedChain
 from ..directives import Chain as _Chain
-from ..driver import SKIPPED, RuntimeStats, Task, WorkerStats
-from ..errors import (
-    ActorDiedError,
-    EncodeError,
-    ProtocolError,
-    RuntimeBrokenError,
-    RuntimeClosedError,
-    TaskCancelledError,
-    TaskTimeoutError,
-    Transient,
-    WorkerCrashedError,
-)
-from ..jobs import MISSING, Future, _ChunkSizer, _length, chain_options, fold_on, options_for
-from ..policy import DEFAULT_TAG, FatalStrategy, RetryStrategy, TaskOptions
-from ..registry.actors import actor_name_of, actor_type_hint, resolve_actor
-from ..registry.operations import Operation, driver_operation, name_of, resolve
-from ..transport.codec import convert, decode_driver, decode_inbox, encode, error_info, rebuild_error
-from ..transport.messages import (
-    ActorCall,
-    ActorEvent,
-    ActorState,
-    Call,
-    Chunk,
-    Err,
-    ErrorInfo,
-    Ok,
-    Outcome,
-    Results,
-    SaveActor,
-    SpawnActor,
-    Stop,
-    StopActor,
-)
+from ..core.outcomes import Outcomes
+from ..core.routing import Routing
+from ..core.execute import TaskRunner
+from ..core.tasks import Delivery, Job, Task
+from ..driver import RuntimeStats, WorkerStats
+from ..errors import ProtocolError, RuntimeBrokenError, RuntimeClosedError
+from ..jobs import MISSING, Future, fold_on, options_for
+from ..policy import DEFAULT_TAG, FatalStrategy, RetryStrategy, TaskOptions, check_tag
+from ..runtime import _routed
+from ..registry.operations import driver_operation, name_of, resolve
+from ..transport.codec import decode_driver, decode_inbox, encode
+from ..transport.messages import ActorCall, ActorEvent, ActorState, Call, Err, Ok, Results, Stop
 from .faults import Fault, FaultEngine, resolve_plan
+
+from .sim_actors import SimActors
+from .sim_worker import NOTICE_DELAY, SimWorker, _settle, _task_clock, sleep
+from .sim_jobs import HangError, SimFuture, SimJobHandle, SimJobOptions, SimMapIterator, _FutureSink, _Lease
 
 __all__ = ["SimRuntime", "SimJobOptions", "SimMapIterator", "SimJobHandle", "HangError", "sleep"]
 
@@ -104,10 +86,7 @@ R = TypeVar("R")
 T = TypeVar("T")
 Y = TypeVar("Y")
 
-Delivery = Ok | Err | BaseException
 
-#: virtual seconds from a worker's death to the driver noticing it
-NOTICE_DELAY = 0.0
 #: virtual seconds a replacement worker takes to start and become ready
 START_DELAY = 0.01
 #: steps one wait may take before the simulation is declared runaway
@@ -117,954 +96,12 @@ MAX_STEPS = 2_000_000
 #: members of phalanx.Runtime a SimRuntime does not model, and why (raised as AttributeError)
 _NOT_MODELLED = {
     "lease": "channels (rt.lease) are not modelled",
-    "worker_tags": "every simulated worker serves the 'default' tag; routing by tag is not modelled",
     "wait_for_workers": "simulated workers are ready at once and remote workers are not modelled",
     "address": "a SimRuntime listens nowhere: remote workers are not modelled",
     "endpoints": "a SimRuntime has no sockets",
 }
 
 
-def _check_on(on: str | None) -> None:
-    if on is not None and on != DEFAULT_TAG:
-        raise ValueError(f"on={on!r}: {_NOT_MODELLED['worker_tags']} (use a real phalanx.Runtime)")
-
-
-class HangError(TaskTimeoutError):
-    """Nothing more can happen in the simulation and a call still waits.
-
-    On a real runtime the same call would hang (or wait for its whole
-    timeout): a violation of phalanx's "no hang" invariant, or of the
-    program's own assumptions (a dropped message nobody retries).
-    """
-
-
-#: the simulation whose worker is running an operation right now (see ``sleep``)
-_RUNNING: list[float] = []
-
-
-def sleep(seconds: float) -> None:
-    """Sleep inside an operation: virtual time on a SimRuntime, real time elsewhere.
-
-    Use it in operations under test instead of ``time.sleep`` so that
-    timeouts and slow tasks are simulated without waiting.
-    """
-    if _RUNNING:
-        _RUNNING[-1] += max(0.0, seconds)
-    else:
-        time.sleep(seconds)
-
-
-# --------------------------------------------------------------------------- #
-# Driver-side records (mirror phalanx.driver.Task / Job)
-# --------------------------------------------------------------------------- #
-
-
-class _Job:
-    __slots__ = ("id", "op", "outstanding", "deliver", "fail", "on_dispatch", "autoclose", "seqs", "retry",
-                 "on_fatal", "timeout", "skipped", "dropped")
-
-    def __init__(self, job_id: int, op: str, deliver: Callable[[int, Delivery], None],
-                 fail: Callable[[BaseException], None], on_dispatch: Callable[[], bool] | None = None,
-                 autoclose: bool = False, options: TaskOptions | None = None) -> None:
-        self.id = job_id
-        self.op = op
-        self.retry: RetryStrategy | None = options.retry if options else None
-        self.on_fatal: FatalStrategy = (options.on_fatal if options else None) or FatalStrategy.TERMINATE
-        self.timeout: float = (options.timeout if options else None) or 0.0
-        self.skipped: list[tuple[int, int, Any]] = []
-        self.dropped = False
-        self.outstanding: dict[int, Task] = {}
-        self.deliver = deliver
-        self.fail = fail
-        self.on_dispatch = on_dispatch
-        self.autoclose = autoclose
-        self.seqs = itertools.count()
-
-
-class _Instance:
-    """An actor instance living in a simulated worker (mirrors phalanx.actors.host)."""
-
-    __slots__ = ("id", "cls_name", "obj", "ops", "calls", "since_save", "saved_at", "every", "interval")
-
-    def __init__(self, msg: SpawnActor, obj: Any, now: float) -> None:
-        self.id = msg.instance
-        self.cls_name = msg.cls
-        self.obj = obj
-        self.ops: dict[str, Operation] = {}
-        self.calls = 0
-        self.since_save = 0
-        self.saved_at = now
-        self.every = msg.checkpoint_every
-        self.interval = msg.checkpoint_interval
-
-
-class _Worker:
-    """A simulated worker process and the driver's record of it."""
-
-    def __init__(self, worker_id: str, pid: int) -> None:
-        self.id = worker_id
-        self.ident = worker_id.encode()
-        self.pid = pid
-        #: the process runs (False once killed or exited)
-        self.running = True
-        #: the driver's view (False once it noticed the death)
-        self.alive = True
-        self.ready = False
-        self.free = 0
-        self.inflight: dict[tuple[int, int], Task] = {}
-        self.inbox: deque[bytes] = deque()
-        #: frames on their way to the driver: (available at, identity, frame)
-        self.outbox: deque[tuple[float, bytes, bytes]] = deque()
-        self.busy_until = 0.0
-        self.tasks = 0
-        self.items = 0
-        self.busy = 0.0
-        self.tasks_done = 0
-        self.dispatched = 0
-        self.expect_kill = False
-        self.retiring = False
-        self.lost = False
-        self.terminated: set[int] = set()
-        self.instances: dict[int, _Instance] = {}
-
-
-# --------------------------------------------------------------------------- #
-# Futures and iterators that run the scheduler while they wait
-# --------------------------------------------------------------------------- #
-
-
-class SimFuture(Future[T]):
-    """A :class:`phalanx.Future` whose waits run the simulation."""
-
-    _sim: SimRuntime | None = None
-
-    def result(self, timeout: float | None = None) -> T:
-        if not self.done() and self._sim is not None:
-            self._sim._wait_for(self.done, timeout, "a future")
-        return super().result(timeout=0)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        if not self.done() and self._sim is not None:
-            self._sim._wait_for(self.done, timeout, "a future")
-        return super().exception(timeout=0)
-
-    def __await__(self) -> Generator[Any, None, T]:
-        yield from ()
-        return self.result()
-
-
-def _outcome_error(outcome: Delivery) -> BaseException:
-    if isinstance(outcome, BaseException):
-        return outcome
-    assert isinstance(outcome, Err)
-    return rebuild_error(outcome.error)
-
-
-class _FutureSink:
-    __slots__ = ("future", "op", "job", "sim")
-
-    def __init__(self, future: SimFuture[Any], op: Operation | None, sim: SimRuntime) -> None:
-        self.future = future
-        self.op = op
-        self.job: _Job | None = None
-        self.sim = sim
-
-    def cancel(self) -> None:
-        if self.job is not None:
-            self.sim._close_job(self.job)
-
-    def abort(self) -> None:
-        """A simulated call is never aborted while it runs (no worker process to flag)."""
-
-    def deliver(self, seq: int, outcome: Delivery) -> None:
-        fut = self.future
-        if fut.done():
-            return
-        try:
-            if isinstance(outcome, Ok):
-                fut.set_result(outcome.value if self.op is None else self.op.convert_result(outcome.value))
-            else:
-                fut.set_exception(_outcome_error(outcome))
-        except concurrent.futures.InvalidStateError:
-            pass
-        except Exception as exc:
-            try:
-                fut.set_exception(exc)
-            except concurrent.futures.InvalidStateError:
-                pass
-
-    def fail(self, exc: BaseException) -> None:
-        try:
-            if not self.future.done():
-                self.future.set_exception(exc)
-        except concurrent.futures.InvalidStateError:
-            pass
-
-
-class _Lease:
-    """A job whose outcomes queue up for one consumer (mirrors phalanx.jobs._Lease)."""
-
-    def __init__(self, sim: SimRuntime, op_name: str, options: TaskOptions | None) -> None:
-        self.sim = sim
-        self.queue: deque[tuple[int, Delivery]] = deque()
-        self.job = sim._open_job(op_name, self._deliver, self._fail, options=options)
-
-    def _deliver(self, seq: int, outcome: Delivery) -> None:
-        self.queue.append((seq, outcome))
-
-    def _fail(self, exc: BaseException) -> None:
-        self.queue.append((-1, exc))
-
-    def get(self, deadline: float | None) -> tuple[int, Delivery]:
-        if not self.queue:
-            timeout = None if deadline is None else max(0.0, deadline - self.sim.now)
-            try:
-                self.sim._wait_for(lambda: bool(self.queue), timeout, "results")
-            except HangError:
-                raise
-            except TimeoutError:
-                raise TaskTimeoutError("timed out waiting for results") from None
-        return self.queue.popleft()
-
-
-class SimMapIterator(Iterator[R], Generic[R]):
-    """Results of :meth:`SimRuntime.map` (the same contract as :class:`phalanx.MapIterator`)."""
-
-    def __init__(self, sim: SimRuntime, fn: Callable[..., R] | str, iterables: tuple[Iterable[Any], ...],
-                 chunksize: int | None, ordered: bool, timeout: float | None, workers: int,
-                 options: TaskOptions | None = None, stages: Sequence[Callable[..., Any] | str] = (),
-                 indexed: bool = False) -> None:
-        if not iterables:
-            raise TypeError("map() needs at least one iterable")
-        self._op_name = name_of(fn)
-        self._op = driver_operation(fn)
-        self._stages = [name_of(stage) for stage in stages]
-        self._indexed = indexed
-        self._done = True
-        self._star = len(iterables) > 1
-        self._input: Iterator[Any] = zip(*iterables) if self._star else iter(iterables[0])
-        self._sizer = _ChunkSizer(chunksize, _length(iterables), workers)
-        self._ordered = ordered
-        self._sim = sim
-        self._deadline = None if timeout is None else sim.now + timeout
-        self._window = 4 * max(1, workers) + 2
-        self._lease = _Lease(sim, self._op_name,
-                             chain_options([*(driver_operation(stage) for stage in stages), self._op], options))
-        self._seqs = itertools.count()
-        self._starts: dict[int, int] = {}
-        self._read = 0
-        self._sent_at: dict[int, float] = {}
-        self._next = 0
-        self._buffer: dict[int, tuple[list[Any], BaseException | None]] = {}
-        self._ready: deque[Any] = deque()
-        self._pending_error: BaseException | None = None
-        self._exhausted = False
-        self._done = False
-        try:
-            self._fill()
-        except BaseException:
-            self.close()
-            raise
-
-    def _fill(self) -> None:
-        tasks: list[Task] = []
-        job = self._lease.job
-        while not self._exhausted and len(self._sent_at) + len(tasks) < self._window:
-            items = list(itertools.islice(self._input, self._sizer.size))
-            if not items:
-                self._exhausted = True
-                break
-            if self._star:
-                items = [list(item) for item in items]
-            seq = next(self._seqs)
-            self._starts[seq] = self._read
-            self._read += len(items)
-            msg = Chunk(job.id, seq, 0, self._op_name, items, self._star, False, job.timeout, self._stages)
-            tasks.append(Task(msg, encode(msg, "the arguments of {}", self._op_name), len(items)))
-        if tasks:
-            for task in tasks:
-                self._sent_at[task.seq] = self._sim.now
-            self._sim._submit_tasks(job, tasks)
-
-    def _convert(self, values: list[Any], seq: int) -> list[Any]:
-        op = self._op
-        if self._indexed:
-            start = self._starts.get(seq, 0)
-            values = [(start + i, v) for i, v in enumerate(values)]
-            if self._lease.job.skipped:
-                values = [p for p in values if p[1] is not SKIPPED]
-            if op is None or op.returns is Any or op.returns is object:
-                return values
-            return [(i, op.convert_result(v)) for i, v in values]
-        if self._lease.job.skipped:
-            values = [v for v in values if v is not SKIPPED]
-        if op is None or op.returns is Any or op.returns is object:
-            return values
-        return [op.convert_result(v) for v in values]
-
-    @property
-    def skipped(self) -> list[tuple[int, BaseException]]:
-        """``(input index, error)`` of every item dropped under ``on_fatal=Ignore``."""
-        return sorted(
-            ((self._starts.get(seq, 0) + index, rebuild_error(info)) for seq, index, info in self._lease.job.skipped),
-            key=lambda pair: pair[0],
-        )
-
-    def __iter__(self) -> SimMapIterator[R]:
-        return self
-
-    def __next__(self) -> R:
-        while True:
-            if self._ready:
-                return self._ready.popleft()  # type: ignore[no-any-return]
-            if self._pending_error is not None:
-                failure, self._pending_error = self._pending_error, None
-                self.close()
-                raise failure
-            if self._done:
-                raise StopIteration
-            if self._ordered and self._next in self._buffer:
-                buffered, self._pending_error = self._buffer.pop(self._next)
-                self._next += 1
-                self._ready.extend(buffered)
-                continue
-            if self._exhausted and not self._sent_at and not self._buffer:
-                self._done = True
-                self._sim._close_job(self._lease.job)
-                continue
-            try:
-                seq, outcome = self._lease.get(self._deadline)
-            except BaseException:
-                self.close()
-                raise
-            if seq < 0:
-                self._done = True
-                raise _outcome_error(outcome)
-            sent = self._sent_at.pop(seq, None)
-            if sent is not None:
-                self._sizer.observe(self._sim.now - sent)
-            exc: BaseException | None
-            if isinstance(outcome, Ok):
-                values, exc = self._convert(outcome.value, seq), None
-            elif isinstance(outcome, BaseException):
-                values, exc = [], outcome
-            else:
-                values, exc = self._convert(outcome.partial or [], seq), _outcome_error(outcome)
-            if self._ordered:
-                if exc is not None:
-                    self._exhausted = True
-                    self._sim._drop_after(self._lease.job, seq)
-                    for later in [s for s in self._sent_at if s > seq]:
-                        del self._sent_at[later]
-                    for later in [s for s in self._buffer if s > seq]:
-                        del self._buffer[later]
-                if seq >= self._next:
-                    self._buffer[seq] = (values, exc)
-            else:
-                self._ready.extend(values)
-                self._pending_error = exc
-                if exc is not None:
-                    self._exhausted = True
-                    self._sent_at.clear()
-            if not self._exhausted:
-                self._fill()
-
-    def close(self) -> None:
-        """Stop the job: queued tasks are dropped."""
-        if not self._done:
-            self._done = True
-            self._exhausted = True
-            self._ready.clear()
-            self._buffer.clear()
-            self._sim._close_job(self._lease.job, terminate=True)
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-class SimJobHandle(Generic[Y, R]):
-    """What :meth:`SimRuntime.run` returns: the :class:`phalanx.JobHandle` contract, simulated.
-
-    Iterate it for the results (a chain's in input order, an indexed
-    chain's ``(index, result)`` pairs as they finish, a fold's one value),
-    or call ``result()`` for all of them; not both. ``cancel()``, ``done()``,
-    ``cancelled()``, ``with`` and ``await`` work as on a real handle. As
-    everywhere on a SimRuntime, nothing runs until it is waited on, and
-    ``timeout`` is virtual; a ``result(timeout)`` that expires ends the job
-    (a real handle's job runs on).
-    """
-
-    def __init__(self, sim: SimRuntime, directive: Directive[Any], chunksize: int | None, timeout: float | None,
-                 options: TaskOptions | None) -> None:
-        if not isinstance(directive, Directive):
-            raise TypeError(f"run() needs a directive (Literal(...).map(...)...), got {type(directive).__name__}")
-        if chunksize is not None and chunksize < 1:
-            raise ValueError(f"chunksize must be >= 1, got {chunksize}")
-        sim._check_open()
-        items, stages = directive._items, directive._stages
-        self._indexed = isinstance(directive, IndexedChain)
-        self._timeout = timeout
-        self._it: Iterator[Any] | None = None
-        self._fold: Callable[[float | None], Any] | None = None
-        self._has_result = False
-        self._result: Any = None
-        self._error: BaseException | None = None
-        self._cancelled = False
-        self._ended = False
-        self._iterated = False
-        self._fold_yielded = False
-        if isinstance(directive, Fold):
-            monoid = directive._monoid
-            resolved = chain_options([*(driver_operation(st) for st in stages), driver_operation(monoid)], options)
-            if resolved is not None and resolved.on_fatal is FatalStrategy.IGNORE:
-                raise ValueError("fold needs every item: on_fatal=Ignore is for map")
-            self._fold = lambda limit: sim._fold(monoid, items, MISSING, chunksize, limit, options, stages=stages)
-        elif stages:
-            self._it = SimMapIterator(sim, stages[-1], (items,), chunksize, not self._indexed, timeout,
-                                      sim.config.workers, options, stages=stages[:-1], indexed=self._indexed)
-        else:
-            self._it = enumerate(items) if self._indexed else iter(items)
-
-    def done(self) -> bool:
-        """True once the job has ended: every result received, or failed, or cancelled."""
-        return self._has_result or self._ended or self._cancelled or self._error is not None
-
-    def cancelled(self) -> bool:
-        """True if :meth:`cancel` ended the job."""
-        return self._cancelled
-
-    def cancel(self) -> bool:
-        """End the job (its queued tasks are dropped); False if it had already ended."""
-        if self.done():
-            return False
-        self._cancelled = True
-        if isinstance(self._it, SimMapIterator):
-            self._it.close()
-        return True
-
-    def _raise_if_over(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._cancelled:
-            raise TaskCancelledError("the job was cancelled")
-
-    def result(self, timeout: float | None = None) -> R:
-        """Run the simulation until the job is done; its result (the list, or the folded value)."""
-        if self._has_result:
-            return self._result  # type: ignore[no-any-return]
-        self._raise_if_over()
-        if self._iterated:
-            raise RuntimeError("some results were already consumed by iterating over the job: "
-                               "iterate over it to the end, or call result() without iterating")
-        try:
-            if self._fold is not None:
-                limits = [t for t in (timeout, self._timeout) if t is not None]
-                limit = min(limits) if limits else None
-                value: Any = self._fold(limit)
-            else:
-                assert self._it is not None
-                if timeout is not None and isinstance(self._it, SimMapIterator):
-                    deadline = self._it._sim.now + timeout
-                    old = self._it._deadline
-                    self._it._deadline = deadline if old is None else min(old, deadline)
-                value = list(self._it)
-                if self._indexed:
-                    value = [v for _, v in sorted(value, key=lambda pair: pair[0])]
-        except Exception as exc:
-            self._error = exc
-            raise
-        self._has_result, self._result = True, value
-        return value  # type: ignore[no-any-return]
-
-    def __iter__(self) -> Iterator[Y]:
-        if self._has_result and self._fold is None:
-            done: Iterable[Any] = enumerate(self._result) if self._indexed else self._result
-            return iter(done)
-        return self
-
-    def __next__(self) -> Y:
-        if self._fold is not None:
-            if self._fold_yielded:
-                raise StopIteration
-            value = self.result()
-            self._fold_yielded = True
-            return value  # type: ignore[return-value]
-        if self._has_result or self._ended:
-            raise StopIteration
-        self._raise_if_over()
-        assert self._it is not None
-        try:
-            item = next(self._it)
-        except StopIteration:
-            self._ended = True
-            raise
-        except Exception as exc:
-            self._error = exc
-            raise
-        self._iterated = True
-        return item  # type: ignore[no-any-return]
-
-    def __await__(self) -> Generator[Any, None, R]:
-        yield from ()
-        return self.result()
-
-    def __enter__(self) -> SimJobHandle[Y, R]:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if not self.done():
-            self.cancel()
-
-
-# --------------------------------------------------------------------------- #
-# Actors (driver side; mirrors phalanx.actors.system without threads)
-# --------------------------------------------------------------------------- #
-
-_TERMINAL = ("stopped", "failed")
-#: virtual seconds a spawn, restart or save may take before it fails
-ACTOR_TIMEOUT = 60.0
-
-
-class _SimActor:
-    def __init__(self, actor_id: int, cls_name: str, cls: type | None, args: list[Any],
-                 kwargs: dict[str, Any] | None, name: str | None, detached: bool, policy: str,
-                 every: int, interval: float) -> None:
-        self.id = actor_id
-        self.cls_name = cls_name
-        self.cls = cls
-        self.args = args
-        self.kwargs = kwargs
-        self.name = name
-        self.detached = detached
-        self.policy = policy
-        self.every = every
-        self.interval = interval
-        self.state = "starting"
-        self.instance = 0
-        self.worker = b""
-        self.job: _Job | None = None
-        self.seqs = itertools.count()
-        self.futures: dict[int, tuple[SimFuture[Any], str]] = {}
-        self.held: deque[tuple[int, str, list[Any], dict[str, Any] | None]] = deque()
-        self.events: list[Event] = []
-        self.checkpoint: Any = None
-        self.has_checkpoint = False
-        self.restarts: deque[float] = deque()
-        #: the death of the old instance's process, seen during a hot restart
-        self.lost: ActorDiedError | None = None
-        self.refs = 0
-        self.calls = 0
-        self.stop_when_running = False
-
-    def take_lost(self) -> ActorDiedError | None:
-        """The death of the old instance's process noted during a hot restart (then cleared)."""
-        lost, self.lost = self.lost, None
-        return lost
-
-
-class _Actors:
-    """The actor system of a SimRuntime; duck-types ``phalanx.actors.system.ActorSystem`` for ``ActorRef``."""
-
-    def __init__(self, sim: SimRuntime, max_restarts: int = 3, restart_window: float = 60.0) -> None:
-        self.sim = sim
-        self.max_restarts = max_restarts
-        self.restart_window = restart_window
-        self.actors: dict[int, _SimActor] = {}
-        self.by_instance: dict[int, _SimActor] = {}
-        self.names: dict[str, _SimActor] = {}
-        self.ids = itertools.count(1)
-        self.instances = itertools.count(1)
-        self.nonces = itertools.count(1)
-        #: (kind, number) -> (worker it waits on, callback)
-        self.waiting: dict[tuple[str, int], tuple[bytes, Callable[[Any], None]]] = {}
-        self.homeless: deque[_SimActor] = deque()
-
-    # ---- spawning ---------------------------------------------------------------
-
-    def spawn(self, cls: type | str, args: tuple[Any, ...], kwargs: dict[str, Any], *, on: str | None,
-              name: str | None, detached: bool, restart_policy: str, checkpoint_every: int,
-              checkpoint_interval: float, timeout: float | None) -> _SimActor:
-        if restart_policy not in ("never", "on-failure"):
-            raise ValueError(f"restart_policy must be 'never' or 'on-failure', got {restart_policy!r}")
-        if detached and not name:
-            raise ValueError("a detached actor needs a name= to be found again")
-        cls_name = actor_name_of(cls)
-        encode([list(args), kwargs], f"the arguments of {cls_name}")
-        actor = _SimActor(next(self.ids), cls_name, cls if isinstance(cls, type) else None, list(args),
-                          kwargs or None, name, detached, restart_policy, checkpoint_every, checkpoint_interval)
-        if name is not None:
-            if name in self.names and self.names[name].state not in _TERMINAL:
-                raise ValueError(f"an actor named {name!r} already exists")
-            self.names[name] = actor
-        self.actors[actor.id] = actor
-        actor.job = self.sim._open_job(f"{cls_name} (actor {actor.id})", self._deliver_for(actor),
-                                       self._fail_for(actor))
-        worker = self._place(on, exclude=None)
-        box: list[BaseException | None] = []
-        self._start(actor, worker, False, None, box.append, timeout)
-        self._wait(box, timeout, f"actor {actor.id} to start")
-        error = box[0]
-        if error is not None:
-            self._end(actor, "failed", error)
-            raise error
-        self._emit(actor, Started(worker.decode()))
-        self._flush(actor)
-        return actor
-
-    def _wait(self, box: list[Any], timeout: float | None, what: str) -> None:
-        try:
-            self.sim._wait_for(lambda: bool(box), ACTOR_TIMEOUT if timeout is None else timeout, what)
-        except TimeoutError:
-            pass
-        if not box:
-            box.append(TaskTimeoutError(f"timed out waiting for {what}"))
-
-    def _place(self, on: str | None, exclude: bytes | None) -> bytes:
-        live = self.sim._live_workers()
-        if on is not None:
-            if on.encode() not in live:
-                raise LookupError(f"no live worker {on!r}; live: {sorted(w.decode() for w in live)}")
-            return on.encode()
-        if not live:
-            raise ActorDiedError("no live worker to place the actor on")
-        counts = {w: 0 for w in live}
-        for a in self.actors.values():
-            if a.worker in counts and a.state not in _TERMINAL:
-                counts[a.worker] += 1
-        candidates = [w for w in live if w != exclude] or list(live)
-        return min(candidates, key=lambda w: (counts[w], live[w]))
-
-    def _start(self, actor: _SimActor, worker: bytes, restored: bool, state: Any,
-               done: Callable[[BaseException | None], None], timeout: float | None) -> None:
-        """Create a new instance on ``worker``; ``done(None)`` once started, else ``done(error)``."""
-        instance = next(self.instances)
-        key = ("event", instance)
-        self.by_instance[instance] = actor
-        finished: list[bool] = []
-        timer: list[list[bool]] = []
-
-        def answer(value: Any) -> None:
-            if finished:
-                return
-            finished.append(True)
-            if timer:
-                self.sim._cancel(timer[0])
-            self.waiting.pop(key, None)
-            kind, error = value
-            if kind != "started":
-                done(error if error is not None else ActorDiedError("the actor failed to start"))
-                return
-            old_worker, old_instance = actor.worker, actor.instance
-            actor.worker, actor.instance = worker, instance
-            if actor.state in ("starting", "restarting"):
-                actor.state = "running"
-            if old_instance and old_worker:
-                self.sim._send_to(old_worker, encode(StopActor(old_instance, quiet=True)))
-            done(None)
-
-        self.waiting[key] = (worker, answer)
-        msg = SpawnActor(instance, actor.cls_name, actor.args, actor.kwargs, state, restored,
-                         actor.every, actor.interval)
-        if not self.sim._send_to(worker, encode(msg, f"the state of actor {actor.id}")):
-            answer(("failed", ActorDiedError(f"worker {worker.decode()} is gone")))
-            return
-        limit = ACTOR_TIMEOUT if timeout is None else timeout
-        timer.append(self.sim._timer(
-            limit, f"actor {actor.id} start timeout",
-            lambda: answer(("failed", TaskTimeoutError(f"timed out waiting for actor {actor.id} to start")))))
-
-    # ---- calls ------------------------------------------------------------------
-
-    def _deliver_for(self, actor: _SimActor) -> Callable[[int, Delivery], None]:
-        def deliver(seq: int, outcome: Delivery) -> None:
-            entry = actor.futures.pop(seq, None)
-            actor.calls += 1
-            if entry is not None:
-                fut, method = entry
-                settle_call(fut, outcome, self.convert_result, actor, method)
-
-        return deliver
-
-    def _fail_for(self, actor: _SimActor) -> Callable[[BaseException], None]:
-        def fail(exc: BaseException) -> None:
-            self._end(actor, "failed", exc, emit=False)
-
-        return fail
-
-    def call(self, actor: _SimActor, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SimFuture[Any]:
-        if method.startswith("_"):
-            raise AttributeError(f"actor methods starting with '_' cannot be called remotely: {method!r}")
-        fut: SimFuture[Any] = self.sim._future()
-        fut.set_running_or_notify_cancel()
-        a, kw = list(args), kwargs or None
-        encode([a, kw], f"the arguments of {actor.cls_name}.{method}")
-        if actor.state in _TERMINAL:
-            fut.set_exception(ActorDiedError(f"actor {actor.id} ({actor.cls_name}) is {actor.state}"))
-            return fut
-        seq = next(actor.seqs)
-        actor.futures[seq] = (fut, method)
-        actor.held.append((seq, method, a, kw))
-        if actor.state == "running":
-            self._flush(actor)
-        return fut
-
-    def _flush(self, actor: _SimActor) -> None:
-        job = actor.job
-        assert job is not None
-        while actor.held and actor.state in ("running", "stopping"):
-            seq, method, a, kw = actor.held.popleft()
-            msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
-            if not self.sim._submit_directed(job, msg, encode(msg), actor.worker):
-                entry = actor.futures.pop(seq, None)
-                if entry is not None and not entry[0].done():
-                    entry[0].set_exception(ActorDiedError(f"the worker of actor {actor.id} is gone"))
-        if actor.stop_when_running and actor.state == "running":
-            actor.stop_when_running = False
-            self._stop_now(actor)
-
-    def _emit(self, actor: _SimActor, event: Event) -> None:
-        actor.events.append(event)
-        self.sim._record("event", actor.id, type(event).__name__)
-
-    # ---- restart --------------------------------------------------------------------
-
-    def restart(self, actor: _SimActor, on: str | None, timeout: float | None) -> bool:
-        if actor.state != "running":
-            raise ActorDiedError(f"actor {actor.id} is {actor.state}; only a running actor restarts")
-        actor.state = "restarting"
-        actor.lost = None
-        old_worker, old_instance = actor.worker, actor.instance
-        nonce = next(self.nonces)
-        saved: list[tuple[Any, BaseException | None]] = []
-        key = ("state", nonce)
-        self.waiting[key] = (old_worker, saved.append)
-        if not self.sim._send_to(old_worker, encode(SaveActor(old_instance, nonce))):
-            saved.append((None, ActorDiedError(f"worker {old_worker.decode()} is gone")))
-        else:
-            self._wait(saved, timeout, f"actor {actor.id} to save")
-        self.waiting.pop(key, None)
-        first = saved[0]
-        state, error = first if isinstance(first, tuple) else (None, first)
-        if error is None:
-            try:
-                target = self._place(on, exclude=old_worker)
-            except BaseException as exc:
-                error = exc
-            else:
-                box: list[BaseException | None] = []
-                self._start(actor, target, True, state, box.append, timeout)
-                self._wait(box, timeout, f"actor {actor.id} to start")
-                error = box[0]
-                if error is None:
-                    actor.lost = None  # the new instance took over: the old one is moot
-                    actor.checkpoint, actor.has_checkpoint = state, True
-                    self._emit(actor, Started(target.decode(), restored=True))
-                    self._flush(actor)
-                    return True
-        died = actor.take_lost()
-        if died is None:
-            if actor.state == "restarting" and self.sim._is_live(old_worker):
-                actor.state = "running"
-                self._emit(actor, RestartFailed(error))
-                self._flush(actor)
-                return False
-            self._end(actor, "failed", error)
-            return False
-        # The old instance's process died meanwhile: nothing to revert to; supervise that death.
-        lost = ActorDiedError(f"{died}, during a hot restart that could not take over: {error}")
-        lost.__cause__ = error
-        self._instance_died(actor, lost)
-        self.rehome()
-        return False
-
-    # ---- ending -------------------------------------------------------------------
-
-    def stop(self, actor: _SimActor) -> None:
-        if actor.state in _TERMINAL or actor.state == "stopping":
-            return
-        if actor.state != "running":
-            try:
-                self.sim._wait_for(lambda: actor.state not in ("starting", "restarting"), ACTOR_TIMEOUT,
-                                   f"actor {actor.id} to be running")
-            except TimeoutError:
-                return
-        if actor.state != "running":
-            return
-        self._stop_now(actor)
-
-    def _stop_now(self, actor: _SimActor) -> None:
-        self._flush(actor)
-        actor.state = "stopping"
-        if not self.sim._send_to(actor.worker, encode(StopActor(actor.instance))):
-            self._end(actor, "stopped", None)
-
-    def join(self, actor: _SimActor, timeout: float | None) -> None:
-        try:
-            self.sim._wait_for(lambda: actor.state in _TERMINAL, timeout, f"actor {actor.id} to end")
-        except HangError:
-            raise
-        except TimeoutError:
-            raise TaskTimeoutError(f"actor {actor.id} is still {actor.state}") from None
-
-    def _end(self, actor: _SimActor, state: str, error: BaseException | None, emit: bool = True) -> None:
-        if actor.state in _TERMINAL:
-            return
-        actor.state = state
-        futures = [fut for fut, _ in actor.futures.values()]
-        actor.futures.clear()
-        actor.held.clear()
-        if emit:
-            self._emit(actor, Stopped() if state == "stopped" else Failed(error or ActorDiedError("failed")))
-        died = ActorDiedError(f"actor {actor.id} ({actor.cls_name}) {state}")
-        for fut in futures:
-            if not fut.done():
-                try:
-                    fut.set_exception(died)
-                except concurrent.futures.InvalidStateError:
-                    pass
-        if actor.job is not None:
-            self.sim._close_job(actor.job)
-
-    def events(self, actor: _SimActor, timeout: float | None) -> Iterator[Event]:
-        index = 0
-        while True:
-            if len(actor.events) <= index and actor.state not in _TERMINAL:
-                try:
-                    self.sim._wait_for(lambda: len(actor.events) > index or actor.state in _TERMINAL, timeout,
-                                       f"an event from actor {actor.id}")
-                except TimeoutError:
-                    raise TaskTimeoutError(f"no event from actor {actor.id} within {timeout} s") from None
-            batch = actor.events[index:]
-            done = actor.state in _TERMINAL
-            yield from batch
-            index += len(batch)
-            if done and index >= len(actor.events):
-                return
-
-    def retain(self, actor: _SimActor) -> None:
-        actor.refs += 1
-
-    def release(self, actor: _SimActor) -> None:
-        actor.refs -= 1
-        if actor.refs <= 0 and not actor.detached and not self.sim._closed:
-            if actor.state == "running":
-                self._stop_now(actor)
-            elif actor.state in ("starting", "restarting"):
-                actor.stop_when_running = True
-
-    def get(self, name: str) -> _SimActor:
-        actor = self.names.get(name)
-        if actor is None or actor.state in _TERMINAL:
-            raise LookupError(f"no actor named {name!r}")
-        return actor
-
-    # ---- messages from workers ------------------------------------------------------
-
-    def on_message(self, worker: bytes, msg: ActorEvent | ActorState) -> None:
-        if isinstance(msg, ActorState):
-            if msg.nonce == 0:
-                actor = self.by_instance.get(msg.instance)
-                if actor is not None and msg.error is None and self.sim._is_live(worker):
-                    if actor.instance == msg.instance and actor.worker == worker:
-                        actor.checkpoint, actor.has_checkpoint = msg.state, True
-                return
-            key: tuple[str, int] = ("state", msg.nonce)
-            value: Any = (msg.state, rebuild_error(msg.error) if msg.error else None)
-        else:
-            error = rebuild_error(msg.error) if msg.error is not None else None
-            if msg.kind == "stopped":
-                actor = self.by_instance.get(msg.instance)
-                if actor is not None:
-                    self._end(actor, "stopped", None)
-                return
-            key, value = ("event", msg.instance), (msg.kind, error)
-        waiting = self.waiting.pop(key, None)
-        if waiting is not None:
-            waiting[1](value)
-
-    def on_worker_exit(self, worker_id: str, exitcode: int | None) -> None:
-        ident = worker_id.encode()
-        gone = ActorDiedError(f"worker {worker_id} died (exit code {exitcode})")
-        for key, (on, callback) in list(self.waiting.items()):
-            if on == ident:
-                del self.waiting[key]
-                callback((None, gone) if key[0] == "state" else ("failed", gone))
-        hosted = [a for a in self.actors.values() if a.worker == ident and a.state not in _TERMINAL]
-        for actor in hosted:
-            died = ActorDiedError(
-                f"the process of actor {actor.id} ({actor.cls_name}) on worker {worker_id} died "
-                f"(exit code {exitcode})"
-            )
-            if actor.state == "restarting":
-                actor.lost = died  # a hot restart in progress settles the loss itself
-                continue
-            self._instance_died(actor, died)
-        self.rehome()
-
-    def _instance_died(self, actor: _SimActor, died: ActorDiedError) -> None:
-        """Queue a supervised restart of ``actor``, or end it as failed (then call :meth:`rehome`)."""
-        if actor.policy != "on-failure" or not self._may_restart(actor):
-            self._end(actor, "failed", died)
-            return
-        actor.state = "restarting"
-        self._emit(actor, Failed(died, final=False))
-        self.homeless.append(actor)
-
-    def _may_restart(self, actor: _SimActor) -> bool:
-        now = self.sim.now
-        while actor.restarts and now - actor.restarts[0] > self.restart_window:
-            actor.restarts.popleft()
-        if len(actor.restarts) >= self.max_restarts:
-            return False
-        actor.restarts.append(now)
-        return True
-
-    def rehome(self) -> None:
-        while self.homeless and self.sim._live_workers():
-            actor = self.homeless.popleft()
-            try:
-                worker = self._place(None, exclude=None)
-            except BaseException as exc:
-                self._end(actor, "failed", exc)
-                continue
-
-            def done(error: BaseException | None, actor: _SimActor = actor, worker: bytes = worker) -> None:
-                if error is not None:
-                    self._end(actor, "failed", error)
-                    return
-                self._emit(actor, Started(worker.decode(), restored=actor.has_checkpoint))
-                self._flush(actor)
-
-            self._start(actor, worker, actor.has_checkpoint, actor.checkpoint, done, None)
-
-    # ---- inspect ----------------------------------------------------------------------
-
-    def nodes(self) -> dict[bytes, list[tuple[_SimActor, int]]]:
-        out: dict[bytes, list[tuple[_SimActor, int]]] = {}
-        for a in self.actors.values():
-            if a.state not in _TERMINAL:
-                out.setdefault(a.worker, []).append((a, a.instance))
-        return out
-
-    def convert_result(self, actor: _SimActor, method: str, value: Any) -> Any:
-        if actor.cls is None:
-            return value
-        fn = getattr(actor.cls, method, None)
-        try:
-            typ = typing.get_type_hints(fn).get("return", Any) if fn is not None else Any
-        except Exception:
-            return value
-        try:
-            return convert(value, typ)
-        except Exception:
-            return value
-
-
-# --------------------------------------------------------------------------- #
 # The runtime
 # --------------------------------------------------------------------------- #
 
@@ -1100,16 +137,18 @@ class SimRuntime:
         heartbeat_timeout: float = -1.0,
         task_time: float = 0.001,
         record: bool = True,
+        route_timeout: float = 30.0,
     ) -> None:
-        if isinstance(workers, dict):
-            if set(workers) - {DEFAULT_TAG}:
-                raise TypeError(f"SimRuntime(workers={workers!r}): {_NOT_MODELLED['worker_tags']}")
-            workers = workers.get(DEFAULT_TAG, 0)
-        if workers < 1:
-            raise ValueError(f"a SimRuntime needs at least one worker, got {workers}")
-        self.config = Config(workers=workers, credits=credits, max_attempts=max_attempts,
+        tags = {check_tag(tag): count for tag, count in workers.items()} if isinstance(workers, dict) else {}
+        total = sum(tags.values()) if isinstance(workers, dict) else workers
+        self.config = Config(workers=total, tags=tags, credits=credits,
+                             max_attempts=max_attempts,
                              restart_limit=restart_limit, restart_window=restart_window,
-                             abort_grace=abort_grace, heartbeat_timeout=heartbeat_timeout)
+                             abort_grace=abort_grace, heartbeat_timeout=heartbeat_timeout,
+                             route_timeout=route_timeout)
+        groups = self.config.worker_groups()
+        if sum(groups.values()) < 1:
+            raise ValueError(f"a SimRuntime needs at least one worker, got {workers}")
         self.seed: int | None = seed if isinstance(seed, int) else None
         self._rng = seed if isinstance(seed, random.Random) else random.Random(seed)
         self.plan: list[Fault] = resolve_plan(faults)
@@ -1130,20 +169,27 @@ class SimRuntime:
         self.steps = 0
         self._closed = False
         self._broken: BaseException | None = None
-        self._jobs: dict[int, _Job] = {}
+        self._jobs: dict[int, Job] = {}
         self._job_ids = itertools.count(1)
-        self._pending: deque[Task] = deque()
-        self._workers: dict[bytes, _Worker] = {}
-        self._live: list[_Worker] = []
+        self._workers: dict[bytes, SimWorker] = {}
+        #: pending tasks per worker tag, live workers per tag, credits (phalanx.core.routing)
+        self.routing: Routing[SimWorker] = Routing(self._jobs)
+        self._live: list[SimWorker] = self.routing.live
+        #: a timer for the route timeout is set
+        self._route_timer = False
         self._worker_ids = itertools.count(1)
         self._pids = itertools.count(100_001)
         self._timers: list[tuple[float, int, str, Callable[[], None], list[bool]]] = []
         self._timer_order = itertools.count()
-        self._restarts: deque[float] = deque()
         self._counters: Counter[str] = Counter()
-        self._actors = _Actors(self)
-        for _ in range(workers):
-            self._ready(self._spawn())
+        #: the core's outcome resolution, crash attribution and restart intensity (phalanx.core)
+        self.outcomes = Outcomes(self._jobs, max_attempts, restart_limit, restart_window)
+        self._actors = SimActors(self)
+        #: what a simulated worker does with a task: the core's, as on a real worker
+        self._runner = TaskRunner(_task_clock, _settle, resolve)
+        for tag, count in groups.items():
+            for _ in range(count):
+                self._ready(self._spawn((tag,)))
 
     # ---- recording ---------------------------------------------------------------
 
@@ -1174,7 +220,8 @@ class SimRuntime:
         from .faults import plan_repr
 
         seed = self.seed if self.seed is not None else "<the Random drawn by hypothesis>"
-        return f"SimRuntime(workers={self.config.workers}, seed={seed}, faults={plan_repr(self.plan)})"
+        workers = self.config.tags or self.config.workers
+        return f"SimRuntime(workers={workers}, seed={seed}, faults={plan_repr(self.plan)})"
 
     def reseed(self, seed: int | random.Random) -> None:
         """Take every later scheduling decision from ``seed`` (an int or a ``random.Random``)."""
@@ -1212,10 +259,10 @@ class SimRuntime:
         while timers and timers[0][4][0]:
             heapq.heappop(timers)
 
-    def _choices(self) -> list[tuple[str, _Worker | None]]:
+    def _choices(self) -> list[tuple[str, SimWorker | None]]:
         now = self.now
         self._purge_timers()
-        choices: list[tuple[str, _Worker | None]] = []
+        choices: list[tuple[str, SimWorker | None]] = []
         for w in self._workers.values():
             if w.running and w.inbox and w.busy_until <= now:
                 choices.append(("run", w))
@@ -1258,7 +305,7 @@ class SimRuntime:
         kind, w = choices[self._rng.randrange(len(choices))] if len(choices) > 1 else choices[0]
         if kind == "run":
             assert w is not None
-            self._run(w)
+            w.run()
         elif kind == "recv":
             assert w is not None
             _, ident, frame = w.outbox.popleft()
@@ -1314,18 +361,18 @@ class SimRuntime:
 
     # ---- workers ----------------------------------------------------------------------
 
-    def _spawn(self) -> _Worker:
-        w = _Worker(f"w{next(self._worker_ids)}", next(self._pids))
+    def _spawn(self, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> SimWorker:
+        w = SimWorker(self, f"w{next(self._worker_ids)}", next(self._pids), tags)
         self._workers[w.ident] = w
         self._record("spawn", w.id)
         return w
 
-    def _ready(self, w: _Worker) -> None:
+    def _ready(self, w: SimWorker) -> None:
         if not w.running or self._closed:
             return
         w.ready = True
         w.free = max(1, self.config.credits)
-        self._live.append(w)
+        self.routing.add_live(w)
         self._dispatch()
         self._actors.rehome()
 
@@ -1342,70 +389,33 @@ class SimRuntime:
         if w is not None:
             self._kill(w)
 
-    def _kill(self, w: _Worker, exitcode: int = -9) -> None:
+    def _kill(self, w: SimWorker, exitcode: int = -9) -> None:
         if not w.running:
             return
         self._record("kill", w.id)
         w.running = False
         w.inbox.clear()
-        w.instances.clear()
+        w.host.instances.clear()
         if self.engine is not None:
             self.engine.forget_worker(w.ident)
         self._timer(NOTICE_DELAY, f"{w.id} exit noticed", lambda: self._on_exit(w, exitcode))
 
-    def _on_exit(self, w: _Worker, exitcode: int | None, lost: bool = False) -> None:
-        """The driver notices a worker's death (mirrors Driver._on_exit)."""
+    def _on_exit(self, w: SimWorker, exitcode: int | None, lost: bool = False) -> None:
+        """The driver notices a worker's death (the core charges the crash, as Driver._on_exit has it do)."""
         if not w.alive:
             return
         w.alive = False
-        if w in self._live:
-            self._live.remove(w)
+        self.routing.remove_live(w, self.now)
         if self._closed:
             return
-        failed: list[tuple[_Job, int, BaseException]] = []
-        broken: BaseException | None = None
         planned = w.retiring or w.expect_kill or lost
         if lost:
             self._counters["workers_lost"] += 1
         elif not planned:
             self._counters["worker_deaths"] += 1
-        head = next(iter(w.inflight.values()), None)
-        requeue: list[Task] = []
-        for task in w.inflight.values():
-            job = self._jobs.get(task.job)
-            if job is None or job.outstanding.get(task.seq) is not task:
-                continue
-            if task.directed:
-                del job.outstanding[task.seq]
-                failed.append((job, task.seq, ActorDiedError(
-                    f"the worker {w.id} running this call died (exit code {exitcode})")))
-                continue
-            retry = task.retry()
-            if task is head and not planned:
-                retry.crashes += 1
-            if retry.crashes >= self.config.max_attempts:
-                del job.outstanding[task.seq]
-                if job.autoclose and not job.outstanding:
-                    self._jobs.pop(job.id, None)
-                failed.append((job, task.seq, WorkerCrashedError(
-                    f"the worker running task {task.seq} of job {task.job} ({job.op}) died "
-                    f"{retry.crashes} times; last exit code {exitcode}"
-                    + (f" (signal {-exitcode})" if exitcode is not None and exitcode < 0 else ""),
-                    exitcode)))
-                continue
-            job.outstanding[task.seq] = retry
-            requeue.append(retry)
-        self._counters["redelivered"] += len(requeue)
-        self._pending.extendleft(reversed(requeue))
-        if not planned:
-            now = self.now
-            self._restarts.append(now)
-            while self._restarts and now - self._restarts[0] > self.config.restart_window:
-                self._restarts.popleft()
-            if len(self._restarts) > self.config.restart_limit:
-                broken = RuntimeBrokenError(
-                    f"{len(self._restarts)} worker deaths within {self.config.restart_window:g} s "
-                    f"(restart_limit={self.config.restart_limit}); last: {w.id} exit code {exitcode}")
+        failed, requeue, broken = self.outcomes.worker_died(w.id, w.inflight.values(), exitcode, planned, self.now)
+        self.routing.requeue(requeue, self.now)
+        self._after_resolve()  # what a failed map chunk left to do, under Ignore
         self._record("exit", w.id, exitcode, "lost" if lost else ("planned" if planned else "crash"))
         self._dispatch()
         for job, seq, exc in failed:
@@ -1415,7 +425,7 @@ class SimRuntime:
             self._break(broken)
         elif not w.retiring:
             self._counters["worker_restarts"] += 1
-            fresh = self._spawn()
+            fresh = self._spawn(w.tags)  # the replacement serves the same tags
             self._timer(START_DELAY, f"{fresh.id} ready", lambda: self._ready(fresh))
 
     def _break(self, exc: BaseException) -> None:
@@ -1424,7 +434,8 @@ class SimRuntime:
         self._broken = exc
         jobs = list(self._jobs.values())
         self._jobs.clear()
-        self._pending.clear()
+        self.routing.pending.clear()
+        self.routing.unrouted.clear()
         for job in jobs:
             job.fail(exc)
 
@@ -1438,14 +449,14 @@ class SimRuntime:
 
     def _open_job(self, op: str, deliver: Callable[[int, Delivery], None], fail: Callable[[BaseException], None],
                   on_dispatch: Callable[[], bool] | None = None, autoclose: bool = False,
-                  options: TaskOptions | None = None, register: bool = True) -> _Job:
+                  options: TaskOptions | None = None, register: bool = True) -> Job:
         self._check_open()
-        job = _Job(next(self._job_ids), op, deliver, fail, on_dispatch, autoclose, options)
+        job = Job(next(self._job_ids), op, deliver, fail, on_dispatch, autoclose, options)
         if register:
             self._jobs[job.id] = job
         return job
 
-    def _submit_tasks(self, job: _Job, tasks: list[Task], register: bool = False) -> None:
+    def _submit_tasks(self, job: Job, tasks: list[Task], register: bool = False) -> None:
         if self._broken is not None or self._closed:
             self._jobs.pop(job.id, None)
             raise RuntimeBrokenError(str(self._broken)) if self._broken else RuntimeClosedError(
@@ -1455,11 +466,12 @@ class SimRuntime:
         for task in tasks:
             job.outstanding[task.seq] = task
             self.submitted.add((job.id, task.seq))
-        self._pending.extend(tasks)
+        if not self.routing.enqueue(job.tag, tasks):
+            self.routing.unroutable(job.tag, tasks, self.now)
         self._counters["tasks_submitted"] += len(tasks)
         self._dispatch()
 
-    def _close_job(self, job: _Job, terminate: bool = False) -> None:
+    def _close_job(self, job: Job, terminate: bool = False) -> None:
         self._jobs.pop(job.id, None)
         had_work = bool(job.outstanding) or job.dropped
         job.outstanding.clear()
@@ -1468,39 +480,35 @@ class SimRuntime:
                 if w.running:
                     w.terminated.add(job.id)
 
-    def _drop_after(self, job: _Job, seq: int) -> None:
+    def _drop_after(self, job: Job, seq: int) -> None:
         for later in [s for s in job.outstanding if s > seq]:
             del job.outstanding[later]
             job.dropped = True
 
     def _dispatch(self) -> None:
-        pending = self._pending
-        while pending:
-            best: _Worker | None = None
-            most = 0
-            for w in self._live:
-                if w.free > most:
-                    best, most = w, w.free
-            if best is None:
-                return
-            task = pending.popleft()
-            job = self._jobs.get(task.job)
-            if job is None or job.outstanding.get(task.seq) is not task:
-                continue
-            if job.on_dispatch is not None and task.attempt == 0 and not task.claimed:
-                if not job.on_dispatch():
-                    del job.outstanding[task.seq]
-                    if job.autoclose and not job.outstanding:
-                        del self._jobs[job.id]
-                    continue
-                task.claimed = True
-            best.free -= 1
-            best.inflight[(task.job, task.seq)] = task
-            best.dispatched += 1
-            self._record("send", best.id, type(task.msg).__name__, task.job, task.seq, task.attempt)
-            self._send(best, task.frame)
+        """Send what the core's routing gives each worker, in the order it gave them."""
+        routing = self.routing
+        order: list[tuple[SimWorker, Task]] = []
+        routing.dispatch(order)
+        for w, task in order:
+            self._record("send", w.id, type(task.msg).__name__, task.job, task.seq, task.attempt)
+            self._send(w, task.frame)
+        if routing.unrouted and not self._route_timer:
+            due = routing.next_deadline(self.config.route_timeout)
+            assert due is not None
+            self._route_timer = True
+            self._timer(due - self.now, "route timeout", self._expire_routes)
 
-    def _send(self, w: _Worker, frame: bytes) -> None:
+    def _expire_routes(self) -> None:
+        """Fail work that waited ``route_timeout`` for a live worker of its tag."""
+        self._route_timer = False
+        failed = self.routing.expire(self.now, self.config.route_timeout)
+        self.outcomes.tasks_failed += len(failed)
+        self._dispatch()
+        for job, seq, exc in failed:
+            self._deliver(job, seq, exc)
+
+    def _send(self, w: SimWorker, frame: bytes) -> None:
         """The driver puts a frame on ``w``'s inbox link (through the fault engine)."""
         frames: list[bytes] = [frame]
         if self.engine is not None:
@@ -1518,7 +526,7 @@ class SimRuntime:
         self._send(w, frame)
         return True
 
-    def _submit_directed(self, job: _Job, msg: ActorCall, frame: bytes, ident: bytes) -> bool:
+    def _submit_directed(self, job: Job, msg: ActorCall, frame: bytes, ident: bytes) -> bool:
         task = Task(msg, frame)
         w = self._workers.get(ident)
         if w is None or not w.alive or self._closed or self._broken is not None:
@@ -1546,7 +554,7 @@ class SimRuntime:
         else:
             self._on_frame(w, ident, frame)
 
-    def _watch_partition(self, w: _Worker) -> None:
+    def _watch_partition(self, w: SimWorker) -> None:
         """With heartbeats on, a worker partitioned longer than heartbeat_timeout is declared lost."""
         timeout = self.config.heartbeat_timeout
         if timeout <= 0 or self.engine is None or w.lost:
@@ -1569,7 +577,7 @@ class SimRuntime:
 
     # ---- the driver: receiving -------------------------------------------------------
 
-    def _on_frame(self, w: _Worker, ident: bytes, frame: bytes) -> None:
+    def _on_frame(self, w: SimWorker, ident: bytes, frame: bytes) -> None:
         try:
             msg = decode_driver(frame)
         except ProtocolError:
@@ -1588,362 +596,63 @@ class SimRuntime:
         else:
             self._counters["frames_dropped"] += 1
 
-    def _on_results(self, w: _Worker, msg: Results, side: bool) -> None:
-        deliveries: list[tuple[_Job, int, Ok | Err]] = []
+    def _on_results(self, w: SimWorker, msg: Results, side: bool) -> None:
+        deliveries: list[tuple[Job, int, Ok | Err]] = []
         if msg.worker != w.id:
             self._counters["frames_dropped"] += 1
             return
         w.busy += msg.busy
-        for outcome in msg.outcomes:
-            task = w.inflight.pop((outcome.job, outcome.seq), None)
-            if task is None:
-                self._counters["frames_dropped"] += 1
-                continue
-            if side:
-                w.expect_kill = True
-            if w.alive and not w.retiring and not task.directed:
-                w.free += 1
-            w.tasks += 1
-            w.items += task.items
-            job = self._jobs.get(outcome.job)
-            if job is None:
-                self._counters["late_results_dropped"] += 1
-                continue
-            if outcome.seq not in job.outstanding:
-                self._counters["duplicates_dropped"] += 1
-                continue
-            final = self._resolve(job, task, outcome)
-            if final is not None:
-                deliveries.append((job, outcome.seq, final))
+        strays = self.outcomes.take(w, msg.outcomes, deliveries)
+        self._counters["frames_dropped"] += strays
+        if side and strays < len(msg.outcomes):
+            w.expect_kill = True  # a timeout report: the worker may end itself next
+        self._after_resolve()
         self._dispatch()
         for job, seq, final in deliveries:
             self._deliver(job, seq, final)
 
-    def _deliver(self, job: _Job, seq: int, outcome: Delivery) -> None:
+    def _deliver(self, job: Job, seq: int, outcome: Delivery) -> None:
         self.deliveries[(job.id, seq)] += 1
         self.delivered_kinds[type(outcome).__name__] += 1
         self._record("deliver", job.id, seq, type(outcome).__name__)
         try:
             job.deliver(seq, outcome)
-        except Exception:
-            pass
+        except Exception as exc:  # every deliver is the runtime's own: a bug breaks it loudly
+            broken = RuntimeBrokenError(f"internal error while delivering an outcome: {type(exc).__name__}: {exc}")
+            broken.__cause__ = exc
+            self._break(broken)
+            try:
+                job.fail(broken)
+            except Exception:
+                pass
 
-    def _resolve(self, job: _Job, task: Task, outcome: Ok | Err) -> Ok | Err | None:
-        """What an outcome means for its job (mirrors Driver._resolve_locked)."""
-        seq = outcome.seq
-        prefix = task.prefix
-        if isinstance(outcome, Ok):
-            del job.outstanding[seq]
-            if job.autoclose and not job.outstanding:
-                self._jobs.pop(job.id, None)
-            self._counters["tasks_completed"] += 1
-            self._counters["items_completed"] += task.items
-            if prefix:
-                return Ok(outcome.job, seq, outcome.attempt, prefix + outcome.value)
-            return outcome
-        msg = task.msg
-        is_map = isinstance(msg, Chunk) and not msg.fold
-        if outcome.transient and job.retry is not None:
-            delay = job.retry.delay(task.retries + 1)
-            if delay is not None:
-                retry = task.resume(outcome.index, outcome.partial or []) if is_map else task.retry()
-                retry.retries = task.retries + 1
-                job.outstanding[seq] = retry
-                self._counters["retried"] += 1
-                if delay <= 0:
-                    self._pending.appendleft(retry)
-                else:
-                    def fire(retry: Task = retry, job: _Job = job) -> None:
-                        if self._jobs.get(retry.job) is job and job.outstanding.get(retry.seq) is retry:
-                            self._pending.append(retry)
-                            self._dispatch()
+    def _after_resolve(self) -> None:
+        """Send again what the core wants sent again: at once, or after a retry delay."""
+        outcomes = self.outcomes
+        if outcomes.requeue:
+            self.routing.requeue(outcomes.take_requeue(), self.now)
+        if outcomes.later:
+            for delay, task in outcomes.later:
+                self._timer(delay, f"retry job {task.job} seq {task.seq}", self._fire_retries)
+            outcomes.arm(self.now)
 
-                    self._timer(delay, f"retry job {job.id} seq {seq}", fire)
-                return None
-        if is_map and job.on_fatal is FatalStrategy.IGNORE:
-            assert isinstance(msg, Chunk)
-            done = (outcome.partial or []) + [SKIPPED]
-            job.skipped.append((seq, len(prefix or []) + outcome.index, outcome.error))
-            self._counters["skipped"] += 1
-            if outcome.index + 1 >= len(msg.items):
-                del job.outstanding[seq]
-                self._counters["tasks_completed"] += 1
-                return Ok(outcome.job, seq, outcome.attempt, (prefix or []) + done)
-            rest = task.resume(outcome.index + 1, done)
-            rest.retries = 0
-            job.outstanding[seq] = rest
-            self._pending.appendleft(rest)
-            return None
-        del job.outstanding[seq]
-        if job.autoclose and not job.outstanding:
-            self._jobs.pop(job.id, None)
-        self._counters["tasks_failed"] += 1
-        if prefix:
-            return Err(outcome.job, seq, outcome.attempt, outcome.error,
-                       len(prefix) + outcome.index, prefix + (outcome.partial or []), outcome.transient)
-        return outcome
-
-    # ---- the worker model ----------------------------------------------------------------
-
-    def _worker_send(self, w: _Worker, msg: Any, at: float, side: bool = False) -> str | None:
-        """A worker sends ``msg`` to the driver; returns the engine's kill verdict."""
-        frame = encode(msg)
-        ident = w.ident + b"!" if side else w.ident
-        frames = [frame]
-        kill: str | None = None
-        if self.engine is not None:
-            frames, kill = self.engine.incoming(ident, frame, self.now)
-        for f in frames:
-            w.outbox.append((at, ident, f))
-        return kill
-
-    def _call(self, op: Operation, args: Sequence[Any], kwargs: dict[str, Any] | None) -> Any:
-        a, kw = op.convert_args(args, kwargs)
-        value = op.fn(*a, **kw)
-        if hasattr(value, "__await__"):
-            import asyncio
-            import inspect
-
-            if inspect.isawaitable(value):
-                value = asyncio.run(_awaited(value))
-        return value
-
-    def _run(self, w: _Worker) -> None:
-        """Worker ``w`` handles the next message of its inbox (mirrors the worker loop)."""
-        frame = w.inbox.popleft()
-        try:
-            msg = decode_inbox(frame)
-        except ProtocolError:
-            self._counters["frames_dropped"] += 1
-            return
-        start = self.now
-        if isinstance(msg, (Call, Chunk)):
-            self._record("run", w.id, type(msg).__name__, msg.job, msg.seq, msg.attempt)
-            outcome, duration = self._execute(w, msg)
-            self._finish(w, msg, outcome, start, duration)
-        elif isinstance(msg, ActorCall):
-            self._record("run", w.id, "ActorCall", msg.job, msg.seq, msg.method)
-            outcome, duration = self._actor_call(w, msg)
-            # As a real worker does: the checkpoint goes out before the reply.
-            if w.running and self._checkpoint_due(w, msg.instance):
-                self._save(w, msg.instance, 0, start + duration)
-            kill = self._finish(w, msg, outcome, start, duration, defer_kill=True)
-            if kill == "after":
-                self._doom(w, start + duration)
-        elif isinstance(msg, SpawnActor):
-            self._record("run", w.id, "SpawnActor", msg.instance)
-            self._host_spawn(w, msg)
-        elif isinstance(msg, SaveActor):
-            self._record("run", w.id, "SaveActor", msg.instance)
-            self._save(w, msg.instance, msg.nonce, self.now + self.task_time)
-        elif isinstance(msg, StopActor):
-            self._record("run", w.id, "StopActor", msg.instance)
-            w.instances.pop(msg.instance, None)
-            if not msg.quiet:
-                self._worker_send(w, ActorEvent(w.id, msg.instance, "stopped"), self.now + self.task_time)
-        elif isinstance(msg, Stop):
-            w.running = False
-            self._timer(NOTICE_DELAY, f"{w.id} exit noticed", lambda: self._on_exit(w, 0))
-
-    def _finish(self, w: _Worker, msg: Call | Chunk | ActorCall, outcome: Outcome, start: float,
-                duration: float, defer_kill: bool = False) -> str | None:
-        w.tasks_done += 1
-        w.busy_until = start + duration
-        timeout = msg.timeout if isinstance(msg, (Call, Chunk)) else 0.0
-        if timeout > 0 and duration > timeout:
-            # The control thread reports the timeout; the worker dies if the task ignores it.
-            err = TaskTimeoutError(
-                f"task {msg.seq} of job {msg.job} ran longer than its timeout of {timeout:g} s")
-            info = error_info(err)
-            info = ErrorInfo(type=info.type, message=info.message, args=info.args, traceback="")
-            values = outcome.partial if isinstance(outcome, Err) else (
-                outcome.value if isinstance(msg, Chunk) and not msg.fold else None)
-            late = Err(msg.job, msg.seq, msg.attempt, info, len(values or []) if isinstance(values, list) else 0,
-                       list(values) if isinstance(values, list) else [])
-            kill = self._worker_send(w, Results(w.id, [late]), start + timeout, side=True)
-            if kill == "now":
-                self._kill(w)
-            elif duration > timeout + self.config.abort_grace:
-                w.expect_kill = True
-                self._timer(timeout + self.config.abort_grace, f"{w.id} killed (task ignored its timeout)",
-                            lambda: self._kill(w))
-            return None
-        try:
-            encode(outcome)
-        except EncodeError as exc:
-            name = msg.method if isinstance(msg, ActorCall) else msg.op
-            err2 = EncodeError(f"result of {name} cannot be sent: {exc.__cause__ or exc}")
-            outcome = Err(outcome.job, outcome.seq, outcome.attempt, error_info(err2))
-        kill = self._worker_send(w, Results(w.id, [outcome], duration), start + duration)
-        if kill == "now":
-            self._kill(w)
-            return None
-        if kill == "after" and not defer_kill:
-            self._doom(w, start + duration)
-            return None
-        return kill
-
-    def _doom(self, w: _Worker, at: float) -> None:
-        """Kill ``w`` once the task it runs is over and sent (it runs nothing else meanwhile)."""
-        w.busy_until = math.inf
-        self._timer(at - self.now, f"{w.id} killed after its task", lambda: self._kill(w))
-
-    def _execute(self, w: _Worker, task: Call | Chunk) -> tuple[Outcome, float]:
-        if task.job in w.terminated:
-            info = error_info(TaskCancelledError(f"job {task.job} was terminated"))
-            info = ErrorInfo(type=info.type, message=info.message, args=info.args, traceback="")
-            return Err(task.job, task.seq, task.attempt, info), 0.0
-        op: Operation | None = None
-        ctx = _worker_module.TaskContext(task.job, task.seq, task.attempt, task.timeout)
-        previous = _worker_module._current
-        _worker_module._current = ctx
-        _RUNNING.append(0.0)
-        calls = 0
-        outcome: Outcome
-        try:
-            op = resolve(task.op)
-            if isinstance(task, Call):
-                calls = 1
-                value = self._call(op, task.args, task.kwargs)
-            elif task.stages:
-                # A directive chain: every stage of an item runs here, in this task.
-                combine = op
-                stages = [resolve(name) for name in task.stages]
-                mapped: list[Any] = []
-                for item in task.items:
-                    for index, stage in enumerate(stages):
-                        calls += 1
-                        op = stage
-                        item = self._call(stage, item if task.star and index == 0 else [item], None)
-                    if not task.fold:
-                        calls += 1
-                        op = combine
-                        item = self._call(combine, [item], None)
-                        ctx.values.append(item)
-                    else:
-                        mapped.append(item)
-                op = combine
-                if not task.fold:
-                    value = ctx.values
-                else:
-                    if not mapped:
-                        raise ValueError("empty fold chunk")
-                    value = mapped[0]
-                    for index in range(1, len(mapped)):
-                        calls += 1
-                        value = self._call(combine, [value, mapped[index]], None)
-            elif task.fold:
-                if not task.items:
-                    raise ValueError("empty fold chunk")
-                value = task.items[0]
-                for index in range(1, len(task.items)):
-                    calls += 1
-                    value = self._call(op, [value, task.items[index]], None)
-            else:
-                for item in task.items:
-                    calls += 1
-                    ctx.values.append(self._call(op, item if task.star else [item], None))
-                value = ctx.values
-            outcome = Ok(task.job, task.seq, task.attempt, value)
-        except BaseException as exc:  # user code may raise anything; the worker model survives
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            transient = isinstance(exc, Transient) or (op is not None and isinstance(exc, op.transient))
-            if isinstance(task, Chunk) and not task.fold:
-                outcome = Err(task.job, task.seq, task.attempt, error_info(exc), len(ctx.values),
-                              list(ctx.values), transient)
-            else:
-                outcome = Err(task.job, task.seq, task.attempt, error_info(exc), transient=transient)
-        finally:
-            slept = _RUNNING.pop()
-            _worker_module._current = previous
-        return outcome, slept + self.task_time * max(1, calls)
-
-    # ---- the worker model: actors --------------------------------------------------------
-
-    def _host_spawn(self, w: _Worker, msg: SpawnActor) -> None:
-        at = self.now + self.task_time
-        try:
-            cls = resolve_actor(msg.cls)
-            if msg.restored:
-                restore = getattr(cls, "restore", None)
-                if restore is None:
-                    raise TypeError(f"actor {msg.cls} has no restore() classmethod to resume from state")
-                obj = restore(convert(msg.state, actor_type_hint(cls, "restore")))
-            else:
-                obj = self._call(Operation(msg.cls, cls), msg.args, msg.kwargs)
-        except BaseException as exc:
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            self._worker_send(w, ActorEvent(w.id, msg.instance, "failed", error_info(exc)), at)
-            return
-        w.instances[msg.instance] = _Instance(msg, obj, self.now)
-        self._worker_send(w, ActorEvent(w.id, msg.instance, "started"), at)
-
-    def _actor_call(self, w: _Worker, msg: ActorCall) -> tuple[Outcome, float]:
-        inst = w.instances.get(msg.instance)
-        _RUNNING.append(0.0)
-        outcome: Outcome
-        try:
-            if inst is None:
-                raise LookupError(f"actor instance {msg.instance} is not on worker {w.id}")
-            op = inst.ops.get(msg.method)
-            if op is None:
-                fn = getattr(inst.obj, msg.method, None) if not msg.method.startswith("_") else None
-                if fn is None or not callable(fn):
-                    raise AttributeError(f"actor {inst.cls_name} has no public method {msg.method!r}")
-                op = inst.ops[msg.method] = Operation(f"{inst.cls_name}.{msg.method}", fn)
-            value = self._call(op, msg.args, msg.kwargs)
-        except BaseException as exc:
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            outcome = Err(msg.job, msg.seq, msg.attempt, error_info(exc))
-        else:
-            outcome = Ok(msg.job, msg.seq, msg.attempt, value)
-        finally:
-            slept = _RUNNING.pop()
-        if inst is not None:
-            inst.calls += 1
-            inst.since_save += 1
-        return outcome, slept + self.task_time
-
-    def _checkpoint_due(self, w: _Worker, instance: int) -> bool:
-        inst = w.instances.get(instance)
-        if inst is None:
-            return False
-        return (inst.every > 0 and inst.since_save >= inst.every) or (
-            inst.interval > 0 and self.now - inst.saved_at >= inst.interval and inst.since_save > 0)
-
-    def _save(self, w: _Worker, instance: int, nonce: int, at: float) -> None:
-        inst = w.instances.get(instance)
-        try:
-            if inst is None:
-                raise LookupError(f"actor instance {instance} is not on worker {w.id}")
-            saver = getattr(inst.obj, "save", None)
-            if saver is None:
-                raise TypeError(f"actor {inst.cls_name} has no save() method to take its state")
-            state = saver()
-            encode(state)
-        except BaseException as exc:
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            if isinstance(exc, EncodeError):
-                exc = EncodeError(f"the state of actor instance {instance} cannot be sent: {exc}")
-            self._worker_send(w, ActorState(w.id, instance, nonce, error=error_info(exc)), at)
-            return
-        inst.since_save = 0
-        inst.saved_at = self.now
-        self._worker_send(w, ActorState(w.id, instance, nonce, state), at)
+    def _fire_retries(self) -> None:
+        for task in self.outcomes.due(self.now):
+            job = self._jobs[task.job]
+            if not self.routing.enqueue(job.tag, [task]):
+                self.routing.unroutable(job.tag, [task], self.now)
+        self._dispatch()
 
     # ---- public API: work ------------------------------------------------------------------
 
     def options(self, *, retry: RetryStrategy | None = None, on_fatal: FatalStrategy | None = None,
                 timeout: float | None = None, on: str | None = None) -> SimJobOptions:
-        """The same runtime with per-job options (see :meth:`phalanx.Runtime.options`; ``on``: "default" only)."""
-        _check_on(on)
+        """The same runtime with per-job options (see :meth:`phalanx.Runtime.options`)."""
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
-        return SimJobOptions(self, TaskOptions(retry=retry, on_fatal=on_fatal, timeout=timeout))
+        if on is not None:
+            check_tag(on)
+        return SimJobOptions(self, TaskOptions(retry=retry, on_fatal=on_fatal, timeout=timeout, on=on))
 
     def submit(self, fn: Callable[P, R] | str, /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """Run ``fn(*args, **kwargs)`` on a simulated worker; a future of its result."""
@@ -1967,19 +676,26 @@ class SimRuntime:
     def map(self, fn: Callable[..., R] | str, /, *iterables: Iterable[Any], chunksize: int | None = None,
             ordered: bool = True, timeout: float | None = None, progress: bool = False,
             on: str | None = None) -> SimMapIterator[R]:
-        """Apply ``fn`` to every item, streaming (see :meth:`phalanx.Runtime.map`; ``on``: "default" only)."""
-        _check_on(on)
-        return SimMapIterator(self, fn, iterables, chunksize, ordered, timeout, self.config.workers)
+        """Apply ``fn`` to every item, streaming (see :meth:`phalanx.Runtime.map`)."""
+        return self._map(fn, iterables, chunksize, ordered, timeout, _routed(None, on))
 
     def _map(self, fn: Callable[..., R] | str, iterables: tuple[Iterable[Any], ...], chunksize: int | None,
              ordered: bool, timeout: float | None, options: TaskOptions | None) -> SimMapIterator[R]:
-        return SimMapIterator(self, fn, iterables, chunksize, ordered, timeout, self.config.workers, options)
+        return SimMapIterator(self, fn, iterables, chunksize, ordered, timeout, self._workers_for(options), options)
+
+    def _workers_for(self, options: TaskOptions | None) -> int:
+        """Live workers of the tag ``options`` route to (map/fold windows and chunk sizes)."""
+        tag = options.tag if options is not None else DEFAULT_TAG
+        return max(1, self.routing.live_tags.get(tag, 0) or self.config.worker_groups().get(tag, 0))
+
+    def worker_tags(self) -> dict[str, tuple[str, ...]]:
+        """The tags each live worker serves."""
+        return {w.id: w.tags for w in self._workers.values() if w.alive}
 
     def fold(self, fn: Callable[[T, T], T] | str, iterable: Iterable[T], /, *, initial: T = MISSING,
              chunksize: int | None = None, timeout: float | None = None, on: str | None = None) -> T:
-        """Combine all items with the associative ``fn(lower, upper)`` in exactly n-1 calls (``on``: "default" only)."""
-        _check_on(on)
-        return self._fold(fn, iterable, initial, chunksize, timeout, None)  # type: ignore[no-any-return]
+        """Combine all items with the associative ``fn(lower, upper)`` in exactly n-1 calls."""
+        return self._fold(fn, iterable, initial, chunksize, timeout, _routed(None, on))  # type: ignore[no-any-return]
 
     @overload
     def run(self, directive: Fold[T], /, *, chunksize: int | None = None,
@@ -2006,7 +722,7 @@ class SimRuntime:
               stages: Sequence[Callable[..., Any] | str] = ()) -> Any:
         return fold_on(
             lambda op_name, resolved: _Lease(self, op_name, resolved), self._submit_tasks, self._close_job,
-            lambda: self.now, fn, iterable, initial, chunksize, timeout, self.config.workers, options,
+            lambda: self.now, fn, iterable, initial, chunksize, timeout, self._workers_for(options), options,
             stages=stages,
         )
 
@@ -2017,8 +733,6 @@ class SimRuntime:
               checkpoint_interval: float = 0.0, timeout: float | None = None, **kwargs: Any) -> ActorRef[A]:
         """Start an actor and return a :class:`phalanx.ActorRef` (see :meth:`phalanx.Runtime.spawn`)."""
         self._check_open()
-        if on == DEFAULT_TAG:
-            on = None  # every simulated worker serves the default tag
         actor = self._actors.spawn(cls, args, kwargs, on=on, name=name, detached=detached,
                                    restart_policy=restart_policy, checkpoint_every=checkpoint_every,
                                    checkpoint_interval=checkpoint_interval, timeout=timeout)
@@ -2045,7 +759,7 @@ class SimRuntime:
                     if isinstance(msg, ActorCall):
                         mailbox[msg.instance] += 1
             actors = [ActorNode(a.id, a.name, a.cls_name, a.state, instance, mailbox.get(instance, 0),
-                                w.instances[instance].calls if instance in w.instances else a.calls)
+                                w.host.instances[instance].calls if instance in w.host.instances else a.calls)
                       for a, instance in hosted.get(w.ident, [])]
             workers.append(WorkerNode(w.id, w.pid, "sim", w.running, 0.0, 0, len(w.inbox) if w.running else 0,
                                       w.tasks_done, len(w.inflight), actors))
@@ -2065,13 +779,15 @@ class SimRuntime:
     def stats(self) -> RuntimeStats:
         """The same counters as :meth:`phalanx.Runtime.stats`."""
         c = self._counters
+        o = self.outcomes
         return RuntimeStats(
-            workers=[WorkerStats(w.id, w.pid, w.alive, w.ready, len(w.inflight), w.tasks, w.items, w.busy, "sim")
+            workers=[WorkerStats(w.id, w.pid, w.alive, w.ready, len(w.inflight), w.tasks, w.items, w.busy, "sim",
+                                 False, w.tags)
                      for w in self._workers.values()],
-            tasks_submitted=c["tasks_submitted"], tasks_completed=c["tasks_completed"],
-            tasks_failed=c["tasks_failed"], items_completed=c["items_completed"], retried=c["retried"],
-            skipped=c["skipped"], redelivered=c["redelivered"], duplicates_dropped=c["duplicates_dropped"],
-            late_results_dropped=c["late_results_dropped"], frames_dropped=c["frames_dropped"],
+            tasks_submitted=c["tasks_submitted"], tasks_completed=o.tasks_completed,
+            tasks_failed=o.tasks_failed, items_completed=o.items_completed, retried=o.retried,
+            skipped=o.skipped, redelivered=o.redelivered, duplicates_dropped=o.duplicates_dropped,
+            late_results_dropped=o.late_results_dropped, frames_dropped=c["frames_dropped"],
             worker_deaths=c["worker_deaths"], worker_restarts=c["worker_restarts"],
             workers_recycled=c["workers_recycled"], jobs_open=len(self._jobs), workers_lost=c["workers_lost"],
         )
@@ -2096,7 +812,8 @@ class SimRuntime:
         self._closed = True
         jobs = list(self._jobs.values())
         self._jobs.clear()
-        self._pending.clear()
+        self.routing.pending.clear()
+        self.routing.unrouted.clear()
         closed = RuntimeClosedError("the runtime was shut down before this job finished")
         for job in jobs:
             job.fail(closed)
@@ -2122,37 +839,3 @@ class SimRuntime:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.shutdown(wait=exc_type is None)
-
-
-async def _awaited(value: Any) -> Any:
-    return await value
-
-
-class SimJobOptions:
-    """A :class:`SimRuntime` seen through per-job options; see :meth:`SimRuntime.options`."""
-
-    __slots__ = ("_rt", "_options")
-
-    def __init__(self, rt: SimRuntime, options: TaskOptions) -> None:
-        self._rt = rt
-        self._options = options
-
-    def submit(self, fn: Callable[P, R] | str, /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
-        """:meth:`SimRuntime.submit` with these options."""
-        return self._rt._submit(fn, args, kwargs, self._options)
-
-    def map(self, fn: Callable[..., R] | str, /, *iterables: Iterable[Any], chunksize: int | None = None,
-            ordered: bool = True, timeout: float | None = None, progress: bool = False) -> SimMapIterator[R]:
-        """:meth:`SimRuntime.map` with these options."""
-        return self._rt._map(fn, iterables, chunksize, ordered, timeout, self._options)
-
-    def fold(self, fn: Callable[[T, T], T] | str, iterable: Iterable[T], /, *, initial: T = MISSING,
-             chunksize: int | None = None, timeout: float | None = None) -> T:
-        """:meth:`SimRuntime.fold` with these options."""
-        return self._rt._fold(fn, iterable, initial, chunksize, timeout, self._options)  # type: ignore[no-any-return]
-
-    def run(self, directive: Directive[Any], /, *, chunksize: int | None = None,
-            timeout: float | None = None) -> SimJobHandle[Any, Any]:
-        """:meth:`SimRuntime.run` with these options."""
-        return SimJobHandle(self._rt, directive, chunksize, timeout, self._options)
-

@@ -1,0 +1,172 @@
+"""The actor lifecycle as data: states, the transitions between them, supervision.
+
+No I/O, no threads, no clock: the driver's actor system
+(:mod:`phalanx.actors.system`, user threads and the pump under each actor's
+lock) and the simulator's (:mod:`phalanx.testing.sim`, one scheduler
+thread) both move an actor through :data:`TRANSITIONS` with
+:func:`advance`, decide supervised restarts with :func:`may_restart`, read
+what workers say about actors with :func:`reply_of`, and place instances
+with :func:`least_loaded`.
+
+::
+
+    starting ──started──▶ running ──stop──▶ stopping ──stopped──▶ stopped
+                          │  ▲  ▲
+                  restart │  │  │ started / revert (hot restart reverts)
+                          ▼  │  │
+                       restarting ◀──died (supervised, within intensity)── running
+    any state not terminal ──failed──▶ failed        (terminal states absorb every event)
+
+Invariants kept: a terminal actor never runs again (an event for it changes
+nothing); a state changes only along the table (any other pair is a bug and
+raises); supervision restarts an actor at most ``limit`` times within
+``window`` seconds.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import typing
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from ..actors.events import ActorEvent as Event
+from ..actors.events import Failed, Stopped
+from ..errors import ActorDiedError
+from ..transport.codec import rebuild_error
+from ..transport.messages import ActorEvent, ActorState
+
+__all__ = ["STARTING", "RUNNING", "RESTARTING", "STOPPING", "STOPPED", "FAILED", "TERMINAL", "TRANSITIONS",
+           "advance", "may_restart", "reply_of", "least_loaded", "return_type", "check_spawn", "end", "fail_calls",
+           "died_here"]
+
+STARTING, RUNNING, RESTARTING, STOPPING, STOPPED, FAILED = (
+    "starting", "running", "restarting", "stopping", "stopped", "failed")
+TERMINAL = (STOPPED, FAILED)
+
+#: (state, event) -> the next state
+TRANSITIONS: dict[tuple[str, str], str] = {
+    # an instance started: the first one, a hot restart's or a supervised restart's
+    (STARTING, "started"): RUNNING,
+    (RESTARTING, "started"): RUNNING,
+    (STOPPING, "started"): STOPPING,
+    # a hot restart begins: calls are held until it ends
+    (RUNNING, "restart"): RESTARTING,
+    # a hot restart failed: the old instance, never stopped, serves the held calls
+    (RESTARTING, "revert"): RUNNING,
+    # the process of the current instance died and supervision restarts it
+    (RUNNING, "died"): RESTARTING,
+    (RESTARTING, "died"): RESTARTING,
+    (STOPPING, "died"): RESTARTING,
+    (RUNNING, "stop"): STOPPING,
+    **{(state, "stopped"): STOPPED for state in (STARTING, RUNNING, RESTARTING, STOPPING)},
+    **{(state, "failed"): FAILED for state in (STARTING, RUNNING, RESTARTING, STOPPING)},
+}
+
+
+def advance(state: str, event: str) -> str:
+    """The state after ``event``; a terminal state absorbs every event."""
+    if state in TERMINAL:
+        return state
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise ValueError(f"an actor that is {state} cannot take the event {event!r}") from None
+
+
+def may_restart(restarts: deque[float], now: float, limit: int, window: float) -> bool:
+    """Whether supervision may restart once more (then it is recorded at ``now``)."""
+    while restarts and now - restarts[0] > window:
+        restarts.popleft()
+    if len(restarts) >= limit:
+        return False
+    restarts.append(now)
+    return True
+
+
+def reply_of(msg: ActorEvent | ActorState) -> tuple[str, int, Any]:
+    """What a worker says about an actor, as ``(what, number, value)``.
+
+    ``("checkpoint", instance, state)`` (a periodic save; ``"nothing"`` if it failed),
+    ``("stopped", instance, None)``, or the answer to a wait:
+    ``("state", nonce, (state, error))`` or ``("event", instance, (kind, error))``.
+    """
+    if isinstance(msg, ActorState):
+        if msg.nonce == 0:
+            if msg.error is not None:
+                return "nothing", msg.instance, None  # a periodic save that failed: keep the last one
+            return "checkpoint", msg.instance, msg.state
+        return "state", msg.nonce, (msg.state, rebuild_error(msg.error) if msg.error else None)
+    if msg.kind == "stopped":
+        return "stopped", msg.instance, None
+    return "event", msg.instance, (msg.kind, rebuild_error(msg.error) if msg.error is not None else None)
+
+
+def least_loaded(live: dict[bytes, int], hosting: Iterable[bytes], exclude: bytes | None) -> bytes:
+    """The live worker hosting fewest actors (then holding fewest tasks), ``exclude`` only if alone."""
+    counts = dict.fromkeys(live, 0)
+    for worker in hosting:
+        if worker in counts:
+            counts[worker] += 1
+    candidates = [w for w in live if w != exclude] or list(live)
+    return min(candidates, key=lambda w: (counts[w], live[w]))
+
+
+def return_type(cls: type | None, method: str) -> Any:
+    """The return annotation of ``cls.method`` (``Any`` when absent or unreadable)."""
+    fn = getattr(cls, method, None) if cls is not None else None
+    if fn is None:
+        return Any
+    try:
+        return typing.get_type_hints(fn).get("return", Any)
+    except Exception:
+        return Any
+
+
+def check_spawn(restart_policy: str, detached: bool, name: str | None) -> None:
+    """``ValueError`` for spawn options that do not go together."""
+    if restart_policy not in ("never", "on-failure"):
+        raise ValueError(f"restart_policy must be 'never' or 'on-failure', got {restart_policy!r}")
+    if detached and not name:
+        raise ValueError("a detached actor needs a name= to be found again")
+
+
+class Ending(typing.Protocol):
+    """What ``end`` changes of an actor's record."""
+
+    id: int
+    cls_name: str
+    state: str
+    futures: dict[int, tuple[Any, str]]
+    held: deque[Any]
+
+
+def end(actor: Ending, state: str, error: BaseException | None) -> tuple[list[Any], Event]:
+    """Move ``actor`` to the terminal ``state``: the futures of its calls to fail, and the event to emit.
+
+    The host emits the event (if it emits), fails the futures with
+    :func:`fail_calls` outside its locks, and closes the actor's job.
+    """
+    actor.state = advance(actor.state, state)
+    futures = [fut for fut, _ in actor.futures.values()]
+    actor.futures.clear()
+    actor.held.clear()
+    return futures, Stopped() if state == STOPPED else Failed(error or ActorDiedError("failed"))
+
+
+def fail_calls(actor: Ending, futures: Iterable[Any], state: str) -> None:
+    """Fail the calls still waiting on an actor that ended in ``state``."""
+    died = ActorDiedError(f"actor {actor.id} ({actor.cls_name}) {state}")
+    for fut in futures:
+        if not fut.done():
+            try:
+                fut.set_exception(died)
+            except concurrent.futures.InvalidStateError:
+                pass
+
+
+def died_here(actor: Ending, worker_id: str, exitcode: int | None) -> ActorDiedError:
+    """The error for an actor whose process died."""
+    return ActorDiedError(f"the process of actor {actor.id} ({actor.cls_name}) on worker {worker_id} died "
+                          f"(exit code {exitcode})")

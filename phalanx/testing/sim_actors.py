@@ -1,0 +1,464 @@
+"""The actor system of a SimRuntime: phalanx.actors.system's waits, on the scheduler.
+
+Runs in the calling (test) process, on the scheduler's thread. Placement,
+the lifecycle's transitions, supervision's restart intensity and what workers
+say about actors are :mod:`phalanx.core.actors`, the code the threaded
+:class:`~phalanx.actors.system.ActorSystem` runs; what is left here is how
+the simulation waits for a start, a save or a death (callbacks and timers on
+the virtual clock instead of threads and condition variables).
+
+Invariants kept (as on a real runtime): calls are sent in the order they are
+made and held while an instance (re)starts; a hot restart reverts if the new
+instance fails; calls in flight when an actor's process dies fail with
+:class:`~phalanx.ActorDiedError`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from ..actors.events import ActorEvent as Event
+from ..actors.events import Failed, RestartFailed, Started
+from ..actors.system import settle_call
+from ..core.actors import (
+    TERMINAL,
+    advance,
+    check_spawn,
+    died_here,
+    end,
+    fail_calls,
+    least_loaded,
+    may_restart,
+    reply_of,
+    return_type,
+)
+from ..core.tasks import Delivery, Job
+from ..errors import ActorDiedError, TaskTimeoutError
+from ..policy import DEFAULT_TAG
+from ..registry.actors import actor_name_of
+from ..transport.codec import convert, encode
+from ..transport.messages import ActorCall, ActorEvent, ActorState, SaveActor, SpawnActor, StopActor
+
+from .sim_jobs import HangError, SimFuture
+
+if TYPE_CHECKING:
+    from .sim import SimRuntime
+
+__all__ = ["SimActors"]
+
+# --------------------------------------------------------------------------- #
+# Actors (driver side): phalanx.actors.system's waits, on the scheduler;
+# the lifecycle, supervision and placement are phalanx.core.actors'
+# --------------------------------------------------------------------------- #
+
+_TERMINAL = TERMINAL
+#: virtual seconds a spawn, restart or save may take before it fails
+ACTOR_TIMEOUT = 60.0
+
+
+class _SimActor:
+    def __init__(self, actor_id: int, cls_name: str, cls: type | None, args: list[Any],
+                 kwargs: dict[str, Any] | None, name: str | None, detached: bool, policy: str,
+                 every: int, interval: float) -> None:
+        self.id = actor_id
+        self.cls_name = cls_name
+        self.cls = cls
+        self.args = args
+        self.kwargs = kwargs
+        self.name = name
+        self.detached = detached
+        self.policy = policy
+        self.every = every
+        self.interval = interval
+        self.state = "starting"
+        #: the worker tag it keeps to across restarts
+        self.tag = DEFAULT_TAG
+        self.instance = 0
+        self.worker = b""
+        self.job: Job | None = None
+        self.seqs = itertools.count()
+        self.futures: dict[int, tuple[SimFuture[Any], str]] = {}
+        self.held: deque[tuple[int, str, list[Any], dict[str, Any] | None]] = deque()
+        self.events: list[Event] = []
+        self.checkpoint: Any = None
+        self.has_checkpoint = False
+        self.restarts: deque[float] = deque()
+        #: the death of the old instance's process, seen during a hot restart
+        self.lost: ActorDiedError | None = None
+        self.refs = 0
+        self.calls = 0
+        self.stop_when_running = False
+
+    def take_lost(self) -> ActorDiedError | None:
+        """The death of the old instance's process noted during a hot restart (then cleared)."""
+        lost, self.lost = self.lost, None
+        return lost
+
+
+class SimActors:
+    """The actor system of a SimRuntime; duck-types ``phalanx.actors.system.ActorSystem`` for ``ActorRef``."""
+
+    def __init__(self, sim: SimRuntime, max_restarts: int = 3, restart_window: float = 60.0) -> None:
+        self.sim = sim
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.actors: dict[int, _SimActor] = {}
+        self.by_instance: dict[int, _SimActor] = {}
+        self.names: dict[str, _SimActor] = {}
+        self.ids = itertools.count(1)
+        self.instances = itertools.count(1)
+        self.nonces = itertools.count(1)
+        #: (kind, number) -> (worker it waits on, callback)
+        self.waiting: dict[tuple[str, int], tuple[bytes, Callable[[Any], None]]] = {}
+        self.homeless: deque[_SimActor] = deque()
+
+    # ---- spawning ---------------------------------------------------------------
+
+    def spawn(self, cls: type | str, args: tuple[Any, ...], kwargs: dict[str, Any], *, on: str | None,
+              name: str | None, detached: bool, restart_policy: str, checkpoint_every: int,
+              checkpoint_interval: float, timeout: float | None) -> _SimActor:
+        check_spawn(restart_policy, detached, name)
+        cls_name = actor_name_of(cls)
+        encode([list(args), kwargs], f"the arguments of {cls_name}")
+        actor = _SimActor(next(self.ids), cls_name, cls if isinstance(cls, type) else None, list(args),
+                          kwargs or None, name, detached, restart_policy, checkpoint_every, checkpoint_interval)
+        if name is not None:
+            if name in self.names and self.names[name].state not in _TERMINAL:
+                raise ValueError(f"an actor named {name!r} already exists")
+            self.names[name] = actor
+        self.actors[actor.id] = actor
+        actor.job = self.sim._open_job(f"{cls_name} (actor {actor.id})", self._deliver_for(actor),
+                                       self._fail_for(actor))
+        worker = self._place(on, exclude=None)
+        held = self.sim._workers[worker].tags
+        actor.tag = on if on is not None and on in held else DEFAULT_TAG if DEFAULT_TAG in held else held[0]
+        box: list[BaseException | None] = []
+        self._start(actor, worker, False, None, box.append, timeout)
+        self._wait(box, timeout, f"actor {actor.id} to start")
+        error = box[0]
+        if error is not None:
+            self._end(actor, "failed", error)
+            raise error
+        self._emit(actor, Started(worker.decode()))
+        self._flush(actor)
+        return actor
+
+    def _wait(self, box: list[Any], timeout: float | None, what: str) -> None:
+        try:
+            self.sim._wait_for(lambda: bool(box), ACTOR_TIMEOUT if timeout is None else timeout, what)
+        except TimeoutError:
+            pass
+        if not box:
+            box.append(TaskTimeoutError(f"timed out waiting for {what}"))
+
+    def _place(self, on: str | None, exclude: bytes | None, tag: str = DEFAULT_TAG) -> bytes:
+        """A live worker: the one named ``on``, else one of the tag ``on`` (or ``tag``), least loaded."""
+        live = self.sim._live_workers()
+        if on is not None and on.encode() in live:
+            return on.encode()
+        tag = on if on is not None else tag
+        live = {w.ident: len(w.inflight) for w in self.sim._live if tag in w.tags}
+        if not live:
+            raise LookupError(f"no live worker or worker of tag {tag!r}; live: {self.sim.worker_tags()}")
+        return least_loaded(live, [a.worker for a in self.actors.values() if a.state not in _TERMINAL], exclude)
+
+    def _start(self, actor: _SimActor, worker: bytes, restored: bool, state: Any,
+               done: Callable[[BaseException | None], None], timeout: float | None) -> None:
+        """Create a new instance on ``worker``; ``done(None)`` once started, else ``done(error)``."""
+        instance = next(self.instances)
+        key = ("event", instance)
+        self.by_instance[instance] = actor
+        finished: list[bool] = []
+        timer: list[list[bool]] = []
+
+        def answer(value: Any) -> None:
+            if finished:
+                return
+            finished.append(True)
+            if timer:
+                self.sim._cancel(timer[0])
+            self.waiting.pop(key, None)
+            kind, error = value
+            if kind != "started":
+                done(error if error is not None else ActorDiedError("the actor failed to start"))
+                return
+            old_worker, old_instance = actor.worker, actor.instance
+            actor.worker, actor.instance = worker, instance
+            actor.state = advance(actor.state, "started")
+            if old_instance and old_worker:
+                self.sim._send_to(old_worker, encode(StopActor(old_instance, quiet=True)))
+            done(None)
+
+        self.waiting[key] = (worker, answer)
+        msg = SpawnActor(instance, actor.cls_name, actor.args, actor.kwargs, state, restored,
+                         actor.every, actor.interval)
+        if not self.sim._send_to(worker, encode(msg, f"the state of actor {actor.id}")):
+            answer(("failed", ActorDiedError(f"worker {worker.decode()} is gone")))
+            return
+        limit = ACTOR_TIMEOUT if timeout is None else timeout
+        timer.append(self.sim._timer(
+            limit, f"actor {actor.id} start timeout",
+            lambda: answer(("failed", TaskTimeoutError(f"timed out waiting for actor {actor.id} to start")))))
+
+    # ---- calls ------------------------------------------------------------------
+
+    def _deliver_for(self, actor: _SimActor) -> Callable[[int, Delivery], None]:
+        def deliver(seq: int, outcome: Delivery) -> None:
+            entry = actor.futures.pop(seq, None)
+            actor.calls += 1
+            if entry is not None:
+                fut, method = entry
+                settle_call(fut, outcome, self.convert_result, actor, method)
+
+        return deliver
+
+    def _fail_for(self, actor: _SimActor) -> Callable[[BaseException], None]:
+        def fail(exc: BaseException) -> None:
+            self._end(actor, "failed", exc, emit=False)
+
+        return fail
+
+    def call(self, actor: _SimActor, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SimFuture[Any]:
+        if method.startswith("_"):
+            raise AttributeError(f"actor methods starting with '_' cannot be called remotely: {method!r}")
+        fut: SimFuture[Any] = self.sim._future()
+        fut.set_running_or_notify_cancel()
+        a, kw = list(args), kwargs or None
+        encode([a, kw], f"the arguments of {actor.cls_name}.{method}")
+        if actor.state in _TERMINAL:
+            fut.set_exception(ActorDiedError(f"actor {actor.id} ({actor.cls_name}) is {actor.state}"))
+            return fut
+        seq = next(actor.seqs)
+        actor.futures[seq] = (fut, method)
+        actor.held.append((seq, method, a, kw))
+        if actor.state == "running":
+            self._flush(actor)
+        return fut
+
+    def _flush(self, actor: _SimActor) -> None:
+        job = actor.job
+        assert job is not None
+        while actor.held and actor.state in ("running", "stopping"):
+            seq, method, a, kw = actor.held.popleft()
+            msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
+            if not self.sim._submit_directed(job, msg, encode(msg), actor.worker):
+                entry = actor.futures.pop(seq, None)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_exception(ActorDiedError(f"the worker of actor {actor.id} is gone"))
+        if actor.stop_when_running and actor.state == "running":
+            actor.stop_when_running = False
+            self._stop_now(actor)
+
+    def _emit(self, actor: _SimActor, event: Event) -> None:
+        actor.events.append(event)
+        self.sim._record("event", actor.id, type(event).__name__)
+
+    # ---- restart --------------------------------------------------------------------
+
+    def restart(self, actor: _SimActor, on: str | None, timeout: float | None) -> bool:
+        if actor.state != "running":
+            raise ActorDiedError(f"actor {actor.id} is {actor.state}; only a running actor restarts")
+        actor.state = advance(actor.state, "restart")
+        actor.lost = None
+        old_worker, old_instance = actor.worker, actor.instance
+        nonce = next(self.nonces)
+        saved: list[tuple[Any, BaseException | None]] = []
+        key = ("state", nonce)
+        self.waiting[key] = (old_worker, saved.append)
+        if not self.sim._send_to(old_worker, encode(SaveActor(old_instance, nonce))):
+            saved.append((None, ActorDiedError(f"worker {old_worker.decode()} is gone")))
+        else:
+            self._wait(saved, timeout, f"actor {actor.id} to save")
+        self.waiting.pop(key, None)
+        first = saved[0]
+        state, error = first if isinstance(first, tuple) else (None, first)
+        if error is None:
+            try:
+                target = self._place(on, exclude=old_worker, tag=actor.tag)
+            except BaseException as exc:
+                error = exc
+            else:
+                box: list[BaseException | None] = []
+                self._start(actor, target, True, state, box.append, timeout)
+                self._wait(box, timeout, f"actor {actor.id} to start")
+                error = box[0]
+                if error is None:
+                    actor.lost = None  # the new instance took over: the old one is moot
+                    actor.checkpoint, actor.has_checkpoint = state, True
+                    self._emit(actor, Started(target.decode(), restored=True))
+                    self._flush(actor)
+                    return True
+        died = actor.take_lost()
+        if died is None:
+            if actor.state == "restarting" and self.sim._is_live(old_worker):
+                actor.state = advance(actor.state, "revert")
+                self._emit(actor, RestartFailed(error))
+                self._flush(actor)
+                return False
+            self._end(actor, "failed", error)
+            return False
+        # The old instance's process died meanwhile: nothing to revert to; supervise that death.
+        lost = ActorDiedError(f"{died}, during a hot restart that could not take over: {error}")
+        lost.__cause__ = error
+        self._instance_died(actor, lost)
+        self.rehome()
+        return False
+
+    # ---- ending -------------------------------------------------------------------
+
+    def stop(self, actor: _SimActor) -> None:
+        if actor.state in _TERMINAL or actor.state == "stopping":
+            return
+        if actor.state != "running":
+            try:
+                self.sim._wait_for(lambda: actor.state not in ("starting", "restarting"), ACTOR_TIMEOUT,
+                                   f"actor {actor.id} to be running")
+            except TimeoutError:
+                return
+        if actor.state != "running":
+            return
+        self._stop_now(actor)
+
+    def _stop_now(self, actor: _SimActor) -> None:
+        self._flush(actor)
+        actor.state = advance(actor.state, "stop")
+        if not self.sim._send_to(actor.worker, encode(StopActor(actor.instance))):
+            self._end(actor, "stopped", None)
+
+    def join(self, actor: _SimActor, timeout: float | None) -> None:
+        try:
+            self.sim._wait_for(lambda: actor.state in _TERMINAL, timeout, f"actor {actor.id} to end")
+        except HangError:
+            raise
+        except TimeoutError:
+            raise TaskTimeoutError(f"actor {actor.id} is still {actor.state}") from None
+
+    def _end(self, actor: _SimActor, state: str, error: BaseException | None, emit: bool = True) -> None:
+        if actor.state in _TERMINAL:
+            return
+        futures, event = end(actor, state, error)
+        if emit:
+            self._emit(actor, event)
+        fail_calls(actor, futures, state)
+        if actor.job is not None:
+            self.sim._close_job(actor.job)
+
+    def events(self, actor: _SimActor, timeout: float | None) -> Iterator[Event]:
+        index = 0
+        while True:
+            if len(actor.events) <= index and actor.state not in _TERMINAL:
+                try:
+                    self.sim._wait_for(lambda: len(actor.events) > index or actor.state in _TERMINAL, timeout,
+                                       f"an event from actor {actor.id}")
+                except TimeoutError:
+                    raise TaskTimeoutError(f"no event from actor {actor.id} within {timeout} s") from None
+            batch = actor.events[index:]
+            done = actor.state in _TERMINAL
+            yield from batch
+            index += len(batch)
+            if done and index >= len(actor.events):
+                return
+
+    def retain(self, actor: _SimActor) -> None:
+        actor.refs += 1
+
+    def release(self, actor: _SimActor) -> None:
+        actor.refs -= 1
+        if actor.refs <= 0 and not actor.detached and not self.sim._closed:
+            if actor.state == "running":
+                self._stop_now(actor)
+            elif actor.state in ("starting", "restarting"):
+                actor.stop_when_running = True
+
+    def get(self, name: str) -> _SimActor:
+        actor = self.names.get(name)
+        if actor is None or actor.state in _TERMINAL:
+            raise LookupError(f"no actor named {name!r}")
+        return actor
+
+    # ---- messages from workers ------------------------------------------------------
+
+    def on_message(self, worker: bytes, msg: ActorEvent | ActorState) -> None:
+        what, number, value = reply_of(msg)
+        if what in ("checkpoint", "stopped", "nothing"):
+            actor = self.by_instance.get(number)
+            if actor is None:
+                return
+            if what == "stopped":
+                self._end(actor, "stopped", None)
+            elif what == "checkpoint" and self.sim._is_live(worker):
+                if actor.instance == number and actor.worker == worker:
+                    actor.checkpoint, actor.has_checkpoint = value, True
+            return
+        key = (what, number)
+        waiting = self.waiting.pop(key, None)
+        if waiting is not None:
+            waiting[1](value)
+
+    def on_worker_exit(self, worker_id: str, exitcode: int | None) -> None:
+        ident = worker_id.encode()
+        gone = ActorDiedError(f"worker {worker_id} died (exit code {exitcode})")
+        for key, (on, callback) in list(self.waiting.items()):
+            if on == ident:
+                del self.waiting[key]
+                callback((None, gone) if key[0] == "state" else ("failed", gone))
+        hosted = [a for a in self.actors.values() if a.worker == ident and a.state not in _TERMINAL]
+        for actor in hosted:
+            died = died_here(actor, worker_id, exitcode)
+            if actor.state == "restarting":
+                actor.lost = died  # a hot restart in progress settles the loss itself
+                continue
+            self._instance_died(actor, died)
+        self.rehome()
+
+    def _instance_died(self, actor: _SimActor, died: ActorDiedError) -> None:
+        """Queue a supervised restart of ``actor``, or end it as failed (then call :meth:`rehome`)."""
+        if actor.policy != "on-failure" or not may_restart(
+                actor.restarts, self.sim.now, self.max_restarts, self.restart_window):
+            self._end(actor, "failed", died)
+            return
+        actor.state = advance(actor.state, "died")
+        self._emit(actor, Failed(died, final=False))
+        self.homeless.append(actor)
+
+    def rehome(self) -> None:
+        while self.homeless and self.sim._live_workers():
+            actor = self.homeless.popleft()
+            try:
+                worker = self._place(None, exclude=None, tag=actor.tag)
+            except BaseException as exc:
+                self._end(actor, "failed", exc)
+                continue
+
+            def done(error: BaseException | None, actor: _SimActor = actor, worker: bytes = worker) -> None:
+                if error is not None:
+                    self._end(actor, "failed", error)
+                    return
+                self._emit(actor, Started(worker.decode(), restored=actor.has_checkpoint))
+                self._flush(actor)
+
+            self._start(actor, worker, actor.has_checkpoint, actor.checkpoint, done, None)
+
+    # ---- inspect ----------------------------------------------------------------------
+
+    def nodes(self) -> dict[bytes, list[tuple[_SimActor, int]]]:
+        out: dict[bytes, list[tuple[_SimActor, int]]] = {}
+        for a in self.actors.values():
+            if a.state not in _TERMINAL:
+                out.setdefault(a.worker, []).append((a, a.instance))
+        return out
+
+    def convert_result(self, actor: _SimActor, method: str, value: Any) -> Any:
+        typ = return_type(actor.cls, method)
+        if typ is Any:
+            return value
+        try:
+            return convert(value, typ)
+        except Exception:
+            return value
+
+
+# --------------------------------------------------------------------------- #
