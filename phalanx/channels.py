@@ -169,7 +169,8 @@ def _closed_error(status: int, lease: int) -> ChannelClosedError:
 class _Location:
     """How ends in this process reach one driver's broker."""
 
-    __slots__ = ("endpoint", "curve", "prefix", "alive", "release", "released", "limits", "count", "share", "pid")
+    __slots__ = ("endpoint", "curve", "prefix", "alive", "release", "released", "limits", "count", "share", "pid",
+                 "connect")
 
     def __init__(
         self,
@@ -182,6 +183,7 @@ class _Location:
         limits: sockets.Limits | None = None,
         count: Callable[[int, int], None] | None = None,
         share: Callable[[int], None] | None = None,
+        connect: Callable[[_Location], _Conn] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.curve = curve
@@ -195,6 +197,8 @@ class _Location:
         #: in the driver: an end was made (+1) or closed or collected (-1); an end was encoded
         self.count = count
         self.share = share
+        #: makes an end's connection (None: a DEALER socket; SimRuntime links ends to its broker in process)
+        self.connect = connect
         self.pid = os.getpid()
 
 
@@ -239,13 +243,17 @@ def register_driver(
     limits: sockets.Limits | None = None,
     count: Callable[[int, int], None] | None = None,
     share: Callable[[int], None] | None = None,
+    connect: Callable[[_Location], _Conn] | None = None,
 ) -> None:
     """In the driver (the broker): ends of leases ``key << LEASE_SHIFT + n`` reach it at ``endpoint``.
 
     ``count(lease, +1 / -1)`` hears of every end made, and closed or
-    collected, in this process; ``share(lease)`` of every end encoded here.
+    collected, in this process; ``share(lease)`` of every end encoded here;
+    ``connect(location)``, if given, makes an end's connection instead of a
+    DEALER socket (:class:`~phalanx.testing.SimRuntime`).
     """
-    _drivers[key] = _Location(endpoint, None, b"d%d" % os.getpid(), alive, release, released, limits, count, share)
+    _drivers[key] = _Location(endpoint, None, b"d%d" % os.getpid(), alive, release, released, limits, count, share,
+                              connect)
 
 
 def _in_driver(lease: int) -> _Location | None:
@@ -261,10 +269,12 @@ def unregister_driver(key: int) -> None:
 
 def _locate(lease: int) -> _Location:
     pid = os.getpid()
-    where = _worker_at
-    if where is not None and where.pid == pid:
-        return where
     where = _drivers.get(lease >> LEASE_SHIFT)
+    if where is not None and where.pid == pid and where.connect is not None:
+        return where  # a simulated runtime's lease: its ends are in this process, in its workers too
+    inside = _worker_at
+    if inside is not None and inside.pid == pid:
+        return inside
     if where is not None and where.pid == pid:
         return where
     raise RuntimeClosedError(
@@ -352,6 +362,11 @@ class _Conn:
             except zmq.ZMQError:
                 pass
         sock.close(linger=linger)
+
+
+def _open(where: _Location) -> _Conn:
+    """A connection for an end: a DEALER socket, or what the location makes instead."""
+    return _Conn(where) if where.connect is None else where.connect(where)
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -458,7 +473,7 @@ class Sender(_End, Generic[T]):
     def _connect(self) -> _Conn:
         conn = self._conn
         if conn is None:
-            conn = self._conn = _Conn(_locate(self._lease))
+            conn = self._conn = _open(_locate(self._lease))
             # Dropped without close(): let ZeroMQ deliver the last sends, never block.
             self._finalizer = weakref.finalize(self, conn.close, None, _GOODBYE_LINGER)
             self._finalizer.atexit = False
@@ -684,7 +699,7 @@ class Receiver(_End, Generic[T]):
     def _connect(self) -> _Conn:
         conn = self._conn
         if conn is None:
-            conn = self._conn = _Conn(_locate(self._lease))
+            conn = self._conn = _open(_locate(self._lease))
             self._finalizer = weakref.finalize(self, _drop_receiver, conn, self._lease, self._sub, self._acks)
             self._finalizer.atexit = False
         return conn
