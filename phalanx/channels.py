@@ -108,30 +108,17 @@ __all__ = [
     "close_all",
 ]
 
+# Defined beside the broker's state (no I/O there); public here.
+from .core.channels import LEASE_SHIFT, MAX_PREFETCH, Broadcast, ChannelKind, ExactlyOnce  # noqa: E402
+
 T = TypeVar("T")
 
-
-class ChannelKind(enum.Enum):
-    """How a lease delivers its messages (see :meth:`phalanx.Runtime.lease`)."""
-
-    #: each message goes to exactly one receiver: receivers share the work
-    EXACTLY_ONCE = "exactly_once"
-    #: each message goes to every subscription, in send order
-    BROADCAST = "broadcast"
-
-
-ExactlyOnce = ChannelKind.EXACTLY_ONCE
-Broadcast = ChannelKind.BROADCAST
 
 _KINDS = (ExactlyOnce, Broadcast)
 _KIND_CODE = {ExactlyOnce: 0, Broadcast: 1}
 
-#: a lease id is ``base + n``; ``id >> LEASE_SHIFT`` names its runtime within the driver process
-LEASE_SHIFT = 32
 #: sends a sender has in flight before ``send`` waits for the broker's acks
 SEND_WINDOW = 64
-#: most unacked messages one receiver may hold
-MAX_PREFETCH = 10_000
 #: seconds between checks of the deadline and of the runtime while an end waits
 _SLICE = 0.1
 #: milliseconds the socket of an end dropped without close() keeps its last frames (a

@@ -10,6 +10,8 @@ sequence of calls.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -614,3 +616,17 @@ def test_channel_state_broadcasts_every_message_to_every_subscription_and_probes
     assert not state.idle(PROBE_EVERY)
     pinged = {who for who, msg in state.flush(PROBE_EVERY) if type(msg).__name__ == "ChanPing"}
     assert pinged == {b"d1~1", b"d1~2"}
+
+
+def test_importing_the_core_loads_no_socket_library() -> None:
+    # The direct-import check above misses what an imported phalanx module pulls in. (The
+    # standard library's socket comes with concurrent.futures.process, whose
+    # BrokenProcessPool phalanx's errors subclass; ZeroMQ must not come at all.)
+    code = (
+        "import sys\n"
+        "import phalanx.core, phalanx.core.channels, phalanx.core.actors, phalanx.core.execute\n"
+        "import phalanx.core.outcomes, phalanx.core.routing, phalanx.core.tasks, phalanx.core.window\n"
+        "print(sorted(m for m in sys.modules if m == 'zmq' or m.startswith('zmq.')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

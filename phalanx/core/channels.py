@@ -38,10 +38,10 @@ host keeps its part):
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from typing import Any, Protocol
 
-from ..channels import LEASE_SHIFT, MAX_PREFETCH, Broadcast, ChannelKind, ExactlyOnce
 from ..transport.messages import (
     CHAN_CLOSED,
     CHAN_OK,
@@ -60,7 +60,28 @@ from ..transport.messages import (
     ChanSubscribe,
 )
 
-__all__ = ["ChannelState", "Counters", "PROBE_EVERY", "MAX_SUBSCRIPTIONS", "MAX_DEAD"]
+__all__ = [
+    "ChannelState", "Counters", "PROBE_EVERY", "MAX_SUBSCRIPTIONS", "MAX_DEAD",
+    "ChannelKind", "ExactlyOnce", "Broadcast", "LEASE_SHIFT", "MAX_PREFETCH",
+]
+
+
+class ChannelKind(enum.Enum):
+    """How a lease delivers its messages (see :meth:`phalanx.Runtime.lease`)."""
+
+    #: each message goes to exactly one receiver: receivers share the work
+    EXACTLY_ONCE = "exactly_once"
+    #: each message goes to every subscription, in send order
+    BROADCAST = "broadcast"
+
+
+ExactlyOnce = ChannelKind.EXACTLY_ONCE
+Broadcast = ChannelKind.BROADCAST
+
+#: a lease id is ``base + n``; ``id >> LEASE_SHIFT`` names its runtime within the driver process
+LEASE_SHIFT = 32
+#: most unacked messages one receiver may hold
+MAX_PREFETCH = 10_000
 
 #: seconds a receiver holding messages may stay quiet before the broker checks it is there
 PROBE_EVERY = 1.0
