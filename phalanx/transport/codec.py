@@ -344,6 +344,22 @@ def _pickle(value: Any) -> bytes:
         raise EncodeError(f"cannot pickle {type(value).__name__}: {exc}") from exc
 
 
+def _encode_shm(msg: Any) -> bytes:
+    """``msg`` with its large arrays in shared-memory segments; a failed attempt removes
+    the segments it wrote (a plain call and no context manager: this runs per task)."""
+    try:
+        try:
+            frame = _shm_encoder.encode(msg)
+        except OverflowError:
+            _shm.discard_written()
+            frame = _shm_encoder.encode(_bigints(msg))
+    except BaseException:
+        _shm.discard_written()
+        raise
+    _shm.keep_written()
+    return frame
+
+
 def _encode_plain(value: Any) -> bytes:
     try:
         return _encoder.encode(value)
@@ -452,12 +468,7 @@ def encode(msg: Any, what: str = "message", name: str = "", pickled: bool = Fals
         if packer is not None:
             msg = packer(msg, pickled)
         if type(msg) in _SHM_MESSAGES and _shm.threshold():
-            try:
-                with _shm.writing():  # a failed attempt removes the segments it wrote
-                    return _shm_encoder.encode(msg)
-            except OverflowError:
-                with _shm.writing():
-                    return _shm_encoder.encode(_bigints(msg))
+            return _encode_shm(msg)
         return _encode_plain(msg)
     except EncodeError as exc:  # from pack: a value that could not be pickled
         raise EncodeError(f"cannot encode {what.format(name) if name else what}: {exc}") from exc.__cause__

@@ -67,7 +67,8 @@ __all__ = [
     "release_orphaned",
     "ours",
     "peeking",
-    "writing",
+    "discard_written",
+    "keep_written",
     "SegmentRef",
 ]
 
@@ -236,22 +237,20 @@ def release_orphaned() -> None:
                 pass
 
 
-@contextmanager
-def writing() -> Iterator[None]:
-    """Around one message's encoding: if it fails, the segments it wrote are removed."""
-    written: list[str] = []
-    _peek.written = written
-    try:
-        yield
-    except BaseException:
-        for name in written:
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-            except OSError:
-                pass
-        raise
-    finally:
-        _peek.written = None
+def discard_written() -> None:
+    """A message failed to encode (this thread): remove the segments it wrote."""
+    written = getattr(_peek, "written", None)
+    _peek.written = None
+    for name in written or ():
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except OSError:
+            pass
+
+
+def keep_written() -> None:
+    """A message was encoded (this thread): the segments it wrote are its receiver's now."""
+    _peek.written = None
 
 
 def write_array(array: Any) -> bytes | None:
@@ -283,8 +282,9 @@ def write_array(array: Any) -> bytes | None:
         return None
     os.close(fd)
     written = getattr(_peek, "written", None)
-    if written is not None:
-        written.append(name)
+    if written is None:  # the first segment of the message being encoded
+        written = _peek.written = []
+    written.append(name)
     header = msgspec.msgpack.encode((name, array.dtype.str, array.shape))
     return _LEN.pack(len(header)) + header
 
