@@ -1732,6 +1732,13 @@ class Driver:
             w.pid = msg.pid
             w.hello = True
             self._welcome_locked(w)
+            if w.welcomed and w.pipe is not None and not self._control.closed:
+                # Its SUB connected early in its start-up (usually by now): a Sync at once
+                # spares the local worker the wait for the next one the pump publishes.
+                try:
+                    self._control.send(encode(Sync(next(self._sync_nonce))), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # the pump publishes the next one within 1 ms
 
     def _on_ready(self, ident: bytes, msg: Ready) -> None:
         with self._lock:
