@@ -1,8 +1,12 @@
 """The channel broker: the driver's side of ``rt.lease(kind)`` channels.
 
-Runs in the driver process. It owns the state of every lease; the ends
-(:mod:`phalanx.channels`) are handles that talk to it over the results
-ROUTER, from any process of the runtime. Threads and what they do::
+Runs in the driver process. It hosts the state of every lease, the core's
+:class:`~phalanx.core.channels.ChannelState` (which decides who gets which
+message and what is redelivered; :class:`~phalanx.testing.SimRuntime` runs
+the same state on its virtual clock); the broker adds the lock, the clock,
+decoding and the sockets. The ends (:mod:`phalanx.channels`) are handles
+that talk to it over the results ROUTER, from any process of the runtime.
+Threads and what they do::
 
     pump thread ──── a frame from an identity with "~" ──▶ Broker.handle: decode, update,
                                                             queue the answers          [broker lock]
@@ -71,7 +75,6 @@ Invariants kept:
 
 from __future__ import annotations
 
-import itertools
 import secrets
 import threading
 import time
@@ -79,37 +82,18 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .channels import (
-    LEASE_SHIFT,
     MAX_PREFETCH,
     SEND_WINDOW,
-    Broadcast,
     ChannelKind,
-    ExactlyOnce,
     Lease,
     Receiver,
     Sender,
     register_driver,
     unregister_driver,
 )
+from .core.channels import PROBE_EVERY, ChannelState
 from .errors import ProtocolError, RuntimeClosedError
 from .transport.codec import decode_broker, encode
-from .transport.messages import (
-    CHAN_CLOSED,
-    CHAN_OK,
-    CHAN_RELEASED,
-    CHAN_UNKNOWN,
-    CHAN_UNSUBSCRIBED,
-    ChanAck,
-    ChanClose,
-    ChanDeliver,
-    ChanDetach,
-    ChanEnd,
-    ChanPing,
-    ChanPull,
-    ChanReply,
-    ChanSend,
-    ChanSubscribe,
-)
 
 if TYPE_CHECKING:
     from .driver import Driver
@@ -118,90 +102,20 @@ __all__ = ["Broker", "broker_of", "lease", "DEFAULT_CAPACITY", "PROBE_EVERY"]
 
 #: unconsumed messages a lease holds before sends wait (default of ``rt.lease``)
 DEFAULT_CAPACITY = 10_000
-#: seconds a receiver holding messages may stay quiet before the broker checks it is there
-PROBE_EVERY = 1.0
-#: subscriptions one Broadcast lease may have
-MAX_SUBSCRIPTIONS = 10_000
-#: dead workers remembered (their late frames are ignored)
-MAX_DEAD = 10_000
-
-
-class _Sub:
-    __slots__ = ("id", "queue", "order", "held")
-
-    def __init__(self, sub_id: int) -> None:
-        self.id = sub_id
-        self.queue: deque[tuple[int, bytes]] = deque()
-        #: identities of its receivers, in round-robin order
-        self.order: deque[bytes] = deque()
-        #: messages its receivers hold unacked
-        self.held = 0
-
-
-class _End:
-    """A receiver end, by routing identity."""
-
-    __slots__ = ("ident", "lease", "sub", "window", "unacked", "seen", "lost")
-
-    def __init__(self, ident: bytes, lease: int, sub: int) -> None:
-        self.ident = ident
-        self.lease = lease
-        self.sub = sub
-        self.window = 0
-        self.unacked: dict[int, bytes] = {}
-        self.seen = time.monotonic()
-        #: a send to it failed: out of its subscription's order, what it holds kept until dropped
-        self.lost = False
-
-
-class _Lease:
-    __slots__ = ("id", "kind", "capacity", "closed", "subs", "next_id", "deferred", "ends", "shared")
-
-    def __init__(self, lease_id: int, kind: ChannelKind, capacity: int) -> None:
-        self.id = lease_id
-        self.kind = kind
-        self.capacity = capacity
-        self.closed = False
-        self.subs: dict[int, _Sub] = {}
-        self.next_id = 1
-        #: (sender identity, seq) of sends queued while the lease was over capacity: acked later
-        self.deferred: deque[tuple[bytes, int]] = deque()
-        #: its ends alive in the driver process (counted as the pump learns of them)
-        self.ends = 0
-        #: an end of it was encoded (passed to an operation or actor, sent, returned): copies may live elsewhere
-        self.shared = False
-
-    def backlog(self) -> int:
-        subs = self.subs
-        if not subs:
-            return 0
-        return max(len(s.queue) + s.held for s in subs.values())
 
 
 class Broker:
-    """Every lease of one driver (see the module docstring)."""
+    """Every lease of one driver: the core's :class:`ChannelState` behind a lock, on the driver's sockets."""
 
     def __init__(self, driver: Driver) -> None:
         self._driver = driver
         self._lock = threading.Lock()
-        self._base = secrets.randbits(30) + 1
-        self._issued = 0
-        self._leases: dict[int, _Lease] = {}
-        self._ends: dict[bytes, _End] = {}
-        #: identity prefixes (worker ids) of dead workers -> when they died
-        self._dead: dict[bytes, float] = {}
-        self._out: list[tuple[bytes, Any]] = []
-        #: coalesced send acks, one per sender identity: (lease, seq)
-        self._acks: dict[bytes, tuple[int, int]] = {}
-        #: receivers found unreachable by the last flush: dropped by the next unless heard from
-        self._lost: list[_End] = []
-        self._probed = 0.0
-        #: leases released by release() (bit n: the n-th issued): a late end hears "released", else "closed"
-        self._released_bits = bytearray()
+        self.state = ChannelState(secrets.randbits(30) + 1, driver)
+        self._base = self.state.base
         #: (lease, +1 or -1): ends made, and closed or collected, in the driver (any thread, no lock)
         self._counts: deque[tuple[int, int]] = deque()
         register_driver(self._base, driver.endpoints.results, lambda: not driver.closed, self.release,
-                        self._released, driver.limits, self._count, self._share)
+                        self.state.released, driver.limits, self._count, self.state.share)
         driver.exit_listeners.append(self.worker_exited)
 
     def close(self) -> None:
@@ -214,25 +128,12 @@ class Broker:
         """A new lease: (its id, the id of its first subscription)."""
         with self._lock:
             self._driver.check_open()
-            self._issued += 1
-            lease_id = (self._base << LEASE_SHIFT) + self._issued
-            lease = self._leases[lease_id] = _Lease(lease_id, kind, capacity)
-            sub = 0 if kind is ExactlyOnce else 1
-            lease.subs[sub] = _Sub(sub)
-            return lease_id, sub
+            return self.state.open(kind, capacity)
 
     def release(self, lease_id: int) -> None:
         """Drop the lease: its receivers end at once, what it queued is dropped and counted."""
         with self._lock:
-            lease = self._leases.get(lease_id)
-            if lease is None:
-                return
-            n = lease_id - (self._base << LEASE_SHIFT)
-            bits = self._released_bits
-            if len(bits) <= n >> 3:
-                bits.extend(bytes((n >> 3) + 1 - len(bits)))
-            bits[n >> 3] |= 1 << (n & 7)
-            self._free(lease, CHAN_RELEASED)
+            self.state.release(lease_id)
         self._driver.wake()
 
     def _count(self, lease_id: int, change: int) -> None:
@@ -247,25 +148,12 @@ class Broker:
         if change < 0:
             self._driver.wake()
 
-    def _share(self, lease_id: int) -> None:
-        """An end of ``lease_id`` was encoded: it may live on outside the driver (any thread)."""
-        lease = self._leases.get(lease_id)
-        if lease is not None:
-            lease.shared = True
-
     # ---- supervisor thread -----------------------------------------------------------
 
     def worker_exited(self, worker_id: str, exitcode: int | None) -> None:
         """A worker died: what its receivers held goes back to the front of their queues."""
-        prefix = worker_id.encode()
         with self._lock:
-            if len(self._dead) >= MAX_DEAD:
-                for old in sorted(self._dead, key=self._dead.__getitem__)[: MAX_DEAD // 2]:
-                    del self._dead[old]
-            self._dead[prefix] = time.monotonic()
-            gone = [e for ident, e in self._ends.items() if ident.rpartition(b"~")[0] == prefix]
-            for end in gone:
-                self._drop_end(end)
+            gone = self.state.worker_exited(worker_id.encode(), time.monotonic())
         if gone:
             self._driver.wake()
 
@@ -279,22 +167,7 @@ class Broker:
             self._driver.frames_dropped += 1
             return
         with self._lock:
-            end = self._ends.get(ident)
-            if end is not None and end.lost:
-                self._reinstate(end)  # still there, or its last frames: what they ack must count
-            lease = self._leases.get(msg.lease)
-            if lease is None:
-                self._no_lease(ident, msg)
-            elif isinstance(msg, ChanSend):
-                self._on_send(lease, ident, msg)
-            elif isinstance(msg, ChanPull):
-                self._on_pull(lease, ident, msg)
-            elif isinstance(msg, ChanDetach):
-                self._on_detach(lease, ident, msg)
-            elif isinstance(msg, ChanSubscribe):
-                self._on_subscribe(lease, ident, msg)
-            else:
-                self._on_close(lease, ident, msg)
+            self.state.handle(ident, msg, time.monotonic())
 
     def flush(self) -> None:
         """Send what is queued (pump thread, every round); probe quiet receivers that hold messages.
@@ -306,296 +179,21 @@ class Broker:
         receiver still lost then gives back what it holds.
         """
         now = time.monotonic()
-        if not self._out and not self._acks and not self._lost and not self._counts and (
-                not self._ends or now - self._probed < PROBE_EVERY):
+        state, counts = self.state, self._counts
+        if not counts and state.idle(now):
             return
         send = self._driver.send_from_pump
         with self._lock:
-            self._apply_counts()
-            lost, self._lost = self._lost, []
-            for end in lost:
-                if end.lost and self._ends.get(end.ident) is end:
-                    self._drop_end(end)  # redelivers: sent below
-            if now - self._probed >= PROBE_EVERY:
-                self._probed = now
-                self._probe(now)
-            out = self._out
-            self._out = []
-            out.extend((ident, ChanAck(lease, seq)) for ident, (lease, seq) in self._acks.items())
-            self._acks.clear()
+            while counts:
+                state.count(*counts.popleft())
+            out = state.flush(now)
         gone = [ident for ident, msg in out if not send(ident, encode(msg))]
         if not gone:
             return
         with self._lock:
-            for ident in gone:
-                found = self._ends.get(ident)
-                if found is not None and not found.lost:
-                    self._lose(found)
-            if not self._lost:
+            if not state.unreachable(gone):
                 return
         self._driver.wake()  # a next round soon: it reads what they sent, then gives back the rest
-
-    # ---- requests (broker lock held) --------------------------------------------------------
-
-    def _released(self, lease_id: int) -> bool:
-        """Was ``lease_id`` released by release() (any thread: lookups, no lock)?"""
-        if lease_id in self._leases or not self._issued_here(lease_id):
-            return False
-        n = lease_id - (self._base << LEASE_SHIFT)
-        bits = self._released_bits
-        return len(bits) > n >> 3 and bool(bits[n >> 3] & (1 << (n & 7)))
-
-    def _issued_here(self, lease_id: int) -> bool:
-        return lease_id >> LEASE_SHIFT == self._base and 0 < lease_id - (self._base << LEASE_SHIFT) <= self._issued
-
-    def _no_lease(self, ident: bytes, msg: Any) -> None:
-        """A frame for a lease that is not open: released or freed (late), or never ours (dropped).
-
-        A lease freed once closed and consumed (or once no end of it was
-        left) answers as a closed one: requests that would succeed on it
-        (close, detach, subscribe) do, sends are refused, receivers end.
-        """
-        issued = self._issued_here(msg.lease)
-        status = (CHAN_RELEASED if self._released(msg.lease) else CHAN_CLOSED) if issued else CHAN_UNKNOWN
-        if not issued:
-            self._driver.frames_dropped += 1
-        end = self._ends.pop(ident, None)
-        if end is not None:
-            self._drop_end(end)
-        if isinstance(msg, ChanSend):
-            if issued:
-                self._driver.channel_messages_dropped += 1
-            self._emit(ident, ChanAck(msg.lease, msg.seq, status))
-        elif isinstance(msg, ChanPull):
-            self._emit(ident, ChanEnd(msg.lease, msg.sub, status))
-        elif msg.nonce:  # ChanClose, ChanSubscribe, ChanDetach
-            self._emit(ident, ChanReply(msg.lease, msg.nonce, CHAN_OK if status == CHAN_CLOSED else status))
-
-    def _on_send(self, lease: _Lease, ident: bytes, msg: ChanSend) -> None:
-        if lease.closed:
-            self._driver.channel_messages_dropped += 1
-            self._emit(ident, ChanAck(lease.id, msg.seq, CHAN_CLOSED))
-            return
-        item = (lease.next_id, msg.data)
-        lease.next_id += 1
-        subs = lease.subs.values()
-        for sub in subs:
-            sub.queue.append(item)
-        if lease.deferred or lease.backlog() > lease.capacity:
-            lease.deferred.append((ident, msg.seq))  # backpressure: the sender's window fills
-        else:
-            self._acks[ident] = (lease.id, msg.seq)
-        for sub in subs:
-            self._deliver(lease, sub)
-
-    def _on_pull(self, lease: _Lease, ident: bytes, msg: ChanPull) -> None:
-        if self._dead and ident.rpartition(b"~")[0] in self._dead:
-            self._driver.frames_dropped += 1  # late, from a dead worker: what it held is redelivered
-            return
-        end = self._ends.get(ident)
-        if (end is not None and (end.lease != lease.id or end.sub != msg.sub)) or not 0 <= msg.window <= MAX_PREFETCH:
-            self._driver.frames_dropped += 1
-            return
-        sub = lease.subs.get(msg.sub)
-        if sub is None:
-            self._emit(ident, ChanEnd(lease.id, msg.sub, CHAN_UNSUBSCRIBED))
-            return
-        if end is None:
-            end = self._ends[ident] = _End(ident, lease.id, sub.id)
-            sub.order.append(ident)
-        end.seen = time.monotonic()
-        acked = self._ack(end, sub, msg.acks)
-        if msg.nacks:
-            back = [(mid, data) for mid in msg.nacks if (data := end.unacked.pop(mid, None)) is not None]
-            if back:
-                sub.held -= len(back)
-                sub.queue.extendleft(reversed(sorted(back)))
-                self._driver.channel_redelivered += len(back)
-        end.window = msg.window
-        if acked:
-            self._release_deferred(lease)
-        self._deliver(lease, sub)
-        self._check_end(lease, sub)
-        self._free_if_done(lease)
-
-    def _on_detach(self, lease: _Lease, ident: bytes, msg: ChanDetach) -> None:
-        end = self._ends.get(ident)
-        sub = lease.subs.get(msg.sub)
-        if end is not None and end.lease == lease.id and end.sub == msg.sub and sub is not None:
-            if self._ack(end, sub, msg.acks):
-                self._release_deferred(lease)
-            self._drop_end(end)
-        if msg.unsubscribe and lease.kind is Broadcast and sub is not None:
-            self._unsubscribe(lease, sub)
-        if msg.nonce:
-            self._emit(ident, ChanReply(lease.id, msg.nonce, CHAN_OK))
-        self._free_if_done(lease)
-
-    def _on_subscribe(self, lease: _Lease, ident: bytes, msg: ChanSubscribe) -> None:
-        if lease.kind is not Broadcast or msg.sub <= 1 or msg.sub in lease.subs or len(lease.subs) >= MAX_SUBSCRIPTIONS:
-            self._driver.frames_dropped += 1
-            self._emit(ident, ChanReply(lease.id, msg.nonce, CHAN_UNKNOWN))
-            return
-        lease.subs[msg.sub] = _Sub(msg.sub)
-        self._emit(ident, ChanReply(lease.id, msg.nonce, CHAN_OK))
-
-    def _on_close(self, lease: _Lease, ident: bytes, msg: ChanClose) -> None:
-        lease.closed = True
-        self._emit(ident, ChanReply(lease.id, msg.nonce, CHAN_OK))
-        for sub in lease.subs.values():
-            self._check_end(lease, sub)
-        self._free_if_done(lease)
-
-    # ---- state (broker lock held) ------------------------------------------------------------
-
-    def _emit(self, ident: bytes, msg: Any) -> None:
-        ack = self._acks.pop(ident, None)
-        if ack is not None:  # the sender's earlier acks go first
-            self._out.append((ident, ChanAck(ack[0], ack[1])))
-        self._out.append((ident, msg))
-
-    def _ack(self, end: _End, sub: _Sub, ids: list[int]) -> int:
-        unacked = end.unacked
-        acked = 0
-        for mid in ids:
-            if unacked.pop(mid, None) is not None:
-                acked += 1
-        sub.held -= acked
-        return acked
-
-    def _release_deferred(self, lease: _Lease) -> None:
-        if lease.deferred and lease.backlog() <= lease.capacity:
-            acks = self._acks
-            for ident, seq in lease.deferred:
-                acks[ident] = (lease.id, seq)
-            lease.deferred.clear()
-
-    def _deliver(self, lease: _Lease, sub: _Sub) -> None:
-        """Hand queued messages to receivers with room in their window, round robin."""
-        queue, order, ends = sub.queue, sub.order, self._ends
-        while queue and order:
-            for _ in range(len(order)):
-                ident = order[0]
-                order.rotate(-1)
-                end = ends[ident]
-                room = end.window - len(end.unacked)
-                if room > 0:
-                    break
-            else:
-                return
-            ids: list[int] = []
-            data: list[bytes] = []
-            unacked = end.unacked
-            while room and queue:
-                mid, value = queue.popleft()
-                unacked[mid] = value
-                ids.append(mid)
-                data.append(value)
-                room -= 1
-            sub.held += len(ids)
-            self._emit(ident, ChanDeliver(lease.id, sub.id, ids, data))
-
-    def _check_end(self, lease: _Lease, sub: _Sub) -> None:
-        """Closed and drained: every receiver of the subscription ends."""
-        if lease.closed and not sub.queue and sub.held == 0 and sub.order:
-            for ident in sub.order:
-                self._ends.pop(ident, None)
-                self._emit(ident, ChanEnd(lease.id, sub.id, CHAN_CLOSED))
-            sub.order.clear()
-
-    def _place_of(self, end: _End) -> tuple[_Lease | None, _Sub | None]:
-        """The lease and subscription a receiver belongs to (None where they are gone)."""
-        lease = self._leases.get(end.lease)
-        return lease, lease.subs.get(end.sub) if lease is not None else None
-
-    def _lose(self, end: _End) -> None:
-        """A send to ``end`` failed: deliver nothing more to it; the next flush drops it unless it is heard from."""
-        end.lost = True
-        self._lost.append(end)
-        _, sub = self._place_of(end)
-        if sub is not None:
-            try:
-                sub.order.remove(end.ident)
-            except ValueError:
-                pass
-
-    def _reinstate(self, end: _End) -> None:
-        """A frame from a lost receiver: it takes part again (a failed send marks it lost again)."""
-        end.lost = False
-        _, sub = self._place_of(end)
-        if sub is None:
-            self._ends.pop(end.ident, None)  # released or unsubscribed meanwhile: its frame is answered as such
-        elif end.ident not in sub.order:
-            sub.order.append(end.ident)
-
-    def _drop_end(self, end: _End) -> None:
-        """Forget a receiver; what it held goes back to the front of its queue, for the others."""
-        self._ends.pop(end.ident, None)
-        lease, sub = self._place_of(end)
-        if lease is None or sub is None:
-            return
-        try:
-            sub.order.remove(end.ident)
-        except ValueError:
-            pass
-        if end.unacked:
-            back = sorted(end.unacked.items())
-            end.unacked.clear()
-            sub.held -= len(back)
-            sub.queue.extendleft(reversed(back))
-            self._driver.channel_redelivered += len(back)
-        self._deliver(lease, sub)
-        self._check_end(lease, sub)
-        self._free_if_done(lease)
-
-    def _unsubscribe(self, lease: _Lease, sub: _Sub) -> None:
-        del lease.subs[sub.id]
-        for ident in sub.order:
-            self._ends.pop(ident, None)
-            self._emit(ident, ChanEnd(lease.id, sub.id, CHAN_UNSUBSCRIBED))
-        sub.order.clear()
-        sub.queue.clear()
-        sub.held = 0
-        self._release_deferred(lease)
-
-    def _free_if_done(self, lease: _Lease) -> None:
-        """Free a closed lease once every message was consumed and every receiver ended."""
-        if lease.closed and self._leases.get(lease.id) is lease and all(
-                not sub.queue and not sub.held and not sub.order for sub in lease.subs.values()):
-            self._free(lease, None)
-
-    def _apply_counts(self) -> None:
-        """Count the driver's ends made and gone; a lease none is left of, none shared, is freed."""
-        counts, leases = self._counts, self._leases
-        while counts:
-            lease_id, change = counts.popleft()
-            lease = leases.get(lease_id)
-            if lease is None:
-                continue
-            lease.ends += change
-            if lease.ends <= 0 and not lease.shared:
-                self._free(lease, None)  # nobody can send to it or receive from it any more
-
-    def _free(self, lease: _Lease, status: int | None) -> None:
-        """Forget ``lease``: queued messages are dropped and counted; receivers end with ``status``."""
-        del self._leases[lease.id]
-        queued = {mid for sub in lease.subs.values() for mid, _ in sub.queue}
-        self._driver.channel_messages_dropped += len(queued)
-        for sub in lease.subs.values():
-            for ident in sub.order:
-                self._ends.pop(ident, None)
-                if status is not None:
-                    self._emit(ident, ChanEnd(lease.id, sub.id, status))
-            sub.order.clear()
-            sub.queue.clear()
-        for ident, seq in lease.deferred:
-            self._emit(ident, ChanAck(lease.id, seq, CHAN_OK if status is None else status))
-        lease.deferred.clear()
-
-    def _probe(self, now: float) -> None:
-        for end in self._ends.values():
-            if end.unacked and not end.lost and now - end.seen >= PROBE_EVERY:
-                self._out.append((end.ident, ChanPing(end.lease)))
 
 
 _brokers_lock = threading.Lock()

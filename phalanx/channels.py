@@ -108,30 +108,17 @@ __all__ = [
     "close_all",
 ]
 
+# Defined beside the broker's state (no I/O there); public here.
+from .core.channels import LEASE_SHIFT, MAX_PREFETCH, Broadcast, ChannelKind, ExactlyOnce  # noqa: E402
+
 T = TypeVar("T")
 
-
-class ChannelKind(enum.Enum):
-    """How a lease delivers its messages (see :meth:`phalanx.Runtime.lease`)."""
-
-    #: each message goes to exactly one receiver: receivers share the work
-    EXACTLY_ONCE = "exactly_once"
-    #: each message goes to every subscription, in send order
-    BROADCAST = "broadcast"
-
-
-ExactlyOnce = ChannelKind.EXACTLY_ONCE
-Broadcast = ChannelKind.BROADCAST
 
 _KINDS = (ExactlyOnce, Broadcast)
 _KIND_CODE = {ExactlyOnce: 0, Broadcast: 1}
 
-#: a lease id is ``base + n``; ``id >> LEASE_SHIFT`` names its runtime within the driver process
-LEASE_SHIFT = 32
 #: sends a sender has in flight before ``send`` waits for the broker's acks
 SEND_WINDOW = 64
-#: most unacked messages one receiver may hold
-MAX_PREFETCH = 10_000
 #: seconds between checks of the deadline and of the runtime while an end waits
 _SLICE = 0.1
 #: milliseconds the socket of an end dropped without close() keeps its last frames (a
@@ -169,7 +156,8 @@ def _closed_error(status: int, lease: int) -> ChannelClosedError:
 class _Location:
     """How ends in this process reach one driver's broker."""
 
-    __slots__ = ("endpoint", "curve", "prefix", "alive", "release", "released", "limits", "count", "share", "pid")
+    __slots__ = ("endpoint", "curve", "prefix", "alive", "release", "released", "limits", "count", "share", "pid",
+                 "connect")
 
     def __init__(
         self,
@@ -182,6 +170,7 @@ class _Location:
         limits: sockets.Limits | None = None,
         count: Callable[[int, int], None] | None = None,
         share: Callable[[int], None] | None = None,
+        connect: Callable[[_Location], _Conn] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.curve = curve
@@ -195,6 +184,8 @@ class _Location:
         #: in the driver: an end was made (+1) or closed or collected (-1); an end was encoded
         self.count = count
         self.share = share
+        #: makes an end's connection (None: a DEALER socket; SimRuntime links ends to its broker in process)
+        self.connect = connect
         self.pid = os.getpid()
 
 
@@ -239,13 +230,17 @@ def register_driver(
     limits: sockets.Limits | None = None,
     count: Callable[[int, int], None] | None = None,
     share: Callable[[int], None] | None = None,
+    connect: Callable[[_Location], _Conn] | None = None,
 ) -> None:
     """In the driver (the broker): ends of leases ``key << LEASE_SHIFT + n`` reach it at ``endpoint``.
 
     ``count(lease, +1 / -1)`` hears of every end made, and closed or
-    collected, in this process; ``share(lease)`` of every end encoded here.
+    collected, in this process; ``share(lease)`` of every end encoded here;
+    ``connect(location)``, if given, makes an end's connection instead of a
+    DEALER socket (:class:`~phalanx.testing.SimRuntime`).
     """
-    _drivers[key] = _Location(endpoint, None, b"d%d" % os.getpid(), alive, release, released, limits, count, share)
+    _drivers[key] = _Location(endpoint, None, b"d%d" % os.getpid(), alive, release, released, limits, count, share,
+                              connect)
 
 
 def _in_driver(lease: int) -> _Location | None:
@@ -261,10 +256,12 @@ def unregister_driver(key: int) -> None:
 
 def _locate(lease: int) -> _Location:
     pid = os.getpid()
-    where = _worker_at
-    if where is not None and where.pid == pid:
-        return where
     where = _drivers.get(lease >> LEASE_SHIFT)
+    if where is not None and where.pid == pid and where.connect is not None:
+        return where  # a simulated runtime's lease: its ends are in this process, in its workers too
+    inside = _worker_at
+    if inside is not None and inside.pid == pid:
+        return inside
     if where is not None and where.pid == pid:
         return where
     raise RuntimeClosedError(
@@ -352,6 +349,11 @@ class _Conn:
             except zmq.ZMQError:
                 pass
         sock.close(linger=linger)
+
+
+def _open(where: _Location) -> _Conn:
+    """A connection for an end: a DEALER socket, or what the location makes instead."""
+    return _Conn(where) if where.connect is None else where.connect(where)
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -458,7 +460,7 @@ class Sender(_End, Generic[T]):
     def _connect(self) -> _Conn:
         conn = self._conn
         if conn is None:
-            conn = self._conn = _Conn(_locate(self._lease))
+            conn = self._conn = _open(_locate(self._lease))
             # Dropped without close(): let ZeroMQ deliver the last sends, never block.
             self._finalizer = weakref.finalize(self, conn.close, None, _GOODBYE_LINGER)
             self._finalizer.atexit = False
@@ -684,7 +686,7 @@ class Receiver(_End, Generic[T]):
     def _connect(self) -> _Conn:
         conn = self._conn
         if conn is None:
-            conn = self._conn = _Conn(_locate(self._lease))
+            conn = self._conn = _open(_locate(self._lease))
             self._finalizer = weakref.finalize(self, _drop_receiver, conn, self._lease, self._sub, self._acks)
             self._finalizer.atexit = False
         return conn

@@ -386,6 +386,7 @@ class _WindowedMap(Iterator[R], Generic[R]):
 
     _progress: ProgressBar | None = None
     _done = True  # until the job exists, close() has nothing to do
+    _cur: Iterator[Any] = iter(())  # the values being handed out (none until the job exists)
 
     def _start(self, fn: Callable[..., R] | str, iterables: tuple[Iterable[Any], ...], chunksize: int | None,
                ordered: bool, timeout: float | None, workers: int, options: TaskOptions | None,
@@ -405,8 +406,10 @@ class _WindowedMap(Iterator[R], Generic[R]):
         self._w = MapWindow(self._lease.job, self._op_name, [name_of(stage) for stage in stages], source, star,
                             sizer, workers, ordered, indexed, convert,
                             None if op is None or convert is None else op.convert_results, self._pickled())
-        #: the window's values due now (the same deque: the per-item path reads only it)
+        #: the window's values due now (the same deque)
         self._ready = self._w.ready
+        #: the values being handed out, taken from ``_ready`` a chunk at a time
+        self._cur: Iterator[Any] = iter(())
 
     def _begin(self) -> None:
         self._done = False
@@ -454,15 +457,47 @@ class _WindowedMap(Iterator[R], Generic[R]):
         """Items read from the input so far (all of them once the map has ended)."""
         return self._w.read
 
-    def __iter__(self) -> _WindowedMap[R]:
-        return self
+    def __iter__(self) -> Iterator[R]:
+        # Chunk by chunk: ``for`` and ``list()`` run over each chunk's list in C,
+        # with no Python call per item. ``next(it)`` reads the same ``_cur``, so
+        # the two can be mixed.
+        return itertools.chain.from_iterable(self._chunks())
+
+    def _chunks(self) -> Iterator[Iterator[R]]:
+        cur = self._cur
+        while True:
+            yield cur
+            # ``cur`` is used up unless ``next(it)`` or ``take_ready()`` moved on meanwhile.
+            if self._cur is cur and not self._refill():
+                return
+            cur = self._cur
 
     def __next__(self) -> R:
+        for value in self._cur:
+            return value  # type: ignore[no-any-return]
+        while self._refill():
+            for value in self._cur:
+                return value  # type: ignore[no-any-return]
+        raise StopIteration
+
+    def _take(self) -> None:
+        """The window's values due now become ``_cur``."""
+        ready = self._ready
+        values = list(ready)
+        ready.clear()
+        self._cur = iter(values)
+
+    def _refill(self) -> bool:
+        """Wait until values are due and make them ``_cur``; False once the map has ended.
+
+        Raises the map's failure (after every value before it was handed out).
+        """
         ready = self._ready
         w = self._w
         while True:
             if ready:
-                return ready.popleft()  # type: ignore[no-any-return]
+                self._take()
+                return True
             state = w.step(self._now())
             self._send()
             if state == READY:
@@ -473,10 +508,10 @@ class _WindowedMap(Iterator[R], Generic[R]):
                 raise failure
             if state == ENDED:
                 self._done = True
-                raise StopIteration
+                return False
             if state == COMPLETE:
                 self._finish()
-                raise StopIteration
+                return False
             try:
                 seq, outcome = self._lease.get(self._deadline)
             except BaseException:
@@ -505,6 +540,8 @@ class _WindowedMap(Iterator[R], Generic[R]):
 
     def close(self) -> None:
         """Stop the job: queued tasks are dropped, running ones told to abort."""
+        # Use up the chunk being handed out: a ``for`` over this map stops too.
+        deque(self._cur, maxlen=0)
         if not self._done:
             self._done = True
             self._w.close()
@@ -527,6 +564,11 @@ class MapIterator(_WindowedMap[R]):
     out and listed in :attr:`skipped`. A result that does not convert to the
     operation's declared return type fails the map with
     :class:`~phalanx.ValidationError` at its position.
+
+    ``iter(it)`` (what ``for`` and ``list()`` call) is not ``it`` itself: it
+    hands out the results a received chunk at a time, with no Python call per
+    item. ``next(it)``, ``take_ready()`` and any number of loops over ``it``
+    read the same results, so they can be mixed: each result is handed out once.
 
     Directive chains (:mod:`phalanx.directives`) reuse it: ``stages`` are
     operations each item goes through on the worker before ``fn``, and
@@ -572,9 +614,6 @@ class MapIterator(_WindowedMap[R]):
     def _close_job(self, terminate: bool) -> None:
         self._driver.close_job(self._lease.job, terminate=terminate)
 
-    def __iter__(self) -> MapIterator[R]:
-        return self
-
     # ---- asyncio: ``async for x in rt.map(...)`` ----------------------------------
 
     _async_running = False
@@ -590,8 +629,11 @@ class MapIterator(_WindowedMap[R]):
         runs in the loop's default executor. Cancelling the awaiting task
         ends the map (its tasks are terminated) and frees that thread.
         """
+        for value in self._cur:
+            return value  # type: ignore[no-any-return]
         if self._ready:
-            return self._ready.popleft()  # type: ignore[no-any-return]
+            self._take()
+            return next(self._cur)  # type: ignore[no-any-return]
         if self._done and self._w.error is None:
             raise StopAsyncIteration
         with _ASYNC_LOCK:
@@ -630,7 +672,8 @@ class MapIterator(_WindowedMap[R]):
 
     def take_ready(self) -> list[R]:
         """The results already received and due next, without waiting (after a ``next()``)."""
-        ready = list(self._ready)
+        ready = list(self._cur)
+        ready.extend(self._ready)
         self._ready.clear()
         return ready
 

@@ -149,3 +149,38 @@ def transient_once(key: str) -> str:
     if n == 0:
         raise phalanx.Transient(f"{key}: first attempt fails")
     return key
+
+
+@phalanx.actor
+class Holder:
+    """A channel receiver in an actor: takes messages and holds them unacked until told."""
+
+    def __init__(self, rx: phalanx.Receiver[int]) -> None:
+        self.rx = rx
+        self.held: list[phalanx.Message[int]] = []
+
+    def take(self, n: int) -> list[int]:
+        msgs = [self.rx.recv_message(timeout=30) for _ in range(n)]
+        self.held += msgs
+        return [m.value for m in msgs]
+
+    def settle(self, ack: bool) -> int:
+        for m in self.held:
+            if ack:
+                m.ack()
+            else:
+                m.nack()
+        n, self.held = len(self.held), []
+        return n
+
+
+@phalanx.operation
+def drain(rx: phalanx.Receiver[int], n: int) -> list[int]:
+    return [rx.recv(timeout=5) for _ in range(n)]
+
+
+@phalanx.operation
+def fill(tx: phalanx.Sender[int], n: int) -> int:
+    for i in range(n):
+        tx.send(i)
+    return n

@@ -42,11 +42,11 @@ def main() -> None:
         broker = rt._driver.channels
         assert broker is not None
         deadline = time.monotonic() + 60
-        while broker._leases and time.monotonic() < deadline:
+        while broker.state.open_leases and time.monotonic() < deadline:
             time.sleep(0.01)
         grown = psutil.Process().memory_info().rss - rss
         kept = tracemalloc.get_traced_memory()[0] - traced
-        print(json.dumps({"leases": len(broker._leases), "ends": len(broker._ends), "kept": kept, "rss": grown}),
+        print(json.dumps({"leases": broker.state.open_leases, "ends": broker.state.receivers, "kept": kept, "rss": grown}),
               flush=True)
 
 

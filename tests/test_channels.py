@@ -201,7 +201,7 @@ def test_acks_a_receiver_sent_before_going_are_honoured_though_a_send_to_it_fail
         flush = broker.flush
 
         def stalling_flush() -> None:
-            if not stalled.is_set() and any(who == ident for who, _ in broker._out):
+            if not stalled.is_set() and broker.state.queued_for(ident):
                 stalled.set()
                 go.wait(T)
                 ping = codec.encode(messages.ChanPing(lid))

@@ -10,6 +10,8 @@ sequence of calls.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -531,3 +533,100 @@ def test_a_call_whose_worker_the_driver_killed_for_overrunning_fails_with_task_t
     ((_, _, exc),) = failed
     assert requeue == [] and broken is None and o.jobs == {}
     assert isinstance(exc, phalanx.TaskTimeoutError) and "abort_grace of 2 s" in str(exc)
+
+
+# ---- the channel broker's state (phalanx.core.channels) ------------------------------------
+
+from phalanx.channels import Broadcast, ExactlyOnce  # noqa: E402
+from phalanx.core.channels import PROBE_EVERY, ChannelState  # noqa: E402
+from phalanx.transport.messages import (  # noqa: E402
+    CHAN_CLOSED,
+    ChanAck,
+    ChanClose,
+    ChanDeliver,
+    ChanEnd,
+    ChanPull,
+    ChanSend,
+    ChanSubscribe,
+)
+
+
+class _Counts:
+    frames_dropped = 0
+    channel_messages_dropped = 0
+    channel_redelivered = 0
+
+
+def _delivered(out: list[tuple[bytes, Any]], ident: bytes) -> list[int]:
+    return [mid for who, msg in out if who == ident and isinstance(msg, ChanDeliver) for mid in msg.ids]
+
+
+def test_channel_state_gives_what_a_dead_worker_s_receiver_held_to_another_once() -> None:
+    counts = _Counts()
+    state = ChannelState(7, counts)
+    lease, sub = state.open(ExactlyOnce, 100)
+    for seq in range(4):
+        state.handle(b"d1~1", ChanSend(lease, seq, b"v%d" % seq), 0.0)
+    state.handle(b"w1~1", ChanPull(lease, sub, 2), 0.0)
+    assert _delivered(state.flush(0.0), b"w1~1") == [1, 2]
+    state.handle(b"w2~1", ChanPull(lease, sub, 10), 0.0)
+    assert _delivered(state.flush(0.0), b"w2~1") == [3, 4]
+    assert state.worker_exited(b"w1", 0.1)
+    assert _delivered(state.flush(0.1), b"w2~1") == [1, 2]  # back at the front, to the live one
+    # A late ack from the dead receiver's identity is dropped; its pull too.
+    state.handle(b"w1~1", ChanPull(lease, sub, 2, [1, 2]), 0.2)
+    assert counts.frames_dropped == 1 and counts.channel_redelivered == 2
+    state.handle(b"w2~1", ChanPull(lease, sub, 10, [1, 2, 3, 4]), 0.3)
+    state.handle(b"d1~1", ChanClose(lease, 9), 0.3)
+    out = state.flush(0.3)
+    assert (b"w2~1", ChanEnd(lease, sub, CHAN_CLOSED)) in out
+    assert state.open_leases == 0  # closed, consumed, receivers ended: freed
+
+
+def test_channel_state_gives_back_an_unreachable_receiver_s_messages_a_flush_later_unless_heard_from() -> None:
+    state = ChannelState(7, _Counts())
+    lease, sub = state.open(ExactlyOnce, 100)
+    state.handle(b"d1~1", ChanSend(lease, 0, b"x"), 0.0)
+    state.handle(b"w1~1", ChanPull(lease, sub, 1), 0.0)
+    assert _delivered(state.flush(0.0), b"w1~1") == [1]
+    assert state.unreachable([b"w1~1"])
+    state.handle(b"w1~1", ChanPull(lease, sub, 0, [1]), 0.0)  # its last frame, read before the next flush
+    state.flush(0.0)
+    state.handle(b"w2~1", ChanPull(lease, sub, 1), 0.0)
+    assert _delivered(state.flush(0.0), b"w2~1") == []  # the ack counted: nothing to redeliver
+    state.handle(b"d1~1", ChanSend(lease, 1, b"y"), 0.0)
+    out = state.flush(0.0)
+    assert _delivered(out, b"w2~1") == [2] and (b"d1~1", ChanAck(lease, 1)) in out
+    assert state.unreachable([b"w2~1"])
+    assert state.flush(0.0) == []  # not heard from: dropped, its message back in the queue
+    state.handle(b"w3~1", ChanPull(lease, sub, 1), 0.0)
+    assert _delivered(state.flush(0.0), b"w3~1") == [2]
+
+
+def test_channel_state_broadcasts_every_message_to_every_subscription_and_probes_quiet_holders() -> None:
+    state = ChannelState(7, _Counts())
+    lease, first = state.open(Broadcast, 100)
+    state.handle(b"d1~2", ChanSubscribe(lease, 5, 1), 0.0)
+    state.handle(b"d1~1", ChanPull(lease, first, 10), 0.0)
+    state.handle(b"d1~2", ChanPull(lease, 5, 10), 0.0)
+    for seq in range(3):
+        state.handle(b"d1~9", ChanSend(lease, seq, b"%d" % seq), 0.0)
+    out = state.flush(0.0)
+    assert _delivered(out, b"d1~1") == [1, 2, 3] and _delivered(out, b"d1~2") == [1, 2, 3]
+    assert not state.idle(PROBE_EVERY)
+    pinged = {who for who, msg in state.flush(PROBE_EVERY) if type(msg).__name__ == "ChanPing"}
+    assert pinged == {b"d1~1", b"d1~2"}
+
+
+def test_importing_the_core_loads_no_socket_library() -> None:
+    # The direct-import check above misses what an imported phalanx module pulls in. (The
+    # standard library's socket comes with concurrent.futures.process, whose
+    # BrokenProcessPool phalanx's errors subclass; ZeroMQ must not come at all.)
+    code = (
+        "import sys\n"
+        "import phalanx.core, phalanx.core.channels, phalanx.core.actors, phalanx.core.execute\n"
+        "import phalanx.core.outcomes, phalanx.core.routing, phalanx.core.tasks, phalanx.core.window\n"
+        "print(sorted(m for m in sys.modules if m == 'zmq' or m.startswith('zmq.')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -52,7 +52,7 @@ def rt() -> Iterator[phalanx.Runtime]:
 
 def open_leases(rt: phalanx.Runtime) -> int:
     broker = rt._driver.channels
-    return 0 if broker is None else len(broker._leases)
+    return 0 if broker is None else broker.state.open_leases
 
 
 def wait_until(predicate: Callable[[], bool], what: str) -> None:

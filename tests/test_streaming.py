@@ -165,3 +165,61 @@ def test_fold_reads_lazily_with_a_bounded_window(module_runtime: phalanx.Runtime
     window = 4 * 2 + 2
     assert 1 < max(seen) <= window
     assert rt.stats().jobs_open == 0
+
+
+# ---- handing out results a chunk at a time: ``for`` runs over each chunk in C ----------------------
+
+
+def test_next_inside_a_for_loop_over_the_same_map(module_runtime: phalanx.Runtime) -> None:
+    """``for x in it: y = next(it)`` takes results pairwise, none lost or repeated, across chunks."""
+    n = 1000
+    it = module_runtime.map(ops.square, range(n), chunksize=7, timeout=T)
+    pairs = [(x, next(it)) for x in it]
+    assert pairs == [((2 * i) ** 2, (2 * i + 1) ** 2) for i in range(n // 2)]
+    assert module_runtime.stats().jobs_open == 0
+
+
+def test_break_then_next_then_for_again_continues_where_it_stopped(module_runtime: phalanx.Runtime) -> None:
+    """Leaving a ``for`` in the middle of a chunk keeps the rest of it for ``next()`` and the next loop."""
+    n = 500
+    it = module_runtime.map(ops.square, range(n), chunksize=50, timeout=T)
+    got: list[int] = []
+    for x in it:
+        got.append(x)
+        if len(got) == 13:
+            break
+    got.append(next(it))
+    got.extend(it.take_ready())
+    got.extend(it)
+    assert got == [i * i for i in range(n)]
+    assert list(it) == [] and next(it, None) is None
+    assert module_runtime.stats().jobs_open == 0
+
+
+def test_close_inside_a_for_loop_stops_it_in_the_middle_of_a_chunk(module_runtime: phalanx.Runtime) -> None:
+    """``close()`` from the loop body: the loop yields nothing more, not even the rest of the chunk."""
+    it = module_runtime.map(ops.square, range(10_000), chunksize=100, timeout=T)
+    got = []
+    for x in it:
+        got.append(x)
+        if len(got) == 3:
+            it.close()
+    assert got == [0, 1, 4]
+    assert module_runtime.stats().jobs_open == 0
+
+
+def test_failure_raised_by_for_after_every_value_before_it(module_runtime: phalanx.Runtime) -> None:
+    """The failed item's error reaches a ``for`` loop after the values before it, chunk boundaries aside."""
+    got: list[int] = []
+    with pytest.raises(ValueError):
+        for x in module_runtime.map(ops.fail_at, range(1000), itertools.repeat(537), chunksize=10, timeout=T):
+            got.append(x)
+    assert got == [i * 10 for i in range(537)]
+    wait_until(lambda: module_runtime.stats().jobs_open == 0, "the failed map's job closed")
+
+
+def test_dropping_a_for_loop_over_a_map_ends_its_job(module_runtime: phalanx.Runtime) -> None:
+    """``for x in rt.map(...): break`` leaves no job open: dropping the loop drops the map."""
+    for _ in module_runtime.map(ops.square, Source(), chunksize=3, timeout=T):
+        break
+    wait_until(lambda: module_runtime.stats().jobs_open == 0, "the dropped map's job closed")

@@ -129,7 +129,7 @@ def test_directive_chains_run_as_on_a_runtime() -> None:
 def test_what_simruntime_does_not_model_says_so() -> None:
     with SimRuntime(workers={"default": 2}, seed=0) as rt:
         assert rt.n_workers == 2
-        for name in ("lease", "wait_for_workers", "address", "endpoints"):
+        for name in ("wait_for_workers", "address", "endpoints"):
             with pytest.raises(AttributeError, match=f"SimRuntime has no '{name}': .*real phalanx.Runtime"):
                 getattr(rt, name)
         with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
@@ -288,3 +288,47 @@ def test_schedules_per_second() -> None:
             count += 1
     print(f"\nSimRuntime: {rate:.0f} schedules/s (map 24 + 6 submits + fold 30 + actor, with 2 faults); "
           f"{count / (time.perf_counter() - start):.0f} submit round trips/s")
+
+
+# ---- channels ------------------------------------------------------------------------------
+
+
+def _channel_run(seed: int) -> tuple[list[int], list[tuple[object, ...]]]:
+    with SimRuntime(workers=3, seed=seed, restart_limit=100) as rt:
+        tx, rx = rt.lease(phalanx.ExactlyOnce, prefetch=2)
+        assert rt.submit(ops.fill, tx, 8).result(timeout=30) == 8  # a sender inside a worker
+        holder = rt.spawn(ops.Holder, rx)
+        held = holder.take(3).result(timeout=30)
+        rt.kill_worker(holder.worker)
+        tx.close(timeout=30)
+        got = list(rx)
+        assert sorted(got) == list(range(8)) and held == [0, 1, 2]
+        assert rt.stats().channel_redelivered == 3
+        return got, rt.trace
+
+
+def test_channels_on_a_sim_runtime_repeat_with_their_seed() -> None:
+    assert _channel_run(5) == _channel_run(5)
+
+
+def test_a_channel_end_in_a_simulated_worker_waiting_for_more_says_it_cannot() -> None:
+    with SimRuntime(workers=1, seed=3) as rt:
+        tx, rx = rt.lease()
+        tx.send(1)
+        assert rt.submit(ops.drain, rx, 1).result(timeout=30) == [1]
+        with pytest.raises(Exception, match="cannot wait inside one"):
+            rt.submit(ops.drain, rx, 1).result(timeout=30)
+
+
+def test_a_released_lease_ends_its_receivers_on_a_sim_runtime() -> None:
+    with SimRuntime(workers=1, seed=3) as rt:
+        lease = rt.lease(phalanx.ExactlyOnce)
+        tx, rx = lease
+        tx.send(1)
+        lease.release()
+        with pytest.raises(phalanx.ChannelClosedError, match="released"):
+            rx.recv(timeout=5)
+        with pytest.raises(phalanx.ChannelClosedError):
+            tx.send(2)
+            tx.flush(timeout=5)
+        assert rt.stats().channel_messages_dropped >= 1

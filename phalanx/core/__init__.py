@@ -21,6 +21,8 @@ return values and outboxes the caller drains. Two hosts run the same code:
                     actors    the actor lifecycle (transition table), supervision,
                               placement, what workers say about actors
                     execute   what a worker does with a task (TaskRunner, a clock given)
+                    channels  the channel broker's state: leases, subscriptions, who gets
+                              which message, redelivery on nack, close or death
 
 So what the simulator checks (exactly-once delivery, bounded reading of
 the input, what a crash is charged to, routing by tag) is the code that

@@ -39,7 +39,8 @@ atomically and takes ``task_time`` virtual seconds plus whatever it passes to
 reach the driver, before its death is noticed; local workers are never
 declared lost by heartbeats (set ``heartbeat_timeout`` to model remote ones).
 Worker tags (``workers={"io": 2}``, ``on=``) are routed by the core's routing.
-Not modelled: channels (``lease``), remote
+Channels (``lease``) run the core's broker state on the virtual clock
+(:mod:`phalanx.testing.sim_channels`). Not modelled: remote
 workers (``address``, ``wait_for_workers``); asking for them raises an error
 that says so.
 """
@@ -56,6 +57,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast, overload
 
 from ..actors.ref import ActorRef
+from ..channels import ChannelKind, ExactlyOnce, Lease
 from ..actors.system import ActorNode, RuntimeTree, WorkerNode
 from ..config import Config
 from ..directives import Directive, Fold, IndexedChain
@@ -75,6 +77,7 @@ from ..transport.messages import ActorCall, ActorEvent, ActorState, Call, Err, O
 from .faults import Fault, FaultEngine, resolve_plan
 
 from .sim_actors import SimActors
+from .sim_channels import SimChannels
 from .sim_worker import NOTICE_DELAY, SimWorker, _settle, _task_clock, sleep
 from .sim_jobs import HangError, SimFuture, SimJobHandle, SimJobOptions, SimMapIterator, _FutureSink, _Lease
 
@@ -95,7 +98,6 @@ MAX_STEPS = 2_000_000
 
 #: members of phalanx.Runtime a SimRuntime does not model, and why (raised as AttributeError)
 _NOT_MODELLED = {
-    "lease": "channels (rt.lease) are not modelled",
     "wait_for_workers": "simulated workers are ready at once and remote workers are not modelled",
     "address": "a SimRuntime listens nowhere: remote workers are not modelled",
     "endpoints": "a SimRuntime has no sockets",
@@ -185,6 +187,10 @@ class SimRuntime:
         #: the core's outcome resolution, crash attribution and restart intensity (phalanx.core)
         self.outcomes = Outcomes(self._jobs, max_attempts, restart_limit, restart_window)
         self._actors = SimActors(self)
+        #: channels (rt.lease): the core's broker state, made at the first lease
+        self._channels: SimChannels | None = None
+        #: the worker running a step now (its channel ends are its own)
+        self._running: SimWorker | None = None
         #: what a simulated worker does with a task: the core's, as on a real worker
         self._runner = TaskRunner(_task_clock, _settle, resolve)
         for tag, count in groups.items():
@@ -305,7 +311,11 @@ class SimRuntime:
         kind, w = choices[self._rng.randrange(len(choices))] if len(choices) > 1 else choices[0]
         if kind == "run":
             assert w is not None
-            w.run()
+            self._running = w
+            try:
+                w.run()
+            finally:
+                self._running = None
         elif kind == "recv":
             assert w is not None
             _, ident, frame = w.outbox.popleft()
@@ -421,6 +431,8 @@ class SimRuntime:
         for job, seq, exc in failed:
             self._deliver(job, seq, exc)
         self._actors.on_worker_exit(w.id, exitcode)
+        if self._channels is not None:
+            self._channels.worker_exited(w.id)
         if broken is not None:
             self._break(broken)
         elif not w.retiring:
@@ -738,6 +750,13 @@ class SimRuntime:
                                    checkpoint_interval=checkpoint_interval, timeout=timeout)
         return ActorRef(cast(Any, self._actors), cast(Any, actor), self.inspect)
 
+    def lease(self, kind: ChannelKind = ExactlyOnce, *, capacity: int = 10_000, prefetch: int = 8) -> Lease[Any]:
+        """:meth:`phalanx.Runtime.lease`: the same ends, on the core's broker state and the virtual clock."""
+        if self._channels is None:
+            self._check_open()
+            self._channels = SimChannels(self)
+        return self._channels.lease(kind, capacity, prefetch)
+
     def get_actor(self, name: str) -> ActorRef[Any]:
         """A new ref on the running actor spawned with ``name=``."""
         return ActorRef(cast(Any, self._actors), cast(Any, self._actors.get(name)), self.inspect)
@@ -780,6 +799,7 @@ class SimRuntime:
         """The same counters as :meth:`phalanx.Runtime.stats`."""
         c = self._counters
         o = self.outcomes
+        ch = self._channels
         return RuntimeStats(
             workers=[WorkerStats(w.id, w.pid, w.alive, w.ready, len(w.inflight), w.tasks, w.items, w.busy, "sim",
                                  False, w.tags)
@@ -787,7 +807,10 @@ class SimRuntime:
             tasks_submitted=c["tasks_submitted"], tasks_completed=o.tasks_completed,
             tasks_failed=o.tasks_failed, items_completed=o.items_completed, retried=o.retried,
             skipped=o.skipped, redelivered=o.redelivered, duplicates_dropped=o.duplicates_dropped,
-            late_results_dropped=o.late_results_dropped, frames_dropped=c["frames_dropped"],
+            late_results_dropped=o.late_results_dropped,
+            frames_dropped=c["frames_dropped"] + (ch.frames_dropped if ch is not None else 0),
+            channel_messages_dropped=ch.channel_messages_dropped if ch is not None else 0,
+            channel_redelivered=ch.channel_redelivered if ch is not None else 0,
             worker_deaths=c["worker_deaths"], worker_restarts=c["worker_restarts"],
             workers_recycled=c["workers_recycled"], jobs_open=len(self._jobs), workers_lost=c["workers_lost"],
         )
@@ -822,6 +845,8 @@ class SimRuntime:
             w.alive = False
             w.inbox.clear()
         self._live.clear()
+        if self._channels is not None:
+            self._channels.close()
         self._record("shutdown")
 
     def __enter__(self) -> SimRuntime:

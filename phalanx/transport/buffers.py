@@ -34,7 +34,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-__all__ = ["NDARRAY", "RETAIN", "ndarray_to_bytes", "ndarray_from_bytes"]
+__all__ = ["NDARRAY", "RETAIN", "ndarray_to_bytes", "ndarray_from_bytes", "array_layout"]
 
 #: bytes of freed memory glibc keeps for reuse once arrays travel (M_TRIM_THRESHOLD)
 RETAIN = 64 * 1024 * 1024
@@ -95,6 +95,15 @@ def ndarray_from_bytes(data: memoryview) -> Any:
         dtype = np.dtype(dtype_str)
     except (msgspec.DecodeError, TypeError) as exc:
         raise ValueError(f"bad ndarray header: {exc}") from None
+    count, nbytes = array_layout(dtype, dtype_str, shape)
+    if nbytes != len(data) - start:
+        raise ValueError(f"ndarray record holds {len(data) - start} bytes, shape {shape} needs {nbytes}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape).copy()
+
+
+def array_layout(dtype: Any, dtype_str: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    """The item count and byte size of an array record's ``dtype`` and ``shape``;
+    ``ValueError`` for a dtype that could run code or carry objects, or a negative shape."""
     if dtype.kind not in _SAFE_KINDS or dtype.fields is not None or dtype.itemsize == 0:
         raise ValueError(f"refused ndarray dtype {dtype_str!r}")
     if any(n < 0 for n in shape):
@@ -102,7 +111,4 @@ def ndarray_from_bytes(data: memoryview) -> Any:
     count = 1
     for n in shape:
         count *= n
-    if count * dtype.itemsize != len(data) - start:
-        raise ValueError(f"ndarray record holds {len(data) - start} bytes, shape {shape} needs "
-                         f"{count * dtype.itemsize}")
-    return np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape).copy()
+    return count, count * dtype.itemsize

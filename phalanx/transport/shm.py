@@ -79,7 +79,6 @@ SHM_NDARRAY = 23
 PREFIX = "phalanx-"
 _NAME = re.compile(r"phalanx-([0-9]+)-[0-9a-f]{32}\Z")
 _HEADER = msgspec.msgpack.Decoder(tuple[str, str, tuple[int, ...]])
-_SAFE_KINDS = frozenset("biufcmMSU?")
 _LEN = struct.Struct("<I")
 
 _lock = threading.Lock()
@@ -296,6 +295,8 @@ def read_array(data: memoryview) -> Any:
 
     import numpy as np
 
+    from .buffers import array_layout
+
     if len(data) < _LEN.size:
         raise ValueError("truncated shared-memory record")
     (size,) = _LEN.unpack_from(data, 0)
@@ -309,14 +310,7 @@ def read_array(data: memoryview) -> Any:
     m = _NAME.match(name)
     if m is None or _owner is None or int(m.group(1)) != _owner:
         raise ValueError("refused shared-memory segment name")
-    if dtype.kind not in _SAFE_KINDS or dtype.fields is not None or dtype.itemsize == 0:
-        raise ValueError(f"refused ndarray dtype {dtype_str!r}")
-    if any(n < 0 for n in shape):
-        raise ValueError(f"bad ndarray shape {shape}")
-    count = 1
-    for n in shape:
-        count *= n
-    nbytes = count * dtype.itemsize
+    count, nbytes = array_layout(dtype, dtype_str, shape)
     if getattr(_peek, "on", False):
         return SegmentRef(name, dtype_str, tuple(shape))
     path = os.path.join(SHM_DIR, name)
