@@ -526,7 +526,7 @@ class Driver:
         that forking them is safe; the watcher and the pump start after.
         """
         groups = {DEFAULT_TAG: n} if isinstance(n, int) else n
-        ids = [self._spawn((tag,)) for tag, count in groups.items() for _ in range(count)]
+        ids = self._spawn_many([(tag,) for tag, count in groups.items() for _ in range(count)])
         n = len(ids)
         self._supervisor.start()
         self._pump_thread.start()
@@ -550,35 +550,52 @@ class Driver:
                 self._changed.wait(min(remaining, 0.1))
 
     def _spawn(self, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> str:
-        wid = f"w{next(self._worker_ids)}"
-        worker = _Worker(wid, tags)
-        with self._lock:
-            self._workers[worker.ident] = worker
-        spec = WorkerSpec(
-            worker_id=wid,
-            endpoints=self.endpoints,
-            credits=self.config.credits,
-            parent_pid=os.getpid(),
-            abort_grace=self.config.abort_grace,
-            max_memory=self.config.max_memory_per_worker,
-            heartbeat_timeout=max(0.0, self.config.heartbeat_timeout),
-            heartbeat_interval=self.config.heartbeat_interval,
-            reconnect=self.config.reconnect,
-            prefix_output=self.config.prefix_output,
-            host=self.config.host_name or "",
-            tags=tags,
-            limits=self.limits,
-            spin=self.config.spin,
-            log_level=self.config.log_level,
-            implicit_operations=self.config.implicit_operations,
-            shm_threshold=self.config.shm_threshold,
-            local_pickle=self.config.local_pickle,
-        )
-        worker.pid, end = self._supervisor.spawn_piped(spec)
-        worker.pipe = FramePipe(end, self.limits.max_frame)
-        self._new_pipes.append(worker)
+        return self._spawn_many([tags])[0]
+
+    def _spawn_many(self, groups: list[tuple[str, ...]]) -> list[str]:
+        """Start one local worker per tags tuple (the fork server gets every request at once); their ids."""
+        workers: list[_Worker] = []
+        specs: list[WorkerSpec] = []
+        for tags in groups:
+            wid = f"w{next(self._worker_ids)}"
+            worker = _Worker(wid, tags)
+            with self._lock:
+                self._workers[worker.ident] = worker
+            spec = WorkerSpec(
+                worker_id=wid,
+                endpoints=self.endpoints,
+                credits=self.config.credits,
+                parent_pid=os.getpid(),
+                abort_grace=self.config.abort_grace,
+                max_memory=self.config.max_memory_per_worker,
+                heartbeat_timeout=max(0.0, self.config.heartbeat_timeout),
+                heartbeat_interval=self.config.heartbeat_interval,
+                reconnect=self.config.reconnect,
+                prefix_output=self.config.prefix_output,
+                host=self.config.host_name or "",
+                tags=tags,
+                limits=self.limits,
+                spin=self.config.spin,
+                log_level=self.config.log_level,
+                implicit_operations=self.config.implicit_operations,
+                shm_threshold=self.config.shm_threshold,
+                local_pickle=self.config.local_pickle,
+            )
+            workers.append(worker)
+            specs.append(spec)
+        started = self._supervisor.spawn_piped_many(specs)
+        failed: OSError | None = None
+        for worker, result in zip(workers, started):
+            if isinstance(result, OSError):
+                failed = failed or result
+                continue
+            worker.pid, end = result
+            worker.pipe = FramePipe(end, self.limits.max_frame)
+            self._new_pipes.append(worker)
         self.wake()
-        return wid
+        if failed is not None:
+            raise failed
+        return [w.id for w in workers]
 
     def _on_exit(self, worker_id: str, exitcode: int | None, lost: bool = False, left: bool = False) -> None:
         """A worker process exited (supervisor thread): redeliver, replace, or break.
@@ -1715,6 +1732,13 @@ class Driver:
             w.pid = msg.pid
             w.hello = True
             self._welcome_locked(w)
+            if w.welcomed and w.pipe is not None and not self._control.closed:
+                # Its SUB connected early in its start-up (usually by now): a Sync at once
+                # spares the local worker the wait for the next one the pump publishes.
+                try:
+                    self._control.send(encode(Sync(next(self._sync_nonce))), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # the pump publishes the next one within 1 ms
 
     def _on_ready(self, ident: bytes, msg: Ready) -> None:
         with self._lock:

@@ -151,7 +151,9 @@ class ForkServer:
     server itself died).
     """
 
-    def __init__(self, on_exit: Callable[[str, int | None], None]) -> None:
+    def __init__(self, on_exit: Callable[[str, int | None], None], start: bool = True) -> None:
+        """``start=False``: the reader thread starts only at :meth:`start` (its owner first
+        sends the first spawns, whose workers then boot while the thread starts)."""
         #: called from the reader thread for each worker's exit (its owner may replace it)
         self.on_exit = on_exit
         self._workers: dict[str, ForkedWorker] = {}
@@ -189,7 +191,14 @@ class ForkServer:
             self._owner = driver
             _clients.add(self)
         self._reader = threading.Thread(target=self._read_events, name="phalanx-forkserver", daemon=True)
-        self._reader.start()
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start reading the server's exit reports (idempotent; exits wait in its socket until then)."""
+        with self._lock:
+            if self._reader.ident is None:
+                self._reader.start()
 
     def _close_sockets(self) -> None:
         self._ctl.close()
@@ -197,27 +206,54 @@ class ForkServer:
 
     def spawn(self, worker_id: str, spec: Any, pipe: socket.socket | None) -> ForkedWorker:
         """Fork one worker running ``run_worker(spec, pipe)``; its handle, with its pid."""
-        handle = ForkedWorker(worker_id)
-        request = msgspec.msgpack.encode(_Spawn(worker_id, msgspec.msgpack.encode(spec)))
+        result = self.spawn_many([(worker_id, spec, pipe)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def spawn_many(
+        self, requests: list[tuple[str, Any, socket.socket | None]]
+    ) -> list[ForkedWorker | OSError]:
+        """Fork one worker per ``(worker_id, spec, pipe)``; per request its handle, or why not.
+
+        Every request is sent before the first reply is read: the server forks
+        the workers back to back, not one driver round trip apart.
+        """
+        handles = [ForkedWorker(worker_id) for worker_id, _, _ in requests]
         with self._lock:
             if self._closed:
                 raise OSError("the fork server is closed")
-            self._workers[worker_id] = handle
+            for handle in handles:
+                self._workers[handle.worker_id] = handle
+        results: list[ForkedWorker | OSError] = []
         try:
             with self._request_lock:
-                socket.send_fds(self._ctl, [request], [pipe.fileno()] if pipe is not None else [])
-                raw = self._ctl.recv(4096)
-            if not raw:
-                raise OSError("the fork server is gone")
-            reply = msgspec.msgpack.decode(raw, type=_Reply)
-            if isinstance(reply, _Failed):
-                raise OSError(f"the fork server could not start {worker_id}: {reply.error}")
+                for worker_id, spec, pipe in requests:
+                    request = msgspec.msgpack.encode(_Spawn(worker_id, msgspec.msgpack.encode(spec)))
+                    socket.send_fds(self._ctl, [request], [pipe.fileno()] if pipe is not None else [])
+                for handle in handles:
+                    raw = self._ctl.recv(4096)
+                    if not raw:
+                        raise OSError("the fork server is gone")
+                    reply = msgspec.msgpack.decode(raw, type=_Reply)
+                    if isinstance(reply, _Failed):
+                        results.append(OSError(f"the fork server could not start {handle.worker_id}: {reply.error}"))
+                    else:
+                        handle.pid = reply.pid
+                        results.append(handle)
         except BaseException:
+            # Replies not read: the server may have forked those workers; the owner ends the
+            # runtime, and the server ends whatever is below it when it closes.
             with self._lock:
-                self._workers.pop(worker_id, None)
+                for handle in handles[len(results):]:
+                    self._workers.pop(handle.worker_id, None)
             raise
-        handle.pid = reply.pid
-        return handle
+        finally:
+            with self._lock:
+                for result, handle in zip(results, handles):
+                    if isinstance(result, OSError):
+                        self._workers.pop(handle.worker_id, None)
+        return results
 
     def _read_events(self) -> None:
         decoder = msgspec.msgpack.Decoder(_Exited)

@@ -84,7 +84,7 @@ class Supervisor:
         self._own_server = server is None
         if start_method == "phalanx":
             if server is None:
-                self._server = forkserver.ForkServer(self._on_server_exit)
+                self._server = forkserver.ForkServer(self._on_server_exit, start=False)
             else:
                 self._server = server
                 server.on_exit = self._on_server_exit
@@ -101,7 +101,9 @@ class Supervisor:
     def start(self) -> None:
         """Start reporting exits (after the first spawns: forking before threads exist is safe)."""
         self._started.set()
-        if self._server is None and not self._watcher.is_alive():
+        if self._server is not None:
+            self._server.start()
+        elif not self._watcher.is_alive():
             self._watcher.start()
 
     def spawn(self, spec: WorkerSpec) -> int:
@@ -115,38 +117,79 @@ class Supervisor:
         meanwhile inherits the worker's end: the driver's end sees EOF exactly
         when this worker (and what it forked) is gone.
         """
+        started = self.spawn_piped_many([spec])[0]
+        if isinstance(started, BaseException):
+            raise started
+        return started
+
+    def spawn_piped_many(self, specs: list[WorkerSpec]) -> list[tuple[int, socket.socket] | OSError]:
+        """:meth:`spawn_piped` for several workers; per spec (pid, the driver's end) or why not.
+
+        The fork server gets every request at once and forks the workers back to back.
+        """
         with self._spawn_lock, forkserver.fork_lock:
-            ours, theirs = pipe.socketpair()
+            pairs = [pipe.socketpair() for _ in specs]
             try:
-                pid = self._start(spec, theirs)
+                if self._server is None:
+                    pids: list[int | OSError] = [self._start(spec, theirs) for spec, (_, theirs) in zip(specs, pairs)]
+                else:
+                    pids = self._start_served(specs, [theirs for _, theirs in pairs])
             except BaseException:
-                ours.close()
+                for ours, theirs in pairs:
+                    ours.close()
+                    theirs.close()
                 raise
-        return pid, ours
+        out: list[tuple[int, socket.socket] | OSError] = []
+        for pid, (ours, _) in zip(pids, pairs):
+            if isinstance(pid, OSError):
+                ours.close()
+                out.append(pid)
+            else:
+                out.append((pid, ours))
+        return out
+
+    def _start_served(self, specs: list[WorkerSpec], pipes: list[socket.socket | None]) -> list[int | OSError]:
+        """Start workers through the fork server; per spec its pid, or why not."""
+        assert self._server is not None
+        with self._spawn_lock:
+            try:
+                if self._closing:
+                    raise RuntimeClosedError("the supervisor is stopping: no new workers")
+                with self._lock:
+                    # Registered first: an exit may be reported before spawn_many() returns.
+                    for spec in specs:
+                        self._procs[spec.worker_id] = None
+                try:
+                    started = self._server.spawn_many(
+                        [(spec.worker_id, spec, theirs) for spec, theirs in zip(specs, pipes)])
+                except BaseException:
+                    with self._lock:
+                        for spec in specs:
+                            self._procs.pop(spec.worker_id, None)
+                    raise
+            finally:
+                for theirs in pipes:
+                    if theirs is not None:
+                        theirs.close()  # the server forked the worker with its copy
+            pids: list[int | OSError] = []
+            with self._lock:
+                for spec, handle in zip(specs, started):
+                    if isinstance(handle, OSError):
+                        self._procs.pop(spec.worker_id, None)
+                        pids.append(handle)
+                    else:
+                        if spec.worker_id in self._procs:
+                            self._procs[spec.worker_id] = handle
+                        assert handle.pid is not None
+                        pids.append(handle.pid)
+        return pids
 
     def _start(self, spec: WorkerSpec, theirs: socket.socket | None) -> int:
         if self._server is not None:
-            with self._spawn_lock:
-                try:
-                    if self._closing:
-                        raise RuntimeClosedError("the supervisor is stopping: no new workers")
-                    with self._lock:
-                        # Registered first: its exit may be reported before spawn() returns.
-                        self._procs[spec.worker_id] = None
-                    try:
-                        handle = self._server.spawn(spec.worker_id, spec, theirs)
-                    except BaseException:
-                        with self._lock:
-                            self._procs.pop(spec.worker_id, None)
-                        raise
-                finally:
-                    if theirs is not None:
-                        theirs.close()  # the server forked the worker with its copy
-                with self._lock:
-                    if spec.worker_id in self._procs:
-                        self._procs[spec.worker_id] = handle
-            assert handle.pid is not None
-            return handle.pid
+            started = self._start_served([spec], [theirs])[0]
+            if isinstance(started, OSError):
+                raise started
+            return started
         proc: BaseProcess = self._ctx.Process(
             target=run_worker, args=(spec, theirs), name=f"phalanx-{spec.worker_id}", daemon=False
         )

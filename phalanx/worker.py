@@ -389,8 +389,8 @@ class _Control(threading.Thread):
     def run(self) -> None:
         loop = self.loop
         spec = loop.spec
-        sub = sockets.subscriber(loop.ctx, spec.endpoints.control, spec.curve)
-        side = self.side = sockets.dealer(loop.ctx, spec.endpoints.results, loop.ident + b"!", spec.curve)
+        sub, side = loop.control_sockets or loop._control_sockets()
+        self.side = side
         beats = 0
         next_beat = 0.0
         try:
@@ -445,6 +445,7 @@ class _Control(threading.Thread):
                 continue
             if isinstance(msg, Sync):
                 loop.synced = True
+                loop.synced_event.set()
             elif isinstance(msg, Terminate):
                 loop.terminate(msg.job)
                 self._abort(msg.job)
@@ -562,6 +563,13 @@ class _Loop:
         self.ident = spec.worker_id.encode()
         self.host = spec.host or _socket.gethostname()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        #: the control thread's SUB and side DEALER. A local worker makes them first, so the SUB
+        #: connects and subscribes while the rest of its start-up runs (it is Ready only once a
+        #: Sync came through it); the control thread owns them from its start (a thread's start
+        #: is the memory barrier ZeroMQ asks for). A remote worker's control thread makes them.
+        self.control_sockets: tuple[zmq.Socket[bytes], zmq.Socket[bytes]] | None = None
+        if pipe is not None:
+            self.control_sockets = self._control_sockets()
         # A local worker talks to the driver over its pipe; a remote one over ZeroMQ.
         self.pipe: FramePipe | None = None
         self.inbox: zmq.Socket[bytes] | None = None
@@ -594,6 +602,8 @@ class _Loop:
         self.given_back: dict[tuple[int, int, int], int] = {}
         self.welcomed = False
         self.synced = False
+        #: set with ``synced``: a welcomed worker waits on it, so it says Ready as soon as the Sync comes
+        self.synced_event = threading.Event()
         self.ready_sent = False
         self.stopping = False
         self.retiring = False
@@ -602,6 +612,11 @@ class _Loop:
         self.memory_checked = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.control = _Control(self)
+
+    def _control_sockets(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+        spec = self.spec
+        return (sockets.subscriber(self.ctx, spec.endpoints.control, spec.curve),
+                sockets.dealer(self.ctx, spec.endpoints.results, self.ident + b"!", spec.curve))
 
     def dropped(self) -> int:
         """Malformed frames dropped so far, on the inbox and the control SUB (reported to the driver)."""
@@ -899,7 +914,11 @@ class _Loop:
                     deadline = time.perf_counter() + self.spec.spin
                     while not poll(0) and time.perf_counter() < deadline:
                         pass
-                if poll(200 if self.ready_sent else 1):
+                if not self.ready_sent and self.welcomed and not self.synced:
+                    self.synced_event.wait(0.001)  # the control thread sets it when the Sync comes
+                    if poll(0):
+                        self.drain_inbox()
+                elif poll(200 if self.ready_sent else 1):
                     self.drain_inbox()
                 if not self.ready_sent and self.welcomed and self.synced:
                     self.send(Ready(self.spec.worker_id, self.spec.credits))

@@ -252,3 +252,65 @@ def test_a_killed_fork_server_breaks_the_runtime_loudly_and_takes_its_workers() 
             time.sleep(0.01)
         with pytest.raises(phalanx.RuntimeBrokenError, match="fork server"):
             rt.submit(start_daemon).result(timeout=30)
+
+
+def test_spawn_many_forks_every_worker_at_once_a_bad_request_fails_alone_and_no_exit_is_lost() -> None:
+    """One request for three workers: the good ones run and say Hello on their own pipes, the
+    bad one gets its error; their exits, before the reader thread started, still all come."""
+    import select
+    import threading
+
+    from phalanx.forkserver import ForkServer
+    from phalanx.transport import pipe as pipes
+    from phalanx.transport.codec import decode_driver
+    from phalanx.transport.endpoints import local_endpoints
+    from phalanx.transport.messages import Hello
+    from phalanx.worker import WorkerSpec
+
+    exits: dict[str, int | None] = {}
+    reported = threading.Event()
+
+    def on_exit(worker_id: str, code: int | None) -> None:
+        exits[worker_id] = code
+        if len(exits) == 2:
+            reported.set()
+
+    endpoints = local_endpoints()
+    server = ForkServer(on_exit, start=False)
+    ours: list[pipes.FramePipe] = []
+    try:
+        pairs = [pipes.socketpair() for _ in range(2)]
+        specs = [WorkerSpec(worker_id=f"w{i}", endpoints=endpoints, credits=1, parent_pid=os.getpid(),
+                            prefix_output=False) for i in (1, 2)]
+        started = server.spawn_many([("w1", specs[0], pairs[0][1]), ("bad", {"worker_id": "bad"}, None),
+                                     ("w2", specs[1], pairs[1][1])])
+        for _, theirs in pairs:
+            theirs.close()
+        assert isinstance(started[1], OSError) and "bad" in str(started[1])
+        pids = []
+        for handle in (started[0], started[2]):
+            assert not isinstance(handle, BaseException)
+            assert handle.pid is not None and psutil.Process(handle.pid).ppid() == server.pid
+            pids.append(handle.pid)
+        ours = [pipes.FramePipe(end, 1 << 20) for end, _ in pairs]
+        for wid, end in zip(("w1", "w2"), ours):
+            frames: list[bytes] = []
+            while not frames:
+                assert select.select([end.fileno()], [], [], 30)[0], f"{wid} never spoke on its pipe"
+                got = end.recv()
+                assert got is not None, f"{wid} closed its pipe"
+                frames = got
+            hello = decode_driver(frames[0])
+            assert isinstance(hello, Hello) and hello.worker == wid and hello.pid in pids
+        for end in ours:
+            end.close()  # the driver is "gone": each worker ends
+        assert _wait_gone(pids, 30) == []
+        assert not reported.is_set()  # nobody reads the exits yet
+        server.start()
+        assert reported.wait(30), exits
+        assert set(exits) == {"w1", "w2"}
+    finally:
+        for end in ours:
+            end.close()
+        server.close()
+        endpoints.remove()
