@@ -121,6 +121,9 @@ class PhalanxRunner(Runner):
         super().__init__(workers)
         import phalanx
 
+        # `import phalanx` defers the runtime's modules to first use: load them here, so
+        # that W6 times the constructor and the first call, not imports (as for the peers).
+        phalanx.Runtime  # noqa: B018
         self._phalanx = phalanx
         self.rt: phalanx.Runtime | None = None
 
