@@ -260,3 +260,30 @@ def test_a_dropped_runtime_stops_using_segments() -> None:
     assert shm.threshold() == 0
     psutil.wait_procs(workers, timeout=10)
     assert _mine() == []
+
+
+_COLLECTED_UNDER_LOCK = """
+import gc, os, threading
+from phalanx.transport import shm
+class Runtime: pass
+gc.disable()
+runtimes = [Runtime() for _ in range(20)]
+for rt in runtimes:
+    shm.runtime_started(rt, 1 << 25, False)
+    rt.cycle = rt  # freed by the collector only
+del runtimes, rt
+done = threading.Event()
+def collect_under_the_lock():
+    with shm._lock:
+        gc.collect()  # the runtimes' finalizers run here
+    done.set()
+threading.Thread(target=collect_under_the_lock, daemon=True).start()
+os._exit(0 if done.wait(10) else 1)
+"""
+
+
+def test_a_runtime_collected_while_the_segment_lock_is_held_does_not_deadlock() -> None:
+    # A garbage collection can run at any allocation, also inside shm's lock; it once
+    # hung a whole test run when a runtime's finalizer took the same lock again.
+    done = subprocess.run([sys.executable, "-c", _COLLECTED_UNDER_LOCK], timeout=60)
+    assert done.returncode == 0

@@ -82,7 +82,9 @@ _NAME = re.compile(r"phalanx-([0-9]+)-[0-9a-f]{32}\Z")
 _HEADER = msgspec.msgpack.Decoder(tuple[str, str, tuple[int, ...]])
 _LEN = struct.Struct("<I")
 
-_lock = threading.Lock()
+# Re-entrant: a runtime collected while this lock is held (a garbage collection can run at
+# any allocation) calls _forget, which takes it again, from the same thread.
+_lock = threading.RLock()
 #: bytes from which arrays in tasks/results go through a segment (0: never)
 _threshold = 0
 #: the pid of the driver whose segments this process writes and accepts (None: none)
