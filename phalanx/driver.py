@@ -219,7 +219,7 @@ class _Wake:
 class _DirectWaiter:
     """Installed in a future's waiters during wait_direct (the protocol of concurrent.futures.wait)."""
 
-    __slots__ = ("fd", "armed", "fired")
+    __slots__ = ("fd", "armed", "fired", "nudged")
     #: phalanx.Future.cancel tells it (the standard library tells only its own waiters)
     wakes_on_cancel = True
 
@@ -228,6 +228,12 @@ class _DirectWaiter:
         #: off while the waiting thread delivers outcomes itself (it looks at the future next anyway)
         self.armed = True
         self.fired = False
+        #: the pump changed the set of pipes since this thread took its snapshot (see Driver._nudge)
+        self.nudged = False
+
+    def nudge(self) -> None:
+        self.nudged = True
+        os.eventfd_write(self.fd, 1)
 
     def _fire(self, future: Any = None) -> None:
         if self.armed and not self.fired:
@@ -445,6 +451,8 @@ class Driver:
         self._piped: tuple[_Worker, ...] = ()
         #: threads in wait_direct now, and when the last one left (under _direct_mutex)
         self._direct_waiters = 0
+        #: their waiters, told when the pipes change (under _direct_mutex)
+        self._direct_set: set[_DirectWaiter] = set()
         self._direct_left = 0.0
         self._direct_mutex = threading.Lock()
         #: a moving average of how long a wait_direct took (seconds): spin only while short
@@ -1183,6 +1191,7 @@ class Driver:
                     pipes[w.pipe.fileno()] = w
                     poller.register(w.pipe.fileno(), self._pipe_events(w))
                     self._piped = tuple(pipes.values())
+                    self._nudge()
             if self._direct_waiters or self._direct_left > time.monotonic() - DIRECT_LINGER:
                 wait = min(wait, DIRECT_LINGER * 1000)
                 reads = False
@@ -1317,6 +1326,7 @@ class Driver:
                 poller.register(fd, 0)  # unregisters
                 del pipes[fd]
                 self._piped = tuple(pipes.values())
+                self._nudge()  # before the close: a caller polling this fd looks again
                 with self._lock:
                     self._end_pipe_locked(w)
                 return
@@ -1845,6 +1855,10 @@ class Driver:
         began = time.perf_counter()
         try:
             while True:
+                # Counted (and told of pipe changes) before the snapshot, so no change is missed.
+                with self._direct_mutex:
+                    self._direct_waiters += 1
+                    self._direct_set.add(waiter)
                 by_fd: dict[int, _Worker] = {}
                 held = False
                 for w in self._piped:
@@ -1856,13 +1870,11 @@ class Driver:
                         held = True
                         continue
                     by_fd[w.pipe.fileno()] = w
-                if not by_fd and not held and not waiter.fired:
-                    return False  # no local worker: the plain wait does
                 direct: list[tuple[Job, int, Ok | Err]] = []
                 read: list[_Worker] = []
-                with self._direct_mutex:
-                    self._direct_waiters += 1
                 try:
+                    if not by_fd and not held and not waiter.fired:
+                        return False  # no local worker: the plain wait does
                     if self._pump_reads_pipes:
                         self.wake()  # it stops polling the pipes
                     poller = select.poll()
@@ -1881,9 +1893,16 @@ class Driver:
                         ready = by_fd.get(fd)
                         if ready is not None and self._read_direct(ready, direct):
                             read.append(ready)
+                        elif fd == wake.fd and waiter.nudged:
+                            waiter.nudged = False  # then a new snapshot
+                            try:
+                                os.eventfd_read(wake.fd)
+                            except BlockingIOError:
+                                pass
                 finally:
                     with self._direct_mutex:
                         self._direct_waiters -= 1
+                        self._direct_set.discard(waiter)
                         self._direct_left = time.monotonic()
                 if read:
                     self._deliver_direct(read, direct, waiter)
@@ -1896,7 +1915,7 @@ class Driver:
         finally:
             with fut._condition:
                 fut._waiters.remove(waiter)
-            if waiter.fired:
+            if waiter.fired or waiter.nudged:
                 try:
                     os.eventfd_read(wake.fd)
                 except BlockingIOError:
@@ -1963,6 +1982,17 @@ class Driver:
                     if not w.delivering and (w.leftover or w.deferred):
                         w.deferred = False
                         self._need_pump(w)
+
+    def _nudge(self) -> None:
+        """The pipes changed (pump thread): every caller polling a snapshot of them takes a new one.
+
+        Without it a caller would poll a closed pipe's number (perhaps reused by
+        another file) or miss a new worker's Hello, which the pump does not read
+        while callers read the pipes: a wait as long as the caller's timeout.
+        """
+        with self._direct_mutex:
+            for waiter in self._direct_set:
+                waiter.nudge()
 
     def _need_pump(self, w: _Worker) -> None:
         """Have the pump read ``w``'s pipe even while callers read the pipes."""

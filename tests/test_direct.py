@@ -185,3 +185,27 @@ def test_a_task_queued_behind_one_that_times_out_still_runs() -> None:
         with pytest.raises(phalanx.TaskTimeoutError):
             slow.result(timeout=30)
         assert [q.result(timeout=30) for q in quick] == list(range(1, 21))
+
+
+def test_a_replacement_is_greeted_while_the_caller_polls_a_busy_worker(tmp_path: Path) -> None:
+    """The pipes change under a waiting caller: it polls the new set, not the one it started with.
+
+    While a caller reads the pipes the pump does not, so a replacement's Hello on
+    a pipe the caller had not seen stayed unread until the busy worker it polled
+    answered (here 30 s; under load, a closed pipe whose number was reused made
+    ``result()`` wait its whole timeout, and a crash loop never broke the runtime).
+    """
+    started = tmp_path / "started"
+    with phalanx.Runtime(workers=2, credits=1) as rt:
+        busy = rt.submit(fault_ops.marked_sleep, str(started), 30.0, 1)
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        busy_pid = int(started.read_text())
+        (idle,) = [w.pid for w in rt.stats().workers if w.alive and w.pid != busy_pid]
+        os.kill(idle, signal.SIGKILL)
+        began = time.monotonic()
+        assert rt.submit(ops.inc, 1).result(timeout=25) == 2
+        assert time.monotonic() - began < 20  # the replacement served it, not the busy worker
+        os.kill(busy_pid, signal.SIGKILL)  # its redelivery returns at once
+        assert busy.result(timeout=30) == 1
