@@ -103,7 +103,7 @@ from .transport.messages import (
 )
 from .transport.messages import Heartbeat as _Heartbeat
 
-__all__ = ["WorkerSpec", "TaskContext", "current_task", "run_worker", "worker_spec"]
+__all__ = ["WorkerSpec", "TaskContext", "current_task", "guard_against_orphaning", "run_worker", "worker_spec"]
 
 #: outcomes sent in one Results message at most
 BATCH_MAX = 256
@@ -281,8 +281,18 @@ def _end_own_group() -> None:
             pass
 
 
-def _guard_against_orphaning(parent_pid: int) -> None:
-    """Die, with everything this worker spawned, when the parent dies."""
+#: the driver pid this process's orphan guard watches (None: not guarded yet)
+_guarded: int | None = None
+
+
+def guard_against_orphaning(parent_pid: int) -> None:
+    """Die, with everything this worker spawned, when the parent dies.
+
+    Called once per worker process: by :func:`run_worker`, or earlier by the fork
+    server's standby worker before it has a spec (``parent_pid``: the driver).
+    """
+    global _guarded
+    _guarded = parent_pid
     try:
         if os.getpgrp() != os.getpid():
             os.setpgid(0, 0)  # own group: the driver's Ctrl-C is the driver's to handle
@@ -985,7 +995,8 @@ def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None) -> None:
     """
     global _spec
     _spec = spec
-    _guard_against_orphaning(spec.parent_pid)
+    if _guarded != spec.parent_pid:
+        guard_against_orphaning(spec.parent_pid)
     from .logs import install_worker_output
     from .registry import operations
 
