@@ -13,6 +13,11 @@ server then runs this module's loop, alone in its process::
     │ reader thread ◀── events ─│ ◀─────────────────── │  (worker id, exit code)        │
     └───────────────────────────┘                      └──────────────────────────────┘
 
+The runtime's first workers are forked as soon as the server starts (*standby*
+workers, ``standby=``), whenever no request waits: while the driver sets up its
+sockets, each arms its orphan guard, then waits on its own socket for the Spawn
+request that a first spawn hands it instead of forking.
+
 Workers are copies of the server, which is a copy of the driver as it was when
 the runtime started: they know ``__main__``'s functions and the modules
 imported by then, on every Python version, and no fork ever happens in a
@@ -344,21 +349,11 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     workers: dict[int, str] = {}  # pid -> worker id
-    # Workers forked now, while the driver still sets itself up: each does the start-up that
-    # needs no spec, then waits on its own socket for the Spawn a first request hands it.
+    # Workers forked while the driver still sets itself up (whenever no request waits): each
+    # does the start-up that needs no spec, then waits on its own socket for the Spawn that a
+    # first request hands it. A first request served by a fork needs one fewer.
     standby: dict[int, socket.socket] = {}  # pid -> the server's end of its socket
-    for _ in range(standby_count):
-        try:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            pid = os.fork()
-        except OSError:
-            break  # the requests fork them instead (and report why if that fails too)
-        if pid == 0:
-            ours.close()
-            _standby(theirs, driver, (ctl, events, wake_r, wake_w, *standby.values()),
-                     guard_against_orphaning, run_worker)
-        theirs.close()
-        standby[pid] = ours
+    to_fork = standby_count
     sweeps: list[float] = []
     decoder = msgspec.msgpack.Decoder(_Spawn)
     encoder = msgspec.msgpack.Encoder()
@@ -369,7 +364,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
             if os.getppid() != driver:
                 break
             next_check = now + _PARENT_CHECK
-        timeout = min([next_check, *sweeps]) - now
+        timeout = 0.0 if to_fork else min([next_check, *sweeps]) - now
         try:
             ready: list[int] = select.select([ctl.fileno(), wake_r], [], [], max(0.0, timeout))[0]
         except InterruptedError:
@@ -418,6 +413,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
                 spec = msgspec.msgpack.decode(request.spec, type=WorkerSpec)
                 pid = _hand_over(standby, raw, fds)
                 if not pid:
+                    to_fork = max(0, to_fork - 1)
                     pid = os.fork()
                     if pid == 0:
                         _leave_server((ctl, events, wake_r, wake_w, *standby.values()))
@@ -433,6 +429,25 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
                 ctl.send(encoder.encode(reply))
             except OSError:
                 break
+        elif to_fork:
+            to_fork -= 1
+            # On failure the requests fork them instead (and report why if that fails too).
+            try:
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            except OSError:
+                continue
+            try:
+                pid = os.fork()
+            except OSError:
+                ours.close()
+                theirs.close()
+                continue
+            if pid == 0:
+                ours.close()
+                _standby(theirs, driver, (ctl, events, wake_r, wake_w, *standby.values()),
+                         guard_against_orphaning, run_worker)
+            theirs.close()
+            standby[pid] = ours
     _end_all([*workers, *standby])
     os._exit(0)
 

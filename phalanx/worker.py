@@ -907,13 +907,19 @@ class _Loop:
     # ---- main loop -----------------------------------------------------------
 
     def serve(self) -> None:
-        self.control.start()
+        local = self.control_sockets is not None
+        if not local:
+            self.control.start()  # it makes a remote worker's control sockets
         hello = Hello(self.spec.worker_id, os.getpid(), self.host, tags=list(self.spec.tags))
         if self.inbox is not None:
             # Over tcp the same Hello on the inbox shows the driver that this key holds the
             # identity tasks are sent to (see Driver._drain_tasks).
             self.inbox.send(encode(hello), zmq.NOBLOCK)
         self.send(hello)
+        if local:
+            # Its SUB is connected already (the Sync waits there): the driver handles the
+            # Hello while the thread starts.
+            self.control.start()
         poll = self.poll
         while not self.stopping:
             if not self.todo:
