@@ -49,6 +49,7 @@ Invariants kept:
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import ctypes
 import os
@@ -330,7 +331,9 @@ def guard_against_orphaning(parent_pid: int) -> None:
 
     if not driver_alive():  # the parent died before prctl took effect
         _kill_own_group()
-    threading.Thread(target=watchdog, name="phalanx-watchdog", daemon=True).start()
+    # Not threading.Thread: its start() waits until the new thread runs, a wait the worker's
+    # start-up need not take (the parent-death signal covers it meanwhile).
+    _thread.start_new_thread(watchdog, ())
 
 
 def _special_error(job: int, exc: BaseException) -> ErrorInfo:
