@@ -333,7 +333,7 @@ class ForkServer:
 
 def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count: int = 0) -> NoReturn:
     """The fork server's loop (runs alone in its process until the driver goes)."""
-    from .worker import WorkerSpec, guard_against_orphaning, run_worker  # imported by the driver already
+    from .worker import WorkerSpec, prepare_standby, run_worker  # imported by the driver already
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     stop = False
@@ -445,7 +445,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
             if pid == 0:
                 ours.close()
                 _standby(theirs, driver, (ctl, events, wake_r, wake_w, *standby.values()),
-                         guard_against_orphaning, run_worker)
+                         prepare_standby, run_worker)
             theirs.close()
             standby[pid] = ours
     _end_all([*workers, *standby])
@@ -481,11 +481,11 @@ def _leave_server(server_fds: tuple[Any, ...]) -> None:
 
 
 def _standby(conn: socket.socket, driver: int, server_fds: tuple[Any, ...],
-             guard: Callable[[int], None], run_worker: Callable[..., None]) -> NoReturn:
+             prepare: Callable[[int], None], run_worker: Callable[..., None]) -> NoReturn:
     """In a standby worker: the start-up that needs no spec, then wait for the Spawn, run it."""
     try:
         _leave_server(server_fds)
-        guard(driver)  # from now on it dies with the driver, as any worker
+        prepare(driver)  # from now on it dies with the driver, as any worker
         raw, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 1)
         conn.close()
         if not raw:

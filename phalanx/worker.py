@@ -104,7 +104,8 @@ from .transport.messages import (
 )
 from .transport.messages import Heartbeat as _Heartbeat
 
-__all__ = ["WorkerSpec", "TaskContext", "current_task", "guard_against_orphaning", "run_worker", "worker_spec"]
+__all__ = ["WorkerSpec", "TaskContext", "current_task", "guard_against_orphaning", "prepare_standby", "run_worker",
+           "worker_spec"]
 
 #: outcomes sent in one Results message at most
 BATCH_MAX = 256
@@ -334,6 +335,26 @@ def guard_against_orphaning(parent_pid: int) -> None:
     # Not threading.Thread: its start() waits until the new thread runs, a wait the worker's
     # start-up need not take (the parent-death signal covers it meanwhile).
     _thread.start_new_thread(watchdog, ())
+
+
+#: a standby worker's ZeroMQ context, its threads started before the spec came (see prepare_standby)
+_early_context: zmq.Context[zmq.Socket[bytes]] | None = None
+
+
+def prepare_standby(parent_pid: int) -> None:
+    """What a worker forked ahead of its spec does while it waits (the fork server's standby
+    workers): guard against orphaning, make its ZeroMQ context and start that context's threads."""
+    global _early_context
+    guard_against_orphaning(parent_pid)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ctx.socket(zmq.PAIR).close(linger=0)  # a context starts its I/O threads with its first socket
+    _early_context = ctx
+
+
+def _take_context() -> zmq.Context[zmq.Socket[bytes]]:
+    global _early_context
+    ctx, _early_context = _early_context, None
+    return ctx if ctx is not None else zmq.Context()
 
 
 def _special_error(job: int, exc: BaseException) -> ErrorInfo:
@@ -575,7 +596,7 @@ class _Loop:
         self.spec = spec
         self.ident = spec.worker_id.encode()
         self.host = spec.host or _socket.gethostname()
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = _take_context()
         #: the control thread's SUB and side DEALER. A local worker makes them first, so the SUB
         #: connects and subscribes while the rest of its start-up runs (it is Ready only once a
         #: Sync came through it); the control thread owns them from its start (a thread's start
