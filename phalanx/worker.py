@@ -100,6 +100,7 @@ from .transport.messages import (
     Sync,
     Terminate,
     Welcome,
+    new_inbox,
 )
 from .transport.messages import Heartbeat as _Heartbeat
 
@@ -572,6 +573,8 @@ class _Loop:
             self.control_sockets = self._control_sockets()
         # A local worker talks to the driver over its pipe; a remote one over ZeroMQ.
         self.pipe: FramePipe | None = None
+        #: a remote worker's routing identity on the driver's tasks ROUTER ("": a local worker)
+        self.inbox_id = ""
         self.inbox: zmq.Socket[bytes] | None = None
         self.outbox: zmq.Socket[bytes] | None = None
         #: pickles cross its pipe (local_pickle); never a ZeroMQ socket's, whatever the spec says
@@ -581,7 +584,10 @@ class _Loop:
             self._pipe_poll = select.poll()
             self._pipe_poll.register(self.pipe.fileno(), select.POLLIN)
         else:
-            self.inbox = sockets.dealer(self.ctx, spec.endpoints.tasks, self.ident, spec.curve)
+            # A remote worker's inbox identity is a secret it tells only the driver (in Hello),
+            # so no other host can connect under it and receive its tasks (see Hello).
+            self.inbox_id = new_inbox()
+            self.inbox = sockets.dealer(self.ctx, spec.endpoints.tasks, self.inbox_id.encode(), spec.curve)
             self.outbox = sockets.dealer(self.ctx, spec.endpoints.results, self.ident, spec.curve)
         self.todo: deque[Any] = deque()
         self.tasks_done = 0
@@ -898,10 +904,11 @@ class _Loop:
 
     def serve(self) -> None:
         self.control.start()
-        hello = Hello(self.spec.worker_id, os.getpid(), self.host, tags=list(self.spec.tags))
+        hello = Hello(self.spec.worker_id, os.getpid(), self.host, tags=list(self.spec.tags),
+                      inbox=self.inbox_id)
         if self.inbox is not None:
             # Over tcp the same Hello on the inbox shows the driver that this key holds the
-            # identity tasks are sent to (see Driver._drain_tasks).
+            # inbox identity tasks are sent to (see Driver._drain_tasks).
             self.inbox.send(encode(hello), zmq.NOBLOCK)
         self.send(hello)
         poll = self.poll
