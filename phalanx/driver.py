@@ -302,7 +302,7 @@ class _Worker:
         "tasks", "items", "busy", "died_at", "retiring", "dispatched",
         "remote", "host", "seen", "stop_sent", "tags", "frames_dropped", "pipe", "pipe_done",
         "reader", "leftover", "broken", "delivering", "deferred", "held", "held_at",
-        "head_since", "expired", "stopped_since", "key", "oldest", "reclaiming", "inbox",
+        "head_since", "expired", "stopped_since", "key", "oldest", "reclaiming", "inbox", "credits",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -316,6 +316,8 @@ class _Worker:
         self.ready = False
         self.alive = True
         self.free = 0
+        #: the tasks it takes at once (its Ready's credits)
+        self.credits = 0
         self.inflight: dict[tuple[int, int], Task] = {}
         self.tasks = 0
         self.items = 0
@@ -1493,13 +1495,28 @@ class Driver:
                         msg = decode_driver(frames[1].bytes)
                     except ProtocolError:
                         msg = None
-                    if (isinstance(msg, Hello) and msg.inbox.encode() == ident and is_inbox(ident)
-                            and ident not in self._holders):
-                        self._holders[ident] = origin
-                        if len(self._holders) > MAX_HOLDERS:
-                            self._holders.pop(next(iter(self._holders)))
-                        continue
+                    if isinstance(msg, Hello) and msg.inbox.encode() == ident and is_inbox(ident):
+                        if ident not in self._holders:
+                            self._holders[ident] = origin
+                            if len(self._holders) > MAX_HOLDERS:
+                                self._holders.pop(next(iter(self._holders)))
+                            continue
+                        if self._holders[ident] == origin:
+                            self._inbox_back_locked(ident, origin)
+                            continue
                 self.frames_dropped += 1
+
+    def _inbox_back_locked(self, inbox: bytes, key: bytes) -> None:
+        """A remote worker's inbox said Hello again, having reconnected: if a send to it
+        failed meanwhile (it then takes no new work), it takes work again."""
+        for w in self._workers.values():
+            if w.inbox == inbox and w.key == key:
+                if (w.alive and w.ready and not w.retiring and not w.stop_sent and w.expired is None
+                        and not self._closed and w not in self._live):
+                    w.free = max(0, w.credits - sum(not t.directed for t in w.inflight.values()))
+                    self._add_live_locked(w)
+                    self._dispatch_locked()
+                return
 
     def _check_remote(self, now: float) -> None:
         """Declare remote workers lost whose heartbeats stopped (pump thread)."""
@@ -1767,7 +1784,7 @@ class Driver:
                 self.frames_dropped += 1
                 return
             w.ready = True
-            w.free = max(1, msg.credits)
+            w.free = w.credits = max(1, msg.credits)
             self._add_live_locked(w)
             self._dispatch_locked()
             self._changed.notify_all()

@@ -351,8 +351,10 @@ def test_a_broken_tasks_connection_cannot_be_taken_over_by_another_key(
             assert [x for x, _ in got] == [2 * x for x in range(60)]
             assert not thief.poll(500), f"the thief received {thief.recv_multipart()!r}"
             # The victim, reconnected, keeps working.
-            later = [rt.submit(ops.slow_where, x, 0.05) for x in range(20)]
-            assert [f.result(timeout=60)[0] for f in later] == [2 * x for x in range(20)]
+            later = [rt.submit(ops.slow_where, x, 0.05) for x in range(40)]
+            got = [f.result(timeout=60) for f in later]
+            assert [x for x, _ in got] == [2 * x for x in range(40)]
+            assert "victim" in {h for _, h in got}
             assert not thief.poll(100), f"the thief received {thief.recv_multipart()!r}"
             assert host.proc.poll() is None
             thief.close(linger=0)
