@@ -29,7 +29,9 @@ how the transport keeps its promises:
   does not expect) and the driver sends no ZMTP heartbeats (TCP keepalive,
   tuned short, finds vanished peers; remote workers send Alive).
 * No ``ROUTER_HANDOVER``: a connection cannot take over an identity that
-  another one holds (a host could otherwise receive another's tasks).
+  another one holds (a host could otherwise receive another's tasks). A
+  remote worker's inbox connects under a secret identity besides (see
+  ``messages.Hello``), so no other host can take it while it reconnects.
 """
 
 from __future__ import annotations
