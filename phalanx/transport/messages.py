@@ -11,9 +11,10 @@ operation's declared types with ``msgspec.convert`` on the receiving side.
 Sockets and the messages each one carries::
 
     driver                                   worker
-    ROUTER "tasks"   --- Welcome, Call, Chunk, Stop, --->  DEALER inbox
-                         SpawnActor, ActorCall,
-                         StopActor, SaveActor
+    ROUTER "tasks"   --- Welcome, Call, Chunk, Stop, --->  DEALER inbox (a remote worker's
+                         SpawnActor, ActorCall,            under its secret Hello.inbox;
+                         StopActor, SaveActor              it sends Hello there on each
+                                                           connect)
     ROUTER "results" <-- Hello, Ready, Results, Retire,   DEALER outbox
                          Goodbye, ActorEvent, ActorState
     ROUTER "results" <-- Results (timeouts), ----------  DEALER side (control thread)
@@ -36,8 +37,8 @@ credit the task used.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import secrets
+from collections.abc import Sequence
 from typing import Any, Union
 
 import msgspec
