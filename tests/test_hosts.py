@@ -357,3 +357,76 @@ def test_acked_messages_are_gone_and_nacked_ones_come_back(kind: str) -> None:
         # Each nack puts its message at the front of the queue: 3 ahead of 2; acked 0 and 1 never again.
         assert first.value == 3 and rest == [3, 2, 4, 5]
         assert rt.stats().channel_redelivered == 3
+
+
+# ---- supervision on a tag, and channel waits on the host's clock ---------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(90)
+def test_a_supervised_actor_on_a_tag_waits_for_the_replacement_worker_of_that_tag(kind: str) -> None:
+    # The only "gpu" worker dies: the restart waits (up to route_timeout) for its replacement
+    # and comes back there, from its checkpoint. Failed before on SimRuntime: the restart
+    # failed at once (LookupError: no live worker of tag 'gpu'), as a "default" worker was live.
+    with make_tagged(kind, restart_limit=100) as rt:
+        counter = rt.spawn(ops.Counter, 5, on="gpu", restart_policy="on-failure", checkpoint_every=1)
+        assert counter.incr(2).result(timeout=30) == 7
+        gpu = [w for w, tags in rt.worker_tags().items() if tags == ("gpu",)]
+        assert counter.worker == gpu[0]
+        assert kill_host_of(rt, counter) == gpu[0]
+        events = counter.events(timeout=60)
+        names = [type(next(events)).__name__ for _ in range(3)]
+        assert names == ["Started", "Failed", "Started"]
+        assert rt.worker_tags()[counter.worker] == ("gpu",) and counter.worker != gpu[0]
+        assert counter.incr(1).result(timeout=30) == 8
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_an_actor_spawned_on_a_tag_no_worker_holds_fails_after_route_timeout(kind: str) -> None:
+    # Failed before on SimRuntime: LookupError at once, where a real runtime waits and says NoWorkerError.
+    with make_tagged(kind, route_timeout=1.0) as rt:
+        with pytest.raises(phalanx.NoWorkerError, match="'tpu'"):
+            rt.spawn(ops.Counter, 5, on="tpu")
+        assert rt.submit(ops.add, 2, 2).result(timeout=30) == 4
+
+
+def channel_timeout(kind: str) -> float:
+    # On the simulator the wait is on the virtual clock: an hour passes at once. On a real
+    # runtime it is real time: keep it short.
+    return 3600.0 if kind == "sim" else 0.5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_receiver_s_timeout_runs_on_the_host_s_clock(kind: str) -> None:
+    # Failed before on SimRuntime: the deadline was on the real clock (an hour's wait).
+    with make(kind) as rt:
+        tx, rx = rt.lease(phalanx.ExactlyOnce)
+        wait = channel_timeout(kind)
+        start = rt.now if kind == "sim" else None
+        with pytest.raises(phalanx.ChannelTimeoutError):
+            rx.recv(timeout=wait)
+        if start is not None:
+            assert rt.now - start >= wait  # the virtual clock, not the wall, ran out
+        tx.send(1)
+        assert rx.recv(timeout=30) == 1
+        tx.close(timeout=30)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_sender_s_timeout_on_a_full_lease_runs_on_the_host_s_clock(kind: str) -> None:
+    with make(kind) as rt:
+        tx, rx = rt.lease(phalanx.ExactlyOnce, capacity=1)
+        wait = channel_timeout(kind)
+        tx.send(0, timeout=30)
+        tx.flush(timeout=30)
+        start = rt.now if kind == "sim" else None
+        with pytest.raises(phalanx.ChannelTimeoutError):
+            tx.send(1, timeout=wait)
+            tx.send(2, timeout=wait)
+            tx.flush(timeout=wait)
+        if start is not None:
+            assert rt.now - start >= wait
+        assert rx.recv(timeout=30) == 0
