@@ -9,7 +9,9 @@ subscriptions, deliveries, acks, nacks and redeliveries are decided by
 that state at once, on the virtual clock, and queues its answers for them.
 An end used by the test waits by running the scheduler; an end used inside a
 simulated worker (an operation or actor method) takes what is already there
-and never runs the scheduler from inside a step.
+and never runs the scheduler from inside a step. The ends' timeouts run on
+the virtual clock (``register_driver(clock=...)``), as they run on the real
+one on a :class:`phalanx.Runtime`.
 
 Invariants kept: **exactly-once** and **redelivery on death** come from the
 core: a simulated worker killed gives back what its receivers held
@@ -120,7 +122,7 @@ class SimChannels:
         #: ends made (+1) and gone (-1): a collection may run at any point, so applied at the next flush
         self._counts: deque[tuple[int, int]] = deque()
         register_driver(self.state.base, "sim://", lambda: not sim.closed, self.release, self.state.released,
-                        None, self._count, self.state.share, self._link)
+                        None, self._count, self.state.share, self._link, lambda: sim.now)
 
     def _link(self, where: _Location) -> _Conn:
         return SimLink(where, self)
