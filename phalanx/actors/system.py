@@ -40,7 +40,6 @@ from __future__ import annotations
 import concurrent.futures
 from concurrent.futures._base import RUNNING
 import itertools
-import re
 import threading
 import time
 import typing
@@ -52,7 +51,7 @@ import msgspec
 
 from ..errors import ActorDiedError, TaskTimeoutError
 from ..jobs import Future
-from ..policy import DEFAULT_TAG, check_tag
+from ..policy import DEFAULT_TAG
 from ..registry.actors import actor_name_of
 from ..transport.codec import convert, encode, rebuild_error
 from ..transport.messages import ActorCall, ActorEvent, ActorState, Err, Ok, SaveActor, SpawnActor, StopActor
@@ -64,9 +63,14 @@ from ..core.actors import (
     end,
     fail_calls,
     least_loaded,
+    lost_in_restart,
     may_restart,
+    no_live_error,
     reply_of,
+    resolve_on,
     return_type,
+    route_patience,
+    worker_gone,
 )
 from .events import ActorEvent as Event
 from .events import Failed, RestartFailed, Started
@@ -74,9 +78,6 @@ from .events import Failed, RestartFailed, Started
 if typing.TYPE_CHECKING:
     from ..core.tasks import Delivery, Job
     from ..driver import Driver
-
-#: the ids of workers a runtime starts itself ("w1", "w2", ...): never tag names
-_LOCAL_WORKER_ID = re.compile(r"^w[0-9]+$")
 
 __all__ = ["ActorSystem", "ActorNode", "WorkerNode", "RuntimeTree"]
 
@@ -302,25 +303,15 @@ class ActorSystem:
         without ``wait`` (a hot restart: calls are held meanwhile, and the old
         instance can go on serving) it is a LookupError at once.
         """
-        if on is not None:
-            if on.encode() in self.driver.live_workers():
-                held = self.driver.worker_tags().get(on, ())
-                keep = tag if tag in held else DEFAULT_TAG if DEFAULT_TAG in held or not held else held[0]
-                return on.encode(), keep
-            if on.encode() in self.driver._workers or _LOCAL_WORKER_ID.match(on):
-                # A worker that died (or never was): not a tag to wait for.
-                raise LookupError(f"worker {on!r} is not live; live: {sorted(self.driver.worker_tags())}")
-            try:
-                tag = check_tag(on)
-            except ValueError:
-                raise LookupError(f"no live worker or tag {on!r}; live: "
-                                  f"{sorted(self.driver.worker_tags())}") from None
+        worker, tag = resolve_on(on, tag, self.driver.live_workers(), self.driver.worker_tags(),
+                                 self.driver._workers)
+        if worker is not None:
+            return worker, tag
         live = self.driver.live_workers(tag)
         if not live:
             if not wait:
-                raise LookupError(f"no live worker or worker of tag {tag!r}; live: "
-                                  f"{sorted(self.driver.worker_tags().items())}")
-            patience = min(self.driver.config.route_timeout, self.timeout if timeout is None else timeout)
+                raise no_live_error(tag, self.driver.worker_tags())
+            patience = route_patience(self.driver.config.route_timeout, self.timeout, timeout)
             if not self.driver.wait_route(tag, patience):
                 raise self.driver.no_worker_error(tag, patience)
             live = self.driver.live_workers(tag)
@@ -417,7 +408,7 @@ class ActorSystem:
                 frame = encode(msg, "the arguments of {}", f"{actor.cls_name}.{method}")
                 actor.futures[seq] = (fut, method)
                 if not self.driver.submit_directed(job, msg, frame, actor.worker):
-                    self._worker_gone(actor, seq, method, a, kw)
+                    worker_gone(actor, seq, method, a, kw)
                 return fut
         # Starting, restarting or stopped: check the arguments now, send when it runs.
         encode([a, kw], "the arguments of {}", f"{actor.cls_name}.{method}")
@@ -432,22 +423,6 @@ class ActorSystem:
                 self._flush_locked(actor)
         return fut
 
-    def _worker_gone(self, actor: _Actor, seq: int, method: str, a: Sequence[Any],
-                     kw: dict[str, Any] | None) -> bool:
-        """Call ``seq`` could not be sent: its worker is gone (actor lock held).
-
-        The call never reached the dead worker, so a supervised actor's call
-        waits (held, at the front) for the restart the worker's exit brings;
-        True then. Otherwise it fails with :class:`~phalanx.ActorDiedError`.
-        """
-        if actor.policy == "on-failure":
-            actor.held.appendleft((seq, method, a, kw))
-            return True
-        entry = actor.futures.pop(seq, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_exception(ActorDiedError(f"the worker of actor {actor.id} is gone"))
-        return False
-
     def _flush_locked(self, actor: _Actor) -> None:
         """Send held calls to the current instance (actor lock held)."""
         job = actor.job
@@ -456,7 +431,7 @@ class ActorSystem:
             seq, method, a, kw = actor.held.popleft()
             msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
             if not self.driver.submit_directed(job, msg, encode(msg), actor.worker):
-                if self._worker_gone(actor, seq, method, a, kw):
+                if worker_gone(actor, seq, method, a, kw):
                     return  # held again: sent after the restart
 
     # ---- restart ------------------------------------------------------------------
@@ -520,9 +495,7 @@ class ActorSystem:
                 return False
         # The old instance's process died while this restart owned the actor, and the
         # new instance did not take over: nothing to revert to. Supervise that death.
-        died = ActorDiedError(f"{lost[1]}, during a hot restart that could not take over: {error}")
-        died.__cause__ = error
-        self._instance_died(actor, died)
+        self._instance_died(actor, lost_in_restart(lost[1], error))
         self._rehome()
         return False
 

@@ -26,20 +26,25 @@ raises); supervision restarts an actor at most ``limit`` times within
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import typing
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Container, Iterable, Mapping
 from typing import Any
 
 from ..actors.events import ActorEvent as Event
 from ..actors.events import Failed, Stopped
 from ..errors import ActorDiedError
+from ..policy import DEFAULT_TAG, check_tag
 from ..transport.codec import rebuild_error
 from ..transport.messages import ActorEvent, ActorState
 
 __all__ = ["STARTING", "RUNNING", "RESTARTING", "STOPPING", "STOPPED", "FAILED", "TERMINAL", "TRANSITIONS",
            "advance", "may_restart", "reply_of", "least_loaded", "return_type", "check_spawn", "end", "fail_calls",
-           "died_here"]
+           "died_here", "resolve_on", "route_patience", "no_live_error", "worker_gone", "lost_in_restart"]
+
+#: the ids of workers a runtime starts itself ("w1", "w2", ...): never tag names
+LOCAL_WORKER_ID = re.compile(r"^w[0-9]+$")
 
 STARTING, RUNNING, RESTARTING, STOPPING, STOPPED, FAILED = (
     "starting", "running", "restarting", "stopping", "stopped", "failed")
@@ -170,3 +175,69 @@ def died_here(actor: Ending, worker_id: str, exitcode: int | None) -> ActorDiedE
     """The error for an actor whose process died."""
     return ActorDiedError(f"the process of actor {actor.id} ({actor.cls_name}) on worker {worker_id} died "
                           f"(exit code {exitcode})")
+
+
+def resolve_on(on: str | None, tag: str, live: Container[bytes], tags_of: Mapping[str, tuple[str, ...]],
+               known: Container[bytes]) -> tuple[bytes | None, str]:
+    """Where ``spawn(on=...)`` / ``restart(on=...)`` places an instance, and the tag the actor keeps to.
+
+    ``(worker, tag)`` when ``on`` names a live worker (``tags_of`` lists the
+    live workers' tags); ``(None, tag)`` when a worker of that tag is to be
+    found (``on`` is a tag, or None: the actor stays in ``tag``). A worker
+    that died (``known``) or never was (a local worker id) is a LookupError,
+    not a tag to wait for.
+    """
+    if on is None:
+        return None, tag
+    if on.encode() in live:
+        held = tags_of.get(on, ())
+        keep = tag if tag in held else DEFAULT_TAG if DEFAULT_TAG in held or not held else held[0]
+        return on.encode(), keep
+    if on.encode() in known or LOCAL_WORKER_ID.match(on):
+        raise LookupError(f"worker {on!r} is not live; live: {sorted(tags_of)}")
+    try:
+        return None, check_tag(on)
+    except ValueError:
+        raise LookupError(f"no live worker or tag {on!r}; live: {sorted(tags_of)}") from None
+
+
+def route_patience(route_timeout: float, call_timeout: float, timeout: float | None) -> float:
+    """How long a spawn or supervised restart waits for a live worker of its tag."""
+    return min(route_timeout, call_timeout if timeout is None else timeout)
+
+
+def no_live_error(tag: str, tags_of: Mapping[str, tuple[str, ...]]) -> LookupError:
+    """A hot restart found no live worker of ``tag`` (it does not wait: the old instance serves on)."""
+    return LookupError(f"no live worker or worker of tag {tag!r}; live: {sorted(tags_of.items())}")
+
+
+class Holding(Ending, typing.Protocol):
+    """What :func:`worker_gone` changes of an actor's record."""
+
+    policy: str
+
+
+def worker_gone(actor: Holding, seq: int, method: str, a: Any, kw: dict[str, Any] | None) -> bool:
+    """Call ``seq`` could not be sent: its worker is gone (under the host's actor lock).
+
+    The call never reached the dead worker, so a supervised actor's call
+    waits (held, at the front) for the restart the worker's exit brings;
+    True then. Otherwise it fails with :class:`~phalanx.ActorDiedError`.
+    """
+    if actor.policy == "on-failure":
+        actor.held.appendleft((seq, method, a, kw))
+        return True
+    entry = actor.futures.pop(seq, None)
+    if entry is not None and not entry[0].done():
+        try:
+            entry[0].set_exception(ActorDiedError(f"the worker of actor {actor.id} is gone"))
+        except concurrent.futures.InvalidStateError:
+            pass
+    return False
+
+
+def lost_in_restart(lost: ActorDiedError, error: BaseException | None) -> ActorDiedError:
+    """The death to supervise when the old instance's process died during a hot restart that failed."""
+    died = ActorDiedError(f"{lost}, during a hot restart that could not take over: {error}")
+    died.__cause__ = error
+    return died

@@ -31,9 +31,14 @@ from ..core.actors import (
     end,
     fail_calls,
     least_loaded,
+    lost_in_restart,
     may_restart,
+    no_live_error,
     reply_of,
+    resolve_on,
     return_type,
+    route_patience,
+    worker_gone,
 )
 from ..core.tasks import Delivery, Job
 from ..errors import ActorDiedError, TaskTimeoutError
@@ -91,6 +96,8 @@ class _SimActor:
         self.refs = 0
         self.calls = 0
         self.stop_when_running = False
+        #: a supervised restart waiting for a worker of its tag gives up when this fires
+        self.route_timer = [True]
 
     def take_lost(self) -> ActorDiedError | None:
         """The death of the old instance's process noted during a hot restart (then cleared)."""
@@ -132,9 +139,11 @@ class SimActors:
         self.actors[actor.id] = actor
         actor.job = self.sim._open_job(f"{cls_name} (actor {actor.id})", self._deliver_for(actor),
                                        self._fail_for(actor))
-        worker = self._place(on, exclude=None)
-        held = self.sim._workers[worker].tags
-        actor.tag = on if on is not None and on in held else DEFAULT_TAG if DEFAULT_TAG in held else held[0]
+        try:
+            worker, actor.tag = self._place(on, None, DEFAULT_TAG, timeout)
+        except BaseException as exc:
+            self._end(actor, "failed", exc)
+            raise
         box: list[BaseException | None] = []
         self._start(actor, worker, False, None, box.append, timeout)
         self._wait(box, timeout, f"actor {actor.id} to start")
@@ -154,16 +163,35 @@ class SimActors:
         if not box:
             box.append(TaskTimeoutError(f"timed out waiting for {what}"))
 
-    def _place(self, on: str | None, exclude: bytes | None, tag: str = DEFAULT_TAG) -> bytes:
-        """A live worker: the one named ``on``, else one of the tag ``on`` (or ``tag``), least loaded."""
-        live = self.sim._live_workers()
-        if on is not None and on.encode() in live:
-            return on.encode()
-        tag = on if on is not None else tag
-        live = {w.ident: len(w.inflight) for w in self.sim._live if tag in w.tags}
-        if not live:
-            raise LookupError(f"no live worker or worker of tag {tag!r}; live: {self.sim.worker_tags()}")
-        return least_loaded(live, [a.worker for a in self.actors.values() if a.state not in _TERMINAL], exclude)
+    def _live_of(self, tag: str) -> dict[bytes, int]:
+        return {w.ident: len(w.inflight) for w in self.sim._live if tag in w.tags}
+
+    def _hosting(self) -> list[bytes]:
+        return [a.worker for a in self.actors.values() if a.state not in _TERMINAL]
+
+    def _place(self, on: str | None, exclude: bytes | None, tag: str, timeout: float | None,
+               wait: bool = True) -> tuple[bytes, str]:
+        """A live worker for an instance and the tag the actor keeps to (as ``ActorSystem._place``).
+
+        A tag with no live worker is waited for on the virtual clock, up to
+        ``route_timeout`` (or ``timeout``), then NoWorkerError; without ``wait``
+        (a hot restart) it is a LookupError at once.
+        """
+        sim = self.sim
+        worker, tag = resolve_on(on, tag, sim._live_workers(), sim.worker_tags(), sim._workers)
+        if worker is not None:
+            return worker, tag
+        if not self._live_of(tag):
+            if not wait:
+                raise no_live_error(tag, sim.worker_tags())
+            patience = route_patience(sim.config.route_timeout, ACTOR_TIMEOUT, timeout)
+            expired: list[bool] = []
+            timer = sim._timer(patience, f"route timeout of tag {tag!r}", lambda: expired.append(True))
+            sim._wait_for(lambda: bool(expired or self._live_of(tag)), None, f"a live worker of tag {tag!r}")
+            sim._cancel(timer)
+            if not self._live_of(tag):
+                raise sim.routing.no_worker_error(tag, patience)
+        return least_loaded(self._live_of(tag), self._hosting(), exclude), tag
 
     def _start(self, actor: _SimActor, worker: bytes, restored: bool, state: Any,
                done: Callable[[BaseException | None], None], timeout: float | None) -> None:
@@ -245,9 +273,8 @@ class SimActors:
             seq, method, a, kw = actor.held.popleft()
             msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
             if not self.sim._submit_directed(job, msg, encode(msg), actor.worker):
-                entry = actor.futures.pop(seq, None)
-                if entry is not None and not entry[0].done():
-                    entry[0].set_exception(ActorDiedError(f"the worker of actor {actor.id} is gone"))
+                if worker_gone(actor, seq, method, a, kw):
+                    return  # held again: sent after the restart
         if actor.stop_when_running and actor.state == "running":
             actor.stop_when_running = False
             self._stop_now(actor)
@@ -277,7 +304,7 @@ class SimActors:
         state, error = first if isinstance(first, tuple) else (None, first)
         if error is None:
             try:
-                target = self._place(on, exclude=old_worker, tag=actor.tag)
+                target, tag = self._place(on, old_worker, actor.tag, timeout, wait=False)
             except BaseException as exc:
                 error = exc
             else:
@@ -287,6 +314,7 @@ class SimActors:
                 error = box[0]
                 if error is None:
                     actor.lost = None  # the new instance took over: the old one is moot
+                    actor.tag = tag
                     actor.checkpoint, actor.has_checkpoint = state, True
                     self._emit(actor, Started(target.decode(), restored=True))
                     self._flush(actor)
@@ -301,9 +329,7 @@ class SimActors:
             self._end(actor, "failed", error)
             return False
         # The old instance's process died meanwhile: nothing to revert to; supervise that death.
-        lost = ActorDiedError(f"{died}, during a hot restart that could not take over: {error}")
-        lost.__cause__ = error
-        self._instance_died(actor, lost)
+        self._instance_died(actor, lost_in_restart(died, error))
         self.rehome()
         return False
 
@@ -415,23 +441,37 @@ class SimActors:
         self.rehome()
 
     def _instance_died(self, actor: _SimActor, died: ActorDiedError) -> None:
-        """Queue a supervised restart of ``actor``, or end it as failed (then call :meth:`rehome`)."""
+        """Queue a supervised restart of ``actor``, or end it as failed (then call :meth:`rehome`).
+
+        As on a real runtime, the restart waits up to ``route_timeout`` for a
+        live worker of the actor's tag (a replacement), then fails it with
+        NoWorkerError.
+        """
         if actor.policy != "on-failure" or not may_restart(
                 actor.restarts, self.sim.now, self.max_restarts, self.restart_window):
             self._end(actor, "failed", died)
             return
         actor.state = advance(actor.state, "died")
         self._emit(actor, Failed(died, final=False))
+        patience = route_patience(self.sim.config.route_timeout, ACTOR_TIMEOUT, None)
+
+        def give_up() -> None:
+            if actor in self.homeless:
+                self.homeless.remove(actor)
+                self._end(actor, "failed", self.sim.routing.no_worker_error(actor.tag, patience))
+
+        actor.route_timer = self.sim._timer(patience, f"actor {actor.id} route timeout", give_up)
         self.homeless.append(actor)
 
     def rehome(self) -> None:
-        while self.homeless and self.sim._live_workers():
-            actor = self.homeless.popleft()
-            try:
-                worker = self._place(None, exclude=None, tag=actor.tag)
-            except BaseException as exc:
-                self._end(actor, "failed", exc)
-                continue
+        """Start supervised actors whose worker died on a live worker of their tag, if one is there."""
+        for actor in list(self.homeless):
+            live = self._live_of(actor.tag)
+            if not live:
+                continue  # waits for one (a replacement) until its route timer fires
+            self.homeless.remove(actor)
+            self.sim._cancel(actor.route_timer)
+            worker = least_loaded(live, self._hosting(), None)
 
             def done(error: BaseException | None, actor: _SimActor = actor, worker: bytes = worker) -> None:
                 if error is not None:
