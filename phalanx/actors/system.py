@@ -44,7 +44,7 @@ import threading
 import time
 import typing
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import msgspec
@@ -52,13 +52,15 @@ import msgspec
 from ..errors import ActorDiedError, TaskTimeoutError
 from ..jobs import Future
 from ..policy import DEFAULT_TAG
-from ..registry.actors import actor_name_of
 from ..transport.codec import convert, encode, rebuild_error
 from ..transport.messages import ActorCall, ActorEvent, ActorState, Err, Ok, SaveActor, SpawnActor, StopActor
 from ..core.actors import (
     TERMINAL,
+    ActorRecord,
     advance,
-    check_spawn,
+    flush_calls,
+    hold_call,
+    note_checkpoint,
     died_here,
     end,
     fail_calls,
@@ -68,7 +70,6 @@ from ..core.actors import (
     no_live_error,
     reply_of,
     resolve_on,
-    return_type,
     route_patience,
     worker_gone,
 )
@@ -156,54 +157,22 @@ class RuntimeTree(msgspec.Struct, frozen=True):
 _TERMINAL = TERMINAL
 
 
-#: not looked up yet (``Any`` is a valid answer)
-_UNKNOWN: Any = object()
-
-
 class _StateWait(concurrent.futures.Future[Any]):
     """A wait for a saved state (answered with ``(state, error)``)."""
 
 
-class _Actor:
+class _Actor(ActorRecord):
     """Driver-side record of one actor (guarded by ``lock``)."""
 
-    def __init__(self, actor_id: int, cls_name: str, cls: type | None, args: list[Any],
-                 kwargs: dict[str, Any] | None, name: str | None, detached: bool,
-                 policy: str, every: int, interval: float) -> None:
-        self.id = actor_id
-        self.cls_name = cls_name
-        self.cls = cls
-        self.args = args
-        self.kwargs = kwargs
-        self.name = name
-        self.detached = detached
-        self.policy = policy
-        #: the worker tag it keeps to across restarts
-        self.tag = DEFAULT_TAG
-        self.every = every
-        self.interval = interval
-        #: guards the fields below; ``lock`` is a Condition over it (the hot path takes the bare RLock)
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        #: guards the fields; ``lock`` is a Condition over it (the hot path takes the bare RLock)
         self.mutex = threading.RLock()
         self.lock = threading.Condition(self.mutex)
-        self.state = "starting"
-        self.instance = 0
-        self.worker = b""
-        self.job: Job | None = None
-        self.seqs = itertools.count()
-        self.futures: dict[int, tuple[Future[Any], str]] = {}
-        self.held: deque[tuple[int, str, Sequence[Any], dict[str, Any] | None]] = deque()
-        self.events: list[Event] = []
-        self.checkpoint: Any = None
-        self.has_checkpoint = False
-        self.restarts: deque[float] = deque()
         #: a hot restart is under way: its thread, not the worker-exit listener, settles a death
         self.hot = False
         #: (worker, error): a death the exit listener left to the hot restart under way
         self.lost: tuple[bytes, ActorDiedError] | None = None
-        self.refs = 0
-        self.calls = 0
-        #: declared return type of each method called so far (reading annotations costs ~10 us)
-        self.returns: dict[str, Any] = {}
 
     def take_lost(self) -> tuple[bytes, ActorDiedError] | None:
         """The death noted during a hot restart, as (worker, error) (then cleared)."""
@@ -263,11 +232,9 @@ class ActorSystem:
     def spawn(self, cls: type | str, args: tuple[Any, ...], kwargs: dict[str, Any], *, on: str | None,
               name: str | None, detached: bool, restart_policy: str, checkpoint_every: int,
               checkpoint_interval: float, timeout: float | None) -> _Actor:
-        check_spawn(restart_policy, detached, name)
-        cls_name = actor_name_of(cls)
-        encode([list(args), kwargs], f"the arguments of {cls_name}")
-        actor = _Actor(next(self._ids), cls_name, cls if isinstance(cls, type) else None, list(args),
-                       kwargs or None, name, detached, restart_policy, checkpoint_every, checkpoint_interval)
+        actor = _Actor(self._ids, cls, args, kwargs, name, detached, restart_policy, checkpoint_every,
+                       checkpoint_interval)
+        cls_name = actor.cls_name
         with self._lock:
             if name is not None:
                 if name in self._names and self._names[name].state not in _TERMINAL:
@@ -413,26 +380,13 @@ class ActorSystem:
         # Starting, restarting or stopped: check the arguments now, send when it runs.
         encode([a, kw], "the arguments of {}", f"{actor.cls_name}.{method}")
         with actor.mutex:
-            if actor.state in _TERMINAL:
-                fut.set_exception(ActorDiedError(f"actor {actor.id} ({actor.cls_name}) is {actor.state}"))
-                return fut
-            seq = next(actor.seqs)
-            actor.futures[seq] = (fut, method)
-            actor.held.append((seq, method, a, kw))
-            if actor.state == "running":
+            if hold_call(actor, fut, method, a, kw):
                 self._flush_locked(actor)
         return fut
 
     def _flush_locked(self, actor: _Actor) -> None:
         """Send held calls to the current instance (actor lock held)."""
-        job = actor.job
-        assert job is not None
-        while actor.held and actor.state in ("running", "stopping"):
-            seq, method, a, kw = actor.held.popleft()
-            msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
-            if not self.driver.submit_directed(job, msg, encode(msg), actor.worker):
-                if worker_gone(actor, seq, method, a, kw):
-                    return  # held again: sent after the restart
+        flush_calls(actor, self.driver.submit_directed)
 
     # ---- restart ------------------------------------------------------------------
 
@@ -585,8 +539,7 @@ class ActorSystem:
                 # A checkpoint still in flight from a worker already declared dead
                 # is older news than the restart under way: ignore it.
                 with actor.lock:
-                    if actor.instance == number and actor.worker == worker:
-                        actor.checkpoint, actor.has_checkpoint = value, True
+                    note_checkpoint(actor, number, worker, value)
             return
         key = (what, number)
         with self._lock:
@@ -673,12 +626,4 @@ class ActorSystem:
         return out
 
     def convert_result(self, actor: _Actor, method: str, value: Any) -> Any:
-        typ = actor.returns.get(method, _UNKNOWN)
-        if typ is _UNKNOWN:
-            typ = actor.returns[method] = return_type(actor.cls, method)
-        if typ is Any:
-            return value
-        try:
-            return convert(value, typ)
-        except Exception:
-            return value
+        return actor.convert_result(method, value)

@@ -25,8 +25,11 @@ from ..actors.events import Failed, RestartFailed, Started
 from ..actors.system import settle_call
 from ..core.actors import (
     TERMINAL,
+    ActorRecord,
     advance,
-    check_spawn,
+    flush_calls,
+    hold_call,
+    note_checkpoint,
     died_here,
     end,
     fail_calls,
@@ -36,16 +39,14 @@ from ..core.actors import (
     no_live_error,
     reply_of,
     resolve_on,
-    return_type,
     route_patience,
     worker_gone,
 )
-from ..core.tasks import Delivery, Job
+from ..core.tasks import Delivery
 from ..errors import ActorDiedError, TaskTimeoutError
 from ..policy import DEFAULT_TAG
-from ..registry.actors import actor_name_of
-from ..transport.codec import convert, encode
-from ..transport.messages import ActorCall, ActorEvent, ActorState, SaveActor, SpawnActor, StopActor
+from ..transport.codec import encode
+from ..transport.messages import ActorEvent, ActorState, SaveActor, SpawnActor, StopActor
 
 from .sim_jobs import HangError, SimFuture
 
@@ -64,37 +65,11 @@ _TERMINAL = TERMINAL
 ACTOR_TIMEOUT = 60.0
 
 
-class _SimActor:
-    def __init__(self, actor_id: int, cls_name: str, cls: type | None, args: list[Any],
-                 kwargs: dict[str, Any] | None, name: str | None, detached: bool, policy: str,
-                 every: int, interval: float) -> None:
-        self.id = actor_id
-        self.cls_name = cls_name
-        self.cls = cls
-        self.args = args
-        self.kwargs = kwargs
-        self.name = name
-        self.detached = detached
-        self.policy = policy
-        self.every = every
-        self.interval = interval
-        self.state = "starting"
-        #: the worker tag it keeps to across restarts
-        self.tag = DEFAULT_TAG
-        self.instance = 0
-        self.worker = b""
-        self.job: Job | None = None
-        self.seqs = itertools.count()
-        self.futures: dict[int, tuple[SimFuture[Any], str]] = {}
-        self.held: deque[tuple[int, str, list[Any], dict[str, Any] | None]] = deque()
-        self.events: list[Event] = []
-        self.checkpoint: Any = None
-        self.has_checkpoint = False
-        self.restarts: deque[float] = deque()
+class _SimActor(ActorRecord):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         #: the death of the old instance's process, seen during a hot restart
         self.lost: ActorDiedError | None = None
-        self.refs = 0
-        self.calls = 0
         self.stop_when_running = False
         #: a supervised restart waiting for a worker of its tag gives up when this fires
         self.route_timer = [True]
@@ -127,11 +102,9 @@ class SimActors:
     def spawn(self, cls: type | str, args: tuple[Any, ...], kwargs: dict[str, Any], *, on: str | None,
               name: str | None, detached: bool, restart_policy: str, checkpoint_every: int,
               checkpoint_interval: float, timeout: float | None) -> _SimActor:
-        check_spawn(restart_policy, detached, name)
-        cls_name = actor_name_of(cls)
-        encode([list(args), kwargs], f"the arguments of {cls_name}")
-        actor = _SimActor(next(self.ids), cls_name, cls if isinstance(cls, type) else None, list(args),
-                          kwargs or None, name, detached, restart_policy, checkpoint_every, checkpoint_interval)
+        actor = _SimActor(self.ids, cls, args, kwargs, name, detached, restart_policy, checkpoint_every,
+                          checkpoint_interval)
+        cls_name = actor.cls_name
         if name is not None:
             if name in self.names and self.names[name].state not in _TERMINAL:
                 raise ValueError(f"an actor named {name!r} already exists")
@@ -256,25 +229,12 @@ class SimActors:
         fut.set_running_or_notify_cancel()
         a, kw = list(args), kwargs or None
         encode([a, kw], f"the arguments of {actor.cls_name}.{method}")
-        if actor.state in _TERMINAL:
-            fut.set_exception(ActorDiedError(f"actor {actor.id} ({actor.cls_name}) is {actor.state}"))
-            return fut
-        seq = next(actor.seqs)
-        actor.futures[seq] = (fut, method)
-        actor.held.append((seq, method, a, kw))
-        if actor.state == "running":
+        if hold_call(actor, fut, method, a, kw):
             self._flush(actor)
         return fut
 
     def _flush(self, actor: _SimActor) -> None:
-        job = actor.job
-        assert job is not None
-        while actor.held and actor.state in ("running", "stopping"):
-            seq, method, a, kw = actor.held.popleft()
-            msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
-            if not self.sim._submit_directed(job, msg, encode(msg), actor.worker):
-                if worker_gone(actor, seq, method, a, kw):
-                    return  # held again: sent after the restart
+        flush_calls(actor, self.sim._submit_directed)
         if actor.stop_when_running and actor.state == "running":
             actor.stop_when_running = False
             self._stop_now(actor)
@@ -416,8 +376,7 @@ class SimActors:
             if what == "stopped":
                 self._end(actor, "stopped", None)
             elif what == "checkpoint" and self.sim._is_live(worker):
-                if actor.instance == number and actor.worker == worker:
-                    actor.checkpoint, actor.has_checkpoint = value, True
+                note_checkpoint(actor, number, worker, value)
             return
         key = (what, number)
         waiting = self.waiting.pop(key, None)
@@ -492,13 +451,7 @@ class SimActors:
         return out
 
     def convert_result(self, actor: _SimActor, method: str, value: Any) -> Any:
-        typ = return_type(actor.cls, method)
-        if typ is Any:
-            return value
-        try:
-            return convert(value, typ)
-        except Exception:
-            return value
+        return actor.convert_result(method, value)
 
 
 # --------------------------------------------------------------------------- #
