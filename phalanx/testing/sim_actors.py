@@ -23,25 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ..actors.events import ActorEvent as Event
 from ..actors.events import Failed, RestartFailed, Started
 from ..actors.system import settle_call
-from ..core.actors import (
-    TERMINAL,
-    ActorRecord,
-    advance,
-    flush_calls,
-    hold_call,
-    note_checkpoint,
-    died_here,
-    end,
-    fail_calls,
-    least_loaded,
-    lost_in_restart,
-    may_restart,
-    no_live_error,
-    reply_of,
-    resolve_on,
-    route_patience,
-    worker_gone,
-)
+from ..core import actors as core
 from ..core.tasks import Delivery
 from ..errors import ActorDiedError, TaskTimeoutError
 from ..policy import DEFAULT_TAG
@@ -60,12 +42,12 @@ __all__ = ["SimActors"]
 # the lifecycle, supervision and placement are phalanx.core.actors'
 # --------------------------------------------------------------------------- #
 
-_TERMINAL = TERMINAL
+_TERMINAL = core.TERMINAL
 #: virtual seconds a spawn, restart or save may take before it fails
 ACTOR_TIMEOUT = 60.0
 
 
-class _SimActor(ActorRecord):
+class _SimActor(core.ActorRecord):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         #: the death of the old instance's process, seen during a hot restart
@@ -151,20 +133,20 @@ class SimActors:
         (a hot restart) it is a LookupError at once.
         """
         sim = self.sim
-        worker, tag = resolve_on(on, tag, sim._live_workers(), sim.worker_tags(), sim._workers)
+        worker, tag = core.resolve_on(on, tag, sim._live_workers(), sim.worker_tags(), sim._workers)
         if worker is not None:
             return worker, tag
         if not self._live_of(tag):
             if not wait:
-                raise no_live_error(tag, sim.worker_tags())
-            patience = route_patience(sim.config.route_timeout, ACTOR_TIMEOUT, timeout)
+                raise core.no_live_error(tag, sim.worker_tags())
+            patience = core.route_patience(sim.config.route_timeout, ACTOR_TIMEOUT, timeout)
             expired: list[bool] = []
             timer = sim._timer(patience, f"route timeout of tag {tag!r}", lambda: expired.append(True))
             sim._wait_for(lambda: bool(expired or self._live_of(tag)), None, f"a live worker of tag {tag!r}")
             sim._cancel(timer)
             if not self._live_of(tag):
                 raise sim.routing.no_worker_error(tag, patience)
-        return least_loaded(self._live_of(tag), self._hosting(), exclude), tag
+        return core.least_loaded(self._live_of(tag), self._hosting(), exclude), tag
 
     def _start(self, actor: _SimActor, worker: bytes, restored: bool, state: Any,
                done: Callable[[BaseException | None], None], timeout: float | None) -> None:
@@ -188,7 +170,7 @@ class SimActors:
                 return
             old_worker, old_instance = actor.worker, actor.instance
             actor.worker, actor.instance = worker, instance
-            actor.state = advance(actor.state, "started")
+            actor.state = core.advance(actor.state, "started")
             if old_instance and old_worker:
                 self.sim._send_to(old_worker, encode(StopActor(old_instance, quiet=True)))
             done(None)
@@ -229,12 +211,12 @@ class SimActors:
         fut.set_running_or_notify_cancel()
         a, kw = list(args), kwargs or None
         encode([a, kw], f"the arguments of {actor.cls_name}.{method}")
-        if hold_call(actor, fut, method, a, kw):
+        if core.hold_call(actor, fut, method, a, kw):
             self._flush(actor)
         return fut
 
     def _flush(self, actor: _SimActor) -> None:
-        flush_calls(actor, self.sim._submit_directed)
+        core.flush_calls(actor, self.sim._submit_directed)
         if actor.stop_when_running and actor.state == "running":
             actor.stop_when_running = False
             self._stop_now(actor)
@@ -248,7 +230,7 @@ class SimActors:
     def restart(self, actor: _SimActor, on: str | None, timeout: float | None) -> bool:
         if actor.state != "running":
             raise ActorDiedError(f"actor {actor.id} is {actor.state}; only a running actor restarts")
-        actor.state = advance(actor.state, "restart")
+        actor.state = core.advance(actor.state, "restart")
         actor.lost = None
         old_worker, old_instance = actor.worker, actor.instance
         nonce = next(self.nonces)
@@ -282,14 +264,14 @@ class SimActors:
         died = actor.take_lost()
         if died is None:
             if actor.state == "restarting" and self.sim._is_live(old_worker):
-                actor.state = advance(actor.state, "revert")
+                actor.state = core.advance(actor.state, "revert")
                 self._emit(actor, RestartFailed(error))
                 self._flush(actor)
                 return False
             self._end(actor, "failed", error)
             return False
         # The old instance's process died meanwhile: nothing to revert to; supervise that death.
-        self._instance_died(actor, lost_in_restart(died, error))
+        self._instance_died(actor, core.lost_in_restart(died, error))
         self.rehome()
         return False
 
@@ -310,7 +292,7 @@ class SimActors:
 
     def _stop_now(self, actor: _SimActor) -> None:
         self._flush(actor)
-        actor.state = advance(actor.state, "stop")
+        actor.state = core.advance(actor.state, "stop")
         if not self.sim._send_to(actor.worker, encode(StopActor(actor.instance))):
             self._end(actor, "stopped", None)
 
@@ -325,10 +307,10 @@ class SimActors:
     def _end(self, actor: _SimActor, state: str, error: BaseException | None, emit: bool = True) -> None:
         if actor.state in _TERMINAL:
             return
-        futures, event = end(actor, state, error)
+        futures, event = core.end(actor, state, error)
         if emit:
             self._emit(actor, event)
-        fail_calls(actor, futures, state)
+        core.fail_calls(actor, futures, state)
         if actor.job is not None:
             self.sim._close_job(actor.job)
 
@@ -368,7 +350,7 @@ class SimActors:
     # ---- messages from workers ------------------------------------------------------
 
     def on_message(self, worker: bytes, msg: ActorEvent | ActorState) -> None:
-        what, number, value = reply_of(msg)
+        what, number, value = core.reply_of(msg)
         if what in ("checkpoint", "stopped", "nothing"):
             actor = self.by_instance.get(number)
             if actor is None:
@@ -376,7 +358,7 @@ class SimActors:
             if what == "stopped":
                 self._end(actor, "stopped", None)
             elif what == "checkpoint" and self.sim._is_live(worker):
-                note_checkpoint(actor, number, worker, value)
+                core.note_checkpoint(actor, number, worker, value)
             return
         key = (what, number)
         waiting = self.waiting.pop(key, None)
@@ -392,7 +374,7 @@ class SimActors:
                 callback((None, gone) if key[0] == "state" else ("failed", gone))
         hosted = [a for a in self.actors.values() if a.worker == ident and a.state not in _TERMINAL]
         for actor in hosted:
-            died = died_here(actor, worker_id, exitcode)
+            died = core.died_here(actor, worker_id, exitcode)
             if actor.state == "restarting":
                 actor.lost = died  # a hot restart in progress settles the loss itself
                 continue
@@ -406,13 +388,13 @@ class SimActors:
         live worker of the actor's tag (a replacement), then fails it with
         NoWorkerError.
         """
-        if actor.policy != "on-failure" or not may_restart(
+        if actor.policy != "on-failure" or not core.may_restart(
                 actor.restarts, self.sim.now, self.max_restarts, self.restart_window):
             self._end(actor, "failed", died)
             return
-        actor.state = advance(actor.state, "died")
+        actor.state = core.advance(actor.state, "died")
         self._emit(actor, Failed(died, final=False))
-        patience = route_patience(self.sim.config.route_timeout, ACTOR_TIMEOUT, None)
+        patience = core.route_patience(self.sim.config.route_timeout, ACTOR_TIMEOUT, None)
 
         def give_up() -> None:
             if actor in self.homeless:
@@ -430,7 +412,7 @@ class SimActors:
                 continue  # waits for one (a replacement) until its route timer fires
             self.homeless.remove(actor)
             self.sim._cancel(actor.route_timer)
-            worker = least_loaded(live, self._hosting(), None)
+            worker = core.least_loaded(live, self._hosting(), None)
 
             def done(error: BaseException | None, actor: _SimActor = actor, worker: bytes = worker) -> None:
                 if error is not None:
