@@ -430,3 +430,40 @@ def test_a_sender_s_timeout_on_a_full_lease_runs_on_the_host_s_clock(kind: str) 
         if start is not None:
             assert rt.now - start >= wait
         assert rx.recv(timeout=30) == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(90)
+def test_a_supervised_actor_s_death_past_its_restart_limit_is_final(kind: str) -> None:
+    # Failed before on SimRuntime: it took no actor_restart_limit (TypeError).
+    with make(kind, restart_limit=100, actor_restart_limit=1) as rt:
+        counter = rt.spawn(ops.Counter, 5, restart_policy="on-failure", checkpoint_every=1)
+        assert counter.incr(2).result(timeout=30) == 7
+        assert kill_host_of(rt, counter) is not None
+        events = counter.events(timeout=60)
+        assert [type(next(events)).__name__ for _ in range(3)] == ["Started", "Failed", "Started"]
+        assert counter.incr(1).result(timeout=30) == 8
+        assert kill_host_of(rt, counter) is not None
+        counter.join(timeout=60)
+        last = list(counter.events(timeout=30))[-1]
+        assert type(last).__name__ == "Failed" and last.final
+        with pytest.raises(phalanx.ActorDiedError):
+            counter.incr(1).result(timeout=30)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_hot_restart_whose_new_instance_fails_reverts_to_the_old_one(kind: str) -> None:
+    with make(kind) as rt:
+        fragile = rt.spawn(ops.Fragile, 5)
+        assert fragile.incr(2).result(timeout=30) == 7
+        before = fragile.worker
+        calls = [fragile.incr(1) for _ in range(3)]
+        assert fragile.restart(timeout=30) is False
+        assert [c.result(timeout=30) for c in calls] == [8, 9, 10]
+        assert fragile.worker == before and fragile.incr(1).result(timeout=30) == 11
+        fragile.stop()
+        fragile.join(timeout=30)
+        events = list(fragile.events(timeout=30))
+        assert [type(e).__name__ for e in events] == ["Started", "RestartFailed", "Stopped"]
+        assert "cannot restore 10" in str(events[1].error)  # the calls made before it, then the save

@@ -43,8 +43,6 @@ __all__ = ["SimActors"]
 # --------------------------------------------------------------------------- #
 
 _TERMINAL = core.TERMINAL
-#: virtual seconds a spawn, restart or save may take before it fails
-ACTOR_TIMEOUT = 60.0
 
 
 class _SimActor(core.ActorRecord):
@@ -65,8 +63,11 @@ class _SimActor(core.ActorRecord):
 class SimActors:
     """The actor system of a SimRuntime; duck-types ``phalanx.actors.system.ActorSystem`` for ``ActorRef``."""
 
-    def __init__(self, sim: SimRuntime, max_restarts: int = 3, restart_window: float = 60.0) -> None:
+    def __init__(self, sim: SimRuntime, max_restarts: int = 3, restart_window: float = 60.0,
+                 call_timeout: float = 60.0) -> None:
         self.sim = sim
+        #: virtual seconds a spawn, restart or save may take before it fails (``actor_timeout``)
+        self.timeout = call_timeout
         self.max_restarts = max_restarts
         self.restart_window = restart_window
         self.actors: dict[int, _SimActor] = {}
@@ -112,7 +113,7 @@ class SimActors:
 
     def _wait(self, box: list[Any], timeout: float | None, what: str) -> None:
         try:
-            self.sim._wait_for(lambda: bool(box), ACTOR_TIMEOUT if timeout is None else timeout, what)
+            self.sim._wait_for(lambda: bool(box), self.timeout if timeout is None else timeout, what)
         except TimeoutError:
             pass
         if not box:
@@ -139,7 +140,7 @@ class SimActors:
         if not self._live_of(tag):
             if not wait:
                 raise core.no_live_error(tag, sim.worker_tags())
-            patience = core.route_patience(sim.config.route_timeout, ACTOR_TIMEOUT, timeout)
+            patience = core.route_patience(sim.config.route_timeout, self.timeout, timeout)
             expired: list[bool] = []
             timer = sim._timer(patience, f"route timeout of tag {tag!r}", lambda: expired.append(True))
             sim._wait_for(lambda: bool(expired or self._live_of(tag)), None, f"a live worker of tag {tag!r}")
@@ -181,7 +182,7 @@ class SimActors:
         if not self.sim._send_to(worker, encode(msg, f"the state of actor {actor.id}")):
             answer(("failed", ActorDiedError(f"worker {worker.decode()} is gone")))
             return
-        limit = ACTOR_TIMEOUT if timeout is None else timeout
+        limit = self.timeout if timeout is None else timeout
         timer.append(self.sim._timer(
             limit, f"actor {actor.id} start timeout",
             lambda: answer(("failed", TaskTimeoutError(f"timed out waiting for actor {actor.id} to start")))))
@@ -282,7 +283,7 @@ class SimActors:
             return
         if actor.state != "running":
             try:
-                self.sim._wait_for(lambda: actor.state not in ("starting", "restarting"), ACTOR_TIMEOUT,
+                self.sim._wait_for(lambda: actor.state not in ("starting", "restarting"), self.timeout,
                                    f"actor {actor.id} to be running")
             except TimeoutError:
                 return
@@ -394,7 +395,7 @@ class SimActors:
             return
         actor.state = core.advance(actor.state, "died")
         self._emit(actor, Failed(died, final=False))
-        patience = core.route_patience(self.sim.config.route_timeout, ACTOR_TIMEOUT, None)
+        patience = core.route_patience(self.sim.config.route_timeout, self.timeout, None)
 
         def give_up() -> None:
             if actor in self.homeless:
