@@ -467,3 +467,57 @@ def test_a_hot_restart_whose_new_instance_fails_reverts_to_the_old_one(kind: str
         events = list(fragile.events(timeout=30))
         assert [type(e).__name__ for e in events] == ["Started", "RestartFailed", "Stopped"]
         assert "cannot restore 10" in str(events[1].error)  # the calls made before it, then the save
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(90)
+def test_a_hot_restart_onto_a_tag_moves_the_actor_into_that_tag_for_good(kind: str) -> None:
+    # After restart(on="gpu") a supervised death restarts it on "gpu" again (on the replacement).
+    # Failed before on SimRuntime: the actor kept its old tag and came back on a "default" worker.
+    with make_tagged(kind, restart_limit=100) as rt:
+        counter = rt.spawn(ops.Counter, 5, restart_policy="on-failure", checkpoint_every=1)
+        assert rt.worker_tags()[counter.worker] == ("default",)
+        assert counter.restart(on="gpu", timeout=30) is True
+        assert rt.worker_tags()[counter.worker] == ("gpu",)
+        assert counter.incr(2).result(timeout=30) == 7
+        gone = kill_host_of(rt, counter)
+        events = counter.events(timeout=60)
+        assert [type(next(events)).__name__ for _ in range(4)] == ["Started", "Started", "Failed", "Started"]
+        assert counter.worker != gone and rt.worker_tags()[counter.worker] == ("gpu",)
+        assert counter.incr(1).result(timeout=30) == 8
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_tagged_task_whose_worker_is_killed_is_redelivered_within_its_tag(kind: str) -> None:
+    groups = {"default": 1, "gpu": 1}
+    plan = [KillWorker(task=0)]
+    if kind == "sim":
+        rt: Any = SimRuntime(workers=groups, seed=1, faults=plan, restart_limit=100)
+    else:
+        rt = phalanx.Runtime(workers=groups, faults=plan, restart_limit=100)
+    with rt:
+        assert rt.options(on="gpu").submit(ops.add, 2, 3).result(timeout=30) == 5
+        stats = rt.stats()
+        assert (stats.redelivered, stats.worker_deaths, stats.tasks_completed) == (1, 1, 1)
+        done = {tuple(w.tags): w.tasks for w in stats.workers if w.alive}
+        assert done == {("default",): 0, ("gpu",): 1}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_ignore_skips_exactly_the_calls_over_their_timeout_in_a_chunk(kind: str) -> None:
+    with make(kind, abort_grace=5.0) as rt:
+        it = rt.options(timeout=0.5, on_fatal=phalanx.Ignore).map(ops.nap, [0.0, 1.5, 0.0, 0.0], chunksize=4,
+                                                                    timeout=60)
+        assert list(it) == [0.0, 0.0, 0.0]
+        assert [(i, type(e).__name__) for i, e in it.skipped] == [(1, "TaskTimeoutError")]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_fold_gives_the_ordered_result_when_a_worker_is_killed(kind: str) -> None:
+    with make(kind, [KillWorker(task=1)], restart_limit=100) as rt:
+        words = [str(i) for i in range(20)]
+        assert rt.fold(ops.concat, words, chunksize=3) == "".join(words)
+        assert rt.stats().worker_deaths == 1
