@@ -1081,5 +1081,10 @@ def _receiver_from_bytes(data: memoryview) -> Receiver[Any]:
     return Receiver(lease, _KINDS[kind], sub, prefetch)
 
 
+def lease_ends(lease_id: int, sub: int, kind: ChannelKind, capacity: int, prefetch: int) -> Lease[Any]:
+    """The two ends of a lease the broker state opened (both hosts' ``rt.lease``)."""
+    return Lease(Sender(lease_id, kind, min(SEND_WINDOW, capacity)), Receiver(lease_id, kind, sub, prefetch))
+
+
 register_ext(SENDER_EXT, Sender, _sender_to_bytes, _sender_from_bytes)
 register_ext(RECEIVER_EXT, Receiver, _receiver_to_bytes, _receiver_from_bytes)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from concurrent.futures._base import RUNNING
+import functools
 import itertools
 import threading
 import time
@@ -58,6 +59,7 @@ from ..core.actors import (
     TERMINAL,
     ActorRecord,
     advance,
+    check_method,
     flush_calls,
     hold_call,
     note_checkpoint,
@@ -243,7 +245,7 @@ class ActorSystem:
             self._actors[actor.id] = actor
         many = self._deliver_for(actor)
         actor.job = self.driver.open_job(f"{cls_name} (actor {actor.id})", lambda seq, outcome: many([(seq, outcome)]),
-                                         self._fail_for(actor))
+                                         functools.partial(self._end, actor, "failed", emit=False))
         actor.job.deliver_many = many
         actor.job.direct = True  # its deliver only settles futures: a waiting caller may run it
         try:
@@ -352,15 +354,8 @@ class ActorSystem:
 
         return deliver
 
-    def _fail_for(self, actor: _Actor) -> Callable[[BaseException], None]:
-        def fail(exc: BaseException) -> None:
-            self._end(actor, "failed", exc, emit=False)
-
-        return fail
-
     def call(self, actor: _Actor, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
-        if method.startswith("_"):
-            raise AttributeError(f"actor methods starting with '_' cannot be called remotely: {method!r}")
+        check_method(method)
         fut: Future[Any] = Future()
         fut._state = RUNNING  # an actor call cannot be withdrawn once made (nobody sees it yet)
         fut._phalanx_direct = self.driver

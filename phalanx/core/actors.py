@@ -47,7 +47,7 @@ if typing.TYPE_CHECKING:
 __all__ = ["STARTING", "RUNNING", "RESTARTING", "STOPPING", "STOPPED", "FAILED", "TERMINAL", "TRANSITIONS",
            "advance", "may_restart", "reply_of", "least_loaded", "return_type", "check_spawn", "end", "fail_calls",
            "died_here", "resolve_on", "route_patience", "no_live_error", "worker_gone", "lost_in_restart", "ActorRecord",
-           "hold_call", "flush_calls", "note_checkpoint"]
+           "hold_call", "flush_calls", "note_checkpoint", "check_method"]
 
 #: the ids of workers a runtime starts itself ("w1", "w2", ...): never tag names
 LOCAL_WORKER_ID = re.compile(r"^w[0-9]+$")
@@ -133,6 +133,12 @@ class ActorRecord:
             return convert(value, typ)
         except Exception:
             return value
+
+
+def check_method(method: str) -> None:
+    """AttributeError for a method no caller may reach remotely (a private one)."""
+    if method.startswith("_"):
+        raise AttributeError(f"actor methods starting with '_' cannot be called remotely: {method!r}")
 
 
 def hold_call(actor: ActorRecord, fut: Any, method: str, a: Any, kw: dict[str, Any] | None) -> bool:

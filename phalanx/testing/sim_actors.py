@@ -15,6 +15,7 @@ instance fails; calls in flight when an actor's process dies fail with
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -94,7 +95,7 @@ class SimActors:
             self.names[name] = actor
         self.actors[actor.id] = actor
         actor.job = self.sim._open_job(f"{cls_name} (actor {actor.id})", self._deliver_for(actor),
-                                       self._fail_for(actor))
+                                       functools.partial(self._end, actor, "failed", emit=False))
         try:
             worker, actor.tag = self._place(on, None, DEFAULT_TAG, timeout)
         except BaseException as exc:
@@ -199,15 +200,8 @@ class SimActors:
 
         return deliver
 
-    def _fail_for(self, actor: _SimActor) -> Callable[[BaseException], None]:
-        def fail(exc: BaseException) -> None:
-            self._end(actor, "failed", exc, emit=False)
-
-        return fail
-
     def call(self, actor: _SimActor, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SimFuture[Any]:
-        if method.startswith("_"):
-            raise AttributeError(f"actor methods starting with '_' cannot be called remotely: {method!r}")
+        core.check_method(method)
         fut: SimFuture[Any] = self.sim._future()
         fut.set_running_or_notify_cancel()
         a, kw = list(args), kwargs or None

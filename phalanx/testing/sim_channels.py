@@ -26,19 +26,8 @@ import itertools
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from ..channels import (
-    MAX_PREFETCH,
-    SEND_WINDOW,
-    ChannelKind,
-    Lease,
-    Receiver,
-    Sender,
-    _Conn,
-    _Location,
-    register_driver,
-    unregister_driver,
-)
-from ..core.channels import ChannelState
+from ..channels import ChannelKind, Lease, _Conn, _Location, lease_ends, register_driver, unregister_driver
+from ..core.channels import ChannelState, check_lease
 from ..errors import ChannelClosedError, RuntimeClosedError
 from ..transport.codec import decode_broker, decode_channel, encode
 from ..transport.messages import ChannelReply
@@ -135,17 +124,12 @@ class SimChannels:
 
     def lease(self, kind: ChannelKind, capacity: int, prefetch: int) -> Lease[Any]:
         """:meth:`phalanx.Runtime.lease`, checked the same way."""
-        if not isinstance(kind, ChannelKind):
-            raise TypeError(f"kind must be phalanx.ExactlyOnce or phalanx.Broadcast, got {kind!r}")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_PREFETCH:
-            raise ValueError(f"prefetch must be an int in 1..{MAX_PREFETCH}, got {prefetch!r}")
+        check_lease(kind, capacity, prefetch)
         if self.sim.closed:
             raise RuntimeClosedError("the runtime is shut down")
         lease_id, sub = self.state.open(kind, capacity)
         self.sim._record("lease", kind.value)
-        return Lease(Sender(lease_id, kind, min(SEND_WINDOW, capacity)), Receiver(lease_id, kind, sub, prefetch))
+        return lease_ends(lease_id, sub, kind, capacity, prefetch)
 
     def release(self, lease_id: int) -> None:
         self.state.release(lease_id)
