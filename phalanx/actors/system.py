@@ -40,7 +40,6 @@ from __future__ import annotations
 import concurrent.futures
 from concurrent.futures._base import RUNNING
 import functools
-import itertools
 import threading
 import time
 import typing
@@ -58,6 +57,7 @@ from ..transport.messages import ActorCall, ActorEvent, ActorState, Err, Ok, Sav
 from ..core.actors import (
     TERMINAL,
     ActorRecord,
+    ActorTable,
     advance,
     check_method,
     flush_calls,
@@ -216,12 +216,8 @@ class ActorSystem:
         self.max_restarts = max_restarts
         self.restart_window = restart_window
         self._lock = threading.Lock()
-        self._actors: dict[int, _Actor] = {}
-        self._by_instance: dict[int, _Actor] = {}
-        self._names: dict[str, _Actor] = {}
-        self._ids = itertools.count(1)
-        self._instances = itertools.count(1)
-        self._nonces = itertools.count(1)
+        #: the actors by id, instance and name (guarded by ``_lock``)
+        self._table: ActorTable[_Actor] = ActorTable()
         self._waiting: dict[tuple[str, int], concurrent.futures.Future[Any]] = {}
         self._waiting_on: dict[tuple[str, int], bytes] = {}
         self._homeless: deque[_Actor] = deque()
@@ -234,15 +230,11 @@ class ActorSystem:
     def spawn(self, cls: type | str, args: tuple[Any, ...], kwargs: dict[str, Any], *, on: str | None,
               name: str | None, detached: bool, restart_policy: str, checkpoint_every: int,
               checkpoint_interval: float, timeout: float | None) -> _Actor:
-        actor = _Actor(self._ids, cls, args, kwargs, name, detached, restart_policy, checkpoint_every,
+        actor = _Actor(self._table.ids, cls, args, kwargs, name, detached, restart_policy, checkpoint_every,
                        checkpoint_interval)
         cls_name = actor.cls_name
         with self._lock:
-            if name is not None:
-                if name in self._names and self._names[name].state not in _TERMINAL:
-                    raise ValueError(f"an actor named {name!r} already exists")
-                self._names[name] = actor
-            self._actors[actor.id] = actor
+            self._table.add(actor)
         many = self._deliver_for(actor)
         actor.job = self.driver.open_job(f"{cls_name} (actor {actor.id})", lambda seq, outcome: many([(seq, outcome)]),
                                          functools.partial(self._end, actor, "failed", emit=False))
@@ -287,7 +279,7 @@ class ActorSystem:
             if not live:  # it left again meanwhile
                 raise self.driver.no_worker_error(tag, patience)
         with self._lock:
-            hosting = [a.worker for a in self._actors.values() if a.state not in _TERMINAL]
+            hosting = [a.worker for a in self._table.live()]
         return least_loaded(live, hosting, exclude), tag
 
     def _request(self, key: tuple[str, int], worker: bytes) -> concurrent.futures.Future[Any]:
@@ -311,10 +303,10 @@ class ActorSystem:
     def _start(self, actor: _Actor, worker: bytes, restored: bool, state: Any,
                timeout: float | None) -> BaseException | None:
         """Create a new instance on ``worker``; None on success, else the error."""
-        instance = next(self._instances)
+        instance = next(self._table.instances)
         fut = self._request(("event", instance), worker)
         with self._lock:
-            self._by_instance[instance] = actor
+            self._table.by_instance[instance] = actor
         msg = SpawnActor(instance, actor.cls_name, actor.args, actor.kwargs, state, restored,
                          actor.every, actor.interval)
         if not self.driver.send_to(worker, encode(msg, f"the state of actor {actor.id}")):
@@ -393,7 +385,7 @@ class ActorSystem:
             actor.state = advance(actor.state, "restart")  # new calls are held from here on
             actor.hot, actor.lost = True, None
             old_worker, old_instance = actor.worker, actor.instance
-        nonce = next(self._nonces)
+        nonce = next(self._table.nonces)
         fut = self._request(("state", nonce), old_worker)
         error: BaseException | None = None
         state: Any = None
@@ -513,10 +505,7 @@ class ActorSystem:
 
     def get(self, name: str) -> _Actor:
         with self._lock:
-            actor = self._names.get(name)
-        if actor is None or actor.state in _TERMINAL:
-            raise LookupError(f"no actor named {name!r}")
-        return actor
+            return self._table.named(name)
 
     # ---- events from workers ------------------------------------------------------------
 
@@ -525,7 +514,7 @@ class ActorSystem:
         what, number, value = reply_of(msg)
         if what in ("checkpoint", "stopped", "nothing"):
             with self._lock:
-                actor = self._by_instance.get(number)
+                actor = self._table.by_instance.get(number)
             if actor is None:
                 return
             if what == "stopped":
@@ -552,7 +541,7 @@ class ActorSystem:
             if not fut.done():
                 fut.set_result(("failed", gone) if not isinstance(fut, _StateWait) else (None, gone))
         with self._lock:
-            actors = [a for a in self._actors.values() if a.state not in _TERMINAL]
+            actors = self._table.live()
         for actor in actors:
             died = died_here(actor, worker_id, exitcode)
             with actor.lock:  # (where it lives changes only under this lock: see _start)
@@ -614,11 +603,7 @@ class ActorSystem:
 
     def nodes(self) -> dict[bytes, list[tuple[_Actor, int]]]:
         with self._lock:
-            actors = [a for a in self._actors.values() if a.state not in _TERMINAL]
-        out: dict[bytes, list[tuple[_Actor, int]]] = {}
-        for a in actors:
-            out.setdefault(a.worker, []).append((a, a.instance))
-        return out
+            return self._table.nodes()
 
     def convert_result(self, actor: _Actor, method: str, value: Any) -> Any:
         return actor.convert_result(method, value)

@@ -31,7 +31,7 @@ import re
 import typing
 from collections import deque
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ..actors.events import ActorEvent as Event
 from ..actors.events import Failed, Stopped
@@ -47,7 +47,7 @@ if typing.TYPE_CHECKING:
 __all__ = ["STARTING", "RUNNING", "RESTARTING", "STOPPING", "STOPPED", "FAILED", "TERMINAL", "TRANSITIONS",
            "advance", "may_restart", "reply_of", "least_loaded", "return_type", "check_spawn", "end", "fail_calls",
            "died_here", "resolve_on", "route_patience", "no_live_error", "worker_gone", "lost_in_restart", "ActorRecord",
-           "hold_call", "flush_calls", "note_checkpoint", "check_method"]
+           "hold_call", "flush_calls", "note_checkpoint", "check_method", "ActorTable"]
 
 #: the ids of workers a runtime starts itself ("w1", "w2", ...): never tag names
 LOCAL_WORKER_ID = re.compile(r"^w[0-9]+$")
@@ -133,6 +133,50 @@ class ActorRecord:
             return convert(value, typ)
         except Exception:
             return value
+
+
+_R = TypeVar("_R", bound=ActorRecord)
+
+
+class ActorTable(Generic[_R]):
+    """The actors of one runtime, by id, by instance and by name, and the counters numbering them.
+
+    The threaded host reads and changes it under its own lock.
+    """
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, _R] = {}
+        self.by_instance: dict[int, _R] = {}
+        self.names: dict[str, _R] = {}
+        self.ids = itertools.count(1)
+        self.instances = itertools.count(1)
+        self.nonces = itertools.count(1)
+
+    def add(self, actor: _R) -> None:
+        """Record a new actor; ValueError if a live one already has its name."""
+        if actor.name is not None:
+            if actor.name in self.names and self.names[actor.name].state not in TERMINAL:
+                raise ValueError(f"an actor named {actor.name!r} already exists")
+            self.names[actor.name] = actor
+        self.by_id[actor.id] = actor
+
+    def named(self, name: str) -> _R:
+        """The live actor named ``name`` (LookupError if none)."""
+        actor = self.names.get(name)
+        if actor is None or actor.state in TERMINAL:
+            raise LookupError(f"no actor named {name!r}")
+        return actor
+
+    def live(self) -> list[_R]:
+        """The actors not yet ended."""
+        return [a for a in self.by_id.values() if a.state not in TERMINAL]
+
+    def nodes(self) -> dict[bytes, list[tuple[_R, int]]]:
+        """The live actors by the worker hosting them, with their instance (the inspect tree)."""
+        out: dict[bytes, list[tuple[_R, int]]] = {}
+        for a in self.live():
+            out.setdefault(a.worker, []).append((a, a.instance))
+        return out
 
 
 def check_method(method: str) -> None:

@@ -16,7 +16,6 @@ instance fails; calls in flight when an actor's process dies fail with
 from __future__ import annotations
 
 import functools
-import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -71,12 +70,7 @@ class SimActors:
         self.timeout = call_timeout
         self.max_restarts = max_restarts
         self.restart_window = restart_window
-        self.actors: dict[int, _SimActor] = {}
-        self.by_instance: dict[int, _SimActor] = {}
-        self.names: dict[str, _SimActor] = {}
-        self.ids = itertools.count(1)
-        self.instances = itertools.count(1)
-        self.nonces = itertools.count(1)
+        self.table: core.ActorTable[_SimActor] = core.ActorTable()
         #: (kind, number) -> (worker it waits on, callback)
         self.waiting: dict[tuple[str, int], tuple[bytes, Callable[[Any], None]]] = {}
         self.homeless: deque[_SimActor] = deque()
@@ -86,14 +80,10 @@ class SimActors:
     def spawn(self, cls: type | str, args: tuple[Any, ...], kwargs: dict[str, Any], *, on: str | None,
               name: str | None, detached: bool, restart_policy: str, checkpoint_every: int,
               checkpoint_interval: float, timeout: float | None) -> _SimActor:
-        actor = _SimActor(self.ids, cls, args, kwargs, name, detached, restart_policy, checkpoint_every,
+        actor = _SimActor(self.table.ids, cls, args, kwargs, name, detached, restart_policy, checkpoint_every,
                           checkpoint_interval)
         cls_name = actor.cls_name
-        if name is not None:
-            if name in self.names and self.names[name].state not in _TERMINAL:
-                raise ValueError(f"an actor named {name!r} already exists")
-            self.names[name] = actor
-        self.actors[actor.id] = actor
+        self.table.add(actor)
         actor.job = self.sim._open_job(f"{cls_name} (actor {actor.id})", self._deliver_for(actor),
                                        functools.partial(self._end, actor, "failed", emit=False))
         try:
@@ -124,7 +114,7 @@ class SimActors:
         return {w.ident: len(w.inflight) for w in self.sim._live if tag in w.tags}
 
     def _hosting(self) -> list[bytes]:
-        return [a.worker for a in self.actors.values() if a.state not in _TERMINAL]
+        return [a.worker for a in self.table.live()]
 
     def _place(self, on: str | None, exclude: bytes | None, tag: str, timeout: float | None,
                wait: bool = True) -> tuple[bytes, str]:
@@ -153,9 +143,9 @@ class SimActors:
     def _start(self, actor: _SimActor, worker: bytes, restored: bool, state: Any,
                done: Callable[[BaseException | None], None], timeout: float | None) -> None:
         """Create a new instance on ``worker``; ``done(None)`` once started, else ``done(error)``."""
-        instance = next(self.instances)
+        instance = next(self.table.instances)
         key = ("event", instance)
-        self.by_instance[instance] = actor
+        self.table.by_instance[instance] = actor
         finished: list[bool] = []
         timer: list[list[bool]] = []
 
@@ -228,7 +218,7 @@ class SimActors:
         actor.state = core.advance(actor.state, "restart")
         actor.lost = None
         old_worker, old_instance = actor.worker, actor.instance
-        nonce = next(self.nonces)
+        nonce = next(self.table.nonces)
         saved: list[tuple[Any, BaseException | None]] = []
         key = ("state", nonce)
         self.waiting[key] = (old_worker, saved.append)
@@ -337,17 +327,14 @@ class SimActors:
                 actor.stop_when_running = True
 
     def get(self, name: str) -> _SimActor:
-        actor = self.names.get(name)
-        if actor is None or actor.state in _TERMINAL:
-            raise LookupError(f"no actor named {name!r}")
-        return actor
+        return self.table.named(name)
 
     # ---- messages from workers ------------------------------------------------------
 
     def on_message(self, worker: bytes, msg: ActorEvent | ActorState) -> None:
         what, number, value = core.reply_of(msg)
         if what in ("checkpoint", "stopped", "nothing"):
-            actor = self.by_instance.get(number)
+            actor = self.table.by_instance.get(number)
             if actor is None:
                 return
             if what == "stopped":
@@ -367,7 +354,7 @@ class SimActors:
             if on == ident:
                 del self.waiting[key]
                 callback((None, gone) if key[0] == "state" else ("failed", gone))
-        hosted = [a for a in self.actors.values() if a.worker == ident and a.state not in _TERMINAL]
+        hosted = [a for a in self.table.live() if a.worker == ident]
         for actor in hosted:
             died = core.died_here(actor, worker_id, exitcode)
             if actor.state == "restarting":
@@ -421,11 +408,7 @@ class SimActors:
     # ---- inspect ----------------------------------------------------------------------
 
     def nodes(self) -> dict[bytes, list[tuple[_SimActor, int]]]:
-        out: dict[bytes, list[tuple[_SimActor, int]]] = {}
-        for a in self.actors.values():
-            if a.state not in _TERMINAL:
-                out.setdefault(a.worker, []).append((a, a.instance))
-        return out
+        return self.table.nodes()
 
     def convert_result(self, actor: _SimActor, method: str, value: Any) -> Any:
         return actor.convert_result(method, value)
