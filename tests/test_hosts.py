@@ -521,3 +521,20 @@ def test_a_fold_gives_the_ordered_result_when_a_worker_is_killed(kind: str) -> N
         words = [str(i) for i in range(20)]
         assert rt.fold(ops.concat, words, chunksize=3) == "".join(words)
         assert rt.stats().worker_deaths == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(90)
+def test_a_call_in_flight_when_a_supervised_actor_s_worker_dies_fails_and_the_next_reaches_the_new_instance(
+        kind: str) -> None:
+    with make(kind, restart_limit=100) as rt:
+        counter = rt.spawn(ops.Counter, 5, restart_policy="on-failure", checkpoint_every=1)
+        assert counter.incr(2).result(timeout=30) == 7
+        napping = counter.nap(30.0)
+        assert kill_host_of(rt, counter) is not None
+        with pytest.raises(phalanx.ActorDiedError):
+            napping.result(timeout=60)
+        events = counter.events(timeout=60)
+        assert [type(next(events)).__name__ for _ in range(3)] == ["Started", "Failed", "Started"]
+        assert counter.incr(1).result(timeout=30) == 8
+        assert rt.stats().redelivered == 0  # an actor call is never run twice
