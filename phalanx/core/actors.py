@@ -6,7 +6,11 @@ lock) and the simulator's (:mod:`phalanx.testing.sim`, one scheduler
 thread) both move an actor through :data:`TRANSITIONS` with
 :func:`advance`, decide supervised restarts with :func:`may_restart`, read
 what workers say about actors with :func:`reply_of`, and place instances
-with :func:`least_loaded`.
+with :func:`resolve_on` and :func:`least_loaded`. The record of an actor
+(:class:`ActorRecord`), the table of a runtime's actors (:class:`ActorTable`)
+and what happens to a call (:func:`hold_call`, :func:`flush_calls`,
+:func:`worker_gone`) are the same code in both hosts; only how they wait
+(threads and condition variables, or the simulator's scheduler) is theirs.
 
 ::
 

@@ -10,7 +10,9 @@ the virtual clock instead of threads and condition variables).
 Invariants kept (as on a real runtime): calls are sent in the order they are
 made and held while an instance (re)starts; a hot restart reverts if the new
 instance fails; calls in flight when an actor's process dies fail with
-:class:`~phalanx.ActorDiedError`.
+:class:`~phalanx.ActorDiedError`; a spawn or supervised restart waits up to
+``route_timeout`` virtual seconds for a live worker of the actor's tag (a
+supervised restart as a timer, since the scheduler's thread cannot block).
 """
 
 from __future__ import annotations
