@@ -72,11 +72,13 @@ from ..core.actors import (
     no_live_error,
     reply_of,
     resolve_on,
+    reverted,
     route_patience,
+    took_over,
     worker_gone,
 )
 from .events import ActorEvent as Event
-from .events import Failed, RestartFailed, Started
+from .events import Failed, Started
 
 if typing.TYPE_CHECKING:
     from ..core.tasks import Delivery, Job
@@ -413,9 +415,7 @@ class ActorSystem:
                         # (it started, then died before this) is supervised as any other.
                         lost = actor.take_lost()
                         died_here = lost[1] if lost is not None and lost[0] == actor.worker else None
-                        actor.tag = tag
-                        actor.checkpoint, actor.has_checkpoint = state, True
-                        actor.emit(Started(target.decode(), restored=True))
+                        actor.emit(took_over(actor, target, tag, state))
                         if died_here is None:
                             self._flush_locked(actor)
                         else:
@@ -429,8 +429,7 @@ class ActorSystem:
             lost = actor.take_lost()  # (the old worker: the actor never left it)
             if lost is None:
                 if actor.state == "restarting" and self.driver.is_live(old_worker):
-                    actor.state = advance(actor.state, "revert")  # the old instance was never stopped
-                    actor.emit(RestartFailed(error))
+                    actor.emit(reverted(actor, error))  # the old instance was never stopped
                     self._flush_locked(actor)
                 # Otherwise the actor ended meanwhile, or its old worker died and that
                 # worker's exit listener, still to run, finds it (restarting, on the dead

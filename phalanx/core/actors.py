@@ -38,7 +38,7 @@ from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 from ..actors.events import ActorEvent as Event
-from ..actors.events import Failed, Stopped
+from ..actors.events import Failed, RestartFailed, Started, Stopped
 from ..errors import ActorDiedError
 from ..policy import DEFAULT_TAG, check_tag
 from ..registry.actors import actor_name_of
@@ -51,7 +51,7 @@ if typing.TYPE_CHECKING:
 __all__ = ["STARTING", "RUNNING", "RESTARTING", "STOPPING", "STOPPED", "FAILED", "TERMINAL", "TRANSITIONS",
            "advance", "may_restart", "reply_of", "least_loaded", "return_type", "check_spawn", "end", "fail_calls",
            "died_here", "resolve_on", "route_patience", "no_live_error", "worker_gone", "lost_in_restart", "ActorRecord",
-           "hold_call", "flush_calls", "note_checkpoint", "check_method", "ActorTable"]
+           "hold_call", "flush_calls", "note_checkpoint", "check_method", "ActorTable", "took_over", "reverted"]
 
 #: the ids of workers a runtime starts itself ("w1", "w2", ...): never tag names
 LOCAL_WORKER_ID = re.compile(r"^w[0-9]+$")
@@ -388,6 +388,22 @@ def worker_gone(actor: Holding, seq: int, method: str, a: Any, kw: dict[str, Any
         except concurrent.futures.InvalidStateError:
             pass
     return False
+
+
+def took_over(actor: ActorRecord, target: bytes, tag: str, state: Any) -> Started:
+    """A hot restart's new instance on ``target`` took over: the actor keeps to ``tag``, ``state`` is its checkpoint.
+
+    Returns the event to emit (the host then sends the held calls).
+    """
+    actor.tag = tag
+    actor.checkpoint, actor.has_checkpoint = state, True
+    return Started(target.decode(), restored=True)
+
+
+def reverted(actor: ActorRecord, error: BaseException | None) -> RestartFailed:
+    """A hot restart failed with ``error`` and the old instance, never stopped, serves on: the event to emit."""
+    actor.state = advance(actor.state, "revert")
+    return RestartFailed(error or ActorDiedError("the hot restart failed"))
 
 
 def lost_in_restart(lost: ActorDiedError, error: BaseException | None) -> ActorDiedError:

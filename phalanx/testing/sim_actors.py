@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..actors.events import ActorEvent as Event
-from ..actors.events import Failed, RestartFailed, Started
+from ..actors.events import Failed, Started
 from ..actors.system import settle_call
 from ..core import actors as core
 from ..core.tasks import Delivery
@@ -243,16 +243,13 @@ class SimActors:
                 error = box[0]
                 if error is None:
                     actor.lost = None  # the new instance took over: the old one is moot
-                    actor.tag = tag
-                    actor.checkpoint, actor.has_checkpoint = state, True
-                    self._emit(actor, Started(target.decode(), restored=True))
+                    self._emit(actor, core.took_over(actor, target, tag, state))
                     self._flush(actor)
                     return True
         died = actor.take_lost()
         if died is None:
             if actor.state == "restarting" and self.sim._is_live(old_worker):
-                actor.state = core.advance(actor.state, "revert")
-                self._emit(actor, RestartFailed(error))
+                self._emit(actor, core.reverted(actor, error))
                 self._flush(actor)
                 return False
             self._end(actor, "failed", error)
