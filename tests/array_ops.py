@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import time
@@ -33,6 +34,8 @@ def _mapped(a: Any) -> bool:
     base = a
     while isinstance(base, np.ndarray):
         base = base.base
+    if isinstance(base, ctypes.Array):  # a pooled segment: a buffer of its own over the mapping
+        base = next(iter(base._objects.values()))
     if isinstance(base, memoryview):
         base = base.obj
     return isinstance(base, mmap.mmap)

@@ -8,6 +8,7 @@ afterwards, waiting a bounded time where a process has to die first.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -69,7 +70,8 @@ def test_large_array_round_trip_both_ways_through_a_segment() -> None:
         made = rt.submit(array_ops.ramp, BIG // 8).result(timeout=30)
         np.testing.assert_array_equal(made, np.arange(BIG // 8, dtype=np.float64))
         assert list(rt.map(array_ops.total, [a, a * 2])) == [float(before.sum()), float((before * 2).sum())]
-        assert _mine() == []  # every segment was unlinked by its receiver
+        # The results' segments were unlinked by their receiver; the driver keeps its pool.
+        assert set(_mine()) == set(shm.pooled()) and 1 <= len(_mine()) <= 3
     assert _mine() == []
 
 
@@ -91,7 +93,12 @@ def test_a_value_that_fails_to_encode_leaves_no_segment() -> None:
     with phalanx.Runtime(workers=1, shm_threshold=SHM) as rt:
         with pytest.raises(phalanx.EncodeError):
             rt.submit(array_ops.add, _big(), object())
-        assert _mine() == []
+        # Only the driver's pool is left, and the segment went back to it: the next array reuses it.
+        pool = _mine()
+        assert set(pool) == set(shm.pooled()) and len(pool) == 1
+        assert rt.submit(array_ops.total, _big(1)).result(timeout=30) == float(_big(1).sum())
+        assert _mine() == pool
+    assert _mine() == []
 
 
 def test_worker_killed_mid_task_leaves_no_segment(tmp_path: Path) -> None:
@@ -243,9 +250,25 @@ def test_inbox_frame_from_the_driver_maps_once() -> None:
         assert len(frame) < 1024 and len(_mine()) == 1
         got = decode_inbox(frame).args[0]  # type: ignore[union-attr]
         np.testing.assert_array_equal(got, a)
-        assert _mine() == []
+        pool = _mine()
+        assert pool == shm.pooled()  # the driver's own, kept for the next array
         with pytest.raises(phalanx.ProtocolError):
             decode_inbox(frame)
+        # While the decoded array lives its segment is not reused: a second one is made.
+        b = a * 2
+        frame2 = encode(Call(1, 1, 0, "m:f", [b]))
+        assert len(_mine()) == 2
+        np.testing.assert_array_equal(got, a)
+        del got
+        gc.collect()
+        # Handed back: the next array goes into it, and the old record no longer reads.
+        frame3 = encode(Call(1, 2, 0, "m:f", [a * 3]))
+        assert len(_mine()) == 2
+        with pytest.raises(phalanx.ProtocolError):
+            decode_inbox(frame)
+        np.testing.assert_array_equal(decode_inbox(frame2).args[0], b)  # type: ignore[union-attr]
+        np.testing.assert_array_equal(decode_inbox(frame3).args[0], a * 3)  # type: ignore[union-attr]
+    assert _mine() == []
 
 
 def test_a_dropped_runtime_stops_using_segments() -> None:
