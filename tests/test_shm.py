@@ -118,6 +118,38 @@ def test_worker_killed_mid_task_leaves_no_segment(tmp_path: Path) -> None:
     assert _wait_gone(os.getpid()) == []
 
 
+
+def _full(i: int) -> np.ndarray[Any, Any]:
+    return np.full(BIG // 8, float(i))
+
+
+def test_arrays_kept_by_a_worker_are_never_overwritten_by_later_calls() -> None:
+    """A pooled segment is reused only once nothing reads it: a worker keeps views of the arrays
+    it got while many more calls (writing into every reusable segment) run."""
+    with phalanx.Runtime(workers=1, shm_threshold=SHM) as rt:
+        for i in range(4):
+            rt.submit(array_ops.keep, _full(i)).result(timeout=30)
+        for i in range(4, 20):  # each writes -7 into its segment: reused ones must not be kept ones
+            assert rt.submit(array_ops.overwrite, _full(i)).result(timeout=30) == 4
+            assert rt.submit(array_ops.total, _full(i)).result(timeout=30) == float(i) * (BIG // 8)
+        assert rt.submit(array_ops.kept).result(timeout=30) == [(float(i), float(i)) for i in range(4)]
+        # The calls that kept nothing shared a few segments (reuse), the kept ones one each.
+        assert 5 <= len(shm.pooled()) <= 7
+    assert _mine() == []
+
+
+def test_a_worker_killed_holding_pooled_segments_leaves_nothing(tmp_path: Path) -> None:
+    with phalanx.Runtime(workers=1, shm_threshold=SHM) as rt:
+        pid = rt.submit(array_ops.keep, _full(1)).result(timeout=30)
+        rt.submit(array_ops.keep, _full(2)).result(timeout=30)
+        os.kill(pid, signal.SIGKILL)
+        psutil.wait_procs([psutil.Process(pid)] if psutil.pid_exists(pid) else [], timeout=10)
+        # Its replacement gets fresh arrays right, while the dead worker's segments stay out of use.
+        for i in range(3, 8):
+            assert rt.submit(array_ops.total, _full(i)).result(timeout=30) == float(i) * (BIG // 8)
+        assert rt.submit(array_ops.kept).result(timeout=30) == []
+    assert _wait_gone(os.getpid()) == []
+
 DRIVER = textwrap.dedent(
     """
     import os, sys, time
