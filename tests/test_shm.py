@@ -35,7 +35,7 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parent.parent
 BIG = 2 * 1024 * 1024  # bytes of the arrays sent
-SHM = 1024 * 1024  # the runtimes' shm_threshold: below BIG (the default, 32 MiB, is above it)
+SHM = 1024 * 1024  # the runtimes' shm_threshold: below BIG
 
 
 def _mine(pid: int | None = None) -> list[str]:
@@ -85,8 +85,11 @@ def test_small_arrays_and_disabled_threshold_travel_inline() -> None:
     with phalanx.Runtime(workers=1, shm_threshold=SHM) as rt:
         small = np.arange(10, dtype=np.float64)
         assert rt.submit(array_ops.view_info, small).result(timeout=30)["mapped"] is False
-    with phalanx.Runtime(workers=1) as rt:  # the default threshold, 32 MiB, is above BIG
-        assert rt.submit(array_ops.view_info, a).result(timeout=30)["mapped"] is False
+    default = phalanx.Config().shm_threshold
+    with phalanx.Runtime(workers=1) as rt:  # the default threshold: from it on, through a segment
+        below = np.zeros(default // 8 - 1)
+        assert rt.submit(array_ops.view_info, below).result(timeout=30)["mapped"] is False
+        assert rt.submit(array_ops.view_info, np.zeros(default // 8)).result(timeout=30)["mapped"] is True
 
 
 def test_a_value_that_fails_to_encode_leaves_no_segment() -> None:

@@ -3,30 +3,45 @@
 Runs in the driver and in local workers (never in a remote worker: a segment
 name must never leave the host). An array of at least :func:`threshold` bytes
 inside a task (``Call``, ``Chunk``, ``ActorCall``) or a worker's ``Results`` is
-written once into a fresh file in ``/dev/shm`` and only its name, dtype and
-shape travel (msgpack extension :data:`SHM_NDARRAY`, see
-:mod:`phalanx.transport.codec`)::
+written once into a file in ``/dev/shm`` and only its name, dtype and shape
+travel (msgpack extension :data:`SHM_NDARRAY`, see
+:mod:`phalanx.transport.codec`).
 
-    sender                                   receiver
+A driver's task arrays go into **pooled segments** it keeps mapped and reuses
+(a fresh file per array pays allocation, zero-filling and page faults: more
+than the copy). A pooled segment starts with :data:`HEAD` bytes: the generation
+sent (written by the sender with the array), claimed and released (written by
+the receiver)::
+
+    sender (driver)                                 receiver (worker)
+    take a segment whose released == sent,
+    sent += 1, copy the array in        --name, gen-->  sent == gen and claimed != gen, else refused;
+                                                        claimed = gen; the array is a view of a
+                                                        buffer over its (cached) mapping
+                                                        ... that buffer collected: released = gen
+
+So a record is read once, and a segment is written again only once nothing
+reads the previous array: every view of it keeps the buffer alive. A segment
+whose receiver died or never read it stays out of use until the pool goes.
+
+A worker's result arrays each get a file of their own, unlinked by the driver
+as soon as it has mapped it::
+
     open(O_CREAT|O_EXCL), write, close  --name-->  open, mmap, unlink, close
-                                                   the array is a view of the mapping
-
-The receiver unlinks the file as soon as it has mapped it, so the memory is
-freed once the receiver's array is collected, and nothing is left behind by a
-message that was received. The receiver's array is writable and its own (no
-other process maps the segment any more); it is not a copy.
 
 Invariants kept:
 
-* **no leak**: segment names are ``phalanx-<driver pid>-<32 hex>``. What was
-  written but never received (the driver or the receiving worker was killed, a
+* **no leak**: segment names are ``phalanx-<driver pid>-<32 hex>``. The pool
+  is unlinked when the driver's last runtime stops. What was written but never
+  received or handed back (the driver or the receiving worker was killed, a
   queued task was cancelled) is removed by :func:`sweep`: every runtime start
   and shutdown removes the segments of drivers that are gone (and the last
   shutdown in a driver its own), and a local worker that ends because its
   driver died removes its driver's (:func:`release_orphaned`).
 * **nothing but our own segments is opened**: a name must match the pattern,
   carry the driver pid this process serves, be a regular file owned by this
-  user and hold exactly the bytes the dtype and shape need, or the record is
+  user and hold exactly the bytes the dtype and shape need (a pooled one: at
+  least :data:`HEAD` more, and the generation the record names), or the record is
   malformed (``ValueError``: the frame is dropped and counted). The 128 random
   bits of a name are never sent over tcp, so a remote peer cannot name one.
 * **tcp keeps the frame path**: a driver uses segments only while none of its
