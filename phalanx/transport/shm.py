@@ -109,7 +109,7 @@ _RELEASED = 16
 HEAD = 64
 #: most bytes one process keeps in pooled segments it writes (beyond: one segment per array)
 POOL_BYTES = 256 * 1024 * 1024
-#: most mappings of pooled segments a receiver keeps open for reuse
+#: most mappings of pooled segments a receiver keeps open for reuse (and at most POOL_BYTES)
 _MAPPED_MAX = 16
 
 
@@ -558,8 +558,9 @@ def read_array(data: memoryview) -> Any:
         if mapping is None:
             mapping = _open_checked(name, HEAD + nbytes, exact=False)
             _mapped[name] = mapping
-            while len(_mapped) > _MAPPED_MAX:
-                _mapped.popitem(last=False)  # unmapped once no array of it is left
+            # Unmapped once no array of it is left (the sender may have removed it long ago).
+            while len(_mapped) > _MAPPED_MAX or sum(map(len, _mapped.values())) > POOL_BYTES:
+                _mapped.popitem(last=False)
         else:
             _mapped.move_to_end(name)
         if len(mapping) < HEAD + nbytes or nbytes == 0:
