@@ -53,7 +53,6 @@ array inline, as without this module.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import secrets
@@ -252,9 +251,9 @@ def _forget() -> None:
     with _lock:
         _recompute()
         last = not _runtimes
-        if last:
-            with _pool_lock:
-                _reset_pool()
+    if last:  # never under _lock: a collection while _pool_lock is held may call this
+        with _pool_lock:
+            _reset_pool()
     if available():
         sweep(own=last)
 
@@ -529,6 +528,8 @@ def read_array(data: memoryview) -> Any:
     is read once) and handed back to its sender when the returned array, and every
     view of it, is collected.
     """
+    import ctypes
+
     import numpy as np
 
     from .buffers import array_layout
