@@ -228,17 +228,19 @@ def test_remote_runtime_keeps_the_frame_path() -> None:
         assert shm.threshold() == SHM
 
 
-def _record(name: str, nbytes: int = 64) -> bytes:
-    """A Results frame claiming the array of ``nbytes`` bytes lives in segment ``name``."""
+def _record(name: str, nbytes: int = 64, gen: int = 0) -> bytes:
+    """A Results frame claiming the array of ``nbytes`` bytes lives in segment ``name``
+    (``gen`` > 0: a pooled segment, sent with that generation)."""
     import msgspec
 
-    header = msgspec.msgpack.encode((name, "<f8", (nbytes // 8,)))
+    header = msgspec.msgpack.encode((name, "<f8", (nbytes // 8,), gen) if gen else (name, "<f8", (nbytes // 8,)))
     payload = len(header).to_bytes(4, "little") + header
     ext = msgspec.msgpack.Ext(shm.SHM_NDARRAY, payload)
     return msgspec.msgpack.encode(Results("w1", [Ok(1, 0, 0, ext)]))
 
 
-@pytest.mark.parametrize("case", ["other driver", "foreign file", "symlink", "wrong size", "missing"])
+@pytest.mark.parametrize("case", ["other driver", "foreign file", "symlink", "wrong size", "missing",
+                                  "pooled, never sent", "pooled, too large"])
 def test_a_record_naming_anything_but_our_segment_is_a_protocol_error(case: str, tmp_path: Path) -> None:
     """A hostile or buggy peer naming a file: nothing outside our own live segments is opened."""
     with phalanx.Runtime(workers=1, shm_threshold=SHM):
@@ -258,11 +260,19 @@ def test_a_record_naming_anything_but_our_segment_is_a_protocol_error(case: str,
         elif case == "wrong size":
             name = f"phalanx-{me}-{'2' * 32}"
             (Path(shm.SHM_DIR) / name).write_bytes(b"z" * 32)
+        elif case.startswith("pooled"):
+            name = f"phalanx-{me}-{'5' * 32}"
+            size = shm.HEAD + (64 if case.endswith("sent") else shm.POOL_BYTES + 4096)
+            with open(Path(shm.SHM_DIR) / name, "wb") as f:
+                if case.endswith("large"):  # its header says generation 1 was sent: only its size is wrong
+                    f.write((1).to_bytes(8, "little"))
+                f.truncate(size)
+            made.append(Path(shm.SHM_DIR) / name)
         else:
             name = f"phalanx-{me}-{'3' * 32}"
         try:
             with pytest.raises(phalanx.ProtocolError):
-                decode_driver(_record(name))
+                decode_driver(_record(name, gen=1 if case.startswith("pooled") else 0))
             assert victim.read_bytes() == b"s" * 64
         finally:
             for path in made:

@@ -509,7 +509,7 @@ def _open_checked(name: str, at_least: int, exact: bool) -> Any:
         st = os.fstat(fd)
         size = st.st_size
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or at_least <= 0 \
-                or size < at_least or (exact and size != at_least):
+                or size < at_least or size != at_least and (exact or size > HEAD + POOL_BYTES):
             raise ValueError(f"shared-memory segment holds {size} bytes, the record needs {at_least}")
         return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     finally:
