@@ -355,3 +355,28 @@ def test_a_runtime_collected_while_the_segment_lock_is_held_does_not_deadlock() 
     # hung a whole test run when a runtime's finalizer took the same lock again.
     done = subprocess.run([sys.executable, "-c", _COLLECTED_UNDER_LOCK], timeout=60)
     assert done.returncode == 0
+
+
+_COLLECTED_IN_A_FORKED_WORKER = """
+import gc, os
+from phalanx.transport import shm
+class Runtime: pass
+rt = Runtime()
+shm.runtime_started(rt, 1 << 20, False)
+pid = os.fork()
+if pid == 0:
+    shm.set_worker(os.getppid(), 1 << 20)
+    del rt
+    gc.collect()  # the parent's runtime, copied by the fork, is collected here
+    os._exit(0 if shm.threshold() == 1 << 20 else 1)
+_, status = os.waitpid(pid, 0)
+shm.runtime_stopped(rt)
+os._exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_runtime_collected_in_a_forked_worker_keeps_its_segments_on() -> None:
+    # A worker forked from a driver holds copies of its runtimes; collecting one there
+    # turned the worker's segments off (its results then went inline).
+    done = subprocess.run([sys.executable, "-c", _COLLECTED_IN_A_FORKED_WORKER], timeout=60)
+    assert done.returncode == 0

@@ -236,8 +236,9 @@ def runtime_started(runtime: Any, limit: int, remote: bool) -> None:
     with _lock:
         _runtimes[runtime] = (limit, remote)
         _recompute()
-    # A runtime dropped without shutdown() counts as stopped once collected.
-    weakref.finalize(runtime, _forget)
+    # A runtime dropped without shutdown() counts as stopped once collected (in this
+    # process: a forked worker that collects its copy must not stop its own segments).
+    weakref.finalize(runtime, _forget, os.getpid())
 
 
 def runtime_stopped(runtime: Any) -> None:
@@ -247,7 +248,9 @@ def runtime_stopped(runtime: Any) -> None:
     _forget()
 
 
-def _forget() -> None:
+def _forget(pid: int | None = None) -> None:
+    if pid is not None and pid != os.getpid():
+        return
     with _lock:
         _recompute()
         last = not _runtimes
