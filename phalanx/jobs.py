@@ -397,7 +397,8 @@ class _WindowedMap(Iterator[R], Generic[R]):
         self._op_name = name_of(fn)
         op = driver_operation(fn)
         star = len(iterables) > 1
-        source: Iterator[Any] = zip(*iterables) if star else iter(iterables[0])
+        first = iterables[0]
+        source: Iterator[Any] | list[Any] = zip(*iterables) if star else first if type(first) is list else iter(first)
         sizer = ChunkSizer(chunksize, _length(iterables), workers)
         self._deadline = None if timeout is None else self._now() + timeout
         resolved = chain_options([*(driver_operation(stage) for stage in stages), op], options)
