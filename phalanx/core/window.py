@@ -123,8 +123,9 @@ class MapWindow:
         self.next = 0
         #: chunks received ahead of ``next``: (values, error after them)
         self.buffer: dict[int, tuple[list[Any], BaseException | None]] = {}
-        #: values due to the consumer now
-        self.ready: deque[Any] = deque()
+        #: values due to the consumer now, a chunk's list at a time (none empty): handed
+        #: out as they are, with no copy per item
+        self.ready: deque[list[Any]] = deque()
         #: raised once ``ready`` is empty
         self.error: BaseException | None = None
         self.exhausted = False
@@ -164,7 +165,7 @@ class MapWindow:
         return out
 
     def step(self, now: float) -> int:
-        """What the consumer does next: READY (pop ``ready``), FAILED (raise ``error``),
+        """What the consumer does next: READY (pop a list of values from ``ready``), FAILED (raise ``error``),
         ENDED (stop), COMPLETE (stop and close the job: all came back), or WAIT for an outcome."""
         while True:
             if self.ready:
@@ -177,7 +178,8 @@ class MapWindow:
             if self.ordered and self.next in buffer:
                 values, self.error = buffer.pop(self.next)
                 self.next += 1
-                self.ready.extend(values)
+                if values:
+                    self.ready.append(values)
                 if not self.exhausted:
                     self.fill(now)  # the window has room again
                 continue
@@ -219,7 +221,8 @@ class MapWindow:
             if seq >= self.next:
                 self.buffer[seq] = (values, exc)
         else:
-            self.ready.extend(values)
+            if values:
+                self.ready.append(values)
             self.error = exc
             if exc is not None:
                 self.exhausted = True
