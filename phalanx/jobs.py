@@ -397,7 +397,8 @@ class _WindowedMap(Iterator[R], Generic[R]):
         self._op_name = name_of(fn)
         op = driver_operation(fn)
         star = len(iterables) > 1
-        source: Iterator[Any] = zip(*iterables) if star else iter(iterables[0])
+        first = iterables[0]
+        source: Iterator[Any] | list[Any] = zip(*iterables) if star else first if type(first) is list else iter(first)
         sizer = ChunkSizer(chunksize, _length(iterables), workers)
         self._deadline = None if timeout is None else self._now() + timeout
         resolved = chain_options([*(driver_operation(stage) for stage in stages), op], options)
@@ -407,7 +408,7 @@ class _WindowedMap(Iterator[R], Generic[R]):
         self._w = MapWindow(self._lease.job, self._op_name, [name_of(stage) for stage in stages], source, star,
                             sizer, workers, ordered, indexed, convert,
                             None if op is None or convert is None else op.convert_results, self._pickled())
-        #: the window's values due now (the same deque)
+        #: the window's values due now, a list per chunk (the same deque)
         self._ready = self._w.ready
         #: the values being handed out, taken from ``_ready`` a chunk at a time
         self._cur: Iterator[Any] = iter(())
@@ -482,11 +483,8 @@ class _WindowedMap(Iterator[R], Generic[R]):
         raise StopIteration
 
     def _take(self) -> None:
-        """The window's values due now become ``_cur``."""
-        ready = self._ready
-        values = list(ready)
-        ready.clear()
-        self._cur = iter(values)
+        """The next chunk's values due now become ``_cur``."""
+        self._cur = iter(self._ready.popleft())
 
     def _refill(self) -> bool:
         """Wait until values are due and make them ``_cur``; False once the map has ended.
@@ -674,7 +672,8 @@ class MapIterator(_WindowedMap[R]):
     def take_ready(self) -> list[R]:
         """The results already received and due next, without waiting (after a ``next()``)."""
         ready = list(self._cur)
-        ready.extend(self._ready)
+        for values in self._ready:
+            ready.extend(values)
         self._ready.clear()
         return ready
 

@@ -224,3 +224,31 @@ def not_an_operation(x: Any) -> Any:
 def sleep_then(x: Any, seconds: Any) -> Any:
     time.sleep(seconds)
     return x
+
+
+# --------------------------------------------------------------------------- #
+# map chunks run in batches of calls (phalanx.core.execute.TaskRunner._map_batches)
+# --------------------------------------------------------------------------- #
+
+
+@phalanx.operation
+def triple_unless_negative(x: int) -> int:
+    """``3 * x``; raises ValueError naming ``x`` when it is negative."""
+    if x < 0:
+        raise ValueError(f"negative item {x}")
+    return 3 * x
+
+
+async def _double_later(x: int) -> int:
+    if x < 0:
+        raise ValueError(f"negative awaited item {x}")
+    return 2 * x
+
+
+@phalanx.operation
+def double_sometimes_awaitable(x: int) -> Any:
+    """``2 * x``, returned as a coroutine (a sync function returning an awaitable) for every
+    third item and for a negative one, whose coroutine raises."""
+    if x % 3 == 0 or x < 0:
+        return _double_later(x)
+    return 2 * x

@@ -276,7 +276,7 @@ def test_an_ordered_window_behind_a_straggler_reads_no_further() -> None:
     w.received(0, Ok(1, 0, 0, [0]), 2.0)
     got = []
     while w.step(2.0) == READY:
-        got.append(w.ready.popleft())
+        got.extend(w.ready.popleft())
     assert got == list(range(10))
     assert len(w.take()) == 10  # room again: the next ten go out
 
@@ -291,7 +291,7 @@ def test_a_value_failing_conversion_mid_chunk_fails_after_the_values_before_it()
     w.fill(0.0)
     (task,) = w.take()
     w.received(task.seq, Ok(1, 0, 0, [0, 1, 2, "three", 4]), 1.0)
-    assert w.step(1.0) == READY and list(w.ready) == [0, 1, 2]
+    assert w.step(1.0) == READY and list(w.ready) == [[0, 1, 2]]
     w.ready.clear()
     assert w.step(1.0) == FAILED and isinstance(w.take_error(), phalanx.ValidationError)
 
@@ -305,9 +305,9 @@ def test_an_ordered_failure_forgets_later_chunks_but_waits_for_earlier_ones() ->
     assert w.step(1.0) == WAIT  # a and b are still out
     w.received(a.seq, Ok(1, a.seq, 0, ["a"]), 1.0)
     w.received(b.seq, Ok(1, b.seq, 0, ["b"]), 1.0)
-    assert w.step(1.0) == READY and list(w.ready) == ["a"]
+    assert w.step(1.0) == READY and list(w.ready) == [["a"]]
     w.ready.clear()
-    assert w.step(1.0) == READY and list(w.ready) == ["b"]
+    assert w.step(1.0) == READY and list(w.ready) == [["b"]]
     w.ready.clear()
     assert w.step(1.0) == FAILED
 
@@ -317,7 +317,7 @@ def test_a_window_whose_chunks_all_came_back_completes() -> None:
     w.fill(0.0)
     for task in w.take():
         w.received(task.seq, Ok(1, task.seq, 0, [task.seq]), 1.0)
-    assert sorted(w.ready) == [0, 1]
+    assert sorted(w.ready) == [[0], [1]]
     w.ready.clear()
     assert w.step(1.0) == COMPLETE
 

@@ -91,10 +91,10 @@ class MapWindow:
     __slots__ = (
         "job", "op_name", "stages", "star", "input", "sizer", "window", "ordered", "indexed", "convert",
         "convert_many", "seqs", "starts", "read", "sent_at", "next", "buffer", "ready", "error",
-        "exhausted", "done", "outbox", "pickled",
+        "exhausted", "done", "outbox", "pickled", "sequence",
     )
 
-    def __init__(self, job: Job, op_name: str, stages: Sequence[str], source: Iterator[Any], star: bool,
+    def __init__(self, job: Job, op_name: str, stages: Sequence[str], source: Iterator[Any] | list[Any], star: bool,
                  sizer: ChunkSizer, workers: int, ordered: bool, indexed: bool,
                  convert: Callable[[Any], Any] | None,
                  convert_many: Callable[[list[Any]], list[Any] | None] | None, pickled: bool = False) -> None:
@@ -102,7 +102,9 @@ class MapWindow:
         self.pickled = pickled
         self.op_name = op_name
         self.stages = list(stages)
-        self.input = source
+        #: a list input is read by slicing it (a copy in C), any other through its iterator
+        self.sequence = source if type(source) is list else None
+        self.input: Iterator[Any] = iter(()) if type(source) is list else source  # type: ignore[assignment]
         self.star = star
         self.sizer = sizer
         self.window = 4 * max(1, workers) + 2
@@ -121,8 +123,9 @@ class MapWindow:
         self.next = 0
         #: chunks received ahead of ``next``: (values, error after them)
         self.buffer: dict[int, tuple[list[Any], BaseException | None]] = {}
-        #: values due to the consumer now
-        self.ready: deque[Any] = deque()
+        #: values due to the consumer now, a chunk's list at a time (none empty): handed
+        #: out as they are, with no copy per item
+        self.ready: deque[list[Any]] = deque()
         #: raised once ``ready`` is empty
         self.error: BaseException | None = None
         self.exhausted = False
@@ -138,7 +141,10 @@ class MapWindow:
         # Chunks received but held for an earlier, slower one count too: an ordered
         # map waiting on a straggler reads no further than the window.
         while not self.exhausted and len(sent_at) + len(buffer) < window:
-            items = list(itertools.islice(self.input, self.sizer.size))
+            if self.sequence is not None:
+                items = self.sequence[self.read:self.read + self.sizer.size]
+            else:
+                items = list(itertools.islice(self.input, self.sizer.size))
             if not items:
                 self.exhausted = True
                 break
@@ -159,7 +165,7 @@ class MapWindow:
         return out
 
     def step(self, now: float) -> int:
-        """What the consumer does next: READY (pop ``ready``), FAILED (raise ``error``),
+        """What the consumer does next: READY (pop a list of values from ``ready``), FAILED (raise ``error``),
         ENDED (stop), COMPLETE (stop and close the job: all came back), or WAIT for an outcome."""
         while True:
             if self.ready:
@@ -172,7 +178,8 @@ class MapWindow:
             if self.ordered and self.next in buffer:
                 values, self.error = buffer.pop(self.next)
                 self.next += 1
-                self.ready.extend(values)
+                if values:
+                    self.ready.append(values)
                 if not self.exhausted:
                     self.fill(now)  # the window has room again
                 continue
@@ -214,7 +221,8 @@ class MapWindow:
             if seq >= self.next:
                 self.buffer[seq] = (values, exc)
         else:
-            self.ready.extend(values)
+            if values:
+                self.ready.append(values)
             self.error = exc
             if exc is not None:
                 self.exhausted = True
