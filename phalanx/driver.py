@@ -13,7 +13,7 @@ Runs in the driver process. Threads and what they own::
         (local workers: one socketpair each, "the pipe", in place of both
          ROUTERs; written under the lock, flushed by the pump, read by the
          pump or, while one waits in Future.result(), by the waiting caller:
-         see wait_direct)
+         see phalanx.direct)
         │  decode, dedupe, return credits, dispatch more   [lock]
         └─▶ deliver outcomes to jobs (futures, lease queues)   [no lock held]
     supervisor thread ──on_exit──▶ [lock] redeliver the dead worker's tasks
@@ -57,7 +57,7 @@ Invariants kept:
    to *it*.
 3. **No hang.** Breaking or closing the runtime fails every open job at once;
    so does the pump thread's death, whatever ends it (it breaks the runtime).
-   A task held back for a busy local worker (see ``_pipe_send_locked``) goes
+   A task held back for a busy local worker (see ``LocalPipes.send_locked``) goes
    out when that worker's next outcome is read, or after ``HOLD_MAX``. A task
    with a timeout that runs ``timeout + abort_grace`` without an outcome (it
    holds the GIL, its process is frozen) has its worker killed by the driver
@@ -83,14 +83,12 @@ import itertools
 import logging
 import os
 import re
-import select
 import socket
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -113,7 +111,7 @@ from .supervisor import Supervisor
 from .transport import sockets
 from .transport.codec import UnpickleFailed, decode_driver, encode, error_info, salvage_results
 from .transport.endpoints import Endpoints, local_endpoints, remove_stale_dirs, tcp_endpoints
-from .transport.pipe import FramePipe, PipeError
+from .transport.pipe import PipeError
 from .transport.messages import PROTOCOL_VERSION, Alive, Reclaim, Reclaimed
 from .transport.messages import (
     Call,
@@ -145,12 +143,15 @@ from .worker import ABORT_EXIT, WorkerSpec
 from .core.outcomes import Outcomes
 from .core.routing import Routing
 from .core.tasks import SKIPPED, Delivery, Job, Task
+from .direct import DIRECT_LINGER, SETTLED, DirectReader
+from .membership import _Worker
+from .pipes import LocalPipes
 
 if TYPE_CHECKING:
     from .broker import Broker
     from .transport.keys import RunKeys
 
-__all__ = ["Driver", "Job", "Task", "WorkerStats", "RuntimeStats", "SKIPPED"]
+__all__ = ["Driver", "Job", "Task", "WorkerStats", "RuntimeStats", "SKIPPED", "SETTLED"]
 
 
 #: ``(direction "in" | "out", worker identity, frame) -> frames`` (see ``Driver.frame_filter``)
@@ -174,14 +175,6 @@ REMOTE_HEARTBEAT_TIMEOUT = 10.0
 REAP_PERIOD = 0.1
 #: seconds a local worker's exit waits for the pump to read what it wrote before dying
 PIPE_DRAIN_WAIT = 1.0
-#: seconds the pump leaves local pipes to callers after the last one stopped waiting (wait_direct)
-DIRECT_LINGER = 0.002
-#: longest a lone caller in wait_direct polls without blocking (seconds): a blocked thread's
-#: wake-up (an idle CPU's, on virtual machines above all) costs more than the whole reply
-SPIN_WAIT = 200e-6
-#: longest a task frame for a busy local worker waits to go out with the next ones (seconds);
-#: normally the worker's next outcome releases it much sooner (see _pipe_send_locked)
-HOLD_MAX = 0.002
 
 #: seconds between the pump's looks for tasks queued behind a long one while a worker idles;
 #: a worker's oldest task must stay the same across one look to the next to count as long
@@ -198,49 +191,8 @@ _STOPPED = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
 #: most tags a remote worker may announce
 MAX_TAGS = 64
 
-#: states of a future after which nothing is left to wait for (phalanx.Future's too)
-SETTLED = frozenset({FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED})
-#: per thread: its wake-up for wait_direct
-_THREAD = threading.local()
 
 
-class _Wake:
-    """A thread's eventfd: written when a future it waits on in wait_direct settles elsewhere."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self) -> None:
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-
-    def __del__(self) -> None:  # the thread ended
-        os.close(self.fd)
-
-
-class _DirectWaiter:
-    """Installed in a future's waiters during wait_direct (the protocol of concurrent.futures.wait)."""
-
-    __slots__ = ("fd", "armed", "fired", "nudged")
-    #: phalanx.Future.cancel tells it (the standard library tells only its own waiters)
-    wakes_on_cancel = True
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        #: off while the waiting thread delivers outcomes itself (it looks at the future next anyway)
-        self.armed = True
-        self.fired = False
-        #: the pump changed the set of pipes since this thread took its snapshot (see Driver._nudge)
-        self.nudged = False
-
-    def nudge(self) -> None:
-        self.nudged = True
-        os.eventfd_write(self.fd, 1)
-
-    def _fire(self, future: Any = None) -> None:
-        if self.armed and not self.fired:
-            self.fired = True
-            os.eventfd_write(self.fd, 1)
-
-    add_result = add_exception = add_cancelled = _fire
 
 
 class WorkerStats(msgspec.Struct, frozen=True):
@@ -295,71 +247,6 @@ class RuntimeStats(msgspec.Struct, frozen=True):
     #: tasks a busy worker gave back unstarted, for a worker that idled, and sent again
     reclaimed: int = 0
 
-
-class _Worker:
-    __slots__ = (
-        "id", "ident", "pid", "hello", "welcomed", "ready", "alive", "free", "inflight",
-        "tasks", "items", "busy", "died_at", "retiring", "dispatched",
-        "remote", "host", "seen", "stop_sent", "tags", "frames_dropped", "pipe", "pipe_done",
-        "reader", "leftover", "broken", "delivering", "deferred", "held", "held_at",
-        "head_since", "expired", "stopped_since", "key", "oldest", "reclaiming",
-    )
-
-    def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
-        self.id = worker_id
-        #: work routed to one of these tags may go to it
-        self.tags = tags
-        self.ident = worker_id.encode()
-        self.pid = 0
-        self.hello = False
-        self.welcomed = False
-        self.ready = False
-        self.alive = True
-        self.free = 0
-        self.inflight: dict[tuple[int, int], Task] = {}
-        self.tasks = 0
-        self.items = 0
-        self.busy = 0.0
-        self.died_at = 0.0
-        self.retiring = False
-        self.dispatched = 0
-        #: joined over tcp (not ours to spawn, watch or replace)
-        self.remote = False
-        self.host = ""
-        #: a remote worker's CURVE key (z85; b"" on an insecure runtime): only frames
-        #: under its identities (plain, "!", "~...") that this key sent are its own
-        self.key: bytes | None = None
-        #: last time anything arrived from it (remote workers' liveness)
-        self.seen = 0.0
-        self.stop_sent = 0.0
-        #: malformed frames the worker reports it dropped (a running total)
-        self.frames_dropped = 0
-        #: a local worker's socketpair (None: ZeroMQ, remote workers)
-        self.pipe: FramePipe | None = None
-        #: set by the pump once it read the pipe to its end (everything the worker wrote is handled)
-        self.pipe_done = threading.Event()
-        #: held while reading the pipe and handling what was read (the pump, or a caller in wait_direct)
-        self.reader = threading.Lock()
-        #: frames a caller read but left to the pump (anything but outcomes), handled before the next read
-        self.leftover: list[bytes] = []
-        #: a caller's read found a frame above max_frame (the pump then ends the pipe)
-        self.broken = False
-        #: callers delivering outcomes they read here: frames after them wait (see wait_direct)
-        self.delivering = 0
-        #: the pump passed this pipe by while callers delivered: the last of them calls it back
-        self.deferred = False
-        #: task frames for this (busy) local worker not yet written, and since when (monotonic)
-        self.held: list[bytes] = []
-        self.held_at = 0.0
-        #: since when the first task in ``inflight`` (the one it runs: tasks run in order) is first
-        self.head_since = 0.0
-        #: (job, seq) of the task it was killed for, having overrun timeout + abort_grace
-        self.expired: tuple[int, int] | None = None
-        #: since when shutdown found its process stopped (SIGSTOP), 0.0: not stopped
-        self.stopped_since = 0.0
-        #: its oldest task in flight at the pump's last look, and whether a Reclaim awaits its answer
-        self.oldest: tuple[int, int] | None = None
-        self.reclaiming = False
 
 
 class Driver:
@@ -439,28 +326,12 @@ class Driver:
         #: Unset it costs one ``is None`` test per frame. Held frames come back through ``inject``.
         self.frame_filter: FrameFilter | None = None
         self._injected: deque[tuple[bytes, bytes]] = deque()
-        #: outcomes resolved this round, delivered at its end (the pump's; wait_direct adds under the lock)
+        #: outcomes resolved this round, delivered at its end (the pump's; phalanx.direct adds under the lock)
         self._deliveries: list[tuple[Job, int, Ok | Err]] = []
-        #: local workers' pipes the pump does not poll yet (it registers them)
-        self._new_pipes: deque[_Worker] = deque()
-        #: pipes holding a backlog the pump must flush when they become writable
-        self._backlogged: set[_Worker] = set()
-        #: local workers with task frames held back (see _pipe_send_locked)
-        self._holding: set[_Worker] = set()
-        #: local workers whose pipes the pump polls (replaced, never changed: callers read it unlocked)
-        self._piped: tuple[_Worker, ...] = ()
-        #: threads in wait_direct now, and when the last one left (under _direct_mutex)
-        self._direct_waiters = 0
-        #: their waiters, told when the pipes change (under _direct_mutex)
-        self._direct_set: set[_DirectWaiter] = set()
-        self._direct_left = 0.0
-        self._direct_mutex = threading.Lock()
-        #: a moving average of how long a wait_direct took (seconds): spin only while short
-        self._direct_typical = 0.0
-        #: the pump reads pipes itself (False while callers read them: see wait_direct)
-        self._pump_reads_pipes = True
-        #: pipes a caller needs the pump to read even so (frames left to it, the end, a bad frame)
-        self._pipe_attention: deque[_Worker] = deque()
+        #: local workers' pipes: writing, holding back, flushing, reading (phalanx.pipes)
+        self.pipes = LocalPipes(self)
+        #: callers reading their own replies from those pipes (phalanx.direct)
+        self.direct = DirectReader(self, self.pipes)
 
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._auth: Any = None
@@ -598,8 +469,7 @@ class Driver:
                 failed = failed or result
                 continue
             worker.pid, end = result
-            worker.pipe = FramePipe(end, self.limits.max_frame)
-            self._new_pipes.append(worker)
+            self.pipes.add(worker, end)
         self.wake()
         if failed is not None:
             raise failed
@@ -882,7 +752,7 @@ class Driver:
         w = self._workers.get(ident)
         if w is not None and w.pipe is not None:
             try:
-                self._pipe_send_locked(w, w.pipe, (frame,), filtered=filtered)
+                self.pipes.send_locked(w, w.pipe, (frame,), filtered=filtered)
             except PipeError:
                 raise zmq.ZMQError(errno.EPIPE, f"worker {w.id} is gone") from None
             return
@@ -891,43 +761,6 @@ class Driver:
             self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
             # A large frame (an array) is handed to ZeroMQ without a copy; bytes are immutable.
             self._tasks.send(out, zmq.NOBLOCK, copy=len(out) < sockets.ZERO_COPY_MIN)
-
-    def _pipe_send_locked(self, w: _Worker, pipe: FramePipe, frames: tuple[bytes, ...] | list[bytes],
-                          hold: bool = False, filtered: bool = False) -> None:
-        """Write frames to a local worker's pipe; the pump flushes what the kernel did not take.
-
-        ``hold``: these are tasks for a worker that still owes an outcome, so they wait in
-        ``w.held`` and go out in one write with the next ones when that outcome is read
-        (:meth:`_on_results`), or after :data:`HOLD_MAX` at the latest. A busy worker could
-        not start them sooner; writing each at once costs a system call and a wake-up of
-        the worker per task. A task for an idle worker is never held. Each frame
-        passes ``frame_filter`` (fault injection) here, unless ``filtered``.
-        """
-        if self.frame_filter is not None and not filtered:
-            frames = [out for frame in frames for out in self.frame_filter("out", w.ident, frame)]
-        if hold:
-            if not w.held:
-                w.held_at = time.monotonic()
-                self._holding.add(w)
-            w.held.extend(frames)
-            return
-        if w.held:  # anything else goes out behind what is held, in order
-            frames = [*w.held, *frames]
-            w.held = []
-            self._holding.discard(w)
-        if pipe.send_many(frames) and w not in self._backlogged:
-            self._backlogged.add(w)
-            self.wake()
-
-    def _release_locked(self, w: _Worker) -> None:
-        """Write the task frames held for ``w`` (lock held); a closed pipe's are redelivered with its tasks."""
-        assert w.pipe is not None  # only local workers' frames are held; their pipe stays set
-        try:
-            self._pipe_send_locked(w, w.pipe, ())
-        except PipeError:
-            # The worker is going away: no new work for it; its reader sees the pipe's end
-            # and redelivers its in-flight tasks, these among them.
-            self._remove_live_locked(w)
 
     def _send_task_locked(self, ident: bytes, frame: bytes) -> None:
         """Send work to ``ident`` (lock held; through ``frame_filter`` when one is set)."""
@@ -950,7 +783,7 @@ class Driver:
                 return False
             try:
                 if w.pipe is not None:
-                    self._pipe_send_locked(w, w.pipe, (frame,), hold=bool(w.inflight))
+                    self.pipes.send_locked(w, w.pipe, (frame,), hold=bool(w.inflight))
                 else:
                     self._send_task_locked(ident, frame)
             except (zmq.ZMQError, PipeError):
@@ -1012,7 +845,8 @@ class Driver:
             try:
                 if w.pipe is not None:
                     # Held if the worker already had tasks before these (they were added to inflight).
-                    self._pipe_send_locked(w, w.pipe, [t.frame for t in tasks], hold=len(w.inflight) > len(tasks))
+                    self.pipes.send_locked(w, w.pipe, [t.frame for t in tasks],
+                                            hold=len(w.inflight) > len(tasks))
                     continue
                 for task in tasks:
                     self._send_task_locked(w.ident, task.frame)
@@ -1145,10 +979,8 @@ class Driver:
         poller.register(self._wake_r, zmq.POLLIN)
         for mon in self._monitors:
             poller.register(mon, zmq.POLLIN)
-        #: local workers' pipes by file descriptor
-        pipes: dict[int, _Worker] = {}
         try:
-            self._pump_loop(poller, pipes)
+            self._pump_loop(poller)
         except BaseException as exc:  # never silently: every caller learns at once
             log.critical("the pump thread died", exc_info=True)
             broken = RuntimeBrokenError(f"the runtime's pump thread died: {exc!r}")
@@ -1162,12 +994,12 @@ class Driver:
                 self._deliver_ready()
             except BaseException:
                 log.exception("delivering the last outcomes")
-            for w in [*pipes.values(), *self._new_pipes]:
-                with w.reader, self._lock:  # not while a caller reads it (wait_direct)
-                    self._end_pipe_locked(w)
+            self.pipes.end_all()
 
-    def _pump_loop(self, poller: zmq.Poller, pipes: dict[int, _Worker]) -> None:
+    def _pump_loop(self, poller: zmq.Poller) -> None:
         results = self._results
+        pipes = self.pipes
+        direct = self.direct
         listening = self.address is not None
         last_sync = 0.0
         last_beat = 0.0
@@ -1185,40 +1017,18 @@ class Driver:
                 with self._lock:  # user threads change it
                     due = min(self._unrouted.values(), default=0.0) + self.config.route_timeout
                 wait = min(wait, max(0.0, (due - time.monotonic()) * 1000))
-            while self._new_pipes:
-                w = self._new_pipes.popleft()
-                if w.pipe is not None:
-                    pipes[w.pipe.fileno()] = w
-                    poller.register(w.pipe.fileno(), self._pipe_events(w))
-                    self._piped = tuple(pipes.values())
-                    self._nudge()
-            if self._direct_waiters or self._direct_left > time.monotonic() - DIRECT_LINGER:
+            # While callers read the pipes (phalanx.direct) the pump does not, and looks often.
+            reads = not direct.active(time.monotonic())
+            if not reads:
                 wait = min(wait, DIRECT_LINGER * 1000)
-                reads = False
-            else:
-                reads = True
-            if reads != self._pump_reads_pipes:
-                self._pump_reads_pipes = reads
-                for w in pipes.values():
-                    poller.register(w.pipe.fileno(), self._pipe_events(w))  # type: ignore[union-attr]
-            if self._holding:
-                wait = min(wait, self._release_stale() * 1000)
+            wait = pipes.before_poll(poller, wait, reads)
             if timed:
                 wait = min(wait, REAP_PERIOD * 1000)
-            if self._backlogged:
-                self._flush_pipes(poller)
             events = dict(poller.poll(int(wait) + (1 if wait else 0)))
             if self._wake_r in events:
                 if b"x" in os.read(self._wake_r, 4096):
                     return
-            if reads:
-                for fd, w in list(pipes.items()):
-                    if fd in events:
-                        self._read_pipe(poller, pipes, fd, w)
-            while self._pipe_attention:
-                w = self._pipe_attention.popleft()
-                if w.pipe is not None and pipes.get(w.pipe.fileno()) is w:
-                    self._read_pipe(poller, pipes, w.pipe.fileno(), w)
+            pipes.after_poll(poller, events, reads)
             if results in events:
                 for _ in range(4096):
                     origin = None
@@ -1294,44 +1104,6 @@ class Driver:
             if self._deliveries:
                 self._deliver_ready()
 
-    def _read_pipe(self, poller: zmq.Poller, pipes: dict[int, _Worker], fd: int, w: _Worker) -> None:
-        """Handle what a local worker wrote; at its end, stop polling it (pump thread)."""
-        with w.reader:
-            assert w.pipe is not None
-            if w.delivering:
-                # A caller is delivering outcomes it read from this pipe: what follows them
-                # waits (it asks for this pipe again when done); meanwhile do not poll it.
-                poller.register(fd, zmq.POLLOUT if w in self._backlogged else 0)
-                w.deferred = True
-                return
-            poller.register(fd, self._pipe_events(w))
-            frames: list[bytes] | None
-            frames, w.leftover = w.leftover, []
-            self._handle_pipe_frames(w, frames, filtered=True)  # a caller's read passed them through
-            try:
-                if w.broken:
-                    raise PipeError("a caller read a frame above max_frame")
-                frames = w.pipe.recv()
-            except PipeError:
-                # A worker never sends one (it turns a result too large into an error): a bug or
-                # an attack. Its stream cannot be trusted past it: kill it; its tasks are settled
-                # by the crash rules, and it is replaced.
-                log.warning("worker %s sent a frame above max_frame: killing it", w.id)
-                self.frames_dropped += 1
-                self._kill_soon(w)
-                frames = None
-            except OSError:
-                frames = None
-            if frames is None:
-                poller.register(fd, 0)  # unregisters
-                del pipes[fd]
-                self._piped = tuple(pipes.values())
-                self._nudge()  # before the close: a caller polling this fd looks again
-                with self._lock:
-                    self._end_pipe_locked(w)
-                return
-            self._handle_pipe_frames(w, frames)
-
     def _kill_soon(self, w: _Worker) -> None:
         """SIGKILL a local worker from a helper thread (killing its tree may wait for it)."""
         threading.Thread(target=self._supervisor.kill, args=(w.id,), daemon=True, name="phalanx-kill").start()
@@ -1375,53 +1147,6 @@ class Driver:
             else:
                 self._kill_soon(w)
         return timed
-
-    def _handle_pipe_frames(self, w: _Worker, frames: list[bytes], filtered: bool = False) -> None:
-        ident = w.ident
-        for frame in frames:
-            try:
-                self._handle([ident, frame], filtered, local=True)
-            except Exception as exc:  # bad input is counted where it is checked: this is a bug
-                self.internal_error(exc, "handling a frame")
-
-    def _end_pipe_locked(self, w: _Worker) -> None:
-        """Close a local worker's pipe (its reader saw the end, or the runtime is shutting down)."""
-        if w.pipe is not None:
-            w.pipe.close()
-        self._backlogged.discard(w)
-        self._holding.discard(w)
-        w.held = []
-        w.pipe_done.set()
-
-    def _release_stale(self) -> float:
-        """Write frames held :data:`HOLD_MAX` or longer; seconds until the next are due (pump thread)."""
-        now = time.monotonic()
-        due = HOLD_MAX
-        with self._lock:
-            for w in list(self._holding):
-                if now - w.held_at >= HOLD_MAX:
-                    self._release_locked(w)
-                else:
-                    due = min(due, HOLD_MAX - (now - w.held_at))
-        return due
-
-    def _flush_pipes(self, poller: zmq.Poller) -> None:
-        """Write pipes' backlogs; poll those still holding some for writability (pump thread)."""
-        with self._lock:
-            for w in list(self._backlogged):
-                pipe = w.pipe
-                try:
-                    done = pipe is None or pipe.flush()
-                except PipeError:
-                    done = True  # the worker is gone: its reader sees the end
-                if done:
-                    self._backlogged.discard(w)
-                if pipe is not None and not pipe.closed:
-                    poller.register(pipe.fileno(), self._pipe_events(w))
-
-    def _pipe_events(self, w: _Worker) -> int:
-        """What the pump polls a pipe for: readable unless callers read it, writable while backlogged."""
-        return (zmq.POLLIN if self._pump_reads_pipes else 0) | (zmq.POLLOUT if w in self._backlogged else 0)
 
     def _on_monitor(self, mon: zmq.Socket[bytes]) -> None:
         """Log peers refused during the handshake on a tcp endpoint (wrong, no or plaintext key)."""
@@ -1768,7 +1493,7 @@ class Driver:
                 pass
 
     def _on_results(self, ident: bytes, msg: Results, direct: list[tuple[Job, int, Ok | Err]] | None = None) -> None:
-        """Resolve a worker's outcomes; deliveries go to the pump's round, or to ``direct`` (see wait_direct)."""
+        """Resolve a worker's outcomes; deliveries go to the pump's round, or to ``direct`` (see phalanx.direct)."""
         deliveries: list[tuple[Job, int, Ok | Err]] = []
         with self._lock:
             w = self._workers.get(ident)
@@ -1798,7 +1523,7 @@ class Driver:
             if self._pending:
                 self._dispatch_locked()
             if w.held:  # the worker answered: what waited for it goes out now, with this round's dispatch
-                self._release_locked(w)
+                self.pipes.release_locked(w)
             if not self._pending:
                 self._changed.notify_all()
             # Delivered at the end of the pump's round, just before it blocks: a woken
@@ -1818,186 +1543,11 @@ class Driver:
 
     def _deliver_ready(self) -> None:
         """Hand the outcomes resolved this round to their jobs (pump thread, no lock held)."""
-        with self._lock:  # a caller in wait_direct may add some
+        with self._lock:  # a caller reading directly may add some
             ready, self._deliveries = self._deliveries, []
         self._deliver(ready)
 
     # ---- a caller reading its own reply ------------------------------------------------
-
-    def wait_direct(self, fut: Any, timeout: float | None) -> bool:
-        """Wait for ``fut`` on this thread, reading local workers' pipes itself; False: not here.
-
-        A lone call then costs one wake-up fewer: the worker's reply wakes the
-        waiting caller, which reads it, resolves it and returns, instead of
-        waking the pump, which wakes the caller. While a caller polls the pipes
-        (and ``DIRECT_LINGER`` after), the pump does not, so it does not wake
-        for them; a worker's ``reader`` lock makes sure frames are read once
-        and handled in order. Only outcomes of ``direct`` jobs are delivered
-        here (no lock held, as the pump would); every other frame is left to
-        the pump, which handles it only once the outcomes read before it are
-        delivered. If the future settles elsewhere (a remote worker answered,
-        the runtime broke) the thread's eventfd wakes it. A lone caller whose
-        waits have been short polls without blocking for up to ``SPIN_WAIT``
-        first: a reply then costs no wake-up on this side at all. Returns True
-        once ``fut`` settled or ``timeout`` passed.
-        """
-        if self._closed or threading.current_thread() is self._pump_thread:
-            return False
-        wake: _Wake | None = getattr(_THREAD, "wake", None)
-        if wake is None:
-            wake = _THREAD.wake = _Wake()
-        waiter = _DirectWaiter(wake.fd)
-        with fut._condition:
-            if fut._state in SETTLED:
-                return True
-            fut._waiters.append(waiter)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        began = time.perf_counter()
-        try:
-            while True:
-                # Counted (and told of pipe changes) before the snapshot, so no change is missed.
-                with self._direct_mutex:
-                    self._direct_waiters += 1
-                    self._direct_set.add(waiter)
-                by_fd: dict[int, _Worker] = {}
-                held = False
-                for w in self._piped:
-                    if w.pipe is None or w.pipe.closed:
-                        continue
-                    if w.leftover:
-                        # Frames left to the pump: until it took them this pipe reads as empty, so
-                        # it is not polled (it may be readable), but looked at again within 1 ms.
-                        held = True
-                        continue
-                    by_fd[w.pipe.fileno()] = w
-                direct: list[tuple[Job, int, Ok | Err]] = []
-                read: list[_Worker] = []
-                try:
-                    if not by_fd and not held and not waiter.fired:
-                        return False  # no local worker: the plain wait does
-                    if self._pump_reads_pipes:
-                        self.wake()  # it stops polling the pipes
-                    poller = select.poll()
-                    poller.register(wake.fd, select.POLLIN)
-                    for fd in by_fd:
-                        poller.register(fd, select.POLLIN)
-                    # A lone caller whose replies have been quick spins briefly before blocking.
-                    spin = self._direct_waiters == 1 and self._direct_typical < SPIN_WAIT
-                    events = self._spin(poller, time.perf_counter() + SPIN_WAIT) if spin else []
-                    if not events:
-                        ms = -1.0 if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000) + 0.5
-                        if held and (ms < 0 or ms > 1.0):
-                            ms = 1.0  # look again soon at the pipe left out above
-                        events = poller.poll(ms)
-                    for fd, _ in events:
-                        ready = by_fd.get(fd)
-                        if ready is not None and self._read_direct(ready, direct):
-                            read.append(ready)
-                        elif fd == wake.fd and waiter.nudged:
-                            waiter.nudged = False  # then a new snapshot
-                            try:
-                                os.eventfd_read(wake.fd)
-                            except BlockingIOError:
-                                pass
-                finally:
-                    with self._direct_mutex:
-                        self._direct_waiters -= 1
-                        self._direct_set.discard(waiter)
-                        self._direct_left = time.monotonic()
-                if read:
-                    self._deliver_direct(read, direct, waiter)
-                if fut._state in SETTLED:
-                    # How long replies take decides whether the next wait spins first.
-                    self._direct_typical += (time.perf_counter() - began - self._direct_typical) * 0.25
-                    return True
-                if deadline is not None and time.monotonic() >= deadline:
-                    return True
-        finally:
-            with fut._condition:
-                fut._waiters.remove(waiter)
-            if waiter.fired or waiter.nudged:
-                try:
-                    os.eventfd_read(wake.fd)
-                except BlockingIOError:
-                    pass
-
-    @staticmethod
-    def _spin(poller: Any, until: float) -> list[tuple[int, int]]:
-        """Poll without blocking until something is readable or ``until`` (perf_counter) passed."""
-        while True:
-            events: list[tuple[int, int]] = poller.poll(0)
-            if events or time.perf_counter() >= until:
-                return events
-
-    def _read_direct(self, w: _Worker, direct: list[tuple[Job, int, Ok | Err]]) -> bool:
-        """Read a local worker's pipe on a waiting caller's thread; True: ``w.delivering`` was raised."""
-        with w.reader:  # if the pump holds it, wait for it, then take what is left
-            pipe = w.pipe
-            if pipe is None or pipe.closed or w.leftover or w.broken:
-                return False
-            try:
-                frames = pipe.recv()
-            except PipeError:
-                w.broken = True
-                frames = None
-            except OSError:
-                frames = None
-            if frames is None:  # the end (or a bad frame): the pump ends the pipe
-                self._need_pump(w)
-                return False
-            ident = w.ident
-            if self.frame_filter is not None:  # fault injection sits on the link, below this read
-                frames = [out for frame in frames for out in self.frame_filter("in", ident, frame)]
-            if not frames:
-                return False
-            for i, frame in enumerate(frames):
-                try:
-                    msg = decode_driver(frame, self.config.local_pickle)
-                except ProtocolError as exc:
-                    # A result that failed to unpickle (local_pickle) is that task's error.
-                    msg = salvage_results(frame) if isinstance(exc.__cause__, UnpickleFailed) else None  # type: ignore[assignment]
-                if not isinstance(msg, Results):
-                    # Left to the pump, in order, before its next read of this pipe, and
-                    # once the outcomes read before it are delivered (see _deliver_direct).
-                    w.leftover = frames[i:]
-                    break
-                try:
-                    self._on_results(ident, msg, direct)
-                except Exception as exc:  # bad input is counted where it is checked: this is a bug
-                    self.internal_error(exc, "handling a frame")
-            w.delivering += 1
-            return True
-
-    def _deliver_direct(self, read: list[_Worker], direct: list[tuple[Job, int, Ok | Err]],
-                        waiter: _DirectWaiter) -> None:
-        """Deliver what a caller read, then let the pump handle what came after it."""
-        waiter.armed = False  # the caller looks at its future next anyway
-        try:
-            self._deliver(direct)
-        finally:
-            waiter.armed = True
-            for w in read:
-                with w.reader:
-                    w.delivering -= 1
-                    if not w.delivering and (w.leftover or w.deferred):
-                        w.deferred = False
-                        self._need_pump(w)
-
-    def _nudge(self) -> None:
-        """The pipes changed (pump thread): every caller polling a snapshot of them takes a new one.
-
-        Without it a caller would poll a closed pipe's number (perhaps reused by
-        another file) or miss a new worker's Hello, which the pump does not read
-        while callers read the pipes: a wait as long as the caller's timeout.
-        """
-        with self._direct_mutex:
-            for waiter in self._direct_set:
-                waiter.nudge()
-
-    def _need_pump(self, w: _Worker) -> None:
-        """Have the pump read ``w``'s pipe even while callers read the pipes."""
-        self._pipe_attention.append(w)
-        self.wake()
 
     def _deliver(self, ready: Sequence[tuple[Job, int, Delivery]]) -> None:
         """Hand outcomes to their jobs, in order: every delivery of the driver goes through here.

@@ -405,7 +405,7 @@ class ActorSystem:
             raise AttributeError(f"actor methods starting with '_' cannot be called remotely: {method!r}")
         fut: Future[Any] = Future()
         fut._state = RUNNING  # an actor call cannot be withdrawn once made (nobody sees it yet)
-        fut._phalanx_direct = self.driver
+        fut._phalanx_direct = self.driver.direct
         a, kw = args, kwargs or None
         with actor.mutex:
             if actor.state == "running" and not actor.held:
