@@ -100,7 +100,12 @@ class _DirectWaiter:
 
 
 class DirectReader:
-    """Callers reading local workers' pipes while they wait (see the module docstring)."""
+    """Callers reading local workers' pipes while they wait (see the module docstring).
+
+    What it uses of the driver: ``_on_results`` (resolution, under the driver's
+    lock), ``_deliver``, ``frame_filter``, ``wake``, ``internal_error``; of the
+    pipes: ``piped``, ``pump_reads``, ``need_pump``.
+    """
 
     def __init__(self, driver: Driver, pipes: LocalPipes) -> None:
         self.driver = driver

@@ -18,6 +18,17 @@ Runs in the driver process. Threads and what they own::
         └─▶ deliver outcomes to jobs (futures, lease queues)   [no lock held]
     supervisor thread ──on_exit──▶ [lock] redeliver the dead worker's tasks
 
+The driver holds collaborators, each with its own state and module:
+:mod:`phalanx.pipes` (local workers' pipes: writing, holding back, flushing,
+reading), :mod:`phalanx.direct` (a caller reading its own reply),
+:mod:`phalanx.membership` (worker records, handshake, joins, heartbeats, tcp
+security), :mod:`phalanx.lifecycle` (spawning, retiring, stopping, exits),
+:mod:`phalanx.reclaim` (tasks taken back from a busy worker) and
+:mod:`phalanx.inspection` (inspect, ``phalanx top``, counters). The driver's
+lock (``_lock``, with its condition ``_changed``) guards the job table, the
+routing, the worker records and every send on the tasks ROUTER, the control
+PUB and the pipes, for all of them.
+
 Remote workers (``listen="tcp://..."``) say Hello on the tcp endpoints, which
 demand CURVE keys from ``authorized_keys`` (ZAP, in the authenticator
 thread); local workers keep using the private ipc endpoints of the same
@@ -61,9 +72,9 @@ Invariants kept:
    out when that worker's next outcome is read, or after ``HOLD_MAX``. A task
    with a timeout that runs ``timeout + abort_grace`` without an outcome (it
    holds the GIL, its process is frozen) has its worker killed by the driver
-   (``_expire_overdue``). Shutdown waits for work, not for frozen workers.
+   (``Lifecycle.expire_overdue``). Shutdown waits for work, not for frozen workers.
    Short work is not stranded behind a long task while a worker idles: the
-   tasks queued behind it are taken back, unstarted (``_reclaim_locked``).
+   tasks queued behind it are taken back, unstarted (:mod:`phalanx.reclaim`).
 6. **Bad input never kills.** Undecodable frames, frames from unknown
    identities and outcomes for unknown tasks are counted and dropped. An
    exception escaping the runtime's own code is not bad input: it breaks the
@@ -82,70 +93,40 @@ import errno
 import itertools
 import logging
 import os
-import re
-import socket
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-import psutil
 import zmq
 
 from .config import Config
-from .policy import DEFAULT_TAG, FatalStrategy, RetryStrategy, TaskOptions, check_tag
-from .errors import (
-    ActorDiedError,
-    NoWorkerError,
-    ProtocolError,
-    RuntimeBrokenError,
-    RuntimeClosedError,
-    TaskTimeoutError,
-    WorkerCrashedError,
-    WorkerStartError,
-)
+from .policy import DEFAULT_TAG, TaskOptions
+from .errors import NoWorkerError, ProtocolError, RuntimeBrokenError, RuntimeClosedError
 from .supervisor import Supervisor
 from .transport import sockets
-from .transport.codec import UnpickleFailed, decode_driver, encode, error_info, salvage_results
+from .transport.codec import UnpickleFailed, decode_driver, encode, salvage_results
 from .transport.endpoints import Endpoints, local_endpoints, remove_stale_dirs, tcp_endpoints
 from .transport.pipe import PipeError
-from .transport.messages import PROTOCOL_VERSION, Alive, Reclaim, Reclaimed
-from .transport.messages import (
-    Call,
-    Chunk,
-    Err,
-    Goodbye,
-    Hello,
-    Ok,
-    Ready,
-    Results,
-    Retire,
-    Shutdown,
-    Stop,
-    Sync,
-    Terminate,
-    Welcome,
-)
+from .transport.messages import Alive, Err, Goodbye, Hello, Ok, Ready, Reclaimed, Results, Retire
+from .transport.messages import Shutdown, Terminate
 from .transport.messages import (
     ActorCall,
     ActorEvent,
     ActorState,
-    Heartbeat,
-    InspectAnswer,
     InspectQuery,
     InspectReply,
-    InspectRequest,
 )
-from .worker import ABORT_EXIT, WorkerSpec
 from .core.outcomes import Outcomes
 from .core.routing import Routing
 from .core.tasks import SKIPPED, Delivery, Job, Task
 from .direct import DIRECT_LINGER, SETTLED, DirectReader
-from .membership import _Worker
+from .inspection import Inspection, RuntimeStats, WorkerStats
+from .lifecycle import Lifecycle
+from .membership import Membership, _Worker
 from .pipes import LocalPipes
+from .reclaim import Reclaimer
 
 if TYPE_CHECKING:
     from .broker import Broker
@@ -160,92 +141,17 @@ FrameFilter = Callable[[str, bytes, bytes], list[bytes]]
 #: seconds a dead worker's record is kept to validate its late results
 DEAD_WORKER_TTL = 60.0
 
-#: tasks-ROUTER identities whose holder the driver remembers (the oldest are forgotten)
-MAX_HOLDERS = 65536
-
-#: the names of the driver's own (local) workers: no tcp peer may use or claim them
-_LOCAL_ID = re.compile(rb"w\d+\Z")
-
 log = logging.getLogger("phalanx.driver")
-auth_log = logging.getLogger("phalanx.auth")
 
-#: seconds without a remote worker's Alive before it is declared lost (default)
-REMOTE_HEARTBEAT_TIMEOUT = 10.0
 #: seconds between the pump's sweeps of dead workers' records
 REAP_PERIOD = 0.1
-#: seconds a local worker's exit waits for the pump to read what it wrote before dying
-PIPE_DRAIN_WAIT = 1.0
-
-#: seconds between the pump's looks for tasks queued behind a long one while a worker idles;
-#: a worker's oldest task must stay the same across one look to the next to count as long
-RECLAIM_PERIOD = 0.05
-
-#: seconds past a task's ``timeout + abort_grace`` before the driver kills its worker: the
-#: worker's own kill at that time comes first when it can (a planned exit either way)
-EXPIRY_SLACK = 0.2
-
-#: seconds between looks at whether the workers holding tasks are stopped, while shutdown waits
-FROZEN_CHECK = 0.25
-_STOPPED = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
-
-#: most tags a remote worker may announce
-MAX_TAGS = 64
 
 
 
 
 
-class WorkerStats(msgspec.Struct, frozen=True):
-    """One worker as the driver sees it."""
-
-    id: str
-    pid: int
-    alive: bool
-    ready: bool
-    inflight: int
-    tasks: int
-    items: int
-    busy: float
-    #: the host it runs on ("" for local workers)
-    host: str = ""
-    remote: bool = False
-    #: the worker tags it serves
-    tags: tuple[str, ...] = ()
-    #: malformed frames the worker itself dropped (as of its last Results or inspect reply)
-    frames_dropped: int = 0
 
 
-class RuntimeStats(msgspec.Struct, frozen=True):
-    """Counters of a runtime; see :meth:`phalanx.Runtime.stats`."""
-
-    workers: list[WorkerStats]
-    tasks_submitted: int
-    tasks_completed: int
-    tasks_failed: int
-    items_completed: int
-    retried: int
-    skipped: int
-    redelivered: int
-    duplicates_dropped: int
-    late_results_dropped: int
-    frames_dropped: int
-    worker_deaths: int
-    worker_restarts: int
-    workers_recycled: int
-    jobs_open: int
-    #: remote workers that joined over tcp, and those declared lost (no heartbeat)
-    workers_joined: int = 0
-    workers_lost: int = 0
-    #: remote workers that left saying Goodbye (their host was told to stop)
-    workers_left: int = 0
-    #: tcp peers refused during the security handshake
-    peers_refused: int = 0
-    #: channel messages dropped: sent to a closed or released lease, or queued when it was released
-    channel_messages_dropped: int = 0
-    #: channel messages put back for redelivery (nacked, or held by a receiver closed or dead)
-    channel_redelivered: int = 0
-    #: tasks a busy worker gave back unstarted, for a worker that idled, and sent again
-    reclaimed: int = 0
 
 
 
@@ -262,8 +168,10 @@ class Driver:
         self.address: Endpoints | None = tcp_endpoints(config.listen) if config.listen else None
         # Before ZeroMQ's I/O threads or any of ours exist: under start method "phalanx"
         # this forks the fork server, a copy of this process that forks the workers.
+        #: starting, stopping and losing workers (phalanx.lifecycle)
+        self.lifecycle = Lifecycle(self)
         try:
-            self._supervisor = Supervisor(config.start_method, self._on_exit)
+            self._supervisor = Supervisor(config.start_method, self.lifecycle.on_exit)
         except BaseException:
             self.endpoints.remove()
             raise
@@ -279,17 +187,12 @@ class Driver:
         self._live = self.routing.live
         self._live_tags = self.routing.live_tags
         self._unrouted = self.routing.unrouted
-        self._worker_ids = itertools.count(1)
-        self._start_failures: list[str] = []
         self._closed = False
         self._broken: BaseException | None = None
-        self._sync_nonce = itertools.count()
         #: seconds a dead worker's record (and what it held) is kept; lowered by tests
         self.dead_worker_ttl = DEAD_WORKER_TTL
         # counters
         self.tasks_submitted = 0
-        #: tasks taken back unstarted from a busy worker and dispatched again (see _reclaim_locked)
-        self.reclaimed = 0
         self.frames_dropped = 0
         self.worker_deaths = 0
         self.worker_restarts = 0
@@ -306,20 +209,19 @@ class Driver:
         #: outcome resolution, crash attribution, restart intensity and retry timers (no I/O)
         self.outcomes = Outcomes(self._jobs, config.max_attempts, config.restart_limit, config.restart_window,
                                  config.abort_grace)
-        #: tags of retired workers whose replacements the pump still has to start
-        self._spawn_owed: deque[tuple[str, ...]] = deque()
         #: pump thread: ActorEvent / ActorState from a worker
         self.actor_listener: Callable[[bytes, ActorEvent | ActorState], None] | None = None
         #: supervisor thread, after redelivery: (worker id, exit code)
         self.exit_listeners: list[Callable[[str, int | None], None]] = []
         #: pump thread: a worker became ready
         self.ready_listeners: list[Callable[[str], None]] = []
-        self._inspect_nonces = itertools.count(1)
         #: builds the inspect tree for clients such as ``phalanx top`` (set by the Runtime): a weak
         #: reference (the pump holds the driver; the runtime must stay collectable), called to get it
         self.inspect_provider: Callable[[], Callable[[float], Any] | None] | None = None
-        self._outgoing: deque[tuple[bytes, bytes]] = deque()
-        self._inspect_replies: dict[int, dict[str, InspectReply]] = {}
+        #: tasks taken back unstarted from a busy worker for an idle one (phalanx.reclaim)
+        self.reclaimer = Reclaimer(self)
+        #: worker inspection, phalanx top's queries, the counters' snapshot (phalanx.inspection)
+        self.inspection = Inspection(self)
         #: fault injection (phalanx.testing), None otherwise: ``frame_filter("in", ident, frame)``
         #: for each frame the pump receives, ``("out", ident, frame)`` for each frame sent to a
         #: worker's inbox; it returns the frames to handle or send instead ([]: drop, two: repeat).
@@ -334,15 +236,12 @@ class Driver:
         self.direct = DirectReader(self, self.pipes)
 
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._auth: Any = None
-        self._monitors: dict[zmq.Socket[bytes], str] = {}
-        #: tcp identities on the tasks ROUTER -> the key whose Hello arrived there under it
-        self._holders: dict[bytes, bytes] = {}
-        self.remote_timeout = config.heartbeat_timeout if config.heartbeat_timeout > 0 else REMOTE_HEARTBEAT_TIMEOUT
+        #: the handshake, remote joins, heartbeats, tcp security (phalanx.membership)
+        self.membership = membership = Membership(self)
         #: the sockets' high-water mark and largest frame (the hwm and max_frame options)
         self.limits = sockets.Limits(config.hwm, config.max_frame)
         try:
-            curve = self._secure_tcp()
+            curve = membership.secure_tcp()
             tcp = self.address
             limits = self.limits
             self._tasks = sockets.router(self._ctx, self.endpoints.tasks, send_only=True,
@@ -353,9 +252,9 @@ class Driver:
                                               tcp=tcp.control if tcp else None, curve=curve, limits=limits)
             if tcp is not None:
                 for sock, ep in ((self._tasks, tcp.tasks), (self._results, tcp.results), (self._control, tcp.control)):
-                    self._monitors[sockets.monitor(sock, sockets.HANDSHAKE_FAILURES)] = ep
+                    membership.monitors[sockets.monitor(sock, sockets.HANDSHAKE_FAILURES)] = ep
         except BaseException:
-            self._close_security()
+            membership.close_security()
             self._ctx.destroy(linger=0)
             self._supervisor.stop(0.0)
             self.endpoints.remove()
@@ -363,211 +262,15 @@ class Driver:
         self._wake_r, self._wake_w = os.pipe()
         self._pump_thread = threading.Thread(target=self._pump, name="phalanx-pump", daemon=True)
 
-    def _close_security(self) -> None:
-        """Close the handshake monitors and stop the authenticator (before the context ends)."""
-        for mon in self._monitors:
-            mon.close(linger=0)
-        self._monitors.clear()
-        auth, self._auth = self._auth, None
-        if auth is not None:
-            auth.stop()
-
-    def _secure_tcp(self) -> sockets.Curve | None:
-        """Start the authenticator and load the server key (None: ipc only, or insecure)."""
-        config = self.config
-        if self.address is None:
-            return None
-        if config.insecure:
-            message = (f"phalanx: WARNING: listening on {config.listen} WITHOUT CURVE (insecure=True): "
-                       "anyone who can reach it can run registered operations and read results")
-            log.warning(message)
-            print(message, file=sys.stderr, flush=True)
-            return None
-        from .transport import keys
-
-        run = self.run_keys
-        if run is not None and config.server_key is None:
-            public, secret = run.server
-        else:
-            assert config.server_key is not None
-            public, secret = keys.load_secret(config.server_key)
-        assert config.authorized_keys is not None or run is not None
-        self._auth = keys.Authenticator(self._ctx, config.authorized_keys, run)
-        self._auth.start()
-        return sockets.Curve(public, secret)
-
     # ---- workers -------------------------------------------------------------
 
+    def wait_idle(self, timeout: float | None, frozen_after: float | None = None) -> bool:
+        """Wait until no task is pending or in flight (see :meth:`Lifecycle.wait_idle`)."""
+        return self.lifecycle.wait_idle(timeout, frozen_after)
+
     def start_workers(self, n: int | dict[str, int], timeout: float) -> None:
-        """Spawn ``n`` workers (or so many per tag) and wait until each is connected and ready.
-
-        The first workers are started before any phalanx thread exists, so
-        that forking them is safe; the watcher and the pump start after.
-        """
-        groups = {DEFAULT_TAG: n} if isinstance(n, int) else n
-        ids = self._spawn_many([(tag,) for tag, count in groups.items() for _ in range(count)])
-        n = len(ids)
-        self._supervisor.start()
-        self._pump_thread.start()
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                if self._start_failures:
-                    raise WorkerStartError(
-                        "worker failed to start: " + "; ".join(self._start_failures)
-                        + " (does the main module start a Runtime outside "
-                        "`if __name__ == \"__main__\":`?)"
-                    )
-                ready = sum(1 for i in ids if self._workers[i.encode()].ready)
-                if ready == n:
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise WorkerStartError(
-                        f"only {ready} of {n} workers connected within {timeout:.1f} s"
-                    )
-                self._changed.wait(min(remaining, 0.1))
-
-    def _spawn(self, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> str:
-        return self._spawn_many([tags])[0]
-
-    def _spawn_many(self, groups: list[tuple[str, ...]]) -> list[str]:
-        """Start one local worker per tags tuple (the fork server gets every request at once); their ids."""
-        workers: list[_Worker] = []
-        specs: list[WorkerSpec] = []
-        for tags in groups:
-            wid = f"w{next(self._worker_ids)}"
-            worker = _Worker(wid, tags)
-            with self._lock:
-                self._workers[worker.ident] = worker
-            spec = WorkerSpec(
-                worker_id=wid,
-                endpoints=self.endpoints,
-                credits=self.config.credits,
-                parent_pid=os.getpid(),
-                abort_grace=self.config.abort_grace,
-                max_memory=self.config.max_memory_per_worker,
-                heartbeat_timeout=max(0.0, self.config.heartbeat_timeout),
-                heartbeat_interval=self.config.heartbeat_interval,
-                reconnect=self.config.reconnect,
-                prefix_output=self.config.prefix_output,
-                host=self.config.host_name or "",
-                tags=tags,
-                limits=self.limits,
-                spin=self.config.spin,
-                log_level=self.config.log_level,
-                implicit_operations=self.config.implicit_operations,
-                shm_threshold=self.config.shm_threshold,
-                local_pickle=self.config.local_pickle,
-            )
-            workers.append(worker)
-            specs.append(spec)
-        started = self._supervisor.spawn_piped_many(specs)
-        failed: OSError | None = None
-        for worker, result in zip(workers, started):
-            if isinstance(result, OSError):
-                failed = failed or result
-                continue
-            worker.pid, end = result
-            self.pipes.add(worker, end)
-        self.wake()
-        if failed is not None:
-            raise failed
-        return [w.id for w in workers]
-
-    def _on_exit(self, worker_id: str, exitcode: int | None, lost: bool = False, left: bool = False) -> None:
-        """A worker process exited (supervisor thread): redeliver, replace, or break.
-
-        ``lost``: a remote worker whose heartbeats stopped (pump, via a helper
-        thread). Its tasks are redelivered without charging them a crash, it
-        does not count towards the restart intensity, and it is not replaced
-        here (its own host's ``phalanx worker`` does that). ``left``: the same
-        for a remote worker that said Goodbye.
-        """
-        failed: list[tuple[Job, int, Delivery]] = []
-        broken: BaseException | None = None
-        pending_worker = self._workers.get(worker_id.encode())
-        if pending_worker is not None and pending_worker.pipe is not None and self._pump_thread.is_alive():
-            # Handle what it wrote before it died first, so a finished task is never
-            # redelivered nor charged the crash (bounded: a process it forked may hold the pipe).
-            pending_worker.pipe_done.wait(PIPE_DRAIN_WAIT)
-        with self._lock:
-            worker = self._workers.get(worker_id.encode())
-            if worker is None or not worker.alive:
-                return
-            worker.alive = False
-            worker.died_at = time.monotonic()
-            self._remove_live_locked(worker)
-            if self._closed:
-                return
-            # ABORT_EXIT: it ended itself, its task having ignored the abort flag for abort_grace;
-            # expired: the driver killed it for that (a task holding the GIL, a frozen process).
-            expired = worker.expired
-            planned = worker.retiring or lost or left or exitcode == ABORT_EXIT or expired is not None
-            if lost:
-                self.workers_lost += 1
-            elif left:
-                self.workers_left += 1
-            elif not planned:
-                self.worker_deaths += 1
-            if not worker.ready and not planned and self.worker_deaths == 1 and not self._live:
-                self._start_failures.append(f"{worker_id} exited with code {exitcode}")
-                self._changed.notify_all()
-            # Redeliver everything it held; the core charges the crash (or splits the map
-            # chunk it ran, until the crash is one item's) and counts the deaths.
-            failed, requeue, broken = self.outcomes.worker_died(
-                worker_id, worker.inflight.values(), exitcode, planned, worker.died_at, expired)
-            if self.outcomes.requeue:
-                self._requeue_locked()  # a failed map chunk's rest, under Ignore
-            # Back to the front of its tag's queue, in the order the worker held them.
-            tags = {task.job: self._jobs[task.job].tag for task in requeue}
-            for tag in dict.fromkeys(tags.values()):
-                self._enqueue_locked(tag, [t for t in requeue if tags[t.job] == tag], front=True)
-            respawn = broken is None and not worker.retiring and not self._start_failures and not worker.remote
-            self._dispatch_locked()
-            self._changed.notify_all()
-        self._deliver(failed)
-        for listener in self.exit_listeners:
-            try:
-                listener(worker_id, exitcode)
-            except Exception:
-                pass
-        if broken is not None:
-            self.break_runtime(broken)
-        elif respawn:
-            with self._lock:
-                self.worker_restarts += 1
-            try:
-                self._spawn(worker.tags)  # the replacement serves the same tags
-            except RuntimeClosedError:
-                pass  # shutdown() won the race: it stops everything spawn() started
-            except Exception as exc:  # cannot start processes any more
-                self.break_runtime(RuntimeBrokenError(f"cannot respawn a worker: {exc}"))
-
-    def _retire_locked(self, w: _Worker) -> None:
-        """Send ``w`` nothing more, start its replacement, Stop it once idle."""
-        if w.retiring or not w.alive:
-            return
-        w.retiring = True
-        w.free = 0
-        self._remove_live_locked(w)
-        self.workers_recycled += 1
-        if not w.remote:
-            self._spawn_owed.append(w.tags)  # a remote worker's own host starts its replacement
-        if not w.inflight:
-            self._stop_locked(w)
-        os.write(self._wake_w, b"s")
-
-    def _stop_locked(self, w: _Worker) -> None:
-        w.stop_sent = time.monotonic()
-        try:
-            self._send_raw_locked(w.ident, encode(Stop()))
-        except zmq.ZMQError:
-            pass
-        if w.remote and w.retiring and not w.inflight and w.alive:
-            # Nobody watches a remote process: it is gone once told to stop idle.
-            w.alive = False
-            w.died_at = time.monotonic()
+        """Spawn ``n`` workers (or so many per tag), start the pump, wait until each is ready."""
+        self.lifecycle.start_workers(n, timeout)
 
     def kill_worker(self, worker_id: str) -> None:
         """SIGKILL one worker (tests and fault injection); it is replaced."""
@@ -795,28 +498,6 @@ class Driver:
             self.tasks_submitted += 1
             return True
 
-    def inspect(
-        self, timeout: float,
-    ) -> tuple[dict[str, InspectReply], list[tuple[str, int, int, str, tuple[str, ...]]]]:
-        """Ask every worker for its state; (replies by worker, [(id, pid, in flight, host, tags)] of live workers)."""
-        nonce = next(self._inspect_nonces)
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            replies: dict[str, InspectReply] = {}
-            self._inspect_replies[nonce] = replies
-            here = self.config.host_name or socket.gethostname()
-            live = [(w.id, w.pid, len(w.inflight), w.host or here, w.tags)
-                    for w in self._workers.values() if w.alive and w.ready]
-            if not self._control.closed:
-                self._control.send(encode(InspectRequest(nonce)), zmq.NOBLOCK)
-            while len(replies) < len(live):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._changed.wait(remaining)
-            del self._inspect_replies[nonce]
-        return dict(replies), live
-
     def drop_after(self, job: Job, seq: int) -> None:
         """Forget ``job``'s tasks numbered above ``seq`` (their outcomes are dropped)."""
         with self._lock:
@@ -834,7 +515,7 @@ class Driver:
             self._send_batch_locked(batch)
         if routing.retire:
             for w in routing.take_retire():
-                self._retire_locked(w)
+                self.lifecycle.retire_locked(w)
 
     def _send_batch_locked(self, batch: dict[_Worker, list[Task]]) -> None:
         now = 0.0
@@ -862,122 +543,13 @@ class Driver:
                 self.routing.requeue(unsent, time.monotonic())
                 self._remove_live_locked(w)
 
-    def _reclaim_locked(self) -> None:
-        """Take back tasks a busy worker prefetched, unstarted, while a worker of their tag idles.
-
-        A worker whose oldest task is the same as at the last look is asked
-        (Reclaim, on the control PUB) for the tasks queued behind it, as many
-        as idle workers have credits for. It gives back only tasks it will
-        then never run (see the worker's ``_give_back``); its answer puts them
-        back at the front of their queue (``_on_reclaimed``), so each still
-        runs once. Pump thread, every ``RECLAIM_PERIOD``; off the hot path.
-        """
-        idle = [w for w in self._live if not w.inflight and w.free > 0]
-        room: dict[str, int] = {}
-        for w in self._live:
-            if not idle or w.reclaiming or len(w.inflight) < 2:
-                w.oldest = None
-                continue
-            oldest = next(iter(w.inflight))
-            if w.oldest != oldest:
-                w.oldest = oldest  # it may be quick: look again next period
-                continue
-            running = w.inflight[oldest]
-            if running.directed:
-                continue
-            wanted: list[list[int]] = []
-            for key, task in w.inflight.items():
-                job = self._jobs.get(task.job)
-                if key == oldest or task.directed or job is None:
-                    continue
-                free = room.get(job.tag)
-                if free is None:
-                    free = sum(i.free for i in idle if job.tag in i.tags)
-                if free > 0:
-                    wanted.append([task.job, task.seq, task.attempt])
-                room[job.tag] = free - 1 if free > 0 else 0
-            if wanted:
-                try:
-                    self._control.send(encode(Reclaim(w.id, [running.job, running.seq, running.attempt], wanted)),
-                                       zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    continue
-                w.reclaiming = True
-
-    def _on_reclaimed(self, ident: bytes, msg: Reclaimed) -> None:
-        """A worker gave back tasks it will never run: queue them again, at the front (pump thread)."""
-        with self._lock:
-            w = self._workers.get(ident)
-            if w is None or msg.worker != w.id or not w.reclaiming:
-                self.frames_dropped += 1  # unasked: never ours to act on
-                return
-            w.reclaiming = False
-            w.oldest = None
-            back: dict[str, list[Task]] = {}
-            for entry in msg.tasks:
-                if len(entry) != 3:
-                    self.frames_dropped += 1
-                    continue
-                job_id, seq, attempt = entry
-                task = w.inflight.get((job_id, seq))
-                if task is None or task.attempt != attempt:
-                    continue  # already redelivered (its worker died)
-                del w.inflight[(job_id, seq)]
-                if w.alive and not w.retiring:
-                    w.free += 1
-                job = self._jobs.get(job_id)
-                if job is not None and job.outstanding.get(seq) is task:
-                    back.setdefault(job.tag, []).append(task)
-                    self.reclaimed += 1
-            for tag, tasks in back.items():
-                self._enqueue_locked(tag, tasks, front=True)
-            self._dispatch_locked()
-
-    def wait_idle(self, timeout: float | None, frozen_after: float | None = None) -> bool:
-        """Wait until no task is pending or in flight.
-
-        ``frozen_after``: stop waiting (False) once every worker holding tasks
-        has been stopped (SIGSTOP) that many seconds: they make no progress.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        looked = 0.0
-        with self._changed:
-            while self._pending or any(w.inflight for w in self._workers.values() if w.alive):
-                if frozen_after is not None and time.monotonic() - looked >= FROZEN_CHECK:
-                    looked = time.monotonic()
-                    if self._frozen_locked(looked, frozen_after):
-                        return False
-                if any(tag not in self._live_tags for tag in self._pending):
-                    # Cancelled work waits for no worker; the rest fails at its route timeout.
-                    self.routing.prune()
-                    if not self._pending and not any(w.inflight for w in self._workers.values() if w.alive):
-                        break
-                if self._broken is not None:
-                    return True
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._changed.wait(0.05 if remaining is None else min(remaining, 0.05))
-        return True
-
-    def _frozen_locked(self, now: float, after: float) -> bool:
-        """Some local workers hold tasks, and every one that does was stopped ``after`` s ago or more."""
-        holders = [w for w in self._workers.values() if w.alive and w.inflight]
-        for w in holders:  # every one looked at: each one's clock starts now
-            try:
-                stopped = not w.remote and psutil.Process(w.pid).status() in _STOPPED
-            except psutil.Error:
-                stopped = False
-            w.stopped_since = (w.stopped_since or now) if stopped else 0.0
-        return bool(holders) and all(w.stopped_since and now - w.stopped_since >= after for w in holders)
-
     # ---- the pump --------------------------------------------------------------
 
     def _pump(self) -> None:
         poller = zmq.Poller()
         poller.register(self._results, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        for mon in self._monitors:
+        for mon in self.membership.monitors:
             poller.register(mon, zmq.POLLIN)
         try:
             self._pump_loop(poller)
@@ -1000,16 +572,16 @@ class Driver:
         results = self._results
         pipes = self.pipes
         direct = self.direct
+        membership = self.membership
+        lifecycle = self.lifecycle
+        inspection = self.inspection
+        reclaimer = self.reclaimer
         listening = self.address is not None
-        last_sync = 0.0
-        last_beat = 0.0
-        beats = itertools.count()
         interval = self.config.heartbeat_interval
         last_reap = 0.0
-        last_reclaim = 0.0
         timed = False
         while True:
-            handshaking = self._handshaking()
+            handshaking = membership.handshaking()
             wait = 1.0 if handshaking else min(100.0, interval * 1000)
             if self.outcomes.timers:
                 wait = min(wait, max(0.0, (self.outcomes.timers[0][0] - time.monotonic()) * 1000))
@@ -1035,7 +607,7 @@ class Driver:
                     try:
                         if listening:
                             frames = results.recv_multipart(zmq.NOBLOCK, copy=False)
-                            origin = self._origin(frames[-1])
+                            origin = membership.origin(frames[-1])
                             parts = [f.bytes for f in frames]
                         else:
                             parts = results.recv_multipart(zmq.NOBLOCK)
@@ -1048,190 +620,41 @@ class Driver:
                         # A local worker speaks on its pipe only: this is someone else using its name.
                         self.frames_dropped += 1
                         continue
-                    if origin is not None and not self._admit(parts[0], origin):
+                    if origin is not None and not membership.admit(parts[0], origin):
                         self.frames_dropped += 1
                         continue
                     try:
                         self._handle(parts, origin=origin)
                     except Exception as exc:  # bad input is counted where it is checked: this is a bug
                         self.internal_error(exc, "handling a frame")
-            if self._monitors:
-                for mon in self._monitors:
+            if membership.monitors:
+                for mon in membership.monitors:
                     if mon in events:
-                        self._on_monitor(mon)
+                        membership.on_monitor(mon)
             if listening:
-                self._drain_tasks()
+                membership.drain_tasks()
             if self.outcomes.timers:
                 self._fire_timers()
             if self._unrouted:
                 self._expire_routes(time.monotonic())
-            if self._outgoing:
-                self._send_outgoing()
+            if inspection.outgoing:
+                inspection.send_outgoing()
             if self.channels is not None:
                 self.channels.flush()
             while self._injected:
                 ident, frame = self._injected.popleft()
                 self._handle([ident, frame], True)
-            while self._spawn_owed:
-                with self._lock:
-                    if self._closed or self._broken is not None:
-                        break
-                    tags = self._spawn_owed.popleft()
-                try:
-                    self._spawn(tags)
-                except Exception as exc:
-                    self.break_runtime(RuntimeBrokenError(f"cannot start a worker: {exc}"))
+            if lifecycle.owed:
+                lifecycle.spawn_owed()
             now = time.monotonic()
-            if now - last_beat >= interval:
-                last_beat = now
-                with self._lock:
-                    if not self._control.closed:
-                        self._control.send(encode(Heartbeat(next(beats))), zmq.NOBLOCK)
-                if self.address is not None:
-                    self._check_remote(now)
-            if handshaking:
-                if now - last_sync > 0.001:
-                    last_sync = now
-                    self._greet()
+            membership.tick(now, handshaking)
             if now - last_reap >= REAP_PERIOD:
                 last_reap = now
-                self._reap_dead()
-                timed = self._expire_overdue(now)
-            if now - last_reclaim >= RECLAIM_PERIOD:
-                last_reclaim = now
-                with self._lock:
-                    self._reclaim_locked()
+                membership.reap_dead()
+                timed = lifecycle.expire_overdue(now)
+            reclaimer.tick(now)
             if self._deliveries:
                 self._deliver_ready()
-
-    def _kill_soon(self, w: _Worker) -> None:
-        """SIGKILL a local worker from a helper thread (killing its tree may wait for it)."""
-        threading.Thread(target=self._supervisor.kill, args=(w.id,), daemon=True, name="phalanx-kill").start()
-
-    def _expire_overdue(self, now: float) -> bool:
-        """Kill workers whose running task overran ``timeout + abort_grace`` (pump thread).
-
-        The worker enforces a task's timeout itself, but cannot when the task
-        holds the GIL in C code or the process is frozen (SIGSTOP): then the
-        driver does. A worker runs the tasks it holds in order, so only the
-        first one runs; its clock starts when it became first (at the latest
-        when it started). Its outcome is TaskTimeoutError (see ``_on_exit``);
-        the other tasks the worker held are redelivered uncharged. True while
-        a task with a timeout is in flight (the pump then looks often).
-        """
-        grace = self.config.abort_grace
-        timed = False
-        overdue: list[_Worker] = []
-        with self._lock:
-            for w in self._workers.values():
-                if not w.alive or w.expired is not None or not w.inflight:
-                    continue
-                task = next(iter(w.inflight.values()))
-                timeout = getattr(task.msg, "timeout", 0.0)
-                if timeout <= 0:
-                    continue
-                timed = True
-                if now - w.head_since < timeout * task.items + grace + EXPIRY_SLACK:
-                    continue
-                w.expired = (task.job, task.seq)
-                w.free = 0
-                self._remove_live_locked(w)
-                if w.remote:
-                    self._stop_locked(w)
-                overdue.append(w)
-        for w in overdue:
-            log.warning("worker %s ran a task past its timeout and abort_grace: killing it", w.id)
-            if w.remote:  # not ours to kill: it is told to stop, and lost for the driver
-                threading.Thread(target=self._on_exit, args=(w.id, None, True), daemon=True,
-                                 name="phalanx-lost").start()
-            else:
-                self._kill_soon(w)
-        return timed
-
-    def _on_monitor(self, mon: zmq.Socket[bytes]) -> None:
-        """Log peers refused during the handshake on a tcp endpoint (wrong, no or plaintext key)."""
-        for code in sockets.handshake_failures(mon):
-            self.peers_refused += 1
-            if code == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                kind = "its CURVE key is not authorized"
-            elif code == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-                kind = "protocol error (a plaintext or mismatched peer?)"
-            else:
-                kind = "the security handshake failed (a peer without the right keys?)"
-            auth_log.warning("refused a peer on %s: %s", self._monitors[mon], kind)
-
-    def _origin(self, frame: zmq.Frame) -> bytes | None:
-        """Who sent ``frame`` to a listening runtime: None over ipc (our own processes),
-        else the CURVE key that ZAP accepted (z85), or b"" over insecure tcp."""
-        try:
-            return str(frame.get("User-Id")).encode()
-        except zmq.ZMQError:  # no ZAP: ipc, or tcp without CURVE
-            pass
-        if self._auth is None and not str(frame.get("Peer-Address")).startswith("localhost:"):
-            return b""  # tcp peers carry their address; ipc ones "localhost:uid:gid:pid"
-        return None
-
-    def _admit(self, ident: bytes, origin: bytes) -> bool:
-        """Whether a tcp peer whose key is ``origin`` may speak as ``ident`` (pump thread).
-
-        A worker's identities (``X``, its side channel ``X!``, its channel ends
-        ``X~N``) belong to the key that said Hello as ``X``; local workers' belong
-        to none. A stranger may use a plain identity outside the local workers'
-        names (to join with Hello; on an insecure runtime also to inspect).
-        """
-        base = ident.partition(b"~")[0]
-        if base.endswith(b"!"):
-            base = base[:-1]
-        w = self._workers.get(base)
-        if w is None:
-            return base == ident and _LOCAL_ID.match(ident) is None
-        return w.remote and w.key == origin
-
-    def _drain_tasks(self) -> None:
-        """Read what peers wrote to the tasks ROUTER, so its tcp connections' input never
-        stops (see transport/sockets.py). Pump thread.
-
-        A remote worker writes one frame there, its Hello, when its inbox connects:
-        the key that sent it holds the identity tasks for that worker go to, and the
-        worker is welcomed (given anything) only if that is the key it joined with.
-        Everything else is dropped and counted.
-        """
-        with self._lock:
-            tasks = self._tasks
-            for _ in range(4096):
-                if tasks.closed:
-                    return
-                try:
-                    frames = tasks.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.ZMQError:
-                    return
-                origin = self._origin(frames[-1])
-                if len(frames) == 2 and origin is not None:
-                    ident = frames[0].bytes
-                    try:
-                        msg = decode_driver(frames[1].bytes)
-                    except ProtocolError:
-                        msg = None
-                    if isinstance(msg, Hello) and msg.worker.encode() == ident and ident not in self._holders:
-                        self._holders[ident] = origin
-                        if len(self._holders) > MAX_HOLDERS:
-                            self._holders.pop(next(iter(self._holders)))
-                        continue
-                self.frames_dropped += 1
-
-    def _check_remote(self, now: float) -> None:
-        """Declare remote workers lost whose heartbeats stopped (pump thread)."""
-        lost = []
-        with self._lock:
-            for w in self._workers.values():
-                if w.remote and w.alive and now - w.seen > self.remote_timeout:
-                    lost.append(w.id)
-        for wid in lost:
-            log.warning("remote worker %s lost: no heartbeat for %.1f s; redelivering its tasks",
-                        wid, self.remote_timeout)
-            # A helper thread: exit listeners (actor supervision) may wait on the pump.
-            threading.Thread(target=self._on_exit, args=(wid, None, True), daemon=True,
-                             name="phalanx-lost").start()
 
     def _fire_timers(self) -> None:
         now = time.monotonic()
@@ -1239,22 +662,6 @@ class Driver:
             for task in self.outcomes.due(now):
                 self._enqueue_locked(self._jobs[task.job].tag, [task])
             self._dispatch_locked()
-
-    def _answer_query(self, ident: bytes, query: InspectQuery) -> None:
-        """A helper thread: build the tree (it waits on workers), let the pump send it."""
-        provide = self.inspect_provider() if self.inspect_provider is not None else None
-        if provide is None:
-            return  # the runtime was collected
-        try:
-            tree = provide(max(0.05, min(query.timeout, 10.0)))
-            frame = encode(InspectAnswer(query.nonce, tree))
-        except Exception:
-            return
-        self._outgoing.append((ident, frame))
-        try:
-            os.write(self._wake_w, b"o")
-        except OSError:
-            pass
 
     def send_from_pump(self, ident: bytes, frame: bytes) -> bool:
         """Send ``frame`` to ``ident`` on the results ROUTER (pump thread only); False if unreachable."""
@@ -1272,52 +679,9 @@ class Driver:
         except OSError:
             pass  # shut down
 
-    def _send_outgoing(self) -> None:
-        while self._outgoing:
-            ident, frame = self._outgoing.popleft()
-            try:
-                self._results.send_multipart([ident, frame], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # the client went away
-
-    def _handshaking(self) -> bool:
-        return any(w.alive and not w.ready for w in list(self._workers.values()))
-
-    def _greet(self) -> None:
-        """Welcome workers that said Hello; publish Sync until they are Ready."""
-        with self._lock:
-            if self._control.closed:
-                return
-            self._control.send(encode(Sync(next(self._sync_nonce))))
-            for w in self._workers.values():
-                if w.alive and w.hello and not w.welcomed:
-                    self._welcome_locked(w)
-
-    def _welcome_locked(self, w: _Worker) -> None:
-        if w.remote and self._holders.get(w.ident) != w.key:
-            return  # its tasks connection is not shown to be its own (yet): _greet retries
-        if self._closed:
-            # A replacement that connected after shutdown sent Stop and Shutdown:
-            # answer its Hello with Stop, so it exits now rather than at the timeout.
-            self._stop_locked(w)
-            return
-        try:
-            self._send_raw_locked(w.ident, encode(Welcome(w.id, self.limits.max_frame)))
-        except zmq.ZMQError:
-            return  # the inbox is not connected yet: _greet retries
-        w.welcomed = True
-
-    def _reap_dead(self) -> None:
-        now = time.monotonic()
-        with self._lock:  # the supervisor thread adds replacements meanwhile
-            ttl = self.dead_worker_ttl
-            dead = [k for k, w in self._workers.items() if not w.alive and now - w.died_at > ttl]
-            for k in dead:
-                self._workers.pop(k, None)
-
     def _handle(self, parts: list[bytes], filtered: bool = False, origin: bytes | None = None,
                 local: bool = False) -> None:
-        """Handle a message from the results ROUTER; ``origin``: see :meth:`_origin`;
+        """Handle a message from the results ROUTER; ``origin``: see :meth:`Membership.origin`;
         ``local``: from a local worker's pipe (where local_pickle applies)."""
         if self.frame_filter is not None and not filtered and len(parts) == 2:
             for frame in self.frame_filter("in", parts[0], parts[1]):
@@ -1342,32 +706,18 @@ class Driver:
         if ident.endswith(b"!"):
             # A worker's control thread: timed-out tasks, inspect replies, heartbeats.
             if isinstance(msg, Alive):
-                self._on_alive(ident[:-1], msg)
+                self.membership.on_alive(ident[:-1], msg)
             elif isinstance(msg, Results):
                 self._on_results(ident[:-1], msg)
             elif isinstance(msg, Reclaimed):
-                self._on_reclaimed(ident[:-1], msg)
-            elif isinstance(msg, InspectReply) and msg.worker.encode() == ident[:-1] and ident[:-1] in self._workers:
-                with self._changed:
-                    w = self._workers.get(ident[:-1])
-                    if w is not None:
-                        w.frames_dropped = max(w.frames_dropped, msg.frames_dropped)
-                    replies = self._inspect_replies.get(msg.nonce)
-                    if replies is None:
-                        self.frames_dropped += 1  # a late or unasked reply
-                    else:
-                        replies[msg.worker] = msg
-                        self._changed.notify_all()
+                self.reclaimer.on_reclaimed(ident[:-1], msg)
+            elif isinstance(msg, InspectReply):
+                self.inspection.on_reply(ident[:-1], msg)
             else:
                 self.frames_dropped += 1
             return
         if isinstance(msg, InspectQuery):
-            # (phalanx top speaks no CURVE: a query with a key comes from a worker host)
-            if self.inspect_provider is None or ident in self._workers or origin:
-                self.frames_dropped += 1
-                return
-            threading.Thread(target=self._answer_query, args=(ident, msg), daemon=True,
-                             name="phalanx-inspect").start()
+            self.inspection.on_query(ident, msg, origin)
             return
         if isinstance(msg, (ActorEvent, ActorState)):
             if self._deliveries:
@@ -1386,111 +736,15 @@ class Driver:
                 if w is None or msg.worker != w.id:
                     self.frames_dropped += 1
                     return
-                self._retire_locked(w)
+                self.lifecycle.retire_locked(w)
         elif isinstance(msg, Goodbye):
-            self._on_goodbye(ident, msg)
+            self.membership.on_goodbye(ident, msg)
         elif isinstance(msg, Hello):
-            self._on_hello(ident, msg, origin)
+            self.membership.on_hello(ident, msg, origin)
         elif isinstance(msg, Ready):
-            self._on_ready(ident, msg)
+            self.membership.on_ready(ident, msg)
         else:  # e.g. Alive or InspectReply not from a worker's side channel
             self.frames_dropped += 1
-
-    def _on_alive(self, ident: bytes, msg: Alive) -> None:
-        with self._lock:
-            w = self._workers.get(ident)
-            if w is None or msg.worker != w.id:
-                self.frames_dropped += 1
-                return
-            now = time.monotonic()
-            w.seen = now
-            if not w.alive and w.remote and now - w.stop_sent > 1.0:
-                # Declared lost, but back (a healed partition): its tasks went
-                # elsewhere; tell it to stop, its host starts a fresh worker.
-                self._stop_locked(w)
-
-    def _on_goodbye(self, ident: bytes, msg: Goodbye) -> None:
-        """A remote worker leaves: send it nothing more, acknowledge, redeliver what it held now."""
-        with self._lock:
-            w = self._workers.get(ident)
-            if w is None or msg.worker != w.id or not w.remote:
-                self.frames_dropped += 1
-                return
-            self._stop_locked(w)  # the acknowledgement the worker waits for before it exits
-            if not w.alive:
-                return
-            w.free = 0
-            self._remove_live_locked(w)
-            held = len(w.inflight)
-        log.info("remote worker %s left; redelivering the %d tasks it held", w.id, held)
-        # A helper thread, as for a lost worker: exit listeners may wait on the pump.
-        threading.Thread(target=self._on_exit, args=(w.id, None), kwargs={"left": True}, daemon=True,
-                         name="phalanx-left").start()
-
-    def _join_locked(self, ident: bytes, msg: Hello, origin: bytes | None) -> _Worker | None:
-        """A remote worker's first Hello: add it, owned by the key ``origin`` (listening runtimes only)."""
-        if (
-            self.address is None
-            or self._closed
-            or msg.worker.encode() != ident
-            or not msg.worker
-            or b"!" in ident
-            or b"~" in ident
-            or _LOCAL_ID.match(ident) is not None
-            or msg.version != PROTOCOL_VERSION
-            or len(msg.tags) > MAX_TAGS
-        ):
-            return None
-        try:
-            tags = tuple(dict.fromkeys(check_tag(t) for t in msg.tags)) or (DEFAULT_TAG,)
-        except ValueError:
-            return None  # a malformed tag: refuse the worker rather than guess
-        w = _Worker(msg.worker, tags)
-        w.remote = True
-        w.key = origin
-        w.host = msg.host
-        w.seen = time.monotonic()
-        self._workers[ident] = w
-        self.workers_joined += 1
-        log.info("remote worker %s joined from %s (pid %d, tags %s)", msg.worker, msg.host, msg.pid,
-                 ",".join(tags))
-        return w
-
-    def _on_hello(self, ident: bytes, msg: Hello, origin: bytes | None = None) -> None:
-        with self._lock:
-            w = self._workers.get(ident)
-            if w is None:
-                w = self._join_locked(ident, msg, origin)
-            if w is None or msg.worker != w.id or not w.alive or w.hello:
-                self.frames_dropped += 1
-                return
-            w.pid = msg.pid
-            w.hello = True
-            self._welcome_locked(w)
-            if w.welcomed and w.pipe is not None and not self._control.closed:
-                # Its SUB connected early in its start-up (usually by now): a Sync at once
-                # spares the local worker the wait for the next one the pump publishes.
-                try:
-                    self._control.send(encode(Sync(next(self._sync_nonce))), zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass  # the pump publishes the next one within 1 ms
-
-    def _on_ready(self, ident: bytes, msg: Ready) -> None:
-        with self._lock:
-            w = self._workers.get(ident)
-            if w is None or msg.worker != w.id or not w.alive or not w.welcomed or w.ready:
-                self.frames_dropped += 1
-                return
-            w.ready = True
-            w.free = max(1, msg.credits)
-            self._add_live_locked(w)
-            self._dispatch_locked()
-            self._changed.notify_all()
-        for listener in self.ready_listeners:
-            try:
-                listener(w.id)
-            except Exception:
-                pass
 
     def _on_results(self, ident: bytes, msg: Results, direct: list[tuple[Job, int, Ok | Err]] | None = None) -> None:
         """Resolve a worker's outcomes; deliveries go to the pump's round, or to ``direct`` (see phalanx.direct)."""
@@ -1519,7 +773,7 @@ class Driver:
             if inflight and next(iter(inflight)) != head:
                 w.head_since = time.monotonic()  # it runs the next task it holds now
             if w.retiring and not w.inflight and w.alive:
-                self._stop_locked(w)
+                self.lifecycle.stop_locked(w)
             if self._pending:
                 self._dispatch_locked()
             if w.held:  # the worker answered: what waited for it goes out now, with this round's dispatch
@@ -1633,7 +887,7 @@ class Driver:
             self._unrouted.clear()
             for w in self._workers.values():
                 if w.alive:
-                    self._stop_locked(w)
+                    self.lifecycle.stop_locked(w)
             try:
                 self._control.send(encode(Shutdown()), zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -1655,7 +909,7 @@ class Driver:
             self._pump_thread.join(5.0)
         with self._lock:
             sockets.close(self._tasks, self._results, self._control)
-        self._close_security()
+        self.membership.close_security()
         self._ctx.term()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -1674,34 +928,10 @@ class Driver:
 
     def stats(self) -> RuntimeStats:
         """A snapshot of the counters."""
-        with self._lock:
-            workers = [
-                WorkerStats(w.id, w.pid, w.alive, w.ready, len(w.inflight), w.tasks, w.items, w.busy,
-                            w.host, w.remote, w.tags, w.frames_dropped)
-                for w in self._workers.values()
-            ]
-            return RuntimeStats(
-                workers=workers,
-                tasks_submitted=self.tasks_submitted,
-                tasks_completed=self.outcomes.tasks_completed,
-                tasks_failed=self.outcomes.tasks_failed,
-                items_completed=self.outcomes.items_completed,
-                retried=self.outcomes.retried,
-                skipped=self.outcomes.skipped,
-                redelivered=self.outcomes.redelivered,
-                duplicates_dropped=self.outcomes.duplicates_dropped,
-                late_results_dropped=self.outcomes.late_results_dropped,
-                frames_dropped=self.frames_dropped,
-                worker_deaths=self.worker_deaths,
-                worker_restarts=self.worker_restarts,
-                workers_recycled=self.workers_recycled,
-                jobs_open=len(self._jobs),
-                workers_joined=self.workers_joined,
-                workers_lost=self.workers_lost,
-                workers_left=self.workers_left,
-                peers_refused=self.peers_refused,
-                channel_messages_dropped=self.channel_messages_dropped,
-                channel_redelivered=self.channel_redelivered,
-                reclaimed=self.reclaimed,
-            )
+        return self.inspection.stats()
 
+    def inspect(
+        self, timeout: float,
+    ) -> tuple[dict[str, InspectReply], list[tuple[str, int, int, str, tuple[str, ...]]]]:
+        """Ask every worker for its state (see :meth:`Inspection.inspect`)."""
+        return self.inspection.inspect(timeout)

@@ -7,8 +7,9 @@ module owns what the driver does with those pipes; what a frame means is the
 
 Threads:
 
-* user threads and the supervisor thread write task frames
-  (:meth:`LocalPipes.send_locked`), always under the driver's lock;
+* any thread that dispatches (user threads, the supervisor thread, the
+  pump) writes task frames (:meth:`LocalPipes.send_locked`), always under
+  the driver's lock;
 * the pump thread registers new pipes, flushes backlogs, writes frames held
   too long, reads the pipes and ends them (:meth:`LocalPipes.before_poll`,
   :meth:`LocalPipes.after_poll`);
@@ -60,7 +61,12 @@ HOLD_MAX = 0.002
 
 
 class LocalPipes:
-    """The driver's ends of its local workers' pipes (see the module docstring)."""
+    """The driver's ends of its local workers' pipes (see the module docstring).
+
+    What it uses of the driver: its lock, ``frame_filter``, ``limits``, ``wake``,
+    ``_handle`` (what a frame means), ``internal_error``, ``frames_dropped``, and
+    ``direct.nudge`` / ``lifecycle.kill_soon``.
+    """
 
     def __init__(self, driver: Driver) -> None:
         self.driver = driver
@@ -198,7 +204,7 @@ class LocalPipes:
                 # by the crash rules, and it is replaced.
                 log.warning("worker %s sent a frame above max_frame: killing it", w.id)
                 driver.frames_dropped += 1
-                driver._kill_soon(w)
+                driver.lifecycle.kill_soon(w)
                 frames = None
             except OSError:
                 frames = None
