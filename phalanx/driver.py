@@ -121,11 +121,12 @@ from .transport.messages import (
 from .core.outcomes import Outcomes
 from .core.routing import Routing
 from .core.tasks import SKIPPED, Delivery, Job, Task
-from .direct import DIRECT_LINGER, SETTLED, DirectReader
+from .direct import SETTLED, DirectReader
 from .inspection import Inspection, RuntimeStats, WorkerStats
 from .lifecycle import Lifecycle
 from .membership import Membership, _Worker
 from .pipes import LocalPipes
+from .pump import Pump
 from .reclaim import Reclaimer
 
 if TYPE_CHECKING:
@@ -143,17 +144,6 @@ DEAD_WORKER_TTL = 60.0
 
 log = logging.getLogger("phalanx.driver")
 
-#: seconds between the pump's sweeps of dead workers' records
-REAP_PERIOD = 0.1
-
-
-
-
-
-
-
-
-
 
 class Driver:
     """Sockets, workers and jobs of one runtime (see the module docstring)."""
@@ -166,10 +156,10 @@ class Driver:
         self.endpoints: Endpoints = local_endpoints()
         #: tcp endpoints remote workers connect to, when listening
         self.address: Endpoints | None = tcp_endpoints(config.listen) if config.listen else None
-        # Before ZeroMQ's I/O threads or any of ours exist: under start method "phalanx"
-        # this forks the fork server, a copy of this process that forks the workers.
         #: starting, stopping and losing workers (phalanx.lifecycle)
         self.lifecycle = Lifecycle(self)
+        # Before ZeroMQ's I/O threads or any of ours exist: under start method "phalanx"
+        # this forks the fork server, a copy of this process that forks the workers.
         try:
             self._supervisor = Supervisor(config.start_method, self.lifecycle.on_exit)
         except BaseException:
@@ -260,7 +250,9 @@ class Driver:
             self.endpoints.remove()
             raise
         self._wake_r, self._wake_w = os.pipe()
-        self._pump_thread = threading.Thread(target=self._pump, name="phalanx-pump", daemon=True)
+        #: the pump thread's loop (phalanx.pump)
+        self.pump = Pump(self)
+        self._pump_thread = threading.Thread(target=self.pump.run, name="phalanx-pump", daemon=True)
 
     # ---- workers -------------------------------------------------------------
 
@@ -556,117 +548,6 @@ class Driver:
                 self._remove_live_locked(w)
 
     # ---- the pump --------------------------------------------------------------
-
-    def _pump(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._results, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        for mon in self.membership.monitors:
-            poller.register(mon, zmq.POLLIN)
-        try:
-            self._pump_loop(poller)
-        except BaseException as exc:  # never silently: every caller learns at once
-            log.critical("the pump thread died", exc_info=True)
-            broken = RuntimeBrokenError(f"the runtime's pump thread died: {exc!r}")
-            broken.__cause__ = exc
-            try:
-                self.break_runtime(broken)
-            except BaseException:
-                log.exception("failing the jobs of a broken runtime")
-        finally:
-            try:
-                self._deliver_ready()
-            except BaseException:
-                log.exception("delivering the last outcomes")
-            self.pipes.end_all()
-
-    def _pump_loop(self, poller: zmq.Poller) -> None:
-        results = self._results
-        pipes = self.pipes
-        direct = self.direct
-        membership = self.membership
-        lifecycle = self.lifecycle
-        inspection = self.inspection
-        reclaimer = self.reclaimer
-        listening = self.address is not None
-        interval = self.config.heartbeat_interval
-        last_reap = 0.0
-        timed = False
-        while True:
-            handshaking = membership.handshaking()
-            wait = 1.0 if handshaking else min(100.0, interval * 1000)
-            if self.outcomes.timers:
-                wait = min(wait, max(0.0, (self.outcomes.timers[0][0] - time.monotonic()) * 1000))
-            if self._unrouted:
-                with self._lock:  # user threads change it
-                    due = min(self._unrouted.values(), default=0.0) + self.config.route_timeout
-                wait = min(wait, max(0.0, (due - time.monotonic()) * 1000))
-            # While callers read the pipes (phalanx.direct) the pump does not, and looks often.
-            reads = not direct.active(time.monotonic())
-            if not reads:
-                wait = min(wait, DIRECT_LINGER * 1000)
-            wait = pipes.before_poll(poller, wait, reads)
-            if timed:
-                wait = min(wait, REAP_PERIOD * 1000)
-            events = dict(poller.poll(int(wait) + (1 if wait else 0)))
-            if self._wake_r in events:
-                if b"x" in os.read(self._wake_r, 4096):
-                    return
-            pipes.after_poll(poller, events, reads)
-            if results in events:
-                for _ in range(4096):
-                    origin = None
-                    try:
-                        if listening:
-                            frames = results.recv_multipart(zmq.NOBLOCK, copy=False)
-                            origin = membership.origin(frames[-1])
-                            parts = [f.bytes for f in frames]
-                        else:
-                            parts = results.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    except zmq.ZMQError:
-                        return
-                    sender = self._workers.get(parts[0])
-                    if sender is not None and sender.pipe is not None:
-                        # A local worker speaks on its pipe only: this is someone else using its name.
-                        self.frames_dropped += 1
-                        continue
-                    if origin is not None and not membership.admit(parts[0], origin):
-                        self.frames_dropped += 1
-                        continue
-                    try:
-                        self._handle(parts, origin=origin)
-                    except Exception as exc:  # bad input is counted where it is checked: this is a bug
-                        self.internal_error(exc, "handling a frame")
-            if membership.monitors:
-                for mon in membership.monitors:
-                    if mon in events:
-                        membership.on_monitor(mon)
-            if listening:
-                membership.drain_tasks()
-            if self.outcomes.timers:
-                self._fire_timers()
-            if self._unrouted:
-                self._expire_routes(time.monotonic())
-            if inspection.outgoing:
-                inspection.send_outgoing()
-            if self.channels is not None:
-                self.channels.flush()
-            while self._injected:
-                ident, frame = self._injected.popleft()
-                self._handle([ident, frame], True)
-            if lifecycle.owed:
-                lifecycle.spawn_owed()
-            now = time.monotonic()
-            membership.tick(now, handshaking)
-            if now - last_reap >= REAP_PERIOD:
-                last_reap = now
-                membership.reap_dead()
-                timed = lifecycle.expire_overdue(now)
-            reclaimer.tick(now)
-            if self._deliveries:
-                self._deliver_ready()
 
     def _fire_timers(self) -> None:
         now = time.monotonic()
