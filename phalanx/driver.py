@@ -463,9 +463,11 @@ class Driver:
             except PipeError:
                 raise zmq.ZMQError(errno.EPIPE, f"worker {w.id} is gone") from None
             return
+        if w is None or not w.inbox:
+            raise zmq.ZMQError(errno.EHOSTUNREACH, f"no inbox known for {ident!r}")
         frames = (frame,) if self.frame_filter is None or filtered else self.frame_filter("out", ident, frame)
         for out in frames:
-            self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
+            self._tasks.send(w.inbox, zmq.SNDMORE | zmq.NOBLOCK)
             # A large frame (an array) is handed to ZeroMQ without a copy; bytes are immutable.
             self._tasks.send(out, zmq.NOBLOCK, copy=len(out) < sockets.ZERO_COPY_MIN)
 

@@ -42,7 +42,7 @@ from .errors import ProtocolError
 from .policy import DEFAULT_TAG, check_tag
 from .transport import sockets
 from .transport.codec import decode_driver, encode
-from .transport.messages import PROTOCOL_VERSION, Alive, Goodbye, Heartbeat, Hello, Ready, Sync, Welcome
+from .transport.messages import PROTOCOL_VERSION, Alive, Goodbye, Heartbeat, Hello, Ready, Sync, Welcome, is_inbox
 from .transport.pipe import FramePipe
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class _Worker:
         "tasks", "items", "busy", "died_at", "retiring", "dispatched",
         "remote", "host", "seen", "stop_sent", "tags", "frames_dropped", "pipe", "pipe_done",
         "reader", "leftover", "broken", "delivering", "deferred", "held", "held_at",
-        "head_since", "expired", "stopped_since", "key", "oldest", "reclaiming",
+        "head_since", "expired", "stopped_since", "key", "oldest", "reclaiming", "inbox", "credits",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -83,6 +83,8 @@ class _Worker:
         self.ready = False
         self.alive = True
         self.free = 0
+        #: the tasks it takes at once (its Ready's credits)
+        self.credits = 0
         self.inflight: dict[tuple[int, int], Task] = {}
         self.tasks = 0
         self.items = 0
@@ -96,6 +98,9 @@ class _Worker:
         #: a remote worker's CURVE key (z85; b"" on an insecure runtime): only frames
         #: under its identities (plain, "!", "~...") that this key sent are its own
         self.key: bytes | None = None
+        #: a remote worker's secret routing identity on the tasks ROUTER, from its Hello (see
+        #: messages.Hello): its tasks go there, never to ``ident``, which other hosts can know
+        self.inbox = b""
         #: last time anything arrived from it (remote workers' liveness)
         self.seen = 0.0
         self.stop_sent = 0.0
@@ -146,7 +151,7 @@ class Membership:
         self.auth: Any = None
         #: handshake-failure monitors of the tcp endpoints -> the endpoint
         self.monitors: dict[zmq.Socket[bytes], str] = {}
-        #: tcp identities on the tasks ROUTER -> the key whose Hello arrived there under it
+        #: inbox identities on the tasks ROUTER -> the key whose Hello arrived there under it
         self.holders: dict[bytes, bytes] = {}
         self.sync_nonce = itertools.count()
         config = driver.config
@@ -247,10 +252,11 @@ class Membership:
         """Read what peers wrote to the tasks ROUTER, so its tcp connections' input never
         stops (see transport/sockets.py). Pump thread.
 
-        A remote worker writes one frame there, its Hello, when its inbox connects:
-        the key that sent it holds the identity tasks for that worker go to, and the
-        worker is welcomed (given anything) only if that is the key it joined with.
-        Everything else is dropped and counted.
+        A remote worker writes one frame there, its Hello, when its inbox connects
+        under the secret identity the Hello names (``inbox``): the key that sent it
+        holds the identity tasks for that worker go to, and the worker is welcomed
+        (given anything) only if that is the key it joined with. Everything else is
+        dropped and counted.
         """
         driver = self.driver
         with driver._lock:
@@ -269,12 +275,29 @@ class Membership:
                         msg = decode_driver(frames[1].bytes)
                     except ProtocolError:
                         msg = None
-                    if isinstance(msg, Hello) and msg.worker.encode() == ident and ident not in self.holders:
-                        self.holders[ident] = origin
-                        if len(self.holders) > MAX_HOLDERS:
-                            self.holders.pop(next(iter(self.holders)))
-                        continue
+                    if isinstance(msg, Hello) and msg.inbox.encode() == ident and is_inbox(ident):
+                        if ident not in self.holders:
+                            self.holders[ident] = origin
+                            if len(self.holders) > MAX_HOLDERS:
+                                self.holders.pop(next(iter(self.holders)))
+                            continue
+                        if self.holders[ident] == origin:
+                            self.inbox_back_locked(ident, origin)
+                            continue
                 driver.frames_dropped += 1
+
+    def inbox_back_locked(self, inbox: bytes, key: bytes) -> None:
+        """A remote worker's inbox said Hello again, having reconnected: if a send to it
+        failed meanwhile (it then takes no new work), it takes work again."""
+        driver = self.driver
+        for w in driver._workers.values():
+            if w.inbox == inbox and w.key == key:
+                if (w.alive and w.ready and not w.retiring and not w.stop_sent and w.expired is None
+                        and not driver._closed and w not in driver._live):
+                    w.free = max(0, w.credits - sum(not t.directed for t in w.inflight.values()))
+                    driver._add_live_locked(w)
+                    driver._dispatch_locked()
+                return
 
     def check_remote(self, now: float) -> None:
         """Declare remote workers lost whose heartbeats stopped (pump thread)."""
@@ -307,7 +330,7 @@ class Membership:
 
     def welcome_locked(self, w: _Worker) -> None:
         driver = self.driver
-        if w.remote and self.holders.get(w.ident) != w.key:
+        if w.remote and self.holders.get(w.inbox) != w.key:
             return  # its tasks connection is not shown to be its own (yet): _greet retries
         if driver._closed:
             # A replacement that connected after shutdown sent Stop and Shutdown:
@@ -375,6 +398,8 @@ class Membership:
             or _LOCAL_ID.match(ident) is not None
             or msg.version != PROTOCOL_VERSION
             or len(msg.tags) > MAX_TAGS
+            or not is_inbox(msg.inbox.encode())
+            or any(v.inbox == msg.inbox.encode() for v in driver._workers.values())
         ):
             return None
         try:
@@ -384,6 +409,7 @@ class Membership:
         w = _Worker(msg.worker, tags)
         w.remote = True
         w.key = origin
+        w.inbox = msg.inbox.encode()
         w.host = msg.host
         w.seen = time.monotonic()
         driver._workers[ident] = w
@@ -420,7 +446,7 @@ class Membership:
                 driver.frames_dropped += 1
                 return
             w.ready = True
-            w.free = max(1, msg.credits)
+            w.free = w.credits = max(1, msg.credits)
             driver._add_live_locked(w)
             driver._dispatch_locked()
             driver._changed.notify_all()
