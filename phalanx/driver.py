@@ -23,7 +23,8 @@ The driver holds collaborators, each with its own state and module:
 reading), :mod:`phalanx.direct` (a caller reading its own reply),
 :mod:`phalanx.membership` (worker records, handshake, joins, heartbeats, tcp
 security), :mod:`phalanx.lifecycle` (spawning, retiring, stopping, exits),
-:mod:`phalanx.reclaim` (tasks taken back from a busy worker) and
+:mod:`phalanx.pump` (the pump thread's loop), :mod:`phalanx.reclaim`
+(tasks taken back from a busy worker) and
 :mod:`phalanx.inspection` (inspect, ``phalanx top``, counters). The driver's
 lock (``_lock``, with its condition ``_changed``) guards the job table, the
 routing, the worker records and every send on the tasks ROUTER, the control

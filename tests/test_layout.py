@@ -2,8 +2,8 @@
 
 Runs in the test process only (it parses the sources; nothing is started).
 The runtime's responsibilities live in collaborators with their own state
-(phalanx/pipes.py, direct.py, membership.py, lifecycle.py, inspection.py,
-reclaim.py) rather than in one class; this keeps it so.
+(phalanx/pipes.py, direct.py, membership.py, lifecycle.py, pump.py,
+inspection.py, reclaim.py) rather than in one class; this keeps it so.
 """
 
 from __future__ import annotations
