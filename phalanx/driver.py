@@ -160,9 +160,11 @@ class Driver:
         #: starting, stopping and losing workers (phalanx.lifecycle)
         self.lifecycle = Lifecycle(self)
         # Before ZeroMQ's I/O threads or any of ours exist: under start method "phalanx"
-        # this forks the fork server, a copy of this process that forks the workers.
+        # this forks the fork server, a copy of this process that forks the workers (the
+        # first ones at once: they start up while this process sets up its sockets).
         try:
-            self._supervisor = Supervisor(config.start_method, self.lifecycle.on_exit)
+            self._supervisor = Supervisor(config.start_method, self.lifecycle.on_exit,
+                                          standby=sum(config.worker_groups().values()))
         except BaseException:
             self.endpoints.remove()
             raise
