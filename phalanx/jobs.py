@@ -3,7 +3,7 @@
 Runs in the driver: ``submit`` and the iterator/fold loops run in the user's
 thread; the ``deliver`` callbacks run on the pump thread, except those of
 ``submit`` futures (``Job.direct``), which a caller waiting in
-``Future.result()`` may run itself (``Driver.wait_direct``).
+``Future.result()`` may run itself (:mod:`phalanx.direct`).
 
 Invariants kept:
 
@@ -39,7 +39,8 @@ from typing import Any, Generic, Protocol, TypeVar
 from . import collected
 from .core.tasks import SKIPPED, Delivery, Job, Task
 from .core.window import ENDED, FAILED, COMPLETE, READY, ChunkSizer, MapWindow, outcome_error
-from .driver import SETTLED, Driver
+from .direct import SETTLED, DirectReader
+from .driver import Driver
 from .errors import TaskCancelledError, TaskTimeoutError
 from .policy import FatalStrategy, TaskOptions
 from .progress import ProgressBar, progress_bar
@@ -142,15 +143,15 @@ class Future(concurrent.futures.Future[T]):
         self._done_callbacks: list[Any] = []
         #: the call behind this future: ``cancel()`` drops it while queued, ``abort()`` ends it while it runs
         self._phalanx_call: CallHooks | None = None
-        #: the driver whose local workers a waiting thread may read its reply from
-        self._phalanx_direct: Driver | None = None
+        #: the driver's direct read: a waiting thread may read its reply from local workers' pipes
+        self._phalanx_direct: DirectReader | None = None
 
     def _wait(self, timeout: float | None) -> None:
         """Wait until this future is done or cancelled, at most ``timeout`` seconds (lock not held)."""
         if self._state in SETTLED:
             return
         direct = self._phalanx_direct
-        if direct is not None and direct.wait_direct(self, timeout):
+        if direct is not None and direct.wait(self, timeout):
             return
         with self._condition:
             if self._state in SETTLED:
@@ -337,7 +338,7 @@ def submit(
     if driver.config.local_pickle:  # the task keeps its pickles: a retry re-encodes it as it is
         msg = pack_message(msg, True)
     frame = encode(msg, "the arguments of {}", op_name)
-    fut._phalanx_direct = driver
+    fut._phalanx_direct = driver.direct
     fut._phalanx_call = job
     driver.submit(job, [Task(msg, frame)], register=True)
     return fut

@@ -1,7 +1,7 @@
 """A caller waiting in ``Future.result()`` reads its reply from the local workers' pipes itself.
 
 The waiting thread polls the pipes while the pump leaves them alone, so a
-lone call costs one wake-up fewer (``Driver.wait_direct``). What must hold
+lone call costs one wake-up fewer (``phalanx.direct.DirectReader.wait``). What must hold
 whoever reads: every outcome delivered once, frames other than outcomes
 (a replacement worker's Hello, actor events) handled by the pump in order,
 timeouts honoured, a crash redelivered, a shutdown waking the waiter, and a

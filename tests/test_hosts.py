@@ -169,10 +169,11 @@ def test_fault_injection_leaves_the_production_paths_on(monkeypatch: Any) -> Non
     # Faults sit on the link, below batching: a runtime with a fault plan still writes a
     # worker's tasks in one batch and lets a waiting caller read its own reply.
     # Failed before: frame_filter switched both off.
+    from phalanx.direct import DirectReader
     from phalanx.driver import Driver
 
     used: dict[str, int] = {"batch": 0, "direct": 0}
-    send_batch, read_direct = Driver._send_batch_locked, Driver._read_direct
+    send_batch, read_direct = Driver._send_batch_locked, DirectReader.read
 
     def counting_batch(self: Any, *args: Any) -> Any:
         used["batch"] += 1
@@ -183,7 +184,7 @@ def test_fault_injection_leaves_the_production_paths_on(monkeypatch: Any) -> Non
         return read_direct(self, *args)
 
     monkeypatch.setattr(Driver, "_send_batch_locked", counting_batch)
-    monkeypatch.setattr(Driver, "_read_direct", counting_direct)
+    monkeypatch.setattr(DirectReader, "read", counting_direct)
     with phalanx.Runtime(workers=1, faults=[DelayMessage(kind="result", index=10_000)]) as rt:
         for i in range(20):
             assert rt.submit(ops.add, i, 1).result(timeout=30) == i + 1

@@ -244,13 +244,13 @@ def test_shutdown_right_after_a_worker_death_leaves_no_worker() -> None:
     ends (with ``fork`` the same race leaks less often)."""
     before = _live_children()
     rt = phalanx.Runtime(workers=2, start_method="spawn")
-    spawn = rt._driver._spawn
+    spawn = rt._driver.lifecycle.spawn
 
-    def late_spawn() -> str:
+    def late_spawn(*args: Any) -> str:
         time.sleep(0.3)
-        return spawn()
+        return spawn(*args)
 
-    rt._driver._spawn = late_spawn  # type: ignore[method-assign]
+    rt._driver.lifecycle.spawn = late_spawn  # type: ignore[method-assign]
     wid, pid = sorted(rt.worker_pids().items())[0]
     assert kill_child(pid)
     deadline = time.monotonic() + 10

@@ -352,7 +352,7 @@ class ActorSystem:
         check_method(method)
         fut: Future[Any] = Future()
         fut._state = RUNNING  # an actor call cannot be withdrawn once made (nobody sees it yet)
-        fut._phalanx_direct = self.driver
+        fut._phalanx_direct = self.driver.direct
         a, kw = args, kwargs or None
         with actor.mutex:
             if actor.state == "running" and not actor.held:

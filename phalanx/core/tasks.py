@@ -174,7 +174,7 @@ class Job:
         self.dropped = False
         self.outstanding: dict[int, Task] = {}
         self.autoclose = autoclose
-        #: ``deliver`` is thread-safe, so a caller reading its own reply may run it (see wait_direct)
+        #: ``deliver`` is thread-safe, so a caller reading its own reply may run it (see phalanx.direct)
         self.direct = False
         #: ``deliver`` for several outcomes at once, ``[(seq, outcome)]`` (optional: fewer lock rounds)
         self.deliver_many: Callable[[list[tuple[int, Delivery]]], None] | None = None

@@ -1,0 +1,291 @@
+"""The caller-side direct read: a thread waiting in ``Future.result()`` reads its own reply.
+
+A lone call then costs one wake-up fewer: the worker's reply wakes the
+waiting caller, which reads it from the local worker's pipe
+(:mod:`phalanx.pipes`), resolves it and returns, instead of waking the pump,
+which wakes the caller.
+
+Threads: :meth:`DirectReader.wait` runs on any user thread waiting on a
+future (never the pump's); the pump thread calls :meth:`DirectReader.nudge`
+when it adds or ends a pipe and reads :meth:`DirectReader.active` each round.
+
+Locks: ``mutex`` (this module's own) guards the count of waiting callers,
+their waiters and when the last one left; a worker's ``reader`` lock is held
+while its pipe is read and what was read is resolved (outcomes are resolved
+under the driver's lock, in ``Driver._on_results``, and delivered with no
+lock held). ``typical`` is a hint, written without a lock.
+
+Invariants kept:
+
+* **Exactly once, in order.** A pipe is read by one thread at a time (its
+  ``reader`` lock); only outcomes of ``direct`` jobs are delivered by the
+  caller; every other frame is left to the pump, which handles it only once
+  the outcomes read before it are delivered.
+* **No hang.** If the future settles elsewhere (a remote worker answered,
+  the runtime broke) the thread's eventfd wakes it; a change to the set of
+  pipes makes every waiting caller take a new snapshot of them.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
+from typing import TYPE_CHECKING, Any
+
+from .transport.codec import UnpickleFailed, decode_driver, salvage_results
+from .transport.messages import Err, Ok, Results
+from .transport.pipe import PipeError
+from .errors import ProtocolError
+
+if TYPE_CHECKING:
+    from .core.tasks import Job
+    from .driver import Driver
+    from .membership import _Worker
+    from .pipes import LocalPipes
+
+__all__ = ["DirectReader", "SETTLED", "DIRECT_LINGER", "SPIN_WAIT"]
+
+#: seconds the pump leaves local pipes to callers after the last one stopped waiting
+DIRECT_LINGER = 0.002
+#: longest a lone caller in wait polls without blocking (seconds): a blocked thread's
+#: wake-up (an idle CPU's, on virtual machines above all) costs more than the whole reply
+SPIN_WAIT = 200e-6
+
+#: states of a future after which nothing is left to wait for (phalanx.Future's too)
+SETTLED = frozenset({FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED})
+#: per thread: its wake-up for DirectReader.wait
+_THREAD = threading.local()
+
+
+class _Wake:
+    """A thread's eventfd: written when a future it waits on in DirectReader.wait settles elsewhere."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def __del__(self) -> None:  # the thread ended
+        os.close(self.fd)
+
+
+class _DirectWaiter:
+    """Installed in a future's waiters during DirectReader.wait (the protocol of concurrent.futures.wait)."""
+
+    __slots__ = ("fd", "armed", "fired", "nudged")
+    #: phalanx.Future.cancel tells it (the standard library tells only its own waiters)
+    wakes_on_cancel = True
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        #: off while the waiting thread delivers outcomes itself (it looks at the future next anyway)
+        self.armed = True
+        self.fired = False
+        #: the pump changed the set of pipes since this thread took its snapshot (see DirectReader.nudge)
+        self.nudged = False
+
+    def nudge(self) -> None:
+        self.nudged = True
+        os.eventfd_write(self.fd, 1)
+
+    def _fire(self, future: Any = None) -> None:
+        if self.armed and not self.fired:
+            self.fired = True
+            os.eventfd_write(self.fd, 1)
+
+    add_result = add_exception = add_cancelled = _fire
+
+
+class DirectReader:
+    """Callers reading local workers' pipes while they wait (see the module docstring).
+
+    What it uses of the driver: ``_on_results`` (resolution, under the driver's
+    lock), ``_deliver``, ``frame_filter``, ``wake``, ``internal_error``; of the
+    pipes: ``piped``, ``pump_reads``, ``need_pump``.
+    """
+
+    def __init__(self, driver: Driver, pipes: LocalPipes) -> None:
+        self.driver = driver
+        self.pipes = pipes
+        #: threads in wait now, and when the last one left (under mutex)
+        self.waiting = 0
+        #: their waiters, told when the pipes change (under mutex)
+        self.waiters: set[_DirectWaiter] = set()
+        self.left = 0.0
+        self.mutex = threading.Lock()
+        #: a moving average of how long a wait took (seconds): spin only while short
+        self.typical = 0.0
+
+    def active(self, now: float) -> bool:
+        """Whether callers read the pipes now, or did within :data:`DIRECT_LINGER` (pump thread)."""
+        return bool(self.waiting) or self.left > now - DIRECT_LINGER
+
+    def wait(self, fut: Any, timeout: float | None) -> bool:
+        """Wait for ``fut`` on this thread, reading local workers' pipes itself; False: not here.
+
+        While a caller polls the pipes (and ``DIRECT_LINGER`` after), the pump
+        does not, so it does not wake for them. A lone caller whose waits have
+        been short polls without blocking for up to ``SPIN_WAIT`` first: a
+        reply then costs no wake-up on this side at all. Returns True once
+        ``fut`` settled or ``timeout`` passed.
+        """
+        driver = self.driver
+        if driver._closed or threading.current_thread() is driver._pump_thread:
+            return False
+        wake: _Wake | None = getattr(_THREAD, "wake", None)
+        if wake is None:
+            wake = _THREAD.wake = _Wake()
+        waiter = _DirectWaiter(wake.fd)
+        with fut._condition:
+            if fut._state in SETTLED:
+                return True
+            fut._waiters.append(waiter)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        began = time.perf_counter()
+        pipes = self.pipes
+        mutex = self.mutex
+        try:
+            while True:
+                # Counted (and told of pipe changes) before the snapshot, so no change is missed.
+                with mutex:
+                    self.waiting += 1
+                    self.waiters.add(waiter)
+                by_fd: dict[int, _Worker] = {}
+                held = False
+                for w in pipes.piped:
+                    if w.pipe is None or w.pipe.closed:
+                        continue
+                    if w.leftover:
+                        # Frames left to the pump: until it took them this pipe reads as empty, so
+                        # it is not polled (it may be readable), but looked at again within 1 ms.
+                        held = True
+                        continue
+                    by_fd[w.pipe.fileno()] = w
+                direct: list[tuple[Job, int, Ok | Err]] = []
+                read: list[_Worker] = []
+                try:
+                    if not by_fd and not held and not waiter.fired:
+                        return False  # no local worker: the plain wait does
+                    if pipes.pump_reads:
+                        driver.wake()  # it stops polling the pipes
+                    poller = select.poll()
+                    poller.register(wake.fd, select.POLLIN)
+                    for fd in by_fd:
+                        poller.register(fd, select.POLLIN)
+                    # A lone caller whose replies have been quick spins briefly before blocking.
+                    spin = self.waiting == 1 and self.typical < SPIN_WAIT
+                    events = self._spin(poller, time.perf_counter() + SPIN_WAIT) if spin else []
+                    if not events:
+                        ms = -1.0 if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000) + 0.5
+                        if held and (ms < 0 or ms > 1.0):
+                            ms = 1.0  # look again soon at the pipe left out above
+                        events = poller.poll(ms)
+                    for fd, _ in events:
+                        ready = by_fd.get(fd)
+                        if ready is not None and self.read(ready, direct):
+                            read.append(ready)
+                        elif fd == wake.fd and waiter.nudged:
+                            waiter.nudged = False  # then a new snapshot
+                            try:
+                                os.eventfd_read(wake.fd)
+                            except BlockingIOError:
+                                pass
+                finally:
+                    with mutex:
+                        self.waiting -= 1
+                        self.waiters.discard(waiter)
+                        self.left = time.monotonic()
+                if read:
+                    self.deliver(read, direct, waiter)
+                if fut._state in SETTLED:
+                    # How long replies take decides whether the next wait spins first.
+                    self.typical += (time.perf_counter() - began - self.typical) * 0.25
+                    return True
+                if deadline is not None and time.monotonic() >= deadline:
+                    return True
+        finally:
+            with fut._condition:
+                fut._waiters.remove(waiter)
+            if waiter.fired or waiter.nudged:
+                try:
+                    os.eventfd_read(wake.fd)
+                except BlockingIOError:
+                    pass
+
+    @staticmethod
+    def _spin(poller: Any, until: float) -> list[tuple[int, int]]:
+        """Poll without blocking until something is readable or ``until`` (perf_counter) passed."""
+        while True:
+            events: list[tuple[int, int]] = poller.poll(0)
+            if events or time.perf_counter() >= until:
+                return events
+
+    def read(self, w: _Worker, direct: list[tuple[Job, int, Ok | Err]]) -> bool:
+        """Read a local worker's pipe on a waiting caller's thread; True: ``w.delivering`` was raised."""
+        with w.reader:  # if the pump holds it, wait for it, then take what is left
+            pipe = w.pipe
+            if pipe is None or pipe.closed or w.leftover or w.broken:
+                return False
+            try:
+                frames = pipe.recv()
+            except PipeError:
+                w.broken = True
+                frames = None
+            except OSError:
+                frames = None
+            if frames is None:  # the end (or a bad frame): the pump ends the pipe
+                self.pipes.need_pump(w)
+                return False
+            ident = w.ident
+            driver = self.driver
+            frame_filter = driver.frame_filter
+            if frame_filter is not None:  # fault injection sits on the link, below this read
+                frames = [out for frame in frames for out in frame_filter("in", ident, frame)]
+            if not frames:
+                return False
+            for i, frame in enumerate(frames):
+                try:
+                    msg = decode_driver(frame, driver.config.local_pickle)
+                except ProtocolError as exc:
+                    # A result that failed to unpickle (local_pickle) is that task's error.
+                    msg = salvage_results(frame) if isinstance(exc.__cause__, UnpickleFailed) else None  # type: ignore[assignment]
+                if not isinstance(msg, Results):
+                    # Left to the pump, in order, before its next read of this pipe, and
+                    # once the outcomes read before it are delivered (see deliver).
+                    w.leftover = frames[i:]
+                    break
+                try:
+                    driver._on_results(ident, msg, direct)
+                except Exception as exc:  # bad input is counted where it is checked: this is a bug
+                    driver.internal_error(exc, "handling a frame")
+            w.delivering += 1
+            return True
+
+    def deliver(self, read: list[_Worker], direct: list[tuple[Job, int, Ok | Err]],
+                waiter: _DirectWaiter) -> None:
+        """Deliver what a caller read, then let the pump handle what came after it."""
+        waiter.armed = False  # the caller looks at its future next anyway
+        try:
+            self.driver._deliver(direct)
+        finally:
+            waiter.armed = True
+            for w in read:
+                with w.reader:
+                    w.delivering -= 1
+                    if not w.delivering and (w.leftover or w.deferred):
+                        w.deferred = False
+                        self.pipes.need_pump(w)
+
+    def nudge(self) -> None:
+        """The pipes changed (pump thread): every caller polling a snapshot of them takes a new one.
+
+        Without it a caller would poll a closed pipe's number (perhaps reused by
+        another file) or miss a new worker's Hello, which the pump does not read
+        while callers read the pipes: a wait as long as the caller's timeout.
+        """
+        with self.mutex:
+            for waiter in self.waiters:
+                waiter.nudge()

@@ -1,0 +1,264 @@
+"""Local workers' pipes on the driver's side: writing tasks, holding them back, flushing, reading.
+
+Each local worker speaks over one socketpair, "the pipe"
+(:mod:`phalanx.transport.pipe`), in place of both ZeroMQ ROUTERs. This
+module owns what the driver does with those pipes; what a frame means is the
+:class:`~phalanx.driver.Driver`'s (``Driver._handle``).
+
+Threads:
+
+* any thread that dispatches (user threads, the supervisor thread, the
+  pump) writes task frames (:meth:`LocalPipes.send_locked`), always under
+  the driver's lock;
+* the pump thread registers new pipes, flushes backlogs, writes frames held
+  too long, reads the pipes and ends them (:meth:`LocalPipes.before_poll`,
+  :meth:`LocalPipes.after_poll`);
+* a caller waiting in ``Future.result()`` may read them instead of the pump
+  (:mod:`phalanx.direct`): then the pump does not poll them for input.
+
+Locks: the driver's lock guards ``held``/``held_at`` of each worker, the
+``holding`` and ``backlogged`` sets and every write to a pipe; a worker's
+``reader`` lock is held while its pipe is read and what was read is handled,
+so frames are read once and handled in order, by the pump or by one caller.
+``piped`` is replaced, never changed in place, so callers read it unlocked;
+``by_fd`` and ``new`` are the pump's.
+
+Invariants kept:
+
+* **Order.** Frames for one worker go out in the order they were sent;
+  frames held back go out before anything written after them.
+* **No hang.** A task held back for a busy worker goes out when that
+  worker's next outcome is read, or after :data:`HOLD_MAX` at the latest; a
+  backlog the kernel did not take is flushed once the pipe is writable.
+* **Bad input never kills the driver.** A frame above ``max_frame`` ends the
+  pipe and kills its worker (it is replaced); the frame is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import zmq
+
+from .transport.pipe import FramePipe, PipeError
+
+if TYPE_CHECKING:
+    import socket
+
+    from .driver import Driver
+    from .membership import _Worker
+
+__all__ = ["LocalPipes", "HOLD_MAX"]
+
+log = logging.getLogger("phalanx.driver")
+
+#: longest a task frame for a busy local worker waits to go out with the next ones (seconds);
+#: normally the worker's next outcome releases it much sooner (see LocalPipes.send_locked)
+HOLD_MAX = 0.002
+
+
+class LocalPipes:
+    """The driver's ends of its local workers' pipes (see the module docstring).
+
+    What it uses of the driver: its lock, ``frame_filter``, ``limits``, ``wake``,
+    ``_handle`` (what a frame means), ``internal_error``, ``frames_dropped``, and
+    ``direct.nudge`` / ``lifecycle.kill_soon``.
+    """
+
+    def __init__(self, driver: Driver) -> None:
+        self.driver = driver
+        #: local workers' pipes the pump does not poll yet (it registers them)
+        self.new: deque[_Worker] = deque()
+        #: pipes holding a backlog the pump must flush when they become writable
+        self.backlogged: set[_Worker] = set()
+        #: local workers with task frames held back (see send_locked)
+        self.holding: set[_Worker] = set()
+        #: local workers whose pipes the pump polls (replaced, never changed: callers read it unlocked)
+        self.piped: tuple[_Worker, ...] = ()
+        #: the same by file descriptor (pump thread)
+        self.by_fd: dict[int, _Worker] = {}
+        #: the pump reads pipes itself (False while callers read them: see phalanx.direct)
+        self.pump_reads = True
+        #: pipes a caller needs the pump to read even so (frames left to it, the end, a bad frame)
+        self.attention: deque[_Worker] = deque()
+
+    def add(self, w: _Worker, end: socket.socket) -> None:
+        """A local worker started: the pump polls its pipe from its next round."""
+        w.pipe = FramePipe(end, self.driver.limits.max_frame)
+        self.new.append(w)
+
+    # ---- writing (under the driver's lock) ------------------------------------------------
+
+    def send_locked(self, w: _Worker, pipe: FramePipe, frames: tuple[bytes, ...] | list[bytes],
+                    hold: bool = False, filtered: bool = False) -> None:
+        """Write frames to a local worker's pipe; the pump flushes what the kernel did not take.
+
+        ``hold``: these are tasks for a worker that still owes an outcome, so they wait in
+        ``w.held`` and go out in one write with the next ones when that outcome is read
+        (``Driver._on_results``), or after :data:`HOLD_MAX` at the latest. A busy worker could
+        not start them sooner; writing each at once costs a system call and a wake-up of
+        the worker per task. A task for an idle worker is never held. Each frame
+        passes ``frame_filter`` (fault injection) here, unless ``filtered``.
+        """
+        frame_filter = self.driver.frame_filter
+        if frame_filter is not None and not filtered:
+            frames = [out for frame in frames for out in frame_filter("out", w.ident, frame)]
+        if hold:
+            if not w.held:
+                w.held_at = time.monotonic()
+                self.holding.add(w)
+            w.held.extend(frames)
+            return
+        if w.held:  # anything else goes out behind what is held, in order
+            frames = [*w.held, *frames]
+            w.held = []
+            self.holding.discard(w)
+        if pipe.send_many(frames) and w not in self.backlogged:
+            self.backlogged.add(w)
+            self.driver.wake()
+
+    def release_locked(self, w: _Worker) -> None:
+        """Write the task frames held for ``w`` (lock held); a closed pipe's are redelivered with its tasks."""
+        assert w.pipe is not None  # only local workers' frames are held; their pipe stays set
+        try:
+            self.send_locked(w, w.pipe, ())
+        except PipeError:
+            # The worker is going away: no new work for it; its reader sees the pipe's end
+            # and redelivers its in-flight tasks, these among them.
+            self.driver._remove_live_locked(w)
+
+    def end_locked(self, w: _Worker) -> None:
+        """Close a local worker's pipe (its reader saw the end, or the runtime is shutting down)."""
+        if w.pipe is not None:
+            w.pipe.close()
+        self.backlogged.discard(w)
+        self.holding.discard(w)
+        w.held = []
+        w.pipe_done.set()
+
+    # ---- the pump's round -------------------------------------------------------------------
+
+    def before_poll(self, poller: zmq.Poller, wait: float, reads: bool) -> float:
+        """Register new pipes, switch reading to ``reads``, write what is due; the poll's wait (ms)."""
+        new = self.new
+        while new:
+            w = new.popleft()
+            if w.pipe is not None:
+                self.by_fd[w.pipe.fileno()] = w
+                poller.register(w.pipe.fileno(), self.events(w))
+                self.piped = tuple(self.by_fd.values())
+                self.driver.direct.nudge()
+        if reads != self.pump_reads:
+            self.pump_reads = reads
+            for w in self.by_fd.values():
+                poller.register(w.pipe.fileno(), self.events(w))  # type: ignore[union-attr]
+        if self.holding:
+            wait = min(wait, self.release_stale() * 1000)
+        if self.backlogged:
+            self.flush(poller)
+        return wait
+
+    def after_poll(self, poller: zmq.Poller, events: dict[int, int], reads: bool) -> None:
+        """Read the pipes that are readable (when the pump reads them) and those a caller left to it."""
+        by_fd = self.by_fd
+        if reads:
+            for fd, w in list(by_fd.items()):
+                if fd in events:
+                    self.read(poller, fd, w)
+        attention = self.attention
+        while attention:
+            w = attention.popleft()
+            if w.pipe is not None and by_fd.get(w.pipe.fileno()) is w:
+                self.read(poller, w.pipe.fileno(), w)
+
+    def need_pump(self, w: _Worker) -> None:
+        """Have the pump read ``w``'s pipe even while callers read the pipes."""
+        self.attention.append(w)
+        self.driver.wake()
+
+    def read(self, poller: zmq.Poller, fd: int, w: _Worker) -> None:
+        """Handle what a local worker wrote; at its end, stop polling it (pump thread)."""
+        driver = self.driver
+        with w.reader:
+            assert w.pipe is not None
+            if w.delivering:
+                # A caller is delivering outcomes it read from this pipe: what follows them
+                # waits (it asks for this pipe again when done); meanwhile do not poll it.
+                poller.register(fd, zmq.POLLOUT if w in self.backlogged else 0)
+                w.deferred = True
+                return
+            poller.register(fd, self.events(w))
+            frames: list[bytes] | None
+            frames, w.leftover = w.leftover, []
+            self.handle_frames(w, frames, filtered=True)  # a caller's read passed them through
+            try:
+                if w.broken:
+                    raise PipeError("a caller read a frame above max_frame")
+                frames = w.pipe.recv()
+            except PipeError:
+                # A worker never sends one (it turns a result too large into an error): a bug or
+                # an attack. Its stream cannot be trusted past it: kill it; its tasks are settled
+                # by the crash rules, and it is replaced.
+                log.warning("worker %s sent a frame above max_frame: killing it", w.id)
+                driver.frames_dropped += 1
+                driver.lifecycle.kill_soon(w)
+                frames = None
+            except OSError:
+                frames = None
+            if frames is None:
+                poller.register(fd, 0)  # unregisters
+                del self.by_fd[fd]
+                self.piped = tuple(self.by_fd.values())
+                driver.direct.nudge()  # before the close: a caller polling this fd looks again
+                with driver._lock:
+                    self.end_locked(w)
+                return
+            self.handle_frames(w, frames)
+
+    def handle_frames(self, w: _Worker, frames: list[bytes], filtered: bool = False) -> None:
+        driver = self.driver
+        ident = w.ident
+        for frame in frames:
+            try:
+                driver._handle([ident, frame], filtered, local=True)
+            except Exception as exc:  # bad input is counted where it is checked: this is a bug
+                driver.internal_error(exc, "handling a frame")
+
+    def release_stale(self) -> float:
+        """Write frames held :data:`HOLD_MAX` or longer; seconds until the next are due (pump thread)."""
+        now = time.monotonic()
+        due = HOLD_MAX
+        with self.driver._lock:
+            for w in list(self.holding):
+                if now - w.held_at >= HOLD_MAX:
+                    self.release_locked(w)
+                else:
+                    due = min(due, HOLD_MAX - (now - w.held_at))
+        return due
+
+    def flush(self, poller: zmq.Poller) -> None:
+        """Write pipes' backlogs; poll those still holding some for writability (pump thread)."""
+        with self.driver._lock:
+            for w in list(self.backlogged):
+                pipe = w.pipe
+                try:
+                    done = pipe is None or pipe.flush()
+                except PipeError:
+                    done = True  # the worker is gone: its reader sees the end
+                if done:
+                    self.backlogged.discard(w)
+                if pipe is not None and not pipe.closed:
+                    poller.register(pipe.fileno(), self.events(w))
+
+    def events(self, w: _Worker) -> int:
+        """What the pump polls a pipe for: readable unless callers read it, writable while backlogged."""
+        return (zmq.POLLIN if self.pump_reads else 0) | (zmq.POLLOUT if w in self.backlogged else 0)
+
+    def end_all(self) -> None:
+        """Close every pipe (the pump's end)."""
+        for w in [*self.by_fd.values(), *self.new]:
+            with w.reader, self.driver._lock:  # not while a caller reads it (phalanx.direct)
+                self.end_locked(w)
