@@ -830,7 +830,7 @@ class _Loop:
         """One outcome's Results frame; an error outcome in its place if it cannot be sent.
 
         ``splits``: a map chunk's, whose values may go in part: the driver
-        runs the items after a shorter ``Ok`` again (see Driver._resolve_locked),
+        runs the items after a shorter ``Ok`` again (see phalanx.core.outcomes),
         and an item whose own value is too large fails alone.
         """
         wid, limit = self.spec.worker_id, self.max_send
@@ -953,7 +953,7 @@ class _Loop:
                       inbox=self.inbox_id)
         if self.inbox is not None:
             # Over tcp the same Hello on the inbox shows the driver that this key holds the
-            # inbox identity tasks are sent to (see Driver._drain_tasks).
+            # inbox identity tasks are sent to (see Membership.drain_tasks).
             self.inbox.send(encode(hello), zmq.NOBLOCK)
         self.send(hello)
         if local:

@@ -415,7 +415,7 @@ class SimRuntime:
         self._timer(NOTICE_DELAY, f"{w.id} exit noticed", lambda: self._on_exit(w, exitcode))
 
     def _on_exit(self, w: SimWorker, exitcode: int | None, lost: bool = False) -> None:
-        """The driver notices a worker's death (the core charges the crash, as Driver._on_exit has it do)."""
+        """The driver notices a worker's death (the core charges the crash, as Lifecycle.on_exit has it do)."""
         if not w.alive:
             return
         w.alive = False
