@@ -167,6 +167,7 @@ class Executor(concurrent.futures.Executor):
         self._failed_pending = False
         self._pending: set[Future[Any]] = set()
         self._closer: threading.Thread | None = None
+        self._pid = os.getpid()  # a forked copy (a worker forked from this process) is not ours to finish
         _finish_at_exit(self)
         logger.debug("executor started with %d workers", max_workers)
 
@@ -390,7 +391,10 @@ def _finish_at_exit(ex: Executor) -> None:
 
 
 def _finish_all() -> None:
-    executors = list(_LIVE)
+    # A worker forked from this process (start method "fork") inherits this hook
+    # and the executors: at its own exit it must not try to finish them.
+    me = os.getpid()
+    executors = [ex for ex in list(_LIVE) if ex._pid == me]
     for ex in executors:  # all start finishing at once, then each is waited for
         ex.shutdown(wait=False)
     for ex in executors:
