@@ -59,7 +59,7 @@ from .registry.operations import (
     resolve,
 )
 from .runtime import JobOptions, Runtime
-from .transport.codec import encode
+from .transport.codec import PickleFailed, encode
 from .transport.messages import Call
 from .worker import current_task
 
@@ -111,7 +111,8 @@ class Executor(concurrent.futures.Executor):
     (:class:`~phalanx.EncodeError`), where ``ProcessPoolExecutor`` fails
     later, at ``result()``; with ``local_pickle=True`` (or
     ``PHALANX_LOCAL_PICKLE=1``) they are pickled to the local workers and
-    run, as with ``ProcessPoolExecutor``. Arguments and results travel as
+    run, as with ``ProcessPoolExecutor`` (and, as there, an argument that
+    cannot be pickled fails the future, with a ``pickle.PicklingError``). Arguments and results travel as
     msgpack: a result comes back as the function's return annotation says,
     else as Python made it (tuples, sets, big ints, numpy scalars) or as
     plain data (a dataclass as a dict, unless ``local_pickle``).
@@ -224,13 +225,20 @@ class Executor(concurrent.futures.Executor):
             target = fn  # the runtime sends it pickled
         with self._lock:
             self._check_open_locked()
-            if self._init is None:
-                fut: Future[Any] = self._rt.submit(target, *args, **kwargs)
-            else:
-                op = driver_operation(target) if target is not fn or _named(fn) else None
-                ref = OperationRef(_RUN_CALL, op)
-                callee = name_of(target) if op is not None else fn
-                fut = self._rt.submit(ref, self._init, callee, list(args), kwargs or None)
+            try:
+                if self._init is None:
+                    fut: Future[Any] = self._rt.submit(target, *args, **kwargs)
+                else:
+                    op = driver_operation(target) if target is not fn or _named(fn) else None
+                    ref = OperationRef(_RUN_CALL, op)
+                    callee = name_of(target) if op is not None else fn
+                    fut = self._rt.submit(ref, self._init, callee, list(args), kwargs or None)
+            except PickleFailed as exc:
+                # Under local_pickle, code written for ProcessPoolExecutor meets a value that
+                # cannot be pickled where it expects it: at result(), as a PicklingError.
+                failed: Future[Any] = Future()
+                failed.set_exception(exc)
+                return failed
             self._track_locked(fut)
         fut.add_done_callback(self._on_done)
         return fut

@@ -20,3 +20,30 @@ class ExitAtUnpickle:
 
     def __reduce__(self) -> Any:
         return _exit, ()
+
+
+def _raise_unpickling_error() -> None:
+    import pickle
+
+    raise pickle.UnpicklingError("refused to load")
+
+
+class ErrorAtPickle:
+    """Pickling it raises ``pickle.PicklingError``."""
+
+    def __reduce__(self) -> Any:
+        import pickle
+
+        raise pickle.PicklingError("refused to pickle")
+
+
+class ErrorAtUnpickle:
+    """Loading it raises ``pickle.UnpicklingError``."""
+
+    def __reduce__(self) -> Any:
+        return _raise_unpickling_error, ()
+
+
+def make(cls: type) -> Any:
+    """An instance of ``cls``, made in the worker (a result that misbehaves on its way back)."""
+    return cls()

@@ -9,12 +9,13 @@ stands for.
 from __future__ import annotations
 
 import multiprocessing
+import pickle
 from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
 import phalanx
-from conformance_ops import ExitAtUnpickle
+from conformance_ops import ErrorAtPickle, ErrorAtUnpickle, ExitAtUnpickle, make
 
 pytest.importorskip("cloudpickle")
 
@@ -33,3 +34,41 @@ def test_worker_exiting_while_loading_its_task_breaks_only_that_task(method: str
         with pytest.raises(BrokenProcessPool):
             fut.result(timeout=60)
         assert ex.submit(id, 7).result(timeout=60) > 0  # the executor still works
+
+
+def test_argument_that_cannot_be_pickled_fails_its_future_with_a_pickling_error() -> None:
+    """test_deadlock.test_error_at_task_pickle: as with ProcessPoolExecutor, at result(), a PicklingError."""
+    with phalanx.Executor(2, local_pickle=True) as ex:
+        fut = ex.submit(id, ErrorAtPickle())
+        with pytest.raises(pickle.PicklingError, match="refused to pickle") as info:
+            fut.result(timeout=60)
+        assert isinstance(info.value, phalanx.EncodeError)
+        assert ex.submit(abs, -3).result(timeout=60) == 3
+
+
+def test_task_that_fails_to_load_in_its_worker_is_a_broken_process_pool_error() -> None:
+    """test_deadlock.test_error_at_task_unpickle: what ProcessPoolExecutor raises (BrokenProcessPool)."""
+    with phalanx.Executor(2, local_pickle=True) as ex:
+        fut = ex.submit(id, ErrorAtUnpickle())
+        with pytest.raises(BrokenProcessPool, match="refused to load"):
+            fut.result(timeout=60)
+        assert ex.submit(abs, -3).result(timeout=60) == 3
+
+
+def test_result_that_cannot_be_pickled_is_a_pickling_error() -> None:
+    """test_deadlock.test_error_during_result_pickle_on_worker."""
+    with phalanx.Executor(2, local_pickle=True) as ex:
+        with pytest.raises(pickle.PicklingError, match="refused to pickle"):
+            ex.submit(make, ErrorAtPickle).result(timeout=60)
+        with pytest.raises(pickle.PicklingError, match="refused to pickle"):
+            list(ex.map(make, [ErrorAtPickle]))
+
+
+@pytest.mark.parametrize("cls", [ErrorAtUnpickle, ExitAtUnpickle])
+def test_result_that_fails_to_load_in_the_driver_fails_its_future_only(cls: type) -> None:
+    """test_deadlock.test_error/exit_during_result_unpickle_in_result_handler: a result whose loading
+    raises (even SystemExit) fails that future with a BrokenProcessPool; the runtime keeps serving."""
+    with phalanx.Executor(2, local_pickle=True) as ex:
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(make, cls).result(timeout=60)
+        assert ex.submit(abs, -3).result(timeout=60) == 3
