@@ -287,11 +287,12 @@ class Executor(concurrent.futures.Executor):
         futures.reverse()
         try:
             while futures:
-                fut = futures[-1]
-                values = fut.result() if end is None else fut.result(end - time.monotonic())
-                futures.pop()
-                for value in values:
-                    yield op.convert_result(value) if convert else value  # type: ignore[union-attr]
+                values = futures[-1].result() if end is None else futures[-1].result(end - time.monotonic())
+                futures.pop()  # the future holds the chunk's values: let it go first
+                values.reverse()
+                # No local holds a value while the caller has it: a result it drops is freed.
+                while values:
+                    yield op.convert_result(values.pop()) if convert else values.pop()  # type: ignore[union-attr]
         finally:
             for fut in futures:
                 fut.cancel()

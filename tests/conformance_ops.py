@@ -47,3 +47,7 @@ class ErrorAtUnpickle:
 def make(cls: type) -> Any:
     """An instance of ``cls``, made in the worker (a result that misbehaves on its way back)."""
     return cls()
+
+
+class Plain:
+    """An object only pickle carries."""

@@ -8,14 +8,16 @@ stands for.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import pickle
+import weakref
 from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
 import phalanx
-from conformance_ops import ErrorAtPickle, ErrorAtUnpickle, ExitAtUnpickle, make
+from conformance_ops import ErrorAtPickle, ErrorAtUnpickle, ExitAtUnpickle, Plain, make
 
 pytest.importorskip("cloudpickle")
 
@@ -72,3 +74,14 @@ def test_result_that_fails_to_load_in_the_driver_fails_its_future_only(cls: type
         with pytest.raises(BrokenProcessPool):
             ex.submit(make, cls).result(timeout=60)
         assert ex.submit(abs, -3).result(timeout=60) == 3
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_holds_no_result_the_caller_dropped(chunksize: int) -> None:
+    """executor.test_free_reference: the result iterator keeps no reference to a result already yielded."""
+    with phalanx.Executor(2, local_pickle=True) as ex:
+        for obj in ex.map(make, [Plain] * 6, chunksize=chunksize):
+            ref = weakref.ref(obj)
+            del obj
+            gc.collect()
+            assert ref() is None
