@@ -184,6 +184,21 @@ class Executor(concurrent.futures.Executor):
             return fn
 
     @property
+    def _processes(self) -> dict[int, _WorkerProcess]:
+        """The live worker processes by pid, as ``ProcessPoolExecutor._processes`` holds them.
+
+        Not public API on either side, but code written for the standard
+        library reaches for it (to count, join or terminate workers). A worker
+        terminated this way is replaced and its task redelivered, as any worker
+        that dies; its handle's ``join()`` waits for it to end.
+        """
+        try:
+            workers = self._rt.stats().workers
+        except Exception:  # a runtime shut down: no workers
+            return {}
+        return {w.pid: _WorkerProcess(w.pid) for w in workers if w.alive and not w.remote and w.pid > 0}
+
+    @property
     def runtime(self) -> Runtime:
         """The :class:`phalanx.Runtime` underneath (stats, worker pids, ...)."""
         return self._rt
@@ -372,6 +387,59 @@ class Executor(concurrent.futures.Executor):
         closer = self._start_closer(wait=True)
         if wait and threading.current_thread().name != "phalanx-pump":
             closer.join()
+
+
+class _WorkerProcess:
+    """A local worker seen as a ``multiprocessing.Process`` (``Executor._processes``): pid, is_alive,
+    join, terminate, kill; ``exitcode`` once it is known to have ended (None otherwise)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.exitcode: int | None = None
+
+    def _proc(self) -> Any:
+        import psutil
+
+        try:
+            return psutil.Process(self.pid)
+        except psutil.Error:
+            return None
+
+    def is_alive(self) -> bool:
+        import psutil
+
+        proc = self._proc()
+        try:
+            return proc is not None and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the worker ended (at most ``timeout`` seconds)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.is_alive():
+            if end is not None and time.monotonic() >= end:
+                return
+            time.sleep(0.01)
+
+    def terminate(self) -> None:
+        self._signal("terminate")
+
+    def kill(self) -> None:
+        self._signal("kill")
+
+    def _signal(self, how: str) -> None:
+        import psutil
+
+        proc = self._proc()
+        try:
+            if proc is not None:
+                getattr(proc, how)()
+        except psutil.Error:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<phalanx worker process pid={self.pid}>"
 
 
 #: executors not shut down yet, finished at interpreter exit

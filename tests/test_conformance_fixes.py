@@ -85,3 +85,26 @@ def test_map_holds_no_result_the_caller_dropped(chunksize: int) -> None:
             del obj
             gc.collect()
             assert ref() is None
+
+
+def test_processes_are_the_live_workers_as_handles_to_join_or_terminate() -> None:
+    """test_shutdown.test_context_manager_shutdown / test_shutdown_no_wait / test_processes_terminate:
+    ``_processes`` maps each live worker's pid to a handle; join() returns once it ended."""
+    ex = phalanx.Executor(3)
+    try:
+        assert ex.submit(abs, -1).result(timeout=60) == 1
+        procs = ex._processes
+        assert len(procs) == 3
+        assert all(p.is_alive() and p.pid == pid for pid, p in procs.items())
+        victim = next(iter(procs.values()))
+        victim.terminate()  # a worker ended from outside is replaced; work goes on
+        victim.join(timeout=30)
+        assert not victim.is_alive()
+        assert ex.submit(abs, -2).result(timeout=60) == 2
+    finally:
+        procs = ex._processes
+        ex.shutdown(wait=True)
+    for p in procs.values():
+        p.join(timeout=30)
+        assert not p.is_alive()
+    assert ex._processes == {}
