@@ -43,10 +43,20 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+#: where a child hung outside any test body (module cleanups...): reported, not counted as a test
+fixture_hangs: list[str] = []
+
+
+def ran_last(todo: list[str], results: dict[str, tuple[str, str]]) -> str:
+    done = [i for i in todo if i in results]
+    return done[-1] if done else ""
+
+
 def supervise(ids: list[str], command: Callable[[list[str], str], list[str]], env: dict[str, str],
               hang: float, workdir: Path, label: str) -> dict[str, tuple[str, str]]:
     """Run ``ids`` (in order) through children built by ``command(todo, events_path)``."""
     results: dict[str, tuple[str, str]] = {}
+    fixture_hangs.clear()
     todo = list(ids)
     attempt = 0
     while todo:
@@ -90,16 +100,15 @@ def supervise(ids: list[str], command: Callable[[list[str], str], list[str]], en
         if running is not None and running not in results:
             results[running] = ("hung", f"no result within {hang:.0f} s") if hung else (
                 "error", f"the test process exited with code {proc.returncode} during the test")
-        elif hung:  # stuck outside any test (a fixture, teardown, interpreter exit)
-            nxt = next((i for i in todo if i not in results), None)
-            if nxt is not None:
-                results[nxt] = ("hung", f"no progress within {hang:.0f} s (outside a test body)")
+        elif hung:  # stuck outside any test body (a module cleanup, interpreter exit): the next child goes on
+            fixture_hangs.append(f"after {ran_last(todo, results) or 'the start'}")
         _kill_group(proc)  # leftovers of a child that exited
         remaining = [i for i in todo if i not in results]
         if len(remaining) == len(todo):  # the child ran nothing: do not loop forever
-            for i in remaining:
-                results[i] = ("error", f"not run: the test process exited with code {proc.returncode}")
-            remaining = []
+            why = f"no progress within {hang:.0f} s before any test" if hung else (
+                f"the test process exited with code {proc.returncode} before any test")
+            results[remaining[0]] = ("hung" if hung else "error", why)
+            remaining = remaining[1:]
         todo = remaining
     return results
 
@@ -120,6 +129,8 @@ def report(results: dict[str, tuple[str, str]], group: Callable[[str], str], tit
     print(f"{'total':{width}}  " + " ".join(f"{total[o]:>6}" for o in OUTCOMES))
     print(f"{sum(total.values())} tests: {total['passed']} passed, {total['failed']} failed, "
           f"{total['error']} errors, {total['hung']} hung, {total['skipped']} skipped")
+    for where in fixture_hangs:
+        print(f"a test process hung outside any test ({where}); it was killed and the next one went on")
     bad = [(t, o, d) for t, (o, d) in results.items() if o in ("failed", "error", "hung", "unexpected success")]
     if bad:
         print("\nnot passing:")
@@ -131,9 +142,10 @@ def report(results: dict[str, tuple[str, str]], group: Callable[[str], str], tit
     return total
 
 
-def _env(pickle: bool) -> dict[str, str]:
+def _env(pickle: bool, *first: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    paths = [str(p) for p in first] + [str(ROOT)]
+    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.pop("PHALANX_LOCAL_PICKLE", None)
     if pickle:
         env["PHALANX_LOCAL_PICKLE"] = "1"
@@ -168,7 +180,7 @@ def run_joblib(args: argparse.Namespace, workdir: Path) -> Counter[str]:
         sys.exit(f"{test_file} not found: this joblib does not ship its tests")
     ini = workdir / "pytest.ini"
     ini.write_text("[pytest]\n")
-    env = _env(args.pickle)
+    env = _env(args.pickle, Path(__file__).parent / "site")  # registers the backend in every interpreter
     base = [sys.executable, "-m", "pytest", "-c", str(ini), "--rootdir", str(site), "-p", "no:cacheprovider",
             "--assert=plain", "-p", "tests.conformance.joblib_plugin", "-q", "-o", "timeout_method=signal",
             "--timeout", str(int(args.hang * 0.8))]
@@ -195,7 +207,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-pickle", dest="pickle", action="store_false",
                         help="run without PHALANX_LOCAL_PICKLE=1 (default: with it)")
     parser.add_argument("--baseline", action="store_true", help="cf: the stock ProcessPoolExecutor, for comparison")
-    parser.add_argument("--hang", type=float, default=120.0, help="seconds without a test ending: hung (default 120)")
+    parser.add_argument("--hang", type=float, default=90.0, help="seconds without a test ending: hung (default 90)")
     parser.add_argument("-k", default="", help="only tests whose id contains this string")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each failure's traceback")
     parser.add_argument("--keep", metavar="DIR", help="keep the children's logs and events in DIR")
