@@ -372,6 +372,19 @@ class Executor(concurrent.futures.Executor):
         except Exception:
             logger.exception("executor shutdown failed")
 
+    def _abort(self) -> None:
+        """Cancel what has not started and stop the workers now, without waiting for running tasks.
+
+        What joblib's ``abort_everything`` asks of a backend (loky kills its
+        workers): the futures of running tasks fail with RuntimeClosedError.
+        """
+        with self._lock:
+            self._shutdown = True
+            pending = list(self._pending)
+        for fut in pending:
+            fut.cancel()
+        self._start_closer(wait=False)
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Accept no more work; let queued work finish (or cancel it); stop the workers.
 

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import os
 import pickle
+import subprocess
+import sys
 import weakref
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +24,8 @@ import phalanx
 from conformance_ops import ErrorAtPickle, ErrorAtUnpickle, ExitAtUnpickle, Plain, make
 
 pytest.importorskip("cloudpickle")
+
+TESTS = Path(__file__).parent
 
 
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
@@ -108,3 +114,25 @@ def test_processes_are_the_live_workers_as_handles_to_join_or_terminate() -> Non
         p.join(timeout=30)
         assert not p.is_alive()
     assert ex._processes == {}
+
+
+_ABORT_SCRIPT = """
+import multiprocessing, time, joblib, phalanx.joblib_backend
+if __name__ == "__main__":
+    try:
+        joblib.Parallel(n_jobs=2, backend="phalanx", timeout=0.5)(joblib.delayed(time.sleep)(600) for _ in range(4))
+    except (TimeoutError, multiprocessing.TimeoutError):  # joblib raises the latter
+        print("timed out")
+"""
+
+
+def test_joblib_abort_stops_running_tasks_so_the_interpreter_can_exit() -> None:
+    """test_parallel_timeout_fail (and what joblib's own run hung on at exit): after a Parallel call
+    times out, the tasks still running are abandoned with their workers, as loky kills them; the
+    process then exits instead of waiting 600 s for them."""
+    pytest.importorskip("joblib")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
+    proc = subprocess.run([sys.executable, "-c", _ABORT_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.strip() == "timed out", proc.stderr
+    assert proc.returncode == 0, proc.stderr

@@ -186,7 +186,7 @@ def run_joblib(args: argparse.Namespace, workdir: Path) -> Counter[str]:
             "--timeout", str(int(args.hang * 0.8))]
     listing = workdir / "joblib.ids"
     subprocess.run(base + ["--collect-only", str(test_file)], cwd=ROOT, env=dict(env, PHALANX_CONFORMANCE_LIST=str(listing)),
-                   stdout=subprocess.DEVNULL, check=False)
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     ids = json.loads(listing.read_text())
     if args.k:
         ids = [i for i in ids if args.k in i]
