@@ -189,7 +189,7 @@ class _Location:
         self.pid = os.getpid()
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a finalizer the collector runs under it takes it again
 _worker_at: _Location | None = None
 _drivers: dict[int, _Location] = {}
 _ctx: zmq.Context[zmq.Socket[bytes]] | None = None
@@ -202,7 +202,7 @@ _nonces = itertools.count(1)
 def _after_fork() -> None:
     # A forked child owns nothing of its parent's: not its lock state, context or sockets.
     global _lock, _ctx, _conns
-    _lock = threading.Lock()
+    _lock = threading.RLock()
     _ctx = None
     _conns = set()
 

@@ -51,6 +51,7 @@ from typing import Any, Generic, NoReturn, TypeVar, overload
 
 import msgspec
 
+from . import collected
 from .driver import Driver
 from .errors import TaskCancelledError, TaskTimeoutError
 from .jobs import MISSING, MapIterator, _Lease, chain_options, fold_on
@@ -362,6 +363,12 @@ class JobProgress(msgspec.Struct, frozen=True):
 _ITEMS, _END, _ERROR, _WAKE = range(4)
 
 
+def _drop_handle(state: _JobState) -> None:
+    """A handle was dropped: a job still running is cancelled; a finished one's thread stops waiting."""
+    if not state.finished.is_set() and not state.cancel():
+        state.cancelled.set()  # completed but unread: let the job thread stop waiting
+
+
 class _JobState:
     """What a job's thread and its handle share (the thread never holds the handle)."""
 
@@ -592,12 +599,12 @@ class JobHandle(Generic[Y, R]):
             if batch is None:
                 break
             self._collected.extend(batch)
-        collected, self._collected = self._collected, []
+        gathered, self._collected = self._collected, []
         if self._kind == _INDEXED:
-            collected.sort(key=lambda pair: pair[0])
-            collected = [value for _, value in collected]
-        self._has_result, self._result = True, collected
-        return collected  # type: ignore[return-value]
+            gathered.sort(key=lambda pair: pair[0])
+            gathered = [value for _, value in gathered]
+        self._has_result, self._result = True, gathered
+        return gathered  # type: ignore[return-value]
 
     def __iter__(self) -> Iterator[Y]:
         if self._has_result and self._kind != _FOLD:
@@ -689,9 +696,7 @@ class JobHandle(Generic[Y, R]):
 
     def __del__(self) -> None:
         try:
-            state = self._state
-            if not state.finished.is_set() and not state.cancel():
-                state.cancelled.set()  # completed but unread: let the job thread stop waiting
+            collected.run(_drop_handle, self._state)  # the collector may run this under a lock
         except Exception:
             pass  # half-built, or the interpreter is shutting down
 

@@ -101,6 +101,7 @@ from .config import Config
 from .policy import DEFAULT_TAG, FatalStrategy, RetryStrategy, TaskOptions, check_tag
 from .errors import (
     ActorDiedError,
+    FrameTooLargeError,
     NoWorkerError,
     ProtocolError,
     RuntimeBrokenError,
@@ -796,6 +797,10 @@ class Driver:
 
     def submit(self, job: Job, tasks: list[Task], register: bool = False) -> None:
         """Queue tasks of ``job`` (registering it first) and dispatch what credits allow."""
+        limit = self.limits.max_frame
+        for task in tasks:
+            if len(task.frame) > limit:
+                self.check_frame(task.frame, f"the arguments of {getattr(task.msg, 'op', '?')}", task.items)
         with self._lock:
             if self._broken is not None or self._closed:
                 self._jobs.pop(job.id, None)
@@ -812,6 +817,14 @@ class Driver:
                 routing.unroutable(job.tag, tasks, time.monotonic())
             self.tasks_submitted += len(tasks)
             self._dispatch_locked()
+
+    def check_frame(self, frame: bytes, what: str, items: int = 1) -> None:
+        """Raise :class:`FrameTooLargeError` if ``frame`` is above ``max_frame`` (a worker would refuse it)."""
+        limit = self.limits.max_frame
+        if len(frame) > limit:
+            hint = f" ({items} items at once: a smaller chunksize sends fewer)" if items > 1 else ""
+            raise FrameTooLargeError(
+                f"{what} are {len(frame)} bytes encoded, larger than max_frame={limit}{hint}", len(frame), limit)
 
     def close_job(self, job: Job, terminate: bool = False) -> None:
         """Release ``job``'s channel; later outcomes for it are dropped.

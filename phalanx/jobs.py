@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
+from . import collected
 from .core.tasks import SKIPPED, Delivery, Job, Task
 from .core.window import ENDED, FAILED, COMPLETE, READY, ChunkSizer, MapWindow, outcome_error
 from .driver import SETTLED, Driver
@@ -550,7 +551,7 @@ class _WindowedMap(Iterator[R], Generic[R]):
 
     def __del__(self) -> None:
         try:
-            self.close()
+            collected.run(self.close)  # the collector may run this under the driver's lock
         except Exception:
             pass
 

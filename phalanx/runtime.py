@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 import msgspec
 import psutil
 
+from . import collected
 from .actors.ref import ActorRef
 from .actors.system import ActorNode, ActorSystem, RuntimeTree, WorkerNode
 from .channels import ChannelKind, ExactlyOnce, Lease
@@ -249,6 +250,7 @@ class Runtime(_RunsDirectives):
         except BaseException:
             shm.runtime_stopped(self)
             raise
+        collected.install()  # after the fork server is forked: it starts a thread
         try:
             self._driver.start_workers(self.config.worker_groups(), self.config.start_timeout)
             if self._launch is not None:

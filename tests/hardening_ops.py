@@ -73,6 +73,9 @@ class Hoard:
     def give(self, size: int) -> bytes:
         return b"y" * size
 
+    def take(self, data: bytes) -> int:
+        return len(data)
+
 
 @phalanx.operation
 def rogue(size: int) -> int:
@@ -86,3 +89,8 @@ def rogue(size: int) -> int:
     loop.pipe.send_blocking(b"z" * size)
     time.sleep(30)
     return 0
+
+
+@phalanx.operation
+def size_of(data: bytes) -> int:
+    return len(data)

@@ -29,6 +29,7 @@ from hardening_ops import (
     rogue,
     self_ref,
     short,
+    size_of,
 )
 
 #: generous bound on any single wait; tests finish far sooner
@@ -83,6 +84,25 @@ def test_chunk_whose_items_together_pass_max_frame_still_completes() -> None:
     with phalanx.Runtime(workers=1, max_frame=MiB) as rt:
         got = list(rt.map(blob, [300 * 1024] * 12, chunksize=12))
         assert got == [b"x" * (300 * 1024)] * 12
+        assert rt.stats().worker_deaths == 0
+        still_works(rt)
+
+
+@pytest.mark.timeout(60)
+def test_arguments_over_max_frame_are_refused_at_the_call_not_by_killing_workers() -> None:
+    # A worker refuses a frame above max_frame: sent anyway, it cost three worker deaths
+    # and a WorkerCrashedError naming no size.
+    with phalanx.Runtime(workers=1, max_frame=MiB) as rt:
+        with pytest.raises(phalanx.FrameTooLargeError) as raised:
+            rt.submit(size_of, b"x" * (2 * MiB))
+        assert raised.value.limit == MiB and raised.value.size > 2 * MiB
+        assert "size_of" in str(raised.value) and str(MiB) in str(raised.value)
+        with pytest.raises(phalanx.FrameTooLargeError, match="chunksize"):
+            list(rt.map(size_of, [b"x" * (300 * 1024)] * 8, chunksize=8))
+        ref = rt.spawn(Hoard)
+        with pytest.raises(phalanx.FrameTooLargeError, match="Hoard.take"):
+            ref.take(b"x" * (2 * MiB))
+        assert ref.take(b"x" * 10).result(timeout=T) == 10
         assert rt.stats().worker_deaths == 0
         still_works(rt)
 

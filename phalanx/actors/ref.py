@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from .. import collected
 from ..jobs import Future
 from .events import ActorEvent
 
@@ -41,7 +42,7 @@ class ActorRef(Generic[A]):
         #: the callables ``ref.method`` returned, by method name (made once: a pipelined loop asks every call)
         self._methods: dict[str, Callable[..., Future[Any]]] = {}
         system.retain(actor)
-        weakref.finalize(self, system.release, actor)
+        weakref.finalize(self, collected.run, system.release, actor)  # the collector may hold a lock
 
     @property
     def id(self) -> int:

@@ -415,12 +415,14 @@ class ActorSystem:
                 seq = next(actor.seqs)
                 msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
                 frame = encode(msg, "the arguments of {}", f"{actor.cls_name}.{method}")
+                self.driver.check_frame(frame, f"the arguments of {actor.cls_name}.{method}")
                 actor.futures[seq] = (fut, method)
                 if not self.driver.submit_directed(job, msg, frame, actor.worker):
                     self._worker_gone(actor, seq, method, a, kw)
                 return fut
         # Starting, restarting or stopped: check the arguments now, send when it runs.
-        encode([a, kw], "the arguments of {}", f"{actor.cls_name}.{method}")
+        self.driver.check_frame(encode([a, kw], "the arguments of {}", f"{actor.cls_name}.{method}"),
+                                f"the arguments of {actor.cls_name}.{method}")
         with actor.mutex:
             if actor.state in _TERMINAL:
                 fut.set_exception(ActorDiedError(f"actor {actor.id} ({actor.cls_name}) is {actor.state}"))
