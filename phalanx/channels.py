@@ -302,7 +302,9 @@ class _Conn:
         ctx = _context()
         self.where = where
         self.pid = os.getpid()
-        self.ident = where.prefix + b"~%d" % next(_ids)
+        # Unguessable after the "~": the broker sends this end's messages to whoever holds the
+        # identity, so another authorized key must not be able to claim it if this connection breaks.
+        self.ident = where.prefix + b"~%d-%s" % (next(_ids), secrets.token_hex(8).encode())
         self.sock = sockets.dealer(ctx, where.endpoint, self.ident, where.curve, where.limits)
         with _lock:
             _conns.add(self)

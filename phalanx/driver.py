@@ -115,7 +115,7 @@ from .transport import sockets
 from .transport.codec import UnpickleFailed, decode_driver, encode, error_info, salvage_results
 from .transport.endpoints import Endpoints, local_endpoints, remove_stale_dirs, tcp_endpoints
 from .transport.pipe import FramePipe, PipeError
-from .transport.messages import PROTOCOL_VERSION, Alive, Reclaim, Reclaimed
+from .transport.messages import PROTOCOL_VERSION, Alive, Reclaim, Reclaimed, is_inbox
 from .transport.messages import (
     Call,
     Chunk,
@@ -303,7 +303,7 @@ class _Worker:
         "tasks", "items", "busy", "died_at", "retiring", "dispatched",
         "remote", "host", "seen", "stop_sent", "tags", "frames_dropped", "pipe", "pipe_done",
         "reader", "leftover", "broken", "delivering", "deferred", "held", "held_at",
-        "head_since", "expired", "stopped_since", "key", "oldest", "reclaiming",
+        "head_since", "expired", "stopped_since", "key", "oldest", "reclaiming", "inbox", "credits",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -317,6 +317,8 @@ class _Worker:
         self.ready = False
         self.alive = True
         self.free = 0
+        #: the tasks it takes at once (its Ready's credits)
+        self.credits = 0
         self.inflight: dict[tuple[int, int], Task] = {}
         self.tasks = 0
         self.items = 0
@@ -330,6 +332,9 @@ class _Worker:
         #: a remote worker's CURVE key (z85; b"" on an insecure runtime): only frames
         #: under its identities (plain, "!", "~...") that this key sent are its own
         self.key: bytes | None = None
+        #: a remote worker's secret routing identity on the tasks ROUTER, from its Hello (see
+        #: messages.Hello): its tasks go there, never to ``ident``, which other hosts can know
+        self.inbox = b""
         #: last time anything arrived from it (remote workers' liveness)
         self.seen = 0.0
         self.stop_sent = 0.0
@@ -466,7 +471,7 @@ class Driver:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._auth: Any = None
         self._monitors: dict[zmq.Socket[bytes], str] = {}
-        #: tcp identities on the tasks ROUTER -> the key whose Hello arrived there under it
+        #: inbox identities on the tasks ROUTER -> the key whose Hello arrived there under it
         self._holders: dict[bytes, bytes] = {}
         self.remote_timeout = config.heartbeat_timeout if config.heartbeat_timeout > 0 else REMOTE_HEARTBEAT_TIMEOUT
         #: the sockets' high-water mark and largest frame (the hwm and max_frame options)
@@ -899,9 +904,11 @@ class Driver:
             except PipeError:
                 raise zmq.ZMQError(errno.EPIPE, f"worker {w.id} is gone") from None
             return
+        if w is None or not w.inbox:
+            raise zmq.ZMQError(errno.EHOSTUNREACH, f"no inbox known for {ident!r}")
         frames = (frame,) if self.frame_filter is None or filtered else self.frame_filter("out", ident, frame)
         for out in frames:
-            self._tasks.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
+            self._tasks.send(w.inbox, zmq.SNDMORE | zmq.NOBLOCK)
             # A large frame (an array) is handed to ZeroMQ without a copy; bytes are immutable.
             self._tasks.send(out, zmq.NOBLOCK, copy=len(out) < sockets.ZERO_COPY_MIN)
 
@@ -1479,10 +1486,11 @@ class Driver:
         """Read what peers wrote to the tasks ROUTER, so its tcp connections' input never
         stops (see transport/sockets.py). Pump thread.
 
-        A remote worker writes one frame there, its Hello, when its inbox connects:
-        the key that sent it holds the identity tasks for that worker go to, and the
-        worker is welcomed (given anything) only if that is the key it joined with.
-        Everything else is dropped and counted.
+        A remote worker writes one frame there, its Hello, when its inbox connects
+        under the secret identity the Hello names (``inbox``): the key that sent it
+        holds the identity tasks for that worker go to, and the worker is welcomed
+        (given anything) only if that is the key it joined with. Everything else is
+        dropped and counted.
         """
         with self._lock:
             tasks = self._tasks
@@ -1500,12 +1508,28 @@ class Driver:
                         msg = decode_driver(frames[1].bytes)
                     except ProtocolError:
                         msg = None
-                    if isinstance(msg, Hello) and msg.worker.encode() == ident and ident not in self._holders:
-                        self._holders[ident] = origin
-                        if len(self._holders) > MAX_HOLDERS:
-                            self._holders.pop(next(iter(self._holders)))
-                        continue
+                    if isinstance(msg, Hello) and msg.inbox.encode() == ident and is_inbox(ident):
+                        if ident not in self._holders:
+                            self._holders[ident] = origin
+                            if len(self._holders) > MAX_HOLDERS:
+                                self._holders.pop(next(iter(self._holders)))
+                            continue
+                        if self._holders[ident] == origin:
+                            self._inbox_back_locked(ident, origin)
+                            continue
                 self.frames_dropped += 1
+
+    def _inbox_back_locked(self, inbox: bytes, key: bytes) -> None:
+        """A remote worker's inbox said Hello again, having reconnected: if a send to it
+        failed meanwhile (it then takes no new work), it takes work again."""
+        for w in self._workers.values():
+            if w.inbox == inbox and w.key == key:
+                if (w.alive and w.ready and not w.retiring and not w.stop_sent and w.expired is None
+                        and not self._closed and w not in self._live):
+                    w.free = max(0, w.credits - sum(not t.directed for t in w.inflight.values()))
+                    self._add_live_locked(w)
+                    self._dispatch_locked()
+                return
 
     def _check_remote(self, now: float) -> None:
         """Declare remote workers lost whose heartbeats stopped (pump thread)."""
@@ -1582,7 +1606,7 @@ class Driver:
                     self._welcome_locked(w)
 
     def _welcome_locked(self, w: _Worker) -> None:
-        if w.remote and self._holders.get(w.ident) != w.key:
+        if w.remote and self._holders.get(w.inbox) != w.key:
             return  # its tasks connection is not shown to be its own (yet): _greet retries
         if self._closed:
             # A replacement that connected after shutdown sent Stop and Shutdown:
@@ -1727,6 +1751,8 @@ class Driver:
             or _LOCAL_ID.match(ident) is not None
             or msg.version != PROTOCOL_VERSION
             or len(msg.tags) > MAX_TAGS
+            or not is_inbox(msg.inbox.encode())
+            or any(v.inbox == msg.inbox.encode() for v in self._workers.values())
         ):
             return None
         try:
@@ -1736,6 +1762,7 @@ class Driver:
         w = _Worker(msg.worker, tags)
         w.remote = True
         w.key = origin
+        w.inbox = msg.inbox.encode()
         w.host = msg.host
         w.seen = time.monotonic()
         self._workers[ident] = w
@@ -1770,7 +1797,7 @@ class Driver:
                 self.frames_dropped += 1
                 return
             w.ready = True
-            w.free = max(1, msg.credits)
+            w.free = w.credits = max(1, msg.credits)
             self._add_live_locked(w)
             self._dispatch_locked()
             self._changed.notify_all()

@@ -109,6 +109,7 @@ from .transport.messages import (
     Sync,
     Terminate,
     Welcome,
+    new_inbox,
 )
 from .transport.messages import Heartbeat as _Heartbeat
 
@@ -406,6 +407,8 @@ class _Control(threading.Thread):
             while not loop.stopping:
                 if sub.poll(self._next_wait()):
                     self._drain(sub)
+                if loop.inbox_monitor is not None and sockets.events(loop.inbox_monitor):
+                    loop.inbox_back = True
                 self._check_timers(side)
                 self._check_driver()
                 loop.terminated.reap()
@@ -418,7 +421,7 @@ class _Control(threading.Thread):
                     except zmq.ZMQError:
                         pass
         finally:
-            sockets.close(sub, side)
+            sockets.close(sub, side, loop.inbox_monitor)
 
     def _next_wait(self) -> int:
         ctx = self.loop.current
@@ -581,6 +584,11 @@ class _Loop:
             self.control_sockets = self._control_sockets()
         # A local worker talks to the driver over its pipe; a remote one over ZeroMQ.
         self.pipe: FramePipe | None = None
+        #: a remote worker's routing identity on the driver's tasks ROUTER ("": a local worker)
+        self.inbox_id = ""
+        self.inbox_monitor: zmq.Socket[bytes] | None = None
+        #: set by the control thread when the inbox reconnected: the main thread says Hello on it again
+        self.inbox_back = False
         self.inbox: zmq.Socket[bytes] | None = None
         self.outbox: zmq.Socket[bytes] | None = None
         #: pickles cross its pipe (local_pickle); never a ZeroMQ socket's, whatever the spec says
@@ -590,7 +598,14 @@ class _Loop:
             self._pipe_poll = select.poll()
             self._pipe_poll.register(self.pipe.fileno(), select.POLLIN)
         else:
-            self.inbox = sockets.dealer(self.ctx, spec.endpoints.tasks, self.ident, spec.curve)
+            # A remote worker's inbox identity is a secret it tells only the driver (in Hello),
+            # so no other host can connect under it and receive its tasks (see Hello).
+            self.inbox_id = new_inbox()
+            self.inbox = sockets.dealer(self.ctx, spec.endpoints.tasks, self.inbox_id.encode(), spec.curve)
+            # Its connections, seen by the control thread: on each (a reconnect too) the inbox
+            # says Hello again, and the driver, which stops routing to an inbox it could not
+            # reach, resumes.
+            self.inbox_monitor = sockets.monitor(self.inbox, zmq.EVENT_HANDSHAKE_SUCCEEDED)
             self.outbox = sockets.dealer(self.ctx, spec.endpoints.results, self.ident, spec.curve)
         self.todo: deque[Any] = deque()
         self.tasks_done = 0
@@ -909,14 +924,21 @@ class _Loop:
 
     def serve(self) -> None:
         self.control.start()
-        hello = Hello(self.spec.worker_id, os.getpid(), self.host, tags=list(self.spec.tags))
+        hello = Hello(self.spec.worker_id, os.getpid(), self.host, tags=list(self.spec.tags),
+                      inbox=self.inbox_id)
         if self.inbox is not None:
             # Over tcp the same Hello on the inbox shows the driver that this key holds the
-            # identity tasks are sent to (see Driver._drain_tasks).
+            # inbox identity tasks are sent to (see Driver._drain_tasks).
             self.inbox.send(encode(hello), zmq.NOBLOCK)
         self.send(hello)
         poll = self.poll
         while not self.stopping:
+            if self.inbox_back and self.inbox is not None:
+                self.inbox_back = False
+                try:
+                    self.inbox.send(encode(hello), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # gone again: the next connect sets the flag again
             if not self.todo:
                 self.flush()
                 if self.ready_sent and self.spec.spin > 0:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -81,6 +82,20 @@ def test_broadcast_three_subscribers_each_get_every_message_in_order(rt: phalanx
 
 
 @pytest.mark.timeout(120)
+def test_a_channel_end_s_identity_cannot_be_guessed(rt: phalanx.Runtime) -> None:
+    """The broker sends an end's messages to whoever holds its identity: a counter would let
+    another authorized key claim a remote end's identity once its connection broke."""
+    tx, rx = rt.lease()
+    tx.send(1)
+    other, _ = rt.lease()
+    other.send(2)
+    idents = [end._conn.ident for end in (tx, other)]  # type: ignore[attr-defined]
+    for ident in idents:
+        assert re.fullmatch(rb".+~\d+-[0-9a-f]{16}", ident), ident
+    assert idents[0].split(b"-")[-1] != idents[1].split(b"-")[-1]
+    assert next(iter(rx)) == 1
+
+
 def test_exactly_once_three_receivers_share_1000_messages(rt: phalanx.Runtime) -> None:
     tx, rx = rt.lease(phalanx.ExactlyOnce)
     futures = [rt.submit(channel_ops.collect, rx) for _ in range(3)]

@@ -23,7 +23,8 @@ Last, an authorized but hostile host: a runtime with CURVE, a local worker
 and an honest ``phalanx worker`` host, a job in flight, and a peer holding
 the authorized key sending the frames above on every port under every
 identity form (random, the local worker's plain / ``!`` / ``~`` names, the
-remote worker's, none, 255 bytes long). Every result must arrive once and
+remote worker's, an inbox identity of its own claiming the remote worker's
+name, none, 255 bytes long). Every result must arrive once and
 be the honest one, no frame may reach the hostile peer, and no worker may
 be replaced or join.
 
@@ -401,11 +402,14 @@ def test_runtime_still_serves_after_all_fuzz(target: Target) -> None:
 # An authorized but hostile host (tcp + CURVE)
 # --------------------------------------------------------------------------- #
 
+#: an identity of the form of a remote worker's secret inbox identity (not the honest worker's)
+INBOX = b"0" * messages.INBOX_LENGTH
 #: identity forms a hostile host may try: a random one, a local worker's (plain, side
-#: channel, channel end), the honest remote worker's (the same three), none, very long
+#: channel, channel end), the honest remote worker's (the same three), an inbox identity
+#: of its own, none, very long
 hostile_identities = st.one_of(
     random_identity.map(lambda b: ("random", b)),
-    st.sampled_from(["local", "local!", "local~", "remote", "remote!", "remote~", "none", "long"])
+    st.sampled_from(["local", "local!", "local~", "remote", "remote!", "remote~", "inbox", "none", "long"])
     .map(lambda k: (k, b"")),
 )
 
@@ -463,7 +467,7 @@ def test_an_authorized_hostile_host_misleads_nothing(hostile_target: Hostile, fu
         return {
             "random": raw, "local": b"w1", "local!": b"w1!", "local~": b"w1~3",
             "remote": remote.encode(), "remote!": remote.encode() + b"!", "remote~": remote.encode() + b"~1",
-            "none": None, "long": (b"%d-" % next(longs)).ljust(255, b"x"),
+            "inbox": INBOX, "none": None, "long": (b"%d-" % next(longs)).ljust(255, b"x"),
         }[form]
 
     def forged(worker: str) -> bytes:
@@ -476,6 +480,10 @@ def test_an_authorized_hostile_host_misleads_nothing(hostile_target: Hostile, fu
     # the attacks of issue 18 (item 10), always tried: take over the remote worker's tasks
     # connection, answer as the local worker's side channel or as the remote worker
     @example(port=0, who=("remote", b""), messages=[[b"hello"]])
+    @example(port=0, who=("remote", b""), messages=[[msgspec.msgpack.encode(messages.Hello(remote, 1, "h"))]])
+    # an inbox identity of its own, claiming the remote worker's name
+    @example(port=0, who=("inbox", b""),
+             messages=[[msgspec.msgpack.encode(messages.Hello(remote, 1, "h", inbox=INBOX.decode()))]])
     @example(port=1, who=("local!", b""), messages=[[forged("w1")]])
     @example(port=1, who=("remote!", b""), messages=[[forged(remote)]])
     @example(port=1, who=("random", b"x"), messages=[[forged(remote)]])

@@ -20,6 +20,7 @@ or receive another host's tasks:
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,8 +252,9 @@ def test_a_peer_cannot_join_as_a_local_worker(keys: Keys, hostile_ctx: zmq.Conte
 def test_a_name_taken_before_its_worker_connects_gets_nothing(
     keys: Keys, hostile_ctx: zmq.Context[Any],
 ) -> None:
-    """A host that knows a worker's name in advance holds it on the tasks port first:
-    the worker is refused there, so it is never welcomed, and the squatter gets nothing."""
+    """A host that knows a worker's name in advance holds it on the tasks port first (and
+    says Hello there): it gets nothing, and the worker, whose inbox connects under a
+    secret identity of its own, joins and serves all the same."""
     _, other = curve_keys.generate(str(keys.authorized), "host2")  # the squatter's own authorized key
     with phalanx.Runtime(workers=1, listen=LISTEN, **keys.runtime_kwargs()) as rt:
         assert rt.address is not None
@@ -274,9 +276,13 @@ def test_a_name_taken_before_its_worker_connects_gets_nothing(
             squatter.send(msgspec.msgpack.encode(messages.Hello(name.decode(), 1, "h")))  # even claiming it
             os.kill(host.pid, signal.SIGCONT)
             futures = [rt.submit(ops.slow_where, x, 0.05) for x in range(40)]
-            assert [f.result(timeout=60) for f in futures] == [(2 * x, "local") for x in range(40)]
+            got = [f.result(timeout=60) for f in futures]
+            assert [x for x, _ in got] == [2 * x for x in range(40)]
+            assert rt.wait_for_workers(2, timeout=30) == 2  # the worker joined and is ready
+            assert [w.ready for w in rt.stats().workers if w.remote] == [True]
+            later = [rt.submit(ops.slow_where, x, 0.05) for x in range(40)]
+            assert {h for _, h in (f.result(timeout=60) for f in later)} <= {"local", "squatted"}
             assert not squatter.poll(1000), f"the squatter received {squatter.recv_multipart()!r}"
-            assert not any(w.ready for w in rt.stats().workers if w.remote)
         finally:
             host.terminate()
             try:
@@ -289,3 +295,66 @@ def test_a_name_taken_before_its_worker_connects_gets_nothing(
                     p.kill()
             err.join()
         squatter.close(linger=0)
+
+
+def _cut(a: int, b: int) -> None:
+    """Reset the loopback TCP connection between ports ``a`` and ``b``, both ends (``ss -K``)."""
+    expr = f"( sport = :{a} and dport = :{b} ) or ( sport = :{b} and dport = :{a} )"
+    subprocess.run(["ss", "-K", "-t", "-n", expr], check=True, capture_output=True)
+
+
+def _tasks_connection(pid: int, tasks_port: int) -> int | None:
+    """The local port of process ``pid``'s established connection to ``tasks_port``."""
+    for conn in psutil.Process(pid).net_connections(kind="tcp"):
+        if conn.raddr and conn.raddr.port == tasks_port and conn.status == psutil.CONN_ESTABLISHED:
+            return int(conn.laddr.port)
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ss") is None,
+                    reason="resetting a connection (ss -K) needs root and iproute2")
+def test_a_broken_tasks_connection_cannot_be_taken_over_by_another_key(
+    keys: Keys, hostile_ctx: zmq.Context[Any],
+) -> None:
+    """A remote worker's tasks connection breaks while it holds tasks; before it reconnects,
+    another authorized key connects to the tasks port under the worker's name (and says
+    Hello there): it receives nothing, and every caller gets its result once."""
+    _, other = curve_keys.generate(str(keys.authorized), "host2")  # the thief's own authorized key
+    with phalanx.Runtime(workers=1, listen=LISTEN, heartbeat_timeout=60.0, **keys.runtime_kwargs()) as rt:
+        assert rt.address is not None
+        tasks_ep, _, _ = ports(rt.address)
+        tasks_port = int(tasks_ep.rsplit(":", 1)[1])
+        with RemoteHost(rt.address, "victim", keys.worker_args(), workers=1) as host:
+            assert rt.wait_for_workers(2, timeout=30) == 2, host.err
+            (victim,) = [w.id for w in rt.stats().workers if w.remote]
+            (pid,) = host.worker_pids()
+            futures = [rt.submit(ops.slow_where, x, 0.1) for x in range(60)]
+            while not any(w.remote and w.inflight for w in rt.stats().workers):
+                time.sleep(0.01)
+            os.kill(pid, signal.SIGSTOP)  # it cannot reconnect meanwhile
+            try:
+                port = _tasks_connection(pid, tasks_port)
+                assert port is not None
+                _cut(port, tasks_port)
+                time.sleep(1.0)  # the driver's ROUTER lets the reset connection go
+                thief = hostile(hostile_ctx, keys, tasks_ep, victim.encode(), key=other)
+                connected(thief)
+                thief.send(msgspec.msgpack.encode(messages.Hello(victim, pid, "victim")))
+                time.sleep(0.5)  # the driver took the thief's connection
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            try:
+                got = [f.result(timeout=60) for f in futures]
+            except TimeoutError:
+                stolen = thief.recv_multipart() if thief.poll(0) else None
+                raise AssertionError(f"results missing; the thief received {stolen!r}") from None
+            assert [x for x, _ in got] == [2 * x for x in range(60)]
+            assert not thief.poll(500), f"the thief received {thief.recv_multipart()!r}"
+            # The victim, reconnected, keeps working.
+            later = [rt.submit(ops.slow_where, x, 0.05) for x in range(40)]
+            got = [f.result(timeout=60) for f in later]
+            assert [x for x, _ in got] == [2 * x for x in range(40)]
+            assert "victim" in {h for _, h in got}
+            assert not thief.poll(100), f"the thief received {thief.recv_multipart()!r}"
+            assert host.proc.poll() is None
+            thief.close(linger=0)

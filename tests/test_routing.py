@@ -31,7 +31,7 @@ from phalanx.testing.inject import kill_child
 from phalanx.testing.invariants import ProcessLeakCheck
 from phalanx.transport import sockets
 from phalanx.transport.codec import decode_driver
-from phalanx.transport.messages import PROTOCOL_VERSION, Hello
+from phalanx.transport.messages import PROTOCOL_VERSION, Hello, new_inbox
 
 import multihost_ops
 import routing_ops as ops
@@ -397,7 +397,7 @@ def test_a_hello_with_bad_tags_is_refused_and_good_tags_are_kept() -> None:
             bad.send(encode(Hello("evil-1", 1, "h", PROTOCOL_VERSION, ["not a tag"])))
             bad.send(encode(Hello("evil-1", 1, "h", PROTOCOL_VERSION, ["x"] * 1000)))
             wait_for(lambda: rt.stats().frames_dropped >= dropped + 2, "the bad Hellos to be dropped")
-            good.send(encode(Hello("peer-1", 2, "h", PROTOCOL_VERSION, ["gpu", "io", "gpu"])))
+            good.send(encode(Hello("peer-1", 2, "h", PROTOCOL_VERSION, ["gpu", "io", "gpu"], new_inbox())))
             wait_for(lambda: rt.stats().workers_joined == 1, "the good Hello")
             (joined,) = [w for w in rt.stats().workers if w.remote]
             assert joined.id == "peer-1" and joined.tags == ("gpu", "io")

@@ -11,9 +11,10 @@ operation's declared types with ``msgspec.convert`` on the receiving side.
 Sockets and the messages each one carries::
 
     driver                                   worker
-    ROUTER "tasks"   --- Welcome, Call, Chunk, Stop, --->  DEALER inbox
-                         SpawnActor, ActorCall,
-                         StopActor, SaveActor
+    ROUTER "tasks"   --- Welcome, Call, Chunk, Stop, --->  DEALER inbox (a remote worker's
+                         SpawnActor, ActorCall,            under its secret Hello.inbox;
+                         StopActor, SaveActor              it sends Hello there on each
+                                                           connect)
     ROUTER "results" <-- Hello, Ready, Results, Retire,   DEALER outbox
                          Goodbye, ActorEvent, ActorState
     ROUTER "results" <-- Results (timeouts), ----------  DEALER side (control thread)
@@ -36,6 +37,7 @@ credit the task used.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -54,6 +56,9 @@ __all__ = [
     "Heartbeat",
     "Reclaim",
     "Hello",
+    "INBOX_LENGTH",
+    "new_inbox",
+    "is_inbox",
     "Ready",
     "Alive",
     "Reclaimed",
@@ -96,7 +101,9 @@ __all__ = [
     "Outcome",
 ]
 
-PROTOCOL_VERSION = 2  # 2: Chunk.stages, Hello.tags (a version-1 worker would ignore them)
+#: 2: Chunk.stages, Hello.tags (a version-1 worker would ignore them);
+#: 3: Hello.inbox (a remote worker's inbox identity, which the driver requires)
+PROTOCOL_VERSION = 3
 
 
 class _Msg(msgspec.Struct, frozen=True, array_like=True, tag=True, gc=False):
@@ -222,7 +229,14 @@ class Reclaim(_Msg, frozen=True):
 
 
 class Hello(_Msg, frozen=True):
-    """A worker connected; ``worker`` is also its routing identity."""
+    """A worker connected; ``worker`` is also its routing identity on the results ROUTER.
+
+    ``inbox``: a remote worker's routing identity on the tasks ROUTER, a secret
+    it drew at random (:func:`new_inbox`) and says only to the driver, over
+    CURVE: nobody else can connect under it, so nobody else can receive its
+    tasks, even while its inbox reconnects. It sends this Hello on both
+    sockets; the driver sends it work only once the same key said it on both.
+    """
 
     worker: str
     pid: int
@@ -230,6 +244,21 @@ class Hello(_Msg, frozen=True):
     version: int = PROTOCOL_VERSION
     #: the worker tags it serves (empty from an older worker: "default")
     tags: list[str] = []
+    inbox: str = ""
+
+
+#: length of a remote worker's inbox identity: 32 hex digits, 128 random bits
+INBOX_LENGTH = 32
+
+
+def new_inbox() -> str:
+    """A fresh secret inbox identity for a remote worker (see :class:`Hello`)."""
+    return secrets.token_hex(INBOX_LENGTH // 2)
+
+
+def is_inbox(ident: bytes) -> bool:
+    """Whether ``ident`` has the form of an inbox identity :func:`new_inbox` draws."""
+    return len(ident) == INBOX_LENGTH and all(c in b"0123456789abcdef" for c in ident)
 
 
 class Ready(_Msg, frozen=True):

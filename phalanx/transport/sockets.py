@@ -29,7 +29,9 @@ how the transport keeps its promises:
   does not expect) and the driver sends no ZMTP heartbeats (TCP keepalive,
   tuned short, finds vanished peers; remote workers send Alive).
 * No ``ROUTER_HANDOVER``: a connection cannot take over an identity that
-  another one holds (a host could otherwise receive another's tasks).
+  another one holds (a host could otherwise receive another's tasks). A
+  remote worker's inbox connects under a secret identity besides (see
+  ``messages.Hello``), so no other host can take it while it reconnects.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ __all__ = [
     "curve_server",
     "curve_client",
     "monitor",
+    "events",
     "handshake_failures",
     "HANDSHAKE_FAILURES",
 ]
@@ -72,19 +75,22 @@ HANDSHAKE_FAILURES = (
 )
 
 
-def handshake_failures(mon: zmq.Socket[bytes]) -> list[int]:
-    """Drain a :func:`monitor` socket; the codes of the handshake failures it reported."""
+def events(mon: zmq.Socket[bytes]) -> list[int]:
+    """Drain a :func:`monitor` socket; the codes of the events it reported."""
     from zmq.utils.monitor import recv_monitor_message
 
-    failed: list[int] = []
+    codes: list[int] = []
     while True:
         try:
             event = recv_monitor_message(mon, zmq.NOBLOCK)
         except zmq.ZMQError:  # nothing more (EAGAIN), or the socket is closing
-            return failed
-        code = int(event["event"])
-        if code & HANDSHAKE_FAILURES:
-            failed.append(code)
+            return codes
+        codes.append(int(event["event"]))
+
+
+def handshake_failures(mon: zmq.Socket[bytes]) -> list[int]:
+    """Drain a :func:`monitor` socket; the codes of the handshake failures it reported."""
+    return [code for code in events(mon) if code & HANDSHAKE_FAILURES]
 
 
 def monitor(sock: zmq.Socket[bytes], events: int) -> zmq.Socket[bytes]:
