@@ -406,7 +406,7 @@ def _run_w4(runner_name: str, size: int | None, quick: bool) -> Outcome:
 # ---- W5 numpy payload ---------------------------------------------------------------
 
 
-#: W5's large size (MB): above phalanx's default shm_threshold (32 MiB)
+#: W5's large size (MB)
 W5_LARGE = 64
 
 
@@ -639,7 +639,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload("W5", "payload: 8 MB (20 calls) and 64 MB (3 calls) float64 numpy array, each way",
                  ("phalanx", "inline", *TASK_RUNNERS[1:]), _w5_metrics, _run_w5, sizes=_w5_sizes, quick_title="payload: 1 MB float64 numpy array, 3 calls each way (quick)",
                  note="sequential submit(op, array).result(); MB/s counts the array once per call; "
-                 "phalanx: arrays >= 32 MiB (its default) through shared memory, inline: phalanx with shm_threshold=0"),
+                 "phalanx: arrays >= 2 MiB (its default) through shared memory, inline: phalanx with shm_threshold=0"),
         Workload("W6", "start-up and idle memory", TASK_RUNNERS, _w6_metrics, _run_w6,
                  note="start-up includes worker start; PSS of forked workers shares the parent's pages"),
         Workload("W7", "scale: streaming map of tiny tasks",

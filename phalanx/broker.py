@@ -81,17 +81,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from .channels import (
-    MAX_PREFETCH,
-    SEND_WINDOW,
-    ChannelKind,
-    Lease,
-    Receiver,
-    Sender,
-    register_driver,
-    unregister_driver,
-)
-from .core.channels import PROBE_EVERY, ChannelState
+from .channels import ChannelKind, Lease, lease_ends, register_driver, unregister_driver
+from .core.channels import PROBE_EVERY, ChannelState, check_lease
 from .errors import ProtocolError, RuntimeClosedError
 from .transport.codec import decode_broker, encode
 
@@ -212,13 +203,8 @@ def broker_of(driver: Driver) -> Broker:
 
 def lease(driver: Driver, kind: ChannelKind, capacity: int, prefetch: int) -> Lease[Any]:
     """:meth:`phalanx.Runtime.lease`."""
-    if not isinstance(kind, ChannelKind):
-        raise TypeError(f"kind must be phalanx.ExactlyOnce or phalanx.Broadcast, got {kind!r}")
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-        raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_PREFETCH:
-        raise ValueError(f"prefetch must be an int in 1..{MAX_PREFETCH}, got {prefetch!r}")
+    check_lease(kind, capacity, prefetch)
     if driver.closed:
         raise RuntimeClosedError("the runtime is shut down")
     lease_id, sub = broker_of(driver).open(kind, capacity)
-    return Lease(Sender(lease_id, kind, min(SEND_WINDOW, capacity)), Receiver(lease_id, kind, sub, prefetch))
+    return lease_ends(lease_id, sub, kind, capacity, prefetch)

@@ -157,7 +157,7 @@ class _Location:
     """How ends in this process reach one driver's broker."""
 
     __slots__ = ("endpoint", "curve", "prefix", "alive", "release", "released", "limits", "count", "share", "pid",
-                 "connect")
+                 "connect", "clock")
 
     def __init__(
         self,
@@ -171,6 +171,7 @@ class _Location:
         count: Callable[[int, int], None] | None = None,
         share: Callable[[int], None] | None = None,
         connect: Callable[[_Location], _Conn] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.endpoint = endpoint
         self.curve = curve
@@ -186,6 +187,8 @@ class _Location:
         self.share = share
         #: makes an end's connection (None: a DEALER socket; SimRuntime links ends to its broker in process)
         self.connect = connect
+        #: what ends' timeouts are measured on (SimRuntime: its virtual clock)
+        self.clock = clock
         self.pid = os.getpid()
 
 
@@ -231,16 +234,18 @@ def register_driver(
     count: Callable[[int, int], None] | None = None,
     share: Callable[[int], None] | None = None,
     connect: Callable[[_Location], _Conn] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """In the driver (the broker): ends of leases ``key << LEASE_SHIFT + n`` reach it at ``endpoint``.
 
     ``count(lease, +1 / -1)`` hears of every end made, and closed or
     collected, in this process; ``share(lease)`` of every end encoded here;
     ``connect(location)``, if given, makes an end's connection instead of a
-    DEALER socket (:class:`~phalanx.testing.SimRuntime`).
+    DEALER socket, and ``clock`` is what the ends' timeouts run on
+    (:class:`~phalanx.testing.SimRuntime`: its connection and its virtual clock).
     """
     _drivers[key] = _Location(endpoint, None, b"d%d" % os.getpid(), alive, release, released, limits, count, share,
-                              connect)
+                              connect, clock)
 
 
 def _in_driver(lease: int) -> _Location | None:
@@ -358,12 +363,20 @@ def _open(where: _Location) -> _Conn:
     return _Conn(where) if where.connect is None else where.connect(where)
 
 
-def _deadline(timeout: float | None) -> float | None:
+def _clock(lease: int) -> Callable[[], float]:
+    """The clock ``lease``'s ends measure timeouts on: a simulated runtime's own, else the monotonic clock."""
+    where = _drivers.get(lease >> LEASE_SHIFT)
+    if where is not None and where.connect is not None and where.pid == os.getpid():
+        return where.clock
+    return time.monotonic
+
+
+def _deadline(timeout: float | None, lease: int) -> float | None:
     if timeout is None:
         return None
     if timeout < 0:
         raise ValueError(f"timeout must be >= 0, got {timeout}")
-    return time.monotonic() + timeout
+    return _clock(lease)() + timeout
 
 
 class _Cancelled(Exception):
@@ -378,7 +391,7 @@ def _wait_slice(where: _Location, deadline: float | None, what: str, cancel: thr
         raise RuntimeClosedError(f"the runtime shut down while a channel end waited to {what}")
     if deadline is None:
         return int(_SLICE * 1000)
-    remaining = deadline - time.monotonic()
+    remaining = deadline - where.clock()
     if remaining <= 0:
         raise ChannelTimeoutError(f"channel {what} timed out")
     return max(1, int(min(remaining, _SLICE) * 1000))
@@ -506,7 +519,7 @@ class Sender(_End, Generic[T]):
         self._check()
         data = encode_value(value, "a channel message")  # tuples, sets, big ints arrive as themselves
         conn = self._connect()
-        deadline = _deadline(timeout)
+        deadline = _deadline(timeout, self._lease)
         self._wait(conn, lambda: self._seq - self._acked < self._window, deadline, "send", cancel)
         self._check()
         conn.send(ChanSend(self._lease, self._seq, data))
@@ -541,7 +554,7 @@ class Sender(_End, Generic[T]):
         conn = self._conn
         if conn is None:
             return
-        self._wait(conn, lambda: self._acked >= self._seq, _deadline(timeout), "flush")
+        self._wait(conn, lambda: self._acked >= self._seq, _deadline(timeout, self._lease), "flush")
         if self._status != CHAN_OK:
             raise _closed_error(self._status, self._lease)
 
@@ -558,7 +571,7 @@ class Sender(_End, Generic[T]):
         if self._status != CHAN_OK:
             self._close_socket()
             return
-        deadline = _deadline(timeout)
+        deadline = _deadline(timeout, self._lease)
         try:
             conn = self._connect()
             self._wait(conn, lambda: self._acked >= self._seq, deadline, "close")
@@ -802,7 +815,7 @@ class Receiver(_End, Generic[T]):
         after ``timeout`` seconds without one, :class:`~phalanx.DecodeError`
         for a message that cannot be decoded (it is acknowledged).
         """
-        msg_id, data = self._take(_deadline(timeout), False)
+        msg_id, data = self._take(_deadline(timeout, self._lease), False)
         self._took(msg_id, True)
         return decode_value(data)  # type: ignore[no-any-return]
 
@@ -812,7 +825,7 @@ class Receiver(_End, Generic[T]):
         Until then it counts against ``prefetch``; if this receiver is
         closed, collected or its process dies first, it is redelivered.
         """
-        return self._message(*self._take(_deadline(timeout), False))
+        return self._message(*self._take(_deadline(timeout, self._lease), False))
 
     def _message(self, msg_id: int, data: bytes) -> Message[T]:
         try:
@@ -885,7 +898,7 @@ class Receiver(_End, Generic[T]):
 
     async def arecv(self, timeout: float | None = None) -> T:
         """:meth:`recv` without blocking the event loop."""
-        msg_id, data = await self._atake(_deadline(timeout), False)
+        msg_id, data = await self._atake(_deadline(timeout, self._lease), False)
         self._took(msg_id, True)
         return decode_value(data)  # type: ignore[no-any-return]
 
@@ -927,7 +940,7 @@ class Receiver(_End, Generic[T]):
             sub = secrets.randbits(62) + 2  # 1 is the lease's first subscription
             nonce = next(_nonces)
             conn.send(ChanSubscribe(self._lease, sub, nonce))
-            deadline = _deadline(timeout)
+            deadline = _deadline(timeout, self._lease)
             self._read(conn, 0)
             while nonce not in self._answers:
                 self._read(conn, _wait_slice(conn.where, deadline, "subscribe", None))
@@ -961,7 +974,7 @@ class Receiver(_End, Generic[T]):
                     conn.send(ChanDetach(self._lease, self._sub, nonce, list(self._acks), unsubscribe))
                     self._acks.clear()
                     self._buffer.clear()
-                    deadline = _deadline(CLOSE_TIMEOUT if timeout is None else timeout)
+                    deadline = _deadline(CLOSE_TIMEOUT if timeout is None else timeout, self._lease)
                     self._read(conn, 0)
                     while nonce not in self._answers:
                         self._read(conn, _wait_slice(conn.where, deadline, "close", None))
@@ -1068,6 +1081,11 @@ def _receiver_from_bytes(data: memoryview) -> Receiver[Any]:
     ):
         raise ValueError("malformed channel receiver")
     return Receiver(lease, _KINDS[kind], sub, prefetch)
+
+
+def lease_ends(lease_id: int, sub: int, kind: ChannelKind, capacity: int, prefetch: int) -> Lease[Any]:
+    """The two ends of a lease the broker state opened (both hosts' ``rt.lease``)."""
+    return Lease(Sender(lease_id, kind, min(SEND_WINDOW, capacity)), Receiver(lease_id, kind, sub, prefetch))
 
 
 register_ext(SENDER_EXT, Sender, _sender_to_bytes, _sender_from_bytes)

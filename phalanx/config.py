@@ -114,7 +114,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     remote_python: str | None = None
     ssh_config: str | None = None
     slurm: bool = False
-    shm_threshold: int = 32 * 1024 * 1024
+    shm_threshold: int = 2 * 1024 * 1024
 
     def __post_init__(self) -> None:
         # Each message starts with the option's name: Config.load names its variable instead.
@@ -381,6 +381,6 @@ OPTIONS: dict[str, Option] = _options(
            "`srun`, with fresh keys for this run ([multihost.md](multihost.md#under-slurm))"),
     Option("shm_threshold", int, "bytes from which a numpy array in a task or result between the driver and "
            "a local worker travels through a shared-memory segment in `/dev/shm` (only its name is sent; "
-           "0: never). Off while the driver has a runtime with `listen`. Below 32 MiB copies through the pipe "
-           "measured faster: a fresh segment's page faults cost more than the copies", default="33554432 (32 MiB)"),
+           "0: never). Off while the driver has a runtime with `listen`. The driver reuses its segments; below "
+           "2 MiB copies through the pipe measured as fast", default="2097152 (2 MiB)"),
 )

@@ -380,9 +380,11 @@ class Driver:
         #: tcp endpoints remote workers connect to, when listening
         self.address: Endpoints | None = tcp_endpoints(config.listen) if config.listen else None
         # Before ZeroMQ's I/O threads or any of ours exist: under start method "phalanx"
-        # this forks the fork server, a copy of this process that forks the workers.
+        # this forks the fork server, a copy of this process that forks the workers (the
+        # first ones at once: they start up while this process sets up its sockets).
         try:
-            self._supervisor = Supervisor(config.start_method, self._on_exit)
+            self._supervisor = Supervisor(config.start_method, self._on_exit,
+                                          standby=sum(config.worker_groups().values()))
         except BaseException:
             self.endpoints.remove()
             raise

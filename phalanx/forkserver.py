@@ -13,6 +13,11 @@ server then runs this module's loop, alone in its process::
     │ reader thread ◀── events ─│ ◀─────────────────── │  (worker id, exit code)        │
     └───────────────────────────┘                      └──────────────────────────────┘
 
+The runtime's first workers are forked as soon as the server starts (*standby*
+workers, ``standby=``), whenever no request waits: while the driver sets up its
+sockets, each arms its orphan guard, then waits on its own socket for the Spawn
+request that a first spawn hands it instead of forking.
+
 Workers are copies of the server, which is a copy of the driver as it was when
 the runtime started: they know ``__main__``'s functions and the modules
 imported by then, on every Python version, and no fork ever happens in a
@@ -39,6 +44,7 @@ Invariants kept:
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import select
 import signal
@@ -151,9 +157,11 @@ class ForkServer:
     server itself died).
     """
 
-    def __init__(self, on_exit: Callable[[str, int | None], None], start: bool = True) -> None:
+    def __init__(self, on_exit: Callable[[str, int | None], None], start: bool = True, standby: int = 0) -> None:
         """``start=False``: the reader thread starts only at :meth:`start` (its owner first
-        sends the first spawns, whose workers then boot while the thread starts)."""
+        sends the first spawns, whose workers then boot while the thread starts).
+        ``standby``: workers the server forks as soon as it starts, before any request (the
+        runtime's first ones): the first spawns hand them their spec instead of forking."""
         #: called from the reader thread for each worker's exit (its owner may replace it)
         self.on_exit = on_exit
         self._workers: dict[str, ForkedWorker] = {}
@@ -178,11 +186,14 @@ class ForkServer:
                 pid = os.fork()
             if pid == 0:  # the fork server
                 try:
+                    # What the driver had is never collected here nor in the workers: a collection
+                    # in a worker would otherwise write to (copy) every page of it (O(1) call).
+                    gc.freeze()
                     self._ctl.close()
                     self._events.close()
                     for other in list(_clients):
                         other._close_sockets()
-                    _serve(ctl, events, driver)
+                    _serve(ctl, events, driver, standby)
                 finally:
                     os._exit(70)
             ctl.close()
@@ -320,9 +331,9 @@ class ForkServer:
 # --------------------------------------------------------------------------- #
 
 
-def _serve(ctl: socket.socket, events: socket.socket, driver: int) -> NoReturn:
+def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count: int = 0) -> NoReturn:
     """The fork server's loop (runs alone in its process until the driver goes)."""
-    from .worker import WorkerSpec, run_worker  # already imported by the driver: nothing runs
+    from .worker import WorkerSpec, prepare_standby, run_worker  # imported by the driver already
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     stop = False
@@ -338,6 +349,11 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int) -> NoReturn:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     workers: dict[int, str] = {}  # pid -> worker id
+    # Workers forked while the driver still sets itself up (whenever no request waits): each
+    # does the start-up that needs no spec, then waits on its own socket for the Spawn that a
+    # first request hands it. A first request served by a fork needs one fewer.
+    standby: dict[int, socket.socket] = {}  # pid -> the server's end of its socket
+    to_fork = standby_count
     sweeps: list[float] = []
     decoder = msgspec.msgpack.Decoder(_Spawn)
     encoder = msgspec.msgpack.Encoder()
@@ -348,7 +364,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int) -> NoReturn:
             if os.getppid() != driver:
                 break
             next_check = now + _PARENT_CHECK
-        timeout = min([next_check, *sweeps]) - now
+        timeout = 0.0 if to_fork else min([next_check, *sweeps]) - now
         try:
             ready: list[int] = select.select([ctl.fileno(), wake_r], [], [], max(0.0, timeout))[0]
         except InterruptedError:
@@ -368,6 +384,9 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int) -> NoReturn:
                 break
             if pid == 0:
                 break
+            conn = standby.pop(pid, None)
+            if conn is not None:
+                conn.close()  # a standby worker that died waiting: never handed a request
             wid = workers.pop(pid, None)
             if wid is not None:
                 died = True
@@ -378,10 +397,10 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int) -> NoReturn:
         now = time.monotonic()
         if died:
             sweeps = [now + d for d in _SWEEP_AGAIN]
-            _sweep(set(workers))
+            _sweep(set(workers) | set(standby))
         elif sweeps and now >= sweeps[0]:
             sweeps.pop(0)
-            _sweep(set(workers))
+            _sweep(set(workers) | set(standby))
         if ctl.fileno() in ready:
             try:
                 raw, fds, _, _ = socket.recv_fds(ctl, _MAX_REQUEST, 1)
@@ -392,9 +411,13 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int) -> NoReturn:
             try:
                 request = decoder.decode(raw)
                 spec = msgspec.msgpack.decode(request.spec, type=WorkerSpec)
-                pid = os.fork()
-                if pid == 0:
-                    _worker(spec, fds, (ctl, events, wake_r, wake_w), run_worker)
+                pid = _hand_over(standby, raw, fds)
+                if not pid:
+                    to_fork = max(0, to_fork - 1)
+                    pid = os.fork()
+                    if pid == 0:
+                        _leave_server((ctl, events, wake_r, wake_w, *standby.values()))
+                        _worker(spec, fds, run_worker)
                 workers[pid] = request.worker_id
                 reply: _Reply = _Started(pid)
             except Exception as exc:  # a bad request or no fork: the driver reports it
@@ -406,23 +429,80 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int) -> NoReturn:
                 ctl.send(encoder.encode(reply))
             except OSError:
                 break
-    _end_all(list(workers))
+        elif to_fork:
+            to_fork -= 1
+            # On failure the requests fork them instead (and report why if that fails too).
+            try:
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            except OSError:
+                continue
+            try:
+                pid = os.fork()
+            except OSError:
+                ours.close()
+                theirs.close()
+                continue
+            if pid == 0:
+                ours.close()
+                _standby(theirs, driver, (ctl, events, wake_r, wake_w, *standby.values()),
+                         prepare_standby, run_worker)
+            theirs.close()
+            standby[pid] = ours
+    _end_all([*workers, *standby])
     os._exit(0)
 
 
-def _worker(spec: Any, fds: list[int], server_fds: tuple[Any, ...], run_worker: Callable[..., None]) -> NoReturn:
-    """In a new worker: drop the server's state, run the worker, exit with its status."""
+def _hand_over(standby: dict[int, socket.socket], request: bytes, fds: list[int]) -> int:
+    """Give a Spawn request to a standby worker; its pid (0: none is left, fork one)."""
+    while standby:
+        pid = next(iter(standby))  # the oldest: the furthest along in its start-up
+        conn = standby.pop(pid)
+        try:
+            socket.send_fds(conn, [request], fds)
+        except OSError:
+            continue  # it died meanwhile: its exit is reaped as nobody's
+        finally:
+            conn.close()
+        return pid
+    return 0
+
+
+def _leave_server(server_fds: tuple[Any, ...]) -> None:
+    """In a new worker: drop the server's signal handlers and sockets."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    for obj in server_fds:
+        if isinstance(obj, int):
+            os.close(obj)
+        else:
+            obj.close()
+    os.environ[WORKER_PID_VAR] = str(os.getpid())
+
+
+def _standby(conn: socket.socket, driver: int, server_fds: tuple[Any, ...],
+             prepare: Callable[[int], None], run_worker: Callable[..., None]) -> NoReturn:
+    """In a standby worker: the start-up that needs no spec, then wait for the Spawn, run it."""
+    try:
+        _leave_server(server_fds)
+        prepare(driver)  # from now on it dies with the driver, as any worker
+        raw, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 1)
+        conn.close()
+        if not raw:
+            os._exit(0)  # the server ended before handing it a request
+        from .worker import WorkerSpec
+
+        spec = msgspec.msgpack.decode(msgspec.msgpack.decode(raw, type=_Spawn).spec, type=WorkerSpec)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    _worker(spec, fds, run_worker)
+
+
+def _worker(spec: Any, fds: list[int], run_worker: Callable[..., None]) -> NoReturn:
+    """In a new worker (out of the server's state): run the worker, exit with its status."""
     code = 1
     try:
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
-        for obj in server_fds:
-            if isinstance(obj, int):
-                os.close(obj)
-            else:
-                obj.close()
-        os.environ[WORKER_PID_VAR] = str(os.getpid())
         pipe = socket.socket(fileno=fds[0]) if fds else None
         try:
             run_worker(spec, pipe)

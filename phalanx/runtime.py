@@ -250,7 +250,6 @@ class Runtime(_RunsDirectives):
         except BaseException:
             shm.runtime_stopped(self)
             raise
-        collected.install()  # after the fork server is forked: it starts a thread
         try:
             self._driver.start_workers(self.config.worker_groups(), self.config.start_timeout)
             if self._launch is not None:
@@ -262,6 +261,7 @@ class Runtime(_RunsDirectives):
             if self._launch is not None:
                 self._launch.close()
             raise
+        collected.install()  # a thread: after the first workers were asked for, off their path
         self._actors = ActorSystem(
             self._driver, call_timeout=self.config.actor_timeout,
             max_restarts=self.config.actor_restart_limit, restart_window=self.config.actor_restart_window,

@@ -72,9 +72,11 @@ class Supervisor:
         start_method: str,
         on_exit: Callable[[str, int | None], None],
         server: forkserver.ForkServer | None = None,
+        standby: int = 0,
     ) -> None:
         """``server``: a fork server its owner made earlier and keeps (``phalanx worker``,
-        whose supervisors come and go with drivers); else one is made now."""
+        whose supervisors come and go with drivers); else one is made now, which forks
+        ``standby`` workers at once for the first spawns (see :class:`~phalanx.forkserver.ForkServer`)."""
         self._on_exit = on_exit
         #: workers' exits are reported only once start() ran (the owner is ready for them)
         self._started = threading.Event()
@@ -84,7 +86,7 @@ class Supervisor:
         self._own_server = server is None
         if start_method == "phalanx":
             if server is None:
-                self._server = forkserver.ForkServer(self._on_server_exit, start=False)
+                self._server = forkserver.ForkServer(self._on_server_exit, start=False, standby=standby)
             else:
                 self._server = server
                 server.on_exit = self._on_server_exit

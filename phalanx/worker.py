@@ -49,6 +49,7 @@ Invariants kept:
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import ctypes
 import os
@@ -113,7 +114,8 @@ from .transport.messages import (
 )
 from .transport.messages import Heartbeat as _Heartbeat
 
-__all__ = ["WorkerSpec", "TaskContext", "current_task", "run_worker", "worker_spec"]
+__all__ = ["WorkerSpec", "TaskContext", "current_task", "guard_against_orphaning", "prepare_standby", "run_worker",
+           "worker_spec"]
 
 #: outcomes sent in one Results message at most
 BATCH_MAX = 256
@@ -291,8 +293,18 @@ def _end_own_group() -> None:
             pass
 
 
-def _guard_against_orphaning(parent_pid: int) -> None:
-    """Die, with everything this worker spawned, when the parent dies."""
+#: the driver pid this process's orphan guard watches (None: not guarded yet)
+_guarded: int | None = None
+
+
+def guard_against_orphaning(parent_pid: int) -> None:
+    """Die, with everything this worker spawned, when the parent dies.
+
+    Called once per worker process: by :func:`run_worker`, or earlier by the fork
+    server's standby worker before it has a spec (``parent_pid``: the driver).
+    """
+    global _guarded
+    _guarded = parent_pid
     try:
         if os.getpgrp() != os.getpid():
             os.setpgid(0, 0)  # own group: the driver's Ctrl-C is the driver's to handle
@@ -330,7 +342,29 @@ def _guard_against_orphaning(parent_pid: int) -> None:
 
     if not driver_alive():  # the parent died before prctl took effect
         _kill_own_group()
-    threading.Thread(target=watchdog, name="phalanx-watchdog", daemon=True).start()
+    # Not threading.Thread: its start() waits until the new thread runs, a wait the worker's
+    # start-up need not take (the parent-death signal covers it meanwhile).
+    _thread.start_new_thread(watchdog, ())
+
+
+#: a standby worker's ZeroMQ context, its threads started before the spec came (see prepare_standby)
+_early_context: zmq.Context[zmq.Socket[bytes]] | None = None
+
+
+def prepare_standby(parent_pid: int) -> None:
+    """What a worker forked ahead of its spec does while it waits (the fork server's standby
+    workers): guard against orphaning, make its ZeroMQ context and start that context's threads."""
+    global _early_context
+    guard_against_orphaning(parent_pid)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ctx.socket(zmq.PAIR).close(linger=0)  # a context starts its I/O threads with its first socket
+    _early_context = ctx
+
+
+def _take_context() -> zmq.Context[zmq.Socket[bytes]]:
+    global _early_context
+    ctx, _early_context = _early_context, None
+    return ctx if ctx is not None else zmq.Context()
 
 
 def _special_error(job: int, exc: BaseException) -> ErrorInfo:
@@ -574,7 +608,7 @@ class _Loop:
         self.spec = spec
         self.ident = spec.worker_id.encode()
         self.host = spec.host or _socket.gethostname()
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = _take_context()
         #: the control thread's SUB and side DEALER. A local worker makes them first, so the SUB
         #: connects and subscribes while the rest of its start-up runs (it is Ready only once a
         #: Sync came through it); the control thread owns them from its start (a thread's start
@@ -923,7 +957,9 @@ class _Loop:
     # ---- main loop -----------------------------------------------------------
 
     def serve(self) -> None:
-        self.control.start()
+        local = self.control_sockets is not None
+        if not local:
+            self.control.start()  # it makes a remote worker's control sockets
         hello = Hello(self.spec.worker_id, os.getpid(), self.host, tags=list(self.spec.tags),
                       inbox=self.inbox_id)
         if self.inbox is not None:
@@ -931,6 +967,10 @@ class _Loop:
             # inbox identity tasks are sent to (see Driver._drain_tasks).
             self.inbox.send(encode(hello), zmq.NOBLOCK)
         self.send(hello)
+        if local:
+            # Its SUB is connected already (the Sync waits there): the driver handles the
+            # Hello while the thread starts.
+            self.control.start()
         poll = self.poll
         while not self.stopping:
             if self.inbox_back and self.inbox is not None:
@@ -1018,7 +1058,8 @@ def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None) -> None:
     """
     global _spec
     _spec = spec
-    _guard_against_orphaning(spec.parent_pid)
+    if _guarded != spec.parent_pid:
+        guard_against_orphaning(spec.parent_pid)
     from .logs import install_worker_output
     from .registry import operations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import time
@@ -33,6 +34,8 @@ def _mapped(a: Any) -> bool:
     base = a
     while isinstance(base, np.ndarray):
         base = base.base
+    if isinstance(base, ctypes.Array):  # a pooled segment: a buffer of its own over the mapping
+        base = next(iter(base._objects.values()))
     if isinstance(base, memoryview):
         base = base.obj
     return isinstance(base, mmap.mmap)
@@ -64,3 +67,27 @@ def hold(a: npt.NDArray[np.float64], marker: str) -> float:
         f.write(str(os.getpid()))
     time.sleep(600)
     return float(a.sum())
+
+
+#: views of arrays this worker received and keeps (keep, kept)
+_KEPT: list[Any] = []
+
+
+@phalanx.operation
+def keep(a: npt.NDArray[np.float64]) -> int:
+    """Keep a view of ``a`` (not ``a`` itself) past the task; this worker's pid."""
+    _KEPT.append(a[1:].reshape(-1, 1)[:, 0])
+    return os.getpid()
+
+
+@phalanx.operation
+def kept() -> list[tuple[float, float]]:
+    """(min, max) of every view kept so far (an array of one value i: (i, i))."""
+    return [(float(v.min()), float(v.max())) for v in _KEPT]
+
+
+@phalanx.operation
+def overwrite(a: npt.NDArray[np.float64]) -> int:
+    """Write into the array received (its segment), then drop it; how many views are kept."""
+    a[:] = -7.0
+    return len(_KEPT)

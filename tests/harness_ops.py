@@ -135,6 +135,25 @@ class Counter:
         return cls(n)
 
 
+@phalanx.actor
+class Fragile:
+    """Saves its count but cannot be restored from it: a hot restart's new instance fails."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.n = start
+
+    def incr(self, k: int = 1) -> int:
+        self.n += k
+        return self.n
+
+    def save(self) -> int:
+        return self.n
+
+    @classmethod
+    def restore(cls, n: int) -> Fragile:
+        raise HarnessError(f"cannot restore {n}")
+
+
 @phalanx.operation
 def int_unless_3(x: int) -> int:
     """Declared to return an int, returns a str for 3: the result fails conversion in the driver."""

@@ -314,3 +314,141 @@ def test_spawn_many_forks_every_worker_at_once_a_bad_request_fails_alone_and_no_
             end.close()
         server.close()
         endpoints.remove()
+
+
+def _standby_pids(server_pid: int, count: int) -> list[int]:
+    """The ``count`` workers a fork server forked ahead of any request (waits up to 30 s)."""
+    deadline = time.monotonic() + 30
+    while True:
+        kids = [p.pid for p in psutil.Process(server_pid).children()]
+        if len(kids) >= count:
+            return kids
+        assert time.monotonic() < deadline, f"the server forked {kids} ahead, not {count}"
+        time.sleep(0.005)
+
+
+def test_standby_workers_take_the_first_spawns_and_a_dead_one_is_replaced_by_a_fork() -> None:
+    """The server forks two workers ahead; one is SIGKILLed while it waits. Two spawns: the
+    survivor takes one, a fresh fork the other; both serve, and exactly their two exits come."""
+    import select
+    import threading
+
+    from phalanx.forkserver import ForkServer
+    from phalanx.transport import pipe as pipes
+    from phalanx.transport.codec import decode_driver
+    from phalanx.transport.endpoints import local_endpoints
+    from phalanx.transport.messages import Hello
+    from phalanx.worker import WorkerSpec
+
+    exits: dict[str, int | None] = {}
+    reported = threading.Event()
+
+    def on_exit(worker_id: str, code: int | None) -> None:
+        exits[worker_id] = code
+        if len(exits) == 2:
+            reported.set()
+
+    endpoints = local_endpoints()
+    server = ForkServer(on_exit, start=False, standby=2)
+    ours: list[pipes.FramePipe] = []
+    try:
+        standby = _standby_pids(server.pid, 2)
+        os.kill(standby[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        # Reaped by the server: only then is it wholly gone (a zombie leader's thread may
+        # still hold its socket open a moment).
+        while standby[0] in [p.pid for p in psutil.Process(server.pid).children()]:
+            assert time.monotonic() < deadline, "the server never reaped the killed standby worker"
+            time.sleep(0.005)
+        pairs = [pipes.socketpair() for _ in range(2)]
+        specs = [WorkerSpec(worker_id=f"w{i}", endpoints=endpoints, credits=1, parent_pid=os.getpid(),
+                            prefix_output=False) for i in (1, 2)]
+        started = server.spawn_many([(s.worker_id, s, theirs) for s, (_, theirs) in zip(specs, pairs)])
+        for _, theirs in pairs:
+            theirs.close()
+        pids = []
+        for handle in started:
+            assert not isinstance(handle, BaseException), handle
+            assert handle.pid is not None and psutil.Process(handle.pid).ppid() == server.pid
+            pids.append(handle.pid)
+        assert standby[1] in pids and standby[0] not in pids, (pids, standby)
+        ours = [pipes.FramePipe(end, 1 << 20) for end, _ in pairs]
+        for wid, end in zip(("w1", "w2"), ours):
+            frames: list[bytes] = []
+            while not frames:
+                assert select.select([end.fileno()], [], [], 30)[0], f"{wid} never spoke on its pipe"
+                got = end.recv()
+                assert got is not None, f"{wid} closed its pipe"
+                frames = got
+            hello = decode_driver(frames[0])
+            assert isinstance(hello, Hello) and hello.worker == wid and hello.pid in pids
+        for end in ours:
+            end.close()  # the driver is "gone": each worker ends
+        assert _wait_gone(pids, 30) == []
+        server.start()
+        assert reported.wait(30), exits
+        time.sleep(0.2)
+        assert set(exits) == {"w1", "w2"}, exits  # nothing for the standby that died unused
+    finally:
+        for end in ours:
+            end.close()
+        server.close()
+        endpoints.remove()
+
+
+def test_a_fork_server_closed_before_any_spawn_leaves_no_standby_worker() -> None:
+    from phalanx.forkserver import ForkServer
+
+    server = ForkServer(lambda wid, code: None, standby=2)
+    try:
+        standby = _standby_pids(server.pid, 2)
+    finally:
+        server.close()
+    assert _wait_gone([server.pid, *standby], 5) == []
+
+
+STANDBY_DRIVER = textwrap.dedent(
+    """
+    import json, time
+    import psutil
+    from phalanx.forkserver import ForkServer
+
+    if __name__ == "__main__":
+        server = ForkServer(lambda wid, code: None, standby=2)
+        while len(psutil.Process(server.pid).children()) < 2:
+            time.sleep(0.005)
+        kids = [p.pid for p in psutil.Process(server.pid).children()]
+        print(json.dumps({"server": server.pid, "standby": kids}), flush=True)
+        time.sleep(120)
+    """
+)
+
+
+@pytest.mark.chaos
+def test_standby_workers_die_with_a_driver_sigkilled_before_any_spawn(tmp_path: Path) -> None:
+    script = tmp_path / "driver.py"
+    script.write_text(STANDBY_DRIVER)
+    out = tmp_path / "out"
+    with open(out, "w") as f:
+        driver = subprocess.Popen([sys.executable, str(script)], env=_env(), cwd=tmp_path, stdout=f,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    watched: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not out.read_text().strip():
+            assert driver.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.01)
+        pids = json.loads(out.read_text().splitlines()[0])
+        watched = [pids["server"], *pids["standby"]]
+        assert len(watched) == 3 and all(_alive(p) for p in watched)
+        driver.kill()
+        driver.wait(timeout=10)
+        left = _wait_gone(watched, within=1.0)
+        assert not left, f"alive 1 s after the driver was SIGKILLed: {left} of {pids}"
+    finally:
+        for pid in watched:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=10)

@@ -357,3 +357,184 @@ def test_acked_messages_are_gone_and_nacked_ones_come_back(kind: str) -> None:
         # Each nack puts its message at the front of the queue: 3 ahead of 2; acked 0 and 1 never again.
         assert first.value == 3 and rest == [3, 2, 4, 5]
         assert rt.stats().channel_redelivered == 3
+
+
+# ---- supervision on a tag, and channel waits on the host's clock ---------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(90)
+def test_a_supervised_actor_on_a_tag_waits_for_the_replacement_worker_of_that_tag(kind: str) -> None:
+    # The only "gpu" worker dies: the restart waits (up to route_timeout) for its replacement
+    # and comes back there, from its checkpoint. Failed before on SimRuntime: the restart
+    # failed at once (LookupError: no live worker of tag 'gpu'), as a "default" worker was live.
+    with make_tagged(kind, restart_limit=100) as rt:
+        counter = rt.spawn(ops.Counter, 5, on="gpu", restart_policy="on-failure", checkpoint_every=1)
+        assert counter.incr(2).result(timeout=30) == 7
+        gpu = [w for w, tags in rt.worker_tags().items() if tags == ("gpu",)]
+        assert counter.worker == gpu[0]
+        assert kill_host_of(rt, counter) == gpu[0]
+        events = counter.events(timeout=60)
+        names = [type(next(events)).__name__ for _ in range(3)]
+        assert names == ["Started", "Failed", "Started"]
+        assert rt.worker_tags()[counter.worker] == ("gpu",) and counter.worker != gpu[0]
+        assert counter.incr(1).result(timeout=30) == 8
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_an_actor_spawned_on_a_tag_no_worker_holds_fails_after_route_timeout(kind: str) -> None:
+    # Failed before on SimRuntime: LookupError at once, where a real runtime waits and says NoWorkerError.
+    with make_tagged(kind, route_timeout=1.0) as rt:
+        with pytest.raises(phalanx.NoWorkerError, match="'tpu'"):
+            rt.spawn(ops.Counter, 5, on="tpu")
+        assert rt.submit(ops.add, 2, 2).result(timeout=30) == 4
+
+
+def channel_timeout(kind: str) -> float:
+    # On the simulator the wait is on the virtual clock: an hour passes at once. On a real
+    # runtime it is real time: keep it short.
+    return 3600.0 if kind == "sim" else 0.5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_receiver_s_timeout_runs_on_the_host_s_clock(kind: str) -> None:
+    # Failed before on SimRuntime: the deadline was on the real clock (an hour's wait).
+    with make(kind) as rt:
+        tx, rx = rt.lease(phalanx.ExactlyOnce)
+        wait = channel_timeout(kind)
+        start = rt.now if kind == "sim" else None
+        with pytest.raises(phalanx.ChannelTimeoutError):
+            rx.recv(timeout=wait)
+        if start is not None:
+            assert rt.now - start >= wait  # the virtual clock, not the wall, ran out
+        tx.send(1)
+        assert rx.recv(timeout=30) == 1
+        tx.close(timeout=30)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_sender_s_timeout_on_a_full_lease_runs_on_the_host_s_clock(kind: str) -> None:
+    with make(kind) as rt:
+        tx, rx = rt.lease(phalanx.ExactlyOnce, capacity=1)
+        wait = channel_timeout(kind)
+        tx.send(0, timeout=30)
+        tx.flush(timeout=30)
+        start = rt.now if kind == "sim" else None
+        with pytest.raises(phalanx.ChannelTimeoutError):
+            tx.send(1, timeout=wait)
+            tx.send(2, timeout=wait)
+            tx.flush(timeout=wait)
+        if start is not None:
+            assert rt.now - start >= wait
+        assert rx.recv(timeout=30) == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(90)
+def test_a_supervised_actor_s_death_past_its_restart_limit_is_final(kind: str) -> None:
+    # Failed before on SimRuntime: it took no actor_restart_limit (TypeError).
+    with make(kind, restart_limit=100, actor_restart_limit=1) as rt:
+        counter = rt.spawn(ops.Counter, 5, restart_policy="on-failure", checkpoint_every=1)
+        assert counter.incr(2).result(timeout=30) == 7
+        assert kill_host_of(rt, counter) is not None
+        events = counter.events(timeout=60)
+        assert [type(next(events)).__name__ for _ in range(3)] == ["Started", "Failed", "Started"]
+        assert counter.incr(1).result(timeout=30) == 8
+        assert kill_host_of(rt, counter) is not None
+        counter.join(timeout=60)
+        last = list(counter.events(timeout=30))[-1]
+        assert type(last).__name__ == "Failed" and last.final
+        with pytest.raises(phalanx.ActorDiedError):
+            counter.incr(1).result(timeout=30)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_hot_restart_whose_new_instance_fails_reverts_to_the_old_one(kind: str) -> None:
+    with make(kind) as rt:
+        fragile = rt.spawn(ops.Fragile, 5)
+        assert fragile.incr(2).result(timeout=30) == 7
+        before = fragile.worker
+        calls = [fragile.incr(1) for _ in range(3)]
+        assert fragile.restart(timeout=30) is False
+        assert [c.result(timeout=30) for c in calls] == [8, 9, 10]
+        assert fragile.worker == before and fragile.incr(1).result(timeout=30) == 11
+        fragile.stop()
+        fragile.join(timeout=30)
+        events = list(fragile.events(timeout=30))
+        assert [type(e).__name__ for e in events] == ["Started", "RestartFailed", "Stopped"]
+        assert "cannot restore 10" in str(events[1].error)  # the calls made before it, then the save
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(90)
+def test_a_hot_restart_onto_a_tag_moves_the_actor_into_that_tag_for_good(kind: str) -> None:
+    # After restart(on="gpu") a supervised death restarts it on "gpu" again (on the replacement).
+    # Failed before on SimRuntime: the actor kept its old tag and came back on a "default" worker.
+    with make_tagged(kind, restart_limit=100) as rt:
+        counter = rt.spawn(ops.Counter, 5, restart_policy="on-failure", checkpoint_every=1)
+        assert rt.worker_tags()[counter.worker] == ("default",)
+        assert counter.restart(on="gpu", timeout=30) is True
+        assert rt.worker_tags()[counter.worker] == ("gpu",)
+        assert counter.incr(2).result(timeout=30) == 7
+        gone = kill_host_of(rt, counter)
+        events = counter.events(timeout=60)
+        assert [type(next(events)).__name__ for _ in range(4)] == ["Started", "Started", "Failed", "Started"]
+        assert counter.worker != gone and rt.worker_tags()[counter.worker] == ("gpu",)
+        assert counter.incr(1).result(timeout=30) == 8
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_tagged_task_whose_worker_is_killed_is_redelivered_within_its_tag(kind: str) -> None:
+    groups = {"default": 1, "gpu": 1}
+    plan = [KillWorker(task=0)]
+    if kind == "sim":
+        rt: Any = SimRuntime(workers=groups, seed=1, faults=plan, restart_limit=100)
+    else:
+        rt = phalanx.Runtime(workers=groups, faults=plan, restart_limit=100)
+    with rt:
+        assert rt.options(on="gpu").submit(ops.add, 2, 3).result(timeout=30) == 5
+        stats = rt.stats()
+        assert (stats.redelivered, stats.worker_deaths, stats.tasks_completed) == (1, 1, 1)
+        done = {tuple(w.tags): w.tasks for w in stats.workers if w.alive}
+        assert done == {("default",): 0, ("gpu",): 1}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_ignore_skips_exactly_the_calls_over_their_timeout_in_a_chunk(kind: str) -> None:
+    with make(kind, abort_grace=5.0) as rt:
+        it = rt.options(timeout=0.5, on_fatal=phalanx.Ignore).map(ops.nap, [0.0, 1.5, 0.0, 0.0], chunksize=4,
+                                                                    timeout=60)
+        assert list(it) == [0.0, 0.0, 0.0]
+        assert [(i, type(e).__name__) for i, e in it.skipped] == [(1, "TaskTimeoutError")]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
+def test_a_fold_gives_the_ordered_result_when_a_worker_is_killed(kind: str) -> None:
+    with make(kind, [KillWorker(task=1)], restart_limit=100) as rt:
+        words = [str(i) for i in range(20)]
+        assert rt.fold(ops.concat, words, chunksize=3) == "".join(words)
+        assert rt.stats().worker_deaths == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(90)
+def test_a_call_in_flight_when_a_supervised_actor_s_worker_dies_fails_and_the_next_reaches_the_new_instance(
+        kind: str) -> None:
+    with make(kind, restart_limit=100) as rt:
+        counter = rt.spawn(ops.Counter, 5, restart_policy="on-failure", checkpoint_every=1)
+        assert counter.incr(2).result(timeout=30) == 7
+        napping = counter.nap(30.0)
+        assert kill_host_of(rt, counter) is not None
+        with pytest.raises(phalanx.ActorDiedError):
+            napping.result(timeout=60)
+        events = counter.events(timeout=60)
+        assert [type(next(events)).__name__ for _ in range(3)] == ["Started", "Failed", "Started"]
+        assert counter.incr(1).result(timeout=30) == 8
+        assert rt.stats().redelivered == 0  # an actor call is never run twice

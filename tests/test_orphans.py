@@ -262,3 +262,39 @@ def test_shutdown_right_after_a_worker_death_leaves_no_worker() -> None:
     described = _describe(leaked)
     _kill_all(leaked)  # never leave it behind, whatever the outcome
     assert not leaked, "alive 1 s after shutdown() returned:\n  " + "\n  ".join(described)
+
+
+GUARDED_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from phalanx.worker import guard_against_orphaning
+
+    guard_against_orphaning(int(sys.argv[1]))  # its parent (the test) lives on: only the watchdog can see
+    print("guarded", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_a_guarded_worker_whose_parent_lives_on_dies_with_its_driver(tmp_path: Path) -> None:
+    """The orphan guard's watchdog alone (no parent-death signal: the parent stays) ends a
+    worker whose driver is SIGKILLed, with what it started."""
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    script = tmp_path / "worker.py"
+    script.write_text(GUARDED_WORKER)
+    worker = subprocess.Popen([sys.executable, str(script), str(driver.pid)], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == "guarded"
+        assert worker.poll() is None
+        driver.kill()
+        driver.wait(timeout=10)
+        worker.wait(timeout=10)  # raises if the watchdog never ended it
+        assert worker.returncode != 0
+    finally:
+        for proc in (driver, worker):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        if worker.stdout is not None:
+            worker.stdout.close()

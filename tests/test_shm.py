@@ -8,6 +8,7 @@ afterwards, waiting a bounded time where a process has to die first.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -34,7 +35,7 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parent.parent
 BIG = 2 * 1024 * 1024  # bytes of the arrays sent
-SHM = 1024 * 1024  # the runtimes' shm_threshold: below BIG (the default, 32 MiB, is above it)
+SHM = 1024 * 1024  # the runtimes' shm_threshold: below BIG
 
 
 def _mine(pid: int | None = None) -> list[str]:
@@ -69,7 +70,8 @@ def test_large_array_round_trip_both_ways_through_a_segment() -> None:
         made = rt.submit(array_ops.ramp, BIG // 8).result(timeout=30)
         np.testing.assert_array_equal(made, np.arange(BIG // 8, dtype=np.float64))
         assert list(rt.map(array_ops.total, [a, a * 2])) == [float(before.sum()), float((before * 2).sum())]
-        assert _mine() == []  # every segment was unlinked by its receiver
+        # The results' segments were unlinked by their receiver; the driver keeps its pool.
+        assert set(_mine()) == set(shm.pooled()) and 1 <= len(_mine()) <= 3
     assert _mine() == []
 
 
@@ -83,15 +85,23 @@ def test_small_arrays_and_disabled_threshold_travel_inline() -> None:
     with phalanx.Runtime(workers=1, shm_threshold=SHM) as rt:
         small = np.arange(10, dtype=np.float64)
         assert rt.submit(array_ops.view_info, small).result(timeout=30)["mapped"] is False
-    with phalanx.Runtime(workers=1) as rt:  # the default threshold, 32 MiB, is above BIG
-        assert rt.submit(array_ops.view_info, a).result(timeout=30)["mapped"] is False
+    default = phalanx.Config().shm_threshold
+    with phalanx.Runtime(workers=1) as rt:  # the default threshold: from it on, through a segment
+        below = np.zeros(default // 8 - 1)
+        assert rt.submit(array_ops.view_info, below).result(timeout=30)["mapped"] is False
+        assert rt.submit(array_ops.view_info, np.zeros(default // 8)).result(timeout=30)["mapped"] is True
 
 
 def test_a_value_that_fails_to_encode_leaves_no_segment() -> None:
     with phalanx.Runtime(workers=1, shm_threshold=SHM) as rt:
         with pytest.raises(phalanx.EncodeError):
             rt.submit(array_ops.add, _big(), object())
-        assert _mine() == []
+        # Only the driver's pool is left, and the segment went back to it: the next array reuses it.
+        pool = _mine()
+        assert set(pool) == set(shm.pooled()) and len(pool) == 1
+        assert rt.submit(array_ops.total, _big(1)).result(timeout=30) == float(_big(1).sum())
+        assert _mine() == pool
+    assert _mine() == []
 
 
 def test_worker_killed_mid_task_leaves_no_segment(tmp_path: Path) -> None:
@@ -110,6 +120,38 @@ def test_worker_killed_mid_task_leaves_no_segment(tmp_path: Path) -> None:
         assert [f.result(timeout=30) for f in queued] == [float(_big(i).sum()) for i in range(2, 6)]
     assert _wait_gone(os.getpid()) == []
 
+
+
+def _full(i: int) -> np.ndarray[Any, Any]:
+    return np.full(BIG // 8, float(i))
+
+
+def test_arrays_kept_by_a_worker_are_never_overwritten_by_later_calls() -> None:
+    """A pooled segment is reused only once nothing reads it: a worker keeps views of the arrays
+    it got while many more calls (writing into every reusable segment) run."""
+    with phalanx.Runtime(workers=1, shm_threshold=SHM) as rt:
+        for i in range(4):
+            rt.submit(array_ops.keep, _full(i)).result(timeout=30)
+        for i in range(4, 20):  # each writes -7 into its segment: reused ones must not be kept ones
+            assert rt.submit(array_ops.overwrite, _full(i)).result(timeout=30) == 4
+            assert rt.submit(array_ops.total, _full(i)).result(timeout=30) == float(i) * (BIG // 8)
+        assert rt.submit(array_ops.kept).result(timeout=30) == [(float(i), float(i)) for i in range(4)]
+        # The calls that kept nothing shared a few segments (reuse), the kept ones one each.
+        assert 5 <= len(shm.pooled()) <= 7
+    assert _mine() == []
+
+
+def test_a_worker_killed_holding_pooled_segments_leaves_nothing(tmp_path: Path) -> None:
+    with phalanx.Runtime(workers=1, shm_threshold=SHM) as rt:
+        pid = rt.submit(array_ops.keep, _full(1)).result(timeout=30)
+        rt.submit(array_ops.keep, _full(2)).result(timeout=30)
+        os.kill(pid, signal.SIGKILL)
+        psutil.wait_procs([psutil.Process(pid)] if psutil.pid_exists(pid) else [], timeout=10)
+        # Its replacement gets fresh arrays right, while the dead worker's segments stay out of use.
+        for i in range(3, 8):
+            assert rt.submit(array_ops.total, _full(i)).result(timeout=30) == float(i) * (BIG // 8)
+        assert rt.submit(array_ops.kept).result(timeout=30) == []
+    assert _wait_gone(os.getpid()) == []
 
 DRIVER = textwrap.dedent(
     """
@@ -186,17 +228,19 @@ def test_remote_runtime_keeps_the_frame_path() -> None:
         assert shm.threshold() == SHM
 
 
-def _record(name: str, nbytes: int = 64) -> bytes:
-    """A Results frame claiming the array of ``nbytes`` bytes lives in segment ``name``."""
+def _record(name: str, nbytes: int = 64, gen: int = 0) -> bytes:
+    """A Results frame claiming the array of ``nbytes`` bytes lives in segment ``name``
+    (``gen`` > 0: a pooled segment, sent with that generation)."""
     import msgspec
 
-    header = msgspec.msgpack.encode((name, "<f8", (nbytes // 8,)))
+    header = msgspec.msgpack.encode((name, "<f8", (nbytes // 8,), gen) if gen else (name, "<f8", (nbytes // 8,)))
     payload = len(header).to_bytes(4, "little") + header
     ext = msgspec.msgpack.Ext(shm.SHM_NDARRAY, payload)
     return msgspec.msgpack.encode(Results("w1", [Ok(1, 0, 0, ext)]))
 
 
-@pytest.mark.parametrize("case", ["other driver", "foreign file", "symlink", "wrong size", "missing"])
+@pytest.mark.parametrize("case", ["other driver", "foreign file", "symlink", "wrong size", "missing",
+                                  "pooled, never sent", "pooled, too large"])
 def test_a_record_naming_anything_but_our_segment_is_a_protocol_error(case: str, tmp_path: Path) -> None:
     """A hostile or buggy peer naming a file: nothing outside our own live segments is opened."""
     with phalanx.Runtime(workers=1, shm_threshold=SHM):
@@ -216,11 +260,19 @@ def test_a_record_naming_anything_but_our_segment_is_a_protocol_error(case: str,
         elif case == "wrong size":
             name = f"phalanx-{me}-{'2' * 32}"
             (Path(shm.SHM_DIR) / name).write_bytes(b"z" * 32)
+        elif case.startswith("pooled"):
+            name = f"phalanx-{me}-{'5' * 32}"
+            size = shm.HEAD + (64 if case.endswith("sent") else shm.POOL_BYTES + 4096)
+            with open(Path(shm.SHM_DIR) / name, "wb") as f:
+                if case.endswith("large"):  # its header says generation 1 was sent: only its size is wrong
+                    f.write((1).to_bytes(8, "little"))
+                f.truncate(size)
+            made.append(Path(shm.SHM_DIR) / name)
         else:
             name = f"phalanx-{me}-{'3' * 32}"
         try:
             with pytest.raises(phalanx.ProtocolError):
-                decode_driver(_record(name))
+                decode_driver(_record(name, gen=1 if case.startswith("pooled") else 0))
             assert victim.read_bytes() == b"s" * 64
         finally:
             for path in made:
@@ -243,9 +295,25 @@ def test_inbox_frame_from_the_driver_maps_once() -> None:
         assert len(frame) < 1024 and len(_mine()) == 1
         got = decode_inbox(frame).args[0]  # type: ignore[union-attr]
         np.testing.assert_array_equal(got, a)
-        assert _mine() == []
+        pool = _mine()
+        assert pool == shm.pooled()  # the driver's own, kept for the next array
         with pytest.raises(phalanx.ProtocolError):
             decode_inbox(frame)
+        # While the decoded array lives its segment is not reused: a second one is made.
+        b = a * 2
+        frame2 = encode(Call(1, 1, 0, "m:f", [b]))
+        assert len(_mine()) == 2
+        np.testing.assert_array_equal(got, a)
+        del got
+        gc.collect()
+        # Handed back: the next array goes into it, and the old record no longer reads.
+        frame3 = encode(Call(1, 2, 0, "m:f", [a * 3]))
+        assert len(_mine()) == 2
+        with pytest.raises(phalanx.ProtocolError):
+            decode_inbox(frame)
+        np.testing.assert_array_equal(decode_inbox(frame2).args[0], b)  # type: ignore[union-attr]
+        np.testing.assert_array_equal(decode_inbox(frame3).args[0], a * 3)  # type: ignore[union-attr]
+    assert _mine() == []
 
 
 def test_a_dropped_runtime_stops_using_segments() -> None:
@@ -286,4 +354,29 @@ def test_a_runtime_collected_while_the_segment_lock_is_held_does_not_deadlock() 
     # A garbage collection can run at any allocation, also inside shm's lock; it once
     # hung a whole test run when a runtime's finalizer took the same lock again.
     done = subprocess.run([sys.executable, "-c", _COLLECTED_UNDER_LOCK], timeout=60)
+    assert done.returncode == 0
+
+
+_COLLECTED_IN_A_FORKED_WORKER = """
+import gc, os
+from phalanx.transport import shm
+class Runtime: pass
+rt = Runtime()
+shm.runtime_started(rt, 1 << 20, False)
+pid = os.fork()
+if pid == 0:
+    shm.set_worker(os.getppid(), 1 << 20)
+    del rt
+    gc.collect()  # the parent's runtime, copied by the fork, is collected here
+    os._exit(0 if shm.threshold() == 1 << 20 else 1)
+_, status = os.waitpid(pid, 0)
+shm.runtime_stopped(rt)
+os._exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_runtime_collected_in_a_forked_worker_keeps_its_segments_on() -> None:
+    # A worker forked from a driver holds copies of its runtimes; collecting one there
+    # turned the worker's segments off (its results then went inline).
+    done = subprocess.run([sys.executable, "-c", _COLLECTED_IN_A_FORKED_WORKER], timeout=60)
     assert done.returncode == 0

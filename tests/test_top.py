@@ -266,8 +266,10 @@ def test_shutdown_removes_dirs_of_dead_drivers_only() -> None:
         (dirs["garbled"] / "runtime.json").write_bytes(b"{not json")
         (dirs["alive"] / "runtime.json").write_bytes(msgspec.json.encode({
             "pid": os.getpid(), "results": "", "created": psutil.Process().create_time()}))
+        # (Whether it is still there while the runtime runs is not checked: any runtime of this
+        # user on the machine, another test run's too, sweeps it when it shuts down.)
         with phalanx.Runtime(workers=1):
-            assert dirs["dead"].exists()  # only a shutdown sweeps
+            pass
         assert not dirs["dead"].exists()
         assert all(dirs[name].exists() for name in ("starting", "garbled", "alive"))
     finally:

@@ -39,44 +39,50 @@ from __future__ import annotations
 
 import concurrent.futures
 from concurrent.futures._base import RUNNING
-import itertools
-import re
+import functools
 import threading
 import time
 import typing
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import msgspec
 
 from ..errors import ActorDiedError, TaskTimeoutError
 from ..jobs import Future
-from ..policy import DEFAULT_TAG, check_tag
-from ..registry.actors import actor_name_of
+from ..policy import DEFAULT_TAG
 from ..transport.codec import convert, encode, rebuild_error
 from ..transport.messages import ActorCall, ActorEvent, ActorState, Err, Ok, SaveActor, SpawnActor, StopActor
 from ..core.actors import (
     TERMINAL,
+    ActorRecord,
+    ActorTable,
     advance,
-    check_spawn,
+    check_method,
+    flush_calls,
+    hold_call,
+    note_checkpoint,
     died_here,
     end,
     fail_calls,
     least_loaded,
+    lost_in_restart,
     may_restart,
+    no_live_error,
     reply_of,
-    return_type,
+    resolve_on,
+    reverted,
+    route_patience,
+    took_over,
+    worker_gone,
 )
 from .events import ActorEvent as Event
-from .events import Failed, RestartFailed, Started
+from .events import Failed, Started
 
 if typing.TYPE_CHECKING:
     from ..core.tasks import Delivery, Job
     from ..driver import Driver
-
-#: the ids of workers a runtime starts itself ("w1", "w2", ...): never tag names
-_LOCAL_WORKER_ID = re.compile(r"^w[0-9]+$")
 
 __all__ = ["ActorSystem", "ActorNode", "WorkerNode", "RuntimeTree"]
 
@@ -155,54 +161,22 @@ class RuntimeTree(msgspec.Struct, frozen=True):
 _TERMINAL = TERMINAL
 
 
-#: not looked up yet (``Any`` is a valid answer)
-_UNKNOWN: Any = object()
-
-
 class _StateWait(concurrent.futures.Future[Any]):
     """A wait for a saved state (answered with ``(state, error)``)."""
 
 
-class _Actor:
+class _Actor(ActorRecord):
     """Driver-side record of one actor (guarded by ``lock``)."""
 
-    def __init__(self, actor_id: int, cls_name: str, cls: type | None, args: list[Any],
-                 kwargs: dict[str, Any] | None, name: str | None, detached: bool,
-                 policy: str, every: int, interval: float) -> None:
-        self.id = actor_id
-        self.cls_name = cls_name
-        self.cls = cls
-        self.args = args
-        self.kwargs = kwargs
-        self.name = name
-        self.detached = detached
-        self.policy = policy
-        #: the worker tag it keeps to across restarts
-        self.tag = DEFAULT_TAG
-        self.every = every
-        self.interval = interval
-        #: guards the fields below; ``lock`` is a Condition over it (the hot path takes the bare RLock)
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        #: guards the fields; ``lock`` is a Condition over it (the hot path takes the bare RLock)
         self.mutex = threading.RLock()
         self.lock = threading.Condition(self.mutex)
-        self.state = "starting"
-        self.instance = 0
-        self.worker = b""
-        self.job: Job | None = None
-        self.seqs = itertools.count()
-        self.futures: dict[int, tuple[Future[Any], str]] = {}
-        self.held: deque[tuple[int, str, Sequence[Any], dict[str, Any] | None]] = deque()
-        self.events: list[Event] = []
-        self.checkpoint: Any = None
-        self.has_checkpoint = False
-        self.restarts: deque[float] = deque()
         #: a hot restart is under way: its thread, not the worker-exit listener, settles a death
         self.hot = False
         #: (worker, error): a death the exit listener left to the hot restart under way
         self.lost: tuple[bytes, ActorDiedError] | None = None
-        self.refs = 0
-        self.calls = 0
-        #: declared return type of each method called so far (reading annotations costs ~10 us)
-        self.returns: dict[str, Any] = {}
 
     def take_lost(self) -> tuple[bytes, ActorDiedError] | None:
         """The death noted during a hot restart, as (worker, error) (then cleared)."""
@@ -244,12 +218,8 @@ class ActorSystem:
         self.max_restarts = max_restarts
         self.restart_window = restart_window
         self._lock = threading.Lock()
-        self._actors: dict[int, _Actor] = {}
-        self._by_instance: dict[int, _Actor] = {}
-        self._names: dict[str, _Actor] = {}
-        self._ids = itertools.count(1)
-        self._instances = itertools.count(1)
-        self._nonces = itertools.count(1)
+        #: the actors by id, instance and name (guarded by ``_lock``)
+        self._table: ActorTable[_Actor] = ActorTable()
         self._waiting: dict[tuple[str, int], concurrent.futures.Future[Any]] = {}
         self._waiting_on: dict[tuple[str, int], bytes] = {}
         self._homeless: deque[_Actor] = deque()
@@ -262,20 +232,14 @@ class ActorSystem:
     def spawn(self, cls: type | str, args: tuple[Any, ...], kwargs: dict[str, Any], *, on: str | None,
               name: str | None, detached: bool, restart_policy: str, checkpoint_every: int,
               checkpoint_interval: float, timeout: float | None) -> _Actor:
-        check_spawn(restart_policy, detached, name)
-        cls_name = actor_name_of(cls)
-        encode([list(args), kwargs], f"the arguments of {cls_name}")
-        actor = _Actor(next(self._ids), cls_name, cls if isinstance(cls, type) else None, list(args),
-                       kwargs or None, name, detached, restart_policy, checkpoint_every, checkpoint_interval)
+        actor = _Actor(self._table.ids, cls, args, kwargs, name, detached, restart_policy, checkpoint_every,
+                       checkpoint_interval)
+        cls_name = actor.cls_name
         with self._lock:
-            if name is not None:
-                if name in self._names and self._names[name].state not in _TERMINAL:
-                    raise ValueError(f"an actor named {name!r} already exists")
-                self._names[name] = actor
-            self._actors[actor.id] = actor
+            self._table.add(actor)
         many = self._deliver_for(actor)
         actor.job = self.driver.open_job(f"{cls_name} (actor {actor.id})", lambda seq, outcome: many([(seq, outcome)]),
-                                         self._fail_for(actor))
+                                         functools.partial(self._end, actor, "failed", emit=False))
         actor.job.deliver_many = many
         actor.job.direct = True  # its deliver only settles futures: a waiting caller may run it
         try:
@@ -302,32 +266,22 @@ class ActorSystem:
         without ``wait`` (a hot restart: calls are held meanwhile, and the old
         instance can go on serving) it is a LookupError at once.
         """
-        if on is not None:
-            if on.encode() in self.driver.live_workers():
-                held = self.driver.worker_tags().get(on, ())
-                keep = tag if tag in held else DEFAULT_TAG if DEFAULT_TAG in held or not held else held[0]
-                return on.encode(), keep
-            if on.encode() in self.driver._workers or _LOCAL_WORKER_ID.match(on):
-                # A worker that died (or never was): not a tag to wait for.
-                raise LookupError(f"worker {on!r} is not live; live: {sorted(self.driver.worker_tags())}")
-            try:
-                tag = check_tag(on)
-            except ValueError:
-                raise LookupError(f"no live worker or tag {on!r}; live: "
-                                  f"{sorted(self.driver.worker_tags())}") from None
+        worker, tag = resolve_on(on, tag, self.driver.live_workers(), self.driver.worker_tags(),
+                                 self.driver._workers)
+        if worker is not None:
+            return worker, tag
         live = self.driver.live_workers(tag)
         if not live:
             if not wait:
-                raise LookupError(f"no live worker or worker of tag {tag!r}; live: "
-                                  f"{sorted(self.driver.worker_tags().items())}")
-            patience = min(self.driver.config.route_timeout, self.timeout if timeout is None else timeout)
+                raise no_live_error(tag, self.driver.worker_tags())
+            patience = route_patience(self.driver.config.route_timeout, self.timeout, timeout)
             if not self.driver.wait_route(tag, patience):
                 raise self.driver.no_worker_error(tag, patience)
             live = self.driver.live_workers(tag)
             if not live:  # it left again meanwhile
                 raise self.driver.no_worker_error(tag, patience)
         with self._lock:
-            hosting = [a.worker for a in self._actors.values() if a.state not in _TERMINAL]
+            hosting = [a.worker for a in self._table.live()]
         return least_loaded(live, hosting, exclude), tag
 
     def _request(self, key: tuple[str, int], worker: bytes) -> concurrent.futures.Future[Any]:
@@ -351,10 +305,10 @@ class ActorSystem:
     def _start(self, actor: _Actor, worker: bytes, restored: bool, state: Any,
                timeout: float | None) -> BaseException | None:
         """Create a new instance on ``worker``; None on success, else the error."""
-        instance = next(self._instances)
+        instance = next(self._table.instances)
         fut = self._request(("event", instance), worker)
         with self._lock:
-            self._by_instance[instance] = actor
+            self._table.by_instance[instance] = actor
         msg = SpawnActor(instance, actor.cls_name, actor.args, actor.kwargs, state, restored,
                          actor.every, actor.interval)
         if not self.driver.send_to(worker, encode(msg, f"the state of actor {actor.id}")):
@@ -394,15 +348,8 @@ class ActorSystem:
 
         return deliver
 
-    def _fail_for(self, actor: _Actor) -> Callable[[BaseException], None]:
-        def fail(exc: BaseException) -> None:
-            self._end(actor, "failed", exc, emit=False)
-
-        return fail
-
     def call(self, actor: _Actor, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
-        if method.startswith("_"):
-            raise AttributeError(f"actor methods starting with '_' cannot be called remotely: {method!r}")
+        check_method(method)
         fut: Future[Any] = Future()
         fut._state = RUNNING  # an actor call cannot be withdrawn once made (nobody sees it yet)
         fut._phalanx_direct = self.driver
@@ -418,48 +365,19 @@ class ActorSystem:
                 self.driver.check_frame(frame, f"the arguments of {actor.cls_name}.{method}")
                 actor.futures[seq] = (fut, method)
                 if not self.driver.submit_directed(job, msg, frame, actor.worker):
-                    self._worker_gone(actor, seq, method, a, kw)
+                    worker_gone(actor, seq, method, a, kw)
                 return fut
         # Starting, restarting or stopped: check the arguments now, send when it runs.
         self.driver.check_frame(encode([a, kw], "the arguments of {}", f"{actor.cls_name}.{method}"),
                                 f"the arguments of {actor.cls_name}.{method}")
         with actor.mutex:
-            if actor.state in _TERMINAL:
-                fut.set_exception(ActorDiedError(f"actor {actor.id} ({actor.cls_name}) is {actor.state}"))
-                return fut
-            seq = next(actor.seqs)
-            actor.futures[seq] = (fut, method)
-            actor.held.append((seq, method, a, kw))
-            if actor.state == "running":
+            if hold_call(actor, fut, method, a, kw):
                 self._flush_locked(actor)
         return fut
 
-    def _worker_gone(self, actor: _Actor, seq: int, method: str, a: Sequence[Any],
-                     kw: dict[str, Any] | None) -> bool:
-        """Call ``seq`` could not be sent: its worker is gone (actor lock held).
-
-        The call never reached the dead worker, so a supervised actor's call
-        waits (held, at the front) for the restart the worker's exit brings;
-        True then. Otherwise it fails with :class:`~phalanx.ActorDiedError`.
-        """
-        if actor.policy == "on-failure":
-            actor.held.appendleft((seq, method, a, kw))
-            return True
-        entry = actor.futures.pop(seq, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_exception(ActorDiedError(f"the worker of actor {actor.id} is gone"))
-        return False
-
     def _flush_locked(self, actor: _Actor) -> None:
         """Send held calls to the current instance (actor lock held)."""
-        job = actor.job
-        assert job is not None
-        while actor.held and actor.state in ("running", "stopping"):
-            seq, method, a, kw = actor.held.popleft()
-            msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
-            if not self.driver.submit_directed(job, msg, encode(msg), actor.worker):
-                if self._worker_gone(actor, seq, method, a, kw):
-                    return  # held again: sent after the restart
+        flush_calls(actor, self.driver.submit_directed)
 
     # ---- restart ------------------------------------------------------------------
 
@@ -471,7 +389,7 @@ class ActorSystem:
             actor.state = advance(actor.state, "restart")  # new calls are held from here on
             actor.hot, actor.lost = True, None
             old_worker, old_instance = actor.worker, actor.instance
-        nonce = next(self._nonces)
+        nonce = next(self._table.nonces)
         fut = self._request(("state", nonce), old_worker)
         error: BaseException | None = None
         state: Any = None
@@ -497,9 +415,7 @@ class ActorSystem:
                         # (it started, then died before this) is supervised as any other.
                         lost = actor.take_lost()
                         died_here = lost[1] if lost is not None and lost[0] == actor.worker else None
-                        actor.tag = tag
-                        actor.checkpoint, actor.has_checkpoint = state, True
-                        actor.emit(Started(target.decode(), restored=True))
+                        actor.emit(took_over(actor, target, tag, state))
                         if died_here is None:
                             self._flush_locked(actor)
                         else:
@@ -513,8 +429,7 @@ class ActorSystem:
             lost = actor.take_lost()  # (the old worker: the actor never left it)
             if lost is None:
                 if actor.state == "restarting" and self.driver.is_live(old_worker):
-                    actor.state = advance(actor.state, "revert")  # the old instance was never stopped
-                    actor.emit(RestartFailed(error))
+                    actor.emit(reverted(actor, error))  # the old instance was never stopped
                     self._flush_locked(actor)
                 # Otherwise the actor ended meanwhile, or its old worker died and that
                 # worker's exit listener, still to run, finds it (restarting, on the dead
@@ -522,9 +437,7 @@ class ActorSystem:
                 return False
         # The old instance's process died while this restart owned the actor, and the
         # new instance did not take over: nothing to revert to. Supervise that death.
-        died = ActorDiedError(f"{lost[1]}, during a hot restart that could not take over: {error}")
-        died.__cause__ = error
-        self._instance_died(actor, died)
+        self._instance_died(actor, lost_in_restart(lost[1], error))
         self._rehome()
         return False
 
@@ -593,10 +506,7 @@ class ActorSystem:
 
     def get(self, name: str) -> _Actor:
         with self._lock:
-            actor = self._names.get(name)
-        if actor is None or actor.state in _TERMINAL:
-            raise LookupError(f"no actor named {name!r}")
-        return actor
+            return self._table.named(name)
 
     # ---- events from workers ------------------------------------------------------------
 
@@ -605,7 +515,7 @@ class ActorSystem:
         what, number, value = reply_of(msg)
         if what in ("checkpoint", "stopped", "nothing"):
             with self._lock:
-                actor = self._by_instance.get(number)
+                actor = self._table.by_instance.get(number)
             if actor is None:
                 return
             if what == "stopped":
@@ -614,8 +524,7 @@ class ActorSystem:
                 # A checkpoint still in flight from a worker already declared dead
                 # is older news than the restart under way: ignore it.
                 with actor.lock:
-                    if actor.instance == number and actor.worker == worker:
-                        actor.checkpoint, actor.has_checkpoint = value, True
+                    note_checkpoint(actor, number, worker, value)
             return
         key = (what, number)
         with self._lock:
@@ -633,7 +542,7 @@ class ActorSystem:
             if not fut.done():
                 fut.set_result(("failed", gone) if not isinstance(fut, _StateWait) else (None, gone))
         with self._lock:
-            actors = [a for a in self._actors.values() if a.state not in _TERMINAL]
+            actors = self._table.live()
         for actor in actors:
             died = died_here(actor, worker_id, exitcode)
             with actor.lock:  # (where it lives changes only under this lock: see _start)
@@ -695,19 +604,7 @@ class ActorSystem:
 
     def nodes(self) -> dict[bytes, list[tuple[_Actor, int]]]:
         with self._lock:
-            actors = [a for a in self._actors.values() if a.state not in _TERMINAL]
-        out: dict[bytes, list[tuple[_Actor, int]]] = {}
-        for a in actors:
-            out.setdefault(a.worker, []).append((a, a.instance))
-        return out
+            return self._table.nodes()
 
     def convert_result(self, actor: _Actor, method: str, value: Any) -> Any:
-        typ = actor.returns.get(method, _UNKNOWN)
-        if typ is _UNKNOWN:
-            typ = actor.returns[method] = return_type(actor.cls, method)
-        if typ is Any:
-            return value
-        try:
-            return convert(value, typ)
-        except Exception:
-            return value
+        return actor.convert_result(method, value)

@@ -62,7 +62,7 @@ from ..transport.messages import (
 
 __all__ = [
     "ChannelState", "Counters", "PROBE_EVERY", "MAX_SUBSCRIPTIONS", "MAX_DEAD",
-    "ChannelKind", "ExactlyOnce", "Broadcast", "LEASE_SHIFT", "MAX_PREFETCH",
+    "ChannelKind", "ExactlyOnce", "Broadcast", "LEASE_SHIFT", "MAX_PREFETCH", "check_lease",
 ]
 
 
@@ -82,6 +82,17 @@ Broadcast = ChannelKind.BROADCAST
 LEASE_SHIFT = 32
 #: most unacked messages one receiver may hold
 MAX_PREFETCH = 10_000
+
+
+def check_lease(kind: object, capacity: object, prefetch: object) -> None:
+    """The checks of ``rt.lease(kind, capacity=..., prefetch=...)``'s arguments (TypeError, ValueError)."""
+    if not isinstance(kind, ChannelKind):
+        raise TypeError(f"kind must be phalanx.ExactlyOnce or phalanx.Broadcast, got {kind!r}")
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_PREFETCH:
+        raise ValueError(f"prefetch must be an int in 1..{MAX_PREFETCH}, got {prefetch!r}")
+
 
 #: seconds a receiver holding messages may stay quiet before the broker checks it is there
 PROBE_EVERY = 1.0

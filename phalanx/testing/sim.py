@@ -140,6 +140,9 @@ class SimRuntime:
         task_time: float = 0.001,
         record: bool = True,
         route_timeout: float = 30.0,
+        actor_restart_limit: int = 3,
+        actor_restart_window: float = 60.0,
+        actor_timeout: float = 60.0,
     ) -> None:
         tags = {check_tag(tag): count for tag, count in workers.items()} if isinstance(workers, dict) else {}
         total = sum(tags.values()) if isinstance(workers, dict) else workers
@@ -147,7 +150,8 @@ class SimRuntime:
                              max_attempts=max_attempts,
                              restart_limit=restart_limit, restart_window=restart_window,
                              abort_grace=abort_grace, heartbeat_timeout=heartbeat_timeout,
-                             route_timeout=route_timeout)
+                             route_timeout=route_timeout, actor_restart_limit=actor_restart_limit,
+                             actor_restart_window=actor_restart_window, actor_timeout=actor_timeout)
         groups = self.config.worker_groups()
         if sum(groups.values()) < 1:
             raise ValueError(f"a SimRuntime needs at least one worker, got {workers}")
@@ -186,7 +190,7 @@ class SimRuntime:
         self._counters: Counter[str] = Counter()
         #: the core's outcome resolution, crash attribution and restart intensity (phalanx.core)
         self.outcomes = Outcomes(self._jobs, max_attempts, restart_limit, restart_window)
-        self._actors = SimActors(self)
+        self._actors = SimActors(self, actor_restart_limit, actor_restart_window, actor_timeout)
         #: channels (rt.lease): the core's broker state, made at the first lease
         self._channels: SimChannels | None = None
         #: the worker running a step now (its channel ends are its own)

@@ -10,37 +10,27 @@ the virtual clock instead of threads and condition variables).
 Invariants kept (as on a real runtime): calls are sent in the order they are
 made and held while an instance (re)starts; a hot restart reverts if the new
 instance fails; calls in flight when an actor's process dies fail with
-:class:`~phalanx.ActorDiedError`.
+:class:`~phalanx.ActorDiedError`; a spawn or supervised restart waits up to
+``route_timeout`` virtual seconds for a live worker of the actor's tag (a
+supervised restart as a timer, since the scheduler's thread cannot block).
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..actors.events import ActorEvent as Event
-from ..actors.events import Failed, RestartFailed, Started
+from ..actors.events import Failed, Started
 from ..actors.system import settle_call
-from ..core.actors import (
-    TERMINAL,
-    advance,
-    check_spawn,
-    died_here,
-    end,
-    fail_calls,
-    least_loaded,
-    may_restart,
-    reply_of,
-    return_type,
-)
-from ..core.tasks import Delivery, Job
+from ..core import actors as core
+from ..core.tasks import Delivery
 from ..errors import ActorDiedError, TaskTimeoutError
 from ..policy import DEFAULT_TAG
-from ..registry.actors import actor_name_of
-from ..transport.codec import convert, encode
-from ..transport.messages import ActorCall, ActorEvent, ActorState, SaveActor, SpawnActor, StopActor
+from ..transport.codec import encode
+from ..transport.messages import ActorEvent, ActorState, SaveActor, SpawnActor, StopActor
 
 from .sim_jobs import HangError, SimFuture
 
@@ -54,43 +44,17 @@ __all__ = ["SimActors"]
 # the lifecycle, supervision and placement are phalanx.core.actors'
 # --------------------------------------------------------------------------- #
 
-_TERMINAL = TERMINAL
-#: virtual seconds a spawn, restart or save may take before it fails
-ACTOR_TIMEOUT = 60.0
+_TERMINAL = core.TERMINAL
 
 
-class _SimActor:
-    def __init__(self, actor_id: int, cls_name: str, cls: type | None, args: list[Any],
-                 kwargs: dict[str, Any] | None, name: str | None, detached: bool, policy: str,
-                 every: int, interval: float) -> None:
-        self.id = actor_id
-        self.cls_name = cls_name
-        self.cls = cls
-        self.args = args
-        self.kwargs = kwargs
-        self.name = name
-        self.detached = detached
-        self.policy = policy
-        self.every = every
-        self.interval = interval
-        self.state = "starting"
-        #: the worker tag it keeps to across restarts
-        self.tag = DEFAULT_TAG
-        self.instance = 0
-        self.worker = b""
-        self.job: Job | None = None
-        self.seqs = itertools.count()
-        self.futures: dict[int, tuple[SimFuture[Any], str]] = {}
-        self.held: deque[tuple[int, str, list[Any], dict[str, Any] | None]] = deque()
-        self.events: list[Event] = []
-        self.checkpoint: Any = None
-        self.has_checkpoint = False
-        self.restarts: deque[float] = deque()
+class _SimActor(core.ActorRecord):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         #: the death of the old instance's process, seen during a hot restart
         self.lost: ActorDiedError | None = None
-        self.refs = 0
-        self.calls = 0
         self.stop_when_running = False
+        #: a supervised restart waiting for a worker of its tag gives up when this fires
+        self.route_timer = [True]
 
     def take_lost(self) -> ActorDiedError | None:
         """The death of the old instance's process noted during a hot restart (then cleared)."""
@@ -101,16 +65,14 @@ class _SimActor:
 class SimActors:
     """The actor system of a SimRuntime; duck-types ``phalanx.actors.system.ActorSystem`` for ``ActorRef``."""
 
-    def __init__(self, sim: SimRuntime, max_restarts: int = 3, restart_window: float = 60.0) -> None:
+    def __init__(self, sim: SimRuntime, max_restarts: int = 3, restart_window: float = 60.0,
+                 call_timeout: float = 60.0) -> None:
         self.sim = sim
+        #: virtual seconds a spawn, restart or save may take before it fails (``actor_timeout``)
+        self.timeout = call_timeout
         self.max_restarts = max_restarts
         self.restart_window = restart_window
-        self.actors: dict[int, _SimActor] = {}
-        self.by_instance: dict[int, _SimActor] = {}
-        self.names: dict[str, _SimActor] = {}
-        self.ids = itertools.count(1)
-        self.instances = itertools.count(1)
-        self.nonces = itertools.count(1)
+        self.table: core.ActorTable[_SimActor] = core.ActorTable()
         #: (kind, number) -> (worker it waits on, callback)
         self.waiting: dict[tuple[str, int], tuple[bytes, Callable[[Any], None]]] = {}
         self.homeless: deque[_SimActor] = deque()
@@ -120,21 +82,17 @@ class SimActors:
     def spawn(self, cls: type | str, args: tuple[Any, ...], kwargs: dict[str, Any], *, on: str | None,
               name: str | None, detached: bool, restart_policy: str, checkpoint_every: int,
               checkpoint_interval: float, timeout: float | None) -> _SimActor:
-        check_spawn(restart_policy, detached, name)
-        cls_name = actor_name_of(cls)
-        encode([list(args), kwargs], f"the arguments of {cls_name}")
-        actor = _SimActor(next(self.ids), cls_name, cls if isinstance(cls, type) else None, list(args),
-                          kwargs or None, name, detached, restart_policy, checkpoint_every, checkpoint_interval)
-        if name is not None:
-            if name in self.names and self.names[name].state not in _TERMINAL:
-                raise ValueError(f"an actor named {name!r} already exists")
-            self.names[name] = actor
-        self.actors[actor.id] = actor
+        actor = _SimActor(self.table.ids, cls, args, kwargs, name, detached, restart_policy, checkpoint_every,
+                          checkpoint_interval)
+        cls_name = actor.cls_name
+        self.table.add(actor)
         actor.job = self.sim._open_job(f"{cls_name} (actor {actor.id})", self._deliver_for(actor),
-                                       self._fail_for(actor))
-        worker = self._place(on, exclude=None)
-        held = self.sim._workers[worker].tags
-        actor.tag = on if on is not None and on in held else DEFAULT_TAG if DEFAULT_TAG in held else held[0]
+                                       functools.partial(self._end, actor, "failed", emit=False))
+        try:
+            worker, actor.tag = self._place(on, None, DEFAULT_TAG, timeout)
+        except BaseException as exc:
+            self._end(actor, "failed", exc)
+            raise
         box: list[BaseException | None] = []
         self._start(actor, worker, False, None, box.append, timeout)
         self._wait(box, timeout, f"actor {actor.id} to start")
@@ -148,29 +106,48 @@ class SimActors:
 
     def _wait(self, box: list[Any], timeout: float | None, what: str) -> None:
         try:
-            self.sim._wait_for(lambda: bool(box), ACTOR_TIMEOUT if timeout is None else timeout, what)
+            self.sim._wait_for(lambda: bool(box), self.timeout if timeout is None else timeout, what)
         except TimeoutError:
             pass
         if not box:
             box.append(TaskTimeoutError(f"timed out waiting for {what}"))
 
-    def _place(self, on: str | None, exclude: bytes | None, tag: str = DEFAULT_TAG) -> bytes:
-        """A live worker: the one named ``on``, else one of the tag ``on`` (or ``tag``), least loaded."""
-        live = self.sim._live_workers()
-        if on is not None and on.encode() in live:
-            return on.encode()
-        tag = on if on is not None else tag
-        live = {w.ident: len(w.inflight) for w in self.sim._live if tag in w.tags}
-        if not live:
-            raise LookupError(f"no live worker or worker of tag {tag!r}; live: {self.sim.worker_tags()}")
-        return least_loaded(live, [a.worker for a in self.actors.values() if a.state not in _TERMINAL], exclude)
+    def _live_of(self, tag: str) -> dict[bytes, int]:
+        return {w.ident: len(w.inflight) for w in self.sim._live if tag in w.tags}
+
+    def _hosting(self) -> list[bytes]:
+        return [a.worker for a in self.table.live()]
+
+    def _place(self, on: str | None, exclude: bytes | None, tag: str, timeout: float | None,
+               wait: bool = True) -> tuple[bytes, str]:
+        """A live worker for an instance and the tag the actor keeps to (as ``ActorSystem._place``).
+
+        A tag with no live worker is waited for on the virtual clock, up to
+        ``route_timeout`` (or ``timeout``), then NoWorkerError; without ``wait``
+        (a hot restart) it is a LookupError at once.
+        """
+        sim = self.sim
+        worker, tag = core.resolve_on(on, tag, sim._live_workers(), sim.worker_tags(), sim._workers)
+        if worker is not None:
+            return worker, tag
+        if not self._live_of(tag):
+            if not wait:
+                raise core.no_live_error(tag, sim.worker_tags())
+            patience = core.route_patience(sim.config.route_timeout, self.timeout, timeout)
+            expired: list[bool] = []
+            timer = sim._timer(patience, f"route timeout of tag {tag!r}", lambda: expired.append(True))
+            sim._wait_for(lambda: bool(expired or self._live_of(tag)), None, f"a live worker of tag {tag!r}")
+            sim._cancel(timer)
+            if not self._live_of(tag):
+                raise sim.routing.no_worker_error(tag, patience)
+        return core.least_loaded(self._live_of(tag), self._hosting(), exclude), tag
 
     def _start(self, actor: _SimActor, worker: bytes, restored: bool, state: Any,
                done: Callable[[BaseException | None], None], timeout: float | None) -> None:
         """Create a new instance on ``worker``; ``done(None)`` once started, else ``done(error)``."""
-        instance = next(self.instances)
+        instance = next(self.table.instances)
         key = ("event", instance)
-        self.by_instance[instance] = actor
+        self.table.by_instance[instance] = actor
         finished: list[bool] = []
         timer: list[list[bool]] = []
 
@@ -187,7 +164,7 @@ class SimActors:
                 return
             old_worker, old_instance = actor.worker, actor.instance
             actor.worker, actor.instance = worker, instance
-            actor.state = advance(actor.state, "started")
+            actor.state = core.advance(actor.state, "started")
             if old_instance and old_worker:
                 self.sim._send_to(old_worker, encode(StopActor(old_instance, quiet=True)))
             done(None)
@@ -198,7 +175,7 @@ class SimActors:
         if not self.sim._send_to(worker, encode(msg, f"the state of actor {actor.id}")):
             answer(("failed", ActorDiedError(f"worker {worker.decode()} is gone")))
             return
-        limit = ACTOR_TIMEOUT if timeout is None else timeout
+        limit = self.timeout if timeout is None else timeout
         timer.append(self.sim._timer(
             limit, f"actor {actor.id} start timeout",
             lambda: answer(("failed", TaskTimeoutError(f"timed out waiting for actor {actor.id} to start")))))
@@ -215,39 +192,18 @@ class SimActors:
 
         return deliver
 
-    def _fail_for(self, actor: _SimActor) -> Callable[[BaseException], None]:
-        def fail(exc: BaseException) -> None:
-            self._end(actor, "failed", exc, emit=False)
-
-        return fail
-
     def call(self, actor: _SimActor, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SimFuture[Any]:
-        if method.startswith("_"):
-            raise AttributeError(f"actor methods starting with '_' cannot be called remotely: {method!r}")
+        core.check_method(method)
         fut: SimFuture[Any] = self.sim._future()
         fut.set_running_or_notify_cancel()
         a, kw = list(args), kwargs or None
         encode([a, kw], f"the arguments of {actor.cls_name}.{method}")
-        if actor.state in _TERMINAL:
-            fut.set_exception(ActorDiedError(f"actor {actor.id} ({actor.cls_name}) is {actor.state}"))
-            return fut
-        seq = next(actor.seqs)
-        actor.futures[seq] = (fut, method)
-        actor.held.append((seq, method, a, kw))
-        if actor.state == "running":
+        if core.hold_call(actor, fut, method, a, kw):
             self._flush(actor)
         return fut
 
     def _flush(self, actor: _SimActor) -> None:
-        job = actor.job
-        assert job is not None
-        while actor.held and actor.state in ("running", "stopping"):
-            seq, method, a, kw = actor.held.popleft()
-            msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
-            if not self.sim._submit_directed(job, msg, encode(msg), actor.worker):
-                entry = actor.futures.pop(seq, None)
-                if entry is not None and not entry[0].done():
-                    entry[0].set_exception(ActorDiedError(f"the worker of actor {actor.id} is gone"))
+        core.flush_calls(actor, self.sim._submit_directed)
         if actor.stop_when_running and actor.state == "running":
             actor.stop_when_running = False
             self._stop_now(actor)
@@ -261,10 +217,10 @@ class SimActors:
     def restart(self, actor: _SimActor, on: str | None, timeout: float | None) -> bool:
         if actor.state != "running":
             raise ActorDiedError(f"actor {actor.id} is {actor.state}; only a running actor restarts")
-        actor.state = advance(actor.state, "restart")
+        actor.state = core.advance(actor.state, "restart")
         actor.lost = None
         old_worker, old_instance = actor.worker, actor.instance
-        nonce = next(self.nonces)
+        nonce = next(self.table.nonces)
         saved: list[tuple[Any, BaseException | None]] = []
         key = ("state", nonce)
         self.waiting[key] = (old_worker, saved.append)
@@ -277,7 +233,7 @@ class SimActors:
         state, error = first if isinstance(first, tuple) else (None, first)
         if error is None:
             try:
-                target = self._place(on, exclude=old_worker, tag=actor.tag)
+                target, tag = self._place(on, old_worker, actor.tag, timeout, wait=False)
             except BaseException as exc:
                 error = exc
             else:
@@ -287,23 +243,19 @@ class SimActors:
                 error = box[0]
                 if error is None:
                     actor.lost = None  # the new instance took over: the old one is moot
-                    actor.checkpoint, actor.has_checkpoint = state, True
-                    self._emit(actor, Started(target.decode(), restored=True))
+                    self._emit(actor, core.took_over(actor, target, tag, state))
                     self._flush(actor)
                     return True
         died = actor.take_lost()
         if died is None:
             if actor.state == "restarting" and self.sim._is_live(old_worker):
-                actor.state = advance(actor.state, "revert")
-                self._emit(actor, RestartFailed(error))
+                self._emit(actor, core.reverted(actor, error))
                 self._flush(actor)
                 return False
             self._end(actor, "failed", error)
             return False
         # The old instance's process died meanwhile: nothing to revert to; supervise that death.
-        lost = ActorDiedError(f"{died}, during a hot restart that could not take over: {error}")
-        lost.__cause__ = error
-        self._instance_died(actor, lost)
+        self._instance_died(actor, core.lost_in_restart(died, error))
         self.rehome()
         return False
 
@@ -314,7 +266,7 @@ class SimActors:
             return
         if actor.state != "running":
             try:
-                self.sim._wait_for(lambda: actor.state not in ("starting", "restarting"), ACTOR_TIMEOUT,
+                self.sim._wait_for(lambda: actor.state not in ("starting", "restarting"), self.timeout,
                                    f"actor {actor.id} to be running")
             except TimeoutError:
                 return
@@ -324,7 +276,7 @@ class SimActors:
 
     def _stop_now(self, actor: _SimActor) -> None:
         self._flush(actor)
-        actor.state = advance(actor.state, "stop")
+        actor.state = core.advance(actor.state, "stop")
         if not self.sim._send_to(actor.worker, encode(StopActor(actor.instance))):
             self._end(actor, "stopped", None)
 
@@ -339,10 +291,10 @@ class SimActors:
     def _end(self, actor: _SimActor, state: str, error: BaseException | None, emit: bool = True) -> None:
         if actor.state in _TERMINAL:
             return
-        futures, event = end(actor, state, error)
+        futures, event = core.end(actor, state, error)
         if emit:
             self._emit(actor, event)
-        fail_calls(actor, futures, state)
+        core.fail_calls(actor, futures, state)
         if actor.job is not None:
             self.sim._close_job(actor.job)
 
@@ -374,24 +326,20 @@ class SimActors:
                 actor.stop_when_running = True
 
     def get(self, name: str) -> _SimActor:
-        actor = self.names.get(name)
-        if actor is None or actor.state in _TERMINAL:
-            raise LookupError(f"no actor named {name!r}")
-        return actor
+        return self.table.named(name)
 
     # ---- messages from workers ------------------------------------------------------
 
     def on_message(self, worker: bytes, msg: ActorEvent | ActorState) -> None:
-        what, number, value = reply_of(msg)
+        what, number, value = core.reply_of(msg)
         if what in ("checkpoint", "stopped", "nothing"):
-            actor = self.by_instance.get(number)
+            actor = self.table.by_instance.get(number)
             if actor is None:
                 return
             if what == "stopped":
                 self._end(actor, "stopped", None)
             elif what == "checkpoint" and self.sim._is_live(worker):
-                if actor.instance == number and actor.worker == worker:
-                    actor.checkpoint, actor.has_checkpoint = value, True
+                core.note_checkpoint(actor, number, worker, value)
             return
         key = (what, number)
         waiting = self.waiting.pop(key, None)
@@ -405,9 +353,9 @@ class SimActors:
             if on == ident:
                 del self.waiting[key]
                 callback((None, gone) if key[0] == "state" else ("failed", gone))
-        hosted = [a for a in self.actors.values() if a.worker == ident and a.state not in _TERMINAL]
+        hosted = [a for a in self.table.live() if a.worker == ident]
         for actor in hosted:
-            died = died_here(actor, worker_id, exitcode)
+            died = core.died_here(actor, worker_id, exitcode)
             if actor.state == "restarting":
                 actor.lost = died  # a hot restart in progress settles the loss itself
                 continue
@@ -415,23 +363,37 @@ class SimActors:
         self.rehome()
 
     def _instance_died(self, actor: _SimActor, died: ActorDiedError) -> None:
-        """Queue a supervised restart of ``actor``, or end it as failed (then call :meth:`rehome`)."""
-        if actor.policy != "on-failure" or not may_restart(
+        """Queue a supervised restart of ``actor``, or end it as failed (then call :meth:`rehome`).
+
+        As on a real runtime, the restart waits up to ``route_timeout`` for a
+        live worker of the actor's tag (a replacement), then fails it with
+        NoWorkerError.
+        """
+        if actor.policy != "on-failure" or not core.may_restart(
                 actor.restarts, self.sim.now, self.max_restarts, self.restart_window):
             self._end(actor, "failed", died)
             return
-        actor.state = advance(actor.state, "died")
+        actor.state = core.advance(actor.state, "died")
         self._emit(actor, Failed(died, final=False))
+        patience = core.route_patience(self.sim.config.route_timeout, self.timeout, None)
+
+        def give_up() -> None:
+            if actor in self.homeless:
+                self.homeless.remove(actor)
+                self._end(actor, "failed", self.sim.routing.no_worker_error(actor.tag, patience))
+
+        actor.route_timer = self.sim._timer(patience, f"actor {actor.id} route timeout", give_up)
         self.homeless.append(actor)
 
     def rehome(self) -> None:
-        while self.homeless and self.sim._live_workers():
-            actor = self.homeless.popleft()
-            try:
-                worker = self._place(None, exclude=None, tag=actor.tag)
-            except BaseException as exc:
-                self._end(actor, "failed", exc)
-                continue
+        """Start supervised actors whose worker died on a live worker of their tag, if one is there."""
+        for actor in list(self.homeless):
+            live = self._live_of(actor.tag)
+            if not live:
+                continue  # waits for one (a replacement) until its route timer fires
+            self.homeless.remove(actor)
+            self.sim._cancel(actor.route_timer)
+            worker = core.least_loaded(live, self._hosting(), None)
 
             def done(error: BaseException | None, actor: _SimActor = actor, worker: bytes = worker) -> None:
                 if error is not None:
@@ -445,20 +407,10 @@ class SimActors:
     # ---- inspect ----------------------------------------------------------------------
 
     def nodes(self) -> dict[bytes, list[tuple[_SimActor, int]]]:
-        out: dict[bytes, list[tuple[_SimActor, int]]] = {}
-        for a in self.actors.values():
-            if a.state not in _TERMINAL:
-                out.setdefault(a.worker, []).append((a, a.instance))
-        return out
+        return self.table.nodes()
 
     def convert_result(self, actor: _SimActor, method: str, value: Any) -> Any:
-        typ = return_type(actor.cls, method)
-        if typ is Any:
-            return value
-        try:
-            return convert(value, typ)
-        except Exception:
-            return value
+        return actor.convert_result(method, value)
 
 
 # --------------------------------------------------------------------------- #

@@ -9,7 +9,9 @@ subscriptions, deliveries, acks, nacks and redeliveries are decided by
 that state at once, on the virtual clock, and queues its answers for them.
 An end used by the test waits by running the scheduler; an end used inside a
 simulated worker (an operation or actor method) takes what is already there
-and never runs the scheduler from inside a step.
+and never runs the scheduler from inside a step. The ends' timeouts run on
+the virtual clock (``register_driver(clock=...)``), as they run on the real
+one on a :class:`phalanx.Runtime`.
 
 Invariants kept: **exactly-once** and **redelivery on death** come from the
 core: a simulated worker killed gives back what its receivers held
@@ -24,19 +26,8 @@ import itertools
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from ..channels import (
-    MAX_PREFETCH,
-    SEND_WINDOW,
-    ChannelKind,
-    Lease,
-    Receiver,
-    Sender,
-    _Conn,
-    _Location,
-    register_driver,
-    unregister_driver,
-)
-from ..core.channels import ChannelState
+from ..channels import ChannelKind, Lease, _Conn, _Location, lease_ends, register_driver, unregister_driver
+from ..core.channels import ChannelState, check_lease
 from ..errors import ChannelClosedError, RuntimeClosedError
 from ..transport.codec import decode_broker, decode_channel, encode
 from ..transport.messages import ChannelReply
@@ -120,7 +111,7 @@ class SimChannels:
         #: ends made (+1) and gone (-1): a collection may run at any point, so applied at the next flush
         self._counts: deque[tuple[int, int]] = deque()
         register_driver(self.state.base, "sim://", lambda: not sim.closed, self.release, self.state.released,
-                        None, self._count, self.state.share, self._link)
+                        None, self._count, self.state.share, self._link, lambda: sim.now)
 
     def _link(self, where: _Location) -> _Conn:
         return SimLink(where, self)
@@ -133,17 +124,12 @@ class SimChannels:
 
     def lease(self, kind: ChannelKind, capacity: int, prefetch: int) -> Lease[Any]:
         """:meth:`phalanx.Runtime.lease`, checked the same way."""
-        if not isinstance(kind, ChannelKind):
-            raise TypeError(f"kind must be phalanx.ExactlyOnce or phalanx.Broadcast, got {kind!r}")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_PREFETCH:
-            raise ValueError(f"prefetch must be an int in 1..{MAX_PREFETCH}, got {prefetch!r}")
+        check_lease(kind, capacity, prefetch)
         if self.sim.closed:
             raise RuntimeClosedError("the runtime is shut down")
         lease_id, sub = self.state.open(kind, capacity)
         self.sim._record("lease", kind.value)
-        return Lease(Sender(lease_id, kind, min(SEND_WINDOW, capacity)), Receiver(lease_id, kind, sub, prefetch))
+        return lease_ends(lease_id, sub, kind, capacity, prefetch)
 
     def release(self, lease_id: int) -> None:
         self.state.release(lease_id)

@@ -3,30 +3,45 @@
 Runs in the driver and in local workers (never in a remote worker: a segment
 name must never leave the host). An array of at least :func:`threshold` bytes
 inside a task (``Call``, ``Chunk``, ``ActorCall``) or a worker's ``Results`` is
-written once into a fresh file in ``/dev/shm`` and only its name, dtype and
-shape travel (msgpack extension :data:`SHM_NDARRAY`, see
-:mod:`phalanx.transport.codec`)::
+written once into a file in ``/dev/shm`` and only its name, dtype and shape
+travel (msgpack extension :data:`SHM_NDARRAY`, see
+:mod:`phalanx.transport.codec`).
 
-    sender                                   receiver
+A driver's task arrays go into **pooled segments** it keeps mapped and reuses
+(a fresh file per array pays allocation, zero-filling and page faults: more
+than the copy). A pooled segment starts with :data:`HEAD` bytes: the generation
+sent (written by the sender with the array), claimed and released (written by
+the receiver)::
+
+    sender (driver)                                 receiver (worker)
+    take a segment whose released == sent,
+    sent += 1, copy the array in        --name, gen-->  sent == gen and claimed != gen, else refused;
+                                                        claimed = gen; the array is a view of a
+                                                        buffer over its (cached) mapping
+                                                        ... that buffer collected: released = gen
+
+So a record is read once, and a segment is written again only once nothing
+reads the previous array: every view of it keeps the buffer alive. A segment
+whose receiver died or never read it stays out of use until the pool goes.
+
+A worker's result arrays each get a file of their own, unlinked by the driver
+as soon as it has mapped it::
+
     open(O_CREAT|O_EXCL), write, close  --name-->  open, mmap, unlink, close
-                                                   the array is a view of the mapping
-
-The receiver unlinks the file as soon as it has mapped it, so the memory is
-freed once the receiver's array is collected, and nothing is left behind by a
-message that was received. The receiver's array is writable and its own (no
-other process maps the segment any more); it is not a copy.
 
 Invariants kept:
 
-* **no leak**: segment names are ``phalanx-<driver pid>-<32 hex>``. What was
-  written but never received (the driver or the receiving worker was killed, a
+* **no leak**: segment names are ``phalanx-<driver pid>-<32 hex>``. The pool
+  is unlinked when the driver's last runtime stops. What was written but never
+  received or handed back (the driver or the receiving worker was killed, a
   queued task was cancelled) is removed by :func:`sweep`: every runtime start
   and shutdown removes the segments of drivers that are gone (and the last
   shutdown in a driver its own), and a local worker that ends because its
   driver died removes its driver's (:func:`release_orphaned`).
 * **nothing but our own segments is opened**: a name must match the pattern,
   carry the driver pid this process serves, be a regular file owned by this
-  user and hold exactly the bytes the dtype and shape need, or the record is
+  user and hold exactly the bytes the dtype and shape need (a pooled one: at
+  least :data:`HEAD` more, and the generation the record names), or the record is
   malformed (``ValueError``: the frame is dropped and counted). The 128 random
   bits of a name are never sent over tcp, so a remote peer cannot name one.
 * **tcp keeps the frame path**: a driver uses segments only while none of its
@@ -46,6 +61,7 @@ import struct
 import sys
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -70,6 +86,9 @@ __all__ = [
     "discard_written",
     "keep_written",
     "SegmentRef",
+    "HEAD",
+    "POOL_BYTES",
+    "pooled",
 ]
 
 #: where POSIX shared memory lives on Linux
@@ -79,8 +98,47 @@ SHM_NDARRAY = 23
 #: every segment name starts with it
 PREFIX = "phalanx-"
 _NAME = re.compile(r"phalanx-([0-9]+)-[0-9a-f]{32}\Z")
-_HEADER = msgspec.msgpack.Decoder(tuple[str, str, tuple[int, ...]])
 _LEN = struct.Struct("<I")
+#: a pooled segment's first bytes: generation sent, generation claimed, generation released
+_STATE = struct.Struct("<QQQ")
+_U64 = struct.Struct("<Q")
+_CLAIMED = 8
+_RELEASED = 16
+#: bytes before a pooled segment's data (a cache line: the data stays aligned)
+HEAD = 64
+#: most bytes one process keeps in pooled segments it writes (beyond: one segment per array)
+POOL_BYTES = 256 * 1024 * 1024
+#: most mappings of pooled segments a receiver keeps open for reuse (and at most POOL_BYTES)
+_MAPPED_MAX = 16
+
+
+class _Record(msgspec.Struct, array_like=True, frozen=True):
+    """An array's place: a pooled segment (``gen`` > 0, data after :data:`HEAD`) or a
+    segment of its own (``gen`` 0: exactly its bytes, unlinked by the receiver)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    gen: int = 0
+
+
+_HEADER = msgspec.msgpack.Decoder(_Record)
+
+
+class _Segment:
+    """A pooled segment this process writes: mapped once, reused while its receiver has released it."""
+
+    __slots__ = ("name", "mapping", "capacity", "gen")
+
+    def __init__(self, name: str, mapping: Any, capacity: int) -> None:
+        self.name = name
+        self.mapping = mapping
+        self.capacity = capacity
+        self.gen = 0
+
+    def free(self) -> bool:
+        """True once the receiver of the last array written here released it (or none was)."""
+        return bool(_U64.unpack_from(self.mapping, _RELEASED)[0] == self.gen)
 
 # Re-entrant: a runtime collected while this lock is held (a garbage collection can run at
 # any allocation) calls _forget, which takes it again, from the same thread.
@@ -93,6 +151,41 @@ _owner: int | None = None
 _runtimes: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDictionary()
 #: per thread: peeking (decode without mapping), segments written by the message being encoded
 _peek = threading.local()
+#: this process writes arrays into pooled segments (a driver), else one segment per array
+_pooling = False
+#: pooled segments this process writes, by capacity; their total capacity
+_pool: dict[int, list[_Segment]] = {}
+_pool_bytes = 0
+# Re-entrant, as _lock: a collection inside may run a runtime's finalizer, which resets the pool.
+_pool_lock = threading.RLock()
+#: mappings of pooled segments this process received arrays in, least recently used first
+_mapped: OrderedDict[str, Any] = OrderedDict()
+_mapped_lock = threading.RLock()
+
+
+def pooled() -> list[str]:
+    """Names of the pooled segments this process writes (the rest are in flight or not ours)."""
+    with _pool_lock:
+        return sorted(seg.name for segments in _pool.values() for seg in segments)
+
+
+def _reset_pool() -> None:
+    """Forget the pooled segments (their files are unlinked by :func:`sweep`, or are not ours)."""
+    global _pool_bytes
+    _pool.clear()
+    _pool_bytes = 0
+    _mapped.clear()
+
+
+def _after_fork() -> None:
+    # A forked child never writes into, nor releases, its parent's segments.
+    global _pool_lock, _mapped_lock
+    _pool_lock = threading.RLock()
+    _mapped_lock = threading.RLock()
+    _reset_pool()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def available() -> bool:
@@ -114,20 +207,23 @@ def set_worker(driver_pid: int | None, limit: int) -> None:
 
     ``driver_pid`` None: a remote worker, which neither writes nor accepts segments.
     """
-    global _threshold, _owner
+    global _threshold, _owner, _pooling
     with _lock:
         _runtimes.clear()  # inherited from a forking driver: not this process's
+        _reset_pool()
+        _pooling = False
         _owner = driver_pid
         _threshold = limit if driver_pid is not None and available() else 0
 
 
 def _recompute() -> None:
-    global _threshold, _owner
+    global _threshold, _owner, _pooling
     entries = list(_runtimes.values())
     if not entries:
         _threshold = 0
         return
     _owner = os.getpid()
+    _pooling = True
     limits = [limit for limit, _ in entries if limit > 0]
     remote = any(r for _, r in entries)
     _threshold = min(limits) if limits and not remote and available() else 0
@@ -140,8 +236,9 @@ def runtime_started(runtime: Any, limit: int, remote: bool) -> None:
     with _lock:
         _runtimes[runtime] = (limit, remote)
         _recompute()
-    # A runtime dropped without shutdown() counts as stopped once collected.
-    weakref.finalize(runtime, _forget)
+    # A runtime dropped without shutdown() counts as stopped once collected (in this
+    # process: a forked worker that collects its copy must not stop its own segments).
+    weakref.finalize(runtime, _forget, os.getpid())
 
 
 def runtime_stopped(runtime: Any) -> None:
@@ -151,10 +248,15 @@ def runtime_stopped(runtime: Any) -> None:
     _forget()
 
 
-def _forget() -> None:
+def _forget(pid: int | None = None) -> None:
+    if pid is not None and pid != os.getpid():
+        return
     with _lock:
         _recompute()
         last = not _runtimes
+    if last:  # never under _lock: a collection while _pool_lock is held may call this
+        with _pool_lock:
+            _reset_pool()
     if available():
         sweep(own=last)
 
@@ -240,12 +342,15 @@ def release_orphaned() -> None:
 
 
 def discard_written() -> None:
-    """A message failed to encode (this thread): remove the segments it wrote."""
+    """A message failed to encode (this thread): remove (or hand back) the segments it wrote."""
     written = getattr(_peek, "written", None)
     _peek.written = None
-    for name in written or ():
+    for entry in written or ():
+        if isinstance(entry, _Segment):
+            _U64.pack_into(entry.mapping, _RELEASED, entry.gen)  # never sent: free again
+            continue
         try:
-            os.unlink(os.path.join(SHM_DIR, name))
+            os.unlink(os.path.join(SHM_DIR, entry))
         except OSError:
             pass
 
@@ -255,8 +360,93 @@ def keep_written() -> None:
     _peek.written = None
 
 
+def _size_class(nbytes: int) -> int:
+    """The capacity of a pooled segment for ``nbytes``: four classes per power of two."""
+    if nbytes <= 4096:
+        return 4096
+    step = 1 << (nbytes.bit_length() - 3)
+    return -(-nbytes // step) * step
+
+
+def _new_segment(pid: int, capacity: int) -> _Segment | None:
+    import mmap
+
+    name = f"{PREFIX}{pid}-{secrets.token_hex(16)}"
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    try:
+        os.posix_fallocate(fd, 0, HEAD + capacity)  # the pages now, or ENOSPC now (not SIGBUS later)
+        mapping = mmap.mmap(fd, HEAD + capacity, flags=mmap.MAP_SHARED)
+    except OSError:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return None
+    finally:
+        os.close(fd)
+    return _Segment(name, mapping, capacity)
+
+
+def _take_segment(pid: int, nbytes: int) -> _Segment | None:
+    """A free pooled segment for ``nbytes`` (a new one if the pool has room), marked in use; or None."""
+    global _pool_bytes
+    capacity = _size_class(nbytes)
+    with _pool_lock:
+        segments = _pool.setdefault(capacity, [])
+        for seg in segments:
+            if seg.free():
+                break
+        else:
+            if _pool_bytes + capacity > POOL_BYTES:
+                _evict(_pool_bytes + capacity - POOL_BYTES)
+                if _pool_bytes + capacity > POOL_BYTES:
+                    return None
+            made = _new_segment(pid, capacity)
+            if made is None:
+                return None
+            seg = made
+            segments.append(seg)
+            _pool_bytes += capacity
+        seg.gen += 1
+        _U64.pack_into(seg.mapping, 0, seg.gen)
+        return seg
+
+
+def _evict(need: int) -> None:
+    """Remove free pooled segments (largest first) until ``need`` bytes are gone (under _pool_lock)."""
+    global _pool_bytes
+    for capacity in sorted(_pool, reverse=True):
+        segments = _pool[capacity]
+        for seg in list(segments):
+            if need <= 0:
+                return
+            if seg.free():
+                segments.remove(seg)
+                _pool_bytes -= capacity
+                need -= capacity
+                try:
+                    os.unlink(os.path.join(SHM_DIR, seg.name))
+                except OSError:
+                    pass
+
+
+def _noted(entry: str | _Segment) -> None:
+    written = getattr(_peek, "written", None)
+    if written is None:  # the first segment of the message being encoded
+        written = _peek.written = []
+    written.append(entry)
+
+
 def write_array(array: Any) -> bytes | None:
-    """Write ``array`` into a new segment; the extension payload naming it, or None (send inline)."""
+    """Write ``array`` into a segment; the extension payload naming it, or None (send inline).
+
+    A driver writes into a pooled segment (reused once its receiver released it);
+    otherwise, or when the pool is full, the array gets a segment of its own.
+    """
     import numpy as np
 
     pid = _owner
@@ -264,6 +454,13 @@ def write_array(array: Any) -> bytes | None:
         return None
     if not array.flags.c_contiguous:
         array = np.ascontiguousarray(array)
+    if _pooling and array.nbytes <= POOL_BYTES // 4:
+        seg = _take_segment(pid, array.nbytes)
+        if seg is not None:
+            _noted(seg)
+            np.frombuffer(seg.mapping, dtype=np.uint8, count=array.nbytes, offset=HEAD)[...] = \
+                array.reshape(-1).view(np.uint8)
+            return _payload(_Record(seg.name, array.dtype.str, array.shape, seg.gen))
     name = f"{PREFIX}{pid}-{secrets.token_hex(16)}"
     path = os.path.join(SHM_DIR, name)
     try:
@@ -283,17 +480,58 @@ def write_array(array: Any) -> bytes | None:
             pass
         return None
     os.close(fd)
-    written = getattr(_peek, "written", None)
-    if written is None:  # the first segment of the message being encoded
-        written = _peek.written = []
-    written.append(name)
-    header = msgspec.msgpack.encode((name, array.dtype.str, array.shape))
+    _noted(name)
+    return _payload(_Record(name, array.dtype.str, array.shape))
+
+
+def _payload(record: _Record) -> bytes:
+    header = msgspec.msgpack.encode(record)
     return _LEN.pack(len(header)) + header
 
 
-def read_array(data: memoryview) -> Any:
-    """The array a :data:`SHM_NDARRAY` payload names, mapped (the segment is unlinked); ValueError if bad."""
+def _release(mapping: Any, gen: int, pid: int) -> None:
+    """The receiver's array of generation ``gen`` is gone: its sender may reuse the segment."""
+    if os.getpid() != pid:  # collected in a forked child: the parent may still read it
+        return
+    try:
+        _U64.pack_into(mapping, _RELEASED, gen)
+    except (ValueError, TypeError):  # closed
+        pass
+
+
+def _open_checked(name: str, at_least: int, exact: bool) -> Any:
+    """The mapping of segment ``name`` (whole file), after checking it is ours; ValueError if not."""
     import mmap
+
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"shared-memory segment unavailable: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        size = st.st_size
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or at_least <= 0 \
+                or size < at_least or size != at_least and (exact or size > HEAD + POOL_BYTES):
+            raise ValueError(f"shared-memory segment holds {size} bytes, the record needs {at_least}")
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    finally:
+        if exact:
+            try:
+                os.unlink(path)  # mapped (or refused): its memory goes with the last mapping
+            except OSError:
+                pass
+        os.close(fd)
+
+
+def read_array(data: memoryview) -> Any:
+    """The array a :data:`SHM_NDARRAY` payload names, mapped; ValueError if bad.
+
+    A segment of its own is unlinked once mapped. A pooled one is claimed (a record
+    is read once) and handed back to its sender when the returned array, and every
+    view of it, is collected.
+    """
+    import ctypes
 
     import numpy as np
 
@@ -305,7 +543,8 @@ def read_array(data: memoryview) -> Any:
     if _LEN.size + size != len(data):
         raise ValueError("bad shared-memory record length")
     try:
-        name, dtype_str, shape = _HEADER.decode(data[_LEN.size:])
+        record = _HEADER.decode(data[_LEN.size:])
+        name, dtype_str, shape, gen = record.name, record.dtype, record.shape, record.gen
         dtype = np.dtype(dtype_str)
     except (msgspec.DecodeError, TypeError) as exc:
         raise ValueError(f"bad shared-memory record: {exc}") from None
@@ -315,20 +554,27 @@ def read_array(data: memoryview) -> Any:
     count, nbytes = array_layout(dtype, dtype_str, shape)
     if getattr(_peek, "on", False):
         return SegmentRef(name, dtype_str, tuple(shape))
-    path = os.path.join(SHM_DIR, name)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ValueError(f"shared-memory segment unavailable: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size != nbytes or nbytes == 0:
-            raise ValueError(f"shared-memory segment holds {st.st_size} bytes, shape {shape} needs {nbytes}")
-        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-    finally:
-        try:
-            os.unlink(path)  # mapped (or refused): its memory goes with the last mapping
-        except OSError:
-            pass
-        os.close(fd)
-    return np.frombuffer(mapping, dtype=dtype, count=count).reshape(shape)
+    if gen <= 0:
+        mapping = _open_checked(name, nbytes, exact=True)
+        return np.frombuffer(mapping, dtype=dtype, count=count).reshape(shape)
+    with _mapped_lock:
+        mapping = _mapped.get(name)
+        if mapping is None:
+            mapping = _open_checked(name, HEAD + nbytes, exact=False)
+            _mapped[name] = mapping
+            # Unmapped once no array of it is left (the sender may have removed it long ago).
+            while len(_mapped) > _MAPPED_MAX or sum(map(len, _mapped.values())) > POOL_BYTES:
+                _mapped.popitem(last=False)
+        else:
+            _mapped.move_to_end(name)
+        if len(mapping) < HEAD + nbytes or nbytes == 0:
+            raise ValueError(f"shared-memory segment holds {len(mapping)} bytes, the record needs {HEAD + nbytes}")
+        sent, claimed, _ = _STATE.unpack_from(mapping, 0)
+        if sent != gen or claimed == gen:
+            raise ValueError("shared-memory record read twice or out of date")
+        _U64.pack_into(mapping, _CLAIMED, gen)
+    # A buffer of its own over the segment: every view of the array keeps it alive,
+    # so its collection means nothing reads the segment any more.
+    exporter: Any = (ctypes.c_char * (len(mapping) - HEAD)).from_buffer(mapping, HEAD)
+    weakref.finalize(exporter, _release, mapping, gen, os.getpid()).atexit = False
+    return np.frombuffer(exporter, dtype=dtype, count=count).reshape(shape)
