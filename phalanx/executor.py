@@ -59,7 +59,7 @@ from .registry.operations import (
     resolve,
 )
 from .runtime import JobOptions, Runtime
-from .transport.codec import encode
+from .transport.codec import PickleFailed, encode
 from .transport.messages import Call
 from .worker import current_task
 
@@ -111,7 +111,8 @@ class Executor(concurrent.futures.Executor):
     (:class:`~phalanx.EncodeError`), where ``ProcessPoolExecutor`` fails
     later, at ``result()``; with ``local_pickle=True`` (or
     ``PHALANX_LOCAL_PICKLE=1``) they are pickled to the local workers and
-    run, as with ``ProcessPoolExecutor``. Arguments and results travel as
+    run, as with ``ProcessPoolExecutor`` (and, as there, an argument that
+    cannot be pickled fails the future, with a ``pickle.PicklingError``). Arguments and results travel as
     msgpack: a result comes back as the function's return annotation says,
     else as Python made it (tuples, sets, big ints, numpy scalars) or as
     plain data (a dataclass as a dict, unless ``local_pickle``).
@@ -167,6 +168,7 @@ class Executor(concurrent.futures.Executor):
         self._failed_pending = False
         self._pending: set[Future[Any]] = set()
         self._closer: threading.Thread | None = None
+        self._pid = os.getpid()  # a forked copy (a worker forked from this process) is not ours to finish
         _finish_at_exit(self)
         logger.debug("executor started with %d workers", max_workers)
 
@@ -180,6 +182,21 @@ class Executor(concurrent.futures.Executor):
             if not self._pickled:
                 raise
             return fn
+
+    @property
+    def _processes(self) -> dict[int, _WorkerProcess]:
+        """The live worker processes by pid, as ``ProcessPoolExecutor._processes`` holds them.
+
+        Not public API on either side, but code written for the standard
+        library reaches for it (to count, join or terminate workers). A worker
+        terminated this way is replaced and its task redelivered, as any worker
+        that dies; its handle's ``join()`` waits for it to end.
+        """
+        try:
+            workers = self._rt.stats().workers
+        except Exception:  # a runtime shut down: no workers
+            return {}
+        return {w.pid: _WorkerProcess(w.pid) for w in workers if w.alive and not w.remote and w.pid > 0}
 
     @property
     def runtime(self) -> Runtime:
@@ -223,13 +240,20 @@ class Executor(concurrent.futures.Executor):
             target = fn  # the runtime sends it pickled
         with self._lock:
             self._check_open_locked()
-            if self._init is None:
-                fut: Future[Any] = self._rt.submit(target, *args, **kwargs)
-            else:
-                op = driver_operation(target) if target is not fn or _named(fn) else None
-                ref = OperationRef(_RUN_CALL, op)
-                callee = name_of(target) if op is not None else fn
-                fut = self._rt.submit(ref, self._init, callee, list(args), kwargs or None)
+            try:
+                if self._init is None:
+                    fut: Future[Any] = self._rt.submit(target, *args, **kwargs)
+                else:
+                    op = driver_operation(target) if target is not fn or _named(fn) else None
+                    ref = OperationRef(_RUN_CALL, op)
+                    callee = name_of(target) if op is not None else fn
+                    fut = self._rt.submit(ref, self._init, callee, list(args), kwargs or None)
+            except PickleFailed as exc:
+                # Under local_pickle, code written for ProcessPoolExecutor meets a value that
+                # cannot be pickled where it expects it: at result(), as a PicklingError.
+                failed: Future[Any] = Future()
+                failed.set_exception(exc)
+                return failed
             self._track_locked(fut)
         fut.add_done_callback(self._on_done)
         return fut
@@ -278,11 +302,12 @@ class Executor(concurrent.futures.Executor):
         futures.reverse()
         try:
             while futures:
-                fut = futures[-1]
-                values = fut.result() if end is None else fut.result(end - time.monotonic())
-                futures.pop()
-                for value in values:
-                    yield op.convert_result(value) if convert else value  # type: ignore[union-attr]
+                values = futures[-1].result() if end is None else futures[-1].result(end - time.monotonic())
+                futures.pop()  # the future holds the chunk's values: let it go first
+                values.reverse()
+                # No local holds a value while the caller has it: a result it drops is freed.
+                while values:
+                    yield op.convert_result(values.pop()) if convert else values.pop()  # type: ignore[union-attr]
         finally:
             for fut in futures:
                 fut.cancel()
@@ -347,6 +372,19 @@ class Executor(concurrent.futures.Executor):
         except Exception:
             logger.exception("executor shutdown failed")
 
+    def _abort(self) -> None:
+        """Cancel what has not started and stop the workers now, without waiting for running tasks.
+
+        What joblib's ``abort_everything`` asks of a backend (loky kills its
+        workers): the futures of running tasks fail with RuntimeClosedError.
+        """
+        with self._lock:
+            self._shutdown = True
+            pending = list(self._pending)
+        for fut in pending:
+            fut.cancel()
+        self._start_closer(wait=False)
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Accept no more work; let queued work finish (or cancel it); stop the workers.
 
@@ -362,6 +400,59 @@ class Executor(concurrent.futures.Executor):
         closer = self._start_closer(wait=True)
         if wait and threading.current_thread().name != "phalanx-pump":
             closer.join()
+
+
+class _WorkerProcess:
+    """A local worker seen as a ``multiprocessing.Process`` (``Executor._processes``): pid, is_alive,
+    join, terminate, kill; ``exitcode`` once it is known to have ended (None otherwise)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.exitcode: int | None = None
+
+    def _proc(self) -> Any:
+        import psutil
+
+        try:
+            return psutil.Process(self.pid)
+        except psutil.Error:
+            return None
+
+    def is_alive(self) -> bool:
+        import psutil
+
+        proc = self._proc()
+        try:
+            return proc is not None and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the worker ended (at most ``timeout`` seconds)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.is_alive():
+            if end is not None and time.monotonic() >= end:
+                return
+            time.sleep(0.01)
+
+    def terminate(self) -> None:
+        self._signal("terminate")
+
+    def kill(self) -> None:
+        self._signal("kill")
+
+    def _signal(self, how: str) -> None:
+        import psutil
+
+        proc = self._proc()
+        try:
+            if proc is not None:
+                getattr(proc, how)()
+        except psutil.Error:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<phalanx worker process pid={self.pid}>"
 
 
 #: executors not shut down yet, finished at interpreter exit
@@ -390,7 +481,10 @@ def _finish_at_exit(ex: Executor) -> None:
 
 
 def _finish_all() -> None:
-    executors = list(_LIVE)
+    # A worker forked from this process (start method "fork") inherits this hook
+    # and the executors: at its own exit it must not try to finish them.
+    me = os.getpid()
+    executors = [ex for ex in list(_LIVE) if ex._pid == me]
     for ex in executors:  # all start finishing at once, then each is waited for
         ex.shutdown(wait=False)
     for ex in executors:

@@ -175,10 +175,11 @@ class PhalanxBackend(_parallel.AutoBatchingMixin, _parallel.ParallelBackendBase)
         self.reset_batch_stats()
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
-        """A task failed: cancel what has not started, stop the workers."""
+        """A task failed (or timed out): cancel what has not started, stop the workers without
+        waiting for the tasks still running (as loky does: they would hold the interpreter's exit)."""
         executor, self._executor = self._executor, None
         if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+            executor._abort()
         if ensure_ready and self.parallel is not None:
             self.configure(n_jobs=self.parallel.n_jobs, parallel=self.parallel)
 

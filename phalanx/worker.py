@@ -71,7 +71,16 @@ from .core.execute import TaskRunner
 from .errors import EncodeError, FrameTooLargeError, ProtocolError, TaskCancelledError, TaskTimeoutError
 from .registry.operations import resolve
 from .transport import shm, sockets
-from .transport.codec import UnpickleFailed, decode_control, decode_inbox, encode, error_info, pack, salvage_inbox
+from .transport.codec import (
+    PickleFailed,
+    UnpickleFailed,
+    decode_control,
+    decode_inbox,
+    encode,
+    error_info,
+    pack,
+    salvage_inbox,
+)
 from .transport.endpoints import Endpoints
 from .transport.pipe import FramePipe, PipeError
 from .transport.messages import (
@@ -839,7 +848,8 @@ class _Loop:
         except (EncodeError, RecursionError) as exc:
             if splits:
                 return self._split_frame(outcome, op, busy, dropped)
-            err: Exception = EncodeError(f"the result of {op} cannot be sent: {exc.__cause__ or exc}")
+            kind = PickleFailed if isinstance(exc, PickleFailed) else EncodeError  # a PicklingError stays one
+            err: Exception = kind(f"the result of {op} cannot be sent: {exc.__cause__ or exc}")
         else:
             if len(frame) <= limit:
                 return frame
@@ -863,7 +873,8 @@ class _Loop:
             try:
                 size = len(encode(pack(value, self.pickled)))
             except (EncodeError, RecursionError) as exc:
-                err = EncodeError(f"the result of {op} for item {index} of its chunk cannot be sent: "
+                kind = PickleFailed if isinstance(exc, PickleFailed) else EncodeError
+                err = kind(f"the result of {op} for item {index} of its chunk cannot be sent: "
                                   f"{exc.__cause__ or exc}")
             else:
                 if used + size <= room:

@@ -24,8 +24,10 @@ scan of a list's or dict's items (see :func:`_plain_items`).
 
 from __future__ import annotations
 
+import concurrent.futures.process
 import gc
 import operator
+import pickle
 import sys
 import traceback as _tb
 import types
@@ -80,6 +82,7 @@ __all__ = [
     "pack_message",
     "encode_value",
     "PICKLE_EXT",
+    "PickleFailed",
     "UnpickleFailed",
     "salvage_inbox",
     "salvage_results",
@@ -174,11 +177,21 @@ def _bigint_from_bytes(data: memoryview) -> int:
     return int.from_bytes(data, "little", signed=True)
 
 
-class UnpickleFailed(DecodeError):
+class UnpickleFailed(DecodeError, concurrent.futures.process.BrokenProcessPool):
     """A pickle from a local pipe did not load (its error is the ``__cause__``).
 
     The frame is well formed: the task or result it carries fails with this
     error (see :func:`salvage_inbox`, :func:`salvage_results`), it is not bad input.
+    Also a ``BrokenProcessPool``: what ``ProcessPoolExecutor`` raises for a
+    task or result that fails to load on the other side (there, the pool breaks;
+    here, only that task fails).
+    """
+
+
+class PickleFailed(EncodeError, pickle.PicklingError):
+    """A value could not be pickled for a local pipe (``local_pickle``; its error is the ``__cause__``).
+
+    Also a ``pickle.PicklingError``, as ``ProcessPoolExecutor`` reports it.
     """
 
 
@@ -192,11 +205,11 @@ class _Pickle:
 
 
 def _unpickle(data: bytes | memoryview) -> Any:
-    import pickle
-
     try:
         return pickle.loads(data)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: B036 - a pickle may exit (SystemExit) as it loads: that value's failure
         raise UnpickleFailed(f"a pickled value failed to load: {type(exc).__name__}: {exc}") from exc
 
 
@@ -341,7 +354,7 @@ def _pickle(value: Any) -> bytes:
     try:
         return cloudpickle.dumps(value)  # type: ignore[no-any-return,unused-ignore]
     except Exception as exc:
-        raise EncodeError(f"cannot pickle {type(value).__name__}: {exc}") from exc
+        raise PickleFailed(f"cannot pickle {type(value).__name__}: {exc}") from exc
 
 
 def _encode_shm(msg: Any) -> bytes:
@@ -471,7 +484,8 @@ def encode(msg: Any, what: str = "message", name: str = "", pickled: bool = Fals
             return _encode_shm(msg)
         return _encode_plain(msg)
     except EncodeError as exc:  # from pack: a value that could not be pickled
-        raise EncodeError(f"cannot encode {what.format(name) if name else what}: {exc}") from exc.__cause__
+        kind = PickleFailed if isinstance(exc, PickleFailed) else EncodeError  # a PicklingError stays one
+        raise kind(f"cannot encode {what.format(name) if name else what}: {exc}") from exc.__cause__
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise encode_error(exc, what.format(name) if name else what) from exc
 

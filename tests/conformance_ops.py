@@ -1,0 +1,53 @@
+"""Objects and functions the conformance-fix tests send to workers (importable by them by name).
+
+Runs in the test process (to build the objects) and in worker processes (which
+unpickle them, under ``local_pickle``): each object misbehaves at one moment
+of its trip, as the ones in CPython's ``test_concurrent_futures.test_deadlock`` do.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+def _exit() -> None:
+    sys.exit(1)
+
+
+class ExitAtUnpickle:
+    """Loading it in a worker raises ``SystemExit`` (the worker exits)."""
+
+    def __reduce__(self) -> Any:
+        return _exit, ()
+
+
+def _raise_unpickling_error() -> None:
+    import pickle
+
+    raise pickle.UnpicklingError("refused to load")
+
+
+class ErrorAtPickle:
+    """Pickling it raises ``pickle.PicklingError``."""
+
+    def __reduce__(self) -> Any:
+        import pickle
+
+        raise pickle.PicklingError("refused to pickle")
+
+
+class ErrorAtUnpickle:
+    """Loading it raises ``pickle.UnpicklingError``."""
+
+    def __reduce__(self) -> Any:
+        return _raise_unpickling_error, ()
+
+
+def make(cls: type) -> Any:
+    """An instance of ``cls``, made in the worker (a result that misbehaves on its way back)."""
+    return cls()
+
+
+class Plain:
+    """An object only pickle carries."""

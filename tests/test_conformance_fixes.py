@@ -1,0 +1,138 @@
+"""Behaviour CPython's ``test_concurrent_futures`` and joblib's ``test_parallel.py`` expect,
+found by the conformance harness (``python -m tests.conformance``), as our own tests.
+
+Runs in the test (driver) process on real worker processes; the objects sent
+come from ``tests/conformance_ops.py``. Each test names the harness test it
+stands for.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import pickle
+import subprocess
+import sys
+import weakref
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import pytest
+
+import phalanx
+from conformance_ops import ErrorAtPickle, ErrorAtUnpickle, ExitAtUnpickle, Plain, make
+
+pytest.importorskip("cloudpickle")
+
+TESTS = Path(__file__).parent
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_worker_exiting_while_loading_its_task_breaks_only_that_task(method: str) -> None:
+    """test_deadlock.test_exit_at_task_unpickle: a task whose argument exits the worker as it loads
+    fails with WorkerCrashedError (a BrokenProcessPool), it does not hang.
+
+    With the "fork" start method, a replacement worker is forked from the driver and inherited
+    the executor's interpreter-exit hook: exiting, it tried to finish the executor's copy and hung.
+    """
+    ctx = multiprocessing.get_context(method)
+    with phalanx.Executor(2, mp_context=ctx, local_pickle=True) as ex:
+        fut = ex.submit(id, ExitAtUnpickle())
+        with pytest.raises(BrokenProcessPool):
+            fut.result(timeout=60)
+        assert ex.submit(id, 7).result(timeout=60) > 0  # the executor still works
+
+
+def test_argument_that_cannot_be_pickled_fails_its_future_with_a_pickling_error() -> None:
+    """test_deadlock.test_error_at_task_pickle: as with ProcessPoolExecutor, at result(), a PicklingError."""
+    with phalanx.Executor(2, local_pickle=True) as ex:
+        fut = ex.submit(id, ErrorAtPickle())
+        with pytest.raises(pickle.PicklingError, match="refused to pickle") as info:
+            fut.result(timeout=60)
+        assert isinstance(info.value, phalanx.EncodeError)
+        assert ex.submit(abs, -3).result(timeout=60) == 3
+
+
+def test_task_that_fails_to_load_in_its_worker_is_a_broken_process_pool_error() -> None:
+    """test_deadlock.test_error_at_task_unpickle: what ProcessPoolExecutor raises (BrokenProcessPool)."""
+    with phalanx.Executor(2, local_pickle=True) as ex:
+        fut = ex.submit(id, ErrorAtUnpickle())
+        with pytest.raises(BrokenProcessPool, match="refused to load"):
+            fut.result(timeout=60)
+        assert ex.submit(abs, -3).result(timeout=60) == 3
+
+
+def test_result_that_cannot_be_pickled_is_a_pickling_error() -> None:
+    """test_deadlock.test_error_during_result_pickle_on_worker."""
+    with phalanx.Executor(2, local_pickle=True) as ex:
+        with pytest.raises(pickle.PicklingError, match="refused to pickle"):
+            ex.submit(make, ErrorAtPickle).result(timeout=60)
+        with pytest.raises(pickle.PicklingError, match="refused to pickle"):
+            list(ex.map(make, [ErrorAtPickle]))
+
+
+@pytest.mark.parametrize("cls", [ErrorAtUnpickle, ExitAtUnpickle])
+def test_result_that_fails_to_load_in_the_driver_fails_its_future_only(cls: type) -> None:
+    """test_deadlock.test_error/exit_during_result_unpickle_in_result_handler: a result whose loading
+    raises (even SystemExit) fails that future with a BrokenProcessPool; the runtime keeps serving."""
+    with phalanx.Executor(2, local_pickle=True) as ex:
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(make, cls).result(timeout=60)
+        assert ex.submit(abs, -3).result(timeout=60) == 3
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_holds_no_result_the_caller_dropped(chunksize: int) -> None:
+    """executor.test_free_reference: the result iterator keeps no reference to a result already yielded."""
+    with phalanx.Executor(2, local_pickle=True) as ex:
+        for obj in ex.map(make, [Plain] * 6, chunksize=chunksize):
+            ref = weakref.ref(obj)
+            del obj
+            gc.collect()
+            assert ref() is None
+
+
+def test_processes_are_the_live_workers_as_handles_to_join_or_terminate() -> None:
+    """test_shutdown.test_context_manager_shutdown / test_shutdown_no_wait / test_processes_terminate:
+    ``_processes`` maps each live worker's pid to a handle; join() returns once it ended."""
+    ex = phalanx.Executor(3)
+    try:
+        assert ex.submit(abs, -1).result(timeout=60) == 1
+        procs = ex._processes
+        assert len(procs) == 3
+        assert all(p.is_alive() and p.pid == pid for pid, p in procs.items())
+        victim = next(iter(procs.values()))
+        victim.terminate()  # a worker ended from outside is replaced; work goes on
+        victim.join(timeout=30)
+        assert not victim.is_alive()
+        assert ex.submit(abs, -2).result(timeout=60) == 2
+    finally:
+        procs = ex._processes
+        ex.shutdown(wait=True)
+    for p in procs.values():
+        p.join(timeout=30)
+        assert not p.is_alive()
+    assert ex._processes == {}
+
+
+_ABORT_SCRIPT = """
+import multiprocessing, time, joblib, phalanx.joblib_backend
+if __name__ == "__main__":
+    try:
+        joblib.Parallel(n_jobs=2, backend="phalanx", timeout=0.5)(joblib.delayed(time.sleep)(600) for _ in range(4))
+    except (TimeoutError, multiprocessing.TimeoutError):  # joblib raises the latter
+        print("timed out")
+"""
+
+
+def test_joblib_abort_stops_running_tasks_so_the_interpreter_can_exit() -> None:
+    """test_parallel_timeout_fail (and what joblib's own run hung on at exit): after a Parallel call
+    times out, the tasks still running are abandoned with their workers, as loky kills them; the
+    process then exits instead of waiting 600 s for them."""
+    pytest.importorskip("joblib")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
+    proc = subprocess.run([sys.executable, "-c", _ABORT_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.strip() == "timed out", proc.stderr
+    assert proc.returncode == 0, proc.stderr
