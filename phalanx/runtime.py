@@ -81,6 +81,13 @@ def _shutdown_collected(driver: Driver, launch: Launch | None) -> None:
         pass
 
 
+def _start_shutdown(driver: Driver, launch: Launch | None) -> None:
+    try:
+        threading.Thread(target=_shutdown_collected, args=(driver, launch), name="phalanx-collected").start()
+    except (RuntimeError, KeyError):  # interpreter shutdown: no new threads
+        _shutdown_collected(driver, launch)
+
+
 class _RunsDirectives:
     """``run`` for :class:`Runtime`, :class:`JobOptions` and their asyncio twins: one set of typed overloads."""
 
@@ -553,12 +560,9 @@ class Runtime(_RunsDirectives):
         driver = getattr(self, "_driver", None)
         if driver is not None and not driver.closed:
             # Collection may run on any thread, the pump's included, and while it holds the
-            # driver's lock: stop the driver from a thread of its own.
-            try:
-                threading.Thread(target=_shutdown_collected, args=(driver, self._launch),
-                                 name="phalanx-collected").start()
-            except RuntimeError:  # interpreter shutdown: no new threads
-                _shutdown_collected(driver, self._launch)
+            # driver's lock: stop the driver from a thread of its own, started outside the
+            # collection (a thread started inside one can fail in threading's own bookkeeping).
+            collected.run(_start_shutdown, driver, self._launch)
 
 
 class JobOptions(_RunsDirectives):
