@@ -95,7 +95,8 @@ class Executor(concurrent.futures.Executor):
     method is used), ``initializer(*initargs)`` (run once in each worker
     process, before its first task; if it raises, the executor is broken and
     every pending and later call raises :class:`~phalanx.RuntimeBrokenError`),
-    ``max_tasks_per_child`` (a worker is replaced after that many tasks).
+    ``max_tasks_per_child`` (a worker is replaced after that many tasks;
+    ``ValueError`` with a fork ``mp_context``, as ``ProcessPoolExecutor``).
     Any other keyword is a :class:`phalanx.Runtime` option (``credits``
     defaults to 2 here, so that tasks wait in the driver, where they can be
     cancelled, rather than in a worker's prefetch queue; ``prefix_output``
@@ -145,6 +146,11 @@ class Executor(concurrent.futures.Executor):
             raise TypeError("initializer must be a callable")
         if mp_context is not None:
             options["start_method"] = mp_context.get_start_method()
+            if max_tasks_per_child is not None and options["start_method"] == "fork":
+                # As ProcessPoolExecutor: fork copies the driver's threads' state into each
+                # replacement, forked while the executor's threads run.
+                raise ValueError("max_tasks_per_child is incompatible with the 'fork' multiprocessing"
+                                 " start method; supply a different mp_context.")
         if options.get("listen") is not None or os.environ.get(OPTIONS["listen"].env, "").strip():
             raise ValueError("phalanx.Executor runs local workers only: unset listen / PHALANX_LISTEN")
         options.setdefault("credits", 2)

@@ -20,7 +20,7 @@ Invariants kept:
   shows it as ``WorkerStats.frames_dropped``); an
   unknown operation, an argument that does not convert, an exception (even
   ``SystemExit``) in user code, or a result that cannot be encoded
-  (``EncodeError``) or would make a frame above ``max_frame``
+  (``EncodeError``, or whatever its pickling raised, ``SystemExit`` too) or would make a frame above ``max_frame``
   (``FrameTooLargeError``) becomes an ``Err`` outcome for that task, and the
   loop goes on. A map chunk's values that fit only in part go in part (the
   driver runs the rest again).
@@ -365,6 +365,28 @@ def _take_context() -> zmq.Context[zmq.Socket[bytes]]:
     global _early_context
     ctx, _early_context = _early_context, None
     return ctx if ctx is not None else zmq.Context()
+
+
+def _reraise_exit(exc: BaseException) -> None:
+    """Raise ``exc`` again if it is this worker's own interpreter exiting, not a failure to encode a result."""
+    if sys.is_finalizing():
+        raise exc
+
+
+def _sending_error(exc: BaseException, what: str) -> BaseException:
+    """The error a task fails with when encoding its result (``what``) raised ``exc``.
+
+    An ``EncodeError`` (a ``PickleFailed`` stays a ``PicklingError``) naming
+    what could not be sent; any other ``BaseException`` (a ``SystemExit`` or
+    ``KeyboardInterrupt`` a ``__reduce__`` raised while pickling it) is that
+    exception itself, as ``ProcessPoolExecutor`` reports it: user code, not
+    this worker, raised it (the worker's own exits are ``os._exit``, and it
+    ignores SIGINT), so the worker lives on.
+    """
+    if not isinstance(exc, Exception):
+        return exc
+    kind = PickleFailed if isinstance(exc, PickleFailed) else EncodeError  # a PicklingError stays one
+    return kind(f"{what} cannot be sent: {exc.__cause__ or exc}")
 
 
 def _special_error(job: int, exc: BaseException) -> ErrorInfo:
@@ -827,8 +849,8 @@ class _Loop:
         dropped = self.dropped()
         try:
             frame = encode(Results(self.spec.worker_id, outcomes, busy, dropped), pickled=self.pickled)
-        except (EncodeError, RecursionError):  # RecursionError: a self-referencing or very deep value
-            pass
+        except BaseException as exc:  # noqa: B036 - RecursionError: a self-referencing or very deep value
+            _reraise_exit(exc)
         else:
             if len(frame) <= self.max_send:
                 return [frame]
@@ -845,11 +867,11 @@ class _Loop:
         wid, limit = self.spec.worker_id, self.max_send
         try:
             frame = encode(Results(wid, [outcome], busy, dropped), pickled=self.pickled)
-        except (EncodeError, RecursionError) as exc:
+        except BaseException as exc:  # noqa: B036 - see _sending_error
+            _reraise_exit(exc)
             if splits:
                 return self._split_frame(outcome, op, busy, dropped)
-            kind = PickleFailed if isinstance(exc, PickleFailed) else EncodeError  # a PicklingError stays one
-            err: Exception = kind(f"the result of {op} cannot be sent: {exc.__cause__ or exc}")
+            err = _sending_error(exc, f"the result of {op}")
         else:
             if len(frame) <= limit:
                 return frame
@@ -869,13 +891,12 @@ class _Loop:
         room -= 64  # headers of the list and of the error, when there is one
         used = 0
         for index, value in enumerate(values):
-            err: Exception | None = None
+            err: BaseException | None = None
             try:
                 size = len(encode(pack(value, self.pickled)))
-            except (EncodeError, RecursionError) as exc:
-                kind = PickleFailed if isinstance(exc, PickleFailed) else EncodeError
-                err = kind(f"the result of {op} for item {index} of its chunk cannot be sent: "
-                                  f"{exc.__cause__ or exc}")
+            except BaseException as exc:  # noqa: B036 - see _sending_error
+                _reraise_exit(exc)
+                err = _sending_error(exc, f"the result of {op} for item {index} of its chunk")
             else:
                 if used + size <= room:
                     used += size

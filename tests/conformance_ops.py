@@ -51,3 +51,35 @@ def make(cls: type) -> Any:
 
 class Plain:
     """An object only pickle carries."""
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+class ExitAtPickle:
+    """Pickling it (a worker sending it back as a result) raises ``SystemExit``."""
+
+    def __reduce__(self) -> Any:
+        sys.exit(2)
+
+
+class InterruptAtPickle:
+    """Pickling it raises ``KeyboardInterrupt``."""
+
+    def __reduce__(self) -> Any:
+        raise KeyboardInterrupt
+
+
+def exit_with(code: int) -> None:
+    """A task that calls ``sys.exit(code)``."""
+    sys.exit(code)
+
+
+def interrupt(x: Any = None) -> None:
+    """A task that raises ``KeyboardInterrupt``."""
+    raise KeyboardInterrupt
+
+
+class MyExit(SystemExit):
+    """A subclass of SystemExit (never rebuilt as itself in the driver)."""

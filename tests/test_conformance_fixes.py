@@ -21,7 +21,17 @@ from pathlib import Path
 import pytest
 
 import phalanx
-from conformance_ops import ErrorAtPickle, ErrorAtUnpickle, ExitAtUnpickle, Plain, make
+from conformance_ops import (
+    ErrorAtPickle,
+    ErrorAtUnpickle,
+    ExitAtPickle,
+    ExitAtUnpickle,
+    InterruptAtPickle,
+    Plain,
+    exit_with,
+    interrupt,
+    make,
+)
 
 pytest.importorskip("cloudpickle")
 
@@ -80,6 +90,62 @@ def test_result_that_fails_to_load_in_the_driver_fails_its_future_only(cls: type
         with pytest.raises(BrokenProcessPool):
             ex.submit(make, cls).result(timeout=60)
         assert ex.submit(abs, -3).result(timeout=60) == 3
+
+
+def _no_worker_died(ex: phalanx.Executor) -> None:
+    stats = ex.runtime.stats()
+    assert stats.worker_deaths == 0 and stats.worker_restarts == 0, stats
+
+
+@pytest.mark.parametrize("pickled", [False, True])
+def test_task_raising_system_exit_or_keyboard_interrupt_fails_with_that_exception(pickled: bool) -> None:
+    """test_deadlock.test_exit_during_func_exec_on_worker, joblib's test_error_capture: the future's
+    exception is the SystemExit (KeyboardInterrupt) itself, with the remote traceback; the worker lives."""
+    with phalanx.Executor(2, local_pickle=pickled) as ex:
+        with pytest.raises(SystemExit) as exited:
+            ex.submit(exit_with, 3).result(timeout=60)
+        assert exited.value.code == 3
+        assert isinstance(exited.value.__cause__, phalanx.RemoteTraceback)
+        assert "exit_with" in str(exited.value.__cause__)
+        with pytest.raises(KeyboardInterrupt):
+            ex.submit(interrupt).result(timeout=60)
+        with pytest.raises(KeyboardInterrupt):
+            list(ex.map(interrupt, range(4), chunksize=2, timeout=60))
+        assert isinstance(ex.submit(exit_with, 0).exception(timeout=60), SystemExit)
+        assert ex.submit(abs, -3).result(timeout=60) == 3
+        _no_worker_died(ex)
+
+
+def test_exit_subclasses_and_generator_exit_are_still_not_raised_as_such() -> None:
+    """Only the builtin SystemExit and KeyboardInterrupt are rebuilt as themselves."""
+    from phalanx.transport import codec, messages
+
+    for name in ("builtins:GeneratorExit", "builtins:BaseException", "conformance_ops:MyExit"):
+        rebuilt = codec.rebuild_error(messages.ErrorInfo(name, "x", ["x"], "tb"))
+        assert isinstance(rebuilt, phalanx.RemoteError), name
+
+
+@pytest.mark.parametrize("cls, expected", [(ExitAtPickle, SystemExit), (InterruptAtPickle, KeyboardInterrupt)])
+def test_result_whose_pickling_exits_fails_its_task_and_the_worker_lives(cls: type, expected: type) -> None:
+    """test_deadlock.test_exit_during_result_pickle_on_worker: a result whose pickling raises SystemExit
+    (KeyboardInterrupt) fails that task with it; the worker neither exits nor is replaced."""
+    with phalanx.Executor(2, local_pickle=True) as ex:
+        with pytest.raises(expected):
+            ex.submit(make, cls).result(timeout=60)
+        for chunksize in (1, 3):
+            with pytest.raises(expected):
+                list(ex.map(make, [Plain, cls, Plain], chunksize=chunksize, timeout=60))
+        assert type(ex.submit(make, Plain).result(timeout=60)) is Plain
+        _no_worker_died(ex)
+
+
+def test_max_tasks_per_child_with_the_fork_context_is_a_value_error() -> None:
+    """test_process_pool.test_max_tasks_per_child (fork): as ProcessPoolExecutor, refused at construction."""
+    with pytest.raises(ValueError, match="max_tasks_per_child is incompatible with the 'fork'"):
+        phalanx.Executor(1, mp_context=multiprocessing.get_context("fork"), max_tasks_per_child=3)
+    with phalanx.Executor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=2) as ex:
+        assert [ex.submit(abs, -i).result(timeout=60) for i in range(3)] == [0, 1, 2]
+        assert ex.runtime.stats().workers_recycled >= 1
 
 
 @pytest.mark.parametrize("chunksize", [1, 3])

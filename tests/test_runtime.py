@@ -474,22 +474,22 @@ def test_wrong_argument_type_is_validation_error(rt: phalanx.Runtime) -> None:
     _raises(rt.submit(ops.uuid_version, "not-a-uuid"), phalanx.ValidationError)
 
 
-def test_sys_exit_in_op_is_a_remote_error(rt: phalanx.Runtime) -> None:
-    """A worker never exits because user code raised SystemExit; the driver
-    never re-raises SystemExit: it gets a RemoteError naming it."""
-    err = _raises(rt.submit(ops.call_sys_exit, 3), phalanx.RemoteError)
-    assert not isinstance(err, SystemExit)
-    assert isinstance(err, phalanx.RemoteError)
-    assert err.type_name == "builtins:SystemExit"
-    assert "3" in err.message
+def test_sys_exit_in_op_fails_its_task_with_system_exit(rt: phalanx.Runtime) -> None:
+    """A worker never exits because user code raised SystemExit; the task fails with
+    that SystemExit (as under ProcessPoolExecutor), carrying the remote traceback."""
+    err = _raises(rt.submit(ops.call_sys_exit, 3), SystemExit)
+    assert type(err) is SystemExit and err.code == 3
+    assert isinstance(err.__cause__, phalanx.RemoteTraceback)
+    assert "call_sys_exit" in str(err.__cause__)
     # several in a row, in a map, on both workers
-    with pytest.raises(phalanx.RemoteError):
+    with pytest.raises(SystemExit):
         list(rt.map(ops.call_sys_exit, [0, 1, 2, 3], chunksize=4, timeout=TIMEOUT))
-    with pytest.raises(phalanx.RemoteError):
+    with pytest.raises(SystemExit):
         list(rt.map(ops.call_sys_exit, [0, 1, 2, 3], chunksize=1, ordered=False, timeout=TIMEOUT))
     futs = [rt.submit(ops.call_sys_exit, i) for i in range(6)]
     for f in futs:
-        _raises(f, phalanx.RemoteError)
+        _raises(f, SystemExit)
+    assert rt.stats().worker_deaths == 0
 
 
 # --------------------------------------------------------------------------- #

@@ -344,9 +344,12 @@ def test_rebuild_error_fallbacks() -> None:
     assert isinstance(unknown, phalanx.RemoteError) and unknown.message == "msg"
     not_an_exc = codec.rebuild_error(messages.ErrorInfo("builtins:len", "msg", ["msg"], "tb"))
     assert isinstance(not_an_exc, phalanx.RemoteError)
-    for base in (SystemExit(1), KeyboardInterrupt(), GeneratorExit()):
+    rebuilt = codec.rebuild_error(codec.error_info(_raised(GeneratorExit())))
+    assert isinstance(rebuilt, phalanx.RemoteError)
+    for base in (SystemExit(1), KeyboardInterrupt()):  # as ProcessPoolExecutor gives them
         rebuilt = codec.rebuild_error(codec.error_info(_raised(base)))
-        assert isinstance(rebuilt, phalanx.RemoteError), base
+        assert type(rebuilt) is type(base) and rebuilt.args == base.args, base
+        assert isinstance(rebuilt.__cause__, phalanx.RemoteTraceback)
     unencodable_args = codec.error_info(_raised(ValueError(object())))
     assert unencodable_args.args is None
     codec.encode(unencodable_args)  # the wire form itself always encodes

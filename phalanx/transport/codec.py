@@ -646,6 +646,10 @@ def error_info(exc: BaseException) -> ErrorInfo:
 
 
 _CONTROL_FLOW = (StopIteration, StopAsyncIteration)
+#: the only exceptions that are not ``Exception`` rebuilt as themselves: what a task may raise to end
+#: or interrupt a program, which ``ProcessPoolExecutor`` also raises at ``result()``
+_EXITS: dict[str, type[BaseException]] = {"builtins:SystemExit": SystemExit,
+                                          "builtins:KeyboardInterrupt": KeyboardInterrupt}
 
 
 def _resolve_type(path: str) -> type[BaseException] | None:
@@ -656,6 +660,9 @@ def _resolve_type(path: str) -> type[BaseException] | None:
     module's and classes' own ``__dict__`` (no ``getattr``: no module
     ``__getattr__``, property or descriptor runs).
     """
+    exit_type = _EXITS.get(path)
+    if exit_type is not None:
+        return exit_type
     module_name, _, qualname = path.partition(":")
     module = sys.modules.get(module_name)
     if module is None or not qualname:
@@ -681,12 +688,15 @@ def rebuild_error(info: ErrorInfo) -> BaseException:
     """Rebuild a remote exception as its own type when the driver has that type.
 
     The type is looked up only in modules already imported here (nothing is
-    imported on a peer's word), and must be an ``Exception``: a remote
-    ``SystemExit``, ``KeyboardInterrupt`` or ``GeneratorExit`` is never
-    raised as such, nor a ``StopIteration`` (it would end a ``map``
-    iteration as if it were complete). Anything else, or a constructor that fails (with any
-    exception) or returns something that is not an instance of an
-    ``Exception`` type, gives a :class:`~phalanx.errors.RemoteError`
+    imported on a peer's word), and must be an ``Exception``, or exactly the
+    builtin ``SystemExit`` or ``KeyboardInterrupt`` (a task that exits or is
+    interrupted fails with that exception, as under ``ProcessPoolExecutor``;
+    it is raised only where the caller asks for the result). A remote
+    ``GeneratorExit`` or subclass of those two is never raised as such, nor a
+    ``StopIteration`` (it would end a ``map`` iteration as if it were
+    complete). Anything else, or a constructor that fails (with any
+    exception) or returns something that is not an instance of the type it
+    was looked up as, gives a :class:`~phalanx.errors.RemoteError`
     carrying the type's name and the remote traceback. The result carries the
     remote traceback as ``__cause__``. Never raises.
     """
@@ -695,7 +705,7 @@ def rebuild_error(info: ErrorInfo) -> BaseException:
     if cls is not None:
         try:
             built = cls(*info.args) if info.args is not None else cls(info.message)
-            if issubclass(type(built), Exception):  # type(): an object cannot pretend
+            if issubclass(type(built), Exception) or type(built) is cls:  # type(): an object cannot pretend
                 exc = built
                 if info.state:
                     built.__dict__.update(info.state)
