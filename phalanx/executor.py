@@ -70,6 +70,9 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
+#: start methods under which workers start on demand (ProcessPoolExecutor's rule: not fork)
+_ON_DEMAND = frozenset({"spawn", "forkserver"})
+
 _RUN_CALL = "phalanx.executor:_run_call"
 _RUN_CHUNK = "phalanx.executor:_run_chunk"
 
@@ -118,6 +121,16 @@ class Executor(concurrent.futures.Executor):
     else as Python made it (tuples, sets, big ints, numpy scalars) or as
     plain data (a dataclass as a dict, unless ``local_pickle``).
 
+    With an ``mp_context`` whose start method is spawn or forkserver,
+    workers start on demand, as ``ProcessPoolExecutor`` starts them: one at
+    construction, then one more each time a submit finds none idle, up to
+    ``max_workers``. Otherwise (fork, or phalanx's own start method when
+    there is no ``mp_context``) all start at construction.
+
+    A task that raises ``SystemExit`` or ``KeyboardInterrupt`` fails its
+    future with that exception (the worker lives on), as
+    ``ProcessPoolExecutor`` reports it.
+
     A worker that dies mid-task is replaced and its tasks are redelivered
     (so execution is at-least-once); a task that kills its worker
     ``max_attempts`` times fails alone with :class:`~phalanx.WorkerCrashedError`.
@@ -159,7 +172,14 @@ class Executor(concurrent.futures.Executor):
         options["implicit_operations"] = True  # plain functions, by module:qualname
         self._max_workers = max_workers
         self._init: list[Any] | None = None
-        self._rt = Runtime(max_workers, max_tasks_per_worker=max_tasks_per_child or None, **options)
+        # As ProcessPoolExecutor under spawn and forkserver: one worker at first, another each time
+        # a submit finds none idle (see _take_worker_locked), up to max_workers.
+        self._on_demand = mp_context is not None and options["start_method"] in _ON_DEMAND
+        #: workers asked for (replacements of dead or recycled ones are the runtime's, not counted)
+        self._started = 1 if self._on_demand else max_workers
+        #: workers taken by no submit since they started or completed a task (on demand only)
+        self._idle = self._started
+        self._rt = Runtime(self._started, max_tasks_per_worker=max_tasks_per_child or None, **options)
         self._pickled = self._rt.config.local_pickle
         if initializer is not None:
             try:
@@ -246,6 +266,7 @@ class Executor(concurrent.futures.Executor):
             target = fn  # the runtime sends it pickled
         with self._lock:
             self._check_open_locked()
+            grow = self._take_worker_locked()
             try:
                 if self._init is None:
                     fut: Future[Any] = self._rt.submit(target, *args, **kwargs)
@@ -259,9 +280,14 @@ class Executor(concurrent.futures.Executor):
                 # cannot be pickled where it expects it: at result(), as a PicklingError.
                 failed: Future[Any] = Future()
                 failed.set_exception(exc)
-                return failed
-            self._track_locked(fut)
-        fut.add_done_callback(self._on_done)
+                fut, tracked = failed, False
+            else:
+                self._track_locked(fut)
+                tracked = True
+        if grow:
+            self._grow()
+        if tracked:
+            fut.add_done_callback(self._on_done)
         return fut
 
     def map(
@@ -296,8 +322,11 @@ class Executor(concurrent.futures.Executor):
                 break
             with self._lock:
                 self._check_open_locked()
+                grow = self._take_worker_locked()
                 fut: Future[Any] = submitter.submit(chunk_ref, self._init, name, chunk)
                 self._track_locked(fut)
+            if grow:
+                self._grow()
             fut.add_done_callback(self._on_done)
             futures.append(fut)
         return self._results(futures, op, end)
@@ -318,9 +347,35 @@ class Executor(concurrent.futures.Executor):
             for fut in futures:
                 fut.cancel()
 
+    def _take_worker_locked(self) -> bool:
+        """Take an idle worker for the task being submitted; True: start one more for it.
+
+        Counted, not asked of the runtime: each submit takes an idle worker,
+        each completed task gives one back (at most as many as were started),
+        as ``ProcessPoolExecutor`` counts with its idle-worker semaphore.
+        """
+        if not self._on_demand:
+            return False
+        if self._idle > 0:
+            self._idle -= 1
+            return False
+        if self._started >= self._max_workers:
+            return False
+        self._started += 1
+        return True
+
+    def _grow(self) -> None:
+        """Start one more worker (not under the executor's lock: spawning waits for the process)."""
+        try:
+            self._rt._driver.lifecycle.spawn()
+        except Exception as exc:  # shut down meanwhile, or no process to be had: the others serve
+            logger.debug("executor could not start another worker: %s", exc)
+
     def _on_done(self, fut: concurrent.futures.Future[Any]) -> None:
         with self._lock:
             self._pending.discard(fut)
+            if self._on_demand and self._idle < self._started:
+                self._idle += 1
         if fut.cancelled():
             return
         exc = fut.exception()

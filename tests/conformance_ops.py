@@ -83,3 +83,14 @@ def interrupt(x: Any = None) -> None:
 
 class MyExit(SystemExit):
     """A subclass of SystemExit (never rebuilt as itself in the driver)."""
+
+
+def wait_for(path: str) -> int:
+    """A task that waits (at most a minute) until ``path`` exists; its worker's pid."""
+    import os
+    import time
+
+    end = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.01)
+    return os.getpid()

@@ -31,6 +31,7 @@ from conformance_ops import (
     exit_with,
     interrupt,
     make,
+    wait_for,
 )
 
 pytest.importorskip("cloudpickle")
@@ -146,6 +147,45 @@ def test_max_tasks_per_child_with_the_fork_context_is_a_value_error() -> None:
     with phalanx.Executor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=2) as ex:
         assert [ex.submit(abs, -i).result(timeout=60) for i in range(3)] == [0, 1, 2]
         assert ex.runtime.stats().workers_recycled >= 1
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_workers_start_on_demand_under_spawn_and_forkserver(method: str, tmp_path: Path) -> None:
+    """test_process_pool.test_idle_process_reuse_one / _multiple, test_processes_terminate: with a spawn
+    or forkserver mp_context, a worker starts only when a submit finds none idle, up to max_workers."""
+    ex = phalanx.Executor(4, mp_context=multiprocessing.get_context(method))
+    try:
+        for i in range(3):
+            assert ex.submit(abs, -i).result(timeout=60) == i
+        assert len(ex._processes) == 1  # each submit found the one worker idle
+        gate = str(tmp_path / "go")
+        blocked = [ex.submit(wait_for, gate) for _ in range(3)]
+        assert len(ex._processes) == 3  # one per blocked task, started by the submits themselves
+        blocked += [ex.submit(wait_for, gate) for _ in range(3)]
+        assert len(ex._processes) == 4  # never more than max_workers
+        assert ex.runtime.wait_for_workers(4, timeout=60) == 4  # they connect and serve
+        Path(gate).touch()
+        assert all(f.result(timeout=60) > 0 for f in blocked)
+        assert list(ex.map(abs, range(-5, 0), chunksize=2, timeout=60)) == [5, 4, 3, 2, 1]
+        assert len(ex._processes) == 4
+        _no_worker_died(ex)
+    finally:
+        procs = ex._processes
+        ex.shutdown(wait=True)
+    for p in procs.values():
+        p.join(timeout=30)
+        assert not p.is_alive()
+
+
+@pytest.mark.parametrize("context", ["fork", None])
+def test_workers_start_at_once_under_fork_and_by_default(context: str | None) -> None:
+    """test_process_pool.test_processes_terminate (fork): fork starts every worker at construction,
+    as ProcessPoolExecutor does; so does phalanx's default start method (no mp_context)."""
+    mp_context = multiprocessing.get_context(context) if context else None
+    with phalanx.Executor(3, mp_context=mp_context) as ex:
+        assert len(ex._processes) == 3
+        assert ex.submit(abs, -1).result(timeout=60) == 1
+        assert len(ex._processes) == 3
 
 
 @pytest.mark.parametrize("chunksize", [1, 3])
