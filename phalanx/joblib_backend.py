@@ -127,6 +127,16 @@ class PhalanxBackend(_parallel.AutoBatchingMixin, _parallel.ParallelBackendBase)
         self.parallel = parallel
         return n
 
+    @property
+    def _workers(self) -> Executor | None:
+        """The executor of the current ``Parallel`` call (None outside one).
+
+        Not public API: the attribute joblib's own tests read of a process
+        backend (``_workers``, loky's executor) to see its pool restarted
+        after a failure.
+        """
+        return self._executor
+
     def submit(self, func: Any, callback: Callable[[Any], None] | None = None) -> Any:
         """Send one joblib batch as one task; ``callback(future)`` when it is done."""
         executor = self._executor

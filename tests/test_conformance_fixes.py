@@ -242,3 +242,21 @@ def test_joblib_abort_stops_running_tasks_so_the_interpreter_can_exit() -> None:
                           timeout=60)
     assert proc.stdout.strip() == "timed out", proc.stderr
     assert proc.returncode == 0, proc.stderr
+
+
+def test_joblib_raises_a_workers_keyboard_interrupt_and_restarts_its_workers() -> None:
+    """joblib's test_error_capture: a KeyboardInterrupt raised in a worker is raised by ``Parallel``
+    as itself; in a managed ``Parallel``, the backend's workers (``_workers``) are then new ones."""
+    joblib = pytest.importorskip("joblib")
+    import phalanx.joblib_backend  # noqa: F401
+
+    with pytest.raises(KeyboardInterrupt):
+        joblib.Parallel(n_jobs=2, backend="phalanx")(joblib.delayed(interrupt)(x) for x in (1, 0))
+    with joblib.Parallel(n_jobs=2, backend="phalanx") as parallel:
+        first = parallel._backend._workers
+        assert first is not None
+        with pytest.raises(KeyboardInterrupt):
+            parallel(joblib.delayed(interrupt)(x) for x in (1, 0))
+        again = parallel._backend._workers
+        assert again is not None and again is not first
+        assert parallel(joblib.delayed(abs)(-x) for x in range(3)) == [0, 1, 2]
