@@ -107,7 +107,7 @@ from .policy import DEFAULT_TAG, TaskOptions
 from .errors import FrameTooLargeError, NoWorkerError, ProtocolError, RuntimeBrokenError, RuntimeClosedError
 from .supervisor import Supervisor
 from .transport import sockets
-from .transport.codec import UnpickleFailed, decode_driver, encode, salvage_results
+from .transport.codec import UnpickleFailed, decode_driver, distrust_exits, encode, salvage_results
 from .transport.endpoints import Endpoints, local_endpoints, remove_stale_dirs, tcp_endpoints
 from .transport.pipe import PipeError
 from .transport.messages import Alive, Err, Goodbye, Hello, Ok, Ready, Reclaimed, Results, Retire
@@ -601,6 +601,8 @@ class Driver:
                 return
             self.frames_dropped += 1
             return
+        if not local:
+            msg = distrust_exits(msg)  # a host cannot make a caller's result() exit
         if ident.endswith(b"!"):
             # A worker's control thread: timed-out tasks, inspect replies, heartbeats.
             if isinstance(msg, Alive):

@@ -68,7 +68,8 @@ class RemoteError(PhalanxError):
     The driver rebuilds a remote exception as its own type only from modules
     it already imported, never a ``BaseException`` that is not an
     ``Exception`` (``GeneratorExit``...) other than the builtin
-    ``SystemExit`` and ``KeyboardInterrupt``, nor a ``StopIteration``, and only when
+    ``SystemExit`` and ``KeyboardInterrupt`` of a local worker (from a host
+    over tcp, they are this), nor a ``StopIteration``, and only when
     its constructor takes the remote ``args``; anything else is this.
     ``type_name`` is the remote exception's ``module:qualname``; ``message``
     its ``str()``; ``remote_traceback`` the formatted remote traceback.

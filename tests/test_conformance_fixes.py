@@ -126,6 +126,36 @@ def test_exit_subclasses_and_generator_exit_are_still_not_raised_as_such() -> No
         assert isinstance(rebuilt, phalanx.RemoteError), name
 
 
+@pytest.mark.timeout(120)
+def test_an_exit_named_by_a_host_on_the_network_is_a_remote_error() -> None:
+    """Only a local worker's SystemExit is raised as itself: a host over tcp (honest or hostile)
+    cannot make a caller's result() raise SystemExit or KeyboardInterrupt; a RemoteError names it."""
+    from phalanx.transport import codec, messages
+    from remote_host import RemoteHost
+
+    import ops
+
+    with phalanx.Runtime(workers=0, listen="tcp://127.0.0.1:0", insecure=True) as rt:
+        assert rt.address is not None
+        with RemoteHost(rt.address, "far", ["--insecure", "--import", "ops"], workers=1) as host:
+            assert rt.wait_for_workers(1, timeout=30) == 1, host.err
+            with pytest.raises(phalanx.RemoteError) as info:
+                rt.submit(ops.call_sys_exit, 3).result(timeout=60)
+            assert info.value.type_name == "builtins:SystemExit"
+            assert not isinstance(info.value, SystemExit)
+            with pytest.raises(phalanx.RemoteError):
+                list(rt.map(ops.call_sys_exit, [1, 2], chunksize=1, timeout=60))
+            assert rt.stats().workers_lost == 0
+    # What the driver does with such a frame from the network, whatever else it claims.
+    forged = messages.Results("w9", [messages.Err(1, 0, 0, codec.error_info(KeyboardInterrupt())),
+                                     messages.Err(1, 1, 0, codec.error_info(KeyError("k")))])
+    marked = codec.distrust_exits(forged)
+    assert isinstance(marked, messages.Results)
+    first, second = (codec.rebuild_error(o.error) for o in marked.outcomes)  # type: ignore[union-attr]
+    assert isinstance(first, phalanx.RemoteError) and first.type_name == "builtins:KeyboardInterrupt"
+    assert type(second) is KeyError
+
+
 @pytest.mark.parametrize("cls, expected", [(ExitAtPickle, SystemExit), (InterruptAtPickle, KeyboardInterrupt)])
 def test_result_whose_pickling_exits_fails_its_task_and_the_worker_lives(cls: type, expected: type) -> None:
     """test_deadlock.test_exit_during_result_pickle_on_worker: a result whose pickling raises SystemExit

@@ -46,6 +46,8 @@ from ..errors import (
 from . import shm as _shm
 from .messages import (
     ActorCall,
+    ActorEvent,
+    ActorState,
     Call,
     Chunk,
     ChannelReply,
@@ -73,6 +75,7 @@ __all__ = [
     "convert",
     "error_info",
     "rebuild_error",
+    "distrust_exits",
     "type_path",
     "register_ext",
     "decode_broker",
@@ -652,6 +655,35 @@ _EXITS: dict[str, type[BaseException]] = {"builtins:SystemExit": SystemExit,
                                           "builtins:KeyboardInterrupt": KeyboardInterrupt}
 
 
+#: marks, in its ``state``, an exit a network peer named (:func:`distrust_exits`)
+_UNTRUSTED = "__phalanx_untrusted__"
+
+
+def _distrusted(info: ErrorInfo) -> ErrorInfo:
+    return msgspec.structs.replace(info, state={**(info.state or {}), _UNTRUSTED: True})
+
+
+def distrust_exits(msg: DriverMessage) -> DriverMessage:
+    """``msg`` as received from the network (not a local worker's pipe), any ``SystemExit`` or
+    ``KeyboardInterrupt`` it names marked so that :func:`rebuild_error` gives a ``RemoteError``.
+
+    A local worker runs code this driver sent, so its exit is the task's, as under
+    ``ProcessPoolExecutor``; a host on the network must not make a caller's
+    ``result()`` raise ``SystemExit``. Returns ``msg`` itself when it names none.
+    """
+    if isinstance(msg, Results):
+        exits = _EXITS
+        if not any(type(o) is Err and o.error.type in exits for o in msg.outcomes):
+            return msg
+        outcomes: list[Outcome] = [
+            msgspec.structs.replace(o, error=_distrusted(o.error)) if type(o) is Err and o.error.type in exits else o
+            for o in msg.outcomes]
+        return msgspec.structs.replace(msg, outcomes=outcomes)
+    if isinstance(msg, (ActorEvent, ActorState)) and msg.error is not None and msg.error.type in _EXITS:
+        return msgspec.structs.replace(msg, error=_distrusted(msg.error))
+    return msg
+
+
 def _resolve_type(path: str) -> type[BaseException] | None:
     """The exception class ``module:qualname`` names, looked up without running any code.
 
@@ -689,9 +721,10 @@ def rebuild_error(info: ErrorInfo) -> BaseException:
 
     The type is looked up only in modules already imported here (nothing is
     imported on a peer's word), and must be an ``Exception``, or exactly the
-    builtin ``SystemExit`` or ``KeyboardInterrupt`` (a task that exits or is
-    interrupted fails with that exception, as under ``ProcessPoolExecutor``;
-    it is raised only where the caller asks for the result). A remote
+    builtin ``SystemExit`` or ``KeyboardInterrupt`` from a local worker (a
+    task that exits or is interrupted fails with that exception, as under
+    ``ProcessPoolExecutor``; it is raised only where the caller asks for the
+    result; from a host on the network, see :func:`distrust_exits`). A remote
     ``GeneratorExit`` or subclass of those two is never raised as such, nor a
     ``StopIteration`` (it would end a ``map`` iteration as if it were
     complete). Anything else, or a constructor that fails (with any
@@ -702,6 +735,8 @@ def rebuild_error(info: ErrorInfo) -> BaseException:
     """
     exc: BaseException | None = None
     cls = _resolve_type(info.type)
+    if cls is not None and info.state and info.state.get(_UNTRUSTED) is True and not issubclass(cls, Exception):
+        cls = None  # an exit a host on the network named (distrust_exits)
     if cls is not None:
         try:
             built = cls(*info.args) if info.args is not None else cls(info.message)
