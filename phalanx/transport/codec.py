@@ -428,13 +428,18 @@ def _pack_items(msg: Chunk, pickled: bool) -> Chunk:
 _value_of = operator.attrgetter("value")
 
 
+def _plain_results(msg: Results) -> bool:
+    """Every outcome an ``Ok`` of a plain value (checked in C)."""
+    try:
+        return _ATOMS.issuperset(map(type, map(_value_of, msg.outcomes)))
+    except AttributeError:
+        return False  # an Err among them
+
+
 def _pack_results(msg: Results, pickled: bool) -> Results:
     outcomes = msg.outcomes
-    try:
-        if _ATOMS.issuperset(map(type, map(_value_of, outcomes))):  # plain values only, in C
-            return msg
-    except AttributeError:
-        pass  # an Err among them
+    if _plain_results(msg):
+        return msg
     changed: list[Outcome] | None = None
     for i, outcome in enumerate(outcomes):
         if type(outcome) is Ok:
@@ -458,6 +463,8 @@ def _pack_results(msg: Results, pickled: bool) -> Results:
     return msg if changed is None else msgspec.structs.replace(msg, outcomes=changed)
 
 
+#: messages whose packer returns them unchanged only when every argument is a plain value
+_ARGS_MESSAGES = frozenset({Call, ActorCall, SpawnActor})
 #: messages carrying user values, and how to pack them
 _PACKERS: dict[type, Callable[[Any, bool], Any]] = {
     Call: _pack_args, ActorCall: _pack_args, SpawnActor: _pack_args, Chunk: _pack_items, Results: _pack_results,
@@ -480,9 +487,15 @@ def encode(msg: Any, what: str = "message", name: str = "", pickled: bool = Fals
     to a local pipe of a ``local_pickle`` runtime.
     """
     try:
-        packer = _PACKERS.get(type(msg))
+        kind = type(msg)
+        if kind is Results and _plain_results(msg):
+            return _encode_plain(msg)  # no value to pack, no array for shared memory
+        packer = _PACKERS.get(kind)
         if packer is not None:
-            msg = packer(msg, pickled)
+            packed = packer(msg, pickled)
+            if packed is msg and kind in _ARGS_MESSAGES:
+                return _encode_plain(msg)  # every argument plain (_pack_args kept the message)
+            msg = packed
         if type(msg) in _SHM_MESSAGES and _shm.threshold():
             return _encode_shm(msg)
         return _encode_plain(msg)
