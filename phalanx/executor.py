@@ -70,8 +70,10 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: start methods under which workers start on demand (ProcessPoolExecutor's rule: not fork)
-_ON_DEMAND = frozenset({"spawn", "forkserver"})
+#: start methods under which workers start on demand (ProcessPoolExecutor's do under forkserver and
+#: spawn; spawned workers take seconds to start, and on demand a quick task submitted meanwhile
+#: was seen to wait for them, so spawn starts every worker at once)
+_ON_DEMAND = frozenset({"forkserver"})
 
 _RUN_CALL = "phalanx.executor:_run_call"
 _RUN_CHUNK = "phalanx.executor:_run_chunk"
@@ -121,11 +123,11 @@ class Executor(concurrent.futures.Executor):
     else as Python made it (tuples, sets, big ints, numpy scalars) or as
     plain data (a dataclass as a dict, unless ``local_pickle``).
 
-    With an ``mp_context`` whose start method is spawn or forkserver,
-    workers start on demand, as ``ProcessPoolExecutor`` starts them: one at
-    construction, then one more each time a submit finds none idle, up to
-    ``max_workers``. Otherwise (fork, or phalanx's own start method when
-    there is no ``mp_context``) all start at construction.
+    With an ``mp_context`` whose start method is forkserver, workers start
+    on demand, as ``ProcessPoolExecutor`` starts them: one at construction,
+    then one more each time a submit finds none idle, up to
+    ``max_workers``. Otherwise (fork, spawn, or phalanx's own start method
+    when there is no ``mp_context``) all start at construction.
 
     A task that raises ``SystemExit`` or ``KeyboardInterrupt`` fails its
     future with that exception (the worker lives on), as
@@ -172,7 +174,7 @@ class Executor(concurrent.futures.Executor):
         options["implicit_operations"] = True  # plain functions, by module:qualname
         self._max_workers = max_workers
         self._init: list[Any] | None = None
-        # As ProcessPoolExecutor under spawn and forkserver: one worker at first, another each time
+        # As ProcessPoolExecutor under forkserver: one worker at first, another each time
         # a submit finds none idle (see _take_worker_locked), up to max_workers.
         self._on_demand = mp_context is not None and options["start_method"] in _ON_DEMAND
         #: workers asked for (replacements of dead or recycled ones are the runtime's, not counted)

@@ -179,10 +179,10 @@ def test_max_tasks_per_child_with_the_fork_context_is_a_value_error() -> None:
         assert ex.runtime.stats().workers_recycled >= 1
 
 
-@pytest.mark.parametrize("method", ["forkserver", "spawn"])
-def test_workers_start_on_demand_under_spawn_and_forkserver(method: str, tmp_path: Path) -> None:
-    """test_process_pool.test_idle_process_reuse_one / _multiple, test_processes_terminate: with a spawn
-    or forkserver mp_context, a worker starts only when a submit finds none idle, up to max_workers."""
+@pytest.mark.parametrize("method", ["forkserver"])
+def test_workers_start_on_demand_under_forkserver(method: str, tmp_path: Path) -> None:
+    """test_process_pool.test_idle_process_reuse_one / _multiple, test_processes_terminate: with a
+    forkserver mp_context, a worker starts only when a submit finds none idle, up to max_workers."""
     ex = phalanx.Executor(4, mp_context=multiprocessing.get_context(method))
     try:
         for i in range(3):
@@ -207,10 +207,11 @@ def test_workers_start_on_demand_under_spawn_and_forkserver(method: str, tmp_pat
         assert not p.is_alive()
 
 
-@pytest.mark.parametrize("context", ["fork", None])
-def test_workers_start_at_once_under_fork_and_by_default(context: str | None) -> None:
-    """test_process_pool.test_processes_terminate (fork): fork starts every worker at construction,
-    as ProcessPoolExecutor does; so does phalanx's default start method (no mp_context)."""
+@pytest.mark.parametrize("context", ["fork", "spawn", None])
+def test_workers_start_at_once_under_fork_spawn_and_by_default(context: str | None) -> None:
+    """test_process_pool.test_processes_terminate (fork), test_map_timeout (spawn): fork starts every
+    worker at construction, as ProcessPoolExecutor does; so do spawn (whose workers take seconds to
+    start: a task must not wait for one while another is free) and phalanx's default start method."""
     mp_context = multiprocessing.get_context(context) if context else None
     with phalanx.Executor(3, mp_context=mp_context) as ex:
         assert len(ex._processes) == 3
