@@ -368,15 +368,23 @@ def _size_class(nbytes: int) -> int:
     return -(-nbytes // step) * step
 
 
-def _new_segment(pid: int, capacity: int) -> _Segment | None:
-    import mmap
-
+def _create(pid: int) -> tuple[str, str, int] | None:
+    """A new segment file of ours, private to this user: its name, path and an open fd (None: cannot)."""
     name = f"{PREFIX}{pid}-{secrets.token_hex(16)}"
     path = os.path.join(SHM_DIR, name)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        return name, path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError:
         return None
+
+
+def _new_segment(pid: int, capacity: int) -> _Segment | None:
+    import mmap
+
+    created = _create(pid)
+    if created is None:
+        return None
+    name, path, fd = created
     try:
         os.posix_fallocate(fd, 0, HEAD + capacity)  # the pages now, or ENOSPC now (not SIGBUS later)
         mapping = mmap.mmap(fd, HEAD + capacity, flags=mmap.MAP_SHARED)
@@ -461,12 +469,10 @@ def write_array(array: Any) -> bytes | None:
             np.frombuffer(seg.mapping, dtype=np.uint8, count=array.nbytes, offset=HEAD)[...] = \
                 array.reshape(-1).view(np.uint8)
             return _payload(_Record(seg.name, array.dtype.str, array.shape, seg.gen))
-    name = f"{PREFIX}{pid}-{secrets.token_hex(16)}"
-    path = os.path.join(SHM_DIR, name)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError:
+    created = _create(pid)
+    if created is None:
         return None
+    name, path, fd = created
     try:
         view = memoryview(array.reshape(-1).view(np.uint8))
         done = 0
