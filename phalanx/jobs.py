@@ -231,6 +231,22 @@ class Future(concurrent.futures.Future[T]):
             raise
 
 
+def settle(fut: concurrent.futures.Future[Any], outcome: Delivery, op: Operation | None) -> None:
+    """Settle a call's future with its outcome (the result converted to ``op``'s declared type)."""
+    try:
+        if isinstance(outcome, Ok):
+            fut.set_result(outcome.value if op is None else op.convert_result(outcome.value))
+        else:
+            fut.set_exception(outcome_error(outcome))
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled meanwhile
+    except Exception as exc:  # the result did not convert to its declared type
+        try:
+            fut.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+
 class _SubmitJob(Job):
     """The job of one ``submit``, settling its future itself.
 
@@ -277,19 +293,7 @@ class _SubmitJob(Job):
         if fut.done():
             return
         self._forget()
-        try:
-            if isinstance(outcome, Ok):
-                op = self.result_op
-                fut.set_result(outcome.value if op is None else op.convert_result(outcome.value))
-            else:
-                fut.set_exception(outcome_error(outcome))
-        except concurrent.futures.InvalidStateError:
-            pass  # cancelled meanwhile
-        except Exception as exc:  # the result did not convert to its declared type
-            try:
-                fut.set_exception(exc)
-            except concurrent.futures.InvalidStateError:
-                pass
+        settle(fut, outcome, self.result_op)
 
     def fail(self, exc: BaseException) -> None:
         try:

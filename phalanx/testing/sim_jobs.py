@@ -22,11 +22,9 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 from ..directives import Directive, Fold, IndexedChain
 from ..core.tasks import Delivery, Job, Task
 from ..errors import TaskCancelledError, TaskTimeoutError
-from ..core.window import outcome_error
-from ..jobs import MISSING, Future, _WindowedMap, chain_options
+from ..jobs import MISSING, Future, _WindowedMap, chain_options, settle
 from ..policy import FatalStrategy, TaskOptions
 from ..registry.operations import Operation, driver_operation
-from ..transport.messages import Ok
 
 if TYPE_CHECKING:
     from .sim import SimRuntime
@@ -94,18 +92,7 @@ class _FutureSink:
         fut = self.future
         if fut.done():
             return
-        try:
-            if isinstance(outcome, Ok):
-                fut.set_result(outcome.value if self.op is None else self.op.convert_result(outcome.value))
-            else:
-                fut.set_exception(outcome_error(outcome))
-        except concurrent.futures.InvalidStateError:
-            pass
-        except Exception as exc:
-            try:
-                fut.set_exception(exc)
-            except concurrent.futures.InvalidStateError:
-                pass
+        settle(fut, outcome, self.op)
 
     def fail(self, exc: BaseException) -> None:
         try:
