@@ -237,15 +237,17 @@ class Driver:
             curve = membership.secure_tcp()
             tcp = self.address
             limits = self.limits
+            watch = sockets.HANDSHAKE_FAILURES if tcp is not None else 0
             self._tasks = sockets.router(self._ctx, self.endpoints.tasks, send_only=True,
-                                         tcp=tcp.tasks if tcp else None, curve=curve, limits=limits)
+                                         tcp=tcp.tasks if tcp else None, curve=curve, limits=limits, watch=watch)
             self._results = sockets.router(self._ctx, self.endpoints.results,
-                                           tcp=tcp.results if tcp else None, curve=curve, limits=limits)
+                                           tcp=tcp.results if tcp else None, curve=curve, limits=limits, watch=watch)
             self._control = sockets.publisher(self._ctx, self.endpoints.control,
-                                              tcp=tcp.control if tcp else None, curve=curve, limits=limits)
+                                              tcp=tcp.control if tcp else None, curve=curve, limits=limits,
+                                              watch=watch)
             if tcp is not None:
                 for sock, ep in ((self._tasks, tcp.tasks), (self._results, tcp.results), (self._control, tcp.control)):
-                    membership.monitors[sockets.monitor(sock, sockets.HANDSHAKE_FAILURES)] = ep
+                    membership.monitors[sockets.monitor(sock, watch)] = ep
         except BaseException:
             membership.close_security()
             self._ctx.destroy(linger=0)

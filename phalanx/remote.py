@@ -167,8 +167,8 @@ class RemoteSupervisor:
     # ---- the driver's heartbeats ---------------------------------------------------
 
     def _subscribe(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
-        sub = sockets.subscriber(ctx, self.endpoints.control, self.curve, self.limits)
         events = sockets.HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED
+        sub = sockets.subscriber(ctx, self.endpoints.control, self.curve, self.limits, watch=events)
         return sub, sockets.monitor(sub, events)
 
     def _wait_for_driver(self, sub: zmq.Socket[bytes], mon: zmq.Socket[bytes], timeout: float | None) -> bool:

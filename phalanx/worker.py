@@ -657,7 +657,8 @@ class _Loop:
             # A remote worker's inbox identity is a secret it tells only the driver (in Hello),
             # so no other host can connect under it and receive its tasks (see Hello).
             self.inbox_id = new_inbox()
-            self.inbox = sockets.dealer(self.ctx, spec.endpoints.tasks, self.inbox_id.encode(), spec.curve)
+            self.inbox = sockets.dealer(self.ctx, spec.endpoints.tasks, self.inbox_id.encode(), spec.curve,
+                                        watch=zmq.EVENT_HANDSHAKE_SUCCEEDED)
             # Its connections, seen by the control thread: on each (a reconnect too) the inbox
             # says Hello again, and the driver, which stops routing to an inbox it could not
             # reach, resumes.

@@ -131,6 +131,47 @@ def test_refused_peers_run_nothing(keys: Keys, how: str, tmp_path: Path, caplog:
     assert any("refused a peer" in m for m in refusals), refusals  # logged on the driver's side
 
 
+@pytest.mark.parametrize("slow_watch", [0.0, 0.5])
+def test_a_refusal_is_seen_however_late_the_host_watches_its_socket(
+        monkeypatch: pytest.MonkeyPatch, slow_watch: float) -> None:
+    """A refused ZMTP handshake is not retried, so a monitor attached after it is blind.
+
+    CI once saw the plaintext host wait its whole connect timeout (exit 4, "no driver
+    answered") instead of exit 3: the refusal came before the host watched its socket.
+    Here watching is made slow on purpose; the refusal must still be seen.
+    """
+    import zmq
+
+    from phalanx.remote import Refused, RemoteOptions, RemoteSupervisor
+    from phalanx.transport import sockets
+
+    real_monitor = sockets.monitor
+
+    def slow_monitor(sock: zmq.Socket[bytes], events: int) -> zmq.Socket[bytes]:
+        time.sleep(slow_watch)  # the host descheduled between making and watching a socket
+        return real_monitor(sock, events)
+
+    monkeypatch.setattr(sockets, "monitor", slow_monitor)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        public, secret = zmq.curve_keypair()
+        server = ctx.socket(zmq.PUB)  # a driver's control socket that demands CURVE
+        server.setsockopt(zmq.LINGER, 0)
+        sockets.curve_server(server, sockets.Curve(public, secret))
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        host = RemoteSupervisor(RemoteOptions(connect=f"tcp://127.0.0.1:{port - 2}", workers=0, insecure=True))
+        sub, mon = host._subscribe(ctx)
+        try:
+            started = time.monotonic()
+            with pytest.raises(Refused, match="security handshake failed"):
+                host._wait_for_driver(sub, mon, timeout=5.0)
+            assert time.monotonic() - started < 2.0
+        finally:
+            sockets.close(sub, mon)
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_insecure_runtime_warns_and_serves(capfd: pytest.CaptureFixture[str]) -> None:
     with phalanx.Runtime(workers=0, listen=LISTEN, insecure=True) as rt:
         assert rt.address is not None

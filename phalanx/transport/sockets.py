@@ -94,7 +94,12 @@ def handshake_failures(mon: zmq.Socket[bytes]) -> list[int]:
 
 
 def monitor(sock: zmq.Socket[bytes], events: int) -> zmq.Socket[bytes]:
-    """A PAIR socket receiving ``sock``'s monitor ``events`` (read with zmq.utils.monitor)."""
+    """A PAIR socket receiving ``sock``'s monitor ``events`` (read with zmq.utils.monitor).
+
+    A socket watched already returns the same monitor. Watch a socket before it
+    connects or binds (the builders' ``watch=``): ZeroMQ does not retry a refused
+    handshake, so a refusal that comes before the monitor is never reported.
+    """
     mon: zmq.Socket[bytes] = sock.get_monitor_socket(events)
     mon.setsockopt(zmq.LINGER, 0)
     return mon
@@ -165,7 +170,7 @@ def _tcp_options(sock: zmq.Socket[bytes], bound: bool = False) -> None:
 
 
 def _common(sock: zmq.Socket[bytes], endpoint: str = "", curve: Curve | None = None,
-            limits: Limits | None = None) -> None:
+            limits: Limits | None = None, watch: int = 0) -> None:
     if limits is None:
         limits = _default_limits
     sock.setsockopt(zmq.LINGER, 0)
@@ -176,17 +181,21 @@ def _common(sock: zmq.Socket[bytes], endpoint: str = "", curve: Curve | None = N
         _tcp_options(sock)
     if curve is not None:
         curve_client(sock, curve)
+    if watch:
+        monitor(sock, watch)
 
 
-def _bind(sock: zmq.Socket[bytes], endpoint: str, tcp: str | None, curve: Curve | None) -> None:
+def _bind(sock: zmq.Socket[bytes], endpoint: str, tcp: str | None, curve: Curve | None, watch: int = 0) -> None:
     """Bind ``endpoint`` (plaintext), then ``tcp`` with tcp options and CURVE.
 
     ZeroMQ copies a socket's options when an endpoint is bound, so the
     private ipc endpoint of local workers stays plaintext while the tcp one
-    of remote workers demands CURVE.
+    of remote workers demands CURVE. ``watch``: see :func:`monitor`.
     """
     sock.bind(endpoint)
     if tcp is not None:
+        if watch:
+            monitor(sock, watch)  # before any tcp peer can come
         _tcp_options(sock, bound=True)
         # The CURVE handshake's own commands (~250 bytes) count against MAXMSGSIZE.
         sock.setsockopt(zmq.MAXMSGSIZE, max(4096, sock.getsockopt(zmq.MAXMSGSIZE)))
@@ -202,12 +211,14 @@ def router(
     tcp: str | None = None,
     curve: Curve | None = None,
     limits: Limits | None = None,
+    watch: int = 0,
 ) -> zmq.Socket[bytes]:
     """A bound ROUTER that refuses to drop unroutable messages.
 
     ``send_only``: nobody reads it, so it accepts one tiny frame per peer at
     most (a peer that writes to it is stalled by ZeroMQ, not buffered).
     ``tcp``: also bind this address (with ``curve`` when given).
+    ``watch``: monitor these events on ``tcp`` from the start (see :func:`monitor`).
     """
     sock = ctx.socket(zmq.ROUTER)
     _common(sock, endpoint, limits=limits)
@@ -216,17 +227,20 @@ def router(
         # Read only to drop what peers send (see the module docstring about tcp).
         sock.setsockopt(zmq.RCVHWM, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, 64)
-    _bind(sock, endpoint, tcp, curve)
+    _bind(sock, endpoint, tcp, curve, watch)
     return sock
 
 
 def dealer(
     ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: bytes, curve: Curve | None = None,
-    limits: Limits | None = None,
+    limits: Limits | None = None, watch: int = 0,
 ) -> zmq.Socket[bytes]:
-    """A DEALER connected to ``endpoint`` whose routing identity is ``identity``."""
+    """A DEALER connected to ``endpoint`` whose routing identity is ``identity``.
+
+    ``watch``: monitor these events from before the connection (see :func:`monitor`).
+    """
     sock = ctx.socket(zmq.DEALER)
-    _common(sock, endpoint, curve, limits)
+    _common(sock, endpoint, curve, limits, watch)
     sock.setsockopt(zmq.ROUTING_ID, identity)
     sock.connect(endpoint)
     return sock
@@ -234,21 +248,27 @@ def dealer(
 
 def publisher(
     ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, tcp: str | None = None, curve: Curve | None = None,
-    limits: Limits | None = None,
+    limits: Limits | None = None, watch: int = 0,
 ) -> zmq.Socket[bytes]:
-    """A bound PUB for control broadcasts (peers may only send subscriptions)."""
+    """A bound PUB for control broadcasts (peers may only send subscriptions).
+
+    ``watch``: monitor these events on ``tcp`` from the start (see :func:`monitor`).
+    """
     sock = ctx.socket(zmq.PUB)
     _common(sock, endpoint, limits=limits)
     sock.setsockopt(zmq.MAXMSGSIZE, 1024)
-    _bind(sock, endpoint, tcp, curve)
+    _bind(sock, endpoint, tcp, curve, watch)
     return sock
 
 
 def subscriber(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, curve: Curve | None = None,
-               limits: Limits | None = None) -> zmq.Socket[bytes]:
-    """A SUB connected to ``endpoint`` and subscribed to everything."""
+               limits: Limits | None = None, watch: int = 0) -> zmq.Socket[bytes]:
+    """A SUB connected to ``endpoint`` and subscribed to everything.
+
+    ``watch``: monitor these events from before the connection (see :func:`monitor`).
+    """
     sock = ctx.socket(zmq.SUB)
-    _common(sock, endpoint, curve, limits)
+    _common(sock, endpoint, curve, limits, watch)
     sock.setsockopt(zmq.SUBSCRIBE, b"")
     sock.connect(endpoint)
     return sock
