@@ -44,7 +44,7 @@ from .driver import Driver
 from .errors import TaskCancelledError, TaskTimeoutError
 from .policy import FatalStrategy, TaskOptions
 from .progress import ProgressBar, progress_bar
-from .registry.operations import Operation, driver_operation, monoid_empty, name_of, pickled_call
+from .registry.operations import Operation, driver_operation, monoid_empty, name_of, named_operation, pickled_call
 from .transport.codec import encode, pack_message
 from .transport.messages import Call, Chunk, Ok
 
@@ -290,10 +290,21 @@ class _SubmitJob(Job):
 
     def deliver(self, seq: int, outcome: Delivery) -> None:
         fut = self.future
-        if fut.done():
+        if fut._state in SETTLED:
             return
-        self._forget()
-        settle(fut, outcome, self.result_op)
+        fut._phalanx_call = None  # _forget(), inline: this runs once per call
+        self.driver = None
+        op = self.result_op
+        if outcome.__class__ is Ok:
+            value = outcome.value
+            # settle(), without its calls when the value needs no conversion (convert_result's test).
+            if op is None or (returns := op.returns) is Any or returns is object or type(value) is returns:
+                try:
+                    fut.set_result(value)
+                except concurrent.futures.InvalidStateError:
+                    pass  # cancelled meanwhile
+                return
+        settle(fut, outcome, op)
 
     def fail(self, exc: BaseException) -> None:
         try:
@@ -332,14 +343,14 @@ def submit(
     options: TaskOptions | None = None,
 ) -> Future[Any]:
     """Run ``fn(*args, **kwargs)`` once on some worker."""
-    if driver.config.local_pickle:
+    local_pickle = driver.config.local_pickle
+    if local_pickle:
         fn, args = pickled_call(fn, args)
-    op_name = name_of(fn)
-    op = driver_operation(fn)
+    op_name, op = named_operation(fn)
     fut: Future[Any] = Future()
-    job = _SubmitJob(driver, op_name, op, fut, options_for(op, options))
+    job = _SubmitJob(driver, op_name, op, fut, options if op is None else op.options.merged(options))
     msg = Call(job.id, 0, 0, op_name, args, kwargs or None, job.timeout)
-    if driver.config.local_pickle:  # the task keeps its pickles: a retry re-encodes it as it is
+    if local_pickle:  # the task keeps its pickles: a retry re-encodes it as it is
         msg = pack_message(msg, True)
     frame = encode(msg, "the arguments of {}", op_name)
     fut._phalanx_direct = driver.direct

@@ -488,7 +488,11 @@ def encode(msg: Any, what: str = "message", name: str = "", pickled: bool = Fals
     """
     try:
         kind = type(msg)
-        if kind is Results and _plain_results(msg):
+        if kind is Call:
+            # The common call: plain positional arguments, nothing to pack (checked in C).
+            if not msg.kwargs and _ATOMS.issuperset(map(type, msg.args)):
+                return _encode_plain(msg)
+        elif kind is Results and _plain_results(msg):
             return _encode_plain(msg)  # no value to pack, no array for shared memory
         packer = _PACKERS.get(kind)
         if packer is not None:
