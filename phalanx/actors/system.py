@@ -349,7 +349,8 @@ class ActorSystem:
         return deliver
 
     def call(self, actor: _Actor, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
-        check_method(method)
+        if method[:1] == "_":
+            check_method(method)  # it raises
         fut: Future[Any] = Future()
         fut._state = RUNNING  # an actor call cannot be withdrawn once made (nobody sees it yet)
         fut._phalanx_direct = self.driver.direct
@@ -362,7 +363,8 @@ class ActorSystem:
                 seq = next(actor.seqs)
                 msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
                 frame = encode(msg, "the arguments of {}", f"{actor.cls_name}.{method}")
-                self.driver.check_frame(frame, f"the arguments of {actor.cls_name}.{method}")
+                if len(frame) > self.driver.limits.max_frame:
+                    self.driver.check_frame(frame, f"the arguments of {actor.cls_name}.{method}")  # it raises
                 actor.futures[seq] = (fut, method)
                 if not self.driver.submit_directed(job, msg, frame, actor.worker):
                     worker_gone(actor, seq, method, a, kw)

@@ -488,9 +488,9 @@ def encode(msg: Any, what: str = "message", name: str = "", pickled: bool = Fals
     """
     try:
         kind = type(msg)
-        # The common messages, checked in C: a call of plain positional arguments, results of
+        # The common messages, checked in C: a (actor) call of plain positional arguments, results of
         # plain values. Nothing to pack, no array for shared memory: msgspec encodes them as is.
-        if kind is Call:
+        if kind is Call or kind is ActorCall:
             plain = not msg.kwargs and _ATOMS.issuperset(map(type, msg.args))
         elif kind is Results:
             try:
