@@ -139,7 +139,7 @@ class DirectReader:
         if wake is None:
             wake = _THREAD.wake = _Wake()
         waiter = _DirectWaiter(wake.fd)
-        with fut._condition:
+        with fut._phalanx_lock:
             if fut._state in SETTLED:
                 return True
             fut._waiters.append(waiter)
@@ -207,7 +207,7 @@ class DirectReader:
                 if deadline is not None and time.monotonic() >= deadline:
                     return True
         finally:
-            with fut._condition:
+            with fut._phalanx_lock:
                 fut._waiters.remove(waiter)
             if waiter.fired or waiter.nudged:
                 try:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-from concurrent.futures._base import FINISHED, PENDING
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 import queue
 import threading
 import time
@@ -134,6 +134,9 @@ class Future(concurrent.futures.Future[T]):
     # the mechanism concurrent.futures.wait() already uses, so completing a future
     # nobody waits on wakes no thread. The base class's methods work unchanged.
     _condition = _SHARED_CONDITION
+    #: the lock under the Condition, for this module's and phalanx.direct's hot paths
+    #: (``with`` on the Condition itself costs two Python-level calls)
+    _phalanx_lock = _SHARED_LOCK
 
     def __init__(self) -> None:  # noqa: D107 - the base class's, without the Condition
         self._state = PENDING
@@ -194,6 +197,21 @@ class Future(concurrent.futures.Future[T]):
                 waiter.add_exception(self)
         if self._done_callbacks:
             self._invoke_callbacks()  # type: ignore[attr-defined]  # the base class's
+
+    def set_running_or_notify_cancel(self) -> bool:
+        # The base class's, under the shared lock without the Condition's Python-level enter/exit:
+        # the driver calls it once per call it dispatches.
+        with _SHARED_LOCK:
+            state = self._state
+            if state == PENDING:
+                self._state = RUNNING
+                return True
+            if state == CANCELLED:
+                self._state = CANCELLED_AND_NOTIFIED
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+                return False
+        return super().set_running_or_notify_cancel()  # any other state: the base class logs and raises
 
     def done(self) -> bool:
         # One attribute read is atomic: no need for the lock the base class takes (and a list it builds).
