@@ -293,7 +293,12 @@ class _SubmitJob(Job):
     # deliver, fail and on_dispatch are methods here, where Job keeps callables in slots:
     # found first on this class, they shadow those slots (which stay unset).
     def on_dispatch(self) -> bool:
-        return self.future.set_running_or_notify_cancel()
+        fut = self.future
+        with _SHARED_LOCK:  # the usual transition of set_running_or_notify_cancel, without its call
+            if fut._state == PENDING:
+                fut._state = RUNNING
+                return True
+        return fut.set_running_or_notify_cancel()
 
     def cancel(self) -> None:
         driver = self.driver

@@ -140,6 +140,11 @@ class Routing(Generic[W]):
         if not pending_by_tag:
             return batch
         live, live_tags = self.live, self.live_tags
+        for w in live:
+            if w.free > 0:
+                break
+        else:
+            return batch  # no free credit anywhere (calls submitted faster than workers run them)
         for tag, pending in list(pending_by_tag.items()):
             if tag not in live_tags:
                 continue
