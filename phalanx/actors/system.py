@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from ..direct import SETTLED
 from ..errors import ActorDiedError, TaskTimeoutError
 from ..jobs import Future
 from ..policy import DEFAULT_TAG
@@ -195,7 +196,7 @@ _ActorT = TypeVar("_ActorT")
 def settle_call(fut: Future[Any], outcome: Delivery, convert: Callable[[_ActorT, str, Any], Any],
                 actor: _ActorT, method: str) -> None:
     """Settle an actor call's future with its outcome (a value passes through ``convert(actor, method, value)``)."""
-    if fut.done():
+    if fut._state in SETTLED:  # fut.done(), without the call
         return
     try:
         if isinstance(outcome, Ok):
@@ -341,7 +342,7 @@ class ActorSystem:
                 pop = actor.futures.pop
                 entries = [pop(seq, None) for seq, _ in batch]
                 actor.calls += len(batch)
-            convert = self.convert_result
+            convert = _Actor.convert_result  # the record's own: (actor, method, value), one call fewer per reply
             for entry, (_, outcome) in zip(entries, batch):
                 if entry is not None:
                     settle_call(entry[0], outcome, convert, actor, entry[1])
