@@ -1,4 +1,4 @@
-"""The workloads W1..W7: what each one measures, and how, on one runner.
+"""The workloads W1..W8: what each one measures, and how, on one runner.
 
 The metadata (:data:`WORKLOADS`: titles, metrics, units, which direction is
 better, which runners take part, sizes) is read by the orchestrator
@@ -19,8 +19,9 @@ W4     CPU-bound: 32 x ~50 ms pure-Python loops [task-CPU-s per wall-s; ideal 2.
 W5     payload: 8 MB and 64 MB float64 numpy array, one way and both ways [MB/s]
 W6     start-up: pool constructor to first result [ms]; idle PSS per worker [MB]
 W7     scale: 10^3..10^6 tiny tasks through a streaming map [tasks/s, driver RSS growth]
-W8     many workers: 1 ms sleep tasks on 2, 8 and 32 workers [tasks/s, share of the ideal
-       workers x 1000/s, driver CPU per task]
+W8     many workers: 1 ms sleep tasks on 2, 8 and 32 workers, and on 16 remote workers (8 hosts
+       x 2 in network namespaces, tcp+CURVE) [tasks/s, share of the ideal workers x 1000/s,
+       driver CPU per task]
 =====  ================================================================================
 """
 
@@ -103,6 +104,9 @@ class Workload:
     note: str = ""
     #: the title under ``--quick`` (smaller sizes), if it differs
     quick_title: str = ""
+    #: phalanx on remote hosts (network namespaces), run as one more phalanx child per repeat
+    #: (``run_one --remote``); raises :class:`NotAvailable` where namespaces cannot be made
+    remote: Callable[[bool], Outcome] | None = None
 
     def heading(self, quick: bool) -> str:
         return (self.quick_title or self.title) if quick else self.title
@@ -571,6 +575,19 @@ def _run_w7(runner_name: str, size: int | None, quick: bool) -> Outcome:
 
 #: milliseconds each W8 task sleeps
 SLEEP_MS = 1.0
+#: the remote hosts of W8: (namespace hosts, workers per host), full and quick
+W8_REMOTE = (8, 2)
+W8_REMOTE_QUICK = (2, 2)
+
+
+def w8_remote_shape(quick: bool) -> tuple[int, int]:
+    """(hosts, workers per host) of W8's remote measurement."""
+    return W8_REMOTE_QUICK if quick else W8_REMOTE
+
+
+def w8_tasks(workers: int, quick: bool) -> int:
+    """How many 1 ms tasks W8 times on ``workers`` workers."""
+    return workers * (20 if quick else 250)
 
 
 def _w8_sizes(quick: bool) -> list[int | None]:
@@ -583,39 +600,62 @@ def _w8_metrics(quick: bool) -> list[Metric]:
         out.append(Metric(f"tps_{w}", f"{w} workers, throughput", "tasks/s", True))
         out.append(Metric(f"ideal_{w}", f"{w} workers, share of ideal ({w}k/s)", "ratio", True))
         out.append(Metric(f"cpu_{w}", f"{w} workers, driver CPU per task", "us", False))
+    hosts, per_host = w8_remote_shape(quick)
+    w = hosts * per_host
+    where = f"{w} remote ({hosts}x{per_host}, tcp+CURVE)"
+    out.append(Metric("tps_remote", f"{where}, throughput", "tasks/s", True))
+    out.append(Metric("ideal_remote", f"{where}, share of ideal ({w}k/s)", "ratio", True))
+    out.append(Metric("cpu_remote", f"{where}, driver CPU per task", "us", False))
     return out
 
 
-def _run_w8(runner_name: str, size: int | None, quick: bool) -> Outcome:
+def measure_w8(submit_gather: Callable[[Callable[..., Any], Sequence[tuple[Any, ...]]], list[Any]],
+               workers: int, n: int, suffix: str) -> Outcome:
+    """Time ``n`` sleep(1 ms) tasks through ``submit_gather`` on a pool of ``workers`` warm workers.
+
+    Runs in the driver's process (the local runner's child, or the driver in
+    its network namespace for remote hosts); the metric keys end in ``suffix``.
+    """
     import os
 
+    submit_gather(ops.sleep_ms, [(0.0,)] * (workers * 4))
+    # The driver process's CPU (all its threads: the caller, a pump, a pool's handler threads,
+    # dask's in-process scheduler); separate daemons (ipyparallel's controller, Ray's raylet) are not in it.
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    got = submit_gather(ops.sleep_ms, [(SLEEP_MS,)] * n)
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    try:
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError:
+        threads = 0
+    check_equal(got, [SLEEP_MS] * n, f"W8 {workers} workers")
+    tps = _rate(n, wall)
+    return {
+        "metrics": {f"tps_{suffix}": tps, f"ideal_{suffix}": tps / (workers * 1000.0 / SLEEP_MS),
+                    f"cpu_{suffix}": cpu / n * 1e6},
+        "info": {"workers": workers, "tasks": n, "seconds": wall, "driver_cpu_s": cpu, "driver_threads": threads},
+    }
+
+
+def _run_w8(runner_name: str, size: int | None, quick: bool) -> Outcome:
     workers = size or 2
-    n = workers * (20 if quick else 250)
     runner = make_runner(runner_name, workers=workers)
     runner.start()
     try:
         _warm_up(runner)
-        runner.submit_gather(ops.sleep_ms, [(0.0,)] * (workers * 4))
-        # The driver process's CPU (all its threads: the caller, a pump, a pool's handler threads,
-        # dask's in-process scheduler); separate daemons (ipyparallel's controller, Ray's raylet) are not in it.
-        cpu0 = time.process_time()
-        t0 = time.perf_counter()
-        got = runner.submit_gather(ops.sleep_ms, [(SLEEP_MS,)] * n)
-        wall = time.perf_counter() - t0
-        cpu = time.process_time() - cpu0
-        try:
-            threads = len(os.listdir("/proc/self/task"))
-        except OSError:
-            threads = 0
+        return measure_w8(runner.submit_gather, workers, w8_tasks(workers, quick), str(workers))
     finally:
         runner.close()
-    check_equal(got, [SLEEP_MS] * n, f"W8 {workers} workers")
-    tps = _rate(n, wall)
-    return {
-        "metrics": {f"tps_{workers}": tps, f"ideal_{workers}": tps / (workers * 1000.0 / SLEEP_MS),
-                    f"cpu_{workers}": cpu / n * 1e6},
-        "info": {"workers": workers, "tasks": n, "seconds": wall, "driver_cpu_s": cpu, "driver_threads": threads},
-    }
+
+
+def _run_w8_remote(quick: bool) -> Outcome:
+    """W8 on remote workers: hosts made of network namespaces, the driver in one of its own."""
+    from . import multihost
+
+    hosts, per_host = w8_remote_shape(quick)
+    return multihost.w8_remote(hosts, per_host, w8_tasks(hosts * per_host, quick))
 
 
 # ---- the table ----------------------------------------------------------------------
@@ -647,17 +687,21 @@ WORKLOADS: dict[str, Workload] = {
                  _w7_metrics, _run_w7, sizes=_w7_sizes,
                  note="phalanx rt.map (auto chunks); Pool.imap, PPE.map, loky map with chunksize "
                  "ceil(n/8); results consumed as a stream; RSS sampled every 10 ms"),
-        Workload("W8", "many workers: 250 x workers sleep(1 ms) tasks on 2, 8 and 32 workers",
+        Workload("W8", "many workers: 250 x workers sleep(1 ms) tasks on 2, 8 and 32 local workers, "
+                 "16 remote workers",
                  tuple(r for r in TASK_RUNNERS if r not in ("ppe",)), _w8_metrics, _run_w8, sizes=_w8_sizes,
-                 quick_title="many workers: 20 x workers sleep(1 ms) tasks on 2 and 4 workers (quick)",
+                 quick_title="many workers: 20 x workers sleep(1 ms) tasks on 2 and 4 local workers, "
+                 "4 remote workers (quick)",
                  note="oversubscribed on purpose (2 cores); one task per message (Pool: apply_async); "
-                 "ideal = workers x 1000 tasks/s; driver CPU = process_time of the submitting process"),
+                 "ideal = workers x 1000 tasks/s; driver CPU = process_time of the submitting process; "
+                 "remote HxW: H hosts (network namespaces) of W workers each, the driver in a namespace of its own",
+                 remote=_run_w8_remote),
     )
 }
 
 
 def get(workload_id: str) -> Workload:
-    """The workload ``W1``..``W7`` (case-insensitive)."""
+    """The workload ``W1``..``W8`` (case-insensitive)."""
     try:
         return WORKLOADS[workload_id.upper()]
     except KeyError:
