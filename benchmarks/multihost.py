@@ -27,13 +27,16 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
 import netns  # noqa: E402
 from remote_host import Keys, Lines, RemoteHost  # noqa: E402
+
+if TYPE_CHECKING:
+    from .workloads import Outcome
 
 #: seconds the remote hosts get to join the driver (8 hosts start at once on a shared 2-core machine)
 JOIN_TIMEOUT = 120.0
@@ -83,7 +86,7 @@ def _stop(proc: subprocess.Popen[str]) -> None:
     proc.wait()
 
 
-def w8_remote(hosts_n: int, per_host: int, tasks: int) -> dict[str, Any]:
+def w8_remote(hosts_n: int, per_host: int, tasks: int) -> Outcome:
     """W8 on ``hosts_n`` namespace hosts of ``per_host`` workers over tcp+CURVE: an Outcome.
 
     Raises ``benchmarks.workloads.NotAvailable`` (saying why) where namespaces
@@ -125,14 +128,15 @@ def w8_remote(hosts_n: int, per_host: int, tasks: int) -> dict[str, Any]:
     if "error" in result:
         raise RuntimeError(f"the driver: {result['error']}")
     result["info"].update(hosts=hosts_n, workers_per_host=per_host, transport="tcp+CURVE")
-    return result
+    return {"metrics": result["metrics"], "info": result["info"]}
 
 
 def sweep() -> list[str]:
     """Remove the namespaces (and what runs in them) of runs whose process is gone; their names."""
     if netns.unavailable():
         return []
-    return netns.sweep_stale()
+    swept: list[str] = netns.sweep_stale()
+    return swept
 
 
 def main() -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import statistics
 import threading
 import time
@@ -609,33 +610,78 @@ def _w8_metrics(quick: bool) -> list[Metric]:
     return out
 
 
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds of each thread of this process, by thread name (Linux; empty elsewhere)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(int(tid), f"thread {tid}")
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _tree_cpu(pids: Sequence[int]) -> float | None:
+    """CPU seconds of these processes so far (None if one cannot be read)."""
+    import psutil
+
+    try:
+        return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
+    except psutil.Error:
+        return None
+
+
+def _busy() -> float:
+    import psutil
+
+    t = psutil.cpu_times()
+    return float(sum(t)) - t.idle - getattr(t, "iowait", 0.0)
+
+
 def measure_w8(submit_gather: Callable[[Callable[..., Any], Sequence[tuple[Any, ...]]], list[Any]],
-               workers: int, n: int, suffix: str) -> Outcome:
+               workers: int, n: int, suffix: str, worker_pids: Callable[[], list[int]] | None = None) -> Outcome:
     """Time ``n`` sleep(1 ms) tasks through ``submit_gather`` on a pool of ``workers`` warm workers.
 
     Runs in the driver's process (the local runner's child, or the driver in
     its network namespace for remote hosts); the metric keys end in ``suffix``.
+    The info says where the CPU went, per task: each thread of the driver,
+    the workers (``worker_pids``, when they can be read here), and how many
+    of the machine's cores were busy (with anything, ours or not).
     """
-    import os
-
     submit_gather(ops.sleep_ms, [(0.0,)] * (workers * 4))
+    try:
+        pids = worker_pids() if worker_pids is not None else []
+    except NotApplicable:
+        pids = []
     # The driver process's CPU (all its threads: the caller, a pump, a pool's handler threads,
     # dask's in-process scheduler); separate daemons (ipyparallel's controller, Ray's raylet) are not in it.
+    threads0, workers0, busy0 = _thread_cpu(), _tree_cpu(pids), _busy()
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     got = submit_gather(ops.sleep_ms, [(SLEEP_MS,)] * n)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
-    try:
-        threads = len(os.listdir("/proc/self/task"))
-    except OSError:
-        threads = 0
+    busy, threads1, workers1 = _busy() - busy0, _thread_cpu(), _tree_cpu(pids)
     check_equal(got, [SLEEP_MS] * n, f"W8 {workers} workers")
     tps = _rate(n, wall)
+    per_thread = {name: round((threads1.get(name, 0.0) - before) / n * 1e6, 1) for name, before in threads0.items()
+                  if threads1.get(name, 0.0) > before}
+    workers_cpu = None if not pids or workers0 is None or workers1 is None else (workers1 - workers0) / n * 1e6
     return {
         "metrics": {f"tps_{suffix}": tps, f"ideal_{suffix}": tps / (workers * 1000.0 / SLEEP_MS),
                     f"cpu_{suffix}": cpu / n * 1e6},
-        "info": {"workers": workers, "tasks": n, "seconds": wall, "driver_cpu_s": cpu, "driver_threads": threads},
+        "info": {"workers": workers, "tasks": n, "seconds": wall, "driver_cpu_s": cpu,
+                 "driver_threads": len(threads1), "driver_thread_cpu_us_per_task": per_thread,
+                 "workers_cpu_us_per_task": workers_cpu, "machine_busy_cores": busy / wall if wall > 0 else None},
     }
 
 
@@ -645,7 +691,7 @@ def _run_w8(runner_name: str, size: int | None, quick: bool) -> Outcome:
     runner.start()
     try:
         _warm_up(runner)
-        return measure_w8(runner.submit_gather, workers, w8_tasks(workers, quick), str(workers))
+        return measure_w8(runner.submit_gather, workers, w8_tasks(workers, quick), str(workers), runner.worker_pids)
     finally:
         runner.close()
 

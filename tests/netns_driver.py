@@ -99,7 +99,7 @@ def w8(rt: phalanx.Runtime, workers: int, tasks: int) -> dict[str, object]:
 
     runner = PhalanxRunner(workers)
     runner.rt = rt  # the runner's submit_gather on this runtime: the local rows' very code
-    outcome = measure_w8(runner.submit_gather, workers, tasks, "remote")
+    outcome = measure_w8(runner.submit_gather, workers, tasks, "remote", runner.worker_pids)
     outcome["info"]["workers_lost"] = rt.stats().workers_lost
     return dict(outcome)
 
