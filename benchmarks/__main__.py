@@ -281,9 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                 detail = record.get("error") or record.get("reason") or ""
                 _progress(f"  {workload.id} phalanx  remote hosts repeat {rep + 1}/{args.repeats}: "
                           f"{record['status']} ({record['wall_seconds']:.1f} s){' ' + detail if detail else ''}")
-                for what in ("leftovers", "namespaces_swept"):
-                    if record.get(what):
-                        _progress(f"    WARNING: the remote run left {what.replace('_', ' ')}: {record[what]}")
+                for key, what in (("leftovers", "processes behind (killed)"),
+                                  ("namespaces_swept", "network namespaces behind (removed)")):
+                    if record.get(key):
+                        _progress(f"    WARNING: the remote run left {what}: {record[key]}")
                 if record["status"] == "na":
                     break  # the reason will not change: one line says why
         records.extend(mine)

@@ -122,11 +122,14 @@ def w8_remote(hosts_n: int, per_host: int, tasks: int) -> Outcome:
             for host in remotes:
                 host.close()
             lines.join()
+    # what the hosts said, for a run that failed (a host that could not import, was refused, ...)
+    said = "; ".join(f"{h.name} exited {h.proc.returncode}: {h.err.strip()[-300:]}" for h in remotes
+                     if h.proc.returncode)
     if not line:
-        raise RuntimeError(f"the driver exited with status {drv.returncode} and no figures")
+        raise RuntimeError(f"the driver exited with status {drv.returncode} and no figures; {said}")
     result: dict[str, Any] = json.loads(line)
     if "error" in result:
-        raise RuntimeError(f"the driver: {result['error']}")
+        raise RuntimeError(f"the driver: {result['error']}; {said}")
     result["info"].update(hosts=hosts_n, workers_per_host=per_host, transport="tcp+CURVE")
     return {"metrics": result["metrics"], "info": result["info"]}
 
