@@ -610,10 +610,16 @@ def _w8_metrics(quick: bool) -> list[Metric]:
     return out
 
 
+def _run_ns(task_dir: str) -> int:
+    """Nanoseconds one thread ran on a CPU (``/proc/.../task/TID/schedstat``, exact where the
+    tick-counted ``stat`` fields are 10 ms coarse: 32 workers each running a few ms would read as 0)."""
+    with open(f"{task_dir}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
 def _thread_cpu() -> dict[str, float]:
     """CPU seconds of each thread of this process, by thread name (Linux; empty elsewhere)."""
     names = {t.native_id: t.name for t in threading.enumerate()}
-    tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     try:
         tids = os.listdir("/proc/self/task")
@@ -621,22 +627,19 @@ def _thread_cpu() -> dict[str, float]:
         return out
     for tid in tids:
         try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+            ran = _run_ns(f"/proc/self/task/{tid}") / 1e9
+        except (OSError, ValueError, IndexError):
             continue
-        name = names.get(int(tid), f"thread {tid}")
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        name = names.get(int(tid), "threads not started by Python")  # ZeroMQ's I/O thread, say
+        out[name] = out.get(name, 0.0) + ran
     return out
 
 
 def _tree_cpu(pids: Sequence[int]) -> float | None:
-    """CPU seconds of these processes so far (None if one cannot be read)."""
-    import psutil
-
+    """CPU seconds of these processes (all their threads) so far (None if one cannot be read)."""
     try:
-        return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
-    except psutil.Error:
+        return sum(_run_ns(f"/proc/{pid}/task/{tid}") for pid in pids for tid in os.listdir(f"/proc/{pid}/task")) / 1e9
+    except (OSError, ValueError, IndexError):
         return None
 
 
@@ -735,10 +738,12 @@ WORKLOADS: dict[str, Workload] = {
                  "ceil(n/8); results consumed as a stream; RSS sampled every 10 ms"),
         Workload("W8", "many workers: 250 x workers sleep(1 ms) tasks on 2, 8 and 32 local workers, "
                  "16 remote workers",
-                 tuple(r for r in TASK_RUNNERS if r not in ("ppe",)), _w8_metrics, _run_w8, sizes=_w8_sizes,
+                 (*(r for r in TASK_RUNNERS if r not in ("ppe",)), "static"), _w8_metrics, _run_w8, sizes=_w8_sizes,
                  quick_title="many workers: 20 x workers sleep(1 ms) tasks on 2 and 4 local workers, "
                  "4 remote workers (quick)",
                  note="oversubscribed on purpose (2 cores); one task per message (Pool: apply_async); "
+                 "static: Pool.starmap with one chunk per worker, the ceiling of this machine with no per-task "
+                 "dispatch; "
                  "ideal = workers x 1000 tasks/s; driver CPU = process_time of the submitting process; "
                  "remote HxW: H hosts (network namespaces) of W workers each, the driver in a namespace of its own",
                  remote=_run_w8_remote),

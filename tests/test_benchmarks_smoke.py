@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: workloads run by phalanx and by Pool, PPE and loky: each must give numbers
 TASK_WORKLOADS = ("W1", "W2", "W4", "W5", "W6", "W7")
-#: many workers: phalanx, Pool and loky (not PPE)
-W8_PEERS = ("pool", "loky")
+#: many workers: phalanx, Pool and loky (not PPE), and the ceiling (Pool, one chunk per worker)
+W8_PEERS = ("pool", "loky", "static")
 #: the optional peers (Dask, ipyparallel, mpire) are left to their own test: they take long to start
-CORE_RUNNERS = "phalanx,inline,executor,pool,ppe,loky,manager,ray"
+CORE_RUNNERS = "phalanx,inline,executor,pool,ppe,loky,manager,ray,static"
 #: the actor workload, compared with peers of its own (a BaseManager proxy, Ray), not Pool/PPE/loky
 OWN_PEERS = ("W3",)
 PEERS = ("pool", "ppe", "loky")
@@ -82,6 +82,11 @@ def test_quick_benchmark_run_reports_every_workload(tmp_path: Path) -> None:
         for workers in (2, 4):
             for key in (f"tps_{workers}", f"ideal_{workers}", f"cpu_{workers}"):
                 assert w8["metrics"][key]["runners"][runner]["median"] > 0, (key, runner)
+    # ... and where the CPU went: the driver's threads and the workers, per task
+    for run in data["runs"]:
+        if run["workload"] == "W8" and run["runner"] == "phalanx":
+            assert run["info"]["driver_thread_cpu_us_per_task"].get("MainThread", 0) > 0, run["info"]
+            assert run["info"]["workers_cpu_us_per_task"] > 0, run["info"]
     # W8's remote rows: figures where namespaces can be made, else one line saying why not.
     why = netns.unavailable()
     remote = [run for run in data["runs"] if run.get("remote")]
