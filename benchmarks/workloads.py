@@ -611,35 +611,60 @@ def _w8_metrics(quick: bool) -> list[Metric]:
 
 
 def _run_ns(task_dir: str) -> int:
-    """Nanoseconds one thread ran on a CPU (``/proc/.../task/TID/schedstat``, exact where the
-    tick-counted ``stat`` fields are 10 ms coarse: 32 workers each running a few ms would read as 0)."""
+    """Nanoseconds one thread ran on a CPU (``/proc/.../task/TID/schedstat``: exact up to its last
+    switch, where the tick-counted ``stat`` fields are 10 ms coarse)."""
     with open(f"{task_dir}/schedstat") as f:
         return int(f.read().split()[0])
 
 
 def _thread_cpu() -> dict[str, float]:
-    """CPU seconds of each thread of this process, by thread name (Linux; empty elsewhere)."""
-    names = {t.native_id: t.name for t in threading.enumerate()}
+    """CPU seconds of each thread of this process, by thread name (Linux; empty elsewhere).
+
+    Python threads through their CPU clocks (exact even while running); the
+    others (ZeroMQ's I/O thread, say) through schedstat.
+    """
     out: dict[str, float] = {}
+    python: set[int] = set()
+    for t in threading.enumerate():
+        try:
+            ran = time.clock_gettime(time.pthread_getcpuclockid(t.ident or 0))
+        except (OSError, AttributeError):
+            continue
+        python.add(t.native_id or 0)
+        out[t.name] = out.get(t.name, 0.0) + ran
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:
         return out
+    other = "threads not started by Python"  # ZeroMQ's I/O thread, say
     for tid in tids:
+        if int(tid) in python:
+            continue
         try:
-            ran = _run_ns(f"/proc/self/task/{tid}") / 1e9
+            out[other] = out.get(other, 0.0) + _run_ns(f"/proc/self/task/{tid}") / 1e9
         except (OSError, ValueError, IndexError):
             continue
-        name = names.get(int(tid), "threads not started by Python")  # ZeroMQ's I/O thread, say
-        out[name] = out.get(name, 0.0) + ran
     return out
 
 
 def _tree_cpu(pids: Sequence[int]) -> float | None:
-    """CPU seconds of these processes (all their threads) so far (None if one cannot be read)."""
+    """CPU seconds of these processes (all their threads) so far (None if one cannot be read).
+
+    Through each process's CPU clock (``clock_getcpuclockid``: exact), else schedstat.
+    """
+    import ctypes
+
     try:
-        return sum(_run_ns(f"/proc/{pid}/task/{tid}") for pid in pids for tid in os.listdir(f"/proc/{pid}/task")) / 1e9
-    except (OSError, ValueError, IndexError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        total = 0.0
+        for pid in pids:
+            clock = ctypes.c_int()
+            if libc.clock_getcpuclockid(pid, ctypes.byref(clock)) == 0:
+                total += time.clock_gettime(clock.value)
+            else:
+                total += sum(_run_ns(f"/proc/{pid}/task/{tid}") for tid in os.listdir(f"/proc/{pid}/task")) / 1e9
+        return total
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
 
 
@@ -667,13 +692,15 @@ def measure_w8(submit_gather: Callable[[Callable[..., Any], Sequence[tuple[Any, 
         pids = []
     # The driver process's CPU (all its threads: the caller, a pump, a pool's handler threads,
     # dask's in-process scheduler); separate daemons (ipyparallel's controller, Ray's raylet) are not in it.
-    threads0, workers0, busy0 = _thread_cpu(), _tree_cpu(pids), _busy()
+    workers0, busy0 = _tree_cpu(pids), _busy()
+    threads0 = _thread_cpu()  # last before the clock starts: the threads' window is the timed one
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     got = submit_gather(ops.sleep_ms, [(SLEEP_MS,)] * n)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
-    busy, threads1, workers1 = _busy() - busy0, _thread_cpu(), _tree_cpu(pids)
+    threads1 = _thread_cpu()
+    busy, workers1 = _busy() - busy0, _tree_cpu(pids)
     check_equal(got, [SLEEP_MS] * n, f"W8 {workers} workers")
     tps = _rate(n, wall)
     per_thread = {name: round((threads1.get(name, 0.0) - before) / n * 1e6, 1) for name, before in threads0.items()
