@@ -154,10 +154,11 @@ def format_workload(workload: Workload, summary: dict[str, Any], quick: bool, ru
         lines.append(f"    {runner}: {reason}")
     if summary.get("remote_skipped"):
         lines.append(f"    remote rows: {summary['remote_skipped']}")
-    present = [r for r in runners if r not in ("phalanx", "inline")]
+    present = [r for r in runners if r not in ("phalanx", "inline", "static")]
     absent = summary.get("peers_absent") or []
     lines.append(f"    peers present: {', '.join(present) or 'none'}"
-                 + (f"; not installed (skipped): {', '.join(absent)}" if absent else ""))
+                 + (f"; not installed (skipped): {', '.join(absent)}" if absent else "")
+                 + ("; static is the machine's ceiling, not a peer" if "static" in runners else ""))
     return "\n".join(lines)
 
 
