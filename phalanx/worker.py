@@ -712,6 +712,13 @@ class _Loop:
         assert self.inbox is not None
         return bool(self.inbox.poll(timeout_ms))
 
+    def read_nowait(self) -> None:
+        """Take in what the driver sent that arrived whole, without waiting."""
+        if self.pipe is not None:
+            self.drain_inbox()  # a read of an empty pipe is one system call, as a poll would be
+        elif self.poll(0):
+            self.drain_inbox()
+
     def _frames(self) -> list[bytes]:
         """What the driver sent that arrived whole (does not wait)."""
         if self.pipe is not None:
@@ -995,6 +1002,8 @@ class _Loop:
             self.control.start()
         poll = self.poll
         perf_counter = time.perf_counter
+        #: tasks run since this loop last waited for the driver
+        ran = 0
         while not self.stopping:
             if self.inbox_back and self.inbox is not None:
                 self.inbox_back = False
@@ -1004,6 +1013,14 @@ class _Loop:
                     pass  # gone again: the next connect sets the flag again
             if not self.todo:
                 self.flush()
+                if ran > 1:
+                    # Work is flowing: the tasks the driver sent for the last outcomes are most
+                    # likely here already. One read, no wait (a lone call, ran == 1, waits at once).
+                    ran = 0
+                    self.read_nowait()
+                    if self.todo or self.stopping:
+                        continue
+                ran = 0
                 if self.ready_sent and self.spec.spin > 0:
                     # Spin briefly before blocking: waking a blocked process costs far
                     # more than a short spin, and the next task of a round trip is near.
@@ -1021,6 +1038,7 @@ class _Loop:
                     self.ready_sent = True
                 continue
             task = self.todo.popleft()
+            ran += 1
             kind = task.__class__  # decoded messages are of exactly their class
             if kind is Call or kind is Chunk:
                 if self.out and task.attempt:
@@ -1052,9 +1070,12 @@ class _Loop:
             # Drop the task now, not when the next one comes: channel ends among its
             # arguments are collected, and what they held goes back to their lease.
             del task, outcome
-            # Batch only under load: more work waiting and this task was quick.
-            if poll(0):
-                self.drain_inbox()
+            # Batch only under load: more work waiting and this task was quick. The driver is
+            # read only when that decides something: tasks already queued here say it at once,
+            # and a slow task's outcome goes out before anything else (the queue is read when
+            # it runs dry).
+            if elapsed < QUICK_TASK and not self.todo and self.out and poll(0):
+                self.drain_inbox()  # (a poll: a lone call's outcome waits for no failed read)
             if not self.todo or elapsed >= QUICK_TASK or len(self.out) >= BATCH_MAX:
                 self.flush()
             if self.spec.max_memory:

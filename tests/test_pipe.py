@@ -104,6 +104,25 @@ def test_blocking_send_waits_for_the_reader(pair: tuple[FramePipe, FramePipe]) -
     assert got == [big, b"1", big]
 
 
+def test_blocking_sends_of_small_frames_survive_a_full_buffer(pair: tuple[FramePipe, FramePipe]) -> None:
+    """A worker's outcomes (small frames, each one write) while its reader lags: the kernel takes
+    some frames in part; what it left goes first, and every frame arrives whole and in order."""
+    a, b = pair
+    frames = [bytes([i % 251]) * (1000 + (i * 7919) % 15000) for i in range(4000)]  # ~32 MB in all
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.extend(read_until(b, len(frames))))
+    first = 0
+    while not a.pending:  # the kernel's buffer fills before anyone reads
+        a.send(frames[first])
+        first += 1
+    reader.start()
+    for frame in frames[first:]:
+        a.send_blocking(frame)
+    reader.join(30)
+    assert len(got) == len(frames) and got == frames
+    assert not a.pending
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     frames=st.lists(st.binary(max_size=3000), max_size=30),

@@ -161,7 +161,22 @@ class FramePipe:
 
     def send_blocking(self, frame: bytes) -> None:
         """Write one frame, waiting while the kernel buffer is full (workers only)."""
-        if self.send(frame):
+        size = len(frame)
+        if size < _JOIN_BELOW and not self._backlog:
+            # The common case, a small frame: header and frame in one buffer, one send.
+            data = _HEADER.pack(size) + frame
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise PipeError(f"the pipe is closed: {exc}") from None
+            if sent == len(data):
+                return
+            self._backlog.append(memoryview(data)[sent:])
+        elif not self.send(frame):
+            return
+        if self._backlog:
             poller = select.poll()
             poller.register(self._fd, select.POLLOUT)
             while not self.flush():
