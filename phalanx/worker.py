@@ -785,8 +785,9 @@ class _Loop:
             return Err(task.job, task.seq, task.attempt,
                        _special_error(task.job, TaskCancelledError(f"job {task.job} was terminated")))
         ctx = TaskContext(task.job, task.seq, task.attempt, task.timeout)
-        with self.state_lock:
-            self.current = ctx
+        # No lock to start it (one assignment: the control thread sees None or ctx); ending it
+        # takes the lock, so an outcome the control thread sent for it is seen (``answered``).
+        self.current = ctx
         _current = ctx
         try:
             outcome = self.runner.execute(task, ctx)
@@ -827,11 +828,19 @@ class _Loop:
         outcomes, ops, busy = self.out, self.out_ops, self.busy
         self.out, self.out_ops, self.busy = [], [], 0.0
         frames = self._result_frames(outcomes, ops, busy)
+        pipe = self.pipe
+        if pipe is not None:
+            # A pipe's frame is in the kernel once written: it reaches the driver even if this process dies.
+            try:
+                for frame in frames:
+                    pipe.send_blocking(frame)
+            except PipeError:
+                self.stopping = True  # the driver is gone
+            return
         for frame in frames[:-1]:
             self._send_frame(frame)
         frame = frames[-1]
-        if self.pipe is not None or not sent:
-            # A pipe's frame is in the kernel once written: it reaches the driver even if this process dies.
+        if not sent:
             self._send_frame(frame)
             return
         assert self.outbox is not None
@@ -854,7 +863,7 @@ class _Loop:
         so the driver always gets exactly one outcome per task and the worker
         lives on.
         """
-        dropped = self.dropped()
+        dropped = self.frames_dropped + self.control.frames_dropped  # dropped(), inline: once per flush
         try:
             frame = encode(Results(self.spec.worker_id, outcomes, busy, dropped), pickled=self.pickled)
         except BaseException as exc:  # noqa: B036 - RecursionError: a self-referencing or very deep value
