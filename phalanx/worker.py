@@ -44,7 +44,9 @@ Invariants kept:
   arrive while ``getppid()`` still names the dying parent (the kernel first
   re-parents a child to another thread of the same process).
 * **Lone calls are not delayed.** Outcomes are batched only while more tasks
-  are already waiting and the previous one was quick.
+  are already waiting and the previous one was quick. A slow task's outcome
+  goes out before the driver is read again; the driver is read when the
+  queue runs dry, or to decide whether a quick task's outcome may wait.
 """
 
 from __future__ import annotations

@@ -188,3 +188,21 @@ def test_local_workers_talk_over_their_pipe_and_remote_paths_still_work() -> Non
             [i + 1 for i in range(200)]
         assert list(rt.map(ops.inc, range(1000), timeout=30)) == [i + 1 for i in range(1000)]
         assert rt.stats().frames_dropped == 0
+
+
+def test_a_worker_fed_faster_than_it_reads_answers_every_task_once_and_in_order() -> None:
+    """A worker reads its pipe only when its queue runs dry (or to decide whether a quick
+    outcome may wait): quick and slow tasks mixed, hundreds in its pipe at once, each gets
+    exactly its own outcome; map chunks too."""
+    with phalanx.Runtime(workers=1, credits=256) as rt:
+        futures = []
+        for i in range(3000):
+            if i % 97 == 0:
+                futures.append(rt.submit(ops.sleep_then, i, 0.002))  # slow: its outcome goes at once
+            else:
+                futures.append(rt.submit(ops.inc, i))  # quick: batched while more wait
+        assert [f.result(timeout=60) for f in futures] == \
+            [i if i % 97 == 0 else i + 1 for i in range(3000)]
+        assert list(rt.map(ops.inc, range(2000), chunksize=7, timeout=60)) == [i + 1 for i in range(2000)]
+        stats = rt.stats()
+        assert stats.frames_dropped == 0
