@@ -74,12 +74,14 @@ from .errors import EncodeError, FrameTooLargeError, ProtocolError, TaskCancelle
 from .registry.operations import resolve
 from .transport import shm, sockets
 from .transport.codec import (
+    DECODE_ERRORS,
     PickleFailed,
     UnpickleFailed,
     decode_control,
     decode_inbox,
     encode,
     error_info,
+    inbox_decoder,
     pack,
     salvage_inbox,
 )
@@ -651,6 +653,7 @@ class _Loop:
         self.outbox: zmq.Socket[bytes] | None = None
         #: pickles cross its pipe (local_pickle); never a ZeroMQ socket's, whatever the spec says
         self.pickled = spec.local_pickle and pipe is not None
+        self._decode = inbox_decoder(self.pickled)
         if pipe is not None:
             self.pipe = FramePipe(pipe, spec.limits.max_frame)
             self._pipe_poll = select.poll()
@@ -714,13 +717,6 @@ class _Loop:
         assert self.inbox is not None
         return bool(self.inbox.poll(timeout_ms))
 
-    def read_nowait(self) -> None:
-        """Take in what the driver sent that arrived whole, without waiting."""
-        if self.pipe is not None:
-            self.drain_inbox()  # a read of an empty pipe is one system call, as a poll would be
-        elif self.poll(0):
-            self.drain_inbox()
-
     def _frames(self) -> list[bytes]:
         """What the driver sent that arrived whole (does not wait)."""
         if self.pipe is not None:
@@ -741,11 +737,12 @@ class _Loop:
                 return out
 
     def drain_inbox(self) -> None:
+        decode = self._decode
         for frame in self._frames():
             try:
-                msg = decode_inbox(frame, self.pickled)
-            except ProtocolError as exc:
-                if isinstance(exc.__cause__, UnpickleFailed) and self._unpicklable(frame, exc.__cause__):
+                msg = decode(frame)
+            except DECODE_ERRORS as exc:  # bad input, or a local_pickle task whose pickle did not load
+                if isinstance(exc, UnpickleFailed) and self._unpicklable(frame, exc):
                     continue
                 self.frames_dropped += 1
                 continue
@@ -1023,12 +1020,14 @@ class _Loop:
                 except zmq.ZMQError:
                     pass  # gone again: the next connect sets the flag again
             if not self.todo:
-                self.flush()
-                if ran > 1:
+                if self.out:
+                    self.flush()
+                if ran > 1 and self.pipe is not None:
                     # Work is flowing: the tasks the driver sent for the last outcomes are most
-                    # likely here already. One read, no wait (a lone call, ran == 1, waits at once).
+                    # likely in the pipe already. One read, no poll before it (a lone call,
+                    # ran == 1, waits at once; ZeroMQ's poll returns at once when one waits).
                     ran = 0
-                    self.read_nowait()
+                    self.drain_inbox()
                     if self.todo or self.stopping:
                         continue
                 ran = 0

@@ -69,6 +69,8 @@ __all__ = [
     "encode",
     "encode_error",
     "decode_inbox",
+    "inbox_decoder",
+    "DECODE_ERRORS",
     "decode_control",
     "decode_driver",
     "decode_client",
@@ -540,10 +542,14 @@ def encode_error(exc: BaseException, what: str) -> EncodeError:
     return EncodeError(f"cannot encode {what}: {exc}")
 
 
+#: what decoding a malformed frame raises (bad input: counted, never fatal)
+DECODE_ERRORS = (msgspec.DecodeError, TypeError, ValueError, RecursionError)
+
+
 def _decode(decoder: msgspec.msgpack.Decoder[Any], frame: bytes | memoryview) -> Any:
     try:
         return decoder.decode(frame)
-    except (msgspec.DecodeError, TypeError, ValueError, RecursionError) as exc:
+    except DECODE_ERRORS as exc:
         cause = exc if isinstance(exc, UnpickleFailed) else None  # not bad input: see salvage_*
         raise ProtocolError(f"malformed frame ({len(frame)} bytes): {exc}") from cause
 
@@ -596,6 +602,12 @@ def _load_all(value: Any) -> Any:
 def decode_inbox(frame: bytes | memoryview, unpickle: bool = False) -> InboxMessage:
     """Decode a frame received on a worker's inbox (``unpickle``: a local pipe under local_pickle)."""
     return _decode(_inbox_unpickle if unpickle else _inbox, frame)  # type: ignore[no-any-return]
+
+
+def inbox_decoder(unpickle: bool = False) -> Callable[[bytes | memoryview], InboxMessage]:
+    """:func:`decode_inbox` without its wrapper, for a worker's hot path: a malformed frame
+    raises one of :data:`DECODE_ERRORS` (an :class:`UnpickleFailed` among them), not ProtocolError."""
+    return (_inbox_unpickle if unpickle else _inbox).decode
 
 
 def decode_control(frame: bytes | memoryview) -> ControlMessage:
