@@ -129,6 +129,9 @@ QUICK_TASK = 0.0002
 SENT_WAIT = 1.0
 #: seconds between watchdog checks of the parent
 WATCHDOG_PERIOD = 0.1
+#: longest a control thread without heartbeats to send or check sleeps: its messages wake it,
+#: and timeouts and kills are timed exactly; each wake costs its worker the GIL and ~0.1 ms
+CONTROL_IDLE = WATCHDOG_PERIOD
 #: seconds a terminated job id is remembered (paladin keeps its map as long)
 TERMINATED_TTL = 60.0
 #: seconds a leaving worker waits for the driver to acknowledge its Goodbye
@@ -486,7 +489,8 @@ class _Control(threading.Thread):
     def _next_wait(self) -> int:
         ctx = self.loop.current
         spec = self.loop.spec
-        waits = [50.0 if spec.heartbeat_timeout <= 0 else min(50.0, spec.heartbeat_interval * 1000)]
+        idle = CONTROL_IDLE * 1000
+        waits = [idle if spec.heartbeat_timeout <= 0 else min(50.0, spec.heartbeat_interval * 1000)]
         now = time.monotonic()
         if ctx is not None and ctx.timeout > 0 and not ctx.answered:
             waits.append((ctx.started + ctx.timeout - now) * 1000)
