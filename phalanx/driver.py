@@ -404,8 +404,8 @@ class Driver:
             self._jobs.pop(job.id, None)
             had_work = bool(job.outstanding) or job.dropped
             job.outstanding.clear()
-            if terminate and had_work and not self._control.closed:
-                self._control.send(encode(Terminate(job.id)))
+            if terminate and had_work:
+                self.publish_locked(encode(Terminate(job.id)))
 
     # ---- directed messages (actors) ---------------------------------------------
 
@@ -572,6 +572,24 @@ class Driver:
             return False
         return True
 
+    def publish_locked(self, frame: bytes, to: _Worker | None = None) -> None:
+        """Send a control frame (Terminate, Shutdown, Reclaim, InspectRequest, Heartbeat) to
+        every worker, or only ``to``: remote workers on the control PUB, each local worker on
+        its control pipe. Never blocks: a frame a full pipe cannot take is dropped, as the PUB
+        drops at its high-water mark (under the lock)."""
+        if (to is None or to.control is None) and not self._control.closed:
+            try:
+                self._control.send(frame, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        for w in (self._workers.values() if to is None else (to,)):
+            control = w.control
+            if control is not None and w.alive:
+                try:
+                    control.send(frame)
+                except OSError:
+                    pass  # full (a frozen worker) or gone (its exit is being handled)
+
     def wake(self) -> None:
         """Make the pump run a round now (another thread queued something for it to send)."""
         try:
@@ -605,16 +623,19 @@ class Driver:
             return
         if not local:
             msg = distrust_exits(msg)  # a host cannot make a caller's result() exit
-        if ident.endswith(b"!"):
-            # A worker's control thread: timed-out tasks, inspect replies, heartbeats.
+        side = ident.endswith(b"!")
+        if side or (local and isinstance(msg, (Alive, Reclaimed, InspectReply))):
+            # A worker's control thread (a local one's writes on its pipe): timed-out tasks,
+            # inspect replies, heartbeats.
+            base = ident[:-1] if side else ident
             if isinstance(msg, Alive):
-                self.membership.on_alive(ident[:-1], msg)
+                self.membership.on_alive(base, msg)
             elif isinstance(msg, Results):
-                self._on_results(ident[:-1], msg)
+                self._on_results(base, msg)
             elif isinstance(msg, Reclaimed):
-                self.reclaimer.on_reclaimed(ident[:-1], msg)
+                self.reclaimer.on_reclaimed(base, msg)
             elif isinstance(msg, InspectReply):
-                self.inspection.on_reply(ident[:-1], msg)
+                self.inspection.on_reply(base, msg)
             else:
                 self.frames_dropped += 1
             return
@@ -790,10 +811,7 @@ class Driver:
             for w in self._workers.values():
                 if w.alive:
                     self.lifecycle.stop_locked(w)
-            try:
-                self._control.send(encode(Shutdown()), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+            self.publish_locked(encode(Shutdown()))
             self._changed.notify_all()
         closed = RuntimeClosedError("the runtime was shut down before this job finished")
         for job in jobs:
@@ -804,6 +822,7 @@ class Driver:
         with self._lock:
             for w in self._workers.values():
                 w.alive = False
+                w.close_control()
             self._live.clear()
             self._live_tags.clear()
         os.write(self._wake_w, b"x")

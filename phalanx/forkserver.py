@@ -8,7 +8,7 @@ server then runs this module's loop, alone in its process::
     driver                                             fork server (single-threaded)
     ┌───────────────────────────┐  ctl (seqpacket)     ┌──────────────────────────────┐
     │ spawn(): Spawn + the      │ ───────────────────▶ │ fork() ─▶ worker: run_worker  │
-    │ worker's socketpair end   │ ◀─────────────────── │  (pid, or the error)          │
+    │ worker's socketpair ends  │ ◀─────────────────── │  (pid, or the error)          │
     │ (SCM_RIGHTS), under a lock│                      │ SIGCHLD ─▶ waitpid, sweep      │
     │ reader thread ◀── events ─│ ◀─────────────────── │  (worker id, exit code)        │
     └───────────────────────────┘                      └──────────────────────────────┘
@@ -77,6 +77,8 @@ _SWEEP_AGAIN = (0.2, 1.0)
 _WORKER_GRACE = 0.5
 #: largest ctl message (a Spawn request)
 _MAX_REQUEST = 1 << 20
+#: most descriptors a Spawn request carries (the worker's pipe and control pipe)
+_MAX_FDS = 2
 
 #: serialises making fork servers with making/sending workers' socketpair ends, so a
 #: fork server never inherits another runtime's worker end (its EOF would come late)
@@ -105,6 +107,31 @@ class _Exited(msgspec.Struct, frozen=True, tag="exited"):
 
 
 _Reply = _Started | _Failed
+#: a worker's ends of its pipes, as spawn() takes them
+_Pipes = socket.socket | tuple[socket.socket, ...] | None
+
+
+def _fds(pipes: _Pipes) -> list[int]:
+    if pipes is None:
+        return []
+    if isinstance(pipes, socket.socket):
+        return [pipes.fileno()]
+    return [p.fileno() for p in pipes][:_MAX_FDS]
+
+
+#: decoders of Spawn requests and their WorkerSpec, made in the driver before the server is
+#: forked: msgspec builds a type's decoding information on first use (it evaluates the
+#: annotations, ~0.7 ms), which the server and every worker would otherwise each do again
+_decoders: tuple[msgspec.msgpack.Decoder[_Spawn], msgspec.msgpack.Decoder[Any]] | None = None
+
+
+def _warm_decoders() -> tuple[msgspec.msgpack.Decoder[_Spawn], msgspec.msgpack.Decoder[Any]]:
+    global _decoders
+    if _decoders is None:
+        from .worker import WorkerSpec
+
+        _decoders = (msgspec.msgpack.Decoder(_Spawn), msgspec.msgpack.Decoder(WorkerSpec))
+    return _decoders
 
 
 def _prctl(option: int, arg: int) -> bool:
@@ -168,6 +195,7 @@ class ForkServer:
         self._lock = threading.Lock()
         self._request_lock = threading.Lock()
         self._closed = False
+        _warm_decoders()
         with fork_lock:
             ctl, self._ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             events, self._events = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -215,17 +243,20 @@ class ForkServer:
         self._ctl.close()
         self._events.close()
 
-    def spawn(self, worker_id: str, spec: Any, pipe: socket.socket | None) -> ForkedWorker:
-        """Fork one worker running ``run_worker(spec, pipe)``; its handle, with its pid."""
+    def spawn(self, worker_id: str, spec: Any, pipe: _Pipes) -> ForkedWorker:
+        """Fork one worker running ``run_worker(spec, *pipes)``; its handle, with its pid."""
         result = self.spawn_many([(worker_id, spec, pipe)])[0]
         if isinstance(result, BaseException):
             raise result
         return result
 
     def spawn_many(
-        self, requests: list[tuple[str, Any, socket.socket | None]]
+        self, requests: list[tuple[str, Any, _Pipes]]
     ) -> list[ForkedWorker | OSError]:
-        """Fork one worker per ``(worker_id, spec, pipe)``; per request its handle, or why not.
+        """Fork one worker per ``(worker_id, spec, pipes)``; per request its handle, or why not.
+
+        ``pipes``: the worker's ends of its pipe and control pipe (a socket alone: its pipe;
+        None: neither, a ZeroMQ worker).
 
         Every request is sent before the first reply is read: the server forks
         the workers back to back, not one driver round trip apart.
@@ -241,7 +272,7 @@ class ForkServer:
             with self._request_lock:
                 for worker_id, spec, pipe in requests:
                     request = msgspec.msgpack.encode(_Spawn(worker_id, msgspec.msgpack.encode(spec)))
-                    socket.send_fds(self._ctl, [request], [pipe.fileno()] if pipe is not None else [])
+                    socket.send_fds(self._ctl, [request], _fds(pipe))
                 for handle in handles:
                     raw = self._ctl.recv(4096)
                     if not raw:
@@ -333,7 +364,7 @@ class ForkServer:
 
 def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count: int = 0) -> NoReturn:
     """The fork server's loop (runs alone in its process until the driver goes)."""
-    from .worker import WorkerSpec, prepare_standby, run_worker  # imported by the driver already
+    from .worker import prepare_standby, run_worker  # imported by the driver already
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     stop = False
@@ -355,7 +386,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
     standby: dict[int, socket.socket] = {}  # pid -> the server's end of its socket
     to_fork = standby_count
     sweeps: list[float] = []
-    decoder = msgspec.msgpack.Decoder(_Spawn)
+    decoder, spec_decoder = _warm_decoders()
     encoder = msgspec.msgpack.Encoder()
     next_check = 0.0
     while not stop:
@@ -403,14 +434,14 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
             _sweep(set(workers) | set(standby))
         if ctl.fileno() in ready:
             try:
-                raw, fds, _, _ = socket.recv_fds(ctl, _MAX_REQUEST, 1)
+                raw, fds, _, _ = socket.recv_fds(ctl, _MAX_REQUEST, _MAX_FDS)
             except OSError:
                 break
             if not raw:
                 break  # the driver closed (or died)
             try:
                 request = decoder.decode(raw)
-                spec = msgspec.msgpack.decode(request.spec, type=WorkerSpec)
+                spec = spec_decoder.decode(request.spec)
                 pid = _hand_over(standby, raw, fds)
                 if not pid:
                     to_fork = max(0, to_fork - 1)
@@ -486,13 +517,12 @@ def _standby(conn: socket.socket, driver: int, server_fds: tuple[Any, ...],
     try:
         _leave_server(server_fds)
         prepare(driver)  # from now on it dies with the driver, as any worker
-        raw, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 1)
+        raw, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, _MAX_FDS)
         conn.close()
         if not raw:
             os._exit(0)  # the server ended before handing it a request
-        from .worker import WorkerSpec
-
-        spec = msgspec.msgpack.decode(msgspec.msgpack.decode(raw, type=_Spawn).spec, type=WorkerSpec)
+        decoder, spec_decoder = _warm_decoders()
+        spec = spec_decoder.decode(decoder.decode(raw).spec)
     except BaseException:
         traceback.print_exc()
         os._exit(1)
@@ -504,8 +534,9 @@ def _worker(spec: Any, fds: list[int], run_worker: Callable[..., None]) -> NoRet
     code = 1
     try:
         pipe = socket.socket(fileno=fds[0]) if fds else None
+        control = socket.socket(fileno=fds[1]) if len(fds) > 1 else None
         try:
-            run_worker(spec, pipe)
+            run_worker(spec, pipe, control)
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

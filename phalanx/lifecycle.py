@@ -168,7 +168,8 @@ class Lifecycle:
             if isinstance(result, OSError):
                 failed = failed or result
                 continue
-            worker.pid, end = result
+            worker.pid, end, control = result
+            worker.control = control
             driver.pipes.add(worker, end)
         driver.wake()
         if failed is not None:
@@ -198,6 +199,7 @@ class Lifecycle:
                 return
             worker.alive = False
             worker.died_at = time.monotonic()
+            worker.close_control()
             driver._remove_live_locked(worker)
             if driver._closed:
                 return
