@@ -227,12 +227,27 @@ class Driver:
         self.pipes = LocalPipes(self)
         #: callers reading their own replies from those pipes (phalanx.direct)
         self.direct = DirectReader(self, self.pipes)
+        #: the sockets' high-water mark and largest frame (the hwm and max_frame options)
+        self.limits = sockets.Limits(config.hwm, config.max_frame)
+        self._wake_r, self._wake_w = os.pipe()
+        #: the runtime's first local workers, asked for here: their groups, and the function
+        #: that waits until they are forked and returns their ids (see start_workers)
+        self._first: tuple[dict[str, int], Callable[[], list[str]]] | None = None
+        try:
+            # The first workers are asked for now: they start up (their pipes hold what they
+            # say) while this process sets up ZeroMQ, which local workers do not use.
+            groups = config.worker_groups()
+            self._first = (groups, self.lifecycle.request_workers(groups))
+        except BaseException:
+            self._supervisor.stop(0.0)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self.endpoints.remove()
+            raise
 
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         #: the handshake, remote joins, heartbeats, tcp security (phalanx.membership)
         self.membership = membership = Membership(self)
-        #: the sockets' high-water mark and largest frame (the hwm and max_frame options)
-        self.limits = sockets.Limits(config.hwm, config.max_frame)
         try:
             curve = membership.secure_tcp()
             tcp = self.address
@@ -252,9 +267,10 @@ class Driver:
             membership.close_security()
             self._ctx.destroy(linger=0)
             self._supervisor.stop(0.0)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
             self.endpoints.remove()
             raise
-        self._wake_r, self._wake_w = os.pipe()
         #: the pump thread's loop (phalanx.pump)
         self.pump = Pump(self)
         self._pump_thread = threading.Thread(target=self.pump.run, name="phalanx-pump", daemon=True)
@@ -266,8 +282,17 @@ class Driver:
         return self.lifecycle.wait_idle(timeout, frozen_after)
 
     def start_workers(self, n: int | dict[str, int], timeout: float) -> None:
-        """Spawn ``n`` workers (or so many per tag), start the pump, wait until each is ready."""
-        self.lifecycle.start_workers(n, timeout)
+        """Spawn ``n`` workers (or so many per tag), start the pump, wait until each is ready.
+
+        The configuration's workers (``config.worker_groups()``) were asked for when the
+        driver was made: given the same ``n``, this takes them instead of spawning more.
+        """
+        groups = {DEFAULT_TAG: n} if isinstance(n, int) else n
+        first, self._first = self._first, None
+        if first is not None and first[0] != groups:
+            first[1]()  # those asked for at first join the runtime too
+            first = None
+        self.lifecycle.start_workers(groups, timeout, first[1] if first is not None else None)
 
     def kill_worker(self, worker_id: str) -> None:
         """SIGKILL one worker (tests and fault injection); it is replaced."""
@@ -798,6 +823,12 @@ class Driver:
         with self._lock:
             if self._closed:
                 return
+        first, self._first = self._first, None
+        if first is not None:  # workers asked for, never started (start_workers was not called)
+            try:
+                first[1]()
+            except Exception:
+                pass  # the supervisor ends whatever was started
         if wait and self._broken is None:
             # Waits for the work, but not for workers frozen (SIGSTOP) shutdown_timeout or more.
             self.wait_idle(timeout, self.config.shutdown_timeout)

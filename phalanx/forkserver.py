@@ -261,28 +261,53 @@ class ForkServer:
         Every request is sent before the first reply is read: the server forks
         the workers back to back, not one driver round trip apart.
         """
+        return self.send_spawns(requests)()
+
+    def send_spawns(
+        self, requests: list[tuple[str, Any, _Pipes]]
+    ) -> Callable[[], list[ForkedWorker | OSError]]:
+        """Send the requests of :meth:`spawn_many`; the function that reads the server's
+        replies and returns what ``spawn_many`` would. No other request is sent until it
+        ran: call it exactly once (the server forks the workers meanwhile)."""
         handles = [ForkedWorker(worker_id) for worker_id, _, _ in requests]
         with self._lock:
             if self._closed:
                 raise OSError("the fork server is closed")
             for handle in handles:
                 self._workers[handle.worker_id] = handle
+        self._request_lock.acquire()
+        try:
+            for worker_id, spec, pipe in requests:
+                request = msgspec.msgpack.encode(_Spawn(worker_id, msgspec.msgpack.encode(spec)))
+                socket.send_fds(self._ctl, [request], _fds(pipe))
+        except BaseException:
+            self._request_lock.release()
+            with self._lock:
+                for handle in handles:
+                    self._workers.pop(handle.worker_id, None)
+            raise
+
+        def replies() -> list[ForkedWorker | OSError]:
+            try:
+                return self._read_replies(handles)
+            finally:
+                self._request_lock.release()
+
+        return replies
+
+    def _read_replies(self, handles: list[ForkedWorker]) -> list[ForkedWorker | OSError]:
         results: list[ForkedWorker | OSError] = []
         try:
-            with self._request_lock:
-                for worker_id, spec, pipe in requests:
-                    request = msgspec.msgpack.encode(_Spawn(worker_id, msgspec.msgpack.encode(spec)))
-                    socket.send_fds(self._ctl, [request], _fds(pipe))
-                for handle in handles:
-                    raw = self._ctl.recv(4096)
-                    if not raw:
-                        raise OSError("the fork server is gone")
-                    reply = msgspec.msgpack.decode(raw, type=_Reply)
-                    if isinstance(reply, _Failed):
-                        results.append(OSError(f"the fork server could not start {handle.worker_id}: {reply.error}"))
-                    else:
-                        handle.pid = reply.pid
-                        results.append(handle)
+            for handle in handles:
+                raw = self._ctl.recv(4096)
+                if not raw:
+                    raise OSError("the fork server is gone")
+                reply = msgspec.msgpack.decode(raw, type=_Reply)
+                if isinstance(reply, _Failed):
+                    results.append(OSError(f"the fork server could not start {handle.worker_id}: {reply.error}"))
+                else:
+                    handle.pid = reply.pid
+                    results.append(handle)
         except BaseException:
             # Replies not read: the server may have forked those workers; the owner ends the
             # runtime, and the server ends whatever is below it when it closes.

@@ -132,6 +132,18 @@ class Supervisor:
 
         The fork server gets every request at once and forks the workers back to back.
         """
+        return self.request_piped(specs)()
+
+    def request_piped(
+        self, specs: list[WorkerSpec]
+    ) -> Callable[[], list[tuple[int, socket.socket, socket.socket] | OSError]]:
+        """Ask for the workers of :meth:`spawn_piped_many` without waiting for them.
+
+        Returns the function that returns what ``spawn_piped_many`` would; the
+        fork server's replies (the pids) are read only then, so its caller can
+        do other work while the workers are forked. Call it exactly once,
+        before any other spawn.
+        """
         with self._spawn_lock, forkserver.fork_lock:
             pairs = [pipe.socketpair() for _ in specs]
             controls: list[tuple[socket.socket, socket.socket]] = []
@@ -140,29 +152,49 @@ class Supervisor:
                 controls.extend(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in specs)
                 theirs: list[tuple[socket.socket, ...] | None] = [(t, c) for (_, t), (_, c) in zip(pairs, controls)]
                 if self._server is None:
-                    pids: list[int | OSError] = [self._start(spec, ends) for spec, ends in zip(specs, theirs)]
+                    started: list[int | OSError] = [self._start(spec, ends) for spec, ends in zip(specs, theirs)]
+
+                    def collect() -> list[int | OSError]:
+                        return started
                 else:
-                    pids = self._start_served(specs, theirs)
+                    collect = self._request_served(specs, theirs)
             except BaseException:
                 for ours, their in (*pairs, *controls):
                     ours.close()
                     their.close()
                 raise
-        out: list[tuple[int, socket.socket, socket.socket] | OSError] = []
-        for pid, (ours, _), (control, _) in zip(pids, pairs, controls):
-            if isinstance(pid, OSError):
-                ours.close()
-                control.close()
-                out.append(pid)
-            else:
-                control.setblocking(False)
-                out.append((pid, ours, control))
-        return out
+
+        def finish() -> list[tuple[int, socket.socket, socket.socket] | OSError]:
+            try:
+                pids = collect()
+            except BaseException:
+                for ours, _ in (*pairs, *controls):
+                    ours.close()
+                raise
+            out: list[tuple[int, socket.socket, socket.socket] | OSError] = []
+            for pid, (ours, _), (control, _) in zip(pids, pairs, controls):
+                if isinstance(pid, OSError):
+                    ours.close()
+                    control.close()
+                    out.append(pid)
+                else:
+                    control.setblocking(False)
+                    out.append((pid, ours, control))
+            return out
+
+        return finish
 
     def _start_served(self, specs: list[WorkerSpec],
                       pipes: list[tuple[socket.socket, ...] | None]) -> list[int | OSError]:
         """Start workers through the fork server; per spec its pid, or why not."""
+        return self._request_served(specs, pipes)()
+
+    def _request_served(self, specs: list[WorkerSpec],
+                        pipes: list[tuple[socket.socket, ...] | None]) -> Callable[[], list[int | OSError]]:
+        """Send the fork server requests for workers; the function that reads its replies
+        (per spec its pid, or why not)."""
         assert self._server is not None
+        server = self._server
         with self._spawn_lock:
             try:
                 if self._closing:
@@ -172,7 +204,7 @@ class Supervisor:
                     for spec in specs:
                         self._procs[spec.worker_id] = None
                 try:
-                    started = self._server.spawn_many(
+                    replies = server.send_spawns(
                         [(spec.worker_id, spec, theirs) for spec, theirs in zip(specs, pipes)])
                 except BaseException:
                     with self._lock:
@@ -182,7 +214,16 @@ class Supervisor:
             finally:
                 for ends in pipes:
                     for end in ends or ():
-                        end.close()  # the server forked the worker with its copy
+                        end.close()  # the server forks the worker with its copy
+
+        def collect() -> list[int | OSError]:
+            try:
+                started = replies()
+            except BaseException:
+                with self._lock:
+                    for spec in specs:
+                        self._procs.pop(spec.worker_id, None)
+                raise
             pids: list[int | OSError] = []
             with self._lock:
                 for spec, handle in zip(specs, started):
@@ -194,7 +235,9 @@ class Supervisor:
                             self._procs[spec.worker_id] = handle
                         assert handle.pid is not None
                         pids.append(handle.pid)
-        return pids
+            return pids
+
+        return collect
 
     def _start(self, spec: WorkerSpec, theirs: tuple[socket.socket, ...] | None) -> int:
         if self._server is not None:
