@@ -118,6 +118,7 @@ from .transport.messages import (
 from .transport.messages import Heartbeat as _Heartbeat
 
 __all__ = ["WorkerSpec", "TaskContext", "current_task", "guard_against_orphaning", "prepare_standby", "run_worker",
+           "start_watchdog",
            "worker_spec"]
 
 #: outcomes sent in one Results message at most

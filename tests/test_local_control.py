@@ -60,3 +60,39 @@ def test_control_messages_for_a_frozen_local_worker_never_block_the_driver() -> 
             os.kill(frozen, signal.SIGCONT)
         assert list(rt.map(square, range(40), chunksize=1)) == [i * i for i in range(40)]
         assert rt.worker_pids() == pids  # nobody died of it
+
+
+def test_a_stranger_using_a_local_workers_side_channel_name_is_dropped() -> None:
+    """A local worker's control thread writes to its pipe, so the name of its side channel
+    (``w1!``) on the results ROUTER is free: a process of this user connecting under it
+    with a well-formed result for the task the worker runs is dropped and counted, and the
+    caller gets the worker's own result."""
+    import time
+
+    import zmq
+
+    from phalanx.transport.messages import Ok, Results
+
+    with phalanx.Runtime(workers=1) as rt:
+        fut = rt.submit(sleep_then, "real", 1.0)
+        worker = rt._driver._workers[b"w1"]
+        deadline = time.monotonic() + 30
+        while not worker.inflight:
+            assert time.monotonic() < deadline, "the task never went out"
+            time.sleep(0.005)
+        (job, seq), task = next(iter(worker.inflight.items()))
+        before = rt.stats().frames_dropped
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        try:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.ROUTING_ID, b"w1!")
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(rt.endpoints[1])
+            sock.send(encode(Results("w1", [Ok(job, seq, task.attempt, "forged")], 0.0, 0)))
+            while rt.stats().frames_dropped == before:
+                assert time.monotonic() < deadline, "the forged result was never counted"
+                time.sleep(0.005)
+            assert fut.result(timeout=30) == "real"
+            assert rt.stats().frames_dropped == before + 1
+        finally:
+            ctx.destroy(linger=0)
