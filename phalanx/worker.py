@@ -974,11 +974,12 @@ class _Loop:
         pipe = self.pipe
         if pipe is not None:
             # A pipe's frame is in the kernel once written: it reaches the driver even if this process dies.
-            try:
-                for frame in frames:
-                    pipe.send_blocking(frame)
-            except PipeError:
-                self.stopping = True  # the driver is gone
+            with self.write_lock:  # the control thread writes to the pipe too
+                try:
+                    for frame in frames:
+                        pipe.send_blocking(frame)
+                except PipeError:
+                    self.stopping = True  # the driver is gone
             return
         for frame in frames[:-1]:
             self._send_frame(frame)
