@@ -453,12 +453,16 @@ def test_local_workers_wait_for_a_silent_driver_only_with_reconnect(tmp_path: Pa
     out, err = Lines(driver.stdout), Lines(driver.stderr)
     try:
         (worker,) = json.loads(out.readline(timeout=60))
+        process = psutil.Process(worker)  # taken while it runs: a later pid reuse is not mistaken for it
         os.kill(driver.pid, signal.SIGSTOP)  # the driver falls silent; its worker notices
         try:
             if reconnect:
                 err.wait_for("waiting for the driver", timeout=30)
             else:
                 err.wait_for("driver lost, exiting", timeout=30)
+                # The line comes just before the worker kills itself: resumed at once, the
+                # driver could still have its next task run there (seen under load).
+                assert psutil.wait_procs([process], timeout=30)[1] == [], "the worker did not exit"
         finally:
             os.kill(driver.pid, signal.SIGCONT)
         driver.stdin.write("go\n")
