@@ -271,11 +271,14 @@ def test_fold_rejects_ignore() -> None:
 
 def test_cancel_queued_future_never_runs(tmp_path: Path) -> None:
     log = tmp_path / "ran"
+    release = tmp_path / "release"
     with phalanx.Runtime(workers=1, credits=1) as rt:
-        blocker = rt.submit(sleep_then, 0.5, 0)
-        time.sleep(0.1)
+        # The blocker holds the worker's one credit until released, however late this thread runs
+        # (a blocker that only slept let the queued call start first under load).
+        blocker = rt.submit(gated_record, str(tmp_path / "blocker"), str(release), 0)
         queued = rt.submit(record, str(log), 99)
         assert queued.cancel()
+        release.touch()
         assert blocker.result(timeout=30) == 0
         with pytest.raises(concurrent.futures.CancelledError):
             queued.result(timeout=1)
