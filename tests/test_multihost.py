@@ -439,6 +439,7 @@ LOCAL_DRIVER = textwrap.dedent("""
             sys.stdin.readline()  # the test stops and resumes this process meanwhile
             ran_on = rt.submit(ops.pid).result(timeout=30)
             print(json.dumps([ran_on, rt.stats().worker_deaths]), flush=True)
+            sys.stdin.readline()  # until the test saw what the worker said
 """)
 
 
@@ -468,12 +469,16 @@ def test_local_workers_wait_for_a_silent_driver_only_with_reconnect(tmp_path: Pa
         driver.stdin.write("go\n")
         driver.stdin.flush()
         ran_on, deaths = json.loads(out.readline(timeout=60))
-        assert driver.wait(timeout=30) == 0, err.text()
         if reconnect:
             assert (ran_on, deaths) == (worker, 0)  # the same worker served on
+            # Said when its control thread next hears the driver: a driver that shut down at
+            # once could have its Stop end the worker first (seen under load).
             err.wait_for("driver is back", timeout=10)
         else:
             assert ran_on != worker and deaths == 1  # it exited; the driver started a replacement
+        driver.stdin.write("done\n")
+        driver.stdin.flush()
+        assert driver.wait(timeout=30) == 0, err.text()
     finally:
         if driver.poll() is None:
             os.kill(driver.pid, signal.SIGCONT)
