@@ -58,12 +58,18 @@ def wait_until(predicate: Callable[[], object], what: str) -> None:
 # ---- worker death -----------------------------------------------------------
 
 
-def test_sigkill_mid_task_redelivers_exactly_once() -> None:
+def test_sigkill_mid_task_redelivers_exactly_once(tmp_path: Path) -> None:
+    release = tmp_path / "release"
     with phalanx.Runtime(workers=2) as rt:
-        futures = [rt.submit(sleep_then, 0.1, i) for i in range(8)]
-        time.sleep(0.05)
-        victim = next(iter(rt.worker_pids()))
+        # The tasks run until released: the victim still holds its tasks when it is killed,
+        # however late this thread runs (tasks that only slept 0.1 s could all be done by then).
+        futures = [rt.submit(gated_record, str(tmp_path / "ran"), str(release), i) for i in range(8)]
+        holding: list[str] = []
+        wait_until(lambda: holding.extend(w.id for w in rt.stats().workers if w.inflight) or holding,
+                   "a worker holds tasks")
+        victim = holding[0]
         rt._driver.kill_worker(victim)
+        release.touch()
         assert [f.result(timeout=30) for f in futures] == list(range(8))
         stats = rt.stats()
         assert stats.redelivered >= 1
