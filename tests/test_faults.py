@@ -494,11 +494,12 @@ def test_dead_worker_record_is_reaped_after_the_ttl() -> None:
     """The driver keeps a dead worker's record ``dead_worker_ttl`` seconds (60 by default), then drops it."""
     with phalanx.Runtime(workers=1) as rt:
         assert rt._driver.dead_worker_ttl == 60.0
-        rt._driver.dead_worker_ttl = 0.3
         victim = next(iter(rt.worker_pids()))
         rt._driver.kill_worker(victim)
         wait_until(lambda: any(w.id == victim and not w.alive for w in rt.stats().workers),
                    "the death noticed, the record kept")
+        # Shortened only now: a record kept 0.3 s could be gone before a late test thread looked.
+        rt._driver.dead_worker_ttl = 0.3
         wait_until(lambda: all(w.id != victim for w in rt.stats().workers), "the record reaped")
         still_works(rt)
         assert [w.alive for w in rt.stats().workers] == [True]
