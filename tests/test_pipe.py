@@ -206,3 +206,27 @@ def test_a_worker_fed_faster_than_it_reads_answers_every_task_once_and_in_order(
         assert list(rt.map(ops.inc, range(2000), chunksize=7, timeout=60)) == [i + 1 for i in range(2000)]
         stats = rt.stats()
         assert stats.frames_dropped == 0
+
+
+def test_outcomes_and_control_replies_share_a_workers_pipe_without_interleaving() -> None:
+    """A local worker's main thread (outcomes) and control thread (inspect replies, timeouts)
+    write to the same pipe: whole frames only, even while the kernel takes large outcomes in
+    parts, so the driver drops nothing and never takes the worker for a hostile one."""
+    payload = bytes(range(256)) * 1200  # 300 KB each way: written in parts while the driver lags
+    with phalanx.Runtime(workers=1) as rt:
+        stop = threading.Event()
+
+        def inspect() -> None:
+            while not stop.is_set():
+                rt.inspect(timeout=5)
+
+        prober = threading.Thread(target=inspect)
+        prober.start()
+        try:
+            futures = [rt.submit(ops.bytes_reverse, payload) for _ in range(300)]
+            assert all(f.result(timeout=60) == payload[::-1] for f in futures)
+        finally:
+            stop.set()
+            prober.join(30)
+        stats = rt.stats()
+        assert stats.frames_dropped == 0 and stats.worker_deaths == 0
