@@ -44,7 +44,9 @@ Invariants kept:
   arrive while ``getppid()`` still names the dying parent (the kernel first
   re-parents a child to another thread of the same process).
 * **Lone calls are not delayed.** Outcomes are batched only while more tasks
-  are already waiting and the previous one was quick.
+  are already waiting and the previous one was quick; a batched outcome waits
+  at most ``BATCH_HOLD`` for the task after it (the "phalanx-flush" thread
+  sends it if that task runs longer), never for the whole of a long task.
 """
 
 from __future__ import annotations
@@ -121,6 +123,8 @@ __all__ = ["WorkerSpec", "TaskContext", "current_task", "guard_against_orphaning
 BATCH_MAX = 256
 #: a task quicker than this lets the next outcome share a message
 QUICK_TASK = 0.0002
+#: seconds a batched outcome waits for the task after it before it goes alone (that task may be long)
+BATCH_HOLD = 0.005
 #: seconds to wait for batched outcomes to leave before running a redelivered task
 SENT_WAIT = 1.0
 #: seconds between watchdog checks of the parent
@@ -439,6 +443,70 @@ class _Terminated:
 #: one step of a directive chain on the worker: (operation, its function, its argument converter)
 
 
+class _Flusher:
+    """Sends batched outcomes that waited ``BATCH_HOLD`` while the main thread runs a task.
+
+    The main thread arms it before running a task while outcomes are batched
+    and disarms it after; the "phalanx-flush" thread (started at the first
+    arm) flushes once the hold is over. Every write to the driver holds the
+    worker's ``send_lock``; the flush thread takes it before it lets go of
+    its condition, so once ``disarm()`` returns no flush of it is under way
+    and the main thread owns the batch again.
+    """
+
+    def __init__(self, worker: _Loop) -> None:
+        self.worker = worker
+        self.cond = threading.Condition(threading.Lock())
+        #: when the batch is due (0: disarmed)
+        self.due = 0.0
+        self.waiting = False
+        self.thread: threading.Thread | None = None
+        #: what a flush of the flush thread raised: the main thread raises it (see disarm)
+        self.error: BaseException | None = None
+
+    def arm(self) -> None:
+        with self.cond:
+            self.due = time.monotonic() + BATCH_HOLD
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="phalanx-flush", daemon=True)
+                self.thread.start()
+            elif self.waiting:  # asleep without a deadline; one already sleeping to a deadline rechecks it
+                self.cond.notify()
+
+    def disarm(self) -> None:
+        """Stop the hold; raise what a flush of the flush thread raised (as the main thread's would)."""
+        with self.cond:
+            self.due = 0.0
+        with self.worker.send_lock:  # a flush that started before is over
+            error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+    def _run(self) -> None:
+        cond, worker = self.cond, self.worker
+        with cond:
+            while True:
+                if not self.due:
+                    self.waiting = True
+                    cond.wait()
+                    self.waiting = False
+                    continue
+                left = self.due - time.monotonic()
+                if left > 0:
+                    cond.wait(left)
+                    continue
+                self.due = 0.0
+                worker.send_lock.acquire()
+                cond.release()
+                try:
+                    worker.flush()
+                except BaseException as exc:  # noqa: B036 - the main thread raises it
+                    self.error = exc
+                finally:
+                    worker.send_lock.release()
+                    cond.acquire()
+
+
 class _Control(threading.Thread):
     """Owns the SUB and side sockets: control broadcasts, aborts, timeouts."""
 
@@ -675,6 +743,9 @@ class _Loop:
         #: per outcome in ``out``: its operation's name, and whether it is a map chunk's
         self.out_ops: list[tuple[str, bool]] = []
         self.busy = 0.0
+        #: held by every write to the driver (the main thread's, and the flush thread's: _Flusher)
+        self.send_lock = threading.RLock()
+        self.flusher = _Flusher(self)
         self.terminated = _Terminated()
         self.state_lock = threading.Lock()
         self.current: TaskContext | None = None
@@ -817,6 +888,12 @@ class _Loop:
         """Send the batched outcomes; ``sent``: return only once they left this process."""
         if not self.out:
             return
+        with self.send_lock:
+            self._flush(sent)
+
+    def _flush(self, sent: bool) -> None:
+        if not self.out:
+            return
         outcomes, ops, busy = self.out, self.out_ops, self.busy
         self.out, self.out_ops, self.busy = [], [], 0.0
         frames = self._result_frames(outcomes, ops, busy)
@@ -939,7 +1016,8 @@ class _Loop:
             limit = self.max_send
             raise FrameTooLargeError(f"a {type(msg).__name__} of {len(frame)} bytes is larger than "
                                      f"max_frame={limit}", len(frame), limit)
-        self._send_frame(frame)
+        with self.send_lock:
+            self._send_frame(frame)
 
     def goodbye(self) -> None:
         """Tell the driver this worker leaves; wait up to GOODBYE_WAIT for its Stop.
@@ -949,6 +1027,10 @@ class _Loop:
         """
         if not self.welcomed or self.inbox is None or self.outbox is None:
             return  # the driver has given it nothing (or it is local: leaving is for remote workers)
+        try:
+            self.flusher.disarm()  # the outbox is this thread's alone from here
+        except BaseException:  # noqa: B036 - leaving anyway; the driver redelivers what it holds
+            pass
         try:
             self.outbox.send(encode(Goodbye(self.spec.worker_id)), zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -1025,6 +1107,9 @@ class _Loop:
                 # is batched out first, so if it kills this one too the driver charges
                 # the crash to it, not to a finished task whose outcome died unsent.
                 self.flush(sent=True)
+            held = bool(self.out)
+            if held:  # this task may be long: what is batched goes alone after BATCH_HOLD
+                self.flusher.arm()
             started = time.perf_counter()
             if isinstance(task, ActorCall):
                 outcome: Outcome | None = self.actors.call(task)
@@ -1034,6 +1119,8 @@ class _Loop:
             else:
                 self.actors.handle(task)
                 continue
+            if held:
+                self.flusher.disarm()
             elapsed = time.perf_counter() - started
             self.busy += elapsed
             self.tasks_done += 1
