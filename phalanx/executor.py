@@ -183,6 +183,8 @@ class Executor(concurrent.futures.Executor):
         #: while workers start on demand: the futures of submits that took a worker (one each);
         #: those not done yet hold theirs
         self._busy: set[Future[Any]] = set()
+        #: while workers start on demand: submits that took a worker for a task that could not be sent
+        self._unsent = 0
         self._rt = Runtime(self._started, max_tasks_per_worker=max_tasks_per_child or None, **options)
         self._pickled = self._rt.config.local_pickle
         if initializer is not None:
@@ -220,13 +222,15 @@ class Executor(concurrent.futures.Executor):
         Not public API on either side, but code written for the standard
         library reaches for it (to count, join or terminate workers). A worker
         terminated this way is replaced and its task redelivered, as any worker
-        that dies; its handle's ``join()`` waits for it to end.
+        that dies; its handle's ``join()`` waits for it to end. A worker
+        replaced after ``max_tasks_per_child`` tasks is left out as soon as it
+        takes no more work (``ProcessPoolExecutor`` drops it once it exited,
+        before its replacement starts).
         """
-        try:
-            workers = self._rt.stats().workers
-        except Exception:  # a runtime shut down: no workers
-            return {}
-        return {w.pid: _WorkerProcess(w.pid) for w in workers if w.alive and not w.remote and w.pid > 0}
+        driver = self._rt._driver
+        with driver._lock:
+            return {w.pid: _WorkerProcess(w.pid) for w in driver._workers.values()
+                    if w.alive and not w.retiring and not w.remote and w.pid > 0}
 
     @property
     def runtime(self) -> Runtime:
@@ -287,6 +291,11 @@ class Executor(concurrent.futures.Executor):
                 failed: Future[Any] = Future()
                 failed.set_exception(exc)
                 fut, tracked = failed, False
+                if counted:
+                    # As ProcessPoolExecutor counts: only a worker's result gives a worker back, and
+                    # this task never reached one (its test_saturation submits tasks that cannot
+                    # be pickled, and expects a worker started for each).
+                    self._unsent += 1
             else:
                 self._track_locked(fut, counted)
                 tracked = True
@@ -358,8 +367,8 @@ class Executor(concurrent.futures.Executor):
 
         As ``ProcessPoolExecutor`` decides (its idle-worker semaphore): a
         worker is idle unless a task submitted through this executor still
-        holds it; a submit that finds none idle starts one more, up to
-        ``max_workers``. Counted from the futures themselves, so a caller that
+        holds it (or a submit took it for a task that could not be sent); a
+        submit that finds none idle starts one more, up to ``max_workers``. Counted from the futures themselves, so a caller that
         saw a result finds its worker idle at its next submit, whichever
         thread settled the future and ran its callbacks. Once every worker is
         started nothing is counted (``counted`` False).
@@ -369,7 +378,7 @@ class Executor(concurrent.futures.Executor):
         busy = self._busy
         for fut in [f for f in busy if f.done()]:  # at most max_workers futures: one per worker taken
             busy.discard(fut)
-        if len(busy) < self._started:
+        if len(busy) + self._unsent < self._started:
             return True, False
         self._started += 1
         if self._started >= self._max_workers:

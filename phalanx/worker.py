@@ -449,9 +449,9 @@ class _Flusher:
     The main thread arms it before running a task while outcomes are batched
     and disarms it after; the "phalanx-flush" thread (started at the first
     arm) flushes once the hold is over. Every write to the driver holds the
-    worker's ``send_lock``; the flush thread takes it before it lets go of
-    its condition, so once ``disarm()`` returns no flush of it is under way
-    and the main thread owns the batch again.
+    worker's ``send_lock``; the flush thread takes it (without waiting)
+    before it lets go of its condition, so once ``disarm()`` returns no flush
+    of it is under way and the main thread owns the batch again.
     """
 
     def __init__(self, worker: _Loop) -> None:
@@ -495,8 +495,10 @@ class _Flusher:
                 if left > 0:
                     cond.wait(left)
                     continue
+                if not worker.send_lock.acquire(blocking=False):
+                    cond.wait(BATCH_HOLD)  # the main thread is writing (never wait for it holding cond)
+                    continue
                 self.due = 0.0
-                worker.send_lock.acquire()
                 cond.release()
                 try:
                     worker.flush()

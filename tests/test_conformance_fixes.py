@@ -180,6 +180,28 @@ def test_max_tasks_per_child_with_the_fork_context_is_a_value_error() -> None:
         assert ex.runtime.stats().workers_recycled >= 1
 
 
+def test_processes_leave_out_a_worker_replaced_after_max_tasks_per_child(tmp_path: Path) -> None:
+    """test_process_pool.test_max_tasks_per_child: once a worker is being replaced, ``_processes``
+    holds its replacement only (ProcessPoolExecutor drops the old one as it exits, before the
+    replacement starts); it counted the old one while it finished its last task."""
+    gate = str(tmp_path / "go")
+    ex = phalanx.Executor(1, mp_context=multiprocessing.get_context("forkserver"), max_tasks_per_child=2)
+    try:
+        old = ex.submit(os.getpid).result(timeout=60)
+        last = ex.submit(wait_for, gate)  # the old worker's second and last task: it holds it
+        new = ex.submit(os.getpid).result(timeout=60)  # run by the replacement
+        assert new != old and not last.done()
+        assert list(ex._processes) == [new]
+        Path(gate).touch()
+        assert last.result(timeout=60) == old
+    finally:
+        procs = ex._processes
+        ex.shutdown(wait=True)
+    for p in procs.values():
+        p.join(timeout=30)
+        assert not p.is_alive()
+
+
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 def test_workers_start_on_demand_under_spawn_and_forkserver(method: str, tmp_path: Path) -> None:
     """test_process_pool.test_idle_process_reuse_one / _multiple, test_processes_terminate: with a
@@ -228,6 +250,31 @@ def test_workers_started_on_demand_never_hold_up_a_quick_task(method: str, tmp_p
         Path(gate).touch()
         assert next(results) > 0
         assert len(ex._processes) <= 3
+        _no_worker_died(ex)
+    finally:
+        procs = ex._processes
+        ex.shutdown(wait=True)
+    for p in procs.values():
+        p.join(timeout=30)
+        assert not p.is_alive()
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_submit_whose_task_cannot_be_sent_keeps_the_worker_it_took(method: str) -> None:
+    """test_process_pool.test_saturation, test_shutdown.test_processes_terminate: their tasks cannot be
+    pickled (a multiprocessing semaphore), and ProcessPoolExecutor still starts a worker for each
+    submit that finds none idle: only a worker's result gives one back."""
+    ex = phalanx.Executor(3, mp_context=multiprocessing.get_context(method), local_pickle=True)
+    try:
+        for _ in range(2):
+            with pytest.raises(pickle.PicklingError):
+                ex.submit(id, ErrorAtPickle()).result(timeout=60)
+        assert len(ex._processes) == 2
+        for _ in range(4):
+            with pytest.raises(pickle.PicklingError):
+                ex.submit(id, ErrorAtPickle()).result(timeout=60)
+        assert len(ex._processes) == 3  # never more than max_workers
+        assert ex.submit(abs, -4).result(timeout=60) == 4
         _no_worker_died(ex)
     finally:
         procs = ex._processes
