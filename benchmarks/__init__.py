@@ -11,6 +11,11 @@ Processes::
                 │  starts the runner's pool (phalanx.Runtime, multiprocessing.Pool, ...)
                 │  with 2 workers, warms it up, times the workload, checks every result,
                 └─▶ prints one ``BENCH-RESULT {json}`` line, shuts the pool down, exits
+        └─▶ python -m benchmarks.run_one --runner phalanx --workload W8 --remote   (W8's remote rows)
+                │  as root: makes a driver namespace and 8 host namespaces (veth pairs,
+                │  169.254.0.0/16), runs tests/netns_driver.py in the first and
+                │  ``phalanx worker --connect`` (2 workers, tcp+CURVE) in each host,
+                └─▶ prints the driver's figures, removes every namespace and process it made
 
 Modules:
 
@@ -21,6 +26,8 @@ Modules:
 * ``ops``        the module-level operations the workers run (imported by workers too)
 * ``ops_numpy``  operations on numpy arrays (kept apart so ``ops`` stays cheap to import)
 * ``report``     number formatting and the result tables (orchestrator side)
+* ``multihost``  hosts made of network namespaces: W8's remote rows, and ``python -m
+  benchmarks.multihost`` (tcp+CURVE against ipc, a link going down)
 
 Importing this package starts nothing and imports nothing heavy: workers spawned
 with ``-m benchmarks.run_one`` as their main module re-import it.

@@ -126,20 +126,33 @@ def _reap_leftovers() -> list[str]:
     return report
 
 
-def _run_child(workload: str, runner: str, size: int | None, quick: bool, timeout: float) -> dict[str, Any]:
+def _sweep_namespaces() -> list[str]:
+    """Namespaces left by remote children that are gone (removed now, with what ran inside)."""
+    from .multihost import sweep
+
+    return sweep()
+
+
+def _run_child(workload: str, runner: str, size: int | None, quick: bool, timeout: float,
+               remote: bool = False) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.run_one", "--runner", runner, "--workload", workload]
     if size is not None:
         cmd += ["--size", str(size)]
     if quick:
         cmd.append("--quick")
+    if remote:
+        cmd.append("--remote")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     base: dict[str, Any] = {"workload": workload, "runner": runner, "size": size, "quick": quick}
+    if remote:
+        base["remote"] = True
     started = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )
+    base["pid"] = proc.pid
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -152,13 +165,19 @@ def _run_child(workload: str, runner: str, size: int | None, quick: bool, timeou
         return base
     finally:
         base["leftovers"] = _reap_leftovers()
+        if remote:
+            # a child killed before it could clean up leaves its namespaces: remove them now
+            base["namespaces_swept"] = _sweep_namespaces()
         base["wall_seconds"] = time.perf_counter() - started
     lines = [line for line in out.splitlines() if line.startswith(MARKER)]
     if not lines:
         base.update(status="error", error=f"exit code {proc.returncode}, no result line", stderr=err[-4000:])
         return base
     record: dict[str, Any] = json.loads(lines[-1][len(MARKER):])
-    record.update(leftovers=base["leftovers"], wall_seconds=base["wall_seconds"], exit_code=proc.returncode)
+    record.update(leftovers=base["leftovers"], wall_seconds=base["wall_seconds"], exit_code=proc.returncode,
+                  pid=proc.pid)
+    if remote:
+        record["namespaces_swept"] = base["namespaces_swept"]
     if proc.returncode != 0 and record.get("status") != "error":
         record.update(status="error", error=f"exit code {proc.returncode}")
     if record.get("status") == "error":
@@ -254,6 +273,20 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     if record.get("leftovers"):
                         _progress(f"    WARNING: {runner} left processes behind (killed): {record['leftovers']}")
+        if workload.remote is not None and "phalanx" in runners:
+            for rep in range(args.repeats):
+                record = _run_child(workload.id, "phalanx", None, args.quick, timeout, remote=True)
+                record["repeat"] = rep
+                mine.append(record)
+                detail = record.get("error") or record.get("reason") or ""
+                _progress(f"  {workload.id} phalanx  remote hosts repeat {rep + 1}/{args.repeats}: "
+                          f"{record['status']} ({record['wall_seconds']:.1f} s){' ' + detail if detail else ''}")
+                for key, what in (("leftovers", "processes behind (killed)"),
+                                  ("namespaces_swept", "network namespaces behind (removed)")):
+                    if record.get(key):
+                        _progress(f"    WARNING: the remote run left {what}: {record[key]}")
+                if record["status"] == "na":
+                    break  # the reason will not change: one line says why
         records.extend(mine)
         summaries[workload.id] = aggregate(workload, args.quick, runners, mine)
         summaries[workload.id]["peers_absent"] = [r for r in workload.runners if r in OPTIONAL_PEERS
@@ -280,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"      {line}")
     if leftovers:
         print(f"\nWARNING: {len(leftovers)} measurement(s) left processes behind (killed).")
+    swept = [r for r in records if r.get("namespaces_swept")]
+    if swept:
+        print(f"\nWARNING: {len(swept)} remote measurement(s) left network namespaces behind (removed).")
     foreign = _busy_cpu() - busy0 - (_own_cpu() - own0)
     meta["foreign_cpu_seconds"] = foreign
     share = foreign / (wall * (os.cpu_count() or 1))

@@ -9,6 +9,13 @@ workload on a local 2-worker runtime over ipc. It prints tasks/s through
 ``submit(noop).result()``, with the ratio tcp+CURVE / ipc; then the
 link-down scenario (a host's link taken down mid-job): the time from the link
 going down to its tasks being redelivered, and to the job being done.
+
+:func:`w8_remote` is W8's remote part for ``python -m benchmarks`` (it runs
+in the ``run_one --remote`` child): 1 ms sleep tasks on hosts x workers
+remote workers, the driver (tests/netns_driver.py ``w8``) timing them with
+the same code as the local rows. Every namespace, veth end and process it
+made is gone when it returns or raises; if its process is killed instead,
+:func:`sweep` (called by the orchestrator after the child) removes them.
 """
 
 from __future__ import annotations
@@ -20,12 +27,23 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
 import netns  # noqa: E402
-from remote_host import Keys, RemoteHost  # noqa: E402
+from remote_host import Keys, Lines, RemoteHost  # noqa: E402
+
+if TYPE_CHECKING:
+    from .workloads import Outcome
+
+#: seconds the remote hosts get to join the driver (8 hosts start at once on a shared 2-core machine)
+JOIN_TIMEOUT = 120.0
+#: seconds the driver may take to time the tasks once the hosts have joined
+RUN_TIMEOUT = 180.0
+#: heartbeat timeout of driver and hosts in W8: long, so a loaded machine does not declare workers lost
+W8_HEARTBEAT_TIMEOUT = 10.0
 
 
 def _driver(prefix: list[str], args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
@@ -60,6 +78,68 @@ def remote(keys: Keys, mode: str, extra: list[str], hosts_n: int, env: dict[str,
             drv.wait()
             drv.stdout.close()
         return json.loads(line)  # type: ignore[no-any-return]
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def w8_remote(hosts_n: int, per_host: int, tasks: int) -> Outcome:
+    """W8 on ``hosts_n`` namespace hosts of ``per_host`` workers over tcp+CURVE: an Outcome.
+
+    Raises ``benchmarks.workloads.NotAvailable`` (saying why) where namespaces
+    cannot be made, RuntimeError when the driver reports no figures.
+    """
+    from .workloads import NotAvailable
+
+    why = netns.unavailable()
+    if why:
+        raise NotAvailable(f"skipped: {why} (remote hosts are network namespaces)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
+    workers = hosts_n * per_host
+    with tempfile.TemporaryDirectory() as tmp, netns.Hosts(hosts_n) as hosts:
+        keys = Keys(Path(tmp))
+        drv = _driver(hosts.exec_prefix(hosts.driver),
+                      ["w8", "--server-key", keys.driver_secret, "--authorized-keys", str(keys.authorized),
+                       "--workers", str(workers), "--tasks", str(tasks),
+                       "--heartbeat-timeout", str(W8_HEARTBEAT_TIMEOUT), "--join-timeout", str(JOIN_TIMEOUT)],
+                      env)
+        assert drv.stdout is not None
+        lines = Lines(drv.stdout)
+        remotes: list[RemoteHost] = []
+        try:
+            port = lines.readline(timeout=60).strip().rsplit(":", 1)[1]
+            for i, ((_, addr), ns) in enumerate(zip(hosts.links, hosts.workers)):
+                remotes.append(RemoteHost(f"tcp://{addr}:{port}", f"host-{i}", keys.worker_args(),
+                                          workers=per_host, netns=ns, heartbeat_timeout=W8_HEARTBEAT_TIMEOUT,
+                                          extra=["--import", "benchmarks.ops"], host_name=f"host-{i}", env=env))
+            line = lines.readline(timeout=JOIN_TIMEOUT + RUN_TIMEOUT)
+            drv.wait(timeout=60)
+        finally:
+            _stop(drv)
+            for host in remotes:
+                host.close()
+            lines.join()
+    # what the hosts said, for a run that failed (a host that could not import, was refused, ...)
+    said = "; ".join(f"{h.name} exited {h.proc.returncode}: {h.err.strip()[-300:]}" for h in remotes
+                     if h.proc.returncode)
+    if not line:
+        raise RuntimeError(f"the driver exited with status {drv.returncode} and no figures; {said}")
+    result: dict[str, Any] = json.loads(line)
+    if "error" in result:
+        raise RuntimeError(f"the driver: {result['error']}; {said}")
+    result["info"].update(hosts=hosts_n, workers_per_host=per_host, transport="tcp+CURVE")
+    return {"metrics": result["metrics"], "info": result["info"]}
+
+
+def sweep() -> list[str]:
+    """Remove the namespaces (and what runs in them) of runs whose process is gone; their names."""
+    if netns.unavailable():
+        return []
+    swept: list[str] = netns.sweep_stale()
+    return swept
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ __all__ = [
 #: width of one "median (min-max)" cell
 CELL = 24
 #: width of the metric label column
-LABEL = 48
+LABEL = 60
 
 
 def format_value(value: float, unit: str) -> str:
@@ -73,6 +73,8 @@ def aggregate(workload: Workload, quick: bool, runners: Sequence[str], records: 
             reasons[runner] = mine[0].get("reason", "")
         else:
             status[runner] = "ok"
+    # the remote part (run_one --remote) where it could not run: one line says why
+    skipped = [r.get("reason", "") for r in records if r.get("remote") and r["status"] == "na"]
     metrics: dict[str, Any] = {}
     for metric in workload.metrics(quick):
         per_runner: dict[str, Any] = {}
@@ -98,7 +100,8 @@ def aggregate(workload: Workload, quick: bool, runners: Sequence[str], records: 
             "better": metric.better,
             "runners": per_runner,
         }
-    return {"title": workload.heading(quick), "status": status, "reasons": reasons, "metrics": metrics}
+    return {"title": workload.heading(quick), "status": status, "reasons": reasons, "metrics": metrics,
+            "remote_skipped": skipped[0] if skipped else None}
 
 
 def _cell(entry: dict[str, Any] | None, unit: str, status: str) -> str:
@@ -149,10 +152,13 @@ def format_workload(workload: Workload, summary: dict[str, Any], quick: bool, ru
                 lines.append(f"  {'':<{LABEL}} {own}/peer: " + ", ".join(ratios))
     for runner, reason in summary["reasons"].items():
         lines.append(f"    {runner}: {reason}")
-    present = [r for r in runners if r not in ("phalanx", "inline")]
+    if summary.get("remote_skipped"):
+        lines.append(f"    remote rows: {summary['remote_skipped']}")
+    present = [r for r in runners if r not in ("phalanx", "inline", "static")]
     absent = summary.get("peers_absent") or []
     lines.append(f"    peers present: {', '.join(present) or 'none'}"
-                 + (f"; not installed (skipped): {', '.join(absent)}" if absent else ""))
+                 + (f"; not installed (skipped): {', '.join(absent)}" if absent else "")
+                 + ("; static is the machine's ceiling, not a peer" if "static" in runners else ""))
     return "\n".join(lines)
 
 

@@ -4,6 +4,11 @@ Runs in a fresh child process started by the orchestrator
 (``python -m benchmarks``)::
 
     python -m benchmarks.run_one --runner phalanx --workload W1 [--size N] [--quick]
+    python -m benchmarks.run_one --runner phalanx --workload W8 --remote [--quick]
+
+(``--remote``: phalanx with remote hosts built from network namespaces, for the
+workloads that have a remote part; this child then makes the namespaces and
+starts the driver and the hosts inside them, and removes them all before it exits.)
 
 It prints exactly one line ``BENCH-RESULT {json}`` on stdout (worker
 processes may print other lines; the orchestrator takes the last marked one)
@@ -39,6 +44,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workload", required=True)
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--remote", action="store_true", help="the workload's remote part (phalanx only)")
     return parser.parse_args(argv)
 
 
@@ -51,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "quick": args.quick,
     }
+    if args.remote:
+        record["remote"] = True
     started = time.perf_counter()
     code = 0
     try:
@@ -58,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
 
         workload = get(args.workload)
         try:
-            outcome = workload.run(args.runner, args.size, args.quick)
+            if not args.remote:
+                outcome = workload.run(args.runner, args.size, args.quick)
+            elif workload.remote is None or args.runner != "phalanx":
+                raise ValueError(f"{workload.id} has no remote part for {args.runner}")
+            else:
+                outcome = workload.remote(args.quick)
         except NotAvailable as exc:
             record.update(status="na", reason=str(exc))
         else:

@@ -15,6 +15,7 @@ ray        ``ray.init(num_cpus=2)`` + remote functions (only if ``ray`` imports)
 dask       ``distributed.LocalCluster(n_workers=2, threads_per_worker=1)`` + a Client
 ipyparallel ``ipyparallel.Cluster(n=2)`` engines + a load-balanced view
 mpire      ``mpire.WorkerPool(n_jobs=2, start_method="fork", keep_alive=True)``
+static     ``Pool(2)`` handing each worker its whole share at once (W8's ceiling: no per-task dispatch)
 =========  ==================================================================
 
 The last three (and Ray) run only when installed: ``pip install -e '.[bench]'``
@@ -202,6 +203,21 @@ class PoolRunner(Runner):
             self.pool.close()
             self.pool.join()
             self.pool = None
+
+
+class StaticRunner(PoolRunner):
+    """W8's ceiling: ``Pool.starmap`` with one chunk per worker, so no task is dispatched on its own.
+
+    What the machine gives the same sleeps when nothing is sent per task: each
+    worker gets its share in one message and returns it in one.
+    """
+
+    name = "static"
+    default_map = "Pool.map one chunk per worker"
+
+    def submit_gather(self, fn: Callable[..., Any], args: Sequence[tuple[Any, ...]]) -> list[Any]:
+        chunksize = max(1, -(-len(args) // self.workers))
+        return list(self.pool.starmap_async(fn, args, chunksize).get(RESULT_TIMEOUT))
 
 
 class _ExecutorRunner(Runner):
@@ -478,6 +494,7 @@ _CLASSES: dict[str, Callable[[int], Runner]] = {
     "ppe": PPERunner,
     "loky": LokyRunner,
     "ray": RayRunner,
+    "static": StaticRunner,
     "dask": DaskRunner,
     "ipyparallel": IpyparallelRunner,
     "mpire": MpireRunner,
@@ -495,8 +512,9 @@ OPTIONAL_PEERS: dict[str, str] = {
 PEER_RUNNERS: tuple[str, ...] = ("dask", "ipyparallel", "mpire")
 
 #: every runner name, in table order ("manager" only runs the actor workload W3,
-#: "executor" only W1 and W2)
-RUNNERS: tuple[str, ...] = ("phalanx", "inline", "executor", "pool", "ppe", "loky", "manager", "ray", *PEER_RUNNERS)
+#: "executor" only W1 and W2, "static" only W8)
+RUNNERS: tuple[str, ...] = ("phalanx", "inline", "executor", "pool", "ppe", "loky", "manager", "ray", *PEER_RUNNERS,
+                           "static")
 #: runners of the task workloads
 TASK_RUNNERS: tuple[str, ...] = ("phalanx", "pool", "ppe", "loky", "ray", *PEER_RUNNERS)
 #: runners of W1 and W2: the task runners and phalanx.Executor

@@ -1,4 +1,4 @@
-"""The workloads W1..W7: what each one measures, and how, on one runner.
+"""The workloads W1..W8: what each one measures, and how, on one runner.
 
 The metadata (:data:`WORKLOADS`: titles, metrics, units, which direction is
 better, which runners take part, sizes) is read by the orchestrator
@@ -19,8 +19,9 @@ W4     CPU-bound: 32 x ~50 ms pure-Python loops [task-CPU-s per wall-s; ideal 2.
 W5     payload: 8 MB and 64 MB float64 numpy array, one way and both ways [MB/s]
 W6     start-up: pool constructor to first result [ms]; idle PSS per worker [MB]
 W7     scale: 10^3..10^6 tiny tasks through a streaming map [tasks/s, driver RSS growth]
-W8     many workers: 1 ms sleep tasks on 2, 8 and 32 workers [tasks/s, share of the ideal
-       workers x 1000/s, driver CPU per task]
+W8     many workers: 1 ms sleep tasks on 2, 8 and 32 workers, and on 16 remote workers (8 hosts
+       x 2 in network namespaces, tcp+CURVE) [tasks/s, share of the ideal workers x 1000/s,
+       driver CPU per task]
 =====  ================================================================================
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import statistics
 import threading
 import time
@@ -103,6 +105,9 @@ class Workload:
     note: str = ""
     #: the title under ``--quick`` (smaller sizes), if it differs
     quick_title: str = ""
+    #: phalanx on remote hosts (network namespaces), run as one more phalanx child per repeat
+    #: (``run_one --remote``); raises :class:`NotAvailable` where namespaces cannot be made
+    remote: Callable[[bool], Outcome] | None = None
 
     def heading(self, quick: bool) -> str:
         return (self.quick_title or self.title) if quick else self.title
@@ -571,6 +576,19 @@ def _run_w7(runner_name: str, size: int | None, quick: bool) -> Outcome:
 
 #: milliseconds each W8 task sleeps
 SLEEP_MS = 1.0
+#: the remote hosts of W8: (namespace hosts, workers per host), full and quick
+W8_REMOTE = (8, 2)
+W8_REMOTE_QUICK = (2, 2)
+
+
+def w8_remote_shape(quick: bool) -> tuple[int, int]:
+    """(hosts, workers per host) of W8's remote measurement."""
+    return W8_REMOTE_QUICK if quick else W8_REMOTE
+
+
+def w8_tasks(workers: int, quick: bool) -> int:
+    """How many 1 ms tasks W8 times on ``workers`` workers."""
+    return workers * (20 if quick else 250)
 
 
 def _w8_sizes(quick: bool) -> list[int | None]:
@@ -583,39 +601,137 @@ def _w8_metrics(quick: bool) -> list[Metric]:
         out.append(Metric(f"tps_{w}", f"{w} workers, throughput", "tasks/s", True))
         out.append(Metric(f"ideal_{w}", f"{w} workers, share of ideal ({w}k/s)", "ratio", True))
         out.append(Metric(f"cpu_{w}", f"{w} workers, driver CPU per task", "us", False))
+    hosts, per_host = w8_remote_shape(quick)
+    w = hosts * per_host
+    where = f"{w} remote ({hosts}x{per_host}, tcp+CURVE)"
+    out.append(Metric("tps_remote", f"{where}, throughput", "tasks/s", True))
+    out.append(Metric("ideal_remote", f"{where}, share of ideal ({w}k/s)", "ratio", True))
+    out.append(Metric("cpu_remote", f"{where}, driver CPU per task", "us", False))
     return out
 
 
-def _run_w8(runner_name: str, size: int | None, quick: bool) -> Outcome:
-    import os
+def _run_ns(task_dir: str) -> int:
+    """Nanoseconds one thread ran on a CPU (``/proc/.../task/TID/schedstat``: exact up to its last
+    switch, where the tick-counted ``stat`` fields are 10 ms coarse)."""
+    with open(f"{task_dir}/schedstat") as f:
+        return int(f.read().split()[0])
 
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds of each thread of this process, by thread name (Linux; empty elsewhere).
+
+    Python threads through their CPU clocks (exact even while running); the
+    others (ZeroMQ's I/O thread, say) through schedstat.
+    """
+    out: dict[str, float] = {}
+    python: set[int] = set()
+    for t in threading.enumerate():
+        try:
+            ran = time.clock_gettime(time.pthread_getcpuclockid(t.ident or 0))
+        except (OSError, AttributeError):
+            continue
+        python.add(t.native_id or 0)
+        out[t.name] = out.get(t.name, 0.0) + ran
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    other = "threads not started by Python"  # ZeroMQ's I/O thread, say
+    for tid in tids:
+        if int(tid) in python:
+            continue
+        try:
+            out[other] = out.get(other, 0.0) + _run_ns(f"/proc/self/task/{tid}") / 1e9
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _tree_cpu(pids: Sequence[int]) -> float | None:
+    """CPU seconds of these processes (all their threads) so far (None if one cannot be read).
+
+    Through each process's CPU clock (``clock_getcpuclockid``: exact), else schedstat.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        total = 0.0
+        for pid in pids:
+            clock = ctypes.c_int()
+            if libc.clock_getcpuclockid(pid, ctypes.byref(clock)) == 0:
+                total += time.clock_gettime(clock.value)
+            else:
+                total += sum(_run_ns(f"/proc/{pid}/task/{tid}") for tid in os.listdir(f"/proc/{pid}/task")) / 1e9
+        return total
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _busy() -> float:
+    import psutil
+
+    t = psutil.cpu_times()
+    return float(sum(t)) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def measure_w8(submit_gather: Callable[[Callable[..., Any], Sequence[tuple[Any, ...]]], list[Any]],
+               workers: int, n: int, suffix: str, worker_pids: Callable[[], list[int]] | None = None) -> Outcome:
+    """Time ``n`` sleep(1 ms) tasks through ``submit_gather`` on a pool of ``workers`` warm workers.
+
+    Runs in the driver's process (the local runner's child, or the driver in
+    its network namespace for remote hosts); the metric keys end in ``suffix``.
+    The info says where the CPU went, per task: each thread of the driver,
+    the workers (``worker_pids``, when they can be read here), and how many
+    of the machine's cores were busy (with anything, ours or not).
+    """
+    submit_gather(ops.sleep_ms, [(0.0,)] * (workers * 4))
+    try:
+        pids = worker_pids() if worker_pids is not None else []
+    except NotApplicable:
+        pids = []
+    # The driver process's CPU (all its threads: the caller, a pump, a pool's handler threads,
+    # dask's in-process scheduler); separate daemons (ipyparallel's controller, Ray's raylet) are not in it.
+    workers0, busy0 = _tree_cpu(pids), _busy()
+    threads0 = _thread_cpu()  # last before the clock starts: the threads' window is the timed one
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    got = submit_gather(ops.sleep_ms, [(SLEEP_MS,)] * n)
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    threads1 = _thread_cpu()
+    busy, workers1 = _busy() - busy0, _tree_cpu(pids)
+    check_equal(got, [SLEEP_MS] * n, f"W8 {workers} workers")
+    tps = _rate(n, wall)
+    per_thread = {name: round((threads1.get(name, 0.0) - before) / n * 1e6, 1) for name, before in threads0.items()
+                  if threads1.get(name, 0.0) > before}
+    workers_cpu = None if not pids or workers0 is None or workers1 is None else (workers1 - workers0) / n * 1e6
+    return {
+        "metrics": {f"tps_{suffix}": tps, f"ideal_{suffix}": tps / (workers * 1000.0 / SLEEP_MS),
+                    f"cpu_{suffix}": cpu / n * 1e6},
+        "info": {"workers": workers, "tasks": n, "seconds": wall, "driver_cpu_s": cpu,
+                 "driver_threads": len(threads1), "driver_thread_cpu_us_per_task": per_thread,
+                 "workers_cpu_us_per_task": workers_cpu, "machine_busy_cores": busy / wall if wall > 0 else None},
+    }
+
+
+def _run_w8(runner_name: str, size: int | None, quick: bool) -> Outcome:
     workers = size or 2
-    n = workers * (20 if quick else 250)
     runner = make_runner(runner_name, workers=workers)
     runner.start()
     try:
         _warm_up(runner)
-        runner.submit_gather(ops.sleep_ms, [(0.0,)] * (workers * 4))
-        # The driver process's CPU (all its threads: the caller, a pump, a pool's handler threads,
-        # dask's in-process scheduler); separate daemons (ipyparallel's controller, Ray's raylet) are not in it.
-        cpu0 = time.process_time()
-        t0 = time.perf_counter()
-        got = runner.submit_gather(ops.sleep_ms, [(SLEEP_MS,)] * n)
-        wall = time.perf_counter() - t0
-        cpu = time.process_time() - cpu0
-        try:
-            threads = len(os.listdir("/proc/self/task"))
-        except OSError:
-            threads = 0
+        return measure_w8(runner.submit_gather, workers, w8_tasks(workers, quick), str(workers), runner.worker_pids)
     finally:
         runner.close()
-    check_equal(got, [SLEEP_MS] * n, f"W8 {workers} workers")
-    tps = _rate(n, wall)
-    return {
-        "metrics": {f"tps_{workers}": tps, f"ideal_{workers}": tps / (workers * 1000.0 / SLEEP_MS),
-                    f"cpu_{workers}": cpu / n * 1e6},
-        "info": {"workers": workers, "tasks": n, "seconds": wall, "driver_cpu_s": cpu, "driver_threads": threads},
-    }
+
+
+def _run_w8_remote(quick: bool) -> Outcome:
+    """W8 on remote workers: hosts made of network namespaces, the driver in one of its own."""
+    from . import multihost
+
+    hosts, per_host = w8_remote_shape(quick)
+    return multihost.w8_remote(hosts, per_host, w8_tasks(hosts * per_host, quick))
 
 
 # ---- the table ----------------------------------------------------------------------
@@ -647,17 +763,23 @@ WORKLOADS: dict[str, Workload] = {
                  _w7_metrics, _run_w7, sizes=_w7_sizes,
                  note="phalanx rt.map (auto chunks); Pool.imap, PPE.map, loky map with chunksize "
                  "ceil(n/8); results consumed as a stream; RSS sampled every 10 ms"),
-        Workload("W8", "many workers: 250 x workers sleep(1 ms) tasks on 2, 8 and 32 workers",
-                 tuple(r for r in TASK_RUNNERS if r not in ("ppe",)), _w8_metrics, _run_w8, sizes=_w8_sizes,
-                 quick_title="many workers: 20 x workers sleep(1 ms) tasks on 2 and 4 workers (quick)",
+        Workload("W8", "many workers: 250 x workers sleep(1 ms) tasks on 2, 8 and 32 local workers, "
+                 "16 remote workers",
+                 (*(r for r in TASK_RUNNERS if r not in ("ppe",)), "static"), _w8_metrics, _run_w8, sizes=_w8_sizes,
+                 quick_title="many workers: 20 x workers sleep(1 ms) tasks on 2 and 4 local workers, "
+                 "4 remote workers (quick)",
                  note="oversubscribed on purpose (2 cores); one task per message (Pool: apply_async); "
-                 "ideal = workers x 1000 tasks/s; driver CPU = process_time of the submitting process"),
+                 "static: Pool.starmap with one chunk per worker, the ceiling of this machine with no per-task "
+                 "dispatch; "
+                 "ideal = workers x 1000 tasks/s; driver CPU = process_time of the submitting process; "
+                 "remote HxW: H hosts (network namespaces) of W workers each, the driver in a namespace of its own",
+                 remote=_run_w8_remote),
     )
 }
 
 
 def get(workload_id: str) -> Workload:
-    """The workload ``W1``..``W7`` (case-insensitive)."""
+    """The workload ``W1``..``W8`` (case-insensitive)."""
     try:
         return WORKLOADS[workload_id.upper()]
     except KeyError:

@@ -63,10 +63,14 @@ _THREAD = threading.local()
 class _Wake:
     """A thread's eventfd: written when a future it waits on in DirectReader.wait settles elsewhere."""
 
-    __slots__ = ("fd",)
+    __slots__ = ("fd", "poller", "polled")
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        #: the poller of this thread's last wait and the pipes it polls (fd -> worker): the
+        #: next wait on the same pipes reuses it instead of building one per call
+        self.poller: Any = None
+        self.polled: dict[int, _Worker] = {}
 
     def __del__(self) -> None:  # the thread ended
         os.close(self.fd)
@@ -139,7 +143,7 @@ class DirectReader:
         if wake is None:
             wake = _THREAD.wake = _Wake()
         waiter = _DirectWaiter(wake.fd)
-        with fut._condition:
+        with fut._phalanx_lock:
             if fut._state in SETTLED:
                 return True
             fut._waiters.append(waiter)
@@ -171,10 +175,13 @@ class DirectReader:
                         return False  # no local worker: the plain wait does
                     if pipes.pump_reads:
                         driver.wake()  # it stops polling the pipes
-                    poller = select.poll()
-                    poller.register(wake.fd, select.POLLIN)
-                    for fd in by_fd:
-                        poller.register(fd, select.POLLIN)
+                    poller = wake.poller
+                    if poller is None or by_fd != wake.polled:  # the same workers at the same fds: reused
+                        poller = wake.poller = select.poll()
+                        poller.register(wake.fd, select.POLLIN)
+                        for fd in by_fd:
+                            poller.register(fd, select.POLLIN)
+                        wake.polled = by_fd
                     # A lone caller whose replies have been quick spins briefly before blocking.
                     spin = self.waiting == 1 and self.typical < SPIN_WAIT
                     events = self._spin(poller, time.perf_counter() + SPIN_WAIT) if spin else []
@@ -207,7 +214,7 @@ class DirectReader:
                 if deadline is not None and time.monotonic() >= deadline:
                     return True
         finally:
-            with fut._condition:
+            with fut._phalanx_lock:
                 fut._waiters.remove(waiter)
             if waiter.fired or waiter.nudged:
                 try:

@@ -502,10 +502,11 @@ class Driver:
                     self._send_task_locked(ident, frame)
             except (zmq.ZMQError, PipeError):
                 return False
-            job.outstanding[task.seq] = task
+            seq = msg.seq
+            job.outstanding[seq] = task
             if not w.inflight:
                 w.head_since = time.monotonic()
-            w.inflight[(task.job, task.seq)] = task
+            w.inflight[(msg.job, seq)] = task
             self.tasks_submitted += 1
             return True
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-from concurrent.futures._base import FINISHED, PENDING
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 import queue
 import threading
 import time
@@ -44,7 +44,7 @@ from .driver import Driver
 from .errors import TaskCancelledError, TaskTimeoutError
 from .policy import FatalStrategy, TaskOptions
 from .progress import ProgressBar, progress_bar
-from .registry.operations import Operation, driver_operation, monoid_empty, name_of, pickled_call
+from .registry.operations import Operation, driver_operation, monoid_empty, name_of, named_operation, pickled_call
 from .transport.codec import encode, pack_message
 from .transport.messages import Call, Chunk, Ok
 
@@ -127,20 +127,24 @@ class Future(concurrent.futures.Future[T]):
     __slots__ = ("_state", "_result", "_exception", "_waiters", "_done_callbacks", "_phalanx_call",
                  "_phalanx_direct")
 
-    # Lighter than the standard library's: a future costs 3 objects the garbage
+    # Lighter than the standard library's: a future costs 2 objects the garbage
     # collector tracks instead of 11 (a Condition per future is most of them), which
     # matters when a caller holds tens of thousands. All phalanx futures share one
     # lock for their state changes; a thread that waits installs a one-off waiter,
     # the mechanism concurrent.futures.wait() already uses, so completing a future
     # nobody waits on wakes no thread. The base class's methods work unchanged.
     _condition = _SHARED_CONDITION
+    #: the lock under the Condition, for this module's and phalanx.direct's hot paths
+    #: (``with`` on the Condition itself costs two Python-level calls)
+    _phalanx_lock = _SHARED_LOCK
 
     def __init__(self) -> None:  # noqa: D107 - the base class's, without the Condition
         self._state = PENDING
         self._result: Any = None
         self._exception: BaseException | None = None
         self._waiters: list[Any] = []
-        self._done_callbacks: list[Any] = []
+        #: a list once a callback is added (add_done_callback): most futures never get one
+        self._done_callbacks: list[Any] | tuple[()] = ()
         #: the call behind this future: ``cancel()`` drops it while queued, ``abort()`` ends it while it runs
         self._phalanx_call: CallHooks | None = None
         #: the driver's direct read: a waiting thread may read its reply from local workers' pipes
@@ -194,6 +198,27 @@ class Future(concurrent.futures.Future[T]):
                 waiter.add_exception(self)
         if self._done_callbacks:
             self._invoke_callbacks()  # type: ignore[attr-defined]  # the base class's
+
+    def add_done_callback(self, fn: Callable[[concurrent.futures.Future[T]], object]) -> None:
+        with _SHARED_LOCK:
+            if not self._done_callbacks:
+                self._done_callbacks = []
+        super().add_done_callback(fn)
+
+    def set_running_or_notify_cancel(self) -> bool:
+        # The base class's, under the shared lock without the Condition's Python-level enter/exit:
+        # the driver calls it once per call it dispatches.
+        with _SHARED_LOCK:
+            state = self._state
+            if state == PENDING:
+                self._state = RUNNING
+                return True
+            if state == CANCELLED:
+                self._state = CANCELLED_AND_NOTIFIED
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+                return False
+        return super().set_running_or_notify_cancel()  # any other state: the base class logs and raises
 
     def done(self) -> bool:
         # One attribute read is atomic: no need for the lock the base class takes (and a list it builds).
@@ -268,7 +293,12 @@ class _SubmitJob(Job):
     # deliver, fail and on_dispatch are methods here, where Job keeps callables in slots:
     # found first on this class, they shadow those slots (which stay unset).
     def on_dispatch(self) -> bool:
-        return self.future.set_running_or_notify_cancel()
+        fut = self.future
+        with _SHARED_LOCK:  # the usual transition of set_running_or_notify_cancel, without its call
+            if fut._state == PENDING:
+                fut._state = RUNNING
+                return True
+        return fut.set_running_or_notify_cancel()
 
     def cancel(self) -> None:
         driver = self.driver
@@ -290,10 +320,21 @@ class _SubmitJob(Job):
 
     def deliver(self, seq: int, outcome: Delivery) -> None:
         fut = self.future
-        if fut.done():
+        if fut._state in SETTLED:
             return
-        self._forget()
-        settle(fut, outcome, self.result_op)
+        fut._phalanx_call = None  # _forget(), inline: this runs once per call
+        self.driver = None
+        op = self.result_op
+        if outcome.__class__ is Ok:
+            value = outcome.value
+            # settle(), without its calls when the value needs no conversion (convert_result's test).
+            if op is None or (returns := op.returns) is Any or returns is object or type(value) is returns:
+                try:
+                    fut.set_result(value)
+                except concurrent.futures.InvalidStateError:
+                    pass  # cancelled meanwhile
+                return
+        settle(fut, outcome, op)
 
     def fail(self, exc: BaseException) -> None:
         try:
@@ -332,14 +373,14 @@ def submit(
     options: TaskOptions | None = None,
 ) -> Future[Any]:
     """Run ``fn(*args, **kwargs)`` once on some worker."""
-    if driver.config.local_pickle:
+    local_pickle = driver.config.local_pickle
+    if local_pickle:
         fn, args = pickled_call(fn, args)
-    op_name = name_of(fn)
-    op = driver_operation(fn)
+    op_name, op = named_operation(fn)
     fut: Future[Any] = Future()
-    job = _SubmitJob(driver, op_name, op, fut, options_for(op, options))
+    job = _SubmitJob(driver, op_name, op, fut, options if op is None else op.options.merged(options))
     msg = Call(job.id, 0, 0, op_name, args, kwargs or None, job.timeout)
-    if driver.config.local_pickle:  # the task keeps its pickles: a retry re-encodes it as it is
+    if local_pickle:  # the task keeps its pickles: a retry re-encodes it as it is
         msg = pack_message(msg, True)
     frame = encode(msg, "the arguments of {}", op_name)
     fut._phalanx_direct = driver.direct

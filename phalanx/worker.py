@@ -847,7 +847,7 @@ class _Loop:
                     if left > 1:
                         self.given_back[key] = left - 1
                     return None  # another worker runs it (see _Control._give_back)
-        if task.job in self.terminated:
+        if task.job in self.terminated._since:  # its dict: no __contains__ call per task
             return Err(task.job, task.seq, task.attempt,
                        _special_error(task.job, TaskCancelledError(f"job {task.job} was terminated")))
         ctx = TaskContext(task.job, task.seq, task.attempt, task.timeout)
@@ -1078,6 +1078,7 @@ class _Loop:
             # Hello while the thread starts.
             self.control.start()
         poll = self.poll
+        perf_counter = time.perf_counter
         while not self.stopping:
             if self.inbox_back and self.inbox is not None:
                 self.inbox_back = False
@@ -1104,35 +1105,42 @@ class _Loop:
                     self.ready_sent = True
                 continue
             task = self.todo.popleft()
-            if self.out and isinstance(task, (Call, Chunk)) and task.attempt:
-                # A redelivered task may be the one that killed its last worker: get what
-                # is batched out first, so if it kills this one too the driver charges
-                # the crash to it, not to a finished task whose outcome died unsent.
-                self.flush(sent=True)
-            held = bool(self.out)
-            if held:  # this task may be long: what is batched goes alone after BATCH_HOLD
-                self.flusher.arm()
-            started = time.perf_counter()
-            if isinstance(task, ActorCall):
-                outcome: Outcome | None = self.actors.call(task)
-                op_name = task.method
-            elif isinstance(task, (Call, Chunk)):
-                outcome, op_name = self.run(task), task.op
+            kind = task.__class__  # decoded messages are of exactly their class
+            if kind is Call or kind is Chunk:
+                if self.out and task.attempt:
+                    # A redelivered task may be the one that killed its last worker: get what
+                    # is batched out first, so if it kills this one too the driver charges
+                    # the crash to it, not to a finished task whose outcome died unsent.
+                    self.flush(sent=True)
+                held = bool(self.out)
+                if held:  # this task may be long: what is batched goes alone after BATCH_HOLD
+                    self.flusher.arm()
+                started = perf_counter()
+                outcome: Outcome | None = self.run(task)
+                elapsed = perf_counter() - started
+                op_name, splits = task.op, kind is Chunk and not task.fold
+            elif kind is ActorCall:
+                held = bool(self.out)
+                if held:
+                    self.flusher.arm()
+                started = perf_counter()
+                outcome = self.actors.call(task)
+                elapsed = perf_counter() - started
+                op_name, splits = task.method, False
             else:
                 self.actors.handle(task)
                 continue
             if held:
                 self.flusher.disarm()
-            elapsed = time.perf_counter() - started
             self.busy += elapsed
             self.tasks_done += 1
-            if isinstance(task, ActorCall) and self.actors.checkpoint_due(task.instance):
+            if kind is ActorCall and self.actors.checkpoint_due(task.instance):
                 # Checkpoint before the reply: a caller told "done" must never see the
                 # effect lost to a restart from an older checkpoint.
                 self.actors.save(task.instance, 0)
             if outcome is not None:
                 self.out.append(outcome)
-                self.out_ops.append((op_name, isinstance(task, Chunk) and not task.fold))
+                self.out_ops.append((op_name, splits))
             # Drop the task now, not when the next one comes: channel ends among its
             # arguments are collected, and what they held goes back to their lease.
             del task, outcome

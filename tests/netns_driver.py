@@ -12,6 +12,11 @@ host's tasks were redelivered.
 
 ``bench``: tasks/s of tiny tasks through ``map`` and the median round trip of
 ``submit(noop).result()`` against the remote workers.
+
+``w8``: the benchmark suite's W8 on the remote workers (hosts started with
+``--import benchmarks.ops``): ``--tasks`` sleep(1 ms) tasks, one message
+each, timed by the same function as W8's local rows
+(``benchmarks.workloads.measure_w8``); prints its outcome (metrics and info).
 """
 
 from __future__ import annotations
@@ -88,9 +93,20 @@ def bench(rt: phalanx.Runtime, tasks: int, trips: int) -> dict[str, object]:
     return out
 
 
+def w8(rt: phalanx.Runtime, workers: int, tasks: int) -> dict[str, object]:
+    from benchmarks.runners import PhalanxRunner
+    from benchmarks.workloads import measure_w8
+
+    runner = PhalanxRunner(workers)
+    runner.rt = rt  # the runner's submit_gather on this runtime: the local rows' very code
+    outcome = measure_w8(runner.submit_gather, workers, tasks, "remote", runner.worker_pids)
+    outcome["info"]["workers_lost"] = rt.stats().workers_lost
+    return dict(outcome)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["link-down", "bench", "bench-local"])
+    parser.add_argument("mode", choices=["link-down", "bench", "bench-local", "w8"])
     parser.add_argument("--server-key")
     parser.add_argument("--authorized-keys")
     parser.add_argument("--workers", type=int, default=4, help="remote workers to wait for")
@@ -98,19 +114,23 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=400)
     parser.add_argument("--delay", type=float, default=0.02)
     parser.add_argument("--trips", type=int, default=1000)
+    parser.add_argument("--heartbeat-timeout", type=float, default=1.0)
+    parser.add_argument("--join-timeout", type=float, default=60.0, help="seconds the workers get to join")
     args = parser.parse_args()
     if args.mode == "bench-local":
         with phalanx.Runtime(workers=2) as rt:
             print(json.dumps(bench(rt, args.tasks, args.trips)), flush=True)
         return
     with phalanx.Runtime(workers=0, listen="tcp://0.0.0.0:5555", server_key=args.server_key,
-                         authorized_keys=args.authorized_keys, heartbeat_timeout=1.0) as rt:
+                         authorized_keys=args.authorized_keys, heartbeat_timeout=args.heartbeat_timeout) as rt:
         print(rt.address, flush=True)
-        if rt.wait_for_workers(args.workers, timeout=60) < args.workers:
+        if rt.wait_for_workers(args.workers, timeout=args.join_timeout) < args.workers:
             print(json.dumps({"error": f"only {len(rt.stats().workers)} workers joined"}), flush=True)
             return
         if args.mode == "link-down":
             result = link_down(rt, args.iface, args.tasks, args.delay)
+        elif args.mode == "w8":
+            result = w8(rt, args.workers, args.tasks)
         else:
             result = bench(rt, args.tasks, args.trips)
         print(json.dumps(result), flush=True)

@@ -6,26 +6,38 @@ Runs in the test process, which only starts the suite in a subprocess (with a
 timeout) and reads the JSON it writes; the suite starts its own children and
 workers and must leave none behind (the autouse leak check verifies it).
 Marked ``slow`` (about 20-60 s) but part of the default run.
+
+W8's remote rows run phalanx with hosts made of network namespaces (as
+root): the quick run includes them where namespaces can be made and must
+say why it skipped them where they cannot (tested by hiding the ``ip``
+command); a remote run killed mid-way must leave no namespace, veth end or
+process once the orchestrator has swept after it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+
+import netns
 
 ROOT = Path(__file__).resolve().parent.parent
 
 #: workloads run by phalanx and by Pool, PPE and loky: each must give numbers
 TASK_WORKLOADS = ("W1", "W2", "W4", "W5", "W6", "W7")
-#: many workers: phalanx, Pool and loky (not PPE)
-W8_PEERS = ("pool", "loky")
+#: many workers: phalanx, Pool and loky (not PPE), and the ceiling (Pool, one chunk per worker)
+W8_PEERS = ("pool", "loky", "static")
 #: the optional peers (Dask, ipyparallel, mpire) are left to their own test: they take long to start
-CORE_RUNNERS = "phalanx,inline,executor,pool,ppe,loky,manager,ray"
+CORE_RUNNERS = "phalanx,inline,executor,pool,ppe,loky,manager,ray,static"
 #: the actor workload, compared with peers of its own (a BaseManager proxy, Ray), not Pool/PPE/loky
 OWN_PEERS = ("W3",)
 PEERS = ("pool", "ppe", "loky")
@@ -70,6 +82,24 @@ def test_quick_benchmark_run_reports_every_workload(tmp_path: Path) -> None:
         for workers in (2, 4):
             for key in (f"tps_{workers}", f"ideal_{workers}", f"cpu_{workers}"):
                 assert w8["metrics"][key]["runners"][runner]["median"] > 0, (key, runner)
+    # ... and where the CPU went: the driver's threads and the workers, per task
+    for run in data["runs"]:
+        if run["workload"] == "W8" and run["runner"] == "phalanx":
+            assert run["info"]["driver_thread_cpu_us_per_task"].get("MainThread", 0) > 0, run["info"]
+            assert run["info"]["workers_cpu_us_per_task"] > 0, run["info"]
+    # W8's remote rows: figures where namespaces can be made, else one line saying why not.
+    why = netns.unavailable()
+    remote = [run for run in data["runs"] if run.get("remote")]
+    assert remote, "W8's remote part did not run"
+    if why is None:
+        for key in ("tps_remote", "ideal_remote", "cpu_remote"):
+            assert w8["metrics"][key]["runners"]["phalanx"]["median"] > 0, (key, w8["metrics"][key])
+        assert remote[0]["info"]["workers"] == 4 and remote[0]["info"]["transport"] == "tcp+CURVE", remote[0]
+        # each remote child removed its own namespaces: nothing left for the orchestrator to sweep
+        assert all(run["namespaces_swept"] == [] for run in remote), remote
+        assert not [ns for ns in netns.namespaces() for run in remote if ns.startswith(f"phx-{run['pid']}-")]
+    else:
+        assert f"remote rows: skipped: {why}" in proc.stdout
     # W5 runs phalanx with and without shared memory in the same invocation.
     assert workloads["W5"]["status"]["inline"] == "ok", workloads["W5"]["reasons"]
     for wid in OWN_PEERS:
@@ -142,3 +172,62 @@ def test_optional_peers_run_when_installed_and_are_skipped_otherwise(tmp_path: P
     # Processes a peer leaves behind (a dask nanny or an ipyparallel engine slow to exit on a loaded
     # machine) are the peer's, reported and killed by the suite; phalanx must leave none.
     assert all(not run.get("leftovers") for run in data["runs"] if run["runner"] == "phalanx"), data["runs"]
+
+
+@pytest.mark.timeout(180)
+def test_w8_remote_rows_say_why_they_are_skipped_without_namespaces(tmp_path: Path) -> None:
+    """Without the ip command (a PATH that lacks it) W8's local rows run and one line says why the remote ones did not."""
+    out = tmp_path / "w8.json"
+    env = dict(os.environ, PATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--only", "W8", "--runners", "phalanx",
+                           "--repeats", "1", "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=150)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    reason = "skipped: the ip command (iproute2) is not installed (remote hosts are network namespaces)"
+    assert f"remote rows: {reason}" in proc.stdout
+    w8 = json.loads(out.read_text())["workloads"]["W8"]
+    assert w8["remote_skipped"] == reason and w8["status"]["phalanx"] == "ok"
+    assert w8["metrics"]["tps_2"]["runners"]["phalanx"]["median"] > 0
+    assert w8["metrics"]["tps_remote"]["runners"] == {}
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(180, method="signal")
+@pytest.mark.skipif(netns.unavailable() is not None, reason=f"cannot make network namespaces: {netns.unavailable()}")
+def test_a_remote_run_killed_midway_leaves_nothing_once_swept() -> None:
+    """SIGKILL W8's remote child (its process group, as the orchestrator does on a timeout) once its
+    hosts run: the orchestrator's sweep removes its namespaces, their veth ends and every process inside."""
+    from benchmarks.__main__ import _sweep_namespaces
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    child = subprocess.Popen([sys.executable, "-m", "benchmarks.run_one", "--runner", "phalanx", "--workload", "W8",
+                              "--remote", "--quick"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    mine: list[str] = []
+    inside: list[int] = []
+    try:
+        # the driver namespace and both host namespaces each hold a process: the hosts are starting
+        deadline = time.monotonic() + 120
+        while len(mine) < 3 or not all(netns.pids_in(ns) for ns in mine):
+            assert child.poll() is None, "the remote run ended before its hosts were seen"
+            assert time.monotonic() < deadline, f"the hosts never started: {mine}"
+            mine = [ns for ns in netns.namespaces() if ns.startswith(f"phx-{child.pid}-")]
+            time.sleep(0.01)
+        inodes = {netns.inode(ns) for ns in mine}
+        tags = {ns.split("-")[2] for ns in mine}
+        inside = [pid for ns in mine for pid in netns.pids_in(ns)]
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+        swept = _sweep_namespaces()
+        assert set(mine) <= set(swept), (mine, swept)
+        assert not set(mine) & set(netns.namespaces())
+        assert netns.holders(inodes) == []
+        assert not [link for link in netns.links() for tag in tags if link.startswith(f"phx{tag}")]
+        alive = [pid for pid in inside if psutil.pid_exists(pid)
+                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        assert alive == [], f"processes outlived their namespaces: {alive}"
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait(timeout=10)
+        netns.sweep_stale()

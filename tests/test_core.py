@@ -416,6 +416,26 @@ def test_each_task_goes_to_the_live_worker_of_its_tag_with_most_free_credits() -
     assert (gpu1.free, gpu2.free, set(gpu2.inflight)) == (0, 0, {(1, 0), (1, 2)})
 
 
+def test_work_queued_while_every_worker_is_full_goes_out_in_order_as_credits_come_back() -> None:
+    r, job = routed()
+    w1, w2 = Worker("w1", ("default",), 1), Worker("w2", ("default",), 1)
+    for w in (w1, w2):
+        r.add_live(w)
+    first = [call(job, seq) for seq in range(2)]
+    r.enqueue("default", first)
+    assert sum(len(ts) for ts in r.dispatch().values()) == 2
+    later = [call(job, seq) for seq in range(2, 6)]
+    for task in later:  # submitted one by one, each followed by a dispatch that finds no credit
+        r.enqueue("default", [task])
+        assert r.dispatch() == {}
+    assert [t.seq for t in r.pending["default"]] == [2, 3, 4, 5]
+    w2.free += 1  # an outcome came back
+    assert {w.name: [t.seq for t in ts] for w, ts in r.dispatch().items()} == {"w2": [2]}
+    w1.free += 2
+    assert {w.name: [t.seq for t in ts] for w, ts in r.dispatch().items()} == {"w1": [3, 4]}
+    assert [t.seq for t in r.pending["default"]] == [5]
+
+
 def test_work_with_no_route_waits_then_fails_with_no_worker_error_while_other_work_flows() -> None:
     r, job = routed("tpu")
     r.add_live(Worker("cpu", ("default",), 4))

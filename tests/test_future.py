@@ -69,6 +69,31 @@ def test_cancel_wakes_a_waiting_thread() -> None:
     t.join()
 
 
+@pytest.mark.parametrize("cls", [Future, concurrent.futures.Future], ids=["phalanx", "stdlib"])
+def test_set_running_or_notify_cancel_keeps_the_standard_contract(cls: type) -> None:
+    """phalanx.Future's own set_running_or_notify_cancel (the driver's per-dispatch call)
+    does what the standard library's does in every state."""
+    fut = cls()
+    assert fut.set_running_or_notify_cancel() is True and fut.running()
+    assert not fut.cancel(), "a running future cannot be cancelled"
+    # cancelled before it ran: False, and a thread in concurrent.futures.wait wakes
+    fut = cls()
+    fut.cancel()
+    waited: list[set[object]] = []
+    waiter = threading.Thread(target=lambda: waited.append(concurrent.futures.wait([fut], timeout=10)[0]))
+    waiter.start()
+    time.sleep(0.05)
+    assert fut.set_running_or_notify_cancel() is False
+    waiter.join(10)
+    assert waited == [{fut}] and fut.cancelled()
+    # settled or already running: the standard library's RuntimeError
+    for settle in (lambda f: f.set_result(1), lambda f: f.set_running_or_notify_cancel()):
+        fut = cls()
+        settle(fut)
+        with pytest.raises(RuntimeError):
+            fut.set_running_or_notify_cancel()
+
+
 def test_many_waiters_on_one_future_and_one_waiter_each_on_many() -> None:
     futs: list[Future[int]] = [Future() for _ in range(50)]
     got: list[int] = []

@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from ..direct import SETTLED
 from ..errors import ActorDiedError, TaskTimeoutError
 from ..jobs import Future
 from ..policy import DEFAULT_TAG
@@ -195,7 +196,7 @@ _ActorT = TypeVar("_ActorT")
 def settle_call(fut: Future[Any], outcome: Delivery, convert: Callable[[_ActorT, str, Any], Any],
                 actor: _ActorT, method: str) -> None:
     """Settle an actor call's future with its outcome (a value passes through ``convert(actor, method, value)``)."""
-    if fut.done():
+    if fut._state in SETTLED:  # fut.done(), without the call
         return
     try:
         if isinstance(outcome, Ok):
@@ -341,7 +342,7 @@ class ActorSystem:
                 pop = actor.futures.pop
                 entries = [pop(seq, None) for seq, _ in batch]
                 actor.calls += len(batch)
-            convert = self.convert_result
+            convert = _Actor.convert_result  # the record's own: (actor, method, value), one call fewer per reply
             for entry, (_, outcome) in zip(entries, batch):
                 if entry is not None:
                     settle_call(entry[0], outcome, convert, actor, entry[1])
@@ -349,7 +350,8 @@ class ActorSystem:
         return deliver
 
     def call(self, actor: _Actor, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
-        check_method(method)
+        if method[:1] == "_":
+            check_method(method)  # it raises
         fut: Future[Any] = Future()
         fut._state = RUNNING  # an actor call cannot be withdrawn once made (nobody sees it yet)
         fut._phalanx_direct = self.driver.direct
@@ -362,7 +364,8 @@ class ActorSystem:
                 seq = next(actor.seqs)
                 msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
                 frame = encode(msg, "the arguments of {}", f"{actor.cls_name}.{method}")
-                self.driver.check_frame(frame, f"the arguments of {actor.cls_name}.{method}")
+                if len(frame) > self.driver.limits.max_frame:
+                    self.driver.check_frame(frame, f"the arguments of {actor.cls_name}.{method}")  # it raises
                 actor.futures[seq] = (fut, method)
                 if not self.driver.submit_directed(job, msg, frame, actor.worker):
                     worker_gone(actor, seq, method, a, kw)

@@ -131,8 +131,8 @@ class ActorRecord:
         typ = self.returns.get(method, _UNKNOWN)
         if typ is _UNKNOWN:
             typ = self.returns[method] = return_type(self.cls, method)
-        if typ is Any:
-            return value
+        if typ is Any or type(value) is typ:
+            return value  # nothing to check, or already of exactly that class (an int for int)
         try:
             return convert(value, typ)
         except Exception:

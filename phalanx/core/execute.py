@@ -76,7 +76,13 @@ class TaskRunner:
         op: Operation | None = None
         try:
             op = self.resolve(task.op)
-            if isinstance(task, Call):
+            if task.__class__ is Call:
+                # call(), inline: this runs once per task.
+                a, kw = op.convert_args(task.args, task.kwargs, 0)
+                value = op.fn(*a, **kw)
+                if hasattr(value, "__await__") and inspect.isawaitable(value):
+                    value = self.settle(value)
+            elif isinstance(task, Call):
                 value = self.call(op, task.args, task.kwargs)
             elif task.stages:
                 self.staged_op = None

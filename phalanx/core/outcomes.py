@@ -34,7 +34,7 @@ from typing import Protocol
 from ..errors import ActorDiedError, RuntimeBrokenError, TaskTimeoutError, WorkerCrashedError
 from ..policy import FatalStrategy
 from ..transport.codec import error_info
-from ..transport.messages import Chunk, Err, Ok
+from ..transport.messages import ActorCall, Chunk, Err, Ok
 from .tasks import SKIPPED, Delivery, Job, Task
 
 __all__ = ["Outcomes", "Death", "Holder"]
@@ -104,12 +104,16 @@ class Outcomes:
         inflight = w.inflight
         resolve = self.resolve
         strays = 0
+        credits = w.alive and not w.retiring
         for outcome in outcomes:
-            task = inflight.pop((outcome.job, outcome.seq), None)
+            seq = outcome.seq
+            task = inflight.pop((outcome.job, seq), None)
             if task is None:
                 strays += 1  # not a task this worker holds
                 continue
-            if w.alive and not w.retiring and not task.directed:
+            msg = task.msg
+            kind = msg.__class__
+            if credits and kind is not ActorCall:  # a directed call took no credit
                 w.free += 1
             w.tasks += 1
             w.items += task.items
@@ -117,12 +121,22 @@ class Outcomes:
             if job is None:
                 self.late_results_dropped += 1
                 continue
-            if outcome.seq not in job.outstanding:
+            outstanding = job.outstanding
+            if seq not in outstanding:
                 self.duplicates_dropped += 1
+                continue
+            if kind is not Chunk and outcome.__class__ is Ok and task.prefix is None and task.rest is None:
+                # The common case, resolve()'s first branch without the call: a call's value.
+                del outstanding[seq]
+                if job.autoclose and not outstanding:
+                    jobs.pop(job.id, None)
+                self.tasks_completed += 1
+                self.items_completed += task.items
+                out.append((job, seq, outcome))
                 continue
             final = resolve(job, task, outcome)
             if final is not None:
-                out.append((job, outcome.seq, final))
+                out.append((job, seq, final))
         return strays
 
     def resolve(self, job: Job, task: Task, outcome: Ok | Err) -> Ok | Err | None:

@@ -140,6 +140,11 @@ class Routing(Generic[W]):
         if not pending_by_tag:
             return batch
         live, live_tags = self.live, self.live_tags
+        for w in live:
+            if w.free > 0:
+                break
+        else:
+            return batch  # no free credit anywhere (calls submitted faster than workers run them)
         for tag, pending in list(pending_by_tag.items()):
             if tag not in live_tags:
                 continue
@@ -163,12 +168,14 @@ class Routing(Generic[W]):
             if best is None:
                 return
             task = pending.popleft()
-            job = jobs.get(task.job)
-            if job is None or job.outstanding.get(task.seq) is not task:
+            msg = task.msg  # its fields, not Task's properties: this runs once per task
+            job_id, seq = msg.job, msg.seq
+            job = jobs.get(job_id)
+            if job is None or job.outstanding.get(seq) is not task:
                 continue
-            if job.on_dispatch is not None and task.attempt == 0 and not task.claimed:
+            if job.on_dispatch is not None and msg.attempt == 0 and not task.claimed:
                 if not job.on_dispatch():
-                    del job.outstanding[task.seq]
+                    del job.outstanding[seq]
                     if job.autoclose and not job.outstanding:
                         del jobs[job.id]
                     continue
@@ -181,7 +188,7 @@ class Routing(Generic[W]):
             if order is not None:
                 order.append((best, task))
             best.free -= 1
-            best.inflight[(task.job, task.seq)] = task
+            best.inflight[(job_id, seq)] = task
             best.dispatched += 1
             if limit and best.dispatched >= limit:
                 best.free = 0

@@ -167,7 +167,7 @@ class Job:
             self.retry = options.retry
             self.on_fatal = options.on_fatal or FatalStrategy.TERMINATE
             self.timeout = options.timeout or 0.0
-            self.tag = options.tag
+            self.tag = options.on or DEFAULT_TAG  # options.tag, without a property call per job
         #: (seq, index in chunk, error) of items dropped under IGNORE (None: none so far)
         self.skipped: list[tuple[int, int, Any]] | None = None
         #: tasks were forgotten while workers may still hold them

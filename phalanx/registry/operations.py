@@ -493,6 +493,19 @@ def resolve(name: str) -> Operation:
     return op
 
 
+def named_operation(fn: Callable[..., Any] | str) -> tuple[str, Operation | None]:
+    """``(name_of(fn), driver_operation(fn))`` at once: the per-call lookup of ``submit``.
+
+    An ``@operation`` function already seen takes two dictionary-speed reads.
+    """
+    name = getattr(fn, "__phalanx_operation__", None)
+    if name.__class__ is str and fn.__class__ is not OperationRef:
+        cached = _RESOLVED.get(name)
+        if cached.__class__ is Operation:
+            return name, cached
+    return name_of(fn), driver_operation(fn)
+
+
 def driver_operation(fn: Callable[..., Any] | str) -> Operation | None:
     """The driver's view of an operation, for converting its results (None for names)."""
     if isinstance(fn, str):

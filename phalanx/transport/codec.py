@@ -488,8 +488,22 @@ def encode(msg: Any, what: str = "message", name: str = "", pickled: bool = Fals
     """
     try:
         kind = type(msg)
-        if kind is Results and _plain_results(msg):
-            return _encode_plain(msg)  # no value to pack, no array for shared memory
+        # The common messages, checked in C: a (actor) call of plain positional arguments, results of
+        # plain values. Nothing to pack, no array for shared memory: msgspec encodes them as is.
+        if kind is Call or kind is ActorCall:
+            plain = not msg.kwargs and _ATOMS.issuperset(map(type, msg.args))
+        elif kind is Results:
+            try:
+                plain = _ATOMS.issuperset(map(type, map(_value_of, msg.outcomes)))
+            except AttributeError:
+                plain = False  # an Err among them
+        else:
+            plain = False
+        if plain:
+            try:
+                return _encoder.encode(msg)
+            except OverflowError:
+                return _encoder.encode(_bigints(msg))
         packer = _PACKERS.get(kind)
         if packer is not None:
             packed = packer(msg, pickled)
