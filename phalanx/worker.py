@@ -8,7 +8,9 @@ Runs in every worker process (started by :mod:`phalanx.supervisor`)::
                                        task timeouts ─▶ side DEALER ("<id>!") ──▶ driver ROUTER "results"
 
 The main thread owns the inbox and outbox (or the pipe) and runs user code through
-:class:`phalanx.core.execute.TaskRunner` (the code simulated workers run too); the control
+:class:`phalanx.core.execute.TaskRunner` (the code simulated workers run too); while it
+runs a task with outcomes batched, the "phalanx-flush" thread may send them (``_Flusher``;
+every write to the outbox or the pipe holds ``send_lock``); the control
 thread owns the SUB and side sockets, so a task that never returns still sees
 its abort flag set, still has its timeout reported, and is still killed after
 the grace period.
