@@ -21,6 +21,7 @@ import pytest
 
 import ops
 import phalanx
+from phalanx.core.window import MAX_MAP_CHUNK
 
 #: generous bound on any single wait; tests finish far sooner
 T = 30.0
@@ -223,3 +224,15 @@ def test_dropping_a_for_loop_over_a_map_ends_its_job(module_runtime: phalanx.Run
     for _ in module_runtime.map(ops.square, Source(), chunksize=3, timeout=T):
         break
     wait_until(lambda: module_runtime.stats().jobs_open == 0, "the dropped map's job closed")
+
+
+def test_a_long_list_is_mapped_in_chunks_no_larger_than_the_map_cap(module_runtime: phalanx.Runtime) -> None:
+    """``chunksize=None`` over a list of a million: a quarter of each worker's share would be
+    125,000 items a chunk; every chunk in flight holds at most ``MAX_MAP_CHUNK`` items, and
+    the results are all there, in order."""
+    n = 1_000_000
+    it = module_runtime.map(ops.square, list(range(n)), timeout=T)
+    assert sum(1 for i, y in enumerate(it) if y == i * i) == n
+    firsts = sorted(it._w.starts.values())  # each chunk's first input index
+    sizes = [b - a for a, b in zip(firsts, [*firsts[1:], n])]
+    assert sum(sizes) == n and max(sizes) <= MAX_MAP_CHUNK

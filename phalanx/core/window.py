@@ -32,10 +32,14 @@ from ..transport.messages import Chunk, Ok
 from .tasks import SKIPPED, Delivery, Job, Task
 
 __all__ = ["MapWindow", "ChunkSizer", "outcome_error", "at_index", "WAIT", "READY", "FAILED", "ENDED", "COMPLETE",
-           "MAX_AUTO_CHUNK", "RAMP_TARGET"]
+           "MAX_AUTO_CHUNK", "MAX_MAP_CHUNK", "RAMP_TARGET"]
 
-#: largest automatic chunk
+#: largest automatic chunk of a fold (each chunk's partial result costs one more combine)
 MAX_AUTO_CHUNK = 50_000
+#: largest automatic chunk of a map: a worker decodes, runs and frees a chunk at a time, and
+#: its values no larger than this reuse the same memory; 50,000 ints took fresh pages (a
+#: page fault each 4 KB, a tenth of a map's worker CPU) every chunk
+MAX_MAP_CHUNK = 4096
 #: a streaming chunk keeps doubling while its round trip is faster than this
 RAMP_TARGET = 0.02
 
@@ -60,21 +64,22 @@ def outcome_error(outcome: Delivery) -> BaseException:
 
 
 class ChunkSizer:
-    """Chunk sizes: fixed, or from the input length, or ramping up while quick."""
+    """Chunk sizes: fixed, or from the input length (at most ``largest``), or ramping up while quick."""
 
-    def __init__(self, chunksize: int | None, length: int | None, workers: int) -> None:
+    def __init__(self, chunksize: int | None, length: int | None, workers: int,
+                 largest: int = MAX_AUTO_CHUNK) -> None:
         if chunksize is not None:
             if chunksize < 1:
                 raise ValueError(f"chunksize must be >= 1, got {chunksize}")
             self.size, self.ramp = chunksize, False
         elif length is not None:
-            self.size = min(MAX_AUTO_CHUNK, max(1, math.ceil(length / (4 * max(1, workers)))))
+            self.size = min(largest, max(1, math.ceil(length / (4 * max(1, workers)))))
             self.ramp = False
         else:
             self.size, self.ramp = 1, True
 
     def observe(self, round_trip: float) -> None:
-        if self.ramp and round_trip < RAMP_TARGET and self.size < 4096:
+        if self.ramp and round_trip < RAMP_TARGET and self.size < MAX_MAP_CHUNK:
             self.size *= 2
 
 
