@@ -232,7 +232,23 @@ def test_a_long_list_is_mapped_in_chunks_no_larger_than_the_map_cap(module_runti
     the results are all there, in order."""
     n = 1_000_000
     it = module_runtime.map(ops.square, list(range(n)), timeout=T)
+    assert it._w.sizer.size == MAX_MAP_CHUNK  # every chunk is cut to this (the last one shorter)
+    (job,) = open_jobs(module_runtime)
+    assert all(task.items <= MAX_MAP_CHUNK for task in list(job.outstanding.values()))
     assert sum(1 for i, y in enumerate(it) if y == i * i) == n
-    firsts = sorted(it._w.starts.values())  # each chunk's first input index
-    sizes = [b - a for a, b in zip(firsts, [*firsts[1:], n])]
-    assert sum(sizes) == n and max(sizes) <= MAX_MAP_CHUNK
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_the_window_keeps_no_record_per_chunk_once_the_chunk_is_handed_out(
+    module_runtime: phalanx.Runtime, ordered: bool
+) -> None:
+    """An endless input in chunks of one: what the window remembers stays within a window of
+    chunks, however many chunks went through (bounded memory, invariant 7)."""
+    it = module_runtime.map(ops.square, Source(), chunksize=1, ordered=ordered, timeout=T)
+    window = it._w.window
+    for _ in range(3000):
+        next(it)
+    w = it._w
+    assert len(w.starts) <= 2 * window + 1
+    assert len(w.sent_at) + len(w.buffer) <= window
+    it.close()

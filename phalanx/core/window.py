@@ -96,7 +96,7 @@ class MapWindow:
     __slots__ = (
         "job", "op_name", "stages", "star", "input", "sizer", "window", "ordered", "indexed", "convert",
         "convert_many", "seqs", "starts", "read", "sent_at", "next", "buffer", "ready", "error",
-        "exhausted", "done", "outbox", "pickled", "sequence",
+        "exhausted", "done", "outbox", "pickled", "sequence", "skips", "skips_seen",
     )
 
     def __init__(self, job: Job, op_name: str, stages: Sequence[str], source: Iterator[Any] | list[Any], star: bool,
@@ -118,8 +118,12 @@ class MapWindow:
         self.convert = convert
         self.convert_many = convert_many
         self.seqs = itertools.count()
-        #: input index of each chunk's first item
+        #: input index of each chunk's first item, while the chunk is in flight or held
         self.starts: dict[int, int] = {}
+        #: ``(input index, error info)`` of the items skipped under Ignore so far, and how
+        #: many of the job's skip records they cover (read while their chunks' starts are known)
+        self.skips: list[tuple[int, Any]] = []
+        self.skips_seen = 0
         #: items read from the input so far
         self.read = 0
         #: chunks in flight -> when they were sent
@@ -232,6 +236,11 @@ class MapWindow:
             if exc is not None:
                 self.exhausted = True
                 self.sent_at.clear()
+        if self.job.skipped:
+            self.take_skips()
+        # Its values are placed: the chunk's start is no longer needed (one entry per chunk
+        # would grow without bound over an endless input).
+        self.starts.pop(seq, None)
         if not self.exhausted:
             self.fill(now)
         return len(values), drop
@@ -267,13 +276,19 @@ class MapWindow:
             return pairs, exc
         return pairs, None
 
+    def take_skips(self) -> None:
+        """Record the job's new skip records by input index (their chunks' starts are still known:
+        a chunk's skips are recorded before its outcome is delivered)."""
+        records = self.job.skipped or []
+        starts = self.starts
+        for seq, index, info in records[self.skips_seen:]:
+            self.skips.append((starts.get(seq, 0) + index, info))
+        self.skips_seen = len(records)
+
     def skipped(self) -> list[tuple[int, BaseException]]:
         """``(input index, error)`` of every item dropped under ``on_fatal=Ignore``, in input order."""
-        return sorted(
-            ((self.starts.get(seq, 0) + index, at_index(rebuild_error(info), self.starts.get(seq, 0) + index))
-             for seq, index, info in self.job.skipped or ()),
-            key=lambda pair: pair[0],
-        )
+        self.take_skips()
+        return sorted(((i, at_index(rebuild_error(info), i)) for i, info in self.skips), key=lambda pair: pair[0])
 
     def close(self) -> bool:
         """End the map from the consumer's side; True if it was still running (the host terminates the job)."""
