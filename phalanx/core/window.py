@@ -12,7 +12,10 @@ Invariants kept:
 
 * **Bounded memory.** The input is read lazily; chunks in flight plus
   chunks received but held for an earlier, slower one never exceed
-  ``window``, so an ordered map waiting on a straggler reads no further.
+  ``window``, so an ordered map waiting on a straggler reads no further;
+  nothing is kept per chunk once its values are placed, but the items
+  skipped under Ignore (an endless map holds a window's worth, however
+  long it runs).
 * **Order and position of failures.** An ordered map yields chunk ``k``
   only after chunks ``0..k-1``; a failure (a task's, or a result that does
   not convert to the declared type) is raised after every value before it.
