@@ -227,12 +227,27 @@ class Driver:
         self.pipes = LocalPipes(self)
         #: callers reading their own replies from those pipes (phalanx.direct)
         self.direct = DirectReader(self, self.pipes)
+        #: the sockets' high-water mark and largest frame (the hwm and max_frame options)
+        self.limits = sockets.Limits(config.hwm, config.max_frame)
+        self._wake_r, self._wake_w = os.pipe()
+        #: the runtime's first local workers, asked for here: their groups, and the function
+        #: that waits until they are forked and returns their ids (see start_workers)
+        self._first: tuple[dict[str, int], Callable[[], list[str]]] | None = None
+        try:
+            # The first workers are asked for now: they start up (their pipes hold what they
+            # say) while this process sets up ZeroMQ, which local workers do not use.
+            groups = config.worker_groups()
+            self._first = (groups, self.lifecycle.request_workers(groups))
+        except BaseException:
+            self._supervisor.stop(0.0)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self.endpoints.remove()
+            raise
 
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         #: the handshake, remote joins, heartbeats, tcp security (phalanx.membership)
         self.membership = membership = Membership(self)
-        #: the sockets' high-water mark and largest frame (the hwm and max_frame options)
-        self.limits = sockets.Limits(config.hwm, config.max_frame)
         try:
             curve = membership.secure_tcp()
             tcp = self.address
@@ -252,9 +267,10 @@ class Driver:
             membership.close_security()
             self._ctx.destroy(linger=0)
             self._supervisor.stop(0.0)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
             self.endpoints.remove()
             raise
-        self._wake_r, self._wake_w = os.pipe()
         #: the pump thread's loop (phalanx.pump)
         self.pump = Pump(self)
         self._pump_thread = threading.Thread(target=self.pump.run, name="phalanx-pump", daemon=True)
@@ -266,8 +282,17 @@ class Driver:
         return self.lifecycle.wait_idle(timeout, frozen_after)
 
     def start_workers(self, n: int | dict[str, int], timeout: float) -> None:
-        """Spawn ``n`` workers (or so many per tag), start the pump, wait until each is ready."""
-        self.lifecycle.start_workers(n, timeout)
+        """Spawn ``n`` workers (or so many per tag), start the pump, wait until each is ready.
+
+        The configuration's workers (``config.worker_groups()``) were asked for when the
+        driver was made: given the same ``n``, this takes them instead of spawning more.
+        """
+        groups = {DEFAULT_TAG: n} if isinstance(n, int) else n
+        first, self._first = self._first, None
+        if first is not None and first[0] != groups:
+            first[1]()  # those asked for at first join the runtime too
+            first = None
+        self.lifecycle.start_workers(groups, timeout, first[1] if first is not None else None)
 
     def kill_worker(self, worker_id: str) -> None:
         """SIGKILL one worker (tests and fault injection); it is replaced."""
@@ -404,8 +429,8 @@ class Driver:
             self._jobs.pop(job.id, None)
             had_work = bool(job.outstanding) or job.dropped
             job.outstanding.clear()
-            if terminate and had_work and not self._control.closed:
-                self._control.send(encode(Terminate(job.id)))
+            if terminate and had_work:
+                self.publish_locked(encode(Terminate(job.id)))
 
     # ---- directed messages (actors) ---------------------------------------------
 
@@ -573,6 +598,24 @@ class Driver:
             return False
         return True
 
+    def publish_locked(self, frame: bytes, to: _Worker | None = None) -> None:
+        """Send a control frame (Terminate, Shutdown, Reclaim, InspectRequest, Heartbeat) to
+        every worker, or only ``to``: remote workers on the control PUB, each local worker on
+        its control pipe. Never blocks: a frame a full pipe cannot take is dropped, as the PUB
+        drops at its high-water mark (under the lock)."""
+        if (to is None or to.control is None) and not self._control.closed:
+            try:
+                self._control.send(frame, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        for w in (self._workers.values() if to is None else (to,)):
+            control = w.control
+            if control is not None and w.alive:
+                try:
+                    control.send(frame)
+                except OSError:
+                    pass  # full (a frozen worker) or gone (its exit is being handled)
+
     def wake(self) -> None:
         """Make the pump run a round now (another thread queued something for it to send)."""
         try:
@@ -606,16 +649,19 @@ class Driver:
             return
         if not local:
             msg = distrust_exits(msg)  # a host cannot make a caller's result() exit
-        if ident.endswith(b"!"):
-            # A worker's control thread: timed-out tasks, inspect replies, heartbeats.
+        side = ident.endswith(b"!")
+        if side or (local and isinstance(msg, (Alive, Reclaimed, InspectReply))):
+            # A worker's control thread (a local one's writes on its pipe): timed-out tasks,
+            # inspect replies, heartbeats.
+            base = ident[:-1] if side else ident
             if isinstance(msg, Alive):
-                self.membership.on_alive(ident[:-1], msg)
+                self.membership.on_alive(base, msg)
             elif isinstance(msg, Results):
-                self._on_results(ident[:-1], msg)
+                self._on_results(base, msg)
             elif isinstance(msg, Reclaimed):
-                self.reclaimer.on_reclaimed(ident[:-1], msg)
+                self.reclaimer.on_reclaimed(base, msg)
             elif isinstance(msg, InspectReply):
-                self.inspection.on_reply(ident[:-1], msg)
+                self.inspection.on_reply(base, msg)
             else:
                 self.frames_dropped += 1
             return
@@ -778,6 +824,12 @@ class Driver:
         with self._lock:
             if self._closed:
                 return
+        first, self._first = self._first, None
+        if first is not None:  # workers asked for, never started (start_workers was not called)
+            try:
+                first[1]()
+            except Exception:
+                pass  # the supervisor ends whatever was started
         if wait and self._broken is None:
             # Waits for the work, but not for workers frozen (SIGSTOP) shutdown_timeout or more.
             self.wait_idle(timeout, self.config.shutdown_timeout)
@@ -791,10 +843,7 @@ class Driver:
             for w in self._workers.values():
                 if w.alive:
                     self.lifecycle.stop_locked(w)
-            try:
-                self._control.send(encode(Shutdown()), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+            self.publish_locked(encode(Shutdown()))
             self._changed.notify_all()
         closed = RuntimeClosedError("the runtime was shut down before this job finished")
         for job in jobs:
@@ -805,6 +854,7 @@ class Driver:
         with self._lock:
             for w in self._workers.values():
                 w.alive = False
+                w.close_control()
             self._live.clear()
             self._live_tags.clear()
         os.write(self._wake_w, b"x")

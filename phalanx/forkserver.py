@@ -8,7 +8,7 @@ server then runs this module's loop, alone in its process::
     driver                                             fork server (single-threaded)
     ┌───────────────────────────┐  ctl (seqpacket)     ┌──────────────────────────────┐
     │ spawn(): Spawn + the      │ ───────────────────▶ │ fork() ─▶ worker: run_worker  │
-    │ worker's socketpair end   │ ◀─────────────────── │  (pid, or the error)          │
+    │ worker's socketpair ends  │ ◀─────────────────── │  (pid, or the error)          │
     │ (SCM_RIGHTS), under a lock│                      │ SIGCHLD ─▶ waitpid, sweep      │
     │ reader thread ◀── events ─│ ◀─────────────────── │  (worker id, exit code)        │
     └───────────────────────────┘                      └──────────────────────────────┘
@@ -77,6 +77,8 @@ _SWEEP_AGAIN = (0.2, 1.0)
 _WORKER_GRACE = 0.5
 #: largest ctl message (a Spawn request)
 _MAX_REQUEST = 1 << 20
+#: most descriptors a Spawn request carries (the worker's pipe and control pipe)
+_MAX_FDS = 2
 
 #: serialises making fork servers with making/sending workers' socketpair ends, so a
 #: fork server never inherits another runtime's worker end (its EOF would come late)
@@ -105,6 +107,31 @@ class _Exited(msgspec.Struct, frozen=True, tag="exited"):
 
 
 _Reply = _Started | _Failed
+#: a worker's ends of its pipes, as spawn() takes them
+_Pipes = socket.socket | tuple[socket.socket, ...] | None
+
+
+def _fds(pipes: _Pipes) -> list[int]:
+    if pipes is None:
+        return []
+    if isinstance(pipes, socket.socket):
+        return [pipes.fileno()]
+    return [p.fileno() for p in pipes][:_MAX_FDS]
+
+
+#: decoders of Spawn requests and their WorkerSpec, made in the driver before the server is
+#: forked: msgspec builds a type's decoding information on first use (it evaluates the
+#: annotations, ~0.7 ms), which the server and every worker would otherwise each do again
+_decoders: tuple[msgspec.msgpack.Decoder[_Spawn], msgspec.msgpack.Decoder[Any]] | None = None
+
+
+def _warm_decoders() -> tuple[msgspec.msgpack.Decoder[_Spawn], msgspec.msgpack.Decoder[Any]]:
+    global _decoders
+    if _decoders is None:
+        from .worker import WorkerSpec
+
+        _decoders = (msgspec.msgpack.Decoder(_Spawn), msgspec.msgpack.Decoder(WorkerSpec))
+    return _decoders
 
 
 def _prctl(option: int, arg: int) -> bool:
@@ -168,6 +195,7 @@ class ForkServer:
         self._lock = threading.Lock()
         self._request_lock = threading.Lock()
         self._closed = False
+        _warm_decoders()
         with fork_lock:
             ctl, self._ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             events, self._events = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -215,43 +243,71 @@ class ForkServer:
         self._ctl.close()
         self._events.close()
 
-    def spawn(self, worker_id: str, spec: Any, pipe: socket.socket | None) -> ForkedWorker:
-        """Fork one worker running ``run_worker(spec, pipe)``; its handle, with its pid."""
+    def spawn(self, worker_id: str, spec: Any, pipe: _Pipes) -> ForkedWorker:
+        """Fork one worker running ``run_worker(spec, *pipes)``; its handle, with its pid."""
         result = self.spawn_many([(worker_id, spec, pipe)])[0]
         if isinstance(result, BaseException):
             raise result
         return result
 
     def spawn_many(
-        self, requests: list[tuple[str, Any, socket.socket | None]]
+        self, requests: list[tuple[str, Any, _Pipes]]
     ) -> list[ForkedWorker | OSError]:
-        """Fork one worker per ``(worker_id, spec, pipe)``; per request its handle, or why not.
+        """Fork one worker per ``(worker_id, spec, pipes)``; per request its handle, or why not.
+
+        ``pipes``: the worker's ends of its pipe and control pipe (a socket alone: its pipe;
+        None: neither, a ZeroMQ worker).
 
         Every request is sent before the first reply is read: the server forks
         the workers back to back, not one driver round trip apart.
         """
+        return self.send_spawns(requests)()
+
+    def send_spawns(
+        self, requests: list[tuple[str, Any, _Pipes]]
+    ) -> Callable[[], list[ForkedWorker | OSError]]:
+        """Send the requests of :meth:`spawn_many`; the function that reads the server's
+        replies and returns what ``spawn_many`` would. No other request is sent until it
+        ran: call it exactly once (the server forks the workers meanwhile)."""
         handles = [ForkedWorker(worker_id) for worker_id, _, _ in requests]
         with self._lock:
             if self._closed:
                 raise OSError("the fork server is closed")
             for handle in handles:
                 self._workers[handle.worker_id] = handle
+        self._request_lock.acquire()
+        try:
+            for worker_id, spec, pipe in requests:
+                request = msgspec.msgpack.encode(_Spawn(worker_id, msgspec.msgpack.encode(spec)))
+                socket.send_fds(self._ctl, [request], _fds(pipe))
+        except BaseException:
+            self._request_lock.release()
+            with self._lock:
+                for handle in handles:
+                    self._workers.pop(handle.worker_id, None)
+            raise
+
+        def replies() -> list[ForkedWorker | OSError]:
+            try:
+                return self._read_replies(handles)
+            finally:
+                self._request_lock.release()
+
+        return replies
+
+    def _read_replies(self, handles: list[ForkedWorker]) -> list[ForkedWorker | OSError]:
         results: list[ForkedWorker | OSError] = []
         try:
-            with self._request_lock:
-                for worker_id, spec, pipe in requests:
-                    request = msgspec.msgpack.encode(_Spawn(worker_id, msgspec.msgpack.encode(spec)))
-                    socket.send_fds(self._ctl, [request], [pipe.fileno()] if pipe is not None else [])
-                for handle in handles:
-                    raw = self._ctl.recv(4096)
-                    if not raw:
-                        raise OSError("the fork server is gone")
-                    reply = msgspec.msgpack.decode(raw, type=_Reply)
-                    if isinstance(reply, _Failed):
-                        results.append(OSError(f"the fork server could not start {handle.worker_id}: {reply.error}"))
-                    else:
-                        handle.pid = reply.pid
-                        results.append(handle)
+            for handle in handles:
+                raw = self._ctl.recv(4096)
+                if not raw:
+                    raise OSError("the fork server is gone")
+                reply = msgspec.msgpack.decode(raw, type=_Reply)
+                if isinstance(reply, _Failed):
+                    results.append(OSError(f"the fork server could not start {handle.worker_id}: {reply.error}"))
+                else:
+                    handle.pid = reply.pid
+                    results.append(handle)
         except BaseException:
             # Replies not read: the server may have forked those workers; the owner ends the
             # runtime, and the server ends whatever is below it when it closes.
@@ -306,20 +362,32 @@ class ForkServer:
         except OSError:
             pass
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                pid, _ = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid:
-                break
-            if time.monotonic() > deadline:
+        # A pidfd becomes readable when the server exits: no polling delay on shutdown's path.
+        try:
+            pidfd: int | None = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            pidfd = None
+        try:
+            while True:
                 try:
-                    os.kill(self.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                deadline = float("inf")
-            time.sleep(0.005)
+                    pid, _ = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid:
+                    break
+                if time.monotonic() > deadline:
+                    try:
+                        os.kill(self.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    deadline = float("inf")
+                if pidfd is None:
+                    time.sleep(0.005)
+                else:
+                    select.select([pidfd], [], [], min(1.0, max(0.0, deadline - time.monotonic())))
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
         if self._reader.is_alive() and self._reader is not threading.current_thread():
             self._reader.join(timeout)
         self._close_sockets()
@@ -333,7 +401,7 @@ class ForkServer:
 
 def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count: int = 0) -> NoReturn:
     """The fork server's loop (runs alone in its process until the driver goes)."""
-    from .worker import WorkerSpec, prepare_standby, run_worker  # imported by the driver already
+    from .worker import prepare_standby, run_worker  # imported by the driver already
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     stop = False
@@ -355,7 +423,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
     standby: dict[int, socket.socket] = {}  # pid -> the server's end of its socket
     to_fork = standby_count
     sweeps: list[float] = []
-    decoder = msgspec.msgpack.Decoder(_Spawn)
+    decoder, spec_decoder = _warm_decoders()
     encoder = msgspec.msgpack.Encoder()
     next_check = 0.0
     while not stop:
@@ -403,14 +471,14 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
             _sweep(set(workers) | set(standby))
         if ctl.fileno() in ready:
             try:
-                raw, fds, _, _ = socket.recv_fds(ctl, _MAX_REQUEST, 1)
+                raw, fds, _, _ = socket.recv_fds(ctl, _MAX_REQUEST, _MAX_FDS)
             except OSError:
                 break
             if not raw:
                 break  # the driver closed (or died)
             try:
                 request = decoder.decode(raw)
-                spec = msgspec.msgpack.decode(request.spec, type=WorkerSpec)
+                spec = spec_decoder.decode(request.spec)
                 pid = _hand_over(standby, raw, fds)
                 if not pid:
                     to_fork = max(0, to_fork - 1)
@@ -486,13 +554,12 @@ def _standby(conn: socket.socket, driver: int, server_fds: tuple[Any, ...],
     try:
         _leave_server(server_fds)
         prepare(driver)  # from now on it dies with the driver, as any worker
-        raw, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 1)
+        raw, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, _MAX_FDS)
         conn.close()
         if not raw:
             os._exit(0)  # the server ended before handing it a request
-        from .worker import WorkerSpec
-
-        spec = msgspec.msgpack.decode(msgspec.msgpack.decode(raw, type=_Spawn).spec, type=WorkerSpec)
+        decoder, spec_decoder = _warm_decoders()
+        spec = spec_decoder.decode(decoder.decode(raw).spec)
     except BaseException:
         traceback.print_exc()
         os._exit(1)
@@ -504,8 +571,9 @@ def _worker(spec: Any, fds: list[int], run_worker: Callable[..., None]) -> NoRet
     code = 1
     try:
         pipe = socket.socket(fileno=fds[0]) if fds else None
+        control = socket.socket(fileno=fds[1]) if len(fds) > 1 else None
         try:
-            run_worker(spec, pipe)
+            run_worker(spec, pipe, control)
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -538,8 +606,32 @@ def _owner(proc: Any, workers: set[int]) -> int | None:
         return None
 
 
+def _child_pids(pid: int) -> list[int] | None:
+    """The children of ``pid``, from ``/proc/<pid>/task/*/children`` (one read per thread
+    instead of psutil's read of every process's stat file: ~4 ms on a busy host, at each
+    worker's exit); None where the kernel does not offer it."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    pids: list[int] = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                pids.extend(int(p) for p in f.read().split())
+        except FileNotFoundError:
+            if tid == str(pid):
+                return None  # no such file (CONFIG_PROC_CHILDREN off), or pid is gone
+        except (OSError, ValueError):
+            return None
+    return pids
+
+
 def _sweep(workers: set[int]) -> None:
     """SIGKILL every orphan here (with its descendants) that belongs to no live worker."""
+    mine = _child_pids(os.getpid())
+    if mine is not None and workers.issuperset(mine):
+        return  # only workers below us: no orphan (the usual case)
     import psutil
 
     try:
@@ -584,6 +676,12 @@ def _end_all(workers: list[int]) -> None:
             time.sleep(0.005)
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
+        if _child_pids(os.getpid()) == []:
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0]:  # zombies are not in the children file
+                    pass
+            except ChildProcessError:
+                return  # nothing below us
         try:
             below = psutil.Process().children(recursive=True)
         except psutil.Error:

@@ -124,8 +124,7 @@ class Inspection:
             here = driver.config.host_name or socket.gethostname()
             live = [(w.id, w.pid, len(w.inflight), w.host or here, w.tags)
                     for w in driver._workers.values() if w.alive and w.ready]
-            if not driver._control.closed:
-                driver._control.send(encode(InspectRequest(nonce)), zmq.NOBLOCK)
+            driver.publish_locked(encode(InspectRequest(nonce)))
             while len(replies) < len(live):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -35,6 +35,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import psutil
@@ -96,15 +97,17 @@ class Lifecycle:
             except Exception as exc:
                 driver.break_runtime(RuntimeBrokenError(f"cannot start a worker: {exc}"))
 
-    def start_workers(self, n: int | dict[str, int], timeout: float) -> None:
-        """Spawn ``n`` workers (or so many per tag) and wait until each is connected and ready.
+    def request_workers(self, groups: dict[str, int]) -> Callable[[], list[str]]:
+        """Ask for so many workers per tag; the function that waits until they are forked
+        (not ready) and returns their ids (call it once, before any other spawn)."""
+        return self._request([(tag,) for tag, count in groups.items() for _ in range(count)])
 
-        The first workers are started before any phalanx thread exists, so
-        that forking them is safe; the watcher and the pump start after.
-        """
+    def start_workers(self, groups: dict[str, int], timeout: float,
+                      requested: Callable[[], list[str]] | None = None) -> None:
+        """Spawn so many workers per tag (``requested``: those already asked for instead) and
+        wait until each is connected and ready; the watcher and the pump start in between."""
         driver = self.driver
-        groups = {DEFAULT_TAG: n} if isinstance(n, int) else n
-        ids = self.spawn_many([(tag,) for tag, count in groups.items() for _ in range(count)])
+        ids = (requested or self.request_workers(groups))()
         n = len(ids)
         driver._supervisor.start()
         driver._pump_thread.start()
@@ -132,6 +135,10 @@ class Lifecycle:
 
     def spawn_many(self, groups: list[tuple[str, ...]]) -> list[str]:
         """Start one local worker per tags tuple (the fork server gets every request at once); their ids."""
+        return self._request(groups)()
+
+    def _request(self, groups: list[tuple[str, ...]]) -> Callable[[], list[str]]:
+        """Send the requests of :meth:`spawn_many`; the function that finishes it."""
         driver = self.driver
         workers: list[_Worker] = []
         specs: list[WorkerSpec] = []
@@ -162,18 +169,24 @@ class Lifecycle:
             )
             workers.append(worker)
             specs.append(spec)
-        started = driver._supervisor.spawn_piped_many(specs)
-        failed: OSError | None = None
-        for worker, result in zip(workers, started):
-            if isinstance(result, OSError):
-                failed = failed or result
-                continue
-            worker.pid, end = result
-            driver.pipes.add(worker, end)
-        driver.wake()
-        if failed is not None:
-            raise failed
-        return [w.id for w in workers]
+        finish = driver._supervisor.request_piped(specs)
+
+        def done() -> list[str]:
+            started = finish()
+            failed: OSError | None = None
+            for worker, result in zip(workers, started):
+                if isinstance(result, OSError):
+                    failed = failed or result
+                    continue
+                worker.pid, end, control = result
+                worker.control = control
+                driver.pipes.add(worker, end)
+            driver.wake()
+            if failed is not None:
+                raise failed
+            return [w.id for w in workers]
+
+        return done
 
     def on_exit(self, worker_id: str, exitcode: int | None, lost: bool = False, left: bool = False) -> None:
         """A worker process exited (supervisor thread): redeliver, replace, or break.
@@ -198,6 +211,7 @@ class Lifecycle:
                 return
             worker.alive = False
             worker.died_at = time.monotonic()
+            worker.close_control()
             driver._remove_live_locked(worker)
             if driver._closed:
                 return

@@ -3,10 +3,13 @@
 :class:`Membership` admits workers and keeps track of them: local workers
 say Hello on their pipe, remote ones on the tcp endpoints (CURVE keys from
 ``authorized_keys``, checked by ZAP in the authenticator thread); the driver
-answers Welcome, publishes Sync until they are Ready, and from then on
-dispatches to them. A remote worker sends Alive heartbeats; when they stop
-for ``heartbeat_timeout`` it is declared lost, and one that says Goodbye
-has left: in both cases its tasks are redelivered (``Lifecycle.on_exit``).
+answers Welcome and dispatches to them once they are Ready. A local worker
+says Ready right after Hello (it hears control messages on its own control
+pipe, which holds them until it reads); a remote one only once a Sync came
+through its SUB (a subscription takes effect some time after it connects),
+so the pump publishes Sync while one is joining. A remote worker sends
+Alive heartbeats; when they stop for ``heartbeat_timeout`` it is declared
+lost, and one that says Goodbye has left: in both cases its tasks are redelivered (``Lifecycle.on_exit``).
 
 Threads: the pump thread runs everything here except :meth:`Membership.secure_tcp`
 (the driver's constructor) and :meth:`Membership.close_security` (shutdown).
@@ -30,6 +33,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import socket
 import sys
 import threading
 import time
@@ -70,6 +74,7 @@ class _Worker:
         "remote", "host", "seen", "stop_sent", "tags", "frames_dropped", "pipe", "pipe_done",
         "reader", "leftover", "broken", "delivering", "deferred", "held", "held_at",
         "head_since", "expired", "stopped_since", "key", "oldest", "reclaiming", "inbox", "credits",
+        "control",
     )
 
     def __init__(self, worker_id: str, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> None:
@@ -132,6 +137,15 @@ class _Worker:
         #: its oldest task in flight at the pump's last look, and whether a Reclaim awaits its answer
         self.oldest: tuple[int, int] | None = None
         self.reclaiming = False
+        #: a local worker's control pipe, the driver's end (SOCK_SEQPACKET, non-blocking;
+        #: None: a remote worker, which hears control messages on the PUB)
+        self.control: socket.socket | None = None
+
+    def close_control(self) -> None:
+        """Close its control pipe (it is gone, or the runtime is; under the driver's lock)."""
+        control, self.control = self.control, None
+        if control is not None:
+            control.close()
 
 
 
@@ -167,8 +181,7 @@ class Membership:
         if now - self.last_beat >= driver.config.heartbeat_interval:
             self.last_beat = now
             with driver._lock:
-                if not driver._control.closed:
-                    driver._control.send(encode(Heartbeat(next(self.beats))), zmq.NOBLOCK)
+                driver.publish_locked(encode(Heartbeat(next(self.beats))))
             if driver.address is not None:
                 self.check_remote(now)
         if handshaking and now - self.last_sync > 0.001:
@@ -315,7 +328,9 @@ class Membership:
                              name="phalanx-lost").start()
 
     def handshaking(self) -> bool:
-        return any(w.alive and not w.ready for w in list(self.driver._workers.values()))
+        """A remote worker is joining (the pump then publishes Sync every millisecond). A local
+        worker needs no Sync: its Hello and Ready come on its pipe, which wakes the pump."""
+        return any(w.alive and not w.ready and w.remote for w in list(self.driver._workers.values()))
 
     def greet(self) -> None:
         """Welcome workers that said Hello; publish Sync until they are Ready."""
@@ -430,18 +445,13 @@ class Membership:
             w.pid = msg.pid
             w.hello = True
             self.welcome_locked(w)
-            if w.welcomed and w.pipe is not None and not driver._control.closed:
-                # Its SUB connected early in its start-up (usually by now): a Sync at once
-                # spares the local worker the wait for the next one the pump publishes.
-                try:
-                    driver._control.send(encode(Sync(next(self.sync_nonce))), zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass  # the pump publishes the next one within 1 ms
 
     def on_ready(self, ident: bytes, msg: Ready) -> None:
         driver = self.driver
         with driver._lock:
             w = driver._workers.get(ident)
+            if w is not None and not w.remote and w.stop_sent and not w.welcomed and msg.worker == w.id:
+                return  # a local worker told to Stop on its Hello (shut down): its Ready came anyway
             if w is None or msg.worker != w.id or not w.alive or not w.welcomed or w.ready:
                 driver.frames_dropped += 1
                 return

@@ -134,9 +134,11 @@ class Pump:
                         break
                     except zmq.ZMQError:
                         return
-                    sender = driver._workers.get(parts[0])
+                    ident = parts[0]
+                    sender = driver._workers.get(ident[:-1] if ident.endswith(b"!") else ident)
                     if sender is not None and sender.pipe is not None:
-                        # A local worker speaks on its pipe only: this is someone else using its name.
+                        # A local worker speaks on its pipe only (its control thread too): this is
+                        # someone else using its name, or its side channel's.
                         driver.frames_dropped += 1
                         continue
                     if origin is not None and not membership.admit(parts[0], origin):

@@ -93,11 +93,9 @@ class Reclaimer:
                     wanted.append([task.job, task.seq, task.attempt])
                 room[job.tag] = free - 1 if free > 0 else 0
             if wanted:
-                try:
-                    driver._control.send(encode(Reclaim(w.id, [running.job, running.seq, running.attempt], wanted)),
-                                       zmq.NOBLOCK)
-                except zmq.ZMQError:
+                if driver._control.closed:
                     continue
+                driver.publish_locked(encode(Reclaim(w.id, [running.job, running.seq, running.attempt], wanted)), w)
                 w.reclaiming = True
 
     def on_reclaimed(self, ident: bytes, msg: Reclaimed) -> None:

@@ -112,11 +112,12 @@ class Supervisor:
         """Start one worker process for ``spec``; return its pid."""
         return self._start(spec, None)
 
-    def spawn_piped(self, spec: WorkerSpec) -> tuple[int, socket.socket]:
-        """Start a local worker that talks over a socketpair; (its pid, the driver's end).
+    def spawn_piped(self, spec: WorkerSpec) -> tuple[int, socket.socket, socket.socket]:
+        """Start a local worker that talks over socketpairs; (its pid, the driver's end of its
+        pipe, the driver's end of its control pipe).
 
-        The pair is made under the spawn lock, so no other worker forked
-        meanwhile inherits the worker's end: the driver's end sees EOF exactly
+        The pairs are made under the spawn lock, so no other worker forked
+        meanwhile inherits the worker's ends: the driver's end sees EOF exactly
         when this worker (and what it forked) is gone.
         """
         started = self.spawn_piped_many([spec])[0]
@@ -124,35 +125,76 @@ class Supervisor:
             raise started
         return started
 
-    def spawn_piped_many(self, specs: list[WorkerSpec]) -> list[tuple[int, socket.socket] | OSError]:
-        """:meth:`spawn_piped` for several workers; per spec (pid, the driver's end) or why not.
+    def spawn_piped_many(
+        self, specs: list[WorkerSpec]
+    ) -> list[tuple[int, socket.socket, socket.socket] | OSError]:
+        """:meth:`spawn_piped` for several workers; per spec (pid, the driver's ends) or why not.
 
         The fork server gets every request at once and forks the workers back to back.
         """
+        return self.request_piped(specs)()
+
+    def request_piped(
+        self, specs: list[WorkerSpec]
+    ) -> Callable[[], list[tuple[int, socket.socket, socket.socket] | OSError]]:
+        """Ask for the workers of :meth:`spawn_piped_many` without waiting for them.
+
+        Returns the function that returns what ``spawn_piped_many`` would; the
+        fork server's replies (the pids) are read only then, so its caller can
+        do other work while the workers are forked. Call it exactly once,
+        before any other spawn.
+        """
         with self._spawn_lock, forkserver.fork_lock:
             pairs = [pipe.socketpair() for _ in specs]
+            controls: list[tuple[socket.socket, socket.socket]] = []
             try:
+                # The control pipe: one message per control frame, never blocking the driver.
+                controls.extend(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in specs)
+                theirs: list[tuple[socket.socket, ...] | None] = [(t, c) for (_, t), (_, c) in zip(pairs, controls)]
                 if self._server is None:
-                    pids: list[int | OSError] = [self._start(spec, theirs) for spec, (_, theirs) in zip(specs, pairs)]
-                else:
-                    pids = self._start_served(specs, [theirs for _, theirs in pairs])
-            except BaseException:
-                for ours, theirs in pairs:
-                    ours.close()
-                    theirs.close()
-                raise
-        out: list[tuple[int, socket.socket] | OSError] = []
-        for pid, (ours, _) in zip(pids, pairs):
-            if isinstance(pid, OSError):
-                ours.close()
-                out.append(pid)
-            else:
-                out.append((pid, ours))
-        return out
+                    started: list[int | OSError] = [self._start(spec, ends) for spec, ends in zip(specs, theirs)]
 
-    def _start_served(self, specs: list[WorkerSpec], pipes: list[socket.socket | None]) -> list[int | OSError]:
+                    def collect() -> list[int | OSError]:
+                        return started
+                else:
+                    collect = self._request_served(specs, theirs)
+            except BaseException:
+                for ours, their in (*pairs, *controls):
+                    ours.close()
+                    their.close()
+                raise
+
+        def finish() -> list[tuple[int, socket.socket, socket.socket] | OSError]:
+            try:
+                pids = collect()
+            except BaseException:
+                for ours, _ in (*pairs, *controls):
+                    ours.close()
+                raise
+            out: list[tuple[int, socket.socket, socket.socket] | OSError] = []
+            for pid, (ours, _), (control, _) in zip(pids, pairs, controls):
+                if isinstance(pid, OSError):
+                    ours.close()
+                    control.close()
+                    out.append(pid)
+                else:
+                    control.setblocking(False)
+                    out.append((pid, ours, control))
+            return out
+
+        return finish
+
+    def _start_served(self, specs: list[WorkerSpec],
+                      pipes: list[tuple[socket.socket, ...] | None]) -> list[int | OSError]:
         """Start workers through the fork server; per spec its pid, or why not."""
+        return self._request_served(specs, pipes)()
+
+    def _request_served(self, specs: list[WorkerSpec],
+                        pipes: list[tuple[socket.socket, ...] | None]) -> Callable[[], list[int | OSError]]:
+        """Send the fork server requests for workers; the function that reads its replies
+        (per spec its pid, or why not)."""
         assert self._server is not None
+        server = self._server
         with self._spawn_lock:
             try:
                 if self._closing:
@@ -162,7 +204,7 @@ class Supervisor:
                     for spec in specs:
                         self._procs[spec.worker_id] = None
                 try:
-                    started = self._server.spawn_many(
+                    replies = server.send_spawns(
                         [(spec.worker_id, spec, theirs) for spec, theirs in zip(specs, pipes)])
                 except BaseException:
                     with self._lock:
@@ -170,9 +212,18 @@ class Supervisor:
                             self._procs.pop(spec.worker_id, None)
                     raise
             finally:
-                for theirs in pipes:
-                    if theirs is not None:
-                        theirs.close()  # the server forked the worker with its copy
+                for ends in pipes:
+                    for end in ends or ():
+                        end.close()  # the server forks the worker with its copy
+
+        def collect() -> list[int | OSError]:
+            try:
+                started = replies()
+            except BaseException:
+                with self._lock:
+                    for spec in specs:
+                        self._procs.pop(spec.worker_id, None)
+                raise
             pids: list[int | OSError] = []
             with self._lock:
                 for spec, handle in zip(specs, started):
@@ -184,16 +235,18 @@ class Supervisor:
                             self._procs[spec.worker_id] = handle
                         assert handle.pid is not None
                         pids.append(handle.pid)
-        return pids
+            return pids
 
-    def _start(self, spec: WorkerSpec, theirs: socket.socket | None) -> int:
+        return collect
+
+    def _start(self, spec: WorkerSpec, theirs: tuple[socket.socket, ...] | None) -> int:
         if self._server is not None:
             started = self._start_served([spec], [theirs])[0]
             if isinstance(started, OSError):
                 raise started
             return started
         proc: BaseProcess = self._ctx.Process(
-            target=run_worker, args=(spec, theirs), name=f"phalanx-{spec.worker_id}", daemon=False
+            target=run_worker, args=(spec, *(theirs or ())), name=f"phalanx-{spec.worker_id}", daemon=False
         )
         with self._spawn_lock:
             try:
@@ -201,8 +254,8 @@ class Supervisor:
                     raise RuntimeClosedError("the supervisor is stopping: no new workers")
                 proc.start()
             finally:
-                if theirs is not None:
-                    theirs.close()  # the child has its copy (inherited, or passed by multiprocessing)
+                for end in theirs or ():
+                    end.close()  # the child has its copy (inherited, or passed by multiprocessing)
             with self._lock:
                 self._procs[spec.worker_id] = proc
         self._wake()

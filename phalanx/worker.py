@@ -6,8 +6,11 @@ Runs in every worker process (started by :mod:`phalanx.supervisor`)::
       (a local worker: one socketpair, "the pipe", both ways instead; see phalanx.transport.pipe)
     driver PUB "control"   ──▶ SUB ──▶ control thread: Sync, Terminate, Shutdown, Reclaim,
                                        task timeouts ─▶ side DEALER ("<id>!") ──▶ driver ROUTER "results"
+      (a local worker: a second socketpair, "the control pipe", in place of the SUB; the control
+       thread writes to the pipe under a lock shared with the main thread, in place of the side
+       DEALER. A local worker makes no ZeroMQ context at all)
 
-The main thread owns the inbox and outbox (or the pipe) and runs user code through
+The main thread owns the inbox and outbox (or reads the pipe) and runs user code through
 :class:`phalanx.core.execute.TaskRunner` (the code simulated workers run too); the control
 thread owns the SUB and side sockets, so a task that never returns still sees
 its abort flag set, still has its timeout reported, and is still killed after
@@ -115,6 +118,7 @@ from .transport.messages import (
 from .transport.messages import Heartbeat as _Heartbeat
 
 __all__ = ["WorkerSpec", "TaskContext", "current_task", "guard_against_orphaning", "prepare_standby", "run_worker",
+           "start_watchdog",
            "worker_spec"]
 
 #: outcomes sent in one Results message at most
@@ -129,6 +133,8 @@ WATCHDOG_PERIOD = 0.1
 TERMINATED_TTL = 60.0
 #: seconds a leaving worker waits for the driver to acknowledge its Goodbye
 GOODBYE_WAIT = 1.0
+#: largest control frame read from a local worker's control pipe (one SOCK_SEQPACKET message)
+_CONTROL_MAX = 1 << 20
 #: exit status of a worker that ended itself because its task ignored the abort flag
 #: for ``abort_grace`` seconds: the driver replaces it without counting a crash
 ABORT_EXIT = 111
@@ -277,33 +283,51 @@ def _end_own_group() -> None:
             return  # not our own group (setpgid failed): not ours to clean
     except OSError:
         return
-    import psutil  # imported late: worker start-up does not pay for it
+    # getpgid over /proc's pids: psutil.process_iter() would read every process's stat
+    # file first, milliseconds at each worker's exit on a busy host.
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:  # no /proc (not Linux)
+        import psutil
 
-    victims = []
-    for proc in psutil.process_iter():
+        pids = psutil.pids()
+    members = []
+    for pid in pids:
         try:
-            if proc.pid != me and os.getpgid(proc.pid) == me:
-                victims.append(proc)
-        except (OSError, psutil.Error):
+            if pid != me and os.getpgid(pid) == me:
+                members.append(pid)
+        except OSError:
             continue
-    for proc in victims:
+    if not members:
+        return
+    import psutil  # imported late: only a worker whose tasks left processes behind pays for it
+
+    for pid in members:
         try:
-            proc.kill()
-        except psutil.Error:
+            proc = psutil.Process(pid)
+            if os.getpgid(pid) == me:  # still ours (psutil.Process names one process, not a reused pid)
+                proc.kill()
+        except (OSError, psutil.Error):
             pass
 
 
 #: the driver pid this process's orphan guard watches (None: not guarded yet)
 _guarded: int | None = None
+#: whether the driver (and the parent) still live, for the control thread to check when the
+#: guard started no watchdog thread of its own (None: not guarded, or it did)
+_driver_alive: Callable[[], bool] | None = None
 
 
-def guard_against_orphaning(parent_pid: int) -> None:
+def guard_against_orphaning(parent_pid: int, watchdog: bool = True) -> None:
     """Die, with everything this worker spawned, when the parent dies.
 
     Called once per worker process: by :func:`run_worker`, or earlier by the fork
     server's standby worker before it has a spec (``parent_pid``: the driver).
+    ``watchdog=False``: no thread checks the parent; the caller checks
+    :data:`_driver_alive` itself (a worker's control thread does, every
+    :data:`WATCHDOG_PERIOD`; until it runs, the parent-death signal covers).
     """
-    global _guarded
+    global _guarded, _driver_alive
     _guarded = parent_pid
     try:
         if os.getpgrp() != os.getpid():
@@ -334,37 +358,74 @@ def guard_against_orphaning(parent_pid: int) -> None:
                 pass
         return True
 
+    if not driver_alive():  # the parent died before prctl took effect
+        _kill_own_group()
+    _driver_alive = driver_alive
+    if watchdog:
+        start_watchdog()
+
+
+#: a watchdog thread runs (see start_watchdog)
+_watching = False
+
+
+def start_watchdog() -> None:
+    """Check every :data:`WATCHDOG_PERIOD` that the driver lives, on a thread of its own
+    (once; after :func:`guard_against_orphaning`)."""
+    global _watching
+    alive = _driver_alive
+    if _watching or alive is None:
+        return
+    _watching = True
+
     def watchdog() -> None:
         while True:
-            if not driver_alive():
+            if not alive():
                 _kill_own_group()
             time.sleep(WATCHDOG_PERIOD)
 
-    if not driver_alive():  # the parent died before prctl took effect
-        _kill_own_group()
     # Not threading.Thread: its start() waits until the new thread runs, a wait the worker's
     # start-up need not take (the parent-death signal covers it meanwhile).
     _thread.start_new_thread(watchdog, ())
 
 
-#: a standby worker's ZeroMQ context, its threads started before the spec came (see prepare_standby)
-_early_context: zmq.Context[zmq.Socket[bytes]] | None = None
-
-
 def prepare_standby(parent_pid: int) -> None:
     """What a worker forked ahead of its spec does while it waits (the fork server's standby
-    workers): guard against orphaning, make its ZeroMQ context and start that context's threads."""
-    global _early_context
-    guard_against_orphaning(parent_pid)
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    ctx.socket(zmq.PAIR).close(linger=0)  # a context starts its I/O threads with its first socket
-    _early_context = ctx
+    workers, always local): guard against orphaning. No watchdog thread: while it waits, the
+    server's end of its socket closing (the server ends with the driver) ends it; once it
+    runs, its control thread watches."""
+    guard_against_orphaning(parent_pid, watchdog=False)
 
 
-def _take_context() -> zmq.Context[zmq.Socket[bytes]]:
-    global _early_context
-    ctx, _early_context = _early_context, None
-    return ctx if ctx is not None else zmq.Context()
+class _Side:
+    """Where the control thread sends (timeouts, aborts, Reclaimed, inspect replies, Alive).
+
+    A remote worker: its side DEALER (identity ``<id>!``). A local worker: its
+    pipe, under the write lock it shares with the main thread, so frames of the
+    two threads never interleave.
+    """
+
+    __slots__ = ("loop", "sock")
+
+    def __init__(self, loop: _Loop, sock: zmq.Socket[bytes] | None) -> None:
+        self.loop = loop
+        self.sock = sock
+
+    def send(self, frame: bytes, block: bool = True) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.send(frame, 0 if block else zmq.NOBLOCK)
+            except zmq.Again:
+                if block:
+                    raise
+            return
+        loop = self.loop
+        assert loop.pipe is not None
+        with loop.write_lock:
+            try:
+                loop.pipe.send_blocking(frame)
+            except PipeError:
+                loop.stopping = True  # the driver is gone
 
 
 def _reraise_exit(exc: BaseException) -> None:
@@ -439,45 +500,98 @@ class _Terminated:
 #: one step of a directive chain on the worker: (operation, its function, its argument converter)
 
 
-class _Control(threading.Thread):
-    """Owns the SUB and side sockets: control broadcasts, aborts, timeouts."""
+class _Control:
+    """The control thread: owns the SUB and side sockets (or the control pipe): control
+    broadcasts, aborts, timeouts; also the orphan watchdog (see guard_against_orphaning)."""
 
     def __init__(self, loop: _Loop) -> None:
-        super().__init__(name="phalanx-control", daemon=True)
         self.loop = loop
+        self._done = threading.Event()
+        self._started = False
         self.kill_at = 0.0
         self.heard = time.monotonic()
         self.lost = False
-        self.side: zmq.Socket[bytes] | None = None
+        self.side: _Side | None = None
         #: malformed control frames dropped (this thread's own count: no shared +=)
         self.frames_dropped = 0
+
+    def start(self) -> None:
+        # Not threading.Thread: its start() waits until the new thread runs (a hand-off
+        # between threads the worker's start-up need not wait for).
+        if not self._started:
+            self._started = True
+            _thread.start_new_thread(self._main, ())
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._started:
+            self._done.wait(timeout)
+
+    def _main(self) -> None:
+        try:
+            self.run()
+        except BaseException:
+            if not self.loop.stopping:
+                import traceback
+
+                traceback.print_exc()
+                _kill_own_group()  # no control thread: no timeouts, aborts or watchdog
+        finally:
+            self._done.set()
 
     def run(self) -> None:
         loop = self.loop
         spec = loop.spec
-        sub, side = loop.control_sockets or loop._control_sockets()
+        local = loop.control_in
+        alive = None if _watching else _driver_alive
+        next_watch = time.monotonic() + WATCHDOG_PERIOD
+        sub: zmq.Socket[bytes] | None = None
+        poller = select.poll()
+        if loop.pipe is None:
+            sub, dealer = loop._control_sockets()
+            side = _Side(loop, dealer)
+        else:
+            side = _Side(loop, None)
+            if local is not None:
+                poller.register(local.fileno(), select.POLLIN)
         self.side = side
         beats = 0
         next_beat = 0.0
         try:
             while not loop.stopping:
-                if sub.poll(self._next_wait()):
-                    self._drain(sub)
+                if sub is not None:
+                    if sub.poll(self._next_wait()):
+                        self._drain(self._sub_frames(sub))
+                elif local is not None:
+                    if poller.poll(self._next_wait()):
+                        frames = self._pipe_frames(local)
+                        if frames is None:  # the driver closed it: its pipe says the rest
+                            poller.unregister(local.fileno())
+                            local = None
+                        else:
+                            self._drain(frames)
+                else:
+                    time.sleep(self._next_wait() / 1000)
                 if loop.inbox_monitor is not None and sockets.events(loop.inbox_monitor):
                     loop.inbox_back = True
                 self._check_timers(side)
                 self._check_driver()
+                if alive is not None and time.monotonic() >= next_watch:
+                    next_watch = time.monotonic() + WATCHDOG_PERIOD
+                    if not alive():
+                        _kill_own_group()
                 loop.terminated.reap()
                 if spec.heartbeat_timeout > 0 and time.monotonic() >= next_beat:
                     # Over tcp the driver cannot see this process die: tell it we live.
                     next_beat = time.monotonic() + spec.heartbeat_interval
                     beats += 1
                     try:
-                        side.send(encode(Alive(spec.worker_id, beats)), zmq.NOBLOCK)
+                        side.send(encode(Alive(spec.worker_id, beats)), block=False)
                     except zmq.ZMQError:
                         pass
         finally:
-            sockets.close(sub, side, loop.inbox_monitor)
+            sockets.close(sub, side.sock, loop.inbox_monitor)
+            if loop.control_in is not None:
+                loop.control_in.close()
 
     def _next_wait(self) -> int:
         ctx = self.loop.current
@@ -490,13 +604,33 @@ class _Control(threading.Thread):
             waits.append((self.kill_at - now) * 1000)
         return max(1, int(min(waits)) + 1)
 
-    def _drain(self, sub: zmq.Socket[bytes]) -> None:
-        loop = self.loop
+    @staticmethod
+    def _sub_frames(sub: zmq.Socket[bytes]) -> list[bytes]:
+        frames = []
         while True:
             try:
-                frame = sub.recv(zmq.NOBLOCK)
+                frames.append(sub.recv(zmq.NOBLOCK))
             except zmq.Again:
-                return
+                return frames
+
+    @staticmethod
+    def _pipe_frames(control: _socket.socket) -> list[bytes] | None:
+        """What arrived on a local worker's control pipe (one message per frame); None at its end."""
+        frames: list[bytes] = []
+        while True:
+            try:
+                frame = control.recv(_CONTROL_MAX)
+            except (BlockingIOError, InterruptedError):
+                return frames
+            except OSError:
+                return None if not frames else frames
+            if not frame:
+                return None if not frames else frames
+            frames.append(frame)
+
+    def _drain(self, frames: list[bytes]) -> None:
+        loop = self.loop
+        for frame in frames:
             try:
                 msg = decode_control(frame)
             except ProtocolError:
@@ -600,7 +734,7 @@ class _Control(threading.Thread):
         if not self.kill_at or deadline < self.kill_at:
             self.kill_at = deadline
 
-    def _check_timers(self, side: zmq.Socket[bytes]) -> None:
+    def _check_timers(self, side: _Side) -> None:
         loop = self.loop
         now = time.monotonic()
         with loop.state_lock:
@@ -626,19 +760,22 @@ class _Control(threading.Thread):
 class _Loop:
     """The worker's state: sockets, queued tasks, outcomes not yet sent."""
 
-    def __init__(self, spec: WorkerSpec, pipe: _socket.socket | None = None) -> None:
+    def __init__(self, spec: WorkerSpec, pipe: _socket.socket | None = None,
+                 control: _socket.socket | None = None) -> None:
         self.spec = spec
         self.ident = spec.worker_id.encode()
         self.host = spec.host or _socket.gethostname()
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = _take_context()
-        #: the control thread's SUB and side DEALER. A local worker makes them first, so the SUB
-        #: connects and subscribes while the rest of its start-up runs (it is Ready only once a
-        #: Sync came through it); the control thread owns them from its start (a thread's start
-        #: is the memory barrier ZeroMQ asks for). A remote worker's control thread makes them.
-        self.control_sockets: tuple[zmq.Socket[bytes], zmq.Socket[bytes]] | None = None
-        if pipe is not None:
-            self.control_sockets = self._control_sockets()
-        # A local worker talks to the driver over its pipe; a remote one over ZeroMQ.
+        # A local worker talks to the driver over its pipe and hears control messages on its
+        # control pipe: it needs no ZeroMQ (a context costs two threads and a connection per
+        # socket); a remote one uses ZeroMQ for everything.
+        self.ctx: zmq.Context[zmq.Socket[bytes]] | None = None if pipe is not None else zmq.Context()
+        #: a local worker's control pipe (the control thread's; None: a remote worker's SUB)
+        self.control_in: _socket.socket | None = None
+        if pipe is not None and control is not None:
+            control.setblocking(False)
+            self.control_in = control
+        #: serialises the main and control threads' writes to the pipe (a local worker)
+        self.write_lock = threading.Lock()
         self.pipe: FramePipe | None = None
         #: a remote worker's routing identity on the driver's tasks ROUTER ("": a local worker)
         self.inbox_id = ""
@@ -657,6 +794,7 @@ class _Loop:
             # A remote worker's inbox identity is a secret it tells only the driver (in Hello),
             # so no other host can connect under it and receive its tasks (see Hello).
             self.inbox_id = new_inbox()
+            assert self.ctx is not None
             self.inbox = sockets.dealer(self.ctx, spec.endpoints.tasks, self.inbox_id.encode(), spec.curve,
                                         watch=zmq.EVENT_HANDSHAKE_SUCCEEDED)
             # Its connections, seen by the control thread: on each (a reconnect too) the inbox
@@ -682,7 +820,8 @@ class _Loop:
         #: when they come (under state_lock)
         self.given_back: dict[tuple[int, int, int], int] = {}
         self.welcomed = False
-        self.synced = False
+        #: a local worker hears control messages on its own pipe from the start: no Sync to wait for
+        self.synced = self.control_in is not None
         #: set with ``synced``: a welcomed worker waits on it, so it says Ready as soon as the Sync comes
         self.synced_event = threading.Event()
         self.ready_sent = False
@@ -696,6 +835,7 @@ class _Loop:
 
     def _control_sockets(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
         spec = self.spec
+        assert self.ctx is not None
         return (sockets.subscriber(self.ctx, spec.endpoints.control, spec.curve),
                 sockets.dealer(self.ctx, spec.endpoints.results, self.ident + b"!", spec.curve))
 
@@ -922,10 +1062,11 @@ class _Loop:
 
     def _send_frame(self, frame: bytes) -> None:
         if self.pipe is not None:
-            try:
-                self.pipe.send_blocking(frame)
-            except PipeError:
-                self.stopping = True  # the driver is gone
+            with self.write_lock:  # the control thread writes to the pipe too
+                try:
+                    self.pipe.send_blocking(frame)
+                except PipeError:
+                    self.stopping = True  # the driver is gone
             return
         assert self.outbox is not None
         self.outbox.send(frame, 0, copy=len(frame) < sockets.ZERO_COPY_MIN)
@@ -979,20 +1120,23 @@ class _Loop:
     # ---- main loop -----------------------------------------------------------
 
     def serve(self) -> None:
-        local = self.control_sockets is not None
-        if not local:
-            self.control.start()  # it makes a remote worker's control sockets
         hello = Hello(self.spec.worker_id, os.getpid(), self.host, tags=list(self.spec.tags),
                       inbox=self.inbox_id)
-        if self.inbox is not None:
+        if self.pipe is not None:
+            # A local worker: its control pipe exists already, nothing is missed until it is
+            # read, so it is Ready at once; the driver welcomes it on reading the Hello, before
+            # the Ready that follows it.
+            self.send(hello)
+            self.send(Ready(self.spec.worker_id, self.spec.credits))
+            self.ready_sent = True
+            self.control.start()
+        else:
+            self.control.start()  # it makes a remote worker's control sockets
             # Over tcp the same Hello on the inbox shows the driver that this key holds the
             # inbox identity tasks are sent to (see Membership.drain_tasks).
+            assert self.inbox is not None
             self.inbox.send(encode(hello), zmq.NOBLOCK)
-        self.send(hello)
-        if local:
-            # Its SUB is connected already (the Sync waits there): the driver handles the
-            # Hello while the thread starts.
-            self.control.start()
+            self.send(hello)
         poll = self.poll
         perf_counter = time.perf_counter
         while not self.stopping:
@@ -1067,7 +1211,8 @@ class _Loop:
         sockets.close(self.inbox, self.outbox)
         if self.pipe is not None:
             self.pipe.close()
-        self.ctx.destroy(linger=0)
+        if self.ctx is not None:
+            self.ctx.destroy(linger=0)
 
 
 _spec: WorkerSpec | None = None
@@ -1078,15 +1223,21 @@ def worker_spec() -> WorkerSpec | None:
     return _spec
 
 
-def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None) -> None:
+def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None,
+               control: _socket.socket | None = None) -> None:
     """Entry point of a worker process (the target given to multiprocessing).
 
-    ``pipe``: a local worker's end of its socketpair to the driver (None: ZeroMQ).
+    ``pipe``: a local worker's end of its socketpair to the driver (None: ZeroMQ);
+    ``control``: its end of its control pipe (a SOCK_SEQPACKET socketpair).
     """
     global _spec
     _spec = spec
     if _guarded != spec.parent_pid:
-        guard_against_orphaning(spec.parent_pid)
+        guard_against_orphaning(spec.parent_pid, watchdog=False)
+    if spec.imports or pipe is None:
+        # User modules may take long to import, a remote worker to connect: a thread watches
+        # meanwhile (otherwise the control thread does, from its start).
+        start_watchdog()
     from .logs import install_worker_output
     from .registry import operations
 
@@ -1099,7 +1250,7 @@ def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None) -> None:
         __import__(module)
     # Shared memory only with a driver on this host, over the pipe; a remote worker never.
     shm.set_worker(spec.parent_pid if pipe is not None else None, spec.shm_threshold)
-    loop = _Loop(spec, pipe)
+    loop = _Loop(spec, pipe, control)
     if spec.goodbye:
         global _goodbye
         _goodbye = loop.goodbye

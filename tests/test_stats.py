@@ -225,7 +225,7 @@ def test_frames_dropped(rt: phalanx.Runtime, zmq_ctx: zmq.Context[Any]) -> None:
 
 
 def test_worker_frames_dropped(rt: phalanx.Runtime) -> None:
-    """A malformed frame on a worker's inbox or control SUB is counted by that worker and dropped.
+    """A malformed frame on a worker's inbox or control channel is counted by that worker and dropped.
 
     The driver hears each worker's running count with its next results and
     its inspect replies (``WorkerStats.frames_dropped``); its own
@@ -243,7 +243,7 @@ def test_worker_frames_dropped(rt: phalanx.Runtime) -> None:
     for wid in ids:
         assert driver.send_unfiltered(wid.encode(), b"\x00junk that is no message")  # the inbox
     with driver._lock:
-        driver._control.send(b"\xc1 is never msgpack")  # the control PUB: every worker's SUB
+        driver.publish_locked(b"\xc1 is never msgpack")  # every worker's control pipe (or SUB)
     # An inspect reply carries the count (from the control thread, so poll until the
     # main thread has read its inbox too).
     wait_until(lambda: bool(rt.inspect(timeout=T)) and reported(2), "both workers report 2 dropped frames")
