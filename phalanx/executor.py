@@ -70,10 +70,9 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: start methods under which workers start on demand (ProcessPoolExecutor's do under forkserver and
-#: spawn; spawned workers take seconds to start, and on demand a quick task submitted meanwhile
-#: was seen to wait for them, so spawn starts every worker at once)
-_ON_DEMAND = frozenset({"forkserver"})
+#: start methods under which workers start on demand, as ProcessPoolExecutor's do (all but fork;
+#: phalanx's own start method, without an mp_context, starts them all at construction)
+_ON_DEMAND = frozenset({"forkserver", "spawn"})
 
 _RUN_CALL = "phalanx.executor:_run_call"
 _RUN_CHUNK = "phalanx.executor:_run_chunk"
@@ -123,11 +122,13 @@ class Executor(concurrent.futures.Executor):
     else as Python made it (tuples, sets, big ints, numpy scalars) or as
     plain data (a dataclass as a dict, unless ``local_pickle``).
 
-    With an ``mp_context`` whose start method is forkserver, workers start
-    on demand, as ``ProcessPoolExecutor`` starts them: one at construction,
-    then one more each time a submit finds none idle, up to
-    ``max_workers``. Otherwise (fork, spawn, or phalanx's own start method
-    when there is no ``mp_context``) all start at construction.
+    With an ``mp_context`` whose start method is spawn or forkserver,
+    workers start on demand, as ``ProcessPoolExecutor`` starts them: one at
+    construction, then one more each time a submit finds none idle, up to
+    ``max_workers``. A task never waits for a worker that is still
+    starting: it goes to the first worker ready for it. Otherwise (fork, or
+    phalanx's own start method when there is no ``mp_context``) all start
+    at construction.
 
     A task that raises ``SystemExit`` or ``KeyboardInterrupt`` fails its
     future with that exception (the worker lives on), as
@@ -174,13 +175,16 @@ class Executor(concurrent.futures.Executor):
         options["implicit_operations"] = True  # plain functions, by module:qualname
         self._max_workers = max_workers
         self._init: list[Any] | None = None
-        # As ProcessPoolExecutor under forkserver: one worker at first, another each time
-        # a submit finds none idle (see _take_worker_locked), up to max_workers.
-        self._on_demand = mp_context is not None and options["start_method"] in _ON_DEMAND
+        # As ProcessPoolExecutor under spawn and forkserver: one worker at first, another each
+        # time a submit finds none idle (see _take_worker_locked), up to max_workers.
+        on_demand = mp_context is not None and options["start_method"] in _ON_DEMAND
         #: workers asked for (replacements of dead or recycled ones are the runtime's, not counted)
-        self._started = 1 if self._on_demand else max_workers
-        #: workers taken by no submit since they started or completed a task (on demand only)
-        self._idle = self._started
+        self._started = 1 if on_demand else max_workers
+        #: while workers start on demand: the futures of submits that took a worker (one each);
+        #: those not done yet hold theirs
+        self._busy: set[Future[Any]] = set()
+        #: while workers start on demand: submits that took a worker for a task that could not be sent
+        self._unsent = 0
         self._rt = Runtime(self._started, max_tasks_per_worker=max_tasks_per_child or None, **options)
         self._pickled = self._rt.config.local_pickle
         if initializer is not None:
@@ -218,13 +222,15 @@ class Executor(concurrent.futures.Executor):
         Not public API on either side, but code written for the standard
         library reaches for it (to count, join or terminate workers). A worker
         terminated this way is replaced and its task redelivered, as any worker
-        that dies; its handle's ``join()`` waits for it to end.
+        that dies; its handle's ``join()`` waits for it to end. A worker
+        replaced after ``max_tasks_per_child`` tasks is left out as soon as it
+        takes no more work (``ProcessPoolExecutor`` drops it once it exited,
+        before its replacement starts).
         """
-        try:
-            workers = self._rt.stats().workers
-        except Exception:  # a runtime shut down: no workers
-            return {}
-        return {w.pid: _WorkerProcess(w.pid) for w in workers if w.alive and not w.remote and w.pid > 0}
+        driver = self._rt._driver
+        with driver._lock:
+            return {w.pid: _WorkerProcess(w.pid) for w in driver._workers.values()
+                    if w.alive and not w.retiring and not w.remote and w.pid > 0}
 
     @property
     def runtime(self) -> Runtime:
@@ -237,8 +243,10 @@ class Executor(concurrent.futures.Executor):
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
-    def _track_locked(self, fut: Future[Any]) -> None:
+    def _track_locked(self, fut: Future[Any], counted: bool) -> None:
         self._pending.add(fut)
+        if counted:
+            self._busy.add(fut)
         if self._init is not None:
             # Mark the executor broken *before* the future that saw the
             # initializer fail is resolved, so that a caller woken by it
@@ -268,7 +276,7 @@ class Executor(concurrent.futures.Executor):
             target = fn  # the runtime sends it pickled
         with self._lock:
             self._check_open_locked()
-            grow = self._take_worker_locked()
+            counted, grow = self._take_worker_locked()
             try:
                 if self._init is None:
                     fut: Future[Any] = self._rt.submit(target, *args, **kwargs)
@@ -283,8 +291,13 @@ class Executor(concurrent.futures.Executor):
                 failed: Future[Any] = Future()
                 failed.set_exception(exc)
                 fut, tracked = failed, False
+                if counted:
+                    # As ProcessPoolExecutor counts: only a worker's result gives a worker back, and
+                    # this task never reached one (its test_saturation submits tasks that cannot
+                    # be pickled, and expects a worker started for each).
+                    self._unsent += 1
             else:
-                self._track_locked(fut)
+                self._track_locked(fut, counted)
                 tracked = True
         if grow:
             self._grow()
@@ -324,9 +337,9 @@ class Executor(concurrent.futures.Executor):
                 break
             with self._lock:
                 self._check_open_locked()
-                grow = self._take_worker_locked()
+                counted, grow = self._take_worker_locked()
                 fut: Future[Any] = submitter.submit(chunk_ref, self._init, name, chunk)
-                self._track_locked(fut)
+                self._track_locked(fut, counted)
             if grow:
                 self._grow()
             fut.add_done_callback(self._on_done)
@@ -349,22 +362,29 @@ class Executor(concurrent.futures.Executor):
             for fut in futures:
                 fut.cancel()
 
-    def _take_worker_locked(self) -> bool:
-        """Take an idle worker for the task being submitted; True: start one more for it.
+    def _take_worker_locked(self) -> tuple[bool, bool]:
+        """Take an idle worker for the task being submitted: (counted, start one more for it).
 
-        Counted, not asked of the runtime: each submit takes an idle worker,
-        each completed task gives one back (at most as many as were started),
-        as ``ProcessPoolExecutor`` counts with its idle-worker semaphore.
+        As ``ProcessPoolExecutor`` decides (its idle-worker semaphore): a
+        worker is idle unless a task submitted through this executor still
+        holds it (or a submit took it for a task that could not be sent); a
+        submit that finds none idle starts one more, up to ``max_workers``. Counted from the futures themselves, so a caller that
+        saw a result finds its worker idle at its next submit, whichever
+        thread settled the future and ran its callbacks. Once every worker is
+        started nothing is counted (``counted`` False).
         """
-        if not self._on_demand:
-            return False
-        if self._idle > 0:
-            self._idle -= 1
-            return False
         if self._started >= self._max_workers:
-            return False
+            return False, False
+        busy = self._busy
+        for fut in [f for f in busy if f.done()]:  # at most max_workers futures: one per worker taken
+            busy.discard(fut)
+        if len(busy) + self._unsent < self._started:
+            return True, False
         self._started += 1
-        return True
+        if self._started >= self._max_workers:
+            busy.clear()  # all started: nothing is counted from now on
+            return False, True
+        return True, True
 
     def _grow(self) -> None:
         """Start one more worker (not under the executor's lock: spawning waits for the process)."""
@@ -376,8 +396,7 @@ class Executor(concurrent.futures.Executor):
     def _on_done(self, fut: concurrent.futures.Future[Any]) -> None:
         with self._lock:
             self._pending.discard(fut)
-            if self._on_demand and self._idle < self._started:
-                self._idle += 1
+            self._busy.discard(fut)
         if fut.cancelled():
             return
         exc = fut.exception()

@@ -11,7 +11,9 @@ Runs in every worker process (started by :mod:`phalanx.supervisor`)::
        DEALER. A local worker makes no ZeroMQ context at all)
 
 The main thread owns the inbox and outbox (or reads the pipe) and runs user code through
-:class:`phalanx.core.execute.TaskRunner` (the code simulated workers run too); the control
+:class:`phalanx.core.execute.TaskRunner` (the code simulated workers run too); while it
+runs a task with outcomes batched, the "phalanx-flush" thread may send them (``_Flusher``;
+the main thread's writes and its hold ``send_lock``); the control
 thread owns the SUB and side sockets, so a task that never returns still sees
 its abort flag set, still has its timeout reported, and is still killed after
 the grace period.
@@ -47,7 +49,9 @@ Invariants kept:
   arrive while ``getppid()`` still names the dying parent (the kernel first
   re-parents a child to another thread of the same process).
 * **Lone calls are not delayed.** Outcomes are batched only while more tasks
-  are already waiting and the previous one was quick.
+  are already waiting and the previous one was quick; a batched outcome waits
+  at most ``BATCH_HOLD`` for the task after it (the "phalanx-flush" thread
+  sends it if that task runs longer), never for the whole of a long task.
 """
 
 from __future__ import annotations
@@ -125,6 +129,8 @@ __all__ = ["WorkerSpec", "TaskContext", "current_task", "guard_against_orphaning
 BATCH_MAX = 256
 #: a task quicker than this lets the next outcome share a message
 QUICK_TASK = 0.0002
+#: seconds a batched outcome waits for the task after it before it goes alone (that task may be long)
+BATCH_HOLD = 0.005
 #: seconds to wait for batched outcomes to leave before running a redelivered task
 SENT_WAIT = 1.0
 #: seconds between watchdog checks of the parent
@@ -500,6 +506,72 @@ class _Terminated:
 #: one step of a directive chain on the worker: (operation, its function, its argument converter)
 
 
+class _Flusher:
+    """Sends batched outcomes that waited ``BATCH_HOLD`` while the main thread runs a task.
+
+    The main thread arms it before running a task while outcomes are batched
+    and disarms it after; the "phalanx-flush" thread (started at the first
+    arm) flushes once the hold is over. Every write to the driver holds the
+    worker's ``send_lock``; the flush thread takes it (without waiting)
+    before it lets go of its condition, so once ``disarm()`` returns no flush
+    of it is under way and the main thread owns the batch again.
+    """
+
+    def __init__(self, worker: _Loop) -> None:
+        self.worker = worker
+        self.cond = threading.Condition(threading.Lock())
+        #: when the batch is due (0: disarmed)
+        self.due = 0.0
+        self.waiting = False
+        self.thread: threading.Thread | None = None
+        #: what a flush of the flush thread raised: the main thread raises it (see disarm)
+        self.error: BaseException | None = None
+
+    def arm(self) -> None:
+        with self.cond:
+            self.due = time.monotonic() + BATCH_HOLD
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="phalanx-flush", daemon=True)
+                self.thread.start()
+            elif self.waiting:  # asleep without a deadline; one already sleeping to a deadline rechecks it
+                self.cond.notify()
+
+    def disarm(self) -> None:
+        """Stop the hold; raise what a flush of the flush thread raised (as the main thread's would)."""
+        with self.cond:
+            self.due = 0.0
+        with self.worker.send_lock:  # a flush that started before is over
+            error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+    def _run(self) -> None:
+        cond, worker = self.cond, self.worker
+        with cond:
+            while True:
+                if not self.due:
+                    self.waiting = True
+                    cond.wait()
+                    self.waiting = False
+                    continue
+                left = self.due - time.monotonic()
+                if left > 0:
+                    cond.wait(left)
+                    continue
+                if not worker.send_lock.acquire(blocking=False):
+                    cond.wait(BATCH_HOLD)  # the main thread is writing (never wait for it holding cond)
+                    continue
+                self.due = 0.0
+                cond.release()
+                try:
+                    worker.flush()
+                except BaseException as exc:  # noqa: B036 - the main thread raises it
+                    self.error = exc
+                finally:
+                    worker.send_lock.release()
+                    cond.acquire()
+
+
 class _Control:
     """The control thread: owns the SUB and side sockets (or the control pipe): control
     broadcasts, aborts, timeouts; also the orphan watchdog (see guard_against_orphaning)."""
@@ -813,6 +885,10 @@ class _Loop:
         #: per outcome in ``out``: its operation's name, and whether it is a map chunk's
         self.out_ops: list[tuple[str, bool]] = []
         self.busy = 0.0
+        #: held by the main thread's writes to the driver and the flush thread's (_Flusher); the pipe's
+        #: write_lock, which the control thread shares, is taken inside it
+        self.send_lock = threading.RLock()
+        self.flusher = _Flusher(self)
         self.terminated = _Terminated()
         self.state_lock = threading.Lock()
         self.current: TaskContext | None = None
@@ -957,6 +1033,12 @@ class _Loop:
         """Send the batched outcomes; ``sent``: return only once they left this process."""
         if not self.out:
             return
+        with self.send_lock:
+            self._flush(sent)
+
+    def _flush(self, sent: bool) -> None:
+        if not self.out:
+            return
         outcomes, ops, busy = self.out, self.out_ops, self.busy
         self.out, self.out_ops, self.busy = [], [], 0.0
         frames = self._result_frames(outcomes, ops, busy)
@@ -1080,7 +1162,8 @@ class _Loop:
             limit = self.max_send
             raise FrameTooLargeError(f"a {type(msg).__name__} of {len(frame)} bytes is larger than "
                                      f"max_frame={limit}", len(frame), limit)
-        self._send_frame(frame)
+        with self.send_lock:
+            self._send_frame(frame)
 
     def goodbye(self) -> None:
         """Tell the driver this worker leaves; wait up to GOODBYE_WAIT for its Stop.
@@ -1090,6 +1173,10 @@ class _Loop:
         """
         if not self.welcomed or self.inbox is None or self.outbox is None:
             return  # the driver has given it nothing (or it is local: leaving is for remote workers)
+        try:
+            self.flusher.disarm()  # the outbox is this thread's alone from here
+        except BaseException:  # noqa: B036 - leaving anyway; the driver redelivers what it holds
+            pass
         try:
             self.outbox.send(encode(Goodbye(self.spec.worker_id)), zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -1172,11 +1259,17 @@ class _Loop:
                     # is batched out first, so if it kills this one too the driver charges
                     # the crash to it, not to a finished task whose outcome died unsent.
                     self.flush(sent=True)
+                held = bool(self.out)
+                if held:  # this task may be long: what is batched goes alone after BATCH_HOLD
+                    self.flusher.arm()
                 started = perf_counter()
                 outcome: Outcome | None = self.run(task)
                 elapsed = perf_counter() - started
                 op_name, splits = task.op, kind is Chunk and not task.fold
             elif kind is ActorCall:
+                held = bool(self.out)
+                if held:
+                    self.flusher.arm()
                 started = perf_counter()
                 outcome = self.actors.call(task)
                 elapsed = perf_counter() - started
@@ -1184,6 +1277,8 @@ class _Loop:
             else:
                 self.actors.handle(task)
                 continue
+            if held:
+                self.flusher.disarm()
             self.busy += elapsed
             self.tasks_done += 1
             if kind is ActorCall and self.actors.checkpoint_due(task.instance):

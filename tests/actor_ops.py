@@ -106,6 +106,13 @@ class Counter:
         time.sleep(seconds)
         return self.n
 
+    def hold(self, release: str) -> int:
+        """Block until the file ``release`` exists (at most 60 s), then return the count."""
+        deadline = time.monotonic() + 60.0
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return self.n
+
     def set_fail_restore(self, flag: bool) -> bool:
         self.fail_restore = flag
         return flag

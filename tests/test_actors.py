@@ -814,7 +814,7 @@ def test_detached_actor_survives_del(module_runtime: phalanx.Runtime) -> None:
 # --------------------------------------------------------------------------- #
 
 
-def test_inspect_tree(module_runtime: phalanx.Runtime) -> None:
+def test_inspect_tree(module_runtime: phalanx.Runtime, tmp_path: Path) -> None:
     rt = module_runtime
     ref = rt.spawn(Counter, 0)
     for _ in range(3):
@@ -834,14 +834,18 @@ def test_inspect_tree(module_runtime: phalanx.Runtime) -> None:
     # the ref's own view: only the worker that hosts it
     mine = ref.inspect()
     assert [w.id for w in mine.workers] == [ref.worker]
-    # a busy actor shows its mailbox
-    futures = [ref.sleep(0.25) for _ in range(4)]
+    # A busy actor shows its mailbox: calls sent while its first call holds it are read when
+    # that call ends, and wait there while the second call holds it in turn.
+    first, rest = tmp_path / "first", tmp_path / "rest"
+    futures = [ref.hold(str(first))] + [ref.hold(str(rest)) for _ in range(3)]
+    first.touch()
     seen = 0
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + T
     while time.monotonic() < deadline and not seen:
         w = next(w for w in rt.inspect().workers if w.id == ref.worker)
         seen = max((a.mailbox for a in w.actors if a.id == ref.id), default=0)
         time.sleep(0.02)
+    rest.touch()
     for f in futures:
         f.result(timeout=T)
     assert seen >= 1

@@ -14,6 +14,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 import weakref
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -179,15 +180,42 @@ def test_max_tasks_per_child_with_the_fork_context_is_a_value_error() -> None:
         assert ex.runtime.stats().workers_recycled >= 1
 
 
-@pytest.mark.parametrize("method", ["forkserver"])
-def test_workers_start_on_demand_under_forkserver(method: str, tmp_path: Path) -> None:
+def test_processes_leave_out_a_worker_replaced_after_max_tasks_per_child(tmp_path: Path) -> None:
+    """test_process_pool.test_max_tasks_per_child: once a worker is being replaced, ``_processes``
+    holds its replacement only (ProcessPoolExecutor drops the old one as it exits, before the
+    replacement starts); it counted the old one while it finished its last task."""
+    gate = str(tmp_path / "go")
+    ex = phalanx.Executor(1, mp_context=multiprocessing.get_context("forkserver"), max_tasks_per_child=2)
+    try:
+        old = ex.submit(os.getpid).result(timeout=60)
+        last = ex.submit(wait_for, gate)  # the old worker's second and last task: it holds it
+        new = ex.submit(os.getpid).result(timeout=60)  # run by the replacement
+        assert new != old and not last.done()
+        assert list(ex._processes) == [new]
+        Path(gate).touch()
+        assert last.result(timeout=60) == old
+    finally:
+        procs = ex._processes
+        ex.shutdown(wait=True)
+    for p in procs.values():
+        p.join(timeout=30)
+        assert not p.is_alive()
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_workers_start_on_demand_under_spawn_and_forkserver(method: str, tmp_path: Path) -> None:
     """test_process_pool.test_idle_process_reuse_one / _multiple, test_processes_terminate: with a
-    forkserver mp_context, a worker starts only when a submit finds none idle, up to max_workers."""
+    spawn or forkserver mp_context, a worker starts only when a submit finds none idle, up to
+    max_workers. (Under spawn all started at construction: 4 processes where 1 was expected.)"""
     ex = phalanx.Executor(4, mp_context=multiprocessing.get_context(method))
     try:
         for i in range(3):
             assert ex.submit(abs, -i).result(timeout=60) == i
         assert len(ex._processes) == 1  # each submit found the one worker idle
+        # A result seen by the caller gives its worker back at once, whichever thread settled it.
+        for i in range(20):
+            assert ex.submit(abs, -i).result(timeout=60) == i
+            assert len(ex._processes) == 1
         gate = str(tmp_path / "go")
         blocked = [ex.submit(wait_for, gate) for _ in range(3)]
         assert len(ex._processes) == 3  # one per blocked task, started by the submits themselves
@@ -207,11 +235,84 @@ def test_workers_start_on_demand_under_forkserver(method: str, tmp_path: Path) -
         assert not p.is_alive()
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn", None])
-def test_workers_start_at_once_under_fork_spawn_and_by_default(context: str | None) -> None:
-    """test_process_pool.test_processes_terminate (fork), test_map_timeout (spawn): fork starts every
-    worker at construction, as ProcessPoolExecutor does; so do spawn (whose workers take seconds to
-    start: a task must not wait for one while another is free) and phalanx's default start method."""
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_workers_started_on_demand_never_hold_up_a_quick_task(method: str, tmp_path: Path) -> None:
+    """executor.test_map_timeout under spawn: map(sleep, [0, 0, 6], timeout=5) starts workers as its
+    tasks find none idle; the quick tasks must not wait for them (they take seconds to start under
+    spawn) nor behind the long one. Here the long one waits for a file, created only after the
+    quick results came back."""
+    gate, there = str(tmp_path / "go"), str(tmp_path / "there")
+    Path(there).touch()
+    ex = phalanx.Executor(5, mp_context=multiprocessing.get_context(method))
+    try:
+        results = ex.map(wait_for, [there, there, gate], timeout=60)
+        assert next(results) > 0 and next(results) > 0  # while the third still waits for its gate
+        Path(gate).touch()
+        assert next(results) > 0
+        assert len(ex._processes) <= 3
+        _no_worker_died(ex)
+    finally:
+        procs = ex._processes
+        ex.shutdown(wait=True)
+    for p in procs.values():
+        p.join(timeout=30)
+        assert not p.is_alive()
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_submit_whose_task_cannot_be_sent_keeps_the_worker_it_took(method: str) -> None:
+    """test_process_pool.test_saturation, test_shutdown.test_processes_terminate: their tasks cannot be
+    pickled (a multiprocessing semaphore), and ProcessPoolExecutor still starts a worker for each
+    submit that finds none idle: only a worker's result gives one back."""
+    ex = phalanx.Executor(3, mp_context=multiprocessing.get_context(method), local_pickle=True)
+    try:
+        for _ in range(2):
+            with pytest.raises(pickle.PicklingError):
+                ex.submit(id, ErrorAtPickle()).result(timeout=60)
+        assert len(ex._processes) == 2
+        for _ in range(4):
+            with pytest.raises(pickle.PicklingError):
+                ex.submit(id, ErrorAtPickle()).result(timeout=60)
+        assert len(ex._processes) == 3  # never more than max_workers
+        assert ex.submit(abs, -4).result(timeout=60) == 4
+        _no_worker_died(ex)
+    finally:
+        procs = ex._processes
+        ex.shutdown(wait=True)
+    for p in procs.values():
+        p.join(timeout=30)
+        assert not p.is_alive()
+
+
+def test_a_quick_result_never_waits_for_the_long_task_queued_after_it(tmp_path: Path) -> None:
+    """executor.test_map_timeout (map(sleep, [0, 0, 6], timeout=5)): a worker holding a quick task and
+    a long one behind it sent the quick one's result only with the long one's (it batches the
+    outcomes of quick tasks while more work waits), so the caller timed out on a done task."""
+    busy, there, gate = str(tmp_path / "busy"), str(tmp_path / "there"), str(tmp_path / "go")
+    Path(there).touch()
+    with phalanx.Executor(1, credits=3) as ex:
+        first = ex.submit(wait_for, busy)
+        quick = ex.submit(wait_for, there)
+        slow = ex.submit(wait_for, gate)  # waits for its gate (60 s at most)
+        driver = ex.runtime._driver
+        for _ in range(6000):  # until the driver wrote the tasks it held back for the busy worker
+            with driver._lock:
+                if not any(w.held for w in driver._workers.values()):
+                    break
+            time.sleep(0.01)
+        Path(busy).touch()  # the worker finds quick and slow waiting when first ends
+        assert first.result(timeout=60) > 0
+        assert quick.result(timeout=30) > 0  # before: only when slow ended (60 s)
+        assert not slow.done()
+        Path(gate).touch()
+        assert slow.result(timeout=60) > 0
+        _no_worker_died(ex)
+
+
+@pytest.mark.parametrize("context", ["fork", None])
+def test_workers_start_at_once_under_fork_and_by_default(context: str | None) -> None:
+    """test_process_pool.test_processes_terminate (fork): fork starts every worker at construction,
+    as ProcessPoolExecutor does; so does phalanx's default start method (no mp_context)."""
     mp_context = multiprocessing.get_context(context) if context else None
     with phalanx.Executor(3, mp_context=mp_context) as ex:
         assert len(ex._processes) == 3

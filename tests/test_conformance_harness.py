@@ -8,6 +8,7 @@ CPython's suite is skipped on an interpreter that does not ship it.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +37,18 @@ def test_cpython_suite_runs_its_tests_on_phalanx_executor() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 tests: 1 passed, 0 failed, 0 errors, 0 hung" in proc.stdout
     assert "phalanx.Executor (PHALANX_LOCAL_PICKLE=1)" in proc.stdout
+
+
+def test_cf_interpreter_swaps_the_executor_in_isolated_interpreters_it_starts(tmp_path: Path) -> None:
+    """CPython's test_interpreter_shutdown runs ``python -I -c CODE`` (PYTHONPATH ignored) importing
+    ProcessPoolExecutor: the harness's interpreter swaps phalanx's in there too, only when asked."""
+    from tests.conformance.runner import SWAP_ENV, interpreter
+
+    python = interpreter(tmp_path)
+    code = "import concurrent.futures as f; print(f.ProcessPoolExecutor.__name__, f.ProcessPoolExecutor.__mro__[1])"
+    env = {k: v for k, v in os.environ.items() if k != SWAP_ENV}
+    swapped = subprocess.run([python, "-I", "-c", code], env=dict(env, **{SWAP_ENV: "1"}), capture_output=True,
+                             text=True, timeout=60, check=True)
+    assert swapped.stdout.split() == ["ProcessPoolExecutor", "<class", "'phalanx.executor.Executor'>"], swapped
+    stock = subprocess.run([python, "-I", "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert stock.stdout.split() == ["ProcessPoolExecutor", "<class", "'concurrent.futures._base.Executor'>"], stock

@@ -58,12 +58,18 @@ def wait_until(predicate: Callable[[], object], what: str) -> None:
 # ---- worker death -----------------------------------------------------------
 
 
-def test_sigkill_mid_task_redelivers_exactly_once() -> None:
+def test_sigkill_mid_task_redelivers_exactly_once(tmp_path: Path) -> None:
+    release = tmp_path / "release"
     with phalanx.Runtime(workers=2) as rt:
-        futures = [rt.submit(sleep_then, 0.1, i) for i in range(8)]
-        time.sleep(0.05)
-        victim = next(iter(rt.worker_pids()))
+        # The tasks run until released: the victim still holds its tasks when it is killed,
+        # however late this thread runs (tasks that only slept 0.1 s could all be done by then).
+        futures = [rt.submit(gated_record, str(tmp_path / "ran"), str(release), i) for i in range(8)]
+        holding: list[str] = []
+        wait_until(lambda: holding.extend(w.id for w in rt.stats().workers if w.inflight) or holding,
+                   "a worker holds tasks")
+        victim = holding[0]
         rt._driver.kill_worker(victim)
+        release.touch()
         assert [f.result(timeout=30) for f in futures] == list(range(8))
         stats = rt.stats()
         assert stats.redelivered >= 1
@@ -271,11 +277,14 @@ def test_fold_rejects_ignore() -> None:
 
 def test_cancel_queued_future_never_runs(tmp_path: Path) -> None:
     log = tmp_path / "ran"
+    release = tmp_path / "release"
     with phalanx.Runtime(workers=1, credits=1) as rt:
-        blocker = rt.submit(sleep_then, 0.5, 0)
-        time.sleep(0.1)
+        # The blocker holds the worker's one credit until released, however late this thread runs
+        # (a blocker that only slept let the queued call start first under load).
+        blocker = rt.submit(gated_record, str(tmp_path / "blocker"), str(release), 0)
         queued = rt.submit(record, str(log), 99)
         assert queued.cancel()
+        release.touch()
         assert blocker.result(timeout=30) == 0
         with pytest.raises(concurrent.futures.CancelledError):
             queued.result(timeout=1)
@@ -485,11 +494,12 @@ def test_dead_worker_record_is_reaped_after_the_ttl() -> None:
     """The driver keeps a dead worker's record ``dead_worker_ttl`` seconds (60 by default), then drops it."""
     with phalanx.Runtime(workers=1) as rt:
         assert rt._driver.dead_worker_ttl == 60.0
-        rt._driver.dead_worker_ttl = 0.3
         victim = next(iter(rt.worker_pids()))
         rt._driver.kill_worker(victim)
         wait_until(lambda: any(w.id == victim and not w.alive for w in rt.stats().workers),
                    "the death noticed, the record kept")
+        # Shortened only now: a record kept 0.3 s could be gone before a late test thread looked.
+        rt._driver.dead_worker_ttl = 0.3
         wait_until(lambda: all(w.id != victim for w in rt.stats().workers), "the record reaped")
         still_works(rt)
         assert [w.alive for w in rt.stats().workers] == [True]

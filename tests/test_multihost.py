@@ -439,6 +439,7 @@ LOCAL_DRIVER = textwrap.dedent("""
             sys.stdin.readline()  # the test stops and resumes this process meanwhile
             ran_on = rt.submit(ops.pid).result(timeout=30)
             print(json.dumps([ran_on, rt.stats().worker_deaths]), flush=True)
+            sys.stdin.readline()  # until the test saw what the worker said
 """)
 
 
@@ -453,23 +454,31 @@ def test_local_workers_wait_for_a_silent_driver_only_with_reconnect(tmp_path: Pa
     out, err = Lines(driver.stdout), Lines(driver.stderr)
     try:
         (worker,) = json.loads(out.readline(timeout=60))
+        process = psutil.Process(worker)  # taken while it runs: a later pid reuse is not mistaken for it
         os.kill(driver.pid, signal.SIGSTOP)  # the driver falls silent; its worker notices
         try:
             if reconnect:
                 err.wait_for("waiting for the driver", timeout=30)
             else:
                 err.wait_for("driver lost, exiting", timeout=30)
+                # The line comes just before the worker kills itself: resumed at once, the
+                # driver could still have its next task run there (seen under load).
+                assert psutil.wait_procs([process], timeout=30)[1] == [], "the worker did not exit"
         finally:
             os.kill(driver.pid, signal.SIGCONT)
         driver.stdin.write("go\n")
         driver.stdin.flush()
         ran_on, deaths = json.loads(out.readline(timeout=60))
-        assert driver.wait(timeout=30) == 0, err.text()
         if reconnect:
             assert (ran_on, deaths) == (worker, 0)  # the same worker served on
+            # Said when its control thread next hears the driver: a driver that shut down at
+            # once could have its Stop end the worker first (seen under load).
             err.wait_for("driver is back", timeout=10)
         else:
             assert ran_on != worker and deaths == 1  # it exited; the driver started a replacement
+        driver.stdin.write("done\n")
+        driver.stdin.flush()
+        assert driver.wait(timeout=30) == 0, err.text()
     finally:
         if driver.poll() is None:
             os.kill(driver.pid, signal.SIGCONT)

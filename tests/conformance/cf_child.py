@@ -3,7 +3,9 @@
 Runs in a child process started by :mod:`tests.conformance.runner`. Before any
 test module is imported, ``concurrent.futures.ProcessPoolExecutor`` (and
 ``concurrent.futures.process.ProcessPoolExecutor``) is replaced by
-:class:`phalanx.Executor`, so the classes the test modules build
+:class:`phalanx.Executor` under the name ``ProcessPoolExecutor`` (see
+:mod:`tests.conformance.swap`, which does the same in every process the
+tests start), so the classes the test modules build
 (``ProcessPoolForkMixin.executor_type = futures.ProcessPoolExecutor``...) use
 it; the test bodies are the interpreter's own, unchanged.
 
@@ -24,6 +26,7 @@ import unittest
 from typing import Any
 
 import phalanx
+from tests.conformance.swap import install
 
 PACKAGE = "test.test_concurrent_futures"
 #: the modules of the package that hold process-pool test classes
@@ -33,9 +36,14 @@ SELECT = "ProcessPool"
 
 
 def swap() -> None:
-    """Make ``ProcessPoolExecutor`` mean ``phalanx.Executor`` for every later import."""
-    concurrent.futures.ProcessPoolExecutor = phalanx.Executor  # type: ignore[misc]
-    concurrent.futures.process.ProcessPoolExecutor = phalanx.Executor  # type: ignore[misc]
+    """Make ``ProcessPoolExecutor`` mean ``phalanx.Executor`` for every later import.
+
+    The interpreter's start-up already did when the harness set
+    ``PHALANX_CONFORMANCE_SWAP`` (see :mod:`tests.conformance.swap`); this
+    covers a child run by hand.
+    """
+    install()
+    assert issubclass(concurrent.futures.process.ProcessPoolExecutor, phalanx.Executor)
 
 
 def _flatten(suite: Any) -> list[unittest.TestCase]:

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+#: tests.conformance.swap.ENV (not imported here: importing it could swap in this process)
+SWAP_ENV = "PHALANX_CONFORMANCE_SWAP"
 OUTCOMES = ("passed", "failed", "error", "hung", "skipped", "expected failure", "unexpected success")
 
 
@@ -144,12 +146,34 @@ def report(results: dict[str, tuple[str, str]], group: Callable[[str], str], tit
 
 def _env(pickle: bool, *first: Path) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop(SWAP_ENV, None)
     paths = [str(p) for p in first] + [str(ROOT)]
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.pop("PHALANX_LOCAL_PICKLE", None)
     if pickle:
         env["PHALANX_LOCAL_PICKLE"] = "1"
     return env
+
+
+def interpreter(workdir: Path) -> str:
+    """The Python the cf suite runs on: a venv in ``workdir`` over this interpreter's packages.
+
+    Its start-up imports :mod:`tests.conformance.swap` (a ``.pth`` file), so every
+    process the tests start, ``python -I`` ones too, swaps phalanx's executor in
+    when ``PHALANX_CONFORMANCE_SWAP`` is set. Nothing outside ``workdir`` changes.
+    """
+    import sysconfig
+    import venv
+
+    home = workdir / "python"
+    venv.EnvBuilder(with_pip=False, symlinks=True, clear=True).create(home)
+    python = home / "bin" / "python"
+    purelib = subprocess.run([str(python), "-I", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    ours = sysconfig.get_path("purelib")
+    (Path(purelib) / "phalanx_conformance.pth").write_text(
+        f"import site, sys; site.addsitedir({ours!r}); sys.path.append({str(ROOT)!r}); import tests.conformance.swap\n")
+    return str(python)
 
 
 def run_cf(args: argparse.Namespace, workdir: Path) -> Counter[str]:
@@ -159,7 +183,9 @@ def run_cf(args: argparse.Namespace, workdir: Path) -> Counter[str]:
         sys.exit(f"{sys.executable} (Python {sys.version.split()[0]}) has no test.test_concurrent_futures "
                  "package; run with an interpreter that ships its test suite (here: pyenv's 3.13.0)")
     env = _env(args.pickle)
-    child = [sys.executable, "-m", "tests.conformance.cf_child"] + (["--baseline"] if args.baseline else [])
+    if not args.baseline:
+        env[SWAP_ENV] = "1"
+    child = [interpreter(workdir), "-m", "tests.conformance.cf_child"] + (["--baseline"] if args.baseline else [])
     listing = subprocess.run(child + ["--list"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     ids = json.loads(listing.stdout)
     if args.k:
