@@ -38,7 +38,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from . import collected
 from .core.tasks import SKIPPED, Delivery, Job, Task
-from .core.window import ENDED, FAILED, COMPLETE, READY, ChunkSizer, MapWindow, outcome_error
+from .core.window import ENDED, FAILED, COMPLETE, MAX_MAP_CHUNK, READY, ChunkSizer, MapWindow, outcome_error
 from .direct import SETTLED, DirectReader
 from .driver import Driver
 from .errors import TaskCancelledError, TaskTimeoutError
@@ -445,7 +445,7 @@ class _WindowedMap(Iterator[R], Generic[R]):
         star = len(iterables) > 1
         first = iterables[0]
         source: Iterator[Any] | list[Any] = zip(*iterables) if star else first if type(first) is list else iter(first)
-        sizer = ChunkSizer(chunksize, _length(iterables), workers)
+        sizer = ChunkSizer(chunksize, _length(iterables), workers, MAX_MAP_CHUNK)
         self._deadline = None if timeout is None else self._now() + timeout
         resolved = chain_options([*(driver_operation(stage) for stage in stages), op], options)
         self._lease = self._open_lease(self._op_name, resolved)

@@ -273,6 +273,25 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     _kill_own_group()
 
 
+#: held (blocked) across a fork, so one that comes in between reaches the child's default action
+_WORKER_SIGNALS = {signal.SIGTERM, LEAVE_SIGNAL}
+
+
+def _hold_worker_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+
+
+def _release_worker_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
+
+
+def _forget_worker_signals() -> None:
+    """In a process forked from a worker: SIGTERM and the leave signal act as by default."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(LEAVE_SIGNAL, signal.SIG_DFL)
+    _release_worker_signals()
+
+
 def _on_leave(signum: int, frame: Any) -> None:
     global _leaving
     hook = _goodbye
@@ -351,6 +370,10 @@ def guard_against_orphaning(parent_pid: int, watchdog: bool = True) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(LEAVE_SIGNAL, _on_leave)
+    # A process a task forks (multiprocessing's fork context, os.fork) is not a worker: a
+    # SIGTERM to it must end it alone, not kill this worker's whole group from inside.
+    os.register_at_fork(before=_hold_worker_signals, after_in_parent=_release_worker_signals,
+                        after_in_child=_forget_worker_signals)
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)

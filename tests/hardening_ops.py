@@ -94,3 +94,15 @@ def rogue(size: int) -> int:
 @phalanx.operation
 def size_of(data: bytes) -> int:
     return len(data)
+
+
+@phalanx.operation
+def terminate_a_forked_child() -> list[int]:
+    """Fork a child as multiprocessing's fork context does, SIGTERM it; [its exit code, this pid]."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    child.start()
+    child.terminate()
+    child.join(10)
+    return [child.exitcode if child.exitcode is not None else 0, os.getpid()]

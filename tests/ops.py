@@ -252,3 +252,19 @@ def double_sometimes_awaitable(x: int) -> Any:
     if x % 3 == 0 or x < 0:
         return _double_later(x)
     return 2 * x
+
+
+class Seven:
+    """An awaitable with no fields at all (it refers to nothing but its class): its result is 7."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Any:
+        return 7
+        yield  # a generator: awaiting it returns 7 at once
+
+
+@phalanx.operation
+def seven_when_awaited_at(x: int) -> Any:
+    """``x`` itself, except a field-less awaitable (:class:`Seven`) for the item 1234."""
+    return Seven() if x == 1234 else x

@@ -30,6 +30,7 @@ from hardening_ops import (
     self_ref,
     short,
     size_of,
+    terminate_a_forked_child,
 )
 
 #: generous bound on any single wait; tests finish far sooner
@@ -305,3 +306,20 @@ def test_pump_death_breaks_the_runtime_for_every_caller() -> None:
             rt.submit(nap, 0)
     finally:
         rt.shutdown()
+
+
+# ---- a process a task forks ---------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("start_method", ["phalanx", "spawn"])
+def test_a_sigterm_to_a_process_a_task_forked_ends_that_process_only(start_method: str) -> None:
+    """A child forked by a task inherits the worker's Python signal handlers; a SIGTERM
+    to it (multiprocessing.Pool.terminate, joblib's nested backends) must not run the
+    worker's, which kills the worker's whole process group, the worker included."""
+    with phalanx.Runtime(workers=1, start_method=start_method) as rt:
+        pid = rt.submit(getpid).result(timeout=T)
+        for _ in range(3):
+            assert rt.submit(terminate_a_forked_child).result(timeout=T) == [-signal.SIGTERM, pid]
+        assert rt.stats().worker_deaths == 0
+        still_works(rt)

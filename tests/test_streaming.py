@@ -21,6 +21,7 @@ import pytest
 
 import ops
 import phalanx
+from phalanx.core.window import MAX_MAP_CHUNK
 
 #: generous bound on any single wait; tests finish far sooner
 T = 30.0
@@ -223,3 +224,31 @@ def test_dropping_a_for_loop_over_a_map_ends_its_job(module_runtime: phalanx.Run
     for _ in module_runtime.map(ops.square, Source(), chunksize=3, timeout=T):
         break
     wait_until(lambda: module_runtime.stats().jobs_open == 0, "the dropped map's job closed")
+
+
+def test_a_long_list_is_mapped_in_chunks_no_larger_than_the_map_cap(module_runtime: phalanx.Runtime) -> None:
+    """``chunksize=None`` over a list of a million: a quarter of each worker's share would be
+    125,000 items a chunk; every chunk in flight holds at most ``MAX_MAP_CHUNK`` items, and
+    the results are all there, in order."""
+    n = 1_000_000
+    it = module_runtime.map(ops.square, list(range(n)), timeout=T)
+    assert it._w.sizer.size == MAX_MAP_CHUNK  # every chunk is cut to this (the last one shorter)
+    (job,) = open_jobs(module_runtime)
+    assert all(task.items <= MAX_MAP_CHUNK for task in list(job.outstanding.values()))
+    assert sum(1 for i, y in enumerate(it) if y == i * i) == n
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_the_window_keeps_no_record_per_chunk_once_the_chunk_is_handed_out(
+    module_runtime: phalanx.Runtime, ordered: bool
+) -> None:
+    """An endless input in chunks of one: what the window remembers stays within a window of
+    chunks, however many chunks went through (bounded memory, invariant 7)."""
+    it = module_runtime.map(ops.square, Source(), chunksize=1, ordered=ordered, timeout=T)
+    window = it._w.window
+    for _ in range(3000):
+        next(it)
+    w = it._w
+    assert len(w.starts) <= 2 * window + 1
+    assert len(w.sent_at) + len(w.buffer) <= window
+    it.close()

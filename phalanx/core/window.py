@@ -12,7 +12,10 @@ Invariants kept:
 
 * **Bounded memory.** The input is read lazily; chunks in flight plus
   chunks received but held for an earlier, slower one never exceed
-  ``window``, so an ordered map waiting on a straggler reads no further.
+  ``window``, so an ordered map waiting on a straggler reads no further;
+  nothing is kept per chunk once its values are placed, but the items
+  skipped under Ignore (an endless map holds a window's worth, however
+  long it runs).
 * **Order and position of failures.** An ordered map yields chunk ``k``
   only after chunks ``0..k-1``; a failure (a task's, or a result that does
   not convert to the declared type) is raised after every value before it.
@@ -32,10 +35,14 @@ from ..transport.messages import Chunk, Ok
 from .tasks import SKIPPED, Delivery, Job, Task
 
 __all__ = ["MapWindow", "ChunkSizer", "outcome_error", "at_index", "WAIT", "READY", "FAILED", "ENDED", "COMPLETE",
-           "MAX_AUTO_CHUNK", "RAMP_TARGET"]
+           "MAX_AUTO_CHUNK", "MAX_MAP_CHUNK", "RAMP_TARGET"]
 
-#: largest automatic chunk
+#: largest automatic chunk of a fold (each chunk's partial result costs one more combine)
 MAX_AUTO_CHUNK = 50_000
+#: largest automatic chunk of a map: a worker decodes, runs and frees a chunk at a time, and
+#: its values no larger than this reuse the same memory; 50,000 ints took fresh pages (a
+#: page fault each 4 KB, a tenth of a map's worker CPU) every chunk
+MAX_MAP_CHUNK = 4096
 #: a streaming chunk keeps doubling while its round trip is faster than this
 RAMP_TARGET = 0.02
 
@@ -60,21 +67,22 @@ def outcome_error(outcome: Delivery) -> BaseException:
 
 
 class ChunkSizer:
-    """Chunk sizes: fixed, or from the input length, or ramping up while quick."""
+    """Chunk sizes: fixed, or from the input length (at most ``largest``), or ramping up while quick."""
 
-    def __init__(self, chunksize: int | None, length: int | None, workers: int) -> None:
+    def __init__(self, chunksize: int | None, length: int | None, workers: int,
+                 largest: int = MAX_AUTO_CHUNK) -> None:
         if chunksize is not None:
             if chunksize < 1:
                 raise ValueError(f"chunksize must be >= 1, got {chunksize}")
             self.size, self.ramp = chunksize, False
         elif length is not None:
-            self.size = min(MAX_AUTO_CHUNK, max(1, math.ceil(length / (4 * max(1, workers)))))
+            self.size = min(largest, max(1, math.ceil(length / (4 * max(1, workers)))))
             self.ramp = False
         else:
             self.size, self.ramp = 1, True
 
     def observe(self, round_trip: float) -> None:
-        if self.ramp and round_trip < RAMP_TARGET and self.size < 4096:
+        if self.ramp and round_trip < RAMP_TARGET and self.size < MAX_MAP_CHUNK:
             self.size *= 2
 
 
@@ -91,7 +99,7 @@ class MapWindow:
     __slots__ = (
         "job", "op_name", "stages", "star", "input", "sizer", "window", "ordered", "indexed", "convert",
         "convert_many", "seqs", "starts", "read", "sent_at", "next", "buffer", "ready", "error",
-        "exhausted", "done", "outbox", "pickled", "sequence",
+        "exhausted", "done", "outbox", "pickled", "sequence", "skips", "skips_seen",
     )
 
     def __init__(self, job: Job, op_name: str, stages: Sequence[str], source: Iterator[Any] | list[Any], star: bool,
@@ -113,8 +121,12 @@ class MapWindow:
         self.convert = convert
         self.convert_many = convert_many
         self.seqs = itertools.count()
-        #: input index of each chunk's first item
+        #: input index of each chunk's first item, while the chunk is in flight or held
         self.starts: dict[int, int] = {}
+        #: ``(input index, error info)`` of the items skipped under Ignore so far, and how
+        #: many of the job's skip records they cover (read while their chunks' starts are known)
+        self.skips: list[tuple[int, Any]] = []
+        self.skips_seen = 0
         #: items read from the input so far
         self.read = 0
         #: chunks in flight -> when they were sent
@@ -227,6 +239,11 @@ class MapWindow:
             if exc is not None:
                 self.exhausted = True
                 self.sent_at.clear()
+        if self.job.skipped:
+            self.take_skips()
+        # Its values are placed: the chunk's start is no longer needed (one entry per chunk
+        # would grow without bound over an endless input).
+        self.starts.pop(seq, None)
         if not self.exhausted:
             self.fill(now)
         return len(values), drop
@@ -262,13 +279,19 @@ class MapWindow:
             return pairs, exc
         return pairs, None
 
+    def take_skips(self) -> None:
+        """Record the job's new skip records by input index (their chunks' starts are still known:
+        a chunk's skips are recorded before its outcome is delivered)."""
+        records = self.job.skipped or []
+        starts = self.starts
+        for seq, index, info in records[self.skips_seen:]:
+            self.skips.append((starts.get(seq, 0) + index, info))
+        self.skips_seen = len(records)
+
     def skipped(self) -> list[tuple[int, BaseException]]:
         """``(input index, error)`` of every item dropped under ``on_fatal=Ignore``, in input order."""
-        return sorted(
-            ((self.starts.get(seq, 0) + index, at_index(rebuild_error(info), self.starts.get(seq, 0) + index))
-             for seq, index, info in self.job.skipped or ()),
-            key=lambda pair: pair[0],
-        )
+        self.take_skips()
+        return sorted(((i, at_index(rebuild_error(info), i)) for i, info in self.skips), key=lambda pair: pair[0])
 
     def close(self) -> bool:
         """End the map from the consumer's side; True if it was still running (the host terminates the job)."""
