@@ -683,8 +683,10 @@ class _Control:
                     if not alive():
                         _kill_own_group()
                 loop.terminated.reap()
-                if spec.heartbeat_timeout > 0 and time.monotonic() >= next_beat:
-                    # Over tcp the driver cannot see this process die: tell it we live.
+                if spec.heartbeat_timeout > 0 and loop.welcomed and time.monotonic() >= next_beat:
+                    # Over tcp the driver cannot see this process die: tell it we live. Only
+                    # once welcomed: before, the driver has no record of this worker (the Alive
+                    # and the Hello travel on different connections), and counts it as bad input.
                     next_beat = time.monotonic() + spec.heartbeat_interval
                     beats += 1
                     try:

@@ -172,6 +172,26 @@ def test_a_refusal_is_seen_however_late_the_host_watches_its_socket(
         ctx.destroy(linger=0)
 
 
+def test_a_joining_host_s_heartbeats_are_never_counted_as_bad_input(keys: Keys) -> None:
+    """A remote worker's Alive travels on another connection than its Hello: one sent
+    before the driver welcomed the worker reached the driver as a frame of no known worker
+    and was counted in frames_dropped, which means bad input only."""
+    with phalanx.Runtime(workers=0, listen=LISTEN, **keys.runtime_kwargs()) as rt:
+        assert rt.address is not None
+        hosts = [RemoteHost(rt.address, f"h{i}", keys.worker_args(), workers=2,
+                            extra=["--heartbeat-interval", "0.001"]) for i in range(4)]
+        try:
+            assert rt.wait_for_workers(8, timeout=60) == 8
+            assert rt.submit(ops.where, 1).result(timeout=30)[0] == 2
+            time.sleep(0.2)  # heartbeats keep coming after the join
+            assert rt.stats().frames_dropped == 0
+        finally:
+            for host in hosts:
+                host.proc.terminate()
+            for host in hosts:
+                host.wait(timeout=30)
+
+
 def test_insecure_runtime_warns_and_serves(capfd: pytest.CaptureFixture[str]) -> None:
     with phalanx.Runtime(workers=0, listen=LISTEN, insecure=True) as rt:
         assert rt.address is not None
