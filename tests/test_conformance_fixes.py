@@ -18,6 +18,7 @@ import time
 import weakref
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,6 +98,19 @@ def test_result_that_fails_to_load_in_the_driver_fails_its_future_only(cls: type
 def _no_worker_died(ex: phalanx.Executor) -> None:
     stats = ex.runtime.stats()
     assert stats.worker_deaths == 0 and stats.worker_restarts == 0, stats
+
+
+def _shut_down(ex: phalanx.Executor) -> dict[int, Any]:
+    """Shut ``ex`` down; the handles of the workers it had (to join and check)."""
+    procs = ex._processes
+    ex.shutdown(wait=True)
+    return procs
+
+
+def _all_ended(procs: dict[int, Any]) -> None:
+    for p in procs.values():
+        p.join(timeout=30)
+        assert not p.is_alive()
 
 
 @pytest.mark.parametrize("pickled", [False, True])
@@ -195,11 +209,8 @@ def test_processes_leave_out_a_worker_replaced_after_max_tasks_per_child(tmp_pat
         Path(gate).touch()
         assert last.result(timeout=60) == old
     finally:
-        procs = ex._processes
-        ex.shutdown(wait=True)
-    for p in procs.values():
-        p.join(timeout=30)
-        assert not p.is_alive()
+        procs = _shut_down(ex)
+    _all_ended(procs)
 
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
@@ -228,11 +239,8 @@ def test_workers_start_on_demand_under_spawn_and_forkserver(method: str, tmp_pat
         assert len(ex._processes) == 4
         _no_worker_died(ex)
     finally:
-        procs = ex._processes
-        ex.shutdown(wait=True)
-    for p in procs.values():
-        p.join(timeout=30)
-        assert not p.is_alive()
+        procs = _shut_down(ex)
+    _all_ended(procs)
 
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
@@ -252,11 +260,8 @@ def test_workers_started_on_demand_never_hold_up_a_quick_task(method: str, tmp_p
         assert len(ex._processes) <= 3
         _no_worker_died(ex)
     finally:
-        procs = ex._processes
-        ex.shutdown(wait=True)
-    for p in procs.values():
-        p.join(timeout=30)
-        assert not p.is_alive()
+        procs = _shut_down(ex)
+    _all_ended(procs)
 
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
@@ -277,11 +282,8 @@ def test_a_submit_whose_task_cannot_be_sent_keeps_the_worker_it_took(method: str
         assert ex.submit(abs, -4).result(timeout=60) == 4
         _no_worker_died(ex)
     finally:
-        procs = ex._processes
-        ex.shutdown(wait=True)
-    for p in procs.values():
-        p.join(timeout=30)
-        assert not p.is_alive()
+        procs = _shut_down(ex)
+    _all_ended(procs)
 
 
 def test_a_quick_result_never_waits_for_the_long_task_queued_after_it(tmp_path: Path) -> None:
@@ -346,11 +348,8 @@ def test_processes_are_the_live_workers_as_handles_to_join_or_terminate() -> Non
         assert not victim.is_alive()
         assert ex.submit(abs, -2).result(timeout=60) == 2
     finally:
-        procs = ex._processes
-        ex.shutdown(wait=True)
-    for p in procs.values():
-        p.join(timeout=30)
-        assert not p.is_alive()
+        procs = _shut_down(ex)
+    _all_ended(procs)
     assert ex._processes == {}
 
 

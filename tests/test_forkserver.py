@@ -37,6 +37,29 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _greeted_then_gone(pairs: list[Any], wids: tuple[str, ...], pids: list[int]) -> None:
+    """Read each worker's Hello from the driver's end of its pipe, then close those ends
+    (the driver is "gone": each worker ends)."""
+    import select
+
+    from phalanx.transport import pipe as pipes
+    from phalanx.transport.codec import decode_driver
+    from phalanx.transport.messages import Hello
+
+    ours = [pipes.FramePipe(end, 1 << 20) for end, _ in pairs]
+    for wid, end in zip(wids, ours):
+        frames: list[bytes] = []
+        while not frames:
+            assert select.select([end.fileno()], [], [], 30)[0], f"{wid} never spoke on its pipe"
+            got = end.recv()
+            assert got is not None, f"{wid} closed its pipe"
+            frames = got
+        hello = decode_driver(frames[0])
+        assert isinstance(hello, Hello) and hello.worker == wid and hello.pid in pids
+    for end in ours:
+        end.close()
+
+
 def _wait_gone(pids: list[int], within: float) -> list[int]:
     """Wait up to ``within`` seconds for ``pids`` to die; those still alive."""
     deadline = time.monotonic() + within
@@ -257,14 +280,11 @@ def test_a_killed_fork_server_breaks_the_runtime_loudly_and_takes_its_workers() 
 def test_spawn_many_forks_every_worker_at_once_a_bad_request_fails_alone_and_no_exit_is_lost() -> None:
     """One request for three workers: the good ones run and say Hello on their own pipes, the
     bad one gets its error; their exits, before the reader thread started, still all come."""
-    import select
     import threading
 
     from phalanx.forkserver import ForkServer
     from phalanx.transport import pipe as pipes
-    from phalanx.transport.codec import decode_driver
     from phalanx.transport.endpoints import local_endpoints
-    from phalanx.transport.messages import Hello
     from phalanx.worker import WorkerSpec
 
     exits: dict[str, int | None] = {}
@@ -292,18 +312,7 @@ def test_spawn_many_forks_every_worker_at_once_a_bad_request_fails_alone_and_no_
             assert not isinstance(handle, BaseException)
             assert handle.pid is not None and psutil.Process(handle.pid).ppid() == server.pid
             pids.append(handle.pid)
-        ours = [pipes.FramePipe(end, 1 << 20) for end, _ in pairs]
-        for wid, end in zip(("w1", "w2"), ours):
-            frames: list[bytes] = []
-            while not frames:
-                assert select.select([end.fileno()], [], [], 30)[0], f"{wid} never spoke on its pipe"
-                got = end.recv()
-                assert got is not None, f"{wid} closed its pipe"
-                frames = got
-            hello = decode_driver(frames[0])
-            assert isinstance(hello, Hello) and hello.worker == wid and hello.pid in pids
-        for end in ours:
-            end.close()  # the driver is "gone": each worker ends
+        _greeted_then_gone(pairs, ("w1", "w2"), pids)
         assert _wait_gone(pids, 30) == []
         assert not reported.is_set()  # nobody reads the exits yet
         server.start()
@@ -330,14 +339,11 @@ def _standby_pids(server_pid: int, count: int) -> list[int]:
 def test_standby_workers_take_the_first_spawns_and_a_dead_one_is_replaced_by_a_fork() -> None:
     """The server forks two workers ahead; one is SIGKILLed while it waits. Two spawns: the
     survivor takes one, a fresh fork the other; both serve, and exactly their two exits come."""
-    import select
     import threading
 
     from phalanx.forkserver import ForkServer
     from phalanx.transport import pipe as pipes
-    from phalanx.transport.codec import decode_driver
     from phalanx.transport.endpoints import local_endpoints
-    from phalanx.transport.messages import Hello
     from phalanx.worker import WorkerSpec
 
     exits: dict[str, int | None] = {}
@@ -372,18 +378,7 @@ def test_standby_workers_take_the_first_spawns_and_a_dead_one_is_replaced_by_a_f
             assert handle.pid is not None and psutil.Process(handle.pid).ppid() == server.pid
             pids.append(handle.pid)
         assert standby[1] in pids and standby[0] not in pids, (pids, standby)
-        ours = [pipes.FramePipe(end, 1 << 20) for end, _ in pairs]
-        for wid, end in zip(("w1", "w2"), ours):
-            frames: list[bytes] = []
-            while not frames:
-                assert select.select([end.fileno()], [], [], 30)[0], f"{wid} never spoke on its pipe"
-                got = end.recv()
-                assert got is not None, f"{wid} closed its pipe"
-                frames = got
-            hello = decode_driver(frames[0])
-            assert isinstance(hello, Hello) and hello.worker == wid and hello.pid in pids
-        for end in ours:
-            end.close()  # the driver is "gone": each worker ends
+        _greeted_then_gone(pairs, ("w1", "w2"), pids)
         assert _wait_gone(pids, 30) == []
         server.start()
         assert reported.wait(30), exits
