@@ -7,13 +7,16 @@ Everything is real: processes, signals, ``psutil`` scans of the process table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +50,32 @@ def _greeted_then_gone(pairs: list[Any], wids: tuple[str, ...], pids: list[int])
     from phalanx.transport.messages import Hello
 
     ours = [pipes.FramePipe(end, 1 << 20) for end, _ in pairs]
-    for wid, end in zip(wids, ours):
-        frames: list[bytes] = []
-        while not frames:
-            assert select.select([end.fileno()], [], [], 30)[0], f"{wid} never spoke on its pipe"
-            got = end.recv()
-            assert got is not None, f"{wid} closed its pipe"
-            frames = got
-        hello = decode_driver(frames[0])
-        assert isinstance(hello, Hello) and hello.worker == wid and hello.pid in pids
-    for end in ours:
-        end.close()
+    try:
+        for wid, end in zip(wids, ours):
+            frames: list[bytes] = []
+            while not frames:
+                assert select.select([end.fileno()], [], [], 30)[0], f"{wid} never spoke on its pipe"
+                got = end.recv()
+                assert got is not None, f"{wid} closed its pipe"
+                frames = got
+            hello = decode_driver(frames[0])
+            assert isinstance(hello, Hello) and hello.worker == wid and hello.pid in pids
+    finally:
+        for end in ours:
+            end.close()
+
+
+def _exit_recorder(count: int) -> tuple[dict[str, int | None], threading.Event, Callable[[str, int | None], None]]:
+    """A fork server's exit callback that records each exit; the event is set at the ``count``-th."""
+    exits: dict[str, int | None] = {}
+    reported = threading.Event()
+
+    def on_exit(worker_id: str, code: int | None) -> None:
+        exits[worker_id] = code
+        if len(exits) == count:
+            reported.set()
+
+    return exits, reported, on_exit
 
 
 def _wait_gone(pids: list[int], within: float) -> list[int]:
@@ -134,30 +152,23 @@ SLEEPING_DRIVER = textwrap.dedent(
 )
 
 
-@pytest.mark.chaos
-def test_the_fork_server_and_everything_below_it_die_with_a_sigkilled_driver(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _driver_script(tmp_path: Path, text: str, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Any, list[int]]]:
+    """Run a driver script that prints one JSON line then sleeps; yield the driver process,
+    that line, and a list the test fills with the pids SIGKILLed at the end if still alive."""
     script = tmp_path / "driver.py"
-    script.write_text(SLEEPING_DRIVER)
+    script.write_text(text)
     out = tmp_path / "out"
     with open(out, "w") as f:
-        driver = subprocess.Popen([sys.executable, str(script), str(tmp_path / "pids")], env=_env(),
-                                  cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    pids: dict[str, Any] = {}
+        driver = subprocess.Popen([sys.executable, str(script), *args], env=_env(), cwd=tmp_path, stdout=f,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     watched: list[int] = []
     try:
         deadline = time.monotonic() + 60
         while not out.read_text().strip():
             assert driver.poll() is None and time.monotonic() < deadline, out.read_text()
             time.sleep(0.01)
-        pids = json.loads(out.read_text().splitlines()[0])
-        watched = [pids["server"], *pids["workers"], *pids["children"]]
-        assert all(_alive(p) for p in watched)
-        driver.kill()
-        driver.wait(timeout=10)
-        left = _wait_gone([pids["server"], *pids["workers"]], within=1.0)
-        assert not left, f"alive 1 s after the driver was SIGKILLed: {left} of {pids}"
-        left = _wait_gone(pids["children"], within=CONTAINMENT)
-        assert not left, f"the workers' children alive {CONTAINMENT} s after: {left}"
+        yield driver, json.loads(out.read_text().splitlines()[0]), watched
     finally:
         for pid in watched:
             if _alive(pid):
@@ -165,6 +176,19 @@ def test_the_fork_server_and_everything_below_it_die_with_a_sigkilled_driver(tmp
         if driver.poll() is None:
             driver.kill()
             driver.wait(timeout=10)
+
+
+@pytest.mark.chaos
+def test_the_fork_server_and_everything_below_it_die_with_a_sigkilled_driver(tmp_path: Path) -> None:
+    with _driver_script(tmp_path, SLEEPING_DRIVER, str(tmp_path / "pids")) as (driver, pids, watched):
+        watched += [pids["server"], *pids["workers"], *pids["children"]]
+        assert all(_alive(p) for p in watched)
+        driver.kill()
+        driver.wait(timeout=10)
+        left = _wait_gone([pids["server"], *pids["workers"]], within=1.0)
+        assert not left, f"alive 1 s after the driver was SIGKILLed: {left} of {pids}"
+        left = _wait_gone(pids["children"], within=CONTAINMENT)
+        assert not left, f"the workers' children alive {CONTAINMENT} s after: {left}"
 
 
 @pytest.mark.chaos
@@ -280,24 +304,14 @@ def test_a_killed_fork_server_breaks_the_runtime_loudly_and_takes_its_workers() 
 def test_spawn_many_forks_every_worker_at_once_a_bad_request_fails_alone_and_no_exit_is_lost() -> None:
     """One request for three workers: the good ones run and say Hello on their own pipes, the
     bad one gets its error; their exits, before the reader thread started, still all come."""
-    import threading
-
     from phalanx.forkserver import ForkServer
     from phalanx.transport import pipe as pipes
     from phalanx.transport.endpoints import local_endpoints
     from phalanx.worker import WorkerSpec
 
-    exits: dict[str, int | None] = {}
-    reported = threading.Event()
-
-    def on_exit(worker_id: str, code: int | None) -> None:
-        exits[worker_id] = code
-        if len(exits) == 2:
-            reported.set()
-
+    exits, reported, on_exit = _exit_recorder(2)
     endpoints = local_endpoints()
     server = ForkServer(on_exit, start=False)
-    ours: list[pipes.FramePipe] = []
     try:
         pairs = [pipes.socketpair() for _ in range(2)]
         specs = [WorkerSpec(worker_id=f"w{i}", endpoints=endpoints, credits=1, parent_pid=os.getpid(),
@@ -319,8 +333,6 @@ def test_spawn_many_forks_every_worker_at_once_a_bad_request_fails_alone_and_no_
         assert reported.wait(30), exits
         assert set(exits) == {"w1", "w2"}
     finally:
-        for end in ours:
-            end.close()
         server.close()
         endpoints.remove()
 
@@ -339,24 +351,14 @@ def _standby_pids(server_pid: int, count: int) -> list[int]:
 def test_standby_workers_take_the_first_spawns_and_a_dead_one_is_replaced_by_a_fork() -> None:
     """The server forks two workers ahead; one is SIGKILLed while it waits. Two spawns: the
     survivor takes one, a fresh fork the other; both serve, and exactly their two exits come."""
-    import threading
-
     from phalanx.forkserver import ForkServer
     from phalanx.transport import pipe as pipes
     from phalanx.transport.endpoints import local_endpoints
     from phalanx.worker import WorkerSpec
 
-    exits: dict[str, int | None] = {}
-    reported = threading.Event()
-
-    def on_exit(worker_id: str, code: int | None) -> None:
-        exits[worker_id] = code
-        if len(exits) == 2:
-            reported.set()
-
+    exits, reported, on_exit = _exit_recorder(2)
     endpoints = local_endpoints()
     server = ForkServer(on_exit, start=False, standby=2)
-    ours: list[pipes.FramePipe] = []
     try:
         standby = _standby_pids(server.pid, 2)
         os.kill(standby[0], signal.SIGKILL)
@@ -385,8 +387,6 @@ def test_standby_workers_take_the_first_spawns_and_a_dead_one_is_replaced_by_a_f
         time.sleep(0.2)
         assert set(exits) == {"w1", "w2"}, exits  # nothing for the standby that died unused
     finally:
-        for end in ours:
-            end.close()
         server.close()
         endpoints.remove()
 
@@ -421,29 +421,10 @@ STANDBY_DRIVER = textwrap.dedent(
 
 @pytest.mark.chaos
 def test_standby_workers_die_with_a_driver_sigkilled_before_any_spawn(tmp_path: Path) -> None:
-    script = tmp_path / "driver.py"
-    script.write_text(STANDBY_DRIVER)
-    out = tmp_path / "out"
-    with open(out, "w") as f:
-        driver = subprocess.Popen([sys.executable, str(script)], env=_env(), cwd=tmp_path, stdout=f,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    watched: list[int] = []
-    try:
-        deadline = time.monotonic() + 60
-        while not out.read_text().strip():
-            assert driver.poll() is None and time.monotonic() < deadline, out.read_text()
-            time.sleep(0.01)
-        pids = json.loads(out.read_text().splitlines()[0])
-        watched = [pids["server"], *pids["standby"]]
+    with _driver_script(tmp_path, STANDBY_DRIVER) as (driver, pids, watched):
+        watched += [pids["server"], *pids["standby"]]
         assert len(watched) == 3 and all(_alive(p) for p in watched)
         driver.kill()
         driver.wait(timeout=10)
         left = _wait_gone(watched, within=1.0)
         assert not left, f"alive 1 s after the driver was SIGKILLed: {left} of {pids}"
-    finally:
-        for pid in watched:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait(timeout=10)
