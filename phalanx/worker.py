@@ -1318,24 +1318,20 @@ class _Loop:
                     # is batched out first, so if it kills this one too the driver charges
                     # the crash to it, not to a finished task whose outcome died unsent.
                     self.flush(sent=True)
-                held = bool(self.out)
-                if held:  # this task may be long: what is batched goes alone after BATCH_HOLD
-                    self.flusher.arm()
-                started = perf_counter()
-                outcome: Outcome | None = self.run(task)
-                elapsed = perf_counter() - started
-                op_name, splits = task.op, kind is Chunk and not task.fold
-            elif kind is ActorCall:
-                held = bool(self.out)
-                if held:
-                    self.flusher.arm()
-                started = perf_counter()
-                outcome = self.actors.call(task)
-                elapsed = perf_counter() - started
-                op_name, splits = task.method, False
-            else:
+            elif kind is not ActorCall:
                 self.actors.handle(task)
                 continue
+            held = bool(self.out)
+            if held:  # this task may be long: what is batched goes alone after BATCH_HOLD
+                self.flusher.arm()
+            started = perf_counter()
+            if kind is ActorCall:
+                outcome: Outcome | None = self.actors.call(task)
+                op_name, splits = task.method, False
+            else:
+                outcome = self.run(task)
+                op_name, splits = task.op, kind is Chunk and not task.fold
+            elapsed = perf_counter() - started
             if held:
                 self.flusher.disarm()
             self.busy += elapsed
