@@ -43,6 +43,7 @@ Invariants kept:
 
 from __future__ import annotations
 
+import array
 import ctypes
 import gc
 import os
@@ -60,7 +61,7 @@ from typing import Any, NoReturn
 
 import msgspec
 
-__all__ = ["ForkServer", "ForkedWorker", "WORKER_PID_VAR"]
+__all__ = ["ForkServer", "ForkedWorker", "Pidfd", "WORKER_PID_VAR"]
 
 #: set in each worker's environment to its own pid: processes it starts inherit it, so the
 #: fork server can tell whose orphan a process is even after it left the worker's group
@@ -119,6 +120,17 @@ def _fds(pipes: _Pipes) -> list[int]:
     return [p.fileno() for p in pipes][:_MAX_FDS]
 
 
+def _recv_reply(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One reply from the server and the descriptors it carries (close-on-exec)."""
+    fds = array.array("i")
+    raw, ancdata, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize),
+                                      socket.MSG_CMSG_CLOEXEC)
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return raw, list(fds)
+
+
 #: decoders of Spawn requests and their WorkerSpec, made in the driver before the server is
 #: forked: msgspec builds a type's decoding information on first use (it evaluates the
 #: annotations, ~0.7 ms), which the server and every worker would otherwise each do again
@@ -142,11 +154,93 @@ def _prctl(option: int, arg: int) -> bool:
         return False
 
 
+class Pidfd:
+    """One process's pidfd, for signalling it: a signal reaches that process or nobody.
+
+    A pid names whichever process holds it now: once a worker is reaped (by the
+    fork server, or by multiprocessing) its pid may belong to a stranger, and
+    ``os.kill`` would hit the stranger. A pidfd names one process for good:
+    after that process is gone, signals fail with ESRCH (nothing to do). Safe
+    to use from several threads; closed at most once.
+
+    ``fd`` None: the kernel offers no pidfds (Linux < 5.3): signals go by
+    ``pid``, as they did before pidfds existed.
+    """
+
+    def __init__(self, fd: int | None, pid: int) -> None:
+        self.pid = pid
+        self._fd = fd
+        self._open = True
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, pid: int) -> Pidfd:
+        """Open ``pid``'s pidfd now. The caller must know ``pid`` still names its process
+        (an unreaped child), or check afterwards that it did (see the supervisor)."""
+        try:
+            return cls(os.pidfd_open(pid), pid)
+        except ProcessLookupError:
+            gone = cls(None, pid)
+            gone._open = False
+            return gone
+        except (AttributeError, OSError):
+            return cls(None, pid)  # no pidfds on this kernel (or none left): by pid
+
+    def send_signal(self, sig: int) -> bool:
+        """Send ``sig`` to the process; False if it is gone (reaped) or this was closed."""
+        with self._lock:
+            if not self._open:
+                return False
+            try:
+                if self._fd is None:
+                    os.kill(self.pid, sig)
+                else:
+                    signal.pidfd_send_signal(self._fd, sig)
+            except ProcessLookupError:
+                return False
+            return True
+
+    def running(self) -> bool:
+        """Whether the process has not exited yet (a zombie has); False once closed."""
+        with self._lock:
+            if not self._open:
+                return False
+            if self._fd is None:
+                try:
+                    os.kill(self.pid, 0)
+                except ProcessLookupError:
+                    return False
+                return True
+            # A pidfd turns readable when its process exits.
+            return not select.select([self._fd], [], [], 0)[0]
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent): no signal is sent through it afterwards."""
+        with self._lock:
+            self._open = False
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _close_in_child(self) -> None:
+        # In a process just forked from the driver: one thread, the lock may have been held.
+        self._open = False
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 class ForkedWorker:
     """A worker process forked by the fork server (the driver's view of it).
 
     Offers what the supervisor uses of ``multiprocessing.Process``: ``pid``,
-    ``exitcode``, ``join``, ``is_alive``, ``terminate``, ``close``.
+    ``exitcode``, ``join``, ``is_alive``, ``terminate``, ``close``; and
+    signals it only through the pidfd the server opened right after forking
+    it, before it could reap it (``send_signal``, ``running``), closed when its
+    exit is reported.
     """
 
     def __init__(self, worker_id: str) -> None:
@@ -154,10 +248,35 @@ class ForkedWorker:
         self.pid: int | None = None
         self.exitcode: int | None = None
         self._done = threading.Event()
+        self._pidfd: Pidfd | None = None
+        self._pidfd_lock = threading.Lock()
+
+    def _started(self, pid: int, fd: int | None) -> None:
+        """The server's Started reply: the pid, and its pidfd (None: the server had none)."""
+        self.pid = pid
+        pidfd = Pidfd(fd, pid)
+        with self._pidfd_lock:
+            self._pidfd = pidfd
+            if self._done.is_set():  # its exit was reported before the reply was read
+                pidfd.close()
 
     def _exited(self, exitcode: int | None) -> None:
         self.exitcode = exitcode
-        self._done.set()
+        with self._pidfd_lock:
+            self._done.set()
+            pidfd = self._pidfd
+        if pidfd is not None:
+            pidfd.close()
+
+    def send_signal(self, sig: int) -> bool:
+        """Send ``sig`` to the worker; False if it is gone (or not started)."""
+        pidfd = self._pidfd
+        return pidfd is not None and pidfd.send_signal(sig)
+
+    def running(self) -> bool:
+        """Whether the worker has not exited yet (False once its exit was reported)."""
+        pidfd = self._pidfd
+        return pidfd is not None and pidfd.running()
 
     def join(self, timeout: float | None = None) -> None:
         self._done.wait(timeout)
@@ -166,11 +285,7 @@ class ForkedWorker:
         return not self._done.is_set()
 
     def terminate(self) -> None:
-        if self.pid is not None and not self._done.is_set():
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        self.send_signal(signal.SIGTERM)
 
     def close(self) -> None:
         pass
@@ -221,6 +336,9 @@ class ForkServer:
                     self._events.close()
                     for other in list(_clients):
                         other._close_sockets()
+                        for handle in list(other._workers.values()):
+                            if handle._pidfd is not None:
+                                handle._pidfd._close_in_child()
                     _serve(ctl, events, driver, standby)
                 finally:
                     os._exit(70)
@@ -299,14 +417,23 @@ class ForkServer:
         results: list[ForkedWorker | OSError] = []
         try:
             for handle in handles:
-                raw = self._ctl.recv(4096)
-                if not raw:
-                    raise OSError("the fork server is gone")
-                reply = msgspec.msgpack.decode(raw, type=_Reply)
+                raw, fds = _recv_reply(self._ctl)
+                try:
+                    if not raw:
+                        raise OSError("the fork server is gone")
+                    reply = msgspec.msgpack.decode(raw, type=_Reply)
+                except BaseException:
+                    for fd in fds:
+                        os.close(fd)
+                    raise
+                for fd in fds[1:]:
+                    os.close(fd)
                 if isinstance(reply, _Failed):
+                    if fds:
+                        os.close(fds[0])
                     results.append(OSError(f"the fork server could not start {handle.worker_id}: {reply.error}"))
                 else:
-                    handle.pid = reply.pid
+                    handle._started(reply.pid, fds[0] if fds else None)
                     results.append(handle)
         except BaseException:
             # Replies not read: the server may have forked those workers; the owner ends the
@@ -390,6 +517,11 @@ class ForkServer:
                 os.close(pidfd)
         if self._reader.is_alive() and self._reader is not threading.current_thread():
             self._reader.join(timeout)
+        with self._lock:
+            left = list(self._workers.values())
+        for handle in left:  # exits never read (the reader never ran): their processes are gone
+            if handle._pidfd is not None:
+                handle._pidfd.close()
         self._close_sockets()
         _clients.discard(self)
 
@@ -476,6 +608,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
                 break
             if not raw:
                 break  # the driver closed (or died)
+            pidfd = -1
             try:
                 request = decoder.decode(raw)
                 spec = spec_decoder.decode(request.spec)
@@ -488,15 +621,25 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
                         _worker(spec, fds, run_worker)
                 workers[pid] = request.worker_id
                 reply: _Reply = _Started(pid)
+                # Opened before this loop reaps again, so it names this worker: the driver
+                # signals it through this, never by a pid that may be reused once it is reaped.
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except (AttributeError, OSError):
+                    pidfd = -1  # no pidfds on this kernel: the driver signals by pid
             except Exception as exc:  # a bad request or no fork: the driver reports it
                 reply = _Failed(f"{type(exc).__name__}: {exc}")
             finally:
                 for fd in fds:
                     os.close(fd)
             try:
-                ctl.send(encoder.encode(reply))
+                socket.send_fds(ctl, [encoder.encode(reply)], [pidfd] if pidfd >= 0 else [])
             except OSError:
                 break
+            finally:
+                if pidfd >= 0:
+                    os.close(pidfd)
+                    pidfd = -1
         elif to_fork:
             to_fork -= 1
             # On failure the requests fork them instead (and report why if that fails too).

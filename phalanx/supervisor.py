@@ -11,10 +11,18 @@ in layers::
 
     Stop message (sent by the owner) -> join(timeout) -> SIGTERM -> SIGKILL of the tree
 
-Invariant kept: **no orphans**. Every process it started is gone when
-:meth:`Supervisor.stop` returns, including anything those processes spawned;
-workers also kill themselves when their parent dies (see
-:mod:`phalanx.worker`), which covers a SIGKILLed driver.
+Invariants kept:
+
+* **No orphans.** Every process it started is gone when :meth:`Supervisor.stop`
+  returns, including anything those processes spawned; workers also kill
+  themselves when their parent dies (see :mod:`phalanx.worker`), which covers
+  a SIGKILLed driver.
+* **No stranger is signalled.** Workers are signalled only through pidfds
+  (:class:`~phalanx.forkserver.Pidfd`), never by pid: a worker reaped by
+  another process (a fork server) or thread may have left its pid to anyone.
+  Under ``"phalanx"`` the fork server opens each pidfd before it can reap the
+  worker; under the multiprocessing methods the supervisor opens it right
+  after the start and keeps it only if the worker was not reaped by then.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import signal
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -37,15 +46,20 @@ from .errors import RuntimeClosedError
 from .transport import pipe
 from .worker import WorkerSpec, run_worker
 
-__all__ = ["Supervisor", "kill_process_tree"]
+__all__ = ["Supervisor", "kill_process_tree", "signal_worker_pid"]
+
+#: every supervisor of this process, for :func:`signal_worker_pid`
+_supervisors: weakref.WeakSet[Supervisor] = weakref.WeakSet()
 
 
 def kill_process_tree(pid: int, include_parent: bool = True, timeout: float = 2.0) -> None:
     """SIGKILL ``pid`` and all its descendants.
 
     Waits up to ``timeout`` for the descendants to vanish, but never reaps
-    ``pid`` itself: its parent (multiprocessing, for a worker) must be the one
-    to ``waitpid`` it, or the parent would lose its exit code.
+    ``pid`` itself: its parent must be the one to ``waitpid`` it, or the parent
+    would lose its exit code. ``pid`` must name the process meant (an unreaped
+    child of the caller): workers are killed by :meth:`Supervisor.kill`, through
+    their pidfds, instead.
     """
     try:
         parent = psutil.Process(pid)
@@ -62,6 +76,97 @@ def kill_process_tree(pid: int, include_parent: bool = True, timeout: float = 2.
     others = [p for p in descendants if p.pid not in mine]
     if others:
         psutil.wait_procs(others, timeout=timeout)
+
+
+def _kill_worker_tree(proc: Any, timeout: float = 2.0) -> bool:
+    """SIGKILL a worker (a :class:`~phalanx.forkserver.ForkedWorker` or :class:`_Child`)
+    and its descendants; False if the worker was gone already.
+
+    Its descendants are read by pid, then kept only if the worker is still
+    running: then that pid still was the worker's when they were read. Each
+    is killed by psutil, which checks the process it names is still the one
+    it read; the worker itself through its pidfd.
+    """
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    if not proc.running():
+        # Exited (its children went to the fork server, which sweeps them), or reaped: then
+        # the pid may be a stranger's, and so may that list.
+        return bool(proc.send_signal(signal.SIGKILL))
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    delivered = bool(proc.send_signal(signal.SIGKILL))
+    mine = {p.pid for p in psutil.Process().children()}
+    others = [p for p in descendants if p.pid not in mine]
+    if others:
+        psutil.wait_procs(others, timeout=timeout)
+    return delivered
+
+
+class _Child:
+    """A worker started by a multiprocessing context, with the pidfd the supervisor signals
+    it through (the ``"phalanx"`` method's :class:`~phalanx.forkserver.ForkedWorker` twin).
+
+    The pidfd is opened right after the start; it is kept only if the worker
+    was not reaped by then (``exitcode`` still None): under ``"fork"`` and
+    ``"spawn"`` this process is the parent and nobody but multiprocessing
+    here reaps it, so the pidfd names the worker. Under ``"forkserver"``
+    multiprocessing's server reaps it and reports that on the sentinel a few
+    instructions later; a pid reused in that instant is the one case left
+    (see docs/faults.md).
+    """
+
+    def __init__(self, proc: BaseProcess) -> None:
+        assert proc.pid is not None
+        self.proc = proc
+        self.pid: int = proc.pid
+        self.sentinel = proc.sentinel
+        self._pidfd = forkserver.Pidfd.open(proc.pid)
+        if proc.exitcode is not None:  # reaped before the pidfd was opened: it may name a stranger
+            self._pidfd.close()
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.proc.exitcode
+
+    def join(self, timeout: float | None = None) -> None:
+        self.proc.join(timeout)
+        if self.proc.exitcode is not None:
+            self._pidfd.close()
+
+    def is_alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def send_signal(self, sig: int) -> bool:
+        return self._pidfd.send_signal(sig)
+
+    def running(self) -> bool:
+        return self._pidfd.running()
+
+    def terminate(self) -> None:
+        self._pidfd.send_signal(signal.SIGTERM)
+
+    def close(self) -> None:
+        self._pidfd.close()
+        self.proc.close()
+
+
+def signal_worker_pid(pid: int, sig: int) -> bool:
+    """Send ``sig`` to the local worker whose pid is ``pid``, through its pidfd, if a
+    supervisor of this process started and still watches it; True if delivered.
+
+    A process that took a reaped worker's pid is not a worker of any
+    supervisor here: it is left alone.
+    """
+    for sup in list(_supervisors):
+        if sup.signal_pid(pid, sig):
+            return True
+    return False
 
 
 class Supervisor:
@@ -92,13 +197,14 @@ class Supervisor:
                 server.on_exit = self._on_server_exit
         else:
             self._ctx = multiprocessing.get_context(start_method)
-        self._procs: dict[str, Any] = {}  # BaseProcess, or ForkedWorker
+        self._procs: dict[str, Any] = {}  # _Child, or ForkedWorker
         self._lock = threading.Lock()
         #: held while a process starts, so stop() sees every process spawn() started
         self._spawn_lock = threading.RLock()  # spawn_piped holds it around _start
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self._closing = False
         self._watcher = threading.Thread(target=self._watch, name="phalanx-supervisor", daemon=True)
+        _supervisors.add(self)
 
     def start(self) -> None:
         """Start reporting exits (after the first spawns: forking before threads exist is safe)."""
@@ -256,11 +362,11 @@ class Supervisor:
             finally:
                 for end in theirs or ():
                     end.close()  # the child has its copy (inherited, or passed by multiprocessing)
+            child = _Child(proc)
             with self._lock:
-                self._procs[spec.worker_id] = proc
+                self._procs[spec.worker_id] = child
         self._wake()
-        assert proc.pid is not None
-        return proc.pid
+        return child.pid
 
     def _on_server_exit(self, worker_id: str, exitcode: int | None) -> None:
         """The fork server reported a worker's exit (its reader thread)."""
@@ -277,12 +383,26 @@ class Supervisor:
         with self._lock:
             return {wid: p.pid for wid, p in self._procs.items() if p is not None and p.pid is not None}
 
-    def kill(self, worker_id: str) -> None:
-        """SIGKILL one worker and its descendants (its exit is reported as usual)."""
+    def kill(self, worker_id: str) -> bool:
+        """SIGKILL one worker and its descendants (its exit is reported as usual); False if
+        it was gone already (nothing else is signalled: see the module docstring)."""
         with self._lock:
             proc = self._procs.get(worker_id)
-        if proc is not None and proc.pid is not None:
-            kill_process_tree(proc.pid)
+        if proc is None or proc.pid is None:
+            return False
+        return _kill_worker_tree(proc)
+
+    def signal(self, worker_id: str, sig: int) -> bool:
+        """Send ``sig`` to one worker alone, through its pidfd; False if it is gone."""
+        with self._lock:
+            proc = self._procs.get(worker_id)
+        return proc is not None and bool(proc.send_signal(sig))
+
+    def signal_pid(self, pid: int, sig: int) -> bool:
+        """Send ``sig`` to the live worker of this supervisor whose pid is ``pid``; False if none."""
+        with self._lock:
+            procs = [p for p in self._procs.values() if p is not None and p.pid == pid]
+        return any(proc.send_signal(sig) for proc in procs)
 
     def _wake(self) -> None:
         try:
@@ -345,27 +465,20 @@ class Supervisor:
         self._wake()
         if leave_signal is not None:
             for proc in procs:
-                if proc.pid is not None and proc.is_alive():
-                    try:
-                        os.kill(proc.pid, leave_signal)
-                    except ProcessLookupError:
-                        pass
+                if proc.is_alive():
+                    proc.send_signal(leave_signal)
         deadline = time.monotonic() + timeout
         for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
         alive = [p for p in procs if p.is_alive()]
         for proc in alive:
             proc.terminate()  # the worker's SIGTERM handler kills its process group
-            if proc.pid is not None:
-                try:
-                    os.kill(proc.pid, signal.SIGCONT)  # a stopped (SIGSTOP) worker handles it too
-                except ProcessLookupError:
-                    pass
+            proc.send_signal(signal.SIGCONT)  # a stopped (SIGSTOP) worker handles it too
         for proc in alive:
             proc.join(1.0)
         for proc in procs:
             if proc.pid is not None and proc.is_alive():
-                kill_process_tree(proc.pid)
+                _kill_worker_tree(proc)
                 proc.join(1.0)
         for proc in procs:
             try:

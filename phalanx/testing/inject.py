@@ -8,19 +8,19 @@ that drives :class:`~phalanx.testing.SimRuntime` sees every frame::
     user / pump threads ──send──▶ frame_filter("out") ──▶ tasks ROUTER ──▶ worker
     pump thread ◀── frame_filter("in") ◀── results ROUTER ◀── worker
     release thread: held frames due ──▶ Driver.inject / Driver.send_unfiltered
-    KillWorker: SIGKILL by pid (only a live child process of this driver)
+    KillWorker: SIGKILL through the worker's pidfd (the supervisor's), never by a pid
     PartitionHost: every frame to and from the workers of one host is held
       (remote workers: all those that joined from that host; a local one alone)
 
-Invariant kept: the injector only ever signals processes that are live
-children of this process and that the runtime lists as its workers, and
+Invariant kept: the injector only ever signals the runtime's own live local
+workers, through their pidfds (a process that took a dead worker's pid is
+never hit), and
 removing it (``close()``, or leaving the ``with`` block) restores the
 unfiltered driver; frames still held then are dropped, as a lost link would.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -28,8 +28,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
+from ..supervisor import signal_worker_pid
 from .faults import Fault, FaultEngine, resolve_plan
 
 if TYPE_CHECKING:
@@ -39,24 +38,13 @@ __all__ = ["FaultInjector", "inject_faults", "kill_worker", "kill_child"]
 
 
 def kill_child(pid: int) -> bool:
-    """SIGKILL ``pid`` if it is a live worker of this process; True if signalled.
+    """SIGKILL ``pid`` if it is a live local worker of this process; True if signalled.
 
-    A worker is a child of this process, or of a runtime's fork server, itself
-    a child of this process (``start_method="phalanx"``); anything else (a
-    reused pid) is left alone.
+    A worker is one that a runtime's supervisor in this process started and
+    still watches; the signal goes through that worker's pidfd, so a process
+    that took a dead worker's pid (a reused pid) is left alone.
     """
-    me = os.getpid()
-    try:
-        proc = psutil.Process(pid)
-        parent = proc.ppid()
-        if parent != me and psutil.Process(parent).ppid() != me:
-            return False
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        os.kill(pid, signal.SIGKILL)
-        return True
-    except (psutil.Error, ProcessLookupError):
-        return False
+    return signal_worker_pid(pid, signal.SIGKILL)
 
 
 def kill_worker(rt: Any, index: int = 0) -> str | None:
@@ -74,7 +62,8 @@ def kill_worker(rt: Any, index: int = 0) -> str | None:
     if isinstance(rt, SimRuntime):
         rt.kill_worker(wid)
         return wid
-    return wid if kill_child(pids[wid]) else None
+    # By worker id, through its pidfd: the pid read above may be a stranger's by now.
+    return wid if rt._driver._supervisor.signal(wid, signal.SIGKILL) else None
 
 
 class FaultInjector:
@@ -109,7 +98,7 @@ class FaultInjector:
 
     def _kill(self, ident: bytes) -> None:
         pid = self._pid(ident)
-        if pid and kill_child(pid):
+        if pid and self._driver._supervisor.signal(ident.decode(), signal.SIGKILL):
             self.kills.append((ident.decode(), pid))
 
     def _filter(self, direction: str, ident: bytes, frame: bytes) -> list[bytes]:

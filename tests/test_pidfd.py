@@ -1,0 +1,134 @@
+"""No process is signalled by mistake: workers are signalled through pidfds, never by a pid
+that may have been reaped and reused (docs/faults.md).
+
+Runs in the test process, which starts driver scripts (tests/pid_reuse_driver.py) as
+pid 1 of new pid namespaces (``unshare``, as root) to give a stranger a chosen pid, and
+real runtimes of its own (the descriptor count over many worker replacements).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def _unshare_refusal() -> str | None:
+    """Why a new pid namespace cannot be made here (None: it can)."""
+    if not sys.platform.startswith("linux"):
+        return "pid namespaces are Linux's"
+    if shutil.which("unshare") is None:
+        return "no unshare command"
+    if os.geteuid() != 0:
+        return "unshare --pid and writing ns_last_pid need root"
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                           capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        return f"unshare --pid is not permitted here: {probe.stderr.decode(errors='replace').strip()}"
+    return None
+
+
+_REFUSAL = _unshare_refusal()
+needs_pidns = pytest.mark.skipif(_REFUSAL is not None, reason=str(_REFUSAL))
+
+
+def _run_in_pidns(*args: str) -> dict[str, int]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")])
+    # unshare's child is pid 1 of the namespace: when it ends, the kernel kills whatever is left there.
+    done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
+                           str(TESTS / "pid_reuse_driver.py"), *args],
+                          env=env, capture_output=True, timeout=90, stdin=subprocess.DEVNULL)
+    out = done.stdout.decode(errors="replace")
+    assert done.returncode == 0, out + done.stderr.decode(errors="replace")
+    result: dict[str, int] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+@needs_pidns
+@pytest.mark.parametrize("method", ["phalanx", "forkserver", "fork", "spawn"])
+@pytest.mark.parametrize("path", ["kill", "stop", "leave"])
+def test_a_stranger_that_took_a_reaped_workers_pid_is_never_signalled(method: str, path: str) -> None:
+    """A worker exits and is reaped before the driver heard of it; another process takes
+    exactly its pid; the driver's kill, stop and leave paths aim at the worker: the
+    stranger gets nothing (it dies of the SIGVTALRM the test sends it last)."""
+    got = _run_in_pidns(method, path)
+    assert got["stranger"] == got["pid"], got  # the attack took place
+    assert got["status"] == -signal.SIGVTALRM, f"the driver signalled a stranger: {got}"
+
+
+@needs_pidns
+def test_the_harness_never_kills_a_stranger_that_took_a_workers_pid() -> None:
+    """phalanx.testing's kill_child, given a worker's old pid that a child of the driver
+    (not a worker) took meanwhile, leaves that child alone."""
+    got = _run_in_pidns("phalanx", "harness")
+    assert got["stranger"] == got["pid"], got
+    assert got["status"] == -signal.SIGVTALRM, f"the harness killed a stranger: {got}"
+
+
+def _pidfds() -> int:
+    """This process's open pidfds."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[pidfd]"
+        except OSError:
+            pass
+    return count
+
+
+def _replace_workers(method: str, total: int, batch: int) -> tuple[int, int, int]:
+    """Start ``total`` workers ``batch`` at a time through one supervisor, each ending at
+    once (the driver closes its ends of their pipes), waiting for every exit report.
+    (descriptors after the first batch, pidfds seen while a batch ran, descriptors after
+    the last: the first batch may open what stays, such as multiprocessing's fork server's)."""
+    import threading
+
+    from phalanx.supervisor import Supervisor
+    from phalanx.transport.endpoints import local_endpoints
+    from phalanx.worker import WorkerSpec
+
+    exited = threading.Semaphore(0)
+    sup = Supervisor(method, lambda wid, code: exited.release())
+    endpoints = local_endpoints()
+    try:
+        sup.start()
+        before = 0
+        seen = 0
+        for first in range(0, total, batch):
+            specs = [WorkerSpec(worker_id=f"w{i}", endpoints=endpoints, credits=1, parent_pid=os.getpid(),
+                                prefix_output=False) for i in range(first, first + batch)]
+            started = sup.spawn_piped_many(specs)
+            seen = max(seen, _pidfds())
+            for one in started:
+                assert not isinstance(one, BaseException), one
+                _, pipe, control = one
+                pipe.close()  # the worker sees its driver gone and ends
+                control.close()
+            for _ in specs:
+                assert exited.acquire(timeout=60), "a worker's exit was never reported"
+            before = before or len(os.listdir("/proc/self/fd"))
+        after = len(os.listdir("/proc/self/fd"))
+    finally:
+        sup.stop(5.0)
+        endpoints.remove()
+    return before, seen, after
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfds on this platform")
+@pytest.mark.parametrize(("method", "total", "batch"), [("phalanx", 2000, 50), ("forkserver", 20, 5)])
+def test_no_pidfd_is_left_open_over_thousands_of_worker_replacements(method: str, total: int, batch: int) -> None:
+    """Every worker gets a pidfd; each is closed when its worker's exit is reported."""
+    before, seen, after = _replace_workers(method, total, batch)
+    assert seen >= batch  # the workers of a batch were held by pidfds
+    assert _pidfds() == 0
+    assert after == before
