@@ -374,8 +374,10 @@ def _run_crash(
     for value in rt.map(crunch, range(items), chunksize=4, timeout=CALL_TIMEOUT):
         results.append(value)
         if len(results) == items // 4:
+            from .supervisor import signal_worker_pid  # through its pidfd: never a reused pid
+
             victim = max(rt.worker_pids().values())
-            os.kill(victim, signal.SIGKILL)
+            signal_worker_pid(victim, signal.SIGKILL)
             print(f"  killed worker process {victim} after {len(results)} of {items} results", file=out)
     wall = time.perf_counter() - start
     rt.wait_for_workers(workers, timeout=CALL_TIMEOUT)  # the replacement is ready
