@@ -8,7 +8,7 @@ server then runs this module's loop, alone in its process::
     driver                                             fork server (single-threaded)
     ┌───────────────────────────┐  ctl (seqpacket)     ┌──────────────────────────────┐
     │ spawn(): Spawn + the      │ ───────────────────▶ │ fork() ─▶ worker: run_worker  │
-    │ worker's socketpair ends  │ ◀─────────────────── │  (pid, or the error)          │
+    │ worker's socketpair ends  │ ◀─────────────────── │  (pid + pidfd, or the error)  │
     │ (SCM_RIGHTS), under a lock│                      │ SIGCHLD ─▶ waitpid, sweep      │
     │ reader thread ◀── events ─│ ◀─────────────────── │  (worker id, exit code)        │
     └───────────────────────────┘                      └──────────────────────────────┘
@@ -36,6 +36,11 @@ Invariants kept:
   own parent is re-parented here, not to init. When a worker exits, for any
   cause, every such orphan that belongs to no live worker is killed with its
   descendants (:func:`_sweep`), within a second.
+* **No stranger is signalled.** The server opens each worker's pidfd right
+  after forking it (or handing a standby worker its request), before its loop
+  can reap it, and sends it with the Started reply (SCM_RIGHTS); the driver
+  signals the worker only through it and closes it when the worker's exit is
+  reported, so a pid reaped here and reused meanwhile is never hit.
 * **Exit codes reach the supervisor.** Only the server can ``waitpid`` its
   children: it reports each worker's exit code (negative: the signal) on the
   events socket, exactly once.
@@ -211,8 +216,10 @@ class Pidfd:
                 except ProcessLookupError:
                     return False
                 return True
-            # A pidfd turns readable when its process exits.
-            return not select.select([self._fd], [], [], 0)[0]
+            # A pidfd turns readable when its process exits (poll: select stops at fd 1023).
+            poller = select.poll()
+            poller.register(self._fd, select.POLLIN)
+            return not poller.poll(0)
 
     def close(self) -> None:
         """Close the descriptor (idempotent): no signal is sent through it afterwards."""

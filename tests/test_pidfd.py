@@ -124,6 +124,7 @@ def _replace_workers(method: str, total: int, batch: int) -> tuple[int, int, int
     return before, seen, after
 
 
+@pytest.mark.timeout(600)  # thousands of worker starts: minutes on a loaded 2-core machine
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfds on this platform")
 @pytest.mark.parametrize(("method", "total", "batch"), [("phalanx", 2000, 50), ("forkserver", 20, 5)])
 def test_no_pidfd_is_left_open_over_thousands_of_worker_replacements(method: str, total: int, batch: int) -> None:
