@@ -32,6 +32,7 @@ import os
 import select
 import threading
 import time
+from _thread import get_ident
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +64,7 @@ _THREAD = threading.local()
 class _Wake:
     """A thread's eventfd: written when a future it waits on in DirectReader.wait settles elsewhere."""
 
-    __slots__ = ("fd", "poller", "polled")
+    __slots__ = ("fd", "poller", "polled", "waiter")
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -71,6 +72,9 @@ class _Wake:
         #: next wait on the same pipes reuses it instead of building one per call
         self.poller: Any = None
         self.polled: dict[int, _Worker] = {}
+        #: this thread's waiter, reused by each wait that is not nested in another (a done
+        #: callback run while delivering may wait too: that wait makes its own)
+        self.waiter = _DirectWaiter(self.fd)
 
     def __del__(self) -> None:  # the thread ended
         os.close(self.fd)
@@ -79,7 +83,7 @@ class _Wake:
 class _DirectWaiter:
     """Installed in a future's waiters during DirectReader.wait (the protocol of concurrent.futures.wait)."""
 
-    __slots__ = ("fd", "armed", "fired", "nudged")
+    __slots__ = ("fd", "armed", "fired", "nudged", "busy")
     #: phalanx.Future.cancel tells it (the standard library tells only its own waiters)
     wakes_on_cancel = True
 
@@ -90,6 +94,8 @@ class _DirectWaiter:
         self.fired = False
         #: the pump changed the set of pipes since this thread took its snapshot (see DirectReader.nudge)
         self.nudged = False
+        #: a wait of this thread uses it now
+        self.busy = False
 
     def nudge(self) -> None:
         self.nudged = True
@@ -122,6 +128,8 @@ class DirectReader:
         self.mutex = threading.Lock()
         #: a moving average of how long a wait took (seconds): spin only while short
         self.typical = 0.0
+        #: the pump thread's id, once it runs (it never reads pipes for a future of its own)
+        self.pump_ident: int | None = None
 
     def active(self, now: float) -> bool:
         """Whether callers read the pipes now, or did within :data:`DIRECT_LINGER` (pump thread)."""
@@ -137,16 +145,24 @@ class DirectReader:
         ``fut`` settled or ``timeout`` passed.
         """
         driver = self.driver
-        if driver._closed or threading.current_thread() is driver._pump_thread:
+        pump = self.pump_ident
+        if pump is None:
+            pump = self.pump_ident = driver._pump_thread.ident  # None until the pump started
+        if driver._closed or get_ident() == pump:
             return False
         wake: _Wake | None = getattr(_THREAD, "wake", None)
         if wake is None:
             wake = _THREAD.wake = _Wake()
-        waiter = _DirectWaiter(wake.fd)
+        waiter = wake.waiter
+        if waiter.busy:  # a wait nested in this thread's delivery (a done callback)
+            waiter = _DirectWaiter(wake.fd)
+        else:
+            waiter.armed, waiter.fired, waiter.nudged = True, False, False
         with fut._phalanx_lock:
             if fut._state in SETTLED:
                 return True
             fut._waiters.append(waiter)
+        waiter.busy = True
         deadline = None if timeout is None else time.monotonic() + timeout
         began = time.perf_counter()
         pipes = self.pipes
@@ -160,14 +176,18 @@ class DirectReader:
                 by_fd: dict[int, _Worker] = {}
                 held = False
                 for w in pipes.piped:
-                    if w.pipe is None or w.pipe.closed:
+                    pipe = w.pipe
+                    if pipe is None:
+                        continue
+                    fd = pipe.sock.fileno()  # -1 once closed (FramePipe.closed, without the call)
+                    if fd < 0:
                         continue
                     if w.leftover:
                         # Frames left to the pump: until it took them this pipe reads as empty, so
                         # it is not polled (it may be readable), but looked at again within 1 ms.
                         held = True
                         continue
-                    by_fd[w.pipe.fileno()] = w
+                    by_fd[fd] = w
                 direct: list[tuple[Job, int, Ok | Err]] = []
                 read: list[_Worker] = []
                 try:
@@ -216,6 +236,7 @@ class DirectReader:
         finally:
             with fut._phalanx_lock:
                 fut._waiters.remove(waiter)
+            waiter.busy = False
             if waiter.fired or waiter.nudged:
                 try:
                     os.eventfd_read(wake.fd)

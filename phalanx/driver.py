@@ -727,7 +727,8 @@ class Driver:
                 self._dispatch_locked()
             if w.held:  # the worker answered: what waited for it goes out now, with this round's dispatch
                 self.pipes.release_locked(w)
-            if not self._pending:
+            if not self._pending and self._changed._waiters:  # type: ignore[attr-defined]
+                # (notify_all is three Python-level calls even when nobody waits: once per reply)
                 self._changed.notify_all()
             # Delivered at the end of the pump's round, just before it blocks: a woken
             # caller then finds the interpreter free instead of waiting for the round.

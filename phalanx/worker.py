@@ -136,6 +136,9 @@ BATCH_MAX = 256
 QUICK_TASK = 0.0002
 #: seconds a batched outcome waits for the task after it before it goes alone (that task may be long)
 BATCH_HOLD = 0.005
+#: seconds the flush thread goes on checking for a batch to flush after the last task that armed it,
+#: before it sleeps until the next arm wakes it (see _Flusher._run)
+FLUSH_IDLE = 0.1
 #: seconds to wait for batched outcomes to leave before running a redelivered task
 SENT_WAIT = 1.0
 #: seconds between watchdog checks of the parent
@@ -551,8 +554,9 @@ class _Flusher:
     def __init__(self, worker: _Loop) -> None:
         self.worker = worker
         self.cond = threading.Condition(threading.Lock())
-        #: when the batch is due (0: disarmed)
-        self.due = 0.0
+        #: when the batch is due (0: disarmed), and when it last was (not reset by disarm)
+        self.due = self.last_due = 0.0
+        #: the flush thread sleeps until notified (it rechecks no deadline by itself)
         self.waiting = False
         self.thread: threading.Thread | None = None
         #: what a flush of the flush thread raised: the main thread raises it (see disarm)
@@ -560,7 +564,7 @@ class _Flusher:
 
     def arm(self) -> None:
         with self.cond:
-            self.due = time.monotonic() + BATCH_HOLD
+            self.due = self.last_due = time.monotonic() + BATCH_HOLD
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="phalanx-flush", daemon=True)
                 self.thread.start()
@@ -581,6 +585,12 @@ class _Flusher:
         with cond:
             while True:
                 if not self.due:
+                    if time.monotonic() - self.last_due < FLUSH_IDLE:
+                        # Tasks are flowing: look again after BATCH_HOLD rather than be woken by
+                        # the next arm (a thread wake-up per task). A wait this long that began
+                        # before an arm ends before that arm's deadline, so no flush is late.
+                        cond.wait(BATCH_HOLD)
+                        continue
                     self.waiting = True
                     cond.wait()
                     self.waiting = False

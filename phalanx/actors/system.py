@@ -178,6 +178,8 @@ class _Actor(ActorRecord):
         self.hot = False
         #: (worker, error): a death the exit listener left to the hot restart under way
         self.lost: tuple[bytes, ActorDiedError] | None = None
+        #: what an encoding error of a call names, "{}" being the method (built once, not per call)
+        self.args_what = f"the arguments of {self.cls_name}.{{}}"
 
     def take_lost(self) -> tuple[bytes, ActorDiedError] | None:
         """The death noted during a hot restart, as (worker, error) (then cleared)."""
@@ -352,9 +354,10 @@ class ActorSystem:
     def call(self, actor: _Actor, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
         if method[:1] == "_":
             check_method(method)  # it raises
+        driver = self.driver
         fut: Future[Any] = Future()
         fut._state = RUNNING  # an actor call cannot be withdrawn once made (nobody sees it yet)
-        fut._phalanx_direct = self.driver.direct
+        fut._phalanx_direct = driver.direct
         a, kw = args, kwargs or None
         with actor.mutex:
             if actor.state == "running" and not actor.held:
@@ -363,11 +366,11 @@ class ActorSystem:
                 assert job is not None
                 seq = next(actor.seqs)
                 msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
-                frame = encode(msg, "the arguments of {}", f"{actor.cls_name}.{method}")
-                if len(frame) > self.driver.limits.max_frame:
-                    self.driver.check_frame(frame, f"the arguments of {actor.cls_name}.{method}")  # it raises
+                frame = encode(msg, actor.args_what, method)
+                if len(frame) > driver.limits.max_frame:
+                    driver.check_frame(frame, f"the arguments of {actor.cls_name}.{method}")  # it raises
                 actor.futures[seq] = (fut, method)
-                if not self.driver.submit_directed(job, msg, frame, actor.worker):
+                if not driver.submit_directed(job, msg, frame, actor.worker):
                     worker_gone(actor, seq, method, a, kw)
                 return fut
         # Starting, restarting or stopped: check the arguments now, send when it runs.

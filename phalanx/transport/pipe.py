@@ -107,6 +107,20 @@ class FramePipe:
 
     def send_many(self, frames: tuple[bytes, ...] | list[bytes]) -> bool:
         """Write frames in one system call where the kernel takes them; True if a backlog remains."""
+        if len(frames) == 1 and not self._backlog and len(frames[0]) < _JOIN_BELOW:
+            # The common case, one small frame (a lone call): header and frame in one buffer, one send.
+            frame = frames[0]
+            data = _HEADER.pack(len(frame)) + frame
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise PipeError(f"the pipe is closed: {exc}") from None
+            if sent == len(data):
+                return False
+            self._backlog.append(memoryview(data)[sent:])
+            return True
         parts: list[bytes | memoryview] = []
         small: list[bytes] = []
         for frame in frames:
