@@ -36,10 +36,9 @@ from _thread import get_ident
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import TYPE_CHECKING, Any
 
-from .transport.codec import UnpickleFailed, decode_driver, salvage_results
+from .transport.codec import DECODE_ERRORS, UnpickleFailed, driver_decoder, salvage_results
 from .transport.messages import Err, Ok, Results
 from .transport.pipe import PipeError
-from .errors import ProtocolError
 
 if TYPE_CHECKING:
     from .core.tasks import Job
@@ -255,7 +254,7 @@ class DirectReader:
         """Read a local worker's pipe on a waiting caller's thread; True: ``w.delivering`` was raised."""
         with w.reader:  # if the pump holds it, wait for it, then take what is left
             pipe = w.pipe
-            if pipe is None or pipe.closed or w.leftover or w.broken:
+            if pipe is None or pipe.sock.fileno() < 0 or w.leftover or w.broken:  # (< 0: closed)
                 return False
             try:
                 frames = pipe.recv()
@@ -274,12 +273,13 @@ class DirectReader:
                 frames = [out for frame in frames for out in frame_filter("in", ident, frame)]
             if not frames:
                 return False
+            decode = driver_decoder(driver.config.local_pickle)
             for i, frame in enumerate(frames):
                 try:
-                    msg = decode_driver(frame, driver.config.local_pickle)
-                except ProtocolError as exc:
+                    msg = decode(frame)
+                except DECODE_ERRORS as exc:
                     # A result that failed to unpickle (local_pickle) is that task's error.
-                    msg = salvage_results(frame) if isinstance(exc.__cause__, UnpickleFailed) else None  # type: ignore[assignment]
+                    msg = salvage_results(frame) if isinstance(exc, UnpickleFailed) else None  # type: ignore[assignment]
                 if not isinstance(msg, Results):
                     # Left to the pump, in order, before its next read of this pipe, and
                     # once the outcomes read before it are delivered (see deliver).
