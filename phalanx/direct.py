@@ -3,7 +3,10 @@
 A lone call then costs one wake-up fewer: the worker's reply wakes the
 waiting caller, which reads it from the local worker's pipe
 (:mod:`phalanx.pipes`), resolves it and returns, instead of waking the pump,
-which wakes the caller.
+which wakes the caller. A lone caller whose replies come quickly spins for up
+to :data:`SPIN_WAIT` before it blocks (no wake-up at all on a quiet machine),
+but not while the kernel keeps preempting it (a loaded machine, where the
+spin would take the CPU the worker needs to answer): see ``_Wake.may_spin``.
 
 Threads: :meth:`DirectReader.wait` runs on any user thread waiting on a
 future (never the pump's); the pump thread calls :meth:`DirectReader.nudge`
@@ -29,10 +32,12 @@ Invariants kept:
 from __future__ import annotations
 
 import os
+import resource
 import select
 import threading
 import time
 from _thread import get_ident
+from resource import RUSAGE_THREAD
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +58,13 @@ DIRECT_LINGER = 0.002
 #: longest a lone caller in wait polls without blocking (seconds): a blocked thread's
 #: wake-up (an idle CPU's, on virtual machines above all) costs more than the whole reply
 SPIN_WAIT = 200e-6
+#: spinning waits of a thread between two looks at how often the kernel preempted it
+SPIN_CHECK_EVERY = 32
+#: preemptions per spinning wait above which the CPUs are taken: spinning then only
+#: steals the time the worker needs for the reply, so the thread blocks instead ...
+SPIN_PREEMPTED = 0.25
+#: ... for this long (seconds), then spins again and looks again
+SPIN_BACKOFF = 1.0
 
 #: states of a future after which nothing is left to wait for (phalanx.Future's too)
 SETTLED = frozenset({FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED})
@@ -63,7 +75,7 @@ _THREAD = threading.local()
 class _Wake:
     """A thread's eventfd: written when a future it waits on in DirectReader.wait settles elsewhere."""
 
-    __slots__ = ("fd", "poller", "polled", "waiter")
+    __slots__ = ("fd", "poller", "polled", "waiter", "spins", "preempted", "calm_after")
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -74,6 +86,29 @@ class _Wake:
         #: this thread's waiter, reused by each wait that is not nested in another (a done
         #: callback run while delivering may wait too: that wait makes its own)
         self.waiter = _DirectWaiter(self.fd)
+        #: spinning waits since the last look at this thread's involuntary context switches,
+        #: their count then, and when this thread may spin again (time.perf_counter())
+        self.spins = 0
+        self.preempted = resource.getrusage(RUSAGE_THREAD).ru_nivcsw  # made on its own thread
+        self.calm_after = 0.0
+
+    def may_spin(self, now: float) -> bool:
+        """Whether a wait of this thread may spin now: not while the kernel keeps preempting it.
+
+        Every :data:`SPIN_CHECK_EVERY` spinning waits, the thread's involuntary
+        context switches are read (one ``getrusage``): more than
+        :data:`SPIN_PREEMPTED` per wait means other runnable threads want this
+        CPU (a loaded machine), and the thread blocks for :data:`SPIN_BACKOFF`.
+        """
+        if now < self.calm_after:
+            return False
+        self.spins += 1
+        if self.spins >= SPIN_CHECK_EVERY:
+            count = resource.getrusage(RUSAGE_THREAD).ru_nivcsw
+            if count - self.preempted > SPIN_PREEMPTED * self.spins:
+                self.calm_after = now + SPIN_BACKOFF
+            self.spins, self.preempted = 0, count
+        return True
 
     def __del__(self) -> None:  # the thread ended
         os.close(self.fd)
@@ -202,7 +237,7 @@ class DirectReader:
                             poller.register(fd, select.POLLIN)
                         wake.polled = by_fd
                     # A lone caller whose replies have been quick spins briefly before blocking.
-                    spin = self.waiting == 1 and self.typical < SPIN_WAIT
+                    spin = self.waiting == 1 and self.typical < SPIN_WAIT and wake.may_spin(began)
                     events = self._spin(poller, time.perf_counter() + SPIN_WAIT) if spin else []
                     if not events:
                         ms = -1.0 if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000) + 0.5
