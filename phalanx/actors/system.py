@@ -345,9 +345,23 @@ class ActorSystem:
                 entries = [pop(seq, None) for seq, _ in batch]
                 actor.calls += len(batch)
             convert = _Actor.convert_result  # the record's own: (actor, method, value), one call fewer per reply
+            returns = actor.returns
             for entry, (_, outcome) in zip(entries, batch):
-                if entry is not None:
-                    settle_call(entry[0], outcome, convert, actor, entry[1])
+                if entry is None:
+                    continue
+                fut, method = entry
+                if outcome.__class__ is Ok:
+                    # settle_call inline for the usual reply, a value of its declared type (or of
+                    # a method declaring none): two Python calls fewer per reply.
+                    value = outcome.value
+                    typ = returns.get(method)  # None until the method's first reply went through convert
+                    if (typ is Any or type(value) is typ) and fut._state not in SETTLED:
+                        try:
+                            fut.set_result(value)
+                        except concurrent.futures.InvalidStateError:
+                            pass
+                        continue
+                settle_call(fut, outcome, convert, actor, method)
 
         return deliver
 
