@@ -113,3 +113,24 @@ def test_actor_killed_under_a_caller_blocked_in_result(runtime: phalanx.Runtime,
     assert ref.pid().result(timeout=T) != pid
     stats = runtime.stats()
     assert stats.duplicates_dropped == 0 and stats.frames_dropped == 0
+
+
+def test_replies_batched_before_a_long_call_do_not_wait_for_it(runtime: phalanx.Runtime, tmp_path: Path) -> None:
+    """Pipelined quick calls, then one that blocks: the quick replies batched before it go out while it runs.
+
+    Round after round, so the worker's flush thread is found both asleep and
+    looking for work (it keeps looking for a while after the last batch).
+    """
+    ref = runtime.spawn(Counter, 0)
+    for r in range(4):
+        gate = tmp_path / f"gate{r}"
+        quick = [ref.incr() for _ in range(300)]
+        slow = ref.hold(str(gate))
+        assert [f.result(timeout=T) for f in quick] == list(range(300 * r + 1, 300 * (r + 1) + 1))
+        assert not slow.done()
+        gate.touch()
+        assert slow.result(timeout=T) == 300 * (r + 1)
+        if r == 1:
+            time.sleep(0.3)  # longer than the flush thread looks for work after the last batch
+    stats = runtime.stats()
+    assert stats.duplicates_dropped == 0 and stats.frames_dropped == 0
