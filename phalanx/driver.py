@@ -142,6 +142,10 @@ FrameFilter = Callable[[str, bytes, bytes], list[bytes]]
 
 #: seconds a dead worker's record is kept to validate its late results
 DEAD_WORKER_TTL = 60.0
+#: actor calls held back for one busy local worker that go out at once, without waiting for
+#: its next outcome to be read: a thread issuing calls in a loop keeps the pump from the GIL
+#: for milliseconds, and the worker would idle meanwhile (see submit_directed)
+DIRECTED_HELD_MAX = 128
 
 log = logging.getLogger("phalanx.driver")
 
@@ -523,6 +527,10 @@ class Driver:
             try:
                 if w.pipe is not None:
                     self.pipes.send_locked(w, w.pipe, (frame,), hold=bool(w.inflight))
+                    if len(w.held) >= DIRECTED_HELD_MAX:
+                        # A burst of calls: the worker gets them now, in one write (it may have
+                        # answered the earlier ones long ago, unread while this thread runs).
+                        self.pipes.release_locked(w)
                 else:
                     self._send_task_locked(ident, frame)
             except (zmq.ZMQError, PipeError):
