@@ -233,3 +233,20 @@ def test_a_map_yields_each_item_s_value_once_in_input_order(
         3 * x for x in items]
     got = list(module_runtime.map(ops.triple_unless_negative, iter(items), chunksize=chunksize, timeout=T))
     assert got == [3 * x for x in items]
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 4096])
+def test_an_item_that_does_not_fit_the_parameter_fails_alone_and_in_place(
+    module_runtime: phalanx.Runtime, chunksize: int | None,
+) -> None:
+    items: list[Any] = list(range(5000))
+    bad = [0, 1234, 4095, 4096, 4999]
+    for k in bad:
+        items[k] = f"item {k}"
+    it = module_runtime.options(on_fatal=phalanx.Ignore).map(ops.triple_unless_negative, items,
+                                                             chunksize=chunksize, timeout=T)
+    assert list(it) == [3 * x for x in items if isinstance(x, int)]
+    assert [i for i, _ in it.skipped] == bad
+    for _, error in it.skipped:
+        assert str(error) == "argument 'x' of triple_unless_negative: expected int, got str"
+        assert isinstance(error.__cause__, phalanx.RemoteTraceback)

@@ -137,7 +137,7 @@ class TaskRunner:
         if not star and task.timeout <= 0:
             items = op.convert_items(task.items)
             if items is not None:
-                if inspect.iscoroutinefunction(op.fn):
+                if op.coroutine:
                     # Each call's coroutine runs to its end before the next call.
                     fn, append, settle = op.fn, values.append, self.settle
                     for item in items:
