@@ -254,7 +254,7 @@ class Operation:
 
     __slots__ = (
         "name", "fn", "_pos", "_pos_types", "_pos_classes", "_var", "_kw", "_varkw", "_typed", "returns",
-        "options", "transient", "empty", "coroutine", "_items_type",
+        "options", "transient", "empty", "coroutine", "_items_type", "_results_type",
     )
 
     def __init__(self, name: str, fn: Callable[..., Any]) -> None:
@@ -307,6 +307,10 @@ class Operation:
         first = self._pos[0][1] if self._pos else self._var  # a map call passes one positional
         if self._typed and first not in loose:
             self._items_type = list[first]  # type: ignore[valid-type]
+        #: and what ``convert_results`` converts a chunk's values to (None: as they are)
+        returns = self.returns
+        loose_returns = returns is Any or returns is object
+        self._results_type: Any = None if loose_returns else list[returns]  # type: ignore[valid-type]
 
     def parameter(self, index: int) -> tuple[str, Any]:
         """Name and annotation of positional parameter ``index`` (``Any`` when not annotated)."""
@@ -365,11 +369,11 @@ class Operation:
 
     def convert_results(self, values: list[Any]) -> list[Any] | None:
         """Decoded map results converted to the return annotation in one pass; None if one does not fit."""
-        returns = self.returns
-        if returns is Any or returns is object:
+        results_type = self._results_type
+        if results_type is None:
             return values
         try:
-            return msgspec.convert(values, list[returns])  # type: ignore[valid-type]
+            return msgspec.convert(values, results_type)  # type: ignore[no-any-return]
         except Exception:  # e.g. a Struct's __post_init__: converting one by one reports it in place
             return None  # the caller converts one by one, to name the value that does not fit
 
