@@ -47,6 +47,22 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 
+#: (pid, its start time as psutil gives it): found by the first runtime of a process, not by each
+_created: tuple[int, float] | None = None
+
+
+def _created_at() -> float | None:
+    """This process's start time (``psutil.Process().create_time()``; None if unknown)."""
+    global _created
+    pid = os.getpid()
+    if _created is None or _created[0] != pid:  # a forked child: a process of its own
+        try:
+            _created = (pid, psutil.Process(pid).create_time())
+        except psutil.Error:
+            return None
+    return _created[1]
+
+
 def _advertise(rt: Runtime) -> None:
     """Write ``runtime.json`` into the private ipc directory so ``phalanx top`` finds us."""
     ipc_dir = rt._driver.endpoints.ipc_dir
@@ -54,11 +70,10 @@ def _advertise(rt: Runtime) -> None:
         return
     info: dict[str, Any] = {"pid": os.getpid(), "results": rt._driver.endpoints.results,
                             "workers": rt.config.workers, "started": time.time(), "argv": sys.argv}
-    try:
-        # Names this process, not just its pid: a SIGKILLed driver leaves this file behind, and its pid may be reused.
-        info["created"] = psutil.Process().create_time()
-    except psutil.Error:
-        pass
+    # Names this process, not just its pid: a SIGKILLed driver leaves this file behind, and its pid may be reused.
+    created = _created_at()
+    if created is not None:
+        info["created"] = created
     try:
         with open(os.path.join(ipc_dir, "runtime.json"), "wb") as f:
             f.write(msgspec.json.encode(info))

@@ -76,9 +76,12 @@ from typing import Any
 import msgspec
 import zmq
 
+from . import channels
 from .actors.host import ActorHost
 from .core.execute import TaskRunner
 from .errors import EncodeError, FrameTooLargeError, ProtocolError, TaskCancelledError, TaskTimeoutError
+from .logs import install_worker_output
+from .registry import operations
 from .registry.operations import resolve
 from .transport import shm, sockets
 from .transport.codec import (
@@ -344,6 +347,19 @@ def _end_own_group() -> None:
             pass
 
 
+def _find_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+#: libc's prctl, found once at import (in the driver): a worker inherits it, where loading
+#: libc again would cost each worker ~0.3 ms of its start-up (ctypes makes a class per library)
+_prctl = _find_prctl()
+
 #: the driver pid this process's orphan guard watches (None: not guarded yet)
 _guarded: int | None = None
 #: whether the driver (and the parent) still live, for the control thread to check when the
@@ -374,12 +390,8 @@ def guard_against_orphaning(parent_pid: int, watchdog: bool = True) -> None:
     # SIGTERM to it must end it alone, not kill this worker's whole group from inside.
     os.register_at_fork(before=_hold_worker_signals, after_in_parent=_release_worker_signals,
                         after_in_child=_forget_worker_signals)
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+    if _prctl is not None:
+        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     # Under forkserver the parent is the fork server, not the driver: watch both.
     initial_ppid = os.getppid()
 
@@ -1391,9 +1403,6 @@ def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None,
         # User modules may take long to import, a remote worker to connect: a thread watches
         # meanwhile (otherwise the control thread does, from its start).
         start_watchdog()
-    from .logs import install_worker_output
-    from .registry import operations
-
     # This process serves one runtime: its options are the process's defaults.
     sockets.set_default_limits(spec.limits)
     operations.set_implicit(spec.implicit_operations)
@@ -1407,8 +1416,6 @@ def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None,
     if spec.goodbye:
         global _goodbye
         _goodbye = loop.goodbye
-    from . import channels
-
     # Channel ends used here reach the driver's broker as "<worker id>~<n>"; they stop
     # waiting once the worker is told to shut down.
     channels.set_worker_location(spec.endpoints.results, spec.curve, spec.worker_id, lambda: not loop.stopping)
