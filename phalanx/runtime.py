@@ -272,6 +272,9 @@ class Runtime(_RunsDirectives):
         except BaseException:
             shm.runtime_stopped(self)
             raise
+        # While the fork server forks the first workers (this thread would only wait for it):
+        # phalanx top finds the runtime from now on; a failed start removes the file with its directory.
+        _advertise(self)
         try:
             self._driver.start_workers(self.config.worker_groups(), self.config.start_timeout)
             if self._launch is not None:
@@ -296,7 +299,6 @@ class Runtime(_RunsDirectives):
             from .testing.inject import inject_faults
 
             self.faults = inject_faults(self, faults)
-        _advertise(self)
         self._atexit = lambda ref=weakref.ref(self): _shutdown_at_exit(ref)
         atexit.register(self._atexit)
 
