@@ -71,7 +71,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -79,7 +79,7 @@ import zmq
 
 from . import channels
 from .actors.host import ActorHost
-from .core.execute import TaskRunner
+from .core.execute import TaskRunner, abort
 from .errors import EncodeError, FrameTooLargeError, ProtocolError, TaskCancelledError, TaskTimeoutError
 from .logs import install_worker_output
 from .registry import operations
@@ -210,7 +210,7 @@ class TaskContext:
     worker after the abort grace period.
     """
 
-    __slots__ = ("job", "seq", "attempt", "timeout", "started", "aborted", "timed_out", "answered", "values")
+    __slots__ = ("job", "seq", "attempt", "timeout", "started", "aborted", "timed_out", "answered", "values", "rest")
 
     def __init__(self, job: int, seq: int, attempt: int, timeout: float) -> None:
         self.job = job
@@ -223,6 +223,8 @@ class TaskContext:
         #: the control thread already sent this task's outcome (timed out, or its job terminated)
         self.answered = False
         self.values: list[Any] = []
+        #: what the map loop has yet to call (see phalanx.core.execute.abort)
+        self.rest: Iterator[Any] | None = None
 
     def check(self) -> None:
         """Raise :class:`~phalanx.TaskCancelledError` if the task was aborted."""
@@ -817,7 +819,7 @@ class _Control:
             ctx = loop.current
             if ctx is None or ctx.job != job or ctx.aborted:
                 return
-            ctx.aborted = True
+            abort(ctx)
             if not ctx.answered:
                 ctx.answered = True
                 err = TaskCancelledError(f"task {ctx.seq} of job {job} was aborted: its job was terminated")
@@ -873,7 +875,7 @@ class _Control:
             if ctx.timeout > 0 and not ctx.timed_out and not ctx.answered and now - ctx.started > ctx.timeout:
                 ctx.timed_out = True
                 ctx.answered = True
-                ctx.aborted = True
+                abort(ctx)
                 err = TaskTimeoutError(
                     f"task {ctx.seq} of job {ctx.job} ran longer than its timeout of {ctx.timeout:g} s"
                 )
