@@ -157,8 +157,6 @@ class Driver:
         self.config = config
         #: the keys of a runtime that starts its own hosts (hosts=, slurm=True), held in memory
         self.run_keys = run_keys
-        #: private ipc endpoints (local workers)
-        self.endpoints: Endpoints = local_endpoints()
         #: tcp endpoints remote workers connect to, when listening
         self.address: Endpoints | None = tcp_endpoints(config.listen) if config.listen else None
         #: starting, stopping and losing workers (phalanx.lifecycle)
@@ -166,11 +164,13 @@ class Driver:
         # Before ZeroMQ's I/O threads or any of ours exist: under start method "phalanx"
         # this forks the fork server, a copy of this process that forks the workers (the
         # first ones at once: they start up while this process sets up its sockets).
+        self._supervisor = Supervisor(config.start_method, self.lifecycle.on_exit,
+                                      standby=sum(config.worker_groups().values()))
         try:
-            self._supervisor = Supervisor(config.start_method, self.lifecycle.on_exit,
-                                          standby=sum(config.worker_groups().values()))
+            #: private ipc endpoints (local workers); made while the fork server starts up
+            self.endpoints: Endpoints = local_endpoints()
         except BaseException:
-            self.endpoints.remove()
+            self._supervisor.stop(0.0)
             raise
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)

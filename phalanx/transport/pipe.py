@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import mmap
 import select
 import socket
 import struct
@@ -68,7 +69,7 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
 class FramePipe:
     """One end of a frame pipe (see the module docstring)."""
 
-    __slots__ = ("sock", "max_frame", "_backlog", "_buf", "_start", "_chunk", "_view", "_big", "_big_got", "_fd")
+    __slots__ = ("sock", "max_frame", "_backlog", "_buf", "_start", "_chunk", "_big", "_big_got", "_fd")
 
     def __init__(self, sock: socket.socket, max_frame: int) -> None:
         sock.setblocking(False)
@@ -79,8 +80,10 @@ class FramePipe:
         self._backlog: deque[memoryview] = deque()
         self._buf = bytearray()
         self._start = 0
-        self._chunk = bytearray(_CHUNK)
-        self._view = memoryview(self._chunk)  # (the chunk is never resized)
+        # Anonymous memory, not a bytearray: the kernel maps a page at its first write, so a
+        # pipe that carries small frames touches one page, where zero-filling 256 KiB cost
+        # ~64 page faults in the driver and in each worker as it starts.
+        self._chunk = memoryview(mmap.mmap(-1, _CHUNK))
         #: a large frame being read into its own buffer, and how much of it arrived
         self._big: bytearray | None = None
         self._big_got = 0
@@ -220,27 +223,27 @@ class FramePipe:
                     self._big = None
                 continue
             if self._buf:  # the rest of a frame begun in the last read
-                self._buf += self._view[:n]
+                self._buf += chunk[:n]
                 self._parse(frames)
             else:
                 # The usual case: whole frames cut straight from the chunk (one copy each);
                 # only what is left of a partial one goes to the buffer.
-                view, start, limit = self._view, 0, self.max_frame
+                start, limit = 0, self.max_frame
                 while n - start >= 4:
                     (size,) = _HEADER.unpack_from(chunk, start)
                     end = start + 4 + size
                     if end > n or size > limit:
                         break
-                    frames.append(bytes(view[start + 4:end]))
+                    frames.append(bytes(chunk[start + 4:end]))
                     start = end
                 if start < n:  # a partial frame (or a length above max_frame: _parse raises)
-                    self._buf += view[start:n]
+                    self._buf += chunk[start:n]
                     self._parse(frames)
             if n < _CHUNK:
                 return frames  # the socket is drained: spare a system call
         return frames
 
-    def _read(self, into: bytearray | memoryview) -> int:
+    def _read(self, into: memoryview) -> int:
         """Bytes read into ``into``: -1 if none are waiting, 0 once the peer is gone."""
         try:
             return self.sock.recv_into(into)
