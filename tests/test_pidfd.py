@@ -124,10 +124,10 @@ def _replace_workers(method: str, total: int, batch: int) -> tuple[int, int, int
     return before, seen, after
 
 
-@pytest.mark.timeout(600)  # thousands of worker starts: minutes on a loaded 2-core machine
+@pytest.mark.timeout(300)  # hundreds of worker starts: a minute or more on a loaded 2-core machine
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfds on this platform")
-@pytest.mark.parametrize(("method", "total", "batch"), [("phalanx", 2000, 50), ("forkserver", 20, 5)])
-def test_no_pidfd_is_left_open_over_thousands_of_worker_replacements(method: str, total: int, batch: int) -> None:
+@pytest.mark.parametrize(("method", "total", "batch"), [("phalanx", 500, 50), ("forkserver", 20, 5)])
+def test_no_pidfd_is_left_open_over_hundreds_of_worker_replacements(method: str, total: int, batch: int) -> None:
     """Every worker gets a pidfd; each is closed when its worker's exit is reported."""
     before, seen, after = _replace_workers(method, total, batch)
     assert seen >= batch  # the workers of a batch were held by pidfds
