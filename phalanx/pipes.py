@@ -167,10 +167,11 @@ class LocalPipes:
         it writes, and wait for it back after each system call (the switch
         interval, 5 ms): the workers ran dry, though their next tasks were
         queued here. So the submitting thread reads the pipes itself, as a
-        caller waiting in ``Future.result()`` does (:mod:`phalanx.direct`: same
-        read, same delivery), at most every :data:`HELP_PERIOD`; the pump leaves
-        them to it :data:`HELP_LINGER` after its last read (:meth:`helping`).
-        Never waits for the workers; never on the pump's thread.
+        caller waiting in ``Future.result()`` does (:mod:`phalanx.direct`: the
+        same read), at most every :data:`HELP_PERIOD`, and resolves what it read;
+        the pump delivers it (no done-callback runs inside ``submit``). The pump
+        leaves the pipes to it :data:`HELP_LINGER` after its last read
+        (:meth:`helping`). Never waits for the workers; never on the pump's thread.
         """
         now = time.monotonic()
         if now - self.helped < HELP_PERIOD:
@@ -199,8 +200,19 @@ class LocalPipes:
             ready_w = by_fd.get(fd)  # a pipe ended since is seen closed by the read
             if ready_w is not None and direct.read(ready_w, ready):
                 read.append(ready_w)
-        if read:
-            direct.deliver(read, ready, None)
+        if not read:
+            return
+        # Resolved here (credits back, the next tasks written); delivered by the pump: a
+        # delivery runs done-callbacks, and the caller of submit may hold a lock one of them
+        # takes (concurrent.futures' executors do). The pump delivers before it handles any
+        # frame read after these (see Driver._handle).
+        if ready:
+            with driver._lock:
+                woken = bool(driver._deliveries)  # whoever queued those woke it (or its round runs)
+                driver._deliveries.extend(ready)
+            if not woken:
+                driver.wake()
+        direct.deliver(read, [], None)
 
     def helping(self, now: float) -> float:
         """Seconds the pipes stay a submitting thread's (0: none read them lately; pump thread)."""
