@@ -328,13 +328,16 @@ class DirectReader:
             return True
 
     def deliver(self, read: list[_Worker], direct: list[tuple[Job, int, Ok | Err]],
-                waiter: _DirectWaiter) -> None:
-        """Deliver what a caller read, then let the pump handle what came after it."""
-        waiter.armed = False  # the caller looks at its future next anyway
+                waiter: _DirectWaiter | None) -> None:
+        """Deliver what a caller read, then let the pump handle what came after it (``waiter``:
+        the caller's in :meth:`wait`; None for a submitting thread's read, see LocalPipes.help)."""
+        if waiter is not None:
+            waiter.armed = False  # the caller looks at its future next anyway
         try:
             self.driver._deliver(direct)
         finally:
-            waiter.armed = True
+            if waiter is not None:
+                waiter.armed = True
             for w in read:
                 with w.reader:
                     w.delivering -= 1

@@ -13,7 +13,8 @@ Runs in the driver process. Threads and what they own::
         (local workers: one socketpair each, "the pipe", in place of both
          ROUTERs; written under the lock, flushed by the pump, read by the
          pump or, while one waits in Future.result(), by the waiting caller:
-         see phalanx.direct)
+         see phalanx.direct; or by a thread submitting behind every free
+         credit: see LocalPipes.help)
         │  decode, dedupe, return credits, dispatch more   [lock]
         └─▶ deliver outcomes to jobs (futures, lease queues)   [no lock held]
     supervisor thread ──on_exit──▶ [lock] redeliver the dead worker's tasks
@@ -415,6 +416,9 @@ class Driver:
                 routing.unroutable(job.tag, tasks, time.monotonic())
             self.tasks_submitted += len(tasks)
             self._dispatch_locked()
+            queued = register and bool(self._pending)
+        if queued:  # submitted faster than the workers run tasks: read their outcomes here
+            self.pipes.help()
 
     def check_frame(self, frame: bytes, what: str, items: int = 1) -> None:
         """Raise :class:`FrameTooLargeError` if ``frame`` is above ``max_frame`` (a worker would refuse it)."""

@@ -14,7 +14,9 @@ Threads:
   too long, reads the pipes and ends them (:meth:`LocalPipes.before_poll`,
   :meth:`LocalPipes.after_poll`);
 * a caller waiting in ``Future.result()`` may read them instead of the pump
-  (:mod:`phalanx.direct`): then the pump does not poll them for input.
+  (:mod:`phalanx.direct`), and so may a thread submitting calls behind every
+  free credit (:meth:`LocalPipes.help`, with the same read): then the pump
+  does not poll them for input.
 
 Locks: the driver's lock guards ``held``/``held_at`` of each worker, the
 ``holding`` and ``backlogged`` sets and every write to a pipe; a worker's
@@ -37,6 +39,8 @@ Invariants kept:
 from __future__ import annotations
 
 import logging
+import select
+import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -48,16 +52,24 @@ from .transport.pipe import FramePipe, PipeError
 if TYPE_CHECKING:
     import socket
 
+    from .core.tasks import Job
     from .driver import Driver
     from .membership import _Worker
+    from .transport.messages import Err, Ok
 
-__all__ = ["LocalPipes", "HOLD_MAX"]
+__all__ = ["LocalPipes", "HOLD_MAX", "HELP_PERIOD", "HELP_LINGER"]
 
 log = logging.getLogger("phalanx.driver")
 
 #: longest a task frame for a busy local worker waits to go out with the next ones (seconds);
 #: normally the worker's next outcome releases it much sooner (see LocalPipes.send_locked)
 HOLD_MAX = 0.002
+#: shortest time between two reads of the pipes by a thread submitting behind every free credit
+#: (seconds; see LocalPipes.help)
+HELP_PERIOD = 0.001
+#: seconds the pump leaves the pipes to such a thread after its last read: it is back within
+#: HELP_PERIOD while it submits; what the credits keep a worker busy for covers a pause
+HELP_LINGER = 0.01
 
 
 class LocalPipes:
@@ -84,6 +96,12 @@ class LocalPipes:
         self.pump_reads = True
         #: pipes a caller needs the pump to read even so (frames left to it, the end, a bad frame)
         self.attention: deque[_Worker] = deque()
+        #: when a submitting thread last read the pipes (see help; a hint, written without a lock)
+        self.helped = 0.0
+        #: help's poll, and the pipes it polls by file descriptor, for the ``piped`` they came from
+        self._help_poll: select.poll | None = None
+        self._help_piped: tuple[_Worker, ...] | None = None
+        self._help_fds: dict[int, _Worker] = {}
 
     def add(self, w: _Worker, end: socket.socket) -> None:
         """A local worker started: the pump polls its pipe from its next round."""
@@ -139,6 +157,67 @@ class LocalPipes:
         w.held = []
         w.pipe_done.set()
 
+    # ---- a submitting thread's read -------------------------------------------------------
+
+    def help(self) -> None:
+        """A thread that just queued tasks behind every free credit reads the outcomes that are ready.
+
+        While one thread submits faster than the workers run tasks, the pump
+        would take the interpreter from it for each pipe it reads and each task
+        it writes, and wait for it back after each system call (the switch
+        interval, 5 ms): the workers ran dry, though their next tasks were
+        queued here. So the submitting thread reads the pipes itself, as a
+        caller waiting in ``Future.result()`` does (:mod:`phalanx.direct`: the
+        same read), at most every :data:`HELP_PERIOD`, and resolves what it read;
+        the pump delivers it (no done-callback runs inside ``submit``). The pump
+        leaves the pipes to it :data:`HELP_LINGER` after its last read
+        (:meth:`helping`). Never waits for the workers; never on the pump's thread.
+        """
+        now = time.monotonic()
+        if now - self.helped < HELP_PERIOD:
+            return
+        driver = self.driver
+        piped = self.piped
+        if not piped or driver._closed or threading.current_thread() is driver._pump_thread:
+            return
+        self.helped = now
+        if piped is not self._help_piped:
+            poll = select.poll()
+            by_fd: dict[int, _Worker] = {}
+            for w in piped:
+                if w.pipe is not None and not w.pipe.closed:
+                    by_fd[w.pipe.fileno()] = w
+                    poll.register(w.pipe.fileno(), select.POLLIN)
+            self._help_poll, self._help_piped, self._help_fds = poll, piped, by_fd
+        assert self._help_poll is not None
+        if self.pump_reads:
+            driver.wake()  # it stops polling the pipes (see helping)
+        direct = driver.direct
+        by_fd = self._help_fds
+        ready: list[tuple[Job, int, Ok | Err]] = []
+        read: list[_Worker] = []
+        for fd, _ in self._help_poll.poll(0):
+            ready_w = by_fd.get(fd)  # a pipe ended since is seen closed by the read
+            if ready_w is not None and direct.read(ready_w, ready):
+                read.append(ready_w)
+        if not read:
+            return
+        # Resolved here (credits back, the next tasks written); delivered by the pump: a
+        # delivery runs done-callbacks, and the caller of submit may hold a lock one of them
+        # takes (concurrent.futures' executors do). The pump delivers before it handles any
+        # frame read after these (see Driver._handle).
+        if ready:
+            with driver._lock:
+                woken = bool(driver._deliveries)  # whoever queued those woke it (or its round runs)
+                driver._deliveries.extend(ready)
+            if not woken:
+                driver.wake()
+        direct.deliver(read, [], None)
+
+    def helping(self, now: float) -> float:
+        """Seconds the pipes stay a submitting thread's (0: none read them lately; pump thread)."""
+        return max(0.0, self.helped + HELP_LINGER - now)
+
     # ---- the pump's round -------------------------------------------------------------------
 
     def before_poll(self, poller: zmq.Poller, wait: float, reads: bool) -> float:
@@ -165,8 +244,13 @@ class LocalPipes:
         """Read the pipes that are readable (when the pump reads them) and those a caller left to it."""
         by_fd = self.by_fd
         if reads:
+            helped = self.helped
             for fd, w in list(by_fd.items()):
                 if fd in events:
+                    if self.helped != helped:
+                        # A submitting thread reads them again (see help): the rest are its. Each
+                        # read here hands it the interpreter, and waits for it back.
+                        break
                     self.read(poller, fd, w)
         attention = self.attention
         while attention:

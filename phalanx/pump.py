@@ -108,10 +108,13 @@ class Pump:
                 with driver._lock:  # user threads change it
                     due = min(driver._unrouted.values(), default=0.0) + driver.config.route_timeout
                 wait = min(wait, max(0.0, (due - time.monotonic()) * 1000))
-            # While callers read the pipes (phalanx.direct) the pump does not, and looks often.
-            reads = not direct.active(time.monotonic())
+            # While callers read the pipes (phalanx.direct), or a thread submitting (LocalPipes.help),
+            # the pump does not, and looks again when they would be its.
+            now = time.monotonic()
+            helping = pipes.helping(now)
+            reads = not helping and not direct.active(now)
             if not reads:
-                wait = min(wait, DIRECT_LINGER * 1000)
+                wait = min(wait, max(DIRECT_LINGER, helping) * 1000)
             wait = pipes.before_poll(poller, wait, reads)
             if timed:
                 wait = min(wait, REAP_PERIOD * 1000)
