@@ -102,6 +102,8 @@ class LocalPipes:
         self._help_poll: select.poll | None = None
         self._help_piped: tuple[_Worker, ...] | None = None
         self._help_fds: dict[int, _Worker] = {}
+        #: held by the one submitting thread that reads (a poll object is one thread's at a time)
+        self._help_lock = threading.Lock()
 
     def add(self, w: _Worker, end: socket.socket) -> None:
         """A local worker started: the pump polls its pipe from its next round."""
@@ -180,7 +182,17 @@ class LocalPipes:
         piped = self.piped
         if not piped or driver._closed or threading.current_thread() is driver._pump_thread:
             return
-        self.helped = now
+        if not self._help_lock.acquire(blocking=False):
+            return  # another submitting thread reads them now
+        try:
+            self.helped = now
+            self._help_read(piped)
+        finally:
+            self._help_lock.release()
+
+    def _help_read(self, piped: tuple[_Worker, ...]) -> None:
+        """:meth:`help`'s read, by one thread at a time."""
+        driver = self.driver
         if piped is not self._help_piped:
             poll = select.poll()
             by_fd: dict[int, _Worker] = {}

@@ -130,3 +130,27 @@ def test_a_done_callback_never_runs_inside_submit() -> None:
             time.sleep(0.01)
         assert set(done.values()) == {1} and len(done) == 3000
         assert rt._driver.broken is None
+
+
+def test_threads_submitting_behind_every_credit_at_once_all_succeed() -> None:
+    """Eight threads submit at once while every credit is taken: each may find the pipes to read,
+    but only one reads at a time (a poll object is one thread's); before, the others' submit
+    raised ``RuntimeError: concurrent poll() invocation``."""
+    errors: list[BaseException] = []
+
+    def submit_many(rt: phalanx.Runtime) -> None:
+        try:
+            futures = [rt.submit(ops.inc, i) for i in range(2000)]
+            assert [f.result(timeout=60) for f in futures] == [i + 1 for i in range(2000)]
+        except BaseException as exc:  # reported below, with the others
+            errors.append(exc)
+
+    with phalanx.Runtime(workers=2) as rt:
+        for _ in range(3):
+            threads = [threading.Thread(target=submit_many, args=(rt,)) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(90)
+            assert not any(t.is_alive() for t in threads)
+    assert errors == []
