@@ -7,6 +7,12 @@ timeout) and reads the JSON it writes; the suite starts its own children and
 workers and must leave none behind (the autouse leak check verifies it).
 Marked ``slow`` (about 20-60 s) but part of the default run.
 
+The optional peers (Dask, ipyparallel, mpire: the ``bench`` extra, which CI does
+not install) get tests of their own that skip the peers not installed: a quick
+run of every workload each one claims (about 4.5 minutes with all three), and a
+measurement child killed mid-way (as on a timeout) that must leave no process of
+its peer, even those in sessions of their own.
+
 W8's remote rows run phalanx with hosts made of network namespaces (as
 root): the quick run includes them where namespaces can be made and must
 say why it skipped them where they cannot (tested by hiding the ``ip``
@@ -171,7 +177,7 @@ def _installed_peers() -> list[str]:
 def test_optional_peers_run_every_workload_they_claim_when_installed(tmp_path: Path) -> None:
     """Dask, ipyparallel and mpire (the ``bench`` extra), quick sizes: every workload each one claims
     gives numbers, the sizes they ran are in the JSON and the table, none leaves a process behind;
-    absent peers are named, not run. About 2-3 minutes here with all three installed."""
+    absent peers are named, not run. About 4.5 minutes here with all three installed (264 s, load average ~12)."""
     from benchmarks.runners import PEER_RUNNERS, peers_present
     from benchmarks.workloads import WORKLOADS
 
