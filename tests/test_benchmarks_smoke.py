@@ -225,7 +225,7 @@ PEER_PROCESSES = {
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("peer", tuple(PEER_PROCESSES))
-def test_a_peer_child_killed_by_the_timeout_leaves_no_process(peer: str) -> None:
+def test_a_peer_child_killed_by_the_timeout_leaves_no_process(peer: str, tmp_path: Path) -> None:
     """SIGKILL a peer's measurement child as the orchestrator does on a timeout, once its workers run:
     no process of the peer survives, not even those in sessions of their own (ipyparallel's controller,
     engines and nannies), which killing the child's process group alone left running."""
@@ -234,7 +234,9 @@ def test_a_peer_child_killed_by_the_timeout_leaves_no_process(peer: str) -> None
     from benchmarks.__main__ import _kill_tree
 
     tag = f"{peer}-{os.getpid()}-{time.monotonic_ns()}"
-    env = dict(os.environ, BENCH_LEAK_TAG=tag,
+    # the peers' files in the test's directory, as the orchestrator puts them in a scratch directory
+    env = dict(os.environ, BENCH_LEAK_TAG=tag, IPYTHONDIR=str(tmp_path / "ipython"),
+               DASK_TEMPORARY_DIRECTORY=str(tmp_path / "dask"),
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     args, marker, count = PEER_PROCESSES[peer]
     child = subprocess.Popen([sys.executable, "-m", "benchmarks.run_one", "--runner", peer, *args], cwd=ROOT,
