@@ -3,7 +3,10 @@
 A lone call then costs one wake-up fewer: the worker's reply wakes the
 waiting caller, which reads it from the local worker's pipe
 (:mod:`phalanx.pipes`), resolves it and returns, instead of waking the pump,
-which wakes the caller.
+which wakes the caller. A lone caller whose replies come quickly spins for up
+to :data:`SPIN_WAIT` before it blocks (no wake-up at all on a quiet machine),
+but not while the kernel keeps preempting it (a loaded machine, where the
+spin would take the CPU the worker needs to answer): see ``_Wake.may_spin``.
 
 Threads: :meth:`DirectReader.wait` runs on any user thread waiting on a
 future (never the pump's); the pump thread calls :meth:`DirectReader.nudge`
@@ -29,16 +32,18 @@ Invariants kept:
 from __future__ import annotations
 
 import os
+import resource
 import select
 import threading
 import time
+from _thread import get_ident
+from resource import RUSAGE_THREAD
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import TYPE_CHECKING, Any
 
-from .transport.codec import UnpickleFailed, decode_driver, salvage_results
+from .transport.codec import DECODE_ERRORS, UnpickleFailed, driver_decoder, salvage_results
 from .transport.messages import Err, Ok, Results
 from .transport.pipe import PipeError
-from .errors import ProtocolError
 
 if TYPE_CHECKING:
     from .core.tasks import Job
@@ -53,6 +58,13 @@ DIRECT_LINGER = 0.002
 #: longest a lone caller in wait polls without blocking (seconds): a blocked thread's
 #: wake-up (an idle CPU's, on virtual machines above all) costs more than the whole reply
 SPIN_WAIT = 200e-6
+#: spinning waits of a thread between two looks at how often the kernel preempted it
+SPIN_CHECK_EVERY = 32
+#: preemptions per spinning wait above which the CPUs are taken: spinning then only
+#: steals the time the worker needs for the reply, so the thread blocks instead ...
+SPIN_PREEMPTED = 0.25
+#: ... for this long (seconds), then spins again and looks again
+SPIN_BACKOFF = 1.0
 
 #: states of a future after which nothing is left to wait for (phalanx.Future's too)
 SETTLED = frozenset({FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED})
@@ -63,7 +75,7 @@ _THREAD = threading.local()
 class _Wake:
     """A thread's eventfd: written when a future it waits on in DirectReader.wait settles elsewhere."""
 
-    __slots__ = ("fd", "poller", "polled")
+    __slots__ = ("fd", "poller", "polled", "waiter", "spins", "preempted", "calm_after")
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -71,6 +83,32 @@ class _Wake:
         #: next wait on the same pipes reuses it instead of building one per call
         self.poller: Any = None
         self.polled: dict[int, _Worker] = {}
+        #: this thread's waiter, reused by each wait that is not nested in another (a done
+        #: callback run while delivering may wait too: that wait makes its own)
+        self.waiter = _DirectWaiter(self.fd)
+        #: spinning waits since the last look at this thread's involuntary context switches,
+        #: their count then, and when this thread may spin again (time.perf_counter())
+        self.spins = 0
+        self.preempted = resource.getrusage(RUSAGE_THREAD).ru_nivcsw  # made on its own thread
+        self.calm_after = 0.0
+
+    def may_spin(self, now: float) -> bool:
+        """Whether a wait of this thread may spin now: not while the kernel keeps preempting it.
+
+        Every :data:`SPIN_CHECK_EVERY` spinning waits, the thread's involuntary
+        context switches are read (one ``getrusage``): more than
+        :data:`SPIN_PREEMPTED` per wait means other runnable threads want this
+        CPU (a loaded machine), and the thread blocks for :data:`SPIN_BACKOFF`.
+        """
+        if now < self.calm_after:
+            return False
+        self.spins += 1
+        if self.spins >= SPIN_CHECK_EVERY:
+            count = resource.getrusage(RUSAGE_THREAD).ru_nivcsw
+            if count - self.preempted > SPIN_PREEMPTED * self.spins:
+                self.calm_after = now + SPIN_BACKOFF
+            self.spins, self.preempted = 0, count
+        return True
 
     def __del__(self) -> None:  # the thread ended
         os.close(self.fd)
@@ -79,7 +117,7 @@ class _Wake:
 class _DirectWaiter:
     """Installed in a future's waiters during DirectReader.wait (the protocol of concurrent.futures.wait)."""
 
-    __slots__ = ("fd", "armed", "fired", "nudged")
+    __slots__ = ("fd", "armed", "fired", "nudged", "busy")
     #: phalanx.Future.cancel tells it (the standard library tells only its own waiters)
     wakes_on_cancel = True
 
@@ -90,6 +128,8 @@ class _DirectWaiter:
         self.fired = False
         #: the pump changed the set of pipes since this thread took its snapshot (see DirectReader.nudge)
         self.nudged = False
+        #: a wait of this thread uses it now
+        self.busy = False
 
     def nudge(self) -> None:
         self.nudged = True
@@ -122,6 +162,8 @@ class DirectReader:
         self.mutex = threading.Lock()
         #: a moving average of how long a wait took (seconds): spin only while short
         self.typical = 0.0
+        #: the pump thread's id, once it runs (it never reads pipes for a future of its own)
+        self.pump_ident: int | None = None
 
     def active(self, now: float) -> bool:
         """Whether callers read the pipes now, or did within :data:`DIRECT_LINGER` (pump thread)."""
@@ -137,16 +179,24 @@ class DirectReader:
         ``fut`` settled or ``timeout`` passed.
         """
         driver = self.driver
-        if driver._closed or threading.current_thread() is driver._pump_thread:
+        pump = self.pump_ident
+        if pump is None:
+            pump = self.pump_ident = driver._pump_thread.ident  # None until the pump started
+        if driver._closed or get_ident() == pump:
             return False
         wake: _Wake | None = getattr(_THREAD, "wake", None)
         if wake is None:
             wake = _THREAD.wake = _Wake()
-        waiter = _DirectWaiter(wake.fd)
+        waiter = wake.waiter
+        if waiter.busy:  # a wait nested in this thread's delivery (a done callback)
+            waiter = _DirectWaiter(wake.fd)
+        else:
+            waiter.armed, waiter.fired, waiter.nudged = True, False, False
         with fut._phalanx_lock:
             if fut._state in SETTLED:
                 return True
             fut._waiters.append(waiter)
+        waiter.busy = True
         deadline = None if timeout is None else time.monotonic() + timeout
         began = time.perf_counter()
         pipes = self.pipes
@@ -160,14 +210,18 @@ class DirectReader:
                 by_fd: dict[int, _Worker] = {}
                 held = False
                 for w in pipes.piped:
-                    if w.pipe is None or w.pipe.closed:
+                    pipe = w.pipe
+                    if pipe is None:
+                        continue
+                    fd = pipe.sock.fileno()  # -1 once closed (FramePipe.closed, without the call)
+                    if fd < 0:
                         continue
                     if w.leftover:
                         # Frames left to the pump: until it took them this pipe reads as empty, so
                         # it is not polled (it may be readable), but looked at again within 1 ms.
                         held = True
                         continue
-                    by_fd[w.pipe.fileno()] = w
+                    by_fd[fd] = w
                 direct: list[tuple[Job, int, Ok | Err]] = []
                 read: list[_Worker] = []
                 try:
@@ -183,7 +237,7 @@ class DirectReader:
                             poller.register(fd, select.POLLIN)
                         wake.polled = by_fd
                     # A lone caller whose replies have been quick spins briefly before blocking.
-                    spin = self.waiting == 1 and self.typical < SPIN_WAIT
+                    spin = self.waiting == 1 and self.typical < SPIN_WAIT and wake.may_spin(began)
                     events = self._spin(poller, time.perf_counter() + SPIN_WAIT) if spin else []
                     if not events:
                         ms = -1.0 if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000) + 0.5
@@ -216,6 +270,7 @@ class DirectReader:
         finally:
             with fut._phalanx_lock:
                 fut._waiters.remove(waiter)
+            waiter.busy = False
             if waiter.fired or waiter.nudged:
                 try:
                     os.eventfd_read(wake.fd)
@@ -234,7 +289,7 @@ class DirectReader:
         """Read a local worker's pipe on a waiting caller's thread; True: ``w.delivering`` was raised."""
         with w.reader:  # if the pump holds it, wait for it, then take what is left
             pipe = w.pipe
-            if pipe is None or pipe.closed or w.leftover or w.broken:
+            if pipe is None or pipe.sock.fileno() < 0 or w.leftover or w.broken:  # (< 0: closed)
                 return False
             try:
                 frames = pipe.recv()
@@ -253,12 +308,13 @@ class DirectReader:
                 frames = [out for frame in frames for out in frame_filter("in", ident, frame)]
             if not frames:
                 return False
+            decode = driver_decoder(driver.config.local_pickle)
             for i, frame in enumerate(frames):
                 try:
-                    msg = decode_driver(frame, driver.config.local_pickle)
-                except ProtocolError as exc:
+                    msg = decode(frame)
+                except DECODE_ERRORS as exc:
                     # A result that failed to unpickle (local_pickle) is that task's error.
-                    msg = salvage_results(frame) if isinstance(exc.__cause__, UnpickleFailed) else None  # type: ignore[assignment]
+                    msg = salvage_results(frame) if isinstance(exc, UnpickleFailed) else None  # type: ignore[assignment]
                 if not isinstance(msg, Results):
                     # Left to the pump, in order, before its next read of this pipe, and
                     # once the outcomes read before it are delivered (see deliver).

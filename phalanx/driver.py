@@ -142,6 +142,10 @@ FrameFilter = Callable[[str, bytes, bytes], list[bytes]]
 
 #: seconds a dead worker's record is kept to validate its late results
 DEAD_WORKER_TTL = 60.0
+#: actor calls held back for one busy local worker that go out at once, without waiting for
+#: its next outcome to be read: a thread issuing calls in a loop keeps the pump from the GIL
+#: for milliseconds, and the worker would idle meanwhile (see submit_directed)
+DIRECTED_HELD_MAX = 128
 
 log = logging.getLogger("phalanx.driver")
 
@@ -153,8 +157,6 @@ class Driver:
         self.config = config
         #: the keys of a runtime that starts its own hosts (hosts=, slurm=True), held in memory
         self.run_keys = run_keys
-        #: private ipc endpoints (local workers)
-        self.endpoints: Endpoints = local_endpoints()
         #: tcp endpoints remote workers connect to, when listening
         self.address: Endpoints | None = tcp_endpoints(config.listen) if config.listen else None
         #: starting, stopping and losing workers (phalanx.lifecycle)
@@ -162,11 +164,13 @@ class Driver:
         # Before ZeroMQ's I/O threads or any of ours exist: under start method "phalanx"
         # this forks the fork server, a copy of this process that forks the workers (the
         # first ones at once: they start up while this process sets up its sockets).
+        self._supervisor = Supervisor(config.start_method, self.lifecycle.on_exit,
+                                      standby=sum(config.worker_groups().values()))
         try:
-            self._supervisor = Supervisor(config.start_method, self.lifecycle.on_exit,
-                                          standby=sum(config.worker_groups().values()))
+            #: private ipc endpoints (local workers); made while the fork server starts up
+            self.endpoints: Endpoints = local_endpoints()
         except BaseException:
-            self.endpoints.remove()
+            self._supervisor.stop(0.0)
             raise
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -523,6 +527,10 @@ class Driver:
             try:
                 if w.pipe is not None:
                     self.pipes.send_locked(w, w.pipe, (frame,), hold=bool(w.inflight))
+                    if len(w.held) >= DIRECTED_HELD_MAX:
+                        # A burst of calls: the worker gets them now, in one write (it may have
+                        # answered the earlier ones long ago, unread while this thread runs).
+                        self.pipes.release_locked(w)
                 else:
                     self._send_task_locked(ident, frame)
             except (zmq.ZMQError, PipeError):
@@ -727,7 +735,8 @@ class Driver:
                 self._dispatch_locked()
             if w.held:  # the worker answered: what waited for it goes out now, with this round's dispatch
                 self.pipes.release_locked(w)
-            if not self._pending:
+            if not self._pending and self._changed._waiters:  # type: ignore[attr-defined]
+                # (notify_all is three Python-level calls even when nobody waits: once per reply)
                 self._changed.notify_all()
             # Delivered at the end of the pump's round, just before it blocks: a woken
             # caller then finds the interpreter free instead of waiting for the round.

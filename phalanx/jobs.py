@@ -169,7 +169,8 @@ class Future(concurrent.futures.Future[T]):
                 self._waiters.remove(waiter)
 
     def result(self, timeout: float | None = None) -> T:
-        self._wait(timeout)
+        if self._state not in SETTLED:  # (a gather finds most settled: no call then)
+            self._wait(timeout)
         if self._state == FINISHED and self._exception is None:
             return self._result  # type: ignore[no-any-return]
         return super().result(0)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -142,6 +143,8 @@ class Lifecycle:
         driver = self.driver
         workers: list[_Worker] = []
         specs: list[WorkerSpec] = []
+        # Local workers run on this host: its name is asked once here, not by each of them.
+        host = driver.config.host_name or socket.gethostname()
         for tags in groups:
             wid = f"w{next(self.worker_ids)}"
             worker = _Worker(wid, tags)
@@ -158,7 +161,7 @@ class Lifecycle:
                 heartbeat_interval=driver.config.heartbeat_interval,
                 reconnect=driver.config.reconnect,
                 prefix_output=driver.config.prefix_output,
-                host=driver.config.host_name or "",
+                host=host,
                 tags=tags,
                 limits=driver.limits,
                 spin=driver.config.spin,

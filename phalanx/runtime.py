@@ -47,6 +47,22 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 
+#: (pid, its start time as psutil gives it): found by the first runtime of a process, not by each
+_created: tuple[int, float] | None = None
+
+
+def _created_at() -> float | None:
+    """This process's start time (``psutil.Process().create_time()``; None if unknown)."""
+    global _created
+    pid = os.getpid()
+    if _created is None or _created[0] != pid:  # a forked child: a process of its own
+        try:
+            _created = (pid, psutil.Process(pid).create_time())
+        except psutil.Error:
+            return None
+    return _created[1]
+
+
 def _advertise(rt: Runtime) -> None:
     """Write ``runtime.json`` into the private ipc directory so ``phalanx top`` finds us."""
     ipc_dir = rt._driver.endpoints.ipc_dir
@@ -54,11 +70,10 @@ def _advertise(rt: Runtime) -> None:
         return
     info: dict[str, Any] = {"pid": os.getpid(), "results": rt._driver.endpoints.results,
                             "workers": rt.config.workers, "started": time.time(), "argv": sys.argv}
-    try:
-        # Names this process, not just its pid: a SIGKILLed driver leaves this file behind, and its pid may be reused.
-        info["created"] = psutil.Process().create_time()
-    except psutil.Error:
-        pass
+    # Names this process, not just its pid: a SIGKILLed driver leaves this file behind, and its pid may be reused.
+    created = _created_at()
+    if created is not None:
+        info["created"] = created
     try:
         with open(os.path.join(ipc_dir, "runtime.json"), "wb") as f:
             f.write(msgspec.json.encode(info))
@@ -257,6 +272,9 @@ class Runtime(_RunsDirectives):
         except BaseException:
             shm.runtime_stopped(self)
             raise
+        # While the fork server forks the first workers (this thread would only wait for it):
+        # phalanx top finds the runtime from now on; a failed start removes the file with its directory.
+        _advertise(self)
         try:
             self._driver.start_workers(self.config.worker_groups(), self.config.start_timeout)
             if self._launch is not None:
@@ -281,7 +299,6 @@ class Runtime(_RunsDirectives):
             from .testing.inject import inject_faults
 
             self.faults = inject_faults(self, faults)
-        _advertise(self)
         self._atexit = lambda ref=weakref.ref(self): _shutdown_at_exit(ref)
         atexit.register(self._atexit)
 

@@ -62,6 +62,7 @@ from __future__ import annotations
 import _thread
 import asyncio
 import ctypes
+import importlib
 import os
 import select
 import signal
@@ -70,15 +71,18 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
 import zmq
 
+from . import channels
 from .actors.host import ActorHost
-from .core.execute import TaskRunner
+from .core.execute import TaskRunner, abort
 from .errors import EncodeError, FrameTooLargeError, ProtocolError, TaskCancelledError, TaskTimeoutError
+from .logs import install_worker_output
+from .registry import operations
 from .registry.operations import resolve
 from .transport import shm, sockets
 from .transport.codec import (
@@ -136,6 +140,9 @@ BATCH_MAX = 256
 QUICK_TASK = 0.0002
 #: seconds a batched outcome waits for the task after it before it goes alone (that task may be long)
 BATCH_HOLD = 0.005
+#: seconds the flush thread goes on checking for a batch to flush after the last task that armed it,
+#: before it sleeps until the next arm wakes it (see _Flusher._run)
+FLUSH_IDLE = 0.1
 #: seconds to wait for batched outcomes to leave before running a redelivered task
 SENT_WAIT = 1.0
 #: seconds between watchdog checks of the parent
@@ -206,7 +213,7 @@ class TaskContext:
     worker after the abort grace period.
     """
 
-    __slots__ = ("job", "seq", "attempt", "timeout", "started", "aborted", "timed_out", "answered", "values")
+    __slots__ = ("job", "seq", "attempt", "timeout", "started", "aborted", "timed_out", "answered", "values", "rest")
 
     def __init__(self, job: int, seq: int, attempt: int, timeout: float) -> None:
         self.job = job
@@ -219,6 +226,8 @@ class TaskContext:
         #: the control thread already sent this task's outcome (timed out, or its job terminated)
         self.answered = False
         self.values: list[Any] = []
+        #: what the map loop has yet to call (see phalanx.core.execute.abort)
+        self.rest: Iterator[Any] | None = None
 
     def check(self) -> None:
         """Raise :class:`~phalanx.TaskCancelledError` if the task was aborted."""
@@ -344,6 +353,26 @@ def _end_own_group() -> None:
             pass
 
 
+def _find_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+#: ``signal.signal`` without its wrapper (the C function it wraps, given plain ints), which turns
+#: the old handler into an enum member: in a worker just forked, that enum machinery cost
+#: ~0.2 ms of page faults for the three handlers the orphan guard sets
+_set_handler: Callable[[int, Any], Any] = getattr(importlib.import_module("_signal"), "signal", signal.signal)
+_SIG_IGN = int(signal.SIG_IGN)
+_SIGINT, _SIGTERM, _LEAVE = int(signal.SIGINT), int(signal.SIGTERM), int(LEAVE_SIGNAL)
+
+#: libc's prctl, found once at import (in the driver): a worker inherits it, where loading
+#: libc again would cost each worker ~0.3 ms of its start-up (ctypes makes a class per library)
+_prctl = _find_prctl()
+
 #: the driver pid this process's orphan guard watches (None: not guarded yet)
 _guarded: int | None = None
 #: whether the driver (and the parent) still live, for the control thread to check when the
@@ -367,19 +396,15 @@ def guard_against_orphaning(parent_pid: int, watchdog: bool = True) -> None:
             os.setpgid(0, 0)  # own group: the driver's Ctrl-C is the driver's to handle
     except OSError:
         pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    signal.signal(LEAVE_SIGNAL, _on_leave)
+    _set_handler(_SIGINT, _SIG_IGN)
+    _set_handler(_SIGTERM, _on_sigterm)
+    _set_handler(_LEAVE, _on_leave)
     # A process a task forks (multiprocessing's fork context, os.fork) is not a worker: a
     # SIGTERM to it must end it alone, not kill this worker's whole group from inside.
     os.register_at_fork(before=_hold_worker_signals, after_in_parent=_release_worker_signals,
                         after_in_child=_forget_worker_signals)
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+    if _prctl is not None:
+        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     # Under forkserver the parent is the fork server, not the driver: watch both.
     initial_ppid = os.getppid()
 
@@ -551,8 +576,9 @@ class _Flusher:
     def __init__(self, worker: _Loop) -> None:
         self.worker = worker
         self.cond = threading.Condition(threading.Lock())
-        #: when the batch is due (0: disarmed)
-        self.due = 0.0
+        #: when the batch is due (0: disarmed), and when it last was (not reset by disarm)
+        self.due = self.last_due = 0.0
+        #: the flush thread sleeps until notified (it rechecks no deadline by itself)
         self.waiting = False
         self.thread: threading.Thread | None = None
         #: what a flush of the flush thread raised: the main thread raises it (see disarm)
@@ -560,7 +586,7 @@ class _Flusher:
 
     def arm(self) -> None:
         with self.cond:
-            self.due = time.monotonic() + BATCH_HOLD
+            self.due = self.last_due = time.monotonic() + BATCH_HOLD
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="phalanx-flush", daemon=True)
                 self.thread.start()
@@ -581,6 +607,12 @@ class _Flusher:
         with cond:
             while True:
                 if not self.due:
+                    if time.monotonic() - self.last_due < FLUSH_IDLE:
+                        # Tasks are flowing: look again after BATCH_HOLD rather than be woken by
+                        # the next arm (a thread wake-up per task). A wait this long that began
+                        # before an arm ends before that arm's deadline, so no flush is late.
+                        cond.wait(BATCH_HOLD)
+                        continue
                     self.waiting = True
                     cond.wait()
                     self.waiting = False
@@ -609,7 +641,8 @@ class _Control:
 
     def __init__(self, loop: _Loop) -> None:
         self.loop = loop
-        self._done = threading.Event()
+        #: held while the thread runs (a bare lock: a worker makes no Event, no Condition, to start)
+        self._done = _thread.allocate_lock()
         self._started = False
         self.kill_at = 0.0
         self.heard = time.monotonic()
@@ -623,11 +656,12 @@ class _Control:
         # between threads the worker's start-up need not wait for).
         if not self._started:
             self._started = True
+            self._done.acquire()
             _thread.start_new_thread(self._main, ())
 
     def join(self, timeout: float | None = None) -> None:
-        if self._started:
-            self._done.wait(timeout)
+        if self._started and self._done.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            self._done.release()
 
     def _main(self) -> None:
         try:
@@ -639,7 +673,7 @@ class _Control:
                 traceback.print_exc()
                 _kill_own_group()  # no control thread: no timeouts, aborts or watchdog
         finally:
-            self._done.set()
+            self._done.release()
 
     def run(self) -> None:
         loop = self.loop
@@ -795,7 +829,7 @@ class _Control:
             ctx = loop.current
             if ctx is None or ctx.job != job or ctx.aborted:
                 return
-            ctx.aborted = True
+            abort(ctx)
             if not ctx.answered:
                 ctx.answered = True
                 err = TaskCancelledError(f"task {ctx.seq} of job {job} was aborted: its job was terminated")
@@ -851,7 +885,7 @@ class _Control:
             if ctx.timeout > 0 and not ctx.timed_out and not ctx.answered and now - ctx.started > ctx.timeout:
                 ctx.timed_out = True
                 ctx.answered = True
-                ctx.aborted = True
+                abort(ctx)
                 err = TaskTimeoutError(
                     f"task {ctx.seq} of job {ctx.job} ran longer than its timeout of {ctx.timeout:g} s"
                 )
@@ -861,6 +895,11 @@ class _Control:
                 self._arm_kill()
         if self.kill_at and now >= self.kill_at and loop.current is ctx:
             _abandon_task()  # the task ignored its abort flag
+
+
+#: the ``synced_event`` of every local worker: set from the start (see _Loop)
+_SYNCED = threading.Event()
+_SYNCED.set()
 
 
 class _Loop:
@@ -923,7 +962,7 @@ class _Loop:
         #: held by the main thread's writes to the driver and the flush thread's (_Flusher); the pipe's
         #: write_lock, which the control thread shares, is taken inside it
         self.send_lock = threading.RLock()
-        self.flusher = _Flusher(self)
+        self._flusher: _Flusher | None = None
         self.terminated = _Terminated()
         self.state_lock = threading.Lock()
         self.current: TaskContext | None = None
@@ -934,7 +973,8 @@ class _Loop:
         #: a local worker hears control messages on its own pipe from the start: no Sync to wait for
         self.synced = self.control_in is not None
         #: set with ``synced``: a welcomed worker waits on it, so it says Ready as soon as the Sync comes
-        self.synced_event = threading.Event()
+        #: (a local worker's is set already: one made at import, not a Condition made by each worker)
+        self.synced_event = _SYNCED if self.synced else threading.Event()
         self.ready_sent = False
         self.stopping = False
         self.retiring = False
@@ -943,6 +983,15 @@ class _Loop:
         self.memory_checked = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.control = _Control(self)
+
+    @property
+    def flusher(self) -> _Flusher:
+        """Sends held outcomes (see _Flusher); made when the first batch is held, not at start-up
+        (its Condition cost each worker ~0.15 ms of page faults as it started)."""
+        flusher = self._flusher
+        if flusher is None:
+            flusher = self._flusher = _Flusher(self)
+        return flusher
 
     def _control_sockets(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
         spec = self.spec
@@ -1391,9 +1440,6 @@ def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None,
         # User modules may take long to import, a remote worker to connect: a thread watches
         # meanwhile (otherwise the control thread does, from its start).
         start_watchdog()
-    from .logs import install_worker_output
-    from .registry import operations
-
     # This process serves one runtime: its options are the process's defaults.
     sockets.set_default_limits(spec.limits)
     operations.set_implicit(spec.implicit_operations)
@@ -1407,8 +1453,6 @@ def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None,
     if spec.goodbye:
         global _goodbye
         _goodbye = loop.goodbye
-    from . import channels
-
     # Channel ends used here reach the driver's broker as "<worker id>~<n>"; they stop
     # waiting once the worker is told to shut down.
     channels.set_worker_location(spec.endpoints.results, spec.curve, spec.worker_id, lambda: not loop.stopping)

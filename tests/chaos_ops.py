@@ -277,3 +277,14 @@ def start_daemon() -> int:
     pid = int(sh.stdout.readline())
     sh.wait()
     return pid
+
+
+@phalanx.operation
+def death_signal() -> int:
+    """The signal this worker gets when its parent dies (prctl PR_GET_PDEATHSIG; 0: none)."""
+    import ctypes
+
+    sig = ctypes.c_int(-1)
+    if ctypes.CDLL(None, use_errno=True).prctl(2, ctypes.byref(sig)) != 0:  # PR_GET_PDEATHSIG
+        raise OSError(ctypes.get_errno(), "prctl(PR_GET_PDEATHSIG) failed")
+    return sig.value

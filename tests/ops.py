@@ -227,7 +227,7 @@ def sleep_then(x: Any, seconds: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- #
-# map chunks run in batches of calls (phalanx.core.execute.TaskRunner._map_batches)
+# map chunks run in one C loop (phalanx.core.execute.TaskRunner._map_all)
 # --------------------------------------------------------------------------- #
 
 
@@ -268,3 +268,36 @@ class Seven:
 def seven_when_awaited_at(x: int) -> Any:
     """``x`` itself, except a field-less awaitable (:class:`Seven`) for the item 1234."""
     return Seven() if x == 1234 else x
+
+
+@phalanx.operation
+def log_then_wait_at_gate(item: str) -> int:
+    """Item ``"<log>\\n<gate>\\n<i>\\n<k>"``: append ``i`` to ``log``; item ``k`` then waits for ``gate``.
+
+    It never reads the abort flag itself: whether the calls after ``k`` run
+    is up to the worker's map loop.
+    """
+    log, gate, i, k = item.split("\n")
+    with open(log, "a") as f:
+        f.write(f"{i}\n")
+    if i == k:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    return int(i)
+
+
+@phalanx.operation
+def exit_on_negative(x: int) -> int:
+    """``x + 1``; a negative item kills the worker (no exception, no outcome)."""
+    if x < 0:
+        os._exit(3)
+    return x + 1
+
+
+@phalanx.operation
+def inc_unless_multiple_of_97(x: int) -> int:
+    """``x + 1``; a multiple of 97 (0 included) raises ValueError naming it."""
+    if x % 97 == 0:
+        raise ValueError(f"item {x} is a multiple of 97")
+    return x + 1

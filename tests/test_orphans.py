@@ -30,7 +30,7 @@ import pytest
 
 import phalanx
 
-from chaos_ops import kill_child
+from chaos_ops import death_signal, kill_child
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -262,6 +262,23 @@ def test_shutdown_right_after_a_worker_death_leaves_no_worker() -> None:
     described = _describe(leaked)
     _kill_all(leaked)  # never leave it behind, whatever the outcome
     assert not leaked, "alive 1 s after shutdown() returned:\n  " + "\n  ".join(described)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+@pytest.mark.parametrize("start_method", ["phalanx", "spawn"])
+def test_every_worker_asks_for_the_parent_death_signal(start_method: str) -> None:
+    """Each worker, first ones and replacements, armed SIGTERM as its parent-death signal (the
+    libc prctl a worker calls is found once in the driver and inherited, not loaded again)."""
+    with phalanx.Runtime(workers=2, start_method=start_method) as rt:
+        signals = [rt.submit(death_signal).result(timeout=30) for _ in range(8)]
+        pid = sorted(rt.worker_pids().values())[0]
+        assert kill_child(pid)
+        deadline = time.monotonic() + 30
+        while pid in rt.worker_pids().values() or len(rt.worker_pids()) < 2:
+            assert time.monotonic() < deadline, "the killed worker was never replaced"
+            time.sleep(0.01)
+        signals += [rt.submit(death_signal).result(timeout=30) for _ in range(8)]
+    assert set(signals) == {signal.SIGTERM}
 
 
 GUARDED_WORKER = textwrap.dedent(

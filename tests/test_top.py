@@ -332,3 +332,42 @@ def test_several_runtimes_need_a_pid(runtime: phalanx.Runtime) -> None:
         for stream in (child.stdin, child.stdout):
             if stream is not None and not stream.closed:
                 stream.close()
+
+
+FAILED_START = """
+import glob, json, os
+
+import phalanx
+
+
+def main():
+    try:
+        phalanx.Runtime(workers=1, start_method="spawn")  # no main guard: its worker fails to start
+    except phalanx.WorkerStartError:
+        print("failed to start", flush=True)
+    mine = []
+    for path in glob.glob("/tmp/phalanx-*/runtime.json"):
+        try:
+            with open(path, "rb") as f:
+                if json.load(f).get("pid") == os.getpid():
+                    mine.append(path)
+        except (OSError, ValueError):
+            pass
+    print("left", json.dumps(mine), flush=True)
+
+
+main()
+"""
+
+
+def test_a_runtime_that_fails_to_start_leaves_no_runtime_json(tmp_path: Path) -> None:
+    """runtime.json is written while the first workers start: a start that fails removes it
+    with its directory, so phalanx top never lists a runtime that never ran."""
+    script = tmp_path / "failed_start.py"
+    script.write_text(FAILED_START)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=T, env=env,
+                          cwd=tmp_path)
+    lines = proc.stdout.splitlines()
+    assert "failed to start" in lines, proc.stdout + proc.stderr
+    assert "left []" in lines, proc.stdout + proc.stderr

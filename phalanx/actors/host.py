@@ -99,7 +99,8 @@ class ActorHost:
         try:
             if inst is None:
                 raise LookupError(f"actor instance {msg.instance} is not on worker {self.worker_id}")
-            value = self.call_op(self._method(inst, msg.method), msg.args, msg.kwargs)
+            op = inst.ops.get(msg.method) or self._method(inst, msg.method)  # (a method called before: no call)
+            value = self.call_op(op, msg.args, msg.kwargs)
         except BaseException as exc:
             outcome: Outcome = Err(msg.job, msg.seq, msg.attempt, error_info(exc))
         else:

@@ -33,14 +33,14 @@ class ActorRef(Generic[A]):
     arrive in the order it made them.
     """
 
-    __slots__ = ("_system", "_actor", "_inspect", "_methods", "__weakref__")
+    # ``__dict__`` holds the method callables once made: ``ref.incr`` then finds its
+    # callable without a Python-level ``__getattr__`` call (a pipelined loop asks every call).
+    __slots__ = ("_system", "_actor", "_inspect", "__dict__", "__weakref__")
 
     def __init__(self, system: ActorSystem, actor: _Actor, inspect: Callable[[float], RuntimeTree]) -> None:
         self._system = system
         self._actor = actor
         self._inspect = inspect
-        #: the callables ``ref.method`` returned, by method name (made once: a pipelined loop asks every call)
-        self._methods: dict[str, Callable[..., Future[Any]]] = {}
         system.retain(actor)
         weakref.finalize(self, collected.run, system.release, actor)  # the collector may hold a lock
 
@@ -67,15 +67,13 @@ class ActorRef(Generic[A]):
     def __getattr__(self, method: str) -> Callable[..., Future[Any]]:
         if method.startswith("_"):
             raise AttributeError(method)
-        call = self._methods.get(method)
-        if call is None:
-            system, actor = self._system, self._actor
+        system, actor = self._system, self._actor
 
-            def call(*args: Any, **kwargs: Any) -> Future[Any]:
-                return system.call(actor, method, args, kwargs)
+        def call(*args: Any, **kwargs: Any) -> Future[Any]:
+            return system.call(actor, method, args, kwargs)
 
-            call.__name__ = method
-            self._methods[method] = call
+        call.__name__ = method
+        self.__dict__[method] = call  # found by plain attribute lookup from now on
         return call
 
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> Future[Any]:

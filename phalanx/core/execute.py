@@ -11,16 +11,18 @@ combines are the same on both.
 
 Invariants kept: a chunk's outcome carries the values of the items before a
 failure (``Err.partial``, ``Err.index``), so the driver resumes it there; a
-fold of ``n`` items calls its operation exactly ``n - 1`` times; the abort
-flag (``ctx.aborted``) is read between calls (in a plain map's tight loop,
-between batches of calls that took under a millisecond).
+fold of ``n`` items calls its operation exactly ``n - 1`` times; no call of
+a task starts once it is aborted (:func:`abort`): the flag
+(``ctx.aborted``) is read between calls, and a plain map's tight loop, which
+runs its calls in C, draws its items from an iterator that :func:`abort`
+ends.
 """
 
 from __future__ import annotations
 
 import gc
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import Transient
@@ -30,14 +32,12 @@ from ..transport.messages import Call, Chunk, Err, Ok, Outcome
 if TYPE_CHECKING:
     from ..registry.operations import Operation
 
-__all__ = ["TaskRunner", "TaskState"]
+__all__ = ["TaskRunner", "TaskState", "abort"]
 
 #: classes of values that are never awaitable (results of the tight map loop, checked in C)
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None), list, dict, tuple})
-#: the tight map loop doubles its batch of calls while one batch takes less than this (seconds)
-BATCH_TIME = 0.001
-#: and up to this many calls
-MAX_BATCH = 8192
+#: beyond any list's length: where :func:`abort` moves the tight loop's iterator
+_END = 1 << 62
 
 #: one step of a directive chain: the operation, its function, its argument's converter
 _Step = tuple["Operation", Callable[..., Any], "Callable[[Any, bool], Any] | None"]
@@ -49,8 +49,25 @@ class TaskState(Protocol):
     aborted: bool
     started: float
     values: list[Any]
+    #: the items of the tight map loop not yet called (a list iterator), while it runs
+    rest: Iterator[Any] | None
 
     def check(self) -> None: ...
+
+
+def abort(ctx: TaskState) -> None:
+    """Flag ``ctx`` aborted: no call of its task starts after this one returns.
+
+    Called by the thread that aborts the task (a worker's control thread) while
+    the task runs: besides the flag, it ends the tight map loop's iterator
+    (``list_iterator.__setstate__`` moves it past the end), so that loop,
+    which reads no flag, calls nothing more. Ends nothing when the loop has
+    not started: the loop reads the flag once its iterator is in ``rest``.
+    """
+    ctx.aborted = True
+    rest = ctx.rest
+    if rest is not None:
+        rest.__setstate__(_END)  # type: ignore[attr-defined]  # a list_iterator's
 
 
 class TaskRunner:
@@ -120,7 +137,7 @@ class TaskRunner:
         if not star and task.timeout <= 0:
             items = op.convert_items(task.items)
             if items is not None:
-                if inspect.iscoroutinefunction(op.fn):
+                if op.coroutine:
                     # Each call's coroutine runs to its end before the next call.
                     fn, append, settle = op.fn, values.append, self.settle
                     for item in items:
@@ -128,7 +145,7 @@ class TaskRunner:
                             ctx.check()
                         append(settle(fn(item)))
                     return values
-                return self._map_batches(op.fn, items, ctx)
+                return self._map_all(op.fn, items, ctx)
         clock = self.clock
         for item in task.items:
             ctx.check()
@@ -136,33 +153,31 @@ class TaskRunner:
             values.append(self.call(op, item if star else [item], None))
         return values
 
-    def _map_batches(self, fn: Callable[[Any], Any], items: list[Any], ctx: TaskState) -> list[Any]:
-        """The tight loop: the calls of a batch run in C (``map``), no per-call timeout to time.
+    def _map_all(self, fn: Callable[[Any], Any], items: list[Any], ctx: TaskState) -> list[Any]:
+        """The tight loop: every call of the chunk in one ``list.extend(map(fn, ...))``, in C.
 
-        Batches start at one item and double while one takes less than
-        :data:`BATCH_TIME`, so the abort flag is still read every few
-        milliseconds, and after every call when calls are slow. A call that
-        raises leaves the values before it in ``ctx.values`` (``list.extend``
-        keeps what it appended). Results are checked for awaitables a batch at
-        a time, in C: by what they refer to, then by their classes.
+        No per-call timeout to time and no flag to read per call: the items
+        come from an iterator that :func:`abort` ends, so no call starts once
+        the task is aborted. A call that raises leaves the values before it in
+        ``ctx.values`` (``list.extend`` keeps what it appended). The results
+        are then checked for awaitables in C: by what they refer to, then by
+        their classes.
         """
         values = ctx.values
-        extend, clock, plain, get_referents = values.extend, self.clock, _PLAIN, gc.get_referents
-        size, start, n = 1, 0, len(items)
-        while start < n:
-            if ctx.aborted:
+        rest = iter(items)
+        ctx.rest = rest
+        try:
+            if ctx.aborted:  # aborted before ``rest`` was there to end
                 ctx.check()
-            began, first = clock(), len(values)
-            try:
-                extend(map(fn, items[start:start + size]))
-            finally:
-                # Values that refer to nothing (numbers, strings, None) are never awaitable:
-                # about 2 ns an item in C; anything else goes through the scan by class.
-                if get_referents(*values[first:]) and not plain.issuperset(map(type, values[first:])):
-                    self._settle_from(values, first)
-            start += size
-            if size < MAX_BATCH and clock() - began < BATCH_TIME:
-                size *= 2
+            values.extend(map(fn, rest))
+        finally:
+            ctx.rest = None
+            # Values that refer to nothing (numbers, strings, None) are never awaitable:
+            # about 2 ns an item in C; anything else goes through the scan by class.
+            if values and gc.get_referents(*values) and not _PLAIN.issuperset(map(type, values)):
+                self._settle_from(values, 0)
+        if ctx.aborted:
+            ctx.check()  # the calls stopped at the abort: the values before it go with the error
         return values
 
     def _settle_from(self, values: list[Any], first: int) -> None:

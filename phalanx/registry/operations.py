@@ -254,7 +254,7 @@ class Operation:
 
     __slots__ = (
         "name", "fn", "_pos", "_pos_types", "_pos_classes", "_var", "_kw", "_varkw", "_typed", "returns",
-        "options", "transient", "empty",
+        "options", "transient", "empty", "coroutine", "_items_type", "_results_type",
     )
 
     def __init__(self, name: str, fn: Callable[..., Any]) -> None:
@@ -299,6 +299,18 @@ class Operation:
             or any(t not in loose for t in self._kw.values())
             or self._varkw not in loose
         )
+        #: ``fn`` is an ``async def`` (checked once: ``inspect`` takes a quarter of a microsecond)
+        self.coroutine = inspect.iscoroutinefunction(fn)
+        #: what ``convert_items`` converts a map chunk's items to (None: they pass as they are),
+        #: made once: msgspec reads a new ``list[...]`` alias afresh on every call
+        self._items_type: Any = None
+        first = self._pos[0][1] if self._pos else self._var  # a map call passes one positional
+        if self._typed and first not in loose:
+            self._items_type = list[first]  # type: ignore[valid-type]
+        #: and what ``convert_results`` converts a chunk's values to (None: as they are)
+        returns = self.returns
+        loose_returns = returns is Any or returns is object
+        self._results_type: Any = None if loose_returns else list[returns]  # type: ignore[valid-type]
 
     def parameter(self, index: int) -> tuple[str, Any]:
         """Name and annotation of positional parameter ``index`` (``Any`` when not annotated)."""
@@ -347,23 +359,21 @@ class Operation:
         costs alone; on a mismatch the caller converts item by item, so the
         error names the failing item and the items before it still run.
         """
-        if not self._typed:
-            return items
-        typ = self._pos[0][1] if self._pos else self._var  # a map call passes one positional
-        if typ is Any or typ is object:
+        items_type = self._items_type
+        if items_type is None:
             return items
         try:
-            return msgspec.convert(items, list[typ])  # type: ignore[valid-type]
+            return msgspec.convert(items, items_type)  # type: ignore[no-any-return]
         except Exception:  # e.g. a Struct's __post_init__: converting one by one reports it in place
             return None
 
     def convert_results(self, values: list[Any]) -> list[Any] | None:
         """Decoded map results converted to the return annotation in one pass; None if one does not fit."""
-        returns = self.returns
-        if returns is Any or returns is object:
+        results_type = self._results_type
+        if results_type is None:
             return values
         try:
-            return msgspec.convert(values, list[returns])  # type: ignore[valid-type]
+            return msgspec.convert(values, results_type)  # type: ignore[no-any-return]
         except Exception:  # e.g. a Struct's __post_init__: converting one by one reports it in place
             return None  # the caller converts one by one, to name the value that does not fit
 

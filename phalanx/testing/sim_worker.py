@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import worker as _worker_module
 from ..actors.host import ActorHost
-from ..core.execute import TaskRunner
+from ..core.execute import TaskRunner, abort
 from ..core.tasks import Task
 from ..errors import EncodeError, ProtocolError, TaskCancelledError, TaskTimeoutError
 from ..registry.operations import Operation
@@ -92,7 +92,7 @@ def sleep(seconds: float) -> None:
     if elapsed.late_at < 0 and ran > ctx.timeout:
         elapsed.late_at = ctx.started + ctx.timeout
         elapsed.late_values = list(ctx.values)
-        ctx.aborted = True
+        abort(ctx)
     if elapsed.late_at >= 0 and ctx.started + ctx.timeout == elapsed.late_at:
         elapsed.overran = max(elapsed.overran, ran)
 

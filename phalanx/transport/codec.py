@@ -70,6 +70,7 @@ __all__ = [
     "encode_error",
     "decode_inbox",
     "inbox_decoder",
+    "driver_decoder",
     "DECODE_ERRORS",
     "decode_control",
     "decode_driver",
@@ -608,6 +609,12 @@ def inbox_decoder(unpickle: bool = False) -> Callable[[bytes | memoryview], Inbo
     """:func:`decode_inbox` without its wrapper, for a worker's hot path: a malformed frame
     raises one of :data:`DECODE_ERRORS` (an :class:`UnpickleFailed` among them), not ProtocolError."""
     return (_inbox_unpickle if unpickle else _inbox).decode
+
+
+def driver_decoder(unpickle: bool = False) -> Callable[[bytes | memoryview], DriverMessage]:
+    """:func:`decode_driver` without its wrapper, for a caller reading its reply: a malformed
+    frame raises one of :data:`DECODE_ERRORS` (an :class:`UnpickleFailed` among them), not ProtocolError."""
+    return (_driver_unpickle if unpickle else _driver).decode
 
 
 def decode_control(frame: bytes | memoryview) -> ControlMessage:

@@ -297,7 +297,9 @@ def _alive(pid: int) -> bool:
 def ours() -> list[str]:
     """Names of every phalanx segment in ``/dev/shm`` (of any driver, this user's or not)."""
     try:
-        return sorted(n for n in os.listdir(SHM_DIR) if _NAME.match(n))
+        # The prefix first: /dev/shm is shared with every program (semaphores, joblib's folders...),
+        # and each runtime's start and end look through it.
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX) and _NAME.match(n))
     except OSError:
         return []
 
