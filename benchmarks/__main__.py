@@ -8,7 +8,11 @@ Runs in the user's process and does no measuring itself::
             -> parse its BENCH-RESULT line, reap anything it left behind
 
 Each measurement runs in a fresh child so one peer's start-up, threads,
-memory and stray processes cannot affect the next. This process makes itself
+memory and stray processes cannot affect the next; the files a peer writes
+(ipyparallel's profile, dask's worker directories) go to a scratch directory
+of the child's, removed after it. A child past its timeout is SIGKILLed with
+every process under it, by pid (peers start daemons in sessions of their own,
+out of its process group). This process makes itself
 a *child subreaper* (Linux), so worker processes orphaned by a child are
 re-parented here; any still alive 3 s after their child exited are reported
 and killed by pid.
@@ -37,6 +41,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -126,6 +131,31 @@ def _reap_leftovers() -> list[str]:
     return report
 
 
+def _kill_tree(pid: int) -> list[str]:
+    """SIGKILL a child and every process under it, by pid; what was killed.
+
+    Its process group is not enough: peers start daemons in sessions of their own
+    (ipyparallel's controller and engines), which a killed child would orphan.
+    """
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        tree = []
+    killed = []
+    for proc in tree:
+        try:
+            killed.append(f"pid {proc.pid}: {' '.join(proc.cmdline()) or proc.name()}")
+            proc.kill()
+        except psutil.Error:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return killed
+
+
 def _sweep_namespaces() -> list[str]:
     """Namespaces left by remote children that are gone (removed now, with what ran inside)."""
     from .multihost import sweep
@@ -147,6 +177,11 @@ def _run_child(workload: str, runner: str, size: int | None, quick: bool, timeou
     base: dict[str, Any] = {"workload": workload, "runner": runner, "size": size, "quick": quick}
     if remote:
         base["remote"] = True
+    # the files the peers write (ipyparallel's profile and connection files, dask's worker
+    # directories) go to a directory of this child's, removed after it even if it was killed
+    scratch = tempfile.TemporaryDirectory(prefix="phalanx-bench-")
+    env["IPYTHONDIR"] = os.path.join(scratch.name, "ipython")
+    env["DASK_TEMPORARY_DIRECTORY"] = os.path.join(scratch.name, "dask")
     started = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -156,10 +191,7 @@ def _run_child(workload: str, runner: str, size: int | None, quick: bool, timeou
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        base["killed"] = _kill_tree(proc.pid)
         out, err = proc.communicate()
         base.update(status="error", error=f"timed out after {timeout:.0f} s", stderr=err[-4000:])
         return base
@@ -168,6 +200,7 @@ def _run_child(workload: str, runner: str, size: int | None, quick: bool, timeou
         if remote:
             # a child killed before it could clean up leaves its namespaces: remove them now
             base["namespaces_swept"] = _sweep_namespaces()
+        scratch.cleanup()
         base["wall_seconds"] = time.perf_counter() - started
     lines = [line for line in out.splitlines() if line.startswith(MARKER)]
     if not lines:

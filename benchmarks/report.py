@@ -14,6 +14,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from .runners import OPTIONAL_PEERS
 from .workloads import Workload
 
 __all__ = [
@@ -100,8 +101,14 @@ def aggregate(workload: Workload, quick: bool, runners: Sequence[str], records: 
             "better": metric.better,
             "runners": per_runner,
         }
+    # how many tasks each measurement timed (optional peers are sized by a probe: see workloads.peer_size)
+    sizes: dict[str, dict[str, list[int]]] = {}
+    for r in records:
+        if r["status"] == "ok" and not r.get("remote"):
+            for label, k in r.get("info", {}).get("sizes", {}).items():
+                sizes.setdefault(r["runner"], {}).setdefault(label, []).append(int(k))
     return {"title": workload.heading(quick), "status": status, "reasons": reasons, "metrics": metrics,
-            "remote_skipped": skipped[0] if skipped else None}
+            "remote_skipped": skipped[0] if skipped else None, "sizes": sizes}
 
 
 def _cell(entry: dict[str, Any] | None, unit: str, status: str) -> str:
@@ -113,6 +120,12 @@ def _cell(entry: dict[str, Any] | None, unit: str, status: str) -> str:
     if status == "na":
         return "n/a (not implemented)"
     return "n/a"
+
+
+def _span(values: Sequence[int]) -> str:
+    """``1,040`` or ``980-1,100`` (min-max over the repeats)."""
+    lo, hi = min(values), max(values)
+    return f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
 
 
 def _ratio_text(ratio: float, higher_is_better: bool) -> str:
@@ -150,6 +163,10 @@ def format_workload(workload: Workload, summary: dict[str, Any], quick: bool, ru
                 ratios.append(f"vs {peer} {_ratio_text(mine / theirs, metric.higher_is_better)}")
             if ratios:
                 lines.append(f"  {'':<{LABEL}} {own}/peer: " + ", ".join(ratios))
+    sized = [f"{runner} " + ", ".join(f"{label} {_span(ks)}" for label, ks in summary.get("sizes", {})[runner].items())
+             for runner in runners if runner in OPTIONAL_PEERS and summary.get("sizes", {}).get(runner)]
+    if sized:
+        lines.append(f"    tasks per measurement: {'; '.join(sized)}")
     for runner, reason in summary["reasons"].items():
         lines.append(f"    {runner}: {reason}")
     if summary.get("remote_skipped"):

@@ -365,7 +365,12 @@ class DaskRunner(Runner):
     def start(self) -> None:
         import logging
 
+        import dask
+
         d = self._distributed
+        # 32 worker processes on 2 busy cores can leave a local connection silent past dask's 30 s
+        # default, which then cancels every task ("scheduler-connection-lost"): nothing here is remote
+        dask.config.set({"distributed.comm.timeouts.tcp": "300s", "distributed.comm.timeouts.connect": "300s"})
         self.cluster = d.LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
                                       dashboard_address=None, silence_logs=logging.ERROR)
         self.client = d.Client(self.cluster)
@@ -440,16 +445,48 @@ class IpyparallelRunner(Runner):
         return sorted(self.rc[:].apply_sync(os.getpid))
 
     def close(self) -> None:
-        if self.cluster is not None:
+        """Stop the engines, then the controller, and wait until every process of the cluster is gone.
+
+        Each engine has a nanny (a process in a session of its own) that, once its engine
+        exits, tells the controller and only then exits: stopping the controller first
+        (what ``stop_cluster`` does, concurrently) leaves the nannies lingering 3 s on an
+        unanswered message, past the orchestrator's grace, which then reports them.
+        """
+        if self.cluster is None:
+            return
+        import psutil
+
+        ours = psutil.Process().children(recursive=True)  # controller, engines, their nannies
+        try:
+            self.rc.close()
+            self.cluster.stop_engines_sync()
+        finally:
             try:
-                self.rc.close()
+                self.cluster.stop_controller_sync()
             finally:
-                self.cluster.stop_cluster_sync()
                 self.cluster = self.rc = self.view = None
+                _, alive = psutil.wait_procs(ours, timeout=10)
+                for proc in alive:
+                    try:
+                        proc.kill()
+                    except psutil.Error:
+                        pass
+                psutil.wait_procs(alive, timeout=5)
 
 
 class MpireRunner(Runner):
-    """mpire's ``WorkerPool`` (fork, workers kept alive between calls; if installed)."""
+    """mpire's ``WorkerPool`` (fork, workers kept alive between calls; if installed).
+
+    An mpire worker picks how it unpacks a task's arguments once, when it starts or
+    when a call brings map parameters different from the ones it has: ordered calls
+    (``map``, ``imap``) send ``(index, args)`` pairs and need the helper that strips the
+    index, chosen only while the pool is in ordered mode. A worker started by
+    ``apply_async`` keeps the plain helper, and a later ``map`` of the same function
+    (equal parameters: nothing is re-sent) then calls ``fn(index, args)``. So the
+    first ordered call on workers that ``apply_async`` started stops them, and the
+    ordered call starts new ones (outside every timed window: the workloads warm the
+    map path first). ``apply_async`` itself never uses the cached helper.
+    """
 
     name = "mpire"
     default_map = "WorkerPool.map default chunk_size"
@@ -460,22 +497,38 @@ class MpireRunner(Runner):
 
         self._mpire: Any = mpire
         self.pool: Any = None
+        #: how the running workers were started: None (none running), "apply" or "ordered"
+        self._started_by: str | None = None
 
     def start(self) -> None:
         self.pool = self._mpire.WorkerPool(n_jobs=self.workers, start_method="fork", keep_alive=True)
+        self._started_by = None
+
+    def _apply(self) -> None:
+        if self._started_by is None:
+            self._started_by = "apply"
+
+    def _ordered(self) -> None:
+        if self._started_by == "apply":
+            self.pool.stop_and_join()
+        self._started_by = "ordered"
 
     def submit_gather(self, fn: Callable[..., Any], args: Sequence[tuple[Any, ...]]) -> list[Any]:
+        self._apply()
         pending = [self.pool.apply_async(fn, args=a) for a in args]
         return [p.get(timeout=RESULT_TIMEOUT) for p in pending]
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], chunksize: int | None) -> list[Any]:
+        self._ordered()
         return list(self.pool.map(fn, [(x,) for x in items], chunk_size=chunksize, progress_bar=False))
 
     def stream(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        self._ordered()
         return iter(self.pool.imap(fn, ((x,) for x in items), chunk_size=chunksize or 1, progress_bar=False))
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.apply(fn, args=args)
+        self._apply()
+        return self.pool.apply_async(fn, args=args).get(timeout=RESULT_TIMEOUT)
 
     def worker_pids(self) -> list[int]:
         raise NotApplicable("mpire does not expose its worker pids")
@@ -484,6 +537,7 @@ class MpireRunner(Runner):
         if self.pool is not None:
             self.pool.stop_and_join()
             self.pool = None
+            self._started_by = None
 
 
 _CLASSES: dict[str, Callable[[int], Runner]] = {

@@ -7,6 +7,12 @@ timeout) and reads the JSON it writes; the suite starts its own children and
 workers and must leave none behind (the autouse leak check verifies it).
 Marked ``slow`` (about 20-60 s) but part of the default run.
 
+The optional peers (Dask, ipyparallel, mpire: the ``bench`` extra, which CI does
+not install) get tests of their own that skip the peers not installed: a quick
+run of every workload each one claims (about 4.5 minutes with all three), and a
+measurement child killed mid-way (as on a timeout) that must leave no process of
+its peer, even those in sessions of their own.
+
 W8's remote rows run phalanx with hosts made of network namespaces (as
 root): the quick run includes them where namespaces can be made and must
 say why it skipped them where they cannot (tested by hiding the ``ip``
@@ -36,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TASK_WORKLOADS = ("W1", "W2", "W4", "W5", "W6", "W7")
 #: many workers: phalanx, Pool and loky (not PPE), and the ceiling (Pool, one chunk per worker)
 W8_PEERS = ("pool", "loky", "static")
-#: the optional peers (Dask, ipyparallel, mpire) are left to their own test: they take long to start
+#: the optional peers (Dask, ipyparallel, mpire) are left to tests of their own: they take long to start
 CORE_RUNNERS = "phalanx,inline,executor,pool,ppe,loky,manager,ray,static"
 #: the actor workload, compared with peers of its own (a BaseManager proxy, Ray), not Pool/PPE/loky
 OWN_PEERS = ("W3",)
@@ -149,29 +155,133 @@ def test_hot_restart_benchmark_runs() -> None:
     assert "hot restart of an actor holding 0.25 MiB" in proc.stdout and "median" in proc.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_optional_peers_run_when_installed_and_are_skipped_otherwise(tmp_path: Path) -> None:
-    """Dask, ipyparallel and mpire (the ``bench`` extra) in W2 at a tiny size; absent ones are named, not run."""
+#: each optional peer (the ``bench`` extra) and the workloads it claims
+PEER_WORKLOADS = {
+    "dask": ("W1", "W2", "W4", "W5", "W6", "W8"),
+    "ipyparallel": ("W1", "W2", "W4", "W5", "W6", "W8"),
+    "mpire": ("W1", "W2", "W4", "W5", "W6", "W7", "W8"),
+}
+#: the workloads whose optional peers are sized by a probe, with the size labels each reports
+SIZED = {"W1": ("(a)", "(b1)", "(b2)"), "W2": ("calls",), "W8": ("2 workers", "4 workers")}
+
+
+def _installed_peers() -> list[str]:
     from benchmarks.runners import PEER_RUNNERS, peers_present
 
+    present = peers_present()
+    return [peer for peer in PEER_RUNNERS if present[peer]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_optional_peers_run_every_workload_they_claim_when_installed(tmp_path: Path) -> None:
+    """Dask, ipyparallel and mpire (the ``bench`` extra), quick sizes: every workload each one claims
+    gives numbers, the sizes they ran are in the JSON and the table, none leaves a process behind;
+    absent peers are named, not run. About 4.5 minutes here with all three installed (264 s, load average ~12)."""
+    from benchmarks.runners import PEER_RUNNERS, peers_present
+    from benchmarks.workloads import WORKLOADS
+
     out = tmp_path / "peers.json"
-    proc = run_module(["benchmarks", "--quick", "--repeats", "1", "--only", "W2", "--json", str(out)], timeout=240)
+    proc = run_module(["benchmarks", "--quick", "--repeats", "1", "--runners", ",".join(PEER_RUNNERS),
+                       "--json", str(out)], timeout=840)
     data: dict[str, Any] = json.loads(out.read_text())
     assert data["failed"] == 0
     present = peers_present()
     assert data["meta"]["peers_present"] == present
-    status = data["workloads"]["W2"]["status"]
+    workloads = data["workloads"]
     for peer in PEER_RUNNERS:
-        if present[peer]:
-            assert status[peer] == "ok", (peer, data["workloads"]["W2"]["reasons"])
-            assert data["workloads"]["W2"]["metrics"]["median_us"]["runners"][peer]["median"] > 0
-        else:
-            assert peer not in status
+        claimed = [wid for wid, w in WORKLOADS.items() if peer in w.runners]
+        if not present[peer]:
+            assert all(peer not in workloads.get(wid, {}).get("status", {}) for wid in claimed)
             assert "not installed (skipped): " in proc.stdout and peer in proc.stdout
-    # Processes a peer leaves behind (a dask nanny or an ipyparallel engine slow to exit on a loaded
-    # machine) are the peer's, reported and killed by the suite; phalanx must leave none.
-    assert all(not run.get("leftovers") for run in data["runs"] if run["runner"] == "phalanx"), data["runs"]
+            continue
+        assert claimed == list(PEER_WORKLOADS[peer]), (peer, claimed)
+        for wid in claimed:
+            entry = workloads[wid]
+            assert entry["status"][peer] == "ok", (wid, peer, entry["reasons"])
+            numbers = [m["runners"][peer]["median"] for m in entry["metrics"].values()
+                       if "median" in m["runners"].get(peer, {})]
+            assert numbers and all(v > 0 for v in numbers), (wid, peer, entry["metrics"])
+        for wid, labels in SIZED.items():
+            sizes = workloads[wid]["sizes"][peer]
+            na = {key for key, m in workloads[wid]["metrics"].items() if "na" in m["runners"].get(peer, {})}
+            expected = [label for label in labels if not (wid == "W1" and label == "(b2)" and na)]
+            assert list(sizes) == expected, (wid, peer, sizes)
+            assert all(k >= 1 for ks in sizes.values() for k in ks), (wid, peer, sizes)
+        assert "tasks per measurement: " in proc.stdout and f"{peer} (a) " in proc.stdout
+    assert all(not run.get("leftovers") for run in data["runs"]), \
+        [(run["workload"], run["runner"], run["leftovers"]) for run in data["runs"] if run.get("leftovers")]
+
+
+#: a long measurement of each peer (seconds at least), and what shows its workers are up: the processes
+#: whose command line holds a marker, and how many
+PEER_PROCESSES = {
+    "dask": (["--workload", "W1"], "spawn_main", 2),  # the worker processes the nannies spawn
+    "ipyparallel": (["--workload", "W1"], "ipyparallel.engine.nanny", 2),  # started last, by each engine
+    "mpire": (["--workload", "W7", "--size", "1000000"], "run_one", 3),  # the child and its two forked workers
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("peer", tuple(PEER_PROCESSES))
+def test_a_peer_child_killed_by_the_timeout_leaves_no_process(peer: str, tmp_path: Path) -> None:
+    """SIGKILL a peer's measurement child as the orchestrator does on a timeout, once its workers run:
+    no process of the peer survives, not even those in sessions of their own (ipyparallel's controller,
+    engines and nannies), which killing the child's process group alone left running."""
+    if peer not in _installed_peers():
+        pytest.skip(f"{peer} is not installed (pip install -e '.[bench]')")
+    from benchmarks.__main__ import _kill_tree
+
+    tag = f"{peer}-{os.getpid()}-{time.monotonic_ns()}"
+    # the peers' files in the test's directory, as the orchestrator puts them in a scratch directory
+    env = dict(os.environ, BENCH_LEAK_TAG=tag, IPYTHONDIR=str(tmp_path / "ipython"),
+               DASK_TEMPORARY_DIRECTORY=str(tmp_path / "dask"),
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    args, marker, count = PEER_PROCESSES[peer]
+    child = subprocess.Popen([sys.executable, "-m", "benchmarks.run_one", "--runner", peer, *args], cwd=ROOT,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len([p for p in _tagged(tag) if marker in " ".join(_cmdline(p))]) < count:
+            assert child.poll() is None, f"the {peer} child ended before its workers were seen"
+            assert time.monotonic() < deadline, f"the {peer} workers never started"
+            time.sleep(0.05)
+        killed = _kill_tree(child.pid)
+        child.wait(timeout=10)
+        assert killed, "nothing was killed"
+        deadline = time.monotonic() + 5
+        while (alive := _tagged(tag)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive == [], f"{peer} processes outlived the killed child: {[_cmdline(p) for p in alive]}"
+    finally:
+        for proc in _tagged(tag):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _tagged(tag: str) -> list[psutil.Process]:
+    """Every live process (not a zombie) whose environment carries ``BENCH_LEAK_TAG=tag`` (inherited from the child)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("BENCH_LEAK_TAG") == tag and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
 
 
 @pytest.mark.timeout(180)
@@ -231,3 +341,29 @@ def test_a_remote_run_killed_midway_leaves_nothing_once_swept() -> None:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait(timeout=10)
         netns.sweep_stale()
+
+
+def test_peer_size_probes_only_optional_peers_and_bounds_their_measurement() -> None:
+    """Phalanx and the core peers keep the full size without a probe; an optional peer gets as many
+    tasks as its probed rate does in the target time, never fewer than the floor nor more than the full size."""
+    from benchmarks.workloads import PEER_TARGET_S, PEER_TARGET_S_QUICK, PROBE_S, peer_size
+
+    probes: list[int] = []
+
+    def at(rate: float) -> Any:
+        def run(k: int) -> float:
+            probes.append(k)
+            return k / rate
+        return run
+
+    for core in ("phalanx", "pool", "ppe", "loky", "executor"):
+        assert peer_size(core, 20_000, 500, False, at(10.0)) == 20_000
+    assert probes == []
+    # 1,000 tasks/s: probes grow until one lasts PROBE_S, then ~4 s worth
+    assert peer_size("dask", 20_000, 500, False, at(1000.0)) == int(1000 * PEER_TARGET_S)
+    assert probes[-1] / 1000.0 >= PROBE_S and all(k / 1000.0 < PROBE_S for k in probes[:-1])
+    assert peer_size("ipyparallel", 2_000, 50, True, at(1000.0)) == int(1000 * PEER_TARGET_S_QUICK)
+    # fast enough for the full size: the full size; very slow: the floor
+    assert peer_size("mpire", 20_000, 500, False, at(100_000.0)) == 20_000
+    assert peer_size("dask", 20_000, 500, False, at(20.0)) == 500
+    assert peer_size("dask", 300, 500, False, at(20.0)) == 300
