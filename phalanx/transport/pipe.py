@@ -109,22 +109,25 @@ class FramePipe:
         """
         return self.send_many((frame,))
 
+    def _send_small(self, frame: bytes) -> bool:
+        """The common case, one small frame with nothing waiting before it (a lone call): header
+        and frame in one buffer, one send; True if part of it waits in the backlog."""
+        data = _HEADER.pack(len(frame)) + frame
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise PipeError(f"the pipe is closed: {exc}") from None
+        if sent == len(data):
+            return False
+        self._backlog.append(memoryview(data)[sent:])
+        return True
+
     def send_many(self, frames: tuple[bytes, ...] | list[bytes]) -> bool:
         """Write frames in one system call where the kernel takes them; True if a backlog remains."""
         if len(frames) == 1 and not self._backlog and len(frames[0]) < _JOIN_BELOW:
-            # The common case, one small frame (a lone call): header and frame in one buffer, one send.
-            frame = frames[0]
-            data = _HEADER.pack(len(frame)) + frame
-            try:
-                sent = self.sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                raise PipeError(f"the pipe is closed: {exc}") from None
-            if sent == len(data):
-                return False
-            self._backlog.append(memoryview(data)[sent:])
-            return True
+            return self._send_small(frames[0])
         parts: list[bytes | memoryview] = []
         small: list[bytes] = []
         for frame in frames:
@@ -181,17 +184,8 @@ class FramePipe:
         """Write one frame, waiting while the kernel buffer is full (workers only)."""
         size = len(frame)
         if size < _JOIN_BELOW and not self._backlog:
-            # The common case, a small frame: header and frame in one buffer, one send.
-            data = _HEADER.pack(size) + frame
-            try:
-                sent = self.sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                raise PipeError(f"the pipe is closed: {exc}") from None
-            if sent == len(data):
+            if not self._send_small(frame):
                 return
-            self._backlog.append(memoryview(data)[sent:])
         elif not self.send(frame):
             return
         if self._backlog:
