@@ -49,7 +49,6 @@ Invariants kept:
 from __future__ import annotations
 
 import array
-import ctypes
 import gc
 import os
 import select
@@ -152,11 +151,11 @@ def _warm_decoders() -> tuple[msgspec.msgpack.Decoder[_Spawn], msgspec.msgpack.D
 
 
 def _prctl(option: int, arg: int) -> bool:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(option, arg, 0, 0, 0) == 0)
-    except (OSError, AttributeError):
-        return False
+    # libc's prctl as the driver found it at import (inherited): loading libc again here
+    # would cost the server ~0.3 ms before it forks the first worker
+    from .worker import _prctl as prctl
+
+    return prctl is not None and prctl(option, arg, 0, 0, 0) == 0
 
 
 class Pidfd:
@@ -687,9 +686,11 @@ def _hand_over(standby: dict[int, socket.socket], request: bytes, fds: list[int]
 
 def _leave_server(server_fds: tuple[Any, ...]) -> None:
     """In a new worker: drop the server's signal handlers and sockets."""
+    from .worker import _set_handler  # signal.signal's C function: no enum machinery touched
+
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
+        _set_handler(int(sig), int(signal.SIG_DFL))
     for obj in server_fds:
         if isinstance(obj, int):
             os.close(obj)
