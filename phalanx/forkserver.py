@@ -90,6 +90,12 @@ _MAX_FDS = 2
 fork_lock = threading.RLock()
 #: driver-side sockets of every live fork server in this process (closed in new servers)
 _clients: weakref.WeakSet[ForkServer] = weakref.WeakSet()
+#: every Pidfd of this process holding a descriptor (closed in new fork servers: another
+#: runtime's workers, even multiprocessing's, are none of theirs nor their workers')
+_pidfds: weakref.WeakSet[Pidfd] = weakref.WeakSet()
+#: held from a pidfd's arrival (opened, or received) until a Pidfd in _pidfds holds it, and
+#: around the fork of a fork server, so no new server inherits a pidfd it cannot close
+_pidfd_lock = threading.Lock()
 
 
 class _Spawn(msgspec.Struct, frozen=True, tag="spawn"):
@@ -176,13 +182,16 @@ class Pidfd:
         self._fd = fd
         self._open = True
         self._lock = threading.Lock()
+        if fd is not None:
+            _pidfds.add(self)
 
     @classmethod
     def open(cls, pid: int) -> Pidfd:
         """Open ``pid``'s pidfd now. The caller must know ``pid`` still names its process
         (an unreaped child), or check afterwards that it did (see the supervisor)."""
         try:
-            return cls(os.pidfd_open(pid), pid)
+            with _pidfd_lock:
+                return cls(os.pidfd_open(pid), pid)
         except ProcessLookupError:
             gone = cls(None, pid)
             gone._open = False
@@ -226,6 +235,7 @@ class Pidfd:
             self._open = False
             fd, self._fd = self._fd, None
         if fd is not None:
+            _pidfds.discard(self)
             os.close(fd)
 
     def _close_in_child(self) -> None:
@@ -257,10 +267,9 @@ class ForkedWorker:
         self._pidfd: Pidfd | None = None
         self._pidfd_lock = threading.Lock()
 
-    def _started(self, pid: int, fd: int | None) -> None:
-        """The server's Started reply: the pid, and its pidfd (None: the server had none)."""
+    def _started(self, pid: int, pidfd: Pidfd) -> None:
+        """The server's Started reply: the pid, and its pidfd (fd None: the server had none)."""
         self.pid = pid
-        pidfd = Pidfd(fd, pid)
         with self._pidfd_lock:
             self._pidfd = pidfd
             if self._done.is_set():  # its exit was reported before the reply was read
@@ -332,7 +341,8 @@ class ForkServer:
                 # started; docs/faults.md): the server runs no code that takes their locks.
                 warnings.filterwarnings("ignore", message=r"This process .* is multi-threaded",
                                         category=DeprecationWarning)
-                pid = os.fork()
+                with _pidfd_lock:
+                    pid = os.fork()
             if pid == 0:  # the fork server
                 try:
                     # What the driver had is never collected here nor in the workers: a collection
@@ -342,9 +352,8 @@ class ForkServer:
                     self._events.close()
                     for other in list(_clients):
                         other._close_sockets()
-                        for handle in list(other._workers.values()):
-                            if handle._pidfd is not None:
-                                handle._pidfd._close_in_child()
+                    for pidfd in list(_pidfds):
+                        pidfd._close_in_child()
                     _serve(ctl, events, driver, standby)
                 finally:
                     os._exit(70)
@@ -423,23 +432,34 @@ class ForkServer:
         results: list[ForkedWorker | OSError] = []
         try:
             for handle in handles:
-                raw, fds = _recv_reply(self._ctl)
-                try:
-                    if not raw:
-                        raise OSError("the fork server is gone")
-                    reply = msgspec.msgpack.decode(raw, type=_Reply)
-                except BaseException:
-                    for fd in fds:
+                # Waited for without the lock (the server may take a while to fork); read under
+                # it, so a fork server forked meanwhile never inherits the pidfd it carries.
+                waiting = select.poll()
+                waiting.register(self._ctl, select.POLLIN)
+                waiting.poll()
+                with _pidfd_lock:
+                    raw, fds = _recv_reply(self._ctl)
+                    try:
+                        if not raw:
+                            raise OSError("the fork server is gone")
+                        reply = msgspec.msgpack.decode(raw, type=_Reply)
+                    except BaseException:
+                        for fd in fds:
+                            os.close(fd)
+                        raise
+                    for fd in fds[1:]:
                         os.close(fd)
-                    raise
-                for fd in fds[1:]:
-                    os.close(fd)
+                    pidfd = None
+                    if isinstance(reply, _Failed):
+                        if fds:
+                            os.close(fds[0])
+                    else:
+                        pidfd = Pidfd(fds[0] if fds else None, reply.pid)
                 if isinstance(reply, _Failed):
-                    if fds:
-                        os.close(fds[0])
                     results.append(OSError(f"the fork server could not start {handle.worker_id}: {reply.error}"))
                 else:
-                    handle._started(reply.pid, fds[0] if fds else None)
+                    assert pidfd is not None
+                    handle._started(reply.pid, pidfd)
                     results.append(handle)
         except BaseException:
             # Replies not read: the server may have forked those workers; the owner ends the
@@ -496,10 +516,12 @@ class ForkServer:
             pass
         deadline = time.monotonic() + timeout
         # A pidfd becomes readable when the server exits: no polling delay on shutdown's path.
-        try:
-            pidfd: int | None = os.pidfd_open(self.pid)
-        except (AttributeError, OSError):
-            pidfd = None
+        # (A Pidfd: a fork server another thread forks meanwhile closes its copy.)
+        server = Pidfd.open(self.pid)
+        waiting = None
+        if server._fd is not None:
+            waiting = select.poll()  # not select: a driver may hold descriptors past 1023
+            waiting.register(server._fd, select.POLLIN)
         try:
             while True:
                 try:
@@ -514,13 +536,12 @@ class ForkServer:
                     except ProcessLookupError:
                         pass
                     deadline = float("inf")
-                if pidfd is None:
+                if waiting is None:
                     time.sleep(0.005)
                 else:
-                    select.select([pidfd], [], [], min(1.0, max(0.0, deadline - time.monotonic())))
+                    waiting.poll(1000 * min(1.0, max(0.0, deadline - time.monotonic())))
         finally:
-            if pidfd is not None:
-                os.close(pidfd)
+            server.close()
         if self._reader.is_alive() and self._reader is not threading.current_thread():
             self._reader.join(timeout)
         with self._lock:

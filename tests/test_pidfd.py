@@ -133,3 +133,35 @@ def test_no_pidfd_is_left_open_over_hundreds_of_worker_replacements(method: str,
     assert seen >= batch  # the workers of a batch were held by pidfds
     assert _pidfds() == 0
     assert after == before
+
+
+def _pidfds_of(pid: int) -> int:
+    """Process ``pid``'s open pidfds."""
+    count = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[pidfd]"
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfds on this platform")
+@pytest.mark.parametrize("first", ["forkserver", "phalanx"])
+def test_a_fork_server_and_its_workers_hold_no_other_runtimes_pidfds(first: str) -> None:
+    """A runtime started while another one runs (whose workers the driver holds by pidfds,
+    opened by multiprocessing's start or received from a fork server): its fork server
+    and its workers hold no pidfd, nor does a process one of its tasks starts."""
+    import phalanx
+
+    with phalanx.Runtime(workers=2, start_method=first) as other:
+        other.wait_for_workers(2, timeout=60)
+        assert _pidfds() >= 2  # the driver holds the other runtime's workers by pidfds
+        with phalanx.Runtime(workers=2) as rt:
+            rt.wait_for_workers(2, timeout=60)
+            server = rt._driver._supervisor._server
+            assert server is not None
+            pids = [server.pid, *rt.worker_pids().values()]
+            assert {pid: _pidfds_of(pid) for pid in pids} == dict.fromkeys(pids, 0)
+    assert _pidfds() == 0
