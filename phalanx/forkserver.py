@@ -585,6 +585,9 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
     decoder, spec_decoder = _warm_decoders()
     encoder = msgspec.msgpack.Encoder()
     next_check = 0.0
+    waiting = select.poll()  # not select: the driver may have held descriptors past 1023
+    waiting.register(ctl.fileno(), select.POLLIN)
+    waiting.register(wake_r, select.POLLIN)
     while not stop:
         now = time.monotonic()
         if now >= next_check:
@@ -593,7 +596,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
             next_check = now + _PARENT_CHECK
         timeout = 0.0 if to_fork else min([next_check, *sweeps]) - now
         try:
-            ready: list[int] = select.select([ctl.fileno(), wake_r], [], [], max(0.0, timeout))[0]
+            ready: list[int] = [fd for fd, _ in waiting.poll(1000 * max(0.0, timeout))]
         except InterruptedError:
             ready = []
         if wake_r in ready:

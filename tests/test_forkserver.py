@@ -428,3 +428,26 @@ def test_standby_workers_die_with_a_driver_sigkilled_before_any_spawn(tmp_path: 
         driver.wait(timeout=10)
         left = _wait_gone(watched, within=1.0)
         assert not left, f"alive 1 s after the driver was SIGKILLed: {left} of {pids}"
+
+
+@pytest.mark.timeout(120)
+def test_a_driver_holding_descriptors_past_1023_starts_and_ends_a_runtime() -> None:
+    """A driver with over a thousand descriptors open (a server's connections, say): the
+    fork server it forks waits on its sockets with poll, not select (which stops at
+    descriptor 1023): the runtime starts, runs a task, and shuts down."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"at most {hard} descriptors here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if hard == resource.RLIM_INFINITY
+                                                else min(hard, max(soft, 1200)), hard))
+    held = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(1100)]
+    try:
+        assert max(held) > 1023
+        with phalanx.Runtime(workers=1) as rt:
+            assert rt.submit("ops:square", 9).result(timeout=60) == 81
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
