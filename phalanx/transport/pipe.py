@@ -45,6 +45,8 @@ _JOIN_BELOW = 16 * 1024
 _MAX_PARTS = 512
 #: bytes read per recv (a frame larger than this is read straight into its own buffer)
 _CHUNK = 256 * 1024
+#: what a closed pipe reads into: its own chunk is unmapped at close (see FramePipe.close)
+_NO_CHUNK = memoryview(bytearray())
 #: socket buffer asked for, each way (bytes)
 BUFFER = 4 * 1024 * 1024
 #: reads per call of :meth:`FramePipe.recv`, so one busy worker cannot starve the others
@@ -279,4 +281,10 @@ class FramePipe:
 
     def close(self) -> None:
         self._backlog.clear()
+        # A dead worker's entry outlives its pipe (the driver keeps it a while): its 256 KiB
+        # mapping goes now, not with the entry. A read in progress keeps the chunk it took
+        # until it returns (no BufferError, no unmapping under it).
+        self._chunk = _NO_CHUNK
+        self._buf = bytearray()
+        self._big = None
         self.sock.close()
