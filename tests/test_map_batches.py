@@ -197,6 +197,24 @@ def test_closing_a_map_stops_its_chunk_after_the_call_running_then(tmp_path: Pat
         assert rt.worker_pids() == pids
 
 
+def test_closing_a_map_of_awaitables_runs_none_of_them_after_the_one_running_then(tmp_path: Path) -> None:
+    """The operation returns coroutines; the worker awaits them after the chunk's calls: an abort
+    while one runs leaves every later one unawaited (not run to the end, past the abort)."""
+    log, gate = tmp_path / "log", tmp_path / "gate"
+    items = [f"{log}\n{gate}\n{i}\n5" for i in range(1000)]
+    with phalanx.Runtime(workers=1, abort_grace=30) as rt:
+        pids = rt.worker_pids()
+        it = rt.map(ops.log_then_wait_at_gate_when_awaited, items, chunksize=1000, timeout=T)
+        _wait_until(lambda: log.exists() and "5\n" in log.read_text(), "item 5 started")
+        before = rt.stats().late_results_dropped
+        it.close()
+        _wait_until(lambda: rt.stats().late_results_dropped > before, "the worker set the abort flag")
+        gate.touch()
+        assert rt.submit(ops.triple_unless_negative, 2).result(timeout=T) == 6  # the chunk ended
+        assert log.read_text().split() == [str(i) for i in range(6)]
+        assert rt.worker_pids() == pids
+
+
 def test_a_crash_deep_in_a_big_chunk_of_single_argument_calls_is_charged_to_that_item_only() -> None:
     items = list(range(3000))
     items[1777] = -1
