@@ -114,6 +114,34 @@ def test_no_call_starts_once_the_task_is_aborted(at: int) -> None:
     assert ctx.rest is None
 
 
+@pytest.mark.parametrize("at", [0, 1, 500, 999])
+def test_no_awaitable_a_call_returned_starts_once_the_task_is_aborted(at: int) -> None:
+    """The calls return coroutines, awaited after the loop: an abort while one runs leaves every
+    later one closed, never run (and none left to warn that it was never awaited)."""
+    ctx_ref: list[Ctx] = []
+    ran: list[int] = []
+
+    async def body(x: int) -> int:
+        ran.append(x)
+        if x == at:
+            abort(ctx_ref[0])  # what the worker's control thread does, here while one is awaited
+        return x
+
+    def later(x: int) -> Any:
+        return body(x)
+
+    op = Operation("later", later)
+    runner = TaskRunner(lambda: 0.0, settle, lambda name: op)
+    ctx = Ctx()
+    ctx_ref.append(ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outcome = runner.execute(Chunk(1, 0, 0, "later", list(range(1000)), False, False, 0.0, []), ctx)
+    assert isinstance(outcome, Err) and outcome.error.type.endswith("TaskCancelledError")
+    assert ran == list(range(at + 1))
+    assert outcome.partial == list(range(at + 1)) and outcome.index == at + 1
+
+
 def test_a_task_aborted_before_its_loop_starts_calls_nothing() -> None:
     calls: list[int] = []
 
