@@ -85,7 +85,9 @@ class FramePipe:
         # Anonymous memory, not a bytearray: the kernel maps a page at its first write, so a
         # pipe that carries small frames touches one page, where zero-filling 256 KiB cost
         # ~64 page faults in the driver and in each worker as it starts.
-        self._chunk = memoryview(mmap.mmap(-1, _CHUNK))
+        # Private: a process forked from this one (a fork server, a task's child) gets a copy,
+        # never a view of what this pipe reads next.
+        self._chunk = memoryview(mmap.mmap(-1, _CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
         #: a large frame being read into its own buffer, and how much of it arrived
         self._big: bytearray | None = None
         self._big_got = 0
