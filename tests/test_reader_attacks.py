@@ -1,0 +1,84 @@
+"""Attacks on the driver's reading paths: a caller reading its own reply, a submitting thread's read.
+
+A waiting caller (``phalanx.direct``) reads and delivers outcomes of other
+futures than its own; a thread submitting behind every credit reads them too
+(``LocalPipes.help``). Whatever interrupts such a thread (a signal handler
+raising KeyboardInterrupt in the main thread, a done-callback that itself
+waits or submits, a worker killed meanwhile), every outcome it took must still
+reach its future exactly once, and the next wait must work.
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+import phalanx
+
+import ops
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _when_waiting(rt: phalanx.Runtime, then: object) -> threading.Thread:
+    """A thread that runs ``then()`` once a caller waits in the direct read."""
+    def run() -> None:
+        direct = rt._driver.direct
+        while not direct.waiting:
+            threading.Event().wait(0.001)
+        then()  # type: ignore[operator]
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_keyboard_interrupt_in_a_callback_run_by_a_waiting_caller_loses_no_other_outcome(
+        tmp_path: Path) -> None:
+    """SIGINT lands while the main thread, waiting in result(), delivers the outcomes it read:
+    KeyboardInterrupt leaves result(), and every other outcome still reaches its future (before,
+    those after the interrupted one in the same read were dropped: their futures never settled)."""
+    release = tmp_path / "release"
+    calls: collections.Counter[int] = collections.Counter()
+    on_main: list[bool] = []
+
+    def interrupt(_: object) -> None:
+        on_main.append(threading.current_thread() is threading.main_thread())
+        if on_main[-1]:
+            signal.raise_signal(signal.SIGINT)  # its handler raises here, in the callback
+
+    def counted(i: int) -> object:
+        def callback(_: object) -> None:
+            calls[i] += 1
+        return callback
+
+    with phalanx.Runtime(workers=1, credits=64) as rt:
+        straggler = rt.submit(ops.square_after, 0, str(release))
+        futures = [rt.submit(ops.inc, i) for i in range(40)]
+        futures[20].add_done_callback(interrupt)
+        for i, fut in enumerate(futures):
+            fut.add_done_callback(counted(i))
+        helper = _when_waiting(rt, release.touch)
+        interrupted = False
+        try:
+            futures[-1].result(timeout=60)
+        except KeyboardInterrupt:
+            interrupted = True
+        helper.join(30)
+        assert on_main == [True] and interrupted  # the attack ran as meant
+        assert straggler.result(timeout=30) == 0
+        assert [f.result(timeout=30) for f in futures] == [i + 1 for i in range(40)]
+        # The thread's next wait works (its waiter is not left busy, nor in a future's waiters).
+        assert rt.submit(ops.inc, 1).result(timeout=30) == 2
+        assert all(not f._waiters for f in futures)
+        deadline = threading.Event()
+        for _ in range(300):
+            if len(calls) == 39:
+                break
+            deadline.wait(0.01)
+        # (future 20's callbacks after the interrupted one are skipped, as concurrent.futures does)
+        assert set(calls.values()) == {1} and sorted(calls) == [i for i in range(40) if i != 20]
+        assert rt._driver.broken is None
