@@ -11,6 +11,7 @@ reach its future exactly once, and the next wait must work.
 from __future__ import annotations
 
 import collections
+import select
 import signal
 import threading
 from pathlib import Path
@@ -81,4 +82,75 @@ def test_a_keyboard_interrupt_in_a_callback_run_by_a_waiting_caller_loses_no_oth
             deadline.wait(0.01)
         # (future 20's callbacks after the interrupted one are skipped, as concurrent.futures does)
         assert set(calls.values()) == {1} and sorted(calls) == [i for i in range(40) if i != 20]
+        assert rt._driver.broken is None
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_a_keyboard_interrupt_between_two_pipe_reads_of_a_waiting_caller_loses_no_outcome(
+        tmp_path: Path) -> None:
+    """The main thread, waiting in result(), read one worker's outcome and waits for the next
+    worker's reader lock when SIGINT arrives: what it read and resolved is still delivered (before,
+    it was resolved but never delivered, and the worker's pipe stayed marked as being delivered
+    from, so the pump never read it again)."""
+    release = tmp_path / "release"
+    gate, stuck, both, caught = (threading.Event() for _ in range(4))
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def hold_the_pump(_: object) -> None:
+        if threading.current_thread().name == "phalanx-pump":
+            stuck.set()
+            gate.wait(60)
+
+    with phalanx.Runtime(workers=2, credits=1) as rt:
+        first = rt.submit(ops.inc, 0)
+        first.add_done_callback(hold_the_pump)
+        assert stuck.wait(30)  # the pump reads no pipe from now on: the waiting caller does
+        pipes = rt._driver.pipes
+        assert len(pipes.piped) == 2
+        w0, w1 = pipes.piped  # the order the caller polls them in
+        fds = [w0.pipe.fileno(), w1.pipe.fileno()]  # type: ignore[union-attr]
+        gated = rt.submit(ops.square_after, 0, str(release))
+        quick = rt.submit(ops.inc, 1)
+        queued = rt.submit(ops.inc, 2)  # sent to quick's worker once quick's outcome is read
+        held = threading.Lock()
+        held.acquire()
+
+        def hold_the_second_reader() -> None:
+            with w1.reader:
+                held.release()
+                both.wait(30)
+                while _readable(fds[0]):  # the caller reads the first pipe, then waits for this lock
+                    threading.Event().wait(0.001)
+                signal.pthread_kill(main, signal.SIGINT)
+                caught.wait(30)
+
+        def on_quick(_: object) -> None:  # run by the main thread, delivering what it read
+            if threading.current_thread().ident != main:
+                return
+            threading.Thread(target=hold_the_second_reader, daemon=True).start()
+            held.acquire()
+            release.touch()
+            for _ in range(30000):  # until both workers' outcomes wait in their pipes
+                if _readable(fds[0]) and _readable(fds[1]):
+                    both.set()
+                    return
+                threading.Event().wait(0.001)
+
+        quick.add_done_callback(on_quick)
+        try:
+            try:
+                gated.result(timeout=60)
+            except KeyboardInterrupt:
+                caught.set()
+            assert both.is_set() and caught.is_set()  # the attack ran as meant
+        finally:
+            caught.set()
+            gate.set()
+        assert [f.result(timeout=30) for f in (gated, quick, queued)] == [0, 2, 3]
+        assert first.result(timeout=30) == 1
+        assert rt.submit(ops.inc, 3).result(timeout=30) == 4
         assert rt._driver.broken is None
