@@ -11,6 +11,8 @@ reach its future exactly once, and the next wait must work.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import os
 import select
 import signal
 import threading
@@ -20,6 +22,7 @@ import pytest
 
 import phalanx
 
+import actor_ops
 import ops
 
 pytestmark = pytest.mark.timeout(120)
@@ -153,4 +156,99 @@ def test_a_keyboard_interrupt_between_two_pipe_reads_of_a_waiting_caller_loses_n
         assert [f.result(timeout=30) for f in (gated, quick, queued)] == [0, 2, 3]
         assert first.result(timeout=30) == 1
         assert rt.submit(ops.inc, 3).result(timeout=30) == 4
+        assert rt._driver.broken is None
+
+
+def test_threads_mixing_every_kind_of_wait_with_nested_waits_and_a_worker_killed(tmp_path: Path) -> None:
+    """Six threads at once: submit then result with short timeouts, map, as_completed, pipelined
+    actor calls, and done-callbacks that submit and wait on another future (a wait nested in the
+    caller's delivery, on the same thread); a worker is SIGKILLed meanwhile. Every future settles
+    (a value, or a phalanx error of the lost worker), every callback runs once, no thread hangs."""
+    import random
+
+    errors: list[BaseException] = []
+    calls: collections.Counter[tuple[int, int]] = collections.Counter()
+    progress = collections.Counter[int]()
+    expected: set[tuple[int, int]] = set()
+    lock = threading.Lock()
+
+    with phalanx.Runtime(workers=3, credits=2) as rt:
+        counters = [rt.spawn(actor_ops.Counter) for _ in range(2)]
+
+        def settle(fut: phalanx.Future[object], want: object) -> None:
+            try:
+                got = fut.result(timeout=60)
+            except phalanx.errors.PhalanxError:
+                return  # the killed worker's
+            assert got == want or want is None, (got, want)
+
+        def nested(key: tuple[int, int]) -> object:
+            def callback(_: object) -> None:
+                with lock:
+                    calls[key] += 1
+                inner = rt.submit(ops.inc, key[1])
+                if threading.current_thread().name != "phalanx-pump":  # (the pump must never wait)
+                    settle(inner, key[1] + 1)
+            return callback
+
+        def run(t: int) -> None:
+            rng = random.Random(t)
+            try:
+                for i in range(250):
+                    kind = rng.randrange(5)
+                    if kind == 0:
+                        fut = rt.submit(ops.inc, i)
+                        try:
+                            fut.result(timeout=rng.choice([0, 0.0005, 0.002]))
+                        except TimeoutError:
+                            pass
+                        except phalanx.errors.PhalanxError:
+                            pass
+                        settle(fut, i + 1)
+                    elif kind == 1:
+                        try:
+                            assert list(rt.map(ops.inc, range(i % 17), timeout=60)) == [x + 1 for x in range(i % 17)]
+                        except phalanx.errors.PhalanxError:
+                            pass
+                    elif kind == 2:
+                        futs = [rt.submit(ops.inc, x) for x in range(8)]
+                        for fut in concurrent.futures.as_completed(futs, timeout=60):
+                            settle(fut, None)
+                    elif kind == 3:
+                        ref = counters[rng.randrange(2)]
+                        futs = [ref.incr() for _ in range(rng.randrange(1, 40))]
+                        for fut in futs:
+                            settle(fut, None)
+                    else:
+                        fut = rt.submit(ops.inc, i)
+                        with lock:
+                            expected.add((t, i))
+                        fut.add_done_callback(nested((t, i)))
+                        settle(fut, i + 1)
+                    with lock:
+                        progress[t] += 1
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in range(6)]
+        for th in threads:
+            th.start()
+        for at in (150, 600):
+            for _ in range(60000):
+                with lock:
+                    if sum(progress.values()) >= at:
+                        break
+                threading.Event().wait(0.001)
+            os.kill(rt._driver.pipes.piped[0].pid, signal.SIGKILL)
+        for th in threads:
+            th.join(90)
+        assert not any(th.is_alive() for th in threads)
+        assert not errors, errors
+        for _ in range(30000):  # callbacks the pump runs may still be under way
+            with lock:
+                if set(calls) == expected:
+                    break
+            threading.Event().wait(0.001)
+        assert set(calls) == expected and set(calls.values()) == {1}
+        assert rt.submit(ops.inc, 1).result(timeout=30) == 2
         assert rt._driver.broken is None
