@@ -252,3 +252,143 @@ def test_threads_mixing_every_kind_of_wait_with_nested_waits_and_a_worker_killed
         assert set(calls) == expected and set(calls.values()) == {1}
         assert rt.submit(ops.inc, 1).result(timeout=30) == 2
         assert rt._driver.broken is None
+
+
+def test_shutdown_while_threads_submit_behind_every_credit_and_wait() -> None:
+    """shutdown() while four threads submit behind every credit (reading the pipes in submit) and
+    wait in result(): each gets its value or a phalanx error, none hangs, no process is left."""
+    errors: list[BaseException] = []
+    started = threading.Barrier(5)
+
+    with phalanx.Runtime(workers=2, credits=1) as rt:
+        def run(t: int) -> None:
+            futs: list[phalanx.Future[int]] = []
+            try:
+                started.wait(30)
+                for i in range(100000):
+                    try:
+                        futs.append(rt.submit(ops.inc, i))
+                    except phalanx.errors.PhalanxError:
+                        break  # closed
+                    if i % 7 == t:
+                        try:
+                            futs[-1].result(timeout=60)
+                        except phalanx.errors.PhalanxError:
+                            break
+                for i, fut in enumerate(futs):
+                    try:
+                        assert fut.result(timeout=60) == i + 1
+                    except phalanx.errors.PhalanxError:
+                        pass
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in range(4)]
+        for th in threads:
+            th.start()
+        started.wait(30)
+        while rt.stats().tasks_completed < 500:  # mid-storm
+            threading.Event().wait(0.001)
+        rt.shutdown(wait=False)
+        for th in threads:
+            th.join(90)
+        assert not any(th.is_alive() for th in threads)
+        assert not errors, errors
+
+
+def test_bursts_of_actor_calls_from_three_threads_survive_hot_restarts_in_order() -> None:
+    """Three threads each make 600 calls to one actor without waiting (bursts held and written
+    every DIRECTED_HELD_MAX calls) while it is hot-restarted twice, to the other worker and back:
+    every call lands once, each thread's in the order it made them."""
+    with phalanx.Runtime(workers=2) as rt:
+        ref = rt.spawn(actor_ops.Recorder)
+        errors: list[BaseException] = []
+        made = collections.Counter[int]()
+        lock = threading.Lock()
+
+        def run(t: int) -> None:
+            try:
+                futs = []
+                for i in range(600):
+                    futs.append(ref.append(t, i))
+                    with lock:
+                        made[t] += 1
+                for fut in futs:
+                    fut.result(timeout=60)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in range(3)]
+        for th in threads:
+            th.start()
+        for at in (300, 1200):
+            for _ in range(60000):
+                with lock:
+                    if sum(made.values()) >= at:
+                        break
+                threading.Event().wait(0.0005)
+            assert ref.restart(timeout=60)
+        for th in threads:
+            th.join(90)
+        assert not any(th.is_alive() for th in threads)
+        assert not errors, errors
+        log = ref.log().result(timeout=60)
+        assert sorted(log) == sorted((t, i) for t in range(3) for i in range(600))
+        for t in range(3):
+            assert [i for c, i in log if c == t] == list(range(600))
+
+
+def test_a_keyboard_interrupt_while_waiting_leaves_the_next_waits_working(tmp_path: Path) -> None:
+    """SIGINT while the main thread waits in result() (in its poll of the pipes), and again while
+    it waits in a done-callback run by its own delivery (a nested wait): KeyboardInterrupt leaves
+    result(), the waiters are off the futures, no caller counts as waiting, and the next waits
+    (plain and nested) still get their replies."""
+    release, never = tmp_path / "release", tmp_path / "never"
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def interrupt() -> None:
+        signal.pthread_kill(main, signal.SIGINT)  # type: ignore[arg-type]
+
+    with phalanx.Runtime(workers=2) as rt:
+        slow = rt.submit(ops.square_after, 0, str(release))
+        helper = _when_waiting(rt, interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            slow.result(timeout=60)
+        helper.join(30)
+        assert not slow._waiters and rt._driver.direct.waiting == 0
+        assert rt.submit(ops.inc, 1).result(timeout=30) == 2  # the thread's reused waiter is free
+
+        # The same inside a wait nested in a done-callback the main thread runs.
+        inner = rt.submit(ops.square_after, 0, str(never))
+        nested: list[BaseException] = []
+        after: list[int] = []
+
+        def wait_inside(_: object) -> None:
+            if threading.current_thread().ident != main:
+                return
+            helper2 = _when_waiting(rt, interrupt)
+            try:
+                inner.result(timeout=60)
+            except KeyboardInterrupt as exc:
+                nested.append(exc)
+            helper2.join(30)
+            after.append(rt.submit(ops.inc, 2).result(timeout=30))  # a nested wait still works
+
+        quick: list[phalanx.Future[int]] = []
+
+        def submit_quick() -> None:  # while the main thread waits on slow: it reads quick's reply
+            quick.append(rt.submit(ops.inc, 0))
+            quick[0].add_done_callback(wait_inside)
+            release.touch()
+
+        helper = _when_waiting(rt, submit_quick)
+        assert slow.result(timeout=60) == 0
+        helper.join(30)
+        assert quick[0].result(timeout=30) == 1
+        assert len(nested) == 1 and after == [3]  # the attack ran as meant, on the main thread
+        assert not inner._waiters
+        never.touch()
+        assert inner.result(timeout=60) == 0
+        assert not inner._waiters and not slow._waiters and rt._driver.direct.waiting == 0
+        assert rt.submit(ops.inc, 5).result(timeout=30) == 6
