@@ -392,3 +392,26 @@ def test_a_keyboard_interrupt_while_waiting_leaves_the_next_waits_working(tmp_pa
         assert inner.result(timeout=60) == 0
         assert not inner._waiters and not slow._waiters and rt._driver.direct.waiting == 0
         assert rt.submit(ops.inc, 5).result(timeout=30) == 6
+
+
+def test_a_copied_actor_ref_keeps_its_actor_alive_after_the_original_is_dropped() -> None:
+    """copy.copy / copy.deepcopy of a ref used on another thread once the original is dropped:
+    the actor keeps serving (before, a copy was not counted as a ref: dropping the original
+    stopped the actor under it), and the copy's cached method callables call the same actor."""
+    import copy
+    import gc
+
+    with phalanx.Runtime(workers=1) as rt:
+        ref = rt.spawn(actor_ops.Counter)
+        assert ref.incr().result(timeout=30) == 1  # ref.incr is cached in the ref from now on
+        copies = [copy.copy(ref), copy.deepcopy(ref)]
+        del ref
+        gc.collect()
+        got: list[int] = []
+        worker = threading.Thread(target=lambda: got.extend(c.incr().result(timeout=30) for c in copies))
+        worker.start()
+        worker.join(60)
+        assert got == [2, 3] and copies[0].state == "running"
+        copies.pop()
+        gc.collect()
+        assert copies[0].incr().result(timeout=30) == 4
