@@ -415,3 +415,34 @@ def test_a_copied_actor_ref_keeps_its_actor_alive_after_the_original_is_dropped(
         copies.pop()
         gc.collect()
         assert copies[0].incr().result(timeout=30) == 4
+
+
+def test_shutdown_from_a_done_callback_the_waiting_caller_runs(tmp_path: Path) -> None:
+    """A done-callback run by the main thread while it delivers what it read (inside result())
+    shuts the runtime down, waiting for the other running task: shutdown returns, the wait
+    returns, every future settles."""
+    release = tmp_path / "release"
+    main = threading.main_thread().ident
+    ran: list[bool] = []
+
+    with phalanx.Runtime(workers=2) as rt:
+        slow = rt.submit(ops.square_after, 0, str(release))
+
+        def stop(_: object) -> None:
+            ran.append(threading.current_thread().ident == main)
+            if ran[-1]:
+                release.touch()
+                rt.shutdown(wait=True, timeout=60)  # waits for slow, read by the pump now
+
+        quick: list[phalanx.Future[int]] = []
+
+        def submit_quick() -> None:
+            quick.append(rt.submit(ops.inc, 0))
+            quick[0].add_done_callback(stop)
+
+        helper = _when_waiting(rt, submit_quick)
+        assert slow.result(timeout=60) == 0
+        helper.join(30)
+        assert ran == [True]
+        assert quick[0].result(timeout=30) == 1
+        assert slow.result(timeout=30) == 0
