@@ -446,3 +446,60 @@ def test_shutdown_from_a_done_callback_the_waiting_caller_runs(tmp_path: Path) -
         assert ran == [True]
         assert quick[0].result(timeout=30) == 1
         assert slow.result(timeout=30) == 0
+
+
+def test_a_keyboard_interrupt_between_two_pipe_reads_of_a_submitting_thread_loses_no_outcome(
+        tmp_path: Path) -> None:
+    """The main thread, submitting behind every credit, read one worker's outcome (LocalPipes.help)
+    and waits for the next worker's reader lock when SIGINT arrives: KeyboardInterrupt leaves
+    submit, and what it read and resolved still reaches its future (before, it never did)."""
+    release = tmp_path / "release"
+    gate, stuck, both, caught = (threading.Event() for _ in range(4))
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def hold_the_pump(_: object) -> None:
+        if threading.current_thread().name == "phalanx-pump":
+            stuck.set()
+            gate.wait(60)
+
+    with phalanx.Runtime(workers=2, credits=1) as rt:
+        first = rt.submit(ops.inc, 0)
+        first.add_done_callback(hold_the_pump)
+        assert stuck.wait(30)  # the pump reads no pipe from now on
+        pipes = rt._driver.pipes
+        assert len(pipes.piped) == 2
+        w0, w1 = pipes.piped  # the order the submitting thread polls them in
+        fds = [w0.pipe.fileno(), w1.pipe.fileno()]  # type: ignore[union-attr]
+        gated = [rt.submit(ops.square_after, 0, str(release)) for _ in range(2)]  # one per worker
+        release.touch()
+        for _ in range(30000):  # until both outcomes wait in their pipes
+            if _readable(fds[0]) and _readable(fds[1]):
+                break
+            threading.Event().wait(0.001)
+        held = threading.Event()
+
+        def hold_the_second_reader() -> None:
+            with w1.reader:
+                held.set()
+                while not w0.delivering:  # the submitting thread read the first pipe, then waits
+                    threading.Event().wait(0.001)
+                signal.pthread_kill(main, signal.SIGINT)  # type: ignore[arg-type]
+                caught.wait(30)
+
+        threading.Thread(target=hold_the_second_reader, daemon=True).start()
+        assert held.wait(30)
+        try:
+            try:
+                for i in range(1000):  # behind every credit: submit reads the pipes
+                    rt.submit(ops.inc, i)
+            except KeyboardInterrupt:
+                caught.set()
+            assert caught.is_set()  # the attack ran as meant
+        finally:
+            caught.set()
+            gate.set()
+        assert [f.result(timeout=30) for f in gated] == [0, 0]
+        assert first.result(timeout=30) == 1
+        assert rt.submit(ops.inc, 3).result(timeout=30) == 4
+        assert rt._driver.broken is None
