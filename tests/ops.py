@@ -287,6 +287,17 @@ def log_then_wait_at_gate(item: str) -> int:
     return int(i)
 
 
+async def _log_then_wait_at_gate(item: str) -> int:
+    return log_then_wait_at_gate(item)
+
+
+@phalanx.operation
+def log_then_wait_at_gate_when_awaited(item: str) -> Any:
+    """:func:`log_then_wait_at_gate`, done by the coroutine it returns (a sync function
+    returning an awaitable): nothing is logged until the worker awaits it."""
+    return _log_then_wait_at_gate(item)
+
+
 @phalanx.operation
 def exit_on_negative(x: int) -> int:
     """``x + 1``; a negative item kills the worker (no exception, no outcome)."""

@@ -114,6 +114,34 @@ def test_no_call_starts_once_the_task_is_aborted(at: int) -> None:
     assert ctx.rest is None
 
 
+@pytest.mark.parametrize("at", [0, 1, 500, 999])
+def test_no_awaitable_a_call_returned_starts_once_the_task_is_aborted(at: int) -> None:
+    """The calls return coroutines, awaited after the loop: an abort while one runs leaves every
+    later one closed, never run (and none left to warn that it was never awaited)."""
+    ctx_ref: list[Ctx] = []
+    ran: list[int] = []
+
+    async def body(x: int) -> int:
+        ran.append(x)
+        if x == at:
+            abort(ctx_ref[0])  # what the worker's control thread does, here while one is awaited
+        return x
+
+    def later(x: int) -> Any:
+        return body(x)
+
+    op = Operation("later", later)
+    runner = TaskRunner(lambda: 0.0, settle, lambda name: op)
+    ctx = Ctx()
+    ctx_ref.append(ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outcome = runner.execute(Chunk(1, 0, 0, "later", list(range(1000)), False, False, 0.0, []), ctx)
+    assert isinstance(outcome, Err) and outcome.error.type.endswith("TaskCancelledError")
+    assert ran == list(range(at + 1))
+    assert outcome.partial == list(range(at + 1)) and outcome.index == at + 1
+
+
 def test_a_task_aborted_before_its_loop_starts_calls_nothing() -> None:
     calls: list[int] = []
 
@@ -190,6 +218,24 @@ def test_closing_a_map_stops_its_chunk_after_the_call_running_then(tmp_path: Pat
         it.close()
         # The worker's control thread answers for the task as it sets the abort flag; the
         # driver, done with the job, drops that answer and counts it.
+        _wait_until(lambda: rt.stats().late_results_dropped > before, "the worker set the abort flag")
+        gate.touch()
+        assert rt.submit(ops.triple_unless_negative, 2).result(timeout=T) == 6  # the chunk ended
+        assert log.read_text().split() == [str(i) for i in range(6)]
+        assert rt.worker_pids() == pids
+
+
+def test_closing_a_map_of_awaitables_runs_none_of_them_after_the_one_running_then(tmp_path: Path) -> None:
+    """The operation returns coroutines; the worker awaits them after the chunk's calls: an abort
+    while one runs leaves every later one unawaited (not run to the end, past the abort)."""
+    log, gate = tmp_path / "log", tmp_path / "gate"
+    items = [f"{log}\n{gate}\n{i}\n5" for i in range(1000)]
+    with phalanx.Runtime(workers=1, abort_grace=30) as rt:
+        pids = rt.worker_pids()
+        it = rt.map(ops.log_then_wait_at_gate_when_awaited, items, chunksize=1000, timeout=T)
+        _wait_until(lambda: log.exists() and "5\n" in log.read_text(), "item 5 started")
+        before = rt.stats().late_results_dropped
+        it.close()
         _wait_until(lambda: rt.stats().late_results_dropped > before, "the worker set the abort flag")
         gate.touch()
         assert rt.submit(ops.triple_unless_negative, 2).result(timeout=T) == 6  # the chunk ended

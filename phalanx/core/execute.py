@@ -175,20 +175,26 @@ class TaskRunner:
             # Values that refer to nothing (numbers, strings, None) are never awaitable:
             # about 2 ns an item in C; anything else goes through the scan by class.
             if values and gc.get_referents(*values) and not _PLAIN.issuperset(map(type, values)):
-                self._settle_from(values, 0)
+                self._settle_from(values, 0, ctx)
         if ctx.aborted:
             ctx.check()  # the calls stopped at the abort: the values before it go with the error
         return values
 
-    def _settle_from(self, values: list[Any], first: int) -> None:
-        """Await, in order, the awaitables among ``values[first:]``; a failure drops it and what follows."""
+    def _settle_from(self, values: list[Any], first: int, ctx: TaskState) -> None:
+        """Await, in order, the awaitables among ``values[first:]``; a failure drops it and what follows.
+
+        So does an abort: the calls ran before any is awaited, so what an
+        awaitable does is a call's work, and none starts once the task is aborted.
+        """
         for index in range(first, len(values)):
             value = values[index]
             if type(value) not in _PLAIN and hasattr(value, "__await__") and inspect.isawaitable(value):
                 try:
+                    if ctx.aborted:
+                        ctx.check()
                     values[index] = self.settle(value)
                 except BaseException:
-                    for later in values[index + 1:]:
+                    for later in values[index:]:
                         if inspect.iscoroutine(later):
                             later.close()  # never to run: no "never awaited" warning
                     del values[index:]

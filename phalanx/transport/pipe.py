@@ -45,6 +45,8 @@ _JOIN_BELOW = 16 * 1024
 _MAX_PARTS = 512
 #: bytes read per recv (a frame larger than this is read straight into its own buffer)
 _CHUNK = 256 * 1024
+#: what a closed pipe reads into: its own chunk is unmapped at close (see FramePipe.close)
+_NO_CHUNK = memoryview(bytearray())
 #: socket buffer asked for, each way (bytes)
 BUFFER = 4 * 1024 * 1024
 #: reads per call of :meth:`FramePipe.recv`, so one busy worker cannot starve the others
@@ -83,7 +85,9 @@ class FramePipe:
         # Anonymous memory, not a bytearray: the kernel maps a page at its first write, so a
         # pipe that carries small frames touches one page, where zero-filling 256 KiB cost
         # ~64 page faults in the driver and in each worker as it starts.
-        self._chunk = memoryview(mmap.mmap(-1, _CHUNK))
+        # Private: a process forked from this one (a fork server, a task's child) gets a copy,
+        # never a view of what this pipe reads next.
+        self._chunk = memoryview(mmap.mmap(-1, _CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
         #: a large frame being read into its own buffer, and how much of it arrived
         self._big: bytearray | None = None
         self._big_got = 0
@@ -279,4 +283,10 @@ class FramePipe:
 
     def close(self) -> None:
         self._backlog.clear()
+        # A dead worker's entry outlives its pipe (the driver keeps it a while): its 256 KiB
+        # mapping goes now, not with the entry. A read in progress keeps the chunk it took
+        # until it returns (no BufferError, no unmapping under it).
+        self._chunk = _NO_CHUNK
+        self._buf = bytearray()
+        self._big = None
         self.sock.close()
