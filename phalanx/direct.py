@@ -246,8 +246,8 @@ class DirectReader:
                         events = poller.poll(ms)
                     for fd, _ in events:
                         ready = by_fd.get(fd)
-                        if ready is not None and self.read(ready, direct):
-                            read.append(ready)
+                        if ready is not None:
+                            self.read(ready, direct, read)
                         elif fd == wake.fd and waiter.nudged:
                             waiter.nudged = False  # then a new snapshot
                             try:
@@ -259,8 +259,8 @@ class DirectReader:
                         self.waiting -= 1
                         self.waiters.discard(waiter)
                         self.left = time.monotonic()
-                if read:
-                    self.deliver(read, direct, waiter)
+                    if read:  # even if interrupted (KeyboardInterrupt): what was resolved is delivered
+                        self.deliver(read, direct, waiter)
                 if fut._state in SETTLED:
                     # How long replies take decides whether the next wait spins first.
                     self.typical += (time.perf_counter() - began - self.typical) * 0.25
@@ -285,12 +285,14 @@ class DirectReader:
             if events or time.perf_counter() >= until:
                 return events
 
-    def read(self, w: _Worker, direct: list[tuple[Job, int, Ok | Err]]) -> bool:
-        """Read a local worker's pipe on a waiting caller's thread; True: ``w.delivering`` was raised."""
+    def read(self, w: _Worker, direct: list[tuple[Job, int, Ok | Err]], read: list[_Worker]) -> None:
+        """Read a local worker's pipe on a waiting caller's thread; ``w`` goes in ``read`` (its
+        ``delivering`` raised) once frames were taken from it: the caller then must :meth:`deliver`,
+        even if an exception (KeyboardInterrupt) leaves this read."""
         with w.reader:  # if the pump holds it, wait for it, then take what is left
             pipe = w.pipe
             if pipe is None or pipe.sock.fileno() < 0 or w.leftover or w.broken:  # (< 0: closed)
-                return False
+                return
             try:
                 frames = pipe.recv()
             except PipeError:
@@ -300,32 +302,38 @@ class DirectReader:
                 frames = None
             if frames is None:  # the end (or a bad frame): the pump ends the pipe
                 self.pipes.need_pump(w)
-                return False
+                return
             ident = w.ident
             driver = self.driver
             frame_filter = driver.frame_filter
             if frame_filter is not None:  # fault injection sits on the link, below this read
                 frames = [out for frame in frames for out in frame_filter("in", ident, frame)]
             if not frames:
-                return False
-            decode = driver_decoder(driver.config.local_pickle)
-            for i, frame in enumerate(frames):
-                try:
-                    msg = decode(frame)
-                except DECODE_ERRORS as exc:
-                    # A result that failed to unpickle (local_pickle) is that task's error.
-                    msg = salvage_results(frame) if isinstance(exc, UnpickleFailed) else None  # type: ignore[assignment]
-                if not isinstance(msg, Results):
-                    # Left to the pump, in order, before its next read of this pipe, and
-                    # once the outcomes read before it are delivered (see deliver).
-                    w.leftover = frames[i:]
-                    break
-                try:
-                    driver._on_results(ident, msg, direct)
-                except Exception as exc:  # bad input is counted where it is checked: this is a bug
-                    driver.internal_error(exc, "handling a frame")
+                return
             w.delivering += 1
-            return True
+            read.append(w)
+            decode = driver_decoder(driver.config.local_pickle)
+            handled = 0
+            try:
+                for frame in frames:
+                    try:
+                        msg = decode(frame)
+                    except DECODE_ERRORS as exc:
+                        # A result that failed to unpickle (local_pickle) is that task's error.
+                        msg = salvage_results(frame) if isinstance(exc, UnpickleFailed) else None  # type: ignore[assignment]
+                    if not isinstance(msg, Results):
+                        break
+                    try:
+                        driver._on_results(ident, msg, direct)
+                    except Exception as exc:  # bad input is counted where it is checked: this is a bug
+                        driver.internal_error(exc, "handling a frame")
+                    handled += 1
+            finally:
+                # The rest is left to the pump, in order, before its next read of this pipe, and
+                # once the outcomes read before it are delivered (see deliver); also what a
+                # KeyboardInterrupt (a signal handler on this thread) left unhandled.
+                if handled < len(frames):
+                    w.leftover = frames[handled:]
 
     def deliver(self, read: list[_Worker], direct: list[tuple[Job, int, Ok | Err]],
                 waiter: _DirectWaiter | None) -> None:

@@ -774,6 +774,7 @@ class Driver:
         """
         i, end = 0, len(ready)
         failed: list[tuple[Job, Exception]] | None = None
+        interrupt: BaseException | None = None
         while i < end:
             job, seq, final = ready[i]
             many = job.deliver_many
@@ -793,6 +794,11 @@ class Driver:
                 if failed is None:
                     failed = []
                 failed.append((job, exc))
+            except BaseException as exc:
+                # A done-callback run here raised KeyboardInterrupt (a signal handler, on a caller
+                # delivering what it read): the others are delivered first, or they were lost.
+                if interrupt is None:
+                    interrupt = exc
         if failed:
             broken = self.internal_error(failed[0][1], "delivering an outcome")
             for job, _ in failed:
@@ -800,6 +806,8 @@ class Driver:
                     job.fail(broken)
                 except Exception:
                     pass  # its caller already has the runtime's error through every other path
+        if interrupt is not None:
+            raise interrupt
 
     # ---- ending ----------------------------------------------------------------
 

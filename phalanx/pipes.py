@@ -208,12 +208,18 @@ class LocalPipes:
         by_fd = self._help_fds
         ready: list[tuple[Job, int, Ok | Err]] = []
         read: list[_Worker] = []
-        for fd, _ in self._help_poll.poll(0):
-            ready_w = by_fd.get(fd)  # a pipe ended since is seen closed by the read
-            if ready_w is not None and direct.read(ready_w, ready):
-                read.append(ready_w)
-        if not read:
-            return
+        try:
+            for fd, _ in self._help_poll.poll(0):
+                ready_w = by_fd.get(fd)  # a pipe ended since is seen closed by the read
+                if ready_w is not None:
+                    direct.read(ready_w, ready, read)
+        finally:
+            if read:  # even if interrupted (KeyboardInterrupt): what was resolved is delivered
+                self._help_hand_over(read, ready)
+
+    def _help_hand_over(self, read: list[_Worker], ready: list[tuple[Job, int, Ok | Err]]) -> None:
+        """:meth:`help`'s end: what it resolved goes to the pump, which delivers it."""
+        driver = self.driver
         # Resolved here (credits back, the next tasks written); delivered by the pump: a
         # delivery runs done-callbacks, and the caller of submit may hold a lock one of them
         # takes (concurrent.futures' executors do). The pump delivers before it handles any
@@ -224,7 +230,7 @@ class LocalPipes:
                 driver._deliveries.extend(ready)
             if not woken:
                 driver.wake()
-        direct.deliver(read, [], None)
+        driver.direct.deliver(read, [], None)
 
     def helping(self, now: float) -> float:
         """Seconds the pipes stay a submitting thread's (0: none read them lately; pump thread)."""

@@ -76,6 +76,13 @@ class ActorRef(Generic[A]):
         self.__dict__[method] = call  # found by plain attribute lookup from now on
         return call
 
+    def __copy__(self) -> ActorRef[A]:
+        # A ref of its own (the default copy skips __init__): it keeps the actor alive too.
+        return ActorRef(self._system, self._actor, self._inspect)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ActorRef[A]:
+        return self.__copy__()
+
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> Future[Any]:
         """Call ``method`` by name (for methods whose names clash with ref attributes)."""
         return self._system.call(self._actor, method, args, kwargs)
