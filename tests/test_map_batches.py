@@ -201,41 +201,27 @@ def _wait_until(predicate: Any, what: str) -> None:
         time.sleep(0.01)
 
 
-def test_closing_a_map_stops_its_chunk_after_the_call_running_then(tmp_path: Path) -> None:
+@pytest.mark.parametrize("op", [ops.log_then_wait_at_gate, ops.log_then_wait_at_gate_when_awaited],
+                         ids=["calls", "awaitables"])
+def test_closing_a_map_stops_its_chunk_after_the_call_running_then(tmp_path: Path, op: Any) -> None:
     """Quick calls, then one that blocks until the map is closed: not one call after it runs.
 
     Items 0..4 return at once, item 5 waits for the gate the test opens once
     the worker has its abort flag (the map closed). Whatever batch it sat in,
-    the chunk ends at item 5; the worker lives on (nobody killed it).
+    the chunk ends at item 5; the worker lives on (nobody killed it). With
+    ``awaitables`` the operation returns coroutines, which the worker awaits
+    after the chunk's calls: every one after the abort stays unawaited.
     """
     log, gate = tmp_path / "log", tmp_path / "gate"
     items = [f"{log}\n{gate}\n{i}\n5" for i in range(1000)]
     with phalanx.Runtime(workers=1, abort_grace=30) as rt:
         pids = rt.worker_pids()
-        it = rt.map(ops.log_then_wait_at_gate, items, chunksize=1000, timeout=T)
+        it = rt.map(op, items, chunksize=1000, timeout=T)
         _wait_until(lambda: log.exists() and "5\n" in log.read_text(), "item 5 started")
         before = rt.stats().late_results_dropped
         it.close()
         # The worker's control thread answers for the task as it sets the abort flag; the
         # driver, done with the job, drops that answer and counts it.
-        _wait_until(lambda: rt.stats().late_results_dropped > before, "the worker set the abort flag")
-        gate.touch()
-        assert rt.submit(ops.triple_unless_negative, 2).result(timeout=T) == 6  # the chunk ended
-        assert log.read_text().split() == [str(i) for i in range(6)]
-        assert rt.worker_pids() == pids
-
-
-def test_closing_a_map_of_awaitables_runs_none_of_them_after_the_one_running_then(tmp_path: Path) -> None:
-    """The operation returns coroutines; the worker awaits them after the chunk's calls: an abort
-    while one runs leaves every later one unawaited (not run to the end, past the abort)."""
-    log, gate = tmp_path / "log", tmp_path / "gate"
-    items = [f"{log}\n{gate}\n{i}\n5" for i in range(1000)]
-    with phalanx.Runtime(workers=1, abort_grace=30) as rt:
-        pids = rt.worker_pids()
-        it = rt.map(ops.log_then_wait_at_gate_when_awaited, items, chunksize=1000, timeout=T)
-        _wait_until(lambda: log.exists() and "5\n" in log.read_text(), "item 5 started")
-        before = rt.stats().late_results_dropped
-        it.close()
         _wait_until(lambda: rt.stats().late_results_dropped > before, "the worker set the abort flag")
         gate.touch()
         assert rt.submit(ops.triple_unless_negative, 2).result(timeout=T) == 6  # the chunk ended

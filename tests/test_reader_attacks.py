@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,24 @@ def _when_waiting(rt: phalanx.Runtime, then: object) -> threading.Thread:
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
+
+
+def _each_time_counted(count: collections.Counter[int], lock: threading.Lock, marks: tuple[int, ...],
+                       pause: float, act: Callable[[], object]) -> None:
+    """Call ``act`` each time the threads' total in ``count`` reaches the next of ``marks``."""
+    for at in marks:
+        for _ in range(60000):
+            with lock:
+                if sum(count.values()) >= at:
+                    break
+            threading.Event().wait(pause)
+        act()
+
+
+def _join_all(threads: list[threading.Thread]) -> None:
+    for th in threads:
+        th.join(90)
+    assert not any(th.is_alive() for th in threads)
 
 
 def test_a_keyboard_interrupt_in_a_callback_run_by_a_waiting_caller_loses_no_other_outcome(
@@ -235,16 +254,9 @@ def test_threads_mixing_every_kind_of_wait_with_nested_waits_and_a_worker_killed
         threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in range(6)]
         for th in threads:
             th.start()
-        for at in (150, 600):
-            for _ in range(60000):
-                with lock:
-                    if sum(progress.values()) >= at:
-                        break
-                threading.Event().wait(0.001)
-            os.kill(rt._driver.pipes.piped[0].pid, signal.SIGKILL)
-        for th in threads:
-            th.join(90)
-        assert not any(th.is_alive() for th in threads)
+        _each_time_counted(progress, lock, (150, 600), 0.001,
+                           lambda: os.kill(rt._driver.pipes.piped[0].pid, signal.SIGKILL))
+        _join_all(threads)
         assert not errors, errors
         for _ in range(30000):  # callbacks the pump runs may still be under way
             with lock:
@@ -323,16 +335,11 @@ def test_bursts_of_actor_calls_from_three_threads_survive_hot_restarts_in_order(
         threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in range(3)]
         for th in threads:
             th.start()
-        for at in (300, 1200):
-            for _ in range(60000):
-                with lock:
-                    if sum(made.values()) >= at:
-                        break
-                threading.Event().wait(0.0005)
+        def restart() -> None:
             assert ref.restart(timeout=60)
-        for th in threads:
-            th.join(90)
-        assert not any(th.is_alive() for th in threads)
+
+        _each_time_counted(made, lock, (300, 1200), 0.0005, restart)
+        _join_all(threads)
         assert not errors, errors
         log = ref.log().result(timeout=60)
         assert sorted(log) == sorted((t, i) for t in range(3) for i in range(600))
