@@ -26,6 +26,7 @@ import phalanx
 
 import actor_ops
 import ops
+from pump_hold import PumpHeld
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -119,19 +120,12 @@ def test_a_keyboard_interrupt_between_two_pipe_reads_of_a_waiting_caller_loses_n
     it was resolved but never delivered, and the worker's pipe stayed marked as being delivered
     from, so the pump never read it again)."""
     release = tmp_path / "release"
-    gate, stuck, caught = (threading.Event() for _ in range(3))
+    caught = threading.Event()
     main = threading.main_thread().ident
     assert main is not None
 
-    def hold_the_pump(_: object) -> None:
-        if threading.current_thread().name == "phalanx-pump":
-            stuck.set()
-            gate.wait(60)
-
     with phalanx.Runtime(workers=3, credits=1) as rt:
-        first = rt.submit(ops.inc, 0)
-        first.add_done_callback(hold_the_pump)
-        assert stuck.wait(30)  # the pump reads no pipe from now on: the waiting caller does
+        pump = PumpHeld(rt)  # it reads no pipe from now on: the waiting caller does
         pipes = rt._driver.pipes
         assert len(pipes.piped) == 3
         # One task per worker (one credit each): two wait for the file, one answers at once.
@@ -173,9 +167,9 @@ def test_a_keyboard_interrupt_between_two_pipe_reads_of_a_waiting_caller_loses_n
             assert armed and caught.is_set()  # the attack ran as meant
         finally:
             caught.set()
-            gate.set()
+            pump.release()
         assert [f.result(timeout=30) for f in (*gated, quick)] == [0, 0, 2]
-        assert first.result(timeout=30) == 1
+        assert pump.first.result(timeout=30) == 1
         assert rt.submit(ops.inc, 3).result(timeout=30) == 4
         assert rt._driver.broken is None
 
@@ -463,19 +457,12 @@ def test_a_keyboard_interrupt_between_two_pipe_reads_of_a_submitting_thread_lose
     and waits for the next worker's reader lock when SIGINT arrives: KeyboardInterrupt leaves
     submit, and what it read and resolved still reaches its future (before, it never did)."""
     release = tmp_path / "release"
-    gate, stuck, both, caught = (threading.Event() for _ in range(4))
+    both, caught = threading.Event(), threading.Event()
     main = threading.main_thread().ident
     assert main is not None
 
-    def hold_the_pump(_: object) -> None:
-        if threading.current_thread().name == "phalanx-pump":
-            stuck.set()
-            gate.wait(60)
-
     with phalanx.Runtime(workers=2, credits=1) as rt:
-        first = rt.submit(ops.inc, 0)
-        first.add_done_callback(hold_the_pump)
-        assert stuck.wait(30)  # the pump reads no pipe from now on
+        pump = PumpHeld(rt)  # it reads no pipe from now on
         pipes = rt._driver.pipes
         assert len(pipes.piped) == 2
         w0, w1 = pipes.piped  # the order the submitting thread polls them in
@@ -507,8 +494,8 @@ def test_a_keyboard_interrupt_between_two_pipe_reads_of_a_submitting_thread_lose
             assert caught.is_set()  # the attack ran as meant
         finally:
             caught.set()
-            gate.set()
+            pump.release()
         assert [f.result(timeout=30) for f in gated] == [0, 0]
-        assert first.result(timeout=30) == 1
+        assert pump.first.result(timeout=30) == 1
         assert rt.submit(ops.inc, 3).result(timeout=30) == 4
         assert rt._driver.broken is None

@@ -25,6 +25,7 @@ import phalanx
 
 import fault_ops
 import ops
+from pump_hold import PumpHeld
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,19 +46,10 @@ def _lines(path: Path) -> int:
 def test_a_thread_submitting_behind_every_credit_keeps_the_workers_fed(tmp_path: Path) -> None:
     """With the pump stuck (in a done-callback), the submitting thread still reads outcomes and
     sends the queued tasks; before, nothing past the first credits ran until the pump came back."""
-    gate, stuck = threading.Event(), threading.Event()
-
-    def hold_the_pump(_: object) -> None:
-        if threading.current_thread().name == "phalanx-pump":
-            stuck.set()
-            gate.wait(60)
-
     log = tmp_path / "ran"
     done: collections.Counter[int] = collections.Counter()
     with phalanx.Runtime(workers=2, credits=1) as rt:
-        first = rt.submit(ops.inc, 0)
-        first.add_done_callback(hold_the_pump)
-        assert stuck.wait(30)  # nobody waited on it: the pump delivered it, and is held there
+        pump = PumpHeld(rt)
         futures = []
         try:
             for i in range(5000):
@@ -69,9 +61,9 @@ def test_a_thread_submitting_behind_every_credit_keeps_the_workers_fed(tmp_path:
                 time.sleep(0.002)
             ran = _lines(log)
         finally:
-            gate.set()
+            pump.release()
         assert ran >= 10  # 2 (one credit per worker) with only the pump to read outcomes
-        assert first.result(timeout=30) == 1
+        assert pump.first.result(timeout=30) == 1
         assert [f.result(timeout=60) for f in futures] == list(range(len(futures)))
         deadline = time.monotonic() + 30
         while len(done) < len(futures) and time.monotonic() < deadline:
