@@ -120,15 +120,21 @@ def _reap_leftovers() -> list[str]:
     if not procs:
         return []
     _, alive = psutil.wait_procs(procs, timeout=LEFTOVER_GRACE)
-    report = []
-    for proc in alive:
+    report = _kill_all(alive)
+    psutil.wait_procs(alive, timeout=LEFTOVER_GRACE)
+    return report
+
+
+def _kill_all(procs: list[psutil.Process]) -> list[str]:
+    """SIGKILL each process (psutil checks it is still the one listed); what was killed."""
+    killed = []
+    for proc in procs:
         try:
-            report.append(f"pid {proc.pid}: {' '.join(proc.cmdline()) or proc.name()}")
+            killed.append(f"pid {proc.pid}: {' '.join(proc.cmdline()) or proc.name()}")
             proc.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(alive, timeout=LEFTOVER_GRACE)
-    return report
+    return killed
 
 
 def _kill_tree(pid: int) -> list[str]:
@@ -142,13 +148,7 @@ def _kill_tree(pid: int) -> list[str]:
         tree = [root, *root.children(recursive=True)]
     except psutil.Error:
         tree = []
-    killed = []
-    for proc in tree:
-        try:
-            killed.append(f"pid {proc.pid}: {' '.join(proc.cmdline()) or proc.name()}")
-            proc.kill()
-        except psutil.Error:
-            pass
+    killed = _kill_all(tree)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
