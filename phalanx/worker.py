@@ -1268,8 +1268,10 @@ class _Loop:
         """
         if not self.welcomed or self.inbox is None or self.outbox is None:
             return  # the driver has given it nothing (or it is local: leaving is for remote workers)
+        flusher = self._flusher  # none made yet: no batch was ever held, nothing to stop
         try:
-            self.flusher.disarm()  # the outbox is this thread's alone from here
+            if flusher is not None:
+                flusher.disarm()  # the outbox is this thread's alone from here
         except BaseException:  # noqa: B036 - leaving anyway; the driver redelivers what it holds
             pass
         try:
