@@ -132,6 +132,8 @@ def _fds(pipes: _Pipes) -> list[int]:
 
 def _recv_reply(sock: socket.socket) -> tuple[bytes, list[int]]:
     """One reply from the server and the descriptors it carries (close-on-exec)."""
+    # Not socket.recv_fds: it never hands its flags to recvmsg (3.11-3.13), so it cannot ask
+    # for MSG_CMSG_CLOEXEC, and a pidfd would be inheritable until this thread marked it.
     fds = array.array("i")
     raw, ancdata, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize),
                                       socket.MSG_CMSG_CLOEXEC)
