@@ -382,7 +382,7 @@ class ActorSystem:
                 msg = ActorCall(job.id, seq, 0, actor.instance, method, a, kw)
                 frame = encode(msg, actor.args_what, method)
                 if len(frame) > driver.limits.max_frame:
-                    driver.check_frame(frame, f"the arguments of {actor.cls_name}.{method}")  # it raises
+                    driver.check_frame(frame, actor.args_what.format(method))  # it raises
                 actor.futures[seq] = (fut, method)
                 if not driver.submit_directed(job, msg, frame, actor.worker):
                     worker_gone(actor, seq, method, a, kw)
