@@ -36,6 +36,14 @@ def _count_once(done: collections.Counter[int], i: int) -> object:
     return callback
 
 
+def _each_called_back_once(done: collections.Counter[int], n: int) -> None:
+    """Wait (30 s at most) for the done-callbacks the pump runs: each of the ``n`` ran exactly once."""
+    deadline = time.monotonic() + 30
+    while len(done) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert set(done.values()) == {1} and len(done) == n
+
+
 def _lines(path: Path) -> int:
     try:
         return len(path.read_text().splitlines())
@@ -65,10 +73,7 @@ def test_a_thread_submitting_behind_every_credit_keeps_the_workers_fed(tmp_path:
         assert ran >= 10  # 2 (one credit per worker) with only the pump to read outcomes
         assert pump.first.result(timeout=30) == 1
         assert [f.result(timeout=60) for f in futures] == list(range(len(futures)))
-        deadline = time.monotonic() + 30
-        while len(done) < len(futures) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert set(done.values()) == {1} and len(done) == len(futures)  # each exactly once
+        _each_called_back_once(done, len(futures))
         assert rt.stats().frames_dropped == 0 and rt._driver.broken is None
 
 
@@ -85,12 +90,10 @@ def test_a_worker_killed_while_the_submitter_reads_its_pipe_is_redelivered() -> 
             fut.add_done_callback(_count_once(done, i))
             futures.append(fut)
         assert [f.result(timeout=60) for f in futures] == [i + 1 for i in range(6000)]
-        deadline = time.monotonic() + 30
-        while len(done) < 6000 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert set(done.values()) == {1} and len(done) == 6000
+        _each_called_back_once(done, 6000)
         assert rt.stats().worker_deaths == 1 and rt._driver.broken is None
         # Its replacement said Hello and Ready (whoever read them, the pump handled them) and serves.
+        deadline = time.monotonic() + 30
         while len(rt.worker_pids()) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert victim not in rt.worker_pids().values() and len(rt.worker_pids()) == 2
@@ -117,10 +120,7 @@ def test_a_done_callback_never_runs_inside_submit() -> None:
                 fut.add_done_callback(callback(i))
             futures.append(fut)
         assert [f.result(timeout=60) for f in futures] == [i + 1 for i in range(3000)]
-        deadline = time.monotonic() + 30
-        while len(done) < 3000 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert set(done.values()) == {1} and len(done) == 3000
+        _each_called_back_once(done, 3000)
         assert rt._driver.broken is None
 
 
