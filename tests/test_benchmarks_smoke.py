@@ -35,6 +35,7 @@ import psutil
 import pytest
 
 import netns
+from marked import processes_marked
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -274,14 +275,7 @@ def _cmdline(proc: psutil.Process) -> list[str]:
 
 def _tagged(tag: str) -> list[psutil.Process]:
     """Every live process (not a zombie) whose environment carries ``BENCH_LEAK_TAG=tag`` (inherited from the child)."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("BENCH_LEAK_TAG") == tag and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
+    return processes_marked("BENCH_LEAK_TAG", tag)
 
 
 @pytest.mark.timeout(180)

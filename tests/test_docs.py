@@ -72,6 +72,8 @@ from typing import Any
 import psutil
 import pytest
 
+from marked import processes_marked
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 #: seconds one example may take (each takes about a second or less)
@@ -160,14 +162,7 @@ def module_files(page: Path) -> dict[str, str]:
 
 
 def _marked(marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get(MARKER_ENV) == marker and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
+    return processes_marked(MARKER_ENV, marker)
 
 
 def _environment(marker: str) -> dict[str, str]:

@@ -31,6 +31,7 @@ import pytest
 import phalanx
 
 from chaos_ops import death_signal, kill_child
+from marked import processes_marked
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -71,17 +72,7 @@ DRIVER = textwrap.dedent(
 
 def _marked(marker: str) -> list[psutil.Process]:
     """Live (non-zombie) processes whose environment carries ``marker``."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get(MARKER) != marker:
-                continue
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
+    return processes_marked(MARKER, marker)
 
 
 def _describe(procs: list[psutil.Process]) -> list[str]:

@@ -32,6 +32,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ops
+from marked import processes_marked
 import phalanx
 
 TIMEOUT = 30.0
@@ -697,14 +698,7 @@ rt.shutdown()
 
 
 def _processes_with_marker(marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("PHALANX_TEST_MARKER") == marker and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
+    return processes_marked("PHALANX_TEST_MARKER", marker)
 
 
 def _run_script(tmp_path: Path, source: str) -> tuple[subprocess.CompletedProcess[str], str]:
