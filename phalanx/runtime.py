@@ -264,43 +264,50 @@ class Runtime(_RunsDirectives):
 
             self._launch = Launch(self.config)
             self.config = msgspec.structs.replace(self.config, listen=self._launch.listen)
-        # Before any worker starts: arrays in its tasks and results may use shared memory
-        # (never while remote workers may join: listen, hosts=, slurm=True).
-        shm.runtime_started(self, self.config.shm_threshold, self.config.listen is not None)
+        # The fork server is forked first (in Driver): it needs only the start method and the
+        # first workers' count, and every step moved after it runs while it starts up.
         try:
             self._driver = Driver(self.config, self._launch.keys if self._launch is not None else None)
         except BaseException:
-            shm.runtime_stopped(self)
+            if self._launch is not None:
+                self._launch.close()
             raise
-        # While the fork server forks the first workers (this thread would only wait for it):
-        # phalanx top finds the runtime from now on; a failed start removes the file with its directory.
-        _advertise(self)
+        self._atexit: Callable[[], None] | None = None
         try:
+            # Before any task is sent: arrays in tasks and results may use shared memory (never
+            # while remote workers may join: listen, hosts=, slurm=True).
+            shm.runtime_started(self, self.config.shm_threshold, self.config.listen is not None)
+            # phalanx top finds the runtime from now on; a failed start removes the file with its directory.
+            _advertise(self)
+            # What the first call does not wait for is built while the first workers start up,
+            # not after they are ready (this thread would only wait for them meanwhile).
+            collected.install()
+            self._actors = ActorSystem(
+                self._driver, call_timeout=self.config.actor_timeout,
+                max_restarts=self.config.actor_restart_limit, restart_window=self.config.actor_restart_window,
+            )
+            # Weakly: the pump thread holds the driver, and a runtime nobody holds must be collected.
+            self._driver.inspect_provider = weakref.WeakMethod(self.inspect)
+            self._atexit = lambda ref=weakref.ref(self): _shutdown_at_exit(ref)
+            atexit.register(self._atexit)
             self._driver.start_workers(self.config.worker_groups(), self.config.start_timeout)
             if self._launch is not None:
                 assert self._driver.address is not None
                 self._launch.start(self._driver.address.tasks, self._ready_on, self.config.start_timeout)
         except BaseException:
+            if self._atexit is not None:
+                atexit.unregister(self._atexit)
             self._driver.shutdown(wait=False)
             shm.runtime_stopped(self)
             if self._launch is not None:
                 self._launch.close()
             raise
-        collected.install()  # a thread: after the first workers were asked for, off their path
-        self._actors = ActorSystem(
-            self._driver, call_timeout=self.config.actor_timeout,
-            max_restarts=self.config.actor_restart_limit, restart_window=self.config.actor_restart_window,
-        )
-        # Weakly: the pump thread holds the driver, and a runtime nobody holds must be collected.
-        self._driver.inspect_provider = weakref.WeakMethod(self.inspect)
         #: ``faults=``: a fault plan applied to this runtime's frames (``phalanx.testing``)
         self.faults: Any = None
         if faults is not None:
             from .testing.inject import inject_faults
 
             self.faults = inject_faults(self, faults)
-        self._atexit = lambda ref=weakref.ref(self): _shutdown_at_exit(ref)
-        atexit.register(self._atexit)
 
     def _ready_on(self, host: str) -> int:
         """Ready remote workers of ``host`` (the launch waits for them)."""
@@ -552,7 +559,8 @@ class Runtime(_RunsDirectives):
         Jobs still open afterwards fail with :class:`~phalanx.RuntimeClosedError`.
         Idempotent.
         """
-        atexit.unregister(self._atexit)
+        if self._atexit is not None:
+            atexit.unregister(self._atexit)
         try:
             self._driver.shutdown(wait=wait, timeout=timeout)
         finally:

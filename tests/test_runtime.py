@@ -747,3 +747,75 @@ def test_runtime_without_main_guard_fails_clearly(tmp_path: Path) -> None:
     assert 'if __name__ == "__main__":' in proc.stderr
     assert elapsed < 30, f"took {elapsed:.1f} s to fail"
     _assert_no_marked_processes(marker)
+
+
+FAILED_START = """
+import gc, glob, json, os, signal, threading, time
+
+import psutil
+
+import phalanx
+from phalanx.transport import shm
+
+
+def slow_start():
+    time.sleep(2.0)  # in the fork server and every worker: no worker is ready for 2 s
+
+
+def main():
+    os.register_at_fork(after_in_child=slow_start)
+    if MODE == "interrupt":
+        main_thread, me = threading.get_ident(), psutil.Process()
+
+        def interrupt():
+            while not me.children():  # the fork server exists: the constructor is past the fork
+                time.sleep(0.002)
+            time.sleep(0.05)
+            signal.pthread_kill(main_thread, signal.SIGINT)
+
+        threading.Thread(target=interrupt, daemon=True).start()
+    try:
+        phalanx.Runtime(workers=2, start_timeout=0.5 if MODE == "timeout" else 30, shutdown_timeout=0.5)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    except phalanx.WorkerStartError as exc:
+        print("failed:", exc, flush=True)
+    gc.collect()
+    print("runtimes", sum(1 for o in gc.get_objects() if type(o) is phalanx.Runtime), flush=True)
+    print("shm runtimes", len(shm._runtimes), flush=True)
+    mine = []
+    for path in glob.glob("/tmp/phalanx-*/runtime.json"):
+        try:
+            with open(path, "rb") as f:
+                if json.load(f).get("pid") == os.getpid():
+                    mine.append(path)
+        except (OSError, ValueError):
+            pass
+    print("runtime.json", len(mine), flush=True)
+    deadline = time.monotonic() + 5.0
+    while psutil.Process().children(recursive=True) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    print("children", len(psutil.Process().children(recursive=True)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.parametrize("mode", ["timeout", "interrupt"])
+def test_a_start_that_times_out_or_is_interrupted_leaves_nothing(tmp_path: Path, mode: str) -> None:
+    """The constructor builds most of the runtime while its first workers start (after the fork
+    server's fork): a start that passes ``start_timeout``, or a KeyboardInterrupt while it waits,
+    undoes all of it: no process, no runtime.json, no shared-memory user, and the half-built
+    runtime is collected."""
+    proc, marker = _run_script(tmp_path, f"MODE = {mode!r}\n" + FAILED_START)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    if mode == "timeout":
+        assert lines[0] == "failed: only 0 of 2 workers connected within 0.5 s", proc.stdout
+    else:
+        assert lines[0] == "interrupted", proc.stdout
+    assert lines[1:] == ["runtimes 0", "shm runtimes 0", "runtime.json 0",
+                         "children 0"], proc.stdout + proc.stderr
+    _assert_no_marked_processes(marker)
