@@ -168,16 +168,30 @@ class Driver:
         self._supervisor = Supervisor(config.start_method, self.lifecycle.on_exit,
                                       standby=sum(config.worker_groups().values()))
         try:
-            #: private ipc endpoints (local workers); made while the fork server starts up
-            self.endpoints: Endpoints = local_endpoints()
-        except BaseException:
-            self._supervisor.stop(0.0)
+            self._build(config)
+        except BaseException:  # KeyboardInterrupt too: no process, directory, socket or fd is left
+            self._unbuild()
             raise
+
+    def _build(self, config: Config) -> None:
+        """The rest of the driver, made while the fork server starts up (see __init__)."""
+        #: private ipc endpoints (local workers)
+        self.endpoints: Endpoints = local_endpoints()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._workers: dict[bytes, _Worker] = {}
+        #: the sockets' high-water mark and largest frame (the hwm and max_frame options)
+        self.limits = sockets.Limits(config.hwm, config.max_frame)
+        #: the runtime's first local workers, asked for here: their groups, and the function
+        #: that waits until they are forked and returns their ids (see start_workers)
+        self._first: tuple[dict[str, int], Callable[[], list[str]]] | None = None
+        # The first workers are asked for as soon as their specs can be written, before the
+        # rest of the driver is built: the fork server reads the request as soon as it serves,
+        # and the workers start up while this process builds the rest.
+        groups = config.worker_groups()
+        self._first = (groups, self.lifecycle.request_workers(groups))
         self._jobs: dict[int, Job] = {}
         self._job_ids = itertools.count(1)
-        self._workers: dict[bytes, _Worker] = {}
         #: pending tasks per tag, live workers per tag, credit dispatch (phalanx.core.routing)
         self.routing: Routing[_Worker] = Routing(self._jobs, config.max_tasks_per_worker)
         # The routing's own containers, under the names this module reads them by.
@@ -232,53 +246,41 @@ class Driver:
         self.pipes = LocalPipes(self)
         #: callers reading their own replies from those pipes (phalanx.direct)
         self.direct = DirectReader(self, self.pipes)
-        #: the sockets' high-water mark and largest frame (the hwm and max_frame options)
-        self.limits = sockets.Limits(config.hwm, config.max_frame)
         self._wake_r, self._wake_w = os.pipe()
-        #: the runtime's first local workers, asked for here: their groups, and the function
-        #: that waits until they are forked and returns their ids (see start_workers)
-        self._first: tuple[dict[str, int], Callable[[], list[str]]] | None = None
-        try:
-            # The first workers are asked for now: they start up (their pipes hold what they
-            # say) while this process sets up ZeroMQ, which local workers do not use.
-            groups = config.worker_groups()
-            self._first = (groups, self.lifecycle.request_workers(groups))
-        except BaseException:
-            self._supervisor.stop(0.0)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self.endpoints.remove()
-            raise
-
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         #: the handshake, remote joins, heartbeats, tcp security (phalanx.membership)
         self.membership = membership = Membership(self)
-        try:
-            curve = membership.secure_tcp()
-            tcp = self.address
-            limits = self.limits
-            watch = sockets.HANDSHAKE_FAILURES if tcp is not None else 0
-            self._tasks = sockets.router(self._ctx, self.endpoints.tasks, send_only=True,
-                                         tcp=tcp.tasks if tcp else None, curve=curve, limits=limits, watch=watch)
-            self._results = sockets.router(self._ctx, self.endpoints.results,
-                                           tcp=tcp.results if tcp else None, curve=curve, limits=limits, watch=watch)
-            self._control = sockets.publisher(self._ctx, self.endpoints.control,
-                                              tcp=tcp.control if tcp else None, curve=curve, limits=limits,
-                                              watch=watch)
-            if tcp is not None:
-                for sock, ep in ((self._tasks, tcp.tasks), (self._results, tcp.results), (self._control, tcp.control)):
-                    membership.monitors[sockets.monitor(sock, watch)] = ep
-        except BaseException:
-            membership.close_security()
-            self._ctx.destroy(linger=0)
-            self._supervisor.stop(0.0)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self.endpoints.remove()
-            raise
+        curve = membership.secure_tcp()
+        tcp = self.address
+        limits = self.limits
+        watch = sockets.HANDSHAKE_FAILURES if tcp is not None else 0
+        self._tasks = sockets.router(self._ctx, self.endpoints.tasks, send_only=True,
+                                     tcp=tcp.tasks if tcp else None, curve=curve, limits=limits, watch=watch)
+        self._results = sockets.router(self._ctx, self.endpoints.results,
+                                       tcp=tcp.results if tcp else None, curve=curve, limits=limits, watch=watch)
+        self._control = sockets.publisher(self._ctx, self.endpoints.control,
+                                          tcp=tcp.control if tcp else None, curve=curve, limits=limits,
+                                          watch=watch)
+        if tcp is not None:
+            for sock, ep in ((self._tasks, tcp.tasks), (self._results, tcp.results), (self._control, tcp.control)):
+                membership.monitors[sockets.monitor(sock, watch)] = ep
         #: the pump thread's loop (phalanx.pump)
         self.pump = Pump(self)
         self._pump_thread = threading.Thread(target=self.pump.run, name="phalanx-pump", daemon=True)
+
+    def _unbuild(self) -> None:
+        """Undo what :meth:`_build` made before it failed (or was interrupted), and the fork server."""
+        made = self.__dict__
+        if "membership" in made:
+            self.membership.close_security()
+        if "_ctx" in made:
+            self._ctx.destroy(linger=0)
+        self._supervisor.stop(0.0)
+        for fd in (made.get("_wake_r"), made.get("_wake_w")):
+            if fd is not None:
+                os.close(fd)
+        if "endpoints" in made:
+            self.endpoints.remove()
 
     # ---- workers -------------------------------------------------------------
 
@@ -851,6 +853,11 @@ class Driver:
                 first[1]()
             except Exception:
                 pass  # the supervisor ends whatever was started
+        if not self.lifecycle.supervising:
+            # A start that failed or was interrupted before the supervisor started: it reports
+            # exits from now on, or stopping would wait shutdown_timeout for each worker in vain.
+            self.lifecycle.supervising = True
+            self._supervisor.start()
         if wait and self._broken is None:
             # Waits for the work, but not for workers frozen (SIGSTOP) shutdown_timeout or more.
             self.wait_idle(timeout, self.config.shutdown_timeout)
@@ -871,7 +878,8 @@ class Driver:
             job.fail(closed)
         for w in frozen:  # it cannot obey Stop: not worth waiting shutdown_timeout again
             self._supervisor.kill(w.id)
-        self._supervisor.stop(self.config.shutdown_timeout)
+        # Workers of a start that failed or was interrupted are not waited for: they hold no work.
+        self._supervisor.stop(self.config.shutdown_timeout if self.lifecycle.started else 0.0)
         with self._lock:
             for w in self._workers.values():
                 w.alive = False

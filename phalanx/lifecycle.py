@@ -84,6 +84,10 @@ class Lifecycle:
         self.start_failures: list[str] = []
         #: tags of retired workers whose replacements the pump still has to start
         self.owed: deque[tuple[str, ...]] = deque()
+        #: the supervisor reports exits (started by start_workers, or by a shutdown before it)
+        self.supervising = False
+        #: the first workers were all ready (start_workers returned)
+        self.started = False
 
     def spawn_owed(self) -> None:
         """Start the replacements of retired workers (pump thread)."""
@@ -111,6 +115,7 @@ class Lifecycle:
         ids = (requested or self.request_workers(groups))()
         n = len(ids)
         driver._supervisor.start()
+        self.supervising = True
         driver._pump_thread.start()
         deadline = time.monotonic() + timeout
         with driver._changed:
@@ -123,6 +128,7 @@ class Lifecycle:
                     )
                 ready = sum(1 for i in ids if driver._workers[i.encode()].ready)
                 if ready == n:
+                    self.started = True
                     return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -197,14 +197,19 @@ class Supervisor:
                 server.on_exit = self._on_server_exit
         else:
             self._ctx = multiprocessing.get_context(start_method)
-        self._procs: dict[str, Any] = {}  # _Child, or ForkedWorker
-        self._lock = threading.Lock()
-        #: held while a process starts, so stop() sees every process spawn() started
-        self._spawn_lock = threading.RLock()  # spawn_piped holds it around _start
-        self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
-        self._closing = False
-        self._watcher = threading.Thread(target=self._watch, name="phalanx-supervisor", daemon=True)
-        _supervisors.add(self)
+        try:
+            self._procs: dict[str, Any] = {}  # _Child, or ForkedWorker
+            self._lock = threading.Lock()
+            #: held while a process starts, so stop() sees every process spawn() started
+            self._spawn_lock = threading.RLock()  # spawn_piped holds it around _start
+            self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+            self._closing = False
+            self._watcher = threading.Thread(target=self._watch, name="phalanx-supervisor", daemon=True)
+            _supervisors.add(self)
+        except BaseException:  # KeyboardInterrupt too: the fork server made above is not left behind
+            if self._server is not None and self._own_server:
+                self._server.close()
+            raise
 
     def start(self) -> None:
         """Start reporting exits (after the first spawns: forking before threads exist is safe)."""

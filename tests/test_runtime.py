@@ -819,3 +819,105 @@ def test_a_start_that_times_out_or_is_interrupted_leaves_nothing(tmp_path: Path,
     assert lines[1:] == ["runtimes 0", "shm runtimes 0", "runtime.json 0",
                          "children 0"], proc.stdout + proc.stderr
     _assert_no_marked_processes(marker)
+
+
+INTERRUPTED_START = """
+import gc, glob, json, os, sys, threading, time
+
+import psutil
+
+import phalanx
+from phalanx.transport import shm
+
+
+def phalanx_calls(on_call):
+    me = os.getpid()
+
+    def tracer(frame, event, arg):
+        if event == "call" and os.getpid() == me and os.sep + "phalanx" + os.sep in frame.f_code.co_filename:
+            on_call(frame)
+        return None
+
+    return tracer
+
+
+def leftovers():
+    deadline = time.monotonic() + 3.0
+    while True:
+        gc.collect()
+        left = [f"process {p.pid}" for p in psutil.Process().children(recursive=True)]
+        left += [f"thread {t.name}" for t in threading.enumerate()
+                 if t.name.startswith("phalanx-") and t.name != "phalanx-finalize"]
+        left += ["a shared-memory user"] if shm._runtimes else []
+        left += ["a runtime"] if any(type(o) is phalanx.Runtime for o in gc.get_objects()) else []
+        for path in glob.glob("/tmp/phalanx-*/runtime.json"):
+            try:
+                with open(path, "rb") as f:
+                    if json.load(f).get("pid") == os.getpid():
+                        left.append(path)
+            except (OSError, ValueError):
+                pass
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.02)
+
+
+def main():
+    phalanx.Runtime(workers=2).shutdown()  # imports and first-time set-up done: the calls below are the start's
+    calls = 0
+
+    def count(frame):
+        nonlocal calls
+        calls += 1
+
+    sys.settrace(phalanx_calls(count))
+    rt = phalanx.Runtime(workers=2)
+    sys.settrace(None)
+    rt.shutdown()
+    del rt
+    step = max(1, calls // 45)
+    print("calls", calls, flush=True)
+    for n in range(1, calls, step):
+        seen = 0
+        where = ""
+
+        def interrupt(frame):  # a KeyboardInterrupt as the n-th call of phalanx code starts
+            nonlocal seen, where
+            seen += 1
+            if seen == n:
+                sys.settrace(None)
+                where = f"{frame.f_code.co_name} ({os.path.basename(frame.f_code.co_filename)})"
+                raise KeyboardInterrupt
+
+        sys.settrace(phalanx_calls(interrupt))
+        try:
+            phalanx.Runtime(workers=2).shutdown()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        left = leftovers()
+        if left:
+            print(f"interrupted at call {n}, {where}: left {left}", flush=True)
+            for p in psutil.Process().children(recursive=True):
+                p.kill()
+            return
+    print("nothing left", flush=True)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_a_keyboard_interrupt_anywhere_in_the_constructor_leaves_nothing(tmp_path: Path) -> None:
+    """Ctrl-C may land at any call of the constructor, before the fork server's fork, after it
+    (while the driver is built around the workers being forked) or in the wait for them: each time
+    no process, thread of the runtime, runtime.json or shared-memory user is left, and the half-built
+    runtime is collected. Interrupts land as each call of phalanx's code starts (sys.settrace)."""
+    proc, marker = _run_script(tmp_path, INTERRUPTED_START)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("calls ") and int(lines[0].split()[1]) > 50, proc.stdout
+    assert lines[1:] == ["nothing left"], proc.stdout
+    _assert_no_marked_processes(marker)
