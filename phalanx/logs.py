@@ -175,6 +175,11 @@ class _LastResort(logging.Handler):
         super().__init__(logging.WARNING)
         self.setFormatter(logging.Formatter(fmt))
 
+    def createLock(self) -> None:
+        # Not on logging's list of locks to renew in every forked child (a Python call per handler
+        # in each one): only the one a worker installs is, by a hook in C (see install_worker_output).
+        self.lock = threading.RLock()
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             stream = sys.stderr
@@ -240,7 +245,9 @@ def install_worker_output(worker_id: str, prefix: bool | None = None, log_level:
     enabled = prefix_output_enabled(prefix)
     if enabled:
         _prefix_streams(f"[{worker_id}] ")
-    logging.lastResort = _LAST_RESORT[enabled]
+    last_resort = logging.lastResort = _LAST_RESORT[enabled]
+    # A process this worker forks (a task may) starts with the handler's lock unlocked.
+    os.register_at_fork(after_in_child=last_resort.lock._at_fork_reinit)  # type: ignore[union-attr]
 
     if log_level:
         ensure_configured(log_level)  # a spawned worker: the driver's handler was not inherited
@@ -248,22 +255,23 @@ def install_worker_output(worker_id: str, prefix: bool | None = None, log_level:
 
 def _prefix_streams(prefix: str) -> None:
     swaps: dict[int, PrefixedStream] = {}
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        if stream is None or isinstance(stream, PrefixedStream):
-            continue
-        wrapped = PrefixedStream(stream, prefix)
-        swaps[id(stream)] = wrapped
-        setattr(sys, name, wrapped)
+    stream = sys.stdout
+    # (type(), not isinstance(): PrefixedStream is an io ABC, whose isinstance runs Python code)
+    if stream is not None and type(stream) is not PrefixedStream:
+        swaps[id(stream)] = sys.stdout = PrefixedStream(stream, prefix)
+    stream = sys.stderr
+    if stream is not None and type(stream) is not PrefixedStream:
+        swaps[id(stream)] = sys.stderr = PrefixedStream(stream, prefix)
     if not swaps:
         return
-    # Handlers inherited from the driver (fork) that wrote to the old streams.
-    loggers: list[Any] = [logging.getLogger()]
-    loggers += [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
-    for lg in loggers:
-        for handler in lg.handlers:
-            if isinstance(handler, logging.StreamHandler) and id(handler.stream) in swaps:
-                handler.setStream(swaps[id(handler.stream)])
+    # Handlers inherited from the driver (fork) that wrote to the old streams. Every handler is
+    # on logging's own list (as weak references, for its shutdown), handlers on no logger too:
+    # a few objects to look at in a worker just forked, where every logger object the driver
+    # made would be copied into it to be read.
+    for ref in list(logging._handlerList):  # type: ignore[attr-defined]
+        handler = ref()
+        if isinstance(handler, logging.StreamHandler) and id(handler.stream) in swaps:
+            handler.setStream(swaps[id(handler.stream)])
 
 
 def configure(level: int | str | None = None, *, stream: TextIO | None = None) -> logging.Handler | None:

@@ -153,9 +153,8 @@ _runtimes: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDic
 _peek = threading.local()
 #: this process writes arrays into pooled segments (a driver), else one segment per array
 _pooling = False
-#: pooled segments this process writes, by capacity; their total capacity
+#: pooled segments this process writes, by capacity
 _pool: dict[int, list[_Segment]] = {}
-_pool_bytes = 0
 # Re-entrant, as _lock: a collection inside may run a runtime's finalizer, which resets the pool.
 _pool_lock = threading.RLock()
 #: mappings of pooled segments this process received arrays in, least recently used first
@@ -169,27 +168,35 @@ def pooled() -> list[str]:
         return sorted(seg.name for segments in _pool.values() for seg in segments)
 
 
+def _pooled_bytes() -> int:
+    """The total capacity of the pooled segments (under _pool_lock)."""
+    return sum(capacity * len(segments) for capacity, segments in _pool.items())
+
+
 def _reset_pool() -> None:
     """Forget the pooled segments (their files are unlinked by :func:`sweep`, or are not ours)."""
-    global _pool_bytes
     _pool.clear()
-    _pool_bytes = 0
     _mapped.clear()
 
 
-def _after_fork() -> None:
-    # A forked child never writes into, nor releases, its parent's segments.
-    global _pool_lock, _mapped_lock
-    _pool_lock = threading.RLock()
-    _mapped_lock = threading.RLock()
-    _reset_pool()
+# A forked child never writes into, nor releases, its parent's segments: its locks start
+# unlocked, its pool and mappings empty. Each hook is a method in C (the objects are never
+# rebound): a fork runs no Python code of this module, where a function of ours cost each
+# worker ~0.05 ms as it started (the pages of its code and of what it touched, copied).
+for _hook in (_pool_lock._at_fork_reinit, _mapped_lock._at_fork_reinit,  # type: ignore[attr-defined]
+              _pool.clear, _mapped.clear):
+    os.register_at_fork(after_in_child=_hook)
+del _hook
 
-
-os.register_at_fork(after_in_child=_after_fork)
+#: /dev/shm is there (None: not looked yet; a worker inherits its driver's answer)
+_available: bool | None = None
 
 
 def available() -> bool:
-    return sys.platform.startswith("linux") and os.path.isdir(SHM_DIR)
+    global _available
+    if _available is None:
+        _available = sys.platform.startswith("linux") and os.path.isdir(SHM_DIR)
+    return _available
 
 
 def threshold() -> int:
@@ -207,9 +214,10 @@ def set_worker(driver_pid: int | None, limit: int) -> None:
 
     ``driver_pid`` None: a remote worker, which neither writes nor accepts segments.
     """
-    global _threshold, _owner, _pooling
+    global _threshold, _owner, _pooling, _runtimes
     with _lock:
-        _runtimes.clear()  # inherited from a forking driver: not this process's
+        # Inherited from a forking driver: not this process's (a new table: clear() pops entries in Python).
+        _runtimes = weakref.WeakKeyDictionary()
         _reset_pool()
         _pooling = False
         _owner = driver_pid
@@ -403,7 +411,6 @@ def _new_segment(pid: int, capacity: int) -> _Segment | None:
 
 def _take_segment(pid: int, nbytes: int) -> _Segment | None:
     """A free pooled segment for ``nbytes`` (a new one if the pool has room), marked in use; or None."""
-    global _pool_bytes
     capacity = _size_class(nbytes)
     with _pool_lock:
         segments = _pool.setdefault(capacity, [])
@@ -411,16 +418,16 @@ def _take_segment(pid: int, nbytes: int) -> _Segment | None:
             if seg.free():
                 break
         else:
-            if _pool_bytes + capacity > POOL_BYTES:
-                _evict(_pool_bytes + capacity - POOL_BYTES)
-                if _pool_bytes + capacity > POOL_BYTES:
+            pooled = _pooled_bytes()
+            if pooled + capacity > POOL_BYTES:
+                _evict(pooled + capacity - POOL_BYTES)
+                if _pooled_bytes() + capacity > POOL_BYTES:
                     return None
             made = _new_segment(pid, capacity)
             if made is None:
                 return None
             seg = made
             segments.append(seg)
-            _pool_bytes += capacity
         seg.gen += 1
         _U64.pack_into(seg.mapping, 0, seg.gen)
         return seg
@@ -428,7 +435,6 @@ def _take_segment(pid: int, nbytes: int) -> _Segment | None:
 
 def _evict(need: int) -> None:
     """Remove free pooled segments (largest first) until ``need`` bytes are gone (under _pool_lock)."""
-    global _pool_bytes
     for capacity in sorted(_pool, reverse=True):
         segments = _pool[capacity]
         for seg in list(segments):
@@ -436,7 +442,6 @@ def _evict(need: int) -> None:
                 return
             if seg.free():
                 segments.remove(seg)
-                _pool_bytes -= capacity
                 need -= capacity
                 try:
                     os.unlink(os.path.join(SHM_DIR, seg.name))
