@@ -1460,25 +1460,26 @@ def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None,
     _spec = spec
     if _guarded != spec.parent_pid:
         guard_against_orphaning(spec.parent_pid, watchdog=False)
-    framed = FramePipe(pipe, spec.limits.max_frame) if pipe is not None else None
-    # A local worker with no module of the user's to import can fail to start only by a bug of
-    # phalanx's own: it says Hello and Ready first, so the driver's handshake and first task
-    # overlap the rest of its start-up (they wait in its pipes; it reads them once it serves,
-    # after its output is prefixed). One that imports modules says them only after: a module
-    # that raises ends it before it was ever ready, a failed start as the driver reports it.
-    early = framed is not None and not spec.imports
-    if early:
-        assert framed is not None
-        _say_ready(framed, spec, spec.host or _socket.gethostname())
     if spec.imports or pipe is None:
         # User modules may take long to import, a remote worker to connect: a thread watches
         # meanwhile (otherwise the control thread does, from its start).
         start_watchdog()
+    # Before any user module runs: its prints and logs are prefixed "[<worker id>] ". (It runs
+    # code of the user's too, inherited logging handlers': one that raises fails the start.)
+    install_worker_output(spec.worker_id, spec.prefix_output, spec.log_level)
+    framed = FramePipe(pipe, spec.limits.max_frame) if pipe is not None else None
+    # A local worker with no module of the user's to import has no user code left to fail its
+    # start: it says Hello and Ready now, so the driver's handshake and first task overlap the
+    # rest of its start-up (they wait in its pipes; it reads them once it serves). One that
+    # imports modules says them only after: a module that raises ends it before it was ever
+    # Ready, a failed start as the driver reports it.
+    early = framed is not None and not spec.imports
+    if early:
+        assert framed is not None
+        _say_ready(framed, spec, spec.host or _socket.gethostname())
     # This process serves one runtime: its options are the process's defaults.
     sockets.set_default_limits(spec.limits)
     operations.set_implicit(spec.implicit_operations)
-    # Before any user module runs: its prints and logs are prefixed "[<worker id>] ".
-    install_worker_output(spec.worker_id, spec.prefix_output, spec.log_level)
     for module in spec.imports:
         __import__(module)
     # Shared memory only with a driver on this host, over the pipe; a remote worker never.
