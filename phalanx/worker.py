@@ -81,7 +81,7 @@ from . import channels
 from .actors.host import ActorHost
 from .core.execute import TaskRunner, abort
 from .errors import EncodeError, FrameTooLargeError, ProtocolError, TaskCancelledError, TaskTimeoutError
-from .logs import install_worker_output
+from .logs import install_worker_output, prepare_worker_output
 from .registry import operations
 from .registry.operations import resolve
 from .transport import shm, sockets
@@ -453,10 +453,12 @@ def start_watchdog() -> None:
 
 def prepare_standby(parent_pid: int) -> None:
     """What a worker forked ahead of its spec does while it waits (the fork server's standby
-    workers, always local): guard against orphaning. No watchdog thread: while it waits, the
-    server's end of its socket closing (the server ends with the driver) ends it; once it
-    runs, its control thread watches."""
+    workers, always local): guard against orphaning, make its prefixed streams (not installed:
+    its worker id is in the spec). No watchdog thread: while it waits, the server's end of its
+    socket closing (the server ends with the driver) ends it; once it runs, its control thread
+    watches. Nothing here runs code of the user's (that may fail a start, see run_worker)."""
     guard_against_orphaning(parent_pid, watchdog=False)
+    prepare_worker_output()
 
 
 class _Side:

@@ -200,3 +200,69 @@ def test_a_driver_handler_that_refuses_the_prefixed_stream_fails_the_start(tmp_p
     assert lines and lines[0].startswith("WorkerStartError worker failed to start: w1 exited with code 1"), \
         proc.stdout + proc.stderr
     assert "this handler keeps its stream" in proc.stderr, proc.stderr
+
+
+PREFIXED = textwrap.dedent(
+    """
+    import logging, os, select, socket, sys, time
+    import psutil
+    from phalanx.forkserver import ForkServer
+    from phalanx.transport import pipe as pipes
+    from phalanx.transport.codec import decode_driver, encode
+    from phalanx.transport.endpoints import local_endpoints
+    from phalanx.transport.messages import Call, Results, Stop, Welcome
+    from phalanx.worker import WorkerSpec
+    from eco_ops import say
+
+    if __name__ == "__main__":
+        # A handler on stderr: the worker inherits it, and must point it at its prefixed stderr.
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
+        standby = int(sys.argv[1])
+        server = ForkServer(lambda wid, code: None, standby=standby)
+        while len(psutil.Process(server.pid).children()) < standby:
+            time.sleep(0.005)
+        endpoints = local_endpoints()
+        ours, theirs = pipes.socketpair()
+        control, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        spec = WorkerSpec(worker_id="w1", endpoints=endpoints, credits=1, parent_pid=os.getpid())
+        server.spawn("w1", spec, (theirs, control_theirs))
+        theirs.close()
+        control_theirs.close()
+        end = pipes.FramePipe(ours, 1 << 20)
+        end.send_many([encode(Welcome("w1", 1 << 20)), encode(Call(1, 0, 0, "eco_ops:say", ["first"]))])
+        done = False
+        while not done:
+            assert select.select([end.fileno()], [], [], 30)[0], "no result"
+            frames = end.recv()
+            assert frames is not None, "the worker closed its pipe"
+            done = any(isinstance(decode_driver(f), Results) for f in frames)
+        end.send(encode(Stop()))
+        while True:  # until the worker's end closes: it exited, its output is all written
+            assert select.select([end.fileno()], [], [], 30)[0], "the worker never exited"
+            if end.recv() is None:
+                break
+        end.close()
+        control.close()
+        server.close()
+        endpoints.remove()
+        print("done", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("standby", [0, 1], ids=["forked", "standby"])
+def test_a_workers_first_task_prints_and_logs_prefixed(tmp_path: Path, standby: int) -> None:
+    """The first task of a worker (a fresh fork, or a standby worker whose prefixed streams were
+    made before it knew its id) prints and logs: every line it writes starts with ``[w1] ``,
+    the inherited stderr handler's lines too."""
+    script = tmp_path / "driver.py"
+    script.write_text(PREFIXED)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script), str(standby)], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1:] == ["done"], proc.stdout + proc.stderr
+    out = [line for line in proc.stdout.splitlines() if line != "done"]
+    err = proc.stderr.splitlines()
+    assert out == ["[w1] out: first", "[w1] two", "[w1] lines: first", "[w1] partial line: first"], proc.stdout
+    assert err == ["[w1] err: first", "[w1] WARNING:eco_ops:log: first", "[w1] INFO:eco_ops:info: first"], \
+        proc.stderr
