@@ -4,7 +4,9 @@ Runs in the driver (importing :mod:`phalanx` attaches a ``NullHandler`` to
 the ``phalanx`` logger, as a library should: the application decides where
 records go; :func:`configure` is there for applications and the CLI) and in
 every worker (:func:`install_worker_output`, called once by
-:func:`phalanx.worker.run_worker` before it imports anything of the user's).
+:func:`phalanx.worker.run_worker` before it imports anything of the user's and
+before it says Ready: the inherited handlers' code it runs may fail the start;
+a standby worker makes its prefixed streams ahead, :func:`prepare_worker_output`).
 
 Every phalanx module logs to a logger under ``phalanx`` (its module name), so
 ``logging.getLogger("phalanx").setLevel(logging.DEBUG)`` shows them all. The

@@ -48,6 +48,17 @@ Invariants kept:
   for a lost host. A signal of its own, because the parent-death SIGTERM can
   arrive while ``getppid()`` still names the dying parent (the kernel first
   re-parents a child to another thread of the same process).
+* **A local worker is Ready early, never falsely.** Its start (:func:`run_worker`):
+  orphan guard (the parent-death signal is armed before anything else), prefixed
+  output (which runs the inherited logging handlers' code), then Hello and Ready
+  in one write on its pipe, then the rest of its set-up (limits, shared memory,
+  the loop and its control thread) while the driver's Welcome, first tasks and
+  control messages wait in its two socketpairs, read in order once it serves.
+  What can fail a start for the user's reasons (a handler that raises, an
+  ``imports`` module: such a worker says Hello and Ready only after importing)
+  happens before the Ready, so a failed start is reported as one. A standby
+  worker (forked before its spec) does what needs no spec while it waits
+  (:func:`prepare_standby`).
 * **Lone calls are not delayed.** Outcomes are batched only while more tasks
   are already waiting and the previous one was quick; a batched outcome waits
   at most ``BATCH_HOLD`` for the task after it (the "phalanx-flush" thread
