@@ -271,6 +271,11 @@ class Supervisor:
                 raise
 
         def finish() -> list[tuple[int, socket.socket, socket.socket] | OSError]:
+            if self._server is not None:
+                # Its reader thread starts while the server forks and replies, not after the
+                # replies: a thread's start waits until the thread runs, which on a busy
+                # machine can be a scheduler slice away (its exits wait for start() anyway).
+                self._server.start()
             try:
                 pids = collect()
             except BaseException:
