@@ -386,14 +386,16 @@ class ForkServer:
             self.pid = pid
             self._owner = driver
             _clients.add(self)
-        self._reader = threading.Thread(target=self._read_events, name="phalanx-forkserver", daemon=True)
+        #: made at start(): off the constructor, which the first workers wait for
+        self._reader: threading.Thread | None = None
         if start:
             self.start()
 
     def start(self) -> None:
         """Start reading the server's exit reports (idempotent; exits wait in its socket until then)."""
         with self._lock:
-            if self._reader.ident is None:
+            if self._reader is None:
+                self._reader = threading.Thread(target=self._read_events, name="phalanx-forkserver", daemon=True)
                 self._reader.start()
 
     def _close_sockets(self) -> None:
@@ -566,8 +568,9 @@ class ForkServer:
                     waiting.poll(1000 * min(1.0, max(0.0, deadline - time.monotonic())))
         finally:
             server.close()
-        if self._reader.is_alive() and self._reader is not threading.current_thread():
-            self._reader.join(timeout)
+        reader = self._reader
+        if reader is not None and reader.is_alive() and reader is not threading.current_thread():
+            reader.join(timeout)
         with self._lock:
             left = list(self._workers.values())
         for handle in left:  # exits never read (the reader never ran): their processes are gone
