@@ -547,3 +547,42 @@ def test_a_driver_running_a_thread_of_its_own_starts_a_runtime_without_a_fork_wa
                           capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
     assert "Warning" not in proc.stderr, proc.stderr
+
+
+def test_a_first_worker_dead_before_the_supervisor_starts_is_reported_once_after_it() -> None:
+    """The server's reader thread runs from the first spawn on, before Supervisor.start():
+    an exit it reads meanwhile is held until start(), then reported exactly once."""
+    from phalanx.supervisor import Supervisor
+    from phalanx.transport.endpoints import local_endpoints
+    from phalanx.worker import WorkerSpec
+
+    reports: list[tuple[str, int | None]] = []
+    reported = threading.Event()
+
+    def on_exit(worker_id: str, code: int | None) -> None:
+        reports.append((worker_id, code))
+        reported.set()
+
+    endpoints = local_endpoints()
+    sup = Supervisor("phalanx", on_exit, standby=1)
+    try:
+        spec = WorkerSpec(worker_id="w1", endpoints=endpoints, credits=1, parent_pid=os.getpid(),
+                          prefix_output=False)
+        (started,) = sup.spawn_piped_many([spec])
+        assert not isinstance(started, BaseException), started
+        pid, end, control = started
+        server = sup._server
+        assert server is not None and server._reader is not None and server._reader.is_alive()
+        os.kill(pid, signal.SIGKILL)
+        assert _wait_gone([pid], 30) == []
+        time.sleep(0.3)  # time for the server to reap it and the reader to read its exit
+        assert reports == [], "an exit was reported before the supervisor started"
+        sup.start()
+        assert reported.wait(30), "the held exit was never reported"
+        time.sleep(0.2)
+        assert reports == [("w1", -signal.SIGKILL)], reports
+        end.close()
+        control.close()
+    finally:
+        sup.stop(0.0)
+        endpoints.remove()
