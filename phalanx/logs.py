@@ -4,7 +4,9 @@ Runs in the driver (importing :mod:`phalanx` attaches a ``NullHandler`` to
 the ``phalanx`` logger, as a library should: the application decides where
 records go; :func:`configure` is there for applications and the CLI) and in
 every worker (:func:`install_worker_output`, called once by
-:func:`phalanx.worker.run_worker` before it imports anything of the user's).
+:func:`phalanx.worker.run_worker` before it imports anything of the user's and
+before it says Ready: the inherited handlers' code it runs may fail the start;
+a standby worker makes its prefixed streams ahead, :func:`prepare_worker_output`).
 
 Every phalanx module logs to a logger under ``phalanx`` (its module name), so
 ``logging.getLogger("phalanx").setLevel(logging.DEBUG)`` shows them all. The
@@ -55,6 +57,7 @@ from typing import Any, TextIO
 __all__ = [
     "PrefixedStream",
     "install_worker_output",
+    "prepare_worker_output",
     "prefix_output_enabled",
     "configure",
     "ensure_configured",
@@ -175,6 +178,11 @@ class _LastResort(logging.Handler):
         super().__init__(logging.WARNING)
         self.setFormatter(logging.Formatter(fmt))
 
+    def createLock(self) -> None:
+        # Not on logging's list of locks to renew in every forked child (a Python call per handler
+        # in each one): only the one a worker installs is, by a hook in C (see install_worker_output).
+        self.lock = threading.RLock()
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             stream = sys.stderr
@@ -212,6 +220,26 @@ def prefix_output_enabled(value: bool | None = None) -> bool:
 
 
 _installed: str | None = None
+#: prefixed streams made ahead by :func:`prepare_worker_output`, by the id of the stream each wraps
+_made: dict[int, PrefixedStream] = {}
+
+
+def prepare_worker_output() -> None:
+    """Make what :func:`install_worker_output` installs that needs no worker id and runs no code
+    of the user's: the prefixed streams, not installed yet (a worker forked ahead of its spec
+    makes them while it waits, so its start-up once the spec came is shorter)."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None and type(stream) is not PrefixedStream:
+            _made[id(stream)] = PrefixedStream(stream, "")
+
+
+def _prefixed(stream: TextIO, prefix: str) -> PrefixedStream:
+    """``stream`` prefixed: the one made ahead for it, if any, else a new one."""
+    made = _made.pop(id(stream), None)
+    if made is None or made.target is not stream:
+        return PrefixedStream(stream, prefix)
+    made._prefix = prefix
+    return made
 
 
 def install_worker_output(worker_id: str, prefix: bool | None = None, log_level: str | None = None) -> None:
@@ -240,7 +268,9 @@ def install_worker_output(worker_id: str, prefix: bool | None = None, log_level:
     enabled = prefix_output_enabled(prefix)
     if enabled:
         _prefix_streams(f"[{worker_id}] ")
-    logging.lastResort = _LAST_RESORT[enabled]
+    last_resort = logging.lastResort = _LAST_RESORT[enabled]
+    # A process this worker forks (a task may) starts with the handler's lock unlocked.
+    os.register_at_fork(after_in_child=last_resort.lock._at_fork_reinit)  # type: ignore[union-attr]
 
     if log_level:
         ensure_configured(log_level)  # a spawned worker: the driver's handler was not inherited
@@ -248,22 +278,23 @@ def install_worker_output(worker_id: str, prefix: bool | None = None, log_level:
 
 def _prefix_streams(prefix: str) -> None:
     swaps: dict[int, PrefixedStream] = {}
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        if stream is None or isinstance(stream, PrefixedStream):
-            continue
-        wrapped = PrefixedStream(stream, prefix)
-        swaps[id(stream)] = wrapped
-        setattr(sys, name, wrapped)
+    stream = sys.stdout
+    # (type(), not isinstance(): PrefixedStream is an io ABC, whose isinstance runs Python code)
+    if stream is not None and type(stream) is not PrefixedStream:
+        swaps[id(stream)] = sys.stdout = _prefixed(stream, prefix)
+    stream = sys.stderr
+    if stream is not None and type(stream) is not PrefixedStream:
+        swaps[id(stream)] = sys.stderr = _prefixed(stream, prefix)
     if not swaps:
         return
-    # Handlers inherited from the driver (fork) that wrote to the old streams.
-    loggers: list[Any] = [logging.getLogger()]
-    loggers += [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
-    for lg in loggers:
-        for handler in lg.handlers:
-            if isinstance(handler, logging.StreamHandler) and id(handler.stream) in swaps:
-                handler.setStream(swaps[id(handler.stream)])
+    # Handlers inherited from the driver (fork) that wrote to the old streams. Every handler is
+    # on logging's own list (as weak references, for its shutdown), handlers on no logger too:
+    # a few objects to look at in a worker just forked, where every logger object the driver
+    # made would be copied into it to be read.
+    for ref in list(logging._handlerList):  # type: ignore[attr-defined]
+        handler = ref()
+        if isinstance(handler, logging.StreamHandler) and id(handler.stream) in swaps:
+            handler.setStream(swaps[id(handler.stream)])
 
 
 def configure(level: int | str | None = None, *, stream: TextIO | None = None) -> logging.Handler | None:

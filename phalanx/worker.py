@@ -48,6 +48,17 @@ Invariants kept:
   for a lost host. A signal of its own, because the parent-death SIGTERM can
   arrive while ``getppid()`` still names the dying parent (the kernel first
   re-parents a child to another thread of the same process).
+* **A local worker is Ready early, never falsely.** Its start (:func:`run_worker`):
+  orphan guard (the parent-death signal is armed before anything else), prefixed
+  output (which runs the inherited logging handlers' code), then Hello and Ready
+  in one write on its pipe, then the rest of its set-up (limits, shared memory,
+  the loop and its control thread) while the driver's Welcome, first tasks and
+  control messages wait in its two socketpairs, read in order once it serves.
+  What can fail a start for the user's reasons (a handler that raises, an
+  ``imports`` module: such a worker says Hello and Ready only after importing)
+  happens before the Ready, so a failed start is reported as one. A standby
+  worker (forked before its spec) does what needs no spec while it waits
+  (:func:`prepare_standby`).
 * **Lone calls are not delayed.** Outcomes are batched only while more tasks
   are already waiting and the previous one was quick; a batched outcome waits
   at most ``BATCH_HOLD`` for the task after it (the "phalanx-flush" thread
@@ -81,7 +92,7 @@ from . import channels
 from .actors.host import ActorHost
 from .core.execute import TaskRunner, abort
 from .errors import EncodeError, FrameTooLargeError, ProtocolError, TaskCancelledError, TaskTimeoutError
-from .logs import install_worker_output
+from .logs import install_worker_output, prepare_worker_output
 from .registry import operations
 from .registry.operations import resolve
 from .transport import shm, sockets
@@ -453,10 +464,12 @@ def start_watchdog() -> None:
 
 def prepare_standby(parent_pid: int) -> None:
     """What a worker forked ahead of its spec does while it waits (the fork server's standby
-    workers, always local): guard against orphaning. No watchdog thread: while it waits, the
-    server's end of its socket closing (the server ends with the driver) ends it; once it
-    runs, its control thread watches."""
+    workers, always local): guard against orphaning, make its prefixed streams (not installed:
+    its worker id is in the spec). No watchdog thread: while it waits, the server's end of its
+    socket closing (the server ends with the driver) ends it; once it runs, its control thread
+    watches. Nothing here runs code of the user's (that may fail a start, see run_worker)."""
     guard_against_orphaning(parent_pid, watchdog=False)
+    prepare_worker_output()
 
 
 class _Side:
@@ -850,7 +863,8 @@ class _Control:
         queued = list(loop.todo)
         reply = InspectReply(
             loop.spec.worker_id, nonce, os.getpid(), loop.host, cpu, rss,
-            len(queued), loop.tasks_done, loop.actors.info(queued), loop.dropped(),
+            len(queued), loop.tasks_done, actors.info(queued) if (actors := loop._actors) is not None else [],
+            loop.dropped(),
         )
         assert self.side is not None
         self.side.send(encode(reply))
@@ -905,8 +919,9 @@ _SYNCED.set()
 class _Loop:
     """The worker's state: sockets, queued tasks, outcomes not yet sent."""
 
-    def __init__(self, spec: WorkerSpec, pipe: _socket.socket | None = None,
-                 control: _socket.socket | None = None) -> None:
+    def __init__(self, spec: WorkerSpec, pipe: FramePipe | None = None,
+                 control: _socket.socket | None = None, ready_sent: bool = False) -> None:
+        """``pipe``: a local worker's (None: ZeroMQ); ``ready_sent``: it said Hello and Ready on it already."""
         self.spec = spec
         self.ident = spec.worker_id.encode()
         self.host = spec.host or _socket.gethostname()
@@ -921,7 +936,7 @@ class _Loop:
             self.control_in = control
         #: serialises the main and control threads' writes to the pipe (a local worker)
         self.write_lock = threading.Lock()
-        self.pipe: FramePipe | None = None
+        self.pipe = pipe
         #: a remote worker's routing identity on the driver's tasks ROUTER ("": a local worker)
         self.inbox_id = ""
         self.inbox_monitor: zmq.Socket[bytes] | None = None
@@ -933,9 +948,8 @@ class _Loop:
         self.pickled = spec.local_pickle and pipe is not None
         self._decode = inbox_decoder(self.pickled)
         if pipe is not None:
-            self.pipe = FramePipe(pipe, spec.limits.max_frame)
             self._pipe_poll = select.poll()
-            self._pipe_poll.register(self.pipe.fileno(), select.POLLIN)
+            self._pipe_poll.register(pipe.fileno(), select.POLLIN)
         else:
             # A remote worker's inbox identity is a secret it tells only the driver (in Hello),
             # so no other host can connect under it and receive its tasks (see Hello).
@@ -952,7 +966,8 @@ class _Loop:
         self.tasks_done = 0
         #: runs the tasks (phalanx.core.execute: the same code as a simulated worker's)
         self.runner = TaskRunner(time.monotonic, self._settle, resolve)
-        self.actors = ActorHost(spec.worker_id, self.send_after_outcomes, self.runner.call)
+        #: the actors living here (made by the first actor message: see ``actors``)
+        self._actors: ActorHost | None = None
         self.out: list[Outcome] = []
         #: the largest frame it sends: its own max_frame, or the driver's if smaller (see Welcome)
         self.max_send = spec.limits.max_frame
@@ -975,7 +990,7 @@ class _Loop:
         #: set with ``synced``: a welcomed worker waits on it, so it says Ready as soon as the Sync comes
         #: (a local worker's is set already: one made at import, not a Condition made by each worker)
         self.synced_event = _SYNCED if self.synced else threading.Event()
-        self.ready_sent = False
+        self.ready_sent = ready_sent
         self.stopping = False
         self.retiring = False
         #: malformed inbox frames dropped (main thread; the control thread counts its own)
@@ -983,6 +998,14 @@ class _Loop:
         self.memory_checked = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.control = _Control(self)
+
+    @property
+    def actors(self) -> ActorHost:
+        """The actor host (main thread); made by the first actor message, not at start-up."""
+        actors = self._actors
+        if actors is None:
+            actors = self._actors = ActorHost(self.spec.worker_id, self.send_after_outcomes, self.runner.call)
+        return actors
 
     @property
     def flusher(self) -> _Flusher:
@@ -1309,10 +1332,10 @@ class _Loop:
         if self.pipe is not None:
             # A local worker: its control pipe exists already, nothing is missed until it is
             # read, so it is Ready at once; the driver welcomes it on reading the Hello, before
-            # the Ready that follows it.
-            self.send(hello)
-            self.send(Ready(self.spec.worker_id, self.spec.credits))
-            self.ready_sent = True
+            # the Ready that follows it. Most said both as they started (see run_worker).
+            if not self.ready_sent:
+                _say_ready(self.pipe, self.spec, self.host)
+                self.ready_sent = True
             self.control.start()
         else:
             self.control.start()  # it makes a remote worker's control sockets
@@ -1422,6 +1445,18 @@ class _Loop:
 _spec: WorkerSpec | None = None
 
 
+def _say_ready(pipe: FramePipe, spec: WorkerSpec, host: str) -> None:
+    """A local worker's Hello and Ready, in that order, in one write on its pipe (main thread,
+    before any other thread of the worker writes there). A driver already gone is seen by the loop
+    (the pipe's end), not here."""
+    frames = [encode(Hello(spec.worker_id, os.getpid(), host, tags=list(spec.tags))),
+              encode(Ready(spec.worker_id, spec.credits))]
+    try:
+        pipe.send_all_blocking(frames)
+    except PipeError:
+        pass
+
+
 def worker_spec() -> WorkerSpec | None:
     """The spec this worker process runs under (None outside a worker)."""
     return _spec
@@ -1442,16 +1477,27 @@ def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None,
         # User modules may take long to import, a remote worker to connect: a thread watches
         # meanwhile (otherwise the control thread does, from its start).
         start_watchdog()
+    # Before any user module runs: its prints and logs are prefixed "[<worker id>] ". (It runs
+    # code of the user's too, inherited logging handlers': one that raises fails the start.)
+    install_worker_output(spec.worker_id, spec.prefix_output, spec.log_level)
+    framed = FramePipe(pipe, spec.limits.max_frame) if pipe is not None else None
+    # A local worker with no module of the user's to import has no user code left to fail its
+    # start: it says Hello and Ready now, so the driver's handshake and first task overlap the
+    # rest of its start-up (they wait in its pipes; it reads them once it serves). One that
+    # imports modules says them only after: a module that raises ends it before it was ever
+    # Ready, a failed start as the driver reports it.
+    early = framed is not None and not spec.imports
+    if early:
+        assert framed is not None
+        _say_ready(framed, spec, spec.host or _socket.gethostname())
     # This process serves one runtime: its options are the process's defaults.
     sockets.set_default_limits(spec.limits)
     operations.set_implicit(spec.implicit_operations)
-    # Before any user module runs: its prints and logs are prefixed "[<worker id>] ".
-    install_worker_output(spec.worker_id, spec.prefix_output, spec.log_level)
     for module in spec.imports:
         __import__(module)
     # Shared memory only with a driver on this host, over the pipe; a remote worker never.
     shm.set_worker(spec.parent_pid if pipe is not None else None, spec.shm_threshold)
-    loop = _Loop(spec, pipe, control)
+    loop = _Loop(spec, framed, control, ready_sent=early)
     if spec.goodbye:
         global _goodbye
         _goodbye = loop.goodbye

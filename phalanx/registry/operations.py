@@ -30,6 +30,7 @@ if its operator asked for it (``--implicit-operations`` or
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import inspect
 import re
@@ -249,6 +250,35 @@ def name_of(fn: Callable[..., Any] | str) -> str:
     )
 
 
+_MISSING = object()
+
+
+def _type_hints(fn: Any) -> dict[str, Any]:
+    """``typing.get_type_hints(fn)``, read directly when every annotation is a class or a name of one.
+
+    A module with ``from __future__ import annotations`` has only strings: typing evaluates each
+    with the compiler, whose first use in a freshly forked worker costs ~0.8 ms of page faults
+    on its first task. A plain name is looked up where that evaluation would look (the
+    function's globals, then the builtins); anything else (a generic, a dotted name, a wrapped
+    function, a name that is not of a class) goes to ``get_type_hints`` as before.
+    """
+    ann = getattr(fn, "__annotations__", None)
+    glb = getattr(fn, "__globals__", None)
+    if ann.__class__ is not dict or glb.__class__ is not dict or hasattr(fn, "__wrapped__"):
+        return typing.get_type_hints(fn)
+    hints: dict[str, Any] = {}
+    for name, value in ann.items():
+        if value.__class__ is str:
+            found = glb.get(value, _MISSING)
+            value = vars(builtins).get(value, _MISSING) if found is _MISSING else found
+        if value is None:
+            value = type(None)
+        elif not issubclass(value.__class__, type):  # not a class (a generic alias is not either)
+            return typing.get_type_hints(fn)
+        hints[name] = value
+    return hints
+
+
 class Operation:
     """A resolved operation: the function plus converters for its annotations."""
 
@@ -270,7 +300,7 @@ class Operation:
         self.returns: Any = Any
         try:
             # For a class, the parameters are those of __init__ (signature() drops self).
-            hints = typing.get_type_hints(getattr(fn, "__init__") if isinstance(fn, type) else fn)
+            hints = _type_hints(getattr(fn, "__init__") if isinstance(fn, type) else fn)
             sig = inspect.signature(fn)
         except Exception:
             hints, sig = {}, None

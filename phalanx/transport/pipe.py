@@ -192,6 +192,15 @@ class FramePipe:
                 return
         elif not self.send(frame):
             return
+        self._drain_blocking()
+
+    def send_all_blocking(self, frames: list[bytes]) -> None:
+        """Write frames in one system call where the kernel takes them, waiting while its buffer
+        is full (workers only): the reader gets them in order, and usually in one read."""
+        if self.send_many(frames):
+            self._drain_blocking()
+
+    def _drain_blocking(self) -> None:
         if self._backlog:
             poller = select.poll()
             poller.register(self._fd, select.POLLOUT)

@@ -149,13 +149,14 @@ _threshold = 0
 _owner: int | None = None
 #: live runtimes of this process: (shm_threshold, accepts remote workers)
 _runtimes: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDictionary()
+#: the process _runtimes belongs to: a forked child's copy lists its parent's runtimes, not its own
+_runtimes_pid = os.getpid()
 #: per thread: peeking (decode without mapping), segments written by the message being encoded
 _peek = threading.local()
 #: this process writes arrays into pooled segments (a driver), else one segment per array
 _pooling = False
-#: pooled segments this process writes, by capacity; their total capacity
+#: pooled segments this process writes, by capacity
 _pool: dict[int, list[_Segment]] = {}
-_pool_bytes = 0
 # Re-entrant, as _lock: a collection inside may run a runtime's finalizer, which resets the pool.
 _pool_lock = threading.RLock()
 #: mappings of pooled segments this process received arrays in, least recently used first
@@ -169,27 +170,35 @@ def pooled() -> list[str]:
         return sorted(seg.name for segments in _pool.values() for seg in segments)
 
 
+def _pooled_bytes() -> int:
+    """The total capacity of the pooled segments (under _pool_lock)."""
+    return sum(capacity * len(segments) for capacity, segments in _pool.items())
+
+
 def _reset_pool() -> None:
     """Forget the pooled segments (their files are unlinked by :func:`sweep`, or are not ours)."""
-    global _pool_bytes
     _pool.clear()
-    _pool_bytes = 0
     _mapped.clear()
 
 
-def _after_fork() -> None:
-    # A forked child never writes into, nor releases, its parent's segments.
-    global _pool_lock, _mapped_lock
-    _pool_lock = threading.RLock()
-    _mapped_lock = threading.RLock()
-    _reset_pool()
+# A forked child never writes into, nor releases, its parent's segments: its locks start
+# unlocked, its pool and mappings empty. Each hook is a method in C (the objects are never
+# rebound): a fork runs no Python code of this module, where a function of ours cost each
+# worker ~0.05 ms as it started (the pages of its code and of what it touched, copied).
+for _hook in (_pool_lock._at_fork_reinit, _mapped_lock._at_fork_reinit,  # type: ignore[attr-defined]
+              _pool.clear, _mapped.clear):
+    os.register_at_fork(after_in_child=_hook)
+del _hook
 
-
-os.register_at_fork(after_in_child=_after_fork)
+#: /dev/shm is there (None: not looked yet; a worker inherits its driver's answer)
+_available: bool | None = None
 
 
 def available() -> bool:
-    return sys.platform.startswith("linux") and os.path.isdir(SHM_DIR)
+    global _available
+    if _available is None:
+        _available = sys.platform.startswith("linux") and os.path.isdir(SHM_DIR)
+    return _available
 
 
 def threshold() -> int:
@@ -209,16 +218,25 @@ def set_worker(driver_pid: int | None, limit: int) -> None:
     """
     global _threshold, _owner, _pooling
     with _lock:
-        _runtimes.clear()  # inherited from a forking driver: not this process's
         _reset_pool()
         _pooling = False
         _owner = driver_pid
         _threshold = limit if driver_pid is not None and available() else 0
 
 
+def _own_runtimes() -> weakref.WeakKeyDictionary[Any, tuple[int, bool]]:
+    """This process's live runtimes (under _lock). A forked child (a worker) starts a table of its
+    own when it first needs one, not as it starts: making one cost a worker ~0.1 ms of its start."""
+    global _runtimes, _runtimes_pid
+    if _runtimes_pid != os.getpid():
+        _runtimes = weakref.WeakKeyDictionary()
+        _runtimes_pid = os.getpid()
+    return _runtimes
+
+
 def _recompute() -> None:
     global _threshold, _owner, _pooling
-    entries = list(_runtimes.values())
+    entries = list(_own_runtimes().values())
     if not entries:
         _threshold = 0
         return
@@ -234,7 +252,7 @@ def runtime_started(runtime: Any, limit: int, remote: bool) -> None:
     if available():
         sweep()
     with _lock:
-        _runtimes[runtime] = (limit, remote)
+        _own_runtimes()[runtime] = (limit, remote)
         _recompute()
     # A runtime dropped without shutdown() counts as stopped once collected (in this
     # process: a forked worker that collects its copy must not stop its own segments).
@@ -244,7 +262,7 @@ def runtime_started(runtime: Any, limit: int, remote: bool) -> None:
 def runtime_stopped(runtime: Any) -> None:
     """A runtime stopped: the last one removes this driver's own segments too."""
     with _lock:
-        _runtimes.pop(runtime, None)
+        _own_runtimes().pop(runtime, None)
     _forget()
 
 
@@ -253,7 +271,7 @@ def _forget(pid: int | None = None) -> None:
         return
     with _lock:
         _recompute()
-        last = not _runtimes
+        last = not _own_runtimes()
     if last:  # never under _lock: a collection while _pool_lock is held may call this
         with _pool_lock:
             _reset_pool()
@@ -403,7 +421,6 @@ def _new_segment(pid: int, capacity: int) -> _Segment | None:
 
 def _take_segment(pid: int, nbytes: int) -> _Segment | None:
     """A free pooled segment for ``nbytes`` (a new one if the pool has room), marked in use; or None."""
-    global _pool_bytes
     capacity = _size_class(nbytes)
     with _pool_lock:
         segments = _pool.setdefault(capacity, [])
@@ -411,16 +428,16 @@ def _take_segment(pid: int, nbytes: int) -> _Segment | None:
             if seg.free():
                 break
         else:
-            if _pool_bytes + capacity > POOL_BYTES:
-                _evict(_pool_bytes + capacity - POOL_BYTES)
-                if _pool_bytes + capacity > POOL_BYTES:
+            pooled = _pooled_bytes()
+            if pooled + capacity > POOL_BYTES:
+                _evict(pooled + capacity - POOL_BYTES)
+                if _pooled_bytes() + capacity > POOL_BYTES:
                     return None
             made = _new_segment(pid, capacity)
             if made is None:
                 return None
             seg = made
             segments.append(seg)
-            _pool_bytes += capacity
         seg.gen += 1
         _U64.pack_into(seg.mapping, 0, seg.gen)
         return seg
@@ -428,7 +445,6 @@ def _take_segment(pid: int, nbytes: int) -> _Segment | None:
 
 def _evict(need: int) -> None:
     """Remove free pooled segments (largest first) until ``need`` bytes are gone (under _pool_lock)."""
-    global _pool_bytes
     for capacity in sorted(_pool, reverse=True):
         segments = _pool[capacity]
         for seg in list(segments):
@@ -436,7 +452,6 @@ def _evict(need: int) -> None:
                 return
             if seg.free():
                 segments.remove(seg)
-                _pool_bytes -= capacity
                 need -= capacity
                 try:
                     os.unlink(os.path.join(SHM_DIR, seg.name))
