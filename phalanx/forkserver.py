@@ -163,8 +163,8 @@ def _warm_decoders() -> tuple[msgspec.msgpack.Decoder[_Spawn], msgspec.msgpack.D
 
 
 def _fork_may_warn() -> bool:
-    """Whether ``os.fork()`` here may warn that the process runs threads (Python >= 3.12
-    does when the kernel counts more than one in it, as here)."""
+    """Whether ``os.fork()`` here may warn that the process runs threads: Python >= 3.12
+    does when the kernel counts more than one thread in it, which this reads the same way."""
     if not _FORK_WARNS:
         return False
     try:
@@ -596,8 +596,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
         nonlocal stop
         stop = stop or os.getppid() != driver  # a parent-death SIGTERM; any other one is ignored
 
-    # signal.signal's C function: its Python wrapper's enum conversions cost the first
-    # workers' start ~0.1 ms here
+    # signal.signal's C function (as in _leave_server): no enum conversions before the forks
     _set_handler(int(signal.SIGTERM), on_term)
     _set_handler(int(signal.SIGCHLD), _ignore)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -624,8 +623,8 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
         except OSError:
             continue
         if pid == 0:
-            _standby(theirs, driver, (ctl, events, wake_r, wake_w, *(s for p in pairs for s in p if s is not theirs)),
-                     prepare_standby, run_worker)
+            others = tuple(end for pair in pairs for end in pair if end is not theirs)
+            _standby(theirs, driver, (ctl, events, wake_r, wake_w, *others), prepare_standby, run_worker)
         standby[pid] = ours
     for ours, theirs in pairs:
         theirs.close()
