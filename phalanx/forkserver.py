@@ -13,10 +13,12 @@ server then runs this module's loop, alone in its process::
     │ reader thread ◀── events ─│ ◀─────────────────── │  (worker id, exit code)        │
     └───────────────────────────┘                      └──────────────────────────────┘
 
-The runtime's first workers are forked as soon as the server starts (*standby*
-workers, ``standby=``), whenever no request waits: while the driver sets up its
+The runtime's first workers (*standby* workers, ``standby=``) are the server's
+first act, before it even reads a request: while the driver sets up its
 sockets, each arms its orphan guard, then waits on its own socket for the Spawn
-request that a first spawn hands it instead of forking.
+request that a first spawn hands it instead of forking. The driver asks for as
+many as its first spawns take, so none is left idle; one never handed a request
+ends when the server ends.
 
 Workers are copies of the server, which is a copy of the driver as it was when
 the runtime started: they know ``__main__``'s functions and the modules
@@ -85,6 +87,8 @@ _MAX_REQUEST = 1 << 20
 #: most descriptors a Spawn request carries (the worker's pipe and control pipe)
 _MAX_FDS = 2
 
+#: whether os.fork() warns in a process that runs threads (a DeprecationWarning)
+_FORK_WARNS = sys.version_info >= (3, 12)
 #: serialises making fork servers with making/sending workers' socketpair ends, so a
 #: fork server never inherits another runtime's worker end (its EOF would come late)
 fork_lock = threading.RLock()
@@ -156,6 +160,17 @@ def _warm_decoders() -> tuple[msgspec.msgpack.Decoder[_Spawn], msgspec.msgpack.D
 
         _decoders = (msgspec.msgpack.Decoder(_Spawn), msgspec.msgpack.Decoder(WorkerSpec))
     return _decoders
+
+
+def _fork_may_warn() -> bool:
+    """Whether ``os.fork()`` here may warn that the process runs threads: Python >= 3.12
+    does when the kernel counts more than one thread in it, which this reads the same way."""
+    if not _FORK_WARNS:
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) > 1
+    except OSError:
+        return True
 
 
 def _prctl(option: int, arg: int) -> bool:
@@ -319,7 +334,7 @@ class ForkServer:
     def __init__(self, on_exit: Callable[[str, int | None], None], start: bool = True, standby: int = 0) -> None:
         """``start=False``: the reader thread starts only at :meth:`start` (its owner first
         sends the first spawns, whose workers then boot while the thread starts).
-        ``standby``: workers the server forks as soon as it starts, before any request (the
+        ``standby``: workers the server forks first of all, before it reads any request (the
         runtime's first ones): the first spawns hand them their spec instead of forking."""
         #: called from the reader thread for each worker's exit (its owner may replace it)
         self.on_exit = on_exit
@@ -337,12 +352,19 @@ class ForkServer:
                     stream.flush()
                 except (AttributeError, OSError, ValueError):
                     pass
-            with warnings.catch_warnings():
-                # Python >= 3.12 warns when forking a process that runs threads. This one fork
-                # is the documented exception (the user's program ran threads when the runtime
-                # started; docs/faults.md): the server runs no code that takes their locks.
-                warnings.filterwarnings("ignore", message=r"This process .* is multi-threaded",
-                                        category=DeprecationWarning)
+            if _fork_may_warn():
+                with warnings.catch_warnings():
+                    # Python >= 3.12 warns when forking a process that runs threads. This fork
+                    # is the documented exception (the user's program ran threads when the
+                    # runtime started; docs/faults.md): the server runs no code that takes
+                    # their locks.
+                    warnings.filterwarnings("ignore", message=r"This process .* is multi-threaded",
+                                            category=DeprecationWarning)
+                    with _pidfd_lock:
+                        pid = os.fork()
+            else:
+                # No filter to set and restore: restoring it after the fork would write (copy)
+                # the warnings module's pages, which the server now shares.
                 with _pidfd_lock:
                     pid = os.fork()
             if pid == 0:  # the fork server
@@ -364,14 +386,16 @@ class ForkServer:
             self.pid = pid
             self._owner = driver
             _clients.add(self)
-        self._reader = threading.Thread(target=self._read_events, name="phalanx-forkserver", daemon=True)
+        #: made at start(): off the constructor, which the first workers wait for
+        self._reader: threading.Thread | None = None
         if start:
             self.start()
 
     def start(self) -> None:
         """Start reading the server's exit reports (idempotent; exits wait in its socket until then)."""
         with self._lock:
-            if self._reader.ident is None:
+            if self._reader is None:
+                self._reader = threading.Thread(target=self._read_events, name="phalanx-forkserver", daemon=True)
                 self._reader.start()
 
     def _close_sockets(self) -> None:
@@ -544,8 +568,9 @@ class ForkServer:
                     waiting.poll(1000 * min(1.0, max(0.0, deadline - time.monotonic())))
         finally:
             server.close()
-        if self._reader.is_alive() and self._reader is not threading.current_thread():
-            self._reader.join(timeout)
+        reader = self._reader
+        if reader is not None and reader.is_alive() and reader is not threading.current_thread():
+            reader.join(timeout)
         with self._lock:
             left = list(self._workers.values())
         for handle in left:  # exits never read (the reader never ran): their processes are gone
@@ -562,27 +587,50 @@ class ForkServer:
 
 def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count: int = 0) -> NoReturn:
     """The fork server's loop (runs alone in its process until the driver goes)."""
-    from .worker import prepare_standby, run_worker  # imported by the driver already
+    from .worker import _set_handler, prepare_standby, run_worker  # imported by the driver already
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    _set_handler(int(signal.SIGINT), int(signal.SIG_IGN))  # Ctrl-C is the driver's to handle
     stop = False
 
     def on_term(signum: int, frame: Any) -> None:
         nonlocal stop
         stop = stop or os.getppid() != driver  # a parent-death SIGTERM; any other one is ignored
 
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    # signal.signal's C function (as in _leave_server): no enum conversions before the forks
+    _set_handler(int(signal.SIGTERM), on_term)
+    _set_handler(int(signal.SIGCHLD), _ignore)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    # Before the standby workers exist: a subreaper set later reaches them only on kernels
+    # that pass it down to existing children (Linux >= 4.11).
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    workers: dict[int, str] = {}  # pid -> worker id
-    # Workers forked while the driver still sets itself up (whenever no request waits): each
-    # does the start-up that needs no spec, then waits on its own socket for the Spawn that a
-    # first request hands it. A first request served by a fork needs one fewer.
+    # The runtime's first workers, forked before anything else is set up here: they start up
+    # while the driver sets up its sockets and sends the Spawn requests, which then only hand
+    # each its spec. A standby worker never handed one ends with the server.
     standby: dict[int, socket.socket] = {}  # pid -> the server's end of its socket
-    to_fork = standby_count
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+    for _ in range(standby_count):
+        try:
+            pairs.append(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+        except OSError:
+            break  # the Spawn requests fork the rest (and report why if that fails too)
+    # All made first, so nothing but the forks runs between them: each page this process
+    # writes after a fork is copied, which delays the next one.
+    for ours, theirs in pairs:
+        try:
+            pid = os.fork()
+        except OSError:
+            continue
+        if pid == 0:
+            others = tuple(end for pair in pairs for end in pair if end is not theirs)
+            _standby(theirs, driver, (ctl, events, wake_r, wake_w, *others), prepare_standby, run_worker)
+        standby[pid] = ours
+    for ours, theirs in pairs:
+        theirs.close()
+        if ours not in standby.values():
+            ours.close()
+    workers: dict[int, str] = {}  # pid -> worker id
     sweeps: list[float] = []
     decoder, spec_decoder = _warm_decoders()
     encoder = msgspec.msgpack.Encoder()
@@ -596,7 +644,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
             if os.getppid() != driver:
                 break
             next_check = now + _PARENT_CHECK
-        timeout = 0.0 if to_fork else min([next_check, *sweeps]) - now
+        timeout = min([next_check, *sweeps]) - now
         try:
             ready: list[int] = [fd for fd, _ in waiting.poll(1000 * max(0.0, timeout))]
         except InterruptedError:
@@ -646,7 +694,6 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
                 spec = spec_decoder.decode(request.spec)
                 pid = _hand_over(standby, raw, fds)
                 if not pid:
-                    to_fork = max(0, to_fork - 1)
                     pid = os.fork()
                     if pid == 0:
                         _leave_server((ctl, events, wake_r, wake_w, *standby.values()))
@@ -672,25 +719,6 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
                 if pidfd >= 0:
                     os.close(pidfd)
                     pidfd = -1
-        elif to_fork:
-            to_fork -= 1
-            # On failure the requests fork them instead (and report why if that fails too).
-            try:
-                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            except OSError:
-                continue
-            try:
-                pid = os.fork()
-            except OSError:
-                ours.close()
-                theirs.close()
-                continue
-            if pid == 0:
-                ours.close()
-                _standby(theirs, driver, (ctl, events, wake_r, wake_w, *standby.values()),
-                         prepare_standby, run_worker)
-            theirs.close()
-            standby[pid] = ours
     _end_all([*workers, *standby])
     os._exit(0)
 
@@ -708,6 +736,10 @@ def _hand_over(standby: dict[int, socket.socket], request: bytes, fds: list[int]
             conn.close()
         return pid
     return 0
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """SIGCHLD's handler in the server: the signal only wakes its loop (wakeup fd)."""
 
 
 def _leave_server(server_fds: tuple[Any, ...]) -> None:

@@ -202,9 +202,15 @@ class Supervisor:
             self._lock = threading.Lock()
             #: held while a process starts, so stop() sees every process spawn() started
             self._spawn_lock = threading.RLock()  # spawn_piped holds it around _start
-            self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
             self._closing = False
-            self._watcher = threading.Thread(target=self._watch, name="phalanx-supervisor", daemon=True)
+            # The watcher and its wake-up pipe serve multiprocessing's methods only (the fork
+            # server's reader thread reports exits): not made for nothing on the first workers' path.
+            self._watcher: threading.Thread | None = None
+            self._wake_r: multiprocessing.connection.Connection | None = None
+            self._wake_w: multiprocessing.connection.Connection | None = None
+            if self._ctx is not None:
+                self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+                self._watcher = threading.Thread(target=self._watch, name="phalanx-supervisor", daemon=True)
             _supervisors.add(self)
         except BaseException:  # KeyboardInterrupt too: the fork server made above is not left behind
             if self._server is not None and self._own_server:
@@ -216,7 +222,7 @@ class Supervisor:
         self._started.set()
         if self._server is not None:
             self._server.start()
-        elif not self._watcher.is_alive():
+        elif self._watcher is not None and not self._watcher.is_alive():
             self._watcher.start()
 
     def spawn(self, spec: WorkerSpec) -> int:
@@ -276,6 +282,11 @@ class Supervisor:
                 raise
 
         def finish() -> list[tuple[int, socket.socket, socket.socket] | OSError]:
+            if self._server is not None:
+                # Its reader thread starts while the server forks and replies, not after the
+                # replies: a thread's start waits until the thread runs, which on a busy
+                # machine can be a scheduler slice away (its exits wait for start() anyway).
+                self._server.start()
             try:
                 pids = collect()
             except BaseException:
@@ -410,6 +421,8 @@ class Supervisor:
         return any(proc.send_signal(sig) for proc in procs)
 
     def _wake(self) -> None:
+        if self._wake_w is None:
+            return
         try:
             self._wake_w.send_bytes(b"x")
         except OSError:
@@ -429,6 +442,7 @@ class Supervisor:
             if self._closing:
                 return False
             sentinels: dict[Any, str] = {p.sentinel: wid for wid, p in self._procs.items()}
+        assert self._wake_r is not None
         ready = multiprocessing.connection.wait([*sentinels, self._wake_r], timeout=1.0)
         for obj in ready:
             if obj is self._wake_r:
@@ -492,10 +506,11 @@ class Supervisor:
                 pass
         if self._server is not None and self._own_server:
             self._server.close()  # it kills anything still below it
-        if self._watcher.is_alive():
+        if self._watcher is not None and self._watcher.is_alive():
             self._watcher.join(2.0)
-        self._wake_r.close()
-        self._wake_w.close()
+        for end in (self._wake_r, self._wake_w):
+            if end is not None:
+                end.close()
 
     @property
     def my_pid(self) -> int:

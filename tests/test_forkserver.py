@@ -451,3 +451,138 @@ def test_a_driver_holding_descriptors_past_1023_starts_and_ends_a_runtime() -> N
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+KILLED_AT_ONCE = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from phalanx.forkserver import ForkServer
+
+    if __name__ == "__main__":
+        server = ForkServer(lambda wid, code: None, standby=2)
+        time.sleep(float(sys.argv[1]))
+        print(server.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("delay", [0.0, 0.001, 0.003, 0.01])
+def test_a_driver_sigkilled_while_the_server_forks_its_standby_workers_leaves_nothing(
+        tmp_path: Path, delay: float) -> None:
+    """The server forks its standby workers first of all, before its loop ever checks the
+    driver: a driver killed before, during or right after those forks leaves no process."""
+    import uuid
+
+    from marked import processes_marked
+
+    marker = uuid.uuid4().hex
+    script = tmp_path / "driver.py"
+    script.write_text(KILLED_AT_ONCE)
+    env = _env()
+    env["PHALANX_TEST_MARKER"] = marker
+    out = tmp_path / "out"
+    with open(out, "w") as f:  # a file, not a pipe: a process left behind would hold a pipe open
+        driver = subprocess.Popen([sys.executable, str(script), str(delay)], env=env, cwd=tmp_path,
+                                  stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        assert driver.wait(timeout=60) == -signal.SIGKILL, out.read_text()
+        deadline = time.monotonic() + 2.0
+        left = processes_marked("PHALANX_TEST_MARKER", marker)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.01)
+            left = processes_marked("PHALANX_TEST_MARKER", marker)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=10)
+        stray = processes_marked("PHALANX_TEST_MARKER", marker)
+        for p in stray:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(stray, timeout=3)
+    assert not left, f"alive 2 s after the driver was SIGKILLed (server {out.read_text().strip()}): {left}"
+
+
+@pytest.mark.parametrize("workers", [1, {"a": 1, "b": 2}], ids=["one", "groups"])
+def test_the_server_keeps_no_idle_standby_worker(workers: int | dict[str, int]) -> None:
+    """As many standby workers as the first spawns take: every process below the server
+    is a worker of the runtime, one with a single worker and one with tag groups alike."""
+    with phalanx.Runtime(workers=workers) as rt:
+        server = rt._driver._supervisor._server
+        assert server is not None
+        expected = 1 if isinstance(workers, int) else sum(workers.values())
+        pids = set(rt.worker_pids().values())
+        assert len(pids) == expected
+        below = {p.pid for p in psutil.Process(server.pid).children()}
+        assert below == pids, f"below the server: {below}; the runtime's workers: {pids}"
+        for pid in pids:
+            assert psutil.Process(pid).ppid() == server.pid
+
+
+THREADED_DRIVER = textwrap.dedent(
+    """
+    import threading
+    import phalanx
+
+    if __name__ == "__main__":
+        stop = threading.Event()
+        mine = threading.Thread(target=stop.wait)   # the user's own thread, running
+        mine.start()
+        with phalanx.Runtime(workers=1) as rt:
+            assert rt.submit("ops:square", 3).result(timeout=30) == 9
+        stop.set()
+        mine.join()
+        print("OK", flush=True)
+    """
+)
+
+
+def test_a_driver_running_a_thread_of_its_own_starts_a_runtime_without_a_fork_warning(tmp_path: Path) -> None:
+    """The one fork from a threaded process (the server's) is silenced, even under -W error."""
+    script = tmp_path / "driver.py"
+    script.write_text(THREADED_DRIVER)
+    proc = subprocess.run([sys.executable, "-W", "error", str(script)], env=_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr
+
+
+def test_a_first_worker_dead_before_the_supervisor_starts_is_reported_once_after_it() -> None:
+    """The server's reader thread runs from the first spawn on, before Supervisor.start():
+    an exit it reads meanwhile is held until start(), then reported exactly once."""
+    from phalanx.supervisor import Supervisor
+    from phalanx.transport.endpoints import local_endpoints
+    from phalanx.worker import WorkerSpec
+
+    reports: list[tuple[str, int | None]] = []
+    reported = threading.Event()
+
+    def on_exit(worker_id: str, code: int | None) -> None:
+        reports.append((worker_id, code))
+        reported.set()
+
+    endpoints = local_endpoints()
+    sup = Supervisor("phalanx", on_exit, standby=1)
+    try:
+        spec = WorkerSpec(worker_id="w1", endpoints=endpoints, credits=1, parent_pid=os.getpid(),
+                          prefix_output=False)
+        (started,) = sup.spawn_piped_many([spec])
+        assert not isinstance(started, BaseException), started
+        pid, end, control = started
+        server = sup._server
+        assert server is not None and server._reader is not None and server._reader.is_alive()
+        os.kill(pid, signal.SIGKILL)
+        assert _wait_gone([pid], 30) == []
+        time.sleep(0.3)  # time for the server to reap it and the reader to read its exit
+        assert reports == [], "an exit was reported before the supervisor started"
+        sup.start()
+        assert reported.wait(30), "the held exit was never reported"
+        time.sleep(0.2)
+        assert reports == [("w1", -signal.SIGKILL)], reports
+        end.close()
+        control.close()
+    finally:
+        sup.stop(0.0)
+        endpoints.remove()
