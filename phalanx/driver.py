@@ -281,6 +281,7 @@ class Driver:
                 os.close(fd)
         if "endpoints" in made:
             self.endpoints.remove()
+        self.lifecycle.close_unpiped()
 
     # ---- workers -------------------------------------------------------------
 
@@ -889,6 +890,9 @@ class Driver:
         os.write(self._wake_w, b"x")
         if self._pump_thread.is_alive():
             self._pump_thread.join(5.0)
+        elif self._pump_thread.ident is None:  # a start that failed before the pump ran: its ends are ours
+            self.pipes.end_all()
+        self.lifecycle.close_unpiped()
         with self._lock:
             sockets.close(self._tasks, self._results, self._control)
         self.membership.close_security()

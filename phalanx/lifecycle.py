@@ -88,6 +88,15 @@ class Lifecycle:
         self.supervising = False
         #: the first workers were all ready (start_workers returned)
         self.started = False
+        #: the first workers' pipe ends, asked for before the driver's pipes existed (start_workers adds them)
+        self.unpiped: deque[tuple[_Worker, socket.socket]] = deque()
+
+    def close_unpiped(self) -> None:
+        """Close the first workers' ends no pump took (a start that failed before it began)."""
+        while self.unpiped:
+            worker, end = self.unpiped.popleft()
+            end.close()
+            worker.close_control()
 
     def spawn_owed(self) -> None:
         """Start the replacements of retired workers (pump thread)."""
@@ -104,19 +113,25 @@ class Lifecycle:
 
     def request_workers(self, groups: dict[str, int]) -> Callable[[], list[str]]:
         """Ask for so many workers per tag; the function that waits until they are forked
-        (not ready) and returns their ids (call it once, before any other spawn)."""
-        return self._request([(tag,) for tag, count in groups.items() for _ in range(count)])
+        (not ready) and returns their ids (call it once, before any other spawn).
+
+        Their pipes are the pump's at once, before their pids are known: the pump, started
+        before the fork server's replies are read, reads each Hello as soon as it is written."""
+        return self._request([(tag,) for tag, count in groups.items() for _ in range(count)], early=True)
 
     def start_workers(self, groups: dict[str, int], timeout: float,
                       requested: Callable[[], list[str]] | None = None) -> None:
         """Spawn so many workers per tag (``requested``: those already asked for instead) and
         wait until each is connected and ready; the watcher and the pump start in between."""
         driver = self.driver
-        ids = (requested or self.request_workers(groups))()
+        requested = requested or self.request_workers(groups)
+        while self.unpiped:
+            driver.pipes.add(*self.unpiped.popleft())
+        driver._pump_thread.start()  # before the replies: the workers' Hellos do not wait for them
+        ids = requested()
         n = len(ids)
         driver._supervisor.start()
         self.supervising = True
-        driver._pump_thread.start()
         deadline = time.monotonic() + timeout
         with driver._changed:
             while True:
@@ -144,7 +159,7 @@ class Lifecycle:
         """Start one local worker per tags tuple (the fork server gets every request at once); their ids."""
         return self._request(groups)()
 
-    def _request(self, groups: list[tuple[str, ...]]) -> Callable[[], list[str]]:
+    def _request(self, groups: list[tuple[str, ...]], early: bool = False) -> Callable[[], list[str]]:
         """Send the requests of :meth:`spawn_many`; the function that finishes it."""
         driver = self.driver
         workers: list[_Worker] = []
@@ -178,7 +193,15 @@ class Lifecycle:
             )
             workers.append(worker)
             specs.append(spec)
-        finish = driver._supervisor.request_piped(specs)
+        def take_ends(ends: list[tuple[socket.socket, socket.socket]]) -> None:
+            # Asked for while the driver is still being built: the pump gets them when it starts
+            # (start_workers). A pipe whose worker is never forked ends at once (the server
+            # closed its copy): the pump reads its end as any worker's.
+            for worker, (end, control) in zip(workers, ends):
+                worker.control = control
+                self.unpiped.append((worker, end))
+
+        finish = driver._supervisor.request_piped(specs, take_ends if early else None)
 
         def done() -> list[str]:
             started = finish()
@@ -188,8 +211,9 @@ class Lifecycle:
                     failed = failed or result
                     continue
                 worker.pid, end, control = result
-                worker.control = control
-                driver.pipes.add(worker, end)
+                if not early:
+                    worker.control = control
+                    driver.pipes.add(worker, end)
             driver.wake()
             if failed is not None:
                 raise failed

@@ -252,14 +252,17 @@ class Supervisor:
         return self.request_piped(specs)()
 
     def request_piped(
-        self, specs: list[WorkerSpec]
+        self, specs: list[WorkerSpec],
+        on_ends: Callable[[list[tuple[socket.socket, socket.socket]]], None] | None = None,
     ) -> Callable[[], list[tuple[int, socket.socket, socket.socket] | OSError]]:
         """Ask for the workers of :meth:`spawn_piped_many` without waiting for them.
 
         Returns the function that returns what ``spawn_piped_many`` would; the
         fork server's replies (the pids) are read only then, so its caller can
         do other work while the workers are forked. Call it exactly once,
-        before any other spawn.
+        before any other spawn. ``on_ends``: given each worker's (pipe, control)
+        ends here, as soon as the requests are sent (before the pids); the
+        caller then owns them, those of a worker that failed to start included.
         """
         with self._spawn_lock, forkserver.fork_lock:
             pairs = [pipe.socketpair() for _ in specs]
@@ -280,6 +283,10 @@ class Supervisor:
                     ours.close()
                     their.close()
                 raise
+        if on_ends is not None:
+            for control, _ in controls:
+                control.setblocking(False)
+            on_ends([(ours, control) for (ours, _), (control, _) in zip(pairs, controls)])
 
         def finish() -> list[tuple[int, socket.socket, socket.socket] | OSError]:
             if self._server is not None:
@@ -290,14 +297,16 @@ class Supervisor:
             try:
                 pids = collect()
             except BaseException:
-                for ours, _ in (*pairs, *controls):
-                    ours.close()
+                if on_ends is None:
+                    for ours, _ in (*pairs, *controls):
+                        ours.close()
                 raise
             out: list[tuple[int, socket.socket, socket.socket] | OSError] = []
             for pid, (ours, _), (control, _) in zip(pids, pairs, controls):
                 if isinstance(pid, OSError):
-                    ours.close()
-                    control.close()
+                    if on_ends is None:
+                        ours.close()
+                        control.close()
                     out.append(pid)
                 else:
                     control.setblocking(False)

@@ -850,6 +850,8 @@ def leftovers():
                  if t.name.startswith("phalanx-") and t.name != "phalanx-finalize"]
         left += ["a shared-memory user"] if shm._runtimes else []
         left += ["a runtime"] if any(type(o) is phalanx.Runtime for o in gc.get_objects()) else []
+        fds = len(os.listdir("/proc/self/fd"))
+        left += [f"{fds - base_fds} descriptors"] if fds > base_fds else []
         for path in glob.glob("/tmp/phalanx-*/runtime.json"):
             try:
                 with open(path, "rb") as f:
@@ -863,7 +865,10 @@ def leftovers():
 
 
 def main():
+    global base_fds
     phalanx.Runtime(workers=2).shutdown()  # imports and first-time set-up done: the calls below are the start's
+    gc.collect()
+    base_fds = len(os.listdir("/proc/self/fd"))
     calls = 0
 
     def count(frame):
@@ -913,7 +918,7 @@ if __name__ == "__main__":
 def test_a_keyboard_interrupt_anywhere_in_the_constructor_leaves_nothing(tmp_path: Path) -> None:
     """Ctrl-C may land at any call of the constructor, before the fork server's fork, after it
     (while the driver is built around the workers being forked) or in the wait for them: each time
-    no process, thread of the runtime, runtime.json or shared-memory user is left, and the half-built
+    no process, thread of the runtime, descriptor, runtime.json or shared-memory user is left, and the half-built
     runtime is collected. Interrupts land as each call of phalanx's code starts (sys.settrace)."""
     proc, marker = _run_script(tmp_path, INTERRUPTED_START)
     assert proc.returncode == 0, proc.stderr
