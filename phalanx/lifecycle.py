@@ -90,6 +90,8 @@ class Lifecycle:
         self.started = False
         #: the first workers' pipe ends, asked for before the driver's pipes existed (start_workers adds them)
         self.unpiped: deque[tuple[_Worker, socket.socket]] = deque()
+        #: the replacement of each worker that died before the first workers were all ready
+        self.replaced: dict[str, str] = {}
 
     def close_unpiped(self) -> None:
         """Close the first workers' ends no pump took (a start that failed before it began)."""
@@ -122,7 +124,8 @@ class Lifecycle:
     def start_workers(self, groups: dict[str, int], timeout: float,
                       requested: Callable[[], list[str]] | None = None) -> None:
         """Spawn so many workers per tag (``requested``: those already asked for instead) and
-        wait until each is connected and ready; the watcher and the pump start in between."""
+        wait until so many are connected, ready and alive (a worker that died before it was
+        ready counts by its replacement); the watcher and the pump start in between."""
         driver = self.driver
         requested = requested or self.request_workers(groups)
         while self.unpiped:
@@ -141,7 +144,16 @@ class Lifecycle:
                         + " (does the main module start a Runtime outside "
                         "`if __name__ == \"__main__\":`?)"
                     )
-                ready = sum(1 for i in ids if driver._workers[i.encode()].ready)
+                if driver._broken is not None:  # its workers cannot be replaced
+                    raise WorkerStartError(f"workers failed to start: {driver._broken}") from driver._broken
+                # A first worker that died once another was ready is replaced (see on_exit): it
+                # is its replacement that is waited for, not a worker that will never be ready.
+                ready = 0
+                for i in ids:
+                    while i in self.replaced:
+                        i = self.replaced[i]
+                    w = driver._workers[i.encode()]
+                    ready += w.ready and w.alive
                 if ready == n:
                     self.started = True
                     return
@@ -286,7 +298,11 @@ class Lifecycle:
             with driver._lock:
                 driver.worker_restarts += 1
             try:
-                self.spawn(worker.tags)  # the replacement serves the same tags
+                replacement = self.spawn(worker.tags)  # the replacement serves the same tags
+                if not self.started:  # start_workers waits for it instead
+                    with driver._changed:
+                        self.replaced[worker_id] = replacement
+                        driver._changed.notify_all()
             except RuntimeClosedError:
                 pass  # shutdown() won the race: it stops everything spawn() started
             except Exception as exc:  # cannot start processes any more

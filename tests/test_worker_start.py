@@ -266,3 +266,51 @@ def test_a_workers_first_task_prints_and_logs_prefixed(tmp_path: Path, standby: 
     assert out == ["[w1] out: first", "[w1] two", "[w1] lines: first", "[w1] partial line: first"], proc.stdout
     assert err == ["[w1] err: first", "[w1] WARNING:eco_ops:log: first", "[w1] INFO:eco_ops:info: first"], \
         proc.stderr
+
+
+@pytest.mark.parametrize("when", ["before-hello", "after-ready"])
+def test_a_first_worker_killed_as_it_starts_is_replaced_and_the_start_succeeds(
+    monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """The first worker is SIGKILLed as it starts, once the other worker is ready (a second
+    after its fork): ``before-hello``, or ``after-ready``: the moment its Hello and Ready are
+    written, perhaps before the driver read them or welcomed it. The runtime's
+    start does not wait ``start_timeout`` for a worker that is gone: its replacement is
+    waited for instead, and every task sent straight after the constructor is answered
+    exactly once."""
+    import signal
+
+    import phalanx
+    from phalanx import worker as worker_module
+
+    if when == "before-hello":
+        install = worker_module.install_worker_output
+
+        def dying_install(worker_id: str, *args: Any, **kwargs: Any) -> None:
+            if worker_id == "w1":
+                time.sleep(1.0)  # the other worker is ready by then
+                os.kill(os.getpid(), signal.SIGKILL)
+            install(worker_id, *args, **kwargs)
+
+        monkeypatch.setattr(worker_module, "install_worker_output", dying_install)
+    else:
+        say_ready = worker_module._say_ready
+
+        def dying_ready(pipe: Any, spec: WorkerSpec, host: str) -> None:
+            if spec.worker_id != "w1":
+                return say_ready(pipe, spec, host)
+            time.sleep(1.0)  # the other worker is ready by then
+            say_ready(pipe, spec, host)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        monkeypatch.setattr(worker_module, "_say_ready", dying_ready)
+    # Forked from this process: the fork server and its workers run the patched functions.
+    rt = phalanx.Runtime(workers=2, start_timeout=15.0, shutdown_timeout=2.0)
+    try:
+        assert list(rt.map(square, range(2000), timeout=T)) == [x * x for x in range(2000)]
+        stats = rt.stats()
+        alive = [w.id for w in stats.workers if w.alive]
+        assert len(alive) == 2 and "w1" not in alive, stats.workers
+        assert stats.worker_deaths == 1, stats
+    finally:
+        rt.shutdown()
