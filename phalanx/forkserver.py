@@ -456,6 +456,7 @@ class ForkServer:
 
     def _read_replies(self, handles: list[ForkedWorker]) -> list[ForkedWorker | OSError]:
         results: list[ForkedWorker | OSError] = []
+        pidfd: Pidfd | None = None
         try:
             for handle in handles:
                 # Waited for without the lock (the server may take a while to fork); read under
@@ -480,16 +481,25 @@ class ForkServer:
                         if fds:
                             os.close(fds[0])
                     else:
-                        pidfd = Pidfd(fds[0] if fds else None, reply.pid)
+                        try:
+                            pidfd = Pidfd(fds[0] if fds else None, reply.pid)
+                        except BaseException:  # KeyboardInterrupt: the descriptor is not left open
+                            if fds:
+                                os.close(fds[0])
+                            raise
                 if isinstance(reply, _Failed):
                     results.append(OSError(f"the fork server could not start {handle.worker_id}: {reply.error}"))
                 else:
                     assert pidfd is not None
                     handle._started(reply.pid, pidfd)
                     results.append(handle)
+                    pidfd = None
         except BaseException:
             # Replies not read: the server may have forked those workers; the owner ends the
-            # runtime, and the server ends whatever is below it when it closes.
+            # runtime, and the server ends whatever is below it when it closes. A pidfd read
+            # for a worker not returned (an interrupt) is closed: nothing else would close it.
+            if pidfd is not None:
+                pidfd.close()
             with self._lock:
                 for handle in handles[len(results):]:
                     self._workers.pop(handle.worker_id, None)
