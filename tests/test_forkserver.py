@@ -124,14 +124,19 @@ SINGLE_THREADED = textwrap.dedent(
 )
 
 
-def test_workers_are_forked_by_a_single_threaded_server_without_a_warning(tmp_path: Path) -> None:
-    """First workers and replacements come from a one-thread process; -W error sees no fork warning."""
+def _passes_under_w_error(tmp_path: Path, source: str) -> None:
+    """Run ``source`` as a driver script under ``-W error``: it prints OK and no warning."""
     script = tmp_path / "driver.py"
-    script.write_text(SINGLE_THREADED)
+    script.write_text(source)
     proc = subprocess.run([sys.executable, "-W", "error", str(script)], env=_env(), cwd=tmp_path,
                           capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
     assert "Warning" not in proc.stderr, proc.stderr
+
+
+def test_workers_are_forked_by_a_single_threaded_server_without_a_warning(tmp_path: Path) -> None:
+    """First workers and replacements come from a one-thread process; -W error sees no fork warning."""
+    _passes_under_w_error(tmp_path, SINGLE_THREADED)
 
 
 SLEEPING_DRIVER = textwrap.dedent(
@@ -541,12 +546,7 @@ THREADED_DRIVER = textwrap.dedent(
 
 def test_a_driver_running_a_thread_of_its_own_starts_a_runtime_without_a_fork_warning(tmp_path: Path) -> None:
     """The one fork from a threaded process (the server's) is silenced, even under -W error."""
-    script = tmp_path / "driver.py"
-    script.write_text(THREADED_DRIVER)
-    proc = subprocess.run([sys.executable, "-W", "error", str(script)], env=_env(), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=90)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
-    assert "Warning" not in proc.stderr, proc.stderr
+    _passes_under_w_error(tmp_path, THREADED_DRIVER)
 
 
 def test_a_first_worker_dead_before_the_supervisor_starts_is_reported_once_after_it() -> None:

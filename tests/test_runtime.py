@@ -750,12 +750,13 @@ def test_runtime_without_main_guard_fails_clearly(tmp_path: Path) -> None:
 
 
 FAILED_START = """
-import gc, glob, json, os, signal, threading, time
+import gc, os, signal, threading, time
 
 import psutil
 
 import phalanx
 from phalanx.transport import shm
+from phalanx.transport.endpoints import adverts
 
 
 def slow_start():
@@ -783,14 +784,7 @@ def main():
     gc.collect()
     print("runtimes", sum(1 for o in gc.get_objects() if type(o) is phalanx.Runtime), flush=True)
     print("shm runtimes", len(shm._runtimes), flush=True)
-    mine = []
-    for path in glob.glob("/tmp/phalanx-*/runtime.json"):
-        try:
-            with open(path, "rb") as f:
-                if json.load(f).get("pid") == os.getpid():
-                    mine.append(path)
-        except (OSError, ValueError):
-            pass
+    mine = [d for d, info, _ in adverts() if info.get("pid") == os.getpid()]
     print("runtime.json", len(mine), flush=True)
     deadline = time.monotonic() + 5.0
     while psutil.Process().children(recursive=True) and time.monotonic() < deadline:
@@ -822,12 +816,13 @@ def test_a_start_that_times_out_or_is_interrupted_leaves_nothing(tmp_path: Path,
 
 
 INTERRUPTED_START = """
-import gc, glob, json, os, sys, threading, time
+import gc, os, sys, threading, time
 
 import psutil
 
 import phalanx
 from phalanx.transport import shm
+from phalanx.transport.endpoints import adverts
 
 
 def phalanx_calls(on_call):
@@ -852,13 +847,7 @@ def leftovers():
         left += ["a runtime"] if any(type(o) is phalanx.Runtime for o in gc.get_objects()) else []
         fds = len(os.listdir("/proc/self/fd"))
         left += [f"{fds - base_fds} descriptors"] if fds > base_fds else []
-        for path in glob.glob("/tmp/phalanx-*/runtime.json"):
-            try:
-                with open(path, "rb") as f:
-                    if json.load(f).get("pid") == os.getpid():
-                        left.append(path)
-            except (OSError, ValueError):
-                pass
+        left += [d for d, info, _ in adverts() if info.get("pid") == os.getpid()]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.02)

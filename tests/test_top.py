@@ -335,9 +335,10 @@ def test_several_runtimes_need_a_pid(runtime: phalanx.Runtime) -> None:
 
 
 FAILED_START = """
-import glob, json, os
+import json, os
 
 import phalanx
+from phalanx.transport.endpoints import adverts
 
 
 def main():
@@ -345,14 +346,7 @@ def main():
         phalanx.Runtime(workers=1, start_method="spawn")  # no main guard: its worker fails to start
     except phalanx.WorkerStartError:
         print("failed to start", flush=True)
-    mine = []
-    for path in glob.glob("/tmp/phalanx-*/runtime.json"):
-        try:
-            with open(path, "rb") as f:
-                if json.load(f).get("pid") == os.getpid():
-                    mine.append(path)
-        except (OSError, ValueError):
-            pass
+    mine = [d for d, info, _ in adverts() if info.get("pid") == os.getpid()]
     print("left", json.dumps(mine), flush=True)
 
 

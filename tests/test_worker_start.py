@@ -57,6 +57,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _wait_gone(pid: int, why: str) -> None:
+    """Wait up to T for ``pid`` to exit; fail with ``why`` otherwise."""
+    deadline = time.monotonic() + T
+    while _alive(pid):
+        assert time.monotonic() < deadline, why
+        time.sleep(0.005)
+
+
 def _read_until(end: pipes.FramePipe, done: Any, got: list[Any]) -> None:
     """Read and decode frames from the worker into ``got`` until ``done(got)`` (or T seconds)."""
     deadline = time.monotonic() + T
@@ -128,10 +136,7 @@ def test_a_local_worker_says_hello_then_ready_once_and_serves_all_that_waited_fo
             late: list[Any] = []
             _read_until(end, lambda msgs: False, late)  # to its end: nothing more, then EOF
             assert late == [], late
-            deadline = time.monotonic() + T
-            while _alive(handle.pid):
-                assert time.monotonic() < deadline, "the worker never exited on Stop"
-                time.sleep(0.005)
+            _wait_gone(handle.pid, "the worker never exited on Stop")
         finally:
             end.close()
             control.close()
@@ -153,10 +158,7 @@ def test_a_worker_whose_import_raises_never_says_ready(standby: int) -> None:
             got: list[Any] = []
             _read_until(end, lambda msgs: False, got)  # until the worker's end closes
             assert not [m for m in got if isinstance(m, Ready)], got
-            deadline = time.monotonic() + T
-            while _alive(handle.pid):
-                assert time.monotonic() < deadline, "the worker lives on after its import failed"
-                time.sleep(0.005)
+            _wait_gone(handle.pid, "the worker lives on after its import failed")
         finally:
             end.close()
             control.close()
