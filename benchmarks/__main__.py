@@ -57,7 +57,8 @@ from .report import (
     foundation,
 )
 from .run_one import MARKER
-from .runners import OPTIONAL_PEERS, RUNNERS, WORKERS, available_runners, peer_available, peers_present, ray_available
+from .runners import (OPTIONAL_PEERS, RUNNERS, WORKERS, available_runners, end_processes, kill_all, peer_available,
+                      peers_present, ray_available)
 from .workloads import WORKLOADS, Workload
 
 #: the directory holding the ``benchmarks`` package (children run from here)
@@ -119,22 +120,7 @@ def _reap_leftovers() -> list[str]:
     procs = me.children(recursive=True)
     if not procs:
         return []
-    _, alive = psutil.wait_procs(procs, timeout=LEFTOVER_GRACE)
-    report = _kill_all(alive)
-    psutil.wait_procs(alive, timeout=LEFTOVER_GRACE)
-    return report
-
-
-def _kill_all(procs: list[psutil.Process]) -> list[str]:
-    """SIGKILL each process (psutil checks it is still the one listed); what was killed."""
-    killed = []
-    for proc in procs:
-        try:
-            killed.append(f"pid {proc.pid}: {' '.join(proc.cmdline()) or proc.name()}")
-            proc.kill()
-        except psutil.Error:
-            pass
-    return killed
+    return end_processes(procs, wait=LEFTOVER_GRACE, then=LEFTOVER_GRACE)
 
 
 def _kill_tree(pid: int) -> list[str]:
@@ -148,7 +134,7 @@ def _kill_tree(pid: int) -> list[str]:
         tree = [root, *root.children(recursive=True)]
     except psutil.Error:
         tree = []
-    killed = _kill_all(tree)
+    killed = kill_all(tree)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:

@@ -74,6 +74,31 @@ def ray_available() -> bool:
     return importlib.util.find_spec("ray") is not None
 
 
+def kill_all(procs: list[Any]) -> list[str]:
+    """SIGKILL each ``psutil.Process`` (psutil checks it is still the one listed); what was killed."""
+    import psutil
+
+    killed = []
+    for proc in procs:
+        try:
+            killed.append(f"pid {proc.pid}: {' '.join(proc.cmdline()) or proc.name()}")
+            proc.kill()
+        except psutil.Error:
+            pass
+    return killed
+
+
+def end_processes(procs: list[Any], wait: float, then: float) -> list[str]:
+    """Wait up to ``wait`` s for ``procs`` to exit, SIGKILL those that stay and wait ``then`` s
+    for them; what was killed."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=wait)
+    killed = kill_all(alive)
+    psutil.wait_procs(alive, timeout=then)
+    return killed
+
+
 class Runner(abc.ABC):
     """A pool of :data:`WORKERS` processes running module-level functions."""
 
@@ -465,13 +490,7 @@ class IpyparallelRunner(Runner):
                 self.cluster.stop_controller_sync()
             finally:
                 self.cluster = self.rc = self.view = None
-                _, alive = psutil.wait_procs(ours, timeout=10)
-                for proc in alive:
-                    try:
-                        proc.kill()
-                    except psutil.Error:
-                        pass
-                psutil.wait_procs(alive, timeout=5)
+                end_processes(ours, wait=10, then=5)
 
 
 class MpireRunner(Runner):
