@@ -358,29 +358,36 @@ class ForkServer:
         if self._first:
             self._request_lock.acquire()  # no request before the first replies are read
         with fork_lock:
-            ctl, self._ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            events, self._events = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            driver = os.getpid()
-            for stream in (sys.stdout, sys.stderr):  # else the copies would print it again
-                try:
-                    stream.flush()
-                except (AttributeError, OSError, ValueError):
-                    pass
-            if _fork_may_warn():
-                with warnings.catch_warnings():
-                    # Python >= 3.12 warns when forking a process that runs threads. This fork
-                    # is the documented exception (the user's program ran threads when the
-                    # runtime started; docs/faults.md): the server runs no code that takes
-                    # their locks.
-                    warnings.filterwarnings("ignore", message=r"This process .* is multi-threaded",
-                                            category=DeprecationWarning)
+            made: list[socket.socket] = []
+            try:
+                made.extend(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+                made.extend(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+                ctl, self._ctl, events, self._events = made
+                driver = os.getpid()
+                for stream in (sys.stdout, sys.stderr):  # else the copies would print it again
+                    try:
+                        stream.flush()
+                    except (AttributeError, OSError, ValueError):
+                        pass
+                if _fork_may_warn():
+                    with warnings.catch_warnings():
+                        # Python >= 3.12 warns when forking a process that runs threads. This fork
+                        # is the documented exception (the user's program ran threads when the
+                        # runtime started; docs/faults.md): the server runs no code that takes
+                        # their locks.
+                        warnings.filterwarnings("ignore", message=r"This process .* is multi-threaded",
+                                                category=DeprecationWarning)
+                        with _pidfd_lock:
+                            pid = os.fork()
+                else:
+                    # No filter to set and restore: restoring it after the fork would write (copy)
+                    # the warnings module's pages, which the server now shares.
                     with _pidfd_lock:
                         pid = os.fork()
-            else:
-                # No filter to set and restore: restoring it after the fork would write (copy)
-                # the warnings module's pages, which the server now shares.
-                with _pidfd_lock:
-                    pid = os.fork()
+            except BaseException:  # no fork (the process limit, memory): no socket is left open
+                for sock in made:
+                    sock.close()
+                raise
             if pid == 0:  # the fork server
                 try:
                     # What the driver had is never collected here nor in the workers: a collection

@@ -69,6 +69,12 @@ FROZEN_CHECK = 0.25
 _STOPPED = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
 
 
+def _start_error(exc: OSError) -> WorkerStartError:
+    """The runtime's first workers could not be started (``exc``): its start failed, as
+    the constructor says it does."""
+    return WorkerStartError(f"worker failed to start: {exc}")
+
+
 class Lifecycle:
     """Starting, stopping and losing the driver's workers (see the module docstring).
 
@@ -213,9 +219,22 @@ class Lifecycle:
                 worker.control = control
                 self.unpiped.append((worker, end))
 
-        finish = driver._supervisor.request_piped(specs, take_ends if early else None)
+        try:
+            finish = driver._supervisor.request_piped(specs, take_ends if early else None)
+        except OSError as exc:  # no socket, or no fork server (its fork failed)
+            if not early:
+                raise
+            raise _start_error(exc) from exc
 
         def done() -> list[str]:
+            try:
+                return finished()
+            except OSError as exc:  # no fork (the process limit, memory), or no fork server
+                if not early:
+                    raise
+                raise _start_error(exc) from exc
+
+        def finished() -> list[str]:
             started = finish()
             failed: OSError | None = None
             for worker, result in zip(workers, started):

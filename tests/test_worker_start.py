@@ -308,3 +308,66 @@ def test_a_first_worker_killed_as_it_starts_is_replaced_and_the_start_succeeds(
         assert stats.worker_deaths == 1, stats
     finally:
         rt.shutdown()
+
+
+@pytest.mark.parametrize("which", [1, 2])
+def test_a_first_worker_the_fork_server_cannot_fork_fails_the_start_with_worker_start_error(
+    monkeypatch: pytest.MonkeyPatch, which: int
+) -> None:
+    """The fork server's fork of the ``which``-th first worker fails (EAGAIN: the user's
+    process limit, say): the constructor raises :class:`~phalanx.WorkerStartError` (as it
+    promises; before: the bare OSError of the fork server's reply), saying why, and leaves no
+    process and no descriptor behind."""
+    import errno
+
+    import phalanx
+
+    driver = os.getpid()
+    fork = os.fork
+    forks = [0]
+
+    def failing_fork() -> int:
+        if os.getpid() != driver:  # in the fork server (a copy of this process)
+            forks[0] += 1
+            if forks[0] == which:
+                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return fork()
+
+    fds = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fork", failing_fork)
+    with pytest.raises(phalanx.WorkerStartError, match=f"w{which}.*BlockingIOError") as info:
+        phalanx.Runtime(workers=2, start_timeout=T, shutdown_timeout=2.0)
+    assert isinstance(info.value.__cause__, OSError), info.value.__cause__
+    monkeypatch.undo()
+    deadline = time.monotonic() + T
+    while psutil.Process().children(recursive=True) or set(os.listdir("/proc/self/fd")) - fds:
+        assert time.monotonic() < deadline, (psutil.Process().children(recursive=True),
+                                             set(os.listdir("/proc/self/fd")) - fds)
+        time.sleep(0.01)
+
+
+def test_a_fork_server_that_cannot_be_forked_fails_the_start_with_worker_start_error(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver's fork of the fork server fails (EAGAIN): the constructor raises
+    :class:`~phalanx.WorkerStartError` (before: the bare BlockingIOError), and every socket
+    made for the server is closed, not left to the garbage collector (ResourceWarning)."""
+    import errno
+    import gc
+    import warnings
+
+    import phalanx
+
+    def failing_fork() -> int:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", failing_fork)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(phalanx.WorkerStartError, match="BlockingIOError|Resource temporarily") as info:
+            phalanx.Runtime(workers=2, start_timeout=T, shutdown_timeout=2.0)
+        assert isinstance(info.value.__cause__, OSError), info.value.__cause__
+        del info
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+    assert psutil.Process().children(recursive=True) == []
