@@ -38,9 +38,10 @@ Invariants kept:
   cause, every such orphan that belongs to no live worker is killed with its
   descendants (:func:`_sweep`), within a second.
 * **No stranger is signalled.** The server opens each worker's pidfd right
-  after forking it, before its loop can reap it, and sends it with the Started reply (SCM_RIGHTS); the driver
-  signals the worker only through it and closes it when the worker's exit is
-  reported, so a pid reaped here and reused meanwhile is never hit.
+  after forking it (the first workers: after forking them all), before its
+  loop can reap it, and sends it with the Started reply (SCM_RIGHTS); the
+  driver signals the worker only through it and closes it when the worker's
+  exit is reported, so a pid reaped here and reused meanwhile is never hit.
 * **Exit codes reach the supervisor.** Only the server can ``waitpid`` its
   children: it reports each worker's exit code (negative: the signal) on the
   events socket, exactly once.

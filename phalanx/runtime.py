@@ -264,8 +264,8 @@ class Runtime(_RunsDirectives):
 
             self._launch = Launch(self.config)
             self.config = msgspec.structs.replace(self.config, listen=self._launch.listen)
-        # The fork server is forked first (in Driver): it needs only the start method and the
-        # first workers' count, and every step moved after it runs while it starts up.
+        # The fork server is forked, with the first workers, as early as their specs can be
+        # written (in Driver): every step moved after it runs while they start up.
         try:
             self._driver = Driver(self.config, self._launch.keys if self._launch is not None else None)
         except BaseException:

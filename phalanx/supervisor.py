@@ -195,25 +195,20 @@ class Supervisor:
                 server.on_exit = self._on_server_exit
         else:
             self._ctx = multiprocessing.get_context(start_method)
-        try:
-            self._procs: dict[str, Any] = {}  # _Child, or ForkedWorker
-            self._lock = threading.Lock()
-            #: held while a process starts, so stop() sees every process spawn() started
-            self._spawn_lock = threading.RLock()  # spawn_piped holds it around _start
-            self._closing = False
-            # The watcher and its wake-up pipe serve multiprocessing's methods only (the fork
-            # server's reader thread reports exits): not made for nothing on the first workers' path.
-            self._watcher: threading.Thread | None = None
-            self._wake_r: multiprocessing.connection.Connection | None = None
-            self._wake_w: multiprocessing.connection.Connection | None = None
-            if self._ctx is not None:
-                self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
-                self._watcher = threading.Thread(target=self._watch, name="phalanx-supervisor", daemon=True)
-            _supervisors.add(self)
-        except BaseException:  # KeyboardInterrupt too: the fork server made above is not left behind
-            if self._server is not None and self._own_server:
-                self._server.close()
-            raise
+        self._procs: dict[str, Any] = {}  # _Child, or ForkedWorker
+        self._lock = threading.Lock()
+        #: held while a process starts, so stop() sees every process spawn() started
+        self._spawn_lock = threading.RLock()  # spawn_piped holds it around _start
+        self._closing = False
+        # The watcher and its wake-up pipe serve multiprocessing's methods only (the fork
+        # server's reader thread reports exits): not made for nothing on the first workers' path.
+        self._watcher: threading.Thread | None = None
+        self._wake_r: multiprocessing.connection.Connection | None = None
+        self._wake_w: multiprocessing.connection.Connection | None = None
+        if self._ctx is not None:
+            self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+            self._watcher = threading.Thread(target=self._watch, name="phalanx-supervisor", daemon=True)
+        _supervisors.add(self)
 
     def start(self) -> None:
         """Start reporting exits (after the first spawns: forking before threads exist is safe)."""
