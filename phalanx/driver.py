@@ -189,7 +189,7 @@ class Driver:
         # rest of the driver is built: the fork server is forked with them, and they start up
         # while this process builds the rest.
         groups = config.worker_groups()
-        self._first = (groups, self.lifecycle.request_workers(groups))
+        self._first = (groups, self.lifecycle.request_workers(groups, config.start_timeout))
         self._jobs: dict[int, Job] = {}
         self._job_ids = itertools.count(1)
         #: pending tasks per tag, live workers per tag, credit dispatch (phalanx.core.routing)

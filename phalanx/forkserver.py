@@ -416,14 +416,18 @@ class ForkServer:
         if start:
             self.start()
 
-    def first_replies(self) -> list[ForkedWorker | OSError]:
+    def first_replies(self, deadline: float | None = None) -> list[ForkedWorker | OSError]:
         """What :meth:`spawn_many` would return for the workers forked with the server
-        (``first=``); call exactly once, before any other request."""
+        (``first=``); call exactly once, before any other request.
+
+        ``deadline`` (``time.monotonic()``): a server that has not replied by then raises
+        TimeoutError (a server stopped or stuck: the start must not wait for it for ever),
+        and takes no request after it."""
         handles, self._first = self._first, []
         if not handles:
             return []
         try:
-            return self._read_replies(handles)
+            return self._read_replies(handles, deadline)
         finally:
             self._request_lock.release()
 
@@ -490,7 +494,7 @@ class ForkServer:
 
         return replies
 
-    def _read_replies(self, handles: list[ForkedWorker]) -> list[ForkedWorker | OSError]:
+    def _read_replies(self, handles: list[ForkedWorker], deadline: float | None = None) -> list[ForkedWorker | OSError]:
         results: list[ForkedWorker | OSError] = []
         pidfd: Pidfd | None = None
         try:
@@ -499,7 +503,11 @@ class ForkServer:
                 # it, so a fork server forked meanwhile never inherits the pidfd it carries.
                 waiting = select.poll()
                 waiting.register(self._ctl, select.POLLIN)
-                waiting.poll()
+                wait = None if deadline is None else 1000 * max(0.0, deadline - time.monotonic())
+                if not waiting.poll(wait):
+                    with self._lock:
+                        self._closed = True  # its late replies would answer the next request
+                    raise TimeoutError(f"the fork server did not start {handle.worker_id} in time")
                 with _pidfd_lock:
                     raw, fds = _recv_reply(self._ctl)
                     try:

@@ -119,13 +119,16 @@ class Lifecycle:
             except Exception as exc:
                 driver.break_runtime(RuntimeBrokenError(f"cannot start a worker: {exc}"))
 
-    def request_workers(self, groups: dict[str, int]) -> Callable[[], list[str]]:
+    def request_workers(self, groups: dict[str, int], timeout: float | None = None) -> Callable[[], list[str]]:
         """Ask for so many workers per tag; the function that waits until they are forked
-        (not ready) and returns their ids (call it once, before any other spawn).
+        (not ready) and returns their ids (call it once, before any other spawn). A fork
+        server forked by this request that has not forked them within ``timeout`` fails the
+        start (WorkerStartError), as workers not ready within it do.
 
         Their pipes are the pump's at once, before their pids are known: the pump, started
         before the fork server's replies are read, reads each Hello as soon as it is written."""
-        return self._request([(tag,) for tag, count in groups.items() for _ in range(count)], early=True)
+        return self._request([(tag,) for tag, count in groups.items() for _ in range(count)], early=True,
+                             timeout=timeout)
 
     def start_workers(self, groups: dict[str, int], timeout: float,
                       requested: Callable[[], list[str]] | None = None) -> None:
@@ -133,7 +136,7 @@ class Lifecycle:
         wait until so many are connected, ready and alive (a worker that died before it was
         ready counts by its replacement); the watcher and the pump start in between."""
         driver = self.driver
-        requested = requested or self.request_workers(groups)
+        requested = requested or self.request_workers(groups, timeout)
         while self.unpiped:
             driver.pipes.add(*self.unpiped.popleft())
         driver._pump_thread.start()  # before the replies: the workers' Hellos do not wait for them
@@ -177,9 +180,11 @@ class Lifecycle:
         """Start one local worker per tags tuple (the fork server gets every request at once); their ids."""
         return self._request(groups)()
 
-    def _request(self, groups: list[tuple[str, ...]], early: bool = False) -> Callable[[], list[str]]:
+    def _request(self, groups: list[tuple[str, ...]], early: bool = False,
+                 timeout: float | None = None) -> Callable[[], list[str]]:
         """Send the requests of :meth:`spawn_many`; the function that finishes it."""
         driver = self.driver
+        deadline = None if timeout is None else time.monotonic() + timeout
         workers: list[_Worker] = []
         specs: list[WorkerSpec] = []
         # Local workers run on this host: its name is asked once here, not by each of them.
@@ -220,7 +225,7 @@ class Lifecycle:
                 self.unpiped.append((worker, end))
 
         try:
-            finish = driver._supervisor.request_piped(specs, take_ends if early else None)
+            finish = driver._supervisor.request_piped(specs, take_ends if early else None, deadline)
         except OSError as exc:  # no socket, or no fork server (its fork failed)
             if not early:
                 raise
@@ -229,6 +234,11 @@ class Lifecycle:
         def done() -> list[str]:
             try:
                 return finished()
+            except TimeoutError as exc:  # the fork server forked none (stopped, stuck)
+                if not early:
+                    raise
+                raise WorkerStartError(f"only 0 of {len(workers)} workers connected within {timeout:.1f} s") \
+                    from exc
             except OSError as exc:  # no fork (the process limit, memory), or no fork server
                 if not early:
                     raise

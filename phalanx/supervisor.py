@@ -27,6 +27,7 @@ Invariants kept:
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -247,6 +248,7 @@ class Supervisor:
     def request_piped(
         self, specs: list[WorkerSpec],
         on_ends: Callable[[list[tuple[socket.socket, socket.socket]]], None] | None = None,
+        deadline: float | None = None,
     ) -> Callable[[], list[tuple[int, socket.socket, socket.socket] | OSError]]:
         """Ask for the workers of :meth:`spawn_piped_many` without waiting for them.
 
@@ -256,6 +258,8 @@ class Supervisor:
         before any other spawn. ``on_ends``: given each worker's (pipe, control)
         ends here, as soon as the requests are sent (before the pids); the
         caller then owns them, those of a worker that failed to start included.
+        ``deadline`` (``time.monotonic()``): if this request forks the fork server, the
+        function raises TimeoutError when the server has not replied by then.
         """
         with self._spawn_lock, forkserver.fork_lock:
             pairs = [pipe.socketpair() for _ in specs]
@@ -270,7 +274,8 @@ class Supervisor:
                     def collect() -> list[int | OSError]:
                         return started
                 else:
-                    collect = self._request_served(specs, theirs, [ours for ours, _ in (*pairs, *controls)])
+                    collect = self._request_served(specs, theirs, [ours for ours, _ in (*pairs, *controls)],
+                                                   deadline)
             except BaseException:
                 for ours, their in (*pairs, *controls):
                     ours.close()
@@ -314,10 +319,12 @@ class Supervisor:
         return self._request_served(specs, pipes)()
 
     def _request_served(self, specs: list[WorkerSpec], pipes: list[tuple[socket.socket, ...] | None],
-                        ours: list[socket.socket] | None = None) -> Callable[[], list[int | OSError]]:
+                        ours: list[socket.socket] | None = None,
+                        deadline: float | None = None) -> Callable[[], list[int | OSError]]:
         """Send the fork server requests for workers; the function that reads its replies
         (per spec its pid, or why not). The first request forks the server with its workers
-        (``ours``: the driver's ends of their pipes, which the server must not hold)."""
+        (``ours``: the driver's ends of their pipes, which the server must not hold), whose
+        replies are waited for until ``deadline`` (see :meth:`request_piped`)."""
         with self._spawn_lock:
             try:
                 if self._closing:
@@ -328,13 +335,14 @@ class Supervisor:
                         self._procs[spec.worker_id] = None
                 requests: list[tuple[str, Any, forkserver._Pipes]] = [
                     (spec.worker_id, spec, theirs) for spec, theirs in zip(specs, pipes)]
+                replies: Callable[[], list[forkserver.ForkedWorker | OSError]]
                 try:
                     if self._server is None:
                         # No request to send: the workers are forked with the server, before it
                         # serves, and go straight to their start-up.
                         self._server = forkserver.ForkServer(self._on_server_exit, start=False, first=requests,
                                                              drivers_ends=tuple(ours or ()))
-                        replies = self._server.first_replies
+                        replies = functools.partial(self._server.first_replies, deadline)
                     else:
                         replies = self._server.send_spawns(requests)
                 except BaseException:

@@ -371,3 +371,53 @@ def test_a_fork_server_that_cannot_be_forked_fails_the_start_with_worker_start_e
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
     assert psutil.Process().children(recursive=True) == []
+
+
+STOPPED_SERVER = textwrap.dedent(
+    """
+    import os, signal, time
+    import psutil
+    import phalanx
+
+    DRIVER = os.getpid()
+
+
+    def stop_the_server():
+        if os.getppid() == DRIVER:  # the fork server, just forked: it stops before it forks a worker
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+
+    if __name__ == "__main__":
+        os.register_at_fork(after_in_child=stop_the_server)
+        try:
+            phalanx.Runtime(workers=2, start_timeout=1.0, shutdown_timeout=0.5)
+        except phalanx.WorkerStartError as exc:
+            print("WorkerStartError", exc, flush=True)
+        deadline = time.monotonic() + 10
+        while psutil.Process().children(recursive=True) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        print("children", len(psutil.Process().children(recursive=True)), flush=True)
+    """
+)
+
+
+def test_a_fork_server_that_never_answers_fails_the_start_within_start_timeout(tmp_path: Path) -> None:
+    """The fork server stops (SIGSTOP) as soon as it is forked: it forks no first worker and
+    never replies. The constructor fails with WorkerStartError once ``start_timeout`` passed
+    (before: it waited for the server's replies for ever), and the stopped server is ended."""
+    script = tmp_path / "driver.py"
+    script.write_text(STOPPED_SERVER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the constructor never returned: {out} {err}")
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["WorkerStartError only 0 of 2 workers connected within 1.0 s", "children 0"], \
+        out + err
