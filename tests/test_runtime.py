@@ -916,3 +916,43 @@ def test_a_keyboard_interrupt_anywhere_in_the_constructor_leaves_nothing(tmp_pat
     assert lines[0].startswith("calls ") and int(lines[0].split()[1]) > 50, proc.stdout
     assert lines[1:] == ["nothing left"], proc.stdout
     _assert_no_marked_processes(marker)
+
+
+
+LOADED = """
+import sys
+import phalanx
+
+@phalanx.operation
+def loaded(x: int) -> list[str]:
+    return sorted(m for m in ("asyncio", "ssl") if m in sys.modules)
+"""
+
+LATER = """
+@phalanx.operation
+async def later(x: int) -> int:
+    return x * 2
+"""
+
+RUN = """
+if __name__ == "__main__":
+    with phalanx.Runtime(workers=1) as rt:
+        print("worker", rt.submit(loaded, 0).result(timeout=30))
+        print("driver", loaded(0))
+        if "later" in globals():
+            print("async", rt.submit(later, 4).result(timeout=30))
+"""
+
+
+@pytest.mark.parametrize("async_op", [False, True], ids=["plain", "async-op"])
+def test_a_runtime_imports_asyncio_only_for_async_operations(tmp_path: Path, async_op: bool) -> None:
+    """Every module the driver holds is copied into the fork server and each worker (page
+    tables, and the pages a process writes): a runtime without async operations never imports
+    asyncio (nor ssl, which it brings). An ``async def`` operation imports it where it is
+    registered, so its workers have it from their fork, not from their first call."""
+    proc, marker = _run_script(tmp_path, LOADED + (LATER if async_op else "") + RUN)
+    assert proc.returncode == 0, proc.stderr
+    both = "['asyncio', 'ssl']" if async_op else "[]"
+    assert proc.stdout.splitlines() == [f"worker {both}", f"driver {both}", *(["async 8"] if async_op else [])], \
+        proc.stdout
+    _assert_no_marked_processes(marker)
