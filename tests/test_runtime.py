@@ -919,6 +919,51 @@ def test_a_keyboard_interrupt_anywhere_in_the_constructor_leaves_nothing(tmp_pat
 
 
 
+INTERRUPTED_RETURN = """
+import os, signal, sys
+import psutil
+import phalanx
+
+real = getattr(os, sys.argv[1])
+pid = os.getpid()
+
+def interrupted(*args):
+    made = real(*args)
+    if made != 0 and os.getpid() == pid:  # the driver's call, a descriptor or process made
+        signal.raise_signal(signal.SIGINT)
+    return made
+
+if __name__ == "__main__":
+    phalanx.Runtime  # imported before the descriptors are counted
+    before = set(os.listdir("/proc/self/fd"))
+    setattr(os, sys.argv[1], interrupted)
+    try:
+        phalanx.Runtime(workers=1)
+        print("not interrupted")
+    except KeyboardInterrupt:
+        pass
+    setattr(os, sys.argv[1], real)
+    print("children", [(p.pid, p.status()) for p in psutil.Process().children(recursive=True)])
+    print("descriptors", sorted(set(os.listdir("/proc/self/fd")) - before))
+"""
+
+
+@pytest.mark.parametrize("call", ["fork", "pipe"])
+def test_a_keyboard_interrupt_as_the_constructor_makes_a_process_or_pipe_leaves_nothing(
+        tmp_path: Path, call: str) -> None:
+    """Ctrl-C lands the moment ``os.fork()`` (the fork server's) or ``os.pipe()`` (the driver's
+    wake-up pipe) returned, before the constructor stored what it made (a real SIGINT during
+    the call lands there): no process is left, not even a zombie, and no descriptor."""
+    script = tmp_path / "script.py"
+    script.write_text(INTERRUPTED_RETURN)
+    marker = uuid.uuid4().hex
+    proc = subprocess.run([sys.executable, str(script), call], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PHALANX_TEST_MARKER": marker})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["children []", "descriptors []"], proc.stdout + proc.stderr
+    _assert_no_marked_processes(marker)
+
+
 LOADED = """
 import sys
 import phalanx
