@@ -159,13 +159,13 @@ def _recv_reply(sock: socket.socket) -> tuple[bytes, list[int]]:
     return raw, list(fds)
 
 
-#: decoders of Spawn requests and their WorkerSpec, made in the driver before the server is
-#: forked: msgspec builds a type's decoding information on first use (it evaluates the
-#: annotations, ~0.7 ms), which the server and every worker would otherwise each do again
+#: decoders of Spawn requests and their WorkerSpec, made by the server at its first request:
+#: msgspec builds a type's decoding information on first use (it evaluates the annotations,
+#: ~0.3-0.7 ms), which the first workers, forked with their spec, never wait for
 _decoders: tuple[msgspec.msgpack.Decoder[_Spawn], msgspec.msgpack.Decoder[Any]] | None = None
 
 
-def _warm_decoders() -> tuple[msgspec.msgpack.Decoder[_Spawn], msgspec.msgpack.Decoder[Any]]:
+def _spawn_decoders() -> tuple[msgspec.msgpack.Decoder[_Spawn], msgspec.msgpack.Decoder[Any]]:
     global _decoders
     if _decoders is None:
         from .worker import WorkerSpec
@@ -388,7 +388,6 @@ class ForkServer:
         self._lock = threading.Lock()
         self._request_lock = threading.Lock()
         self._closed = False
-        _warm_decoders()
         first = first or []
         #: the first workers' handles, until first_replies() reads their replies
         self._first = [ForkedWorker(worker_id) for worker_id, _, _ in first]
@@ -720,7 +719,6 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
         if not _reply(ctl, encoder, reply):
             stop = True
     sweeps: list[float] = []
-    decoder, spec_decoder = _warm_decoders()
     next_check = 0.0
     waiting = select.poll()  # not select: the driver may have held descriptors past 1023
     waiting.register(ctl.fileno(), select.POLLIN)
@@ -773,6 +771,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
             if not raw:
                 break  # the driver closed (or died)
             try:
+                decoder, spec_decoder = _spawn_decoders()
                 request = decoder.decode(raw)
                 spec = spec_decoder.decode(request.spec)
                 pid = os.fork()

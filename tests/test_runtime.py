@@ -1001,3 +1001,26 @@ def test_a_runtime_imports_asyncio_only_for_async_operations(tmp_path: Path, asy
     assert proc.stdout.splitlines() == [f"worker {both}", f"driver {both}", *(["async 8"] if async_op else [])], \
         proc.stdout
     _assert_no_marked_processes(marker)
+
+
+def test_the_runtimes_ipc_directory_is_private_and_removed_at_shutdown() -> None:
+    """Local sockets live in a fresh directory only this user can enter (mode 0700, made
+    without a name another runtime holds), gone after shutdown."""
+    import stat
+
+    from phalanx.transport.endpoints import local_endpoints
+
+    made = [local_endpoints() for _ in range(20)]
+    try:
+        dirs = [Path(e.ipc_dir) for e in made]
+        assert len(set(dirs)) == 20
+        for d in dirs:
+            assert d.is_dir() and stat.S_IMODE(d.stat().st_mode) == 0o700 and d.stat().st_uid == os.getuid()
+    finally:
+        for e in made:
+            e.remove()
+    with phalanx.Runtime(workers=1) as rt:
+        d = Path(rt._driver.endpoints.ipc_dir)
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+        assert rt.submit(ops.square, 3).result(timeout=30) == 9
+    assert not d.exists()
