@@ -106,6 +106,7 @@ import zmq
 from .config import Config
 from .policy import DEFAULT_TAG, TaskOptions
 from .errors import FrameTooLargeError, NoWorkerError, ProtocolError, RuntimeBrokenError, RuntimeClosedError
+from .forkserver import hold_sigint
 from .supervisor import Supervisor
 from .transport import sockets
 from .transport.codec import UnpickleFailed, decode_driver, distrust_exits, encode, salvage_results
@@ -246,7 +247,8 @@ class Driver:
         self.pipes = LocalPipes(self)
         #: callers reading their own replies from those pipes (phalanx.direct)
         self.direct = DirectReader(self, self.pipes)
-        self._wake_r, self._wake_w = os.pipe()
+        with hold_sigint():  # no descriptor made and lost to a Ctrl-C before it is stored
+            self._wake_r, self._wake_w = os.pipe()
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         #: the handshake, remote joins, heartbeats, tcp security (phalanx.membership)
         self.membership = membership = Membership(self)

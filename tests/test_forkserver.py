@@ -384,9 +384,8 @@ def test_first_workers_are_forked_with_the_server_and_later_ones_on_request() ->
             assert handle.pid is not None
             pids.append(handle.pid)
         assert killed in pids, (killed, pids)
-        for pid in pids:
-            if pid != killed:  # (the server may have reaped the killed one by now)
-                assert psutil.Process(pid).ppid() == server.pid
+        (survivor,) = set(pids) - {killed}  # (the killed one may be reaped by now)
+        assert psutil.Process(survivor).ppid() == server.pid
         live = [(pair, wid, pid) for pair, wid, pid in zip(pairs, ("w1", "w2"), pids) if pid != killed]
         later = pipes.socketpair()
         spec = WorkerSpec(worker_id="w3", endpoints=endpoints, credits=1, parent_pid=os.getpid(), prefix_output=False)
