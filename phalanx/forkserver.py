@@ -539,11 +539,13 @@ class ForkServer:
                 # it, so a fork server forked meanwhile never inherits the pidfd it carries.
                 waiting = select.poll()
                 waiting.register(self._ctl, select.POLLIN)
-                wait = None if deadline is None else 1000 * max(0.0, deadline - time.monotonic())
-                if not waiting.poll(wait):
-                    with self._lock:
-                        self._closed = True  # its late replies would answer the next request
-                    raise TimeoutError(f"the fork server did not start {handle.worker_id} in time")
+                # (In slices: a deadline far off is no timeout poll() takes.)
+                while not waiting.poll(None if deadline is None
+                                       else 1000 * min(1.0, max(0.0, deadline - time.monotonic()))):
+                    if deadline is not None and time.monotonic() >= deadline:
+                        with self._lock:
+                            self._closed = True  # its late replies would answer the next request
+                        raise TimeoutError(f"the fork server did not start {handle.worker_id} in time")
                 with _pidfd_lock:
                     raw, fds = _recv_reply(self._ctl)
                     try:

@@ -421,3 +421,15 @@ def test_a_fork_server_that_never_answers_fails_the_start_within_start_timeout(t
     assert proc.returncode == 0, err
     assert out.splitlines() == ["WorkerStartError only 0 of 2 workers connected within 1.0 s", "children 0"], \
         out + err
+
+
+def test_a_start_timeout_far_off_is_taken() -> None:
+    """A finite ``start_timeout`` too large for one ``poll()`` (1e10 s): the wait for the fork
+    server's first replies, bounded by it, waits in slices instead of failing (OverflowError)."""
+    import phalanx
+
+    rt = phalanx.Runtime(workers=1, start_timeout=1e10, shutdown_timeout=2.0)
+    try:
+        assert rt.submit(square, 4).result(T) == 16
+    finally:
+        rt.shutdown()
