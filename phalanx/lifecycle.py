@@ -234,14 +234,12 @@ class Lifecycle:
         def done() -> list[str]:
             try:
                 return finished()
-            except TimeoutError as exc:  # the fork server forked none (stopped, stuck)
-                if not early:
-                    raise
-                raise WorkerStartError(f"only 0 of {len(workers)} workers connected within {timeout:.1f} s") \
-                    from exc
             except OSError as exc:  # no fork (the process limit, memory), or no fork server
                 if not early:
                     raise
+                if isinstance(exc, TimeoutError) and timeout is not None:  # the server forked none in time
+                    raise WorkerStartError(f"only 0 of {len(workers)} workers connected within {timeout:.1f} s") \
+                        from exc
                 raise _start_error(exc) from exc
 
         def finished() -> list[str]:

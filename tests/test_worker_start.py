@@ -334,15 +334,20 @@ def test_a_first_worker_the_fork_server_cannot_fork_fails_the_start_with_worker_
         return fork()
 
     fds = set(os.listdir("/proc/self/fd"))
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # (the suite's own helpers)
+
+    def left() -> tuple[set[int], set[str]]:
+        return {p.pid for p in psutil.Process().children(recursive=True)} - before, \
+            set(os.listdir("/proc/self/fd")) - fds
+
     monkeypatch.setattr(os, "fork", failing_fork)
     with pytest.raises(phalanx.WorkerStartError, match=f"w{which}.*BlockingIOError") as info:
         phalanx.Runtime(workers=2, start_timeout=T, shutdown_timeout=2.0)
     assert isinstance(info.value.__cause__, OSError), info.value.__cause__
     monkeypatch.undo()
     deadline = time.monotonic() + T
-    while psutil.Process().children(recursive=True) or set(os.listdir("/proc/self/fd")) - fds:
-        assert time.monotonic() < deadline, (psutil.Process().children(recursive=True),
-                                             set(os.listdir("/proc/self/fd")) - fds)
+    while any(left()):
+        assert time.monotonic() < deadline, left()
         time.sleep(0.01)
 
 
@@ -361,6 +366,7 @@ def test_a_fork_server_that_cannot_be_forked_fails_the_start_with_worker_start_e
     def failing_fork() -> int:
         raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
 
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # (the suite's own helpers)
     monkeypatch.setattr(os, "fork", failing_fork)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -370,7 +376,7 @@ def test_a_fork_server_that_cannot_be_forked_fails_the_start_with_worker_start_e
         del info
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
-    assert psutil.Process().children(recursive=True) == []
+    assert {p.pid for p in psutil.Process().children(recursive=True)} == before
 
 
 STOPPED_SERVER = textwrap.dedent(
