@@ -236,20 +236,22 @@ if __name__ == "__main__":
     assert out.splitlines() == ["left []"], out
 
 
-def test_shutdown_while_the_pump_makes_the_sockets_leaves_nothing(tmp_path: Path) -> None:
-    """Shutdown (on the main thread) runs while the pump is inside the sockets' making, held
-    there; a lease racing the shutdown on another thread gets its lease or RuntimeClosedError."""
+def test_shutdown_while_the_sockets_are_being_made_leaves_nothing(tmp_path: Path) -> None:
+    """Shutdown (on the main thread) runs while the sockets' making is held in the middle: by
+    the pump, with or without a lease racing the shutdown on another thread, or by that lease
+    itself. The lease gets its lease or RuntimeClosedError; nothing is left."""
     out = run_script(tmp_path, LEFTOVERS + """
 import phalanx.driver
 from phalanx.transport import sockets
 
-making = threading.Event()
+making = {}
 real_router = sockets.router
 
 
 def slow_router(*args, **kwargs):
-    if threading.current_thread().name == "phalanx-pump":
-        making.set()
+    name = threading.current_thread().name
+    if name in making:
+        making[name].set()
         time.sleep(0.3)  # the shutdown starts meanwhile
     return real_router(*args, **kwargs)
 
@@ -259,29 +261,33 @@ def main():
     phalanx.driver.sockets.router = slow_router
     dirs = []
     outcomes = []
-    for i in range(6):
+    for i in range(9):
+        maker = "racer" if i % 3 == 2 else "phalanx-pump"
         making.clear()
+        making[maker] = threading.Event()
         rt = phalanx.Runtime(workers=2)
         dirs.append(rt._driver.endpoints.ipc_dir)
-        assert making.wait(30), "the pump never made the sockets"
-        if i % 2:
-            def lease():
-                try:
-                    rt.lease()
-                    outcomes.append("leased")
-                except phalanx.RuntimeClosedError:
-                    outcomes.append("closed")
-            racer = threading.Thread(target=lease)
+
+        def lease():
+            try:
+                rt.lease()
+                outcomes.append("leased")
+            except phalanx.RuntimeClosedError:
+                outcomes.append("closed")
+
+        racer = threading.Thread(target=lease, name="racer")
+        if maker == "racer":
             racer.start()
-            rt.shutdown()
+        assert making[maker].wait(30), f"{maker} never made the sockets"
+        if i % 3 == 1:
+            racer.start()
+        rt.shutdown()
+        if racer.ident is not None:
             racer.join(30)
             assert not racer.is_alive()
-            del racer
-        else:
-            rt.shutdown()
-        del rt
+        del racer, rt, lease
     phalanx.driver.sockets.router = real_router
-    assert len(outcomes) == 3 and set(outcomes) <= {"leased", "closed"}, outcomes
+    assert len(outcomes) == 6 and set(outcomes) <= {"leased", "closed"}, outcomes
     print("left", leftovers(base, dirs), flush=True)
 
 
