@@ -167,11 +167,11 @@ class Driver:
         self.address: Endpoints | None = tcp_endpoints(config.listen) if config.listen else None
         #: starting, stopping and losing workers (phalanx.lifecycle)
         self.lifecycle = Lifecycle(self)
-        # Before ZeroMQ's I/O threads or any of ours exist: under start method "phalanx"
-        # this forks the fork server, a copy of this process that forks the workers (the
-        # first ones at once: they start up while this process sets up its sockets).
-        self._supervisor = Supervisor(config.start_method, self.lifecycle.on_exit,
-                                      standby=sum(config.worker_groups().values()))
+        # Under start method "phalanx" the first request (in _build, before ZeroMQ's I/O
+        # threads or any of ours exist) forks the fork server, a copy of this process that
+        # forks the workers: the first ones at once, which start up while this process
+        # builds the rest of itself.
+        self._supervisor = Supervisor(config.start_method, self.lifecycle.on_exit)
         try:
             self._build(config)
         except BaseException:  # KeyboardInterrupt too: no process, directory, socket or fd is left
@@ -179,7 +179,7 @@ class Driver:
             raise
 
     def _build(self, config: Config) -> None:
-        """The rest of the driver, made while the fork server starts up (see __init__)."""
+        """The driver, its first workers asked for first (see __init__)."""
         #: private ipc endpoints (local workers)
         self.endpoints: Endpoints = local_endpoints()
         self._lock = threading.Lock()
@@ -191,8 +191,8 @@ class Driver:
         #: that waits until they are forked and returns their ids (see start_workers)
         self._first: tuple[dict[str, int], Callable[[], list[str]]] | None = None
         # The first workers are asked for as soon as their specs can be written, before the
-        # rest of the driver is built: the fork server reads the request as soon as it serves,
-        # and the workers start up while this process builds the rest.
+        # rest of the driver is built: the fork server is forked with them, and they start up
+        # while this process builds the rest.
         groups = config.worker_groups()
         self._first = (groups, self.lifecycle.request_workers(groups))
         self._jobs: dict[int, Job] = {}

@@ -13,12 +13,11 @@ server then runs this module's loop, alone in its process::
     │ reader thread ◀── events ─│ ◀─────────────────── │  (worker id, exit code)        │
     └───────────────────────────┘                      └──────────────────────────────┘
 
-The runtime's first workers (*standby* workers, ``standby=``) are the server's
-first act, before it even reads a request: while the driver sets up its
-sockets, each arms its orphan guard, then waits on its own socket for the Spawn
-request that a first spawn hands it instead of forking. The driver asks for as
-many as its first spawns take, so none is left idle; one never handed a request
-ends when the server ends.
+The runtime's first workers are forked with the server (``first=``): their
+specs and pipe ends are made before the server's fork, so the server forks
+them first of all, before it reads any request, and each goes straight to its
+start-up; the server then sends their Started replies as if they had been
+asked for. Every later worker is forked on request.
 
 Workers are copies of the server, which is a copy of the driver as it was when
 the runtime started: they know ``__main__``'s functions and the modules
@@ -39,8 +38,7 @@ Invariants kept:
   cause, every such orphan that belongs to no live worker is killed with its
   descendants (:func:`_sweep`), within a second.
 * **No stranger is signalled.** The server opens each worker's pidfd right
-  after forking it (or handing a standby worker its request), before its loop
-  can reap it, and sends it with the Started reply (SCM_RIGHTS); the driver
+  after forking it, before its loop can reap it, and sends it with the Started reply (SCM_RIGHTS); the driver
   signals the worker only through it and closes it when the worker's exit is
   reported, so a pid reaped here and reused meanwhile is never hit.
 * **Exit codes reach the supervisor.** Only the server can ``waitpid`` its
@@ -132,6 +130,13 @@ def _fds(pipes: _Pipes) -> list[int]:
     if isinstance(pipes, socket.socket):
         return [pipes.fileno()]
     return [p.fileno() for p in pipes][:_MAX_FDS]
+
+
+def _detach(pipes: _Pipes) -> list[int]:
+    """:func:`_fds`, the sockets giving up their descriptors (never closed twice)."""
+    if pipes is None:
+        return []
+    return [p.detach() for p in ((pipes,) if isinstance(pipes, socket.socket) else pipes)][:_MAX_FDS]
 
 
 def _recv_reply(sock: socket.socket) -> tuple[bytes, list[int]]:
@@ -331,11 +336,13 @@ class ForkServer:
     server itself died).
     """
 
-    def __init__(self, on_exit: Callable[[str, int | None], None], start: bool = True, standby: int = 0) -> None:
+    def __init__(self, on_exit: Callable[[str, int | None], None], start: bool = True,
+                 first: list[tuple[str, Any, _Pipes]] | None = None, drivers_ends: tuple[socket.socket, ...] = ()) -> None:
         """``start=False``: the reader thread starts only at :meth:`start` (its owner first
-        sends the first spawns, whose workers then boot while the thread starts).
-        ``standby``: workers the server forks first of all, before it reads any request (the
-        runtime's first ones): the first spawns hand them their spec instead of forking."""
+        reads the first replies, while the workers boot and the thread starts).
+        ``first``: ``(worker_id, spec, pipes)`` of workers the server forks first of all, as
+        :meth:`spawn_many` would (their handles: :meth:`first_replies`, called exactly once);
+        ``drivers_ends``: the driver's ends of their pipes, which the server must not hold."""
         #: called from the reader thread for each worker's exit (its owner may replace it)
         self.on_exit = on_exit
         self._workers: dict[str, ForkedWorker] = {}
@@ -343,6 +350,13 @@ class ForkServer:
         self._request_lock = threading.Lock()
         self._closed = False
         _warm_decoders()
+        first = first or []
+        #: the first workers' handles, until first_replies() reads their replies
+        self._first = [ForkedWorker(worker_id) for worker_id, _, _ in first]
+        for handle in self._first:
+            self._workers[handle.worker_id] = handle
+        if self._first:
+            self._request_lock.acquire()  # no request before the first replies are read
         with fork_lock:
             ctl, self._ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             events, self._events = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -378,7 +392,10 @@ class ForkServer:
                         other._close_sockets()
                     for pidfd in list(_pidfds):
                         pidfd._close_in_child()
-                    _serve(ctl, events, driver, standby)
+                    for end in drivers_ends:
+                        end.close()
+                    # Descriptors, not sockets: a worker closes its siblings' by number.
+                    _serve(ctl, events, driver, [(wid, spec, _detach(pipes)) for wid, spec, pipes in first])
                 finally:
                     os._exit(70)
             ctl.close()
@@ -390,6 +407,17 @@ class ForkServer:
         self._reader: threading.Thread | None = None
         if start:
             self.start()
+
+    def first_replies(self) -> list[ForkedWorker | OSError]:
+        """What :meth:`spawn_many` would return for the workers forked with the server
+        (``first=``); call exactly once, before any other request."""
+        handles, self._first = self._first, []
+        if not handles:
+            return []
+        try:
+            return self._read_replies(handles)
+        finally:
+            self._request_lock.release()
 
     def start(self) -> None:
         """Start reading the server's exit reports (idempotent; exits wait in its socket until then)."""
@@ -595,9 +623,13 @@ class ForkServer:
 # --------------------------------------------------------------------------- #
 
 
-def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count: int = 0) -> NoReturn:
-    """The fork server's loop (runs alone in its process until the driver goes)."""
-    from .worker import _set_handler, prepare_standby, run_worker  # imported by the driver already
+def _serve(ctl: socket.socket, events: socket.socket, driver: int,
+           first: list[tuple[str, Any, list[int]]]) -> NoReturn:
+    """The fork server's loop (runs alone in its process until the driver goes).
+
+    ``first``: ``(worker_id, spec, descriptors)`` of the workers it forks before anything
+    else (the runtime's first ones; see ``ForkServer(first=)``)."""
+    from .worker import _set_handler, run_worker  # imported by the driver already
 
     _set_handler(int(signal.SIGINT), int(signal.SIG_IGN))  # Ctrl-C is the driver's to handle
     stop = False
@@ -611,39 +643,39 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
     _set_handler(int(signal.SIGCHLD), _ignore)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    # Before the standby workers exist: a subreaper set later reaches them only on kernels
+    # Before the first workers exist: a subreaper set later reaches them only on kernels
     # that pass it down to existing children (Linux >= 4.11).
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    # The runtime's first workers, forked before anything else is set up here: they start up
-    # while the driver sets up its sockets and sends the Spawn requests, which then only hand
-    # each its spec. A standby worker never handed one ends with the server.
-    standby: dict[int, socket.socket] = {}  # pid -> the server's end of its socket
-    pairs: list[tuple[socket.socket, socket.socket]] = []
-    for _ in range(standby_count):
-        try:
-            pairs.append(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
-        except OSError:
-            break  # the Spawn requests fork the rest (and report why if that fails too)
-    # All made first, so nothing but the forks runs between them: each page this process
-    # writes after a fork is copied, which delays the next one.
-    for ours, theirs in pairs:
+    # The runtime's first workers, forked back to back before anything else runs here (each
+    # page this process writes after a fork is copied, which delays the next one): they start
+    # up while the driver builds the rest of itself, and need no request.
+    forked: list[int | OSError] = []
+    for i, (_, spec, fds) in enumerate(first):
         try:
             pid = os.fork()
-        except OSError:
+        except OSError as exc:
+            forked.append(exc)
             continue
         if pid == 0:
-            others = tuple(end for pair in pairs for end in pair if end is not theirs)
-            _standby(theirs, driver, (ctl, events, wake_r, wake_w, *others), prepare_standby, run_worker)
-        standby[pid] = ours
-    for ours, theirs in pairs:
-        theirs.close()
-        if ours not in standby.values():
-            ours.close()
+            siblings = [fd for j, (_, _, theirs) in enumerate(first) if j != i for fd in theirs]
+            _leave_server((ctl, events, wake_r, wake_w, *siblings))
+            _worker(spec, fds, run_worker)
+        forked.append(pid)
     workers: dict[int, str] = {}  # pid -> worker id
+    encoder = msgspec.msgpack.Encoder()
+    for (worker_id, _, fds), born in zip(first, forked):
+        for fd in fds:
+            os.close(fd)
+        if isinstance(born, OSError):
+            reply: _Reply = _Failed(f"{type(born).__name__}: {born}")
+        else:
+            workers[born] = worker_id
+            reply = _Started(born)
+        if not _reply(ctl, encoder, reply):
+            stop = True
     sweeps: list[float] = []
     decoder, spec_decoder = _warm_decoders()
-    encoder = msgspec.msgpack.Encoder()
     next_check = 0.0
     waiting = select.poll()  # not select: the driver may have held descriptors past 1023
     waiting.register(ctl.fileno(), select.POLLIN)
@@ -674,9 +706,6 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
                 break
             if pid == 0:
                 break
-            conn = standby.pop(pid, None)
-            if conn is not None:
-                conn.close()  # a standby worker that died waiting: never handed a request
             wid = workers.pop(pid, None)
             if wid is not None:
                 died = True
@@ -687,10 +716,10 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
         now = time.monotonic()
         if died:
             sweeps = [now + d for d in _SWEEP_AGAIN]
-            _sweep(set(workers) | set(standby))
+            _sweep(set(workers))
         elif sweeps and now >= sweeps[0]:
             sweeps.pop(0)
-            _sweep(set(workers) | set(standby))
+            _sweep(set(workers))
         if ctl.fileno() in ready:
             try:
                 raw, fds, _, _ = socket.recv_fds(ctl, _MAX_REQUEST, _MAX_FDS)
@@ -698,54 +727,46 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, standby_count
                 break
             if not raw:
                 break  # the driver closed (or died)
-            pidfd = -1
             try:
                 request = decoder.decode(raw)
                 spec = spec_decoder.decode(request.spec)
-                pid = _hand_over(standby, raw, fds)
-                if not pid:
-                    pid = os.fork()
-                    if pid == 0:
-                        _leave_server((ctl, events, wake_r, wake_w, *standby.values()))
-                        _worker(spec, fds, run_worker)
+                pid = os.fork()
+                if pid == 0:
+                    _leave_server((ctl, events, wake_r, wake_w))
+                    _worker(spec, fds, run_worker)
                 workers[pid] = request.worker_id
-                reply: _Reply = _Started(pid)
-                # Opened before this loop reaps again, so it names this worker: the driver
-                # signals it through this, never by a pid that may be reused once it is reaped.
-                try:
-                    pidfd = os.pidfd_open(pid)
-                except (AttributeError, OSError):
-                    pidfd = -1  # no pidfds on this kernel: the driver signals by pid
+                reply = _Started(pid)
             except Exception as exc:  # a bad request or no fork: the driver reports it
                 reply = _Failed(f"{type(exc).__name__}: {exc}")
             finally:
                 for fd in fds:
                     os.close(fd)
-            try:
-                socket.send_fds(ctl, [encoder.encode(reply)], [pidfd] if pidfd >= 0 else [])
-            except OSError:
+            if not _reply(ctl, encoder, reply):
                 break
-            finally:
-                if pidfd >= 0:
-                    os.close(pidfd)
-                    pidfd = -1
-    _end_all([*workers, *standby])
+    _end_all(list(workers))
     os._exit(0)
 
 
-def _hand_over(standby: dict[int, socket.socket], request: bytes, fds: list[int]) -> int:
-    """Give a Spawn request to a standby worker; its pid (0: none is left, fork one)."""
-    while standby:
-        pid = next(iter(standby))  # the oldest: the furthest along in its start-up
-        conn = standby.pop(pid)
+def _reply(ctl: socket.socket, encoder: msgspec.msgpack.Encoder, reply: _Reply) -> bool:
+    """Send one reply to the driver, with the pidfd of the worker it reports; False if the
+    driver is gone.
+
+    The pidfd is opened before the server's loop reaps again, so it names this worker: the
+    driver signals it through it, never by a pid that may be reused once it is reaped."""
+    pidfd = -1
+    if isinstance(reply, _Started):
         try:
-            socket.send_fds(conn, [request], fds)
-        except OSError:
-            continue  # it died meanwhile: its exit is reaped as nobody's
-        finally:
-            conn.close()
-        return pid
-    return 0
+            pidfd = os.pidfd_open(reply.pid)
+        except (AttributeError, OSError):
+            pidfd = -1  # no pidfds on this kernel: the driver signals by pid
+    try:
+        socket.send_fds(ctl, [encoder.encode(reply)], [pidfd] if pidfd >= 0 else [])
+    except OSError:
+        return False
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+    return True
 
 
 def _ignore(signum: int, frame: Any) -> None:
@@ -765,24 +786,6 @@ def _leave_server(server_fds: tuple[Any, ...]) -> None:
         else:
             obj.close()
     os.environ[WORKER_PID_VAR] = str(os.getpid())
-
-
-def _standby(conn: socket.socket, driver: int, server_fds: tuple[Any, ...],
-             prepare: Callable[[int], None], run_worker: Callable[..., None]) -> NoReturn:
-    """In a standby worker: the start-up that needs no spec, then wait for the Spawn, run it."""
-    try:
-        _leave_server(server_fds)
-        prepare(driver)  # from now on it dies with the driver, as any worker
-        raw, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, _MAX_FDS)
-        conn.close()
-        if not raw:
-            os._exit(0)  # the server ended before handing it a request
-        decoder, spec_decoder = _warm_decoders()
-        spec = spec_decoder.decode(decoder.decode(raw).spec)
-    except BaseException:
-        traceback.print_exc()
-        os._exit(1)
-    _worker(spec, fds, run_worker)
 
 
 def _worker(spec: Any, fds: list[int], run_worker: Callable[..., None]) -> NoReturn:

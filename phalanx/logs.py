@@ -5,8 +5,7 @@ the ``phalanx`` logger, as a library should: the application decides where
 records go; :func:`configure` is there for applications and the CLI) and in
 every worker (:func:`install_worker_output`, called once by
 :func:`phalanx.worker.run_worker` before it imports anything of the user's and
-before it says Ready: the inherited handlers' code it runs may fail the start;
-a standby worker makes its prefixed streams ahead, :func:`prepare_worker_output`).
+before it says Ready: the inherited handlers' code it runs may fail the start).
 
 Every phalanx module logs to a logger under ``phalanx`` (its module name), so
 ``logging.getLogger("phalanx").setLevel(logging.DEBUG)`` shows them all. The
@@ -57,7 +56,6 @@ from typing import Any, TextIO
 __all__ = [
     "PrefixedStream",
     "install_worker_output",
-    "prepare_worker_output",
     "prefix_output_enabled",
     "configure",
     "ensure_configured",
@@ -220,26 +218,6 @@ def prefix_output_enabled(value: bool | None = None) -> bool:
 
 
 _installed: str | None = None
-#: prefixed streams made ahead by :func:`prepare_worker_output`, by the id of the stream each wraps
-_made: dict[int, PrefixedStream] = {}
-
-
-def prepare_worker_output() -> None:
-    """Make what :func:`install_worker_output` installs that needs no worker id and runs no code
-    of the user's: the prefixed streams, not installed yet (a worker forked ahead of its spec
-    makes them while it waits, so its start-up once the spec came is shorter)."""
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None and type(stream) is not PrefixedStream:
-            _made[id(stream)] = PrefixedStream(stream, "")
-
-
-def _prefixed(stream: TextIO, prefix: str) -> PrefixedStream:
-    """``stream`` prefixed: the one made ahead for it, if any, else a new one."""
-    made = _made.pop(id(stream), None)
-    if made is None or made.target is not stream:
-        return PrefixedStream(stream, prefix)
-    made._prefix = prefix
-    return made
 
 
 def install_worker_output(worker_id: str, prefix: bool | None = None, log_level: str | None = None) -> None:
@@ -281,10 +259,10 @@ def _prefix_streams(prefix: str) -> None:
     stream = sys.stdout
     # (type(), not isinstance(): PrefixedStream is an io ABC, whose isinstance runs Python code)
     if stream is not None and type(stream) is not PrefixedStream:
-        swaps[id(stream)] = sys.stdout = _prefixed(stream, prefix)
+        swaps[id(stream)] = sys.stdout = PrefixedStream(stream, prefix)
     stream = sys.stderr
     if stream is not None and type(stream) is not PrefixedStream:
-        swaps[id(stream)] = sys.stderr = _prefixed(stream, prefix)
+        swaps[id(stream)] = sys.stderr = PrefixedStream(stream, prefix)
     if not swaps:
         return
     # Handlers inherited from the driver (fork) that wrote to the old streams. Every handler is

@@ -3,8 +3,8 @@
 Runs in the driver (one :class:`Supervisor` per :class:`phalanx.Runtime`) and,
 for remote hosts, under ``phalanx worker --connect``. It knows processes, not
 tasks: it starts workers through phalanx's fork server (start method
-``"phalanx"``, :mod:`phalanx.forkserver`, started when the supervisor is made)
-or a multiprocessing context (``"spawn"``, ``"forkserver"``, ``"fork"``), tells
+``"phalanx"``, :mod:`phalanx.forkserver`, forked by the first request, with
+the workers it asks for) or a multiprocessing context (``"spawn"``, ``"forkserver"``, ``"fork"``), tells
 its owner when one exits (``on_exit(worker_id, exitcode)``) from a watcher
 thread (the fork server's reader thread under ``"phalanx"``), and stops them
 in layers::
@@ -177,23 +177,21 @@ class Supervisor:
         start_method: str,
         on_exit: Callable[[str, int | None], None],
         server: forkserver.ForkServer | None = None,
-        standby: int = 0,
     ) -> None:
         """``server``: a fork server its owner made earlier and keeps (``phalanx worker``,
-        whose supervisors come and go with drivers); else one is made now, which forks
-        ``standby`` workers at once for the first spawns (see :class:`~phalanx.forkserver.ForkServer`)."""
+        whose supervisors come and go with drivers); else the first request forks one, with
+        the workers it asks for (see :class:`~phalanx.forkserver.ForkServer`): its owner makes
+        that request before it starts any thread."""
         self._on_exit = on_exit
         #: workers' exits are reported only once start() ran (the owner is ready for them)
         self._started = threading.Event()
-        #: the fork server (start method "phalanx"), made now: before the owner starts threads
-        self._server: forkserver.ForkServer | None = None
+        #: the fork server (start method "phalanx"; None until the first request if ours)
+        self._server: forkserver.ForkServer | None = server
+        #: multiprocessing's context (its start methods), None under "phalanx"
         self._ctx: Any = None
         self._own_server = server is None
         if start_method == "phalanx":
-            if server is None:
-                self._server = forkserver.ForkServer(self._on_server_exit, start=False, standby=standby)
-            else:
-                self._server = server
+            if server is not None:
                 server.on_exit = self._on_server_exit
         else:
             self._ctx = multiprocessing.get_context(start_method)
@@ -271,13 +269,13 @@ class Supervisor:
                 # The control pipe: one message per control frame, never blocking the driver.
                 controls.extend(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in specs)
                 theirs: list[tuple[socket.socket, ...] | None] = [(t, c) for (_, t), (_, c) in zip(pairs, controls)]
-                if self._server is None:
+                if self._ctx is not None:
                     started: list[int | OSError] = [self._start(spec, ends) for spec, ends in zip(specs, theirs)]
 
                     def collect() -> list[int | OSError]:
                         return started
                 else:
-                    collect = self._request_served(specs, theirs)
+                    collect = self._request_served(specs, theirs, [ours for ours, _ in (*pairs, *controls)])
             except BaseException:
                 for ours, their in (*pairs, *controls):
                     ours.close()
@@ -320,12 +318,11 @@ class Supervisor:
         """Start workers through the fork server; per spec its pid, or why not."""
         return self._request_served(specs, pipes)()
 
-    def _request_served(self, specs: list[WorkerSpec],
-                        pipes: list[tuple[socket.socket, ...] | None]) -> Callable[[], list[int | OSError]]:
+    def _request_served(self, specs: list[WorkerSpec], pipes: list[tuple[socket.socket, ...] | None],
+                        ours: list[socket.socket] | None = None) -> Callable[[], list[int | OSError]]:
         """Send the fork server requests for workers; the function that reads its replies
-        (per spec its pid, or why not)."""
-        assert self._server is not None
-        server = self._server
+        (per spec its pid, or why not). The first request forks the server with its workers
+        (``ours``: the driver's ends of their pipes, which the server must not hold)."""
         with self._spawn_lock:
             try:
                 if self._closing:
@@ -334,9 +331,17 @@ class Supervisor:
                     # Registered first: an exit may be reported before spawn_many() returns.
                     for spec in specs:
                         self._procs[spec.worker_id] = None
+                requests: list[tuple[str, Any, forkserver._Pipes]] = [
+                    (spec.worker_id, spec, theirs) for spec, theirs in zip(specs, pipes)]
                 try:
-                    replies = server.send_spawns(
-                        [(spec.worker_id, spec, theirs) for spec, theirs in zip(specs, pipes)])
+                    if self._server is None:
+                        # No request to send: the workers are forked with the server, before it
+                        # serves, and go straight to their start-up.
+                        self._server = forkserver.ForkServer(self._on_server_exit, start=False, first=requests,
+                                                             drivers_ends=tuple(ours or ()))
+                        replies = self._server.first_replies
+                    else:
+                        replies = self._server.send_spawns(requests)
                 except BaseException:
                     with self._lock:
                         for spec in specs:
@@ -371,7 +376,7 @@ class Supervisor:
         return collect
 
     def _start(self, spec: WorkerSpec, theirs: tuple[socket.socket, ...] | None) -> int:
-        if self._server is not None:
+        if self._ctx is None:
             started = self._start_served([spec], [theirs])[0]
             if isinstance(started, OSError):
                 raise started

@@ -56,9 +56,7 @@ Invariants kept:
   control messages wait in its two socketpairs, read in order once it serves.
   What can fail a start for the user's reasons (a handler that raises, an
   ``imports`` module: such a worker says Hello and Ready only after importing)
-  happens before the Ready, so a failed start is reported as one. A standby
-  worker (forked before its spec) does what needs no spec while it waits
-  (:func:`prepare_standby`).
+  happens before the Ready, so a failed start is reported as one.
 * **Lone calls are not delayed.** Outcomes are batched only while more tasks
   are already waiting and the previous one was quick; a batched outcome waits
   at most ``BATCH_HOLD`` for the task after it (the "phalanx-flush" thread
@@ -92,7 +90,7 @@ from . import channels
 from .actors.host import ActorHost
 from .core.execute import TaskRunner, abort
 from .errors import EncodeError, FrameTooLargeError, ProtocolError, TaskCancelledError, TaskTimeoutError
-from .logs import install_worker_output, prepare_worker_output
+from .logs import install_worker_output
 from .registry import operations
 from .registry.operations import resolve
 from .transport import shm, sockets
@@ -141,7 +139,7 @@ from .transport.messages import (
 )
 from .transport.messages import Heartbeat as _Heartbeat
 
-__all__ = ["WorkerSpec", "TaskContext", "current_task", "guard_against_orphaning", "prepare_standby", "run_worker",
+__all__ = ["WorkerSpec", "TaskContext", "current_task", "guard_against_orphaning", "run_worker",
            "start_watchdog",
            "worker_spec"]
 
@@ -394,8 +392,7 @@ _driver_alive: Callable[[], bool] | None = None
 def guard_against_orphaning(parent_pid: int, watchdog: bool = True) -> None:
     """Die, with everything this worker spawned, when the parent dies.
 
-    Called once per worker process: by :func:`run_worker`, or earlier by the fork
-    server's standby worker before it has a spec (``parent_pid``: the driver).
+    Called once per worker process, by :func:`run_worker`.
     ``watchdog=False``: no thread checks the parent; the caller checks
     :data:`_driver_alive` itself (a worker's control thread does, every
     :data:`WATCHDOG_PERIOD`; until it runs, the parent-death signal covers).
@@ -460,16 +457,6 @@ def start_watchdog() -> None:
     # Not threading.Thread: its start() waits until the new thread runs, a wait the worker's
     # start-up need not take (the parent-death signal covers it meanwhile).
     _thread.start_new_thread(watchdog, ())
-
-
-def prepare_standby(parent_pid: int) -> None:
-    """What a worker forked ahead of its spec does while it waits (the fork server's standby
-    workers, always local): guard against orphaning, make its prefixed streams (not installed:
-    its worker id is in the spec). No watchdog thread: while it waits, the server's end of its
-    socket closing (the server ends with the driver) ends it; once it runs, its control thread
-    watches. Nothing here runs code of the user's (that may fail a start, see run_worker)."""
-    guard_against_orphaning(parent_pid, watchdog=False)
-    prepare_worker_output()
 
 
 class _Side:

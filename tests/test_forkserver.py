@@ -342,92 +342,130 @@ def test_spawn_many_forks_every_worker_at_once_a_bad_request_fails_alone_and_no_
         endpoints.remove()
 
 
-def _standby_pids(server_pid: int, count: int) -> list[int]:
-    """The ``count`` workers a fork server forked ahead of any request (waits up to 30 s)."""
-    deadline = time.monotonic() + 30
-    while True:
-        kids = [p.pid for p in psutil.Process(server_pid).children()]
-        if len(kids) >= count:
-            return kids
-        assert time.monotonic() < deadline, f"the server forked {kids} ahead, not {count}"
-        time.sleep(0.005)
+def _first_workers(endpoints: Any, count: int) -> tuple[list[Any], list[Any], tuple[Any, ...]]:
+    """``count`` first workers "w1".. for ``ForkServer(first=)``: the requests, the driver's and
+    the workers' pipe ends (pairs, as ``_greeted_then_gone`` takes them), and the driver's ends."""
+    from phalanx.transport import pipe as pipes
+    from phalanx.worker import WorkerSpec
+
+    pairs = [pipes.socketpair() for _ in range(count)]
+    first = [(f"w{i + 1}", WorkerSpec(worker_id=f"w{i + 1}", endpoints=endpoints, credits=1,
+                                      parent_pid=os.getpid(), prefix_output=False), theirs)
+             for i, (_, theirs) in enumerate(pairs)]
+    return first, pairs, tuple(ours for ours, _ in pairs)
 
 
-def test_standby_workers_take_the_first_spawns_and_a_dead_one_is_replaced_by_a_fork() -> None:
-    """The server forks two workers ahead; one is SIGKILLed while it waits. Two spawns: the
-    survivor takes one, a fresh fork the other; both serve, and exactly their two exits come."""
+def test_first_workers_are_forked_with_the_server_and_later_ones_on_request() -> None:
+    """Two first workers (forked with the server, before it serves), one SIGKILLed before
+    their replies are read, then a spawn: the replies name both first workers, the survivor
+    and the spawned one serve, and exactly the three exits come, each once."""
     from phalanx.forkserver import ForkServer
     from phalanx.transport import pipe as pipes
     from phalanx.transport.endpoints import local_endpoints
     from phalanx.worker import WorkerSpec
 
-    exits, reported, on_exit = _exit_recorder(2)
+    exits, reported, on_exit = _exit_recorder(3)
     endpoints = local_endpoints()
-    server = ForkServer(on_exit, start=False, standby=2)
+    first, pairs, ours = _first_workers(endpoints, 2)
+    server = ForkServer(on_exit, start=False, first=first, drivers_ends=ours)
     try:
-        standby = _standby_pids(server.pid, 2)
-        os.kill(standby[0], signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        # Reaped by the server: only then is it wholly gone (a zombie leader's thread may
-        # still hold its socket open a moment).
-        while standby[0] in [p.pid for p in psutil.Process(server.pid).children()]:
-            assert time.monotonic() < deadline, "the server never reaped the killed standby worker"
-            time.sleep(0.005)
-        pairs = [pipes.socketpair() for _ in range(2)]
-        specs = [WorkerSpec(worker_id=f"w{i}", endpoints=endpoints, credits=1, parent_pid=os.getpid(),
-                            prefix_output=False) for i in (1, 2)]
-        started = server.spawn_many([(s.worker_id, s, theirs) for s, (_, theirs) in zip(specs, pairs)])
         for _, theirs in pairs:
             theirs.close()
+        deadline = time.monotonic() + 30
+        while len(psutil.Process(server.pid).children()) < 2:
+            assert time.monotonic() < deadline, "the server forked no first workers"
+            time.sleep(0.001)
+        killed = psutil.Process(server.pid).children()[0].pid
+        os.kill(killed, signal.SIGKILL)
+        handles = server.first_replies()
         pids = []
-        for handle in started:
+        for handle in handles:
             assert not isinstance(handle, BaseException), handle
             assert handle.pid is not None and psutil.Process(handle.pid).ppid() == server.pid
             pids.append(handle.pid)
-        assert standby[1] in pids and standby[0] not in pids, (pids, standby)
-        _greeted_then_gone(pairs, ("w1", "w2"), pids)
-        assert _wait_gone(pids, 30) == []
+        assert killed in pids, (killed, pids)
+        live = [(pair, wid, pid) for pair, wid, pid in zip(pairs, ("w1", "w2"), pids) if pid != killed]
+        later = pipes.socketpair()
+        spec = WorkerSpec(worker_id="w3", endpoints=endpoints, credits=1, parent_pid=os.getpid(), prefix_output=False)
+        (spawned,) = server.spawn_many([("w3", spec, later[1])])
+        later[1].close()
+        assert not isinstance(spawned, BaseException) and spawned.pid is not None, spawned
+        live.append((later, "w3", spawned.pid))
+        _greeted_then_gone([pair for pair, _, _ in live], tuple(w for _, w, _ in live), [p for _, _, p in live])
+        assert _wait_gone([*pids, spawned.pid], 30) == []
         server.start()
         assert reported.wait(30), exits
         time.sleep(0.2)
-        assert set(exits) == {"w1", "w2"}, exits  # nothing for the standby that died unused
+        assert set(exits) == {"w1", "w2", "w3"}, exits
+        assert exits[("w1", "w2")[pids.index(killed)]] == -signal.SIGKILL, exits
     finally:
+        for end, theirs in pairs:
+            end.close()
+            theirs.close()
         server.close()
         endpoints.remove()
 
 
-def test_a_fork_server_closed_before_any_spawn_leaves_no_standby_worker() -> None:
+def test_a_fork_server_closed_before_its_first_replies_are_read_leaves_no_worker() -> None:
     from phalanx.forkserver import ForkServer
+    from phalanx.transport.endpoints import local_endpoints
 
-    server = ForkServer(lambda wid, code: None, standby=2)
+    endpoints = local_endpoints()
+    first, pairs, ours = _first_workers(endpoints, 2)
+    server = ForkServer(lambda wid, code: None, first=first, drivers_ends=ours)
     try:
-        standby = _standby_pids(server.pid, 2)
+        for _, theirs in pairs:
+            theirs.close()
+        deadline = time.monotonic() + 30
+        while len(kids := psutil.Process(server.pid).children()) < 2:
+            assert time.monotonic() < deadline, "the server forked no first workers"
+            time.sleep(0.001)
     finally:
         server.close()
-    assert _wait_gone([server.pid, *standby], 5) == []
+        for end, _ in pairs:
+            end.close()
+        endpoints.remove()
+    assert _wait_gone([server.pid, *(k.pid for k in kids)], 5) == []
 
 
-STANDBY_DRIVER = textwrap.dedent(
-    """
+#: a driver script whose fork server is forked with two first workers (the pipe ends the
+#: driver keeps are held, as a driver's are, so the workers wait for it)
+FIRST_WORKERS = """
+    import os, socket
+    from phalanx.forkserver import ForkServer
+    from phalanx.transport import pipe as pipes
+    from phalanx.transport.endpoints import local_endpoints
+    from phalanx.worker import WorkerSpec
+
+    def first_workers():
+        endpoints = local_endpoints()
+        pairs = [pipes.socketpair() for _ in range(2)]
+        first = [(f"w{i + 1}", WorkerSpec(worker_id=f"w{i + 1}", endpoints=endpoints, credits=1,
+                                          parent_pid=os.getpid(), prefix_output=False), theirs)
+                 for i, (_, theirs) in enumerate(pairs)]
+        server = ForkServer(lambda wid, code: None, first=first, drivers_ends=tuple(o for o, _ in pairs))
+        for _, theirs in pairs:
+            theirs.close()
+        return server, pairs
+"""
+
+FIRST_DRIVER = textwrap.dedent(FIRST_WORKERS + """
     import json, time
     import psutil
-    from phalanx.forkserver import ForkServer
 
     if __name__ == "__main__":
-        server = ForkServer(lambda wid, code: None, standby=2)
-        while len(psutil.Process(server.pid).children()) < 2:
-            time.sleep(0.005)
-        kids = [p.pid for p in psutil.Process(server.pid).children()]
-        print(json.dumps({"server": server.pid, "standby": kids}), flush=True)
+        server, pairs = first_workers()
+        pids = [w.pid for w in server.first_replies()]
+        print(json.dumps({"server": server.pid, "first": pids}), flush=True)
         time.sleep(120)
     """
 )
 
 
 @pytest.mark.chaos
-def test_standby_workers_die_with_a_driver_sigkilled_before_any_spawn(tmp_path: Path) -> None:
-    with _driver_script(tmp_path, STANDBY_DRIVER) as (driver, pids, watched):
-        watched += [pids["server"], *pids["standby"]]
+def test_first_workers_die_with_a_driver_sigkilled_before_it_read_them(tmp_path: Path) -> None:
+    with _driver_script(tmp_path, FIRST_DRIVER) as (driver, pids, watched):
+        watched += [pids["server"], *pids["first"]]
         assert len(watched) == 3 and all(_alive(p) for p in watched)
         driver.kill()
         driver.wait(timeout=10)
@@ -458,13 +496,11 @@ def test_a_driver_holding_descriptors_past_1023_starts_and_ends_a_runtime() -> N
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-KILLED_AT_ONCE = textwrap.dedent(
-    """
-    import os, signal, sys, time
-    from phalanx.forkserver import ForkServer
+KILLED_AT_ONCE = textwrap.dedent(FIRST_WORKERS + """
+    import signal, sys, time
 
     if __name__ == "__main__":
-        server = ForkServer(lambda wid, code: None, standby=2)
+        server, pairs = first_workers()
         time.sleep(float(sys.argv[1]))
         print(server.pid, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -474,9 +510,9 @@ KILLED_AT_ONCE = textwrap.dedent(
 
 @pytest.mark.chaos
 @pytest.mark.parametrize("delay", [0.0, 0.001, 0.003, 0.01])
-def test_a_driver_sigkilled_while_the_server_forks_its_standby_workers_leaves_nothing(
+def test_a_driver_sigkilled_while_the_server_forks_its_first_workers_leaves_nothing(
         tmp_path: Path, delay: float) -> None:
-    """The server forks its standby workers first of all, before its loop ever checks the
+    """The server forks its first workers first of all, before its loop ever checks the
     driver: a driver killed before, during or right after those forks leaves no process."""
     import uuid
 
@@ -511,9 +547,9 @@ def test_a_driver_sigkilled_while_the_server_forks_its_standby_workers_leaves_no
 
 
 @pytest.mark.parametrize("workers", [1, {"a": 1, "b": 2}], ids=["one", "groups"])
-def test_the_server_keeps_no_idle_standby_worker(workers: int | dict[str, int]) -> None:
-    """As many standby workers as the first spawns take: every process below the server
-    is a worker of the runtime, one with a single worker and one with tag groups alike."""
+def test_every_process_below_the_server_is_a_worker_of_the_runtime(workers: int | dict[str, int]) -> None:
+    """The server forks exactly the runtime's first workers: every process below it is one,
+    with a single worker and with tag groups alike."""
     with phalanx.Runtime(workers=workers) as rt:
         server = rt._driver._supervisor._server
         assert server is not None
@@ -550,7 +586,8 @@ def test_a_driver_running_a_thread_of_its_own_starts_a_runtime_without_a_fork_wa
 
 
 def test_a_first_worker_dead_before_the_supervisor_starts_is_reported_once_after_it() -> None:
-    """The server's reader thread runs from the first spawn on, before Supervisor.start():
+    """The server's reader thread runs from the first spawn (which forks the server with its
+    worker) on, before Supervisor.start():
     an exit it reads meanwhile is held until start(), then reported exactly once."""
     from phalanx.supervisor import Supervisor
     from phalanx.transport.endpoints import local_endpoints
@@ -564,7 +601,7 @@ def test_a_first_worker_dead_before_the_supervisor_starts_is_reported_once_after
         reported.set()
 
     endpoints = local_endpoints()
-    sup = Supervisor("phalanx", on_exit, standby=1)
+    sup = Supervisor("phalanx", on_exit)
     try:
         spec = WorkerSpec(worker_id="w1", endpoints=endpoints, credits=1, parent_pid=os.getpid(),
                           prefix_output=False)

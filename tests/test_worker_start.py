@@ -2,8 +2,8 @@
 
 Runs in the test (driver) process, which plays the driver's end of a worker's
 pipe and control pipe, and in driver scripts it starts (``sys.executable``).
-The workers are real processes forked by phalanx's fork server (a fresh fork,
-or a standby worker forked before its spec), reading real socketpairs.
+The workers are real processes forked by phalanx's fork server (on request, or
+forked with the server as a runtime's first workers are), reading real socketpairs.
 
 What is attacked:
 
@@ -33,10 +33,10 @@ import psutil
 import pytest
 
 from ops import square
-from phalanx.forkserver import ForkServer
+from phalanx.forkserver import ForkedWorker, ForkServer
 from phalanx.transport import pipe as pipes
 from phalanx.transport.codec import decode_driver, encode
-from phalanx.transport.endpoints import Endpoints, local_endpoints
+from phalanx.transport.endpoints import local_endpoints
 from phalanx.transport.messages import Call, Hello, Ok, Ready, Results, Stop, Terminate, Welcome
 from phalanx.worker import WorkerSpec
 
@@ -80,88 +80,79 @@ def _read_until(end: pipes.FramePipe, done: Any, got: list[Any]) -> None:
 
 
 @contextmanager
-def _server(standby: int) -> Iterator[tuple[ForkServer, Endpoints]]:
-    server = ForkServer(lambda wid, code: None, standby=standby)
+def _worker(first: bool, **spec: Any) -> Iterator[tuple[ForkedWorker, pipes.FramePipe, socket.socket]]:
+    """A worker "w1" forked by a fork server (``first``: with the server, as a runtime's first
+    workers are; else on request); its handle and the driver's ends of its pipes."""
+    # Forked on request: the server is made first, so it holds no copy of the worker's ends.
+    server = None if first else ForkServer(lambda wid, code: None)
     endpoints = local_endpoints()
+    ours, theirs = pipes.socketpair()
+    control, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    spec_ = WorkerSpec(worker_id="w1", endpoints=endpoints, credits=2, parent_pid=os.getpid(),
+                       prefix_output=False, **spec)
+    end = pipes.FramePipe(ours, 1 << 20)
     try:
-        if standby:
-            deadline = time.monotonic() + T
-            while len(psutil.Process(server.pid).children()) < standby:
-                assert time.monotonic() < deadline, "the server forked no standby worker"
-                time.sleep(0.005)
-        yield server, endpoints
+        if server is None:
+            server = ForkServer(lambda wid, code: None, first=[("w1", spec_, (theirs, control_theirs))],
+                                drivers_ends=(ours, control))
+            handle = server.first_replies()[0]
+        else:
+            handle = server.spawn("w1", spec_, (theirs, control_theirs))
+        theirs.close()
+        control_theirs.close()
+        assert isinstance(handle, ForkedWorker) and handle.pid is not None, handle
+        yield handle, end, control
     finally:
-        server.close()
+        theirs.close()
+        control_theirs.close()
+        end.close()
+        control.close()
+        if server is not None:
+            server.close()
         endpoints.remove()
 
 
-def _spec(endpoints: Endpoints, **kwargs: Any) -> WorkerSpec:
-    return WorkerSpec(worker_id="w1", endpoints=endpoints, credits=2, parent_pid=os.getpid(),
-                      prefix_output=False, **kwargs)
-
-
-@pytest.mark.parametrize("standby", [0, 1], ids=["forked", "standby"])
-def test_a_local_worker_says_hello_then_ready_once_and_serves_all_that_waited_for_it(standby: int) -> None:
+@pytest.mark.parametrize("first", [False, True], ids=["forked", "first"])
+def test_a_local_worker_says_hello_then_ready_once_and_serves_all_that_waited_for_it(first: bool) -> None:
     """Welcome, TASKS calls, a Terminate of a job it never ran and a Stop are all written the
     moment the fork server answers, before the worker can have read anything. The worker's
     first two frames are Hello then Ready, it never says either again, it answers every call
     exactly once and in order, and it exits on the Stop."""
-    with _server(standby) as (server, endpoints):
-        ours, theirs = pipes.socketpair()
-        control, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        end = pipes.FramePipe(ours, 1 << 20)
-        try:
-            handle = server.spawn("w1", _spec(endpoints), (theirs, control_theirs))
-            theirs.close()
-            control_theirs.close()
-            assert handle.pid is not None
-            frames = [encode(Welcome("w1", 1 << 20))]
-            frames += [encode(Call(7, seq, 0, "ops:square", [seq])) for seq in range(TASKS)]
-            assert not end.send_many(frames)  # all in the kernel at once
-            control.send(encode(Terminate(99)))
-            got: list[Any] = []
-            outcomes: list[Any] = []
+    with _worker(first) as (handle, end, control):
+        frames = [encode(Welcome("w1", 1 << 20))]
+        frames += [encode(Call(7, seq, 0, "ops:square", [seq])) for seq in range(TASKS)]
+        assert not end.send_many(frames)  # all in the kernel at once
+        control.send(encode(Terminate(99)))
+        got: list[Any] = []
+        outcomes: list[Any] = []
 
-            def answered(msgs: list[Any]) -> bool:
-                outcomes[:] = [o for m in msgs if isinstance(m, Results) for o in m.outcomes]
-                return len(outcomes) >= TASKS
+        def answered(msgs: list[Any]) -> bool:
+            outcomes[:] = [o for m in msgs if isinstance(m, Results) for o in m.outcomes]
+            return len(outcomes) >= TASKS
 
-            _read_until(end, answered, got)
-            assert isinstance(got[0], Hello) and got[0].worker == "w1" and got[0].pid == handle.pid, got[:2]
-            assert isinstance(got[1], Ready) and got[1].worker == "w1" and got[1].credits == 2, got[:2]
-            assert [type(m) for m in got[2:] if isinstance(m, (Hello, Ready))] == [], got
-            assert all(isinstance(o, Ok) for o in outcomes), outcomes
-            assert [(o.job, o.seq, o.value) for o in outcomes] == [(7, s, s * s) for s in range(TASKS)]
-            assert not end.send(encode(Stop()))
-            late: list[Any] = []
-            _read_until(end, lambda msgs: False, late)  # to its end: nothing more, then EOF
-            assert late == [], late
-            _wait_gone(handle.pid, "the worker never exited on Stop")
-        finally:
-            end.close()
-            control.close()
+        _read_until(end, answered, got)
+        assert isinstance(got[0], Hello) and got[0].worker == "w1" and got[0].pid == handle.pid, got[:2]
+        assert isinstance(got[1], Ready) and got[1].worker == "w1" and got[1].credits == 2, got[:2]
+        assert [type(m) for m in got[2:] if isinstance(m, (Hello, Ready))] == [], got
+        assert all(isinstance(o, Ok) for o in outcomes), outcomes
+        assert [(o.job, o.seq, o.value) for o in outcomes] == [(7, s, s * s) for s in range(TASKS)]
+        assert not end.send(encode(Stop()))
+        late: list[Any] = []
+        _read_until(end, lambda msgs: False, late)  # to its end: nothing more, then EOF
+        assert late == [], late
+        _wait_gone(handle.pid, "the worker never exited on Stop")
 
 
-@pytest.mark.parametrize("standby", [0, 1], ids=["forked", "standby"])
-def test_a_worker_whose_import_raises_never_says_ready(standby: int) -> None:
+@pytest.mark.parametrize("first", [False, True], ids=["forked", "first"])
+def test_a_worker_whose_import_raises_never_says_ready(first: bool) -> None:
     """A spec with ``imports`` naming a module that raises: the worker dies before it says Ready
     (so the driver reports a failed start, not a ready worker that crashed)."""
-    with _server(standby) as (server, endpoints):
-        ours, theirs = pipes.socketpair()
-        control, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        end = pipes.FramePipe(ours, 1 << 20)
-        try:
-            handle = server.spawn("w1", _spec(endpoints, imports=["broken_mod"]), (theirs, control_theirs))
-            theirs.close()
-            control_theirs.close()
-            assert handle.pid is not None
-            got: list[Any] = []
-            _read_until(end, lambda msgs: False, got)  # until the worker's end closes
-            assert not [m for m in got if isinstance(m, Ready)], got
-            _wait_gone(handle.pid, "the worker lives on after its import failed")
-        finally:
-            end.close()
-            control.close()
+    with _worker(first, imports=["broken_mod"]) as (handle, end, control):
+        assert handle.pid is not None
+        got: list[Any] = []
+        _read_until(end, lambda msgs: False, got)  # until the worker's end closes
+        assert not [m for m in got if isinstance(m, Ready)], got
+        _wait_gone(handle.pid, "the worker lives on after its import failed")
 
 
 REFUSING_HANDLER = textwrap.dedent(
@@ -206,8 +197,7 @@ def test_a_driver_handler_that_refuses_the_prefixed_stream_fails_the_start(tmp_p
 
 PREFIXED = textwrap.dedent(
     """
-    import logging, os, select, socket, sys, time
-    import psutil
+    import logging, os, select, socket, sys
     from phalanx.forkserver import ForkServer
     from phalanx.transport import pipe as pipes
     from phalanx.transport.codec import decode_driver, encode
@@ -219,15 +209,18 @@ PREFIXED = textwrap.dedent(
     if __name__ == "__main__":
         # A handler on stderr: the worker inherits it, and must point it at its prefixed stderr.
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
-        standby = int(sys.argv[1])
-        server = ForkServer(lambda wid, code: None, standby=standby)
-        while len(psutil.Process(server.pid).children()) < standby:
-            time.sleep(0.005)
+        first = sys.argv[1] == "first"  # forked with the server, as a runtime's first workers are
+        server = None if first else ForkServer(lambda wid, code: None)  # made before the pipes
         endpoints = local_endpoints()
         ours, theirs = pipes.socketpair()
         control, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         spec = WorkerSpec(worker_id="w1", endpoints=endpoints, credits=1, parent_pid=os.getpid())
-        server.spawn("w1", spec, (theirs, control_theirs))
+        if server is None:
+            server = ForkServer(lambda wid, code: None, first=[("w1", spec, (theirs, control_theirs))],
+                                drivers_ends=(ours, control))
+            server.first_replies()
+        else:
+            server.spawn("w1", spec, (theirs, control_theirs))
         theirs.close()
         control_theirs.close()
         end = pipes.FramePipe(ours, 1 << 20)
@@ -252,15 +245,14 @@ PREFIXED = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("standby", [0, 1], ids=["forked", "standby"])
-def test_a_workers_first_task_prints_and_logs_prefixed(tmp_path: Path, standby: int) -> None:
-    """The first task of a worker (a fresh fork, or a standby worker whose prefixed streams were
-    made before it knew its id) prints and logs: every line it writes starts with ``[w1] ``,
-    the inherited stderr handler's lines too."""
+@pytest.mark.parametrize("mode", ["forked", "first"])
+def test_a_workers_first_task_prints_and_logs_prefixed(tmp_path: Path, mode: str) -> None:
+    """The first task of a worker (forked on request, or with the server) prints and logs:
+    every line it writes starts with ``[w1] ``, the inherited stderr handler's lines too."""
     script = tmp_path / "driver.py"
     script.write_text(PREFIXED)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(script), str(standby)], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=120,
                           env=env, cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.splitlines()[-1:] == ["done"], proc.stdout + proc.stderr
     out = [line for line in proc.stdout.splitlines() if line != "done"]
