@@ -254,14 +254,10 @@ class Driver:
         self._wake_r, self._wake_w = os.pipe()
         #: the handshake, remote joins, heartbeats, tcp security (phalanx.membership)
         self.membership = Membership(self)
-        # The ZeroMQ context and sockets: local workers use pipes, so a runtime that does not
-        # listen makes them after its start (see make_sockets); one that listens, now.
+        # ZeroMQ: made now by a runtime that listens, after its start by one that does not (make_sockets).
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
-        self._tasks: zmq.Socket[bytes] | None = None
-        self._results: zmq.Socket[bytes] | None = None
-        self._control: zmq.Socket[bytes] | None = None
-        #: held while the sockets are made, and by shutdown while it closes them
-        self._sockets_lock = threading.Lock()
+        self._tasks = self._results = self._control = None  # type: zmq.Socket[bytes] | None
+        self._sockets_lock = threading.Lock()  # held while they are made, and by shutdown to close them
         if self.address is not None:
             self.make_sockets()
         #: the pump thread's loop (phalanx.pump)
@@ -269,47 +265,27 @@ class Driver:
         self._pump_thread = threading.Thread(target=self.pump.run, name="phalanx-pump", daemon=True)
 
     def make_sockets(self) -> None:
-        """Make the ZeroMQ context and bind the tasks, results and control sockets, unless made
-        already or shut down (any thread; never with the driver's lock held).
-
-        A runtime that listens makes them in the constructor: remote workers may connect as
-        soon as its address is known. One that does not talks to its local workers over pipes
-        and needs them only for channel ends, ``phalanx top`` and clients of
-        :attr:`~phalanx.Runtime.endpoints`: the pump makes them ``pump.SOCKETS_AFTER`` after
-        the first workers are ready, unless one of those needs them first (a lease,
-        ``rt.endpoints``), so their cost (a context with its I/O threads, three binds: ~1 ms of
-        CPU) is not paid on the way to the first result. ZeroMQ connects asynchronously: a
-        peer that connects to the ipc endpoint before it is bound (``phalanx top`` reads it in
-        runtime.json) gets through once it is.
-        """
+        """Make the ZeroMQ context and bind the three sockets, unless made or shut down (any thread,
+        never under the driver's lock): in the constructor of a runtime that listens, otherwise
+        ``pump.SOCKETS_AFTER`` after the first workers are ready (by the pump) or for a lease or
+        ``rt.endpoints`` if sooner, not on the way to the first result (~1 ms of CPU). ZeroMQ
+        connects asynchronously: a peer connecting before the bind (``phalanx top``) gets through after."""
         with self._sockets_lock:
             if self._results is not None or self._closed:
                 return
             ctx: zmq.Context[zmq.Socket[bytes]] | None = None
             made: list[zmq.Socket[bytes]] = []
-            membership = self.membership
             try:
                 ctx = zmq.Context()
-                curve = membership.secure_tcp(ctx)
-                tcp = self.address
-                limits = self.limits
-                watch = sockets.HANDSHAKE_FAILURES if tcp is not None else 0
-                made.append(sockets.router(ctx, self.endpoints.tasks, send_only=True,
-                                           tcp=tcp.tasks if tcp else None, curve=curve, limits=limits, watch=watch))
-                made.append(sockets.router(ctx, self.endpoints.results,
-                                           tcp=tcp.results if tcp else None, curve=curve, limits=limits, watch=watch))
-                made.append(sockets.publisher(ctx, self.endpoints.control,
-                                              tcp=tcp.control if tcp else None, curve=curve, limits=limits,
-                                              watch=watch))
-                if tcp is not None:
-                    for sock, ep in zip(made, (tcp.tasks, tcp.results, tcp.control)):
-                        membership.monitors[sockets.monitor(sock, watch)] = ep
+                curve = self.membership.secure_tcp(ctx)
+                monitors = sockets.driver_sockets(ctx, self.endpoints, self.address, curve, self.limits, made)
             except BaseException:  # KeyboardInterrupt too: nothing half-made is left
                 sockets.close(*made)
-                membership.close_security()
+                self.membership.close_security()
                 if ctx is not None:
                     ctx.destroy(linger=0)
                 raise
+            self.membership.monitors.update(monitors)
             with self._lock:  # published whole: senders under the lock see none or all three
                 self._ctx = ctx
                 self._tasks, self._results, self._control = made
