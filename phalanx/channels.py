@@ -52,7 +52,6 @@ time); copies of an end (each operation that got it) are independent ends.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import enum
@@ -532,6 +531,8 @@ class Sender(_End, Generic[T]):
         if self._conn is not None and self._seq - self._acked < self._window:
             self._send(value, timeout, None)  # room in the window: never waits
             return
+        import asyncio  # only ever awaited under a running event loop: imported by then
+
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
         try:
@@ -582,6 +583,8 @@ class Sender(_End, Generic[T]):
 
     async def aclose(self, timeout: float | None = None) -> None:
         """:meth:`close` without blocking the event loop."""
+        import asyncio
+
         await asyncio.get_running_loop().run_in_executor(None, self.close, timeout)
 
     def _close_socket(self) -> None:
@@ -883,6 +886,8 @@ class Receiver(_End, Generic[T]):
                     raise _Cancelled
                 box.append(item)
             return item
+
+        import asyncio
 
         try:
             return await asyncio.get_running_loop().run_in_executor(None, wait)

@@ -39,7 +39,6 @@ Invariants kept:
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import queue
 import threading
@@ -643,6 +642,8 @@ class JobHandle(Generic[Y, R]):
     async def _result_async(self) -> R:
         if self._has_result:
             return self._result  # type: ignore[no-any-return]
+        import asyncio  # only ever awaited under a running event loop: imported by then
+
         pending = asyncio.get_running_loop().run_in_executor(None, self.result)
         try:
             return await pending
@@ -658,6 +659,8 @@ class JobHandle(Generic[Y, R]):
         if self._local and self._kind != _FOLD and not self._state.cancelled.is_set():
             self._iterated = True
             return self._local.popleft()  # type: ignore[no-any-return]
+        import asyncio
+
         pending = asyncio.get_running_loop().run_in_executor(None, self._next_or_end)
         try:
             more, value = await pending

@@ -111,6 +111,7 @@ import zmq
 from .config import Config
 from .policy import DEFAULT_TAG, TaskOptions
 from .errors import FrameTooLargeError, NoWorkerError, ProtocolError, RuntimeBrokenError, RuntimeClosedError
+from .forkserver import hold_sigint
 from .supervisor import Supervisor
 from .transport import sockets
 from .transport.codec import UnpickleFailed, decode_driver, distrust_exits, encode, salvage_results
@@ -251,7 +252,8 @@ class Driver:
         self.pipes = LocalPipes(self)
         #: callers reading their own replies from those pipes (phalanx.direct)
         self.direct = DirectReader(self, self.pipes)
-        self._wake_r, self._wake_w = os.pipe()
+        with hold_sigint():  # no descriptor made and lost to a Ctrl-C before it is stored
+            self._wake_r, self._wake_w = os.pipe()
         #: the handshake, remote joins, heartbeats, tcp security (phalanx.membership)
         self.membership = Membership(self)
         # ZeroMQ: made now by a runtime that listens, after its start by one that does not (make_sockets).
@@ -270,7 +272,8 @@ class Driver:
         ``pump.SOCKETS_AFTER`` after the first workers are ready (by the pump) or for a lease or
         ``rt.endpoints`` if sooner, not on the way to the first result (~1 ms of CPU). ZeroMQ
         connects asynchronously: a peer connecting before the bind (``phalanx top``) gets through after."""
-        with self._sockets_lock:
+        # Ctrl-C held (on the main thread) until they are stored: none is made and lost to it.
+        with self._sockets_lock, hold_sigint():
             if self._results is not None or self._closed:
                 return
             ctx: zmq.Context[zmq.Socket[bytes]] | None = None
@@ -279,7 +282,7 @@ class Driver:
                 ctx = zmq.Context()
                 curve = self.membership.secure_tcp(ctx)
                 monitors = sockets.driver_sockets(ctx, self.endpoints, self.address, curve, self.limits, made)
-            except BaseException:  # KeyboardInterrupt too: nothing half-made is left
+            except BaseException:  # nothing half-made is left
                 sockets.close(*made)
                 self.membership.close_security()
                 if ctx is not None:

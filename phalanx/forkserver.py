@@ -49,7 +49,9 @@ Invariants kept:
 from __future__ import annotations
 
 import array
+import contextlib
 import gc
+import importlib
 import os
 import select
 import signal
@@ -60,12 +62,12 @@ import time
 import traceback
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import msgspec
 
-__all__ = ["ForkServer", "ForkedWorker", "Pidfd", "WORKER_PID_VAR"]
+__all__ = ["ForkServer", "ForkedWorker", "Pidfd", "WORKER_PID_VAR", "hold_sigint"]
 
 #: set in each worker's environment to its own pid: processes it starts inherit it, so the
 #: fork server can tell whose orphan a process is even after it left the worker's group
@@ -85,6 +87,11 @@ _MAX_REQUEST = 1 << 20
 #: most descriptors a Spawn request carries (the worker's pipe and control pipe)
 _MAX_FDS = 2
 
+#: signal.pthread_sigmask's C function: the Python one turns the old mask into enum members,
+#: pages the fork server would write (copy) before it forks the first workers
+_sigmask: Callable[[int, Any], Any] = getattr(importlib.import_module("_signal"), "pthread_sigmask",
+                                              signal.pthread_sigmask)
+_SIGINT = int(signal.SIGINT)
 #: whether os.fork() warns in a process that runs threads (a DeprecationWarning)
 _FORK_WARNS = sys.version_info >= (3, 12)
 #: serialises making fork servers with making/sending workers' socketpair ends, so a
@@ -152,13 +159,13 @@ def _recv_reply(sock: socket.socket) -> tuple[bytes, list[int]]:
     return raw, list(fds)
 
 
-#: decoders of Spawn requests and their WorkerSpec, made in the driver before the server is
-#: forked: msgspec builds a type's decoding information on first use (it evaluates the
-#: annotations, ~0.7 ms), which the server and every worker would otherwise each do again
+#: decoders of Spawn requests and their WorkerSpec, made by the server at its first request:
+#: msgspec builds a type's decoding information on first use (it evaluates the annotations,
+#: ~0.3-0.7 ms), which the first workers, forked with their spec, never wait for
 _decoders: tuple[msgspec.msgpack.Decoder[_Spawn], msgspec.msgpack.Decoder[Any]] | None = None
 
 
-def _warm_decoders() -> tuple[msgspec.msgpack.Decoder[_Spawn], msgspec.msgpack.Decoder[Any]]:
+def _spawn_decoders() -> tuple[msgspec.msgpack.Decoder[_Spawn], msgspec.msgpack.Decoder[Any]]:
     global _decoders
     if _decoders is None:
         from .worker import WorkerSpec
@@ -176,6 +183,38 @@ def _fork_may_warn() -> bool:
         return len(os.listdir("/proc/self/task")) > 1
     except OSError:
         return True
+
+
+def _fork() -> int:
+    """``os.fork()`` for a fork server (see ForkServer.__init__), under ``_pidfd_lock``."""
+    if _fork_may_warn():
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns when forking a process that runs threads. This fork is the
+            # documented exception (the user's program ran threads when the runtime started;
+            # docs/faults.md): the server runs no code that takes their locks.
+            warnings.filterwarnings("ignore", message=r"This process .* is multi-threaded",
+                                    category=DeprecationWarning)
+            with _pidfd_lock:
+                return os.fork()
+    # No filter to set and restore: restoring it after the fork would write (copy) the
+    # warnings module's pages, which the server now shares.
+    with _pidfd_lock:
+        return os.fork()
+
+
+@contextlib.contextmanager
+def hold_sigint() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back for the block, on the main thread (the only one Python runs
+    signal handlers on): its KeyboardInterrupt comes when the block ends, never between a
+    call that made a process or a descriptor and the statement that stores it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = _sigmask(signal.SIG_BLOCK, (_SIGINT,))
+    try:
+        yield
+    finally:
+        _sigmask(signal.SIG_SETMASK, held)
 
 
 def _prctl(option: int, arg: int) -> bool:
@@ -349,7 +388,6 @@ class ForkServer:
         self._lock = threading.Lock()
         self._request_lock = threading.Lock()
         self._closed = False
-        _warm_decoders()
         first = first or []
         #: the first workers' handles, until first_replies() reads their replies
         self._first = [ForkedWorker(worker_id) for worker_id, _, _ in first]
@@ -357,52 +395,57 @@ class ForkServer:
             self._workers[handle.worker_id] = handle
         if self._first:
             self._request_lock.acquire()  # no request before the first replies are read
+        made: list[socket.socket] = []
+        pid = -1
         with fork_lock:
-            ctl, self._ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            events, self._events = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            driver = os.getpid()
-            for stream in (sys.stdout, sys.stderr):  # else the copies would print it again
-                try:
-                    stream.flush()
-                except (AttributeError, OSError, ValueError):
-                    pass
-            if _fork_may_warn():
-                with warnings.catch_warnings():
-                    # Python >= 3.12 warns when forking a process that runs threads. This fork
-                    # is the documented exception (the user's program ran threads when the
-                    # runtime started; docs/faults.md): the server runs no code that takes
-                    # their locks.
-                    warnings.filterwarnings("ignore", message=r"This process .* is multi-threaded",
-                                            category=DeprecationWarning)
-                    with _pidfd_lock:
-                        pid = os.fork()
-            else:
-                # No filter to set and restore: restoring it after the fork would write (copy)
-                # the warnings module's pages, which the server now shares.
-                with _pidfd_lock:
-                    pid = os.fork()
-            if pid == 0:  # the fork server
-                try:
-                    # What the driver had is never collected here nor in the workers: a collection
-                    # in a worker would otherwise write to (copy) every page of it (O(1) call).
-                    gc.freeze()
-                    self._ctl.close()
-                    self._events.close()
-                    for other in list(_clients):
-                        other._close_sockets()
-                    for pidfd in list(_pidfds):
-                        pidfd._close_in_child()
-                    for end in drivers_ends:
-                        end.close()
-                    # Descriptors, not sockets: a worker closes its siblings' by number.
-                    _serve(ctl, events, driver, [(wid, spec, _detach(pipes)) for wid, spec, pipes in first])
-                finally:
-                    os._exit(70)
-            ctl.close()
-            events.close()
-            self.pid = pid
-            self._owner = driver
-            _clients.add(self)
+            try:
+                # Ctrl-C waits until the pairs and the server's pid are stored: an interrupt right
+                # after socketpair() or fork() returned would leave descriptors, or a server no
+                # one reaps; from then on this handler ends what was made.
+                with hold_sigint():
+                    ctl, self._ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    made += [ctl, self._ctl]
+                    events, self._events = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    made += [events, self._events]
+                    driver = os.getpid()
+                    for stream in (sys.stdout, sys.stderr):  # else the copies would print it again
+                        try:
+                            stream.flush()
+                        except (AttributeError, OSError, ValueError):
+                            pass
+                    pid = self.pid = _fork()
+                    if pid == 0:  # the fork server
+                        try:
+                            # What the driver had is never collected here nor in the workers: a
+                            # collection in a worker would otherwise write to (copy) every page
+                            # of it (O(1) call).
+                            gc.freeze()
+                            self._ctl.close()
+                            self._events.close()
+                            for other in list(_clients):
+                                other._close_sockets()
+                            for pidfd in list(_pidfds):
+                                pidfd._close_in_child()
+                            for end in drivers_ends:
+                                end.close()
+                            # Descriptors, not sockets: a worker closes its siblings' by number.
+                            _serve(ctl, events, driver, [(wid, spec, _detach(pipes)) for wid, spec, pipes in first])
+                        finally:
+                            os._exit(70)
+                ctl.close()
+                events.close()
+                self._owner = driver
+                _clients.add(self)
+            except BaseException:
+                for sock in made:
+                    sock.close()
+                if pid > 0:  # ends with its ctl socket; reaped here, as no one else would
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    os.waitpid(pid, 0)
+                raise
         #: made at start(): off the constructor, which the first workers wait for
         self._reader: threading.Thread | None = None
         if start:
@@ -632,6 +675,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
     from .worker import _set_handler, run_worker  # imported by the driver already
 
     _set_handler(int(signal.SIGINT), int(signal.SIG_IGN))  # Ctrl-C is the driver's to handle
+    _sigmask(signal.SIG_UNBLOCK, (_SIGINT,))  # held by the driver around the fork (hold_sigint)
     stop = False
 
     def on_term(signum: int, frame: Any) -> None:
@@ -675,7 +719,6 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
         if not _reply(ctl, encoder, reply):
             stop = True
     sweeps: list[float] = []
-    decoder, spec_decoder = _warm_decoders()
     next_check = 0.0
     waiting = select.poll()  # not select: the driver may have held descriptors past 1023
     waiting.register(ctl.fileno(), select.POLLIN)
@@ -728,6 +771,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
             if not raw:
                 break  # the driver closed (or died)
             try:
+                decoder, spec_decoder = _spawn_decoders()
                 request = decoder.decode(raw)
                 spec = spec_decoder.decode(request.spec)
                 pid = os.fork()

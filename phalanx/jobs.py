@@ -24,7 +24,6 @@ reduction; a fold of an empty input returns the monoid's ``empty()``.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import itertools
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
@@ -245,6 +244,8 @@ class Future(concurrent.futures.Future[T]):
         return self._wait_async().__await__()
 
     async def _wait_async(self) -> T:
+        import asyncio  # only ever awaited under a running event loop: imported by then
+
         try:
             return await asyncio.wrap_future(self)
         except asyncio.CancelledError:
@@ -684,6 +685,8 @@ class MapIterator(_WindowedMap[R]):
             raise StopAsyncIteration
         with _ASYNC_LOCK:
             self._async_running = True
+        import asyncio
+
         pending = asyncio.get_running_loop().run_in_executor(None, self._next_in_thread)
         try:
             more, value = await pending

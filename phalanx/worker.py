@@ -69,7 +69,6 @@ Invariants kept:
 from __future__ import annotations
 
 import _thread
-import asyncio
 import ctypes
 import importlib
 import os
@@ -81,7 +80,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import zmq
@@ -137,6 +136,9 @@ from .transport.messages import (
     Welcome,
     new_inbox,
 )
+
+if TYPE_CHECKING:
+    import asyncio
 from .transport.messages import Heartbeat as _Heartbeat
 
 __all__ = ["WorkerSpec", "TaskContext", "current_task", "guard_against_orphaning", "run_worker",
@@ -1105,6 +1107,8 @@ class _Loop:
     def _settle(self, value: Any) -> Any:
         """The result of an awaitable an operation returned (on this worker's own event loop)."""
         if self.loop is None:
+            import asyncio  # for operations that return awaitables only
+
             self.loop = asyncio.new_event_loop()
         return self.loop.run_until_complete(value)
 

@@ -916,3 +916,111 @@ def test_a_keyboard_interrupt_anywhere_in_the_constructor_leaves_nothing(tmp_pat
     assert lines[0].startswith("calls ") and int(lines[0].split()[1]) > 50, proc.stdout
     assert lines[1:] == ["nothing left"], proc.stdout
     _assert_no_marked_processes(marker)
+
+
+
+INTERRUPTED_RETURN = """
+import os, signal, sys
+import psutil
+import phalanx
+
+real = getattr(os, sys.argv[1])
+pid = os.getpid()
+
+def interrupted(*args):
+    made = real(*args)
+    if made != 0 and os.getpid() == pid:  # the driver's call, a descriptor or process made
+        signal.raise_signal(signal.SIGINT)
+    return made
+
+if __name__ == "__main__":
+    phalanx.Runtime  # imported before the descriptors are counted
+    before = set(os.listdir("/proc/self/fd"))
+    setattr(os, sys.argv[1], interrupted)
+    try:
+        phalanx.Runtime(workers=1)
+        print("not interrupted")
+    except KeyboardInterrupt:
+        pass
+    setattr(os, sys.argv[1], real)
+    print("children", [(p.pid, p.status()) for p in psutil.Process().children(recursive=True)])
+    print("descriptors", sorted(set(os.listdir("/proc/self/fd")) - before))
+"""
+
+
+@pytest.mark.parametrize("call", ["fork", "pipe"])
+def test_a_keyboard_interrupt_as_the_constructor_makes_a_process_or_pipe_leaves_nothing(
+        tmp_path: Path, call: str) -> None:
+    """Ctrl-C lands the moment ``os.fork()`` (the fork server's) or ``os.pipe()`` (the driver's
+    wake-up pipe) returned, before the constructor stored what it made (a real SIGINT during
+    the call lands there): no process is left, not even a zombie, and no descriptor."""
+    script = tmp_path / "script.py"
+    script.write_text(INTERRUPTED_RETURN)
+    marker = uuid.uuid4().hex
+    proc = subprocess.run([sys.executable, str(script), call], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PHALANX_TEST_MARKER": marker})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["children []", "descriptors []"], proc.stdout + proc.stderr
+    _assert_no_marked_processes(marker)
+
+
+LOADED = """
+import sys
+import phalanx
+
+@phalanx.operation
+def loaded(x: int) -> list[str]:
+    return sorted(m for m in ("asyncio", "ssl") if m in sys.modules)
+"""
+
+LATER = """
+@phalanx.operation
+async def later(x: int) -> int:
+    return x * 2
+"""
+
+RUN = """
+if __name__ == "__main__":
+    with phalanx.Runtime(workers=1) as rt:
+        print("worker", rt.submit(loaded, 0).result(timeout=30))
+        print("driver", loaded(0))
+        if "later" in globals():
+            print("async", rt.submit(later, 4).result(timeout=30))
+"""
+
+
+@pytest.mark.parametrize("async_op", [False, True], ids=["plain", "async-op"])
+def test_a_runtime_imports_asyncio_only_for_async_operations(tmp_path: Path, async_op: bool) -> None:
+    """Every module the driver holds is copied into the fork server and each worker (page
+    tables, and the pages a process writes): a runtime without async operations never imports
+    asyncio (nor ssl, which it brings). An ``async def`` operation imports it where it is
+    registered, so its workers have it from their fork, not from their first call."""
+    proc, marker = _run_script(tmp_path, LOADED + (LATER if async_op else "") + RUN)
+    assert proc.returncode == 0, proc.stderr
+    both = "['asyncio', 'ssl']" if async_op else "[]"
+    assert proc.stdout.splitlines() == [f"worker {both}", f"driver {both}", *(["async 8"] if async_op else [])], \
+        proc.stdout
+    _assert_no_marked_processes(marker)
+
+
+def test_the_runtimes_ipc_directory_is_private_and_removed_at_shutdown() -> None:
+    """Local sockets live in a fresh directory only this user can enter (mode 0700, made
+    without a name another runtime holds), gone after shutdown."""
+    import stat
+
+    from phalanx.transport.endpoints import local_endpoints
+
+    made = [local_endpoints() for _ in range(20)]
+    try:
+        dirs = [Path(e.ipc_dir) for e in made]
+        assert len(set(dirs)) == 20
+        for d in dirs:
+            assert d.is_dir() and stat.S_IMODE(d.stat().st_mode) == 0o700 and d.stat().st_uid == os.getuid()
+    finally:
+        for e in made:
+            e.remove()
+    with phalanx.Runtime(workers=1) as rt:
+        d = Path(rt._driver.endpoints.ipc_dir)
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+        assert rt.submit(ops.square, 3).result(timeout=30) == 9
+    assert not d.exists()

@@ -165,6 +165,10 @@ def operation(
                 "workers can only find module-level functions (or pass name=...)"
             )
         op_name = name or _default_name(f)
+        if inspect.iscoroutinefunction(f):
+            # Its workers run it on an event loop: asyncio is imported here, before they are
+            # forked, not by each of them on its first call (phalanx itself imports it lazily).
+            import asyncio  # noqa: F401
         _REGISTRY[op_name] = f
         _OPTIONS[op_name] = (options, transient)
         if make_empty is None:
