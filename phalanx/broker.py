@@ -192,6 +192,8 @@ _brokers_lock = threading.Lock()
 
 def broker_of(driver: Driver) -> Broker:
     """The driver's broker, created (and handed the channel frames) at the first call."""
+    if driver.channels is None:
+        driver.make_sockets()  # its ends connect to the results socket: bound before any exists
     with _brokers_lock:
         broker = driver.channels
         if broker is None:

@@ -31,6 +31,11 @@ lock (``_lock``, with its condition ``_changed``) guards the job table, the
 routing, the worker records and every send on the tasks ROUTER, the control
 PUB and the pipes, for all of them.
 
+The ZeroMQ context and sockets are made in the constructor only by a runtime
+that listens; one that does not (its workers use pipes) makes them after its
+start, or when a lease or ``rt.endpoints`` needs them first
+(:meth:`Driver.make_sockets`): until then they are None.
+
 Remote workers (``listen="tcp://..."``) say Hello on the tcp endpoints, which
 demand CURVE keys from ``authorized_keys`` (ZAP, in the authenticator
 thread); local workers keep using the private ipc endpoints of the same
@@ -249,34 +254,54 @@ class Driver:
         self.direct = DirectReader(self, self.pipes)
         with hold_sigint():  # no descriptor made and lost to a Ctrl-C before it is stored
             self._wake_r, self._wake_w = os.pipe()
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         #: the handshake, remote joins, heartbeats, tcp security (phalanx.membership)
-        self.membership = membership = Membership(self)
-        curve = membership.secure_tcp()
-        tcp = self.address
-        limits = self.limits
-        watch = sockets.HANDSHAKE_FAILURES if tcp is not None else 0
-        self._tasks = sockets.router(self._ctx, self.endpoints.tasks, send_only=True,
-                                     tcp=tcp.tasks if tcp else None, curve=curve, limits=limits, watch=watch)
-        self._results = sockets.router(self._ctx, self.endpoints.results,
-                                       tcp=tcp.results if tcp else None, curve=curve, limits=limits, watch=watch)
-        self._control = sockets.publisher(self._ctx, self.endpoints.control,
-                                          tcp=tcp.control if tcp else None, curve=curve, limits=limits,
-                                          watch=watch)
-        if tcp is not None:
-            for sock, ep in ((self._tasks, tcp.tasks), (self._results, tcp.results), (self._control, tcp.control)):
-                membership.monitors[sockets.monitor(sock, watch)] = ep
+        self.membership = Membership(self)
+        # ZeroMQ: made now by a runtime that listens, after its start by one that does not (make_sockets).
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._tasks = self._results = self._control = None  # type: zmq.Socket[bytes] | None
+        self._sockets_lock = threading.Lock()  # held while they are made, and by shutdown to close them
+        if self.address is not None:
+            self.make_sockets()
         #: the pump thread's loop (phalanx.pump)
         self.pump = Pump(self)
         self._pump_thread = threading.Thread(target=self.pump.run, name="phalanx-pump", daemon=True)
+
+    def make_sockets(self) -> None:
+        """Make the ZeroMQ context and bind the three sockets, unless made or shut down (any thread,
+        never under the driver's lock): in the constructor of a runtime that listens, otherwise
+        ``pump.SOCKETS_AFTER`` after the first workers are ready (by the pump) or for a lease or
+        ``rt.endpoints`` if sooner, not on the way to the first result (~1 ms of CPU). ZeroMQ
+        connects asynchronously: a peer connecting before the bind (``phalanx top``) gets through after."""
+        # Ctrl-C held (on the main thread) until they are stored: none is made and lost to it.
+        with self._sockets_lock, hold_sigint():
+            if self._results is not None or self._closed:
+                return
+            ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+            made: list[zmq.Socket[bytes]] = []
+            try:
+                ctx = zmq.Context()
+                curve = self.membership.secure_tcp(ctx)
+                monitors = sockets.driver_sockets(ctx, self.endpoints, self.address, curve, self.limits, made)
+            except BaseException:  # nothing half-made is left
+                sockets.close(*made)
+                self.membership.close_security()
+                if ctx is not None:
+                    ctx.destroy(linger=0)
+                raise
+            self.membership.monitors.update(monitors)
+            with self._lock:  # published whole: senders under the lock see none or all three
+                self._ctx = ctx
+                self._tasks, self._results, self._control = made
+        self.wake()  # the pump polls the results socket from the next round
 
     def _unbuild(self) -> None:
         """Undo what :meth:`_build` made before it failed (or was interrupted), and the fork server."""
         made = self.__dict__
         if "membership" in made:
             self.membership.close_security()
-        if "_ctx" in made:
-            self._ctx.destroy(linger=0)
+        ctx = made.get("_ctx")
+        if ctx is not None:
+            ctx.destroy(linger=0)
         self._supervisor.stop(0.0)
         for fd in (made.get("_wake_r"), made.get("_wake_w")):
             if fd is not None:
@@ -485,7 +510,7 @@ class Driver:
     def _send_if_alive(self, ident: bytes, frame: bytes, send: Callable[[bytes, bytes], None]) -> bool:
         with self._lock:
             w = self._workers.get(ident)
-            if w is None or not w.alive or self._closed or self._tasks.closed:
+            if w is None or not w.alive or self._closed or (self._tasks is not None and self._tasks.closed):
                 return False
             try:
                 send(ident, frame)
@@ -506,13 +531,14 @@ class Driver:
             except PipeError:
                 raise zmq.ZMQError(errno.EPIPE, f"worker {w.id} is gone") from None
             return
-        if w is None or not w.inbox:
+        tasks = self._tasks
+        if w is None or not w.inbox or tasks is None:
             raise zmq.ZMQError(errno.EHOSTUNREACH, f"no inbox known for {ident!r}")
         frames = (frame,) if self.frame_filter is None or filtered else self.frame_filter("out", ident, frame)
         for out in frames:
-            self._tasks.send(w.inbox, zmq.SNDMORE | zmq.NOBLOCK)
+            tasks.send(w.inbox, zmq.SNDMORE | zmq.NOBLOCK)
             # A large frame (an array) is handed to ZeroMQ without a copy; bytes are immutable.
-            self._tasks.send(out, zmq.NOBLOCK, copy=len(out) < sockets.ZERO_COPY_MIN)
+            tasks.send(out, zmq.NOBLOCK, copy=len(out) < sockets.ZERO_COPY_MIN)
 
     def _send_task_locked(self, ident: bytes, frame: bytes) -> None:
         """Send work to ``ident`` (lock held; through ``frame_filter`` when one is set)."""
@@ -608,9 +634,12 @@ class Driver:
 
     def send_from_pump(self, ident: bytes, frame: bytes) -> bool:
         """Send ``frame`` to ``ident`` on the results ROUTER (pump thread only); False if unreachable."""
+        results = self._results
+        if results is None:
+            return False
         try:
-            self._results.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
-            self._results.send(frame, zmq.NOBLOCK)
+            results.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
+            results.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError:
             return False
         return True
@@ -620,9 +649,10 @@ class Driver:
         every worker, or only ``to``: remote workers on the control PUB, each local worker on
         its control pipe. Never blocks: a frame a full pipe cannot take is dropped, as the PUB
         drops at its high-water mark (under the lock)."""
-        if (to is None or to.control is None) and not self._control.closed:
+        pub = self._control  # None until made: no remote worker can have subscribed
+        if (to is None or to.control is None) and pub is not None and not pub.closed:
             try:
-                self._control.send(frame, zmq.NOBLOCK)
+                pub.send(frame, zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         for w in (self._workers.values() if to is None else (to,)):
@@ -895,10 +925,12 @@ class Driver:
         elif self._pump_thread.ident is None:  # a start that failed before the pump ran: its ends are ours
             self.pipes.end_all()
         self.lifecycle.close_unpiped()
-        with self._lock:
-            sockets.close(self._tasks, self._results, self._control)
-        self.membership.close_security()
-        self._ctx.term()
+        with self._sockets_lock:  # sockets being made (a lease on another thread) are closed too
+            with self._lock:
+                sockets.close(self._tasks, self._results, self._control)
+            self.membership.close_security()
+            if self._ctx is not None:
+                self._ctx.term()
         os.close(self._wake_r)
         os.close(self._wake_w)
         self.endpoints.remove()

@@ -179,6 +179,9 @@ class Inspection:
     def send_outgoing(self) -> None:
         """Send the answers built (pump thread)."""
         results = self.driver._results
+        if results is None:  # (never: every query came on it)
+            self.outgoing.clear()
+            return
         while self.outgoing:
             ident, frame = self.outgoing.popleft()
             try:

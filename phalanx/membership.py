@@ -197,8 +197,8 @@ class Membership:
         if auth is not None:
             auth.stop()
 
-    def secure_tcp(self) -> sockets.Curve | None:
-        """Start the authenticator and load the server key (None: ipc only, or insecure)."""
+    def secure_tcp(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> sockets.Curve | None:
+        """Start the authenticator on ``ctx`` and load the server key (None: ipc only, or insecure)."""
         driver = self.driver
         config = driver.config
         if driver.address is None:
@@ -218,7 +218,7 @@ class Membership:
             assert config.server_key is not None
             public, secret = keys.load_secret(config.server_key)
         assert config.authorized_keys is not None or run is not None
-        self.auth = keys.Authenticator(driver._ctx, config.authorized_keys, run)
+        self.auth = keys.Authenticator(ctx, config.authorized_keys, run)
         self.auth.start()
         return sockets.Curve(public, secret)
 
@@ -275,7 +275,7 @@ class Membership:
         with driver._lock:
             tasks = driver._tasks
             for _ in range(4096):
-                if tasks.closed:
+                if tasks is None or tasks.closed:
                     return
                 try:
                     frames = tasks.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -336,9 +336,10 @@ class Membership:
         """Welcome workers that said Hello; publish Sync until they are Ready."""
         driver = self.driver
         with driver._lock:
-            if driver._control.closed:
+            control = driver._control
+            if control is None or control.closed:
                 return
-            driver._control.send(encode(Sync(next(self.sync_nonce))))
+            control.send(encode(Sync(next(self.sync_nonce))))
             for w in driver._workers.values():
                 if w.alive and w.hello and not w.welcomed:
                     self.welcome_locked(w)

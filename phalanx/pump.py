@@ -8,6 +8,9 @@ the pipes, a handshake under way), then: reads local workers' pipes
 (membership heartbeats and Sync, reaping, overdue tasks, reclaiming, owed
 replacements, inspect answers, the channel broker's sends) and, last,
 delivers the outcomes resolved this round, just before it blocks again.
+In a runtime that does not listen, the pump also makes the driver's ZeroMQ
+sockets, ``SOCKETS_AFTER`` the first workers are ready, and polls the results
+socket from then on (or from when another thread made it for a lease).
 
 Runs on the thread ``phalanx-pump`` alone (``Driver._pump_thread``). Locks:
 the pump takes the driver's lock only inside the calls it makes (each says
@@ -40,12 +43,15 @@ from .errors import RuntimeBrokenError
 if TYPE_CHECKING:
     from .driver import Driver
 
-__all__ = ["Pump", "REAP_PERIOD"]
+__all__ = ["Pump", "REAP_PERIOD", "SOCKETS_AFTER"]
 
 log = logging.getLogger("phalanx.driver")
 
 #: seconds between the pump's sweeps of dead workers' records
 REAP_PERIOD = 0.1
+#: seconds after the first workers are ready when the pump makes the driver's ZeroMQ sockets, if
+#: nothing needed them before (Driver.make_sockets): not while the first tasks run
+SOCKETS_AFTER = 0.05
 
 
 class Pump:
@@ -64,7 +70,8 @@ class Pump:
         """The pump thread's body: its loop until shutdown; its death breaks the runtime."""
         driver = self.driver
         poller = zmq.Poller()
-        poller.register(driver._results, zmq.POLLIN)
+        if driver._results is not None:  # a listening runtime's (see Driver.make_sockets)
+            poller.register(driver._results, zmq.POLLIN)
         poller.register(driver._wake_r, zmq.POLLIN)
         for mon in driver.membership.monitors:
             poller.register(mon, zmq.POLLIN)
@@ -99,7 +106,11 @@ class Pump:
         interval = driver.config.heartbeat_interval
         last_reap = 0.0
         timed = False
+        make_at = 0.0  # when the sockets are made, once the first workers are ready (0.0: not yet known)
         while True:
+            if results is None and driver._results is not None:  # made by another thread (a lease)
+                results = driver._results
+                poller.register(results, zmq.POLLIN)
             handshaking = membership.handshaking()
             wait = 1.0 if handshaking else min(100.0, interval * 1000)
             if driver.outcomes.timers:
@@ -118,12 +129,14 @@ class Pump:
             wait = pipes.before_poll(poller, wait, reads)
             if timed:
                 wait = min(wait, REAP_PERIOD * 1000)
+            if make_at and results is None:
+                wait = min(wait, max(0.0, (make_at - now) * 1000))
             events = dict(poller.poll(int(wait) + (1 if wait else 0)))
             if driver._wake_r in events:
                 if b"x" in os.read(driver._wake_r, 4096):
                     return
             pipes.after_poll(poller, events, reads)
-            if results in events:
+            if results is not None and results in events:
                 for _ in range(4096):
                     origin = None
                     try:
@@ -179,3 +192,13 @@ class Pump:
             reclaimer.tick(now)
             if driver._deliveries:
                 driver._deliver_ready()
+            if results is None and lifecycle.started:
+                # The sockets are made SOCKETS_AFTER the first workers are ready, not on the way
+                # to the first result (see Driver.make_sockets); polled from the next round.
+                if not make_at:
+                    make_at = now + SOCKETS_AFTER
+                elif now >= make_at:
+                    driver.make_sockets()
+                    results = driver._results
+                    if results is not None:
+                        poller.register(results, zmq.POLLIN)

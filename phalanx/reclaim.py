@@ -93,7 +93,7 @@ class Reclaimer:
                     wanted.append([task.job, task.seq, task.attempt])
                 room[job.tag] = free - 1 if free > 0 else 0
             if wanted:
-                if driver._control.closed:
+                if driver._control is not None and driver._control.closed:  # shut down
                     continue
                 driver.publish_locked(encode(Reclaim(w.id, [running.job, running.seq, running.attempt], wanted)), w)
                 w.reclaiming = True

@@ -530,7 +530,8 @@ class Runtime(_RunsDirectives):
 
     @property
     def endpoints(self) -> tuple[str, str, str]:
-        """The (tasks, results, control) ipc addresses local workers connect to."""
+        """The (tasks, results, control) ipc addresses of the runtime's sockets (bound on return)."""
+        self._driver.make_sockets()
         e = self._driver.endpoints
         return (e.tasks, e.results, e.control)
 

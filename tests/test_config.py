@@ -277,7 +277,9 @@ def test_options_reach_the_driver_and_the_workers(start_method: str, monkeypatch
             "spin": 0.001, "hwm": 5000, "max_frame": 1 << 20, "implicit_operations": True,
             "log_level": "WARNING", "prefix_output": False, "abort_grace": 0.5, "credits": 3,
         }
+        assert rt.endpoints  # bound by then: a runtime that does not listen makes its sockets after its start
         results = rt._driver._results
+        assert results is not None
         assert (results.getsockopt(zmq.SNDHWM), results.getsockopt(zmq.MAXMSGSIZE)) == (5000, 1 << 20)
         actors = rt._actors
         assert (actors.max_restarts, actors.restart_window, actors.timeout) == (2, 5.0, 7.0)

@@ -39,6 +39,8 @@ from __future__ import annotations
 import msgspec
 import zmq
 
+from .endpoints import Endpoints
+
 __all__ = [
     "ZERO_COPY_MIN",
     "Limits",
@@ -49,6 +51,7 @@ __all__ = [
     "dealer",
     "publisher",
     "subscriber",
+    "driver_sockets",
     "close",
     "curve_server",
     "curve_client",
@@ -272,6 +275,27 @@ def subscriber(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, curve: Curve 
     sock.setsockopt(zmq.SUBSCRIBE, b"")
     sock.connect(endpoint)
     return sock
+
+
+def driver_sockets(
+    ctx: zmq.Context[zmq.Socket[bytes]], ipc: Endpoints, tcp: Endpoints | None, curve: Curve | None,
+    limits: Limits, made: list[zmq.Socket[bytes]],
+) -> dict[zmq.Socket[bytes], str]:
+    """The driver's tasks ROUTER, results ROUTER and control PUB, bound to ``ipc`` (and ``tcp``).
+
+    Each is appended to ``made`` as soon as it exists (the caller closes them if a later one
+    fails). Returns, with ``tcp``, the handshake-failure monitor of each -> its tcp endpoint.
+    """
+    watch = HANDSHAKE_FAILURES if tcp is not None else 0
+    made.append(router(ctx, ipc.tasks, send_only=True, tcp=tcp.tasks if tcp else None, curve=curve,
+                       limits=limits, watch=watch))
+    made.append(router(ctx, ipc.results, tcp=tcp.results if tcp else None, curve=curve, limits=limits,
+                       watch=watch))
+    made.append(publisher(ctx, ipc.control, tcp=tcp.control if tcp else None, curve=curve, limits=limits,
+                          watch=watch))
+    if tcp is None:
+        return {}
+    return {monitor(sock, watch): ep for sock, ep in zip(made, (tcp.tasks, tcp.results, tcp.control))}
 
 
 def close(*socks: zmq.Socket[bytes] | None) -> None:
