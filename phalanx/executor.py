@@ -438,6 +438,9 @@ class Executor(concurrent.futures.Executor):
     # ---- ending -------------------------------------------------------------------
 
     def _start_closer(self, wait: bool) -> threading.Thread:
+        """The thread that shuts the runtime down, started once. Python 3.12 starts no thread
+        while the interpreter exits (``threading._register_atexit`` hooks run then): there the
+        shutdown runs on this thread instead, and the thread returned was never started."""
         with self._lock:
             closer = self._closer
             if closer is not None:
@@ -445,7 +448,12 @@ class Executor(concurrent.futures.Executor):
             closer = self._closer = threading.Thread(
                 target=self._close, args=(wait,), name="phalanx-executor-shutdown", daemon=False
             )
-            closer.start()  # under the lock: nobody may join it before it started
+            try:
+                closer.start()  # under the lock: nobody may join it before it started
+                return closer
+            except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                pass
+        self._close(wait)
         return closer
 
     def _close(self, wait: bool) -> None:
@@ -480,7 +488,7 @@ class Executor(concurrent.futures.Executor):
         for fut in cancel:
             fut.cancel()
         closer = self._start_closer(wait=True)
-        if wait and threading.current_thread().name != "phalanx-pump":
+        if wait and closer.ident is not None and threading.current_thread().name != "phalanx-pump":
             closer.join()
 
 
