@@ -384,8 +384,6 @@ _SIGINT, _SIGTERM, _LEAVE = int(signal.SIGINT), int(signal.SIGTERM), int(LEAVE_S
 #: libc again would cost each worker ~0.3 ms of its start-up (ctypes makes a class per library)
 _prctl = _find_prctl()
 
-#: the driver pid this process's orphan guard watches (None: not guarded yet)
-_guarded: int | None = None
 #: whether the driver (and the parent) still live, for the control thread to check when the
 #: guard started no watchdog thread of its own (None: not guarded, or it did)
 _driver_alive: Callable[[], bool] | None = None
@@ -399,8 +397,7 @@ def guard_against_orphaning(parent_pid: int, watchdog: bool = True) -> None:
     :data:`_driver_alive` itself (a worker's control thread does, every
     :data:`WATCHDOG_PERIOD`; until it runs, the parent-death signal covers).
     """
-    global _guarded, _driver_alive
-    _guarded = parent_pid
+    global _driver_alive
     try:
         if os.getpgrp() != os.getpid():
             os.setpgid(0, 0)  # own group: the driver's Ctrl-C is the driver's to handle
@@ -1462,8 +1459,7 @@ def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None,
     """
     global _spec
     _spec = spec
-    if _guarded != spec.parent_pid:
-        guard_against_orphaning(spec.parent_pid, watchdog=False)
+    guard_against_orphaning(spec.parent_pid, watchdog=False)
     if spec.imports or pipe is None:
         # User modules may take long to import, a remote worker to connect: a thread watches
         # meanwhile (otherwise the control thread does, from its start).
