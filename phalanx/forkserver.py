@@ -701,6 +701,10 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
 
     # signal.signal's C function (as in _leave_server): no enum conversions before the forks
     _set_handler(int(signal.SIGTERM), on_term)
+    # Before the first workers exist: a first worker's exit wakes the loop at once.
+    _set_handler(int(signal.SIGCHLD), _ignore)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     # Before the first workers exist: a subreaper set later reaches them only on kernels
     # that pass it down to existing children (Linux >= 4.11).
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -708,8 +712,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
     # The runtime's first workers, forked back to back before anything else runs here (each
     # page this process writes before a fork delays it, and is copied again in the child
     # that writes it): they start up while the driver builds the rest of itself, need no
-    # request, and leave the driver's sockets themselves. A first worker that exits before
-    # the SIGCHLD handler below is set is reaped by the loop's first round.
+    # request, and leave the driver's sockets themselves.
     forked: list[int | OSError] = []
     for i, (_, spec, fds) in enumerate(first):
         try:
@@ -720,13 +723,10 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
         if pid == 0:
             siblings = [fd for j, (_, _, theirs) in enumerate(first) if j != i for fd in theirs]
             _leave_driver(drivers)
-            _leave_server((ctl, events, *siblings))
+            _leave_server((ctl, events, wake_r, wake_w, *siblings))
             _worker(spec, fds, run_worker)
         forked.append(pid)
     _leave_driver(drivers)
-    _set_handler(int(signal.SIGCHLD), _ignore)
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     workers: dict[int, str] = {}  # pid -> worker id
     encoder = msgspec.msgpack.Encoder()
     for (worker_id, _, fds), born in zip(first, forked):
