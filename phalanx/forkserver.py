@@ -421,9 +421,16 @@ class ForkServer:
                             # collection in a worker would otherwise write to (copy) every page
                             # of it (O(1) call).
                             gc.freeze()
+                            self._ctl.close()
+                            self._events.close()
+                            for other in list(_clients):
+                                other._close_sockets()
+                            for pidfd in list(_pidfds):
+                                pidfd._close_in_child()
+                            for end in drivers_ends:
+                                end.close()
                             # Descriptors, not sockets: a worker closes its siblings' by number.
-                            _serve(ctl, events, driver, [(wid, spec, _detach(pipes)) for wid, spec, pipes in first],
-                                   (self._ctl, self._events, *drivers_ends))
+                            _serve(ctl, events, driver, [(wid, spec, _detach(pipes)) for wid, spec, pipes in first])
                         finally:
                             os._exit(70)
                 ctl.close()
@@ -670,25 +677,12 @@ class ForkServer:
 # --------------------------------------------------------------------------- #
 
 
-def _leave_driver(drivers: tuple[socket.socket, ...]) -> None:
-    """In a process just forked from the driver (the server, its first workers): close the
-    driver's ends of this server's sockets and of the first workers' pipes (``drivers``), and
-    every other fork server's sockets and pidfds the driver held."""
-    for sock in drivers:
-        sock.close()
-    for other in list(_clients):
-        other._close_sockets()
-    for pidfd in list(_pidfds):
-        pidfd._close_in_child()
-
-
 def _serve(ctl: socket.socket, events: socket.socket, driver: int,
-           first: list[tuple[str, Any, list[int]]], drivers: tuple[socket.socket, ...]) -> NoReturn:
+           first: list[tuple[str, Any, list[int]]]) -> NoReturn:
     """The fork server's loop (runs alone in its process until the driver goes).
 
     ``first``: ``(worker_id, spec, descriptors)`` of the workers it forks before anything
-    else (the runtime's first ones; see ``ForkServer(first=)``); ``drivers``: the driver's
-    sockets that the server and those workers close (:func:`_leave_driver`)."""
+    else (the runtime's first ones; see ``ForkServer(first=)``)."""
     from .worker import _set_handler, run_worker  # imported by the driver already
 
     _set_handler(int(signal.SIGINT), int(signal.SIG_IGN))  # Ctrl-C is the driver's to handle
@@ -701,7 +695,6 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
 
     # signal.signal's C function (as in _leave_server): no enum conversions before the forks
     _set_handler(int(signal.SIGTERM), on_term)
-    # Before the first workers exist: a first worker's exit wakes the loop at once.
     _set_handler(int(signal.SIGCHLD), _ignore)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -710,9 +703,8 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     # The runtime's first workers, forked back to back before anything else runs here (each
-    # page this process writes before a fork delays it, and is copied again in the child
-    # that writes it): they start up while the driver builds the rest of itself, need no
-    # request, and leave the driver's sockets themselves.
+    # page this process writes after a fork is copied, which delays the next one): they start
+    # up while the driver builds the rest of itself, and need no request.
     forked: list[int | OSError] = []
     for i, (_, spec, fds) in enumerate(first):
         try:
@@ -722,11 +714,9 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
             continue
         if pid == 0:
             siblings = [fd for j, (_, _, theirs) in enumerate(first) if j != i for fd in theirs]
-            _leave_driver(drivers)
             _leave_server((ctl, events, wake_r, wake_w, *siblings))
             _worker(spec, fds, run_worker)
         forked.append(pid)
-    _leave_driver(drivers)
     workers: dict[int, str] = {}  # pid -> worker id
     encoder = msgspec.msgpack.Encoder()
     for (worker_id, _, fds), born in zip(first, forked):
