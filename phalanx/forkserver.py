@@ -93,6 +93,14 @@ _MAX_FDS = 2
 _sigmask: Callable[[int, Any], Any] = getattr(importlib.import_module("_signal"), "pthread_sigmask",
                                               signal.pthread_sigmask)
 _SIGINT = int(signal.SIGINT)
+#: what a new worker uses as it leaves the server, as plain ints and C functions: each object a
+#: process just forked touches is a page it copies (its reference count is written)
+_SIGCHLD = int(signal.SIGCHLD)
+_SIGTERM = int(signal.SIGTERM)
+_SIG_DFL = int(signal.SIG_DFL)
+_AF_UNIX = int(socket.AF_UNIX)
+_SOCK_STREAM = int(socket.SOCK_STREAM)
+_SOCK_SEQPACKET = int(socket.SOCK_SEQPACKET)
 #: whether os.fork() warns in a process that runs threads (a DeprecationWarning)
 _FORK_WARNS = sys.version_info >= (3, 12)
 #: serialises making fork servers with making/sending workers' socketpair ends, so a
@@ -702,6 +710,8 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
     # that pass it down to existing children (Linux >= 4.11).
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    #: what each worker closes as it starts (numbers: see _leave_server)
+    server_fds = (ctl.fileno(), events.fileno(), wake_r, wake_w)
     # The runtime's first workers, forked back to back before anything else runs here (each
     # page this process writes after a fork is copied, which delays the next one): they start
     # up while the driver builds the rest of itself, and need no request.
@@ -714,7 +724,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
             continue
         if pid == 0:
             siblings = [fd for j, (_, _, theirs) in enumerate(first) if j != i for fd in theirs]
-            _leave_server((ctl, events, wake_r, wake_w, *siblings))
+            _leave_server((*server_fds, *siblings), _set_handler)
             _worker(spec, fds, run_worker)
         forked.append(pid)
     workers: dict[int, str] = {}  # pid -> worker id
@@ -787,7 +797,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
                 spec = spec_decoder.decode(request.spec)
                 pid = os.fork()
                 if pid == 0:
-                    _leave_server((ctl, events, wake_r, wake_w))
+                    _leave_server(server_fds, _set_handler)
                     _worker(spec, fds, run_worker)
                 workers[pid] = request.worker_id
                 reply = _Started(pid)
@@ -824,22 +834,26 @@ def _reply(ctl: socket.socket, encoder: msgspec.msgpack.Encoder, reply: _Reply) 
     return True
 
 
+_set_wakeup_fd = signal.set_wakeup_fd
+
+
 def _ignore(signum: int, frame: Any) -> None:
     """SIGCHLD's handler in the server: the signal only wakes its loop (wakeup fd)."""
 
 
-def _leave_server(server_fds: tuple[Any, ...]) -> None:
-    """In a new worker: drop the server's signal handlers and sockets."""
-    from .worker import _set_handler  # signal.signal's C function: no enum machinery touched
+def _leave_server(server_fds: tuple[int, ...], set_handler: Callable[[int, Any], Any]) -> None:
+    """In a new worker: drop the server's signal handlers (``set_handler``: signal.signal's
+    C function) and close its descriptors.
 
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-        _set_handler(int(sig), int(signal.SIG_DFL))
-    for obj in server_fds:
-        if isinstance(obj, int):
-            os.close(obj)
-        else:
-            obj.close()
+    By number: the server's socket objects stay referenced by its frames, under this
+    worker's, until the worker's os._exit, so none is ever freed here to close a number
+    again that the worker has reused meanwhile."""
+    _set_wakeup_fd(-1)
+    set_handler(_SIGCHLD, _SIG_DFL)
+    set_handler(_SIGTERM, _SIG_DFL)
+    set_handler(_SIGINT, _SIG_DFL)
+    for fd in server_fds:
+        os.close(fd)
     os.environ[WORKER_PID_VAR] = str(os.getpid())
 
 
@@ -847,8 +861,9 @@ def _worker(spec: Any, fds: list[int], run_worker: Callable[..., None]) -> NoRet
     """In a new worker (out of the server's state): run the worker, exit with its status."""
     code = 1
     try:
-        pipe = socket.socket(fileno=fds[0]) if fds else None
-        control = socket.socket(fileno=fds[1]) if len(fds) > 1 else None
+        # Their kinds given: no system calls to ask the kernel (see Supervisor.request_piped)
+        pipe = socket.socket(_AF_UNIX, _SOCK_STREAM, 0, fds[0]) if fds else None
+        control = socket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fds[1]) if len(fds) > 1 else None
         try:
             run_worker(spec, pipe, control)
             code = 0
