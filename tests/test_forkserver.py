@@ -652,6 +652,7 @@ def test_a_worker_holds_none_of_the_drivers_sockets_nor_any_pidfd() -> None:
         return {os.readlink(f"/proc/self/fd/{sock.fileno()}") for sock in (server._ctl, server._events)}
 
     with phalanx.Runtime(workers=1) as other:
+        other.endpoints  # its ZeroMQ sockets now (else they come ~50 ms after its start, during the next one)
         before, _ = _held(os.getpid())
         with phalanx.Runtime(workers=2) as rt:
             drivers, _ = _held(os.getpid())
