@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import functools
 import gc
 import importlib
 import os
@@ -67,6 +68,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import msgspec
+
+from .worker import _prctl as _libc_prctl, _set_handler, run_worker
 
 __all__ = ["ForkServer", "ForkedWorker", "Pidfd", "WORKER_PID_VAR", "hold_sigint"]
 
@@ -230,9 +233,7 @@ def hold_sigint() -> Iterator[None]:
 def _prctl(option: int, arg: int) -> bool:
     # libc's prctl as the driver found it at import (inherited): loading libc again here
     # would cost the server ~0.3 ms before it forks the first worker
-    from .worker import _prctl as prctl
-
-    return prctl is not None and prctl(option, arg, 0, 0, 0) == 0
+    return _libc_prctl is not None and _libc_prctl(option, arg, 0, 0, 0) == 0
 
 
 class Pidfd:
@@ -430,8 +431,6 @@ class ForkServer:
                               *(sock for other in _clients for sock in (other._ctl, other._events)))
                     # Descriptors, not sockets: a worker closes its siblings' by number.
                     born = [(wid, spec, _fds(pipes)) for wid, spec, pipes in first]
-                    from .worker import _set_handler, run_worker
-
                     pid, pidfds = _fork()
                     self.pid = pid
                     if pid == 0:  # the fork server
@@ -444,7 +443,7 @@ class ForkServer:
                                 sock.close()
                             for pidfd in pidfds:
                                 pidfd._close_in_child()
-                            _serve(ctl, events, driver, born, _set_handler, run_worker)
+                            _serve(ctl, events, driver, born)
                         finally:
                             os._exit(70)
                 ctl.close()
@@ -691,13 +690,12 @@ class ForkServer:
 # --------------------------------------------------------------------------- #
 
 
-def _serve(ctl: socket.socket, events: socket.socket, driver: int, first: list[tuple[str, Any, list[int]]],
-           _set_handler: Callable[[int, Any], Any], run_worker: Callable[..., None]) -> NoReturn:
+def _serve(ctl: socket.socket, events: socket.socket, driver: int,
+           first: list[tuple[str, Any, list[int]]]) -> NoReturn:
     """The fork server's loop (runs alone in its process until the driver goes).
 
     ``first``: ``(worker_id, spec, descriptors)`` of the workers it forks before anything
-    else (the runtime's first ones; see ``ForkServer(first=)``). ``_set_handler`` and
-    ``run_worker``: the worker module's, looked up by the driver before the fork."""
+    else (the runtime's first ones; see ``ForkServer(first=)``)."""
     _set_handler(_SIGINT, _SIG_IGN)  # Ctrl-C is the driver's to handle
     _sigmask(_SIG_UNBLOCK, (_SIGINT,))  # held by the driver around the fork (hold_sigint)
     stop = False
@@ -715,8 +713,9 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, first: list[t
     # that pass it down to existing children (Linux >= 4.11).
     _prctl(_PR_SET_PDEATHSIG, _SIGTERM)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    #: what each worker closes as it starts (numbers: see _leave_server)
+    #: what each worker closes once it said Ready (numbers: see _leave_server)
     server_fds = (ctl.fileno(), events.fileno(), wake_r, wake_w)
+    me = os.getpid()
     # The runtime's first workers, forked back to back before anything else runs here (each
     # page this process writes after a fork is copied, which delays the next one): they start
     # up while the driver builds the rest of itself, and need no request.
@@ -729,8 +728,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, first: list[t
             continue
         if pid == 0:
             siblings = [fd for j, (_, _, theirs) in enumerate(first) if j != i for fd in theirs]
-            _leave_server((*server_fds, *siblings), _set_handler)
-            _worker(spec, fds, run_worker)
+            _worker(spec, fds, me, (*server_fds, *siblings))
         forked.append(pid)
     workers: dict[int, str] = {}  # pid -> worker id
     encoder = msgspec.msgpack.Encoder()
@@ -802,8 +800,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int, first: list[t
                 spec = spec_decoder.decode(request.spec)
                 pid = os.fork()
                 if pid == 0:
-                    _leave_server(server_fds, _set_handler)
-                    _worker(spec, fds, run_worker)
+                    _worker(spec, fds, me, server_fds)
                 workers[pid] = request.worker_id
                 reply = _Started(pid)
             except Exception as exc:  # a bad request or no fork: the driver reports it
@@ -846,31 +843,39 @@ def _ignore(signum: int, frame: Any) -> None:
     """SIGCHLD's handler in the server: the signal only wakes its loop (wakeup fd)."""
 
 
-def _leave_server(server_fds: tuple[int, ...], set_handler: Callable[[int, Any], Any]) -> None:
-    """In a new worker: drop the server's signal handlers (``set_handler``: signal.signal's
-    C function) and close its descriptors.
+def _leave_server(server_fds: tuple[int, ...]) -> None:
+    """In a new worker that said Ready: close the server's descriptors, and mark the
+    processes it will start as its own.
 
     By number: the server's socket objects stay referenced by its frames, under this
     worker's, until the worker's os._exit, so none is ever freed here to close a number
     again that the worker has reused meanwhile."""
-    _set_wakeup_fd(-1)
-    set_handler(_SIGCHLD, _SIG_DFL)
-    set_handler(_SIGTERM, _SIG_DFL)
-    set_handler(_SIGINT, _SIG_DFL)
     for fd in server_fds:
         os.close(fd)
     os.environ[WORKER_PID_VAR] = str(os.getpid())
 
 
-def _worker(spec: Any, fds: list[int], run_worker: Callable[..., None]) -> NoReturn:
-    """In a new worker (out of the server's state): run the worker, exit with its status."""
+def _worker(spec: Any, fds: list[int], server: int, server_fds: tuple[int, ...]) -> NoReturn:
+    """In a new worker (out of the server's state): run the worker, exit with its status.
+
+    Only what must come first happens before the worker says Ready (``run_worker`` calls
+    :func:`_leave_server` then): it dies with ``server``, its parent, and takes none of the
+    server's signal handlers (SIGINT stays ignored: Ctrl-C is the driver's)."""
     code = 1
     try:
+        # From here a server that dies takes this worker with it; one that died before is
+        # no longer its parent (the worker would run on with no one to reap or report it).
+        _prctl(_PR_SET_PDEATHSIG, _SIGTERM)
+        if os.getppid() != server:
+            os._exit(1)
+        _set_wakeup_fd(-1)
+        _set_handler(_SIGCHLD, _SIG_DFL)
+        _set_handler(_SIGTERM, _SIG_DFL)
         # Their kinds given: no system calls to ask the kernel (see Supervisor.request_piped)
         pipe = socket.socket(_AF_UNIX, _SOCK_STREAM, 0, fds[0]) if fds else None
         control = socket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fds[1]) if len(fds) > 1 else None
         try:
-            run_worker(spec, pipe, control)
+            run_worker(spec, pipe, control, functools.partial(_leave_server, server_fds))
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

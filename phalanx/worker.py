@@ -1462,19 +1462,16 @@ def worker_spec() -> WorkerSpec | None:
 
 
 def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None,
-               control: _socket.socket | None = None) -> None:
+               control: _socket.socket | None = None, leave: Callable[[], None] | None = None) -> None:
     """Entry point of a worker process (the target given to multiprocessing).
 
     ``pipe``: a local worker's end of its socketpair to the driver (None: ZeroMQ);
-    ``control``: its end of its control pipe (a SOCK_SEQPACKET socketpair).
+    ``control``: its end of its control pipe (a SOCK_SEQPACKET socketpair);
+    ``leave``: what a worker forked by phalanx's fork server does to leave it, called once
+    it said Ready and before any user module is imported.
     """
     global _spec
     _spec = spec
-    guard_against_orphaning(spec.parent_pid, watchdog=False)
-    if spec.imports or pipe is None:
-        # User modules may take long to import, a remote worker to connect: a thread watches
-        # meanwhile (otherwise the control thread does, from its start).
-        start_watchdog()
     # Before any user module runs: its prints and logs are prefixed "[<worker id>] ". (It runs
     # code of the user's too, inherited logging handlers': one that raises fails the start.)
     install_worker_output(spec.worker_id, spec.prefix_output, spec.log_level)
@@ -1489,6 +1486,15 @@ def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None,
     if early:
         assert framed is not None
         _say_ready(framed, spec, host)
+    # What follows is not the user's code: it cannot fail the start, so it runs after Ready,
+    # while the driver's handshake and first task are on their way.
+    if leave is not None:
+        leave()
+    guard_against_orphaning(spec.parent_pid, watchdog=False)
+    if spec.imports or pipe is None:
+        # User modules may take long to import, a remote worker to connect: a thread watches
+        # meanwhile (otherwise the control thread does, from its start).
+        start_watchdog()
     # This process serves one runtime: its options are the process's defaults.
     sockets.set_default_limits(spec.limits)
     operations.set_implicit(spec.implicit_operations)

@@ -673,3 +673,34 @@ def test_a_worker_holds_none_of_the_drivers_sockets_nor_any_pidfd() -> None:
                 assert not sockets & drivers, f"{wid} holds the driver's {sorted(sockets & drivers)}"
                 assert not sockets & others, f"{wid} holds the other runtime's server sockets"
                 assert pidfds == 0, f"{wid} holds {pidfds} pidfds"
+
+
+ORPHANED_WORKER = textwrap.dedent(
+    """
+    import os, sys
+    from phalanx import forkserver
+
+    if __name__ == "__main__":
+        server = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            # A worker whose server died before the worker set its parent-death signal: its
+            # parent is no longer that server (here: told a pid that is not its parent's).
+            forkserver._worker(None, [], server + 1 if server + 1 != os.getpid() else server + 2, ())
+        _, status = os.waitpid(pid, 0)
+        print("exit", os.waitstatus_to_exitcode(status), flush=True)
+    """
+)
+
+
+def test_a_worker_whose_fork_server_is_gone_as_it_starts_exits_at_once(tmp_path: Path) -> None:
+    """A worker whose fork server is gone before the worker made the server's death its own
+    (the parent-death signal) exits at once and runs nothing: no one would reap it, report
+    its exit, or sweep what it starts."""
+    script = tmp_path / "orphaned.py"
+    script.write_text(ORPHANED_WORKER)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path, env=_env())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "exit 1", out.stdout
+    assert out.stderr == "", f"it ran further than its first check:\n{out.stderr}"
