@@ -262,7 +262,10 @@ class Lifecycle:
                 if not early:
                     worker.control = control
                     driver.pipes.add(worker, end)
-            driver.wake()
+            if not early:
+                # The pump polls the new pipes from its next round. (The first workers' pipes are
+                # its own from its start: no round for nothing while they start up.)
+                driver.wake()
             if failed is not None:
                 raise failed
             return [w.id for w in workers]
