@@ -93,6 +93,19 @@ _MAX_FDS = 2
 _sigmask: Callable[[int, Any], Any] = getattr(importlib.import_module("_signal"), "pthread_sigmask",
                                               signal.pthread_sigmask)
 _SIGINT = int(signal.SIGINT)
+#: what the server and a new worker use before the first forks and as they leave the server, as
+#: plain ints and C functions: each object a process just forked touches is a page it copies
+#: (its reference count is written)
+_SIGCHLD = int(signal.SIGCHLD)
+_SIGTERM = int(signal.SIGTERM)
+_SIG_DFL = int(signal.SIG_DFL)
+_SIG_IGN = int(signal.SIG_IGN)
+_SIG_UNBLOCK = int(signal.SIG_UNBLOCK)
+_SIG_BLOCK = int(signal.SIG_BLOCK)
+_SIG_SETMASK = int(signal.SIG_SETMASK)
+_AF_UNIX = int(socket.AF_UNIX)
+_SOCK_STREAM = int(socket.SOCK_STREAM)
+_SOCK_SEQPACKET = int(socket.SOCK_SEQPACKET)
 #: whether os.fork() warns in a process that runs threads (a DeprecationWarning)
 _FORK_WARNS = sys.version_info >= (3, 12)
 #: serialises making fork servers with making/sending workers' socketpair ends, so a
@@ -140,13 +153,6 @@ def _fds(pipes: _Pipes) -> list[int]:
     return [p.fileno() for p in pipes][:_MAX_FDS]
 
 
-def _detach(pipes: _Pipes) -> list[int]:
-    """:func:`_fds`, the sockets giving up their descriptors (never closed twice)."""
-    if pipes is None:
-        return []
-    return [p.detach() for p in ((pipes,) if isinstance(pipes, socket.socket) else pipes)][:_MAX_FDS]
-
-
 def _recv_reply(sock: socket.socket) -> tuple[bytes, list[int]]:
     """One reply from the server and the descriptors it carries (close-on-exec)."""
     # Not socket.recv_fds: it never hands its flags to recvmsg (3.11-3.13), so it cannot ask
@@ -186,8 +192,9 @@ def _fork_may_warn() -> bool:
         return True
 
 
-def _fork() -> int:
-    """``os.fork()`` for a fork server (see ForkServer.__init__), under ``_pidfd_lock``."""
+def _fork() -> tuple[int, list[Pidfd]]:
+    """``os.fork()`` for a fork server (see ForkServer.__init__), under ``_pidfd_lock``; and
+    the pidfds this process held as it forked (which the server closes)."""
     if _fork_may_warn():
         with warnings.catch_warnings():
             # Python >= 3.12 warns when forking a process that runs threads. This fork is the
@@ -196,11 +203,13 @@ def _fork() -> int:
             warnings.filterwarnings("ignore", message=r"This process .* is multi-threaded",
                                     category=DeprecationWarning)
             with _pidfd_lock:
-                return os.fork()
+                held = list(_pidfds)
+                return os.fork(), held
     # No filter to set and restore: restoring it after the fork would write (copy) the
     # warnings module's pages, which the server now shares.
     with _pidfd_lock:
-        return os.fork()
+        held = list(_pidfds)  # listed here: a weak set's iteration is Python code, costly after a fork
+        return os.fork(), held
 
 
 @contextlib.contextmanager
@@ -211,11 +220,11 @@ def hold_sigint() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = _sigmask(signal.SIG_BLOCK, (_SIGINT,))
+    held = _sigmask(_SIG_BLOCK, (_SIGINT,))
     try:
         yield
     finally:
-        _sigmask(signal.SIG_SETMASK, held)
+        _sigmask(_SIG_SETMASK, held)
 
 
 def _prctl(option: int, arg: int) -> bool:
@@ -414,23 +423,28 @@ class ForkServer:
                             stream.flush()
                         except (AttributeError, OSError, ValueError):
                             pass
-                    pid = self.pid = _fork()
+                    # What the server closes, listed before the fork (after it, each object
+                    # touched is a page copied): the driver's ends, other servers' sockets
+                    # (fork_lock keeps that set) and pidfds (listed under their lock, in _fork).
+                    theirs = (self._ctl, self._events, *drivers_ends,
+                              *(sock for other in _clients for sock in (other._ctl, other._events)))
+                    # Descriptors, not sockets: a worker closes its siblings' by number.
+                    born = [(wid, spec, _fds(pipes)) for wid, spec, pipes in first]
+                    from .worker import _set_handler, run_worker
+
+                    pid, pidfds = _fork()
+                    self.pid = pid
                     if pid == 0:  # the fork server
                         try:
                             # What the driver had is never collected here nor in the workers: a
                             # collection in a worker would otherwise write to (copy) every page
                             # of it (O(1) call).
                             gc.freeze()
-                            self._ctl.close()
-                            self._events.close()
-                            for other in list(_clients):
-                                other._close_sockets()
-                            for pidfd in list(_pidfds):
+                            for sock in theirs:
+                                sock.close()
+                            for pidfd in pidfds:
                                 pidfd._close_in_child()
-                            for end in drivers_ends:
-                                end.close()
-                            # Descriptors, not sockets: a worker closes its siblings' by number.
-                            _serve(ctl, events, driver, [(wid, spec, _detach(pipes)) for wid, spec, pipes in first])
+                            _serve(ctl, events, driver, born, _set_handler, run_worker)
                         finally:
                             os._exit(70)
                 ctl.close()
@@ -677,16 +691,15 @@ class ForkServer:
 # --------------------------------------------------------------------------- #
 
 
-def _serve(ctl: socket.socket, events: socket.socket, driver: int,
-           first: list[tuple[str, Any, list[int]]]) -> NoReturn:
+def _serve(ctl: socket.socket, events: socket.socket, driver: int, first: list[tuple[str, Any, list[int]]],
+           _set_handler: Callable[[int, Any], Any], run_worker: Callable[..., None]) -> NoReturn:
     """The fork server's loop (runs alone in its process until the driver goes).
 
     ``first``: ``(worker_id, spec, descriptors)`` of the workers it forks before anything
-    else (the runtime's first ones; see ``ForkServer(first=)``)."""
-    from .worker import _set_handler, run_worker  # imported by the driver already
-
-    _set_handler(int(signal.SIGINT), int(signal.SIG_IGN))  # Ctrl-C is the driver's to handle
-    _sigmask(signal.SIG_UNBLOCK, (_SIGINT,))  # held by the driver around the fork (hold_sigint)
+    else (the runtime's first ones; see ``ForkServer(first=)``). ``_set_handler`` and
+    ``run_worker``: the worker module's, looked up by the driver before the fork."""
+    _set_handler(_SIGINT, _SIG_IGN)  # Ctrl-C is the driver's to handle
+    _sigmask(_SIG_UNBLOCK, (_SIGINT,))  # held by the driver around the fork (hold_sigint)
     stop = False
 
     def on_term(signum: int, frame: Any) -> None:
@@ -694,14 +707,16 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
         stop = stop or os.getppid() != driver  # a parent-death SIGTERM; any other one is ignored
 
     # signal.signal's C function (as in _leave_server): no enum conversions before the forks
-    _set_handler(int(signal.SIGTERM), on_term)
-    _set_handler(int(signal.SIGCHLD), _ignore)
+    _set_handler(_SIGTERM, on_term)
+    _set_handler(_SIGCHLD, _ignore)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    _set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     # Before the first workers exist: a subreaper set later reaches them only on kernels
     # that pass it down to existing children (Linux >= 4.11).
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(_PR_SET_PDEATHSIG, _SIGTERM)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    #: what each worker closes as it starts (numbers: see _leave_server)
+    server_fds = (ctl.fileno(), events.fileno(), wake_r, wake_w)
     # The runtime's first workers, forked back to back before anything else runs here (each
     # page this process writes after a fork is copied, which delays the next one): they start
     # up while the driver builds the rest of itself, and need no request.
@@ -714,7 +729,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
             continue
         if pid == 0:
             siblings = [fd for j, (_, _, theirs) in enumerate(first) if j != i for fd in theirs]
-            _leave_server((ctl, events, wake_r, wake_w, *siblings))
+            _leave_server((*server_fds, *siblings), _set_handler)
             _worker(spec, fds, run_worker)
         forked.append(pid)
     workers: dict[int, str] = {}  # pid -> worker id
@@ -787,7 +802,7 @@ def _serve(ctl: socket.socket, events: socket.socket, driver: int,
                 spec = spec_decoder.decode(request.spec)
                 pid = os.fork()
                 if pid == 0:
-                    _leave_server((ctl, events, wake_r, wake_w))
+                    _leave_server(server_fds, _set_handler)
                     _worker(spec, fds, run_worker)
                 workers[pid] = request.worker_id
                 reply = _Started(pid)
@@ -824,22 +839,26 @@ def _reply(ctl: socket.socket, encoder: msgspec.msgpack.Encoder, reply: _Reply) 
     return True
 
 
+_set_wakeup_fd = signal.set_wakeup_fd
+
+
 def _ignore(signum: int, frame: Any) -> None:
     """SIGCHLD's handler in the server: the signal only wakes its loop (wakeup fd)."""
 
 
-def _leave_server(server_fds: tuple[Any, ...]) -> None:
-    """In a new worker: drop the server's signal handlers and sockets."""
-    from .worker import _set_handler  # signal.signal's C function: no enum machinery touched
+def _leave_server(server_fds: tuple[int, ...], set_handler: Callable[[int, Any], Any]) -> None:
+    """In a new worker: drop the server's signal handlers (``set_handler``: signal.signal's
+    C function) and close its descriptors.
 
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-        _set_handler(int(sig), int(signal.SIG_DFL))
-    for obj in server_fds:
-        if isinstance(obj, int):
-            os.close(obj)
-        else:
-            obj.close()
+    By number: the server's socket objects stay referenced by its frames, under this
+    worker's, until the worker's os._exit, so none is ever freed here to close a number
+    again that the worker has reused meanwhile."""
+    _set_wakeup_fd(-1)
+    set_handler(_SIGCHLD, _SIG_DFL)
+    set_handler(_SIGTERM, _SIG_DFL)
+    set_handler(_SIGINT, _SIG_DFL)
+    for fd in server_fds:
+        os.close(fd)
     os.environ[WORKER_PID_VAR] = str(os.getpid())
 
 
@@ -847,8 +866,9 @@ def _worker(spec: Any, fds: list[int], run_worker: Callable[..., None]) -> NoRet
     """In a new worker (out of the server's state): run the worker, exit with its status."""
     code = 1
     try:
-        pipe = socket.socket(fileno=fds[0]) if fds else None
-        control = socket.socket(fileno=fds[1]) if len(fds) > 1 else None
+        # Their kinds given: no system calls to ask the kernel (see Supervisor.request_piped)
+        pipe = socket.socket(_AF_UNIX, _SOCK_STREAM, 0, fds[0]) if fds else None
+        control = socket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fds[1]) if len(fds) > 1 else None
         try:
             run_worker(spec, pipe, control)
             code = 0

@@ -625,3 +625,51 @@ def test_a_first_worker_dead_before_the_supervisor_starts_is_reported_once_after
     finally:
         sup.stop(0.0)
         endpoints.remove()
+
+
+def _held(pid: int) -> tuple[set[str], int]:
+    """The sockets ``pid`` holds (``socket:[inode]``) and how many pidfds."""
+    sockets: set[str] = set()
+    pidfds = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:"):
+            sockets.add(target)
+        elif target == "anon_inode:[pidfd]":
+            pidfds += 1
+    return sockets, pidfds
+
+
+def test_a_worker_holds_none_of_the_drivers_sockets_nor_any_pidfd() -> None:
+    """Every worker, forked with the server or on request, holds none of the driver's ends of
+    its fork server's sockets and of the workers' pipes, none of another runtime's fork server
+    sockets, and no pidfd: an EOF the server or a worker waits for would come late, and a task
+    could reach processes that are not its own."""
+    def sockets_of(server: Any) -> set[str]:
+        return {os.readlink(f"/proc/self/fd/{sock.fileno()}") for sock in (server._ctl, server._events)}
+
+    with phalanx.Runtime(workers=1) as other:
+        other.endpoints  # its ZeroMQ sockets now (else they come ~50 ms after its start, during the next one)
+        before, _ = _held(os.getpid())
+        with phalanx.Runtime(workers=2) as rt:
+            drivers, _ = _held(os.getpid())
+            drivers -= before  # what this runtime's driver made: its server's ends, its pipes' ends
+            assert sockets_of(rt._driver._supervisor._server) <= drivers
+            others = sockets_of(other._driver._supervisor._server)
+            first = rt.worker_pids()
+            victim = next(iter(first.values()))
+            os.kill(victim, signal.SIGKILL)  # its replacement is forked on request
+            deadline = time.monotonic() + 30
+            while (victim in rt.worker_pids().values() or len(rt.worker_pids()) < 2) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            pids = rt.worker_pids()
+            assert victim not in pids.values() and len(pids) == 2, pids
+            assert set(pids.values()) & set(first.values()), "a first worker should still run"
+            for wid, pid in pids.items():
+                sockets, pidfds = _held(pid)
+                assert not sockets & drivers, f"{wid} holds the driver's {sorted(sockets & drivers)}"
+                assert not sockets & others, f"{wid} holds the other runtime's server sockets"
+                assert pidfds == 0, f"{wid} holds {pidfds} pidfds"
