@@ -193,6 +193,9 @@ class _Location:
 
 _lock = threading.RLock()  # re-entrant: a finalizer the collector runs under it takes it again
 _worker_at: _Location | None = None
+#: a worker's location as set (endpoint, curve, worker id, alive, the pid that set it): made a
+#: _Location by the first end that needs it, not as the worker starts (most tasks use no end)
+_worker_given: tuple[str, sockets.Curve | None, str, Callable[[], bool], int] | None = None
 _drivers: dict[int, _Location] = {}
 _ctx: zmq.Context[zmq.Socket[bytes]] | None = None
 _ctx_pid = 0
@@ -216,8 +219,25 @@ def set_worker_location(
 
     ``alive()`` turns false when the worker is shutting down; waiting ends then raise.
     """
+    global _worker_at, _worker_given
+    _worker_at = None
+    _worker_given = (endpoint, curve, worker_id, alive, os.getpid())
+
+
+def _worker_location() -> _Location | None:
+    """This process's worker location (see set_worker_location), made at its first use."""
     global _worker_at
-    _worker_at = _Location(endpoint, curve, worker_id.encode(), alive)
+    inside = _worker_at
+    if inside is None and _worker_given is not None:
+        with _lock:  # one location, whichever thread makes the first end
+            inside = _worker_at
+            given = _worker_given
+            if inside is None and given is not None:
+                endpoint, curve, worker_id, alive, pid = given
+                inside = _Location(endpoint, curve, worker_id.encode(), alive)
+                inside.pid = pid  # a process the worker forked is no worker: its ends do not work there
+                _worker_at = inside
+    return inside
 
 
 def register_driver(
@@ -260,7 +280,7 @@ def _locate(lease: int) -> _Location:
     where = _drivers.get(lease >> LEASE_SHIFT)
     if where is not None and where.pid == pid and where.connect is not None:
         return where  # a simulated runtime's lease: its ends are in this process, in its workers too
-    inside = _worker_at
+    inside = _worker_location()
     if inside is not None and inside.pid == pid:
         return inside
     if where is not None and where.pid == pid:

@@ -46,11 +46,13 @@ straight to file descriptors 1 and 2 (C extensions, subprocesses,
 
 from __future__ import annotations
 
+import _thread
 import io
 import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any, TextIO
 
 __all__ = [
@@ -91,13 +93,14 @@ class PrefixedStream(io.TextIOBase):
     MAX_PARTIAL = 65536
 
     def __init__(self, target: TextIO, prefix: str) -> None:
-        super().__init__()
+        # (No super().__init__(): io.TextIOBase has none of its own, and a worker makes two of
+        # these as it starts.)
         self._target = target
         self._prefix = prefix
         self._at_line_start = True
         self._partial: list[str] = []
         self._partial_len = 0
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     @property
     def target(self) -> TextIO:
@@ -218,6 +221,15 @@ def prefix_output_enabled(value: bool | None = None) -> bool:
 
 
 _installed: str | None = None
+#: the record factory a worker had before install_worker_output (logging's LogRecord, or the user's)
+_make_record: Callable[..., logging.LogRecord] = logging.LogRecord
+
+
+def _worker_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    """A worker's log record factory: the previous one's record, naming the worker."""
+    record = _make_record(*args, **kwargs)
+    setattr(record, WORKER_ATTR, _installed)
+    return record
 
 
 def install_worker_output(worker_id: str, prefix: bool | None = None, log_level: str | None = None) -> None:
@@ -229,21 +241,15 @@ def install_worker_output(worker_id: str, prefix: bool | None = None, log_level:
     inherited. Call once in the worker, before user code runs; later calls
     do nothing.
     """
-    global _installed
+    global _installed, _make_record
     if _installed is not None:
         return
     _installed = worker_id
+    # A function of the module, not a closure: a worker just forked makes no function object.
+    _make_record = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(_worker_record)
 
-    make_record = logging.getLogRecordFactory()
-
-    def worker_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = make_record(*args, **kwargs)
-        setattr(record, WORKER_ATTR, worker_id)
-        return record
-
-    logging.setLogRecordFactory(worker_record)
-
-    enabled = prefix_output_enabled(prefix)
+    enabled = bool(prefix) if prefix is not None else prefix_output_enabled()
     if enabled:
         _prefix_streams(f"[{worker_id}] ")
     last_resort = logging.lastResort = _LAST_RESORT[enabled]

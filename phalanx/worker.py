@@ -387,6 +387,23 @@ _prctl = _find_prctl()
 #: whether the driver (and the parent) still live, for the control thread to check when the
 #: guard started no watchdog thread of its own (None: not guarded, or it did)
 _driver_alive: Callable[[], bool] | None = None
+#: the driver's pid and the parent's as the guard was armed (see _parents_alive)
+_guarded = (0, 0)
+
+
+def _parents_alive() -> bool:
+    """The parent the worker had when guarded is still its parent, and the driver lives."""
+    parent_pid, initial_ppid = _guarded
+    if os.getppid() != initial_ppid:
+        return False
+    if parent_pid != initial_ppid:
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+    return True
 
 
 def guard_against_orphaning(parent_pid: int, watchdog: bool = True) -> None:
@@ -397,12 +414,11 @@ def guard_against_orphaning(parent_pid: int, watchdog: bool = True) -> None:
     :data:`_driver_alive` itself (a worker's control thread does, every
     :data:`WATCHDOG_PERIOD`; until it runs, the parent-death signal covers).
     """
-    global _driver_alive
+    global _driver_alive, _guarded
     try:
-        if os.getpgrp() != os.getpid():
-            os.setpgid(0, 0)  # own group: the driver's Ctrl-C is the driver's to handle
+        os.setpgid(0, 0)  # own group: the driver's Ctrl-C is the driver's to handle (a no-op if it is)
     except OSError:
-        pass
+        pass  # a session leader (EPERM) leads its own group already
     _set_handler(_SIGINT, _SIG_IGN)
     _set_handler(_SIGTERM, _on_sigterm)
     _set_handler(_LEAVE, _on_leave)
@@ -411,25 +427,13 @@ def guard_against_orphaning(parent_pid: int, watchdog: bool = True) -> None:
     os.register_at_fork(before=_hold_worker_signals, after_in_parent=_release_worker_signals,
                         after_in_child=_forget_worker_signals)
     if _prctl is not None:
-        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    # Under forkserver the parent is the fork server, not the driver: watch both.
-    initial_ppid = os.getppid()
-
-    def driver_alive() -> bool:
-        if os.getppid() != initial_ppid:
-            return False
-        if parent_pid != initial_ppid:
-            try:
-                os.kill(parent_pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                pass
-        return True
-
-    if not driver_alive():  # the parent died before prctl took effect
+        _prctl(1, _SIGTERM)  # PR_SET_PDEATHSIG (a plain int: no enum member touched)
+    # Under a fork server the parent is the fork server, not the driver: watch both. (A function
+    # of the module, not a closure: a worker just forked makes no function object to start.)
+    _guarded = (parent_pid, os.getppid())
+    if not _parents_alive():  # the parent died before prctl took effect
         _kill_own_group()
-    _driver_alive = driver_alive
+    _driver_alive = _parents_alive
     if watchdog:
         start_watchdog()
 
@@ -709,13 +713,18 @@ class _Control:
                     time.sleep(self._next_wait() / 1000)
                 if loop.inbox_monitor is not None and sockets.events(loop.inbox_monitor):
                     loop.inbox_back = True
-                self._check_timers(side)
-                self._check_driver()
+                # (Each check called only when it may have something to do: a worker's first
+                # task is usually done before this thread first ran them all.)
+                if loop.current is not None or self.kill_at:  # read again under the lock there
+                    self._check_timers(side)
+                if spec.heartbeat_timeout > 0:
+                    self._check_driver()
                 if alive is not None and time.monotonic() >= next_watch:
                     next_watch = time.monotonic() + WATCHDOG_PERIOD
                     if not alive():
                         _kill_own_group()
-                loop.terminated.reap()
+                if loop.terminated._since:
+                    loop.terminated.reap()
                 if spec.heartbeat_timeout > 0 and loop.welcomed and time.monotonic() >= next_beat:
                     # Over tcp the driver cannot see this process die: tell it we live. Only
                     # once welcomed: before, the driver has no record of this worker (the Alive
@@ -906,11 +915,12 @@ class _Loop:
     """The worker's state: sockets, queued tasks, outcomes not yet sent."""
 
     def __init__(self, spec: WorkerSpec, pipe: FramePipe | None = None,
-                 control: _socket.socket | None = None, ready_sent: bool = False) -> None:
-        """``pipe``: a local worker's (None: ZeroMQ); ``ready_sent``: it said Hello and Ready on it already."""
+                 control: _socket.socket | None = None, ready_sent: bool = False, host: str = "") -> None:
+        """``pipe``: a local worker's (None: ZeroMQ); ``ready_sent``: it said Hello and Ready on it
+        already; ``host``: the name it gave (default: the spec's, else this machine's)."""
         self.spec = spec
         self.ident = spec.worker_id.encode()
-        self.host = spec.host or _socket.gethostname()
+        self.host = host or spec.host or _socket.gethostname()
         # A local worker talks to the driver over its pipe and hears control messages on its
         # control pipe: it needs no ZeroMQ (a context costs two threads and a connection per
         # socket); a remote one uses ZeroMQ for everything.
@@ -962,7 +972,7 @@ class _Loop:
         self.busy = 0.0
         #: held by the main thread's writes to the driver and the flush thread's (_Flusher); the pipe's
         #: write_lock, which the control thread shares, is taken inside it
-        self.send_lock = threading.RLock()
+        self.send_lock = _thread.RLock()  # (threading.RLock is a Python function around it)
         self._flusher: _Flusher | None = None
         self.terminated = _Terminated()
         self.state_lock = threading.Lock()
@@ -1315,8 +1325,7 @@ class _Loop:
     # ---- main loop -----------------------------------------------------------
 
     def serve(self) -> None:
-        hello = Hello(self.spec.worker_id, os.getpid(), self.host, tags=list(self.spec.tags),
-                      inbox=self.inbox_id)
+        hello = None
         if self.pipe is not None:
             # A local worker: its control pipe exists already, nothing is missed until it is
             # read, so it is Ready at once; the driver welcomes it on reading the Hello, before
@@ -1326,6 +1335,8 @@ class _Loop:
                 self.ready_sent = True
             self.control.start()
         else:
+            hello = Hello(self.spec.worker_id, os.getpid(), self.host, tags=list(self.spec.tags),
+                          inbox=self.inbox_id)
             self.control.start()  # it makes a remote worker's control sockets
             # Over tcp the same Hello on the inbox shows the driver that this key holds the
             # inbox identity tasks are sent to (see Membership.drain_tasks).
@@ -1337,7 +1348,7 @@ class _Loop:
         #: tasks run since this loop last waited for the driver
         ran = 0
         while not self.stopping:
-            if self.inbox_back and self.inbox is not None:
+            if self.inbox_back and hello is not None and self.inbox is not None:
                 self.inbox_back = False
                 try:
                     self.inbox.send(encode(hello), zmq.NOBLOCK)
@@ -1474,9 +1485,10 @@ def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None,
     # imports modules says them only after: a module that raises ends it before it was ever
     # Ready, a failed start as the driver reports it.
     early = framed is not None and not spec.imports
+    host = spec.host or _socket.gethostname()
     if early:
         assert framed is not None
-        _say_ready(framed, spec, spec.host or _socket.gethostname())
+        _say_ready(framed, spec, host)
     # This process serves one runtime: its options are the process's defaults.
     sockets.set_default_limits(spec.limits)
     operations.set_implicit(spec.implicit_operations)
@@ -1484,7 +1496,7 @@ def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None,
         __import__(module)
     # Shared memory only with a driver on this host, over the pipe; a remote worker never.
     shm.set_worker(spec.parent_pid if pipe is not None else None, spec.shm_threshold)
-    loop = _Loop(spec, framed, control, ready_sent=early)
+    loop = _Loop(spec, framed, control, ready_sent=early, host=host)
     if spec.goodbye:
         global _goodbye
         _goodbye = loop.goodbye

@@ -139,3 +139,30 @@ def take_some(rx: phalanx.Receiver[int], k: int) -> list[int]:
 def hold_and_drop(rx: phalanx.Receiver[int], k: int) -> list[int]:
     """Take ``k`` messages and return without acking: dropping the end gives them back."""
     return [rx.recv_message(timeout=60).value for _ in range(k)]
+
+
+@phalanx.operation
+def end_in_a_forked_child(rx: phalanx.Receiver[int]) -> tuple[str, int]:
+    """What a process this task forks gets from ``rx`` (it is no worker: its ends do not work
+    there), asked before this worker used any end itself; then one value received here."""
+    import warnings
+
+    r, w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # a fork with threads running (3.12+)
+        pid = os.fork()
+    if pid == 0:
+        try:
+            rx.recv(timeout=5)
+            verdict = "received"
+        except phalanx.RuntimeClosedError:
+            verdict = "RuntimeClosedError"
+        except BaseException as exc:
+            verdict = type(exc).__name__
+        os.write(w, verdict.encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        verdict = f.read().decode()
+    return verdict, rx.recv(timeout=10)

@@ -445,6 +445,17 @@ def test_an_end_outside_its_runtime() -> None:
 
 
 @pytest.mark.timeout(60)
+def test_an_end_in_a_process_a_task_forked_is_outside_its_runtime() -> None:
+    """A worker's channel location is made when its first end needs it: a child the task forks,
+    asking first, must still be refused (it is no worker), and the worker still served after."""
+    with phalanx.Runtime(workers=1) as rt:
+        tx, rx = rt.lease()
+        fut = rt.submit(channel_ops.end_in_a_forked_child, rx)
+        tx.send(7)
+        assert fut.result(timeout=T) == ("RuntimeClosedError", 7)
+
+
+@pytest.mark.timeout(60)
 def test_shutdown_ends_a_waiting_receiver() -> None:
     errors: list[BaseException] = []
     with phalanx.Runtime(workers=1) as rt:

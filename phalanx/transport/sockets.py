@@ -138,7 +138,10 @@ class Limits(msgspec.Struct, frozen=True):
     max_frame: int = 256 * 1024 * 1024
 
 
-_default_limits = Limits()
+#: kept (not only the process default until a worker sets its own): a worker replacing it frees
+#: nothing, which cost it page faults as it started
+_DEFAULT_LIMITS = Limits()
+_default_limits = _DEFAULT_LIMITS
 
 
 def set_default_limits(limits: Limits) -> None:
