@@ -891,6 +891,7 @@ class Driver:
             # exits from now on, or stopping would wait shutdown_timeout for each worker in vain.
             self.lifecycle.supervising = True
             self._supervisor.start()
+        self._supervisor.watch()  # exits are read from now on, if the start left that for later
         if wait and self._broken is None:
             # Waits for the work, but not for workers frozen (SIGSTOP) shutdown_timeout or more.
             self.wait_idle(timeout, self.config.shutdown_timeout)

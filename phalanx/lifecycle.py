@@ -142,7 +142,12 @@ class Lifecycle:
         driver._pump_thread.start()  # before the replies: the workers' Hellos do not wait for them
         ids = requested()
         n = len(ids)
-        driver._supervisor.start()
+        # Exits are reported from now on, but the fork server's are read (its reader thread
+        # started) only when the pump sees a worker's pipe end, SOCKETS_AFTER the start (see
+        # pump.Pump), at shutdown, or if the start takes a wait slice or more: a first worker
+        # that dies ends its pipe, which the pump reads at once.
+        driver._supervisor.start(watch=False)
+        driver.pump.later.insert(0, driver._supervisor.watch)
         self.supervising = True
         deadline = time.monotonic() + timeout
         with driver._changed:
@@ -171,7 +176,8 @@ class Lifecycle:
                     raise WorkerStartError(
                         f"only {ready} of {n} workers connected within {timeout:.1f} s"
                     )
-                driver._changed.wait(min(remaining, 0.1))
+                if not driver._changed.wait(min(remaining, 0.1)):
+                    driver._supervisor.watch()  # a slow start: whatever ends a worker, its exit is read
 
     def spawn(self, tags: tuple[str, ...] = (DEFAULT_TAG,)) -> str:
         return self.spawn_many([tags])[0]
@@ -225,7 +231,10 @@ class Lifecycle:
                 self.unpiped.append((worker, end))
 
         try:
-            finish = driver._supervisor.request_piped(specs, take_ends if early else None, deadline)
+            # The first workers' exits are read from the fork server only once it matters (see
+            # start_workers): the reader thread's start is no work on the way to the first result.
+            finish = driver._supervisor.request_piped(specs, take_ends if early else None, deadline,
+                                                      watch=not early)
         except OSError as exc:  # no socket, or no fork server (its fork failed)
             if not early:
                 raise
@@ -253,7 +262,10 @@ class Lifecycle:
                 if not early:
                     worker.control = control
                     driver.pipes.add(worker, end)
-            driver.wake()
+            if not early:
+                # The pump polls the new pipes from its next round. (The first workers' pipes are
+                # its own from its start: no round for nothing while they start up.)
+                driver.wake()
             if failed is not None:
                 raise failed
             return [w.id for w in workers]

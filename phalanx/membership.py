@@ -170,8 +170,10 @@ class Membership:
         self.sync_nonce = itertools.count()
         config = driver.config
         self.remote_timeout = config.heartbeat_timeout if config.heartbeat_timeout > 0 else REMOTE_HEARTBEAT_TIMEOUT
-        #: when the pump last published a Heartbeat and a Sync, and the Heartbeats' numbers
-        self.last_beat = 0.0
+        #: when the pump last published a Heartbeat and a Sync, and the Heartbeats' numbers. The
+        #: first Heartbeat goes out one interval after the start, not while the first workers
+        #: start up (each would wake to read it; none watches for heartbeats that early)
+        self.last_beat = time.monotonic()
         self.last_sync = 0.0
         self.beats = itertools.count()
 

@@ -10,7 +10,9 @@ replacements, inspect answers, the channel broker's sends) and, last,
 delivers the outcomes resolved this round, just before it blocks again.
 In a runtime that does not listen, the pump also makes the driver's ZeroMQ
 sockets, ``SOCKETS_AFTER`` the first workers are ready, and polls the results
-socket from then on (or from when another thread made it for a lease).
+socket from then on (or from when another thread made it for a lease); at
+that time it also runs what the runtime left for after its start
+(``Pump.later``).
 
 Runs on the thread ``phalanx-pump`` alone (``Driver._pump_thread``). Locks:
 the pump takes the driver's lock only inside the calls it makes (each says
@@ -33,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import zmq
@@ -50,7 +53,8 @@ log = logging.getLogger("phalanx.driver")
 #: seconds between the pump's sweeps of dead workers' records
 REAP_PERIOD = 0.1
 #: seconds after the first workers are ready when the pump makes the driver's ZeroMQ sockets, if
-#: nothing needed them before (Driver.make_sockets): not while the first tasks run
+#: nothing needed them before (Driver.make_sockets), and runs Pump.later: not while the
+#: first tasks run
 SOCKETS_AFTER = 0.05
 
 
@@ -65,6 +69,9 @@ class Pump:
 
     def __init__(self, driver: Driver) -> None:
         self.driver = driver
+        #: what the start leaves for later: run SOCKETS_AFTER the first workers are ready, not
+        #: on the way to the first result (see after_start)
+        self.later: list[Callable[[], object]] = []
 
     def run(self) -> None:
         """The pump thread's body: its loop until shutdown; its death breaks the runtime."""
@@ -92,6 +99,17 @@ class Pump:
                 log.exception("delivering the last outcomes")
             driver.pipes.end_all()
 
+    def after_start(self) -> None:
+        """Run what the start left for later (:attr:`later`: the fork server's exit reports
+        read, the sweep of /dev/shm); never if the runtime ends first (its shutdown does both).
+        House-keeping: one that fails is logged, it does not break the runtime."""
+        for fn in self.later:
+            try:
+                fn()
+            except Exception:
+                log.warning("start-up work left for later failed", exc_info=True)
+        self.later.clear()
+
     def loop(self, poller: zmq.Poller) -> None:
         """Rounds: wait for input or the next deadline, read, resolve, send, deliver."""
         driver = self.driver
@@ -104,9 +122,12 @@ class Pump:
         reclaimer = driver.reclaimer
         listening = driver.address is not None
         interval = driver.config.heartbeat_interval
-        last_reap = 0.0
+        last_reap = time.monotonic()  # nothing to reap or expire while the first workers start
         timed = False
-        make_at = 0.0  # when the sockets are made, once the first workers are ready (0.0: not yet known)
+        # when the work left for after the start is done (the sockets made, self.later run),
+        # once the first workers are ready (0.0: not yet known), and whether it was
+        later_at = 0.0
+        later = False
         while True:
             if results is None and driver._results is not None:  # made by another thread (a lease)
                 results = driver._results
@@ -127,15 +148,20 @@ class Pump:
             if not reads:
                 wait = min(wait, max(DIRECT_LINGER, helping) * 1000)
             wait = pipes.before_poll(poller, wait, reads)
+            piped = len(pipes.by_fd)
             if timed:
                 wait = min(wait, REAP_PERIOD * 1000)
-            if make_at and results is None:
-                wait = min(wait, max(0.0, (make_at - now) * 1000))
+            if later_at and not later:
+                wait = min(wait, max(0.0, (later_at - now) * 1000))
             events = dict(poller.poll(int(wait) + (1 if wait else 0)))
             if driver._wake_r in events:
                 if b"x" in os.read(driver._wake_r, 4096):
                     return
             pipes.after_poll(poller, events, reads)
+            if len(pipes.by_fd) < piped and not later:
+                # A local worker's pipe ended before the fork server's exit reports were read
+                # (see Lifecycle.start_workers): they are from now on, its exit among them.
+                driver._supervisor.watch()
             if results is not None and results in events:
                 for _ in range(4096):
                     origin = None
@@ -192,13 +218,17 @@ class Pump:
             reclaimer.tick(now)
             if driver._deliveries:
                 driver._deliver_ready()
-            if results is None and lifecycle.started:
-                # The sockets are made SOCKETS_AFTER the first workers are ready, not on the way
-                # to the first result (see Driver.make_sockets); polled from the next round.
-                if not make_at:
-                    make_at = now + SOCKETS_AFTER
-                elif now >= make_at:
-                    driver.make_sockets()
-                    results = driver._results
-                    if results is not None:
-                        poller.register(results, zmq.POLLIN)
+            if not later and lifecycle.started:
+                # The sockets are made, and what waits for after the start is done, SOCKETS_AFTER
+                # the first workers are ready, not on the way to the first result (see
+                # Driver.make_sockets); the sockets are polled from the next round.
+                if not later_at:
+                    later_at = now + SOCKETS_AFTER
+                elif now >= later_at:
+                    later = True
+                    if results is None:
+                        driver.make_sockets()
+                        results = driver._results
+                        if results is not None:
+                            poller.register(results, zmq.POLLIN)
+                    self.after_start()

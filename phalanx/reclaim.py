@@ -19,6 +19,7 @@ anything else is bad input, counted in ``frames_dropped``.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import zmq
@@ -48,7 +49,8 @@ class Reclaimer:
         self.driver = driver
         #: tasks taken back unstarted from a busy worker and dispatched again
         self.reclaimed = 0
-        self.last = 0.0
+        #: the last look (the first one a period after the start: no task is queued before it)
+        self.last = time.monotonic()
 
     def tick(self, now: float) -> None:
         """Look at busy workers, every ``RECLAIM_PERIOD`` (pump thread)."""

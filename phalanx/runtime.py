@@ -13,6 +13,7 @@ stops every worker in layers and removes the private ipc directory.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import sys
 import threading
@@ -74,11 +75,24 @@ def _advertise(rt: Runtime) -> None:
     created = _created_at()
     if created is not None:
         info["created"] = created
+    # os.open, not open(): no file object (and its buffer) is built for one write.
     try:
-        with open(os.path.join(ipc_dir, "runtime.json"), "wb") as f:
-            f.write(msgspec.json.encode(info))
+        fd = os.open(os.path.join(ipc_dir, "runtime.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                     0o666)
+    except OSError:
+        return
+    try:
+        os.write(fd, msgspec.json.encode(info))
     except OSError:
         pass
+    finally:
+        os.close(fd)
+
+
+def _inspector(ref: weakref.ReferenceType[Runtime]) -> Callable[[float], RuntimeTree] | None:
+    """The inspect method of the runtime ``ref`` names (None once it was collected)."""
+    rt = ref()
+    return None if rt is None else rt.inspect
 
 
 def _shutdown_at_exit(ref: weakref.ReferenceType[Runtime]) -> None:
@@ -273,22 +287,25 @@ class Runtime(_RunsDirectives):
                 self._launch.close()
             raise
         self._atexit: Callable[[], None] | None = None
+        #: the actors (see _actors), and the lock of their making
+        self._actor_system: ActorSystem | None = None
+        self._actors_lock = threading.Lock()
         try:
             # Before any task is sent: arrays in tasks and results may use shared memory (never
-            # while remote workers may join: listen, hosts=, slurm=True).
-            shm.runtime_started(self, self.config.shm_threshold, self.config.listen is not None)
+            # while remote workers may join: listen, hosts=, slurm=True). What dead drivers left
+            # in /dev/shm is swept once the first workers are ready, off the way to the first result.
+            shm.runtime_started(self, self.config.shm_threshold, self.config.listen is not None, sweep_now=False)
+            self._driver.pump.later.append(shm.sweep_dead)
             # phalanx top finds the runtime from now on; a failed start removes the file with its directory.
             _advertise(self)
             # What the first call does not wait for is built while the first workers start up,
             # not after they are ready (this thread would only wait for them meanwhile).
             collected.install()
-            self._actors = ActorSystem(
-                self._driver, call_timeout=self.config.actor_timeout,
-                max_restarts=self.config.actor_restart_limit, restart_window=self.config.actor_restart_window,
-            )
             # Weakly: the pump thread holds the driver, and a runtime nobody holds must be collected.
-            self._driver.inspect_provider = weakref.WeakMethod(self.inspect)
-            self._atexit = lambda ref=weakref.ref(self): _shutdown_at_exit(ref)
+            # (partial and weakref.ref are C: no Python-level call on the start's path)
+            ref = weakref.ref(self)
+            self._driver.inspect_provider = functools.partial(_inspector, ref)
+            self._atexit = functools.partial(_shutdown_at_exit, ref)
             atexit.register(self._atexit)
             self._driver.start_workers(self.config.worker_groups(), self.config.start_timeout)
             if self._launch is not None:
@@ -308,6 +325,22 @@ class Runtime(_RunsDirectives):
             from .testing.inject import inject_faults
 
             self.faults = inject_faults(self, faults)
+
+    @property
+    def _actors(self) -> ActorSystem:
+        """The runtime's actors, made by the first call that needs them (none before its first
+        spawn: its listeners run on no worker's start, and the start does not build it)."""
+        actors = self._actor_system
+        if actors is None:
+            with self._actors_lock:
+                actors = self._actor_system
+                if actors is None:
+                    actors = self._actor_system = ActorSystem(
+                        self._driver, call_timeout=self.config.actor_timeout,
+                        max_restarts=self.config.actor_restart_limit,
+                        restart_window=self.config.actor_restart_window,
+                    )
+        return actors
 
     def _ready_on(self, host: str) -> int:
         """Ready remote workers of ``host`` (the launch waits for them)."""
@@ -470,7 +503,8 @@ class Runtime(_RunsDirectives):
         it never blocks the rest of the tree.
         """
         replies, live = self._driver.inspect(timeout)
-        hosted = self._actors.nodes()
+        system = self._actor_system
+        hosted = system.nodes() if system is not None else {}
         workers: list[WorkerNode] = []
         for wid, pid, inflight, host, tags in live:
             reply = replies.get(wid)

@@ -211,13 +211,26 @@ class Supervisor:
             self._watcher = threading.Thread(target=self._watch, name="phalanx-supervisor", daemon=True)
         _supervisors.add(self)
 
-    def start(self) -> None:
-        """Start reporting exits (after the first spawns: forking before threads exist is safe)."""
+    def start(self, watch: bool = True) -> None:
+        """Start reporting exits (after the first spawns: forking before threads exist is safe).
+
+        ``watch=False``: the fork server's exit reports are read only from :meth:`watch` on
+        (its reader thread is started then, not on the way to the first result); its owner
+        calls it once a worker's pipe ends, or soon after the start, and :meth:`stop` does.
+        """
         self._started.set()
         if self._server is not None:
-            self._server.start()
+            if watch:
+                self._server.start()
         elif self._watcher is not None and not self._watcher.is_alive():
             self._watcher.start()
+
+    def watch(self) -> None:
+        """Read the fork server's exit reports from now on (idempotent; see :meth:`start`).
+        Exits that came before wait in its socket until then, and are reported in order."""
+        server = self._server
+        if server is not None:
+            server.start()
 
     def spawn(self, spec: WorkerSpec) -> int:
         """Start one worker process for ``spec``; return its pid."""
@@ -249,6 +262,7 @@ class Supervisor:
         self, specs: list[WorkerSpec],
         on_ends: Callable[[list[tuple[socket.socket, socket.socket]]], None] | None = None,
         deadline: float | None = None,
+        watch: bool = True,
     ) -> Callable[[], list[tuple[int, socket.socket, socket.socket] | OSError]]:
         """Ask for the workers of :meth:`spawn_piped_many` without waiting for them.
 
@@ -260,6 +274,7 @@ class Supervisor:
         caller then owns them, those of a worker that failed to start included.
         ``deadline`` (``time.monotonic()``): if this request forks the fork server, the
         function raises TimeoutError when the server has not replied by then.
+        ``watch=False``: the fork server's exit reports are not read yet (see :meth:`start`).
         """
         with self._spawn_lock, forkserver.fork_lock:
             pairs = [pipe.socketpair() for _ in specs]
@@ -287,7 +302,7 @@ class Supervisor:
             on_ends([(ours, control) for (ours, _), (control, _) in zip(pairs, controls)])
 
         def finish() -> list[tuple[int, socket.socket, socket.socket] | OSError]:
-            if self._server is not None:
+            if self._server is not None and watch:
                 # Its reader thread starts while the server forks and replies, not after the
                 # replies: a thread's start waits until the thread runs, which on a busy
                 # machine can be a scheduler slice away (its exits wait for start() anyway).
@@ -499,6 +514,8 @@ class Supervisor:
             self._procs.clear()
         self._started.set()
         self._wake()
+        if procs:
+            self.watch()  # their exits are what join() waits for
         if leave_signal is not None:
             for proc in procs:
                 if proc.is_alive():

@@ -200,17 +200,42 @@ def test_driver_killed_leaves_no_segment(tmp_path: Path) -> None:
             proc.stderr.close()
 
 
-def test_runtime_start_sweeps_segments_of_dead_drivers() -> None:
+def _dead_and_alive_segments() -> tuple[Path, Path]:
+    """A segment of a driver that is gone and one of a live driver (this test's parent)."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = Path(shm.SHM_DIR) / f"phalanx-{dead.pid}-{'ab' * 16}"
     alive = Path(shm.SHM_DIR) / f"phalanx-{os.getppid()}-{'cd' * 16}"  # a live driver's: kept
     stale.write_bytes(b"x" * 64)
     alive.write_bytes(b"y" * 64)
+    return stale, alive
+
+
+def test_runtime_start_sweeps_segments_of_dead_drivers() -> None:
+    # Swept once the first workers are ready (off the way to the first result), while the
+    # runtime runs: the test waits for it, bounded, without shutting the runtime down.
+    stale, alive = _dead_and_alive_segments()
     try:
-        with phalanx.Runtime(workers=1):
+        with phalanx.Runtime(workers=1) as rt:
+            assert rt.submit(array_ops.view_info, np.zeros(4)).result(timeout=30)["mapped"] is False
+            deadline = time.monotonic() + 10
+            while stale.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert not stale.exists()
             assert alive.exists()
+    finally:
+        for path in (stale, alive):
+            path.unlink(missing_ok=True)
+
+
+def test_a_runtime_shut_down_before_its_start_sweep_still_sweeps() -> None:
+    # The start's sweep waits for the pump; a runtime that ends at once never runs it: its
+    # shutdown removes what dead drivers left all the same.
+    stale, alive = _dead_and_alive_segments()
+    try:
+        phalanx.Runtime(workers=1).shutdown()
+        assert not stale.exists()
+        assert alive.exists()
     finally:
         for path in (stale, alive):
             path.unlink(missing_ok=True)

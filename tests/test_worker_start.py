@@ -302,8 +302,15 @@ def test_a_first_worker_killed_as_it_starts_is_replaced_and_the_start_succeeds(
     rt = phalanx.Runtime(workers=2, start_timeout=15.0, shutdown_timeout=2.0)
     try:
         assert list(rt.map(square, range(2000), timeout=T)) == [x * x for x in range(2000)]
-        stats = rt.stats()
-        alive = [w.id for w in stats.workers if w.alive]
+        # w1's exit is handled, and its replacement started once its tasks are redelivered, which
+        # may be after the map's last result: waited for (bounded), not assumed.
+        deadline = time.monotonic() + T
+        while True:
+            stats = rt.stats()
+            alive = [w.id for w in stats.workers if w.alive]
+            if (len(alive) == 2 and "w1" not in alive) or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         assert len(alive) == 2 and "w1" not in alive, stats.workers
         assert stats.worker_deaths == 1, stats
     finally:
@@ -439,3 +446,76 @@ def test_a_start_timeout_far_off_is_taken() -> None:
         assert rt.submit(square, 4).result(T) == 16
     finally:
         rt.shutdown()
+
+
+# --------------------------------------------------------------------------- #
+# Exits during and right after the start (the fork server's exit reports are read
+# only once a worker's pipe ends, or soon after the start: see Lifecycle.start_workers)
+# --------------------------------------------------------------------------- #
+
+
+def test_a_first_worker_that_dies_before_its_hello_fails_the_start_with_its_exit_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The runtime's only worker exits (code 3) before it says Hello: the constructor raises
+    WorkerStartError naming that exit code, not a start_timeout that never passes here."""
+    import phalanx
+    from phalanx import worker as worker_module
+
+    install = worker_module.install_worker_output
+
+    def dying_install(worker_id: str, *args: Any, **kwargs: Any) -> None:
+        if worker_id == "w1":
+            os._exit(3)
+        install(worker_id, *args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "install_worker_output", dying_install)
+    with pytest.raises(phalanx.WorkerStartError, match="w1 exited with code 3"):
+        phalanx.Runtime(workers=1, start_timeout=600.0, shutdown_timeout=2.0)
+
+
+def test_a_worker_killed_right_after_the_start_is_replaced_and_its_exit_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker SIGKILLed as soon as the constructor returned (before anything was sent):
+    its exit is reported and counted, it is replaced, and the runtime serves. (The work the
+    pump leaves for after the start is put off past this test: the end of the worker's pipe
+    alone must have its exit read.)"""
+    import signal
+
+    import phalanx
+    import phalanx.pump
+
+    monkeypatch.setattr(phalanx.pump, "SOCKETS_AFTER", 600.0)
+    rt = phalanx.Runtime(workers=2, shutdown_timeout=2.0)
+    try:
+        os.kill(rt.worker_pids()["w1"], signal.SIGKILL)
+        assert list(rt.map(square, range(500), timeout=T)) == [x * x for x in range(500)]
+        deadline = time.monotonic() + T
+        while rt.stats().worker_deaths < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = rt.stats()
+        assert stats.worker_deaths == 1, stats
+        assert rt.wait_for_workers(2, T) == 2
+        assert "w1" not in rt.worker_pids()
+    finally:
+        rt.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_runtime_shut_down_right_after_its_start_does_not_wait_for_its_shutdown_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Shut down as soon as the constructor returned, with a shutdown_timeout longer than
+    this test's timeout: the workers' exits are read, so stopping them waits for them
+    only, not for the timeout (ends them all, leaves no process). (The work the pump leaves
+    for after the start is put off past this test: the shutdown alone must have them read.)"""
+    import phalanx
+    import phalanx.pump
+
+    monkeypatch.setattr(phalanx.pump, "SOCKETS_AFTER", 600.0)
+    for _ in range(3):
+        rt = phalanx.Runtime(workers=2, shutdown_timeout=300.0)
+        pids = list(rt.worker_pids().values())
+        rt.shutdown()
+        assert not [pid for pid in pids if _alive(pid)]

@@ -35,7 +35,8 @@ Invariants kept:
   is unlinked when the driver's last runtime stops. What was written but never
   received or handed back (the driver or the receiving worker was killed, a
   queued task was cancelled) is removed by :func:`sweep`: every runtime start
-  and shutdown removes the segments of drivers that are gone (and the last
+  (once its first workers are ready: see :func:`runtime_started`) and
+  shutdown removes the segments of drivers that are gone (and the last
   shutdown in a driver its own), and a local worker that ends because its
   driver died removes its driver's (:func:`release_orphaned`).
 * **nothing but our own segments is opened**: a name must match the pattern,
@@ -77,6 +78,7 @@ __all__ = [
     "set_worker",
     "runtime_started",
     "runtime_stopped",
+    "sweep_dead",
     "write_array",
     "read_array",
     "sweep",
@@ -247,16 +249,26 @@ def _recompute() -> None:
     _threshold = min(limits) if limits and not remote and available() else 0
 
 
-def runtime_started(runtime: Any, limit: int, remote: bool) -> None:
-    """A runtime of this driver process starts: sweep what dead drivers left, then use segments."""
-    if available():
-        sweep()
+def runtime_started(runtime: Any, limit: int, remote: bool, sweep_now: bool = True) -> None:
+    """A runtime of this driver process starts: sweep what dead drivers left, then use segments.
+
+    ``sweep_now=False``: the caller runs :func:`sweep_dead` itself later (a runtime does, once
+    its first workers are ready: listing ``/dev/shm`` is no work for the start to wait on).
+    """
+    if sweep_now:
+        sweep_dead()
     with _lock:
         _own_runtimes()[runtime] = (limit, remote)
         _recompute()
     # A runtime dropped without shutdown() counts as stopped once collected (in this
     # process: a forked worker that collects its copy must not stop its own segments).
     weakref.finalize(runtime, _forget, os.getpid())
+
+
+def sweep_dead() -> None:
+    """Remove this user's segments of dead drivers, if this system has shared memory."""
+    if available():
+        sweep()
 
 
 def runtime_stopped(runtime: Any) -> None:
