@@ -298,9 +298,11 @@ class Runtime(_RunsDirectives):
             self._driver.pump.later.append(shm.sweep_dead)
             # phalanx top finds the runtime from now on; a failed start removes the file with its directory.
             _advertise(self)
-            # What the first call does not wait for is built while the first workers start up,
-            # not after they are ready (this thread would only wait for them meanwhile).
-            collected.install()
+            # Collections hand their work over from now on; the thread that does it starts once
+            # the first workers are ready, off the way to the first result, and ends with the
+            # last runtime.
+            self._driver.hold_finalizer()
+            self._driver.pump.later.append(collected.start)
             # Weakly: the pump thread holds the driver, and a runtime nobody holds must be collected.
             # (partial and weakref.ref are C: no Python-level call on the start's path)
             ref = weakref.ref(self)
@@ -600,6 +602,8 @@ class Runtime(_RunsDirectives):
             self._driver.shutdown(wait=wait, timeout=timeout)
         finally:
             shm.runtime_stopped(self)
+        if wait:
+            collected.join(1.0)  # the last runtime's: no thread of phalanx's outlives it
         if self._launch is not None:
             self._launch.close()  # after the Shutdown broadcast: the hosts are ending already
         if self.faults is not None:

@@ -189,8 +189,7 @@ def leftovers(base, dirs):
     while True:
         gc.collect()
         left = [f"process {p.pid}" for p in psutil.Process().children(recursive=True)]
-        left += [f"thread {t.name}" for t in threading.enumerate() if t.name.startswith("phalanx-")
-                 and t.name != "phalanx-finalize"]
+        left += [f"thread {t.name}" for t in threading.enumerate() if t.name.startswith("phalanx-")]
         left += [f"{threads() - base_threads} OS threads"] if threads() > base_threads else []
         left += [f"{fds() - base_fds} descriptors"] if fds() > base_fds else []
         left += [f"dir {d}" for d in dirs if os.path.exists(d)]

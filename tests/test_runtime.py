@@ -841,8 +841,7 @@ def leftovers():
     while True:
         gc.collect()
         left = [f"process {p.pid}" for p in psutil.Process().children(recursive=True)]
-        left += [f"thread {t.name}" for t in threading.enumerate()
-                 if t.name.startswith("phalanx-") and t.name != "phalanx-finalize"]
+        left += [f"thread {t.name}" for t in threading.enumerate() if t.name.startswith("phalanx-")]
         left += ["a shared-memory user"] if shm._runtimes else []
         left += ["a runtime"] if any(type(o) is phalanx.Runtime for o in gc.get_objects()) else []
         fds = len(os.listdir("/proc/self/fd"))
