@@ -69,7 +69,8 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from .worker import _prctl as _libc_prctl, _set_handler, run_worker
+from .logs import install_worker_output
+from .worker import _prctl as _libc_prctl, _set_handler, run_worker, say_greeting
 
 __all__ = ["ForkServer", "ForkedWorker", "Pidfd", "WORKER_PID_VAR", "hold_sigint"]
 
@@ -871,11 +872,18 @@ def _worker(spec: Any, fds: list[int], server: int, server_fds: tuple[int, ...])
         _set_wakeup_fd(-1)
         _set_handler(_SIGCHLD, _SIG_DFL)
         _set_handler(_SIGTERM, _SIG_DFL)
-        # Their kinds given: no system calls to ask the kernel (see Supervisor.request_piped)
-        pipe = socket.socket(_AF_UNIX, _SOCK_STREAM, 0, fds[0]) if fds else None
-        control = socket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fds[1]) if len(fds) > 1 else None
+        # A worker with no module of the user's to import is Ready once its output is installed
+        # (which runs the user's inherited logging handlers: one that raises fails the start): it
+        # says so with the greeting the driver encoded for it, before it builds anything else.
         try:
-            run_worker(spec, pipe, control, functools.partial(_leave_server, server_fds))
+            greeted = bool(fds) and bool(spec.greeting) and not spec.imports
+            if greeted:
+                install_worker_output(spec.worker_id, spec.prefix_output, spec.log_level)
+                say_greeting(fds[0], spec.greeting)
+            # Their kinds given: no system calls to ask the kernel (see Supervisor.request_piped)
+            pipe = socket.socket(_AF_UNIX, _SOCK_STREAM, 0, fds[0]) if fds else None
+            control = socket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fds[1]) if len(fds) > 1 else None
+            run_worker(spec, pipe, control, functools.partial(_leave_server, server_fds), greeted)
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

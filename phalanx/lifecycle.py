@@ -48,7 +48,7 @@ from .membership import _Worker
 from .policy import DEFAULT_TAG
 from .transport.codec import encode
 from .transport.messages import Stop
-from .worker import ABORT_EXIT, WorkerSpec
+from .worker import ABORT_EXIT, WorkerSpec, greeting
 
 if TYPE_CHECKING:
     from .driver import Driver
@@ -219,6 +219,7 @@ class Lifecycle:
                 implicit_operations=driver.config.implicit_operations,
                 shm_threshold=driver.config.shm_threshold,
                 local_pickle=driver.config.local_pickle,
+                greeting=greeting(wid, host, tags, driver.config.credits),
             )
             workers.append(worker)
             specs.append(spec)

@@ -106,7 +106,7 @@ from .transport.codec import (
     salvage_inbox,
 )
 from .transport.endpoints import Endpoints
-from .transport.pipe import FramePipe, PipeError
+from .transport.pipe import FramePipe, PipeError, as_written
 from .transport.messages import (
     ActorCall,
     ActorState,
@@ -213,6 +213,10 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     goodbye: bool = False
     #: bytes from which a local worker sends arrays in results through shared memory (0: never)
     shm_threshold: int = 0
+    #: a local worker's Hello and Ready, framed for its pipe by the driver, its pid left to fill
+    #: in (:func:`greeting`): a worker forked by the fork server sends them before it builds
+    #: anything of its own ("": it encodes them itself)
+    greeting: bytes = b""
 
 
 class TaskContext:
@@ -1444,6 +1448,43 @@ class _Loop:
 _spec: WorkerSpec | None = None
 
 
+#: the pid a greeting carries until its worker writes its own in: msgpack's uint32 0xfffffff0, a
+#: number no pid reaches, in bytes that no string of the message can hold (0xff is never UTF-8)
+_PID_SLOT = b"\xce\xff\xff\xff\xf0"
+
+
+def greeting(worker_id: str, host: str, tags: tuple[str, ...], credits: int) -> bytes:
+    """A local worker's Hello and Ready, framed for its pipe (``WorkerSpec.greeting``), made by
+    the driver before the fork: the worker that sends them (:func:`say_greeting`) only writes
+    its pid in, where encoding them itself cost it page faults before it was Ready."""
+    hello = encode(Hello(worker_id, 0xFFFFFFF0, host, tags=list(tags)))
+    if hello.count(_PID_SLOT) != 1:
+        return b""  # (cannot happen: see _PID_SLOT) the worker encodes them itself
+    return as_written([hello, encode(Ready(worker_id, credits))])
+
+
+def say_greeting(fd: int, greeting: bytes) -> None:
+    """Send a :func:`greeting`, this process's pid written in, on the pipe ``fd`` (non-blocking;
+    the first bytes on it: its buffer is empty). A driver already gone is seen by the loop."""
+    data = greeting.replace(_PID_SLOT, b"\xce" + os.getpid().to_bytes(4, "big"), 1)
+    try:
+        sent = os.write(fd, data)
+    except OSError:
+        return  # (BlockingIOError cannot happen on an empty buffer; a closed pipe is the loop's)
+    if sent < len(data):  # a buffer smaller than a greeting: the rest, waiting for room
+        waiting = select.poll()
+        waiting.register(fd, select.POLLOUT)
+        view = memoryview(data)[sent:]
+        while view:
+            waiting.poll()
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+
+
 def _say_ready(pipe: FramePipe, spec: WorkerSpec, host: str) -> None:
     """A local worker's Hello and Ready, in that order, in one write on its pipe (main thread,
     before any other thread of the worker writes there). A driver already gone is seen by the loop
@@ -1462,13 +1503,15 @@ def worker_spec() -> WorkerSpec | None:
 
 
 def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None,
-               control: _socket.socket | None = None, leave: Callable[[], None] | None = None) -> None:
+               control: _socket.socket | None = None, leave: Callable[[], None] | None = None,
+               greeted: bool = False) -> None:
     """Entry point of a worker process (the target given to multiprocessing).
 
     ``pipe``: a local worker's end of its socketpair to the driver (None: ZeroMQ);
     ``control``: its end of its control pipe (a SOCK_SEQPACKET socketpair);
     ``leave``: what a worker forked by phalanx's fork server does to leave it, called once
-    it said Ready and before any user module is imported.
+    it said Ready and before any user module is imported; ``greeted``: it installed its
+    output and sent its greeting already (:func:`say_greeting`).
     """
     global _spec
     _spec = spec
@@ -1481,9 +1524,9 @@ def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None,
     # rest of its start-up (they wait in its pipes; it reads them once it serves). One that
     # imports modules says them only after: a module that raises ends it before it was ever
     # Ready, a failed start as the driver reports it.
-    early = framed is not None and not spec.imports
+    early = greeted or (framed is not None and not spec.imports)
     host = spec.host or _socket.gethostname()
-    if early:
+    if early and not greeted:
         assert framed is not None
         _say_ready(framed, spec, host)
     # What follows is not the user's code: it cannot fail the start, so it runs after Ready,

@@ -14,7 +14,7 @@ import struct
 import threading
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import phalanx
@@ -230,3 +230,45 @@ def test_outcomes_and_control_replies_share_a_workers_pipe_without_interleaving(
             prober.join(30)
         stats = rt.stats()
         assert stats.frames_dropped == 0 and stats.worker_deaths == 0
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    worker_id=st.text(min_size=1, max_size=40),
+    host=st.text(max_size=80),
+    tags=st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=4),
+    credits=st.integers(min_value=1, max_value=2**32 - 1),
+)
+@example(worker_id="w1", host="h", tags=["default"], credits=0xFFFFFFF0)  # the pid's placeholder
+def test_a_greeting_made_by_the_driver_reaches_it_with_the_workers_own_pid(
+    worker_id: str, host: str, tags: list[str], credits: int
+) -> None:
+    """A local worker forked by the fork server sends the Hello and Ready the driver encoded
+    for it, its own pid written in: whatever the names in them, the driver decodes exactly
+    that worker's Hello (its pid, id, host, tags) and then its Ready, even credits that look
+    like the pid's placeholder."""
+    import os
+
+    from phalanx.transport.codec import decode_driver
+    from phalanx.transport.messages import Hello, Ready
+    from phalanx.worker import greeting, say_greeting
+
+    made = greeting(worker_id, host, tuple(tags), credits)
+    assert made, "the driver could not make the greeting"
+    ours, theirs = socketpair()
+    try:
+        say_greeting(theirs.fileno(), made)
+        end = FramePipe(ours, 1 << 20)
+        frames: list[bytes] = []
+        while len(frames) < 2:
+            assert select.select([ours], [], [], 5)[0], "the greeting never came"
+            got = end.recv()
+            assert got is not None
+            frames += got
+        hello, ready = (decode_driver(f) for f in frames)
+        assert hello == Hello(worker_id, os.getpid(), host, tags=tags)
+        assert ready == Ready(worker_id, credits)
+    finally:
+        ours.close()
+        theirs.close()
+

@@ -275,6 +275,7 @@ def test_a_first_worker_killed_as_it_starts_is_replaced_and_the_start_succeeds(
     import signal
 
     import phalanx
+    from phalanx import forkserver
     from phalanx import worker as worker_module
 
     if when == "before-hello":
@@ -286,9 +287,12 @@ def test_a_first_worker_killed_as_it_starts_is_replaced_and_the_start_succeeds(
                 os.kill(os.getpid(), signal.SIGKILL)
             install(worker_id, *args, **kwargs)
 
+        # (the fork server's workers install it before their greeting, the others in run_worker)
+        monkeypatch.setattr(forkserver, "install_worker_output", dying_install)
         monkeypatch.setattr(worker_module, "install_worker_output", dying_install)
     else:
         say_ready = worker_module._say_ready
+        say_greeting = forkserver.say_greeting
 
         def dying_ready(pipe: Any, spec: WorkerSpec, host: str) -> None:
             if spec.worker_id != "w1":
@@ -297,7 +301,15 @@ def test_a_first_worker_killed_as_it_starts_is_replaced_and_the_start_succeeds(
             say_ready(pipe, spec, host)
             os.kill(os.getpid(), signal.SIGKILL)
 
+        def dying_greeting(fd: int, greeting: bytes) -> None:
+            if b"w1" not in greeting:
+                return say_greeting(fd, greeting)
+            time.sleep(1.0)  # the other worker is ready by then
+            say_greeting(fd, greeting)
+            os.kill(os.getpid(), signal.SIGKILL)
+
         monkeypatch.setattr(worker_module, "_say_ready", dying_ready)
+        monkeypatch.setattr(forkserver, "say_greeting", dying_greeting)
     # Forked from this process: the fork server and its workers run the patched functions.
     rt = phalanx.Runtime(workers=2, start_timeout=15.0, shutdown_timeout=2.0)
     try:
@@ -460,6 +472,7 @@ def test_a_first_worker_that_dies_before_its_hello_fails_the_start_with_its_exit
     """The runtime's only worker exits (code 3) before it says Hello: the constructor raises
     WorkerStartError naming that exit code, not a start_timeout that never passes here."""
     import phalanx
+    from phalanx import forkserver
     from phalanx import worker as worker_module
 
     install = worker_module.install_worker_output
@@ -469,6 +482,8 @@ def test_a_first_worker_that_dies_before_its_hello_fails_the_start_with_its_exit
             os._exit(3)
         install(worker_id, *args, **kwargs)
 
+    # (the fork server's workers install it before their greeting, the others in run_worker)
+    monkeypatch.setattr(forkserver, "install_worker_output", dying_install)
     monkeypatch.setattr(worker_module, "install_worker_output", dying_install)
     with pytest.raises(phalanx.WorkerStartError, match="w1 exited with code 3"):
         phalanx.Runtime(workers=1, start_timeout=600.0, shutdown_timeout=2.0)

@@ -35,7 +35,7 @@ import socket
 import struct
 from collections import deque
 
-__all__ = ["FramePipe", "PipeError", "socketpair"]
+__all__ = ["FramePipe", "PipeError", "as_written", "socketpair"]
 
 _HEADER = struct.Struct("<I")
 #: frames shorter than this are copied into one buffer per write: one iovec for many small
@@ -66,6 +66,11 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
     return a, b
+
+
+def as_written(frames: list[bytes]) -> bytes:
+    """``frames`` as they cross a pipe, headers and all: what :meth:`FramePipe.send_many` writes."""
+    return b"".join(_HEADER.pack(len(frame)) + frame for frame in frames)
 
 
 class FramePipe:
