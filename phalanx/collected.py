@@ -13,13 +13,13 @@ Invariants kept:
   the ``phalanx-finalize`` thread (a :class:`queue.SimpleQueue`, whose ``put``
   is safe in finalizers). Outside a collection (a reference count reaching zero
   in user code) the work runs at once, as before.
-* The thread runs only while a runtime does: each runtime holds it from its
-  constructor to its shutdown (:func:`hold`, :func:`release`), and its pump
-  starts it once the first workers are ready (:func:`start`), off the way to
-  the first result. Work handed over before then waits in the queue. Once the
-  last runtime is shut down the thread ends, after the work queued before: the
-  next runtime's fork server is then forked from a process with no thread of
-  phalanx's, and so is a fork of the user's own.
+* The thread runs only while a runtime does: each runtime's pump thread holds
+  it while it runs (:func:`hold`, :func:`release`), and starts it once the
+  first workers are ready (:func:`start`), off the way to the first result.
+  Work handed over before then waits in the queue. Once the last runtime's
+  pump ends, the thread ends, after the work queued before: the next runtime's
+  fork server is then forked from a process with no thread of phalanx's, and
+  so is a fork of the user's own.
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def _start_locked() -> None:
 
 
 def hold() -> None:
-    """A runtime starts (before any object of its exists): collections hand work over from
-    now on, and the thread runs until :func:`release`, from :func:`start`."""
+    """A runtime's pump starts (before any object of the runtime's exists): collections hand
+    work over from now on, and the thread runs from :func:`start` until :func:`release`."""
     global _pid, _holders, _thread, _ending
     with _lock:
         if _pid != os.getpid():  # a fork of a process that held it: its thread is not here
@@ -96,7 +96,7 @@ def start() -> None:
 
 
 def release() -> None:
-    """A runtime was shut down: the last one ends the thread, after the work queued before
+    """A runtime's pump ended: the last one ends the thread, after the work queued before
     (work queued while none ran is done first)."""
     global _holders, _ending
     with _lock:

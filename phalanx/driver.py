@@ -108,7 +108,6 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from . import collected
 from .config import Config
 from .policy import DEFAULT_TAG, TaskOptions
 from .errors import FrameTooLargeError, NoWorkerError, ProtocolError, RuntimeBrokenError, RuntimeClosedError
@@ -207,8 +206,6 @@ class Driver:
         self._live_tags = self.routing.live_tags
         self._unrouted = self.routing.unrouted
         self._closed = False
-        #: whether this runtime holds the phalanx-finalize thread (hold_finalizer; shutdown releases it)
-        self._finalizer_held = False
         self._broken: BaseException | None = None
         #: seconds a dead worker's record (and what it held) is kept; lowered by tests
         self.dead_worker_ttl = DEAD_WORKER_TTL
@@ -941,16 +938,6 @@ class Driver:
         remove_stale_dirs()
         if self.channels is not None:
             self.channels.close()
-        with self._lock:
-            held, self._finalizer_held = self._finalizer_held, False
-        if held:
-            collected.release()
-
-    def hold_finalizer(self) -> None:
-        """Hold the thread that runs what collections hand over (:mod:`phalanx.collected`)
-        until :meth:`shutdown` releases it."""
-        collected.hold()
-        self._finalizer_held = True
 
     @property
     def closed(self) -> bool:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from . import collected
 from .direct import DIRECT_LINGER
 from .errors import RuntimeBrokenError
 
@@ -82,6 +83,9 @@ class Pump:
         poller.register(driver._wake_r, zmq.POLLIN)
         for mon in driver.membership.monitors:
             poller.register(mon, zmq.POLLIN)
+        # Collections hand their work over while this runtime runs (its thread starts after the
+        # start, from self.later, and ends with the last runtime's pump).
+        collected.hold()
         try:
             self.loop(poller)
         except BaseException as exc:  # never silently: every caller learns at once
@@ -97,7 +101,10 @@ class Pump:
                 driver._deliver_ready()
             except BaseException:
                 log.exception("delivering the last outcomes")
-            driver.pipes.end_all()
+            try:
+                driver.pipes.end_all()
+            finally:
+                collected.release()
 
     def after_start(self) -> None:
         """Run what the start left for later (:attr:`later`: the fork server's exit reports

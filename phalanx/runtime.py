@@ -298,10 +298,8 @@ class Runtime(_RunsDirectives):
             self._driver.pump.later.append(shm.sweep_dead)
             # phalanx top finds the runtime from now on; a failed start removes the file with its directory.
             _advertise(self)
-            # Collections hand their work over from now on; the thread that does it starts once
-            # the first workers are ready, off the way to the first result, and ends with the
-            # last runtime.
-            self._driver.hold_finalizer()
+            # The thread that runs what collections hand over starts once the first workers are
+            # ready, off the way to the first result (the pump holds it: see phalanx.collected).
             self._driver.pump.later.append(collected.start)
             # Weakly: the pump thread holds the driver, and a runtime nobody holds must be collected.
             # (partial and weakref.ref are C: no Python-level call on the start's path)
