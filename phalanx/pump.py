@@ -108,8 +108,10 @@ class Pump:
 
     def after_start(self) -> None:
         """Run what the start left for later (:attr:`later`: the fork server's exit reports
-        read, the sweep of /dev/shm); never if the runtime ends first (its shutdown does both).
-        House-keeping: one that fails is logged, it does not break the runtime."""
+        read, the sweep of /dev/shm, the finalize thread started); never if the runtime ends
+        first (its shutdown reads and sweeps; the last pump's end makes the finalize thread do
+        what was handed over). House-keeping: one that fails is logged, it does not break the
+        runtime."""
         for fn in self.later:
             try:
                 fn()

@@ -1469,9 +1469,11 @@ def say_greeting(fd: int, greeting: bytes) -> None:
     data = greeting.replace(_PID_SLOT, b"\xce" + os.getpid().to_bytes(4, "big"), 1)
     try:
         sent = os.write(fd, data)
+    except BlockingIOError:  # (not on an empty buffer; but should it be full, it waits for room)
+        sent = 0
     except OSError:
-        return  # (BlockingIOError cannot happen on an empty buffer; a closed pipe is the loop's)
-    if sent < len(data):  # a buffer smaller than a greeting: the rest, waiting for room
+        return  # a closed pipe: the loop sees it
+    if sent < len(data):  # the rest, waiting for room
         waiting = select.poll()
         waiting.register(fd, select.POLLOUT)
         view = memoryview(data)[sent:]
@@ -1529,8 +1531,9 @@ def run_worker(spec: WorkerSpec, pipe: _socket.socket | None = None,
     if early and not greeted:
         assert framed is not None
         _say_ready(framed, spec, host)
-    # What follows is not the user's code: it cannot fail the start, so it runs after Ready,
-    # while the driver's handshake and first task are on their way.
+    # Leaving the fork server and the orphan guard are not the user's code: they cannot fail
+    # the start, so a worker that said Ready runs them after, while the driver's handshake and
+    # first task are on their way (before any module of the user's is imported).
     if leave is not None:
         leave()
     guard_against_orphaning(spec.parent_pid, watchdog=False)
