@@ -70,7 +70,7 @@ from typing import Any, NoReturn
 import msgspec
 
 from .logs import install_worker_output
-from .worker import _prctl as _libc_prctl, _set_handler, run_worker, say_greeting
+from .worker import _SIG_IGN, _SIGINT, _SIGTERM, _prctl as _libc_prctl, _set_handler, run_worker, say_greeting
 
 __all__ = ["ForkServer", "ForkedWorker", "Pidfd", "WORKER_PID_VAR", "hold_sigint"]
 
@@ -96,14 +96,11 @@ _MAX_FDS = 2
 #: pages the fork server would write (copy) before it forks the first workers
 _sigmask: Callable[[int, Any], Any] = getattr(importlib.import_module("_signal"), "pthread_sigmask",
                                               signal.pthread_sigmask)
-_SIGINT = int(signal.SIGINT)
 #: what the server and a new worker use before the first forks and as they leave the server, as
 #: plain ints and C functions: each object a process just forked touches is a page it copies
 #: (its reference count is written)
 _SIGCHLD = int(signal.SIGCHLD)
-_SIGTERM = int(signal.SIGTERM)
 _SIG_DFL = int(signal.SIG_DFL)
-_SIG_IGN = int(signal.SIG_IGN)
 _SIG_UNBLOCK = int(signal.SIG_UNBLOCK)
 _SIG_BLOCK = int(signal.SIG_BLOCK)
 _SIG_SETMASK = int(signal.SIG_SETMASK)

@@ -215,7 +215,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     shm_threshold: int = 0
     #: a local worker's Hello and Ready, framed for its pipe by the driver, its pid left to fill
     #: in (:func:`greeting`): a worker forked by the fork server sends them before it builds
-    #: anything of its own ("": it encodes them itself)
+    #: anything of its own ("": the worker makes them itself)
     greeting: bytes = b""
 
 
@@ -1458,8 +1458,8 @@ def greeting(worker_id: str, host: str, tags: tuple[str, ...], credits: int) -> 
     the driver before the fork: the worker that sends them (:func:`say_greeting`) only writes
     its pid in, where encoding them itself cost it page faults before it was Ready."""
     hello = encode(Hello(worker_id, 0xFFFFFFF0, host, tags=list(tags)))
-    if hello.count(_PID_SLOT) != 1:
-        return b""  # (cannot happen: see _PID_SLOT) the worker encodes them itself
+    if hello.count(_PID_SLOT) != 1:  # (see _PID_SLOT: only the pid can hold it, and only once)
+        raise RuntimeError(f"a Hello holds the pid placeholder {hello.count(_PID_SLOT)} times")
     return as_written([hello, encode(Ready(worker_id, credits))])
 
 
@@ -1489,14 +1489,9 @@ def say_greeting(fd: int, greeting: bytes) -> None:
 
 def _say_ready(pipe: FramePipe, spec: WorkerSpec, host: str) -> None:
     """A local worker's Hello and Ready, in that order, in one write on its pipe (main thread,
-    before any other thread of the worker writes there). A driver already gone is seen by the loop
-    (the pipe's end), not here."""
-    frames = [encode(Hello(spec.worker_id, os.getpid(), host, tags=list(spec.tags))),
-              encode(Ready(spec.worker_id, spec.credits))]
-    try:
-        pipe.send_all_blocking(frames)
-    except PipeError:
-        pass
+    before any other thread of the worker writes there): the greeting the driver made for it,
+    or one made here (a spec from elsewhere). A driver already gone is seen by the loop."""
+    say_greeting(pipe.fileno(), spec.greeting or greeting(spec.worker_id, host, spec.tags, spec.credits))
 
 
 def worker_spec() -> WorkerSpec | None:
