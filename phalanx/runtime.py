@@ -24,7 +24,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import msgspec
-import psutil
 
 from . import collected
 from .actors.ref import ActorRef
@@ -35,6 +34,7 @@ from .driver import Driver, RuntimeStats
 from .directives import Chain, Directive, Fold, IndexedChain, JobHandle, start_job
 from .jobs import MISSING, Future, MapIterator, fold, submit
 from .transport import shm
+from .transport.endpoints import start_ticks
 from .policy import DEFAULT_TAG, FatalStrategy, RetryStrategy, TaskOptions, check_tag
 
 if TYPE_CHECKING:
@@ -48,22 +48,6 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 
-#: (pid, its start time as psutil gives it): found by the first runtime of a process, not by each
-_created: tuple[int, float] | None = None
-
-
-def _created_at() -> float | None:
-    """This process's start time (``psutil.Process().create_time()``; None if unknown)."""
-    global _created
-    pid = os.getpid()
-    if _created is None or _created[0] != pid:  # a forked child: a process of its own
-        try:
-            _created = (pid, psutil.Process(pid).create_time())
-        except psutil.Error:
-            return None
-    return _created[1]
-
-
 def _advertise(rt: Runtime) -> None:
     """Write ``runtime.json`` into the private ipc directory so ``phalanx top`` finds us."""
     ipc_dir = rt._driver.endpoints.ipc_dir
@@ -72,9 +56,9 @@ def _advertise(rt: Runtime) -> None:
     info: dict[str, Any] = {"pid": os.getpid(), "results": rt._driver.endpoints.results,
                             "workers": rt.config.workers, "started": time.time(), "argv": sys.argv}
     # Names this process, not just its pid: a SIGKILLed driver leaves this file behind, and its pid may be reused.
-    created = _created_at()
-    if created is not None:
-        info["created"] = created
+    ticks = start_ticks(info["pid"])
+    if ticks is not None:
+        info["start_ticks"] = ticks
     # os.open, not open(): no file object (and its buffer) is built for one write.
     try:
         fd = os.open(os.path.join(ipc_dir, "runtime.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,

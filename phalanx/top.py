@@ -35,7 +35,7 @@ def find_runtimes() -> list[dict[str, Any]]:
     """Runtimes of this user on this machine whose driver is still alive, oldest first.
 
     A SIGKILLed driver cannot remove its ``runtime.json``; a later process
-    may get its pid, so the file's process creation time must match too.
+    may get its pid, so the start the file records must match too.
     """
     found = [info for _, info, alive in adverts() if alive]
     found.sort(key=lambda r: float(r.get("started", 0.0)) if isinstance(r.get("started"), (int, float)) else 0.0)

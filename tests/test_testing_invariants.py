@@ -201,6 +201,24 @@ def test_process_leak_check_kills_and_reports() -> None:
         subprocess.run(["true"], check=True)
 
 
+@pytest.mark.timeout(30)
+def test_a_step_of_the_boot_time_does_not_make_an_older_child_new(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child started before the check is not the check's, even if the boot time that
+    wall-clock creation times are computed from steps meanwhile (NTP, a resumed VM): the
+    check must neither report it nor kill it."""
+    from psutil import _pslinux
+
+    older = subprocess.Popen(["sleep", "32"])
+    try:
+        with ProcessLeakCheck(grace=0.2):
+            boot_time = _pslinux.boot_time
+            monkeypatch.setattr(_pslinux, "boot_time", lambda: boot_time() + 1.0)
+        assert older.poll() is None
+    finally:
+        older.kill()
+        older.wait(timeout=5)
+
+
 DOUBLE_FORK = ("import subprocess; "
                "print(subprocess.Popen(['sleep', '31'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)")
 

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import msgspec
-import psutil
 import pytest
 
 import phalanx
 from actor_ops import Counter
+from phalanx.transport.endpoints import adverts, start_ticks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -226,14 +226,14 @@ def test_a_file_left_by_a_dead_runtime_whose_pid_was_reused_is_ignored() -> None
     """A SIGKILLed driver leaves its runtime.json behind; a later process may get its pid.
 
     The stale file names this very process's pid and sorts before any real
-    runtime's directory; only its process creation time tells it apart.
+    runtime's directory; only its process's recorded start tells it apart.
     """
     me = os.getpid()
     stale = Path(tempfile.mkdtemp(prefix="phalanx-0", dir="/tmp"))
     try:
         (stale / "runtime.json").write_bytes(msgspec.json.encode({
             "pid": me, "results": f"ipc://{stale}/results", "workers": 1, "started": 0.0,
-            "created": psutil.Process().create_time() - 60.0, "argv": ["a driver that was killed"]}))
+            "start_ticks": start_ticks(me) - 60 * os.sysconf("SC_CLK_TCK"), "argv": ["a driver that was killed"]}))
         absent = snapshot(me)
         assert absent.returncode == 1
         assert "no running runtime found" in absent.stderr
@@ -261,11 +261,11 @@ def test_shutdown_removes_dirs_of_dead_drivers_only() -> None:
     dirs = {name: Path(tempfile.mkdtemp(prefix=f"phalanx-{name}-", dir="/tmp"))
             for name in ("dead", "starting", "garbled", "alive")}
     try:
-        # written without a creation time: a pid with no process is enough
+        # written without a start: a pid with no process is enough
         (dirs["dead"] / "runtime.json").write_bytes(msgspec.json.encode({"pid": dead_pid, "results": ""}))
         (dirs["garbled"] / "runtime.json").write_bytes(b"{not json")
         (dirs["alive"] / "runtime.json").write_bytes(msgspec.json.encode({
-            "pid": os.getpid(), "results": "", "created": psutil.Process().create_time()}))
+            "pid": os.getpid(), "results": "", "start_ticks": start_ticks(os.getpid())}))
         # (Whether it is still there while the runtime runs is not checked: any runtime of this
         # user on the machine, another test run's too, sweeps it when it shuts down.)
         with phalanx.Runtime(workers=1):
@@ -275,6 +275,45 @@ def test_shutdown_removes_dirs_of_dead_drivers_only() -> None:
     finally:
         for d in dirs.values():
             shutil.rmtree(d, ignore_errors=True)
+
+
+def test_start_ticks_names_a_process_even_with_parentheses_and_spaces_in_its_name(tmp_path: Path) -> None:
+    """The start is read past the command name, which may hold ``)`` and spaces; a reaped
+    process has none."""
+    import psutil
+
+    odd = tmp_path / "x) 1 2 (y"
+    shutil.copy("/bin/sleep", odd)
+    proc = subprocess.Popen([str(odd), "30"])
+    try:
+        assert psutil.Process(proc.pid).name() == odd.name
+        ticks = start_ticks(proc.pid)
+        assert ticks is not None
+        wall = ticks / os.sysconf("SC_CLK_TCK") + psutil.boot_time()
+        assert abs(wall - psutil.Process(proc.pid).create_time()) < 0.05
+    finally:
+        proc.kill()
+        proc.wait(timeout=T)
+    assert start_ticks(proc.pid) is None
+
+
+def test_a_step_of_the_boot_time_leaves_a_live_runtime_found_and_its_directory_in_place(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process's creation time read as wall-clock time moves when the boot time it is
+    computed from steps (``/proc/stat``'s btime is the clock less the uptime: NTP, a resumed
+    VM). A live runtime must not look dead then: the next runtime's shutdown would remove its
+    directory, and ``phalanx top`` would not find it."""
+    from psutil import _pslinux
+
+    with phalanx.Runtime(workers=1) as first:
+        d = ipc_dir_of(first)
+        boot_time = _pslinux.boot_time
+        monkeypatch.setattr(_pslinux, "boot_time", lambda: boot_time() + 1.0)
+        assert [alive for dd, _, alive in adverts() if Path(dd) == d] == [True]
+        with phalanx.Runtime(workers=1):
+            pass  # its shutdown sweeps the directories of dead drivers
+        assert (d / "runtime.json").exists()
+        assert first.spawn(Counter, 0).incr().result(timeout=T) == 1
 
 
 def test_two_runtimes_in_one_process_are_both_shown() -> None:

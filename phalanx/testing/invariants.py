@@ -35,6 +35,8 @@ from typing import Any
 
 import psutil
 
+from ..transport.endpoints import start_ticks
+
 __all__ = [
     "DeliveryLog",
     "check_exactly_once",
@@ -207,14 +209,19 @@ _MARKS = itertools.count(1)
 #: per-interpreter multiprocessing helpers kept for the whole session (not leaks)
 _HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
 
-_Key = tuple[int, float]
+#: a process: its pid and its start in ticks since boot (not psutil's wall-clock creation
+#: time, which moves when the clock steps, and would make a process seen on entry look new)
+_Key = tuple[int, int]
+
+
+def _ticks_now() -> int:
+    """Clock ticks since boot now, as process starts are counted (``CLOCK_BOOTTIME``)."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
 
 
 def _key(proc: psutil.Process) -> _Key | None:
-    try:
-        return (proc.pid, proc.create_time())
-    except psutil.Error:
-        return None
+    ticks = start_ticks(proc.pid)
+    return None if ticks is None else (proc.pid, ticks)
 
 
 def _children() -> set[_Key]:
@@ -260,12 +267,13 @@ class ProcessLeakCheck:
         self.grace = grace
         self.before: set[_Key] = set()
         self.mark = f"{os.getpid()}-{next(_MARKS)}-{os.urandom(4).hex()}"
-        self._since = 0.0
+        #: when the block began, in ticks since boot (see start_ticks)
+        self._since = 0
         self._orphans: set[int] = set()
 
     def __enter__(self) -> ProcessLeakCheck:
         self.before = _children()
-        self._since = time.time()
+        self._since = _ticks_now()
         marks = os.environ.get(LEAK_MARK)
         os.environ[LEAK_MARK] = f"{marks}:{self.mark}" if marks else self.mark
         return self
@@ -282,10 +290,10 @@ class ProcessLeakCheck:
         """Live processes carrying this check's mark that are not our descendants."""
         out: list[psutil.Process] = []
         me = os.getpid()
-        # Started within the block (a second of slack: create times are coarse).
-        for proc in psutil.process_iter(["create_time"]):
-            created = proc.info.get("create_time")
-            if proc.pid == me or proc.pid in seen or created is None or created < self._since - 1.0:
+        # Started within the block (a tick of slack: starts are counted in ticks).
+        for proc in psutil.process_iter():
+            ticks = start_ticks(proc.pid)
+            if proc.pid == me or proc.pid in seen or ticks is None or ticks < self._since - 1:
                 continue
             try:
                 marks = proc.environ().get(LEAK_MARK, "")

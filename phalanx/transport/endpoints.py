@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 
 __all__ = ["Endpoints", "local_endpoints", "tcp_endpoints", "connect_endpoints", "parse_listen",
-           "ADVERTS", "adverts", "writer_alive", "remove_stale_dirs"]
+           "ADVERTS", "adverts", "start_ticks", "writer_alive", "remove_stale_dirs"]
 
 #: where runtimes advertise themselves (``runtime.json`` in each private ipc dir)
 ADVERTS = "/tmp/phalanx-*/runtime.json"
@@ -65,29 +65,41 @@ def local_endpoints() -> Endpoints:
     )
 
 
+def start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot; None if there is no such process.
+
+    ``/proc/PID/stat``'s 22nd field, which never changes: unlike a creation time
+    in wall-clock seconds (``psutil``'s), which is these ticks plus the boot
+    time, and the boot time moves whenever the clock steps (NTP, a resumed VM).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # fields 3 onward follow the command name's closing parenthesis
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def writer_alive(info: dict[str, Any]) -> bool:
     """Whether the process that wrote the ``runtime.json`` ``info`` still runs.
 
     Not just some process with its pid: a SIGKILLed driver leaves the file
-    behind and a later process may get its pid, so the recorded process
-    creation time must match too.
+    behind and a later process may get its pid, so the recorded start (see
+    :func:`start_ticks`) must match too.
     """
     pid = int(info["pid"])
-    created = info.get("created")
-    if created is None:  # written without a creation time: the pid is all there is to go on
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
-    import psutil  # here: ``import phalanx`` does not pay for it
-
+    ticks = info.get("start_ticks")
+    if ticks is not None:
+        return start_ticks(pid) == int(ticks)
+    # written without a start: the pid is all there is to go on
     try:
-        return bool(psutil.Process(pid).create_time() == float(created))
-    except psutil.Error:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except PermissionError:
+        pass
+    return True
 
 
 def adverts() -> Iterator[tuple[str, dict[str, Any], bool]]:
