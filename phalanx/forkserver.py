@@ -252,8 +252,22 @@ class Pidfd:
         self._fd = fd
         self._open = True
         self._lock = threading.Lock()
+        #: the process whose descriptor this is (a forked copy of this object holds none)
+        self._owner = os.getpid()
         if fd is not None:
             _pidfds.add(self)
+
+    def __del__(self, _getpid: Callable[[], int] = os.getpid, _close: Callable[[int], None] = os.close) -> None:
+        # Dropped unclosed: nothing can signal through it any more, and once out of _pidfds
+        # it would be left open in every fork server made from now on. (os's functions bound
+        # here: this may run while the interpreter tears its modules down.)
+        fd = self._fd
+        if fd is not None and self._owner == _getpid():
+            self._fd = None
+            try:
+                _close(fd)
+            except OSError:
+                pass
 
     @classmethod
     def open(cls, pid: int) -> Pidfd:

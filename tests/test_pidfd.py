@@ -137,13 +137,22 @@ def test_no_pidfd_is_left_open_over_hundreds_of_worker_replacements(method: str,
 
 def _pidfds_of(pid: int) -> int:
     """Process ``pid``'s open pidfds."""
-    count = 0
+    return len(_pidfd_targets(pid))
+
+
+def _pidfd_targets(pid: int) -> list[int]:
+    """The processes process ``pid``'s open pidfds name (their fdinfo's ``Pid:``)."""
+    targets: list[int] = []
     for name in os.listdir(f"/proc/{pid}/fd"):
         try:
-            count += os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[pidfd]"
+            if os.readlink(f"/proc/{pid}/fd/{name}") != "anon_inode:[pidfd]":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
         except OSError:
-            pass
-    return count
+            continue  # closed meanwhile
+        targets.append(int(fields.get("Pid", "0").strip()))
+    return targets
 
 
 @pytest.mark.timeout(120)
@@ -162,6 +171,37 @@ def test_a_fork_server_and_its_workers_hold_no_other_runtimes_pidfds(first: str)
             rt.wait_for_workers(2, timeout=60)
             server = rt._driver._supervisor._server
             assert server is not None
-            pids = [server.pid, *rt.worker_pids().values()]
-            assert {pid: _pidfds_of(pid) for pid in pids} == dict.fromkeys(pids, 0)
+            workers = list(rt.worker_pids().values())
+            # The server may still hold, for a moment after its Ready, the pidfd it opened
+            # for a worker of its own to send to the driver; never one of another runtime's.
+            assert set(_pidfd_targets(server.pid)) <= set(workers)
+            assert {pid: _pidfds_of(pid) for pid in workers} == dict.fromkeys(workers, 0)
     assert _pidfds() == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfds on this platform")
+def test_a_pidfd_dropped_without_close_is_closed_and_no_fork_server_inherits_it() -> None:
+    """A Pidfd nobody holds any more can signal nothing: its descriptor is closed with it,
+    not left open in the driver (where the next fork server, which closes only the pidfds
+    still held, would inherit it)."""
+    import gc
+
+    import phalanx
+    from phalanx.forkserver import Pidfd
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        dropped = Pidfd.open(child.pid)
+        assert _pidfds() == 1
+        del dropped
+        gc.collect()
+        assert _pidfds() == 0
+        with phalanx.Runtime(workers=1) as rt:
+            rt.wait_for_workers(1, timeout=60)
+            server = rt._driver._supervisor._server
+            assert server is not None
+            assert child.pid not in _pidfd_targets(server.pid)
+    finally:
+        child.kill()
+        child.wait(timeout=30)
