@@ -58,6 +58,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -117,6 +118,10 @@ _clients: weakref.WeakSet[ForkServer] = weakref.WeakSet()
 #: every Pidfd of this process holding a descriptor (closed in new fork servers: another
 #: runtime's workers, even multiprocessing's, are none of theirs nor their workers')
 _pidfds: weakref.WeakSet[Pidfd] = weakref.WeakSet()
+#: what each runtime of this process binds its ZeroMQ sockets to (its ipc directory, its tcp
+#: ports), by owner: a new fork server closes every socket bound or accepted there (see
+#: note_bound)
+_bound: dict[int, tuple[str | None, frozenset[int]]] = {}
 #: held from a pidfd's arrival (opened, or received) until a Pidfd in _pidfds holds it, and
 #: around the fork of a fork server, so no new server inherits a pidfd it cannot close
 _pidfd_lock = threading.Lock()
@@ -211,6 +216,52 @@ def _fork() -> tuple[int, list[Pidfd]]:
     with _pidfd_lock:
         held = list(_pidfds)  # listed here: a weak set's iteration is Python code, costly after a fork
         return os.fork(), held
+
+
+def note_bound(owner: object, ipc_dir: str | None, ports: frozenset[int]) -> None:
+    """Before a runtime's driver makes its ZeroMQ sockets: fork servers made from now on
+    close, as they start, every socket bound to or accepted on ``ipc_dir``'s paths or the tcp
+    ``ports`` (until :func:`forget_bound`). A fork server is a copy of the driver: one
+    holding another runtime's sockets would keep its ports taken, and its connections open
+    (their peers never see them close), after that runtime shut down."""
+    with fork_lock:
+        _bound[id(owner)] = (ipc_dir, ports)
+
+
+def forget_bound(owner: object) -> None:
+    """After ``owner`` closed its sockets (see :func:`note_bound`)."""
+    with fork_lock:
+        _bound.pop(id(owner), None)
+
+
+def _close_bound(bound: list[tuple[str | None, frozenset[int]]]) -> None:
+    """In a new fork server: close the sockets of the driver's runtimes (see note_bound)."""
+    dirs = tuple(d + "/" for d, _ in bound if d)
+    ports = frozenset().union(*(p for _, p in bound))
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        try:
+            if sock.family == socket.AF_UNIX:
+                names: list[Any] = [sock.getsockname()]
+                with contextlib.suppress(OSError):
+                    names.append(sock.getpeername())
+                theirs = any(isinstance(n, str) and n.startswith(dirs) for n in names)
+            elif sock.family in (socket.AF_INET, socket.AF_INET6):
+                theirs = sock.getsockname()[1] in ports
+            else:
+                theirs = False
+        except OSError:
+            theirs = False
+        finally:
+            sock.detach()
+        if theirs:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -443,6 +494,7 @@ class ForkServer:
                               *(sock for other in _clients for sock in (other._ctl, other._events)))
                     # Descriptors, not sockets: a worker closes its siblings' by number.
                     born = [(wid, spec, _fds(pipes)) for wid, spec, pipes in first]
+                    bound = list(_bound.values())  # (fork_lock keeps it)
                     pid, pidfds = _fork()
                     self.pid = pid
                     if pid == 0:  # the fork server
@@ -455,6 +507,8 @@ class ForkServer:
                                 sock.close()
                             for pidfd in pidfds:
                                 pidfd._close_in_child()
+                            if bound:  # another runtime runs here: none of its sockets is ours
+                                _close_bound(bound)
                             _serve(ctl, events, driver, born)
                         finally:
                             os._exit(70)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -673,6 +674,61 @@ def test_a_worker_holds_none_of_the_drivers_sockets_nor_any_pidfd() -> None:
                 assert not sockets & drivers, f"{wid} holds the driver's {sorted(sockets & drivers)}"
                 assert not sockets & others, f"{wid} holds the other runtime's server sockets"
                 assert pidfds == 0, f"{wid} holds {pidfds} pidfds"
+
+
+def _socket_names(pid: int) -> set[str]:
+    """What each socket process ``pid`` holds is bound to: an ipc path, or ``tcp:PORT``
+    (from /proc/net/unix and /proc/net/tcp{,6}, by inode)."""
+    inodes = set()
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    names: set[str] = set()
+    with open("/proc/net/unix") as f:
+        for line in list(f)[1:]:
+            fields = line.split()
+            if len(fields) >= 8 and fields[6] in inodes:
+                names.add(fields[7])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    names.add(f"tcp:{int(fields[1].rsplit(':', 1)[1], 16)}")
+    return names
+
+
+def test_a_runtime_started_beside_a_listening_one_holds_none_of_its_sockets() -> None:
+    """A runtime's fork server is a copy of the driver: started while another runtime of the
+    same process runs, it (and every worker it forks) must hold none of the sockets that one
+    bound or accepted. Else, once that runtime shut down, its tcp ports stay taken (a new
+    runtime listening on them fails with "address already in use") and its connections stay
+    open, as long as the second runtime runs."""
+    with phalanx.Runtime(workers=1, listen="tcp://127.0.0.1:0", insecure=True) as first:
+        address = first._driver.address
+        assert address is not None
+        ports = {int(a.rsplit(":", 1)[1]) for a in (address.tasks, address.results, address.control)}
+        ipc_dir = first._driver.endpoints.ipc_dir
+        assert ipc_dir is not None
+        first.endpoints  # its ipc sockets too, now
+        second = phalanx.Runtime(workers=1)
+    try:
+        server = second._driver._supervisor._server
+        assert server is not None
+        for pid in (server.pid, *second.worker_pids().values()):
+            held = _socket_names(pid)
+            assert not {n for n in held if n.startswith(ipc_dir + "/")}, (pid, held)
+            assert not held & {f"tcp:{p}" for p in ports}, (pid, held)
+        for port in sorted(ports):
+            with socket.socket() as again:
+                again.bind(("127.0.0.1", port))  # no "address already in use"
+                again.listen()
+    finally:
+        second.shutdown()
 
 
 ORPHANED_WORKER = textwrap.dedent(
