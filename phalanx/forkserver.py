@@ -65,7 +65,7 @@ import time
 import traceback
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NoReturn
 
 import msgspec
@@ -118,6 +118,9 @@ _clients: weakref.WeakSet[ForkServer] = weakref.WeakSet()
 #: every Pidfd of this process holding a descriptor (closed in new fork servers: another
 #: runtime's workers, even multiprocessing's, are none of theirs nor their workers')
 _pidfds: weakref.WeakSet[Pidfd] = weakref.WeakSet()
+#: the driver's ends of every local worker's pipes in this process (fork_lock keeps it): a
+#: new fork server closes them, so each worker sees EOF when its own driver closes its end
+_driver_ends: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 #: what each runtime of this process binds its ZeroMQ sockets to (its ipc directory, its tcp
 #: ports), by owner: a new fork server closes every socket bound or accepted there (see
 #: note_bound)
@@ -216,6 +219,12 @@ def _fork() -> tuple[int, list[Pidfd]]:
     with _pidfd_lock:
         held = list(_pidfds)  # listed here: a weak set's iteration is Python code, costly after a fork
         return os.fork(), held
+
+
+def note_driver_ends(ends: Iterable[socket.socket]) -> None:
+    """The driver's ends of new workers' pipes, as they are made (under fork_lock): no fork
+    server made from now on holds them (see _driver_ends)."""
+    _driver_ends.update(ends)
 
 
 def note_bound(owner: object, ipc_dir: str | None, ports: frozenset[int]) -> None:
@@ -490,7 +499,7 @@ class ForkServer:
                     # What the server closes, listed before the fork (after it, each object
                     # touched is a page copied): the driver's ends, other servers' sockets
                     # (fork_lock keeps that set) and pidfds (listed under their lock, in _fork).
-                    theirs = (self._ctl, self._events, *drivers_ends,
+                    theirs = (self._ctl, self._events, *drivers_ends, *_driver_ends,
                               *(sock for other in _clients for sock in (other._ctl, other._events)))
                     # Descriptors, not sockets: a worker closes its siblings' by number.
                     born = [(wid, spec, _fds(pipes)) for wid, spec, pipes in first]

@@ -282,6 +282,7 @@ class Supervisor:
             try:
                 # The control pipe: one message per control frame, never blocking the driver.
                 controls.extend(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in specs)
+                forkserver.note_driver_ends(ours for ours, _ in (*pairs, *controls))
                 theirs: list[tuple[socket.socket, ...] | None] = [(t, c) for (_, t), (_, c) in zip(pairs, controls)]
                 if self._ctx is not None:
                     started: list[int | OSError] = [self._start(spec, ends) for spec, ends in zip(specs, theirs)]

@@ -707,14 +707,18 @@ def test_a_runtime_started_beside_a_listening_one_holds_none_of_its_sockets() ->
     same process runs, it (and every worker it forks) must hold none of the sockets that one
     bound or accepted. Else, once that runtime shut down, its tcp ports stay taken (a new
     runtime listening on them fails with "address already in use") and its connections stay
-    open, as long as the second runtime runs."""
-    with phalanx.Runtime(workers=1, listen="tcp://127.0.0.1:0", insecure=True) as first:
+    open, as long as the second runtime runs. Nor may they hold the driver's ends of that
+    runtime's worker pipes: its workers would see no EOF when its driver closes them."""
+    before, _ = _held(os.getpid())
+    with phalanx.Runtime(workers=2, listen="tcp://127.0.0.1:0", insecure=True) as first:
         address = first._driver.address
         assert address is not None
         ports = {int(a.rsplit(":", 1)[1]) for a in (address.tasks, address.results, address.control)}
         ipc_dir = first._driver.endpoints.ipc_dir
         assert ipc_dir is not None
         first.endpoints  # its ipc sockets too, now
+        firsts, _ = _held(os.getpid())
+        firsts -= before
         second = phalanx.Runtime(workers=1)
     try:
         server = second._driver._supervisor._server
@@ -723,6 +727,8 @@ def test_a_runtime_started_beside_a_listening_one_holds_none_of_its_sockets() ->
             held = _socket_names(pid)
             assert not {n for n in held if n.startswith(ipc_dir + "/")}, (pid, held)
             assert not held & {f"tcp:{p}" for p in ports}, (pid, held)
+            sockets, _ = _held(pid)
+            assert not sockets & firsts, (pid, sorted(sockets & firsts))
         for port in sorted(ports):
             with socket.socket() as again:
                 again.bind(("127.0.0.1", port))  # no "address already in use"
