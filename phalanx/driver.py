@@ -111,11 +111,11 @@ import zmq
 from .config import Config
 from .policy import DEFAULT_TAG, TaskOptions
 from .errors import FrameTooLargeError, NoWorkerError, ProtocolError, RuntimeBrokenError, RuntimeClosedError
-from .forkserver import forget_bound, hold_sigint, note_bound
+from .forkserver import hold_sigint, note_bound
 from .supervisor import Supervisor
 from .transport import sockets
 from .transport.codec import UnpickleFailed, decode_driver, distrust_exits, encode, salvage_results
-from .transport.endpoints import Endpoints, local_endpoints, parse_listen, remove_stale_dirs, tcp_endpoints
+from .transport.endpoints import Endpoints, local_endpoints, remove_stale_dirs, tcp_endpoints
 from .transport.pipe import PipeError
 from .transport.messages import Alive, Err, Goodbye, Hello, Ok, Ready, Reclaimed, Results, Retire
 from .transport.messages import Shutdown, Terminate
@@ -278,12 +278,9 @@ class Driver:
                 return
             ctx: zmq.Context[zmq.Socket[bytes]] | None = None
             made: list[zmq.Socket[bytes]] = []
-            address = self.address
-            ports = frozenset(() if address is None else
-                              (parse_listen(a)[1] for a in (address.tasks, address.results, address.control)))
-            note_bound(self, self.endpoints.ipc_dir, ports)  # before they exist: no fork server copies them
             try:
                 ctx = zmq.Context()
+                note_bound(ctx, self.endpoints, self.address)  # before its sockets: no fork server copies them
                 curve = self.membership.secure_tcp(ctx)
                 monitors = sockets.driver_sockets(ctx, self.endpoints, self.address, curve, self.limits, made)
             except BaseException:  # nothing half-made is left
@@ -291,7 +288,6 @@ class Driver:
                 self.membership.close_security()
                 if ctx is not None:
                     ctx.destroy(linger=0)
-                forget_bound(self)
                 raise
             self.membership.monitors.update(monitors)
             with self._lock:  # published whole: senders under the lock see none or all three
@@ -307,7 +303,6 @@ class Driver:
         ctx = made.get("_ctx")
         if ctx is not None:
             ctx.destroy(linger=0)
-        forget_bound(self)
         self._supervisor.stop(0.0)
         for fd in (made.get("_wake_r"), made.get("_wake_w")):
             if fd is not None:
@@ -944,7 +939,6 @@ class Driver:
         remove_stale_dirs()
         if self.channels is not None:
             self.channels.close()
-        forget_bound(self)
 
     @property
     def closed(self) -> bool:

@@ -69,8 +69,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NoReturn
 
 import msgspec
+import zmq
 
 from .logs import install_worker_output
+from .transport.endpoints import Endpoints, parse_listen
 from .worker import _SIG_IGN, _SIGINT, _SIGTERM, _prctl as _libc_prctl, _set_handler, run_worker, say_greeting
 
 __all__ = ["ForkServer", "ForkedWorker", "Pidfd", "WORKER_PID_VAR", "hold_sigint"]
@@ -121,10 +123,10 @@ _pidfds: weakref.WeakSet[Pidfd] = weakref.WeakSet()
 #: the driver's ends of every local worker's pipes in this process (fork_lock keeps it): a
 #: new fork server closes them, so each worker sees EOF when its own driver closes its end
 _driver_ends: weakref.WeakSet[socket.socket] = weakref.WeakSet()
-#: what each runtime of this process binds its ZeroMQ sockets to (its ipc directory, its tcp
-#: ports), by owner: a new fork server closes every socket bound or accepted there (see
-#: note_bound)
-_bound: dict[int, tuple[str | None, frozenset[int]]] = {}
+#: what the ZeroMQ sockets of each runtime of this process bind to (its ipc directory, its
+#: tcp ports), by the runtime's context: a new fork server closes every socket bound or
+#: accepted there while that context is open (see note_bound)
+_bound: weakref.WeakKeyDictionary[zmq.Context[Any], tuple[str | None, frozenset[int]]] = weakref.WeakKeyDictionary()
 #: held from a pidfd's arrival (opened, or received) until a Pidfd in _pidfds holds it, and
 #: around the fork of a fork server, so no new server inherits a pidfd it cannot close
 _pidfd_lock = threading.Lock()
@@ -227,20 +229,15 @@ def note_driver_ends(ends: Iterable[socket.socket]) -> None:
     _driver_ends.update(ends)
 
 
-def note_bound(owner: object, ipc_dir: str | None, ports: frozenset[int]) -> None:
-    """Before a runtime's driver makes its ZeroMQ sockets: fork servers made from now on
-    close, as they start, every socket bound to or accepted on ``ipc_dir``'s paths or the tcp
-    ``ports`` (until :func:`forget_bound`). A fork server is a copy of the driver: one
-    holding another runtime's sockets would keep its ports taken, and its connections open
-    (their peers never see them close), after that runtime shut down."""
+def note_bound(ctx: zmq.Context[Any], local: Endpoints, address: Endpoints | None) -> None:
+    """A runtime's driver, before it makes its ZeroMQ sockets in ``ctx``: fork servers made
+    while ``ctx`` is open close, as they start, every socket bound to or accepted on
+    ``local``'s ipc directory or ``address``'s tcp ports. A fork server is a copy of the
+    driver: one holding another runtime's sockets would keep its ports taken, and its
+    connections open (their peers never see them close), after that runtime shut down."""
+    ports = () if address is None else (parse_listen(a)[1] for a in (address.tasks, address.results, address.control))
     with fork_lock:
-        _bound[id(owner)] = (ipc_dir, ports)
-
-
-def forget_bound(owner: object) -> None:
-    """After ``owner`` closed its sockets (see :func:`note_bound`)."""
-    with fork_lock:
-        _bound.pop(id(owner), None)
+        _bound[ctx] = (local.ipc_dir, frozenset(ports))
 
 
 def _close_bound(bound: list[tuple[str | None, frozenset[int]]]) -> None:
@@ -503,7 +500,7 @@ class ForkServer:
                               *(sock for other in _clients for sock in (other._ctl, other._events)))
                     # Descriptors, not sockets: a worker closes its siblings' by number.
                     born = [(wid, spec, _fds(pipes)) for wid, spec, pipes in first]
-                    bound = list(_bound.values())  # (fork_lock keeps it)
+                    bound = [where for ctx, where in _bound.items() if not ctx.closed]  # (fork_lock keeps it)
                     pid, pidfds = _fork()
                     self.pid = pid
                     if pid == 0:  # the fork server
