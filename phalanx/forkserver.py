@@ -42,6 +42,11 @@ Invariants kept:
   loop can reap it, and sends it with the Started reply (SCM_RIGHTS); the
   driver signals the worker only through it and closes it when the worker's
   exit is reported, so a pid reaped here and reused meanwhile is never hit.
+* **It holds none of the driver's descriptors that phalanx made for others.**
+  As it starts it closes the driver's ends of every worker's pipes, the other
+  fork servers' sockets, the driver's pidfds and the ZeroMQ sockets of the
+  process's other runtimes (:func:`note_bound`): a worker sees EOF when its
+  own driver closes its end, and a runtime that shut down leaves its ports free.
 * **Exit codes reach the supervisor.** Only the server can ``waitpid`` its
   children: it reports each worker's exit code (negative: the signal) on the
   events socket, exactly once.
