@@ -34,7 +34,7 @@ from .driver import Driver, RuntimeStats
 from .directives import Chain, Directive, Fold, IndexedChain, JobHandle, start_job
 from .jobs import MISSING, Future, MapIterator, fold, submit
 from .transport import shm
-from .transport.endpoints import start_ticks
+from .transport.endpoints import own_start
 from .policy import DEFAULT_TAG, FatalStrategy, RetryStrategy, TaskOptions, check_tag
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def _advertise(rt: Runtime) -> None:
     info: dict[str, Any] = {"pid": os.getpid(), "results": rt._driver.endpoints.results,
                             "workers": rt.config.workers, "started": time.time(), "argv": sys.argv}
     # Names this process, not just its pid: a SIGKILLed driver leaves this file behind, and its pid may be reused.
-    ticks = start_ticks(info["pid"])
+    _, ticks = own_start()
     if ticks is not None:
         info["start_ticks"] = ticks
     # os.open, not open(): no file object (and its buffer) is built for one write.

@@ -316,6 +316,43 @@ def test_a_step_of_the_boot_time_leaves_a_live_runtime_found_and_its_directory_i
         assert first.spawn(Counter, 0).incr().result(timeout=T) == 1
 
 
+DIES_WITH_A_DIRECTORY = (
+    "import os, sys\n"
+    "from phalanx.transport.endpoints import local_endpoints\n"
+    "print(local_endpoints().ipc_dir, flush=True)\n"
+    "sys.stdin.read()\n"  # until told: then killed, as a driver SIGKILLed in its constructor
+)
+
+
+def test_a_directory_left_before_runtime_json_was_written_is_removed_once_its_driver_is_gone() -> None:
+    """A driver SIGKILLed in its constructor, after it made its ipc directory and before it
+    wrote runtime.json in it, leaves the directory empty. The next runtime's shutdown removes
+    it once that driver is gone, and never while it runs (it may still be starting)."""
+    gc.collect()
+    for thread in threading.enumerate():
+        if thread.name == "phalanx-collected":
+            thread.join(timeout=T)
+    left = Path("/nonexistent")
+    with subprocess.Popen([sys.executable, "-c", DIES_WITH_A_DIRECTORY], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as driver:
+        try:
+            assert driver.stdout is not None
+            left = Path(driver.stdout.readline().strip())
+            assert left.is_dir() and not list(left.iterdir())
+            with phalanx.Runtime(workers=1):
+                pass
+            assert left.is_dir(), "removed while its driver was still starting"
+            driver.kill()
+            driver.wait(timeout=T)
+            with phalanx.Runtime(workers=1):
+                pass
+            assert not left.exists()
+        finally:
+            driver.kill()
+            driver.wait(timeout=T)
+            shutil.rmtree(left, ignore_errors=True)
+
+
 def test_two_runtimes_in_one_process_are_both_shown() -> None:
     me = os.getpid()
     with phalanx.Runtime(workers=1) as first, phalanx.Runtime(workers=1) as second:

@@ -4,15 +4,16 @@ Runs in the driver (``bind``) and in workers (``connect`` strings they are
 given). By default the three driver sockets live as ``ipc://`` files in a
 private temporary directory that only this user can enter and that is removed
 on shutdown (a SIGKILLed driver cannot: the next runtime of the same user to
-shut down removes the directories whose ``runtime.json`` names a process that
-is gone); ``tcp://HOST:PORT`` binds three consecutive ports starting at
-``PORT`` (``PORT`` 0 picks free ones).
+shut down removes the directories whose name, or ``runtime.json``, names a
+process that is gone); ``tcp://HOST:PORT`` binds three consecutive ports
+starting at ``PORT`` (``PORT`` 0 picks free ones).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -22,10 +23,12 @@ from typing import Any
 import msgspec
 
 __all__ = ["Endpoints", "local_endpoints", "tcp_endpoints", "connect_endpoints", "parse_listen",
-           "ADVERTS", "adverts", "start_ticks", "writer_alive", "remove_stale_dirs"]
+           "DIRS", "ADVERTS", "adverts", "own_start", "start_ticks", "writer_alive", "remove_stale_dirs"]
 
+#: the runtimes' private ipc directories
+DIRS = "/tmp/phalanx-*"
 #: where runtimes advertise themselves (``runtime.json`` in each private ipc dir)
-ADVERTS = "/tmp/phalanx-*/runtime.json"
+ADVERTS = f"{DIRS}/runtime.json"
 
 
 class Endpoints(msgspec.Struct, frozen=True):
@@ -47,9 +50,13 @@ def local_endpoints() -> Endpoints:
     if not os.path.isdir("/tmp"):
         d = tempfile.mkdtemp(prefix="phalanx-")
     else:  # short paths: unix sockets cap at ~107 bytes
-        # mkdtemp's way, without its random-name generator (~0.2 ms to make, in a first runtime)
+        # mkdtemp's way, without its random-name generator (~0.2 ms to make, in a first runtime);
+        # named after this process, so it is removed once the process is gone, even if it died
+        # before it wrote runtime.json in it
+        pid, ticks = own_start()
+        owner = f"{pid}-{ticks}-" if ticks is not None else ""
         for _ in range(100):
-            d = f"/tmp/phalanx-{os.urandom(6).hex()}"
+            d = f"/tmp/phalanx-{owner}{os.urandom(6).hex()}"
             try:
                 os.mkdir(d, 0o700)
                 break
@@ -79,6 +86,23 @@ def start_ticks(pid: int) -> int | None:
         return int(stat[stat.rindex(b")") + 2:].split()[19])
     except (OSError, ValueError, IndexError):
         return None
+
+
+#: this process's pid and start_ticks(pid), read by its first runtime (a forked child reads its own)
+_own: tuple[int, int | None] | None = None
+
+
+def own_start() -> tuple[int, int | None]:
+    """This process's pid and :func:`start_ticks` (which never change while it runs)."""
+    global _own
+    pid = os.getpid()
+    if _own is None or _own[0] != pid:
+        _own = (pid, start_ticks(pid))
+    return _own
+
+
+#: an ipc directory named after its driver (see local_endpoints): pid, start ticks, random
+_OWNED = re.compile(r"phalanx-(\d+)-(\d+)-[0-9a-f]{12}")
 
 
 def writer_alive(info: dict[str, Any]) -> bool:
@@ -117,12 +141,17 @@ def adverts() -> Iterator[tuple[str, dict[str, Any], bool]]:
 def remove_stale_dirs() -> int:
     """Remove the ipc directories of this user's runtimes whose driver is gone; how many.
 
-    Only a directory whose ``runtime.json`` names a dead writer is removed: one
-    without the file may belong to a runtime still starting.
+    A directory is its driver's while the process its name gives (see
+    local_endpoints) runs; one named otherwise, while the writer of its
+    ``runtime.json`` runs; one with neither may belong to a runtime still
+    starting, and is left alone.
     """
     removed = 0
     uid = os.getuid()
-    for d, _, alive in adverts():
+    advertised = {d: alive for d, _, alive in adverts()}
+    for d in glob.glob(DIRS):
+        owner = _OWNED.fullmatch(os.path.basename(d))
+        alive = start_ticks(int(owner[1])) == int(owner[2]) if owner else advertised.get(d, True)
         try:
             if alive or os.stat(d).st_uid != uid:
                 continue
