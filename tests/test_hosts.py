@@ -10,6 +10,7 @@ the code that ships.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -351,6 +352,12 @@ def test_acked_messages_are_gone_and_nacked_ones_come_back(kind: str) -> None:
         nacked = holder.take(2).result(timeout=30)
         assert holder.settle(False).result(timeout=30) == 2
         assert acked == [0, 1] and nacked == [2, 3]
+        # The holder's nacks travel on its channel connection, its result on its worker's pipe:
+        # the result may come first. Both messages are back once the broker counted them.
+        deadline = time.monotonic() + 30
+        while rt.stats().channel_redelivered < 2:
+            assert time.monotonic() < deadline, "the holder's nacks never reached the broker"
+            time.sleep(0.01)
         first = rx.recv_message(timeout=30)
         first.nack()
         tx.close(timeout=30)
